@@ -1,0 +1,49 @@
+//! Bdev modules, one folder each (SPDK's `module/bdev/<name>/`): the module's bdev in `mod.rs`
+//! and its RPCs in `rpc.rs` beside it. The stack, bottom up: raw devices (malloc, null, uring),
+//! fault injection (error, delay), then the preserve layers (snapshot, mirror).
+
+pub mod delay;
+pub mod error;
+pub mod malloc;
+pub mod null;
+pub mod uring;
+
+use crate::bdev::Bdev;
+use crate::rpc::{parse, Methods, RpcError};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Registers every module's RPCs.
+pub fn register(m: &mut Methods) {
+    malloc::rpc::register(m);
+    null::rpc::register(m);
+    uring::rpc::register(m);
+    error::rpc::register(m);
+    delay::rpc::register(m);
+}
+
+/// Parameters of every `bdev_*_delete` method.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ByName {
+    pub name: String,
+}
+
+/// The `bdev_*_delete` handler of module `B`: deletes bdev `name` if module `B` made it and
+/// nothing holds it.
+pub fn delete_handler<B: Bdev>(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByName = parse(p)?;
+    let e = t.bdev(&p.name)?;
+    if e.bdev().as_any().downcast_ref::<B>().is_none() {
+        return Err(RpcError::no_device(format!("bdev {} is a {}, not made by this module", p.name, e.bdev().product_name())));
+    }
+    drop(e);
+    t.delete_bdev(&p.name)?;
+    Ok(json!(true))
+}
+
+/// First free name of the form `{prefix}{n}` (SPDK names unnamed bdevs Malloc0, Malloc1, ...).
+pub fn next_free_name(t: &Target, prefix: &str) -> String {
+    (0..).map(|i| format!("{prefix}{i}")).find(|n| t.bdevs.get(n).is_none()).expect("an unbounded range has a free name")
+}

@@ -1,0 +1,37 @@
+//! `bdev_uring_create` / `bdev_uring_delete`, with SPDK's parameters plus `size_mb` (create the
+//! file, sparse, if it does not exist). Relative filenames live in the data directory.
+
+use super::UringBdev;
+use crate::rpc::{parse, Methods, RpcError};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub fn register(m: &mut Methods) {
+    m.add("bdev_uring_create", create);
+    m.add("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    filename: String,
+    #[serde(default)]
+    block_size: Option<u32>,
+    #[serde(default)]
+    size_mb: Option<u64>,
+    #[serde(default)]
+    uuid: Option<uuid::Uuid>,
+}
+
+fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Create = parse(p)?;
+    t.bdevs.check_new_name(&p.name)?;
+    crate::rpc::non_empty("filename", &p.filename)?;
+    let path = t.data_path(&p.filename);
+    let b = UringBdev::open(&p.name, &p.filename, &path, p.block_size, p.size_mb, p.uuid).map_err(RpcError::invalid_params)?;
+    t.bdevs.register(Arc::new(b))?;
+    Ok(json!(p.name))
+}

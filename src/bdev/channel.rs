@@ -1,0 +1,152 @@
+//! [`Channel`]: what callers of the bdev layer hold. It checks every request against the
+//! device (range, length, read-only, supported types) before the module sees it, and records
+//! the statistics, so modules do neither.
+
+use super::{BdevEntry, BdevError, Io, IoChannel, IoResult, IoType};
+use crate::reactor;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Per-core cache of opened channels, by bdev entry id.
+#[derive(Default)]
+struct ChannelCache(RefCell<HashMap<u64, Rc<dyn IoChannel>>>);
+
+#[derive(Clone)]
+pub struct Channel {
+    entry: Arc<BdevEntry>,
+    io: Rc<dyn IoChannel>,
+    core: usize,
+    block_size: u32,
+    num_blocks: u64,
+    read_only: bool,
+    supported: u8,
+}
+
+impl Channel {
+    /// The current core's channel to `entry`, opened on first use.
+    pub fn get(entry: &Arc<BdevEntry>) -> Result<Channel, BdevError> {
+        let cache = reactor::with_core(|c| c.local::<ChannelCache>());
+        let existing = cache.0.borrow().get(&entry.id()).cloned();
+        let io = match existing {
+            Some(io) => io,
+            None => {
+                let io = entry.bdev().open_channel()?;
+                cache.0.borrow_mut().insert(entry.id(), io.clone());
+                io
+            }
+        };
+        let b = entry.bdev();
+        let supported = IoType::ALL.iter().filter(|t| b.supports(**t)).fold(0u8, |m, t| m | (1 << t.index()));
+        Ok(Channel {
+            entry: entry.clone(),
+            io,
+            core: reactor::current_index(),
+            block_size: b.block_size(),
+            num_blocks: b.num_blocks(),
+            read_only: b.read_only(),
+            supported,
+        })
+    }
+
+    /// Drops the current core's cached channel of bdev `id` (after the bdev is unregistered).
+    pub fn evict(id: u64) {
+        let cache = reactor::with_core(|c| c.local::<ChannelCache>());
+        let ch = cache.0.borrow_mut().remove(&id);
+        drop(ch);
+    }
+
+    pub fn entry(&self) -> &Arc<BdevEntry> {
+        &self.entry
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    pub fn supports(&self, t: IoType) -> bool {
+        self.supported & (1 << t.index()) != 0
+    }
+
+    fn check(&self, t: IoType, offset: u64, count: u64) -> Result<(), BdevError> {
+        if !self.supports(t) {
+            return Err(BdevError::Unsupported(t));
+        }
+        if self.read_only && t.modifies() {
+            return Err(BdevError::ReadOnly);
+        }
+        if offset.checked_add(count).is_none_or(|end| end > self.num_blocks) {
+            return Err(BdevError::OutOfRange { offset, count, size: self.num_blocks });
+        }
+        Ok(())
+    }
+
+    fn blocks_of(&self, len: usize) -> Result<u64, BdevError> {
+        let bs = self.block_size as usize;
+        if len == 0 || len % bs != 0 {
+            return Err(BdevError::BadLength { len, block_size: self.block_size });
+        }
+        Ok((len / bs) as u64)
+    }
+
+    async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
+        let shard = self.entry.stats().shard(self.core);
+        shard.in_flight.fetch_add(1, Relaxed);
+        let t0 = reactor::now_ns();
+        let r = self.io.submit(io).await;
+        let dt = reactor::now_ns().saturating_sub(t0);
+        shard.in_flight.fetch_sub(1, Relaxed);
+        self.entry.stats().record(self.core, t, bytes, dt, r.is_ok());
+        r
+    }
+
+    /// Reads `offset_blocks..` into `bufs` (their total length: a whole number of blocks).
+    pub async fn read(&self, offset_blocks: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let num_blocks = self.blocks_of(len)?;
+        self.check(IoType::Read, offset_blocks, num_blocks)?;
+        self.run(IoType::Read, len as u64, Io::Read { offset_blocks, num_blocks, bufs }).await
+    }
+
+    pub async fn read_buf(&self, offset_blocks: u64, buf: &mut [u8]) -> IoResult {
+        self.read(offset_blocks, &mut [IoSliceMut::new(buf)]).await
+    }
+
+    /// Writes `bufs` at `offset_blocks`.
+    pub async fn write(&self, offset_blocks: u64, bufs: &[IoSlice<'_>]) -> IoResult {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let num_blocks = self.blocks_of(len)?;
+        self.check(IoType::Write, offset_blocks, num_blocks)?;
+        self.run(IoType::Write, len as u64, Io::Write { offset_blocks, num_blocks, bufs }).await
+    }
+
+    pub async fn write_buf(&self, offset_blocks: u64, buf: &[u8]) -> IoResult {
+        self.write(offset_blocks, &[IoSlice::new(buf)]).await
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> IoResult {
+        if !self.supports(IoType::Flush) {
+            // A device without a volatile cache has nothing to flush.
+            return Ok(());
+        }
+        self.run(IoType::Flush, 0, Io::Flush).await
+    }
+
+    pub async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
+        self.check(IoType::Unmap, offset_blocks, num_blocks)?;
+        self.run(IoType::Unmap, num_blocks * self.block_size as u64, Io::Unmap { offset_blocks, num_blocks }).await
+    }
+
+    pub async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
+        self.check(IoType::WriteZeroes, offset_blocks, num_blocks)?;
+        self.run(IoType::WriteZeroes, num_blocks * self.block_size as u64, Io::WriteZeroes { offset_blocks, num_blocks }).await
+    }
+}

@@ -1,0 +1,200 @@
+//! The bdev layer: one trait that every block device module implements (DESIGN §2), the
+//! registry of bdevs by name with claims, per-core I/O channels, buffers and statistics.
+//!
+//! A bdev is shared by all cores (`Bdev: Send + Sync`); its I/O goes through an [`IoChannel`]
+//! that each core opens for itself (for `uring`, the core's own ring: SPDK's queue pair). I/O
+//! futures borrow the caller's buffers, so **a submitted I/O is never cancelled**: callers poll
+//! every I/O future to completion (dropping one that is in flight waits for it).
+
+mod buffer;
+mod channel;
+mod completion;
+mod registry;
+pub mod rpc;
+mod stats;
+
+pub use buffer::{buffer_pool_info, current_pool_region, IoBuf, BUF_ALIGN};
+pub use channel::Channel;
+pub use completion::{CompletionFuture, CompletionSlot};
+pub use buffer::set_pool_bytes;
+pub use rpc::BdevSubsystem;
+pub use registry::{BdevEntry, BdevRegistry, Holder, HolderKind, HoldGuard};
+pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
+
+use serde_json::Value;
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoType {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    WriteZeroes,
+}
+
+impl IoType {
+    pub const ALL: [IoType; 5] = [IoType::Read, IoType::Write, IoType::Flush, IoType::Unmap, IoType::WriteZeroes];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Flush => "flush",
+            IoType::Unmap => "unmap",
+            IoType::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    /// Whether the operation changes the content of the device.
+    pub fn modifies(self) -> bool {
+        matches!(self, IoType::Write | IoType::Unmap | IoType::WriteZeroes)
+    }
+}
+
+/// Why an I/O failed. Front ends map these to NVMe status codes and SCSI sense data; nothing
+/// below the front ends knows about either.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BdevError {
+    #[error("media error")]
+    Media,
+    #[error("I/O error (errno {0})")]
+    Os(i32),
+    #[error("blocks {offset}+{count} are beyond the end of the device ({size} blocks)")]
+    OutOfRange { offset: u64, count: u64, size: u64 },
+    #[error("buffer of {len} bytes is not a whole number of {block_size}-byte blocks")]
+    BadLength { len: usize, block_size: u32 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("{0:?} is not supported by this device")]
+    Unsupported(IoType),
+    #[error("no resources for the I/O, retry later")]
+    NoResources,
+    #[error("the I/O was aborted")]
+    Aborted,
+    #[error("the device is offline")]
+    Offline,
+    #[error("NVMe status type {sct:#x} code {sc:#x}")]
+    Nvme { sct: u8, sc: u8 },
+}
+
+pub type IoResult = Result<(), BdevError>;
+
+/// The future of one I/O. Synchronous devices complete in place without allocating; devices
+/// completed by a poller use a per-core completion slot; the rest box their future.
+pub enum IoFuture<'a> {
+    Ready(Option<IoResult>),
+    Slot(CompletionFuture),
+    Boxed(Pin<Box<dyn Future<Output = IoResult> + 'a>>),
+}
+
+impl<'a> IoFuture<'a> {
+    pub fn ready(r: IoResult) -> Self {
+        IoFuture::Ready(Some(r))
+    }
+
+    pub fn boxed(f: impl Future<Output = IoResult> + 'a) -> Self {
+        IoFuture::Boxed(Box::pin(f))
+    }
+}
+
+impl Future for IoFuture<'_> {
+    type Output = IoResult;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult> {
+        match self.get_mut() {
+            IoFuture::Ready(r) => Poll::Ready(r.take().expect("IoFuture polled after completion")),
+            IoFuture::Slot(s) => Pin::new(s).poll(cx),
+            IoFuture::Boxed(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// One request to a channel. Offsets and counts are in blocks of the bdev; for reads and
+/// writes the count equals the buffers' total length divided by the block size (checked by
+/// [`Channel`] before the request reaches the module).
+pub enum Io<'a, 'b> {
+    Read { offset_blocks: u64, num_blocks: u64, bufs: &'a mut [IoSliceMut<'b>] },
+    Write { offset_blocks: u64, num_blocks: u64, bufs: &'a [IoSlice<'b>] },
+    Flush,
+    Unmap { offset_blocks: u64, num_blocks: u64 },
+    WriteZeroes { offset_blocks: u64, num_blocks: u64 },
+}
+
+impl Io<'_, '_> {
+    pub fn io_type(&self) -> IoType {
+        match self {
+            Io::Read { .. } => IoType::Read,
+            Io::Write { .. } => IoType::Write,
+            Io::Flush => IoType::Flush,
+            Io::Unmap { .. } => IoType::Unmap,
+            Io::WriteZeroes { .. } => IoType::WriteZeroes,
+        }
+    }
+
+    /// (offset, count) in blocks; (0, 0) for flush.
+    pub fn range(&self) -> (u64, u64) {
+        match self {
+            Io::Read { offset_blocks, num_blocks, .. }
+            | Io::Write { offset_blocks, num_blocks, .. }
+            | Io::Unmap { offset_blocks, num_blocks }
+            | Io::WriteZeroes { offset_blocks, num_blocks } => (*offset_blocks, *num_blocks),
+            Io::Flush => (0, 0),
+        }
+    }
+}
+
+/// A core's handle on a bdev's I/O path. Never shared between cores.
+pub trait IoChannel {
+    fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a>;
+}
+
+/// What every bdev module implements.
+pub trait Bdev: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    /// Module name as in SPDK's `product_name` ("Malloc disk", "URING bdev", ...).
+    fn product_name(&self) -> &str;
+    fn block_size(&self) -> u32;
+    fn num_blocks(&self) -> u64;
+    fn uuid(&self) -> Uuid;
+    fn supports(&self, io: IoType) -> bool;
+    /// Writes (and unmaps) are refused with [`BdevError::ReadOnly`].
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// Opens this core's channel. Called on the core that will use it, once per core.
+    fn open_channel(&self) -> Result<std::rc::Rc<dyn IoChannel>, BdevError>;
+    /// Module-specific information for `bdev_get_bdevs` (`driver_specific`).
+    fn driver_specific(&self) -> Value {
+        Value::Null
+    }
+    /// The RPC call that recreates this bdev (`save_config`); `None` if it is not persistent
+    /// configuration (a snapshot that its volume recreates, say).
+    fn config_call(&self) -> Option<(&'static str, Value)>;
+    /// Called once, after the bdev is unregistered and every core dropped its channel.
+    fn destroy(&self) {}
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A module's reason for refusing to create a bdev, mapped to a JSON-RPC error at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("bdev {0} already exists")]
+    Exists(String),
+    #[error("bdev {0} does not exist")]
+    NotFound(String),
+    #[error("bdev {name} is in use by {by}")]
+    Busy { name: String, by: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(String),
+}

@@ -1,0 +1,225 @@
+//! The registry of bdevs by name, with claims and opens.
+//!
+//! A virtual bdev *claims* its bases (at most one claim per bdev); an export or a backup
+//! *opens* a bdev. A bdev that is claimed or open cannot be deleted, and a claimed bdev cannot
+//! be opened for export (its owner writes it). All of this is control-plane state, touched by
+//! the RPC thread, never on the data path.
+
+use super::stats::BdevStats;
+use super::{Bdev, CreateError};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HolderKind {
+    /// Exclusive use by a virtual bdev built on top.
+    Claim,
+    /// Use by an export (NVMe namespace, iSCSI LUN) or a job (backup).
+    Open,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Holder {
+    pub kind: HolderKind,
+    pub by: String,
+    #[serde(skip)]
+    id: u64,
+}
+
+pub struct BdevEntry {
+    id: u64,
+    bdev: Arc<dyn Bdev>,
+    stats: BdevStats,
+    holders: Mutex<Vec<Holder>>,
+}
+
+static NEXT_HOLD: AtomicU64 = AtomicU64::new(1);
+
+impl BdevEntry {
+    /// Unique for the life of the process; keys per-core channel caches.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        self.bdev.name()
+    }
+
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    pub fn stats(&self) -> &BdevStats {
+        &self.stats
+    }
+
+    fn holders(&self) -> MutexGuard<'_, Vec<Holder>> {
+        // A poisoned lock only means a panic elsewhere; the list itself is always consistent.
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn holder_list(&self) -> Vec<Holder> {
+        self.holders().clone()
+    }
+
+    /// The name of the claimant, if any.
+    pub fn claimed_by(&self) -> Option<String> {
+        self.holders().iter().find(|h| h.kind == HolderKind::Claim).map(|h| h.by.clone())
+    }
+
+    /// Claims the bdev for `by` (a virtual bdev's name). Fails if claimed or open already.
+    pub fn claim(self: &Arc<Self>, by: &str) -> Result<HoldGuard, CreateError> {
+        let mut h = self.holders();
+        if let Some(other) = h.first() {
+            return Err(CreateError::Busy { name: self.name().to_string(), by: other.by.clone() });
+        }
+        let id = NEXT_HOLD.fetch_add(1, Ordering::Relaxed);
+        h.push(Holder { kind: HolderKind::Claim, by: by.to_string(), id });
+        Ok(HoldGuard { entry: self.clone(), id })
+    }
+
+    /// Opens the bdev for `by` (an export or a job). Fails if a virtual bdev claims it.
+    pub fn open(self: &Arc<Self>, by: &str) -> Result<HoldGuard, CreateError> {
+        let mut h = self.holders();
+        if let Some(c) = h.iter().find(|x| x.kind == HolderKind::Claim) {
+            return Err(CreateError::Busy { name: self.name().to_string(), by: c.by.clone() });
+        }
+        let id = NEXT_HOLD.fetch_add(1, Ordering::Relaxed);
+        h.push(Holder { kind: HolderKind::Open, by: by.to_string(), id });
+        Ok(HoldGuard { entry: self.clone(), id })
+    }
+}
+
+/// A claim or an open; released on drop.
+pub struct HoldGuard {
+    entry: Arc<BdevEntry>,
+    id: u64,
+}
+
+impl HoldGuard {
+    pub fn entry(&self) -> &Arc<BdevEntry> {
+        &self.entry
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.entry.holders().retain(|h| h.id != self.id);
+    }
+}
+
+impl std::fmt::Debug for HoldGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HoldGuard({})", self.entry.name())
+    }
+}
+
+static NEXT_ENTRY: AtomicU64 = AtomicU64::new(1);
+
+/// All bdevs of a target, by name.
+pub struct BdevRegistry {
+    cores: usize,
+    by_name: Mutex<BTreeMap<String, Arc<BdevEntry>>>,
+}
+
+/// Longest bdev name accepted (SPDK has no limit; names end up in NQNs and metrics labels).
+pub const MAX_NAME_LEN: usize = 255;
+
+impl BdevRegistry {
+    /// A registry whose bdevs keep statistics for `cores` cores.
+    pub fn new(cores: usize) -> Self {
+        BdevRegistry { cores, by_name: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<BdevEntry>>> {
+        self.by_name.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `name` is a usable, free bdev name.
+    pub fn check_new_name(&self, name: &str) -> Result<(), CreateError> {
+        validate_name(name)?;
+        if self.map().contains_key(name) {
+            return Err(CreateError::Exists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn register(&self, bdev: Arc<dyn Bdev>) -> Result<Arc<BdevEntry>, CreateError> {
+        let name = bdev.name().to_string();
+        validate_name(&name)?;
+        assert!(bdev.block_size() >= 1 && bdev.num_blocks() >= 1, "bdev {name} has no blocks");
+        let mut m = self.map();
+        if m.contains_key(&name) {
+            return Err(CreateError::Exists(name));
+        }
+        let entry = Arc::new(BdevEntry {
+            id: NEXT_ENTRY.fetch_add(1, Ordering::Relaxed),
+            bdev,
+            stats: BdevStats::new(self.cores),
+            holders: Mutex::new(Vec::new()),
+        });
+        m.insert(name, entry.clone());
+        Ok(entry)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<BdevEntry>> {
+        self.map().get(name).cloned()
+    }
+
+    pub fn lookup(&self, name: &str) -> Result<Arc<BdevEntry>, CreateError> {
+        self.get(name).ok_or_else(|| CreateError::NotFound(name.to_string()))
+    }
+
+    /// Every bdev, in name order.
+    pub fn list(&self) -> Vec<Arc<BdevEntry>> {
+        self.map().values().cloned().collect()
+    }
+
+    /// Removes a bdev that nothing holds. The caller then evicts its channels from every core
+    /// ([`super::Channel::evict`]) and calls [`super::Bdev::destroy`].
+    pub fn unregister(&self, name: &str) -> Result<Arc<BdevEntry>, CreateError> {
+        let mut m = self.map();
+        let entry = m.get(name).ok_or_else(|| CreateError::NotFound(name.to_string()))?;
+        if let Some(h) = entry.holders().first() {
+            return Err(CreateError::Busy { name: name.to_string(), by: h.by.clone() });
+        }
+        Ok(m.remove(name).expect("entry checked above"))
+    }
+
+    /// Bdevs in the order they must be recreated: every bdev after the bdevs it claims.
+    pub fn in_creation_order(&self) -> Vec<Arc<BdevEntry>> {
+        let all = self.list();
+        let mut out: Vec<Arc<BdevEntry>> = Vec::new();
+        let mut placed = std::collections::HashSet::new();
+        // Bases first: a bdev is placed once every bdev it claims is placed. Claims form a
+        // forest, so this terminates in at most `len` rounds.
+        for _ in 0..=all.len() {
+            for e in &all {
+                if placed.contains(&e.id) {
+                    continue;
+                }
+                let bases_placed = all.iter().filter(|b| b.claimed_by().as_deref() == Some(e.name())).all(|b| placed.contains(&b.id));
+                if bases_placed {
+                    placed.insert(e.id);
+                    out.push(e.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), CreateError> {
+    if name.is_empty() {
+        return Err(CreateError::Invalid("bdev name must not be empty".into()));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(CreateError::Invalid(format!("bdev name is longer than {MAX_NAME_LEN} bytes")));
+    }
+    if name.chars().any(|c| c.is_control() || c == '"' || c == '\\' || c == '/') {
+        return Err(CreateError::Invalid(format!("bdev name {name:?} contains a control character, quote, slash or backslash")));
+    }
+    Ok(())
+}

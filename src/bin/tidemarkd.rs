@@ -1,0 +1,66 @@
+//! tidemarkd: the target daemon.
+
+use clap::Parser;
+use std::path::PathBuf;
+use tidemark::daemon::{self, Overrides};
+use tidemark::reactor::PollMode;
+
+#[derive(Parser)]
+#[command(name = "tidemarkd", version, about = "tidemark block storage target (NVMe/TCP, iSCSI)")]
+struct Args {
+    /// TOML configuration; without it the embedded default (config/default.toml) is used.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Reactor core mask, e.g. 0x2 (overrides [reactor] in the config).
+    #[arg(short = 'm', long = "cpumask")]
+    cpumask: Option<String>,
+    /// JSON-RPC socket path.
+    #[arg(short = 'r', long = "rpc-socket")]
+    rpc_socket: Option<PathBuf>,
+    /// Prometheus endpoint address ("" disables it).
+    #[arg(long = "metrics")]
+    metrics: Option<String>,
+    /// Data directory for file-backed volumes.
+    #[arg(long = "data-dir")]
+    data_dir: Option<PathBuf>,
+    /// Reactor idle policy: busy or adaptive.
+    #[arg(long = "poll-mode", value_parser = parse_mode)]
+    poll_mode: Option<PollMode>,
+    /// Check the configuration and exit.
+    #[arg(long = "check-config")]
+    check_config: bool,
+    /// Print the embedded default configuration and exit.
+    #[arg(long = "print-default-config")]
+    print_default_config: bool,
+}
+
+fn parse_mode(s: &str) -> Result<PollMode, String> {
+    match s {
+        "busy" => Ok(PollMode::Busy),
+        "adaptive" => Ok(PollMode::Adaptive),
+        _ => Err(format!("{s:?} is not busy or adaptive")),
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_micros().init();
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", tidemark::config::DEFAULT_CONFIG);
+        return;
+    }
+    let o = Overrides { cpumask: args.cpumask, rpc_socket: args.rpc_socket, metrics: args.metrics, data_dir: args.data_dir, poll_mode: args.poll_mode };
+    let config = match daemon::load_config(args.config.as_deref(), &o) {
+        Ok(c) => c,
+        Err(e) => {
+            let src = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "default config".into());
+            eprintln!("tidemarkd: invalid configuration ({src}): {e}");
+            std::process::exit(1);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        return;
+    }
+    std::process::exit(daemon::run(config));
+}

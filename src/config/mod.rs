@@ -1,0 +1,253 @@
+//! The daemon's TOML configuration: settings sections, then per subsystem the list of RPC
+//! calls that build the target (the same operations as the JSON-RPC API, as in SPDK's JSON
+//! config). `save_config` writes the running target back in the same form.
+
+use crate::reactor::PollMode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    #[serde(default)]
+    pub reactor: ReactorSection,
+    #[serde(default)]
+    pub rpc: RpcSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bdev: Vec<ConfigCall>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvmf: Vec<ConfigCall>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iscsi: Vec<ConfigCall>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Where file-backed bdevs with relative paths live (created 0700 if missing).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// I/O buffer pool reserved per core, in MiB.
+    #[serde(default = "default_pool_mb")]
+    pub buffer_pool_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorSection {
+    /// CPU ids of the reactors (`[1]`); alternatively `cpumask`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<Vec<usize>>,
+    /// SPDK-style core mask (`"0x2"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpumask: Option<String>,
+    #[serde(default)]
+    pub poll_mode: PollMode,
+    /// Idle time before an adaptive reactor sleeps, in microseconds.
+    #[serde(default = "default_idle_us")]
+    pub idle_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcSection {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus endpoint; an empty string disables it.
+    #[serde(default = "default_metrics")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigCall {
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub params: Value,
+}
+
+impl ConfigCall {
+    pub fn new(method: &str, params: Value) -> Self {
+        ConfigCall { method: method.to_string(), params }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/tmp/tidemark")
+}
+fn default_pool_mb() -> u64 {
+    64
+}
+fn default_idle_us() -> u64 {
+    1000
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/var/tmp/tidemark.sock")
+}
+fn default_metrics() -> String {
+    "127.0.0.1:9464".to_string()
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection { data_dir: default_data_dir(), buffer_pool_mb: default_pool_mb() }
+    }
+}
+impl Default for ReactorSection {
+    fn default() -> Self {
+        ReactorSection { cores: None, cpumask: None, poll_mode: PollMode::default(), idle_us: default_idle_us() }
+    }
+}
+impl Default for RpcSection {
+    fn default() -> Self {
+        RpcSection { socket: default_socket() }
+    }
+}
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { listen: default_metrics() }
+    }
+}
+
+impl Config {
+    /// Parses a configuration, naming the offending key on error.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let de = toml::Deserializer::parse(text).map_err(|e| format!("not valid TOML: {}", e.message()))?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            format!("key `{path}`: {}", inner.message())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.cpus()?;
+        if self.daemon.buffer_pool_mb == 0 || self.daemon.buffer_pool_mb > 64 * 1024 {
+            return Err("key `daemon.buffer_pool_mb`: must be between 1 and 65536".into());
+        }
+        if !self.metrics.listen.is_empty() {
+            self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|_| format!("key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464", self.metrics.listen))?;
+        }
+        for (section, calls) in self.sections() {
+            for (i, c) in calls.iter().enumerate() {
+                if c.method.is_empty() {
+                    return Err(format!("key `{section}[{i}].method`: must not be empty"));
+                }
+                if !matches!(c.params, Value::Null | Value::Object(_)) {
+                    return Err(format!("key `{section}[{i}].params`: must be a table"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The reactor CPUs: `cores`, else `cpumask`, else CPU 0.
+    pub fn cpus(&self) -> Result<Vec<usize>, String> {
+        let cpus = match (&self.reactor.cores, &self.reactor.cpumask) {
+            (Some(_), Some(_)) => return Err("key `reactor`: give either `cores` or `cpumask`, not both".into()),
+            (Some(c), None) => c.clone(),
+            (None, Some(m)) => crate::reactor::parse_cpumask(m).map_err(|e| format!("key `reactor.cpumask`: {e}"))?,
+            (None, None) => vec![0],
+        };
+        if cpus.is_empty() {
+            return Err("key `reactor.cores`: must list at least one CPU".into());
+        }
+        let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let max = core_affinity::get_core_ids().map(|ids| ids.iter().map(|c| c.id + 1).max().unwrap_or(online)).unwrap_or(online);
+        let mut seen = std::collections::HashSet::new();
+        for &c in &cpus {
+            if c >= max {
+                return Err(format!("key `reactor.cores`: CPU {c} does not exist or is not available (this machine has CPUs 0..{})", max - 1));
+            }
+            if !seen.insert(c) {
+                return Err(format!("key `reactor.cores`: CPU {c} is listed twice"));
+            }
+        }
+        Ok(cpus)
+    }
+
+    /// The subsystem sections in the order they are applied.
+    pub fn sections(&self) -> [(&'static str, &Vec<ConfigCall>); 3] {
+        [("bdev", &self.bdev), ("nvmf", &self.nvmf), ("iscsi", &self.iscsi)]
+    }
+
+    pub fn section_mut(&mut self, name: &str) -> Option<&mut Vec<ConfigCall>> {
+        match name {
+            "bdev" => Some(&mut self.bdev),
+            "nvmf" => Some(&mut self.nvmf),
+            "iscsi" => Some(&mut self.iscsi),
+            _ => None,
+        }
+    }
+
+    /// The configuration as TOML text.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(&strip_nulls(serde_json::to_value(self).map_err(|e| e.to_string())?)).map_err(|e| e.to_string())
+    }
+}
+
+/// TOML has no null: drop null members (they mean "default").
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip_nulls(v))).collect()),
+        Value::Array(a) => Value::Array(a.into_iter().map(strip_nulls).collect()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.metrics.listen, "127.0.0.1:9464");
+        assert!(!c.bdev.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("[reactor]\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse("[reactor]\nidle_us = \"x\"\n").unwrap_err();
+        assert!(e.contains("reactor.idle_us"), "{e}");
+        let e = Config::parse("[reactor]\ncores = [999]\n").unwrap_err();
+        assert!(e.contains("reactor.cores"), "{e}");
+        let e = Config::parse("[[bdev]]\nparams = {}\n").unwrap_err();
+        assert!(e.contains("method"), "{e}");
+        let e = Config::parse("[metrics]\nlisten = \"nope\"\n").unwrap_err();
+        assert!(e.contains("metrics.listen"), "{e}");
+        let e = Config::parse("[reactor\n").unwrap_err();
+        assert!(e.contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        let t = c.to_toml().unwrap();
+        let c2 = Config::parse(&t).unwrap();
+        assert_eq!(c.bdev, c2.bdev);
+        assert_eq!(c.nvmf, c2.nvmf);
+    }
+}

@@ -1,0 +1,20 @@
+//! tidemark: a userspace, polled-mode block storage target (see DESIGN.md).
+//!
+//! Layout: [`reactor`] (threads, executor, message rings), [`bdev`] (the one bdev trait,
+//! registry, channels, buffers), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
+//! control plane), [`config`], [`metrics`] and [`daemon`] (startup and shutdown).
+
+pub mod bdev;
+#[path = "../bdevs/mod.rs"]
+pub mod bdevs;
+pub mod config;
+pub mod daemon;
+pub mod metrics;
+pub mod reactor;
+pub mod rpc;
+pub mod target;
+
+/// Every allocation of the target comes from mimalloc: its thread-local free lists make the
+/// few allocations on the data path (task and future frames) lock-free and syscall-free.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

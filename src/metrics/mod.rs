@@ -1,0 +1,202 @@
+//! Prometheus metrics: an HTTP endpoint that, on each scrape, reads the target's counters
+//! (per-core atomics, never a lock on the data path) and encodes them in the OpenMetrics text
+//! format, which Prometheus reads natively.
+
+use crate::bdev::{IoType, LATENCY_BUCKETS_US};
+use crate::target::Target;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue};
+use prometheus_client::metrics::MetricType;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub type Labels = Vec<(&'static str, String)>;
+
+/// A histogram sample: per-bucket counts (not cumulative) on [`LATENCY_BUCKETS_US`] plus the
+/// overflow bucket, and the sum in nanoseconds.
+pub struct LatencySample<'a> {
+    pub buckets: &'a [u64; LATENCY_BUCKETS_US.len() + 1],
+    pub sum_ns: u64,
+}
+
+/// What subsystems write their metrics through.
+pub struct MetricsOut<'a> {
+    enc: DescriptorEncoder<'a>,
+}
+
+impl<'a> MetricsOut<'a> {
+    pub fn new(enc: DescriptorEncoder<'a>) -> Self {
+        MetricsOut { enc }
+    }
+
+    /// A counter family; `name` without the `_total` suffix (the encoder adds it).
+    pub fn counter<V: EncodeCounterValue>(&mut self, name: &str, help: &str, samples: &[(Labels, V)]) -> fmt::Result {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in samples {
+            m.encode_family(labels)?.encode_counter::<prometheus_client::encoding::NoLabelSet, V, u64>(v, None)?;
+        }
+        Ok(())
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, samples: &[(Labels, f64)]) -> fmt::Result {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, v) in samples {
+            m.encode_family(labels)?.encode_gauge(v)?;
+        }
+        Ok(())
+    }
+
+    /// A latency histogram family in seconds.
+    pub fn latency(&mut self, name: &str, help: &str, samples: &[(Labels, LatencySample<'_>)]) -> fmt::Result {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, s) in samples {
+            let mut cumulative = 0u64;
+            let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_US.len() + 1);
+            for (i, &b) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += s.buckets[i];
+                buckets.push((b as f64 / 1e6, cumulative));
+            }
+            cumulative += s.buckets[LATENCY_BUCKETS_US.len()];
+            buckets.push((f64::INFINITY, cumulative));
+            m.encode_family(labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(s.sum_ns as f64 / 1e9, cumulative, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// Labels helper: `labels(&[("bdev", name)])`.
+pub fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+struct TargetCollector(Arc<Target>);
+
+impl fmt::Debug for TargetCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TargetCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for TargetCollector {
+    fn encode(&self, enc: DescriptorEncoder) -> fmt::Result {
+        let mut out = MetricsOut::new(enc);
+        encode_target(&self.0, &mut out)
+    }
+}
+
+fn encode_target(t: &Target, out: &mut MetricsOut<'_>) -> fmt::Result {
+    let info = labels(&[("version", env!("CARGO_PKG_VERSION")), ("commit", env!("TIDEMARK_GIT_COMMIT"))]);
+    out.gauge("tidemark_build_info", "Build of the running target (value 1).", &[(info, 1.0)])?;
+    out.gauge("tidemark_uptime_seconds", "Seconds since the daemon started.", &[(vec![], t.started.elapsed().as_secs_f64())])?;
+    let (huge, pool) = crate::bdev::buffer_pool_info();
+    out.gauge("tidemark_buffer_pool_hugepages", "1 when I/O buffers live on 2 MiB hugepages, 0 on ordinary pages.", &[(vec![], if huge { 1.0 } else { 0.0 })])?;
+    out.gauge("tidemark_buffer_pool_bytes_per_core", "Bytes reserved for I/O buffers on each core.", &[(vec![], pool as f64)])?;
+
+    // Reactors.
+    let mut busy = Vec::new();
+    let mut idle = Vec::new();
+    let mut sleep = Vec::new();
+    let mut wake = Vec::new();
+    for c in 0..t.reactors.core_count() {
+        let mb = t.reactors.mailbox(c);
+        let l = labels(&[("core", &c.to_string()), ("cpu", &mb.cpu().map(|x| x.to_string()).unwrap_or_default())]);
+        let k = &mb.counters;
+        busy.push((l.clone(), k.busy_ns.load(Relaxed)));
+        idle.push((l.clone(), k.idle_ns.load(Relaxed)));
+        sleep.push((l.clone(), k.sleep_ns.load(Relaxed)));
+        wake.push((l, k.wakeups.load(Relaxed)));
+    }
+    let secs = |v: Vec<(Labels, u64)>| -> Vec<(Labels, f64)> { v.into_iter().map(|(l, n)| (l, n as f64 / 1e9)).collect() };
+    out.counter("tidemark_reactor_busy_seconds", "Time each reactor spent in loop iterations that did work.", &secs(busy))?;
+    out.counter("tidemark_reactor_idle_seconds", "Time each reactor spent finding nothing to do, polling or asleep.", &secs(idle))?;
+    out.counter("tidemark_reactor_sleep_seconds", "Of the idle time, time each reactor slept in the kernel.", &secs(sleep))?;
+    out.counter("tidemark_reactor_wakeups", "Times a sleeping reactor was woken by another thread.", &wake)?;
+
+    // Bdevs.
+    let bdevs = t.bdevs.list();
+    let snaps: Vec<_> = bdevs.iter().map(|e| (e.name().to_string(), e.stats().snapshot())).collect();
+    let mut ops = Vec::new();
+    let mut bytes = Vec::new();
+    let mut errors = Vec::new();
+    let mut qd = Vec::new();
+    for (name, s) in &snaps {
+        for t in IoType::ALL {
+            let l = labels(&[("bdev", name), ("type", t.name())]);
+            ops.push((l.clone(), s.ops[t.index()]));
+            bytes.push((l.clone(), s.bytes[t.index()]));
+            errors.push((l, s.errors[t.index()]));
+        }
+        qd.push((labels(&[("bdev", name)]), s.in_flight as f64));
+    }
+    out.counter("tidemark_bdev_ops", "Completed I/O operations per bdev and type.", &ops)?;
+    out.counter("tidemark_bdev_bytes", "Bytes transferred per bdev and type.", &bytes)?;
+    out.counter("tidemark_bdev_errors", "Failed I/O operations per bdev and type.", &errors)?;
+    out.gauge("tidemark_bdev_queue_depth", "I/O operations in flight per bdev.", &qd)?;
+    let reads: Vec<_> = snaps.iter().map(|(n, s)| (labels(&[("bdev", n)]), LatencySample { buckets: &s.read_buckets, sum_ns: s.read_sum_ns })).collect();
+    out.latency("tidemark_bdev_read_latency_seconds", "Read latency per bdev, submission to completion.", &reads)?;
+    let writes: Vec<_> = snaps.iter().map(|(n, s)| (labels(&[("bdev", n)]), LatencySample { buckets: &s.write_buckets, sum_ns: s.write_sum_ns })).collect();
+    out.latency("tidemark_bdev_write_latency_seconds", "Write latency per bdev, submission to completion.", &writes)?;
+
+    for s in t.subsystems() {
+        s.metrics(t, out)?;
+    }
+    Ok(())
+}
+
+/// Renders the target's metrics as OpenMetrics text.
+pub fn render(target: &Arc<Target>) -> String {
+    let mut reg = prometheus_client::registry::Registry::default();
+    reg.register_collector(Box::new(TargetCollector(target.clone())));
+    let mut s = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &reg) {
+        log::error!("metrics: encoding failed: {e}");
+    }
+    s
+}
+
+/// The HTTP endpoint.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    pub fn start(addr: SocketAddr, target: Arc<Target>) -> Result<MetricsServer, String> {
+        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?);
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for req in s.incoming_requests() {
+                    let (body, ctype, code) = match req.url() {
+                        "/metrics" => (render(&target), "application/openmetrics-text; version=1.0.0; charset=utf-8", 200),
+                        "/" => ("<html><body><a href=\"/metrics\">/metrics</a></body></html>\n".to_string(), "text/html", 200),
+                        _ => ("not found\n".to_string(), "text/plain", 404),
+                    };
+                    let header = tiny_http::Header::from_bytes("Content-Type", ctype).expect("static header is valid");
+                    let _ = req.respond(tiny_http::Response::from_string(body).with_header(header).with_status_code(code));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        log::info!("metrics on http://{addr}/metrics");
+        Ok(MetricsServer { server, thread: Some(thread) })
+    }
+
+    pub fn stop(mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

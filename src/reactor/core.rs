@@ -1,0 +1,273 @@
+//! A core: the executor, timers, I/O readiness and per-core state of one reactor thread (or of
+//! one simulated core). Everything on a core is single-threaded; other threads reach it only
+//! through its [`Mailbox`].
+
+use super::clock::Clock;
+use super::io::IoDriver;
+use super::mailbox::{Mailbox, Message};
+use super::timer::Timers;
+use std::any::{Any, TypeId};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Something a reactor polls on every loop iteration (an io_uring completion queue, say).
+pub trait Poller {
+    /// Does what is ready; returns how many units of work it did (0 = idle).
+    fn poll(&self) -> usize;
+    /// Whether the poller has work in flight that it must be polled for.
+    fn busy(&self) -> bool {
+        false
+    }
+}
+
+pub struct Core {
+    pub(crate) index: usize,
+    pub(crate) mailboxes: Arc<[Arc<Mailbox>]>,
+    pub(crate) clock: Clock,
+    pub(crate) timers: Timers,
+    pub(crate) io: Option<IoDriver>,
+    pollers: RefCell<Vec<(u64, Rc<dyn Poller>)>>,
+    next_poller_id: std::cell::Cell<u64>,
+    locals: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Core>>> = const { RefCell::new(None) };
+}
+
+impl Core {
+    pub(crate) fn new(index: usize, mailboxes: Arc<[Arc<Mailbox>]>, clock: Clock, io: Option<IoDriver>) -> Rc<Core> {
+        assert!(index < mailboxes.len(), "core index out of range");
+        Rc::new(Core {
+            index,
+            mailboxes,
+            clock,
+            timers: Timers::default(),
+            io,
+            pollers: RefCell::new(Vec::new()),
+            next_poller_id: std::cell::Cell::new(0),
+            locals: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn core_count(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailboxes[self.index]
+    }
+
+    pub fn io(&self) -> Option<&IoDriver> {
+        self.io.as_ref()
+    }
+
+    pub(crate) fn spawn<F>(&self, fut: F) -> async_task::Task<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        let mb = self.mailboxes[self.index].clone();
+        let (runnable, task) = async_task::spawn_local(fut, move |r| mb.schedule(r));
+        runnable.schedule();
+        task
+    }
+
+    /// Registers a poller; it is polled on every loop iteration until removed.
+    pub fn add_poller(&self, p: Rc<dyn Poller>) -> u64 {
+        let id = self.next_poller_id.get();
+        self.next_poller_id.set(id + 1);
+        self.pollers.borrow_mut().push((id, p));
+        id
+    }
+
+    pub fn remove_poller(&self, id: u64) {
+        self.pollers.borrow_mut().retain(|(i, _)| *i != id);
+    }
+
+    /// Polls every registered poller once; returns the work done.
+    pub fn run_pollers(&self) -> usize {
+        // Clone the list so a poller may add or remove pollers while it runs.
+        let pollers: Vec<Rc<dyn Poller>> = self.pollers.borrow().iter().map(|(_, p)| p.clone()).collect();
+        pollers.iter().map(|p| p.poll()).sum()
+    }
+
+    pub(crate) fn pollers_busy(&self) -> bool {
+        self.pollers.borrow().iter().any(|(_, p)| p.busy())
+    }
+
+    /// Per-core state of type `T`, created on first use. This is how modules keep per-core
+    /// structures (channel caches, lock shards, buffer pools) without globals.
+    pub fn local<T: Any + Default>(&self) -> Rc<T> {
+        let id = TypeId::of::<T>();
+        if let Some(v) = self.locals.borrow().get(&id) {
+            return v.clone().downcast::<T>().unwrap_or_else(|_| unreachable!("TypeId maps to its own type"));
+        }
+        let v: Rc<T> = Rc::new(T::default());
+        self.locals.borrow_mut().insert(id, v.clone());
+        v
+    }
+
+    /// Drops all per-core state (at shutdown, before the core's thread ends).
+    pub(crate) fn clear_locals(&self) {
+        let locals = std::mem::take(&mut *self.locals.borrow_mut());
+        drop(locals);
+        self.pollers.borrow_mut().clear();
+    }
+
+    /// Runs `f` with this core installed as the current one.
+    pub fn enter<R>(self: &Rc<Self>, f: impl FnOnce() -> R) -> R {
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(self.clone()));
+        struct Restore(Option<Rc<Core>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let prev = self.0.take();
+                CURRENT.with(|c| *c.borrow_mut() = prev);
+            }
+        }
+        let _restore = Restore(prev);
+        f()
+    }
+
+    /// Runs one queued message or task; returns false if there was none.
+    pub(crate) fn run_one(&self) -> bool {
+        let mb = &self.mailboxes[self.index];
+        if let Some(m) = mb.messages.pop() {
+            m();
+            mb.counters.messages_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        if let Some(r) = mb.tasks.pop() {
+            r.run();
+            mb.counters.tasks_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// Runs `f` with the current core. Panics when called off a core: that is a programming error
+/// (data-path code runs only on cores).
+pub fn with_core<R>(f: impl FnOnce(&Rc<Core>) -> R) -> R {
+    CURRENT.with(|c| {
+        let c = c.borrow();
+        let core = c.as_ref().expect("not on a reactor core");
+        f(core)
+    })
+}
+
+/// The current core, if this thread runs one.
+pub fn try_current() -> Option<Rc<Core>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Index of the current core.
+pub fn current_index() -> usize {
+    with_core(|c| c.index)
+}
+
+/// Number of cores in this reactor set.
+pub fn core_count() -> usize {
+    with_core(|c| c.core_count())
+}
+
+/// Current time of the current core, in nanoseconds.
+pub fn now_ns() -> u64 {
+    with_core(|c| c.now_ns())
+}
+
+/// Spawns a task on the current core.
+pub fn spawn<F>(fut: F) -> async_task::Task<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    with_core(|c| c.spawn(fut))
+}
+
+/// Spawns a task on the current core and lets it run to completion on its own.
+pub fn spawn_detached<F>(fut: F)
+where
+    F: Future<Output = ()> + 'static,
+{
+    spawn(fut).detach()
+}
+
+/// Sends a closure to core `core`. Messages between cores are never lost: if the target's ring
+/// is full the message waits in the sender core's overflow list and is retried on its next
+/// loop iteration.
+pub fn send_to(core: usize, msg: impl FnOnce() + Send + 'static) {
+    with_core(|c| {
+        let mb = c.mailboxes[core].clone();
+        let msg: Message = Box::new(msg);
+        if let Err(msg) = mb.try_send(msg) {
+            let overflow = c.local::<Overflow>();
+            overflow.0.borrow_mut().push((core, msg));
+        }
+    })
+}
+
+/// Runs `f` on core `core` and returns its result to the caller's core.
+pub async fn call_on<T, F>(core: usize, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if core == current_index() {
+        return f();
+    }
+    let (tx, rx) = futures::channel::oneshot::channel();
+    send_to(core, move || {
+        let _ = tx.send(f());
+    });
+    // The target core runs every message it receives, so the sender half is never dropped
+    // unsent while the reactors run.
+    rx.await.expect("reactor dropped a message")
+}
+
+/// Messages that found their target ring full.
+#[derive(Default)]
+pub(crate) struct Overflow(pub RefCell<Vec<(usize, Message)>>);
+
+impl Core {
+    /// Retries messages that found a full ring; returns how many went out.
+    pub(crate) fn flush_overflow(&self) -> usize {
+        let Some(v) = self.locals.borrow().get(&TypeId::of::<Overflow>()).cloned() else { return 0 };
+        let Ok(overflow) = v.downcast::<Overflow>() else { return 0 };
+        let pending = std::mem::take(&mut *overflow.0.borrow_mut());
+        let mut sent = 0;
+        for (core, msg) in pending {
+            match self.mailboxes[core].try_send(msg) {
+                Ok(()) => sent += 1,
+                Err(msg) => overflow.0.borrow_mut().push((core, msg)),
+            }
+        }
+        sent
+    }
+}
+
+/// Yields once to let other tasks of the core run.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}

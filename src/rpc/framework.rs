@@ -1,0 +1,131 @@
+//! Framework RPCs: method list, version, configuration, reactors, shutdown.
+
+use super::{parse, Methods, RpcError, ENODEV};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
+
+pub fn register(m: &mut Methods) {
+    m.add("rpc_get_methods", rpc_get_methods);
+    m.add("spdk_get_version", spdk_get_version);
+    m.add("framework_get_config", framework_get_config);
+    m.add("framework_get_subsystems", framework_get_subsystems);
+    m.add("framework_get_reactors", framework_get_reactors);
+    m.add("framework_wait_init", |_, _| Ok(json!(true)));
+    m.add("save_config", save_config);
+    m.add("spdk_kill_instance", spdk_kill_instance);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetMethods {
+    /// SPDK: list only methods usable in the current state; every method is always usable here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    current: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_aliases: bool,
+}
+
+fn rpc_get_methods(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: GetMethods = parse(p)?;
+    Ok(json!(t.methods.names().collect::<Vec<_>>()))
+}
+
+fn spdk_get_version(_: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = parse(p)?;
+    let v = env!("CARGO_PKG_VERSION");
+    let mut parts = v.split('.').map(|x| x.parse::<u64>().unwrap_or(0));
+    Ok(json!({
+        "version": format!("tidemark v{v} git {}", env!("TIDEMARK_GIT_COMMIT")),
+        "fields": { "major": parts.next(), "minor": parts.next(), "patch": parts.next(), "suffix": "", "commit": env!("TIDEMARK_GIT_COMMIT") }
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetConfig {
+    name: String,
+}
+
+fn framework_get_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: GetConfig = parse(p)?;
+    let s = t.subsystems().iter().find(|s| s.name() == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("no subsystem named {}", p.name)))?;
+    Ok(serde_json::to_value(s.config(t)).map_err(RpcError::internal)?)
+}
+
+fn framework_get_subsystems(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = parse(p)?;
+    Ok(Value::Array(t.subsystems().iter().map(|s| json!({ "subsystem": s.name(), "depends_on": [] })).collect()))
+}
+
+fn framework_get_reactors(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = parse(p)?;
+    let reactors: Vec<Value> = (0..t.reactors.core_count())
+        .map(|c| {
+            let mb = t.reactors.mailbox(c);
+            let k = &mb.counters;
+            json!({
+                "lcore": mb.cpu(),
+                "core_index": c,
+                "busy": k.busy_ns.load(Relaxed),
+                "idle": k.idle_ns.load(Relaxed),
+                "sleep": k.sleep_ns.load(Relaxed),
+                "loops": k.loops.load(Relaxed),
+                "wakeups": k.wakeups.load(Relaxed),
+                "in_interrupt": t.config.reactor.poll_mode == crate::reactor::PollMode::Adaptive,
+            })
+        })
+        .collect();
+    Ok(json!({ "tick_rate": 1_000_000_000u64, "poll_mode": t.config.reactor.poll_mode, "reactors": reactors }))
+}
+
+/// The running configuration: the daemon's settings as started, and every subsystem's
+/// current state as RPC calls.
+pub fn running_config(t: &Target) -> crate::config::Config {
+    let mut c = t.config.clone();
+    for s in t.subsystems() {
+        if let Some(sec) = c.section_mut(s.name()) {
+            *sec = s.config(t);
+        }
+    }
+    c
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaveConfig {
+    /// Also write the configuration as TOML to this file (usable with `tidemarkd --config`).
+    #[serde(default)]
+    path: Option<String>,
+}
+
+fn save_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: SaveConfig = parse(p)?;
+    let c = running_config(t);
+    if let Some(path) = p.path {
+        let text = c.to_toml().map_err(RpcError::internal)?;
+        std::fs::write(&path, text).map_err(|e| RpcError::new(super::EIO, format!("cannot write {path}: {e}")))?;
+    }
+    let subsystems: Vec<Value> = t.subsystems().iter().map(|s| json!({ "subsystem": s.name(), "config": s.config(t) })).collect();
+    Ok(json!({ "subsystems": subsystems }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kill {
+    #[serde(default)]
+    sig_name: Option<String>,
+}
+
+fn spdk_kill_instance(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Kill = parse(p)?;
+    match p.sig_name.as_deref() {
+        None | Some("SIGTERM") | Some("SIGINT") | Some("SIGKILL") => {}
+        Some(other) => return Err(RpcError::invalid_params(format!("field `sig_name`: unsupported signal {other}"))),
+    }
+    t.request_shutdown();
+    Ok(json!(true))
+}
