@@ -125,7 +125,7 @@ impl Default for MetricsSection {
 impl Config {
     /// Parses a configuration, naming the offending key on error.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| format!("not valid TOML: {}", e.message()))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| format!("not valid TOML: {}", e.to_string().trim()))?;
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();

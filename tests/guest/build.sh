@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (or reuse from cache) the tidemark test guest: a Debian 12 kernel plus a small
-# initramfs with busybox, nvme-cli, fio, kmod, glibc/libgcc_s and the kernel modules for the
+# initramfs with busybox, bash, nvme-cli, fio, kmod, glibc/libgcc_s and the kernel modules for the
 # NVMe/TCP initiator, the kernel nvmet target, NVMe PCI, virtio and 9p.
 #
 # Nothing is installed on the host: packages are fetched with `apt-get download` and unpacked
@@ -29,7 +29,7 @@ die() { log "error: $*"; exit 1; }
 
 export LC_ALL=C
 # Packages whose programs go into the guest, and the modules loaded from it.
-TOOL_PKGS=(busybox-static nvme-cli fio kmod)
+TOOL_PKGS=(busybox-static nvme-cli fio kmod bash)
 BASE_LIB_PKGS=(libc6 libgcc-s1)
 read -r -a EXTRA_PKGS <<<"${TIDEMARK_GUEST_EXTRA_PKGS:-}"
 # Module roots; modules.dep adds their dependencies. A trailing '?' marks optional ones.
@@ -176,7 +176,7 @@ ln -sf ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$root/usr/lib64/ld-linux-x8
 [[ -f $root/usr/lib/x86_64-linux-gnu/libc.so.6 ]] || die "glibc missing from the image"
 
 # Executables: the tools, plus every executable of the extra packages.
-exes=(usr/sbin/nvme usr/bin/fio bin/kmod)
+exes=(usr/sbin/nvme usr/bin/fio bin/kmod bin/bash)
 for p in "${EXTRA_PKGS[@]}"; do
   while read -r f; do exes+=("$f"); done <"$work/exes-$p"
 done

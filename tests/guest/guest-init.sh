@@ -97,7 +97,14 @@ echo "TIDEMARK_GUEST_READY"
 rc=0
 if [ -f /tidemark/test.sh ]; then
   cd /root
-  /bin/sh /tidemark/test.sh </dev/null
+  # A "#!" line naming an interpreter the guest has (/bin/sh, /bin/bash) is honoured;
+  # anything else runs under busybox sh.
+  interp=$(head -n 1 /tidemark/test.sh | sed -n 's/^#![[:space:]]*\([^[:space:]]*\).*/\1/p')
+  if [ -n "$interp" ] && [ -x "$interp" ]; then
+    /tidemark/test.sh </dev/null
+  else
+    /bin/sh /tidemark/test.sh </dev/null
+  fi
   rc=$?
   cd /
 else

@@ -3,7 +3,9 @@
 #
 #   tests/guest/run.sh SCRIPT [extra qemu args...]
 #
-# SCRIPT is a host file, run in the guest as root by busybox `sh` (no bash in the guest).
+# SCRIPT is a host file, run in the guest as root: by the interpreter its "#!" line names if the
+# guest has it (/bin/sh is busybox ash, /bin/bash is bash 5.2), else by busybox sh. It starts in
+# /root with stdin at /dev/null; its output goes to the console (streamed to this stdout).
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2 (QEMU user networking; no port forwards).
 #
 # Environment:
@@ -148,7 +150,11 @@ fi
 
 line=$(marker 'TIDEMARK_GUEST_EXIT=[0-9]+$' || true)
 t_end=$SECONDS
-boot_s=n/a; [[ -n $t_ready ]] && boot_s=$((t_ready - t_boot))s
+# (a short script can finish between two polls: then the end time bounds the boot time)
+[[ -z $t_ready && -n $(marker 'TIDEMARK_GUEST_READY$') ]] && t_ready=$t_end
+boot_s=n/a; [[ -n $t_ready ]] && boot_s="$((t_ready - t_boot))s"
+guest_boot=$(tr -d '\r' < "$tmp/console.log" | sed -n 's/^tidemark-guest: booted in \([0-9.]*s\).*/\1/p' | head -n 1)
+[[ -n $guest_boot ]] && boot_s+=" (guest uptime at script start $guest_boot)"
 timing="image ready in $((t_boot - t_start))s, boot $boot_s, total $((t_end - t_start))s"
 if [[ $status == timeout ]]; then
   say "TIMEOUT: the guest did not finish within ${timeout_s}s ($timing)"

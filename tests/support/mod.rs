@@ -1,0 +1,234 @@
+//! Support for integration tests: start the real `tidemarkd` on a private socket, data
+//! directory and free ports, talk JSON-RPC to it, and always stop it (by PID) when the test
+//! ends, passing or failing.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TIDEMARKD: &str = env!("CARGO_BIN_EXE_tidemarkd");
+pub const TIDEMARK: &str = env!("CARGO_BIN_EXE_tidemark");
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+/// A JSON-RPC error as the daemon sent it.
+#[derive(Debug, Clone)]
+pub struct RpcFailure {
+    pub code: i64,
+    pub message: String,
+}
+
+impl Daemon {
+    /// Starts tidemarkd with `config` (TOML text; `{data_dir}`, `{socket}` and `{metrics}` are
+    /// replaced with this daemon's private values) and waits until its RPC socket answers.
+    pub fn start(config: &str) -> Daemon {
+        Self::start_with_args(config, &[])
+    }
+
+    pub fn start_with_args(config: &str, args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("tidemark-test").tempdir().expect("tempdir");
+        let socket = dir.path().join("rpc.sock");
+        let metrics_port = free_port();
+        let data = dir.path().join("data");
+        let text = config
+            .replace("{data_dir}", &data.display().to_string())
+            .replace("{socket}", &socket.display().to_string())
+            .replace("{metrics}", &format!("127.0.0.1:{metrics_port}"));
+        let cfg = dir.path().join("tidemark.toml");
+        std::fs::write(&cfg, text).expect("write config");
+        let log = dir.path().join("tidemarkd.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(TIDEMARKD)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--rpc-socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::from(logf.try_clone().expect("dup log")))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .expect("spawn tidemarkd");
+        let mut d = Daemon { child: Some(child), dir, socket, metrics_port, log };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("tidemarkd exited during startup ({status}):\n{}", self.log_text());
+                }
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tidemarkd did not open its RPC socket in 20 s:\n{}", self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("daemon already stopped")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Calls `method`; Ok(result) or Err(the JSON-RPC error).
+    pub fn try_rpc(&self, method: &str, params: Value) -> Result<Value, RpcFailure> {
+        let s = UnixStream::connect(&self.socket).expect("connect to the RPC socket");
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
+        if !params.is_null() {
+            req["params"] = params;
+        }
+        (&s).write_all(req.to_string().as_bytes()).expect("send");
+        let resp: Value = serde_json::Deserializer::from_reader(BufReader::new(&s)).into_iter::<Value>().next().expect("an answer").expect("JSON answer");
+        if let Some(e) = resp.get("error") {
+            return Err(RpcFailure { code: e["code"].as_i64().unwrap_or(0), message: e["message"].as_str().unwrap_or("").to_string() });
+        }
+        Ok(resp["result"].clone())
+    }
+
+    /// Calls `method` and panics (with the daemon's log) on error.
+    pub fn rpc(&self, method: &str, params: Value) -> Value {
+        match self.try_rpc(method, params.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {params} failed: {e:?}\n{}", self.log_text()),
+        }
+    }
+
+    /// Runs the `tidemark` CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(TIDEMARK).arg("-s").arg(&self.socket).args(args).output().expect("run tidemark")
+    }
+
+    /// GETs the metrics page.
+    pub fn metrics(&self) -> String {
+        http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill on the PID of a child we spawned and have not reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a new daemon process on the same directory, socket and config (after a stop or
+    /// a crash).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon before restarting it");
+        let cfg = self.dir.path().join("tidemark.toml");
+        let logf = std::fs::OpenOptions::new().append(true).open(&self.log).expect("log");
+        let child = Command::new(TIDEMARKD)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--rpc-socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .stdout(Stdio::from(logf.try_clone().expect("dup")))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .expect("spawn tidemarkd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() && self.terminate(Duration::from_secs(10)).is_none() {
+            eprintln!("tidemarkd did not stop on SIGTERM within 10 s; killed");
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET (the metrics endpoint is the only HTTP server we talk to).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    match out.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => out,
+    }
+}
+
+/// The configuration most tests start from: one reactor, adaptive, no bdevs.
+pub const MINIMAL_CONFIG: &str = r#"
+[daemon]
+data_dir = "{data_dir}"
+buffer_pool_mb = 16
+[reactor]
+cores = [0]
+poll_mode = "adaptive"
+[rpc]
+socket = "{socket}"
+[metrics]
+listen = "{metrics}"
+"#;
+
+/// Whether `cmd` is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Path of a file next to the test sources (`tests/...`).
+pub fn tests_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))
+}
