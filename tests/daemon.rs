@@ -75,7 +75,15 @@ fn socket_is_owner_only_and_sigterm_exits_zero_quickly() {
 #[test]
 fn a_second_daemon_on_the_same_socket_is_refused() {
     let d = Daemon::start(MINIMAL_CONFIG);
-    let out = std::process::Command::new(TIDEMARKD).arg("--rpc-socket").arg(&d.socket).arg("--metrics").arg("").arg("--data-dir").arg(d.dir.path().join("x")).output().unwrap();
+    let out = std::process::Command::new(TIDEMARKD)
+        .arg("--rpc-socket")
+        .arg(&d.socket)
+        .arg("--metrics")
+        .arg("")
+        .arg("--data-dir")
+        .arg(d.dir.path().join("x"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(d.try_rpc("bdev_get_bdevs", json!(null)).is_ok());
@@ -95,7 +103,15 @@ fn bad_configs_exit_1_naming_the_key() {
         let p = dir.path().join("c.toml");
         let sock = dir.path().join("s.sock");
         std::fs::write(&p, format!("[rpc]\nsocket = \"{}\"\n{text}", sock.display())).unwrap();
-        let out = std::process::Command::new(TIDEMARKD).arg("--config").arg(&p).arg("--data-dir").arg(dir.path().join("d")).arg("--metrics").arg("").output().unwrap();
+        let out = std::process::Command::new(TIDEMARKD)
+            .arg("--config")
+            .arg(&p)
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .arg("--metrics")
+            .arg("")
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{text}: {err}");
         assert!(err.contains(key), "{key} not named: {err}");
@@ -137,7 +153,10 @@ fn idle_adaptive_daemon_uses_little_cpu() {
 fn save_config_round_trips_into_a_new_daemon() {
     let d = Daemon::start(MINIMAL_CONFIG);
     d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2048, "block_size": 4096}));
-    d.rpc("bdev_delay_create", json!({"name": "d0", "base_bdev_name": "m0", "avg_read_latency": 10, "p99_read_latency": 50, "avg_write_latency": 20, "p99_write_latency": 90}));
+    d.rpc(
+        "bdev_delay_create",
+        json!({"name": "d0", "base_bdev_name": "m0", "avg_read_latency": 10, "p99_read_latency": 50, "avg_write_latency": 20, "p99_write_latency": 90}),
+    );
     let path = d.dir.path().join("saved.toml");
     d.rpc("save_config", json!({"path": path.display().to_string()}));
     let saved = std::fs::read_to_string(&path).unwrap();

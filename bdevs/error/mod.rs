@@ -9,7 +9,7 @@ use crate::reactor;
 use serde_json::{json, Value};
 use std::io::IoSlice;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;

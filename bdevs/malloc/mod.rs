@@ -47,10 +47,20 @@ impl MallocBdev {
         if num_blocks == 0 {
             return Err("num_blocks must be at least 1".into());
         }
-        let bytes = num_blocks.checked_mul(block_size as u64).filter(|b| *b <= MAX_BYTES).ok_or_else(|| format!("num_blocks * block_size is over the limit of {MAX_BYTES} bytes"))?;
+        let bytes = num_blocks
+            .checked_mul(block_size as u64)
+            .filter(|b| *b <= MAX_BYTES)
+            .ok_or_else(|| format!("num_blocks * block_size is over the limit of {MAX_BYTES} bytes"))?;
         // SAFETY: anonymous private mapping without an address hint; the result is checked.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(format!("cannot map {bytes} bytes: {}", std::io::Error::last_os_error()));

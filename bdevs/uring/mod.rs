@@ -45,14 +45,18 @@ pub struct UringBdev {
 fn logical_block_size(f: &File) -> Option<u32> {
     let mut sz: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x1268 /* BLKSSZGET */, &mut sz) };
+    let r = unsafe {
+        libc::ioctl(f.as_raw_fd(), 0x1268 /* BLKSSZGET */, &mut sz)
+    };
     (r == 0 && sz > 0).then_some(sz as u32)
 }
 
 fn block_device_bytes(f: &File) -> Option<u64> {
     let mut sz: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x80081272 /* BLKGETSIZE64 */, &mut sz) };
+    let r = unsafe {
+        libc::ioctl(f.as_raw_fd(), 0x80081272 /* BLKGETSIZE64 */, &mut sz)
+    };
     (r == 0).then_some(sz)
 }
 
@@ -190,7 +194,8 @@ impl UringChannel {
         let eventfd = if efd >= 0 {
             // SAFETY: efd is a fresh descriptor we own.
             let owned = unsafe { OwnedFd::from_raw_fd(efd) };
-            let ok = ring.submitter().register_eventfd(efd).is_ok() && reactor::with_core(|c| c.io().map(|io| io.register_wake_only(efd).is_ok()).unwrap_or(false));
+            let ok =
+                ring.submitter().register_eventfd(efd).is_ok() && reactor::with_core(|c| c.io().map(|io| io.register_wake_only(efd).is_ok()).unwrap_or(false));
             ok.then_some(owned)
         } else {
             None
@@ -407,11 +412,19 @@ impl IoChannel for ChannelHandle {
                 if ch.block_device {
                     // Discard and zero-out of block devices are ioctls; they are rare (mkfs,
                     // trim) and worth one synchronous call rather than a thread pool.
-                    let req = if matches!(io, Io::Unmap { .. }) { 0x1277 /* BLKDISCARD */ } else { 0x127f /* BLKZEROOUT */ };
+                    let req = if matches!(io, Io::Unmap { .. }) {
+                        0x1277 /* BLKDISCARD */
+                    } else {
+                        0x127f /* BLKZEROOUT */
+                    };
                     let range = [offset, len];
                     // SAFETY: both ioctls read a [u64; 2] range.
                     let r = unsafe { libc::ioctl(ch.fd, req, range.as_ptr()) };
-                    return IoFuture::ready(if r == 0 { Ok(()) } else { Err(BdevError::Os(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))) });
+                    return IoFuture::ready(if r == 0 {
+                        Ok(())
+                    } else {
+                        Err(BdevError::Os(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)))
+                    });
                 }
                 // A punched hole reads as zeros: it is both an unmap and a write of zeroes.
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

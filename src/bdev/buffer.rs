@@ -81,10 +81,7 @@ impl Default for Pool {
 /// Bytes of free 2 MiB hugepages (HugePages_Free in /proc/meminfo).
 fn free_hugepage_bytes() -> usize {
     let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
-    text.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(0, |n| n * HUGEPAGE)
+    text.lines().find_map(|l| l.strip_prefix("HugePages_Free:")).and_then(|v| v.trim().parse::<usize>().ok()).map_or(0, |n| n * HUGEPAGE)
 }
 
 impl Drop for Pool {

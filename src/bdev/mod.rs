@@ -13,12 +13,12 @@ mod registry;
 pub mod rpc;
 mod stats;
 
+pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, IoBuf, BUF_ALIGN};
 pub use channel::Channel;
 pub use completion::{CompletionFuture, CompletionSlot};
-pub use buffer::set_pool_bytes;
+pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use rpc::BdevSubsystem;
-pub use registry::{BdevEntry, BdevRegistry, Holder, HolderKind, HoldGuard};
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
 
 use serde_json::Value;

@@ -154,12 +154,8 @@ impl BdevRegistry {
         if m.contains_key(&name) {
             return Err(CreateError::Exists(name));
         }
-        let entry = Arc::new(BdevEntry {
-            id: NEXT_ENTRY.fetch_add(1, Ordering::Relaxed),
-            bdev,
-            stats: BdevStats::new(self.cores),
-            holders: Mutex::new(Vec::new()),
-        });
+        let entry =
+            Arc::new(BdevEntry { id: NEXT_ENTRY.fetch_add(1, Ordering::Relaxed), bdev, stats: BdevStats::new(self.cores), holders: Mutex::new(Vec::new()) });
         m.insert(name, entry.clone());
         Ok(entry)
     }

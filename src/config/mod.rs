@@ -146,7 +146,10 @@ impl Config {
             return Err("key `daemon.buffer_pool_mb`: must be between 1 and 65536".into());
         }
         if !self.metrics.listen.is_empty() {
-            self.metrics.listen.parse::<std::net::SocketAddr>().map_err(|_| format!("key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464", self.metrics.listen))?;
+            self.metrics
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464", self.metrics.listen))?;
         }
         for (section, calls) in self.sections() {
             for (i, c) in calls.iter().enumerate() {

@@ -150,11 +150,8 @@ pub struct ReadyFuture<'a> {
 impl Future for ReadyFuture<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
-        let (tick, slot) = if self.write {
-            (&self.reg.state.write_tick, &self.reg.state.write_waker)
-        } else {
-            (&self.reg.state.read_tick, &self.reg.state.read_waker)
-        };
+        let (tick, slot) =
+            if self.write { (&self.reg.state.write_tick, &self.reg.state.write_waker) } else { (&self.reg.state.read_tick, &self.reg.state.read_waker) };
         if tick.get() != self.tick {
             return TaskPoll::Ready(());
         }
