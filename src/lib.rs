@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod reactor;
 pub mod rpc;
+pub mod scsi;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the
