@@ -9,6 +9,7 @@ pub mod bdev;
 pub mod bdevs;
 pub mod config;
 pub mod daemon;
+pub mod iscsi;
 pub mod metrics;
 pub mod reactor;
 pub mod rpc;

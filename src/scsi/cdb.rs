@@ -463,14 +463,15 @@ pub fn max_compare_and_write_blocks(g: &Geometry) -> u32 {
     ((MAX_TRANSFER_BYTES / 2 / g.block_size as u64) as u32).min(MAX_COMPARE_AND_WRITE_BLOCKS)
 }
 
-/// WRITE SAME's limit in blocks (written in pieces, so larger than a transfer).
+/// WRITE SAME's limit in blocks: one transfer's worth, like a WRITE (hosts size their
+/// WRITE SAME to match the writes they would otherwise send).
 pub fn max_write_same_blocks(g: &Geometry) -> u64 {
-    (1u64 << 30) / g.block_size as u64
+    MAX_TRANSFER_BYTES / g.block_size as u64
 }
 
-/// Largest UNMAP range of one descriptor, in blocks.
-pub fn max_unmap_blocks(g: &Geometry) -> u32 {
-    ((1u64 << 32) - 1).min((1u64 << 40) / g.block_size as u64) as u32
+/// Largest UNMAP range of one descriptor, in blocks (1 Mi blocks: SBC hosts expect a bound).
+pub fn max_unmap_blocks(_g: &Geometry) -> u32 {
+    1 << 20
 }
 
 impl Command {

@@ -54,6 +54,8 @@ pub struct Context<'a> {
     pub port: &'a PortIdentity,
     /// Every LUN of the target the nexus sees, for REPORT LUNS.
     pub luns: &'a [u64],
+    /// Bytes of Data-Out the transport was told to expect (iSCSI's EDTL of a write).
+    pub data_out_expected: u64,
 }
 
 pub struct LogicalUnit {
@@ -273,10 +275,15 @@ impl LogicalUnit {
                 Ok(Done::good(0))
             }
             Command::CompareAndWrite { lba, blocks, fua } => {
+                let n = blocks as usize * bs;
+                // The Data-Out must hold exactly the compare and the write halves (SBC-3
+                // §5.2): anything else means the host and the CDB disagree on the length.
+                if ctx.data_out_expected != 2 * n as u64 {
+                    return Err(Sense::invalid_cdb(13, None).into());
+                }
                 if blocks == 0 {
                     return Ok(Done::good(0));
                 }
-                let n = blocks as usize * bs;
                 if data_out.len() < 2 * n {
                     return Err(Sense::invalid_cdb(13, None).into());
                 }
@@ -623,7 +630,7 @@ mod tests {
 
     async fn exec(lu: &LogicalUnit, nx: &Nexus, cdb_bytes: &[u8], out: &[u8]) -> Result<(Done, Vec<u8>), Failure> {
         let port = PortIdentity { target_name: "iqn.x".into(), portal_group_tag: 1 };
-        let ctx = Context { port: &port, luns: &[0, 3] };
+        let ctx = Context { port: &port, luns: &[0, 3], data_out_expected: out.len() as u64 };
         let cmd = cdb::parse(cdb_bytes, &lu.geometry())?;
         let mut din = vec![0u8; cmd.data_in_len(&lu.geometry()) as usize];
         let d = lu.execute(nx, &cmd, out, &mut din, &ctx).await?;
