@@ -286,6 +286,10 @@ impl RecvBuf {
     /// matched (always true without digests).
     async fn read_segment(&mut self, s: &TcpStream, len: usize, dest: &mut [u8], digest: bool) -> io::Result<bool> {
         debug_assert!(dest.len() <= len);
+        if len == 0 {
+            // No data segment, so no padding and no data digest either.
+            return Ok(true);
+        }
         self.read_into(s, dest).await?;
         let crc = if digest { crc32c::crc32c(dest) } else { 0 };
         let crc = self.skip_crc(s, len - dest.len() + pdu::pad(len), crc).await?;
@@ -501,8 +505,9 @@ impl Conn {
         }
         self.st.borrow_mut().tasks.clear();
         drop(pinger);
+        // Let the writer send what is queued (a Reject, a logout answer), but not forever.
+        let _ = reactor::timeout(Duration::from_secs(5), writer).await;
         self.stream.shutdown();
-        let _ = writer.await;
     }
 
     fn wake_writer(&self) {
@@ -683,6 +688,7 @@ impl Conn {
                 return Err(Stop::Protocol("data segment longer than MaxRecvDataSegmentLength"));
             }
             self.st.borrow_mut().last_rx_ns = reactor::now_ns();
+            log::trace!("iscsi: connection {} received {:?}", self.id, bhs);
             match bhs.opcode() {
                 opcode::SCSI_CMD => self.scsi_command(&bhs, &ahs_bytes, &mut rb).await?,
                 opcode::DATA_OUT => self.data_out(&bhs, &mut rb).await?,

@@ -53,6 +53,10 @@ pub enum Command {
     ReadCapacity16 {
         alloc: u32,
     },
+    GetLbaStatus {
+        lba: u64,
+        alloc: u32,
+    },
     Read {
         lba: u64,
         blocks: u32,
@@ -162,6 +166,7 @@ pub mod op {
     pub const VERIFY12: u8 = 0xAF;
     /// Service actions.
     pub const SA_READ_CAPACITY16: u16 = 0x10;
+    pub const SA_GET_LBA_STATUS: u16 = 0x12;
     pub const SA_REPORT_OPCODES: u16 = 0x0C;
     pub const SA_REPORT_TMFS: u16 = 0x0D;
 }
@@ -209,6 +214,7 @@ pub static SUPPORTED: &[OpcodeInfo] = &[
     info(op::SYNC_CACHE16, None, &[0x91, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::WRITE_SAME16, None, &[0x93, 0xE9, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::SERVICE_ACTION_IN16, Some(op::SA_READ_CAPACITY16), &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
+    info(op::SERVICE_ACTION_IN16, Some(op::SA_GET_LBA_STATUS), &[0x9E, 0x12, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::REPORT_LUNS, None, &[0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::MAINTENANCE_IN, Some(op::SA_REPORT_OPCODES), &[0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::MAINTENANCE_IN, Some(op::SA_REPORT_TMFS), &[0xA3, 0x0D, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
@@ -427,6 +433,13 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
         }
         SERVICE_ACTION_IN16 => match (c[1] & 0x1F) as u16 {
             SA_READ_CAPACITY16 => Command::ReadCapacity16 { alloc: be32(c, 10) },
+            SA_GET_LBA_STATUS => {
+                let lba = be64(c, 2);
+                if lba >= g.num_blocks {
+                    return Err(Sense::lba_out_of_range());
+                }
+                Command::GetLbaStatus { lba, alloc: be32(c, 10) }
+            }
             _ => return Err(Sense::invalid_cdb(1, Some(4))),
         },
         REPORT_LUNS => {
@@ -498,6 +511,7 @@ impl Command {
             | Command::Inquiry { alloc, .. }
             | Command::ModeSense { alloc, .. }
             | Command::ReadCapacity16 { alloc }
+            | Command::GetLbaStatus { alloc, .. }
             | Command::ReportLuns { alloc, .. }
             | Command::ReportOpcodes { alloc, .. }
             | Command::ReportTmfs { alloc } => alloc as u64,

@@ -193,6 +193,10 @@ impl LogicalUnit {
                 }
                 Ok(Done::good(copy_out(&d, data_in, alloc)))
             }
+            Command::GetLbaStatus { lba, alloc } => {
+                let d = self.lba_status(ch, lba, alloc, &g).await?;
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
             Command::Read { lba, blocks, .. } => {
                 let n = blocks as usize * bs;
                 if n == 0 {
@@ -355,6 +359,42 @@ impl LogicalUnit {
         self.after_write(ch, false).await
     }
 
+    /// GET LBA STATUS: this target keeps no allocation map, but unmapped blocks read as zeros
+    /// (LBPRZ), so a block that reads as zeros is reported deallocated and any other mapped.
+    /// The scan covers at most [`LBA_STATUS_SCAN_BYTES`]; the last descriptor ends there.
+    async fn lba_status(&self, ch: &Channel, lba: u64, alloc: u32, g: &Geometry) -> Result<Vec<u8>, Failure> {
+        let bs = g.block_size as usize;
+        let remaining = g.num_blocks - lba;
+        let max_desc = ((alloc as usize).saturating_sub(8) / 16).clamp(1, 64);
+        let mut runs: Vec<(u64, u64, u8)> = Vec::new();
+        if !self.ident.thin {
+            runs.push((lba, remaining, 0));
+        } else {
+            let n = remaining.min(LBA_STATUS_SCAN_BYTES / bs as u64) as usize;
+            let mut buf = IoBuf::alloc(n * bs);
+            ch.read_buf(lba, &mut buf).await.map_err(|e| bdev_failure(e, false))?;
+            for (i, block) in buf.chunks(bs).enumerate() {
+                let state = if block.iter().all(|&b| b == 0) { 1 } else { 0 };
+                let full = runs.len() == max_desc;
+                match runs.last_mut() {
+                    Some(r) if r.2 == state => r.1 += 1,
+                    _ if full => break,
+                    _ => runs.push((lba + i as u64, 1, state)),
+                }
+            }
+        }
+        let mut d = Vec::with_capacity(8 + 16 * runs.len());
+        d.extend_from_slice(&((4 + 16 * runs.len()) as u32).to_be_bytes());
+        d.extend_from_slice(&[0; 4]);
+        for (start, count, state) in runs {
+            d.extend_from_slice(&start.to_be_bytes());
+            d.extend_from_slice(&(count.min(u32::MAX as u64) as u32).to_be_bytes());
+            d.push(state);
+            d.extend_from_slice(&[0; 3]);
+        }
+        Ok(d)
+    }
+
     async fn unmap(&self, ch: &Channel, list: &[u8], g: &Geometry) -> Result<(), Failure> {
         if list.is_empty() {
             return Ok(());
@@ -393,6 +433,9 @@ impl LogicalUnit {
         Ok(())
     }
 }
+
+/// Most bytes GET LBA STATUS reads to find unmapped (all-zero) blocks.
+const LBA_STATUS_SCAN_BYTES: u64 = 1 << 20;
 
 /// Copies `data` into `out`, at most `alloc` bytes; returns the bytes copied.
 fn copy_out(data: &[u8], out: &mut [u8], alloc: u32) -> usize {
