@@ -10,9 +10,11 @@ pub mod bdev;
 pub mod bdevs;
 pub mod config;
 pub mod daemon;
+pub mod iscsi;
 pub mod metrics;
 pub mod reactor;
 pub mod rpc;
+pub mod scsi;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the
