@@ -10,6 +10,7 @@ pub mod bdevs;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
+pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
 pub mod target;
