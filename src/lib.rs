@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod iscsi;
 pub mod metrics;
+pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
 pub mod scsi;
