@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod preserve;
 pub mod reactor;
 pub mod rpc;
+pub mod sim;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the
