@@ -7,6 +7,7 @@ pub mod error;
 pub mod malloc;
 pub mod null;
 pub mod nvme;
+pub mod snapshot;
 pub mod uring;
 
 use crate::bdev::Bdev;
@@ -23,6 +24,7 @@ pub fn register(m: &mut Methods) {
     uring::rpc::register(m);
     error::rpc::register(m);
     delay::rpc::register(m);
+    snapshot::rpc::register(m);
 }
 
 /// Parameters of every `bdev_*_delete` method.
