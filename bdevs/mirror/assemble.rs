@@ -183,10 +183,19 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
     let mut provided = [false; MAX_SLOTS];
     let mut in_sync_members = Vec::new();
     for l in legs {
-        let member =
-            l.sb.as_ref()
-                .filter(|sb| sb.mirror_uuid == auth.mirror_uuid && sb.geometry == g && sb.flags & FLAG_SEALED_SPLIT == 0)
-                .map(|sb| (sb.slot, sb.leg_uuid));
+        // A sealed split image is never taken over by reassembly, whichever mirror it came
+        // from: re-joining it is a request (bdev_raid_add_base_bdev), and another mirror's
+        // image must not be overwritten by a configuration replay.
+        if let Some(sb) = l.sb.as_ref().filter(|sb| sb.flags & FLAG_SEALED_SPLIT != 0) {
+            let image = sb.slots.get(sb.slot).map(|r| r.image.clone()).unwrap_or_default();
+            log::warn!(
+                "mirror {name}: {} holds the sealed split image {image:?} of mirror {}; left alone (bdev_raid_add_base_bdev re-joins it)",
+                l.name,
+                sb.name
+            );
+            continue;
+        }
+        let member = l.sb.as_ref().filter(|sb| sb.mirror_uuid == auth.mirror_uuid && sb.geometry == g).map(|sb| (sb.slot, sb.leg_uuid));
         match member {
             Some((slot, leg_uuid)) if slots[slot].rec.leg_uuid == leg_uuid && !provided[slot] => {
                 let state = slots[slot].rec.state;
@@ -362,7 +371,12 @@ fn start(
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),
         gate: EpochGate::new(cores),
-        slots: std::array::from_fn(|_| SlotShared { mode: AtomicU8::new(0), split_epoch: AtomicU64::new(0), entry: Mutex::new(None) }),
+        slots: std::array::from_fn(|_| SlotShared {
+            mode: AtomicU8::new(0),
+            incarnation: AtomicU64::new(0),
+            split_epoch: AtomicU64::new(0),
+            entry: Mutex::new(None),
+        }),
         layout_gen: AtomicU64::new(0),
         source_slot: AtomicUsize::new(0),
         offline: AtomicBool::new(false),

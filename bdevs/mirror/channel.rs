@@ -30,7 +30,8 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 struct Legs {
     gen: u64,
-    ch: [Option<Channel>; MAX_SLOTS],
+    /// Each slot's leg and the slot's incarnation when it was opened.
+    ch: [Option<(Channel, u64)>; MAX_SLOTS],
 }
 
 pub(crate) struct MirrorChannel {
@@ -144,13 +145,16 @@ impl MirrorChannel {
         }
         let mut legs = self.legs.borrow_mut();
         for (s, slot) in self.sh.slots.iter().enumerate() {
-            let keep = match (slot.entry(), &legs.ch[s]) {
-                (Some(e), Some(c)) => Arc::ptr_eq(&e, c.entry()),
+            // The incarnation first: a failure must never be reported against a newer leg.
+            let inc = slot.incarnation.load(SeqCst);
+            let entry = slot.entry();
+            let keep = match (&entry, &legs.ch[s]) {
+                (Some(e), Some((c, i))) => Arc::ptr_eq(e, c.entry()) && *i == inc,
                 _ => false,
             };
             if !keep {
-                legs.ch[s] = slot.entry().and_then(|e| match Channel::get(&e) {
-                    Ok(c) => Some(c),
+                legs.ch[s] = entry.and_then(|e| match Channel::get(&e) {
+                    Ok(c) => Some((c, inc)),
                     Err(err) => {
                         log::error!("mirror {}: cannot open a channel to leg {} on core {}: {err}", self.sh.name, e.name(), self.core);
                         None
@@ -162,13 +166,18 @@ impl MirrorChannel {
     }
 
     fn leg(&self, s: usize) -> Option<Channel> {
-        self.legs.borrow().ch[s].clone()
+        self.legs.borrow().ch[s].as_ref().map(|(c, _)| c.clone())
     }
 
-    /// Reports that `slot` failed an I/O; returns once the control task made its departure
-    /// durable (Err if it could not).
-    async fn report_failure(&self, slot: usize) -> IoResult {
-        match self.sh.ask(|reply| Request::LegFailed { slot, reply }).await {
+    /// The incarnation of the slot's leg as this channel knows it (the leg it sends I/O to).
+    fn incarnation(&self, s: usize) -> u64 {
+        self.legs.borrow().ch[s].as_ref().map_or_else(|| self.sh.slots[s].incarnation.load(SeqCst), |(_, i)| *i)
+    }
+
+    /// Reports that the leg `incarnation` of `slot` failed an I/O; returns once the control
+    /// task made its departure durable (Err if it could not).
+    async fn report_failure(&self, slot: usize, incarnation: u64) -> IoResult {
+        match self.sh.ask(|reply| Request::LegFailed { slot, incarnation, reply }).await {
             Some(r) => r,
             None => Err(BdevError::Offline),
         }
@@ -196,6 +205,7 @@ impl MirrorChannel {
         self.refresh();
         let mut targets = 0u8;
         let mut missing = 0u8;
+        let incarnations: [u64; MAX_SLOTS] = std::array::from_fn(|s| self.incarnation(s));
         let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
             if !sh.slots[s].takes_write(stamp.epoch) {
                 return None;
@@ -232,7 +242,7 @@ impl MirrorChannel {
         let mut durable = Ok(());
         for s in 0..MAX_SLOTS {
             if failed & (1 << s) != 0 {
-                if let Err(e) = self.report_failure(s).await {
+                if let Err(e) = self.report_failure(s, incarnations[s]).await {
                     durable = Err(e);
                 }
             }
@@ -332,6 +342,7 @@ impl MirrorChannel {
                         continue;
                     }
                     let Some(ch) = self.leg(s) else { continue };
+                    let inc = self.incarnation(s);
                     match ch.write_buf(g.data_offset + offset, &buf).await {
                         Ok(()) => {
                             sh.counters.read_repairs.fetch_add(1, Relaxed);
@@ -339,7 +350,7 @@ impl MirrorChannel {
                         }
                         Err(e) => {
                             log::warn!("mirror {}: write-back to the leg in slot {s} failed ({e}); dropping it", sh.name);
-                            let _ = self.report_failure(s).await;
+                            let _ = self.report_failure(s, inc).await;
                         }
                     }
                 }
@@ -356,6 +367,7 @@ impl MirrorChannel {
             return Err(BdevError::Offline);
         }
         self.refresh();
+        let incarnations: [u64; MAX_SLOTS] = std::array::from_fn(|s| self.incarnation(s));
         let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
             if sh.slots[s].mode() == LegMode::Off {
                 return None;
@@ -373,7 +385,7 @@ impl MirrorChannel {
                     // A failed flush may have lost completed writes: the leg is not in sync.
                     log::warn!("mirror {}: leg in slot {s} failed a flush: {e}", sh.name);
                     first_err.get_or_insert(e.clone());
-                    self.report_failure(s).await?;
+                    self.report_failure(s, incarnations[s]).await?;
                 }
                 None => {}
             }

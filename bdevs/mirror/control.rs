@@ -56,8 +56,9 @@ pub(crate) enum Request {
     Drained {
         region: u64,
     },
-    /// A leg failed an I/O; answered once its departure is durable.
+    /// A leg (the slot's `incarnation`) failed an I/O; answered once its departure is durable.
     LegFailed {
+        incarnation: u64,
         slot: usize,
         reply: oneshot::Sender<IoResult>,
     },
@@ -309,7 +310,14 @@ impl Ctl {
                     let _ = reply.send(Ok(()));
                 }
             }
-            Request::LegFailed { slot, reply } => self.leg_failed(slot, reply),
+            Request::LegFailed { slot, incarnation, reply } => {
+                if self.sh.slots.get(slot).is_some_and(|s| s.incarnation.load(SeqCst) == incarnation) {
+                    self.leg_failed(slot, reply);
+                } else {
+                    // The leg that failed already left the slot.
+                    let _ = reply.send(Ok(()));
+                }
+            }
             Request::CleanTick => self.clean(),
             Request::AddLeg { guard, reply } => match self.add_leg(guard).await {
                 Ok(info) => {
@@ -598,9 +606,10 @@ impl Ctl {
                 (slot, Uuid::new_v4(), false)
             }
         };
-        let mut stale = if returning { self.stale[slot].clone() } else { Bitmap::full(self.g.num_regions) };
-        // Whatever may be in flight now is copied too (it may or may not reach the leg).
-        stale.union_with(&self.wi);
+        // A returning leg needs what it missed: its stale map lists every region written since
+        // it left, including writes in flight now (they were admitted, or entered fast, after
+        // the region was recorded in it).
+        let stale = if returning { self.stale[slot].clone() } else { Bitmap::full(self.g.num_regions) };
         // The leg's own metadata: every bitmap, and (for a new leg) no old superblock that
         // could outrank ours.
         let g = self.g;
@@ -636,6 +645,7 @@ impl Ctl {
             ch: Some(ch),
             failing: false,
         };
+        self.sh.slots[slot].incarnation.fetch_add(1, SeqCst);
         self.sh.slots[slot].set_entry(Some(entry));
         self.sh.slots[slot].set_mode(LegMode::WriteOnly);
         self.sh.layout_gen.fetch_add(1, SeqCst);

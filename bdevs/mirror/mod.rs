@@ -95,15 +95,19 @@ pub struct MirrorOptions {
     /// How often the cleaner looks for quiet regions; a region's write-intent bit is cleared
     /// after one to two intervals without writes.
     pub clean_interval_ns: u64,
+    /// Options of this mirror's background processes; `None`: the module's
+    /// ([`PROCESS_OPTIONS`], set by `bdev_raid_set_options`).
+    pub process: Option<Arc<ProcessOptions>>,
 }
 
 impl Default for MirrorOptions {
     fn default() -> Self {
-        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000 }
+        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None }
     }
 }
 
-/// Module-wide options of background processes (`bdev_raid_set_options`).
+/// Options of background processes (`bdev_raid_set_options`).
+#[derive(Debug)]
 pub struct ProcessOptions {
     /// Bytes copied per step of a rebuild window (SPDK's `process_window_size_kb`).
     pub window_bytes: AtomicU64,
@@ -111,7 +115,19 @@ pub struct ProcessOptions {
     pub max_bandwidth_mb_sec: AtomicU64,
 }
 
-pub static PROCESS_OPTIONS: ProcessOptions = ProcessOptions { window_bytes: AtomicU64::new(1 << 20), max_bandwidth_mb_sec: AtomicU64::new(0) };
+impl ProcessOptions {
+    pub const fn new() -> ProcessOptions {
+        ProcessOptions { window_bytes: AtomicU64::new(1 << 20), max_bandwidth_mb_sec: AtomicU64::new(0) }
+    }
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        ProcessOptions::new()
+    }
+}
+
+pub static PROCESS_OPTIONS: ProcessOptions = ProcessOptions::new();
 
 /// What the data path may do with a slot's leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +156,9 @@ impl LegMode {
 
 pub(crate) struct SlotShared {
     mode: AtomicU8,
+    /// Bumped whenever a different leg takes the slot, so that a failure reported for the
+    /// slot's previous leg is not held against the new one.
+    pub incarnation: AtomicU64,
     /// For `OldEpoch`: writes stamped with an epoch below this go to the leg.
     split_epoch: AtomicU64,
     /// The leg's bdev (control plane; read by a core when the layout generation changes).
@@ -353,6 +372,10 @@ impl Shared {
             return None;
         }
         rx.await.ok()
+    }
+
+    pub(crate) fn process_options(&self) -> &ProcessOptions {
+        self.options.process.as_deref().unwrap_or(&PROCESS_OPTIONS)
     }
 
     pub(crate) fn status(&self) -> MutexGuard<'_, MirrorStatus> {

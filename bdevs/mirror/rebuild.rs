@@ -8,10 +8,10 @@
 
 use super::control::{Request, Step};
 use super::layout::MAX_SLOTS;
-use super::{Shared, PROCESS_OPTIONS};
+use super::Shared;
 use crate::bdev::{Channel, IoBuf};
 use crate::reactor;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
 /// Smallest and largest copy chunk.
@@ -26,16 +26,17 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    async fn wait(&mut self, next_bytes: u64) {
-        let limit = PROCESS_OPTIONS.max_bandwidth_mb_sec.load(Relaxed);
+    async fn wait(&mut self, sh: &Shared, next_bytes: u64) {
+        let limit = sh.process_options().max_bandwidth_mb_sec.load(Relaxed);
         if limit != self.limit_mb {
             // A new limit applies from now.
             *self = RateLimit { since_ns: reactor::now_ns(), bytes: 0, limit_mb: limit };
         }
         if limit > 0 {
             let due = self.since_ns + (self.bytes as u128 * 1_000_000_000 / (limit as u128 * (1 << 20))) as u64;
-            if reactor::now_ns() < due {
-                reactor::sleep_until(due).await;
+            // In slices, so that a shutdown does not wait for a slow copy's next window.
+            while reactor::now_ns() < due && !sh.offline.load(SeqCst) {
+                reactor::sleep_until(due.min(reactor::now_ns() + 10_000_000)).await;
             }
         }
         self.bytes += next_bytes;
@@ -46,19 +47,19 @@ pub(crate) async fn run(sh: Arc<Shared>) {
     let g = sh.geometry;
     let bs = g.block_size as u64;
     let mut cursor = 0;
-    let mut rate = RateLimit { since_ns: reactor::now_ns(), bytes: 0, limit_mb: PROCESS_OPTIONS.max_bandwidth_mb_sec.load(Relaxed) };
+    let mut rate = RateLimit { since_ns: reactor::now_ns(), bytes: 0, limit_mb: sh.process_options().max_bandwidth_mb_sec.load(Relaxed) };
     let mut buf: Option<IoBuf> = None;
     loop {
         let Some(Some(step)) = sh.ask(|reply| Request::ProcessNext { cursor, reply }).await else { return };
         cursor = step.region + 1;
         let (offset, count) = g.region_range(step.region);
-        rate.wait(count * bs).await;
+        rate.wait(&sh, count * bs).await;
         match sh.ask(|reply| Request::Lock { region: step.region, write_intent: false, reply }).await {
             Some(Ok(())) => {}
             // Shut down meanwhile: the next ProcessNext ends the process.
             _ => continue,
         }
-        let chunk = (PROCESS_OPTIONS.window_bytes.load(Relaxed).clamp(MIN_CHUNK, MAX_CHUNK) / bs).max(1);
+        let chunk = (sh.process_options().window_bytes.load(Relaxed).clamp(MIN_CHUNK, MAX_CHUNK) / bs).max(1);
         let b = match buf.take() {
             Some(b) if b.len() as u64 == chunk * bs => b,
             _ => IoBuf::alloc((chunk * bs) as usize),
@@ -70,8 +71,10 @@ pub(crate) async fn run(sh: Arc<Shared>) {
     }
 }
 
-fn leg(sh: &Shared, s: usize) -> Option<Channel> {
-    sh.slots[s].entry().and_then(|e| Channel::get(&e).ok())
+/// The slot's leg and its incarnation (read first: a failure is never held against a newer leg).
+fn leg(sh: &Shared, s: usize) -> Option<(Channel, u64)> {
+    let inc = sh.slots[s].incarnation.load(SeqCst);
+    sh.slots[s].entry().and_then(|e| Channel::get(&e).ok()).map(|c| (c, inc))
 }
 
 /// Copies one locked region; returns the targets that got all of it, whether the region could
@@ -93,7 +96,7 @@ async fn copy_region(sh: &Shared, step: &Step, offset: u64, count: u64, chunk: u
         let at = g.data_offset + offset + done;
         let mut read = false;
         for &s in &step.sources {
-            let Some(ch) = leg(sh, s) else { continue };
+            let Some((ch, _)) = leg(sh, s) else { continue };
             if ch.read_buf(at, data).await.is_ok() {
                 read = true;
                 break;
@@ -106,14 +109,14 @@ async fn copy_region(sh: &Shared, step: &Step, offset: u64, count: u64, chunk: u
             if targets & (1 << s) == 0 {
                 continue;
             }
-            let ok = match leg(sh, s) {
-                Some(ch) => ch.write_buf(at, data).await.is_ok(),
-                None => false,
+            let (ok, incarnation) = match leg(sh, s) {
+                Some((ch, inc)) => (ch.write_buf(at, data).await.is_ok(), inc),
+                None => (false, sh.slots[s].incarnation.load(SeqCst)),
             };
             if !ok {
                 targets &= !(1 << s);
                 log::warn!("mirror {}: copy to the leg in slot {s} failed; dropping it", sh.name);
-                let _ = sh.ask(|reply| Request::LegFailed { slot: s, reply }).await;
+                let _ = sh.ask(|reply| Request::LegFailed { slot: s, incarnation, reply }).await;
             }
         }
         done += n;
