@@ -4,6 +4,7 @@
 //! registry, channels, buffers), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
 //! control plane), [`config`], [`metrics`] and [`daemon`] (startup and shutdown).
 
+pub mod backup;
 pub mod bdev;
 #[path = "../bdevs/mod.rs"]
 pub mod bdevs;

@@ -44,7 +44,11 @@ pub struct Target {
 impl Target {
     pub fn new(reactors: ReactorHandle, config: Config) -> Target {
         let cores = reactors.core_count();
-        let subsystems: Vec<Arc<dyn Subsystem>> = vec![Arc::new(crate::bdev::BdevSubsystem), Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem)];
+        let subsystems: Vec<Arc<dyn Subsystem>> = vec![
+            Arc::new(crate::bdev::BdevSubsystem),
+            Arc::new(crate::backup::BackupService::default()),
+            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
+        ];
         Target {
             reactors,
             bdevs: BdevRegistry::new(cores),

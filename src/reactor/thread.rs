@@ -209,7 +209,9 @@ fn run_loop(core: &Rc<Core>, opts: &ReactorOptions, stop: &AtomicBool) {
         work += core.flush_overflow();
         work += core.timers.fire(core.now_ns());
         work += core.run_pollers();
-        work += io.poll(Some(Duration::ZERO));
+        if io.has_sources() {
+            work += io.poll(Some(Duration::ZERO));
+        }
         let t1 = core.now_ns();
         let spent = t1.saturating_sub(t0);
         t0 = t1;

@@ -43,6 +43,7 @@ impl Methods {
         framework::register(&mut m);
         crate::bdev::rpc::register(&mut m);
         crate::bdevs::register(&mut m);
+        crate::backup::rpc::register(&mut m);
         m
     }
 }
