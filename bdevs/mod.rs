@@ -7,6 +7,7 @@ pub mod error;
 pub mod malloc;
 pub mod mirror;
 pub mod null;
+pub mod snapshot;
 pub mod uring;
 
 use crate::bdev::Bdev;
@@ -23,6 +24,7 @@ pub fn register(m: &mut Methods) {
     error::rpc::register(m);
     delay::rpc::register(m);
     mirror::rpc::register(m);
+    snapshot::rpc::register(m);
 }
 
 /// Parameters of every `bdev_*_delete` method.

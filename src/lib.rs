@@ -10,9 +10,12 @@ pub mod bdev;
 pub mod bdevs;
 pub mod config;
 pub mod daemon;
+pub mod extent_lock;
 pub mod metrics;
+pub mod preserve;
 pub mod reactor;
 pub mod rpc;
+pub mod sim;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the

@@ -47,6 +47,7 @@ impl Target {
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             Arc::new(crate::bdev::BdevSubsystem),
             Arc::new(crate::backup::BackupService::default()),
+            Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
         ];
         Target {

@@ -44,6 +44,7 @@ impl Methods {
         crate::bdev::rpc::register(&mut m);
         crate::bdevs::register(&mut m);
         crate::backup::rpc::register(&mut m);
+        crate::preserve::rpc::register(&mut m);
         m
     }
 }
