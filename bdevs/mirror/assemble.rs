@@ -13,7 +13,7 @@ use super::layout::{
     Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, SUPERBLOCK_BYTES, SUPERBLOCK_COPIES,
 };
 use super::regions::RegionStates;
-use super::{EpochGate, MirrorBdev, MirrorCounters, MirrorError, MirrorOptions, MirrorStatus, Shared, SlotShared};
+use super::{MirrorBdev, MirrorCounters, MirrorError, MirrorOptions, MirrorStatus, Shared, SlotShared};
 use crate::bdev::{Channel, HoldGuard, IoBuf, IoResult};
 use crate::reactor;
 use crossbeam_utils::CachePadded;
@@ -370,7 +370,7 @@ fn start(
         geometry: g,
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),
-        gate: EpochGate::new(cores),
+        gate: crate::preserve::EpochTracker::new(cores.max(1), 1),
         slots: std::array::from_fn(|_| SlotShared {
             mode: AtomicU8::new(0),
             incarnation: AtomicU64::new(0),

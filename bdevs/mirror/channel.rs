@@ -48,6 +48,26 @@ enum Payload<'a> {
     Zeroes,
 }
 
+/// A write's epoch, left when the write completes (whatever happens).
+struct Stamp<'a> {
+    gate: &'a crate::preserve::EpochTracker,
+    ticket: Option<crate::preserve::EpochTicket>,
+}
+
+impl Stamp<'_> {
+    fn epoch(&self) -> u64 {
+        self.ticket.as_ref().map_or(0, |t| t.epoch())
+    }
+}
+
+impl Drop for Stamp<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.gate.exit(t);
+        }
+    }
+}
+
 /// Regions a write entered, left when it completes (whatever happens).
 struct Entered<'a> {
     sh: &'a Shared,
@@ -189,7 +209,7 @@ impl MirrorChannel {
             return Err(BdevError::Offline);
         }
         let g = &sh.geometry;
-        let stamp = sh.gate.enter(self.core);
+        let stamp = Stamp { gate: &sh.gate, ticket: Some(sh.gate.enter()) };
         let (r0, r1) = g.regions_of(offset, count);
         let mut entered = Entered { sh, first: r0, end: r0 };
         for r in r0..=r1 {
@@ -207,7 +227,7 @@ impl MirrorChannel {
         let mut missing = 0u8;
         let incarnations: [u64; MAX_SLOTS] = std::array::from_fn(|s| self.incarnation(s));
         let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
-            if !sh.slots[s].takes_write(stamp.epoch) {
+            if !sh.slots[s].takes_write(stamp.epoch()) {
                 return None;
             }
             targets |= 1 << s;

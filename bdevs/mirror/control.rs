@@ -20,7 +20,7 @@
 use super::channel::join_slots;
 use super::layout::{Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, SUPERBLOCK_BYTES};
 use super::regions::{FAST, UNSYNCED, WAIT_DRAIN};
-use super::{rebuild, AddedLeg, LegMode, MirrorError, MirrorStatus, ProcessStatus, Shared, SlotStatus, SplitSealed};
+use super::{rebuild, AddedLeg, LegMode, MirrorError, MirrorStatus, ProcessStatus, Shared, SlotStatus, SplitSealed, SplitStarted};
 use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
 use crate::reactor;
 use futures::channel::{mpsc, oneshot};
@@ -71,10 +71,16 @@ pub(crate) enum Request {
         name: String,
         reply: oneshot::Sender<Result<(), MirrorError>>,
     },
+    /// Answered once the split's epoch started; the seal is answered through `SplitStarted`.
     Split {
         leg: String,
         image: String,
-        reply: oneshot::Sender<Result<SplitSealed, MirrorError>>,
+        reply: oneshot::Sender<Result<SplitStarted, MirrorError>>,
+    },
+    /// An image was deleted: its slot forgets the name (the leg can still re-join).
+    ForgetImage {
+        image: String,
+        reply: oneshot::Sender<()>,
     },
     /// Every write of the epoch before a split completed.
     SplitDrained {
@@ -143,7 +149,22 @@ struct RegionLock {
 struct PendingSplit {
     slot: usize,
     image: String,
-    reply: Option<oneshot::Sender<Result<SplitSealed, MirrorError>>>,
+    /// Answered when the epoch starts (or the split fails before).
+    started: Option<oneshot::Sender<Result<SplitStarted, MirrorError>>>,
+    /// Answered when the leg is sealed (or the split fails after it started).
+    sealed: Option<oneshot::Sender<Result<SplitSealed, MirrorError>>>,
+    sealed_rx: Option<oneshot::Receiver<Result<SplitSealed, MirrorError>>>,
+}
+
+impl PendingSplit {
+    /// Tells whoever waits that the split failed.
+    fn fail(mut self, e: MirrorError) {
+        if let Some(r) = self.started.take() {
+            let _ = r.send(Err(e));
+        } else if let Some(r) = self.sealed.take() {
+            let _ = r.send(Err(e));
+        }
+    }
 }
 
 /// Answers that wait for the next superblock to be durable.
@@ -153,6 +174,7 @@ enum AfterSb {
     Removed(oneshot::Sender<Result<(), MirrorError>>),
     SplitStart(usize),
     Sealed(usize),
+    Forgot(oneshot::Sender<()>),
 }
 
 #[derive(Default)]
@@ -336,6 +358,17 @@ impl Ctl {
             },
             Request::Split { leg, image, reply } => self.split(&leg, image, reply),
             Request::SplitDrained { slot } => self.split_drained(slot).await,
+            Request::ForgetImage { image, reply } => {
+                for s in self.slots.iter_mut() {
+                    if s.rec.state == SlotState::Split && s.rec.image == image {
+                        s.rec.image.clear();
+                        self.batch.need_sb = true;
+                        self.batch.after_sb.push(AfterSb::Forgot(reply));
+                        return;
+                    }
+                }
+                let _ = reply.send(());
+            }
             Request::ProcessNext { cursor, reply } => {
                 let step = self.process_next(cursor);
                 let _ = reply.send(step);
@@ -347,11 +380,10 @@ impl Ctl {
                     self.shutting_down = true;
                     self.sh.offline.store(true, SeqCst);
                     if let Some(sp) = self.split.take() {
-                        if let Some(r) = sp.reply {
-                            let _ = r.send(Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name))));
-                        }
+                        let slot = sp.slot;
+                        sp.fail(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
                         // New writes skipped the leg: it is behind, like a failed one.
-                        self.depart(sp.slot, SlotState::Failed);
+                        self.depart(slot, SlotState::Failed);
                     }
                     for (_, waiters) in self.parked.drain() {
                         for w in waiters {
@@ -500,12 +532,9 @@ impl Ctl {
         if !matches!(s.rec.state, SlotState::Active | SlotState::Rebuilding | SlotState::Splitting) {
             return;
         }
-        if s.rec.state == SlotState::Splitting {
-            if let Some(sp) = self.split.as_mut().filter(|sp| sp.slot == slot) {
-                if let Some(r) = sp.reply.take() {
-                    let _ = r.send(Err(MirrorError::Io(format!("leg {} failed while it was being split off", s.name))));
-                }
-                self.split = None;
+        if s.rec.state == SlotState::Splitting && self.split.as_ref().is_some_and(|sp| sp.slot == slot) {
+            if let Some(sp) = self.split.take() {
+                sp.fail(MirrorError::Io(format!("leg {} failed while it was being split off", s.name)));
             }
         }
         s.rec.state = state;
@@ -665,9 +694,9 @@ impl Ctl {
 
     // ---- split ------------------------------------------------------------------------
 
-    fn split(&mut self, leg: &str, image: String, reply: oneshot::Sender<Result<SplitSealed, MirrorError>>) {
+    fn split(&mut self, leg: &str, image: String, reply: oneshot::Sender<Result<SplitStarted, MirrorError>>) {
         let name = &self.sh.name;
-        let refuse = |reply: oneshot::Sender<Result<SplitSealed, MirrorError>>, e: MirrorError| {
+        let refuse = |reply: oneshot::Sender<Result<SplitStarted, MirrorError>>, e: MirrorError| {
             let _ = reply.send(Err(e));
         };
         if self.shutting_down {
@@ -690,7 +719,8 @@ impl Ctl {
         let s = &mut self.slots[slot];
         s.rec.state = SlotState::Splitting;
         s.rec.image = image.clone();
-        self.split = Some(PendingSplit { slot, image, reply: Some(reply) });
+        let (tx, rx) = oneshot::channel();
+        self.split = Some(PendingSplit { slot, image, started: Some(reply), sealed: Some(tx), sealed_rx: Some(rx) });
         self.batch.need_sb = true;
         self.batch.after_sb.push(AfterSb::SplitStart(slot));
     }
@@ -702,6 +732,7 @@ impl Ctl {
             self.stale_dirty.insert((slot, p));
         }
         let ss = &self.sh.slots[slot];
+        // Only this task moves the mirror's epoch, so the next one is known.
         let split_epoch = self.sh.gate.current() + 1;
         ss.split_epoch.store(split_epoch, SeqCst);
         ss.set_mode(LegMode::OldEpoch);
@@ -709,16 +740,34 @@ impl Ctl {
         // fast until the control task has seen it. Closing happens-before the epoch moves, so a
         // write stamped with the new epoch finds its region closed.
         self.sh.regions.close_all();
-        let old = self.sh.gate.bump();
-        debug_assert_eq!(old + 1, split_epoch);
+        let (closed, sealing) = match self.sh.gate.advance() {
+            Ok(x) => x,
+            Err(e) => {
+                // Cannot happen with one split at a time; undo and refuse.
+                ss.set_mode(LegMode::Active);
+                self.slots[slot].rec.state = SlotState::Active;
+                self.slots[slot].rec.image.clear();
+                self.batch.need_sb = true;
+                if let Some(sp) = self.split.take() {
+                    sp.fail(MirrorError::Busy(e.to_string()));
+                }
+                return;
+            }
+        };
+        debug_assert_eq!(closed + 1, split_epoch);
         self.update_source();
         self.sh.counters.splits.fetch_add(1, Relaxed);
-        log::info!("mirror {}: splitting off leg {} at epoch {split_epoch}", self.sh.name, self.slots[slot].name);
+        log::info!("mirror {}: splitting off leg {} after epoch {closed}", self.sh.name, self.slots[slot].name);
+        if let Some(sp) = self.split.as_mut() {
+            let entry = self.slots[slot].guard.as_ref().map(|g| g.entry().clone());
+            if let (Some(r), Some(sealed), Some(leg)) = (sp.started.take(), sp.sealed_rx.take(), entry) {
+                let _ = r.send(Ok(SplitStarted { leg, epoch: closed, sealed }));
+            }
+        }
         let sh = self.sh.clone();
         reactor::spawn_detached(async move {
-            while !sh.gate.drained(old) {
-                reactor::sleep(Duration::from_micros(20)).await;
-            }
+            // The tracker answers once every write stamped with the closed epoch completed.
+            let _ = sealing.await;
             sh.send(Request::SplitDrained { slot });
         });
     }
@@ -757,7 +806,7 @@ impl Ctl {
             }
         }
         let guard = self.slots[slot].guard.take();
-        let reply = sp.reply.take();
+        let reply = sp.sealed.take();
         log::info!("mirror {}: leg {} sealed as image {} (generation {})", self.sh.name, self.slots[slot].name, sp.image, self.generation);
         match (guard, reply) {
             (Some(leg), Some(reply)) => {
@@ -1037,8 +1086,8 @@ impl Ctl {
                 }
                 AfterSb::SplitStart(slot) if sb_durable && self.slots[slot].rec.state == SlotState::Splitting => self.split_start(slot),
                 AfterSb::SplitStart(slot) => {
-                    if let Some(r) = self.split.take().and_then(|sp| sp.reply) {
-                        let _ = r.send(Err(fail()));
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail());
                     }
                     if self.slots[slot].rec.state == SlotState::Splitting {
                         self.slots[slot].rec.state = SlotState::Active;
@@ -1047,9 +1096,12 @@ impl Ctl {
                     }
                 }
                 AfterSb::Sealed(slot) if sb_durable => self.seal(slot).await,
+                AfterSb::Forgot(reply) => {
+                    let _ = reply.send(());
+                }
                 AfterSb::Sealed(slot) => {
-                    if let Some(r) = self.split.take().and_then(|sp| sp.reply) {
-                        let _ = r.send(Err(fail()));
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail());
                     }
                     self.slots[slot].rec.state = SlotState::Splitting;
                     self.depart(slot, SlotState::Failed);

@@ -192,65 +192,6 @@ impl SlotShared {
     }
 }
 
-/// Epochs of the mirror's writes, for the split: every write is stamped at submission and
-/// counted per core and epoch parity until it completes; a split bumps the epoch and waits for
-/// the old parity to drain.
-///
-/// LOCAL STAND-IN, to be replaced by the preserve branch's epoch tracking (`src/preserve/`) once
-/// it lands; only one split at a time may be draining (parities would collide otherwise).
-pub(crate) struct EpochGate {
-    epoch: AtomicU64,
-    in_flight: Box<[CachePadded<[AtomicU64; 2]>]>,
-}
-
-pub(crate) struct EpochGuard<'a> {
-    gate: &'a EpochGate,
-    core: usize,
-    pub epoch: u64,
-}
-
-impl Drop for EpochGuard<'_> {
-    fn drop(&mut self) {
-        self.gate.in_flight[self.core][(self.epoch & 1) as usize].fetch_sub(1, SeqCst);
-    }
-}
-
-impl EpochGate {
-    fn new(cores: usize) -> EpochGate {
-        EpochGate { epoch: AtomicU64::new(1), in_flight: (0..cores.max(1)).map(|_| CachePadded::new([AtomicU64::new(0), AtomicU64::new(0)])).collect() }
-    }
-
-    /// Stamps a write submitted now on core `core`.
-    pub(crate) fn enter(&self, core: usize) -> EpochGuard<'_> {
-        let core = core.min(self.in_flight.len() - 1);
-        loop {
-            let e = self.epoch.load(SeqCst);
-            let c = &self.in_flight[core][(e & 1) as usize];
-            c.fetch_add(1, SeqCst);
-            // A split between the load and the increment could miss this write while it
-            // drains the old epoch: re-check, and count in the new epoch instead.
-            if self.epoch.load(SeqCst) == e {
-                return EpochGuard { gate: self, core, epoch: e };
-            }
-            c.fetch_sub(1, SeqCst);
-        }
-    }
-
-    pub(crate) fn current(&self) -> u64 {
-        self.epoch.load(SeqCst)
-    }
-
-    /// Starts a new epoch; returns the old one.
-    pub(crate) fn bump(&self) -> u64 {
-        self.epoch.fetch_add(1, SeqCst)
-    }
-
-    /// Whether every write stamped with `epoch` completed.
-    pub(crate) fn drained(&self, epoch: u64) -> bool {
-        self.in_flight.iter().all(|c| c[(epoch & 1) as usize].load(SeqCst) == 0)
-    }
-}
-
 /// Per-core, per-leg counters (metrics).
 #[derive(Default)]
 pub(crate) struct LegCounters {
@@ -335,7 +276,9 @@ pub(crate) struct Shared {
     pub geometry: Geometry,
     pub home: usize,
     pub regions: RegionStates,
-    pub gate: EpochGate,
+    /// Epochs of the mirror's writes (every write is stamped at submission); a split closes
+    /// the current one and seals when it drained.
+    pub gate: Arc<crate::preserve::EpochTracker>,
     pub slots: [SlotShared; MAX_SLOTS],
     /// Bumped whenever a slot's leg or mode changes; channels refresh their legs on a change.
     pub layout_gen: AtomicU64,
@@ -386,6 +329,15 @@ impl Shared {
 /// A mirror bdev.
 pub struct MirrorBdev {
     shared: Arc<Shared>,
+}
+
+/// A split whose epoch started: new writes skip the leg from now on.
+pub struct SplitStarted {
+    pub leg: Arc<BdevEntry>,
+    /// The closed epoch: the image holds every write stamped with it or an older one.
+    pub epoch: u64,
+    /// Answered once the closed epoch drained and the leg is sealed.
+    pub sealed: oneshot::Receiver<Result<SplitSealed, MirrorError>>,
 }
 
 /// The result of a split: the leg, sealed, and what the image bdev needs.
@@ -443,12 +395,30 @@ impl MirrorBdev {
     }
 
     /// Splits the leg whose bdev is `leg_name` off as a point-in-time image named `image`:
-    /// from now on new writes skip it; writes submitted before now still reach it; once they
-    /// completed the leg is sealed and handed back for the image bdev.
-    pub async fn split(&self, leg_name: &str, image: &str) -> Result<SplitSealed, MirrorError> {
+    /// returns once the split's epoch started (after the split is recorded on the legs): from
+    /// then on new writes skip the leg, while writes submitted before still reach it; once they
+    /// completed, the leg is sealed and handed over through [`SplitStarted::sealed`].
+    pub async fn split_start(&self, leg_name: &str, image: &str) -> Result<SplitStarted, MirrorError> {
         let (leg, image) = (leg_name.to_string(), image.to_string());
         let r = self.shared.ask(|reply| Request::Split { leg, image, reply }).await;
         r.unwrap_or_else(|| Err(shut_down_error(&self.shared.name)))
+    }
+
+    /// [`Self::split_start`], then waits for the seal.
+    pub async fn split(&self, leg_name: &str, image: &str) -> Result<SplitSealed, MirrorError> {
+        let started = self.split_start(leg_name, image).await?;
+        started.sealed.await.unwrap_or_else(|_| Err(shut_down_error(&self.shared.name)))
+    }
+
+    /// Forgets the name of a deleted image (its leg can still re-join incrementally).
+    pub async fn forget_image(&self, image: &str) {
+        let image = image.to_string();
+        let _ = self.shared.ask(|reply| Request::ForgetImage { image, reply }).await;
+    }
+
+    /// The mirror's current epoch (writes are stamped with it).
+    pub fn epoch(&self) -> u64 {
+        self.shared.gate.current()
     }
 
     /// Stops the mirror cleanly: background work ends, quiet regions' write-intent bits are

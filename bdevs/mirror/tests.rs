@@ -573,8 +573,11 @@ fn writes_in_flight_at_the_split_are_in_the_image_and_later_ones_are_not() {
     let o = out.clone();
     rig.cores.enter(0, || crate::reactor::spawn_detached(async move { *o.borrow_mut() = Some(m2.split(&"D_c".to_string(), "snap").await) }));
     // Until the split's epoch started, the leg takes every write; run until it has.
-    while m.shared().slots[2].mode() != LegMode::OldEpoch {
+    loop {
         rig.cores.run_until_idle();
+        if m.shared().slots[2].mode() == LegMode::OldEpoch {
+            break;
+        }
         rig.cores.advance_to(rig.cores.next_timer().unwrap());
     }
     let w2 = pattern(2, 512);
