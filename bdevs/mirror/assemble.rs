@@ -385,6 +385,7 @@ fn start(
         counters: MirrorCounters::default(),
         status: Mutex::new(MirrorStatus::default()),
         options,
+        images: Default::default(),
     });
     // Regions dirty at assembly start open: their bits are durable, and every departed leg's
     // stale map already covers them.

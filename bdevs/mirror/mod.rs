@@ -25,6 +25,7 @@ mod channel;
 mod control;
 pub mod layout;
 pub mod metrics;
+mod preserve;
 mod rebuild;
 mod regions;
 pub mod rpc;
@@ -291,6 +292,7 @@ pub(crate) struct Shared {
     pub counters: MirrorCounters,
     pub status: Mutex<MirrorStatus>,
     pub options: MirrorOptions,
+    pub images: preserve::Images,
 }
 
 impl Shared {

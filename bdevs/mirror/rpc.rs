@@ -7,7 +7,7 @@
 //! target as it was.
 
 use super::layout::MAX_SLOTS;
-use super::{describe, MirrorBdev, MirrorError, MirrorOptions, SplitImageBdev, PROCESS_OPTIONS};
+use super::{describe, MirrorBdev, MirrorOptions, SplitImageBdev, PROCESS_OPTIONS};
 use crate::bdev::BdevEntry;
 use crate::rpc::{non_empty, parse, Methods, RpcError, EINVAL};
 use crate::target::Target;
@@ -28,22 +28,6 @@ pub fn register(m: &mut Methods) {
     m.add("bdev_raid_remove_base_bdev", remove_base_bdev);
     m.add("bdev_raid_set_options", set_options);
     m.add("bdev_raid_open_split_image", open_split_image);
-    // Stand-in for `bdev_snapshot_create {method: "split"}` until the preserve RPCs land.
-    m.add("bdev_raid_split_base_bdev", split_base_bdev);
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Split {
-    raid_bdev: String,
-    base_bdev: String,
-    snapshot_name: String,
-}
-
-fn split_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: Split = parse(p)?;
-    split_to_image(t, &p.raid_bdev, &p.base_bdev, &p.snapshot_name)?;
-    Ok(json!(p.snapshot_name))
 }
 
 /// SPDK accepts base bdevs as a list or as one space-separated string.
@@ -274,22 +258,4 @@ fn open_split_image(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let img = t.reactors.call_async(0, CALL_WAIT, move || async move { SplitImageBdev::open(&name, guard).await })??;
     t.bdevs.register(Arc::new(img))?;
     Ok(json!(p.name))
-}
-
-/// Splits leg `leg` off mirror `mirror` as the sealed read-only image `image` and registers it.
-/// Returns once the image is sealed (every write submitted before the split is in it).
-pub fn split_to_image(t: &Target, mirror: &str, leg: &str, image: &str) -> Result<(), RpcError> {
-    non_empty("snapshot_name", image)?;
-    let (_, b) = mirror_of(t, mirror)?;
-    t.bdevs.check_new_name(image)?;
-    let m = as_mirror(&b);
-    if !m.has_leg(leg) {
-        return Err(MirrorError::NotFound(format!("{leg} is not a leg of mirror {mirror}")).into());
-    }
-    let uuid = b.uuid();
-    let (leg, image_name) = (leg.to_string(), image.to_string());
-    let sealed = on_home(t, &b, move |b| async move { as_mirror(&b).split(&leg, &image_name).await })??;
-    let img = SplitImageBdev::from_sealed(image, sealed, uuid)?;
-    t.bdevs.register(Arc::new(img))?;
-    Ok(())
 }

@@ -8,9 +8,12 @@
 
 use super::layout::{Geometry, FLAG_SEALED_SPLIT};
 use super::{MirrorError, SplitSealed};
-use crate::bdev::{Bdev, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType};
+use crate::preserve::{SealSignal, SnapshotState};
 use serde_json::{json, Value};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 /// A stable identity for an image: the same after a restart (hosts see the same namespace).
@@ -26,29 +29,70 @@ fn image_uuid(mirror: Uuid, generation: u64, name: &str) -> Uuid {
 pub struct SplitImageBdev {
     name: String,
     uuid: Uuid,
-    leg: HoldGuard,
+    leg: Arc<BdevEntry>,
+    /// The image's claim on its leg, from the seal on (while the split drains, the mirror
+    /// still holds the leg and writes its old epoch to it).
+    claim: Mutex<Option<HoldGuard>>,
     geometry: Geometry,
     mirror_name: String,
     mirror_uuid: Uuid,
-    generation: u64,
+    /// Mirror generation at the seal (0 while draining).
+    generation: AtomicU64,
+    signal: Arc<SealSignal>,
 }
 
 impl SplitImageBdev {
+    fn sealed(name: &str, leg: HoldGuard, geometry: Geometry, mirror_name: String, mirror_uuid: Uuid, generation: u64) -> SplitImageBdev {
+        let signal = SealSignal::new();
+        signal.set(SnapshotState::Sealed);
+        SplitImageBdev {
+            name: name.to_string(),
+            uuid: image_uuid(mirror_uuid, generation, name),
+            leg: leg.entry().clone(),
+            claim: Mutex::new(Some(leg)),
+            geometry,
+            mirror_name,
+            mirror_uuid,
+            generation: AtomicU64::new(generation),
+            signal,
+        }
+    }
+
     /// The image of a split that just sealed. The leg comes claimed by the mirror; the image
     /// claims it under its own name.
     pub fn from_sealed(name: &str, sealed: SplitSealed, mirror_uuid: Uuid) -> Result<SplitImageBdev, MirrorError> {
         let entry = sealed.leg.entry().clone();
         drop(sealed.leg);
         let leg = entry.claim(name).map_err(|e| MirrorError::Busy(format!("cannot claim split leg {}: {e}", entry.name())))?;
-        Ok(SplitImageBdev {
+        Ok(SplitImageBdev::sealed(name, leg, sealed.geometry, sealed.mirror_name, mirror_uuid, sealed.generation))
+    }
+
+    /// The image of a split whose epoch is still draining: readable at once (reads may run
+    /// alongside the old epoch's last writes), sealed by [`Self::install`].
+    pub fn draining(name: &str, leg: Arc<BdevEntry>, geometry: Geometry, mirror_name: &str, mirror_uuid: Uuid, signal: Arc<SealSignal>) -> SplitImageBdev {
+        SplitImageBdev {
             name: name.to_string(),
-            uuid: image_uuid(mirror_uuid, sealed.generation, name),
+            // Stable across restarts only once sealed; a draining image has no config anyway.
+            uuid: image_uuid(mirror_uuid, u64::MAX, name),
             leg,
-            geometry: sealed.geometry,
-            mirror_name: sealed.mirror_name,
+            claim: Mutex::new(None),
+            geometry,
+            mirror_name: mirror_name.to_string(),
             mirror_uuid,
-            generation: sealed.generation,
-        })
+            generation: AtomicU64::new(0),
+            signal,
+        }
+    }
+
+    /// Seals a draining image: takes the leg over from the mirror.
+    pub fn install(&self, sealed: SplitSealed) -> Result<(), MirrorError> {
+        let entry = sealed.leg.entry().clone();
+        drop(sealed.leg);
+        let leg = entry.claim(&self.name).map_err(|e| MirrorError::Busy(format!("cannot claim split leg {}: {e}", entry.name())))?;
+        *self.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(leg);
+        self.generation.store(sealed.generation, SeqCst);
+        self.signal.set(SnapshotState::Sealed);
+        Ok(())
     }
 
     /// Opens the sealed image on `leg` (after a restart). Runs on a core.
@@ -62,19 +106,11 @@ impl SplitImageBdev {
         if ch.num_blocks() < sb.geometry.leg_blocks_needed() {
             return Err(MirrorError::Invalid(format!("{} is smaller than the image it should hold", entry.name())));
         }
-        Ok(SplitImageBdev {
-            name: name.to_string(),
-            uuid: image_uuid(sb.mirror_uuid, sb.generation, name),
-            leg,
-            geometry: sb.geometry,
-            mirror_name: sb.name,
-            mirror_uuid: sb.mirror_uuid,
-            generation: sb.generation,
-        })
+        Ok(SplitImageBdev::sealed(name, leg, sb.geometry, sb.name, sb.mirror_uuid, sb.generation))
     }
 
     pub fn leg_name(&self) -> &str {
-        self.leg.entry().name()
+        self.leg.name()
     }
 
     pub fn mirror_name(&self) -> &str {
@@ -85,9 +121,13 @@ impl SplitImageBdev {
         self.mirror_uuid
     }
 
-    /// The mirror generation at which the image was sealed.
+    /// The mirror generation at which the image was sealed (0 while draining).
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.generation.load(SeqCst)
+    }
+
+    pub fn state(&self) -> SnapshotState {
+        self.signal.get()
     }
 }
 
@@ -132,19 +172,23 @@ impl Bdev for SplitImageBdev {
         true
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(ImageChannel { leg: Channel::get(self.leg.entry())?, data_offset: self.geometry.data_offset }))
+        Ok(Rc::new(ImageChannel { leg: Channel::get(&self.leg)?, data_offset: self.geometry.data_offset }))
     }
     fn driver_specific(&self) -> Value {
         json!({ "split_image": {
             "mirror": self.mirror_name,
             "mirror_uuid": self.mirror_uuid.to_string(),
             "base_bdev": self.leg_name(),
-            "generation": self.generation,
-            "sealed": true,
+            "generation": self.generation(),
+            "state": self.state().name(),
         }})
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_raid_open_split_image", json!({ "name": self.name, "base_bdev": self.leg_name() })))
+        // A draining image is not on its leg yet (the seal writes it there).
+        (self.state() == SnapshotState::Sealed).then(|| ("bdev_raid_open_split_image", json!({ "name": self.name, "base_bdev": self.leg_name() })))
+    }
+    fn destroy(&self) {
+        drop(self.claim.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
