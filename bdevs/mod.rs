@@ -5,6 +5,7 @@
 pub mod delay;
 pub mod error;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
 pub mod nvme;
 pub mod snapshot;
@@ -24,6 +25,7 @@ pub fn register(m: &mut Methods) {
     uring::rpc::register(m);
     error::rpc::register(m);
     delay::rpc::register(m);
+    mirror::rpc::register(m);
     snapshot::rpc::register(m);
 }
 

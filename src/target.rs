@@ -47,6 +47,7 @@ impl Target {
         // Shutdown runs this list backwards: jobs stop first, then the front ends, then bdevs.
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             Arc::new(crate::bdev::BdevSubsystem),
+            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::nvmf::NvmfTarget::new(reactors.clone())),
             Arc::new(crate::iscsi::IscsiSubsystem::new(cores)),
