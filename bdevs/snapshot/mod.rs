@@ -599,6 +599,34 @@ impl Preservable for CowVolume {
         self.call_home(t, move |_| Box::pin(async move { vol.remove_snapshot(&name).await }))?
     }
 
+    /// A grain differs between `older` (epoch e1) and `newer` (e2 > e1) iff a write with an
+    /// epoch in (e1, e2] executed on it. By the rules above, a grain's entries cover a prefix
+    /// of the snapshots: `older` has an entry iff some write after e1 executed on the grain;
+    /// it shares its slot with `newer` iff the first such write came after e2 (one copy served
+    /// both). So: entry in `older`, and `newer` has none or another slot.
+    fn changed_between(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+        let v = &self.v;
+        let find = |n: &str| v.find(n).ok_or_else(|| PreserveError::NotFound(format!("snapshot {n} of {} does not exist", v.name)));
+        let (a, b) = (find(older)?, find(newer)?);
+        for (i, n) in [(a, older), (b, newer)] {
+            if v.snaps[i].state.load(SeqCst) != ST_SEALED {
+                return Err(PreserveError::Busy(format!("snapshot {n} is not sealed")));
+            }
+        }
+        if v.snaps[a].epoch.load(SeqCst) >= v.snaps[b].epoch.load(SeqCst) {
+            return Err(PreserveError::Invalid(format!("snapshot {older} is not older than {newer}")));
+        }
+        let mut out = Vec::new();
+        for g in 0..v.num_grains {
+            let sa = v.snaps[a].grains.at(g as usize).load(SeqCst);
+            if sa != 0 && sa != v.snaps[b].grains.at(g as usize).load(SeqCst) {
+                let (start, n) = v.grain_range(g);
+                crate::preserve::push_range(&mut out, start, n);
+            }
+        }
+        Ok(out)
+    }
+
     fn stats(&self) -> PreserveStats {
         let v = &self.v;
         let mut s = PreserveStats {

@@ -173,6 +173,23 @@ pub trait Preservable: Send + Sync {
     fn delete_snapshot(&self, t: &Target, name: &str) -> Result<(), PreserveError>;
     /// The bdev's preserve figures, for metrics.
     fn stats(&self) -> PreserveStats;
+    /// Block ranges (offset, count), sorted and disjoint, where the sealed snapshot `newer`
+    /// may differ from the older sealed snapshot `older` of this bdev: what an incremental
+    /// backup copies. Known from the module's own metadata (CoW tables, dirty maps), never by
+    /// reading and comparing the images.
+    fn changed_between(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+        let _ = (older, newer);
+        Err(PreserveError::Invalid(format!("{} snapshots cannot tell what changed between two of them", self.method())))
+    }
+}
+
+/// Appends the block range `(start, count)` to sorted ranges, merging it with the last one
+/// when they touch.
+pub fn push_range(out: &mut Vec<(u64, u64)>, start: u64, count: u64) {
+    match out.last_mut() {
+        Some((s, n)) if *s + *n == start => *n += count,
+        _ => out.push((start, count)),
+    }
 }
 
 /// Histogram buckets in the layout of [`crate::bdev::LATENCY_BUCKETS_US`] (plus +Inf) and a sum.

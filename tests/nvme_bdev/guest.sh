@@ -71,13 +71,17 @@ echo "RESULT daemon_exit=ok"
 # 4. The drive disappears under load (PCI hot-remove): I/O fails, the bdev goes offline,
 #    nothing hangs.
 pci=$(basename "$(readlink -f /sys/class/nvme/nvme0/device)")
-echo "removing PCI device $pci under load"
-( sleep 2; echo 1 > /sys/bus/pci/devices/$pci/remove ) &
 set +e
-timeout 60 $BIN/bdevperf -c /tmp/nvme.toml -b nvme0n1 -q 16 -o 4096 -w randwrite -t 6 -m 0x1 --poll-mode adaptive
+timeout 90 $BIN/bdevperf -c /tmp/nvme.toml -b nvme0n1 -q 16 -o 4096 -w randwrite -t 15 -m 0x1 --poll-mode adaptive &
+perf=$!
+# Remove the drive once bdevperf has it open and I/O runs (startup is slow under TCG).
+for i in $(seq 300); do ls -l /proc/$perf/fd 2>/dev/null | grep -q ng0n1 && break; sleep 0.1; done
+sleep 1
+echo "removing PCI device $pci under load"
+echo 1 > /sys/bus/pci/devices/$pci/remove
+wait $perf
 rc=$?
 set -e
-wait
 echo "bdevperf after hot-remove: exit $rc"
 [ "$rc" = 2 ] || { echo "FAIL: expected I/O errors (exit 2) after the drive vanished, got $rc"; exit 1; }
 echo "RESULT hot_remove=ok"
