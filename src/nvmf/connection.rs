@@ -11,7 +11,7 @@
 use super::controller::{AdminOutcome, Controller, QueueRef};
 use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
-use super::spec::{connect, csc, fctype, sc, sct, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
+use super::spec::{connect, csc, fctype, sc, sct, ConnectRequest, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
@@ -865,24 +865,12 @@ impl Conn {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
         let data = match (plan, icd) {
-            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == super::spec::CONNECT_DATA_LEN => d,
+            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
             _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
         };
-        if sqe.u16_at(connect::RECFMT) != 0 {
-            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INCOMPATIBLE_FORMAT), 0, 0));
-        }
-        let qid = sqe.u16_at(connect::QID);
-        let sqsize = sqe.u16_at(connect::SQSIZE);
-        let cattr = sqe.0[connect::CATTR];
-        let kato = sqe.u32_at(connect::KATO);
-        let mut hostid = [0u8; 16];
-        hostid.copy_from_slice(&data[connect::DATA_HOSTID..connect::DATA_HOSTID + 16]);
-        let cntlid = u16::from_le_bytes([data[connect::DATA_CNTLID], data[connect::DATA_CNTLID + 1]]);
-        let subnqn = super::spec::c_string(&data[connect::DATA_SUBNQN..connect::DATA_SUBNQN + 256]).map_err(|_| invalid(1, connect::DATA_SUBNQN))?;
-        let hostnqn = super::spec::c_string(&data[connect::DATA_HOSTNQN..connect::DATA_HOSTNQN + 256]).map_err(|_| invalid(1, connect::DATA_HOSTNQN))?;
-        if super::spec::validate_nqn(hostnqn).is_err() {
-            return Err(invalid(1, connect::DATA_HOSTNQN));
-        }
+        let req = ConnectRequest::parse(sqe, data)?;
+        let (qid, sqsize, cattr, kato, hostid, cntlid) = (req.qid, req.sqsize, req.cattr, req.kato_ms, req.hostid, req.cntlid);
+        let (subnqn, hostnqn) = (req.subnqn.as_str(), req.hostnqn.as_str());
         let Some(subsys) = self.nvmf.subsystem(subnqn) else {
             log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", self.peer);
             return Err(invalid(1, connect::DATA_SUBNQN));
