@@ -6,6 +6,7 @@ pub mod delay;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod nvme;
 pub mod snapshot;
 pub mod uring;
 
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 pub fn register(m: &mut Methods) {
     malloc::rpc::register(m);
     null::rpc::register(m);
+    nvme::rpc::register(m);
     uring::rpc::register(m);
     error::rpc::register(m);
     delay::rpc::register(m);

@@ -4,16 +4,20 @@
 //! registry, channels, buffers), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
 //! control plane), [`config`], [`metrics`] and [`daemon`] (startup and shutdown).
 
+pub mod backup;
 pub mod bdev;
 #[path = "../bdevs/mod.rs"]
 pub mod bdevs;
 pub mod config;
 pub mod daemon;
 pub mod extent_lock;
+pub mod iscsi;
 pub mod metrics;
+pub mod nvmf;
 pub mod preserve;
 pub mod reactor;
 pub mod rpc;
+pub mod scsi;
 pub mod sim;
 pub mod target;
 

@@ -13,6 +13,10 @@ use std::process::exit;
 use std::time::Duration;
 
 const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param value ...] [--json '{...}']
+       tidemark [-s SOCKET] backup start --source SNAPSHOT --path FILE [--incremental_from SNAPSHOT] [--max_bandwidth_mb_sec N] [--detach]
+       tidemark [-s SOCKET] backup status [ID] [--wait]
+       tidemark backup verify MANIFEST_OR_IMAGE
+       tidemark [-s SOCKET] backup restore MANIFEST_OR_IMAGE (--to-file FILE | --to-bdev BDEV)
   -s, --socket PATH   JSON-RPC socket (default /var/tmp/tidemark.sock, or $TIDEMARK_RPC_SOCKET)
   -t, --timeout SECS  how long to wait for the answer (default 60)
   METHOD              e.g. rpc_get_methods, bdev_get_bdevs, bdev_malloc_create
@@ -76,6 +80,23 @@ fn main() {
     }
     let Some(method) = args.get(i).cloned() else { fail(2, USAGE) };
     i += 1;
+    if method == "backup" {
+        backup::main(&socket, timeout, &args[i..]);
+        return;
+    }
+    let params = parse_params(&args[i..]);
+    match call(&socket, timeout, &method, params) {
+        Ok(result) => println!("{}", serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string())),
+        Err((code, msg)) => {
+            eprintln!("tidemark: {method} failed: {msg} (code {code})");
+            exit(1);
+        }
+    }
+}
+
+/// `--key value` pairs into a params object.
+fn parse_params(args: &[String]) -> Map<String, Value> {
+    let mut i = 0;
     let mut params = Map::new();
     while i < args.len() {
         let a = &args[i];
@@ -111,11 +132,17 @@ fn main() {
             insert(&mut params, &key, parse_value(&value));
         }
     }
+    params
+}
+
+/// One JSON-RPC call; `Err((code, message))` for a JSON-RPC error. Connection problems end
+/// the program with exit code 2.
+fn call(socket: &str, timeout: u64, method: &str, params: Map<String, Value>) -> Result<Value, (i64, String)> {
     let mut req = json!({ "jsonrpc": "2.0", "id": 1, "method": method });
     if !params.is_empty() {
         req["params"] = Value::Object(params);
     }
-    let stream = UnixStream::connect(&socket).unwrap_or_else(|e| fail(2, &format!("cannot connect to {socket}: {e} (is tidemarkd running?)")));
+    let stream = UnixStream::connect(socket).unwrap_or_else(|e| fail(2, &format!("cannot connect to {socket}: {e} (is tidemarkd running?)")));
     let _ = stream.set_read_timeout(Some(Duration::from_secs(timeout)));
     let mut w = &stream;
     if let Err(e) = serde_json::to_writer(&mut w, &req).map_err(std::io::Error::other).and_then(|_| w.write_all(b"\n")) {
@@ -130,9 +157,177 @@ fn main() {
     if let Some(err) = resp.get("error") {
         let msg = err.get("message").and_then(Value::as_str).unwrap_or("unknown error");
         let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-        eprintln!("tidemark: {method} failed: {msg} (code {code})");
-        exit(1);
+        return Err((code, msg.to_string()));
     }
-    let result = resp.get("result").cloned().unwrap_or(Value::Null);
-    println!("{}", serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string()));
+    Ok(resp.get("result").cloned().unwrap_or(Value::Null))
+}
+
+/// `tidemark backup ...`: start and watch jobs with a progress bar on a terminal (plain lines
+/// otherwise), verify and restore backup chains.
+mod backup {
+    use super::{call, fail, parse_params};
+    use serde_json::{json, Map, Value};
+    use std::io::IsTerminal;
+    use std::path::{Path, PathBuf};
+    use std::process::exit;
+    use std::time::{Duration, Instant};
+    use tidemark::backup::manifest;
+
+    /// Progress on stderr: a bar on a terminal, a line every few seconds otherwise.
+    struct Report {
+        bar: Option<indicatif::ProgressBar>,
+        label: String,
+        last: Instant,
+    }
+
+    impl Report {
+        fn new(label: &str, total: u64) -> Report {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let b = indicatif::ProgressBar::new(total);
+                if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+                    b.set_style(style.progress_chars("=> "));
+                }
+                b.set_message(label.to_string());
+                b
+            });
+            Report { bar, label: label.to_string(), last: Instant::now() - Duration::from_secs(10) }
+        }
+
+        fn update(&mut self, done: u64, total: u64) {
+            match &self.bar {
+                Some(b) => {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+                None if self.last.elapsed() >= Duration::from_secs(2) || done == total => {
+                    let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
+                    eprintln!("{}: {done}/{total} bytes ({pct:.1}%)", self.label);
+                    self.last = Instant::now();
+                }
+                None => {}
+            }
+        }
+
+        fn finish(&self) {
+            if let Some(b) = &self.bar {
+                b.finish();
+            }
+        }
+    }
+
+    fn manifest_of(arg: &str) -> PathBuf {
+        let p = PathBuf::from(arg);
+        if p.extension().is_some_and(|e| e == "json") {
+            p
+        } else {
+            manifest::manifest_path(&p)
+        }
+    }
+
+    /// Polls `backup_get` until job `id` ends; exits 1 unless it completed.
+    fn watch(socket: &str, timeout: u64, id: &str) {
+        let mut report = Report::new(id, 0);
+        loop {
+            let mut p = Map::new();
+            p.insert("id".into(), json!(id));
+            let job = match call(socket, timeout, "backup_get", p) {
+                Ok(v) => v.get(0).cloned().unwrap_or(Value::Null),
+                Err((code, msg)) => fail(1, &format!("backup_get failed: {msg} (code {code})")),
+            };
+            let done = job["bytes_done"].as_u64().unwrap_or(0);
+            let total = job["bytes_total"].as_u64().unwrap_or(0);
+            report.update(done, total);
+            match job["state"].as_str() {
+                Some("in_progress") => std::thread::sleep(Duration::from_millis(200)),
+                Some("complete") => {
+                    report.finish();
+                    println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+                    return;
+                }
+                other => {
+                    report.finish();
+                    eprintln!("tidemark: job {id} ended {}: {}", other.unwrap_or("?"), job["error"].as_str().unwrap_or(""));
+                    exit(1);
+                }
+            }
+        }
+    }
+
+    pub fn main(socket: &str, timeout: u64, args: &[String]) {
+        let Some(sub) = args.first() else { fail(2, super::USAGE) };
+        let rest = &args[1..];
+        match sub.as_str() {
+            "start" => {
+                let mut params = parse_params(rest);
+                let detach = params.remove("detach").is_some();
+                let r =
+                    call(socket, timeout, "backup_start", params).unwrap_or_else(|(code, msg)| fail(1, &format!("backup_start failed: {msg} (code {code})")));
+                let id = r["id"].as_str().unwrap_or_default().to_string();
+                if detach {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    watch(socket, timeout, &id);
+                }
+            }
+            "status" => {
+                let (id, wait) = match rest.first().filter(|a| !a.starts_with("--")) {
+                    Some(id) => (Some(id.clone()), rest.iter().any(|a| a == "--wait")),
+                    None => (None, false),
+                };
+                if let (Some(id), true) = (&id, wait) {
+                    return watch(socket, timeout, id);
+                }
+                let mut p = Map::new();
+                if let Some(id) = id {
+                    p.insert("id".into(), json!(id));
+                }
+                match call(socket, timeout, "backup_get", p) {
+                    Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                    Err((code, msg)) => fail(1, &format!("backup_get failed: {msg} (code {code})")),
+                }
+            }
+            "verify" => {
+                let Some(arg) = rest.first() else { fail(2, "backup verify needs a manifest or image path") };
+                let mp = manifest_of(arg);
+                let mut report = Report::new("verify", 0);
+                match manifest::verify_chain(&mp, |d, t| report.update(d, t)) {
+                    Ok(bytes) => {
+                        report.finish();
+                        println!("{}: backup chain verified, {bytes} bytes checked", mp.display());
+                    }
+                    Err(e) => {
+                        report.finish();
+                        fail(1, &format!("verify failed: {e}"));
+                    }
+                }
+            }
+            "restore" => {
+                let Some(arg) = rest.first() else { fail(2, "backup restore needs a manifest or image path") };
+                let mp = manifest_of(arg);
+                let opts = parse_params(&rest[1..]);
+                match (opts.get("to-file").and_then(Value::as_str), opts.get("to-bdev").and_then(Value::as_str)) {
+                    (Some(f), None) => {
+                        let mut report = Report::new("restore", 0);
+                        match manifest::restore_chain_to_file(&mp, Path::new(f), |d, t| report.update(d, t)) {
+                            Ok(bytes) => {
+                                report.finish();
+                                println!("restored {bytes} bytes into {f}");
+                            }
+                            Err(e) => fail(1, &format!("restore failed: {e}")),
+                        }
+                    }
+                    (None, Some(b)) => {
+                        let mut p = Map::new();
+                        p.insert("path".into(), json!(mp.display().to_string()));
+                        p.insert("bdev".into(), json!(b));
+                        let r = call(socket, timeout, "backup_restore", p)
+                            .unwrap_or_else(|(code, msg)| fail(1, &format!("backup_restore failed: {msg} (code {code})")));
+                        watch(socket, timeout, r["id"].as_str().unwrap_or_default());
+                    }
+                    _ => fail(2, "backup restore needs exactly one of --to-file FILE or --to-bdev BDEV"),
+                }
+            }
+            other => fail(2, &format!("unknown backup command {other:?}\n{}", super::USAGE)),
+        }
+    }
 }

@@ -89,7 +89,7 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/tmp/tidemark")
 }
 fn default_pool_mb() -> u64 {
-    64
+    32
 }
 fn default_idle_us() -> u64 {
     1000

@@ -76,6 +76,12 @@ impl IoDriver {
         n
     }
 
+    /// Whether any socket or other readiness source is registered (a busy reactor with none
+    /// skips the epoll call; the wake-only descriptors matter only when it sleeps).
+    pub(crate) fn has_sources(&self) -> bool {
+        !self.sources.borrow().is_empty()
+    }
+
     /// Registers a descriptor whose readiness only needs to wake the reactor.
     pub fn register_wake_only(&self, fd: RawFd) -> io::Result<()> {
         self.poll.borrow().registry().register(&mut mio::unix::SourceFd(&fd), WAKE_ONLY_TOKEN, Interest::READABLE)

@@ -92,6 +92,8 @@ mod tests {
                 hits.fetch_add(1, Ordering::Relaxed);
             });
         }
+        // Each ring is FIFO: once both cores answered, every earlier message has run.
+        assert_eq!(h.call(0, current_index).unwrap(), 0);
         assert_eq!(h.call(1, current_index).unwrap(), 1);
         assert_eq!(hits.load(Ordering::Relaxed), 1000);
         // A task on core 0 sleeping on a timer wakes on time although the core sleeps.

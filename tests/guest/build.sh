@@ -271,7 +271,7 @@ mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || log "note: mknod not permi
 mknod -m 666 "$root/dev/null" c 1 3 2>/dev/null || true
 
 # Drop what a test guest never needs.
-rm -rf "$root/usr/share" "$root/usr/lib/x86_64-linux-gnu/gconv"
+rm -rf "${root:?}/usr/share" "${root:?}/usr/lib/x86_64-linux-gnu/gconv"
 
 # ---- archive --------------------------------------------------------------------------------
 # Uncompressed: under TCG, inflating ~100 MB in the guest costs ~2 s a boot; disk is cheap.

@@ -15,7 +15,7 @@ declare -A need=(
   [depmod]=kmod           # generate modules.dep for the guest kernel
   [sha256sum]=coreutils
   [timeout]=coreutils
-  [python3]=python3-minimal   # smoke test only (host HTTP server)
+  [python3]=python3        # smoke test only (host HTTP server)
 )
 # packages checked by dpkg status rather than by command
 pkgs_always=(seabios)

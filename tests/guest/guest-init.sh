@@ -29,19 +29,19 @@ ln -sf /proc/self/fd/1 /dev/stdout 2>/dev/null
 ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null
 hostname tidemark-guest
 
-# Kernel messages above warnings would interleave with the test's output; keep them quiet
+# Kernel messages below warnings would interleave with the test's output; keep them quiet
 # unless asked for (tidemark.debug on the kernel command line).
 CMDLINE=" $(cat /proc/cmdline) "
 case "$CMDLINE" in
-  *" tidemark.debug "*) TM_DEBUG=1 ;;
-  *) TM_DEBUG=0; echo 4 > /proc/sys/kernel/printk ;;
+  *" tidemark.debug "*) ;;
+  *) echo 4 > /proc/sys/kernel/printk ;;
 esac
 
 tm_log() { echo "tidemark-guest: $*"; }
 
 # Modules. Cold-plug first: load the driver of every device QEMU was given (virtio-net,
 # virtio-rng, NVMe PCI, virtio-blk, e1000, ...); then what tests use without a device.
-# One kmod call each: every process start is slow under TCG.
+# Few, batched kmod calls: every process start is slow under TCG.
 # Two passes: the first loads bus drivers (virtio_pci), whose devices appear for the second.
 for pass in 1 2; do
   cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | xargs -r modprobe -qab 2>/dev/null

@@ -6,6 +6,7 @@
 # SCRIPT is a host file, run in the guest as root: by the interpreter its "#!" line names if the
 # guest has it (/bin/sh is busybox ash, /bin/bash is bash 5.2), else by busybox sh. It starts in
 # /root with stdin at /dev/null; its output goes to the console (streamed to this stdout).
+# Helpers: `. /tidemark/lib.sh` (guest-lib.sh: nvme_ns_dev NQN, wait_tcp HOST PORT).
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2 (QEMU user networking; no port forwards).
 #
 # Environment:
@@ -15,6 +16,8 @@
 #   TIDEMARK_GUEST_MEM      guest memory in MiB (default 1024)
 #   TIDEMARK_GUEST_SMP      guest CPUs (default 2)
 #   TIDEMARK_GUEST_APPEND   extra kernel command line
+#   TIDEMARK_GUEST_NETDEV_OPTS  appended to "-netdev user,id=n0," e.g.
+#                           hostfwd=tcp:127.0.0.1:14420-:4420 to reach a guest server from the host
 #   TIDEMARK_GUEST_DEBUG=1  show all kernel messages on the console
 #   TIDEMARK_GUEST_LOG      also keep the console log in this file
 #   TIDEMARK_GUEST_CACHE    image cache (see build.sh)
@@ -70,6 +73,7 @@ trap 'exit 143' TERM HUP
 # cpio archive to the cached image; the kernel unpacks both.
 mkdir -p "$tmp/rd/tidemark"
 install -m 0755 "$script" "$tmp/rd/tidemark/test.sh"
+install -m 0644 "$here/guest-lib.sh" "$tmp/rd/tidemark/lib.sh"
 {
   echo "export TIDEMARK_GUEST=1"
   for name in ${TIDEMARK_GUEST_VARS:-}; do
@@ -91,7 +95,7 @@ qemu_args=(
   -nodefaults -no-user-config -display none -no-reboot
   -kernel "$img/kernel" -initrd "$tmp/initrd"
   -chardev "file,id=con,path=$tmp/console.log" -serial chardev:con
-  -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile=
+  -netdev "user,id=n0${TIDEMARK_GUEST_NETDEV_OPTS:+,$TIDEMARK_GUEST_NETDEV_OPTS}" -device virtio-net-pci,netdev=n0,romfile=
   -device virtio-rng-pci
 )
 if [[ -n $share ]]; then
@@ -107,17 +111,28 @@ qemu-system-x86_64 "${qemu_args[@]}" -append "$append" "$@" \
   </dev/null >"$tmp/qemu.out" 2>&1 &
 qpid=$!
 # Stream the console while it is written; tail stops by itself once QEMU is gone.
-tail -n +1 -f --pid="$qpid" "$tmp/console.log" &
+tail -n +1 -s 0.2 -f --pid="$qpid" "$tmp/console.log" &
 tailpid=$!
 
 marker() { tr -d '\r' < "$tmp/console.log" | grep -a -E "^$1" | tail -n 1 || true; }
+# While the guest runs, only the part of the console written since the last look is scanned
+# (with some overlap for a line split between two looks): logs of long tests get large.
+seen_upto=0
+new_marker() { # new_marker REGEX -> true if it appears in what was written since the last look
+  local from=$((seen_upto > 256 ? seen_upto - 256 : 0))
+  tail -c +$((from + 1)) "$tmp/console.log" | tr -d '\r' | grep -a -q -E "^$1"
+}
 status=""
 t_ready=""
 t_marker=""
 deadline=$((t_boot + timeout_s))
 while kill -0 "$qpid" 2>/dev/null; do
-  if [[ -z $t_ready ]] && [[ -n $(marker 'TIDEMARK_GUEST_READY$') ]]; then t_ready=$SECONDS; fi
-  if [[ -z $t_marker ]] && [[ -n $(marker 'TIDEMARK_GUEST_EXIT=[0-9]+$') ]]; then t_marker=$SECONDS; fi
+  size=$(stat -c %s "$tmp/console.log")
+  if ((size != seen_upto)); then
+    if [[ -z $t_ready ]] && new_marker 'TIDEMARK_GUEST_READY$'; then t_ready=$SECONDS; fi
+    if [[ -z $t_marker ]] && new_marker 'TIDEMARK_GUEST_EXIT=[0-9]+$'; then t_marker=$SECONDS; fi
+    seen_upto=$size
+  fi
   if [[ -n $t_marker ]] && ((SECONDS - t_marker > 20)); then
     say "guest reported its exit status but did not power off; killing QEMU"
     break

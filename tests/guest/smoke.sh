@@ -77,6 +77,8 @@ check "fio --version" fio --version
 fio --version
 check "modprobe nvme-tcp" modprobe nvme-tcp
 check "/sys/module/nvme_tcp exists" test -d /sys/module/nvme_tcp
+. /tidemark/lib.sh
+check "wait_tcp 10.0.2.2:$HTTP_PORT" wait_tcp 10.0.2.2 "$HTTP_PORT" 10
 check "wget host 10.0.2.2:$HTTP_PORT" sh -c '[ "$(timeout 20 wget -q -O - "http://10.0.2.2:$HTTP_PORT/token.txt")" = "$TOKEN" ]'
 check "9p share readable" grep -q from-host /share/from-host.txt
 check "9p share writable" sh -c 'echo from-guest > /share/from-guest.txt'
@@ -109,20 +111,8 @@ check "nvmet-tcp target up on 127.0.0.1:4420" setup_nvmet
 check "nvme discover" sh -c "nvme discover -t tcp -a 127.0.0.1 -s 4420 | tee /dev/stderr | grep -q $NQN"
 nvme discover -t tcp -a 127.0.0.1 -s 4420 | grep -E 'trtype|subnqn|traddr'
 check "nvme connect" nvme connect -t tcp -a 127.0.0.1 -s 4420 -n $NQN
-# The namespace's block device: with native multipath (Debian's default) it hangs off the
-# subsystem (nvme-subsysX/nvmeXnY); the per-controller nvmeXcYnZ entries are hidden paths.
-nvme_ns_dev() { # nvme_ns_dev NQN -> /dev/nvmeXnY
-  for s in /sys/class/nvme-subsystem/nvme-subsys* /sys/class/nvme/nvme*; do
-    [ "$(cat "$s/subsysnqn" 2>/dev/null)" = "$1" ] || continue
-    for n in "$s"/nvme*n*; do
-      case ${n##*/} in *c*n*) continue ;; esac
-      [ -b "/dev/${n##*/}" ] && { echo "/dev/${n##*/}"; return 0; }
-    done
-  done
-  return 1
-}
-DEV=
-for i in $(seq 50); do DEV=$(nvme_ns_dev $NQN) && break; sleep 0.1; done
+. /tidemark/lib.sh
+DEV=$(nvme_ns_dev $NQN 10) || true
 echo "NVMe/TCP namespace: ${DEV:-none}"
 nvme list
 check "NVMe/TCP block device appeared" test -b "$DEV"
