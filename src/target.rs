@@ -51,6 +51,7 @@ impl Target {
             Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::nvmf::NvmfTarget::new(reactors.clone())),
             Arc::new(crate::iscsi::IscsiSubsystem::new(cores)),
+            Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::backup::BackupService::default()),
         ];
         Target {

@@ -814,8 +814,10 @@ impl Bdev for SnapshotBdev {
     fn uuid(&self) -> Uuid {
         self.uuid
     }
-    fn supports(&self, io: IoType) -> bool {
-        matches!(io, IoType::Read | IoType::Flush)
+    fn supports(&self, _io: IoType) -> bool {
+        // Every type is "supported" so that modifications fail as write-protected (the
+        // channel refuses them with ReadOnly), not as unknown commands.
+        true
     }
     fn read_only(&self) -> bool {
         true
