@@ -10,7 +10,7 @@
 use super::split::SplitImageBdev;
 use super::{MirrorBdev, MirrorError};
 use crate::bdev::{Bdev, LatencyHistogram};
-use crate::preserve::{PreserveError, PreserveRequest, PreserveStats, Preservable, SealSignal, SnapshotInfo, SnapshotState};
+use crate::preserve::{Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::target::Target;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,6 @@ const START_WAIT: Duration = Duration::from_secs(60);
 /// A split image this mirror made (in this run of the daemon).
 pub(crate) struct ImageRecord {
     pub name: String,
-    pub leg: String,
     pub epoch: u64,
     pub signal: Arc<SealSignal>,
     pub created_ms: u64,
@@ -66,7 +65,13 @@ impl Preservable for MirrorBdev {
         let leg = match &req.base_bdev {
             Some(l) => l.clone(),
             // Without a choice: the last in-sync leg (the first stays the reads' source).
-            None => status.slots.iter().rev().find(|s| s.state == "active").map(|s| s.name.clone()).ok_or_else(|| PreserveError::Invalid("no in-sync leg".into()))?,
+            None => status
+                .slots
+                .iter()
+                .rev()
+                .find(|s| s.state == "active")
+                .map(|s| s.name.clone())
+                .ok_or_else(|| PreserveError::Invalid("no in-sync leg".into()))?,
         };
         if !status.slots.iter().any(|s| s.name == leg) {
             return Err(PreserveError::NotFound(format!("{leg} is not a leg of mirror {}", self.name())));
@@ -88,7 +93,6 @@ impl Preservable for MirrorBdev {
         let time_to_seal = Arc::new(Mutex::new(None));
         self.records().push(ImageRecord {
             name: req.snapshot_name.clone(),
-            leg,
             epoch: started.epoch,
             signal: signal.clone(),
             created_ms: crate::preserve::unix_ms(),
