@@ -7,6 +7,7 @@ pub mod error;
 pub mod malloc;
 pub mod mirror;
 pub mod null;
+pub mod nvme;
 pub mod snapshot;
 pub mod uring;
 
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 pub fn register(m: &mut Methods) {
     malloc::rpc::register(m);
     null::rpc::register(m);
+    nvme::rpc::register(m);
     uring::rpc::register(m);
     error::rpc::register(m);
     delay::rpc::register(m);

@@ -29,6 +29,9 @@ pub struct OpenParams {
     pub grain_kb: Option<u32>,
     /// Cores of the reactor set (lock shards, epoch counters).
     pub cores: usize,
+    /// Grains per extent-lock region (a power of two; default 64). Small regions spread a
+    /// volume's locks over more shards and make writes take several pieces.
+    pub lock_region_grains: Option<u32>,
 }
 
 /// A change of one slot record.
@@ -40,6 +43,7 @@ pub(crate) enum Update {
 }
 
 /// Where an old-epoch write's data goes (rule 2).
+#[derive(Debug)]
 pub(crate) enum Placement {
     InPlace,
     NewSlot(u32),
@@ -106,6 +110,7 @@ impl Home {
                     (slot, layout::record_grain(r), layout::record_mask(r) & !mask)
                 }
             };
+            log::trace!("{}: record slot {slot} := grain {grain} mask {mask:#x}", self.v.name);
             self.set_record(slot, grain, mask);
             if mask == 0 {
                 self.freed_pending.borrow_mut().push(slot);
@@ -236,6 +241,7 @@ async fn committer(h: Rc<Home>) {
         });
         let waiters = std::mem::take(&mut *h.waiters.borrow_mut());
         let freed = std::mem::take(&mut *h.freed_pending.borrow_mut());
+        log::trace!("{}: commit pages {:?} header {:?}", h.v.name, pages.iter().map(|p| p.0).collect::<Vec<_>>(), header.as_ref().map(|h| h.0));
         let r = write_batch(&h.v, &pages, header).await;
         if let Err(e) = &r {
             log::error!("{}: writing CoW metadata to {} failed: {e}", h.v.name, h.v.store.name());
@@ -407,7 +413,8 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
     let valid = (0..MAX_SNAPSHOTS).filter(|&i| snaps[i].state.load(Relaxed) != ST_FREE).fold(0u32, |m, i| m | 1 << i);
     let first_epoch =
         header.snaps.iter().filter(|r| matches!(r.state, DiskState::Draining | DiskState::Sealed | DiskState::Failed)).map(|r| r.epoch + 1).max().unwrap_or(1);
-    let locks = LockSpace::new(p.cores, (header.grain_blocks as u64) << 6);
+    let region_grains = p.lock_region_grains.unwrap_or(64).max(1) as u64;
+    let locks = LockSpace::new(p.cores, header.grain_blocks as u64 * region_grains);
     let v = Arc::new(VolumeShared {
         // The lock space's id is unique in the process: it keys the home registry too.
         id: locks.id(),
@@ -650,6 +657,7 @@ pub(crate) async fn delete(v: &Arc<VolumeShared>, i: usize) -> Result<(), Preser
             continue;
         }
         let m = layout::record_mask(r) & !bit;
+        log::trace!("{}: scrub slot {slot} (grain {}) mask {m:#x}", v.name, layout::record_grain(r));
         home.set_record(slot, layout::record_grain(r), m);
         if m == 0 {
             home.free.borrow_mut().push(slot);

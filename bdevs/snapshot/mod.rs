@@ -62,9 +62,11 @@
 //! submitted. A preserve is *sealed* when its old-epoch I/Os are done, the base and the store
 //! have been flushed and the header says `sealed` (durable); only then does the state read
 //! `sealed`, so a sealed snapshot comes back after `kill -9` with exactly its content.
-//! A snapshot still draining at a crash comes back sealed with a crash-consistent image (each
-//! block holds the data of a write that may have reached media), or not at all if its creation
-//! had not reached the header yet. A deleted snapshot's index is first marked `deleting`
+//! A snapshot still draining at a crash comes back sealed with a crash image *of the moment of
+//! its preserve* (each block holds what was durable then, or the data of a write that was not
+//! durable then, e.g. one still in flight at the preserve: a host flush after the preserve
+//! makes a write durable in the live volume, not in a snapshot that has not sealed), or not at
+//! all if its creation had not reached the header yet. A deleted snapshot's index is first marked `deleting`
 //! (durable; from then on its bits are ignored, and its slots can be reused at once), then its
 //! bits are cleared from the records, and only then is the index marked free.
 //!
@@ -407,6 +409,7 @@ impl CowChannel {
             home::unused(v, slot).await;
             return Err(e);
         }
+        log::trace!("{}: grain {g} copied to slot {slot} for snapshots {mask:#x}", v.name);
         for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
             v.snaps[i].grains.at(g as usize).store(slot + 1, SeqCst);
             v.snaps[i].entries.fetch_add(1, Relaxed);
@@ -436,7 +439,9 @@ impl CowChannel {
             Data::Buf(bufs) => gather(bufs, ((ps - off) * bs) as usize, ((pe - ps) * bs) as usize),
             Data::Unmap | Data::Zeroes => IoBuf::zeroed(((pe - ps) * bs) as usize),
         };
-        match home::place_update(v, slot, mask).await {
+        let place = home::place_update(v, slot, mask).await;
+        log::trace!("{}: old-epoch write on grain {g} updates slot {slot} of snapshots {mask:#x}: {place:?}", v.name);
+        match place {
             home::Placement::InPlace => self.patch_slot(slot, within, &part).await,
             home::Placement::NoSpace => {
                 home::fail(v, mask).await;

@@ -50,7 +50,7 @@ fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let base = t.bdev(&p.base_bdev)?.claim(&p.name)?;
     let store = t.bdev(&p.store_bdev)?.claim(&p.name)?;
     let cores = t.reactors.core_count();
-    let params = OpenParams { name: p.name.clone(), uuid: p.uuid, base, store, grain_kb: p.grain_kb, cores };
+    let params = OpenParams { name: p.name.clone(), uuid: p.uuid, base, store, grain_kb: p.grain_kb, cores, lock_region_grains: None };
     let home = home_core(&p.name, cores);
     let (vol, snaps) = t
         .reactors

@@ -17,8 +17,13 @@ use std::sync::Arc;
 pub trait Poller {
     /// Does what is ready; returns how many units of work it did (0 = idle).
     fn poll(&self) -> usize;
-    /// Whether the poller has work in flight that it must be polled for.
+    /// Whether the poller has work in flight (the reactor drains it before it stops).
     fn busy(&self) -> bool {
+        false
+    }
+    /// Whether in-flight work completes only when polled (io_uring IOPOLL): then nothing
+    /// would wake a sleeping reactor, so it keeps polling.
+    fn needs_polling(&self) -> bool {
         false
     }
 }
@@ -105,6 +110,10 @@ impl Core {
 
     pub(crate) fn pollers_busy(&self) -> bool {
         self.pollers.borrow().iter().any(|(_, p)| p.busy())
+    }
+
+    pub(crate) fn pollers_need_polling(&self) -> bool {
+        self.pollers.borrow().iter().any(|(_, p)| p.needs_polling())
     }
 
     /// Per-core state of type `T`, created on first use. This is how modules keep per-core

@@ -149,4 +149,10 @@ impl TcpStream {
     pub fn shutdown(&self) {
         let _ = self.inner.shutdown(std::net::Shutdown::Both);
     }
+
+    /// Sends FIN but keeps reading possible (a protocol error reply must reach the peer
+    /// before the socket closes: closing with unread input sends a RST that can discard it).
+    pub fn shutdown_write(&self) {
+        let _ = self.inner.shutdown(std::net::Shutdown::Write);
+    }
 }

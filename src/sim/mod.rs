@@ -41,6 +41,7 @@ pub struct SimConfig {
     pub crashes: usize,
     pub max_snapshots: usize,
     pub latency: Latency,
+    pub lock_region_grains: u32,
 }
 
 impl SimConfig {
@@ -55,6 +56,7 @@ impl SimConfig {
             crashes: if r.random_bool(0.4) { r.random_range(1..=2) } else { 0 },
             max_snapshots: r.random_range(1..=4),
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=100_000) },
+            lock_region_grains: [1, 2, 64][r.random_range(0..3)],
         }
     }
 
@@ -96,7 +98,13 @@ struct Shared {
 type Sh = Rc<RefCell<Shared>>;
 
 thread_local! {
-    static TRACE: bool = std::env::var("SIM_TRACE").is_ok();
+    static TRACE: bool = {
+        let on = std::env::var("SIM_TRACE").is_ok();
+        if on {
+            let _ = env_logger::builder().filter_level(log::LevelFilter::Trace).is_test(true).try_init();
+        }
+        on
+    };
 }
 
 /// Prints one event of the run when `SIM_TRACE` is set (to follow a failing seed).
@@ -189,6 +197,7 @@ impl World {
             store: se.claim("vol").map_err(|e| e.to_string())?,
             grain_kb: Some((cfg.grain_blocks * SIM_BLOCK as u64 / 1024) as u32),
             cores: cfg.cores,
+            lock_region_grains: Some(cfg.lock_region_grains),
         };
         let opened = Rc::new(RefCell::new(None));
         let o = opened.clone();
@@ -437,9 +446,17 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
                 {
                     let mut s = sh.borrow_mut();
                     let t = s.model.tick();
+                    let flushed_at_t = s.model.flushed_upto();
                     s.model.snaps.insert(
                         name.clone(),
-                        model::SnapModel { t, pinned: vec![None; blocks as usize], sealed_seen: false, deleting: false, taken_before_crash: false },
+                        model::SnapModel {
+                            t,
+                            pinned: vec![None; blocks as usize],
+                            sealed_seen: false,
+                            deleting: false,
+                            taken_before_crash: false,
+                            flushed_at_t,
+                        },
                     );
                     s.snaps.insert(name.clone(), e);
                 }
@@ -550,7 +567,7 @@ async fn check_recovery(sh: Sh, vol: Arc<BdevEntry>, registry: Arc<BdevRegistry>
             Some(v) => vec![v],
             None if sm.taken_before_crash => vec![got[b as usize]],
             None if sm.sealed_seen => s.model.snap_read(b, sm.t, u64::MAX, u64::MAX),
-            None => s.model.after_crash(b, sm.t),
+            None => s.model.after_crash(b, sm.t, sm.flushed_at_t),
         });
         drop(s);
         if let Err(err) = r {
@@ -568,7 +585,7 @@ async fn check_recovery(sh: Sh, vol: Arc<BdevEntry>, registry: Arc<BdevRegistry>
         Err(err) => return fail(&sh, format!("after restart: live volume: {err}")),
     };
     let s = sh.borrow();
-    let r = check_values("after restart: live volume", 0, &got, |b| s.model.after_crash(b, u64::MAX));
+    let r = check_values("after restart: live volume", 0, &got, |b| s.model.after_crash(b, u64::MAX, s.model.flushed_upto()));
     drop(s);
     if let Err(err) = r {
         return fail(&sh, err);

@@ -35,6 +35,9 @@ pub struct SnapModel {
     pub deleting: bool,
     /// Came back from a crash while draining: its content is the crash image (pinned).
     pub taken_before_crash: bool,
+    /// What was durable at the preserve: a snapshot that was still draining at a crash may
+    /// come back as any crash image *of the moment of its preserve*.
+    pub flushed_at_t: u64,
 }
 
 pub struct Model {
@@ -113,10 +116,16 @@ impl Model {
         self.acceptable(b, s_r, c_r, t)
     }
 
-    /// Values block `b` may hold after a crash (only writes submitted before `before`).
-    pub fn after_crash(&self, b: u64, before: u64) -> Vec<u64> {
+    /// Submission time of the latest completed flush (writes completed before it are durable).
+    pub fn flushed_upto(&self) -> u64 {
+        self.flushed_upto
+    }
+
+    /// Values block `b` may hold after a crash, counting only writes submitted before
+    /// `before` and flushes completed when `flushed_upto` was the latest.
+    pub fn after_crash(&self, b: u64, before: u64, flushed_upto: u64) -> Vec<u64> {
         let ws: Vec<&WriteRec> = self.by_block[b as usize].iter().map(|&i| &self.writes[i as usize]).filter(|w| w.s < before).collect();
-        let durable: Vec<&&WriteRec> = ws.iter().filter(|w| w.c != IN_FLIGHT && w.c < self.flushed_upto).collect();
+        let durable: Vec<&&WriteRec> = ws.iter().filter(|w| w.c != IN_FLIGHT && w.c < flushed_upto).collect();
         let mut out: Vec<u64> = ws.iter().filter(|w| !durable.iter().any(|d| w.c < d.s)).map(|w| w.tag).collect();
         if durable.is_empty() {
             out.push(self.baseline[b as usize]);
@@ -159,8 +168,8 @@ mod tests {
         let s2 = m.tick();
         assert_eq!(m.snap_read(0, t, s2, s2 + 1), vec![11]);
         // Nothing flushed: a crash may leave any of them, or the baseline.
-        assert_eq!(m.after_crash(0, u64::MAX), vec![10, 11, 12, 0]);
+        assert_eq!(m.after_crash(0, u64::MAX, m.flushed_upto()), vec![10, 11, 12, 0]);
         m.flush_done(s2);
-        assert_eq!(m.after_crash(0, u64::MAX), vec![11, 12]);
+        assert_eq!(m.after_crash(0, u64::MAX, m.flushed_upto()), vec![11, 12]);
     }
 }

@@ -1,0 +1,1020 @@
+//! One NVMe/TCP connection: one queue pair, owned by one core for its whole life.
+//!
+//! Two futures serve it. The reader parses PDUs from a per-connection receive buffer (one
+//! `read` usually brings many small PDUs; large payloads are read straight into the command's
+//! `IoBuf`), executes admin commands inline and spawns one task per I/O command. The writer
+//! sends everything queued since it last ran with one `writev`, so completions of one loop
+//! iteration leave in one system call. Commands occupy slots bounded by the queue size the
+//! host connected with; when all are busy the reader stops reading (TCP pushes back on the
+//! host) instead of buffering.
+
+use super::controller::{AdminOutcome, Controller, QueueRef};
+use super::io;
+use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
+use super::spec::{connect, csc, fctype, sc, sct, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
+use super::subsystem::ListenAddr;
+use super::transport::{TransportOpts, ADMIN_ICD};
+use super::Nvmf;
+use crate::bdev::IoBuf;
+use crate::reactor::{self, TcpStream};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{ErrorKind, IoSlice};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+/// Receive buffer size: many small PDUs per `read`, and room for the largest header.
+const RX_BUF: usize = 128 * 1024;
+/// A connection that has not connected to a controller this long after accept is closed.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a closing connection waits for its last PDUs (a TermReq) to leave.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long a connection closed for a protocol error keeps reading (and discarding).
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+/// Slots of a queue before Connect (only a Connect is valid there).
+const UNBOUND_SLOTS: usize = 2;
+/// Most iovecs one writev takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// A wake-up for one waiting future; a notification before the wait is not lost.
+#[derive(Default)]
+pub(crate) struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    pub fn notify(&self) {
+        self.set.set(true);
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Data following a PDU header on the wire.
+pub(crate) enum TxData {
+    None,
+    /// `len` bytes of an I/O buffer (read data: sent without copying).
+    Buf(IoBuf, usize),
+    Vec(Vec<u8>),
+}
+
+pub(crate) struct TxPdu {
+    hdr: HeaderBytes,
+    data: TxData,
+    ddgst: Option<[u8; 4]>,
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug)]
+enum End {
+    Eof,
+    Io(std::io::Error),
+    /// A protocol violation: a C2HTermReq goes out, echoing the offending header.
+    Fatal(Fatal, Vec<u8>),
+    /// The host sent an H2CTermReq.
+    HostTerm(u16),
+    /// Closed by us (keep-alive, RPC, shutdown, Disconnect).
+    Closed,
+}
+
+/// A command waiting for its data from the host (R2T sent).
+struct PendingData {
+    sqe: Sqe,
+    buf: IoBuf,
+    received: u32,
+    len: u32,
+}
+
+enum SlotState {
+    Free,
+    Busy,
+    AwaitingData(Box<PendingData>),
+}
+
+/// Command slots: their count is the queue size the host connected with.
+struct Slots {
+    v: Vec<SlotState>,
+    free: Vec<u16>,
+}
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots { v: (0..n).map(|_| SlotState::Free).collect(), free: (0..n as u16).rev().collect() }
+    }
+
+    fn resize(&mut self, n: usize) {
+        // Only called at Connect, when every slot is free.
+        debug_assert!(self.v.iter().all(|s| matches!(s, SlotState::Free)), "resizing slots in use");
+        *self = Slots::new(n);
+    }
+
+    fn alloc(&mut self) -> Option<u16> {
+        let i = self.free.pop()?;
+        self.v[i as usize] = SlotState::Busy;
+        Some(i)
+    }
+
+    fn release(&mut self, i: u16) {
+        if let Some(s) = self.v.get_mut(i as usize) {
+            if !matches!(s, SlotState::Free) {
+                *s = SlotState::Free;
+                self.free.push(i);
+            }
+        }
+    }
+
+    /// Every slot is waiting for data the host has not sent: reading more is the only way on.
+    fn all_awaiting_data(&self) -> bool {
+        self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_)))
+    }
+}
+
+/// Command ids outstanding on the queue (a bit per possible id).
+struct CidSet(Box<[u64; 1024]>);
+
+impl CidSet {
+    fn new() -> CidSet {
+        CidSet(Box::new([0; 1024]))
+    }
+    fn insert(&mut self, cid: u16) -> bool {
+        let (w, b) = ((cid >> 6) as usize, cid & 63);
+        let had = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        !had
+    }
+    fn remove(&mut self, cid: u16) {
+        let (w, b) = ((cid >> 6) as usize, cid & 63);
+        self.0[w] &= !(1 << b);
+    }
+}
+
+/// What the queue is connected to.
+#[derive(Clone)]
+pub(crate) struct Binding {
+    pub ctrl: Arc<Controller>,
+    pub qid: u16,
+    pub sqsize: u16,
+    /// The host disabled SQ flow control: completions need no SQHD and read data may carry
+    /// the SUCCESS flag.
+    pub sqflow_off: bool,
+}
+
+struct QState {
+    hdgst: bool,
+    ddgst: bool,
+    data_align: usize,
+    ic_done: bool,
+    binding: Option<Binding>,
+    sqhd: u16,
+    cids: CidSet,
+    slots: Slots,
+    ns: io::NsCache,
+}
+
+pub(crate) struct Conn {
+    pub id: u64,
+    pub nvmf: Arc<Nvmf>,
+    stream: TcpStream,
+    listener: ListenAddr,
+    peer: SocketAddr,
+    pub opts: TransportOpts,
+    core: usize,
+    st: RefCell<QState>,
+    tx: RefCell<Vec<TxPdu>>,
+    tx_notify: Notify,
+    slot_notify: Notify,
+    drain_notify: Notify,
+    writer_notify: Notify,
+    writer_exited: Cell<bool>,
+    closing: Cell<bool>,
+    inflight: Cell<usize>,
+}
+
+/// The connections of this core.
+#[derive(Default)]
+struct Registry(RefCell<HashMap<u64, Rc<Conn>>>);
+
+fn registry() -> Rc<Registry> {
+    reactor::with_core(|c| c.local::<Registry>())
+}
+
+fn lookup(id: u64) -> Option<Rc<Conn>> {
+    registry().0.borrow().get(&id).cloned()
+}
+
+/// Closes connection `id` of this core (keep-alive expiry, controller reset, RPC).
+pub fn abort_connection(id: u64) {
+    if let Some(c) = lookup(id) {
+        c.abort();
+    }
+}
+
+/// Closes every connection of this core (shutdown).
+pub fn abort_all() {
+    let all: Vec<Rc<Conn>> = registry().0.borrow().values().cloned().collect();
+    for c in all {
+        c.abort();
+    }
+}
+
+/// Completes the Asynchronous Event Request `cid` on admin connection `id` of this core.
+pub fn complete_aer(id: u64, cid: u16, status: Status, dw0: u32) {
+    if let Some(c) = lookup(id) {
+        c.st.borrow_mut().cids.remove(cid);
+        c.respond(cid, status, dw0 as u64);
+    }
+}
+
+/// Drops cached namespace channels of subsystem `subsys_id` on this core.
+pub fn purge_namespaces(subsys_id: u64) {
+    let all: Vec<Rc<Conn>> = registry().0.borrow().values().cloned().collect();
+    for c in all {
+        let mut st = c.st.borrow_mut();
+        if st.binding.as_ref().is_some_and(|b| b.ctrl.subsys.id == subsys_id) {
+            st.ns.clear();
+        }
+    }
+}
+
+/// Drops every cached namespace channel on this core.
+pub fn purge_all_namespaces() {
+    let all: Vec<Rc<Conn>> = registry().0.borrow().values().cloned().collect();
+    for c in all {
+        c.st.borrow_mut().ns.clear();
+    }
+}
+
+/// The receive buffer.
+struct RxBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RxBuf {
+    fn new() -> RxBuf {
+        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0 }
+    }
+
+    fn avail(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.end - self.start);
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads until at least `need` bytes are buffered; false at end of stream.
+    async fn fill(&mut self, s: &TcpStream, need: usize) -> std::io::Result<bool> {
+        debug_assert!(need <= self.buf.len());
+        while self.end - self.start < need {
+            if self.buf.len() - self.start < need {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let tick = s.read_tick();
+            match s.try_read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fills `dst`: first from what is buffered, the rest straight from the socket.
+    async fn read_into(&mut self, s: &TcpStream, dst: &mut [u8]) -> std::io::Result<bool> {
+        let n = self.avail().len().min(dst.len());
+        dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.consume(n);
+        let mut off = n;
+        while off < dst.len() {
+            let tick = s.read_tick();
+            match s.try_read(&mut dst[off..]) {
+                Ok(0) => return Ok(false),
+                Ok(k) => off += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads a 4-byte data digest.
+    async fn read_digest(&mut self, s: &TcpStream) -> std::io::Result<Option<u32>> {
+        if !self.fill(s, 4).await? {
+            return Ok(None);
+        }
+        let a = self.avail();
+        let d = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+        self.consume(4);
+        Ok(Some(d))
+    }
+}
+
+/// Serves one accepted connection on the current core until it closes.
+pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr, peer: SocketAddr) {
+    let stream = match TcpStream::from_std(s) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("nvmf: cannot take connection from {peer}: {e}");
+            return;
+        }
+    };
+    let opts = nvmf.transport().unwrap_or_default();
+    let conn = Rc::new(Conn {
+        id: nvmf.next_conn_id(),
+        nvmf: nvmf.clone(),
+        stream,
+        listener,
+        peer,
+        opts,
+        core: reactor::current_index(),
+        st: RefCell::new(QState {
+            hdgst: false,
+            ddgst: false,
+            data_align: 4,
+            ic_done: false,
+            binding: None,
+            sqhd: 0,
+            cids: CidSet::new(),
+            slots: Slots::new(UNBOUND_SLOTS),
+            ns: io::NsCache::default(),
+        }),
+        tx: RefCell::new(Vec::new()),
+        tx_notify: Notify::default(),
+        slot_notify: Notify::default(),
+        drain_notify: Notify::default(),
+        writer_notify: Notify::default(),
+        writer_exited: Cell::new(false),
+        closing: Cell::new(false),
+        inflight: Cell::new(0),
+    });
+    registry().0.borrow_mut().insert(conn.id, conn.clone());
+    nvmf.open_connections.fetch_add(1, Ordering::SeqCst);
+    log::debug!("nvmf: connection {} from {peer} on core {}", conn.id, conn.core);
+
+    let weak = Rc::downgrade(&conn);
+    reactor::spawn_detached(async move {
+        reactor::sleep(CONNECT_DEADLINE).await;
+        if let Some(c) = weak.upgrade() {
+            if c.st.borrow().binding.is_none() && !c.closing.get() {
+                log::info!("nvmf: connection {} from {} did not connect in {CONNECT_DEADLINE:?}; closed", c.id, c.peer);
+                c.abort();
+            }
+        }
+    });
+
+    let reader = async {
+        let mut rx = RxBuf::new();
+        let end = read_loop(&conn, &mut rx).await;
+        let fatal = matches!(end, End::Fatal(..));
+        conn.finish_reading(end);
+        let _ = reactor::timeout(CLOSE_FLUSH, conn.wait_writer()).await;
+        if fatal {
+            // Let the host read the TermReq: FIN first, then discard what it still sends
+            // until it closes (bounded), so that our close does not reset the connection.
+            conn.stream.shutdown_write();
+            let _ = reactor::timeout(CLOSE_DRAIN, drain(&conn.stream)).await;
+        }
+        conn.stream.shutdown();
+    };
+    futures::future::join(reader, write_loop(&conn)).await;
+    // Submitted bdev I/O cannot be cancelled: wait for it, its completions go nowhere.
+    while conn.inflight.get() > 0 {
+        conn.drain_notify.wait().await;
+    }
+    conn.detach();
+    registry().0.borrow_mut().remove(&conn.id);
+    nvmf.open_connections.fetch_sub(1, Ordering::SeqCst);
+    log::debug!("nvmf: connection {} from {peer} closed", conn.id);
+}
+
+/// Reads and discards until the peer closes (at most 64 MiB).
+async fn drain(s: &TcpStream) {
+    let mut junk = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    while total < 64 << 20 {
+        match s.read(&mut junk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
+    let s = &conn.stream;
+    let mut hdr = [0u8; 256];
+    loop {
+        if conn.closing.get() {
+            return End::Closed;
+        }
+        match rx.fill(s, pdu::CH_LEN).await {
+            Ok(true) => {}
+            Ok(false) => return End::Eof,
+            Err(e) => return End::Io(e),
+        }
+        let Some(ch) = CommonHeader::parse(rx.avail()) else { return End::Eof };
+        let layout = match pdu::check_header(ch, &conn.rx_limits()) {
+            Ok(l) => l,
+            Err(f) => {
+                let echo = rx.avail()[..rx.avail().len().min(pdu::TERM_REQ_MAX_DATA)].to_vec();
+                return End::Fatal(f, echo);
+            }
+        };
+        // The header, its digest and any padding; the data is read separately.
+        let head = if layout.data_len > 0 { layout.data_offset } else { layout.plen() };
+        match rx.fill(s, head).await {
+            Ok(true) => {}
+            Ok(false) => return End::Eof,
+            Err(e) => return End::Io(e),
+        }
+        hdr[..head].copy_from_slice(&rx.avail()[..head]);
+        rx.consume(head);
+        let hlen = ch.hlen as usize;
+        if layout.header_len > hlen && !pdu::header_digest_ok(&hdr[..head], hlen) {
+            return End::Fatal(Fatal::new(Fes::HeaderDigestError, 0, "header digest mismatch"), hdr[..hlen].to_vec());
+        }
+        let r = match ch.ty {
+            pdu::pdu_type::IC_REQ => conn.on_icreq(&hdr[..head]),
+            pdu::pdu_type::H2C_TERM_REQ => {
+                let (fes, _) = pdu::parse_term_req(&hdr[..head]).unwrap_or((0, 0));
+                return End::HostTerm(fes);
+            }
+            pdu::pdu_type::CAPSULE_CMD => on_capsule(conn, rx, &hdr[..head], &layout).await,
+            pdu::pdu_type::H2C_DATA => on_h2c_data(conn, rx, &hdr[..head], &layout).await,
+            _ => Err(End::Fatal(Fatal::new(Fes::InvalidHeaderField, 0, "unexpected PDU type"), hdr[..hlen].to_vec())),
+        };
+        if let Err(end) = r {
+            return end;
+        }
+    }
+}
+
+async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+    let Some(sqe) = Sqe::from_slice(&hdr[pdu::CH_LEN..]) else {
+        return Err(End::Fatal(Fatal::new(Fes::InvalidHeaderField, 2, "short capsule"), hdr.to_vec()));
+    };
+    // Back-pressure: no free slot means the host is at its queue depth (or beyond it); stop
+    // reading until a command completes.
+    loop {
+        {
+            let st = conn.st.borrow();
+            if !st.slots.free.is_empty() {
+                break;
+            }
+            if st.slots.all_awaiting_data() {
+                return Err(End::Fatal(Fatal::new(Fes::PduSequenceError, 0, "more commands than the queue size while data is outstanding"), hdr.to_vec()));
+            }
+        }
+        conn.slot_notify.wait().await;
+        if conn.closing.get() {
+            return Err(End::Closed);
+        }
+    }
+    let mut icd = None;
+    if layout.data_len > 0 {
+        let mut buf = IoBuf::alloc(layout.data_len);
+        match rx.read_into(&conn.stream, &mut buf).await {
+            Ok(true) => {}
+            Ok(false) => return Err(End::Eof),
+            Err(e) => return Err(End::Io(e)),
+        }
+        if layout.ddgst {
+            match rx.read_digest(&conn.stream).await {
+                Ok(Some(d)) if d == pdu::digest(&buf) => {}
+                Ok(Some(_)) => {
+                    // A data digest error is not fatal: the command fails, retryably.
+                    conn.st.borrow_mut().advance_sqhd();
+                    conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0);
+                    return Ok(());
+                }
+                Ok(None) => return Err(End::Eof),
+                Err(e) => return Err(End::Io(e)),
+            }
+        }
+        icd = Some(buf);
+    }
+    conn.on_command(sqe, icd);
+    Ok(())
+}
+
+async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+    let fatal = |fes, fei, why| Err(End::Fatal(Fatal::new(fes, fei, why), hdr[..pdu::SHORT_HLEN].to_vec()));
+    let Some(dh) = DataHeader::parse(hdr) else { return fatal(Fes::InvalidHeaderField, 2, "short H2CData header") };
+    if dh.datal as usize != layout.data_len {
+        return fatal(Fes::InvalidHeaderField, 16, "H2CData DATAL does not match the PDU length");
+    }
+    let taken = {
+        let mut st = conn.st.borrow_mut();
+        match st.slots.v.get_mut(dh.ttag as usize) {
+            Some(slot @ SlotState::AwaitingData(_)) => match std::mem::replace(slot, SlotState::Busy) {
+                SlotState::AwaitingData(p) => Some(p),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let Some(mut p) = taken else { return fatal(Fes::InvalidHeaderField, 10, "H2CData for an unknown transfer tag") };
+    let restore = |p: Box<PendingData>| {
+        if let Some(s) = conn.st.borrow_mut().slots.v.get_mut(dh.ttag as usize) {
+            *s = SlotState::AwaitingData(p);
+        }
+    };
+    if p.sqe.cid() != dh.cccid {
+        restore(p);
+        return fatal(Fes::InvalidHeaderField, 8, "H2CData command id does not match the transfer tag");
+    }
+    if dh.datao != p.received {
+        restore(p);
+        return fatal(Fes::DataOutOfRange, 12, "H2CData offset is not where the transfer stands");
+    }
+    if dh.datao as u64 + dh.datal as u64 > p.len as u64 {
+        restore(p);
+        return fatal(Fes::DataOutOfRange, 16, "H2CData beyond the command's data");
+    }
+    let (a, b) = (dh.datao as usize, dh.datao as usize + dh.datal as usize);
+    match rx.read_into(&conn.stream, &mut p.buf[a..b]).await {
+        Ok(true) => {}
+        Ok(false) => return Err(End::Eof),
+        Err(e) => return Err(End::Io(e)),
+    }
+    let ttag = dh.ttag;
+    if layout.ddgst {
+        match rx.read_digest(&conn.stream).await {
+            Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
+            Ok(Some(_)) => {
+                conn.complete(Some(ttag), p.sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
+                return Ok(());
+            }
+            Ok(None) => return Err(End::Eof),
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+    p.received += dh.datal;
+    if p.received < p.len {
+        restore(p);
+        return Ok(());
+    }
+    let PendingData { sqe, buf, len, .. } = *p;
+    conn.execute(Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
+    Ok(())
+}
+
+impl QState {
+    fn advance_sqhd(&mut self) {
+        let entries = self.binding.as_ref().map(|b| b.sqsize as u32 + 1).unwrap_or(1);
+        self.sqhd = ((self.sqhd as u32 + 1) % entries) as u16;
+    }
+}
+
+impl Conn {
+    fn rx_limits(&self) -> RxLimits {
+        let st = self.st.borrow();
+        let io_queue = st.binding.as_ref().is_some_and(|b| b.qid > 0);
+        RxLimits {
+            role: pdu::Role::Target,
+            ic_done: st.ic_done,
+            hdgst: st.hdgst,
+            ddgst: st.ddgst,
+            max_capsule_data: if io_queue { self.opts.in_capsule_data_size } else { ADMIN_ICD },
+            max_data_pdu: self.opts.max_io_size,
+        }
+    }
+
+    pub fn binding(&self) -> Option<Binding> {
+        self.st.borrow().binding.clone()
+    }
+
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    fn abort(&self) {
+        if !self.closing.replace(true) {
+            self.stream.shutdown();
+        }
+        self.tx_notify.notify();
+        self.slot_notify.notify();
+    }
+
+    fn finish_reading(&self, end: End) {
+        match &end {
+            End::Eof | End::Closed => {}
+            End::Io(e) => log::debug!("nvmf: connection {} from {}: {e}", self.id, self.peer),
+            End::HostTerm(fes) => log::warn!("nvmf: connection {} from {}: host terminated the connection (FES {fes})", self.id, self.peer),
+            End::Fatal(f, echo) => {
+                log::warn!("nvmf: connection {} from {}: {f}; sending C2HTermReq", self.id, self.peer);
+                self.push(TxPdu { hdr: pdu::term_req(pdu::pdu_type::C2H_TERM_REQ, f.fes, f.fei, echo), data: TxData::None, ddgst: None });
+            }
+        }
+        self.closing.set(true);
+        self.tx_notify.notify();
+    }
+
+    async fn wait_writer(&self) {
+        while !self.writer_exited.get() {
+            self.writer_notify.wait().await;
+        }
+    }
+
+    fn push(&self, p: TxPdu) {
+        self.tx.borrow_mut().push(p);
+        self.tx_notify.notify();
+    }
+
+    /// Sends a CapsuleResp for `cid`.
+    pub(crate) fn respond(&self, cid: u16, status: Status, result: u64) {
+        let (hdgst, cqe) = {
+            let st = self.st.borrow();
+            let (qid, sqhd) = match &st.binding {
+                Some(b) => (b.qid, if b.sqflow_off { 0 } else { st.sqhd }),
+                None => (0, st.sqhd),
+            };
+            (st.hdgst, Cqe { dw0: result as u32, dw1: (result >> 32) as u32, sqhd, sqid: qid, cid, status: status.to_field() })
+        };
+        if !status.is_success() {
+            if let Some(b) = self.binding() {
+                b.ctrl.record_error();
+            }
+        }
+        self.push(TxPdu { hdr: pdu::capsule_resp(&cqe, hdgst), data: TxData::None, ddgst: None });
+    }
+
+    /// Sends `data` for `cid` in a C2HData PDU, then the completion (folded into the PDU with
+    /// the SUCCESS flag when the host disabled SQ flow control).
+    fn respond_data(&self, cid: u16, data: TxData) {
+        let len = match &data {
+            TxData::None => 0,
+            TxData::Buf(_, n) => *n,
+            TxData::Vec(v) => v.len(),
+        };
+        if len == 0 {
+            self.respond(cid, Status::SUCCESS, 0);
+            return;
+        }
+        let (hdgst, ddgst, align, success) = {
+            let st = self.st.borrow();
+            let success = self.opts.c2h_success && st.binding.as_ref().is_some_and(|b| b.sqflow_off);
+            (st.hdgst, st.ddgst, st.data_align, success)
+        };
+        let dg = if ddgst {
+            let bytes: &[u8] = match &data {
+                TxData::Buf(b, n) => &b[..*n],
+                TxData::Vec(v) => v,
+                TxData::None => &[],
+            };
+            Some(pdu::digest(bytes).to_le_bytes())
+        } else {
+            None
+        };
+        self.push(TxPdu { hdr: pdu::c2h_data(cid, 0, len as u32, true, success, hdgst, ddgst, align), data, ddgst: dg });
+        if !success {
+            self.respond(cid, Status::SUCCESS, 0);
+        }
+    }
+
+    /// Finishes command `cid`: frees its slot and id, sends data (on success) and status.
+    pub(crate) fn complete(&self, slot: Option<u16>, cid: u16, status: Status, result: u64, data: TxData) {
+        {
+            let mut st = self.st.borrow_mut();
+            if let Some(s) = slot {
+                st.slots.release(s);
+            }
+            st.cids.remove(cid);
+        }
+        if status.is_success() && !matches!(data, TxData::None) {
+            self.respond_data(cid, data);
+        } else {
+            self.respond(cid, status, result);
+        }
+        self.slot_notify.notify();
+    }
+
+    pub(crate) fn io_started(&self) {
+        self.inflight.set(self.inflight.get() + 1);
+    }
+
+    pub(crate) fn io_finished(&self) {
+        self.inflight.set(self.inflight.get() - 1);
+        self.drain_notify.notify();
+    }
+
+    pub(crate) fn with_ns_cache<R>(&self, f: impl FnOnce(&mut io::NsCache) -> R) -> R {
+        f(&mut self.st.borrow_mut().ns)
+    }
+
+    fn on_icreq(&self, hdr: &[u8]) -> Result<(), End> {
+        let fatal = |fes, fei, why| Err(End::Fatal(Fatal::new(fes, fei, why), hdr.to_vec()));
+        let Some(ic) = IcReq::parse(hdr) else { return fatal(Fes::InvalidHeaderField, 2, "short ICReq") };
+        if ic.pfv != 0 {
+            return fatal(Fes::UnsupportedParameter, 8, "unsupported PDU format version");
+        }
+        if ic.hpda > 31 {
+            return fatal(Fes::UnsupportedParameter, 10, "HPDA out of range");
+        }
+        let dgst = ic.dgst & (pdu::DGST_HEADER | pdu::DGST_DATA);
+        {
+            let mut st = self.st.borrow_mut();
+            st.hdgst = dgst & pdu::DGST_HEADER != 0;
+            st.ddgst = dgst & pdu::DGST_DATA != 0;
+            st.data_align = (ic.hpda as usize + 1) * 4;
+            st.ic_done = true;
+        }
+        let resp = IcResp { pfv: 0, cpda: 0, dgst, maxh2cdata: self.opts.max_io_size };
+        self.push(TxPdu { hdr: HeaderBytes::from_slice(&resp.to_bytes()), data: TxData::None, ddgst: None });
+        Ok(())
+    }
+
+    /// A complete command capsule arrived (with its in-capsule data, if any).
+    fn on_command(self: &Rc<Self>, sqe: Sqe, icd: Option<IoBuf>) {
+        let cid = sqe.cid();
+        let binding = {
+            let mut st = self.st.borrow_mut();
+            st.advance_sqhd();
+            if !st.cids.insert(cid) {
+                drop(st);
+                self.respond(cid, Status::generic(sc::CID_CONFLICT), 0);
+                return;
+            }
+            st.binding.clone()
+        };
+        let icd_len = icd.as_ref().map(|b| b.len()).unwrap_or(0);
+        let max = if binding.as_ref().is_some_and(|b| b.qid > 0) { self.opts.max_io_size } else { self.opts.max_io_size.max(ADMIN_ICD) };
+        let plan = match pdu::plan_data(&sqe, icd_len, max) {
+            Ok(p) => p,
+            Err(status) => return self.complete(None, cid, status, 0, TxData::None),
+        };
+        if sqe.opcode() == FABRICS_OPC && sqe.fctype() == fctype::CONNECT {
+            let r = self.on_connect(&sqe, plan, icd.as_deref());
+            let (status, result) = match r {
+                Ok(cntlid) => (Status::SUCCESS, cntlid as u64),
+                Err((status, iattr, ipo)) => (status, ipo as u64 | (iattr as u64) << 16),
+            };
+            return self.complete(None, cid, status, result, TxData::None);
+        }
+        if binding.is_none() {
+            return self.complete(None, cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+        }
+        if let DataPlan::FromHost { len } = plan {
+            // R2T for all of it: one outstanding R2T per command satisfies any MAXR2T.
+            let slot = self.st.borrow_mut().slots.alloc();
+            let Some(slot) = slot else {
+                // Unreachable: the reader waited for a free slot before taking the capsule.
+                return self.complete(None, cid, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None);
+            };
+            let buf = IoBuf::alloc(len as usize);
+            let hdgst = {
+                let mut st = self.st.borrow_mut();
+                st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len }));
+                st.hdgst
+            };
+            self.push(TxPdu { hdr: pdu::r2t(cid, slot, 0, len, hdgst), data: TxData::None, ddgst: None });
+            return;
+        }
+        self.execute(None, sqe, plan, icd);
+    }
+
+    /// Runs a command whose data (if it sends any) is all here.
+    fn execute(self: &Rc<Self>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+        let Some(b) = self.binding() else {
+            return self.complete(slot, sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+        };
+        let cid = sqe.cid();
+        if sqe.opcode() == FABRICS_OPC {
+            let (status, result) = match sqe.fctype() {
+                fctype::PROPERTY_GET | fctype::PROPERTY_SET if b.qid == 0 => match b.ctrl.property(&self.nvmf, &sqe, sqe.fctype() == fctype::PROPERTY_SET) {
+                    AdminOutcome::Done { status, result, .. } => (status, result),
+                    AdminOutcome::Deferred => (Status::generic(sc::INTERNAL), 0),
+                },
+                fctype::DISCONNECT => {
+                    self.complete(slot, cid, Status::SUCCESS, 0, TxData::None);
+                    // The queue goes away once the completion is out.
+                    self.closing.set(true);
+                    self.tx_notify.notify();
+                    return;
+                }
+                _ => (Status::generic(sc::INVALID_OPCODE), 0),
+            };
+            return self.complete(slot, cid, status, result, TxData::None);
+        }
+        if b.qid == 0 {
+            let bytes: &[u8] = match (&plan, &data) {
+                (DataPlan::InCapsule { offset, len }, Some(d)) => d.get(*offset as usize..(*offset + *len) as usize).unwrap_or(&[]),
+                _ => &[],
+            };
+            match b.ctrl.admin(&self.nvmf, &sqe, bytes) {
+                AdminOutcome::Deferred => {
+                    // An AER: its id stays taken until the controller completes it.
+                    if let Some(s) = slot {
+                        self.st.borrow_mut().slots.release(s);
+                    }
+                }
+                AdminOutcome::Done { status, result, mut data } => {
+                    let to_host = match plan {
+                        DataPlan::ToHost { len } => len as usize,
+                        _ => 0,
+                    };
+                    data.truncate(to_host);
+                    let out = if status.is_success() && !data.is_empty() { TxData::Vec(data) } else { TxData::None };
+                    self.complete(slot, cid, status, result, out);
+                }
+            }
+            return;
+        }
+        io::start(self, slot, b, sqe, plan, data);
+    }
+
+    /// Reserves a slot for an I/O command that carried its data in the capsule.
+    pub(crate) fn take_slot(&self) -> Option<u16> {
+        self.st.borrow_mut().slots.alloc()
+    }
+
+    /// Fabrics Connect. Ok(cntlid) or Err((status, IATTR, IPO)).
+    fn on_connect(self: &Rc<Self>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
+        let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
+        if self.st.borrow().binding.is_some() {
+            return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
+        }
+        let data = match (plan, icd) {
+            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == super::spec::CONNECT_DATA_LEN => d,
+            _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
+        };
+        if sqe.u16_at(connect::RECFMT) != 0 {
+            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INCOMPATIBLE_FORMAT), 0, 0));
+        }
+        let qid = sqe.u16_at(connect::QID);
+        let sqsize = sqe.u16_at(connect::SQSIZE);
+        let cattr = sqe.0[connect::CATTR];
+        let kato = sqe.u32_at(connect::KATO);
+        let mut hostid = [0u8; 16];
+        hostid.copy_from_slice(&data[connect::DATA_HOSTID..connect::DATA_HOSTID + 16]);
+        let cntlid = u16::from_le_bytes([data[connect::DATA_CNTLID], data[connect::DATA_CNTLID + 1]]);
+        let subnqn = super::spec::c_string(&data[connect::DATA_SUBNQN..connect::DATA_SUBNQN + 256]).map_err(|_| invalid(1, connect::DATA_SUBNQN))?;
+        let hostnqn = super::spec::c_string(&data[connect::DATA_HOSTNQN..connect::DATA_HOSTNQN + 256]).map_err(|_| invalid(1, connect::DATA_HOSTNQN))?;
+        if super::spec::validate_nqn(hostnqn).is_err() {
+            return Err(invalid(1, connect::DATA_HOSTNQN));
+        }
+        let Some(subsys) = self.nvmf.subsystem(subnqn) else {
+            log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", self.peer);
+            return Err(invalid(1, connect::DATA_SUBNQN));
+        };
+        if subsys.deleted.load(Ordering::Acquire) || (!subsys.is_discovery() && !subsys.has_listener(&self.listener)) {
+            return Err(invalid(1, connect::DATA_SUBNQN));
+        }
+        if !subsys.allows_host(hostnqn) {
+            log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", self.peer);
+            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
+        }
+        let sqflow_off = cattr & connect::CATTR_DISABLE_SQ_FLOW != 0;
+        let peer = self.peer;
+        if qid == 0 {
+            if cntlid != CNTLID_DYNAMIC && cntlid != 0xFFFE {
+                return Err(invalid(1, connect::DATA_CNTLID));
+            }
+            if sqsize == 0 || sqsize >= self.opts.max_aq_depth {
+                return Err(invalid(0, connect::SQSIZE));
+            }
+            let admin = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
+            let (opts, listener, host) = (self.opts, self.listener.clone(), hostnqn.to_string());
+            let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
+                Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
+                0,
+                0,
+            ))?;
+            {
+                let mut st = self.st.borrow_mut();
+                st.slots.resize(sqsize as usize + 1);
+                st.binding = Some(Binding { ctrl: ctrl.clone(), qid: 0, sqsize, sqflow_off });
+            }
+            log::info!("nvmf: host {hostnqn} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.cntlid, self.core);
+            spawn_keep_alive(self.nvmf.clone(), ctrl.clone());
+            return Ok(ctrl.cntlid);
+        }
+        let Some(ctrl) = subsys.controller(cntlid) else { return Err(invalid(1, connect::DATA_CNTLID)) };
+        if ctrl.hostnqn != hostnqn {
+            return Err(invalid(1, connect::DATA_HOSTNQN));
+        }
+        if ctrl.hostid != hostid {
+            return Err(invalid(1, connect::DATA_HOSTID));
+        }
+        if subsys.is_discovery() {
+            return Err(invalid(0, connect::QID));
+        }
+        if sqsize == 0 || sqsize >= self.opts.max_queue_depth {
+            return Err(invalid(0, connect::SQSIZE));
+        }
+        let q = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
+        ctrl.attach_io_queue(qid, q).map_err(|(s, ipo)| (s, 0, ipo))?;
+        let mut st = self.st.borrow_mut();
+        st.slots.resize(sqsize as usize + 1);
+        st.binding = Some(Binding { ctrl: ctrl.clone(), qid, sqsize, sqflow_off });
+        log::debug!("nvmf: controller {} of {subnqn}: I/O queue {qid} (size {}) on core {}", ctrl.cntlid, sqsize as u32 + 1, self.core);
+        Ok(ctrl.cntlid)
+    }
+
+    /// Leaves the controller: an admin queue takes its controller down with it.
+    fn detach(&self) {
+        let b = self.st.borrow_mut().binding.take();
+        self.st.borrow_mut().ns.clear();
+        if let Some(b) = b {
+            if b.qid == 0 {
+                b.ctrl.take_aers();
+                self.nvmf.destroy_controller(&b.ctrl, "admin queue disconnected");
+            } else {
+                b.ctrl.detach_io_queue(b.qid, self.id);
+            }
+        }
+    }
+}
+
+fn spawn_keep_alive(nvmf: Arc<Nvmf>, ctrl: Arc<Controller>) {
+    reactor::spawn_detached(async move {
+        loop {
+            let kato = ctrl.kato();
+            let period = if kato.is_zero() { Duration::from_secs(1) } else { (kato / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)) };
+            reactor::sleep(period).await;
+            if ctrl.is_closed() {
+                return;
+            }
+            if ctrl.keep_alive_expired() {
+                log::warn!("nvmf: controller {} of {} ({}): keep-alive timeout of {kato:?} expired", ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn);
+                nvmf.destroy_controller(&ctrl, "keep-alive timeout");
+                return;
+            }
+        }
+    });
+}
+
+async fn write_loop(conn: &Conn) {
+    let mut batch: Vec<TxPdu> = Vec::new();
+    loop {
+        std::mem::swap(&mut *conn.tx.borrow_mut(), &mut batch);
+        if batch.is_empty() {
+            if conn.closing.get() {
+                break;
+            }
+            conn.tx_notify.wait().await;
+            continue;
+        }
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
+        for p in &batch {
+            iov.push(IoSlice::new(p.hdr.as_slice()));
+            match &p.data {
+                TxData::None => {}
+                TxData::Buf(b, n) => iov.push(IoSlice::new(&b[..*n])),
+                TxData::Vec(v) => iov.push(IoSlice::new(v)),
+            }
+            if let Some(d) = &p.ddgst {
+                iov.push(IoSlice::new(d));
+            }
+        }
+        let mut failed = false;
+        for chunk in iov.chunks_mut(IOV_MAX) {
+            if let Err(e) = conn.stream.write_all_vectored(chunk).await {
+                log::debug!("nvmf: connection {}: send failed: {e}", conn.id);
+                failed = true;
+                break;
+            }
+        }
+        drop(iov);
+        batch.clear();
+        if failed {
+            conn.closing.set(true);
+            conn.stream.shutdown();
+            conn.slot_notify.notify();
+            break;
+        }
+    }
+    conn.tx.borrow_mut().clear();
+    conn.writer_exited.set(true);
+    conn.writer_notify.notify();
+}

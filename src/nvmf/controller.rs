@@ -1,0 +1,576 @@
+//! A controller: what one host's Connect on the admin queue creates. It owns the controller
+//! properties (CC/CSTS), features, the asynchronous event queue, the keep-alive timer and the
+//! list of its queue pairs. Its admin commands run on the admin queue's core; other threads
+//! (the RPC thread raising namespace events, I/O queues connecting on other cores) reach it
+//! through the mutex. The data path never takes that mutex.
+
+use super::identify;
+use super::spec::{admin_opc, cns, csc, feat, log, prop, sc, sct, Sqe, Status, NSID_ALL};
+use super::subsystem::{ListenAddr, Namespace, Subsystem};
+use super::transport::TransportOpts;
+use super::Nvmf;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Where a queue pair lives.
+#[derive(Debug, Clone)]
+pub struct QueueRef {
+    pub core: usize,
+    pub conn_id: u64,
+    pub peer: SocketAddr,
+    pub sqsize: u16,
+}
+
+/// The result of an admin command.
+#[derive(Debug)]
+pub enum AdminOutcome {
+    /// Complete now with this status, CQE dwords 0 (low half) and 1 (high half), and data
+    /// for the host.
+    Done { status: Status, result: u64, data: Vec<u8> },
+    /// An Asynchronous Event Request that completes when an event happens.
+    Deferred,
+}
+
+impl AdminOutcome {
+    fn ok(dw0: u32) -> Self {
+        AdminOutcome::Done { status: Status::SUCCESS, result: dw0 as u64, data: Vec::new() }
+    }
+    fn data(data: Vec<u8>) -> Self {
+        AdminOutcome::Done { status: Status::SUCCESS, result: 0, data }
+    }
+    fn err(status: Status) -> Self {
+        AdminOutcome::Done { status, result: 0, data: Vec::new() }
+    }
+}
+
+/// AER completion dword 0 of "namespace attribute changed" (notice type 2, info 0, log 04h).
+pub const AEN_NS_CHANGED: u32 = (log::CHANGED_NS as u32) << 16 | 0x02;
+/// Async Event Configuration bit enabling namespace attribute notices.
+pub const AEC_NS_ATTR: u32 = 1 << 8;
+
+pub struct Controller {
+    pub cntlid: u16,
+    pub subsys: Arc<Subsystem>,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub opts: TransportOpts,
+    /// The listener the admin queue came through (I/O queues must use the subsystem's too).
+    pub listener: ListenAddr,
+    pub admin: QueueRef,
+    pub created: Instant,
+    ready: AtomicBool,
+    closed: AtomicBool,
+    st: Mutex<CtrlState>,
+}
+
+struct CtrlState {
+    cc: u32,
+    csts: u32,
+    kato_ms: u32,
+    last_keep_alive: Instant,
+    aec: u32,
+    /// I/O queues granted by Set Features Number of Queues.
+    io_queues: u16,
+    io: BTreeMap<u16, QueueRef>,
+    /// CIDs of outstanding Asynchronous Event Requests.
+    aers: Vec<u16>,
+    /// Events that found no outstanding AER.
+    pending_events: VecDeque<u32>,
+    ns_event_masked: bool,
+    changed_ns: Vec<u32>,
+    changed_overflow: bool,
+    error_count: u64,
+}
+
+/// CC fields.
+const CC_EN: u32 = 1;
+const CC_SHN_SHIFT: u32 = 14;
+/// CSTS fields.
+const CSTS_RDY: u32 = 1;
+const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+
+impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cntlid: u16,
+        subsys: Arc<Subsystem>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        opts: TransportOpts,
+        listener: ListenAddr,
+        admin: QueueRef,
+        kato_ms: u32,
+    ) -> Controller {
+        Controller {
+            cntlid,
+            subsys,
+            hostnqn,
+            hostid,
+            opts,
+            listener,
+            admin,
+            created: Instant::now(),
+            ready: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            st: Mutex::new(CtrlState {
+                cc: 0,
+                csts: 0,
+                kato_ms,
+                last_keep_alive: Instant::now(),
+                aec: 0,
+                io_queues: opts.max_io_qpairs_per_ctrlr,
+                io: BTreeMap::new(),
+                aers: Vec::new(),
+                pending_events: VecDeque::new(),
+                ns_event_masked: false,
+                changed_ns: Vec::new(),
+                changed_overflow: false,
+                error_count: 0,
+            }),
+        }
+    }
+
+    fn st(&self) -> MutexGuard<'_, CtrlState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// CSTS.RDY, and not torn down: I/O commands are accepted.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the controller torn down; true if it was live.
+    pub fn mark_closed(&self) -> bool {
+        self.ready.store(false, Ordering::Release);
+        !self.closed.swap(true, Ordering::AcqRel)
+    }
+
+    /// (core, connection) of every queue pair, admin first.
+    pub fn queue_connections(&self) -> Vec<(usize, u64)> {
+        let st = self.st();
+        std::iter::once((self.admin.core, self.admin.conn_id)).chain(st.io.values().map(|q| (q.core, q.conn_id))).collect()
+    }
+
+    pub fn io_queue_count(&self) -> usize {
+        self.st().io.len()
+    }
+
+    pub fn io_queues(&self) -> Vec<(u16, QueueRef)> {
+        self.st().io.iter().map(|(q, r)| (*q, r.clone())).collect()
+    }
+
+    /// Registers I/O queue `qid`, checking the Connect against the controller's state. The
+    /// error is the status and the Connect field offset to report.
+    pub fn attach_io_queue(&self, qid: u16, q: QueueRef) -> Result<(), (Status, u16)> {
+        let mut st = self.st();
+        if self.is_closed() {
+            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), 16));
+        }
+        if !self.ready.load(Ordering::Acquire) {
+            return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0));
+        }
+        if qid > st.io_queues || st.io.contains_key(&qid) {
+            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), super::spec::connect::QID as u16));
+        }
+        st.io.insert(qid, q);
+        Ok(())
+    }
+
+    pub fn detach_io_queue(&self, qid: u16, conn_id: u64) {
+        let mut st = self.st();
+        if st.io.get(&qid).is_some_and(|q| q.conn_id == conn_id) {
+            st.io.remove(&qid);
+        }
+    }
+
+    pub fn kato(&self) -> Duration {
+        Duration::from_millis(self.st().kato_ms as u64)
+    }
+
+    pub fn touch_keep_alive(&self) {
+        self.st().last_keep_alive = Instant::now();
+    }
+
+    /// Whether the host let the keep-alive timeout pass without a Keep Alive.
+    pub fn keep_alive_expired(&self) -> bool {
+        let st = self.st();
+        // The spec lets a controller add slack; we allow the timeout plus one KAS granule.
+        st.kato_ms > 0 && st.last_keep_alive.elapsed() > Duration::from_millis(st.kato_ms as u64 + 100 * identify::KAS_100MS as u64)
+    }
+
+    pub fn record_error(&self) {
+        self.st().error_count += 1;
+    }
+
+    // --- asynchronous events ---
+
+    /// An AER arrived: completes at once with a pending event, or waits.
+    fn queue_aer(&self, cid: u16) -> AdminOutcome {
+        let mut st = self.st();
+        if let Some(ev) = st.pending_events.pop_front() {
+            return AdminOutcome::ok(ev);
+        }
+        if st.aers.len() > identify::AERL as usize {
+            return AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::ASYNC_EVENT_LIMIT_EXCEEDED));
+        }
+        st.aers.push(cid);
+        AdminOutcome::Deferred
+    }
+
+    /// Records that namespace `nsid` changed and raises the event if the host enabled it.
+    pub fn namespace_changed(&self, nvmf: &Nvmf, nsid: u32) {
+        let deliver = {
+            let mut st = self.st();
+            if !st.changed_overflow && !st.changed_ns.contains(&nsid) {
+                if st.changed_ns.len() >= 1024 {
+                    st.changed_overflow = true;
+                    st.changed_ns.clear();
+                } else {
+                    st.changed_ns.push(nsid);
+                }
+            }
+            if st.aec & AEC_NS_ATTR == 0 || st.ns_event_masked {
+                return;
+            }
+            // Masked until the host reads the Changed Namespace List (NVMe Base §5.2).
+            st.ns_event_masked = true;
+            match st.aers.pop() {
+                Some(cid) => Some(cid),
+                None => {
+                    st.pending_events.push_back(AEN_NS_CHANGED);
+                    None
+                }
+            }
+        };
+        if let Some(cid) = deliver {
+            ::log::info!("nvmf: controller {} of {}: namespace {nsid} changed, async event sent", self.cntlid, self.subsys.nqn);
+            let conn = self.admin.conn_id;
+            nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_NS_CHANGED));
+        }
+    }
+
+    /// The outstanding AER cids (taken, for a connection that closes).
+    pub fn take_aers(&self) -> Vec<u16> {
+        std::mem::take(&mut self.st().aers)
+    }
+
+    // --- properties ---
+
+    fn cap(&self) -> u64 {
+        let depth = if self.subsys.is_discovery() { self.opts.max_aq_depth } else { self.opts.max_queue_depth };
+        let mqes = (depth - 1) as u64;
+        // CQR (contiguous queues), TO = 15 s in 500 ms units, CSS bit 37 (NVM command set),
+        // MPSMIN = MPSMAX = 4 KiB.
+        mqes | (1 << 16) | (30 << 24) | (1 << 37)
+    }
+
+    fn property_get(&self, sqe: &Sqe) -> AdminOutcome {
+        let size8 = sqe.0[super::spec::property::ATTRIB] & 0x7 == 1;
+        let ofst = sqe.u32_at(super::spec::property::OFFSET);
+        let st = self.st();
+        let v: u64 = match ofst {
+            prop::CAP => self.cap(),
+            prop::VS => identify::NVME_VERSION as u64,
+            prop::CC => st.cc as u64,
+            prop::CSTS => st.csts as u64,
+            _ => return AdminOutcome::err(Status::generic(sc::INVALID_FIELD)),
+        };
+        let v = if size8 { v } else { v & 0xFFFF_FFFF };
+        AdminOutcome::Done { status: Status::SUCCESS, result: v, data: Vec::new() }
+    }
+
+    fn property_set(&self, nvmf: &Nvmf, sqe: &Sqe) -> AdminOutcome {
+        let ofst = sqe.u32_at(super::spec::property::OFFSET);
+        if ofst != prop::CC {
+            return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+        }
+        let new = sqe.u32_at(super::spec::property::VALUE);
+        let mut reset = false;
+        {
+            let mut st = self.st();
+            let old = st.cc;
+            st.cc = new;
+            if new & CC_EN != 0 && old & CC_EN == 0 {
+                st.csts = (st.csts & !CSTS_SHST_COMPLETE) | CSTS_RDY;
+                self.ready.store(true, Ordering::Release);
+            } else if new & CC_EN == 0 && old & CC_EN != 0 {
+                // Controller reset: I/O queues go away, the admin queue stays (NVMe-oF §3.5).
+                st.csts &= !CSTS_RDY;
+                self.ready.store(false, Ordering::Release);
+                reset = true;
+            }
+            if (new >> CC_SHN_SHIFT) & 0x3 != 0 && (old >> CC_SHN_SHIFT) & 0x3 == 0 {
+                // Nothing is cached above the bdevs; completed writes are already with them.
+                st.csts |= CSTS_SHST_COMPLETE;
+                st.csts &= !CSTS_RDY;
+                self.ready.store(false, Ordering::Release);
+                reset = true;
+            }
+        }
+        if reset {
+            for (qid, q) in self.io_queues() {
+                self.detach_io_queue(qid, q.conn_id);
+                let conn = q.conn_id;
+                nvmf.post(q.core, move || super::connection::abort_connection(conn));
+            }
+        }
+        AdminOutcome::ok(0)
+    }
+
+    /// Property Get/Set (Fabrics commands on the admin queue).
+    pub fn property(&self, nvmf: &Nvmf, sqe: &Sqe, set: bool) -> AdminOutcome {
+        if set {
+            self.property_set(nvmf, sqe)
+        } else {
+            self.property_get(sqe)
+        }
+    }
+
+    // --- admin commands ---
+
+    /// Executes an admin command (not a Fabrics one) with `data` from the host.
+    pub fn admin(&self, nvmf: &Nvmf, sqe: &Sqe, data: &[u8]) -> AdminOutcome {
+        let opc = sqe.opcode();
+        if sqe.fuse() != 0 {
+            return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+        }
+        if !self.is_ready() {
+            return AdminOutcome::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+        }
+        // Any admin command shows the host is alive; Keep Alive exists for idle hosts.
+        self.touch_keep_alive();
+        let disc = self.subsys.is_discovery();
+        match opc {
+            admin_opc::IDENTIFY => self.identify(sqe),
+            admin_opc::GET_LOG_PAGE => self.get_log_page(nvmf, sqe),
+            admin_opc::SET_FEATURES => self.set_features(sqe),
+            admin_opc::GET_FEATURES => self.get_features(sqe, data),
+            admin_opc::KEEP_ALIVE => AdminOutcome::ok(0),
+            admin_opc::ASYNC_EVENT_REQUEST => self.queue_aer(sqe.cid()),
+            admin_opc::ABORT if !disc => self.abort(nvmf, sqe),
+            _ => AdminOutcome::err(Status::generic(sc::INVALID_OPCODE)),
+        }
+    }
+
+    fn identify(&self, sqe: &Sqe) -> AdminOutcome {
+        let c = (sqe.cdw(10) & 0xFF) as u8;
+        let csi = (sqe.cdw(11) >> 24) as u8;
+        let nsid = sqe.nsid();
+        if self.subsys.is_discovery() && c != cns::CONTROLLER {
+            return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+        }
+        let max = self.subsys.max_namespaces;
+        match c {
+            cns::CONTROLLER => AdminOutcome::data(identify::controller(self, &self.opts)),
+            cns::NAMESPACE | cns::CS_NAMESPACE => {
+                if c == cns::CS_NAMESPACE && csi != 0 {
+                    return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+                }
+                if nsid == 0 || nsid == NSID_ALL || nsid > max {
+                    return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE));
+                }
+                // An inactive namespace id reads as zeros (NVMe Base §5.15.2.1).
+                match self.subsys.namespace(nsid) {
+                    Some(ns) if c == cns::NAMESPACE => AdminOutcome::data(identify::namespace(&ns)),
+                    _ => AdminOutcome::data(vec![0u8; super::spec::IDENTIFY_LEN]),
+                }
+            }
+            cns::ACTIVE_NS_LIST => {
+                if nsid >= 0xFFFF_FFFE {
+                    return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE));
+                }
+                let ids: Vec<u32> = self.subsys.namespaces().iter().map(|n| n.nsid).collect();
+                AdminOutcome::data(identify::active_ns_list(ids.into_iter(), nsid))
+            }
+            cns::NS_DESCRIPTORS => match self.subsys.namespace(nsid) {
+                Some(ns) => AdminOutcome::data(identify::ns_descriptors(&ns)),
+                None => AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE)),
+            },
+            cns::CS_CONTROLLER if csi == 0 => AdminOutcome::data(vec![0u8; super::spec::IDENTIFY_LEN]),
+            _ => AdminOutcome::err(Status::generic(sc::INVALID_FIELD)),
+        }
+    }
+
+    fn get_log_page(&self, nvmf: &Nvmf, sqe: &Sqe) -> AdminOutcome {
+        let cdw10 = sqe.cdw(10);
+        let lid = (cdw10 & 0xFF) as u8;
+        let rae = cdw10 & (1 << 15) != 0;
+        let numd = ((sqe.cdw(11) & 0xFFFF) << 16 | (cdw10 >> 16)) as u64 + 1;
+        let len = numd * 4;
+        let offset = (sqe.cdw(13) as u64) << 32 | sqe.cdw(12) as u64;
+        if offset % 4 != 0 {
+            return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+        }
+        let disc = self.subsys.is_discovery();
+        let page = match lid {
+            log::DISCOVERY if disc => nvmf.discovery_log(&self.hostnqn),
+            _ if disc => return AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::INVALID_LOG_PAGE)),
+            log::ERROR => vec![0u8; 64 * (identify::ELPE as usize + 1)],
+            log::SMART => {
+                let nsid = sqe.nsid();
+                let nss: Vec<Arc<Namespace>> = if nsid == 0 || nsid == NSID_ALL {
+                    self.subsys.namespaces()
+                } else {
+                    match self.subsys.namespace(nsid) {
+                        Some(ns) => vec![ns],
+                        None => return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE)),
+                    }
+                };
+                let errors = self.st().error_count;
+                identify::smart_log(&nss, self.created.elapsed().as_secs(), errors)
+            }
+            log::FW_SLOT => identify::firmware_log(),
+            log::CHANGED_NS => {
+                let mut st = self.st();
+                let page = identify::changed_ns_log(&st.changed_ns, st.changed_overflow);
+                if !rae {
+                    st.changed_ns.clear();
+                    st.changed_overflow = false;
+                    st.ns_event_masked = false;
+                }
+                page
+            }
+            _ => return AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::INVALID_LOG_PAGE)),
+        };
+        if offset > page.len() as u64 {
+            return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+        }
+        let start = offset as usize;
+        let end = (offset + len).min(page.len() as u64) as usize;
+        let mut out = page[start..end].to_vec();
+        // The host asked for `len` bytes: past the end of the page it reads zeros.
+        out.resize(len.min(1 << 20) as usize, 0);
+        AdminOutcome::data(out)
+    }
+
+    fn set_features(&self, sqe: &Sqe) -> AdminOutcome {
+        let cdw10 = sqe.cdw(10);
+        let fid = (cdw10 & 0xFF) as u8;
+        if cdw10 & (1 << 31) != 0 {
+            return AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::FEATURE_NOT_SAVEABLE));
+        }
+        let v = sqe.cdw(11);
+        let disc = self.subsys.is_discovery();
+        let mut st = self.st();
+        match fid {
+            feat::NUMBER_OF_QUEUES if !disc => {
+                if !st.io.is_empty() {
+                    return AdminOutcome::err(Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+                }
+                let (nsqr, ncqr) = (v & 0xFFFF, v >> 16);
+                if nsqr == 0xFFFF || ncqr == 0xFFFF {
+                    return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+                }
+                let granted = (nsqr.min(ncqr) + 1).min(self.opts.max_io_qpairs_per_ctrlr as u32) as u16;
+                st.io_queues = granted;
+                let g = (granted - 1) as u32;
+                AdminOutcome::ok(g | g << 16)
+            }
+            feat::ASYNC_EVENT_CONFIG => {
+                st.aec = v;
+                AdminOutcome::ok(0)
+            }
+            feat::KEEP_ALIVE_TIMER => {
+                st.kato_ms = v;
+                st.last_keep_alive = Instant::now();
+                AdminOutcome::ok(0)
+            }
+            feat::VOLATILE_WRITE_CACHE if !disc => AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::FEATURE_NOT_CHANGEABLE)),
+            _ => AdminOutcome::err(Status::generic(sc::INVALID_FIELD)),
+        }
+    }
+
+    fn get_features(&self, sqe: &Sqe, _data: &[u8]) -> AdminOutcome {
+        let cdw10 = sqe.cdw(10);
+        let fid = (cdw10 & 0xFF) as u8;
+        let sel = (cdw10 >> 8) & 0x7;
+        let disc = self.subsys.is_discovery();
+        let st = self.st();
+        let changeable = matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER);
+        if sel == 3 {
+            let known =
+                matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER | feat::VOLATILE_WRITE_CACHE | feat::HOST_IDENTIFIER);
+            if !known {
+                return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
+            }
+            // Capabilities: changeable (bit 2); nothing is saveable or per namespace.
+            return AdminOutcome::ok(if changeable { 1 << 2 } else { 0 });
+        }
+        let default = sel == 1;
+        match fid {
+            feat::NUMBER_OF_QUEUES if !disc => {
+                let n = if default { self.opts.max_io_qpairs_per_ctrlr } else { st.io_queues } as u32 - 1;
+                AdminOutcome::ok(n | n << 16)
+            }
+            feat::ASYNC_EVENT_CONFIG => AdminOutcome::ok(if default { 0 } else { st.aec }),
+            feat::KEEP_ALIVE_TIMER => AdminOutcome::ok(st.kato_ms),
+            feat::VOLATILE_WRITE_CACHE if !disc => AdminOutcome::ok(1),
+            feat::HOST_IDENTIFIER => AdminOutcome::data(self.hostid.to_vec()),
+            _ => AdminOutcome::err(Status::generic(sc::INVALID_FIELD)),
+        }
+    }
+
+    /// Abort: outstanding AERs can be aborted; commands already at a bdev cannot (the spec
+    /// lets a controller decline: CQE dword 0 bit 0 = 1, "not aborted").
+    fn abort(&self, nvmf: &Nvmf, sqe: &Sqe) -> AdminOutcome {
+        let sqid = (sqe.cdw(10) & 0xFFFF) as u16;
+        let cid = (sqe.cdw(10) >> 16) as u16;
+        if sqid == 0 {
+            let mut st = self.st();
+            if let Some(i) = st.aers.iter().position(|&c| c == cid) {
+                st.aers.remove(i);
+                drop(st);
+                let conn = self.admin.conn_id;
+                nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::generic(sc::ABORT_REQUESTED), 0));
+                return AdminOutcome::ok(0);
+            }
+        }
+        AdminOutcome::ok(1)
+    }
+
+    /// The `nvmf_subsystem_get_qpairs` entries of this controller.
+    pub fn qpairs_json(&self) -> Vec<serde_json::Value> {
+        let mut out = vec![qpair_json(self, 0, &self.admin)];
+        for (qid, q) in self.io_queues() {
+            out.push(qpair_json(self, qid, &q));
+        }
+        out
+    }
+}
+
+fn qpair_json(c: &Controller, qid: u16, q: &QueueRef) -> serde_json::Value {
+    serde_json::json!({
+        "cntlid": c.cntlid,
+        "qid": qid,
+        "state": if c.is_closed() { "deleting" } else { "active" },
+        "thread": format!("reactor_{}", q.core),
+        "hostnqn": c.hostnqn,
+        "queue_size": q.sqsize as u32 + 1,
+        "listen_address": c.listener.to_json(),
+        "peer_address": { "trtype": "TCP", "adrfam": if q.peer.is_ipv4() { "IPv4" } else { "IPv6" }, "traddr": q.peer.ip().to_string(), "trsvcid": q.peer.port().to_string() },
+    })
+}
+
+impl Nvmf {
+    /// The discovery log page as `hostnqn` may see it: every subsystem it is allowed on,
+    /// once per listener.
+    pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
+        let subs = self.subsystems();
+        let visible: Vec<(Arc<Subsystem>, Vec<ListenAddr>)> = subs.into_iter().filter(|s| s.allows_host(hostnqn)).map(|s| (s.clone(), s.listeners())).collect();
+        let mut entries = Vec::new();
+        for (s, ls) in &visible {
+            for a in ls {
+                entries.push(identify::DiscoveryEntry { subsys: s, addr: a, portid: self.portid(a) });
+            }
+        }
+        let asqsz = self.transport().map(|t| t.max_aq_depth).unwrap_or(32);
+        identify::discovery_log(self.genctr(), &entries, asqsz)
+    }
+}

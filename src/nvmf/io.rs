@@ -1,0 +1,285 @@
+//! The NVM I/O command set on bdevs: Read, Write, Flush, Write Zeroes, Dataset Management
+//! (deallocate) and Compare. Commands are checked on the reader's path (namespace, range,
+//! lengths) so that bad ones are answered without spawning anything; good ones run as one
+//! task each on the queue's core, against the core's channel of the namespace's bdev.
+
+use super::connection::{Binding, Conn, TxData};
+use super::pdu::DataPlan;
+use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
+use super::subsystem::{Namespace, Subsystem};
+use crate::bdev::{BdevError, Channel, IoBuf, IoType};
+use crate::reactor;
+use std::io::{IoSlice, IoSliceMut};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// A namespace as one queue uses it: the namespace and this core's channel to its bdev.
+pub struct NsChannel {
+    pub ns: Arc<Namespace>,
+    pub ch: Channel,
+    block_size: u32,
+    num_blocks: u64,
+}
+
+/// A queue's namespaces, refreshed when the subsystem's namespace generation changes (one
+/// atomic load per command, no lock).
+#[derive(Default)]
+pub struct NsCache {
+    generation: u64,
+    subsys_id: u64,
+    by_nsid: Vec<Option<Rc<NsChannel>>>,
+}
+
+impl NsCache {
+    pub fn clear(&mut self) {
+        self.generation = 0;
+        self.by_nsid.clear();
+    }
+
+    fn get(&mut self, subsys: &Subsystem, nsid: u32) -> Result<Rc<NsChannel>, Status> {
+        let g = subsys.ns_generation();
+        if g != self.generation || subsys.id != self.subsys_id {
+            self.by_nsid.clear();
+            self.generation = g;
+            self.subsys_id = subsys.id;
+        }
+        if nsid == 0 || nsid > subsys.max_namespaces {
+            return Err(Status::generic(sc::INVALID_NAMESPACE));
+        }
+        let i = (nsid - 1) as usize;
+        if let Some(Some(c)) = self.by_nsid.get(i) {
+            return Ok(c.clone());
+        }
+        let ns = subsys.namespace(nsid).ok_or(Status::generic(sc::INVALID_NAMESPACE))?;
+        let ch = Channel::get(&ns.entry).map_err(|e| {
+            log::warn!("nvmf: namespace {nsid} of {}: cannot open a channel: {e}", subsys.nqn);
+            Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY)
+        })?;
+        let c = Rc::new(NsChannel { block_size: ch.block_size(), num_blocks: ch.num_blocks(), ns, ch });
+        if self.by_nsid.len() <= i {
+            self.by_nsid.resize(i + 1, None);
+        }
+        self.by_nsid[i] = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// The NVMe status of a bdev error (the one place where bdev errors meet NVMe).
+pub fn status_of(e: &BdevError, reading: bool) -> Status {
+    match e {
+        BdevError::OutOfRange { .. } => Status::generic(sc::LBA_OUT_OF_RANGE),
+        BdevError::ReadOnly => Status::generic(sc::NAMESPACE_WRITE_PROTECTED),
+        BdevError::Media => Status::error(sct::MEDIA, if reading { msc::UNRECOVERED_READ_ERROR } else { msc::WRITE_FAULT }),
+        BdevError::Os(_) => Status::generic(sc::INTERNAL),
+        BdevError::BadLength { .. } => Status::generic(sc::DATA_SGL_LENGTH_INVALID),
+        BdevError::Unsupported(_) => Status::generic(sc::INVALID_OPCODE),
+        BdevError::NoResources | BdevError::Offline => Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY),
+        BdevError::Aborted => Status::generic(sc::ABORT_REQUESTED),
+        BdevError::Nvme { sct, sc } => Status::error(*sct, *sc),
+    }
+}
+
+/// A checked command.
+enum Op {
+    Read { slba: u64, len: usize },
+    Write { slba: u64, offset: usize, len: usize },
+    Compare { slba: u64, offset: usize, len: usize },
+    Flush,
+    WriteZeroes { slba: u64, nlb: u64 },
+    Deallocate { ranges: Vec<(u64, u64)> },
+    Nothing,
+}
+
+impl Op {
+    fn io_type(&self) -> IoType {
+        match self {
+            Op::Read { .. } | Op::Compare { .. } => IoType::Read,
+            Op::Write { .. } => IoType::Write,
+            Op::Flush | Op::Nothing => IoType::Flush,
+            Op::WriteZeroes { .. } => IoType::WriteZeroes,
+            Op::Deallocate { .. } => IoType::Unmap,
+        }
+    }
+}
+
+fn check_range(n: &NsChannel, slba: u64, nlb: u64) -> Result<(), Status> {
+    match slba.checked_add(nlb) {
+        Some(end) if end <= n.num_blocks => Ok(()),
+        _ => Err(Status::generic(sc::LBA_OUT_OF_RANGE)),
+    }
+}
+
+/// Checks `sqe` against the namespace and the data that came with it.
+fn check(n: &NsChannel, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>, max_io: u32) -> Result<Op, Status> {
+    let bs = n.block_size as u64;
+    let rw_len = |nlb: u64| -> Result<usize, Status> {
+        let bytes = nlb * bs;
+        if bytes > max_io as u64 {
+            return Err(Status::generic(sc::INVALID_FIELD));
+        }
+        if bytes != plan.len() as u64 {
+            return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+        }
+        Ok(bytes as usize)
+    };
+    let host_data = |len: usize| -> Result<usize, Status> {
+        match (plan, data) {
+            (DataPlan::InCapsule { offset, .. }, Some(d)) if offset as usize + len <= d.len() => Ok(offset as usize),
+            _ => Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID)),
+        }
+    };
+    match sqe.opcode() {
+        io_opc::READ => {
+            let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+            let len = rw_len(nlb)?;
+            check_range(n, slba, nlb)?;
+            Ok(Op::Read { slba, len })
+        }
+        io_opc::WRITE | io_opc::COMPARE => {
+            let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+            let len = rw_len(nlb)?;
+            check_range(n, slba, nlb)?;
+            let offset = host_data(len)?;
+            if sqe.opcode() == io_opc::WRITE {
+                Ok(Op::Write { slba, offset, len })
+            } else {
+                Ok(Op::Compare { slba, offset, len })
+            }
+        }
+        io_opc::FLUSH => Ok(Op::Flush),
+        io_opc::WRITE_ZEROES => {
+            let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
+            check_range(n, slba, nlb)?;
+            Ok(Op::WriteZeroes { slba, nlb })
+        }
+        io_opc::DSM => {
+            let nr = (sqe.cdw(10) & 0xFF) as usize + 1;
+            let deallocate = sqe.cdw(11) & (1 << 2) != 0;
+            let need = nr * 16;
+            if (plan.len() as usize) < need {
+                return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID));
+            }
+            let offset = host_data(need)?;
+            let d = data.ok_or(Status::generic(sc::DATA_SGL_LENGTH_INVALID))?;
+            let mut ranges = Vec::with_capacity(nr);
+            for r in d[offset..offset + need].chunks_exact(16) {
+                let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+                let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                check_range(n, slba, nlb)?;
+                if nlb > 0 {
+                    ranges.push((slba, nlb));
+                }
+            }
+            // Without the deallocate attribute DSM is only a hint; deallocation itself is
+            // advisory for a device that cannot unmap.
+            if !deallocate || !n.ch.supports(IoType::Unmap) {
+                return Ok(Op::Nothing);
+            }
+            Ok(Op::Deallocate { ranges })
+        }
+        _ => Err(Status::generic(sc::INVALID_OPCODE)),
+    }
+}
+
+/// Starts I/O command `sqe` on `conn` (the reader's path: checks, then one task).
+pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+    let cid = sqe.cid();
+    if !b.ctrl.is_ready() {
+        return conn.complete(slot, cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+    }
+    if sqe.fuse() != 0 {
+        return conn.complete(slot, cid, Status::generic(sc::INVALID_FIELD), 0, TxData::None);
+    }
+    let nsc = match conn.with_ns_cache(|c| c.get(&b.ctrl.subsys, sqe.nsid())) {
+        Ok(n) => n,
+        Err(s) => return conn.complete(slot, cid, s, 0, TxData::None),
+    };
+    let op = match check(&nsc, &sqe, plan, data.as_ref(), conn.opts.max_io_size) {
+        Ok(op) => op,
+        Err(s) => return conn.complete(slot, cid, s, 0, TxData::None),
+    };
+    let slot = match slot.or_else(|| conn.take_slot()) {
+        Some(s) => s,
+        // The reader waits for a free slot before it takes a capsule; this cannot happen.
+        None => return conn.complete(None, cid, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None),
+    };
+    conn.io_started();
+    reactor::spawn_detached(run(conn.clone(), slot, cid, nsc, op, data));
+}
+
+async fn run(conn: Rc<Conn>, slot: u16, cid: u16, n: Rc<NsChannel>, op: Op, data: Option<IoBuf>) {
+    let core = conn.core();
+    let shard = n.ns.stats.shard(core);
+    shard.in_flight.fetch_add(1, Relaxed);
+    let t0 = reactor::now_ns();
+    let ty = op.io_type();
+    let (result, out, bytes): (Result<(), Status>, TxData, u64) = match op {
+        Op::Read { slba, len } => {
+            let mut buf = IoBuf::alloc(len);
+            match n.ch.read(slba, &mut [IoSliceMut::new(&mut buf[..len])]).await {
+                Ok(()) => (Ok(()), TxData::Buf(buf, len), len as u64),
+                Err(e) => (Err(status_of(&e, true)), TxData::None, 0),
+            }
+        }
+        Op::Write { slba, offset, len } => {
+            let r = match &data {
+                Some(d) => n.ch.write(slba, &[IoSlice::new(&d[offset..offset + len])]).await.map_err(|e| status_of(&e, false)),
+                None => Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID)),
+            };
+            (r, TxData::None, len as u64)
+        }
+        Op::Compare { slba, offset, len } => {
+            let mut buf = IoBuf::alloc(len);
+            let r = match n.ch.read(slba, &mut [IoSliceMut::new(&mut buf[..len])]).await {
+                Ok(()) => match &data {
+                    Some(d) if d[offset..offset + len] == buf[..len] => Ok(()),
+                    _ => Err(Status::error(sct::MEDIA, msc::COMPARE_FAILURE)),
+                },
+                Err(e) => Err(status_of(&e, true)),
+            };
+            (r, TxData::None, len as u64)
+        }
+        Op::Flush => (n.ch.flush().await.map_err(|e| status_of(&e, false)), TxData::None, 0),
+        Op::WriteZeroes { slba, nlb } => (write_zeroes(&n, slba, nlb, conn.opts.max_io_size).await, TxData::None, nlb * n.block_size as u64),
+        Op::Deallocate { ranges } => {
+            let mut r = Ok(());
+            let mut bytes = 0;
+            for (slba, nlb) in ranges {
+                if let Err(e) = n.ch.unmap(slba, nlb).await {
+                    r = Err(status_of(&e, false));
+                    break;
+                }
+                bytes += nlb * n.block_size as u64;
+            }
+            (r, TxData::None, bytes)
+        }
+        Op::Nothing => (Ok(()), TxData::None, 0),
+    };
+    let dt = reactor::now_ns().saturating_sub(t0);
+    shard.in_flight.fetch_sub(1, Relaxed);
+    n.ns.stats.record(core, ty, bytes, dt, result.is_ok());
+    drop(data);
+    match result {
+        Ok(()) => conn.complete(Some(slot), cid, Status::SUCCESS, 0, out),
+        Err(s) => conn.complete(Some(slot), cid, s, 0, TxData::None),
+    }
+    conn.io_finished();
+}
+
+/// Write Zeroes through the bdev's own operation, or by writing zeroed buffers.
+async fn write_zeroes(n: &NsChannel, slba: u64, nlb: u64, max_io: u32) -> Result<(), Status> {
+    if n.ch.supports(IoType::WriteZeroes) {
+        return n.ch.write_zeroes(slba, nlb).await.map_err(|e| status_of(&e, false));
+    }
+    let per = (max_io / n.block_size).max(1) as u64;
+    let zero = IoBuf::zeroed((per * n.block_size as u64) as usize);
+    let mut done = 0;
+    while done < nlb {
+        let k = per.min(nlb - done);
+        let len = (k * n.block_size as u64) as usize;
+        n.ch.write(slba + done, &[IoSlice::new(&zero[..len])]).await.map_err(|e| status_of(&e, false))?;
+        done += k;
+    }
+    Ok(())
+}

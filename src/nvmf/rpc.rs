@@ -1,0 +1,497 @@
+//! The `nvmf_*` RPCs, with SPDK's method names, parameters and result shapes. SPDK
+//! parameters that have no meaning here (shared buffer pools, RDMA knobs) are accepted and
+//! ignored so that SPDK scripts run unchanged; unknown ones are refused, naming the field.
+
+use super::subsystem::{parse_hex, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
+use super::transport::TransportOpts;
+use super::{describe_controller, Nvmf, NvmfTarget};
+use crate::rpc::{parse, Methods, RpcError};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn register(m: &mut Methods) {
+    m.add("nvmf_create_transport", create_transport);
+    m.add("nvmf_get_transports", get_transports);
+    m.add("nvmf_create_subsystem", create_subsystem);
+    m.add("nvmf_delete_subsystem", delete_subsystem);
+    m.add("nvmf_subsystem_add_listener", add_listener);
+    m.add("nvmf_subsystem_remove_listener", remove_listener);
+    m.add("nvmf_subsystem_get_listeners", get_listeners);
+    m.add("nvmf_subsystem_add_ns", add_ns);
+    m.add("nvmf_subsystem_remove_ns", remove_ns);
+    m.add("nvmf_subsystem_add_host", add_host);
+    m.add("nvmf_subsystem_remove_host", remove_host);
+    m.add("nvmf_subsystem_allow_any_host", allow_any_host);
+    m.add("nvmf_get_subsystems", get_subsystems);
+    m.add("nvmf_subsystem_get_controllers", get_controllers);
+    m.add("nvmf_subsystem_get_qpairs", get_qpairs);
+}
+
+fn nvmf(t: &Target) -> Result<&Arc<Nvmf>, RpcError> {
+    t.subsystem::<NvmfTarget>().map(|n| &n.nvmf).ok_or_else(|| RpcError::internal("the nvmf subsystem is not running"))
+}
+
+/// Only the default target exists (SPDK's `tgt_name`).
+fn check_tgt(name: &Option<String>) -> Result<(), RpcError> {
+    match name.as_deref() {
+        None | Some("nvmf_tgt") => Ok(()),
+        Some(other) => Err(RpcError::invalid_params(format!("field `tgt_name`: no target named {other:?}"))),
+    }
+}
+
+fn find(n: &Nvmf, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    n.subsystem(nqn).ok_or_else(|| RpcError::invalid_params(format!("field `nqn`: no subsystem {nqn}")))
+}
+
+fn find_nvme(n: &Nvmf, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
+    let s = find(n, nqn)?;
+    if s.is_discovery() {
+        return Err(RpcError::invalid_params("field `nqn`: not allowed on the discovery subsystem"));
+    }
+    Ok(s)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTransport {
+    trtype: String,
+    #[serde(default)]
+    tgt_name: Option<String>,
+    #[serde(default)]
+    max_queue_depth: Option<u16>,
+    #[serde(default)]
+    max_io_qpairs_per_ctrlr: Option<u16>,
+    /// SPDK's deprecated form: queue pairs including the admin queue.
+    #[serde(default)]
+    max_qpairs_per_ctrlr: Option<u16>,
+    #[serde(default)]
+    in_capsule_data_size: Option<u32>,
+    #[serde(default)]
+    max_io_size: Option<u32>,
+    #[serde(default)]
+    io_unit_size: Option<u32>,
+    #[serde(default)]
+    max_aq_depth: Option<u16>,
+    #[serde(default)]
+    c2h_success: Option<bool>,
+    // Accepted for SPDK compatibility; buffers, sockets and aborts work differently here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    num_shared_buffers: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    buf_cache_size: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    dif_insert_or_strip: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    sock_priority: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    abort_timeout_sec: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    zcopy: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    acceptor_poll_rate: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    control_msg_num: Option<u32>,
+}
+
+fn create_transport(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: CreateTransport = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    if !p.trtype.eq_ignore_ascii_case("tcp") {
+        return Err(RpcError::invalid_params(format!("field `trtype`: only TCP is supported, not {:?}", p.trtype)));
+    }
+    let d = TransportOpts::default();
+    let io_qpairs = match (p.max_io_qpairs_per_ctrlr, p.max_qpairs_per_ctrlr) {
+        (Some(n), _) => n,
+        (None, Some(n)) => n.saturating_sub(1),
+        (None, None) => d.max_io_qpairs_per_ctrlr,
+    };
+    let opts = TransportOpts {
+        max_queue_depth: p.max_queue_depth.unwrap_or(d.max_queue_depth),
+        max_io_qpairs_per_ctrlr: io_qpairs,
+        in_capsule_data_size: p.in_capsule_data_size.unwrap_or(d.in_capsule_data_size),
+        max_io_size: p.max_io_size.unwrap_or(d.max_io_size),
+        io_unit_size: p.io_unit_size.unwrap_or(d.io_unit_size),
+        max_aq_depth: p.max_aq_depth.unwrap_or(d.max_aq_depth),
+        c2h_success: p.c2h_success.unwrap_or(d.c2h_success),
+    };
+    opts.validate().map_err(RpcError::invalid_params)?;
+    nvmf(t)?.set_transport(opts).map_err(RpcError::exists)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetTransports {
+    #[serde(default)]
+    trtype: Option<String>,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+fn get_transports(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: GetTransports = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    if let Some(tt) = &p.trtype {
+        if !tt.eq_ignore_ascii_case("tcp") {
+            return Err(RpcError::no_device(format!("transport {tt} does not exist")));
+        }
+    }
+    Ok(Value::Array(nvmf(t)?.transport().map(|o| o.to_json()).into_iter().collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSubsystem {
+    nqn: String,
+    #[serde(default)]
+    serial_number: Option<String>,
+    #[serde(default)]
+    model_number: Option<String>,
+    #[serde(default)]
+    allow_any_host: bool,
+    #[serde(default)]
+    max_namespaces: Option<u32>,
+    #[serde(default)]
+    tgt_name: Option<String>,
+    #[serde(default)]
+    ana_reporting: bool,
+    #[serde(default)]
+    min_cntlid: Option<u16>,
+    #[serde(default)]
+    max_cntlid: Option<u16>,
+}
+
+fn create_subsystem(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: CreateSubsystem = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    if p.ana_reporting {
+        return Err(RpcError::invalid_params("field `ana_reporting`: ANA reporting is not supported"));
+    }
+    let n = nvmf(t)?;
+    if n.subsystem(&p.nqn).is_some() {
+        return Err(RpcError::exists(format!("subsystem {} already exists", p.nqn)));
+    }
+    let s = Subsystem::new(
+        &p.nqn,
+        SubsysKind::Nvme,
+        p.serial_number.as_deref().unwrap_or("00000000000000000000"),
+        p.model_number.as_deref().unwrap_or("tidemark Controller"),
+        p.max_namespaces.filter(|&m| m != 0).unwrap_or(DEFAULT_MAX_NAMESPACES),
+        p.allow_any_host,
+        (p.min_cntlid.unwrap_or(1), p.max_cntlid.unwrap_or(0xFFEF)),
+        t.reactors.core_count(),
+    )
+    .map_err(RpcError::invalid_params)?;
+    n.add_subsystem(s).map_err(RpcError::exists)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByNqn {
+    nqn: String,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+/// Removes namespace `nsid` from `s`: hosts get the event, queues drop their channels, and
+/// the bdev is released once the last I/O on it has completed (bounded wait).
+fn detach_namespace(n: &Nvmf, s: &Subsystem, nsid: u32) -> bool {
+    let Some(ns) = s.remove_namespace(nsid) else { return false };
+    for c in s.controllers() {
+        c.namespace_changed(n, nsid);
+    }
+    n.purge_namespace_caches(s.id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&ns) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if Arc::strong_count(&ns) > 1 {
+        log::warn!("nvmf: namespace {nsid} of {}: I/O still in flight after 5 s; the bdev stays open until it ends", s.nqn);
+    }
+    true
+}
+
+fn delete_subsystem(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByNqn = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    find_nvme(n, &p.nqn)?;
+    let s = n.take_subsystem(&p.nqn).ok_or_else(|| RpcError::invalid_params(format!("field `nqn`: no subsystem {}", p.nqn)))?;
+    s.deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in s.controllers() {
+        n.destroy_controller(&c, "subsystem deleted");
+    }
+    for a in s.listeners() {
+        s.remove_listener(&a);
+        n.release_listener(&a);
+    }
+    for ns in s.namespaces() {
+        detach_namespace(n, &s, ns.nsid);
+    }
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenAddress {
+    trtype: String,
+    #[serde(default)]
+    adrfam: Option<String>,
+    traddr: String,
+    trsvcid: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Listener {
+    nqn: String,
+    listen_address: ListenAddress,
+    #[serde(default)]
+    tgt_name: Option<String>,
+    #[serde(default)]
+    secure_channel: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    ana_state: Option<String>,
+}
+
+fn listener_addr(p: &Listener) -> Result<ListenAddr, RpcError> {
+    let a = &p.listen_address;
+    ListenAddr::parse(&a.trtype, a.adrfam.as_deref(), &a.traddr, &a.trsvcid).map_err(RpcError::invalid_params)
+}
+
+fn add_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Listener = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    if p.secure_channel {
+        return Err(RpcError::invalid_params("field `secure_channel`: TLS is not supported"));
+    }
+    let n = nvmf(t)?;
+    let a = listener_addr(&p)?;
+    let s = find(n, &p.nqn)?;
+    if n.transport().is_none() {
+        return Err(RpcError::invalid_params("field `listen_address.trtype`: transport TCP does not exist; call nvmf_create_transport first"));
+    }
+    s.add_listener(&a).map_err(RpcError::exists)?;
+    if let Err(e) = n.acquire_listener(&a) {
+        s.remove_listener(&a);
+        return Err(RpcError::new(crate::rpc::EIO, e));
+    }
+    n.bump_genctr();
+    Ok(json!(true))
+}
+
+fn remove_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Listener = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let a = listener_addr(&p)?;
+    let s = find(n, &p.nqn)?;
+    if !s.remove_listener(&a) {
+        return Err(RpcError::invalid_params(format!("field `listen_address`: subsystem {} does not listen on {a}", p.nqn)));
+    }
+    // Hosts connected through the listener lose access, as in SPDK.
+    for c in s.controllers() {
+        if c.listener == a {
+            n.destroy_controller(&c, "listener removed");
+        }
+    }
+    n.release_listener(&a);
+    n.bump_genctr();
+    Ok(json!(true))
+}
+
+fn get_listeners(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByNqn = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let s = find(nvmf(t)?, &p.nqn)?;
+    Ok(Value::Array(s.listeners().iter().map(|a| json!({ "address": a.to_json(), "ana_state": "optimized" })).collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceParams {
+    bdev_name: String,
+    #[serde(default)]
+    nsid: Option<u32>,
+    #[serde(default)]
+    uuid: Option<uuid::Uuid>,
+    #[serde(default)]
+    nguid: Option<String>,
+    #[serde(default)]
+    eui64: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    anagrpid: Option<u32>,
+    #[serde(default)]
+    ptpl_file: Option<String>,
+    #[serde(default)]
+    no_auto_visible: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNs {
+    nqn: String,
+    namespace: NamespaceParams,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+fn add_ns(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: AddNs = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let ns = &p.namespace;
+    if ns.ptpl_file.is_some() {
+        return Err(RpcError::invalid_params("field `namespace.ptpl_file`: reservations are not supported"));
+    }
+    if ns.no_auto_visible {
+        return Err(RpcError::invalid_params("field `namespace.no_auto_visible`: per-host visibility is not supported"));
+    }
+    let nguid = match &ns.nguid {
+        Some(h) => Some(parse_hex::<16>(h).ok_or_else(|| RpcError::invalid_params("field `namespace.nguid`: not 16 bytes of hex"))?),
+        None => None,
+    };
+    let eui64 = match &ns.eui64 {
+        Some(h) => Some(parse_hex::<8>(h).ok_or_else(|| RpcError::invalid_params("field `namespace.eui64`: not 8 bytes of hex"))?),
+        None => None,
+    };
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    let entry = t.bdevs.get(&ns.bdev_name).ok_or_else(|| RpcError::invalid_params(format!("field `namespace.bdev_name`: no bdev named {}", ns.bdev_name)))?;
+    let added = s.add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64 }).map_err(RpcError::invalid_params)?;
+    let nsid = added.nsid;
+    drop(added);
+    for c in s.controllers() {
+        c.namespace_changed(n, nsid);
+    }
+    Ok(json!(nsid))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveNs {
+    nqn: String,
+    nsid: u32,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+fn remove_ns(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: RemoveNs = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    if !detach_namespace(n, &s, p.nsid) {
+        return Err(RpcError::invalid_params(format!("field `nsid`: subsystem {} has no namespace {}", p.nqn, p.nsid)));
+    }
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostParams {
+    nqn: String,
+    host: String,
+    #[serde(default)]
+    tgt_name: Option<String>,
+    #[serde(default)]
+    psk: Option<String>,
+    #[serde(default)]
+    dhchap_key: Option<String>,
+    #[serde(default)]
+    dhchap_ctrlr_key: Option<String>,
+}
+
+fn add_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: HostParams = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
+        return Err(RpcError::invalid_params("fields `psk`/`dhchap_key`: TLS and DH-HMAC-CHAP are not supported"));
+    }
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    s.add_host(&p.host).map_err(RpcError::invalid_params)?;
+    n.bump_genctr();
+    Ok(json!(true))
+}
+
+fn remove_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: HostParams = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    let ctrls = s.remove_host(&p.host).map_err(RpcError::invalid_params)?;
+    if !s.allow_any_host() {
+        for c in ctrls {
+            n.destroy_controller(&c, "host removed from the allow-list");
+        }
+    }
+    n.bump_genctr();
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowAny {
+    nqn: String,
+    allow_any_host: bool,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+fn allow_any_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: AllowAny = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    s.set_allow_any_host(p.allow_any_host);
+    n.bump_genctr();
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetSubsystems {
+    #[serde(default)]
+    nqn: Option<String>,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+fn get_subsystems(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: GetSubsystems = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let list: Vec<Arc<Subsystem>> = match &p.nqn {
+        Some(q) => vec![find(n, q)?],
+        None => std::iter::once(n.discovery.clone()).chain(n.subsystems()).collect(),
+    };
+    Ok(Value::Array(list.iter().map(|s| s.describe()).collect()))
+}
+
+fn get_controllers(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByNqn = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let s = find(nvmf(t)?, &p.nqn)?;
+    Ok(Value::Array(s.controllers().iter().map(|c| describe_controller(c)).collect()))
+}
+
+fn get_qpairs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByNqn = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let s = find(nvmf(t)?, &p.nqn)?;
+    Ok(Value::Array(s.controllers().iter().flat_map(|c| c.qpairs_json()).collect()))
+}

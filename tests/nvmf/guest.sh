@@ -1,0 +1,140 @@
+#!/bin/bash
+# Runs inside the test guest (tests/guest/run.sh): the Linux kernel NVMe/TCP initiator, nvme-cli
+# and fio against tidemarkd on the host (10.0.2.2 is the host's 127.0.0.1).
+#
+# Variables from the host test (tests/nvmf_guest.rs): PORT, NQN (allow_any_host, nsid 1 = a
+# 256 MiB malloc bdev, nsid 2 = a small one that the host removes on request), NQN_RESTRICTED
+# (only HOST_ALLOWED may connect), HOST_GUEST and HOST_ALLOWED (host NQNs), FIO_SECS.
+# The host removes nsid 2 when this script creates /share/remove-ns.request and answers with
+# /share/remove-ns.done.
+# Prints "CHECK ok|FAIL name" per check and "nvmf-guest: N passed, N failed"; exits non-zero on
+# any failure.
+set -u
+. /tidemark/lib.sh
+T=10.0.2.2
+pass=0
+fail=0
+check() { # check NAME COMMAND...
+  local name=$1; shift
+  if "$@" >/tmp/check.out 2>&1; then
+    echo "CHECK ok   $name"; pass=$((pass + 1))
+  else
+    echo "CHECK FAIL $name"; sed 's/^/    /' /tmp/check.out | tail -n 30; fail=$((fail + 1))
+  fi
+}
+finish() {
+  echo "nvmf-guest: $pass passed, $fail failed"
+  [ "$fail" -eq 0 ]
+  exit $?
+}
+
+# All namespace block devices of a connected subsystem (multipath heads, not hidden paths).
+ns_devs() {
+  for s in /sys/class/nvme-subsystem/nvme-subsys*; do
+    [ "$(cat "$s/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+    for n in "$s"/nvme*n*; do
+      case ${n##*/} in *c*n*) continue ;; esac
+      [ -b "/dev/${n##*/}" ] && echo "/dev/${n##*/}"
+    done
+  done
+}
+# The controller character device (/dev/nvmeX) of a connected subsystem.
+ctrl_dev() {
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && { echo "/dev/${c##*/}"; return 0; }
+  done
+  return 1
+}
+not() { ! "$@"; }
+count_ns_is() { [ "$(ns_devs "$1" | wc -l)" -eq "$2" ]; }
+wait_for() { # wait_for SECONDS COMMAND...: until COMMAND succeeds
+  local tries=$(( $1 * 5 )); shift
+  while [ "$tries" -gt 0 ]; do
+    "$@" && return 0
+    tries=$((tries - 1)); sleep 0.2
+  done
+  return 1
+}
+
+H="--hostnqn=$HOST_GUEST"
+check "nvme-tcp module" test -d /sys/module/nvme_tcp
+check "target reachable" wait_tcp $T "$PORT" 30
+
+# Discovery: the open subsystem is listed; the restricted one only for its allowed host.
+nvme discover -t tcp -a $T -s "$PORT" $H > /tmp/disc.txt 2>&1
+cat /tmp/disc.txt
+check "discover lists $NQN" grep -q "subnqn: *$NQN\$" /tmp/disc.txt
+check "discover hides the restricted subsystem from other hosts" not grep -q "$NQN_RESTRICTED" /tmp/disc.txt
+check "discover shows the restricted subsystem to its host" sh -c \
+  "nvme discover -t tcp -a $T -s $PORT --hostnqn=$HOST_ALLOWED | grep -q 'subnqn: *$NQN_RESTRICTED\$'"
+
+# Access control: a host NQN not on the allow-list is refused; the allowed one gets in.
+check "host not on the allow-list is refused" not nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_RESTRICTED" $H
+check "no device from the refused connect" not ctrl_dev "$NQN_RESTRICTED"
+check "allowed host connects" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_RESTRICTED" --hostnqn="$HOST_ALLOWED"
+check "allowed host disconnects" nvme disconnect -n "$NQN_RESTRICTED"
+
+# The open subsystem: connect, identify, fio.
+check "nvme connect" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN" $H
+DEV=$(nvme_ns_dev "$NQN" 30)
+CTRL=$(ctrl_dev "$NQN")
+echo "controller $CTRL, namespace $DEV"
+nvme list
+check "block device" test -b "$DEV"
+nvme id-ctrl "$CTRL" > /tmp/idctrl.txt 2>&1
+grep -E '^(vid|sn|mn|fr|mdts|cntlid|ver|oncs|vwc|sgls|subnqn|ioccsz|iorcsz|icdoff|maxcmd|nn) ' /tmp/idctrl.txt
+check "id-ctrl model" grep -q '^mn *: tidemark' /tmp/idctrl.txt
+check "id-ctrl subnqn" grep -q "^subnqn *: $NQN\$" /tmp/idctrl.txt
+check "id-ctrl version 1.4" grep -q '^ver *: 0x10400' /tmp/idctrl.txt
+nvme id-ns "$DEV" > /tmp/idns.txt 2>&1
+grep -E '^(nsze|ncap|nuse|nmic|nguid|eui64|lbaf  0)' /tmp/idns.txt
+check "id-ns size (256 MiB of 512-byte blocks)" grep -q '^nsze *: 0x80000$' /tmp/idns.txt
+check "id-ns LBA format 512 bytes in use" grep -q 'lbads:9.*in use' /tmp/idns.txt
+check "two namespaces" wait_for 20 count_ns_is "$NQN" 2
+check "size seen by the block layer" test "$(cat /sys/block/${DEV##*/}/size)" -eq 524288
+
+FIO="fio --filename=$DEV --ioengine=libaio --direct=1 --bs=4k --iodepth=32 --group_reporting --output-format=normal"
+check "fio randread QD32" $FIO --name=randread --rw=randread --time_based --runtime="$FIO_SECS"
+grep -E 'IOPS=|err=' /tmp/check.out
+check "fio randwrite QD32" $FIO --name=randwrite --rw=randwrite --time_based --runtime="$FIO_SECS"
+grep -E 'IOPS=|err=' /tmp/check.out
+# Write and verify (crc32c) for 30 s at depth 32: verify_backlog reads back and checks every
+# batch of written blocks while the job runs; a mismatch fails fio (verify_fatal). The block
+# layer's counters prove that the verification reads happened.
+stat_of() { # stat_of /dev/nvmeXnY FIELD: summed over the namespace's paths (nvmeXcZnY), whose
+  # counters the multipath head does not have
+  local b=${1##*/} f
+  set -- "$2" /sys/block/${b%n*}c*n${b##*n}/stat
+  [ -e "$2" ] || set -- "$1" "/sys/block/$b/stat"
+  f=$1; shift
+  cat "$@" | awk -v f="$f" '{s += $f} END {print s + 0}'
+}
+r0=$(stat_of "$DEV" 1); w0=$(stat_of "$DEV" 5)
+check "fio write+verify crc32c QD32 30s" $FIO --name=verify --rw=randwrite --size=128m \
+  --verify=crc32c --verify_backlog=256 --verify_fatal=1 --do_verify=1 --time_based --runtime=30
+grep -E 'IOPS=|err=|verify' /tmp/check.out | head -n 8
+r1=$(stat_of "$DEV" 1); w1=$(stat_of "$DEV" 5)
+echo "write+verify: $((w1 - w0)) writes, $((r1 - r0)) verification reads"
+check "verification read back what was written" test $((r1 - r0)) -ge $(( (w1 - w0) / 2 )) -a $((w1 - w0)) -ge 1000
+# Data written through one path reads back through another (a second controller).
+check "pattern written reads back" sh -c "
+  dd if=/dev/urandom of=/tmp/pat bs=64k count=16 2>/dev/null &&
+  dd if=/tmp/pat of=$DEV bs=64k seek=100 oflag=direct 2>/dev/null &&
+  dd if=$DEV of=/tmp/back bs=64k skip=100 count=16 iflag=direct 2>/dev/null &&
+  cmp /tmp/pat /tmp/back"
+check "flush" nvme flush "$DEV"
+
+# Removing a namespace while connected raises the async event: the host rescans and the
+# namespace's block device disappears.
+DEV2=$(ns_devs "$NQN" | grep -v "^$DEV\$" | head -n 1)
+echo "second namespace: $DEV2"
+check "second namespace present" test -b "$DEV2"
+touch /share/remove-ns.request
+check "host removed the namespace" wait_for 60 test -e /share/remove-ns.done
+check "namespace device gone after the async event" wait_for 60 not test -b "$DEV2"
+check "first namespace still serves I/O" dd if="$DEV" of=/dev/null bs=4k count=256 iflag=direct
+dmesg | grep -iE 'nvme|tidemark' | tail -n 15
+
+check "nvme disconnect" nvme disconnect -n "$NQN"
+check "controller gone" wait_for 10 not ctrl_dev "$NQN"
+finish
