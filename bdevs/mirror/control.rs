@@ -988,6 +988,9 @@ impl Ctl {
             match r {
                 Some(Ok(())) => durable |= self.slots[s].in_sync(),
                 Some(Err(e)) => {
+                    let stats = self.sh.leg_stats(self.sh.home, s);
+                    // Metadata writes and flushes count as the leg's write errors.
+                    stats.write_errors.fetch_add(1, Relaxed);
                     if self.slots[s].in_sync() && self.active_count() == 1 {
                         log::error!("mirror {}: {what} write to its last in-sync leg {} failed: {e}", self.sh.name, self.slots[s].name);
                     } else {
