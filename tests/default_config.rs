@@ -49,7 +49,10 @@ fn default_config_serves_vol0_on_both_front_ends_and_preserves_it() {
 
     if have("qemu-io") {
         let url = format!("iscsi://127.0.0.1:{iscsi_port}/iqn.2016-06.io.tidemark:vol0/0");
-        let w = std::process::Command::new("timeout").args(["60", "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", &url]).output().unwrap();
+        let w = std::process::Command::new("timeout")
+            .args(["60", "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", &url])
+            .output()
+            .unwrap();
         let out = String::from_utf8_lossy(&w.stdout);
         assert!(w.status.success() && !out.contains("Pattern verification failed"), "{out}");
     }

@@ -46,7 +46,8 @@ fn nvme_passthrough_bdev_in_the_guest() {
         println!("{r}");
     }
     assert!(out.status.success(), "guest script failed ({}):\n{console}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    for key in ["verify=ok", "verify_1m=ok", "identify=ok", "refuse_metadata=ok", "refuse_not_nvme=ok", "nvmf_fio_verify=ok", "daemon_exit=ok", "hot_remove=ok"] {
+    for key in ["verify=ok", "verify_1m=ok", "identify=ok", "refuse_metadata=ok", "refuse_not_nvme=ok", "nvmf_fio_verify=ok", "daemon_exit=ok", "hot_remove=ok"]
+    {
         assert!(results.iter().any(|r| r.contains(key)), "missing {key} in:\n{console}");
     }
 }
