@@ -300,3 +300,90 @@ fn bad_preserve_requests_get_clear_errors_and_change_nothing() {
     let all = d.rpc("bdev_snapshot_get", json!(null));
     assert_eq!(all.as_array().map(|a| a.len()), Some(29), "{all}");
 }
+
+/// Waits for backup job `id` to finish; returns its description.
+fn backup_done(d: &Daemon, id: &Value) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let j = d.rpc("backup_get", json!({"id": id}));
+        if j[0]["state"] != "in_progress" {
+            assert_eq!(j[0]["state"], "complete", "{j}\n{}", d.log_text());
+            return j[0].clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "backup {id} did not finish: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_sealed_snapshot_backs_up_while_the_volume_writes_and_incrementals_read_only_what_changed() {
+    if !tools(&["qemu-io", "qemu-img", "timeout"]) {
+        return;
+    }
+    let (d, addr) = daemon_with_volume(32);
+    let (ok, out) = qemu_io(&url(addr, "vol"), &["write -P 0x11 0 32M".to_string()]);
+    assert!(ok, "{out}");
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "b1", "wait_sealed": true}));
+    let (ok, out) = qemu_io(&url(addr, "vol"), &["write -P 0x22 1M 64K".to_string(), "write -P 0x33 20M 128K".to_string()]);
+    assert!(ok, "{out}");
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "b2", "wait_sealed": true}));
+    // The live volume keeps changing while the backups run.
+    let (ok, out) = qemu_io(&url(addr, "vol"), &["write -P 0x44 0 4M".to_string()]);
+    assert!(ok, "{out}");
+    let full = d.rpc("backup_start", json!({"source": "b1", "path": "full.img"}));
+    let full = backup_done(&d, &full["id"]);
+    assert_eq!(full["bytes_done"], 32 * MIB);
+    let inc = d.rpc("backup_start", json!({"source": "b2", "path": "inc.img", "incremental_from": "b1"}));
+    let inc = backup_done(&d, &inc["id"]);
+    // Only the grains written between the two preserves: 64 KiB + 128 KiB.
+    assert_eq!(inc["bytes_total"], 192 * 1024, "{inc}");
+    // Restoring the chain gives exactly snapshot b2.
+    d.rpc("bdev_malloc_create", json!({"name": "restored", "num_blocks": 32 * MIB / 512, "block_size": 512}));
+    d.rpc("backup_restore", json!({"path": "inc.img", "bdev": "restored"}));
+    export(&d, "restored");
+    export(&d, "b2");
+    let want = dump(&url(addr, "b2"), d.dir.path(), "b2.raw");
+    let got = dump(&url(addr, "restored"), d.dir.path(), "restored.raw");
+    assert!(want == got, "the restored chain differs from the snapshot");
+    assert_eq!(want[(MIB + 10) as usize], 0x22);
+    assert_eq!(want[0], 0x11);
+}
+
+#[test]
+fn a_snapshot_exported_as_an_nvme_namespace_reads_its_image_and_refuses_writes_as_write_protected() {
+    use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
+    use tidemark::nvmf::spec::{io_opc, sc};
+    let d = Daemon::start(MINIMAL_CONFIG);
+    d.rpc("bdev_malloc_create", json!({"name": "b", "num_blocks": 8192, "block_size": 512}));
+    d.rpc("bdev_malloc_create", json!({"name": "s", "num_blocks": 16384, "block_size": 512}));
+    d.rpc("bdev_cow_create", json!({"name": "vol", "base_bdev": "b", "store_bdev": "s", "grain_kb": 4}));
+    let port = free_port();
+    let nqn = "nqn.2016-06.io.tidemark:preserve";
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "vol", "nsid": 1}}));
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let o = QpairOptions { hostnqn: "nqn.2014-08.org.nvmexpress:uuid:33333333-3333-4333-8333-333333333333".into(), ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, nqn, &o).expect("connect");
+    let mut q = c.connect_io(1, 32).expect("io queue");
+    let write = |q: &mut Qpair, nsid: u32, slba: u64, byte: u8| {
+        q.execute(Qpair::rw_sqe(io_opc::WRITE, nsid, slba, 8), Payload::Out(&[byte; 4096])).expect("write").0.status()
+    };
+    assert!(write(&mut q, 1, 0, 0xAA).is_success());
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "snapn", "wait_sealed": true}));
+    assert!(write(&mut q, 1, 0, 0xBB).is_success());
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "snapn", "nsid": 2}}));
+    let (cqe, data) = q.execute(Qpair::rw_sqe(io_opc::READ, 2, 0, 8), Payload::In(4096)).expect("read");
+    assert!(cqe.status().is_success());
+    assert!(data.iter().all(|&b| b == 0xAA), "the snapshot reads its point in time");
+    let st = write(&mut q, 2, 0, 0xCC);
+    assert_eq!((st.sct, st.sc), (0, sc::NAMESPACE_WRITE_PROTECTED), "{st:?}");
+    let (_, data) = q.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 8), Payload::In(4096)).expect("read");
+    assert!(data.iter().all(|&b| b == 0xBB), "the live volume has the new data");
+    // Exported, it cannot be deleted.
+    assert_eq!(d.try_rpc("bdev_snapshot_delete", json!({"name": "snapn"})).unwrap_err().code, -16);
+}

@@ -117,7 +117,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
             if bm.state != State::Complete || bm.source.snapshot_uuid != o.snapshot_uuid {
                 return Err(RpcError::invalid_params(format!("field `base_path`: {} is not a complete backup of {older}", base_manifest.display())));
             }
-            let ranges = source::changed_ranges(t, &older_d, &described)?;
+            let ranges = source::changed_ranges(t, &o, &src)?;
             let base = BaseRef { manifest: base_manifest.display().to_string(), snapshot: o.snapshot.clone(), snapshot_uuid: o.snapshot_uuid.clone() };
             (Kind::Incremental, Some(base), ranges)
         }
