@@ -293,6 +293,7 @@ fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let thread = std::thread::Builder::new()
         .name(format!("restore-{id}"))
         .spawn(move || {
+            job::lower_priority();
             let r = restore_into_bdev(&reactors, core, &hold, &chain, &pg);
             let mut last = chain.last().map(|(_, m)| m.clone()).expect("a chain has at least one backup");
             last.finished_at = Some(manifest::now_unix());
