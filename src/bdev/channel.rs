@@ -146,6 +146,17 @@ impl Channel {
         self.run(IoType::Unmap, num_blocks * self.block_size as u64, Io::Unmap { offset_blocks, num_blocks }).await
     }
 
+    /// Passes a request a virtual bdev received on to this (base) channel unchanged.
+    pub async fn forward(&self, io: Io<'_, '_>) -> IoResult {
+        match io {
+            Io::Read { offset_blocks, bufs, .. } => self.read(offset_blocks, bufs).await,
+            Io::Write { offset_blocks, bufs, .. } => self.write(offset_blocks, bufs).await,
+            Io::Flush => self.flush().await,
+            Io::Unmap { offset_blocks, num_blocks } => self.unmap(offset_blocks, num_blocks).await,
+            Io::WriteZeroes { offset_blocks, num_blocks } => self.write_zeroes(offset_blocks, num_blocks).await,
+        }
+    }
+
     pub async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
         self.check(IoType::WriteZeroes, offset_blocks, num_blocks)?;
         self.run(IoType::WriteZeroes, num_blocks * self.block_size as u64, Io::WriteZeroes { offset_blocks, num_blocks }).await
