@@ -276,10 +276,12 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
                 g.leg_blocks_needed()
             )));
         }
+        // A failed slot whose leg was not given first: most often that leg is this one, back
+        // without a readable superblock (it joined just before a crash); else a free slot.
         let free = |want: SlotState, slots: &[CtlSlot]| slots.iter().position(|s| s.rec.state == want && s.guard.is_none());
-        let slot = free(SlotState::Empty, &slots)
+        let slot = free(SlotState::Failed, &slots)
+            .or_else(|| free(SlotState::Empty, &slots))
             .or_else(|| free(SlotState::Removed, &slots))
-            .or_else(|| free(SlotState::Failed, &slots))
             .ok_or_else(|| MirrorError::Invalid(format!("mirror {name} has no free slot for {}", l.name)))?;
         changes.push(format!("{} added", l.name));
         stale[slot] = Bitmap::full(g.num_regions);
@@ -371,6 +373,7 @@ fn start(
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),
         gate: crate::preserve::EpochTracker::new(cores.max(1), 1),
+        locks: crate::extent_lock::LockSpace::new(cores.max(1), g.region_blocks),
         slots: std::array::from_fn(|_| SlotShared {
             mode: AtomicU8::new(0),
             incarnation: AtomicU64::new(0),

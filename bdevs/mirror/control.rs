@@ -562,6 +562,15 @@ impl Ctl {
         if self.slots[slot].in_sync() && self.active_count() == 1 {
             return Err(MirrorError::Busy(format!("{name} is the last in-sync leg of mirror {}", self.sh.name)));
         }
+        if self.slots[slot].in_sync() && !self.unsynced.is_empty() {
+            // The legs may still differ where writes were in flight at a crash; reads there come
+            // from one leg, and removing one could change what they return.
+            return Err(MirrorError::Busy(format!(
+                "mirror {} is resynchronising {} region(s) after a crash; remove {name} when it is done",
+                self.sh.name,
+                self.unsynced.count()
+            )));
+        }
         log::info!("mirror {}: removing leg {name} (slot {slot})", self.sh.name);
         self.depart(slot, SlotState::Removed);
         Ok(())
@@ -713,6 +722,14 @@ impl Ctl {
         };
         if self.active_count() < 2 {
             return refuse(reply, MirrorError::Invalid(format!("{leg} is the last in-sync leg of mirror {name}; splitting it off would leave no copy")));
+        }
+        if !self.unsynced.is_empty() {
+            // Regions written at a crash may still differ between legs; the image would not
+            // hold what the mirror reads there.
+            return refuse(
+                reply,
+                MirrorError::Busy(format!("mirror {name} is resynchronising {} region(s) after a crash; split when it is done", self.unsynced.count())),
+            );
         }
         // The split is recorded before it starts: a crash in the middle must not let the leg
         // look in sync when new writes have skipped it.
