@@ -582,6 +582,19 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && world.io_count() >= crash_at)
         });
         if let Some(f) = sh.borrow().failure.clone() {
+            if std::env::var("SEED").is_ok() {
+                for (i, d) in world.devs.iter().enumerate() {
+                    let img = d.current_image();
+                    let tags: Vec<u64> = (0..cfg.data_blocks)
+                        .map(|b| {
+                            let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize;
+                            u64::from_le_bytes(img[o..o + 8].try_into().expect("8"))
+                        })
+                        .collect();
+                    eprintln!("leg {i}: {tags:?}");
+                }
+                eprintln!("{:?}", world.mirror.status());
+            }
             return Err(f);
         }
         r?;
@@ -657,6 +670,13 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         });
         world.run_until(&sh, &mut rng, &mut steps, || *done.borrow())?;
         if let Some(f) = sh.borrow().failure.clone() {
+            if std::env::var("SEED").is_ok() {
+                for (i, d) in world.devs.iter().enumerate() {
+                    let img = d.current_image();
+                    let tags: Vec<u64> = (0..cfg.data_blocks).map(|b| { let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize; u64::from_le_bytes(img[o..o + 8].try_into().unwrap()) }).collect();
+                    eprintln!("leg {i}: {tags:?}");
+                }
+            }
             return Err(f);
         }
         drop(refs);

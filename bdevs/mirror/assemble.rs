@@ -373,7 +373,8 @@ fn start(
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),
         gate: crate::preserve::EpochTracker::new(cores.max(1), 1),
-        locks: crate::extent_lock::LockSpace::new(cores.max(1), g.region_blocks),
+        // Shards chosen from the name: the same on every run (the simulation replays seeds).
+        locks: crate::extent_lock::LockSpace::with_shard_seed(cores.max(1), g.region_blocks, crc32c::crc32c(name.as_bytes()) as u64),
         slots: std::array::from_fn(|_| SlotShared {
             mode: AtomicU8::new(0),
             incarnation: AtomicU64::new(0),

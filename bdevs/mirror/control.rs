@@ -1066,7 +1066,11 @@ impl Ctl {
             }
         }
         for (r, reply) in batch.enters {
-            if wi_durable {
+            if wi_durable && self.locks.contains_key(&r) {
+                // Locked (a rebuild window, a repair) while its bit was being written: the
+                // lock was granted on an empty region, so the write waits for the unlock.
+                self.parked.entry(r).or_default().push(reply);
+            } else if wi_durable {
                 self.admit(r);
                 let _ = reply.send(Ok(()));
             } else {
