@@ -673,7 +673,12 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             if std::env::var("SEED").is_ok() {
                 for (i, d) in world.devs.iter().enumerate() {
                     let img = d.current_image();
-                    let tags: Vec<u64> = (0..cfg.data_blocks).map(|b| { let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize; u64::from_le_bytes(img[o..o + 8].try_into().unwrap()) }).collect();
+                    let tags: Vec<u64> = (0..cfg.data_blocks)
+                        .map(|b| {
+                            let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize;
+                            u64::from_le_bytes(img[o..o + 8].try_into().unwrap())
+                        })
+                        .collect();
                     eprintln!("leg {i}: {tags:?}");
                 }
             }
