@@ -149,7 +149,10 @@ fn main() {
     iops(t, "m0", &warm);
     let (single, single_p99) = iops(t, "single", &a);
     let (mirror_iops, mirror_p99) = iops(t, "m0", &a);
-    println!("[1] write IOPS: single leg {single:.0} (p99 {single_p99:.1} us), 2-leg mirror {mirror_iops:.0} (p99 {mirror_p99:.1} us); ratio mirror/single = {:.3}", mirror_iops / single);
+    println!(
+        "[1] write IOPS: single leg {single:.0} (p99 {single_p99:.1} us), 2-leg mirror {mirror_iops:.0} (p99 {mirror_p99:.1} us); ratio mirror/single = {:.3}",
+        mirror_iops / single
+    );
 
     // 2. Re-join after a split with 1% of the regions written, against a full rebuild.
     let m = mirror(t, "m0");
@@ -198,7 +201,11 @@ fn main() {
     let splitter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(secs * 500));
         let before = t_arc.reactors.call(0, reactor::now_ns).unwrap_or(0);
-        let r = tidemark::rpc::call(&t_arc, "bdev_snapshot_create", Some(serde_json::json!({"bdev_name": "m0", "snapshot_name": "img2", "method": "split", "base_bdev": "l2", "wait_sealed": true})));
+        let r = tidemark::rpc::call(
+            &t_arc,
+            "bdev_snapshot_create",
+            Some(serde_json::json!({"bdev_name": "m0", "snapshot_name": "img2", "method": "split", "base_bdev": "l2", "wait_sealed": true})),
+        );
         let after = t_arc.reactors.call(0, reactor::now_ns).unwrap_or(0);
         *split_at2.lock().unwrap_or_else(|e| e.into_inner()) = Some(before);
         (r.is_ok(), after.saturating_sub(before))
