@@ -268,11 +268,15 @@ struct RxBuf {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The readiness tick before a read that returned less than it could have: the socket was
+    /// empty then, so the next read waits for a readiness edge after that tick instead of
+    /// spending a system call on a `WouldBlock`.
+    drained_at: Option<u64>,
 }
 
 impl RxBuf {
     fn new() -> RxBuf {
-        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0 }
+        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0, drained_at: None }
     }
 
     fn avail(&self) -> &[u8] {
@@ -297,10 +301,19 @@ impl RxBuf {
                 self.end -= self.start;
                 self.start = 0;
             }
+            if let Some(t) = self.drained_at.take() {
+                s.readable(t).await;
+            }
             let tick = s.read_tick();
+            let space = self.buf.len() - self.end;
             match s.try_read(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    self.end += n;
+                    if n < space {
+                        self.drained_at = Some(tick);
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -315,6 +328,9 @@ impl RxBuf {
         dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
         self.consume(n);
         let mut off = n;
+        if off < dst.len() {
+            self.drained_at = None;
+        }
         while off < dst.len() {
             let tick = s.read_tick();
             match s.try_read(&mut dst[off..]) {
@@ -585,7 +601,7 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         return Ok(());
     }
     let PendingData { sqe, buf, len, .. } = *p;
-    conn.execute(Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
+    conn.execute(conn.binding(), Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
     Ok(())
 }
 
@@ -800,12 +816,12 @@ impl Conn {
             self.push(TxPdu { hdr: pdu::r2t(cid, slot, 0, len, hdgst), data: TxData::None, ddgst: None });
             return;
         }
-        self.execute(None, sqe, plan, icd);
+        self.execute(binding, None, sqe, plan, icd);
     }
 
     /// Runs a command whose data (if it sends any) is all here.
-    fn execute(self: &Rc<Self>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
-        let Some(b) = self.binding() else {
+    fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+        let Some(b) = binding else {
             return self.complete(slot, sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
         let cid = sqe.cid();
