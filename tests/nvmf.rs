@@ -157,6 +157,13 @@ fn connect_identify_io_and_discovery() {
     let qps = d.rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
     assert_eq!(qps.as_array().unwrap().len(), 3);
 
+    // Fabrics Disconnect deletes an I/O queue: answered, then closed.
+    let mut disc_cmd = Sqe::new(spec::FABRICS_OPC, 0, 0);
+    disc_cmd.0[4] = spec::fctype::DISCONNECT;
+    assert!(q2.execute(disc_cmd, Payload::None).unwrap().0.status().is_success());
+    assert!(q2.wait_closed(Duration::from_secs(10)));
+    wait_until(|| d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))[0]["num_io_qpairs"] == 1, "I/O queue 2 deleted");
+
     // Discovery: the subsystem on its listener.
     let mut disc = Controller::connect(addr, spec::DISCOVERY_NQN, &opts(HOST_A)).expect("discovery connect");
     assert_eq!(disc.id.cntrltype, 2);
