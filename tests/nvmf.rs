@@ -143,6 +143,22 @@ fn connect_identify_io_and_discovery() {
     assert_eq!(done.len(), 100);
     assert!(done.iter().all(|c| c.cqe.status().is_success()));
 
+    // 96 outstanding 128 KiB writes (12 MiB) need more R2T buffers than a connection may
+    // hold at once (8 MiB): the rest wait for budget, and all complete with the right data.
+    let mut done: Vec<Completion> = Vec::new();
+    for i in 0..96u64 {
+        q1.submit(Qpair::rw_sqe(io_opc::WRITE, 1, 8192 + i * 256, 256), Payload::Out(&pattern(128 * 1024, i as u8))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.len() < 96 && Instant::now() < deadline {
+        q1.poll(&mut done).unwrap();
+    }
+    assert_eq!(done.len(), 96);
+    assert!(done.iter().all(|c| c.cqe.status().is_success()));
+    for i in [0u64, 50, 95] {
+        assert_eq!(read(&mut q1, 8192 + i * 256, 256, bs).1, pattern(128 * 1024, i as u8), "write {i}");
+    }
+
     // SMART counts the I/O; features read back.
     let smart = c.get_log_page(spec::log::SMART, spec::NSID_ALL, 512, 0, false).unwrap();
     assert!(u64::from_le_bytes(smart[64..72].try_into().unwrap()) >= 103, "host read commands");
