@@ -5,7 +5,10 @@
 pub mod delay;
 pub mod error;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
+pub mod nvme;
+pub mod snapshot;
 pub mod uring;
 
 use crate::bdev::Bdev;
@@ -18,9 +21,12 @@ use serde_json::{json, Value};
 pub fn register(m: &mut Methods) {
     malloc::rpc::register(m);
     null::rpc::register(m);
+    nvme::rpc::register(m);
     uring::rpc::register(m);
     error::rpc::register(m);
     delay::rpc::register(m);
+    mirror::rpc::register(m);
+    snapshot::rpc::register(m);
 }
 
 /// Parameters of every `bdev_*_delete` method.

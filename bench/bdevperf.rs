@@ -33,7 +33,7 @@ struct Args {
     /// I/O size in bytes.
     #[arg(short = 'o', long, default_value_t = 4096)]
     io_size: usize,
-    /// randread, randwrite, randrw, read, write.
+    /// randread, randwrite, randrw, read, write, verify (write a pattern, read it back, compare).
     #[arg(short = 'w', long, default_value = "randread")]
     workload: String,
     /// Percentage of reads in randrw.
@@ -57,6 +57,9 @@ struct Args {
 enum Pattern {
     Random,
     Sequential,
+    /// Random slots; each I/O writes a pattern naming its slot and sequence number and reads it
+    /// back; a difference is a miscompare (counted as an error).
+    Verify,
 }
 
 struct JobResult {
@@ -75,6 +78,7 @@ fn main() {
         "randrw" | "rw" => (Pattern::Random, a.rwmixread.min(100)),
         "read" => (Pattern::Sequential, 100),
         "write" => (Pattern::Sequential, 0),
+        "verify" => (Pattern::Verify, 0),
         other => fail(&format!("unknown workload {other}")),
     };
     if a.queue_depth == 0 || a.queue_depth > 1024 {
@@ -160,6 +164,9 @@ fn main() {
     drop(entry);
     target.shutdown();
     reactors.stop();
+    if total.errors > 0 {
+        std::process::exit(2);
+    }
 }
 
 fn fail(msg: &str) -> ! {
@@ -195,11 +202,16 @@ async fn run_job(
         tasks.push(reactor::spawn(async move {
             let mut buf = IoBuf::alloc(io_size);
             buf.fill(0xA5);
+            let mut check = IoBuf::alloc(if pattern == Pattern::Verify { io_size } else { 0 });
+            let mut seq = 0u64;
             while reactor::now_ns() < end {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 let slot = match pattern {
+                    // Verify tasks own disjoint slots (slot % qd == task) so no two tasks race
+                    // on one block and every read must return the task's own last write.
+                    Pattern::Verify => (rng % slots.div_ceil(qd as u64)) * qd as u64 + i as u64,
                     Pattern::Random => rng % slots,
                     Pattern::Sequential => {
                         let s = next_seq.get();
@@ -207,9 +219,33 @@ async fn run_job(
                         s % slots
                     }
                 };
+                if pattern == Pattern::Verify && slot >= slots {
+                    continue;
+                }
                 let is_read = (rng >> 40) % 100 < read_pct as u64;
                 let t0 = reactor::now_ns();
-                let r = if is_read { ch.read_buf(slot * blocks_per_io, &mut buf).await } else { ch.write_buf(slot * blocks_per_io, &buf).await };
+                let r = if pattern == Pattern::Verify {
+                    seq += 1;
+                    for (k, w) in buf.chunks_mut(8).enumerate() {
+                        let v = (slot << 24) ^ (seq << 8) ^ (k as u64) ^ ((core as u64) << 56);
+                        w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
+                    }
+                    match ch.write_buf(slot * blocks_per_io, &buf).await {
+                        Ok(()) => match ch.read_buf(slot * blocks_per_io, &mut check).await {
+                            Ok(()) if check[..] == buf[..] => Ok(()),
+                            Ok(()) => {
+                                eprintln!("bdevperf: miscompare at block {}", slot * blocks_per_io);
+                                Err(tidemark::bdev::BdevError::Media)
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    }
+                } else if is_read {
+                    ch.read_buf(slot * blocks_per_io, &mut buf).await
+                } else {
+                    ch.write_buf(slot * blocks_per_io, &buf).await
+                };
                 let dt = reactor::now_ns() - t0;
                 let mut res = result.borrow_mut();
                 match r {
@@ -218,7 +254,12 @@ async fn run_job(
                         res.bytes += io_size as u64;
                         let _ = res.hist.record(dt.max(1));
                     }
-                    Err(_) => res.errors += 1,
+                    Err(e) => {
+                        if res.errors == 0 {
+                            eprintln!("bdevperf: first error on core {core}: {e}");
+                        }
+                        res.errors += 1
+                    }
                 }
             }
         }));

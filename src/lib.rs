@@ -10,10 +10,15 @@ pub mod bdev;
 pub mod bdevs;
 pub mod config;
 pub mod daemon;
+pub mod extent_lock;
+pub mod iscsi;
 pub mod metrics;
 pub mod nvmf;
+pub mod preserve;
 pub mod reactor;
 pub mod rpc;
+pub mod scsi;
+pub mod sim;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the

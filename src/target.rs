@@ -44,9 +44,15 @@ pub struct Target {
 impl Target {
     pub fn new(reactors: ReactorHandle, config: Config) -> Target {
         let cores = reactors.core_count();
+        // Shutdown runs this list backwards: jobs stop first, then the front ends, then bdevs.
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             Arc::new(crate::bdev::BdevSubsystem),
+            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
+            Arc::new(crate::preserve::PreserveSubsystem),
+            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::nvmf::NvmfTarget::new(reactors.clone())),
+            Arc::new(crate::iscsi::IscsiSubsystem::new(cores)),
+            Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::backup::BackupService::default()),
         ];
         Target {

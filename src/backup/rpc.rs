@@ -74,7 +74,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
             format!("snapshot {} is not sealed yet (old-epoch I/O still in flight); retry when bdev_snapshot_get shows it sealed", p.source),
         ));
     }
-    let src = described.source;
+    let src = described.source.clone();
     let entry = t.bdev(&p.source)?;
     let bs = entry.bdev().block_size();
     let size = entry.bdev().num_blocks() * bs as u64;
@@ -87,7 +87,11 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let (kind, base, ranges) = match &p.incremental_from {
         None => (Kind::Full, None, vec![(0, size)]),
         Some(older) => {
-            let o = source::describe(t, older)?.source;
+            let older_d = source::describe(t, older)?;
+            if !older_d.sealed {
+                return Err(RpcError::new(EBUSY, format!("snapshot {older} is not sealed yet")));
+            }
+            let o = older_d.source.clone();
             if o.volume_uuid != src.volume_uuid {
                 return Err(RpcError::invalid_params(format!(
                     "field `incremental_from`: {older} preserves volume {}, not {} like {}",
@@ -113,7 +117,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
             if bm.state != State::Complete || bm.source.snapshot_uuid != o.snapshot_uuid {
                 return Err(RpcError::invalid_params(format!("field `base_path`: {} is not a complete backup of {older}", base_manifest.display())));
             }
-            let ranges = source::changed_ranges(t, &o, &src)?;
+            let ranges = source::changed_ranges(t, &older_d, &described)?;
             let base = BaseRef { manifest: base_manifest.display().to_string(), snapshot: o.snapshot.clone(), snapshot_uuid: o.snapshot_uuid.clone() };
             (Kind::Incremental, Some(base), ranges)
         }

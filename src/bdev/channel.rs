@@ -99,9 +99,10 @@ impl Channel {
     async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
         let shard = self.entry.stats().shard(self.core);
         shard.in_flight.fetch_add(1, Relaxed);
-        let t0 = reactor::now_ns();
+        // Wall-clock latency (also under simulation: statistics never steer behaviour).
+        let t0 = reactor::monotonic_ns();
         let r = self.io.submit(io).await;
-        let dt = reactor::now_ns().saturating_sub(t0);
+        let dt = reactor::monotonic_ns().saturating_sub(t0);
         shard.in_flight.fetch_sub(1, Relaxed);
         self.entry.stats().record(self.core, t, bytes, dt, r.is_ok());
         r

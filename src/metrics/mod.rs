@@ -61,15 +61,14 @@ impl<'a> MetricsOut<'a> {
         }
         let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
         for (labels, s) in samples {
-            let mut cumulative = 0u64;
+            // Per-bucket counts: the encoder makes them cumulative itself.
             let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_US.len() + 1);
             for (i, &b) in LATENCY_BUCKETS_US.iter().enumerate() {
-                cumulative += s.buckets[i];
-                buckets.push((b as f64 / 1e6, cumulative));
+                buckets.push((b as f64 / 1e6, s.buckets[i]));
             }
-            cumulative += s.buckets[LATENCY_BUCKETS_US.len()];
-            buckets.push((f64::INFINITY, cumulative));
-            m.encode_family(labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(s.sum_ns as f64 / 1e9, cumulative, &buckets, None)?;
+            buckets.push((f64::INFINITY, s.buckets[LATENCY_BUCKETS_US.len()]));
+            let count = s.buckets.iter().sum();
+            m.encode_family(labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(s.sum_ns as f64 / 1e9, count, &buckets, None)?;
         }
         Ok(())
     }

@@ -225,7 +225,7 @@ fn run_loop(core: &Rc<Core>, opts: &ReactorOptions, stop: &AtomicBool) {
         if stop.load(Ordering::Relaxed) && !mb.has_work() && !core.pollers_busy() {
             break;
         }
-        if opts.poll_mode == PollMode::Adaptive && t1.saturating_sub(last_work) >= idle_ns && mb.prepare_sleep() {
+        if opts.poll_mode == PollMode::Adaptive && t1.saturating_sub(last_work) >= idle_ns && !core.pollers_need_polling() && mb.prepare_sleep() {
             let timeout = match core.timers.next_deadline() {
                 Some(d) => Duration::from_nanos(d.saturating_sub(t1)).min(MAX_SLEEP),
                 None => MAX_SLEEP,

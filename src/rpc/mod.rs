@@ -43,7 +43,9 @@ impl Methods {
         framework::register(&mut m);
         crate::bdev::rpc::register(&mut m);
         crate::bdevs::register(&mut m);
+        crate::preserve::rpc::register(&mut m);
         crate::nvmf::rpc::register(&mut m);
+        crate::iscsi::rpc::register(&mut m);
         crate::backup::rpc::register(&mut m);
         m
     }

@@ -1,0 +1,1199 @@
+//! The mirror's control task: the one place where persistent state changes, on the mirror's
+//! home core. It takes requests in batches (everything queued when it wakes), applies them to
+//! its in-memory state, then commits: it writes what changed to every leg that holds metadata,
+//! and only then answers the requests that depend on it.
+//!
+//! The rules it keeps:
+//! - **Write intent before data.** A write may enter a region only when the region's bit is on
+//!   the in-sync legs (written and flushed); a batch of first writes to clean regions costs one
+//!   page write per leg.
+//! - **Departure before acknowledgement.** A leg that failed a write keeps receiving writes until
+//!   its departure is on the remaining legs; a write that it failed completes only after that.
+//!   So after a crash no leg that missed an acknowledged write can look in sync.
+//! - **Stale maps before clearing.** A departed leg's stale map lists every region written since
+//!   it left (or may list more). It is written lazily, but always before a write-intent bit is
+//!   cleared: at assembly, stale maps are merged with the write-intent bitmap, so nothing a
+//!   departed leg missed is ever forgotten.
+//! - **Clear lazily.** A region's write-intent bit is cleared after it saw no write for a whole
+//!   cleaner interval, in batches.
+
+use super::channel::join_slots;
+use super::layout::{Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, SUPERBLOCK_BYTES};
+use super::regions::{FAST, UNSYNCED, WAIT_DRAIN};
+use super::{rebuild, AddedLeg, LegMode, MirrorError, MirrorStatus, ProcessStatus, Shared, SlotStatus, SplitSealed, SplitStarted};
+use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
+use crate::reactor;
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Most requests handled before a commit.
+const MAX_BATCH: usize = 4096;
+/// How long a dropped leg's in-flight I/O is waited for before its claim is released.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+pub(crate) enum Request {
+    /// A write wants to enter a region that is not open for fast entry.
+    Enter {
+        region: u64,
+        reply: oneshot::Sender<IoResult>,
+    },
+    /// Exclusive use of a region (a rebuild window, a repair): answered once no write is inside.
+    /// With `write_intent`, the region's bit is made durable first (the holder writes in-sync legs).
+    Lock {
+        region: u64,
+        write_intent: bool,
+        reply: oneshot::Sender<IoResult>,
+    },
+    Unlock {
+        region: u64,
+    },
+    /// The last write left a region that a lock waits for.
+    Drained {
+        region: u64,
+    },
+    /// A leg (the slot's `incarnation`) failed an I/O; answered once its departure is durable.
+    LegFailed {
+        incarnation: u64,
+        slot: usize,
+        reply: oneshot::Sender<IoResult>,
+    },
+    CleanTick,
+    AddLeg {
+        guard: HoldGuard,
+        reply: oneshot::Sender<Result<AddedLeg, MirrorError>>,
+    },
+    RemoveLeg {
+        name: String,
+        reply: oneshot::Sender<Result<(), MirrorError>>,
+    },
+    /// Answered once the split's epoch started; the seal is answered through `SplitStarted`.
+    Split {
+        leg: String,
+        image: String,
+        reply: oneshot::Sender<Result<SplitStarted, MirrorError>>,
+    },
+    /// An image was deleted: its slot forgets the name (the leg can still re-join).
+    ForgetImage {
+        image: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// Every write of the epoch before a split completed.
+    SplitDrained {
+        slot: usize,
+    },
+    /// The background process asks for its next region at or after `cursor`.
+    ProcessNext {
+        cursor: u64,
+        reply: oneshot::Sender<Option<Step>>,
+    },
+    ProcessDone {
+        region: u64,
+        copied: u8,
+        resynced: bool,
+        unreadable: bool,
+        bytes: u64,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// One window of the background process.
+pub(crate) struct Step {
+    pub region: u64,
+    /// In-sync legs to read from, preferred first.
+    pub sources: Vec<usize>,
+    /// Legs to copy the region to (a mask of slots).
+    pub targets: u8,
+    /// The region is resynchronised (copied to every in-sync leg but the first source).
+    pub resync: bool,
+}
+
+pub(crate) struct CtlSlot {
+    pub rec: SlotRecord,
+    /// The leg's bdev name (kept after the leg left, for status).
+    pub name: String,
+    pub guard: Option<HoldGuard>,
+    /// The home core's channel to the leg.
+    pub ch: Option<Channel>,
+    /// Departed in memory, departure not yet durable: still written.
+    pub failing: bool,
+}
+
+impl CtlSlot {
+    pub fn empty() -> CtlSlot {
+        CtlSlot { rec: SlotRecord::default(), name: String::new(), guard: None, ch: None, failing: false }
+    }
+
+    fn in_sync(&self) -> bool {
+        self.rec.state == SlotState::Active && !self.failing
+    }
+
+    /// Holds metadata: written with every bitmap and superblock change.
+    fn holds_metadata(&self) -> bool {
+        matches!(self.rec.state, SlotState::Active | SlotState::Rebuilding) && !self.failing && self.ch.is_some()
+    }
+}
+
+#[derive(Default)]
+struct RegionLock {
+    queue: VecDeque<(bool, oneshot::Sender<IoResult>)>,
+    draining: Option<oneshot::Sender<IoResult>>,
+}
+
+struct PendingSplit {
+    slot: usize,
+    image: String,
+    /// Answered when the epoch starts (or the split fails before).
+    started: Option<oneshot::Sender<Result<SplitStarted, MirrorError>>>,
+    /// Answered when the leg is sealed (or the split fails after it started).
+    sealed: Option<oneshot::Sender<Result<SplitSealed, MirrorError>>>,
+    sealed_rx: Option<oneshot::Receiver<Result<SplitSealed, MirrorError>>>,
+}
+
+impl PendingSplit {
+    /// Tells whoever waits that the split failed.
+    fn fail(mut self, e: MirrorError) {
+        if let Some(r) = self.started.take() {
+            let _ = r.send(Err(e));
+        } else if let Some(r) = self.sealed.take() {
+            let _ = r.send(Err(e));
+        }
+    }
+}
+
+/// Answers that wait for the next superblock to be durable.
+enum AfterSb {
+    Io(oneshot::Sender<IoResult>),
+    Added(oneshot::Sender<Result<AddedLeg, MirrorError>>, AddedLeg),
+    Removed(oneshot::Sender<Result<(), MirrorError>>),
+    SplitStart(usize),
+    Sealed(usize),
+    Forgot(oneshot::Sender<()>),
+}
+
+#[derive(Default)]
+struct Batch {
+    need_sb: bool,
+    /// Write-intent bits are being cleared: stale maps go out first.
+    clearing: bool,
+    /// Bits set in this batch, not durable yet.
+    pending_wi: HashSet<u64>,
+    enters: Vec<(u64, oneshot::Sender<IoResult>)>,
+    locks_after_wi: Vec<(u64, oneshot::Sender<IoResult>)>,
+    after_sb: Vec<AfterSb>,
+}
+
+pub(crate) struct Ctl {
+    pub sh: Arc<Shared>,
+    pub g: Geometry,
+    pub generation: u64,
+    pub slots: Vec<CtlSlot>,
+    pub wi: Bitmap,
+    pub stale: Vec<Bitmap>,
+    pub unsynced: Bitmap,
+    pub wi_dirty: BTreeSet<u64>,
+    pub stale_dirty: BTreeSet<(usize, u64)>,
+    locks: HashMap<u64, RegionLock>,
+    parked: HashMap<u64, Vec<oneshot::Sender<IoResult>>>,
+    process_running: bool,
+    process: Option<ProcessStatus>,
+    split: Option<PendingSplit>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    shutting_down: bool,
+    batch: Batch,
+}
+
+impl Ctl {
+    pub(crate) fn new(sh: Arc<Shared>, generation: u64, slots: Vec<CtlSlot>, wi: Bitmap, stale: Vec<Bitmap>, unsynced: Bitmap) -> Ctl {
+        assert_eq!(slots.len(), MAX_SLOTS);
+        assert_eq!(stale.len(), MAX_SLOTS);
+        let g = sh.geometry;
+        let mut c = Ctl {
+            sh,
+            g,
+            generation,
+            slots,
+            wi,
+            stale,
+            unsynced,
+            wi_dirty: BTreeSet::new(),
+            stale_dirty: BTreeSet::new(),
+            locks: HashMap::new(),
+            parked: HashMap::new(),
+            process_running: false,
+            process: None,
+            split: None,
+            shutdown_waiters: Vec::new(),
+            shutting_down: false,
+            batch: Batch::default(),
+        };
+        for r in c.unsynced.iter_set().collect::<Vec<_>>() {
+            c.sh.regions.set(r, UNSYNCED);
+        }
+        c.sync_modes();
+        c
+    }
+
+    /// Starts the control task and the cleaner's clock on the current core (the home core).
+    pub(crate) fn start(self, rx: mpsc::UnboundedReceiver<Request>) {
+        let sh = self.sh.clone();
+        reactor::spawn_detached(self.run(rx));
+        let interval = Duration::from_nanos(sh.options.clean_interval_ns.max(1_000_000));
+        reactor::spawn_detached(async move {
+            loop {
+                reactor::sleep(interval).await;
+                if sh.offline.load(SeqCst) || !sh.send(Request::CleanTick) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Sets every slot's data-path mode and leg from the control state.
+    fn sync_modes(&mut self) {
+        for (i, s) in self.slots.iter().enumerate() {
+            let mode = match s.rec.state {
+                _ if s.failing => LegMode::WriteOnly,
+                SlotState::Active => LegMode::Active,
+                SlotState::Rebuilding => LegMode::WriteOnly,
+                SlotState::Splitting => self.sh.slots[i].mode(),
+                _ => LegMode::Off,
+            };
+            self.sh.slots[i].set_mode(mode);
+            self.sh.slots[i].set_entry(if mode == LegMode::Off { None } else { s.guard.as_ref().map(|g| g.entry().clone()) });
+        }
+        self.update_source();
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+    }
+
+    fn active_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.in_sync()).count()
+    }
+
+    fn update_source(&mut self) {
+        let src = self.slots.iter().position(|s| s.in_sync()).unwrap_or(0);
+        self.sh.source_slot.store(src, SeqCst);
+        if self.active_count() < 2 && !self.unsynced.is_empty() {
+            // One copy left: nothing to resynchronise against.
+            for r in self.unsynced.iter_set().collect::<Vec<_>>() {
+                self.sh.regions.clear(r, UNSYNCED);
+            }
+            self.unsynced.clear_all();
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        self.publish();
+        self.ensure_process();
+        loop {
+            let Some(first) = rx.next().await else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            for req in batch {
+                self.handle(req).await;
+            }
+            self.commit_and_answer().await;
+            if self.shutting_down && !self.process_running {
+                self.finish().await;
+                break;
+            }
+        }
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Enter { region, reply } => self.enter(region, reply),
+            Request::Lock { region, write_intent, reply } => {
+                if self.shutting_down && write_intent {
+                    let _ = reply.send(Err(BdevError::Offline));
+                } else if region >= self.g.num_regions {
+                    let _ = reply.send(Err(BdevError::OutOfRange { offset: region, count: 1, size: self.g.num_regions }));
+                } else if let Some(l) = self.locks.get_mut(&region) {
+                    l.queue.push_back((write_intent, reply));
+                } else {
+                    self.start_lock(region, write_intent, reply);
+                }
+            }
+            Request::Unlock { region } => self.unlock(region),
+            Request::Drained { region } => {
+                if let Some(reply) = self.locks.get_mut(&region).and_then(|l| l.draining.take()) {
+                    self.sh.regions.clear(region, WAIT_DRAIN);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Request::LegFailed { slot, incarnation, reply } => {
+                if self.sh.slots.get(slot).is_some_and(|s| s.incarnation.load(SeqCst) == incarnation) {
+                    self.leg_failed(slot, reply);
+                } else {
+                    // The leg that failed already left the slot.
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Request::CleanTick => self.clean(),
+            Request::AddLeg { guard, reply } => match self.add_leg(guard).await {
+                Ok(info) => {
+                    self.batch.need_sb = true;
+                    self.batch.after_sb.push(AfterSb::Added(reply, info));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::RemoveLeg { name, reply } => match self.remove_leg(&name) {
+                Ok(()) => self.batch.after_sb.push(AfterSb::Removed(reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Split { leg, image, reply } => self.split(&leg, image, reply),
+            Request::SplitDrained { slot } => self.split_drained(slot).await,
+            Request::ForgetImage { image, reply } => {
+                for s in self.slots.iter_mut() {
+                    if s.rec.state == SlotState::Split && s.rec.image == image {
+                        s.rec.image.clear();
+                        self.batch.need_sb = true;
+                        self.batch.after_sb.push(AfterSb::Forgot(reply));
+                        return;
+                    }
+                }
+                let _ = reply.send(());
+            }
+            Request::ProcessNext { cursor, reply } => {
+                let step = self.process_next(cursor);
+                let _ = reply.send(step);
+            }
+            Request::ProcessDone { region, copied, resynced, unreadable, bytes } => self.process_done(region, copied, resynced, unreadable, bytes),
+            Request::Shutdown { reply } => {
+                self.shutdown_waiters.push(reply);
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    self.sh.offline.store(true, SeqCst);
+                    if let Some(sp) = self.split.take() {
+                        let slot = sp.slot;
+                        sp.fail(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+                        // New writes skipped the leg: it is behind, like a failed one.
+                        self.depart(slot, SlotState::Failed);
+                    }
+                    for (_, waiters) in self.parked.drain() {
+                        for w in waiters {
+                            let _ = w.send(Err(BdevError::Offline));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- regions ----------------------------------------------------------------------
+
+    fn enter(&mut self, r: u64, reply: oneshot::Sender<IoResult>) {
+        if self.shutting_down {
+            let _ = reply.send(Err(BdevError::Offline));
+            return;
+        }
+        if r >= self.g.num_regions {
+            let _ = reply.send(Err(BdevError::OutOfRange { offset: r, count: 1, size: self.g.num_regions }));
+            return;
+        }
+        if self.locks.contains_key(&r) {
+            self.parked.entry(r).or_default().push(reply);
+        } else if !self.wi.get(r) || self.batch.pending_wi.contains(&r) {
+            self.set_write_intent(r);
+            self.batch.enters.push((r, reply));
+        } else {
+            self.admit(r);
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    fn set_write_intent(&mut self, r: u64) {
+        if self.wi.set(r) {
+            self.wi_dirty.insert(self.g.page_of(r));
+            self.batch.pending_wi.insert(r);
+        }
+    }
+
+    /// Lets one write into region `r` (its write-intent bit is durable) and opens the region
+    /// for fast entry, after recording the coming write in every departed leg's stale map.
+    fn admit(&mut self, r: u64) {
+        self.mark_stale(r);
+        self.sh.regions.admit(r, true);
+    }
+
+    fn mark_stale(&mut self, r: u64) {
+        for s in 0..MAX_SLOTS {
+            let slot = &self.slots[s];
+            if (slot.rec.state.departed() || slot.failing) && self.stale[s].set(r) {
+                self.stale_dirty.insert((s, self.g.page_of(r)));
+            }
+        }
+    }
+
+    fn start_lock(&mut self, r: u64, write_intent: bool, reply: oneshot::Sender<IoResult>) {
+        self.locks.insert(r, RegionLock::default());
+        self.sh.regions.clear(r, FAST);
+        if write_intent && (!self.wi.get(r) || self.batch.pending_wi.contains(&r)) {
+            self.set_write_intent(r);
+            self.batch.locks_after_wi.push((r, reply));
+        } else {
+            self.begin_drain(r, reply);
+        }
+    }
+
+    fn begin_drain(&mut self, r: u64, reply: oneshot::Sender<IoResult>) {
+        if self.sh.regions.begin_drain(r) {
+            let _ = reply.send(Ok(()));
+        } else if let Some(l) = self.locks.get_mut(&r) {
+            l.draining = Some(reply);
+        }
+    }
+
+    fn unlock(&mut self, r: u64) {
+        let Some(mut l) = self.locks.remove(&r) else { return };
+        if let Some((wi, reply)) = l.queue.pop_front() {
+            let rest = std::mem::take(&mut l.queue);
+            self.start_lock(r, wi, reply);
+            if let Some(l) = self.locks.get_mut(&r) {
+                l.queue = rest;
+            }
+        } else if let Some(waiters) = self.parked.remove(&r) {
+            for w in waiters {
+                self.enter(r, w);
+            }
+        }
+    }
+
+    /// Clears the write-intent bits of regions without writes for a whole interval.
+    fn clean(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let candidates: Vec<u64> =
+            self.wi.iter_set().filter(|r| !self.locks.contains_key(r) && !self.unsynced.get(*r) && !self.batch.pending_wi.contains(r)).collect();
+        let mut n = 0;
+        for r in candidates {
+            if self.sh.regions.close_if_quiet(r) {
+                self.wi.clear(r);
+                self.wi_dirty.insert(self.g.page_of(r));
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.batch.clearing = true;
+            self.sh.counters.regions_cleared.fetch_add(n, Relaxed);
+        }
+    }
+
+    // ---- legs -------------------------------------------------------------------------
+
+    fn leg_failed(&mut self, slot: usize, reply: oneshot::Sender<IoResult>) {
+        if slot >= MAX_SLOTS {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let s = &self.slots[slot];
+        if s.failing {
+            self.batch.after_sb.push(AfterSb::Io(reply));
+            return;
+        }
+        match s.rec.state {
+            SlotState::Active if self.active_count() == 1 => {
+                // The last in-sync copy stays: its errors go to the host instead.
+                let _ = reply.send(Ok(()));
+            }
+            SlotState::Active | SlotState::Rebuilding | SlotState::Splitting => {
+                log::error!("mirror {}: dropping leg {} (slot {slot}) after an I/O error", self.sh.name, s.name);
+                self.sh.counters.leg_failures.fetch_add(1, Relaxed);
+                self.depart(slot, SlotState::Failed);
+                self.batch.after_sb.push(AfterSb::Io(reply));
+            }
+            // Already gone, durably.
+            _ => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Takes a leg out of the mirror (in memory; durable with the next superblock). It keeps
+    /// receiving writes until then.
+    fn depart(&mut self, slot: usize, state: SlotState) {
+        let s = &mut self.slots[slot];
+        if !matches!(s.rec.state, SlotState::Active | SlotState::Rebuilding | SlotState::Splitting) {
+            return;
+        }
+        if s.rec.state == SlotState::Splitting && self.split.as_ref().is_some_and(|sp| sp.slot == slot) {
+            if let Some(sp) = self.split.take() {
+                sp.fail(MirrorError::Io(format!("leg {} failed while it was being split off", s.name)));
+            }
+        }
+        s.rec.state = state;
+        s.rec.image.clear();
+        s.failing = true;
+        self.sh.slots[slot].set_mode(LegMode::WriteOnly);
+        // Every region that may have a write in flight is one the leg may miss.
+        self.stale[slot].union_with(&self.wi);
+        for p in 0..self.g.bitmap_pages {
+            self.stale_dirty.insert((slot, p));
+        }
+        self.batch.need_sb = true;
+        self.update_source();
+    }
+
+    fn remove_leg(&mut self, name: &str) -> Result<(), MirrorError> {
+        if self.shutting_down {
+            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+        }
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.name == name && matches!(s.rec.state, SlotState::Active | SlotState::Rebuilding) && !s.failing)
+            .ok_or_else(|| MirrorError::NotFound(format!("{name} is not a leg of mirror {}", self.sh.name)))?;
+        if self.slots[slot].in_sync() && self.active_count() == 1 {
+            return Err(MirrorError::Busy(format!("{name} is the last in-sync leg of mirror {}", self.sh.name)));
+        }
+        log::info!("mirror {}: removing leg {name} (slot {slot})", self.sh.name);
+        self.depart(slot, SlotState::Removed);
+        Ok(())
+    }
+
+    fn superblock_for(&self, slot: usize, flags: u32) -> Superblock {
+        Superblock {
+            mirror_uuid: self.sh.uuid,
+            name: self.sh.name.clone(),
+            leg_uuid: self.slots[slot].rec.leg_uuid,
+            slot,
+            generation: self.generation,
+            flags,
+            geometry: self.g,
+            slots: std::array::from_fn(|i| self.slots[i].rec.clone()),
+        }
+    }
+
+    /// Adds a leg: in memory, with its metadata written; durable with the next superblock.
+    async fn add_leg(&mut self, guard: HoldGuard) -> Result<AddedLeg, MirrorError> {
+        if self.shutting_down {
+            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+        }
+        let entry = guard.entry().clone();
+        let name = entry.name().to_string();
+        let b = entry.bdev();
+        if b.block_size() != self.g.block_size {
+            return Err(MirrorError::Invalid(format!(
+                "{name} has {}-byte blocks; the legs of mirror {} have {}-byte blocks",
+                b.block_size(),
+                self.sh.name,
+                self.g.block_size
+            )));
+        }
+        if b.num_blocks() < self.g.leg_blocks_needed() {
+            return Err(MirrorError::Invalid(format!(
+                "{name} is too small: it has {} blocks, a leg of mirror {} needs {}",
+                b.num_blocks(),
+                self.sh.name,
+                self.g.leg_blocks_needed()
+            )));
+        }
+        if b.read_only() {
+            return Err(MirrorError::Invalid(format!("{name} is read-only")));
+        }
+        let ch = Channel::get(&entry).map_err(|e| MirrorError::Io(format!("cannot open {name}: {e}")))?;
+        let sb = super::assemble::read_superblock(&ch, self.g.block_size).await;
+        // A leg that left this mirror comes back to its slot and gets only what it missed.
+        let returning = sb.as_ref().and_then(|sb| {
+            let s = self.slots.get(sb.slot)?;
+            (sb.mirror_uuid == self.sh.uuid && s.rec.leg_uuid == sb.leg_uuid && sb.geometry == self.g).then_some(sb.slot)
+        });
+        let (slot, leg_uuid, returning) = match returning {
+            Some(slot) => {
+                let s = &self.slots[slot];
+                match s.rec.state {
+                    SlotState::Failed | SlotState::Removed | SlotState::Split if s.guard.is_none() && !s.failing => (slot, s.rec.leg_uuid, true),
+                    SlotState::Splitting => return Err(MirrorError::Busy(format!("{name} is being split off mirror {}", self.sh.name))),
+                    SlotState::Active | SlotState::Rebuilding => return Err(MirrorError::Busy(format!("{name} is already a leg of mirror {}", self.sh.name))),
+                    _ => return Err(MirrorError::Busy(format!("{name} is still being released by mirror {}; try again", self.sh.name))),
+                }
+            }
+            None => {
+                // A free slot; else the slot of a leg that was removed or failed (it can no
+                // longer come back incrementally). Split legs keep theirs: their images may.
+                let free = |want: SlotState| self.slots.iter().position(|s| s.rec.state == want && s.guard.is_none() && !s.failing);
+                let slot = free(SlotState::Empty)
+                    .or_else(|| free(SlotState::Removed))
+                    .or_else(|| free(SlotState::Failed))
+                    .ok_or_else(|| MirrorError::Invalid(format!("mirror {} has no free slot (at most {MAX_SLOTS} legs)", self.sh.name)))?;
+                (slot, Uuid::new_v4(), false)
+            }
+        };
+        // A returning leg needs what it missed: its stale map lists every region written since
+        // it left, including writes in flight now (they were admitted, or entered fast, after
+        // the region was recorded in it).
+        let stale = if returning { self.stale[slot].clone() } else { Bitmap::full(self.g.num_regions) };
+        // The leg's own metadata: every bitmap, and (for a new leg) no old superblock that
+        // could outrank ours.
+        let g = self.g;
+        let page = g.page_bytes as usize;
+        let mut buf = IoBuf::zeroed(page);
+        let written: IoResult = async {
+            if !returning {
+                for copy in 0..super::layout::SUPERBLOCK_COPIES {
+                    ch.write_buf(g.superblock_block(copy), &buf).await?;
+                }
+            }
+            for p in 0..g.bitmap_pages {
+                self.wi.encode_page(p, &mut buf);
+                ch.write_buf(g.bitmap_page_block(BitmapId::WriteIntent, p), &buf).await?;
+            }
+            for s in 0..MAX_SLOTS {
+                let map = if s == slot { &stale } else { &self.stale[s] };
+                for p in 0..g.bitmap_pages {
+                    map.encode_page(p, &mut buf);
+                    ch.write_buf(g.bitmap_page_block(BitmapId::Stale(s), p), &buf).await?;
+                }
+            }
+            ch.flush().await
+        }
+        .await;
+        written.map_err(|e| MirrorError::Io(format!("cannot write the mirror's metadata to {name}: {e}")))?;
+        let to_copy = stale.count();
+        self.stale[slot] = stale;
+        self.slots[slot] = CtlSlot {
+            rec: SlotRecord { leg_uuid, state: SlotState::Rebuilding, image: String::new() },
+            name: name.clone(),
+            guard: Some(guard),
+            ch: Some(ch),
+            failing: false,
+        };
+        self.sh.slots[slot].incarnation.fetch_add(1, SeqCst);
+        self.sh.slots[slot].set_entry(Some(entry));
+        self.sh.slots[slot].set_mode(LegMode::WriteOnly);
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+        if let Some(p) = self.process.as_mut() {
+            p.total_regions += to_copy;
+            p.targets.push(name.clone());
+            p.kind = "rebuild";
+        }
+        log::info!(
+            "mirror {}: {} leg {name} in slot {slot}; {to_copy} of {} regions to copy",
+            self.sh.name,
+            if returning { "re-adding" } else { "adding" },
+            g.num_regions
+        );
+        Ok(AddedLeg { slot, returning, regions_to_copy: to_copy })
+    }
+
+    // ---- split ------------------------------------------------------------------------
+
+    fn split(&mut self, leg: &str, image: String, reply: oneshot::Sender<Result<SplitStarted, MirrorError>>) {
+        let name = &self.sh.name;
+        let refuse = |reply: oneshot::Sender<Result<SplitStarted, MirrorError>>, e: MirrorError| {
+            let _ = reply.send(Err(e));
+        };
+        if self.shutting_down {
+            return refuse(reply, MirrorError::Busy(format!("mirror {name} is shutting down")));
+        }
+        if let Some(sp) = &self.split {
+            return refuse(reply, MirrorError::Busy(format!("mirror {name} is already splitting off {} (image {})", self.slots[sp.slot].name, sp.image)));
+        }
+        if image.is_empty() || image.len() > MAX_NAME {
+            return refuse(reply, MirrorError::Invalid(format!("image name must be 1 to {MAX_NAME} bytes")));
+        }
+        let Some(slot) = self.slots.iter().position(|s| s.name == leg && s.in_sync()) else {
+            return refuse(reply, MirrorError::Invalid(format!("{leg} is not an in-sync leg of mirror {name}")));
+        };
+        if self.active_count() < 2 {
+            return refuse(reply, MirrorError::Invalid(format!("{leg} is the last in-sync leg of mirror {name}; splitting it off would leave no copy")));
+        }
+        // The split is recorded before it starts: a crash in the middle must not let the leg
+        // look in sync when new writes have skipped it.
+        let s = &mut self.slots[slot];
+        s.rec.state = SlotState::Splitting;
+        s.rec.image = image.clone();
+        let (tx, rx) = oneshot::channel();
+        self.split = Some(PendingSplit { slot, image, started: Some(reply), sealed: Some(tx), sealed_rx: Some(rx) });
+        self.batch.need_sb = true;
+        self.batch.after_sb.push(AfterSb::SplitStart(slot));
+    }
+
+    /// The split's instant: from here on new writes skip the leg.
+    fn split_start(&mut self, slot: usize) {
+        self.stale[slot].clear_all();
+        for p in 0..self.g.bitmap_pages {
+            self.stale_dirty.insert((slot, p));
+        }
+        let ss = &self.sh.slots[slot];
+        // Only this task moves the mirror's epoch, so the next one is known.
+        let split_epoch = self.sh.gate.current() + 1;
+        ss.split_epoch.store(split_epoch, SeqCst);
+        ss.set_mode(LegMode::OldEpoch);
+        // Every region's next write must be recorded in the leg's stale map, so none may enter
+        // fast until the control task has seen it. Closing happens-before the epoch moves, so a
+        // write stamped with the new epoch finds its region closed.
+        self.sh.regions.close_all();
+        let (closed, sealing) = match self.sh.gate.advance() {
+            Ok(x) => x,
+            Err(e) => {
+                // Cannot happen with one split at a time; undo and refuse.
+                ss.set_mode(LegMode::Active);
+                self.slots[slot].rec.state = SlotState::Active;
+                self.slots[slot].rec.image.clear();
+                self.batch.need_sb = true;
+                if let Some(sp) = self.split.take() {
+                    sp.fail(MirrorError::Busy(e.to_string()));
+                }
+                return;
+            }
+        };
+        debug_assert_eq!(closed + 1, split_epoch);
+        self.update_source();
+        self.sh.counters.splits.fetch_add(1, Relaxed);
+        log::info!("mirror {}: splitting off leg {} after epoch {closed}", self.sh.name, self.slots[slot].name);
+        if let Some(sp) = self.split.as_mut() {
+            let entry = self.slots[slot].guard.as_ref().map(|g| g.entry().clone());
+            if let (Some(r), Some(sealed), Some(leg)) = (sp.started.take(), sp.sealed_rx.take(), entry) {
+                let _ = r.send(Ok(SplitStarted { leg, epoch: closed, sealed }));
+            }
+        }
+        let sh = self.sh.clone();
+        reactor::spawn_detached(async move {
+            // The tracker answers once every write stamped with the closed epoch completed.
+            let _ = sealing.await;
+            sh.send(Request::SplitDrained { slot });
+        });
+    }
+
+    async fn split_drained(&mut self, slot: usize) {
+        let Some(sp) = self.split.as_ref().filter(|sp| sp.slot == slot) else { return };
+        let _ = sp;
+        if self.slots[slot].rec.state != SlotState::Splitting || self.slots[slot].failing {
+            return;
+        }
+        // The image must be durable before it is handed out.
+        let flushed = match &self.slots[slot].ch {
+            Some(ch) => ch.flush().await,
+            None => Err(BdevError::Offline),
+        };
+        if let Err(e) = flushed {
+            log::error!("mirror {}: flushing split leg {} failed: {e}", self.sh.name, self.slots[slot].name);
+            self.depart(slot, SlotState::Failed);
+            return;
+        }
+        self.slots[slot].rec.state = SlotState::Split;
+        self.batch.need_sb = true;
+        self.batch.after_sb.push(AfterSb::Sealed(slot));
+    }
+
+    async fn seal(&mut self, slot: usize) {
+        let Some(mut sp) = self.split.take().filter(|sp| sp.slot == slot) else { return };
+        self.sh.slots[slot].set_mode(LegMode::Off);
+        self.sh.slots[slot].set_entry(None);
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+        // The leg's own superblock says what it is now: a sealed image of this mirror.
+        let sb = self.superblock_for(slot, FLAG_SEALED_SPLIT);
+        if let Some(ch) = self.slots[slot].ch.take() {
+            if let Err(e) = write_superblock(&ch, &self.g, &sb).await {
+                log::warn!("mirror {}: marking split leg {} sealed failed: {e}", self.sh.name, self.slots[slot].name);
+            }
+        }
+        let guard = self.slots[slot].guard.take();
+        let reply = sp.sealed.take();
+        log::info!("mirror {}: leg {} sealed as image {} (generation {})", self.sh.name, self.slots[slot].name, sp.image, self.generation);
+        match (guard, reply) {
+            (Some(leg), Some(reply)) => {
+                let sealed = SplitSealed { leg, geometry: self.g, mirror_name: self.sh.name.clone(), generation: self.generation };
+                // If the caller is gone, the returned value (and with it the claim) is dropped.
+                let _ = reply.send(Ok(sealed));
+            }
+            (guard, _) => drop(guard),
+        }
+    }
+
+    // ---- background process ------------------------------------------------------------
+
+    fn ensure_process(&mut self) {
+        if self.process_running || self.shutting_down {
+            return;
+        }
+        let rebuilding: Vec<usize> = (0..MAX_SLOTS).filter(|&s| self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing).collect();
+        let resync = !self.unsynced.is_empty() && self.active_count() >= 2;
+        if rebuilding.is_empty() && !resync {
+            return;
+        }
+        let total = rebuilding.iter().map(|&s| self.stale[s].count()).sum::<u64>() + if resync { self.unsynced.count() } else { 0 };
+        self.process = Some(ProcessStatus {
+            kind: if rebuilding.is_empty() { "resync" } else { "rebuild" },
+            targets: rebuilding.iter().map(|&s| self.slots[s].name.clone()).collect(),
+            total_regions: total,
+            done_regions: 0,
+            bytes: 0,
+            started_ns: reactor::now_ns(),
+            rate_bytes_per_sec: 0.0,
+        });
+        self.process_running = true;
+        reactor::spawn_detached(rebuild::run(self.sh.clone()));
+    }
+
+    fn next_work(&self, from: u64) -> Option<u64> {
+        let mut best = if self.active_count() >= 2 { self.unsynced.next_set(from) } else { None };
+        for s in 0..MAX_SLOTS {
+            if self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing {
+                if let Some(r) = self.stale[s].next_set(from) {
+                    best = Some(best.map_or(r, |b| b.min(r)));
+                }
+            }
+        }
+        best
+    }
+
+    fn process_next(&mut self, cursor: u64) -> Option<Step> {
+        let sources: Vec<usize> = {
+            let src = self.sh.source_slot.load(SeqCst);
+            let mut v: Vec<usize> = (0..MAX_SLOTS).filter(|&s| self.slots[s].in_sync()).collect();
+            v.sort_by_key(|&s| s != src);
+            v
+        };
+        let work = if self.shutting_down || sources.is_empty() { None } else { self.next_work(cursor).or_else(|| self.next_work(0)) };
+        let Some(region) = work else {
+            self.process_running = false;
+            self.process = None;
+            if !self.shutting_down {
+                self.finish_rebuilds();
+            }
+            return None;
+        };
+        let targets = (0..MAX_SLOTS)
+            .filter(|&s| self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].get(region))
+            .fold(0u8, |m, s| m | (1 << s));
+        let resync = self.unsynced.get(region) && sources.len() >= 2;
+        Some(Step { region, sources, targets, resync })
+    }
+
+    /// Legs whose copy is complete become in sync.
+    fn finish_rebuilds(&mut self) {
+        for s in 0..MAX_SLOTS {
+            if self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].is_empty() {
+                log::info!("mirror {}: leg {} is in sync", self.sh.name, self.slots[s].name);
+                self.slots[s].rec.state = SlotState::Active;
+                self.sh.slots[s].set_mode(LegMode::Active);
+                self.batch.need_sb = true;
+            }
+        }
+        self.update_source();
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+    }
+
+    fn process_done(&mut self, region: u64, copied: u8, resynced: bool, unreadable: bool, bytes: u64) {
+        for s in 0..MAX_SLOTS {
+            if copied & (1 << s) != 0 && self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].clear(region) {
+                self.stale_dirty.insert((s, self.g.page_of(region)));
+            }
+        }
+        if resynced && self.unsynced.clear(region) {
+            self.sh.regions.clear(region, UNSYNCED);
+        }
+        if unreadable {
+            log::error!("mirror {}: region {region} could not be read from any in-sync leg; legs being rebuilt are dropped", self.sh.name);
+            for s in 0..MAX_SLOTS {
+                if self.slots[s].rec.state == SlotState::Rebuilding && self.stale[s].get(region) {
+                    self.depart(s, SlotState::Failed);
+                }
+            }
+            if self.unsynced.clear(region) {
+                self.sh.regions.clear(region, UNSYNCED);
+            }
+        }
+        self.sh.counters.rebuild_bytes.fetch_add(bytes, Relaxed);
+        self.sh.counters.rebuilt_regions.fetch_add(1, Relaxed);
+        if let Some(p) = self.process.as_mut() {
+            p.done_regions += 1;
+            p.bytes += bytes;
+            let secs = reactor::now_ns().saturating_sub(p.started_ns) as f64 / 1e9;
+            p.rate_bytes_per_sec = if secs > 0.0 { p.bytes as f64 / secs } else { 0.0 };
+        }
+    }
+
+    // ---- commit -----------------------------------------------------------------------
+
+    /// Writes pages of bitmaps to every leg that holds metadata; legs that fail are dropped.
+    /// True if an in-sync leg has them.
+    async fn write_pages(&mut self, pages: Vec<(BitmapId, u64)>) -> bool {
+        if pages.is_empty() {
+            return true;
+        }
+        let g = self.g;
+        let page = g.page_bytes as usize;
+        let mut data = IoBuf::alloc(page * pages.len());
+        for (i, (map, p)) in pages.iter().enumerate() {
+            let out = &mut data[i * page..(i + 1) * page];
+            match map {
+                BitmapId::WriteIntent => self.wi.encode_page(*p, out),
+                BitmapId::Stale(s) => self.stale[*s].encode_page(*p, out),
+            }
+        }
+        let data = &data;
+        let pages = &pages;
+        let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
+            let slot = &self.slots[s];
+            if !slot.holds_metadata() {
+                return None;
+            }
+            let ch = slot.ch.clone()?;
+            Some(async move {
+                for (i, (map, p)) in pages.iter().enumerate() {
+                    ch.write_buf(g.bitmap_page_block(*map, *p), &data[i * page..(i + 1) * page]).await?;
+                }
+                ch.flush().await
+            })
+        });
+        let results = join_slots(futs).await;
+        self.settle_metadata_results(&results, "bitmap")
+    }
+
+    async fn flush_legs(&mut self) {
+        let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
+            let slot = &self.slots[s];
+            let ch = slot.ch.clone().filter(|_| slot.holds_metadata())?;
+            Some(async move { ch.flush().await })
+        });
+        let results = join_slots(futs).await;
+        self.settle_metadata_results(&results, "flush");
+    }
+
+    async fn write_superblocks(&mut self) -> bool {
+        let g = self.g;
+        let sbs: Vec<Option<Superblock>> = (0..MAX_SLOTS).map(|s| self.slots[s].holds_metadata().then(|| self.superblock_for(s, 0))).collect();
+        let sbs = &sbs;
+        let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
+            let sb = sbs[s].as_ref()?;
+            let ch = self.slots[s].ch.clone()?;
+            Some(async move { write_superblock(&ch, &g, sb).await })
+        });
+        let results = join_slots(futs).await;
+        self.settle_metadata_results(&results, "superblock")
+    }
+
+    fn settle_metadata_results(&mut self, results: &[Option<IoResult>; MAX_SLOTS], what: &str) -> bool {
+        let mut durable = false;
+        for (s, r) in results.iter().enumerate() {
+            match r {
+                Some(Ok(())) => durable |= self.slots[s].in_sync(),
+                Some(Err(e)) => {
+                    let stats = self.sh.leg_stats(self.sh.home, s);
+                    // Metadata writes and flushes count as the leg's write errors.
+                    stats.write_errors.fetch_add(1, Relaxed);
+                    if self.slots[s].in_sync() && self.active_count() == 1 {
+                        log::error!("mirror {}: {what} write to its last in-sync leg {} failed: {e}", self.sh.name, self.slots[s].name);
+                    } else {
+                        log::error!("mirror {}: {what} write to leg {} failed ({e}); dropping it", self.sh.name, self.slots[s].name);
+                        self.sh.counters.leg_failures.fetch_add(1, Relaxed);
+                        self.depart(s, SlotState::Failed);
+                    }
+                }
+                None => {}
+            }
+        }
+        durable
+    }
+
+    /// Persists what the batch changed, then answers what waited for it.
+    async fn commit_and_answer(&mut self) {
+        let mut wi_durable = true;
+        let mut sb_durable = true;
+        let clearing = self.batch.clearing || self.shutting_down;
+        // Each round can only drop more legs, so this ends.
+        for _ in 0..=MAX_SLOTS + 1 {
+            if clearing || (self.batch.need_sb && !self.stale_dirty.is_empty()) {
+                // Data that completed must be durable before the bits that cover it go: a stale
+                // bit cleared after a copy, a write-intent bit cleared after the writes.
+                self.flush_legs().await;
+            }
+            if (clearing || self.batch.need_sb) && !self.stale_dirty.is_empty() {
+                let pages: Vec<(BitmapId, u64)> = std::mem::take(&mut self.stale_dirty).into_iter().map(|(s, p)| (BitmapId::Stale(s), p)).collect();
+                let n = pages.len();
+                if !self.write_pages(pages).await {
+                    log::error!("mirror {}: {n} stale-map pages reached no in-sync leg", self.sh.name);
+                }
+            }
+            if !self.wi_dirty.is_empty() {
+                let pages: Vec<(BitmapId, u64)> = std::mem::take(&mut self.wi_dirty).into_iter().map(|p| (BitmapId::WriteIntent, p)).collect();
+                self.sh.counters.write_intent_persists.fetch_add(1, Relaxed);
+                wi_durable &= self.write_pages(pages).await;
+            }
+            if self.batch.need_sb {
+                self.batch.need_sb = false;
+                self.generation += 1;
+                sb_durable = self.write_superblocks().await;
+                if self.batch.need_sb {
+                    continue;
+                }
+            }
+            if self.stale_dirty.is_empty() || !(clearing || self.batch.need_sb) {
+                break;
+            }
+        }
+        let batch = std::mem::take(&mut self.batch);
+        if !wi_durable {
+            // The bits reached no in-sync leg: forget them, so no write enters on them.
+            for &r in &batch.pending_wi {
+                self.wi.clear(r);
+            }
+        }
+        for (r, reply) in batch.enters {
+            if wi_durable {
+                self.admit(r);
+                let _ = reply.send(Ok(()));
+            } else {
+                let _ = reply.send(Err(BdevError::Media));
+            }
+        }
+        for (r, reply) in batch.locks_after_wi {
+            if wi_durable {
+                self.begin_drain(r, reply);
+            } else {
+                let _ = reply.send(Err(BdevError::Media));
+                self.unlock(r);
+            }
+        }
+        if sb_durable {
+            for s in 0..MAX_SLOTS {
+                if self.slots[s].failing {
+                    self.slots[s].failing = false;
+                    self.release_leg(s);
+                }
+            }
+        } else if self.slots.iter().any(|s| s.failing) {
+            // Try again with the next batch.
+            self.batch.need_sb = true;
+        }
+        for a in batch.after_sb {
+            let fail = || MirrorError::Io(format!("mirror {}: its metadata could not be written to any in-sync leg", self.sh.name));
+            match a {
+                AfterSb::Io(reply) => {
+                    let _ = reply.send(if sb_durable { Ok(()) } else { Err(BdevError::Media) });
+                }
+                AfterSb::Added(reply, info) => {
+                    let _ = reply.send(if sb_durable { Ok(info) } else { Err(fail()) });
+                }
+                AfterSb::Removed(reply) => {
+                    let _ = reply.send(if sb_durable { Ok(()) } else { Err(fail()) });
+                }
+                AfterSb::SplitStart(slot) if sb_durable && self.slots[slot].rec.state == SlotState::Splitting => self.split_start(slot),
+                AfterSb::SplitStart(slot) => {
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail());
+                    }
+                    if self.slots[slot].rec.state == SlotState::Splitting {
+                        self.slots[slot].rec.state = SlotState::Active;
+                        self.slots[slot].rec.image.clear();
+                        self.batch.need_sb = true;
+                    }
+                }
+                AfterSb::Sealed(slot) if sb_durable => self.seal(slot).await,
+                AfterSb::Forgot(reply) => {
+                    let _ = reply.send(());
+                }
+                AfterSb::Sealed(slot) => {
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail());
+                    }
+                    self.slots[slot].rec.state = SlotState::Splitting;
+                    self.depart(slot, SlotState::Failed);
+                }
+            }
+        }
+        self.ensure_process();
+        self.publish();
+    }
+
+    /// A departed leg stops receiving I/O; its claim is released once its in-flight I/O ended
+    /// (or after a while: a leg that never answers must not stay claimed forever).
+    fn release_leg(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        self.sh.slots[slot].set_mode(LegMode::Off);
+        self.sh.slots[slot].set_entry(None);
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+        s.ch = None;
+        let Some(guard) = s.guard.take() else { return };
+        let sh = self.sh.clone();
+        reactor::spawn_detached(async move {
+            let deadline = reactor::now_ns() + RELEASE_WAIT.as_nanos() as u64;
+            while sh.leg_in_flight(slot) > 0 && reactor::now_ns() < deadline {
+                reactor::sleep(Duration::from_micros(100)).await;
+            }
+            drop(guard);
+        });
+    }
+
+    /// Clean shutdown: quiet regions' bits cleared, everything written, legs released.
+    async fn finish(&mut self) {
+        let quiet: Vec<u64> = self
+            .wi
+            .iter_set()
+            .filter(|&r| !self.unsynced.get(r) && !self.locks.contains_key(&r) && super::regions::count(self.sh.regions.load(r)) == 0)
+            .collect();
+        for r in quiet {
+            self.wi.clear(r);
+            self.wi_dirty.insert(self.g.page_of(r));
+        }
+        self.batch.need_sb = true;
+        self.commit_and_answer().await;
+        for s in 0..MAX_SLOTS {
+            self.sh.slots[s].set_mode(LegMode::Off);
+            self.sh.slots[s].set_entry(None);
+            self.slots[s].ch = None;
+            drop(self.slots[s].guard.take());
+        }
+        self.sh.layout_gen.fetch_add(1, SeqCst);
+        self.publish();
+        self.sh.status().shut_down = true;
+        log::info!("mirror {}: shut down cleanly at generation {}", self.sh.name, self.generation);
+        for w in self.shutdown_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    fn publish(&self) {
+        let slots = (0..MAX_SLOTS)
+            .filter(|&s| self.slots[s].rec.state != SlotState::Empty)
+            .map(|s| {
+                let c = &self.slots[s];
+                SlotStatus {
+                    slot: s,
+                    name: c.name.clone(),
+                    leg_uuid: c.rec.leg_uuid,
+                    state: super::slot_state_name(c.rec.state, c.failing),
+                    stale_regions: if c.rec.state == SlotState::Active && !c.failing { 0 } else { self.stale[s].count() },
+                    image: c.rec.image.clone(),
+                }
+            })
+            .collect();
+        let status = MirrorStatus {
+            generation: self.generation,
+            slots,
+            dirty_regions: self.wi.count(),
+            unsynced_regions: self.unsynced.count(),
+            process: self.process.clone(),
+            split_in_progress: self.split.as_ref().map(|sp| self.slots[sp.slot].name.clone()),
+            shut_down: false,
+        };
+        *self.sh.status() = status;
+    }
+}
+
+/// Writes `sb` to its copy (generation parity) on a leg and flushes.
+pub(crate) async fn write_superblock(ch: &Channel, g: &Geometry, sb: &Superblock) -> IoResult {
+    let mut buf = IoBuf::zeroed(g.page_bytes as usize);
+    sb.encode(&mut buf[..SUPERBLOCK_BYTES]);
+    ch.write_buf(g.superblock_block(sb.generation % 2), &buf).await?;
+    ch.flush().await
+}

@@ -1,0 +1,261 @@
+//! SPDK's raid RPCs for the mirror: `bdev_raid_create` (raid1), `bdev_raid_get_bdevs`,
+//! `bdev_raid_delete`, `bdev_raid_add_base_bdev`, `bdev_raid_remove_base_bdev`,
+//! `bdev_raid_set_options`; and `bdev_raid_open_split_image`, which opens a sealed split image
+//! from its leg (what `save_config` writes for a split image).
+//!
+//! Every check that can fail is made before anything changes, so a refused call leaves the
+//! target as it was.
+
+use super::layout::MAX_SLOTS;
+use super::{describe, MirrorBdev, MirrorOptions, SplitImageBdev, PROCESS_OPTIONS};
+use crate::bdev::BdevEntry;
+use crate::rpc::{non_empty, parse, Methods, RpcError, EINVAL};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an RPC waits for the mirror's home core (metadata I/O on every leg).
+const CALL_WAIT: Duration = Duration::from_secs(120);
+
+pub fn register(m: &mut Methods) {
+    m.add("bdev_raid_create", create);
+    m.add("bdev_raid_get_bdevs", get_bdevs);
+    m.add("bdev_raid_delete", crate::bdevs::delete_handler::<MirrorBdev>);
+    m.add("bdev_raid_add_base_bdev", add_base_bdev);
+    m.add("bdev_raid_remove_base_bdev", remove_base_bdev);
+    m.add("bdev_raid_set_options", set_options);
+    m.add("bdev_raid_open_split_image", open_split_image);
+}
+
+/// SPDK accepts base bdevs as a list or as one space-separated string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BaseBdevs {
+    List(Vec<String>),
+    Words(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    raid_level: String,
+    base_bdevs: BaseBdevs,
+    /// Accepted and ignored: a mirror has no strips.
+    #[serde(default)]
+    #[allow(dead_code)]
+    strip_size_kb: Option<u64>,
+    #[serde(default)]
+    uuid: Option<uuid::Uuid>,
+    /// A mirror always keeps a superblock on its legs; `false` is refused.
+    #[serde(default)]
+    superblock: Option<bool>,
+    /// Size of a write-intent region (default 1024 KiB); a reassembled mirror keeps its own.
+    #[serde(default)]
+    region_size_kb: Option<u64>,
+}
+
+fn mirror_of(t: &Target, name: &str) -> Result<(Arc<BdevEntry>, Arc<dyn crate::bdev::Bdev>), RpcError> {
+    let e = t.bdev(name)?;
+    let b = e.bdev().clone();
+    if b.as_any().downcast_ref::<MirrorBdev>().is_none() {
+        return Err(RpcError::no_device(format!("bdev {name} is a {}, not a raid bdev", b.product_name())));
+    }
+    Ok((e, b))
+}
+
+/// Runs `f(mirror)` on the mirror's home core and waits for its result.
+fn on_home<T, Fut>(t: &Target, b: &Arc<dyn crate::bdev::Bdev>, f: impl FnOnce(Arc<dyn crate::bdev::Bdev>) -> Fut + Send + 'static) -> Result<T, RpcError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let home = b.as_any().downcast_ref::<MirrorBdev>().map_or(0, |m| m.home_core());
+    let b = b.clone();
+    Ok(t.reactors.call_async(home, CALL_WAIT, move || f(b))?)
+}
+
+fn as_mirror(b: &Arc<dyn crate::bdev::Bdev>) -> &MirrorBdev {
+    b.as_any().downcast_ref::<MirrorBdev>().expect("checked to be a mirror by the caller")
+}
+
+fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Create = parse(p)?;
+    non_empty("name", &p.name)?;
+    match p.raid_level.to_ascii_lowercase().as_str() {
+        "raid1" | "1" => {}
+        other => return Err(RpcError::invalid_params(format!("field `raid_level`: {other:?} is not supported; tidemark's raid bdevs are raid1 mirrors"))),
+    }
+    if p.superblock == Some(false) {
+        return Err(RpcError::invalid_params("field `superblock`: a tidemark mirror always keeps a superblock on its legs"));
+    }
+    let bases: Vec<String> = match p.base_bdevs {
+        BaseBdevs::List(v) => v,
+        BaseBdevs::Words(s) => s.split_whitespace().map(str::to_string).collect(),
+    };
+    if bases.is_empty() || bases.len() > MAX_SLOTS {
+        return Err(RpcError::invalid_params(format!("field `base_bdevs`: a mirror has 2 to {MAX_SLOTS} legs")));
+    }
+    for (i, b) in bases.iter().enumerate() {
+        if b.is_empty() || bases[..i].contains(b) {
+            return Err(RpcError::invalid_params(format!("field `base_bdevs`: {b:?} is empty or listed twice")));
+        }
+    }
+    let mut options = MirrorOptions::default();
+    if let Some(kb) = p.region_size_kb {
+        if !(4..=(4 << 20)).contains(&kb) {
+            return Err(RpcError::invalid_params("field `region_size_kb`: must be from 4 to 4194304"));
+        }
+        options.region_bytes = kb * 1024;
+    }
+    t.bdevs.check_new_name(&p.name)?;
+    // Claim what exists; legs that are missing are tolerated only when the mirror is
+    // reassembled from the others (it then runs degraded).
+    let mut guards = Vec::new();
+    let mut missing = Vec::new();
+    for b in &bases {
+        match t.bdevs.get(b) {
+            Some(e) => guards.push(e.claim(&p.name)?),
+            None => missing.push(b.clone()),
+        }
+    }
+    let (name, uuid) = (p.name.clone(), p.uuid);
+    let m = t.reactors.call_async(0, CALL_WAIT, move || async move { MirrorBdev::assemble(&name, guards, missing, uuid, options).await })??;
+    if let Err(e) = t.bdevs.register(m.clone() as Arc<dyn crate::bdev::Bdev>) {
+        let m2 = m.clone();
+        let _ = t.reactors.call_async(m.home_core(), CALL_WAIT, move || async move { m2.shutdown().await });
+        return Err(e.into());
+    }
+    Ok(json!(p.name))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    #[serde(default)]
+    category: Option<String>,
+}
+
+fn get_bdevs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: GetBdevs = parse(p)?;
+    let category = p.category.unwrap_or_else(|| "all".into());
+    if !matches!(category.as_str(), "all" | "online" | "configuring" | "offline") {
+        return Err(RpcError::invalid_params(format!("field `category`: {category:?} is not one of all, online, configuring, offline")));
+    }
+    let out: Vec<Value> = t
+        .bdevs
+        .list()
+        .iter()
+        .filter_map(|e| e.bdev().as_any().downcast_ref::<MirrorBdev>().map(describe))
+        .filter(|d| category == "all" || d["state"] == category.as_str())
+        .collect();
+    Ok(Value::Array(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBase {
+    raid_bdev: String,
+    base_bdev: String,
+}
+
+fn add_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: AddBase = parse(p)?;
+    let (_, b) = mirror_of(t, &p.raid_bdev)?;
+    let m = as_mirror(&b);
+    let base = t.bdev(&p.base_bdev)?;
+    // Re-joining a split image: the image goes away (it must not be in use) and its leg returns.
+    let leg_name = match base.bdev().as_any().downcast_ref::<SplitImageBdev>() {
+        Some(img) => {
+            if img.mirror_uuid() != b.uuid() {
+                return Err(RpcError::new(EINVAL, format!("{} is an image of mirror {}, not of {}", p.base_bdev, img.mirror_name(), p.raid_bdev)));
+            }
+            let leg = img.leg_name().to_string();
+            if let Some(h) = base.holder_list().first() {
+                return Err(RpcError::busy(format!("image {} is in use by {}", p.base_bdev, h.by)));
+            }
+            drop(base);
+            t.delete_bdev(&p.base_bdev)?;
+            leg
+        }
+        None => {
+            let g = m.geometry();
+            let lb = base.bdev();
+            if lb.block_size() != g.block_size {
+                return Err(RpcError::new(
+                    EINVAL,
+                    format!("{} has {}-byte blocks; the legs of {} have {}-byte blocks", p.base_bdev, lb.block_size(), p.raid_bdev, g.block_size),
+                ));
+            }
+            if lb.num_blocks() < g.leg_blocks_needed() {
+                return Err(RpcError::new(
+                    EINVAL,
+                    format!("{} is too small: it has {} blocks, a leg of {} needs {}", p.base_bdev, lb.num_blocks(), p.raid_bdev, g.leg_blocks_needed()),
+                ));
+            }
+            drop(base);
+            p.base_bdev.clone()
+        }
+    };
+    let guard = t.bdev(&leg_name)?.claim(&p.raid_bdev)?;
+    let added = on_home(t, &b, move |b| async move { as_mirror(&b).add_leg(guard).await })??;
+    Ok(json!({ "base_bdev": leg_name, "slot": added.slot, "returning": added.returning, "regions_to_copy": added.regions_to_copy }))
+}
+
+fn remove_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: crate::bdevs::ByName = parse(p)?;
+    t.bdev(&p.name)?;
+    let owner = t.bdevs.list().into_iter().find(|e| e.bdev().as_any().downcast_ref::<MirrorBdev>().is_some_and(|m| m.has_leg(&p.name)));
+    let Some(owner) = owner else {
+        return Err(RpcError::no_device(format!("bdev {} is not a leg of any raid bdev", p.name)));
+    };
+    let b = owner.bdev().clone();
+    let name = p.name.clone();
+    on_home(t, &b, move |b| async move { as_mirror(&b).remove_leg(&name).await })??;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetOptions {
+    #[serde(default)]
+    process_window_size_kb: Option<u64>,
+    #[serde(default)]
+    process_max_bandwidth_mb_sec: Option<u64>,
+}
+
+fn set_options(_t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: SetOptions = parse(p)?;
+    if let Some(kb) = p.process_window_size_kb {
+        if !(4..=16384).contains(&kb) {
+            return Err(RpcError::invalid_params("field `process_window_size_kb`: must be from 4 to 16384"));
+        }
+    }
+    if let Some(kb) = p.process_window_size_kb {
+        PROCESS_OPTIONS.window_bytes.store(kb * 1024, Relaxed);
+    }
+    if let Some(bw) = p.process_max_bandwidth_mb_sec {
+        PROCESS_OPTIONS.max_bandwidth_mb_sec.store(bw, Relaxed);
+    }
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenImage {
+    name: String,
+    base_bdev: String,
+}
+
+fn open_split_image(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: OpenImage = parse(p)?;
+    t.bdevs.check_new_name(&p.name)?;
+    let guard = t.bdev(&p.base_bdev)?.claim(&p.name)?;
+    let name = p.name.clone();
+    let img = t.reactors.call_async(0, CALL_WAIT, move || async move { SplitImageBdev::open(&name, guard).await })??;
+    t.bdevs.register(Arc::new(img))?;
+    Ok(json!(p.name))
+}

@@ -1,0 +1,229 @@
+//! The CoW store's on-media format.
+//!
+//! ```text
+//! byte 0          header copy 0 (16 KiB)   } written alternately, each with a sequence number
+//! byte 16 KiB     header copy 1 (16 KiB)   } and a CRC32C; the valid copy with the higher wins
+//! byte 32 KiB     slot records: 8 bytes per slot (grain: u32, snapshot mask: u32), 4 KiB pages
+//! data_offset     slot data: one grain per slot
+//! ```
+//! A slot record says "slot k holds the old content of grain g for the snapshots whose bits
+//! are set". A record is 8 bytes inside one 512-byte sector, so a torn page write leaves each
+//! record either old or new. Bits of snapshot indices that the header does not list as live
+//! are ignored (and cleared) when the store is opened.
+
+use uuid::Uuid;
+
+pub const MAGIC: [u8; 8] = *b"TDMKCOW1";
+pub const VERSION: u32 = 1;
+pub const HEADER_BYTES: usize = 16 << 10;
+pub const RECORDS_OFFSET: u64 = 2 * HEADER_BYTES as u64;
+pub const PAGE_BYTES: usize = 4096;
+pub const RECORDS_PER_PAGE: u64 = (PAGE_BYTES / 8) as u64;
+/// Snapshot indices per volume (one bit each in a slot record's mask).
+pub const MAX_SNAPSHOTS: usize = 32;
+pub const MAX_NAME: usize = 255;
+const SNAP_REC: usize = 320;
+const SNAPS_AT: usize = 64;
+
+/// State of a snapshot index on media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    Free = 0,
+    Draining = 1,
+    Sealed = 2,
+    /// Deleted; its bits may still be set in records (scrub pending).
+    Deleting = 3,
+    Failed = 4,
+}
+
+impl DiskState {
+    fn from_u8(v: u8) -> Option<DiskState> {
+        Some(match v {
+            0 => DiskState::Free,
+            1 => DiskState::Draining,
+            2 => DiskState::Sealed,
+            3 => DiskState::Deleting,
+            4 => DiskState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapRecord {
+    pub state: DiskState,
+    pub epoch: u64,
+    pub created_ms: u64,
+    pub seal_ns: u64,
+    pub uuid: Uuid,
+    pub name: String,
+}
+
+impl SnapRecord {
+    pub fn free() -> SnapRecord {
+        SnapRecord { state: DiskState::Free, epoch: 0, created_ms: 0, seal_ns: 0, uuid: Uuid::nil(), name: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub seq: u64,
+    pub uuid: Uuid,
+    pub base_num_blocks: u64,
+    pub block_size: u32,
+    pub grain_blocks: u32,
+    pub slot_count: u32,
+    pub snaps: Vec<SnapRecord>,
+}
+
+/// Where things are on a store of a given size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub grain_bytes: u64,
+    pub slot_count: u32,
+    pub data_offset: u64,
+}
+
+impl Geometry {
+    /// The largest slot count that fits `store_bytes` with grains of `grain_bytes`.
+    pub fn fit(store_bytes: u64, grain_bytes: u64) -> Option<Geometry> {
+        let room = store_bytes.checked_sub(RECORDS_OFFSET)?;
+        let mut n = (room / (grain_bytes + 8)).min(u32::MAX as u64 - 1);
+        loop {
+            let g = Geometry::with_slots(grain_bytes, n as u32);
+            if g.data_offset + n * grain_bytes <= store_bytes {
+                return (n > 0).then_some(g);
+            }
+            n = n.checked_sub(1)?;
+        }
+    }
+
+    pub fn with_slots(grain_bytes: u64, slot_count: u32) -> Geometry {
+        let records = (slot_count as u64 * 8).div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64;
+        let data_offset = (RECORDS_OFFSET + records).div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64;
+        Geometry { grain_bytes, slot_count, data_offset }
+    }
+
+    pub fn record_pages(&self) -> u64 {
+        (self.slot_count as u64).div_ceil(RECORDS_PER_PAGE)
+    }
+
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        self.data_offset + slot as u64 * self.grain_bytes
+    }
+}
+
+pub fn record(grain: u32, mask: u32) -> u64 {
+    grain as u64 | ((mask as u64) << 32)
+}
+
+pub fn record_grain(r: u64) -> u32 {
+    r as u32
+}
+
+pub fn record_mask(r: u64) -> u32 {
+    (r >> 32) as u32
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_BYTES];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..40].copy_from_slice(self.uuid.as_bytes());
+        b[40..48].copy_from_slice(&self.base_num_blocks.to_le_bytes());
+        b[48..52].copy_from_slice(&self.block_size.to_le_bytes());
+        b[52..56].copy_from_slice(&self.grain_blocks.to_le_bytes());
+        b[56..60].copy_from_slice(&self.slot_count.to_le_bytes());
+        for (i, s) in self.snaps.iter().take(MAX_SNAPSHOTS).enumerate() {
+            let r = &mut b[SNAPS_AT + i * SNAP_REC..SNAPS_AT + (i + 1) * SNAP_REC];
+            r[0] = s.state as u8;
+            r[8..16].copy_from_slice(&s.epoch.to_le_bytes());
+            r[16..24].copy_from_slice(&s.created_ms.to_le_bytes());
+            r[24..32].copy_from_slice(&s.seal_ns.to_le_bytes());
+            r[32..48].copy_from_slice(s.uuid.as_bytes());
+            let name = s.name.as_bytes();
+            let n = name.len().min(MAX_NAME);
+            r[48..50].copy_from_slice(&(n as u16).to_le_bytes());
+            r[50..50 + n].copy_from_slice(&name[..n]);
+        }
+        let crc = crc32c::crc32c(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes one header copy; None if it is not a valid one (torn, foreign, zeroed).
+    pub fn decode(b: &[u8]) -> Option<Header> {
+        if b.len() < HEADER_BYTES || b[0..8] != MAGIC {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        if u32_at(8) != VERSION {
+            return None;
+        }
+        let mut copy = b[..HEADER_BYTES].to_vec();
+        copy[12..16].fill(0);
+        if crc32c::crc32c(&copy) != u32_at(12) {
+            return None;
+        }
+        let mut snaps = Vec::with_capacity(MAX_SNAPSHOTS);
+        for i in 0..MAX_SNAPSHOTS {
+            let o = SNAPS_AT + i * SNAP_REC;
+            let state = DiskState::from_u8(b[o])?;
+            let n = (u16::from_le_bytes([b[o + 48], b[o + 49]]) as usize).min(MAX_NAME);
+            let name = String::from_utf8(b[o + 50..o + 50 + n].to_vec()).ok()?;
+            snaps.push(SnapRecord {
+                state,
+                epoch: u64_at(o + 8),
+                created_ms: u64_at(o + 16),
+                seal_ns: u64_at(o + 24),
+                uuid: Uuid::from_slice(&b[o + 32..o + 48]).ok()?,
+                name,
+            });
+        }
+        Some(Header {
+            seq: u64_at(16),
+            uuid: Uuid::from_slice(&b[24..40]).ok()?,
+            base_num_blocks: u64_at(40),
+            block_size: u32_at(48),
+            grain_blocks: u32_at(52),
+            slot_count: u32_at(56),
+            snaps,
+        })
+    }
+
+    /// Byte offset of the copy that header `seq` is written to.
+    pub fn copy_offset(seq: u64) -> u64 {
+        (seq % 2) * HEADER_BYTES as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_detects_damage() {
+        let mut snaps = vec![SnapRecord::free(); MAX_SNAPSHOTS];
+        snaps[3] = SnapRecord { state: DiskState::Sealed, epoch: 7, created_ms: 1, seal_ns: 2, uuid: Uuid::new_v4(), name: "snap-a".into() };
+        let h = Header { seq: 9, uuid: Uuid::new_v4(), base_num_blocks: 1 << 21, block_size: 512, grain_blocks: 128, slot_count: 1000, snaps };
+        let mut b = h.encode();
+        assert_eq!(Header::decode(&b), Some(h));
+        b[5000] ^= 1;
+        assert_eq!(Header::decode(&b), None);
+        assert_eq!(Header::decode(&vec![0u8; HEADER_BYTES]), None);
+    }
+
+    #[test]
+    fn geometry_fits_the_store() {
+        let g = Geometry::fit(1 << 30, 64 << 10).unwrap();
+        assert!(g.data_offset + g.slot_count as u64 * g.grain_bytes <= 1 << 30);
+        assert!(g.slot_count > 16_000 && g.slot_count < 16_384);
+        assert_eq!(g.data_offset % 4096, 0);
+        assert!(Geometry::fit(RECORDS_OFFSET, 4096).is_none());
+        let tiny = Geometry::fit(RECORDS_OFFSET + 4096 * 3, 4096).unwrap();
+        assert_eq!(tiny.slot_count, 2);
+    }
+}

@@ -1,0 +1,299 @@
+//! Preserve: point-in-time images of a live volume without pausing host I/O (DESIGN §1).
+//!
+//! The generic parts live here: [`EpochTracker`] (epochs, in-flight I/O per epoch, sealing),
+//! [`FreezeGate`] (the classic freeze, kept as the benchmark's comparison), the [`Preservable`]
+//! trait that each preservable bdev implements (the CoW volume in `bdevs/snapshot`, the mirror),
+//! the snapshot state machine (draining → sealed) with [`SealSignal`], and the
+//! `bdev_snapshot_*` RPCs, which find a bdev's [`Preservable`] through [`preservable`] and
+//! dispatch to it.
+
+pub mod epoch;
+mod gate;
+pub mod rpc;
+
+pub use epoch::{AdvanceError, EpochTicket, EpochTracker, Sealing, MAX_OPEN_EPOCHS};
+pub use gate::FreezeGate;
+
+use crate::bdev::{Bdev, LATENCY_BUCKETS_US};
+use crate::metrics::{labels, LatencySample, MetricsOut};
+use crate::rpc::RpcError;
+use crate::target::{Subsystem, Target};
+use serde::Serialize;
+use std::any::Any;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    /// The epoch was bumped; I/O stamped before it is still in flight.
+    Draining,
+    /// Immutable: equals every write submitted before the preserve.
+    Sealed,
+    /// Lost its content (the CoW store ran out of space); reads fail; delete it.
+    Failed,
+}
+
+impl SnapshotState {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotState::Draining => "draining",
+            SnapshotState::Sealed => "sealed",
+            SnapshotState::Failed => "failed",
+        }
+    }
+}
+
+/// What `bdev_snapshot_get` reports about one snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The preserved volume.
+    pub origin: String,
+    /// "cow" or "split".
+    pub method: &'static str,
+    /// The closed epoch: the image holds every I/O stamped with it or an older one.
+    pub epoch: u64,
+    pub state: SnapshotState,
+    /// Old-epoch I/Os still in flight (0 once sealed).
+    pub old_epoch_in_flight: u64,
+    pub grains_copied: u64,
+    pub bytes_used: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub creation_time_ms: u64,
+    /// Nanoseconds from the preserve to the seal.
+    pub time_to_seal_ns: Option<u64>,
+}
+
+/// The request of `bdev_snapshot_create`, as the preservable sees it.
+#[derive(Debug, Clone)]
+pub struct PreserveRequest {
+    pub snapshot_name: String,
+    /// Preserve the classic way: stop new I/O, drain, switch, resume (comparison only).
+    pub freeze: bool,
+    /// For `split`: the leg that becomes the image.
+    pub base_bdev: Option<String>,
+}
+
+/// A module's reason for refusing a preserve operation, mapped to JSON-RPC at the edge.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PreserveError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<PreserveError> for RpcError {
+    fn from(e: PreserveError) -> Self {
+        use crate::rpc::*;
+        match e {
+            PreserveError::NotFound(m) => RpcError::new(ENODEV, m),
+            PreserveError::Exists(m) => RpcError::new(EEXIST, m),
+            PreserveError::Busy(m) => RpcError::new(EBUSY, m),
+            PreserveError::Invalid(m) => RpcError::new(EINVAL, m),
+            PreserveError::NoSpace(m) => RpcError::new(ENOSPC, m),
+            PreserveError::Io(m) => RpcError::new(EIO, m),
+        }
+    }
+}
+
+impl From<crate::bdev::CreateError> for PreserveError {
+    fn from(e: crate::bdev::CreateError) -> Self {
+        use crate::bdev::CreateError as C;
+        match e {
+            C::Exists(n) => PreserveError::Exists(format!("bdev {n} already exists")),
+            C::NotFound(n) => PreserveError::NotFound(format!("bdev {n} does not exist")),
+            e @ C::Busy { .. } => PreserveError::Busy(e.to_string()),
+            C::Invalid(m) => PreserveError::Invalid(m),
+            C::Io(m) => PreserveError::Io(m),
+        }
+    }
+}
+
+/// The state of one snapshot as control-plane threads wait for it (RPC `wait_sealed`).
+/// Reactors set it; nothing on the data path touches it.
+pub struct SealSignal {
+    state: Mutex<SnapshotState>,
+    changed: Condvar,
+    started: Instant,
+    sealed_after: Mutex<Option<Duration>>,
+}
+
+impl SealSignal {
+    pub fn new() -> Arc<SealSignal> {
+        Arc::new(SealSignal { state: Mutex::new(SnapshotState::Draining), changed: Condvar::new(), started: Instant::now(), sealed_after: Mutex::new(None) })
+    }
+
+    pub fn set(&self, s: SnapshotState) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s == SnapshotState::Sealed && *st == SnapshotState::Draining {
+            *self.sealed_after.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.started.elapsed());
+        }
+        *st = s;
+        self.changed.notify_all();
+    }
+
+    pub fn get(&self) -> SnapshotState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (this thread) until the snapshot leaves `draining` or `timeout` passes; returns
+    /// the state then.
+    pub fn wait_sealed(&self, timeout: Duration) -> SnapshotState {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, _) = self.changed.wait_timeout_while(st, timeout, |s| *s == SnapshotState::Draining).unwrap_or_else(|e| e.into_inner());
+        *st
+    }
+}
+
+/// What a bdev that can be preserved implements (the CoW volume, the mirror).
+pub trait Preservable: Send + Sync {
+    /// The preserve method of this bdev: "cow" or "split".
+    fn method(&self) -> &'static str;
+    /// Takes a preserve: registers the snapshot's read-only bdev under `req.snapshot_name`,
+    /// bumps the epoch and returns without waiting for any I/O (with `freeze`, after the
+    /// classic stop/drain/switch/resume). Runs on an RPC thread.
+    fn preserve(&self, t: &Target, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError>;
+    /// Every snapshot of this bdev.
+    fn snapshots(&self) -> Vec<SnapshotInfo>;
+    /// The seal signal of snapshot `name` (for `wait_sealed`).
+    fn seal_signal(&self, name: &str) -> Option<Arc<SealSignal>>;
+    /// Deletes snapshot `name`, whose bdev the caller has already unregistered; durable when
+    /// it returns. Runs on an RPC thread.
+    fn delete_snapshot(&self, t: &Target, name: &str) -> Result<(), PreserveError>;
+    /// The bdev's preserve figures, for metrics.
+    fn stats(&self) -> PreserveStats;
+    /// Block ranges (offset, count), sorted and disjoint, where the sealed snapshot `newer`
+    /// may differ from the older sealed snapshot `older` of this bdev: what an incremental
+    /// backup copies. Known from the module's own metadata (CoW tables, dirty maps), never by
+    /// reading and comparing the images.
+    fn changed_between(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+        let _ = (older, newer);
+        Err(PreserveError::Invalid(format!("{} snapshots cannot tell what changed between two of them", self.method())))
+    }
+}
+
+/// Appends the block range `(start, count)` to sorted ranges, merging it with the last one
+/// when they touch.
+pub fn push_range(out: &mut Vec<(u64, u64)>, start: u64, count: u64) {
+    match out.last_mut() {
+        Some((s, n)) if *s + *n == start => *n += count,
+        _ => out.push((start, count)),
+    }
+}
+
+/// Histogram buckets in the layout of [`crate::bdev::LATENCY_BUCKETS_US`] (plus +Inf) and a sum.
+pub type Buckets = ([u64; LATENCY_BUCKETS_US.len() + 1], u64);
+
+/// Preserve figures of one preservable bdev.
+#[derive(Debug, Default, Clone)]
+pub struct PreserveStats {
+    pub grains_copied: u64,
+    /// Latency of one copy-on-write (read old grain, write store, durable table entry).
+    pub copy_latency: Buckets,
+    pub store_bytes_used: u64,
+    pub store_bytes_total: u64,
+    /// Memory held by the lookup tables.
+    pub table_bytes: u64,
+    pub locks: crate::extent_lock::LockStats,
+    /// Time from preserve to seal.
+    pub seal_latency: Buckets,
+    /// Snapshots by state: draining, sealed, failed.
+    pub snapshots: [u64; 3],
+}
+
+/// How to find the [`Preservable`] of a bdev: one downcast per preservable module.
+type Downcast = fn(&dyn Any) -> Option<&dyn Preservable>;
+
+const PRESERVABLE_KINDS: &[Downcast] = &[
+    |b| b.downcast_ref::<crate::bdevs::snapshot::CowVolume>().map(|v| v as &dyn Preservable),
+    |b| b.downcast_ref::<crate::bdevs::mirror::MirrorBdev>().map(|v| v as &dyn Preservable),
+];
+
+/// The preserve interface of `bdev`, if it has one.
+pub fn preservable(bdev: &dyn Bdev) -> Option<&dyn Preservable> {
+    PRESERVABLE_KINDS.iter().find_map(|f| f(bdev.as_any()))
+}
+
+/// Every snapshot of every preservable bdev, with the owner's name.
+pub fn all_snapshots(t: &Target) -> Vec<(String, SnapshotInfo)> {
+    let mut out = Vec::new();
+    for e in t.bdevs.list() {
+        if let Some(p) = preservable(e.bdev().as_ref()) {
+            out.extend(p.snapshots().into_iter().map(|s| (e.name().to_string(), s)));
+        }
+    }
+    out
+}
+
+/// The preserve subsystem: no configuration of its own (volumes recreate their snapshots),
+/// only metrics.
+pub struct PreserveSubsystem;
+
+impl Subsystem for PreserveSubsystem {
+    fn name(&self) -> &'static str {
+        "preserve"
+    }
+
+    fn config(&self, _t: &Target) -> Vec<crate::config::ConfigCall> {
+        Vec::new()
+    }
+
+    fn metrics(&self, t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+        let mut all = Vec::new();
+        for e in t.bdevs.list() {
+            if let Some(p) = preservable(e.bdev().as_ref()) {
+                all.push((e.name().to_string(), p.method(), p.stats()));
+            }
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        let l = |n: &str| labels(&[("bdev", n)]);
+        let counter = |f: &dyn Fn(&PreserveStats) -> u64| all.iter().map(|(n, _, s)| (l(n), f(s))).collect::<Vec<_>>();
+        let gauge = |f: &dyn Fn(&PreserveStats) -> u64| all.iter().map(|(n, _, s)| (l(n), f(s) as f64)).collect::<Vec<_>>();
+        out.counter(
+            "tidemark_preserve_grains_copied",
+            "Grains copied into the CoW store (one per grain, shared by every snapshot that needs it).",
+            &counter(&|s| s.grains_copied),
+        )?;
+        let copy: Vec<_> = all.iter().map(|(n, _, s)| (l(n), LatencySample { buckets: &s.copy_latency.0, sum_ns: s.copy_latency.1 })).collect();
+        out.latency("tidemark_preserve_cow_copy_latency_seconds", "Latency of one copy-on-write: old grain read, store write, durable table entry.", &copy)?;
+        out.gauge("tidemark_preserve_store_bytes_used", "Bytes of the CoW store holding copied grains.", &gauge(&|s| s.store_bytes_used))?;
+        out.gauge("tidemark_preserve_store_bytes_total", "Bytes of the CoW store available for copied grains.", &gauge(&|s| s.store_bytes_total))?;
+        out.gauge("tidemark_preserve_table_bytes", "Memory held by the CoW lookup tables.", &gauge(&|s| s.table_bytes))?;
+        out.counter("tidemark_extent_lock_acquired", "Extent lock pieces granted.", &counter(&|s| s.locks.acquired))?;
+        out.counter("tidemark_extent_lock_waits", "Extent lock requests that waited for an overlapping lock.", &counter(&|s| s.locks.waits))?;
+        let wait: Vec<_> = all.iter().map(|(n, _, s)| (l(n), s.locks.wait_ns as f64 / 1e9)).collect();
+        out.counter("tidemark_extent_lock_wait_seconds", "Time extent lock requests spent waiting.", &wait)?;
+        let seal: Vec<_> = all.iter().map(|(n, _, s)| (l(n), LatencySample { buckets: &s.seal_latency.0, sum_ns: s.seal_latency.1 })).collect();
+        out.latency("tidemark_preserve_time_to_seal_seconds", "Time from a preserve to the seal of its image.", &seal)?;
+        let mut by_state = Vec::new();
+        for (n, m, s) in &all {
+            for (i, st) in [SnapshotState::Draining, SnapshotState::Sealed, SnapshotState::Failed].iter().enumerate() {
+                by_state.push((labels(&[("bdev", n), ("method", m), ("state", st.name())]), s.snapshots[i] as f64));
+            }
+        }
+        out.gauge("tidemark_preserve_snapshots", "Snapshots by volume, method and state.", &by_state)?;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Milliseconds since the Unix epoch (creation times).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

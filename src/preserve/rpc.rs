@@ -1,0 +1,130 @@
+//! `bdev_snapshot_create`, `bdev_snapshot_get`, `bdev_snapshot_delete`: generic over every
+//! [`Preservable`] bdev.
+
+use super::{all_snapshots, preservable, PreserveRequest, SnapshotState};
+use crate::rpc::{non_empty, parse, Methods, RpcError, EBUSY, EINVAL, ENODEV};
+use crate::target::Target;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub fn register(m: &mut Methods) {
+    m.add("bdev_snapshot_create", create);
+    m.add("bdev_snapshot_get", get);
+    m.add("bdev_snapshot_delete", delete);
+}
+
+/// Default and longest wait of `wait_sealed`.
+const DEFAULT_WAIT_MS: u64 = 10_000;
+const MAX_WAIT_MS: u64 = 300_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    bdev_name: String,
+    snapshot_name: String,
+    /// Return only once sealed (or after `timeout_ms`).
+    #[serde(default)]
+    wait_sealed: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// "cow" (CoW volumes) or "split" (mirrors); default: the bdev's own method.
+    #[serde(default)]
+    method: Option<String>,
+    /// For `split`: the mirror leg that becomes the image.
+    #[serde(default)]
+    base_bdev: Option<String>,
+    /// Preserve the classic way (stop, drain, switch, resume): for comparison only.
+    #[serde(default)]
+    freeze: bool,
+}
+
+fn snapshot_json(origin: &str, name: &str, t: &Target) -> Result<Value, RpcError> {
+    let e = t.bdev(origin)?;
+    let p = preservable(e.bdev().as_ref()).ok_or_else(|| RpcError::no_device(format!("bdev {origin} is gone")))?;
+    let info = p.snapshots().into_iter().find(|s| s.name == name).ok_or_else(|| RpcError::no_device(format!("snapshot {name} is gone")))?;
+    serde_json::to_value(info).map_err(RpcError::internal)
+}
+
+fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Create = parse(p)?;
+    non_empty("bdev_name", &p.bdev_name)?;
+    non_empty("snapshot_name", &p.snapshot_name)?;
+    let timeout = p.timeout_ms.unwrap_or(DEFAULT_WAIT_MS);
+    if timeout > MAX_WAIT_MS {
+        return Err(RpcError::invalid_params(format!("field `timeout_ms`: {timeout} is over the limit of {MAX_WAIT_MS}")));
+    }
+    let e = t.bdev(&p.bdev_name)?;
+    let pres = preservable(e.bdev().as_ref()).ok_or_else(|| {
+        RpcError::new(EINVAL, format!("bdev {} ({}) cannot be preserved: only CoW volumes and mirrors can", p.bdev_name, e.bdev().product_name()))
+    })?;
+    if let Some(m) = &p.method {
+        if m != pres.method() {
+            return Err(RpcError::invalid_params(format!("field `method`: bdev {} preserves by {:?}, not {m:?}", p.bdev_name, pres.method())));
+        }
+    }
+    if p.base_bdev.is_some() && pres.method() != "split" {
+        return Err(RpcError::invalid_params("field `base_bdev`: only the split method takes a base bdev"));
+    }
+    t.bdevs.check_new_name(&p.snapshot_name)?;
+    let req = PreserveRequest { snapshot_name: p.snapshot_name.clone(), freeze: p.freeze, base_bdev: p.base_bdev };
+    let signal = pres.preserve(t, &req)?;
+    drop(e);
+    let mut out = snapshot_json(&p.bdev_name, &p.snapshot_name, t)?;
+    if p.wait_sealed {
+        let st = signal.wait_sealed(Duration::from_millis(timeout));
+        out = snapshot_json(&p.bdev_name, &p.snapshot_name, t)?;
+        out["wait_timed_out"] = json!(st == SnapshotState::Draining);
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Get {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn get(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Get = parse(p)?;
+    let all = all_snapshots(t);
+    let list: Vec<Value> = all
+        .into_iter()
+        .filter(|(_, s)| p.name.as_ref().is_none_or(|n| *n == s.name))
+        .map(|(_, s)| serde_json::to_value(s).map_err(RpcError::internal))
+        .collect::<Result<_, _>>()?;
+    if let Some(n) = &p.name {
+        if list.is_empty() {
+            return Err(RpcError::new(ENODEV, format!("snapshot {n} does not exist")));
+        }
+    }
+    Ok(Value::Array(list))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delete {
+    name: String,
+}
+
+fn delete(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Delete = parse(p)?;
+    let (origin, info) =
+        all_snapshots(t).into_iter().find(|(_, s)| s.name == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("snapshot {} does not exist", p.name)))?;
+    if info.state == SnapshotState::Draining {
+        return Err(RpcError::new(EBUSY, format!("snapshot {} is still draining; delete it once sealed", p.name)));
+    }
+    // Unregistering fails (and changes nothing) while an export or a backup holds the bdev.
+    if let Some(e) = t.bdevs.get(&p.name) {
+        if let Some(h) = e.holder_list().first() {
+            return Err(RpcError::new(EBUSY, format!("snapshot {} is in use by {} ({:?}); remove that first", p.name, h.by, h.kind)));
+        }
+        drop(e);
+        t.delete_bdev(&p.name)?;
+    }
+    let e = t.bdev(&origin)?;
+    let pres = preservable(e.bdev().as_ref()).ok_or_else(|| RpcError::no_device(format!("bdev {origin} is gone")))?;
+    pres.delete_snapshot(t, &p.name)?;
+    Ok(json!(true))
+}

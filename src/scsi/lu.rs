@@ -1,0 +1,777 @@
+//! A logical unit: the SCSI block command set over one bdev. The unit is shared by every
+//! connection; each I_T nexus (one connection's view of the unit) has a [`Nexus`] on the core
+//! that owns the connection, with its channel and its pending unit attentions.
+
+use super::cdb::{self, Command, Geometry};
+use super::inquiry::{self, PortIdentity, UnitIdentity};
+use super::mode::{self, ModeState};
+use super::sense::{asc, Sense, SenseKey, Status, FIXED_SENSE_LEN, MAX_SENSE_LEN};
+use crate::bdev::{BdevEntry, BdevError, Channel, IoBuf, IoType};
+use crate::reactor;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+/// Why a command did not complete with GOOD status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Check(Sense),
+    /// The device is out of resources; the host retries (BUSY status).
+    Busy,
+}
+
+impl From<Sense> for Failure {
+    fn from(s: Sense) -> Self {
+        Failure::Check(s)
+    }
+}
+
+fn bdev_failure(e: BdevError, write: bool) -> Failure {
+    match e {
+        BdevError::NoResources => Failure::Busy,
+        e => Failure::Check(Sense::from_bdev(&e, write)),
+    }
+}
+
+/// Outcome of a command that did not fail: its status and the bytes of Data-In produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub status: Status,
+    pub data_len: usize,
+}
+
+impl Done {
+    fn good(data_len: usize) -> Self {
+        Done { status: Status::Good, data_len }
+    }
+}
+
+/// What the transport passes along with a command.
+pub struct Context<'a> {
+    pub port: &'a PortIdentity,
+    /// Every LUN of the target the nexus sees, for REPORT LUNS.
+    pub luns: &'a [u64],
+    /// Bytes of Data-Out the transport was told to expect (iSCSI's EDTL of a write).
+    pub data_out_expected: u64,
+}
+
+pub struct LogicalUnit {
+    entry: Arc<BdevEntry>,
+    ident: UnitIdentity,
+    block_size: u32,
+    write_cache: AtomicBool,
+    default_wce: bool,
+    /// Bumped by a LUN or target reset: every other nexus then reports a unit attention.
+    reset_generation: AtomicU64,
+    /// Bumped by a MODE SELECT that changed something (MODE PARAMETERS CHANGED elsewhere).
+    mode_generation: AtomicU64,
+}
+
+impl LogicalUnit {
+    pub fn new(entry: Arc<BdevEntry>) -> LogicalUnit {
+        let b = entry.bdev();
+        let thin = b.supports(IoType::Unmap);
+        let default_wce = b.supports(IoType::Flush);
+        LogicalUnit {
+            ident: UnitIdentity { uuid: b.uuid(), thin },
+            block_size: b.block_size(),
+            write_cache: AtomicBool::new(default_wce),
+            default_wce,
+            reset_generation: AtomicU64::new(0),
+            mode_generation: AtomicU64::new(0),
+            entry,
+        }
+    }
+
+    pub fn entry(&self) -> &Arc<BdevEntry> {
+        &self.entry
+    }
+
+    pub fn identity(&self) -> &UnitIdentity {
+        &self.ident
+    }
+
+    /// The current geometry (the block count is read from the bdev, which may grow).
+    pub fn geometry(&self) -> Geometry {
+        Geometry { block_size: self.block_size, num_blocks: self.entry.bdev().num_blocks() }
+    }
+
+    fn read_only(&self) -> bool {
+        self.entry.bdev().read_only()
+    }
+
+    /// A reset of the unit by `from`: every other nexus reports POWER ON, RESET, OR BUS DEVICE
+    /// RESET OCCURRED on its next command.
+    pub fn reset(&self, from: &Nexus) {
+        let g = self.reset_generation.fetch_add(1, Relaxed) + 1;
+        from.seen_reset.set(g);
+    }
+
+    /// Opens the current core's nexus on this unit.
+    pub fn nexus(&self) -> Result<Nexus, BdevError> {
+        Ok(Nexus {
+            channel: Channel::get(&self.entry)?,
+            unit_attentions: RefCell::new(VecDeque::new()),
+            seen_reset: Cell::new(self.reset_generation.load(Relaxed)),
+            seen_mode: Cell::new(self.mode_generation.load(Relaxed)),
+            seen_blocks: Cell::new(self.entry.bdev().num_blocks()),
+        })
+    }
+
+    fn mode_state(&self) -> ModeState {
+        ModeState { write_cache: self.write_cache.load(Relaxed) }
+    }
+
+    /// Runs one parsed command. `data_out` holds the Data-Out the transport received (possibly
+    /// less than the command asked for: writes then cover only the whole blocks received);
+    /// Data-In goes to `data_in`, which is at least `cmd.data_in_len()` long or, if shorter,
+    /// truncates it.
+    pub async fn execute(&self, nx: &Nexus, cmd: &Command, data_out: &[u8], data_in: &mut [u8], ctx: &Context<'_>) -> Result<Done, Failure> {
+        let g = self.geometry();
+        if cmd.blocked_by_unit_attention() {
+            if let Some(ua) = nx.take_unit_attention(self) {
+                return Err(Failure::Check(Sense::unit_attention(ua)));
+            }
+        }
+        let bs = g.block_size as usize;
+        let ch = &nx.channel;
+        match *cmd {
+            Command::TestUnitReady | Command::StartStopUnit | Command::PreventAllow | Command::Prefetch { .. } => Ok(Done::good(0)),
+            Command::RequestSense { desc, alloc } => {
+                nx.refresh(self);
+                let s = nx.unit_attentions.borrow_mut().pop_front().map(Sense::unit_attention).unwrap_or(Sense::new(SenseKey::NoSense, asc::NO_ADDITIONAL));
+                let mut buf = [0u8; MAX_SENSE_LEN];
+                let n = if desc {
+                    s.descriptor(&mut buf)
+                } else {
+                    buf[..FIXED_SENSE_LEN].copy_from_slice(&s.fixed());
+                    FIXED_SENSE_LEN
+                };
+                Ok(Done::good(copy_out(&buf[..n], data_in, alloc)))
+            }
+            Command::Inquiry { evpd, page, alloc } => {
+                if !evpd {
+                    return Ok(Done::good(copy_out(&inquiry::standard(), data_in, alloc)));
+                }
+                let v = inquiry::vpd(page, &self.ident, &g, ctx.port)?;
+                Ok(Done::good(copy_out(&v, data_in, alloc)))
+            }
+            Command::ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } => {
+                let d = mode::sense(ten, dbd, llbaa, pc, page, subpage, &g, &self.mode_state(), self.default_wce, self.read_only())?;
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::ModeSelect { ten, len, .. } => {
+                let data = &data_out[..data_out.len().min(len as usize)];
+                if data.len() < len as usize {
+                    return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
+                }
+                let before = self.mode_state();
+                let after = mode::select(ten, data, &g, &before)?;
+                if after != before {
+                    self.write_cache.store(after.write_cache, Relaxed);
+                    let gen = self.mode_generation.fetch_add(1, Relaxed) + 1;
+                    nx.seen_mode.set(gen);
+                }
+                Ok(Done::good(0))
+            }
+            Command::ReadCapacity10 => {
+                let last = g.num_blocks - 1;
+                let mut d = [0u8; 8];
+                d[..4].copy_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
+                d[4..].copy_from_slice(&g.block_size.to_be_bytes());
+                Ok(Done::good(copy_out(&d, data_in, 8)))
+            }
+            Command::ReadCapacity16 { alloc } => {
+                let mut d = [0u8; 32];
+                d[..8].copy_from_slice(&(g.num_blocks - 1).to_be_bytes());
+                d[8..12].copy_from_slice(&g.block_size.to_be_bytes());
+                if self.ident.thin {
+                    d[14] = 0x80 | 0x40; // LBPME, LBPRZ
+                }
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::GetLbaStatus { lba, alloc } => {
+                let d = self.lba_status(ch, lba, alloc, &g).await?;
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::Read { lba, blocks, .. } => {
+                let n = blocks as usize * bs;
+                if n == 0 {
+                    return Ok(Done::good(0));
+                }
+                if data_in.len() < n {
+                    // The transport sized the buffer from the command; anything else is a bug.
+                    debug_assert!(false, "Data-In buffer shorter than the read");
+                    return Err(Sense::new(SenseKey::HardwareError, asc::INTERNAL_TARGET_FAILURE).into());
+                }
+                ch.read_buf(lba, &mut data_in[..n]).await.map_err(|e| bdev_failure(e, false))?;
+                Ok(Done::good(n))
+            }
+            Command::Write { lba, blocks, fua } => {
+                let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
+                if n > 0 {
+                    ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
+                    self.after_write(ch, fua).await?;
+                }
+                Ok(Done::good(0))
+            }
+            Command::WriteVerify { lba, blocks } => {
+                let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
+                if n > 0 {
+                    ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
+                    // Verification reads back what the medium holds: make it durable first.
+                    ch.flush().await.map_err(|e| bdev_failure(e, true))?;
+                }
+                Ok(Done::good(0))
+            }
+            Command::Verify { lba, blocks, bytchk } => {
+                if blocks == 0 {
+                    return Ok(Done::good(0));
+                }
+                let n = blocks as usize * bs;
+                let mut medium = IoBuf::alloc(n);
+                ch.read_buf(lba, &mut medium).await.map_err(|e| bdev_failure(e, false))?;
+                match bytchk {
+                    1 => {
+                        let expect = &data_out[..data_out.len().min(n)];
+                        if let Some(off) = first_difference(&medium[..expect.len()], expect) {
+                            return Err(Sense::miscompare(off as u64).into());
+                        }
+                    }
+                    3 => {
+                        let Some(pattern) = data_out.get(..bs) else { return Ok(Done::good(0)) };
+                        for (i, block) in medium.chunks(bs).enumerate() {
+                            if let Some(off) = first_difference(block, pattern) {
+                                return Err(Sense::miscompare((i * bs + off) as u64).into());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(Done::good(0))
+            }
+            Command::SyncCache { .. } => {
+                ch.flush().await.map_err(|e| bdev_failure(e, true))?;
+                Ok(Done::good(0))
+            }
+            Command::WriteSame { lba, blocks, unmap, ndob } => {
+                let zero_block = [0u8; 0];
+                let pattern: &[u8] = if ndob {
+                    &zero_block
+                } else {
+                    match data_out.get(..bs) {
+                        Some(p) => p,
+                        // The host sent less than one block: nothing to write.
+                        None => return Ok(Done::good(0)),
+                    }
+                };
+                self.write_same(ch, lba, blocks as u64, pattern, unmap).await?;
+                Ok(Done::good(0))
+            }
+            Command::Unmap { len } => {
+                if !self.ident.thin {
+                    return Err(Sense::invalid_opcode().into());
+                }
+                self.unmap(ch, &data_out[..data_out.len().min(len as usize)], &g).await?;
+                Ok(Done::good(0))
+            }
+            Command::CompareAndWrite { lba, blocks, fua } => {
+                let n = blocks as usize * bs;
+                // The Data-Out must hold exactly the compare and the write halves (SBC-3
+                // §5.2): anything else means the host and the CDB disagree on the length.
+                if ctx.data_out_expected != 2 * n as u64 {
+                    return Err(Sense::invalid_cdb(13, None).into());
+                }
+                if blocks == 0 {
+                    return Ok(Done::good(0));
+                }
+                if data_out.len() < 2 * n {
+                    return Err(Sense::invalid_cdb(13, None).into());
+                }
+                // TODO(extent-lock): serialise against every write to these blocks with the
+                // extent locks of src/extent_lock/ once they land; until then COMPARE AND WRITE
+                // commands are serialised per unit on each core, which orders them against one
+                // another but not against plain writes from other connections.
+                let _guard = CompareAndWriteLock::acquire(self.entry.id()).await;
+                let mut medium = IoBuf::alloc(n);
+                ch.read_buf(lba, &mut medium).await.map_err(|e| bdev_failure(e, false))?;
+                if let Some(off) = first_difference(&medium, &data_out[..n]) {
+                    return Err(Sense::miscompare(off as u64).into());
+                }
+                ch.write_buf(lba, &data_out[n..2 * n]).await.map_err(|e| bdev_failure(e, true))?;
+                self.after_write(ch, fua).await?;
+                Ok(Done::good(0))
+            }
+            Command::ReportLuns { select, alloc } => {
+                let d = report_luns(select, ctx.luns);
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::ReportOpcodes { rctd, options, opcode, sa, alloc } => {
+                let d = report_opcodes(rctd, options, opcode, sa, self.ident.thin)?;
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::ReportTmfs { alloc } => {
+                // ABORT TASK, ABORT TASK SET, LOGICAL UNIT RESET, TARGET RESET.
+                let d = [0x80 | 0x40 | 0x08 | 0x02, 0, 0, 0];
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+        }
+    }
+
+    /// Write-through when the write cache is off, or when the host asked for FUA.
+    async fn after_write(&self, ch: &Channel, fua: bool) -> Result<(), Failure> {
+        if fua || !self.write_cache.load(Relaxed) {
+            ch.flush().await.map_err(|e| bdev_failure(e, true))?;
+        }
+        Ok(())
+    }
+
+    async fn write_same(&self, ch: &Channel, lba: u64, blocks: u64, pattern: &[u8], unmap: bool) -> Result<(), Failure> {
+        let zeros = pattern.iter().all(|&b| b == 0);
+        if zeros {
+            // Unmapped blocks read as zeros (LBPRZ), so an unmap is a valid way to zero them.
+            if unmap && ch.supports(IoType::Unmap) {
+                return ch.unmap(lba, blocks).await.map_err(|e| bdev_failure(e, true));
+            }
+            if ch.supports(IoType::WriteZeroes) {
+                return ch.write_zeroes(lba, blocks).await.map_err(|e| bdev_failure(e, true));
+            }
+        }
+        let bs = self.block_size as usize;
+        let chunk_blocks = ((1usize << 20) / bs).min(blocks as usize).max(1);
+        let mut buf = IoBuf::alloc(chunk_blocks * bs);
+        for block in buf.chunks_mut(bs) {
+            if zeros {
+                block.fill(0);
+            } else {
+                block.copy_from_slice(pattern);
+            }
+        }
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(chunk_blocks as u64) as usize;
+            ch.write_buf(lba + done, &buf[..n * bs]).await.map_err(|e| bdev_failure(e, true))?;
+            done += n as u64;
+        }
+        self.after_write(ch, false).await
+    }
+
+    /// GET LBA STATUS: this target keeps no allocation map, but unmapped blocks read as zeros
+    /// (LBPRZ), so a block that reads as zeros is reported deallocated and any other mapped.
+    /// The scan covers at most [`LBA_STATUS_SCAN_BYTES`]; the last descriptor ends there.
+    async fn lba_status(&self, ch: &Channel, lba: u64, alloc: u32, g: &Geometry) -> Result<Vec<u8>, Failure> {
+        let bs = g.block_size as usize;
+        let remaining = g.num_blocks - lba;
+        let max_desc = ((alloc as usize).saturating_sub(8) / 16).clamp(1, 64);
+        let mut runs: Vec<(u64, u64, u8)> = Vec::new();
+        if !self.ident.thin {
+            runs.push((lba, remaining, 0));
+        } else {
+            let n = remaining.min(LBA_STATUS_SCAN_BYTES / bs as u64) as usize;
+            let mut buf = IoBuf::alloc(n * bs);
+            ch.read_buf(lba, &mut buf).await.map_err(|e| bdev_failure(e, false))?;
+            for (i, block) in buf.chunks(bs).enumerate() {
+                let state = if block.iter().all(|&b| b == 0) { 1 } else { 0 };
+                let full = runs.len() == max_desc;
+                match runs.last_mut() {
+                    Some(r) if r.2 == state => r.1 += 1,
+                    _ if full => break,
+                    _ => runs.push((lba + i as u64, 1, state)),
+                }
+            }
+        }
+        let mut d = Vec::with_capacity(8 + 16 * runs.len());
+        d.extend_from_slice(&((4 + 16 * runs.len()) as u32).to_be_bytes());
+        d.extend_from_slice(&[0; 4]);
+        for (start, count, state) in runs {
+            d.extend_from_slice(&start.to_be_bytes());
+            d.extend_from_slice(&(count.min(u32::MAX as u64) as u32).to_be_bytes());
+            d.push(state);
+            d.extend_from_slice(&[0; 3]);
+        }
+        Ok(d)
+    }
+
+    async fn unmap(&self, ch: &Channel, list: &[u8], g: &Geometry) -> Result<(), Failure> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        if list.len() < 8 {
+            return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
+        }
+        let bd_len = u16::from_be_bytes([list[2], list[3]]) as usize;
+        let descs = &list[8..(8 + bd_len).min(list.len())];
+        let count = descs.len() / 16;
+        if count as u32 > cdb::MAX_UNMAP_DESCRIPTORS {
+            return Err(Sense::invalid_param(2, None).into());
+        }
+        let parse = |i: usize| {
+            let d = &descs[i * 16..i * 16 + 16];
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&d[..8]);
+            (u64::from_be_bytes(l), u32::from_be_bytes([d[8], d[9], d[10], d[11]]))
+        };
+        // Check every descriptor before unmapping anything.
+        for i in 0..count {
+            let (lba, n) = parse(i);
+            if lba > g.num_blocks || lba + n as u64 > g.num_blocks {
+                return Err(Sense::lba_out_of_range().into());
+            }
+            if n > cdb::max_unmap_blocks(g) {
+                return Err(Sense::invalid_param((8 + i * 16 + 8) as u16, None).into());
+            }
+        }
+        for i in 0..count {
+            let (lba, n) = parse(i);
+            if n > 0 {
+                ch.unmap(lba, n as u64).await.map_err(|e| bdev_failure(e, true))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most bytes GET LBA STATUS reads to find unmapped (all-zero) blocks.
+const LBA_STATUS_SCAN_BYTES: u64 = 1 << 20;
+
+/// Copies `data` into `out`, at most `alloc` bytes; returns the bytes copied.
+fn copy_out(data: &[u8], out: &mut [u8], alloc: u32) -> usize {
+    let n = data.len().min(alloc as usize).min(out.len());
+    out[..n].copy_from_slice(&data[..n]);
+    n
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// One connection's view of a logical unit, on the connection's core.
+pub struct Nexus {
+    channel: Channel,
+    unit_attentions: RefCell<VecDeque<(u8, u8)>>,
+    seen_reset: Cell<u64>,
+    seen_mode: Cell<u64>,
+    seen_blocks: Cell<u64>,
+}
+
+/// Most unit attentions queued on one nexus; older ones are the ones kept.
+const MAX_UNIT_ATTENTIONS: usize = 8;
+
+impl Nexus {
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Queues a unit attention (once: a condition already pending is not repeated).
+    pub fn add_unit_attention(&self, code: (u8, u8)) {
+        let mut q = self.unit_attentions.borrow_mut();
+        if !q.contains(&code) && q.len() < MAX_UNIT_ATTENTIONS {
+            q.push_back(code);
+        }
+    }
+
+    /// Drops every pending unit attention (the nexus itself was reset).
+    pub fn clear_unit_attentions(&self) {
+        self.unit_attentions.borrow_mut().clear();
+    }
+
+    /// Turns changes made elsewhere (resets, mode changes, capacity) into unit attentions.
+    fn refresh(&self, lu: &LogicalUnit) {
+        let r = lu.reset_generation.load(Relaxed);
+        if r != self.seen_reset.get() {
+            self.seen_reset.set(r);
+            // A reset clears every other condition (SAM-5 §5.14).
+            self.unit_attentions.borrow_mut().clear();
+            self.add_unit_attention(asc::POWER_ON_RESET);
+        }
+        let m = lu.mode_generation.load(Relaxed);
+        if m != self.seen_mode.get() {
+            self.seen_mode.set(m);
+            self.add_unit_attention(asc::MODE_PARAMETERS_CHANGED);
+        }
+        let b = lu.entry.bdev().num_blocks();
+        if b != self.seen_blocks.get() {
+            self.seen_blocks.set(b);
+            self.add_unit_attention(asc::CAPACITY_DATA_HAS_CHANGED);
+        }
+    }
+
+    fn take_unit_attention(&self, lu: &LogicalUnit) -> Option<(u8, u8)> {
+        self.refresh(lu);
+        self.unit_attentions.borrow_mut().pop_front()
+    }
+
+    /// Whether a unit attention would be reported (without consuming it).
+    pub fn has_unit_attention(&self, lu: &LogicalUnit) -> bool {
+        self.refresh(lu);
+        !self.unit_attentions.borrow().is_empty()
+    }
+}
+
+/// REPORT LUNS parameter data.
+pub fn report_luns(select: u8, luns: &[u64]) -> Vec<u8> {
+    // Select 01h asks for well-known LUNs only, and this target has none.
+    let list: &[u64] = if select == 0x01 { &[] } else { luns };
+    let mut d = Vec::with_capacity(8 + 8 * list.len());
+    d.extend_from_slice(&((8 * list.len()) as u32).to_be_bytes());
+    d.extend_from_slice(&[0; 4]);
+    for &l in list {
+        d.extend_from_slice(&encode_lun(l));
+    }
+    d
+}
+
+/// SAM LUN encoding: peripheral addressing below 256, flat addressing up to 16383.
+pub fn encode_lun(lun: u64) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    if lun < 256 {
+        b[1] = lun as u8;
+    } else {
+        b[0] = 0x40 | ((lun >> 8) as u8 & 0x3F);
+        b[1] = lun as u8;
+    }
+    b
+}
+
+/// Largest LUN number [`encode_lun`] can express.
+pub const MAX_LUN: u64 = 0x3FFF;
+
+/// Decodes a LUN field; None for addressing methods this target never reports.
+pub fn decode_lun(b: &[u8; 8]) -> Option<u64> {
+    if b[2..] != [0; 6] {
+        return None;
+    }
+    match b[0] >> 6 {
+        0 if b[0] == 0 => Some(b[1] as u64),
+        1 => Some(((b[0] & 0x3F) as u64) << 8 | b[1] as u64),
+        _ => None,
+    }
+}
+
+fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16, thin: bool) -> Result<Vec<u8>, Sense> {
+    let supported = |i: &&cdb::OpcodeInfo| thin || i.opcode != cdb::op::UNMAP;
+    let timeouts = |d: &mut Vec<u8>| {
+        d.extend_from_slice(&[0x00, 0x0A, 0, 0]);
+        d.extend_from_slice(&[0; 8]);
+    };
+    let mut d = Vec::new();
+    match options {
+        0 => {
+            d.extend_from_slice(&[0; 4]);
+            for i in cdb::SUPPORTED.iter().filter(supported) {
+                d.push(i.opcode);
+                d.push(0);
+                d.extend_from_slice(&i.sa.unwrap_or(0).to_be_bytes());
+                d.push(0);
+                d.push(if rctd { 0x02 } else { 0 } | if i.sa.is_some() { 0x01 } else { 0 });
+                d.extend_from_slice(&(i.usage.len() as u16).to_be_bytes());
+                if rctd {
+                    timeouts(&mut d);
+                }
+            }
+            let len = (d.len() - 4) as u32;
+            d[..4].copy_from_slice(&len.to_be_bytes());
+        }
+        _ => {
+            let has_sa = cdb::SUPPORTED.iter().any(|i| i.opcode == opcode && i.sa.is_some());
+            let want_sa = match options {
+                1 if has_sa => return Err(Sense::invalid_cdb(2, Some(2))),
+                1 => None,
+                2 if !has_sa && cdb::SUPPORTED.iter().any(|i| i.opcode == opcode) => return Err(Sense::invalid_cdb(2, Some(2))),
+                2 => Some(sa),
+                _ => has_sa.then_some(sa),
+            };
+            let found = cdb::SUPPORTED.iter().filter(supported).find(|i| i.opcode == opcode && i.sa == want_sa);
+            d.push(0);
+            match found {
+                Some(i) => {
+                    d.push(if rctd { 0x80 } else { 0 } | 0x03);
+                    d.extend_from_slice(&(i.usage.len() as u16).to_be_bytes());
+                    d.extend_from_slice(i.usage);
+                    if rctd {
+                        timeouts(&mut d);
+                    }
+                }
+                None => {
+                    d.push(0x01);
+                    d.extend_from_slice(&[0, 0]);
+                }
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// Serialises COMPARE AND WRITE per unit on one core (see the TODO in `execute`).
+#[derive(Default)]
+struct CompareAndWriteLocks(RefCell<HashMap<u64, Rc<SerialLock>>>);
+
+#[derive(Default)]
+struct SerialLock {
+    held: Cell<bool>,
+    waiters: RefCell<VecDeque<Waker>>,
+}
+
+struct CompareAndWriteLock {
+    lock: Rc<SerialLock>,
+}
+
+impl CompareAndWriteLock {
+    async fn acquire(unit: u64) -> CompareAndWriteLock {
+        let locks = reactor::with_core(|c| c.local::<CompareAndWriteLocks>());
+        let lock = locks.0.borrow_mut().entry(unit).or_default().clone();
+        std::future::poll_fn(|cx| {
+            if lock.held.get() {
+                lock.waiters.borrow_mut().push_back(cx.waker().clone());
+                Poll::Pending
+            } else {
+                lock.held.set(true);
+                Poll::Ready(())
+            }
+        })
+        .await;
+        CompareAndWriteLock { lock }
+    }
+}
+
+impl Drop for CompareAndWriteLock {
+    fn drop(&mut self) {
+        self.lock.held.set(false);
+        let w = self.lock.waiters.borrow_mut().pop_front();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::BdevRegistry;
+    use crate::bdevs::malloc::MallocBdev;
+    use crate::reactor::ManualCores;
+
+    fn run<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
+        let out = Rc::new(RefCell::new(None));
+        let o = out.clone();
+        cores.enter(0, || reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
+        cores.run_until_idle();
+        let v = out.borrow_mut().take();
+        v.expect("future did not finish")
+    }
+
+    fn unit(reg: &BdevRegistry) -> Arc<LogicalUnit> {
+        let e = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
+        Arc::new(LogicalUnit::new(e))
+    }
+
+    async fn exec(lu: &LogicalUnit, nx: &Nexus, cdb_bytes: &[u8], out: &[u8]) -> Result<(Done, Vec<u8>), Failure> {
+        let port = PortIdentity { target_name: "iqn.x".into(), portal_group_tag: 1 };
+        let ctx = Context { port: &port, luns: &[0, 3], data_out_expected: out.len() as u64 };
+        let cmd = cdb::parse(cdb_bytes, &lu.geometry())?;
+        let mut din = vec![0u8; cmd.data_in_len(&lu.geometry()) as usize];
+        let d = lu.execute(nx, &cmd, out, &mut din, &ctx).await?;
+        din.truncate(d.data_len);
+        Ok((d, din))
+    }
+
+    #[test]
+    fn write_read_compare_and_write_and_miscompare() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let nx = lu.nexus().unwrap();
+            let data = vec![0xABu8; 1024];
+            exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 4, 0, 0, 2, 0], &data).await.unwrap();
+            let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 4, 0, 0, 2, 0], &[]).await.unwrap();
+            assert_eq!(back, data);
+            let mut caw = vec![0xABu8; 512];
+            caw.extend(vec![0x11u8; 512]);
+            let c = [0x89, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0];
+            exec(&lu, &nx, &c, &caw).await.unwrap();
+            // Now block 4 holds 0x11: the same compare fails at offset 0.
+            let e = exec(&lu, &nx, &c, &caw).await.unwrap_err();
+            let Failure::Check(s) = e else { panic!("{e:?}") };
+            assert_eq!((s.key, s.asc, s.info), (SenseKey::Miscompare, 0x1D, Some(0)));
+            // Out of range.
+            let e = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 63, 0, 0, 2, 0], &[]).await.unwrap_err();
+            assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
+        });
+    }
+
+    #[test]
+    fn lun_reset_raises_a_unit_attention_on_other_nexuses_only() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let a = lu.nexus().unwrap();
+            let b = lu.nexus().unwrap();
+            lu.reset(&a);
+            assert!(exec(&lu, &a, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok());
+            // INQUIRY runs in spite of the pending condition.
+            assert!(exec(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok());
+            let e = exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
+            assert_eq!(e, Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
+            assert!(exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok(), "reported once");
+        });
+    }
+
+    #[test]
+    fn write_same_unmap_and_report_luns() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let nx = lu.nexus().unwrap();
+            exec(&lu, &nx, &[0x41, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[7u8; 512]).await.unwrap();
+            let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[]).await.unwrap();
+            assert!(back.iter().all(|&b| b == 7));
+            let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+            list.extend_from_slice(&9u64.to_be_bytes());
+            list.extend_from_slice(&2u32.to_be_bytes());
+            list.extend_from_slice(&[0; 4]);
+            exec(&lu, &nx, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list).await.unwrap();
+            let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[]).await.unwrap();
+            assert!(back[..512].iter().all(|&b| b == 7) && back[512..1536].iter().all(|&b| b == 0) && back[1536..].iter().all(|&b| b == 7));
+            let (_, luns) = exec(&lu, &nx, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await.unwrap();
+            assert_eq!(&luns[..4], &16u32.to_be_bytes());
+            assert_eq!(luns[8 + 8 + 1], 3);
+            // Unmap beyond the end.
+            let mut bad = list.clone();
+            bad[8..16].copy_from_slice(&63u64.to_be_bytes());
+            let e = exec(&lu, &nx, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &bad).await.unwrap_err();
+            assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
+        });
+    }
+
+    #[test]
+    fn lun_encoding_round_trips() {
+        for l in [0u64, 1, 255, 256, 1000, MAX_LUN] {
+            assert_eq!(decode_lun(&encode_lun(l)), Some(l));
+        }
+        assert_eq!(decode_lun(&[0x80, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(decode_lun(&[0, 1, 0, 0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn report_opcodes_one_command_and_all() {
+        let all = report_opcodes(false, 0, 0, 0, true).unwrap();
+        assert_eq!(u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize, all.len() - 4);
+        let one = report_opcodes(false, 1, 0x28, 0, true).unwrap();
+        assert_eq!(one[1] & 0x07, 3);
+        assert_eq!(one[4], 0x28);
+        let none = report_opcodes(false, 1, 0xC5, 0, true).unwrap();
+        assert_eq!(none[1] & 0x07, 1);
+        assert!(report_opcodes(false, 1, 0x9E, 0, true).is_err(), "0x9E has service actions");
+        let rc16 = report_opcodes(false, 2, 0x9E, 0x10, true).unwrap();
+        assert_eq!(rc16[1] & 0x07, 3);
+    }
+}

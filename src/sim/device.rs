@@ -1,0 +1,261 @@
+//! The simulated block device: in-memory blocks, a completion time per I/O drawn from the seed
+//! (so completions come back reordered), and a volatile write cache with a crash model.
+//!
+//! Crash model (documented choice, like a disk with a volatile cache or a file through the
+//! page cache): a write's data is visible to reads from its completion on; it is *durable* only
+//! once a flush submitted after its completion has completed. At a crash, each block holds its
+//! durable value or the value of any write to it that was not yet durable (completed or still
+//! in flight), chosen independently per block by the seed: writes may be torn and may reach
+//! media in any order, exactly the freedom a real cache has.
+
+use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use crate::reactor;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+pub const SIM_BLOCK: u32 = 512;
+
+struct Pending {
+    seq: u64,
+    offset: u64,
+    data: Vec<u8>,
+    /// Order of completion (u64::MAX while in flight).
+    completed: u64,
+}
+
+struct DevState {
+    rng: ChaCha8Rng,
+    current: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<Pending>,
+    next_seq: u64,
+    next_completion: u64,
+    dead: bool,
+}
+
+/// Latency of one simulated I/O: mostly `min..max`, one in fifty ten times longer.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    pub min_ns: u64,
+    pub max_ns: u64,
+}
+
+pub struct SimDevice {
+    name: String,
+    num_blocks: u64,
+    latency: Latency,
+    state: Arc<Mutex<DevState>>,
+    /// I/Os submitted (the harness picks crash points from it).
+    pub submitted: Arc<AtomicU64>,
+}
+
+impl SimDevice {
+    pub fn new(name: &str, image: Vec<u8>, seed: u64, latency: Latency) -> SimDevice {
+        assert!(!image.is_empty() && image.len() % SIM_BLOCK as usize == 0);
+        let num_blocks = (image.len() / SIM_BLOCK as usize) as u64;
+        SimDevice {
+            name: name.to_string(),
+            num_blocks,
+            latency,
+            state: Arc::new(Mutex::new(DevState {
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                current: image.clone(),
+                durable: image,
+                pending: Vec::new(),
+                next_seq: 0,
+                next_completion: 0,
+                dead: false,
+            })),
+            submitted: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, DevState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Crashes the device: returns what its media holds now, and fails every I/O from now on.
+    pub fn crash(&self) -> Vec<u8> {
+        let mut st = self.st();
+        st.dead = true;
+        let mut img = st.durable.clone();
+        let bs = SIM_BLOCK as usize;
+        let mut order: Vec<usize> = (0..st.pending.len()).collect();
+        order.sort_by_key(|&i| (st.pending[i].completed, st.pending[i].seq));
+        for b in 0..(img.len() / bs) {
+            let cands: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let p = &st.pending[i];
+                    let (s, e) = (p.offset as usize, p.offset as usize + p.data.len() / bs);
+                    s <= b && b < e
+                })
+                .collect();
+            if cands.is_empty() {
+                continue;
+            }
+            let pick = st.rng.random_range(0..=cands.len());
+            if pick == cands.len() {
+                continue; // the durable value
+            }
+            let p = &st.pending[cands[pick]];
+            let o = (b - p.offset as usize) * bs;
+            img[b * bs..(b + 1) * bs].copy_from_slice(&p.data[o..o + bs]);
+        }
+        img
+    }
+
+    /// The content reads see now (for checks outside the simulated I/O path).
+    pub fn current_image(&self) -> Vec<u8> {
+        self.st().current.clone()
+    }
+}
+
+struct SimChannel {
+    dev: Arc<SimDeviceShared>,
+}
+
+/// What channels share of the device (the bdev itself is not `Clone`).
+struct SimDeviceShared {
+    state: Arc<Mutex<DevState>>,
+    latency: Latency,
+    submitted: Arc<AtomicU64>,
+}
+
+impl SimDeviceShared {
+    fn st(&self) -> std::sync::MutexGuard<'_, DevState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn latency(&self) -> u64 {
+        let mut st = self.st();
+        let l = st.rng.random_range(self.latency.min_ns..=self.latency.max_ns);
+        if st.rng.random_ratio(1, 50) {
+            l * 10
+        } else {
+            l
+        }
+    }
+
+    fn begin_write(&self, offset: u64, data: Vec<u8>) -> u64 {
+        let mut st = self.st();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.pending.push(Pending { seq, offset, data, completed: u64::MAX });
+        seq
+    }
+
+    fn complete_write(&self, seq: u64) -> Result<(), BdevError> {
+        let mut st = self.st();
+        if st.dead {
+            return Err(BdevError::Offline);
+        }
+        let c = st.next_completion;
+        st.next_completion += 1;
+        let bs = SIM_BLOCK as usize;
+        let DevState { pending, current, .. } = &mut *st;
+        let p = pending.iter_mut().find(|p| p.seq == seq).expect("pending write");
+        p.completed = c;
+        let o = p.offset as usize * bs;
+        current[o..o + p.data.len()].copy_from_slice(&p.data);
+        Ok(())
+    }
+}
+
+impl IoChannel for SimChannel {
+    fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
+        let d = &self.dev;
+        d.submitted.fetch_add(1, Relaxed);
+        let done_at = reactor::now_ns() + d.latency();
+        let bs = SIM_BLOCK as usize;
+        match io {
+            Io::Read { offset_blocks, bufs, .. } => IoFuture::boxed(async move {
+                reactor::sleep_until(done_at).await;
+                let st = d.st();
+                if st.dead {
+                    return Err(BdevError::Offline);
+                }
+                let mut pos = offset_blocks as usize * bs;
+                for b in bufs.iter_mut() {
+                    let n = b.len();
+                    b.copy_from_slice(&st.current[pos..pos + n]);
+                    pos += n;
+                }
+                Ok(())
+            }),
+            Io::Write { offset_blocks, bufs, .. } => {
+                let mut data = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+                for b in bufs {
+                    data.extend_from_slice(b);
+                }
+                let seq = d.begin_write(offset_blocks, data);
+                IoFuture::boxed(async move {
+                    reactor::sleep_until(done_at).await;
+                    d.complete_write(seq)
+                })
+            }
+            Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
+                let seq = d.begin_write(offset_blocks, vec![0u8; num_blocks as usize * bs]);
+                IoFuture::boxed(async move {
+                    reactor::sleep_until(done_at).await;
+                    d.complete_write(seq)
+                })
+            }
+            Io::Flush => {
+                // Covers the writes completed before the flush was submitted.
+                let covered: Vec<u64> = d.st().pending.iter().filter(|p| p.completed != u64::MAX).map(|p| p.seq).collect();
+                IoFuture::boxed(async move {
+                    reactor::sleep_until(done_at).await;
+                    let mut st = d.st();
+                    if st.dead {
+                        return Err(BdevError::Offline);
+                    }
+                    let DevState { pending, durable, .. } = &mut *st;
+                    let mut done: Vec<&Pending> = pending.iter().filter(|p| covered.contains(&p.seq)).collect();
+                    done.sort_by_key(|p| p.completed);
+                    for p in done {
+                        let o = p.offset as usize * bs;
+                        durable[o..o + p.data.len()].copy_from_slice(&p.data);
+                    }
+                    pending.retain(|p| !covered.contains(&p.seq));
+                    Ok(())
+                })
+            }
+        }
+    }
+}
+
+impl Bdev for SimDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "simulated device"
+    }
+    fn block_size(&self) -> u32 {
+        SIM_BLOCK
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    fn uuid(&self) -> Uuid {
+        Uuid::nil()
+    }
+    fn supports(&self, _io: IoType) -> bool {
+        true
+    }
+    fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
+        Ok(Rc::new(SimChannel { dev: Arc::new(SimDeviceShared { state: self.state.clone(), latency: self.latency, submitted: self.submitted.clone() }) }))
+    }
+    fn config_call(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}

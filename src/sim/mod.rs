@@ -1,0 +1,727 @@
+//! Deterministic simulation of preserve (DESIGN §5): the real CoW volume code, unchanged, on
+//! [`ManualCores`] (several cores, messages between them, timers on simulated time) over two
+//! [`SimDevice`]s, with every choice — which core runs next, each I/O's latency, the workload,
+//! when to preserve, delete or crash, what a crash leaves on media — drawn from one seed.
+//! The outcome is checked against [`model::Model`]:
+//! * a sealed image reads exactly the last data of every write submitted before its preserve,
+//!   and never changes (also across crashes);
+//! * the live volume returns only data a register would (no lost or invented write);
+//! * after a crash, nothing durable is lost, and snapshots come back as the rules say;
+//! * nothing deadlocks (the scheduler never runs dry while work is pending).
+//!
+//! `run_seed(seed)` replays one seed exactly; a failure message names the seed.
+
+pub mod device;
+pub mod model;
+
+use crate::bdev::{BdevEntry, BdevRegistry, Channel};
+use crate::bdevs::snapshot::{CowVolume, OpenParams, SnapshotBdev};
+use crate::preserve::SnapshotState;
+use crate::reactor::{self, ManualCores};
+use device::{Latency, SimDevice, SIM_BLOCK};
+use model::Model;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The shape of one simulated run, drawn from the seed.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub cores: usize,
+    pub grains: u64,
+    pub grain_blocks: u64,
+    pub clients: usize,
+    pub ops_per_client: usize,
+    /// Crashes (each followed by a restart) in the run.
+    pub crashes: usize,
+    pub max_snapshots: usize,
+    pub latency: Latency,
+    pub lock_region_grains: u32,
+}
+
+impl SimConfig {
+    pub fn from_seed(seed: u64) -> SimConfig {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_C0F1);
+        SimConfig {
+            cores: r.random_range(1..=3),
+            grains: r.random_range(4..=12),
+            grain_blocks: if r.random_bool(0.5) { 8 } else { 16 },
+            clients: r.random_range(2..=5),
+            ops_per_client: r.random_range(10..=30),
+            crashes: if r.random_bool(0.4) { r.random_range(1..=2) } else { 0 },
+            max_snapshots: r.random_range(1..=4),
+            latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=100_000) },
+            lock_region_grains: [1, 2, 64][r.random_range(0..3)],
+        }
+    }
+
+    fn blocks(&self) -> u64 {
+        self.grains * self.grain_blocks
+    }
+
+    fn store_bytes(&self) -> u64 {
+        let slots = self.grains * (self.max_snapshots as u64 + 3) + 4;
+        crate::bdevs::snapshot::layout::RECORDS_OFFSET + 4096 * (slots * 8).div_ceil(4096) + 4096 + slots * self.grain_blocks * SIM_BLOCK as u64
+    }
+}
+
+/// Counts of what a run did.
+#[derive(Debug, Default, Clone)]
+pub struct SimOutcome {
+    pub steps: u64,
+    pub writes: u64,
+    pub reads: u64,
+    pub preserves: u64,
+    pub freezes: u64,
+    pub deletes: u64,
+    pub crashes: u64,
+    pub sealed_checked: u64,
+}
+
+/// State shared by the tasks of one run (one thread: `Rc<RefCell>` is enough).
+struct Shared {
+    model: Model,
+    failure: Option<String>,
+    /// The run crashed: tasks of the old world must not touch the model any more.
+    dead: bool,
+    clients_left: usize,
+    controller_done: bool,
+    out: SimOutcome,
+    snaps: BTreeMap<String, Arc<BdevEntry>>,
+}
+
+type Sh = Rc<RefCell<Shared>>;
+
+thread_local! {
+    static TRACE: bool = {
+        let on = std::env::var("SIM_TRACE").is_ok();
+        if on {
+            let _ = env_logger::builder().filter_level(log::LevelFilter::Trace).is_test(true).try_init();
+        }
+        on
+    };
+}
+
+/// Prints one event of the run when `SIM_TRACE` is set (to follow a failing seed).
+fn trace(what: impl FnOnce() -> String) {
+    if TRACE.with(|t| *t) {
+        eprintln!("[{:>10}] {}", reactor::try_current().map(|_| reactor::now_ns()).unwrap_or(0), what());
+    }
+}
+
+fn fail(sh: &Sh, msg: String) {
+    let mut s = sh.borrow_mut();
+    if !s.dead && s.failure.is_none() {
+        s.failure = Some(msg);
+    }
+}
+
+fn alive(sh: &Sh) -> bool {
+    let s = sh.borrow();
+    !s.dead && s.failure.is_none()
+}
+
+fn fill(buf: &mut [u8], off: u64, tag: u64) {
+    let bs = SIM_BLOCK as usize;
+    for (i, b) in buf.chunks_mut(bs).enumerate() {
+        b.fill(0);
+        if tag != 0 {
+            b[0..8].copy_from_slice(&tag.to_le_bytes());
+            b[8..16].copy_from_slice(&(off + i as u64).to_le_bytes());
+        }
+    }
+}
+
+/// The tag of a block read back, or a description of garbage.
+fn tag_of(b: &[u8], lba: u64) -> Result<u64, String> {
+    let tag = u64::from_le_bytes(b[0..8].try_into().expect("8"));
+    if tag == 0 {
+        return if b.iter().all(|&x| x == 0) { Ok(0) } else { Err(format!("block {lba}: garbage (zero tag, non-zero data)")) };
+    }
+    let at = u64::from_le_bytes(b[8..16].try_into().expect("8"));
+    if at != lba || b[16..].iter().any(|&x| x != 0) {
+        return Err(format!("block {lba}: data of write {tag} written for block {at}"));
+    }
+    Ok(tag)
+}
+
+/// The simulated world of one life (between restarts).
+struct World {
+    cores: ManualCores,
+    registry: Arc<BdevRegistry>,
+    base: Arc<SimDevice>,
+    store: Arc<SimDevice>,
+    vol: Arc<BdevEntry>,
+    home: usize,
+}
+
+fn cow(e: &BdevEntry) -> &CowVolume {
+    e.bdev().as_any().downcast_ref::<CowVolume>().expect("the volume is a CoW volume")
+}
+
+/// Steps a random core with work, else advances time to the next timer. False when idle.
+fn step(cores: &ManualCores, rng: &mut ChaCha8Rng) -> bool {
+    let ready: Vec<usize> = (0..cores.count()).filter(|&i| cores.has_work(i)).collect();
+    if !ready.is_empty() {
+        let i = ready[rng.random_range(0..ready.len())];
+        cores.step(i);
+        return true;
+    }
+    if let Some(t) = cores.next_timer() {
+        cores.advance_to(t.max(cores.now_ns()));
+        return true;
+    }
+    false
+}
+
+const MAX_STEPS: u64 = 3_000_000;
+
+impl World {
+    fn start(cfg: &SimConfig, rng: &mut ChaCha8Rng, base_img: Vec<u8>, store_img: Vec<u8>, steps: &mut u64) -> Result<World, String> {
+        let cores = ManualCores::new(cfg.cores);
+        let registry = Arc::new(BdevRegistry::new(cfg.cores));
+        let base = Arc::new(SimDevice::new("base", base_img, rng.random(), cfg.latency));
+        let store = Arc::new(SimDevice::new("store", store_img, rng.random(), cfg.latency));
+        let be = registry.register(base.clone()).map_err(|e| e.to_string())?;
+        let se = registry.register(store.clone()).map_err(|e| e.to_string())?;
+        let home = rng.random_range(0..cfg.cores);
+        let params = OpenParams {
+            name: "vol".into(),
+            uuid: None,
+            base: be.claim("vol").map_err(|e| e.to_string())?,
+            store: se.claim("vol").map_err(|e| e.to_string())?,
+            grain_kb: Some((cfg.grain_blocks * SIM_BLOCK as u64 / 1024) as u32),
+            cores: cfg.cores,
+            lock_region_grains: Some(cfg.lock_region_grains),
+        };
+        let opened = Rc::new(RefCell::new(None));
+        let o = opened.clone();
+        cores.enter(home, || reactor::spawn_detached(async move { *o.borrow_mut() = Some(CowVolume::open(params).await) }));
+        while opened.borrow().is_none() {
+            *steps += 1;
+            if !step(&cores, rng) {
+                return Err("opening the volume never finished".into());
+            }
+        }
+        let (vol, snaps) = opened.borrow_mut().take().expect("checked")?;
+        let vol = registry.register(Arc::new(vol)).map_err(|e| e.to_string())?;
+        for s in snaps {
+            registry.register(Arc::new(s)).map_err(|e| e.to_string())?;
+        }
+        Ok(World { cores, registry, base, store, vol, home })
+    }
+
+    /// Runs until `done` or idle; Err on deadlock or a step budget overrun.
+    fn run_until(&self, rng: &mut ChaCha8Rng, steps: &mut u64, mut done: impl FnMut() -> bool) -> Result<(), String> {
+        while !done() {
+            *steps += 1;
+            if *steps > MAX_STEPS {
+                return Err("step budget exhausted (livelock?)".into());
+            }
+            if !step(&self.cores, rng) {
+                return Err("deadlock: no core has work and no timer is set, but tasks wait".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the volume and lets every task end; devices must already be dead or quiet.
+    fn teardown(self, rng: &mut ChaCha8Rng) {
+        self.vol.bdev().destroy();
+        let mut n = 0;
+        while n < 200_000 && step(&self.cores, rng) {
+            n += 1;
+        }
+        for name in self.registry.list().iter().map(|e| e.name().to_string()).collect::<Vec<_>>() {
+            let _ = self.registry.unregister(&name);
+        }
+        drop(self.vol);
+        drop(self.cores);
+    }
+}
+
+/// Reads `n` blocks at `off` from `e` on the current core; returns the tags.
+async fn read_tags(e: &Arc<BdevEntry>, off: u64, n: u64) -> Result<Vec<u64>, String> {
+    let ch = Channel::get(e).map_err(|x| x.to_string())?;
+    let mut buf = crate::bdev::IoBuf::alloc((n * SIM_BLOCK as u64) as usize);
+    ch.read_buf(off, &mut buf[..]).await.map_err(|x| format!("read error: {x}"))?;
+    buf.chunks(SIM_BLOCK as usize).enumerate().map(|(i, b)| tag_of(b, off + i as u64)).collect()
+}
+
+fn check_values(what: &str, off: u64, got: &[u64], ok: impl Fn(u64) -> Vec<u64>) -> Result<(), String> {
+    for (i, &g) in got.iter().enumerate() {
+        let b = off + i as u64;
+        let allowed = ok(b);
+        if !allowed.contains(&g) {
+            return Err(format!("{what}: block {b} reads write {g}, allowed {allowed:?}"));
+        }
+    }
+    Ok(())
+}
+
+async fn client(sh: Sh, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64) {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let blocks = cfg.blocks();
+    let ch = match Channel::get(&vol) {
+        Ok(c) => c,
+        Err(e) => return fail(&sh, format!("client channel: {e}")),
+    };
+    for _ in 0..cfg.ops_per_client {
+        reactor::sleep(Duration::from_nanos(r.random_range(0..40_000))).await;
+        if !alive(&sh) {
+            return;
+        }
+        let n = r.random_range(1..=(2 * cfg.grain_blocks).min(blocks));
+        let off = r.random_range(0..=blocks - n);
+        match r.random_range(0..100) {
+            0..55 => {
+                let zero = r.random_ratio(1, 12);
+                let tag = if zero { 0 } else { sh.borrow_mut().model.next_tag_take() };
+                let mut buf = crate::bdev::IoBuf::alloc((n * SIM_BLOCK as u64) as usize);
+                fill(&mut buf, off, tag);
+                let id = sh.borrow_mut().model.begin_write(off, n, tag);
+                trace(|| format!("write {tag} {off}+{n} (core {})", reactor::current_index()));
+                let res = if zero {
+                    if r.random_bool(0.5) {
+                        ch.write_zeroes(off, n).await
+                    } else {
+                        ch.unmap(off, n).await
+                    }
+                } else {
+                    ch.write_buf(off, &buf[..]).await
+                };
+                if !alive(&sh) {
+                    return;
+                }
+                if let Err(e) = res {
+                    return fail(&sh, format!("write {off}+{n} failed: {e}"));
+                }
+                trace(|| format!("write {tag} done"));
+                let mut s = sh.borrow_mut();
+                s.model.end_write(id);
+                s.out.writes += 1;
+            }
+            55..80 => {
+                let s_r = sh.borrow_mut().model.tick();
+                let got = read_tags(&vol, off, n).await;
+                if !alive(&sh) {
+                    return;
+                }
+                let c_r = sh.borrow_mut().model.tick();
+                let got = match got {
+                    Ok(g) => g,
+                    Err(e) => return fail(&sh, format!("live read {off}+{n}: {e}")),
+                };
+                let s = sh.borrow();
+                if let Err(e) = check_values("live read", off, &got, |b| s.model.live_read(b, s_r, c_r)) {
+                    drop(s);
+                    return fail(&sh, e);
+                }
+                drop(s);
+                sh.borrow_mut().out.reads += 1;
+            }
+            80..87 => {
+                let s_f = sh.borrow_mut().model.tick();
+                trace(|| "flush".to_string());
+                let res = ch.flush().await;
+                if !alive(&sh) {
+                    return;
+                }
+                if let Err(e) = res {
+                    return fail(&sh, format!("flush failed: {e}"));
+                }
+                sh.borrow_mut().model.flush_done(s_f);
+            }
+            _ => {
+                let pick = {
+                    let s = sh.borrow();
+                    let names: Vec<&String> = s.snaps.keys().collect();
+                    if names.is_empty() {
+                        None
+                    } else {
+                        let name = names[r.random_range(0..names.len())].clone();
+                        Some((name.clone(), s.snaps[&name].clone()))
+                    }
+                };
+                let Some((name, e)) = pick else { continue };
+                let s_r = sh.borrow_mut().model.tick();
+                let got = read_tags(&e, off, n).await;
+                if !alive(&sh) {
+                    return;
+                }
+                let c_r = sh.borrow_mut().model.tick();
+                let s = sh.borrow();
+                let Some(sm) = s.model.snaps.get(&name) else { continue };
+                let detached = e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state()).is_none();
+                let got = match got {
+                    Ok(g) => g,
+                    Err(_) if sm.deleting || detached => continue,
+                    Err(err) => {
+                        let msg = format!("snapshot {name} read {off}+{n}: {err}");
+                        drop(s);
+                        return fail(&sh, msg);
+                    }
+                };
+                let r = check_values(&format!("snapshot {name} read"), off, &got, |b| match sm.pinned[b as usize] {
+                    Some(v) if sm.pinned_at < s_r => vec![v],
+                    _ if sm.taken_before_crash => vec![got[(b - off) as usize]],
+                    _ => s.model.snap_read(b, sm.t, s_r, c_r),
+                });
+                drop(s);
+                if let Err(e) = r {
+                    return fail(&sh, e);
+                }
+            }
+        }
+    }
+    sh.borrow_mut().clients_left -= 1;
+}
+
+/// Reads the whole of snapshot `name` and checks it: sealed images are pinned and compared
+/// with the model's sealed set.
+async fn check_snapshot(sh: &Sh, name: &str, blocks: u64) -> Result<(), String> {
+    let e = match sh.borrow().snaps.get(name) {
+        Some(e) => e.clone(),
+        None => return Ok(()),
+    };
+    let sealed = e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state()) == Some(SnapshotState::Sealed);
+    let s_r = sh.borrow_mut().model.tick();
+    let got = read_tags(&e, 0, blocks).await;
+    if !alive(sh) {
+        return Ok(());
+    }
+    let c_r = sh.borrow_mut().model.tick();
+    let mut s = sh.borrow_mut();
+    let Some(sm) = s.model.snaps.get(name).cloned() else { return Ok(()) };
+    let detached = e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state()).is_none();
+    let got = match got {
+        Ok(g) => g,
+        Err(_) if sm.deleting || detached => return Ok(()),
+        Err(e) => return Err(format!("snapshot {name}: {e}")),
+    };
+    check_values(&format!("snapshot {name} (sealed {sealed})"), 0, &got, |b| match sm.pinned[b as usize] {
+        Some(v) if sm.pinned_at < s_r => vec![v],
+        _ if sm.taken_before_crash => vec![got[b as usize]],
+        _ => s.model.snap_read(b, sm.t, s_r, c_r),
+    })?;
+    if sealed {
+        let now = s.model.tick();
+        let m = s.model.snaps.get_mut(name).expect("present");
+        m.pinned_at = m.pinned_at.min(now);
+        m.sealed_seen = true;
+        for (b, &g) in got.iter().enumerate() {
+            m.pinned[b] = Some(g);
+        }
+        s.out.sealed_checked += 1;
+    }
+    Ok(())
+}
+
+async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64, cores: usize) {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let blocks = cfg.blocks();
+    let mut n = 0u64;
+    loop {
+        reactor::sleep(Duration::from_nanos(r.random_range(10_000..200_000))).await;
+        if !alive(&sh) {
+            return;
+        }
+        if sh.borrow().clients_left == 0 {
+            break;
+        }
+        let count = sh.borrow().snaps.len();
+        match r.random_range(0..100) {
+            0..40 if count < cfg.max_snapshots => {
+                n += 1;
+                let name = format!("snap{seed:x}-{n}");
+                let freeze = r.random_ratio(1, 8);
+                let sb = Arc::new(SnapshotBdev::new(cow(&vol), &name));
+                let e = match registry.register(sb.clone()) {
+                    Ok(e) => e,
+                    Err(err) => return fail(&sh, format!("register {name}: {err}")),
+                };
+                {
+                    let mut s = sh.borrow_mut();
+                    let t = s.model.tick();
+                    let flushed_at_t = s.model.flushed_upto();
+                    s.model.snaps.insert(
+                        name.clone(),
+                        model::SnapModel {
+                            t,
+                            pinned: vec![None; blocks as usize],
+                            pinned_at: u64::MAX,
+                            sealed_seen: false,
+                            deleting: false,
+                            taken_before_crash: false,
+                            flushed_at_t,
+                        },
+                    );
+                    s.snaps.insert(name.clone(), e);
+                }
+                trace(|| format!("preserve {name} freeze {freeze}"));
+                let res = cow(&vol).take_snapshot(&sb, freeze).await;
+                if !alive(&sh) {
+                    return;
+                }
+                match res {
+                    Ok(_) => {
+                        let mut s = sh.borrow_mut();
+                        s.out.preserves += 1;
+                        s.out.freezes += freeze as u64;
+                    }
+                    Err(err) => {
+                        let mut s = sh.borrow_mut();
+                        s.model.snaps.remove(&name);
+                        s.snaps.remove(&name);
+                        let _ = registry.unregister(&name);
+                        drop(s);
+                        if !err.to_string().contains("draining") {
+                            return fail(&sh, format!("preserve {name}: {err}"));
+                        }
+                    }
+                }
+            }
+            40..60 => {
+                let pick = {
+                    let s = sh.borrow();
+                    s.snaps
+                        .iter()
+                        .filter(|(_, e)| e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state()) == Some(SnapshotState::Sealed))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect::<Vec<_>>()
+                };
+                if pick.is_empty() {
+                    continue;
+                }
+                let (name, e) = pick[r.random_range(0..pick.len())].clone();
+                if let Some(m) = sh.borrow_mut().model.snaps.get_mut(&name) {
+                    m.deleting = true;
+                }
+                let _ = registry.unregister(&name);
+                let id = e.id();
+                for c in 0..cores {
+                    reactor::call_on(c, move || Channel::evict(id)).await;
+                }
+                trace(|| format!("delete {name}"));
+                let res = cow(&vol).remove_snapshot(&name).await;
+                if !alive(&sh) {
+                    return;
+                }
+                if let Err(err) = res {
+                    return fail(&sh, format!("delete {name}: {err}"));
+                }
+                let mut s = sh.borrow_mut();
+                s.model.snaps.remove(&name);
+                s.snaps.remove(&name);
+                s.out.deletes += 1;
+            }
+            _ => {
+                let names: Vec<String> = sh.borrow().snaps.keys().cloned().collect();
+                if names.is_empty() {
+                    continue;
+                }
+                let name = names[r.random_range(0..names.len())].clone();
+                if let Err(e) = check_snapshot(&sh, &name, blocks).await {
+                    return fail(&sh, e);
+                }
+            }
+        }
+    }
+    sh.borrow_mut().controller_done = true;
+}
+
+/// After a restart: every snapshot the model knows comes back as the rules say, the live
+/// volume lost nothing durable; then the observed images become the model's baseline.
+async fn check_recovery(sh: Sh, vol: Arc<BdevEntry>, registry: Arc<BdevRegistry>, blocks: u64) {
+    let infos = cow(&vol).snapshot_infos();
+    let names: Vec<String> = sh.borrow().model.snaps.keys().cloned().collect();
+    for info in &infos {
+        if !names.contains(&info.name) {
+            return fail(&sh, format!("after restart: unknown snapshot {}", info.name));
+        }
+        if info.state != SnapshotState::Sealed {
+            return fail(&sh, format!("after restart: snapshot {} is {:?}", info.name, info.state));
+        }
+    }
+    for name in names {
+        let present = infos.iter().any(|i| i.name == name);
+        let sm = sh.borrow().model.snaps[&name].clone();
+        if !present {
+            if sm.sealed_seen && !sm.deleting {
+                return fail(&sh, format!("after restart: sealed snapshot {name} is gone"));
+            }
+            let mut s = sh.borrow_mut();
+            s.model.snaps.remove(&name);
+            s.snaps.remove(&name);
+            continue;
+        }
+        let Some(e) = registry.get(&name) else { return fail(&sh, format!("after restart: snapshot {name} has no bdev")) };
+        let got = match read_tags(&e, 0, blocks).await {
+            Ok(g) => g,
+            Err(err) => return fail(&sh, format!("after restart: snapshot {name}: {err}")),
+        };
+        let s = sh.borrow();
+        let r = check_values(&format!("after restart: snapshot {name}"), 0, &got, |b| match sm.pinned[b as usize] {
+            Some(v) => vec![v],
+            None if sm.taken_before_crash => vec![got[b as usize]],
+            None if sm.sealed_seen => s.model.snap_read(b, sm.t, u64::MAX, u64::MAX),
+            None => s.model.after_crash(b, sm.t, sm.flushed_at_t),
+        });
+        drop(s);
+        if let Err(err) = r {
+            return fail(&sh, err);
+        }
+        let mut s = sh.borrow_mut();
+        let now = s.model.tick();
+        let m = s.model.snaps.get_mut(&name).expect("present");
+        m.pinned = got.into_iter().map(Some).collect();
+        m.pinned_at = now;
+        m.sealed_seen = true;
+        m.deleting = false;
+        s.snaps.insert(name.clone(), e);
+    }
+    let got = match read_tags(&vol, 0, blocks).await {
+        Ok(g) => g,
+        Err(err) => return fail(&sh, format!("after restart: live volume: {err}")),
+    };
+    let s = sh.borrow();
+    let r = check_values("after restart: live volume", 0, &got, |b| s.model.after_crash(b, u64::MAX, s.model.flushed_upto()));
+    drop(s);
+    if let Err(err) = r {
+        return fail(&sh, err);
+    }
+    sh.borrow_mut().model.restart(got);
+}
+
+/// Final check of a run without a pending crash: every snapshot sealed and exact, the live
+/// volume holds the last writes.
+async fn check_final(sh: Sh, vol: Arc<BdevEntry>, blocks: u64) {
+    let names: Vec<String> = sh.borrow().snaps.keys().cloned().collect();
+    for name in names {
+        let e = sh.borrow().snaps[&name].clone();
+        let st = e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state());
+        if st != Some(SnapshotState::Sealed) {
+            return fail(&sh, format!("final: snapshot {name} is {st:?}, not sealed"));
+        }
+        if let Err(err) = check_snapshot(&sh, &name, blocks).await {
+            return fail(&sh, format!("final: {err}"));
+        }
+    }
+    let s_r = sh.borrow_mut().model.tick();
+    let got = match read_tags(&vol, 0, blocks).await {
+        Ok(g) => g,
+        Err(err) => return fail(&sh, format!("final: live volume: {err}")),
+    };
+    let s = sh.borrow();
+    let r = check_values("final: live volume", 0, &got, |b| s.model.live_read(b, s_r, s_r + 1));
+    drop(s);
+    if let Err(err) = r {
+        fail(&sh, err);
+    }
+}
+
+/// Runs one seed. `Err` carries the failure and the seed.
+pub fn run_seed(seed: u64) -> Result<SimOutcome, String> {
+    let cfg = SimConfig::from_seed(seed);
+    run(seed, &cfg).map_err(|e| format!("seed {seed}: {e}\n  config: {cfg:?}\n  reproduce: SEED={seed} cargo test --test sim_preserve -- --nocapture"))
+}
+
+pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let blocks = cfg.blocks();
+    let mut base_img = vec![0u8; (blocks * SIM_BLOCK as u64) as usize];
+    let mut store_img = vec![0u8; cfg.store_bytes() as usize];
+    let sh: Sh = Rc::new(RefCell::new(Shared {
+        model: Model::new(blocks),
+        failure: None,
+        dead: false,
+        clients_left: 0,
+        controller_done: false,
+        out: SimOutcome::default(),
+        snaps: BTreeMap::new(),
+    }));
+    let mut steps = 0u64;
+    for life in 0..=cfg.crashes {
+        let world = World::start(cfg, &mut rng, base_img, store_img, &mut steps)?;
+        {
+            let mut s = sh.borrow_mut();
+            s.dead = false;
+            s.clients_left = cfg.clients;
+            s.controller_done = false;
+            s.snaps.retain(|_, _| false);
+        }
+        if life > 0 {
+            let (sh2, vol, reg) = (sh.clone(), world.vol.clone(), world.registry.clone());
+            world.cores.enter(world.home, || reactor::spawn_detached(check_recovery(sh2, vol, reg, blocks)));
+            world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+            if let Some(f) = sh.borrow().failure.clone() {
+                return Err(f);
+            }
+        }
+        for c in 0..cfg.clients {
+            let (sh2, vol, cfg2, cs) = (sh.clone(), world.vol.clone(), cfg.clone(), rng.random());
+            world.cores.enter(rng.random_range(0..cfg.cores), || reactor::spawn_detached(client(sh2, vol, cfg2, cs)));
+            let _ = c;
+        }
+        let (sh2, reg, vol, cfg2, cs) = (sh.clone(), world.registry.clone(), world.vol.clone(), cfg.clone(), rng.random());
+        world.cores.enter(world.home, || reactor::spawn_detached(controller(sh2, reg, vol, cfg2, cs, cfg.cores)));
+        let crash = life < cfg.crashes;
+        let total_io = || world.base.submitted.load(Relaxed) + world.store.submitted.load(Relaxed);
+        let crash_at = total_io() + rng.random_range(5..(cfg.clients * cfg.ops_per_client * 3) as u64 + 10);
+        let done = || {
+            let s = sh.borrow();
+            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && total_io() >= crash_at)
+        };
+        let r = world.run_until(&mut rng, &mut steps, done);
+        if let Some(f) = sh.borrow().failure.clone() {
+            return Err(f);
+        }
+        r?;
+        if crash && total_io() >= crash_at {
+            // Crash: capture media, note which snapshots the target had sealed, kill the world.
+            {
+                let mut s = sh.borrow_mut();
+                s.dead = true;
+                let sealed: Vec<String> = s
+                    .snaps
+                    .iter()
+                    .filter(|(_, e)| e.bdev().as_any().downcast_ref::<SnapshotBdev>().and_then(|b| b.state()) == Some(SnapshotState::Sealed))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for n in sealed {
+                    if let Some(m) = s.model.snaps.get_mut(&n) {
+                        m.sealed_seen = true;
+                    }
+                }
+                s.out.crashes += 1;
+            }
+            trace(|| "CRASH".to_string());
+            base_img = world.base.crash();
+            store_img = world.store.crash();
+            world.teardown(&mut rng);
+            continue;
+        }
+        // The run ended without a crash: let seals finish, then check everything.
+        world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+        let (sh2, vol) = (sh.clone(), world.vol.clone());
+        world.cores.enter(world.home, || reactor::spawn_detached(check_final(sh2, vol, blocks)));
+        world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+        if let Some(f) = sh.borrow().failure.clone() {
+            return Err(f);
+        }
+        sh.borrow_mut().dead = true;
+        base_img = Vec::new();
+        store_img = Vec::new();
+        world.teardown(&mut rng);
+        break;
+    }
+    let _ = (base_img, store_img);
+    let mut out = sh.borrow().out.clone();
+    out.steps = steps;
+    Ok(out)
+}
