@@ -4,6 +4,10 @@
 # same core, measured in the same run. Prints both and the ratio nvmf / bdevperf.
 #
 #   bench/nvmf_bench.sh [seconds]          (BENCH_TARGET_CPU=0 BENCH_INITIATOR_CPU=1)
+#
+# BENCH_RT=1 runs the target, nvme_perf and bdevperf under SCHED_FIFO (chrt -f 10) so that a
+# busy machine (other builds) does not preempt them; the kernel's RT throttling still leaves
+# 5% of each CPU to everything else. Use it only for short runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -47,7 +51,9 @@ method = "nvmf_subsystem_add_listener"
 params = { nqn = "$nqn", listen_address = { trtype = "TCP", adrfam = "IPv4", traddr = "127.0.0.1", trsvcid = "$port" } }
 TOML
 
-target/release/tidemarkd -c "$work/bench.toml" --cpumask "$tmask" --poll-mode busy --rpc-socket "$work/rpc.sock" \
+rt=()
+[[ ${BENCH_RT:-0} == 1 ]] && rt=(chrt -f 10)
+"${rt[@]}" target/release/tidemarkd -c "$work/bench.toml" --cpumask "$tmask" --poll-mode busy --rpc-socket "$work/rpc.sock" \
   --metrics "" --data-dir "$work" > "$work/tidemarkd.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
@@ -61,7 +67,7 @@ json() { python3 -c "import json,sys; j=json.load(sys.stdin); print(' '.join(str
 declare -A nv nvlat
 for w in randread randwrite; do
   for qd in 1 32; do
-    read -r iops p50 p99 p999 < <(target/release/nvme_perf -r "$trid" -q "$qd" -o 4096 -w "$w" -t "$secs" -c "$imask" --json | json iops p50_us p99_us p999_us)
+    read -r iops p50 p99 p999 < <("${rt[@]}" target/release/nvme_perf -r "$trid" -q "$qd" -o 4096 -w "$w" -t "$secs" -c "$imask" --json | json iops p50_us p99_us p999_us)
     nv[$w.$qd]=$iops
     nvlat[$w.$qd]="$p50/$p99/$p999"
   done
@@ -72,10 +78,12 @@ pid=""
 
 echo "4 KiB, ${secs}s per run; target: tidemarkd on CPU $tcpu (busy poll), nvme_perf on CPU $icpu, loopback"
 echo "peer: bdevperf on the same Malloc0 bdev on CPU $tcpu, in-process (no network)"
+[[ ${BENCH_RT:-0} == 1 ]] && echo "all under SCHED_FIFO (BENCH_RT=1)"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-10s %4s %12s %22s %12s %8s\n' workload qd nvmf_iops "lat_us p50/p99/p99.9" bdevperf ratio
 for w in randread randwrite; do
   for qd in 1 32; do
-    b=$(target/release/bdevperf -c "$work/bench.toml" -b Malloc0 -q "$qd" -o 4096 -w "$w" -t "$secs" -m "$tmask" --json | json iops)
+    b=$("${rt[@]}" target/release/bdevperf -c "$work/bench.toml" -b Malloc0 -q "$qd" -o 4096 -w "$w" -t "$secs" -m "$tmask" --json | json iops)
     n=${nv[$w.$qd]}
     printf '%-10s %4s %12.0f %22s %12.0f %8s\n' "$w" "$qd" "$n" "${nvlat[$w.$qd]}" "$b" "$(python3 -c "print(f'{$n/$b:.3f}')")"
   done

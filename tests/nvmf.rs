@@ -143,6 +143,22 @@ fn connect_identify_io_and_discovery() {
     assert_eq!(done.len(), 100);
     assert!(done.iter().all(|c| c.cqe.status().is_success()));
 
+    // 96 outstanding 128 KiB writes (12 MiB) need more R2T buffers than a connection may
+    // hold at once (8 MiB): the rest wait for budget, and all complete with the right data.
+    let mut done: Vec<Completion> = Vec::new();
+    for i in 0..96u64 {
+        q1.submit(Qpair::rw_sqe(io_opc::WRITE, 1, 8192 + i * 256, 256), Payload::Out(&pattern(128 * 1024, i as u8))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.len() < 96 && Instant::now() < deadline {
+        q1.poll(&mut done).unwrap();
+    }
+    assert_eq!(done.len(), 96);
+    assert!(done.iter().all(|c| c.cqe.status().is_success()));
+    for i in [0u64, 50, 95] {
+        assert_eq!(read(&mut q1, 8192 + i * 256, 256, bs).1, pattern(128 * 1024, i as u8), "write {i}");
+    }
+
     // SMART counts the I/O; features read back.
     let smart = c.get_log_page(spec::log::SMART, spec::NSID_ALL, 512, 0, false).unwrap();
     assert!(u64::from_le_bytes(smart[64..72].try_into().unwrap()) >= 103, "host read commands");
@@ -156,6 +172,13 @@ fn connect_identify_io_and_discovery() {
     assert_eq!(ctrls[0]["num_io_qpairs"], 2);
     let qps = d.rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
     assert_eq!(qps.as_array().unwrap().len(), 3);
+
+    // Fabrics Disconnect deletes an I/O queue: answered, then closed.
+    let mut disc_cmd = Sqe::new(spec::FABRICS_OPC, 0, 0);
+    disc_cmd.0[4] = spec::fctype::DISCONNECT;
+    assert!(q2.execute(disc_cmd, Payload::None).unwrap().0.status().is_success());
+    assert!(q2.wait_closed(Duration::from_secs(10)));
+    wait_until(|| d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))[0]["num_io_qpairs"] == 1, "I/O queue 2 deleted");
 
     // Discovery: the subsystem on its listener.
     let mut disc = Controller::connect(addr, spec::DISCOVERY_NQN, &opts(HOST_A)).expect("discovery connect");
