@@ -185,7 +185,7 @@ impl Geometry {
         if self.bitmap_pages == 0 || self.bitmap_pages.saturating_mul(self.page_bytes as u64).saturating_mul(8) < self.num_regions {
             return Err("bitmaps too small for the regions".into());
         }
-        let meta_blocks = (SUPERBLOCK_COPIES + (1 + MAX_SLOTS as u64).saturating_mul(self.bitmap_pages)).saturating_mul(self.blocks_per_page());
+        let meta_blocks = SUPERBLOCK_COPIES.saturating_add((1 + MAX_SLOTS as u64).saturating_mul(self.bitmap_pages)).saturating_mul(self.blocks_per_page());
         if self.data_offset < meta_blocks || self.data_offset.checked_add(self.data_blocks).is_none() {
             return Err("data area overlaps the metadata".into());
         }

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -236,37 +236,13 @@ impl PassthruChannel {
         };
         let fd = p.file.as_raw_fd();
         ring.submitter().register_files(&[fd]).map_err(os)?;
-        let (base, len) = crate::bdev::current_pool_region();
-        let mut fixed = (!base.is_null() && len > 0)
-            .then(|| {
-                let iov = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len };
-                // SAFETY: the pool region outlives this core's channels.
-                unsafe { ring.submitter().register_buffers(&[iov]) }.ok().map(|_| (base as usize, len))
-            })
-            .flatten();
+        let mut fixed = crate::bdevs::uring::register_pool(&ring.submitter(), "nvme passthrough");
         let mut ring = ring;
         if fixed.is_some() && !probe_fixed(&mut ring, p) {
-            log::info!(
-                "nvme namespace {}: the kernel takes no fixed buffers for passthrough commands (IORING_URING_CMD_FIXED); using plain buffers",
-                p.ident.nsid
-            );
+            log::info!("nvme namespace {}: the kernel takes no fixed buffers for passthrough commands (IORING_URING_CMD_FIXED); using plain buffers", p.ident.nsid);
             fixed = None;
         }
-        let eventfd = if mode == Completion::Interrupt {
-            // SAFETY: plain eventfd creation; checked.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            (efd >= 0)
-                .then(|| {
-                    // SAFETY: a fresh descriptor we own.
-                    let owned = unsafe { OwnedFd::from_raw_fd(efd) };
-                    let ok =
-                        ring.submitter().register_eventfd(efd).is_ok() && reactor::with_core(|c| c.io().is_some_and(|io| io.register_wake_only(efd).is_ok()));
-                    ok.then_some(owned)
-                })
-                .flatten()
-        } else {
-            None
-        };
+        let eventfd = if mode == Completion::Interrupt { crate::bdevs::uring::completion_eventfd(&ring.submitter()) } else { None };
         let mdts_blocks = p.ident.max_transfer.map(|b| (b / p.ident.block_size as u64).max(1)).unwrap_or(MAX_NLB);
         let ch = Rc::new(PassthruChannel {
             ring: RefCell::new(ring),

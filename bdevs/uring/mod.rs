@@ -150,6 +150,39 @@ struct Op {
     expected: u32,
 }
 
+/// Registers the current core's buffer pool as fixed buffer 0 of a ring; returns the region
+/// (address, length) when the kernel took it. Shared by every io_uring based module.
+pub(crate) fn register_pool(submitter: &io_uring::Submitter<'_>, who: &str) -> Option<(usize, usize)> {
+    let (base, len) = crate::bdev::current_pool_region();
+    if base.is_null() || len == 0 {
+        return None;
+    }
+    let iov = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len };
+    // SAFETY: the region is mapped for the life of the core's pool, which outlives the core's
+    // channels (both are core-local; channels are dropped first).
+    match unsafe { submitter.register_buffers(&[iov]) } {
+        Ok(()) => Some((base as usize, len)),
+        Err(e) => {
+            log::info!("{who}: fixed buffers unavailable ({e}); using plain buffers");
+            None
+        }
+    }
+}
+
+/// An eventfd the ring signals on completions, registered with the current core so that a
+/// sleeping reactor wakes for them. None if the kernel refuses (the core then polls).
+pub(crate) fn completion_eventfd(submitter: &io_uring::Submitter<'_>) -> Option<OwnedFd> {
+    // SAFETY: plain eventfd creation; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return None;
+    }
+    // SAFETY: efd is a fresh descriptor we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(efd) };
+    let ok = submitter.register_eventfd(efd).is_ok() && reactor::with_core(|c| c.io().is_some_and(|io| io.register_wake_only(efd).is_ok()));
+    ok.then_some(owned)
+}
+
 /// One core's ring on one bdev.
 struct UringChannel {
     ring: RefCell<IoUring>,
@@ -174,33 +207,8 @@ impl UringChannel {
         let ring = IoUring::builder().setup_cqsize(RING_ENTRIES * 2).build(RING_ENTRIES).map_err(os)?;
         let fd = b.file.as_raw_fd();
         ring.submitter().register_files(&[fd]).map_err(os)?;
-        let (base, len) = crate::bdev::current_pool_region();
-        let fixed = if !base.is_null() && len > 0 {
-            let iov = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len };
-            // SAFETY: the region is mapped for the life of the core's pool, which outlives the
-            // core's channels (both are core-local; channels are dropped first).
-            match unsafe { ring.submitter().register_buffers(&[iov]) } {
-                Ok(()) => Some((base as usize, len)),
-                Err(e) => {
-                    log::info!("{}: fixed buffers unavailable ({e}); using plain reads/writes", b.name);
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        // An eventfd signalled on completions wakes this core when it sleeps.
-        // SAFETY: plain eventfd creation; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        let eventfd = if efd >= 0 {
-            // SAFETY: efd is a fresh descriptor we own.
-            let owned = unsafe { OwnedFd::from_raw_fd(efd) };
-            let ok =
-                ring.submitter().register_eventfd(efd).is_ok() && reactor::with_core(|c| c.io().map(|io| io.register_wake_only(efd).is_ok()).unwrap_or(false));
-            ok.then_some(owned)
-        } else {
-            None
-        };
+        let fixed = register_pool(&ring.submitter(), &b.name);
+        let eventfd = completion_eventfd(&ring.submitter());
         let ch = Rc::new(UringChannel {
             ring: RefCell::new(ring),
             fd,

@@ -229,7 +229,10 @@ pub struct PreserveStats {
 /// How to find the [`Preservable`] of a bdev: one downcast per preservable module.
 type Downcast = fn(&dyn Any) -> Option<&dyn Preservable>;
 
-const PRESERVABLE_KINDS: &[Downcast] = &[|b| b.downcast_ref::<crate::bdevs::snapshot::CowVolume>().map(|v| v as &dyn Preservable)];
+const PRESERVABLE_KINDS: &[Downcast] = &[
+    |b| b.downcast_ref::<crate::bdevs::snapshot::CowVolume>().map(|v| v as &dyn Preservable),
+    |b| b.downcast_ref::<crate::bdevs::mirror::MirrorBdev>().map(|v| v as &dyn Preservable),
+];
 
 /// The preserve interface of `bdev`, if it has one.
 pub fn preservable(bdev: &dyn Bdev) -> Option<&dyn Preservable> {
