@@ -10,7 +10,7 @@
 use super::split::SplitImageBdev;
 use super::{MirrorBdev, MirrorError};
 use crate::bdev::{Bdev, LatencyHistogram};
-use crate::preserve::{PreserveError, PreserveRequest, PreserveStats, Preservable, SealSignal, SnapshotInfo, SnapshotState};
+use crate::preserve::{Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::target::Target;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,7 +66,13 @@ impl Preservable for MirrorBdev {
         let leg = match &req.base_bdev {
             Some(l) => l.clone(),
             // Without a choice: the last in-sync leg (the first stays the reads' source).
-            None => status.slots.iter().rev().find(|s| s.state == "active").map(|s| s.name.clone()).ok_or_else(|| PreserveError::Invalid("no in-sync leg".into()))?,
+            None => status
+                .slots
+                .iter()
+                .rev()
+                .find(|s| s.state == "active")
+                .map(|s| s.name.clone())
+                .ok_or_else(|| PreserveError::Invalid("no in-sync leg".into()))?,
         };
         if !status.slots.iter().any(|s| s.name == leg) {
             return Err(PreserveError::NotFound(format!("{leg} is not a leg of mirror {}", self.name())));

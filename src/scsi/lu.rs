@@ -7,13 +7,11 @@ use super::inquiry::{self, PortIdentity, UnitIdentity};
 use super::mode::{self, ModeState};
 use super::sense::{asc, Sense, SenseKey, Status, FIXED_SENSE_LEN, MAX_SENSE_LEN};
 use crate::bdev::{BdevEntry, BdevError, Channel, IoBuf, IoType};
-use crate::reactor;
+use crate::extent_lock::{ExtentGuard, LockSpace};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Why a command did not complete with GOOD status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,10 +66,32 @@ pub struct LogicalUnit {
     reset_generation: AtomicU64,
     /// Bumped by a MODE SELECT that changed something (MODE PARAMETERS CHANGED elsewhere).
     mode_generation: AtomicU64,
+    /// Every write of this target to the bdev holds its range here, so that COMPARE AND WRITE
+    /// (compare, then write) is atomic against them. Shared by all units on one bdev.
+    write_locks: Arc<LockSpace>,
+}
+
+/// Blocks per extent-lock region: writes of up to a few MiB take one piece.
+const LOCK_REGION_BLOCKS: u64 = 1 << 14;
+
+/// The write lock space of each bdev with a logical unit, by bdev entry id.
+static WRITE_LOCKS: Mutex<Option<HashMap<u64, Weak<LockSpace>>>> = Mutex::new(None);
+
+fn write_locks_for(entry: &BdevEntry, cores: usize) -> Arc<LockSpace> {
+    let mut g = WRITE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(HashMap::new);
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(s) = map.get(&entry.id()).and_then(Weak::upgrade) {
+        return s;
+    }
+    let s = LockSpace::new(cores.max(1), LOCK_REGION_BLOCKS);
+    map.insert(entry.id(), Arc::downgrade(&s));
+    s
 }
 
 impl LogicalUnit {
-    pub fn new(entry: Arc<BdevEntry>) -> LogicalUnit {
+    /// A unit over `entry`, for a target with `cores` reactor cores.
+    pub fn new(entry: Arc<BdevEntry>, cores: usize) -> LogicalUnit {
         let b = entry.bdev();
         let thin = b.supports(IoType::Unmap);
         let default_wce = b.supports(IoType::Flush);
@@ -82,6 +102,7 @@ impl LogicalUnit {
             default_wce,
             reset_generation: AtomicU64::new(0),
             mode_generation: AtomicU64::new(0),
+            write_locks: write_locks_for(&entry, cores),
             entry,
         }
     }
@@ -119,6 +140,14 @@ impl LogicalUnit {
             seen_mode: Cell::new(self.mode_generation.load(Relaxed)),
             seen_blocks: Cell::new(self.entry.bdev().num_blocks()),
         })
+    }
+
+    /// Holds blocks `lba..lba+blocks` against every other write of this target.
+    async fn lock_write(&self, lba: u64, blocks: u64) -> Option<ExtentGuard> {
+        if blocks == 0 {
+            return None;
+        }
+        Some(self.write_locks.lock(lba, blocks).await)
     }
 
     fn mode_state(&self) -> ModeState {
@@ -213,6 +242,7 @@ impl LogicalUnit {
             Command::Write { lba, blocks, fua } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
+                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     self.after_write(ch, fua).await?;
                 }
@@ -221,6 +251,7 @@ impl LogicalUnit {
             Command::WriteVerify { lba, blocks } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
+                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     // Verification reads back what the medium holds: make it durable first.
                     ch.flush().await.map_err(|e| bdev_failure(e, true))?;
@@ -268,6 +299,7 @@ impl LogicalUnit {
                         None => return Ok(Done::good(0)),
                     }
                 };
+                let _lock = self.lock_write(lba, blocks as u64).await;
                 self.write_same(ch, lba, blocks as u64, pattern, unmap).await?;
                 Ok(Done::good(0))
             }
@@ -291,11 +323,9 @@ impl LogicalUnit {
                 if data_out.len() < 2 * n {
                     return Err(Sense::invalid_cdb(13, None).into());
                 }
-                // TODO(extent-lock): serialise against every write to these blocks with the
-                // extent locks of src/extent_lock/ once they land; until then COMPARE AND WRITE
-                // commands are serialised per unit on each core, which orders them against one
-                // another but not against plain writes from other connections.
-                let _guard = CompareAndWriteLock::acquire(self.entry.id()).await;
+                // Atomic against every other write of this target to these blocks: they all
+                // hold their range in the same lock space while they write.
+                let _lock = self.lock_write(lba, blocks as u64).await;
                 let mut medium = IoBuf::alloc(n);
                 ch.read_buf(lba, &mut medium).await.map_err(|e| bdev_failure(e, false))?;
                 if let Some(off) = first_difference(&medium, &data_out[..n]) {
@@ -427,6 +457,7 @@ impl LogicalUnit {
         for i in 0..count {
             let (lba, n) = parse(i);
             if n > 0 {
+                let _lock = self.lock_write(lba, n as u64).await;
                 ch.unmap(lba, n as u64).await.map_err(|e| bdev_failure(e, true))?;
             }
         }
@@ -608,54 +639,13 @@ fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16, thin: bool) -> R
     Ok(d)
 }
 
-/// Serialises COMPARE AND WRITE per unit on one core (see the TODO in `execute`).
-#[derive(Default)]
-struct CompareAndWriteLocks(RefCell<HashMap<u64, Rc<SerialLock>>>);
-
-#[derive(Default)]
-struct SerialLock {
-    held: Cell<bool>,
-    waiters: RefCell<VecDeque<Waker>>,
-}
-
-struct CompareAndWriteLock {
-    lock: Rc<SerialLock>,
-}
-
-impl CompareAndWriteLock {
-    async fn acquire(unit: u64) -> CompareAndWriteLock {
-        let locks = reactor::with_core(|c| c.local::<CompareAndWriteLocks>());
-        let lock = locks.0.borrow_mut().entry(unit).or_default().clone();
-        std::future::poll_fn(|cx| {
-            if lock.held.get() {
-                lock.waiters.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            } else {
-                lock.held.set(true);
-                Poll::Ready(())
-            }
-        })
-        .await;
-        CompareAndWriteLock { lock }
-    }
-}
-
-impl Drop for CompareAndWriteLock {
-    fn drop(&mut self) {
-        self.lock.held.set(false);
-        let w = self.lock.waiters.borrow_mut().pop_front();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bdev::BdevRegistry;
     use crate::bdevs::malloc::MallocBdev;
-    use crate::reactor::ManualCores;
+    use crate::reactor::{self, ManualCores};
+    use std::rc::Rc;
 
     fn run<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
         let out = Rc::new(RefCell::new(None));
@@ -668,7 +658,7 @@ mod tests {
 
     fn unit(reg: &BdevRegistry) -> Arc<LogicalUnit> {
         let e = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
-        Arc::new(LogicalUnit::new(e))
+        Arc::new(LogicalUnit::new(e, 1))
     }
 
     async fn exec(lu: &LogicalUnit, nx: &Nexus, cdb_bytes: &[u8], out: &[u8]) -> Result<(Done, Vec<u8>), Failure> {
@@ -704,6 +694,38 @@ mod tests {
             let e = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 63, 0, 0, 2, 0], &[]).await.unwrap_err();
             assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
         });
+    }
+
+    #[test]
+    fn compare_and_write_waits_for_an_overlapping_write() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        let held = Rc::new(RefCell::new(None));
+        let h = held.clone();
+        let l = lu.clone();
+        // A write to blocks 4..6 is in flight (holds its range).
+        cores.enter(0, || reactor::spawn_detached(async move { *h.borrow_mut() = l.lock_write(4, 2).await }));
+        cores.run_until_idle();
+        assert!(held.borrow().is_some());
+        let done = Rc::new(Cell::new(false));
+        let d = done.clone();
+        let l = lu.clone();
+        cores.enter(0, || {
+            reactor::spawn_detached(async move {
+                let nx = l.nexus().unwrap();
+                let mut caw = vec![0u8; 512];
+                caw.extend(vec![0x22u8; 512]);
+                exec(&l, &nx, &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0], &caw).await.unwrap();
+                d.set(true);
+            })
+        });
+        cores.run_until_idle();
+        assert!(!done.get(), "COMPARE AND WRITE ran while an overlapping write held its blocks");
+        // Extent locks are released on a core.
+        cores.enter(0, || drop(held.borrow_mut().take()));
+        cores.run_until_idle();
+        assert!(done.get(), "COMPARE AND WRITE runs once the write is done");
     }
 
     #[test]
