@@ -381,12 +381,12 @@ struct State {
     /// Non-immediate SCSI commands accepted and not yet answered.
     in_flight: u32,
     immediate: u32,
-    tasks: HashMap<u32, TaskSlot>,
+    tasks: HashMap<u32, TaskSlot, TagHash>,
     next_ttt: u32,
     lun_generation: u64,
     luns: Arc<Vec<Arc<Lun>>>,
-    lun_ids: Vec<u64>,
-    nexus: HashMap<u64, Rc<Nexus>>,
+    lun_ids: Rc<[u64]>,
+    nexus: HashMap<u64, Rc<Nexus>, TagHash>,
     /// Outstanding target ping: (TTT, deadline).
     ping: Option<(u32, u64)>,
     last_rx_ns: u64,
@@ -447,7 +447,7 @@ impl Conn {
             }
             None => (Arc::new(Vec::new()), 0),
         };
-        let lun_ids = luns.iter().map(|l| l.id).collect();
+        let lun_ids: Rc<[u64]> = luns.iter().map(|l| l.id).collect();
         Conn {
             id,
             stream,
@@ -467,12 +467,12 @@ impl Conn {
                 exp_cmd_sn: li.exp_cmd_sn,
                 in_flight: 0,
                 immediate: 0,
-                tasks: HashMap::new(),
+                tasks: HashMap::with_capacity_and_hasher(64, TagHash::default()),
                 next_ttt: 1,
                 lun_generation: generation,
                 luns,
                 lun_ids,
-                nexus: HashMap::new(),
+                nexus: HashMap::default(),
                 ping: None,
                 last_rx_ns: reactor::now_ns(),
                 text_rest: None,
@@ -1221,7 +1221,7 @@ impl Conn {
                 // TARGET WARM RESET: every LUN of the target.
                 self.abort_where(|_, _| true);
                 let luns = self.st.borrow().lun_ids.clone();
-                for l in luns {
+                for &l in luns.iter() {
                     if let Some((lun, nx)) = self.lookup(l) {
                         lun.unit.reset(&nx);
                         nx.clear_unit_attentions();
@@ -1287,15 +1287,19 @@ impl Conn {
                     Command::Read { .. } => cmd.data_in_len(&g),
                     _ => cmd.data_in_len(&g).min(MAX_CONTROL_DATA_IN),
                 } as usize;
-                let mut buf = IoBuf::alloc(din_len.max(1));
-                buf.set_len(din_len);
+                // Commands without Data-In take no buffer at all.
+                let mut buf = (din_len > 0).then(|| IoBuf::alloc(din_len));
                 let ids = self.st.borrow().lun_ids.clone();
                 let ctx = scsi::Context { port: &self.port, luns: &ids, data_out_expected: if flags & pdu::FLAG_WRITE != 0 { edtl as u64 } else { 0 } };
                 let out: &[u8] = match &data {
                     Some((b, n)) => &b[..*n],
                     None => &[],
                 };
-                let r = lun.unit.execute(nexus, &cmd, out, &mut buf, &ctx).await;
+                let din_slice: &mut [u8] = match &mut buf {
+                    Some(b) => b,
+                    None => &mut [],
+                };
+                let r = lun.unit.execute(nexus, &cmd, out, din_slice, &ctx).await;
                 let bytes = match (&r, cmd) {
                     (Ok(d), Command::Read { .. }) => d.data_len as u64,
                     _ => out.len() as u64,
@@ -1303,7 +1307,7 @@ impl Conn {
                 if let Some(t) = io_type(&cmd) {
                     lun.stats.record(reactor::current_index(), t, bytes, reactor::now_ns().saturating_sub(t0), r.is_ok());
                 }
-                din = Some(buf);
+                din = buf;
                 r
             }
         };
@@ -1437,6 +1441,30 @@ fn io_type(c: &Command) -> Option<IoType> {
         _ => None,
     }
 }
+
+/// Hasher of task tags and LUNs: a multiplicative mix. The maps it serves are bounded by the
+/// queue depth, so even tags chosen to collide cost at most a linear scan of a small table.
+#[derive(Default, Clone, Copy)]
+struct TagHasher(u64);
+
+impl std::hash::Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type TagHash = std::hash::BuildHasherDefault<TagHasher>;
 
 fn next_ttt(st: &mut State) -> u32 {
     let t = st.next_ttt;
