@@ -43,6 +43,9 @@ const MAX_IMMEDIATE: u32 = 8;
 const MAX_AHS: usize = 264;
 /// Largest Data-In buffer of commands that are not reads (their data is small).
 const MAX_CONTROL_DATA_IN: u64 = 64 * 1024;
+/// Most bytes of command buffers (Data-Out being collected, Data-In not yet sent) one
+/// connection may hold; a command that would go over gets TASK SET FULL (the host retries).
+const MAX_CONN_BUFFER_BYTES: u64 = 64 << 20;
 /// How long a logout or a task management function waits for running commands.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -307,7 +310,7 @@ impl RecvBuf {
 enum OutData {
     None,
     Owned(Vec<u8>),
-    Shared(Rc<IoBuf>, usize, usize),
+    Shared(Rc<DataIn>, usize, usize),
 }
 
 struct OutPdu {
@@ -325,9 +328,27 @@ impl OutPdu {
         match &self.data {
             OutData::None => &[],
             OutData::Owned(v) => v,
-            OutData::Shared(b, off, len) => &b[*off..*off + *len],
+            OutData::Shared(b, off, len) => &b.buf[*off..*off + *len],
         }
     }
+}
+
+/// Bytes of buffers a connection holds, returned when the guard drops.
+struct MemGuard {
+    mem: Rc<Cell<u64>>,
+    n: u64,
+}
+
+impl Drop for MemGuard {
+    fn drop(&mut self) {
+        self.mem.set(self.mem.get().saturating_sub(self.n));
+    }
+}
+
+/// Data-In of a command, queued for the writer, with its share of the buffer budget.
+struct DataIn {
+    buf: IoBuf,
+    _mem: Option<MemGuard>,
 }
 
 /// A command whose Data-Out is still arriving.
@@ -353,6 +374,7 @@ struct WriteXfer {
     /// Set when data arrived damaged (digest): the command ends with CHECK CONDITION.
     failed: Option<Sense>,
     t0: u64,
+    mem: Option<MemGuard>,
 }
 
 struct R2tState {
@@ -413,6 +435,8 @@ struct Conn {
     writer_waker: RefCell<Option<Waker>>,
     /// Close the socket once the queue is written (after a logout response).
     close_after_flush: Cell<bool>,
+    /// Bytes of command buffers held (see MAX_CONN_BUFFER_BYTES).
+    mem: Rc<Cell<u64>>,
 }
 
 /// Why the reader stops.
@@ -480,6 +504,7 @@ impl Conn {
             out: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             close_after_flush: Cell::new(false),
+            mem: Rc::new(Cell::new(0)),
         }
     }
 
@@ -823,6 +848,26 @@ impl Conn {
             _ => 0,
         };
         let collect = if write_flag { need.min(edtl) } else { 0 };
+        // The buffers this command will hold: its Data-Out and its Data-In.
+        let din = match (&parsed, &unit) {
+            (Ok(c @ Command::Read { .. }), Some((l, _))) => c.data_in_len(&l.unit.geometry()),
+            (Ok(c), Some((l, _))) => c.data_in_len(&l.unit.geometry()).min(MAX_CONTROL_DATA_IN),
+            _ => 0,
+        };
+        let bytes = din + if collect > 0 { need as u64 } else { 0 };
+        let mem = if bytes > 0 {
+            let used = self.mem.get();
+            if used > 0 && used + bytes > MAX_CONN_BUFFER_BYTES {
+                rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
+                self.release_slot(immediate);
+                self.send_response(itt, Status::TaskSetFull as u8, None, 0, 0, 0);
+                return Ok(());
+            }
+            self.mem.set(used + bytes);
+            Some(MemGuard { mem: self.mem.clone(), n: bytes })
+        } else {
+            None
+        };
         let (Ok(cmd), Some((lun, nexus)), true) = (parsed, unit.clone(), collect > 0) else {
             // No Data-Out to collect: absorb any immediate data and run the command now.
             let ok = rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
@@ -834,7 +879,7 @@ impl Conn {
             }
             let run = Rc::new(Running { lun: scsi::decode_lun(&lun_field).unwrap_or(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) });
             self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(run.clone()));
-            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None };
+            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None, mem };
             reactor::spawn_detached(self.clone().execute(job));
             return Ok(());
         };
@@ -865,6 +910,7 @@ impl Conn {
             r2t_sn: 0,
             failed: None,
             t0,
+            mem,
         });
         let take = dsl.min(collect as usize);
         let ok = rb.read_segment(s, dsl, &mut x.buf[..take], p.data_digest).await?;
@@ -931,6 +977,7 @@ impl Conn {
             run,
             t0: x.t0,
             failed: x.failed,
+            mem: x.mem,
         };
         reactor::spawn_detached(self.clone().execute(job));
     }
@@ -1250,7 +1297,7 @@ impl Conn {
 
     /// Runs one SCSI command and sends its data and status.
     async fn execute(self: Rc<Self>, job: Job) {
-        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed } = job;
+        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;
         let read_flag = flags & pdu::FLAG_READ != 0;
         let edtl_in = if read_flag { edtl } else { 0 };
         let mut din: Option<IoBuf> = None;
@@ -1332,7 +1379,7 @@ impl Conn {
                 // Residuals against the direction that carried data (RFC 7143 §11.4.5).
                 let (flag, residual) = if need > 0 || flags & pdu::FLAG_WRITE != 0 { residual_of(need, edtl) } else { residual_of(produced, edtl) };
                 if sent > 0 {
-                    let buf = Rc::new(din.take().expect("data produced into a buffer"));
+                    let buf = Rc::new(DataIn { buf: din.take().expect("data produced into a buffer"), _mem: mem });
                     self.send_data_in(itt, &lun_field, buf, sent, done.status, flag, residual);
                 } else {
                     self.send_response(itt, done.status as u8, None, flag, residual, 0);
@@ -1345,7 +1392,7 @@ impl Conn {
 
     /// Data-In PDUs for `len` bytes of `buf`, the status in the last one.
     #[allow(clippy::too_many_arguments)]
-    fn send_data_in(&self, itt: u32, lun: &[u8; 8], buf: Rc<IoBuf>, len: u32, status: Status, res_flag: u8, residual: u32) {
+    fn send_data_in(&self, itt: u32, lun: &[u8; 8], buf: Rc<DataIn>, len: u32, status: Status, res_flag: u8, residual: u32) {
         let seg = self.p.max_send_dsl.max(512);
         let burst = self.p.max_burst.max(seg);
         let mut off = 0u32;
@@ -1419,6 +1466,7 @@ struct Job {
     run: Rc<Running>,
     t0: u64,
     failed: Option<Sense>,
+    mem: Option<MemGuard>,
 }
 
 fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {
