@@ -1387,6 +1387,7 @@ impl Conn {
             }
             Err(Failure::Check(sense)) => self.send_response(itt, Status::CheckCondition as u8, Some(sense), 0, 0, 0),
             Err(Failure::Busy) => self.send_response(itt, Status::Busy as u8, None, 0, 0, 0),
+            Err(Failure::ReservationConflict) => self.send_response(itt, Status::ReservationConflict as u8, None, 0, 0, 0),
         }
     }
 
@@ -1482,7 +1483,7 @@ fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {
 fn io_type(c: &Command) -> Option<IoType> {
     match c {
         Command::Read { .. } => Some(IoType::Read),
-        Command::Write { .. } | Command::WriteVerify { .. } | Command::CompareAndWrite { .. } => Some(IoType::Write),
+        Command::Write { .. } | Command::WriteVerify { .. } | Command::CompareAndWrite { .. } | Command::OrWrite { .. } => Some(IoType::Write),
         Command::WriteSame { unmap: true, .. } | Command::Unmap { .. } => Some(IoType::Unmap),
         Command::WriteSame { .. } => Some(IoType::WriteZeroes),
         Command::SyncCache { .. } => Some(IoType::Flush),

@@ -19,6 +19,8 @@ pub enum Failure {
     Check(Sense),
     /// The device is out of resources; the host retries (BUSY status).
     Busy,
+    /// Another nexus holds a RESERVE(6) reservation (RESERVATION CONFLICT status).
+    ReservationConflict,
 }
 
 impl From<Sense> for Failure {
@@ -69,7 +71,12 @@ pub struct LogicalUnit {
     /// Every write of this target to the bdev holds its range here, so that COMPARE AND WRITE
     /// (compare, then write) is atomic against them. Shared by all units on one bdev.
     write_locks: Arc<LockSpace>,
+    /// The nexus holding a RESERVE(6) reservation (0: none).
+    reserved_by: Arc<AtomicU64>,
 }
+
+/// Ids of nexuses (0 means "nobody").
+static NEXT_NEXUS: AtomicU64 = AtomicU64::new(1);
 
 /// Blocks per extent-lock region: writes of up to a few MiB take one piece.
 const LOCK_REGION_BLOCKS: u64 = 1 << 14;
@@ -103,6 +110,7 @@ impl LogicalUnit {
             reset_generation: AtomicU64::new(0),
             mode_generation: AtomicU64::new(0),
             write_locks: write_locks_for(&entry, cores),
+            reserved_by: Arc::new(AtomicU64::new(0)),
             entry,
         }
     }
@@ -127,6 +135,8 @@ impl LogicalUnit {
     /// A reset of the unit by `from`: every other nexus reports POWER ON, RESET, OR BUS DEVICE
     /// RESET OCCURRED on its next command.
     pub fn reset(&self, from: &Nexus) {
+        // A reset releases a RESERVE(6) reservation (SPC-2 §5.5.1.1).
+        self.reserved_by.store(0, Relaxed);
         let g = self.reset_generation.fetch_add(1, Relaxed) + 1;
         from.seen_reset.set(g);
     }
@@ -134,6 +144,8 @@ impl LogicalUnit {
     /// Opens the current core's nexus on this unit.
     pub fn nexus(&self) -> Result<Nexus, BdevError> {
         Ok(Nexus {
+            id: NEXT_NEXUS.fetch_add(1, Relaxed),
+            reserved_by: self.reserved_by.clone(),
             channel: Channel::get(&self.entry)?,
             unit_attentions: RefCell::new(VecDeque::new()),
             seen_reset: Cell::new(self.reset_generation.load(Relaxed)),
@@ -160,6 +172,10 @@ impl LogicalUnit {
     /// truncates it.
     pub async fn execute(&self, nx: &Nexus, cmd: &Command, data_out: &[u8], data_in: &mut [u8], ctx: &Context<'_>) -> Result<Done, Failure> {
         let g = self.geometry();
+        let holder = self.reserved_by.load(Relaxed);
+        if holder != 0 && holder != nx.id && cmd.conflicts_with_reservation() {
+            return Err(Failure::ReservationConflict);
+        }
         if cmd.blocked_by_unit_attention() {
             if let Some(ua) = nx.take_unit_attention(self) {
                 return Err(Failure::Check(Sense::unit_attention(ua)));
@@ -168,6 +184,32 @@ impl LogicalUnit {
         let bs = g.block_size as usize;
         let ch = &nx.channel;
         match *cmd {
+            Command::Reserve => match self.reserved_by.compare_exchange(0, nx.id, Relaxed, Relaxed) {
+                Ok(_) => Ok(Done::good(0)),
+                Err(h) if h == nx.id => Ok(Done::good(0)),
+                Err(_) => Err(Failure::ReservationConflict),
+            },
+            Command::Release => {
+                // Releasing someone else's reservation (or none) is a no-op.
+                let _ = self.reserved_by.compare_exchange(nx.id, 0, Relaxed, Relaxed);
+                Ok(Done::good(0))
+            }
+            Command::OrWrite { lba, blocks, fua } => {
+                let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
+                if n == 0 {
+                    return Ok(Done::good(0));
+                }
+                // Read, OR and write under the blocks' write lock: atomic like COMPARE AND WRITE.
+                let _lock = self.lock_write(lba, (n / bs) as u64).await;
+                let mut merged = IoBuf::alloc(n);
+                ch.read_buf(lba, &mut merged).await.map_err(|e| bdev_failure(e, false))?;
+                for (m, d) in merged.iter_mut().zip(&data_out[..n]) {
+                    *m |= *d;
+                }
+                ch.write_buf(lba, &merged).await.map_err(|e| bdev_failure(e, true))?;
+                self.after_write(ch, fua).await?;
+                Ok(Done::good(0))
+            }
             Command::TestUnitReady | Command::StartStopUnit | Command::PreventAllow | Command::Prefetch { .. } => Ok(Done::good(0)),
             Command::RequestSense { desc, alloc } => {
                 nx.refresh(self);
@@ -484,6 +526,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// One connection's view of a logical unit, on the connection's core.
 pub struct Nexus {
+    id: u64,
+    reserved_by: Arc<AtomicU64>,
     channel: Channel,
     unit_attentions: RefCell<VecDeque<(u8, u8)>>,
     seen_reset: Cell<u64>,
@@ -493,6 +537,13 @@ pub struct Nexus {
 
 /// Most unit attentions queued on one nexus; older ones are the ones kept.
 const MAX_UNIT_ATTENTIONS: usize = 8;
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        // The I_T nexus is gone (logout, dropped connection): its reservation goes too.
+        let _ = self.reserved_by.compare_exchange(self.id, 0, Relaxed, Relaxed);
+    }
+}
 
 impl Nexus {
     pub fn channel(&self) -> &Channel {
@@ -771,6 +822,49 @@ mod tests {
             bad[8..16].copy_from_slice(&63u64.to_be_bytes());
             let e = exec(&lu, &nx, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &bad).await.unwrap_err();
             assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
+        });
+    }
+
+    #[test]
+    fn reserve6_conflicts_for_other_nexuses_until_released_or_gone() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let a = lu.nexus().unwrap();
+            let b = lu.nexus().unwrap();
+            let tur = [0u8, 0, 0, 0, 0, 0];
+            exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.expect("the holder may reserve again");
+            assert_eq!(exec(&lu, &b, &tur, &[]).await.unwrap_err(), Failure::ReservationConflict);
+            assert_eq!(exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap_err(), Failure::ReservationConflict);
+            assert!(exec(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok(), "INQUIRY does not conflict");
+            exec(&lu, &b, &[0x17, 0, 0, 0, 0, 0], &[]).await.expect("RELEASE by another nexus is a no-op");
+            assert_eq!(exec(&lu, &b, &tur, &[]).await.unwrap_err(), Failure::ReservationConflict);
+            drop(a);
+            assert!(exec(&lu, &b, &tur, &[]).await.is_ok(), "the reservation goes with its nexus");
+            exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            let c = lu.nexus().unwrap();
+            lu.reset(&c);
+            assert!(exec(&lu, &c, &tur, &[]).await.is_ok(), "a reset releases it");
+        });
+    }
+
+    #[test]
+    fn orwrite_ors_the_data_into_the_blocks() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let nx = lu.nexus().unwrap();
+            exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[0x0Fu8; 512]).await.unwrap();
+            let mut c = [0u8; 16];
+            c[0] = 0x8B;
+            c[9] = 2;
+            c[13] = 1;
+            exec(&lu, &nx, &c, &[0xF0u8; 512]).await.unwrap();
+            let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[]).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0xFF));
         });
     }
 
