@@ -49,8 +49,10 @@ impl Target {
             Arc::new(crate::bdev::BdevSubsystem),
             Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::preserve::PreserveSubsystem),
+            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::nvmf::NvmfTarget::new(reactors.clone())),
             Arc::new(crate::iscsi::IscsiSubsystem::new(cores)),
+            Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::backup::BackupService::default()),
         ];
         Target {

@@ -1,7 +1,8 @@
 //! The raw NVMe bdev (io_uring passthrough on /dev/ngXnY), inside the QEMU test guest with an
 //! emulated NVMe drive: data integrity (write/read-back verify, transfers split at MDTS), the
 //! Identify data in bdev_get_bdevs, refusal of a namespace with metadata and of a device that is
-//! not NVMe, a drive that disappears under load, and figures against fio's io_uring_cmd engine
+//! not NVMe, the bdev exported over NVMe/TCP on the guest's loopback with the guest's kernel
+//! initiator and fio verify through it, a drive that disappears under load, and figures against fio's io_uring_cmd engine
 //! in the same guest run (under TCG: functional, not a speed claim).
 
 mod support;
@@ -45,7 +46,8 @@ fn nvme_passthrough_bdev_in_the_guest() {
         println!("{r}");
     }
     assert!(out.status.success(), "guest script failed ({}):\n{console}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    for key in ["verify=ok", "verify_1m=ok", "identify=ok", "refuse_metadata=ok", "refuse_not_nvme=ok", "daemon_exit=ok", "hot_remove=ok"] {
+    for key in ["verify=ok", "verify_1m=ok", "identify=ok", "refuse_metadata=ok", "refuse_not_nvme=ok", "nvmf_fio_verify=ok", "daemon_exit=ok", "hot_remove=ok"]
+    {
         assert!(results.iter().any(|r| r.contains(key)), "missing {key} in:\n{console}");
     }
 }

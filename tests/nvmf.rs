@@ -143,6 +143,22 @@ fn connect_identify_io_and_discovery() {
     assert_eq!(done.len(), 100);
     assert!(done.iter().all(|c| c.cqe.status().is_success()));
 
+    // 96 outstanding 128 KiB writes (12 MiB) need more R2T buffers than a connection may
+    // hold at once (8 MiB): the rest wait for budget, and all complete with the right data.
+    let mut done: Vec<Completion> = Vec::new();
+    for i in 0..96u64 {
+        q1.submit(Qpair::rw_sqe(io_opc::WRITE, 1, 8192 + i * 256, 256), Payload::Out(&pattern(128 * 1024, i as u8))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.len() < 96 && Instant::now() < deadline {
+        q1.poll(&mut done).unwrap();
+    }
+    assert_eq!(done.len(), 96);
+    assert!(done.iter().all(|c| c.cqe.status().is_success()));
+    for i in [0u64, 50, 95] {
+        assert_eq!(read(&mut q1, 8192 + i * 256, 256, bs).1, pattern(128 * 1024, i as u8), "write {i}");
+    }
+
     // SMART counts the I/O; features read back.
     let smart = c.get_log_page(spec::log::SMART, spec::NSID_ALL, 512, 0, false).unwrap();
     assert!(u64::from_le_bytes(smart[64..72].try_into().unwrap()) >= 103, "host read commands");
@@ -156,6 +172,13 @@ fn connect_identify_io_and_discovery() {
     assert_eq!(ctrls[0]["num_io_qpairs"], 2);
     let qps = d.rpc("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
     assert_eq!(qps.as_array().unwrap().len(), 3);
+
+    // Fabrics Disconnect deletes an I/O queue: answered, then closed.
+    let mut disc_cmd = Sqe::new(spec::FABRICS_OPC, 0, 0);
+    disc_cmd.0[4] = spec::fctype::DISCONNECT;
+    assert!(q2.execute(disc_cmd, Payload::None).unwrap().0.status().is_success());
+    assert!(q2.wait_closed(Duration::from_secs(10)));
+    wait_until(|| d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN}))[0]["num_io_qpairs"] == 1, "I/O queue 2 deleted");
 
     // Discovery: the subsystem on its listener.
     let mut disc = Controller::connect(addr, spec::DISCOVERY_NQN, &opts(HOST_A)).expect("discovery connect");
@@ -520,4 +543,70 @@ fn metrics_per_subsystem_and_namespace() {
     assert_eq!(value("tidemark_nvmf_ns_ops_total{", "type=\"read\""), 10.0);
     assert_eq!(value("tidemark_nvmf_ns_bytes_total{", "type=\"write\""), 40960.0);
     assert!(m.contains("tidemark_nvmf_ns_read_latency_seconds_bucket{"), "{m}");
+}
+
+/// Well-framed capsules with random command bytes (and random in-capsule data) on connected
+/// admin and I/O queues: whatever the target answers, it must answer every command it
+/// accepts, and keep serving a well-behaved host. A seeded generator keeps failures
+/// reproducible.
+#[test]
+fn random_commands_on_live_queues() {
+    let (d, addr) = start("[0, 1]", true);
+    let mut good = Controller::connect(addr, NQN, &opts(HOST_A)).unwrap();
+    let mut gq = good.connect_io(1, 32).unwrap();
+    let keep = pattern(4096, 5);
+    assert!(write(&mut gq, 64, &keep, 512).is_success());
+    let mut seed = 0x5EED_u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut answered = 0;
+    for round in 0..6 {
+        let mut c = Controller::connect(addr, NQN, &opts(HOST_B)).unwrap();
+        c.set_queue_count(2).unwrap();
+        let mut q = c.connect_io(1, 64).unwrap();
+        for i in 0..300 {
+            let admin = i % 3 == 0;
+            let mut sqe = Sqe::default();
+            for b in sqe.0.iter_mut() {
+                *b = rnd() as u8;
+            }
+            // Mostly real opcodes, namespace 1 and plausible ranges, so commands get deep.
+            let opcodes: &[u8] = if admin { &[0x02, 0x06, 0x08, 0x09, 0x0A, 0x18, 0x7F, 0x0C] } else { &[0x00, 0x01, 0x02, 0x05, 0x08, 0x09, 0x7F] };
+            sqe.0[0] = opcodes[rnd() as usize % opcodes.len()];
+            if sqe.0[0] == 0x0C {
+                sqe.0[0] = 0x18; // no AERs: they would stay outstanding
+            }
+            if rnd() % 4 != 0 {
+                sqe.0[1] = 0x40;
+                sqe.0[4..8].copy_from_slice(&1u32.to_le_bytes());
+                sqe.set_cdw(10, (rnd() % 131072) as u32);
+                sqe.set_cdw(11, 0);
+                sqe.set_cdw(12, (rnd() % 64) as u32);
+            }
+            let q = if admin { &mut c.admin } else { &mut q };
+            let len = [0usize, 0, 512, 4096, 5000, 8192][rnd() as usize % 6];
+            let data: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            // The data direction follows the opcode (fctype for Fabrics), as a host's would.
+            let payload = match sqe.transfer() {
+                spec::Transfer::HostToController if len > 0 => Payload::Out(&data),
+                spec::Transfer::ControllerToHost => Payload::In(len.max(512)),
+                _ => Payload::None,
+            };
+            match q.execute(sqe, payload) {
+                Ok(_) => answered += 1,
+                // A Connect with random bytes, a Disconnect, a reset or a fatal PDU error may
+                // legitimately end the queue; the next round starts fresh.
+                Err(Error::Closed) | Err(Error::TermReq { .. }) => break,
+                Err(e) => panic!("round {round} command {i} ({:?}): {e}\n{}", sqe, d.log_text()),
+            }
+        }
+        drop((q, c));
+        assert_eq!(read(&mut gq, 64, 8, 512), (Status::SUCCESS, keep.clone()), "round {round}: the good host is still served");
+    }
+    assert!(answered > 300, "only {answered} random commands were answered");
+    good.keep_alive().unwrap();
 }

@@ -33,6 +33,7 @@ fn preserve_simulation_seeds() {
                             totals.crashes += o.crashes;
                             totals.deletes += o.deletes;
                             totals.writes += o.writes;
+                            totals.reads += o.reads;
                             totals.sealed_checked += o.sealed_checked;
                             totals.freezes += o.freezes;
                         }
@@ -53,6 +54,7 @@ fn preserve_simulation_seeds() {
         totals.crashes += t.crashes;
         totals.deletes += t.deletes;
         totals.writes += t.writes;
+        totals.reads += t.reads;
         totals.sealed_checked += t.sealed_checked;
         totals.freezes += t.freezes;
     }

@@ -69,13 +69,7 @@ impl IoChannel for DelayChannel {
         let us = if t == IoType::Flush { 0 } else { self.delay(t) };
         IoFuture::boxed(async move {
             let start = reactor::now_ns();
-            let r = match io {
-                Io::Read { offset_blocks, bufs, .. } => self.base.read(offset_blocks, bufs).await,
-                Io::Write { offset_blocks, bufs, .. } => self.base.write(offset_blocks, bufs).await,
-                Io::Flush => self.base.flush().await,
-                Io::Unmap { offset_blocks, num_blocks } => self.base.unmap(offset_blocks, num_blocks).await,
-                Io::WriteZeroes { offset_blocks, num_blocks } => self.base.write_zeroes(offset_blocks, num_blocks).await,
-            };
+            let r = self.base.forward(io).await;
             if us > 0 {
                 reactor::sleep_until(start + us * 1000).await;
             }

@@ -166,10 +166,7 @@ impl IoChannel for ErrorChannel {
                     corrupt(&mut copy, bs);
                     self.base.write(offset_blocks, &[IoSlice::new(&copy)]).await
                 }
-                Io::Write { offset_blocks, bufs, .. } => self.base.write(offset_blocks, bufs).await,
-                Io::Flush => self.base.flush().await,
-                Io::Unmap { offset_blocks, num_blocks } => self.base.unmap(offset_blocks, num_blocks).await,
-                Io::WriteZeroes { offset_blocks, num_blocks } => self.base.write_zeroes(offset_blocks, num_blocks).await,
+                other => self.base.forward(other).await,
             }
         })
     }

@@ -24,19 +24,33 @@ use uuid::Uuid;
 
 /// Reads both superblock copies of a leg; the newer valid one.
 pub(crate) async fn read_superblock(ch: &Channel, block_size: u32) -> Option<Superblock> {
+    read_superblock_copies(ch, block_size).await.0
+}
+
+/// The newer valid superblock of a leg, and the copy the next superblock write must go to: the
+/// other one, so that a torn write always leaves the newest valid superblock behind (a leg
+/// can miss generations, so generation parity cannot say which copy is which).
+pub(crate) async fn read_superblock_copies(ch: &Channel, block_size: u32) -> (Option<Superblock>, u64) {
     let page = (block_size as u64).max(4096);
     let blocks_per_page = page / block_size as u64;
     if ch.num_blocks() < SUPERBLOCK_COPIES * blocks_per_page {
-        return None;
+        return (None, 0);
     }
     let mut buf = IoBuf::alloc(page as usize);
-    let mut best = None;
+    let mut best: Option<(Superblock, u64)> = None;
     for copy in 0..SUPERBLOCK_COPIES {
         if ch.read_buf(copy * blocks_per_page, &mut buf).await.is_ok() {
-            best = Superblock::newest(best, Superblock::decode(&buf[..SUPERBLOCK_BYTES]));
+            if let Some(sb) = Superblock::decode(&buf[..SUPERBLOCK_BYTES]) {
+                if best.as_ref().is_none_or(|(b, _)| sb.generation > b.generation) {
+                    best = Some((sb, copy));
+                }
+            }
         }
     }
-    best
+    match best {
+        Some((sb, copy)) => (Some(sb), 1 - copy),
+        None => (None, 0),
+    }
 }
 
 /// ORs bitmap `map` as stored on a leg into `into`.
@@ -75,6 +89,7 @@ struct Leg {
     guard: HoldGuard,
     ch: Channel,
     sb: Option<Superblock>,
+    next_copy: u64,
     name: String,
 }
 
@@ -102,14 +117,14 @@ pub(crate) async fn assemble(
             return Err(MirrorError::Invalid(format!("{leg_name} is read-only")));
         }
         let ch = Channel::get(&entry).map_err(|e| MirrorError::Io(format!("cannot open {leg_name}: {e}")))?;
-        legs.push(Leg { guard, ch, sb: None, name: leg_name });
+        legs.push(Leg { guard, ch, sb: None, next_copy: 0, name: leg_name });
     }
     let bs = legs[0].ch.block_size();
     if let Some(l) = legs.iter().find(|l| l.ch.block_size() != bs) {
         return Err(MirrorError::Invalid(format!("legs have different block sizes: {} has {}, {} has {bs}", l.name, l.ch.block_size(), legs[0].name)));
     }
     for l in legs.iter_mut() {
-        l.sb = read_superblock(&l.ch, bs).await;
+        (l.sb, l.next_copy) = read_superblock_copies(&l.ch, bs).await;
     }
     // Members: legs whose superblock names this mirror (by uuid if given, else by name). If
     // several mirrors match, the one with the newest superblock wins.
@@ -144,6 +159,7 @@ async fn create_new(name: &str, legs: Vec<Leg>, uuid: Option<Uuid>, options: Mir
             guard: Some(l.guard),
             ch: Some(l.ch),
             failing: false,
+            next_sb_copy: 0,
         };
     }
     let generation = 1;
@@ -153,10 +169,13 @@ async fn create_new(name: &str, legs: Vec<Leg>, uuid: Option<Uuid>, options: Mir
         let sb = Superblock { mirror_uuid, name: name.to_string(), leg_uuid: s.rec.leg_uuid, slot: i, generation, flags: 0, geometry: g, slots: table.clone() };
         let r = async {
             write_all_bitmaps(ch, &g, &wi, &stale, true).await?;
-            write_superblock(ch, &g, &sb).await
+            write_superblock(ch, &g, &sb, 0).await
         }
         .await;
         r.map_err(|e| MirrorError::Io(format!("cannot write the mirror's metadata to {}: {e}", s.name)))?;
+    }
+    for s in slots.iter_mut() {
+        s.next_sb_copy = 1;
     }
     log::info!(
         "mirror {name}: created on {} legs, {} regions of {} KiB, data at block {}",
@@ -218,6 +237,7 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
                 slots[slot].name = l.name;
                 slots[slot].guard = Some(l.guard);
                 slots[slot].ch = Some(l.ch);
+                slots[slot].next_sb_copy = l.next_copy;
             }
             _ => newcomers.push(l),
         }
@@ -276,10 +296,12 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
                 g.leg_blocks_needed()
             )));
         }
+        // A failed slot whose leg was not given first: most often that leg is this one, back
+        // without a readable superblock (it joined just before a crash); else a free slot.
         let free = |want: SlotState, slots: &[CtlSlot]| slots.iter().position(|s| s.rec.state == want && s.guard.is_none());
-        let slot = free(SlotState::Empty, &slots)
+        let slot = free(SlotState::Failed, &slots)
+            .or_else(|| free(SlotState::Empty, &slots))
             .or_else(|| free(SlotState::Removed, &slots))
-            .or_else(|| free(SlotState::Failed, &slots))
             .ok_or_else(|| MirrorError::Invalid(format!("mirror {name} has no free slot for {}", l.name)))?;
         changes.push(format!("{} added", l.name));
         stale[slot] = Bitmap::full(g.num_regions);
@@ -289,6 +311,7 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
             guard: Some(l.guard),
             ch: Some(l.ch),
             failing: false,
+            next_sb_copy: 0,
         };
         provided[slot] = true;
     }
@@ -301,6 +324,7 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
         generation += 1;
         let table: [SlotRecord; MAX_SLOTS] = std::array::from_fn(|i| slots[i].rec.clone());
         let mut failed = Vec::new();
+        let mut flipped = Vec::new();
         for s in 0..MAX_SLOTS {
             let slot = &slots[s];
             if !matches!(slot.rec.state, SlotState::Active | SlotState::Rebuilding) {
@@ -318,15 +342,21 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
                 slots: table.clone(),
             };
             let fresh = slot.rec.state == SlotState::Rebuilding && stale[s].count() == g.num_regions;
+            let copy = slot.next_sb_copy;
             let r = async {
                 write_all_bitmaps(ch, &g, &wi, &stale, fresh).await?;
-                write_superblock(ch, &g, &sb).await
+                write_superblock(ch, &g, &sb, copy).await
             }
             .await;
             if let Err(e) = r {
                 log::error!("mirror {name}: cannot write metadata to {}: {e}; dropping it", slot.name);
                 failed.push(s);
+            } else {
+                flipped.push(s);
             }
+        }
+        for s in flipped {
+            slots[s].next_sb_copy = 1 - slots[s].next_sb_copy;
         }
         if failed.is_empty() {
             break;
@@ -371,6 +401,8 @@ fn start(
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),
         gate: crate::preserve::EpochTracker::new(cores.max(1), 1),
+        // Shards chosen from the name: the same on every run (the simulation replays seeds).
+        locks: crate::extent_lock::LockSpace::with_shard_seed(cores.max(1), g.region_blocks, crc32c::crc32c(name.as_bytes()) as u64),
         slots: std::array::from_fn(|_| SlotShared {
             mode: AtomicU8::new(0),
             incarnation: AtomicU64::new(0),

@@ -210,6 +210,9 @@ impl MirrorChannel {
         }
         let g = &sh.geometry;
         let stamp = Stamp { gate: &sh.gate, ticket: Some(sh.gate.enter()) };
+        // The extent lock before the regions: a write never holds a region while it waits for
+        // a lock (a rebuild window waiting for the region to drain would wait forever).
+        let _order = sh.locks.lock(offset, count).await;
         let (r0, r1) = g.regions_of(offset, count);
         let mut entered = Entered { sh, first: r0, end: r0 };
         for r in r0..=r1 {

@@ -123,11 +123,13 @@ pub(crate) struct CtlSlot {
     pub ch: Option<Channel>,
     /// Departed in memory, departure not yet durable: still written.
     pub failing: bool,
+    /// The superblock copy the next write goes to (not the one holding the newest).
+    pub next_sb_copy: u64,
 }
 
 impl CtlSlot {
     pub fn empty() -> CtlSlot {
-        CtlSlot { rec: SlotRecord::default(), name: String::new(), guard: None, ch: None, failing: false }
+        CtlSlot { rec: SlotRecord::default(), name: String::new(), guard: None, ch: None, failing: false, next_sb_copy: 0 }
     }
 
     fn in_sync(&self) -> bool {
@@ -562,6 +564,15 @@ impl Ctl {
         if self.slots[slot].in_sync() && self.active_count() == 1 {
             return Err(MirrorError::Busy(format!("{name} is the last in-sync leg of mirror {}", self.sh.name)));
         }
+        if self.slots[slot].in_sync() && !self.unsynced.is_empty() {
+            // The legs may still differ where writes were in flight at a crash; reads there come
+            // from one leg, and removing one could change what they return.
+            return Err(MirrorError::Busy(format!(
+                "mirror {} is resynchronising {} region(s) after a crash; remove {name} when it is done",
+                self.sh.name,
+                self.unsynced.count()
+            )));
+        }
         log::info!("mirror {}: removing leg {name} (slot {slot})", self.sh.name);
         self.depart(slot, SlotState::Removed);
         Ok(())
@@ -608,7 +619,7 @@ impl Ctl {
             return Err(MirrorError::Invalid(format!("{name} is read-only")));
         }
         let ch = Channel::get(&entry).map_err(|e| MirrorError::Io(format!("cannot open {name}: {e}")))?;
-        let sb = super::assemble::read_superblock(&ch, self.g.block_size).await;
+        let (sb, next_copy) = super::assemble::read_superblock_copies(&ch, self.g.block_size).await;
         // A leg that left this mirror comes back to its slot and gets only what it missed.
         let returning = sb.as_ref().and_then(|sb| {
             let s = self.slots.get(sb.slot)?;
@@ -673,6 +684,8 @@ impl Ctl {
             guard: Some(guard),
             ch: Some(ch),
             failing: false,
+            // A new leg's copies were both cleared above.
+            next_sb_copy: if returning { next_copy } else { 0 },
         };
         self.sh.slots[slot].incarnation.fetch_add(1, SeqCst);
         self.sh.slots[slot].set_entry(Some(entry));
@@ -713,6 +726,14 @@ impl Ctl {
         };
         if self.active_count() < 2 {
             return refuse(reply, MirrorError::Invalid(format!("{leg} is the last in-sync leg of mirror {name}; splitting it off would leave no copy")));
+        }
+        if !self.unsynced.is_empty() {
+            // Regions written at a crash may still differ between legs; the image would not
+            // hold what the mirror reads there.
+            return refuse(
+                reply,
+                MirrorError::Busy(format!("mirror {name} is resynchronising {} region(s) after a crash; split when it is done", self.unsynced.count())),
+            );
         }
         // The split is recorded before it starts: a crash in the middle must not let the leg
         // look in sync when new writes have skipped it.
@@ -801,7 +822,7 @@ impl Ctl {
         // The leg's own superblock says what it is now: a sealed image of this mirror.
         let sb = self.superblock_for(slot, FLAG_SEALED_SPLIT);
         if let Some(ch) = self.slots[slot].ch.take() {
-            if let Err(e) = write_superblock(&ch, &self.g, &sb).await {
+            if let Err(e) = write_superblock(&ch, &self.g, &sb, self.slots[slot].next_sb_copy).await {
                 log::warn!("mirror {}: marking split leg {} sealed failed: {e}", self.sh.name, self.slots[slot].name);
             }
         }
@@ -976,9 +997,15 @@ impl Ctl {
         let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
             let sb = sbs[s].as_ref()?;
             let ch = self.slots[s].ch.clone()?;
-            Some(async move { write_superblock(&ch, &g, sb).await })
+            let copy = self.slots[s].next_sb_copy;
+            Some(async move { write_superblock(&ch, &g, sb, copy).await })
         });
         let results = join_slots(futs).await;
+        for (s, r) in results.iter().enumerate() {
+            if matches!(r, Some(Ok(()))) {
+                self.slots[s].next_sb_copy = 1 - self.slots[s].next_sb_copy;
+            }
+        }
         self.settle_metadata_results(&results, "superblock")
     }
 
@@ -988,6 +1015,9 @@ impl Ctl {
             match r {
                 Some(Ok(())) => durable |= self.slots[s].in_sync(),
                 Some(Err(e)) => {
+                    let stats = self.sh.leg_stats(self.sh.home, s);
+                    // Metadata writes and flushes count as the leg's write errors.
+                    stats.write_errors.fetch_add(1, Relaxed);
                     if self.slots[s].in_sync() && self.active_count() == 1 {
                         log::error!("mirror {}: {what} write to its last in-sync leg {} failed: {e}", self.sh.name, self.slots[s].name);
                     } else {
@@ -1046,7 +1076,11 @@ impl Ctl {
             }
         }
         for (r, reply) in batch.enters {
-            if wi_durable {
+            if wi_durable && self.locks.contains_key(&r) {
+                // Locked (a rebuild window, a repair) while its bit was being written: the
+                // lock was granted on an empty region, so the write waits for the unlock.
+                self.parked.entry(r).or_default().push(reply);
+            } else if wi_durable {
                 self.admit(r);
                 let _ = reply.send(Ok(()));
             } else {
@@ -1187,10 +1221,10 @@ impl Ctl {
     }
 }
 
-/// Writes `sb` to its copy (generation parity) on a leg and flushes.
-pub(crate) async fn write_superblock(ch: &Channel, g: &Geometry, sb: &Superblock) -> IoResult {
+/// Writes `sb` to superblock copy `copy` of a leg and flushes.
+pub(crate) async fn write_superblock(ch: &Channel, g: &Geometry, sb: &Superblock, copy: u64) -> IoResult {
     let mut buf = IoBuf::zeroed(g.page_bytes as usize);
     sb.encode(&mut buf[..SUPERBLOCK_BYTES]);
-    ch.write_buf(g.superblock_block(sb.generation % 2), &buf).await?;
+    ch.write_buf(g.superblock_block(copy), &buf).await?;
     ch.flush().await
 }

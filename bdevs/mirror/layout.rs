@@ -2,8 +2,8 @@
 //! write-intent bitmap and one stale-region map per slot.
 //!
 //! ```text
-//! page 0, 1        superblock, copy (generation % 2); the other copy holds the previous
-//!                  generation, so a torn superblock write leaves a valid one behind
+//! page 0, 1        superblock copies, written alternately; the other copy holds the previous
+//!                  one this leg got, so a torn superblock write leaves a valid one behind
 //! pages 2..        write-intent bitmap: regions that may have writes in flight (crash recovery
 //!                  resynchronises exactly these)
 //! then, per slot   stale map: regions the leg in that slot has not received (its rebuild copies

@@ -280,6 +280,11 @@ pub(crate) struct Shared {
     /// Epochs of the mirror's writes (every write is stamped at submission); a split closes
     /// the current one and seals when it drained.
     pub gate: Arc<crate::preserve::EpochTracker>,
+    /// Orders overlapping writes: each write holds its block range while it is written to the
+    /// legs, so that every leg applies overlapping writes in the same order (legs complete
+    /// writes in any order; without this, two overlapping writes in flight could leave the legs
+    /// different, and reads from different legs unstable).
+    pub locks: Arc<crate::extent_lock::LockSpace>,
     pub slots: [SlotShared; MAX_SLOTS],
     /// Bumped whenever a slot's leg or mode changes; channels refresh their legs on a change.
     pub layout_gen: AtomicU64,

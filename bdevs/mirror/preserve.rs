@@ -21,7 +21,6 @@ const START_WAIT: Duration = Duration::from_secs(60);
 /// A split image this mirror made (in this run of the daemon).
 pub(crate) struct ImageRecord {
     pub name: String,
-    pub leg: String,
     pub epoch: u64,
     pub signal: Arc<SealSignal>,
     pub created_ms: u64,
@@ -94,7 +93,6 @@ impl Preservable for MirrorBdev {
         let time_to_seal = Arc::new(Mutex::new(None));
         self.records().push(ImageRecord {
             name: req.snapshot_name.clone(),
-            leg,
             epoch: started.epoch,
             signal: signal.clone(),
             created_ms: crate::preserve::unix_ms(),

@@ -11,7 +11,7 @@
 pub mod identify;
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, CompletionSlot, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::bdevs::uring::UringBdev;
 use crate::reactor::{self, Poller};
 use identify::Identity;
@@ -210,6 +210,7 @@ struct PassthruChannel {
     offline: Arc<AtomicBool>,
     eventfd: Option<OwnedFd>,
     poller_id: Cell<Option<u64>>,
+    completions: Completions,
     _file: Arc<File>,
 }
 
@@ -279,6 +280,7 @@ impl PassthruChannel {
             offline: p.offline.clone(),
             eventfd,
             poller_id: Cell::new(None),
+            completions: Completions::current(),
             _file: p.file.clone(),
         });
         let id = reactor::with_core(|c| c.add_poller(ch.clone()));
@@ -298,7 +300,7 @@ impl PassthruChannel {
         if self.ops.borrow().len() >= MAX_IN_FLIGHT {
             return None;
         }
-        let (slot, fut) = CompletionSlot::alloc();
+        let (slot, fut) = self.completions.alloc();
         let op = self.ops.borrow_mut().insert(Op { slot });
         let mut e = opcode::UringCmd80::new(types::Fixed(0), cmd_op).cmd(cmd);
         if fixed {
@@ -312,7 +314,7 @@ impl PassthruChannel {
         if !pushed {
             drop(ring);
             self.ops.borrow_mut().remove(op);
-            CompletionSlot::complete(slot, Err(BdevError::NoResources));
+            self.completions.complete(slot, Err(BdevError::NoResources));
         } else {
             self.unsubmitted.set(self.unsubmitted.get() + 1);
         }
@@ -392,7 +394,7 @@ impl Poller for PassthruChannel {
                 if r == Err(BdevError::Offline) && !self.offline.swap(true, Ordering::SeqCst) {
                     log::error!("nvme namespace {} stopped answering: the bdev is offline", self.nsid);
                 }
-                CompletionSlot::complete(op.slot, r);
+                self.completions.complete(op.slot, r);
             }
         }
     }

@@ -599,6 +599,43 @@ impl Preservable for CowVolume {
         self.call_home(t, move |_| Box::pin(async move { vol.remove_snapshot(&name).await }))?
     }
 
+    fn changed_ranges(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+        let v = &self.v;
+        let sealed = |n: &str| {
+            let i = v.find(n).ok_or_else(|| PreserveError::NotFound(format!("volume {} has no snapshot {n}", v.name)))?;
+            if v.snaps[i].state.load(SeqCst) != ST_SEALED {
+                return Err(PreserveError::Busy(format!("snapshot {n} is not sealed")));
+            }
+            Ok(i)
+        };
+        let (a, b) = (sealed(older)?, sealed(newer)?);
+        if v.snaps[a].epoch.load(SeqCst) >= v.snaps[b].epoch.load(SeqCst) {
+            return Err(PreserveError::Invalid(format!("snapshot {older} is not older than {newer}")));
+        }
+        // A grain changed between the two points in time iff a write stamped between them
+        // executed on it. Such a write gave the older snapshot an entry, in a slot the newer
+        // one does not share (it copied before the newer existed, or split the shared slot by
+        // rule 2); writes after the newer point copy once for both (same slot), and grains
+        // never written since the older point have no entry in it.
+        let gbytes = v.grain_blocks() * v.block_size as u64;
+        let size = v.num_blocks * v.block_size as u64;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for g in 0..v.num_grains {
+            let ea = v.snaps[a].grains.at(g as usize).load(SeqCst);
+            let eb = v.snaps[b].grains.at(g as usize).load(SeqCst);
+            if ea == 0 || ea == eb {
+                continue;
+            }
+            let off = g * gbytes;
+            let len = gbytes.min(size - off);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => out.push((off, len)),
+            }
+        }
+        Ok(out)
+    }
+
     fn stats(&self) -> PreserveStats {
         let v = &self.v;
         let mut s = PreserveStats {
@@ -786,8 +823,10 @@ impl Bdev for SnapshotBdev {
     fn uuid(&self) -> Uuid {
         self.uuid
     }
-    fn supports(&self, io: IoType) -> bool {
-        matches!(io, IoType::Read | IoType::Flush)
+    fn supports(&self, _io: IoType) -> bool {
+        // Every type is "supported" so that modifications fail as write-protected (the
+        // channel refuses them with ReadOnly), not as unknown commands.
+        true
     }
     fn read_only(&self) -> bool {
         true
@@ -809,5 +848,123 @@ impl Bdev for SnapshotBdev {
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::BdevRegistry;
+    use crate::bdevs::malloc::MallocBdev;
+    use crate::reactor::ManualCores;
+
+    fn block_on<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
+        let out = Rc::new(std::cell::RefCell::new(None));
+        let o = out.clone();
+        cores.enter(0, || reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
+        loop {
+            cores.run_until_idle();
+            if out.borrow().is_some() {
+                break;
+            }
+            let t = cores.next_timer().expect("the future waits for nothing");
+            cores.advance_to(t);
+        }
+        let v = out.borrow_mut().take();
+        v.expect("finished")
+    }
+
+    /// A volume of 16 grains of 4 KiB over RAM, with a store of `slots` slots.
+    fn volume(cores: &ManualCores, reg: &BdevRegistry, slots: u64) -> Arc<BdevEntry> {
+        let base = reg.register(Arc::new(MallocBdev::new("b", 128, 512, None).unwrap())).unwrap();
+        let store_blocks = (layout::RECORDS_OFFSET + 4096 + 4096 + slots * 4096) / 512;
+        let store = reg.register(Arc::new(MallocBdev::new("s", store_blocks, 512, None).unwrap())).unwrap();
+        let p = OpenParams {
+            name: "v".into(),
+            uuid: None,
+            base: base.claim("v").unwrap(),
+            store: store.claim("v").unwrap(),
+            grain_kb: Some(4),
+            cores: 1,
+            lock_region_grains: None,
+        };
+        let (vol, snaps) = block_on(cores, async move { CowVolume::open(p).await.unwrap() });
+        assert!(snaps.is_empty());
+        reg.register(Arc::new(vol)).unwrap()
+    }
+
+    fn cow(e: &BdevEntry) -> &CowVolume {
+        e.bdev().as_any().downcast_ref::<CowVolume>().unwrap()
+    }
+
+    async fn write(e: Arc<BdevEntry>, grain: u64, byte: u8) {
+        let ch = Channel::get(&e).unwrap();
+        ch.write_buf(grain * 8, &vec![byte; 512]).await.unwrap();
+    }
+
+    async fn snap(e: Arc<BdevEntry>, name: &'static str) -> Arc<SnapshotBdev> {
+        let sb = Arc::new(SnapshotBdev::new(cow(&e), name));
+        let sig = cow(&e).take_snapshot(&sb, false).await.unwrap();
+        while sig.get() != SnapshotState::Sealed {
+            reactor::sleep(std::time::Duration::from_micros(10)).await;
+        }
+        sb
+    }
+
+    #[test]
+    fn changed_ranges_come_from_the_tables() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let e = volume(&cores, &reg, 64);
+        let e2 = e.clone();
+        block_on(&cores, async move {
+            write(e2.clone(), 0, 1).await;
+            snap(e2.clone(), "s1").await;
+            write(e2.clone(), 2, 2).await;
+            write(e2.clone(), 3, 2).await;
+            snap(e2.clone(), "s2").await;
+            write(e2.clone(), 5, 3).await;
+            write(e2.clone(), 2, 3).await;
+            snap(e2.clone(), "s3").await;
+        });
+        let g = 4096u64;
+        assert_eq!(cow(&e).changed_ranges("s1", "s2").unwrap(), vec![(2 * g, 2 * g)]);
+        assert_eq!(cow(&e).changed_ranges("s2", "s3").unwrap(), vec![(2 * g, g), (5 * g, g)]);
+        assert_eq!(cow(&e).changed_ranges("s1", "s3").unwrap(), vec![(2 * g, 2 * g), (5 * g, g)]);
+        assert!(cow(&e).changed_ranges("s3", "s1").is_err());
+        assert!(cow(&e).changed_ranges("s1", "nope").is_err());
+    }
+
+    #[test]
+    fn a_full_store_fails_the_snapshot_not_the_host_write() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let e = volume(&cores, &reg, 3);
+        let e2 = e.clone();
+        let sb = block_on(&cores, async move {
+            let sb = snap(e2.clone(), "s1").await;
+            for g in 0..6 {
+                write(e2.clone(), g, 9).await;
+            }
+            sb
+        });
+        assert_eq!(sb.state(), Some(SnapshotState::Failed));
+        assert_eq!(cow(&e).stats().snapshots, [0, 0, 1]);
+        // The live volume took every write.
+        let e3 = e.clone();
+        let data = block_on(&cores, async move {
+            let ch = Channel::get(&e3).unwrap();
+            let mut b = vec![0u8; 6 * 4096];
+            ch.read_buf(0, &mut b).await.unwrap();
+            b
+        });
+        for g in 0..6 {
+            assert_eq!(data[g * 4096], 9);
+        }
+        // The failed snapshot reads as a media error and can be deleted, freeing its slots.
+        let e4 = e.clone();
+        block_on(&cores, async move { cow(&e4).remove_snapshot("s1").await.unwrap() });
+        assert_eq!(cow(&e).used_slots(), 0);
+        assert!(cow(&e).snapshot_infos().is_empty());
     }
 }

@@ -5,7 +5,7 @@
 
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, CompletionSlot, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::reactor::{self, Poller};
 use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
@@ -164,6 +164,7 @@ struct UringChannel {
     unsubmitted: Cell<u32>,
     eventfd: Option<OwnedFd>,
     poller_id: Cell<Option<u64>>,
+    completions: Completions,
     _file: Arc<File>,
 }
 
@@ -212,6 +213,7 @@ impl UringChannel {
             unsubmitted: Cell::new(0),
             eventfd,
             poller_id: Cell::new(None),
+            completions: Completions::current(),
             _file: b.file.clone(),
         });
         let id = reactor::with_core(|c| c.add_poller(ch.clone()));
@@ -233,7 +235,7 @@ impl UringChannel {
         if self.ops.borrow().len() >= MAX_IN_FLIGHT {
             return None;
         }
-        let (slot, fut) = CompletionSlot::alloc();
+        let (slot, fut) = self.completions.alloc();
         let op = self.ops.borrow_mut().insert(Op { slot, expected });
         let sqe = build().user_data(op as u64);
         let mut ring = self.ring.borrow_mut();
@@ -247,7 +249,7 @@ impl UringChannel {
                 if ring.submission().push(&sqe).is_err() {
                     drop(ring);
                     self.ops.borrow_mut().remove(op);
-                    CompletionSlot::complete(slot, Err(BdevError::NoResources));
+                    self.completions.complete(slot, Err(BdevError::NoResources));
                     return Some(IoFuture::Slot(fut));
                 }
             }
@@ -322,7 +324,7 @@ impl Poller for UringChannel {
                 } else {
                     Ok(())
                 };
-                CompletionSlot::complete(op.slot, r);
+                self.completions.complete(op.slot, r);
             }
         }
         work

@@ -4,7 +4,7 @@
 //! the core to read (a message) and writes the file itself, so file writes never block a
 //! reactor.
 
-use super::manifest::{self, Extent, Kind, Manifest, State, EXTENT_BYTES};
+use super::manifest::{self, Extent, Kind, Manifest, State};
 use crate::bdev::{BdevEntry, Channel, HoldGuard, IoBuf};
 use crate::reactor::ReactorHandle;
 use std::fs::File;
@@ -14,8 +14,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Largest chunk read from the source in one request.
-pub const CHUNK_BYTES: u64 = EXTENT_BYTES;
+/// Largest chunk read from the source in one request: small enough that one backup read
+/// never holds the device (or the reactor's copy loop) long in front of host I/O.
+pub const CHUNK_BYTES: u64 = 256 << 10;
+
+/// Lowers the calling job thread's CPU priority to the minimum: it shares cores with the
+/// reactors and the hosts' initiators, and must yield to both.
+pub fn lower_priority() {
+    // SAFETY: setpriority on the calling thread (tid) only changes its nice value.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
 
 /// Live progress of a job, read by `backup_get` and the metrics.
 #[derive(Default)]
@@ -40,6 +51,7 @@ pub struct JobSpec {
 /// Runs a job to its end; returns the final manifest (state complete, failed or cancelled).
 /// `source` is held open for the whole job, so the image cannot be deleted under it.
 pub fn run(reactors: &ReactorHandle, source: HoldGuard, mut spec: JobSpec, progress: Arc<Progress>, final_state: Arc<Mutex<Option<Manifest>>>) -> Manifest {
+    lower_priority();
     let total: u64 = spec.ranges.iter().map(|r| r.1).sum();
     progress.bytes_total.store(total, Ordering::Relaxed);
     let result = copy(reactors, source.entry(), &mut spec, &progress);

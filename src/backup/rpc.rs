@@ -74,7 +74,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
             format!("snapshot {} is not sealed yet (old-epoch I/O still in flight); retry when bdev_snapshot_get shows it sealed", p.source),
         ));
     }
-    let src = described.source;
+    let src = described.source.clone();
     let entry = t.bdev(&p.source)?;
     let bs = entry.bdev().block_size();
     let size = entry.bdev().num_blocks() * bs as u64;
@@ -87,7 +87,11 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let (kind, base, ranges) = match &p.incremental_from {
         None => (Kind::Full, None, vec![(0, size)]),
         Some(older) => {
-            let o = source::describe(t, older)?.source;
+            let older_d = source::describe(t, older)?;
+            if !older_d.sealed {
+                return Err(RpcError::new(EBUSY, format!("snapshot {older} is not sealed yet")));
+            }
+            let o = older_d.source.clone();
             if o.volume_uuid != src.volume_uuid {
                 return Err(RpcError::invalid_params(format!(
                     "field `incremental_from`: {older} preserves volume {}, not {} like {}",
@@ -289,6 +293,7 @@ fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let thread = std::thread::Builder::new()
         .name(format!("restore-{id}"))
         .spawn(move || {
+            job::lower_priority();
             let r = restore_into_bdev(&reactors, core, &hold, &chain, &pg);
             let mut last = chain.last().map(|(_, m)| m.clone()).expect("a chain has at least one backup");
             last.finished_at = Some(manifest::now_unix());

@@ -14,12 +14,25 @@ pub struct Described {
 /// Describes the preserved image `name`.
 pub fn describe(t: &Target, name: &str) -> Result<Described, RpcError> {
     let _ = t.bdev(name)?;
-    // Wired to the preserve layer (src/preserve) once it lands.
-    Err(RpcError::no_device(format!("bdev {name} is not a preserved image (snapshot)")))
+    let img = crate::preserve::describe_image(t, name).ok_or_else(|| RpcError::no_device(format!("bdev {name} is not a preserved image (snapshot)")))?;
+    Ok(Described {
+        sealed: img.info.state == crate::preserve::SnapshotState::Sealed,
+        source: Source {
+            volume: img.info.origin.clone(),
+            volume_uuid: img.origin_uuid.to_string(),
+            snapshot: name.to_string(),
+            snapshot_uuid: img.snapshot_uuid.to_string(),
+            epoch: img.info.epoch,
+            method: img.info.method.to_string(),
+        },
+    })
 }
 
 /// Byte ranges (offset, length), sorted and disjoint, that differ between `older` and
 /// `newer`, two images of the same volume.
-pub fn changed_ranges(_t: &Target, older: &Source, newer: &Source) -> Result<Vec<(u64, u64)>, RpcError> {
-    Err(RpcError::no_device(format!("cannot tell what changed between {} and {}", older.snapshot, newer.snapshot)))
+pub fn changed_ranges(t: &Target, older: &Source, newer: &Source) -> Result<Vec<(u64, u64)>, RpcError> {
+    if older.volume != newer.volume {
+        return Err(RpcError::no_device(format!("{} and {} preserve different volumes", older.snapshot, newer.snapshot)));
+    }
+    crate::preserve::changed_ranges(t, &newer.volume, &older.snapshot, &newer.snapshot).map_err(RpcError::from)
 }

@@ -99,9 +99,10 @@ impl Channel {
     async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
         let shard = self.entry.stats().shard(self.core);
         shard.in_flight.fetch_add(1, Relaxed);
-        let t0 = reactor::now_ns();
+        // Wall-clock latency (also under simulation: statistics never steer behaviour).
+        let t0 = reactor::monotonic_ns();
         let r = self.io.submit(io).await;
-        let dt = reactor::now_ns().saturating_sub(t0);
+        let dt = reactor::monotonic_ns().saturating_sub(t0);
         shard.in_flight.fetch_sub(1, Relaxed);
         self.entry.stats().record(self.core, t, bytes, dt, r.is_ok());
         r
@@ -143,6 +144,17 @@ impl Channel {
     pub async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
         self.check(IoType::Unmap, offset_blocks, num_blocks)?;
         self.run(IoType::Unmap, num_blocks * self.block_size as u64, Io::Unmap { offset_blocks, num_blocks }).await
+    }
+
+    /// Passes a request a virtual bdev received on to this (base) channel unchanged.
+    pub async fn forward(&self, io: Io<'_, '_>) -> IoResult {
+        match io {
+            Io::Read { offset_blocks, bufs, .. } => self.read(offset_blocks, bufs).await,
+            Io::Write { offset_blocks, bufs, .. } => self.write(offset_blocks, bufs).await,
+            Io::Flush => self.flush().await,
+            Io::Unmap { offset_blocks, num_blocks } => self.unmap(offset_blocks, num_blocks).await,
+            Io::WriteZeroes { offset_blocks, num_blocks } => self.write_zeroes(offset_blocks, num_blocks).await,
+        }
     }
 
     pub async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {

@@ -22,23 +22,28 @@ struct Slot {
 #[derive(Default)]
 pub(crate) struct Slots(RefCell<Slab<Slot>>);
 
-/// The completer's half: pass `id()` through the device (io_uring user_data) and call
-/// [`CompletionSlot::complete`] when the device answers.
-pub struct CompletionSlot;
+/// The current core's completion slots. A device channel keeps one (it is per core, as the
+/// channel is) and passes a slot's id through the device (io_uring user_data), calling
+/// [`Completions::complete`] when the device answers.
+#[derive(Clone)]
+pub struct Completions(Rc<Slots>);
 
-impl CompletionSlot {
-    /// Allocates a slot on the current core; returns its id and the future that waits on it.
-    pub fn alloc() -> (usize, CompletionFuture) {
-        let slots = reactor::with_core(|c| c.local::<Slots>());
-        let id = slots.0.borrow_mut().insert(Slot::default());
-        (id, CompletionFuture { slots, id, done: false })
+impl Completions {
+    /// The slots of the current core.
+    pub fn current() -> Completions {
+        Completions(reactor::with_core(|c| c.local::<Slots>()))
     }
 
-    /// Completes slot `id` of the current core. Returns false if its future is gone (orphaned),
-    /// in which case the caller must not write into the I/O's buffers.
-    pub fn complete(id: usize, result: IoResult) -> bool {
-        let slots = reactor::with_core(|c| c.local::<Slots>());
-        let mut s = slots.0.borrow_mut();
+    /// Allocates a slot; returns its id and the future that waits on it.
+    pub fn alloc(&self) -> (usize, CompletionFuture) {
+        let id = self.0 .0.borrow_mut().insert(Slot::default());
+        (id, CompletionFuture { slots: self.0.clone(), id, done: false })
+    }
+
+    /// Completes slot `id`. Returns false if its future is gone (orphaned), in which case the
+    /// caller must not write into the I/O's buffers.
+    pub fn complete(&self, id: usize, result: IoResult) -> bool {
+        let mut s = self.0 .0.borrow_mut();
         let Some(slot) = s.get_mut(id) else { return false };
         if slot.orphaned {
             s.remove(id);
@@ -52,10 +57,25 @@ impl CompletionSlot {
     }
 
     /// Whether the future of slot `id` still waits (the completer may fill its buffers).
+    pub fn is_live(&self, id: usize) -> bool {
+        self.0 .0.borrow().get(id).is_some_and(|slot| !slot.orphaned)
+    }
+}
+
+/// Slot operations on the current core, for callers that do not keep a [`Completions`].
+pub struct CompletionSlot;
+
+impl CompletionSlot {
+    pub fn alloc() -> (usize, CompletionFuture) {
+        Completions::current().alloc()
+    }
+
+    pub fn complete(id: usize, result: IoResult) -> bool {
+        Completions::current().complete(id, result)
+    }
+
     pub fn is_live(id: usize) -> bool {
-        let slots = reactor::with_core(|c| c.local::<Slots>());
-        let s = slots.0.borrow();
-        s.get(id).is_some_and(|slot| !slot.orphaned)
+        Completions::current().is_live(id)
     }
 }
 

@@ -55,6 +55,8 @@ pub struct LockStats {
 /// The locks of one bdev (or any other address space of blocks).
 pub struct LockSpace {
     id: u64,
+    /// Mixed with a region to pick its shard.
+    shard_seed: u64,
     region_shift: u32,
     cores: usize,
     stats: Box<[CachePadded<ShardStats>]>,
@@ -64,14 +66,22 @@ impl LockSpace {
     /// A lock space whose shards live on `cores` cores, with regions of `region_blocks` blocks
     /// (rounded up to a power of two).
     pub fn new(cores: usize, region_blocks: u64) -> Arc<LockSpace> {
+        let id = NEXT_SPACE.fetch_add(1, Relaxed);
+        Self::build(cores, region_blocks, id, id)
+    }
+
+    /// Like [`Self::new`], with the regions' placement on shards chosen by `shard_seed` rather
+    /// than by the process-wide space counter, so that it does not depend on how many lock
+    /// spaces were made before (a simulation replays one seed among thousands run in one
+    /// process).
+    pub fn with_shard_seed(cores: usize, region_blocks: u64, shard_seed: u64) -> Arc<LockSpace> {
+        Self::build(cores, region_blocks, NEXT_SPACE.fetch_add(1, Relaxed), shard_seed)
+    }
+
+    fn build(cores: usize, region_blocks: u64, id: u64, shard_seed: u64) -> Arc<LockSpace> {
         assert!(cores > 0, "a lock space needs at least one core");
         let region_shift = region_blocks.max(1).next_power_of_two().trailing_zeros();
-        Arc::new(LockSpace {
-            id: NEXT_SPACE.fetch_add(1, Relaxed),
-            region_shift,
-            cores,
-            stats: (0..cores).map(|_| CachePadded::new(ShardStats::default())).collect(),
-        })
+        Arc::new(LockSpace { id, shard_seed, region_shift, cores, stats: (0..cores).map(|_| CachePadded::new(ShardStats::default())).collect() })
     }
 
     pub fn id(&self) -> u64 {
@@ -81,7 +91,7 @@ impl LockSpace {
     /// The core whose shard holds locks of region `region`.
     pub fn shard_of(&self, region: u64) -> usize {
         // splitmix64 finaliser: deterministic (the simulation replays it) and well spread.
-        let mut z = self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ region;
+        let mut z = self.shard_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ region;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;

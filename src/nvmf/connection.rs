@@ -11,7 +11,7 @@
 use super::controller::{AdminOutcome, Controller, QueueRef};
 use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
-use super::spec::{connect, csc, fctype, sc, sct, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
+use super::spec::{connect, csc, fctype, sc, sct, ConnectRequest, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
@@ -40,6 +40,12 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 const UNBOUND_SLOTS: usize = 2;
 /// Most iovecs one writev takes (IOV_MAX).
 const IOV_MAX: usize = 1024;
+/// Buffer bytes one connection may have waiting for H2CData. Beyond it, further R2Ts wait
+/// until earlier data has arrived: a host that asks for R2Ts and never sends the data pins
+/// at most this much memory.
+const R2T_BUDGET: usize = 8 << 20;
+/// Most open connections (all cores); more are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// A wake-up for one waiting future; a notification before the wait is not lost.
 #[derive(Default)]
@@ -107,7 +113,10 @@ struct PendingData {
 enum SlotState {
     Free,
     Busy,
+    /// An R2T is out; the data is coming.
     AwaitingData(Box<PendingData>),
+    /// Waiting for R2T buffer budget (the R2T has not been sent).
+    AwaitingR2t(Sqe, u32),
 }
 
 /// Command slots: their count is the queue size the host connected with.
@@ -144,7 +153,7 @@ impl Slots {
 
     /// Every slot is waiting for data the host has not sent: reading more is the only way on.
     fn all_awaiting_data(&self) -> bool {
-        self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_)))
+        self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_) | SlotState::AwaitingR2t(..)))
     }
 }
 
@@ -188,6 +197,10 @@ struct QState {
     cids: CidSet,
     slots: Slots,
     ns: io::NsCache,
+    /// Bytes of R2T buffers handed out and not yet filled.
+    r2t_bytes: usize,
+    /// Slots waiting for R2T budget, in arrival order.
+    deferred_r2t: std::collections::VecDeque<u16>,
 }
 
 pub(crate) struct Conn {
@@ -268,11 +281,15 @@ struct RxBuf {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The readiness tick before a read that returned less than it could have: the socket was
+    /// empty then, so the next read waits for a readiness edge after that tick instead of
+    /// spending a system call on a `WouldBlock`.
+    drained_at: Option<u64>,
 }
 
 impl RxBuf {
     fn new() -> RxBuf {
-        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0 }
+        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0, drained_at: None }
     }
 
     fn avail(&self) -> &[u8] {
@@ -297,10 +314,19 @@ impl RxBuf {
                 self.end -= self.start;
                 self.start = 0;
             }
+            if let Some(t) = self.drained_at.take() {
+                s.readable(t).await;
+            }
             let tick = s.read_tick();
+            let space = self.buf.len() - self.end;
             match s.try_read(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.end += n,
+                Ok(n) => {
+                    self.end += n;
+                    if n < space {
+                        self.drained_at = Some(tick);
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -315,6 +341,9 @@ impl RxBuf {
         dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
         self.consume(n);
         let mut off = n;
+        if off < dst.len() {
+            self.drained_at = None;
+        }
         while off < dst.len() {
             let tick = s.read_tick();
             match s.try_read(&mut dst[off..]) {
@@ -349,6 +378,11 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr
             return;
         }
     };
+    if nvmf.open_connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+        log::warn!("nvmf: {MAX_CONNECTIONS} connections are open; refusing {peer}");
+        stream.shutdown();
+        return;
+    }
     let opts = nvmf.transport().unwrap_or_default();
     let conn = Rc::new(Conn {
         id: nvmf.next_conn_id(),
@@ -368,6 +402,8 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr
             cids: CidSet::new(),
             slots: Slots::new(UNBOUND_SLOTS),
             ns: io::NsCache::default(),
+            r2t_bytes: 0,
+            deferred_r2t: std::collections::VecDeque::new(),
         }),
         tx: RefCell::new(Vec::new()),
         tx_notify: Notify::default(),
@@ -572,6 +608,7 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         match rx.read_digest(&conn.stream).await {
             Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
             Ok(Some(_)) => {
+                conn.r2t_data_done(p.len);
                 conn.complete(Some(ttag), p.sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
                 return Ok(());
             }
@@ -585,7 +622,8 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         return Ok(());
     }
     let PendingData { sqe, buf, len, .. } = *p;
-    conn.execute(Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
+    conn.r2t_data_done(len);
+    conn.execute(conn.binding(), Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
     Ok(())
 }
 
@@ -785,27 +823,69 @@ impl Conn {
             return self.complete(None, cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         }
         if let DataPlan::FromHost { len } = plan {
-            // R2T for all of it: one outstanding R2T per command satisfies any MAXR2T.
             let slot = self.st.borrow_mut().slots.alloc();
             let Some(slot) = slot else {
                 // Unreachable: the reader waited for a free slot before taking the capsule.
                 return self.complete(None, cid, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None);
             };
-            let buf = IoBuf::alloc(len as usize);
-            let hdgst = {
+            let defer = {
                 let mut st = self.st.borrow_mut();
-                st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len }));
-                st.hdgst
+                let defer = st.r2t_bytes > 0 && (st.r2t_bytes + len as usize > R2T_BUDGET || !st.deferred_r2t.is_empty());
+                if defer {
+                    st.slots.v[slot as usize] = SlotState::AwaitingR2t(sqe, len);
+                    st.deferred_r2t.push_back(slot);
+                }
+                defer
             };
-            self.push(TxPdu { hdr: pdu::r2t(cid, slot, 0, len, hdgst), data: TxData::None, ddgst: None });
+            if !defer {
+                self.send_r2t(slot, sqe, len);
+            }
             return;
         }
-        self.execute(None, sqe, plan, icd);
+        self.execute(binding, None, sqe, plan, icd);
+    }
+
+    /// Allocates the buffer of a host-to-controller transfer and asks for all of it with one
+    /// R2T (one outstanding R2T per command satisfies any MAXR2T).
+    fn send_r2t(&self, slot: u16, sqe: Sqe, len: u32) {
+        let buf = IoBuf::alloc(len as usize);
+        let hdgst = {
+            let mut st = self.st.borrow_mut();
+            st.r2t_bytes += len as usize;
+            st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len }));
+            st.hdgst
+        };
+        self.push(TxPdu { hdr: pdu::r2t(sqe.cid(), slot, 0, len, hdgst), data: TxData::None, ddgst: None });
+    }
+
+    /// The data of an R2T of `len` bytes has arrived: its budget goes to waiting commands.
+    fn r2t_data_done(&self, len: u32) {
+        let mut ready = Vec::new();
+        {
+            let mut st = self.st.borrow_mut();
+            st.r2t_bytes = st.r2t_bytes.saturating_sub(len as usize);
+            let mut budget = st.r2t_bytes;
+            while let Some(&slot) = st.deferred_r2t.front() {
+                let Some(SlotState::AwaitingR2t(sqe, n)) = st.slots.v.get(slot as usize) else {
+                    st.deferred_r2t.pop_front();
+                    continue;
+                };
+                if budget > 0 && budget + *n as usize > R2T_BUDGET {
+                    break;
+                }
+                budget += *n as usize;
+                ready.push((slot, *sqe, *n));
+                st.deferred_r2t.pop_front();
+            }
+        }
+        for (slot, sqe, n) in ready {
+            self.send_r2t(slot, sqe, n);
+        }
     }
 
     /// Runs a command whose data (if it sends any) is all here.
-    fn execute(self: &Rc<Self>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
-        let Some(b) = self.binding() else {
+    fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+        let Some(b) = binding else {
             return self.complete(slot, sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
         let cid = sqe.cid();
@@ -865,24 +945,12 @@ impl Conn {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
         let data = match (plan, icd) {
-            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == super::spec::CONNECT_DATA_LEN => d,
+            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
             _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
         };
-        if sqe.u16_at(connect::RECFMT) != 0 {
-            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INCOMPATIBLE_FORMAT), 0, 0));
-        }
-        let qid = sqe.u16_at(connect::QID);
-        let sqsize = sqe.u16_at(connect::SQSIZE);
-        let cattr = sqe.0[connect::CATTR];
-        let kato = sqe.u32_at(connect::KATO);
-        let mut hostid = [0u8; 16];
-        hostid.copy_from_slice(&data[connect::DATA_HOSTID..connect::DATA_HOSTID + 16]);
-        let cntlid = u16::from_le_bytes([data[connect::DATA_CNTLID], data[connect::DATA_CNTLID + 1]]);
-        let subnqn = super::spec::c_string(&data[connect::DATA_SUBNQN..connect::DATA_SUBNQN + 256]).map_err(|_| invalid(1, connect::DATA_SUBNQN))?;
-        let hostnqn = super::spec::c_string(&data[connect::DATA_HOSTNQN..connect::DATA_HOSTNQN + 256]).map_err(|_| invalid(1, connect::DATA_HOSTNQN))?;
-        if super::spec::validate_nqn(hostnqn).is_err() {
-            return Err(invalid(1, connect::DATA_HOSTNQN));
-        }
+        let req = ConnectRequest::parse(sqe, data)?;
+        let (qid, sqsize, cattr, kato, hostid, cntlid) = (req.qid, req.sqsize, req.cattr, req.kato_ms, req.hostid, req.cntlid);
+        let (subnqn, hostnqn) = (req.subnqn.as_str(), req.hostnqn.as_str());
         let Some(subsys) = self.nvmf.subsystem(subnqn) else {
             log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", self.peer);
             return Err(invalid(1, connect::DATA_SUBNQN));

@@ -365,6 +365,55 @@ pub mod connect {
     pub const DATA_HOSTNQN: usize = 512;
 }
 
+/// A parsed Fabrics Connect (its SQE fields and its 1024-byte data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub qid: u16,
+    pub sqsize: u16,
+    pub cattr: u8,
+    pub kato_ms: u32,
+    pub hostid: [u8; 16],
+    pub cntlid: u16,
+    pub subnqn: String,
+    pub hostnqn: String,
+}
+
+/// Why a Connect is refused: the status and, for Invalid Parameters, where (IATTR: 0 = SQE,
+/// 1 = data; IPO: byte offset).
+pub type ConnectError = (Status, u8, u16);
+
+impl ConnectRequest {
+    pub fn parse(sqe: &Sqe, data: &[u8]) -> Result<ConnectRequest, ConnectError> {
+        let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
+        if data.len() != CONNECT_DATA_LEN {
+            return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0));
+        }
+        if sqe.u16_at(connect::RECFMT) != 0 {
+            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INCOMPATIBLE_FORMAT), 0, 0));
+        }
+        let mut hostid = [0u8; 16];
+        hostid.copy_from_slice(&data[connect::DATA_HOSTID..connect::DATA_HOSTID + 16]);
+        let subnqn = c_string(&data[connect::DATA_SUBNQN..connect::DATA_SUBNQN + 256]).map_err(|_| invalid(1, connect::DATA_SUBNQN))?;
+        let hostnqn = c_string(&data[connect::DATA_HOSTNQN..connect::DATA_HOSTNQN + 256]).map_err(|_| invalid(1, connect::DATA_HOSTNQN))?;
+        if validate_nqn(subnqn).is_err() {
+            return Err(invalid(1, connect::DATA_SUBNQN));
+        }
+        if validate_nqn(hostnqn).is_err() {
+            return Err(invalid(1, connect::DATA_HOSTNQN));
+        }
+        Ok(ConnectRequest {
+            qid: sqe.u16_at(connect::QID),
+            sqsize: sqe.u16_at(connect::SQSIZE),
+            cattr: sqe.0[connect::CATTR],
+            kato_ms: sqe.u32_at(connect::KATO),
+            hostid,
+            cntlid: u16::from_le_bytes([data[connect::DATA_CNTLID], data[connect::DATA_CNTLID + 1]]),
+            subnqn: subnqn.to_string(),
+            hostnqn: hostnqn.to_string(),
+        })
+    }
+}
+
 /// Fields of Property Get/Set.
 pub mod property {
     pub const ATTRIB: usize = 40;

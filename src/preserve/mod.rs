@@ -173,6 +173,37 @@ pub trait Preservable: Send + Sync {
     fn delete_snapshot(&self, t: &Target, name: &str) -> Result<(), PreserveError>;
     /// The bdev's preserve figures, for metrics.
     fn stats(&self) -> PreserveStats;
+    /// Byte ranges (offset, length), sorted and disjoint, where sealed image `newer` may
+    /// differ from sealed image `older` (both of this bdev), known from the tables without
+    /// reading either image (incremental backups).
+    fn changed_ranges(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+        let _ = (older, newer);
+        Err(PreserveError::Invalid(format!("the {} method cannot tell what changed between two images", self.method())))
+    }
+}
+
+/// A preserved image as a backup sees it.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub info: SnapshotInfo,
+    pub origin_uuid: uuid::Uuid,
+    pub snapshot_uuid: uuid::Uuid,
+}
+
+/// Describes snapshot `name` (None if no preservable bdev has a snapshot of that name).
+pub fn describe_image(t: &Target, name: &str) -> Option<ImageInfo> {
+    let (origin, info) = all_snapshots(t).into_iter().find(|(_, s)| s.name == name)?;
+    let origin_uuid = t.bdevs.get(&origin)?.bdev().uuid();
+    let snapshot_uuid = t.bdevs.get(name)?.bdev().uuid();
+    Some(ImageInfo { info, origin_uuid, snapshot_uuid })
+}
+
+/// What changed between two sealed images of bdev `origin` (see
+/// [`Preservable::changed_ranges`]).
+pub fn changed_ranges(t: &Target, origin: &str, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+    let e = t.bdevs.get(origin).ok_or_else(|| PreserveError::NotFound(format!("bdev {origin} does not exist")))?;
+    let p = preservable(e.bdev().as_ref()).ok_or_else(|| PreserveError::Invalid(format!("bdev {origin} is not preservable")))?;
+    p.changed_ranges(older, newer)
 }
 
 /// Histogram buckets in the layout of [`crate::bdev::LATENCY_BUCKETS_US`] (plus +Inf) and a sum.

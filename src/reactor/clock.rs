@@ -4,24 +4,34 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Instant;
 
 #[derive(Clone)]
 pub enum Clock {
-    /// Nanoseconds since `base` on the monotonic clock.
-    Real(Instant),
+    /// Nanoseconds on the monotonic clock since the core started (`base`).
+    Real(u64),
     /// Nanoseconds of simulated time, shared by every core of one simulation.
     Sim(Rc<Cell<u64>>),
 }
 
+/// CLOCK_MONOTONIC in nanoseconds. Read a few times per I/O, so it is the raw vDSO call and
+/// plain integer arithmetic, not `Instant` (whose checked subtraction cost more than the read).
+#[inline]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 impl Clock {
     pub fn real() -> Self {
-        Clock::Real(Instant::now())
+        Clock::Real(monotonic_ns())
     }
 
+    #[inline]
     pub fn now_ns(&self) -> u64 {
         match self {
-            Clock::Real(base) => base.elapsed().as_nanos() as u64,
+            Clock::Real(base) => monotonic_ns().saturating_sub(*base),
             Clock::Sim(t) => t.get(),
         }
     }

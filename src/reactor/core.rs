@@ -8,7 +8,6 @@ use super::mailbox::{Mailbox, Message};
 use super::timer::Timers;
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -36,7 +35,10 @@ pub struct Core {
     pub(crate) io: Option<IoDriver>,
     pollers: RefCell<Vec<(u64, Rc<dyn Poller>)>>,
     next_poller_id: std::cell::Cell<u64>,
-    locals: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
+    /// Per-core state by type; a handful of entries, so a vector beats hashing.
+    locals: RefCell<Vec<(TypeId, Rc<dyn Any>)>>,
+    /// Messages that found their target ring full, retried every loop iteration.
+    overflow: RefCell<Vec<(usize, Message)>>,
 }
 
 thread_local! {
@@ -54,7 +56,8 @@ impl Core {
             io,
             pollers: RefCell::new(Vec::new()),
             next_poller_id: std::cell::Cell::new(0),
-            locals: RefCell::new(HashMap::new()),
+            locals: RefCell::new(Vec::new()),
+            overflow: RefCell::new(Vec::new()),
         })
     }
 
@@ -120,18 +123,22 @@ impl Core {
     /// structures (channel caches, lock shards, buffer pools) without globals.
     pub fn local<T: Any + Default>(&self) -> Rc<T> {
         let id = TypeId::of::<T>();
-        if let Some(v) = self.locals.borrow().get(&id) {
+        if let Some((_, v)) = self.locals.borrow().iter().find(|(t, _)| *t == id) {
             return v.clone().downcast::<T>().unwrap_or_else(|_| unreachable!("TypeId maps to its own type"));
         }
         let v: Rc<T> = Rc::new(T::default());
-        self.locals.borrow_mut().insert(id, v.clone());
+        self.locals.borrow_mut().push((id, v.clone()));
         v
     }
 
     /// Drops all per-core state (at shutdown, before the core's thread ends).
     pub(crate) fn clear_locals(&self) {
-        let locals = std::mem::take(&mut *self.locals.borrow_mut());
-        drop(locals);
+        // Newest first: state created later may use state created earlier (a channel holds
+        // buffers of the pool, say).
+        let mut locals = std::mem::take(&mut *self.locals.borrow_mut());
+        while let Some(l) = locals.pop() {
+            drop(l);
+        }
         self.pollers.borrow_mut().clear();
     }
 
@@ -221,8 +228,7 @@ pub fn send_to(core: usize, msg: impl FnOnce() + Send + 'static) {
         let mb = c.mailboxes[core].clone();
         let msg: Message = Box::new(msg);
         if let Err(msg) = mb.try_send(msg) {
-            let overflow = c.local::<Overflow>();
-            overflow.0.borrow_mut().push((core, msg));
+            c.overflow.borrow_mut().push((core, msg));
         }
     })
 }
@@ -245,21 +251,18 @@ where
     rx.await.expect("reactor dropped a message")
 }
 
-/// Messages that found their target ring full.
-#[derive(Default)]
-pub(crate) struct Overflow(pub RefCell<Vec<(usize, Message)>>);
-
 impl Core {
     /// Retries messages that found a full ring; returns how many went out.
     pub(crate) fn flush_overflow(&self) -> usize {
-        let Some(v) = self.locals.borrow().get(&TypeId::of::<Overflow>()).cloned() else { return 0 };
-        let Ok(overflow) = v.downcast::<Overflow>() else { return 0 };
-        let pending = std::mem::take(&mut *overflow.0.borrow_mut());
+        if self.overflow.borrow().is_empty() {
+            return 0;
+        }
+        let pending = std::mem::take(&mut *self.overflow.borrow_mut());
         let mut sent = 0;
         for (core, msg) in pending {
             match self.mailboxes[core].try_send(msg) {
                 Ok(()) => sent += 1,
-                Err(msg) => overflow.0.borrow_mut().push((core, msg)),
+                Err(msg) => self.overflow.borrow_mut().push((core, msg)),
             }
         }
         sent

@@ -9,7 +9,7 @@ mod net;
 mod thread;
 mod timer;
 
-pub use self::clock::Clock;
+pub use self::clock::{monotonic_ns, Clock};
 pub use self::core::{call_on, core_count, current_index, now_ns, send_to, spawn, spawn_detached, try_current, with_core, yield_now, Core, Poller};
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};

@@ -368,9 +368,9 @@ async fn client(sh: Sh, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64) {
                     }
                 };
                 let r = check_values(&format!("snapshot {name} read"), off, &got, |b| match sm.pinned[b as usize] {
-                    Some(v) => vec![v],
-                    None if sm.taken_before_crash => vec![got[(b - off) as usize]],
-                    None => s.model.snap_read(b, sm.t, s_r, c_r),
+                    Some(v) if sm.pinned_at < s_r => vec![v],
+                    _ if sm.taken_before_crash => vec![got[(b - off) as usize]],
+                    _ => s.model.snap_read(b, sm.t, s_r, c_r),
                 });
                 drop(s);
                 if let Err(e) = r {
@@ -405,12 +405,14 @@ async fn check_snapshot(sh: &Sh, name: &str, blocks: u64) -> Result<(), String> 
         Err(e) => return Err(format!("snapshot {name}: {e}")),
     };
     check_values(&format!("snapshot {name} (sealed {sealed})"), 0, &got, |b| match sm.pinned[b as usize] {
-        Some(v) => vec![v],
-        None if sm.taken_before_crash => vec![got[b as usize]],
-        None => s.model.snap_read(b, sm.t, s_r, c_r),
+        Some(v) if sm.pinned_at < s_r => vec![v],
+        _ if sm.taken_before_crash => vec![got[b as usize]],
+        _ => s.model.snap_read(b, sm.t, s_r, c_r),
     })?;
     if sealed {
+        let now = s.model.tick();
         let m = s.model.snaps.get_mut(name).expect("present");
+        m.pinned_at = m.pinned_at.min(now);
         m.sealed_seen = true;
         for (b, &g) in got.iter().enumerate() {
             m.pinned[b] = Some(g);
@@ -452,6 +454,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
                         model::SnapModel {
                             t,
                             pinned: vec![None; blocks as usize],
+                            pinned_at: u64::MAX,
                             sealed_seen: false,
                             deleting: false,
                             taken_before_crash: false,
@@ -574,8 +577,10 @@ async fn check_recovery(sh: Sh, vol: Arc<BdevEntry>, registry: Arc<BdevRegistry>
             return fail(&sh, err);
         }
         let mut s = sh.borrow_mut();
+        let now = s.model.tick();
         let m = s.model.snaps.get_mut(&name).expect("present");
         m.pinned = got.into_iter().map(Some).collect();
+        m.pinned_at = now;
         m.sealed_seen = true;
         m.deleting = false;
         s.snaps.insert(name.clone(), e);

@@ -29,6 +29,8 @@ pub struct SnapModel {
     pub t: u64,
     /// Values observed in a full read while sealed: it must never change.
     pub pinned: Vec<Option<u64>>,
+    /// Model time of the first pinning (reads that started earlier may see older content).
+    pub pinned_at: u64,
     /// The target said sealed (before any crash since).
     pub sealed_seen: bool,
     /// A delete is under way: reads may fail, it may vanish.

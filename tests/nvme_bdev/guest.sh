@@ -40,8 +40,25 @@ for w in randread randwrite; do
   echo "RESULT ${w}_tidemark=${t%.*} ${w}_fio=${f}"
 done
 
-# 3. The daemon: the bdev over RPC, its identify data, save_config round trip.
-$BIN/tidemarkd --config /tmp/nvme.toml -r /tmp/tm.sock --metrics "" >/tmp/tm.log 2>&1 &
+# 3. The daemon: the bdev exported over NVMe/TCP on the guest's loopback, its Identify data,
+#    refusals of bad devices, then the guest's kernel initiator + fio verify through it.
+NQN=nqn.2016-06.io.tidemark:nvme0
+cat /tmp/nvme.toml > /tmp/export.toml
+cat >> /tmp/export.toml <<TOML
+[[nvmf]]
+method = "nvmf_create_transport"
+params = { trtype = "TCP" }
+[[nvmf]]
+method = "nvmf_create_subsystem"
+params = { nqn = "$NQN", allow_any_host = true, serial_number = "TMNVME0001" }
+[[nvmf]]
+method = "nvmf_subsystem_add_ns"
+params = { nqn = "$NQN", namespace = { bdev_name = "nvme0n1", nsid = 1 } }
+[[nvmf]]
+method = "nvmf_subsystem_add_listener"
+params = { nqn = "$NQN", listen_address = { trtype = "TCP", adrfam = "IPv4", traddr = "127.0.0.1", trsvcid = "4420" } }
+TOML
+$BIN/tidemarkd --config /tmp/export.toml -r /tmp/tm.sock --metrics "" >/tmp/tm.log 2>&1 &
 pid=$!
 for i in $(seq 50); do [ -S /tmp/tm.sock ] && break; sleep 0.1; done
 $BIN/tidemark -s /tmp/tm.sock bdev_get_bdevs --name nvme0n1 | tee /tmp/bdev.json
@@ -64,6 +81,17 @@ if $BIN/tidemark -s /tmp/tm.sock bdev_nvme_passthru_create --name bad2 --filenam
 fi
 grep -q "not an NVMe generic device" /tmp/err
 echo "RESULT refuse_not_nvme=ok"
+modprobe nvme-tcp
+wait_tcp 127.0.0.1 4420 30
+nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$NQN"
+dev=$(nvme_ns_dev "$NQN" 20)
+echo "kernel initiator: $NQN is $dev"
+# Writes 64 MiB of checksummed blocks at depth 32, then reads every one back and checks it.
+fio --name=verify --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 \
+    --size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+grep -E "IOPS|verify" /tmp/fio.out | head -5
+echo "RESULT nvmf_fio_verify=ok"
+nvme disconnect -n "$NQN"
 kill -TERM $pid
 wait $pid
 echo "RESULT daemon_exit=ok"
@@ -71,13 +99,17 @@ echo "RESULT daemon_exit=ok"
 # 4. The drive disappears under load (PCI hot-remove): I/O fails, the bdev goes offline,
 #    nothing hangs.
 pci=$(basename "$(readlink -f /sys/class/nvme/nvme0/device)")
-echo "removing PCI device $pci under load"
-( sleep 2; echo 1 > /sys/bus/pci/devices/$pci/remove ) &
 set +e
-timeout 60 $BIN/bdevperf -c /tmp/nvme.toml -b nvme0n1 -q 16 -o 4096 -w randwrite -t 6 -m 0x1 --poll-mode adaptive
+timeout 90 $BIN/bdevperf -c /tmp/nvme.toml -b nvme0n1 -q 16 -o 4096 -w randwrite -t 15 -m 0x1 --poll-mode adaptive &
+perf=$!
+# Remove the drive once bdevperf has it open and I/O runs (startup is slow under TCG).
+for i in $(seq 300); do ls -l /proc/$perf/fd 2>/dev/null | grep -q ng0n1 && break; sleep 0.1; done
+sleep 1
+echo "removing PCI device $pci under load"
+echo 1 > /sys/bus/pci/devices/$pci/remove
+wait $perf
 rc=$?
 set -e
-wait
 echo "bdevperf after hot-remove: exit $rc"
 [ "$rc" = 2 ] || { echo "FAIL: expected I/O errors (exit 2) after the drive vanished, got $rc"; exit 1; }
 echo "RESULT hot_remove=ok"

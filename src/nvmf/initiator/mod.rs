@@ -347,7 +347,9 @@ impl Qpair {
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let before = out.len();
         out.append(&mut self.stash);
-        self.flush()?;
+        if !self.closed {
+            self.flush()?;
+        }
         loop {
             // Handle every complete PDU in the buffer.
             while let Some(len) = self.complete_pdu_len()? {
@@ -358,19 +360,25 @@ impl Qpair {
                 self.rx_end -= self.rx_start;
                 self.rx_start = 0;
             }
+            if self.closed {
+                break;
+            }
             match self.stream.read(&mut self.rx[self.rx_end..]) {
-                Ok(0) => {
-                    self.closed = true;
-                    return Err(Error::Closed);
-                }
+                // Completions that came before the close are still delivered; the close is
+                // reported by the next poll.
+                Ok(0) => self.closed = true,
                 Ok(n) => self.rx_end += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        let n = out.len() - before;
+        if self.closed {
+            return if n > 0 { Ok(n) } else { Err(Error::Closed) };
+        }
         self.flush()?;
-        Ok(out.len() - before)
+        Ok(n)
     }
 
     /// The length of the PDU at the front of the receive buffer, once it is all there.

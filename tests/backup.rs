@@ -1,0 +1,230 @@
+//! Backup of preserved images while the live volume serves, end to end: qemu-io writes a CoW
+//! volume over iSCSI, preserves are taken over RPC, backups run, and qemu-img compares the
+//! backups (and restored chains) with the snapshots read back through their own exports.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+const VOL: &str = "iqn.2016-06.io.tidemark:vol0";
+
+fn tools() -> bool {
+    let missing: Vec<&str> = ["qemu-io", "qemu-img", "timeout"].into_iter().filter(|c| !have(c)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("TIDEMARK_SKIP_ISCSI").as_deref() == Ok("1") {
+        return false;
+    }
+    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_ISCSI=1 to skip)");
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout").arg("120").args(args).output().expect("run tool");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A daemon with a 64 MiB CoW volume `vol0` (file-backed base and store) exported over iSCSI.
+fn daemon() -> (Daemon, SocketAddr) {
+    let d = Daemon::start(MINIMAL_CONFIG);
+    let port = free_port();
+    d.rpc("bdev_uring_create", json!({"name": "base", "filename": "base.img", "size_mb": 64}));
+    d.rpc("bdev_uring_create", json!({"name": "store", "filename": "store.img", "size_mb": 64}));
+    d.rpc("bdev_cow_create", json!({"name": "vol0", "base_bdev": "base", "store_bdev": "store", "grain_kb": 64}));
+    d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": port.to_string()}]}));
+    d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
+    export(&d, VOL, "vol0");
+    (d, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn export(d: &Daemon, iqn: &str, bdev: &str) {
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": iqn, "luns": [{"bdev_name": bdev, "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}),
+    );
+}
+
+fn url(addr: SocketAddr, iqn: &str) -> String {
+    format!("iscsi://{addr}/{iqn}/0")
+}
+
+fn write(addr: SocketAddr, pattern: u8, off: u64, len: u64) {
+    let (ok, out) = run(&["qemu-io", "-f", "raw", "-c", &format!("write -P {pattern:#x} {off} {len}"), &url(addr, VOL)]);
+    assert!(ok && out.contains("wrote"), "qemu-io write: {out}");
+}
+
+fn wait_job(d: &Daemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = d.rpc("backup_get", json!({"id": id}))[0].clone();
+        if j["state"] != "in_progress" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not finish: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn compare(a: &str, b: &str) -> (bool, String) {
+    run(&["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
+}
+
+/// Bytes a sparse file really holds.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn full_and_incremental_backups_equal_their_snapshots_and_restore() {
+    if !tools() {
+        return;
+    }
+    let (d, addr) = daemon();
+    let dir = d.dir.path().to_path_buf();
+    write(addr, 0x11, 0, 8 << 20);
+    write(addr, 0x12, 20 << 20, 1 << 20);
+    let s = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    assert_eq!(s["state"], "sealed", "{s}");
+    // The live volume moves on while s1 stays as it was.
+    write(addr, 0x21, 1 << 20, 1 << 20);
+    export(&d, "iqn.2016-06.io.tidemark:s1", "s1");
+
+    let full = dir.join("full.img");
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": full.display().to_string()}));
+    let j = wait_job(&d, j["id"].as_str().unwrap());
+    assert_eq!(j["state"], "complete", "{j}");
+    let (info_ok, info) = run(&["qemu-img", "info", "-f", "raw", full.to_str().unwrap()]);
+    assert!(info_ok && info.contains("67108864"), "{info}");
+    let (same, out) = compare(full.to_str().unwrap(), &url(addr, "iqn.2016-06.io.tidemark:s1"));
+    assert!(same, "full backup differs from snapshot s1: {out}");
+    // The hole-y full backup is sparse: the 9 MiB written, not 64 MiB.
+    assert!(allocated(&full) < 16 << 20, "full backup holds {} bytes", allocated(&full));
+
+    // Second preserve, incremental backup of what changed since s1.
+    write(addr, 0x31, 30 << 20, 2 << 20);
+    let s = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s2", "wait_sealed": true}));
+    assert_eq!(s["state"], "sealed", "{s}");
+    write(addr, 0x41, 0, 64 << 10);
+    export(&d, "iqn.2016-06.io.tidemark:s2", "s2");
+    let inc = dir.join("inc.img");
+    let j = d.rpc("backup_start", json!({"source": "s2", "path": inc.display().to_string(), "incremental_from": "s1"}));
+    let j = wait_job(&d, j["id"].as_str().unwrap());
+    assert_eq!(j["state"], "complete", "{j}");
+    // Changed since s1: 1 MiB at 1 MiB and 2 MiB at 30 MiB (grain-aligned already).
+    assert_eq!(j["bytes_total"], 3 << 20, "{j}");
+    assert!(allocated(&inc) <= (3 << 20) + (256 << 10), "incremental holds {} bytes", allocated(&inc));
+
+    // Verify the chain, restore it, and compare with s2 as exported.
+    let out = d.cli(&["backup", "verify", inc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = dir.join("restored.img");
+    let out = d.cli(&["backup", "restore", inc.to_str().unwrap(), "--to-file", restored.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (same, out) = compare(restored.to_str().unwrap(), &url(addr, "iqn.2016-06.io.tidemark:s2"));
+    assert!(same, "restored chain differs from snapshot s2: {out}");
+    let (same, _) = compare(restored.to_str().unwrap(), &url(addr, VOL));
+    assert!(!same, "the live volume moved on after s2; the comparison must see it");
+
+    // Restore into a bdev through the daemon, then compare that bdev with s2.
+    d.rpc("bdev_malloc_create", json!({"name": "r0", "num_blocks": 131072, "block_size": 512}));
+    let r = d.rpc("backup_restore", json!({"path": inc.display().to_string(), "bdev": "r0"}));
+    let j = wait_job(&d, r["id"].as_str().unwrap());
+    assert_eq!(j["state"], "complete", "{j}");
+    export(&d, "iqn.2016-06.io.tidemark:r0", "r0");
+    let (same, out) = compare(&url(addr, "iqn.2016-06.io.tidemark:r0"), &url(addr, "iqn.2016-06.io.tidemark:s2"));
+    assert!(same, "bdev restored from the chain differs from s2: {out}");
+
+    // A corrupted byte fails verify, naming the extent.
+    let f = std::fs::OpenOptions::new().write(true).open(&full).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xff], (20 << 20) + 7).unwrap();
+    let out = d.cli(&["backup", "verify", inc.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("offset 20971520"), "{err}");
+}
+
+#[test]
+fn bad_backup_requests_get_clear_errors_and_write_nothing() {
+    if !tools() {
+        return;
+    }
+    let (d, addr) = daemon();
+    let dir = d.dir.path().to_path_buf();
+    write(addr, 0x11, 0, 1 << 20);
+    // Not a preserved image.
+    let e = d.try_rpc("backup_start", json!({"source": "vol0", "path": dir.join("a.img").display().to_string()})).unwrap_err();
+    assert!(e.message.contains("not a preserved image"), "{e:?}");
+    assert!(!dir.join("a.img").exists());
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    // Unwritable or missing directory.
+    let e = d.try_rpc("backup_start", json!({"source": "s1", "path": "/proc/nope/x.img"})).unwrap_err();
+    assert_eq!(e.code, -32602, "{e:?}");
+    // Never overwrites.
+    std::fs::write(dir.join("b.img"), b"keep").unwrap();
+    let e = d.try_rpc("backup_start", json!({"source": "s1", "path": dir.join("b.img").display().to_string()})).unwrap_err();
+    assert_eq!(e.code, -17, "{e:?}");
+    assert_eq!(std::fs::read(dir.join("b.img")).unwrap(), b"keep");
+    // An incremental base from another volume.
+    d.rpc("bdev_malloc_create", json!({"name": "b2", "num_blocks": 131072, "block_size": 512}));
+    d.rpc("bdev_malloc_create", json!({"name": "st2", "num_blocks": 131072, "block_size": 512}));
+    d.rpc("bdev_cow_create", json!({"name": "vol2", "base_bdev": "b2", "store_bdev": "st2"}));
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol2", "snapshot_name": "o1", "wait_sealed": true}));
+    let e = d.try_rpc("backup_start", json!({"source": "s1", "path": dir.join("c.img").display().to_string(), "incremental_from": "o1"})).unwrap_err();
+    assert!(e.message.contains("preserves volume"), "{e:?}");
+    assert!(!dir.join("c.img").exists());
+    // Unknown job, bad parameter.
+    assert_eq!(d.try_rpc("backup_cancel", json!({"id": "job99"})).unwrap_err().code, -19);
+    assert_eq!(d.try_rpc("backup_start", json!({"source": "s1"})).unwrap_err().code, -32602);
+}
+
+#[test]
+fn a_snapshot_under_backup_cannot_be_deleted_and_a_crash_fails_the_job() {
+    if !tools() {
+        return;
+    }
+    let (mut d, addr) = daemon();
+    let dir = d.dir.path().to_path_buf();
+    write(addr, 0x11, 0, 32 << 20);
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    // 1 MiB/s: 64 MiB takes a minute, long enough to try things while it runs.
+    let slow = dir.join("slow.img");
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": slow.display().to_string(), "max_bandwidth_mb_sec": 1}));
+    let id = j["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let e = d.try_rpc("bdev_snapshot_delete", json!({"name": "s1"})).unwrap_err();
+    assert_eq!(e.code, -16, "{e:?}");
+    let st = d.rpc("backup_get", json!({"id": id}))[0].clone();
+    assert_eq!(st["state"], "in_progress", "{st}");
+    assert!(st["bytes_done"].as_u64().unwrap() < 8 << 20, "the cap holds: {st}");
+
+    // kill -9 mid-job: after the restart the job reads failed, never complete. (The running
+    // configuration is saved first, as an operator would, so the restart rebuilds the volume.)
+    d.rpc("save_config", json!({"path": dir.join("tidemark.toml").display().to_string()}));
+    d.kill9();
+    d.restart();
+    let st = d.rpc("backup_get", json!({"id": id}))[0].clone();
+    assert_eq!(st["state"], "failed", "{st}");
+    let out = d.cli(&["backup", "verify", slow.to_str().unwrap()]);
+    assert!(!out.status.success(), "a partial backup must not verify");
+    // The snapshot came back with the volume; a new backup succeeds.
+    let again = dir.join("again.img");
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": again.display().to_string()}));
+    let j = wait_job(&d, j["id"].as_str().unwrap());
+    assert_eq!(j["state"], "complete", "{j}");
+    export(&d, "iqn.2016-06.io.tidemark:s1", "s1");
+    let (same, out) = compare(again.to_str().unwrap(), &url(addr, "iqn.2016-06.io.tidemark:s1"));
+    assert!(same, "{out}");
+    // Cancel works and leaves the job cancelled.
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": dir.join("c.img").display().to_string(), "max_bandwidth_mb_sec": 1}));
+    let id = j["id"].as_str().unwrap().to_string();
+    d.rpc("backup_cancel", json!({"id": id}));
+    assert_eq!(d.rpc("backup_get", json!({"id": id}))[0]["state"], "cancelled");
+    // Exported, it is still held; unexported and with no job on it, it can be deleted.
+    assert_eq!(d.try_rpc("bdev_snapshot_delete", json!({"name": "s1"})).unwrap_err().code, -16);
+    d.rpc("iscsi_delete_target_node", json!({"name": "iqn.2016-06.io.tidemark:s1"}));
+    d.rpc("bdev_snapshot_delete", json!({"name": "s1"}));
+}
