@@ -4,6 +4,8 @@
 #
 #   bench/iscsi_bench.sh            # TIME=10 seconds per run, 1 GiB LUNs
 #   TIME=20 SIZE_MB=2048 bench/iscsi_bench.sh
+#   BENCH_RT=1 bench/iscsi_bench.sh # targets and clients SCHED_FIFO (a machine shared with
+#                                   # builds otherwise measures its scheduler more than iSCSI)
 #
 # Clients: libiscsi's iscsi-perf (reads only: QD32 and QD1, `-r -b 8` as in the issue, and
 # fixed 4 KiB) and bench/iscsi_load.rs (4 KiB random reads and writes at QD32 and QD1, with
@@ -16,6 +18,8 @@ TIME=${TIME:-10}
 SIZE_MB=${SIZE_MB:-1024}
 TARGET_CPU=${TARGET_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
+RT=()
+if [[ ${BENCH_RT:-0} == 1 ]]; then RT=(chrt -f 50); fi
 
 bash "$ROOT/tests/iscsi/deps.sh"
 (cd "$ROOT" && cargo build --release --quiet --bin tidemarkd --bin iscsi-load)
@@ -82,7 +86,7 @@ params = { tag = 1, initiators = ["ANY"], netmasks = ["127.0.0.1/32"] }
 method = "iscsi_create_target_node"
 params = { name = "bench", luns = [{ bdev_name = "ram0", lun_id = 0 }], pg_ig_maps = [{ pg_tag = 1, ig_tag = 1 }], queue_depth = 128 }
 EOF
-RUST_LOG=warn "$TIDEMARKD" --config "$work/tidemark.toml" >"$work/tidemark.log" 2>&1 &
+RUST_LOG=warn "${RT[@]}" "$TIDEMARKD" --config "$work/tidemark.toml" >"$work/tidemark.log" 2>&1 &
 tm_pid=$!
 wait_port "$tm_port"
 TM_IQN=iqn.2016-06.io.tidemark:bench
@@ -93,7 +97,7 @@ tgt_port=$(free_port)
 tgt_ctl=$((1000 + $$ % 30000))
 while [[ -e /var/run/tgtd/socket.$tgt_ctl ]]; do tgt_ctl=$((tgt_ctl + 1)); done
 truncate -s "${SIZE_MB}M" /dev/shm/tidemark-bench-tgt-$$.img
-taskset -c "$TARGET_CPU" tgtd -f -C "$tgt_ctl" --iscsi "portal=127.0.0.1:$tgt_port" >"$work/tgtd.log" 2>&1 &
+"${RT[@]}" taskset -c "$TARGET_CPU" tgtd -f -C "$tgt_ctl" --iscsi "portal=127.0.0.1:$tgt_port" >"$work/tgtd.log" 2>&1 &
 tgt_pid=$!
 wait_port "$tgt_port"
 TGT_IQN=iqn.2001-04.com.example:tidemark-bench
@@ -104,11 +108,11 @@ TGT_URL=iscsi://127.0.0.1:$tgt_port/$TGT_IQN/1
 
 perf() { # url args... -> IOPS
   local url=$1; shift
-  taskset -c "$CLIENT_CPU" timeout $((TIME + 30)) iscsi-perf "$@" -t "$TIME" "$url" 2>&1 | tr '\r' '\n' | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -1
+  "${RT[@]}" taskset -c "$CLIENT_CPU" timeout $((TIME + 30)) iscsi-perf "$@" -t "$TIME" "$url" 2>&1 | tr '\r' '\n' | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -1
 }
 load() { # portal iqn lun args... -> "iops avg p50 p99"
   local portal=$1 iqn=$2 lun=$3; shift 3
-  taskset -c "$CLIENT_CPU" timeout $((TIME + 30)) "$LOAD" --portal "$portal" --target "$iqn" --lun "$lun" --time "$TIME" "$@" |
+  "${RT[@]}" taskset -c "$CLIENT_CPU" timeout $((TIME + 30)) "$LOAD" --portal "$portal" --target "$iqn" --lun "$lun" --time "$TIME" "$@" |
     sed -n 's/.*iops=\([0-9]*\).*lat_avg_us=\([0-9.]*\) lat_p50_us=\([0-9.]*\) lat_p99_us=\([0-9.]*\).*/\1 \2 \3 \4/p'
 }
 load2() { # two client processes at half the depth each -> summed IOPS
@@ -142,7 +146,7 @@ run_all tgtd "$TGT_URL" "127.0.0.1:$tgt_port" "$TGT_IQN" 1
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
-echo "iSCSI, one target CPU ($TARGET_CPU), clients on CPU $CLIENT_CPU, RAM LUNs of $SIZE_MB MiB, $TIME s per run, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "iSCSI, one target CPU ($TARGET_CPU), clients on CPU $CLIENT_CPU, RAM LUNs of $SIZE_MB MiB, $TIME s per run, SCHED_FIFO ${BENCH_RT:-0}, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 printf "%-44s %12s %12s %8s\n" "IOPS" tidemark tgtd ratio
 row() { printf "%-44s %12s %12s %8s\n" "$1" "${R[tidemark,$2]}" "${R[tgtd,$2]}" "$(ratio "${R[tidemark,$2]}" "${R[tgtd,$2]}")"; }
 row "iscsi-perf read QD32 (-r -b 8)" perf_r32

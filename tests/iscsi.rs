@@ -450,3 +450,35 @@ fn metrics_report_per_lun_io_and_sessions() {
     assert!(m.contains("tidemark_iscsi_lun_read_latency_seconds_bucket{le=\"+Inf\",target=\"iqn.2016-06.io.tidemark:t0\",lun=\"0\"} 10"), "{m}");
     assert!(m.contains("tidemark_iscsi_lun_read_latency_seconds_count{target=\"iqn.2016-06.io.tidemark:t0\",lun=\"0\"} 10"), "{m}");
 }
+
+#[test]
+fn buffered_write_data_is_bounded_per_connection() {
+    // 64 MiB of Data-Out buffers per connection: the ninth 8 MiB write waits for none of its
+    // data and gets TASK SET FULL instead of another buffer.
+    let (_d, addr) = daemon_with_target(1 << 17, json!({}));
+    let mut s = Session::login(addr, &LoginOptions::normal(INITIATOR, TARGET)).unwrap();
+    let mut itts = Vec::new();
+    for _ in 0..9 {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2A;
+        cdb[7..9].copy_from_slice(&16384u16.to_be_bytes());
+        let h = s.command_header(0, &cdb, 8 << 20, false, true);
+        itts.push(s.itt);
+        s.send(h, &[]).unwrap();
+    }
+    let last = *itts.last().unwrap();
+    loop {
+        let p = s.recv().expect("answers: R2Ts for the first eight, a status for the ninth");
+        match p.opcode() {
+            0x31 => assert!(itts[..8].contains(&p.itt()), "R2T for an admitted write"),
+            0x21 => {
+                assert_eq!(p.itt(), last);
+                assert_eq!(p.bhs[3], 0x28, "TASK SET FULL");
+                break;
+            }
+            other => panic!("unexpected PDU {other:#x}"),
+        }
+    }
+    // The connection still works.
+    assert_eq!(s.ping(b"still here").unwrap(), b"still here");
+}

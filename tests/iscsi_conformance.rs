@@ -31,7 +31,7 @@ const KNOWN_COMMON_FAILURES: &[(&str, &str)] = &[
         "the test expects each write with a wrong DataSN to fail and the next one to succeed after an automatic reconnect; at ErrorRecoveryLevel 0 tidemark drops the connection on the first bad DataSN (RFC 7143 §7.1.4.1), and libiscsi's reconnect does not complete inside the test's 3 s timeout",
     ),
     ("GetLBAStatus.BeyondEol", "tgtd answers GET LBA STATUS at the capacity LBA instead of LBA OUT OF RANGE"),
-    ("PrinServiceactionRange.Range", "persistent reservations are not implemented by tidemark; tgtd refuses one PR IN service action"),
+    ("PrinServiceactionRange.Range", "tgtd refuses one PR IN service action (tidemark skips: no persistent reservations)"),
     ("ProutReserve.OwnershipEA", "tgtd reports RESERVATIONS PREEMPTED unit attentions the test does not expect"),
     ("ProutReserve.OwnershipEARO", "as OwnershipEA"),
     ("ProutReserve.OwnershipWE", "as OwnershipEA"),

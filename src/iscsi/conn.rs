@@ -43,6 +43,9 @@ const MAX_IMMEDIATE: u32 = 8;
 const MAX_AHS: usize = 264;
 /// Largest Data-In buffer of commands that are not reads (their data is small).
 const MAX_CONTROL_DATA_IN: u64 = 64 * 1024;
+/// Most bytes of command buffers (Data-Out being collected, Data-In not yet sent) one
+/// connection may hold; a command that would go over gets TASK SET FULL (the host retries).
+const MAX_CONN_BUFFER_BYTES: u64 = 64 << 20;
 /// How long a logout or a task management function waits for running commands.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -307,7 +310,7 @@ impl RecvBuf {
 enum OutData {
     None,
     Owned(Vec<u8>),
-    Shared(Rc<IoBuf>, usize, usize),
+    Shared(Rc<DataIn>, usize, usize),
 }
 
 struct OutPdu {
@@ -325,9 +328,27 @@ impl OutPdu {
         match &self.data {
             OutData::None => &[],
             OutData::Owned(v) => v,
-            OutData::Shared(b, off, len) => &b[*off..*off + *len],
+            OutData::Shared(b, off, len) => &b.buf[*off..*off + *len],
         }
     }
+}
+
+/// Bytes of buffers a connection holds, returned when the guard drops.
+struct MemGuard {
+    mem: Rc<Cell<u64>>,
+    n: u64,
+}
+
+impl Drop for MemGuard {
+    fn drop(&mut self) {
+        self.mem.set(self.mem.get().saturating_sub(self.n));
+    }
+}
+
+/// Data-In of a command, queued for the writer, with its share of the buffer budget.
+struct DataIn {
+    buf: IoBuf,
+    _mem: Option<MemGuard>,
 }
 
 /// A command whose Data-Out is still arriving.
@@ -353,6 +374,7 @@ struct WriteXfer {
     /// Set when data arrived damaged (digest): the command ends with CHECK CONDITION.
     failed: Option<Sense>,
     t0: u64,
+    mem: Option<MemGuard>,
 }
 
 struct R2tState {
@@ -381,12 +403,12 @@ struct State {
     /// Non-immediate SCSI commands accepted and not yet answered.
     in_flight: u32,
     immediate: u32,
-    tasks: HashMap<u32, TaskSlot>,
+    tasks: HashMap<u32, TaskSlot, TagHash>,
     next_ttt: u32,
     lun_generation: u64,
     luns: Arc<Vec<Arc<Lun>>>,
-    lun_ids: Vec<u64>,
-    nexus: HashMap<u64, Rc<Nexus>>,
+    lun_ids: Rc<[u64]>,
+    nexus: HashMap<u64, Rc<Nexus>, TagHash>,
     /// Outstanding target ping: (TTT, deadline).
     ping: Option<(u32, u64)>,
     last_rx_ns: u64,
@@ -413,6 +435,8 @@ struct Conn {
     writer_waker: RefCell<Option<Waker>>,
     /// Close the socket once the queue is written (after a logout response).
     close_after_flush: Cell<bool>,
+    /// Bytes of command buffers held (see MAX_CONN_BUFFER_BYTES).
+    mem: Rc<Cell<u64>>,
 }
 
 /// Why the reader stops.
@@ -447,7 +471,7 @@ impl Conn {
             }
             None => (Arc::new(Vec::new()), 0),
         };
-        let lun_ids = luns.iter().map(|l| l.id).collect();
+        let lun_ids: Rc<[u64]> = luns.iter().map(|l| l.id).collect();
         Conn {
             id,
             stream,
@@ -467,12 +491,12 @@ impl Conn {
                 exp_cmd_sn: li.exp_cmd_sn,
                 in_flight: 0,
                 immediate: 0,
-                tasks: HashMap::new(),
+                tasks: HashMap::with_capacity_and_hasher(64, TagHash::default()),
                 next_ttt: 1,
                 lun_generation: generation,
                 luns,
                 lun_ids,
-                nexus: HashMap::new(),
+                nexus: HashMap::default(),
                 ping: None,
                 last_rx_ns: reactor::now_ns(),
                 text_rest: None,
@@ -480,6 +504,7 @@ impl Conn {
             out: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             close_after_flush: Cell::new(false),
+            mem: Rc::new(Cell::new(0)),
         }
     }
 
@@ -823,6 +848,26 @@ impl Conn {
             _ => 0,
         };
         let collect = if write_flag { need.min(edtl) } else { 0 };
+        // The buffers this command will hold: its Data-Out and its Data-In.
+        let din = match (&parsed, &unit) {
+            (Ok(c @ Command::Read { .. }), Some((l, _))) => c.data_in_len(&l.unit.geometry()),
+            (Ok(c), Some((l, _))) => c.data_in_len(&l.unit.geometry()).min(MAX_CONTROL_DATA_IN),
+            _ => 0,
+        };
+        let bytes = din + if collect > 0 { need as u64 } else { 0 };
+        let mem = if bytes > 0 {
+            let used = self.mem.get();
+            if used > 0 && used + bytes > MAX_CONN_BUFFER_BYTES {
+                rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
+                self.release_slot(immediate);
+                self.send_response(itt, Status::TaskSetFull as u8, None, 0, 0, 0);
+                return Ok(());
+            }
+            self.mem.set(used + bytes);
+            Some(MemGuard { mem: self.mem.clone(), n: bytes })
+        } else {
+            None
+        };
         let (Ok(cmd), Some((lun, nexus)), true) = (parsed, unit.clone(), collect > 0) else {
             // No Data-Out to collect: absorb any immediate data and run the command now.
             let ok = rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
@@ -834,7 +879,7 @@ impl Conn {
             }
             let run = Rc::new(Running { lun: scsi::decode_lun(&lun_field).unwrap_or(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) });
             self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(run.clone()));
-            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None };
+            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None, mem };
             reactor::spawn_detached(self.clone().execute(job));
             return Ok(());
         };
@@ -865,6 +910,7 @@ impl Conn {
             r2t_sn: 0,
             failed: None,
             t0,
+            mem,
         });
         let take = dsl.min(collect as usize);
         let ok = rb.read_segment(s, dsl, &mut x.buf[..take], p.data_digest).await?;
@@ -931,6 +977,7 @@ impl Conn {
             run,
             t0: x.t0,
             failed: x.failed,
+            mem: x.mem,
         };
         reactor::spawn_detached(self.clone().execute(job));
     }
@@ -1221,7 +1268,7 @@ impl Conn {
                 // TARGET WARM RESET: every LUN of the target.
                 self.abort_where(|_, _| true);
                 let luns = self.st.borrow().lun_ids.clone();
-                for l in luns {
+                for &l in luns.iter() {
                     if let Some((lun, nx)) = self.lookup(l) {
                         lun.unit.reset(&nx);
                         nx.clear_unit_attentions();
@@ -1250,7 +1297,7 @@ impl Conn {
 
     /// Runs one SCSI command and sends its data and status.
     async fn execute(self: Rc<Self>, job: Job) {
-        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed } = job;
+        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;
         let read_flag = flags & pdu::FLAG_READ != 0;
         let edtl_in = if read_flag { edtl } else { 0 };
         let mut din: Option<IoBuf> = None;
@@ -1287,15 +1334,19 @@ impl Conn {
                     Command::Read { .. } => cmd.data_in_len(&g),
                     _ => cmd.data_in_len(&g).min(MAX_CONTROL_DATA_IN),
                 } as usize;
-                let mut buf = IoBuf::alloc(din_len.max(1));
-                buf.set_len(din_len);
+                // Commands without Data-In take no buffer at all.
+                let mut buf = (din_len > 0).then(|| IoBuf::alloc(din_len));
                 let ids = self.st.borrow().lun_ids.clone();
                 let ctx = scsi::Context { port: &self.port, luns: &ids, data_out_expected: if flags & pdu::FLAG_WRITE != 0 { edtl as u64 } else { 0 } };
                 let out: &[u8] = match &data {
                     Some((b, n)) => &b[..*n],
                     None => &[],
                 };
-                let r = lun.unit.execute(nexus, &cmd, out, &mut buf, &ctx).await;
+                let din_slice: &mut [u8] = match &mut buf {
+                    Some(b) => b,
+                    None => &mut [],
+                };
+                let r = lun.unit.execute(nexus, &cmd, out, din_slice, &ctx).await;
                 let bytes = match (&r, cmd) {
                     (Ok(d), Command::Read { .. }) => d.data_len as u64,
                     _ => out.len() as u64,
@@ -1303,7 +1354,7 @@ impl Conn {
                 if let Some(t) = io_type(&cmd) {
                     lun.stats.record(reactor::current_index(), t, bytes, reactor::now_ns().saturating_sub(t0), r.is_ok());
                 }
-                din = Some(buf);
+                din = buf;
                 r
             }
         };
@@ -1328,7 +1379,7 @@ impl Conn {
                 // Residuals against the direction that carried data (RFC 7143 §11.4.5).
                 let (flag, residual) = if need > 0 || flags & pdu::FLAG_WRITE != 0 { residual_of(need, edtl) } else { residual_of(produced, edtl) };
                 if sent > 0 {
-                    let buf = Rc::new(din.take().expect("data produced into a buffer"));
+                    let buf = Rc::new(DataIn { buf: din.take().expect("data produced into a buffer"), _mem: mem });
                     self.send_data_in(itt, &lun_field, buf, sent, done.status, flag, residual);
                 } else {
                     self.send_response(itt, done.status as u8, None, flag, residual, 0);
@@ -1336,12 +1387,13 @@ impl Conn {
             }
             Err(Failure::Check(sense)) => self.send_response(itt, Status::CheckCondition as u8, Some(sense), 0, 0, 0),
             Err(Failure::Busy) => self.send_response(itt, Status::Busy as u8, None, 0, 0, 0),
+            Err(Failure::ReservationConflict) => self.send_response(itt, Status::ReservationConflict as u8, None, 0, 0, 0),
         }
     }
 
     /// Data-In PDUs for `len` bytes of `buf`, the status in the last one.
     #[allow(clippy::too_many_arguments)]
-    fn send_data_in(&self, itt: u32, lun: &[u8; 8], buf: Rc<IoBuf>, len: u32, status: Status, res_flag: u8, residual: u32) {
+    fn send_data_in(&self, itt: u32, lun: &[u8; 8], buf: Rc<DataIn>, len: u32, status: Status, res_flag: u8, residual: u32) {
         let seg = self.p.max_send_dsl.max(512);
         let burst = self.p.max_burst.max(seg);
         let mut off = 0u32;
@@ -1415,6 +1467,7 @@ struct Job {
     run: Rc<Running>,
     t0: u64,
     failed: Option<Sense>,
+    mem: Option<MemGuard>,
 }
 
 fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {
@@ -1430,13 +1483,37 @@ fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {
 fn io_type(c: &Command) -> Option<IoType> {
     match c {
         Command::Read { .. } => Some(IoType::Read),
-        Command::Write { .. } | Command::WriteVerify { .. } | Command::CompareAndWrite { .. } => Some(IoType::Write),
+        Command::Write { .. } | Command::WriteVerify { .. } | Command::CompareAndWrite { .. } | Command::OrWrite { .. } => Some(IoType::Write),
         Command::WriteSame { unmap: true, .. } | Command::Unmap { .. } => Some(IoType::Unmap),
         Command::WriteSame { .. } => Some(IoType::WriteZeroes),
         Command::SyncCache { .. } => Some(IoType::Flush),
         _ => None,
     }
 }
+
+/// Hasher of task tags and LUNs: a multiplicative mix. The maps it serves are bounded by the
+/// queue depth, so even tags chosen to collide cost at most a linear scan of a small table.
+#[derive(Default, Clone, Copy)]
+struct TagHasher(u64);
+
+impl std::hash::Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type TagHash = std::hash::BuildHasherDefault<TagHasher>;
 
 fn next_ttt(st: &mut State) -> u32 {
     let t = st.next_ttt;

@@ -601,4 +601,83 @@ mod tests {
             _ => panic!("discovery login must complete"),
         }
     }
+
+    use proptest::prelude::*;
+
+    fn any_pdu() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        let keys = prop::sample::select(vec![
+            "InitiatorName",
+            "TargetName",
+            "SessionType",
+            "AuthMethod",
+            "CHAP_A",
+            "CHAP_N",
+            "CHAP_R",
+            "CHAP_I",
+            "CHAP_C",
+            "MaxRecvDataSegmentLength",
+            "HeaderDigest",
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "X-odd",
+        ]);
+        let values = prop::sample::select(vec![
+            "iqn.t:vol0",
+            "iqn.i",
+            "Discovery",
+            "Normal",
+            "CHAP,None",
+            "None",
+            "5",
+            "u",
+            "0x00ff",
+            "0b/w==",
+            "0",
+            "99999999999",
+            "CRC32C",
+            "",
+        ]);
+        (prop::collection::vec(any::<u8>(), 48), prop::collection::vec((keys, values), 0..8), prop::collection::vec(any::<u8>(), 0..64), any::<bool>())
+            .prop_map(|(mut h, kv, junk, raw)| {
+                let mut d = Vec::new();
+                for (k, v) in kv {
+                    text::push(&mut d, k, v);
+                }
+                if raw {
+                    d.extend_from_slice(&junk);
+                }
+                // Mostly login requests, with arbitrary flags, stages and fields.
+                if h[0] & 0x80 == 0 {
+                    h[0] = 0x43;
+                }
+                (h, d)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn login_answers_any_sequence_of_requests(pdus in prop::collection::vec(any_pdu(), 1..6), open in any::<bool>()) {
+            let reg = registry(!open, false);
+            let mut l = Login::new(ctx("127.0.0.1:5000"), 1).with_random(fixed_random);
+            for (h, d) in pdus {
+                let bhs = Bhs::from_slice(&h).unwrap();
+                match l.step(&reg, &bhs, &d) {
+                    Step::Continue(r) => prop_assert_eq!(r[0], opcode::LOGIN_RESP),
+                    Step::Complete(r, li) => {
+                        prop_assert_eq!(r[36], 0);
+                        prop_assert!(li.params.first_burst <= li.params.max_burst);
+                        // Only an authenticated or open login completes.
+                        if li.node.as_ref().is_some_and(|n| n.require_chap) {
+                            prop_assert!(l.auth == Auth::Done);
+                        }
+                        break;
+                    }
+                    Step::Fail(r) => {
+                        prop_assert!(r[36] != 0);
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }

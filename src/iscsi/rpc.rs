@@ -369,7 +369,7 @@ fn open_lun(t: &Target, node: &str, l: &LunParam, field: &str) -> Result<Arc<Lun
     }
     let entry = t.bdev(&l.bdev_name)?;
     let hold = entry.open(&format!("iscsi:{node}"))?;
-    let unit = Arc::new(LogicalUnit::new(entry));
+    let unit = Arc::new(LogicalUnit::new(entry, t.reactors.core_count()));
     Ok(Arc::new(Lun::new(l.lun_id, unit, hold, t.reactors.core_count())))
 }
 

@@ -49,6 +49,15 @@ pub enum Command {
     },
     StartStopUnit,
     PreventAllow,
+    /// RESERVE(6) / RELEASE(6): SPC-2 reservations of the whole unit by one I_T nexus.
+    Reserve,
+    Release,
+    /// ORWRITE: the data-out ORed into the blocks, atomically.
+    OrWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     ReadCapacity10,
     ReadCapacity16 {
         alloc: u32,
@@ -151,6 +160,9 @@ pub mod op {
     pub const MODE_SENSE10: u8 = 0x5A;
     pub const READ16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE16: u8 = 0x8B;
+    pub const RESERVE6: u8 = 0x16;
+    pub const RELEASE6: u8 = 0x17;
     pub const WRITE16: u8 = 0x8A;
     pub const WRITE_VERIFY16: u8 = 0x8E;
     pub const VERIFY16: u8 = 0x8F;
@@ -192,6 +204,8 @@ pub static SUPPORTED: &[OpcodeInfo] = &[
     info(op::INQUIRY, None, &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x04]),
     info(op::MODE_SELECT6, None, &[0x15, 0x11, 0, 0, 0xFF, 0x04]),
     info(op::MODE_SENSE6, None, &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::RESERVE6, None, &[0x16, 0, 0, 0, 0, 0x04]),
+    info(op::RELEASE6, None, &[0x17, 0, 0, 0, 0, 0x04]),
     info(op::START_STOP_UNIT, None, &[0x1B, 0x01, 0, 0x0F, 0xF7, 0x04]),
     info(op::PREVENT_ALLOW, None, &[0x1E, 0, 0, 0, 0x03, 0x04]),
     info(op::READ_CAPACITY10, None, &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0x04]),
@@ -207,6 +221,7 @@ pub static SUPPORTED: &[OpcodeInfo] = &[
     info(op::MODE_SENSE10, None, &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::READ16, None, &[0x88, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::COMPARE_AND_WRITE, None, &[0x89, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0, 0x04]),
+    info(op::ORWRITE16, None, &[0x8B, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::WRITE16, None, &[0x8A, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::WRITE_VERIFY16, None, &[0x8E, 0xF2, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::VERIFY16, None, &[0x8F, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
@@ -314,6 +329,23 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
         }
         START_STOP_UNIT => Command::StartStopUnit,
         PREVENT_ALLOW => Command::PreventAllow,
+        RESERVE6 | RELEASE6 => {
+            // Third-party and extent reservations are obsolete and not supported.
+            if c[1] & 0x1F != 0 {
+                return Err(Sense::invalid_cdb(1, None));
+            }
+            if opcode == RESERVE6 {
+                Command::Reserve
+            } else {
+                Command::Release
+            }
+        }
+        ORWRITE16 => {
+            no_protect(c)?;
+            let (lba, blocks) = (be64(c, 2), be32(c, 10));
+            check_range(g, lba, blocks, 10)?;
+            Command::OrWrite { lba, blocks, fua: c[1] & 0x08 != 0 }
+        }
         READ_CAPACITY10 => {
             // With PMI clear the LBA field must be zero (SBC-3 §5.15).
             if c[8] & 1 == 0 && be32(c, 2) != 0 {
@@ -497,6 +529,7 @@ impl Command {
             Command::Verify { blocks, bytchk: 3, .. } if blocks > 0 => bs,
             Command::WriteSame { ndob: false, .. } => bs,
             Command::CompareAndWrite { blocks, .. } => 2 * blocks as u64 * bs,
+            Command::OrWrite { blocks, .. } => blocks as u64 * bs,
             Command::Unmap { len } => len as u64,
             Command::ModeSelect { len, .. } => len as u64,
             _ => 0,
@@ -534,6 +567,20 @@ impl Command {
     /// §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE run in spite of it).
     pub fn blocked_by_unit_attention(&self) -> bool {
         !matches!(self, Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. })
+    }
+
+    /// Whether the command conflicts with another nexus's RESERVE(6) (SPC-2 §5.5.1): all do
+    /// but the ones that only describe the unit and RELEASE (a no-op then).
+    pub fn conflicts_with_reservation(&self) -> bool {
+        !matches!(
+            self,
+            Command::Inquiry { .. }
+                | Command::ReportLuns { .. }
+                | Command::RequestSense { .. }
+                | Command::Release
+                | Command::ReportOpcodes { .. }
+                | Command::ReportTmfs { .. }
+        )
     }
 }
 

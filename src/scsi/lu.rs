@@ -7,13 +7,11 @@ use super::inquiry::{self, PortIdentity, UnitIdentity};
 use super::mode::{self, ModeState};
 use super::sense::{asc, Sense, SenseKey, Status, FIXED_SENSE_LEN, MAX_SENSE_LEN};
 use crate::bdev::{BdevEntry, BdevError, Channel, IoBuf, IoType};
-use crate::reactor;
+use crate::extent_lock::{ExtentGuard, LockSpace};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Why a command did not complete with GOOD status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +19,8 @@ pub enum Failure {
     Check(Sense),
     /// The device is out of resources; the host retries (BUSY status).
     Busy,
+    /// Another nexus holds a RESERVE(6) reservation (RESERVATION CONFLICT status).
+    ReservationConflict,
 }
 
 impl From<Sense> for Failure {
@@ -68,10 +68,37 @@ pub struct LogicalUnit {
     reset_generation: AtomicU64,
     /// Bumped by a MODE SELECT that changed something (MODE PARAMETERS CHANGED elsewhere).
     mode_generation: AtomicU64,
+    /// Every write of this target to the bdev holds its range here, so that COMPARE AND WRITE
+    /// (compare, then write) is atomic against them. Shared by all units on one bdev.
+    write_locks: Arc<LockSpace>,
+    /// The nexus holding a RESERVE(6) reservation (0: none).
+    reserved_by: Arc<AtomicU64>,
+}
+
+/// Ids of nexuses (0 means "nobody").
+static NEXT_NEXUS: AtomicU64 = AtomicU64::new(1);
+
+/// Blocks per extent-lock region: writes of up to a few MiB take one piece.
+const LOCK_REGION_BLOCKS: u64 = 1 << 14;
+
+/// The write lock space of each bdev with a logical unit, by bdev entry id.
+static WRITE_LOCKS: Mutex<Option<HashMap<u64, Weak<LockSpace>>>> = Mutex::new(None);
+
+fn write_locks_for(entry: &BdevEntry, cores: usize) -> Arc<LockSpace> {
+    let mut g = WRITE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(HashMap::new);
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(s) = map.get(&entry.id()).and_then(Weak::upgrade) {
+        return s;
+    }
+    let s = LockSpace::new(cores.max(1), LOCK_REGION_BLOCKS);
+    map.insert(entry.id(), Arc::downgrade(&s));
+    s
 }
 
 impl LogicalUnit {
-    pub fn new(entry: Arc<BdevEntry>) -> LogicalUnit {
+    /// A unit over `entry`, for a target with `cores` reactor cores.
+    pub fn new(entry: Arc<BdevEntry>, cores: usize) -> LogicalUnit {
         let b = entry.bdev();
         let thin = b.supports(IoType::Unmap);
         let default_wce = b.supports(IoType::Flush);
@@ -82,6 +109,8 @@ impl LogicalUnit {
             default_wce,
             reset_generation: AtomicU64::new(0),
             mode_generation: AtomicU64::new(0),
+            write_locks: write_locks_for(&entry, cores),
+            reserved_by: Arc::new(AtomicU64::new(0)),
             entry,
         }
     }
@@ -106,6 +135,8 @@ impl LogicalUnit {
     /// A reset of the unit by `from`: every other nexus reports POWER ON, RESET, OR BUS DEVICE
     /// RESET OCCURRED on its next command.
     pub fn reset(&self, from: &Nexus) {
+        // A reset releases a RESERVE(6) reservation (SPC-2 §5.5.1.1).
+        self.reserved_by.store(0, Relaxed);
         let g = self.reset_generation.fetch_add(1, Relaxed) + 1;
         from.seen_reset.set(g);
     }
@@ -113,12 +144,22 @@ impl LogicalUnit {
     /// Opens the current core's nexus on this unit.
     pub fn nexus(&self) -> Result<Nexus, BdevError> {
         Ok(Nexus {
+            id: NEXT_NEXUS.fetch_add(1, Relaxed),
+            reserved_by: self.reserved_by.clone(),
             channel: Channel::get(&self.entry)?,
             unit_attentions: RefCell::new(VecDeque::new()),
             seen_reset: Cell::new(self.reset_generation.load(Relaxed)),
             seen_mode: Cell::new(self.mode_generation.load(Relaxed)),
             seen_blocks: Cell::new(self.entry.bdev().num_blocks()),
         })
+    }
+
+    /// Holds blocks `lba..lba+blocks` against every other write of this target.
+    async fn lock_write(&self, lba: u64, blocks: u64) -> Option<ExtentGuard> {
+        if blocks == 0 {
+            return None;
+        }
+        Some(self.write_locks.lock(lba, blocks).await)
     }
 
     fn mode_state(&self) -> ModeState {
@@ -131,6 +172,10 @@ impl LogicalUnit {
     /// truncates it.
     pub async fn execute(&self, nx: &Nexus, cmd: &Command, data_out: &[u8], data_in: &mut [u8], ctx: &Context<'_>) -> Result<Done, Failure> {
         let g = self.geometry();
+        let holder = self.reserved_by.load(Relaxed);
+        if holder != 0 && holder != nx.id && cmd.conflicts_with_reservation() {
+            return Err(Failure::ReservationConflict);
+        }
         if cmd.blocked_by_unit_attention() {
             if let Some(ua) = nx.take_unit_attention(self) {
                 return Err(Failure::Check(Sense::unit_attention(ua)));
@@ -139,6 +184,32 @@ impl LogicalUnit {
         let bs = g.block_size as usize;
         let ch = &nx.channel;
         match *cmd {
+            Command::Reserve => match self.reserved_by.compare_exchange(0, nx.id, Relaxed, Relaxed) {
+                Ok(_) => Ok(Done::good(0)),
+                Err(h) if h == nx.id => Ok(Done::good(0)),
+                Err(_) => Err(Failure::ReservationConflict),
+            },
+            Command::Release => {
+                // Releasing someone else's reservation (or none) is a no-op.
+                let _ = self.reserved_by.compare_exchange(nx.id, 0, Relaxed, Relaxed);
+                Ok(Done::good(0))
+            }
+            Command::OrWrite { lba, blocks, fua } => {
+                let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
+                if n == 0 {
+                    return Ok(Done::good(0));
+                }
+                // Read, OR and write under the blocks' write lock: atomic like COMPARE AND WRITE.
+                let _lock = self.lock_write(lba, (n / bs) as u64).await;
+                let mut merged = IoBuf::alloc(n);
+                ch.read_buf(lba, &mut merged).await.map_err(|e| bdev_failure(e, false))?;
+                for (m, d) in merged.iter_mut().zip(&data_out[..n]) {
+                    *m |= *d;
+                }
+                ch.write_buf(lba, &merged).await.map_err(|e| bdev_failure(e, true))?;
+                self.after_write(ch, fua).await?;
+                Ok(Done::good(0))
+            }
             Command::TestUnitReady | Command::StartStopUnit | Command::PreventAllow | Command::Prefetch { .. } => Ok(Done::good(0)),
             Command::RequestSense { desc, alloc } => {
                 nx.refresh(self);
@@ -213,6 +284,7 @@ impl LogicalUnit {
             Command::Write { lba, blocks, fua } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
+                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     self.after_write(ch, fua).await?;
                 }
@@ -221,6 +293,7 @@ impl LogicalUnit {
             Command::WriteVerify { lba, blocks } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
+                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     // Verification reads back what the medium holds: make it durable first.
                     ch.flush().await.map_err(|e| bdev_failure(e, true))?;
@@ -268,6 +341,7 @@ impl LogicalUnit {
                         None => return Ok(Done::good(0)),
                     }
                 };
+                let _lock = self.lock_write(lba, blocks as u64).await;
                 self.write_same(ch, lba, blocks as u64, pattern, unmap).await?;
                 Ok(Done::good(0))
             }
@@ -291,11 +365,9 @@ impl LogicalUnit {
                 if data_out.len() < 2 * n {
                     return Err(Sense::invalid_cdb(13, None).into());
                 }
-                // TODO(extent-lock): serialise against every write to these blocks with the
-                // extent locks of src/extent_lock/ once they land; until then COMPARE AND WRITE
-                // commands are serialised per unit on each core, which orders them against one
-                // another but not against plain writes from other connections.
-                let _guard = CompareAndWriteLock::acquire(self.entry.id()).await;
+                // Atomic against every other write of this target to these blocks: they all
+                // hold their range in the same lock space while they write.
+                let _lock = self.lock_write(lba, blocks as u64).await;
                 let mut medium = IoBuf::alloc(n);
                 ch.read_buf(lba, &mut medium).await.map_err(|e| bdev_failure(e, false))?;
                 if let Some(off) = first_difference(&medium, &data_out[..n]) {
@@ -427,6 +499,7 @@ impl LogicalUnit {
         for i in 0..count {
             let (lba, n) = parse(i);
             if n > 0 {
+                let _lock = self.lock_write(lba, n as u64).await;
                 ch.unmap(lba, n as u64).await.map_err(|e| bdev_failure(e, true))?;
             }
         }
@@ -453,6 +526,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// One connection's view of a logical unit, on the connection's core.
 pub struct Nexus {
+    id: u64,
+    reserved_by: Arc<AtomicU64>,
     channel: Channel,
     unit_attentions: RefCell<VecDeque<(u8, u8)>>,
     seen_reset: Cell<u64>,
@@ -462,6 +537,13 @@ pub struct Nexus {
 
 /// Most unit attentions queued on one nexus; older ones are the ones kept.
 const MAX_UNIT_ATTENTIONS: usize = 8;
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        // The I_T nexus is gone (logout, dropped connection): its reservation goes too.
+        let _ = self.reserved_by.compare_exchange(self.id, 0, Relaxed, Relaxed);
+    }
+}
 
 impl Nexus {
     pub fn channel(&self) -> &Channel {
@@ -608,54 +690,13 @@ fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16, thin: bool) -> R
     Ok(d)
 }
 
-/// Serialises COMPARE AND WRITE per unit on one core (see the TODO in `execute`).
-#[derive(Default)]
-struct CompareAndWriteLocks(RefCell<HashMap<u64, Rc<SerialLock>>>);
-
-#[derive(Default)]
-struct SerialLock {
-    held: Cell<bool>,
-    waiters: RefCell<VecDeque<Waker>>,
-}
-
-struct CompareAndWriteLock {
-    lock: Rc<SerialLock>,
-}
-
-impl CompareAndWriteLock {
-    async fn acquire(unit: u64) -> CompareAndWriteLock {
-        let locks = reactor::with_core(|c| c.local::<CompareAndWriteLocks>());
-        let lock = locks.0.borrow_mut().entry(unit).or_default().clone();
-        std::future::poll_fn(|cx| {
-            if lock.held.get() {
-                lock.waiters.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            } else {
-                lock.held.set(true);
-                Poll::Ready(())
-            }
-        })
-        .await;
-        CompareAndWriteLock { lock }
-    }
-}
-
-impl Drop for CompareAndWriteLock {
-    fn drop(&mut self) {
-        self.lock.held.set(false);
-        let w = self.lock.waiters.borrow_mut().pop_front();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bdev::BdevRegistry;
     use crate::bdevs::malloc::MallocBdev;
-    use crate::reactor::ManualCores;
+    use crate::reactor::{self, ManualCores};
+    use std::rc::Rc;
 
     fn run<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
         let out = Rc::new(RefCell::new(None));
@@ -668,7 +709,7 @@ mod tests {
 
     fn unit(reg: &BdevRegistry) -> Arc<LogicalUnit> {
         let e = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
-        Arc::new(LogicalUnit::new(e))
+        Arc::new(LogicalUnit::new(e, 1))
     }
 
     async fn exec(lu: &LogicalUnit, nx: &Nexus, cdb_bytes: &[u8], out: &[u8]) -> Result<(Done, Vec<u8>), Failure> {
@@ -704,6 +745,38 @@ mod tests {
             let e = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 63, 0, 0, 2, 0], &[]).await.unwrap_err();
             assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
         });
+    }
+
+    #[test]
+    fn compare_and_write_waits_for_an_overlapping_write() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        let held = Rc::new(RefCell::new(None));
+        let h = held.clone();
+        let l = lu.clone();
+        // A write to blocks 4..6 is in flight (holds its range).
+        cores.enter(0, || reactor::spawn_detached(async move { *h.borrow_mut() = l.lock_write(4, 2).await }));
+        cores.run_until_idle();
+        assert!(held.borrow().is_some());
+        let done = Rc::new(Cell::new(false));
+        let d = done.clone();
+        let l = lu.clone();
+        cores.enter(0, || {
+            reactor::spawn_detached(async move {
+                let nx = l.nexus().unwrap();
+                let mut caw = vec![0u8; 512];
+                caw.extend(vec![0x22u8; 512]);
+                exec(&l, &nx, &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0], &caw).await.unwrap();
+                d.set(true);
+            })
+        });
+        cores.run_until_idle();
+        assert!(!done.get(), "COMPARE AND WRITE ran while an overlapping write held its blocks");
+        // Extent locks are released on a core.
+        cores.enter(0, || drop(held.borrow_mut().take()));
+        cores.run_until_idle();
+        assert!(done.get(), "COMPARE AND WRITE runs once the write is done");
     }
 
     #[test]
@@ -749,6 +822,49 @@ mod tests {
             bad[8..16].copy_from_slice(&63u64.to_be_bytes());
             let e = exec(&lu, &nx, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &bad).await.unwrap_err();
             assert_eq!(e, Failure::Check(Sense::lba_out_of_range()));
+        });
+    }
+
+    #[test]
+    fn reserve6_conflicts_for_other_nexuses_until_released_or_gone() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let a = lu.nexus().unwrap();
+            let b = lu.nexus().unwrap();
+            let tur = [0u8, 0, 0, 0, 0, 0];
+            exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.expect("the holder may reserve again");
+            assert_eq!(exec(&lu, &b, &tur, &[]).await.unwrap_err(), Failure::ReservationConflict);
+            assert_eq!(exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap_err(), Failure::ReservationConflict);
+            assert!(exec(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok(), "INQUIRY does not conflict");
+            exec(&lu, &b, &[0x17, 0, 0, 0, 0, 0], &[]).await.expect("RELEASE by another nexus is a no-op");
+            assert_eq!(exec(&lu, &b, &tur, &[]).await.unwrap_err(), Failure::ReservationConflict);
+            drop(a);
+            assert!(exec(&lu, &b, &tur, &[]).await.is_ok(), "the reservation goes with its nexus");
+            exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            let c = lu.nexus().unwrap();
+            lu.reset(&c);
+            assert!(exec(&lu, &c, &tur, &[]).await.is_ok(), "a reset releases it");
+        });
+    }
+
+    #[test]
+    fn orwrite_ors_the_data_into_the_blocks() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        run(&cores, async move {
+            let nx = lu.nexus().unwrap();
+            exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[0x0Fu8; 512]).await.unwrap();
+            let mut c = [0u8; 16];
+            c[0] = 0x8B;
+            c[9] = 2;
+            c[13] = 1;
+            exec(&lu, &nx, &c, &[0xF0u8; 512]).await.unwrap();
+            let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[]).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0xFF));
         });
     }
 

@@ -223,4 +223,11 @@ mod tests {
         assert!(select(false, &c, &G, &S).is_err());
         assert!(select(false, &[0, 0], &G, &S).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn mode_select_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), ten in proptest::prelude::any::<bool>()) {
+            let _ = select(ten, &data, &G, &S);
+        }
+    }
 }
