@@ -239,7 +239,10 @@ impl PassthruChannel {
         let mut fixed = crate::bdevs::uring::register_pool(&ring.submitter(), "nvme passthrough");
         let mut ring = ring;
         if fixed.is_some() && !probe_fixed(&mut ring, p) {
-            log::info!("nvme namespace {}: the kernel takes no fixed buffers for passthrough commands (IORING_URING_CMD_FIXED); using plain buffers", p.ident.nsid);
+            log::info!(
+                "nvme namespace {}: the kernel takes no fixed buffers for passthrough commands (IORING_URING_CMD_FIXED); using plain buffers",
+                p.ident.nsid
+            );
             fixed = None;
         }
         let eventfd = if mode == Completion::Interrupt { crate::bdevs::uring::completion_eventfd(&ring.submitter()) } else { None };
