@@ -285,7 +285,10 @@ fn main() {
     // Reopen the volume (the restart path) so that its tables hold nothing from phase 1: the
     // RAM figure below then counts exactly the one snapshot whose grains phase 2 copies.
     drop(entry);
-    for (m, p) in [("bdev_cow_delete", json!({"name": "vol"})), ("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store", "grain_kb": a.grain_kb}))] {
+    for (m, p) in [
+        ("bdev_cow_delete", json!({"name": "vol"})),
+        ("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store", "grain_kb": a.grain_kb})),
+    ] {
         tidemark::rpc::call(&target, m, Some(p)).unwrap_or_else(|e| fail(&format!("{m}: {e}")));
     }
     let entry = target.bdevs.get("vol").unwrap_or_else(|| fail("no volume after reopening"));

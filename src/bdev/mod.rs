@@ -92,14 +92,15 @@ pub type IoResult = Result<(), BdevError>;
 /// The future of one I/O. Synchronous devices complete in place without allocating; devices
 /// completed by a poller use a per-core completion slot; the rest box their future.
 pub enum IoFuture<'a> {
-    Ready(Option<IoResult>),
+    /// Completed in place; the flag says it already gave up its turn once (see `poll`).
+    Ready(Option<IoResult>, bool),
     Slot(CompletionFuture),
     Boxed(Pin<Box<dyn Future<Output = IoResult> + 'a>>),
 }
 
 impl<'a> IoFuture<'a> {
     pub fn ready(r: IoResult) -> Self {
-        IoFuture::Ready(Some(r))
+        IoFuture::Ready(Some(r), false)
     }
 
     pub fn boxed(f: impl Future<Output = IoResult> + 'a) -> Self {
@@ -111,7 +112,17 @@ impl Future for IoFuture<'_> {
     type Output = IoResult;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult> {
         match self.get_mut() {
-            IoFuture::Ready(r) => Poll::Ready(r.take().expect("IoFuture polled after completion")),
+            IoFuture::Ready(r, yielded) => {
+                // A task whose I/Os all complete in place (RAM bdevs) would otherwise never
+                // return to the reactor: messages, timers and other tasks of the core would
+                // starve for as long as it loops. Past its budget it yields once.
+                if !*yielded && !crate::reactor::consume_budget() {
+                    *yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(r.take().expect("IoFuture polled after completion"))
+            }
             IoFuture::Slot(s) => Pin::new(s).poll(cx),
             IoFuture::Boxed(f) => f.as_mut().poll(cx),
         }

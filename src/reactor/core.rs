@@ -165,6 +165,7 @@ impl Core {
             return true;
         }
         if let Some(r) = mb.tasks.pop() {
+            BUDGET.with(|b| b.set(TASK_BUDGET));
             r.run();
             mb.counters.tasks_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return true;
@@ -267,6 +268,23 @@ impl Core {
         }
         sent
     }
+}
+
+/// I/Os a task may complete in place per turn before it must yield (tokio's cooperative
+/// budget, for the same reason: fairness among the tasks, messages and pollers of a core).
+pub(crate) const TASK_BUDGET: u32 = 128;
+
+thread_local! {
+    static BUDGET: std::cell::Cell<u32> = const { std::cell::Cell::new(TASK_BUDGET) };
+}
+
+/// Takes one unit of the running task's budget; false when it is spent (the caller yields).
+pub fn consume_budget() -> bool {
+    BUDGET.with(|b| {
+        let left = b.get();
+        b.set(left.saturating_sub(1));
+        left > 0
+    })
 }
 
 /// Yields once to let other tasks of the core run.

@@ -10,7 +10,9 @@ mod thread;
 mod timer;
 
 pub use self::clock::{monotonic_ns, Clock};
-pub use self::core::{call_on, core_count, current_index, now_ns, send_to, spawn, spawn_detached, try_current, with_core, yield_now, Core, Poller};
+pub use self::core::{
+    call_on, consume_budget, core_count, current_index, now_ns, send_to, spawn, spawn_detached, try_current, with_core, yield_now, Core, Poller,
+};
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};
 pub use self::net::{TcpListener, TcpStream};
@@ -127,5 +129,26 @@ mod tests {
             .unwrap();
         assert_eq!(got, 7);
         r.stop();
+    }
+
+    #[test]
+    fn a_task_whose_io_completes_in_place_still_lets_the_core_run_others() {
+        let cores = ManualCores::new(1);
+        let stop = Rc::new(std::cell::Cell::new(false));
+        let ios = Rc::new(std::cell::Cell::new(0u32));
+        let (s1, n1, s2) = (stop.clone(), ios.clone(), stop.clone());
+        cores.enter(0, || {
+            // A RAM bdev's I/O: always complete at the first poll.
+            spawn_detached(async move {
+                while !s1.get() && n1.get() < 1_000_000 {
+                    crate::bdev::IoFuture::ready(Ok(())).await.unwrap();
+                    n1.set(n1.get() + 1);
+                }
+            });
+            spawn_detached(async move { s2.set(true) });
+        });
+        cores.run_until_idle();
+        assert!(stop.get());
+        assert!(ios.get() <= 2 * self::core::TASK_BUDGET, "the looping task ran {} I/Os before the other task got a turn", ios.get());
     }
 }
