@@ -246,10 +246,14 @@ fn a_mirror_and_its_image_come_back_after_a_restart() {
     let before = raid(&d, "m0");
     assert_eq!(before["region_size_kb"], 256);
     assert_eq!(before["degraded"], false, "three legs minus a split one stay redundant: {before}");
+    d.rpc("bdev_raid_set_options", json!({"process_max_bandwidth_mb_sec": 40, "process_window_size_kb": 512}));
     let saved = d.dir.path().join("tidemark.toml");
     d.rpc("save_config", json!({"path": saved.display().to_string()}));
     let text = std::fs::read_to_string(&saved).unwrap();
     assert!(text.contains("bdev_raid_create") && text.contains("bdev_raid_open_split_image"), "{text}");
+    let (opts, create) = (text.find("bdev_raid_set_options"), text.find("bdev_raid_create"));
+    assert!(opts.is_some() && opts < create, "the rebuild options are saved before the mirrors: {text}");
+    assert!(text.contains("process_max_bandwidth_mb_sec = 40") && text.contains("process_window_size_kb = 512"), "{text}");
     assert!(d.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
     d.restart();
     let after = raid(&d, "m0");

@@ -130,6 +130,15 @@ impl Default for ProcessOptions {
 
 pub static PROCESS_OPTIONS: ProcessOptions = ProcessOptions::new();
 
+/// The `bdev_raid_set_options` call that restores the module's options, when they differ from
+/// the defaults (for `save_config`).
+pub fn options_call() -> Option<(&'static str, serde_json::Value)> {
+    let (window, bw) = (PROCESS_OPTIONS.window_bytes.load(Relaxed), PROCESS_OPTIONS.max_bandwidth_mb_sec.load(Relaxed));
+    let d = ProcessOptions::new();
+    (window != d.window_bytes.load(Relaxed) || bw != d.max_bandwidth_mb_sec.load(Relaxed))
+        .then(|| ("bdev_raid_set_options", serde_json::json!({"process_window_size_kb": window / 1024, "process_max_bandwidth_mb_sec": bw})))
+}
+
 /// What the data path may do with a slot's leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -106,7 +106,9 @@ impl Subsystem for BdevSubsystem {
     }
 
     fn config(&self, t: &Target) -> Vec<ConfigCall> {
-        t.bdevs.in_creation_order().iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p)).collect()
+        // Module options first: they apply to the bdevs created after them.
+        let options = crate::bdevs::mirror::options_call().map(|(m, p)| ConfigCall::new(m, p));
+        options.into_iter().chain(t.bdevs.in_creation_order().iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p))).collect()
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
