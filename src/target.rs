@@ -49,12 +49,15 @@ impl Target {
             Arc::new(crate::bdev::BdevSubsystem),
             Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::preserve::PreserveSubsystem),
-            Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::nvmf::NvmfTarget::new(reactors.clone())),
             Arc::new(crate::iscsi::IscsiSubsystem::new(cores)),
-            Arc::new(crate::preserve::PreserveSubsystem),
             Arc::new(crate::backup::BackupService::default()),
         ];
+        // Each subsystem once: twice would write its metric families twice (Prometheus then
+        // rejects the whole scrape) and run its shutdown twice.
+        let mut names: Vec<&str> = subsystems.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        assert!(names.windows(2).all(|w| w[0] != w[1]), "a subsystem is listed twice: {names:?}");
         Target {
             reactors,
             bdevs: BdevRegistry::new(cores),

@@ -24,16 +24,29 @@ pub struct LatencySample<'a> {
 /// What subsystems write their metrics through.
 pub struct MetricsOut<'a> {
     enc: DescriptorEncoder<'a>,
+    /// Families written so far: a name written twice makes Prometheus reject the whole scrape.
+    seen: std::collections::HashSet<String>,
 }
 
 impl<'a> MetricsOut<'a> {
     pub fn new(enc: DescriptorEncoder<'a>) -> Self {
-        MetricsOut { enc }
+        MetricsOut { enc, seen: Default::default() }
+    }
+
+    /// Whether family `name` may be written (first time); a second one is a bug, logged and
+    /// dropped so that the scrape stays valid.
+    fn first(&mut self, name: &str) -> bool {
+        let fresh = self.seen.insert(name.to_string());
+        if !fresh {
+            log::error!("metrics: family {name} written twice; the second one is dropped");
+            debug_assert!(false, "metrics family {name} written twice");
+        }
+        fresh
     }
 
     /// A counter family; `name` without the `_total` suffix (the encoder adds it).
     pub fn counter<V: EncodeCounterValue>(&mut self, name: &str, help: &str, samples: &[(Labels, V)]) -> fmt::Result {
-        if samples.is_empty() {
+        if samples.is_empty() || !self.first(name) {
             return Ok(());
         }
         let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -44,7 +57,7 @@ impl<'a> MetricsOut<'a> {
     }
 
     pub fn gauge(&mut self, name: &str, help: &str, samples: &[(Labels, f64)]) -> fmt::Result {
-        if samples.is_empty() {
+        if samples.is_empty() || !self.first(name) {
             return Ok(());
         }
         let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -56,7 +69,7 @@ impl<'a> MetricsOut<'a> {
 
     /// A latency histogram family in seconds.
     pub fn latency(&mut self, name: &str, help: &str, samples: &[(Labels, LatencySample<'_>)]) -> fmt::Result {
-        if samples.is_empty() {
+        if samples.is_empty() || !self.first(name) {
             return Ok(());
         }
         let mut m = self.enc.encode_descriptor(name, help, None, MetricType::Histogram)?;

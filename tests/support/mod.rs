@@ -232,3 +232,88 @@ pub fn have(cmd: &str) -> bool {
 pub fn tests_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))
 }
+
+/// Checks OpenMetrics text the way a scraper reads it: every family declared once, every
+/// sample under its family's declaration with a known suffix, well-formed labels, a numeric
+/// value, and `# EOF` last. Err names the first offending line.
+pub fn check_openmetrics(text: &str) -> Result<usize, String> {
+    let mut families = std::collections::HashMap::<String, String>::new();
+    let mut current: Option<(String, String)> = None;
+    let mut samples = 0;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        return Err("the text does not end with # EOF".into());
+    }
+    for (i, line) in lines[..lines.len() - 1].iter().enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {line}", i + 1);
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            match kw {
+                "TYPE" => {
+                    let ty = parts.next().unwrap_or("").to_string();
+                    if !["counter", "gauge", "histogram", "info", "summary", "unknown", "stateset", "gaugehistogram"].contains(&ty.as_str()) {
+                        return Err(at("unknown type"));
+                    }
+                    if families.insert(name.to_string(), ty.clone()).is_some() {
+                        return Err(at("family declared twice"));
+                    }
+                    current = Some((name.to_string(), ty));
+                }
+                "HELP" | "UNIT" => {}
+                "EOF" => return Err(at("# EOF before the end")),
+                _ => return Err(at("unknown comment")),
+            }
+            continue;
+        }
+        let (name_labels, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+        value.parse::<f64>().map_err(|_| at("value is not a number"))?;
+        let name = match name_labels.split_once('{') {
+            Some((n, labels)) => {
+                let body = labels.strip_suffix('}').ok_or_else(|| at("labels not closed"))?;
+                for pair in split_labels(body) {
+                    let (k, v) = pair.split_once('=').ok_or_else(|| at("label without ="))?;
+                    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || !(v.starts_with('"') && v.ends_with('"') && v.len() >= 2) {
+                        return Err(at("bad label"));
+                    }
+                }
+                n
+            }
+            None => name_labels,
+        };
+        let (family, ty) = current.as_ref().ok_or_else(|| at("sample before any # TYPE"))?;
+        let suffix = name.strip_prefix(family.as_str()).ok_or_else(|| at("sample outside its family"))?;
+        let allowed: &[&str] = match ty.as_str() {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            "info" => &["_info"],
+            _ => &[""],
+        };
+        if !allowed.contains(&suffix) {
+            return Err(at("suffix not allowed for the family's type"));
+        }
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+/// Splits `k="v",k2="v,2"` at the commas outside quotes.
+fn split_labels(body: &str) -> Vec<&str> {
+    let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < body.len() {
+        out.push(&body[start..]);
+    }
+    out
+}
