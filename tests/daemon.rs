@@ -172,29 +172,7 @@ fn save_config_round_trips_into_a_new_daemon() {
 
 #[test]
 fn metrics_of_every_subsystem_form_one_valid_scrape() {
-    // Every subsystem with something to report: bdevs, a CoW volume with a snapshot, a mirror,
-    // an NVMe/TCP and an iSCSI export, the backup service.
-    let d = Daemon::start(MINIMAL_CONFIG);
-    for (name, blocks) in [("base", 16384), ("store", 20480), ("a", 8192), ("b", 8192)] {
-        d.rpc("bdev_malloc_create", json!({"name": name, "num_blocks": blocks, "block_size": 512}));
-    }
-    d.rpc("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store", "grain_kb": 64}));
-    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "s1", "wait_sealed": true}));
-    d.rpc("bdev_raid_create", json!({"name": "m", "raid_level": "raid1", "base_bdevs": ["a", "b"]}));
-    let nqn = "nqn.2016-06.io.tidemark:metrics";
-    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
-    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
-    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "vol"}}));
-    d.rpc(
-        "nvmf_subsystem_add_listener",
-        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": free_port().to_string()}}),
-    );
-    d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": free_port().to_string()}]}));
-    d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
-    d.rpc(
-        "iscsi_create_target_node",
-        json!({"name": "metrics", "luns": [{"bdev_name": "m", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 8}),
-    );
+    let d = start_with_every_subsystem();
     let m = d.metrics();
     let samples = check_openmetrics(&m).unwrap_or_else(|e| panic!("{e}\n{m}"));
     assert!(samples > 100, "{samples} samples");

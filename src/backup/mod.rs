@@ -10,7 +10,7 @@ mod source;
 
 pub use job::Progress;
 
-use crate::metrics::{labels, MetricsOut};
+use crate::metrics::{labels, Labels, MetricsOut};
 use crate::target::{Subsystem, Target};
 use manifest::{Manifest, State};
 use serde::{Deserialize, Serialize};
@@ -185,7 +185,13 @@ impl Subsystem for BackupService {
         let mut done = Vec::new();
         let mut total = Vec::new();
         let mut running = 0.0;
+        // Jobs by state, every state always present so that alerts on `failed` see a series.
+        let states = [(State::InProgress, "in_progress"), (State::Complete, "complete"), (State::Failed, "failed"), (State::Cancelled, "cancelled")];
+        let mut by_state = [0.0f64; 4];
         for j in jobs.values() {
+            if let Some(i) = states.iter().position(|(s, _)| *s == j.record.state) {
+                by_state[i] += 1.0;
+            }
             let l =
                 labels(&[("job", &j.record.id), ("kind", if j.record.kind == JobKind::Backup { "backup" } else { "restore" }), ("source", &j.record.source)]);
             done.push((l.clone(), j.record.bytes_done));
@@ -196,7 +202,9 @@ impl Subsystem for BackupService {
         }
         out.counter("tidemark_backup_bytes_done", "Bytes copied by each backup or restore job.", &done)?;
         out.gauge("tidemark_backup_bytes_total", "Bytes each backup or restore job has to copy.", &total)?;
-        out.gauge("tidemark_backup_jobs_running", "Backup and restore jobs running now.", &[(vec![], running)])
+        out.gauge("tidemark_backup_jobs_running", "Backup and restore jobs running now.", &[(vec![], running)])?;
+        let by: Vec<(Labels, f64)> = states.iter().zip(by_state).map(|((_, n), c)| (labels(&[("state", n)]), c)).collect();
+        out.gauge("tidemark_backup_jobs", "Backup and restore jobs this daemon knows, by state (kept across restarts).", &by)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

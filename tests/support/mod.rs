@@ -317,3 +317,38 @@ fn split_labels(body: &str) -> Vec<&str> {
     }
     out
 }
+
+/// A daemon with something to report in every subsystem: bdevs, a CoW volume with a sealed
+/// snapshot `s1`, a mirror, an NVMe/TCP and an iSCSI export, and a finished backup job.
+pub fn start_with_every_subsystem() -> Daemon {
+    // Every subsystem with something to report: bdevs, a CoW volume with a snapshot, a mirror,
+    // an NVMe/TCP and an iSCSI export, the backup service.
+    let d = Daemon::start(MINIMAL_CONFIG);
+    for (name, blocks) in [("base", 16384), ("store", 20480), ("a", 8192), ("b", 8192)] {
+        d.rpc("bdev_malloc_create", json!({"name": name, "num_blocks": blocks, "block_size": 512}));
+    }
+    d.rpc("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store", "grain_kb": 64}));
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "s1", "wait_sealed": true}));
+    d.rpc("bdev_raid_create", json!({"name": "m", "raid_level": "raid1", "base_bdevs": ["a", "b"]}));
+    let nqn = "nqn.2016-06.io.tidemark:metrics";
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "vol"}}));
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": free_port().to_string()}}),
+    );
+    d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": free_port().to_string()}]}));
+    d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": "metrics", "luns": [{"bdev_name": "m", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 8}),
+    );
+    let job = d.rpc("backup_start", json!({"source": "s1", "path": "s1.img"}));
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.rpc("backup_get", json!({"id": id}))[0]["state"] == "in_progress" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d
+}

@@ -1,0 +1,127 @@
+//! The Grafana dashboard and the Prometheus alert rules in `config/monitoring/` use only metrics
+//! the daemon exports, with the labels it puts on them: checked against a real scrape of a
+//! daemon with every subsystem busy. A renamed metric breaks this test, not an on-call
+//! engineer's dashboard.
+
+mod support;
+
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use support::*;
+
+fn read(name: &str) -> String {
+    let path = format!("{}/config/monitoring/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Family name → (type, label names seen on its samples) from a scrape.
+fn families(scrape: &str) -> HashMap<String, (String, BTreeSet<String>)> {
+    let mut out: HashMap<String, (String, BTreeSet<String>)> = HashMap::new();
+    let mut current = String::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').expect("# TYPE name type");
+            out.insert(name.to_string(), (ty.to_string(), BTreeSet::new()));
+            current = name.to_string();
+        } else if !line.starts_with('#') {
+            if let Some((_, labels)) = line.split_once('{') {
+                let body = labels.rsplit_once('}').map_or("", |x| x.0);
+                let names = body.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, _)| k.to_string());
+                if let Some(f) = out.get_mut(&current) {
+                    f.1.extend(names.filter(|k| k != "le"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every `tidemark_*` series a PromQL text names, as (family, the text after it up to the
+/// expression's end) so that label matchers can be checked too.
+fn series(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("tidemark_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        out.push((tail[..end].to_string(), tail[end..].to_string()));
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Checks one PromQL expression against the scrape; returns the problems found.
+fn check_expr(expr: &str, fams: &HashMap<String, (String, BTreeSet<String>)>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, after) in series(expr) {
+        // Counter samples end in _total; histogram samples in _bucket/_sum/_count.
+        let (family, wanted) = [("_total", "counter"), ("_bucket", "histogram"), ("_sum", "histogram"), ("_count", "histogram")]
+            .iter()
+            .find_map(|(suffix, ty)| name.strip_suffix(suffix).filter(|f| fams.get(*f).is_some_and(|x| x.0 == *ty)).map(|f| (f.to_string(), Some(*ty))))
+            .unwrap_or((name.clone(), None));
+        let Some((ty, labels)) = fams.get(&family) else {
+            problems.push(format!("{name}: no such metric in the scrape"));
+            continue;
+        };
+        if wanted.is_none() && (ty == "counter" || ty == "histogram") {
+            problems.push(format!("{name}: a {ty} family is only exported with its suffixes"));
+        }
+        // Label matchers right after the name: {a="x",b=~"y"}.
+        if let Some(m) = after.strip_prefix('{') {
+            let body = &m[..m.find('}').unwrap_or(0)];
+            for matcher in body.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                let key: String = matcher.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                if key != "instance" && key != "job" && !labels.contains(&key) {
+                    problems.push(format!("{name}: label {key} not on its samples ({labels:?})"));
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn dashboard_and_alerts_use_only_exported_metrics_and_labels() {
+    let d = start_with_every_subsystem();
+    let scrape = d.metrics();
+    check_openmetrics(&scrape).unwrap_or_else(|e| panic!("{e}"));
+    let fams = families(&scrape);
+    let mut problems = Vec::new();
+
+    // The dashboard: valid JSON, every panel inside the 24-column grid, every query checked.
+    let dash: Value = serde_json::from_str(&read("grafana-dashboard.json")).expect("dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut queries = 0;
+    for p in panels {
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap_or(99), g["w"].as_u64().unwrap_or(99));
+        assert!(x + w <= 24, "panel {} leaves the grid", p["title"]);
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            queries += 1;
+            problems.extend(check_expr(expr, &fams).into_iter().map(|e| format!("dashboard {:?}: {e}", p["title"])));
+        }
+    }
+    assert!(queries >= 30, "{queries} queries");
+
+    // The alert rules: every `expr:` line checked; each rule has a name and a severity.
+    let rules = read("prometheus-alerts.yml");
+    let alerts = rules.lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
+    let exprs: Vec<&str> = rules.lines().filter_map(|l| l.trim_start().strip_prefix("expr:")).collect();
+    let severities = rules.lines().filter(|l| l.contains("severity:")).count();
+    assert!(alerts >= 10 && alerts == exprs.len() && alerts == severities, "{alerts} alerts, {} exprs, {severities} severities", exprs.len());
+    for e in exprs {
+        problems.extend(check_expr(e, &fams).into_iter().map(|p| format!("alert rule: {p}")));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_checker_catches_a_renamed_metric_and_a_wrong_label() {
+    let scrape = "# TYPE tidemark_bdev_ops counter\ntidemark_bdev_ops_total{bdev=\"a\",type=\"read\"} 1\n# EOF\n";
+    let fams = families(scrape);
+    assert!(check_expr("rate(tidemark_bdev_ops_total{bdev=\"a\"}[1m])", &fams).is_empty());
+    assert_eq!(check_expr("rate(tidemark_bdev_op_total[1m])", &fams).len(), 1);
+    assert_eq!(check_expr("rate(tidemark_bdev_ops_total{volume=\"a\"}[1m])", &fams).len(), 1);
+    assert_eq!(check_expr("tidemark_bdev_ops", &fams).len(), 1, "a counter without _total matches nothing");
+}
