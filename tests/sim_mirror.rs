@@ -90,6 +90,19 @@ struct Outcome {
     rebuilds_checked: u64,
 }
 
+impl Outcome {
+    fn add(&mut self, o: &Outcome) {
+        self.writes += o.writes;
+        self.reads += o.reads;
+        self.failures += o.failures;
+        self.splits += o.splits;
+        self.sealed_checked += o.sealed_checked;
+        self.rejoins += o.rejoins;
+        self.crashes += o.crashes;
+        self.rebuilds_checked += o.rebuilds_checked;
+    }
+}
+
 struct Sim {
     model: Model,
     failure: Option<String>,
@@ -699,66 +712,14 @@ fn run_seed(seed: u64) -> Result<Outcome, String> {
 
 #[test]
 fn mirror_simulation_seeds() {
-    if let Ok(s) = std::env::var("SEED") {
+    if std::env::var_os("SEED").is_some() {
         let _ = env_logger::builder().is_test(true).try_init();
-        let seed: u64 = s.parse().expect("SEED must be a number");
-        match run_seed(seed) {
-            Ok(out) => println!("seed {seed}: ok {out:?}"),
-            Err(e) => panic!("{e}"),
-        }
-        return;
     }
-    let count: u64 = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let start: u64 = std::env::var("SIM_SEED_START").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4) as u64;
-    let t0 = std::time::Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                let mut totals = Outcome::default();
-                let mut seed = start + t;
-                while seed < start + count {
-                    match run_seed(seed) {
-                        Ok(o) => {
-                            totals.writes += o.writes;
-                            totals.reads += o.reads;
-                            totals.failures += o.failures;
-                            totals.splits += o.splits;
-                            totals.sealed_checked += o.sealed_checked;
-                            totals.rejoins += o.rejoins;
-                            totals.crashes += o.crashes;
-                            totals.rebuilds_checked += o.rebuilds_checked;
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                    seed += threads;
-                }
-                (failures, totals)
-            })
-        })
-        .collect();
-    let mut failures = Vec::new();
-    let mut totals = Outcome::default();
-    for h in handles {
-        let (f, t) = h.join().expect("simulation thread panicked");
-        failures.extend(f);
-        totals.writes += t.writes;
-        totals.reads += t.reads;
-        totals.failures += t.failures;
-        totals.splits += t.splits;
-        totals.sealed_checked += t.sealed_checked;
-        totals.rejoins += t.rejoins;
-        totals.crashes += t.crashes;
-        totals.rebuilds_checked += t.rebuilds_checked;
-    }
-    println!("{count} seeds in {:?}: {totals:?}", t0.elapsed());
-    if !failures.is_empty() {
-        failures.sort();
-        panic!("{} of {count} seeds failed; first ones:\n{}", failures.len(), failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n"));
-    }
+    let r = tidemark::sim::seeds::run_seeds(2000, run_seed, Outcome::add);
+    r.assert_passed();
     // The runs must exercise what they claim to check.
+    let (t, count) = (&r.totals, r.count);
     if count >= 200 {
-        assert!(totals.splits > count / 10 && totals.failures > count / 10 && totals.crashes > count / 10 && totals.rejoins > count / 10, "{totals:?}");
+        assert!(t.splits > count / 10 && t.failures > count / 10 && t.crashes > count / 10 && t.rejoins > count / 10, "{t:?}");
     }
 }

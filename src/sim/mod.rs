@@ -13,6 +13,7 @@
 
 pub mod device;
 pub mod model;
+pub mod seeds;
 
 use crate::bdev::{BdevEntry, BdevRegistry, Channel};
 use crate::bdevs::snapshot::{CowVolume, OpenParams, SnapshotBdev};
@@ -81,6 +82,20 @@ pub struct SimOutcome {
     pub deletes: u64,
     pub crashes: u64,
     pub sealed_checked: u64,
+}
+
+impl SimOutcome {
+    /// Adds another run's counts (for [`seeds::run_seeds`]).
+    pub fn add(&mut self, o: &SimOutcome) {
+        self.steps += o.steps;
+        self.writes += o.writes;
+        self.reads += o.reads;
+        self.preserves += o.preserves;
+        self.freezes += o.freezes;
+        self.deletes += o.deletes;
+        self.crashes += o.crashes;
+        self.sealed_checked += o.sealed_checked;
+    }
 }
 
 /// State shared by the tasks of one run (one thread: `Rc<RefCell>` is enough).
