@@ -205,7 +205,13 @@ fn describe_job(j: &Job) -> Value {
     let r = &j.record;
     let secs = j.started.elapsed().as_secs_f64().max(1e-3);
     let running = r.state == State::InProgress;
-    let rate = if running { r.bytes_done as f64 / secs } else { 0.0 };
+    // Running: the rate so far. Ended: the job's average (whole seconds, from the record, so
+    // that it survives a restart).
+    let rate = match (running, r.finished_at) {
+        (true, _) => r.bytes_done as f64 / secs,
+        (false, Some(end)) => r.bytes_done as f64 / end.saturating_sub(r.started_at).max(1) as f64,
+        (false, None) => 0.0,
+    };
     let eta = if running && rate > 0.0 { Some(((r.bytes_total.saturating_sub(r.bytes_done)) as f64 / rate).ceil() as u64) } else { None };
     json!({
         "id": r.id, "kind": r.kind, "source": r.source, "path": r.path, "state": r.state, "error": r.error,
