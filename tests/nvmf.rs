@@ -288,6 +288,16 @@ fn bad_input_gets_the_protocols_errors_and_others_keep_working() {
     let mut fused = Qpair::rw_sqe(io_opc::READ, 1, 0, 8);
     fused.0[1] |= 1;
     assert_eq!(r(&mut q, fused, Payload::In(4096)), status(0, sc::INVALID_FIELD));
+    // The Error Information log lists the failures, newest first: the fused READ last.
+    let log = bad.get_log_page(0x01, 0, 64 * 64, 0, false).expect("error log");
+    let le16 = |o: usize| u16::from_le_bytes([log[o], log[o + 1]]);
+    let count = |e: usize| u64::from_le_bytes(log[e * 64..e * 64 + 8].try_into().unwrap());
+    assert_eq!(count(0), 9, "nine failed commands so far");
+    assert_eq!((count(1), count(8), count(9)), (8, 1, 0), "newest first, unused entries zero");
+    assert_eq!(le16(8), 1, "failed on I/O queue 1");
+    assert_eq!(Status::from_field(le16(12)), status(0, sc::INVALID_FIELD));
+    assert_eq!(Status::from_field(le16(8 * 64 + 12)), status(0, sc::LBA_OUT_OF_RANGE), "the oldest: the first out-of-range read");
+    assert_eq!(log[29], 3, "transport type TCP");
     // Admin errors.
     assert!(matches!(bad.get_log_page(0x42, 0, 512, 0, false), Err(Error::Status(s)) if (s.sct, s.sc) == (1, 0x09)));
     assert!(matches!(bad.identify(0x33, 0), Err(Error::Status(s)) if s.sc == sc::INVALID_FIELD));

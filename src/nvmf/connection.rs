@@ -701,7 +701,7 @@ impl Conn {
         };
         if !status.is_success() {
             if let Some(b) = self.binding() {
-                b.ctrl.record_error();
+                b.ctrl.record_error(cqe.sqid, cid, status);
             }
         }
         self.push(TxPdu { hdr: pdu::capsule_resp(&cqe, hdgst), data: TxData::None, ddgst: None });

@@ -51,6 +51,11 @@ pub const AEN_NS_CHANGED: u32 = (log::CHANGED_NS as u32) << 16 | 0x02;
 /// Async Event Configuration bit enabling namespace attribute notices.
 pub const AEC_NS_ATTR: u32 = 1 << 8;
 
+/// Bytes of one Error Information Log entry.
+const ERROR_ENTRY_LEN: usize = 64;
+/// Transport type of the entries (NVMe over Fabrics TRTYPE: TCP).
+const TRTYPE_TCP: u8 = 3;
+
 pub struct Controller {
     pub cntlid: u16,
     pub subsys: Arc<Subsystem>,
@@ -83,6 +88,8 @@ struct CtrlState {
     changed_ns: Vec<u32>,
     changed_overflow: bool,
     error_count: u64,
+    /// The newest Error Information Log entries, newest first (at most ELPE + 1).
+    error_log: VecDeque<[u8; ERROR_ENTRY_LEN]>,
 }
 
 /// CC fields.
@@ -129,6 +136,7 @@ impl Controller {
                 changed_ns: Vec::new(),
                 changed_overflow: false,
                 error_count: 0,
+                error_log: VecDeque::new(),
             }),
         }
     }
@@ -205,8 +213,22 @@ impl Controller {
         st.kato_ms > 0 && st.last_keep_alive.elapsed() > Duration::from_millis(st.kato_ms as u64 + 100 * identify::KAS_100MS as u64)
     }
 
-    pub fn record_error(&self) {
-        self.st().error_count += 1;
+    /// Counts a failed command and keeps its Error Information Log entry (NVMe base spec,
+    /// Get Log Page 01h), for `nvme error-log` on the host.
+    pub fn record_error(&self, sqid: u16, cid: u16, status: Status) {
+        let mut st = self.st();
+        st.error_count += 1;
+        let mut e = [0u8; ERROR_ENTRY_LEN];
+        e[0..8].copy_from_slice(&st.error_count.to_le_bytes());
+        e[8..10].copy_from_slice(&sqid.to_le_bytes());
+        e[10..12].copy_from_slice(&cid.to_le_bytes());
+        // Status field in bits 15:1, phase tag (bit 0) cleared.
+        e[12..14].copy_from_slice(&status.to_field().to_le_bytes());
+        // Parameter error location: not known here.
+        e[14..16].copy_from_slice(&0xFFFFu16.to_le_bytes());
+        e[29] = TRTYPE_TCP;
+        st.error_log.push_front(e);
+        st.error_log.truncate(identify::ELPE as usize + 1);
     }
 
     // --- asynchronous events ---
@@ -412,7 +434,15 @@ impl Controller {
         let page = match lid {
             log::DISCOVERY if disc => nvmf.discovery_log(&self.hostnqn),
             _ if disc => return AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::INVALID_LOG_PAGE)),
-            log::ERROR => vec![0u8; 64 * (identify::ELPE as usize + 1)],
+            log::ERROR => {
+                // Newest first; unused entries are zero (error count 0 marks them invalid).
+                let st = self.st();
+                let mut page = vec![0u8; ERROR_ENTRY_LEN * (identify::ELPE as usize + 1)];
+                for (slot, e) in page.chunks_exact_mut(ERROR_ENTRY_LEN).zip(st.error_log.iter()) {
+                    slot.copy_from_slice(e);
+                }
+                page
+            }
             log::SMART => {
                 let nsid = sqe.nsid();
                 let nss: Vec<Arc<Namespace>> = if nsid == 0 || nsid == NSID_ALL {
