@@ -55,28 +55,6 @@ impl Completions {
         }
         true
     }
-
-    /// Whether the future of slot `id` still waits (the completer may fill its buffers).
-    pub fn is_live(&self, id: usize) -> bool {
-        self.0 .0.borrow().get(id).is_some_and(|slot| !slot.orphaned)
-    }
-}
-
-/// Slot operations on the current core, for callers that do not keep a [`Completions`].
-pub struct CompletionSlot;
-
-impl CompletionSlot {
-    pub fn alloc() -> (usize, CompletionFuture) {
-        Completions::current().alloc()
-    }
-
-    pub fn complete(id: usize, result: IoResult) -> bool {
-        Completions::current().complete(id, result)
-    }
-
-    pub fn is_live(id: usize) -> bool {
-        Completions::current().is_live(id)
-    }
 }
 
 pub struct CompletionFuture {

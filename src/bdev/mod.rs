@@ -16,7 +16,7 @@ mod stats;
 pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, IoBuf, BUF_ALIGN};
 pub use channel::Channel;
-pub use completion::{CompletionFuture, CompletionSlot, Completions};
+pub use completion::{CompletionFuture, Completions};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use rpc::BdevSubsystem;
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
