@@ -17,7 +17,6 @@ use crate::reactor::{self, Poller};
 use identify::Identity;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use serde_json::{json, Value};
-use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -153,6 +152,9 @@ fn command(opcode: u8, nsid: u32, addr: u64, data_len: u32, cdw: [u32; 6]) -> [u
     c
 }
 
+/// The probe's user_data: never a completion slot (a late answer is skipped by the poller).
+const PROBE_USER_DATA: u64 = u64::MAX;
+
 /// Reads block 0 once through a fixed buffer, synchronously, to learn whether the kernel
 /// accepts fixed buffers for passthrough commands (Linux 6.2+). Runs once per core, at channel
 /// creation.
@@ -162,7 +164,7 @@ fn probe_fixed(ring: &mut IoUring<squeue::Entry128, cqueue::Entry32>, p: &Passth
         return false;
     }
     let cmd = command(OP_READ, p.ident.nsid, buf.as_mut_ptr() as u64, buf.len() as u32, [0, 0, 0, 0, 0, 0]);
-    let sqe = opcode::UringCmd80::new(types::Fixed(0), NVME_URING_CMD_IO).cmd(cmd).buf_index(Some(0)).build().user_data(u64::MAX);
+    let sqe = opcode::UringCmd80::new(types::Fixed(0), NVME_URING_CMD_IO).cmd(cmd).buf_index(Some(0)).build().user_data(PROBE_USER_DATA);
     // SAFETY: `buf` lives until the synchronous wait below returns its completion.
     if unsafe { ring.submission().push(&sqe) }.is_err() {
         return false;
@@ -193,10 +195,6 @@ fn completion_result(res: i32) -> IoResult {
     }
 }
 
-struct Op {
-    slot: usize,
-}
-
 struct PassthruChannel {
     ring: RefCell<IoUring<squeue::Entry128, cqueue::Entry32>>,
     mode: Completion,
@@ -205,7 +203,8 @@ struct PassthruChannel {
     /// Blocks per Read/Write command (MDTS and NLB limits).
     max_blocks: u64,
     fixed: Option<(usize, usize)>,
-    ops: RefCell<Slab<Op>>,
+    /// Commands the kernel has not answered yet; each one's user_data is its completion slot.
+    in_flight: Cell<usize>,
     unsubmitted: Cell<u32>,
     offline: Arc<AtomicBool>,
     eventfd: Option<OwnedFd>,
@@ -254,7 +253,7 @@ impl PassthruChannel {
             block_size: p.ident.block_size as u64,
             max_blocks: mdts_blocks.min(MAX_NLB),
             fixed,
-            ops: RefCell::new(Slab::with_capacity(64)),
+            in_flight: Cell::new(0),
             unsubmitted: Cell::new(0),
             offline: p.offline.clone(),
             eventfd,
@@ -276,25 +275,24 @@ impl PassthruChannel {
         if self.offline.load(Ordering::Relaxed) {
             return Some(IoFuture::ready(Err(BdevError::Offline)));
         }
-        if self.ops.borrow().len() >= MAX_IN_FLIGHT {
+        if self.in_flight.get() >= MAX_IN_FLIGHT {
             return None;
         }
         let (slot, fut) = self.completions.alloc();
-        let op = self.ops.borrow_mut().insert(Op { slot });
         let mut e = opcode::UringCmd80::new(types::Fixed(0), cmd_op).cmd(cmd);
         if fixed {
             e = e.buf_index(Some(0));
         }
-        let sqe = e.build().user_data(op as u64);
+        let sqe = e.build().user_data(slot as u64);
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the data buffers named by the command belong to the I/O future, which is
         // polled to completion (or waits for it when dropped).
         let pushed = unsafe { ring.submission().push(&sqe).is_ok() || (ring.submit().is_ok() && ring.submission().push(&sqe).is_ok()) };
         if !pushed {
             drop(ring);
-            self.ops.borrow_mut().remove(op);
             self.completions.complete(slot, Err(BdevError::NoResources));
         } else {
+            self.in_flight.set(self.in_flight.get() + 1);
             self.unsubmitted.set(self.unsubmitted.get() + 1);
         }
         Some(IoFuture::Slot(fut))
@@ -344,7 +342,7 @@ impl Poller for PassthruChannel {
     fn poll(&self) -> usize {
         let mut ring = self.ring.borrow_mut();
         let mut work = 0;
-        let inflight = !self.ops.borrow().is_empty();
+        let inflight = self.in_flight.get() > 0;
         // An IOPOLL ring completes only when entered with GETEVENTS (submit() does that).
         if self.unsubmitted.get() > 0 || (self.mode == Completion::Polled && inflight) {
             if let Err(e) = ring.submit() {
@@ -368,18 +366,21 @@ impl Poller for PassthruChannel {
             }
             work += n;
             for &(ud, res) in &done[..n] {
-                let Some(op) = self.ops.borrow_mut().try_remove(ud as usize) else { continue };
+                if ud == PROBE_USER_DATA {
+                    continue;
+                }
+                self.in_flight.set(self.in_flight.get() - 1);
                 let r = completion_result(res);
                 if r == Err(BdevError::Offline) && !self.offline.swap(true, Ordering::SeqCst) {
                     log::error!("nvme namespace {} stopped answering: the bdev is offline", self.nsid);
                 }
-                self.completions.complete(op.slot, r);
+                self.completions.complete(ud as usize, r);
             }
         }
     }
 
     fn busy(&self) -> bool {
-        !self.ops.borrow().is_empty()
+        self.in_flight.get() > 0
     }
 
     fn needs_polling(&self) -> bool {

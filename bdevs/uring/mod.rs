@@ -9,7 +9,6 @@ use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, 
 use crate::reactor::{self, Poller};
 use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
-use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::IoSliceMut;
@@ -145,9 +144,11 @@ impl UringBdev {
     }
 }
 
-struct Op {
-    slot: usize,
-    expected: u32,
+/// An SQE's user_data: the completion slot in the low half, the bytes the operation must
+/// transfer (0: any) in the high half, so that a completion needs no lookup of its own.
+fn user_data(slot: usize, expected: u32) -> u64 {
+    debug_assert!(slot <= u32::MAX as usize, "completion slot {slot} does not fit user_data");
+    (expected as u64) << 32 | slot as u64
 }
 
 /// Registers the current core's buffer pool as fixed buffer 0 of a ring; returns the region
@@ -193,7 +194,8 @@ struct UringChannel {
     block_device: bool,
     /// The core's buffer pool, registered as fixed buffer 0 (if registration worked).
     fixed: Option<(usize, usize)>,
-    ops: RefCell<Slab<Op>>,
+    /// Operations the kernel has not answered yet.
+    in_flight: Cell<usize>,
     unsubmitted: Cell<u32>,
     eventfd: Option<OwnedFd>,
     poller_id: Cell<Option<u64>>,
@@ -217,7 +219,7 @@ impl UringChannel {
             mem_align: b.mem_align,
             block_device: b.block_device,
             fixed,
-            ops: RefCell::new(Slab::with_capacity(64)),
+            in_flight: Cell::new(0),
             unsubmitted: Cell::new(0),
             eventfd,
             poller_id: Cell::new(None),
@@ -240,12 +242,11 @@ impl UringChannel {
     /// Queues one SQE; the poller submits the batch. Returns the completion future, or None
     /// when the ring is at its limit.
     fn push(&self, build: impl FnOnce() -> io_uring::squeue::Entry, expected: u32) -> Option<IoFuture<'static>> {
-        if self.ops.borrow().len() >= MAX_IN_FLIGHT {
+        if self.in_flight.get() >= MAX_IN_FLIGHT {
             return None;
         }
         let (slot, fut) = self.completions.alloc();
-        let op = self.ops.borrow_mut().insert(Op { slot, expected });
-        let sqe = build().user_data(op as u64);
+        let sqe = build().user_data(user_data(slot, expected));
         let mut ring = self.ring.borrow_mut();
         // SAFETY: buffers referenced by the SQE belong to the I/O future, which is polled to
         // completion (or waits for the completion in its drop).
@@ -256,12 +257,12 @@ impl UringChannel {
                 self.unsubmitted.set(0);
                 if ring.submission().push(&sqe).is_err() {
                     drop(ring);
-                    self.ops.borrow_mut().remove(op);
                     self.completions.complete(slot, Err(BdevError::NoResources));
                     return Some(IoFuture::Slot(fut));
                 }
             }
         }
+        self.in_flight.set(self.in_flight.get() + 1);
         self.unsubmitted.set(self.unsubmitted.get() + 1);
         Some(IoFuture::Slot(fut))
     }
@@ -320,26 +321,24 @@ impl Poller for UringChannel {
             }
             work += n;
             for &(ud, res) in &done[..n] {
-                let Some(op) = self.ops.borrow_mut().try_remove(ud as usize) else {
-                    log::error!("io_uring completion for unknown op {ud}");
-                    continue;
-                };
+                self.in_flight.set(self.in_flight.get() - 1);
+                let (slot, expected) = ((ud & 0xFFFF_FFFF) as usize, (ud >> 32) as u32);
                 let r: IoResult = if res < 0 {
                     Err(BdevError::Os(-res))
-                } else if op.expected != 0 && (res as u32) < op.expected {
+                } else if expected != 0 && (res as u32) < expected {
                     // Short transfers happen only at end of file: the file shrank under us.
                     Err(BdevError::Os(libc::EIO))
                 } else {
                     Ok(())
                 };
-                self.completions.complete(op.slot, r);
+                self.completions.complete(slot, r);
             }
         }
         work
     }
 
     fn busy(&self) -> bool {
-        !self.ops.borrow().is_empty()
+        self.in_flight.get() > 0
     }
 }
 
