@@ -15,6 +15,9 @@ use tidemark::bdev::{Channel, IoBuf};
 use tidemark::config::Config;
 use tidemark::reactor::{self, PollMode};
 
+#[path = "workload.rs"]
+mod workload;
+
 #[derive(Parser)]
 #[command(name = "bdevperf", about = "tidemark in-process bdev benchmark")]
 struct Args {
@@ -27,21 +30,8 @@ struct Args {
     /// Bdev to drive.
     #[arg(short = 'b', long, default_value = "Malloc0")]
     bdev: String,
-    /// Queue depth per core.
-    #[arg(short = 'q', long, default_value_t = 32)]
-    queue_depth: usize,
-    /// I/O size in bytes.
-    #[arg(short = 'o', long, default_value_t = 4096)]
-    io_size: usize,
-    /// randread, randwrite, randrw, read, write, verify (write a pattern, read it back, compare).
-    #[arg(short = 'w', long, default_value = "randread")]
-    workload: String,
-    /// Percentage of reads in randrw.
-    #[arg(short = 'M', long, default_value_t = 50)]
-    rwmixread: u32,
-    /// Seconds to run.
-    #[arg(short = 't', long, default_value_t = 10)]
-    time: u64,
+    #[command(flatten)]
+    w: workload::Workload,
     /// Reactor core mask; every core runs one job.
     #[arg(short = 'm', long, default_value = "0x1")]
     cpumask: String,
@@ -72,16 +62,13 @@ struct JobResult {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let a = Args::parse();
-    let (pattern, read_pct) = match a.workload.as_str() {
-        "randread" => (Pattern::Random, 100),
-        "randwrite" => (Pattern::Random, 0),
-        "randrw" | "rw" => (Pattern::Random, a.rwmixread.min(100)),
-        "read" => (Pattern::Sequential, 100),
-        "write" => (Pattern::Sequential, 0),
-        "verify" => (Pattern::Verify, 0),
-        other => fail(&format!("unknown workload {other}")),
+    let (pattern, read_pct) = match a.w.mix() {
+        Some((true, pct)) => (Pattern::Random, pct),
+        Some((false, pct)) => (Pattern::Sequential, pct),
+        None if a.w.workload == "verify" => (Pattern::Verify, 0),
+        None => fail(&format!("unknown workload {}", a.w.workload)),
     };
-    if a.queue_depth == 0 || a.queue_depth > 1024 {
+    if a.w.queue_depth == 0 || a.w.queue_depth > 1024 {
         fail("queue depth must be 1..=1024");
     }
     let mut cfg = match &a.config {
@@ -109,17 +96,17 @@ fn main() {
     }
     let entry = target.bdevs.get(&a.bdev).unwrap_or_else(|| fail(&format!("no bdev named {}", a.bdev)));
     let bs = entry.bdev().block_size() as usize;
-    if a.io_size == 0 || a.io_size % bs != 0 {
+    if a.w.io_size == 0 || a.w.io_size % bs != 0 {
         fail(&format!("I/O size must be a multiple of the block size {bs}"));
     }
-    let blocks_per_io = (a.io_size / bs) as u64;
+    let blocks_per_io = (a.w.io_size / bs) as u64;
     let slots = entry.bdev().num_blocks() / blocks_per_io;
     if slots == 0 {
         fail("the bdev is smaller than one I/O");
     }
     let cores = target.reactors.core_count();
     let h = target.reactors.clone();
-    let (qd, io_size, secs) = (a.queue_depth, a.io_size, a.time);
+    let (qd, io_size, secs) = (a.w.queue_depth, a.w.io_size, a.w.time);
     let handles: Vec<_> = (0..cores)
         .map(|core| {
             let entry = entry.clone();
@@ -145,11 +132,11 @@ fn main() {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"bdev": a.bdev, "workload": a.workload, "queue_depth": qd, "io_size": io_size, "cores": cores, "iops": iops, "mib_s": mibs,
+            serde_json::json!({"bdev": a.bdev, "workload": a.w.workload, "queue_depth": qd, "io_size": io_size, "cores": cores, "iops": iops, "mib_s": mibs,
                 "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": total.hist.max() as f64 / 1000.0, "errors": total.errors})
         );
     } else {
-        println!("bdev {} workload {} qd {} io {} cores {} time {}s", a.bdev, a.workload, qd, io_size, cores, secs);
+        println!("bdev {} workload {} qd {} io {} cores {} time {}s", a.bdev, a.w.workload, qd, io_size, cores, secs);
         println!(
             "IOPS {:.0}  MiB/s {:.1}  latency us: p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  errors {}",
             iops,

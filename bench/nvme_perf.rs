@@ -13,27 +13,17 @@ use std::time::{Duration, Instant};
 use tidemark::nvmf::initiator::{Completion, Controller, Payload, Qpair, QpairOptions, TransportId};
 use tidemark::nvmf::spec::io_opc;
 
+#[path = "workload.rs"]
+mod workload;
+
 #[derive(Parser)]
 #[command(name = "nvme_perf", about = "NVMe/TCP benchmark with tidemark's initiator")]
 struct Args {
     /// Transport ID: 'trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:NQN'.
     #[arg(short = 'r', long = "transport-id")]
     trid: String,
-    /// Queue depth per core.
-    #[arg(short = 'q', long, default_value_t = 32)]
-    queue_depth: usize,
-    /// I/O size in bytes.
-    #[arg(short = 'o', long, default_value_t = 4096)]
-    io_size: usize,
-    /// randread, randwrite, randrw, read, write.
-    #[arg(short = 'w', long, default_value = "randread")]
-    workload: String,
-    /// Percentage of reads in randrw.
-    #[arg(short = 'M', long, default_value_t = 50)]
-    rwmixread: u32,
-    /// Seconds to run.
-    #[arg(short = 't', long, default_value_t = 10)]
-    time: u64,
+    #[command(flatten)]
+    w: workload::Workload,
     /// Core mask of the initiator threads (one queue pair each).
     #[arg(short = 'c', long, default_value = "0x1")]
     cpumask: String,
@@ -82,15 +72,8 @@ fn main() {
     let a = Args::parse();
     let trid = TransportId::parse(&a.trid).unwrap_or_else(|e| fail(&format!("-r: {e}")));
     let addr = trid.socket_addr().unwrap_or_else(|e| fail(&e));
-    let (random, read_pct) = match a.workload.as_str() {
-        "randread" => (true, 100),
-        "randwrite" => (true, 0),
-        "randrw" | "rw" => (true, a.rwmixread.min(100)),
-        "read" => (false, 100),
-        "write" => (false, 0),
-        other => fail(&format!("unknown workload {other}")),
-    };
-    if a.queue_depth == 0 || a.queue_depth > 4095 {
+    let (random, read_pct) = a.w.mix().unwrap_or_else(|| fail(&format!("unknown workload {}", a.w.workload)));
+    if a.w.queue_depth == 0 || a.w.queue_depth > 4095 {
         fail("-q must be between 1 and 4095");
     }
     let cpus = tidemark::reactor::parse_cpumask(&a.cpumask).unwrap_or_else(|e| fail(&e));
@@ -104,32 +87,32 @@ fn main() {
         fail(&format!("namespace {} is not active", a.nsid));
     }
     let bs = ns.block_size as usize;
-    if a.io_size == 0 || a.io_size % bs != 0 {
+    if a.w.io_size == 0 || a.w.io_size % bs != 0 {
         fail(&format!("-o must be a multiple of the block size {bs}"));
     }
     let max = (1usize << (12 + ctrl.id.mdts as u32)).min(1 << 20);
-    if ctrl.id.mdts != 0 && a.io_size > max {
+    if ctrl.id.mdts != 0 && a.w.io_size > max {
         fail(&format!("-o is above the controller's transfer limit of {max} bytes"));
     }
     let granted = ctrl.set_queue_count(cpus.len() as u16).unwrap_or_else(|e| fail(&format!("set number of queues: {e}")));
     if (granted as usize) < cpus.len() {
         fail(&format!("the controller granted {granted} I/O queues for {} cores", cpus.len()));
     }
-    let qsize = (a.queue_depth + 1).max(2) as u16;
-    let nlb = (a.io_size / bs) as u32;
+    let qsize = (a.w.queue_depth + 1).max(2) as u16;
+    let nlb = (a.w.io_size / bs) as u32;
     let slots = ns.nsze / nlb as u64;
     let mut queues = Vec::new();
     for i in 0..cpus.len() {
         queues.push(ctrl.connect_io(i as u16 + 1, qsize).unwrap_or_else(|e| fail(&format!("connect I/O queue {}: {e}", i + 1))));
     }
-    let dur = Duration::from_secs(a.time);
+    let dur = Duration::from_secs(a.w.time);
     let start = Instant::now();
     let handles: Vec<_> = queues
         .into_iter()
         .zip(cpus.iter().copied())
         .enumerate()
         .map(|(i, (q, cpu))| {
-            let (qd, io_size, nsid) = (a.queue_depth, a.io_size, a.nsid);
+            let (qd, io_size, nsid) = (a.w.queue_depth, a.w.io_size, a.nsid);
             std::thread::spawn(move || {
                 if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                     eprintln!("nvme_perf: could not pin to CPU {cpu}");
@@ -139,7 +122,7 @@ fn main() {
         })
         .collect();
     let results: Vec<ThreadResult> = handles.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a worker thread panicked"))).collect();
-    let secs = start.elapsed().as_secs_f64().min(a.time as f64).max(1e-9);
+    let secs = start.elapsed().as_secs_f64().min(a.w.time as f64).max(1e-9);
     let _ = ctrl.shutdown();
 
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
@@ -150,20 +133,20 @@ fn main() {
         hist.add(&r.hist).expect("same histogram bounds");
     }
     let iops = ops as f64 / secs;
-    let mibs = iops * a.io_size as f64 / (1 << 20) as f64;
+    let mibs = iops * a.w.io_size as f64 / (1 << 20) as f64;
     let us = |v: u64| v as f64 / 1000.0;
     if a.json {
         println!(
             "{}",
             serde_json::json!({
-                "workload": a.workload, "queue_depth": a.queue_depth, "io_size": a.io_size, "cores": cpus.len(),
+                "workload": a.w.workload, "queue_depth": a.w.queue_depth, "io_size": a.w.io_size, "cores": cpus.len(),
                 "iops": iops, "mib_s": mibs, "errors": errors,
                 "avg_us": hist.mean() / 1000.0, "min_us": us(hist.min()), "max_us": us(hist.max()),
                 "p50_us": us(hist.value_at_quantile(0.5)), "p99_us": us(hist.value_at_quantile(0.99)), "p999_us": us(hist.value_at_quantile(0.999)),
             })
         );
     } else {
-        println!("{} qd {} io {} on {} core(s), {:.1}s, {}", a.workload, a.queue_depth, a.io_size, cpus.len(), secs, trid.subnqn);
+        println!("{} qd {} io {} on {} core(s), {:.1}s, {}", a.w.workload, a.w.queue_depth, a.w.io_size, cpus.len(), secs, trid.subnqn);
         println!("{:<12} {:>12} {:>10} {:>10} {:>10} {:>10}", "", "IOPS", "MiB/s", "avg us", "min us", "max us");
         for (i, r) in results.iter().enumerate() {
             let ri = r.ops as f64 / secs;
@@ -171,7 +154,7 @@ fn main() {
                 "{:<12} {:>12.0} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                 format!("core {}", cpus[i]),
                 ri,
-                ri * a.io_size as f64 / (1 << 20) as f64,
+                ri * a.w.io_size as f64 / (1 << 20) as f64,
                 r.hist.mean() / 1000.0,
                 us(r.hist.min()),
                 us(r.hist.max())
