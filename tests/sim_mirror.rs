@@ -201,6 +201,21 @@ fn step(cores: &ManualCores, rng: &mut ChaCha8Rng) -> Result<(), String> {
 }
 
 impl World {
+    /// Prints every leg's block tags and the mirror's state (replaying a failing seed).
+    fn dump(&self, data_blocks: u64) {
+        for (i, d) in self.devs.iter().enumerate() {
+            let img = d.current_image();
+            let tags: Vec<u64> = (0..data_blocks)
+                .map(|b| {
+                    let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize;
+                    u64::from_le_bytes(img[o..o + 8].try_into().expect("8-byte tag"))
+                })
+                .collect();
+            eprintln!("leg {i}: {tags:?}");
+        }
+        eprintln!("{:?}", self.mirror.status());
+    }
+
     fn start(cfg: &Cfg, rng: &mut ChaCha8Rng, images: &[Vec<u8>], sh: &Sh, steps: &mut u64) -> Result<World, String> {
         let cores = ManualCores::new(cfg.cores);
         let reg = Rc::new(BdevRegistry::new(cfg.cores));
@@ -596,17 +611,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         });
         if let Some(f) = sh.borrow().failure.clone() {
             if std::env::var("SEED").is_ok() {
-                for (i, d) in world.devs.iter().enumerate() {
-                    let img = d.current_image();
-                    let tags: Vec<u64> = (0..cfg.data_blocks)
-                        .map(|b| {
-                            let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize;
-                            u64::from_le_bytes(img[o..o + 8].try_into().expect("8"))
-                        })
-                        .collect();
-                    eprintln!("leg {i}: {tags:?}");
-                }
-                eprintln!("{:?}", world.mirror.status());
+                world.dump(cfg.data_blocks);
             }
             return Err(f);
         }
@@ -684,16 +689,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         world.run_until(&sh, &mut rng, &mut steps, || *done.borrow())?;
         if let Some(f) = sh.borrow().failure.clone() {
             if std::env::var("SEED").is_ok() {
-                for (i, d) in world.devs.iter().enumerate() {
-                    let img = d.current_image();
-                    let tags: Vec<u64> = (0..cfg.data_blocks)
-                        .map(|b| {
-                            let o = ((DATA_OFFSET + b) * SIM_BLOCK as u64) as usize;
-                            u64::from_le_bytes(img[o..o + 8].try_into().unwrap())
-                        })
-                        .collect();
-                    eprintln!("leg {i}: {tags:?}");
-                }
+                world.dump(cfg.data_blocks);
             }
             return Err(f);
         }
