@@ -170,21 +170,12 @@ mod tests {
     use crate::bdev::{BdevRegistry, Channel};
     use crate::reactor::ManualCores;
 
-    fn block_on<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
-        let out = Rc::new(std::cell::RefCell::new(None));
-        let o = out.clone();
-        cores.enter(0, || crate::reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
-        cores.run_until_idle();
-        let v = out.borrow_mut().take();
-        v.expect("future did not finish")
-    }
-
     #[test]
     fn write_read_zero_and_range_checks() {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let e = reg.register(Arc::new(MallocBdev::new("m0", 4096, 512, None).unwrap())).unwrap();
-        let r = block_on(&cores, async move {
+        let r = cores.block_on(0, async move {
             let ch = Channel::get(&e).unwrap();
             let data: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
             ch.write_buf(100, &data).await.unwrap();

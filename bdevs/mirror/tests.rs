@@ -45,18 +45,7 @@ impl Rig {
     /// Runs `f` on `core` to completion, moving simulated time to the next timer whenever the
     /// cores are idle.
     fn run_on<T: 'static>(&self, core: usize, f: impl Future<Output = T> + 'static) -> T {
-        let out = Rc::new(RefCell::new(None));
-        let o = out.clone();
-        self.cores.enter(core, || crate::reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
-        for _ in 0..1_000_000 {
-            self.cores.run_until_idle();
-            if let Some(v) = out.borrow_mut().take() {
-                return v;
-            }
-            let next = self.cores.next_timer().expect("the future waits for nothing: deadlock");
-            self.cores.advance_to(next.max(self.cores.now_ns()));
-        }
-        panic!("the future did not finish");
+        self.cores.block_on(core, f)
     }
 
     fn run<T: 'static>(&self, f: impl Future<Output = T> + 'static) -> T {

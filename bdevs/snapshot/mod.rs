@@ -858,22 +858,6 @@ mod tests {
     use crate::bdevs::malloc::MallocBdev;
     use crate::reactor::ManualCores;
 
-    fn block_on<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
-        let out = Rc::new(std::cell::RefCell::new(None));
-        let o = out.clone();
-        cores.enter(0, || reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
-        loop {
-            cores.run_until_idle();
-            if out.borrow().is_some() {
-                break;
-            }
-            let t = cores.next_timer().expect("the future waits for nothing");
-            cores.advance_to(t);
-        }
-        let v = out.borrow_mut().take();
-        v.expect("finished")
-    }
-
     /// A volume of 16 grains of 4 KiB over RAM, with a store of `slots` slots.
     fn volume(cores: &ManualCores, reg: &BdevRegistry, slots: u64) -> Arc<BdevEntry> {
         let base = reg.register(Arc::new(MallocBdev::new("b", 128, 512, None).unwrap())).unwrap();
@@ -888,7 +872,7 @@ mod tests {
             cores: 1,
             lock_region_grains: None,
         };
-        let (vol, snaps) = block_on(cores, async move { CowVolume::open(p).await.unwrap() });
+        let (vol, snaps) = cores.block_on(0, async move { CowVolume::open(p).await.unwrap() });
         assert!(snaps.is_empty());
         reg.register(Arc::new(vol)).unwrap()
     }
@@ -917,7 +901,7 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let e = volume(&cores, &reg, 64);
         let e2 = e.clone();
-        block_on(&cores, async move {
+        cores.block_on(0, async move {
             write(e2.clone(), 0, 1).await;
             snap(e2.clone(), "s1").await;
             write(e2.clone(), 2, 2).await;
@@ -941,7 +925,7 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let e = volume(&cores, &reg, 3);
         let e2 = e.clone();
-        let sb = block_on(&cores, async move {
+        let sb = cores.block_on(0, async move {
             let sb = snap(e2.clone(), "s1").await;
             for g in 0..6 {
                 write(e2.clone(), g, 9).await;
@@ -952,7 +936,7 @@ mod tests {
         assert_eq!(cow(&e).stats().snapshots, [0, 0, 1]);
         // The live volume took every write.
         let e3 = e.clone();
-        let data = block_on(&cores, async move {
+        let data = cores.block_on(0, async move {
             let ch = Channel::get(&e3).unwrap();
             let mut b = vec![0u8; 6 * 4096];
             ch.read_buf(0, &mut b).await.unwrap();
@@ -963,7 +947,7 @@ mod tests {
         }
         // The failed snapshot reads as a media error and can be deleted, freeing its slots.
         let e4 = e.clone();
-        block_on(&cores, async move { cow(&e4).remove_snapshot("s1").await.unwrap() });
+        cores.block_on(0, async move { cow(&e4).remove_snapshot("s1").await.unwrap() });
         assert_eq!(cow(&e).used_slots(), 0);
         assert!(cow(&e).snapshot_infos().is_empty());
     }

@@ -312,6 +312,23 @@ impl ManualCores {
         self.cores[i].enter(f)
     }
 
+    /// Runs `f` on core `core` to completion: steps every core, and whenever all are idle
+    /// moves simulated time to the next timer. Panics if the future waits for nothing (a
+    /// deadlock).
+    pub fn block_on<T: 'static>(&self, core: usize, f: impl std::future::Future<Output = T> + 'static) -> T {
+        let out = Rc::new(std::cell::RefCell::new(None));
+        let o = out.clone();
+        self.enter(core, || super::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
+        loop {
+            self.run_until_idle();
+            if let Some(v) = out.borrow_mut().take() {
+                return v;
+            }
+            let next = self.next_timer().expect("the future waits for nothing: deadlock");
+            self.advance_to(next.max(self.now_ns()));
+        }
+    }
+
     /// Runs every core round-robin until none has work; returns the steps taken.
     pub fn run_until_idle(&self) -> usize {
         let mut steps = 0;

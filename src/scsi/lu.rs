@@ -698,15 +698,6 @@ mod tests {
     use crate::reactor::{self, ManualCores};
     use std::rc::Rc;
 
-    fn run<T: 'static>(cores: &ManualCores, f: impl std::future::Future<Output = T> + 'static) -> T {
-        let out = Rc::new(RefCell::new(None));
-        let o = out.clone();
-        cores.enter(0, || reactor::spawn_detached(async move { *o.borrow_mut() = Some(f.await) }));
-        cores.run_until_idle();
-        let v = out.borrow_mut().take();
-        v.expect("future did not finish")
-    }
-
     fn unit(reg: &BdevRegistry) -> Arc<LogicalUnit> {
         let e = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
         Arc::new(LogicalUnit::new(e, 1))
@@ -727,7 +718,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        run(&cores, async move {
+        cores.block_on(0, async move {
             let nx = lu.nexus().unwrap();
             let data = vec![0xABu8; 1024];
             exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 4, 0, 0, 2, 0], &data).await.unwrap();
@@ -784,7 +775,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        run(&cores, async move {
+        cores.block_on(0, async move {
             let a = lu.nexus().unwrap();
             let b = lu.nexus().unwrap();
             lu.reset(&a);
@@ -802,7 +793,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        run(&cores, async move {
+        cores.block_on(0, async move {
             let nx = lu.nexus().unwrap();
             exec(&lu, &nx, &[0x41, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[7u8; 512]).await.unwrap();
             let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[]).await.unwrap();
@@ -830,7 +821,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        run(&cores, async move {
+        cores.block_on(0, async move {
             let a = lu.nexus().unwrap();
             let b = lu.nexus().unwrap();
             let tur = [0u8, 0, 0, 0, 0, 0];
@@ -855,7 +846,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        run(&cores, async move {
+        cores.block_on(0, async move {
             let nx = lu.nexus().unwrap();
             exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[0x0Fu8; 512]).await.unwrap();
             let mut c = [0u8; 16];
