@@ -174,7 +174,7 @@ fn save_config_round_trips_into_a_new_daemon() {
 fn metrics_of_every_subsystem_form_one_valid_scrape() {
     let d = start_with_every_subsystem();
     let m = d.metrics();
-    let samples = check_openmetrics(&m).unwrap_or_else(|e| panic!("{e}\n{m}"));
+    let samples = check_openmetrics(&m).unwrap_or_else(|e| panic!("{e}\n{m}")).samples;
     assert!(samples > 100, "{samples} samples");
     for family in [
         "tidemark_bdev_write_latency_seconds",

@@ -14,27 +14,7 @@ fn read(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Family name → (type, label names seen on its samples) from a scrape.
-fn families(scrape: &str) -> HashMap<String, (String, BTreeSet<String>)> {
-    let mut out: HashMap<String, (String, BTreeSet<String>)> = HashMap::new();
-    let mut current = String::new();
-    for line in scrape.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, ty) = rest.split_once(' ').expect("# TYPE name type");
-            out.insert(name.to_string(), (ty.to_string(), BTreeSet::new()));
-            current = name.to_string();
-        } else if !line.starts_with('#') {
-            if let Some((_, labels)) = line.split_once('{') {
-                let body = labels.rsplit_once('}').map_or("", |x| x.0);
-                let names = body.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, _)| k.to_string());
-                if let Some(f) = out.get_mut(&current) {
-                    f.1.extend(names.filter(|k| k != "le"));
-                }
-            }
-        }
-    }
-    out
-}
+type Families = HashMap<String, (String, BTreeSet<String>)>;
 
 /// Every `tidemark_*` series a PromQL text names, as (family, the text after it up to the
 /// expression's end) so that label matchers can be checked too.
@@ -51,7 +31,7 @@ fn series(expr: &str) -> Vec<(String, String)> {
 }
 
 /// Checks one PromQL expression against the scrape; returns the problems found.
-fn check_expr(expr: &str, fams: &HashMap<String, (String, BTreeSet<String>)>) -> Vec<String> {
+fn check_expr(expr: &str, fams: &Families) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, after) in series(expr) {
         // Counter samples end in _total; histogram samples in _bucket/_sum/_count.
@@ -84,8 +64,7 @@ fn check_expr(expr: &str, fams: &HashMap<String, (String, BTreeSet<String>)>) ->
 fn dashboard_and_alerts_use_only_exported_metrics_and_labels() {
     let d = start_with_every_subsystem();
     let scrape = d.metrics();
-    check_openmetrics(&scrape).unwrap_or_else(|e| panic!("{e}"));
-    let fams = families(&scrape);
+    let fams = check_openmetrics(&scrape).unwrap_or_else(|e| panic!("{e}")).families;
     let mut problems = Vec::new();
 
     // The dashboard: valid JSON, every panel inside the 24-column grid, every query checked.
@@ -119,7 +98,7 @@ fn dashboard_and_alerts_use_only_exported_metrics_and_labels() {
 #[test]
 fn the_checker_catches_a_renamed_metric_and_a_wrong_label() {
     let scrape = "# TYPE tidemark_bdev_ops counter\ntidemark_bdev_ops_total{bdev=\"a\",type=\"read\"} 1\n# EOF\n";
-    let fams = families(scrape);
+    let fams = check_openmetrics(scrape).expect("valid scrape").families;
     assert!(check_expr("rate(tidemark_bdev_ops_total{bdev=\"a\"}[1m])", &fams).is_empty());
     assert_eq!(check_expr("rate(tidemark_bdev_op_total[1m])", &fams).len(), 1);
     assert_eq!(check_expr("rate(tidemark_bdev_ops_total{volume=\"a\"}[1m])", &fams).len(), 1);

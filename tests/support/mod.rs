@@ -233,11 +233,18 @@ pub fn tests_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))
 }
 
+/// What a valid scrape holds: the number of samples, and per family its type and the label
+/// names its samples carry (`le` included).
+pub struct Scrape {
+    pub samples: usize,
+    pub families: std::collections::HashMap<String, (String, std::collections::BTreeSet<String>)>,
+}
+
 /// Checks OpenMetrics text the way a scraper reads it: every family declared once, every
 /// sample under its family's declaration with a known suffix, well-formed labels, a numeric
 /// value, and `# EOF` last. Err names the first offending line.
-pub fn check_openmetrics(text: &str) -> Result<usize, String> {
-    let mut families = std::collections::HashMap::<String, String>::new();
+pub fn check_openmetrics(text: &str) -> Result<Scrape, String> {
+    let mut families = std::collections::HashMap::<String, (String, std::collections::BTreeSet<String>)>::new();
     let mut current: Option<(String, String)> = None;
     let mut samples = 0;
     let lines: Vec<&str> = text.lines().collect();
@@ -255,7 +262,7 @@ pub fn check_openmetrics(text: &str) -> Result<usize, String> {
                     if !["counter", "gauge", "histogram", "info", "summary", "unknown", "stateset", "gaugehistogram"].contains(&ty.as_str()) {
                         return Err(at("unknown type"));
                     }
-                    if families.insert(name.to_string(), ty.clone()).is_some() {
+                    if families.insert(name.to_string(), (ty.clone(), Default::default())).is_some() {
                         return Err(at("family declared twice"));
                     }
                     current = Some((name.to_string(), ty));
@@ -268,6 +275,7 @@ pub fn check_openmetrics(text: &str) -> Result<usize, String> {
         }
         let (name_labels, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
         value.parse::<f64>().map_err(|_| at("value is not a number"))?;
+        let mut label_names = Vec::new();
         let name = match name_labels.split_once('{') {
             Some((n, labels)) => {
                 let body = labels.strip_suffix('}').ok_or_else(|| at("labels not closed"))?;
@@ -276,6 +284,7 @@ pub fn check_openmetrics(text: &str) -> Result<usize, String> {
                     if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || !(v.starts_with('"') && v.ends_with('"') && v.len() >= 2) {
                         return Err(at("bad label"));
                     }
+                    label_names.push(k.to_string());
                 }
                 n
             }
@@ -292,9 +301,12 @@ pub fn check_openmetrics(text: &str) -> Result<usize, String> {
         if !allowed.contains(&suffix) {
             return Err(at("suffix not allowed for the family's type"));
         }
+        if let Some(f) = families.get_mut(family.as_str()) {
+            f.1.extend(label_names);
+        }
         samples += 1;
     }
-    Ok(samples)
+    Ok(Scrape { samples, families })
 }
 
 /// Splits `k="v",k2="v,2"` at the commas outside quotes.
