@@ -12,15 +12,9 @@ use support::*;
 
 const VOL: &str = "iqn.2016-06.io.tidemark:vol0";
 
+/// The clients this test drives; false: skip (TIDEMARK_SKIP_ISCSI=1).
 fn tools() -> bool {
-    let missing: Vec<&str> = ["qemu-io", "qemu-img", "timeout"].into_iter().filter(|c| !have(c)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TIDEMARK_SKIP_ISCSI").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_ISCSI=1 to skip)");
+    require_tools(&["qemu-io", "qemu-img", "timeout"], "TIDEMARK_SKIP_ISCSI")
 }
 
 fn run(args: &[&str]) -> (bool, String) {

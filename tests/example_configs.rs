@@ -18,17 +18,9 @@ fn example(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn tools(names: &[&str]) -> bool {
-    let missing: Vec<&&str> =
-        names.iter().filter(|n| Command::new("sh").args(["-c", &format!("command -v {n}")]).output().map_or(true, |o| !o.status.success())).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var_os("TIDEMARK_SKIP_ISCSI").is_some() {
-        eprintln!("skipping the iSCSI part: {missing:?} missing and TIDEMARK_SKIP_ISCSI is set");
-        return false;
-    }
-    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_ISCSI=1)");
+/// The clients this test drives; false: skip (TIDEMARK_SKIP_ISCSI=1).
+fn tools(cmds: &[&str]) -> bool {
+    require_tools(cmds, "TIDEMARK_SKIP_ISCSI")
 }
 
 #[test]

@@ -18,17 +18,9 @@ use support::*;
 const TARGET: &str = "iqn.2016-06.io.tidemark:t0";
 const INITIATOR: &str = "iqn.2024-01.test:initiator";
 
-/// Checks that the tools are installed; false means "skip" (only with TIDEMARK_SKIP_ISCSI=1).
+/// The clients this test drives; false: skip (TIDEMARK_SKIP_ISCSI=1).
 pub fn tools(cmds: &[&str]) -> bool {
-    let missing: Vec<&&str> = cmds.iter().filter(|c| !have(c)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TIDEMARK_SKIP_ISCSI").as_deref() == Ok("1") {
-        eprintln!("skipping: {missing:?} missing and TIDEMARK_SKIP_ISCSI=1");
-        return false;
-    }
-    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_ISCSI=1 to skip)");
+    require_tools(cmds, "TIDEMARK_SKIP_ISCSI")
 }
 
 /// A daemon exporting a malloc bdev `m0` (`blocks` x 512) as LUN 0 of [`TARGET`].

@@ -17,16 +17,9 @@ use support::*;
 const TARGET: &str = "iqn.2016-06.io.tidemark:mirror";
 const IMAGE_TARGET: &str = "iqn.2016-06.io.tidemark:image";
 
+/// The clients this test drives; false: skip (TIDEMARK_SKIP_MIRROR=1).
 fn tools(cmds: &[&str]) -> bool {
-    let missing: Vec<&&str> = cmds.iter().filter(|c| !have(c)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TIDEMARK_SKIP_MIRROR").as_deref() == Ok("1") {
-        eprintln!("skipping: {missing:?} missing and TIDEMARK_SKIP_MIRROR=1");
-        return false;
-    }
-    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_MIRROR=1 to skip)");
+    require_tools(cmds, "TIDEMARK_SKIP_MIRROR")
 }
 
 fn raid(d: &Daemon, name: &str) -> Value {

@@ -17,16 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
+/// The clients this test drives; false: skip (TIDEMARK_SKIP_PRESERVE=1).
 fn tools(cmds: &[&str]) -> bool {
-    let missing: Vec<&&str> = cmds.iter().filter(|c| !have(c)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TIDEMARK_SKIP_PRESERVE").as_deref() == Ok("1") {
-        eprintln!("skipping: {missing:?} missing and TIDEMARK_SKIP_PRESERVE=1");
-        return false;
-    }
-    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set TIDEMARK_SKIP_PRESERVE=1 to skip)");
+    require_tools(cmds, "TIDEMARK_SKIP_PRESERVE")
 }
 
 const MIB: u64 = 1 << 20;

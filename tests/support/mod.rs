@@ -228,6 +228,21 @@ pub fn have(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().map(|s| s.success()).unwrap_or(false)
 }
 
+/// Whether the clients a test drives are installed (by tests/iscsi/deps.sh). Missing ones fail
+/// the test, naming the script, unless `skip_var=1` says to skip this area on purpose (false:
+/// skip).
+pub fn require_tools(cmds: &[&str], skip_var: &str) -> bool {
+    let missing: Vec<&&str> = cmds.iter().filter(|c| !have(c)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var(skip_var).as_deref() == Ok("1") {
+        eprintln!("skipping: {missing:?} missing and {skip_var}=1");
+        return false;
+    }
+    panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set {skip_var}=1 to skip)");
+}
+
 /// Path of a file next to the test sources (`tests/...`).
 pub fn tests_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))
