@@ -102,6 +102,26 @@ impl Stats {
     }
 }
 
+/// Samples kept in chunks of fixed size: growing one vector of millions of samples would copy
+/// it on the reactor's thread, and that copy (tens of ms) showed up as host latency.
+#[derive(Default)]
+struct Samples(Vec<Vec<(u64, u64)>>);
+
+impl Samples {
+    const CHUNK: usize = 1 << 16;
+
+    fn push(&mut self, s: (u64, u64)) {
+        match self.0.last_mut() {
+            Some(c) if c.len() < Self::CHUNK => c.push(s),
+            _ => {
+                let mut c = Vec::with_capacity(Self::CHUNK);
+                c.push(s);
+                self.0.push(c);
+            }
+        }
+    }
+}
+
 /// Random writes at depth `qd` for `secs` (or over `grains` once each when given); returns
 /// (completion time since `t0` in ns, latency in ns) of every write.
 async fn write_job(
@@ -113,7 +133,7 @@ async fn write_job(
     stop: Arc<AtomicBool>,
     grains: Option<(Rc<Vec<u64>>, u64)>,
 ) -> Vec<(u64, u64)> {
-    let out = Rc::new(RefCell::new(Vec::with_capacity(1 << 20)));
+    let out = Rc::new(RefCell::new(Samples::default()));
     let next = Rc::new(std::cell::Cell::new(0usize));
     let mut tasks = Vec::new();
     for i in 0..qd {
@@ -154,7 +174,8 @@ async fn write_job(
     for t in tasks {
         t.await;
     }
-    Rc::try_unwrap(out).map(|r| r.into_inner()).unwrap_or_else(|_| fail("a task outlived the job"))
+    let chunks = Rc::try_unwrap(out).map(|r| r.into_inner()).unwrap_or_else(|_| fail("a task outlived the job"));
+    chunks.0.concat()
 }
 
 fn main() {

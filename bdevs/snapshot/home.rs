@@ -3,7 +3,7 @@
 //! the snapshot list (open/recover, preserve, seal, delete). Other cores reach it with
 //! `call_on`; nothing here is touched by another core.
 
-use super::layout::{self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE};
+use super::layout::{self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES};
 use super::table::ZeroMap;
 use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
 use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
@@ -34,20 +34,15 @@ pub struct OpenParams {
     pub lock_region_grains: Option<u32>,
 }
 
-/// A change of one slot record.
+/// A change of one slot record. The slot's piece bitmap is set by the writer (under the
+/// grain's lock, after the pieces' data is written) before it asks for the change.
 pub(crate) enum Update {
     /// Slot `slot` now holds grain `grain` for the snapshots of `mask`.
     Set { slot: u32, grain: u32, mask: u32 },
     /// The snapshots of `mask` no longer use slot `slot`.
     Clear { slot: u32, mask: u32 },
-}
-
-/// Where an old-epoch write's data goes (rule 2).
-#[derive(Debug)]
-pub(crate) enum Placement {
-    InPlace,
-    NewSlot(u32),
-    NoSpace,
+    /// Slot `slot` holds more pieces than its record on media says.
+    Pieces { slot: u32 },
 }
 
 struct Home {
@@ -85,6 +80,7 @@ impl Home {
 
     fn unused(&self, slot: u32) {
         debug_assert_eq!(self.v.records.at(slot as usize).load(Relaxed), 0, "an unused slot has no record");
+        self.v.pieces.at(slot as usize).store(0, SeqCst);
         self.free.borrow_mut().push(slot);
         self.v.stats.used_slots.fetch_sub(1, Relaxed);
     }
@@ -97,6 +93,10 @@ impl Home {
     fn set_record(&self, slot: u32, grain: u32, mask: u32) {
         let r = if mask == 0 { 0 } else { layout::record(grain, mask) };
         self.v.records.at(slot as usize).store(r, Relaxed);
+        if mask == 0 {
+            // A free slot holds no pieces: whoever takes it next sets its own.
+            self.v.pieces.at(slot as usize).store(0, SeqCst);
+        }
         self.dirty.borrow_mut().insert(slot as u64 / RECORDS_PER_PAGE);
     }
 
@@ -109,8 +109,12 @@ impl Home {
                     let r = self.v.records.at(slot as usize).load(Relaxed);
                     (slot, layout::record_grain(r), layout::record_mask(r) & !mask)
                 }
+                Update::Pieces { slot } => {
+                    self.dirty.borrow_mut().insert(slot as u64 / RECORDS_PER_PAGE);
+                    continue;
+                }
             };
-            log::trace!("{}: record slot {slot} := grain {grain} mask {mask:#x}", self.v.name);
+            log::trace!("{}: record slot {slot} := grain {grain} mask {mask:#x} pieces {:#x}", self.v.name, self.v.pieces.at(slot as usize).load(SeqCst));
             self.set_record(slot, grain, mask);
             if mask == 0 {
                 self.freed_pending.borrow_mut().push(slot);
@@ -125,17 +129,6 @@ impl Home {
         self.waiters.borrow_mut().push(tx);
         self.v.committer.wake();
         rx
-    }
-
-    fn place_update(&self, slot: u32, mask: u32) -> Placement {
-        let m = layout::record_mask(self.v.records.at(slot as usize).load(Relaxed));
-        if m & !mask & self.valid_mask() == 0 {
-            return Placement::InPlace;
-        }
-        match self.alloc() {
-            Some(s) => Placement::NewSlot(s),
-            None => Placement::NoSpace,
-        }
     }
 
     fn header(&self) -> Header {
@@ -165,6 +158,7 @@ impl Home {
             base_num_blocks: v.num_blocks,
             block_size: v.block_size,
             grain_blocks: v.grain_blocks() as u32,
+            piece_blocks: 1 << v.piece_shift,
             slot_count: v.geo.slot_count,
             snaps,
         }
@@ -176,7 +170,10 @@ impl Home {
             let slot = p * RECORDS_PER_PAGE + k;
             if slot < self.v.geo.slot_count as u64 {
                 let r = self.v.records.at(slot as usize).load(Relaxed);
-                b[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&r.to_le_bytes());
+                if r != 0 {
+                    let o = k as usize * RECORD_BYTES;
+                    b[o..o + RECORD_BYTES].copy_from_slice(&layout::encode_record(r, self.v.pieces.at(slot as usize).load(SeqCst)));
+                }
             }
         }
         b
@@ -272,11 +269,6 @@ pub(crate) async fn fail(v: &VolumeShared, mask: u32) {
     reactor::call_on(v.home, move || home_of(id).map(|h| h.mark_failed(mask))).await;
 }
 
-pub(crate) async fn place_update(v: &VolumeShared, slot: u32, mask: u32) -> Placement {
-    let id = v.id;
-    reactor::call_on(v.home, move || home_of(id).map(|h| h.place_update(slot, mask))).await.unwrap_or(Placement::NoSpace)
-}
-
 /// Applies record changes and waits until they are durable.
 pub(crate) async fn commit(v: &VolumeShared, updates: Vec<Update>) -> IoResult {
     let id = v.id;
@@ -327,6 +319,15 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
     let (header, fresh) = match found {
         Some(h) => (h, false),
         None => {
+            for copy in [&hb[..HEADER_BYTES], &hb[HEADER_BYTES..]] {
+                let version = u32::from_le_bytes(copy[8..12].try_into().expect("4 bytes"));
+                if copy[..8] == layout::MAGIC && version != layout::VERSION {
+                    return Err(invalid(
+                        &name,
+                        format!("store {} is in CoW store format {version}; this tidemark reads format {} only", store.name(), layout::VERSION),
+                    ));
+                }
+            }
             let ours = hb[..8] == layout::MAGIC || hb[HEADER_BYTES..HEADER_BYTES + 8] == layout::MAGIC || hb.iter().all(|&b| b == 0);
             if !ours {
                 return Err(invalid(
@@ -345,6 +346,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
                 base_num_blocks: num_blocks,
                 block_size,
                 grain_blocks: (grain_bytes / block_size as u64) as u32,
+                piece_blocks: layout::piece_blocks((grain_bytes / block_size as u64) as u32, block_size, store_bs as u32),
                 slot_count: geo.slot_count,
                 snaps: vec![SnapRecord::free(); MAX_SNAPSHOTS],
             };
@@ -367,6 +369,10 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         return Err(invalid(&name, format!("store {} has a damaged header (grain of {} blocks)", store.name(), header.grain_blocks)));
     }
     let grain_bytes = header.grain_blocks as u64 * block_size as u64;
+    let pb = header.piece_blocks;
+    if pb == 0 || !pb.is_power_of_two() || pb > header.grain_blocks || header.grain_blocks / pb > MAX_PIECES || (pb as u64 * block_size as u64) % store_bs != 0 {
+        return Err(invalid(&name, format!("store {} has a damaged header (pieces of {pb} blocks, store blocks of {store_bs} bytes)", store.name())));
+    }
     if let Some(kb) = p.grain_kb {
         if kb as u64 * 1024 != grain_bytes {
             return Err(invalid(&name, format!("store {} was formatted with grain_kb {}, not {kb}", store.name(), grain_bytes >> 10)));
@@ -426,6 +432,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         block_size,
         num_blocks,
         grain_shift,
+        piece_shift: pb.trailing_zeros(),
         num_grains,
         geo,
         store_bs,
@@ -436,6 +443,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         snaps,
         live: AtomicU32::new(live_mask),
         records: ZeroMap::new(header.slot_count as usize).map_err(|e| invalid(&name, e))?,
+        pieces: ZeroMap::new(header.slot_count as usize).map_err(|e| invalid(&name, e))?,
         closed: AtomicBool::new(false),
         committer: futures::task::AtomicWaker::new(),
         stats: CowStats::default(),
@@ -504,8 +512,8 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
             if slot >= v.geo.slot_count as u64 {
                 break;
             }
-            let o = (k * 8) as usize;
-            let r = u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
+            let o = k as usize * RECORD_BYTES;
+            let (r, pieces) = layout::decode_record(&buf[o..o + RECORD_BYTES]);
             if r == 0 {
                 continue;
             }
@@ -526,6 +534,7 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
             }
             let new = if m == 0 { 0 } else { layout::record(g, m) };
             v.records.at(slot as usize).store(new, Relaxed);
+            v.pieces.at(slot as usize).store(if new == 0 { 0 } else { pieces }, Relaxed);
             if new != r {
                 h.dirty.borrow_mut().insert(slot / RECORDS_PER_PAGE);
             }

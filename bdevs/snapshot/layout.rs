@@ -3,22 +3,30 @@
 //! ```text
 //! byte 0          header copy 0 (16 KiB)   } written alternately, each with a sequence number
 //! byte 16 KiB     header copy 1 (16 KiB)   } and a CRC32C; the valid copy with the higher wins
-//! byte 32 KiB     slot records: 8 bytes per slot (grain: u32, snapshot mask: u32), 4 KiB pages
-//! data_offset     slot data: one grain per slot
+//! byte 32 KiB     slot records: 16 bytes per slot (grain: u32, snapshot mask: u32,
+//!                 pieces: u16, zero: 6 bytes), 4 KiB pages
+//! data_offset     slot data: room for one grain per slot
 //! ```
-//! A slot record says "slot k holds the old content of grain g for the snapshots whose bits
-//! are set". A record is 8 bytes inside one 512-byte sector, so a torn page write leaves each
-//! record either old or new. Bits of snapshot indices that the header does not list as live
-//! are ignored (and cleared) when the store is opened.
+//! A slot record says "slot k holds the old content of the pieces of grain g whose bits are set
+//! in `pieces`, for the snapshots whose bits are set in `mask`". A grain is copied in *pieces*
+//! (a sixteenth of a grain, at least a block and a store block; the header records the size),
+//! each at its own offset inside the slot, so a 4 KiB first write copies 4 KiB, not the grain;
+//! the slot's other pieces hold nothing anyone reads. A record is 16 bytes inside one 512-byte
+//! sector, so a torn page write leaves each record either old or new. Bits of snapshot indices
+//! that the header does not list as live are ignored (and cleared) when the store is opened.
 
 use uuid::Uuid;
 
 pub const MAGIC: [u8; 8] = *b"TDMKCOW1";
-pub const VERSION: u32 = 1;
+/// Format 2: records of 16 bytes with a piece bitmap (format 1 copied whole grains).
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 16 << 10;
 pub const RECORDS_OFFSET: u64 = 2 * HEADER_BYTES as u64;
 pub const PAGE_BYTES: usize = 4096;
-pub const RECORDS_PER_PAGE: u64 = (PAGE_BYTES / 8) as u64;
+pub const RECORD_BYTES: usize = 16;
+pub const RECORDS_PER_PAGE: u64 = (PAGE_BYTES / RECORD_BYTES) as u64;
+/// Pieces per grain at most (one bit each in a record's piece bitmap).
+pub const MAX_PIECES: u32 = 16;
 /// Snapshot indices per volume (one bit each in a slot record's mask).
 pub const MAX_SNAPSHOTS: usize = 32;
 pub const MAX_NAME: usize = 255;
@@ -72,6 +80,8 @@ pub struct Header {
     pub base_num_blocks: u64,
     pub block_size: u32,
     pub grain_blocks: u32,
+    /// Blocks per piece: a power of two, dividing the grain into at most [`MAX_PIECES`].
+    pub piece_blocks: u32,
     pub slot_count: u32,
     pub snaps: Vec<SnapRecord>,
 }
@@ -88,7 +98,7 @@ impl Geometry {
     /// The largest slot count that fits `store_bytes` with grains of `grain_bytes`.
     pub fn fit(store_bytes: u64, grain_bytes: u64) -> Option<Geometry> {
         let room = store_bytes.checked_sub(RECORDS_OFFSET)?;
-        let mut n = (room / (grain_bytes + 8)).min(u32::MAX as u64 - 1);
+        let mut n = (room / (grain_bytes + RECORD_BYTES as u64)).min(u32::MAX as u64 - 1);
         loop {
             let g = Geometry::with_slots(grain_bytes, n as u32);
             if g.data_offset + n * grain_bytes <= store_bytes {
@@ -99,7 +109,7 @@ impl Geometry {
     }
 
     pub fn with_slots(grain_bytes: u64, slot_count: u32) -> Geometry {
-        let records = (slot_count as u64 * 8).div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64;
+        let records = (slot_count as u64 * RECORD_BYTES as u64).div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64;
         let data_offset = (RECORDS_OFFSET + records).div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64;
         Geometry { grain_bytes, slot_count, data_offset }
     }
@@ -113,6 +123,15 @@ impl Geometry {
     }
 }
 
+/// The piece size for a grain: a sixteenth of it, but at least a block and a store block (so
+/// that a piece is read and written whole on both devices).
+pub fn piece_blocks(grain_blocks: u32, block_size: u32, store_bs: u32) -> u32 {
+    let min_bytes = block_size.max(store_bs) as u64;
+    let blocks_for_min = min_bytes.div_ceil(block_size as u64) as u32;
+    (grain_blocks / MAX_PIECES).max(blocks_for_min).min(grain_blocks).max(1)
+}
+
+/// A slot record in RAM: grain and snapshot mask in one word (the piece bitmap lives beside it).
 pub fn record(grain: u32, mask: u32) -> u64 {
     grain as u64 | ((mask as u64) << 32)
 }
@@ -123,6 +142,18 @@ pub fn record_grain(r: u64) -> u32 {
 
 pub fn record_mask(r: u64) -> u32 {
     (r >> 32) as u32
+}
+
+/// A record as stored: the word of [`record`], the piece bitmap, zeros.
+pub fn encode_record(r: u64, pieces: u16) -> [u8; RECORD_BYTES] {
+    let mut b = [0u8; RECORD_BYTES];
+    b[0..8].copy_from_slice(&r.to_le_bytes());
+    b[8..10].copy_from_slice(&pieces.to_le_bytes());
+    b
+}
+
+pub fn decode_record(b: &[u8]) -> (u64, u16) {
+    (u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")), u16::from_le_bytes([b[8], b[9]]))
 }
 
 impl Header {
@@ -136,6 +167,7 @@ impl Header {
         b[48..52].copy_from_slice(&self.block_size.to_le_bytes());
         b[52..56].copy_from_slice(&self.grain_blocks.to_le_bytes());
         b[56..60].copy_from_slice(&self.slot_count.to_le_bytes());
+        b[60..64].copy_from_slice(&self.piece_blocks.to_le_bytes());
         for (i, s) in self.snaps.iter().take(MAX_SNAPSHOTS).enumerate() {
             let r = &mut b[SNAPS_AT + i * SNAP_REC..SNAPS_AT + (i + 1) * SNAP_REC];
             r[0] = s.state as u8;
@@ -190,6 +222,7 @@ impl Header {
             block_size: u32_at(48),
             grain_blocks: u32_at(52),
             slot_count: u32_at(56),
+            piece_blocks: u32_at(60),
             snaps,
         })
     }
@@ -208,7 +241,7 @@ mod tests {
     fn header_round_trips_and_detects_damage() {
         let mut snaps = vec![SnapRecord::free(); MAX_SNAPSHOTS];
         snaps[3] = SnapRecord { state: DiskState::Sealed, epoch: 7, created_ms: 1, seal_ns: 2, uuid: Uuid::new_v4(), name: "snap-a".into() };
-        let h = Header { seq: 9, uuid: Uuid::new_v4(), base_num_blocks: 1 << 21, block_size: 512, grain_blocks: 128, slot_count: 1000, snaps };
+        let h = Header { seq: 9, uuid: Uuid::new_v4(), base_num_blocks: 1 << 21, block_size: 512, grain_blocks: 128, piece_blocks: 8, slot_count: 1000, snaps };
         let mut b = h.encode();
         assert_eq!(Header::decode(&b), Some(h));
         b[5000] ^= 1;
@@ -225,5 +258,27 @@ mod tests {
         assert!(Geometry::fit(RECORDS_OFFSET, 4096).is_none());
         let tiny = Geometry::fit(RECORDS_OFFSET + 4096 * 3, 4096).unwrap();
         assert_eq!(tiny.slot_count, 2);
+    }
+
+    #[test]
+    fn pieces_are_a_sixteenth_of_a_grain_but_never_below_a_block() {
+        assert_eq!(piece_blocks(128, 512, 512), 8); // 64 KiB grain of 512 B blocks: 4 KiB pieces
+        assert_eq!(piece_blocks(16, 4096, 4096), 1); // 64 KiB grain of 4 KiB blocks
+        assert_eq!(piece_blocks(8, 512, 512), 1); // 4 KiB grain: 512 B pieces, 8 of them
+        assert_eq!(piece_blocks(8, 512, 4096), 8); // a 4 KiB store block: the grain is one piece
+        assert_eq!(piece_blocks(1, 4096, 512), 1);
+        for (g, bs, sbs) in [(128u32, 512u32, 512u32), (2048, 512, 4096), (256, 4096, 512), (8, 512, 1024)] {
+            let p = piece_blocks(g, bs, sbs);
+            assert!(g % p == 0 && g / p <= MAX_PIECES && (p * bs) % sbs == 0, "{g} {bs} {sbs} -> {p}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = record(77, 0x8000_0001);
+        let b = encode_record(r, 0xA5A5);
+        assert_eq!(decode_record(&b), (r, 0xA5A5));
+        assert_eq!(record_grain(r), 77);
+        assert_eq!(record_mask(r), 0x8000_0001);
     }
 }

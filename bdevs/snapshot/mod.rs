@@ -87,11 +87,11 @@ use crate::extent_lock::LockSpace;
 use crate::preserve::{EpochTracker, FreezeGate, Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::reactor;
 use crate::target::Target;
-use layout::{DiskState, Geometry, MAX_SNAPSHOTS};
+use layout::{DiskState, Geometry, MAX_PIECES, MAX_SNAPSHOTS};
 use serde_json::{json, Value};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::{Arc, Mutex, OnceLock};
 use table::ZeroMap;
 use uuid::Uuid;
@@ -140,6 +140,7 @@ impl SnapSlot {
 #[derive(Default)]
 struct CowStats {
     grains_copied: AtomicU64,
+    pieces_copied: AtomicU64,
     copy_latency: LatencyHistogram,
     seal_latency: LatencyHistogram,
     used_slots: AtomicU64,
@@ -156,6 +157,8 @@ pub(crate) struct VolumeShared {
     block_size: u32,
     num_blocks: u64,
     grain_shift: u32,
+    /// log2 of the blocks per piece (the unit a grain is copied in).
+    piece_shift: u32,
     num_grains: u64,
     geo: Geometry,
     store_bs: u64,
@@ -168,6 +171,10 @@ pub(crate) struct VolumeShared {
     live: AtomicU32,
     /// Slot records as the home core last set them (home core writes; stats read).
     records: ZeroMap<AtomicU64>,
+    /// Per slot: the pieces of its grain it holds, the same for every snapshot it serves. Set
+    /// by the writer holding the grain's lock once the pieces' data is in the slot (readers on
+    /// any core look here), cleared by the home core when the slot is freed.
+    pieces: ZeroMap<AtomicU16>,
     closed: AtomicBool,
     committer: futures::task::AtomicWaker,
     stats: CowStats,
@@ -182,6 +189,25 @@ impl VolumeShared {
     fn grain_range(&self, g: u64) -> (u64, u64) {
         let start = g << self.grain_shift;
         (start, self.grain_blocks().min(self.num_blocks - start))
+    }
+
+    /// The pieces of grain `g` that blocks `off..off + n` touch (the range meets the grain).
+    fn piece_mask(&self, g: u64, off: u64, n: u64) -> u16 {
+        let (gs, glen) = self.grain_range(g);
+        let (a, b) = (off.max(gs), (off + n).min(gs + glen));
+        debug_assert!(a < b, "blocks {off}+{n} miss grain {g}");
+        let p0 = (a - gs) >> self.piece_shift;
+        let p1 = (b - gs - 1) >> self.piece_shift;
+        ((1u32 << (p1 + 1)) - (1u32 << p0)) as u16
+    }
+
+    /// Blocks of pieces `p0..p1` of grain `g`: (first block, count), cut at the grain's end.
+    fn piece_span(&self, g: u64, p0: u32, p1: u32) -> (u64, u64) {
+        let (gs, glen) = self.grain_range(g);
+        let a = (p0 as u64) << self.piece_shift;
+        let b = ((p1 as u64) << self.piece_shift).min(glen);
+        debug_assert!(a < b, "pieces {p0}..{p1} beyond grain {g}");
+        (gs + a, b - a)
     }
 
     fn store_offset_blocks(&self, slot: u32, within_bytes: u64) -> u64 {
@@ -260,9 +286,10 @@ impl CowVolume {
         (0..MAX_SNAPSHOTS).filter(|&i| matches!(self.v.snaps[i].state.load(SeqCst), ST_DRAINING | ST_SEALED | ST_FAILED)).map(|i| self.v.info(i)).collect()
     }
 
-    /// Bytes of RAM the lookup tables hold (grain tables of every index, slot records).
+    /// Bytes of RAM the lookup tables hold (grain tables of every index, slot records and
+    /// piece bitmaps).
     pub fn table_bytes(&self) -> u64 {
-        self.v.snaps.iter().map(|s| s.grains.resident_bytes()).sum::<u64>() + self.v.records.resident_bytes()
+        self.v.snaps.iter().map(|s| s.grains.resident_bytes()).sum::<u64>() + self.v.records.resident_bytes() + self.v.pieces.resident_bytes()
     }
 
     /// Store slots in use.
@@ -301,6 +328,19 @@ struct CowChannel {
     v: Arc<VolumeShared>,
     base: Channel,
     store: Channel,
+}
+
+/// The runs of set bits of a piece bitmap, as `(first, end)` piece numbers.
+fn runs(mut m: u16) -> impl Iterator<Item = (u32, u32)> {
+    std::iter::from_fn(move || {
+        if m == 0 {
+            return None;
+        }
+        let p0 = m.trailing_zeros();
+        let len = (m >> p0).trailing_ones();
+        m &= !((((1u32 << len) - 1) << p0) as u16);
+        Some((p0, p0 + len))
+    })
 }
 
 /// Copies `len` bytes at byte `from` of the scattered buffers into one buffer.
@@ -359,57 +399,86 @@ impl CowChannel {
     /// Rules 1 and 2 for grain `g` (under its lock).
     async fn preserve_grain(&self, g: u64, epoch: u64, live: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
-        let mut copy = 0u32;
-        let mut updates: [(u32, u32); MAX_SNAPSHOTS] = [(0, 0); MAX_SNAPSHOTS];
-        let mut nupd = 0;
+        let touched = v.piece_mask(g, off, n);
+        // Snapshots the write is new for that have no entry yet, and per slot in use: the
+        // snapshots it serves that the write is new for, and those it belongs to.
+        let mut fresh = 0u32;
+        let mut slots: [(u32, u32, u32); MAX_SNAPSHOTS] = [(0, 0, 0); MAX_SNAPSHOTS];
+        let mut nslots = 0;
         for i in (0..MAX_SNAPSHOTS).filter(|i| live & (1 << i) != 0) {
             let s = &v.snaps[i];
             let se = s.epoch.load(SeqCst);
             let e = s.grains.at(g as usize).load(SeqCst);
-            if se < epoch && e == 0 {
-                copy |= 1 << i;
-            } else if se >= epoch && e != 0 {
-                let slot = e - 1;
-                match updates[..nupd].iter_mut().find(|(s, _)| *s == slot) {
-                    Some(u) => u.1 |= 1 << i,
-                    None => {
-                        updates[nupd] = (slot, 1 << i);
-                        nupd += 1;
-                    }
+            if e == 0 {
+                if se < epoch {
+                    fresh |= 1 << i;
+                }
+                continue;
+            }
+            let (older, newer) = if se < epoch { (1 << i, 0) } else { (0, 1 << i) };
+            match slots[..nslots].iter_mut().find(|x| x.0 == e - 1) {
+                Some(x) => {
+                    x.1 |= older;
+                    x.2 |= newer;
+                }
+                None => {
+                    slots[nslots] = (e - 1, older, newer);
+                    nslots += 1;
                 }
             }
         }
-        if copy != 0 {
-            self.copy_grain(g, copy).await?;
+        for &(slot, older, newer) in &slots[..nslots] {
+            let held = v.pieces.at(slot as usize).load(SeqCst);
+            if older != 0 && newer != 0 {
+                // The slot's images are about to differ: one keeps the old live data of the
+                // touched pieces, the other gets this write. Those it belongs to move out.
+                self.move_out(g, slot, newer, off, n, data).await?;
+            } else if newer != 0 && touched & held != 0 {
+                self.patch_copy(g, slot, off, n, data).await?;
+            }
+            let need = touched & !held;
+            if older != 0 && need != 0 {
+                self.extend_copy(g, slot, older, need).await?;
+            }
         }
-        for &(slot, mask) in &updates[..nupd] {
-            self.update_copy(g, slot, mask, off, n, data).await?;
+        if fresh != 0 {
+            self.copy_grain(g, fresh, touched).await?;
         }
         Ok(())
     }
 
-    /// Rule 1: copies `L[g]` into a new slot for the snapshots of `mask`.
-    async fn copy_grain(&self, g: u64, mask: u32) -> IoResult {
+    /// Copies pieces `pieces` of `L[g]` into slot `slot`, each at its place in the slot.
+    async fn copy_pieces(&self, g: u64, slot: u32, pieces: u16) -> IoResult {
+        let v = &self.v;
+        let bs = v.block_size as u64;
+        let gstart = g << v.grain_shift;
+        for (p0, p1) in runs(pieces) {
+            let (start, nb) = v.piece_span(g, p0, p1);
+            let bytes = (nb * bs) as usize;
+            // The last grain may end inside a store block: the slot has room for the rest.
+            let wlen = (bytes as u64).div_ceil(v.store_bs) * v.store_bs;
+            let mut buf = IoBuf::alloc(wlen as usize);
+            self.base.read_buf(start, &mut buf[..bytes]).await?;
+            self.store.write_buf(v.store_offset_blocks(slot, (start - gstart) * bs), &buf[..wlen as usize]).await?;
+        }
+        Ok(())
+    }
+
+    /// Rule 1, no entry yet: copies the touched pieces of `L[g]` into a new slot for the
+    /// snapshots of `mask`.
+    async fn copy_grain(&self, g: u64, mask: u32, pieces: u16) -> IoResult {
         let v = &self.v;
         let t0 = reactor::now_ns();
         let Some(slot) = home::alloc(v).await else {
             home::fail(v, mask).await;
             return Ok(());
         };
-        let (gstart, glen) = v.grain_range(g);
-        let bytes = (glen * v.block_size as u64) as usize;
-        let mut buf = IoBuf::alloc(v.geo.grain_bytes as usize);
-        let wlen = (bytes as u64).div_ceil(v.store_bs) * v.store_bs;
-        let r = async {
-            self.base.read_buf(gstart, &mut buf[..bytes]).await?;
-            self.store.write_buf(v.store_offset_blocks(slot, 0), &buf[..wlen as usize]).await
-        }
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = self.copy_pieces(g, slot, pieces).await {
             home::unused(v, slot).await;
             return Err(e);
         }
-        log::trace!("{}: grain {g} copied to slot {slot} for snapshots {mask:#x}", v.name);
+        log::trace!("{}: grain {g} pieces {pieces:#x} copied to slot {slot} for snapshots {mask:#x}", v.name);
+        v.pieces.at(slot as usize).store(pieces, SeqCst);
         for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
             v.snaps[i].grains.at(g as usize).store(slot + 1, SeqCst);
             v.snaps[i].entries.fetch_add(1, Relaxed);
@@ -423,13 +492,30 @@ impl CowChannel {
             return Err(e);
         }
         v.stats.grains_copied.fetch_add(1, Relaxed);
+        v.stats.pieces_copied.fetch_add(pieces.count_ones() as u64, Relaxed);
         v.stats.copy_latency.record(reactor::now_ns().saturating_sub(t0));
         Ok(())
     }
 
-    /// Rule 2: puts an old-epoch write's part of grain `g` into slot `slot`, the copy of the
-    /// snapshots of `mask`.
-    async fn update_copy(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
+    /// Rule 1, entry present: the slot serves only snapshots the write is new for (all with
+    /// the same image of the pieces it lacks, `L`'s): copies those pieces into it.
+    async fn extend_copy(&self, g: u64, slot: u32, mask: u32, need: u16) -> IoResult {
+        let v = &self.v;
+        let t0 = reactor::now_ns();
+        self.copy_pieces(g, slot, need).await?;
+        let held = v.pieces.at(slot as usize).fetch_or(need, SeqCst);
+        log::trace!("{}: grain {g} pieces {need:#x} added to slot {slot} (had {held:#x}) for snapshots {mask:#x}", v.name);
+        if let Err(e) = home::commit(v, vec![home::Update::Pieces { slot }]).await {
+            v.pieces.at(slot as usize).store(held, SeqCst);
+            return Err(e);
+        }
+        v.stats.pieces_copied.fetch_add(need.count_ones() as u64, Relaxed);
+        v.stats.copy_latency.record(reactor::now_ns().saturating_sub(t0));
+        Ok(())
+    }
+
+    /// The part of an old-epoch write that falls in grain `g`: (byte offset in the grain, data).
+    fn part_of(&self, g: u64, off: u64, n: u64, data: Data<'_, '_>) -> (usize, IoBuf) {
         let v = &self.v;
         let bs = v.block_size as u64;
         let (gstart, glen) = v.grain_range(g);
@@ -439,40 +525,58 @@ impl CowChannel {
             Data::Buf(bufs) => gather(bufs, ((ps - off) * bs) as usize, ((pe - ps) * bs) as usize),
             Data::Unmap | Data::Zeroes => IoBuf::zeroed(((pe - ps) * bs) as usize),
         };
-        let place = home::place_update(v, slot, mask).await;
-        log::trace!("{}: old-epoch write on grain {g} updates slot {slot} of snapshots {mask:#x}: {place:?}", v.name);
-        match place {
-            home::Placement::InPlace => self.patch_slot(slot, within, &part).await,
-            home::Placement::NoSpace => {
-                home::fail(v, mask).await;
-                Ok(())
-            }
-            home::Placement::NewSlot(new) => {
-                let gbytes = v.geo.grain_bytes as usize;
-                let mut buf = IoBuf::alloc(gbytes);
-                let r = async {
-                    self.store.read_buf(v.store_offset_blocks(slot, 0), &mut buf[..]).await?;
-                    buf[within..within + part.len()].copy_from_slice(&part);
-                    self.store.write_buf(v.store_offset_blocks(new, 0), &buf[..]).await
-                }
-                .await;
-                if let Err(e) = r {
-                    home::unused(v, new).await;
-                    return Err(e);
-                }
-                for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
-                    v.snaps[i].grains.at(g as usize).store(new + 1, SeqCst);
-                }
-                let ups = vec![home::Update::Set { slot: new, grain: g as u32, mask }, home::Update::Clear { slot, mask }];
-                if let Err(e) = home::commit(v, ups).await {
-                    for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
-                        v.snaps[i].grains.at(g as usize).store(slot + 1, SeqCst);
-                    }
-                    return Err(e);
-                }
-                Ok(())
-            }
+        (within, part)
+    }
+
+    /// Rule 2, the slot serves only images the write belongs to: the write goes into it too.
+    /// (Bytes outside the slot's pieces are read by nobody, so the whole part may go in.)
+    async fn patch_copy(&self, g: u64, slot: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
+        let (within, part) = self.part_of(g, off, n, data);
+        log::trace!("{}: old-epoch write on grain {g} patches slot {slot}", self.v.name);
+        self.patch_slot(slot, within, &part).await
+    }
+
+    /// Rule 2, the slot also serves older images: the snapshots of `mask` (those the write
+    /// belongs to) move to a new slot holding the same pieces with the write applied.
+    async fn move_out(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
+        let v = &self.v;
+        let Some(new) = home::alloc(v).await else {
+            home::fail(v, mask).await;
+            return Ok(());
+        };
+        let (within, part) = self.part_of(g, off, n, data);
+        let held = v.pieces.at(slot as usize).load(SeqCst);
+        let mut buf = IoBuf::alloc(v.geo.grain_bytes as usize);
+        let r = async {
+            self.store.read_buf(v.store_offset_blocks(slot, 0), &mut buf[..]).await?;
+            buf[within..within + part.len()].copy_from_slice(&part);
+            self.store.write_buf(v.store_offset_blocks(new, 0), &buf[..]).await
         }
+        .await;
+        if let Err(e) = r {
+            home::unused(v, new).await;
+            return Err(e);
+        }
+        log::trace!("{}: old-epoch write on grain {g} moves snapshots {mask:#x} from slot {slot} to {new}", v.name);
+        v.pieces.at(new as usize).store(held, SeqCst);
+        for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
+            v.snaps[i].grains.at(g as usize).store(new + 1, SeqCst);
+        }
+        // Two commits: while only the first is durable both slots claim the snapshots, and
+        // recovery keeps either (each is a valid image of a snapshot that was draining). One
+        // commit could tear between the record pages and leave the snapshots with neither.
+        let r = async {
+            home::commit(v, vec![home::Update::Set { slot: new, grain: g as u32, mask }]).await?;
+            home::commit(v, vec![home::Update::Clear { slot, mask }]).await
+        }
+        .await;
+        if let Err(e) = r {
+            for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
+                v.snaps[i].grains.at(g as usize).store(slot + 1, SeqCst);
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Writes `part` at byte `within` of slot `slot`, through a read-modify-write when it does
@@ -612,13 +716,14 @@ impl Preservable for CowVolume {
         if v.snaps[a].epoch.load(SeqCst) >= v.snaps[b].epoch.load(SeqCst) {
             return Err(PreserveError::Invalid(format!("snapshot {older} is not older than {newer}")));
         }
-        // A grain changed between the two points in time iff a write stamped between them
-        // executed on it. Such a write gave the older snapshot an entry, in a slot the newer
-        // one does not share (it copied before the newer existed, or split the shared slot by
-        // rule 2); writes after the newer point copy once for both (same slot), and grains
-        // never written since the older point have no entry in it.
-        let gbytes = v.grain_blocks() * v.block_size as u64;
-        let size = v.num_blocks * v.block_size as u64;
+        // A piece changed between the two points in time only if a write stamped between
+        // them executed on it. Such a write put the piece in the older snapshot's slot, one
+        // the newer snapshot never shares (the older had its entry before the newer existed,
+        // and entries only move apart); a slot both share holds only pieces copied after the
+        // newer point, and pieces never written since the older point are in no slot of it.
+        // So the older slot's pieces, where the two differ, cover every change (they may
+        // also hold pieces first written after the newer point: a superset is correct).
+        let bs = v.block_size as u64;
         let mut out: Vec<(u64, u64)> = Vec::new();
         for g in 0..v.num_grains {
             let ea = v.snaps[a].grains.at(g as usize).load(SeqCst);
@@ -626,11 +731,13 @@ impl Preservable for CowVolume {
             if ea == 0 || ea == eb {
                 continue;
             }
-            let off = g * gbytes;
-            let len = gbytes.min(size - off);
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == off => last.1 += len,
-                _ => out.push((off, len)),
+            for (p0, p1) in runs(v.pieces.at(ea as usize - 1).load(SeqCst)) {
+                let (start, nb) = v.piece_span(g, p0, p1);
+                let (off, len) = (start * bs, nb * bs);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == off => last.1 += len,
+                    _ => out.push((off, len)),
+                }
             }
         }
         Ok(out)
@@ -756,23 +863,53 @@ impl SnapChannel {
         Ok(())
     }
 
-    /// Reads blocks of grain `g` of snapshot `i` starting at `off`.
+    /// Reads blocks of grain `g` of snapshot `i` starting at `off`: the pieces its slot holds
+    /// from the slot, the others from the live image.
     async fn read_piece(&self, i: usize, g: u64, off: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
         let v = &self.v;
-        let entry = &v.snaps[i].grains.at(g as usize);
-        let e = entry.load(SeqCst);
-        if e == 0 {
-            self.base.read(off, bufs).await?;
-            // A copy published meanwhile means a new-epoch write may have changed the live
-            // grain under our read: read the copy instead (it is written before it is
-            // published, and the live write waits for the publication).
+        let bs = v.block_size as u64;
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let want = v.piece_mask(g, off, len / bs);
+        let entry = v.snaps[i].grains.at(g as usize);
+        let held_now = |e: u32| if e == 0 { 0 } else { v.pieces.at(e as usize - 1).load(SeqCst) & want };
+        let mut e = entry.load(SeqCst);
+        // Each retry follows a publication (an entry set or moved, pieces added), and a grain
+        // sees at most a few of them while we read: the bound only catches a bug.
+        for _ in 0..4 * MAX_PIECES {
+            let held = held_now(e);
+            if held == want {
+                // Slot data never changes while the slot serves a sealed image.
+                return self.read_slot(e - 1, g, off, bufs).await;
+            }
+            if held == 0 {
+                self.base.read(off, bufs).await?;
+            } else {
+                let mut bounce = IoBuf::alloc(len as usize);
+                self.base.read_buf(off, &mut bounce[..]).await?;
+                for (p0, p1) in runs(held) {
+                    let (ps, pn) = v.piece_span(g, p0, p1);
+                    let (a, b) = (ps.max(off), (ps + pn).min(off + len / bs));
+                    let part = &mut bounce[((a - off) * bs) as usize..((b - off) * bs) as usize];
+                    self.read_slot(e - 1, g, a, &mut [IoSliceMut::new(part)]).await?;
+                }
+                let mut pos = 0;
+                for b in bufs.iter_mut() {
+                    let l = b.len();
+                    b.copy_from_slice(&bounce[pos..pos + l]);
+                    pos += l;
+                }
+            }
+            // Pieces published meanwhile mean a new-epoch write may have changed the live
+            // image under our read: read again (a copy is written before it is published,
+            // and the live write waits for the publication).
             let e2 = entry.load(SeqCst);
-            if e2 == 0 {
+            if e2 == e && held_now(e2) == held {
                 return Ok(());
             }
-            return self.read_slot(e2 - 1, g, off, bufs).await;
+            e = e2;
         }
-        self.read_slot(e - 1, g, off, bufs).await
+        debug_assert!(false, "{}: grain {g} of snapshot index {i} kept changing under a read", v.name);
+        Err(BdevError::NoResources)
     }
 
     async fn read_slot(&self, slot: u32, g: u64, off: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
@@ -911,10 +1048,12 @@ mod tests {
             write(e2.clone(), 2, 3).await;
             snap(e2.clone(), "s3").await;
         });
-        let g = 4096u64;
-        assert_eq!(cow(&e).changed_ranges("s1", "s2").unwrap(), vec![(2 * g, 2 * g)]);
-        assert_eq!(cow(&e).changed_ranges("s2", "s3").unwrap(), vec![(2 * g, g), (5 * g, g)]);
-        assert_eq!(cow(&e).changed_ranges("s1", "s3").unwrap(), vec![(2 * g, 2 * g), (5 * g, g)]);
+        // Each write is one 512-byte block, one piece of its 4 KiB grain: only that piece
+        // counts as changed, not the grain.
+        let (g, b) = (4096u64, 512u64);
+        assert_eq!(cow(&e).changed_ranges("s1", "s2").unwrap(), vec![(2 * g, b), (3 * g, b)]);
+        assert_eq!(cow(&e).changed_ranges("s2", "s3").unwrap(), vec![(2 * g, b), (5 * g, b)]);
+        assert_eq!(cow(&e).changed_ranges("s1", "s3").unwrap(), vec![(2 * g, b), (3 * g, b), (5 * g, b)]);
         assert!(cow(&e).changed_ranges("s3", "s1").is_err());
         assert!(cow(&e).changed_ranges("s1", "nope").is_err());
     }

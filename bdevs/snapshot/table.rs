@@ -1,12 +1,13 @@
 //! Lookup tables in RAM: arrays of atomics on lazily backed anonymous memory, so a table costs
-//! only the pages its entries touch (4 bytes per grain entry, 8 per slot record) and can be
-//! cleared at once by giving its pages back to the kernel.
+//! only the pages its entries touch (4 bytes per grain entry, 8 per slot record, 2 per slot's
+//! piece bitmap) and can be cleared at once by giving its pages back to the kernel.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 
 /// An atomic type whose all-zero bit pattern is a valid zero value.
 pub trait ZeroAtomic: Send + Sync {}
+impl ZeroAtomic for AtomicU16 {}
 impl ZeroAtomic for AtomicU32 {}
 impl ZeroAtomic for AtomicU64 {}
 

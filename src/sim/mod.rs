@@ -67,7 +67,8 @@ impl SimConfig {
 
     fn store_bytes(&self) -> u64 {
         let slots = self.grains * (self.max_snapshots as u64 + 3) + 4;
-        crate::bdevs::snapshot::layout::RECORDS_OFFSET + 4096 * (slots * 8).div_ceil(4096) + 4096 + slots * self.grain_blocks * SIM_BLOCK as u64
+        use crate::bdevs::snapshot::layout::{RECORDS_OFFSET, RECORD_BYTES};
+        RECORDS_OFFSET + 4096 * (slots * RECORD_BYTES as u64).div_ceil(4096) + 4096 + slots * self.grain_blocks * SIM_BLOCK as u64
     }
 }
 
