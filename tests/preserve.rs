@@ -167,6 +167,7 @@ fn a_preserve_taken_while_qemu_io_writes_is_a_point_in_time_image() {
     let m = d.metrics();
     for name in [
         "tidemark_preserve_grains_copied_total{bdev=\"vol\"}",
+        "tidemark_preserve_copied_bytes_total{bdev=\"vol\"}",
         "tidemark_preserve_store_bytes_used{bdev=\"vol\"}",
         "tidemark_extent_lock_acquired_total{bdev=\"vol\"}",
         "tidemark_preserve_time_to_seal_seconds_count{bdev=\"vol\"} 1",

@@ -493,9 +493,9 @@ fn check_grain(name: &str, grain_kb: u32, block_size: u32, store_bs: u64) -> Res
 }
 
 /// Rebuilds the tables from the records and repairs what a crash left: bits of indices that
-/// are not live, entries beyond the volume, a grain claimed twice by one snapshot (a torn
-/// rule-2 commit: either copy is a valid image of that draining snapshot), snapshots that were
-/// draining (now sealed), deletions half done.
+/// are not live, entries beyond the volume, pieces beyond the grain, a grain claimed twice by
+/// one snapshot (a split cut between its two commits: either copy is a valid image of that
+/// draining snapshot), snapshots that were draining (now sealed), deletions half done.
 async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
     let v = &h.v;
     let pages = v.geo.record_pages();
@@ -534,8 +534,14 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
             }
             let new = if m == 0 { 0 } else { layout::record(g, m) };
             v.records.at(slot as usize).store(new, Relaxed);
-            v.pieces.at(slot as usize).store(if new == 0 { 0 } else { pieces }, Relaxed);
-            if new != r {
+            let kept = if new == 0 {
+                0
+            } else {
+                let (gs, glen) = v.grain_range(g as u64);
+                pieces & v.piece_mask(g as u64, gs, glen)
+            };
+            v.pieces.at(slot as usize).store(kept, Relaxed);
+            if new != r || kept != pieces {
                 h.dirty.borrow_mut().insert(slot / RECORDS_PER_PAGE);
             }
             if new != 0 {

@@ -212,8 +212,11 @@ pub type Buckets = ([u64; LATENCY_BUCKETS_US.len() + 1], u64);
 /// Preserve figures of one preservable bdev.
 #[derive(Debug, Default, Clone)]
 pub struct PreserveStats {
+    /// Grains given their first copy (a slot) for the snapshots that needed one.
     pub grains_copied: u64,
-    /// Latency of one copy-on-write (read old grain, write store, durable table entry).
+    /// Bytes read from the live image (or a slot) and written to the store.
+    pub copied_bytes: u64,
+    /// Latency of one copy-on-write (read the old pieces, write the store, durable table entry).
     pub copy_latency: Buckets,
     pub store_bytes_used: u64,
     pub store_bytes_total: u64,
@@ -278,11 +281,12 @@ impl Subsystem for PreserveSubsystem {
         let gauge = |f: &dyn Fn(&PreserveStats) -> u64| all.iter().map(|(n, _, s)| (l(n), f(s) as f64)).collect::<Vec<_>>();
         out.counter(
             "tidemark_preserve_grains_copied",
-            "Grains copied into the CoW store (one per grain, shared by every snapshot that needs it).",
+            "Grains given a slot in the CoW store (one per grain, shared by every snapshot that needs it); the grain's pieces are copied as writes touch them.",
             &counter(&|s| s.grains_copied),
         )?;
+        out.counter("tidemark_preserve_copied_bytes", "Bytes copied into the CoW store (old pieces of grains before their first overwrite).", &counter(&|s| s.copied_bytes))?;
         let copy: Vec<_> = all.iter().map(|(n, _, s)| (l(n), LatencySample { buckets: &s.copy_latency.0, sum_ns: s.copy_latency.1 })).collect();
-        out.latency("tidemark_preserve_cow_copy_latency_seconds", "Latency of one copy-on-write: old grain read, store write, durable table entry.", &copy)?;
+        out.latency("tidemark_preserve_cow_copy_latency_seconds", "Latency of one copy-on-write: old pieces read, store write, durable table entry.", &copy)?;
         out.gauge("tidemark_preserve_store_bytes_used", "Bytes of the CoW store holding copied grains.", &gauge(&|s| s.store_bytes_used))?;
         out.gauge("tidemark_preserve_store_bytes_total", "Bytes of the CoW store available for copied grains.", &gauge(&|s| s.store_bytes_total))?;
         out.gauge("tidemark_preserve_table_bytes", "Memory held by the CoW lookup tables.", &gauge(&|s| s.table_bytes))?;

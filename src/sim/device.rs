@@ -6,7 +6,8 @@
 //! once a flush submitted after its completion has completed. At a crash, each block holds its
 //! durable value or the value of any write to it that was not yet durable (completed or still
 //! in flight), chosen independently per block by the seed: writes may be torn and may reach
-//! media in any order, exactly the freedom a real cache has.
+//! media in any order, exactly the freedom a real cache has. The unit a crash keeps or tears is
+//! a 512-byte sector, whatever block size the device reports.
 
 use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
 use crate::reactor;
@@ -17,10 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
+/// The sector: the default block size, and the unit of the crash model.
 pub const SIM_BLOCK: u32 = 512;
 
 struct Pending {
     seq: u64,
+    /// In sectors.
     offset: u64,
     data: Vec<u8>,
     /// Order of completion (u64::MAX while in flight).
@@ -46,6 +49,7 @@ pub struct Latency {
 
 pub struct SimDevice {
     name: String,
+    block_size: u32,
     num_blocks: u64,
     latency: Latency,
     state: Arc<Mutex<DevState>>,
@@ -59,6 +63,7 @@ impl SimDevice {
         let num_blocks = (image.len() / SIM_BLOCK as usize) as u64;
         SimDevice {
             name: name.to_string(),
+            block_size: SIM_BLOCK,
             num_blocks,
             latency,
             state: Arc::new(Mutex::new(DevState {
@@ -72,6 +77,15 @@ impl SimDevice {
             })),
             submitted: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The same device reporting blocks of `bs` bytes (a multiple of the sector).
+    pub fn with_block_size(mut self, bs: u32) -> SimDevice {
+        let bytes = self.num_blocks * self.block_size as u64;
+        assert!(bs % SIM_BLOCK == 0 && bytes % bs as u64 == 0, "{bs}-byte blocks on a {bytes}-byte device");
+        self.block_size = bs;
+        self.num_blocks = bytes / bs as u64;
+        self
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, DevState> {
@@ -123,6 +137,7 @@ struct SimChannel {
 /// What channels share of the device (the bdev itself is not `Clone`).
 struct SimDeviceShared {
     state: Arc<Mutex<DevState>>,
+    block_size: u32,
     latency: Latency,
     submitted: Arc<AtomicU64>,
 }
@@ -172,7 +187,8 @@ impl IoChannel for SimChannel {
         let d = &self.dev;
         d.submitted.fetch_add(1, Relaxed);
         let done_at = reactor::now_ns() + d.latency();
-        let bs = SIM_BLOCK as usize;
+        let bs = d.block_size as usize;
+        let sector = |block: u64| block * (d.block_size / SIM_BLOCK) as u64;
         match io {
             Io::Read { offset_blocks, bufs, .. } => IoFuture::boxed(async move {
                 reactor::sleep_until(done_at).await;
@@ -193,14 +209,14 @@ impl IoChannel for SimChannel {
                 for b in bufs {
                     data.extend_from_slice(b);
                 }
-                let seq = d.begin_write(offset_blocks, data);
+                let seq = d.begin_write(sector(offset_blocks), data);
                 IoFuture::boxed(async move {
                     reactor::sleep_until(done_at).await;
                     d.complete_write(seq)
                 })
             }
             Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
-                let seq = d.begin_write(offset_blocks, vec![0u8; num_blocks as usize * bs]);
+                let seq = d.begin_write(sector(offset_blocks), vec![0u8; num_blocks as usize * bs]);
                 IoFuture::boxed(async move {
                     reactor::sleep_until(done_at).await;
                     d.complete_write(seq)
@@ -219,7 +235,7 @@ impl IoChannel for SimChannel {
                     let mut done: Vec<&Pending> = pending.iter().filter(|p| covered.contains(&p.seq)).collect();
                     done.sort_by_key(|p| p.completed);
                     for p in done {
-                        let o = p.offset as usize * bs;
+                        let o = p.offset as usize * SIM_BLOCK as usize;
                         durable[o..o + p.data.len()].copy_from_slice(&p.data);
                     }
                     pending.retain(|p| !covered.contains(&p.seq));
@@ -238,7 +254,7 @@ impl Bdev for SimDevice {
         "simulated device"
     }
     fn block_size(&self) -> u32 {
-        SIM_BLOCK
+        self.block_size
     }
     fn num_blocks(&self) -> u64 {
         self.num_blocks
@@ -250,7 +266,7 @@ impl Bdev for SimDevice {
         true
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(SimChannel { dev: Arc::new(SimDeviceShared { state: self.state.clone(), latency: self.latency, submitted: self.submitted.clone() }) }))
+        Ok(Rc::new(SimChannel { dev: Arc::new(SimDeviceShared { state: self.state.clone(), block_size: self.block_size, latency: self.latency, submitted: self.submitted.clone() }) }))
     }
     fn config_call(&self) -> Option<(&'static str, serde_json::Value)> {
         None

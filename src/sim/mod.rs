@@ -43,6 +43,9 @@ pub struct SimConfig {
     pub max_snapshots: usize,
     pub latency: Latency,
     pub lock_region_grains: u32,
+    /// Block size of the store device: 4096 makes pieces larger than the volume's blocks
+    /// (copies and old-epoch updates of part of a piece).
+    pub store_block: u32,
 }
 
 impl SimConfig {
@@ -58,6 +61,7 @@ impl SimConfig {
             max_snapshots: r.random_range(1..=4),
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=100_000) },
             lock_region_grains: [1, 2, 64][r.random_range(0..3)],
+            store_block: if r.random_ratio(1, 4) { 4096 } else { SIM_BLOCK },
         }
     }
 
@@ -68,7 +72,8 @@ impl SimConfig {
     fn store_bytes(&self) -> u64 {
         let slots = self.grains * (self.max_snapshots as u64 + 3) + 4;
         use crate::bdevs::snapshot::layout::{RECORDS_OFFSET, RECORD_BYTES};
-        RECORDS_OFFSET + 4096 * (slots * RECORD_BYTES as u64).div_ceil(4096) + 4096 + slots * self.grain_blocks * SIM_BLOCK as u64
+        let bytes = RECORDS_OFFSET + 4096 * (slots * RECORD_BYTES as u64).div_ceil(4096) + 4096 + slots * self.grain_blocks * SIM_BLOCK as u64;
+        bytes.div_ceil(4096) * 4096
     }
 }
 
@@ -202,7 +207,7 @@ impl World {
         let cores = ManualCores::new(cfg.cores);
         let registry = Arc::new(BdevRegistry::new(cfg.cores));
         let base = Arc::new(SimDevice::new("base", base_img, rng.random(), cfg.latency));
-        let store = Arc::new(SimDevice::new("store", store_img, rng.random(), cfg.latency));
+        let store = Arc::new(SimDevice::new("store", store_img, rng.random(), cfg.latency).with_block_size(cfg.store_block));
         let be = registry.register(base.clone()).map_err(|e| e.to_string())?;
         let se = registry.register(store.clone()).map_err(|e| e.to_string())?;
         let home = rng.random_range(0..cfg.cores);
