@@ -294,6 +294,27 @@ fn main() {
     println!("ratio max   tidemark-preserve windows / normal windows: {:.2}", c.max_us() / nrm.max_us());
     println!("ratio max   freeze windows / tidemark-preserve windows: {:.2} (goal: several times)", f.max_us() / c.max_us());
     println!("ratio p99.9 freeze windows / tidemark-preserve windows: {:.2}", f.p999_us() / c.p999_us());
+    // The pause itself, without the rest of the window's noise: writes submitted while the
+    // preserve call ran (a freeze holds them until it thaws; ours lets them through).
+    let during = |k: Kind| {
+        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        for &(t, lat) in &samples {
+            let submitted = t.saturating_sub(lat);
+            if events.iter().any(|(ek, s, d)| *ek == k && submitted >= *s && submitted <= s + d) {
+                let _ = h.record(lat.max(1));
+            }
+        }
+        h
+    };
+    let (dc, df) = (during(Kind::Cow), during(Kind::Freeze));
+    println!(
+        "writes submitted while the preserve call ran: tidemark {} writes, max {:.1} us; freeze {} writes, max {:.1} us; ratio max freeze / tidemark {:.2}",
+        dc.len(),
+        dc.max() as f64 / 1e3,
+        df.len(),
+        df.max() as f64 / 1e3,
+        df.max() as f64 / dc.max().max(1) as f64
+    );
 
     // Phase 2: first writes after a preserve, each to a grain not yet copied, against plain
     // writes to the same grains once copied.

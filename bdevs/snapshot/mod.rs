@@ -60,8 +60,9 @@
 //! gets `w`, for the others; older snapshots' pieces already copied are untouched.
 //!
 //! Copying pieces, not grains, is what keeps a first write cheap: a 4 KiB host write after a
-//! preserve copies 4 KiB, not 64 KiB (preserve_bench: p99.9 in the windows after a preserve
-//! went from 2.2-4x the normal windows to 1.0-1.05x). The bitmap costs 2 bytes per slot in RAM.
+//! preserve copies 4 KiB, not 64 KiB (preserve_bench on ext4: p99.9 in the windows after a
+//! preserve went from 2.2-4x the normal windows to 1.04-1.55x). The bitmap costs 2 bytes per
+//! slot in RAM.
 //!
 //! Where this departs from DESIGN §1: DESIGN says an old-epoch write "removes the entry, so the
 //! preserved image reads the new data from the live image". That is only right when the write
