@@ -298,6 +298,17 @@ fn bad_input_gets_the_protocols_errors_and_others_keep_working() {
     assert_eq!(Status::from_field(le16(12)), status(0, sc::INVALID_FIELD));
     assert_eq!(Status::from_field(le16(8 * 64 + 12)), status(0, sc::LBA_OUT_OF_RANGE), "the oldest: the first out-of-range read");
     assert_eq!(log[29], 3, "transport type TCP");
+    // Each entry names the command: opcode, namespace (FFFFFFFFh when it has none) and first
+    // LBA (for commands that address blocks), so `nvme error-log` shows where it failed.
+    let le32 = |o: usize| u32::from_le_bytes(log[o..o + 4].try_into().unwrap());
+    let le64 = |o: usize| u64::from_le_bytes(log[o..o + 8].try_into().unwrap());
+    let site = |e: usize| (log[e * 64 + 31], le32(e * 64 + 24), le64(e * 64 + 16));
+    assert_eq!(site(8), (io_opc::READ, 1, 131072 - 4), "the first out-of-range read");
+    assert_eq!(site(6), (io_opc::WRITE, 1, 131072), "the out-of-range write");
+    assert_eq!(site(5), (0x7E, 1, 0), "an unknown opcode addresses no blocks");
+    assert_eq!(site(4), (io_opc::READ, 9, 0), "a namespace that does not exist: named, no LBA");
+    assert_eq!(site(3), (io_opc::READ, 0xFFFF_FFFF, 0), "NSID 0: no namespace");
+    assert_eq!(log[63], 1, "log page version 1: opcode and command set are valid");
     // Admin errors.
     assert!(matches!(bad.get_log_page(0x42, 0, 512, 0, false), Err(Error::Status(s)) if (s.sct, s.sc) == (1, 0x09)));
     assert!(matches!(bad.identify(0x33, 0), Err(Error::Status(s)) if s.sc == sc::INVALID_FIELD));

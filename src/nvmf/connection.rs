@@ -253,7 +253,7 @@ pub fn abort_all() {
 pub fn complete_aer(id: u64, cid: u16, status: Status, dw0: u32) {
     if let Some(c) = lookup(id) {
         c.st.borrow_mut().cids.remove(cid);
-        c.respond(cid, status, dw0 as u64);
+        c.respond(cid, status, dw0 as u64, None);
     }
 }
 
@@ -550,7 +550,7 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
                 Ok(Some(_)) => {
                     // A data digest error is not fatal: the command fails, retryably.
                     conn.st.borrow_mut().advance_sqhd();
-                    conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0);
+                    conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, Some(&sqe));
                     return Ok(());
                 }
                 Ok(None) => return Err(End::Eof),
@@ -609,7 +609,7 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
             Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
             Ok(Some(_)) => {
                 conn.r2t_data_done(p.len);
-                conn.complete(Some(ttag), p.sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
+                conn.complete(Some(ttag), &p.sqe, Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
                 return Ok(());
             }
             Ok(None) => return Err(End::Eof),
@@ -689,8 +689,9 @@ impl Conn {
         self.tx_notify.notify();
     }
 
-    /// Sends a CapsuleResp for `cid`.
-    pub(crate) fn respond(&self, cid: u16, status: Status, result: u64) {
+    /// Sends a CapsuleResp for `cid` (a failure goes to the Error Information log, with what
+    /// `sqe` says of the command when the caller has it).
+    pub(crate) fn respond(&self, cid: u16, status: Status, result: u64, sqe: Option<&Sqe>) {
         let (hdgst, cqe) = {
             let st = self.st.borrow();
             let (qid, sqhd) = match &st.binding {
@@ -701,7 +702,7 @@ impl Conn {
         };
         if !status.is_success() {
             if let Some(b) = self.binding() {
-                b.ctrl.record_error(cqe.sqid, cid, status);
+                b.ctrl.record_error(cqe.sqid, cid, status, sqe);
             }
         }
         self.push(TxPdu { hdr: pdu::capsule_resp(&cqe, hdgst), data: TxData::None, ddgst: None });
@@ -716,7 +717,7 @@ impl Conn {
             TxData::Vec(v) => v.len(),
         };
         if len == 0 {
-            self.respond(cid, Status::SUCCESS, 0);
+            self.respond(cid, Status::SUCCESS, 0, None);
             return;
         }
         let (hdgst, ddgst, align, success) = {
@@ -736,12 +737,13 @@ impl Conn {
         };
         self.push(TxPdu { hdr: pdu::c2h_data(cid, 0, len as u32, true, success, hdgst, ddgst, align), data, ddgst: dg });
         if !success {
-            self.respond(cid, Status::SUCCESS, 0);
+            self.respond(cid, Status::SUCCESS, 0, None);
         }
     }
 
-    /// Finishes command `cid`: frees its slot and id, sends data (on success) and status.
-    pub(crate) fn complete(&self, slot: Option<u16>, cid: u16, status: Status, result: u64, data: TxData) {
+    /// Finishes command `sqe`: frees its slot and id, sends data (on success) and status.
+    pub(crate) fn complete(&self, slot: Option<u16>, sqe: &Sqe, status: Status, result: u64, data: TxData) {
+        let cid = sqe.cid();
         {
             let mut st = self.st.borrow_mut();
             if let Some(s) = slot {
@@ -752,7 +754,7 @@ impl Conn {
         if status.is_success() && !matches!(data, TxData::None) {
             self.respond_data(cid, data);
         } else {
-            self.respond(cid, status, result);
+            self.respond(cid, status, result, Some(sqe));
         }
         self.slot_notify.notify();
     }
@@ -800,7 +802,7 @@ impl Conn {
             st.advance_sqhd();
             if !st.cids.insert(cid) {
                 drop(st);
-                self.respond(cid, Status::generic(sc::CID_CONFLICT), 0);
+                self.respond(cid, Status::generic(sc::CID_CONFLICT), 0, Some(&sqe));
                 return;
             }
             st.binding.clone()
@@ -809,7 +811,7 @@ impl Conn {
         let max = if binding.as_ref().is_some_and(|b| b.qid > 0) { self.opts.max_io_size } else { self.opts.max_io_size.max(ADMIN_ICD) };
         let plan = match pdu::plan_data(&sqe, icd_len, max) {
             Ok(p) => p,
-            Err(status) => return self.complete(None, cid, status, 0, TxData::None),
+            Err(status) => return self.complete(None, &sqe, status, 0, TxData::None),
         };
         if sqe.opcode() == FABRICS_OPC && sqe.fctype() == fctype::CONNECT {
             let r = self.on_connect(&sqe, plan, icd.as_deref());
@@ -817,16 +819,16 @@ impl Conn {
                 Ok(cntlid) => (Status::SUCCESS, cntlid as u64),
                 Err((status, iattr, ipo)) => (status, ipo as u64 | (iattr as u64) << 16),
             };
-            return self.complete(None, cid, status, result, TxData::None);
+            return self.complete(None, &sqe, status, result, TxData::None);
         }
         if binding.is_none() {
-            return self.complete(None, cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+            return self.complete(None, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         }
         if let DataPlan::FromHost { len } = plan {
             let slot = self.st.borrow_mut().slots.alloc();
             let Some(slot) = slot else {
                 // Unreachable: the reader waited for a free slot before taking the capsule.
-                return self.complete(None, cid, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None);
+                return self.complete(None, &sqe, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None);
             };
             let defer = {
                 let mut st = self.st.borrow_mut();
@@ -886,9 +888,8 @@ impl Conn {
     /// Runs a command whose data (if it sends any) is all here.
     fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
         let Some(b) = binding else {
-            return self.complete(slot, sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+            return self.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
-        let cid = sqe.cid();
         if sqe.opcode() == FABRICS_OPC {
             let (status, result) = match sqe.fctype() {
                 fctype::PROPERTY_GET | fctype::PROPERTY_SET if b.qid == 0 => match b.ctrl.property(&self.nvmf, &sqe, sqe.fctype() == fctype::PROPERTY_SET) {
@@ -896,7 +897,7 @@ impl Conn {
                     AdminOutcome::Deferred => (Status::generic(sc::INTERNAL), 0),
                 },
                 fctype::DISCONNECT => {
-                    self.complete(slot, cid, Status::SUCCESS, 0, TxData::None);
+                    self.complete(slot, &sqe, Status::SUCCESS, 0, TxData::None);
                     // The queue goes away once the completion is out.
                     self.closing.set(true);
                     self.tx_notify.notify();
@@ -904,7 +905,7 @@ impl Conn {
                 }
                 _ => (Status::generic(sc::INVALID_OPCODE), 0),
             };
-            return self.complete(slot, cid, status, result, TxData::None);
+            return self.complete(slot, &sqe, status, result, TxData::None);
         }
         if b.qid == 0 {
             let bytes: &[u8] = match (&plan, &data) {
@@ -925,7 +926,7 @@ impl Conn {
                     };
                     data.truncate(to_host);
                     let out = if status.is_success() && !data.is_empty() { TxData::Vec(data) } else { TxData::None };
-                    self.complete(slot, cid, status, result, out);
+                    self.complete(slot, &sqe, status, result, out);
                 }
             }
             return;

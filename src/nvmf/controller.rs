@@ -5,7 +5,7 @@
 //! through the mutex. The data path never takes that mutex.
 
 use super::identify;
-use super::spec::{admin_opc, cns, csc, feat, log, prop, sc, sct, Sqe, Status, NSID_ALL};
+use super::spec::{admin_opc, cns, csc, feat, io_opc, log, prop, sc, sct, Sqe, Status, FABRICS_OPC, NSID_ALL};
 use super::subsystem::{ListenAddr, Namespace, Subsystem};
 use super::transport::TransportOpts;
 use super::Nvmf;
@@ -55,6 +55,16 @@ pub const AEC_NS_ATTR: u32 = 1 << 8;
 const ERROR_ENTRY_LEN: usize = 64;
 /// Transport type of the entries (NVMe over Fabrics TRTYPE: TCP).
 const TRTYPE_TCP: u8 = 3;
+
+/// What an Error Information Log entry names of a failed command: its first LBA (commands
+/// that address blocks) and its namespace (FFFFFFFFh when it has none: NSID 0, Fabrics).
+fn error_site(c: &Sqe, sqid: u16) -> (u64, u32) {
+    if c.opcode() == FABRICS_OPC || c.nsid() == 0 {
+        return (0, NSID_ALL);
+    }
+    let addresses_blocks = sqid > 0 && matches!(c.opcode(), io_opc::READ | io_opc::WRITE | io_opc::COMPARE | io_opc::WRITE_ZEROES);
+    (if addresses_blocks { c.slba() } else { 0 }, c.nsid())
+}
 
 pub struct Controller {
     pub cntlid: u16,
@@ -214,8 +224,9 @@ impl Controller {
     }
 
     /// Counts a failed command and keeps its Error Information Log entry (NVMe base spec,
-    /// Get Log Page 01h), for `nvme error-log` on the host.
-    pub fn record_error(&self, sqid: u16, cid: u16, status: Status) {
+    /// Get Log Page 01h), for `nvme error-log` on the host: queue, command id, status, and
+    /// from the command (when known) its opcode, namespace and first LBA.
+    pub fn record_error(&self, sqid: u16, cid: u16, status: Status, sqe: Option<&Sqe>) {
         let mut st = self.st();
         st.error_count += 1;
         let mut e = [0u8; ERROR_ENTRY_LEN];
@@ -226,7 +237,17 @@ impl Controller {
         e[12..14].copy_from_slice(&status.to_field().to_le_bytes());
         // Parameter error location: not known here.
         e[14..16].copy_from_slice(&0xFFFFu16.to_le_bytes());
+        let (lba, nsid) = match sqe {
+            Some(c) => error_site(c, sqid),
+            None => (0, NSID_ALL),
+        };
+        e[16..24].copy_from_slice(&lba.to_le_bytes());
+        e[24..28].copy_from_slice(&nsid.to_le_bytes());
         e[29] = TRTYPE_TCP;
+        // Command set (NVM) and opcode, valid from log page version 1 on.
+        e[30] = 0;
+        e[31] = sqe.map(|c| c.opcode()).unwrap_or(0);
+        e[63] = 1;
         st.error_log.push_front(e);
         st.error_log.truncate(identify::ELPE as usize + 1);
     }

@@ -184,31 +184,30 @@ fn check(n: &NsChannel, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>, max_io:
 
 /// Starts I/O command `sqe` on `conn` (the reader's path: checks, then one task).
 pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
-    let cid = sqe.cid();
     if !b.ctrl.is_ready() {
-        return conn.complete(slot, cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+        return conn.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
     }
     if sqe.fuse() != 0 {
-        return conn.complete(slot, cid, Status::generic(sc::INVALID_FIELD), 0, TxData::None);
+        return conn.complete(slot, &sqe, Status::generic(sc::INVALID_FIELD), 0, TxData::None);
     }
     let nsc = match conn.with_ns_cache(|c| c.get(&b.ctrl.subsys, sqe.nsid())) {
         Ok(n) => n,
-        Err(s) => return conn.complete(slot, cid, s, 0, TxData::None),
+        Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
     let op = match check(&nsc, &sqe, plan, data.as_ref(), conn.opts.max_io_size) {
         Ok(op) => op,
-        Err(s) => return conn.complete(slot, cid, s, 0, TxData::None),
+        Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
     let slot = match slot.or_else(|| conn.take_slot()) {
         Some(s) => s,
         // The reader waits for a free slot before it takes a capsule; this cannot happen.
-        None => return conn.complete(None, cid, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None),
+        None => return conn.complete(None, &sqe, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None),
     };
     conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, cid, nsc, op, data));
+    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data));
 }
 
-async fn run(conn: Rc<Conn>, slot: u16, cid: u16, n: Rc<NsChannel>, op: Op, data: Option<IoBuf>) {
+async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<IoBuf>) {
     let core = conn.core();
     let shard = n.ns.stats.shard(core);
     shard.in_flight.fetch_add(1, Relaxed);
@@ -261,8 +260,8 @@ async fn run(conn: Rc<Conn>, slot: u16, cid: u16, n: Rc<NsChannel>, op: Op, data
     n.ns.stats.record(core, ty, bytes, dt, result.is_ok());
     drop(data);
     match result {
-        Ok(()) => conn.complete(Some(slot), cid, Status::SUCCESS, 0, out),
-        Err(s) => conn.complete(Some(slot), cid, s, 0, TxData::None),
+        Ok(()) => conn.complete(Some(slot), &sqe, Status::SUCCESS, 0, out),
+        Err(s) => conn.complete(Some(slot), &sqe, s, 0, TxData::None),
     }
     conn.io_finished();
 }

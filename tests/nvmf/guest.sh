@@ -123,6 +123,12 @@ check "pattern written reads back" sh -c "
   dd if=$DEV of=/tmp/back bs=64k skip=100 count=16 iflag=direct 2>/dev/null &&
   cmp /tmp/pat /tmp/back"
 check "flush" nvme flush "$DEV"
+# A read past the end fails with the NVMe status, and the controller's Error Information log
+# names the command's first LBA for `nvme error-log`.
+check "nvme read past the end fails" not nvme read "$DEV" --start-block=524288 --block-count=0 --data-size=512 --data=/tmp/beyond
+nvme error-log "$CTRL" --log-entries=1 > /tmp/errlog.txt 2>&1
+grep -E '^(error_count|sqid|status_field|lba|nsid|opcode)' /tmp/errlog.txt
+check "error-log names the LBA" grep -qE '^lba[[:space:]]*:[[:space:]]*(0x80000|524288)$' /tmp/errlog.txt
 
 # Removing a namespace while connected raises the async event: the host rescans and the
 # namespace's block device disappears.
