@@ -749,6 +749,8 @@ impl Preservable for CowVolume {
         // newer point, and pieces never written since the older point are in no slot of it.
         // So the older slot's pieces, where the two differ, cover every change (they may
         // also hold pieces first written after the newer point: a superset is correct).
+        // One range per grain, from its first changed piece to its last: at most as many
+        // ranges as grains (each costs the backup a read), never more bytes than the grain.
         let bs = v.block_size as u64;
         let mut out: Vec<(u64, u64)> = Vec::new();
         for g in 0..v.num_grains {
@@ -757,13 +759,15 @@ impl Preservable for CowVolume {
             if ea == 0 || ea == eb {
                 continue;
             }
-            for (p0, p1) in runs(v.pieces.at(ea as usize - 1).load(SeqCst)) {
-                let (start, nb) = v.piece_span(g, p0, p1);
-                let (off, len) = (start * bs, nb * bs);
-                match out.last_mut() {
-                    Some(last) if last.0 + last.1 == off => last.1 += len,
-                    _ => out.push((off, len)),
-                }
+            let pieces = v.pieces.at(ea as usize - 1).load(SeqCst);
+            if pieces == 0 {
+                continue;
+            }
+            let (start, nb) = v.piece_span(g, pieces.trailing_zeros(), 16 - pieces.leading_zeros());
+            let (off, len) = (start * bs, nb * bs);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => out.push((off, len)),
             }
         }
         Ok(out)
@@ -1074,13 +1078,18 @@ mod tests {
             write(e2.clone(), 5, 3).await;
             write(e2.clone(), 2, 3).await;
             snap(e2.clone(), "s3").await;
+            let ch = Channel::get(&e2).unwrap();
+            ch.write_buf(6 * 8 + 1, &[4u8; 512]).await.unwrap();
+            ch.write_buf(6 * 8 + 5, &[4u8; 512]).await.unwrap();
+            snap(e2.clone(), "s4").await;
         });
         // Each write is one 512-byte block, one piece of its 4 KiB grain: only that piece
-        // counts as changed, not the grain.
+        // counts as changed, not the grain (two pieces of a grain: the span between them).
         let (g, b) = (4096u64, 512u64);
         assert_eq!(cow(&e).changed_ranges("s1", "s2").unwrap(), vec![(2 * g, b), (3 * g, b)]);
         assert_eq!(cow(&e).changed_ranges("s2", "s3").unwrap(), vec![(2 * g, b), (5 * g, b)]);
         assert_eq!(cow(&e).changed_ranges("s1", "s3").unwrap(), vec![(2 * g, b), (3 * g, b), (5 * g, b)]);
+        assert_eq!(cow(&e).changed_ranges("s3", "s4").unwrap(), vec![(6 * g + b, 5 * b)], "pieces 1 and 5: one range");
         assert!(cow(&e).changed_ranges("s3", "s1").is_err());
         assert!(cow(&e).changed_ranges("s1", "nope").is_err());
     }

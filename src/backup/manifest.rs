@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "tidemark-backup-1";
-/// Checksum granularity of full backups (incremental extents are the changed grains).
+/// Checksum granularity of full backups (an incremental's extents are the changed parts of grains).
 pub const EXTENT_BYTES: u64 = 1 << 20;
 /// Longest chain of incremental backups a restore or verify follows.
 pub const MAX_CHAIN: usize = 1024;
