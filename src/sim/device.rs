@@ -7,12 +7,14 @@
 //! durable value or the value of any write to it that was not yet durable (completed or still
 //! in flight), chosen independently per block by the seed: writes may be torn and may reach
 //! media in any order, exactly the freedom a real cache has. The unit a crash keeps or tears is
-//! a 512-byte sector, whatever block size the device reports.
+//! a 512-byte sector, whatever block size the device reports, or a smaller unit when asked
+//! (a stricter model than real media, for formats that rely only on smaller atomic records).
 
 use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
 use crate::reactor;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,8 @@ pub struct Latency {
 pub struct SimDevice {
     name: String,
     block_size: u32,
+    /// Bytes a crash keeps or loses as one (a divisor of the sector).
+    tear: usize,
     num_blocks: u64,
     latency: Latency,
     state: Arc<Mutex<DevState>>,
@@ -64,6 +68,7 @@ impl SimDevice {
         SimDevice {
             name: name.to_string(),
             block_size: SIM_BLOCK,
+            tear: SIM_BLOCK as usize,
             num_blocks,
             latency,
             state: Arc::new(Mutex::new(DevState {
@@ -88,38 +93,43 @@ impl SimDevice {
         self
     }
 
+    /// The same device torn by a crash in units of `bytes` (a divisor of the sector).
+    pub fn with_tear_bytes(mut self, bytes: usize) -> SimDevice {
+        assert!(bytes > 0 && SIM_BLOCK as usize % bytes == 0, "tear unit {bytes}");
+        self.tear = bytes;
+        self
+    }
+
     fn st(&self) -> std::sync::MutexGuard<'_, DevState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Crashes the device: returns what its media holds now, and fails every I/O from now on.
     pub fn crash(&self) -> Vec<u8> {
+        let unit = self.tear;
+        let sector = SIM_BLOCK as usize;
         let mut st = self.st();
         st.dead = true;
         let mut img = st.durable.clone();
-        let bs = SIM_BLOCK as usize;
         let mut order: Vec<usize> = (0..st.pending.len()).collect();
         order.sort_by_key(|&i| (st.pending[i].completed, st.pending[i].seq));
-        for b in 0..(img.len() / bs) {
-            let cands: Vec<usize> = order
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    let p = &st.pending[i];
-                    let (s, e) = (p.offset as usize, p.offset as usize + p.data.len() / bs);
-                    s <= b && b < e
-                })
-                .collect();
-            if cands.is_empty() {
-                continue;
+        // Per unit of media that writes not yet durable cover: those writes, in completion order.
+        let mut cover: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in &order {
+            let p = &st.pending[i];
+            let start = p.offset as usize * sector;
+            for u in (start / unit)..((start + p.data.len()) / unit) {
+                cover.entry(u).or_default().push(i);
             }
+        }
+        for (u, cands) in cover {
             let pick = st.rng.random_range(0..=cands.len());
             if pick == cands.len() {
                 continue; // the durable value
             }
             let p = &st.pending[cands[pick]];
-            let o = (b - p.offset as usize) * bs;
-            img[b * bs..(b + 1) * bs].copy_from_slice(&p.data[o..o + bs]);
+            let o = u * unit - p.offset as usize * sector;
+            img[u * unit..(u + 1) * unit].copy_from_slice(&p.data[o..o + unit]);
         }
         img
     }

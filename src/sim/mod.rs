@@ -207,7 +207,14 @@ impl World {
         let cores = ManualCores::new(cfg.cores);
         let registry = Arc::new(BdevRegistry::new(cfg.cores));
         let base = Arc::new(SimDevice::new("base", base_img, rng.random(), cfg.latency));
-        let store = Arc::new(SimDevice::new("store", store_img, rng.random(), cfg.latency).with_block_size(cfg.store_block));
+        // The store's format relies only on each 16-byte slot record being written whole, so
+        // a crash tears the store in 16-byte units (stricter than real sectors): a commit that
+        // needs two records to land together fails here.
+        let store = Arc::new(
+            SimDevice::new("store", store_img, rng.random(), cfg.latency)
+                .with_block_size(cfg.store_block)
+                .with_tear_bytes(crate::bdevs::snapshot::layout::RECORD_BYTES),
+        );
         let be = registry.register(base.clone()).map_err(|e| e.to_string())?;
         let se = registry.register(store.clone()).map_err(|e| e.to_string())?;
         let home = rng.random_range(0..cfg.cores);
