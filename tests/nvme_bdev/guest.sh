@@ -64,6 +64,9 @@ for i in $(seq 50); do [ -S /tmp/tm.sock ] && break; sleep 0.1; done
 $BIN/tidemark -s /tmp/tm.sock bdev_get_bdevs --name nvme0n1 | tee /tmp/bdev.json
 grep -q '"passthrough": true' /tmp/bdev.json
 grep -q '"model_number": "QEMU NVMe Ctrl"' /tmp/bdev.json
+# Polled completions only where the kernel polls passthrough commands safely (6.5 on).
+case "$(uname -r)" in [0-5].*|6.[0-4].*) want=interrupt ;; *) want=polled ;; esac
+grep -q "\"completions\": \"$want\"" /tmp/bdev.json
 echo "RESULT identify=ok"
 # A namespace with metadata is refused with a clear error, and nothing else changes.
 meta=""
