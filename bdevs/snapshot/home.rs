@@ -3,7 +3,9 @@
 //! the snapshot list (open/recover, preserve, seal, delete). Other cores reach it with
 //! `call_on`; nothing here is touched by another core.
 
-use super::layout::{self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES};
+use super::layout::{
+    self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES,
+};
 use super::table::ZeroMap;
 use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
 use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
@@ -370,7 +372,8 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
     }
     let grain_bytes = header.grain_blocks as u64 * block_size as u64;
     let pb = header.piece_blocks;
-    if pb == 0 || !pb.is_power_of_two() || pb > header.grain_blocks || header.grain_blocks / pb > MAX_PIECES || (pb as u64 * block_size as u64) % store_bs != 0 {
+    if pb == 0 || !pb.is_power_of_two() || pb > header.grain_blocks || header.grain_blocks / pb > MAX_PIECES || (pb as u64 * block_size as u64) % store_bs != 0
+    {
         return Err(invalid(&name, format!("store {} has a damaged header (pieces of {pb} blocks, store blocks of {store_bs} bytes)", store.name())));
     }
     if let Some(kb) = p.grain_kb {

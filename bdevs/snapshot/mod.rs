@@ -1141,7 +1141,15 @@ mod tests {
         let s2 = store.clone();
         let old2 = old.clone();
         cores.block_on(0, async move { Channel::get(&s2).unwrap().write_buf(0, &old2).await.unwrap() });
-        let p = OpenParams { name: "v".into(), uuid: None, base: base.claim("v").unwrap(), store: store.claim("v").unwrap(), grain_kb: None, cores: 1, lock_region_grains: None };
+        let p = OpenParams {
+            name: "v".into(),
+            uuid: None,
+            base: base.claim("v").unwrap(),
+            store: store.claim("v").unwrap(),
+            grain_kb: None,
+            cores: 1,
+            lock_region_grains: None,
+        };
         let r = cores.block_on(0, async move { CowVolume::open(p).await.map(|_| ()) });
         let err = r.unwrap_err();
         assert!(err.contains("format 1"), "{err}");

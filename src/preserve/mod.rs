@@ -284,7 +284,11 @@ impl Subsystem for PreserveSubsystem {
             "Grains given a slot in the CoW store (one per grain, shared by every snapshot that needs it); the grain's pieces are copied as writes touch them.",
             &counter(&|s| s.grains_copied),
         )?;
-        out.counter("tidemark_preserve_copied_bytes", "Bytes copied into the CoW store (old pieces of grains before their first overwrite).", &counter(&|s| s.copied_bytes))?;
+        out.counter(
+            "tidemark_preserve_copied_bytes",
+            "Bytes copied into the CoW store (old pieces of grains before their first overwrite).",
+            &counter(&|s| s.copied_bytes),
+        )?;
         let copy: Vec<_> = all.iter().map(|(n, _, s)| (l(n), LatencySample { buckets: &s.copy_latency.0, sum_ns: s.copy_latency.1 })).collect();
         out.latency("tidemark_preserve_cow_copy_latency_seconds", "Latency of one copy-on-write: old pieces read, store write, durable table entry.", &copy)?;
         out.gauge("tidemark_preserve_store_bytes_used", "Bytes of the CoW store holding copied grains.", &gauge(&|s| s.store_bytes_used))?;

@@ -276,7 +276,9 @@ impl Bdev for SimDevice {
         true
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(SimChannel { dev: Arc::new(SimDeviceShared { state: self.state.clone(), block_size: self.block_size, latency: self.latency, submitted: self.submitted.clone() }) }))
+        Ok(Rc::new(SimChannel {
+            dev: Arc::new(SimDeviceShared { state: self.state.clone(), block_size: self.block_size, latency: self.latency, submitted: self.submitted.clone() }),
+        }))
     }
     fn config_call(&self) -> Option<(&'static str, serde_json::Value)> {
         None
