@@ -368,6 +368,17 @@ fn runs(mut m: u16) -> impl Iterator<Item = (u32, u32)> {
     })
 }
 
+/// Copies `src` into the scattered buffers, in order (the counterpart of [`gather`]).
+fn scatter(src: &[u8], bufs: &mut [IoSliceMut<'_>]) {
+    let mut pos = 0;
+    for b in bufs.iter_mut() {
+        let l = b.len();
+        b.copy_from_slice(&src[pos..pos + l]);
+        pos += l;
+    }
+    debug_assert_eq!(pos, src.len(), "scatter of a source the buffers do not match");
+}
+
 /// Copies `len` bytes at byte `from` of the scattered buffers into one buffer.
 fn gather(bufs: &[IoSlice<'_>], from: usize, len: usize) -> IoBuf {
     let mut out = IoBuf::alloc(len);
@@ -421,7 +432,7 @@ impl CowChannel {
         }
     }
 
-    /// Rules 1 and 2 for grain `g` (under its lock).
+    /// Rules 1-4 for grain `g` (under its lock).
     async fn preserve_grain(&self, g: u64, epoch: u64, live: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
         let touched = v.piece_mask(g, off, n);
@@ -472,6 +483,16 @@ impl CowChannel {
         Ok(())
     }
 
+    /// A free slot for the snapshots of `mask`, or None once they are marked failed (the store
+    /// is full: the snapshots fail, the host write goes on).
+    async fn alloc_or_fail(&self, mask: u32) -> Option<u32> {
+        let slot = home::alloc(&self.v).await;
+        if slot.is_none() {
+            home::fail(&self.v, mask).await;
+        }
+        slot
+    }
+
     /// Copies pieces `pieces` of `L[g]` into slot `slot`, each at its place in the slot.
     async fn copy_pieces(&self, g: u64, slot: u32, pieces: u16) -> IoResult {
         let v = &self.v;
@@ -490,13 +511,12 @@ impl CowChannel {
         Ok(())
     }
 
-    /// Rule 1, no entry yet: copies the touched pieces of `L[g]` into a new slot for the
+    /// Rule 4, no entry yet: copies the touched pieces of `L[g]` into a new slot for the
     /// snapshots of `mask`.
     async fn copy_grain(&self, g: u64, mask: u32, pieces: u16) -> IoResult {
         let v = &self.v;
         let t0 = reactor::now_ns();
-        let Some(slot) = home::alloc(v).await else {
-            home::fail(v, mask).await;
+        let Some(slot) = self.alloc_or_fail(mask).await else {
             return Ok(());
         };
         if let Err(e) = self.copy_pieces(g, slot, pieces).await {
@@ -522,7 +542,7 @@ impl CowChannel {
         Ok(())
     }
 
-    /// Rule 1, entry present: the slot serves only snapshots the write is new for (all with
+    /// Rule 3, entry present: the slot serves only snapshots the write is new for (all with
     /// the same image of the pieces it lacks, `L`'s): copies those pieces into it.
     async fn extend_copy(&self, g: u64, slot: u32, mask: u32, need: u16) -> IoResult {
         let v = &self.v;
@@ -560,12 +580,11 @@ impl CowChannel {
         self.patch_slot(slot, within, &part).await
     }
 
-    /// Rule 2, the slot also serves older images: the snapshots of `mask` (those the write
+    /// Rule 1, the slot also serves older images: the snapshots of `mask` (those the write
     /// belongs to) move to a new slot holding the same pieces with the write applied.
     async fn move_out(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
-        let Some(new) = home::alloc(v).await else {
-            home::fail(v, mask).await;
+        let Some(new) = self.alloc_or_fail(mask).await else {
             return Ok(());
         };
         let (within, part) = self.part_of(g, off, n, data);
@@ -590,7 +609,7 @@ impl CowChannel {
         }
         // Two commits: while only the first is durable both slots claim the snapshots, and
         // recovery keeps either (each is a valid image of a snapshot that was draining). One
-        // commit could tear between the record pages and leave the snapshots with neither.
+        // commit could tear between the two records and leave the snapshots with neither.
         let r = async {
             home::commit(v, vec![home::Update::Set { slot: new, grain: g as u32, mask }]).await?;
             home::commit(v, vec![home::Update::Clear { slot, mask }]).await
@@ -763,7 +782,7 @@ impl Preservable for CowVolume {
             if pieces == 0 {
                 continue;
             }
-            let (start, nb) = v.piece_span(g, pieces.trailing_zeros(), 16 - pieces.leading_zeros());
+            let (start, nb) = v.piece_span(g, pieces.trailing_zeros(), u16::BITS - pieces.leading_zeros());
             let (off, len) = (start * bs, nb * bs);
             match out.last_mut() {
                 Some(last) if last.0 + last.1 == off => last.1 += len,
@@ -880,12 +899,7 @@ impl SnapChannel {
                 let b = ((pe - off) * bs) as usize;
                 self.read_piece(i, g, ps, &mut [IoSliceMut::new(&mut bounce[a..b])]).await?;
             }
-            let mut pos = 0;
-            for b in bufs.iter_mut() {
-                let l = b.len();
-                b.copy_from_slice(&bounce[pos..pos + l]);
-                pos += l;
-            }
+            scatter(&bounce, bufs);
         }
         // A snapshot deleted while we read returns no data from a reused slot.
         if v.snaps[i].generation.load(SeqCst) != gen {
@@ -923,12 +937,7 @@ impl SnapChannel {
                     let part = &mut bounce[((a - off) * bs) as usize..((b - off) * bs) as usize];
                     self.read_slot(e - 1, g, a, &mut [IoSliceMut::new(part)]).await?;
                 }
-                let mut pos = 0;
-                for b in bufs.iter_mut() {
-                    let l = b.len();
-                    b.copy_from_slice(&bounce[pos..pos + l]);
-                    pos += l;
-                }
+                scatter(&bounce, bufs);
             }
             // Pieces published meanwhile mean a new-epoch write may have changed the live
             // image under our read: read again (a copy is written before it is published,
@@ -955,12 +964,8 @@ impl SnapChannel {
         let b = (within + len).div_ceil(sbs) * sbs;
         let mut buf = IoBuf::alloc((b - a) as usize);
         self.store.read_buf(v.store_offset_blocks(slot, a), &mut buf[..]).await?;
-        let mut pos = (within - a) as usize;
-        for d in bufs.iter_mut() {
-            let l = d.len();
-            d.copy_from_slice(&buf[pos..pos + l]);
-            pos += l;
-        }
+        let from = (within - a) as usize;
+        scatter(&buf[from..from + len as usize], bufs);
         Ok(())
     }
 }
