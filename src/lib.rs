@@ -1,4 +1,4 @@
-//! tidemark: a userspace, polled-mode block storage target (see DESIGN.md).
+//! tidemark: a userspace, polled-mode block storage target (see docs/design.md).
 //!
 //! Layout: [`reactor`] (threads, executor, message rings), [`bdev`] (the one bdev trait,
 //! registry, channels, buffers), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
