@@ -45,5 +45,5 @@ if [[ ! -e $policy ]]; then
   chmod +x "$policy"
   created_policy=1
 fi
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
 if ((created_policy)); then rm -f "$policy"; fi
