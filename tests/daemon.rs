@@ -3,6 +3,7 @@
 mod support;
 
 use serde_json::json;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -27,6 +28,29 @@ fn cli_creates_and_lists_a_malloc_bdev_and_bad_params_name_the_field() {
     // The daemon keeps serving after bad input, and nothing changed.
     let all = d.rpc("bdev_get_bdevs", json!(null));
     assert_eq!(all.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn cli_survives_a_closed_pipe_and_backup_has_help() {
+    let d = Daemon::start(MINIMAL_CONFIG);
+    // Enough bdevs that the listing outgrows a pipe's 64 KiB buffer.
+    for i in 0..300 {
+        d.rpc("bdev_null_create", json!({"name": format!("n{i}"), "num_blocks": 1024, "block_size": 512}));
+    }
+    // `tidemark bdev_get_iostat | head -1`: the reader goes away after one line; the CLI must
+    // end quietly, not panic with exit 101 on the broken pipe.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{TIDEMARK}' -s '{}' bdev_get_bdevs | head -c 1 >/dev/null", d.socket.display()))
+        .output()
+        .expect("sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "the CLI panicked on a closed pipe: {err}");
+
+    let out = Command::new(TIDEMARK).args(["backup", "--help"]).output().expect("run tidemark");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("backup start") && help.contains("backup restore"), "{help}");
 }
 
 #[test]

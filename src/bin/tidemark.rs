@@ -53,6 +53,13 @@ fn insert(params: &mut Map<String, Value>, key: &str, v: Value) {
 }
 
 fn main() {
+    // A closed stdout (`tidemark bdev_get_iostat | head -1`) ends the process quietly, as it
+    // does any Unix filter, instead of making println! panic on EPIPE. Rust sets SIGPIPE to
+    // ignored before main; restoring the default is the one place that covers every print.
+    // SAFETY: no other thread exists yet, and SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut socket = std::env::var("TIDEMARK_RPC_SOCKET").unwrap_or_else(|_| "/var/tmp/tidemark.sock".to_string());
     let mut timeout = 60u64;
@@ -257,6 +264,10 @@ mod backup {
         let Some(sub) = args.first() else { fail(2, super::USAGE) };
         let rest = &args[1..];
         match sub.as_str() {
+            "-h" | "--help" | "help" => {
+                // The backup lines of the usage text: what `tidemark backup` takes.
+                super::USAGE.lines().filter(|l| l.contains(" backup ")).for_each(|l| println!("{}", l.trim_start_matches("usage: ").trim_start()));
+            }
             "start" => {
                 let mut params = parse_params(rest);
                 let detach = params.remove("detach").is_some();
