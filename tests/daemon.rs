@@ -204,7 +204,7 @@ fn metrics_of_every_subsystem_form_one_valid_scrape() {
         "tidemark_bdev_write_latency_seconds",
         "tidemark_preserve_snapshots",
         "tidemark_mirror_leg_state",
-        "tidemark_nvmf_ns_read_latency_seconds",
+        "tidemark_nvmf_namespace_read_latency_seconds",
         "tidemark_iscsi_lun_write_latency_seconds",
         "tidemark_backup_jobs_running",
     ] {

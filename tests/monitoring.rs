@@ -104,3 +104,42 @@ fn the_checker_catches_a_renamed_metric_and_a_wrong_label() {
     assert_eq!(check_expr("rate(tidemark_bdev_ops_total{volume=\"a\"}[1m])", &fams).len(), 1);
     assert_eq!(check_expr("tidemark_bdev_ops", &fams).len(), 1, "a counter without _total matches nothing");
 }
+
+/// Runs `promtool ARGS` with `input` on stdin; (success, everything it printed).
+fn promtool(args: &[&str], input: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed: run tests/monitoring/deps.sh");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// What Prometheus itself makes of the scrape: `promtool check metrics` (the exposition
+/// parser and the naming lint Prometheus ships) finds nothing to say, no family carries a label
+/// that a scrape's target labels would overwrite (`job`, `instance`: Prometheus renames ours
+/// to `exported_job` and every dashboard grouping by it merges series), and the alert rules
+/// load (`promtool check rules`).
+#[test]
+fn prometheus_own_tools_accept_the_scrape_and_the_rules() {
+    let d = start_with_every_subsystem();
+    // `curl .../metrics | promtool check metrics`, as an operator would run it.
+    let (ok, said) = promtool(&["check", "metrics"], &d.metrics_text());
+    assert!(ok && said.trim().is_empty(), "promtool check metrics:\n{said}");
+    let scrape = d.metrics();
+    let fams = check_openmetrics(&scrape).unwrap_or_else(|e| panic!("{e}")).families;
+    for (name, (_, labels)) in &fams {
+        for reserved in ["job", "instance"] {
+            assert!(!labels.contains(reserved), "{name} carries a `{reserved}` label, which Prometheus renames on ingestion");
+        }
+    }
+    let rules = format!("{}/config/monitoring/prometheus-alerts.yml", env!("CARGO_MANIFEST_DIR"));
+    let (ok, said) = promtool(&["check", "rules", &rules], "");
+    assert!(ok, "promtool check rules:\n{said}");
+}

@@ -561,9 +561,9 @@ fn metrics_per_subsystem_and_namespace() {
     };
     assert_eq!(value("tidemark_nvmf_controllers{", NQN), 1.0);
     assert_eq!(value("tidemark_nvmf_qpairs{", NQN), 2.0);
-    assert_eq!(value("tidemark_nvmf_ns_ops_total{", "type=\"read\""), 10.0);
-    assert_eq!(value("tidemark_nvmf_ns_bytes_total{", "type=\"write\""), 40960.0);
-    assert!(m.contains("tidemark_nvmf_ns_read_latency_seconds_bucket{"), "{m}");
+    assert_eq!(value("tidemark_nvmf_namespace_ops_total{", "type=\"read\""), 10.0);
+    assert_eq!(value("tidemark_nvmf_namespace_bytes_total{", "type=\"write\""), 40960.0);
+    assert!(m.contains("tidemark_nvmf_namespace_read_latency_seconds_bucket{"), "{m}");
 }
 
 /// Well-framed capsules with random command bytes (and random in-capsule data) on connected

@@ -192,8 +192,11 @@ impl Subsystem for BackupService {
             if let Some(i) = states.iter().position(|(s, _)| *s == j.record.state) {
                 by_state[i] += 1.0;
             }
-            let l =
-                labels(&[("job", &j.record.id), ("kind", if j.record.kind == JobKind::Backup { "backup" } else { "restore" }), ("source", &j.record.source)]);
+            let l = labels(&[
+                ("backup_job", &j.record.id),
+                ("kind", if j.record.kind == JobKind::Backup { "backup" } else { "restore" }),
+                ("source", &j.record.source),
+            ]);
             done.push((l.clone(), j.record.bytes_done));
             total.push((l, j.record.bytes_total as f64));
             if j.record.state == State::InProgress {
@@ -201,7 +204,7 @@ impl Subsystem for BackupService {
             }
         }
         out.counter("tidemark_backup_bytes_done", "Bytes copied by each backup or restore job.", &done)?;
-        out.gauge("tidemark_backup_bytes_total", "Bytes each backup or restore job has to copy.", &total)?;
+        out.gauge("tidemark_backup_size_bytes", "Bytes each backup or restore job has to copy.", &total)?;
         out.gauge("tidemark_backup_jobs_running", "Backup and restore jobs running now.", &[(vec![], running)])?;
         let by: Vec<(Labels, f64)> = states.iter().zip(by_state).map(|((_, n), c)| (labels(&[("state", n)]), c)).collect();
         out.gauge("tidemark_backup_jobs", "Backup and restore jobs this daemon knows, by state (kept across restarts).", &by)

@@ -178,6 +178,32 @@ pub fn render(target: &Arc<Target>) -> String {
 }
 
 /// The HTTP endpoint.
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics scrape. The two differ only
+/// where a counter is named: OpenMetrics names the family (`x`) in HELP and TYPE and the
+/// sample `x_total`, the classic format names both `x_total`; and the classic format has no
+/// `# UNIT` or `# EOF` lines. Parsers of the classic format (promtool, older scrapers) would
+/// otherwise see counters without help text.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 pub struct MetricsServer {
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
@@ -191,8 +217,12 @@ impl MetricsServer {
             .name("metrics".into())
             .spawn(move || {
                 for req in s.incoming_requests() {
+                    // Prometheus asks for OpenMetrics in its Accept header; everything else
+                    // (curl, promtool, older scrapers) gets the classic text format.
+                    let openmetrics = req.headers().iter().any(|h| h.field.equiv("Accept") && h.value.as_str().contains("application/openmetrics-text"));
                     let (body, ctype, code) = match req.url() {
-                        "/metrics" => (render(&target), "application/openmetrics-text; version=1.0.0; charset=utf-8", 200),
+                        "/metrics" if openmetrics => (render(&target), "application/openmetrics-text; version=1.0.0; charset=utf-8", 200),
+                        "/metrics" => (classic_text(&render(&target)), "text/plain; version=0.0.4; charset=utf-8", 200),
                         "/" => ("<html><body><a href=\"/metrics\">/metrics</a></body></html>\n".to_string(), "text/html", 200),
                         _ => ("not found\n".to_string(), "text/plain", 404),
                     };
@@ -210,5 +240,20 @@ impl MetricsServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classic_text;
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_openmetrics_only_lines() {
+        let om = "# HELP a_ops Ops.\n# TYPE a_ops counter\na_ops_total{x=\"1\"} 3\n# HELP a_lat Latency.\n# TYPE a_lat histogram\n# UNIT a_lat seconds\na_lat_count 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        let text = classic_text(om);
+        assert_eq!(
+            text,
+            "# HELP a_ops_total Ops.\n# TYPE a_ops_total counter\na_ops_total{x=\"1\"} 3\n# HELP a_lat Latency.\n# TYPE a_lat histogram\na_lat_count 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"
+        );
     }
 }

@@ -314,14 +314,14 @@ impl TargetSubsystem for NvmfTarget {
             "Open NVMe/TCP connections, connected to a controller or not.",
             &[(vec![], self.nvmf.open_connections.load(Ordering::Relaxed) as f64)],
         )?;
-        out.counter("tidemark_nvmf_ns_ops", "Completed NVMe I/O commands per namespace and type.", &ops)?;
-        out.counter("tidemark_nvmf_ns_bytes", "Bytes transferred per namespace and type.", &bytes)?;
-        out.counter("tidemark_nvmf_ns_errors", "NVMe I/O commands completed with an error, per namespace and type.", &errors)?;
-        out.gauge("tidemark_nvmf_ns_queue_depth", "NVMe I/O commands executing per namespace.", &qd)?;
+        out.counter("tidemark_nvmf_namespace_ops", "Completed NVMe I/O commands per namespace and type.", &ops)?;
+        out.counter("tidemark_nvmf_namespace_bytes", "Bytes transferred per namespace and type.", &bytes)?;
+        out.counter("tidemark_nvmf_namespace_errors", "NVMe I/O commands completed with an error, per namespace and type.", &errors)?;
+        out.gauge("tidemark_nvmf_namespace_queue_depth", "NVMe I/O commands executing per namespace.", &qd)?;
         let reads: Vec<_> = snaps.iter().map(|(l, s)| (l.clone(), LatencySample { buckets: &s.read_buckets, sum_ns: s.read_sum_ns })).collect();
-        out.latency("tidemark_nvmf_ns_read_latency_seconds", "NVMe read latency per namespace, command received to data sent.", &reads)?;
+        out.latency("tidemark_nvmf_namespace_read_latency_seconds", "NVMe read latency per namespace, command received to data sent.", &reads)?;
         let writes: Vec<_> = snaps.iter().map(|(l, s)| (l.clone(), LatencySample { buckets: &s.write_buckets, sum_ns: s.write_sum_ns })).collect();
-        out.latency("tidemark_nvmf_ns_write_latency_seconds", "NVMe write latency per namespace, command received to completion sent.", &writes)?;
+        out.latency("tidemark_nvmf_namespace_write_latency_seconds", "NVMe write latency per namespace, command received to completion sent.", &writes)?;
         Ok(())
     }
 

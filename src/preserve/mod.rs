@@ -292,7 +292,7 @@ impl Subsystem for PreserveSubsystem {
         let copy: Vec<_> = all.iter().map(|(n, _, s)| (l(n), LatencySample { buckets: &s.copy_latency.0, sum_ns: s.copy_latency.1 })).collect();
         out.latency("tidemark_preserve_cow_copy_latency_seconds", "Latency of one copy-on-write: old pieces read, store write, durable table entry.", &copy)?;
         out.gauge("tidemark_preserve_store_bytes_used", "Bytes of the CoW store holding copied grains.", &gauge(&|s| s.store_bytes_used))?;
-        out.gauge("tidemark_preserve_store_bytes_total", "Bytes of the CoW store available for copied grains.", &gauge(&|s| s.store_bytes_total))?;
+        out.gauge("tidemark_preserve_store_capacity_bytes", "Bytes of the CoW store available for copied grains.", &gauge(&|s| s.store_bytes_total))?;
         out.gauge("tidemark_preserve_table_bytes", "Memory held by the CoW lookup tables.", &gauge(&|s| s.table_bytes))?;
         out.counter("tidemark_extent_lock_acquired", "Extent lock pieces granted.", &counter(&|s| s.locks.acquired))?;
         out.counter("tidemark_extent_lock_waits", "Extent lock requests that waited for an overlapping lock.", &counter(&|s| s.locks.waits))?;

@@ -132,7 +132,13 @@ impl Daemon {
     }
 
     /// GETs the metrics page.
+    /// The scrape as Prometheus gets it (OpenMetrics, asked for in the Accept header).
     pub fn metrics(&self) -> String {
+        http_get_accept(&format!("127.0.0.1:{}", self.metrics_port), "/metrics", "application/openmetrics-text; version=1.0.0")
+    }
+
+    /// The scrape as curl or promtool gets it (the classic text format, no Accept header).
+    pub fn metrics_text(&self) -> String {
         http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
     }
 
@@ -197,10 +203,14 @@ impl Drop for Daemon {
 
 /// A minimal HTTP/1.0 GET (the metrics endpoint is the only HTTP server we talk to).
 pub fn http_get(addr: &str, path: &str) -> String {
+    http_get_accept(addr, path, "*/*")
+}
+
+pub fn http_get_accept(addr: &str, path: &str, accept: &str) -> String {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n").expect("send");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     match out.split_once("\r\n\r\n") {
