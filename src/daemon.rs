@@ -71,8 +71,51 @@ pub fn apply_config(target: &Target) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the running configuration came from, so that SIGHUP can read it again.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// Tells the service manager (systemd's `Type=notify`) how the daemon is doing; a no-op when
+/// it was not started by one (no NOTIFY_SOCKET).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::warn!("cannot notify the service manager: {e}");
+    }
+}
+
+/// SIGHUP (`systemctl reload`): reads the configuration again and applies what can change
+/// while running (today `daemon.log_level`); other changes are named and wait for a restart,
+/// and an invalid file changes nothing.
+fn reload(source: &ConfigSource, running: &Config) {
+    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Status("reloading"))]);
+    match load_config(source.path.as_deref(), &source.overrides) {
+        Err(e) => log::error!("reload: configuration not applied: {e}"),
+        Ok(new) => {
+            let level = new.log_level().unwrap_or(log::LevelFilter::Info);
+            if std::env::var_os("RUST_LOG").is_none() {
+                log::set_max_level(level);
+            }
+            log::info!("reload: log level {level}");
+            let mut same = new.clone();
+            same.daemon.log_level = running.daemon.log_level.clone();
+            if same.to_toml().ok() != running.to_toml().ok() {
+                log::warn!("reload: the configuration has other changes; they take effect at the next restart");
+            }
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
 /// Runs the daemon until SIGINT/SIGTERM or `spdk_kill_instance`; returns the exit code.
 pub fn run(config: Config) -> i32 {
+    run_from(config, ConfigSource::default())
+}
+
+/// [`run`], with SIGHUP re-reading `source`.
+pub fn run_from(config: Config, source: ConfigSource) -> i32 {
     let socket = config.rpc.socket.clone();
     // Bind first: a second daemon on the same socket must fail before touching anything.
     let listener = match crate::rpc::bind_socket(&socket) {
@@ -82,7 +125,7 @@ pub fn run(config: Config) -> i32 {
             return 1;
         }
     };
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot install signal handlers: {e}");
@@ -122,17 +165,27 @@ pub fn run(config: Config) -> i32 {
         Err(e) => return fail(format!("cannot start RPC server: {e}"), reactors, &target),
     };
     log::info!("tidemarkd ready: RPC on {}", socket.display());
+    // Every listener (RPC, metrics, the configuration's NVMe/TCP and iSCSI portals) is bound
+    // by now: a supervisor may start what depends on the target.
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     // Signals and spdk_kill_instance both end in request_shutdown.
     let handle = signals.handle();
     let t = target.clone();
+    let running = target.config.clone();
     let sig_thread = std::thread::spawn(move || {
         let mut signals = signals;
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                reload(&source, &running);
+                continue;
+            }
             log::info!("signal {sig}: shutting down");
             t.request_shutdown();
+            break;
         }
     });
     target.wait_shutdown();
+    notify(&[sd_notify::NotifyState::Stopping]);
     handle.close();
     let _ = sig_thread.join();
     rpc.stop();

@@ -17,7 +17,8 @@ const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param va
        tidemark [-s SOCKET] backup status [ID] [--wait]
        tidemark backup verify MANIFEST_OR_IMAGE
        tidemark [-s SOCKET] backup restore MANIFEST_OR_IMAGE (--to-file FILE | --to-bdev BDEV)
-  -s, --socket PATH   JSON-RPC socket (default /var/tmp/tidemark.sock, or $TIDEMARK_RPC_SOCKET)
+  -s, --socket PATH   JSON-RPC socket (default /var/tmp/tidemark.sock, else the service's
+                      /run/tidemark/tidemark.sock; or $TIDEMARK_RPC_SOCKET)
   -t, --timeout SECS  how long to wait for the answer (default 60)
   METHOD              e.g. rpc_get_methods, bdev_get_bdevs, bdev_malloc_create
   --name value        a parameter; value is JSON if it parses as JSON, else a string
@@ -27,6 +28,18 @@ const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param va
 fn fail(code: i32, msg: &str) -> ! {
     eprintln!("tidemark: {msg}");
     exit(code)
+}
+
+/// The socket of `tidemarkd` run by hand (the embedded default), else the service's
+/// (packaging/tidemark.toml) when only that one exists.
+fn default_socket() -> &'static str {
+    const BY_HAND: &str = "/var/tmp/tidemark.sock";
+    const SERVICE: &str = "/run/tidemark/tidemark.sock";
+    if !std::path::Path::new(BY_HAND).exists() && std::path::Path::new(SERVICE).exists() {
+        SERVICE
+    } else {
+        BY_HAND
+    }
 }
 
 fn parse_value(s: &str) -> Value {
@@ -61,7 +74,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut socket = std::env::var("TIDEMARK_RPC_SOCKET").unwrap_or_else(|_| "/var/tmp/tidemark.sock".to_string());
+    let mut socket = std::env::var("TIDEMARK_RPC_SOCKET").unwrap_or_else(|_| default_socket().to_string());
     let mut timeout = 60u64;
     let mut i = 0;
     while i < args.len() && args[i].starts_with('-') {

@@ -43,7 +43,15 @@ fn parse_mode(s: &str) -> Result<PollMode, String> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_micros().init();
+    // RUST_LOG, when set, decides alone. Otherwise tidemark's own messages may be raised to
+    // trace at run time (`daemon.log_level`, re-read on SIGHUP) through log's global level,
+    // while other crates stay at info.
+    let rust_log = std::env::var_os("RUST_LOG").is_some();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if !rust_log {
+        logger.filter_module("tidemark", log::LevelFilter::Trace);
+    }
+    logger.format_timestamp_micros().init();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", tidemark::config::DEFAULT_CONFIG);
@@ -62,5 +70,8 @@ fn main() {
         println!("configuration is valid");
         return;
     }
-    std::process::exit(daemon::run(config));
+    if !rust_log {
+        log::set_max_level(config.log_level().unwrap_or(log::LevelFilter::Info));
+    }
+    std::process::exit(daemon::run_from(config, daemon::ConfigSource { path: args.config, overrides: o }));
 }

@@ -38,6 +38,10 @@ pub struct DaemonSection {
     /// I/O buffer pool reserved per core, in MiB.
     #[serde(default = "default_pool_mb")]
     pub buffer_pool_mb: u64,
+    /// Most verbose log level of tidemark's own messages: error, warn, info, debug or trace
+    /// (RUST_LOG, when set, takes precedence). Re-read on SIGHUP (`systemctl reload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,7 +107,7 @@ fn default_metrics() -> String {
 
 impl Default for DaemonSection {
     fn default() -> Self {
-        DaemonSection { data_dir: default_data_dir(), buffer_pool_mb: default_pool_mb() }
+        DaemonSection { data_dir: default_data_dir(), buffer_pool_mb: default_pool_mb(), log_level: None }
     }
 }
 impl Default for ReactorSection {
@@ -145,6 +149,7 @@ impl Config {
         if self.daemon.buffer_pool_mb == 0 || self.daemon.buffer_pool_mb > 64 * 1024 {
             return Err("key `daemon.buffer_pool_mb`: must be between 1 and 65536".into());
         }
+        self.log_level()?;
         if !self.metrics.listen.is_empty() {
             self.metrics
                 .listen
@@ -162,6 +167,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `daemon.log_level` as a filter (info when absent).
+    pub fn log_level(&self) -> Result<log::LevelFilter, String> {
+        match self.daemon.log_level.as_deref() {
+            None => Ok(log::LevelFilter::Info),
+            Some(l) => match l.parse::<log::LevelFilter>() {
+                Ok(f) if f != log::LevelFilter::Off => Ok(f),
+                _ => Err(format!("key `daemon.log_level`: {l:?} is not one of error, warn, info, debug, trace")),
+            },
+        }
     }
 
     /// The reactor CPUs: `cores`, else `cpumask`, else CPU 0.
