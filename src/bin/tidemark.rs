@@ -6,6 +6,9 @@
 //! Values are JSON when they parse as JSON (numbers, true/false, arrays, objects) and strings
 //! otherwise; dotted names build nested objects (`--listen_address.traddr 127.0.0.1`).
 
+#[path = "tidemark/top.rs"]
+mod top;
+
 use serde_json::{json, Map, Value};
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param value ...] [--json '{...}']
        tidemark [-s SOCKET] backup start --source SNAPSHOT --path FILE [--incremental_from SNAPSHOT] [--max_bandwidth_mb_sec N] [--detach]
+       tidemark [-s SOCKET] top [--once] [--interval SECS]   live view: reactors, bdevs, exports, snapshots, jobs
        tidemark [-s SOCKET] backup status [ID] [--wait]
        tidemark backup verify MANIFEST_OR_IMAGE
        tidemark [-s SOCKET] backup restore MANIFEST_OR_IMAGE (--to-file FILE | --to-bdev BDEV)
@@ -102,6 +106,17 @@ fn main() {
     i += 1;
     if method == "backup" {
         backup::main(&socket, timeout, &args[i..]);
+        return;
+    }
+    if method == "top" {
+        let rpc = |m: &str, p: Value| {
+            let params = match p {
+                Value::Object(o) => o,
+                _ => Map::new(),
+            };
+            call(&socket, timeout, m, params).map_err(|(code, msg)| format!("{m} failed: {msg} (code {code})"))
+        };
+        top::main(&args[i..], &socket, &rpc);
         return;
     }
     let params = parse_params(&args[i..]);
