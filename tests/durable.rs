@@ -1,0 +1,189 @@
+//! Durability of what the daemon acknowledged, against the real daemon on uring files:
+//! `kill -9` right after an acknowledged `bdev_snapshot_create` / `bdev_snapshot_delete`.
+
+#[path = "iscsi/client.rs"]
+#[allow(dead_code)]
+mod client;
+mod support;
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use support::*;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+/// Largest data segment the test client sends or asks for in one command.
+const CHUNK: usize = 64 * KIB;
+
+/// A daemon configuration with CoW volume `vol` over uring files (`files` is prepended to the
+/// file names: "" for the data directory) exported as LUN 0 of `iqn...:vol` on `port`.
+fn config(port: u16, files: &str, vol_mb: u64, store_mb: u64) -> String {
+    format!(
+        r#"
+[daemon]
+data_dir = "{{data_dir}}"
+buffer_pool_mb = 16
+[reactor]
+cores = [0]
+poll_mode = "adaptive"
+[rpc]
+socket = "{{socket}}"
+[metrics]
+listen = "{{metrics}}"
+
+[[bdev]]
+method = "bdev_uring_create"
+params = {{ name = "base", filename = "{files}vol.img", size_mb = {vol_mb}, block_size = 512 }}
+[[bdev]]
+method = "bdev_uring_create"
+params = {{ name = "store", filename = "{files}vol.store", size_mb = {store_mb}, block_size = 512 }}
+[[bdev]]
+method = "bdev_cow_create"
+params = {{ name = "vol", base_bdev = "base", store_bdev = "store", grain_kb = 64 }}
+
+[[iscsi]]
+method = "iscsi_create_portal_group"
+params = {{ tag = 1, portals = [{{ host = "127.0.0.1", port = "{port}" }}] }}
+[[iscsi]]
+method = "iscsi_create_initiator_group"
+params = {{ tag = 1, initiators = ["ANY"], netmasks = ["127.0.0.1/32"] }}
+[[iscsi]]
+method = "iscsi_create_target_node"
+params = {{ name = "iqn.2016-06.io.tidemark:vol", luns = [{{ bdev_name = "vol", lun_id = 0 }}], pg_ig_maps = [{{ pg_tag = 1, ig_tag = 1 }}], queue_depth = 32 }}
+"#
+    )
+}
+
+/// The RPC socket is bound before the configuration is applied: this returns once it is (the
+/// server answers only then).
+fn ready(d: &Daemon) {
+    d.rpc("framework_wait_init", json!(null));
+}
+
+fn node(bdev: &str) -> String {
+    format!("iqn.2016-06.io.tidemark:{bdev}")
+}
+
+fn login(addr: SocketAddr, bdev: &str) -> client::Session {
+    client::Session::login(addr, &client::LoginOptions::normal("iqn.2024-01.test:durable", &node(bdev)))
+        .unwrap_or_else(|e| panic!("login to {bdev} refused: {e:?}"))
+}
+
+/// Writes `data` at byte `off` (512-byte blocks) through the test client; the SCSI status of
+/// each command (0: GOOD).
+fn write_at(s: &mut client::Session, off: usize, data: &[u8]) -> Vec<u8> {
+    data.chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| {
+            let lba = (off + i * CHUNK) / 512;
+            s.scsi(0, &client::write10(lba as u32, (c.len() / 512) as u16), c.len() as u32, Some(c)).expect("write").status
+        })
+        .collect()
+}
+
+fn read_at(s: &mut client::Session, off: usize, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut pos = off;
+    while pos < off + len {
+        let n = CHUNK.min(off + len - pos);
+        let r = s.scsi(0, &client::read10((pos / 512) as u32, (n / 512) as u16), n as u32, None).expect("read");
+        assert_eq!(r.status, 0, "read at {pos} failed: {:?}", r.sense);
+        assert_eq!(r.data.len(), n);
+        out.extend_from_slice(&r.data);
+        pos += n;
+    }
+    out
+}
+
+/// Exports `bdev` (a snapshot) and reads its whole image, then removes the export again.
+fn read_image(d: &Daemon, addr: SocketAddr, bdev: &str, len: usize) -> Vec<u8> {
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": node(bdev), "luns": [{"bdev_name": bdev, "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 8}),
+    );
+    let img = {
+        let mut s = login(addr, bdev);
+        read_at(&mut s, 0, len)
+    };
+    d.rpc("iscsi_delete_target_node", json!({"name": node(bdev)}));
+    img
+}
+
+/// Where two images first differ, for messages.
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!("first difference at byte {i}: {:#04x} instead of {:#04x}", a[i], b[i]),
+        None if a.len() != b.len() => format!("lengths {} and {}", a.len(), b.len()),
+        None => "identical".into(),
+    }
+}
+
+/// The snapshots the daemon lists, by name, with their state.
+fn listed(d: &Daemon) -> BTreeMap<String, String> {
+    let all = d.rpc("bdev_snapshot_get", json!(null));
+    all.as_array().expect("a list").iter().map(|s| (s["name"].as_str().unwrap_or("").to_string(), s["state"].as_str().unwrap_or("").to_string())).collect()
+}
+
+#[test]
+fn an_acknowledged_snapshot_create_or_delete_survives_kill_9_right_after_the_reply() {
+    const VOL: usize = 2 * MIB;
+    let port = free_port();
+    let mut d = Daemon::start(&config(port, "", 2, 4));
+    ready(&d);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // What each round rewrites: a whole grain, one piece inside a grain, a range across two.
+    let regions = [(0, 64 * KIB), (68 * KIB, 8 * KIB), (MIB - 32 * KIB, 96 * KIB)];
+    let pattern = |round: usize, pos: usize| ((pos / 512) as u8).wrapping_mul(7) ^ (round as u8).wrapping_mul(31) ^ 0x5a;
+    let mut live = vec![0u8; VOL];
+    // Acknowledged snapshots and the image each must read; acknowledged deletions.
+    let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut deleted: Vec<String> = Vec::new();
+    let check = |d: &Daemon, snaps: &BTreeMap<String, Vec<u8>>, deleted: &[String], live: &[u8], what: &str| {
+        let have = listed(d);
+        for (name, want) in snaps {
+            match have.get(name).map(String::as_str) {
+                Some("sealed") => {}
+                Some(st) => panic!("{what}: snapshot {name} came back {st}, not sealed"),
+                None => panic!("{what}: snapshot {name} was acknowledged but is gone after kill -9 (snapshots: {have:?})\n{}", d.log_text()),
+            }
+            let img = read_image(d, addr, name, VOL);
+            assert!(img == *want, "{what}: snapshot {name} does not read its point in time: {}", first_difference(&img, want));
+        }
+        for name in deleted {
+            assert!(!have.contains_key(name), "{what}: snapshot {name} was deleted (acknowledged) but came back after kill -9");
+            assert!(d.try_rpc("bdev_get_bdevs", json!({"name": name})).is_err(), "{what}: the bdev of deleted snapshot {name} came back");
+        }
+        let mut s = login(addr, "vol");
+        let img = read_at(&mut s, 0, VOL);
+        assert!(img == live, "{what}: the live volume lost acknowledged writes: {}", first_difference(&img, live));
+    };
+    for round in 0..10 {
+        {
+            let mut s = login(addr, "vol");
+            for &(off, len) in &regions {
+                let data: Vec<u8> = (off..off + len).map(|p| pattern(round, p)).collect();
+                assert!(write_at(&mut s, off, &data).iter().all(|&st| st == 0), "round {round}: a write failed");
+                live[off..off + len].copy_from_slice(&data);
+            }
+        }
+        let name = format!("k{round}");
+        let r = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": name}));
+        d.kill9();
+        assert!(r["state"] == "draining" || r["state"] == "sealed", "{r}");
+        snaps.insert(name.clone(), live.clone());
+        d.restart();
+        ready(&d);
+        check(&d, &snaps, &deleted, &live, &format!("round {round}, after creating {name}"));
+        if round % 3 == 2 {
+            let Some(old) = snaps.keys().next().cloned() else { continue };
+            assert_eq!(d.rpc("bdev_snapshot_delete", json!({"name": old})), json!(true));
+            d.kill9();
+            snaps.remove(&old);
+            deleted.push(old.clone());
+            d.restart();
+            ready(&d);
+            check(&d, &snaps, &deleted, &live, &format!("round {round}, after deleting {old}"));
+        }
+    }
+}
