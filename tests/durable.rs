@@ -1,5 +1,6 @@
 //! Durability of what the daemon acknowledged, against the real daemon on uring files:
-//! `kill -9` right after an acknowledged `bdev_snapshot_create` / `bdev_snapshot_delete`.
+//! `kill -9` right after an acknowledged `bdev_snapshot_create` / `bdev_snapshot_delete`, and a
+//! file system that fills under the CoW store (root only: it mounts a small tmpfs).
 
 #[path = "iscsi/client.rs"]
 #[allow(dead_code)]
@@ -8,7 +9,11 @@ mod support;
 
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use support::*;
 
 const KIB: usize = 1 << 10;
@@ -186,4 +191,101 @@ fn an_acknowledged_snapshot_create_or_delete_survives_kill_9_right_after_the_rep
             check(&d, &snaps, &deleted, &live, &format!("round {round}, after deleting {old}"));
         }
     }
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped (also when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tidemark-test"]).arg(at).output().expect("run mount");
+        assert!(out.status.success(), "mount tmpfs on {}: {}", at.display(), String::from_utf8_lossy(&out.stderr));
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // The kernel releases the files of a killed process's io_uring rings a moment after
+        // it exits: retry a little, then detach the mount (it goes once the files close).
+        for _ in 0..40 {
+            if Command::new("umount").arg(&self.0).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_file_system_under_the_cow_store_fails_the_snapshot_and_never_a_host_write() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: mounting the small file system this test fills needs root");
+        return;
+    }
+    const VOL: usize = 16 * MIB;
+    let mnt = tempfile::Builder::new().prefix("tidemark-fullfs").tempdir().expect("tempdir");
+    let fs = Tmpfs::mount(mnt.path(), "64m");
+    // The volume's file written whole before the daemon starts: its blocks are allocated, so
+    // only copies into the (sparse) store need space. Then the file system is filled up to
+    // 4 MiB: the store can take 64 grains of copies, not the 256 the overwrite needs.
+    std::fs::write(fs.0.join("vol.img"), vec![0x11u8; VOL]).expect("write the volume file");
+    let free = nix::sys::statvfs::statvfs(&fs.0).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64).expect("statvfs");
+    let filler = std::fs::File::create(fs.0.join("filler")).expect("filler");
+    let mut w = std::io::BufWriter::new(filler);
+    let chunk = vec![0xEEu8; MIB];
+    for _ in 0..(free as usize - 4 * MIB) / MIB {
+        w.write_all(&chunk).expect("fill the file system");
+    }
+    w.flush().expect("flush the filler");
+    drop(w);
+    let port = free_port();
+    let files = format!("{}/", fs.0.display());
+    let d = Daemon::start(&config(port, &files, (VOL / MIB) as u64, 40));
+    ready(&d);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let r = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "s1", "wait_sealed": true}));
+    assert_eq!(r["state"], "sealed", "{r}");
+    // Overwrite every block: each first write of a grain needs a copy, and the file system
+    // fills after about a quarter of them. Every host write must succeed.
+    let mut s = login(addr, "vol");
+    let statuses = write_at(&mut s, 0, &vec![0x22u8; VOL]);
+    let failed = statuses.iter().filter(|&&st| st != 0).count();
+    assert_eq!(failed, 0, "{failed} of {} host writes failed when the store's file system filled\n{}", statuses.len(), d.log_text());
+    let img = read_at(&mut s, 0, VOL);
+    assert!(img.iter().all(|&b| b == 0x22), "the live volume lost writes: {}", first_difference(&img, &vec![0x22u8; VOL]));
+    drop(s);
+    // At start, the daemon said: the store can grow by ~40 MiB on a file system with ~4 MiB free.
+    let log = d.log_text();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("can grow by") && l.contains(&fs.0.display().to_string())), "no start-up warning:\n{log}");
+    let m = d.metrics();
+    let free_metric = format!("tidemark_filesystem_free_bytes{{path=\"{}\"}}", fs.0.display());
+    assert!(m.contains(&free_metric), "{free_metric} missing:\n{m}");
+    assert!(m.contains("tidemark_bdev_file_unallocated_bytes{bdev=\"store\"}"), "{m}");
+
+    // The snapshot failed, at ERROR naming the volume, the snapshot and the reason.
+    let st = d.rpc("bdev_snapshot_get", json!({"name": "s1"}));
+    assert_eq!(st[0]["state"], "failed", "{st}");
+    let log = d.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains("vol") && l.contains("snapshot s1 failed") && l.contains("file system is full")),
+        "no ERROR line for the failed snapshot:\n{log}"
+    );
+    let m = d.metrics();
+    for line in ["tidemark_preserve_snapshots{bdev=\"vol\",method=\"cow\",state=\"failed\"} 1", "tidemark_preserve_snapshot_failures_total{bdev=\"vol\"} 1"] {
+        assert!(m.contains(line), "metrics lack {line}:\n{m}");
+    }
+    // A failed snapshot can be deleted, and the volume preserves again once there is room.
+    assert_eq!(d.rpc("bdev_snapshot_delete", json!({"name": "s1"})), json!(true));
+    std::fs::remove_file(fs.0.join("filler")).expect("remove the filler");
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "s2", "wait_sealed": true}));
+    let mut s = login(addr, "vol");
+    assert_eq!(write_at(&mut s, 0, &vec![0x33u8; CHUNK]), [0]);
+    drop(s);
+    let img = read_image(&d, addr, "s2", CHUNK);
+    assert!(img.iter().all(|&b| b == 0x22), "the new snapshot reads {}", first_difference(&img, &[0x22u8; CHUNK]));
+    assert_eq!(d.rpc("bdev_snapshot_get", json!({"name": "s2"}))[0]["state"], "sealed");
+    drop(d);
 }
