@@ -1,19 +1,28 @@
 //! Durability of what the daemon acknowledged, against the real daemon on uring files:
-//! `kill -9` right after an acknowledged `bdev_snapshot_create` / `bdev_snapshot_delete`, and a
-//! file system that fills under the CoW store (root only: it mounts a small tmpfs).
+//! `kill -9` right after an acknowledged `bdev_snapshot_create` / `bdev_snapshot_delete`, a
+//! file system that fills under the CoW store (root only: it mounts a small tmpfs), and a
+//! bounded chaos test (qemu-io writing over iSCSI, snapshots created and deleted, `kill -9` at
+//! a seeded random moment, restart, every acknowledged write and snapshot checked).
+//!
+//! The chaos test prints its seed; `TIDEMARK_CHAOS_SEED=n` replays it. qemu-io comes from
+//! `tests/iscsi/deps.sh`; without it the chaos test fails, unless TIDEMARK_SKIP_PRESERVE=1.
 
 #[path = "iscsi/client.rs"]
 #[allow(dead_code)]
 mod client;
 mod support;
 
-use serde_json::json;
+use rand::{RngExt, SeedableRng};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use support::*;
 
 const KIB: usize = 1 << 10;
@@ -288,4 +297,229 @@ fn a_full_file_system_under_the_cow_store_fails_the_snapshot_and_never_a_host_wr
     assert!(img.iter().all(|&b| b == 0x22), "the new snapshot reads {}", first_difference(&img, &[0x22u8; CHUNK]));
     assert_eq!(d.rpc("bdev_snapshot_get", json!({"name": "s2"}))[0]["state"], "sealed");
     drop(d);
+}
+
+// ---- chaos ----
+
+/// A JSON-RPC call on its own connection (from a thread other than the test's), Err when the
+/// daemon answered with an error or went away before answering.
+fn rpc_at(socket: &Path, method: &str, params: Value) -> Result<Value, String> {
+    let s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    (&s).write_all(req.to_string().as_bytes()).map_err(|e| e.to_string())?;
+    let resp: Value = serde_json::Deserializer::from_reader(BufReader::new(&s)).into_iter::<Value>().next().ok_or("no answer")?.map_err(|e| e.to_string())?;
+    match resp.get("error") {
+        Some(e) => Err(e.to_string()),
+        None => Ok(resp["result"].clone()),
+    }
+}
+
+/// What the control thread of one cycle did.
+#[derive(Debug, Default)]
+struct Control {
+    /// Snapshot created: name, writes acknowledged before the request was sent, and whether
+    /// the reply came (acknowledged).
+    created: Option<(String, usize, bool)>,
+    /// Snapshots deleted: name, acknowledged.
+    deleted: Vec<(String, bool)>,
+}
+
+/// The image after applying the first `k` writes of `plan` to `base`.
+fn apply(base: &[u8], plan: &[(usize, usize, u8)], k: usize) -> Vec<u8> {
+    let mut img = base.to_vec();
+    for &(off, len, p) in &plan[..k] {
+        img[off..off + len].fill(p);
+    }
+    img
+}
+
+/// The k in `lo..=hi` for which `img` is `base` after the first k writes, if any. Write
+/// `torn` (the one in flight at the crash, not acknowledged) may also have reached the media
+/// in part, block by block: then k is `torn`.
+fn prefix_of(img: &[u8], base: &[u8], plan: &[(usize, usize, u8)], lo: usize, hi: usize, torn: usize) -> Option<usize> {
+    let mut cur = apply(base, plan, lo);
+    for k in lo..=hi.min(plan.len()) {
+        if k > lo {
+            let (off, len, p) = plan[k - 1];
+            cur[off..off + len].fill(p);
+        }
+        if cur == img {
+            return Some(k);
+        }
+    }
+    if torn < lo || torn >= hi.min(plan.len()) {
+        return None;
+    }
+    let before = apply(base, plan, torn);
+    let (off, len, p) = plan[torn];
+    let outside = img[..off] == before[..off] && img[off + len..] == before[off + len..];
+    let inside = img[off..off + len].chunks(512).zip(before[off..off + len].chunks(512)).all(|(b, old)| b == old || b.iter().all(|&x| x == p));
+    (outside && inside).then_some(torn)
+}
+
+#[test]
+fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
+    if !require_tools(&["qemu-io", "stdbuf"], "TIDEMARK_SKIP_PRESERVE") {
+        return;
+    }
+    const VOL: usize = 4 * MIB;
+    const CYCLES: usize = 20;
+    const WRITES: usize = 150;
+    let seed: u64 = std::env::var("TIDEMARK_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    eprintln!("chaos seed {seed} (replay: TIDEMARK_CHAOS_SEED={seed} cargo test --test durable chaos -- --nocapture)");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let port = free_port();
+    // Room in the store for every grain of five snapshots: it never fills here.
+    let mut d = Daemon::start(&config(port, "", (VOL / MIB) as u64, 24));
+    ready(&d);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let url = format!("iscsi://{addr}/{}/0", node("vol"));
+    let t0 = Instant::now();
+    // The verified state: the live image and every snapshot's image.
+    let mut live = vec![0u8; VOL];
+    let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut gone: Vec<String> = Vec::new();
+    let (mut kills_before_create_reply, mut kills_during_writes) = (0, 0);
+    for cycle in 0..CYCLES {
+        let why = |what: &str| format!("seed {seed}, cycle {cycle}: {what}");
+        // Writes: whole grains, and single pieces (4 KiB), anywhere.
+        let plan: Vec<(usize, usize, u8)> = (0..WRITES)
+            .map(|_| {
+                let len = if rng.random_bool(0.5) { 64 * KIB } else { 4 * KIB };
+                (rng.random_range(0..VOL / len) * len, len, rng.random_range(1..=255u8))
+            })
+            .collect();
+        let create_after = Duration::from_millis(rng.random_range(0..300));
+        let delete_after = Duration::from_millis(rng.random_range(0..200));
+        // Most kills land while qemu-io writes (it takes about half a second for the plan).
+        let kill_at = Duration::from_millis(rng.random_range(20..700));
+        // stdbuf execs qemu-io (same PID, so killing the child kills qemu-io) with its output
+        // line-buffered, so each "wrote" line is seen as its write completes.
+        let mut q = Command::new("stdbuf");
+        q.args(["-oL", "qemu-io", "-f", "raw"]);
+        for &(off, len, p) in &plan {
+            q.arg("-c").arg(format!("write -P {p} {off} {len}"));
+        }
+        let mut child = q.arg(&url).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start qemu-io");
+        let start = Instant::now();
+        let acked = Arc::new(AtomicUsize::new(0));
+        let out = child.stdout.take().expect("stdout");
+        let reader = {
+            let acked = acked.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if line.starts_with("wrote ") {
+                        acked.fetch_add(1, SeqCst);
+                    }
+                }
+            })
+        };
+        // Control: a snapshot of this cycle, then the oldest ones deleted down to two.
+        let control = Arc::new(Mutex::new(Control::default()));
+        let ctl = {
+            let (control, acked, socket) = (control.clone(), acked.clone(), d.socket.clone());
+            let oldest: Vec<String> = snaps.keys().take(snaps.len().saturating_sub(2)).cloned().collect();
+            let name = format!("c{cycle:02}");
+            std::thread::spawn(move || {
+                std::thread::sleep(create_after);
+                let lo = acked.load(SeqCst);
+                control.lock().unwrap().created = Some((name.clone(), lo, false));
+                if rpc_at(&socket, "bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": name})).is_err() {
+                    return;
+                }
+                control.lock().unwrap().created = Some((name, lo, true));
+                for old in oldest {
+                    std::thread::sleep(delete_after);
+                    control.lock().unwrap().deleted.push((old.clone(), false));
+                    if rpc_at(&socket, "bdev_snapshot_delete", json!({"name": old})).is_err() {
+                        return;
+                    }
+                    if let Some(last) = control.lock().unwrap().deleted.last_mut() {
+                        last.1 = true;
+                    }
+                }
+            })
+        };
+        std::thread::sleep(kill_at.saturating_sub(start.elapsed()));
+        d.kill9();
+        // qemu-io is our child: stop it by PID (its iSCSI driver would retry forever).
+        let _ = child.kill();
+        let _ = child.wait();
+        reader.join().expect("reader");
+        ctl.join().expect("control thread");
+        let printed = acked.load(SeqCst);
+        if printed > 0 && printed < WRITES {
+            kills_during_writes += 1;
+        }
+        let c = std::mem::take(&mut *control.lock().unwrap());
+        if matches!(c.created, Some((_, _, false))) {
+            kills_before_create_reply += 1;
+        }
+        eprintln!("cycle {cycle}: kill at {kill_at:?} after {printed} acknowledged writes; {c:?}");
+        d.restart();
+        ready(&d);
+        // Writes 0..printed were acknowledged; the next one may have reached the volume (its
+        // reply may have been on the way); none after it was sent.
+        let hi = (printed + 1).min(WRITES);
+        let img = {
+            let mut s = login(addr, "vol");
+            read_at(&mut s, 0, VOL)
+        };
+        let k = prefix_of(&img, &live, &plan, printed, hi, printed)
+            .unwrap_or_else(|| panic!("{}\n{}", why(&format!("the live volume is not the image after {printed} (or {hi}) acknowledged writes")), d.log_text()));
+        eprintln!("cycle {cycle}: the live volume holds the first {k} writes");
+        // What was read is verified: the next cycle starts from it (a torn write included).
+        let cycle_base = std::mem::replace(&mut live, img);
+        let have = listed(&d);
+        // Every acknowledged snapshot is there, sealed, with exactly its image.
+        for (name, want) in &snaps {
+            let deleted_ack = c.deleted.iter().any(|(n, ack)| n == name && *ack);
+            let deleted_unacked = c.deleted.iter().any(|(n, ack)| n == name && !*ack);
+            match (have.get(name).map(String::as_str), deleted_ack) {
+                (None, true) => continue,
+                (Some(_), true) => panic!("{}", why(&format!("snapshot {name} was deleted (acknowledged) but came back"))),
+                (None, false) if deleted_unacked => continue,
+                (None, false) => panic!("{}\n{}", why(&format!("sealed snapshot {name} is gone")), d.log_text()),
+                (Some("sealed"), false) => {}
+                (Some(st), false) => panic!("{}", why(&format!("snapshot {name} came back {st}"))),
+            }
+            let img = read_image(&d, addr, name, VOL);
+            assert!(img == *want, "{}: {}", why(&format!("snapshot {name} changed")), first_difference(&img, want));
+        }
+        snaps.retain(|n, _| have.contains_key(n));
+        for n in &gone {
+            assert!(!have.contains_key(n), "{}", why(&format!("deleted snapshot {n} came back")));
+        }
+        gone.extend(c.deleted.iter().filter(|(_, ack)| *ack).map(|(n, _)| n.clone()));
+        // This cycle's snapshot: there if acknowledged; either way, if there, a point-in-time
+        // image of the write stream from the moment the request was sent.
+        if let Some((name, lo, ack)) = &c.created {
+            match have.get(name).map(String::as_str) {
+                None if *ack => panic!("{}\n{}", why(&format!("snapshot {name} was acknowledged but is gone")), d.log_text()),
+                None => {}
+                Some(st) => {
+                    assert_eq!(st, "sealed", "{}", why(&format!("snapshot {name} came back {st}")));
+                    let img = read_image(&d, addr, name, VOL);
+                    let j = prefix_of(&img, &cycle_base, &plan, *lo, hi, printed).unwrap_or_else(|| {
+                        panic!(
+                            "{}\n{}",
+                            why(&format!("snapshot {name} is not a point-in-time image of the writes after the {lo} acknowledged before it was requested")),
+                            d.log_text()
+                        )
+                    });
+                    eprintln!("cycle {cycle}: snapshot {name} holds the first {j} writes");
+                    snaps.insert(name.clone(), img);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {CYCLES} cycles in {:?}; {kills_during_writes} kills while qemu-io wrote, {kills_before_create_reply} after a snapshot create was sent and before its reply; {} snapshots at the end",
+        t0.elapsed(),
+        snaps.len()
+    );
 }
