@@ -200,6 +200,20 @@ fn an_acknowledged_snapshot_create_or_delete_survives_kill_9_right_after_the_rep
             check(&d, &snaps, &deleted, &live, &format!("round {round}, after deleting {old}"));
         }
     }
+    // A volume made over RPC: its store is formatted for good when bdev_cow_create returns.
+    let make = |d: &Daemon| {
+        d.rpc("bdev_uring_create", json!({"name": "b2", "filename": "v2.img", "size_mb": 1, "block_size": 512}));
+        d.rpc("bdev_uring_create", json!({"name": "s2", "filename": "v2.store", "size_mb": 2, "block_size": 512}));
+        d.rpc("bdev_cow_create", json!({"name": "v2", "base_bdev": "b2", "store_bdev": "s2", "grain_kb": 64}));
+        d.rpc("bdev_get_bdevs", json!({"name": "v2"}))[0]["uuid"].clone()
+    };
+    let uuid = make(&d);
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "v2", "snapshot_name": "v2s"}));
+    d.kill9();
+    d.restart();
+    ready(&d);
+    assert_eq!(make(&d), uuid, "the store of v2 was formatted again after kill -9: its format was not durable");
+    assert_eq!(listed(&d).get("v2s").map(String::as_str), Some("sealed"), "snapshot v2s of the RPC-made volume is gone");
 }
 
 /// A tmpfs mounted for the test, unmounted when dropped (also when the test fails).
