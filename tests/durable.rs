@@ -4,7 +4,9 @@
 //! bounded chaos test (qemu-io writing over iSCSI, snapshots created and deleted, `kill -9` at
 //! a seeded random moment, restart, every acknowledged write and snapshot checked).
 //!
-//! The chaos test prints its seed; `TIDEMARK_CHAOS_SEED=n` replays it. qemu-io comes from
+//! The chaos test prints its seed; `TIDEMARK_CHAOS_SEED=n` replays it: the seed fixes the
+//! writes, the delays and where each kill lands (after the k-th acknowledged write, or right
+//! after the reply to a create or a delete); the daemon's own timing still varies. qemu-io comes from
 //! `tests/iscsi/deps.sh`; without it the chaos test fails, unless TIDEMARK_SKIP_PRESERVE=1.
 
 #[path = "iscsi/client.rs"]
@@ -329,6 +331,10 @@ fn rpc_at(socket: &Path, method: &str, params: Value) -> Result<Value, String> {
     }
 }
 
+/// Bits of what the control thread got a reply to, in one cycle.
+const REPLIED_CREATE: usize = 1;
+const REPLIED_DELETE: usize = 2;
+
 /// What the control thread of one cycle did.
 #[derive(Debug, Default)]
 struct Control {
@@ -337,6 +343,11 @@ struct Control {
     created: Option<(String, usize, bool)>,
     /// Snapshots deleted: name, acknowledged.
     deleted: Vec<(String, bool)>,
+}
+
+/// The daemon's ERROR lines, for messages.
+fn errors(d: &Daemon) -> String {
+    d.log_text().lines().filter(|l| l.contains("ERROR")).collect::<Vec<_>>().join("\n")
 }
 
 /// The image after applying the first `k` writes of `plan` to `base`.
@@ -407,10 +418,20 @@ fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
                 (rng.random_range(0..VOL / len) * len, len, rng.random_range(1..=255u8))
             })
             .collect();
-        let create_after = Duration::from_millis(rng.random_range(0..300));
-        let delete_after = Duration::from_millis(rng.random_range(0..200));
-        // Most kills land while qemu-io writes (it takes about half a second for the plan).
-        let kill_at = Duration::from_millis(rng.random_range(20..700));
+        let create_after = Duration::from_millis(rng.random_range(0..250));
+        let delete_after = Duration::from_millis(rng.random_range(0..100));
+        // The kill comes after a random number of acknowledged writes (past the end: after
+        // qemu-io is done), plus a random few milliseconds, so it lands anywhere in the stream,
+        // not mostly in qemu-io's start-up.
+        // One cycle in four kills right after the reply to the create (or to a delete), where
+        // a reply sent before the record is durable loses the snapshot.
+        let kill_after = rng.random_range(0..WRITES + WRITES / 8);
+        let kill_on_reply = match rng.random_range(0..8) {
+            0 | 1 => REPLIED_CREATE,
+            2 => REPLIED_DELETE,
+            _ => 0,
+        };
+        let kill_delay = Duration::from_micros(rng.random_range(0..4000));
         // stdbuf execs qemu-io (same PID, so killing the child kills qemu-io) with its output
         // line-buffered, so each "wrote" line is seen as its write completes.
         let mut q = Command::new("stdbuf");
@@ -432,20 +453,16 @@ fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
                 }
             })
         };
-        // Control: a snapshot of this cycle, then the oldest ones deleted down to two.
+        // Control: the oldest snapshots deleted down to two, then a snapshot of this cycle.
         let control = Arc::new(Mutex::new(Control::default()));
+        let replied = Arc::new(AtomicUsize::new(0));
         let ctl = {
-            let (control, acked, socket) = (control.clone(), acked.clone(), d.socket.clone());
+            let (control, acked, socket, replied) = (control.clone(), acked.clone(), d.socket.clone(), replied.clone());
             let oldest: Vec<String> = snaps.keys().take(snaps.len().saturating_sub(2)).cloned().collect();
             let name = format!("c{cycle:02}");
+            // Deletes first: a kill during them leaves no new snapshot, so the store (room for
+            // five snapshots' copies) never fills however many deletes the kills cut short.
             std::thread::spawn(move || {
-                std::thread::sleep(create_after);
-                let lo = acked.load(SeqCst);
-                control.lock().unwrap().created = Some((name.clone(), lo, false));
-                if rpc_at(&socket, "bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": name})).is_err() {
-                    return;
-                }
-                control.lock().unwrap().created = Some((name, lo, true));
                 for old in oldest {
                     std::thread::sleep(delete_after);
                     control.lock().unwrap().deleted.push((old.clone(), false));
@@ -455,10 +472,29 @@ fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
                     if let Some(last) = control.lock().unwrap().deleted.last_mut() {
                         last.1 = true;
                     }
+                    replied.fetch_or(REPLIED_DELETE, SeqCst);
                 }
+                std::thread::sleep(create_after);
+                let lo = acked.load(SeqCst);
+                control.lock().unwrap().created = Some((name.clone(), lo, false));
+                if rpc_at(&socket, "bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": name})).is_err() {
+                    return;
+                }
+                control.lock().unwrap().created = Some((name, lo, true));
+                replied.fetch_or(REPLIED_CREATE, SeqCst);
             })
         };
-        std::thread::sleep(kill_at.saturating_sub(start.elapsed()));
+        if kill_on_reply != 0 {
+            while replied.load(SeqCst) & kill_on_reply == 0 && !ctl.is_finished() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::yield_now();
+            }
+        } else {
+            while acked.load(SeqCst) < kill_after && start.elapsed() < Duration::from_secs(10) && child.try_wait().is_ok_and(|s| s.is_none()) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(kill_delay);
+        }
+        let kill_at = start.elapsed();
         d.kill9();
         // qemu-io is our child: stop it by PID (its iSCSI driver would retry forever).
         let _ = child.kill();
@@ -499,7 +535,7 @@ fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
                 (None, false) if deleted_unacked => continue,
                 (None, false) => panic!("{}\n{}", why(&format!("sealed snapshot {name} is gone")), d.log_text()),
                 (Some("sealed"), false) => {}
-                (Some(st), false) => panic!("{}", why(&format!("snapshot {name} came back {st}"))),
+                (Some(st), false) => panic!("{}\n{}", why(&format!("snapshot {name} came back {st}")), errors(&d)),
             }
             let img = read_image(&d, addr, name, VOL);
             assert!(img == *want, "{}: {}", why(&format!("snapshot {name} changed")), first_difference(&img, want));
@@ -532,7 +568,7 @@ fn chaos_kill_9_at_random_moments_loses_no_acknowledged_write_or_snapshot() {
         }
     }
     eprintln!(
-        "chaos: {CYCLES} cycles in {:?}; {kills_during_writes} kills while qemu-io wrote, {kills_before_create_reply} after a snapshot create was sent and before its reply; {} snapshots at the end",
+        "chaos: {CYCLES} cycles in {:?}; {kills_during_writes} kills while qemu-io wrote, {kills_before_create_reply} before the reply to a snapshot create; {} snapshots at the end",
         t0.elapsed(),
         snaps.len()
     );
