@@ -257,7 +257,7 @@ fn a_full_file_system_under_the_cow_store_fails_the_snapshot_and_never_a_host_wr
     // only copies into the (sparse) store need space. Then the file system is filled up to
     // 4 MiB: the store can take 64 grains of copies, not the 256 the overwrite needs.
     std::fs::write(fs.0.join("vol.img"), vec![0x11u8; VOL]).expect("write the volume file");
-    let free = nix::sys::statvfs::statvfs(&fs.0).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64).expect("statvfs");
+    let free = nix::sys::statvfs::statvfs(&fs.0).map(|s| s.blocks_available() * s.fragment_size()).expect("statvfs");
     let filler = std::fs::File::create(fs.0.join("filler")).expect("filler");
     let mut w = std::io::BufWriter::new(filler);
     let chunk = vec![0xEEu8; MIB];

@@ -8,7 +8,7 @@
 use super::UringBdev;
 use crate::metrics::{labels, MetricsOut};
 use crate::target::Target;
-use std::collections::BTreeMap;
+use std::collections::btree_map::{BTreeMap, Entry};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -77,14 +77,15 @@ pub fn report(t: &Target) -> Vec<FsReport> {
         by_dev.insert(m.dev(), FsReport { path: t.data_dir.clone(), space, files: Vec::new() });
     }
     for f in file_uses(t) {
-        if !by_dev.contains_key(&f.dev) {
-            let dir = f.path.parent().map(Path::to_path_buf).unwrap_or_else(|| f.path.clone());
-            let Some(space) = fs_space(&dir) else { continue };
-            by_dev.insert(f.dev, FsReport { path: dir, space, files: Vec::new() });
-        }
-        if let Some(r) = by_dev.get_mut(&f.dev) {
-            r.files.push(f);
-        }
+        let r = match by_dev.entry(f.dev) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let dir = f.path.parent().map(Path::to_path_buf).unwrap_or_else(|| f.path.clone());
+                let Some(space) = fs_space(&dir) else { continue };
+                v.insert(FsReport { path: dir, space, files: Vec::new() })
+            }
+        };
+        r.files.push(f);
     }
     by_dev.into_values().collect()
 }
