@@ -151,6 +151,8 @@ pub fn run_from(config: Config, source: ConfigSource) -> i32 {
     if let Err(e) = apply_config(&target) {
         return fail(format!("config: {e}"), reactors, &target);
     }
+    // Sparse files fill their file system only later, under load: say so now.
+    crate::bdevs::uring::space::warn_if_sparse_files_can_outgrow(&target);
     let metrics = if metrics_addr.is_empty() {
         None
     } else {

@@ -181,17 +181,20 @@ impl Home {
         b
     }
 
-    fn mark_failed(&self, mask: u32) {
+    /// Marks the snapshots of `mask` failed (those still draining or sealed), logging `why`
+    /// at ERROR, and queues the header that records it.
+    fn mark_failed(&self, mask: u32, why: &str) {
         let v = &self.v;
         for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
             let s = &v.snaps[i];
             let st = s.state.load(SeqCst);
             if (st == ST_DRAINING || st == ST_SEALED) && s.state.compare_exchange(st, ST_FAILED, SeqCst, SeqCst).is_ok() {
                 v.live.fetch_and(!(1 << i), SeqCst);
+                v.stats.snapshots_failed.fetch_add(1, Relaxed);
                 let mut m = s.meta();
                 m.disk_state = DiskState::Failed;
                 m.signal.set(SnapshotState::Failed);
-                log::error!("{}: snapshot {} failed: the CoW store {} is full", v.name, m.name, v.store.name());
+                log::error!("volume {}: snapshot {} failed: {why}", v.name, m.name);
             }
         }
         self.header_dirty.set(true);
@@ -266,9 +269,20 @@ pub(crate) async fn unused(v: &VolumeShared, slot: u32) {
     reactor::call_on(v.home, move || home_of(id).map(|h| h.unused(slot))).await;
 }
 
-pub(crate) async fn fail(v: &VolumeShared, mask: u32) {
+/// Marks the snapshots of `mask` failed because of `why`, and waits until that is durable:
+/// the caller is about to write the live image without the copy those snapshots needed, and
+/// after a crash they must not come back as sealed images that read the new data.
+pub(crate) async fn fail(v: &VolumeShared, mask: u32, why: String) -> IoResult {
     let id = v.id;
-    reactor::call_on(v.home, move || home_of(id).map(|h| h.mark_failed(mask))).await;
+    let rx = reactor::call_on(v.home, move || {
+        home_of(id).map(|h| {
+            h.mark_failed(mask, &why);
+            h.wait_batch()
+        })
+    })
+    .await
+    .ok_or(BdevError::Offline)?;
+    rx.await.unwrap_or(Err(BdevError::Offline))
 }
 
 /// Applies record changes and waits until they are durable.
@@ -605,13 +619,27 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
     };
     debug_assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
     let t0 = reactor::now_ns();
+    // The header naming the snapshot goes into the next batch. Writes stamped after the bump
+    // commit their records no earlier than that batch, so no record of this index is ever
+    // durable without it (recovery drops bits of indices its header does not list).
     home.header_dirty.set(true);
-    v.committer.wake();
+    let recorded = home.wait_batch();
     if freeze {
         seal(v.clone(), i, gen, sealing, t0).await;
         v.gate.thaw();
     } else {
         reactor::spawn_detached(seal(v.clone(), i, gen, sealing, t0));
+    }
+    // The reply waits until the record is on media, so an acknowledged snapshot survives a
+    // crash the instant after (DESIGN §1). Only this control flow waits: the epoch is already
+    // bumped, and host writes wait for a batch only when they copy, as they always do.
+    if let Err(e) = recorded.await.unwrap_or(Err(BdevError::Offline)) {
+        home.mark_failed(1 << i, &format!("its record could not be written to the store {}: {e}", v.store.name()));
+        return Err(PreserveError::Io(format!(
+            "volume {}: snapshot {name} could not be recorded in the store {}: {e}; it is marked failed, delete it",
+            v.name,
+            v.store.name()
+        )));
     }
     Ok((i, gen, signal))
 }
@@ -636,7 +664,8 @@ async fn seal(v: Arc<VolumeShared>, i: usize, gen: u64, sealing: crate::preserve
     if s.state.compare_exchange(ST_DRAINING, to, SeqCst, SeqCst).is_ok() {
         if !ok {
             v.live.fetch_and(!(1 << i), SeqCst);
-            log::error!("{}: snapshot {} failed to seal: {:?}", v.name, s.meta().name, flushed.and(durable));
+            v.stats.snapshots_failed.fetch_add(1, Relaxed);
+            log::error!("volume {}: snapshot {} failed to seal: {:?}", v.name, s.meta().name, flushed.and(durable));
         }
         v.stats.seal_latency.record(dt);
         s.meta().signal.set(if ok { SnapshotState::Sealed } else { SnapshotState::Failed });

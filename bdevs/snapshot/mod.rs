@@ -91,9 +91,24 @@
 //! its preserve* (each block holds what was durable then, or the data of a write that was not
 //! durable then, e.g. one still in flight at the preserve: a host flush after the preserve
 //! makes a write durable in the live volume, not in a snapshot that has not sealed), or not at
-//! all if its creation had not reached the header yet. A deleted snapshot's index is first marked `deleting`
+//! all if its creation had not reached the header yet. The preserve replies only once it has:
+//! the header naming the new index goes into the group committer's next batch, the reply
+//! waits for that batch, and no record carrying the index can be durable earlier (writes
+//! stamped after the bump commit in that batch or a later one). So an acknowledged snapshot
+//! always comes back; host writes never wait for that header (they wait only for the records
+//! of their own copies, as always). A deleted snapshot's index is first marked `deleting`
 //! (durable; from then on its bits are ignored, and its slots can be reused at once), then its
 //! bits are cleared from the records, and only then is the index marked free.
+//!
+//! # Out of space
+//!
+//! A copy that finds no free slot (the store is full) or whose store write fails with ENOSPC
+//! or EDQUOT (the file system under a file-backed store is full) fails the snapshots that
+//! needed it, never the host write: they are marked `failed` (logged at ERROR, counted in the
+//! metrics), that state is made durable, and only then does the host write go on to `L`
+//! without the copy. Durable first, because a crash in between would otherwise bring the
+//! snapshots back as sealed images that read the new data. Other store errors fail the host
+//! write, as before.
 //!
 //! # Cores
 //!
@@ -169,6 +184,8 @@ struct CowStats {
     copy_latency: LatencyHistogram,
     seal_latency: LatencyHistogram,
     used_slots: AtomicU64,
+    /// Snapshots that failed (store or its file system full, metadata unwritable).
+    snapshots_failed: AtomicU64,
 }
 
 /// Everything a CoW volume's cores share.
@@ -368,6 +385,11 @@ fn runs(mut m: u16) -> impl Iterator<Item = (u32, u32)> {
     })
 }
 
+/// Whether a store error means its file system (or the file's quota) has no room left.
+fn is_no_space(e: &BdevError) -> bool {
+    matches!(e, BdevError::Os(libc::ENOSPC) | BdevError::Os(libc::EDQUOT))
+}
+
 /// Copies `src` into the scattered buffers, in order (the counterpart of [`gather`]).
 fn scatter(src: &[u8], bufs: &mut [IoSliceMut<'_>]) {
     let mut pos = 0;
@@ -470,7 +492,7 @@ impl CowChannel {
                 // touched pieces, the other gets this write. Those it belongs to move out.
                 self.move_out(g, slot, newer, off, n, data).await?;
             } else if newer != 0 && touched & held != 0 {
-                self.patch_copy(g, slot, off, n, data).await?;
+                self.patch_copy(g, slot, newer, off, n, data).await?;
             }
             let need = touched & !held;
             if older != 0 && need != 0 {
@@ -483,14 +505,24 @@ impl CowChannel {
         Ok(())
     }
 
-    /// A free slot for the snapshots of `mask`, or None once they are marked failed (the store
-    /// is full: the snapshots fail, the host write goes on).
-    async fn alloc_or_fail(&self, mask: u32) -> Option<u32> {
+    /// A free slot for the snapshots of `mask`, or None once they are durably marked failed
+    /// (the store is full: the snapshots fail, the host write goes on).
+    async fn alloc_or_fail(&self, mask: u32) -> Result<Option<u32>, BdevError> {
         let slot = home::alloc(&self.v).await;
         if slot.is_none() {
-            home::fail(&self.v, mask).await;
+            home::fail(&self.v, mask, format!("the CoW store {} is full (all {} slots in use)", self.v.store.name(), self.v.geo.slot_count)).await?;
         }
-        slot
+        Ok(slot)
+    }
+
+    /// What a failed write into the store means for the host write that needed it: out of
+    /// space (the store's file system is full) fails the snapshots of `mask`, durably, and
+    /// the host write goes on (Ok); any other error fails the host write.
+    async fn store_failed(&self, mask: u32, e: BdevError) -> IoResult {
+        if !is_no_space(&e) {
+            return Err(e);
+        }
+        home::fail(&self.v, mask, format!("no space for a copy in the CoW store {}: its file system is full ({e})", self.v.store.name())).await
     }
 
     /// Copies pieces `pieces` of `L[g]` into slot `slot`, each at its place in the slot.
@@ -516,12 +548,12 @@ impl CowChannel {
     async fn copy_grain(&self, g: u64, mask: u32, pieces: u16) -> IoResult {
         let v = &self.v;
         let t0 = reactor::now_ns();
-        let Some(slot) = self.alloc_or_fail(mask).await else {
+        let Some(slot) = self.alloc_or_fail(mask).await? else {
             return Ok(());
         };
         if let Err(e) = self.copy_pieces(g, slot, pieces).await {
             home::unused(v, slot).await;
-            return Err(e);
+            return self.store_failed(mask, e).await;
         }
         log::trace!("{}: grain {g} pieces {pieces:#x} copied to slot {slot} for snapshots {mask:#x}", v.name);
         v.pieces.at(slot as usize).store(pieces, SeqCst);
@@ -547,7 +579,10 @@ impl CowChannel {
     async fn extend_copy(&self, g: u64, slot: u32, mask: u32, need: u16) -> IoResult {
         let v = &self.v;
         let t0 = reactor::now_ns();
-        self.copy_pieces(g, slot, need).await?;
+        if let Err(e) = self.copy_pieces(g, slot, need).await {
+            // The pieces are not in the bitmap yet: the slot is as it was.
+            return self.store_failed(mask, e).await;
+        }
         let held = v.pieces.at(slot as usize).fetch_or(need, SeqCst);
         log::trace!("{}: grain {g} pieces {need:#x} added to slot {slot} (had {held:#x}) for snapshots {mask:#x}", v.name);
         if let Err(e) = home::commit(v, vec![home::Update::Pieces { slot }]).await {
@@ -574,17 +609,21 @@ impl CowChannel {
 
     /// Rule 2, the slot serves only images the write belongs to: the write goes into it too.
     /// (Bytes outside the slot's pieces are read by nobody, so the whole part may go in.)
-    async fn patch_copy(&self, g: u64, slot: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
+    /// The snapshots of `mask` are those the slot serves.
+    async fn patch_copy(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let (within, part) = self.part_of(g, off, n, data);
         log::trace!("{}: old-epoch write on grain {g} patches slot {slot}", self.v.name);
-        self.patch_slot(slot, within, &part).await
+        match self.patch_slot(slot, within, &part).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.store_failed(mask, e).await,
+        }
     }
 
     /// Rule 1, the slot also serves older images: the snapshots of `mask` (those the write
     /// belongs to) move to a new slot holding the same pieces with the write applied.
     async fn move_out(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
-        let Some(new) = self.alloc_or_fail(mask).await else {
+        let Some(new) = self.alloc_or_fail(mask).await? else {
             return Ok(());
         };
         let (within, part) = self.part_of(g, off, n, data);
@@ -600,7 +639,7 @@ impl CowChannel {
         .await;
         if let Err(e) = r {
             home::unused(v, new).await;
-            return Err(e);
+            return self.store_failed(mask, e).await;
         }
         log::trace!("{}: old-epoch write on grain {g} moves snapshots {mask:#x} from slot {slot} to {new}", v.name);
         v.pieces.at(new as usize).store(held, SeqCst);
@@ -801,6 +840,7 @@ impl Preservable for CowVolume {
             store_bytes_total: v.geo.slot_count as u64 * v.geo.grain_bytes,
             table_bytes: self.table_bytes(),
             locks: v.locks.stats(),
+            snapshots_failed: v.stats.snapshots_failed.load(Relaxed),
             ..Default::default()
         };
         v.stats.copy_latency.accumulate(&mut s.copy_latency.0, &mut s.copy_latency.1);

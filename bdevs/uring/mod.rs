@@ -4,6 +4,7 @@
 //! loop iteration and completions reaped by the core's poller.
 
 pub mod rpc;
+pub mod space;
 
 use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::reactor::{self, Poller};
@@ -146,6 +147,10 @@ impl UringBdev {
 
 /// An SQE's user_data: the completion slot in the low half, the bytes the operation must
 /// transfer (0: any) in the high half, so that a completion needs no lookup of its own.
+/// Set in an SQE's expected length for writes: a short write means the file system ran out of
+/// room (ENOSPC after part of the data), not the end of the file.
+const WRITE: u32 = 1 << 31;
+
 fn user_data(slot: usize, expected: u32) -> u64 {
     debug_assert!(slot <= u32::MAX as usize, "completion slot {slot} does not fit user_data");
     (expected as u64) << 32 | slot as u64
@@ -322,12 +327,14 @@ impl Poller for UringChannel {
             work += n;
             for &(ud, res) in &done[..n] {
                 self.in_flight.set(self.in_flight.get() - 1);
-                let (slot, expected) = ((ud & 0xFFFF_FFFF) as usize, (ud >> 32) as u32);
+                let (slot, raw) = ((ud & 0xFFFF_FFFF) as usize, (ud >> 32) as u32);
+                let (expected, write) = (raw & !WRITE, raw & WRITE != 0);
                 let r: IoResult = if res < 0 {
                     Err(BdevError::Os(-res))
                 } else if expected != 0 && (res as u32) < expected {
-                    // Short transfers happen only at end of file: the file shrank under us.
-                    Err(BdevError::Os(libc::EIO))
+                    // A short write: the file system filled (the rest would get ENOSPC). A
+                    // short read happens only at end of file: the file shrank under us.
+                    Err(BdevError::Os(if write { libc::ENOSPC } else { libc::EIO }))
                 } else {
                     Ok(())
                 };
@@ -396,12 +403,12 @@ impl IoChannel for ChannelHandle {
                     if bufs.len() == 1 {
                         let (ptr, len) = (bufs[0].as_ptr(), bufs[0].len());
                         if ch.fixed_index(ptr, len) {
-                            return ch.submit_op(move || opcode::WriteFixed::new(fd, ptr, len as u32, 0).offset(offset).build(), len as u32);
+                            return ch.submit_op(move || opcode::WriteFixed::new(fd, ptr, len as u32, 0).offset(offset).build(), len as u32 | WRITE);
                         }
-                        return ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32);
+                        return ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32 | WRITE);
                     }
                     let (iov, cnt) = (bufs.as_ptr() as *const libc::iovec, bufs.len() as u32);
-                    return ch.submit_op(move || opcode::Writev::new(fd, iov, cnt).offset(offset).build(), total as u32);
+                    return ch.submit_op(move || opcode::Writev::new(fd, iov, cnt).offset(offset).build(), total as u32 | WRITE);
                 }
                 IoFuture::boxed(async move {
                     let mut bounce = IoBuf::alloc(total);
@@ -411,7 +418,7 @@ impl IoChannel for ChannelHandle {
                         pos += b.len();
                     }
                     let (ptr, len) = (bounce.as_ptr(), bounce.len());
-                    ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32).await
+                    ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32 | WRITE).await
                 })
             }
             Io::Flush => ch.submit_op(move || opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(), 0),

@@ -111,6 +111,10 @@ impl Subsystem for BdevSubsystem {
         options.into_iter().chain(t.bdevs.in_creation_order().iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p))).collect()
     }
 
+    fn metrics(&self, t: &Target, out: &mut crate::metrics::MetricsOut<'_>) -> std::fmt::Result {
+        crate::bdevs::uring::space::metrics(t, out)
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

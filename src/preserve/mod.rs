@@ -161,8 +161,10 @@ pub trait Preservable: Send + Sync {
     /// The preserve method of this bdev: "cow" or "split".
     fn method(&self) -> &'static str;
     /// Takes a preserve: registers the snapshot's read-only bdev under `req.snapshot_name`,
-    /// bumps the epoch and returns without waiting for any I/O (with `freeze`, after the
-    /// classic stop/drain/switch/resume). Runs on an RPC thread.
+    /// bumps the epoch at once, and returns once the snapshot's record is durable (a crash
+    /// right after the reply keeps it), without any host I/O waiting for that record or for
+    /// old-epoch I/O (with `freeze`, after the classic stop/drain/switch/resume). Runs on an
+    /// RPC thread.
     fn preserve(&self, t: &Target, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError>;
     /// Every snapshot of this bdev.
     fn snapshots(&self) -> Vec<SnapshotInfo>;
@@ -227,6 +229,9 @@ pub struct PreserveStats {
     pub seal_latency: Buckets,
     /// Snapshots by state: draining, sealed, failed.
     pub snapshots: [u64; 3],
+    /// Snapshots that have failed since the daemon started (store or its file system full,
+    /// metadata unwritable); each is also logged at ERROR.
+    pub snapshots_failed: u64,
 }
 
 /// How to find the [`Preservable`] of a bdev: one downcast per preservable module.
@@ -307,6 +312,11 @@ impl Subsystem for PreserveSubsystem {
             }
         }
         out.gauge("tidemark_preserve_snapshots", "Snapshots by volume, method and state.", &by_state)?;
+        out.counter(
+            "tidemark_preserve_snapshot_failures",
+            "Snapshots that failed since the daemon started (CoW store or its file system full, metadata unwritable); the host writes went on. The log names each at ERROR.",
+            &counter(&|s| s.snapshots_failed),
+        )?;
         Ok(())
     }
 

@@ -484,6 +484,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
                             pinned: vec![None; blocks as usize],
                             pinned_at: u64::MAX,
                             sealed_seen: false,
+                            acked: false,
                             deleting: false,
                             taken_before_crash: false,
                             flushed_at_t,
@@ -499,6 +500,9 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
                 match res {
                     Ok(_) => {
                         let mut s = sh.borrow_mut();
+                        if let Some(m) = s.model.snaps.get_mut(&name) {
+                            m.acked = true;
+                        }
                         s.out.preserves += 1;
                         s.out.freezes += freeze as u64;
                     }
@@ -582,6 +586,9 @@ async fn check_recovery(sh: Sh, vol: Arc<BdevEntry>, registry: Arc<BdevRegistry>
         if !present {
             if sm.sealed_seen && !sm.deleting {
                 return fail(&sh, format!("after restart: sealed snapshot {name} is gone"));
+            }
+            if sm.acked && !sm.deleting {
+                return fail(&sh, format!("after restart: snapshot {name} is gone, though its preserve returned success"));
             }
             let mut s = sh.borrow_mut();
             s.model.snaps.remove(&name);

@@ -33,6 +33,8 @@ pub struct SnapModel {
     pub pinned_at: u64,
     /// The target said sealed (before any crash since).
     pub sealed_seen: bool,
+    /// The preserve call returned success: from then on the snapshot survives a crash.
+    pub acked: bool,
     /// A delete is under way: reads may fail, it may vanish.
     pub deleting: bool,
     /// Came back from a crash while draining: its content is the crash image (pinned).
