@@ -61,6 +61,10 @@ pub struct ReactorSection {
 pub struct RpcSection {
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Largest JSON-RPC request (or batch) in bytes; a larger one is refused and its
+    /// connection closed, without buffering it.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +101,9 @@ fn default_idle_us() -> u64 {
 fn default_socket() -> PathBuf {
     PathBuf::from("/var/tmp/tidemark.sock")
 }
+fn default_max_request_bytes() -> u64 {
+    4 << 20
+}
 fn default_metrics() -> String {
     "127.0.0.1:9464".to_string()
 }
@@ -113,7 +120,7 @@ impl Default for ReactorSection {
 }
 impl Default for RpcSection {
     fn default() -> Self {
-        RpcSection { socket: default_socket() }
+        RpcSection { socket: default_socket(), max_request_bytes: default_max_request_bytes() }
     }
 }
 impl Default for MetricsSection {
@@ -144,6 +151,9 @@ impl Config {
         self.cpus()?;
         if self.daemon.buffer_pool_mb == 0 || self.daemon.buffer_pool_mb > 64 * 1024 {
             return Err("key `daemon.buffer_pool_mb`: must be between 1 and 65536".into());
+        }
+        if !(4096..=1 << 30).contains(&self.rpc.max_request_bytes) {
+            return Err("key `rpc.max_request_bytes`: must be between 4096 and 1073741824".into());
         }
         if !self.metrics.listen.is_empty() {
             self.metrics
@@ -241,6 +251,8 @@ mod tests {
         assert!(e.contains("method"), "{e}");
         let e = Config::parse("[metrics]\nlisten = \"nope\"\n").unwrap_err();
         assert!(e.contains("metrics.listen"), "{e}");
+        let e = Config::parse("[rpc]\nmax_request_bytes = 10\n").unwrap_err();
+        assert!(e.contains("rpc.max_request_bytes"), "{e}");
         let e = Config::parse("[reactor\n").unwrap_err();
         assert!(e.contains("TOML"), "{e}");
     }
