@@ -65,6 +65,18 @@ pub struct RpcSection {
     /// connection closed, without buffering it.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: u64,
+    /// Clients served at once; more get `too many RPC clients` (-16).
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Further slots only a local administrator (peer uid 0 or the daemon's uid) may take.
+    #[serde(default = "default_admin_clients")]
+    pub admin_clients: usize,
+    /// A client that sends no request for this long is disconnected.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest time to receive one request (from its first byte) or to send one reply.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +116,18 @@ fn default_socket() -> PathBuf {
 fn default_max_request_bytes() -> u64 {
     4 << 20
 }
+fn default_max_clients() -> usize {
+    64
+}
+fn default_admin_clients() -> usize {
+    2
+}
+fn default_idle_timeout_ms() -> u64 {
+    30_000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
 fn default_metrics() -> String {
     "127.0.0.1:9464".to_string()
 }
@@ -120,7 +144,14 @@ impl Default for ReactorSection {
 }
 impl Default for RpcSection {
     fn default() -> Self {
-        RpcSection { socket: default_socket(), max_request_bytes: default_max_request_bytes() }
+        RpcSection {
+            socket: default_socket(),
+            max_request_bytes: default_max_request_bytes(),
+            max_clients: default_max_clients(),
+            admin_clients: default_admin_clients(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+        }
     }
 }
 impl Default for MetricsSection {
@@ -154,6 +185,17 @@ impl Config {
         }
         if !(4096..=1 << 30).contains(&self.rpc.max_request_bytes) {
             return Err("key `rpc.max_request_bytes`: must be between 4096 and 1073741824".into());
+        }
+        if !(1..=4096).contains(&self.rpc.max_clients) {
+            return Err("key `rpc.max_clients`: must be between 1 and 4096".into());
+        }
+        if !(1..=64).contains(&self.rpc.admin_clients) {
+            return Err("key `rpc.admin_clients`: must be between 1 and 64".into());
+        }
+        for (key, ms) in [("idle_timeout_ms", self.rpc.idle_timeout_ms), ("request_timeout_ms", self.rpc.request_timeout_ms)] {
+            if !(100..=86_400_000).contains(&ms) {
+                return Err(format!("key `rpc.{key}`: must be between 100 and 86400000 (a day)"));
+            }
         }
         if !self.metrics.listen.is_empty() {
             self.metrics
