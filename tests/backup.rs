@@ -222,3 +222,35 @@ fn a_snapshot_under_backup_cannot_be_deleted_and_a_crash_fails_the_job() {
     d.rpc("iscsi_delete_target_node", json!({"name": "iqn.2016-06.io.tidemark:s1"}));
     d.rpc("bdev_snapshot_delete", json!({"name": "s1"}));
 }
+
+#[test]
+fn restore_into_an_exported_or_claimed_bdev_is_refused_unless_forced() {
+    // vol0 is exported over iSCSI, its base and store are claimed by it.
+    let (d, _) = daemon();
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": "s1.img"}));
+    assert_eq!(wait_job(&d, j["id"].as_str().unwrap())["state"], "complete");
+    // Restoring vol0 copies nothing into the store once the snapshot is gone.
+    d.rpc("bdev_snapshot_delete", json!({"name": "s1"}));
+
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "vol0"})).unwrap_err();
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains(&format!("iscsi:{VOL}")) && e.message.contains("force"), "names the export: {e:?}");
+    // A claim is never overridden: the CoW volume owns its base.
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "base", "force": true})).unwrap_err();
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains("claimed by vol0"), "{e:?}");
+    // An NVMe/TCP namespace alike.
+    let nqn = "nqn.2016-06.io.tidemark:r0";
+    d.rpc("bdev_malloc_create", json!({"name": "r0", "num_blocks": 131072, "block_size": 512}));
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "r0", "nsid": 1}}));
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "r0"})).unwrap_err();
+    assert!(e.code == -16 && e.message.contains(nqn), "names the namespace: {e:?}");
+    assert!(d.rpc("backup_get", json!(null)).as_array().unwrap().iter().all(|j| j["kind"] != "restore"), "no restore job was started");
+
+    // Forced, it runs.
+    let r = d.rpc("backup_restore", json!({"path": "s1.img", "bdev": "vol0", "force": true}));
+    assert_eq!(wait_job(&d, r["id"].as_str().unwrap())["state"], "complete");
+}

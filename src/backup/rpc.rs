@@ -3,7 +3,7 @@
 use super::job::{self, JobSpec, Progress};
 use super::manifest::{self, BaseRef, Kind, Manifest, State};
 use super::{source, BackupService, Job, JobKind, JobRecord, MAX_RUNNING};
-use crate::bdev::{Channel, IoBuf};
+use crate::bdev::{Channel, HolderKind, IoBuf};
 use crate::rpc::{parse, Methods, RpcError, EALREADY, EBUSY, EEXIST, EINVAL, EIO, ENODEV};
 use crate::target::Target;
 use serde::Deserialize;
@@ -264,6 +264,35 @@ struct Restore {
     /// A backup's manifest or image path; its whole chain is applied.
     path: String,
     bdev: String,
+    /// Restore into a bdev that is exported or open by a job: what hosts read changes under
+    /// them. A claim (a virtual bdev built on it) is never overridden.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Refuses a restore into a bdev something else uses: a virtual bdev that claims it (its
+/// content is that bdev's own metadata and data: always refused), or an export or job that
+/// has it open (refused unless `force`). -16 naming every holder, as a delete is refused.
+fn check_restore_target(entry: &crate::bdev::BdevEntry, force: bool) -> Result<(), RpcError> {
+    let holders = entry.holder_list();
+    let names = |hs: &[&crate::bdev::Holder]| hs.iter().map(|h| h.by.as_str()).collect::<Vec<_>>().join(", ");
+    let claims: Vec<_> = holders.iter().filter(|h| h.kind == HolderKind::Claim).collect();
+    if !claims.is_empty() {
+        return Err(RpcError::busy(format!(
+            "bdev {} is claimed by {}: restore into that bdev instead (force does not override a claim)",
+            entry.name(),
+            names(&claims)
+        )));
+    }
+    let opens: Vec<_> = holders.iter().collect();
+    if !opens.is_empty() && !force {
+        return Err(RpcError::busy(format!(
+            "bdev {} is in use by {}: a restore would change data under it; remove the export first, or pass force: true",
+            entry.name(),
+            names(&opens)
+        )));
+    }
+    Ok(())
 }
 
 fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
@@ -278,6 +307,10 @@ fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
         }
     }
     let entry = t.bdev(&p.bdev)?;
+    check_restore_target(&entry, p.force)?;
+    if p.force && !entry.holder_list().is_empty() {
+        log::warn!("backup_restore: forced into {}, in use by {:?}", p.bdev, entry.holder_list().iter().map(|h| h.by.clone()).collect::<Vec<_>>());
+    }
     let b = entry.bdev();
     let size = chain[0].1.size_bytes;
     let bs = b.block_size() as u64;
