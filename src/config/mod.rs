@@ -21,6 +21,8 @@ pub struct Config {
     pub rpc: RpcSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub backup: BackupSection,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bdev: Vec<ConfigCall>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -87,6 +89,18 @@ pub struct MetricsSection {
     pub listen: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    /// Where backups are written (relative: under the data directory; created 0700). Backup
+    /// paths resolve here, and none may lead out of it (`..`, symlinks).
+    #[serde(default = "default_backup_root")]
+    pub root: PathBuf,
+    /// Absolute directories outside the root that `backup_restore` may also read backups from.
+    #[serde(default)]
+    pub restore_allowed_dirs: Vec<PathBuf>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigCall {
@@ -128,6 +142,9 @@ fn default_idle_timeout_ms() -> u64 {
 fn default_request_timeout_ms() -> u64 {
     10_000
 }
+fn default_backup_root() -> PathBuf {
+    PathBuf::from("backups")
+}
 fn default_metrics() -> String {
     "127.0.0.1:9464".to_string()
 }
@@ -152,6 +169,11 @@ impl Default for RpcSection {
             idle_timeout_ms: default_idle_timeout_ms(),
             request_timeout_ms: default_request_timeout_ms(),
         }
+    }
+}
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection { root: default_backup_root(), restore_allowed_dirs: Vec::new() }
     }
 }
 impl Default for MetricsSection {
@@ -202,6 +224,12 @@ impl Config {
                 .listen
                 .parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464", self.metrics.listen))?;
+        }
+        if self.backup.root.as_os_str().is_empty() {
+            return Err("key `backup.root`: must not be empty".into());
+        }
+        if let Some(d) = self.backup.restore_allowed_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(format!("key `backup.restore_allowed_dirs`: {} is not an absolute path", d.display()));
         }
         for (section, calls) in self.sections() {
             for (i, c) in calls.iter().enumerate() {
