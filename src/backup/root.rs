@@ -83,6 +83,10 @@ fn check_readable(t: &Target, root: &Path, given: &str, p: &Path, allow_elsewher
 pub fn input_manifest(t: &Target, given: &str) -> Result<PathBuf, RpcError> {
     let root = root(t)?;
     let g = Path::new(given);
+    // Refused before any lookup, so that the answer says nothing about files out there.
+    if !g.is_absolute() && g.components().any(|c| c == Component::ParentDir) {
+        return Err(outside(given, &root));
+    }
     let p = if g.is_absolute() { g.to_path_buf() } else { root.join(g) };
     let mp = if p.extension().is_some_and(|e| e == "json") { p } else { super::manifest::manifest_path(&p) };
     check_readable(t, &root, given, &mp, g.is_absolute())
