@@ -70,7 +70,7 @@ rpc bdev_snapshot_create --bdev_name vol0 --snapshot_name s1 --wait_sealed true 
 # both windows below see the same copy-on-write cost.
 perf "$secs" > /dev/null
 read -r a_iops a50 a99 a999 < <(perf "$secs" | json iops p50_us p99_us p999_us)
-rpc backup_start --source s1 --path "$work/s1.img" --max_bandwidth_mb_sec "$cap" > "$work/job.json"
+rpc backup_start --source s1 --path s1.img --max_bandwidth_mb_sec "$cap" > "$work/job.json"
 id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$work/job.json")
 read -r b_iops b50 b99 b999 < <(perf "$secs" | json iops p50_us p99_us p999_us)
 job=$(rpc backup_get --id "$id")

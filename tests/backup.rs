@@ -42,6 +42,13 @@ fn export(d: &Daemon, iqn: &str, bdev: &str) {
     );
 }
 
+/// The default backup root, `<data_dir>/backups` (created here so a test can place files in it).
+fn backup_root(d: &Daemon) -> std::path::PathBuf {
+    let dir = d.data_dir().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn url(addr: SocketAddr, iqn: &str) -> String {
     format!("iscsi://{addr}/{iqn}/0")
 }
@@ -79,7 +86,7 @@ fn full_and_incremental_backups_equal_their_snapshots_and_restore() {
         return;
     }
     let (d, addr) = daemon();
-    let dir = d.dir.path().to_path_buf();
+    let dir = backup_root(&d);
     write(addr, 0x11, 0, 8 << 20);
     write(addr, 0x12, 20 << 20, 1 << 20);
     let s = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
@@ -147,15 +154,16 @@ fn bad_backup_requests_get_clear_errors_and_write_nothing() {
         return;
     }
     let (d, addr) = daemon();
-    let dir = d.dir.path().to_path_buf();
+    let dir = backup_root(&d);
     write(addr, 0x11, 0, 1 << 20);
     // Not a preserved image.
     let e = d.try_rpc("backup_start", json!({"source": "vol0", "path": dir.join("a.img").display().to_string()})).unwrap_err();
     assert!(e.message.contains("not a preserved image"), "{e:?}");
     assert!(!dir.join("a.img").exists());
     d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
-    // Unwritable or missing directory.
-    let e = d.try_rpc("backup_start", json!({"source": "s1", "path": "/proc/nope/x.img"})).unwrap_err();
+    // A directory that cannot be made.
+    std::fs::write(dir.join("file"), b"").unwrap();
+    let e = d.try_rpc("backup_start", json!({"source": "s1", "path": "file/x.img"})).unwrap_err();
     assert_eq!(e.code, -32602, "{e:?}");
     // Never overwrites.
     std::fs::write(dir.join("b.img"), b"keep").unwrap();
@@ -181,7 +189,7 @@ fn a_snapshot_under_backup_cannot_be_deleted_and_a_crash_fails_the_job() {
         return;
     }
     let (mut d, addr) = daemon();
-    let dir = d.dir.path().to_path_buf();
+    let dir = backup_root(&d);
     write(addr, 0x11, 0, 32 << 20);
     d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
     // 1 MiB/s: 64 MiB takes a minute, long enough to try things while it runs.
@@ -197,7 +205,7 @@ fn a_snapshot_under_backup_cannot_be_deleted_and_a_crash_fails_the_job() {
 
     // kill -9 mid-job: after the restart the job reads failed, never complete. (The running
     // configuration is saved first, as an operator would, so the restart rebuilds the volume.)
-    d.rpc("save_config", json!({"path": dir.join("tidemark.toml").display().to_string()}));
+    d.rpc("save_config", json!({"path": d.dir.path().join("tidemark.toml").display().to_string()}));
     d.kill9();
     d.restart();
     let st = d.rpc("backup_get", json!({"id": id}))[0].clone();
@@ -221,4 +229,94 @@ fn a_snapshot_under_backup_cannot_be_deleted_and_a_crash_fails_the_job() {
     assert_eq!(d.try_rpc("bdev_snapshot_delete", json!({"name": "s1"})).unwrap_err().code, -16);
     d.rpc("iscsi_delete_target_node", json!({"name": "iqn.2016-06.io.tidemark:s1"}));
     d.rpc("bdev_snapshot_delete", json!({"name": "s1"}));
+}
+
+#[test]
+fn restore_into_an_exported_or_claimed_bdev_is_refused_unless_forced() {
+    // vol0 is exported over iSCSI, its base and store are claimed by it.
+    let (d, _) = daemon();
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": "s1.img"}));
+    assert_eq!(wait_job(&d, j["id"].as_str().unwrap())["state"], "complete");
+    // Restoring vol0 copies nothing into the store once the snapshot is gone.
+    d.rpc("bdev_snapshot_delete", json!({"name": "s1"}));
+
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "vol0"})).unwrap_err();
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains(&format!("iscsi:{VOL}")) && e.message.contains("force"), "names the export: {e:?}");
+    // A claim is never overridden: the CoW volume owns its base.
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "base", "force": true})).unwrap_err();
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains("claimed by vol0"), "{e:?}");
+    // An NVMe/TCP namespace alike.
+    let nqn = "nqn.2016-06.io.tidemark:r0";
+    d.rpc("bdev_malloc_create", json!({"name": "r0", "num_blocks": 131072, "block_size": 512}));
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "r0", "nsid": 1}}));
+    let e = d.try_rpc("backup_restore", json!({"path": "s1.img", "bdev": "r0"})).unwrap_err();
+    assert!(e.code == -16 && e.message.contains(nqn), "names the namespace: {e:?}");
+    assert!(d.rpc("backup_get", json!(null)).as_array().unwrap().iter().all(|j| j["kind"] != "restore"), "no restore job was started");
+
+    // Forced, it runs.
+    let r = d.rpc("backup_restore", json!({"path": "s1.img", "bdev": "vol0", "force": true}));
+    assert_eq!(wait_job(&d, r["id"].as_str().unwrap())["state"], "complete");
+}
+
+#[test]
+fn backups_stay_under_the_backup_root_and_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let allowed = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!("{MINIMAL_CONFIG}\n[backup]\nrestore_allowed_dirs = [\"{}\"]\n", allowed.path().display()));
+    for (name, blocks) in [("base", 16384), ("store", 20480), ("r0", 16384)] {
+        d.rpc("bdev_malloc_create", json!({"name": name, "num_blocks": blocks, "block_size": 512}));
+    }
+    d.rpc("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store"}));
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol", "snapshot_name": "s1", "wait_sealed": true}));
+    // Out of the root: absolute elsewhere, `..`, a symlink out. Nothing is written.
+    let out_abs = elsewhere.path().join("a.img").display().to_string();
+    let root = d.data_dir().join("backups");
+    for path in [out_abs.as_str(), "/etc/tm_probe.img", "../../../tmp/x.img", "sub/../../x.img", "link/a.img"] {
+        if path == "link/a.img" {
+            // The daemon made the root (0700) at the first call.
+            std::os::unix::fs::symlink(elsewhere.path(), root.join("link")).unwrap();
+        }
+        let e = d.try_rpc("backup_start", json!({"source": "s1", "path": path})).unwrap_err();
+        assert_eq!(e.code, -1, "{path}: {e:?}");
+        assert!(e.message.contains("outside the backup root"), "{path}: {e:?}");
+    }
+    assert!(!std::path::Path::new("/etc/tm_probe.img").exists());
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0, "nothing written outside the root");
+
+    // Inside: relative (a new directory is made) or absolute under the root; owner-only.
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": "vol/full.img"}));
+    assert_eq!(wait_job(&d, j["id"].as_str().unwrap())["state"], "complete");
+    let img = root.join("vol/full.img");
+    let manifest = root.join("vol/full.img.manifest.json");
+    assert_eq!(mode(&img), 0o600, "image mode");
+    assert_eq!(mode(&manifest), 0o600, "manifest mode");
+    assert_eq!(mode(&root.join("vol")), 0o700, "directory mode");
+    assert_eq!(mode(&root), 0o700, "root mode");
+    let j = d.rpc("backup_start", json!({"source": "s1", "path": root.join("abs.img").display().to_string()}));
+    assert_eq!(wait_job(&d, j["id"].as_str().unwrap())["state"], "complete");
+
+    // Restore reads under the root (relative or absolute), or from an allowed directory.
+    for path in ["vol/full.img".to_string(), img.display().to_string()] {
+        let r = d.rpc("backup_restore", json!({"path": path, "bdev": "r0"}));
+        assert_eq!(wait_job(&d, r["id"].as_str().unwrap())["state"], "complete");
+    }
+    for dir in [allowed.path(), elsewhere.path()] {
+        std::fs::copy(&img, dir.join("full.img")).unwrap();
+        std::fs::copy(&manifest, dir.join("full.img.manifest.json")).unwrap();
+    }
+    let r = d.rpc("backup_restore", json!({"path": allowed.path().join("full.img").display().to_string(), "bdev": "r0"}));
+    assert_eq!(wait_job(&d, r["id"].as_str().unwrap())["state"], "complete");
+    let refused = [elsewhere.path().join("full.img").display().to_string(), "link/full.img".into(), "../../../../etc/passwd".into()];
+    for path in refused {
+        let e = d.try_rpc("backup_restore", json!({"path": path, "bdev": "r0"})).unwrap_err();
+        assert_eq!(e.code, -1, "{path}: {e:?}");
+        assert!(e.message.contains("outside the backup root"), "{path}: {e:?}");
+    }
 }

@@ -141,9 +141,10 @@ fn read_chunk(reactors: &ReactorHandle, core: usize, src: &Arc<BdevEntry>, offse
     }
 }
 
-/// Creates the image file (sparse, the volume's size) for a new job; refuses to overwrite.
+/// Creates the image file (sparse, the volume's size, owner-only) for a new job; refuses to
+/// overwrite, or to follow a symlink.
 pub fn create_image(path: &std::path::Path, size: u64) -> Result<(), String> {
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let f = super::root::create_private(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     f.set_len(size).map_err(|e| format!("cannot size {}: {e}", path.display()))?;
     Ok(())
 }

@@ -108,10 +108,15 @@ impl Manifest {
 
     /// Writes the manifest atomically (temporary file, fsync, rename): a crash leaves the old
     /// or the new manifest, never half of one.
+    /// The file is owner-only (0600): it describes a volume's content. The temporary file is
+    /// created afresh (`O_EXCL`, so never through a symlink left in its place).
     pub fn store(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        let mut f = File::create(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         f.write_all(&text).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(())
@@ -123,12 +128,19 @@ impl Manifest {
 
     /// The chain this manifest ends: the full backup first, this one last.
     pub fn chain(path: &Path) -> Result<Vec<(PathBuf, Manifest)>, String> {
+        Manifest::chain_checked(path, |_| Ok(()))
+    }
+
+    /// [`Manifest::chain`], with `check` asked about each manifest before it is read (the
+    /// daemon reads only where its configuration allows).
+    pub fn chain_checked(path: &Path, check: impl Fn(&Path) -> Result<(), String>) -> Result<Vec<(PathBuf, Manifest)>, String> {
         let mut out = Vec::new();
         let mut cur = path.to_path_buf();
         loop {
             if out.len() >= MAX_CHAIN {
                 return Err(format!("backup chain of {} is longer than {MAX_CHAIN}", path.display()));
             }
+            check(&cur)?;
             let m = Manifest::load(&cur)?;
             let next = match (&m.kind, &m.base) {
                 (Kind::Full, _) => None,
@@ -227,7 +239,15 @@ pub fn restore_chain_to_file(path: &Path, out: &Path, mut progress: impl FnMut(u
         }
     }
     let size = chain[0].1.size_bytes;
-    let mut o = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // A new file is owner-only: it is a copy of a volume.
+    let mut o = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     o.set_len(size).map_err(|e| e.to_string())?;
     let total: u64 = chain.iter().map(|(_, m)| m.extents.iter().map(|e| e.length).sum::<u64>()).sum();
     let mut done = 0;

@@ -5,6 +5,7 @@
 
 mod job;
 pub mod manifest;
+pub mod root;
 pub mod rpc;
 mod source;
 

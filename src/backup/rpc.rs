@@ -3,7 +3,7 @@
 use super::job::{self, JobSpec, Progress};
 use super::manifest::{self, BaseRef, Kind, Manifest, State};
 use super::{source, BackupService, Job, JobKind, JobRecord, MAX_RUNNING};
-use crate::bdev::{Channel, IoBuf};
+use crate::bdev::{Channel, HolderKind, IoBuf};
 use crate::rpc::{parse, Methods, RpcError, EALREADY, EBUSY, EEXIST, EINVAL, EIO, ENODEV};
 use crate::target::Target;
 use serde::Deserialize;
@@ -49,7 +49,8 @@ fn running(s: &BackupService) -> usize {
 
 fn check_output(path: &Path) -> Result<(), RpcError> {
     let mp = manifest::manifest_path(path);
-    if path.exists() || mp.exists() {
+    // symlink_metadata: a symlink (even dangling) in the way counts as existing.
+    if std::fs::symlink_metadata(path).is_ok() || std::fs::symlink_metadata(&mp).is_ok() {
         return Err(RpcError::new(EEXIST, format!("{} already exists; a backup never overwrites", path.display())));
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -59,7 +60,7 @@ fn check_output(path: &Path) -> Result<(), RpcError> {
     }
     // Probe writability without leaving anything behind.
     let probe = dir.join(format!(".tidemark-probe-{}", std::process::id()));
-    std::fs::File::create(&probe).map_err(|e| RpcError::invalid_params(format!("field `path`: cannot write in {}: {e}", dir.display())))?;
+    super::root::create_private(&probe).map_err(|e| RpcError::invalid_params(format!("field `path`: cannot write in {}: {e}", dir.display())))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -78,7 +79,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let entry = t.bdev(&p.source)?;
     let bs = entry.bdev().block_size();
     let size = entry.bdev().num_blocks() * bs as u64;
-    let path = t.data_path(&p.path);
+    let path = super::root::output_path(t, &p.path)?;
     check_output(&path)?;
     let rate = p.max_bandwidth_mb_sec.unwrap_or(0);
     if rate > 1 << 20 {
@@ -102,14 +103,7 @@ fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
                 return Err(RpcError::invalid_params(format!("field `incremental_from`: {older} is not older than {}", p.source)));
             }
             let base_manifest = match &p.base_path {
-                Some(bp) => {
-                    let bp = t.data_path(bp);
-                    if bp.extension().is_some_and(|e| e == "json") {
-                        bp
-                    } else {
-                        manifest::manifest_path(&bp)
-                    }
-                }
+                Some(bp) => super::root::input_manifest(t, bp)?,
                 None => newest_backup_of(s, &o.snapshot_uuid)
                     .ok_or_else(|| RpcError::new(ENODEV, format!("no complete backup of {older} is known to this daemon; pass base_path")))?,
             };
@@ -264,20 +258,52 @@ struct Restore {
     /// A backup's manifest or image path; its whole chain is applied.
     path: String,
     bdev: String,
+    /// Restore into a bdev that is exported or open by a job: what hosts read changes under
+    /// them. A claim (a virtual bdev built on it) is never overridden.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Refuses a restore into a bdev something else uses: a virtual bdev that claims it (its
+/// content is that bdev's own metadata and data: always refused), or an export or job that
+/// has it open (refused unless `force`). -16 naming every holder, as a delete is refused.
+fn check_restore_target(entry: &crate::bdev::BdevEntry, force: bool) -> Result<(), RpcError> {
+    let holders = entry.holder_list();
+    let names = |hs: &[&crate::bdev::Holder]| hs.iter().map(|h| h.by.as_str()).collect::<Vec<_>>().join(", ");
+    let claims: Vec<_> = holders.iter().filter(|h| h.kind == HolderKind::Claim).collect();
+    if !claims.is_empty() {
+        return Err(RpcError::busy(format!(
+            "bdev {} is claimed by {}: restore into that bdev instead (force does not override a claim)",
+            entry.name(),
+            names(&claims)
+        )));
+    }
+    let opens: Vec<_> = holders.iter().collect();
+    if !opens.is_empty() && !force {
+        return Err(RpcError::busy(format!(
+            "bdev {} is in use by {}: a restore would change data under it; remove the export first, or pass force: true",
+            entry.name(),
+            names(&opens)
+        )));
+    }
+    Ok(())
 }
 
 fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Restore = parse(p)?;
     let s = service(t)?;
-    let given = t.data_path(&p.path);
-    let mp = if given.extension().is_some_and(|e| e == "json") { given } else { manifest::manifest_path(&given) };
-    let chain = Manifest::chain(&mp).map_err(RpcError::invalid_params)?;
+    let mp = super::root::input_manifest(t, &p.path)?;
+    let chain = super::root::load_chain(t, &p.path, &mp)?;
     for (path, m) in &chain {
         if m.state != State::Complete {
             return Err(RpcError::invalid_params(format!("field `path`: {} is {:?}, not complete", path.display(), m.state)));
         }
     }
     let entry = t.bdev(&p.bdev)?;
+    check_restore_target(&entry, p.force)?;
+    if p.force && !entry.holder_list().is_empty() {
+        log::warn!("backup_restore: forced into {}, in use by {:?}", p.bdev, entry.holder_list().iter().map(|h| h.by.clone()).collect::<Vec<_>>());
+    }
     let b = entry.bdev();
     let size = chain[0].1.size_bytes;
     let bs = b.block_size() as u64;

@@ -21,6 +21,8 @@ pub struct Config {
     pub rpc: RpcSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub backup: BackupSection,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bdev: Vec<ConfigCall>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -65,6 +67,22 @@ pub struct ReactorSection {
 pub struct RpcSection {
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Largest JSON-RPC request (or batch) in bytes; a larger one is refused and its
+    /// connection closed, without buffering it.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: u64,
+    /// Clients served at once; more get `too many RPC clients` (-16).
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Further slots only a local administrator (peer uid 0 or the daemon's uid) may take.
+    #[serde(default = "default_admin_clients")]
+    pub admin_clients: usize,
+    /// A client that sends no request for this long is disconnected.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest time to receive one request (from its first byte) or to send one reply.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +91,18 @@ pub struct MetricsSection {
     /// Address of the Prometheus endpoint; an empty string disables it.
     #[serde(default = "default_metrics")]
     pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    /// Where backups are written (relative: under the data directory; created 0700). Backup
+    /// paths resolve here, and none may lead out of it (`..`, symlinks).
+    #[serde(default = "default_backup_root")]
+    pub root: PathBuf,
+    /// Absolute directories outside the root that `backup_restore` may also read backups from.
+    #[serde(default)]
+    pub restore_allowed_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,6 +131,24 @@ fn default_idle_us() -> u64 {
 fn default_socket() -> PathBuf {
     PathBuf::from("/var/tmp/tidemark.sock")
 }
+fn default_max_request_bytes() -> u64 {
+    4 << 20
+}
+fn default_max_clients() -> usize {
+    64
+}
+fn default_admin_clients() -> usize {
+    2
+}
+fn default_idle_timeout_ms() -> u64 {
+    30_000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_backup_root() -> PathBuf {
+    PathBuf::from("backups")
+}
 fn default_metrics() -> String {
     "127.0.0.1:9464".to_string()
 }
@@ -117,7 +165,19 @@ impl Default for ReactorSection {
 }
 impl Default for RpcSection {
     fn default() -> Self {
-        RpcSection { socket: default_socket() }
+        RpcSection {
+            socket: default_socket(),
+            max_request_bytes: default_max_request_bytes(),
+            max_clients: default_max_clients(),
+            admin_clients: default_admin_clients(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+        }
+    }
+}
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection { root: default_backup_root(), restore_allowed_dirs: Vec::new() }
     }
 }
 impl Default for MetricsSection {
@@ -150,11 +210,31 @@ impl Config {
             return Err("key `daemon.buffer_pool_mb`: must be between 1 and 65536".into());
         }
         self.log_level()?;
+        if !(4096..=1 << 30).contains(&self.rpc.max_request_bytes) {
+            return Err("key `rpc.max_request_bytes`: must be between 4096 and 1073741824".into());
+        }
+        if !(1..=4096).contains(&self.rpc.max_clients) {
+            return Err("key `rpc.max_clients`: must be between 1 and 4096".into());
+        }
+        if !(1..=64).contains(&self.rpc.admin_clients) {
+            return Err("key `rpc.admin_clients`: must be between 1 and 64".into());
+        }
+        for (key, ms) in [("idle_timeout_ms", self.rpc.idle_timeout_ms), ("request_timeout_ms", self.rpc.request_timeout_ms)] {
+            if !(100..=86_400_000).contains(&ms) {
+                return Err(format!("key `rpc.{key}`: must be between 100 and 86400000 (a day)"));
+            }
+        }
         if !self.metrics.listen.is_empty() {
             self.metrics
                 .listen
                 .parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464", self.metrics.listen))?;
+        }
+        if self.backup.root.as_os_str().is_empty() {
+            return Err("key `backup.root`: must not be empty".into());
+        }
+        if let Some(d) = self.backup.restore_allowed_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(format!("key `backup.restore_allowed_dirs`: {} is not an absolute path", d.display()));
         }
         for (section, calls) in self.sections() {
             for (i, c) in calls.iter().enumerate() {
@@ -257,6 +337,8 @@ mod tests {
         assert!(e.contains("method"), "{e}");
         let e = Config::parse("[metrics]\nlisten = \"nope\"\n").unwrap_err();
         assert!(e.contains("metrics.listen"), "{e}");
+        let e = Config::parse("[rpc]\nmax_request_bytes = 10\n").unwrap_err();
+        assert!(e.contains("rpc.max_request_bytes"), "{e}");
         let e = Config::parse("[reactor\n").unwrap_err();
         assert!(e.contains("TOML"), "{e}");
     }

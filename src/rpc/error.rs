@@ -20,6 +20,11 @@ pub const EPERM: i32 = -1;
 pub const ETIMEDOUT: i32 = -110;
 pub const EALREADY: i32 = -114;
 
+/// Longest error message sent to a client. Messages quote names and values the caller sent
+/// (a bdev name, a field's value); bounding them here, where every error is made, means no
+/// handler can echo a multi-megabyte input back, whatever it formats.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RpcError {
     pub code: i32,
@@ -27,8 +32,9 @@ pub struct RpcError {
 }
 
 impl RpcError {
+    /// An error with `message` cut to [`MAX_MESSAGE_BYTES`] (see [`bounded`]).
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        RpcError { code, message: message.into() }
+        RpcError { code, message: bounded(message.into()) }
     }
 
     pub fn invalid_params(message: impl std::fmt::Display) -> Self {
@@ -54,6 +60,27 @@ impl RpcError {
     pub fn to_json(&self) -> Value {
         json!({ "code": self.code, "message": self.message })
     }
+}
+
+/// `m` if it fits in [`MAX_MESSAGE_BYTES`]; else its head and tail around a note of how much
+/// was left out. Both ends are kept because a quoted input usually sits between the message's
+/// subject ("bdev ") and its verdict (" does not exist").
+pub fn bounded(m: String) -> String {
+    if m.len() <= MAX_MESSAGE_BYTES {
+        return m;
+    }
+    let (head_len, tail_len) = (MAX_MESSAGE_BYTES / 2, MAX_MESSAGE_BYTES / 4);
+    let mut h = head_len;
+    while !m.is_char_boundary(h) {
+        h -= 1;
+    }
+    let mut t = m.len() - tail_len;
+    while !m.is_char_boundary(t) {
+        t += 1;
+    }
+    let out = format!("{}...[{} bytes left out]...{}", &m[..h], t - h, &m[t..]);
+    debug_assert!(out.len() <= MAX_MESSAGE_BYTES);
+    out
 }
 
 impl std::fmt::Display for RpcError {
@@ -84,5 +111,21 @@ impl From<CreateError> for RpcError {
 impl From<crate::reactor::CallError> for RpcError {
     fn from(e: crate::reactor::CallError) -> Self {
         RpcError::new(ETIMEDOUT, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_keep_both_ends_and_stay_bounded() {
+        let e = RpcError::new(ENODEV, format!("bdev {} does not exist", "é".repeat(1 << 20)));
+        assert!(e.message.len() <= MAX_MESSAGE_BYTES, "{}", e.message.len());
+        assert!(e.message.starts_with("bdev é") && e.message.ends_with("é does not exist"), "{}", e.message);
+        assert!(e.message.contains("bytes left out"), "{}", e.message);
+        assert_eq!(RpcError::new(EIO, "short").message, "short");
+        let exact = "x".repeat(MAX_MESSAGE_BYTES);
+        assert_eq!(RpcError::new(EIO, exact.clone()).message, exact);
     }
 }
