@@ -115,10 +115,25 @@ mod tests {
 
     #[test]
     fn cross_core_wake_reaches_a_sleeping_core() {
+        // The safety-net sleep is set far beyond the call's timeout: only the notifier can wake
+        // a core in time, so a broken wake-up fails here instead of costing 500 ms.
         let opts = ReactorOptions { cpus: vec![0, 0], poll_mode: PollMode::Adaptive, idle_us: 10, pin: false };
-        let r = Reactors::start(&opts).unwrap();
+        let r = Reactors::start_with_max_sleep(&opts, Duration::from_secs(3600)).unwrap();
         let h = r.handle();
-        std::thread::sleep(Duration::from_millis(20));
+        let asleep = |core: usize| {
+            // A sleeping reactor runs no loop iterations.
+            let loops = &h.mailbox(core).counters.loops;
+            let before = loops.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+            loops.load(Ordering::Relaxed) == before
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(asleep(0) && asleep(1)) {
+            assert!(std::time::Instant::now() < deadline, "idle adaptive reactors never went to sleep");
+        }
+        let woken = |core: usize| h.mailbox(core).counters.wakeups.load(Ordering::Relaxed);
+        let (w0, w1) = (woken(0), woken(1));
+        // The test thread wakes core 0, core 0 wakes core 1, core 1's answer wakes core 0.
         let got = h
             .call_async(0, Duration::from_secs(5), || async {
                 let flag = Rc::new(Cell::new(0));
@@ -126,8 +141,9 @@ mod tests {
                 flag.set(v);
                 flag.get()
             })
-            .unwrap();
+            .expect("a sleeping core was not woken by its notifier");
         assert_eq!(got, 7);
+        assert!(woken(0) > w0 && woken(1) > w1, "both cores were asleep and must have been woken through the notifier");
         r.stop();
     }
 
