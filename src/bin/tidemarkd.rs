@@ -44,6 +44,8 @@ fn parse_mode(s: &str) -> Result<PollMode, String> {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_micros().init();
+    // Before anything else runs: a panic anywhere aborts the daemon (see the function's doc).
+    daemon::install_panic_policy();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", tidemark::config::DEFAULT_CONFIG);
