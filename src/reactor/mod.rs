@@ -148,6 +148,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_that_drained_the_last_data_sees_the_fin_that_came_in_the_same_edge() {
+        let r = Reactors::start(&ReactorOptions { cpus: vec![0], poll_mode: PollMode::Adaptive, idle_us: 10, pin: false }).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let got = r
+            .handle()
+            .call_async(0, Duration::from_secs(10), move || async move {
+                let s = TcpStream::from_std(s).unwrap();
+                // Data and FIN arrive together, and the reactor takes their one edge, before the
+                // reader looks.
+                std::io::Write::write_all(&mut c, b"last").unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                sleep(Duration::from_millis(100)).await;
+                let tick = s.read_tick();
+                let mut buf = [0u8; 64];
+                let n = s.try_read(&mut buf).unwrap();
+                // A short read: the socket looked drained, so a reader waits for the next edge.
+                let edge = timeout(Duration::from_secs(2), s.readable(tick)).await;
+                (n, edge.is_ok(), s.try_read(&mut buf).ok())
+            })
+            .unwrap();
+        assert_eq!(got, (4, true, Some(0)), "the wait for readiness after the drained data must end at once: the peer closed");
+        r.stop();
+    }
+
+    #[test]
     fn a_task_whose_io_completes_in_place_still_lets_the_core_run_others() {
         let cores = ManualCores::new(1);
         let stop = Rc::new(std::cell::Cell::new(false));
