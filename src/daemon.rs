@@ -9,6 +9,65 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The panic policy of `tidemarkd`: **a panic aborts the process.** The hook logs the panic
+/// (message, location, thread, backtrace) at ERROR and aborts, so the supervisor (systemd
+/// `Restart=on-failure`) starts a fresh daemon. Why not unwind: a panic ends only the thread it
+/// happens on, and a reactor thread that ends takes its connections, its extent-lock shard and
+/// its message ring with it while the rest of the process answers as if all were well; a
+/// panicking RPC handler leaks its client slot. Tearing down just the failed task would need
+/// every lock and slot it held released on unwind. A restart costs nothing acknowledged: host
+/// writes are on the devices when acknowledged and sealed snapshots are on media, exactly as
+/// after `kill -9` (tests/panic_policy.rs checks both).
+pub fn install_panic_policy() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        let msg = info.payload_as_str().unwrap_or("<non-string payload>");
+        let at = info.location().map_or_else(|| "<unknown location>".to_string(), |l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let bt = std::backtrace::Backtrace::force_capture();
+        log::error!("panic in thread '{name}' at {at}: {msg}; aborting so that the supervisor restarts the daemon\n{bt}");
+        log::logger().flush();
+        std::process::abort();
+    }));
+}
+
+/// The environment variable that adds the test-only RPC methods (`TIDEMARK_TEST_HOOKS=1`).
+pub const TEST_HOOKS_ENV: &str = "TIDEMARK_TEST_HOOKS";
+
+/// Adds the test-only methods when the daemon runs with `TIDEMARK_TEST_HOOKS=1`; without it they
+/// do not exist (and `rpc_get_methods` does not list them).
+///
+/// `test_inject_panic {where: "reactor" | "rpc", core?}` panics in a task on reactor `core`
+/// (default 0) or in the RPC handler itself.
+pub fn register_test_hooks(m: &mut crate::rpc::Methods) {
+    if std::env::var_os(TEST_HOOKS_ENV).is_none_or(|v| v != "1") {
+        return;
+    }
+    log::warn!("{TEST_HOOKS_ENV}=1: test-only RPC methods are enabled");
+    m.add("test_inject_panic", test_inject_panic);
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectPanic {
+    #[serde(rename = "where")]
+    place: String,
+    #[serde(default)]
+    core: usize,
+}
+
+fn test_inject_panic(t: &Target, p: Option<serde_json::Value>) -> Result<serde_json::Value, crate::rpc::RpcError> {
+    let p: InjectPanic = crate::rpc::parse(p)?;
+    match p.place.as_str() {
+        "rpc" => panic!("injected panic in an RPC handler (test hook)"),
+        "reactor" if p.core < t.reactors.core_count() => {
+            t.reactors.send(p.core, || crate::reactor::spawn_detached(async { panic!("injected panic in a reactor task (test hook)") }));
+            Ok(serde_json::json!(true))
+        }
+        _ => Err(crate::rpc::RpcError::invalid_params(format!("where must be \"rpc\" or \"reactor\" with core below {}", t.reactors.core_count()))),
+    }
+}
+
 /// Command-line overrides of the configuration.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {

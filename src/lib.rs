@@ -11,6 +11,8 @@ pub mod bdevs;
 pub mod config;
 pub mod daemon;
 pub mod extent_lock;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod iscsi;
 pub mod metrics;
 pub mod nvmf;

@@ -11,7 +11,7 @@
 pub mod identify;
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, scatter, Bdev, BdevError, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::bdevs::uring::UringBdev;
 use crate::reactor::{self, Poller};
 use identify::Identity;
@@ -29,8 +29,6 @@ use uuid::Uuid;
 
 /// _IOWR('N', 0x80, struct nvme_uring_cmd)
 const NVME_URING_CMD_IO: u32 = 0xC048_4E80;
-/// _IOWR('N', 0x81, struct nvme_uring_cmd): data is an iovec array.
-const NVME_URING_CMD_IO_VEC: u32 = 0xC048_4E81;
 const RING_ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = 2 * RING_ENTRIES as usize;
 /// Most blocks one Read/Write/Write Zeroes carries (NLB is a 16-bit field).
@@ -295,23 +293,30 @@ impl PassthruChannel {
         self.fixed.is_some_and(|(b, l)| ptr as usize >= b && ptr as usize + len <= b + l)
     }
 
-    /// Queues one NVMe command; the poller submits the batch.
-    fn push(&self, cmd_op: u32, cmd: [u8; 80], fixed: bool) -> Option<IoFuture<'static>> {
+    /// Queues one NVMe command (the poller submits the batch). `buf`, the only memory the
+    /// command may name, moves into the completion slot, which keeps it until the kernel
+    /// answers. None (and `buf` left in place) when the ring is at its limit.
+    fn push(&self, cmd_op: u32, cmd: [u8; 80], buf: &mut Option<IoBuf>) -> Option<Result<CompletionFuture, BdevError>> {
         if self.offline.load(Ordering::Relaxed) {
-            return Some(IoFuture::ready(Err(BdevError::Offline)));
+            return Some(Err(BdevError::Offline));
         }
         if self.in_flight.get() >= MAX_IN_FLIGHT {
             return None;
         }
-        let (slot, fut) = self.completions.alloc();
+        let fixed = buf.as_ref().is_some_and(|b| self.in_fixed(b.as_ptr(), b.len()));
+        let (slot, fut) = match buf.take() {
+            Some(b) => self.completions.alloc_owning(b),
+            None => self.completions.alloc(),
+        };
         let mut e = opcode::UringCmd80::new(types::Fixed(0), cmd_op).cmd(cmd);
         if fixed {
             e = e.buf_index(Some(0));
         }
         let sqe = e.build().user_data(slot as u64);
         let mut ring = self.ring.borrow_mut();
-        // SAFETY: the data buffers named by the command belong to the I/O future, which is
-        // polled to completion (or waits for it when dropped).
+        // SAFETY: the only data buffer the command names is the one its completion slot owns;
+        // the slot releases it when the kernel's completion arrives, even if the future is
+        // dropped before.
         let pushed = unsafe { ring.submission().push(&sqe).is_ok() || (ring.submit().is_ok() && ring.submission().push(&sqe).is_ok()) };
         if !pushed {
             drop(ring);
@@ -320,46 +325,52 @@ impl PassthruChannel {
             self.in_flight.set(self.in_flight.get() + 1);
             self.unsubmitted.set(self.unsubmitted.get() + 1);
         }
-        Some(IoFuture::Slot(fut))
+        Some(Ok(fut))
     }
 
-    fn submit_cmd<'a>(&'a self, cmd_op: u32, cmd: [u8; 80], fixed: bool) -> IoFuture<'a> {
-        if let Some(f) = self.push(cmd_op, cmd, fixed) {
-            return f;
-        }
-        IoFuture::boxed(async move {
-            loop {
-                reactor::yield_now().await;
-                if let Some(f) = self.push(cmd_op, cmd, fixed) {
-                    return f.await;
-                }
+    /// Runs one command, waiting for ring space if needed; returns its result and its buffer.
+    async fn run_cmd(&self, cmd_op: u32, cmd: [u8; 80], buf: Option<IoBuf>) -> (IoResult, Option<IoBuf>) {
+        let mut buf = buf;
+        loop {
+            match self.push(cmd_op, cmd, &mut buf) {
+                Some(Ok(f)) => return f.owned().await,
+                Some(Err(e)) => return (Err(e), buf),
+                None => reactor::yield_now().await,
             }
-        })
-    }
-
-    fn rw_cmd(&self, op: u8, slba: u64, blocks: u64, addr: *const u8, len: usize) -> IoFuture<'_> {
-        debug_assert!(blocks >= 1 && blocks <= self.max_blocks);
-        let fixed = self.in_fixed(addr, len);
-        let cmd = command(op, self.nsid, addr as u64, len as u32, [slba as u32, (slba >> 32) as u32, (blocks - 1) as u32, 0, 0, 0]);
-        self.submit_cmd(NVME_URING_CMD_IO, cmd, fixed)
-    }
-
-    /// A contiguous transfer, split at the controller's transfer limit.
-    fn contiguous<'a>(&'a self, op: u8, slba: u64, ptr: *const u8, len: usize) -> IoFuture<'a> {
-        let blocks = len as u64 / self.block_size;
-        if blocks <= self.max_blocks {
-            return self.rw_cmd(op, slba, blocks, ptr, len);
         }
-        let (bs, max) = (self.block_size, self.max_blocks);
-        let ptr = ptr as usize;
-        IoFuture::boxed(async move {
-            let parts = (0..blocks.div_ceil(max)).map(|i| {
-                let first = i * max;
-                let n = (blocks - first).min(max);
-                self.rw_cmd(op, slba + first, n, (ptr + (first * bs) as usize) as *const u8, (n * bs) as usize)
-            });
-            futures::future::try_join_all(parts).await.map(|_| ())
-        })
+    }
+
+    /// A Read or Write of `blocks` at `slba` through `buf` (blocks <= max_blocks).
+    fn rw(&self, op: u8, slba: u64, blocks: u64, buf: &IoBuf) -> [u8; 80] {
+        debug_assert!(blocks >= 1 && blocks <= self.max_blocks);
+        command(op, self.nsid, buf.as_ptr() as u64, buf.len() as u32, [slba as u32, (slba >> 32) as u32, (blocks - 1) as u32, 0, 0, 0])
+    }
+
+    /// One command, boxed only when the ring is full; a read's data goes to `out` when it
+    /// completes.
+    fn start<'a>(&'a self, cmd: [u8; 80], buf: Option<IoBuf>, out: Option<CopyOut<'a>>) -> IoFuture<'a> {
+        let mut buf = buf;
+        match self.push(NVME_URING_CMD_IO, cmd, &mut buf) {
+            Some(Ok(f)) => match out {
+                Some(out) => IoFuture::SlotInto(f, out),
+                None => IoFuture::Slot(f),
+            },
+            Some(Err(e)) => IoFuture::ready(Err(e)),
+            None => IoFuture::boxed(async move {
+                let (r, b) = self.run_cmd(NVME_URING_CMD_IO, cmd, buf).await;
+                if let (Ok(()), Some(b), Some(mut out)) = (&r, b, out) {
+                    out.copy_from(&b);
+                }
+                r
+            }),
+        }
+    }
+
+    /// Commands for a transfer of `blocks` at `slba`, split at the controller's transfer
+    /// limit: (first block, count) of each.
+    fn parts(&self, slba: u64, blocks: u64) -> impl Iterator<Item = (u64, u64)> {
+        let max = self.max_blocks;
+        (0..blocks.div_ceil(max)).map(move |i| (slba + i * max, (blocks - i * max).min(max)))
     }
 }
 
@@ -433,79 +444,66 @@ impl Drop for PassthruHandle {
 impl IoChannel for PassthruHandle {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
         let ch = &*self.0;
+        let bs = ch.block_size;
         match io {
+            // Commands name only pool buffers that their completion slots own, never the
+            // caller's memory (see `crate::bdev::completion`).
             Io::Read { offset_blocks, num_blocks, bufs } => {
-                if bufs.len() == 1 {
-                    return ch.contiguous(OP_READ, offset_blocks, bufs[0].as_mut_ptr(), bufs[0].len());
-                }
                 if num_blocks <= ch.max_blocks {
-                    let cmd = command(
-                        OP_READ,
-                        ch.nsid,
-                        bufs.as_ptr() as u64,
-                        bufs.len() as u32,
-                        [offset_blocks as u32, (offset_blocks >> 32) as u32, (num_blocks - 1) as u32, 0, 0, 0],
-                    );
-                    return ch.submit_cmd(NVME_URING_CMD_IO_VEC, cmd, false);
+                    let buf = IoBuf::alloc((num_blocks * bs) as usize);
+                    let cmd = ch.rw(OP_READ, offset_blocks, num_blocks, &buf);
+                    return ch.start(cmd, Some(buf), Some(CopyOut::new(bufs, 0)));
                 }
                 IoFuture::boxed(async move {
-                    let mut bounce = IoBuf::alloc((num_blocks * ch.block_size) as usize);
-                    ch.contiguous(OP_READ, offset_blocks, bounce.as_mut_ptr(), bounce.len()).await?;
-                    let mut pos = 0;
-                    for b in bufs.iter_mut() {
-                        let n = b.len();
-                        b.copy_from_slice(&bounce[pos..pos + n]);
-                        pos += n;
+                    let parts = ch.parts(offset_blocks, num_blocks).map(|(slba, n)| {
+                        let buf = IoBuf::alloc((n * bs) as usize);
+                        let cmd = ch.rw(OP_READ, slba, n, &buf);
+                        async move { (slba, ch.run_cmd(NVME_URING_CMD_IO, cmd, Some(buf)).await) }
+                    });
+                    for (slba, (r, buf)) in futures::future::join_all(parts).await {
+                        r?;
+                        if let Some(b) = buf {
+                            scatter(bufs, ((slba - offset_blocks) * bs) as usize, &b);
+                        }
                     }
                     Ok(())
                 })
             }
             Io::Write { offset_blocks, num_blocks, bufs } => {
-                if bufs.len() == 1 {
-                    return ch.contiguous(OP_WRITE, offset_blocks, bufs[0].as_ptr(), bufs[0].len());
-                }
                 if num_blocks <= ch.max_blocks {
-                    let cmd = command(
-                        OP_WRITE,
-                        ch.nsid,
-                        bufs.as_ptr() as u64,
-                        bufs.len() as u32,
-                        [offset_blocks as u32, (offset_blocks >> 32) as u32, (num_blocks - 1) as u32, 0, 0, 0],
-                    );
-                    return ch.submit_cmd(NVME_URING_CMD_IO_VEC, cmd, false);
+                    let mut buf = IoBuf::alloc((num_blocks * bs) as usize);
+                    gather(bufs, 0, &mut buf);
+                    let cmd = ch.rw(OP_WRITE, offset_blocks, num_blocks, &buf);
+                    return ch.start(cmd, Some(buf), None);
                 }
                 IoFuture::boxed(async move {
-                    let mut bounce = IoBuf::alloc((num_blocks * ch.block_size) as usize);
-                    let mut pos = 0;
-                    for b in bufs.iter() {
-                        bounce[pos..pos + b.len()].copy_from_slice(b);
-                        pos += b.len();
-                    }
-                    ch.contiguous(OP_WRITE, offset_blocks, bounce.as_ptr(), bounce.len()).await
+                    let parts = ch.parts(offset_blocks, num_blocks).map(|(slba, n)| {
+                        let mut buf = IoBuf::alloc((n * bs) as usize);
+                        gather(bufs, ((slba - offset_blocks) * bs) as usize, &mut buf);
+                        let cmd = ch.rw(OP_WRITE, slba, n, &buf);
+                        async move { ch.run_cmd(NVME_URING_CMD_IO, cmd, Some(buf)).await.0 }
+                    });
+                    futures::future::try_join_all(parts).await.map(|_| ())
                 })
             }
-            Io::Flush => ch.submit_cmd(NVME_URING_CMD_IO, command(OP_FLUSH, ch.nsid, 0, 0, [0; 6]), false),
+            Io::Flush => ch.start(command(OP_FLUSH, ch.nsid, 0, 0, [0; 6]), None, None),
             Io::WriteZeroes { offset_blocks, num_blocks } => IoFuture::boxed(async move {
                 let mut done = 0;
                 while done < num_blocks {
                     let n = (num_blocks - done).min(MAX_NLB);
                     let slba = offset_blocks + done;
-                    ch.submit_cmd(
-                        NVME_URING_CMD_IO,
-                        command(OP_WRITE_ZEROES, ch.nsid, 0, 0, [slba as u32, (slba >> 32) as u32, (n - 1) as u32, 0, 0, 0]),
-                        false,
-                    )
-                    .await?;
+                    let cmd = command(OP_WRITE_ZEROES, ch.nsid, 0, 0, [slba as u32, (slba >> 32) as u32, (n - 1) as u32, 0, 0, 0]);
+                    ch.run_cmd(NVME_URING_CMD_IO, cmd, None).await.0?;
                     done += n;
                 }
                 Ok(())
             }),
             Io::Unmap { offset_blocks, num_blocks } => IoFuture::boxed(async move {
                 // Dataset Management, deallocate: up to 256 ranges of up to 2^32-1 blocks.
-                let mut ranges = IoBuf::zeroed(MAX_DSM_RANGES * 16);
                 let mut left = num_blocks;
                 let mut slba = offset_blocks;
                 while left > 0 {
+                    let mut ranges = IoBuf::zeroed(MAX_DSM_RANGES * 16);
                     let mut nr = 0;
                     while left > 0 && nr < MAX_DSM_RANGES {
                         let n = left.min(u32::MAX as u64);
@@ -516,10 +514,9 @@ impl IoChannel for PassthruHandle {
                         left -= n;
                         nr += 1;
                     }
-                    let len = nr * 16;
-                    let cmd = command(OP_DSM, ch.nsid, ranges.as_ptr() as u64, len as u32, [(nr - 1) as u32, 1 << 2, 0, 0, 0, 0]);
-                    let fixed = ch.in_fixed(ranges.as_ptr(), len);
-                    ch.submit_cmd(NVME_URING_CMD_IO, cmd, fixed).await?;
+                    ranges.set_len(nr * 16);
+                    let cmd = command(OP_DSM, ch.nsid, ranges.as_ptr() as u64, ranges.len() as u32, [(nr - 1) as u32, 1 << 2, 0, 0, 0, 0]);
+                    ch.run_cmd(NVME_URING_CMD_IO, cmd, Some(ranges)).await.0?;
                 }
                 Ok(())
             }),

@@ -6,13 +6,12 @@
 pub mod rpc;
 pub mod space;
 
-use crate::bdev::{Bdev, BdevError, Completions, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, Bdev, BdevError, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, BUF_ALIGN};
 use crate::reactor::{self, Poller};
 use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -35,8 +34,6 @@ pub struct UringBdev {
     num_blocks: u64,
     /// Opened with O_DIRECT (no page cache).
     direct: bool,
-    /// Alignment O_DIRECT requires of buffer addresses.
-    mem_align: usize,
     block_device: bool,
     /// Size in MiB the file was created with, for `save_config`.
     size_mb: Option<u64>,
@@ -122,6 +119,10 @@ impl UringBdev {
         if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
             return Err(format!("block_size {bs} must be a power of two from 512 to 65536"));
         }
+        if mem_align > BUF_ALIGN {
+            // Every buffer the ring sees is an IoBuf, aligned to BUF_ALIGN.
+            return Err(format!("{} needs {mem_align}-byte aligned memory for direct I/O; buffers are aligned to {BUF_ALIGN}", path.display()));
+        }
         if direct && bs < offset_align {
             return Err(format!("block_size {bs} is smaller than the device's direct I/O alignment {offset_align}"));
         }
@@ -138,7 +139,6 @@ impl UringBdev {
             block_size: bs,
             num_blocks,
             direct,
-            mem_align: mem_align.max(1),
             block_device,
             size_mb,
         })
@@ -194,8 +194,6 @@ struct UringChannel {
     ring: RefCell<IoUring>,
     fd: RawFd,
     block_size: u64,
-    direct: bool,
-    mem_align: usize,
     block_device: bool,
     /// The core's buffer pool, registered as fixed buffer 0 (if registration worked).
     fixed: Option<(usize, usize)>,
@@ -220,8 +218,6 @@ impl UringChannel {
             ring: RefCell::new(ring),
             fd,
             block_size: b.block_size as u64,
-            direct: b.direct,
-            mem_align: b.mem_align,
             block_device: b.block_device,
             fixed,
             in_flight: Cell::new(0),
@@ -240,21 +236,43 @@ impl UringChannel {
         self.fixed.is_some_and(|(base, rlen)| (ptr as usize) >= base && (ptr as usize) + len <= base + rlen)
     }
 
-    fn aligned(&self, ptr: *const u8, len: usize) -> bool {
-        !self.direct || ((ptr as usize) % self.mem_align == 0 && len % self.mem_align.max(512) == 0)
+    /// The SQE of `op`; a read or write uses `buf`, the memory its slot owns.
+    fn sqe(&self, op: Op, buf: Option<&IoBuf>) -> io_uring::squeue::Entry {
+        let fd = types::Fixed(0);
+        let (ptr, len) = buf.map_or((std::ptr::null_mut(), 0), |b| (b.as_ptr() as *mut u8, b.len()));
+        let fixed = buf.is_some() && self.fixed_index(ptr, len);
+        match op {
+            Op::Read(offset) if fixed => opcode::ReadFixed::new(fd, ptr, len as u32, 0).offset(offset).build(),
+            Op::Read(offset) => opcode::Read::new(fd, ptr, len as u32).offset(offset).build(),
+            Op::Write(offset) if fixed => opcode::WriteFixed::new(fd, ptr, len as u32, 0).offset(offset).build(),
+            Op::Write(offset) => opcode::Write::new(fd, ptr, len as u32).offset(offset).build(),
+            Op::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Op::PunchHole { offset, len } => {
+                // A punched hole reads as zeros: it is both an unmap and a write of zeroes.
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()
+            }
+        }
     }
 
-    /// Queues one SQE; the poller submits the batch. Returns the completion future, or None
-    /// when the ring is at its limit.
-    fn push(&self, build: impl FnOnce() -> io_uring::squeue::Entry, expected: u32) -> Option<IoFuture<'static>> {
+    /// Queues one SQE (the poller submits the batch); `buf` moves into the completion slot,
+    /// which keeps it until the kernel answers. None (and `buf` left in place) when the ring
+    /// is at its limit.
+    fn push(&self, op: Op, buf: &mut Option<IoBuf>) -> Option<CompletionFuture> {
         if self.in_flight.get() >= MAX_IN_FLIGHT {
             return None;
         }
-        let (slot, fut) = self.completions.alloc();
-        let sqe = build().user_data(user_data(slot, expected));
+        let sqe = self.sqe(op, buf.as_ref());
+        let expected = buf.as_ref().map_or(0, |b| b.len() as u32) | if matches!(op, Op::Write(_)) { WRITE } else { 0 };
+        let (slot, fut) = match buf.take() {
+            Some(b) => self.completions.alloc_owning(b),
+            None => self.completions.alloc(),
+        };
+        let sqe = sqe.user_data(user_data(slot, expected));
         let mut ring = self.ring.borrow_mut();
-        // SAFETY: buffers referenced by the SQE belong to the I/O future, which is polled to
-        // completion (or waits for the completion in its drop).
+        // SAFETY: the only memory the SQE names is the buffer its completion slot owns; the
+        // slot releases it when the kernel's completion arrives, not before, even if the
+        // future is dropped.
         unsafe {
             if ring.submission().push(&sqe).is_err() {
                 // The SQ is full: hand the batch to the kernel to make room.
@@ -263,42 +281,47 @@ impl UringChannel {
                 if ring.submission().push(&sqe).is_err() {
                     drop(ring);
                     self.completions.complete(slot, Err(BdevError::NoResources));
-                    return Some(IoFuture::Slot(fut));
+                    return Some(fut);
                 }
             }
         }
         self.in_flight.set(self.in_flight.get() + 1);
         self.unsubmitted.set(self.unsubmitted.get() + 1);
-        Some(IoFuture::Slot(fut))
+        Some(fut)
     }
 
-    /// Queues the I/O, waiting for ring space if the ring is at its limit.
-    fn submit_op<'a>(&'a self, build: impl Fn() -> io_uring::squeue::Entry + 'a, expected: u32) -> IoFuture<'a> {
-        if let Some(f) = self.push(&build, expected) {
-            return f;
+    /// Queues the operation, waiting for ring space if the ring is at its limit; a read's
+    /// data goes to `out` when it completes.
+    fn submit_op<'a>(&'a self, op: Op, buf: Option<IoBuf>, out: Option<CopyOut<'a>>) -> IoFuture<'a> {
+        let mut buf = buf;
+        if let Some(f) = self.push(op, &mut buf) {
+            return match out {
+                Some(out) => IoFuture::SlotInto(f, out),
+                None => IoFuture::Slot(f),
+            };
         }
         IoFuture::boxed(async move {
             loop {
                 reactor::yield_now().await;
-                if let Some(f) = self.push(&build, expected) {
+                if let Some(f) = self.push(op, &mut buf) {
+                    let f = match out {
+                        Some(out) => IoFuture::SlotInto(f, out),
+                        None => IoFuture::Slot(f),
+                    };
                     return f.await;
                 }
             }
         })
     }
+}
 
-    fn read_into(&self, offset: u64, bufs: &mut [IoSliceMut<'_>], total: usize) -> IoFuture<'_> {
-        let fd = types::Fixed(0);
-        if bufs.len() == 1 {
-            let (ptr, len) = (bufs[0].as_mut_ptr(), bufs[0].len());
-            if self.fixed_index(ptr, len) {
-                return self.submit_op(move || opcode::ReadFixed::new(fd, ptr, len as u32, 0).offset(offset).build(), len as u32);
-            }
-            return self.submit_op(move || opcode::Read::new(fd, ptr, len as u32).offset(offset).build(), len as u32);
-        }
-        let (iov, cnt) = (bufs.as_mut_ptr() as *const libc::iovec, bufs.len() as u32);
-        self.submit_op(move || opcode::Readv::new(fd, iov, cnt).offset(offset).build(), total as u32)
-    }
+/// One ring operation, by what it does to the file (offsets in bytes).
+#[derive(Clone, Copy)]
+enum Op {
+    Read(u64),
+    Write(u64),
+    Fsync,
+    PunchHole { offset: u64, len: u64 },
 }
 
 impl Poller for UringChannel {
@@ -375,53 +398,20 @@ impl Drop for ChannelHandle {
 impl IoChannel for ChannelHandle {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
         let ch = &*self.0;
-        let fd = types::Fixed(0);
         match io {
+            // The kernel gets a pool buffer that the completion slot owns, never the caller's
+            // memory (see `crate::bdev::completion`): one copy per I/O buys cancellation that
+            // cannot free memory under the kernel, and O_DIRECT alignment for any caller.
             Io::Read { offset_blocks, num_blocks, bufs } => {
-                let offset = offset_blocks * ch.block_size;
-                let total = (num_blocks * ch.block_size) as usize;
-                if bufs.iter().all(|b| ch.aligned(b.as_ptr(), b.len())) {
-                    return ch.read_into(offset, bufs, total);
-                }
-                // O_DIRECT needs aligned memory: bounce through a pool buffer.
-                IoFuture::boxed(async move {
-                    let mut bounce = IoBuf::alloc(total);
-                    ch.read_into(offset, &mut [IoSliceMut::new(&mut bounce)], total).await?;
-                    let mut pos = 0;
-                    for b in bufs.iter_mut() {
-                        let n = b.len();
-                        b.copy_from_slice(&bounce[pos..pos + n]);
-                        pos += n;
-                    }
-                    Ok(())
-                })
+                let buf = IoBuf::alloc((num_blocks * ch.block_size) as usize);
+                ch.submit_op(Op::Read(offset_blocks * ch.block_size), Some(buf), Some(CopyOut::new(bufs, 0)))
             }
             Io::Write { offset_blocks, num_blocks, bufs } => {
-                let offset = offset_blocks * ch.block_size;
-                let total = (num_blocks * ch.block_size) as usize;
-                if bufs.iter().all(|b| ch.aligned(b.as_ptr(), b.len())) {
-                    if bufs.len() == 1 {
-                        let (ptr, len) = (bufs[0].as_ptr(), bufs[0].len());
-                        if ch.fixed_index(ptr, len) {
-                            return ch.submit_op(move || opcode::WriteFixed::new(fd, ptr, len as u32, 0).offset(offset).build(), len as u32 | WRITE);
-                        }
-                        return ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32 | WRITE);
-                    }
-                    let (iov, cnt) = (bufs.as_ptr() as *const libc::iovec, bufs.len() as u32);
-                    return ch.submit_op(move || opcode::Writev::new(fd, iov, cnt).offset(offset).build(), total as u32 | WRITE);
-                }
-                IoFuture::boxed(async move {
-                    let mut bounce = IoBuf::alloc(total);
-                    let mut pos = 0;
-                    for b in bufs.iter() {
-                        bounce[pos..pos + b.len()].copy_from_slice(b);
-                        pos += b.len();
-                    }
-                    let (ptr, len) = (bounce.as_ptr(), bounce.len());
-                    ch.submit_op(move || opcode::Write::new(fd, ptr, len as u32).offset(offset).build(), len as u32 | WRITE).await
-                })
+                let mut buf = IoBuf::alloc((num_blocks * ch.block_size) as usize);
+                gather(bufs, 0, &mut buf);
+                ch.submit_op(Op::Write(offset_blocks * ch.block_size), Some(buf), None)
             }
-            Io::Flush => ch.submit_op(move || opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(), 0),
+            Io::Flush => ch.submit_op(Op::Fsync, None, None),
             Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
                 let offset = offset_blocks * ch.block_size;
                 let len = num_blocks * ch.block_size;
@@ -442,9 +432,7 @@ impl IoChannel for ChannelHandle {
                         Err(BdevError::Os(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)))
                     });
                 }
-                // A punched hole reads as zeros: it is both an unmap and a write of zeroes.
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                ch.submit_op(move || opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build(), 0)
+                ch.submit_op(Op::PunchHole { offset, len }, None, None)
             }
         }
     }
@@ -492,6 +480,7 @@ mod tests {
     use super::*;
     use crate::bdev::{BdevRegistry, Channel};
     use crate::reactor::{PollMode, ReactorOptions, Reactors};
+    use std::future::Future;
     use std::io::IoSlice;
     use std::time::Duration;
 
@@ -531,5 +520,56 @@ mod tests {
             .unwrap();
         assert!(ok);
         r.stop();
+    }
+
+    #[test]
+    fn a_dropped_read_returns_at_once_and_its_buffer_only_after_the_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.img");
+        std::fs::write(&path, vec![0xA5u8; 1 << 20]).unwrap();
+        let b = UringBdev::open("u0", "u.img", &path, None, None, None).unwrap();
+        let reg = BdevRegistry::new(1);
+        let e = reg.register(Arc::new(b)).unwrap();
+        let cores = crate::reactor::ManualCores::new(1);
+        cores.enter(0, || {
+            let ch = Channel::get(&e).unwrap();
+            let slots = Completions::current();
+            // 64 KiB: a size class nothing else on this core uses.
+            const LEN: usize = 64 << 10;
+            let free_before = crate::bdev::pool_free_buffers(LEN);
+            let mut dst = vec![0u8; LEN];
+            {
+                let mut read = Box::pin(ch.read_buf(0, &mut dst));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                assert!(read.as_mut().poll(&mut cx).is_pending(), "the read is queued on the ring");
+                assert_eq!(slots.outstanding(), 1);
+                // The core's pollers are not run here: the drop must not wait for the kernel.
+            }
+            assert_eq!(slots.outstanding(), 1, "the drop returned before the completion arrived (it did not run the pollers)");
+            assert_eq!(crate::bdev::pool_free_buffers(LEN), free_before, "the read's buffer stays with the kernel until its completion");
+            // The caller's memory is its own again at once: the kernel never had it.
+            dst.fill(1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while slots.outstanding() > 0 {
+                assert!(std::time::Instant::now() < deadline, "the orphaned read never completed");
+                crate::reactor::with_core(|c| c.run_pollers());
+            }
+            assert_eq!(crate::bdev::pool_free_buffers(LEN), free_before + 1, "the completion returned the buffer to the pool");
+            assert!(dst.iter().all(|&x| x == 1), "the completion wrote nothing into the caller's memory");
+            // The channel still works, and nothing stayed behind.
+            let mut back = vec![0u8; 4096];
+            let mut read = Box::pin(ch.read_buf(8, &mut back));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let r = loop {
+                if let std::task::Poll::Ready(r) = read.as_mut().poll(&mut cx) {
+                    break r;
+                }
+                crate::reactor::with_core(|c| c.run_pollers());
+            };
+            drop(read);
+            r.unwrap();
+            assert!(back.iter().all(|&x| x == 0xA5));
+            assert_eq!(slots.outstanding(), 0);
+        });
     }
 }

@@ -6,5 +6,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tidemark::nvmf::pdu::fuzz_capsule(data);
+    tidemark::fuzz::nvmf_capsule(data);
 });

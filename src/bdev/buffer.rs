@@ -115,6 +115,15 @@ impl Pool {
     }
 }
 
+/// Free buffers in the current core's pool of the size class that serves `len` bytes: a test
+/// hook to observe when a buffer returns.
+#[doc(hidden)]
+pub fn pool_free_buffers(len: usize) -> usize {
+    let size = len.max(1).next_power_of_two().max(1 << MIN_CLASS_SHIFT);
+    let class = (size.trailing_zeros() - MIN_CLASS_SHIFT) as usize;
+    reactor::with_core(|c| c.local::<Pool>().free.borrow().get(class).map_or(0, Vec::len))
+}
+
 /// The current core's pool region, for io_uring fixed-buffer registration.
 pub fn current_pool_region() -> (*mut u8, usize) {
     reactor::with_core(|c| c.local::<Pool>().region())

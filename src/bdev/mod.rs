@@ -3,8 +3,10 @@
 //!
 //! A bdev is shared by all cores (`Bdev: Send + Sync`); its I/O goes through an [`IoChannel`]
 //! that each core opens for itself (for `uring`, the core's own ring: SPDK's queue pair). I/O
-//! futures borrow the caller's buffers, so **a submitted I/O is never cancelled**: callers poll
-//! every I/O future to completion (dropping one that is in flight waits for it).
+//! futures borrow the caller's buffers, but a device never sees them: modules completed by a
+//! device (io_uring) copy through a pool buffer that the completion slot owns until the
+//! device answers (see `completion`). Dropping an in-flight I/O future is therefore safe and
+//! returns at once; the I/O itself still runs to its end on the device.
 
 mod buffer;
 mod channel;
@@ -14,9 +16,9 @@ pub mod rpc;
 mod stats;
 
 pub use buffer::set_pool_bytes;
-pub use buffer::{buffer_pool_info, current_pool_region, IoBuf, BUF_ALIGN};
+pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf, BUF_ALIGN};
 pub use channel::Channel;
-pub use completion::{CompletionFuture, Completions};
+pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use rpc::BdevSubsystem;
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
@@ -95,6 +97,9 @@ pub enum IoFuture<'a> {
     /// Completed in place; the flag says it already gave up its turn once (see `poll`).
     Ready(Option<IoResult>, bool),
     Slot(CompletionFuture),
+    /// A read through a slot-owned buffer: its data is copied to the caller's buffers when the
+    /// completion is polled.
+    SlotInto(CompletionFuture, CopyOut<'a>),
     Boxed(Pin<Box<dyn Future<Output = IoResult> + 'a>>),
 }
 
@@ -124,6 +129,12 @@ impl Future for IoFuture<'_> {
                 Poll::Ready(r.take().expect("IoFuture polled after completion"))
             }
             IoFuture::Slot(s) => Pin::new(s).poll(cx),
+            IoFuture::SlotInto(s, out) => s.poll_owned(cx).map(|(r, buf)| {
+                if let (Ok(()), Some(b)) = (&r, buf) {
+                    out.copy_from(&b);
+                }
+                r
+            }),
             IoFuture::Boxed(f) => f.as_mut().poll(cx),
         }
     }

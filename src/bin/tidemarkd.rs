@@ -52,6 +52,8 @@ fn main() {
         logger.filter_module("tidemark", log::LevelFilter::Trace);
     }
     logger.format_timestamp_micros().init();
+    // Before anything else runs: a panic anywhere aborts the daemon (see the function's doc).
+    daemon::install_panic_policy();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", tidemark::config::DEFAULT_CONFIG);

@@ -23,6 +23,12 @@ pub(crate) const WAKE_ONLY_TOKEN: Token = Token(usize::MAX - 1);
 pub struct SourceState {
     read_tick: Cell<u64>,
     write_tick: Cell<u64>,
+    /// The peer closed its side (or the socket failed): reads never wait again. Epoll is
+    /// edge-triggered and the FIN may come in the same edge as the last data, so a reader
+    /// that drained the data and waits for a further edge would wait forever.
+    read_closed: Cell<bool>,
+    /// Likewise for writes.
+    write_closed: Cell<bool>,
     read_waker: RefCell<Option<Waker>>,
     write_waker: RefCell<Option<Waker>>,
 }
@@ -60,6 +66,12 @@ impl IoDriver {
             }
             let Some(state) = self.sources.borrow().get(tok.0).cloned() else { continue };
             n += 1;
+            if ev.is_read_closed() || ev.is_error() {
+                state.read_closed.set(true);
+            }
+            if ev.is_write_closed() || ev.is_error() {
+                state.write_closed.set(true);
+            }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 state.read_tick.set(state.read_tick.get().wrapping_add(1));
                 if let Some(w) = state.read_waker.borrow_mut().take() {
@@ -156,9 +168,10 @@ pub struct ReadyFuture<'a> {
 impl Future for ReadyFuture<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> TaskPoll<()> {
-        let (tick, slot) =
-            if self.write { (&self.reg.state.write_tick, &self.reg.state.write_waker) } else { (&self.reg.state.read_tick, &self.reg.state.read_waker) };
-        if tick.get() != self.tick {
+        let st = &self.reg.state;
+        let (tick, slot, closed) =
+            if self.write { (&st.write_tick, &st.write_waker, &st.write_closed) } else { (&st.read_tick, &st.read_waker, &st.read_closed) };
+        if tick.get() != self.tick || closed.get() {
             return TaskPoll::Ready(());
         }
         *slot.borrow_mut() = Some(cx.waker().clone());

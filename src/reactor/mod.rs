@@ -115,10 +115,25 @@ mod tests {
 
     #[test]
     fn cross_core_wake_reaches_a_sleeping_core() {
+        // The safety-net sleep is set far beyond the call's timeout: only the notifier can wake
+        // a core in time, so a broken wake-up fails here instead of costing 500 ms.
         let opts = ReactorOptions { cpus: vec![0, 0], poll_mode: PollMode::Adaptive, idle_us: 10, pin: false };
-        let r = Reactors::start(&opts).unwrap();
+        let r = Reactors::start_with_max_sleep(&opts, Duration::from_secs(3600)).unwrap();
         let h = r.handle();
-        std::thread::sleep(Duration::from_millis(20));
+        let asleep = |core: usize| {
+            // A sleeping reactor runs no loop iterations.
+            let loops = &h.mailbox(core).counters.loops;
+            let before = loops.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+            loops.load(Ordering::Relaxed) == before
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(asleep(0) && asleep(1)) {
+            assert!(std::time::Instant::now() < deadline, "idle adaptive reactors never went to sleep");
+        }
+        let woken = |core: usize| h.mailbox(core).counters.wakeups.load(Ordering::Relaxed);
+        let (w0, w1) = (woken(0), woken(1));
+        // The test thread wakes core 0, core 0 wakes core 1, core 1's answer wakes core 0.
         let got = h
             .call_async(0, Duration::from_secs(5), || async {
                 let flag = Rc::new(Cell::new(0));
@@ -126,8 +141,36 @@ mod tests {
                 flag.set(v);
                 flag.get()
             })
-            .unwrap();
+            .expect("a sleeping core was not woken by its notifier");
         assert_eq!(got, 7);
+        assert!(woken(0) > w0 && woken(1) > w1, "both cores were asleep and must have been woken through the notifier");
+        r.stop();
+    }
+
+    #[test]
+    fn a_reader_that_drained_the_last_data_sees_the_fin_that_came_in_the_same_edge() {
+        let r = Reactors::start(&ReactorOptions { cpus: vec![0], poll_mode: PollMode::Adaptive, idle_us: 10, pin: false }).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let got = r
+            .handle()
+            .call_async(0, Duration::from_secs(10), move || async move {
+                let s = TcpStream::from_std(s).unwrap();
+                // Data and FIN arrive together, and the reactor takes their one edge, before the
+                // reader looks.
+                std::io::Write::write_all(&mut c, b"last").unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                sleep(Duration::from_millis(100)).await;
+                let tick = s.read_tick();
+                let mut buf = [0u8; 64];
+                let n = s.try_read(&mut buf).unwrap();
+                // A short read: the socket looked drained, so a reader waits for the next edge.
+                let edge = timeout(Duration::from_secs(2), s.readable(tick)).await;
+                (n, edge.is_ok(), s.try_read(&mut buf).ok())
+            })
+            .unwrap();
+        assert_eq!(got, (4, true, Some(0)), "the wait for readiness after the drained data must end at once: the peer closed");
         r.stop();
     }
 

@@ -131,6 +131,14 @@ impl ReactorHandle {
 impl Reactors {
     /// Starts one pinned thread per CPU of `opts.cpus`; returns when every core is running.
     pub fn start(opts: &ReactorOptions) -> std::io::Result<Reactors> {
+        Self::start_with_max_sleep(opts, MAX_SLEEP)
+    }
+
+    /// [`Reactors::start`] with another longest sleep without a timer. Tests of the wake-up
+    /// path set it far beyond their own timeout, so that a lost wake-up fails them instead of
+    /// being hidden by the safety net.
+    #[doc(hidden)]
+    pub fn start_with_max_sleep(opts: &ReactorOptions, max_sleep: Duration) -> std::io::Result<Reactors> {
         assert!(!opts.cpus.is_empty(), "a reactor set needs at least one core");
         let mailboxes: Arc<[Arc<Mailbox>]> = opts.cpus.iter().enumerate().map(|(i, &cpu)| Arc::new(Mailbox::new(i, Some(cpu)))).collect();
         let stop = Arc::new(AtomicBool::new(false));
@@ -162,7 +170,7 @@ impl Reactors {
                 let core = Core::new(i, mbs, Clock::real(), Some(io));
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                core.enter(|| run_loop(&core, &opts, &stop));
+                core.enter(|| run_loop(&core, &opts, &stop, max_sleep));
             })?;
             threads.push(t);
         }
@@ -195,7 +203,7 @@ impl Reactors {
     }
 }
 
-fn run_loop(core: &Rc<Core>, opts: &ReactorOptions, stop: &AtomicBool) {
+fn run_loop(core: &Rc<Core>, opts: &ReactorOptions, stop: &AtomicBool, max_sleep: Duration) {
     let mb = core.mailbox().clone();
     let io = core.io.as_ref().expect("reactor cores have an I/O driver");
     let idle_ns = opts.idle_us.saturating_mul(1000);
@@ -230,8 +238,8 @@ fn run_loop(core: &Rc<Core>, opts: &ReactorOptions, stop: &AtomicBool) {
         }
         if opts.poll_mode == PollMode::Adaptive && t1.saturating_sub(last_work) >= idle_ns && !core.pollers_need_polling() && mb.prepare_sleep() {
             let timeout = match core.timers.next_deadline() {
-                Some(d) => Duration::from_nanos(d.saturating_sub(t1)).min(MAX_SLEEP),
-                None => MAX_SLEEP,
+                Some(d) => Duration::from_nanos(d.saturating_sub(t1)).min(max_sleep),
+                None => max_sleep,
             };
             io.poll(Some(timeout));
             mb.end_sleep();

@@ -25,6 +25,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub metrics_port: u16,
     pub log: PathBuf,
+    /// Extra environment of every start of this daemon (restarts too).
+    env: Vec<(String, String)>,
 }
 
 /// A JSON-RPC error as the daemon sent it.
@@ -42,6 +44,12 @@ impl Daemon {
     }
 
     pub fn start_with_args(config: &str, args: &[&str]) -> Daemon {
+        Self::start_with_env(config, args, &[])
+    }
+
+    /// Starts tidemarkd with extra environment variables (kept for restarts).
+    pub fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::Builder::new().prefix("tidemark-test").tempdir().expect("tempdir");
         let socket = dir.path().join("rpc.sock");
         let metrics_port = free_port();
@@ -65,11 +73,12 @@ impl Daemon {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(logf.try_clone().expect("dup log")))
             .stderr(Stdio::from(logf))
             .spawn()
             .expect("spawn tidemarkd");
-        let mut d = Daemon { child: Some(child), dir, socket, metrics_port, log };
+        let mut d = Daemon { child: Some(child), dir, socket, metrics_port, log, env };
         d.wait_ready();
         d
     }
@@ -161,6 +170,22 @@ impl Daemon {
         }
     }
 
+    /// Waits (at most `timeout`) for the daemon to exit on its own and reaps it; None if it is
+    /// still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills the daemon with SIGKILL (a crash) and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -184,6 +209,7 @@ impl Daemon {
             .arg(self.data_dir())
             .arg("--metrics")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(logf.try_clone().expect("dup")))
             .stderr(Stdio::from(logf))
             .spawn()
