@@ -6,6 +6,7 @@
 //! futures borrow the caller's buffers, so **a submitted I/O is never cancelled**: callers poll
 //! every I/O future to completion (dropping one that is in flight waits for it).
 
+pub mod budget;
 mod buffer;
 mod channel;
 mod completion;
@@ -13,6 +14,7 @@ mod registry;
 pub mod rpc;
 mod stats;
 
+pub use budget::{ConnBudget, CoreBudget, Lease, Short};
 pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, IoBuf, BUF_ALIGN};
 pub use channel::Channel;
