@@ -23,6 +23,7 @@
 //! - every charge is returned exactly once (when its lease drops), so both go back to zero.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,8 +106,10 @@ pub struct CoreBudget {
     used: Cell<u64>,
     /// Index into STATS (None off the reactors: unit tests of the accounting).
     stats: Option<usize>,
-    /// Tasks to wake when bytes come back, in the order they started waiting.
-    waiters: RefCell<Vec<Waker>>,
+    /// Tasks waiting for bytes to come back, in the order they started waiting: (id, bytes
+    /// wanted, waker).
+    waiters: RefCell<VecDeque<(u64, u64, Waker)>>,
+    next_waiter: Cell<u64>,
 }
 
 impl Default for CoreBudget {
@@ -126,7 +129,7 @@ impl Default for CoreBudget {
 impl CoreBudget {
     /// A budget of `limit` bytes (tests; the reactors use the configured share).
     pub fn with_limit(limit: u64) -> CoreBudget {
-        CoreBudget { limit, used: Cell::new(0), stats: None, waiters: RefCell::new(Vec::new()) }
+        CoreBudget { limit, used: Cell::new(0), stats: None, waiters: RefCell::new(VecDeque::new()), next_waiter: Cell::new(0) }
     }
 
     /// The current core's budget.
@@ -166,28 +169,74 @@ impl CoreBudget {
         debug_assert!(n <= self.used.get(), "returning {n} bytes of {} charged", self.used.get());
         self.used.set(self.used.get() - n);
         self.publish();
-        // Everyone waiting tries again (in the order they waited); those that still do not
-        // fit wait again. Taking the whole list coalesces the wake-ups of many returns that
-        // happen before the waiters run.
-        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in waiters {
-            w.wake();
+        // Wake the waiters, in the order they waited, that the free bytes can serve (not
+        // every waiter on every return: with hundreds of connections waiting, that would
+        // spend the core on charges bound to fail). One whose charge still fails (it took
+        // too long and another got there first, or its connection is at its limit) waits
+        // again; bytes held elsewhere come back later and wake the next ones.
+        let mut avail = self.available();
+        let mut w = self.waiters.borrow_mut();
+        while let Some(&(_, want, _)) = w.front() {
+            if want > avail {
+                break;
+            }
+            avail -= want;
+            if let Some((_, _, waker)) = w.pop_front() {
+                waker.wake();
+            }
         }
     }
 
-    /// Resolves at the next return of bytes to this core (register right after a charge
-    /// failed: on one core nothing can return in between).
-    pub fn freed(&self) -> impl Future<Output = ()> + '_ {
-        let mut registered = false;
-        std::future::poll_fn(move |cx| {
-            if registered {
-                // Woken (the list was taken) or polled spuriously: either way, try again.
-                return Poll::Ready(());
+    /// Resolves when bytes come back to this core and `want` of them may fit. Call right
+    /// after a charge of `want` failed: on one core nothing can return in between.
+    pub fn freed(&self, want: u64) -> Freed<'_> {
+        Freed { core: self, want, id: None }
+    }
+}
+
+/// The future of [`CoreBudget::freed`]; dropped unresolved, it leaves the queue.
+pub struct Freed<'a> {
+    core: &'a CoreBudget,
+    want: u64,
+    id: Option<u64>,
+}
+
+impl Future for Freed<'_> {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let core = self.core;
+        match self.id {
+            Some(id) => {
+                let mut w = core.waiters.borrow_mut();
+                match w.iter_mut().find(|e| e.0 == id) {
+                    // Polled before its turn: keep waiting with the newest waker.
+                    Some(e) => {
+                        e.2 = cx.waker().clone();
+                        Poll::Pending
+                    }
+                    None => {
+                        drop(w);
+                        self.id = None;
+                        Poll::Ready(())
+                    }
+                }
             }
-            registered = true;
-            self.waiters.borrow_mut().push(cx.waker().clone());
-            Poll::Pending
-        })
+            None => {
+                let id = core.next_waiter.get();
+                core.next_waiter.set(id + 1);
+                core.waiters.borrow_mut().push_back((id, self.want, cx.waker().clone()));
+                self.id = Some(id);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Freed<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.core.waiters.borrow_mut().retain(|e| e.0 != id);
+        }
     }
 }
 
@@ -316,7 +365,7 @@ mod tests {
                 loop {
                     match c2.try_charge(5) {
                         Ok(_l) => break,
-                        Err(_) => c2.core().freed().await,
+                        Err(_) => c2.core().freed(5).await,
                     }
                 }
                 g2.set(true);
