@@ -87,8 +87,8 @@ pub(crate) fn close_all_local() {
 }
 
 /// Serves one accepted connection to the end.
-pub(crate) async fn serve(s: std::net::TcpStream, shared: Arc<IscsiShared>, pg_tag: u16) {
-    let stream = match TcpStream::from_std(s) {
+pub(crate) async fn serve(s: reactor::Accepted, shared: Arc<IscsiShared>, pg_tag: u16) {
+    let stream = match TcpStream::from_accepted(s) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             log::warn!("iscsi: cannot take a connection: {e}");

@@ -383,8 +383,8 @@ impl RxBuf {
 }
 
 /// Serves one accepted connection on the current core until it closes.
-pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr, peer: SocketAddr) {
-    let stream = match TcpStream::from_std(s) {
+pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr) {
+    let stream = match TcpStream::from_accepted(s) {
         Ok(s) => s,
         Err(e) => {
             log::warn!("nvmf: cannot take connection from {peer}: {e}");
