@@ -42,6 +42,12 @@ impl Daemon {
     }
 
     pub fn start_with_args(config: &str, args: &[&str]) -> Daemon {
+        Self::start_with(config, args, |_| {})
+    }
+
+    /// As [`Daemon::start_with_args`], with `adjust` applied to the daemon's command first
+    /// (resource limits, say).
+    pub fn start_with(config: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let dir = tempfile::Builder::new().prefix("tidemark-test").tempdir().expect("tempdir");
         let socket = dir.path().join("rpc.sock");
         let metrics_port = free_port();
@@ -54,7 +60,9 @@ impl Daemon {
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("tidemarkd.log");
         let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(TIDEMARKD)
+        let mut cmd = Command::new(TIDEMARKD);
+        adjust(&mut cmd);
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .arg("--rpc-socket")
