@@ -322,7 +322,10 @@ impl RxBuf {
     async fn fill(&mut self, s: &TcpStream, need: usize) -> std::io::Result<bool> {
         debug_assert!(need <= self.buf.len());
         while self.end - self.start < need {
-            if self.buf.len() - self.start < need {
+            // Move the partial PDU left over (less than a header) to the front: reads then
+            // land in the first pages, and the untouched rest of the 128 KiB stays out of
+            // the resident set (appending would walk every connection's buffer through RSS).
+            if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
