@@ -112,6 +112,13 @@ pub fn start_target(config: Config) -> Result<(Reactors, Arc<Target>), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     crate::bdev::set_pool_bytes(config.daemon.buffer_pool_mb << 20);
+    let budget = match config.daemon.buffer_budget_mb {
+        Some(mb) => mb << 20,
+        None => crate::bdev::budget::default_total(crate::bdev::budget::mem_total()),
+    };
+    crate::bdev::budget::set_buffer_budget(budget, config.daemon.connection_buffer_mb << 20);
+    log::info!("buffer budget: {} MiB in total, {} MiB per connection", budget >> 20, config.daemon.connection_buffer_mb);
+    crate::reactor::set_fd_reserve(config.daemon.fd_reserve);
     let opts = ReactorOptions { cpus, poll_mode: config.reactor.poll_mode, idle_us: config.reactor.idle_us, pin: true };
     let reactors = Reactors::start(&opts).map_err(|e| format!("cannot start reactors: {e}"))?;
     let target = Arc::new(Target::new(reactors.handle(), config));

@@ -445,12 +445,12 @@ fn metrics_report_per_lun_io_and_sessions() {
 
 #[test]
 fn buffered_write_data_is_bounded_per_connection() {
-    // 64 MiB of Data-Out buffers per connection: the ninth 8 MiB write waits for none of its
-    // data and gets TASK SET FULL instead of another buffer.
+    // 16 MiB of buffers per connection (daemon.connection_buffer_mb): the third 8 MiB write
+    // waits for none of its data and gets TASK SET FULL instead of another buffer.
     let (_d, addr) = daemon_with_target(1 << 17, json!({}));
     let mut s = Session::login(addr, &LoginOptions::normal(INITIATOR, TARGET)).unwrap();
     let mut itts = Vec::new();
-    for _ in 0..9 {
+    for _ in 0..3 {
         let mut cdb = [0u8; 10];
         cdb[0] = 0x2A;
         cdb[7..9].copy_from_slice(&16384u16.to_be_bytes());
@@ -460,9 +460,9 @@ fn buffered_write_data_is_bounded_per_connection() {
     }
     let last = *itts.last().unwrap();
     loop {
-        let p = s.recv().expect("answers: R2Ts for the first eight, a status for the ninth");
+        let p = s.recv().expect("answers: R2Ts for the first two, a status for the third");
         match p.opcode() {
-            0x31 => assert!(itts[..8].contains(&p.itt()), "R2T for an admitted write"),
+            0x31 => assert!(itts[..2].contains(&p.itt()), "R2T for an admitted write"),
             0x21 => {
                 assert_eq!(p.itt(), last);
                 assert_eq!(p.bhs[3], 0x28, "TASK SET FULL");

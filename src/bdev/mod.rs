@@ -8,6 +8,7 @@
 //! device answers (see `completion`). Dropping an in-flight I/O future is therefore safe and
 //! returns at once; the I/O itself still runs to its end on the device.
 
+pub mod budget;
 mod buffer;
 mod channel;
 mod completion;
@@ -15,6 +16,7 @@ mod registry;
 pub mod rpc;
 mod stats;
 
+pub use budget::{ConnBudget, CoreBudget, Lease, Short};
 pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf, BUF_ALIGN};
 pub use channel::Channel;

@@ -44,6 +44,18 @@ pub struct DaemonSection {
     /// (RUST_LOG, when set, takes precedence). Re-read on SIGHUP (`systemctl reload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// Most MiB of I/O buffers that hosts' commands may hold, all connections together (read
+    /// data not yet sent, write data being collected or written); beyond it the front ends
+    /// push back. Unset: 1 GiB, or a quarter of the machine's memory if that is less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_budget_mb: Option<u64>,
+    /// Most MiB of I/O buffers one connection's commands may hold.
+    #[serde(default = "default_connection_buffer_mb")]
+    pub connection_buffer_mb: u64,
+    /// File descriptors kept free of host connections (for the RPC socket, bdev files and
+    /// the metrics endpoint): the front ends accept at most RLIMIT_NOFILE minus this.
+    #[serde(default = "default_fd_reserve")]
+    pub fd_reserve: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +137,12 @@ fn default_data_dir() -> PathBuf {
 fn default_pool_mb() -> u64 {
     32
 }
+fn default_connection_buffer_mb() -> u64 {
+    16
+}
+fn default_fd_reserve() -> u64 {
+    64
+}
 fn default_idle_us() -> u64 {
     1000
 }
@@ -155,7 +173,14 @@ fn default_metrics() -> String {
 
 impl Default for DaemonSection {
     fn default() -> Self {
-        DaemonSection { data_dir: default_data_dir(), buffer_pool_mb: default_pool_mb(), log_level: None }
+        DaemonSection {
+            data_dir: default_data_dir(),
+            buffer_pool_mb: default_pool_mb(),
+            buffer_budget_mb: None,
+            connection_buffer_mb: default_connection_buffer_mb(),
+            fd_reserve: default_fd_reserve(),
+            log_level: None,
+        }
     }
 }
 impl Default for ReactorSection {
@@ -223,6 +248,19 @@ impl Config {
             if !(100..=86_400_000).contains(&ms) {
                 return Err(format!("key `rpc.{key}`: must be between 100 and 86400000 (a day)"));
             }
+        }
+        // Each core's share must hold the largest single command (16 MiB).
+        let cores = self.cpus()?.len() as u64;
+        if let Some(b) = self.daemon.buffer_budget_mb {
+            if b < 16 * cores || b > 1 << 30 {
+                return Err(format!("key `daemon.buffer_budget_mb`: must be at least 16 per reactor core ({}) and at most 2^30", 16 * cores));
+            }
+        }
+        if self.daemon.connection_buffer_mb == 0 || self.daemon.connection_buffer_mb > 1 << 20 {
+            return Err("key `daemon.connection_buffer_mb`: must be between 1 and 1048576".into());
+        }
+        if self.daemon.fd_reserve < 16 {
+            return Err("key `daemon.fd_reserve`: must be at least 16".into());
         }
         if !self.metrics.listen.is_empty() {
             self.metrics
@@ -339,6 +377,10 @@ mod tests {
         assert!(e.contains("metrics.listen"), "{e}");
         let e = Config::parse("[rpc]\nmax_request_bytes = 10\n").unwrap_err();
         assert!(e.contains("rpc.max_request_bytes"), "{e}");
+        let e = Config::parse("[daemon]\nbuffer_budget_mb = 1\n").unwrap_err();
+        assert!(e.contains("daemon.buffer_budget_mb"), "{e}");
+        let e = Config::parse("[daemon]\nconnection_buffer_mb = 0\n").unwrap_err();
+        assert!(e.contains("daemon.connection_buffer_mb"), "{e}");
         let e = Config::parse("[reactor\n").unwrap_err();
         assert!(e.contains("TOML"), "{e}");
     }

@@ -16,7 +16,7 @@ use super::params::SessionParams;
 use super::pdu::{self, opcode, reject, Bhs, BHS_LEN, RESERVED_TAG};
 use super::text;
 use super::IscsiShared;
-use crate::bdev::{IoBuf, IoType};
+use crate::bdev::{ConnBudget, IoBuf, IoType, Lease};
 use crate::reactor::{self, TcpStream};
 use crate::scsi::{self, cdb, inquiry, Command, Failure, Nexus, PortIdentity, Sense, Status};
 use std::cell::{Cell, RefCell};
@@ -43,9 +43,9 @@ const MAX_IMMEDIATE: u32 = 8;
 const MAX_AHS: usize = 264;
 /// Largest Data-In buffer of commands that are not reads (their data is small).
 const MAX_CONTROL_DATA_IN: u64 = 64 * 1024;
-/// Most bytes of command buffers (Data-Out being collected, Data-In not yet sent) one
-/// connection may hold; a command that would go over gets TASK SET FULL (the host retries).
-const MAX_CONN_BUFFER_BYTES: u64 = 64 << 20;
+/// A connection whose budget (or its core's) has less room than this advertises one command
+/// of CmdSN window at most: hosts slow down before their commands meet TASK SET FULL.
+const BUDGET_PRESSURE_BYTES: u64 = 1 << 20;
 /// How long a logout or a task management function waits for running commands.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -87,8 +87,8 @@ pub(crate) fn close_all_local() {
 }
 
 /// Serves one accepted connection to the end.
-pub(crate) async fn serve(s: std::net::TcpStream, shared: Arc<IscsiShared>, pg_tag: u16) {
-    let stream = match TcpStream::from_std(s) {
+pub(crate) async fn serve(s: reactor::Accepted, shared: Arc<IscsiShared>, pg_tag: u16) {
+    let stream = match TcpStream::from_accepted(s) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             log::warn!("iscsi: cannot take a connection: {e}");
@@ -333,22 +333,10 @@ impl OutPdu {
     }
 }
 
-/// Bytes of buffers a connection holds, returned when the guard drops.
-struct MemGuard {
-    mem: Rc<Cell<u64>>,
-    n: u64,
-}
-
-impl Drop for MemGuard {
-    fn drop(&mut self) {
-        self.mem.set(self.mem.get().saturating_sub(self.n));
-    }
-}
-
 /// Data-In of a command, queued for the writer, with its share of the buffer budget.
 struct DataIn {
     buf: IoBuf,
-    _mem: Option<MemGuard>,
+    _mem: Option<Lease>,
 }
 
 /// A command whose Data-Out is still arriving.
@@ -374,7 +362,7 @@ struct WriteXfer {
     /// Set when data arrived damaged (digest): the command ends with CHECK CONDITION.
     failed: Option<Sense>,
     t0: u64,
-    mem: Option<MemGuard>,
+    mem: Option<Lease>,
 }
 
 struct R2tState {
@@ -435,8 +423,9 @@ struct Conn {
     writer_waker: RefCell<Option<Waker>>,
     /// Close the socket once the queue is written (after a logout response).
     close_after_flush: Cell<bool>,
-    /// Bytes of command buffers held (see MAX_CONN_BUFFER_BYTES).
-    mem: Rc<Cell<u64>>,
+    /// This connection's account in the buffer budget: every command's Data-Out and Data-In
+    /// buffers are charged to it (a command that does not fit gets TASK SET FULL).
+    budget: Rc<ConnBudget>,
 }
 
 /// Why the reader stops.
@@ -504,7 +493,7 @@ impl Conn {
             out: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             close_after_flush: Cell::new(false),
-            mem: Rc::new(Cell::new(0)),
+            budget: ConnBudget::new(),
         }
     }
 
@@ -549,7 +538,12 @@ impl Conn {
             st.stat_sn = st.stat_sn.wrapping_add(1);
         }
         h.set_u32(28, st.exp_cmd_sn);
-        let free = self.queue_depth.saturating_sub(st.in_flight);
+        let mut free = self.queue_depth.saturating_sub(st.in_flight);
+        if self.budget.under_pressure(BUDGET_PRESSURE_BYTES) {
+            // Fewer credits while buffers are short (hosts ignore a MaxCmdSN that goes back,
+            // so the window only stops growing).
+            free = free.min(1);
+        }
         h.set_u32(32, st.exp_cmd_sn.wrapping_add(free).wrapping_sub(1));
     }
 
@@ -856,15 +850,16 @@ impl Conn {
         };
         let bytes = din + if collect > 0 { need as u64 } else { 0 };
         let mem = if bytes > 0 {
-            let used = self.mem.get();
-            if used > 0 && used + bytes > MAX_CONN_BUFFER_BYTES {
-                rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
-                self.release_slot(immediate);
-                self.send_response(itt, Status::TaskSetFull as u8, None, 0, 0, 0);
-                return Ok(());
+            match self.budget.try_charge(bytes) {
+                Ok(lease) => Some(lease),
+                Err(_) => {
+                    // Out of budget (the connection's or its core's): the host retries later.
+                    rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
+                    self.release_slot(immediate);
+                    self.send_response(itt, Status::TaskSetFull as u8, None, 0, 0, 0);
+                    return Ok(());
+                }
             }
-            self.mem.set(used + bytes);
-            Some(MemGuard { mem: self.mem.clone(), n: bytes })
         } else {
             None
         };
@@ -1467,7 +1462,7 @@ struct Job {
     run: Rc<Running>,
     t0: u64,
     failed: Option<Sense>,
-    mem: Option<MemGuard>,
+    mem: Option<Lease>,
 }
 
 fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {

@@ -114,6 +114,25 @@ fn encode_target(t: &Target, out: &mut MetricsOut<'_>) -> fmt::Result {
     let (huge, pool) = crate::bdev::buffer_pool_info();
     out.gauge("tidemark_buffer_pool_hugepages", "1 when I/O buffers live on 2 MiB hugepages, 0 on ordinary pages.", &[(vec![], if huge { 1.0 } else { 0.0 })])?;
     out.gauge("tidemark_buffer_pool_bytes_per_core", "Bytes reserved for I/O buffers on each core.", &[(vec![], pool as f64)])?;
+    let (total, per_conn) = crate::bdev::budget::buffer_budget();
+    let (used, peak, refused, _) = crate::bdev::budget::budget_stats();
+    out.gauge("tidemark_buffer_budget_bytes", "Most bytes of I/O buffers hosts' commands may hold, all connections together.", &[(vec![], total as f64)])?;
+    out.gauge("tidemark_buffer_budget_connection_bytes", "Most bytes of I/O buffers one connection's commands may hold.", &[(vec![], per_conn as f64)])?;
+    out.gauge("tidemark_buffer_budget_used_bytes", "Bytes of I/O buffers hosts' commands hold now.", &[(vec![], used as f64)])?;
+    out.gauge(
+        "tidemark_buffer_budget_peak_bytes",
+        "Most bytes of I/O buffers hosts' commands held at once (sum of the cores' peaks).",
+        &[(vec![], peak as f64)],
+    )?;
+    out.counter("tidemark_buffer_budget_refusals", "Buffer charges that did not fit: commands held back, TASK SET FULL, R2Ts delayed.", &[(vec![], refused)])?;
+    let (open, shed) = crate::reactor::connection_stats();
+    out.gauge("tidemark_host_connections", "Host connections open (NVMe/TCP and iSCSI).", &[(vec![], open as f64)])?;
+    out.gauge(
+        "tidemark_host_connections_max",
+        "Most host connections at once (RLIMIT_NOFILE minus the reserve).",
+        &[(vec![], crate::reactor::connection_cap() as f64)],
+    )?;
+    out.counter("tidemark_host_connections_shed", "Connections closed at accept: over the limit or out of file descriptors.", &[(vec![], shed)])?;
 
     // Reactors.
     let mut busy = Vec::new();

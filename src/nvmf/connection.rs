@@ -7,6 +7,12 @@
 //! iteration leave in one system call. Commands occupy slots bounded by the queue size the
 //! host connected with; when all are busy the reader stops reading (TCP pushes back on the
 //! host) instead of buffering.
+//!
+//! Every data buffer of a host's command (read data until it is sent, write data from its
+//! R2T until the write completes, in-capsule data) is charged to the connection's buffer
+//! budget ([`crate::bdev::budget`]). A read or an R2T that does not fit waits in its slot, in
+//! arrival order, until the connection's own commands or other connections of the core give
+//! bytes back; a third future of the connection starts them then.
 
 use super::controller::{AdminOutcome, Controller, QueueRef};
 use super::io;
@@ -15,7 +21,7 @@ use super::spec::{connect, csc, fctype, sc, sct, ConnectRequest, Cqe, Sqe, Statu
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
-use crate::bdev::IoBuf;
+use crate::bdev::{ConnBudget, IoBuf, Lease};
 use crate::reactor::{self, TcpStream};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -40,10 +46,6 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 const UNBOUND_SLOTS: usize = 2;
 /// Most iovecs one writev takes (IOV_MAX).
 const IOV_MAX: usize = 1024;
-/// Buffer bytes one connection may have waiting for H2CData. Beyond it, further R2Ts wait
-/// until earlier data has arrived: a host that asks for R2Ts and never sends the data pins
-/// at most this much memory.
-const R2T_BUDGET: usize = 8 << 20;
 /// Most open connections (all cores); more are closed at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
@@ -78,8 +80,9 @@ impl Notify {
 /// Data following a PDU header on the wire.
 pub(crate) enum TxData {
     None,
-    /// `len` bytes of an I/O buffer (read data: sent without copying).
-    Buf(IoBuf, usize),
+    /// `len` bytes of an I/O buffer (read data: sent without copying), with its charge to the
+    /// buffer budget (held for its drop: returned once the data is sent).
+    Buf(IoBuf, usize, #[allow(dead_code)] Option<Lease>),
     Vec(Vec<u8>),
 }
 
@@ -103,20 +106,23 @@ enum End {
 }
 
 /// A command waiting for its data from the host (R2T sent).
-struct PendingData {
+pub(crate) struct PendingData {
     sqe: Sqe,
     buf: IoBuf,
     received: u32,
     len: u32,
+    _lease: Lease,
 }
 
-enum SlotState {
+pub(crate) enum SlotState {
     Free,
     Busy,
     /// An R2T is out; the data is coming.
     AwaitingData(Box<PendingData>),
-    /// Waiting for R2T buffer budget (the R2T has not been sent).
+    /// Waiting for buffer budget for its R2T (the R2T has not been sent).
     AwaitingR2t(Sqe, u32),
+    /// A checked I/O command waiting for buffer budget for its data.
+    AwaitingBuffer(Box<io::HeldIo>),
 }
 
 /// Command slots: their count is the queue size the host connected with.
@@ -154,6 +160,11 @@ impl Slots {
     /// Every slot is waiting for data the host has not sent: reading more is the only way on.
     fn all_awaiting_data(&self) -> bool {
         self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_) | SlotState::AwaitingR2t(..)))
+    }
+
+    /// Some R2T is out: the host owes data that only the reader can receive.
+    fn any_awaiting_data(&self) -> bool {
+        self.v.iter().any(|s| matches!(s, SlotState::AwaitingData(_)))
     }
 }
 
@@ -197,10 +208,8 @@ struct QState {
     cids: CidSet,
     slots: Slots,
     ns: io::NsCache,
-    /// Bytes of R2T buffers handed out and not yet filled.
-    r2t_bytes: usize,
-    /// Slots waiting for R2T budget, in arrival order.
-    deferred_r2t: std::collections::VecDeque<u16>,
+    /// Slots waiting for buffer budget (R2Ts and I/O), in arrival order.
+    deferred: std::collections::VecDeque<u16>,
 }
 
 pub(crate) struct Conn {
@@ -220,6 +229,10 @@ pub(crate) struct Conn {
     writer_exited: Cell<bool>,
     closing: Cell<bool>,
     inflight: Cell<usize>,
+    /// This connection's account in the buffer budget.
+    budget: Rc<ConnBudget>,
+    /// Set when a command starts waiting for budget.
+    deferred_notify: Notify,
 }
 
 /// The connections of this core.
@@ -309,7 +322,10 @@ impl RxBuf {
     async fn fill(&mut self, s: &TcpStream, need: usize) -> std::io::Result<bool> {
         debug_assert!(need <= self.buf.len());
         while self.end - self.start < need {
-            if self.buf.len() - self.start < need {
+            // Move the partial PDU left over (less than a header) to the front: reads then
+            // land in the first pages, and the untouched rest of the 128 KiB stays out of
+            // the resident set (appending would walk every connection's buffer through RSS).
+            if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
@@ -370,8 +386,8 @@ impl RxBuf {
 }
 
 /// Serves one accepted connection on the current core until it closes.
-pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr, peer: SocketAddr) {
-    let stream = match TcpStream::from_std(s) {
+pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr) {
+    let stream = match TcpStream::from_accepted(s) {
         Ok(s) => s,
         Err(e) => {
             log::warn!("nvmf: cannot take connection from {peer}: {e}");
@@ -402,8 +418,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr
             cids: CidSet::new(),
             slots: Slots::new(UNBOUND_SLOTS),
             ns: io::NsCache::default(),
-            r2t_bytes: 0,
-            deferred_r2t: std::collections::VecDeque::new(),
+            deferred: std::collections::VecDeque::new(),
         }),
         tx: RefCell::new(Vec::new()),
         tx_notify: Notify::default(),
@@ -413,6 +428,8 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr
         writer_exited: Cell::new(false),
         closing: Cell::new(false),
         inflight: Cell::new(0),
+        budget: ConnBudget::new(),
+        deferred_notify: Notify::default(),
     });
     registry().0.borrow_mut().insert(conn.id, conn.clone());
     nvmf.open_connections.fetch_add(1, Ordering::SeqCst);
@@ -443,7 +460,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: std::net::TcpStream, listener: ListenAddr
         }
         conn.stream.shutdown();
     };
-    futures::future::join(reader, write_loop(&conn)).await;
+    futures::future::join3(reader, write_loop(&conn), budget_loop(&conn)).await;
     // Submitted bdev I/O cannot be cancelled: wait for it, its completions go nowhere.
     while conn.inflight.get() > 0 {
         conn.drain_notify.wait().await;
@@ -538,6 +555,30 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
     }
     let mut icd = None;
     if layout.data_len > 0 {
+        // In-capsule data is charged too. Short of budget, the reader waits (TCP pushes
+        // back on the host) unless the connection waits for the host's data of R2Ts already
+        // sent: only this reader can receive that data, so it must not stop; the command is
+        // then refused with a status the host retries, its data read and discarded.
+        let lease = loop {
+            match conn.budget.try_charge(layout.data_len as u64) {
+                Ok(l) => break Some(l),
+                Err(_) if conn.st.borrow().slots.any_awaiting_data() => break None,
+                Err(_) => conn.budget.core().freed(layout.data_len as u64).await,
+            }
+            if conn.closing.get() {
+                return Err(End::Closed);
+            }
+        };
+        let Some(lease) = lease else {
+            match discard(rx, &conn.stream, layout.data_len + if layout.ddgst { 4 } else { 0 }).await {
+                Ok(true) => {}
+                Ok(false) => return Err(End::Eof),
+                Err(e) => return Err(End::Io(e)),
+            }
+            conn.st.borrow_mut().advance_sqhd();
+            conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::COMMAND_INTERRUPTED), 0, Some(&sqe));
+            return Ok(());
+        };
         let mut buf = IoBuf::alloc(layout.data_len);
         match rx.read_into(&conn.stream, &mut buf).await {
             Ok(true) => {}
@@ -557,10 +598,23 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
                 Err(e) => return Err(End::Io(e)),
             }
         }
-        icd = Some(buf);
+        icd = Some((buf, lease));
     }
     conn.on_command(sqe, icd);
     Ok(())
+}
+
+/// Reads and drops `n` bytes of the stream.
+async fn discard(rx: &mut RxBuf, s: &TcpStream, mut n: usize) -> std::io::Result<bool> {
+    let mut sink = [0u8; 4096];
+    while n > 0 {
+        let k = n.min(sink.len());
+        if !rx.read_into(s, &mut sink[..k]).await? {
+            return Ok(false);
+        }
+        n -= k;
+    }
+    Ok(true)
 }
 
 async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
@@ -608,7 +662,6 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         match rx.read_digest(&conn.stream).await {
             Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
             Ok(Some(_)) => {
-                conn.r2t_data_done(p.len);
                 conn.complete(Some(ttag), &p.sqe, Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
                 return Ok(());
             }
@@ -621,9 +674,8 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         restore(p);
         return Ok(());
     }
-    let PendingData { sqe, buf, len, .. } = *p;
-    conn.r2t_data_done(len);
-    conn.execute(conn.binding(), Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some(buf));
+    let PendingData { sqe, buf, len, _lease: lease, .. } = *p;
+    conn.execute(conn.binding(), Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some((buf, lease)));
     Ok(())
 }
 
@@ -662,6 +714,7 @@ impl Conn {
         }
         self.tx_notify.notify();
         self.slot_notify.notify();
+        self.deferred_notify.notify();
     }
 
     fn finish_reading(&self, end: End) {
@@ -676,6 +729,7 @@ impl Conn {
         }
         self.closing.set(true);
         self.tx_notify.notify();
+        self.deferred_notify.notify();
     }
 
     async fn wait_writer(&self) {
@@ -713,7 +767,7 @@ impl Conn {
     fn respond_data(&self, cid: u16, data: TxData) {
         let len = match &data {
             TxData::None => 0,
-            TxData::Buf(_, n) => *n,
+            TxData::Buf(_, n, _) => *n,
             TxData::Vec(v) => v.len(),
         };
         if len == 0 {
@@ -727,7 +781,7 @@ impl Conn {
         };
         let dg = if ddgst {
             let bytes: &[u8] = match &data {
-                TxData::Buf(b, n) => &b[..*n],
+                TxData::Buf(b, n, _) => &b[..*n],
                 TxData::Vec(v) => v,
                 TxData::None => &[],
             };
@@ -795,7 +849,7 @@ impl Conn {
     }
 
     /// A complete command capsule arrived (with its in-capsule data, if any).
-    fn on_command(self: &Rc<Self>, sqe: Sqe, icd: Option<IoBuf>) {
+    fn on_command(self: &Rc<Self>, sqe: Sqe, icd: Option<(IoBuf, Lease)>) {
         let cid = sqe.cid();
         let binding = {
             let mut st = self.st.borrow_mut();
@@ -807,14 +861,14 @@ impl Conn {
             }
             st.binding.clone()
         };
-        let icd_len = icd.as_ref().map(|b| b.len()).unwrap_or(0);
+        let icd_len = icd.as_ref().map(|(b, _)| b.len()).unwrap_or(0);
         let max = if binding.as_ref().is_some_and(|b| b.qid > 0) { self.opts.max_io_size } else { self.opts.max_io_size.max(ADMIN_ICD) };
         let plan = match pdu::plan_data(&sqe, icd_len, max) {
             Ok(p) => p,
             Err(status) => return self.complete(None, &sqe, status, 0, TxData::None),
         };
         if sqe.opcode() == FABRICS_OPC && sqe.fctype() == fctype::CONNECT {
-            let r = self.on_connect(&sqe, plan, icd.as_deref());
+            let r = self.on_connect(&sqe, plan, icd.as_ref().map(|(b, _)| &b[..]));
             let (status, result) = match r {
                 Ok(cntlid) => (Status::SUCCESS, cntlid as u64),
                 Err((status, iattr, ipo)) => (status, ipo as u64 | (iattr as u64) << 16),
@@ -830,17 +884,12 @@ impl Conn {
                 // Unreachable: the reader waited for a free slot before taking the capsule.
                 return self.complete(None, &sqe, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None);
             };
-            let defer = {
-                let mut st = self.st.borrow_mut();
-                let defer = st.r2t_bytes > 0 && (st.r2t_bytes + len as usize > R2T_BUDGET || !st.deferred_r2t.is_empty());
-                if defer {
-                    st.slots.v[slot as usize] = SlotState::AwaitingR2t(sqe, len);
-                    st.deferred_r2t.push_back(slot);
-                }
-                defer
-            };
-            if !defer {
-                self.send_r2t(slot, sqe, len);
+            // The R2T's buffer is charged now; short of budget (or behind commands that are),
+            // the R2T waits: a host that asks for R2Ts and never sends the data pins at most
+            // the connection's limit.
+            match self.charge_in_order(len as u64) {
+                Some(lease) => self.send_r2t(slot, sqe, len, lease),
+                None => self.hold(slot, SlotState::AwaitingR2t(sqe, len)),
             }
             return;
         }
@@ -849,44 +898,65 @@ impl Conn {
 
     /// Allocates the buffer of a host-to-controller transfer and asks for all of it with one
     /// R2T (one outstanding R2T per command satisfies any MAXR2T).
-    fn send_r2t(&self, slot: u16, sqe: Sqe, len: u32) {
+    fn send_r2t(&self, slot: u16, sqe: Sqe, len: u32, lease: Lease) {
         let buf = IoBuf::alloc(len as usize);
         let hdgst = {
             let mut st = self.st.borrow_mut();
-            st.r2t_bytes += len as usize;
-            st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len }));
+            st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len, _lease: lease }));
             st.hdgst
         };
         self.push(TxPdu { hdr: pdu::r2t(sqe.cid(), slot, 0, len, hdgst), data: TxData::None, ddgst: None });
     }
 
-    /// The data of an R2T of `len` bytes has arrived: its budget goes to waiting commands.
-    fn r2t_data_done(&self, len: u32) {
-        let mut ready = Vec::new();
+    /// Charges `n` bytes of buffer to this connection, unless commands wait for budget
+    /// already (they go first: a connection's commands get their buffers in arrival order).
+    pub(crate) fn charge_in_order(&self, n: u64) -> Option<Lease> {
+        if !self.st.borrow().deferred.is_empty() {
+            return None;
+        }
+        self.budget.try_charge(n).ok()
+    }
+
+    /// Parks the command of `slot` until budget frees (see [`budget_loop`]).
+    pub(crate) fn hold(&self, slot: u16, state: SlotState) {
         {
             let mut st = self.st.borrow_mut();
-            st.r2t_bytes = st.r2t_bytes.saturating_sub(len as usize);
-            let mut budget = st.r2t_bytes;
-            while let Some(&slot) = st.deferred_r2t.front() {
-                let Some(SlotState::AwaitingR2t(sqe, n)) = st.slots.v.get(slot as usize) else {
-                    st.deferred_r2t.pop_front();
-                    continue;
-                };
-                if budget > 0 && budget + *n as usize > R2T_BUDGET {
-                    break;
-                }
-                budget += *n as usize;
-                ready.push((slot, *sqe, *n));
-                st.deferred_r2t.pop_front();
-            }
+            st.slots.v[slot as usize] = state;
+            st.deferred.push_back(slot);
         }
-        for (slot, sqe, n) in ready {
-            self.send_r2t(slot, sqe, n);
+        self.deferred_notify.notify();
+    }
+
+    /// Starts the waiting commands that fit now, in arrival order; the bytes the first one
+    /// still waiting needs, if one is.
+    fn start_deferred(self: &Rc<Self>) -> Option<u64> {
+        loop {
+            let (slot, state) = {
+                let mut st = self.st.borrow_mut();
+                let Some(&slot) = st.deferred.front() else { return None };
+                let need = match st.slots.v.get(slot as usize) {
+                    Some(SlotState::AwaitingR2t(_, len)) => *len as u64,
+                    Some(SlotState::AwaitingBuffer(h)) => h.need(),
+                    _ => {
+                        // The slot was freed meanwhile (the connection is closing).
+                        st.deferred.pop_front();
+                        continue;
+                    }
+                };
+                let Ok(lease) = self.budget.try_charge(need) else { return Some(need) };
+                st.deferred.pop_front();
+                (slot, (std::mem::replace(&mut st.slots.v[slot as usize], SlotState::Busy), lease))
+            };
+            match state {
+                (SlotState::AwaitingR2t(sqe, len), lease) => self.send_r2t(slot, sqe, len, lease),
+                (SlotState::AwaitingBuffer(h), lease) => io::resume(self, slot, *h, lease),
+                _ => unreachable!("only waiting slots are in the deferred queue"),
+            }
         }
     }
 
     /// Runs a command whose data (if it sends any) is all here.
-    fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+    fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
         let Some(b) = binding else {
             return self.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
@@ -909,7 +979,7 @@ impl Conn {
         }
         if b.qid == 0 {
             let bytes: &[u8] = match (&plan, &data) {
-                (DataPlan::InCapsule { offset, len }, Some(d)) => d.get(*offset as usize..(*offset + *len) as usize).unwrap_or(&[]),
+                (DataPlan::InCapsule { offset, len }, Some((d, _))) => d.get(*offset as usize..(*offset + *len) as usize).unwrap_or(&[]),
                 _ => &[],
             };
             match b.ctrl.admin(&self.nvmf, &sqe, bytes) {
@@ -1043,6 +1113,19 @@ fn spawn_keep_alive(nvmf: Arc<Nvmf>, ctrl: Arc<Controller>) {
     });
 }
 
+/// Starts commands waiting for buffer budget when bytes come back to the core (from this
+/// connection or another one of the core).
+async fn budget_loop(conn: &Rc<Conn>) {
+    // A closing connection starts nothing more: its held commands are dropped with it.
+    while !conn.closing.get() {
+        if let Some(want) = conn.start_deferred() {
+            futures::future::select(std::pin::pin!(conn.budget.core().freed(want)), std::pin::pin!(conn.deferred_notify.wait())).await;
+        } else {
+            conn.deferred_notify.wait().await;
+        }
+    }
+}
+
 async fn write_loop(conn: &Conn) {
     let mut batch: Vec<TxPdu> = Vec::new();
     loop {
@@ -1059,7 +1142,7 @@ async fn write_loop(conn: &Conn) {
             iov.push(IoSlice::new(p.hdr.as_slice()));
             match &p.data {
                 TxData::None => {}
-                TxData::Buf(b, n) => iov.push(IoSlice::new(&b[..*n])),
+                TxData::Buf(b, n, _) => iov.push(IoSlice::new(&b[..*n])),
                 TxData::Vec(v) => iov.push(IoSlice::new(v)),
             }
             if let Some(d) = &p.ddgst {

@@ -3,11 +3,11 @@
 //! lengths) so that bad ones are answered without spawning anything; good ones run as one
 //! task each on the queue's core, against the core's channel of the namespace's bdev.
 
-use super::connection::{Binding, Conn, TxData};
+use super::connection::{Binding, Conn, SlotState, TxData};
 use super::pdu::DataPlan;
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
 use super::subsystem::{Namespace, Subsystem};
-use crate::bdev::{BdevError, Channel, IoBuf, IoType};
+use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
@@ -182,8 +182,31 @@ fn check(n: &NsChannel, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>, max_io:
     }
 }
 
+/// A checked command waiting for buffer budget for the data it reads.
+pub(crate) struct HeldIo {
+    sqe: Sqe,
+    nsc: Rc<NsChannel>,
+    op: Op,
+    data: Option<(IoBuf, Lease)>,
+}
+
+impl HeldIo {
+    /// Bytes of buffer the command needs.
+    pub(crate) fn need(&self) -> u64 {
+        read_buffer_len(&self.op) as u64
+    }
+}
+
+/// The buffer a command allocates to read into (its data from the host, if any, came charged).
+fn read_buffer_len(op: &Op) -> usize {
+    match op {
+        Op::Read { len, .. } | Op::Compare { len, .. } => *len,
+        _ => 0,
+    }
+}
+
 /// Starts I/O command `sqe` on `conn` (the reader's path: checks, then one task).
-pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<IoBuf>) {
+pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
     if !b.ctrl.is_ready() {
         return conn.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
     }
@@ -194,7 +217,7 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
         Ok(n) => n,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
-    let op = match check(&nsc, &sqe, plan, data.as_ref(), conn.opts.max_io_size) {
+    let op = match check(&nsc, &sqe, plan, data.as_ref().map(|(b, _)| b), conn.opts.max_io_size) {
         Ok(op) => op,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
@@ -203,11 +226,34 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
         // The reader waits for a free slot before it takes a capsule; this cannot happen.
         None => return conn.complete(None, &sqe, Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY), 0, TxData::None),
     };
+    // The buffer it reads into is charged before it exists; short of budget the command waits
+    // in its slot (the host sees a slower command, the target allocates nothing).
+    let need = read_buffer_len(&op);
+    let lease = if need > 0 {
+        match conn.charge_in_order(need as u64) {
+            Some(l) => Some(l),
+            None => return conn.hold(slot, SlotState::AwaitingBuffer(Box::new(HeldIo { sqe, nsc, op, data }))),
+        }
+    } else {
+        None
+    };
     conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data));
+    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data, lease));
 }
 
-async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<IoBuf>) {
+/// Starts a held command now that its buffer is charged.
+pub(crate) fn resume(conn: &Rc<Conn>, slot: u16, h: HeldIo, lease: Lease) {
+    conn.io_started();
+    reactor::spawn_detached(run(conn.clone(), slot, h.sqe, h.nsc, h.op, h.data, Some(lease)));
+}
+
+async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<(IoBuf, Lease)>, lease: Option<Lease>) {
+    // Host data and its charge live until the command completes (dropped below).
+    let (data, data_lease) = match data {
+        Some((b, l)) => (Some(b), Some(l)),
+        None => (None, None),
+    };
+    let mut lease = lease;
     let core = conn.core();
     let shard = n.ns.stats.shard(core);
     shard.in_flight.fetch_add(1, Relaxed);
@@ -217,7 +263,7 @@ async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data
         Op::Read { slba, len } => {
             let mut buf = IoBuf::alloc(len);
             match n.ch.read(slba, &mut [IoSliceMut::new(&mut buf[..len])]).await {
-                Ok(()) => (Ok(()), TxData::Buf(buf, len), len as u64),
+                Ok(()) => (Ok(()), TxData::Buf(buf, len, lease.take()), len as u64),
                 Err(e) => (Err(status_of(&e, true)), TxData::None, 0),
             }
         }
@@ -258,7 +304,8 @@ async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data
     let dt = reactor::now_ns().saturating_sub(t0);
     shard.in_flight.fetch_sub(1, Relaxed);
     n.ns.stats.record(core, ty, bytes, dt, result.is_ok());
-    drop(data);
+    // The buffers go back (and their charges with them) before the host hears of it.
+    drop((data, data_lease, lease));
     match result {
         Ok(()) => conn.complete(Some(slot), &sqe, Status::SUCCESS, 0, out),
         Err(s) => conn.complete(Some(slot), &sqe, s, 0, TxData::None),

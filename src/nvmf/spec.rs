@@ -100,6 +100,8 @@ pub mod sc {
     pub const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
     pub const SGL_OFFSET_INVALID: u8 = 0x16;
     pub const NAMESPACE_WRITE_PROTECTED: u8 = 0x20;
+    /// The controller could not process the command now (out of resources); the host retries.
+    pub const COMMAND_INTERRUPTED: u8 = 0x21;
     pub const TRANSIENT_TRANSPORT_ERROR: u8 = 0x22;
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
     pub const NAMESPACE_NOT_READY: u8 = 0x82;

@@ -155,7 +155,8 @@ async fn accept_loop(nvmf: Arc<Nvmf>, l: TcpListener, addr: ListenAddr) {
                 reactor::send_to(core, move || reactor::spawn_detached(super::connection::serve(n, s, a, peer)));
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+                // Out of descriptors with no spare left to shed with: back off instead of
+                // spinning.
                 log::warn!("nvmf: accept on {addr} failed: {e}");
                 reactor::sleep(std::time::Duration::from_millis(50)).await;
             }

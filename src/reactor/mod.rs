@@ -15,7 +15,7 @@ pub use self::core::{
 };
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};
-pub use self::net::{TcpListener, TcpStream};
+pub use self::net::{connection_cap, connection_stats, set_fd_reserve, Accepted, ConnectionSlot, TcpListener, TcpStream};
 pub use self::thread::{CallError, ManualCores, PollMode, ReactorHandle, ReactorOptions, Reactors, CALL_TIMEOUT};
 pub use self::timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 

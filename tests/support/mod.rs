@@ -44,11 +44,17 @@ impl Daemon {
     }
 
     pub fn start_with_args(config: &str, args: &[&str]) -> Daemon {
-        Self::start_with_env(config, args, &[])
+        Self::start_with(config, args, &[], |_| {})
     }
 
     /// Starts tidemarkd with extra environment variables (kept for restarts).
     pub fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(config, args, env, |_| {})
+    }
+
+    /// As [`Daemon::start_with_env`], with `adjust` applied to the daemon's command first
+    /// (resource limits, say).
+    pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::Builder::new().prefix("tidemark-test").tempdir().expect("tempdir");
         let socket = dir.path().join("rpc.sock");
@@ -62,7 +68,9 @@ impl Daemon {
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("tidemarkd.log");
         let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(TIDEMARKD)
+        let mut cmd = Command::new(TIDEMARKD);
+        adjust(&mut cmd);
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .arg("--rpc-socket")

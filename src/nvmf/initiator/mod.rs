@@ -120,6 +120,9 @@ pub enum Payload<'a> {
     OutScratch(usize),
     /// Controller-to-host data of this length.
     In(usize),
+    /// Controller-to-host data of this length, received and dropped (many queues at full
+    /// depth without a buffer per command: benchmarks and tests of the target's memory).
+    InDiscard(usize),
 }
 
 /// A completed command.
@@ -285,6 +288,12 @@ impl Qpair {
                 sqe.set_sgl(0, n as u32, sgl::TRANSPORT_DATA_BLOCK);
                 (None, 0)
             }
+            Payload::InDiscard(n) => {
+                r.in_len = n;
+                r.buf.clear();
+                sqe.set_sgl(0, n as u32, sgl::TRANSPORT_DATA_BLOCK);
+                (None, 0)
+            }
             Payload::Out(d) => {
                 if r.buf.len() < d.len() {
                     r.buf.resize(d.len(), 0);
@@ -430,7 +439,9 @@ impl Qpair {
                 if b > r.in_len || dh.datal as usize != layout.data_len {
                     return Err(Error::Protocol(format!("C2HData beyond the transfer of command {cid}")));
                 }
-                r.buf[a..b].copy_from_slice(&self.rx[data]);
+                if let Some(dst) = r.buf.get_mut(a..b) {
+                    dst.copy_from_slice(&self.rx[data]);
+                }
                 r.in_got += dh.datal as usize;
                 if ch.flags & pdu::flags::DATA_SUCCESS != 0 {
                     if ch.flags & pdu::flags::DATA_LAST == 0 {
