@@ -9,6 +9,8 @@
 //!   changes (also across crashes);
 //! * after a crash the mirror reassembles from its legs and holds only what may have survived;
 //! * once every leg is back and rebuilt, all legs are identical;
+//! * no host write waits on a split (`MirrorBdev::host_waits`): not for a flush, a bitmap or a
+//!   superblock write the split needs, nor because the split closed its region;
 //! * nothing deadlocks.
 //!
 //! `SEED=n cargo test --test sim_mirror -- --nocapture` replays seed n; `SIM_SEEDS=k` (default
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidemark::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
 use tidemark::bdevs::error::{ErrorBdev, ErrorType, Injections};
+use tidemark::bdevs::mirror::waits::WaitReason;
 use tidemark::bdevs::mirror::{MirrorBdev, MirrorOptions, ProcessOptions, SplitImageBdev};
 use tidemark::reactor::{self, ManualCores};
 use tidemark::sim::device::{Latency, SimDevice, SIM_BLOCK};
@@ -88,6 +91,9 @@ struct Outcome {
     rejoins: u64,
     crashes: u64,
     rebuilds_checked: u64,
+    /// Host writes that asked the control task to enter a region (waits the mirror needs for
+    /// every write: write-intent bits, rebuild windows).
+    enter_waits: u64,
 }
 
 impl Outcome {
@@ -100,6 +106,7 @@ impl Outcome {
         self.rejoins += o.rejoins;
         self.crashes += o.crashes;
         self.rebuilds_checked += o.rebuilds_checked;
+        self.enter_waits += o.enter_waits;
     }
 }
 
@@ -291,6 +298,18 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// No host write of this life waited on a split (DESIGN §1): it may wait behind an
+    /// overlapping write's extent lock or for what every write needs, never for a split's
+    /// flush, bitmap or superblock write, nor because a split closed its region.
+    fn check_host_waits(&self, sh: &Sh) -> Result<(), String> {
+        let w = self.mirror.host_waits();
+        sh.borrow_mut().out.enter_waits += w.count(WaitReason::Enter);
+        match w.preserve_waits() {
+            0 => Ok(()),
+            n => Err(format!("{n} host write(s) waited on a split; the first: {}", w.first_preserve_wait().unwrap_or_default())),
+        }
     }
 
     fn io_count(&self) -> u64 {
@@ -616,6 +635,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             return Err(f);
         }
         r?;
+        world.check_host_waits(&sh)?;
         if crash && world.io_count() >= crash_at {
             {
                 let mut s = sh.borrow_mut();
@@ -693,6 +713,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             }
             return Err(f);
         }
+        world.check_host_waits(&sh)?;
         drop(refs);
         world.teardown(&mut rng);
         break;
@@ -716,6 +737,6 @@ fn mirror_simulation_seeds() {
     // The runs must exercise what they claim to check.
     let (t, count) = (&r.totals, r.count);
     if count >= 200 {
-        assert!(t.splits > count / 10 && t.failures > count / 10 && t.crashes > count / 10 && t.rejoins > count / 10, "{t:?}");
+        assert!(t.splits > count / 10 && t.failures > count / 10 && t.crashes > count / 10 && t.rejoins > count / 10 && t.enter_waits > count, "{t:?}");
     }
 }

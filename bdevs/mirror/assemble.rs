@@ -418,6 +418,8 @@ fn start(
         status: Mutex::new(MirrorStatus::default()),
         options,
         images: Default::default(),
+        waits: Default::default(),
+        ctl_preserve_io: AtomicU64::new(0),
     });
     // Regions dirty at assembly start open: their bits are durable, and every departed leg's
     // stale map already covers them.

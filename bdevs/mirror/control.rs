@@ -206,6 +206,11 @@ pub(crate) struct Ctl {
     process_running: bool,
     process: Option<ProcessStatus>,
     split: Option<PendingSplit>,
+    /// Regions closed by the last split and not entered since (instrumentation: a write that
+    /// asks to enter one of them waits only because of the split).
+    split_closed: Bitmap,
+    /// Slot states in the last superblock written (instrumentation, see `records_split`).
+    written_states: [SlotState; MAX_SLOTS],
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
     batch: Batch,
@@ -231,10 +236,13 @@ impl Ctl {
             process_running: false,
             process: None,
             split: None,
+            split_closed: Bitmap::new(g.num_regions),
+            written_states: [SlotState::Empty; MAX_SLOTS],
             shutdown_waiters: Vec::new(),
             shutting_down: false,
             batch: Batch::default(),
         };
+        c.written_states = std::array::from_fn(|i| c.slots[i].rec.state);
         for r in c.unsynced.iter_set().collect::<Vec<_>>() {
             c.sh.regions.set(r, UNSYNCED);
         }
@@ -414,9 +422,25 @@ impl Ctl {
             self.set_write_intent(r);
             self.batch.enters.push((r, reply));
         } else {
+            if self.split_closed.get(r) {
+                self.sh.waits.record(super::waits::WaitReason::SplitClosed, || format!("mirror {}: region {r} was closed by a split", self.sh.name));
+            }
             self.admit(r);
             let _ = reply.send(Ok(()));
         }
+    }
+
+    /// Whether the next superblock records a slot entering `Splitting` or `Split`.
+    fn records_split(&self) -> bool {
+        (0..MAX_SLOTS).any(|s| {
+            let st = self.slots[s].rec.state;
+            st != self.written_states[s] && matches!(st, SlotState::Splitting | SlotState::Split)
+        })
+    }
+
+    /// Brackets the control task's own waits for a preserve's I/O (see `Shared::ctl_preserve_io`).
+    fn preserve_io(&self) {
+        self.sh.ctl_preserve_io.fetch_add(1, SeqCst);
     }
 
     fn set_write_intent(&mut self, r: u64) {
@@ -429,6 +453,7 @@ impl Ctl {
     /// Lets one write into region `r` (its write-intent bit is durable) and opens the region
     /// for fast entry, after recording the coming write in every departed leg's stale map.
     fn admit(&mut self, r: u64) {
+        self.split_closed.clear(r);
         self.mark_stale(r);
         self.sh.regions.admit(r, true);
     }
@@ -761,6 +786,9 @@ impl Ctl {
         // fast until the control task has seen it. Closing happens-before the epoch moves, so a
         // write stamped with the new epoch finds its region closed.
         self.sh.regions.close_all();
+        for r in 0..self.g.num_regions {
+            self.split_closed.set(r);
+        }
         let (closed, sealing) = match self.sh.gate.advance() {
             Ok(x) => x,
             Err(e) => {
@@ -800,10 +828,12 @@ impl Ctl {
             return;
         }
         // The image must be durable before it is handed out.
+        self.preserve_io();
         let flushed = match &self.slots[slot].ch {
             Some(ch) => ch.flush().await,
             None => Err(BdevError::Offline),
         };
+        self.preserve_io();
         if let Err(e) = flushed {
             log::error!("mirror {}: flushing split leg {} failed: {e}", self.sh.name, self.slots[slot].name);
             self.depart(slot, SlotState::Failed);
@@ -822,7 +852,10 @@ impl Ctl {
         // The leg's own superblock says what it is now: a sealed image of this mirror.
         let sb = self.superblock_for(slot, FLAG_SEALED_SPLIT);
         if let Some(ch) = self.slots[slot].ch.take() {
-            if let Err(e) = write_superblock(&ch, &self.g, &sb, self.slots[slot].next_sb_copy).await {
+            self.preserve_io();
+            let written = write_superblock(&ch, &self.g, &sb, self.slots[slot].next_sb_copy).await;
+            self.preserve_io();
+            if let Err(e) = written {
                 log::warn!("mirror {}: marking split leg {} sealed failed: {e}", self.sh.name, self.slots[slot].name);
             }
         }
@@ -1006,6 +1039,7 @@ impl Ctl {
                 self.slots[s].next_sb_copy = 1 - self.slots[s].next_sb_copy;
             }
         }
+        self.written_states = std::array::from_fn(|i| sbs.iter().flatten().next().map_or(self.written_states[i], |sb| sb.slots[i].state));
         self.settle_metadata_results(&results, "superblock")
     }
 
@@ -1034,6 +1068,12 @@ impl Ctl {
 
     /// Persists what the batch changed, then answers what waited for it.
     async fn commit_and_answer(&mut self) {
+        // A commit whose superblock records a split (its start or its seal) is I/O for a
+        // preserve: a host write waiting for this commit waits on the split.
+        let for_split = self.batch.need_sb && self.records_split();
+        if for_split {
+            self.preserve_io();
+        }
         let mut wi_durable = true;
         let mut sb_durable = true;
         let clearing = self.batch.clearing || self.shutting_down;
@@ -1067,6 +1107,9 @@ impl Ctl {
             if self.stale_dirty.is_empty() || !(clearing || self.batch.need_sb) {
                 break;
             }
+        }
+        if for_split {
+            self.preserve_io();
         }
         let batch = std::mem::take(&mut self.batch);
         if !wi_durable {
