@@ -17,18 +17,16 @@ pub enum WaitReason {
     /// While it waited for the control task, the control task itself waited for I/O that a
     /// preserve (split) needed: a leg flush, a bitmap or a superblock write.
     PreserveIo,
-    /// Its region was closed to fast entry by a split (and for no other reason).
-    SplitClosed,
 }
 
 impl WaitReason {
     /// Waits that break the promise that no host write waits for a preserve.
     pub fn is_preserve(self) -> bool {
-        matches!(self, WaitReason::PreserveIo | WaitReason::SplitClosed)
+        matches!(self, WaitReason::PreserveIo)
     }
 }
 
-const REASONS: usize = 3;
+const REASONS: usize = 2;
 
 #[derive(Default)]
 pub struct HostWaits {
@@ -54,7 +52,7 @@ impl HostWaits {
 
     /// Host writes that waited on a preserve.
     pub fn preserve_waits(&self) -> u64 {
-        self.count(WaitReason::PreserveIo) + self.count(WaitReason::SplitClosed)
+        self.count(WaitReason::PreserveIo)
     }
 
     /// The first of them, described.
