@@ -8,6 +8,8 @@
 //! * a sealed split image reads exactly the writes submitted before its split, and never
 //!   changes (also across crashes);
 //! * after a crash the mirror reassembles from its legs and holds only what may have survived;
+//!   a split whose instant passed before the crash comes back as its image (a crash image of
+//!   that instant);
 //! * once every leg is back and rebuilt, all legs are identical;
 //! * no host write waits on a split (`MirrorBdev::host_waits`): not for a flush, a bitmap or a
 //!   superblock write the split needs, nor because the split closed its region;
@@ -79,6 +81,10 @@ enum Role {
     Member,
     /// A sealed split image, with the tags it read when it sealed.
     Image { name: String, pinned: Vec<u64> },
+    /// The image of a split whose instant passed before a crash (its RPC may have been
+    /// answered): it must open after the restart and hold a crash image of that instant
+    /// (writes submitted before `t`, durable as of the flushes up to `flushed`).
+    Crashed { name: String, t: u64, flushed: u64 },
 }
 
 #[derive(Default, Debug, Clone)]
@@ -94,6 +100,8 @@ struct Outcome {
     /// Host writes that asked the control task to enter a region (waits the mirror needs for
     /// every write: write-intent bits, rebuild windows).
     enter_waits: u64,
+    /// Images of splits under way at a crash, checked after the restart.
+    images_after_crash: u64,
 }
 
 impl Outcome {
@@ -107,6 +115,7 @@ impl Outcome {
         self.crashes += o.crashes;
         self.rebuilds_checked += o.rebuilds_checked;
         self.enter_waits += o.enter_waits;
+        self.images_after_crash += o.images_after_crash;
     }
 }
 
@@ -119,6 +128,8 @@ struct Sim {
     controller_done: bool,
     /// Model time of the split that started last (set by the scheduler when the epoch moves).
     split_t: Option<u64>,
+    /// The split in progress: leg index and image name.
+    splitting: Option<(usize, String)>,
     roles: Vec<Role>,
     /// Legs armed to fail every write.
     injected: Vec<bool>,
@@ -262,7 +273,7 @@ impl World {
         let entry = reg.register(mirror.clone() as Arc<dyn Bdev>).map_err(|e| e.to_string())?;
         // Sealed images open again from their legs.
         for (i, r) in roles.iter().enumerate() {
-            if let Role::Image { name, .. } = r {
+            if let Role::Image { name, .. } | Role::Crashed { name, .. } = r {
                 let g = reg.get(&leg_name(i)).expect("registered").claim(name).map_err(|e| e.to_string())?;
                 let (o, n) = (Rc::new(RefCell::new(None)), name.clone());
                 let o2 = o.clone();
@@ -271,7 +282,7 @@ impl World {
                     *steps += 1;
                     step(&cores, rng)?;
                 }
-                let img = o.borrow_mut().take().expect("checked").map_err(|e| format!("image {name} does not open: {e}"))?;
+                let img = o.borrow_mut().take().expect("checked").map_err(|e| format!("image {name} does not open after the restart: {e}"))?;
                 reg.register(Arc::new(img)).map_err(|e| e.to_string())?;
             }
         }
@@ -481,8 +492,21 @@ fn leg_index(name: &str) -> usize {
 }
 
 async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), String> {
-    let name = format!("img{}", sh.borrow().out.splits);
-    sh.borrow_mut().split_t = None;
+    let name = format!("img{}-{}", sh.borrow().out.splits, sh.borrow().out.crashes);
+    {
+        let mut s = sh.borrow_mut();
+        s.split_t = None;
+        s.splitting = Some((leg_index(leg), name.clone()));
+    }
+    let r = split_inner(sh, w, leg, &name, blocks).await;
+    if alive(sh) {
+        sh.borrow_mut().splitting = None;
+    }
+    r
+}
+
+async fn split_inner(sh: &Sh, w: &WorldRefs, leg: &str, name: &str, blocks: u64) -> Result<(), String> {
+    let name = name.to_string();
     let started = match w.mirror.split_start(leg, &name).await {
         Ok(s) => s,
         // Refused (the leg failed or left meanwhile): fine.
@@ -509,6 +533,21 @@ async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), Str
     s.roles[leg_index(leg)] = Role::Image { name, pinned: got };
     s.out.splits += 1;
     s.out.sealed_checked += 1;
+    Ok(())
+}
+
+/// After a restart: the images of splits that were under way at the crash read a crash image
+/// of their instant; from then on they are ordinary sealed images.
+async fn check_crashed_images(sh: &Sh, reg: &Rc<BdevRegistry>, blocks: u64) -> Result<(), String> {
+    let roles = sh.borrow().roles.clone();
+    for (i, r) in roles.into_iter().enumerate() {
+        let Role::Crashed { name, t, flushed } = r else { continue };
+        let e = reg.get(&name).ok_or_else(|| format!("image {name} is gone after the crash"))?;
+        let got = check_all(&e, blocks, &format!("image {name} after the crash"), |b| sh.borrow().model.after_crash(b, t, flushed)).await?;
+        let mut s = sh.borrow_mut();
+        s.roles[i] = Role::Image { name, pinned: got };
+        s.out.images_after_crash += 1;
+    }
     Ok(())
 }
 
@@ -576,6 +615,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         clients_left: 0,
         controller_done: false,
         split_t: None,
+        splitting: None,
         roles: vec![Role::Member; cfg.legs],
         injected: vec![false; cfg.legs],
         out: Outcome::default(),
@@ -593,11 +633,16 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         }
         if life > 0 {
             // After a crash: every block holds something that may have survived.
-            let (sh2, e, n) = (sh.clone(), world.entry.clone(), cfg.data_blocks);
+            let (sh2, e, n, reg2) = (sh.clone(), world.entry.clone(), cfg.data_blocks, world.reg.clone());
             let done = Rc::new(RefCell::new(false));
             let d2 = done.clone();
             world.cores.enter(world.home, || {
                 reactor::spawn_detached(async move {
+                    if let Err(err) = check_crashed_images(&sh2, &reg2, n).await {
+                        fail(&sh2, err);
+                        *d2.borrow_mut() = true;
+                        return;
+                    }
                     let r = check_all(&e, n, "after the crash", |b| {
                         let s = sh2.borrow();
                         s.model.after_crash(b, u64::MAX, s.model.flushed_upto())
@@ -641,6 +686,11 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 let mut s = sh.borrow_mut();
                 s.dead = true;
                 s.out.crashes += 1;
+                // A split whose instant passed is recorded on the legs: its image must survive.
+                if let (Some((leg, name)), Some(t)) = (s.splitting.take(), s.split_t) {
+                    let flushed = s.model.flushed_upto();
+                    s.roles[leg] = Role::Crashed { name, t, flushed };
+                }
             }
             images = world.devs.iter().map(|d| d.crash()).collect();
             drop(refs);
@@ -737,6 +787,14 @@ fn mirror_simulation_seeds() {
     // The runs must exercise what they claim to check.
     let (t, count) = (&r.totals, r.count);
     if count >= 200 {
-        assert!(t.splits > count / 10 && t.failures > count / 10 && t.crashes > count / 10 && t.rejoins > count / 10 && t.enter_waits > count, "{t:?}");
+        assert!(
+            t.splits > count / 10
+                && t.failures > count / 10
+                && t.crashes > count / 10
+                && t.rejoins > count / 10
+                && t.enter_waits > count
+                && t.images_after_crash > count / 200,
+            "{t:?}"
+        );
     }
 }
