@@ -8,7 +8,11 @@
 //! * a sealed split image reads exactly the writes submitted before its split, and never
 //!   changes (also across crashes);
 //! * after a crash the mirror reassembles from its legs and holds only what may have survived;
+//!   a split whose instant passed before the crash comes back as its image (a crash image of
+//!   that instant);
 //! * once every leg is back and rebuilt, all legs are identical;
+//! * no host write waits on a split (`MirrorBdev::host_waits`): not for a flush, a bitmap or a
+//!   superblock write the split needs, nor because the split closed its region;
 //! * nothing deadlocks.
 //!
 //! `SEED=n cargo test --test sim_mirror -- --nocapture` replays seed n; `SIM_SEEDS=k` (default
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidemark::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
 use tidemark::bdevs::error::{ErrorBdev, ErrorType, Injections};
+use tidemark::bdevs::mirror::waits::WaitReason;
 use tidemark::bdevs::mirror::{MirrorBdev, MirrorOptions, ProcessOptions, SplitImageBdev};
 use tidemark::reactor::{self, ManualCores};
 use tidemark::sim::device::{Latency, SimDevice, SIM_BLOCK};
@@ -76,6 +81,10 @@ enum Role {
     Member,
     /// A sealed split image, with the tags it read when it sealed.
     Image { name: String, pinned: Vec<u64> },
+    /// The image of a split whose instant passed before a crash (its RPC may have been
+    /// answered): it must open after the restart and hold a crash image of that instant
+    /// (writes submitted before `t`, durable as of the flushes up to `flushed`).
+    Crashed { name: String, t: u64, flushed: u64 },
 }
 
 #[derive(Default, Debug, Clone)]
@@ -88,6 +97,11 @@ struct Outcome {
     rejoins: u64,
     crashes: u64,
     rebuilds_checked: u64,
+    /// Host writes that asked the control task to enter a region (waits the mirror needs for
+    /// every write: write-intent bits, rebuild windows).
+    enter_waits: u64,
+    /// Images of splits under way at a crash, checked after the restart.
+    images_after_crash: u64,
 }
 
 impl Outcome {
@@ -100,6 +114,8 @@ impl Outcome {
         self.rejoins += o.rejoins;
         self.crashes += o.crashes;
         self.rebuilds_checked += o.rebuilds_checked;
+        self.enter_waits += o.enter_waits;
+        self.images_after_crash += o.images_after_crash;
     }
 }
 
@@ -112,6 +128,8 @@ struct Sim {
     controller_done: bool,
     /// Model time of the split that started last (set by the scheduler when the epoch moves).
     split_t: Option<u64>,
+    /// The split in progress: leg index and image name.
+    splitting: Option<(usize, String)>,
     roles: Vec<Role>,
     /// Legs armed to fail every write.
     injected: Vec<bool>,
@@ -255,7 +273,7 @@ impl World {
         let entry = reg.register(mirror.clone() as Arc<dyn Bdev>).map_err(|e| e.to_string())?;
         // Sealed images open again from their legs.
         for (i, r) in roles.iter().enumerate() {
-            if let Role::Image { name, .. } = r {
+            if let Role::Image { name, .. } | Role::Crashed { name, .. } = r {
                 let g = reg.get(&leg_name(i)).expect("registered").claim(name).map_err(|e| e.to_string())?;
                 let (o, n) = (Rc::new(RefCell::new(None)), name.clone());
                 let o2 = o.clone();
@@ -264,7 +282,7 @@ impl World {
                     *steps += 1;
                     step(&cores, rng)?;
                 }
-                let img = o.borrow_mut().take().expect("checked").map_err(|e| format!("image {name} does not open: {e}"))?;
+                let img = o.borrow_mut().take().expect("checked").map_err(|e| format!("image {name} does not open after the restart: {e}"))?;
                 reg.register(Arc::new(img)).map_err(|e| e.to_string())?;
             }
         }
@@ -291,6 +309,18 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// No host write of this life waited on a split (DESIGN §1): it may wait behind an
+    /// overlapping write's extent lock or for what every write needs, never for a split's
+    /// flush, bitmap or superblock write, nor because a split closed its region.
+    fn check_host_waits(&self, sh: &Sh) -> Result<(), String> {
+        let w = self.mirror.host_waits();
+        sh.borrow_mut().out.enter_waits += w.count(WaitReason::Enter);
+        match w.preserve_waits() {
+            0 => Ok(()),
+            n => Err(format!("{n} host write(s) waited on a split; the first: {}", w.first_preserve_wait().unwrap_or_default())),
+        }
     }
 
     fn io_count(&self) -> u64 {
@@ -462,8 +492,21 @@ fn leg_index(name: &str) -> usize {
 }
 
 async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), String> {
-    let name = format!("img{}", sh.borrow().out.splits);
-    sh.borrow_mut().split_t = None;
+    let name = format!("img{}-{}", sh.borrow().out.splits, sh.borrow().out.crashes);
+    {
+        let mut s = sh.borrow_mut();
+        s.split_t = None;
+        s.splitting = Some((leg_index(leg), name.clone()));
+    }
+    let r = split_inner(sh, w, leg, &name, blocks).await;
+    if alive(sh) {
+        sh.borrow_mut().splitting = None;
+    }
+    r
+}
+
+async fn split_inner(sh: &Sh, w: &WorldRefs, leg: &str, name: &str, blocks: u64) -> Result<(), String> {
+    let name = name.to_string();
     let started = match w.mirror.split_start(leg, &name).await {
         Ok(s) => s,
         // Refused (the leg failed or left meanwhile): fine.
@@ -490,6 +533,21 @@ async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), Str
     s.roles[leg_index(leg)] = Role::Image { name, pinned: got };
     s.out.splits += 1;
     s.out.sealed_checked += 1;
+    Ok(())
+}
+
+/// After a restart: the images of splits that were under way at the crash read a crash image
+/// of their instant; from then on they are ordinary sealed images.
+async fn check_crashed_images(sh: &Sh, reg: &Rc<BdevRegistry>, blocks: u64) -> Result<(), String> {
+    let roles = sh.borrow().roles.clone();
+    for (i, r) in roles.into_iter().enumerate() {
+        let Role::Crashed { name, t, flushed } = r else { continue };
+        let e = reg.get(&name).ok_or_else(|| format!("image {name} is gone after the crash"))?;
+        let got = check_all(&e, blocks, &format!("image {name} after the crash"), |b| sh.borrow().model.after_crash(b, t, flushed)).await?;
+        let mut s = sh.borrow_mut();
+        s.roles[i] = Role::Image { name, pinned: got };
+        s.out.images_after_crash += 1;
+    }
     Ok(())
 }
 
@@ -557,6 +615,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         clients_left: 0,
         controller_done: false,
         split_t: None,
+        splitting: None,
         roles: vec![Role::Member; cfg.legs],
         injected: vec![false; cfg.legs],
         out: Outcome::default(),
@@ -574,11 +633,16 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         }
         if life > 0 {
             // After a crash: every block holds something that may have survived.
-            let (sh2, e, n) = (sh.clone(), world.entry.clone(), cfg.data_blocks);
+            let (sh2, e, n, reg2) = (sh.clone(), world.entry.clone(), cfg.data_blocks, world.reg.clone());
             let done = Rc::new(RefCell::new(false));
             let d2 = done.clone();
             world.cores.enter(world.home, || {
                 reactor::spawn_detached(async move {
+                    if let Err(err) = check_crashed_images(&sh2, &reg2, n).await {
+                        fail(&sh2, err);
+                        *d2.borrow_mut() = true;
+                        return;
+                    }
                     let r = check_all(&e, n, "after the crash", |b| {
                         let s = sh2.borrow();
                         s.model.after_crash(b, u64::MAX, s.model.flushed_upto())
@@ -616,11 +680,17 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             return Err(f);
         }
         r?;
+        world.check_host_waits(&sh)?;
         if crash && world.io_count() >= crash_at {
             {
                 let mut s = sh.borrow_mut();
                 s.dead = true;
                 s.out.crashes += 1;
+                // A split whose instant passed is recorded on the legs: its image must survive.
+                if let (Some((leg, name)), Some(t)) = (s.splitting.take(), s.split_t) {
+                    let flushed = s.model.flushed_upto();
+                    s.roles[leg] = Role::Crashed { name, t, flushed };
+                }
             }
             images = world.devs.iter().map(|d| d.crash()).collect();
             drop(refs);
@@ -693,6 +763,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             }
             return Err(f);
         }
+        world.check_host_waits(&sh)?;
         drop(refs);
         world.teardown(&mut rng);
         break;
@@ -716,6 +787,14 @@ fn mirror_simulation_seeds() {
     // The runs must exercise what they claim to check.
     let (t, count) = (&r.totals, r.count);
     if count >= 200 {
-        assert!(t.splits > count / 10 && t.failures > count / 10 && t.crashes > count / 10 && t.rejoins > count / 10, "{t:?}");
+        assert!(
+            t.splits > count / 10
+                && t.failures > count / 10
+                && t.crashes > count / 10
+                && t.rejoins > count / 10
+                && t.enter_waits > count
+                && t.images_after_crash > count / 200,
+            "{t:?}"
+        );
     }
 }

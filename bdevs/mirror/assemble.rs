@@ -205,7 +205,15 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
         // A sealed split image is never taken over by reassembly, whichever mirror it came
         // from: re-joining it is a request (bdev_raid_add_base_bdev), and another mirror's
         // image must not be overwritten by a configuration replay.
-        if let Some(sb) = l.sb.as_ref().filter(|sb| sb.flags & FLAG_SEALED_SPLIT != 0) {
+        // A leg marked as this mirror's image whose split the mirror does not record (the split
+        // failed, or its record never reached the metadata legs) is a member like any other.
+        let failed_split = l.sb.as_ref().is_some_and(|sb| {
+            sb.flags & FLAG_SEALED_SPLIT != 0
+                && sb.mirror_uuid == auth.mirror_uuid
+                && sb.geometry == g
+                && slots.get(sb.slot).is_some_and(|s| s.rec.leg_uuid == sb.leg_uuid && !matches!(s.rec.state, SlotState::Splitting | SlotState::Split))
+        });
+        if let Some(sb) = l.sb.as_ref().filter(|sb| sb.flags & FLAG_SEALED_SPLIT != 0 && !failed_split) {
             let image = sb.slots.get(sb.slot).map(|r| r.image.clone()).unwrap_or_default();
             log::warn!(
                 "mirror {name}: {} holds the sealed split image {image:?} of mirror {}; left alone (bdev_raid_add_base_bdev re-joins it)",
@@ -266,11 +274,20 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
         let state = slots[s].rec.state;
         let here = provided[s];
         let new_state = match state {
-            SlotState::Active | SlotState::Rebuilding | SlotState::Splitting if !here => {
+            // A split recorded before a stop: its leg was marked as the image before the record
+            // (so it is never a member here), and its RPC may have been answered. The image is
+            // kept: the leg holds every write before the split's instant that reached its
+            // media, and no write after.
+            SlotState::Splitting if !here => {
+                changes.push(format!("split image {} kept", slots[s].rec.image));
+                SlotState::Split
+            }
+            SlotState::Active | SlotState::Rebuilding if !here => {
                 changes.push(format!("slot {s} missing"));
                 SlotState::Failed
             }
-            // A split that did not seal before the stop: the leg is behind, like a failed one.
+            // A leg given as a member whose split is recorded but which was not marked (a record
+            // written before the leg's mark existed): behind, like a failed one.
             SlotState::Splitting => SlotState::Rebuilding,
             SlotState::Failed | SlotState::Removed if here => {
                 changes.push(format!("{} returns", slots[s].name));
@@ -418,6 +435,8 @@ fn start(
         status: Mutex::new(MirrorStatus::default()),
         options,
         images: Default::default(),
+        waits: Default::default(),
+        ctl_preserve_io: AtomicU64::new(0),
     });
     // Regions dirty at assembly start open: their bits are durable, and every departed leg's
     // stale map already covers them.

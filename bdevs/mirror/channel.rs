@@ -10,6 +10,7 @@
 
 use super::control::Request;
 use super::layout::MAX_SLOTS;
+use super::waits::WaitReason;
 use super::{LegMode, Shared};
 use crate::bdev::{BdevError, Channel, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::reactor;
@@ -217,7 +218,16 @@ impl MirrorChannel {
         let mut entered = Entered { sh, first: r0, end: r0 };
         for r in r0..=r1 {
             if !sh.regions.try_enter(r) {
-                match sh.ask(|reply| Request::Enter { region: r, reply }).await {
+                let io_before = sh.ctl_preserve_io.load(SeqCst);
+                let answer = sh.ask(|reply| Request::Enter { region: r, reply }).await;
+                sh.waits.record(WaitReason::Enter, String::new);
+                let io_after = sh.ctl_preserve_io.load(SeqCst);
+                if io_before % 2 == 1 || io_after != io_before {
+                    sh.waits.record(WaitReason::PreserveIo, || {
+                        format!("mirror {}: a write to region {r} waited while the control task awaited a split's I/O", sh.name)
+                    });
+                }
+                match answer {
                     Some(Ok(())) => {}
                     Some(Err(e)) => return Err(e),
                     None => return Err(BdevError::Offline),

@@ -86,6 +86,19 @@ pub(crate) enum Request {
     SplitDrained {
         slot: usize,
     },
+    /// A split's record (its start or its seal) was written off the control loop: the split
+    /// leg's own superblock, then every metadata leg's (`states`: the slot states written).
+    SplitRecorded {
+        step: SplitStep,
+        own: IoResult,
+        results: [Option<IoResult>; MAX_SLOTS],
+        states: [SlotState; MAX_SLOTS],
+    },
+    /// The split leg's flush after its epoch drained (run off the control loop).
+    SplitFlushed {
+        slot: usize,
+        result: IoResult,
+    },
     /// The background process asks for its next region at or after `cursor`.
     ProcessNext {
         cursor: u64,
@@ -101,6 +114,23 @@ pub(crate) enum Request {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+}
+
+/// Which record of a split is being written.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SplitStep {
+    /// `Splitting`: written before the split's instant (and so before the RPC's reply).
+    Start(usize),
+    /// `Split`: written once the old epoch drained into the leg and the leg was flushed.
+    Seal(usize),
+}
+
+impl SplitStep {
+    fn slot(self) -> usize {
+        match self {
+            SplitStep::Start(s) | SplitStep::Seal(s) => s,
+        }
+    }
 }
 
 /// One window of the background process.
@@ -174,8 +204,6 @@ enum AfterSb {
     Io(oneshot::Sender<IoResult>),
     Added(oneshot::Sender<Result<AddedLeg, MirrorError>>, AddedLeg),
     Removed(oneshot::Sender<Result<(), MirrorError>>),
-    SplitStart(usize),
-    Sealed(usize),
     Forgot(oneshot::Sender<()>),
 }
 
@@ -206,6 +234,11 @@ pub(crate) struct Ctl {
     process_running: bool,
     process: Option<ProcessStatus>,
     split: Option<PendingSplit>,
+    /// A split's superblocks are being written by a task of their own; superblock writes of
+    /// commits wait for it (the copies alternate), everything else goes on.
+    split_sb_busy: bool,
+    /// Slot states in the last superblock written (instrumentation, see `records_split`).
+    written_states: [SlotState; MAX_SLOTS],
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
     batch: Batch,
@@ -231,10 +264,13 @@ impl Ctl {
             process_running: false,
             process: None,
             split: None,
+            split_sb_busy: false,
+            written_states: [SlotState::Empty; MAX_SLOTS],
             shutdown_waiters: Vec::new(),
             shutting_down: false,
             batch: Batch::default(),
         };
+        c.written_states = std::array::from_fn(|i| c.slots[i].rec.state);
         for r in c.unsynced.iter_set().collect::<Vec<_>>() {
             c.sh.regions.set(r, UNSYNCED);
         }
@@ -306,7 +342,7 @@ impl Ctl {
                 self.handle(req).await;
             }
             self.commit_and_answer().await;
-            if self.shutting_down && !self.process_running {
+            if self.shutting_down && !self.process_running && !self.split_sb_busy {
                 self.finish().await;
                 break;
             }
@@ -359,7 +395,9 @@ impl Ctl {
                 }
             },
             Request::Split { leg, image, reply } => self.split(&leg, image, reply),
-            Request::SplitDrained { slot } => self.split_drained(slot).await,
+            Request::SplitDrained { slot } => self.split_drained(slot),
+            Request::SplitRecorded { step, own, results, states } => self.split_recorded(step, own, results, states),
+            Request::SplitFlushed { slot, result } => self.split_flushed(slot, result),
             Request::ForgetImage { image, reply } => {
                 for s in self.slots.iter_mut() {
                     if s.rec.state == SlotState::Split && s.rec.image == image {
@@ -417,6 +455,19 @@ impl Ctl {
             self.admit(r);
             let _ = reply.send(Ok(()));
         }
+    }
+
+    /// Whether the next superblock records a slot entering `Splitting` or `Split`.
+    fn records_split(&self) -> bool {
+        (0..MAX_SLOTS).any(|s| {
+            let st = self.slots[s].rec.state;
+            st != self.written_states[s] && matches!(st, SlotState::Splitting | SlotState::Split)
+        })
+    }
+
+    /// Brackets the control task's own waits for a preserve's I/O (see `Shared::ctl_preserve_io`).
+    fn preserve_io(&self) {
+        self.sh.ctl_preserve_io.fetch_add(1, SeqCst);
     }
 
     fn set_write_intent(&mut self, r: u64) {
@@ -742,13 +793,110 @@ impl Ctl {
         s.rec.image = image.clone();
         let (tx, rx) = oneshot::channel();
         self.split = Some(PendingSplit { slot, image, started: Some(reply), sealed: Some(tx), sealed_rx: Some(rx) });
-        self.batch.need_sb = true;
-        self.batch.after_sb.push(AfterSb::SplitStart(slot));
+        self.write_split_record(SplitStep::Start(slot));
+    }
+
+    /// Writes a split's record without holding up the control loop (host writes that need the
+    /// control task meanwhile are served; DESIGN §1: no host I/O waits for a preserve): first
+    /// the split leg's own superblock, which marks it a sealed image of this mirror, then every
+    /// metadata leg's superblock. The order makes an acknowledged split survive a crash: once
+    /// the metadata legs say `Splitting`, the leg already says what it is, so reassembly keeps
+    /// it as the image (a crash image of the split's instant). Answered by `SplitRecorded`.
+    fn write_split_record(&mut self, step: SplitStep) {
+        debug_assert!(!self.split_sb_busy, "one split record at a time");
+        let slot = step.slot();
+        self.split_sb_busy = true;
+        self.generation += 1;
+        let g = self.g;
+        let own = self.slots[slot].ch.clone().map(|ch| (ch, self.superblock_for(slot, FLAG_SEALED_SPLIT), self.slots[slot].next_sb_copy));
+        let legs: [Option<(Channel, Superblock, u64)>; MAX_SLOTS] = std::array::from_fn(|s| {
+            let c = &self.slots[s];
+            if !c.holds_metadata() {
+                return None;
+            }
+            Some((c.ch.clone()?, self.superblock_for(s, 0), c.next_sb_copy))
+        });
+        let states: [SlotState; MAX_SLOTS] = std::array::from_fn(|i| self.slots[i].rec.state);
+        let sh = self.sh.clone();
+        reactor::spawn_detached(async move {
+            let own = match &own {
+                Some((ch, sb, copy)) => write_superblock(ch, &g, sb, *copy).await,
+                None => Err(BdevError::Offline),
+            };
+            // Without the leg's mark the start is not recorded anywhere (the split fails); a
+            // seal goes on without it (the mark from the start is still there).
+            let results = if own.is_ok() || matches!(step, SplitStep::Seal(_)) {
+                let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| legs[s].as_ref().map(|(ch, sb, copy)| write_superblock(ch, &g, sb, *copy)));
+                join_slots(futs).await
+            } else {
+                Default::default()
+            };
+            sh.send(Request::SplitRecorded { step, own, results, states });
+        });
+    }
+
+    fn split_recorded(&mut self, step: SplitStep, own: IoResult, results: [Option<IoResult>; MAX_SLOTS], states: [SlotState; MAX_SLOTS]) {
+        self.split_sb_busy = false;
+        let slot = step.slot();
+        for (s, r) in results.iter().enumerate() {
+            if matches!(r, Some(Ok(()))) {
+                self.slots[s].next_sb_copy = 1 - self.slots[s].next_sb_copy;
+            }
+        }
+        if own.is_ok() {
+            self.slots[slot].next_sb_copy = 1 - self.slots[slot].next_sb_copy;
+        }
+        if results.iter().any(|r| matches!(r, Some(Ok(())))) {
+            self.written_states = states;
+        }
+        let durable = self.settle_metadata_results(&results, "superblock");
+        let pending = self.split.as_ref().is_some_and(|sp| sp.slot == slot);
+        let state = self.slots[slot].rec.state;
+        let fail = |name: &str| MirrorError::Io(format!("mirror {name}: the split could not be recorded on its legs"));
+        match step {
+            SplitStep::Start(_) if durable && own.is_ok() && pending && state == SlotState::Splitting && !self.slots[slot].failing => self.split_start(slot),
+            SplitStep::Start(_) => {
+                if let Err(e) = &own {
+                    log::error!("mirror {}: marking leg {} as a split image failed: {e}", self.sh.name, self.slots[slot].name);
+                }
+                if pending {
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail(&self.sh.name));
+                    }
+                }
+                if state == SlotState::Splitting {
+                    self.slots[slot].rec.state = SlotState::Active;
+                    self.slots[slot].rec.image.clear();
+                    self.batch.need_sb = true;
+                }
+            }
+            SplitStep::Seal(_) => {
+                if let Err(e) = &own {
+                    log::warn!("mirror {}: updating split leg {}'s own superblock failed: {e}", self.sh.name, self.slots[slot].name);
+                }
+                if durable && pending && state == SlotState::Split {
+                    self.seal(slot);
+                } else if pending {
+                    if let Some(sp) = self.split.take() {
+                        sp.fail(fail(&self.sh.name));
+                    }
+                    self.slots[slot].rec.state = SlotState::Splitting;
+                    self.depart(slot, SlotState::Failed);
+                }
+            }
+        }
     }
 
     /// The split's instant: from here on new writes skip the leg.
     fn split_start(&mut self, slot: usize) {
+        // The leg's stale map must list every region written from the split's instant on (a
+        // re-join copies only those). A write that enters without asking is in a region whose
+        // write-intent bit is set (the control task sets a bit before it opens a region, and
+        // closes a region before it clears its bit), so the write-intent bitmap as of now
+        // covers every such write; a write that asks is recorded when it is admitted. So no
+        // region is closed and no host write is sent through this task by the split.
         self.stale[slot].clear_all();
+        self.stale[slot].union_with(&self.wi);
         for p in 0..self.g.bitmap_pages {
             self.stale_dirty.insert((slot, p));
         }
@@ -757,10 +905,6 @@ impl Ctl {
         let split_epoch = self.sh.gate.current() + 1;
         ss.split_epoch.store(split_epoch, SeqCst);
         ss.set_mode(LegMode::OldEpoch);
-        // Every region's next write must be recorded in the leg's stale map, so none may enter
-        // fast until the control task has seen it. Closing happens-before the epoch moves, so a
-        // write stamped with the new epoch finds its region closed.
-        self.sh.regions.close_all();
         let (closed, sealing) = match self.sh.gate.advance() {
             Ok(x) => x,
             Err(e) => {
@@ -793,39 +937,43 @@ impl Ctl {
         });
     }
 
-    async fn split_drained(&mut self, slot: usize) {
-        let Some(sp) = self.split.as_ref().filter(|sp| sp.slot == slot) else { return };
-        let _ = sp;
-        if self.slots[slot].rec.state != SlotState::Splitting || self.slots[slot].failing {
+    fn split_drained(&mut self, slot: usize) {
+        if !self.split.as_ref().is_some_and(|sp| sp.slot == slot) || self.slots[slot].rec.state != SlotState::Splitting || self.slots[slot].failing {
             return;
         }
-        // The image must be durable before it is handed out.
-        let flushed = match &self.slots[slot].ch {
-            Some(ch) => ch.flush().await,
-            None => Err(BdevError::Offline),
-        };
-        if let Err(e) = flushed {
+        // The image must be durable before it is handed out; the flush runs off the control
+        // loop (host writes that need the control task go on meanwhile).
+        let ch = self.slots[slot].ch.clone();
+        let sh = self.sh.clone();
+        reactor::spawn_detached(async move {
+            let result = match ch {
+                Some(ch) => ch.flush().await,
+                None => Err(BdevError::Offline),
+            };
+            sh.send(Request::SplitFlushed { slot, result });
+        });
+    }
+
+    fn split_flushed(&mut self, slot: usize, result: IoResult) {
+        if !self.split.as_ref().is_some_and(|sp| sp.slot == slot) || self.slots[slot].rec.state != SlotState::Splitting || self.slots[slot].failing {
+            return;
+        }
+        if let Err(e) = result {
             log::error!("mirror {}: flushing split leg {} failed: {e}", self.sh.name, self.slots[slot].name);
             self.depart(slot, SlotState::Failed);
             return;
         }
         self.slots[slot].rec.state = SlotState::Split;
-        self.batch.need_sb = true;
-        self.batch.after_sb.push(AfterSb::Sealed(slot));
+        self.write_split_record(SplitStep::Seal(slot));
     }
 
-    async fn seal(&mut self, slot: usize) {
+    /// The seal is recorded: the leg leaves the mirror and goes to its image.
+    fn seal(&mut self, slot: usize) {
         let Some(mut sp) = self.split.take().filter(|sp| sp.slot == slot) else { return };
         self.sh.slots[slot].set_mode(LegMode::Off);
         self.sh.slots[slot].set_entry(None);
         self.sh.layout_gen.fetch_add(1, SeqCst);
-        // The leg's own superblock says what it is now: a sealed image of this mirror.
-        let sb = self.superblock_for(slot, FLAG_SEALED_SPLIT);
-        if let Some(ch) = self.slots[slot].ch.take() {
-            if let Err(e) = write_superblock(&ch, &self.g, &sb, self.slots[slot].next_sb_copy).await {
-                log::warn!("mirror {}: marking split leg {} sealed failed: {e}", self.sh.name, self.slots[slot].name);
-            }
-        }
+        self.slots[slot].ch = None;
         let guard = self.slots[slot].guard.take();
         let reply = sp.sealed.take();
         log::info!("mirror {}: leg {} sealed as image {} (generation {})", self.sh.name, self.slots[slot].name, sp.image, self.generation);
@@ -1006,6 +1154,7 @@ impl Ctl {
                 self.slots[s].next_sb_copy = 1 - self.slots[s].next_sb_copy;
             }
         }
+        self.written_states = std::array::from_fn(|i| sbs.iter().flatten().next().map_or(self.written_states[i], |sb| sb.slots[i].state));
         self.settle_metadata_results(&results, "superblock")
     }
 
@@ -1034,6 +1183,12 @@ impl Ctl {
 
     /// Persists what the batch changed, then answers what waited for it.
     async fn commit_and_answer(&mut self) {
+        // A commit whose superblock records a split (its start or its seal) is I/O for a
+        // preserve: a host write waiting for this commit waits on the split.
+        let for_split = self.batch.need_sb && !self.split_sb_busy && self.records_split();
+        if for_split {
+            self.preserve_io();
+        }
         let mut wi_durable = true;
         let mut sb_durable = true;
         let clearing = self.batch.clearing || self.shutting_down;
@@ -1056,11 +1211,11 @@ impl Ctl {
                 self.sh.counters.write_intent_persists.fetch_add(1, Relaxed);
                 wi_durable &= self.write_pages(pages).await;
             }
-            if self.batch.need_sb {
+            if self.batch.need_sb && !self.split_sb_busy {
                 self.batch.need_sb = false;
                 self.generation += 1;
                 sb_durable = self.write_superblocks().await;
-                if self.batch.need_sb {
+                if self.batch.need_sb && !self.split_sb_busy {
                     continue;
                 }
             }
@@ -1068,7 +1223,17 @@ impl Ctl {
                 break;
             }
         }
-        let batch = std::mem::take(&mut self.batch);
+        if for_split {
+            self.preserve_io();
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        // Superblock changes deferred behind a split's record: they and what waits for them go
+        // with the next commit (`SplitRecorded` starts one).
+        let sb_deferred = batch.need_sb && self.split_sb_busy;
+        if sb_deferred {
+            self.batch.need_sb = true;
+            self.batch.after_sb = std::mem::take(&mut batch.after_sb);
+        }
         if !wi_durable {
             // The bits reached no in-sync leg: forget them, so no write enters on them.
             for &r in &batch.pending_wi {
@@ -1095,7 +1260,9 @@ impl Ctl {
                 self.unlock(r);
             }
         }
-        if sb_durable {
+        if sb_deferred {
+            // Failing legs are released once the deferred superblock records their departure.
+        } else if sb_durable {
             for s in 0..MAX_SLOTS {
                 if self.slots[s].failing {
                     self.slots[s].failing = false;
@@ -1118,27 +1285,8 @@ impl Ctl {
                 AfterSb::Removed(reply) => {
                     let _ = reply.send(if sb_durable { Ok(()) } else { Err(fail()) });
                 }
-                AfterSb::SplitStart(slot) if sb_durable && self.slots[slot].rec.state == SlotState::Splitting => self.split_start(slot),
-                AfterSb::SplitStart(slot) => {
-                    if let Some(sp) = self.split.take() {
-                        sp.fail(fail());
-                    }
-                    if self.slots[slot].rec.state == SlotState::Splitting {
-                        self.slots[slot].rec.state = SlotState::Active;
-                        self.slots[slot].rec.image.clear();
-                        self.batch.need_sb = true;
-                    }
-                }
-                AfterSb::Sealed(slot) if sb_durable => self.seal(slot).await,
                 AfterSb::Forgot(reply) => {
                     let _ = reply.send(());
-                }
-                AfterSb::Sealed(slot) => {
-                    if let Some(sp) = self.split.take() {
-                        sp.fail(fail());
-                    }
-                    self.slots[slot].rec.state = SlotState::Splitting;
-                    self.depart(slot, SlotState::Failed);
                 }
             }
         }

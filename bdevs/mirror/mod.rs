@@ -32,6 +32,7 @@ pub mod rpc;
 pub mod split;
 #[cfg(test)]
 mod tests;
+pub mod waits;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, HoldGuard, IoChannel, IoType};
 use crate::reactor;
@@ -307,6 +308,12 @@ pub(crate) struct Shared {
     pub status: Mutex<MirrorStatus>,
     pub options: MirrorOptions,
     pub images: preserve::Images,
+    /// Why host writes waited (the simulation asserts that none waited on a preserve).
+    pub waits: waits::HostWaits,
+    /// Odd while the control task itself awaits I/O for a preserve (a split's metadata or leg
+    /// flush); bumped at the start and at the end of each such wait. A write that asked the
+    /// control task and saw it move was held up by that I/O.
+    pub ctl_preserve_io: AtomicU64,
 }
 
 impl Shared {
@@ -430,6 +437,11 @@ impl MirrorBdev {
     pub async fn forget_image(&self, image: &str) {
         let image = image.to_string();
         let _ = self.shared.ask(|reply| Request::ForgetImage { image, reply }).await;
+    }
+
+    /// Why host writes waited, for the simulation's assertion that none waited on a preserve.
+    pub fn host_waits(&self) -> &waits::HostWaits {
+        &self.shared.waits
     }
 
     /// The mirror's current epoch (writes are stamped with it).

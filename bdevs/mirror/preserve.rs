@@ -4,8 +4,11 @@
 //! The image bdev is registered at once; from the split's instant new writes skip the leg,
 //! writes submitted before still reach it, and when the last of them completed the leg is
 //! sealed and the image takes it over. Nothing waits for host I/O, and host I/O never waits for
-//! the split (the only pause is the one metadata write that records the split on the legs
-//! before its instant, which no host I/O waits for).
+//! the split: the split closes no region, and its metadata (the leg marked as the image, the
+//! superblocks that record the split and later its seal) and the leg's flush are written by
+//! tasks of their own while the control task keeps serving writes. The split is recorded on
+//! the legs before its instant, so before this call returns: an acknowledged split survives a
+//! crash (after a restart the leg is the image, a crash image of the split's instant).
 
 use super::split::SplitImageBdev;
 use super::{MirrorBdev, MirrorError};

@@ -5,7 +5,7 @@
 //! enter here without asking the mirror's control task": the region's write-intent bit is on
 //! the legs, and every departed leg's stale map already lists the region. Only the control task
 //! sets `FAST`, and it clears it whenever that stops being true (a write-intent bit about to be
-//! cleared, a region locked for a rebuild window or a repair, a split). A write that finds
+//! cleared, a region locked for a rebuild window or a repair). A write that finds
 //! `FAST` clear asks the control task, which admits it (incrementing the count itself) once the
 //! region is ready.
 
@@ -102,14 +102,6 @@ impl RegionStates {
                 Ok(_) => return true,
                 Err(now) => cur = now,
             }
-        }
-    }
-
-    /// Clears `FAST` on every region (a leg is being split off: the next write to each region
-    /// must be recorded in its stale map).
-    pub fn close_all(&self) {
-        for w in self.words.iter() {
-            w.fetch_and(!FAST, SeqCst);
         }
     }
 

@@ -649,6 +649,7 @@ impl CowChannel {
         // Two commits: while only the first is durable both slots claim the snapshots, and
         // recovery keeps either (each is a valid image of a snapshot that was draining). One
         // commit could tear between the two records and leave the snapshots with neither.
+        crate::sim::crash_point::reached(crate::sim::crash_point::Point::CowSplitCommits);
         let r = async {
             home::commit(v, vec![home::Update::Set { slot: new, grain: g as u32, mask }]).await?;
             home::commit(v, vec![home::Update::Clear { slot, mask }]).await

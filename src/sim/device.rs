@@ -56,6 +56,8 @@ pub struct SimDevice {
     tear: usize,
     num_blocks: u64,
     latency: Latency,
+    /// Writes touching these bytes take this much longer: (start, end, extra ns).
+    slow: Option<(u64, u64, u64)>,
     state: Arc<Mutex<DevState>>,
     /// I/Os submitted (the harness picks crash points from it).
     pub submitted: Arc<AtomicU64>,
@@ -71,6 +73,7 @@ impl SimDevice {
             tear: SIM_BLOCK as usize,
             num_blocks,
             latency,
+            slow: None,
             state: Arc::new(Mutex::new(DevState {
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 current: image.clone(),
@@ -90,6 +93,13 @@ impl SimDevice {
         assert!(bs % SIM_BLOCK == 0 && bytes % bs as u64 == 0, "{bs}-byte blocks on a {bytes}-byte device");
         self.block_size = bs;
         self.num_blocks = bytes / bs as u64;
+        self
+    }
+
+    /// The same device with writes that touch bytes `range` taking `extra_ns` longer (the
+    /// simulation makes preserve metadata slow, so that a host write waiting for it shows).
+    pub fn with_slow_writes(mut self, range: std::ops::Range<u64>, extra_ns: u64) -> SimDevice {
+        self.slow = Some((range.start, range.end, extra_ns));
         self
     }
 
@@ -149,6 +159,7 @@ struct SimDeviceShared {
     state: Arc<Mutex<DevState>>,
     block_size: u32,
     latency: Latency,
+    slow: Option<(u64, u64, u64)>,
     submitted: Arc<AtomicU64>,
 }
 
@@ -164,6 +175,14 @@ impl SimDeviceShared {
             l * 10
         } else {
             l
+        }
+    }
+
+    /// Extra latency of a write of `bytes` at byte `at`.
+    fn slow_extra(&self, at: u64, bytes: u64) -> u64 {
+        match self.slow {
+            Some((a, b, extra)) if at < b && a < at + bytes => extra,
+            _ => 0,
         }
     }
 
@@ -219,6 +238,7 @@ impl IoChannel for SimChannel {
                 for b in bufs {
                     data.extend_from_slice(b);
                 }
+                let done_at = done_at + d.slow_extra(offset_blocks * bs as u64, data.len() as u64);
                 let seq = d.begin_write(sector(offset_blocks), data);
                 IoFuture::boxed(async move {
                     reactor::sleep_until(done_at).await;
@@ -226,6 +246,7 @@ impl IoChannel for SimChannel {
                 })
             }
             Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
+                let done_at = done_at + d.slow_extra(offset_blocks * bs as u64, num_blocks * bs as u64);
                 let seq = d.begin_write(sector(offset_blocks), vec![0u8; num_blocks as usize * bs]);
                 IoFuture::boxed(async move {
                     reactor::sleep_until(done_at).await;
@@ -277,7 +298,13 @@ impl Bdev for SimDevice {
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
         Ok(Rc::new(SimChannel {
-            dev: Arc::new(SimDeviceShared { state: self.state.clone(), block_size: self.block_size, latency: self.latency, submitted: self.submitted.clone() }),
+            dev: Arc::new(SimDeviceShared {
+                state: self.state.clone(),
+                block_size: self.block_size,
+                latency: self.latency,
+                slow: self.slow,
+                submitted: self.submitted.clone(),
+            }),
         }))
     }
     fn config_call(&self) -> Option<(&'static str, serde_json::Value)> {

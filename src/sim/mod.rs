@@ -7,10 +7,14 @@
 //!   and never changes (also across crashes);
 //! * the live volume returns only data a register would (no lost or invented write);
 //! * after a crash, nothing durable is lost, and snapshots come back as the rules say;
-//! * nothing deadlocks (the scheduler never runs dry while work is pending).
+//! * nothing deadlocks (the scheduler never runs dry while work is pending);
+//! * with `SIM_HEADER_STALL=1`: no host write waits for a preserve's metadata (every CoW header
+//!   write takes [`HEADER_STALL_NS`] longer than other I/O, and no host write may take that
+//!   long, except around a `freeze` preserve, which stops writes on purpose).
 //!
 //! `run_seed(seed)` replays one seed exactly; a failure message names the seed.
 
+pub mod crash_point;
 pub mod device;
 pub mod model;
 pub mod seeds;
@@ -46,6 +50,10 @@ pub struct SimConfig {
     /// Block size of the store device: 4096 makes pieces larger than the volume's blocks
     /// (copies and old-epoch updates of part of a piece).
     pub store_block: u32,
+    /// Crash on purpose `k` store I/Os after an old-epoch write reached the two commits of CoW
+    /// rule 1 (split), instead of at a random I/O count: lands before, inside and between the
+    /// two record commits (see [`run_seed_at_cow_split`]).
+    pub crash_at_cow_split: Option<u64>,
 }
 
 impl SimConfig {
@@ -62,6 +70,7 @@ impl SimConfig {
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=100_000) },
             lock_region_grains: [1, 2, 64][r.random_range(0..3)],
             store_block: if r.random_ratio(1, 4) { 4096 } else { SIM_BLOCK },
+            crash_at_cow_split: None,
         }
     }
 
@@ -88,6 +97,8 @@ pub struct SimOutcome {
     pub deletes: u64,
     pub crashes: u64,
     pub sealed_checked: u64,
+    /// Crashes placed at CoW rule 1's commits.
+    pub split_crashes: u64,
 }
 
 impl SimOutcome {
@@ -101,6 +112,7 @@ impl SimOutcome {
         self.deletes += o.deletes;
         self.crashes += o.crashes;
         self.sealed_checked += o.sealed_checked;
+        self.split_crashes += o.split_crashes;
     }
 }
 
@@ -114,6 +126,10 @@ struct Shared {
     controller_done: bool,
     out: SimOutcome,
     snaps: BTreeMap<String, Arc<BdevEntry>>,
+    /// Freeze preserves running now, and started so far: host writes may wait for a freeze
+    /// (it exists to be the classic comparison), for nothing else a preserve does.
+    freezing: u32,
+    freezes_started: u64,
 }
 
 type Sh = Rc<RefCell<Shared>>;
@@ -202,6 +218,19 @@ fn step(cores: &ManualCores, rng: &mut ChaCha8Rng) -> bool {
 
 const MAX_STEPS: u64 = 3_000_000;
 
+/// With `SIM_HEADER_STALL=1`, every write to the CoW store's header (what a preserve, a seal, a
+/// delete records) takes this much longer than other I/O, far beyond what any host write needs
+/// for itself (its own copy, record commit and live write, behind at most a few overlapping
+/// writes' extent locks): a host write that takes this long waited for a preserve's metadata
+/// (DESIGN §1 forbids it). Off by default: the group committer (`bdevs/snapshot/home.rs`)
+/// writes record pages and the header in one batch, so a copy's record commit waits for a
+/// header write, and this check fails in most seeds today.
+pub const HEADER_STALL_NS: u64 = 50_000_000;
+
+fn header_stall() -> bool {
+    std::env::var_os("SIM_HEADER_STALL").is_some_and(|v| v == "1")
+}
+
 impl World {
     fn start(cfg: &SimConfig, rng: &mut ChaCha8Rng, base_img: Vec<u8>, store_img: Vec<u8>, steps: &mut u64) -> Result<World, String> {
         let cores = ManualCores::new(cfg.cores);
@@ -213,7 +242,8 @@ impl World {
         let store = Arc::new(
             SimDevice::new("store", store_img, rng.random(), cfg.latency)
                 .with_block_size(cfg.store_block)
-                .with_tear_bytes(crate::bdevs::snapshot::layout::RECORD_BYTES),
+                .with_tear_bytes(crate::bdevs::snapshot::layout::RECORD_BYTES)
+                .with_slow_writes(0..crate::bdevs::snapshot::layout::RECORDS_OFFSET, if header_stall() { HEADER_STALL_NS } else { 0 }),
         );
         let be = registry.register(base.clone()).map_err(|e| e.to_string())?;
         let se = registry.register(store.clone()).map_err(|e| e.to_string())?;
@@ -314,6 +344,11 @@ async fn client(sh: Sh, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64) {
                 fill(&mut buf, off, tag);
                 let id = sh.borrow_mut().model.begin_write(off, n, tag);
                 trace(|| format!("write {tag} {off}+{n} (core {})", reactor::current_index()));
+                let t0 = reactor::now_ns();
+                let freezes0 = {
+                    let s = sh.borrow();
+                    s.freezes_started + s.freezing as u64
+                };
                 let res = if zero {
                     if r.random_bool(0.5) {
                         ch.write_zeroes(off, n).await
@@ -330,6 +365,17 @@ async fn client(sh: Sh, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64) {
                     return fail(&sh, format!("write {off}+{n} failed: {e}"));
                 }
                 trace(|| format!("write {tag} done"));
+                let waited = reactor::now_ns() - t0;
+                let froze = {
+                    let s = sh.borrow();
+                    s.freezes_started + s.freezing as u64 != freezes0 || s.freezing > 0
+                };
+                if header_stall() && waited >= HEADER_STALL_NS && !froze {
+                    return fail(
+                        &sh,
+                        format!("write {tag} {off}+{n} took {waited} ns: it waited for a preserve's header write (each takes {HEADER_STALL_NS} ns here)"),
+                    );
+                }
                 let mut s = sh.borrow_mut();
                 s.model.end_write(id);
                 s.out.writes += 1;
@@ -493,7 +539,15 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
                     s.snaps.insert(name.clone(), e);
                 }
                 trace(|| format!("preserve {name} freeze {freeze}"));
+                if freeze {
+                    let mut s = sh.borrow_mut();
+                    s.freezing += 1;
+                    s.freezes_started += 1;
+                }
                 let res = cow(&vol).take_snapshot(&sb, freeze).await;
+                if freeze {
+                    sh.borrow_mut().freezing -= 1;
+                }
                 if !alive(&sh) {
                     return;
                 }
@@ -666,7 +720,30 @@ pub fn run_seed(seed: u64) -> Result<SimOutcome, String> {
     run(seed, &cfg).map_err(|e| format!("seed {seed}: {e}\n  config: {cfg:?}\n  reproduce: SEED={seed} cargo test --test sim_preserve -- --nocapture"))
 }
 
+/// Runs one seed with its crash placed at CoW rule 1 (an old-epoch write on a slot shared
+/// with an older snapshot: the new slot's record is committed, then the old slot's). The shape
+/// favours that rule (several snapshots, busy clients, slow devices so that old-epoch writes
+/// are overtaken), and the crash comes 0 to 7 store I/Os after the write reached the commits:
+/// before them, inside either (torn in 16-byte records), or between them. Every snapshot's
+/// image is checked after the restart, as in every run.
+pub fn run_seed_at_cow_split(seed: u64) -> Result<SimOutcome, String> {
+    let mut cfg = SimConfig::from_seed(seed);
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xC0_5911);
+    cfg.crashes = 1;
+    cfg.crash_at_cow_split = Some(r.random_range(0..=7));
+    cfg.max_snapshots = r.random_range(2..=4);
+    cfg.clients = r.random_range(3..=5);
+    cfg.grains = r.random_range(2..=6);
+    run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at CoW rule 1): {e}\n  config: {cfg:?}"))
+}
+
 pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
+    let r = run_inner(seed, cfg);
+    crash_point::set_hook(None);
+    r
+}
+
+fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blocks = cfg.blocks();
     let mut base_img = vec![0u8; (blocks * SIM_BLOCK as u64) as usize];
@@ -679,6 +756,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         controller_done: false,
         out: SimOutcome::default(),
         snaps: BTreeMap::new(),
+        freezing: 0,
+        freezes_started: 0,
     }));
     let mut steps = 0u64;
     for life in 0..=cfg.crashes {
@@ -688,6 +767,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
             s.dead = false;
             s.clients_left = cfg.clients;
             s.controller_done = false;
+            s.freezing = 0;
             s.snaps.retain(|_, _| false);
         }
         if life > 0 {
@@ -708,16 +788,31 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         let crash = life < cfg.crashes;
         let total_io = || world.base.submitted.load(Relaxed) + world.store.submitted.load(Relaxed);
         let crash_at = total_io() + rng.random_range(5..(cfg.clients * cfg.ops_per_client * 3) as u64 + 10);
+        // A crash placed by the hook: the store I/O count at which it comes.
+        let placed: Rc<std::cell::Cell<Option<u64>>> = Rc::new(std::cell::Cell::new(None));
+        if let (Some(k), true) = (cfg.crash_at_cow_split, crash) {
+            let (p, store) = (placed.clone(), world.store.submitted.clone());
+            crash_point::set_hook(Some(Box::new(move |point| {
+                if point == crash_point::Point::CowSplitCommits && p.get().is_none() {
+                    p.set(Some(store.load(Relaxed) + k));
+                }
+            })));
+        }
+        let crash_due = || match cfg.crash_at_cow_split {
+            Some(_) => placed.get().is_some_and(|at| world.store.submitted.load(Relaxed) >= at),
+            None => total_io() >= crash_at,
+        };
         let done = || {
             let s = sh.borrow();
-            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && total_io() >= crash_at)
+            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && crash_due())
         };
         let r = world.run_until(&mut rng, &mut steps, done);
         if let Some(f) = sh.borrow().failure.clone() {
             return Err(f);
         }
         r?;
-        if crash && total_io() >= crash_at {
+        crash_point::set_hook(None);
+        if crash && crash_due() {
             // Crash: capture media, note which snapshots the target had sealed, kill the world.
             {
                 let mut s = sh.borrow_mut();
@@ -734,6 +829,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
                     }
                 }
                 s.out.crashes += 1;
+                s.out.split_crashes += placed.get().is_some() as u64;
             }
             trace(|| "CRASH".to_string());
             base_img = world.base.crash();
