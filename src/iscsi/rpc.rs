@@ -30,6 +30,7 @@ pub fn register(m: &mut Methods) {
     m.add("iscsi_target_node_add_lun", target_node_add_lun);
     m.add("iscsi_get_target_nodes", get_target_nodes);
     m.add("iscsi_get_connections", get_connections);
+    m.add("scsi_get_devices", scsi_get_devices);
 }
 
 fn subsystem(t: &Target) -> Result<&IscsiSubsystem, RpcError> {
@@ -563,6 +564,14 @@ fn get_target_nodes(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.nodes.values().map(|n| node_json(n)).collect()))
+}
+
+/// SPDK's SCSI devices: one per target node, named after it (spdkcli lists target nodes
+/// through this).
+fn scsi_get_devices(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = parse(p)?;
+    let reg = subsystem(t)?.shared.registry();
+    Ok(Value::Array(reg.nodes.values().filter(|n| !n.deleted.load(Relaxed)).enumerate().map(|(i, n)| json!({"id": i, "device_name": n.name})).collect()))
 }
 
 fn get_connections(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
