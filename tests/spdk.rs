@@ -53,11 +53,6 @@ impl Client {
         out
     }
 
-    fn json(&self, d: &Daemon, args: &[&str]) -> Value {
-        let out = self.ok(d, args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{} {args:?}: not JSON ({e}):\n{out}", self.label))
-    }
-
     /// Runs `args`, which must fail; returns what the client printed.
     fn fails(&self, d: &Daemon, args: &[&str]) -> String {
         let o = self.run(d, args);
