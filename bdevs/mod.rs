@@ -29,6 +29,34 @@ pub fn register(m: &mut Methods) {
     snapshot::rpc::register(m);
 }
 
+/// SPDK's block format parameters of `bdev_malloc_create` and `bdev_null_create` (metadata,
+/// protection information, physical block size): tidemark's bdevs have plain blocks, so only
+/// SPDK's defaults are accepted. One list for both modules, so they refuse alike.
+pub fn block_format_limits(
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    md_size: u32,
+    md_interleave: bool,
+    dif_type: u32,
+    dif_is_head_of_md: bool,
+    dif_pi_format: u32,
+) -> Vec<(&'static str, bool, &'static str)> {
+    const NO_MD: &str = "metadata is not supported (tidemark's bdevs have plain blocks)";
+    const NO_PI: &str = "protection information (DIF/DIX) is not supported";
+    vec![
+        (
+            "physical_block_size",
+            physical_block_size.is_none_or(|p| p == 0 || p == block_size),
+            "must equal block_size: tidemark has no separate physical block size",
+        ),
+        ("md_size", md_size == 0, NO_MD),
+        ("md_interleave", !md_interleave, NO_MD),
+        ("dif_type", dif_type == 0, NO_PI),
+        ("dif_is_head_of_md", !dif_is_head_of_md, NO_PI),
+        ("dif_pi_format", dif_pi_format == 0, NO_PI),
+    ]
+}
+
 /// Parameters of every `bdev_*_delete` method.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,7 @@
 
 use super::{ErrorBdev, ErrorType};
 use crate::bdev::IoType;
-use crate::rpc::{parse, Methods, RpcError};
+use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
 use crate::target::Target;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -53,6 +53,34 @@ struct Inject {
     /// How many I/Os to fail; 0 = every one until cleared.
     #[serde(default = "one")]
     num: u64,
+    /// SPDK: inject only once this many I/Os are outstanding.
+    #[serde(default)]
+    queue_depth: u64,
+    /// SPDK's `corrupt_data` details: which byte, and the value XORed into it.
+    #[serde(default)]
+    corrupt_offset: u64,
+    #[serde(default)]
+    corrupt_value: u32,
+    /// SPDK's `nvme` error type: the status to complete with.
+    #[serde(default)]
+    nvme_sct: Option<u32>,
+    #[serde(default)]
+    nvme_sc: Option<u32>,
+}
+
+impl SpdkParams for Inject {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            ("queue_depth", self.queue_depth == 0, "injecting at a queue depth is not supported (errors apply to the next I/Os)"),
+            ("corrupt_offset", self.corrupt_offset == 0, "tidemark's corrupt_data flips bits of its own choosing"),
+            ("corrupt_value", self.corrupt_value == 0, "tidemark's corrupt_data flips bits of its own choosing"),
+            (
+                "nvme_sct",
+                self.nvme_sct.is_none() && self.nvme_sc.is_none(),
+                "NVMe status injection is not supported (error_type failure, nomem, pending or corrupt_data)",
+            ),
+        ]
+    }
 }
 
 fn failure() -> ErrorType {
@@ -63,7 +91,7 @@ fn one() -> u64 {
 }
 
 fn inject(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: Inject = parse(p)?;
+    let p: Inject = parse_spdk(p)?;
     let e = t.bdev(&p.name)?;
     let b = e.bdev().as_any().downcast_ref::<ErrorBdev>().ok_or_else(|| RpcError::no_device(format!("bdev {} is not an error bdev", p.name)))?;
     let types: &[IoType] = match p.io_type {

@@ -9,7 +9,7 @@
 use super::layout::MAX_SLOTS;
 use super::{describe, MirrorBdev, MirrorOptions, SplitImageBdev, PROCESS_OPTIONS};
 use crate::bdev::BdevEntry;
-use crate::rpc::{non_empty, parse, Methods, RpcError, EINVAL};
+use crate::rpc::{non_empty, parse, parse_spdk, Methods, RpcError, SpdkParams, EINVAL};
 use crate::target::Target;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,7 +23,7 @@ const CALL_WAIT: Duration = Duration::from_secs(120);
 pub fn register(m: &mut Methods) {
     m.add("bdev_raid_create", create);
     m.add("bdev_raid_get_bdevs", get_bdevs);
-    m.add("bdev_raid_delete", crate::bdevs::delete_handler::<MirrorBdev>);
+    m.add("bdev_raid_delete", delete);
     m.add("bdev_raid_add_base_bdev", add_base_bdev);
     m.add("bdev_raid_remove_base_bdev", remove_base_bdev);
     m.add("bdev_raid_set_options", set_options);
@@ -50,9 +50,12 @@ struct Create {
     strip_size_kb: Option<u64>,
     #[serde(default)]
     uuid: Option<uuid::Uuid>,
-    /// A mirror always keeps a superblock on its legs; `false` is refused.
+    /// SPDK's default is `false` (and SPDK's clients send it unless `-s` is given). A tidemark
+    /// mirror always keeps its superblock and write-intent bitmap on the legs, whatever this
+    /// says: both are what let a returning leg be rebuilt from the regions it missed.
+    /// `bdev_raid_get_bdevs` reports `superblock: true`.
     #[serde(default)]
-    superblock: Option<bool>,
+    superblock: bool,
     /// Size of a write-intent region (default 1024 KiB); a reassembled mirror keeps its own.
     #[serde(default)]
     region_size_kb: Option<u64>,
@@ -89,8 +92,8 @@ fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
         "raid1" | "1" => {}
         other => return Err(RpcError::invalid_params(format!("field `raid_level`: {other:?} is not supported; tidemark's raid bdevs are raid1 mirrors"))),
     }
-    if p.superblock == Some(false) {
-        return Err(RpcError::invalid_params("field `superblock`: a tidemark mirror always keeps a superblock on its legs"));
+    if !p.superblock {
+        log::info!("bdev_raid_create {}: superblock false (SPDK's default) given; tidemark's raid1 keeps its superblock and bitmap on the legs anyway", p.name);
     }
     let bases: Vec<String> = match p.base_bdevs {
         BaseBdevs::List(v) => v,
@@ -130,6 +133,27 @@ fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
         return Err(e.into());
     }
     Ok(json!(p.name))
+}
+
+/// `bdev_raid_delete` (SPDK's parameters).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delete {
+    name: String,
+    /// SPDK: wipe the superblock of the legs on delete.
+    #[serde(default)]
+    clear_sb: bool,
+}
+
+impl SpdkParams for Delete {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![("clear_sb", !self.clear_sb, "clearing the legs' superblock is not supported (the legs keep it, so the mirror can be created again from them)")]
+    }
+}
+
+fn delete(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Delete = parse_spdk(p)?;
+    crate::bdevs::delete_handler::<MirrorBdev>(t, Some(json!({ "name": p.name })))
 }
 
 #[derive(Deserialize)]

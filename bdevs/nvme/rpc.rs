@@ -3,7 +3,7 @@
 //! `bdev_nvme_passthru_create {name, filename}` and `bdev_nvme_passthru_delete {name}`.
 
 use super::NvmeBdev;
-use crate::rpc::{parse, Methods, RpcError};
+use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
 use crate::target::Target;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,20 +32,84 @@ fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(p.name))
 }
 
+/// SPDK's parameters. Only PCIe controllers are attached here, so the fabrics parameters
+/// (address family, service id, host address, subsystem NQN, timeouts) have nothing to apply
+/// to and are accepted; those that ask for something tidemark lacks are refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct Attach {
     name: String,
     trtype: String,
     traddr: String,
-    /// Accepted for SPDK compatibility; PCIe needs no address family.
     #[serde(default)]
-    #[allow(dead_code)]
     adrfam: Option<String>,
+    #[serde(default)]
+    trsvcid: Option<String>,
+    #[serde(default)]
+    subnqn: Option<String>,
+    #[serde(default)]
+    hostnqn: Option<String>,
+    #[serde(default)]
+    hostaddr: Option<String>,
+    #[serde(default)]
+    hostsvcid: Option<String>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    prchk_reftag: bool,
+    #[serde(default)]
+    prchk_guard: bool,
+    #[serde(default)]
+    hdgst: bool,
+    #[serde(default)]
+    ddgst: bool,
+    #[serde(default)]
+    allow_unrecognized_csi: bool,
+    #[serde(default)]
+    disable_sq_flow_control: bool,
+    #[serde(default)]
+    fabrics_connect_timeout_us: Option<u64>,
+    #[serde(default)]
+    multipath: Option<String>,
+    #[serde(default)]
+    multipath_opts: Option<Value>,
+    #[serde(default)]
+    num_io_queues: Option<u32>,
+    #[serde(default)]
+    ctrlr_loss_timeout_sec: Option<i64>,
+    #[serde(default)]
+    reconnect_delay_sec: Option<u32>,
+    #[serde(default)]
+    fast_io_fail_timeout_sec: Option<u32>,
+    #[serde(default)]
+    max_bdevs: Option<u32>,
+    #[serde(default)]
+    psk: Option<String>,
+    #[serde(default)]
+    dhchap_key: Option<String>,
+    #[serde(default)]
+    dhchap_ctrlr_key: Option<String>,
+}
+
+impl SpdkParams for Attach {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        const PI: &str = "protection information is not supported";
+        const FABRICS: &str = "only PCIe controllers are attached (no NVMe-oF host bdevs)";
+        vec![
+            ("prchk_reftag", !self.prchk_reftag, PI),
+            ("prchk_guard", !self.prchk_guard, PI),
+            ("hdgst", !self.hdgst, FABRICS),
+            ("ddgst", !self.ddgst, FABRICS),
+            ("psk", self.psk.is_none(), FABRICS),
+            ("dhchap_key", self.dhchap_key.is_none() && self.dhchap_ctrlr_key.is_none(), FABRICS),
+            ("multipath", self.multipath.as_deref().is_none_or(|m| m == "disable"), "multipath is not supported"),
+        ]
+    }
 }
 
 fn attach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: Attach = parse(p)?;
+    let p: Attach = parse_spdk(p)?;
     if !p.trtype.eq_ignore_ascii_case("pcie") {
         return Err(RpcError::invalid_params(format!("field `trtype`: {:?} is not supported (only \"pcie\"; NVMe/TCP initiator bdevs are planned)", p.trtype)));
     }
@@ -71,19 +135,46 @@ fn attach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(made))
 }
 
+/// SPDK's parameters: the path fields select one path of a multipath controller; a PCIe
+/// controller has one path, so only `traddr` is checked (it must be the controller's).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct Detach {
     name: String,
+    #[serde(default)]
+    trtype: Option<String>,
+    #[serde(default)]
+    traddr: Option<String>,
+    #[serde(default)]
+    adrfam: Option<String>,
+    #[serde(default)]
+    trsvcid: Option<String>,
+    #[serde(default)]
+    subnqn: Option<String>,
+    #[serde(default)]
+    hostaddr: Option<String>,
+    #[serde(default)]
+    hostsvcid: Option<String>,
 }
 
 fn detach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Detach = parse(p)?;
+    if let Some(tt) = &p.trtype {
+        if !tt.eq_ignore_ascii_case("pcie") {
+            return Err(RpcError::invalid_params(format!("field `trtype`: {tt:?}: only PCIe controllers are attached")));
+        }
+    }
     let mine: Vec<String> = t
         .bdevs
         .list()
         .iter()
-        .filter(|e| e.bdev().as_any().downcast_ref::<NvmeBdev>().is_some_and(|b| b.attached.as_ref().is_some_and(|a| a.0 == p.name)))
+        .filter(|e| {
+            e.bdev()
+                .as_any()
+                .downcast_ref::<NvmeBdev>()
+                .is_some_and(|b| b.attached.as_ref().is_some_and(|a| a.0 == p.name && p.traddr.as_ref().is_none_or(|t| *t == a.1)))
+        })
         .map(|e| e.name().to_string())
         .collect();
     if mine.is_empty() {

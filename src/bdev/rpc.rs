@@ -2,7 +2,7 @@
 
 use super::{BdevEntry, IoType, LATENCY_BUCKETS_US};
 use crate::config::ConfigCall;
-use crate::rpc::{parse, Methods, RpcError};
+use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
 use crate::target::{Subsystem, Target};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,15 +13,45 @@ pub fn register(m: &mut Methods) {
     m.add("bdev_get_iostat", bdev_get_iostat);
 }
 
+/// `bdev_get_bdevs` (SPDK's parameters).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameFilter {
+struct GetBdevs {
     #[serde(default)]
     name: Option<String>,
-    /// Accepted for SPDK compatibility: we never wait for bdevs to appear.
+    /// SPDK waits up to this many ms for the bdev to appear; bdevs here appear only by RPC or
+    /// configuration, both finished before the next call, so there is nothing to wait for.
     #[serde(default)]
     #[allow(dead_code)]
     timeout: Option<u64>,
+}
+
+/// `bdev_get_iostat` (SPDK's parameters: v25.09 sends `name`, the `spdk` package `names`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetIostat {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    per_channel: bool,
+    #[serde(default)]
+    reset_mode: Option<String>,
+}
+
+impl SpdkParams for GetIostat {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            ("per_channel", !self.per_channel, "per-channel statistics are not kept (counters are per bdev, summed over the cores)"),
+            (
+                "reset_mode",
+                self.reset_mode.as_deref().is_none_or(|m| m == "none"),
+                "resetting statistics is not supported (counters only grow; Prometheus takes rates)",
+            ),
+            ("names", self.name.is_none() || self.names.is_none(), "give either name or names"),
+        ]
+    }
 }
 
 fn selected(t: &Target, name: Option<String>) -> Result<Vec<Arc<BdevEntry>>, RpcError> {
@@ -31,62 +61,114 @@ fn selected(t: &Target, name: Option<String>) -> Result<Vec<Arc<BdevEntry>>, Rpc
     }
 }
 
-/// The `bdev_get_bdevs` description of one bdev, in SPDK's shape.
+/// The `bdev_get_bdevs` description of one bdev, in SPDK's shape (plus `claimed_by`,
+/// `holders` and `read_only`).
 pub fn describe(e: &BdevEntry) -> Value {
     let b = e.bdev();
     let supported: serde_json::Map<String, Value> = IoType::ALL.iter().map(|t| (t.name().to_string(), json!(b.supports(*t)))).collect();
     let claim = e.claimed_by();
-    json!({
+    let mut v = json!({
         "name": b.name(),
         "aliases": [],
         "product_name": b.product_name(),
         "block_size": b.block_size(),
         "num_blocks": b.num_blocks(),
         "uuid": b.uuid().to_string(),
+        "assigned_rate_limits": { "rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0 },
         "claimed": claim.is_some(),
+        "zoned": false,
+        "supported_io_types": supported,
+        "memory_domains": [],
+        "driver_specific": b.driver_specific(),
         "claimed_by": claim,
         "holders": e.holder_list(),
         "read_only": b.read_only(),
-        "supported_io_types": supported,
-        "driver_specific": b.driver_specific(),
-    })
+    });
+    if claim.is_some() {
+        // SPDK's name for a claim by a virtual bdev that writes through it.
+        v["claim_type"] = json!("exclusive_write");
+    }
+    v
 }
 
 fn bdev_get_bdevs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: NameFilter = parse(p)?;
+    let p: GetBdevs = parse(p)?;
     Ok(Value::Array(selected(t, p.name)?.iter().map(|e| describe(e)).collect()))
 }
 
 fn bdev_get_iostat(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: NameFilter = parse(p)?;
-    let bdevs: Vec<Value> = selected(t, p.name)?
+    let p: GetIostat = parse_spdk(p)?;
+    let entries = match (p.name, p.names) {
+        (_, Some(names)) => names.iter().map(|n| t.bdev(n)).collect::<Result<Vec<_>, _>>()?,
+        (name, None) => selected(t, name)?,
+    };
+    let bdevs: Vec<Value> = entries
         .iter()
         .map(|e| {
             let s = e.stats().snapshot();
             let r = IoType::Read.index();
             let w = IoType::Write.index();
+            let u = IoType::Unmap.index();
             let avg = |i: usize| if s.ops[i] + s.errors[i] > 0 { s.latency_ns[i] / (s.ops[i] + s.errors[i]) } else { 0 };
+            // SPDK's fields (ticks are nanoseconds: tick_rate is 1e9), then tidemark's.
             json!({
                 "name": e.name(),
                 "bytes_read": s.bytes[r],
                 "num_read_ops": s.ops[r],
                 "bytes_written": s.bytes[w],
                 "num_write_ops": s.ops[w],
-                "bytes_unmapped": s.bytes[IoType::Unmap.index()],
-                "num_unmap_ops": s.ops[IoType::Unmap.index()],
+                "bytes_unmapped": s.bytes[u],
+                "num_unmap_ops": s.ops[u],
+                "bytes_copied": 0,
+                "num_copy_ops": 0,
+                "read_latency_ticks": s.latency_ns[r],
+                "max_read_latency_ticks": bucket_max_ns(&s.read_buckets),
+                "min_read_latency_ticks": bucket_min_ns(&s.read_buckets),
+                "write_latency_ticks": s.latency_ns[w],
+                "max_write_latency_ticks": bucket_max_ns(&s.write_buckets),
+                "min_write_latency_ticks": bucket_min_ns(&s.write_buckets),
+                "unmap_latency_ticks": s.latency_ns[u],
+                "max_unmap_latency_ticks": 0,
+                "min_unmap_latency_ticks": 0,
+                "copy_latency_ticks": 0,
+                "max_copy_latency_ticks": 0,
+                "min_copy_latency_ticks": 0,
+                "io_error": {},
+                "queue_depth_polling_period": 0,
+                "queue_depth": s.in_flight,
+                "io_time": 0,
+                "weighted_io_time": 0,
                 "num_write_zeroes_ops": s.ops[IoType::WriteZeroes.index()],
                 "num_flush_ops": s.ops[IoType::Flush.index()],
                 "read_errors": s.errors[r],
                 "write_errors": s.errors[w],
                 "avg_read_latency_ns": avg(r),
                 "avg_write_latency_ns": avg(w),
-                "queue_depth": s.in_flight,
                 "read_latency_histogram": histogram_json(&s.read_buckets),
                 "write_latency_histogram": histogram_json(&s.write_buckets),
             })
         })
         .collect();
-    Ok(json!({ "tick_rate": 1_000_000_000u64, "uptime_ns": t.started.elapsed().as_nanos() as u64, "bdevs": bdevs }))
+    let uptime = t.started.elapsed().as_nanos() as u64;
+    Ok(json!({ "tick_rate": 1_000_000_000u64, "ticks": uptime, "uptime_ns": uptime, "bdevs": bdevs }))
+}
+
+/// Upper bound (ns) of the highest non-empty latency bucket: the histogram keeps no exact
+/// maximum, so SPDK's `max_*_latency_ticks` is the bucket bound (0 without I/O; the last bound
+/// when the overflow bucket is used).
+fn bucket_max_ns(b: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> u64 {
+    match b.iter().rposition(|n| *n > 0) {
+        Some(i) => LATENCY_BUCKETS_US[i.min(LATENCY_BUCKETS_US.len() - 1)] * 1000,
+        None => 0,
+    }
+}
+
+/// Lower bound (ns) of the lowest non-empty latency bucket (0 without I/O).
+fn bucket_min_ns(b: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> u64 {
+    match b.iter().position(|n| *n > 0) {
+        Some(0) | None => 0,
+        Some(i) => LATENCY_BUCKETS_US[i - 1] * 1000,
+    }
 }
 
 fn histogram_json(b: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> Value {

@@ -11,6 +11,11 @@ struct Args {
     /// TOML configuration; without it the embedded default (config/default.toml) is used.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
+    /// SPDK JSON configuration (what SPDK's save_config writes): its bdev, nvmf and iscsi
+    /// calls build the target; settings come from --config (which then must have no calls),
+    /// else the defaults. SPDK tuning methods tidemark does without are skipped with a log line.
+    #[arg(long = "json")]
+    json: Option<PathBuf>,
     /// Reactor core mask, e.g. 0x2 (overrides [reactor] in the config).
     #[arg(short = 'm', long = "cpumask")]
     cpumask: Option<String>,
@@ -60,7 +65,7 @@ fn main() {
         return;
     }
     let o = Overrides { cpumask: args.cpumask, rpc_socket: args.rpc_socket, metrics: args.metrics, data_dir: args.data_dir, poll_mode: args.poll_mode };
-    let config = match daemon::load_config(args.config.as_deref(), &o) {
+    let mut config = match daemon::load_config(args.config.as_deref(), &o) {
         Ok(c) => c,
         Err(e) => {
             let src = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "default config".into());
@@ -68,6 +73,19 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(path) = &args.json {
+        if args.config.is_none() {
+            // The embedded default's settings, without its volume.
+            config.bdev.clear();
+            config.nvmf.clear();
+            config.iscsi.clear();
+        }
+        let loaded = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}")).and_then(|text| config.set_calls_from_spdk_json(&text));
+        if let Err(e) = loaded {
+            eprintln!("tidemarkd: invalid SPDK JSON configuration ({}): {e}", path.display());
+            std::process::exit(1);
+        }
+    }
     if args.check_config {
         println!("configuration is valid");
         return;

@@ -2,6 +2,8 @@
 //! calls that build the target (the same operations as the JSON-RPC API, as in SPDK's JSON
 //! config). `save_config` writes the running target back in the same form.
 
+pub mod spdk;
+
 use crate::reactor::PollMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -335,6 +337,26 @@ impl Config {
             "iscsi" => Some(&mut self.iscsi),
             _ => None,
         }
+    }
+
+    /// Takes the calls from an SPDK JSON configuration (`tidemarkd --json`), keeping the
+    /// settings. A configuration that has calls already is refused: the target is built from
+    /// one file, not a merge of two.
+    pub fn set_calls_from_spdk_json(&mut self, text: &str) -> Result<(), String> {
+        if self.sections().iter().any(|(_, c)| !c.is_empty()) {
+            return Err("the TOML configuration has calls too; give the calls in one file (--config with settings only, or no --config)".into());
+        }
+        let methods = crate::rpc::Methods::all();
+        let [bdev, nvmf, iscsi] = spdk::calls_from_spdk(text, |m| methods.get(m).is_some())?;
+        self.bdev = bdev;
+        self.nvmf = nvmf;
+        self.iscsi = iscsi;
+        self.validate()
+    }
+
+    /// The calls as an SPDK JSON configuration (`save_config {format: "spdk"}`).
+    pub fn to_spdk_json(&self) -> Value {
+        spdk::to_spdk(&self.sections(), &self.daemon.data_dir)
     }
 
     /// The configuration as TOML text.

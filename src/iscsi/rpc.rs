@@ -3,7 +3,7 @@
 use super::config::{self, AuthGroup, ChapSecret, InitiatorGroup, Lun, Netmask, Options, Portal, PortalGroup, Registry, TargetNode};
 use super::{portal, IscsiSubsystem};
 use crate::config::ConfigCall;
-use crate::rpc::{parse, Methods, RpcError, EBUSY, EEXIST, ENODEV};
+use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams, EBUSY, EEXIST, ENODEV};
 use crate::scsi::{LogicalUnit, MAX_LUN};
 use crate::target::Target;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ pub fn register(m: &mut Methods) {
     m.add("iscsi_target_node_add_lun", target_node_add_lun);
     m.add("iscsi_get_target_nodes", get_target_nodes);
     m.add("iscsi_get_connections", get_connections);
+    m.add("scsi_get_devices", scsi_get_devices);
 }
 
 fn subsystem(t: &Target) -> Result<&IscsiSubsystem, RpcError> {
@@ -40,12 +41,50 @@ fn invalid(msg: impl std::fmt::Display) -> RpcError {
     RpcError::invalid_params(msg)
 }
 
+/// `iscsi_set_options` parameters SPDK defines beyond tidemark's [`Options`]: SPDK's memory
+/// pools (tidemark sizes its own, so any value is accepted) and two features it lacks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct SpdkOnlyOptions {
+    #[serde(default)]
+    pdu_pool_size: Option<u32>,
+    #[serde(default)]
+    immediate_data_pool_size: Option<u32>,
+    #[serde(default)]
+    data_out_pool_size: Option<u32>,
+    #[serde(default)]
+    max_large_datain_per_connection: Option<u32>,
+    #[serde(default)]
+    allow_duplicated_isid: bool,
+    #[serde(default)]
+    auth_file: Option<String>,
+}
+
+impl SpdkParams for SpdkOnlyOptions {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            (
+                "allow_duplicated_isid",
+                !self.allow_duplicated_isid,
+                "a login with an ISID already in use reinstates that session (RFC 7143); duplicates are not allowed",
+            ),
+            ("auth_file", self.auth_file.is_none(), "CHAP secrets come from iscsi_create_auth_group, not a file"),
+        ]
+    }
+}
+
+const SPDK_ONLY_OPTIONS: [&str; 6] =
+    ["pdu_pool_size", "immediate_data_pool_size", "data_out_pool_size", "max_large_datain_per_connection", "allow_duplicated_isid", "auth_file"];
+
 fn set_options(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let s = subsystem(t)?;
     // Unnamed fields keep their current values (SPDK applies only what is given).
     let current = serde_json::to_value(&s.shared.registry().options).map_err(RpcError::internal)?;
     let mut merged = current;
-    if let Some(Value::Object(given)) = p {
+    if let Some(Value::Object(mut given)) = p {
+        let spdk_only: serde_json::Map<String, Value> = SPDK_ONLY_OPTIONS.iter().filter_map(|k| given.remove(*k).map(|v| (k.to_string(), v))).collect();
+        let _: SpdkOnlyOptions = parse_spdk(Some(Value::Object(spdk_only)))?;
         for (k, v) in given {
             merged[k] = v;
         }
@@ -525,6 +564,14 @@ fn get_target_nodes(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.nodes.values().map(|n| node_json(n)).collect()))
+}
+
+/// SPDK's SCSI devices: one per target node, named after it (spdkcli lists target nodes
+/// through this).
+fn scsi_get_devices(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+    let _: serde_json::Map<String, Value> = parse(p)?;
+    let reg = subsystem(t)?.shared.registry();
+    Ok(Value::Array(reg.nodes.values().filter(|n| !n.deleted.load(Relaxed)).enumerate().map(|(i, n)| json!({"id": i, "device_name": n.name})).collect()))
 }
 
 fn get_connections(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {

@@ -5,7 +5,7 @@
 use super::subsystem::{parse_hex, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
-use crate::rpc::{parse, Methods, RpcError};
+use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
 use crate::target::Target;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -54,8 +54,12 @@ fn find_nvme(n: &Nvmf, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
     Ok(s)
 }
 
+/// SPDK's parameters (v25.09 and the `spdk` package). Those of other transports (RDMA,
+/// vfio-user) and of SPDK's buffer pools and sockets are accepted and have no effect, as SPDK's
+/// own TCP transport ignores the other transports' ones.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct CreateTransport {
     trtype: String,
     #[serde(default)]
@@ -77,35 +81,70 @@ struct CreateTransport {
     max_aq_depth: Option<u16>,
     #[serde(default)]
     c2h_success: Option<bool>,
-    // Accepted for SPDK compatibility; buffers, sockets and aborts work differently here.
+    // SPDK's buffer pools, sockets, aborts and keep-alive tuning: tidemark sizes its buffers
+    // per queue and uses kernel sockets.
     #[serde(default)]
-    #[allow(dead_code)]
     num_shared_buffers: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
     buf_cache_size: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
-    dif_insert_or_strip: Option<bool>,
+    iobuf_small_cache_size: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
+    iobuf_large_cache_size: Option<u32>,
+    #[serde(default)]
+    dif_insert_or_strip: bool,
+    #[serde(default)]
     sock_priority: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
     abort_timeout_sec: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
-    zcopy: Option<bool>,
+    zcopy: bool,
     #[serde(default)]
-    #[allow(dead_code)]
     acceptor_poll_rate: Option<u32>,
     #[serde(default)]
-    #[allow(dead_code)]
+    acceptor_backlog: Option<i32>,
+    #[serde(default)]
     control_msg_num: Option<u32>,
+    #[serde(default)]
+    data_wr_pool_size: Option<u32>,
+    #[serde(default)]
+    ack_timeout: Option<u32>,
+    #[serde(default)]
+    kas: Option<u32>,
+    #[serde(default)]
+    min_kato: Option<u32>,
+    // RDMA and vfio-user only.
+    #[serde(default)]
+    num_cqe: Option<u32>,
+    #[serde(default)]
+    max_srq_depth: Option<u32>,
+    #[serde(default)]
+    no_srq: bool,
+    #[serde(default)]
+    no_wr_batching: bool,
+    #[serde(default)]
+    disable_mappable_bar0: bool,
+    #[serde(default)]
+    disable_adaptive_irq: bool,
+    #[serde(default)]
+    disable_shadow_doorbells: bool,
+    #[serde(default)]
+    disable_command_passthru: bool,
+    // Masks of the optional commands and fused operations advertised (`spdk` package).
+    #[serde(default)]
+    masked_oncs: Option<Value>,
+    #[serde(default)]
+    masked_fuses: Option<Value>,
+}
+
+impl SpdkParams for CreateTransport {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![("dif_insert_or_strip", !self.dif_insert_or_strip, "protection information is not supported")]
+    }
 }
 
 fn create_transport(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: CreateTransport = parse(p)?;
+    let p: CreateTransport = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     if !p.trtype.eq_ignore_ascii_case("tcp") {
         return Err(RpcError::invalid_params(format!("field `trtype`: only TCP is supported, not {:?}", p.trtype)));
@@ -170,14 +209,43 @@ struct CreateSubsystem {
     min_cntlid: Option<u16>,
     #[serde(default)]
     max_cntlid: Option<u16>,
+    #[serde(default)]
+    passthrough: bool,
+    #[serde(default)]
+    enable_nssr: bool,
+    /// Limits tidemark would have to report in Identify (v25.09 and the `spdk` package name
+    /// them differently); only "no limit" (0) is accepted.
+    #[serde(default)]
+    max_discard_size_kib: u64,
+    #[serde(default)]
+    max_write_zeroes_size_kib: u64,
+    #[serde(default)]
+    dmrsl: u64,
+    #[serde(default)]
+    wzsl: u64,
+    #[serde(default)]
+    admin_label: Option<String>,
+}
+
+impl SpdkParams for CreateSubsystem {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        const LIMIT: &str = "per-subsystem command size limits are not supported";
+        vec![
+            ("ana_reporting", !self.ana_reporting, "ANA reporting is not supported"),
+            ("passthrough", !self.passthrough, "NVMe passthrough subsystems are not supported"),
+            ("enable_nssr", !self.enable_nssr, "NVM subsystem reset is not supported"),
+            ("max_discard_size_kib", self.max_discard_size_kib == 0, LIMIT),
+            ("max_write_zeroes_size_kib", self.max_write_zeroes_size_kib == 0, LIMIT),
+            ("dmrsl", self.dmrsl == 0, LIMIT),
+            ("wzsl", self.wzsl == 0, LIMIT),
+            ("admin_label", self.admin_label.is_none(), "admin command labels are not supported"),
+        ]
+    }
 }
 
 fn create_subsystem(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: CreateSubsystem = parse(p)?;
+    let p: CreateSubsystem = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
-    if p.ana_reporting {
-        return Err(RpcError::invalid_params("field `ana_reporting`: ANA reporting is not supported"));
-    }
     let n = nvmf(t)?;
     if n.subsystem(&p.nqn).is_some() {
         return Err(RpcError::exists(format!("subsystem {} already exists", p.nqn)));
@@ -265,6 +333,22 @@ struct Listener {
     #[serde(default)]
     #[allow(dead_code)]
     ana_state: Option<String>,
+    /// SPDK's socket implementation: tidemark's are the kernel's (SPDK's "posix").
+    #[serde(default)]
+    sock_impl: Option<String>,
+    /// NUMA node of the listener's poll group: accepted, connections go to every core.
+    #[serde(default)]
+    #[allow(dead_code)]
+    numa_id: Option<i32>,
+}
+
+impl SpdkParams for Listener {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            ("secure_channel", !self.secure_channel, "TLS is not supported"),
+            ("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used"),
+        ]
+    }
 }
 
 fn listener_addr(p: &Listener) -> Result<ListenAddr, RpcError> {
@@ -273,11 +357,8 @@ fn listener_addr(p: &Listener) -> Result<ListenAddr, RpcError> {
 }
 
 fn add_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: Listener = parse(p)?;
+    let p: Listener = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
-    if p.secure_channel {
-        return Err(RpcError::invalid_params("field `secure_channel`: TLS is not supported"));
-    }
     let n = nvmf(t)?;
     let a = listener_addr(&p)?;
     let s = find(n, &p.nqn)?;
@@ -294,7 +375,7 @@ fn add_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
 }
 
 fn remove_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: Listener = parse(p)?;
+    let p: Listener = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
     let a = listener_addr(&p)?;
@@ -339,6 +420,10 @@ struct NamespaceParams {
     ptpl_file: Option<String>,
     #[serde(default)]
     no_auto_visible: bool,
+    /// v25.09: hide the bdev's metadata from hosts; tidemark's bdevs have none to hide.
+    #[serde(default)]
+    #[allow(dead_code)]
+    hide_metadata: bool,
 }
 
 #[derive(Deserialize)]
@@ -350,16 +435,19 @@ struct AddNs {
     tgt_name: Option<String>,
 }
 
+impl SpdkParams for AddNs {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            ("namespace.ptpl_file", self.namespace.ptpl_file.is_none(), "NVMe reservations are not supported"),
+            ("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported"),
+        ]
+    }
+}
+
 fn add_ns(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: AddNs = parse(p)?;
+    let p: AddNs = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let ns = &p.namespace;
-    if ns.ptpl_file.is_some() {
-        return Err(RpcError::invalid_params("field `namespace.ptpl_file`: reservations are not supported"));
-    }
-    if ns.no_auto_visible {
-        return Err(RpcError::invalid_params("field `namespace.no_auto_visible`: per-host visibility is not supported"));
-    }
     let nguid = match &ns.nguid {
         Some(h) => Some(parse_hex::<16>(h).ok_or_else(|| RpcError::invalid_params("field `namespace.nguid`: not 16 bytes of hex"))?),
         None => None,
@@ -413,14 +501,26 @@ struct HostParams {
     dhchap_key: Option<String>,
     #[serde(default)]
     dhchap_ctrlr_key: Option<String>,
+    /// `nvmf_subsystem_remove_host` (`spdk` package): how long to wait for the host's
+    /// controllers to go; tidemark removes them before answering.
+    #[serde(default)]
+    #[allow(dead_code)]
+    timeout_ms: Option<u64>,
+}
+
+impl SpdkParams for HostParams {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![
+            ("psk", self.psk.is_none(), "TLS is not supported"),
+            ("dhchap_key", self.dhchap_key.is_none(), "DH-HMAC-CHAP is not supported"),
+            ("dhchap_ctrlr_key", self.dhchap_ctrlr_key.is_none(), "DH-HMAC-CHAP is not supported"),
+        ]
+    }
 }
 
 fn add_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: HostParams = parse(p)?;
+    let p: HostParams = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
-    if p.psk.is_some() || p.dhchap_key.is_some() || p.dhchap_ctrlr_key.is_some() {
-        return Err(RpcError::invalid_params("fields `psk`/`dhchap_key`: TLS and DH-HMAC-CHAP are not supported"));
-    }
     let n = nvmf(t)?;
     let s = find_nvme(n, &p.nqn)?;
     s.add_host(&p.host).map_err(RpcError::invalid_params)?;

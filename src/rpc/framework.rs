@@ -1,6 +1,6 @@
 //! Framework RPCs: method list, version, configuration, reactors, shutdown.
 
-use super::{parse, Methods, RpcError, ENODEV};
+use super::{parse, parse_spdk, Methods, RpcError, SpdkParams, ENODEV};
 use crate::target::Target;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -48,10 +48,19 @@ fn spdk_get_version(_: &Target, p: Option<Value>) -> Result<Value, RpcError> {
 #[serde(deny_unknown_fields)]
 struct GetConfig {
     name: String,
+    /// SPDK: group calls into JSON-RPC batches.
+    #[serde(default)]
+    with_batches: bool,
+}
+
+impl SpdkParams for GetConfig {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        vec![("with_batches", !self.with_batches, "batched configuration is not supported")]
+    }
 }
 
 fn framework_get_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
-    let p: GetConfig = parse(p)?;
+    let p: GetConfig = parse_spdk(p)?;
     let s = t.subsystems().iter().find(|s| s.name() == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("no subsystem named {}", p.name)))?;
     Ok(serde_json::to_value(s.config(t)).map_err(RpcError::internal)?)
 }
@@ -94,20 +103,42 @@ pub fn running_config(t: &Target) -> crate::config::Config {
     c
 }
 
+/// What `save_config` writes to `path`.
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum SaveFormat {
+    /// tidemark's TOML (settings and calls; `tidemarkd --config`).
+    #[default]
+    Toml,
+    /// SPDK's JSON configuration (calls only; `tidemarkd --json`, SPDK's `--json`).
+    Spdk,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SaveConfig {
-    /// Also write the configuration as TOML to this file (usable with `tidemarkd --config`).
+    /// Also write the configuration to this file.
     #[serde(default)]
     path: Option<String>,
+    #[serde(default)]
+    format: SaveFormat,
 }
 
+/// The running configuration: the result is always in SPDK's shape (`{"subsystems": [...]}`);
+/// with `format: "spdk"` its params are SPDK's too (see [`crate::config::spdk::to_spdk`]).
 fn save_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let p: SaveConfig = parse(p)?;
     let c = running_config(t);
-    if let Some(path) = p.path {
-        let text = c.to_toml().map_err(RpcError::internal)?;
-        std::fs::write(&path, text).map_err(|e| RpcError::new(super::EIO, format!("cannot write {path}: {e}")))?;
+    let spdk = c.to_spdk_json();
+    if let Some(path) = &p.path {
+        let text = match p.format {
+            SaveFormat::Toml => c.to_toml().map_err(RpcError::internal)?,
+            SaveFormat::Spdk => serde_json::to_string_pretty(&spdk).map_err(RpcError::internal)? + "\n",
+        };
+        std::fs::write(path, text).map_err(|e| RpcError::new(super::EIO, format!("cannot write {path}: {e}")))?;
+    }
+    if p.format == SaveFormat::Spdk {
+        return Ok(spdk);
     }
     let subsystems: Vec<Value> = t.subsystems().iter().map(|s| json!({ "subsystem": s.name(), "config": s.config(t) })).collect();
     Ok(json!({ "subsystems": subsystems }))

@@ -8,7 +8,7 @@ mod params;
 mod server;
 
 pub use error::*;
-pub use params::{non_empty, parse};
+pub use params::{non_empty, parse, parse_spdk, SpdkParams};
 pub use server::{bind_socket, RpcServer};
 
 use crate::target::Target;
