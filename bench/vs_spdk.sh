@@ -105,6 +105,7 @@ kill -STOP "$sp_pid"
 echo "tidemark (pid $tm_pid, port $tm_port) vs SPDK nvmf_tgt (pid $sp_pid, port $sp_port): both on CPU $tcpu, one at a time;"
 echo "clients on CPU $icpu; 1 GiB RAM bdev, 4 KiB blocks; ${secs}s per run, $pairs pairs per row and client"
 [[ ${BENCH_RT:-0} == 1 ]] && echo "all under SCHED_FIFO (BENCH_RT=1)"
+echo "both targets busy-poll their core, so their CPU per I/O is close to (1 core) / IOPS"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
 
 export VS_SECS=$secs VS_PAIRS=$pairs VS_IMASK=$imask VS_SPDK=$spdk VS_NQN=$nqn VS_WORK=$work
