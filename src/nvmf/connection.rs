@@ -854,7 +854,9 @@ impl Conn {
         let binding = {
             let mut st = self.st.borrow_mut();
             st.advance_sqhd();
-            if !st.cids.insert(cid) {
+            // An admin command reusing an outstanding AER's id replaces the AER (see
+            // `Controller::forget_aer`); any other reuse is a conflict.
+            if !st.cids.insert(cid) && !st.binding.as_ref().is_some_and(|b| b.qid == 0 && b.ctrl.forget_aer(cid)) {
                 drop(st);
                 self.respond(cid, Status::generic(sc::CID_CONFLICT), 0, Some(&sqe));
                 return;
@@ -1054,7 +1056,7 @@ impl Conn {
                 st.slots.resize(sqsize as usize + 1);
                 st.binding = Some(Binding { ctrl: ctrl.clone(), qid: 0, sqsize, sqflow_off });
             }
-            log::info!("nvmf: host {hostnqn} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.cntlid, self.core);
+            log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, self.core);
             spawn_keep_alive(self.nvmf.clone(), ctrl.clone());
             return Ok(ctrl.cntlid);
         }

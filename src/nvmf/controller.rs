@@ -151,6 +151,15 @@ impl Controller {
         }
     }
 
+    /// The host NQN for log lines (SPDK's tools may connect without one).
+    pub fn host_display(&self) -> &str {
+        if self.hostnqn.is_empty() {
+            "(no host NQN)"
+        } else {
+            &self.hostnqn
+        }
+    }
+
     fn st(&self) -> MutexGuard<'_, CtrlState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -297,6 +306,17 @@ impl Controller {
             let conn = self.admin.conn_id;
             nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_NS_CHANGED));
         }
+    }
+
+    /// Forgets the outstanding AER `cid`; true if there was one. A host that sends a new
+    /// command with an AER's id has given that AER up without telling us: SPDK's host
+    /// completes its AERs itself ("aborted, SQ deleted") when it shuts a controller down and
+    /// reuses their ids for the Property Get/Set of the shutdown.
+    pub fn forget_aer(&self, cid: u16) -> bool {
+        let mut st = self.st();
+        let before = st.aers.len();
+        st.aers.retain(|&c| c != cid);
+        st.aers.len() != before
     }
 
     /// The outstanding AER cids (taken, for a connection that closes).

@@ -199,7 +199,7 @@ impl Nvmf {
     /// Disconnects every queue pair of `ctrl` and forgets the controller.
     pub fn destroy_controller(&self, ctrl: &Arc<controller::Controller>, why: &str) {
         if ctrl.mark_closed() {
-            log::info!("nvmf: controller {} of {} for {}: {why}", ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn);
+            log::info!("nvmf: controller {} of {} for {}: {why}", ctrl.cntlid, ctrl.subsys.nqn, ctrl.host_display());
             ctrl.subsys.remove_controller(ctrl.cntlid);
             for (core, conn) in ctrl.queue_connections() {
                 self.post(core, move || connection::abort_connection(conn));

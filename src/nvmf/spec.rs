@@ -400,7 +400,11 @@ impl ConnectRequest {
         if validate_nqn(subnqn).is_err() {
             return Err(invalid(1, connect::DATA_SUBNQN));
         }
-        if validate_nqn(hostnqn).is_err() {
+        // An empty HOSTNQN is a host that did not name itself: SPDK's `spdk_nvme_perf` and
+        // `bdevperf` send none unless the user gives one, and SPDK's and Linux's targets let
+        // such a host in where any host is allowed. It can never match an allowed-host entry
+        // (those are validated NQNs), so access control still refuses it everywhere else.
+        if !hostnqn.is_empty() && validate_nqn(hostnqn).is_err() {
             return Err(invalid(1, connect::DATA_HOSTNQN));
         }
         Ok(ConnectRequest {
@@ -489,6 +493,31 @@ mod tests {
         assert!(validate_nqn("nqn.2016-06.").is_err());
         assert!(validate_nqn(&format!("nqn.2016-06.io.x:{}", "a".repeat(300))).is_err());
         assert!(validate_nqn("nqn.2014-08.org.nvmexpress:uuid:zzz").is_err());
+    }
+
+    /// The Connect SPDK v25.09's `spdk_nvme_perf` sends for its admin queue: SQSIZE 31,
+    /// KATO 10 s, dynamic controller, and no host NQN at all.
+    fn spdk_perf_connect(hostnqn: &str) -> (Sqe, Vec<u8>) {
+        let mut sqe = Sqe::new(FABRICS_OPC, 0, 0);
+        sqe.0[4] = fctype::CONNECT;
+        sqe.0[connect::SQSIZE..connect::SQSIZE + 2].copy_from_slice(&31u16.to_le_bytes());
+        sqe.0[connect::KATO..connect::KATO + 4].copy_from_slice(&10_000u32.to_le_bytes());
+        let mut data = vec![0u8; CONNECT_DATA_LEN];
+        data[..16].copy_from_slice(&[0x49, 0x23, 0x8b, 0xad, 0x3d, 0x26, 0x43, 0xd1, 0x87, 0xaa, 0xbb, 0xf5, 0xfe, 0xec, 0x72, 0x97]);
+        data[connect::DATA_CNTLID..connect::DATA_CNTLID + 2].copy_from_slice(&CNTLID_DYNAMIC.to_le_bytes());
+        put_padded(&mut data[connect::DATA_SUBNQN..connect::DATA_SUBNQN + 256], "nqn.2016-06.io.spdk:cnode1", 0);
+        put_padded(&mut data[connect::DATA_HOSTNQN..connect::DATA_HOSTNQN + 256], hostnqn, 0);
+        (sqe, data)
+    }
+
+    #[test]
+    fn connect_without_a_host_nqn_parses_and_a_malformed_one_does_not() {
+        let (sqe, data) = spdk_perf_connect("");
+        let r = ConnectRequest::parse(&sqe, &data).expect("SPDK's anonymous Connect is valid");
+        assert_eq!((r.qid, r.sqsize, r.kato_ms, r.cntlid, r.hostnqn.as_str()), (0, 31, 10_000, CNTLID_DYNAMIC, ""));
+        let (sqe, data) = spdk_perf_connect("host1");
+        let (status, iattr, ipo) = ConnectRequest::parse(&sqe, &data).expect_err("not an NQN");
+        assert_eq!((status.sct, status.sc, iattr, ipo), (sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS, 1, connect::DATA_HOSTNQN as u16));
     }
 
     #[test]

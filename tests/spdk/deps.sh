@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
-# Installs SPDK's own JSON-RPC clients for tests/spdk.rs: `spdk-rpc` (SPDK's rpc.py) and
-# `spdk-cli` (spdkcli) from the PyPI package `spdk`, with the `cli` extra (configshell-fb).
-# Idempotent: nothing happens when both are on PATH already. Where pip may not install into the
-# system Python (Debian's externally managed one), they go into a venv at /opt/tidemark-spdk,
-# which tests/spdk.rs also looks in.
+# Installs what the SPDK interop tests need, each part idempotent (nothing happens when it is
+# there already):
+# 1. the Debian runtime libraries of the prebuilt SPDK v25.09 peer (spdk_nvme_perf, bdevperf,
+#    nvmf_tgt, iscsi_tgt; see ../shared/peers/README.md) that tests/spdk_host.rs, tests/spdk.rs
+#    and bench/vs_spdk.sh run when SPDK_DIR points at it;
+# 2. SPDK's own JSON-RPC clients for tests/spdk.rs: `spdk-rpc` (SPDK's rpc.py) and `spdk-cli`
+#    (spdkcli) from the PyPI package `spdk` with the `cli` extra, in a venv at
+#    /opt/tidemark-spdk (which tests/spdk.rs also looks in) unless they are on PATH.
 set -euo pipefail
+
+apt_install() {
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "tidemark-spdk deps: need root to apt-get install $*" >&2
+    exit 1
+  fi
+  echo "tidemark-spdk deps: installing $* (apt)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -q --no-install-recommends --no-remove "$@"
+}
+
+libs=(libbsd0 libnuma1 libuuid1 libssl3 libkeyutils1 libaio1 libiscsi7)
+missing=()
+for p in "${libs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} > 0)); then
+  apt_install "${missing[@]}"
+fi
 
 PKG="spdk[cli]==26.9"
 VENV=/opt/tidemark-spdk
-
 if command -v spdk-rpc >/dev/null 2>&1 && command -v spdk-cli >/dev/null 2>&1; then
   exit 0
 fi
@@ -16,14 +38,7 @@ if [[ -x $VENV/bin/spdk-rpc && -x $VENV/bin/spdk-cli ]]; then
   exit 0
 fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then
-  echo "tidemark-spdk deps: installing python3 python3-venv (apt)" >&2
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "tidemark-spdk deps: need root to apt-get install python3 python3-venv" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends --no-remove python3 python3-venv python3-pip >/dev/null
+  apt_install python3 python3-venv python3-pip
 fi
 echo "tidemark-spdk deps: installing $PKG (pip) into $VENV" >&2
 python3 -m venv "$VENV"
