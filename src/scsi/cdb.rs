@@ -429,17 +429,16 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             }
             let ndob = opcode == WRITE_SAME16 && c[1] & 0x01 != 0;
             let (lba, blocks, len_byte) = if opcode == WRITE_SAME10 { (be32(c, 2) as u64, be16(c, 7), 7) } else { (be64(c, 2), be32(c, 10), 10) };
-            // WSNZ is set in the Block Limits page: zero blocks ("to the end") is refused.
-            if blocks == 0 {
-                return Err(Sense::invalid_cdb(len_byte, None));
-            }
-            if lba > g.num_blocks || lba + blocks as u64 > g.num_blocks {
+            if lba > g.num_blocks || lba.saturating_add(blocks as u64) > g.num_blocks {
                 return Err(Sense::lba_out_of_range());
             }
-            if blocks as u64 > max_write_same_blocks(g) {
+            // Zero blocks means "from the LBA to the last block" (SBC-3 §5.42, WSNZ clear);
+            // like any other length it must fit the MAXIMUM WRITE SAME LENGTH.
+            let blocks = if blocks == 0 { g.num_blocks - lba } else { blocks as u64 };
+            if blocks > max_write_same_blocks(g) {
                 return Err(Sense::invalid_cdb(len_byte, None));
             }
-            Command::WriteSame { lba, blocks, unmap: c[1] & 0x08 != 0, ndob }
+            Command::WriteSame { lba, blocks: blocks as u32, unmap: c[1] & 0x08 != 0, ndob }
         }
         UNMAP => {
             if c[1] & 0x01 != 0 {
@@ -633,8 +632,12 @@ mod tests {
         assert_eq!(key(parse(&[0, 0, 0, 0, 0, 0x04], &G)), (5, 0x24, 0));
         // Page code without EVPD.
         assert_eq!(key(parse(&[0x12, 0, 0x80, 0, 36, 0], &G)), (5, 0x24, 0));
-        // WRITE SAME of zero blocks (WSNZ).
-        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0], &G)), (5, 0x24, 0));
+        // WRITE SAME of zero blocks: to the end of the unit, within MAXIMUM WRITE SAME LENGTH.
+        assert_eq!(parse(&[0x41, 0, 0, 0, 0x03, 0x00, 0, 0, 0, 0], &G).unwrap(), Command::WriteSame { lba: 768, blocks: 232, unmap: false, ndob: false });
+        assert_eq!(parse(&[0x41, 0, 0, 0, 0x03, 0xE8, 0, 0, 0, 0], &G).unwrap(), Command::WriteSame { lba: 1000, blocks: 0, unmap: false, ndob: false });
+        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0x03, 0xE9, 0, 0, 0, 0], &G)), (5, 0x21, 0));
+        let huge = Geometry { block_size: 512, num_blocks: 1 << 30 };
+        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0], &huge)), (5, 0x24, 0));
         // A transfer over the limit.
         let big = Geometry { block_size: 512, num_blocks: 1 << 30 };
         assert_eq!(key(parse(&[0x28, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], &big)), (5, 0x24, 0));

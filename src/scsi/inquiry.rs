@@ -139,7 +139,7 @@ pub fn vpd(code: u8, u: &UnitIdentity, g: &Geometry, port: &PortIdentity) -> Res
         0xB0 => {
             let bs = g.block_size as u64;
             let mut b = [0u8; 0x3C];
-            b[0] = 0x01; // WSNZ: WRITE SAME of zero blocks is refused
+            // WSNZ clear: WRITE SAME of zero blocks writes to the end of the unit.
             b[1] = max_compare_and_write_blocks(g) as u8;
             let granularity = (4096 / bs).max(1) as u16;
             b[2..4].copy_from_slice(&granularity.to_be_bytes());

@@ -132,13 +132,14 @@ impl LogicalUnit {
         self.entry.bdev().read_only()
     }
 
-    /// A reset of the unit by `from`: every other nexus reports POWER ON, RESET, OR BUS DEVICE
-    /// RESET OCCURRED on its next command.
-    pub fn reset(&self, from: &Nexus) {
+    /// A reset of the unit (LOGICAL UNIT RESET through `_from`, or a target reset): every
+    /// nexus, `_from`'s included, reports POWER ON, RESET, OR BUS DEVICE RESET OCCURRED on its
+    /// next command (SAM-5 §6.3.3: the unit attention is for every I_T nexus; multipath hosts
+    /// rely on seeing it on each path).
+    pub fn reset(&self, _from: &Nexus) {
         // A reset releases a RESERVE(6) reservation (SPC-2 §5.5.1.1).
         self.reserved_by.store(0, Relaxed);
-        let g = self.reset_generation.fetch_add(1, Relaxed) + 1;
-        from.seen_reset.set(g);
+        self.reset_generation.fetch_add(1, Relaxed);
     }
 
     /// Opens the current core's nexus on this unit.
@@ -331,6 +332,10 @@ impl LogicalUnit {
                 Ok(Done::good(0))
             }
             Command::WriteSame { lba, blocks, unmap, ndob } => {
+                if blocks == 0 {
+                    // Zero blocks from the last LBA + 1: nothing left to write.
+                    return Ok(Done::good(0));
+                }
                 let zero_block = [0u8; 0];
                 let pattern: &[u8] = if ndob {
                     &zero_block
@@ -403,14 +408,13 @@ impl LogicalUnit {
 
     async fn write_same(&self, ch: &Channel, lba: u64, blocks: u64, pattern: &[u8], unmap: bool) -> Result<(), Failure> {
         let zeros = pattern.iter().all(|&b| b == 0);
-        if zeros {
-            // Unmapped blocks read as zeros (LBPRZ), so an unmap is a valid way to zero them.
-            if unmap && ch.supports(IoType::Unmap) {
-                return ch.unmap(lba, blocks).await.map_err(|e| bdev_failure(e, true));
-            }
-            if ch.supports(IoType::WriteZeroes) {
-                return ch.write_zeroes(lba, blocks).await.map_err(|e| bdev_failure(e, true));
-            }
+        // UNMAP set: the blocks are unmapped whatever the data (SBC-3 §5.42); they then read
+        // as zeros (LBPRZ), which is what hosts check.
+        if unmap && ch.supports(IoType::Unmap) {
+            return ch.unmap(lba, blocks).await.map_err(|e| bdev_failure(e, true));
+        }
+        if zeros && ch.supports(IoType::WriteZeroes) {
+            return ch.write_zeroes(lba, blocks).await.map_err(|e| bdev_failure(e, true));
         }
         let bs = self.block_size as usize;
         let chunk_blocks = ((1usize << 20) / bs).min(blocks as usize).max(1);
@@ -771,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn lun_reset_raises_a_unit_attention_on_other_nexuses_only() {
+    fn lun_reset_raises_a_unit_attention_on_every_nexus() {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
@@ -779,12 +783,13 @@ mod tests {
             let a = lu.nexus().unwrap();
             let b = lu.nexus().unwrap();
             lu.reset(&a);
-            assert!(exec(&lu, &a, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok());
             // INQUIRY runs in spite of the pending condition.
             assert!(exec(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok());
-            let e = exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
-            assert_eq!(e, Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
-            assert!(exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok(), "reported once");
+            for nx in [&b, &a] {
+                let e = exec(&lu, nx, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
+                assert_eq!(e, Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
+                assert!(exec(&lu, nx, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok(), "reported once");
+            }
         });
     }
 
@@ -837,6 +842,7 @@ mod tests {
             exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
             let c = lu.nexus().unwrap();
             lu.reset(&c);
+            assert_eq!(exec(&lu, &c, &tur, &[]).await.unwrap_err(), Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
             assert!(exec(&lu, &c, &tur, &[]).await.is_ok(), "a reset releases it");
         });
     }
