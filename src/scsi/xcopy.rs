@@ -130,10 +130,8 @@ pub fn parse(p: &[u8]) -> Result<Option<Plan>, Sense> {
         if d[0] != IDENT_CSCD {
             return Err(Sense::new(SenseKey::IllegalRequest, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE));
         }
-        // LU ID TYPE 00b: the designator names the unit (proxy tokens are not supported).
-        if d[1] >> 6 != 0 {
-            return Err(Sense::invalid_param(at + 1, Some(7)));
-        }
+        // Bits 7:6 of byte 1 (SPC-3's LU ID TYPE) are ignored, as SPC-4 has it (this unit
+        // claims SPC-4): the designator always names the unit.
         // Peripheral device type 0: block devices only.
         if d[1] & 0x1F != 0 {
             return Err(Sense::invalid_param(at + 1, Some(4)));
@@ -324,9 +322,11 @@ mod tests {
         let mut q = p.clone();
         q[48] = 0x03;
         assert_eq!(code(parse(&q)), (SenseKey::IllegalRequest, 0x26, 0x09));
-        // Reserved LU ID TYPE.
+        // SPC-3's LU ID TYPE is ignored (SPC-4); a peripheral type other than disk is not.
         let mut q = p.clone();
         q[17] = 0x80;
+        assert!(parse(&q).is_ok());
+        q[17] = 0x01;
         assert_eq!(code(parse(&q)), (SenseKey::IllegalRequest, 0x26, 0x00));
         // Too many descriptors of each kind.
         let mut q = header(1, 0, 32 * 9, 28);
