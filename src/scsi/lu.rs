@@ -174,6 +174,7 @@ impl LogicalUnit {
             it,
             seen_pr_uas: Cell::new(0),
             copy_results: RefCell::new(VecDeque::new()),
+            pr_access: Cell::new((None, true, true)),
             reserved_by: self.reserved_by.clone(),
             channel: Channel::get(&self.entry)?,
             unit_attentions: RefCell::new(VecDeque::new()),
@@ -205,8 +206,7 @@ impl LogicalUnit {
         if holder != 0 && holder != nx.id && cmd.conflicts_with_reservation() {
             return Err(Failure::ReservationConflict);
         }
-        // Persistent reservations: checked under their lock only while one is registered.
-        if self.pr.active() && self.pr.lock().conflicts(&nx.it, cmd.pr_access()) {
+        if self.pr_conflict(nx, cmd.pr_access()) {
             return Err(Failure::ReservationConflict);
         }
         if cmd.blocked_by_unit_attention() {
@@ -473,6 +473,29 @@ impl LogicalUnit {
         }
     }
 
+    /// Whether a command of kind `access` from `nx` meets a persistent reservation conflict.
+    /// Without registrations nothing is locked; with them, the nexus's cached access is used
+    /// until the state changes (a counter), so commands do not take the lock one by one.
+    fn pr_conflict(&self, nx: &Nexus, access: Access) -> bool {
+        if access == Access::Always || !self.pr.active() {
+            return false;
+        }
+        let now = self.pr.changes();
+        let (seen, read, write) = nx.pr_access.get();
+        let (read, write) = if seen == Some(now) {
+            (read, write)
+        } else {
+            let (r, w) = self.pr.access(&nx.it);
+            nx.pr_access.set((Some(now), r, w));
+            (r, w)
+        };
+        match access {
+            Access::Read => !read,
+            Access::Write => !write,
+            Access::Always => false,
+        }
+    }
+
     /// The unit an identification descriptor names, among this unit and the target's others.
     fn copy_unit(&self, c: &xcopy::Cscd, ctx: &Context<'_>) -> Option<CopyUnit> {
         if c.null {
@@ -521,7 +544,10 @@ impl LogicalUnit {
                 return Err(Sense::invalid_param(16 + 32 * plan.cscds.len() as u16 + 28 * i + 10, None).into());
             }
             largest = largest.max(blocks * bs as u64);
-            if src.pr.active() && src.pr.lock().conflicts(&nx.it, Access::Read) || dst.pr.active() && dst.pr.lock().conflicts(&nx.it, Access::Write) {
+            // Looked up, not cached: `nx` caches its access to this unit's state only.
+            let (src_read, _) = if src.pr.active() { src.pr.access(&nx.it) } else { (true, true) };
+            let (_, dst_write) = if dst.pr.active() { dst.pr.access(&nx.it) } else { (true, true) };
+            if !src_read || !dst_write {
                 return Err(Failure::ReservationConflict);
             }
             if dst.read_only() {
@@ -704,6 +730,9 @@ pub struct Nexus {
     it: ItNexus,
     /// The unit's count of persistent-reservation unit attentions last looked at.
     seen_pr_uas: Cell<u64>,
+    /// Persistent reservation access cached at a count of state changes: (count, reads
+    /// allowed, writes allowed).
+    pr_access: Cell<(Option<u64>, bool, bool)>,
     /// Results of this nexus's recent EXTENDED COPY commands (RECEIVE COPY RESULTS).
     copy_results: RefCell<VecDeque<CopyResult>>,
     reserved_by: Arc<AtomicU64>,

@@ -16,7 +16,7 @@ use super::sense::{asc, Sense, SenseKey};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// One I_T nexus: initiator port and target port, as names (case-folded: iSCSI names are
@@ -540,6 +540,9 @@ pub struct Pr {
     active: AtomicBool,
     /// Bumped whenever a unit attention is established for some nexus.
     ua_generation: AtomicU64,
+    /// Bumped after every change of the registrations or the reservation: nexuses cache their
+    /// access against it, so that commands take the lock only after a change.
+    changes: AtomicU64,
     /// Where APTPL state lives (None: not persisted, e.g. in unit tests).
     file: Option<PathBuf>,
 }
@@ -561,7 +564,7 @@ impl Pr {
             }
         }
         let active = AtomicBool::new(st.active());
-        Pr { state: Mutex::new(st), active, ua_generation: AtomicU64::new(0), file }
+        Pr { state: Mutex::new(st), active, ua_generation: AtomicU64::new(0), changes: AtomicU64::new(0), file }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, PrState> {
@@ -577,6 +580,17 @@ impl Pr {
         self.ua_generation.load(Relaxed)
     }
 
+    /// The count of state changes (see [`Pr::access`]).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Acquire)
+    }
+
+    /// What `it` may do now, computed under the lock: (reads allowed, writes allowed).
+    pub fn access(&self, it: &ItNexus) -> (bool, bool) {
+        let st = self.lock();
+        (!st.conflicts(it, Access::Read), !st.conflicts(it, Access::Write))
+    }
+
     /// Runs a PR OUT; persists the result (APTPL) before returning.
     pub fn out(&self, it: &ItNexus, c: OutCmd, p: &[u8]) -> Result<(), PrError> {
         let mut st = self.lock();
@@ -584,6 +598,9 @@ impl Pr {
         let uas = st.ua_count;
         let r = st.out(it, c, p);
         self.active.store(st.active(), Relaxed);
+        if matches!(r, Ok(true)) {
+            self.changes.fetch_add(1, Release);
+        }
         if st.ua_count != uas {
             self.ua_generation.fetch_add(1, Relaxed);
         }
