@@ -413,6 +413,8 @@ struct Conn {
     kind: SessionType,
     node: Option<Arc<TargetNode>>,
     port: PortIdentity,
+    /// The I_T nexus of this session (persistent reservations).
+    it: scsi::ItNexus,
     pg_tag: u16,
     initiator: String,
     peer: SocketAddr,
@@ -469,6 +471,7 @@ impl Conn {
             p: li.params.clone(),
             kind: li.session_type,
             port: PortIdentity { target_name: li.node.as_ref().map(|n| n.name.clone()).unwrap_or_default(), portal_group_tag: pg_tag },
+            it: scsi::ItNexus::iscsi(&li.initiator, li.isid, li.node.as_ref().map(|n| n.name.as_str()).unwrap_or_default(), pg_tag),
             node: li.node.clone(),
             pg_tag,
             initiator: li.initiator.clone(),
@@ -770,7 +773,7 @@ impl Conn {
         if let Some(nx) = st.nexus.get(&lun) {
             return Some((l, nx.clone()));
         }
-        match l.unit.nexus() {
+        match l.unit.nexus(self.it.clone()) {
             Ok(nx) => {
                 let nx = Rc::new(nx);
                 st.nexus.insert(lun, nx.clone());
@@ -1332,7 +1335,14 @@ impl Conn {
                 // Commands without Data-In take no buffer at all.
                 let mut buf = (din_len > 0).then(|| IoBuf::alloc(din_len));
                 let ids = self.st.borrow().lun_ids.clone();
-                let ctx = scsi::Context { port: &self.port, luns: &ids, data_out_expected: if flags & pdu::FLAG_WRITE != 0 { edtl as u64 } else { 0 } };
+                // The target's units, only built when a command names them (EXTENDED COPY).
+                let peers = || self.st.borrow().luns.iter().map(|l| l.unit.clone()).collect::<Vec<_>>();
+                let ctx = scsi::Context {
+                    port: &self.port,
+                    luns: &ids,
+                    data_out_expected: if flags & pdu::FLAG_WRITE != 0 { edtl as u64 } else { 0 },
+                    peers: Some(&peers),
+                };
                 let out: &[u8] = match &data {
                     Some((b, n)) => &b[..*n],
                     None => &[],

@@ -408,7 +408,7 @@ fn open_lun(t: &Target, node: &str, l: &LunParam, field: &str) -> Result<Arc<Lun
     }
     let entry = t.bdev(&l.bdev_name)?;
     let hold = entry.open(&format!("iscsi:{node}"))?;
-    let unit = Arc::new(LogicalUnit::new(entry, t.reactors.core_count()));
+    let unit = Arc::new(LogicalUnit::with_pr_dir(entry, t.reactors.core_count(), &t.data_dir.join("scsi-pr")));
     Ok(Arc::new(Lun::new(l.lun_id, unit, hold, t.reactors.core_count())))
 }
 

@@ -125,6 +125,29 @@ pub enum Command {
     ReportTmfs {
         alloc: u32,
     },
+    /// PERSISTENT RESERVE IN: READ KEYS (0), READ RESERVATION (1), REPORT CAPABILITIES (2),
+    /// READ FULL STATUS (3).
+    PersistentReserveIn {
+        sa: u8,
+        alloc: u32,
+    },
+    /// EXTENDED COPY (LID1) with its parameter list length.
+    ExtendedCopy {
+        len: u32,
+    },
+    /// RECEIVE COPY RESULTS: COPY STATUS (0) of a list identifier, OPERATING PARAMETERS (3).
+    ReceiveCopyResults {
+        sa: u8,
+        list_id: u8,
+        alloc: u32,
+    },
+    /// PERSISTENT RESERVE OUT with its parameter list length.
+    PersistentReserveOut {
+        sa: u8,
+        scope: u8,
+        rtype: u8,
+        len: u32,
+    },
 }
 
 /// Direction of a command's data.
@@ -158,6 +181,10 @@ pub mod op {
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT10: u8 = 0x55;
     pub const MODE_SENSE10: u8 = 0x5A;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const ORWRITE16: u8 = 0x8B;
@@ -219,6 +246,21 @@ pub static SUPPORTED: &[OpcodeInfo] = &[
     info(op::UNMAP, None, &[0x42, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::MODE_SELECT10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::MODE_SENSE10, None, &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_IN, Some(0), &[0x5E, 0x00, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_IN, Some(1), &[0x5E, 0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_IN, Some(2), &[0x5E, 0x02, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_IN, Some(3), &[0x5E, 0x03, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(0), &[0x5F, 0x00, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(1), &[0x5F, 0x01, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(2), &[0x5F, 0x02, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(3), &[0x5F, 0x03, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(4), &[0x5F, 0x04, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(5), &[0x5F, 0x05, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(6), &[0x5F, 0x06, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::PERSISTENT_RESERVE_OUT, Some(7), &[0x5F, 0x07, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x04]),
+    info(op::EXTENDED_COPY, Some(0x00), &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
+    info(op::RECEIVE_COPY_RESULTS, Some(0x00), &[0x84, 0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
+    info(op::RECEIVE_COPY_RESULTS, Some(0x03), &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::READ16, None, &[0x88, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
     info(op::COMPARE_AND_WRITE, None, &[0x89, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0, 0x04]),
     info(op::ORWRITE16, None, &[0x8B, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x04]),
@@ -429,17 +471,16 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             }
             let ndob = opcode == WRITE_SAME16 && c[1] & 0x01 != 0;
             let (lba, blocks, len_byte) = if opcode == WRITE_SAME10 { (be32(c, 2) as u64, be16(c, 7), 7) } else { (be64(c, 2), be32(c, 10), 10) };
-            // WSNZ is set in the Block Limits page: zero blocks ("to the end") is refused.
-            if blocks == 0 {
-                return Err(Sense::invalid_cdb(len_byte, None));
-            }
-            if lba > g.num_blocks || lba + blocks as u64 > g.num_blocks {
+            if lba > g.num_blocks || lba.saturating_add(blocks as u64) > g.num_blocks {
                 return Err(Sense::lba_out_of_range());
             }
-            if blocks as u64 > max_write_same_blocks(g) {
+            // Zero blocks means "from the LBA to the last block" (SBC-3 §5.42, WSNZ clear);
+            // like any other length it must fit the MAXIMUM WRITE SAME LENGTH.
+            let blocks = if blocks == 0 { g.num_blocks - lba } else { blocks as u64 };
+            if blocks > max_write_same_blocks(g) {
                 return Err(Sense::invalid_cdb(len_byte, None));
             }
-            Command::WriteSame { lba, blocks, unmap: c[1] & 0x08 != 0, ndob }
+            Command::WriteSame { lba, blocks: blocks as u32, unmap: c[1] & 0x08 != 0, ndob }
         }
         UNMAP => {
             if c[1] & 0x01 != 0 {
@@ -487,6 +528,42 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             }
             Command::ReportLuns { select, alloc }
         }
+        EXTENDED_COPY => {
+            // LID1 only (service action 00h); LID4 tokens are not supported.
+            if c[1] & 0x1F != 0 {
+                return Err(Sense::invalid_cdb(1, Some(4)));
+            }
+            let len = be32(c, 10);
+            if len > super::xcopy::MAX_PARAM_BYTES {
+                return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            Command::ExtendedCopy { len }
+        }
+        RECEIVE_COPY_RESULTS => {
+            let sa = c[1] & 0x1F;
+            if !matches!(sa, 0x00 | 0x03) {
+                return Err(Sense::invalid_cdb(1, Some(4)));
+            }
+            Command::ReceiveCopyResults { sa, list_id: c[2], alloc: be32(c, 10) }
+        }
+        PERSISTENT_RESERVE_IN => {
+            let sa = c[1] & 0x1F;
+            if sa > 3 {
+                return Err(Sense::invalid_cdb(1, Some(4)));
+            }
+            Command::PersistentReserveIn { sa, alloc: be16(c, 7) }
+        }
+        PERSISTENT_RESERVE_OUT => {
+            let sa = c[1] & 0x1F;
+            if sa > 7 {
+                return Err(Sense::invalid_cdb(1, Some(4)));
+            }
+            let len = be32(c, 5);
+            if len > super::pr::MAX_PARAM_BYTES {
+                return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            Command::PersistentReserveOut { sa, scope: c[2] >> 4, rtype: c[2] & 0x0F, len }
+        }
         MAINTENANCE_IN => match (c[1] & 0x1F) as u16 {
             SA_REPORT_OPCODES => {
                 let options = c[2] & 0x07;
@@ -532,6 +609,7 @@ impl Command {
             Command::OrWrite { blocks, .. } => blocks as u64 * bs,
             Command::Unmap { len } => len as u64,
             Command::ModeSelect { len, .. } => len as u64,
+            Command::PersistentReserveOut { len, .. } | Command::ExtendedCopy { len } => len as u64,
             _ => 0,
         }
     }
@@ -547,7 +625,9 @@ impl Command {
             | Command::GetLbaStatus { alloc, .. }
             | Command::ReportLuns { alloc, .. }
             | Command::ReportOpcodes { alloc, .. }
-            | Command::ReportTmfs { alloc } => alloc as u64,
+            | Command::ReportTmfs { alloc }
+            | Command::PersistentReserveIn { alloc, .. }
+            | Command::ReceiveCopyResults { alloc, .. } => alloc as u64,
             Command::ReadCapacity10 => 8,
             _ => 0,
         }
@@ -567,6 +647,32 @@ impl Command {
     /// §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE run in spite of it).
     pub fn blocked_by_unit_attention(&self) -> bool {
         !matches!(self, Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. })
+    }
+
+    /// How the command is checked against a persistent reservation (SPC-4 Table 43, SBC-3
+    /// Table 13): commands that only describe the unit run always, reads conflict with the
+    /// exclusive-access types, anything that changes the medium or the unit with every type.
+    pub fn pr_access(&self) -> super::pr::Access {
+        use super::pr::Access;
+        match self {
+            Command::TestUnitReady
+            | Command::RequestSense { .. }
+            | Command::Inquiry { .. }
+            | Command::ReadCapacity10
+            | Command::ReadCapacity16 { .. }
+            | Command::ReportLuns { .. }
+            | Command::ReportOpcodes { .. }
+            | Command::ReportTmfs { .. }
+            | Command::PersistentReserveIn { .. }
+            | Command::PersistentReserveOut { .. }
+            | Command::StartStopUnit
+            | Command::PreventAllow
+            // RESERVE/RELEASE(6) have their own rule beside persistent reservations.
+            | Command::Reserve
+            | Command::Release => Access::Always,
+            Command::Read { .. } | Command::Verify { .. } | Command::Prefetch { .. } | Command::GetLbaStatus { .. } | Command::ModeSense { .. } | Command::ReceiveCopyResults { .. } => Access::Read,
+            _ => Access::Write,
+        }
     }
 
     /// Whether the command conflicts with another nexus's RESERVE(6) (SPC-2 §5.5.1): all do
@@ -633,8 +739,12 @@ mod tests {
         assert_eq!(key(parse(&[0, 0, 0, 0, 0, 0x04], &G)), (5, 0x24, 0));
         // Page code without EVPD.
         assert_eq!(key(parse(&[0x12, 0, 0x80, 0, 36, 0], &G)), (5, 0x24, 0));
-        // WRITE SAME of zero blocks (WSNZ).
-        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0], &G)), (5, 0x24, 0));
+        // WRITE SAME of zero blocks: to the end of the unit, within MAXIMUM WRITE SAME LENGTH.
+        assert_eq!(parse(&[0x41, 0, 0, 0, 0x03, 0x00, 0, 0, 0, 0], &G).unwrap(), Command::WriteSame { lba: 768, blocks: 232, unmap: false, ndob: false });
+        assert_eq!(parse(&[0x41, 0, 0, 0, 0x03, 0xE8, 0, 0, 0, 0], &G).unwrap(), Command::WriteSame { lba: 1000, blocks: 0, unmap: false, ndob: false });
+        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0x03, 0xE9, 0, 0, 0, 0], &G)), (5, 0x21, 0));
+        let huge = Geometry { block_size: 512, num_blocks: 1 << 30 };
+        assert_eq!(key(parse(&[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0], &huge)), (5, 0x24, 0));
         // A transfer over the limit.
         let big = Geometry { block_size: 512, num_blocks: 1 << 30 };
         assert_eq!(key(parse(&[0x28, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], &big)), (5, 0x24, 0));

@@ -35,6 +35,7 @@ pub fn standard() -> [u8; 96] {
     d[0] = DISK;
     d[2] = 0x06; // SPC-4
     d[3] = 0x10 | 0x02; // HISUP, response data format 2
+    d[5] = 0x08; // 3PC: EXTENDED COPY between logical units of the target
     d[4] = (d.len() - 5) as u8;
     d[7] = 0x02; // CMDQUE
     d[8..16].copy_from_slice(VENDOR);
@@ -56,7 +57,7 @@ pub fn standard_no_lun() -> [u8; 96] {
 }
 
 /// Supported VPD pages, in ascending order.
-pub const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 /// Serial number of a unit: its UUID in hex.
 pub fn serial(u: &UnitIdentity) -> String {
@@ -136,10 +137,11 @@ pub fn vpd(code: u8, u: &UnitIdentity, g: &Geometry, port: &PortIdentity) -> Res
             designator(&mut b, PROTO_ISCSI | CODESET_UTF8, PIV | ASSOC_DEVICE | 0x08, &name_string(&port.target_name));
             page(0x83, &b, &mut out);
         }
+        0x8F => page(0x8F, &super::xcopy::vpd_body(), &mut out),
         0xB0 => {
             let bs = g.block_size as u64;
             let mut b = [0u8; 0x3C];
-            b[0] = 0x01; // WSNZ: WRITE SAME of zero blocks is refused
+            // WSNZ clear: WRITE SAME of zero blocks writes to the end of the unit.
             b[1] = max_compare_and_write_blocks(g) as u8;
             let granularity = (4096 / bs).max(1) as u16;
             b[2..4].copy_from_slice(&granularity.to_be_bytes());

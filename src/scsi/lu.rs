@@ -5,7 +5,9 @@
 use super::cdb::{self, Command, Geometry};
 use super::inquiry::{self, PortIdentity, UnitIdentity};
 use super::mode::{self, ModeState};
+use super::pr::{self, Access, ItNexus, OutCmd, Pr, PrError};
 use super::sense::{asc, Sense, SenseKey, Status, FIXED_SENSE_LEN, MAX_SENSE_LEN};
+use super::xcopy::{self, CopyResult};
 use crate::bdev::{BdevEntry, BdevError, Channel, IoBuf, IoType};
 use crate::extent_lock::{ExtentGuard, LockSpace};
 use std::cell::{Cell, RefCell};
@@ -56,6 +58,15 @@ pub struct Context<'a> {
     pub luns: &'a [u64],
     /// Bytes of Data-Out the transport was told to expect (iSCSI's EDTL of a write).
     pub data_out_expected: u64,
+    /// The other logical units of the target (EXTENDED COPY may name them); called only by
+    /// the commands that need them.
+    pub peers: Option<&'a dyn Fn() -> Vec<Arc<LogicalUnit>>>,
+}
+
+/// A copy source or destination: this unit or another unit of the target.
+enum CopyUnit {
+    This,
+    Other(Arc<LogicalUnit>),
 }
 
 pub struct LogicalUnit {
@@ -73,6 +84,8 @@ pub struct LogicalUnit {
     write_locks: Arc<LockSpace>,
     /// The nexus holding a RESERVE(6) reservation (0: none).
     reserved_by: Arc<AtomicU64>,
+    /// Persistent reservations, shared by every unit on the bdev.
+    pr: Arc<Pr>,
 }
 
 /// Ids of nexuses (0 means "nobody").
@@ -97,8 +110,19 @@ fn write_locks_for(entry: &BdevEntry, cores: usize) -> Arc<LockSpace> {
 }
 
 impl LogicalUnit {
-    /// A unit over `entry`, for a target with `cores` reactor cores.
+    /// A unit over `entry`, for a target with `cores` reactor cores; persistent reservations
+    /// with APTPL are not kept across restarts (see [`LogicalUnit::with_pr_dir`]).
     pub fn new(entry: Arc<BdevEntry>, cores: usize) -> LogicalUnit {
+        Self::build(entry, cores, None)
+    }
+
+    /// A unit whose APTPL persistent reservations live in `dir` (one file per bdev), and are
+    /// read back from there.
+    pub fn with_pr_dir(entry: Arc<BdevEntry>, cores: usize, dir: &std::path::Path) -> LogicalUnit {
+        Self::build(entry, cores, Some(dir))
+    }
+
+    fn build(entry: Arc<BdevEntry>, cores: usize, pr_dir: Option<&std::path::Path>) -> LogicalUnit {
         let b = entry.bdev();
         let thin = b.supports(IoType::Unmap);
         let default_wce = b.supports(IoType::Flush);
@@ -111,6 +135,7 @@ impl LogicalUnit {
             mode_generation: AtomicU64::new(0),
             write_locks: write_locks_for(&entry, cores),
             reserved_by: Arc::new(AtomicU64::new(0)),
+            pr: pr::for_bdev(entry.id(), entry.name(), pr_dir),
             entry,
         }
     }
@@ -132,19 +157,24 @@ impl LogicalUnit {
         self.entry.bdev().read_only()
     }
 
-    /// A reset of the unit by `from`: every other nexus reports POWER ON, RESET, OR BUS DEVICE
-    /// RESET OCCURRED on its next command.
-    pub fn reset(&self, from: &Nexus) {
+    /// A reset of the unit (LOGICAL UNIT RESET through `_from`, or a target reset): every
+    /// nexus, `_from`'s included, reports POWER ON, RESET, OR BUS DEVICE RESET OCCURRED on its
+    /// next command (SAM-5 §6.3.3: the unit attention is for every I_T nexus; multipath hosts
+    /// rely on seeing it on each path).
+    pub fn reset(&self, _from: &Nexus) {
         // A reset releases a RESERVE(6) reservation (SPC-2 §5.5.1.1).
         self.reserved_by.store(0, Relaxed);
-        let g = self.reset_generation.fetch_add(1, Relaxed) + 1;
-        from.seen_reset.set(g);
+        self.reset_generation.fetch_add(1, Relaxed);
     }
 
-    /// Opens the current core's nexus on this unit.
-    pub fn nexus(&self) -> Result<Nexus, BdevError> {
+    /// Opens the current core's nexus on this unit for the I_T nexus `it`.
+    pub fn nexus(&self, it: ItNexus) -> Result<Nexus, BdevError> {
         Ok(Nexus {
             id: NEXT_NEXUS.fetch_add(1, Relaxed),
+            it,
+            seen_pr_uas: Cell::new(0),
+            copy_results: RefCell::new(VecDeque::new()),
+            pr_access: Cell::new((None, true, true)),
             reserved_by: self.reserved_by.clone(),
             channel: Channel::get(&self.entry)?,
             unit_attentions: RefCell::new(VecDeque::new()),
@@ -176,6 +206,9 @@ impl LogicalUnit {
         if holder != 0 && holder != nx.id && cmd.conflicts_with_reservation() {
             return Err(Failure::ReservationConflict);
         }
+        if self.pr_conflict(nx, cmd.pr_access()) {
+            return Err(Failure::ReservationConflict);
+        }
         if cmd.blocked_by_unit_attention() {
             if let Some(ua) = nx.take_unit_attention(self) {
                 return Err(Failure::Check(Sense::unit_attention(ua)));
@@ -184,6 +217,49 @@ impl LogicalUnit {
         let bs = g.block_size as usize;
         let ch = &nx.channel;
         match *cmd {
+            // With persistent reservations in use, RESERVE(6) conflicts and RELEASE(6) does
+            // nothing (SPC-4 §5.13.3, CRH = 1).
+            Command::Reserve if self.pr.active() => Err(Failure::ReservationConflict),
+            Command::Release if self.pr.active() => Ok(Done::good(0)),
+            Command::ExtendedCopy { len } => {
+                let Some(params) = data_out.get(..len as usize) else {
+                    return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
+                };
+                let Some(plan) = xcopy::parse(params)? else { return Ok(Done::good(0)) };
+                let mut result = CopyResult { list_id: plan.list_id, ok: false, segments_done: 0, bytes: 0 };
+                let r = self.extended_copy(nx, &plan, ctx, &mut result).await;
+                result.ok = r.is_ok();
+                if !plan.discard {
+                    nx.hold_copy_result(result);
+                }
+                r.map(|_| Done::good(0))
+            }
+            Command::ReceiveCopyResults { sa, list_id, alloc } => {
+                let d = if sa == 0x03 {
+                    xcopy::operating_parameters()
+                } else {
+                    match nx.copy_result(list_id) {
+                        Some(r) => xcopy::copy_status(&r),
+                        // No copy with this list identifier (SPC-4 §6.27.3).
+                        None => return Err(Sense::invalid_cdb(2, None).into()),
+                    }
+                };
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::PersistentReserveIn { sa, alloc } => {
+                let d = self.pr.lock().read(sa)?;
+                Ok(Done::good(copy_out(&d, data_in, alloc)))
+            }
+            Command::PersistentReserveOut { sa, scope, rtype, len } => {
+                let Some(params) = data_out.get(..len as usize) else {
+                    return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
+                };
+                match self.pr.out(&nx.it, OutCmd { sa, scope, rtype }, params) {
+                    Ok(()) => Ok(Done::good(0)),
+                    Err(PrError::Conflict) => Err(Failure::ReservationConflict),
+                    Err(PrError::Check(s)) => Err(s.into()),
+                }
+            }
             Command::Reserve => match self.reserved_by.compare_exchange(0, nx.id, Relaxed, Relaxed) {
                 Ok(_) => Ok(Done::good(0)),
                 Err(h) if h == nx.id => Ok(Done::good(0)),
@@ -331,6 +407,10 @@ impl LogicalUnit {
                 Ok(Done::good(0))
             }
             Command::WriteSame { lba, blocks, unmap, ndob } => {
+                if blocks == 0 {
+                    // Zero blocks from the last LBA + 1: nothing left to write.
+                    return Ok(Done::good(0));
+                }
                 let zero_block = [0u8; 0];
                 let pattern: &[u8] = if ndob {
                     &zero_block
@@ -393,6 +473,126 @@ impl LogicalUnit {
         }
     }
 
+    /// Whether a command of kind `access` from `nx` meets a persistent reservation conflict.
+    /// Without registrations nothing is locked; with them, the nexus's cached access is used
+    /// until the state changes (a counter), so commands do not take the lock one by one.
+    fn pr_conflict(&self, nx: &Nexus, access: Access) -> bool {
+        if access == Access::Always || !self.pr.active() {
+            return false;
+        }
+        let now = self.pr.changes();
+        let (seen, read, write) = nx.pr_access.get();
+        let (read, write) = if seen == Some(now) {
+            (read, write)
+        } else {
+            let (r, w) = self.pr.access(&nx.it);
+            nx.pr_access.set((Some(now), r, w));
+            (r, w)
+        };
+        match access {
+            Access::Read => !read,
+            Access::Write => !write,
+            Access::Always => false,
+        }
+    }
+
+    /// The unit an identification descriptor names, among this unit and the target's others.
+    fn copy_unit(&self, c: &xcopy::Cscd, ctx: &Context<'_>) -> Option<CopyUnit> {
+        if c.null {
+            return None;
+        }
+        let names = |u: &LogicalUnit| match c.designator_type {
+            3 => c.designator == inquiry::naa(&u.ident),
+            2 => c.designator == inquiry::eui64(&u.ident),
+            _ => false,
+        };
+        if names(self) {
+            return Some(CopyUnit::This);
+        }
+        let peers = ctx.peers?;
+        peers().into_iter().find(|u| names(u)).map(CopyUnit::Other)
+    }
+
+    /// Runs a validated EXTENDED COPY: every segment is checked (units reachable, ranges,
+    /// reservations) before the first block moves; then each segment is copied in chunks of
+    /// [`xcopy::CHUNK_BYTES`] through one buffer, holding the destination blocks' write lock
+    /// like any write.
+    async fn extended_copy(&self, nx: &Nexus, plan: &xcopy::Plan, ctx: &Context<'_>, result: &mut CopyResult) -> Result<(), Failure> {
+        let units: Vec<Option<CopyUnit>> = plan.cscds.iter().map(|c| self.copy_unit(c, ctx)).collect();
+        let unit_at = |i: u16| -> Result<&LogicalUnit, Failure> {
+            match units.get(i as usize) {
+                Some(Some(CopyUnit::This)) => Ok(self),
+                Some(Some(CopyUnit::Other(u))) => Ok(u),
+                _ => Err(xcopy::unreachable().into()),
+            }
+        };
+        let mut largest = 0u64;
+        for (seg, i) in plan.segments.iter().zip(0u16..) {
+            let (src, dst) = (unit_at(seg.src)?, unit_at(seg.dst)?);
+            let bs = src.block_size;
+            for (u, c) in [(src, &plan.cscds[seg.src as usize]), (dst, &plan.cscds[seg.dst as usize])] {
+                if u.block_size != bs || (c.block_len != 0 && c.block_len != bs) {
+                    return Err(xcopy::unreachable().into());
+                }
+            }
+            let blocks = seg.blocks as u64;
+            let (sg, dg) = (src.geometry(), dst.geometry());
+            if seg.src_lba.checked_add(blocks).is_none_or(|e| e > sg.num_blocks) || seg.dst_lba.checked_add(blocks).is_none_or(|e| e > dg.num_blocks) {
+                return Err(xcopy::aborted(asc::NO_ADDITIONAL).into());
+            }
+            if blocks * bs as u64 > xcopy::MAX_SEGMENT_BYTES {
+                return Err(Sense::invalid_param(16 + 32 * plan.cscds.len() as u16 + 28 * i + 10, None).into());
+            }
+            largest = largest.max(blocks * bs as u64);
+            // Looked up, not cached: `nx` caches its access to this unit's state only.
+            let (src_read, _) = if src.pr.active() { src.pr.access(&nx.it) } else { (true, true) };
+            let (_, dst_write) = if dst.pr.active() { dst.pr.access(&nx.it) } else { (true, true) };
+            if !src_read || !dst_write {
+                return Err(Failure::ReservationConflict);
+            }
+            if dst.read_only() {
+                return Err(Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED).into());
+            }
+        }
+        let mut buf = IoBuf::alloc((largest as usize).clamp(1, xcopy::CHUNK_BYTES));
+        for seg in &plan.segments {
+            let (src, dst) = (unit_at(seg.src)?, unit_at(seg.dst)?);
+            let (src_owned, dst_owned);
+            let src_ch = if std::ptr::eq(src, self) {
+                &nx.channel
+            } else {
+                src_owned = Channel::get(&src.entry).map_err(|e| bdev_failure(e, false))?;
+                &src_owned
+            };
+            let dst_ch = if std::ptr::eq(dst, self) {
+                &nx.channel
+            } else {
+                dst_owned = Channel::get(&dst.entry).map_err(|e| bdev_failure(e, true))?;
+                &dst_owned
+            };
+            let bs = src.block_size as u64;
+            let per_chunk = (buf.len() as u64 / bs).max(1);
+            let blocks = seg.blocks as u64;
+            let chunks = blocks.div_ceil(per_chunk);
+            // A copy forward within one unit onto a later, overlapping range goes backwards,
+            // so that no block is overwritten before it is read.
+            let backwards = std::ptr::eq(src, dst) && seg.dst_lba > seg.src_lba && seg.dst_lba < seg.src_lba + blocks;
+            for k in 0..chunks {
+                let k = if backwards { chunks - 1 - k } else { k };
+                let off = k * per_chunk;
+                let n = per_chunk.min(blocks - off);
+                let bytes = (n * bs) as usize;
+                src_ch.read_buf(seg.src_lba + off, &mut buf[..bytes]).await.map_err(|e| bdev_failure(e, false))?;
+                let _lock = dst.lock_write(seg.dst_lba + off, n).await;
+                dst_ch.write_buf(seg.dst_lba + off, &buf[..bytes]).await.map_err(|e| bdev_failure(e, true))?;
+                result.bytes += bytes as u64;
+            }
+            dst.after_write(dst_ch, false).await?;
+            result.segments_done += 1;
+        }
+        Ok(())
+    }
+
     /// Write-through when the write cache is off, or when the host asked for FUA.
     async fn after_write(&self, ch: &Channel, fua: bool) -> Result<(), Failure> {
         if fua || !self.write_cache.load(Relaxed) {
@@ -403,14 +603,13 @@ impl LogicalUnit {
 
     async fn write_same(&self, ch: &Channel, lba: u64, blocks: u64, pattern: &[u8], unmap: bool) -> Result<(), Failure> {
         let zeros = pattern.iter().all(|&b| b == 0);
-        if zeros {
-            // Unmapped blocks read as zeros (LBPRZ), so an unmap is a valid way to zero them.
-            if unmap && ch.supports(IoType::Unmap) {
-                return ch.unmap(lba, blocks).await.map_err(|e| bdev_failure(e, true));
-            }
-            if ch.supports(IoType::WriteZeroes) {
-                return ch.write_zeroes(lba, blocks).await.map_err(|e| bdev_failure(e, true));
-            }
+        // UNMAP set: the blocks are unmapped whatever the data (SBC-3 §5.42); they then read
+        // as zeros (LBPRZ), which is what hosts check.
+        if unmap && ch.supports(IoType::Unmap) {
+            return ch.unmap(lba, blocks).await.map_err(|e| bdev_failure(e, true));
+        }
+        if zeros && ch.supports(IoType::WriteZeroes) {
+            return ch.write_zeroes(lba, blocks).await.map_err(|e| bdev_failure(e, true));
         }
         let bs = self.block_size as usize;
         let chunk_blocks = ((1usize << 20) / bs).min(blocks as usize).max(1);
@@ -527,6 +726,15 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 /// One connection's view of a logical unit, on the connection's core.
 pub struct Nexus {
     id: u64,
+    /// The I_T nexus (initiator port, target port) persistent reservations know it by.
+    it: ItNexus,
+    /// The unit's count of persistent-reservation unit attentions last looked at.
+    seen_pr_uas: Cell<u64>,
+    /// Persistent reservation access cached at a count of state changes: (count, reads
+    /// allowed, writes allowed).
+    pr_access: Cell<(Option<u64>, bool, bool)>,
+    /// Results of this nexus's recent EXTENDED COPY commands (RECEIVE COPY RESULTS).
+    copy_results: RefCell<VecDeque<CopyResult>>,
     reserved_by: Arc<AtomicU64>,
     channel: Channel,
     unit_attentions: RefCell<VecDeque<(u8, u8)>>,
@@ -558,6 +766,21 @@ impl Nexus {
         }
     }
 
+    /// Keeps the result of a copy, replacing an older one with the same list identifier; the
+    /// oldest goes beyond [`xcopy::MAX_HELD_RESULTS`].
+    fn hold_copy_result(&self, r: CopyResult) {
+        let mut q = self.copy_results.borrow_mut();
+        q.retain(|x| x.list_id != r.list_id);
+        if q.len() == xcopy::MAX_HELD_RESULTS {
+            q.pop_front();
+        }
+        q.push_back(r);
+    }
+
+    fn copy_result(&self, list_id: u8) -> Option<CopyResult> {
+        self.copy_results.borrow().iter().find(|x| x.list_id == list_id).copied()
+    }
+
     /// Drops every pending unit attention (the nexus itself was reset).
     pub fn clear_unit_attentions(&self) {
         self.unit_attentions.borrow_mut().clear();
@@ -576,6 +799,13 @@ impl Nexus {
         if m != self.seen_mode.get() {
             self.seen_mode.set(m);
             self.add_unit_attention(asc::MODE_PARAMETERS_CHANGED);
+        }
+        let p = lu.pr.ua_generation();
+        if p != self.seen_pr_uas.get() {
+            self.seen_pr_uas.set(p);
+            for code in lu.pr.lock().take_unit_attentions(&self.it) {
+                self.add_unit_attention(code);
+            }
         }
         let b = lu.entry.bdev().num_blocks();
         if b != self.seen_blocks.get() {
@@ -698,6 +928,10 @@ mod tests {
     use crate::reactor::{self, ManualCores};
     use std::rc::Rc;
 
+    fn test_it(n: u8) -> ItNexus {
+        ItNexus::iscsi("iqn.2026-01.test:host", [0x40, 0, 0, 0, 0, n], "iqn.x", 1)
+    }
+
     fn unit(reg: &BdevRegistry) -> Arc<LogicalUnit> {
         let e = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
         Arc::new(LogicalUnit::new(e, 1))
@@ -705,7 +939,7 @@ mod tests {
 
     async fn exec(lu: &LogicalUnit, nx: &Nexus, cdb_bytes: &[u8], out: &[u8]) -> Result<(Done, Vec<u8>), Failure> {
         let port = PortIdentity { target_name: "iqn.x".into(), portal_group_tag: 1 };
-        let ctx = Context { port: &port, luns: &[0, 3], data_out_expected: out.len() as u64 };
+        let ctx = Context { port: &port, luns: &[0, 3], data_out_expected: out.len() as u64, peers: None };
         let cmd = cdb::parse(cdb_bytes, &lu.geometry())?;
         let mut din = vec![0u8; cmd.data_in_len(&lu.geometry()) as usize];
         let d = lu.execute(nx, &cmd, out, &mut din, &ctx).await?;
@@ -719,7 +953,7 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
         cores.block_on(0, async move {
-            let nx = lu.nexus().unwrap();
+            let nx = lu.nexus(test_it(1)).unwrap();
             let data = vec![0xABu8; 1024];
             exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 4, 0, 0, 2, 0], &data).await.unwrap();
             let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 4, 0, 0, 2, 0], &[]).await.unwrap();
@@ -755,7 +989,7 @@ mod tests {
         let l = lu.clone();
         cores.enter(0, || {
             reactor::spawn_detached(async move {
-                let nx = l.nexus().unwrap();
+                let nx = l.nexus(test_it(1)).unwrap();
                 let mut caw = vec![0u8; 512];
                 caw.extend(vec![0x22u8; 512]);
                 exec(&l, &nx, &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0], &caw).await.unwrap();
@@ -771,20 +1005,21 @@ mod tests {
     }
 
     #[test]
-    fn lun_reset_raises_a_unit_attention_on_other_nexuses_only() {
+    fn lun_reset_raises_a_unit_attention_on_every_nexus() {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
         cores.block_on(0, async move {
-            let a = lu.nexus().unwrap();
-            let b = lu.nexus().unwrap();
+            let a = lu.nexus(test_it(1)).unwrap();
+            let b = lu.nexus(test_it(2)).unwrap();
             lu.reset(&a);
-            assert!(exec(&lu, &a, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok());
             // INQUIRY runs in spite of the pending condition.
             assert!(exec(&lu, &b, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok());
-            let e = exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
-            assert_eq!(e, Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
-            assert!(exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok(), "reported once");
+            for nx in [&b, &a] {
+                let e = exec(&lu, nx, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
+                assert_eq!(e, Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
+                assert!(exec(&lu, nx, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok(), "reported once");
+            }
         });
     }
 
@@ -794,7 +1029,7 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
         cores.block_on(0, async move {
-            let nx = lu.nexus().unwrap();
+            let nx = lu.nexus(test_it(1)).unwrap();
             exec(&lu, &nx, &[0x41, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[7u8; 512]).await.unwrap();
             let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[]).await.unwrap();
             assert!(back.iter().all(|&b| b == 7));
@@ -822,8 +1057,8 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
         cores.block_on(0, async move {
-            let a = lu.nexus().unwrap();
-            let b = lu.nexus().unwrap();
+            let a = lu.nexus(test_it(1)).unwrap();
+            let b = lu.nexus(test_it(2)).unwrap();
             let tur = [0u8, 0, 0, 0, 0, 0];
             exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
             exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.expect("the holder may reserve again");
@@ -835,9 +1070,50 @@ mod tests {
             drop(a);
             assert!(exec(&lu, &b, &tur, &[]).await.is_ok(), "the reservation goes with its nexus");
             exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap();
-            let c = lu.nexus().unwrap();
+            let c = lu.nexus(test_it(3)).unwrap();
             lu.reset(&c);
+            assert_eq!(exec(&lu, &c, &tur, &[]).await.unwrap_err(), Failure::Check(Sense::unit_attention(asc::POWER_ON_RESET)));
             assert!(exec(&lu, &c, &tur, &[]).await.is_ok(), "a reset releases it");
+        });
+    }
+
+    #[test]
+    fn persistent_reservation_conflicts_and_unit_attentions_reach_the_nexus() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        cores.block_on(0, async move {
+            let a = lu.nexus(test_it(1)).unwrap();
+            let b = lu.nexus(test_it(2)).unwrap();
+            let pr_out = |sa: u8, rtype: u8| [0x5F, sa, rtype, 0, 0, 0, 0, 0, 24, 0];
+            let params = |key: u64, sa_key: u64| {
+                let mut p = vec![0u8; 24];
+                p[..8].copy_from_slice(&key.to_be_bytes());
+                p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+                p
+            };
+            exec(&lu, &a, &pr_out(6, 0), &params(0, 0xAA)).await.unwrap();
+            exec(&lu, &b, &pr_out(6, 0), &params(0, 0xBB)).await.unwrap();
+            // RESERVE(6) conflicts while registrations exist; RELEASE(6) is a no-op.
+            assert_eq!(exec(&lu, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await.unwrap_err(), Failure::ReservationConflict);
+            exec(&lu, &b, &[0x17, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            // A exclusive access: B's reads and writes conflict, its TUR and INQUIRY do not.
+            exec(&lu, &a, &pr_out(1, 3), &params(0xAA, 0)).await.unwrap();
+            assert_eq!(exec(&lu, &b, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await.unwrap_err(), Failure::ReservationConflict);
+            assert_eq!(exec(&lu, &b, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0u8; 512]).await.unwrap_err(), Failure::ReservationConflict);
+            assert!(exec(&lu, &b, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok());
+            exec(&lu, &a, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await.expect("the holder reads");
+            // READ KEYS from B.
+            let (_, keys) = exec(&lu, &b, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[]).await.unwrap();
+            assert_eq!(&keys[4..8], &16u32.to_be_bytes());
+            // B preempts A: A's next command reports REGISTRATIONS PREEMPTED, then conflicts.
+            exec(&lu, &b, &pr_out(4, 1), &params(0xBB, 0xAA)).await.unwrap();
+            let e = exec(&lu, &a, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
+            assert_eq!(e, Failure::Check(Sense::unit_attention(asc::REGISTRATIONS_PREEMPTED)));
+            assert_eq!(exec(&lu, &a, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0u8; 512]).await.unwrap_err(), Failure::ReservationConflict);
+            exec(&lu, &a, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await.expect("write exclusive lets A read");
+            exec(&lu, &b, &pr_out(3, 0), &params(0xBB, 0)).await.unwrap();
+            exec(&lu, &a, &[0x16, 0, 0, 0, 0, 0], &[]).await.expect("RESERVE(6) works again once the PR state is clear");
         });
     }
 
@@ -847,7 +1123,7 @@ mod tests {
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
         cores.block_on(0, async move {
-            let nx = lu.nexus().unwrap();
+            let nx = lu.nexus(test_it(1)).unwrap();
             exec(&lu, &nx, &[0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0], &[0x0Fu8; 512]).await.unwrap();
             let mut c = [0u8; 16];
             c[0] = 0x8B;

@@ -26,6 +26,7 @@ pub enum SenseKey {
     IllegalRequest = 0x5,
     UnitAttention = 0x6,
     DataProtect = 0x7,
+    CopyAborted = 0xA,
     AbortedCommand = 0xB,
     Miscompare = 0xE,
 }
@@ -52,6 +53,11 @@ pub mod asc {
     pub const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
     pub const LOGICAL_UNIT_NOT_READY: (u8, u8) = (0x04, 0x00);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: (u8, u8) = (0x2F, 0x00);
+    pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
+    pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);
+    pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x05);
+    pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: (u8, u8) = (0x26, 0x04);
+    pub const INSUFFICIENT_REGISTRATION_RESOURCES: (u8, u8) = (0x55, 0x04);
 }
 
 /// Where in the CDB or parameter list the bad field is (the SKSV "field pointer").
