@@ -252,9 +252,9 @@ pub fn scsi_cdb(data: &[u8]) {
     let d = done.clone();
     cores.enter(0, || {
         spawn_detached(async move {
-            let nx = lu.nexus().expect("nexus");
+            let nx = lu.nexus(crate::scsi::pr::ItNexus::iscsi("iqn.f-host", [0x40, 0, 0, 0, 0, 1], "iqn.f", 1)).expect("nexus");
             let port = PortIdentity { target_name: "iqn.f".into(), portal_group_tag: 1 };
-            let ctx = Context { port: &port, luns: &[0, 1], data_out_expected: out.len() as u64 };
+            let ctx = Context { port: &port, luns: &[0, 1], data_out_expected: out.len() as u64, peers: None };
             let mut din = vec![0u8; din_len];
             let r = lu.execute(&nx, &cmd, &out, &mut din, &ctx).await;
             if let Ok(done) = r {
