@@ -1,5 +1,7 @@
 //! Bdev modules, one folder each (SPDK's `module/bdev/<name>/`): the module's bdev in `mod.rs`
-//! and its RPCs in `rpc.rs` beside it. The stack, bottom up: raw devices (malloc, null, uring),
+//! and its RPCs in `rpc.rs` beside it, where `register_module!` declares the module (no list
+//! here or elsewhere names it; see docs/how-to-add-a-module.md). `rpc.rs` in this folder is
+//! the bdev subsystem itself (`bdev_get_bdevs`, save_config's bdev section). The stack, bottom up: raw devices (malloc, null, uring),
 //! fault injection (error, delay), then the preserve layers (snapshot, mirror).
 
 pub mod delay;
@@ -8,26 +10,15 @@ pub mod malloc;
 pub mod mirror;
 pub mod null;
 pub mod nvme;
+pub mod rpc;
 pub mod snapshot;
 pub mod uring;
 
 use crate::bdev::Bdev;
-use crate::rpc::{parse, Methods, RpcError};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, RpcError};
 use serde::Deserialize;
 use serde_json::{json, Value};
-
-/// Registers every module's RPCs.
-pub fn register(m: &mut Methods) {
-    malloc::rpc::register(m);
-    null::rpc::register(m);
-    nvme::rpc::register(m);
-    uring::rpc::register(m);
-    error::rpc::register(m);
-    delay::rpc::register(m);
-    mirror::rpc::register(m);
-    snapshot::rpc::register(m);
-}
 
 /// SPDK's block format parameters of `bdev_malloc_create` and `bdev_null_create` (metadata,
 /// protection information, physical block size): tidemark's bdevs have plain blocks, so only
@@ -66,7 +57,7 @@ pub struct ByName {
 
 /// The `bdev_*_delete` handler of module `B`: deletes bdev `name` if module `B` made it and
 /// nothing holds it.
-pub fn delete_handler<B: Bdev>(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+pub fn delete_handler<B: Bdev>(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByName = parse(p)?;
     let e = t.bdev(&p.name)?;
     if e.bdev().as_any().downcast_ref::<B>().is_none() {
@@ -78,6 +69,6 @@ pub fn delete_handler<B: Bdev>(t: &Target, p: Option<Value>) -> Result<Value, Rp
 }
 
 /// First free name of the form `{prefix}{n}` (SPDK names unnamed bdevs Malloc0, Malloc1, ...).
-pub fn next_free_name(t: &Target, prefix: &str) -> String {
+pub fn next_free_name(t: &Ctx, prefix: &str) -> String {
     (0..).map(|i| format!("{prefix}{i}")).find(|n| t.bdevs.get(n).is_none()).expect("an unbounded range has a free name")
 }

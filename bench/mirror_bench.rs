@@ -43,7 +43,7 @@ fn fail(msg: &str) -> ! {
 }
 
 fn rpc(t: &Target, m: &str, p: serde_json::Value) -> serde_json::Value {
-    tidemark::rpc::call(t, m, Some(p)).unwrap_or_else(|e| fail(&format!("{m}: {e}")))
+    t.call(m, Some(p)).unwrap_or_else(|e| fail(&format!("{m}: {e}")))
 }
 
 fn make_leg(t: &Target, a: &Args, name: &str) {
@@ -226,8 +226,7 @@ fn main() {
     let splitter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(secs * 500));
         let before = t_arc.reactors.call(0, reactor::now_ns).unwrap_or(0);
-        let r = tidemark::rpc::call(
-            &t_arc,
+        let r = t_arc.call(
             "bdev_snapshot_create",
             Some(serde_json::json!({"bdev_name": "m0", "snapshot_name": "img2", "method": "split", "base_bdev": "l2", "wait_sealed": true})),
         );

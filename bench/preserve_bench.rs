@@ -232,7 +232,7 @@ fn main() {
         let freeze = n % 2 == 0;
         let name = format!("bench{n}");
         let s = Instant::now();
-        let r = tidemark::rpc::call(&target, "bdev_snapshot_create", Some(json!({"bdev_name": "vol", "snapshot_name": name, "freeze": freeze})));
+        let r = target.call("bdev_snapshot_create", Some(json!({"bdev_name": "vol", "snapshot_name": name, "freeze": freeze})));
         let d = s.elapsed();
         if let Err(e) = r {
             fail(&format!("preserve: {e}"));
@@ -242,10 +242,10 @@ fn main() {
         if let Some(p) = prev.take() {
             let s = Instant::now();
             // Wait for the seal (a draining snapshot cannot be deleted).
-            while tidemark::rpc::call(&target, "bdev_snapshot_get", Some(json!({"name": p}))).map(|v| v[0]["state"] == "sealed").unwrap_or(false) == false {
+            while target.call("bdev_snapshot_get", Some(json!({"name": p}))).map(|v| v[0]["state"] == "sealed").unwrap_or(false) == false {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            if let Err(e) = tidemark::rpc::call(&target, "bdev_snapshot_delete", Some(json!({"name": p}))) {
+            if let Err(e) = target.call("bdev_snapshot_delete", Some(json!({"name": p}))) {
                 fail(&format!("delete: {e}"));
             }
             events.push((Kind::Delete, (s - t0).as_nanos() as u64, s.elapsed().as_nanos() as u64));
@@ -319,10 +319,10 @@ fn main() {
     // Phase 2: first writes after a preserve, each to a grain not yet copied, against plain
     // writes to the same grains once copied.
     if let Some(p) = prev.take() {
-        while tidemark::rpc::call(&target, "bdev_snapshot_get", Some(json!({"name": p}))).map(|v| v[0]["state"] == "sealed").unwrap_or(false) == false {
+        while target.call("bdev_snapshot_get", Some(json!({"name": p}))).map(|v| v[0]["state"] == "sealed").unwrap_or(false) == false {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = tidemark::rpc::call(&target, "bdev_snapshot_delete", Some(json!({"name": p})));
+        let _ = target.call("bdev_snapshot_delete", Some(json!({"name": p})));
     }
     // Reopen the volume (the restart path) so that its tables hold nothing from phase 1: the
     // RAM figure below then counts exactly the one snapshot whose grains phase 2 copies.
@@ -331,7 +331,7 @@ fn main() {
         ("bdev_cow_delete", json!({"name": "vol"})),
         ("bdev_cow_create", json!({"name": "vol", "base_bdev": "base", "store_bdev": "store", "grain_kb": a.grain_kb})),
     ] {
-        tidemark::rpc::call(&target, m, Some(p)).unwrap_or_else(|e| fail(&format!("{m}: {e}")));
+        target.call(m, Some(p)).unwrap_or_else(|e| fail(&format!("{m}: {e}")));
     }
     let entry = target.bdevs.get("vol").unwrap_or_else(|| fail("no volume after reopening"));
     let mut order: Vec<u64> = (0..num_grains).collect();
@@ -355,7 +355,8 @@ fn main() {
         (v.len() as f64 / s.elapsed().as_secs_f64(), v)
     };
     let list: Vec<u64> = order.iter().copied().collect();
-    tidemark::rpc::call(&target, "bdev_snapshot_create", Some(json!({"bdev_name": "vol", "snapshot_name": "first", "wait_sealed": true})))
+    target
+        .call("bdev_snapshot_create", Some(json!({"bdev_name": "vol", "snapshot_name": "first", "wait_sealed": true})))
         .unwrap_or_else(|e| fail(&e.to_string()));
     let (first_iops, first) = run_grains(list.clone());
     let (plain_iops, plain) = run_grains(list);
@@ -376,7 +377,7 @@ fn main() {
     println!("plain writes to the same grains:                     {:.0} IOPS, p50 {:.0} us, p99.9 {:.0} us", plain_iops, p(&plain, 0.5), p(&plain, 0.999));
     println!("ratio first-write IOPS / plain-write IOPS: {:.3}", first_iops / plain_iops);
     let vol = entry.bdev().as_any().downcast_ref::<CowVolume>().unwrap_or_else(|| fail("not a CoW volume"));
-    let info = tidemark::rpc::call(&target, "bdev_snapshot_get", Some(json!({"name": "first"}))).unwrap_or_else(|e| fail(&e.to_string()));
+    let info = target.call("bdev_snapshot_get", Some(json!({"name": "first"}))).unwrap_or_else(|e| fail(&e.to_string()));
     let copied = info[0]["grains_copied"].as_u64().unwrap_or(0).max(1);
     let table = vol.table_bytes();
     println!(

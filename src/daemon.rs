@@ -1,7 +1,12 @@
 //! Daemon startup and shutdown, shared by `tidemarkd` and the benchmarks.
 
+mod cli;
+
+pub use cli::main;
+
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::metrics::MetricsServer;
+use crate::module::Ctx;
 use crate::reactor::{ReactorOptions, Reactors};
 use crate::rpc::RpcServer;
 use crate::target::Target;
@@ -34,17 +39,27 @@ pub fn install_panic_policy() {
 /// The environment variable that adds the test-only RPC methods (`TIDEMARK_TEST_HOOKS=1`).
 pub const TEST_HOOKS_ENV: &str = "TIDEMARK_TEST_HOOKS";
 
-/// Adds the test-only methods when the daemon runs with `TIDEMARK_TEST_HOOKS=1`; without it they
-/// do not exist (and `rpc_get_methods` does not list them).
-///
-/// `test_inject_panic {where: "reactor" | "rpc", core?}` panics in a task on reactor `core`
-/// (default 0) or in the RPC handler itself.
-pub fn register_test_hooks(m: &mut crate::rpc::Methods) {
-    if std::env::var_os(TEST_HOOKS_ENV).is_none_or(|v| v != "1") {
-        return;
+/// Whether the test-only methods exist: only when the daemon runs with `TIDEMARK_TEST_HOOKS=1`;
+/// without it they do not (and `rpc_get_methods` does not list them).
+fn test_hooks_enabled() -> bool {
+    let on = std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1");
+    if on {
+        log::warn!("{TEST_HOOKS_ENV}=1: test-only RPC methods are enabled");
     }
-    log::warn!("{TEST_HOOKS_ENV}=1: test-only RPC methods are enabled");
-    m.add("test_inject_panic", test_inject_panic);
+    on
+}
+
+crate::register_module! {
+    name: "test_hooks",
+    order: 1000,
+    enabled: test_hooks_enabled,
+    methods: [
+        (
+            "test_inject_panic",
+            test_inject_panic,
+            "Test only: {where: \"reactor\" | \"rpc\", core?} panics in a task on reactor core (default 0) or in the RPC handler."
+        ),
+    ],
 }
 
 #[derive(serde::Deserialize)]
@@ -56,7 +71,7 @@ struct InjectPanic {
     core: usize,
 }
 
-fn test_inject_panic(t: &Target, p: Option<serde_json::Value>) -> Result<serde_json::Value, crate::rpc::RpcError> {
+fn test_inject_panic(t: &Ctx, p: Option<serde_json::Value>) -> Result<serde_json::Value, crate::rpc::RpcError> {
     let p: InjectPanic = crate::rpc::parse(p)?;
     match p.place.as_str() {
         "rpc" => panic!("injected panic in an RPC handler (test hook)"),
@@ -131,7 +146,7 @@ pub fn apply_config(target: &Target) -> Result<(), String> {
     for (section, calls) in target.config.sections() {
         for (i, call) in calls.iter().enumerate() {
             let params = if call.params.is_null() { None } else { Some(call.params.clone()) };
-            crate::rpc::call(target, &call.method, params).map_err(|e| format!("{section}[{i}] ({}): {}", call.method, e.message))?;
+            target.call(&call.method, params).map_err(|e| format!("{section}[{i}] ({}): {}", call.method, e.message))?;
         }
     }
     Ok(())
@@ -223,12 +238,13 @@ pub fn run_from(config: Config, source: ConfigSource) -> i32 {
         None
     } else {
         let addr = metrics_addr.parse().expect("validated by Config::parse");
-        match MetricsServer::start(addr, target.clone()) {
+        let t = target.clone();
+        match MetricsServer::start(addr, std::sync::Arc::new(move |out: &mut crate::metrics::MetricsOut<'_>| crate::module::metrics::encode(&t, out))) {
             Ok(m) => Some(m),
             Err(e) => return fail(e, reactors, &target),
         }
     };
-    let rpc = match RpcServer::start(listener, socket.clone(), target.clone()) {
+    let rpc = match RpcServer::start(listener, socket.clone(), target.config.rpc.clone(), target.clone()) {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start RPC server: {e}"), reactors, &target),
     };

@@ -72,7 +72,7 @@ pub fn harness() -> &'static Harness {
             ),
         ];
         for (m, p) in calls {
-            if let Err(e) = crate::rpc::call(&target, m, Some(p)) {
+            if let Err(e) = target.call(m, Some(p)) {
                 panic!("fuzz harness: {m}: {}", e.message);
             }
         }
@@ -143,7 +143,7 @@ fn one_connection(addr: SocketAddr, data: &[u8], open: impl Fn() -> usize, base:
 /// (`nvmf::connection::serve` and its read loop). Returns the target's answer.
 pub fn nvmf_pdu(data: &[u8]) -> Vec<u8> {
     let h = harness();
-    let nvmf = h.target.subsystem::<crate::nvmf::NvmfTarget>().expect("the NVMe-oF subsystem").nvmf.clone();
+    let nvmf = h.target.module::<crate::nvmf::NvmfTarget>().expect("the NVMe-oF subsystem").nvmf.clone();
     // The harness's own admin queue stays open.
     one_connection(h.nvmf_addr, data, || nvmf.open_connections.load(Ordering::SeqCst), 1)
 }
@@ -153,7 +153,7 @@ pub fn nvmf_pdu(data: &[u8]) -> Vec<u8> {
 pub fn iscsi_conn(data: &[u8]) -> Vec<u8> {
     let h = harness();
     // Connections past login, as `iscsi_get_connections` lists them.
-    let open = || crate::rpc::call(&h.target, "iscsi_get_connections", None).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+    let open = || h.target.call("iscsi_get_connections", None).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
     one_connection(h.iscsi_addr, data, open, 0)
 }
 

@@ -1,8 +1,10 @@
 //! tidemark: a userspace, polled-mode block storage target (see docs/design.md).
 //!
 //! Layout: [`reactor`] (threads, executor, message rings), [`bdev`] (the one bdev trait,
-//! registry, channels, buffers), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
-//! control plane), [`config`], [`metrics`] and [`daemon`] (startup and shutdown).
+//! registry, channels, buffers), [`module`] (the `Module` trait, self-registration and the
+//! `Ctx` every module receives), the modules in `bdevs/`, the front ends, [`rpc`] (JSON-RPC
+//! protocol and server), [`config`], [`metrics`], [`target`] (the composition root) and
+//! [`daemon`] (startup and shutdown).
 
 pub mod backup;
 pub mod bdev;
@@ -15,6 +17,7 @@ pub mod extent_lock;
 pub mod fuzz;
 pub mod iscsi;
 pub mod metrics;
+pub mod module;
 pub mod nvmf;
 pub mod preserve;
 pub mod reactor;

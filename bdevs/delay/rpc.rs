@@ -2,17 +2,21 @@
 //! latencies in microseconds).
 
 use super::{DelayBdev, AVG_READ, AVG_WRITE, P99_READ, P99_WRITE};
-use crate::rpc::{parse, Methods, RpcError};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, RpcError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_delay_create", create);
-    m.add("bdev_delay_update_latency", update);
-    m.add("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>);
+crate::register_module! {
+    name: "delay",
+    order: 11,
+    methods: [
+        ("bdev_delay_create", create, "Creates a bdev that delays each I/O to its base bdev."),
+        ("bdev_delay_update_latency", update, "Changes one latency of a delay bdev."),
+        ("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>, "Deletes a delay bdev."),
+    ],
 }
 
 /// Longest latency accepted (60 s): anything above is a typo, and hosts would time out.
@@ -38,7 +42,7 @@ fn check(field: &str, v: u64) -> Result<u64, RpcError> {
     Ok(v)
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     let lat = [
         check("avg_read_latency", p.avg_read_latency)?,
@@ -60,7 +64,7 @@ struct Update {
     latency_us: u64,
 }
 
-fn update(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn update(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Update = parse(p)?;
     let idx = match p.latency_type.as_str() {
         "avg_read" => AVG_READ,

@@ -2,16 +2,20 @@
 
 use super::{ErrorBdev, ErrorType};
 use crate::bdev::IoType;
-use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_error_create", create);
-    m.add("bdev_error_inject_error", inject);
-    m.add("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>);
+crate::register_module! {
+    name: "error",
+    order: 12,
+    methods: [
+        ("bdev_error_create", create, "Creates an error-injection bdev over a base bdev."),
+        ("bdev_error_inject_error", inject, "Makes an error bdev fail the next I/Os of a type."),
+        ("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>, "Deletes an error bdev."),
+    ],
 }
 
 #[derive(Deserialize)]
@@ -22,7 +26,7 @@ struct Create {
     uuid: Option<uuid::Uuid>,
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     let name = format!("EE_{}", p.base_name);
     t.bdevs.check_new_name(&name)?;
@@ -90,7 +94,7 @@ fn one() -> u64 {
     1
 }
 
-fn inject(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn inject(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Inject = parse_spdk(p)?;
     let e = t.bdev(&p.name)?;
     let b = e.bdev().as_any().downcast_ref::<ErrorBdev>().ok_or_else(|| RpcError::no_device(format!("bdev {} is not an error bdev", p.name)))?;

@@ -1,15 +1,19 @@
 //! `bdev_malloc_create` / `bdev_malloc_delete`, with SPDK's parameters.
 
 use super::MallocBdev;
-use crate::rpc::{parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_malloc_create", create);
-    m.add("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>);
+crate::register_module! {
+    name: "malloc",
+    order: 13,
+    methods: [
+        ("bdev_malloc_create", create, "Creates a bdev in memory."),
+        ("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>, "Deletes a malloc bdev."),
+    ],
 }
 
 /// SPDK's parameters (v25.09 and the `spdk` Python package).
@@ -59,7 +63,7 @@ impl SpdkParams for Create {
     }
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse_spdk(p)?;
     let name = p.name.unwrap_or_else(|| crate::bdevs::next_free_name(t, "Malloc"));
     t.bdevs.check_new_name(&name)?;

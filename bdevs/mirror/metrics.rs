@@ -6,22 +6,22 @@ use super::layout::MAX_SLOTS;
 use super::MirrorBdev;
 use crate::config::ConfigCall;
 use crate::metrics::{labels, Labels, MetricsOut};
-use crate::target::{Subsystem, Target};
+use crate::module::{Ctx, Module};
 use std::sync::atomic::Ordering::Relaxed;
 
 pub struct MirrorSubsystem;
 
-impl Subsystem for MirrorSubsystem {
+impl Module for MirrorSubsystem {
     fn name(&self) -> &'static str {
         "raid"
     }
 
-    fn config(&self, _t: &Target) -> Vec<ConfigCall> {
+    fn config(&self, _t: &Ctx) -> Vec<ConfigCall> {
         // Mirrors are bdevs: the bdev subsystem saves them.
         Vec::new()
     }
 
-    fn metrics(&self, t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let all = t.bdevs.list();
         let mirrors: Vec<&MirrorBdev> = all.iter().filter_map(|e| e.bdev().as_any().downcast_ref::<MirrorBdev>()).collect();
         if mirrors.is_empty() {

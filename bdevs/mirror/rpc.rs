@@ -9,8 +9,8 @@
 use super::layout::MAX_SLOTS;
 use super::{describe, MirrorBdev, MirrorOptions, SplitImageBdev, PROCESS_OPTIONS};
 use crate::bdev::BdevEntry;
-use crate::rpc::{non_empty, parse, parse_spdk, Methods, RpcError, SpdkParams, EINVAL};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{non_empty, parse, parse_spdk, RpcError, SpdkParams, EINVAL};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,14 +20,19 @@ use std::time::Duration;
 /// How long an RPC waits for the mirror's home core (metadata I/O on every leg).
 const CALL_WAIT: Duration = Duration::from_secs(120);
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_raid_create", create);
-    m.add("bdev_raid_get_bdevs", get_bdevs);
-    m.add("bdev_raid_delete", delete);
-    m.add("bdev_raid_add_base_bdev", add_base_bdev);
-    m.add("bdev_raid_remove_base_bdev", remove_base_bdev);
-    m.add("bdev_raid_set_options", set_options);
-    m.add("bdev_raid_open_split_image", open_split_image);
+crate::register_module! {
+    name: "raid",
+    order: 20,
+    construct: |_, _| std::sync::Arc::new(super::metrics::MirrorSubsystem),
+    methods: [
+        ("bdev_raid_create", create, "Creates a mirror (RAID1) bdev over base bdevs."),
+        ("bdev_raid_get_bdevs", get_bdevs, "Describes mirror bdevs and their legs."),
+        ("bdev_raid_delete", delete, "Deletes a mirror bdev."),
+        ("bdev_raid_add_base_bdev", add_base_bdev, "Adds a leg to a mirror; it is resynchronised."),
+        ("bdev_raid_remove_base_bdev", remove_base_bdev, "Removes a leg from its mirror."),
+        ("bdev_raid_set_options", set_options, "Sets the mirror module's options."),
+        ("bdev_raid_open_split_image", open_split_image, "Opens a split leg's image as a bdev."),
+    ],
 }
 
 /// SPDK accepts base bdevs as a list or as one space-separated string.
@@ -61,7 +66,7 @@ struct Create {
     region_size_kb: Option<u64>,
 }
 
-fn mirror_of(t: &Target, name: &str) -> Result<(Arc<BdevEntry>, Arc<dyn crate::bdev::Bdev>), RpcError> {
+fn mirror_of(t: &Ctx, name: &str) -> Result<(Arc<BdevEntry>, Arc<dyn crate::bdev::Bdev>), RpcError> {
     let e = t.bdev(name)?;
     let b = e.bdev().clone();
     if b.as_any().downcast_ref::<MirrorBdev>().is_none() {
@@ -71,7 +76,7 @@ fn mirror_of(t: &Target, name: &str) -> Result<(Arc<BdevEntry>, Arc<dyn crate::b
 }
 
 /// Runs `f(mirror)` on the mirror's home core and waits for its result.
-fn on_home<T, Fut>(t: &Target, b: &Arc<dyn crate::bdev::Bdev>, f: impl FnOnce(Arc<dyn crate::bdev::Bdev>) -> Fut + Send + 'static) -> Result<T, RpcError>
+fn on_home<T, Fut>(t: &Ctx, b: &Arc<dyn crate::bdev::Bdev>, f: impl FnOnce(Arc<dyn crate::bdev::Bdev>) -> Fut + Send + 'static) -> Result<T, RpcError>
 where
     T: Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
@@ -85,7 +90,7 @@ fn as_mirror(b: &Arc<dyn crate::bdev::Bdev>) -> &MirrorBdev {
     b.as_any().downcast_ref::<MirrorBdev>().expect("checked to be a mirror by the caller")
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     non_empty("name", &p.name)?;
     match p.raid_level.to_ascii_lowercase().as_str() {
@@ -151,7 +156,7 @@ impl SpdkParams for Delete {
     }
 }
 
-fn delete(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Delete = parse_spdk(p)?;
     crate::bdevs::delete_handler::<MirrorBdev>(t, Some(json!({ "name": p.name })))
 }
@@ -163,7 +168,7 @@ struct GetBdevs {
     category: Option<String>,
 }
 
-fn get_bdevs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_bdevs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetBdevs = parse(p)?;
     let category = p.category.unwrap_or_else(|| "all".into());
     if !matches!(category.as_str(), "all" | "online" | "configuring" | "offline") {
@@ -186,7 +191,7 @@ struct AddBase {
     base_bdev: String,
 }
 
-fn add_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn add_base_bdev(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: AddBase = parse(p)?;
     let (_, b) = mirror_of(t, &p.raid_bdev)?;
     let m = as_mirror(&b);
@@ -229,7 +234,7 @@ fn add_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!({ "base_bdev": leg_name, "slot": added.slot, "returning": added.returning, "regions_to_copy": added.regions_to_copy }))
 }
 
-fn remove_base_bdev(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn remove_base_bdev(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: crate::bdevs::ByName = parse(p)?;
     t.bdev(&p.name)?;
     let owner = t.bdevs.list().into_iter().find(|e| e.bdev().as_any().downcast_ref::<MirrorBdev>().is_some_and(|m| m.has_leg(&p.name)));
@@ -251,7 +256,7 @@ struct SetOptions {
     process_max_bandwidth_mb_sec: Option<u64>,
 }
 
-fn set_options(_t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn set_options(_t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: SetOptions = parse(p)?;
     if let Some(kb) = p.process_window_size_kb {
         if !(4..=16384).contains(&kb) {
@@ -274,7 +279,7 @@ struct OpenImage {
     base_bdev: String,
 }
 
-fn open_split_image(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn open_split_image(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: OpenImage = parse(p)?;
     t.bdevs.check_new_name(&p.name)?;
     let guard = t.bdev(&p.base_bdev)?.claim(&p.name)?;

@@ -1,15 +1,19 @@
 //! `bdev_null_create` / `bdev_null_delete`, with SPDK's parameters.
 
 use super::NullBdev;
-use crate::rpc::{parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_null_create", create);
-    m.add("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>);
+crate::register_module! {
+    name: "null",
+    order: 14,
+    methods: [
+        ("bdev_null_create", create, "Creates a bdev that discards writes and reads zeroes."),
+        ("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>, "Deletes a null bdev."),
+    ],
 }
 
 /// SPDK's parameters (v25.09 and the `spdk` Python package).
@@ -60,7 +64,7 @@ impl SpdkParams for Create {
     }
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse_spdk(p)?;
     t.bdevs.check_new_name(&p.name)?;
     let b = NullBdev::new(&p.name, p.num_blocks, p.block_size, p.uuid).map_err(RpcError::invalid_params)?;

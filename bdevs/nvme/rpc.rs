@@ -3,17 +3,21 @@
 //! `bdev_nvme_passthru_create {name, filename}` and `bdev_nvme_passthru_delete {name}`.
 
 use super::NvmeBdev;
-use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_nvme_attach_controller", attach);
-    m.add("bdev_nvme_detach_controller", detach);
-    m.add("bdev_nvme_passthru_create", create);
-    m.add("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>);
+crate::register_module! {
+    name: "nvme",
+    order: 15,
+    methods: [
+        ("bdev_nvme_attach_controller", attach, "Connects to an NVMe/TCP controller and makes bdevs of its namespaces."),
+        ("bdev_nvme_detach_controller", detach, "Disconnects an NVMe controller and deletes its bdevs."),
+        ("bdev_nvme_passthru_create", create, "Creates a pass-through bdev over a local NVMe device."),
+        ("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>, "Deletes an NVMe pass-through bdev."),
+    ],
 }
 
 #[derive(Deserialize)]
@@ -23,7 +27,7 @@ struct Create {
     filename: String,
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     t.bdevs.check_new_name(&p.name)?;
     let path = t.data_path(&p.filename);
@@ -108,7 +112,7 @@ impl SpdkParams for Attach {
     }
 }
 
-fn attach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn attach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Attach = parse_spdk(p)?;
     if !p.trtype.eq_ignore_ascii_case("pcie") {
         return Err(RpcError::invalid_params(format!("field `trtype`: {:?} is not supported (only \"pcie\"; NVMe/TCP initiator bdevs are planned)", p.trtype)));
@@ -158,7 +162,7 @@ struct Detach {
     hostsvcid: Option<String>,
 }
 
-fn detach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Detach = parse(p)?;
     if let Some(tt) = &p.trtype {
         if !tt.eq_ignore_ascii_case("pcie") {

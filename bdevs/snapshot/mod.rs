@@ -124,9 +124,9 @@ mod table;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram};
 use crate::extent_lock::LockSpace;
+use crate::module::Ctx;
 use crate::preserve::{EpochTracker, FreezeGate, Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::reactor;
-use crate::target::Target;
 use layout::{DiskState, Geometry, MAX_PIECES, MAX_SNAPSHOTS};
 use serde_json::{json, Value};
 use std::io::{IoSlice, IoSliceMut};
@@ -349,7 +349,7 @@ impl CowVolume {
 
     fn call_home<T: Send + 'static>(
         &self,
-        t: &Target,
+        t: &Ctx,
         f: impl FnOnce(Arc<VolumeShared>) -> futures::future::LocalBoxFuture<'static, T> + Send + 'static,
     ) -> Result<T, PreserveError> {
         let v = self.v.clone();
@@ -752,7 +752,7 @@ impl Preservable for CowVolume {
         "cow"
     }
 
-    fn preserve(&self, t: &Target, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
+    fn preserve(&self, t: &Ctx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
         if req.snapshot_name.len() > layout::MAX_NAME {
             return Err(PreserveError::Invalid(format!("snapshot name is longer than {} bytes", layout::MAX_NAME)));
         }
@@ -782,7 +782,7 @@ impl Preservable for CowVolume {
         self.v.find(name).map(|i| self.v.snaps[i].meta().signal.clone())
     }
 
-    fn delete_snapshot(&self, t: &Target, name: &str) -> Result<(), PreserveError> {
+    fn delete_snapshot(&self, t: &Ctx, name: &str) -> Result<(), PreserveError> {
         let name = name.to_string();
         let vol = CowVolume { v: self.v.clone() };
         self.call_home(t, move |_| Box::pin(async move { vol.remove_snapshot(&name).await }))?

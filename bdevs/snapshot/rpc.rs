@@ -6,16 +6,20 @@
 //! same store brings it all back.
 
 use super::{CowVolume, OpenParams};
-use crate::rpc::{non_empty, parse, Methods, RpcError, EBUSY};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{non_empty, parse, RpcError, EBUSY};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_cow_create", create);
-    m.add("bdev_cow_delete", delete);
+crate::register_module! {
+    name: "cow",
+    order: 17,
+    methods: [
+        ("bdev_cow_create", create, "Creates a copy-on-write preservable volume over a base bdev and a store."),
+        ("bdev_cow_delete", delete, "Deletes a CoW volume (and its snapshots)."),
+    ],
 }
 
 #[derive(Deserialize)]
@@ -35,7 +39,7 @@ fn home_core(name: &str, cores: usize) -> usize {
     (crc32c::crc32c(name.as_bytes()) as usize) % cores.max(1)
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     non_empty("name", &p.name)?;
     t.bdevs.check_new_name(&p.name)?;
@@ -73,7 +77,7 @@ struct Delete {
     name: String,
 }
 
-fn delete(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Delete = parse(p)?;
     let e = t.bdev(&p.name)?;
     let vol = e

@@ -2,15 +2,19 @@
 //! file, sparse, if it does not exist). Relative filenames live in the data directory.
 
 use super::UringBdev;
-use crate::rpc::{parse, Methods, RpcError};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, RpcError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_uring_create", create);
-    m.add("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>);
+crate::register_module! {
+    name: "uring",
+    order: 16,
+    methods: [
+        ("bdev_uring_create", create, "Creates a bdev on a file or block device through io_uring."),
+        ("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>, "Deletes a uring bdev."),
+    ],
 }
 
 #[derive(Deserialize)]
@@ -26,7 +30,7 @@ struct Create {
     uuid: Option<uuid::Uuid>,
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     t.bdevs.check_new_name(&p.name)?;
     crate::rpc::non_empty("filename", &p.filename)?;

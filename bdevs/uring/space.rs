@@ -7,7 +7,7 @@
 
 use super::UringBdev;
 use crate::metrics::{labels, MetricsOut};
-use crate::target::Target;
+use crate::module::Ctx;
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -51,7 +51,7 @@ impl UringBdev {
 }
 
 /// Every file-backed uring bdev of the target.
-pub fn file_uses(t: &Target) -> Vec<FileUse> {
+pub fn file_uses(t: &Ctx) -> Vec<FileUse> {
     t.bdevs.list().iter().filter_map(|e| e.bdev().as_any().downcast_ref::<UringBdev>().and_then(|u| u.file_use())).collect()
 }
 
@@ -71,7 +71,7 @@ impl FsReport {
 }
 
 /// The file systems under the data directory and the file-backed bdevs.
-pub fn report(t: &Target) -> Vec<FsReport> {
+pub fn report(t: &Ctx) -> Vec<FsReport> {
     let mut by_dev: BTreeMap<u64, FsReport> = BTreeMap::new();
     if let (Ok(m), Some(space)) = (std::fs::metadata(&t.data_dir), fs_space(&t.data_dir)) {
         by_dev.insert(m.dev(), FsReport { path: t.data_dir.clone(), space, files: Vec::new() });
@@ -92,7 +92,7 @@ pub fn report(t: &Target) -> Vec<FsReport> {
 
 /// Logs a WARN for every file system whose sparse files can outgrow its free space (run at
 /// start, once the configuration's bdevs exist). Returns the warnings, for tests.
-pub fn warn_if_sparse_files_can_outgrow(t: &Target) -> Vec<String> {
+pub fn warn_if_sparse_files_can_outgrow(t: &Ctx) -> Vec<String> {
     let mut out = Vec::new();
     for r in report(t) {
         let growth = r.growth_bytes();
@@ -120,7 +120,7 @@ pub fn warn_if_sparse_files_can_outgrow(t: &Target) -> Vec<String> {
 
 /// `tidemark_filesystem_{free,size}_bytes{path}` per file system, and
 /// `tidemark_bdev_file_unallocated_bytes{bdev}` per file-backed bdev.
-pub fn metrics(t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+pub fn metrics(t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
     let reports = report(t);
     let per_fs = |f: &dyn Fn(&FsReport) -> u64| reports.iter().map(|r| (labels(&[("path", &r.path.display().to_string())]), f(r) as f64)).collect::<Vec<_>>();
     out.gauge(

@@ -12,7 +12,7 @@ mod source;
 pub use job::Progress;
 
 use crate::metrics::{labels, Labels, MetricsOut};
-use crate::target::{Subsystem, Target};
+use crate::module::{Ctx, Module};
 use manifest::{Manifest, State};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -68,13 +68,13 @@ pub struct BackupService {
 }
 
 impl BackupService {
-    fn records_path(t: &Target) -> PathBuf {
+    fn records_path(t: &Ctx) -> PathBuf {
         t.data_dir.join("backup-jobs.json")
     }
 
     /// Loads the job records of earlier runs; a job that was running when the daemon stopped
     /// is marked failed.
-    pub(crate) fn ensure_loaded(&self, t: &Target) {
+    pub(crate) fn ensure_loaded(&self, t: &Ctx) {
         self.loaded.get_or_init(|| {
             let Ok(text) = std::fs::read_to_string(Self::records_path(t)) else { return };
             let Ok(records) = serde_json::from_str::<Vec<JobRecord>>(&text) else {
@@ -118,7 +118,7 @@ impl BackupService {
     }
 
     /// Brings records up to date with running jobs and writes them (atomically).
-    pub(crate) fn save(&self, t: &Target) {
+    pub(crate) fn save(&self, t: &Ctx) {
         let records: Vec<JobRecord> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             refresh(&mut jobs);
@@ -156,17 +156,17 @@ pub(crate) fn refresh(jobs: &mut BTreeMap<String, Job>) {
     }
 }
 
-impl Subsystem for BackupService {
+impl Module for BackupService {
     fn name(&self) -> &'static str {
         "backup"
     }
 
-    fn config(&self, _t: &Target) -> Vec<crate::config::ConfigCall> {
+    fn config(&self, _t: &Ctx) -> Vec<crate::config::ConfigCall> {
         // Jobs are work, not configuration.
         Vec::new()
     }
 
-    fn shutdown(&self, t: &Target) {
+    fn shutdown(&self, t: &Ctx) {
         let threads: Vec<JoinHandle<()>> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             for j in jobs.values() {
@@ -180,7 +180,7 @@ impl Subsystem for BackupService {
         self.save(t);
     }
 
-    fn metrics(&self, _t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, _t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         refresh(&mut jobs);
         let mut done = Vec::new();

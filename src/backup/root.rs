@@ -5,14 +5,14 @@
 //! relative paths resolve under the root, `..` is refused, and every path is checked after
 //! symlinks are resolved. Files are created 0600 and directories 0700.
 
+use crate::module::Ctx;
 use crate::rpc::{RpcError, EPERM};
-use crate::target::Target;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// The backup root as configured (relative: under the data directory), created 0700 if
 /// missing, with its symlinks resolved.
-pub fn root(t: &Target) -> Result<PathBuf, RpcError> {
+pub fn root(t: &Ctx) -> Result<PathBuf, RpcError> {
     let r = t.data_dir.join(&t.config.backup.root);
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -30,7 +30,7 @@ fn outside(given: &str, root: &Path) -> RpcError {
 /// no `..`; missing directories under the root are created 0700; the directory it lands in
 /// must still be inside the root once symlinks are resolved. The image itself is created
 /// with `O_EXCL` ([`create_private`]), which never follows a symlink.
-pub fn output_path(t: &Target, given: &str) -> Result<PathBuf, RpcError> {
+pub fn output_path(t: &Ctx, given: &str) -> Result<PathBuf, RpcError> {
     let root = root(t)?;
     let g = Path::new(given);
     if given.is_empty() || g.components().any(|c| c == Component::ParentDir) {
@@ -63,13 +63,13 @@ pub fn output_path(t: &Target, given: &str) -> Result<PathBuf, RpcError> {
 
 /// The directories a backup may be read from: the root and `backup.restore_allowed_dirs`
 /// (those that exist), symlinks resolved.
-fn readable_dirs(t: &Target, root: &Path) -> Vec<PathBuf> {
+fn readable_dirs(t: &Ctx, root: &Path) -> Vec<PathBuf> {
     std::iter::once(root.to_path_buf()).chain(t.config.backup.restore_allowed_dirs.iter().filter_map(|d| d.canonicalize().ok())).collect()
 }
 
 /// Checks that `p` (an existing file: a manifest or an image) is, symlinks resolved, under
 /// the root, or under an allowed directory if `allow_elsewhere`. Returns the resolved path.
-fn check_readable(t: &Target, root: &Path, given: &str, p: &Path, allow_elsewhere: bool) -> Result<PathBuf, RpcError> {
+fn check_readable(t: &Ctx, root: &Path, given: &str, p: &Path, allow_elsewhere: bool) -> Result<PathBuf, RpcError> {
     let real = p.canonicalize().map_err(|e| RpcError::invalid_params(format!("field `path`: cannot read {}: {e}", p.display())))?;
     let dirs = if allow_elsewhere { readable_dirs(t, root) } else { vec![root.to_path_buf()] };
     if dirs.iter().any(|d| real.starts_with(d)) {
@@ -80,7 +80,7 @@ fn check_readable(t: &Target, root: &Path, given: &str, p: &Path, allow_elsewher
 
 /// The manifest a restore (or an incremental's base) names: `given` relative to the root, or
 /// absolute under the root or an allowed directory.
-pub fn input_manifest(t: &Target, given: &str) -> Result<PathBuf, RpcError> {
+pub fn input_manifest(t: &Ctx, given: &str) -> Result<PathBuf, RpcError> {
     let root = root(t)?;
     let g = Path::new(given);
     // Refused before any lookup, so that the answer says nothing about files out there.
@@ -95,7 +95,7 @@ pub fn input_manifest(t: &Target, given: &str) -> Result<PathBuf, RpcError> {
 /// Loads the chain ending at manifest `mp` (as [`input_manifest`] gave it), checking each
 /// manifest before it is read and each image, against the same rule as the path the caller
 /// gave: a manifest names its base freely.
-pub fn load_chain(t: &Target, given: &str, mp: &Path) -> Result<Vec<(PathBuf, super::manifest::Manifest)>, RpcError> {
+pub fn load_chain(t: &Ctx, given: &str, mp: &Path) -> Result<Vec<(PathBuf, super::manifest::Manifest)>, RpcError> {
     let root = root(t)?;
     let elsewhere = Path::new(given).is_absolute();
     let refused = std::cell::Cell::new(None);

@@ -4,8 +4,8 @@ use super::job::{self, JobSpec, Progress};
 use super::manifest::{self, BaseRef, Kind, Manifest, State};
 use super::{source, BackupService, Job, JobKind, JobRecord, MAX_RUNNING};
 use crate::bdev::{Channel, HolderKind, IoBuf};
-use crate::rpc::{parse, Methods, RpcError, EALREADY, EBUSY, EEXIST, EINVAL, EIO, ENODEV};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, RpcError, EALREADY, EBUSY, EEXIST, EINVAL, EIO, ENODEV};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -13,15 +13,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn register(m: &mut Methods) {
-    m.add("backup_start", backup_start);
-    m.add("backup_get", backup_get);
-    m.add("backup_cancel", backup_cancel);
-    m.add("backup_restore", backup_restore);
+crate::register_module! {
+    name: "backup",
+    order: 60,
+    construct: |_, _| std::sync::Arc::new(super::BackupService::default()),
+    methods: [
+        ("backup_start", backup_start, "Starts a full or incremental backup of a sealed snapshot to a directory."),
+        ("backup_get", backup_get, "Describes backups: progress and result."),
+        ("backup_cancel", backup_cancel, "Cancels a running backup."),
+        ("backup_restore", backup_restore, "Restores a backup into a bdev."),
+    ],
 }
 
-fn service(t: &Target) -> Result<&BackupService, RpcError> {
-    let s = t.subsystem::<BackupService>().ok_or_else(|| RpcError::internal("the backup service is not running"))?;
+fn service(t: &Ctx) -> Result<&BackupService, RpcError> {
+    let s = t.module::<BackupService>().ok_or_else(|| RpcError::internal("the backup service is not running"))?;
     s.ensure_loaded(t);
     Ok(s)
 }
@@ -65,7 +70,7 @@ fn check_output(path: &Path) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn backup_start(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn backup_start(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Start = parse(p)?;
     let s = service(t)?;
     let described = source::describe(t, &p.source)?;
@@ -215,7 +220,7 @@ fn describe_job(j: &Job) -> Value {
     })
 }
 
-fn backup_get(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn backup_get(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Get = parse(p)?;
     let s = service(t)?;
     let mut jobs = s.jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,7 +237,7 @@ struct Cancel {
     id: String,
 }
 
-fn backup_cancel(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn backup_cancel(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Cancel = parse(p)?;
     let s = service(t)?;
     let thread = {
@@ -289,7 +294,7 @@ fn check_restore_target(entry: &crate::bdev::BdevEntry, force: bool) -> Result<(
     Ok(())
 }
 
-fn backup_restore(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn backup_restore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Restore = parse(p)?;
     let s = service(t)?;
     let mp = super::root::input_manifest(t, &p.path)?;

@@ -3,8 +3,8 @@
 //! (known from the CoW tables or the mirror's dirty map, never by reading both images).
 
 use super::manifest::Source;
+use crate::module::Ctx;
 use crate::rpc::RpcError;
-use crate::target::Target;
 
 pub struct Described {
     pub source: Source,
@@ -12,7 +12,7 @@ pub struct Described {
 }
 
 /// Describes the preserved image `name`.
-pub fn describe(t: &Target, name: &str) -> Result<Described, RpcError> {
+pub fn describe(t: &Ctx, name: &str) -> Result<Described, RpcError> {
     let _ = t.bdev(name)?;
     let img = crate::preserve::describe_image(t, name).ok_or_else(|| RpcError::no_device(format!("bdev {name} is not a preserved image (snapshot)")))?;
     Ok(Described {
@@ -30,7 +30,7 @@ pub fn describe(t: &Target, name: &str) -> Result<Described, RpcError> {
 
 /// Byte ranges (offset, length), sorted and disjoint, that differ between `older` and
 /// `newer`, two images of the same volume.
-pub fn changed_ranges(t: &Target, older: &Source, newer: &Source) -> Result<Vec<(u64, u64)>, RpcError> {
+pub fn changed_ranges(t: &Ctx, older: &Source, newer: &Source) -> Result<Vec<(u64, u64)>, RpcError> {
     if older.volume != newer.volume {
         return Err(RpcError::no_device(format!("{} and {} preserve different volumes", older.snapshot, newer.snapshot)));
     }

@@ -13,7 +13,6 @@ mod buffer;
 mod channel;
 mod completion;
 mod registry;
-pub mod rpc;
 mod stats;
 
 pub use budget::{ConnBudget, CoreBudget, Lease, Short};
@@ -22,7 +21,6 @@ pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
-pub use rpc::BdevSubsystem;
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
 
 use serde_json::Value;

@@ -342,12 +342,12 @@ impl Config {
     /// Takes the calls from an SPDK JSON configuration (`tidemarkd --json`), keeping the
     /// settings. A configuration that has calls already is refused: the target is built from
     /// one file, not a merge of two.
-    pub fn set_calls_from_spdk_json(&mut self, text: &str) -> Result<(), String> {
+    /// `is_method` tells the target's RPC methods from SPDK methods tidemark does without.
+    pub fn set_calls_from_spdk_json(&mut self, text: &str, is_method: impl Fn(&str) -> bool) -> Result<(), String> {
         if self.sections().iter().any(|(_, c)| !c.is_empty()) {
             return Err("the TOML configuration has calls too; give the calls in one file (--config with settings only, or no --config)".into());
         }
-        let methods = crate::rpc::Methods::all();
-        let [bdev, nvmf, iscsi] = spdk::calls_from_spdk(text, |m| methods.get(m).is_some())?;
+        let [bdev, nvmf, iscsi] = spdk::calls_from_spdk(text, is_method)?;
         self.bdev = bdev;
         self.nvmf = nvmf;
         self.iscsi = iscsi;

@@ -21,7 +21,7 @@ pub mod text;
 use crate::bdev::IoType;
 use crate::config::ConfigCall;
 use crate::metrics::{labels, LatencySample, MetricsOut};
-use crate::target::{Subsystem, Target};
+use crate::module::{Ctx, Module};
 use config::{Registry, TargetNode};
 use login::{status, LoggedIn, LoginContext, SessionType};
 use std::collections::BTreeMap;
@@ -184,7 +184,7 @@ impl IscsiSubsystem {
     }
 
     /// Closes the connections of sessions matching `which` and waits until they are gone.
-    pub(crate) fn close_sessions(&self, t: &Target, which: impl Fn(&SessionRecord) -> bool) -> bool {
+    pub(crate) fn close_sessions(&self, t: &Ctx, which: impl Fn(&SessionRecord) -> bool) -> bool {
         let victims: Vec<(u64, usize)> = self.shared.sessions().records.values().filter(|r| which(r)).map(|r| (r.conn_id, r.core)).collect();
         for &(id, core) in &victims {
             t.reactors.send(core, move || conn::close_local(id));
@@ -200,16 +200,16 @@ impl IscsiSubsystem {
     }
 }
 
-impl Subsystem for IscsiSubsystem {
+impl Module for IscsiSubsystem {
     fn name(&self) -> &'static str {
         "iscsi"
     }
 
-    fn config(&self, _t: &Target) -> Vec<ConfigCall> {
+    fn config(&self, _t: &Ctx) -> Vec<ConfigCall> {
         rpc::config_calls(&self.shared.registry())
     }
 
-    fn shutdown(&self, t: &Target) {
+    fn shutdown(&self, t: &Ctx) {
         let _ = t.reactors.call(portal::LISTEN_CORE, portal::stop_all);
         let _ = t.reactors.call_all(conn::close_all_local);
         let start = Instant::now();
@@ -223,7 +223,7 @@ impl Subsystem for IscsiSubsystem {
         drop(nodes);
     }
 
-    fn metrics(&self, _t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, _t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let nodes: Vec<Arc<TargetNode>> = self.shared.registry().nodes.values().cloned().collect();
         let mut sessions = Vec::new();
         let mut conns = Vec::new();

@@ -3,38 +3,43 @@
 use super::config::{self, AuthGroup, ChapSecret, InitiatorGroup, Lun, Netmask, Options, Portal, PortalGroup, Registry, TargetNode};
 use super::{portal, IscsiSubsystem};
 use crate::config::ConfigCall;
-use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams, EBUSY, EEXIST, ENODEV};
+use crate::module::Ctx;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams, EBUSY, EEXIST, ENODEV};
 use crate::scsi::{LogicalUnit, MAX_LUN};
-use crate::target::Target;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("iscsi_set_options", set_options);
-    m.add("iscsi_get_options", get_options);
-    m.add("iscsi_set_discovery_auth", set_discovery_auth);
-    m.add("iscsi_create_portal_group", create_portal_group);
-    m.add("iscsi_delete_portal_group", delete_portal_group);
-    m.add("iscsi_get_portal_groups", get_portal_groups);
-    m.add("iscsi_create_initiator_group", create_initiator_group);
-    m.add("iscsi_delete_initiator_group", delete_initiator_group);
-    m.add("iscsi_get_initiator_groups", get_initiator_groups);
-    m.add("iscsi_create_auth_group", create_auth_group);
-    m.add("iscsi_delete_auth_group", delete_auth_group);
-    m.add("iscsi_get_auth_groups", get_auth_groups);
-    m.add("iscsi_create_target_node", create_target_node);
-    m.add("iscsi_delete_target_node", delete_target_node);
-    m.add("iscsi_target_node_add_lun", target_node_add_lun);
-    m.add("iscsi_get_target_nodes", get_target_nodes);
-    m.add("iscsi_get_connections", get_connections);
-    m.add("scsi_get_devices", scsi_get_devices);
+crate::register_module! {
+    name: "iscsi",
+    order: 50,
+    construct: |reactors, _| std::sync::Arc::new(super::IscsiSubsystem::new(reactors.core_count())),
+    methods: [
+        ("iscsi_set_options", set_options, "Sets the iSCSI target's options."),
+        ("iscsi_get_options", get_options, "The iSCSI target's options."),
+        ("iscsi_set_discovery_auth", set_discovery_auth, "Sets CHAP for discovery sessions."),
+        ("iscsi_create_portal_group", create_portal_group, "Creates a portal group (listen addresses)."),
+        ("iscsi_delete_portal_group", delete_portal_group, "Deletes a portal group."),
+        ("iscsi_get_portal_groups", get_portal_groups, "Describes the portal groups."),
+        ("iscsi_create_initiator_group", create_initiator_group, "Creates an initiator group (names and netmasks)."),
+        ("iscsi_delete_initiator_group", delete_initiator_group, "Deletes an initiator group."),
+        ("iscsi_get_initiator_groups", get_initiator_groups, "Describes the initiator groups."),
+        ("iscsi_create_auth_group", create_auth_group, "Creates a CHAP secret group."),
+        ("iscsi_delete_auth_group", delete_auth_group, "Deletes a CHAP secret group."),
+        ("iscsi_get_auth_groups", get_auth_groups, "Describes the CHAP secret groups."),
+        ("iscsi_create_target_node", create_target_node, "Creates an iSCSI target node with its LUNs."),
+        ("iscsi_delete_target_node", delete_target_node, "Deletes an iSCSI target node."),
+        ("iscsi_target_node_add_lun", target_node_add_lun, "Adds a LUN to a target node."),
+        ("iscsi_get_target_nodes", get_target_nodes, "Describes the target nodes."),
+        ("iscsi_get_connections", get_connections, "Lists the iSCSI connections."),
+        ("scsi_get_devices", scsi_get_devices, "Lists the SCSI devices (target nodes and their LUNs)."),
+    ],
 }
 
-fn subsystem(t: &Target) -> Result<&IscsiSubsystem, RpcError> {
-    t.subsystem::<IscsiSubsystem>().ok_or_else(|| RpcError::internal("the iscsi subsystem is not running"))
+fn subsystem(t: &Ctx) -> Result<&IscsiSubsystem, RpcError> {
+    t.module::<IscsiSubsystem>().ok_or_else(|| RpcError::internal("the iscsi subsystem is not running"))
 }
 
 fn invalid(msg: impl std::fmt::Display) -> RpcError {
@@ -77,7 +82,7 @@ impl SpdkParams for SpdkOnlyOptions {
 const SPDK_ONLY_OPTIONS: [&str; 6] =
     ["pdu_pool_size", "immediate_data_pool_size", "data_out_pool_size", "max_large_datain_per_connection", "allow_duplicated_isid", "auth_file"];
 
-fn set_options(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn set_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let s = subsystem(t)?;
     // Unnamed fields keep their current values (SPDK applies only what is given).
     let current = serde_json::to_value(&s.shared.registry().options).map_err(RpcError::internal)?;
@@ -97,7 +102,7 @@ fn set_options(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn get_options(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     serde_json::to_value(&subsystem(t)?.shared.registry().options).map_err(RpcError::internal)
 }
@@ -115,7 +120,7 @@ struct DiscoveryAuth {
     chap_group: u32,
 }
 
-fn set_discovery_auth(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn set_discovery_auth(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: DiscoveryAuth = parse(p)?;
     config::check_chap_policy(p.disable_chap, p.require_chap, p.mutual_chap).map_err(invalid)?;
     let s = subsystem(t)?;
@@ -165,7 +170,7 @@ fn resolve(host: &str, port: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
-fn create_portal_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_portal_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreatePortalGroup = parse(p)?;
     if p.tag == 0 {
         return Err(invalid("field `tag` must be at least 1"));
@@ -221,7 +226,7 @@ struct ByTag {
     tag: u32,
 }
 
-fn delete_portal_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete_portal_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByTag = parse(p)?;
     let s = subsystem(t)?;
     let tag = u16::try_from(p.tag).map_err(|_| invalid("field `tag` must be 1 to 65535"))?;
@@ -238,7 +243,7 @@ fn delete_portal_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> 
     Ok(json!(true))
 }
 
-fn get_portal_groups(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_portal_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(
@@ -257,7 +262,7 @@ struct CreateInitiatorGroup {
     netmasks: Vec<String>,
 }
 
-fn create_initiator_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_initiator_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreateInitiatorGroup = parse(p)?;
     if p.tag == 0 {
         return Err(invalid("field `tag` must be at least 1"));
@@ -287,7 +292,7 @@ fn create_initiator_group(t: &Target, p: Option<Value>) -> Result<Value, RpcErro
     Ok(json!(true))
 }
 
-fn delete_initiator_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete_initiator_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByTag = parse(p)?;
     let s = subsystem(t)?;
     let tag = u16::try_from(p.tag).map_err(|_| invalid("field `tag` must be 1 to 65535"))?;
@@ -299,7 +304,7 @@ fn delete_initiator_group(t: &Target, p: Option<Value>) -> Result<Value, RpcErro
     Ok(json!(true))
 }
 
-fn get_initiator_groups(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_initiator_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.initiator_groups.values().map(|g| json!({"tag": g.tag, "initiators": g.initiators, "netmasks": g.netmasks})).collect()))
@@ -316,7 +321,7 @@ struct CreateAuthGroup {
 /// Longest CHAP user name or secret.
 const MAX_CHAP_LEN: usize = 255;
 
-fn create_auth_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_auth_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreateAuthGroup = parse(p)?;
     if p.tag == 0 {
         return Err(invalid("field `tag` must be at least 1"));
@@ -345,7 +350,7 @@ fn create_auth_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn delete_auth_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete_auth_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByTag = parse(p)?;
     let s = subsystem(t)?;
     let mut reg = s.shared.registry();
@@ -359,7 +364,7 @@ fn delete_auth_group(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn get_auth_groups(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_auth_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.auth_groups.values().map(|g| json!({"tag": g.tag, "secrets": g.secrets})).collect()))
@@ -402,7 +407,7 @@ struct CreateTargetNode {
     data_digest: bool,
 }
 
-fn open_lun(t: &Target, node: &str, l: &LunParam, field: &str) -> Result<Arc<Lun>, RpcError> {
+fn open_lun(t: &Ctx, node: &str, l: &LunParam, field: &str) -> Result<Arc<Lun>, RpcError> {
     if l.lun_id > MAX_LUN {
         return Err(invalid(format!("field `{field}.lun_id` must be at most {MAX_LUN}")));
     }
@@ -412,7 +417,7 @@ fn open_lun(t: &Target, node: &str, l: &LunParam, field: &str) -> Result<Arc<Lun
     Ok(Arc::new(Lun::new(l.lun_id, unit, hold, t.reactors.core_count())))
 }
 
-fn create_target_node(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_target_node(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreateTargetNode = parse(p)?;
     let s = subsystem(t)?;
     let (name, max_qd) = {
@@ -485,7 +490,7 @@ struct ByName {
     name: String,
 }
 
-fn delete_target_node(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete_target_node(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByName = parse(p)?;
     let s = subsystem(t)?;
     let node = {
@@ -511,7 +516,7 @@ struct AddLun {
     lun_id: Option<u64>,
 }
 
-fn target_node_add_lun(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn target_node_add_lun(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: AddLun = parse(p)?;
     let s = subsystem(t)?;
     let node = {
@@ -560,7 +565,7 @@ fn node_json(n: &TargetNode) -> Value {
     v
 }
 
-fn get_target_nodes(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_target_nodes(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.nodes.values().map(|n| node_json(n)).collect()))
@@ -568,13 +573,13 @@ fn get_target_nodes(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
 
 /// SPDK's SCSI devices: one per target node, named after it (spdkcli lists target nodes
 /// through this).
-fn scsi_get_devices(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn scsi_get_devices(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reg = subsystem(t)?.shared.registry();
     Ok(Value::Array(reg.nodes.values().filter(|n| !n.deleted.load(Relaxed)).enumerate().map(|(i, n)| json!({"id": i, "device_name": n.name})).collect()))
 }
 
-fn get_connections(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_connections(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let s = subsystem(t)?;
     let sessions = s.shared.sessions();

@@ -21,8 +21,8 @@ pub mod transport;
 
 use crate::config::ConfigCall;
 use crate::metrics::{labels, LatencySample, MetricsOut};
+use crate::module::{Ctx, Module};
 use crate::reactor::{self, ReactorHandle};
-use crate::target::{Subsystem as TargetSubsystem, Target};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -253,12 +253,12 @@ impl NvmfTarget {
     }
 }
 
-impl TargetSubsystem for NvmfTarget {
+impl Module for NvmfTarget {
     fn name(&self) -> &'static str {
         "nvmf"
     }
 
-    fn config(&self, _t: &Target) -> Vec<ConfigCall> {
+    fn config(&self, _t: &Ctx) -> Vec<ConfigCall> {
         let mut out = Vec::new();
         if let Some(tr) = self.nvmf.transport() {
             out.push(ConfigCall::new("nvmf_create_transport", tr.to_json()));
@@ -271,11 +271,11 @@ impl TargetSubsystem for NvmfTarget {
         out
     }
 
-    fn shutdown(&self, _t: &Target) {
+    fn shutdown(&self, _t: &Ctx) {
         self.nvmf.shutdown();
     }
 
-    fn metrics(&self, _t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, _t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let subs = self.nvmf.subsystems();
         let mut ctrls = Vec::new();
         let mut qpairs = Vec::new();

@@ -5,33 +5,38 @@
 use super::subsystem::{parse_hex, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
-use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub fn register(m: &mut Methods) {
-    m.add("nvmf_create_transport", create_transport);
-    m.add("nvmf_get_transports", get_transports);
-    m.add("nvmf_create_subsystem", create_subsystem);
-    m.add("nvmf_delete_subsystem", delete_subsystem);
-    m.add("nvmf_subsystem_add_listener", add_listener);
-    m.add("nvmf_subsystem_remove_listener", remove_listener);
-    m.add("nvmf_subsystem_get_listeners", get_listeners);
-    m.add("nvmf_subsystem_add_ns", add_ns);
-    m.add("nvmf_subsystem_remove_ns", remove_ns);
-    m.add("nvmf_subsystem_add_host", add_host);
-    m.add("nvmf_subsystem_remove_host", remove_host);
-    m.add("nvmf_subsystem_allow_any_host", allow_any_host);
-    m.add("nvmf_get_subsystems", get_subsystems);
-    m.add("nvmf_subsystem_get_controllers", get_controllers);
-    m.add("nvmf_subsystem_get_qpairs", get_qpairs);
+crate::register_module! {
+    name: "nvmf",
+    order: 40,
+    construct: |reactors, _| std::sync::Arc::new(super::NvmfTarget::new(reactors.clone())),
+    methods: [
+        ("nvmf_create_transport", create_transport, "Creates the NVMe-oF TCP transport."),
+        ("nvmf_get_transports", get_transports, "Describes the NVMe-oF transports."),
+        ("nvmf_create_subsystem", create_subsystem, "Creates an NVMe-oF subsystem."),
+        ("nvmf_delete_subsystem", delete_subsystem, "Deletes an NVMe-oF subsystem."),
+        ("nvmf_subsystem_add_listener", add_listener, "Adds a TCP listener to a subsystem."),
+        ("nvmf_subsystem_remove_listener", remove_listener, "Removes a listener from a subsystem."),
+        ("nvmf_subsystem_get_listeners", get_listeners, "Lists a subsystem's listeners."),
+        ("nvmf_subsystem_add_ns", add_ns, "Adds a bdev to a subsystem as a namespace."),
+        ("nvmf_subsystem_remove_ns", remove_ns, "Removes a namespace from a subsystem."),
+        ("nvmf_subsystem_add_host", add_host, "Allows a host NQN to connect to a subsystem."),
+        ("nvmf_subsystem_remove_host", remove_host, "Removes a host NQN from a subsystem."),
+        ("nvmf_subsystem_allow_any_host", allow_any_host, "Allows or disallows any host on a subsystem."),
+        ("nvmf_get_subsystems", get_subsystems, "Describes the NVMe-oF subsystems."),
+        ("nvmf_subsystem_get_controllers", get_controllers, "Lists a subsystem's controllers."),
+        ("nvmf_subsystem_get_qpairs", get_qpairs, "Lists a subsystem's queue pairs."),
+    ],
 }
 
-fn nvmf(t: &Target) -> Result<&Arc<Nvmf>, RpcError> {
-    t.subsystem::<NvmfTarget>().map(|n| &n.nvmf).ok_or_else(|| RpcError::internal("the nvmf subsystem is not running"))
+fn nvmf(t: &Ctx) -> Result<&Arc<Nvmf>, RpcError> {
+    t.module::<NvmfTarget>().map(|n| &n.nvmf).ok_or_else(|| RpcError::internal("the nvmf subsystem is not running"))
 }
 
 /// Only the default target exists (SPDK's `tgt_name`).
@@ -143,7 +148,7 @@ impl SpdkParams for CreateTransport {
     }
 }
 
-fn create_transport(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_transport(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreateTransport = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     if !p.trtype.eq_ignore_ascii_case("tcp") {
@@ -178,7 +183,7 @@ struct GetTransports {
     tgt_name: Option<String>,
 }
 
-fn get_transports(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_transports(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetTransports = parse(p)?;
     check_tgt(&p.tgt_name)?;
     if let Some(tt) = &p.trtype {
@@ -243,7 +248,7 @@ impl SpdkParams for CreateSubsystem {
     }
 }
 
-fn create_subsystem(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: CreateSubsystem = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -291,7 +296,7 @@ fn detach_namespace(n: &Nvmf, s: &Subsystem, nsid: u32) -> bool {
     true
 }
 
-fn delete_subsystem(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -356,7 +361,7 @@ fn listener_addr(p: &Listener) -> Result<ListenAddr, RpcError> {
     ListenAddr::parse(&a.trtype, a.adrfam.as_deref(), &a.traddr, &a.trsvcid).map_err(RpcError::invalid_params)
 }
 
-fn add_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn add_listener(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Listener = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -374,7 +379,7 @@ fn add_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn remove_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn remove_listener(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Listener = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -394,7 +399,7 @@ fn remove_listener(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn get_listeners(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_listeners(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let s = find(nvmf(t)?, &p.nqn)?;
@@ -444,7 +449,7 @@ impl SpdkParams for AddNs {
     }
 }
 
-fn add_ns(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: AddNs = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let ns = &p.namespace;
@@ -477,7 +482,7 @@ struct RemoveNs {
     tgt_name: Option<String>,
 }
 
-fn remove_ns(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn remove_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: RemoveNs = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -518,7 +523,7 @@ impl SpdkParams for HostParams {
     }
 }
 
-fn add_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn add_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: HostParams = parse_spdk(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -528,7 +533,7 @@ fn add_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn remove_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn remove_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: HostParams = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -552,7 +557,7 @@ struct AllowAny {
     tgt_name: Option<String>,
 }
 
-fn allow_any_host(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn allow_any_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: AllowAny = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -571,7 +576,7 @@ struct GetSubsystems {
     tgt_name: Option<String>,
 }
 
-fn get_subsystems(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_subsystems(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetSubsystems = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
@@ -582,14 +587,14 @@ fn get_subsystems(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(list.iter().map(|s| s.describe()).collect()))
 }
 
-fn get_controllers(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_controllers(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let s = find(nvmf(t)?, &p.nqn)?;
     Ok(Value::Array(s.controllers().iter().map(|c| describe_controller(c)).collect()))
 }
 
-fn get_qpairs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get_qpairs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let s = find(nvmf(t)?, &p.nqn)?;

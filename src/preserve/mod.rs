@@ -16,8 +16,8 @@ pub use gate::FreezeGate;
 
 use crate::bdev::{Bdev, LATENCY_BUCKETS_US};
 use crate::metrics::{labels, LatencySample, MetricsOut};
+use crate::module::{Ctx, Module};
 use crate::rpc::RpcError;
-use crate::target::{Subsystem, Target};
 use serde::Serialize;
 use std::any::Any;
 use std::sync::{Arc, Condvar, Mutex};
@@ -165,14 +165,14 @@ pub trait Preservable: Send + Sync {
     /// right after the reply keeps it), without any host I/O waiting for that record or for
     /// old-epoch I/O (with `freeze`, after the classic stop/drain/switch/resume). Runs on an
     /// RPC thread.
-    fn preserve(&self, t: &Target, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError>;
+    fn preserve(&self, t: &Ctx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError>;
     /// Every snapshot of this bdev.
     fn snapshots(&self) -> Vec<SnapshotInfo>;
     /// The seal signal of snapshot `name` (for `wait_sealed`).
     fn seal_signal(&self, name: &str) -> Option<Arc<SealSignal>>;
     /// Deletes snapshot `name`, whose bdev the caller has already unregistered; durable when
     /// it returns. Runs on an RPC thread.
-    fn delete_snapshot(&self, t: &Target, name: &str) -> Result<(), PreserveError>;
+    fn delete_snapshot(&self, t: &Ctx, name: &str) -> Result<(), PreserveError>;
     /// The bdev's preserve figures, for metrics.
     fn stats(&self) -> PreserveStats;
     /// Byte ranges (offset, length), sorted and disjoint, where sealed image `newer` may
@@ -193,7 +193,7 @@ pub struct ImageInfo {
 }
 
 /// Describes snapshot `name` (None if no preservable bdev has a snapshot of that name).
-pub fn describe_image(t: &Target, name: &str) -> Option<ImageInfo> {
+pub fn describe_image(t: &Ctx, name: &str) -> Option<ImageInfo> {
     let (origin, info) = all_snapshots(t).into_iter().find(|(_, s)| s.name == name)?;
     let origin_uuid = t.bdevs.get(&origin)?.bdev().uuid();
     let snapshot_uuid = t.bdevs.get(name)?.bdev().uuid();
@@ -202,7 +202,7 @@ pub fn describe_image(t: &Target, name: &str) -> Option<ImageInfo> {
 
 /// What changed between two sealed images of bdev `origin` (see
 /// [`Preservable::changed_ranges`]).
-pub fn changed_ranges(t: &Target, origin: &str, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
+pub fn changed_ranges(t: &Ctx, origin: &str, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
     let e = t.bdevs.get(origin).ok_or_else(|| PreserveError::NotFound(format!("bdev {origin} does not exist")))?;
     let p = preservable(e.bdev().as_ref()).ok_or_else(|| PreserveError::Invalid(format!("bdev {origin} is not preservable")))?;
     p.changed_ranges(older, newer)
@@ -248,7 +248,7 @@ pub fn preservable(bdev: &dyn Bdev) -> Option<&dyn Preservable> {
 }
 
 /// Every snapshot of every preservable bdev, with the owner's name.
-pub fn all_snapshots(t: &Target) -> Vec<(String, SnapshotInfo)> {
+pub fn all_snapshots(t: &Ctx) -> Vec<(String, SnapshotInfo)> {
     let mut out = Vec::new();
     for e in t.bdevs.list() {
         if let Some(p) = preservable(e.bdev().as_ref()) {
@@ -262,16 +262,16 @@ pub fn all_snapshots(t: &Target) -> Vec<(String, SnapshotInfo)> {
 /// only metrics.
 pub struct PreserveSubsystem;
 
-impl Subsystem for PreserveSubsystem {
+impl Module for PreserveSubsystem {
     fn name(&self) -> &'static str {
         "preserve"
     }
 
-    fn config(&self, _t: &Target) -> Vec<crate::config::ConfigCall> {
+    fn config(&self, _t: &Ctx) -> Vec<crate::config::ConfigCall> {
         Vec::new()
     }
 
-    fn metrics(&self, t: &Target, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let mut all = Vec::new();
         for e in t.bdevs.list() {
             if let Some(p) = preservable(e.bdev().as_ref()) {

@@ -2,16 +2,21 @@
 //! [`Preservable`] bdev.
 
 use super::{all_snapshots, preservable, PreserveRequest, SnapshotState};
-use crate::rpc::{non_empty, parse, Methods, RpcError, EBUSY, EINVAL, ENODEV};
-use crate::target::Target;
+use crate::module::Ctx;
+use crate::rpc::{non_empty, parse, RpcError, EBUSY, EINVAL, ENODEV};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_snapshot_create", create);
-    m.add("bdev_snapshot_get", get);
-    m.add("bdev_snapshot_delete", delete);
+crate::register_module! {
+    name: "preserve",
+    order: 30,
+    construct: |_, _| std::sync::Arc::new(super::PreserveSubsystem),
+    methods: [
+        ("bdev_snapshot_create", create, "Takes a point-in-time image of a preservable bdev without pausing I/O."),
+        ("bdev_snapshot_get", get, "Describes snapshots: state, epoch, space used."),
+        ("bdev_snapshot_delete", delete, "Deletes a snapshot."),
+    ],
 }
 
 /// Default and longest wait of `wait_sealed`.
@@ -39,14 +44,14 @@ struct Create {
     freeze: bool,
 }
 
-fn snapshot_json(origin: &str, name: &str, t: &Target) -> Result<Value, RpcError> {
+fn snapshot_json(origin: &str, name: &str, t: &Ctx) -> Result<Value, RpcError> {
     let e = t.bdev(origin)?;
     let p = preservable(e.bdev().as_ref()).ok_or_else(|| RpcError::no_device(format!("bdev {origin} is gone")))?;
     let info = p.snapshots().into_iter().find(|s| s.name == name).ok_or_else(|| RpcError::no_device(format!("snapshot {name} is gone")))?;
     serde_json::to_value(info).map_err(RpcError::internal)
 }
 
-fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     non_empty("bdev_name", &p.bdev_name)?;
     non_empty("snapshot_name", &p.snapshot_name)?;
@@ -86,7 +91,7 @@ struct Get {
     name: Option<String>,
 }
 
-fn get(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn get(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Get = parse(p)?;
     let all = all_snapshots(t);
     let list: Vec<Value> = all
@@ -108,7 +113,7 @@ struct Delete {
     name: String,
 }
 
-fn delete(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Delete = parse(p)?;
     let (origin, info) =
         all_snapshots(t).into_iter().find(|(_, s)| s.name == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("snapshot {} does not exist", p.name)))?;

@@ -16,8 +16,8 @@
 //! every client is such a peer unless the operator opened the socket to others; the idle
 //! timeout is what sheds the rest.
 
-use super::{RpcError, INVALID_REQUEST, PARSE_ERROR};
-use crate::target::Target;
+use super::{Dispatch, RpcError, INVALID_REQUEST, PARSE_ERROR};
+use crate::config::RpcSection;
 use serde_json::{json, Value};
 use std::cell::Cell;
 use std::io::{Read, Write};
@@ -64,11 +64,11 @@ pub struct RpcServer {
 }
 
 impl RpcServer {
-    pub fn start(listener: UnixListener, path: PathBuf, target: Arc<Target>) -> std::io::Result<RpcServer> {
+    pub fn start(listener: UnixListener, path: PathBuf, settings: RpcSection, target: Arc<dyn Dispatch>) -> std::io::Result<RpcServer> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
-        let thread = std::thread::Builder::new().name("rpc".into()).spawn(move || accept_loop(listener, target, st))?;
+        let thread = std::thread::Builder::new().name("rpc".into()).spawn(move || accept_loop(listener, settings, target, st))?;
         Ok(RpcServer { path, stop, thread: Some(thread) })
     }
 
@@ -182,8 +182,8 @@ impl Clients {
     }
 }
 
-fn accept_loop(listener: UnixListener, target: Arc<Target>, stop: Arc<AtomicBool>) {
-    let cfg = &target.config.rpc;
+fn accept_loop(listener: UnixListener, settings: RpcSection, target: Arc<dyn Dispatch>, stop: Arc<AtomicBool>) {
+    let cfg = &settings;
     let clients = Arc::new(Clients { list: Mutex::new(Vec::new()), epoch: Instant::now(), max_clients: cfg.max_clients, admin_clients: cfg.admin_clients });
     let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -198,8 +198,9 @@ fn accept_loop(listener: UnixListener, target: Arc<Target>, stop: Arc<AtomicBool
                 };
                 let t = target.clone();
                 let cs = clients.clone();
+                let settings = settings.clone();
                 let spawned = std::thread::Builder::new().name("rpc-client".into()).spawn(move || {
-                    serve_client(stream, &t, &cs, &me);
+                    serve_client(stream, &settings, &*t, &cs, &me);
                     cs.remove(&me);
                 });
                 if let Err(e) = spawned {
@@ -407,8 +408,8 @@ impl Read for RequestReader {
 }
 
 /// Serves one client: a stream of JSON values (requests or batches), answered in order.
-fn serve_client(stream: UnixStream, target: &Target, clients: &Arc<Clients>, me: &Arc<Client>) {
-    let limits = Limits::new(&target.config.rpc);
+fn serve_client(stream: UnixStream, settings: &RpcSection, target: &dyn Dispatch, clients: &Arc<Clients>, me: &Arc<Client>) {
+    let limits = Limits::new(settings);
     // A client that does not take its replies is cut like one that sends too slowly.
     let _ = stream.set_write_timeout(Some(limits.request_timeout));
     let count = Rc::new(Cell::new(Count::default()));
@@ -469,7 +470,7 @@ fn serve_client(stream: UnixStream, target: &Target, clients: &Arc<Clients>, me:
 }
 
 /// Handles one request; `None` for a notification (no id).
-fn handle(target: &Target, req: Value) -> Option<Value> {
+fn handle(target: &dyn Dispatch, req: Value) -> Option<Value> {
     let Value::Object(mut obj) = req else {
         return Some(error_reply(Value::Null, &RpcError::new(INVALID_REQUEST, "Invalid request: not a JSON object")));
     };
@@ -487,7 +488,7 @@ fn handle(target: &Target, req: Value) -> Option<Value> {
     };
     let params = obj.remove("params");
     let t0 = std::time::Instant::now();
-    let result = super::call(target, &method, params);
+    let result = target.call(&method, params);
     log::debug!("rpc {method}: {:?} in {:?}", result.as_ref().map(|_| "ok").map_err(|e| e.code), t0.elapsed());
     id.as_ref()?;
     Some(match result {

@@ -1,16 +1,24 @@
-//! RPCs of the bdev layer itself (module RPCs live beside each module in `bdevs/`).
+//! The bdev subsystem: RPCs of the bdev layer itself (`bdev_get_bdevs`, `bdev_get_iostat`;
+//! each module's RPCs live beside it), its configuration and metrics. It sits here, above the
+//! generic layer (`crate::bdev`), because it is a module like the others: the generic layer
+//! knows no module and no [`Ctx`].
 
-use super::{BdevEntry, IoType, LATENCY_BUCKETS_US};
+use crate::bdev::{BdevEntry, IoType, LATENCY_BUCKETS_US};
 use crate::config::ConfigCall;
-use crate::rpc::{parse, parse_spdk, Methods, RpcError, SpdkParams};
-use crate::target::{Subsystem, Target};
+use crate::module::{Ctx, Module};
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub fn register(m: &mut Methods) {
-    m.add("bdev_get_bdevs", bdev_get_bdevs);
-    m.add("bdev_get_iostat", bdev_get_iostat);
+crate::register_module! {
+    name: "bdev",
+    order: 10,
+    construct: |_, _| Arc::new(BdevSubsystem),
+    methods: [
+        ("bdev_get_bdevs", bdev_get_bdevs, "Describes one bdev or every bdev."),
+        ("bdev_get_iostat", bdev_get_iostat, "I/O statistics of one bdev or every bdev."),
+    ],
 }
 
 /// `bdev_get_bdevs` (SPDK's parameters).
@@ -54,7 +62,7 @@ impl SpdkParams for GetIostat {
     }
 }
 
-fn selected(t: &Target, name: Option<String>) -> Result<Vec<Arc<BdevEntry>>, RpcError> {
+fn selected(t: &Ctx, name: Option<String>) -> Result<Vec<Arc<BdevEntry>>, RpcError> {
     match name {
         Some(n) => Ok(vec![t.bdev(&n)?]),
         None => Ok(t.bdevs.list()),
@@ -91,12 +99,12 @@ pub fn describe(e: &BdevEntry) -> Value {
     v
 }
 
-fn bdev_get_bdevs(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn bdev_get_bdevs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetBdevs = parse(p)?;
     Ok(Value::Array(selected(t, p.name)?.iter().map(|e| describe(e)).collect()))
 }
 
-fn bdev_get_iostat(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn bdev_get_iostat(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetIostat = parse_spdk(p)?;
     let entries = match (p.name, p.names) {
         (_, Some(names)) => names.iter().map(|n| t.bdev(n)).collect::<Result<Vec<_>, _>>()?,
@@ -182,18 +190,18 @@ fn histogram_json(b: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> Value {
 /// The bdev subsystem: its configuration is the creation call of every bdev, bases first.
 pub struct BdevSubsystem;
 
-impl Subsystem for BdevSubsystem {
+impl Module for BdevSubsystem {
     fn name(&self) -> &'static str {
         "bdev"
     }
 
-    fn config(&self, t: &Target) -> Vec<ConfigCall> {
+    fn config(&self, t: &Ctx) -> Vec<ConfigCall> {
         // Module options first: they apply to the bdevs created after them.
         let options = crate::bdevs::mirror::options_call().map(|(m, p)| ConfigCall::new(m, p));
         options.into_iter().chain(t.bdevs.in_creation_order().iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p))).collect()
     }
 
-    fn metrics(&self, t: &Target, out: &mut crate::metrics::MetricsOut<'_>) -> std::fmt::Result {
+    fn metrics(&self, t: &Ctx, out: &mut crate::metrics::MetricsOut<'_>) -> std::fmt::Result {
         crate::bdevs::uring::space::metrics(t, out)
     }
 

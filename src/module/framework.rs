@@ -1,20 +1,24 @@
 //! Framework RPCs: method list, version, configuration, reactors, shutdown.
 
-use super::{parse, parse_spdk, Methods, RpcError, SpdkParams, ENODEV};
-use crate::target::Target;
+use super::Ctx;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams, EIO, ENODEV};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
 
-pub fn register(m: &mut Methods) {
-    m.add("rpc_get_methods", rpc_get_methods);
-    m.add("spdk_get_version", spdk_get_version);
-    m.add("framework_get_config", framework_get_config);
-    m.add("framework_get_subsystems", framework_get_subsystems);
-    m.add("framework_get_reactors", framework_get_reactors);
-    m.add("framework_wait_init", |_, _| Ok(json!(true)));
-    m.add("save_config", save_config);
-    m.add("spdk_kill_instance", spdk_kill_instance);
+crate::register_module! {
+    name: "framework",
+    order: 0,
+    methods: [
+        ("rpc_get_methods", rpc_get_methods, "Lists every RPC method the target serves."),
+        ("spdk_get_version", spdk_get_version, "The target's version and git commit."),
+        ("framework_get_config", framework_get_config, "One subsystem's running configuration as RPC calls."),
+        ("framework_get_subsystems", framework_get_subsystems, "Lists the subsystems."),
+        ("framework_get_reactors", framework_get_reactors, "Each reactor's core and busy, idle and sleep time."),
+        ("framework_wait_init", |_, _| Ok(json!(true)), "Returns once the target is initialized (it always is)."),
+        ("save_config", save_config, "The running configuration, optionally written to a file."),
+        ("spdk_kill_instance", spdk_kill_instance, "Shuts the daemon down."),
+    ],
 }
 
 #[derive(Deserialize)]
@@ -29,12 +33,12 @@ struct GetMethods {
     include_aliases: bool,
 }
 
-fn rpc_get_methods(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn rpc_get_methods(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: GetMethods = parse(p)?;
-    Ok(json!(t.methods.names().collect::<Vec<_>>()))
+    Ok(json!(t.methods().map(|m| m.name).collect::<Vec<_>>()))
 }
 
-fn spdk_get_version(_: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn spdk_get_version(_: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let v = env!("CARGO_PKG_VERSION");
     let mut parts = v.split('.').map(|x| x.parse::<u64>().unwrap_or(0));
@@ -59,18 +63,18 @@ impl SpdkParams for GetConfig {
     }
 }
 
-fn framework_get_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn framework_get_config(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetConfig = parse_spdk(p)?;
-    let s = t.subsystems().iter().find(|s| s.name() == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("no subsystem named {}", p.name)))?;
+    let s = t.modules().iter().find(|s| s.name() == p.name).ok_or_else(|| RpcError::new(ENODEV, format!("no subsystem named {}", p.name)))?;
     Ok(serde_json::to_value(s.config(t)).map_err(RpcError::internal)?)
 }
 
-fn framework_get_subsystems(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn framework_get_subsystems(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
-    Ok(Value::Array(t.subsystems().iter().map(|s| json!({ "subsystem": s.name(), "depends_on": [] })).collect()))
+    Ok(Value::Array(t.modules().iter().map(|s| json!({ "subsystem": s.name(), "depends_on": [] })).collect()))
 }
 
-fn framework_get_reactors(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn framework_get_reactors(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let _: serde_json::Map<String, Value> = parse(p)?;
     let reactors: Vec<Value> = (0..t.reactors.core_count())
         .map(|c| {
@@ -91,11 +95,11 @@ fn framework_get_reactors(t: &Target, p: Option<Value>) -> Result<Value, RpcErro
     Ok(json!({ "tick_rate": 1_000_000_000u64, "poll_mode": t.config.reactor.poll_mode, "reactors": reactors }))
 }
 
-/// The running configuration: the daemon's settings as started, and every subsystem's
+/// The running configuration: the daemon's settings as started, and every module's
 /// current state as RPC calls.
-pub fn running_config(t: &Target) -> crate::config::Config {
+pub fn running_config(t: &Ctx) -> crate::config::Config {
     let mut c = t.config.clone();
-    for s in t.subsystems() {
+    for s in t.modules() {
         if let Some(sec) = c.section_mut(s.name()) {
             *sec = s.config(t);
         }
@@ -126,7 +130,7 @@ struct SaveConfig {
 
 /// The running configuration: the result is always in SPDK's shape (`{"subsystems": [...]}`);
 /// with `format: "spdk"` its params are SPDK's too (see [`crate::config::spdk::to_spdk`]).
-fn save_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn save_config(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: SaveConfig = parse(p)?;
     let c = running_config(t);
     let spdk = c.to_spdk_json();
@@ -135,12 +139,12 @@ fn save_config(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
             SaveFormat::Toml => c.to_toml().map_err(RpcError::internal)?,
             SaveFormat::Spdk => serde_json::to_string_pretty(&spdk).map_err(RpcError::internal)? + "\n",
         };
-        std::fs::write(path, text).map_err(|e| RpcError::new(super::EIO, format!("cannot write {path}: {e}")))?;
+        std::fs::write(path, text).map_err(|e| RpcError::new(EIO, format!("cannot write {path}: {e}")))?;
     }
     if p.format == SaveFormat::Spdk {
         return Ok(spdk);
     }
-    let subsystems: Vec<Value> = t.subsystems().iter().map(|s| json!({ "subsystem": s.name(), "config": s.config(t) })).collect();
+    let subsystems: Vec<Value> = t.modules().iter().map(|s| json!({ "subsystem": s.name(), "config": s.config(t) })).collect();
     Ok(json!({ "subsystems": subsystems }))
 }
 
@@ -151,7 +155,7 @@ struct Kill {
     sig_name: Option<String>,
 }
 
-fn spdk_kill_instance(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
+fn spdk_kill_instance(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Kill = parse(p)?;
     match p.sig_name.as_deref() {
         None | Some("SIGTERM") | Some("SIGINT") | Some("SIGKILL") => {}
