@@ -542,6 +542,9 @@ impl Bdev for MirrorBdev {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+    fn as_preservable(&self) -> Option<&dyn crate::preserve::Preservable> {
+        Some(self)
+    }
 }
 
 /// The mirror as `bdev_raid_get_bdevs` shows it (SPDK's fields plus tidemark's).

@@ -745,6 +745,9 @@ impl Bdev for CowVolume {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+    fn as_preservable(&self) -> Option<&dyn crate::preserve::Preservable> {
+        Some(self)
+    }
 }
 
 impl Preservable for CowVolume {

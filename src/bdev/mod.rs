@@ -204,6 +204,11 @@ pub trait Bdev: Send + Sync + 'static {
     /// Called once, after the bdev is unregistered and every core dropped its channel.
     fn destroy(&self) {}
     fn as_any(&self) -> &dyn std::any::Any;
+    /// The bdev's preserve interface (`bdev_snapshot_*`), if it can be preserved: the generic
+    /// layer asks the bdev instead of knowing which modules' bdevs can.
+    fn as_preservable(&self) -> Option<&dyn crate::preserve::Preservable> {
+        None
+    }
 }
 
 /// A module's reason for refusing to create a bdev, mapped to a JSON-RPC error at the edge.

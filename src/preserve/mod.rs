@@ -234,17 +234,9 @@ pub struct PreserveStats {
     pub snapshots_failed: u64,
 }
 
-/// How to find the [`Preservable`] of a bdev: one downcast per preservable module.
-type Downcast = fn(&dyn Any) -> Option<&dyn Preservable>;
-
-const PRESERVABLE_KINDS: &[Downcast] = &[
-    |b| b.downcast_ref::<crate::bdevs::snapshot::CowVolume>().map(|v| v as &dyn Preservable),
-    |b| b.downcast_ref::<crate::bdevs::mirror::MirrorBdev>().map(|v| v as &dyn Preservable),
-];
-
-/// The preserve interface of `bdev`, if it has one.
+/// The preserve interface of `bdev`, if it has one ([`Bdev::as_preservable`]).
 pub fn preservable(bdev: &dyn Bdev) -> Option<&dyn Preservable> {
-    PRESERVABLE_KINDS.iter().find_map(|f| f(bdev.as_any()))
+    bdev.as_preservable()
 }
 
 /// Every snapshot of every preservable bdev, with the owner's name.
