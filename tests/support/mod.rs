@@ -55,6 +55,12 @@ impl Daemon {
     /// As [`Daemon::start_with_env`], with `adjust` applied to the daemon's command first
     /// (resource limits, say).
     pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Daemon {
+        Self::start_program(Path::new(TIDEMARKD), config, args, env, adjust)
+    }
+
+    /// As [`Daemon::start_with`], running `program` (a build of the daemon with more modules
+    /// linked in, tests/modules.rs) instead of `tidemarkd`.
+    pub fn start_program(program: &Path, config: &str, args: &[&str], env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::Builder::new().prefix("tidemark-test").tempdir().expect("tempdir");
         let socket = dir.path().join("rpc.sock");
@@ -68,7 +74,7 @@ impl Daemon {
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.path().join("tidemarkd.log");
         let logf = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(TIDEMARKD);
+        let mut cmd = Command::new(program);
         adjust(&mut cmd);
         let child = cmd
             .arg("--config")

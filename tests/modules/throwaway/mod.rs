@@ -1,0 +1,110 @@
+//! `throwaway`: a bdev module that exists only to show that a module is one folder. Its bdev
+//! reads zeros and discards writes; the module serves two RPCs, writes its bdevs into
+//! `save_config` (through `Bdev::config_call`) and one metric family. Nothing outside this
+//! folder names it.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::rc::Rc;
+use std::sync::Arc;
+use tidemark::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use tidemark::metrics::MetricsOut;
+use tidemark::module::{Ctx, Module};
+use tidemark::rpc::{parse, RpcError};
+
+tidemark::register_module! {
+    name: "throwaway",
+    order: 19,
+    construct: |_, _| Arc::new(Throwaway),
+    methods: [
+        ("bdev_throwaway_create", create, "Creates a throw-away bdev (reads zeros, discards writes)."),
+        ("bdev_throwaway_delete", tidemark::bdevs::delete_handler::<ThrowawayBdev>, "Deletes a throw-away bdev."),
+    ],
+}
+
+/// The module's running state: only metrics.
+struct Throwaway;
+
+impl Module for Throwaway {
+    fn name(&self) -> &'static str {
+        "throwaway"
+    }
+
+    /// The bdevs come back through the bdev section (their `config_call`).
+    fn config(&self, _ctx: &Ctx) -> Vec<tidemark::config::ConfigCall> {
+        Vec::new()
+    }
+
+    fn metrics(&self, ctx: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+        let n = ctx.bdevs.list().iter().filter(|e| e.bdev().as_any().is::<ThrowawayBdev>()).count();
+        out.gauge("tidemark_throwaway_bdevs", "Throw-away bdevs.", &[(vec![], n as f64)])
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+pub struct ThrowawayBdev {
+    name: String,
+    num_blocks: u64,
+    uuid: uuid::Uuid,
+}
+
+struct Zeros;
+
+impl IoChannel for Zeros {
+    fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
+        if let Io::Read { bufs, .. } = io {
+            bufs.iter_mut().for_each(|b| b.fill(0));
+        }
+        IoFuture::ready(Ok(()))
+    }
+}
+
+impl Bdev for ThrowawayBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "Throw-away disk"
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    fn uuid(&self) -> uuid::Uuid {
+        self.uuid
+    }
+    fn supports(&self, _io: IoType) -> bool {
+        true
+    }
+    fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
+        Ok(Rc::new(Zeros))
+    }
+    fn config_call(&self) -> Option<(&'static str, Value)> {
+        Some(("bdev_throwaway_create", json!({ "name": self.name, "num_blocks": self.num_blocks })))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    num_blocks: u64,
+}
+
+fn create(ctx: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Create = parse(p)?;
+    if p.num_blocks == 0 {
+        return Err(RpcError::invalid_params("num_blocks must be at least 1"));
+    }
+    ctx.bdevs.check_new_name(&p.name)?;
+    ctx.bdevs.register(Arc::new(ThrowawayBdev { name: p.name.clone(), num_blocks: p.num_blocks, uuid: uuid::Uuid::new_v4() }))?;
+    Ok(json!(p.name))
+}
