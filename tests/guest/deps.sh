@@ -40,5 +40,7 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=../lib/qemu-release.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/qemu-release.sh"
 apt-get update -qq
-apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
+apt-get install -y -q --no-install-recommends --no-remove "${QEMU_APT_RELEASE[@]}" "${missing[@]}"

@@ -35,6 +35,8 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=../lib/qemu-release.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/qemu-release.sh"
 apt-get update -qq
 # --no-install-recommends keeps tgt from pulling in services we never start; policy-rc.d
 # stops the package scripts from starting a system tgtd on port 3260.
@@ -45,5 +47,5 @@ if [[ ! -e $policy ]]; then
   chmod +x "$policy"
   created_policy=1
 fi
-apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
+apt-get install -y -q --no-install-recommends --no-remove "${QEMU_APT_RELEASE[@]}" "${missing[@]}"
 if ((created_policy)); then rm -f "$policy"; fi
