@@ -197,7 +197,8 @@ fn the_package_runs_as_a_systemd_service() {
     }
 
     // Installed as an operator would; the postinst makes the system user.
-    c.ok(&["dpkg", "-i", &format!("/mnt/tidemark/{deb_name}")]);
+    let installed = c.run(&["dpkg", "-i", &format!("/mnt/tidemark/{deb_name}")]);
+    assert!(installed.status.success() && !text(&installed).contains("Warning"), "dpkg -i:\n{}", text(&installed));
     let passwd = c.ok(&["getent", "passwd", "tidemark"]);
     let uid: u32 = passwd.split(':').nth(2).and_then(|u| u.parse().ok()).expect("uid in getent output");
     assert!(uid < 1000, "tidemark is a system user: {passwd}");
