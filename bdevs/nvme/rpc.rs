@@ -27,6 +27,9 @@ fn create(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     t.bdevs.check_new_name(&p.name)?;
     let path = t.data_path(&p.filename);
+    if crate::config::check::active() {
+        return crate::config::check::stand_in_device(t, &p.name, &path).map(|()| json!(p.name));
+    }
     let b = NvmeBdev::open(&p.name, &p.filename, &path, None).map_err(RpcError::invalid_params)?;
     t.bdevs.register(Arc::new(b))?;
     Ok(json!(p.name))
@@ -117,6 +120,10 @@ fn attach(t: &Target, p: Option<Value>) -> Result<Value, RpcError> {
     let names: Vec<String> = namespaces.iter().map(|(nsid, _)| format!("{}n{nsid}", p.name)).collect();
     for n in &names {
         t.bdevs.check_new_name(n)?;
+    }
+    if crate::config::check::active() {
+        namespaces.iter().zip(&names).try_for_each(|((_, path), name)| crate::config::check::stand_in_device(t, name, path))?;
+        return Ok(json!(names));
     }
     let mut made = Vec::new();
     for ((_, path), name) in namespaces.iter().zip(&names) {
