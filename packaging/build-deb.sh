@@ -53,9 +53,13 @@ cat >"$stage/DEBIAN/postinst" <<'POSTINST'
 #!/bin/sh
 set -e
 if [ "$1" = configure ]; then
+  # The data directory first: adduser warns about a home it cannot access. systemd's
+  # StateDirectory= keeps its owner and mode right at every start as well.
+  install -d -m 0700 /var/lib/tidemark
   if ! getent passwd tidemark >/dev/null; then
     adduser --system --group --home /var/lib/tidemark --no-create-home tidemark
   fi
+  chown tidemark:tidemark /var/lib/tidemark
   chgrp tidemark /etc/tidemark/tidemark.toml
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true

@@ -1,5 +1,6 @@
 //! Daemon startup and shutdown, shared by `tidemarkd` and the benchmarks.
 
+pub mod check;
 mod cli;
 
 pub use cli::main;

@@ -126,6 +126,9 @@ fn full_and_incremental_backups_equal_their_snapshots_and_restore() {
     let restored = dir.join("restored.img");
     let out = d.cli(&["backup", "restore", inc.to_str().unwrap(), "--to-file", restored.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // It reports the restored image (the 64 MiB volume), not the chain's sum.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("restored a 67108864-byte image into") && said.contains("from a chain of 2 backups"), "{said}");
     let (same, out) = compare(restored.to_str().unwrap(), &url(addr, "iqn.2016-06.io.tidemark:s2"));
     assert!(same, "restored chain differs from snapshot s2: {out}");
     let (same, _) = compare(restored.to_str().unwrap(), &url(addr, VOL));

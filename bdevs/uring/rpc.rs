@@ -34,7 +34,12 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Create = parse(p)?;
     t.bdevs.check_new_name(&p.name)?;
     crate::rpc::non_empty("filename", &p.filename)?;
-    let path = t.data_path(&p.filename);
+    // --check-config: the file is only checked to exist; a stand-in of its size is opened.
+    let path = if crate::config::check::active() {
+        crate::config::check::stand_in_file(&p.filename, p.size_mb).map_err(RpcError::invalid_params)?
+    } else {
+        t.data_path(&p.filename)
+    };
     let b = UringBdev::open(&p.name, &p.filename, &path, p.block_size, p.size_mb, p.uuid).map_err(RpcError::invalid_params)?;
     t.bdevs.register(Arc::new(b))?;
     Ok(json!(p.name))

@@ -231,7 +231,21 @@ pub fn verify_chain(path: &Path, mut progress: impl FnMut(u64, u64)) -> Result<u
 
 /// Writes the chain ending at `path` into the file `out` (created or truncated to the
 /// volume's size): the full backup, then each incremental's extents on top.
-pub fn restore_chain_to_file(path: &Path, out: &Path, mut progress: impl FnMut(u64, u64)) -> Result<u64, String> {
+/// What a restore to a file did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Size of the restored image: the volume's size when its backup was taken.
+    pub image_bytes: u64,
+    /// Bytes of extents read from the chain, every backup of it together. An extent written in
+    /// several backups counts once per backup, so this can exceed the image's size: it is the
+    /// work done, not what the image holds.
+    pub read_bytes: u64,
+    /// Backups in the chain, the full one included.
+    pub backups: usize,
+}
+
+/// Restores the chain ending at `path` into the file `out` (created or truncated, mode 0600).
+pub fn restore_chain_to_file(path: &Path, out: &Path, mut progress: impl FnMut(u64, u64)) -> Result<Restored, String> {
     let chain = Manifest::chain(path)?;
     for (p, m) in &chain {
         if m.state != State::Complete {
@@ -277,7 +291,7 @@ pub fn restore_chain_to_file(path: &Path, out: &Path, mut progress: impl FnMut(u
         }
     }
     o.sync_all().map_err(|e| e.to_string())?;
-    Ok(done)
+    Ok(Restored { image_bytes: size, read_bytes: done, backups: chain.len() })
 }
 
 #[cfg(test)]
@@ -325,7 +339,8 @@ mod tests {
         let inc = write_backup(d.path(), "inc.img", &[(2 << 20, vec![3u8; 65536])], size, Some(("full.img.manifest.json", "s1")), "s2");
         assert_eq!(verify_chain(&inc, |_, _| {}).unwrap(), (2 << 20) + 65536);
         let out = d.path().join("restored.img");
-        restore_chain_to_file(&inc, &out, |_, _| {}).unwrap();
+        let done = restore_chain_to_file(&inc, &out, |_, _| {}).unwrap();
+        assert_eq!((done.image_bytes, done.backups), (size, 2), "the image's size, not the chain's sum: {done:?}");
         let r = std::fs::read(&out).unwrap();
         assert_eq!(r.len() as u64, size);
         assert!(r[..1 << 20].iter().all(|&b| b == 1));

@@ -348,9 +348,14 @@ mod backup {
                     (Some(f), None) => {
                         let mut report = Report::new("restore", 0);
                         match manifest::restore_chain_to_file(&mp, Path::new(f), |d, t| report.update(d, t)) {
-                            Ok(bytes) => {
+                            Ok(r) => {
                                 report.finish();
-                                println!("restored {bytes} bytes into {f}");
+                                // The image's size is what the user restored; the bytes read
+                                // count every backup of the chain (an extent per backup).
+                                println!(
+                                    "restored a {}-byte image into {f} ({} bytes read from a chain of {} backups)",
+                                    r.image_bytes, r.read_bytes, r.backups
+                                );
                             }
                             Err(e) => fail(1, &format!("restore failed: {e}")),
                         }

@@ -2,6 +2,7 @@
 //! calls that build the target (the same operations as the JSON-RPC API, as in SPDK's JSON
 //! config). `save_config` writes the running target back in the same form.
 
+pub mod check;
 pub mod spdk;
 
 use crate::reactor::PollMode;

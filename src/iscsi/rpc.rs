@@ -192,7 +192,8 @@ fn create_portal_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         return Err(RpcError::new(EEXIST, format!("portal group {} already exists", p.tag)));
     }
     let mut listeners = Vec::new();
-    for portal in &portals {
+    // --check-config: validated and recorded, never bound.
+    for portal in portals.iter().filter(|_| !crate::config::check::active()) {
         let id = s.shared.next_listener.fetch_add(1, Relaxed);
         let sh = s.shared.clone();
         let addr = portal.addr;

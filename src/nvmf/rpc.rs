@@ -371,6 +371,10 @@ fn add_listener(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         return Err(RpcError::invalid_params("field `listen_address.trtype`: transport TCP does not exist; call nvmf_create_transport first"));
     }
     s.add_listener(&a).map_err(RpcError::exists)?;
+    // --check-config: validated and recorded, never bound.
+    if crate::config::check::active() {
+        return Ok(json!(true));
+    }
     if let Err(e) = n.acquire_listener(&a) {
         s.remove_listener(&a);
         return Err(RpcError::new(crate::rpc::EIO, e));

@@ -2,6 +2,7 @@
 # Install the host-side tools that tests/guest/build.sh and run.sh need, on Debian 12.
 # Idempotent and quick when everything is already present (no apt-get call at all then).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/apt.sh"
 
 # command -> Debian package providing it
 declare -A need=(
@@ -24,21 +25,11 @@ missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
-for p in "${pkgs_always[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
+mapfile -t -O "${#missing[@]}" missing < <(apt_missing "${pkgs_always[@]}")
 
 if ((${#missing[@]} == 0)); then
   exit 0
 fi
 
-# de-duplicate
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-echo "tidemark-guest deps: installing ${missing[*]}" >&2
-if [[ $(id -u) -ne 0 ]]; then
-  echo "tidemark-guest deps: need root to apt-get install ${missing[*]}" >&2
-  exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
+apt_install tidemark-guest-deps "${missing[@]}"

@@ -4,6 +4,7 @@
 # driver (qemu-img, qemu-io + qemu-block-extra) and tgt (tgtd, the peer of the conformance
 # comparison and the benchmark). Idempotent: no apt-get call at all when everything is there.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/apt.sh"
 
 # command -> Debian package providing it
 declare -A need=(
@@ -29,21 +30,6 @@ if ((${#missing[@]} == 0)); then
   exit 0
 fi
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-echo "tidemark-iscsi deps: installing ${missing[*]}" >&2
-if [[ $(id -u) -ne 0 ]]; then
-  echo "tidemark-iscsi deps: need root to apt-get install ${missing[*]}" >&2
-  exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-# --no-install-recommends keeps tgt from pulling in services we never start; policy-rc.d
-# stops the package scripts from starting a system tgtd on port 3260.
-policy=/usr/sbin/policy-rc.d
-created_policy=0
-if [[ ! -e $policy ]]; then
-  printf '#!/bin/sh\nexit 101\n' >"$policy"
-  chmod +x "$policy"
-  created_policy=1
-fi
-apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
-if ((created_policy)); then rm -f "$policy"; fi
+# --no-install-recommends keeps tgt from pulling in services we never start, and apt.sh's
+# policy-rc.d stops the package scripts from starting a system tgtd on port 3260.
+apt_install tidemark-iscsi-deps "${missing[@]}"

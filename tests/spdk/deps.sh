@@ -9,25 +9,11 @@
 #    /opt/tidemark-spdk (which tests/spdk.rs also looks in) unless they are on PATH.
 set -euo pipefail
 
-apt_install() {
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "tidemark-spdk deps: need root to apt-get install $*" >&2
-    exit 1
-  fi
-  echo "tidemark-spdk deps: installing $* (apt)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -q --no-install-recommends --no-remove "$@"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/apt.sh"
 
 libs=(libbsd0 libnuma1 libuuid1 libssl3 libkeyutils1 libaio1 libiscsi7)
-missing=()
-for p in "${libs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]} > 0)); then
-  apt_install "${missing[@]}"
-fi
+mapfile -t missing < <(apt_missing "${libs[@]}")
+apt_install tidemark-spdk-deps "${missing[@]}"
 
 PKG="spdk[cli]==26.9"
 VENV=/opt/tidemark-spdk
@@ -38,7 +24,7 @@ if [[ -x $VENV/bin/spdk-rpc && -x $VENV/bin/spdk-cli ]]; then
   exit 0
 fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then
-  apt_install python3 python3-venv python3-pip
+  apt_install tidemark-spdk-deps python3 python3-venv python3-pip
 fi
 echo "tidemark-spdk deps: installing $PKG (pip) into $VENV" >&2
 python3 -m venv "$VENV"
