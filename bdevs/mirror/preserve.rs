@@ -13,7 +13,6 @@
 use super::split::SplitImageBdev;
 use super::{MirrorBdev, MirrorError};
 use crate::bdev::{Bdev, LatencyHistogram};
-use crate::module::Ctx;
 use crate::preserve::{Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,7 +59,7 @@ impl Preservable for MirrorBdev {
         "split"
     }
 
-    fn preserve(&self, t: &Ctx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
+    fn preserve(&self, t: &crate::bdev::BdevCtx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
         if req.freeze {
             return Err(PreserveError::Invalid("a split never stops the mirror's I/O; `freeze` is for CoW volumes".into()));
         }
@@ -180,7 +179,7 @@ impl Preservable for MirrorBdev {
         })
     }
 
-    fn delete_snapshot(&self, t: &Ctx, name: &str) -> Result<(), PreserveError> {
+    fn delete_snapshot(&self, t: &crate::bdev::BdevCtx, name: &str) -> Result<(), PreserveError> {
         self.records().retain(|r| r.name != name);
         let me = t.bdev(self.name()).map_err(|e| PreserveError::NotFound(e.message))?.bdev().clone();
         let image = name.to_string();

@@ -124,7 +124,6 @@ mod table;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram};
 use crate::extent_lock::LockSpace;
-use crate::module::Ctx;
 use crate::preserve::{EpochTracker, FreezeGate, Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::reactor;
 use layout::{DiskState, Geometry, MAX_PIECES, MAX_SNAPSHOTS};
@@ -349,7 +348,7 @@ impl CowVolume {
 
     fn call_home<T: Send + 'static>(
         &self,
-        t: &Ctx,
+        t: &crate::bdev::BdevCtx,
         f: impl FnOnce(Arc<VolumeShared>) -> futures::future::LocalBoxFuture<'static, T> + Send + 'static,
     ) -> Result<T, PreserveError> {
         let v = self.v.clone();
@@ -755,7 +754,7 @@ impl Preservable for CowVolume {
         "cow"
     }
 
-    fn preserve(&self, t: &Ctx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
+    fn preserve(&self, t: &crate::bdev::BdevCtx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError> {
         if req.snapshot_name.len() > layout::MAX_NAME {
             return Err(PreserveError::Invalid(format!("snapshot name is longer than {} bytes", layout::MAX_NAME)));
         }
@@ -785,7 +784,7 @@ impl Preservable for CowVolume {
         self.v.find(name).map(|i| self.v.snaps[i].meta().signal.clone())
     }
 
-    fn delete_snapshot(&self, t: &Ctx, name: &str) -> Result<(), PreserveError> {
+    fn delete_snapshot(&self, t: &crate::bdev::BdevCtx, name: &str) -> Result<(), PreserveError> {
         let name = name.to_string();
         let vol = CowVolume { v: self.v.clone() };
         self.call_home(t, move |_| Box::pin(async move { vol.remove_snapshot(&name).await }))?

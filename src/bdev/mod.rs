@@ -12,6 +12,8 @@ pub mod budget;
 mod buffer;
 mod channel;
 mod completion;
+mod ctx;
+pub mod preservable;
 mod registry;
 mod stats;
 
@@ -20,6 +22,7 @@ pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf, BUF_ALIGN};
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
+pub use ctx::BdevCtx;
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
 
@@ -206,7 +209,7 @@ pub trait Bdev: Send + Sync + 'static {
     fn as_any(&self) -> &dyn std::any::Any;
     /// The bdev's preserve interface (`bdev_snapshot_*`), if it can be preserved: the generic
     /// layer asks the bdev instead of knowing which modules' bdevs can.
-    fn as_preservable(&self) -> Option<&dyn crate::preserve::Preservable> {
+    fn as_preservable(&self) -> Option<&dyn preservable::Preservable> {
         None
     }
 }
@@ -224,4 +227,22 @@ pub enum CreateError {
     Invalid(String),
     #[error("{0}")]
     Io(String),
+}
+
+/// SPDK's codes for a refused creation (the RPC layer is below this one).
+impl From<CreateError> for crate::rpc::RpcError {
+    fn from(e: CreateError) -> Self {
+        let code = match &e {
+            CreateError::Exists(_) => crate::rpc::EEXIST,
+            CreateError::NotFound(_) => crate::rpc::ENODEV,
+            CreateError::Busy { .. } => crate::rpc::EBUSY,
+            CreateError::Invalid(_) => crate::rpc::INVALID_PARAMS,
+            CreateError::Io(_) => crate::rpc::EIO,
+        };
+        let message = match &e {
+            CreateError::Invalid(m) => format!("Invalid parameters: {m}"),
+            other => other.to_string(),
+        };
+        crate::rpc::RpcError::new(code, message)
+    }
 }

@@ -1,7 +1,7 @@
 //! [`Ctx`]: what a module sees of the target.
 
 use super::{declared, method_table, MethodDecl, Module};
-use crate::bdev::{BdevEntry, BdevRegistry, Channel};
+use crate::bdev::{BdevCtx, Channel};
 use crate::config::Config;
 use crate::reactor::ReactorHandle;
 use crate::rpc::{RpcError, METHOD_NOT_FOUND};
@@ -15,9 +15,11 @@ use std::time::Instant;
 /// The narrow context every module and RPC handler receives: the reactors, the bdev registry,
 /// the data directory and settings the daemon started with, the start time, the shutdown
 /// request and the other modules (by type, [`Ctx::module`]).
+///
+/// `ctx.reactors`, `ctx.bdevs`, `ctx.bdev(name)` and `ctx.delete_bdev(name)` are the bdev
+/// layer's [`BdevCtx`] (through `Deref`), which is what a bdev itself receives.
 pub struct Ctx {
-    pub reactors: ReactorHandle,
-    pub bdevs: BdevRegistry,
+    bdev: BdevCtx,
     /// The configuration the daemon started with (settings sections are saved back as they were).
     pub config: Config,
     pub data_dir: PathBuf,
@@ -26,6 +28,14 @@ pub struct Ctx {
     methods: BTreeMap<&'static str, &'static MethodDecl>,
     shutdown: (Mutex<bool>, Condvar),
     shutting_down: AtomicBool,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = BdevCtx;
+
+    fn deref(&self) -> &BdevCtx {
+        &self.bdev
+    }
 }
 
 impl Ctx {
@@ -42,8 +52,7 @@ impl Ctx {
             })
             .collect();
         Ctx {
-            bdevs: BdevRegistry::new(reactors.core_count()),
-            reactors,
+            bdev: BdevCtx::new(reactors),
             data_dir: config.daemon.data_dir.clone(),
             config,
             started: Instant::now(),
@@ -83,20 +92,6 @@ impl Ctx {
         } else {
             self.data_dir.join(p)
         }
-    }
-
-    /// Deletes a bdev nothing holds: unregisters it, drops every core's channel, destroys it.
-    pub fn delete_bdev(&self, name: &str) -> Result<(), RpcError> {
-        let entry = self.bdevs.unregister(name)?;
-        let id = entry.id();
-        self.reactors.call_all(move || Channel::evict(id))?;
-        entry.bdev().destroy();
-        Ok(())
-    }
-
-    /// Looks a bdev up for an RPC, with SPDK's error for a missing one.
-    pub fn bdev(&self, name: &str) -> Result<Arc<BdevEntry>, RpcError> {
-        self.bdevs.lookup(name).map_err(RpcError::from)
     }
 
     /// Asks the daemon to shut down (SIGTERM, SIGINT or `spdk_kill_instance`).

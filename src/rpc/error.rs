@@ -1,6 +1,5 @@
 //! JSON-RPC errors: the one place where module errors become JSON-RPC codes.
 
-use crate::bdev::CreateError;
 use serde_json::{json, Value};
 
 pub const PARSE_ERROR: i32 = -32700;
@@ -90,23 +89,6 @@ impl std::fmt::Display for RpcError {
 }
 
 impl std::error::Error for RpcError {}
-
-impl From<CreateError> for RpcError {
-    fn from(e: CreateError) -> Self {
-        let code = match &e {
-            CreateError::Exists(_) => EEXIST,
-            CreateError::NotFound(_) => ENODEV,
-            CreateError::Busy { .. } => EBUSY,
-            CreateError::Invalid(_) => INVALID_PARAMS,
-            CreateError::Io(_) => EIO,
-        };
-        let message = match &e {
-            CreateError::Invalid(m) => format!("Invalid parameters: {m}"),
-            other => other.to_string(),
-        };
-        RpcError::new(code, message)
-    }
-}
 
 impl From<crate::reactor::CallError> for RpcError {
     fn from(e: crate::reactor::CallError) -> Self {
