@@ -687,7 +687,9 @@ impl Pr {
         }
         if let (Ok(true), Some(f)) = (&r, &self.file) {
             if st.aptpl || was_aptpl {
-                let saved = st.aptpl.then(|| st.saved());
+                // Nothing registered (a CLEAR, the last key unregistered with APTPL set):
+                // nothing to keep, so the file goes too.
+                let saved = (st.aptpl && st.active()).then(|| st.saved());
                 // Written under the lock: the file always holds the latest state.
                 if let Err(e) = store(f, saved.as_ref()) {
                     log::error!("scsi: cannot persist reservations to {}: {e}", f.display());
@@ -1049,6 +1051,12 @@ mod tests {
         // Registering again without APTPL turns persistence off: the file goes.
         b.out(&it(1), c(sa::REGISTER), &params(0x77, 0x78, false)).unwrap();
         assert!(!f.exists());
+        // With APTPL on, a CLEAR leaves nothing to keep: the file goes as well.
+        b.out(&it(1), c(sa::REGISTER), &params(0x78, 0x79, true)).unwrap();
+        b.out(&it(2), c(sa::REGISTER), &params(0, 0x80, true)).unwrap();
+        assert!(f.exists());
+        b.out(&it(2), c(sa::CLEAR), &params(0x80, 0, false)).unwrap();
+        assert!(!f.exists(), "an empty state is not kept");
         // A damaged file is ignored, not fatal.
         std::fs::write(&f, b"{not json").unwrap();
         assert!(!Pr::new(Some(f)).active());
