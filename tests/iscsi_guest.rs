@@ -78,6 +78,8 @@ fn sg_persist_from_two_open_iscsi_sessions_in_a_guest() {
             assert!(stopped, "tidemarkd did not stop cleanly:\n{}", d.log_text());
             assert!(d.data_dir().join("scsi-pr").join("pr0.json").exists(), "the APTPL state is on disk");
             d.restart();
+            // Answered once the configuration (the portal) is in place.
+            d.rpc("framework_wait_init", json!(null));
             std::fs::write(share.path().join("restart.done"), "ok").unwrap();
             restarted = true;
         }
