@@ -14,10 +14,11 @@
 //! arrival order, until the connection's own commands or other connections of the core give
 //! bytes back; a third future of the connection starts them then.
 
-use super::controller::{AdminOutcome, Controller, QueueRef};
+pub(crate) use super::controller::Binding;
+use super::controller::{self, AdminOutcome, Connecting};
 use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
-use super::spec::{connect, csc, fctype, sc, sct, ConnectRequest, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
+use super::spec::{fctype, sc, sct, Cqe, Sqe, Status, FABRICS_OPC};
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
@@ -185,17 +186,6 @@ impl CidSet {
         let (w, b) = ((cid >> 6) as usize, cid & 63);
         self.0[w] &= !(1 << b);
     }
-}
-
-/// What the queue is connected to.
-#[derive(Clone)]
-pub(crate) struct Binding {
-    pub ctrl: Arc<Controller>,
-    pub qid: u16,
-    pub sqsize: u16,
-    /// The host disabled SQ flow control: completions need no SQHD and read data may carry
-    /// the SUCCESS flag.
-    pub sqflow_off: bool,
 }
 
 struct QState {
@@ -1011,75 +1001,19 @@ impl Conn {
         self.st.borrow_mut().slots.alloc()
     }
 
-    /// Fabrics Connect. Ok(cntlid) or Err((status, IATTR, IPO)).
-    fn on_connect(self: &Rc<Self>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
-        let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
+    /// Fabrics Connect: binds the queue to a controller (see [`controller::connect`]).
+    /// Ok(cntlid) or Err((status, IATTR, IPO)).
+    fn on_connect(&self, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
         if self.st.borrow().binding.is_some() {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
-        let data = match (plan, icd) {
-            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
-            _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
-        };
-        let req = ConnectRequest::parse(sqe, data)?;
-        let (qid, sqsize, cattr, kato, hostid, cntlid) = (req.qid, req.sqsize, req.cattr, req.kato_ms, req.hostid, req.cntlid);
-        let (subnqn, hostnqn) = (req.subnqn.as_str(), req.hostnqn.as_str());
-        let Some(subsys) = self.nvmf.subsystem(subnqn) else {
-            log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", self.peer);
-            return Err(invalid(1, connect::DATA_SUBNQN));
-        };
-        if subsys.deleted.load(Ordering::Acquire) || (!subsys.is_discovery() && !subsys.has_listener(&self.listener)) {
-            return Err(invalid(1, connect::DATA_SUBNQN));
-        }
-        if !subsys.allows_host(hostnqn) {
-            log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", self.peer);
-            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
-        }
-        let sqflow_off = cattr & connect::CATTR_DISABLE_SQ_FLOW != 0;
-        let peer = self.peer;
-        if qid == 0 {
-            if cntlid != CNTLID_DYNAMIC && cntlid != 0xFFFE {
-                return Err(invalid(1, connect::DATA_CNTLID));
-            }
-            if sqsize == 0 || sqsize >= self.opts.max_aq_depth {
-                return Err(invalid(0, connect::SQSIZE));
-            }
-            let admin = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
-            let (opts, listener, host) = (self.opts, self.listener.clone(), hostnqn.to_string());
-            let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
-                Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
-                0,
-                0,
-            ))?;
-            {
-                let mut st = self.st.borrow_mut();
-                st.slots.resize(sqsize as usize + 1);
-                st.binding = Some(Binding { ctrl: ctrl.clone(), qid: 0, sqsize, sqflow_off });
-            }
-            log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, self.core);
-            spawn_keep_alive(self.nvmf.clone(), ctrl.clone());
-            return Ok(ctrl.cntlid);
-        }
-        let Some(ctrl) = subsys.controller(cntlid) else { return Err(invalid(1, connect::DATA_CNTLID)) };
-        if ctrl.hostnqn != hostnqn {
-            return Err(invalid(1, connect::DATA_HOSTNQN));
-        }
-        if ctrl.hostid != hostid {
-            return Err(invalid(1, connect::DATA_HOSTID));
-        }
-        if subsys.is_discovery() {
-            return Err(invalid(0, connect::QID));
-        }
-        if sqsize == 0 || sqsize >= self.opts.max_queue_depth {
-            return Err(invalid(0, connect::SQSIZE));
-        }
-        let q = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
-        ctrl.attach_io_queue(qid, q).map_err(|(s, ipo)| (s, 0, ipo))?;
+        let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts };
+        let b = controller::connect(&q, sqe, plan, icd)?;
+        let cntlid = b.ctrl.cntlid;
         let mut st = self.st.borrow_mut();
-        st.slots.resize(sqsize as usize + 1);
-        st.binding = Some(Binding { ctrl: ctrl.clone(), qid, sqsize, sqflow_off });
-        log::debug!("nvmf: controller {} of {subnqn}: I/O queue {qid} (size {}) on core {}", ctrl.cntlid, sqsize as u32 + 1, self.core);
-        Ok(ctrl.cntlid)
+        st.slots.resize(b.sqsize as usize + 1);
+        st.binding = Some(b);
+        Ok(cntlid)
     }
 
     /// Leaves the controller: an admin queue takes its controller down with it.
@@ -1095,24 +1029,6 @@ impl Conn {
             }
         }
     }
-}
-
-fn spawn_keep_alive(nvmf: Arc<Nvmf>, ctrl: Arc<Controller>) {
-    reactor::spawn_detached(async move {
-        loop {
-            let kato = ctrl.kato();
-            let period = if kato.is_zero() { Duration::from_secs(1) } else { (kato / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)) };
-            reactor::sleep(period).await;
-            if ctrl.is_closed() {
-                return;
-            }
-            if ctrl.keep_alive_expired() {
-                log::warn!("nvmf: controller {} of {} ({}): keep-alive timeout of {kato:?} expired", ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn);
-                nvmf.destroy_controller(&ctrl, "keep-alive timeout");
-                return;
-            }
-        }
-    });
 }
 
 /// Starts commands waiting for buffer budget when bytes come back to the core (from this
