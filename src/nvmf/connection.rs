@@ -23,7 +23,7 @@ use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
 use crate::bdev::{ConnBudget, IoBuf, Lease};
-use crate::reactor::{self, TcpStream};
+use crate::reactor::{self, RecvBuf, TcpStream, RECV_BUF_DEFAULT};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,8 +35,6 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-/// Receive buffer size: many small PDUs per `read`, and room for the largest header.
-const RX_BUF: usize = 128 * 1024;
 /// A connection that has not connected to a controller this long after accept is closed.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for its last PDUs (a TermReq) to leave.
@@ -104,6 +102,17 @@ enum End {
     HostTerm(u16),
     /// Closed by us (keep-alive, RPC, shutdown, Disconnect).
     Closed,
+}
+
+impl From<std::io::Error> for End {
+    /// The end of the host's stream is an orderly end; anything else an I/O error.
+    fn from(e: std::io::Error) -> End {
+        if e.kind() == ErrorKind::UnexpectedEof {
+            End::Eof
+        } else {
+            End::Io(e)
+        }
+    }
 }
 
 /// A command waiting for its data from the host (R2T sent).
@@ -279,102 +288,6 @@ pub fn purge_all_namespaces() {
     }
 }
 
-/// The receive buffer.
-struct RxBuf {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The readiness tick before a read that returned less than it could have: the socket was
-    /// empty then, so the next read waits for a readiness edge after that tick instead of
-    /// spending a system call on a `WouldBlock`.
-    drained_at: Option<u64>,
-}
-
-impl RxBuf {
-    fn new() -> RxBuf {
-        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0, drained_at: None }
-    }
-
-    fn avail(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.end - self.start);
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Reads until at least `need` bytes are buffered; false at end of stream.
-    async fn fill(&mut self, s: &TcpStream, need: usize) -> std::io::Result<bool> {
-        debug_assert!(need <= self.buf.len());
-        while self.end - self.start < need {
-            // Move the partial PDU left over (less than a header) to the front: reads then
-            // land in the first pages, and the untouched rest of the 128 KiB stays out of
-            // the resident set (appending would walk every connection's buffer through RSS).
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if let Some(t) = self.drained_at.take() {
-                s.readable(t).await;
-            }
-            let tick = s.read_tick();
-            let space = self.buf.len() - self.end;
-            match s.try_read(&mut self.buf[self.end..]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.end += n;
-                    if n < space {
-                        self.drained_at = Some(tick);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Fills `dst`: first from what is buffered, the rest straight from the socket.
-    async fn read_into(&mut self, s: &TcpStream, dst: &mut [u8]) -> std::io::Result<bool> {
-        let n = self.avail().len().min(dst.len());
-        dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.consume(n);
-        let mut off = n;
-        if off < dst.len() {
-            self.drained_at = None;
-        }
-        while off < dst.len() {
-            let tick = s.read_tick();
-            match s.try_read(&mut dst[off..]) {
-                Ok(0) => return Ok(false),
-                Ok(k) => off += k,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reads a 4-byte data digest.
-    async fn read_digest(&mut self, s: &TcpStream) -> std::io::Result<Option<u32>> {
-        if !self.fill(s, 4).await? {
-            return Ok(None);
-        }
-        let a = self.avail();
-        let d = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);
-        self.consume(4);
-        Ok(Some(d))
-    }
-}
-
 /// Serves one accepted connection on the current core until it closes.
 pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr) {
     let stream = match TcpStream::from_accepted(s) {
@@ -437,7 +350,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     });
 
     let reader = async {
-        let mut rx = RxBuf::new();
+        let mut rx = RecvBuf::new(RECV_BUF_DEFAULT);
         let end = read_loop(&conn, &mut rx).await;
         let fatal = matches!(end, End::Fatal(..));
         conn.finish_reading(end);
@@ -473,7 +386,7 @@ async fn drain(s: &TcpStream) {
     }
 }
 
-async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
+async fn read_loop(conn: &Rc<Conn>, rx: &mut RecvBuf) -> End {
     let s = &conn.stream;
     let mut hdr = [0u8; 256];
     loop {
@@ -481,26 +394,24 @@ async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
             return End::Closed;
         }
         match rx.fill(s, pdu::CH_LEN).await {
-            Ok(true) => {}
-            Ok(false) => return End::Eof,
-            Err(e) => return End::Io(e),
+            Ok(()) => {}
+            Err(e) => return End::from(e),
         }
-        let Some(ch) = CommonHeader::parse(rx.avail()) else { return End::Eof };
+        let Some(ch) = CommonHeader::parse(rx.data()) else { return End::Eof };
         let layout = match pdu::check_header(ch, &conn.rx_limits()) {
             Ok(l) => l,
             Err(f) => {
-                let echo = rx.avail()[..rx.avail().len().min(pdu::TERM_REQ_MAX_DATA)].to_vec();
+                let echo = rx.data()[..rx.data().len().min(pdu::TERM_REQ_MAX_DATA)].to_vec();
                 return End::Fatal(f, echo);
             }
         };
         // The header, its digest and any padding; the data is read separately.
         let head = if layout.data_len > 0 { layout.data_offset } else { layout.plen() };
         match rx.fill(s, head).await {
-            Ok(true) => {}
-            Ok(false) => return End::Eof,
-            Err(e) => return End::Io(e),
+            Ok(()) => {}
+            Err(e) => return End::from(e),
         }
-        hdr[..head].copy_from_slice(&rx.avail()[..head]);
+        hdr[..head].copy_from_slice(&rx.data()[..head]);
         rx.consume(head);
         let hlen = ch.hlen as usize;
         if layout.header_len > hlen && !pdu::header_digest_ok(&hdr[..head], hlen) {
@@ -522,7 +433,7 @@ async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
     }
 }
 
-async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+async fn on_capsule(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
     let Some(sqe) = Sqe::from_slice(&hdr[pdu::CH_LEN..]) else {
         return Err(End::Fatal(Fatal::new(Fes::InvalidHeaderField, 2, "short capsule"), hdr.to_vec()));
     };
@@ -560,10 +471,9 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
             }
         };
         let Some(lease) = lease else {
-            match discard(rx, &conn.stream, layout.data_len + if layout.ddgst { 4 } else { 0 }).await {
-                Ok(true) => {}
-                Ok(false) => return Err(End::Eof),
-                Err(e) => return Err(End::Io(e)),
+            match rx.discard(&conn.stream, layout.data_len + if layout.ddgst { 4 } else { 0 }, |_| {}).await {
+                Ok(()) => {}
+                Err(e) => return Err(End::from(e)),
             }
             conn.st.borrow_mut().advance_sqhd();
             conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::COMMAND_INTERRUPTED), 0, Some(&sqe));
@@ -571,21 +481,19 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
         };
         let mut buf = IoBuf::alloc(layout.data_len);
         match rx.read_into(&conn.stream, &mut buf).await {
-            Ok(true) => {}
-            Ok(false) => return Err(End::Eof),
-            Err(e) => return Err(End::Io(e)),
+            Ok(()) => {}
+            Err(e) => return Err(End::from(e)),
         }
         if layout.ddgst {
-            match rx.read_digest(&conn.stream).await {
-                Ok(Some(d)) if d == pdu::digest(&buf) => {}
-                Ok(Some(_)) => {
+            match rx.read_u32_le(&conn.stream).await {
+                Ok(d) if d == pdu::digest(&buf) => {}
+                Ok(_) => {
                     // A data digest error is not fatal: the command fails, retryably.
                     conn.st.borrow_mut().advance_sqhd();
                     conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, Some(&sqe));
                     return Ok(());
                 }
-                Ok(None) => return Err(End::Eof),
-                Err(e) => return Err(End::Io(e)),
+                Err(e) => return Err(End::from(e)),
             }
         }
         icd = Some((buf, lease));
@@ -594,20 +502,7 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
     Ok(())
 }
 
-/// Reads and drops `n` bytes of the stream.
-async fn discard(rx: &mut RxBuf, s: &TcpStream, mut n: usize) -> std::io::Result<bool> {
-    let mut sink = [0u8; 4096];
-    while n > 0 {
-        let k = n.min(sink.len());
-        if !rx.read_into(s, &mut sink[..k]).await? {
-            return Ok(false);
-        }
-        n -= k;
-    }
-    Ok(true)
-}
-
-async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
     let fatal = |fes, fei, why| Err(End::Fatal(Fatal::new(fes, fei, why), hdr[..pdu::SHORT_HLEN].to_vec()));
     let Some(dh) = DataHeader::parse(hdr) else { return fatal(Fes::InvalidHeaderField, 2, "short H2CData header") };
     if dh.datal as usize != layout.data_len {
@@ -642,21 +537,18 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         return fatal(Fes::DataOutOfRange, 16, "H2CData beyond the command's data");
     }
     let (a, b) = (dh.datao as usize, dh.datao as usize + dh.datal as usize);
-    match rx.read_into(&conn.stream, &mut p.buf[a..b]).await {
-        Ok(true) => {}
-        Ok(false) => return Err(End::Eof),
-        Err(e) => return Err(End::Io(e)),
+    if let Err(e) = rx.read_into(&conn.stream, &mut p.buf[a..b]).await {
+        return Err(End::from(e));
     }
     let ttag = dh.ttag;
     if layout.ddgst {
-        match rx.read_digest(&conn.stream).await {
-            Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
-            Ok(Some(_)) => {
+        match rx.read_u32_le(&conn.stream).await {
+            Ok(d) if d == pdu::digest(&p.buf[a..b]) => {}
+            Ok(_) => {
                 conn.complete(Some(ttag), &p.sqe, Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
                 return Ok(());
             }
-            Ok(None) => return Err(End::Eof),
-            Err(e) => return Err(End::Io(e)),
+            Err(e) => return Err(End::from(e)),
         }
     }
     p.received += dh.datal;

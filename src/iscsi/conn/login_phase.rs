@@ -15,14 +15,14 @@ pub(super) async fn read_login_pdu(s: &TcpStream, rb: &mut RecvBuf) -> io::Resul
         return Err(io::Error::new(io::ErrorKind::InvalidData, "login PDU too large"));
     }
     rb.consume(BHS_LEN);
-    rb.skip(s, ahs).await?;
+    rb.discard(s, ahs, |_| {}).await?;
     let mut data = vec![0u8; dsl];
     rb.read_segment(s, dsl, &mut data, false).await?;
     Ok((bhs, data))
 }
 
 pub(super) async fn login_phase(s: &Rc<TcpStream>, shared: &Arc<IscsiShared>, ctx: LoginContext, id: u64) -> Option<(LoggedIn, RecvBuf)> {
-    let mut rb = RecvBuf::new(RECV_BUF);
+    let mut rb = RecvBuf::new(RECV_BUF_DEFAULT);
     let peer = ctx.peer;
     let mut login = Login::new(ctx.clone(), shared.initial_stat_sn());
     loop {
