@@ -71,7 +71,6 @@ fn every_fuzz_target_has_a_corpus_and_every_corpus_file_passes() {
 /// The recorded sessions still reach what they were recorded for: the I/O path answers reads
 /// with data (C2HData), the iSCSI session gets SCSI responses.
 #[test]
-#[ignore = "open: after the reactor's FIN fix the io seeds end right after the R2T ([1, 5, 9]); under investigation"]
 fn the_connection_seeds_reach_the_io_path() {
     for f in files("nvmf_pdu") {
         let data = std::fs::read(&f).expect("read a seed");

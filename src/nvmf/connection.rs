@@ -39,6 +39,12 @@ use std::time::Duration;
 const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for its last PDUs (a TermReq) to leave.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long a host that half-closed its connection waits at most for its commands' answers.
+const HALF_CLOSE_ANSWERS: Duration = Duration::from_secs(30);
+/// What a connection holds beyond what [`state_bytes`] computes: its futures, its socket
+/// registration, map entries and the allocator's slack (measured with `memory_budget`: RSS
+/// per idle connection less the computed part).
+const STATE_SLACK: usize = 16 * 1024;
 /// How long a connection closed for a protocol error keeps reading (and discarding).
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Slots of a queue before Connect (only a Connect is valid there).
@@ -172,6 +178,12 @@ impl Slots {
         self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_) | SlotState::AwaitingR2t(..)))
     }
 
+    /// Some command will be answered without more data from the host: running, or waiting
+    /// for buffer budget to run.
+    fn any_answer_pending(&self) -> bool {
+        self.v.iter().any(|s| matches!(s, SlotState::Busy | SlotState::AwaitingBuffer(_)))
+    }
+
     /// Some R2T is out: the host owes data that only the reader can receive.
     fn any_awaiting_data(&self) -> bool {
         self.v.iter().any(|s| matches!(s, SlotState::AwaitingData(_)))
@@ -288,6 +300,19 @@ pub fn purge_all_namespaces() {
     }
 }
 
+/// Bytes one connection holds whatever its host does, counted in the buffer budget from
+/// accept to close: the receive buffer, the table of command ids, the slots and the queued
+/// PDUs of a queue of the largest size the transport allows, the connection itself, and
+/// [`STATE_SLACK`].
+fn state_bytes(opts: &TransportOpts) -> u64 {
+    use std::mem::size_of;
+    let depth = opts.max_queue_depth as usize;
+    // A command's slot and free-list entry; up to two PDUs (data, response) per command in
+    // the transmit queue and in the writer's batch, whose vectors keep their capacity.
+    let per_command = size_of::<SlotState>() + size_of::<u16>() + 4 * size_of::<TxPdu>();
+    (RECV_BUF_DEFAULT + size_of::<Conn>() + size_of::<CidSet>() + size_of::<[u64; 1024]>() + depth * per_command + STATE_SLACK) as u64
+}
+
 /// Serves one accepted connection on the current core until it closes.
 pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr) {
     let stream = match TcpStream::from_accepted(s) {
@@ -303,6 +328,13 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
         return;
     }
     let opts = nvmf.transport().unwrap_or_default();
+    // The connection's own memory counts in the budget before any of it is allocated.
+    let fixed = state_bytes(&opts);
+    let Ok(budget) = ConnBudget::open(fixed) else {
+        crate::bdev::budget::refuse_connection("nvmf", peer, fixed);
+        stream.shutdown();
+        return;
+    };
     let conn = Rc::new(Conn {
         id: nvmf.next_conn_id(),
         nvmf: nvmf.clone(),
@@ -331,7 +363,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
         writer_exited: Cell::new(false),
         closing: Cell::new(false),
         inflight: Cell::new(0),
-        budget: ConnBudget::new(),
+        budget,
         deferred_notify: Notify::default(),
     });
     registry().0.borrow_mut().insert(conn.id, conn.clone());
@@ -352,6 +384,13 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     let reader = async {
         let mut rx = RecvBuf::new(RECV_BUF_DEFAULT);
         let end = read_loop(&conn, &mut rx).await;
+        drop(rx);
+        if matches!(end, End::Eof) {
+            // The host half-closed: it sends nothing more but still reads. The answers of
+            // the commands it sent go out before the connection closes (bounded: a command
+            // stuck in a bdev does not keep the connection forever).
+            let _ = reactor::timeout(HALF_CLOSE_ANSWERS, conn.answers_out()).await;
+        }
         let fatal = matches!(end, End::Fatal(..));
         conn.finish_reading(end);
         let _ = reactor::timeout(CLOSE_FLUSH, conn.wait_writer()).await;
@@ -612,6 +651,13 @@ impl Conn {
         self.closing.set(true);
         self.tx_notify.notify();
         self.deferred_notify.notify();
+    }
+
+    /// Waits until no command that can still be answered is left (or the connection closes).
+    async fn answers_out(&self) {
+        while !self.closing.get() && self.st.borrow().slots.any_answer_pending() {
+            self.slot_notify.wait().await;
+        }
     }
 
     async fn wait_writer(&self) {

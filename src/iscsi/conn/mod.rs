@@ -101,6 +101,13 @@ pub(crate) async fn serve(s: reactor::Accepted, shared: Arc<IscsiShared>, pg_tag
         }
     };
     let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return };
+    // The connection's own memory counts in the budget before any of it is allocated.
+    let fixed = state_bytes(shared.registry().options.max_queue_depth);
+    let Ok(budget) = ConnBudget::open(fixed) else {
+        crate::bdev::budget::refuse_connection("iscsi", peer, fixed);
+        stream.shutdown();
+        return;
+    };
     let id = shared.next_conn_id();
     let control = Rc::new(ConnControl { stream: RefCell::new(Some(stream.clone())), closing: Cell::new(false) });
     let conns = reactor::with_core(|c| c.local::<CoreConnections>());
@@ -115,7 +122,7 @@ pub(crate) async fn serve(s: reactor::Accepted, shared: Arc<IscsiShared>, pg_tag
                 n.connections.fetch_add(1, Relaxed);
                 n.sessions.fetch_add(1, Relaxed);
             }
-            let conn = Rc::new(Conn::new(id, stream.clone(), shared.clone(), control.clone(), &li, pg_tag, peer, local));
+            let conn = Rc::new(Conn::new(id, stream.clone(), shared.clone(), control.clone(), &li, pg_tag, peer, local, budget.clone()));
             conn.run(rb).await;
             if let Some(n) = &node {
                 n.connections.fetch_sub(1, Relaxed);
@@ -179,6 +186,8 @@ struct Conn {
     /// This connection's account in the buffer budget: every command's Data-Out and Data-In
     /// buffers are charged to it (a command that does not fit gets TASK SET FULL).
     budget: Rc<ConnBudget>,
+    /// Tasks that will queue an answer (task management, logout) and have not yet.
+    replies: Cell<u32>,
 }
 
 /// Why the reader stops.
@@ -205,6 +214,7 @@ impl Conn {
         pg_tag: u16,
         peer: SocketAddr,
         local: SocketAddr,
+        budget: Rc<ConnBudget>,
     ) -> Conn {
         let (luns, generation) = match &li.node {
             Some(n) => {
@@ -247,7 +257,8 @@ impl Conn {
             out: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             close_after_flush: Cell::new(false),
-            budget: ConnBudget::new(),
+            budget,
+            replies: Cell::new(0),
         }
     }
 
@@ -255,18 +266,28 @@ impl Conn {
         let writer = reactor::spawn(self.clone().writer());
         let pinger = reactor::spawn(self.clone().pinger());
         let r = self.reader(rb).await;
-        match r {
+        match &r {
             Err(Stop::Io(e)) if e.kind() != io::ErrorKind::UnexpectedEof => log::debug!("iscsi: connection {} from {}: {e}", self.id, self.peer),
             Err(Stop::Protocol(why)) => log::warn!("iscsi: dropping connection {} from {}: {why}", self.id, self.peer),
             _ => {}
+        }
+        if matches!(&r, Err(Stop::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof) {
+            // The initiator half-closed: it sends nothing more but still reads. The answers
+            // of what it sent go out before the connection closes (bounded by the drain).
+            let start = reactor::now_ns();
+            while !self.control.closing.get() && (self.replies.get() > 0 || self.any_running()) {
+                if reactor::now_ns().saturating_sub(start) > DRAIN_TIMEOUT.as_nanos() as u64 {
+                    break;
+                }
+                reactor::sleep(Duration::from_micros(200)).await;
+            }
         }
         self.control.closing.set(true);
         self.wake_writer();
         // Commands in flight own buffers the bdevs write into: wait for them before leaving.
         let start = reactor::now_ns();
         loop {
-            let running = self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(r) if !r.done.get()));
-            if !running || reactor::now_ns().saturating_sub(start) > DRAIN_TIMEOUT.as_nanos() as u64 {
+            if !self.any_running() || reactor::now_ns().saturating_sub(start) > DRAIN_TIMEOUT.as_nanos() as u64 {
                 break;
             }
             reactor::sleep(Duration::from_micros(200)).await;
@@ -277,6 +298,24 @@ impl Conn {
         let _ = reactor::timeout(Duration::from_secs(5), writer).await;
         self.stream.shutdown();
     }
+
+    /// Some command runs (its buffers are in a bdev's hands, its answer still to come).
+    fn any_running(&self) -> bool {
+        self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(r) if !r.done.get()))
+    }
+}
+
+/// Bytes one connection holds whatever its initiator does, counted in the buffer budget from
+/// accept to close: the receive buffer, the connection with its tables and queues for
+/// `max_queue_depth` commands, and what the computation misses (futures, the login phase's
+/// state, allocator slack; measured as for NVMe/TCP).
+fn state_bytes(max_queue_depth: u32) -> u64 {
+    use std::mem::size_of;
+    const SLACK: usize = 16 * 1024;
+    let depth = max_queue_depth as usize;
+    // A task entry (tag, slot, hash metadata), and a response and a Data-In PDU queued.
+    let per_command = size_of::<(u32, TaskSlot)>() + 8 + 2 * size_of::<OutPdu>();
+    (RECV_BUF_DEFAULT + size_of::<Conn>() + depth * per_command + transmit::WRITE_BATCH * size_of::<OutPdu>() + SLACK) as u64
 }
 
 /// Hasher of task tags and LUNs: a multiplicative mix. The maps it serves are bounded by the

@@ -10,6 +10,7 @@ impl Conn {
         let reason = bhs.flags() & 0x7F;
         let itt = bhs.itt();
         let this = self.clone();
+        self.replies.set(self.replies.get() + 1);
         reactor::spawn_detached(async move {
             // Outstanding commands complete before the logout answer (RFC 7143 §11.14).
             this.drain(|_| true).await;
@@ -23,6 +24,7 @@ impl Conn {
             h.set_u16(42, this.p.time2retain as u16);
             this.close_after_flush.set(reason != 2);
             this.queue(h, OutData::None);
+            this.replies.set(this.replies.get() - 1);
         });
     }
 
@@ -157,6 +159,7 @@ impl Conn {
             _ => response = NOT_SUPPORTED,
         }
         let this = self.clone();
+        self.replies.set(self.replies.get() + 1);
         reactor::spawn_detached(async move {
             if let Some(l) = wait_lun {
                 this.drain(|r| r.aborted.get() && (l.is_none() || Some(r.lun) == l)).await;
@@ -167,6 +170,7 @@ impl Conn {
             h.set_u32(16, itt);
             this.stamp(&mut h, true);
             this.queue(h, OutData::None);
+            this.replies.set(this.replies.get() - 1);
         });
     }
 }
