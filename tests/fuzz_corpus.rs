@@ -7,6 +7,8 @@
 //! initiators talking to the fuzz harness through a recording proxy:
 //! `cargo test --test fuzz_corpus -- --ignored record_connection_seeds`.
 
+mod support;
+
 #[path = "iscsi/client.rs"]
 #[allow(dead_code)]
 mod client;
@@ -87,6 +89,47 @@ fn the_connection_seeds_reach_the_io_path() {
         assert_eq!(answer.first().map(|b| b & 0x3f), Some(0x23), "{}", f.display());
         assert!(answer.chunks(48).any(|h| matches!(h[0] & 0x3f, 0x21 | 0x25)) || answer.len() > 48 * 3, "{}", f.display());
     }
+}
+
+/// A host that half-closes its connection right after sending commands (as the fuzz inputs
+/// do) still gets their answers: the target keeps its sending side open until they are out.
+/// The namespace answers after 200 ms, long after the target has seen the host's FIN.
+#[test]
+fn answers_still_go_out_after_the_host_half_closes() {
+    use serde_json::json;
+    let d = support::Daemon::start(support::MINIMAL_CONFIG);
+    let port = support::free_port();
+    let nqn = "nqn.2016-06.io.tidemark:halfclose";
+    d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2048, "block_size": 512}));
+    d.rpc(
+        "bdev_delay_create",
+        json!({"name": "slow", "base_bdev_name": "m0", "avg_read_latency": 200000, "p99_read_latency": 200000, "avg_write_latency": 200000, "p99_write_latency": 200000}),
+    );
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "slow", "nsid": 1}}));
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = Controller::connect(addr, nqn, &QpairOptions::default()).expect("connect");
+    let mut q = c.connect_io(1, 8).expect("I/O queue");
+    for lba in [0u64, 8, 16] {
+        q.submit(Qpair::rw_sqe(io_opc::READ, 1, lba, 8), Payload::InDiscard(4096)).expect("submit");
+    }
+    while !q.flush().expect("send") {}
+    q.stream().shutdown(Shutdown::Write).expect("half-close");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut done = Vec::new();
+    while done.len() < 3 && std::time::Instant::now() < deadline {
+        if q.poll(&mut done).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(done.len(), 3, "the reads sent before the half-close were not all answered");
+    assert!(done.iter().all(|c| c.cqe.status().is_success()));
 }
 
 /// Connects to `target` through a proxy, runs `client` against the proxy and returns the bytes
