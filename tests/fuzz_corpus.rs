@@ -128,8 +128,35 @@ fn answers_still_go_out_after_the_host_half_closes() {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    assert_eq!(done.len(), 3, "the reads sent before the half-close were not all answered");
+    assert_eq!(done.len(), 3, "NVMe/TCP: the reads sent before the half-close were not all answered");
     assert!(done.iter().all(|c| c.cqe.status().is_success()));
+
+    // iSCSI, the same: a READ(10) sent, the sending side shut, the data and status arrive.
+    let iport = support::free_port();
+    let target = "iqn.2016-06.io.tidemark:halfclose";
+    d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": iport.to_string()}]}));
+    d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["ANY"]}));
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": target, "luns": [{"bdev_name": "slow", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 8}),
+    );
+    let iaddr: SocketAddr = format!("127.0.0.1:{iport}").parse().unwrap();
+    let mut s = client::Session::login(iaddr, &client::LoginOptions::normal("iqn.2016-06.io.test:halfclose", target)).expect("iSCSI login");
+    let h = s.command_header(0, &client::read10(0, 8), 4096, true, false);
+    s.send(h, &[]).expect("send READ(10)");
+    s.s.shutdown(Shutdown::Write).expect("half-close");
+    s.s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut status = None;
+    while status.is_none() {
+        let Ok(p) = s.recv() else { break };
+        match p.opcode() {
+            // SCSI Response, or Data-In carrying the status (S bit).
+            0x21 => status = Some(p.bhs[3]),
+            0x25 if p.bhs[1] & 0x01 != 0 => status = Some(p.bhs[3]),
+            _ => {}
+        }
+    }
+    assert_eq!(status, Some(0), "iSCSI: the READ sent before the half-close was not answered with GOOD");
 }
 
 /// Connects to `target` through a proxy, runs `client` against the proxy and returns the bytes
