@@ -14,6 +14,7 @@ pub mod extent_lock;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod iscsi;
+pub mod keyring;
 pub mod metrics;
 pub mod nvmf;
 pub mod preserve;

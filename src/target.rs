@@ -46,6 +46,7 @@ impl Target {
         let cores = reactors.core_count();
         // Shutdown runs this list backwards: jobs stop first, then the front ends, then bdevs.
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
+            Arc::new(crate::keyring::Keyring::default()),
             Arc::new(crate::bdev::BdevSubsystem),
             Arc::new(crate::bdevs::mirror::metrics::MirrorSubsystem),
             Arc::new(crate::preserve::PreserveSubsystem),

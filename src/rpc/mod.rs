@@ -47,6 +47,7 @@ impl Methods {
         crate::nvmf::rpc::register(&mut m);
         crate::iscsi::rpc::register(&mut m);
         crate::backup::rpc::register(&mut m);
+        crate::keyring::rpc::register(&mut m);
         crate::daemon::register_test_hooks(&mut m);
         m
     }
