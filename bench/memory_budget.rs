@@ -216,6 +216,10 @@ params = {{ nqn = "{NQN}", listen_address = {{ trtype = "TCP", adrfam = "IPv4", 
     }
     let conns = admins.len() + queues.len();
     eprintln!("{conns} connections ({} controllers, {} I/O queues) in {:.1} s", admins.len(), queues.len(), t0.elapsed().as_secs_f64());
+    // Open and idle: what the connections hold of their own, charged and resident.
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_kb = status_kb(pid, "VmRSS:");
+    let state_charged = metric(&metrics, "tidemark_buffer_budget_used_bytes");
 
     let nlb = (a.io_size / 512) as u32;
     let span = 2097152 / nlb as u64;
@@ -268,6 +272,13 @@ params = {{ nqn = "{NQN}", listen_address = {{ trtype = "TCP", adrfam = "IPv4", 
     println!("buffer budget:            {budget_mib:.0} MiB (connection limit {} MiB)", a.connection_mb);
     println!("charged at most:          {:.1} MiB ({:.2} of the budget), {refusals:.0} charges refused", peak / (1u64 << 20) as f64, peak / budget);
     println!("RSS at rest:              {:.1} MiB", mib(rest_kb));
+    println!(
+        "connections open, idle:   RSS +{:.1} MiB ({:.0} KiB each); charged to the budget {:.1} MiB ({:.0} KiB each)",
+        mib(idle_kb.saturating_sub(rest_kb)),
+        idle_kb.saturating_sub(rest_kb) as f64 / conns as f64,
+        state_charged / (1u64 << 20) as f64,
+        state_charged / 1024.0 / conns as f64
+    );
     println!("RSS with queues full:     {:.1} MiB", mib(held_kb));
     println!("peak RSS (VmHWM):         {:.1} MiB", mib(hwm_kb));
     println!("VmHWM / budget:           {:.2}", mib(hwm_kb) / budget_mib);

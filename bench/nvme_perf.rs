@@ -98,7 +98,17 @@ fn main() {
     if (granted as usize) < cpus.len() {
         fail(&format!("the controller granted {granted} I/O queues for {} cores", cpus.len()));
     }
-    let qsize = (a.w.queue_depth + 1).max(2) as u16;
+    // A queue of N entries holds at most N - 1 commands, and the controller allows at most
+    // MQES + 1 entries (CAP.MQES is 0's based). Asking for more fails the Connect, so a queue
+    // depth above the controller's limit is capped, said on stderr and in the JSON, as SPDK's
+    // perf does (there the excess waits in the driver; here it is not issued).
+    let cap = ctrl.property_get(tidemark::nvmf::spec::prop::CAP).unwrap_or_else(|e| fail(&format!("read CAP: {e}")));
+    let max_entries = (cap & 0xFFFF) as usize + 1;
+    let queue_depth = a.w.queue_depth.min(max_entries - 1).max(1);
+    if queue_depth < a.w.queue_depth {
+        eprintln!("nvme_perf: queue depth {} capped at {queue_depth}: the controller allows {max_entries} entries per queue (CAP.MQES)", a.w.queue_depth);
+    }
+    let qsize = (queue_depth + 1).max(2) as u16;
     let nlb = (a.w.io_size / bs) as u32;
     let slots = ns.nsze / nlb as u64;
     let mut queues = Vec::new();
@@ -112,7 +122,7 @@ fn main() {
         .zip(cpus.iter().copied())
         .enumerate()
         .map(|(i, (q, cpu))| {
-            let (qd, io_size, nsid) = (a.w.queue_depth, a.w.io_size, a.nsid);
+            let (qd, io_size, nsid) = (queue_depth, a.w.io_size, a.nsid);
             std::thread::spawn(move || {
                 if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                     eprintln!("nvme_perf: could not pin to CPU {cpu}");
@@ -139,14 +149,14 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({
-                "workload": a.w.workload, "queue_depth": a.w.queue_depth, "io_size": a.w.io_size, "cores": cpus.len(),
+                "workload": a.w.workload, "queue_depth": queue_depth, "queue_depth_asked": a.w.queue_depth, "io_size": a.w.io_size, "cores": cpus.len(),
                 "iops": iops, "mib_s": mibs, "errors": errors,
                 "avg_us": hist.mean() / 1000.0, "min_us": us(hist.min()), "max_us": us(hist.max()),
                 "p50_us": us(hist.value_at_quantile(0.5)), "p99_us": us(hist.value_at_quantile(0.99)), "p999_us": us(hist.value_at_quantile(0.999)),
             })
         );
     } else {
-        println!("{} qd {} io {} on {} core(s), {:.1}s, {}", a.w.workload, a.w.queue_depth, a.w.io_size, cpus.len(), secs, trid.subnqn);
+        println!("{} qd {} io {} on {} core(s), {:.1}s, {}", a.w.workload, queue_depth, a.w.io_size, cpus.len(), secs, trid.subnqn);
         println!("{:<12} {:>12} {:>10} {:>10} {:>10} {:>10}", "", "IOPS", "MiB/s", "avg us", "min us", "max us");
         for (i, r) in results.iter().enumerate() {
             let ri = r.ops as f64 / secs;

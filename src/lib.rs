@@ -16,6 +16,7 @@ pub mod extent_lock;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod iscsi;
+pub mod keyring;
 pub mod metrics;
 pub mod module;
 pub mod nvmf;

@@ -7,6 +7,8 @@
 //! initiators talking to the fuzz harness through a recording proxy:
 //! `cargo test --test fuzz_corpus -- --ignored record_connection_seeds`.
 
+mod support;
+
 #[path = "iscsi/client.rs"]
 #[allow(dead_code)]
 mod client;
@@ -71,7 +73,6 @@ fn every_fuzz_target_has_a_corpus_and_every_corpus_file_passes() {
 /// The recorded sessions still reach what they were recorded for: the I/O path answers reads
 /// with data (C2HData), the iSCSI session gets SCSI responses.
 #[test]
-#[ignore = "open: after the reactor's FIN fix the io seeds end right after the R2T ([1, 5, 9]); under investigation"]
 fn the_connection_seeds_reach_the_io_path() {
     for f in files("nvmf_pdu") {
         let data = std::fs::read(&f).expect("read a seed");
@@ -88,6 +89,74 @@ fn the_connection_seeds_reach_the_io_path() {
         assert_eq!(answer.first().map(|b| b & 0x3f), Some(0x23), "{}", f.display());
         assert!(answer.chunks(48).any(|h| matches!(h[0] & 0x3f, 0x21 | 0x25)) || answer.len() > 48 * 3, "{}", f.display());
     }
+}
+
+/// A host that half-closes its connection right after sending commands (as the fuzz inputs
+/// do) still gets their answers: the target keeps its sending side open until they are out.
+/// The namespace answers after 200 ms, long after the target has seen the host's FIN.
+#[test]
+fn answers_still_go_out_after_the_host_half_closes() {
+    use serde_json::json;
+    let d = support::Daemon::start(support::MINIMAL_CONFIG);
+    let port = support::free_port();
+    let nqn = "nqn.2016-06.io.tidemark:halfclose";
+    d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2048, "block_size": 512}));
+    d.rpc(
+        "bdev_delay_create",
+        json!({"name": "slow", "base_bdev_name": "m0", "avg_read_latency": 200000, "p99_read_latency": 200000, "avg_write_latency": 200000, "p99_write_latency": 200000}),
+    );
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "slow", "nsid": 1}}));
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = Controller::connect(addr, nqn, &QpairOptions::default()).expect("connect");
+    let mut q = c.connect_io(1, 8).expect("I/O queue");
+    for lba in [0u64, 8, 16] {
+        q.submit(Qpair::rw_sqe(io_opc::READ, 1, lba, 8), Payload::InDiscard(4096)).expect("submit");
+    }
+    while !q.flush().expect("send") {}
+    q.stream().shutdown(Shutdown::Write).expect("half-close");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut done = Vec::new();
+    while done.len() < 3 && std::time::Instant::now() < deadline {
+        if q.poll(&mut done).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(done.len(), 3, "NVMe/TCP: the reads sent before the half-close were not all answered");
+    assert!(done.iter().all(|c| c.cqe.status().is_success()));
+
+    // iSCSI, the same: a READ(10) sent, the sending side shut, the data and status arrive.
+    let iport = support::free_port();
+    let target = "iqn.2016-06.io.tidemark:halfclose";
+    d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": iport.to_string()}]}));
+    d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["ANY"]}));
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": target, "luns": [{"bdev_name": "slow", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 8}),
+    );
+    let iaddr: SocketAddr = format!("127.0.0.1:{iport}").parse().unwrap();
+    let mut s = client::Session::login(iaddr, &client::LoginOptions::normal("iqn.2016-06.io.test:halfclose", target)).expect("iSCSI login");
+    let h = s.command_header(0, &client::read10(0, 8), 4096, true, false);
+    s.send(h, &[]).expect("send READ(10)");
+    s.s.shutdown(Shutdown::Write).expect("half-close");
+    s.s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut status = None;
+    while status.is_none() {
+        let Ok(p) = s.recv() else { break };
+        match p.opcode() {
+            // SCSI Response, or Data-In carrying the status (S bit).
+            0x21 => status = Some(p.bhs[3]),
+            0x25 if p.bhs[1] & 0x01 != 0 => status = Some(p.bhs[3]),
+            _ => {}
+        }
+    }
+    assert_eq!(status, Some(0), "iSCSI: the READ sent before the half-close was not answered with GOOD");
 }
 
 /// Connects to `target` through a proxy, runs `client` against the proxy and returns the bytes

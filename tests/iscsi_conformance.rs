@@ -6,6 +6,12 @@
 //! targets and every test that fails or skips on tidemark, and keeps the suite's output under
 //! `target/tmp/iscsi-conformance/`.
 //!
+//! Two suites need more than one writable LUN: the ReadOnly suite skips unless the LUN is
+//! write-protected, so it runs a second time against a read-only LUN of each target (a sealed
+//! snapshot on tidemark, `readonly=1` on tgtd) and that run decides its outcome; the Sanitize
+//! suite runs only with `--allow-sanitize`, which tidemark gets and tgtd does not (tgtd hangs
+//! in the second run of `Sanitize.BlockEraseReserved`), so on tgtd those tests are SKIPs.
+//!
 //!     cargo test --test iscsi_conformance -- --nocapture
 //!
 //! Tools come from `tests/iscsi/deps.sh`; without them the test fails, unless
@@ -24,6 +30,8 @@ use support::*;
 
 /// Size of the LUN under test on both targets.
 const LUN_MB: u64 = 128;
+/// Size of the read-only LUN of the ReadOnly suite.
+const RO_LUN_MB: u64 = 8;
 /// Bound on one whole suite run (a run takes under a minute on a 2-core machine).
 const SUITE_TIMEOUT_S: u64 = 900;
 
@@ -113,15 +121,18 @@ fn parse_verbose(out: &str) -> BTreeMap<String, Outcome> {
     tests
 }
 
-/// Runs the whole suite against `url`, with `url2` as the second path of the multipath tests
-/// (the same LUN through a second session with the second initiator name).
-fn run_suite(url: &str, url2: &str, dir: &Path) -> Results {
+/// Runs the suite against `url`, with `url2` as the second path of the multipath tests (the
+/// same LUN through a second session with the second initiator name), with `extra` options
+/// (`--allow-sanitize`, `--test=...`).
+fn run_suite(url: &str, url2: &str, extra: &[&str], dir: &Path) -> Results {
     std::fs::create_dir_all(dir).unwrap();
     let t0 = Instant::now();
     let log = dir.join("suite.out");
     let f = std::fs::File::create(&log).unwrap();
     let status = Command::new("timeout")
-        .args(["-k", "10", &SUITE_TIMEOUT_S.to_string(), "iscsi-test-cu", "--dataloss", "--verbose", url, url2])
+        .args(["-k", "10", &SUITE_TIMEOUT_S.to_string(), "iscsi-test-cu", "--dataloss", "--verbose"])
+        .args(extra)
+        .args([url, url2])
         .current_dir(dir)
         .stdout(Stdio::from(f.try_clone().unwrap()))
         .stderr(Stdio::from(f))
@@ -132,6 +143,22 @@ fn run_suite(url: &str, url2: &str, dir: &Path) -> Results {
     let finished = status.code() != Some(124) && status.code() != Some(137) && text.contains("Run Summary");
     eprintln!("  {url}: {} tests in {:.0} s (exit {:?}), output in {}", tests.len(), t0.elapsed().as_secs_f64(), status.code(), log.display());
     Results { tests, finished }
+}
+
+/// The suite that only runs against a write-protected LUN (it skips elsewhere).
+const READONLY_SUITE: &str = "ReadOnly.";
+
+/// Runs the ReadOnly suite against the read-only LUN `url` and lets that run decide the
+/// suite's outcome in `main` (where it skipped: the LUN there is writable).
+fn add_readonly_run(main: &mut Results, url: &str, dir: &Path) {
+    let ro = run_suite(url, url, &["--test=ALL.ReadOnly"], dir);
+    assert!(ro.finished, "the ReadOnly suite did not complete against {url}; see {}", dir.display());
+    let mut ran = 0;
+    for (n, o) in ro.tests.iter().filter(|(n, _)| n.starts_with(READONLY_SUITE)) {
+        main.tests.insert(n.clone(), *o);
+        ran += 1;
+    }
+    assert!(ran > 0, "no ReadOnly test ran against {url}; see {}", dir.display());
 }
 
 #[test]
@@ -151,7 +178,9 @@ fn iscsi_test_cu_passes_everything_tgtd_passes() {
 
     // The peer first, alone on the machine.
     let mut tgt = tgtd::Tgtd::start(free_port(), tgtd::free_control_port(), LUN_MB, work.path());
-    let peer = run_suite(&tgt.url(), &tgt.url(), &keep.join("tgtd"));
+    let mut peer = run_suite(&tgt.url(), &tgt.url(), &[], &keep.join("tgtd"));
+    let ro_url = tgt.add_readonly_lun(2, RO_LUN_MB);
+    add_readonly_run(&mut peer, &ro_url, &keep.join("tgtd-readonly"));
     tgt.stop();
 
     // Then tidemark with a RAM bdev of the same size (and a second LUN, a copy target).
@@ -166,8 +195,19 @@ fn iscsi_test_cu_passes_everything_tgtd_passes() {
         "iscsi_create_target_node",
         json!({"name": "conformance", "luns": [{"bdev_name": "ram0", "lun_id": 0}, {"bdev_name": "ram1", "lun_id": 1}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 64}),
     );
+    // A read-only LUN: a sealed snapshot of a copy-on-write volume.
+    for (name, blocks) in [("robase", (RO_LUN_MB << 20) / 512), ("rostore", (RO_LUN_MB << 20) / 512 + 4096)] {
+        d.rpc("bdev_malloc_create", json!({"name": name, "num_blocks": blocks, "block_size": 512}));
+    }
+    d.rpc("bdev_cow_create", json!({"name": "rovol", "base_bdev": "robase", "store_bdev": "rostore", "grain_kb": 64}));
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "rovol", "snapshot_name": "ro", "wait_sealed": true}));
+    d.rpc(
+        "iscsi_create_target_node",
+        json!({"name": "conformance-ro", "luns": [{"bdev_name": "ro", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 64}),
+    );
     let url = format!("iscsi://127.0.0.1:{port}/iqn.2016-06.io.tidemark:conformance/0");
-    let ours = run_suite(&url, &url, &keep.join("tidemark"));
+    let mut ours = run_suite(&url, &url, &["--allow-sanitize"], &keep.join("tidemark"));
+    add_readonly_run(&mut ours, &format!("iscsi://127.0.0.1:{port}/iqn.2016-06.io.tidemark:conformance-ro/0"), &keep.join("tidemark-readonly"));
     // The daemon survived the whole suite.
     assert!(d.try_rpc("iscsi_get_connections", json!(null)).is_ok(), "tidemarkd stopped answering:\n{}", d.log_text());
     std::thread::sleep(Duration::from_millis(100));
@@ -189,6 +229,7 @@ fn iscsi_test_cu_passes_everything_tgtd_passes() {
 
     let mut report = String::new();
     report += "iscsi-test-cu --dataloss (whole suite, two paths for MultipathIO), same machine, same run\n";
+    report += "ReadOnly suite: its own run against a read-only LUN of each target; Sanitize suite: --allow-sanitize on tidemark only (tgtd hangs with it)\n";
     report += &format!("tgtd:     {}\n", peer.summary());
     report += &format!("tidemark: {}\n", ours.summary());
     report += "(a test that printed a [SKIPPED] notice is a SKIP: CUnit itself counts it as passed)\n";

@@ -82,6 +82,9 @@ fn aptpl_reservation_survives_a_restart_and_holds_off_the_other_host() {
     d.rpc("save_config", json!({"path": saved.display().to_string()}));
     assert!(d.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
     d.restart();
+    // The RPC socket is bound before the configuration is applied (and its portal listens);
+    // an answered call means the configuration is in place.
+    d.rpc("framework_wait_init", json!(null));
 
     let mut b = login(addr, HOST_B);
     assert_eq!(keys(&mut b), vec![0xA11CE, 0xB0B], "the keys survive the restart");

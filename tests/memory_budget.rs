@@ -82,6 +82,9 @@ fn many_queues_of_large_reads_stay_within_the_buffer_budget() {
         }
         admins.push(c);
     }
+    // Each open connection's own state is charged at once, before any command.
+    let state = metric(&d, "tidemark_buffer_budget_used_bytes");
+    assert!(state > 0.0, "open connections must count in the budget");
     let nlb = (io / 512) as u32;
     for (i, q) in reads.iter_mut().enumerate() {
         for k in 0..depth {
@@ -131,12 +134,53 @@ fn many_queues_of_large_reads_stay_within_the_buffer_budget() {
             done += out.len();
         }
     }
-    // Every charge comes back.
+    // Every command's charge comes back; the connections' state once they close.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&d, "tidemark_buffer_budget_used_bytes") != 0.0 {
+    while metric(&d, "tidemark_buffer_budget_used_bytes") != state {
         assert!(Instant::now() < deadline, "buffers still charged after every command completed");
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop((reads, writes, admins));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&d, "tidemark_buffer_budget_used_bytes") != 0.0 {
+        assert!(Instant::now() < deadline, "closed connections still charged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn connections_whose_state_does_not_fit_the_budget_are_refused_not_served_past_it() {
+    // One core, so one share: the smallest there is (16 MiB, one command of the largest size).
+    let d = Daemon::start(&config("buffer_budget_mb = 16\nconnection_buffer_mb = 2"));
+    let addr = export(&d);
+    let share = metric(&d, "tidemark_buffer_budget_bytes");
+    let held: Vec<TcpStream> = (0..300).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = metric(&d, "tidemark_buffer_budget_used_bytes");
+    let refused = metric(&d, "tidemark_buffer_budget_connections_refused");
+    eprintln!("{} connections: {refused} refused, {used} bytes of state charged of {share}", held.len());
+    assert!(refused > 0.0, "300 connections' state cannot fit 16 MiB: some must be refused");
+    assert!(used <= share, "the connections' state went over the budget: {used} > {share}");
+    assert!(d.log_text().contains("do not fit the buffer budget"), "a refusal is logged");
+    let mut closed = 0;
+    for c in &held {
+        c.set_nonblocking(true).unwrap();
+        if !matches!(std::io::Read::read(&mut &*c, &mut [0u8; 16]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed as f64, refused, "a refused connection is closed at once, not left waiting");
+    // Their state comes back when they go: a host gets in and does I/O again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&d, "tidemark_buffer_budget_used_bytes") != 0.0 {
+        assert!(Instant::now() < deadline, "closed connections still charged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = Controller::connect(addr, NQN, &QpairOptions::default()).expect("a host connects again");
+    let mut q = c.connect_io(1, 8).expect("I/O queue");
+    let (cqe, _) = q.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 8), Payload::In(4096)).expect("read");
+    assert!(cqe.status().is_success());
 }
 
 #[test]

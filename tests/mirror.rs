@@ -261,3 +261,46 @@ fn a_mirror_and_its_image_come_back_after_a_restart() {
     assert_eq!(img[0]["driver_specific"]["split_image"]["mirror"], "m0");
     assert_eq!(d.rpc("bdev_snapshot_get", json!({"name": "img"}))[0]["state"], "sealed");
 }
+
+/// A split image is on its leg from the split's reply on, so `save_config` writes it even while
+/// the split still drains, after its leg and its mirror (the image's name sorts before both
+/// here); the restarted daemon opens it. `save_config` used to leave a draining image out: a
+/// restart from that configuration lost it. The leg is a delay bdev whose writes take 3 s once
+/// the mirror is built, so the seal (which writes the leg's superblock) is still pending when
+/// the configuration is saved.
+#[test]
+fn save_config_while_a_split_drains_writes_the_image_after_its_leg_and_mirror() {
+    let mut d = Daemon::start(MINIMAL_CONFIG);
+    for i in 0..3 {
+        d.rpc("bdev_uring_create", json!({"name": format!("u{i}"), "filename": format!("u{i}.img"), "size_mb": 16}));
+    }
+    let lat = |us: u64| json!({"name": "slow2", "base_bdev_name": "u2", "avg_read_latency": 0, "p99_read_latency": 0, "avg_write_latency": us, "p99_write_latency": us});
+    d.rpc("bdev_delay_create", lat(0));
+    d.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["u0", "u1", "slow2"], "region_size_kb": 256}));
+    for t in ["avg_write", "p99_write"] {
+        d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow2", "latency_type": t, "latency_us": 3_000_000}));
+    }
+    d.rpc("bdev_snapshot_create", json!({"bdev_name": "m0", "snapshot_name": "a_img", "base_bdev": "slow2"}));
+    assert_eq!(d.rpc("bdev_snapshot_get", json!({"name": "a_img"}))[0]["state"], "draining", "the test needs the split still draining");
+    let saved = d.dir.path().join("tidemark.toml");
+    d.rpc("save_config", json!({"path": saved.display().to_string()}));
+    let state = d.rpc("bdev_snapshot_get", json!({"name": "a_img"}))[0]["state"].clone();
+    let text = std::fs::read_to_string(&saved).unwrap();
+    let image = text.find("bdev_raid_open_split_image");
+    assert!(image.is_some(), "a split image still draining ({state} after the save) is missing from the saved configuration:\n{text}");
+    let (leg, mirror) = (text.find("bdev_delay_create"), text.find("bdev_raid_create"));
+    assert!(leg.is_some() && mirror.is_some() && leg < image && mirror < image, "the image must come after its leg and its mirror:\n{text}");
+    assert!(text.contains(r#"base_bdev = "slow2""#), "{text}");
+    assert!(d.terminate(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    // The restart replays the saved calls: the leg (writes still 3 s), the mirror without the
+    // split leg, then the image from the leg.
+    d.restart();
+    let img = d.rpc("bdev_get_bdevs", json!({"name": "a_img"}));
+    assert_eq!(img[0]["read_only"], true, "{img}");
+    assert_eq!(img[0]["driver_specific"]["split_image"]["mirror"], "m0");
+    assert_eq!(d.rpc("bdev_snapshot_get", json!({"name": "a_img"}))[0]["state"], "sealed");
+    let after = raid(&d, "m0");
+    assert_eq!(after["num_base_bdevs_operational"], 2, "{after}\n{}", d.log_text());
+    let slot = after["base_bdevs_list"].as_array().unwrap().iter().find(|b| b["image"] == "a_img").cloned().unwrap_or_default();
+    assert_eq!(slot["state"], "split", "the mirror keeps the split: {after}");
+}

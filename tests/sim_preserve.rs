@@ -2,9 +2,9 @@
 //! volume on simulated cores and devices, checked against the reference model.
 //!
 //! `SEED=n cargo test --test sim_preserve -- --nocapture` replays seed n exactly;
-//! `SIM_SEEDS=k` (default 10000) and `SIM_SEED_START=s` choose the range. `SIM_HEADER_STALL=1`
-//! also checks that no host write waited for a preserve's metadata (header writes made slow;
-//! off by default, it fails today: see `tidemark::sim::HEADER_STALL_NS`).
+//! `SIM_SEEDS=k` (default 10000) and `SIM_SEED_START=s` choose the range. Every seed also
+//! checks that no host write waited for a preserve's metadata (header writes are made slow:
+//! see `tidemark::sim::HEADER_STALL_NS`).
 
 use tidemark::sim::seeds::run_seeds;
 use tidemark::sim::{run_seed, run_seed_at_cow_split, SimOutcome};

@@ -148,6 +148,16 @@ fn drive_every_shared_method(c: &Client) {
     ok(&["framework_get_reactors"]);
     ok(&["framework_get_subsystems"]);
 
+    // Keys: listed by name and path, never by content.
+    let key = d.dir.path().join("key0");
+    std::fs::write(&key, "DHHC-1:00:c3Bkay1ycGMta2V5:\n").expect("key file");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key file");
+    ok(&["keyring_file_add_key", "key0", key.to_str().expect("utf-8 path")]);
+    let keys = js(&["keyring_get_keys"]);
+    assert_eq!((keys[0]["name"].as_str(), keys[0]["path"].as_str()), (Some("key0"), key.to_str()), "{keys}");
+    assert!(!keys.to_string().contains("c3Bkay1ycGMta2V5"), "{keys}");
+    ok(&["keyring_file_remove_key", "key0"]);
+
     // Bdevs, SPDK's sizes in MiB.
     assert_eq!(ok(&["bdev_malloc_create", "-b", "m0", "64", "512"]).trim(), "m0");
     assert_eq!(ok(&["bdev_malloc_create", "8", "4096"]).trim(), "Malloc0");

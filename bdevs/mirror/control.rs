@@ -275,6 +275,9 @@ impl Ctl {
             c.sh.regions.set(r, UNSYNCED);
         }
         c.sync_modes();
+        // The status is filled before the mirror is handed out: `assemble` returns (and the
+        // RPC replies, and `save_config` may list the legs) before the control task first runs.
+        c.publish();
         c
     }
 

@@ -184,8 +184,21 @@ impl Bdev for SplitImageBdev {
         }})
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        // A draining image is not on its leg yet (the seal writes it there).
-        (self.state() == SnapshotState::Sealed).then(|| ("bdev_raid_open_split_image", json!({ "name": self.name, "base_bdev": self.leg_name() })))
+        // A draining image is on its leg already: the split marks the leg a sealed image of its
+        // mirror before the split's instant (so before this bdev exists), and a restart
+        // reassembles the mirror with the split kept, whether the seal completed or not (a
+        // crash image of the split's instant if it did not). A failed split's leg is the
+        // mirror's again.
+        (self.state() != SnapshotState::Failed).then(|| ("bdev_raid_open_split_image", json!({ "name": self.name, "base_bdev": self.leg_name() })))
+    }
+    fn config_needs(&self) -> Vec<String> {
+        // While the split drains the mirror still claims the leg; the image is opened after the
+        // leg exists and the mirror has reassembled (keeping the split) from it.
+        if self.state() == SnapshotState::Draining {
+            vec![self.leg_name().to_string(), self.mirror_name.clone()]
+        } else {
+            Vec::new()
+        }
     }
     fn destroy(&self) {
         drop(self.claim.lock().unwrap_or_else(|e| e.into_inner()).take());

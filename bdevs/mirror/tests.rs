@@ -293,6 +293,41 @@ fn a_cleanly_stopped_mirror_reassembles_from_its_legs() {
     assert_eq!(rig2.read("m", 3 * REGION_BLOCKS, 65536).unwrap(), d);
 }
 
+/// Assembles mirror `name` on `legs` and reads its status in the same poll, before anything
+/// else (the control task) has run: what an RPC sees right after `bdev_raid_create` replies.
+fn status_when_assembled(rig: &Rig, name: &str, legs: &[&str]) -> (Arc<MirrorBdev>, MirrorStatus) {
+    let guards: Vec<HoldGuard> = legs.iter().map(|l| rig.reg.get(l).unwrap().claim(name).unwrap()).collect();
+    let n = name.to_string();
+    rig.run(async move {
+        let m = MirrorBdev::assemble(&n, guards, Vec::new(), None, options()).await.unwrap();
+        let status = m.status();
+        (m, status)
+    })
+}
+
+/// The status lists the legs as soon as `assemble` returns, for a new mirror and for one
+/// reassembled after a stop: `bdev_raid_get_bdevs` and `save_config` read it right after the
+/// create replies, before the control task first runs. It used to be filled by the control
+/// task only: a restart under load came back with `num_base_bdevs_operational` 0, and a
+/// `save_config` then would have written the mirror without its legs.
+#[test]
+fn the_status_lists_the_legs_as_soon_as_assemble_returns() {
+    let rig = Rig::new(1);
+    rig.malloc("a", LEG_BLOCKS);
+    rig.malloc("b", LEG_BLOCKS);
+    let (m, s) = status_when_assembled(&rig, "m", &["a", "b"]);
+    let legs = |s: &MirrorStatus| s.slots.iter().map(|x| (x.name.clone(), x.state)).collect::<Vec<_>>();
+    assert_eq!(legs(&s), [("a".to_string(), "active"), ("b".to_string(), "active")], "{s:?}");
+    assert_eq!(s.generation, 1);
+    let m2 = m.clone();
+    rig.run(async move { m2.shutdown().await });
+    let rig2 = restart(&rig, &["a", "b"]);
+    let (m, s) = status_when_assembled(&rig2, "m", &["a", "b"]);
+    assert_eq!(legs(&s), [("a".to_string(), "active"), ("b".to_string(), "active")], "{s:?}");
+    assert!(s.generation > 1 && s.active_legs() == 2, "{s:?}");
+    assert_eq!(m.status().slots.len(), 2);
+}
+
 #[test]
 fn after_a_crash_regions_in_flight_are_read_from_one_leg_then_resynchronised() {
     let rig = Rig::new(1);

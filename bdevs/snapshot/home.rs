@@ -1,7 +1,14 @@
-//! The home core of a CoW volume: store slot allocation, the slot records, the group committer
-//! (one flush + record/header writes + one flush per batch), and the control flows that change
-//! the snapshot list (open/recover, preserve, seal, delete). Other cores reach it with
-//! `call_on`; nothing here is touched by another core.
+//! The home core of a CoW volume: store slot allocation, the slot records, the two committers,
+//! and the control flows that change the snapshot list (open/recover, preserve, seal, delete).
+//! Other cores reach it with `call_on`; nothing here is touched by another core.
+//!
+//! Records and the header have a committer each. The record committer (one flush + record
+//! pages + one flush per batch) is what a host write that copies waits for; the header
+//! committer (header + flush) is what a preserve, a seal, a delete or a failure waits for. Host
+//! writes never wait for a header write (DESIGN §1: no host I/O waits for a preserve): a record
+//! carrying an index whose header is not durable yet is harmless, since recovery drops the bits
+//! of every index its header does not list, and a preserve is acknowledged only once its
+//! header is durable.
 
 use super::layout::{
     self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES,
@@ -54,8 +61,12 @@ struct Home {
     /// Slots freed by record changes not yet durable: reusable once their batch is.
     freed_pending: RefCell<Vec<u32>>,
     dirty: RefCell<BTreeSet<u64>>,
-    header_dirty: Cell<bool>,
+    /// Waiters for the next record batch.
     waiters: RefCell<Vec<oneshot::Sender<IoResult>>>,
+    /// The in-memory snapshot list changed since the last header write was built.
+    header_dirty: Cell<bool>,
+    /// Waiters for the next header write.
+    header_waiters: RefCell<Vec<oneshot::Sender<IoResult>>>,
     seq: Cell<u64>,
 }
 
@@ -126,10 +137,21 @@ impl Home {
         self.wait_batch()
     }
 
+    /// Waits for the next record batch (it writes every record page dirty now).
     fn wait_batch(&self) -> oneshot::Receiver<IoResult> {
         let (tx, rx) = oneshot::channel();
         self.waiters.borrow_mut().push(tx);
         self.v.committer.wake();
+        rx
+    }
+
+    /// Queues a header write (built from the snapshot list as it is when the write starts) and
+    /// waits until it is durable. Never behind a record batch, and no record batch behind it.
+    fn wait_header(&self) -> oneshot::Receiver<IoResult> {
+        let (tx, rx) = oneshot::channel();
+        self.header_dirty.set(true);
+        self.header_waiters.borrow_mut().push(tx);
+        self.v.header_committer.wake();
         rx
     }
 
@@ -198,33 +220,40 @@ impl Home {
             }
         }
         self.header_dirty.set(true);
-        v.committer.wake();
+        v.header_committer.wake();
     }
 }
 
-/// Writes a batch: flush (slot data durable), record pages and header, flush.
-async fn write_batch(v: &VolumeShared, pages: &[(u64, IoBuf)], header: Option<(u64, Vec<u8>)>) -> IoResult {
+/// Writes a record batch: flush (slot data durable), record pages, flush.
+async fn write_batch(v: &VolumeShared, pages: &[(u64, IoBuf)]) -> IoResult {
     let store = Channel::get(&v.store)?;
     store.flush().await?;
     let writes = pages.iter().map(|(p, b)| store.write_buf((RECORDS_OFFSET + p * PAGE_BYTES as u64) / v.store_bs, &b[..]));
     for r in futures::future::join_all(writes).await {
         r?;
     }
-    if let Some((seq, h)) = header {
-        let mut b = IoBuf::alloc(HEADER_BYTES);
-        b.copy_from_slice(&h);
-        store.write_buf(Header::copy_offset(seq) / v.store_bs, &b[..]).await?;
-    }
     store.flush().await
 }
 
-/// The group committer of a volume: batches every record and header change made while the
-/// previous batch was being written.
+/// Writes header `h` into the copy its sequence number selects, then flushes. The flows that
+/// need data durable before their header (seal, delete, format, recovery) flush or commit it
+/// themselves first; one header write at a time (the header committer), so the two copies
+/// alternate and a torn write always leaves the previous header readable.
+async fn write_header(v: &VolumeShared, h: &Header) -> IoResult {
+    let store = Channel::get(&v.store)?;
+    let mut b = IoBuf::alloc(HEADER_BYTES);
+    b.copy_from_slice(&h.encode());
+    store.write_buf(Header::copy_offset(h.seq) / v.store_bs, &b[..]).await?;
+    store.flush().await
+}
+
+/// The record committer of a volume: batches every record change made while the previous
+/// batch was being written.
 async fn committer(h: Rc<Home>) {
     loop {
         let work = poll_fn(|cx| {
             h.v.committer.register(cx.waker());
-            if !h.waiters.borrow().is_empty() || !h.dirty.borrow().is_empty() || h.header_dirty.get() {
+            if !h.waiters.borrow().is_empty() || !h.dirty.borrow().is_empty() {
                 Poll::Ready(true)
             } else if h.v.closed.load(SeqCst) {
                 Poll::Ready(false)
@@ -237,14 +266,10 @@ async fn committer(h: Rc<Home>) {
             break;
         }
         let pages: Vec<(u64, IoBuf)> = std::mem::take(&mut *h.dirty.borrow_mut()).into_iter().map(|p| (p, h.page(p))).collect();
-        let header = h.header_dirty.replace(false).then(|| {
-            let hd = h.header();
-            (hd.seq, hd.encode())
-        });
         let waiters = std::mem::take(&mut *h.waiters.borrow_mut());
         let freed = std::mem::take(&mut *h.freed_pending.borrow_mut());
-        log::trace!("{}: commit pages {:?} header {:?}", h.v.name, pages.iter().map(|p| p.0).collect::<Vec<_>>(), header.as_ref().map(|h| h.0));
-        let r = write_batch(&h.v, &pages, header).await;
+        log::trace!("{}: commit pages {:?}", h.v.name, pages.iter().map(|p| p.0).collect::<Vec<_>>());
+        let r = write_batch(&h.v, &pages).await;
         if let Err(e) = &r {
             log::error!("{}: writing CoW metadata to {} failed: {e}", h.v.name, h.v.store.name());
         } else {
@@ -255,6 +280,38 @@ async fn committer(h: Rc<Home>) {
         }
     }
     reactor::with_core(|c| c.local::<Homes>()).0.borrow_mut().remove(&h.v.id);
+}
+
+/// The header committer of a volume: writes the header whenever the snapshot list changed,
+/// one write at a time (each built when it starts, so it carries every change made before).
+async fn header_committer(h: Rc<Home>) {
+    loop {
+        let work = poll_fn(|cx| {
+            h.v.header_committer.register(cx.waker());
+            if h.header_dirty.get() || !h.header_waiters.borrow().is_empty() {
+                Poll::Ready(true)
+            } else if h.v.closed.load(SeqCst) {
+                Poll::Ready(false)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if !work {
+            break;
+        }
+        h.header_dirty.set(false);
+        let hd = h.header();
+        let waiters = std::mem::take(&mut *h.header_waiters.borrow_mut());
+        log::trace!("{}: commit header {}", h.v.name, hd.seq);
+        let r = write_header(&h.v, &hd).await;
+        if let Err(e) = &r {
+            log::error!("{}: writing the CoW header to {} failed: {e}", h.v.name, h.v.store.name());
+        }
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
+    }
 }
 
 // ---- calls from any core ----
@@ -277,7 +334,7 @@ pub(crate) async fn fail(v: &VolumeShared, mask: u32, why: String) -> IoResult {
     let rx = reactor::call_on(v.home, move || {
         home_of(id).map(|h| {
             h.mark_failed(mask, &why);
-            h.wait_batch()
+            h.wait_header()
         })
     })
     .await
@@ -292,17 +349,11 @@ pub(crate) async fn commit(v: &VolumeShared, updates: Vec<Update>) -> IoResult {
     rx.await.unwrap_or(Err(BdevError::Offline))
 }
 
-/// Writes the header (after everything queued before) and waits until it is durable.
+/// Writes the header (with every change made to the snapshot list so far) and waits until it
+/// is durable.
 async fn header_durable(v: &VolumeShared) -> IoResult {
     let id = v.id;
-    let rx = reactor::call_on(v.home, move || {
-        home_of(id).map(|h| {
-            h.header_dirty.set(true);
-            h.wait_batch()
-        })
-    })
-    .await
-    .ok_or(BdevError::Offline)?;
+    let rx = reactor::call_on(v.home, move || home_of(id).map(|h| h.wait_header())).await.ok_or(BdevError::Offline)?;
     rx.await.unwrap_or(Err(BdevError::Offline))
 }
 
@@ -463,6 +514,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         pieces: ZeroMap::new(header.slot_count as usize).map_err(|e| invalid(&name, e))?,
         closed: AtomicBool::new(false),
         committer: futures::task::AtomicWaker::new(),
+        header_committer: futures::task::AtomicWaker::new(),
         stats: CowStats::default(),
     });
     let home = Rc::new(Home {
@@ -471,8 +523,9 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         hwm: Cell::new(0),
         freed_pending: RefCell::new(Vec::new()),
         dirty: RefCell::new(BTreeSet::new()),
-        header_dirty: Cell::new(false),
         waiters: RefCell::new(Vec::new()),
+        header_dirty: Cell::new(false),
+        header_waiters: RefCell::new(Vec::new()),
         seq: Cell::new(header.seq),
     });
     let io = |e: BdevError| invalid(&name, format!("store {}: {e}", store.name()));
@@ -486,14 +539,16 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
             sch.write_buf((RECORDS_OFFSET + p0 * PAGE_BYTES as u64) / store_bs, &zero[..(n as usize * PAGE_BYTES)]).await.map_err(io)?;
             p0 += n;
         }
-        let h = home.header();
-        write_batch(&v, &[], Some((h.seq, h.encode()))).await.map_err(io)?;
+        // The zeroed record area durable before the header that says the store is ours.
+        sch.flush().await.map_err(io)?;
+        write_header(&v, &home.header()).await.map_err(io)?;
         log::info!("{name}: formatted CoW store {} ({} slots of {} KiB)", store.name(), geo.slot_count, grain_bytes >> 10);
     } else {
         recover(&home, &sch, valid).await.map_err(io)?;
     }
     reactor::with_core(|c| c.local::<Homes>()).0.borrow_mut().insert(v.id, home.clone());
-    reactor::spawn_detached(committer(home));
+    reactor::spawn_detached(committer(home.clone()));
+    reactor::spawn_detached(header_committer(home));
     let live = (0..MAX_SNAPSHOTS).filter(|&i| v.snaps[i].state.load(SeqCst) != ST_FREE).map(|i| (i, 0)).collect();
     Ok((v, live))
 }
@@ -575,11 +630,11 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
     // snapshots a crash interrupted (their old-epoch I/O is gone with the crash).
     let pages: Vec<(u64, IoBuf)> = std::mem::take(&mut *h.dirty.borrow_mut()).into_iter().map(|p| (p, h.page(p))).collect();
     if !pages.is_empty() {
-        write_batch(v, &pages, None).await?;
+        write_batch(v, &pages).await?;
     }
     Channel::get(&v.base)?.flush().await?;
-    let hd = h.header();
-    write_batch(v, &[], Some((hd.seq, hd.encode()))).await
+    Channel::get(&v.store)?.flush().await?;
+    write_header(v, &h.header()).await
 }
 
 /// Takes a preserve (rules in the module doc of `snapshot`). Returns (index, generation,
@@ -619,20 +674,19 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
     };
     debug_assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
     let t0 = reactor::now_ns();
-    // The header naming the snapshot goes into the next batch. Writes stamped after the bump
-    // commit their records no earlier than that batch, so no record of this index is ever
-    // durable without it (recovery drops bits of indices its header does not list).
-    home.header_dirty.set(true);
-    let recorded = home.wait_batch();
+    // The header naming the snapshot goes to the header committer. Records carrying the index
+    // may become durable before it (host writes never wait for it): until it is, recovery
+    // drops their bits (it keeps only indices its header lists), and the reply waits for it.
+    let recorded = home.wait_header();
     if freeze {
         seal(v.clone(), i, gen, sealing, t0).await;
         v.gate.thaw();
     } else {
         reactor::spawn_detached(seal(v.clone(), i, gen, sealing, t0));
     }
-    // The reply waits until the record is on media, so an acknowledged snapshot survives a
+    // The reply waits until the header is on media, so an acknowledged snapshot survives a
     // crash the instant after (DESIGN §1). Only this control flow waits: the epoch is already
-    // bumped, and host writes wait for a batch only when they copy, as they always do.
+    // bumped, and host writes wait only for record batches, when they copy, as they always do.
     if let Err(e) = recorded.await.unwrap_or(Err(BdevError::Offline)) {
         home.mark_failed(1 << i, &format!("its record could not be written to the store {}: {e}", v.store.name()));
         return Err(PreserveError::Io(format!(

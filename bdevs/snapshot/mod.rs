@@ -92,11 +92,12 @@
 //! durable then, e.g. one still in flight at the preserve: a host flush after the preserve
 //! makes a write durable in the live volume, not in a snapshot that has not sealed), or not at
 //! all if its creation had not reached the header yet. The preserve replies only once it has:
-//! the header naming the new index goes into the group committer's next batch, the reply
-//! waits for that batch, and no record carrying the index can be durable earlier (writes
-//! stamped after the bump commit in that batch or a later one). So an acknowledged snapshot
-//! always comes back; host writes never wait for that header (they wait only for the records
-//! of their own copies, as always). A deleted snapshot's index is first marked `deleting`
+//! the header naming the new index goes to the header committer, and the reply waits for that
+//! write. Records carrying the index may be durable earlier (they go through the record
+//! committer, which never waits for a header); a crash before the header drops their bits,
+//! since recovery keeps only the indices its header lists. So an acknowledged snapshot always
+//! comes back, and host writes never wait for that header (they wait only for the records of
+//! their own copies, as always). A deleted snapshot's index is first marked `deleting`
 //! (durable; from then on its bits are ignored, and its slots can be reused at once), then its
 //! bits are cleared from the records, and only then is the index marked free.
 //!
@@ -217,7 +218,10 @@ pub(crate) struct VolumeShared {
     /// any core look here), cleared by the home core when the slot is freed.
     pieces: ZeroMap<AtomicU16>,
     closed: AtomicBool,
+    /// Wakes the record committer (home.rs).
     committer: futures::task::AtomicWaker,
+    /// Wakes the header committer (home.rs).
+    header_committer: futures::task::AtomicWaker,
     stats: CowStats,
 }
 
@@ -739,6 +743,7 @@ impl Bdev for CowVolume {
     fn destroy(&self) {
         self.v.closed.store(true, SeqCst);
         self.v.committer.wake();
+        self.v.header_committer.wake();
         self.v.claims.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     fn as_any(&self) -> &dyn std::any::Any {

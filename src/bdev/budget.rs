@@ -16,6 +16,12 @@
 //! (no atomic, no lock, no message). The price is that one core cannot borrow another's
 //! share; connections are spread round-robin, so the shares are used evenly.
 //!
+//! A connection also holds memory whatever its host asks for: its receive buffer, its command
+//! slots and tables, its tasks. That is charged to the core when the connection opens
+//! ([`ConnBudget::open`]) and given back when it closes, so that a thousand idle connections
+//! count too; a connection whose state does not fit is refused at once ([`refuse_connection`]:
+//! a log line at most once a second and a counter), never served past the budget.
+//!
 //! Invariants (checked by the property test below):
 //! - a core's charges never exceed its share;
 //! - a connection's charges never exceed its limit, except one command larger than the limit
@@ -73,11 +79,32 @@ struct CoreStats {
     peak: AtomicU64,
     deferrals: AtomicU64,
     limit: AtomicU64,
+    /// Connections refused because their state did not fit.
+    conns_refused: AtomicU64,
 }
 
 const MAX_CORES: usize = 256;
-static STATS: [CoreStats; MAX_CORES] =
-    [const { CoreStats { used: AtomicU64::new(0), peak: AtomicU64::new(0), deferrals: AtomicU64::new(0), limit: AtomicU64::new(0) } }; MAX_CORES];
+static STATS: [CoreStats; MAX_CORES] = [const {
+    CoreStats { used: AtomicU64::new(0), peak: AtomicU64::new(0), deferrals: AtomicU64::new(0), limit: AtomicU64::new(0), conns_refused: AtomicU64::new(0) }
+}; MAX_CORES];
+static LAST_REFUSAL_LOG_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Connections refused at accept since start because their state did not fit the budget.
+pub fn connections_refused() -> u64 {
+    STATS.iter().map(|s| s.conns_refused.load(Ordering::Relaxed)).sum()
+}
+
+/// Counts a connection refused because [`ConnBudget::open`] failed, and says so in the log
+/// (at most once a second: a flood of connections must not become a flood of log lines).
+pub fn refuse_connection(front: &str, peer: impl std::fmt::Display, fixed: u64) {
+    let core = crate::reactor::try_current().map(|c| c.index()).filter(|&i| i < MAX_CORES).unwrap_or(0);
+    let n = STATS[core].conns_refused.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = crate::reactor::monotonic_ns();
+    let last = LAST_REFUSAL_LOG_NS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) > 1_000_000_000 && LAST_REFUSAL_LOG_NS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        log::warn!("{front}: refused a connection from {peer}: its {fixed} bytes of state do not fit the buffer budget ({n} refused on core {core} so far)");
+    }
+}
 
 /// (bytes charged, peak bytes charged, refused charges, limit) summed over the cores.
 pub fn budget_stats() -> (u64, u64, u64, u64) {
@@ -245,16 +272,38 @@ pub struct ConnBudget {
     core: Rc<CoreBudget>,
     limit: u64,
     used: Cell<u64>,
+    /// The connection's own state, charged to the core (not to `used`: the connection's
+    /// limit is for its commands' buffers) from open to drop.
+    fixed: u64,
 }
 
 impl ConnBudget {
-    /// An account with the configured per-connection limit on the current core's budget.
-    pub fn new() -> Rc<ConnBudget> {
-        ConnBudget::with(CoreBudget::current(), CONNECTION_BYTES.load(Ordering::Relaxed))
+    /// Opens the account of a new connection on the current core with the configured
+    /// per-connection limit, charging the core `fixed` bytes for the connection's own state;
+    /// `Err` when they do not fit (the caller refuses the connection).
+    pub fn open(fixed: u64) -> Result<Rc<ConnBudget>, Short> {
+        ConnBudget::open_with(CoreBudget::current(), CONNECTION_BYTES.load(Ordering::Relaxed), fixed)
     }
 
+    /// [`ConnBudget::open`] on a given core budget.
+    pub fn open_with(core: Rc<CoreBudget>, limit: u64, fixed: u64) -> Result<Rc<ConnBudget>, Short> {
+        if fixed > core.available() {
+            core.refused();
+            return Err(Short::Core);
+        }
+        core.used.set(core.used.get() + fixed);
+        core.publish();
+        Ok(Rc::new(ConnBudget { core, limit, used: Cell::new(0), fixed }))
+    }
+
+    /// An account with no fixed charge (tests of the accounting).
     pub fn with(core: Rc<CoreBudget>, limit: u64) -> Rc<ConnBudget> {
-        Rc::new(ConnBudget { core, limit, used: Cell::new(0) })
+        Rc::new(ConnBudget { core, limit, used: Cell::new(0), fixed: 0 })
+    }
+
+    /// Bytes of the connection's own state charged to the core.
+    pub fn fixed(&self) -> u64 {
+        self.fixed
     }
 
     pub fn used(&self) -> u64 {
@@ -299,6 +348,16 @@ impl ConnBudget {
     /// that grant credits grant fewer.
     pub fn under_pressure(&self, n: u64) -> bool {
         self.fits(n).is_err()
+    }
+}
+
+impl Drop for ConnBudget {
+    fn drop(&mut self) {
+        // Every lease holds the account: nothing of the connection's commands is left.
+        debug_assert_eq!(self.used.get(), 0);
+        if self.fixed > 0 {
+            self.core.give_back(self.fixed);
+        }
     }
 }
 
@@ -349,6 +408,25 @@ mod tests {
         // Alone on its connection, a command larger than the connection's limit still runs.
         let big = a.try_charge(50).unwrap();
         drop((big, b1));
+        assert_eq!(core.used(), 0);
+    }
+
+    #[test]
+    fn a_connection_state_is_charged_while_it_is_open_and_refused_beyond_the_share() {
+        let core = Rc::new(CoreBudget::with_limit(100));
+        let a = ConnBudget::open_with(core.clone(), 60, 30).unwrap();
+        let b = ConnBudget::open_with(core.clone(), 60, 30).unwrap();
+        assert_eq!(core.used(), 60, "open connections count before any command");
+        assert_eq!(a.used(), 0, "a connection's state is not part of its command limit");
+        assert!(ConnBudget::open_with(core.clone(), 60, 50).is_err(), "a connection whose state does not fit is refused");
+        // Commands get what the connections' state leaves.
+        let l = a.try_charge(40).unwrap();
+        assert_eq!(b.try_charge(1).unwrap_err(), Short::Core);
+        drop(l);
+        drop(a);
+        assert_eq!(core.used(), 30, "a closed connection gives its state back");
+        let c = ConnBudget::open_with(core.clone(), 60, 50).unwrap();
+        drop((b, c));
         assert_eq!(core.used(), 0);
     }
 

@@ -204,6 +204,12 @@ pub trait Bdev: Send + Sync + 'static {
     /// The RPC call that recreates this bdev (`save_config`); `None` if it is not persistent
     /// configuration (a snapshot that its volume recreates, say).
     fn config_call(&self) -> Option<(&'static str, Value)>;
+    /// Bdevs that `config_call` needs and this bdev does not claim (a split image still
+    /// draining names its leg, which its mirror holds until the seal): `save_config` writes
+    /// them first, as it writes the bdevs a bdev claims first.
+    fn config_needs(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Called once, after the bdev is unregistered and every core dropped its channel.
     fn destroy(&self) {}
     fn as_any(&self) -> &dyn std::any::Any;

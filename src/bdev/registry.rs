@@ -184,25 +184,31 @@ impl BdevRegistry {
         Ok(m.remove(name).expect("entry checked above"))
     }
 
-    /// Bdevs in the order they must be recreated: every bdev after the bdevs it claims.
+    /// Bdevs in the order they must be recreated: every bdev after the bdevs it claims and the
+    /// bdevs its configuration needs (`Bdev::config_needs`).
     pub fn in_creation_order(&self) -> Vec<Arc<BdevEntry>> {
         let all = self.list();
         let mut out: Vec<Arc<BdevEntry>> = Vec::new();
         let mut placed = std::collections::HashSet::new();
-        // Bases first: a bdev is placed once every bdev it claims is placed. Claims form a
-        // forest, so this terminates in at most `len` rounds.
+        // Bases first: a bdev is placed once every bdev it claims or needs is placed. Claims
+        // and needs point down a stack (a bdev needs only bdevs that existed before it), so
+        // they form no cycle and this terminates in at most `len` rounds; a bdev left over
+        // anyway (a cycle would be a bug) is still written, last.
         for _ in 0..=all.len() {
             for e in &all {
                 if placed.contains(&e.id) {
                     continue;
                 }
-                let bases_placed = all.iter().filter(|b| b.claimed_by().as_deref() == Some(e.name())).all(|b| placed.contains(&b.id));
+                let needs = e.bdev().config_needs();
+                let bases_placed =
+                    all.iter().filter(|b| b.claimed_by().as_deref() == Some(e.name()) || needs.iter().any(|n| n == b.name())).all(|b| placed.contains(&b.id));
                 if bases_placed {
                     placed.insert(e.id);
                     out.push(e.clone());
                 }
             }
         }
+        out.extend(all.into_iter().filter(|e| !placed.contains(&e.id)));
         out
     }
 }

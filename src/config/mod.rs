@@ -26,6 +26,9 @@ pub struct Config {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub backup: BackupSection,
+    /// Keys (`keyring_file_add_key`): first, so that the calls after them find their keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyring: Vec<ConfigCall>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bdev: Vec<ConfigCall>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -327,12 +330,13 @@ impl Config {
     }
 
     /// The subsystem sections in the order they are applied.
-    pub fn sections(&self) -> [(&'static str, &Vec<ConfigCall>); 3] {
-        [("bdev", &self.bdev), ("nvmf", &self.nvmf), ("iscsi", &self.iscsi)]
+    pub fn sections(&self) -> [(&'static str, &Vec<ConfigCall>); 4] {
+        [("keyring", &self.keyring), ("bdev", &self.bdev), ("nvmf", &self.nvmf), ("iscsi", &self.iscsi)]
     }
 
     pub fn section_mut(&mut self, name: &str) -> Option<&mut Vec<ConfigCall>> {
         match name {
+            "keyring" => Some(&mut self.keyring),
             "bdev" => Some(&mut self.bdev),
             "nvmf" => Some(&mut self.nvmf),
             "iscsi" => Some(&mut self.iscsi),
@@ -348,7 +352,8 @@ impl Config {
         if self.sections().iter().any(|(_, c)| !c.is_empty()) {
             return Err("the TOML configuration has calls too; give the calls in one file (--config with settings only, or no --config)".into());
         }
-        let [bdev, nvmf, iscsi] = spdk::calls_from_spdk(text, is_method)?;
+        let [keyring, bdev, nvmf, iscsi] = spdk::calls_from_spdk(text, is_method)?;
+        self.keyring = keyring;
         self.bdev = bdev;
         self.nvmf = nvmf;
         self.iscsi = iscsi;

@@ -37,11 +37,11 @@ pub const SKIPPED: &[(&str, &str)] = &[
     ("scheduler_set_options", "reactors follow [reactor] poll_mode"),
     ("vmd_enable", "no Intel VMD support; PCIe devices come from the kernel"),
     ("enable_vmd", "no Intel VMD support; PCIe devices come from the kernel"),
-    ("keyring_set_options", "no TLS or DH-HMAC-CHAP keys"),
+    ("keyring_set_options", "options of SPDK's keyring modules: tidemark has the file keyring only"),
 ];
 
 /// The SPDK subsystems whose methods tidemark runs, and the section each goes to.
-const SECTIONS: [&str; 3] = ["bdev", "nvmf", "iscsi"];
+const SECTIONS: [&str; 4] = ["keyring", "bdev", "nvmf", "iscsi"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,13 +73,13 @@ pub fn skip_reason(method: &str) -> Option<&'static str> {
 
 /// The calls of an SPDK JSON configuration, per tidemark section (`bdev`, `nvmf`, `iscsi`),
 /// in file order. `has_method` says whether tidemark has a method; skipped methods are logged.
-pub fn calls_from_spdk(text: &str, has_method: impl Fn(&str) -> bool) -> Result<[Vec<ConfigCall>; 3], String> {
+pub fn calls_from_spdk(text: &str, has_method: impl Fn(&str) -> bool) -> Result<[Vec<ConfigCall>; 4], String> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let cfg: SpdkConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         format!("key `{path}`: {}", e.into_inner())
     })?;
-    let mut out: [Vec<ConfigCall>; 3] = Default::default();
+    let mut out: [Vec<ConfigCall>; 4] = Default::default();
     for (i, s) in cfg.subsystems.iter().enumerate() {
         let section = SECTIONS.iter().position(|n| *n == s.subsystem);
         for (j, c) in s.config.iter().flatten().enumerate() {
@@ -96,7 +96,7 @@ pub fn calls_from_spdk(text: &str, has_method: impl Fn(&str) -> bool) -> Result<
             }
             match section {
                 Some(k) => out[k].push(ConfigCall::new(&c.method, c.params.clone())),
-                None => return Err(format!("{at}: method {} belongs to no subsystem tidemark has (bdev, nvmf, iscsi)", c.method)),
+                None => return Err(format!("{at}: method {} belongs to no subsystem tidemark has (keyring, bdev, nvmf, iscsi)", c.method)),
             }
         }
     }
@@ -167,7 +167,7 @@ mod tests {
                 {"method": "bdev_wait_for_examine"}]},
             {"subsystem": "nvmf", "config": [{"method": "nvmf_create_transport", "params": {"trtype": "TCP"}}]}
         ]}"#;
-        let [bdev, nvmf, iscsi] = calls_from_spdk(text, ours).unwrap();
+        let [_, bdev, nvmf, iscsi] = calls_from_spdk(text, ours).unwrap();
         assert_eq!(bdev.len(), 1);
         assert_eq!(bdev[0].method, "bdev_malloc_create");
         assert_eq!(bdev[0].params["name"], "m0");
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(c[0]["params"], json!({"name": "u", "filename": "/data/u.img", "block_size": 512}));
         assert!(c[1]["params"].get("region_size_kb").is_none());
         // Back through the loader: the same calls.
-        let [b, _, _] = calls_from_spdk(&v.to_string(), |m| m.starts_with("bdev_")).unwrap();
+        let [_, b, _, _] = calls_from_spdk(&v.to_string(), |m| m.starts_with("bdev_")).unwrap();
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].params["filename"], "/data/u.img");
     }

@@ -110,26 +110,17 @@ pub struct Login {
     continued: Vec<u8>,
     sent_tpgt: bool,
     /// Random bytes for CHAP identifiers and challenges (injectable for tests).
-    random: fn(&mut [u8]),
+    random: RandomSource,
 }
 
-/// Fills `buf` from the kernel's random source.
-pub fn os_random(buf: &mut [u8]) {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: writes at most buf.len() - done bytes into the buffer's remaining part.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr() as *mut libc::c_void, buf.len() - done, 0) };
-        if n <= 0 {
-            // getrandom on Linux >= 3.17 does not fail once the pool is ready; fall back to a
-            // clock-seeded fill rather than leave zeros.
-            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-            for (i, b) in buf[done..].iter_mut().enumerate() {
-                *b = (seed >> ((i % 16) * 8)) as u8 ^ i as u8;
-            }
-            return;
-        }
-        done += n as usize;
-    }
+/// Where random bytes come from: [`os_random`] in service; tests inject fixed or failing ones.
+pub type RandomSource = fn(&mut [u8]) -> Result<(), getrandom::Error>;
+
+/// Fills `buf` from the operating system's CSPRNG (getrandom(2)). There is deliberately no
+/// fallback: a CHAP challenge an attacker can predict (a clock-seeded one) lets them replay a
+/// recorded response, so when the OS cannot give random bytes the login is refused instead.
+pub fn os_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    getrandom::fill(buf)
 }
 
 impl Login {
@@ -155,7 +146,7 @@ impl Login {
     }
 
     #[cfg(test)]
-    pub fn with_random(mut self, f: fn(&mut [u8])) -> Self {
+    pub fn with_random(mut self, f: RandomSource) -> Self {
         self.random = f;
         self
     }
@@ -278,7 +269,14 @@ impl Login {
                         return self.fail(req, status::AUTH_FAILURE);
                     }
                     let mut rnd = [0u8; 1 + chap::CHALLENGE_LEN];
-                    (self.random)(&mut rnd);
+                    if let Err(e) = (self.random)(&mut rnd) {
+                        log::error!(
+                            "iSCSI login of {} from {}: refused, no CHAP challenge can be made (the OS random source failed: {e})",
+                            self.initiator.as_deref().unwrap_or("?"),
+                            self.ctx.peer
+                        );
+                        return self.fail(req, status::TARGET_ERROR);
+                    }
                     let id = rnd[0];
                     let challenge = rnd[1..].to_vec();
                     answers.push(("CHAP_A".into(), chap::ALGORITHM_MD5.into()));
@@ -437,10 +435,15 @@ mod tests {
     use super::super::config::{AuthGroup, ChapSecret, InitiatorGroup, Netmask};
     use super::*;
 
-    fn fixed_random(b: &mut [u8]) {
+    fn fixed_random(b: &mut [u8]) -> Result<(), getrandom::Error> {
         for (i, x) in b.iter_mut().enumerate() {
             *x = i as u8 + 1;
         }
+        Ok(())
+    }
+
+    fn failing_random(_: &mut [u8]) -> Result<(), getrandom::Error> {
+        Err(getrandom::Error::UNSUPPORTED)
     }
 
     fn registry(require_chap: bool, mutual: bool) -> Registry {
@@ -559,6 +562,33 @@ mod tests {
             Step::Fail(r) => Err(status_of(&r)),
             Step::Complete(..) => Err((9, 9)),
         }
+    }
+
+    #[test]
+    fn chap_login_is_refused_when_the_os_random_source_fails() {
+        let reg = registry(true, false);
+        let mut l = Login::new(ctx("127.0.0.1:5000"), 1).with_random(failing_random);
+        let (h, d) = req(0x80 | 1, &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t:vol0"), ("AuthMethod", "CHAP,None")]);
+        let Step::Continue(_) = l.step(&reg, &h, &d) else { panic!("AuthMethod is answered before any challenge") };
+        let (h, d) = req(0, &[("CHAP_A", "5")]);
+        match l.step(&reg, &h, &d) {
+            Step::Fail(r) => {
+                assert_eq!(status_of(&r), status::TARGET_ERROR);
+                assert!(!keys_of(&r).iter().any(|(k, _)| k == "CHAP_C"), "no challenge without random bytes");
+            }
+            _ => panic!("a CHAP login without random bytes must be refused"),
+        }
+        assert_ne!(l.auth, Auth::Done);
+    }
+
+    #[test]
+    fn os_random_fills_from_the_os() {
+        // 32 bytes twice: equal (or all zero) only if nothing random was written.
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        os_random(&mut a).unwrap();
+        os_random(&mut b).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, [0u8; 32]);
     }
 
     #[test]

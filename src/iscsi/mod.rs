@@ -91,8 +91,12 @@ impl IscsiShared {
     }
 
     fn initial_stat_sn(&self) -> u32 {
+        // StatSN is a sequence number, not a secret (RFC 7143 lets it start anywhere): when
+        // the OS random source fails it starts at 0; the CHAP challenge refuses the login.
         let mut b = [0u8; 4];
-        login::os_random(&mut b);
+        if login::os_random(&mut b).is_err() {
+            b = [0; 4];
+        }
         u32::from_le_bytes(b)
     }
 

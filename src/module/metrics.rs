@@ -26,6 +26,12 @@ pub fn encode(t: &Ctx, out: &mut MetricsOut<'_>) -> fmt::Result {
         &[(vec![], peak as f64)],
     )?;
     out.counter("tidemark_buffer_budget_refusals", "Buffer charges that did not fit: commands held back, TASK SET FULL, R2Ts delayed.", &[(vec![], refused)])?;
+    let conns_refused = crate::bdev::budget::connections_refused();
+    out.counter(
+        "tidemark_buffer_budget_connections_refused",
+        "Host connections refused at accept: their own state did not fit the buffer budget.",
+        &[(vec![], conns_refused)],
+    )?;
     let (open, shed) = crate::reactor::connection_stats();
     out.gauge("tidemark_host_connections", "Host connections open (NVMe/TCP and iSCSI).", &[(vec![], open as f64)])?;
     out.gauge(

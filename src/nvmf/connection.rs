@@ -14,15 +14,16 @@
 //! arrival order, until the connection's own commands or other connections of the core give
 //! bytes back; a third future of the connection starts them then.
 
-use super::controller::{AdminOutcome, Controller, QueueRef};
+pub(crate) use super::controller::Binding;
+use super::controller::{self, AdminOutcome, Connecting};
 use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
-use super::spec::{connect, csc, fctype, sc, sct, ConnectRequest, Cqe, Sqe, Status, CNTLID_DYNAMIC, FABRICS_OPC};
+use super::spec::{fctype, sc, sct, Cqe, Sqe, Status, FABRICS_OPC};
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
 use crate::bdev::{ConnBudget, IoBuf, Lease};
-use crate::reactor::{self, TcpStream};
+use crate::reactor::{self, RecvBuf, TcpStream, RECV_BUF_DEFAULT};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,12 +35,16 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-/// Receive buffer size: many small PDUs per `read`, and room for the largest header.
-const RX_BUF: usize = 128 * 1024;
 /// A connection that has not connected to a controller this long after accept is closed.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for its last PDUs (a TermReq) to leave.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long a host that half-closed its connection waits at most for its commands' answers.
+const HALF_CLOSE_ANSWERS: Duration = Duration::from_secs(30);
+/// What a connection holds beyond what [`state_bytes`] computes: its futures, its socket
+/// registration, map entries and the allocator's slack (measured with `memory_budget`: RSS
+/// per idle connection less the computed part).
+const STATE_SLACK: usize = 16 * 1024;
 /// How long a connection closed for a protocol error keeps reading (and discarding).
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Slots of a queue before Connect (only a Connect is valid there).
@@ -105,6 +110,17 @@ enum End {
     Closed,
 }
 
+impl From<std::io::Error> for End {
+    /// The end of the host's stream is an orderly end; anything else an I/O error.
+    fn from(e: std::io::Error) -> End {
+        if e.kind() == ErrorKind::UnexpectedEof {
+            End::Eof
+        } else {
+            End::Io(e)
+        }
+    }
+}
+
 /// A command waiting for its data from the host (R2T sent).
 pub(crate) struct PendingData {
     sqe: Sqe,
@@ -162,6 +178,12 @@ impl Slots {
         self.v.iter().all(|s| matches!(s, SlotState::AwaitingData(_) | SlotState::AwaitingR2t(..)))
     }
 
+    /// Some command will be answered without more data from the host: running, or waiting
+    /// for buffer budget to run.
+    fn any_answer_pending(&self) -> bool {
+        self.v.iter().any(|s| matches!(s, SlotState::Busy | SlotState::AwaitingBuffer(_)))
+    }
+
     /// Some R2T is out: the host owes data that only the reader can receive.
     fn any_awaiting_data(&self) -> bool {
         self.v.iter().any(|s| matches!(s, SlotState::AwaitingData(_)))
@@ -185,17 +207,6 @@ impl CidSet {
         let (w, b) = ((cid >> 6) as usize, cid & 63);
         self.0[w] &= !(1 << b);
     }
-}
-
-/// What the queue is connected to.
-#[derive(Clone)]
-pub(crate) struct Binding {
-    pub ctrl: Arc<Controller>,
-    pub qid: u16,
-    pub sqsize: u16,
-    /// The host disabled SQ flow control: completions need no SQHD and read data may carry
-    /// the SUCCESS flag.
-    pub sqflow_off: bool,
 }
 
 struct QState {
@@ -289,100 +300,17 @@ pub fn purge_all_namespaces() {
     }
 }
 
-/// The receive buffer.
-struct RxBuf {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The readiness tick before a read that returned less than it could have: the socket was
-    /// empty then, so the next read waits for a readiness edge after that tick instead of
-    /// spending a system call on a `WouldBlock`.
-    drained_at: Option<u64>,
-}
-
-impl RxBuf {
-    fn new() -> RxBuf {
-        RxBuf { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0, drained_at: None }
-    }
-
-    fn avail(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.end - self.start);
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Reads until at least `need` bytes are buffered; false at end of stream.
-    async fn fill(&mut self, s: &TcpStream, need: usize) -> std::io::Result<bool> {
-        debug_assert!(need <= self.buf.len());
-        while self.end - self.start < need {
-            // Move the partial PDU left over (less than a header) to the front: reads then
-            // land in the first pages, and the untouched rest of the 128 KiB stays out of
-            // the resident set (appending would walk every connection's buffer through RSS).
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if let Some(t) = self.drained_at.take() {
-                s.readable(t).await;
-            }
-            let tick = s.read_tick();
-            let space = self.buf.len() - self.end;
-            match s.try_read(&mut self.buf[self.end..]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.end += n;
-                    if n < space {
-                        self.drained_at = Some(tick);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Fills `dst`: first from what is buffered, the rest straight from the socket.
-    async fn read_into(&mut self, s: &TcpStream, dst: &mut [u8]) -> std::io::Result<bool> {
-        let n = self.avail().len().min(dst.len());
-        dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.consume(n);
-        let mut off = n;
-        if off < dst.len() {
-            self.drained_at = None;
-        }
-        while off < dst.len() {
-            let tick = s.read_tick();
-            match s.try_read(&mut dst[off..]) {
-                Ok(0) => return Ok(false),
-                Ok(k) => off += k,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => s.readable(tick).await,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reads a 4-byte data digest.
-    async fn read_digest(&mut self, s: &TcpStream) -> std::io::Result<Option<u32>> {
-        if !self.fill(s, 4).await? {
-            return Ok(None);
-        }
-        let a = self.avail();
-        let d = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);
-        self.consume(4);
-        Ok(Some(d))
-    }
+/// Bytes one connection holds whatever its host does, counted in the buffer budget from
+/// accept to close: the receive buffer, the table of command ids, the slots and the queued
+/// PDUs of a queue of the largest size the transport allows, the connection itself, and
+/// [`STATE_SLACK`].
+fn state_bytes(opts: &TransportOpts) -> u64 {
+    use std::mem::size_of;
+    let depth = opts.max_queue_depth as usize;
+    // A command's slot and free-list entry; up to two PDUs (data, response) per command in
+    // the transmit queue and in the writer's batch, whose vectors keep their capacity.
+    let per_command = size_of::<SlotState>() + size_of::<u16>() + 4 * size_of::<TxPdu>();
+    (RECV_BUF_DEFAULT + size_of::<Conn>() + size_of::<CidSet>() + size_of::<[u64; 1024]>() + depth * per_command + STATE_SLACK) as u64
 }
 
 /// Serves one accepted connection on the current core until it closes.
@@ -400,6 +328,13 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
         return;
     }
     let opts = nvmf.transport().unwrap_or_default();
+    // The connection's own memory counts in the budget before any of it is allocated.
+    let fixed = state_bytes(&opts);
+    let Ok(budget) = ConnBudget::open(fixed) else {
+        crate::bdev::budget::refuse_connection("nvmf", peer, fixed);
+        stream.shutdown();
+        return;
+    };
     let conn = Rc::new(Conn {
         id: nvmf.next_conn_id(),
         nvmf: nvmf.clone(),
@@ -428,7 +363,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
         writer_exited: Cell::new(false),
         closing: Cell::new(false),
         inflight: Cell::new(0),
-        budget: ConnBudget::new(),
+        budget,
         deferred_notify: Notify::default(),
     });
     registry().0.borrow_mut().insert(conn.id, conn.clone());
@@ -447,8 +382,15 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     });
 
     let reader = async {
-        let mut rx = RxBuf::new();
+        let mut rx = RecvBuf::new(RECV_BUF_DEFAULT);
         let end = read_loop(&conn, &mut rx).await;
+        drop(rx);
+        if matches!(end, End::Eof) {
+            // The host half-closed: it sends nothing more but still reads. The answers of
+            // the commands it sent go out before the connection closes (bounded: a command
+            // stuck in a bdev does not keep the connection forever).
+            let _ = reactor::timeout(HALF_CLOSE_ANSWERS, conn.answers_out()).await;
+        }
         let fatal = matches!(end, End::Fatal(..));
         conn.finish_reading(end);
         let _ = reactor::timeout(CLOSE_FLUSH, conn.wait_writer()).await;
@@ -483,7 +425,7 @@ async fn drain(s: &TcpStream) {
     }
 }
 
-async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
+async fn read_loop(conn: &Rc<Conn>, rx: &mut RecvBuf) -> End {
     let s = &conn.stream;
     let mut hdr = [0u8; 256];
     loop {
@@ -491,26 +433,24 @@ async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
             return End::Closed;
         }
         match rx.fill(s, pdu::CH_LEN).await {
-            Ok(true) => {}
-            Ok(false) => return End::Eof,
-            Err(e) => return End::Io(e),
+            Ok(()) => {}
+            Err(e) => return End::from(e),
         }
-        let Some(ch) = CommonHeader::parse(rx.avail()) else { return End::Eof };
+        let Some(ch) = CommonHeader::parse(rx.data()) else { return End::Eof };
         let layout = match pdu::check_header(ch, &conn.rx_limits()) {
             Ok(l) => l,
             Err(f) => {
-                let echo = rx.avail()[..rx.avail().len().min(pdu::TERM_REQ_MAX_DATA)].to_vec();
+                let echo = rx.data()[..rx.data().len().min(pdu::TERM_REQ_MAX_DATA)].to_vec();
                 return End::Fatal(f, echo);
             }
         };
         // The header, its digest and any padding; the data is read separately.
         let head = if layout.data_len > 0 { layout.data_offset } else { layout.plen() };
         match rx.fill(s, head).await {
-            Ok(true) => {}
-            Ok(false) => return End::Eof,
-            Err(e) => return End::Io(e),
+            Ok(()) => {}
+            Err(e) => return End::from(e),
         }
-        hdr[..head].copy_from_slice(&rx.avail()[..head]);
+        hdr[..head].copy_from_slice(&rx.data()[..head]);
         rx.consume(head);
         let hlen = ch.hlen as usize;
         if layout.header_len > hlen && !pdu::header_digest_ok(&hdr[..head], hlen) {
@@ -532,7 +472,7 @@ async fn read_loop(conn: &Rc<Conn>, rx: &mut RxBuf) -> End {
     }
 }
 
-async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+async fn on_capsule(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
     let Some(sqe) = Sqe::from_slice(&hdr[pdu::CH_LEN..]) else {
         return Err(End::Fatal(Fatal::new(Fes::InvalidHeaderField, 2, "short capsule"), hdr.to_vec()));
     };
@@ -570,10 +510,9 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
             }
         };
         let Some(lease) = lease else {
-            match discard(rx, &conn.stream, layout.data_len + if layout.ddgst { 4 } else { 0 }).await {
-                Ok(true) => {}
-                Ok(false) => return Err(End::Eof),
-                Err(e) => return Err(End::Io(e)),
+            match rx.discard(&conn.stream, layout.data_len + if layout.ddgst { 4 } else { 0 }, |_| {}).await {
+                Ok(()) => {}
+                Err(e) => return Err(End::from(e)),
             }
             conn.st.borrow_mut().advance_sqhd();
             conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::COMMAND_INTERRUPTED), 0, Some(&sqe));
@@ -581,21 +520,19 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
         };
         let mut buf = IoBuf::alloc(layout.data_len);
         match rx.read_into(&conn.stream, &mut buf).await {
-            Ok(true) => {}
-            Ok(false) => return Err(End::Eof),
-            Err(e) => return Err(End::Io(e)),
+            Ok(()) => {}
+            Err(e) => return Err(End::from(e)),
         }
         if layout.ddgst {
-            match rx.read_digest(&conn.stream).await {
-                Ok(Some(d)) if d == pdu::digest(&buf) => {}
-                Ok(Some(_)) => {
+            match rx.read_u32_le(&conn.stream).await {
+                Ok(d) if d == pdu::digest(&buf) => {}
+                Ok(_) => {
                     // A data digest error is not fatal: the command fails, retryably.
                     conn.st.borrow_mut().advance_sqhd();
                     conn.respond(sqe.cid(), Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, Some(&sqe));
                     return Ok(());
                 }
-                Ok(None) => return Err(End::Eof),
-                Err(e) => return Err(End::Io(e)),
+                Err(e) => return Err(End::from(e)),
             }
         }
         icd = Some((buf, lease));
@@ -604,20 +541,7 @@ async fn on_capsule(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout
     Ok(())
 }
 
-/// Reads and drops `n` bytes of the stream.
-async fn discard(rx: &mut RxBuf, s: &TcpStream, mut n: usize) -> std::io::Result<bool> {
-    let mut sink = [0u8; 4096];
-    while n > 0 {
-        let k = n.min(sink.len());
-        if !rx.read_into(s, &mut sink[..k]).await? {
-            return Ok(false);
-        }
-        n -= k;
-    }
-    Ok(true)
-}
-
-async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
+async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Layout) -> Result<(), End> {
     let fatal = |fes, fei, why| Err(End::Fatal(Fatal::new(fes, fei, why), hdr[..pdu::SHORT_HLEN].to_vec()));
     let Some(dh) = DataHeader::parse(hdr) else { return fatal(Fes::InvalidHeaderField, 2, "short H2CData header") };
     if dh.datal as usize != layout.data_len {
@@ -652,21 +576,18 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RxBuf, hdr: &[u8], layout: &Layou
         return fatal(Fes::DataOutOfRange, 16, "H2CData beyond the command's data");
     }
     let (a, b) = (dh.datao as usize, dh.datao as usize + dh.datal as usize);
-    match rx.read_into(&conn.stream, &mut p.buf[a..b]).await {
-        Ok(true) => {}
-        Ok(false) => return Err(End::Eof),
-        Err(e) => return Err(End::Io(e)),
+    if let Err(e) = rx.read_into(&conn.stream, &mut p.buf[a..b]).await {
+        return Err(End::from(e));
     }
     let ttag = dh.ttag;
     if layout.ddgst {
-        match rx.read_digest(&conn.stream).await {
-            Ok(Some(d)) if d == pdu::digest(&p.buf[a..b]) => {}
-            Ok(Some(_)) => {
+        match rx.read_u32_le(&conn.stream).await {
+            Ok(d) if d == pdu::digest(&p.buf[a..b]) => {}
+            Ok(_) => {
                 conn.complete(Some(ttag), &p.sqe, Status::retryable(sct::GENERIC, sc::TRANSIENT_TRANSPORT_ERROR), 0, TxData::None);
                 return Ok(());
             }
-            Ok(None) => return Err(End::Eof),
-            Err(e) => return Err(End::Io(e)),
+            Err(e) => return Err(End::from(e)),
         }
     }
     p.received += dh.datal;
@@ -730,6 +651,13 @@ impl Conn {
         self.closing.set(true);
         self.tx_notify.notify();
         self.deferred_notify.notify();
+    }
+
+    /// Waits until no command that can still be answered is left (or the connection closes).
+    async fn answers_out(&self) {
+        while !self.closing.get() && self.st.borrow().slots.any_answer_pending() {
+            self.slot_notify.wait().await;
+        }
     }
 
     async fn wait_writer(&self) {
@@ -1011,75 +939,19 @@ impl Conn {
         self.st.borrow_mut().slots.alloc()
     }
 
-    /// Fabrics Connect. Ok(cntlid) or Err((status, IATTR, IPO)).
-    fn on_connect(self: &Rc<Self>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
-        let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
+    /// Fabrics Connect: binds the queue to a controller (see [`controller::connect`]).
+    /// Ok(cntlid) or Err((status, IATTR, IPO)).
+    fn on_connect(&self, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
         if self.st.borrow().binding.is_some() {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
-        let data = match (plan, icd) {
-            (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
-            _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
-        };
-        let req = ConnectRequest::parse(sqe, data)?;
-        let (qid, sqsize, cattr, kato, hostid, cntlid) = (req.qid, req.sqsize, req.cattr, req.kato_ms, req.hostid, req.cntlid);
-        let (subnqn, hostnqn) = (req.subnqn.as_str(), req.hostnqn.as_str());
-        let Some(subsys) = self.nvmf.subsystem(subnqn) else {
-            log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", self.peer);
-            return Err(invalid(1, connect::DATA_SUBNQN));
-        };
-        if subsys.deleted.load(Ordering::Acquire) || (!subsys.is_discovery() && !subsys.has_listener(&self.listener)) {
-            return Err(invalid(1, connect::DATA_SUBNQN));
-        }
-        if !subsys.allows_host(hostnqn) {
-            log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", self.peer);
-            return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
-        }
-        let sqflow_off = cattr & connect::CATTR_DISABLE_SQ_FLOW != 0;
-        let peer = self.peer;
-        if qid == 0 {
-            if cntlid != CNTLID_DYNAMIC && cntlid != 0xFFFE {
-                return Err(invalid(1, connect::DATA_CNTLID));
-            }
-            if sqsize == 0 || sqsize >= self.opts.max_aq_depth {
-                return Err(invalid(0, connect::SQSIZE));
-            }
-            let admin = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
-            let (opts, listener, host) = (self.opts, self.listener.clone(), hostnqn.to_string());
-            let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
-                Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
-                0,
-                0,
-            ))?;
-            {
-                let mut st = self.st.borrow_mut();
-                st.slots.resize(sqsize as usize + 1);
-                st.binding = Some(Binding { ctrl: ctrl.clone(), qid: 0, sqsize, sqflow_off });
-            }
-            log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, self.core);
-            spawn_keep_alive(self.nvmf.clone(), ctrl.clone());
-            return Ok(ctrl.cntlid);
-        }
-        let Some(ctrl) = subsys.controller(cntlid) else { return Err(invalid(1, connect::DATA_CNTLID)) };
-        if ctrl.hostnqn != hostnqn {
-            return Err(invalid(1, connect::DATA_HOSTNQN));
-        }
-        if ctrl.hostid != hostid {
-            return Err(invalid(1, connect::DATA_HOSTID));
-        }
-        if subsys.is_discovery() {
-            return Err(invalid(0, connect::QID));
-        }
-        if sqsize == 0 || sqsize >= self.opts.max_queue_depth {
-            return Err(invalid(0, connect::SQSIZE));
-        }
-        let q = QueueRef { core: self.core, conn_id: self.id, peer, sqsize };
-        ctrl.attach_io_queue(qid, q).map_err(|(s, ipo)| (s, 0, ipo))?;
+        let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts };
+        let b = controller::connect(&q, sqe, plan, icd)?;
+        let cntlid = b.ctrl.cntlid;
         let mut st = self.st.borrow_mut();
-        st.slots.resize(sqsize as usize + 1);
-        st.binding = Some(Binding { ctrl: ctrl.clone(), qid, sqsize, sqflow_off });
-        log::debug!("nvmf: controller {} of {subnqn}: I/O queue {qid} (size {}) on core {}", ctrl.cntlid, sqsize as u32 + 1, self.core);
-        Ok(ctrl.cntlid)
+        st.slots.resize(b.sqsize as usize + 1);
+        st.binding = Some(b);
+        Ok(cntlid)
     }
 
     /// Leaves the controller: an admin queue takes its controller down with it.
@@ -1095,24 +967,6 @@ impl Conn {
             }
         }
     }
-}
-
-fn spawn_keep_alive(nvmf: Arc<Nvmf>, ctrl: Arc<Controller>) {
-    reactor::spawn_detached(async move {
-        loop {
-            let kato = ctrl.kato();
-            let period = if kato.is_zero() { Duration::from_secs(1) } else { (kato / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)) };
-            reactor::sleep(period).await;
-            if ctrl.is_closed() {
-                return;
-            }
-            if ctrl.keep_alive_expired() {
-                log::warn!("nvmf: controller {} of {} ({}): keep-alive timeout of {kato:?} expired", ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn);
-                nvmf.destroy_controller(&ctrl, "keep-alive timeout");
-                return;
-            }
-        }
-    });
 }
 
 /// Starts commands waiting for buffer budget when bytes come back to the core (from this

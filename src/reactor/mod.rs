@@ -6,6 +6,7 @@ mod core;
 mod io;
 mod mailbox;
 mod net;
+mod recv;
 mod thread;
 mod timer;
 
@@ -16,6 +17,7 @@ pub use self::core::{
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};
 pub use self::net::{connection_cap, connection_stats, set_fd_reserve, Accepted, ConnectionSlot, TcpListener, TcpStream};
+pub use self::recv::{RecvBuf, RECV_BUF_DEFAULT};
 pub use self::thread::{CallError, ManualCores, PollMode, ReactorHandle, ReactorOptions, Reactors, CALL_TIMEOUT};
 pub use self::timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 

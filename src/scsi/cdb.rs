@@ -141,6 +141,12 @@ pub enum Command {
         list_id: u8,
         alloc: u32,
     },
+    /// SANITIZE (SBC-4 §5.30) with a service action this target performs: BLOCK ERASE (02h)
+    /// or EXIT FAILURE MODE (1Fh); both take no parameter list.
+    Sanitize {
+        immed: bool,
+        sa: u8,
+    },
     /// PERSISTENT RESERVE OUT with its parameter list length.
     PersistentReserveOut {
         sa: u8,
@@ -179,6 +185,7 @@ pub mod op {
     pub const SYNC_CACHE10: u8 = 0x35;
     pub const WRITE_SAME10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
+    pub const SANITIZE: u8 = 0x48;
     pub const MODE_SELECT10: u8 = 0x55;
     pub const MODE_SENSE10: u8 = 0x5A;
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
@@ -208,6 +215,11 @@ pub mod op {
     pub const SA_GET_LBA_STATUS: u16 = 0x12;
     pub const SA_REPORT_OPCODES: u16 = 0x0C;
     pub const SA_REPORT_TMFS: u16 = 0x0D;
+    /// SANITIZE service actions (OVERWRITE 01h and CRYPTOGRAPHIC ERASE 03h are not offered:
+    /// an overwrite is not what a block erase of a thin device already does better, and there
+    /// is no key to destroy).
+    pub const SA_SANITIZE_BLOCK_ERASE: u8 = 0x02;
+    pub const SA_SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1F;
 }
 
 /// One supported command: opcode, service action, and the CDB usage data of REPORT SUPPORTED
@@ -244,6 +256,9 @@ pub static SUPPORTED: &[OpcodeInfo] = &[
     info(op::SYNC_CACHE10, None, &[0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0x04]),
     info(op::WRITE_SAME10, None, &[0x41, 0xE8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0x04]),
     info(op::UNMAP, None, &[0x42, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    // IMMED and AUSE are examined; the PARAMETER LIST LENGTH must be zero for both actions.
+    info(op::SANITIZE, Some(op::SA_SANITIZE_BLOCK_ERASE as u16), &[0x48, 0xA0 | op::SA_SANITIZE_BLOCK_ERASE, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
+    info(op::SANITIZE, Some(op::SA_SANITIZE_EXIT_FAILURE_MODE as u16), &[0x48, 0xA0 | op::SA_SANITIZE_EXIT_FAILURE_MODE, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::MODE_SELECT10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::MODE_SENSE10, None, &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x04]),
     info(op::PERSISTENT_RESERVE_IN, Some(0), &[0x5E, 0x00, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x04]),
@@ -546,6 +561,24 @@ pub fn parse(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             }
             Command::ReceiveCopyResults { sa, list_id: c[2], alloc: be32(c, 10) }
         }
+        SANITIZE => {
+            // Byte 1 bit 6 is ZNR, for zoned devices only: reserved here, like bytes 2 to 6.
+            if c[1] & 0x40 != 0 {
+                return Err(Sense::invalid_cdb(1, Some(6)));
+            }
+            if let Some(i) = (2..7).find(|&i| c[i] != 0) {
+                return Err(Sense::invalid_cdb(i as u16, None));
+            }
+            let sa = c[1] & 0x1F;
+            if !matches!(sa, SA_SANITIZE_BLOCK_ERASE | SA_SANITIZE_EXIT_FAILURE_MODE) {
+                return Err(Sense::invalid_cdb(1, Some(4)));
+            }
+            // Neither action has a parameter list (SBC-4 §5.30.1).
+            if be16(c, 7) != 0 {
+                return Err(Sense::invalid_cdb(7, None));
+            }
+            Command::Sanitize { immed: c[1] & 0x80 != 0, sa }
+        }
         PERSISTENT_RESERVE_IN => {
             let sa = c[1] & 0x1F;
             if sa > 3 {
@@ -675,6 +708,30 @@ impl Command {
         }
     }
 
+    /// Whether the command changes the medium: refused with DATA PROTECT when the unit is
+    /// write-protected (a read-only bdev, or the SWP bit of the control mode page).
+    pub fn writes_medium(&self) -> bool {
+        matches!(
+            self,
+            Command::Write { .. }
+                | Command::WriteVerify { .. }
+                | Command::WriteSame { .. }
+                | Command::Unmap { .. }
+                | Command::CompareAndWrite { .. }
+                | Command::OrWrite { .. }
+                | Command::Sanitize { sa: op::SA_SANITIZE_BLOCK_ERASE, .. }
+        )
+    }
+
+    /// Whether the command runs while a SANITIZE is in progress (SBC-4 §4.11.2: only the
+    /// commands that describe the unit; everything else gets NOT READY).
+    pub fn allowed_during_sanitize(&self) -> bool {
+        matches!(
+            self,
+            Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. } | Command::ReportOpcodes { .. } | Command::ReportTmfs { .. }
+        )
+    }
+
     /// Whether the command conflicts with another nexus's RESERVE(6) (SPC-2 §5.5.1): all do
     /// but the ones that only describe the unit and RELEASE (a no-op then).
     pub fn conflicts_with_reservation(&self) -> bool {
@@ -731,7 +788,7 @@ mod tests {
         assert_eq!((s.asc, s.field.unwrap().byte), (0x24, 1));
         // Unknown opcode.
         assert_eq!(key(parse(&[0xC0, 0, 0, 0, 0, 0], &G)), (5, 0x20, 0));
-        assert_eq!(key(parse(&[0x48, 0, 0, 0, 0, 0, 0, 0, 0, 0], &G)), (5, 0x20, 0));
+        assert_eq!(key(parse(&[0x4A, 0, 0, 0, 0, 0, 0, 0, 0, 0], &G)), (5, 0x20, 0));
         // Truncated CDB, empty CDB.
         assert_eq!(key(parse(&[0x28, 0, 0], &G)), (5, 0x24, 0));
         assert_eq!(key(parse(&[], &G)), (5, 0x20, 0));
@@ -748,6 +805,28 @@ mod tests {
         // A transfer over the limit.
         let big = Geometry { block_size: 512, num_blocks: 1 << 30 };
         assert_eq!(key(parse(&[0x28, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], &big)), (5, 0x24, 0));
+    }
+
+    #[test]
+    fn sanitize_takes_block_erase_and_exit_failure_mode_without_parameters() {
+        let c = |b1: u8| [0x48, b1, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(parse(&c(0x02), &G).unwrap(), Command::Sanitize { immed: false, sa: 0x02 });
+        assert_eq!(parse(&c(0xBF), &G).unwrap(), Command::Sanitize { immed: true, sa: 0x1F });
+        for sa in [0x00, 0x01, 0x03, 0x04, 0x1E] {
+            assert_eq!(key(parse(&c(sa), &G)), (5, 0x24, 0), "service action {sa:#x}");
+        }
+        let s = parse(&c(0x42), &G).unwrap_err();
+        assert_eq!(s.field.map(|f| (f.byte, f.bit)), Some((1, Some(6))), "reserved ZNR bit");
+        for i in 2..7 {
+            let mut r = c(0x02);
+            r[i] = i as u8;
+            assert_eq!(parse(&r, &G).unwrap_err().field.map(|f| f.byte), Some(i as u16), "reserved byte {i}");
+        }
+        let mut p = c(0x02);
+        p[8] = 8;
+        assert_eq!(parse(&p, &G).unwrap_err().field.map(|f| f.byte), Some(7), "a parameter list");
+        assert!(parse(&c(0x02), &G).unwrap().writes_medium());
+        assert!(!parse(&c(0x1F), &G).unwrap().writes_medium());
     }
 
     #[test]

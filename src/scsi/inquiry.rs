@@ -159,6 +159,10 @@ pub fn vpd(code: u8, u: &UnitIdentity, g: &Geometry, port: &PortIdentity) -> Res
         0xB1 => {
             let mut b = [0u8; 0x3C];
             b[1] = 0x01; // non-rotating medium
+            if u.thin {
+                // WABEREQ 01b: after a SANITIZE BLOCK ERASE, reads succeed (and return zeros).
+                b[3] = 0x40;
+            }
             page(0xB1, &b, &mut out);
         }
         0xB2 => {

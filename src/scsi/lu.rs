@@ -75,6 +75,12 @@ pub struct LogicalUnit {
     block_size: u32,
     write_cache: AtomicBool,
     default_wce: bool,
+    /// Software write protect (SWP of the control mode page): writes fail as on a read-only
+    /// bdev until a MODE SELECT clears it.
+    swp: AtomicBool,
+    /// A SANITIZE is running: every command but those describing the unit gets NOT READY,
+    /// SANITIZE IN PROGRESS (SBC-4 §4.11.2).
+    sanitizing: AtomicBool,
     /// Bumped by a LUN or target reset: every other nexus then reports a unit attention.
     reset_generation: AtomicU64,
     /// Bumped by a MODE SELECT that changed something (MODE PARAMETERS CHANGED elsewhere).
@@ -131,6 +137,8 @@ impl LogicalUnit {
             block_size: b.block_size(),
             write_cache: AtomicBool::new(default_wce),
             default_wce,
+            swp: AtomicBool::new(false),
+            sanitizing: AtomicBool::new(false),
             reset_generation: AtomicU64::new(0),
             mode_generation: AtomicU64::new(0),
             write_locks: write_locks_for(&entry, cores),
@@ -155,6 +163,11 @@ impl LogicalUnit {
 
     fn read_only(&self) -> bool {
         self.entry.bdev().read_only()
+    }
+
+    /// Whether writes are refused: the bdev is read-only or a host set SWP.
+    fn write_protected(&self) -> bool {
+        self.swp.load(Relaxed) || self.read_only()
     }
 
     /// A reset of the unit (LOGICAL UNIT RESET through `_from`, or a target reset): every
@@ -193,7 +206,7 @@ impl LogicalUnit {
     }
 
     fn mode_state(&self) -> ModeState {
-        ModeState { write_cache: self.write_cache.load(Relaxed) }
+        ModeState { write_cache: self.write_cache.load(Relaxed), swp: self.swp.load(Relaxed) }
     }
 
     /// Runs one parsed command. `data_out` holds the Data-Out the transport received (possibly
@@ -213,6 +226,12 @@ impl LogicalUnit {
             if let Some(ua) = nx.take_unit_attention(self) {
                 return Err(Failure::Check(Sense::unit_attention(ua)));
             }
+        }
+        if self.sanitizing.load(Relaxed) && !cmd.allowed_during_sanitize() {
+            return Err(Sense::new(SenseKey::NotReady, asc::SANITIZE_IN_PROGRESS).into());
+        }
+        if cmd.writes_medium() && self.write_protected() {
+            return Err(Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED).into());
         }
         let bs = g.block_size as usize;
         let ch = &nx.channel;
@@ -286,6 +305,21 @@ impl LogicalUnit {
                 self.after_write(ch, fua).await?;
                 Ok(Done::good(0))
             }
+            Command::Sanitize { sa, .. } => {
+                if sa == cdb::op::SA_SANITIZE_EXIT_FAILURE_MODE {
+                    // A failed sanitize leaves no failure mode behind here (its error is
+                    // reported and the unit stays usable), so there is nothing to exit.
+                    return Ok(Done::good(0));
+                }
+                if !self.ident.thin {
+                    // BLOCK ERASE is offered only where blocks can be deallocated.
+                    return Err(Sense::invalid_cdb(1, Some(4)).into());
+                }
+                // IMMED is accepted, and the command still completes when the erase has: a
+                // deallocation of the whole unit takes about as long as a flush.
+                self.block_erase(ch, &g).await?;
+                Ok(Done::good(0))
+            }
             Command::TestUnitReady | Command::StartStopUnit | Command::PreventAllow | Command::Prefetch { .. } => Ok(Done::good(0)),
             Command::RequestSense { desc, alloc } => {
                 nx.refresh(self);
@@ -319,6 +353,7 @@ impl LogicalUnit {
                 let after = mode::select(ten, data, &g, &before)?;
                 if after != before {
                     self.write_cache.store(after.write_cache, Relaxed);
+                    self.swp.store(after.swp, Relaxed);
                     let gen = self.mode_generation.fetch_add(1, Relaxed) + 1;
                     nx.seen_mode.set(gen);
                 }
@@ -550,7 +585,7 @@ impl LogicalUnit {
             if !src_read || !dst_write {
                 return Err(Failure::ReservationConflict);
             }
-            if dst.read_only() {
+            if dst.write_protected() {
                 return Err(Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED).into());
             }
         }
@@ -601,6 +636,33 @@ impl LogicalUnit {
         Ok(())
     }
 
+    /// SANITIZE BLOCK ERASE: every block deallocated (they then read as zeros, LBPRZ). Other
+    /// commands get NOT READY meanwhile; writes already running finish first (the erase takes
+    /// the write lock of each range it deallocates).
+    async fn block_erase(&self, ch: &Channel, g: &Geometry) -> Result<(), Failure> {
+        if self.sanitizing.compare_exchange(false, true, Relaxed, Relaxed).is_err() {
+            return Err(Sense::new(SenseKey::NotReady, asc::SANITIZE_IN_PROGRESS).into());
+        }
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Relaxed);
+            }
+        }
+        let _running = Running(&self.sanitizing);
+        // In pieces the size UNMAP allows, so that no bdev sees a range larger than a host
+        // could send it; each piece waits for the writes still running in it.
+        let step = cdb::max_unmap_blocks(g) as u64;
+        let mut lba = 0;
+        while lba < g.num_blocks {
+            let n = step.min(g.num_blocks - lba);
+            let _lock = self.lock_write(lba, n).await;
+            ch.unmap(lba, n).await.map_err(|e| bdev_failure(e, true))?;
+            lba += n;
+        }
+        ch.flush().await.map_err(|e| bdev_failure(e, true))
+    }
+
     async fn write_same(&self, ch: &Channel, lba: u64, blocks: u64, pattern: &[u8], unmap: bool) -> Result<(), Failure> {
         let zeros = pattern.iter().all(|&b| b == 0);
         // UNMAP set: the blocks are unmapped whatever the data (SBC-3 §5.42); they then read
@@ -641,17 +703,27 @@ impl LogicalUnit {
         if !self.ident.thin {
             runs.push((lba, remaining, 0));
         } else {
-            let n = remaining.min(LBA_STATUS_SCAN_BYTES / bs as u64) as usize;
-            let mut buf = IoBuf::alloc(n * bs);
-            ch.read_buf(lba, &mut buf).await.map_err(|e| bdev_failure(e, false))?;
-            for (i, block) in buf.chunks(bs).enumerate() {
-                let state = if block.iter().all(|&b| b == 0) { 1 } else { 0 };
-                let full = runs.len() == max_desc;
-                match runs.last_mut() {
-                    Some(r) if r.2 == state => r.1 += 1,
-                    _ if full => break,
-                    _ => runs.push((lba + i as u64, 1, state)),
+            // Read in chunks until the descriptors are full, the unit ends or the scan budget
+            // is spent, so that a long uniform run (a sanitized or fresh unit) is reported
+            // whole: hosts and libiscsi's SANITIZE test expect one descriptor to the end.
+            let total = remaining.min(LBA_STATUS_SCAN_BYTES / bs as u64);
+            let chunk = total.min(LBA_STATUS_CHUNK_BYTES / bs as u64).max(1);
+            let mut buf = IoBuf::alloc(chunk as usize * bs);
+            let mut done = 0u64;
+            'scan: while done < total {
+                let n = chunk.min(total - done);
+                let bytes = &mut buf[..n as usize * bs];
+                ch.read_buf(lba + done, bytes).await.map_err(|e| bdev_failure(e, false))?;
+                for (i, block) in bytes.chunks(bs).enumerate() {
+                    let state = u8::from(is_zero(block));
+                    let full = runs.len() == max_desc;
+                    match runs.last_mut() {
+                        Some(r) if r.2 == state => r.1 += 1,
+                        _ if full => break 'scan,
+                        _ => runs.push((lba + done + i as u64, 1, state)),
+                    }
                 }
+                done += n;
             }
         }
         let mut d = Vec::with_capacity(8 + 16 * runs.len());
@@ -706,8 +778,18 @@ impl LogicalUnit {
     }
 }
 
-/// Most bytes GET LBA STATUS reads to find unmapped (all-zero) blocks.
-const LBA_STATUS_SCAN_BYTES: u64 = 1 << 20;
+/// Most bytes GET LBA STATUS reads to find unmapped (all-zero) blocks: the target keeps no
+/// allocation map, so the scan is the cost of an answer (a host asks rarely, and a RAM or
+/// NVMe bdev reads this in well under a second).
+const LBA_STATUS_SCAN_BYTES: u64 = 256 << 20;
+/// GET LBA STATUS reads through one buffer of this size.
+const LBA_STATUS_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Whether a block is all zeros (slice comparison: memcmp, fast in debug builds too).
+fn is_zero(block: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    block.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
 
 /// Copies `data` into `out`, at most `alloc` bytes; returns the bytes copied.
 fn copy_out(data: &[u8], out: &mut [u8], alloc: u32) -> usize {
@@ -867,7 +949,10 @@ pub fn decode_lun(b: &[u8; 8]) -> Option<u64> {
 }
 
 fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16, thin: bool) -> Result<Vec<u8>, Sense> {
-    let supported = |i: &&cdb::OpcodeInfo| thin || i.opcode != cdb::op::UNMAP;
+    // UNMAP and SANITIZE BLOCK ERASE need a bdev that deallocates blocks.
+    let supported = |i: &&cdb::OpcodeInfo| {
+        thin || !(i.opcode == cdb::op::UNMAP || (i.opcode == cdb::op::SANITIZE && i.sa == Some(cdb::op::SA_SANITIZE_BLOCK_ERASE as u16)))
+    };
     let timeouts = |d: &mut Vec<u8>| {
         d.extend_from_slice(&[0x00, 0x0A, 0, 0]);
         d.extend_from_slice(&[0; 8]);
@@ -1117,6 +1202,120 @@ mod tests {
         });
     }
 
+    fn unit_of(reg: &BdevRegistry, name: &str, blocks: u64) -> Arc<LogicalUnit> {
+        let e = reg.register(Arc::new(MallocBdev::new(name, blocks, 512, None).unwrap())).unwrap();
+        Arc::new(LogicalUnit::new(e, 1))
+    }
+
+    /// GET LBA STATUS from `lba` with a 256-byte allocation: (start, blocks, state) per descriptor.
+    async fn lba_status(lu: &LogicalUnit, nx: &Nexus, lba: u64) -> Vec<(u64, u32, u8)> {
+        let mut c = [0u8; 16];
+        c[0] = 0x9E;
+        c[1] = 0x12;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&256u32.to_be_bytes());
+        let (_, d) = exec(lu, nx, &c, &[]).await.unwrap();
+        d[8..].chunks(16).map(|x| (u64::from_be_bytes(x[..8].try_into().unwrap()), u32::from_be_bytes(x[8..12].try_into().unwrap()), x[12])).collect()
+    }
+
+    const SANITIZE_BLOCK_ERASE: [u8; 10] = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn get_lba_status_reports_a_uniform_unit_in_one_descriptor_to_its_end() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        // 8 MiB: beyond the 1 MiB the scan used to stop at.
+        let lu = unit_of(&reg, "big", 16384);
+        cores.block_on(0, async move {
+            let nx = lu.nexus(test_it(1)).unwrap();
+            assert_eq!(lba_status(&lu, &nx, 0).await, vec![(0, 16384, 1)]);
+            exec(&lu, &nx, &[0x2A, 0, 0, 0, 0x30, 0, 0, 0, 2, 0], &[1u8; 1024]).await.unwrap();
+            assert_eq!(lba_status(&lu, &nx, 100).await, vec![(100, 12188, 1), (12288, 2, 0), (12290, 4094, 1)]);
+        });
+    }
+
+    #[test]
+    fn sanitize_block_erase_deallocates_every_block() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit_of(&reg, "san", 16384);
+        cores.block_on(0, async move {
+            let nx = lu.nexus(test_it(1)).unwrap();
+            let first = [0x2A, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+            let last = [0x2A, 0, 0, 0, 0x3F, 0, 0, 1, 0, 0];
+            for c in [first, last] {
+                exec(&lu, &nx, &c, &[b'a'; 256 * 512]).await.unwrap();
+            }
+            assert_eq!(lba_status(&lu, &nx, 0).await.len(), 3);
+            exec(&lu, &nx, &SANITIZE_BLOCK_ERASE, &[]).await.unwrap();
+            for lba in [0u8, 0x3F] {
+                let (_, back) = exec(&lu, &nx, &[0x28, 0, 0, 0, lba, 0, 0, 1, 0, 0], &[]).await.unwrap();
+                assert!(back.iter().all(|&b| b == 0), "block {lba:#x}00 still holds data");
+            }
+            assert_eq!(lba_status(&lu, &nx, 0).await, vec![(0, 16384, 1)]);
+            assert!(!lu.sanitizing.load(Relaxed), "the unit is ready again");
+            // EXIT FAILURE MODE has nothing to do; OVERWRITE is not offered.
+            exec(&lu, &nx, &[0x48, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await.unwrap();
+            let e = exec(&lu, &nx, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await.unwrap_err();
+            assert_eq!(e, Failure::Check(Sense::invalid_cdb(1, Some(4))));
+        });
+    }
+
+    #[test]
+    fn a_running_sanitize_makes_the_unit_not_ready_but_for_inquiry() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        cores.block_on(0, async move {
+            let nx = lu.nexus(test_it(1)).unwrap();
+            lu.sanitizing.store(true, Relaxed);
+            let not_ready = Failure::Check(Sense::new(SenseKey::NotReady, asc::SANITIZE_IN_PROGRESS));
+            assert_eq!(exec(&lu, &nx, &[0, 0, 0, 0, 0, 0], &[]).await.unwrap_err(), not_ready);
+            assert_eq!(exec(&lu, &nx, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await.unwrap_err(), not_ready);
+            assert_eq!(exec(&lu, &nx, &SANITIZE_BLOCK_ERASE, &[]).await.unwrap_err(), not_ready);
+            assert!(exec(&lu, &nx, &[0x12, 0, 0, 0, 36, 0], &[]).await.is_ok());
+            assert!(exec(&lu, &nx, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]).await.is_ok());
+            lu.sanitizing.store(false, Relaxed);
+            assert!(exec(&lu, &nx, &[0, 0, 0, 0, 0, 0], &[]).await.is_ok());
+        });
+    }
+
+    #[test]
+    fn software_write_protect_refuses_writes_from_every_nexus_until_cleared() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let lu = unit(&reg);
+        cores.block_on(0, async move {
+            let a = lu.nexus(test_it(1)).unwrap();
+            let b = lu.nexus(test_it(2)).unwrap();
+            let control = [0x1A, 0x08, 0x0A, 0, 255, 0];
+            let (_, cur) = exec(&lu, &a, &control, &[]).await.unwrap();
+            assert_eq!(cur.len(), 16);
+            let select = |swp: bool| {
+                let mut l = cur.clone();
+                l[0] = 0;
+                l[2] = 0;
+                l[4 + 4] = if swp { 0x08 } else { 0 };
+                l
+            };
+            let mode_select = [0x15, 0x10, 0, 0, 16, 0];
+            exec(&lu, &a, &mode_select, &select(true)).await.unwrap();
+            let write = [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+            let protected = Failure::Check(Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED));
+            assert_eq!(exec(&lu, &b, &write, &[0u8; 512]).await.unwrap_err(), Failure::Check(Sense::unit_attention(asc::MODE_PARAMETERS_CHANGED)));
+            for nx in [&a, &b] {
+                assert_eq!(exec(&lu, nx, &write, &[0u8; 512]).await.unwrap_err(), protected);
+                assert_eq!(exec(&lu, nx, &SANITIZE_BLOCK_ERASE, &[]).await.unwrap_err(), protected);
+                assert_eq!(exec(&lu, nx, &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0u8; 512]).await.unwrap_err(), protected);
+                exec(&lu, nx, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).await.expect("reads go on");
+            }
+            let (_, sense) = exec(&lu, &b, &control, &[]).await.unwrap();
+            assert_eq!((sense[2] & 0x80, sense[4 + 4] & 0x08), (0x80, 0x08), "WP and SWP are reported");
+            exec(&lu, &b, &mode_select, &select(false)).await.unwrap();
+            exec(&lu, &b, &write, &[0u8; 512]).await.expect("writable again");
+        });
+    }
+
     #[test]
     fn orwrite_ors_the_data_into_the_blocks() {
         let cores = ManualCores::new(1);
@@ -1156,5 +1355,8 @@ mod tests {
         assert!(report_opcodes(false, 1, 0x9E, 0, true).is_err(), "0x9E has service actions");
         let rc16 = report_opcodes(false, 2, 0x9E, 0x10, true).unwrap();
         assert_eq!(rc16[1] & 0x07, 3);
+        assert_eq!(report_opcodes(false, 2, 0x48, 0x02, true).unwrap()[1] & 0x07, 3, "SANITIZE BLOCK ERASE on a thin unit");
+        assert_eq!(report_opcodes(false, 2, 0x48, 0x02, false).unwrap()[1] & 0x07, 1, "not without deallocation");
+        assert_eq!(report_opcodes(false, 2, 0x48, 0x01, true).unwrap()[1] & 0x07, 1, "no OVERWRITE");
     }
 }

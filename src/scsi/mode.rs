@@ -1,5 +1,5 @@
 //! Mode pages (SPC-4 §7.5, SBC-3 §6.4): MODE SENSE data and MODE SELECT parameter lists. Two
-//! pages: caching (WCE is changeable) and control (nothing is changeable).
+//! pages: caching (WCE is changeable) and control (SWP, software write protect, is changeable).
 
 use super::cdb::Geometry;
 use super::sense::{asc, Sense, SenseKey};
@@ -18,6 +18,8 @@ pub const PC_SAVED: u8 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModeState {
     pub write_cache: bool,
+    /// Software write protect (control page): the unit refuses writes while it is set.
+    pub swp: bool,
 }
 
 const CACHING_LEN: usize = 20;
@@ -35,10 +37,15 @@ fn caching(pc: u8, s: &ModeState, default_wce: bool) -> [u8; CACHING_LEN] {
     p
 }
 
-fn control(pc: u8) -> [u8; CONTROL_LEN] {
+fn control(pc: u8, s: &ModeState) -> [u8; CONTROL_LEN] {
     let mut p = [0u8; CONTROL_LEN];
     p[0] = PAGE_CONTROL;
     p[1] = (CONTROL_LEN - 2) as u8;
+    match pc {
+        PC_CHANGEABLE => p[4] = 0x08,
+        PC_CURRENT if s.swp => p[4] = 0x08,
+        _ => {}
+    }
     if pc != PC_CHANGEABLE {
         // TST 000b (one task set), D_SENSE 0 (fixed-format sense).
         p[3] = 0x10; // queue algorithm modifier 1: unrestricted reordering
@@ -69,10 +76,10 @@ pub fn sense(
     let mut pages = Vec::with_capacity(CACHING_LEN + CONTROL_LEN);
     match (page, subpage) {
         (PAGE_CACHING, 0) => pages.extend_from_slice(&caching(pc, s, default_wce)),
-        (PAGE_CONTROL, 0) => pages.extend_from_slice(&control(pc)),
+        (PAGE_CONTROL, 0) => pages.extend_from_slice(&control(pc, s)),
         (ALL_PAGES, 0x00) | (ALL_PAGES, 0xFF) => {
             pages.extend_from_slice(&caching(pc, s, default_wce));
-            pages.extend_from_slice(&control(pc));
+            pages.extend_from_slice(&control(pc, s));
         }
         (_, 0) => return Err(Sense::invalid_cdb(2, Some(5))),
         _ => return Err(Sense::invalid_cdb(3, None)),
@@ -90,8 +97,9 @@ pub fn sense(
             bd.extend_from_slice(&g.block_size.to_be_bytes()[1..]);
         }
     }
-    // Device-specific parameter: WP when read-only, DPOFUA (DPO and FUA are honoured).
-    let dsp = if read_only { 0x80 } else { 0 } | 0x10;
+    // Device-specific parameter: WP when read-only or software write-protected, DPOFUA (DPO
+    // and FUA are honoured).
+    let dsp = if read_only || s.swp { 0x80 } else { 0 } | 0x10;
     let mut out = Vec::with_capacity(8 + bd.len() + pages.len());
     if ten {
         let len = (6 + bd.len() + pages.len()) as u16;
@@ -161,7 +169,7 @@ pub fn select(ten: bool, data: &[u8], g: &Geometry, s: &ModeState) -> Result<Mod
         let body = &data[i..i + len];
         let (current, mask): (Vec<u8>, Vec<u8>) = match code {
             PAGE_CACHING => (caching(PC_CURRENT, s, s.write_cache).to_vec(), caching(PC_CHANGEABLE, s, false).to_vec()),
-            PAGE_CONTROL => (control(PC_CURRENT).to_vec(), control(PC_CHANGEABLE).to_vec()),
+            PAGE_CONTROL => (control(PC_CURRENT, s).to_vec(), control(PC_CHANGEABLE, s).to_vec()),
             _ => return Err(Sense::invalid_param(i as u16, Some(5))),
         };
         if len != current.len() {
@@ -173,8 +181,9 @@ pub fn select(ten: bool, data: &[u8], g: &Geometry, s: &ModeState) -> Result<Mod
                 return Err(Sense::invalid_param((i + j) as u16, None));
             }
         }
-        if code == PAGE_CACHING {
-            next.write_cache = body[2] & 0x04 != 0;
+        match code {
+            PAGE_CACHING => next.write_cache = body[2] & 0x04 != 0,
+            _ => next.swp = body[4] & 0x08 != 0,
         }
         i += len;
     }
@@ -186,7 +195,7 @@ mod tests {
     use super::*;
 
     const G: Geometry = Geometry { block_size: 512, num_blocks: 2048 };
-    const S: ModeState = ModeState { write_cache: true };
+    const S: ModeState = ModeState { write_cache: true, swp: false };
 
     #[test]
     fn mode_sense_lengths_and_descriptors() {
@@ -210,7 +219,7 @@ mod tests {
         list[0] = 0;
         list[2] = 0; // the device-specific parameter is reserved in MODE SELECT
         list[4 + 2] &= !0x04;
-        assert_eq!(select(false, &list, &G, &S).unwrap(), ModeState { write_cache: false });
+        assert_eq!(select(false, &list, &G, &S).unwrap(), ModeState { write_cache: false, swp: false });
         let mut bad = list.clone();
         bad[4 + 2] |= 0x01; // RCD is not changeable
         let e = select(false, &bad, &G, &S).unwrap_err();
@@ -221,6 +230,14 @@ mod tests {
         assert!(select(false, &c, &G, &S).is_ok());
         c[4 + 2] |= 0x04; // D_SENSE
         assert!(select(false, &c, &G, &S).is_err());
+        c[4 + 2] &= !0x04;
+        c[4 + 4] |= 0x08; // SWP
+        let wp = select(false, &c, &G, &S).unwrap();
+        assert_eq!(wp, ModeState { write_cache: true, swp: true });
+        let d = sense(false, true, false, PC_CURRENT, PAGE_CONTROL, 0, &G, &wp, true, false).unwrap();
+        assert_eq!((d[2] & 0x80, d[4 + 4] & 0x08), (0x80, 0x08), "WP and SWP are reported");
+        let d = sense(false, true, false, PC_CHANGEABLE, PAGE_CONTROL, 0, &G, &S, true, false).unwrap();
+        assert_eq!(d[4 + 4], 0x08, "SWP is changeable");
         assert!(select(false, &[0, 0], &G, &S).is_err());
     }
 

@@ -37,14 +37,16 @@ impl ItNexus {
         }
     }
 
-    /// An iSCSI TransportID naming this initiator port (SPC-4 §7.6.4.6, format 01b).
+    /// An iSCSI TransportID naming this initiator port (SPC-4 §7.6.4.6, format 01b), or, for
+    /// a registration made for every port of an initiator name (format 00b), the name.
     fn transport_id(&self) -> Vec<u8> {
         let mut name = self.initiator.as_bytes().to_vec();
         name.push(0);
         while name.len() % 4 != 0 || name.len() < 20 {
             name.push(0);
         }
-        let mut t = vec![0x40 | PROTO_ISCSI, 0];
+        let format = if self.initiator.contains(",i,0x") { 0x40 } else { 0x00 };
+        let mut t = vec![format | PROTO_ISCSI, 0];
         t.extend_from_slice(&(name.len() as u16).to_be_bytes());
         t.extend_from_slice(&name);
         t
@@ -123,8 +125,28 @@ impl From<Sense> for PrError {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Registration {
+    /// The I_T nexus registered. Its initiator is a port (`name,i,0xISID`), or just a name
+    /// when a TransportID of format 00b named the initiator (SPEC_I_PT, REGISTER AND MOVE):
+    /// then every port of that name is registered.
     it: ItNexus,
     key: u64,
+    /// ALL_TG_PT: registered with every target port of the initiator port, not just
+    /// `it.target` (one registration: a key change through any of them changes it).
+    #[serde(default)]
+    all_tg_pt: bool,
+}
+
+/// Whether the I_T nexus `it` is one of those `pattern` (a registration's nexus, with
+/// `all_tg_pt`) stands for.
+fn nexus_matches(pattern: &ItNexus, all_tg_pt: bool, it: &ItNexus) -> bool {
+    let initiator = pattern.initiator == it.initiator || it.initiator.strip_prefix(pattern.initiator.as_str()).is_some_and(|rest| rest.starts_with(",i,0x"));
+    initiator && (all_tg_pt || pattern.target == it.target)
+}
+
+impl Registration {
+    fn matches(&self, it: &ItNexus) -> bool {
+        nexus_matches(&self.it, self.all_tg_pt, it)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,8 +171,9 @@ pub struct PrState {
     regs: Vec<Registration>,
     res: Option<Reservation>,
     aptpl: bool,
-    /// Unit attentions established for I_T nexuses, reported by their next command.
-    pending: Vec<(ItNexus, (u8, u8))>,
+    /// Unit attentions established for registrations' I_T nexuses (nexus, ALL_TG_PT),
+    /// reported by the next command of a nexus they stand for.
+    pending: Vec<(ItNexus, bool, (u8, u8))>,
     /// Unit attentions established so far (the nexuses look when it moves).
     ua_count: u64,
 }
@@ -170,15 +193,21 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 impl PrState {
-    fn key_of(&self, it: &ItNexus) -> Option<u64> {
-        self.regs.iter().find(|r| &r.it == it).map(|r| r.key)
+    fn reg_of(&self, it: &ItNexus) -> Option<&Registration> {
+        self.regs.iter().find(|r| r.matches(it))
     }
 
+    fn key_of(&self, it: &ItNexus) -> Option<u64> {
+        self.reg_of(it).map(|r| r.key)
+    }
+
+    /// Whether `it` holds the reservation: for the all-registrants types any registrant;
+    /// otherwise any nexus of the holder's registration (all its target ports with ALL_TG_PT).
     fn is_holder(&self, it: &ItNexus) -> bool {
         match &self.res {
             None => false,
             Some(r) if all_registrants(r.rtype) => self.key_of(it).is_some(),
-            Some(r) => &r.holder == it,
+            Some(r) => self.reg_of(it).is_some_and(|reg| reg.matches(&r.holder)),
         }
     }
 
@@ -202,23 +231,24 @@ impl PrState {
         !self.regs.is_empty() || self.res.is_some()
     }
 
-    fn unit_attention(&mut self, it: &ItNexus, code: (u8, u8)) {
-        if self.pending.iter().any(|(i, c)| i == it && *c == code) {
+    /// Establishes a unit attention for the I_T nexuses of registration `r`.
+    fn unit_attention(&mut self, r: &Registration, code: (u8, u8)) {
+        if self.pending.iter().any(|(i, a, c)| i == &r.it && *a == r.all_tg_pt && *c == code) {
             return;
         }
         if self.pending.len() >= MAX_PENDING_UAS {
             // The oldest condition goes: a nexus gone for good must not pin memory.
             self.pending.remove(0);
         }
-        self.pending.push((it.clone(), code));
+        self.pending.push((r.it.clone(), r.all_tg_pt, code));
         self.ua_count += 1;
     }
 
     /// Takes the unit attentions waiting for `it`.
     pub fn take_unit_attentions(&mut self, it: &ItNexus) -> Vec<(u8, u8)> {
         let mut out = Vec::new();
-        self.pending.retain(|(i, c)| {
-            if i == it {
+        self.pending.retain(|(i, all, c)| {
+            if nexus_matches(i, *all, it) {
                 out.push(*c);
                 false
             } else {
@@ -229,19 +259,20 @@ impl PrState {
     }
 
     fn unregister(&mut self, it: &ItNexus) {
-        self.regs.retain(|r| &r.it != it);
+        let was_holder = self.is_holder(it);
+        self.regs.retain(|r| !r.matches(it));
         let Some(r) = &self.res else { return };
         if all_registrants(r.rtype) {
             // The reservation stays while any registrant is left.
             if self.regs.is_empty() {
                 self.res = None;
             }
-        } else if &r.holder == it {
+        } else if was_holder {
             let t = r.rtype;
             self.res = None;
             if matches!(t, rtype::WRITE_EXCLUSIVE_RO | rtype::EXCLUSIVE_ACCESS_RO) {
                 for o in self.regs.clone() {
-                    self.unit_attention(&o.it, asc::RESERVATIONS_RELEASED);
+                    self.unit_attention(&o, asc::RESERVATIONS_RELEASED);
                 }
             }
         }
@@ -253,20 +284,25 @@ impl PrState {
         if c.sa == sa::REGISTER_AND_MOVE {
             return self.register_and_move(it, c, p);
         }
-        if p.len() != 24 {
+        let spec_i_pt = p.len() > 20 && p[20] & 0x08 != 0;
+        if spec_i_pt {
+            // SPEC_I_PT: the list goes on with the TransportIDs' length and the TransportIDs.
+            let ok = p.len() >= 28 && 28 + u32::from_be_bytes([p[24], p[25], p[26], p[27]]) as usize == p.len();
+            if !ok {
+                return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
+            }
+        } else if p.len() != 24 {
             return Err(Sense::new(SenseKey::IllegalRequest, asc::PARAMETER_LIST_LENGTH_ERROR).into());
         }
         let key = be64(p, 0);
         let sa_key = be64(p, 8);
         let flags = p[20];
-        if flags & 0x08 != 0 {
-            // SPEC_I_PT: not supported (SIP_C = 0).
+        // SPEC_I_PT is for REGISTER only (SPC-4 §6.16.3); ALL_TG_PT only matters to the two
+        // register actions and is ignored by the others.
+        if spec_i_pt && c.sa != sa::REGISTER {
             return Err(Sense::invalid_param(20, Some(3)).into());
         }
-        if flags & 0x04 != 0 {
-            // ALL_TG_PT: not supported (ATP_C = 0).
-            return Err(Sense::invalid_param(20, Some(2)).into());
-        }
+        let all_tg_pt = flags & 0x04 != 0;
         let aptpl = flags & 0x01 != 0;
         let mine = self.key_of(it);
         match c.sa {
@@ -279,16 +315,32 @@ impl PrState {
                     }
                 }
                 match (mine, sa_key) {
+                    // A registered nexus cannot name others (SPC-4 Table 52).
+                    (Some(_), _) if spec_i_pt => return Err(Sense::invalid_cdb(1, Some(4)).into()),
                     (None, 0) => return Ok(false),
                     (None, k) => {
-                        if self.regs.len() >= MAX_REGISTRATIONS {
+                        let mut new = vec![Registration { it: it.clone(), key: k, all_tg_pt }];
+                        if spec_i_pt {
+                            for (at, initiator) in iscsi_transport_ids(&p[28..]).map_err(|at| Sense::invalid_param(28 + at as u16, None))? {
+                                let dest = ItNexus { initiator, target: it.target.clone() };
+                                // A nexus already registered may not be named again; the
+                                // issuer itself and repeats in the list add nothing.
+                                if self.reg_of(&dest).is_some() {
+                                    return Err(Sense::invalid_param(28 + at as u16, None).into());
+                                }
+                                if !new.iter().any(|r| r.it == dest) {
+                                    new.push(Registration { it: dest, key: k, all_tg_pt });
+                                }
+                            }
+                        }
+                        if self.regs.len() + new.len() > MAX_REGISTRATIONS {
                             return Err(Sense::new(SenseKey::IllegalRequest, asc::INSUFFICIENT_REGISTRATION_RESOURCES).into());
                         }
-                        self.regs.push(Registration { it: it.clone(), key: k });
+                        self.regs.extend(new);
                     }
                     (Some(_), 0) => self.unregister(it),
                     (Some(_), k) => {
-                        if let Some(r) = self.regs.iter_mut().find(|r| &r.it == it) {
+                        if let Some(r) = self.regs.iter_mut().find(|r| r.matches(it)) {
                             r.key = k;
                         }
                     }
@@ -306,8 +358,8 @@ impl PrState {
                     sa::RELEASE => self.release(it, c),
                     sa::CLEAR => {
                         for o in self.regs.clone() {
-                            if &o.it != it {
-                                self.unit_attention(&o.it, asc::RESERVATIONS_PREEMPTED);
+                            if !o.matches(it) {
+                                self.unit_attention(&o, asc::RESERVATIONS_PREEMPTED);
                             }
                         }
                         self.regs.clear();
@@ -355,8 +407,8 @@ impl PrState {
         self.res = None;
         if !matches!(r.rtype, rtype::WRITE_EXCLUSIVE | rtype::EXCLUSIVE_ACCESS) {
             for o in self.regs.clone() {
-                if &o.it != it {
-                    self.unit_attention(&o.it, asc::RESERVATIONS_RELEASED);
+                if !o.matches(it) {
+                    self.unit_attention(&o, asc::RESERVATIONS_RELEASED);
                 }
             }
         }
@@ -379,11 +431,11 @@ impl PrState {
         // The registrations that go: every other one for an all-registrants preemption,
         // otherwise the ones with the key.
         let all = takes_reservation && sa_key == 0;
-        let gone: Vec<ItNexus> = self.regs.iter().filter(|r| &r.it != it && (all || r.key == sa_key)).map(|r| r.it.clone()).collect();
+        let gone: Vec<Registration> = self.regs.iter().filter(|r| !r.matches(it) && (all || r.key == sa_key)).cloned().collect();
         if !takes_reservation && gone.is_empty() && !self.regs.iter().any(|r| r.key == sa_key) {
             return Err(PrError::Conflict);
         }
-        self.regs.retain(|r| !gone.contains(&r.it));
+        self.regs.retain(|r| !gone.contains(r));
         for g in &gone {
             self.unit_attention(g, asc::REGISTRATIONS_PREEMPTED);
         }
@@ -392,8 +444,8 @@ impl PrState {
             self.res = Some(Reservation { holder: it.clone(), rtype: c.rtype });
             if old != Some(c.rtype) {
                 for o in self.regs.clone() {
-                    if &o.it != it {
-                        self.unit_attention(&o.it, asc::RESERVATIONS_RELEASED);
+                    if !o.matches(it) {
+                        self.unit_attention(&o, asc::RESERVATIONS_RELEASED);
                     }
                 }
             }
@@ -420,31 +472,34 @@ impl PrState {
             _ => {}
         }
         let Some(r) = self.res.clone() else { return Err(PrError::Conflict) };
-        if all_registrants(r.rtype) || r.holder != *it {
+        if all_registrants(r.rtype) || !self.is_holder(it) {
             return Err(PrError::Conflict);
         }
         Self::check_scope_type(OutCmd { rtype: c.rtype, ..c })?;
         if sa_key == 0 {
             return Err(Sense::invalid_param(8, None).into());
         }
-        let dest_initiator = parse_iscsi_transport_id(&p[24..24 + tid_len]).ok_or(Sense::invalid_param(24, None))?;
+        let dest_initiator = match iscsi_transport_ids(&p[24..24 + tid_len]).as_deref() {
+            Ok([(_, name)]) => name.clone(),
+            _ => return Err(Sense::invalid_param(24, None).into()),
+        };
         // The destination reaches the unit through the same target port.
         let dest = ItNexus { initiator: dest_initiator, target: it.target.clone() };
         if dest == *it {
             return Err(Sense::invalid_param(24, None).into());
         }
-        match self.regs.iter_mut().find(|x| x.it == dest) {
+        match self.regs.iter_mut().find(|x| x.matches(&dest)) {
             Some(x) => x.key = sa_key,
             None => {
                 if self.regs.len() >= MAX_REGISTRATIONS {
                     return Err(Sense::new(SenseKey::IllegalRequest, asc::INSUFFICIENT_REGISTRATION_RESOURCES).into());
                 }
-                self.regs.push(Registration { it: dest.clone(), key: sa_key });
+                self.regs.push(Registration { it: dest.clone(), key: sa_key, all_tg_pt: false });
             }
         }
         self.res = Some(Reservation { holder: dest, rtype: r.rtype });
         if unreg {
-            self.regs.retain(|x| &x.it != it);
+            self.regs.retain(|x| !x.matches(it));
         }
         self.aptpl = aptpl;
         self.generation = self.generation.wrapping_add(1);
@@ -479,8 +534,9 @@ impl PrState {
             }
             2 => {
                 d.extend_from_slice(&8u16.to_be_bytes());
-                // CRH (RESERVE/RELEASE(6) conflict with persistent reservations), PTPL_C.
-                d.push(0x10 | 0x01);
+                // CRH (RESERVE/RELEASE(6) conflict with persistent reservations), SIP_C, ATP_C,
+                // PTPL_C.
+                d.push(0x10 | 0x08 | 0x04 | 0x01);
                 // TMV (the type mask is valid), PTPL_A.
                 d.push(0x80 | u8::from(self.aptpl));
                 d.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
@@ -495,7 +551,7 @@ impl PrState {
                     d.extend_from_slice(&r.key.to_be_bytes());
                     d.extend_from_slice(&[0; 4]);
                     let holder = self.is_holder(&r.it);
-                    d.push(u8::from(holder));
+                    d.push(if r.all_tg_pt { 0x02 } else { 0 } | u8::from(holder));
                     d.push(if holder { self.res.as_ref().map(|x| x.rtype & 0x0F).unwrap_or(0) } else { 0 });
                     d.extend_from_slice(&[0; 4]);
                     // Relative target port 1 (see the Device Identification page).
@@ -516,21 +572,46 @@ impl PrState {
     }
 }
 
-/// The initiator port an iSCSI TransportID names (format 01b: `name,i,0xISID`); None for
-/// other protocols and for format 00b (a name without ISID names no single port).
+/// What an iSCSI TransportID names (SPC-4 §7.6.4.6): an initiator port `name,i,0xISID`
+/// (format 01b), or an initiator name (format 00b: every port of that name). None for other
+/// protocols and malformed ones.
 fn parse_iscsi_transport_id(t: &[u8]) -> Option<String> {
-    if t.len() < 4 || t[0] != 0x40 | PROTO_ISCSI {
+    if t.len() < 4 || t[0] & 0x3F != PROTO_ISCSI {
         return None;
     }
     let n = u16::from_be_bytes([t[2], t[3]]) as usize;
     let body = t.get(4..4 + n)?;
     let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
     let s = std::str::from_utf8(&body[..end]).ok()?;
-    let (name, isid) = s.split_once(",i,0x").or_else(|| s.split_once(",I,0X"))?;
-    if name.is_empty() || isid.len() != 12 || !isid.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
+    match t[0] >> 6 {
+        0 if !s.is_empty() && !s.to_ascii_lowercase().contains(",i,0x") => Some(s.to_ascii_lowercase()),
+        1 => {
+            let (name, isid) = s.split_once(",i,0x").or_else(|| s.split_once(",I,0X"))?;
+            if name.is_empty() || isid.len() != 12 || !isid.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            Some(format!("{},i,0x{}", name.to_ascii_lowercase(), isid.to_ascii_lowercase()))
+        }
+        _ => None,
     }
-    Some(format!("{},i,0x{}", name.to_ascii_lowercase(), isid.to_ascii_lowercase()))
+}
+
+/// Splits a run of iSCSI TransportIDs (each 4 bytes and its ADDITIONAL LENGTH) into what
+/// they name, each with its offset; Err(offset) of the first one that is not understood.
+fn iscsi_transport_ids(mut t: &[u8]) -> Result<Vec<(usize, String)>, usize> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while !t.is_empty() {
+        let len = match t.get(2..4) {
+            Some(l) => 4 + u16::from_be_bytes([l[0], l[1]]) as usize,
+            None => return Err(at),
+        };
+        let Some(one) = t.get(..len) else { return Err(at) };
+        out.push((at, parse_iscsi_transport_id(one).ok_or(at)?));
+        t = &t[len..];
+        at += len;
+    }
+    Ok(out)
 }
 
 /// The persistent reservation state of one bdev, shared by its logical units.
@@ -606,7 +687,9 @@ impl Pr {
         }
         if let (Ok(true), Some(f)) = (&r, &self.file) {
             if st.aptpl || was_aptpl {
-                let saved = st.aptpl.then(|| st.saved());
+                // Nothing registered (a CLEAR, the last key unregistered with APTPL set):
+                // nothing to keep, so the file goes too.
+                let saved = (st.aptpl && st.active()).then(|| st.saved());
                 // Written under the lock: the file always holds the latest state.
                 if let Err(e) = store(f, saved.as_ref()) {
                     log::error!("scsi: cannot persist reservations to {}: {e}", f.display());
@@ -832,6 +915,108 @@ mod tests {
         assert!(matches!(st.out(&it(2), OutCmd { sa: sa::REGISTER_AND_MOVE, scope: 0, rtype: 1 }, &p2), Err(PrError::Check(_))));
     }
 
+    /// A REGISTER parameter list with `flags` (byte 20) and, with SPEC_I_PT, `tids`.
+    fn params_with(key: u64, sa_key: u64, flags: u8, tids: &[Vec<u8>]) -> Vec<u8> {
+        let mut p = params(key, sa_key, false);
+        p[20] = flags;
+        if flags & 0x08 != 0 {
+            let all: Vec<u8> = tids.concat();
+            p.extend_from_slice(&(all.len() as u32).to_be_bytes());
+            p.extend_from_slice(&all);
+        }
+        p
+    }
+
+    /// A format-00b TransportID: an initiator name, every port of it.
+    fn name_tid(name: &str) -> Vec<u8> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        while body.len() % 4 != 0 {
+            body.push(0);
+        }
+        let mut t = vec![PROTO_ISCSI, 0];
+        t.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        t.extend_from_slice(&body);
+        t
+    }
+
+    fn reg(st: &mut PrState, who: &ItNexus, sa: u8, p: &[u8]) -> Result<bool, PrError> {
+        st.out(who, OutCmd { sa, scope: 0, rtype: 0 }, p)
+    }
+
+    #[test]
+    fn all_tg_pt_registers_the_initiator_port_with_every_target_port() {
+        // Host 1 through two portal groups of the target: two I_T nexuses, one initiator port.
+        let a = it(1);
+        let b = ItNexus::iscsi("iqn.2026-01.test:h1", [0x40, 0, 0, 0, 0, 1], "iqn.t:x", 2);
+        let mut st = PrState::default();
+        reg(&mut st, &a, sa::REGISTER, &params_with(0, 0x10, 0, &[])).unwrap();
+        assert_eq!(st.key_of(&b), None, "without ALL_TG_PT only the nexus that registered");
+        reg(&mut st, &a, sa::REGISTER, &params_with(0x10, 0, 0, &[])).unwrap();
+        reg(&mut st, &a, sa::REGISTER, &params_with(0, 0x11, 0x04, &[])).unwrap();
+        assert_eq!(keys(&st), vec![0x11], "one registration");
+        assert_eq!(st.key_of(&b), Some(0x11), "the other target port is registered too");
+        assert_eq!(st.key_of(&it(2)), None);
+        // Reserved through one port, held through both.
+        st.out(&b, OutCmd { sa: sa::RESERVE, scope: 0, rtype: rtype::EXCLUSIVE_ACCESS }, &params(0x11, 0, false)).unwrap();
+        assert!(!st.conflicts(&a, Access::Write) && !st.conflicts(&b, Access::Write));
+        assert!(st.conflicts(&it(2), Access::Read));
+        let d = st.read(3).unwrap();
+        assert_eq!(d[20], 0x02 | 0x01, "ALL_TG_PT and R_HOLDER in READ FULL STATUS");
+        assert_eq!(st.read(2).unwrap()[2] & 0x0C, 0x0C, "SIP_C and ATP_C");
+        // Unregistering through either port ends the registration and the reservation.
+        reg(&mut st, &a, sa::REGISTER, &params_with(0x11, 0, 0, &[])).unwrap();
+        assert!(!st.active());
+    }
+
+    #[test]
+    fn spec_i_pt_registers_the_named_initiators_or_nothing() {
+        let mut st = PrState::default();
+        let tids = [it(2).transport_id(), name_tid("iqn.2026-01.test:h3")];
+        reg(&mut st, &it(1), sa::REGISTER, &params_with(0, 0x21, 0x08, &tids)).unwrap();
+        assert_eq!(keys(&st), vec![0x21, 0x21, 0x21]);
+        assert_eq!(st.key_of(&it(2)), Some(0x21));
+        // A name (format 00b) registers every port of it, whatever its ISID.
+        let h3_other_port = ItNexus::iscsi("iqn.2026-01.test:h3", [0x80, 1, 2, 3, 4, 5], "iqn.t:x", 1);
+        assert_eq!(st.key_of(&h3_other_port), Some(0x21));
+        assert_eq!(st.key_of(&it(4)), None);
+        // The named ones hold their registration: host 2 reserves, host 3 changes its key.
+        st.out(&it(2), OutCmd { sa: sa::RESERVE, scope: 0, rtype: rtype::WRITE_EXCLUSIVE }, &params(0x21, 0, false)).unwrap();
+        reg(&mut st, &h3_other_port, sa::REGISTER, &params_with(0x21, 0x23, 0, &[])).unwrap();
+        assert_eq!(keys(&st), vec![0x21, 0x21, 0x23]);
+        let d = st.read(3).unwrap();
+        let tids_back: Vec<String> = {
+            let mut v = Vec::new();
+            let mut at = 8;
+            while at < d.len() {
+                let n = u32::from_be_bytes(d[at + 20..at + 24].try_into().unwrap()) as usize;
+                v.push(parse_iscsi_transport_id(&d[at + 24..at + 24 + n]).unwrap());
+                at += 24 + n;
+            }
+            v
+        };
+        assert_eq!(tids_back, vec![it(1).initiator, it(2).initiator, "iqn.2026-01.test:h3".to_string()]);
+
+        let before = keys(&st);
+        let check = |r: Result<bool, PrError>| match r {
+            Err(PrError::Check(s)) => (s.key as u8, s.asc, s.ascq),
+            other => panic!("{other:?}"),
+        };
+        // A registered nexus may not use SPEC_I_PT.
+        assert_eq!(check(reg(&mut st, &it(1), sa::REGISTER, &params_with(0x21, 0x22, 0x08, &[it(4).transport_id()]))), (5, 0x24, 0));
+        // Naming a registered nexus, an unknown protocol, a truncated TransportID.
+        assert_eq!(check(reg(&mut st, &it(4), sa::REGISTER, &params_with(0, 0x44, 0x08, &[it(5).transport_id(), it(2).transport_id()]))), (5, 0x26, 0));
+        assert_eq!(check(reg(&mut st, &it(4), sa::REGISTER, &params_with(0, 0x44, 0x08, &[vec![0x06, 0, 0, 4, 1, 2, 3, 4]]))), (5, 0x26, 0));
+        assert_eq!(check(reg(&mut st, &it(4), sa::REGISTER, &params_with(0, 0x44, 0x08, &[vec![0x45, 0, 0, 40, 1]]))), (5, 0x26, 0));
+        // A length that disagrees with the list; SPEC_I_PT with another action.
+        let mut p = params_with(0, 0x44, 0x08, &[it(5).transport_id()]);
+        p.push(0);
+        assert_eq!(check(reg(&mut st, &it(4), sa::REGISTER, &p)), (5, 0x1A, 0));
+        assert_eq!(check(reg(&mut st, &it(4), sa::REGISTER_AND_IGNORE, &params_with(0, 0x44, 0x08, &[it(5).transport_id()]))), (5, 0x26, 0));
+        assert_eq!(keys(&st), before, "a refused SPEC_I_PT registers nobody");
+        assert_eq!(st.key_of(&it(5)), None);
+    }
+
     #[test]
     fn full_status_and_capabilities() {
         let mut st = PrState::default();
@@ -866,6 +1051,12 @@ mod tests {
         // Registering again without APTPL turns persistence off: the file goes.
         b.out(&it(1), c(sa::REGISTER), &params(0x77, 0x78, false)).unwrap();
         assert!(!f.exists());
+        // With APTPL on, a CLEAR leaves nothing to keep: the file goes as well.
+        b.out(&it(1), c(sa::REGISTER), &params(0x78, 0x79, true)).unwrap();
+        b.out(&it(2), c(sa::REGISTER), &params(0, 0x80, true)).unwrap();
+        assert!(f.exists());
+        b.out(&it(2), c(sa::CLEAR), &params(0x80, 0, false)).unwrap();
+        assert!(!f.exists(), "an empty state is not kept");
         // A damaged file is ignored, not fatal.
         std::fs::write(&f, b"{not json").unwrap();
         assert!(!Pr::new(Some(f)).active());

@@ -52,6 +52,7 @@ pub mod asc {
     pub const REPORTED_LUNS_DATA_HAS_CHANGED: (u8, u8) = (0x3F, 0x0E);
     pub const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
     pub const LOGICAL_UNIT_NOT_READY: (u8, u8) = (0x04, 0x00);
+    pub const SANITIZE_IN_PROGRESS: (u8, u8) = (0x04, 0x1B);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: (u8, u8) = (0x2F, 0x00);
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
     pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2A, 0x04);

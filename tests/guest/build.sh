@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build (or reuse from cache) the tidemark test guest: a Debian 12 kernel plus a small
-# initramfs with busybox, bash, nvme-cli, fio, kmod, glibc/libgcc_s and the kernel modules for the
-# NVMe/TCP initiator, the kernel nvmet target, NVMe PCI, virtio and 9p.
+# initramfs with busybox, bash, nvme-cli, fio, kmod, open-iscsi, sg3-utils, glibc/libgcc_s and
+# the kernel modules for the NVMe/TCP and iSCSI initiators, the kernel nvmet target, NVMe PCI,
+# virtio and 9p.
 #
 # Nothing is installed on the host: packages are fetched with `apt-get download` and unpacked
 # with dpkg-deb. The result lives in $TIDEMARK_GUEST_CACHE/<key>/ (default
@@ -31,7 +32,10 @@ export LC_ALL=C
 # Packages whose programs go into the guest, and the modules loaded from it.
 TOOL_PKGS=(busybox-static nvme-cli fio kmod bash)
 BASE_LIB_PKGS=(libc6 libgcc-s1)
-read -r -a EXTRA_PKGS <<<"${TIDEMARK_GUEST_EXTRA_PKGS:-}"
+# Every executable of these goes in: the iSCSI initiator (iscsid, iscsiadm) and sg3-utils
+# (sg_persist) for the persistent reservation test (tests/iscsi_guest.rs), and whatever the
+# caller adds.
+read -r -a EXTRA_PKGS <<<"open-iscsi sg3-utils ${TIDEMARK_GUEST_EXTRA_PKGS:-}"
 # Module roots; modules.dep adds their dependencies. A trailing '?' marks optional ones.
 MODULES=(
   nvme_tcp nvme_fabrics nvme_core nvme nvmet nvmet_tcp nvme_loop? configfs

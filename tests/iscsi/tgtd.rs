@@ -14,6 +14,8 @@ pub struct Tgtd {
     pub control_port: u16,
     pub addr: SocketAddr,
     backing: PathBuf,
+    /// Backing files of LUNs added after the start.
+    more_backing: Vec<PathBuf>,
     pub log: PathBuf,
 }
 
@@ -53,7 +55,7 @@ impl Tgtd {
             .spawn()
             .expect("spawn tgtd");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut t = Tgtd { child: Some(child), control_port, addr, backing, log };
+        let mut t = Tgtd { child: Some(child), control_port, addr, backing, more_backing: Vec::new(), log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if let Some(Ok(Some(st))) = t.child.as_mut().map(|c| c.try_wait()) {
@@ -78,6 +80,20 @@ impl Tgtd {
         format!("iscsi://{}/{TGT_IQN}/1", self.addr)
     }
 
+    /// Adds LUN `lun`, read-only (tgtadm's `readonly=1`), over a new `size_mb` backing file
+    /// beside the first; returns its URL.
+    pub fn add_readonly_lun(&mut self, lun: u32, size_mb: u64) -> String {
+        let path = self.backing.with_extension(format!("ro{lun}.img"));
+        let f = std::fs::File::create(&path).expect("create a tgtd backing file");
+        f.set_len(size_mb << 20).expect("size the backing file");
+        self.more_backing.push(path.clone());
+        let (l, b) = (lun.to_string(), path.display().to_string());
+        tgtadm(self.control_port, &["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", &l, "-b", &b])
+            .and_then(|_| tgtadm(self.control_port, &["--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", &l, "--params", "readonly=1"]))
+            .unwrap_or_else(|e| panic!("configuring tgtd: {e}"));
+        format!("iscsi://{}/{TGT_IQN}/{lun}", self.addr)
+    }
+
     pub fn stop(&mut self) {
         let Some(mut c) = self.child.take() else { return };
         // tgtd ignores SIGTERM while it has targets: remove them, then the system.
@@ -96,6 +112,9 @@ impl Tgtd {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = std::fs::remove_file(&self.backing);
+        for b in self.more_backing.drain(..) {
+            let _ = std::fs::remove_file(b);
+        }
         for suffix in ["", ".lock"] {
             let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}{suffix}", self.control_port));
         }

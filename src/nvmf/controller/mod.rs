@@ -4,6 +4,11 @@
 //! (the RPC thread raising namespace events, I/O queues connecting on other cores) reach it
 //! through the mutex. The data path never takes that mutex.
 
+mod connect;
+mod keep_alive;
+
+pub(crate) use self::connect::{connect, Binding, Connecting};
+
 use super::identify;
 use super::spec::{admin_opc, cns, csc, feat, io_opc, log, prop, sc, sct, Sqe, Status, FABRICS_OPC, NSID_ALL};
 use super::subsystem::{ListenAddr, Namespace, Subsystem};
@@ -13,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where a queue pair lives.
 #[derive(Debug, Clone)]
@@ -215,21 +220,6 @@ impl Controller {
         if st.io.get(&qid).is_some_and(|q| q.conn_id == conn_id) {
             st.io.remove(&qid);
         }
-    }
-
-    pub fn kato(&self) -> Duration {
-        Duration::from_millis(self.st().kato_ms as u64)
-    }
-
-    pub fn touch_keep_alive(&self) {
-        self.st().last_keep_alive = Instant::now();
-    }
-
-    /// Whether the host let the keep-alive timeout pass without a Keep Alive.
-    pub fn keep_alive_expired(&self) -> bool {
-        let st = self.st();
-        // The spec lets a controller add slack; we allow the timeout plus one KAS granule.
-        st.kato_ms > 0 && st.last_keep_alive.elapsed() > Duration::from_millis(st.kato_ms as u64 + 100 * identify::KAS_100MS as u64)
     }
 
     /// Counts a failed command and keeps its Error Information Log entry (NVMe base spec,

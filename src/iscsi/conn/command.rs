@@ -1,0 +1,221 @@
+//! Running a SCSI command and sending its Data-In and status.
+
+use super::*;
+
+/// Data-In of a command, queued for the writer, with its share of the buffer budget.
+pub(super) struct DataIn {
+    pub(super) buf: IoBuf,
+    pub(super) _mem: Option<Lease>,
+}
+
+/// Bookkeeping of a running command (for aborts).
+pub(super) struct Running {
+    pub(super) lun: u64,
+    pub(super) aborted: Cell<bool>,
+    pub(super) done: Cell<bool>,
+}
+
+impl Conn {
+    /// Runs one SCSI command and sends its data and status.
+    pub(super) async fn execute(self: Rc<Self>, job: Job) {
+        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;
+        let read_flag = flags & pdu::FLAG_READ != 0;
+        let edtl_in = if read_flag { edtl } else { 0 };
+        let mut din: Option<IoBuf> = None;
+        let result: Result<scsi::Done, Failure> = match (failed, cmd, &unit) {
+            (Some(sense), _, _) => Err(Failure::Check(sense)),
+            (None, Err(sense), _) => Err(Failure::Check(sense)),
+            (None, Ok(cmd), None) => {
+                // Commands a missing LUN still answers.
+                let ids = self.st.borrow().lun_ids.clone();
+                let d = match cmd {
+                    Command::Inquiry { evpd: false, alloc, .. } => Ok(inquiry::standard_no_lun()[..(alloc as usize).min(96)].to_vec()),
+                    Command::ReportLuns { select, alloc } => {
+                        let mut v = scsi::lu::report_luns(select, &ids);
+                        v.truncate(alloc as usize);
+                        Ok(v)
+                    }
+                    Command::RequestSense { alloc, .. } => {
+                        let mut v = Sense::lun_not_supported().fixed().to_vec();
+                        v.truncate(alloc as usize);
+                        Ok(v)
+                    }
+                    _ => Err(Failure::Check(Sense::lun_not_supported())),
+                };
+                d.map(|v| {
+                    let mut b = IoBuf::alloc(v.len().max(1));
+                    b[..v.len()].copy_from_slice(&v);
+                    din = Some(b);
+                    scsi::Done { status: Status::Good, data_len: v.len() }
+                })
+            }
+            (None, Ok(cmd), Some((lun, nexus))) => {
+                let g = lun.unit.geometry();
+                let din_len = match cmd {
+                    Command::Read { .. } => cmd.data_in_len(&g),
+                    _ => cmd.data_in_len(&g).min(MAX_CONTROL_DATA_IN),
+                } as usize;
+                // Commands without Data-In take no buffer at all.
+                let mut buf = (din_len > 0).then(|| IoBuf::alloc(din_len));
+                let ids = self.st.borrow().lun_ids.clone();
+                // The target's units, only built when a command names them (EXTENDED COPY).
+                let peers = || self.st.borrow().luns.iter().map(|l| l.unit.clone()).collect::<Vec<_>>();
+                let ctx = scsi::Context {
+                    port: &self.port,
+                    luns: &ids,
+                    data_out_expected: if flags & pdu::FLAG_WRITE != 0 { edtl as u64 } else { 0 },
+                    peers: Some(&peers),
+                };
+                let out: &[u8] = match &data {
+                    Some((b, n)) => &b[..*n],
+                    None => &[],
+                };
+                let din_slice: &mut [u8] = match &mut buf {
+                    Some(b) => b,
+                    None => &mut [],
+                };
+                let r = lun.unit.execute(nexus, &cmd, out, din_slice, &ctx).await;
+                let bytes = match (&r, cmd) {
+                    (Ok(d), Command::Read { .. }) => d.data_len as u64,
+                    _ => out.len() as u64,
+                };
+                if let Some(t) = io_type(&cmd) {
+                    lun.stats.record(reactor::current_index(), t, bytes, reactor::now_ns().saturating_sub(t0), r.is_ok());
+                }
+                din = buf;
+                r
+            }
+        };
+        drop(data);
+        run.done.set(true);
+        {
+            let mut st = self.st.borrow_mut();
+            st.tasks.remove(&itt);
+            if immediate {
+                st.immediate = st.immediate.saturating_sub(1);
+            } else {
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+        }
+        if run.aborted.get() || self.control.closing.get() {
+            return;
+        }
+        match result {
+            Ok(done) => {
+                let produced = done.data_len as u32;
+                let sent = produced.min(edtl_in);
+                // Residuals against the direction that carried data (RFC 7143 §11.4.5).
+                let (flag, residual) = if need > 0 || flags & pdu::FLAG_WRITE != 0 { residual_of(need, edtl) } else { residual_of(produced, edtl) };
+                if sent > 0 {
+                    let buf = Rc::new(DataIn { buf: din.take().expect("data produced into a buffer"), _mem: mem });
+                    self.send_data_in(itt, &lun_field, buf, sent, done.status, flag, residual);
+                } else {
+                    self.send_response(itt, done.status as u8, None, flag, residual, 0);
+                }
+            }
+            Err(Failure::Check(sense)) => self.send_response(itt, Status::CheckCondition as u8, Some(sense), 0, 0, 0),
+            Err(Failure::Busy) => self.send_response(itt, Status::Busy as u8, None, 0, 0, 0),
+            Err(Failure::ReservationConflict) => self.send_response(itt, Status::ReservationConflict as u8, None, 0, 0, 0),
+        }
+    }
+
+    /// Data-In PDUs for `len` bytes of `buf`, the status in the last one.
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_data_in(&self, itt: u32, lun: &[u8; 8], buf: Rc<DataIn>, len: u32, status: Status, res_flag: u8, residual: u32) {
+        let seg = self.p.max_send_dsl.max(512);
+        let burst = self.p.max_burst.max(seg);
+        let mut off = 0u32;
+        let mut data_sn = 0u32;
+        let mut in_burst = 0u32;
+        while off < len {
+            let n = (len - off).min(seg).min(burst - in_burst);
+            let last = off + n == len;
+            in_burst += n;
+            let mut h = Bhs::new(opcode::DATA_IN);
+            let mut f = 0u8;
+            if last || in_burst == burst {
+                f |= pdu::FLAG_FINAL;
+                in_burst = 0;
+            }
+            if last {
+                f |= pdu::FLAG_STATUS | res_flag;
+                h.0[3] = status as u8;
+                h.set_u32(44, residual);
+            }
+            h.0[1] = f;
+            h.set_lun(lun);
+            h.set_u32(16, itt);
+            h.set_u32(20, RESERVED_TAG);
+            self.stamp(&mut h, last);
+            if !last {
+                // StatSN is meaningful only with the S bit.
+                h.set_u32(24, 0);
+            }
+            h.set_u32(36, data_sn);
+            h.set_u32(40, off);
+            self.queue(h, OutData::Shared(buf.clone(), off as usize, n as usize));
+            data_sn += 1;
+            off += n;
+        }
+    }
+
+    pub(super) fn send_response(&self, itt: u32, status: u8, sense: Option<Sense>, res_flag: u8, residual: u32, exp_data_sn: u32) {
+        let mut h = Bhs::new(opcode::SCSI_RESP);
+        h.0[1] = 0x80 | res_flag;
+        h.0[3] = status;
+        h.set_u32(16, itt);
+        self.stamp(&mut h, true);
+        h.set_u32(36, exp_data_sn);
+        h.set_u32(44, residual);
+        let data = match sense {
+            Some(s) => {
+                let f = s.fixed();
+                let mut v = Vec::with_capacity(2 + f.len());
+                v.extend_from_slice(&(f.len() as u16).to_be_bytes());
+                v.extend_from_slice(&f);
+                OutData::Owned(v)
+            }
+            None => OutData::None,
+        };
+        self.queue(h, data);
+    }
+}
+
+/// A command ready to run.
+pub(super) struct Job {
+    pub(super) itt: u32,
+    pub(super) immediate: bool,
+    pub(super) lun_field: [u8; 8],
+    pub(super) flags: u8,
+    pub(super) edtl: u32,
+    pub(super) need: u32,
+    pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
+    pub(super) cmd: Result<Command, Sense>,
+    pub(super) data: Option<(IoBuf, usize)>,
+    pub(super) run: Rc<Running>,
+    pub(super) t0: u64,
+    pub(super) failed: Option<Sense>,
+    pub(super) mem: Option<Lease>,
+}
+
+pub(super) fn residual_of(actual: u32, edtl: u32) -> (u8, u32) {
+    if actual > edtl {
+        (pdu::FLAG_OVERFLOW, actual - edtl)
+    } else if actual < edtl {
+        (pdu::FLAG_UNDERFLOW, edtl - actual)
+    } else {
+        (0, 0)
+    }
+}
+
+pub(super) fn io_type(c: &Command) -> Option<IoType> {
+    match c {
+        Command::Read { .. } => Some(IoType::Read),
+        Command::Write { .. } | Command::WriteVerify { .. } | Command::CompareAndWrite { .. } | Command::OrWrite { .. } => Some(IoType::Write),
+        Command::WriteSame { unmap: true, .. } | Command::Unmap { .. } => Some(IoType::Unmap),
+        Command::WriteSame { .. } => Some(IoType::WriteZeroes),
+        Command::SyncCache { .. } => Some(IoType::Flush),
+        _ => None,
+    }
+}

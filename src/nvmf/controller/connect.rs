@@ -1,0 +1,96 @@
+//! Fabrics Connect: a queue asks to join a controller. An admin queue creates the controller
+//! (and starts its keep-alive timer); an I/O queue joins the controller its host created.
+
+use super::keep_alive::spawn_keep_alive;
+use super::{Controller, QueueRef};
+use crate::nvmf::pdu::DataPlan;
+use crate::nvmf::spec::{connect, csc, sc, sct, ConnectRequest, Sqe, Status, CNTLID_DYNAMIC};
+use crate::nvmf::subsystem::ListenAddr;
+use crate::nvmf::transport::TransportOpts;
+use crate::nvmf::Nvmf;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The queue that asks to connect, as the controller sees it.
+pub(crate) struct Connecting<'a> {
+    pub nvmf: &'a Arc<Nvmf>,
+    /// The core that owns the queue's connection.
+    pub core: usize,
+    pub conn_id: u64,
+    pub peer: SocketAddr,
+    /// The listener the connection came in on (a subsystem accepts only its own).
+    pub listener: &'a ListenAddr,
+    pub opts: &'a TransportOpts,
+}
+
+/// What the queue is connected to.
+#[derive(Clone)]
+pub(crate) struct Binding {
+    pub ctrl: Arc<Controller>,
+    pub qid: u16,
+    pub sqsize: u16,
+    /// The host disabled SQ flow control: completions need no SQHD and read data may carry
+    /// the SUCCESS flag.
+    pub sqflow_off: bool,
+}
+
+/// Fabrics Connect of queue `q`: the controller it binds to (a new one for an admin queue,
+/// with its keep-alive timer), or Err((status, IATTR, IPO)).
+pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<Binding, (Status, u8, u16)> {
+    let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
+    let data = match (plan, icd) {
+        (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
+        _ => return Err((Status::generic(sc::DATA_SGL_LENGTH_INVALID), 0, 0)),
+    };
+    let req = ConnectRequest::parse(sqe, data)?;
+    let (qid, sqsize, cattr, kato, hostid, cntlid) = (req.qid, req.sqsize, req.cattr, req.kato_ms, req.hostid, req.cntlid);
+    let (subnqn, hostnqn) = (req.subnqn.as_str(), req.hostnqn.as_str());
+    let Some(subsys) = q.nvmf.subsystem(subnqn) else {
+        log::info!("nvmf: {} asked for unknown subsystem {subnqn:?}", q.peer);
+        return Err(invalid(1, connect::DATA_SUBNQN));
+    };
+    if subsys.deleted.load(Ordering::Acquire) || (!subsys.is_discovery() && !subsys.has_listener(&q.listener)) {
+        return Err(invalid(1, connect::DATA_SUBNQN));
+    }
+    if !subsys.allows_host(hostnqn) {
+        log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", q.peer);
+        return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
+    }
+    let sqflow_off = cattr & connect::CATTR_DISABLE_SQ_FLOW != 0;
+    let peer = q.peer;
+    if qid == 0 {
+        if cntlid != CNTLID_DYNAMIC && cntlid != 0xFFFE {
+            return Err(invalid(1, connect::DATA_CNTLID));
+        }
+        if sqsize == 0 || sqsize >= q.opts.max_aq_depth {
+            return Err(invalid(0, connect::SQSIZE));
+        }
+        let admin = QueueRef { core: q.core, conn_id: q.conn_id, peer, sqsize };
+        let (opts, listener, host) = (*q.opts, q.listener.clone(), hostnqn.to_string());
+        let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
+            Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
+            0,
+            0,
+        ))?;
+        log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, q.core);
+        spawn_keep_alive(q.nvmf.clone(), ctrl.clone());
+        return Ok(Binding { ctrl, qid: 0, sqsize, sqflow_off });
+    }
+    let Some(ctrl) = subsys.controller(cntlid) else { return Err(invalid(1, connect::DATA_CNTLID)) };
+    if ctrl.hostnqn != hostnqn {
+        return Err(invalid(1, connect::DATA_HOSTNQN));
+    }
+    if ctrl.hostid != hostid {
+        return Err(invalid(1, connect::DATA_HOSTID));
+    }
+    if subsys.is_discovery() {
+        return Err(invalid(0, connect::QID));
+    }
+    if sqsize == 0 || sqsize >= q.opts.max_queue_depth {
+        return Err(invalid(0, connect::SQSIZE));
+    }
+    ctrl.attach_io_queue(qid, QueueRef { core: q.core, conn_id: q.conn_id, peer, sqsize }).map_err(|(s, ipo)| (s, 0, ipo))?;
+    log::debug!("nvmf: controller {} of {subnqn}: I/O queue {qid} (size {}) on core {}", ctrl.cntlid, sqsize as u32 + 1, q.core);
+    Ok(Binding { ctrl, qid, sqsize, sqflow_off })
+}
