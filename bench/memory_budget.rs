@@ -1,7 +1,7 @@
 //! memory_budget: the daemon's peak resident memory (VmHWM) under many NVMe/TCP connections
 //! at full queue depth with large reads, against its configured buffer budget.
 //!
-//!     cargo build --release --bin tidemarkd --bin memory_budget
+//!     cargo build --release --bin tidemarkd --bin memory_budget   (from the repository root)
 //!     target/release/memory_budget                 # 1,000 connections, QD 128, 128 KiB reads
 //!
 //! It starts `tidemarkd` (next to this binary, or `--tidemarkd PATH`) on one core with a 1 GiB

@@ -21,7 +21,7 @@ fn nvme_passthrough_bdev_in_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
-    for (name, path) in [("tidemarkd", support::TIDEMARKD), ("tidemark", support::TIDEMARK), ("bdevperf", env!("CARGO_BIN_EXE_bdevperf"))] {
+    for (name, path) in [("tidemarkd", support::TIDEMARKD), ("tidemark", support::TIDEMARK), ("bdevperf", bdevperf().to_str().expect("utf-8 path"))] {
         std::fs::copy(path, share.join(name)).unwrap();
     }
     let d0 = dir.path().join("d0.img");
@@ -50,4 +50,28 @@ fn nvme_passthrough_bdev_in_the_guest() {
     {
         assert!(results.iter().any(|r| r.contains(key)), "missing {key} in:\n{console}");
     }
+}
+
+/// The benchmark crate's bdevperf (bench/), built here into this test's target directory and
+/// profile: it is a program of another package of the workspace, so cargo does not build it
+/// for this test by itself.
+fn bdevperf() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/nvme_bdev-<hash> -> target/<profile>/
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", "tidemark-bench", "--bin", "bdevperf"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cargo.arg("--release");
+    }
+    let status = cargo
+        .arg("--target-dir")
+        .arg(profile_dir.parent().expect("target dir"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build -p tidemark-bench --bin bdevperf");
+    assert!(status.success(), "cannot build bench/'s bdevperf");
+    let program = profile_dir.join("bdevperf");
+    assert!(program.exists(), "{} was not built", program.display());
+    program
 }
