@@ -176,6 +176,8 @@ pub struct Store {
     slot_bytes: u64,
     tracker: Arc<EpochTracker>,
     state: Mutex<State>,
+    /// Metadata records written (each covers every change made before it began).
+    commits: AtomicU64,
 }
 
 /// SPDK's `clear_method` names, by their on-media number.
@@ -214,6 +216,11 @@ impl Store {
     pub fn free_clusters(&self) -> u64 {
         let st = self.st();
         st.free_count - st.reserved
+    }
+
+    /// Metadata commits since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Relaxed)
     }
 
     pub fn volume_count(&self) -> usize {
@@ -302,6 +309,7 @@ impl Store {
             };
             debug_assert!(bytes.len() as u64 <= self.slot_bytes, "the slot is sized for the largest record");
             let r = self.write_slot(ch, slot, &bytes).await;
+            self.commits.fetch_add(1, Relaxed);
             let mut st = self.st();
             if r.is_ok() {
                 st.cur_slot = slot;
@@ -577,7 +585,7 @@ impl Store {
     /// refused unless `force`, which frees them.
     async fn resize(&self, ch: &Channel, uuid: Uuid, size_bytes: u64, force: bool) -> Result<(), LvolError> {
         let clusters = clusters_for(size_bytes, self.cluster_size);
-        let (live, old_clusters, beyond, old_map) = {
+        let (beyond, old_map) = {
             let mut st = self.st();
             let free = st.free_count - st.reserved;
             let v = st.vols.get_mut(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
@@ -608,15 +616,13 @@ impl Store {
             } else {
                 None
             };
-            if clusters < old_clusters || beyond.is_empty() {
-                live.num_blocks.store(size_bytes / self.block_size as u64, SeqCst);
-            }
+            // After the swap: an I/O that sees the new size sees the new map. A shrink refuses
+            // I/O past the new end from here on, before its clusters are dropped.
+            live.num_blocks.store(size_bytes / self.block_size as u64, SeqCst);
             v.rec.size_bytes = size_bytes;
             st.reserved += add_reserve;
-            (live, old_clusters, beyond, old_map)
+            (beyond, old_map)
         };
-        let _ = old_clusters;
-        live.num_blocks.store(size_bytes / self.block_size as u64, SeqCst);
         if let Some(old) = old_map {
             self.quiesce().await;
             // SAFETY: swapped out above; the sealed epoch means no I/O holds it any more.
@@ -742,6 +748,7 @@ impl Store {
             total_clusters: g.total_clusters,
             slot_bytes: g.slot_bytes,
             tracker: EpochTracker::new(cores, 1),
+            commits: AtomicU64::new(0),
             state: Mutex::new(State {
                 name: name.to_string(),
                 seq,

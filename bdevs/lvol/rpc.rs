@@ -72,7 +72,9 @@ impl Module for LvolModule {
         let stores = self.stores();
         let mut clusters = Vec::new();
         let mut vols = Vec::new();
+        let mut commits = Vec::new();
         for s in &stores {
+            commits.push((vec![("lvs", s.name())], s.commits()));
             let name = s.name();
             clusters.push((vec![("lvs", name.clone()), ("state", "total".to_string())], s.total_clusters() as f64));
             clusters.push((vec![("lvs", name.clone()), ("state", "free".to_string())], s.free_clusters() as f64));
@@ -81,7 +83,12 @@ impl Module for LvolModule {
             }
         }
         out.gauge("tidemark_lvol_store_clusters", "Clusters of each lvol store, total and free (neither allocated nor reserved).", &clusters)?;
-        out.gauge("tidemark_lvol_allocated_clusters", "Clusters allocated to each volume.", &vols)
+        out.gauge("tidemark_lvol_allocated_clusters", "Clusters allocated to each volume.", &vols)?;
+        out.counter(
+            "tidemark_lvol_metadata_commits",
+            "Metadata records written by each lvol store (one covers every first write pending when it began).",
+            &commits,
+        )
     }
 
     fn shutdown(&self, ctx: &Ctx) {

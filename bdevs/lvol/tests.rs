@@ -209,3 +209,63 @@ fn create_refuses_a_bdev_that_holds_a_store() {
     let r = f.cores.block_on(0, async move { Store::create(g, "again", CL, 2).await.map(|_| ()) });
     assert!(matches!(r, Err(LvolError::Exists(_))), "{:?}", r.err());
 }
+
+#[test]
+fn concurrent_first_writes_share_commits_and_clusters() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 4, true);
+    let bpc = CL / BS as u64;
+    let before = s.commits();
+    // 16 first writes on two cores at once: 8 clusters, each written twice (different blocks).
+    let done = Rc::new(std::cell::Cell::new(0));
+    for i in 0..16u64 {
+        let (v, done) = (v.clone(), done.clone());
+        f.cores.enter((i % 2) as usize, || {
+            crate::reactor::spawn_detached(async move {
+                let ch = Channel::get(&v).unwrap();
+                ch.write_buf((i / 2) * bpc + (i % 2), &vec![i as u8 + 1; BS as usize]).await.unwrap();
+                done.set(done.get() + 1);
+            })
+        });
+    }
+    f.cores.run_until_idle();
+    while done.get() < 16 {
+        let t = f.cores.next_timer().expect("the writes wait for nothing");
+        f.cores.advance_to(t);
+        f.cores.run_until_idle();
+    }
+    assert_eq!(lvol(&v).allocated_clusters(), 8, "one cluster per logical cluster, however many first writes race");
+    assert!(s.commits() - before < 16, "group commit: {} commits for 16 first writes", s.commits() - before);
+    for i in 0..16u64 {
+        assert_eq!(f.read(&v, (i / 2) * bpc + (i % 2), 1), vec![i as u8 + 1; BS as usize], "write {i}");
+    }
+}
+
+#[test]
+fn resize_grows_and_refuses_to_shrink_below_allocated_unless_forced() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    let bpc = CL / BS as u64;
+    let u = lvol(&v).lvol_uuid();
+    f.write(&v, 15 * bpc, 7, 1).unwrap();
+    let rs = |size: u64, force: bool| {
+        let s2 = s.clone();
+        f.cores.block_on(0, async move {
+            let ch = Channel::get(&s2.base).unwrap();
+            s2.resize(&ch, u, size, force).await
+        })
+    };
+    rs(2 << 20, false).unwrap();
+    assert_eq!(v.bdev().num_blocks(), (2 << 20) / BS as u64);
+    // A channel opened after the resize writes past the old end.
+    let v2 = v.clone();
+    f.cores.block_on(0, async move { Channel::get(&v2).unwrap().write_buf(31 * bpc, &vec![8u8; BS as usize]).await.unwrap() });
+    assert_eq!(f.read(&v, 15 * bpc, 1), vec![7u8; BS as usize], "data kept across the map swap");
+    assert!(matches!(rs(CL, false), Err(LvolError::Invalid(_))), "shrink below allocated data is refused");
+    assert_eq!(lvol(&v).allocated_clusters(), 2, "and changes nothing");
+    rs(CL, true).unwrap();
+    assert_eq!(lvol(&v).allocated_clusters(), 0);
+    assert_eq!(s.free_clusters(), s.total_clusters());
+}
