@@ -269,3 +269,28 @@ fn resize_grows_and_refuses_to_shrink_below_allocated_unless_forced() {
     assert_eq!(lvol(&v).allocated_clusters(), 0);
     assert_eq!(s.free_clusters(), s.total_clusters());
 }
+
+#[test]
+fn a_pool_holds_1024_volumes_and_reopens_them() {
+    let f = fixture(64 << 20);
+    let s = f.create();
+    let t0 = std::time::Instant::now();
+    for i in 0..layout::MAX_VOLUMES {
+        let s2 = s.clone();
+        f.cores.block_on(0, async move {
+            let ch = Channel::get(&s2.base).unwrap();
+            s2.create_volume(&ch, &format!("v{i}"), 1 << 30, true, 1).await.unwrap();
+        });
+    }
+    eprintln!("{} volumes created in {:?}", layout::MAX_VOLUMES, t0.elapsed());
+    let s2 = s.clone();
+    let r = f.cores.block_on(0, async move {
+        let ch = Channel::get(&s2.base).unwrap();
+        s2.create_volume(&ch, "one-more", 1 << 20, true, 1).await.map(|_| ())
+    });
+    assert!(matches!(r, Err(LvolError::NoSpace(_))), "past the most volumes a store holds: refused");
+    s.release_base();
+    drop(s);
+    let s = f.load().unwrap();
+    assert_eq!(s.volume_count(), layout::MAX_VOLUMES);
+}
