@@ -6,6 +6,7 @@
 
 pub mod delay;
 pub mod error;
+pub mod lvol;
 pub mod malloc;
 pub mod mirror;
 pub mod null;

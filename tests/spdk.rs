@@ -295,6 +295,19 @@ fn drive_every_shared_method(c: &Client) {
     ok(&["nvmf_subsystem_remove_listener", nqn, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
     ok(&["nvmf_subsystem_remove_ns", nqn, "1"]);
     ok(&["nvmf_delete_subsystem", nqn]);
+    // The volume pool, on a bdev of its own.
+    ok(&["bdev_malloc_create", "-b", "lvbase", "32", "512"]);
+    ok(&["bdev_lvol_create_lvstore", "lvbase", "lvs0"]);
+    ok(&["bdev_lvol_get_lvstores"]);
+    ok(&["bdev_lvol_rename_lvstore", "lvs0", "lvs1"]);
+    ok(&["bdev_lvol_create", "-l", "lvs1", "-t", "v0", "4"]);
+    ok(&["bdev_lvol_get_lvols"]);
+    ok(&["bdev_lvol_rename", "lvs1/v0", "v1"]);
+    ok(&["bdev_lvol_resize", "lvs1/v1", "8"]);
+    ok(&["bdev_lvol_set_read_only", "lvs1/v1"]);
+    ok(&["bdev_lvol_delete", "lvs1/v1"]);
+    ok(&["bdev_lvol_delete_lvstore", "-l", "lvs1"]);
+    ok(&["bdev_malloc_delete", "lvbase"]);
     ok(&["bdev_uring_delete", "u0"]);
     ok(&["bdev_null_delete", "n0"]);
     ok(&["bdev_malloc_delete", "m0"]);

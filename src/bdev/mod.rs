@@ -88,6 +88,9 @@ pub enum BdevError {
     Aborted,
     #[error("the device is offline")]
     Offline,
+    /// A thin device has no free space for a write that needs new space; other I/O goes on.
+    #[error("no free space for a write that needs new space")]
+    NoSpace,
     #[error("NVMe status type {sct:#x} code {sc:#x}")]
     Nvme { sct: u8, sc: u8 },
 }

@@ -122,6 +122,8 @@ static NEXT_ENTRY: AtomicU64 = AtomicU64::new(1);
 pub struct BdevRegistry {
     cores: usize,
     by_name: Mutex<BTreeMap<String, Arc<BdevEntry>>>,
+    /// Other names of a bdev (SPDK's aliases: an lvol is `lvs/lvol` and its UUID), alias to name.
+    aliases: Mutex<BTreeMap<String, String>>,
 }
 
 /// Longest bdev name accepted (SPDK has no limit; names end up in NQNs and metrics labels).
@@ -130,17 +132,41 @@ pub const MAX_NAME_LEN: usize = 255;
 impl BdevRegistry {
     /// A registry whose bdevs keep statistics for `cores` cores.
     pub fn new(cores: usize) -> Self {
-        BdevRegistry { cores, by_name: Mutex::new(BTreeMap::new()) }
+        BdevRegistry { cores, by_name: Mutex::new(BTreeMap::new()), aliases: Mutex::new(BTreeMap::new()) }
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<BdevEntry>>> {
         self.by_name.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn alias_map(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.aliases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives bdev `name` another name `alias` (which, unlike a name, may contain slashes:
+    /// `lvs/lvol`). Lookups by the alias find the bdev.
+    pub fn add_alias(&self, alias: &str, name: &str) -> Result<(), CreateError> {
+        validate_alias(alias)?;
+        if self.map().contains_key(alias) || self.alias_map().contains_key(alias) {
+            return Err(CreateError::Exists(alias.to_string()));
+        }
+        self.alias_map().insert(alias.to_string(), name.to_string());
+        Ok(())
+    }
+
+    pub fn remove_alias(&self, alias: &str) {
+        self.alias_map().remove(alias);
+    }
+
+    /// The aliases of bdev `name`.
+    pub fn aliases_of(&self, name: &str) -> Vec<String> {
+        self.alias_map().iter().filter(|(_, n)| *n == name).map(|(a, _)| a.clone()).collect()
+    }
+
     /// Checks that `name` is a usable, free bdev name.
     pub fn check_new_name(&self, name: &str) -> Result<(), CreateError> {
         validate_name(name)?;
-        if self.map().contains_key(name) {
+        if self.map().contains_key(name) || self.alias_map().contains_key(name) {
             return Err(CreateError::Exists(name.to_string()));
         }
         Ok(())
@@ -161,7 +187,11 @@ impl BdevRegistry {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<BdevEntry>> {
-        self.map().get(name).cloned()
+        if let Some(e) = self.map().get(name).cloned() {
+            return Some(e);
+        }
+        let target = self.alias_map().get(name).cloned()?;
+        self.map().get(&target).cloned()
     }
 
     pub fn lookup(&self, name: &str) -> Result<Arc<BdevEntry>, CreateError> {
@@ -181,7 +211,10 @@ impl BdevRegistry {
         if let Some(h) = entry.holders().first() {
             return Err(CreateError::Busy { name: name.to_string(), by: h.by.clone() });
         }
-        Ok(m.remove(name).expect("entry checked above"))
+        let e = m.remove(name).expect("entry checked above");
+        drop(m);
+        self.alias_map().retain(|_, n| n != name);
+        Ok(e)
     }
 
     /// Bdevs in the order they must be recreated: every bdev after the bdevs it claims and the
@@ -211,6 +244,13 @@ impl BdevRegistry {
         out.extend(all.into_iter().filter(|e| !placed.contains(&e.id)));
         out
     }
+}
+
+fn validate_alias(alias: &str) -> Result<(), CreateError> {
+    if alias.is_empty() || alias.len() > MAX_NAME_LEN || alias.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        return Err(CreateError::Invalid(format!("bdev alias {alias:?} is empty, too long, or contains a control character, quote or backslash")));
+    }
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), CreateError> {

@@ -76,6 +76,7 @@ pub fn status_of(e: &BdevError, reading: bool) -> Status {
         BdevError::Unsupported(_) => Status::generic(sc::INVALID_OPCODE),
         BdevError::NoResources | BdevError::Offline => Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY),
         BdevError::Aborted => Status::generic(sc::ABORT_REQUESTED),
+        BdevError::NoSpace => Status::generic(sc::CAPACITY_EXCEEDED),
         BdevError::Nvme { sct, sc } => Status::error(*sct, *sc),
     }
 }

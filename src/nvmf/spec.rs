@@ -104,6 +104,8 @@ pub mod sc {
     pub const COMMAND_INTERRUPTED: u8 = 0x21;
     pub const TRANSIENT_TRANSPORT_ERROR: u8 = 0x22;
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
+    /// A thin namespace has no space for the write (NVM command set status 0x81).
+    pub const CAPACITY_EXCEEDED: u8 = 0x81;
     pub const NAMESPACE_NOT_READY: u8 = 0x82;
 }
 

@@ -44,6 +44,7 @@ pub mod asc {
     pub const LUN_NOT_SUPPORTED: (u8, u8) = (0x25, 0x00);
     pub const INVALID_FIELD_IN_PARAMETER_LIST: (u8, u8) = (0x26, 0x00);
     pub const WRITE_PROTECTED: (u8, u8) = (0x27, 0x00);
+    pub const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (u8, u8) = (0x27, 0x07);
     pub const POWER_ON_RESET: (u8, u8) = (0x29, 0x00);
     pub const BUS_DEVICE_RESET: (u8, u8) = (0x29, 0x03);
     pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
@@ -138,6 +139,8 @@ impl Sense {
         match e {
             BdevError::OutOfRange { .. } => Sense::lba_out_of_range(),
             BdevError::ReadOnly => Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED),
+            // SBC-4 4.7.3.6: a thin LU out of space reports this, only for the writes that need space.
+            BdevError::NoSpace => Sense::new(SenseKey::DataProtect, asc::SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
             BdevError::Media | BdevError::Os(_) | BdevError::Nvme { .. } => {
                 if write {
                     Sense::new(SenseKey::MediumError, asc::WRITE_ERROR)
@@ -250,6 +253,8 @@ mod tests {
         let r = Sense::from_bdev(&BdevError::ReadOnly, true);
         assert_eq!((r.key, r.asc), (SenseKey::DataProtect, 0x27));
         assert_eq!(Sense::from_bdev(&BdevError::Media, false).asc, 0x11);
+        let s = Sense::from_bdev(&BdevError::NoSpace, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
         assert_eq!(Sense::from_bdev(&BdevError::Media, true).asc, 0x0C);
         assert_eq!(Sense::from_bdev(&BdevError::Unsupported(crate::bdev::IoType::Unmap), true).asc, 0x20);
     }

@@ -1,0 +1,1152 @@
+//! `lvol`: a pool of thin (or thick) volumes on one base bdev, driven by SPDK's lvol RPCs
+//! (`bdev_lvol_create_lvstore`, `bdev_lvol_create`, ...). Each volume is a bdev named by its
+//! UUID with the alias `lvs_name/lvol_name`, usable by nvmf and iscsi like any bdev.
+//!
+//! **Space.** The base is cut into clusters (default 1 MiB). A thin volume gets a cluster on
+//! the first write to it; unmap or write-zeroes of a whole cluster gives it back. A thick
+//! volume reserves its clusters at creation (the pool's free count drops at once) and takes
+//! them from its reservation. When the pool is full only writes that need a new cluster fail,
+//! with [`BdevError::NoSpace`] (NVMe Capacity Exceeded, SCSI SPACE ALLOCATION FAILED WRITE
+//! PROTECT); reads and writes to allocated clusters go on, and freed space is usable at once.
+//!
+//! **Metadata, crash safety.** The whole store (superblock, volumes, cluster maps) is one
+//! record written alternately to two slots at the front of the base ([`layout`]): a torn write
+//! leaves the previous record valid. A first write to a cluster: the cluster is zeroed (so that
+//! a crash never shows another volume's old data through a new map entry), the data is
+//! written, the map entry goes into the in-memory record, and the write is acknowledged once a
+//! commit that includes the entry is durable. Commits are grouped: one writer at a time leads a
+//! commit (flush base, write slot, flush base) that covers every entry added before it began;
+//! writers arriving meanwhile wait for the next one. Writes to allocated clusters touch no
+//! metadata. Free clusters are not recorded: at open every cluster no map references is free,
+//! so a cluster allocated but not committed before a crash (the only kind of orphan this
+//! scheme can leave) is reclaimed by construction; the open logs the count it found.
+//!
+//! **Lookups without locks.** Each volume's map is an array of atomics (physical cluster + 1,
+//! 0 = unallocated) read by every core. Every I/O holds a ticket of the store's
+//! [`EpochTracker`] from its lookup to its completion; a cluster leaves a map (unmap, delete,
+//! shrink) or a map is replaced (grow) first, and the cluster or the old map is reused only
+//! after the epoch advanced and sealed, so no I/O can still be using it.
+//!
+//! **Restart.** `save_config` writes `bdev_lvol_load_lvstore {bdev_name}` (a tidemark method)
+//! as the configuration of one volume of each store, its *anchor*, whose name claims the base
+//! bdev so that the call comes after the base's creation; the load finds the store on the
+//! base and registers every volume. A store with no volume is not in `save_config` (load it
+//! with that call). SPDK instead examines every new bdev; the registry has no such hook yet.
+
+pub mod layout;
+pub mod rpc;
+
+use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
+use crate::preserve::EpochTracker;
+use futures::channel::oneshot;
+use layout::{StoreRecord, VolumeRecord};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IoSlice, IoSliceMut};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex, MutexGuard};
+use uuid::Uuid;
+
+pub const PRODUCT_NAME: &str = "Logical Volume";
+
+/// Why a pool operation failed; mapped to JSON-RPC errors in `rpc`.
+#[derive(Debug, thiserror::Error)]
+pub enum LvolError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("I/O error on the base bdev: {0}")]
+    Io(#[from] BdevError),
+}
+
+/// A volume's cluster map, shared by every core: physical cluster + 1, or 0.
+struct LiveMap(Box<[AtomicU32]>);
+
+impl LiveMap {
+    fn new(n: u64) -> Box<LiveMap> {
+        Box::new(LiveMap((0..n).map(|_| AtomicU32::new(0)).collect()))
+    }
+}
+
+/// What the data path of one volume reads without a lock.
+pub struct VolLive {
+    map: AtomicPtr<LiveMap>,
+    num_blocks: AtomicU64,
+    read_only: AtomicBool,
+    /// Clusters the volume holds (committed), for metrics and `get_lvols`.
+    allocated: AtomicU64,
+}
+
+impl VolLive {
+    fn new(clusters: u64, num_blocks: u64, read_only: bool) -> Arc<VolLive> {
+        Arc::new(VolLive {
+            map: AtomicPtr::new(Box::into_raw(LiveMap::new(clusters))),
+            num_blocks: AtomicU64::new(num_blocks),
+            read_only: AtomicBool::new(read_only),
+            allocated: AtomicU64::new(0),
+        })
+    }
+
+    /// The physical cluster of `logical`, if allocated. The caller holds an epoch ticket.
+    fn lookup(&self, logical: u64) -> Option<u32> {
+        // SAFETY: the map is replaced only by `replace_map`, which frees the old one after the
+        // store's epoch sealed, i.e. after every I/O (ticket holder) that could have loaded it.
+        let m = unsafe { &*self.map.load(Acquire) };
+        let v = m.0.get(logical as usize)?.load(Acquire);
+        v.checked_sub(1)
+    }
+
+    fn set(&self, logical: u32, phys: Option<u32>) {
+        // SAFETY: as in `lookup`; called with the store's state lock held, which `replace_map`
+        // also holds, so the map cannot be swapped under us.
+        let m = unsafe { &*self.map.load(Acquire) };
+        if let Some(a) = m.0.get(logical as usize) {
+            a.store(phys.map_or(0, |p| p + 1), Release);
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        // SAFETY: as in `set`.
+        unsafe { &*self.map.load(Acquire) }.0.len() as u64
+    }
+}
+
+impl Drop for VolLive {
+    fn drop(&mut self) {
+        // SAFETY: the last reference: no I/O can hold the pointer.
+        drop(unsafe { Box::from_raw(self.map.load(Acquire)) });
+    }
+}
+
+/// A volume as the store's record holds it.
+struct VolState {
+    rec: VolumeRecord,
+    map: BTreeMap<u32, u32>,
+    live: Arc<VolLive>,
+    /// Clusters a thick volume still has reserved (not yet allocated).
+    reserved: u64,
+}
+
+/// A cluster allocated for a first write and not yet durable in a map.
+struct Pending {
+    phys: u32,
+    /// Zeroed: other writers to the cluster may write their data.
+    ready: bool,
+    ready_waiters: Vec<oneshot::Sender<()>>,
+    /// The commit generation whose record includes the entry.
+    gen: Option<u64>,
+}
+
+struct State {
+    name: String,
+    seq: u64,
+    /// The slot holding the current record.
+    cur_slot: usize,
+    free: Vec<bool>,
+    free_count: u64,
+    /// Clusters reserved by thick volumes and not yet allocated.
+    reserved: u64,
+    vols: BTreeMap<Uuid, VolState>,
+    pending: HashMap<(Uuid, u32), Pending>,
+    next_gen: u64,
+    durable_gen: u64,
+    committing: bool,
+    waiters: Vec<(u64, oneshot::Sender<IoResult>)>,
+    /// The claim on the base bdev, by the anchor volume's name (see the module comment).
+    claim: Option<HoldGuard>,
+    anchor: Option<Uuid>,
+}
+
+/// An lvol store on one base bdev.
+pub struct Store {
+    pub uuid: Uuid,
+    base: Arc<BdevEntry>,
+    cluster_size: u64,
+    block_size: u32,
+    data_start: u64,
+    total_clusters: u64,
+    slot_bytes: u64,
+    tracker: Arc<EpochTracker>,
+    state: Mutex<State>,
+    /// Metadata records written (each covers every change made before it began).
+    commits: AtomicU64,
+}
+
+/// SPDK's `clear_method` names, by their on-media number.
+pub const CLEAR_METHODS: [&str; 3] = ["none", "unmap", "write_zeroes"];
+
+fn clusters_for(size_bytes: u64, cluster: u64) -> u64 {
+    size_bytes.div_ceil(cluster)
+}
+
+impl Store {
+    fn st(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn name(&self) -> String {
+        self.st().name.clone()
+    }
+
+    pub fn base_name(&self) -> String {
+        self.base.name().to_string()
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn total_clusters(&self) -> u64 {
+        self.total_clusters
+    }
+
+    /// Clusters neither allocated nor reserved by a thick volume.
+    pub fn free_clusters(&self) -> u64 {
+        let st = self.st();
+        st.free_count - st.reserved
+    }
+
+    /// Metadata commits since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Relaxed)
+    }
+
+    pub fn volume_count(&self) -> usize {
+        self.st().vols.len()
+    }
+
+    fn slot_offset(&self, slot: usize) -> u64 {
+        slot as u64 * self.slot_bytes / self.block_size as u64
+    }
+
+    fn cluster_block(&self, phys: u32) -> u64 {
+        (self.data_start + phys as u64 * self.cluster_size) / self.block_size as u64
+    }
+
+    fn blocks_per_cluster(&self) -> u64 {
+        self.cluster_size / self.block_size as u64
+    }
+
+    /// The record of the current state with the next sequence number.
+    fn record(&self, st: &State, seq: u64) -> StoreRecord {
+        StoreRecord {
+            seq,
+            uuid: self.uuid,
+            name: st.name.clone(),
+            cluster_size: self.cluster_size,
+            block_size: self.block_size,
+            data_start: self.data_start,
+            total_clusters: self.total_clusters,
+            volumes: st
+                .vols
+                .values()
+                .map(|v| {
+                    let mut r = v.rec.clone();
+                    r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
+                    r
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes a record into `slot`: everything written before is made durable first (data and
+    /// zeroed clusters the record points to), then the record, then it is flushed.
+    async fn write_slot(&self, ch: &Channel, slot: usize, rec: &[u8]) -> IoResult {
+        let bs = self.block_size as usize;
+        let mut buf = vec![0u8; rec.len().div_ceil(bs) * bs];
+        buf[..rec.len()].copy_from_slice(rec);
+        ch.flush().await?;
+        ch.write_buf(self.slot_offset(slot), &buf).await?;
+        ch.flush().await
+    }
+
+    /// Makes every change made to the state before this call durable (group commit: one
+    /// writer leads, the others wait for the commit that covers them).
+    async fn commit(&self, ch: &Channel) -> IoResult {
+        let gen = self.st().next_gen;
+        self.wait_durable(ch, gen).await
+    }
+
+    async fn wait_durable(&self, ch: &Channel, gen: u64) -> IoResult {
+        let rx = {
+            let mut st = self.st();
+            if st.durable_gen >= gen {
+                return Ok(());
+            }
+            if st.committing {
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push((gen, tx));
+                Some(rx)
+            } else {
+                st.committing = true;
+                None
+            }
+        };
+        if let Some(rx) = rx {
+            return rx.await.unwrap_or(Err(BdevError::Aborted));
+        }
+        let mut mine: IoResult = Ok(());
+        let mut mine_done = false;
+        loop {
+            let (g, bytes, slot) = {
+                let mut st = self.st();
+                let g = st.next_gen;
+                st.next_gen += 1;
+                st.seq += 1;
+                (g, self.record(&st, st.seq).encode(), 1 - st.cur_slot)
+            };
+            debug_assert!(bytes.len() as u64 <= self.slot_bytes, "the slot is sized for the largest record");
+            let r = self.write_slot(ch, slot, &bytes).await;
+            self.commits.fetch_add(1, Relaxed);
+            let mut st = self.st();
+            if r.is_ok() {
+                st.cur_slot = slot;
+                st.durable_gen = g;
+                self.publish(&mut st, g);
+            } else if let Err(e) = &r {
+                log::error!("lvol store {}: metadata commit failed: {e}", st.name);
+            }
+            if !mine_done {
+                mine = r.clone();
+                mine_done = true;
+            }
+            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.waiters).into_iter().partition(|(wg, _)| *wg <= g);
+            st.waiters = keep;
+            let more = !st.waiters.is_empty();
+            if !more {
+                st.committing = false;
+            }
+            drop(st);
+            for (_, tx) in done {
+                let _ = tx.send(r.clone());
+            }
+            if !more {
+                return mine;
+            }
+        }
+    }
+
+    /// Entries committed in generation `g` or before become visible to the data path.
+    fn publish(&self, st: &mut State, g: u64) {
+        let keys: Vec<(Uuid, u32)> = st.pending.iter().filter(|(_, p)| p.gen.is_some_and(|pg| pg <= g)).map(|(k, _)| *k).collect();
+        for k in keys {
+            let p = st.pending.remove(&k).expect("key listed above");
+            if let Some(v) = st.vols.get(&k.0) {
+                v.live.set(k.1, Some(p.phys));
+                v.live.allocated.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn alloc_cluster(&self, st: &mut State, vol: Uuid) -> Option<u32> {
+        let thick_reserve = st.vols.get(&vol).is_some_and(|v| v.reserved > 0);
+        if !thick_reserve && st.free_count <= st.reserved {
+            return None;
+        }
+        let p = st.free.iter().position(|f| *f)?;
+        st.free[p] = false;
+        st.free_count -= 1;
+        if thick_reserve {
+            let v = st.vols.get_mut(&vol).expect("checked above");
+            v.reserved -= 1;
+            st.reserved -= 1;
+        }
+        Some(p as u32)
+    }
+
+    /// Returns clusters to the pool (or to their thick volume's reservation).
+    fn release(&self, st: &mut State, vol: Option<Uuid>, clusters: &[u32]) {
+        for &p in clusters {
+            debug_assert!(!st.free[p as usize], "a cluster is freed once");
+            st.free[p as usize] = true;
+            st.free_count += 1;
+        }
+        if let Some(v) = vol.and_then(|u| st.vols.get_mut(&u)) {
+            if !v.rec.thin {
+                v.reserved += clusters.len() as u64;
+                st.reserved += clusters.len() as u64;
+            }
+        }
+    }
+
+    /// Waits until no I/O that could have seen the maps before this call is in flight.
+    async fn quiesce(&self) {
+        loop {
+            match self.tracker.advance() {
+                Ok((_, sealing)) => {
+                    let _ = sealing.await;
+                    return;
+                }
+                Err(_) => crate::reactor::sleep(std::time::Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    async fn zero(&self, ch: &Channel, block: u64, count: u64) -> IoResult {
+        if ch.supports(IoType::WriteZeroes) {
+            return ch.write_zeroes(block, count).await;
+        }
+        let buf = vec![0u8; (count * self.block_size as u64) as usize];
+        ch.write_buf(block, &buf).await
+    }
+
+    /// The physical cluster for a write to `logical` of volume `vol`, allocating (zeroed) and
+    /// returning the commit generation to wait for if it is a first write.
+    async fn cluster_for_write(&self, ch: &Channel, vol: &Arc<VolLive>, uuid: Uuid, logical: u32) -> Result<(u32, bool), BdevError> {
+        loop {
+            enum Role {
+                Mapped(u32),
+                Zero(u32),
+                Wait(oneshot::Receiver<()>),
+                Ready(u32),
+            }
+            let role = {
+                let mut st = self.st();
+                if let Some(p) = vol.lookup(logical as u64) {
+                    Role::Mapped(p)
+                } else if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
+                    if p.ready {
+                        Role::Ready(p.phys)
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        p.ready_waiters.push(tx);
+                        Role::Wait(rx)
+                    }
+                } else {
+                    let phys = self.alloc_cluster(&mut st, uuid).ok_or(BdevError::NoSpace)?;
+                    st.pending.insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None });
+                    Role::Zero(phys)
+                }
+            };
+            match role {
+                Role::Mapped(p) => return Ok((p, false)),
+                Role::Ready(p) => return Ok((p, true)),
+                Role::Wait(rx) => {
+                    let _ = rx.await;
+                }
+                Role::Zero(phys) => {
+                    let r = self.zero(ch, self.cluster_block(phys), self.blocks_per_cluster()).await;
+                    let mut st = self.st();
+                    match r {
+                        Ok(()) => {
+                            let p = st.pending.get_mut(&(uuid, logical)).expect("only its zeroer removes a pending entry before it is ready");
+                            p.ready = true;
+                            for w in p.ready_waiters.drain(..) {
+                                let _ = w.send(());
+                            }
+                            return Ok((phys, true));
+                        }
+                        Err(e) => {
+                            // Give the cluster back; waiters retry (and try to allocate again).
+                            if let Some(p) = st.pending.remove(&(uuid, logical)) {
+                                drop(p.ready_waiters);
+                            }
+                            self.release(&mut st, Some(uuid), &[phys]);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a first write's data is written: the entry joins the record; returns the
+    /// generation to wait for.
+    fn add_entry(&self, uuid: Uuid, logical: u32) -> Option<u64> {
+        let mut st = self.st();
+        let next = st.next_gen;
+        let (phys, gen) = {
+            let p = st.pending.get_mut(&(uuid, logical))?;
+            if p.gen.is_none() {
+                p.gen = Some(next);
+            }
+            (p.phys, p.gen)
+        };
+        if let Some(v) = st.vols.get_mut(&uuid) {
+            v.map.insert(logical, phys);
+        }
+        gen
+    }
+
+    /// Removes `logical` clusters from volume `uuid`'s map (unmap of whole clusters, shrink,
+    /// delete), commits, waits for the I/O that may still use them, then frees them.
+    async fn drop_clusters(&self, ch: &Channel, uuid: Uuid, logicals: impl Iterator<Item = u32>) -> IoResult {
+        let freed: Vec<u32> = {
+            let mut st = self.st();
+            let Some(v) = st.vols.get_mut(&uuid) else { return Ok(()) };
+            let mut freed = Vec::new();
+            for l in logicals {
+                if let Some(p) = v.map.remove(&l) {
+                    if v.live.lookup(l as u64) == Some(p) {
+                        v.live.set(l, None);
+                        v.live.allocated.fetch_sub(1, Relaxed);
+                    }
+                    freed.push(p);
+                }
+            }
+            freed
+        };
+        if freed.is_empty() {
+            return Ok(());
+        }
+        let r = self.commit(ch).await;
+        // Even if the commit failed the clusters are out of the in-memory maps and the next
+        // commit records that; they are reused only once no I/O can use them.
+        self.quiesce().await;
+        let mut st = self.st();
+        self.release(&mut st, Some(uuid), &freed);
+        r
+    }
+
+    /// Creates a volume; returns its live state (the caller registers the bdev).
+    async fn create_volume(&self, ch: &Channel, name: &str, size_bytes: u64, thin: bool, clear_method: u8) -> Result<(Uuid, Arc<VolLive>), LvolError> {
+        let clusters = clusters_for(size_bytes, self.cluster_size);
+        let uuid = Uuid::new_v4();
+        let live = {
+            let mut st = self.st();
+            if st.vols.len() >= layout::MAX_VOLUMES {
+                return Err(LvolError::NoSpace(format!("lvol store {} holds {} volumes, the most it can", st.name, layout::MAX_VOLUMES)));
+            }
+            if st.vols.values().any(|v| v.rec.name == name) {
+                return Err(LvolError::Exists(format!("field `lvol_name`: lvol {name} already exists in lvol store {}", st.name)));
+            }
+            if !thin && clusters > st.free_count - st.reserved {
+                return Err(LvolError::NoSpace(format!(
+                    "field `size_in_mib`: a thick volume of {clusters} clusters does not fit in the {} free clusters of lvol store {}",
+                    st.free_count - st.reserved,
+                    st.name
+                )));
+            }
+            let live = VolLive::new(clusters, size_bytes / self.block_size as u64, false);
+            let rec = VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, map: Vec::new() };
+            let reserved = if thin { 0 } else { clusters };
+            st.reserved += reserved;
+            st.vols.insert(uuid, VolState { rec, map: BTreeMap::new(), live: live.clone(), reserved });
+            live
+        };
+        if let Err(e) = self.commit(ch).await {
+            let mut st = self.st();
+            if let Some(v) = st.vols.remove(&uuid) {
+                st.reserved -= v.reserved;
+            }
+            return Err(e.into());
+        }
+        Ok((uuid, live))
+    }
+
+    /// Removes a volume (its bdev is already unregistered) and frees its clusters.
+    async fn delete_volume(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
+        let logicals: Vec<u32> = {
+            let st = self.st();
+            let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
+            v.map.keys().copied().collect()
+        };
+        self.drop_clusters(ch, uuid, logicals.into_iter()).await?;
+        {
+            let mut st = self.st();
+            if let Some(v) = st.vols.remove(&uuid) {
+                st.reserved -= v.reserved;
+            }
+        }
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// Changes one volume's record (rename, read-only) and commits.
+    async fn update_volume(&self, ch: &Channel, uuid: Uuid, f: impl FnOnce(&mut VolState) -> Result<(), LvolError>) -> Result<(), LvolError> {
+        {
+            let mut st = self.st();
+            let v = st.vols.get_mut(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
+            f(v)?;
+        }
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    async fn rename(&self, ch: &Channel, new: &str) -> Result<(), LvolError> {
+        self.st().name = new.to_string();
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// Resizes a volume: growing swaps in a larger map; shrinking below allocated clusters is
+    /// refused unless `force`, which frees them.
+    async fn resize(&self, ch: &Channel, uuid: Uuid, size_bytes: u64, force: bool) -> Result<(), LvolError> {
+        let clusters = clusters_for(size_bytes, self.cluster_size);
+        let (beyond, old_map) = {
+            let mut st = self.st();
+            let free = st.free_count - st.reserved;
+            let v = st.vols.get_mut(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
+            let old_clusters = clusters_for(v.rec.size_bytes, self.cluster_size);
+            let beyond: Vec<u32> = v.map.range(clusters.min(u32::MAX as u64) as u32..).map(|(l, _)| *l).collect();
+            if !beyond.is_empty() && !force {
+                return Err(LvolError::Invalid(format!(
+                    "field `size_in_mib`: {} allocated clusters lie beyond the new size; give `force` to drop their data",
+                    beyond.len()
+                )));
+            }
+            let mut add_reserve = 0;
+            if !v.rec.thin && clusters > old_clusters {
+                add_reserve = clusters - old_clusters;
+                if add_reserve > free {
+                    return Err(LvolError::NoSpace(format!("field `size_in_mib`: growing needs {add_reserve} clusters, lvol store has {free} free")));
+                }
+            }
+            v.reserved += add_reserve;
+            let live = v.live.clone();
+            // A larger map replaces the old one under the state lock (entries are set only under it).
+            let old_map = if clusters > live.capacity() {
+                let new = LiveMap::new(clusters);
+                for (l, p) in &v.map {
+                    new.0[*l as usize].store(p + 1, Relaxed);
+                }
+                Some(live.map.swap(Box::into_raw(new), AcqRel))
+            } else {
+                None
+            };
+            // After the swap: an I/O that sees the new size sees the new map. A shrink refuses
+            // I/O past the new end from here on, before its clusters are dropped.
+            live.num_blocks.store(size_bytes / self.block_size as u64, SeqCst);
+            v.rec.size_bytes = size_bytes;
+            st.reserved += add_reserve;
+            (beyond, old_map)
+        };
+        if let Some(old) = old_map {
+            self.quiesce().await;
+            // SAFETY: swapped out above; the sealed epoch means no I/O holds it any more.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        if !beyond.is_empty() {
+            self.drop_clusters(ch, uuid, beyond.into_iter()).await?;
+        }
+        {
+            // A thick volume that shrank gives back the reservation of the clusters it lost.
+            let mut st = self.st();
+            let Some(v) = st.vols.get_mut(&uuid) else { return Ok(()) };
+            if !v.rec.thin {
+                let want = clusters.saturating_sub(v.map.len() as u64);
+                if v.reserved > want {
+                    let d = v.reserved - want;
+                    v.reserved = want;
+                    st.reserved -= d;
+                }
+            }
+        }
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// Lists the volumes: (uuid, record with its allocated count in `map.len()`).
+    pub fn volumes(&self) -> Vec<(VolumeRecord, u64)> {
+        self.st().vols.values().map(|v| (v.rec.clone(), v.map.len() as u64)).collect()
+    }
+
+    fn live(&self, uuid: Uuid) -> Option<Arc<VolLive>> {
+        self.st().vols.get(&uuid).map(|v| v.live.clone())
+    }
+
+    /// Sets the anchor (see the module comment): the claim on the base is by its name.
+    fn set_anchor(&self, anchor: Option<Uuid>) -> Result<(), LvolError> {
+        let mut st = self.st();
+        if st.anchor == anchor && st.claim.is_some() {
+            return Ok(());
+        }
+        st.claim = None;
+        let by = anchor.map_or_else(|| format!("lvs:{}", st.name), |u| u.to_string());
+        st.claim = Some(self.base.claim(&by).map_err(|e| LvolError::Busy(e.to_string()))?);
+        st.anchor = anchor;
+        Ok(())
+    }
+
+    pub fn anchor(&self) -> Option<Uuid> {
+        self.st().anchor
+    }
+
+    /// Creates a store on `base` (claimed by the caller, guard given here).
+    pub async fn create(base: HoldGuard, name: &str, cluster_size: u64, cores: usize) -> Result<Arc<Store>, LvolError> {
+        let entry = base.entry().clone();
+        let b = entry.bdev().clone();
+        let bs = b.block_size();
+        if cluster_size == 0 || cluster_size % bs as u64 != 0 || cluster_size > u32::MAX as u64 {
+            return Err(LvolError::Invalid(format!("field `cluster_sz`: {cluster_size} is not a multiple of the base's {bs}-byte blocks")));
+        }
+        let base_bytes = b.num_blocks() * bs as u64;
+        let g = layout::geometry(base_bytes, bs, cluster_size).ok_or_else(|| {
+            LvolError::Invalid(format!(
+                "field `cluster_sz`: bdev {} ({base_bytes} bytes) holds no data cluster of {cluster_size} bytes after the metadata",
+                entry.name()
+            ))
+        })?;
+        let ch = Channel::get(&entry)?;
+        match read_record(&ch, bs, g.slot_bytes).await {
+            Ok((_, r)) => {
+                return Err(LvolError::Exists(format!("field `bdev_name`: bdev {} holds lvol store {} ({}); delete it first", entry.name(), r.name, r.uuid)))
+            }
+            Err(layout::DecodeError::NoMagic) => {}
+            Err(e) => return Err(LvolError::Invalid(format!("field `bdev_name`: bdev {} holds an unusable lvol store: {e}", entry.name()))),
+        }
+        let uuid = Uuid::new_v4();
+        let store = Arc::new(Store::new(entry, uuid, name, cluster_size, bs, g, base, Vec::new(), 0, 1, cores));
+        // Slot 1 is cleared first: a stale record there could otherwise win at the next open.
+        let blank = vec![0u8; bs as usize];
+        ch.write_buf(store.slot_offset(1), &blank).await?;
+        store.commit(&ch).await?;
+        Ok(store)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        base: Arc<BdevEntry>,
+        uuid: Uuid,
+        name: &str,
+        cluster_size: u64,
+        block_size: u32,
+        g: layout::Geometry,
+        claim: HoldGuard,
+        vols: Vec<VolumeRecord>,
+        seq: u64,
+        cur_slot: usize,
+        cores: usize,
+    ) -> Store {
+        let mut free = vec![true; g.total_clusters as usize];
+        let mut free_count = g.total_clusters;
+        let mut reserved = 0;
+        let mut map_vols = BTreeMap::new();
+        for rec in vols {
+            let clusters = clusters_for(rec.size_bytes, cluster_size);
+            let live = VolLive::new(clusters, rec.size_bytes / block_size as u64, rec.read_only);
+            let mut map = BTreeMap::new();
+            for &(l, p) in &rec.map {
+                free[p as usize] = false;
+                free_count -= 1;
+                map.insert(l, p);
+                live.set(l, Some(p));
+            }
+            live.allocated.store(map.len() as u64, Relaxed);
+            let r = if rec.thin { 0 } else { clusters.saturating_sub(map.len() as u64) };
+            reserved += r;
+            map_vols.insert(rec.uuid, VolState { rec, map, live, reserved: r });
+        }
+        Store {
+            uuid,
+            base,
+            cluster_size,
+            block_size,
+            data_start: g.data_start,
+            total_clusters: g.total_clusters,
+            slot_bytes: g.slot_bytes,
+            tracker: EpochTracker::new(cores, 1),
+            commits: AtomicU64::new(0),
+            state: Mutex::new(State {
+                name: name.to_string(),
+                seq,
+                cur_slot,
+                free,
+                free_count,
+                reserved,
+                vols: map_vols,
+                pending: HashMap::new(),
+                next_gen: 1,
+                durable_gen: 0,
+                committing: false,
+                waiters: Vec::new(),
+                claim: Some(claim),
+                anchor: None,
+            }),
+        }
+    }
+
+    /// Finds the store on `base` and opens it; checks the maps (no cluster twice, none past
+    /// the end) and logs what the leak check found.
+    pub async fn load(base: HoldGuard, cores: usize) -> Result<Arc<Store>, LvolError> {
+        let entry = base.entry().clone();
+        let b = entry.bdev().clone();
+        let bs = b.block_size();
+        let ch = Channel::get(&entry)?;
+        let head = read_head(&ch, bs, 0).await?;
+        let cluster_guess = match StoreRecord::decode_prefix(&head) {
+            Some(c) => c,
+            None => {
+                // Slot 0 may be torn: read slot 1 through the geometry of the record there.
+                let (_, r) = read_record_any(&ch, bs, b.num_blocks() * bs as u64)
+                    .await
+                    .map_err(|e| LvolError::NotFound(format!("field `bdev_name`: bdev {}: {e}", entry.name())))?;
+                r.cluster_size
+            }
+        };
+        let g = layout::geometry(b.num_blocks() * bs as u64, bs, cluster_guess)
+            .ok_or_else(|| LvolError::Invalid(format!("field `bdev_name`: bdev {} is too small for the lvol store it holds", entry.name())))?;
+        let (slot, r) = read_record(&ch, bs, g.slot_bytes).await.map_err(|e| LvolError::NotFound(format!("field `bdev_name`: bdev {}: {e}", entry.name())))?;
+        if r.block_size != bs || r.data_start != g.data_start || r.total_clusters != g.total_clusters {
+            return Err(LvolError::Invalid(format!(
+                "field `bdev_name`: the lvol store on {} was made for another size or block size of the bdev",
+                entry.name()
+            )));
+        }
+        let mut seen = vec![false; r.total_clusters as usize];
+        for v in &r.volumes {
+            for &(l, p) in &v.map {
+                if seen[p as usize] || l as u64 >= clusters_for(v.size_bytes, r.cluster_size) {
+                    return Err(LvolError::Invalid(format!("lvol store {} on {}: cluster {p} is mapped twice or past its volume's end", r.name, entry.name())));
+                }
+                seen[p as usize] = true;
+            }
+        }
+        let used = seen.iter().filter(|s| **s).count();
+        log::info!(
+            "lvol store {} ({}) on {}: {} volumes, {used} of {} clusters in use; every other cluster is free (leak check: clusters no map references are reclaimed)",
+            r.name,
+            r.uuid,
+            entry.name(),
+            r.volumes.len(),
+            r.total_clusters
+        );
+        Ok(Arc::new(Store::new(entry, r.uuid, &r.name.clone(), r.cluster_size, bs, g, base, r.volumes, r.seq, slot, cores)))
+    }
+
+    /// Erases the store's records (both slots' first block).
+    pub async fn destroy_on_media(&self) -> IoResult {
+        let ch = Channel::get(&self.base)?;
+        let blank = vec![0u8; self.block_size as usize];
+        ch.write_buf(self.slot_offset(0), &blank).await?;
+        ch.write_buf(self.slot_offset(1), &blank).await?;
+        ch.flush().await
+    }
+
+    /// Drops the claim on the base (after the store is deleted or closed).
+    pub fn release_base(&self) {
+        self.st().claim = None;
+    }
+}
+
+impl StoreRecord {
+    /// The cluster size in a record's first block, if it is one of ours (the rest unchecked).
+    fn decode_prefix(head: &[u8]) -> Option<u64> {
+        StoreRecord::decode(head).ok().map(|r| r.cluster_size).or_else(|| {
+            // A record longer than one block: parse the fixed fields far enough.
+            StoreRecord::encoded_len(head).ok()?;
+            let n = *head.get(48)? as usize;
+            let at = 49 + n;
+            Some(u64::from_le_bytes(head.get(at..at + 8)?.try_into().ok()?))
+        })
+    }
+}
+
+async fn read_head(ch: &Channel, bs: u32, block: u64) -> Result<Vec<u8>, BdevError> {
+    let mut b = vec![0u8; bs as usize];
+    ch.read_buf(block, &mut b).await?;
+    Ok(b)
+}
+
+async fn read_slot(ch: &Channel, bs: u32, block: u64, slot_bytes: u64) -> Result<StoreRecord, layout::DecodeError> {
+    let head = read_head(ch, bs, block).await.map_err(|_| layout::DecodeError::Corrupt)?;
+    let len = StoreRecord::encoded_len(&head)?;
+    if len > slot_bytes {
+        return Err(layout::DecodeError::Corrupt);
+    }
+    let mut b = vec![0u8; len.div_ceil(bs as u64) as usize * bs as usize];
+    ch.read_buf(block, &mut b).await.map_err(|_| layout::DecodeError::Corrupt)?;
+    StoreRecord::decode(&b)
+}
+
+/// Reads both slots and picks the current record.
+async fn read_record(ch: &Channel, bs: u32, slot_bytes: u64) -> Result<(usize, StoreRecord), layout::DecodeError> {
+    let a = read_slot(ch, bs, 0, slot_bytes).await;
+    let b = read_slot(ch, bs, slot_bytes / bs as u64, slot_bytes).await;
+    layout::pick(a, b)
+}
+
+/// Slot 0 unreadable: slot 1's place depends on the cluster size, so try SPDK's usual ones.
+async fn read_record_any(ch: &Channel, bs: u32, base_bytes: u64) -> Result<(usize, StoreRecord), layout::DecodeError> {
+    let mut last = layout::DecodeError::NoMagic;
+    for shift in 12..=30u32 {
+        let cs = 1u64 << shift;
+        if cs % bs as u64 != 0 {
+            continue;
+        }
+        let Some(g) = layout::geometry(base_bytes, bs, cs) else { continue };
+        match read_slot(ch, bs, g.slot_bytes / bs as u64, g.slot_bytes).await {
+            Ok(r) if r.cluster_size == cs => return Ok((1, r)),
+            Ok(_) => {}
+            Err(e) => {
+                if e != layout::DecodeError::NoMagic {
+                    last = e;
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A volume of a store: the bdev.
+pub struct LvolBdev {
+    name: String,
+    uuid: Uuid,
+    store: Arc<Store>,
+    live: Arc<VolLive>,
+    thin: bool,
+}
+
+impl LvolBdev {
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn lvol_uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    pub fn is_thin(&self) -> bool {
+        self.thin
+    }
+
+    pub fn allocated_clusters(&self) -> u64 {
+        self.live.allocated.load(Relaxed)
+    }
+}
+
+struct LvolChannel {
+    base: Channel,
+    store: Arc<Store>,
+    live: Arc<VolLive>,
+    uuid: Uuid,
+}
+
+/// Byte range `skip..skip+len` of a vector of buffers.
+fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Vec<IoSlice<'x>> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if len == 0 {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let n = (b.len() - skip).min(len);
+        out.push(IoSlice::new(&b[skip..skip + n]));
+        len -= n;
+        skip = 0;
+    }
+    out
+}
+
+fn sub_mut<'x>(bufs: &'x mut [IoSliceMut<'_>], mut skip: usize, mut len: usize) -> Vec<IoSliceMut<'x>> {
+    let mut out = Vec::new();
+    for b in bufs.iter_mut() {
+        if len == 0 {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let n = (b.len() - skip).min(len);
+        out.push(IoSliceMut::new(&mut b[skip..skip + n]));
+        len -= n;
+        skip = 0;
+    }
+    out
+}
+
+impl LvolChannel {
+    fn bpc(&self) -> u64 {
+        self.store.blocks_per_cluster()
+    }
+
+    fn check(&self, write: bool, offset: u64, count: u64) -> IoResult {
+        let size = self.live.num_blocks.load(Acquire);
+        if offset.checked_add(count).is_none_or(|e| e > size) {
+            return Err(BdevError::OutOfRange { offset, count, size });
+        }
+        if write && self.live.read_only.load(Relaxed) {
+            return Err(BdevError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Splits `offset..offset+count` at cluster boundaries: (logical cluster, block in it, blocks).
+    fn pieces(&self, offset: u64, count: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+        let bpc = self.bpc();
+        let end = offset + count;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let c = at / bpc;
+            let within = at % bpc;
+            let n = (bpc - within).min(end - at);
+            at += n;
+            Some((c, within, n))
+        })
+    }
+
+    async fn read(&self, offset: u64, count: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
+        self.check(false, offset, count)?;
+        let bs = self.store.block_size as usize;
+        let mut done = 0usize;
+        for (c, within, n) in self.pieces(offset, count) {
+            let len = n as usize * bs;
+            let t = self.store.tracker.enter();
+            let r = match self.live.lookup(c) {
+                Some(p) => {
+                    let blk = self.store.cluster_block(p) + within;
+                    if done == 0 && len == bufs.iter().map(|b| b.len()).sum::<usize>() {
+                        self.base.read(blk, bufs).await
+                    } else {
+                        let mut part = sub_mut(bufs, done, len);
+                        self.base.read(blk, &mut part).await
+                    }
+                }
+                None => {
+                    for b in sub_mut(bufs, done, len).iter_mut() {
+                        b.fill(0);
+                    }
+                    Ok(())
+                }
+            };
+            self.store.tracker.exit(t);
+            r?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, count: u64, bufs: &[IoSlice<'_>]) -> IoResult {
+        self.check(true, offset, count)?;
+        let bs = self.store.block_size as usize;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0usize;
+        for (c, within, n) in self.pieces(offset, count) {
+            let len = n as usize * bs;
+            let whole = done == 0 && len == total;
+            // Fast path: the cluster is allocated; no lock, no metadata.
+            let t = self.store.tracker.enter();
+            if let Some(p) = self.live.lookup(c) {
+                let blk = self.store.cluster_block(p) + within;
+                let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
+                self.store.tracker.exit(t);
+                r?;
+                done += len;
+                continue;
+            }
+            self.store.tracker.exit(t);
+            let logical = u32::try_from(c).map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) })?;
+            let (p, first) = self.store.cluster_for_write(&self.base, &self.live, self.uuid, logical).await?;
+            let blk = self.store.cluster_block(p) + within;
+            let t = self.store.tracker.enter();
+            let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
+            self.store.tracker.exit(t);
+            r?;
+            if first {
+                if let Some(gen) = self.store.add_entry(self.uuid, logical) {
+                    self.store.wait_durable(&self.base, gen).await?;
+                }
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Unmap and write-zeroes: whole clusters of a thin volume are freed, the rest of the
+    /// range is zeroed where allocated (unallocated blocks read as zeros already).
+    async fn zero_range(&self, offset: u64, count: u64) -> IoResult {
+        self.check(true, offset, count)?;
+        let bpc = self.bpc();
+        let mut whole = Vec::new();
+        for (c, within, n) in self.pieces(offset, count) {
+            let t = self.store.tracker.enter();
+            let r = match self.live.lookup(c) {
+                Some(_) if n == bpc => {
+                    whole.push(c as u32);
+                    Ok(())
+                }
+                Some(p) => self.store.zero(&self.base, self.store.cluster_block(p) + within, n).await,
+                None => Ok(()),
+            };
+            self.store.tracker.exit(t);
+            r?;
+        }
+        self.store.drop_clusters(&self.base, self.uuid, whole.into_iter()).await
+    }
+}
+
+impl IoChannel for LvolChannel {
+    fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
+        IoFuture::boxed(async move {
+            match io {
+                Io::Read { offset_blocks, num_blocks, bufs } => self.read(offset_blocks, num_blocks, bufs).await,
+                Io::Write { offset_blocks, num_blocks, bufs } => self.write(offset_blocks, num_blocks, bufs).await,
+                Io::Flush => self.base.flush().await,
+                Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => self.zero_range(offset_blocks, num_blocks).await,
+            }
+        })
+    }
+}
+
+impl Bdev for LvolBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        PRODUCT_NAME
+    }
+    fn block_size(&self) -> u32 {
+        self.store.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.live.num_blocks.load(Acquire)
+    }
+    fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+    fn supports(&self, io: IoType) -> bool {
+        match io {
+            IoType::Read | IoType::Write | IoType::Unmap | IoType::WriteZeroes => true,
+            IoType::Flush => self.store.base.bdev().supports(IoType::Flush),
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.live.read_only.load(Relaxed)
+    }
+    fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
+        Ok(Rc::new(LvolChannel { base: Channel::get(&self.store.base)?, store: self.store.clone(), live: self.live.clone(), uuid: self.uuid }))
+    }
+    fn driver_specific(&self) -> Value {
+        let st = self.store.st();
+        let rec = st.vols.get(&self.uuid).map(|v| v.rec.clone());
+        json!({ "lvol": {
+            "lvol_store_uuid": self.store.uuid.to_string(),
+            "base_bdev": self.store.base.name(),
+            "thin_provision": self.thin,
+            "num_allocated_clusters": self.allocated_clusters(),
+            "snapshot": false,
+            "clone": false,
+            "esnap_clone": false,
+            "clear_method": rec.map_or("unmap", |r| CLEAR_METHODS.get(r.clear_method as usize).copied().unwrap_or("unmap")),
+        }})
+    }
+    fn config_call(&self) -> Option<(&'static str, Value)> {
+        // One call per store, on its anchor volume (see the module comment).
+        (self.store.anchor() == Some(self.uuid)).then(|| ("bdev_lvol_load_lvstore", json!({ "bdev_name": self.store.base.name() })))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests;

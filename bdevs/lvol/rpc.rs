@@ -1,0 +1,502 @@
+//! SPDK's lvol RPCs (`scripts/rpc.py bdev_lvol_*`, same names and parameters), plus
+//! `bdev_lvol_load_lvstore {bdev_name}` (tidemark: opens the store found on a bdev; what
+//! `save_config` writes), and the module's metrics.
+
+use super::layout::MAX_NAME;
+use super::{LvolBdev, LvolError, Store, CLEAR_METHODS};
+use crate::bdev::Channel;
+use crate::config::ConfigCall;
+use crate::metrics::MetricsOut;
+use crate::module::{Ctx, Module};
+use crate::rpc::{parse, RpcError, EBUSY, EEXIST, EIO, ENODEV, ENOSPC, INVALID_PARAMS};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+crate::register_module! {
+    name: "lvol",
+    order: 12,
+    construct: |_reactors, _config| Arc::new(LvolModule::default()),
+    methods: [
+        ("bdev_lvol_create_lvstore", create_lvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
+        ("bdev_lvol_load_lvstore", load_lvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
+        ("bdev_lvol_delete_lvstore", delete_lvstore, "Deletes an lvol store and its volumes."),
+        ("bdev_lvol_get_lvstores", get_lvstores, "Lists lvol stores."),
+        ("bdev_lvol_rename_lvstore", rename_lvstore, "Renames an lvol store."),
+        ("bdev_lvol_create", create, "Creates a volume in an lvol store."),
+        ("bdev_lvol_get_lvols", get_lvols, "Lists volumes of lvol stores."),
+        ("bdev_lvol_delete", delete, "Deletes a volume."),
+        ("bdev_lvol_rename", rename, "Renames a volume."),
+        ("bdev_lvol_resize", resize, "Resizes a volume."),
+        ("bdev_lvol_set_read_only", set_read_only, "Makes a volume read-only."),
+    ],
+}
+
+/// Long enough for a commit behind a slow disk, short enough to answer the caller.
+const CALL_WAIT: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+/// The open stores.
+#[derive(Default)]
+pub struct LvolModule {
+    stores: Mutex<Vec<Arc<Store>>>,
+}
+
+impl LvolModule {
+    fn stores(&self) -> Vec<Arc<Store>> {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn add(&self, s: Arc<Store>) {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    }
+
+    fn remove(&self, uuid: Uuid) {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| s.uuid != uuid);
+    }
+}
+
+impl Module for LvolModule {
+    fn name(&self) -> &'static str {
+        "lvol"
+    }
+
+    fn config(&self, _ctx: &Ctx) -> Vec<ConfigCall> {
+        // The stores come back through their anchor volume's config call (bdev section).
+        Vec::new()
+    }
+
+    fn metrics(&self, _ctx: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+        let stores = self.stores();
+        let mut clusters = Vec::new();
+        let mut vols = Vec::new();
+        let mut commits = Vec::new();
+        for s in &stores {
+            commits.push((vec![("lvs", s.name())], s.commits()));
+            let name = s.name();
+            clusters.push((vec![("lvs", name.clone()), ("state", "total".to_string())], s.total_clusters() as f64));
+            clusters.push((vec![("lvs", name.clone()), ("state", "free".to_string())], s.free_clusters() as f64));
+            for (rec, allocated) in s.volumes() {
+                vols.push((vec![("lvs", name.clone()), ("lvol", rec.name.clone())], allocated as f64));
+            }
+        }
+        out.gauge("tidemark_lvol_store_clusters", "Clusters of each lvol store, total and free (neither allocated nor reserved).", &clusters)?;
+        out.gauge("tidemark_lvol_allocated_clusters", "Clusters allocated to each volume.", &vols)?;
+        out.counter(
+            "tidemark_lvol_metadata_commits",
+            "Metadata records written by each lvol store (one covers every first write pending when it began).",
+            &commits,
+        )
+    }
+
+    fn shutdown(&self, ctx: &Ctx) {
+        // The front ends are stopped (they come later in the order); close the volumes, then
+        // let go of the bases so the bdev layer can close them.
+        for s in self.stores() {
+            for (rec, _) in s.volumes() {
+                if let Err(e) = ctx.delete_bdev(&rec.uuid.to_string()) {
+                    log::warn!("shutdown: closing lvol {}: {}", rec.name, e.message);
+                }
+            }
+            s.release_base();
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl From<LvolError> for RpcError {
+    fn from(e: LvolError) -> Self {
+        let code = match &e {
+            LvolError::Invalid(_) => INVALID_PARAMS,
+            LvolError::NotFound(_) => ENODEV,
+            LvolError::Exists(_) => EEXIST,
+            LvolError::NoSpace(_) => ENOSPC,
+            LvolError::Busy(_) => EBUSY,
+            LvolError::Io(_) => EIO,
+        };
+        RpcError::new(code, e.to_string())
+    }
+}
+
+fn module(t: &Ctx) -> Result<&LvolModule, RpcError> {
+    t.module::<LvolModule>().ok_or_else(|| RpcError::internal("the lvol module is not running"))
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), RpcError> {
+    if v.is_empty() || v.len() > MAX_NAME || v.contains('/') || v.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        return Err(RpcError::invalid_params(format!(
+            "field `{field}`: {v:?} must be 1 to {MAX_NAME} bytes without slash, quote, backslash or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The store named by `uuid` or `lvs_name` (exactly one of them).
+fn find_store(t: &Ctx, uuid: Option<&str>, lvs_name: Option<&str>) -> Result<Arc<Store>, RpcError> {
+    let stores = module(t)?.stores();
+    match (uuid, lvs_name) {
+        (Some(u), None) => stores
+            .into_iter()
+            .find(|s| s.uuid.to_string() == u.to_ascii_lowercase())
+            .ok_or_else(|| RpcError::no_device(format!("field `uuid`: no lvol store with uuid {u}"))),
+        (None, Some(n)) => stores.into_iter().find(|s| s.name() == n).ok_or_else(|| RpcError::no_device(format!("field `lvs_name`: no lvol store named {n}"))),
+        _ => Err(RpcError::invalid_params("give exactly one of `uuid` and `lvs_name`")),
+    }
+}
+
+/// The volume named `name` (`lvs/lvol` alias or UUID).
+fn find_lvol(t: &Ctx, field: &str, name: &str) -> Result<(Arc<crate::bdev::BdevEntry>, Arc<Store>, Uuid), RpcError> {
+    let e = t.bdevs.get(name).ok_or_else(|| RpcError::no_device(format!("field `{field}`: no lvol {name}")))?;
+    let l = e.bdev().as_any().downcast_ref::<LvolBdev>().ok_or_else(|| RpcError::no_device(format!("field `{field}`: bdev {name} is not an lvol")))?;
+    let (s, u) = (l.store().clone(), l.lvol_uuid());
+    Ok((e, s, u))
+}
+
+/// Runs `f` with the store and the base's channel on core 0 and waits for it.
+fn on_store<T: Send + 'static, Fut>(t: &Ctx, s: &Arc<Store>, f: impl FnOnce(Arc<Store>, Channel) -> Fut + Send + 'static) -> Result<T, RpcError>
+where
+    Fut: std::future::Future<Output = Result<T, LvolError>> + 'static,
+{
+    let s = s.clone();
+    let r = t.reactors.call_async(0, CALL_WAIT, move || async move {
+        let ch = Channel::get(&s.base).map_err(LvolError::Io)?;
+        f(s, ch).await
+    })?;
+    Ok(r?)
+}
+
+/// Registers a volume's bdev under its UUID, with the alias `lvs/lvol`.
+fn register_volume(t: &Ctx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcError> {
+    let live = s.live(uuid).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
+    let rec = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
+    let name = uuid.to_string();
+    t.bdevs.register(Arc::new(LvolBdev { name: name.clone(), uuid, store: s.clone(), live, thin: rec.thin }))?;
+    t.bdevs.add_alias(&format!("{}/{}", s.name(), rec.name), &name)?;
+    if s.anchor().is_none() {
+        s.set_anchor(Some(uuid))?;
+    }
+    Ok(name)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateLvstore {
+    bdev_name: String,
+    lvs_name: String,
+    #[serde(default)]
+    cluster_sz: Option<u64>,
+    #[serde(default)]
+    clear_method: Option<String>,
+    /// SPDK's metadata sizing; tidemark sizes its metadata for the largest store (accepted, unused).
+    #[serde(default)]
+    num_md_pages_per_cluster_ratio: Option<u64>,
+    #[serde(default)]
+    md_page_size: Option<u64>,
+}
+
+fn create_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: CreateLvstore = parse(p)?;
+    let _ = (p.num_md_pages_per_cluster_ratio, p.md_page_size);
+    check_name("lvs_name", &p.lvs_name)?;
+    if let Some(c) = &p.clear_method {
+        if !CLEAR_METHODS.contains(&c.as_str()) {
+            return Err(RpcError::invalid_params(format!("field `clear_method`: {c:?} is not one of none, unmap, write_zeroes")));
+        }
+    }
+    let m = module(t)?;
+    if m.stores().iter().any(|s| s.name() == p.lvs_name) {
+        return Err(RpcError::exists(format!("field `lvs_name`: lvol store {} already exists", p.lvs_name)));
+    }
+    let cluster = p.cluster_sz.unwrap_or(MIB);
+    let base = t.bdev(&p.bdev_name)?.claim(&format!("lvs:{}", p.lvs_name))?;
+    let cores = t.reactors.core_count();
+    let name = p.lvs_name.clone();
+    let s = t.reactors.call_async(0, CALL_WAIT, move || async move { Store::create(base, &name, cluster, cores).await })??;
+    let uuid = s.uuid;
+    m.add(s);
+    Ok(json!(uuid.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadLvstore {
+    bdev_name: String,
+}
+
+fn load_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: LoadLvstore = parse(p)?;
+    let m = module(t)?;
+    let base_entry = t.bdev(&p.bdev_name)?;
+    if let Some(s) = m.stores().into_iter().find(|s| s.base.id() == base_entry.id()) {
+        return Ok(json!(s.uuid.to_string()));
+    }
+    let base = base_entry.claim("lvs:load")?;
+    let cores = t.reactors.core_count();
+    let s = t.reactors.call_async(0, CALL_WAIT, move || async move { Store::load(base, cores).await })??;
+    if m.stores().iter().any(|o| o.name() == s.name() || o.uuid == s.uuid) {
+        return Err(RpcError::exists(format!("field `bdev_name`: lvol store {} ({}) on {} is already open from another bdev", s.name(), s.uuid, p.bdev_name)));
+    }
+    s.set_anchor(None)?;
+    m.add(s.clone());
+    for (rec, _) in s.volumes() {
+        register_volume(t, &s, rec.uuid)?;
+    }
+    Ok(json!(s.uuid.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreRef {
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    lvs_name: Option<String>,
+}
+
+fn delete_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: StoreRef = parse(p)?;
+    let s = find_store(t, p.uuid.as_deref(), p.lvs_name.as_deref())?;
+    let vols = s.volumes();
+    for (rec, _) in &vols {
+        if let Some(e) = t.bdevs.get(&rec.uuid.to_string()) {
+            if let Some(h) = e.holder_list().first() {
+                return Err(RpcError::busy(format!("lvol {}/{} is in use by {}", s.name(), rec.name, h.by)));
+            }
+        }
+    }
+    for (rec, _) in &vols {
+        t.delete_bdev(&rec.uuid.to_string())?;
+    }
+    on_store(t, &s, |s, _| async move { Ok(s.destroy_on_media().await?) })?;
+    s.release_base();
+    module(t)?.remove(s.uuid);
+    Ok(json!(true))
+}
+
+fn get_lvstores(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Option<StoreRef> = p.map(|v| parse(Some(v))).transpose()?;
+    let stores = match p {
+        Some(StoreRef { uuid: None, lvs_name: None }) | None => module(t)?.stores(),
+        Some(r) => vec![find_store(t, r.uuid.as_deref(), r.lvs_name.as_deref())?],
+    };
+    Ok(Value::Array(
+        stores
+            .iter()
+            .map(|s| {
+                json!({
+                    "uuid": s.uuid.to_string(),
+                    "name": s.name(),
+                    "base_bdev": s.base_name(),
+                    "total_data_clusters": s.total_clusters(),
+                    "free_clusters": s.free_clusters(),
+                    "block_size": s.block_size(),
+                    "cluster_size": s.cluster_size(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameLvstore {
+    old_name: String,
+    new_name: String,
+}
+
+fn rename_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: RenameLvstore = parse(p)?;
+    check_name("new_name", &p.new_name)?;
+    let s = find_store(t, None, Some(&p.old_name)).map_err(|e| RpcError::new(e.code, e.message.replace("`lvs_name`", "`old_name`")))?;
+    if module(t)?.stores().iter().any(|o| o.name() == p.new_name) {
+        return Err(RpcError::exists(format!("field `new_name`: lvol store {} already exists", p.new_name)));
+    }
+    let new = p.new_name.clone();
+    on_store(t, &s, move |s, ch| async move { s.rename(&ch, &new).await })?;
+    for (rec, _) in s.volumes() {
+        t.bdevs.remove_alias(&format!("{}/{}", p.old_name, rec.name));
+        t.bdevs.add_alias(&format!("{}/{}", p.new_name, rec.name), &rec.uuid.to_string())?;
+    }
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    lvol_name: String,
+    size_in_mib: u64,
+    #[serde(default)]
+    thin_provision: bool,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    lvs_name: Option<String>,
+    #[serde(default)]
+    clear_method: Option<String>,
+}
+
+fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Create = parse(p)?;
+    check_name("lvol_name", &p.lvol_name)?;
+    let s = find_store(t, p.uuid.as_deref(), p.lvs_name.as_deref())?;
+    let clear = match p.clear_method.as_deref() {
+        None => 1,
+        Some(c) => CLEAR_METHODS
+            .iter()
+            .position(|m| *m == c)
+            .ok_or_else(|| RpcError::invalid_params(format!("field `clear_method`: {c:?} is not one of none, unmap, write_zeroes")))? as u8,
+    };
+    let pool_bytes = s.total_clusters() * s.cluster_size();
+    if p.size_in_mib == 0 {
+        return Err(RpcError::invalid_params("field `size_in_mib`: must be at least 1"));
+    }
+    let size = p.size_in_mib.checked_mul(MIB).ok_or_else(|| RpcError::invalid_params("field `size_in_mib`: too large"))?;
+    // Rounded up to whole clusters, as SPDK does.
+    let size = size.div_ceil(s.cluster_size()) * s.cluster_size();
+    if !p.thin_provision && size > pool_bytes {
+        return Err(RpcError::new(ENOSPC, format!("field `size_in_mib`: {} MiB is past the pool's {} MiB", p.size_in_mib, pool_bytes / MIB)));
+    }
+    if size / s.cluster_size() > u32::MAX as u64 || size / s.block_size() as u64 > u64::MAX / 2 {
+        return Err(RpcError::invalid_params("field `size_in_mib`: too large"));
+    }
+    t.bdevs.check_new_name(&format!("{}/{}", s.name(), p.lvol_name)).or_else(|e| match e {
+        crate::bdev::CreateError::Invalid(_) => Ok(()),
+        e => Err(e),
+    })?;
+    let (name, thin) = (p.lvol_name.clone(), p.thin_provision);
+    let uuid = on_store(t, &s, move |s, ch| async move { Ok(s.create_volume(&ch, &name, size, thin, clear).await?.0) })?;
+    Ok(json!(register_volume(t, &s, uuid)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetLvols {
+    #[serde(default)]
+    lvs_uuid: Option<String>,
+    #[serde(default)]
+    lvs_name: Option<String>,
+}
+
+fn get_lvols(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Option<GetLvols> = p.map(|v| parse(Some(v))).transpose()?;
+    let stores = match p {
+        Some(GetLvols { lvs_uuid: None, lvs_name: None }) | None => module(t)?.stores(),
+        Some(r) => {
+            vec![find_store(t, r.lvs_uuid.as_deref(), r.lvs_name.as_deref()).map_err(|e| RpcError::new(e.code, e.message.replace("`uuid`", "`lvs_uuid`")))?]
+        }
+    };
+    let mut out = Vec::new();
+    for s in stores {
+        let lvs = s.name();
+        for (rec, allocated) in s.volumes() {
+            out.push(json!({
+                "alias": format!("{lvs}/{}", rec.name),
+                "uuid": rec.uuid.to_string(),
+                "name": rec.name,
+                "is_thin_provisioned": rec.thin,
+                "is_snapshot": false,
+                "is_clone": false,
+                "is_esnap_clone": false,
+                "is_degraded": false,
+                "num_allocated_clusters": allocated,
+                "num_clusters": rec.size_bytes.div_ceil(s.cluster_size()),
+                "read_only": rec.read_only,
+                "lvs": { "name": lvs, "uuid": s.uuid.to_string() },
+            }));
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByName {
+    name: String,
+}
+
+fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByName = parse(p)?;
+    let (e, s, uuid) = find_lvol(t, "name", &p.name)?;
+    drop(e);
+    t.delete_bdev(&uuid.to_string())?;
+    on_store(t, &s, move |s, ch| async move { s.delete_volume(&ch, uuid).await })?;
+    if s.anchor() == Some(uuid) {
+        s.set_anchor(s.volumes().first().map(|(r, _)| r.uuid))?;
+    }
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rename {
+    old_name: String,
+    new_name: String,
+}
+
+fn rename(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Rename = parse(p)?;
+    check_name("new_name", &p.new_name)?;
+    let (_, s, uuid) = find_lvol(t, "old_name", &p.old_name)?;
+    let lvs = s.name();
+    let new_alias = format!("{lvs}/{}", p.new_name);
+    if t.bdevs.get(&new_alias).is_some() {
+        return Err(RpcError::exists(format!("field `new_name`: lvol {new_alias} already exists")));
+    }
+    let old = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r.name).unwrap_or_default();
+    let new = p.new_name.clone();
+    on_store(t, &s, move |s, ch| async move {
+        s.update_volume(&ch, uuid, |v| {
+            v.rec.name = new;
+            Ok(())
+        })
+        .await
+    })?;
+    t.bdevs.remove_alias(&format!("{lvs}/{old}"));
+    t.bdevs.add_alias(&new_alias, &uuid.to_string())?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    name: String,
+    size_in_mib: u64,
+    /// tidemark: shrink below allocated data, dropping it.
+    #[serde(default)]
+    force: bool,
+}
+
+fn resize(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Resize = parse(p)?;
+    let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
+    if p.size_in_mib == 0 {
+        return Err(RpcError::invalid_params("field `size_in_mib`: must be at least 1"));
+    }
+    let size = p.size_in_mib.checked_mul(MIB).ok_or_else(|| RpcError::invalid_params("field `size_in_mib`: too large"))?;
+    let size = size.div_ceil(s.cluster_size()) * s.cluster_size();
+    if size / s.cluster_size() > u32::MAX as u64 {
+        return Err(RpcError::invalid_params("field `size_in_mib`: too large"));
+    }
+    let force = p.force;
+    on_store(t, &s, move |s, ch| async move { s.resize(&ch, uuid, size, force).await })?;
+    Ok(json!(true))
+}
+
+fn set_read_only(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByName = parse(p)?;
+    let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
+    on_store(t, &s, move |s, ch| async move {
+        s.update_volume(&ch, uuid, |v| {
+            v.rec.read_only = true;
+            v.live.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await
+    })?;
+    Ok(json!(true))
+}

@@ -1,0 +1,296 @@
+//! The store on a RAM bdev under simulated cores: allocation, free, full pool, reload, torn
+//! metadata.
+
+use super::*;
+use crate::bdev::BdevRegistry;
+use crate::bdevs::malloc::MallocBdev;
+use crate::reactor::ManualCores;
+
+const BS: u32 = 512;
+const CL: u64 = 64 * 1024;
+
+struct Fix {
+    cores: ManualCores,
+    reg: BdevRegistry,
+    base: Arc<BdevEntry>,
+}
+
+fn fixture(base_bytes: u64) -> Fix {
+    let cores = ManualCores::new(2);
+    let reg = BdevRegistry::new(2);
+    let base = reg.register(Arc::new(MallocBdev::new("m", base_bytes / BS as u64, BS, None).unwrap())).unwrap();
+    Fix { cores, reg, base }
+}
+
+impl Fix {
+    fn create(&self) -> Arc<Store> {
+        let g = self.base.claim("lvs").unwrap();
+        self.cores.block_on(0, async move { Store::create(g, "lvs0", CL, 2).await.unwrap() })
+    }
+
+    fn load(&self) -> Result<Arc<Store>, LvolError> {
+        let g = self.base.claim("lvs").unwrap();
+        self.cores.block_on(0, async move { Store::load(g, 2).await })
+    }
+
+    fn vol(&self, s: &Arc<Store>, name: &str, mib: u64, thin: bool) -> Arc<BdevEntry> {
+        let (s2, n) = (s.clone(), name.to_string());
+        let r = self.cores.block_on(0, async move {
+            let ch = Channel::get(&s2.base).unwrap();
+            s2.create_volume(&ch, &n, mib << 20, thin, 1).await
+        });
+        let (uuid, live) = r.unwrap();
+        self.reg.register(Arc::new(LvolBdev { name: uuid.to_string(), uuid, store: s.clone(), live, thin })).unwrap()
+    }
+
+    fn write(&self, v: &Arc<BdevEntry>, block: u64, byte: u8, blocks: usize) -> IoResult {
+        let v = v.clone();
+        self.cores.block_on(1, async move { Channel::get(&v)?.write_buf(block, &vec![byte; blocks * BS as usize]).await })
+    }
+
+    fn read(&self, v: &Arc<BdevEntry>, block: u64, blocks: usize) -> Vec<u8> {
+        let v = v.clone();
+        self.cores.block_on(1, async move {
+            let mut b = vec![0xEEu8; blocks * BS as usize];
+            Channel::get(&v).unwrap().read_buf(block, &mut b).await.unwrap();
+            b
+        })
+    }
+
+    fn unmap(&self, v: &Arc<BdevEntry>, block: u64, blocks: u64) -> IoResult {
+        let v = v.clone();
+        self.cores.block_on(1, async move { Channel::get(&v)?.unmap(block, blocks).await })
+    }
+
+    fn close(&self, s: Arc<Store>, vols: Vec<Arc<BdevEntry>>) {
+        for v in vols {
+            let name = v.name().to_string();
+            drop(v);
+            self.reg.unregister(&name).unwrap();
+        }
+        s.release_base();
+    }
+}
+
+fn lvol(e: &Arc<BdevEntry>) -> &LvolBdev {
+    e.bdev().as_any().downcast_ref::<LvolBdev>().unwrap()
+}
+
+#[test]
+fn thin_clusters_are_allocated_on_first_write_and_freed_by_unmap() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let v = f.vol(&s, "a", 4, true);
+    assert_eq!(s.free_clusters(), total, "a thin volume takes no space at creation");
+    assert_eq!(f.read(&v, 0, 4), vec![0u8; 4 * BS as usize], "unwritten blocks read as zeros");
+    // A write straddling two clusters allocates both; the rest of each reads zeros.
+    let bpc = CL / BS as u64;
+    f.write(&v, bpc - 1, 0xAB, 2).unwrap();
+    assert_eq!(lvol(&v).allocated_clusters(), 2);
+    assert_eq!(s.free_clusters(), total - 2);
+    assert_eq!(f.read(&v, bpc - 1, 2), vec![0xAB; 2 * BS as usize]);
+    assert_eq!(f.read(&v, bpc + 1, 1), vec![0u8; BS as usize], "a new cluster is zeroed");
+    // Unmap of part of a cluster zeroes it and keeps it; of a whole cluster frees it.
+    f.unmap(&v, bpc - 1, 1).unwrap();
+    assert_eq!(lvol(&v).allocated_clusters(), 2);
+    assert_eq!(f.read(&v, bpc - 1, 1), vec![0u8; BS as usize]);
+    f.unmap(&v, 0, bpc).unwrap();
+    assert_eq!(lvol(&v).allocated_clusters(), 1);
+    assert_eq!(s.free_clusters(), total - 1);
+    assert_eq!(f.read(&v, bpc, 1), vec![0xAB; BS as usize], "the other cluster keeps its data");
+}
+
+#[test]
+fn a_full_pool_fails_only_writes_that_need_space_until_space_is_freed() {
+    let f = fixture(4 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let bpc = CL / BS as u64;
+    // Two thin volumes, each larger than the pool: overcommitted.
+    let a = f.vol(&s, "a", 8, true);
+    let b = f.vol(&s, "b", 8, true);
+    for c in 0..total {
+        f.write(&a, c * bpc, c as u8, 1).unwrap();
+    }
+    assert_eq!(s.free_clusters(), 0);
+    assert_eq!(f.write(&b, 0, 1, 1), Err(BdevError::NoSpace), "a write that needs a cluster fails");
+    assert_eq!(f.write(&a, total * bpc, 1, 1), Err(BdevError::NoSpace));
+    // Everything else goes on.
+    f.write(&a, 3 * bpc + 5, 0x77, 1).unwrap();
+    assert_eq!(f.read(&a, 3 * bpc + 5, 1), vec![0x77; BS as usize]);
+    assert_eq!(f.read(&b, 0, 1), vec![0u8; BS as usize]);
+    // Freeing space makes the failed write succeed.
+    f.unmap(&a, 0, bpc).unwrap();
+    f.write(&b, 0, 1, 1).unwrap();
+    assert_eq!(f.read(&b, 0, 1), vec![1u8; BS as usize]);
+    assert_eq!(f.read(&a, 0, 1), vec![0u8; BS as usize]);
+}
+
+#[test]
+fn thick_volumes_reserve_their_clusters() {
+    let f = fixture(4 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let t = f.vol(&s, "thick", 1, false);
+    let per = (1 << 20) / CL;
+    assert_eq!(s.free_clusters(), total - per);
+    let thin = f.vol(&s, "thin", 64, true);
+    for c in 0..(total - per) {
+        f.write(&thin, c * (CL / BS as u64), 9, 1).unwrap();
+    }
+    assert_eq!(f.write(&thin, (total - per) * (CL / BS as u64), 9, 1), Err(BdevError::NoSpace));
+    // The thick volume still gets every cluster it reserved.
+    for c in 0..per {
+        f.write(&t, c * (CL / BS as u64), 3, 1).unwrap();
+    }
+    let (s2, ch) = (s.clone(), ());
+    let _ = ch;
+    let r = f.cores.block_on(0, async move {
+        let ch = Channel::get(&s2.base).unwrap();
+        s2.create_volume(&ch, "big", 64 << 20, false, 1).await.map(|_| ())
+    });
+    assert!(matches!(r, Err(LvolError::NoSpace(_))), "a thick volume past the free space is refused");
+}
+
+#[test]
+fn a_reopened_store_has_every_acknowledged_write() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 2, true);
+    let b = f.vol(&s, "b", 1, false);
+    f.write(&a, 10, 0x5A, 3).unwrap();
+    f.write(&b, 100, 0xA5, 1).unwrap();
+    let (ua, ub) = (lvol(&a).lvol_uuid(), lvol(&b).lvol_uuid());
+    let free = s.free_clusters();
+    f.close(s, vec![a, b]);
+    let s = f.load().unwrap();
+    assert_eq!(s.name(), "lvs0");
+    assert_eq!(s.free_clusters(), free, "space accounting survives");
+    let vols = s.volumes();
+    assert_eq!(vols.len(), 2);
+    let a = f.reg.register(Arc::new(LvolBdev { name: ua.to_string(), uuid: ua, store: s.clone(), live: s.live(ua).unwrap(), thin: true })).unwrap();
+    let b = f.reg.register(Arc::new(LvolBdev { name: ub.to_string(), uuid: ub, store: s.clone(), live: s.live(ub).unwrap(), thin: false })).unwrap();
+    assert_eq!(f.read(&a, 10, 3), vec![0x5A; 3 * BS as usize]);
+    assert_eq!(f.read(&a, 13, 1), vec![0u8; BS as usize]);
+    assert_eq!(f.read(&b, 100, 1), vec![0xA5; BS as usize]);
+}
+
+#[test]
+fn a_torn_metadata_write_reopens_the_previous_state() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 2, true);
+    f.write(&a, 0, 1, 1).unwrap();
+    let ua = lvol(&a).lvol_uuid();
+    // The last commit (the allocation) went to slot `cur`; tear it: its CRC no longer matches.
+    let (cur, slot_blocks) = (s.st().cur_slot, s.slot_bytes / BS as u64);
+    f.close(s, vec![a]);
+    let base = f.base.clone();
+    f.cores.block_on(0, async move {
+        let ch = Channel::get(&base).unwrap();
+        ch.write_buf(cur as u64 * slot_blocks, &[0u8; 16].repeat(32)[..BS as usize].iter().map(|_| 0u8).collect::<Vec<_>>()).await.unwrap();
+    });
+    let s = f.load().unwrap();
+    // The previous record: the volume exists, its first write was not committed.
+    let vols = s.volumes();
+    assert_eq!(vols.len(), 1);
+    assert_eq!(vols[0].0.uuid, ua);
+    assert_eq!(vols[0].1, 0, "the torn commit's allocation is not there");
+    assert_eq!(s.free_clusters(), s.total_clusters(), "and its cluster is free again");
+}
+
+#[test]
+fn create_refuses_a_bdev_that_holds_a_store() {
+    let f = fixture(4 << 20);
+    let s = f.create();
+    s.release_base();
+    let g = f.base.claim("lvs").unwrap();
+    let r = f.cores.block_on(0, async move { Store::create(g, "again", CL, 2).await.map(|_| ()) });
+    assert!(matches!(r, Err(LvolError::Exists(_))), "{:?}", r.err());
+}
+
+#[test]
+fn concurrent_first_writes_share_commits_and_clusters() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 4, true);
+    let bpc = CL / BS as u64;
+    let before = s.commits();
+    // 16 first writes on two cores at once: 8 clusters, each written twice (different blocks).
+    let done = Rc::new(std::cell::Cell::new(0));
+    for i in 0..16u64 {
+        let (v, done) = (v.clone(), done.clone());
+        f.cores.enter((i % 2) as usize, || {
+            crate::reactor::spawn_detached(async move {
+                let ch = Channel::get(&v).unwrap();
+                ch.write_buf((i / 2) * bpc + (i % 2), &vec![i as u8 + 1; BS as usize]).await.unwrap();
+                done.set(done.get() + 1);
+            })
+        });
+    }
+    f.cores.run_until_idle();
+    while done.get() < 16 {
+        let t = f.cores.next_timer().expect("the writes wait for nothing");
+        f.cores.advance_to(t);
+        f.cores.run_until_idle();
+    }
+    assert_eq!(lvol(&v).allocated_clusters(), 8, "one cluster per logical cluster, however many first writes race");
+    assert!(s.commits() - before < 16, "group commit: {} commits for 16 first writes", s.commits() - before);
+    for i in 0..16u64 {
+        assert_eq!(f.read(&v, (i / 2) * bpc + (i % 2), 1), vec![i as u8 + 1; BS as usize], "write {i}");
+    }
+}
+
+#[test]
+fn resize_grows_and_refuses_to_shrink_below_allocated_unless_forced() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    let bpc = CL / BS as u64;
+    let u = lvol(&v).lvol_uuid();
+    f.write(&v, 15 * bpc, 7, 1).unwrap();
+    let rs = |size: u64, force: bool| {
+        let s2 = s.clone();
+        f.cores.block_on(0, async move {
+            let ch = Channel::get(&s2.base).unwrap();
+            s2.resize(&ch, u, size, force).await
+        })
+    };
+    rs(2 << 20, false).unwrap();
+    assert_eq!(v.bdev().num_blocks(), (2 << 20) / BS as u64);
+    // A channel opened after the resize writes past the old end.
+    let v2 = v.clone();
+    f.cores.block_on(0, async move { Channel::get(&v2).unwrap().write_buf(31 * bpc, &vec![8u8; BS as usize]).await.unwrap() });
+    assert_eq!(f.read(&v, 15 * bpc, 1), vec![7u8; BS as usize], "data kept across the map swap");
+    assert!(matches!(rs(CL, false), Err(LvolError::Invalid(_))), "shrink below allocated data is refused");
+    assert_eq!(lvol(&v).allocated_clusters(), 2, "and changes nothing");
+    rs(CL, true).unwrap();
+    assert_eq!(lvol(&v).allocated_clusters(), 0);
+    assert_eq!(s.free_clusters(), s.total_clusters());
+}
+
+#[test]
+fn a_pool_holds_1024_volumes_and_reopens_them() {
+    let f = fixture(64 << 20);
+    let s = f.create();
+    let t0 = std::time::Instant::now();
+    for i in 0..layout::MAX_VOLUMES {
+        let s2 = s.clone();
+        f.cores.block_on(0, async move {
+            let ch = Channel::get(&s2.base).unwrap();
+            s2.create_volume(&ch, &format!("v{i}"), 1 << 30, true, 1).await.unwrap();
+        });
+    }
+    eprintln!("{} volumes created in {:?}", layout::MAX_VOLUMES, t0.elapsed());
+    let s2 = s.clone();
+    let r = f.cores.block_on(0, async move {
+        let ch = Channel::get(&s2.base).unwrap();
+        s2.create_volume(&ch, "one-more", 1 << 20, true, 1).await.map(|_| ())
+    });
+    assert!(matches!(r, Err(LvolError::NoSpace(_))), "past the most volumes a store holds: refused");
+    s.release_base();
+    drop(s);
+    let s = f.load().unwrap();
+    assert_eq!(s.volume_count(), layout::MAX_VOLUMES);
+}
