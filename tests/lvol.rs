@@ -5,6 +5,9 @@
 //! qemu-io comes from tests/iscsi/deps.sh (TIDEMARK_SKIP_ISCSI=1 skips), `spdk-rpc` from
 //! tests/spdk/deps.sh (TIDEMARK_SKIP_SPDK=1 skips that part).
 
+#[path = "iscsi/client.rs"]
+#[allow(dead_code)]
+mod client;
 mod support;
 
 use serde_json::{json, Value};
@@ -188,4 +191,41 @@ fn spdks_client_creates_and_lists_the_pool() {
     assert!(lvols.as_array().unwrap().iter().any(|l| l["uuid"] == name.trim().trim_matches('"')), "{name} {lvols}");
     run(&["bdev_lvol_delete", "lvs0/vol1"]);
     run(&["bdev_lvol_delete_lvstore", "-l", "lvs0"]);
+}
+
+/// A volume grown, then made read-only, while a host's session is open: the same session
+/// (the same per-core channel) writes past the old end after the grow, after one CAPACITY
+/// DATA HAS CHANGED unit attention, and its writes are refused once the volume is read-only.
+/// Before channels read the size live, the write past the old end failed LBA OUT OF RANGE
+/// until the host reconnected.
+#[test]
+fn a_volume_grown_or_made_read_only_while_exported_takes_effect_on_open_sessions() {
+    let (d, _file, _uuid) = daemon_with_pool();
+    d.rpc("bdev_lvol_create", json!({"lvol_name": "grow", "size_in_mib": 4, "thin_provision": true, "lvs_name": "pool"}));
+    let addr = export(&d, &["pool/grow"]);
+    let mut s = client::Session::login(addr, &client::LoginOptions::normal("iqn.2024-01.test:lvol", TARGET)).expect("login");
+    let block = vec![0x5au8; 512];
+    let write = |s: &mut client::Session, lba: u32| s.scsi(0, &client::write10(lba, 1), 512, Some(&block)).expect("write");
+    // A first command collects the power-on unit attention, if any.
+    let _ = write(&mut s, 0);
+    assert_eq!(write(&mut s, 0).status, 0, "a write inside the volume");
+    let past_old_end = (6 * MIB / 512) as u32;
+    let r = write(&mut s, past_old_end);
+    assert_eq!((r.status, r.sense.map(|x| (x.0, x.1))), (2, Some((0x05, 0x21))), "past the end: ILLEGAL REQUEST, LBA OUT OF RANGE");
+
+    d.rpc("bdev_lvol_resize", json!({"name": "pool/grow", "size_in_mib": 8}));
+    let mut r = write(&mut s, past_old_end);
+    if r.status == 2 && r.sense == Some((0x06, 0x2a, 0x09)) {
+        // CAPACITY DATA HAS CHANGED, once; the command is then retried as a host would.
+        r = write(&mut s, past_old_end);
+    }
+    assert_eq!((r.status, r.sense), (0, None), "after the grow the open session writes past the old end");
+    let back = s.scsi(0, &client::read10(past_old_end, 1), 512, None).expect("read");
+    assert_eq!((back.status, back.data), (0, block.clone()));
+
+    d.rpc("bdev_lvol_set_read_only", json!({"name": "pool/grow"}));
+    let r = write(&mut s, 0);
+    assert_eq!((r.status, r.sense.map(|x| x.0)), (2, Some(0x07)), "a read-only volume refuses the open session's write: DATA PROTECT");
+    let back = s.scsi(0, &client::read10(0, 1), 512, None).expect("read");
+    assert_eq!((back.status, back.data), (0, block));
 }

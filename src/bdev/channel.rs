@@ -21,8 +21,6 @@ pub struct Channel {
     io: Rc<dyn IoChannel>,
     core: usize,
     block_size: u32,
-    num_blocks: u64,
-    read_only: bool,
     supported: u8,
 }
 
@@ -41,15 +39,7 @@ impl Channel {
         };
         let b = entry.bdev();
         let supported = IoType::ALL.iter().filter(|t| b.supports(**t)).fold(0u8, |m, t| m | (1 << t.index()));
-        Ok(Channel {
-            entry: entry.clone(),
-            io,
-            core: reactor::current_index(),
-            block_size: b.block_size(),
-            num_blocks: b.num_blocks(),
-            read_only: b.read_only(),
-            supported,
-        })
+        Ok(Channel { entry: entry.clone(), io, core: reactor::current_index(), block_size: b.block_size(), supported })
     }
 
     /// Drops the current core's cached channel of bdev `id` (after the bdev is unregistered).
@@ -67,8 +57,10 @@ impl Channel {
         self.block_size
     }
 
+    /// The bdev's size now: read from the bdev, not kept from when the channel was opened, so
+    /// a volume grown (or made read-only) while exported is seen by connections already open.
     pub fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.entry.bdev().num_blocks()
     }
 
     pub fn supports(&self, t: IoType) -> bool {
@@ -79,11 +71,15 @@ impl Channel {
         if !self.supports(t) {
             return Err(BdevError::Unsupported(t));
         }
-        if self.read_only && t.modifies() {
+        // Size and read-only state are read live (two plain loads behind a virtual call): a
+        // resize or bdev_lvol_set_read_only reaches the hosts' open connections.
+        let b = self.entry.bdev();
+        if t.modifies() && b.read_only() {
             return Err(BdevError::ReadOnly);
         }
-        if offset.checked_add(count).is_none_or(|end| end > self.num_blocks) {
-            return Err(BdevError::OutOfRange { offset, count, size: self.num_blocks });
+        let size = b.num_blocks();
+        if offset.checked_add(count).is_none_or(|end| end > size) {
+            return Err(BdevError::OutOfRange { offset, count, size });
         }
         Ok(())
     }

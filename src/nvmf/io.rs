@@ -19,7 +19,6 @@ pub struct NsChannel {
     pub ns: Arc<Namespace>,
     pub ch: Channel,
     block_size: u32,
-    num_blocks: u64,
 }
 
 /// A queue's namespaces, refreshed when the subsystem's namespace generation changes (one
@@ -56,7 +55,7 @@ impl NsCache {
             log::warn!("nvmf: namespace {nsid} of {}: cannot open a channel: {e}", subsys.nqn);
             Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY)
         })?;
-        let c = Rc::new(NsChannel { block_size: ch.block_size(), num_blocks: ch.num_blocks(), ns, ch });
+        let c = Rc::new(NsChannel { block_size: ch.block_size(), ns, ch });
         if self.by_nsid.len() <= i {
             self.by_nsid.resize(i + 1, None);
         }
@@ -106,7 +105,8 @@ impl Op {
 
 fn check_range(n: &NsChannel, slba: u64, nlb: u64) -> Result<(), Status> {
     match slba.checked_add(nlb) {
-        Some(end) if end <= n.num_blocks => Ok(()),
+        // The size now (a volume grown while exported takes I/O past its old end at once).
+        Some(end) if end <= n.ch.num_blocks() => Ok(()),
         _ => Err(Status::generic(sc::LBA_OUT_OF_RANGE)),
     }
 }
