@@ -1,0 +1,238 @@
+//! The NVMe/TCP initiator bdev between two tidemarkd nodes on this machine: node B exports a
+//! malloc namespace over NVMe/TCP, node A attaches it (`bdev_nvme_attach_controller
+//! {trtype: "tcp"}`) and exports the remote bdev over NVMe/TCP again. Data written through A
+//! is read back through B and the other way round; B killed with -9 makes A's I/O fail with
+//! an error, never hang; bad input gives JSON-RPC errors.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::*;
+use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
+use tidemark::nvmf::spec::{io_opc, Sqe};
+
+const NQN_B: &str = "nqn.2016-06.io.tidemark:node-b";
+const NQN_A: &str = "nqn.2016-06.io.tidemark:node-a";
+const BS: usize = 512;
+/// Blocks of node B's namespace (64 MiB).
+const BLOCKS: u64 = 131072;
+
+fn config(cores: &str) -> String {
+    MINIMAL_CONFIG.replace("cores = [0]", &format!("cores = {cores}"))
+}
+
+fn export(d: &Daemon, nqn: &str, bdevs: &[&str]) -> SocketAddr {
+    let port = free_port();
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "serial_number": "SN-HOST-1", "allow_any_host": true}));
+    for (i, b) in bdevs.iter().enumerate() {
+        d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": b, "nsid": i + 1}}));
+    }
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Node B: two malloc namespaces exported over NVMe/TCP.
+fn node_b() -> (Daemon, SocketAddr) {
+    let d = Daemon::start(&config("[0]"));
+    d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": BLOCKS, "block_size": BS}));
+    d.rpc("bdev_malloc_create", json!({"name": "m1", "num_blocks": BLOCKS, "block_size": BS}));
+    let addr = export(&d, NQN_B, &["m0", "m1"]);
+    (d, addr)
+}
+
+fn attach_params(name: &str, b: SocketAddr) -> Value {
+    json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": b.port().to_string(), "subnqn": NQN_B})
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i / 512) as u8).wrapping_mul(7).wrapping_add(i as u8).wrapping_add(seed)).collect()
+}
+
+struct Host {
+    _c: Controller,
+    q: Qpair,
+}
+
+fn host(addr: SocketAddr, nqn: &str) -> Host {
+    let o = QpairOptions { timeout: Duration::from_secs(20), ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, nqn, &o).expect("connect");
+    let q = c.connect_io(1, 64).expect("io queue");
+    Host { _c: c, q }
+}
+
+impl Host {
+    fn write(&mut self, nsid: u32, slba: u64, data: &[u8]) {
+        let nlb = (data.len() / BS) as u32;
+        let (cqe, _) = self.q.execute(Qpair::rw_sqe(io_opc::WRITE, nsid, slba, nlb), Payload::Out(data)).expect("write completes");
+        assert!(cqe.status().is_success(), "write {slba}+{nlb}: {}", cqe.status());
+    }
+
+    fn read(&mut self, nsid: u32, slba: u64, blocks: usize) -> Vec<u8> {
+        let (cqe, data) = self.q.execute(Qpair::rw_sqe(io_opc::READ, nsid, slba, blocks as u32), Payload::In(blocks * BS)).expect("read completes");
+        assert!(cqe.status().is_success(), "read {slba}+{blocks}: {}", cqe.status());
+        data[..blocks * BS].to_vec()
+    }
+}
+
+#[test]
+fn a_remote_namespace_is_attached_read_written_saved_and_detached() {
+    let (b, b_addr) = node_b();
+    let a = Daemon::start(&config("[0, 1]"));
+    let names = a.rpc("bdev_nvme_attach_controller", attach_params("rb", b_addr));
+    assert_eq!(names, json!(["rbn1", "rbn2"]));
+    // A second controller with header and data digests; A exports its namespace 2.
+    let mut p = attach_params("rd", b_addr);
+    p["hdgst"] = json!(true);
+    p["ddgst"] = json!(true);
+    assert_eq!(a.rpc("bdev_nvme_attach_controller", p), json!(["rdn1", "rdn2"]));
+
+    let bd = a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}));
+    assert_eq!(bd[0]["num_blocks"], json!(BLOCKS));
+    assert_eq!(bd[0]["block_size"], json!(BS));
+    let ctrls = a.rpc("bdev_nvme_get_controllers", json!({}));
+    let rb = ctrls.as_array().unwrap().iter().find(|c| c["name"] == "rb").expect("rb listed");
+    assert_eq!(rb["ctrlrs"][0]["state"], "enabled");
+    assert_eq!(rb["ctrlrs"][0]["trid"]["trtype"], "TCP");
+    assert_eq!(rb["ctrlrs"][0]["trid"]["subnqn"], NQN_B);
+    assert_eq!(rb["ctrlrs"][0]["trid"]["trsvcid"], b_addr.port().to_string());
+
+    let a_addr = export(&a, NQN_A, &["rbn1", "rdn2"]);
+    let mut ha = host(a_addr, NQN_A);
+    let mut hb = host(b_addr, NQN_B);
+
+    // Through A (plain and digest controllers), back through B: small, in-capsule-sized and
+    // large transfers (R2T, several C2HData PDUs).
+    for (nsid, slba, blocks, seed) in [(1u32, 0u64, 1usize, 1u8), (1, 100, 8, 2), (1, 1000, 256, 3), (2, 5000, 64, 4), (2, 9000, 255, 5)] {
+        let data = pattern(blocks * BS, seed);
+        ha.write(nsid, slba, &data);
+        assert!(hb.read(nsid, slba, blocks) == data, "B reads what A wrote at {slba}+{blocks} (ns {nsid})");
+    }
+    // Through B, back through A (nothing cached on A).
+    let data = pattern(128 * BS, 9);
+    hb.write(1, 20000, &data);
+    hb.write(2, 20000, &data);
+    assert!(ha.read(1, 20000, 128) == data, "A reads what B wrote");
+    assert!(ha.read(2, 20000, 128) == data, "A reads what B wrote (digests)");
+
+    // Write Zeroes and Dataset Management (deallocate) pass through.
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE_ZEROES, 1, 1000, 16), Payload::None).expect("write zeroes");
+    assert!(cqe.status().is_success(), "write zeroes: {}", cqe.status());
+    assert!(hb.read(1, 1000, 16).iter().all(|&x| x == 0), "zeroed on B");
+    assert!(hb.read(1, 1016, 1) == pattern(256 * BS, 3)[16 * BS..17 * BS], "the block after is untouched");
+    let mut dsm = Sqe::new(io_opc::DSM, 0, 1);
+    dsm.set_cdw(10, 0);
+    dsm.set_cdw(11, 1 << 2);
+    let mut range = [0u8; 16];
+    range[4..8].copy_from_slice(&8u32.to_le_bytes());
+    range[8..16].copy_from_slice(&100u64.to_le_bytes());
+    let (cqe, _) = ha.q.execute(dsm, Payload::Out(&range)).expect("deallocate");
+    assert!(cqe.status().is_success(), "deallocate: {}", cqe.status());
+    let (cqe, _) = ha.q.execute(Sqe::new(io_opc::FLUSH, 0, 1), Payload::None).expect("flush");
+    assert!(cqe.status().is_success(), "flush: {}", cqe.status());
+
+    // The bdev layer's own statistics count the I/O on A.
+    let st = a.rpc("bdev_get_iostat", json!({"name": "rbn1"}));
+    assert!(st["bdevs"][0]["num_write_ops"].as_u64().unwrap_or(0) >= 3, "{st}");
+
+    // save_config writes the attach call (bases before the subsystem that exports them).
+    let cfg = a.dir.path().join("saved.toml");
+    a.rpc("save_config", json!({"path": cfg.display().to_string()}));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("bdev_nvme_attach_controller") && text.contains(NQN_B), "{text}");
+    assert_eq!(text.matches("bdev_nvme_attach_controller").count(), 2, "one call per controller: {text}");
+
+    // Metrics: the controller's state and counters.
+    let m = a.metrics_text();
+    check_openmetrics(&a.metrics()).expect("valid OpenMetrics");
+    assert!(m.contains(r#"tidemark_nvme_tcp_controller_state{controller="rb",state="enabled"} 1"#), "{m}");
+    assert!(m.contains(r#"tidemark_nvme_tcp_io_errors_total{controller="rb"} 0"#), "{m}");
+
+    // Detach: in use by the subsystem, then freed.
+    drop(ha);
+    let e = a.try_rpc("bdev_nvme_detach_controller", json!({"name": "rb"})).unwrap_err();
+    assert!(e.message.contains("in use"), "{e:?}");
+    a.rpc("nvmf_subsystem_remove_ns", json!({"nqn": NQN_A, "nsid": 1}));
+    assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"})), json!(true));
+    assert!(a.try_rpc("bdev_get_bdevs", json!({"name": "rbn1"})).is_err(), "rbn1 is gone");
+    let ctrls = a.rpc("bdev_nvme_get_controllers", json!({}));
+    assert!(ctrls.as_array().unwrap().iter().all(|c| c["name"] != "rb"), "{ctrls}");
+    assert!(a.try_rpc("bdev_nvme_detach_controller", json!({"name": "rb"})).is_err());
+    drop(b);
+}
+
+#[test]
+fn bad_input_is_a_json_rpc_error() {
+    let (b, b_addr) = node_b();
+    let a = Daemon::start(&config("[0]"));
+    let t0 = Instant::now();
+    // Nothing listens on a port just freed.
+    let mut p = attach_params("x", b_addr);
+    p["trsvcid"] = json!(free_port().to_string());
+    let e = a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err();
+    assert!(e.message.contains("cannot attach x"), "{e:?}");
+    // Wrong subsystem NQN: the Connect is refused.
+    let mut p = attach_params("x", b_addr);
+    p["subnqn"] = json!("nqn.2016-06.io.tidemark:nobody");
+    let e = a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err();
+    assert!(e.message.contains("cannot attach x"), "{e:?}");
+    // No subnqn; unknown field; an unsupported option.
+    let mut p = attach_params("x", b_addr);
+    p.as_object_mut().unwrap().remove("subnqn");
+    assert!(a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err().message.contains("subnqn"));
+    let mut p = attach_params("x", b_addr);
+    p["bogus"] = json!(1);
+    assert!(a.try_rpc("bdev_nvme_attach_controller", p).is_err());
+    let mut p = attach_params("x", b_addr);
+    p["psk"] = json!("key");
+    assert!(a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err().message.contains("psk"));
+    assert!(t0.elapsed() < Duration::from_secs(30), "errors come quickly");
+    // Twice the same name.
+    a.rpc("bdev_nvme_attach_controller", attach_params("x", b_addr));
+    assert_eq!(a.try_rpc("bdev_nvme_attach_controller", attach_params("x", b_addr)).unwrap_err().code, -17);
+    // Nothing half-made: the daemon still answers and lists one controller.
+    assert_eq!(a.rpc("bdev_nvme_get_controllers", json!({})).as_array().unwrap().len(), 1);
+    drop(b);
+}
+
+#[test]
+fn io_fails_with_an_error_when_the_remote_node_dies() {
+    let (mut b, b_addr) = node_b();
+    let a = Daemon::start(&config("[0]"));
+    a.rpc("bdev_nvme_attach_controller", attach_params("rb", b_addr));
+    let a_addr = export(&a, NQN_A, &["rbn1"]);
+    let mut ha = host(a_addr, NQN_A);
+    let data = pattern(64 * BS, 1);
+    ha.write(1, 0, &data);
+    b.kill9();
+    // The next commands complete with an error status, quickly: nothing waits on a dead peer.
+    let t0 = Instant::now();
+    let mut failed = 0;
+    for i in 0..4 {
+        let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, i * 64, 64), Payload::Out(&data)).expect("A answers");
+        if !cqe.status().is_success() {
+            failed += 1;
+        }
+        let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::READ, 1, i * 64, 64), Payload::In(64 * BS)).expect("A answers");
+        if !cqe.status().is_success() {
+            failed += 1;
+        }
+    }
+    assert!(failed >= 7, "I/O to the dead node fails ({failed} of 8 failed)");
+    assert!(t0.elapsed() < Duration::from_secs(10), "failures come at once, took {:?}", t0.elapsed());
+    let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
+    assert_eq!(c[0]["ctrlrs"][0]["state"], "failed", "{c}");
+    let m = a.metrics_text();
+    assert!(m.contains(r#"tidemark_nvme_tcp_controller_state{controller="rb",state="failed"} 1"#), "{m}");
+    let errors = m.lines().find_map(|l| l.strip_prefix(r#"tidemark_nvme_tcp_io_errors_total{controller="rb"} "#)).expect("io_errors family");
+    assert!(errors.parse::<u64>().unwrap() >= 7, "{m}");
+    // A still serves RPCs and can detach the dead controller once the export lets go.
+    drop(ha);
+    a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
+    assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"})), json!(true));
+}
