@@ -24,7 +24,10 @@ fn config(cores: &str) -> String {
 }
 
 fn export(d: &Daemon, nqn: &str, bdevs: &[&str]) -> SocketAddr {
-    let port = free_port();
+    export_on(d, nqn, bdevs, free_port())
+}
+
+fn export_on(d: &Daemon, nqn: &str, bdevs: &[&str], port: u16) -> SocketAddr {
     d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
     d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "serial_number": "SN-HOST-1", "allow_any_host": true}));
     for (i, b) in bdevs.iter().enumerate() {
@@ -40,10 +43,14 @@ fn export(d: &Daemon, nqn: &str, bdevs: &[&str]) -> SocketAddr {
 /// Node B: two malloc namespaces exported over NVMe/TCP.
 fn node_b() -> (Daemon, SocketAddr) {
     let d = Daemon::start(&config("[0]"));
+    let addr = setup_b(&d, free_port());
+    (d, addr)
+}
+
+fn setup_b(d: &Daemon, port: u16) -> SocketAddr {
     d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": BLOCKS, "block_size": BS}));
     d.rpc("bdev_malloc_create", json!({"name": "m1", "num_blocks": BLOCKS, "block_size": BS}));
-    let addr = export(&d, NQN_B, &["m0", "m1"]);
-    (d, addr)
+    export_on(d, NQN_B, &["m0", "m1"], port)
 }
 
 fn attach_params(name: &str, b: SocketAddr) -> Value {
@@ -225,14 +232,78 @@ fn io_fails_with_an_error_when_the_remote_node_dies() {
     }
     assert!(failed >= 7, "I/O to the dead node fails ({failed} of 8 failed)");
     assert!(t0.elapsed() < Duration::from_secs(10), "failures come at once, took {:?}", t0.elapsed());
+    // SPDK's defaults (ctrlr_loss_timeout_sec 0): one reconnect attempt, then the controller
+    // is lost.
     let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
-    assert_eq!(c[0]["ctrlrs"][0]["state"], "failed", "{c}");
+    assert_eq!(c[0]["ctrlrs"][0]["state"], "lost", "{c}");
     let m = a.metrics_text();
-    assert!(m.contains(r#"tidemark_nvme_tcp_controller_state{controller="rb",state="failed"} 1"#), "{m}");
+    assert!(m.contains(r#"tidemark_nvme_tcp_controller_state{controller="rb",state="lost"} 1"#), "{m}");
     let errors = m.lines().find_map(|l| l.strip_prefix(r#"tidemark_nvme_tcp_io_errors_total{controller="rb"} "#)).expect("io_errors family");
     assert!(errors.parse::<u64>().unwrap() >= 7, "{m}");
     // A still serves RPCs and can detach the dead controller once the export lets go.
     drop(ha);
     a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
     assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"})), json!(true));
+}
+
+fn state(a: &Daemon) -> String {
+    a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}))[0]["ctrlrs"][0]["state"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
+    let (mut b, b_addr) = node_b();
+    let a = Daemon::start(&config("[0, 1]"));
+    let mut p = attach_params("rb", b_addr);
+    p["ctrlr_loss_timeout_sec"] = json!(60);
+    p["reconnect_delay_sec"] = json!(1);
+    p["fast_io_fail_timeout_sec"] = json!(4);
+    a.rpc("bdev_nvme_attach_controller", p.clone());
+    let a_addr = export(&a, NQN_A, &["rbn1"]);
+    let mut ha = host(a_addr, NQN_A);
+    let data = pattern(64 * BS, 1);
+    ha.write(1, 0, &data);
+
+    // B dies during I/O and comes back (same port, a fresh malloc namespace) 2 s later: the
+    // write issued meanwhile waits and succeeds.
+    b.kill9();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        b.restart();
+        setup_b(&b, b_addr.port());
+        b
+    });
+    let t0 = Instant::now();
+    let data2 = pattern(64 * BS, 2);
+    ha.write(1, 64, &data2);
+    let waited = t0.elapsed();
+    let b = restarter.join().unwrap();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(4), "the write waited for the reconnect ({waited:?})");
+    let mut hb = host(b_addr, NQN_B);
+    assert!(hb.read(1, 64, 64) == data2, "the write that waited reached B");
+    assert!(ha.read(1, 64, 64) == data2);
+    assert_eq!(state(&a), "enabled");
+    let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
+    assert_eq!(c[0]["ctrlrs"][0]["reconnects"], json!(1), "{c}");
+    assert!(a.metrics_text().contains(r#"tidemark_nvme_tcp_reconnects_total{controller="rb"} 1"#));
+
+    // B gone for good: I/O waits for fast_io_fail_timeout_sec (4 s), then fails; A keeps
+    // reconnecting and keeps serving RPCs.
+    drop(hb);
+    drop(b);
+    let t0 = Instant::now();
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 64), Payload::Out(&data)).expect("A answers");
+    let waited = t0.elapsed();
+    assert!(!cqe.status().is_success(), "the write fails once fast_io_fail passed");
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(8), "failed after fast_io_fail ({waited:?})");
+    assert_eq!(state(&a), "failed");
+    let t0 = Instant::now();
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 8), Payload::In(8 * BS)).expect("A answers");
+    assert!(!cqe.status().is_success() && t0.elapsed() < Duration::from_secs(1), "new I/O fails at once");
+    drop(ha);
+    a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
+    assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"})), json!(true));
+    // Bad reconnect parameters are refused.
+    p["reconnect_delay_sec"] = json!(0);
+    assert!(a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err().message.contains("reconnect_delay_sec"));
 }

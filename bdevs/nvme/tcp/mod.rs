@@ -11,6 +11,7 @@
 //! the bdev modules, so there is no cycle, and the wire format is written once.
 
 pub mod queue;
+pub mod reconnect;
 pub mod rpc;
 
 use crate::bdev::{gather, scatter, Bdev, BdevError, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
@@ -36,28 +37,30 @@ const MAX_DSM_RANGES: usize = 256;
 #[repr(u8)]
 pub enum State {
     Enabled = 0,
-    /// A queue lost its connection: its I/O fails until the controller is attached again.
-    Failed = 1,
-    Deleting = 2,
+    /// The connection is lost: I/O waits while the controller reconnects.
+    Resetting = 1,
+    /// Still reconnecting, past `fast_io_fail_timeout_sec`: I/O fails.
+    Failed = 2,
+    /// Past `ctrlr_loss_timeout_sec`: no more reconnects, I/O fails until it is detached.
+    Lost = 3,
+    Deleting = 4,
 }
 
 impl State {
-    pub const ALL: [State; 3] = [State::Enabled, State::Failed, State::Deleting];
+    pub const ALL: [State; 5] = [State::Enabled, State::Resetting, State::Failed, State::Lost, State::Deleting];
 
     pub fn name(self) -> &'static str {
         match self {
             State::Enabled => "enabled",
+            State::Resetting => "resetting",
             State::Failed => "failed",
+            State::Lost => "lost",
             State::Deleting => "deleting",
         }
     }
 
     fn from_u8(v: u8) -> State {
-        match v {
-            0 => State::Enabled,
-            1 => State::Failed,
-            _ => State::Deleting,
-        }
+        State::ALL.get(v as usize).copied().unwrap_or(State::Deleting)
     }
 }
 
@@ -70,8 +73,14 @@ pub struct Shared {
     pub io_errors: AtomicU64,
     pub reconnects: AtomicU64,
     pub keep_alives: AtomicU64,
-    /// Set by detach: the keep-alive task ends and drops the admin queue.
+    /// Set by detach: the keep-alive task and the recovery end.
     stop: AtomicBool,
+    /// A recovery thread runs (at most one at a time).
+    recovering: AtomicBool,
+    /// Bumped when the admin queue is replaced: an older keep-alive task ends.
+    generation: AtomicU64,
+    pub target: reconnect::Target,
+    me: std::sync::Weak<Shared>,
 }
 
 impl Shared {
@@ -90,9 +99,15 @@ impl QueueObserver for Shared {
     }
 
     fn queue_failed(&self, why: &QueueError) {
-        if self.state() == State::Enabled {
-            log::error!("NVMe/TCP controller {}: {why}; its I/O fails", self.name);
-            self.set_state(State::Failed);
+        if self.stop.load(Ordering::Relaxed) || self.state() != State::Enabled || self.recovering.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::error!("NVMe/TCP controller {}: {why}; I/O waits while it reconnects", self.name);
+        self.set_state(State::Resetting);
+        let Some(me) = self.me.upgrade() else { return };
+        let spawned = std::thread::Builder::new().name(format!("nvme-reconnect-{}", self.id)).spawn(move || reconnect::recover(me));
+        if let Err(e) = spawned {
+            log::error!("NVMe/TCP controller {}: cannot start its reconnect thread: {e}", self.name);
         }
     }
 }
@@ -155,7 +170,21 @@ pub fn remove_queue(ctrl_id: u64) {
         if let Some(id) = q.poller_id.take() {
             reactor::with_core(|c| c.remove_poller(id));
         }
-        q.fail(&QueueError::Closed);
+        q.fail_pending();
+    }
+}
+
+/// The current core's queue of controller `ctrl_id` fails its commands (see `reconnect`).
+fn fail_queue(ctrl_id: u64) {
+    if let Some(q) = core_queue(ctrl_id) {
+        q.fail_pending();
+    }
+}
+
+/// The current core's queue of controller `ctrl_id` continues on a new connection.
+fn reset_queue(ctrl_id: u64, stream: std::net::TcpStream, p: queue::QueueParams) {
+    if let Some(q) = core_queue(ctrl_id) {
+        q.reset(stream, p);
     }
 }
 
@@ -216,6 +245,8 @@ impl TcpChannel {
             match self.q.push(sqe, &mut buf, data_in) {
                 Some(Ok(f)) => return f.owned().await,
                 Some(Err(e)) => return (Err(e), buf),
+                // Down: the recovery takes milliseconds at best; do not spin the core.
+                None if self.q.is_down() => reactor::sleep(std::time::Duration::from_millis(1)).await,
                 None => reactor::yield_now().await,
             }
         }

@@ -3,6 +3,11 @@
 //! what commands queued, reads what arrived and completes commands through the core's
 //! completion slots.
 //!
+//! Connection loss: the queue goes *down*: its commands stay in the table (their buffers in
+//! their slots) and new ones wait, until the controller reconnects and [`IoQueue::reset`] gives
+//! the queue a new socket (every waiting command is sent again), or the controller gives up
+//! waiting and [`IoQueue::fail_pending`] ends them with `Offline`.
+//!
 //! Data placement: a command's data lives in a pool buffer that its completion slot owns until
 //! the command ends (the slot frees it if the caller's future is gone), the queue only keeps
 //! the buffer's address. C2HData payloads are copied from the receive buffer into it, R2Ts are
@@ -56,6 +61,8 @@ pub fn status_result(st: Status) -> IoResult {
 
 struct Req {
     busy: bool,
+    /// The command as sent (without its CID): sent again after a reconnect.
+    sqe: Sqe,
     slot: usize,
     /// The command's data buffer (owned by its completion slot) and its length.
     data: *mut u8,
@@ -83,9 +90,12 @@ pub trait QueueObserver: Send + Sync {
 
 pub struct IoQueue {
     inner: RefCell<Inner>,
-    p: QueueParams,
+    p: Cell<QueueParams>,
     completions: Completions,
-    failed: Cell<bool>,
+    /// The connection is gone: commands wait for a reset.
+    down: Cell<bool>,
+    /// Commands fail at once (fast_io_fail_timeout_sec passed, or the controller is gone).
+    failing: Cell<bool>,
     in_flight: Cell<usize>,
     pub(super) poller_id: Cell<Option<u64>>,
     observer: Arc<dyn QueueObserver>,
@@ -104,32 +114,39 @@ impl IoQueue {
                 rx_end: 0,
                 tx: Vec::with_capacity(64 * 1024),
                 tx_off: 0,
-                reqs: (0..n).map(|_| Req { busy: false, slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false }).collect(),
+                reqs: (0..n).map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false }).collect(),
                 free: (0..n as u16).rev().collect(),
             }),
-            p,
+            p: Cell::new(p),
             completions: Completions::current(),
-            failed: Cell::new(false),
+            down: Cell::new(false),
+            failing: Cell::new(false),
             in_flight: Cell::new(0),
             poller_id: Cell::new(None),
             observer,
         }
     }
 
-    pub fn is_failed(&self) -> bool {
-        self.failed.get()
+    /// Whether new commands wait for a reconnect.
+    pub fn is_down(&self) -> bool {
+        self.down.get()
     }
 
     fn limits(&self) -> RxLimits {
-        RxLimits { role: pdu::Role::Host, ic_done: true, hdgst: self.p.hdgst, ddgst: self.p.ddgst, max_capsule_data: 0, max_data_pdu: MAX_TRANSFER as u32 }
+        let p = self.p.get();
+        RxLimits { role: pdu::Role::Host, ic_done: true, hdgst: p.hdgst, ddgst: p.ddgst, max_capsule_data: 0, max_data_pdu: MAX_TRANSFER as u32 }
     }
 
     /// Queues `sqe` with its data buffer (`data_in`: the controller fills it). The buffer moves
-    /// into the completion slot. None (and `buf` left in place) when every entry is in use.
-    pub fn push(&self, mut sqe: Sqe, buf: &mut Option<IoBuf>, data_in: bool) -> Option<Result<CompletionFuture, BdevError>> {
-        if self.failed.get() {
+    /// into the completion slot. None (and `buf` left in place) when every entry is in use or
+    /// the connection is down (the caller waits).
+    pub fn push(&self, sqe: Sqe, buf: &mut Option<IoBuf>, data_in: bool) -> Option<Result<CompletionFuture, BdevError>> {
+        if self.failing.get() {
             self.observer.io_error();
             return Some(Err(BdevError::Offline));
+        }
+        if self.down.get() {
+            return None;
         }
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
@@ -140,10 +157,21 @@ impl IoQueue {
             Some(b) => self.completions.alloc_owning(b),
             None => self.completions.alloc(),
         };
-        inner.reqs[cid as usize] = Req { busy: true, slot, data: ptr, len, data_in };
+        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in };
+        self.encode(inner, cid);
+        self.in_flight.set(self.in_flight.get() + 1);
+        Some(Ok(fut))
+    }
+
+    /// Appends command `cid`'s capsule (and in-capsule data) to the send buffer.
+    fn encode(&self, inner: &mut Inner, cid: u16) {
+        let r = &inner.reqs[cid as usize];
+        let (ptr, len, data_in) = (r.data, r.len, r.data_in);
+        let mut sqe = r.sqe;
         sqe.set_cid(cid);
-        let (hd, dd) = (self.p.hdgst, self.p.ddgst);
-        if len > 0 && !data_in && len <= self.p.max_inline {
+        let p = self.p.get();
+        let (hd, dd) = (p.hdgst, p.ddgst);
+        if len > 0 && !data_in && len <= p.max_inline {
             sqe.set_sgl(0, len as u32, sgl::IN_CAPSULE);
             inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, len, hd, dd).as_slice());
             // SAFETY: the slot owns the buffer until this command completes; it is not freed
@@ -159,15 +187,45 @@ impl IoQueue {
             sqe.set_sgl(0, len as u32, sgl::TRANSPORT_DATA_BLOCK);
             inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, 0, hd, dd).as_slice());
         }
-        self.in_flight.set(self.in_flight.get() + 1);
-        Some(Ok(fut))
     }
 
-    /// Ends every command in flight with `Offline` and refuses new ones: the connection is gone.
-    pub fn fail(&self, why: &QueueError) {
-        if !self.failed.replace(true) {
-            self.observer.queue_failed(why);
+    /// The connection is gone: commands wait (see the module documentation) and the
+    /// controller is told, so that it reconnects.
+    pub fn disconnect(&self, why: &QueueError) {
+        if self.down.replace(true) {
+            return;
         }
+        let _ = self.inner.borrow().stream.shutdown(std::net::Shutdown::Both);
+        self.observer.queue_failed(why);
+    }
+
+    /// A new connection (ICReq/ICResp and Fabrics Connect done): every command still in the
+    /// table is sent again, and new ones go out.
+    pub fn reset(&self, stream: TcpStream, p: QueueParams) {
+        let mut g = self.inner.borrow_mut();
+        let inner = &mut *g;
+        let _ = inner.stream.shutdown(std::net::Shutdown::Both);
+        inner.stream = stream;
+        inner.rx_start = 0;
+        inner.rx_end = 0;
+        inner.tx.clear();
+        inner.tx_off = 0;
+        self.p.set(p);
+        let busy: Vec<u16> = (0..inner.reqs.len() as u16).filter(|&c| inner.reqs[c as usize].busy).collect();
+        for cid in busy {
+            self.encode(inner, cid);
+        }
+        self.down.set(false);
+        self.failing.set(false);
+    }
+
+    /// Ends every command in the table with `Offline`, and new ones fail at once until the
+    /// next reset.
+    pub fn fail_pending(&self) {
+        self.failing.set(true);
+        // The connection (if it still works) is dropped too: a late answer must not reach a
+        // command table whose entries are reused; the reset gives a new one.
+        self.down.set(true);
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
         let _ = inner.stream.shutdown(std::net::Shutdown::Both);
@@ -267,7 +325,7 @@ impl IoQueue {
         let p = start..start + len;
         let ch = CommonHeader::parse(&inner.rx[p.clone()]).ok_or_else(|| QueueError::Protocol("short PDU".into()))?;
         let layout = pdu::check_header(ch, &self.limits()).map_err(|f| QueueError::Protocol(f.to_string()))?;
-        if self.p.hdgst && ch.ty != pdu::pdu_type::C2H_TERM_REQ && !pdu::header_digest_ok(&inner.rx[p.clone()], ch.hlen as usize) {
+        if self.p.get().hdgst && ch.ty != pdu::pdu_type::C2H_TERM_REQ && !pdu::header_digest_ok(&inner.rx[p.clone()], ch.hlen as usize) {
             return Err(QueueError::Protocol("header digest mismatch".into()));
         }
         match ch.ty {
@@ -325,14 +383,14 @@ impl IoQueue {
                 }
                 // SAFETY: as for C2HData: the slot owns `req.len` bytes at `req.data`.
                 let data = unsafe { std::slice::from_raw_parts(req.data.add(a), total) };
-                let max = self.p.maxh2cdata as usize;
+                let max = self.p.get().maxh2cdata as usize;
                 let mut off = 0;
                 while off < total {
                     let n = max.min(total - off);
-                    let h = pdu::h2c_data(cid, r2t.ttag, (a + off) as u32, n as u32, off + n == total, self.p.hdgst, self.p.ddgst);
+                    let h = pdu::h2c_data(cid, r2t.ttag, (a + off) as u32, n as u32, off + n == total, self.p.get().hdgst, self.p.get().ddgst);
                     inner.tx.extend_from_slice(h.as_slice());
                     inner.tx.extend_from_slice(&data[off..off + n]);
-                    if self.p.ddgst {
+                    if self.p.get().ddgst {
                         inner.tx.extend_from_slice(&pdu::digest(&data[off..off + n]).to_le_bytes());
                     }
                     off += n;
@@ -353,14 +411,14 @@ fn complete_pdu_len(avail: &[u8], lim: &RxLimits) -> Result<Option<usize>, Queue
 
 impl Poller for IoQueue {
     fn poll(&self) -> usize {
-        if self.failed.get() {
+        if self.down.get() {
             return 0;
         }
         match self.run() {
             Ok(n) => n,
             Err(e) => {
                 log::error!("NVMe/TCP I/O queue: {e}");
-                self.fail(&e);
+                self.disconnect(&e);
                 1
             }
         }
@@ -373,6 +431,6 @@ impl Poller for IoQueue {
     /// The socket is not registered with the core's event loop: while commands are in flight
     /// only polling sees their answers.
     fn needs_polling(&self) -> bool {
-        self.busy()
+        self.busy() && !self.down.get()
     }
 }

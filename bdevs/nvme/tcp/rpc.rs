@@ -3,20 +3,20 @@
 //! `bdev_nvme_get_controllers` (SPDK's output shape). The module keeps the attached
 //! controllers and writes their metrics.
 
-use super::queue::{IoQueue, QueueParams, MAX_TRANSFER};
+use super::queue::{IoQueue, MAX_TRANSFER};
+use super::reconnect::{connect_queue, start_keep_alive, Policy, Target};
 use super::{install_queue, remove_queue, NvmeTcpBdev, Shared, State, TcpController};
 use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, Module};
-use crate::nvmf::initiator::{Controller, Error as HostError, Payload, Qpair, QpairOptions, TransportId};
-use crate::nvmf::spec::{admin_opc, prop, Cqe, Sqe};
-use crate::reactor;
+use crate::nvmf::initiator::{Controller, Error as HostError, QpairOptions, TransportId};
+use crate::nvmf::spec::prop;
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 crate::register_module! {
     name: "nvme_tcp",
@@ -29,8 +29,6 @@ crate::register_module! {
 
 /// Keep-alive timeout asked in the admin Connect (SPDK's default `keep_alive_timeout_ms`).
 const KATO_MS: u32 = 10_000;
-/// Entries of each I/O queue.
-const IO_QUEUE_SIZE: u16 = 128;
 /// How long the connect sequence may take (SPDK's `fabrics_connect_timeout_us` default is
 /// shorter per command; this bounds the whole exchange of one queue).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,7 +158,6 @@ impl SpdkParams for Attach {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
         const PI: &str = "protection information is not supported";
         const AUTH: &str = "TLS and DH-HMAC-CHAP authentication are not supported";
-        const RECONNECT: &str = "reconnecting is not implemented yet: a lost connection fails the controller's I/O at once (SPDK's default, 0)";
         vec![
             ("prchk_reftag", !self.prchk_reftag, PI),
             ("prchk_guard", !self.prchk_guard, PI),
@@ -168,9 +165,6 @@ impl SpdkParams for Attach {
             ("dhchap_key", self.dhchap_key.is_none() && self.dhchap_ctrlr_key.is_none(), AUTH),
             ("multipath", self.multipath.as_deref().is_none_or(|m| m == "disable"), "multipath is not supported"),
             ("hostaddr", self.hostaddr.is_none() && self.hostsvcid.is_none(), "choosing the local address is not supported"),
-            ("ctrlr_loss_timeout_sec", self.ctrlr_loss_timeout_sec.is_none_or(|v| v == 0), RECONNECT),
-            ("reconnect_delay_sec", self.reconnect_delay_sec.is_none_or(|v| v == 0), RECONNECT),
-            ("fast_io_fail_timeout_sec", self.fast_io_fail_timeout_sec.is_none_or(|v| v == 0), RECONNECT),
         ]
     }
 }
@@ -203,6 +197,8 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
             return Err(RpcError::invalid_params(format!("field `adrfam`: {a:?} is not IPv4 or IPv6")));
         }
     }
+    let policy = Policy::from_params(p.ctrlr_loss_timeout_sec.unwrap_or(0), p.reconnect_delay_sec.unwrap_or(0), p.fast_io_fail_timeout_sec.unwrap_or(0))
+        .map_err(RpcError::invalid_params)?;
     let trsvcid = p.trsvcid.clone().unwrap_or_else(|| "4420".into());
     let trid = TransportId { traddr: p.traddr.clone(), trsvcid: trsvcid.clone(), subnqn: subnqn.clone(), hostnqn: p.hostnqn.clone() };
     let addr = trid.socket_addr().map_err(|e| RpcError::invalid_params(format!("field `traddr`: {e}")))?;
@@ -242,7 +238,8 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if (granted as usize) < cores {
         return Err(RpcError::new(-5, format!("{what}: the controller grants {granted} I/O queues, {cores} reactor cores need one each")));
     }
-    let shared = Arc::new(Shared {
+    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy };
+    let shared = Arc::new_cyclic(|me| Shared {
         name: p.name.clone(),
         id: m.next_id.fetch_add(1, Ordering::Relaxed),
         state: Default::default(),
@@ -250,13 +247,17 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         reconnects: AtomicU64::new(0),
         keep_alives: AtomicU64::new(0),
         stop: Default::default(),
+        recovering: Default::default(),
+        generation: Default::default(),
+        target,
+        me: me.clone(),
     });
     let id = shared.id;
     let undo_queues = |t: &Ctx| {
         let _ = t.reactors.call_all(move || remove_queue(id));
     };
     for core in 0..cores {
-        let installed = connect_queue(&mut c, core, &shared).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
+        let installed = connect_queue(&mut c, core).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
             let obs = shared.clone();
             t.reactors.call(core, move || install_queue(id, IoQueue::new(stream, qp, obs))).map_err(RpcError::from)
         });
@@ -291,63 +292,9 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         made.push(name.clone());
     }
     m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).push(ctrl);
-    let period = Duration::from_millis(KATO_MS as u64 / 2);
-    t.reactors.send(0, move || reactor::spawn_detached(keep_alive(c, shared, period)));
+    start_keep_alive(c, shared);
     log::info!("NVMe/TCP controller {} attached: {} at {addr}, bdevs {names:?}", p.name, p.subnqn.as_deref().unwrap_or(""));
     Ok(json!(made))
-}
-
-/// Connects I/O queue `core + 1` and returns its socket and what it negotiated. The socket is
-/// a second descriptor of the initiator's connection: the initiator's queue pair (and its own
-/// descriptor) is dropped once connected, the connection stays open through ours.
-fn connect_queue(c: &mut Controller, core: usize, _shared: &Arc<Shared>) -> Result<(std::net::TcpStream, QueueParams), HostError> {
-    let q: Qpair = c.connect_io(core as u16 + 1, IO_QUEUE_SIZE)?;
-    let stream = q.stream().try_clone()?;
-    let qp = QueueParams { hdgst: q.hdgst, ddgst: q.ddgst, maxh2cdata: q.maxh2cdata, max_inline: q.max_inline, depth: IO_QUEUE_SIZE };
-    drop(q);
-    Ok((stream, qp))
-}
-
-/// Sends a Keep Alive every `period` on the admin queue (it owns the controller's admin
-/// connection) until the controller is detached; a failed one fails the controller.
-async fn keep_alive(mut c: Controller, shared: Arc<Shared>, period: Duration) {
-    loop {
-        reactor::sleep(period).await;
-        if shared.stop.load(Ordering::Relaxed) {
-            break;
-        }
-        match admin_exec(&mut c.admin, Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), period).await {
-            Ok(cqe) if cqe.status().is_success() => {
-                shared.keep_alives.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(cqe) => log::warn!("NVMe/TCP controller {}: Keep Alive failed: {}", shared.name, cqe.status()),
-            Err(e) => {
-                if !shared.stop.load(Ordering::Relaxed) {
-                    use super::queue::QueueObserver;
-                    shared.queue_failed(&super::queue::QueueError::Io(format!("admin queue: {e}")));
-                }
-                break;
-            }
-        }
-    }
-}
-
-/// Runs one admin command without blocking the core: submit, then poll until its completion.
-async fn admin_exec(q: &mut Qpair, sqe: Sqe, timeout: Duration) -> Result<Cqe, HostError> {
-    let cid = q.submit(sqe, Payload::None)?;
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    loop {
-        q.poll(&mut out)?;
-        if let Some(c) = out.iter().find(|c| c.cid == cid) {
-            return Ok(c.cqe);
-        }
-        out.clear();
-        if Instant::now() >= deadline {
-            return Err(HostError::Timeout);
-        }
-        reactor::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 #[derive(Deserialize)]
