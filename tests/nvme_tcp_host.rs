@@ -307,3 +307,83 @@ fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
     p["reconnect_delay_sec"] = json!(0);
     assert!(a.try_rpc("bdev_nvme_attach_controller", p).unwrap_err().message.contains("reconnect_delay_sec"));
 }
+
+/// SPDK's nvmf_tgt, killed by PID when the test ends.
+struct SpdkApp(std::process::Child);
+
+impl Drop for SpdkApp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn attaches_spdk_nvmf_tgt() {
+    let Ok(dir) = std::env::var("SPDK_DIR") else {
+        eprintln!("SKIPPED attaches_spdk_nvmf_tgt: SPDK_DIR is not set (point it at SPDK v25.09's folder, e.g. ../shared/peers/spdk-v25.09)");
+        return;
+    };
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&dir).join("bin/nvmf_tgt");
+    if !bin.exists() {
+        eprintln!("SKIPPED attaches_spdk_nvmf_tgt: {} does not exist", bin.display());
+        return;
+    }
+    const NQN_S: &str = "nqn.2016-06.io.spdk:cnode1";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cfg = json!({"subsystems": [
+        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 32768, "block_size": 512}}]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": NQN_S, "allow_any_host": true, "serial_number": "SPDK0001"}},
+            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": NQN_S, "namespace": {"bdev_name": "Malloc0", "nsid": 1}}},
+            {"method": "nvmf_subsystem_add_listener", "params": {"nqn": NQN_S, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}}
+        ]}
+    ]});
+    let cfg_path = tmp.path().join("nvmf_tgt.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let log = tmp.path().join("nvmf_tgt.log");
+    let logf = std::fs::File::create(&log).expect("log");
+    let child = std::process::Command::new(&bin)
+        .args(["-m", "0x1", "--no-huge", "-s", "1024", "--no-pci", "-r"])
+        .arg(tmp.path().join("spdk.sock"))
+        .arg("--json")
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::from(logf.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(logf))
+        .spawn()
+        .expect("start nvmf_tgt");
+    let mut app = SpdkApp(child);
+    let s_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(s_addr).is_err() {
+        if let Ok(Some(st)) = app.0.try_wait() {
+            panic!("nvmf_tgt exited ({st}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "nvmf_tgt did not listen in 60 s:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let a = Daemon::start(&config("[0, 1]"));
+    let mut p = attach_params("spdk", s_addr);
+    p["subnqn"] = json!(NQN_S);
+    p["hdgst"] = json!(true);
+    p["ddgst"] = json!(true);
+    assert_eq!(a.rpc("bdev_nvme_attach_controller", p), json!(["spdkn1"]));
+    let bd = a.rpc("bdev_get_bdevs", json!({"name": "spdkn1"}));
+    assert_eq!(bd[0]["num_blocks"], json!(32768));
+    let a_addr = export(&a, NQN_A, &["spdkn1"]);
+    let mut ha = host(a_addr, NQN_A);
+    let mut hs = host(s_addr, NQN_S);
+    for (slba, blocks, seed) in [(0u64, 1usize, 1u8), (7, 64, 2), (4096, 256, 3)] {
+        let data = pattern(blocks * BS, seed);
+        ha.write(1, slba, &data);
+        assert!(hs.read(1, slba, blocks) == data, "nvmf_tgt has what A wrote at {slba}+{blocks}");
+        assert!(ha.read(1, slba, blocks) == data, "A reads it back at {slba}+{blocks}");
+    }
+    drop(ha);
+    drop(hs);
+    a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
+    assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "spdk"})), json!(true));
+}

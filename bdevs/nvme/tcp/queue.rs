@@ -434,3 +434,177 @@ impl Poller for IoQueue {
         self.busy() && !self.down.get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvmf::spec::{io_opc, Status};
+    use crate::reactor::ManualCores;
+    use std::future::Future;
+    use std::net::TcpListener;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::task::{Context, Poll, Waker};
+
+    #[derive(Default)]
+    struct Seen {
+        errors: AtomicU64,
+        failures: AtomicU64,
+    }
+
+    impl QueueObserver for Seen {
+        fn io_error(&self) {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        fn queue_failed(&self, _why: &QueueError) {
+            self.failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A connected (host, target) pair of sockets; the host's is non-blocking.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (tgt, _) = l.accept().unwrap();
+        host.set_nonblocking(true).unwrap();
+        tgt.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        (host, tgt)
+    }
+
+    /// Reads one whole PDU on the target side.
+    fn read_pdu(t: &mut TcpStream) -> Vec<u8> {
+        let mut ch = [0u8; 8];
+        t.read_exact(&mut ch).unwrap();
+        let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
+        let mut v = ch.to_vec();
+        v.resize(plen, 0);
+        t.read_exact(&mut v[8..]).unwrap();
+        v
+    }
+
+    /// Polls the queue and `f` until `f` is ready.
+    fn wait<F: Future + Unpin>(q: &IoQueue, f: &mut F) -> F::Output {
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..10_000 {
+            q.poll();
+            if let Poll::Ready(v) = Pin::new(&mut *f).poll(&mut cx) {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        panic!("the command did not complete");
+    }
+
+    fn params(max_inline: usize) -> QueueParams {
+        QueueParams { hdgst: true, ddgst: true, maxh2cdata: 4096, max_inline, depth: 4 }
+    }
+
+    #[test]
+    fn read_data_lands_in_the_command_buffer_with_digests_checked() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(0), Arc::new(Seen::default()));
+            let mut buf = Some(IoBuf::alloc(8192));
+            let mut f = Box::pin(q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::READ, 1, 0, 16), &mut buf, true).unwrap().unwrap().owned());
+            q.poll();
+            let cmd = read_pdu(&mut tgt);
+            assert_eq!(cmd[0], pdu::pdu_type::CAPSULE_CMD);
+            assert_eq!(cmd.len(), pdu::CAPSULE_CMD_HLEN + 4, "header digest, no data");
+            assert!(pdu::header_digest_ok(&cmd, pdu::CAPSULE_CMD_HLEN));
+            let sqe = Sqe::from_slice(&cmd[8..72]).unwrap();
+            assert_eq!((sqe.opcode(), sqe.sgl().1), (io_opc::READ, 8192));
+            // Two C2HData PDUs, the last with SUCCESS (no CapsuleResp).
+            let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+            for (off, last) in [(0usize, false), (4096, true)] {
+                let d = &data[off..off + 4096];
+                let mut p = pdu::c2h_data(sqe.cid(), off as u32, 4096, last, last, true, true, 0).as_slice().to_vec();
+                p.extend_from_slice(d);
+                p.extend_from_slice(&pdu::digest(d).to_le_bytes());
+                tgt.write_all(&p).unwrap();
+            }
+            let (r, b) = wait(&q, &mut f);
+            assert_eq!(r, Ok(()));
+            assert!(b.unwrap()[..] == data[..]);
+            assert!(!q.busy());
+        });
+    }
+
+    #[test]
+    fn writes_answer_r2ts_in_maxh2cdata_pieces_and_statuses_map() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(1024), Arc::new(Seen::default()));
+            let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+            let mut b = IoBuf::alloc(data.len());
+            b.copy_from_slice(&data);
+            let mut f = q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 20), &mut Some(b), false).unwrap().unwrap();
+            q.poll();
+            let cmd = read_pdu(&mut tgt);
+            assert_eq!(cmd.len(), pdu::CAPSULE_CMD_HLEN + 4, "beyond max_inline: no in-capsule data");
+            let cid = Sqe::from_slice(&cmd[8..72]).unwrap().cid();
+            tgt.write_all(pdu::r2t(cid, 9, 0, 10000, true).as_slice()).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 10000 {
+                // Poll the host until its H2CData arrives.
+                q.poll();
+                let p = read_pdu(&mut tgt);
+                assert_eq!(p[0], pdu::pdu_type::H2C_DATA);
+                let dh = pdu::DataHeader::parse(&p).unwrap();
+                assert_eq!((dh.cccid, dh.ttag, dh.datao as usize), (cid, 9, got.len()));
+                assert!(dh.datal <= 4096, "MAXH2CDATA respected");
+                let d = &p[28..28 + dh.datal as usize];
+                assert_eq!(&p[28 + d.len()..], &pdu::digest(d).to_le_bytes());
+                got.extend_from_slice(d);
+            }
+            assert!(got == data);
+            let cqe = Cqe::new(cid, Status::generic(0x80));
+            tgt.write_all(pdu::capsule_resp(&cqe, true).as_slice()).unwrap();
+            assert_eq!(wait(&q, &mut f), Err(BdevError::Nvme { sct: 0, sc: 0x80 }));
+            // A small write goes in the capsule.
+            let mut small = Some(IoBuf::zeroed(512));
+            let _f = q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 1), &mut small, false).unwrap().unwrap();
+            q.poll();
+            assert_eq!(read_pdu(&mut tgt).len(), pdu::CAPSULE_CMD_HLEN + 4 + 512 + 4);
+        });
+    }
+
+    #[test]
+    fn a_broken_connection_holds_commands_until_reset_or_failure() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        let seen = Arc::new(Seen::default());
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(4096), seen.clone());
+            let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            q.poll();
+            read_pdu(&mut tgt);
+            // Garbage from the controller: the queue goes down, the command waits.
+            tgt.write_all(&[0xEE; 64]).unwrap();
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..200 {
+                q.poll();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(q.is_down());
+            assert_eq!(seen.failures.load(Relaxed), 1);
+            assert!(Pin::new(&mut f).poll(&mut cx).is_pending(), "held for the reconnect");
+            assert!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).is_none(), "new commands wait");
+            // A reconnect sends the held command again, on the new connection.
+            let (host2, mut tgt2) = pair();
+            q.reset(host2, params(4096));
+            q.poll();
+            let again = read_pdu(&mut tgt2);
+            let cid = Sqe::from_slice(&again[8..72]).unwrap().cid();
+            tgt2.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::SUCCESS), true).as_slice()).unwrap();
+            assert_eq!(wait(&q, &mut f), Ok(()));
+            // Fast fail: the held commands and new ones end with Offline.
+            let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            q.fail_pending();
+            assert_eq!(Pin::new(&mut g).poll(&mut cx), Poll::Ready(Err(BdevError::Offline)));
+            assert!(matches!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false), Some(Err(BdevError::Offline))));
+            assert_eq!(seen.errors.load(Relaxed), 2);
+        });
+    }
+}
