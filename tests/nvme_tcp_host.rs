@@ -387,3 +387,31 @@ fn attaches_spdk_nvmf_tgt() {
     a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
     assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "spdk"})), json!(true));
 }
+
+#[test]
+fn check_config_connects_and_stands_in_for_the_remote_namespaces() {
+    let (_b, b_addr) = node_b();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |subnqn: &str| {
+        // The attach call, then a subsystem exporting one of its bdevs: the stand-in must
+        // exist for the export to check.
+        let text = format!(
+            "[daemon]\ndata_dir = \"{}\"\nbuffer_pool_mb = 8\n[reactor]\ncores = [0]\n[metrics]\nlisten = \"\"\n\
+             [[bdev]]\nmethod = \"bdev_nvme_attach_controller\"\n\
+             params = {{ name = \"rb\", trtype = \"tcp\", adrfam = \"ipv4\", traddr = \"127.0.0.1\", trsvcid = \"{}\", subnqn = \"{subnqn}\" }}\n\
+             [[nvmf]]\nmethod = \"nvmf_create_transport\"\nparams = {{ trtype = \"TCP\" }}\n\
+             [[nvmf]]\nmethod = \"nvmf_create_subsystem\"\nparams = {{ nqn = \"{NQN_A}\", allow_any_host = true }}\n\
+             [[nvmf]]\nmethod = \"nvmf_subsystem_add_ns\"\nparams = {{ nqn = \"{NQN_A}\", namespace = {{ bdev_name = \"rbn2\" }} }}\n",
+            dir.path().display(),
+            b_addr.port()
+        );
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, text).unwrap();
+        let o = std::process::Command::new(TIDEMARKD).arg("--config").arg(&path).arg("--check-config").env_remove("RUST_LOG").output().unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    let (ok, out) = check(NQN_B);
+    assert!(ok, "{out}");
+    let (ok, out) = check("nqn.2016-06.io.tidemark:nobody");
+    assert!(!ok && out.contains("bdev[0]") && out.contains("cannot attach rb"), "{out}");
+}
