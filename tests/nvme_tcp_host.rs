@@ -415,3 +415,97 @@ fn check_config_connects_and_stands_in_for_the_remote_namespaces() {
     let (ok, out) = check("nqn.2016-06.io.tidemark:nobody");
     assert!(!ok && out.contains("bdev[0]") && out.contains("cannot attach rb"), "{out}");
 }
+
+fn raid(d: &Daemon, name: &str) -> Value {
+    let all = d.rpc("bdev_raid_get_bdevs", json!({"category": "all"}));
+    all.as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap_or_else(|| panic!("no raid {name} in {all}"))
+}
+
+fn leg_state(r: &Value, leg: &str) -> String {
+    r["base_bdevs_list"].as_array().unwrap().iter().find(|b| b["name"] == leg).map(|b| b["state"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Node B's leg: a file (it survives kill -9) with a fixed UUID, exported on `port`.
+fn setup_b_file(d: &Daemon, port: u16) -> SocketAddr {
+    d.rpc("bdev_uring_create", json!({"name": "u0", "filename": "leg.img", "size_mb": 64, "block_size": BS, "uuid": "5e1f0c2a-7d3b-4c1e-9a55-0123456789ab"}));
+    export_on(d, NQN_B, &["u0"], port)
+}
+
+#[test]
+fn a_mirror_with_a_remote_leg_survives_the_leg_node_dying_and_rejoins_it() {
+    let mut b = Daemon::start(&config("[0]"));
+    let b_port = free_port();
+    let b_addr = setup_b_file(&b, b_port);
+    let a = Daemon::start(&config("[0, 1]"));
+    let mut p = attach_params("rb", b_addr);
+    p["ctrlr_loss_timeout_sec"] = json!(60);
+    p["reconnect_delay_sec"] = json!(1);
+    p["fast_io_fail_timeout_sec"] = json!(2);
+    a.rpc("bdev_nvme_attach_controller", p);
+    a.rpc("bdev_malloc_create", json!({"name": "l0", "num_blocks": BLOCKS, "block_size": BS}));
+    a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["l0", "rbn1"]}));
+    let r = raid(&a, "m0");
+    assert_eq!(r["state"], "online", "{r}");
+    let data_offset = r["base_bdevs_list"][1]["data_offset"].as_u64().unwrap();
+    let a_addr = export(&a, NQN_A, &["m0"]);
+
+    // A host writes 64 KiB pieces over the first 8 MiB, round after round, while B is killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut h = host(a_addr, NQN_A);
+        let (mut max, mut errors, mut round) = (Duration::ZERO, 0, 0u8);
+        let mut expect = vec![0u8; 8 << 20];
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            for piece in 0..128u64 {
+                let data = pattern(128 * BS, round.wrapping_mul(31).wrapping_add(piece as u8));
+                let t0 = Instant::now();
+                let (cqe, _) = h.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, piece * 128, 128), Payload::Out(&data)).expect("A answers");
+                max = max.max(t0.elapsed());
+                if cqe.status().is_success() {
+                    expect[(piece as usize) * 128 * BS..(piece as usize + 1) * 128 * BS].copy_from_slice(&data);
+                } else {
+                    errors += 1;
+                }
+            }
+            round = round.wrapping_add(1);
+        }
+        (max, errors, expect, h)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    b.kill9();
+    wait_for("the mirror to drop the remote leg", 20, || leg_state(&raid(&a, "m0"), "rbn1") == "failed");
+    std::thread::sleep(Duration::from_secs(1));
+    b.restart();
+    setup_b_file(&b, b_port);
+    wait_for("the controller to reconnect", 20, || state(&a) == "enabled");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max, errors, expect, mut ha) = writer.join().unwrap();
+    assert_eq!(errors, 0, "the host saw no error");
+    assert!(max < Duration::from_secs(6), "host latency across the node loss is bounded by fast_io_fail_timeout_sec (2 s) plus slack: {max:?}");
+    println!("max host write latency across the loss of B: {max:?}");
+
+    // Re-join: only the regions written while B was away are copied.
+    let added = a.rpc("bdev_raid_add_base_bdev", json!({"raid_bdev": "m0", "base_bdev": "rbn1"}));
+    assert_eq!(added["returning"], true, "{added}");
+    let r = raid(&a, "m0");
+    let copy = added["regions_to_copy"].as_u64().unwrap_or(0);
+    assert!(copy >= 1 && copy < r["num_regions"].as_u64().unwrap_or(0), "incremental: {added} {r}");
+    println!("re-join copies {copy} of {} regions", r["num_regions"]);
+    wait_for("the re-joined leg", 60, || leg_state(&raid(&a, "m0"), "rbn1") == "active");
+    let mut hb = host(b_addr, NQN_B);
+    for piece in 0..64u64 {
+        let want = &expect[(piece as usize) * 256 * BS..(piece as usize + 1) * 256 * BS];
+        assert!(ha.read(1, piece * 256, 256) == want, "the mirror has every acknowledged write (piece {piece})");
+        assert!(hb.read(1, data_offset + piece * 256, 256) == want, "the remote leg has them too after the re-join (piece {piece})");
+    }
+}
