@@ -509,3 +509,27 @@ fn a_mirror_with_a_remote_leg_survives_the_leg_node_dying_and_rejoins_it() {
         assert!(hb.read(1, data_offset + piece * 256, 256) == want, "the remote leg has them too after the re-join (piece {piece})");
     }
 }
+
+#[test]
+fn shutdown_does_not_wait_for_io_held_for_a_reconnect() {
+    let (mut b, b_addr) = node_b();
+    let mut a = Daemon::start(&config("[0]"));
+    let mut p = attach_params("rb", b_addr);
+    p["ctrlr_loss_timeout_sec"] = json!(-1);
+    p["reconnect_delay_sec"] = json!(1);
+    a.rpc("bdev_nvme_attach_controller", p);
+    let a_addr = export(&a, NQN_A, &["rbn1"]);
+    let mut ha = host(a_addr, NQN_A);
+    ha.write(1, 0, &pattern(8 * BS, 1));
+    b.kill9();
+    // A write that waits forever for B (no fast_io_fail, reconnects forever).
+    ha.q.submit(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 8), Payload::Out(&pattern(8 * BS, 2))).unwrap();
+    ha.q.flush().unwrap();
+    wait_for("the controller to notice", 10, || state(&a) == "resetting");
+    let t0 = Instant::now();
+    let st = a.terminate(Duration::from_secs(20));
+    assert!(st.is_some_and(|s| s.success()), "tidemarkd stops cleanly with I/O held for a reconnect: {st:?}");
+    // The NVMe/TCP front end gives its connections' commands up to 10 s to end; then this
+    // module ends the held I/O (before, the reactors waited for it forever).
+    assert!(t0.elapsed() < Duration::from_secs(13), "stopped in {:?}", t0.elapsed());
+}

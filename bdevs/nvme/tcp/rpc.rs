@@ -59,9 +59,16 @@ impl Module for TcpModule {
         Vec::new()
     }
 
-    fn shutdown(&self, _ctx: &Ctx) {
+    /// Stops the keep-alives and recoveries, and ends the I/O that waits for a reconnect
+    /// (`Offline`): the bdevs' flushes that follow, and the reactors' drain of busy pollers,
+    /// must not wait for a node that is gone.
+    fn shutdown(&self, ctx: &Ctx) {
         for c in self.list() {
             c.shared.stop.store(true, Ordering::Relaxed);
+            let id = c.shared.id;
+            if let Err(e) = ctx.reactors.call_all(move || super::remove_queue(id)) {
+                log::warn!("shutdown: NVMe/TCP controller {}: {e}", c.shared.name);
+            }
         }
     }
 
