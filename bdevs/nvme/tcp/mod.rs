@@ -181,6 +181,11 @@ fn fail_queue(ctrl_id: u64) {
     }
 }
 
+/// Whether the current core's queue of controller `ctrl_id` waits for a reconnect.
+fn queue_is_down(ctrl_id: u64) -> bool {
+    core_queue(ctrl_id).is_some_and(|q| q.is_down() && !q.is_failing())
+}
+
 /// The current core's queue of controller `ctrl_id` continues on a new connection.
 fn reset_queue(ctrl_id: u64, stream: std::net::TcpStream, p: queue::QueueParams) {
     if let Some(q) = core_queue(ctrl_id) {

@@ -132,6 +132,11 @@ impl IoQueue {
         self.down.get()
     }
 
+    /// Whether commands fail at once (see [`IoQueue::fail_pending`]).
+    pub fn is_failing(&self) -> bool {
+        self.failing.get()
+    }
+
     fn limits(&self) -> RxLimits {
         let p = self.p.get();
         RxLimits { role: pdu::Role::Host, ic_done: true, hdgst: p.hdgst, ddgst: p.ddgst, max_capsule_data: 0, max_data_pdu: MAX_TRANSFER as u32 }

@@ -151,6 +151,12 @@ pub fn recover(shared: Arc<Shared>) {
                 shared.set_state(State::Enabled);
                 shared.recovering.store(false, Ordering::SeqCst);
                 log::info!("NVMe/TCP controller {}: reconnected after {:?} ({attempts} attempts)", shared.name, t0.elapsed());
+                // A queue whose new connection broke while the others were being reset told
+                // nobody (this recovery was still running): start another one.
+                let id = shared.id;
+                if t.reactors.call_all(move || super::queue_is_down(id)).is_ok_and(|down| down.into_iter().any(|d| d)) {
+                    shared.queue_failed(&QueueError::Closed);
+                }
                 return;
             }
             Err(e) => log::warn!("NVMe/TCP controller {}: reconnect attempt {attempts} failed: {e}", shared.name),
