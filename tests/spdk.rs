@@ -205,6 +205,7 @@ fn drive_every_shared_method(c: &Client) {
     called.borrow_mut().insert("bdev_nvme_detach_controller".into());
     let e = c.fails(&d, &["bdev_nvme_detach_controller", "nvme0"]);
     assert!(e.contains("-19"), "{e}");
+    assert_eq!(js(&["bdev_nvme_get_controllers"]), json!([]), "no NVMe/TCP controller attached");
     // What tidemark lacks is refused naming the parameter and why.
     let e = c.fails(&d, &["bdev_malloc_create", "-b", "md", "1", "512", "-m", "8"]);
     assert!(e.contains("-32602") && e.contains("md_size") && e.contains("metadata"), "{e}");

@@ -10,6 +10,7 @@
 
 pub mod identify;
 pub mod rpc;
+pub mod tcp;
 
 use crate::bdev::{gather, scatter, Bdev, BdevError, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::bdevs::uring::UringBdev;

@@ -116,9 +116,12 @@ impl SpdkParams for Attach {
 }
 
 fn attach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    if super::tcp::rpc::is_tcp(&p) {
+        return super::tcp::rpc::attach(t, p);
+    }
     let p: Attach = parse_spdk(p)?;
     if !p.trtype.eq_ignore_ascii_case("pcie") {
-        return Err(RpcError::invalid_params(format!("field `trtype`: {:?} is not supported (only \"pcie\"; NVMe/TCP initiator bdevs are planned)", p.trtype)));
+        return Err(RpcError::invalid_params(format!("field `trtype`: {:?} is not supported (\"pcie\" or \"tcp\")", p.trtype)));
     }
     let namespaces = super::controller_namespaces(&p.traddr).map_err(RpcError::no_device)?;
     let names: Vec<String> = namespaces.iter().map(|(nsid, _)| format!("{}n{nsid}", p.name)).collect();
@@ -170,6 +173,9 @@ struct Detach {
 }
 
 fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    if super::tcp::rpc::owns(t, &p) {
+        return super::tcp::rpc::detach(t, p);
+    }
     let p: Detach = parse(p)?;
     if let Some(tt) = &p.trtype {
         if !tt.eq_ignore_ascii_case("pcie") {

@@ -1,0 +1,615 @@
+//! One NVMe/TCP I/O queue pair, owned by one reactor core and polled by it (SPDK's
+//! `spdk_nvme_qpair` of the TCP transport). The socket is non-blocking; the core's poller sends
+//! what commands queued, reads what arrived and completes commands through the core's
+//! completion slots.
+//!
+//! Connection loss: the queue goes *down*: its commands stay in the table (their buffers in
+//! their slots) and new ones wait, until the controller reconnects and [`IoQueue::reset`] gives
+//! the queue a new socket (every waiting command is sent again), or the controller gives up
+//! waiting and [`IoQueue::fail_pending`] ends them with `Offline`.
+//!
+//! Data placement: a command's data lives in a pool buffer that its completion slot owns until
+//! the command ends (the slot frees it if the caller's future is gone), the queue only keeps
+//! the buffer's address. C2HData payloads are copied from the receive buffer into it, R2Ts are
+//! answered with H2CData PDUs read from it: the caller's buffers are never named here.
+
+use crate::bdev::{BdevError, CompletionFuture, Completions, IoBuf, IoResult};
+use crate::nvmf::pdu::{self, CommonHeader, DataHeader, R2t, RxLimits};
+use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
+use crate::reactor::Poller;
+use std::cell::{Cell, RefCell};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+/// Largest transfer of one command this host issues (the controller's MDTS may lower it): the
+/// receive buffer holds one whole C2HData PDU of this size.
+pub const MAX_TRANSFER: usize = 1 << 20;
+const RX_CAP: usize = MAX_TRANSFER + 16 * 1024;
+
+/// Why a queue stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("connection lost: {0}")]
+    Io(String),
+    #[error("connection closed by the controller")]
+    Closed,
+    #[error("protocol error from the controller: {0}")]
+    Protocol(String),
+}
+
+/// What a connected queue negotiated (ICResp, Identify Controller).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueParams {
+    pub hdgst: bool,
+    pub ddgst: bool,
+    pub maxh2cdata: u32,
+    /// Largest in-capsule data of a command (IOCCSZ).
+    pub max_inline: usize,
+    /// Queue entries (commands in flight at most).
+    pub depth: u16,
+}
+
+/// Maps an NVMe completion status to the bdev layer's result.
+pub fn status_result(st: Status) -> IoResult {
+    if st.is_success() {
+        Ok(())
+    } else {
+        Err(BdevError::Nvme { sct: st.sct, sc: st.sc })
+    }
+}
+
+struct Req {
+    busy: bool,
+    /// The command as sent (without its CID): sent again after a reconnect.
+    sqe: Sqe,
+    slot: usize,
+    /// The command's data buffer (owned by its completion slot) and its length.
+    data: *mut u8,
+    len: usize,
+    /// Whether data flows controller to host.
+    data_in: bool,
+}
+
+struct Inner {
+    stream: TcpStream,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: Vec<u8>,
+    tx_off: usize,
+    reqs: Vec<Req>,
+    free: Vec<u16>,
+}
+
+/// Counters a queue updates for its controller (shared by all cores).
+pub trait QueueObserver: Send + Sync {
+    fn io_error(&self);
+    fn queue_failed(&self, why: &QueueError);
+}
+
+pub struct IoQueue {
+    inner: RefCell<Inner>,
+    p: Cell<QueueParams>,
+    completions: Completions,
+    /// The connection is gone: commands wait for a reset.
+    down: Cell<bool>,
+    /// Commands fail at once (fast_io_fail_timeout_sec passed, or the controller is gone).
+    failing: Cell<bool>,
+    in_flight: Cell<usize>,
+    pub(super) poller_id: Cell<Option<u64>>,
+    observer: Arc<dyn QueueObserver>,
+}
+
+impl IoQueue {
+    /// A queue over `stream` (connected: ICReq/ICResp and Fabrics Connect done). Call on the
+    /// core that will own it.
+    pub fn new(stream: TcpStream, p: QueueParams, observer: Arc<dyn QueueObserver>) -> IoQueue {
+        let n = p.depth.max(2) as usize;
+        IoQueue {
+            inner: RefCell::new(Inner {
+                stream,
+                rx: vec![0u8; RX_CAP],
+                rx_start: 0,
+                rx_end: 0,
+                tx: Vec::with_capacity(64 * 1024),
+                tx_off: 0,
+                reqs: (0..n).map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false }).collect(),
+                free: (0..n as u16).rev().collect(),
+            }),
+            p: Cell::new(p),
+            completions: Completions::current(),
+            down: Cell::new(false),
+            failing: Cell::new(false),
+            in_flight: Cell::new(0),
+            poller_id: Cell::new(None),
+            observer,
+        }
+    }
+
+    /// Whether new commands wait for a reconnect.
+    pub fn is_down(&self) -> bool {
+        self.down.get()
+    }
+
+    /// Whether commands fail at once (see [`IoQueue::fail_pending`]).
+    pub fn is_failing(&self) -> bool {
+        self.failing.get()
+    }
+
+    fn limits(&self) -> RxLimits {
+        let p = self.p.get();
+        RxLimits { role: pdu::Role::Host, ic_done: true, hdgst: p.hdgst, ddgst: p.ddgst, max_capsule_data: 0, max_data_pdu: MAX_TRANSFER as u32 }
+    }
+
+    /// Queues `sqe` with its data buffer (`data_in`: the controller fills it). The buffer moves
+    /// into the completion slot. None (and `buf` left in place) when every entry is in use or
+    /// the connection is down (the caller waits).
+    pub fn push(&self, sqe: Sqe, buf: &mut Option<IoBuf>, data_in: bool) -> Option<Result<CompletionFuture, BdevError>> {
+        if self.failing.get() {
+            self.observer.io_error();
+            return Some(Err(BdevError::Offline));
+        }
+        if self.down.get() {
+            return None;
+        }
+        let mut g = self.inner.borrow_mut();
+        let inner = &mut *g;
+        let cid = inner.free.pop()?;
+        let (ptr, len) = buf.as_mut().map_or((std::ptr::null_mut(), 0), |b| (b.as_mut_ptr(), b.len()));
+        assert!(len <= MAX_TRANSFER, "a command's transfer is split at MAX_TRANSFER by the channel");
+        let (slot, fut) = match buf.take() {
+            Some(b) => self.completions.alloc_owning(b),
+            None => self.completions.alloc(),
+        };
+        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in };
+        self.encode(inner, cid);
+        self.in_flight.set(self.in_flight.get() + 1);
+        Some(Ok(fut))
+    }
+
+    /// Appends command `cid`'s capsule (and in-capsule data) to the send buffer.
+    fn encode(&self, inner: &mut Inner, cid: u16) {
+        let r = &inner.reqs[cid as usize];
+        let (ptr, len, data_in) = (r.data, r.len, r.data_in);
+        let mut sqe = r.sqe;
+        sqe.set_cid(cid);
+        let p = self.p.get();
+        let (hd, dd) = (p.hdgst, p.ddgst);
+        if len > 0 && !data_in && len <= p.max_inline {
+            sqe.set_sgl(0, len as u32, sgl::IN_CAPSULE);
+            inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, len, hd, dd).as_slice());
+            // SAFETY: the slot owns the buffer until this command completes; it is not freed
+            // or written while the command is queued.
+            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+            inner.tx.extend_from_slice(data);
+            if dd {
+                inner.tx.extend_from_slice(&pdu::digest(data).to_le_bytes());
+            }
+        } else {
+            // Reads, large writes (the controller asks with R2Ts) and commands without data
+            // (a zero-length transport SGL).
+            sqe.set_sgl(0, len as u32, sgl::TRANSPORT_DATA_BLOCK);
+            inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, 0, hd, dd).as_slice());
+        }
+    }
+
+    /// The connection is gone: commands wait (see the module documentation) and the
+    /// controller is told, so that it reconnects.
+    pub fn disconnect(&self, why: &QueueError) {
+        if self.down.replace(true) {
+            return;
+        }
+        let _ = self.inner.borrow().stream.shutdown(std::net::Shutdown::Both);
+        self.observer.queue_failed(why);
+    }
+
+    /// A new connection (ICReq/ICResp and Fabrics Connect done): every command still in the
+    /// table is sent again, and new ones go out.
+    pub fn reset(&self, stream: TcpStream, p: QueueParams) {
+        let mut g = self.inner.borrow_mut();
+        let inner = &mut *g;
+        let _ = inner.stream.shutdown(std::net::Shutdown::Both);
+        inner.stream = stream;
+        inner.rx_start = 0;
+        inner.rx_end = 0;
+        inner.tx.clear();
+        inner.tx_off = 0;
+        self.p.set(p);
+        let busy: Vec<u16> = (0..inner.reqs.len() as u16).filter(|&c| inner.reqs[c as usize].busy).collect();
+        for cid in busy {
+            self.encode(inner, cid);
+        }
+        self.down.set(false);
+        self.failing.set(false);
+    }
+
+    /// Ends every command in the table with `Offline`, and new ones fail at once until the
+    /// next reset.
+    pub fn fail_pending(&self) {
+        self.failing.set(true);
+        // The connection (if it still works) is dropped too: a late answer must not reach a
+        // command table whose entries are reused; the reset gives a new one.
+        self.down.set(true);
+        let mut g = self.inner.borrow_mut();
+        let inner = &mut *g;
+        let _ = inner.stream.shutdown(std::net::Shutdown::Both);
+        let slots: Vec<usize> = inner
+            .reqs
+            .iter_mut()
+            .filter(|r| r.busy)
+            .map(|r| {
+                r.busy = false;
+                r.data = std::ptr::null_mut();
+                r.slot
+            })
+            .collect();
+        inner.free = (0..inner.reqs.len() as u16).rev().collect();
+        drop(g);
+        self.in_flight.set(0);
+        for s in slots {
+            self.observer.io_error();
+            self.completions.complete(s, Err(BdevError::Offline));
+        }
+    }
+
+    fn flush(inner: &mut Inner) -> Result<(), QueueError> {
+        while inner.tx_off < inner.tx.len() {
+            match inner.stream.write(&inner.tx[inner.tx_off..]) {
+                Ok(0) => return Err(QueueError::Closed),
+                Ok(n) => inner.tx_off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(QueueError::Io(e.to_string())),
+            }
+        }
+        inner.tx.clear();
+        inner.tx_off = 0;
+        Ok(())
+    }
+
+    fn run(&self) -> Result<usize, QueueError> {
+        let mut work = 0;
+        let lim = self.limits();
+        let mut done: Vec<(usize, IoResult)> = Vec::new();
+        {
+            let mut g = self.inner.borrow_mut();
+            let inner = &mut *g;
+            if !inner.tx.is_empty() {
+                work += 1;
+            }
+            Self::flush(inner)?;
+            loop {
+                while let Some(len) = complete_pdu_len(&inner.rx[inner.rx_start..inner.rx_end], &lim)? {
+                    let start = inner.rx_start;
+                    inner.rx_start += len;
+                    self.handle_pdu(inner, start, len, &mut done)?;
+                    work += 1;
+                }
+                if inner.rx_start == inner.rx_end {
+                    inner.rx_start = 0;
+                    inner.rx_end = 0;
+                } else if inner.rx_start > 0 && inner.rx.len() - inner.rx_end < 64 * 1024 {
+                    inner.rx.copy_within(inner.rx_start..inner.rx_end, 0);
+                    inner.rx_end -= inner.rx_start;
+                    inner.rx_start = 0;
+                }
+                let end = inner.rx_end;
+                match inner.stream.read(&mut inner.rx[end..]) {
+                    Ok(0) => return Err(QueueError::Closed),
+                    Ok(n) => inner.rx_end += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(QueueError::Io(e.to_string())),
+                }
+            }
+            Self::flush(inner)?;
+        }
+        // Completions run wakers only after the queue is released (a woken task may submit).
+        for (slot, r) in done {
+            if r.is_err() {
+                self.observer.io_error();
+            }
+            self.completions.complete(slot, r);
+        }
+        Ok(work)
+    }
+
+    /// Ends command `cid` (its data buffer is no longer touched): (slot, result) to complete.
+    fn finish(&self, inner: &mut Inner, cid: u16, r: IoResult, done: &mut Vec<(usize, IoResult)>) -> Result<(), QueueError> {
+        let req = inner.reqs.get_mut(cid as usize).filter(|r| r.busy).ok_or_else(|| QueueError::Protocol(format!("completion for unknown command {cid}")))?;
+        req.busy = false;
+        req.data = std::ptr::null_mut();
+        done.push((req.slot, r));
+        inner.free.push(cid);
+        self.in_flight.set(self.in_flight.get() - 1);
+        Ok(())
+    }
+
+    fn handle_pdu(&self, inner: &mut Inner, start: usize, len: usize, done: &mut Vec<(usize, IoResult)>) -> Result<(), QueueError> {
+        let p = start..start + len;
+        let ch = CommonHeader::parse(&inner.rx[p.clone()]).ok_or_else(|| QueueError::Protocol("short PDU".into()))?;
+        let layout = pdu::check_header(ch, &self.limits()).map_err(|f| QueueError::Protocol(f.to_string()))?;
+        if self.p.get().hdgst && ch.ty != pdu::pdu_type::C2H_TERM_REQ && !pdu::header_digest_ok(&inner.rx[p.clone()], ch.hlen as usize) {
+            return Err(QueueError::Protocol("header digest mismatch".into()));
+        }
+        match ch.ty {
+            pdu::pdu_type::C2H_TERM_REQ => {
+                let (fes, fei) = pdu::parse_term_req(&inner.rx[p]).unwrap_or((0, 0));
+                Err(QueueError::Protocol(format!("the controller terminated the connection (FES {fes}, FEI {fei})")))
+            }
+            pdu::pdu_type::CAPSULE_RESP => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&inner.rx[start + 8..start + 24]);
+                let cqe = Cqe::from_bytes(&b);
+                self.finish(inner, cqe.cid, status_result(cqe.status()), done)
+            }
+            pdu::pdu_type::C2H_DATA => {
+                let dh = DataHeader::parse(&inner.rx[p]).ok_or_else(|| QueueError::Protocol("short C2HData".into()))?;
+                let data = start + layout.data_offset..start + layout.data_offset + layout.data_len;
+                if layout.ddgst {
+                    let d = &inner.rx[data.end..data.end + 4];
+                    if u32::from_le_bytes([d[0], d[1], d[2], d[3]]) != pdu::digest(&inner.rx[data.clone()]) {
+                        return Err(QueueError::Protocol("data digest mismatch".into()));
+                    }
+                }
+                let cid = dh.cccid;
+                let req = inner
+                    .reqs
+                    .get(cid as usize)
+                    .filter(|r| r.busy && r.data_in)
+                    .ok_or_else(|| QueueError::Protocol(format!("C2HData for unknown command {cid}")))?;
+                let (a, b) = (dh.datao as usize, dh.datao as usize + dh.datal as usize);
+                if b > req.len || dh.datal as usize != layout.data_len {
+                    return Err(QueueError::Protocol(format!("C2HData beyond the transfer of command {cid}")));
+                }
+                // SAFETY: the command is in flight, so its slot owns the buffer of `req.len`
+                // bytes at `req.data`, and a..b lies inside it (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(inner.rx[data].as_ptr(), req.data.add(a), b - a) };
+                if ch.flags & pdu::flags::DATA_SUCCESS != 0 {
+                    if ch.flags & pdu::flags::DATA_LAST == 0 {
+                        return Err(QueueError::Protocol("C2HData SUCCESS without LAST".into()));
+                    }
+                    return self.finish(inner, cid, Ok(()), done);
+                }
+                Ok(())
+            }
+            pdu::pdu_type::R2T => {
+                let r2t = R2t::parse(&inner.rx[p]).ok_or_else(|| QueueError::Protocol("short R2T".into()))?;
+                let cid = r2t.cccid;
+                let req = inner
+                    .reqs
+                    .get(cid as usize)
+                    .filter(|r| r.busy && !r.data_in)
+                    .ok_or_else(|| QueueError::Protocol(format!("R2T for unknown command {cid}")))?;
+                let (a, total) = (r2t.r2to as usize, r2t.r2tl as usize);
+                if total == 0 || a + total > req.len {
+                    return Err(QueueError::Protocol(format!("R2T beyond the data of command {cid}")));
+                }
+                // SAFETY: as for C2HData: the slot owns `req.len` bytes at `req.data`.
+                let data = unsafe { std::slice::from_raw_parts(req.data.add(a), total) };
+                let max = self.p.get().maxh2cdata as usize;
+                let mut off = 0;
+                while off < total {
+                    let n = max.min(total - off);
+                    let h = pdu::h2c_data(cid, r2t.ttag, (a + off) as u32, n as u32, off + n == total, self.p.get().hdgst, self.p.get().ddgst);
+                    inner.tx.extend_from_slice(h.as_slice());
+                    inner.tx.extend_from_slice(&data[off..off + n]);
+                    if self.p.get().ddgst {
+                        inner.tx.extend_from_slice(&pdu::digest(&data[off..off + n]).to_le_bytes());
+                    }
+                    off += n;
+                }
+                Ok(())
+            }
+            other => Err(QueueError::Protocol(format!("unexpected PDU type {other:#x}"))),
+        }
+    }
+}
+
+/// The length of the PDU at the front of `avail`, once it is all there.
+fn complete_pdu_len(avail: &[u8], lim: &RxLimits) -> Result<Option<usize>, QueueError> {
+    let Some(ch) = CommonHeader::parse(avail) else { return Ok(None) };
+    let layout = pdu::check_header(ch, lim).map_err(|f| QueueError::Protocol(format!("bad PDU: {f}")))?;
+    Ok((avail.len() >= layout.plen()).then_some(layout.plen()))
+}
+
+impl Poller for IoQueue {
+    fn poll(&self) -> usize {
+        if self.down.get() {
+            return 0;
+        }
+        match self.run() {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("NVMe/TCP I/O queue: {e}");
+                self.disconnect(&e);
+                1
+            }
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.get() > 0
+    }
+
+    /// The socket is not registered with the core's event loop: while commands are in flight
+    /// only polling sees their answers.
+    fn needs_polling(&self) -> bool {
+        self.busy() && !self.down.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvmf::spec::{io_opc, Status};
+    use crate::reactor::ManualCores;
+    use std::future::Future;
+    use std::net::TcpListener;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::task::{Context, Poll, Waker};
+
+    #[derive(Default)]
+    struct Seen {
+        errors: AtomicU64,
+        failures: AtomicU64,
+    }
+
+    impl QueueObserver for Seen {
+        fn io_error(&self) {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        fn queue_failed(&self, _why: &QueueError) {
+            self.failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A connected (host, target) pair of sockets; the host's is non-blocking.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (tgt, _) = l.accept().unwrap();
+        host.set_nonblocking(true).unwrap();
+        tgt.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        (host, tgt)
+    }
+
+    /// Reads one whole PDU on the target side.
+    fn read_pdu(t: &mut TcpStream) -> Vec<u8> {
+        let mut ch = [0u8; 8];
+        t.read_exact(&mut ch).unwrap();
+        let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
+        let mut v = ch.to_vec();
+        v.resize(plen, 0);
+        t.read_exact(&mut v[8..]).unwrap();
+        v
+    }
+
+    /// Polls the queue and `f` until `f` is ready.
+    fn wait<F: Future + Unpin>(q: &IoQueue, f: &mut F) -> F::Output {
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..10_000 {
+            q.poll();
+            if let Poll::Ready(v) = Pin::new(&mut *f).poll(&mut cx) {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        panic!("the command did not complete");
+    }
+
+    fn params(max_inline: usize) -> QueueParams {
+        QueueParams { hdgst: true, ddgst: true, maxh2cdata: 4096, max_inline, depth: 4 }
+    }
+
+    #[test]
+    fn read_data_lands_in_the_command_buffer_with_digests_checked() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(0), Arc::new(Seen::default()));
+            let mut buf = Some(IoBuf::alloc(8192));
+            let mut f = Box::pin(q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::READ, 1, 0, 16), &mut buf, true).unwrap().unwrap().owned());
+            q.poll();
+            let cmd = read_pdu(&mut tgt);
+            assert_eq!(cmd[0], pdu::pdu_type::CAPSULE_CMD);
+            assert_eq!(cmd.len(), pdu::CAPSULE_CMD_HLEN + 4, "header digest, no data");
+            assert!(pdu::header_digest_ok(&cmd, pdu::CAPSULE_CMD_HLEN));
+            let sqe = Sqe::from_slice(&cmd[8..72]).unwrap();
+            assert_eq!((sqe.opcode(), sqe.sgl().1), (io_opc::READ, 8192));
+            // Two C2HData PDUs, the last with SUCCESS (no CapsuleResp).
+            let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+            for (off, last) in [(0usize, false), (4096, true)] {
+                let d = &data[off..off + 4096];
+                let mut p = pdu::c2h_data(sqe.cid(), off as u32, 4096, last, last, true, true, 0).as_slice().to_vec();
+                p.extend_from_slice(d);
+                p.extend_from_slice(&pdu::digest(d).to_le_bytes());
+                tgt.write_all(&p).unwrap();
+            }
+            let (r, b) = wait(&q, &mut f);
+            assert_eq!(r, Ok(()));
+            assert!(b.unwrap()[..] == data[..]);
+            assert!(!q.busy());
+        });
+    }
+
+    #[test]
+    fn writes_answer_r2ts_in_maxh2cdata_pieces_and_statuses_map() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(1024), Arc::new(Seen::default()));
+            let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+            let mut b = IoBuf::alloc(data.len());
+            b.copy_from_slice(&data);
+            let mut f = q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 20), &mut Some(b), false).unwrap().unwrap();
+            q.poll();
+            let cmd = read_pdu(&mut tgt);
+            assert_eq!(cmd.len(), pdu::CAPSULE_CMD_HLEN + 4, "beyond max_inline: no in-capsule data");
+            let cid = Sqe::from_slice(&cmd[8..72]).unwrap().cid();
+            tgt.write_all(pdu::r2t(cid, 9, 0, 10000, true).as_slice()).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 10000 {
+                // Poll the host until its H2CData arrives.
+                q.poll();
+                let p = read_pdu(&mut tgt);
+                assert_eq!(p[0], pdu::pdu_type::H2C_DATA);
+                let dh = pdu::DataHeader::parse(&p).unwrap();
+                assert_eq!((dh.cccid, dh.ttag, dh.datao as usize), (cid, 9, got.len()));
+                assert!(dh.datal <= 4096, "MAXH2CDATA respected");
+                let d = &p[28..28 + dh.datal as usize];
+                assert_eq!(&p[28 + d.len()..], &pdu::digest(d).to_le_bytes());
+                got.extend_from_slice(d);
+            }
+            assert!(got == data);
+            let cqe = Cqe::new(cid, Status::generic(0x80));
+            tgt.write_all(pdu::capsule_resp(&cqe, true).as_slice()).unwrap();
+            assert_eq!(wait(&q, &mut f), Err(BdevError::Nvme { sct: 0, sc: 0x80 }));
+            // A small write goes in the capsule.
+            let mut small = Some(IoBuf::zeroed(512));
+            let _f = q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 1), &mut small, false).unwrap().unwrap();
+            q.poll();
+            assert_eq!(read_pdu(&mut tgt).len(), pdu::CAPSULE_CMD_HLEN + 4 + 512 + 4);
+        });
+    }
+
+    #[test]
+    fn a_broken_connection_holds_commands_until_reset_or_failure() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        let seen = Arc::new(Seen::default());
+        cores.enter(0, || {
+            let q = IoQueue::new(host, params(4096), seen.clone());
+            let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            q.poll();
+            read_pdu(&mut tgt);
+            // Garbage from the controller: the queue goes down, the command waits.
+            tgt.write_all(&[0xEE; 64]).unwrap();
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..200 {
+                q.poll();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(q.is_down());
+            assert_eq!(seen.failures.load(Relaxed), 1);
+            assert!(Pin::new(&mut f).poll(&mut cx).is_pending(), "held for the reconnect");
+            assert!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).is_none(), "new commands wait");
+            // A reconnect sends the held command again, on the new connection.
+            let (host2, mut tgt2) = pair();
+            q.reset(host2, params(4096));
+            q.poll();
+            let again = read_pdu(&mut tgt2);
+            let cid = Sqe::from_slice(&again[8..72]).unwrap().cid();
+            tgt2.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::SUCCESS), true).as_slice()).unwrap();
+            assert_eq!(wait(&q, &mut f), Ok(()));
+            // Fast fail: the held commands and new ones end with Offline.
+            let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            q.fail_pending();
+            assert_eq!(Pin::new(&mut g).poll(&mut cx), Poll::Ready(Err(BdevError::Offline)));
+            assert!(matches!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false), Some(Err(BdevError::Offline))));
+            assert_eq!(seen.errors.load(Relaxed), 2);
+        });
+    }
+}

@@ -1,0 +1,299 @@
+//! Connection loss (SPDK's `bdev_nvme` reset path): when a queue's connection or the admin
+//! queue's keep-alive fails, the controller's I/O waits while a recovery thread reconnects
+//! every `reconnect_delay_sec`; once `fast_io_fail_timeout_sec` has passed, waiting and new I/O
+//! fail with an I/O error (so that a mirror can drop the leg); once `ctrlr_loss_timeout_sec`
+//! has passed, the controller stops reconnecting and stays failed until it is detached.
+//!
+//! The connect sequence blocks (connect, ICReq, Fabrics Connect, each with a timeout), so it
+//! runs on a thread of its own that exists only while the controller is down, never on a
+//! reactor; the cores only swap the new sockets into their queues.
+
+use super::queue::{QueueError, QueueObserver, QueueParams};
+use super::{Shared, State};
+use crate::nvmf::initiator::{Controller, Error as HostError, Payload, Qpair, QpairOptions};
+use crate::nvmf::spec::{admin_opc, Cqe, Sqe};
+use crate::reactor::{self, ReactorHandle};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Entries of each I/O queue.
+pub const IO_QUEUE_SIZE: u16 = 128;
+
+/// SPDK's three timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// None: reconnect forever (-1); zero: one attempt, at once.
+    pub ctrlr_loss: Option<Duration>,
+    pub reconnect_delay: Duration,
+    /// None: I/O waits until the controller is lost.
+    pub fast_io_fail: Option<Duration>,
+}
+
+impl Policy {
+    /// From SPDK's parameters, with SPDK's checks.
+    pub fn from_params(ctrlr_loss_sec: i64, reconnect_delay_sec: u32, fast_io_fail_sec: u32) -> Result<Policy, String> {
+        let secs = |s: u64| Duration::from_secs(s);
+        match ctrlr_loss_sec {
+            n if n < -1 => return Err("field `ctrlr_loss_timeout_sec`: must be -1 (forever) or at least 0".into()),
+            0 if reconnect_delay_sec != 0 || fast_io_fail_sec != 0 => {
+                return Err("fields `reconnect_delay_sec` and `fast_io_fail_timeout_sec` must be 0 when `ctrlr_loss_timeout_sec` is 0".into())
+            }
+            0 => {}
+            _ if reconnect_delay_sec == 0 => return Err("field `reconnect_delay_sec`: must be set when `ctrlr_loss_timeout_sec` is not 0".into()),
+            n if n > 0 && reconnect_delay_sec as i64 > n => return Err("field `reconnect_delay_sec`: must not exceed `ctrlr_loss_timeout_sec`".into()),
+            n if n > 0 && fast_io_fail_sec as i64 > n => return Err("field `fast_io_fail_timeout_sec`: must not exceed `ctrlr_loss_timeout_sec`".into()),
+            _ => {}
+        }
+        if fast_io_fail_sec != 0 && fast_io_fail_sec < reconnect_delay_sec {
+            return Err("field `fast_io_fail_timeout_sec`: must not be less than `reconnect_delay_sec`".into());
+        }
+        Ok(Policy {
+            ctrlr_loss: (ctrlr_loss_sec >= 0).then(|| secs(ctrlr_loss_sec as u64)),
+            reconnect_delay: secs(reconnect_delay_sec as u64),
+            fast_io_fail: (fast_io_fail_sec > 0).then(|| secs(fast_io_fail_sec as u64)),
+        })
+    }
+}
+
+/// What the recovery does next, `elapsed` after the connection was lost, after `attempts`
+/// reconnects failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Reconnect,
+    /// Fail the waiting I/O and refuse new I/O, and keep reconnecting.
+    FailIo,
+    /// Give up: fail the I/O and stop reconnecting.
+    Lose,
+}
+
+pub fn next_step(p: &Policy, elapsed: Duration, attempts: u32, io_failed: bool) -> Step {
+    let lost = match p.ctrlr_loss {
+        None => false,
+        Some(d) if d.is_zero() => attempts >= 1,
+        Some(d) => elapsed >= d,
+    };
+    if lost {
+        Step::Lose
+    } else if !io_failed && p.fast_io_fail.is_some_and(|f| elapsed >= f) {
+        Step::FailIo
+    } else {
+        Step::Reconnect
+    }
+}
+
+/// How long the recovery sleeps before its next step.
+pub fn next_wait(p: &Policy, elapsed: Duration, io_failed: bool) -> Duration {
+    let mut w = p.reconnect_delay;
+    if let (false, Some(f)) = (io_failed, p.fast_io_fail) {
+        w = w.min(f.saturating_sub(elapsed));
+    }
+    if let Some(l) = p.ctrlr_loss {
+        w = w.min(l.saturating_sub(elapsed));
+    }
+    w
+}
+
+/// What a reconnect needs.
+pub struct Target {
+    pub reactors: ReactorHandle,
+    pub addr: SocketAddr,
+    pub subnqn: String,
+    pub opts: QpairOptions,
+    pub cores: usize,
+    pub policy: Policy,
+}
+
+/// Connects I/O queue `core + 1` and returns its socket and what it negotiated. The socket is
+/// a second descriptor of the initiator's connection: the initiator's queue pair (and its own
+/// descriptor) is dropped once connected, the connection stays open through ours.
+pub fn connect_queue(c: &mut Controller, core: usize) -> Result<(TcpStream, QueueParams), HostError> {
+    let q: Qpair = c.connect_io(core as u16 + 1, IO_QUEUE_SIZE)?;
+    let stream = q.stream().try_clone()?;
+    let qp = QueueParams { hdgst: q.hdgst, ddgst: q.ddgst, maxh2cdata: q.maxh2cdata, max_inline: q.max_inline, depth: IO_QUEUE_SIZE };
+    drop(q);
+    Ok((stream, qp))
+}
+
+/// The recovery of `shared`'s controller; runs on its own thread until the controller is back,
+/// lost or detached.
+pub fn recover(shared: Arc<Shared>) {
+    let t = &shared.target;
+    let t0 = Instant::now();
+    let (mut attempts, mut io_failed) = (0, false);
+    // The keep-alive task of the old admin queue ends.
+    shared.generation.fetch_add(1, Ordering::SeqCst);
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match next_step(&t.policy, t0.elapsed(), attempts, io_failed) {
+            Step::Lose => {
+                log::error!("NVMe/TCP controller {}: lost (no reconnect within ctrlr_loss_timeout_sec); its I/O fails", shared.name);
+                shared.set_state(State::Lost);
+                fail_io(&shared);
+                return;
+            }
+            Step::FailIo => {
+                log::warn!("NVMe/TCP controller {}: fast_io_fail_timeout_sec passed; I/O fails while it reconnects", shared.name);
+                io_failed = true;
+                shared.set_state(State::Failed);
+                fail_io(&shared);
+                continue;
+            }
+            Step::Reconnect => {}
+        }
+        attempts += 1;
+        match reconnect(&shared) {
+            Ok(()) => {
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                shared.set_state(State::Enabled);
+                shared.recovering.store(false, Ordering::SeqCst);
+                log::info!("NVMe/TCP controller {}: reconnected after {:?} ({attempts} attempts)", shared.name, t0.elapsed());
+                // A queue whose new connection broke while the others were being reset told
+                // nobody (this recovery was still running): start another one.
+                let id = shared.id;
+                if t.reactors.call_all(move || super::queue_is_down(id)).is_ok_and(|down| down.into_iter().any(|d| d)) {
+                    shared.queue_failed(&QueueError::Closed);
+                }
+                return;
+            }
+            Err(e) => log::warn!("NVMe/TCP controller {}: reconnect attempt {attempts} failed: {e}", shared.name),
+        }
+        let deadline = Instant::now() + next_wait(&t.policy, t0.elapsed(), io_failed);
+        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
+            std::thread::sleep((deadline - Instant::now()).min(Duration::from_millis(100)));
+        }
+    }
+}
+
+fn fail_io(shared: &Shared) {
+    let id = shared.id;
+    if let Err(e) = shared.target.reactors.call_all(move || super::fail_queue(id)) {
+        log::error!("NVMe/TCP controller {}: failing its I/O: {e}", shared.name);
+    }
+}
+
+fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
+    let t = &shared.target;
+    let mut c = Controller::connect(t.addr, &t.subnqn, &t.opts)?;
+    let granted = c.set_queue_count(t.cores as u16)?;
+    if (granted as usize) < t.cores {
+        return Err(HostError::Protocol(format!("the controller grants {granted} I/O queues, {} reactor cores need one each", t.cores)));
+    }
+    let mut queues = Vec::with_capacity(t.cores);
+    for core in 0..t.cores {
+        queues.push(connect_queue(&mut c, core)?);
+    }
+    let id = shared.id;
+    for (core, (stream, qp)) in queues.into_iter().enumerate() {
+        t.reactors.call(core, move || super::reset_queue(id, stream, qp)).map_err(|e| HostError::Protocol(e.to_string()))?;
+    }
+    start_keep_alive(c, shared.clone());
+    Ok(())
+}
+
+/// Hands the admin queue to core 0, which sends the keep-alives.
+pub fn start_keep_alive(c: Controller, shared: Arc<Shared>) {
+    let generation = shared.generation.load(Ordering::SeqCst);
+    let period = Duration::from_millis(c.opts.kato_ms.max(2) as u64 / 2);
+    let reactors = shared.target.reactors.clone();
+    reactors.send(0, move || reactor::spawn_detached(keep_alive(c, shared, period, generation)));
+}
+
+/// Sends a Keep Alive every `period` on the admin queue (it owns the controller's admin
+/// connection) until the controller is detached or reconnected; a failed one starts the
+/// recovery.
+async fn keep_alive(mut c: Controller, shared: Arc<Shared>, period: Duration, generation: u64) {
+    let current = |s: &Shared| !s.stop.load(Ordering::Relaxed) && s.generation.load(Ordering::SeqCst) == generation;
+    loop {
+        reactor::sleep(period).await;
+        if !current(&shared) {
+            break;
+        }
+        match admin_exec(&mut c.admin, Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), period).await {
+            Ok(cqe) if cqe.status().is_success() => {
+                shared.keep_alives.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(cqe) => log::warn!("NVMe/TCP controller {}: Keep Alive failed: {}", shared.name, cqe.status()),
+            Err(e) => {
+                if current(&shared) {
+                    shared.queue_failed(&QueueError::Io(format!("admin queue: {e}")));
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Runs one admin command without blocking the core: submit, then poll until its completion.
+async fn admin_exec(q: &mut Qpair, sqe: Sqe, timeout: Duration) -> Result<Cqe, HostError> {
+    let cid = q.submit(sqe, Payload::None)?;
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        q.poll(&mut out)?;
+        if let Some(c) = out.iter().find(|c| c.cid == cid) {
+            return Ok(c.cqe);
+        }
+        out.clear();
+        if Instant::now() >= deadline {
+            return Err(HostError::Timeout);
+        }
+        reactor::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn spdk_defaults_try_once_then_lose() {
+        let p = Policy::from_params(0, 0, 0).unwrap();
+        assert_eq!(next_step(&p, S(0), 0, false), Step::Reconnect);
+        assert_eq!(next_step(&p, S(0), 1, false), Step::Lose);
+    }
+
+    #[test]
+    fn io_waits_until_fast_io_fail_then_fails_while_reconnecting_until_loss() {
+        let p = Policy::from_params(30, 2, 5).unwrap();
+        assert_eq!(next_step(&p, S(0), 0, false), Step::Reconnect);
+        assert_eq!(next_step(&p, S(4), 2, false), Step::Reconnect);
+        assert_eq!(next_step(&p, S(5), 3, false), Step::FailIo);
+        // Once failed, it keeps reconnecting.
+        assert_eq!(next_step(&p, S(6), 3, true), Step::Reconnect);
+        assert_eq!(next_step(&p, S(29), 14, true), Step::Reconnect);
+        assert_eq!(next_step(&p, S(30), 15, true), Step::Lose);
+        // Loss wins over a fast fail due at the same time.
+        let q = Policy::from_params(5, 1, 5).unwrap();
+        assert_eq!(next_step(&q, S(5), 5, false), Step::Lose);
+    }
+
+    #[test]
+    fn waits_stop_at_the_next_deadline() {
+        let p = Policy::from_params(30, 10, 12).unwrap();
+        assert_eq!(next_wait(&p, S(0), false), S(10));
+        assert_eq!(next_wait(&p, S(10), false), S(2), "wakes for fast_io_fail");
+        assert_eq!(next_wait(&p, S(12), true), S(10));
+        assert_eq!(next_wait(&p, S(25), true), S(5), "wakes for ctrlr_loss");
+        let forever = Policy::from_params(-1, 3, 0).unwrap();
+        assert_eq!(forever.ctrlr_loss, None);
+        assert_eq!(next_step(&forever, S(1_000_000), 1000, false), Step::Reconnect);
+        assert_eq!(next_wait(&forever, S(1_000_000), false), S(3));
+    }
+
+    #[test]
+    fn spdk_parameter_checks() {
+        assert!(Policy::from_params(-2, 1, 0).is_err());
+        assert!(Policy::from_params(0, 1, 0).is_err(), "a delay without reconnects");
+        assert!(Policy::from_params(10, 0, 0).is_err(), "reconnects need a delay");
+        assert!(Policy::from_params(10, 11, 0).is_err());
+        assert!(Policy::from_params(10, 2, 11).is_err());
+        assert!(Policy::from_params(10, 5, 3).is_err(), "fast fail before the first retry");
+        assert!(Policy::from_params(-1, 5, 30).is_ok());
+    }
+}

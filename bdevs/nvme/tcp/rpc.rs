@@ -1,0 +1,405 @@
+//! `bdev_nvme_attach_controller {trtype: "tcp", ...}` (reached from `nvme::rpc`, which
+//! dispatches on `trtype`), `bdev_nvme_detach_controller` of a TCP controller, and
+//! `bdev_nvme_get_controllers` (SPDK's output shape). The module keeps the attached
+//! controllers and writes their metrics.
+
+use super::queue::{IoQueue, MAX_TRANSFER};
+use super::reconnect::{connect_queue, start_keep_alive, Policy, Target};
+use super::{install_queue, remove_queue, NvmeTcpBdev, Shared, State, TcpController};
+use crate::config::ConfigCall;
+use crate::metrics::MetricsOut;
+use crate::module::{Ctx, Module};
+use crate::nvmf::initiator::{Controller, Error as HostError, QpairOptions, TransportId};
+use crate::nvmf::spec::prop;
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+crate::register_module! {
+    name: "nvme_tcp",
+    order: 16,
+    construct: |_reactors, _config| Arc::new(TcpModule::default()),
+    methods: [
+        ("bdev_nvme_get_controllers", get_controllers, "Lists the attached NVMe/TCP controllers."),
+    ],
+}
+
+/// Keep-alive timeout asked in the admin Connect (SPDK's default `keep_alive_timeout_ms`).
+const KATO_MS: u32 = 10_000;
+/// How long the connect sequence may take (SPDK's `fabrics_connect_timeout_us` default is
+/// shorter per command; this bounds the whole exchange of one queue).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub struct TcpModule {
+    ctrls: Mutex<Vec<Arc<TcpController>>>,
+    next_id: AtomicU64,
+}
+
+impl TcpModule {
+    fn list(&self) -> Vec<Arc<TcpController>> {
+        self.ctrls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<TcpController>> {
+        self.list().into_iter().find(|c| c.shared.name == name)
+    }
+}
+
+impl Module for TcpModule {
+    fn name(&self) -> &'static str {
+        "nvme_tcp"
+    }
+
+    /// The controllers are recreated by their bdevs' `config_call` (bdev section).
+    fn config(&self, _ctx: &Ctx) -> Vec<ConfigCall> {
+        Vec::new()
+    }
+
+    /// Stops the keep-alives and recoveries, and ends the I/O that waits for a reconnect
+    /// (`Offline`): the bdevs' flushes that follow, and the reactors' drain of busy pollers,
+    /// must not wait for a node that is gone.
+    fn shutdown(&self, ctx: &Ctx) {
+        for c in self.list() {
+            c.shared.stop.store(true, Ordering::Relaxed);
+            let id = c.shared.id;
+            if let Err(e) = ctx.reactors.call_all(move || super::remove_queue(id)) {
+                log::warn!("shutdown: NVMe/TCP controller {}: {e}", c.shared.name);
+            }
+        }
+    }
+
+    fn metrics(&self, _ctx: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
+        let all = self.list();
+        let l = |c: &TcpController| vec![("controller", c.shared.name.clone())];
+        let states: Vec<_> = all
+            .iter()
+            .flat_map(|c| {
+                State::ALL.iter().map(move |s| {
+                    (vec![("controller", c.shared.name.clone()), ("state", s.name().to_string())], if c.shared.state() == *s { 1.0 } else { 0.0 })
+                })
+            })
+            .collect();
+        out.gauge("tidemark_nvme_tcp_controller_state", "State of each attached NVMe/TCP controller (1 for its current state).", &states)?;
+        let count = |f: &dyn Fn(&Shared) -> u64| all.iter().map(|c| (l(c), f(&c.shared))).collect::<Vec<_>>();
+        out.counter(
+            "tidemark_nvme_tcp_io_errors",
+            "I/O commands of the controller that failed (error status or lost connection).",
+            &count(&|s| s.io_errors.load(Ordering::Relaxed)),
+        )?;
+        out.counter(
+            "tidemark_nvme_tcp_reconnects",
+            "Reconnections of the controller after a connection loss.",
+            &count(&|s| s.reconnects.load(Ordering::Relaxed)),
+        )?;
+        out.counter("tidemark_nvme_tcp_keep_alives", "Keep Alive commands the controller answered.", &count(&|s| s.keep_alives.load(Ordering::Relaxed)))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// SPDK's parameters of `bdev_nvme_attach_controller` for a TCP controller.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Attach {
+    name: String,
+    trtype: String,
+    traddr: String,
+    #[serde(default)]
+    adrfam: Option<String>,
+    #[serde(default)]
+    trsvcid: Option<String>,
+    #[serde(default)]
+    subnqn: Option<String>,
+    #[serde(default)]
+    hostnqn: Option<String>,
+    #[serde(default)]
+    hostaddr: Option<String>,
+    #[serde(default)]
+    hostsvcid: Option<String>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    prchk_reftag: bool,
+    #[serde(default)]
+    prchk_guard: bool,
+    #[serde(default)]
+    hdgst: bool,
+    #[serde(default)]
+    ddgst: bool,
+    #[serde(default)]
+    allow_unrecognized_csi: bool,
+    #[serde(default)]
+    disable_sq_flow_control: bool,
+    #[serde(default)]
+    fabrics_connect_timeout_us: Option<u64>,
+    #[serde(default)]
+    multipath: Option<String>,
+    #[serde(default)]
+    multipath_opts: Option<Value>,
+    #[serde(default)]
+    num_io_queues: Option<u32>,
+    #[serde(default)]
+    ctrlr_loss_timeout_sec: Option<i64>,
+    #[serde(default)]
+    reconnect_delay_sec: Option<u32>,
+    #[serde(default)]
+    fast_io_fail_timeout_sec: Option<u32>,
+    #[serde(default)]
+    max_bdevs: Option<u32>,
+    #[serde(default)]
+    psk: Option<String>,
+    #[serde(default)]
+    dhchap_key: Option<String>,
+    #[serde(default)]
+    dhchap_ctrlr_key: Option<String>,
+}
+
+impl SpdkParams for Attach {
+    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
+        const PI: &str = "protection information is not supported";
+        const AUTH: &str = "TLS and DH-HMAC-CHAP authentication are not supported";
+        vec![
+            ("prchk_reftag", !self.prchk_reftag, PI),
+            ("prchk_guard", !self.prchk_guard, PI),
+            ("psk", self.psk.is_none(), AUTH),
+            ("dhchap_key", self.dhchap_key.is_none() && self.dhchap_ctrlr_key.is_none(), AUTH),
+            ("multipath", self.multipath.as_deref().is_none_or(|m| m == "disable"), "multipath is not supported"),
+            ("hostaddr", self.hostaddr.is_none() && self.hostsvcid.is_none(), "choosing the local address is not supported"),
+        ]
+    }
+}
+
+/// Whether an attach call is for a TCP controller (the caller dispatches on it).
+pub fn is_tcp(p: &Option<Value>) -> bool {
+    p.as_ref().and_then(|v| v.get("trtype")).and_then(|v| v.as_str()).is_some_and(|s| s.eq_ignore_ascii_case("tcp"))
+}
+
+fn module(t: &Ctx) -> Result<&TcpModule, RpcError> {
+    t.module::<TcpModule>().ok_or_else(|| RpcError::internal("the nvme_tcp module is not running"))
+}
+
+/// The JSON-RPC error of a failed connect: SPDK answers -EIO ("Input/output error") when the
+/// controller cannot be reached or refuses.
+fn connect_error(what: &str, e: HostError) -> RpcError {
+    RpcError::new(-5, format!("{what}: {e}"))
+}
+
+pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
+    let given = raw.clone().unwrap_or(Value::Null);
+    let p: Attach = parse_spdk(raw)?;
+    let m = module(t)?;
+    if m.find(&p.name).is_some() {
+        return Err(RpcError::exists(format!("NVMe controller {} already exists", p.name)));
+    }
+    let subnqn = p.subnqn.clone().ok_or_else(|| RpcError::invalid_params("field `subnqn`: required for a TCP controller"))?;
+    if let Some(a) = &p.adrfam {
+        if !a.eq_ignore_ascii_case("ipv4") && !a.eq_ignore_ascii_case("ipv6") {
+            return Err(RpcError::invalid_params(format!("field `adrfam`: {a:?} is not IPv4 or IPv6")));
+        }
+    }
+    let policy = Policy::from_params(p.ctrlr_loss_timeout_sec.unwrap_or(0), p.reconnect_delay_sec.unwrap_or(0), p.fast_io_fail_timeout_sec.unwrap_or(0))
+        .map_err(RpcError::invalid_params)?;
+    let trsvcid = p.trsvcid.clone().unwrap_or_else(|| "4420".into());
+    let trid = TransportId { traddr: p.traddr.clone(), trsvcid: trsvcid.clone(), subnqn: subnqn.clone(), hostnqn: p.hostnqn.clone() };
+    let addr = trid.socket_addr().map_err(|e| RpcError::invalid_params(format!("field `traddr`: {e}")))?;
+    let mut opts = QpairOptions { hdgst: p.hdgst, ddgst: p.ddgst, kato_ms: KATO_MS, timeout: CONNECT_TIMEOUT, ..QpairOptions::default() };
+    if let Some(us) = p.fabrics_connect_timeout_us.filter(|&us| us > 0) {
+        opts.timeout = Duration::from_micros(us);
+    }
+    if let Some(h) = &p.hostnqn {
+        opts.hostnqn = h.clone();
+    }
+    let what = format!("cannot attach {} ({}:{} {})", p.name, p.traddr, trsvcid, subnqn);
+    let mut c = Controller::connect(addr, &subnqn, &opts).map_err(|e| connect_error(&what, e))?;
+    // MDTS is in units of the minimum memory page size (CAP.MPSMIN).
+    let cap = c.property_get(prop::CAP).map_err(|e| connect_error(&what, e))?;
+    let page = 4096usize << ((cap >> 48) & 0xF);
+    let max_transfer = match c.id.mdts {
+        0 => MAX_TRANSFER,
+        m => page.checked_shl(m as u32).unwrap_or(usize::MAX).min(MAX_TRANSFER),
+    };
+    let mut namespaces = Vec::new();
+    for nsid in c.active_namespaces().map_err(|e| connect_error(&what, e))? {
+        let ns = c.identify_namespace(nsid).map_err(|e| connect_error(&what, e))?;
+        if ns.nsze == 0 || ns.block_size == 0 {
+            continue;
+        }
+        namespaces.push((nsid, ns));
+    }
+    if namespaces.is_empty() {
+        return Err(RpcError::no_device(format!("{what}: the subsystem has no active namespace")));
+    }
+    let names: Vec<String> = namespaces.iter().map(|(nsid, _)| format!("{}n{nsid}", p.name)).collect();
+    for n in &names {
+        t.bdevs.check_new_name(n)?;
+    }
+    if crate::config::check::active() {
+        // `--check-config`: the controller answers and has these namespaces; null bdevs of
+        // their geometry stand in for them, and the admin connection closes here.
+        for ((_, ns), name) in namespaces.iter().zip(&names) {
+            let b = crate::bdevs::null::NullBdev::new(name, ns.nsze, ns.block_size, None).map_err(RpcError::invalid_params)?;
+            t.bdevs.register(Arc::new(b))?;
+        }
+        return Ok(json!(names));
+    }
+    let cores = t.reactors.core_count();
+    let granted = c.set_queue_count(cores as u16).map_err(|e| connect_error(&what, e))?;
+    if (granted as usize) < cores {
+        return Err(RpcError::new(-5, format!("{what}: the controller grants {granted} I/O queues, {cores} reactor cores need one each")));
+    }
+    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy };
+    let shared = Arc::new_cyclic(|me| Shared {
+        name: p.name.clone(),
+        id: m.next_id.fetch_add(1, Ordering::Relaxed),
+        state: Default::default(),
+        io_errors: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        keep_alives: AtomicU64::new(0),
+        stop: Default::default(),
+        recovering: Default::default(),
+        generation: Default::default(),
+        target,
+        me: me.clone(),
+    });
+    let id = shared.id;
+    let undo_queues = |t: &Ctx| {
+        let _ = t.reactors.call_all(move || remove_queue(id));
+    };
+    for core in 0..cores {
+        let installed = connect_queue(&mut c, core).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
+            let obs = shared.clone();
+            t.reactors.call(core, move || install_queue(id, IoQueue::new(stream, qp, obs))).map_err(RpcError::from)
+        });
+        if let Err(e) = installed {
+            undo_queues(t);
+            return Err(e);
+        }
+    }
+    let ctrl = Arc::new(TcpController {
+        shared: shared.clone(),
+        attach_params: given,
+        traddr: p.traddr.clone(),
+        trsvcid,
+        adrfam: p.adrfam.clone().unwrap_or_else(|| "IPv4".into()),
+        subnqn,
+        hostnqn: opts.hostnqn.clone(),
+        cntlid: c.cntlid,
+        ident: c.id.clone(),
+        max_transfer,
+        bdevs: names.clone(),
+    });
+    let mut made: Vec<String> = Vec::new();
+    for (i, ((nsid, ns), name)) in namespaces.into_iter().zip(&names).enumerate() {
+        let b = NvmeTcpBdev::new(name.clone(), ctrl.clone(), nsid, ns, i == 0);
+        if let Err(e) = t.bdevs.register(Arc::new(b)) {
+            for n in &made {
+                let _ = t.delete_bdev(n);
+            }
+            undo_queues(t);
+            return Err(e.into());
+        }
+        made.push(name.clone());
+    }
+    m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).push(ctrl);
+    start_keep_alive(c, shared);
+    log::info!("NVMe/TCP controller {} attached: {} at {addr}, bdevs {names:?}", p.name, p.subnqn.as_deref().unwrap_or(""));
+    Ok(json!(made))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Detach {
+    name: String,
+    #[serde(default)]
+    trtype: Option<String>,
+    #[serde(default)]
+    traddr: Option<String>,
+    #[serde(default)]
+    adrfam: Option<String>,
+    #[serde(default)]
+    trsvcid: Option<String>,
+    #[serde(default)]
+    subnqn: Option<String>,
+    #[serde(default)]
+    hostaddr: Option<String>,
+    #[serde(default)]
+    hostsvcid: Option<String>,
+}
+
+/// Whether `name` names an attached TCP controller (the caller dispatches on it).
+pub fn owns(t: &Ctx, p: &Option<Value>) -> bool {
+    let name = p.as_ref().and_then(|v| v.get("name")).and_then(|v| v.as_str());
+    name.is_some_and(|n| t.module::<TcpModule>().is_some_and(|m| m.find(n).is_some()))
+}
+
+pub fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Detach = parse(p)?;
+    let m = module(t)?;
+    let c = m.find(&p.name).ok_or_else(|| RpcError::no_device(format!("no NVMe controller named {}", p.name)))?;
+    // The path fields select a path of a multipath controller: a TCP controller has one.
+    let mismatch = |given: &Option<String>, have: &str| given.as_ref().is_some_and(|g| !g.eq_ignore_ascii_case(have));
+    if mismatch(&p.traddr, &c.traddr) || mismatch(&p.trsvcid, &c.trsvcid) || mismatch(&p.subnqn, &c.subnqn) || mismatch(&p.trtype, "tcp") {
+        return Err(RpcError::no_device(format!("controller {} has no such path", p.name)));
+    }
+    for n in &c.bdevs {
+        if let Some(e) = t.bdevs.get(n) {
+            if let Some(h) = e.holder_list().first() {
+                return Err(RpcError::busy(format!("bdev {n} is in use by {}", h.by)));
+            }
+        }
+    }
+    c.shared.set_state(State::Deleting);
+    for n in &c.bdevs {
+        if t.bdevs.get(n).is_some() {
+            t.delete_bdev(n)?;
+        }
+    }
+    c.shared.stop.store(true, Ordering::Relaxed);
+    let id = c.shared.id;
+    t.reactors.call_all(move || remove_queue(id))?;
+    m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| !Arc::ptr_eq(x, &c));
+    Ok(json!(true))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GetControllers {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// SPDK's shape: `[{name, ctrlrs: [{state, trid, cntlid, host}]}]`.
+fn controller_json(c: &TcpController) -> Value {
+    json!({
+        "name": c.shared.name,
+        "ctrlrs": [{
+            "state": c.shared.state().name(),
+            "trid": { "trtype": "TCP", "adrfam": c.adrfam, "traddr": c.traddr, "trsvcid": c.trsvcid, "subnqn": c.subnqn },
+            "cntlid": c.cntlid,
+            "host": { "nqn": c.hostnqn, "addr": "", "svcid": "" },
+            "bdevs": c.bdevs,
+            "io_errors": c.shared.io_errors.load(Ordering::Relaxed),
+            "reconnects": c.shared.reconnects.load(Ordering::Relaxed),
+        }],
+    })
+}
+
+fn get_controllers(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: GetControllers = if p.is_none() { GetControllers::default() } else { parse(p)? };
+    let m = module(t)?;
+    match p.name {
+        Some(n) => {
+            let c = m.find(&n).ok_or_else(|| RpcError::no_device(format!("no NVMe controller named {n}")))?;
+            Ok(json!([controller_json(&c)]))
+        }
+        None => Ok(Value::Array(m.list().iter().map(|c| controller_json(c)).collect())),
+    }
+}
