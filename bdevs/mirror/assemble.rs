@@ -31,25 +31,35 @@ pub(crate) async fn read_superblock(ch: &Channel, block_size: u32) -> Option<Sup
 /// other one, so that a torn write always leaves the newest valid superblock behind (a leg
 /// can miss generations, so generation parity cannot say which copy is which).
 pub(crate) async fn read_superblock_copies(ch: &Channel, block_size: u32) -> (Option<Superblock>, u64) {
+    let (sb, next, _) = read_superblock_copies_versioned(ch, block_size).await;
+    (sb, next)
+}
+
+/// As [`read_superblock_copies`], and the format version of a copy this build cannot read
+/// (a mirror superblock of another tidemark version), if any.
+async fn read_superblock_copies_versioned(ch: &Channel, block_size: u32) -> (Option<Superblock>, u64, Option<u32>) {
     let page = (block_size as u64).max(4096);
     let blocks_per_page = page / block_size as u64;
     if ch.num_blocks() < SUPERBLOCK_COPIES * blocks_per_page {
-        return (None, 0);
+        return (None, 0, None);
     }
     let mut buf = IoBuf::alloc(page as usize);
     let mut best: Option<(Superblock, u64)> = None;
+    let mut other = None;
     for copy in 0..SUPERBLOCK_COPIES {
         if ch.read_buf(copy * blocks_per_page, &mut buf).await.is_ok() {
             if let Some(sb) = Superblock::decode(&buf[..SUPERBLOCK_BYTES]) {
                 if best.as_ref().is_none_or(|(b, _)| sb.generation > b.generation) {
                     best = Some((sb, copy));
                 }
+            } else {
+                other = other.or(Superblock::other_version(&buf[..SUPERBLOCK_BYTES]));
             }
         }
     }
     match best {
-        Some((sb, copy)) => (Some(sb), 1 - copy),
-        None => (None, 0),
+        Some((sb, copy)) => (Some(sb), 1 - copy, other),
+        None => (None, 0, other),
     }
 }
 
@@ -124,7 +134,16 @@ pub(crate) async fn assemble(
         return Err(MirrorError::Invalid(format!("legs have different block sizes: {} has {}, {} has {bs}", l.name, l.ch.block_size(), legs[0].name)));
     }
     for l in legs.iter_mut() {
-        (l.sb, l.next_copy) = read_superblock_copies(&l.ch, bs).await;
+        let other;
+        (l.sb, l.next_copy, other) = read_superblock_copies_versioned(&l.ch, bs).await;
+        if let (None, Some(v)) = (&l.sb, other) {
+            // A mirror written by another tidemark version: not blank, and not ours to rewrite.
+            return Err(MirrorError::Invalid(format!(
+                "{} holds a mirror superblock of format version {v}, this tidemark reads version {}: refusing to overwrite it (see docs/design.md, on-media formats)",
+                l.name,
+                super::layout::VERSION
+            )));
+        }
     }
     // Members: legs whose superblock names this mirror (by uuid if given, else by name). If
     // several mirrors match, the one with the newest superblock wins.

@@ -384,6 +384,17 @@ impl Superblock {
         })
     }
 
+    /// The format version of an intact tidemark mirror superblock (magic and checksum good)
+    /// whose version this build does not read; `None` for anything else. Assemble refuses such
+    /// a leg instead of taking it for a blank one and overwriting a mirror a newer (or older)
+    /// tidemark wrote.
+    pub fn other_version(b: &[u8]) -> Option<u32> {
+        if b.len() < SUPERBLOCK_BYTES || b[O_MAGIC..O_MAGIC + 8] != MAGIC || crc32c::crc32c(&b[..O_CRC]) != get_u32(b, O_CRC) {
+            return None;
+        }
+        Some(get_u32(b, O_VERSION)).filter(|v| *v != VERSION)
+    }
+
     /// The newer valid superblock of two copies.
     pub fn newest(a: Option<Superblock>, b: Option<Superblock>) -> Option<Superblock> {
         match (a, b) {
@@ -588,6 +599,13 @@ mod tests {
             assert_eq!(Superblock::decode(&bad), None, "flipped byte {at}");
         }
         assert_eq!(Superblock::decode(&buf[..100]), None);
+        assert_eq!(Superblock::other_version(&buf), None, "this build's version is not another");
+        let mut other = buf.clone();
+        other[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        let crc = crc32c::crc32c(&other[..4092]);
+        other[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Superblock::decode(&other), None);
+        assert_eq!(Superblock::other_version(&other), Some(VERSION + 1));
         let mut newer = sb.clone();
         newer.generation = 8;
         assert_eq!(Superblock::newest(Some(sb.clone()), Some(newer.clone())), Some(newer.clone()));

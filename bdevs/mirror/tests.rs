@@ -510,6 +510,32 @@ fn adding_a_bad_leg_changes_nothing() {
     assert!(rig.reg.get("a").unwrap().claim("m2").is_err());
 }
 
+#[test]
+fn a_leg_written_by_another_format_version_is_refused_not_overwritten() {
+    let rig = Rig::new(1);
+    rig.malloc("a", LEG_BLOCKS);
+    rig.malloc("b", LEG_BLOCKS);
+    let m = rig.mirror("m", &["a", "b"]);
+    let m2 = m.clone();
+    rig.run(async move { m2.shutdown().await });
+    // Leg "a" as a later tidemark would leave it: both copies of another version, intact.
+    for copy in [0u64, 8] {
+        let mut sb = rig.read("a", copy, 4096).unwrap();
+        sb[8..12].copy_from_slice(&(super::layout::VERSION + 1).to_le_bytes());
+        let crc = crc32c::crc32c(&sb[..SUPERBLOCK_BYTES - 4]);
+        sb[SUPERBLOCK_BYTES - 4..SUPERBLOCK_BYTES].copy_from_slice(&crc.to_le_bytes());
+        rig.write("a", copy, sb).unwrap();
+    }
+    let before = rig.read("a", 0, 8192).unwrap();
+    let rig2 = restart(&rig, &["a", "b"]);
+    let Err(e) = rig2.try_mirror("m", &["a", "b"]) else { panic!("assembled on a leg of another format version") };
+    assert!(matches!(&e, MirrorError::Invalid(msg) if msg.contains("a holds a mirror superblock of format version 2")), "{e:?}");
+    assert_eq!(rig2.read("a", 0, 8192).unwrap(), before, "the foreign superblock is left as it was");
+    // Also as a new mirror's leg: no assemble overwrites it.
+    assert!(rig2.try_mirror("other", &["a", "b"]).is_err());
+    assert_eq!(rig2.read("a", 0, 8192).unwrap(), before);
+}
+
 /// Splits `leg` off `m` as image `image` and registers the image.
 fn split(rig: &Rig, m: &Arc<MirrorBdev>, leg: &str, image: &str) -> Result<(), MirrorError> {
     let (m2, l, i) = (m.clone(), leg.to_string(), image.to_string());
