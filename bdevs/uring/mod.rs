@@ -169,7 +169,23 @@ pub(crate) fn register_pool(submitter: &io_uring::Submitter<'_>, who: &str) -> O
     match unsafe { submitter.register_buffers(&[iov]) } {
         Ok(()) => Some((base as usize, len)),
         Err(e) => {
-            log::info!("{who}: fixed buffers unavailable ({e}); using plain buffers");
+            // Once per process at WARN: every channel of every core would say the same, and a
+            // service silently losing fixed buffers to a low LimitMEMLOCK costs throughput.
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let hint = if e.raw_os_error() == Some(libc::ENOMEM) {
+                let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).map(|(soft, _)| soft).unwrap_or(0);
+                format!(
+                    " (RLIMIT_MEMLOCK is {}, the pool needs {len} bytes: raise it, e.g. LimitMEMLOCK=infinity in the systemd unit or `ulimit -l`)",
+                    if lim == libc::RLIM_INFINITY { "unlimited".to_string() } else { format!("{lim} bytes") }
+                )
+            } else {
+                String::new()
+            };
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!("{who}: fixed buffers unavailable ({e}){hint}; using plain buffers");
+            } else {
+                log::debug!("{who}: fixed buffers unavailable ({e}); using plain buffers");
+            }
             None
         }
     }
