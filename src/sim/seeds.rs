@@ -30,12 +30,16 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// Runs the seeds the environment asks for (see the module doc) with `run`, summing outcomes
-/// with `add`. With `SEED` set, runs that one seed and panics if it fails.
-pub fn run_seeds<O>(default_count: u64, run: fn(u64) -> Result<O, String>, add: fn(&mut O, &O)) -> SeedRun<O>
+/// with `add`. With `SEED` set, runs that one seed and panics if it fails. `test` is the name of
+/// the test in `tests/sim.rs` that calls this: every failure says how to replay its seed.
+pub fn run_seeds<O>(test: &'static str, default_count: u64, run: fn(u64) -> Result<O, String>, add: fn(&mut O, &O)) -> SeedRun<O>
 where
     O: Default + std::fmt::Debug + Send + 'static,
 {
+    let run = move |seed: u64| run(seed).map_err(|e| format!("{e}\n  replay: SEED={seed} cargo test --test sim {test} -- --nocapture"));
     if let Some(seed) = std::env::var("SEED").ok().map(|s| s.parse::<u64>().expect("SEED must be a number")) {
+        // A replay shows the code's own log too (RUST_LOG; SIM_TRACE for every event).
+        let _ = env_logger::builder().is_test(true).try_init();
         let out = run(seed).unwrap_or_else(|e| panic!("{e}"));
         println!("seed {seed}: ok {out:?}");
         return SeedRun { count: 1, totals: out, failures: Vec::new() };

@@ -2,7 +2,7 @@
 //! on hand-stepped cores over simulated devices (seeded latencies and completion order, a
 //! volatile cache, crash images), with random leg failures, splits, re-joins, removals and
 //! crashes (anywhere, including between a write-intent bitmap write and the data writes it
-//! covers), checked against the reference register model (`tidemark::sim::model`):
+//! covers), checked against the reference register model (`crate::sim::model`):
 //! * every read of the mirror returns a value a register would (no acknowledged write lost
 //!   while one leg survives, no invented data);
 //! * a sealed split image reads exactly the writes submitted before its split, and never
@@ -15,9 +15,16 @@
 //!   superblock write the split needs, nor because the split closed its region;
 //! * nothing deadlocks.
 //!
-//! `SEED=n cargo test --test sim_mirror -- --nocapture` replays seed n; `SIM_SEEDS=k` (default
-//! 2000) and `SIM_SEED_START=s` choose the range.
+//! [`run_seed`] replays one seed exactly (`tests/sim.rs`, `mirror_simulation_seeds`).
 
+use super::blocks::{check_values, fill, read_tags, tag_of};
+use super::device::{Latency, SimDevice, SIM_BLOCK};
+use super::model::Model;
+use crate::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
+use crate::bdevs::error::{ErrorBdev, ErrorType, Injections};
+use crate::bdevs::mirror::waits::WaitReason;
+use crate::bdevs::mirror::{MirrorBdev, MirrorOptions, ProcessOptions, SplitImageBdev};
+use crate::reactor::{self, ManualCores};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -26,13 +33,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
-use tidemark::bdevs::error::{ErrorBdev, ErrorType, Injections};
-use tidemark::bdevs::mirror::waits::WaitReason;
-use tidemark::bdevs::mirror::{MirrorBdev, MirrorOptions, ProcessOptions, SplitImageBdev};
-use tidemark::reactor::{self, ManualCores};
-use tidemark::sim::device::{Latency, SimDevice, SIM_BLOCK};
-use tidemark::sim::model::Model;
 
 /// The metadata area of these small legs (the data starts at 1 MiB).
 const DATA_OFFSET: u64 = 2048;
@@ -87,25 +87,27 @@ enum Role {
     Crashed { name: String, t: u64, flushed: u64 },
 }
 
+/// Counts of what a run did.
 #[derive(Default, Debug, Clone)]
-struct Outcome {
-    writes: u64,
-    reads: u64,
-    failures: u64,
-    splits: u64,
-    sealed_checked: u64,
-    rejoins: u64,
-    crashes: u64,
-    rebuilds_checked: u64,
+pub struct Outcome {
+    pub writes: u64,
+    pub reads: u64,
+    pub failures: u64,
+    pub splits: u64,
+    pub sealed_checked: u64,
+    pub rejoins: u64,
+    pub crashes: u64,
+    pub rebuilds_checked: u64,
     /// Host writes that asked the control task to enter a region (waits the mirror needs for
     /// every write: write-intent bits, rebuild windows).
-    enter_waits: u64,
+    pub enter_waits: u64,
     /// Images of splits under way at a crash, checked after the restart.
-    images_after_crash: u64,
+    pub images_after_crash: u64,
 }
 
 impl Outcome {
-    fn add(&mut self, o: &Outcome) {
+    /// Adds another run's counts (for [`super::seeds::run_seeds`]).
+    pub fn add(&mut self, o: &Outcome) {
         self.writes += o.writes;
         self.reads += o.reads;
         self.failures += o.failures;
@@ -150,43 +152,6 @@ fn alive(sh: &Sh) -> bool {
     !s.dead && s.failure.is_none()
 }
 
-fn block_data(tag: u64, lba: u64) -> [u8; SIM_BLOCK as usize] {
-    let mut b = [0u8; SIM_BLOCK as usize];
-    b[0..8].copy_from_slice(&tag.to_le_bytes());
-    b[8..16].copy_from_slice(&lba.to_le_bytes());
-    b
-}
-
-fn tag_of(b: &[u8], lba: u64) -> Result<u64, String> {
-    let tag = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-    if tag == 0 {
-        return if b.iter().all(|&x| x == 0) { Ok(0) } else { Err(format!("block {lba}: garbage (zero tag, non-zero data)")) };
-    }
-    let at = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-    if at != lba || b[16..].iter().any(|&x| x != 0) {
-        return Err(format!("block {lba}: data of write {tag} written for block {at}"));
-    }
-    Ok(tag)
-}
-
-async fn read_tags(e: &Arc<BdevEntry>, off: u64, n: u64) -> Result<Vec<u64>, String> {
-    let ch = Channel::get(e).map_err(|x| x.to_string())?;
-    let mut buf = IoBuf::alloc((n * SIM_BLOCK as u64) as usize);
-    ch.read_buf(off, &mut buf[..]).await.map_err(|x| format!("read of {} failed: {x}", e.name()))?;
-    buf.chunks(SIM_BLOCK as usize).enumerate().map(|(i, b)| tag_of(b, off + i as u64)).collect()
-}
-
-fn check(what: &str, off: u64, got: &[u64], ok: impl Fn(u64) -> Vec<u64>) -> Result<(), String> {
-    for (i, &g) in got.iter().enumerate() {
-        let b = off + i as u64;
-        let allowed = ok(b);
-        if !allowed.contains(&g) {
-            return Err(format!("{what}: block {b} reads write {g}, allowed {allowed:?}"));
-        }
-    }
-    Ok(())
-}
-
 struct World {
     cores: ManualCores,
     reg: Rc<BdevRegistry>,
@@ -201,20 +166,17 @@ fn leg_name(i: usize) -> String {
     format!("EE_d{i}")
 }
 
-/// Steps a random core with work, else advances time to the next timer.
+/// Steps the cores ([`super::schedule::step`]); Err when every task waits for nothing or for
+/// a time past the run's budget.
 fn step(cores: &ManualCores, rng: &mut ChaCha8Rng) -> Result<(), String> {
-    let ready: Vec<usize> = (0..cores.count()).filter(|&i| cores.has_work(i)).collect();
-    if !ready.is_empty() {
-        cores.step(ready[rng.random_range(0..ready.len())]);
-        return Ok(());
+    let idle = (0..cores.count()).all(|i| !cores.has_work(i));
+    if idle && cores.next_timer().is_some_and(|t| t >= MAX_SIM_NS) {
+        return Err("stuck: simulated time ran past its budget with tasks still waiting".into());
     }
-    match cores.next_timer() {
-        Some(t) if t < MAX_SIM_NS => {
-            cores.advance_to(t.max(cores.now_ns()));
-            Ok(())
-        }
-        Some(_) => Err("stuck: simulated time ran past its budget with tasks still waiting".into()),
-        None => Err("deadlock: nothing to run and no timer".into()),
+    if super::schedule::step(cores, rng) {
+        Ok(())
+    } else {
+        Err("deadlock: nothing to run and no timer".into())
     }
 }
 
@@ -361,9 +323,7 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
                     (tag, s.model.begin_write(off, n, tag))
                 };
                 let mut buf = IoBuf::alloc((n * SIM_BLOCK as u64) as usize);
-                for (i, b) in buf.chunks_mut(SIM_BLOCK as usize).enumerate() {
-                    b.copy_from_slice(&block_data(tag, off + i as u64));
-                }
+                fill(&mut buf, off, tag);
                 let r = ch.write_buf(off, &buf).await;
                 if !alive(&sh) {
                     return;
@@ -383,7 +343,7 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
                 }
                 let mut s = sh.borrow_mut();
                 let c_r = s.model.tick();
-                match got.and_then(|g| check("live read", off, &g, |b| s.model.live_read(b, s_r, c_r))) {
+                match got.and_then(|g| check_values("live read", off, &g, |b| s.model.live_read(b, s_r, c_r))) {
                     Ok(()) => s.out.reads += 1,
                     Err(e) => {
                         drop(s);
@@ -415,7 +375,7 @@ fn slot_states(m: &MirrorBdev) -> BTreeMap<String, &'static str> {
 /// Reads a whole bdev's tags and checks them against `ok`.
 async fn check_all(e: &Arc<BdevEntry>, blocks: u64, what: &str, ok: impl Fn(u64) -> Vec<u64>) -> Result<Vec<u64>, String> {
     let got = read_tags(e, 0, blocks).await?;
-    check(what, 0, &got, ok)?;
+    check_values(what, 0, &got, ok)?;
     Ok(got)
 }
 
@@ -529,7 +489,7 @@ async fn split_inner(sh: &Sh, w: &WorldRefs, leg: &str, name: &str, blocks: u64)
     }
     let mut s = sh.borrow_mut();
     let c_r = s.model.tick();
-    check(&format!("image {name}"), 0, &got, |b| s.model.snap_read(b, t, s_r, c_r))?;
+    check_values(&format!("image {name}"), 0, &got, |b| s.model.snap_read(b, t, s_r, c_r))?;
     s.roles[leg_index(leg)] = Role::Image { name, pinned: got };
     s.out.splits += 1;
     s.out.sealed_checked += 1;
@@ -772,29 +732,8 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
     Ok(out)
 }
 
-fn run_seed(seed: u64) -> Result<Outcome, String> {
+/// Runs one seed. `Err` carries the failure, the seed and its configuration.
+pub fn run_seed(seed: u64) -> Result<Outcome, String> {
     let cfg = Cfg::from_seed(seed);
-    run(seed, &cfg).map_err(|e| format!("seed {seed}: {e}\n  config: {cfg:?}\n  reproduce: SEED={seed} cargo test --test sim_mirror -- --nocapture"))
-}
-
-#[test]
-fn mirror_simulation_seeds() {
-    if std::env::var_os("SEED").is_some() {
-        let _ = env_logger::builder().is_test(true).try_init();
-    }
-    let r = tidemark::sim::seeds::run_seeds(2000, run_seed, Outcome::add);
-    r.assert_passed();
-    // The runs must exercise what they claim to check.
-    let (t, count) = (&r.totals, r.count);
-    if count >= 200 {
-        assert!(
-            t.splits > count / 10
-                && t.failures > count / 10
-                && t.crashes > count / 10
-                && t.rejoins > count / 10
-                && t.enter_waits > count
-                && t.images_after_crash > count / 200,
-            "{t:?}"
-        );
-    }
+    run(seed, &cfg).map_err(|e| format!("seed {seed}: {e}\n  config: {cfg:?}"))
 }
