@@ -645,8 +645,24 @@ impl Store {
         Ok((uuid, live))
     }
 
-    /// Removes a volume (its bdev is already unregistered) and frees its clusters.
+    /// Whether volume `uuid` may be deleted: a snapshot with more than one clone may not (as
+    /// SPDK; with one, the clone takes the snapshot's parent).
+    pub fn check_delete(&self, uuid: Uuid, field: &str) -> Result<(), LvolError> {
+        let st = self.st();
+        let clones: Vec<&str> = st.vols.values().filter(|v| v.rec.parent == Some(uuid)).map(|v| v.rec.name.as_str()).collect();
+        if clones.len() > 1 {
+            return Err(LvolError::Busy(format!(
+                "field `{field}`: snapshot has clones {}; delete, inflate or decouple them first",
+                clones.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes a volume (its bdev is already unregistered) and frees its clusters (those no
+    /// other volume shares).
     async fn delete_volume(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
+        self.check_delete(uuid, "name")?;
         let logicals: Vec<u32> = {
             let st = self.st();
             let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
@@ -657,10 +673,234 @@ impl Store {
             let mut st = self.st();
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
+                for c in st.vols.values_mut().filter(|c| c.rec.parent == Some(uuid)) {
+                    c.rec.parent = v.rec.parent;
+                }
+            }
+            self.unshare_single(&mut st);
+        }
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// Clears the shared bit of clusters only one volume still maps (their writes go in place
+    /// again). Not for a cluster with a copy pending: that copy goes on.
+    fn unshare_single(&self, st: &mut State) {
+        for v in st.vols.values() {
+            for (&l, &p) in &v.map {
+                if st.refs[p as usize] == 1 && v.live.lookup_shared(l as u64) == Some((p, true)) && !st.pending.contains_key(&(v.rec.uuid, l)) {
+                    v.live.set_shared(l, Some(p), false);
+                }
+            }
+        }
+    }
+
+    /// Checks a new volume's name and the volume count (under the state lock).
+    fn check_new(&self, st: &State, field: &str, name: &str) -> Result<(), LvolError> {
+        if st.vols.len() >= layout::MAX_VOLUMES {
+            return Err(LvolError::NoSpace(format!("lvol store {} holds {} volumes, the most it can", st.name, layout::MAX_VOLUMES)));
+        }
+        if st.vols.values().any(|v| v.rec.name == name) {
+            return Err(LvolError::Exists(format!("field `{field}`: lvol {name} already exists in lvol store {}", st.name)));
+        }
+        Ok(())
+    }
+
+    /// Adds a volume sharing every cluster of `map` (a snapshot or a clone).
+    fn add_sharing(&self, st: &mut State, rec: VolumeRecord, map: BTreeMap<u32, u32>) -> Arc<VolLive> {
+        let live = VolLive::new(clusters_for(rec.size_bytes, self.cluster_size), rec.size_bytes / self.block_size as u64, rec.read_only);
+        for (&l, &p) in &map {
+            st.refs[p as usize] += 1;
+            live.set_shared(l, Some(p), true);
+        }
+        live.allocated.store(map.len() as u64, Relaxed);
+        st.vols.insert(rec.uuid, VolState { rec, map, live: live.clone(), reserved: 0 });
+        live
+    }
+
+    /// `bdev_lvol_snapshot`: a read-only volume `name` with the image of volume `uuid`, no
+    /// data copied and no I/O paused (DESIGN §1's epoch rule, §7). The clusters become shared
+    /// at once, so every write from here on copies its cluster first; the epoch then closes and
+    /// the reply waits for its seal (every write submitted before has landed, including first
+    /// writes whose clusters the snapshot captured while pending) and for the commit.
+    async fn snapshot(&self, ch: &Channel, uuid: Uuid, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
+        let snap = Uuid::new_v4();
+        let (live, captured) = {
+            let mut st = self.st();
+            self.check_new(&st, "snapshot_name", name)?;
+            let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `lvol_name`: no lvol {uuid}")))?;
+            let mut map = v.map.clone();
+            let rec = VolumeRecord {
+                uuid: snap,
+                name: name.to_string(),
+                size_bytes: v.rec.size_bytes,
+                thin: true,
+                read_only: true,
+                clear_method: v.rec.clear_method,
+                snapshot: true,
+                parent: v.rec.parent,
+                map: Vec::new(),
+            };
+            for (&l, &p) in &v.map {
+                v.live.set_shared(l, Some(p), true);
+            }
+            let mut captured = Vec::new();
+            for ((u, l), p) in st.pending.iter_mut() {
+                if *u == uuid {
+                    p.captured = true;
+                    map.insert(*l, p.phys);
+                    captured.push(*l);
+                }
+            }
+            st.cow_epoch = self.tracker.current();
+            if let Some(v) = st.vols.get_mut(&uuid) {
+                v.rec.parent = Some(snap);
+            }
+            (self.add_sharing(&mut st, rec, map), captured)
+        };
+        self.quiesce_only().await;
+        // A captured first write holds its ticket until its data is written, but one that
+        // gave it up to wait (see cluster_for_write) may still be writing: wait for its entry.
+        loop {
+            let busy = {
+                let st = self.st();
+                captured.iter().any(|l| st.pending.get(&(uuid, *l)).is_some_and(|p| p.gen.is_none()))
+            };
+            if !busy {
+                break;
+            }
+            crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
+        }
+        self.commit(ch).await?;
+        Ok((snap, live))
+    }
+
+    /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
+    async fn clone_volume(&self, ch: &Channel, snap: Uuid, snap_name: &str, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
+        let uuid = Uuid::new_v4();
+        let live = {
+            let mut st = self.st();
+            self.check_new(&st, "clone_name", name)?;
+            let s = st.vols.get(&snap).ok_or_else(|| LvolError::NotFound(format!("field `snapshot_name`: no lvol {snap_name}")))?;
+            if !s.rec.snapshot {
+                return Err(LvolError::Invalid(format!("field `snapshot_name`: lvol {snap_name} is not a snapshot (clone a snapshot of it)")));
+            }
+            let rec = VolumeRecord {
+                uuid,
+                name: name.to_string(),
+                size_bytes: s.rec.size_bytes,
+                thin: true,
+                read_only: false,
+                clear_method: s.rec.clear_method,
+                snapshot: false,
+                parent: Some(snap),
+                map: Vec::new(),
+            };
+            let map = s.map.clone();
+            self.add_sharing(&mut st, rec, map)
+        };
+        if let Err(e) = self.commit(ch).await {
+            let mut st = self.st();
+            if let Some(v) = st.vols.remove(&uuid) {
+                let cl: Vec<u32> = v.map.values().copied().collect();
+                self.release(&mut st, None, &cl);
+            }
+            return Err(e.into());
+        }
+        Ok((uuid, live))
+    }
+
+    /// `bdev_lvol_decouple_parent`: the volume no longer reads through its snapshot but
+    /// through the snapshot's parent. Shared clusters are reference-counted, so nothing is
+    /// copied: the snapshot can then be deleted and the clusters stay while the volume maps them.
+    async fn decouple(&self, ch: &Channel, uuid: Uuid, field: &str) -> Result<(), LvolError> {
+        {
+            let mut st = self.st();
+            let parent = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `{field}`: no lvol {uuid}")))?.rec.parent;
+            let Some(parent) = parent else {
+                return Err(LvolError::Invalid(format!("field `{field}`: lvol has no parent snapshot")));
+            };
+            let grand = st.vols.get(&parent).and_then(|p| p.rec.parent);
+            if let Some(v) = st.vols.get_mut(&uuid) {
+                v.rec.parent = grand;
             }
         }
         self.commit(ch).await?;
         Ok(())
+    }
+
+    /// `bdev_lvol_inflate`: every cluster of the volume becomes its own (shared ones copied,
+    /// unallocated ones allocated and zeroed), then the parent link goes.
+    async fn inflate(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
+        let live = self.live(uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
+        for l in 0..live.capacity() as u32 {
+            if live.lookup_shared(l as u64).is_some_and(|(_, shared)| !shared) {
+                continue;
+            }
+            let mut ticket = Some(self.tracker.enter());
+            let r = self.cluster_for_write(ch, &live, uuid, l, &mut ticket).await;
+            if let Some(t) = ticket {
+                self.tracker.exit(t);
+            }
+            if let (_, true) = r? {
+                if let Some(gen) = self.add_entry(uuid, l) {
+                    self.wait_durable(ch, gen).await?;
+                }
+            }
+        }
+        let mut st = self.st();
+        if let Some(v) = st.vols.get_mut(&uuid) {
+            v.rec.parent = None;
+        }
+        drop(st);
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// `bdev_lvol_revert`: volume `uuid` takes snapshot `snap`'s content in one commit, no
+    /// data copied (its clusters become shared with the snapshot); its old clusters are freed
+    /// once no I/O can use them.
+    async fn revert(&self, ch: &Channel, uuid: Uuid, snap: Uuid) -> Result<(), LvolError> {
+        let old: Vec<u32> = {
+            let mut st = self.st();
+            let s = st.vols.get(&snap).ok_or_else(|| LvolError::NotFound(format!("field `snapshot_name`: no lvol {snap}")))?;
+            if !s.rec.snapshot {
+                return Err(LvolError::Invalid("field `snapshot_name`: not a snapshot".into()));
+            }
+            let (smap, ssize) = (s.map.clone(), s.rec.size_bytes);
+            let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
+            if v.rec.snapshot {
+                return Err(LvolError::Invalid("field `name`: a snapshot is read-only; revert a writable volume".into()));
+            }
+            if v.rec.size_bytes != ssize {
+                return Err(LvolError::Invalid(format!("field `snapshot_name`: the snapshot is {ssize} bytes, the volume {}; resize it first", v.rec.size_bytes)));
+            }
+            if st.pending.keys().any(|(u, _)| *u == uuid) {
+                return Err(LvolError::Busy("field `name`: the volume has first writes in flight; retry".into()));
+            }
+            for &p in smap.values() {
+                st.refs[p as usize] += 1;
+            }
+            let v = st.vols.get_mut(&uuid).expect("looked up above");
+            let old: Vec<u32> = v.map.values().copied().collect();
+            for &l in v.map.keys() {
+                v.live.set(l, None);
+            }
+            for (&l, &p) in &smap {
+                v.live.set_shared(l, Some(p), true);
+            }
+            v.live.allocated.store(smap.len() as u64, Relaxed);
+            v.map = smap;
+            v.rec.parent = Some(snap);
+            old
+        };
+        let r = self.commit(ch).await;
+        self.quiesce().await;
+        let mut st = self.st();
+        self.release(&mut st, Some(uuid), &old);
+        self.unshare_single(&mut st);
+        drop(st);
+        Ok(r?)
     }
 
     /// Changes one volume's record (rename, read-only) and commits.
@@ -1265,8 +1505,8 @@ impl Bdev for LvolBdev {
             "base_bdev": self.store.base.name(),
             "thin_provision": self.thin,
             "num_allocated_clusters": self.allocated_clusters(),
-            "snapshot": false,
-            "clone": false,
+            "snapshot": rec.as_ref().is_some_and(|r| r.snapshot),
+            "clone": rec.as_ref().is_some_and(|r| r.parent.is_some()),
             "esnap_clone": false,
             "clear_method": rec.map_or("unmap", |r| CLEAR_METHODS.get(r.clear_method as usize).copied().unwrap_or("unmap")),
         }})
