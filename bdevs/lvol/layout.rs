@@ -20,8 +20,10 @@
 //! none: the snapshot a clone reads through, see the module comment of `lvol`) and the flag
 //! bit 2, *snapshot*. A physical cluster may now appear in the maps of several volumes (it is
 //! shared); it never appears twice in one map. **Upgrade rule:** a version 1 record decodes
-//! as version 2 with no parents and no snapshots; the next commit writes version 2, after
-//! which a tidemark of the first slice refuses the store (it reads version 1 only).
+//! as version 2 with no parents and no snapshots. A record is written in version 1 as long as
+//! no volume has a parent or is a snapshot, so a store stays readable by the first slice
+//! until the first `bdev_lvol_snapshot` (an explicit, crash-safe RPC: one commit) makes it
+//! version 2; from then on the first slice refuses it by its version and changes nothing.
 //!
 //! Little endian throughout.
 
@@ -163,8 +165,9 @@ impl StoreRecord {
     /// The record as written to a slot (its length is `len`, not rounded to blocks).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(HEADER_MAX + self.volumes.len() * VOLUME_MAX));
+        let v2 = self.volumes.iter().any(|v| v.snapshot || v.parent.is_some());
         w.0.extend_from_slice(MAGIC);
-        w.u32(VERSION);
+        w.u32(if v2 { VERSION } else { VERSION_1 });
         w.u32(0); // crc, below
         w.u64(0); // len, below
         w.u64(self.seq);
@@ -181,7 +184,9 @@ impl StoreRecord {
             w.u64(v.size_bytes);
             w.u8(v.thin as u8 | (v.read_only as u8) << 1 | (v.snapshot as u8) << 2);
             w.u8(v.clear_method);
-            w.0.extend_from_slice(v.parent.unwrap_or(Uuid::nil()).as_bytes());
+            if v2 {
+                w.0.extend_from_slice(v.parent.unwrap_or(Uuid::nil()).as_bytes());
+            }
             w.u32(v.map.len() as u32);
             for &(l, p) in &v.map {
                 w.u32(l);
@@ -411,7 +416,10 @@ mod tests {
             v.parent = None;
         }
         assert_eq!(StoreRecord::decode(&encode_v1(&r)), Ok(r.clone()));
-        // Written again, it is version 2.
+        // Written again without snapshots, it stays version 1, byte for byte.
+        assert_eq!(r.encode(), encode_v1(&r));
+        // The first snapshot makes it version 2.
+        r.volumes[0].snapshot = true;
         assert_eq!(u32::from_le_bytes(r.encode()[8..12].try_into().unwrap()), VERSION);
     }
 

@@ -455,3 +455,129 @@ fn revert_inflate_and_decouple() {
     assert_eq!(f.read(&vols["a"], 0, 1), vec![0x11; BS as usize]);
     assert_eq!(s.free_clusters(), total - 1 - per);
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { vol: usize, cluster: u64, byte: u8 },
+    Snapshot { vol: usize },
+    Clone { vol: usize },
+    Delete { vol: usize },
+    Reopen,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0usize..8, 0u64..16, 1u8..255).prop_map(|(vol, cluster, byte)| Op::Write { vol, cluster, byte }),
+        2 => (0usize..8).prop_map(|vol| Op::Snapshot { vol }),
+        2 => (0usize..8).prop_map(|vol| Op::Clone { vol }),
+        1 => (0usize..8).prop_map(|vol| Op::Delete { vol }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// A volume of the model: its name, whether it is a snapshot, its parent (by name), and the
+/// first byte of each of its 16 clusters.
+#[derive(Debug, Clone)]
+struct ModelVol {
+    name: String,
+    snapshot: bool,
+    parent: Option<String>,
+    content: Vec<u8>,
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Random writes, snapshots, clones, deletes and reopens against a model: every volume
+    /// reads what the model says, reference counts follow the maps, and once everything is
+    /// deleted the whole pool is free.
+    #[test]
+    fn volumes_snapshots_and_clones_follow_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let f = fixture(16 << 20);
+        let mut s = f.create();
+        let total = s.total_clusters();
+        let bpc = CL / BS as u64;
+        let mut model = vec![ModelVol { name: "v0".into(), snapshot: false, parent: None, content: vec![0; 16] }];
+        let mut vols: BTreeMap<String, Arc<BdevEntry>> = BTreeMap::new();
+        vols.insert("v0".into(), f.vol(&s, "v0", 1, true));
+        let mut n = 0;
+        for op in ops {
+            n += 1;
+            match op {
+                Op::Write { vol, cluster, byte } => {
+                    let m = &mut model[vol % model.len()];
+                    let r = f.write(&vols[&m.name], cluster * bpc, byte, 1);
+                    match (m.snapshot, r) {
+                        (true, r) => proptest::prop_assert_eq!(r, Err(BdevError::ReadOnly)),
+                        (false, Ok(())) => m.content[cluster as usize] = byte,
+                        (false, r) => proptest::prop_assert_eq!(r, Err(BdevError::NoSpace)),
+                    }
+                }
+                Op::Snapshot { vol } => {
+                    let i = vol % model.len();
+                    let name = format!("s{n}");
+                    if model.len() >= 16 {
+                        continue;
+                    }
+                    let e = f.snapshot(&s, &vols[&model[i].name], &name).unwrap();
+                    let m = ModelVol { name: name.clone(), snapshot: true, parent: model[i].parent.clone(), content: model[i].content.clone() };
+                    model[i].parent = Some(name.clone());
+                    model.push(m);
+                    vols.insert(name, e);
+                }
+                Op::Clone { vol } => {
+                    let i = vol % model.len();
+                    let name = format!("c{n}");
+                    if model.len() >= 16 {
+                        continue;
+                    }
+                    let r = f.clone_of(&s, &vols[&model[i].name], &name);
+                    if !model[i].snapshot {
+                        proptest::prop_assert!(matches!(r, Err(LvolError::Invalid(_))));
+                        continue;
+                    }
+                    let m = ModelVol { name: name.clone(), snapshot: false, parent: Some(model[i].name.clone()), content: model[i].content.clone() };
+                    model.push(m);
+                    vols.insert(name, r.unwrap());
+                }
+                Op::Delete { vol } => {
+                    let i = vol % model.len();
+                    let name = model[i].name.clone();
+                    let clones = model.iter().filter(|m| m.parent.as_deref() == Some(&name)).count();
+                    let e = vols.remove(&name).unwrap();
+                    if clones > 1 {
+                        proptest::prop_assert!(matches!(f.delete(&s, e.clone()), Err(LvolError::Busy(_))));
+                        vols.insert(name, e);
+                        continue;
+                    }
+                    f.delete(&s, e).unwrap();
+                    let gone = model.remove(i);
+                    for m in model.iter_mut().filter(|m| m.parent.as_deref() == Some(&name)) {
+                        m.parent = gone.parent.clone();
+                    }
+                    if model.is_empty() {
+                        model.push(ModelVol { name: format!("v{n}"), snapshot: false, parent: None, content: vec![0; 16] });
+                        vols.insert(format!("v{n}"), f.vol(&s, &format!("v{n}"), 1, true));
+                    }
+                }
+                Op::Reopen => {
+                    let (s2, v2) = f.reopen(s, std::mem::take(&mut vols).into_values().collect());
+                    s = s2;
+                    vols = v2;
+                }
+            }
+            check_refs(&s);
+            for m in &model {
+                for c in 0..16u64 {
+                    proptest::prop_assert_eq!(f.read(&vols[&m.name], c * bpc, 1)[0], m.content[c as usize], "{} cluster {}", m.name, c);
+                }
+            }
+        }
+        // Everything deleted, newest first (a snapshot then has at most the volume it was taken of).
+        for m in model.iter().rev() {
+            f.delete(&s, vols.remove(&m.name).unwrap()).unwrap();
+        }
+        proptest::prop_assert_eq!(s.free_clusters(), total);
+        check_refs(&s);
+    }
+}
