@@ -505,7 +505,8 @@ proptest::proptest! {
             n += 1;
             match op {
                 Op::Write { vol, cluster, byte } => {
-                    let m = &mut model[vol % model.len()];
+                    let i = vol % model.len();
+                    let m = &mut model[i];
                     let r = f.write(&vols[&m.name], cluster * bpc, byte, 1);
                     match (m.snapshot, r) {
                         (true, r) => proptest::prop_assert_eq!(r, Err(BdevError::ReadOnly)),
