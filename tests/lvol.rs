@@ -249,12 +249,25 @@ fn a_snapshot_under_a_writer_keeps_its_image_clones_write_privately_and_kill9_ke
     let (ok, out) = qemu_io(addr, 0, "write -P 0x11 0 8M");
     assert!(ok, "{out}");
     // A writer on the second half runs while the snapshot is taken (the host is not paused).
-    let writer = std::thread::spawn(move || qemu_io(addr, 0, "write -P 0x22 8M 8M"));
-    std::thread::sleep(std::time::Duration::from_millis(30));
+    // 32 passes of 8 MiB in one session, so that the snapshot lands among them.
+    let writer = std::thread::spawn(move || {
+        let url = format!("iscsi://{addr}/{TARGET}/0");
+        let mut c = Command::new("timeout");
+        c.args(["120", "qemu-io", "-f", "raw"]);
+        for _ in 0..32 {
+            c.args(["-c", "write -P 0x22 8M 8M"]);
+        }
+        let out = c.arg(&url).output().expect("run qemu-io");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success() && !text.contains("failed") && text.matches("wrote").count() == 32, text)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let snap = d.rpc("bdev_lvol_snapshot", json!({"lvol_name": "pool/vol", "snapshot_name": "snap"}));
     assert!(snap.as_str().is_some_and(|u| u.len() == 36), "the reply is the snapshot's UUID: {snap}");
+    let snapped_at = std::time::Instant::now();
     let (ok, out) = writer.join().unwrap();
     assert!(ok, "the writer went on through the snapshot: {out}");
+    eprintln!("the writer ran on {:?} after the snapshot's reply", snapped_at.elapsed());
     let (ok, out) = qemu_io(addr, 0, "write -P 0x33 0 1M");
     assert!(ok, "{out}");
     d.rpc("iscsi_target_node_add_lun", json!({"name": TARGET, "bdev_name": "pool/snap", "lun_id": 1}));
@@ -278,7 +291,9 @@ fn a_snapshot_under_a_writer_keeps_its_image_clones_write_privately_and_kill9_ke
     }
     let lvols = d.rpc("bdev_lvol_get_lvols", json!({}));
     let by = |n: &str| lvols.as_array().unwrap().iter().find(|l| l["name"] == n).cloned().unwrap();
-    assert_eq!((by("snap")["is_snapshot"].clone(), by("snap")["clones"].clone()), (json!(true), json!(["vol", "c"])), "{lvols}");
+    let mut clones: Vec<String> = serde_json::from_value(by("snap")["clones"].clone()).unwrap();
+    clones.sort();
+    assert_eq!((by("snap")["is_snapshot"].clone(), clones), (json!(true), vec!["c".to_string(), "vol".to_string()]), "{lvols}");
     assert_eq!((by("c")["is_clone"].clone(), by("c")["base_snapshot"].clone()), (json!(true), json!("snap")), "{lvols}");
 
     // Bad input: an error naming the field, nothing changes.

@@ -27,6 +27,15 @@
 //! shrink) or a map is replaced (grow) first, and the cluster or the old map is reused only
 //! after the epoch advanced and sealed, so no I/O can still be using it.
 //!
+//! **Snapshots and clones** (`bdev_lvol_snapshot`, `bdev_lvol_clone`, inflate, decouple,
+//! revert; DESIGN §7). Clusters are shared by reference count: a snapshot's or a clone's map
+//! names the same physical clusters as its origin's, and the count of each cluster is the
+//! number of maps (and pending entries) naming it, rebuilt from the maps at open. The live map
+//! marks a shared cluster ([`SHARED`]); a write to one takes the slow path and copies the
+//! cluster (`copy_cluster`) into a new one, like a first write: the entry commits with the
+//! group commit and the old reference goes when it is durable. A snapshot never pauses I/O:
+//! see [`Store::snapshot`] for the epoch rule it follows.
+//!
 //! **Restart.** `save_config` writes `bdev_lvol_load_lvstore {bdev_name}` (a tidemark method)
 //! as the configuration of one volume of each store, its *anchor*, whose name claims the base
 //! bdev so that the call comes after the base's creation; the load finds the store on the
