@@ -198,6 +198,15 @@ fn spdks_client_creates_and_lists_the_pool() {
     assert_eq!(aliases.len(), 2, "{lvols}");
     assert!(aliases.contains(&"lvs0/vol0") && aliases.contains(&"lvs0/vol1"), "{lvols}");
     assert!(lvols.as_array().unwrap().iter().any(|l| l["uuid"] == name.trim().trim_matches('"')), "{name} {lvols}");
+    // Snapshot and clone through SPDK's client: its parameters, its replies.
+    let snap = run(&["bdev_lvol_snapshot", "lvs0/vol0", "snap0"]);
+    run(&["bdev_lvol_clone", "lvs0/snap0", "clone0"]);
+    let lvols: Value = serde_json::from_str(&run(&["bdev_lvol_get_lvols", "-l", "lvs0"])).unwrap();
+    let clone = lvols.as_array().unwrap().iter().find(|l| l["name"] == "clone0").cloned().unwrap_or_default();
+    assert_eq!((clone["is_clone"].clone(), clone["base_snapshot"].clone()), (json!(true), json!("snap0")), "{lvols}");
+    assert!(lvols.as_array().unwrap().iter().any(|l| l["uuid"] == snap.trim().trim_matches('"') && l["is_snapshot"] == true), "{snap} {lvols}");
+    run(&["bdev_lvol_delete", "lvs0/clone0"]);
+    run(&["bdev_lvol_delete", "lvs0/snap0"]);
     run(&["bdev_lvol_delete", "lvs0/vol1"]);
     run(&["bdev_lvol_delete_lvstore", "-l", "lvs0"]);
 }

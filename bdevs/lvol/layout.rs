@@ -256,7 +256,17 @@ impl StoreRecord {
                 }
                 map.push((l, p));
             }
-            volumes.push(VolumeRecord { uuid, name, size_bytes, thin: flags & 1 != 0, read_only: flags & 2 != 0, clear_method, snapshot: flags & 4 != 0, parent, map });
+            volumes.push(VolumeRecord {
+                uuid,
+                name,
+                size_bytes,
+                thin: flags & 1 != 0,
+                read_only: flags & 2 != 0,
+                clear_method,
+                snapshot: flags & 4 != 0,
+                parent,
+                map,
+            });
         }
         if !r.0.is_empty() {
             return Err(DecodeError::Corrupt);

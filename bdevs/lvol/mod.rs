@@ -474,7 +474,14 @@ impl Store {
     /// (pending) one: allocated and zeroed for a first write, or a copy of a shared cluster.
     /// The caller holds `ticket`; every wait here on another writer or on a seal gives it up
     /// and takes a new one (the write then belongs to the epoch after the wait).
-    async fn cluster_for_write(&self, ch: &Channel, vol: &Arc<VolLive>, uuid: Uuid, logical: u32, ticket: &mut Option<EpochTicket>) -> Result<(u32, bool), BdevError> {
+    async fn cluster_for_write(
+        &self,
+        ch: &Channel,
+        vol: &Arc<VolLive>,
+        uuid: Uuid,
+        logical: u32,
+        ticket: &mut Option<EpochTicket>,
+    ) -> Result<(u32, bool), BdevError> {
         loop {
             enum Role {
                 Mapped(u32),
@@ -497,7 +504,8 @@ impl Store {
                     (shared, None) => {
                         let from = shared.map(|(p, _)| p);
                         let phys = self.alloc_cluster(&mut st, uuid, from.is_some()).ok_or(BdevError::NoSpace)?;
-                        st.pending.insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None, cow_from: None, captured: false });
+                        st.pending
+                            .insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None, cow_from: None, captured: false });
                         Role::Fill(phys, from)
                     }
                 };
@@ -510,8 +518,8 @@ impl Store {
                     // Not holding our ticket while we wait: the one we wait for may be waiting
                     // for the seal of our epoch.
                     if let Some(t) = ticket.take() {
-                self.tracker.exit(t);
-            }
+                        self.tracker.exit(t);
+                    }
                     match rx {
                         Some(rx) => {
                             let _ = rx.await;
@@ -624,12 +632,7 @@ impl Store {
         let uuid = Uuid::new_v4();
         let live = {
             let mut st = self.st();
-            if st.vols.len() >= layout::MAX_VOLUMES {
-                return Err(LvolError::NoSpace(format!("lvol store {} holds {} volumes, the most it can", st.name, layout::MAX_VOLUMES)));
-            }
-            if st.vols.values().any(|v| v.rec.name == name) {
-                return Err(LvolError::Exists(format!("field `lvol_name`: lvol {name} already exists in lvol store {}", st.name)));
-            }
+            self.check_new(&st, "lvol_name", name)?;
             if !thin && clusters > st.free_count - st.reserved {
                 return Err(LvolError::NoSpace(format!(
                     "field `size_in_mib`: a thick volume of {clusters} clusters does not fit in the {} free clusters of lvol store {}",
@@ -638,7 +641,8 @@ impl Store {
                 )));
             }
             let live = VolLive::new(clusters, size_bytes / self.block_size as u64, false);
-            let rec = VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, snapshot: false, parent: None, map: Vec::new() };
+            let rec =
+                VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, snapshot: false, parent: None, map: Vec::new() };
             let reserved = if thin { 0 } else { clusters };
             st.reserved += reserved;
             st.vols.insert(uuid, VolState { rec, map: BTreeMap::new(), live: live.clone(), reserved });
@@ -660,10 +664,7 @@ impl Store {
         let st = self.st();
         let clones: Vec<&str> = st.vols.values().filter(|v| v.rec.parent == Some(uuid)).map(|v| v.rec.name.as_str()).collect();
         if clones.len() > 1 {
-            return Err(LvolError::Busy(format!(
-                "field `{field}`: snapshot has clones {}; delete, inflate or decouple them first",
-                clones.join(", ")
-            )));
+            return Err(LvolError::Busy(format!("field `{field}`: snapshot has clones {}; delete, inflate or decouple them first", clones.join(", "))));
         }
         Ok(())
     }
@@ -882,7 +883,10 @@ impl Store {
                 return Err(LvolError::Invalid("field `name`: a snapshot is read-only; revert a writable volume".into()));
             }
             if v.rec.size_bytes != ssize {
-                return Err(LvolError::Invalid(format!("field `snapshot_name`: the snapshot is {ssize} bytes, the volume {}; resize it first", v.rec.size_bytes)));
+                return Err(LvolError::Invalid(format!(
+                    "field `snapshot_name`: the snapshot is {ssize} bytes, the volume {}; resize it first",
+                    v.rec.size_bytes
+                )));
             }
             if st.pending.keys().any(|(u, _)| *u == uuid) {
                 return Err(LvolError::Busy("field `name`: the volume has first writes in flight; retry".into()));
@@ -957,8 +961,12 @@ impl Store {
             // A larger map replaces the old one under the state lock (entries are set only under it).
             let old_map = if clusters > live.capacity() {
                 let new = LiveMap::new(clusters);
-                for (l, p) in &v.map {
-                    new.0[*l as usize].store(p + 1, Relaxed);
+                // Entries as they are live (shared bit included; entries not yet published stay
+                // unpublished: their publish sets them in the new map).
+                // SAFETY: as in `VolLive::set`: under the state lock.
+                let old = unsafe { &*live.map.load(Acquire) };
+                for (n, o) in new.0.iter().zip(old.0.iter()) {
+                    n.store(o.load(Acquire), Relaxed);
                 }
                 Some(live.map.swap(Box::into_raw(new), AcqRel))
             } else {
@@ -1156,12 +1164,21 @@ impl Store {
             let mut in_this = std::collections::HashSet::new();
             for &(l, p) in &v.map {
                 if !in_this.insert(p) || l as u64 >= clusters_for(v.size_bytes, r.cluster_size) {
-                    return Err(LvolError::Invalid(format!("lvol store {} on {}: cluster {p} is mapped twice by one volume or past its end", r.name, entry.name())));
+                    return Err(LvolError::Invalid(format!(
+                        "lvol store {} on {}: cluster {p} is mapped twice by one volume or past its end",
+                        r.name,
+                        entry.name()
+                    )));
                 }
                 seen[p as usize] = true;
             }
             if v.parent.is_some_and(|p| !snapshots.contains(&p)) {
-                return Err(LvolError::Invalid(format!("lvol store {} on {}: lvol {} names a parent that is no snapshot of the store", r.name, entry.name(), v.name)));
+                return Err(LvolError::Invalid(format!(
+                    "lvol store {} on {}: lvol {} names a parent that is no snapshot of the store",
+                    r.name,
+                    entry.name(),
+                    v.name
+                )));
             }
         }
         let used = seen.iter().filter(|s| **s).count();

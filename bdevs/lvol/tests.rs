@@ -582,3 +582,18 @@ proptest::proptest! {
         check_refs(&s);
     }
 }
+
+#[test]
+fn a_grown_volume_still_copies_its_shared_clusters() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 0x11, 1).unwrap();
+    let snap = f.snapshot(&s, &v, "snap").unwrap();
+    let (s2, u) = (s.clone(), lvol(&v).lvol_uuid());
+    f.cores.block_on(0, async move { s2.resize(&Channel::get(&s2.base).unwrap(), u, 2 << 20, false).await }).unwrap();
+    f.write(&v, 0, 0x22, 1).unwrap();
+    assert_eq!(f.read(&snap, 0, 1), vec![0x11; BS as usize], "the larger map kept the shared bit");
+    assert_eq!(f.read(&v, 0, 1), vec![0x22; BS as usize]);
+    check_refs(&s);
+}
