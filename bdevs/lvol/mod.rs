@@ -739,6 +739,9 @@ impl Store {
             let mut st = self.st();
             self.check_new(&st, "snapshot_name", name)?;
             let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `lvol_name`: no lvol {uuid}")))?;
+            if v.rec.snapshot {
+                return Err(LvolError::Invalid(format!("field `lvol_name`: lvol {} is a snapshot already (clone it, then snapshot the clone)", v.rec.name)));
+            }
             let mut map = v.map.clone();
             let rec = VolumeRecord {
                 uuid: snap,

@@ -393,6 +393,7 @@ fn clones_read_through_write_privately_and_hold_their_snapshot() {
     f.write(&v, 0, 0x11, 4).unwrap();
     let snap = f.snapshot(&s, &v, "snap").unwrap();
     assert!(matches!(f.clone_of(&s, &v, "bad"), Err(LvolError::Invalid(m)) if m.contains("snapshot_name")), "a writable volume is not cloned");
+    assert!(matches!(f.snapshot(&s, &snap, "bad"), Err(LvolError::Invalid(m)) if m.contains("lvol_name")), "a snapshot is not snapshotted");
     let c = f.clone_of(&s, &snap, "c").unwrap();
     assert!(matches!(f.clone_of(&s, &snap, "c"), Err(LvolError::Exists(_))));
     assert_eq!(f.read(&c, 0, 4), vec![0x11; 4 * BS as usize]);
@@ -520,7 +521,12 @@ proptest::proptest! {
                     if model.len() >= 16 {
                         continue;
                     }
-                    let e = f.snapshot(&s, &vols[&model[i].name], &name).unwrap();
+                    let r = f.snapshot(&s, &vols[&model[i].name], &name);
+                    if model[i].snapshot {
+                        proptest::prop_assert!(matches!(r, Err(LvolError::Invalid(_))));
+                        continue;
+                    }
+                    let e = r.unwrap();
                     let m = ModelVol { name: name.clone(), snapshot: true, parent: model[i].parent.clone(), content: model[i].content.clone() };
                     model[i].parent = Some(name.clone());
                     model.push(m);
