@@ -271,7 +271,9 @@ fn a_snapshot_under_a_writer_keeps_its_image_clones_write_privately_and_kill9_ke
         (out.status.success() && !text.contains("failed") && text.matches("wrote").count() == 32, text)
     });
     std::thread::sleep(std::time::Duration::from_millis(100));
+    let t0 = std::time::Instant::now();
     let snap = d.rpc("bdev_lvol_snapshot", json!({"lvol_name": "pool/vol", "snapshot_name": "snap"}));
+    eprintln!("bdev_lvol_snapshot under the writer answered in {:?}", t0.elapsed());
     assert!(snap.as_str().is_some_and(|u| u.len() == 36), "the reply is the snapshot's UUID: {snap}");
     let snapped_at = std::time::Instant::now();
     let (ok, out) = writer.join().unwrap();
