@@ -20,8 +20,17 @@ const TARGET: &str = "iqn.2016-06.io.tidemark:pool";
 const MIB: u64 = 1 << 20;
 
 fn qemu_io(addr: SocketAddr, lun: u32, cmd: &str) -> (bool, String) {
+    qemu_io_as(addr, lun, cmd, false)
+}
+
+/// `read_only`: opens with `-r` (qemu refuses to open a write-protected LUN read-write).
+fn qemu_io_as(addr: SocketAddr, lun: u32, cmd: &str, read_only: bool) -> (bool, String) {
     let url = format!("iscsi://{addr}/{TARGET}/{lun}");
-    let out = Command::new("timeout").args(["60", "qemu-io", "-f", "raw", "-c", cmd, &url]).output().expect("run qemu-io");
+    let mut args = vec!["60", "qemu-io", "-f", "raw"];
+    if read_only {
+        args.push("-r");
+    }
+    let out = Command::new("timeout").args(args).args(["-c", cmd, &url]).output().expect("run qemu-io");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // qemu-io exits 0 even when the command fails; its output says so.
     (out.status.success() && !text.contains("failed"), text)
@@ -189,6 +198,15 @@ fn spdks_client_creates_and_lists_the_pool() {
     assert_eq!(aliases.len(), 2, "{lvols}");
     assert!(aliases.contains(&"lvs0/vol0") && aliases.contains(&"lvs0/vol1"), "{lvols}");
     assert!(lvols.as_array().unwrap().iter().any(|l| l["uuid"] == name.trim().trim_matches('"')), "{name} {lvols}");
+    // Snapshot and clone through SPDK's client: its parameters, its replies.
+    let snap = run(&["bdev_lvol_snapshot", "lvs0/vol0", "snap0"]);
+    run(&["bdev_lvol_clone", "lvs0/snap0", "clone0"]);
+    let lvols: Value = serde_json::from_str(&run(&["bdev_lvol_get_lvols", "-l", "lvs0"])).unwrap();
+    let clone = lvols.as_array().unwrap().iter().find(|l| l["name"] == "clone0").cloned().unwrap_or_default();
+    assert_eq!((clone["is_clone"].clone(), clone["base_snapshot"].clone()), (json!(true), json!("snap0")), "{lvols}");
+    assert!(lvols.as_array().unwrap().iter().any(|l| l["uuid"] == snap.trim().trim_matches('"') && l["is_snapshot"] == true), "{snap} {lvols}");
+    run(&["bdev_lvol_delete", "lvs0/clone0"]);
+    run(&["bdev_lvol_delete", "lvs0/snap0"]);
     run(&["bdev_lvol_delete", "lvs0/vol1"]);
     run(&["bdev_lvol_delete_lvstore", "-l", "lvs0"]);
 }
@@ -228,4 +246,96 @@ fn a_volume_grown_or_made_read_only_while_exported_takes_effect_on_open_sessions
     assert_eq!((r.status, r.sense.map(|x| x.0)), (2, Some(0x07)), "a read-only volume refuses the open session's write: DATA PROTECT");
     let back = s.scsi(0, &client::read10(0, 1), 512, None).expect("read");
     assert_eq!((back.status, back.data), (0, block));
+}
+
+/// `bdev_lvol_snapshot` under a running writer, read over iSCSI; a clone written beside it;
+/// kill -9 right after an acknowledged snapshot; bad input refused with nothing changed.
+#[test]
+fn a_snapshot_under_a_writer_keeps_its_image_clones_write_privately_and_kill9_keeps_it() {
+    let (mut d, _file, _) = daemon_with_pool();
+    d.rpc("bdev_lvol_create", json!({"lvol_name": "vol", "size_in_mib": 16, "lvs_name": "pool", "thin_provision": true}));
+    let addr = export(&d, &["pool/vol"]);
+    let (ok, out) = qemu_io(addr, 0, "write -P 0x11 0 8M");
+    assert!(ok, "{out}");
+    // A writer on the second half runs while the snapshot is taken (the host is not paused).
+    // 32 passes of 8 MiB in one session, so that the snapshot lands among them.
+    let writer = std::thread::spawn(move || {
+        let url = format!("iscsi://{addr}/{TARGET}/0");
+        let mut c = Command::new("timeout");
+        c.args(["120", "qemu-io", "-f", "raw"]);
+        for _ in 0..32 {
+            c.args(["-c", "write -P 0x22 8M 8M"]);
+        }
+        let out = c.arg(&url).output().expect("run qemu-io");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success() && !text.contains("failed") && text.matches("wrote").count() == 32, text)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let t0 = std::time::Instant::now();
+    let snap = d.rpc("bdev_lvol_snapshot", json!({"lvol_name": "pool/vol", "snapshot_name": "snap"}));
+    eprintln!("bdev_lvol_snapshot under the writer answered in {:?}", t0.elapsed());
+    assert!(snap.as_str().is_some_and(|u| u.len() == 36), "the reply is the snapshot's UUID: {snap}");
+    let snapped_at = std::time::Instant::now();
+    let (ok, out) = writer.join().unwrap();
+    assert!(ok, "the writer went on through the snapshot: {out}");
+    eprintln!("the writer ran on {:?} after the snapshot's reply", snapped_at.elapsed());
+    let (ok, out) = qemu_io(addr, 0, "write -P 0x33 0 1M");
+    assert!(ok, "{out}");
+    d.rpc("iscsi_target_node_add_lun", json!({"name": TARGET, "bdev_name": "pool/snap", "lun_id": 1}));
+    let (ok, out) = qemu_io_as(addr, 1, "read -P 0x11 0 8M", true);
+    assert!(ok, "the snapshot has the image written before it: {out}");
+    for (pat, off, len) in [("0x33", "0", "1M"), ("0x11", "1M", "7M"), ("0x22", "8M", "8M")] {
+        let (ok, out) = qemu_io(addr, 0, &format!("read -P {pat} {off} {len}"));
+        assert!(ok, "the volume after the snapshot, {pat} at {off}: {out}");
+    }
+    let (ok, _) = qemu_io(addr, 1, "write -P 0x01 0 4k");
+    assert!(!ok, "a snapshot is read-only");
+
+    // A clone reads through its snapshot and writes its own clusters.
+    d.rpc("bdev_lvol_clone", json!({"snapshot_name": "pool/snap", "clone_name": "c"}));
+    d.rpc("iscsi_target_node_add_lun", json!({"name": TARGET, "bdev_name": "pool/c", "lun_id": 2}));
+    let (ok, out) = qemu_io(addr, 2, "write -P 0x44 0 1M");
+    assert!(ok, "{out}");
+    for (lun, pat, off, len) in [(2, "0x44", "0", "1M"), (2, "0x11", "1M", "7M"), (1, "0x11", "0", "8M"), (0, "0x33", "0", "1M")] {
+        let (ok, out) = qemu_io_as(addr, lun, &format!("read -P {pat} {off} {len}"), lun == 1);
+        assert!(ok, "LUN {lun}, {pat} at {off}: {out}");
+    }
+    let lvols = d.rpc("bdev_lvol_get_lvols", json!({}));
+    let by = |n: &str| lvols.as_array().unwrap().iter().find(|l| l["name"] == n).cloned().unwrap();
+    let mut clones: Vec<String> = serde_json::from_value(by("snap")["clones"].clone()).unwrap();
+    clones.sort();
+    assert_eq!((by("snap")["is_snapshot"].clone(), clones), (json!(true), vec!["c".to_string(), "vol".to_string()]), "{lvols}");
+    assert_eq!((by("c")["is_clone"].clone(), by("c")["base_snapshot"].clone()), (json!(true), json!("snap")), "{lvols}");
+
+    // Bad input: an error naming the field, nothing changes.
+    let cases = [
+        ("bdev_lvol_snapshot", json!({"lvol_name": "pool/nope", "snapshot_name": "s2"}), "lvol_name", None),
+        ("bdev_lvol_snapshot", json!({"lvol_name": "pool/vol", "snapshot_name": "snap"}), "snapshot_name", None),
+        ("bdev_lvol_clone", json!({"snapshot_name": "pool/nope", "clone_name": "c2"}), "snapshot_name", None),
+        ("bdev_lvol_clone", json!({"snapshot_name": "pool/vol", "clone_name": "c2"}), "snapshot_name", Some(-32602)),
+        ("bdev_lvol_clone", json!({"snapshot_name": "pool/snap", "clone_name": "c"}), "clone_name", None),
+        ("bdev_lvol_delete", json!({"name": "pool/snap"}), "name", Some(-16)),
+    ];
+    for (m, p, field, code) in cases {
+        let e = d.try_rpc(m, p.clone()).unwrap_err();
+        assert!(e.message.contains(field), "{m} {p}: {e:?}");
+        if let Some(c) = code {
+            assert_eq!(e.code, c, "{m} {p}: {e:?}");
+        }
+    }
+    assert_eq!(d.rpc("bdev_lvol_get_lvols", json!({})), lvols, "nothing changed");
+
+    // kill -9 right after an acknowledged snapshot: it is there after the restart, with its image.
+    d.rpc("save_config", json!({"path": d.dir.path().join("tidemark.toml").display().to_string()}));
+    d.rpc("bdev_lvol_snapshot", json!({"lvol_name": "pool/c", "snapshot_name": "snap2"}));
+    d.kill9();
+    d.restart();
+    let lvols = d.rpc("bdev_lvol_get_lvols", json!({}));
+    let snap2 = lvols.as_array().unwrap().iter().find(|l| l["name"] == "snap2").cloned();
+    assert!(snap2.is_some_and(|s| s["is_snapshot"] == json!(true)), "{lvols}\n{}", d.log_text());
+    d.rpc("iscsi_target_node_add_lun", json!({"name": TARGET, "bdev_name": "pool/snap2", "lun_id": 3}));
+    for (lun, pat, off, len) in [(3, "0x44", "0", "1M"), (3, "0x11", "1M", "7M"), (1, "0x11", "0", "8M")] {
+        let (ok, out) = qemu_io_as(addr, lun, &format!("read -P {pat} {off} {len}"), true);
+        assert!(ok, "after kill -9, LUN {lun}, {pat} at {off}: {out}");
+    }
 }

@@ -16,12 +16,23 @@
 //! with the higher sequence number wins. Only `len` bytes (rounded up to blocks) are written,
 //! so a commit costs in proportion to what the store holds, not to the slot's size.
 //!
-//! Little endian throughout. Version 1.
+//! Version 2 (the snapshot slice) adds to each volume its parent (16 bytes, the nil UUID for
+//! none: the snapshot a clone reads through, see the module comment of `lvol`) and the flag
+//! bit 2, *snapshot*. A physical cluster may now appear in the maps of several volumes (it is
+//! shared); it never appears twice in one map. **Upgrade rule:** a version 1 record decodes
+//! as version 2 with no parents and no snapshots. A record is written in version 1 as long as
+//! no volume has a parent or is a snapshot, so a store stays readable by the first slice
+//! until the first `bdev_lvol_snapshot` (an explicit, crash-safe RPC: one commit) makes it
+//! version 2; from then on the first slice refuses it by its version and changes nothing.
+//!
+//! Little endian throughout.
 
 use uuid::Uuid;
 
 pub const MAGIC: &[u8; 8] = b"TDMKLVS1";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The first slice's format, still read (see the upgrade rule above).
+pub const VERSION_1: u32 = 1;
 /// Most volumes a store holds (the slot is sized for them; the issue asks for ≥ 1,000).
 pub const MAX_VOLUMES: usize = 1024;
 /// Longest store or volume name (SPDK's `SPDK_LVS_NAME_MAX` / `SPDK_LVOL_NAME_MAX` less the NUL).
@@ -29,7 +40,7 @@ pub const MAX_NAME: usize = 63;
 /// Bytes of the record before the volumes, at most.
 const HEADER_MAX: usize = 32 + 16 + 1 + MAX_NAME + 8 + 4 + 8 + 8 + 4;
 /// Bytes of one volume record without its map, at most.
-const VOLUME_MAX: usize = 16 + 1 + MAX_NAME + 8 + 1 + 1 + 4;
+const VOLUME_MAX: usize = 16 + 1 + MAX_NAME + 8 + 1 + 1 + 16 + 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -40,6 +51,10 @@ pub struct VolumeRecord {
     pub read_only: bool,
     /// SPDK's `clear_method` (0 none, 1 unmap, 2 write_zeroes), kept for `get_lvols`.
     pub clear_method: u8,
+    /// A snapshot: read-only, its clusters shared with the volume it was taken of.
+    pub snapshot: bool,
+    /// The snapshot this volume was taken from or cloned from (SPDK's `base_snapshot`).
+    pub parent: Option<Uuid>,
     /// Allocated clusters: (logical cluster of the volume, physical cluster of the store),
     /// sorted by logical cluster.
     pub map: Vec<(u32, u32)>,
@@ -80,7 +95,8 @@ pub fn geometry(base_bytes: u64, block_size: u32, cluster_size: u64) -> Option<G
     let slot = slot_bytes(base_bytes / cluster_size, block_size);
     let data_start = round_up(2 * slot, cluster_size);
     let total_clusters = base_bytes.checked_sub(data_start)? / cluster_size;
-    (total_clusters > 0 && total_clusters <= u32::MAX as u64).then_some(Geometry { slot_bytes: slot, data_start, total_clusters })
+    // Below 2^31: the live map keeps a *shared* bit above the cluster number.
+    (total_clusters > 0 && total_clusters < 1 << 31).then_some(Geometry { slot_bytes: slot, data_start, total_clusters })
 }
 
 /// Why a slot does not hold a usable record.
@@ -88,7 +104,7 @@ pub fn geometry(base_bytes: u64, block_size: u32, cluster_size: u64) -> Option<G
 pub enum DecodeError {
     #[error("no lvol store (no TDMKLVS1 magic)")]
     NoMagic,
-    #[error("lvol store format version {0}; this tidemark reads version {VERSION} only")]
+    #[error("lvol store format version {0}; this tidemark reads versions {VERSION_1} and {VERSION}")]
     Version(u32),
     #[error("lvol store metadata is torn or corrupt (CRC or length mismatch)")]
     Corrupt,
@@ -149,8 +165,9 @@ impl StoreRecord {
     /// The record as written to a slot (its length is `len`, not rounded to blocks).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(HEADER_MAX + self.volumes.len() * VOLUME_MAX));
+        let v2 = self.volumes.iter().any(|v| v.snapshot || v.parent.is_some());
         w.0.extend_from_slice(MAGIC);
-        w.u32(VERSION);
+        w.u32(if v2 { VERSION } else { VERSION_1 });
         w.u32(0); // crc, below
         w.u64(0); // len, below
         w.u64(self.seq);
@@ -165,8 +182,11 @@ impl StoreRecord {
             w.0.extend_from_slice(v.uuid.as_bytes());
             w.name(&v.name);
             w.u64(v.size_bytes);
-            w.u8(v.thin as u8 | (v.read_only as u8) << 1);
+            w.u8(v.thin as u8 | (v.read_only as u8) << 1 | (v.snapshot as u8) << 2);
             w.u8(v.clear_method);
+            if v2 {
+                w.0.extend_from_slice(v.parent.unwrap_or(Uuid::nil()).as_bytes());
+            }
             w.u32(v.map.len() as u32);
             for &(l, p) in &v.map {
                 w.u32(l);
@@ -194,6 +214,7 @@ impl StoreRecord {
     /// Decodes a slot's bytes (at least the record's `len`); checks magic, version, CRC and
     /// every count against the bytes present.
     pub fn decode(b: &[u8]) -> Result<StoreRecord, DecodeError> {
+        let version = check_magic(b)?;
         let len = Self::encoded_len(b)? as usize;
         if len > b.len() {
             return Err(DecodeError::Corrupt);
@@ -222,6 +243,7 @@ impl StoreRecord {
             let size_bytes = r.u64()?;
             let flags = r.u8()?;
             let clear_method = r.u8()?;
+            let parent = if version >= 2 { Some(r.uuid()?).filter(|u| !u.is_nil()) } else { None };
             let n = r.u32()? as usize;
             if n > r.0.len() / 8 {
                 return Err(DecodeError::Corrupt);
@@ -234,7 +256,17 @@ impl StoreRecord {
                 }
                 map.push((l, p));
             }
-            volumes.push(VolumeRecord { uuid, name, size_bytes, thin: flags & 1 != 0, read_only: flags & 2 != 0, clear_method, map });
+            volumes.push(VolumeRecord {
+                uuid,
+                name,
+                size_bytes,
+                thin: flags & 1 != 0,
+                read_only: flags & 2 != 0,
+                clear_method,
+                snapshot: flags & 4 != 0,
+                parent,
+                map,
+            });
         }
         if !r.0.is_empty() {
             return Err(DecodeError::Corrupt);
@@ -243,15 +275,16 @@ impl StoreRecord {
     }
 }
 
-fn check_magic(head: &[u8]) -> Result<(), DecodeError> {
+/// The record's format version, if it is one this tidemark reads.
+fn check_magic(head: &[u8]) -> Result<u32, DecodeError> {
     if head.len() < 24 || &head[..8] != MAGIC {
         return Err(DecodeError::NoMagic);
     }
     let v = u32::from_le_bytes(head[8..12].try_into().map_err(|_| DecodeError::Corrupt)?);
-    if v != VERSION {
+    if v != VERSION && v != VERSION_1 {
         return Err(DecodeError::Version(v));
     }
-    Ok(())
+    Ok(v)
 }
 
 /// Which slot holds the current state, given what each slot decodes to: the valid record with
@@ -291,6 +324,8 @@ mod tests {
                     thin: i % 2 == 0,
                     read_only: i % 3 == 0,
                     clear_method: 1,
+                    snapshot: i % 4 == 1,
+                    parent: (i % 2 == 1).then(|| Uuid::from_u128(99)),
                     map: vec![(0, i as u32), (5, 50 + i as u32)],
                 })
                 .collect(),
@@ -337,6 +372,8 @@ mod tests {
                 thin: true,
                 read_only: false,
                 clear_method: 0,
+                snapshot: false,
+                parent: Some(Uuid::from_u128(1)),
                 map: (i as u64..g.total_clusters).step_by(MAX_VOLUMES).map(|p| (p as u32, p as u32)).collect(),
             })
             .collect();
@@ -344,6 +381,56 @@ mod tests {
         assert!(r.encode().len() as u64 <= g.slot_bytes, "{} > {}", r.encode().len(), g.slot_bytes);
         assert_eq!(g.data_start % (1 << 20), 0);
         assert!(2 * g.slot_bytes <= g.data_start);
+    }
+
+    /// A record as the first slice wrote it (version 1: no parent, no snapshot flag).
+    fn encode_v1(r: &StoreRecord) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        w.0.extend_from_slice(MAGIC);
+        w.u32(VERSION_1);
+        w.u32(0);
+        w.u64(0);
+        w.u64(r.seq);
+        w.0.extend_from_slice(r.uuid.as_bytes());
+        w.name(&r.name);
+        w.u64(r.cluster_size);
+        w.u32(r.block_size);
+        w.u64(r.data_start);
+        w.u64(r.total_clusters);
+        w.u32(r.volumes.len() as u32);
+        for v in &r.volumes {
+            w.0.extend_from_slice(v.uuid.as_bytes());
+            w.name(&v.name);
+            w.u64(v.size_bytes);
+            w.u8(v.thin as u8 | (v.read_only as u8) << 1);
+            w.u8(v.clear_method);
+            w.u32(v.map.len() as u32);
+            for &(l, p) in &v.map {
+                w.u32(l);
+                w.u32(p);
+            }
+        }
+        let mut b = w.0;
+        let len = b.len() as u64;
+        b[16..24].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_version_1_record_still_opens() {
+        let mut r = sample(3, 5);
+        for v in &mut r.volumes {
+            v.snapshot = false;
+            v.parent = None;
+        }
+        assert_eq!(StoreRecord::decode(&encode_v1(&r)), Ok(r.clone()));
+        // Written again without snapshots, it stays version 1, byte for byte.
+        assert_eq!(r.encode(), encode_v1(&r));
+        // The first snapshot makes it version 2.
+        r.volumes[0].snapshot = true;
+        assert_eq!(u32::from_le_bytes(r.encode()[8..12].try_into().unwrap()), VERSION);
     }
 
     proptest! {

@@ -27,6 +27,15 @@
 //! shrink) or a map is replaced (grow) first, and the cluster or the old map is reused only
 //! after the epoch advanced and sealed, so no I/O can still be using it.
 //!
+//! **Snapshots and clones** (`bdev_lvol_snapshot`, `bdev_lvol_clone`, inflate, decouple,
+//! revert; DESIGN §7). Clusters are shared by reference count: a snapshot's or a clone's map
+//! names the same physical clusters as its origin's, and the count of each cluster is the
+//! number of maps (and pending entries) naming it, rebuilt from the maps at open. The live map
+//! marks a shared cluster ([`SHARED`]); a write to one takes the slow path and copies the
+//! cluster (`copy_cluster`) into a new one, like a first write: the entry commits with the
+//! group commit and the old reference goes when it is durable. A snapshot never pauses I/O:
+//! see [`Store::snapshot`] for the epoch rule it follows.
+//!
 //! **Restart.** `save_config` writes `bdev_lvol_load_lvstore {bdev_name}` (a tidemark method)
 //! as the configuration of one volume of each store, its *anchor*, whose name claims the base
 //! bdev so that the call comes after the base's creation; the load finds the store on the
@@ -37,7 +46,7 @@ pub mod layout;
 pub mod rpc;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
-use crate::preserve::EpochTracker;
+use crate::preserve::{EpochTicket, EpochTracker};
 use futures::channel::oneshot;
 use layout::{StoreRecord, VolumeRecord};
 use serde_json::{json, Value};
@@ -67,8 +76,12 @@ pub enum LvolError {
     Io(#[from] BdevError),
 }
 
-/// A volume's cluster map, shared by every core: physical cluster + 1, or 0.
+/// A volume's cluster map, shared by every core: physical cluster + 1, or 0; with [`SHARED`]
+/// set when another volume (a snapshot, a clone) maps the same cluster.
 struct LiveMap(Box<[AtomicU32]>);
+
+/// The live map's bit for a cluster that must be copied before it is written.
+const SHARED: u32 = 1 << 31;
 
 impl LiveMap {
     fn new(n: u64) -> Box<LiveMap> {
@@ -97,19 +110,28 @@ impl VolLive {
 
     /// The physical cluster of `logical`, if allocated. The caller holds an epoch ticket.
     fn lookup(&self, logical: u64) -> Option<u32> {
-        // SAFETY: the map is replaced only by `replace_map`, which frees the old one after the
+        self.lookup_shared(logical).map(|(p, _)| p)
+    }
+
+    /// The physical cluster of `logical` and whether it is shared (a write copies it first).
+    fn lookup_shared(&self, logical: u64) -> Option<(u32, bool)> {
+        // SAFETY: the map is replaced only by `resize`, which frees the old one after the
         // store's epoch sealed, i.e. after every I/O (ticket holder) that could have loaded it.
         let m = unsafe { &*self.map.load(Acquire) };
         let v = m.0.get(logical as usize)?.load(Acquire);
-        v.checked_sub(1)
+        Some(((v & !SHARED).checked_sub(1)?, v & SHARED != 0))
     }
 
     fn set(&self, logical: u32, phys: Option<u32>) {
+        self.set_shared(logical, phys, false)
+    }
+
+    fn set_shared(&self, logical: u32, phys: Option<u32>, shared: bool) {
         // SAFETY: as in `lookup`; called with the store's state lock held, which `replace_map`
         // also holds, so the map cannot be swapped under us.
         let m = unsafe { &*self.map.load(Acquire) };
         if let Some(a) = m.0.get(logical as usize) {
-            a.store(phys.map_or(0, |p| p + 1), Release);
+            a.store(phys.map_or(0, |p| (p + 1) | if shared { SHARED } else { 0 }), Release);
         }
     }
 
@@ -143,6 +165,12 @@ struct Pending {
     ready_waiters: Vec<oneshot::Sender<()>>,
     /// The commit generation whose record includes the entry.
     gen: Option<u64>,
+    /// A copy-on-write: the shared cluster the entry replaces (one reference is given back
+    /// once the entry is durable).
+    cow_from: Option<u32>,
+    /// A snapshot taken while the entry was pending owns the cluster too: later writers wait
+    /// for the entry to be published and then copy it.
+    captured: bool,
 }
 
 struct State {
@@ -150,8 +178,15 @@ struct State {
     seq: u64,
     /// The slot holding the current record.
     cur_slot: usize,
-    free: Vec<bool>,
+    /// References to each physical cluster (volume maps + pending entries); 0 = free.
+    refs: Vec<u32>,
     free_count: u64,
+    /// Clusters whose last reference went at a copy-on-write publish; they keep a reference
+    /// of 1 until the next quiesce (a read may still be using them).
+    limbo: Vec<u32>,
+    /// The epoch closed by the latest snapshot: a copy-on-write reads its source only once
+    /// this epoch sealed (writes submitted before the snapshot have landed).
+    cow_epoch: u64,
     /// Clusters reserved by thick volumes and not yet allocated.
     reserved: u64,
     vols: BTreeMap<Uuid, VolState>,
@@ -343,20 +378,35 @@ impl Store {
         let keys: Vec<(Uuid, u32)> = st.pending.iter().filter(|(_, p)| p.gen.is_some_and(|pg| pg <= g)).map(|(k, _)| *k).collect();
         for k in keys {
             let p = st.pending.remove(&k).expect("key listed above");
+            let shared = st.refs[p.phys as usize] > 1;
             if let Some(v) = st.vols.get(&k.0) {
-                v.live.set(k.1, Some(p.phys));
-                v.live.allocated.fetch_add(1, Relaxed);
+                v.live.set_shared(k.1, Some(p.phys), shared);
+                if p.cow_from.is_none() {
+                    v.live.allocated.fetch_add(1, Relaxed);
+                }
+            }
+            if let Some(old) = p.cow_from {
+                // The last reference stays (so the cluster is not reallocated) until a
+                // quiesce: a read may still be using it.
+                let r = &mut st.refs[old as usize];
+                debug_assert!(*r > 0, "the copied cluster is still referenced by the volume's old entry");
+                if *r == 1 {
+                    st.limbo.push(old);
+                } else {
+                    *r -= 1;
+                }
             }
         }
     }
 
-    fn alloc_cluster(&self, st: &mut State, vol: Uuid) -> Option<u32> {
-        let thick_reserve = st.vols.get(&vol).is_some_and(|v| v.reserved > 0);
+    fn alloc_cluster(&self, st: &mut State, vol: Uuid, cow: bool) -> Option<u32> {
+        // A copy replaces a mapped cluster: it comes from the pool, not the reservation.
+        let thick_reserve = !cow && st.vols.get(&vol).is_some_and(|v| v.reserved > 0);
         if !thick_reserve && st.free_count <= st.reserved {
             return None;
         }
-        let p = st.free.iter().position(|f| *f)?;
-        st.free[p] = false;
+        let p = st.refs.iter().position(|r| *r == 0)?;
+        st.refs[p] = 1;
         st.free_count -= 1;
         if thick_reserve {
             let v = st.vols.get_mut(&vol).expect("checked above");
@@ -366,23 +416,41 @@ impl Store {
         Some(p as u32)
     }
 
-    /// Returns clusters to the pool (or to their thick volume's reservation).
+    /// Drops one reference to each cluster; those with none left return to the pool (or to
+    /// their thick volume's reservation).
     fn release(&self, st: &mut State, vol: Option<Uuid>, clusters: &[u32]) {
+        let mut freed = 0;
         for &p in clusters {
-            debug_assert!(!st.free[p as usize], "a cluster is freed once");
-            st.free[p as usize] = true;
-            st.free_count += 1;
+            let r = &mut st.refs[p as usize];
+            assert!(*r > 0, "a cluster loses only references it has");
+            *r -= 1;
+            if *r == 0 {
+                st.free_count += 1;
+                freed += 1;
+            }
         }
         if let Some(v) = vol.and_then(|u| st.vols.get_mut(&u)) {
             if !v.rec.thin {
-                v.reserved += clusters.len() as u64;
-                st.reserved += clusters.len() as u64;
+                v.reserved += freed;
+                st.reserved += freed;
             }
         }
     }
 
+    /// Frees the clusters left by copy-on-writes; the caller quiesced since they got there.
+    fn drain_limbo(&self, st: &mut State, limbo: Vec<u32>) {
+        self.release(st, None, &limbo);
+    }
+
     /// Waits until no I/O that could have seen the maps before this call is in flight.
     async fn quiesce(&self) {
+        let limbo = std::mem::take(&mut self.st().limbo);
+        self.quiesce_only().await;
+        let mut st = self.st();
+        self.drain_limbo(&mut st, limbo);
+    }
+
+    async fn quiesce_only(&self) {
         loop {
             match self.tracker.advance() {
                 Ok((_, sealing)) => {
@@ -402,64 +470,109 @@ impl Store {
         ch.write_buf(block, &buf).await
     }
 
-    /// The physical cluster for a write to `logical` of volume `vol`, allocating (zeroed) and
-    /// returning the commit generation to wait for if it is a first write.
-    async fn cluster_for_write(&self, ch: &Channel, vol: &Arc<VolLive>, uuid: Uuid, logical: u32) -> Result<(u32, bool), BdevError> {
+    /// The physical cluster for a write to `logical` of volume `vol`, and whether it is a new
+    /// (pending) one: allocated and zeroed for a first write, or a copy of a shared cluster.
+    /// The caller holds `ticket`; every wait here on another writer or on a seal gives it up
+    /// and takes a new one (the write then belongs to the epoch after the wait).
+    async fn cluster_for_write(
+        &self,
+        ch: &Channel,
+        vol: &Arc<VolLive>,
+        uuid: Uuid,
+        logical: u32,
+        ticket: &mut Option<EpochTicket>,
+    ) -> Result<(u32, bool), BdevError> {
         loop {
             enum Role {
                 Mapped(u32),
-                Zero(u32),
-                Wait(oneshot::Receiver<()>),
+                Fill(u32, Option<u32>),
+                Wait(Option<oneshot::Receiver<()>>),
                 Ready(u32),
             }
-            let role = {
+            let (role, cow_epoch) = {
                 let mut st = self.st();
-                if let Some(p) = vol.lookup(logical as u64) {
-                    Role::Mapped(p)
-                } else if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
-                    if p.ready {
-                        Role::Ready(p.phys)
-                    } else {
+                let role = match (vol.lookup_shared(logical as u64), st.pending.get_mut(&(uuid, logical))) {
+                    (Some((p, false)), _) => Role::Mapped(p),
+                    // Captured by a snapshot while pending: wait for the publish, then copy.
+                    (_, Some(p)) if p.captured => Role::Wait(None),
+                    (_, Some(p)) if p.ready => Role::Ready(p.phys),
+                    (_, Some(p)) => {
                         let (tx, rx) = oneshot::channel();
                         p.ready_waiters.push(tx);
-                        Role::Wait(rx)
+                        Role::Wait(Some(rx))
                     }
-                } else {
-                    let phys = self.alloc_cluster(&mut st, uuid).ok_or(BdevError::NoSpace)?;
-                    st.pending.insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None });
-                    Role::Zero(phys)
-                }
+                    (shared, None) => {
+                        let from = shared.map(|(p, _)| p);
+                        let phys = self.alloc_cluster(&mut st, uuid, from.is_some()).ok_or(BdevError::NoSpace)?;
+                        st.pending
+                            .insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None, cow_from: None, captured: false });
+                        Role::Fill(phys, from)
+                    }
+                };
+                (role, st.cow_epoch)
             };
-            match role {
+            let (phys, from) = match role {
                 Role::Mapped(p) => return Ok((p, false)),
                 Role::Ready(p) => return Ok((p, true)),
                 Role::Wait(rx) => {
-                    let _ = rx.await;
-                }
-                Role::Zero(phys) => {
-                    let r = self.zero(ch, self.cluster_block(phys), self.blocks_per_cluster()).await;
-                    let mut st = self.st();
-                    match r {
-                        Ok(()) => {
-                            let p = st.pending.get_mut(&(uuid, logical)).expect("only its zeroer removes a pending entry before it is ready");
-                            p.ready = true;
-                            for w in p.ready_waiters.drain(..) {
-                                let _ = w.send(());
-                            }
-                            return Ok((phys, true));
-                        }
-                        Err(e) => {
-                            // Give the cluster back; waiters retry (and try to allocate again).
-                            if let Some(p) = st.pending.remove(&(uuid, logical)) {
-                                drop(p.ready_waiters);
-                            }
-                            self.release(&mut st, Some(uuid), &[phys]);
-                            return Err(e);
-                        }
+                    // Not holding our ticket while we wait: the one we wait for may be waiting
+                    // for the seal of our epoch.
+                    if let Some(t) = ticket.take() {
+                        self.tracker.exit(t);
                     }
+                    match rx {
+                        Some(rx) => {
+                            let _ = rx.await;
+                        }
+                        None => crate::reactor::sleep(std::time::Duration::from_micros(50)).await,
+                    }
+                    *ticket = Some(self.tracker.enter());
+                    continue;
+                }
+                Role::Fill(phys, from) => (phys, from),
+            };
+            let r = match from {
+                None => self.zero(ch, self.cluster_block(phys), self.blocks_per_cluster()).await,
+                Some(src) => self.copy_cluster(ch, src, phys, cow_epoch, ticket).await,
+            };
+            let mut st = self.st();
+            match r {
+                Ok(()) => {
+                    let p = st.pending.get_mut(&(uuid, logical)).expect("only its filler removes a pending entry before it is ready");
+                    p.ready = true;
+                    for w in p.ready_waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                    return Ok((phys, true));
+                }
+                Err(e) => {
+                    // Give the cluster back; waiters retry (and try to allocate again).
+                    if let Some(p) = st.pending.remove(&(uuid, logical)) {
+                        drop(p.ready_waiters);
+                    }
+                    self.release(&mut st, Some(uuid), &[phys]);
+                    return Err(e);
                 }
             }
         }
+    }
+
+    /// Copies shared cluster `src` to `dst` for a copy-on-write, once the writes submitted
+    /// before the snapshot that shared it have landed (the seal of `cow_epoch`).
+    async fn copy_cluster(&self, ch: &Channel, src: u32, dst: u32, cow_epoch: u64, ticket: &mut Option<EpochTicket>) -> IoResult {
+        if !self.tracker.is_sealed(cow_epoch) {
+            // Our ticket may be of that very epoch: give it up while we wait.
+            if let Some(t) = ticket.take() {
+                self.tracker.exit(t);
+            }
+            while !self.tracker.is_sealed(cow_epoch) {
+                crate::reactor::sleep(std::time::Duration::from_micros(50)).await;
+            }
+            *ticket = Some(self.tracker.enter());
+        }
+        let mut buf = vec![0u8; self.cluster_size as usize];
+        ch.read_buf(self.cluster_block(src), &mut buf).await?;
+        ch.write_buf(self.cluster_block(dst), &buf).await
     }
 
     /// After a first write's data is written: the entry joins the record; returns the
@@ -469,13 +582,16 @@ impl Store {
         let next = st.next_gen;
         let (phys, gen) = {
             let p = st.pending.get_mut(&(uuid, logical))?;
-            if p.gen.is_none() {
-                p.gen = Some(next);
+            if p.gen.is_some() {
+                return p.gen;
             }
+            p.gen = Some(next);
             (p.phys, p.gen)
         };
-        if let Some(v) = st.vols.get_mut(&uuid) {
-            v.map.insert(logical, phys);
+        // A copy-on-write displaces the shared cluster; its reference goes at the publish.
+        let displaced = st.vols.get_mut(&uuid).and_then(|v| v.map.insert(logical, phys));
+        if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
+            p.cow_from = displaced;
         }
         gen
     }
@@ -516,12 +632,7 @@ impl Store {
         let uuid = Uuid::new_v4();
         let live = {
             let mut st = self.st();
-            if st.vols.len() >= layout::MAX_VOLUMES {
-                return Err(LvolError::NoSpace(format!("lvol store {} holds {} volumes, the most it can", st.name, layout::MAX_VOLUMES)));
-            }
-            if st.vols.values().any(|v| v.rec.name == name) {
-                return Err(LvolError::Exists(format!("field `lvol_name`: lvol {name} already exists in lvol store {}", st.name)));
-            }
+            self.check_new(&st, "lvol_name", name)?;
             if !thin && clusters > st.free_count - st.reserved {
                 return Err(LvolError::NoSpace(format!(
                     "field `size_in_mib`: a thick volume of {clusters} clusters does not fit in the {} free clusters of lvol store {}",
@@ -530,7 +641,8 @@ impl Store {
                 )));
             }
             let live = VolLive::new(clusters, size_bytes / self.block_size as u64, false);
-            let rec = VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, map: Vec::new() };
+            let rec =
+                VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, snapshot: false, parent: None, map: Vec::new() };
             let reserved = if thin { 0 } else { clusters };
             st.reserved += reserved;
             st.vols.insert(uuid, VolState { rec, map: BTreeMap::new(), live: live.clone(), reserved });
@@ -546,8 +658,21 @@ impl Store {
         Ok((uuid, live))
     }
 
-    /// Removes a volume (its bdev is already unregistered) and frees its clusters.
+    /// Whether volume `uuid` may be deleted: a snapshot with more than one clone may not (as
+    /// SPDK; with one, the clone takes the snapshot's parent).
+    pub fn check_delete(&self, uuid: Uuid, field: &str) -> Result<(), LvolError> {
+        let st = self.st();
+        let clones: Vec<&str> = st.vols.values().filter(|v| v.rec.parent == Some(uuid)).map(|v| v.rec.name.as_str()).collect();
+        if clones.len() > 1 {
+            return Err(LvolError::Busy(format!("field `{field}`: snapshot has clones {}; delete, inflate or decouple them first", clones.join(", "))));
+        }
+        Ok(())
+    }
+
+    /// Removes a volume (its bdev is already unregistered) and frees its clusters (those no
+    /// other volume shares).
     async fn delete_volume(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
+        self.check_delete(uuid, "name")?;
         let logicals: Vec<u32> = {
             let st = self.st();
             let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
@@ -558,10 +683,240 @@ impl Store {
             let mut st = self.st();
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
+                for c in st.vols.values_mut().filter(|c| c.rec.parent == Some(uuid)) {
+                    c.rec.parent = v.rec.parent;
+                }
+            }
+            self.unshare_single(&mut st);
+        }
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// Clears the shared bit of clusters only one volume still maps (their writes go in place
+    /// again). Not for a cluster with a copy pending: that copy goes on.
+    fn unshare_single(&self, st: &mut State) {
+        for v in st.vols.values() {
+            for (&l, &p) in &v.map {
+                if st.refs[p as usize] == 1 && v.live.lookup_shared(l as u64) == Some((p, true)) && !st.pending.contains_key(&(v.rec.uuid, l)) {
+                    v.live.set_shared(l, Some(p), false);
+                }
+            }
+        }
+    }
+
+    /// Checks a new volume's name and the volume count (under the state lock).
+    fn check_new(&self, st: &State, field: &str, name: &str) -> Result<(), LvolError> {
+        if st.vols.len() >= layout::MAX_VOLUMES {
+            return Err(LvolError::NoSpace(format!("lvol store {} holds {} volumes, the most it can", st.name, layout::MAX_VOLUMES)));
+        }
+        if st.vols.values().any(|v| v.rec.name == name) {
+            return Err(LvolError::Exists(format!("field `{field}`: lvol {name} already exists in lvol store {}", st.name)));
+        }
+        Ok(())
+    }
+
+    /// Adds a volume sharing every cluster of `map` (a snapshot or a clone).
+    fn add_sharing(&self, st: &mut State, rec: VolumeRecord, map: BTreeMap<u32, u32>) -> Arc<VolLive> {
+        let live = VolLive::new(clusters_for(rec.size_bytes, self.cluster_size), rec.size_bytes / self.block_size as u64, rec.read_only);
+        for (&l, &p) in &map {
+            st.refs[p as usize] += 1;
+            live.set_shared(l, Some(p), true);
+        }
+        live.allocated.store(map.len() as u64, Relaxed);
+        st.vols.insert(rec.uuid, VolState { rec, map, live: live.clone(), reserved: 0 });
+        live
+    }
+
+    /// `bdev_lvol_snapshot`: a read-only volume `name` with the image of volume `uuid`, no
+    /// data copied and no I/O paused (DESIGN §1's epoch rule, §7). The clusters become shared
+    /// at once, so every write from here on copies its cluster first; the epoch then closes and
+    /// the reply waits for its seal (every write submitted before has landed, including first
+    /// writes whose clusters the snapshot captured while pending) and for the commit.
+    async fn snapshot(&self, ch: &Channel, uuid: Uuid, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
+        let snap = Uuid::new_v4();
+        let (live, captured) = {
+            let mut st = self.st();
+            self.check_new(&st, "snapshot_name", name)?;
+            let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `lvol_name`: no lvol {uuid}")))?;
+            if v.rec.snapshot {
+                return Err(LvolError::Invalid(format!("field `lvol_name`: lvol {} is a snapshot already (clone it, then snapshot the clone)", v.rec.name)));
+            }
+            let mut map = v.map.clone();
+            let rec = VolumeRecord {
+                uuid: snap,
+                name: name.to_string(),
+                size_bytes: v.rec.size_bytes,
+                thin: true,
+                read_only: true,
+                clear_method: v.rec.clear_method,
+                snapshot: true,
+                parent: v.rec.parent,
+                map: Vec::new(),
+            };
+            for (&l, &p) in &v.map {
+                v.live.set_shared(l, Some(p), true);
+            }
+            let mut captured = Vec::new();
+            for ((u, l), p) in st.pending.iter_mut() {
+                if *u == uuid {
+                    p.captured = true;
+                    map.insert(*l, p.phys);
+                    captured.push(*l);
+                }
+            }
+            st.cow_epoch = self.tracker.current();
+            if let Some(v) = st.vols.get_mut(&uuid) {
+                v.rec.parent = Some(snap);
+            }
+            (self.add_sharing(&mut st, rec, map), captured)
+        };
+        self.quiesce_only().await;
+        // A captured first write holds its ticket until its data is written, but one that
+        // gave it up to wait (see cluster_for_write) may still be writing: wait for its entry.
+        loop {
+            let busy = {
+                let st = self.st();
+                captured.iter().any(|l| st.pending.get(&(uuid, *l)).is_some_and(|p| p.gen.is_none()))
+            };
+            if !busy {
+                break;
+            }
+            crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
+        }
+        self.commit(ch).await?;
+        Ok((snap, live))
+    }
+
+    /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
+    async fn clone_volume(&self, ch: &Channel, snap: Uuid, snap_name: &str, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
+        let uuid = Uuid::new_v4();
+        let live = {
+            let mut st = self.st();
+            self.check_new(&st, "clone_name", name)?;
+            let s = st.vols.get(&snap).ok_or_else(|| LvolError::NotFound(format!("field `snapshot_name`: no lvol {snap_name}")))?;
+            if !s.rec.snapshot {
+                return Err(LvolError::Invalid(format!("field `snapshot_name`: lvol {snap_name} is not a snapshot (clone a snapshot of it)")));
+            }
+            let rec = VolumeRecord {
+                uuid,
+                name: name.to_string(),
+                size_bytes: s.rec.size_bytes,
+                thin: true,
+                read_only: false,
+                clear_method: s.rec.clear_method,
+                snapshot: false,
+                parent: Some(snap),
+                map: Vec::new(),
+            };
+            let map = s.map.clone();
+            self.add_sharing(&mut st, rec, map)
+        };
+        if let Err(e) = self.commit(ch).await {
+            let mut st = self.st();
+            if let Some(v) = st.vols.remove(&uuid) {
+                let cl: Vec<u32> = v.map.values().copied().collect();
+                self.release(&mut st, None, &cl);
+            }
+            return Err(e.into());
+        }
+        Ok((uuid, live))
+    }
+
+    /// `bdev_lvol_decouple_parent`: the volume no longer reads through its snapshot but
+    /// through the snapshot's parent. Shared clusters are reference-counted, so nothing is
+    /// copied: the snapshot can then be deleted and the clusters stay while the volume maps them.
+    async fn decouple(&self, ch: &Channel, uuid: Uuid, field: &str) -> Result<(), LvolError> {
+        {
+            let mut st = self.st();
+            let parent = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `{field}`: no lvol {uuid}")))?.rec.parent;
+            let Some(parent) = parent else {
+                return Err(LvolError::Invalid(format!("field `{field}`: lvol has no parent snapshot")));
+            };
+            let grand = st.vols.get(&parent).and_then(|p| p.rec.parent);
+            if let Some(v) = st.vols.get_mut(&uuid) {
+                v.rec.parent = grand;
             }
         }
         self.commit(ch).await?;
         Ok(())
+    }
+
+    /// `bdev_lvol_inflate`: every cluster of the volume becomes its own (shared ones copied,
+    /// unallocated ones allocated and zeroed), then the parent link goes.
+    async fn inflate(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
+        let live = self.live(uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
+        for l in 0..live.capacity() as u32 {
+            if live.lookup_shared(l as u64).is_some_and(|(_, shared)| !shared) {
+                continue;
+            }
+            let mut ticket = Some(self.tracker.enter());
+            let r = self.cluster_for_write(ch, &live, uuid, l, &mut ticket).await;
+            if let Some(t) = ticket {
+                self.tracker.exit(t);
+            }
+            if let (_, true) = r? {
+                if let Some(gen) = self.add_entry(uuid, l) {
+                    self.wait_durable(ch, gen).await?;
+                }
+            }
+        }
+        let mut st = self.st();
+        if let Some(v) = st.vols.get_mut(&uuid) {
+            v.rec.parent = None;
+        }
+        drop(st);
+        self.commit(ch).await?;
+        Ok(())
+    }
+
+    /// `bdev_lvol_revert`: volume `uuid` takes snapshot `snap`'s content in one commit, no
+    /// data copied (its clusters become shared with the snapshot); its old clusters are freed
+    /// once no I/O can use them.
+    async fn revert(&self, ch: &Channel, uuid: Uuid, snap: Uuid) -> Result<(), LvolError> {
+        let old: Vec<u32> = {
+            let mut st = self.st();
+            let s = st.vols.get(&snap).ok_or_else(|| LvolError::NotFound(format!("field `snapshot_name`: no lvol {snap}")))?;
+            if !s.rec.snapshot {
+                return Err(LvolError::Invalid("field `snapshot_name`: not a snapshot".into()));
+            }
+            let (smap, ssize) = (s.map.clone(), s.rec.size_bytes);
+            let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
+            if v.rec.snapshot {
+                return Err(LvolError::Invalid("field `name`: a snapshot is read-only; revert a writable volume".into()));
+            }
+            if v.rec.size_bytes != ssize {
+                return Err(LvolError::Invalid(format!(
+                    "field `snapshot_name`: the snapshot is {ssize} bytes, the volume {}; resize it first",
+                    v.rec.size_bytes
+                )));
+            }
+            if st.pending.keys().any(|(u, _)| *u == uuid) {
+                return Err(LvolError::Busy("field `name`: the volume has first writes in flight; retry".into()));
+            }
+            for &p in smap.values() {
+                st.refs[p as usize] += 1;
+            }
+            let v = st.vols.get_mut(&uuid).expect("looked up above");
+            let old: Vec<u32> = v.map.values().copied().collect();
+            for &l in v.map.keys() {
+                v.live.set(l, None);
+            }
+            for (&l, &p) in &smap {
+                v.live.set_shared(l, Some(p), true);
+            }
+            v.live.allocated.store(smap.len() as u64, Relaxed);
+            v.map = smap;
+            v.rec.parent = Some(snap);
+            old
+        };
+        let r = self.commit(ch).await;
+        self.quiesce().await;
+        let mut st = self.st();
+        self.release(&mut st, Some(uuid), &old);
+        self.unshare_single(&mut st);
+        drop(st);
+        Ok(r?)
     }
 
     /// Changes one volume's record (rename, read-only) and commits.
@@ -609,8 +964,12 @@ impl Store {
             // A larger map replaces the old one under the state lock (entries are set only under it).
             let old_map = if clusters > live.capacity() {
                 let new = LiveMap::new(clusters);
-                for (l, p) in &v.map {
-                    new.0[*l as usize].store(p + 1, Relaxed);
+                // Entries as they are live (shared bit included; entries not yet published stay
+                // unpublished: their publish sets them in the new map).
+                // SAFETY: as in `VolLive::set`: under the state lock.
+                let old = unsafe { &*live.map.load(Acquire) };
+                for (n, o) in new.0.iter().zip(old.0.iter()) {
+                    n.store(o.load(Acquire), Relaxed);
                 }
                 Some(live.map.swap(Box::into_raw(new), AcqRel))
             } else {
@@ -720,8 +1079,13 @@ impl Store {
         cur_slot: usize,
         cores: usize,
     ) -> Store {
-        let mut free = vec![true; g.total_clusters as usize];
-        let mut free_count = g.total_clusters;
+        let mut refs = vec![0u32; g.total_clusters as usize];
+        for rec in &vols {
+            for &(_, p) in &rec.map {
+                refs[p as usize] += 1;
+            }
+        }
+        let free_count = refs.iter().filter(|r| **r == 0).count() as u64;
         let mut reserved = 0;
         let mut map_vols = BTreeMap::new();
         for rec in vols {
@@ -729,10 +1093,8 @@ impl Store {
             let live = VolLive::new(clusters, rec.size_bytes / block_size as u64, rec.read_only);
             let mut map = BTreeMap::new();
             for &(l, p) in &rec.map {
-                free[p as usize] = false;
-                free_count -= 1;
                 map.insert(l, p);
-                live.set(l, Some(p));
+                live.set_shared(l, Some(p), refs[p as usize] > 1);
             }
             live.allocated.store(map.len() as u64, Relaxed);
             let r = if rec.thin { 0 } else { clusters.saturating_sub(map.len() as u64) };
@@ -753,7 +1115,9 @@ impl Store {
                 name: name.to_string(),
                 seq,
                 cur_slot,
-                free,
+                refs,
+                limbo: Vec::new(),
+                cow_epoch: 0,
                 free_count,
                 reserved,
                 vols: map_vols,
@@ -795,13 +1159,29 @@ impl Store {
                 entry.name()
             )));
         }
+        // A cluster may be shared by several volumes (snapshots, clones) but appears once in a
+        // map; every parent names a snapshot of the store.
         let mut seen = vec![false; r.total_clusters as usize];
+        let snapshots: std::collections::HashSet<Uuid> = r.volumes.iter().filter(|v| v.snapshot).map(|v| v.uuid).collect();
         for v in &r.volumes {
+            let mut in_this = std::collections::HashSet::new();
             for &(l, p) in &v.map {
-                if seen[p as usize] || l as u64 >= clusters_for(v.size_bytes, r.cluster_size) {
-                    return Err(LvolError::Invalid(format!("lvol store {} on {}: cluster {p} is mapped twice or past its volume's end", r.name, entry.name())));
+                if !in_this.insert(p) || l as u64 >= clusters_for(v.size_bytes, r.cluster_size) {
+                    return Err(LvolError::Invalid(format!(
+                        "lvol store {} on {}: cluster {p} is mapped twice by one volume or past its end",
+                        r.name,
+                        entry.name()
+                    )));
                 }
                 seen[p as usize] = true;
+            }
+            if v.parent.is_some_and(|p| !snapshots.contains(&p)) {
+                return Err(LvolError::Invalid(format!(
+                    "lvol store {} on {}: lvol {} names a parent that is no snapshot of the store",
+                    r.name,
+                    entry.name(),
+                    v.name
+                )));
             }
         }
         let used = seen.iter().filter(|s| **s).count();
@@ -1033,9 +1413,9 @@ impl LvolChannel {
         for (c, within, n) in self.pieces(offset, count) {
             let len = n as usize * bs;
             let whole = done == 0 && len == total;
-            // Fast path: the cluster is allocated; no lock, no metadata.
+            // Fast path: the cluster is allocated and not shared; no lock, no metadata.
             let t = self.store.tracker.enter();
-            if let Some(p) = self.live.lookup(c) {
+            if let Some((p, false)) = self.live.lookup_shared(c) {
                 let blk = self.store.cluster_block(p) + within;
                 let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
                 self.store.tracker.exit(t);
@@ -1043,14 +1423,25 @@ impl LvolChannel {
                 done += len;
                 continue;
             }
-            self.store.tracker.exit(t);
-            let logical = u32::try_from(c).map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) })?;
-            let (p, first) = self.store.cluster_for_write(&self.base, &self.live, self.uuid, logical).await?;
-            let blk = self.store.cluster_block(p) + within;
-            let t = self.store.tracker.enter();
-            let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
-            self.store.tracker.exit(t);
-            r?;
+            // Slow path: a first write or a copy-on-write. The ticket is held from the lookup
+            // to the data written, so that a snapshot's seal covers a write it captured.
+            let logical = u32::try_from(c).map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) });
+            let mut ticket = Some(t);
+            let r = match logical {
+                Ok(logical) => match self.store.cluster_for_write(&self.base, &self.live, self.uuid, logical, &mut ticket).await {
+                    Ok((p, first)) => {
+                        let blk = self.store.cluster_block(p) + within;
+                        let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
+                        r.map(|()| (logical, first))
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            if let Some(t) = ticket {
+                self.store.tracker.exit(t);
+            }
+            let (logical, first) = r?;
             if first {
                 if let Some(gen) = self.store.add_entry(self.uuid, logical) {
                     self.store.wait_durable(&self.base, gen).await?;
@@ -1067,6 +1458,7 @@ impl LvolChannel {
         self.check(true, offset, count)?;
         let bpc = self.bpc();
         let mut whole = Vec::new();
+        let mut partial_shared = Vec::new();
         for (c, within, n) in self.pieces(offset, count) {
             let t = self.store.tracker.enter();
             let r = match self.live.lookup(c) {
@@ -1074,11 +1466,20 @@ impl LvolChannel {
                     whole.push(c as u32);
                     Ok(())
                 }
-                Some(p) => self.store.zero(&self.base, self.store.cluster_block(p) + within, n).await,
+                Some(p) if !self.live.lookup_shared(c).is_some_and(|(_, s)| s) => self.store.zero(&self.base, self.store.cluster_block(p) + within, n).await,
+                // Part of a shared cluster: written as zeros, which copies it first.
+                Some(_) => {
+                    partial_shared.push((c * bpc + within, n));
+                    Ok(())
+                }
                 None => Ok(()),
             };
             self.store.tracker.exit(t);
             r?;
+        }
+        for (at, n) in partial_shared {
+            let zeros = vec![0u8; (n * self.store.block_size as u64) as usize];
+            self.write(at, n, &[IoSlice::new(&zeros)]).await?;
         }
         self.store.drop_clusters(&self.base, self.uuid, whole.into_iter()).await
     }
@@ -1133,8 +1534,8 @@ impl Bdev for LvolBdev {
             "base_bdev": self.store.base.name(),
             "thin_provision": self.thin,
             "num_allocated_clusters": self.allocated_clusters(),
-            "snapshot": false,
-            "clone": false,
+            "snapshot": rec.as_ref().is_some_and(|r| r.snapshot),
+            "clone": rec.as_ref().is_some_and(|r| r.parent.is_some()),
             "esnap_clone": false,
             "clear_method": rec.map_or("unmap", |r| CLEAR_METHODS.get(r.clear_method as usize).copied().unwrap_or("unmap")),
         }})

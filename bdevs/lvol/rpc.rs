@@ -31,6 +31,11 @@ crate::register_module! {
         ("bdev_lvol_rename", rename, "Renames a volume."),
         ("bdev_lvol_resize", resize, "Resizes a volume."),
         ("bdev_lvol_set_read_only", set_read_only, "Makes a volume read-only."),
+        ("bdev_lvol_snapshot", snapshot, "Takes a read-only snapshot of a volume without pausing its I/O."),
+        ("bdev_lvol_clone", clone, "Creates a thin writable clone of a snapshot."),
+        ("bdev_lvol_inflate", inflate, "Gives a volume its own copy of every cluster and drops its parent."),
+        ("bdev_lvol_decouple_parent", decouple_parent, "Detaches a volume from its parent snapshot."),
+        ("bdev_lvol_revert", revert, "Reverts a volume to a snapshot's content (tidemark)."),
     ],
 }
 
@@ -393,21 +398,31 @@ fn get_lvols(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let mut out = Vec::new();
     for s in stores {
         let lvs = s.name();
-        for (rec, allocated) in s.volumes() {
-            out.push(json!({
+        let vols = s.volumes();
+        let name_of = |u: Uuid| vols.iter().find(|(r, _)| r.uuid == u).map(|(r, _)| r.name.clone());
+        for (rec, allocated) in &vols {
+            let clones: Vec<String> = vols.iter().filter(|(r, _)| r.parent == Some(rec.uuid)).map(|(r, _)| r.name.clone()).collect();
+            let mut o = json!({
                 "alias": format!("{lvs}/{}", rec.name),
                 "uuid": rec.uuid.to_string(),
                 "name": rec.name,
                 "is_thin_provisioned": rec.thin,
-                "is_snapshot": false,
-                "is_clone": false,
+                "is_snapshot": rec.snapshot,
+                "is_clone": rec.parent.is_some(),
                 "is_esnap_clone": false,
                 "is_degraded": false,
                 "num_allocated_clusters": allocated,
                 "num_clusters": rec.size_bytes.div_ceil(s.cluster_size()),
                 "read_only": rec.read_only,
                 "lvs": { "name": lvs, "uuid": s.uuid.to_string() },
-            }));
+            });
+            if let Some(p) = rec.parent.and_then(name_of) {
+                o["base_snapshot"] = json!(p);
+            }
+            if rec.snapshot {
+                o["clones"] = json!(clones);
+            }
+            out.push(o);
         }
     }
     Ok(Value::Array(out))
@@ -423,6 +438,7 @@ fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByName = parse(p)?;
     let (e, s, uuid) = find_lvol(t, "name", &p.name)?;
     drop(e);
+    s.check_delete(uuid, "name")?;
     t.delete_bdev(&uuid.to_string())?;
     on_store(t, &s, move |s, ch| async move { s.delete_volume(&ch, uuid).await })?;
     if s.anchor() == Some(uuid) {
@@ -498,5 +514,77 @@ fn set_read_only(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         })
         .await
     })?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Snapshot {
+    lvol_name: String,
+    snapshot_name: String,
+}
+
+fn snapshot(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Snapshot = parse(p)?;
+    check_name("snapshot_name", &p.snapshot_name)?;
+    let (_, s, uuid) = find_lvol(t, "lvol_name", &p.lvol_name)?;
+    let name = p.snapshot_name.clone();
+    let snap = on_store(t, &s, move |s, ch| async move { Ok(s.snapshot(&ch, uuid, &name).await?.0) })?;
+    Ok(json!(register_volume(t, &s, snap)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneParams {
+    snapshot_name: String,
+    clone_name: String,
+}
+
+fn clone(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: CloneParams = parse(p)?;
+    check_name("clone_name", &p.clone_name)?;
+    let (_, s, snap) = find_lvol(t, "snapshot_name", &p.snapshot_name)?;
+    let (snap_name, name) = (p.snapshot_name.clone(), p.clone_name.clone());
+    let uuid = on_store(t, &s, move |s, ch| async move { Ok(s.clone_volume(&ch, snap, &snap_name, &name).await?.0) })?;
+    Ok(json!(register_volume(t, &s, uuid)?))
+}
+
+fn inflate(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByName = parse(p)?;
+    let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
+    on_store(t, &s, move |s, ch| async move { s.inflate(&ch, uuid).await })?;
+    Ok(json!(true))
+}
+
+fn decouple_parent(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: ByName = parse(p)?;
+    let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
+    on_store(t, &s, move |s, ch| async move { s.decouple(&ch, uuid, "name").await })?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revert {
+    name: String,
+    snapshot_name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+fn revert(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Revert = parse(p)?;
+    let (e, s, uuid) = find_lvol(t, "name", &p.name)?;
+    let (_, s2, snap) = find_lvol(t, "snapshot_name", &p.snapshot_name)?;
+    if s2.uuid != s.uuid {
+        return Err(RpcError::invalid_params(format!("field `snapshot_name`: {} is in another lvol store", p.snapshot_name)));
+    }
+    if !p.force {
+        if let Some(h) = e.holder_list().first() {
+            return Err(RpcError::busy(format!("field `name`: lvol {} is in use by {}; give `force` to revert it under its host", p.name, h.by)));
+        }
+    }
+    drop(e);
+    on_store(t, &s, move |s, ch| async move { s.revert(&ch, uuid, snap).await })?;
     Ok(json!(true))
 }

@@ -294,3 +294,312 @@ fn a_pool_holds_1024_volumes_and_reopens_them() {
     let s = f.load().unwrap();
     assert_eq!(s.volume_count(), layout::MAX_VOLUMES);
 }
+
+// ---- snapshots, clones (the second slice) ----
+
+impl Fix {
+    fn bdev(&self, s: &Arc<Store>, uuid: Uuid) -> Arc<BdevEntry> {
+        let live = s.live(uuid).unwrap();
+        self.reg.register(Arc::new(LvolBdev { name: uuid.to_string(), uuid, store: s.clone(), live, thin: true })).unwrap()
+    }
+
+    fn snapshot(&self, s: &Arc<Store>, v: &Arc<BdevEntry>, name: &str) -> Result<Arc<BdevEntry>, LvolError> {
+        let (s2, n, u) = (s.clone(), name.to_string(), lvol(v).lvol_uuid());
+        let (snap, _) = self.cores.block_on(0, async move { s2.snapshot(&Channel::get(&s2.base).unwrap(), u, &n).await })?;
+        Ok(self.bdev(s, snap))
+    }
+
+    fn clone_of(&self, s: &Arc<Store>, snap: &Arc<BdevEntry>, name: &str) -> Result<Arc<BdevEntry>, LvolError> {
+        let (s2, n, u) = (s.clone(), name.to_string(), lvol(snap).lvol_uuid());
+        let (c, _) = self.cores.block_on(0, async move { s2.clone_volume(&Channel::get(&s2.base).unwrap(), u, "snap", &n).await })?;
+        Ok(self.bdev(s, c))
+    }
+
+    fn delete(&self, s: &Arc<Store>, v: Arc<BdevEntry>) -> Result<(), LvolError> {
+        let u = lvol(&v).lvol_uuid();
+        s.check_delete(u, "name")?;
+        drop(v);
+        self.reg.unregister(&u.to_string()).unwrap();
+        let s2 = s.clone();
+        self.cores.block_on(0, async move { s2.delete_volume(&Channel::get(&s2.base).unwrap(), u).await })
+    }
+
+    /// Closes the store and opens it again: the volumes by name.
+    fn reopen(&self, s: Arc<Store>, vols: Vec<Arc<BdevEntry>>) -> (Arc<Store>, BTreeMap<String, Arc<BdevEntry>>) {
+        self.close(s, vols);
+        let s = self.load().unwrap();
+        let vols = s.volumes().into_iter().map(|(r, _)| (r.name.clone(), self.bdev(&s, r.uuid))).collect();
+        (s, vols)
+    }
+}
+
+/// The store's reference counts and free count agree with its maps.
+fn check_refs(s: &Store) {
+    let st = s.st();
+    let mut refs = vec![0u32; s.total_clusters as usize];
+    for v in st.vols.values() {
+        for &p in v.map.values() {
+            refs[p as usize] += 1;
+        }
+    }
+    for p in st.pending.values() {
+        if !st.vols.values().any(|v| v.map.values().any(|q| *q == p.phys)) {
+            refs[p.phys as usize] += 1;
+        }
+    }
+    for &l in &st.limbo {
+        refs[l as usize] += 1;
+    }
+    assert_eq!(refs, st.refs, "reference counts follow the maps");
+    assert_eq!(st.free_count, refs.iter().filter(|r| **r == 0).count() as u64);
+}
+
+#[test]
+fn a_snapshot_shares_clusters_and_the_next_write_copies_one() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 0xA1, bpc as usize).unwrap();
+    f.write(&v, bpc, 0xA2, 1).unwrap();
+    let snap = f.snapshot(&s, &v, "snap").unwrap();
+    assert_eq!(s.free_clusters(), total - 2, "nothing is copied at snapshot time");
+    assert!(lvol(&snap).read_only());
+    assert_eq!(f.write(&snap, 0, 1, 1), Err(BdevError::ReadOnly));
+    // A write to a shared cluster copies it: the rest of the cluster keeps the old data.
+    f.write(&v, 3, 0xB1, 1).unwrap();
+    assert_eq!(s.free_clusters(), total - 3);
+    assert_eq!(f.read(&v, 2, 3), [vec![0xA1; BS as usize], vec![0xB1; BS as usize], vec![0xA1; BS as usize]].concat());
+    assert_eq!(f.read(&snap, 0, bpc as usize), vec![0xA1; CL as usize], "the snapshot keeps the image");
+    // The second write to that cluster goes in place (no new cluster).
+    f.write(&v, 4, 0xB2, 1).unwrap();
+    assert_eq!(s.free_clusters(), total - 3);
+    check_refs(&s);
+    let (s, vols) = f.reopen(s, vec![v, snap]);
+    check_refs(&s);
+    assert_eq!(s.free_clusters(), total - 3, "the leak check counts a shared cluster once");
+    assert_eq!(f.read(&vols["snap"], 3, 1), vec![0xA1; BS as usize]);
+    assert_eq!(f.read(&vols["a"], 3, 2), [vec![0xB1; BS as usize], vec![0xB2; BS as usize]].concat());
+    assert_eq!(f.read(&vols["a"], bpc, 1), vec![0xA2; BS as usize], "an unwritten shared cluster reads through");
+}
+
+#[test]
+fn clones_read_through_write_privately_and_hold_their_snapshot() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 0x11, 4).unwrap();
+    let snap = f.snapshot(&s, &v, "snap").unwrap();
+    assert!(matches!(f.clone_of(&s, &v, "bad"), Err(LvolError::Invalid(m)) if m.contains("snapshot_name")), "a writable volume is not cloned");
+    assert!(matches!(f.snapshot(&s, &snap, "bad"), Err(LvolError::Invalid(m)) if m.contains("lvol_name")), "a snapshot is not snapshotted");
+    let c = f.clone_of(&s, &snap, "c").unwrap();
+    assert!(matches!(f.clone_of(&s, &snap, "c"), Err(LvolError::Exists(_))));
+    assert_eq!(f.read(&c, 0, 4), vec![0x11; 4 * BS as usize]);
+    f.write(&c, 1, 0x22, 1).unwrap();
+    assert_eq!(f.read(&c, 0, 2), [vec![0x11; BS as usize], vec![0x22; BS as usize]].concat());
+    assert_eq!(f.read(&snap, 1, 1), vec![0x11; BS as usize]);
+    assert_eq!(f.read(&v, 1, 1), vec![0x11; BS as usize]);
+    // A clone of a clone's snapshot.
+    let snap2 = f.snapshot(&s, &c, "snap2").unwrap();
+    let c2 = f.clone_of(&s, &snap2, "c2").unwrap();
+    assert_eq!(f.read(&c2, 0, 2), [vec![0x11; BS as usize], vec![0x22; BS as usize]].concat());
+    // `snap` has two clones (a, c): its deletion is refused and changes nothing.
+    assert!(matches!(f.delete(&s, snap.clone()), Err(LvolError::Busy(m)) if m.contains("a") && m.contains("c")));
+    assert_eq!(f.read(&snap, 0, 1), vec![0x11; BS as usize]);
+    for x in [c2, snap2, c] {
+        f.delete(&s, x).unwrap();
+    }
+    // One clone left: the snapshot goes, the volume keeps the data it shared.
+    f.delete(&s, snap).unwrap();
+    assert_eq!(f.read(&v, 0, 4), vec![0x11; 4 * BS as usize]);
+    assert_eq!(s.free_clusters(), total - 1);
+    check_refs(&s);
+    // The last reference gone, its writes go in place again.
+    f.write(&v, 0, 0x33, 1).unwrap();
+    assert_eq!(s.free_clusters(), total - 1);
+    f.delete(&s, v).unwrap();
+    assert_eq!(s.free_clusters(), total);
+    check_refs(&s);
+}
+
+#[test]
+fn revert_inflate_and_decouple() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 0x11, 1).unwrap();
+    let snap = f.snapshot(&s, &v, "snap").unwrap();
+    f.write(&v, 0, 0x22, 1).unwrap();
+    assert_eq!(s.free_clusters(), total - 2);
+    let (s2, u, su) = (s.clone(), lvol(&v).lvol_uuid(), lvol(&snap).lvol_uuid());
+    f.cores.block_on(0, async move { s2.revert(&Channel::get(&s2.base).unwrap(), u, su).await }).unwrap();
+    assert_eq!(f.read(&v, 0, 1), vec![0x11; BS as usize], "the volume has the snapshot's content");
+    assert_eq!(s.free_clusters(), total - 1, "its own copy is freed");
+    check_refs(&s);
+    // Inflate: the volume owns every cluster; the snapshot can go.
+    let c = f.clone_of(&s, &snap, "c").unwrap();
+    let (s2, cu) = (s.clone(), lvol(&c).lvol_uuid());
+    f.cores.block_on(0, async move { s2.inflate(&Channel::get(&s2.base).unwrap(), cu).await }).unwrap();
+    let per = (1 << 20) / CL;
+    assert_eq!(s.free_clusters(), total - 1 - per, "inflated: every cluster of the clone is its own");
+    assert_eq!(f.read(&c, 0, 1), vec![0x11; BS as usize]);
+    // Decouple: `a` no longer names the snapshot as parent.
+    let s2 = s.clone();
+    f.cores.block_on(0, async move { s2.decouple(&Channel::get(&s2.base).unwrap(), u, "name").await }).unwrap();
+    f.delete(&s, snap).unwrap();
+    assert_eq!(f.read(&v, 0, 1), vec![0x11; BS as usize]);
+    check_refs(&s);
+    let (s, vols) = f.reopen(s, vec![v, c]);
+    assert_eq!(f.read(&vols["a"], 0, 1), vec![0x11; BS as usize]);
+    assert_eq!(s.free_clusters(), total - 1 - per);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { vol: usize, cluster: u64, byte: u8 },
+    Snapshot { vol: usize },
+    Clone { vol: usize },
+    Delete { vol: usize },
+    Reopen,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0usize..8, 0u64..16, 1u8..255).prop_map(|(vol, cluster, byte)| Op::Write { vol, cluster, byte }),
+        2 => (0usize..8).prop_map(|vol| Op::Snapshot { vol }),
+        2 => (0usize..8).prop_map(|vol| Op::Clone { vol }),
+        1 => (0usize..8).prop_map(|vol| Op::Delete { vol }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// A volume of the model: its name, whether it is a snapshot, its parent (by name), and the
+/// first byte of each of its 16 clusters.
+#[derive(Debug, Clone)]
+struct ModelVol {
+    name: String,
+    snapshot: bool,
+    parent: Option<String>,
+    content: Vec<u8>,
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Random writes, snapshots, clones, deletes and reopens against a model: every volume
+    /// reads what the model says, reference counts follow the maps, and once everything is
+    /// deleted the whole pool is free.
+    #[test]
+    fn volumes_snapshots_and_clones_follow_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let f = fixture(16 << 20);
+        let mut s = f.create();
+        let total = s.total_clusters();
+        let bpc = CL / BS as u64;
+        let mut model = vec![ModelVol { name: "v0".into(), snapshot: false, parent: None, content: vec![0; 16] }];
+        let mut vols: BTreeMap<String, Arc<BdevEntry>> = BTreeMap::new();
+        vols.insert("v0".into(), f.vol(&s, "v0", 1, true));
+        let mut n = 0;
+        for op in ops {
+            n += 1;
+            match op {
+                Op::Write { vol, cluster, byte } => {
+                    let i = vol % model.len();
+                    let m = &mut model[i];
+                    let r = f.write(&vols[&m.name], cluster * bpc, byte, 1);
+                    match (m.snapshot, r) {
+                        (true, r) => proptest::prop_assert_eq!(r, Err(BdevError::ReadOnly)),
+                        (false, Ok(())) => m.content[cluster as usize] = byte,
+                        (false, r) => proptest::prop_assert_eq!(r, Err(BdevError::NoSpace)),
+                    }
+                }
+                Op::Snapshot { vol } => {
+                    let i = vol % model.len();
+                    let name = format!("s{n}");
+                    if model.len() >= 16 {
+                        continue;
+                    }
+                    let r = f.snapshot(&s, &vols[&model[i].name], &name);
+                    if model[i].snapshot {
+                        proptest::prop_assert!(matches!(r, Err(LvolError::Invalid(_))));
+                        continue;
+                    }
+                    let e = r.unwrap();
+                    let m = ModelVol { name: name.clone(), snapshot: true, parent: model[i].parent.clone(), content: model[i].content.clone() };
+                    model[i].parent = Some(name.clone());
+                    model.push(m);
+                    vols.insert(name, e);
+                }
+                Op::Clone { vol } => {
+                    let i = vol % model.len();
+                    let name = format!("c{n}");
+                    if model.len() >= 16 {
+                        continue;
+                    }
+                    let r = f.clone_of(&s, &vols[&model[i].name], &name);
+                    if !model[i].snapshot {
+                        proptest::prop_assert!(matches!(r, Err(LvolError::Invalid(_))));
+                        continue;
+                    }
+                    let m = ModelVol { name: name.clone(), snapshot: false, parent: Some(model[i].name.clone()), content: model[i].content.clone() };
+                    model.push(m);
+                    vols.insert(name, r.unwrap());
+                }
+                Op::Delete { vol } => {
+                    let i = vol % model.len();
+                    let name = model[i].name.clone();
+                    let clones = model.iter().filter(|m| m.parent.as_deref() == Some(&name)).count();
+                    let e = vols.remove(&name).unwrap();
+                    if clones > 1 {
+                        proptest::prop_assert!(matches!(f.delete(&s, e.clone()), Err(LvolError::Busy(_))));
+                        vols.insert(name, e);
+                        continue;
+                    }
+                    f.delete(&s, e).unwrap();
+                    let gone = model.remove(i);
+                    for m in model.iter_mut().filter(|m| m.parent.as_deref() == Some(&name)) {
+                        m.parent = gone.parent.clone();
+                    }
+                    if model.is_empty() {
+                        model.push(ModelVol { name: format!("v{n}"), snapshot: false, parent: None, content: vec![0; 16] });
+                        vols.insert(format!("v{n}"), f.vol(&s, &format!("v{n}"), 1, true));
+                    }
+                }
+                Op::Reopen => {
+                    let (s2, v2) = f.reopen(s, std::mem::take(&mut vols).into_values().collect());
+                    s = s2;
+                    vols = v2;
+                }
+            }
+            check_refs(&s);
+            for m in &model {
+                for c in 0..16u64 {
+                    proptest::prop_assert_eq!(f.read(&vols[&m.name], c * bpc, 1)[0], m.content[c as usize], "{} cluster {}", m.name, c);
+                }
+            }
+        }
+        // Everything deleted, newest first (a snapshot then has at most the volume it was taken of).
+        for m in model.iter().rev() {
+            f.delete(&s, vols.remove(&m.name).unwrap()).unwrap();
+        }
+        proptest::prop_assert_eq!(s.free_clusters(), total);
+        check_refs(&s);
+    }
+}
+
+#[test]
+fn a_grown_volume_still_copies_its_shared_clusters() {
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 0x11, 1).unwrap();
+    let snap = f.snapshot(&s, &v, "snap").unwrap();
+    let (s2, u) = (s.clone(), lvol(&v).lvol_uuid());
+    f.cores.block_on(0, async move { s2.resize(&Channel::get(&s2.base).unwrap(), u, 2 << 20, false).await }).unwrap();
+    f.write(&v, 0, 0x22, 1).unwrap();
+    assert_eq!(f.read(&snap, 0, 1), vec![0x11; BS as usize], "the larger map kept the shared bit");
+    assert_eq!(f.read(&v, 0, 1), vec![0x22; BS as usize]);
+    check_refs(&s);
+}
