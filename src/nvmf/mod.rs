@@ -8,6 +8,7 @@
 //! state (registers, features, events) is shared through an `Arc` under a mutex: only admin
 //! commands and the control plane touch it. The data path touches per-queue state only.
 
+pub mod auth;
 pub mod connection;
 pub mod controller;
 pub mod identify;
