@@ -29,10 +29,8 @@ use zeroize::Zeroizing;
 
 /// The Connect response's AUTHREQ field, bit ATR: an authentication transaction is required.
 pub const CONNECT_AUTHREQ_ATR: u32 = 1 << 17;
-/// AUTH_Send / AUTH_Receive: their fabrics command types, and the security protocol and
-/// protocol-specific fields that name NVMe in-band authentication.
-pub const FCTYPE_AUTH_SEND: u8 = 0x05;
-pub const FCTYPE_AUTH_RECEIVE: u8 = 0x06;
+/// AUTH_Send / AUTH_Receive: the security protocol and protocol-specific fields that name
+/// NVMe in-band authentication (SQE bytes 43, 41 and 42).
 pub const SECP_NVME: u8 = 0xE9;
 pub const SPSP_NVME: u8 = 0x01;
 /// Largest AUTH_Send payload: a Reply with two SHA-512 values and an ffdhe8192 public value.
