@@ -147,11 +147,11 @@ fn bdevperf(spdk: &Path, dir: &Path, port: u16, keys: &[(&str, &str)], run: &str
 }
 
 fn failures(d: &Daemon) -> f64 {
-    d.metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("tidemark_nvmf_auth_failures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no tidemark_nvmf_auth_failures_total in the metrics"))
+    let m = d.metrics_text();
+    m.lines()
+        .find(|l| l.starts_with("tidemark_nvmf_auth_failures_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no tidemark_nvmf_auth_failures_total in the metrics:\n{m}"))
 }
 
 #[test]
