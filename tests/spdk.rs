@@ -215,6 +215,7 @@ fn drive_every_shared_method(c: &Client) {
     // NVMe/TCP.
     let nqn = "nqn.2016-06.io.spdk:cnode1";
     let port = free_port().to_string();
+    ok(&["nvmf_set_config", "--dhchap-digests", "sha384,sha512", "--dhchap-dhgroups", "null,ffdhe2048"]);
     ok(&["nvmf_create_transport", "-t", "TCP"]);
     let tr = js(&["nvmf_get_transports"]);
     assert_eq!(tr[0]["trtype"], "TCP");

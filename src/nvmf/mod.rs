@@ -267,14 +267,17 @@ impl Module for NvmfTarget {
 
     fn config(&self, _t: &Ctx) -> Vec<ConfigCall> {
         let mut out = Vec::new();
+        // The default offers everything; a config without the call recreates it.
         let policy = self.nvmf.auth_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        out.push(ConfigCall::new(
-            "nvmf_set_config",
-            serde_json::json!({
-                "dhchap_digests": policy.digests.iter().map(|d| d.name()).collect::<Vec<_>>(),
-                "dhchap_dhgroups": policy.dhgroups.iter().map(|g| g.name()).collect::<Vec<_>>(),
-            }),
-        ));
+        if policy != auth::Policy::default() {
+            out.push(ConfigCall::new(
+                "nvmf_set_config",
+                serde_json::json!({
+                    "dhchap_digests": policy.digests.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                    "dhchap_dhgroups": policy.dhgroups.iter().map(|g| g.name()).collect::<Vec<_>>(),
+                }),
+            ));
+        }
         if let Some(tr) = self.nvmf.transport() {
             out.push(ConfigCall::new("nvmf_create_transport", tr.to_json()));
         }
