@@ -187,3 +187,54 @@ fn spdk_host_authenticates_and_wrong_or_missing_keys_are_refused() {
     let (ok, out) = bdevperf(&spdk, dir.path(), port, &[("key0", &k0), ("ckey0", &c0)], "after");
     assert!(ok, "bdevperf after the refusals failed:\n{out}\n--- tidemarkd:\n{}", d.log_text());
 }
+
+/// AUTH_Send (`data`) or AUTH_Receive (`data` empty: 4 KiB) on `q`: the completion and data.
+fn auth_cmd(q: &mut tidemark::nvmf::initiator::Qpair, data: &[u8]) -> (tidemark::nvmf::spec::Cqe, Vec<u8>) {
+    use tidemark::nvmf::initiator::Payload;
+    use tidemark::nvmf::spec::{fctype, Sqe, FABRICS_OPC};
+    let mut sqe = Sqe::new(FABRICS_OPC, 0, 0);
+    sqe.0[4] = if data.is_empty() { fctype::AUTH_RECEIVE } else { fctype::AUTH_SEND };
+    sqe.0[41] = 1;
+    sqe.0[42] = 1;
+    sqe.0[43] = 0xE9;
+    let len = if data.is_empty() { 4096 } else { data.len() as u32 };
+    sqe.0[44..48].copy_from_slice(&len.to_le_bytes());
+    let payload = if data.is_empty() { Payload::In(4096) } else { Payload::Out(data) };
+    q.execute(sqe, payload).unwrap()
+}
+
+#[test]
+fn an_unauthenticated_queue_refuses_commands_and_a_failure_is_counted() {
+    use tidemark::nvmf::auth::msg::{id, Message};
+    use tidemark::nvmf::initiator::{Qpair, QpairOptions};
+    use tidemark::nvmf::spec::{admin_opc, Sqe};
+    let dir = tempfile::tempdir().unwrap();
+    let (d, port, k0, _) = start(dir.path());
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let o = QpairOptions { hostnqn: HOST.to_string(), ..QpairOptions::default() };
+    let mut q = Qpair::connect(addr, &o).unwrap();
+    q.fabric_connect(0, 0xFFFF, NQN, &o).expect("Connect succeeds; authentication follows");
+    // Identify before authenticating: Authentication Required (SCT 1, SC 0x91).
+    let mut identify = Sqe::new(admin_opc::IDENTIFY, 0, 0);
+    identify.0[40] = 1;
+    let (cqe, _) = q.execute(identify, tidemark::nvmf::initiator::Payload::In(4096)).unwrap();
+    assert_eq!((cqe.status().sct, cqe.status().sc), (1, 0x91), "{}", cqe.status());
+    // Nothing to receive before a Negotiate.
+    assert!(!auth_cmd(&mut q, &[]).0.status().is_success());
+    // A Negotiate, then a Reply with a wrong response: Failure1, counted, logged.
+    let n = Message::Negotiate { tid: 1, sc_c: 0, hashes: vec![1], dhgroups: vec![0] }.encode();
+    assert!(auth_cmd(&mut q, &n).0.status().is_success());
+    let (cqe, data) = auth_cmd(&mut q, &[]);
+    assert!(cqe.status().is_success());
+    let Ok(Message::Challenge { .. }) = Message::decode(&data) else { panic!("no challenge: {data:?}") };
+    let before = failures(&d);
+    let reply = Message::Reply { tid: 1, response: vec![0; 32], challenge: None, seqnum: 0, dh: vec![] }.encode();
+    assert!(auth_cmd(&mut q, &reply).0.status().is_success());
+    let (_, data) = auth_cmd(&mut q, &[]);
+    assert_eq!(data.get(1), Some(&id::FAILURE1));
+    assert_eq!(failures(&d), before + 1.0);
+    let (cqe, _) = q.execute(identify, tidemark::nvmf::initiator::Payload::In(4096)).unwrap();
+    assert_eq!(cqe.status().sc, 0x91);
+    assert!(d.log_text().contains("wrong response"));
+    assert!(!d.log_text().contains(&k0[10..30]));
+}
