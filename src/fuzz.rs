@@ -266,3 +266,22 @@ pub fn scsi_cdb(data: &[u8]) {
     cores.run_until_idle();
     assert!(*done.borrow(), "a command never finished");
 }
+
+/// `nvmf_auth`: a DH-HMAC-CHAP transaction on the controller side over arbitrary AUTH_Send
+/// payloads (each a 2-byte little-endian length then that many bytes, cut short at the end of
+/// the input), each followed by an AUTH_Receive: no panic, every answer decodes.
+pub fn nvmf_auth(data: &[u8]) {
+    use crate::nvmf::auth::{msg::Message, Policy, QueueAuth, Secret};
+    let _ = Message::decode(data);
+    let key = Secret::parse(Secret::encode(None, &[7; 32]).as_bytes()).expect("a valid secret");
+    let mut q = QueueAuth::new("nqn.2014-08.org.nvmexpress:uuid:fuzz", NVMF_NQN, &key, Some(&key), Policy::default());
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = (u16::from_le_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let _ = q.send(&rest[2..2 + n]);
+        rest = &rest[2 + n..];
+        if let Ok((m, _)) = q.receive() {
+            assert!(Message::decode(&m).is_ok(), "the controller sent what it cannot decode");
+        }
+    }
+}

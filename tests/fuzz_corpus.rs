@@ -47,13 +47,14 @@ fn nvme_pdu_types(mut b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_fuzz_target_has_a_corpus_and_every_corpus_file_passes() {
-    let targets: [(&str, fn(&[u8])); 6] = [
+    let targets: [(&str, fn(&[u8])); 7] = [
         ("nvmf_pdu", |d| drop(tidemark::fuzz::nvmf_pdu(d))),
         ("iscsi_conn", |d| drop(tidemark::fuzz::iscsi_conn(d))),
         ("nvmf_capsule", tidemark::fuzz::nvmf_capsule),
         ("iscsi_login", tidemark::fuzz::iscsi_login),
         ("iscsi_text", tidemark::fuzz::iscsi_text),
         ("scsi_cdb", tidemark::fuzz::scsi_cdb),
+        ("nvmf_auth", tidemark::fuzz::nvmf_auth),
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
     for e in std::fs::read_dir(&dir).expect("fuzz/fuzz_targets") {

@@ -30,7 +30,6 @@ pub const SKIPPED: &[(&str, &str)] = &[
     ("accel_assign_opc", "no accel framework: CRC32C and copies run on the CPU"),
     ("sock_set_default_impl", "sockets are the kernel's (posix)"),
     ("sock_impl_set_options", "sockets are the kernel's (posix)"),
-    ("nvmf_set_config", "NVMe-oF target options (discovery filter, admin passthru): tidemark's are fixed"),
     ("nvmf_set_max_subsystems", "tidemark has no fixed subsystem table"),
     ("nvmf_set_crdt", "tidemark reports no command retry delay"),
     ("framework_set_scheduler", "reactors follow [reactor] poll_mode"),

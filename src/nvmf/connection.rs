@@ -14,11 +14,12 @@
 //! arrival order, until the connection's own commands or other connections of the core give
 //! bytes back; a third future of the connection starts them then.
 
+use super::auth::{self, QueueAuth};
 pub(crate) use super::controller::Binding;
 use super::controller::{self, AdminOutcome, Connecting};
 use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
-use super::spec::{fctype, sc, sct, Cqe, Sqe, Status, FABRICS_OPC};
+use super::spec::{csc, fctype, sc, sct, Cqe, Sqe, Status, FABRICS_OPC};
 use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
@@ -215,6 +216,8 @@ struct QState {
     data_align: usize,
     ic_done: bool,
     binding: Option<Binding>,
+    /// The queue's DH-HMAC-CHAP state when its host must authenticate.
+    auth: Option<Box<QueueAuth>>,
     sqhd: u16,
     cids: CidSet,
     slots: Slots,
@@ -349,6 +352,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
             data_align: 4,
             ic_done: false,
             binding: None,
+            auth: None,
             sqhd: 0,
             cids: CidSet::new(),
             slots: Slots::new(UNBOUND_SLOTS),
@@ -800,7 +804,7 @@ impl Conn {
         if sqe.opcode() == FABRICS_OPC && sqe.fctype() == fctype::CONNECT {
             let r = self.on_connect(&sqe, plan, icd.as_ref().map(|(b, _)| &b[..]));
             let (status, result) = match r {
-                Ok(cntlid) => (Status::SUCCESS, cntlid as u64),
+                Ok(result) => (Status::SUCCESS, result as u64),
                 Err((status, iattr, ipo)) => (status, ipo as u64 | (iattr as u64) << 16),
             };
             return self.complete(None, &sqe, status, result, TxData::None);
@@ -890,7 +894,16 @@ impl Conn {
         let Some(b) = binding else {
             return self.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
-        if sqe.opcode() == FABRICS_OPC {
+        let fabrics = sqe.opcode() == FABRICS_OPC;
+        if fabrics && matches!(sqe.fctype(), fctype::AUTH_SEND | fctype::AUTH_RECEIVE) {
+            let (status, out) = self.auth_command(&b, &sqe, &plan, data.as_ref().map(|(d, _)| d));
+            return self.complete(slot, &sqe, status, 0, out);
+        }
+        // Until the host authenticates, the queue takes nothing else (but Disconnect).
+        if self.st.borrow().auth.as_ref().is_some_and(|a| !a.authenticated()) && !(fabrics && sqe.fctype() == fctype::DISCONNECT) {
+            return self.complete(slot, &sqe, Status::error(sct::COMMAND_SPECIFIC, csc::AUTH_REQUIRED), 0, TxData::None);
+        }
+        if fabrics {
             let (status, result) = match sqe.fctype() {
                 fctype::PROPERTY_GET | fctype::PROPERTY_SET if b.qid == 0 => match b.ctrl.property(&self.nvmf, &sqe, sqe.fctype() == fctype::PROPERTY_SET) {
                     AdminOutcome::Done { status, result, .. } => (status, result),
@@ -939,19 +952,67 @@ impl Conn {
         self.st.borrow_mut().slots.alloc()
     }
 
+    /// AUTH_Send / AUTH_Receive: a step of the queue's DH-HMAC-CHAP transaction. A failed
+    /// transaction is counted and logged (host NQN and address, never a key).
+    fn auth_command(&self, b: &Binding, sqe: &Sqe, plan: &DataPlan, data: Option<&IoBuf>) -> (Status, TxData) {
+        let s = &sqe.0;
+        // TL (AUTH_Send) or AL (AUTH_Receive).
+        let len = u32::from_le_bytes([s[44], s[45], s[46], s[47]]) as usize;
+        if s[43] != auth::SECP_NVME || s[41] != auth::SPSP_NVME || s[42] != auth::SPSP_NVME || len == 0 {
+            return (Status::generic(sc::INVALID_FIELD), TxData::None);
+        }
+        let mut st = self.st.borrow_mut();
+        let Some(a) = st.auth.as_mut() else {
+            // This host has no key here: there is nothing to authenticate.
+            return (Status::generic(sc::COMMAND_SEQUENCE_ERROR), TxData::None);
+        };
+        let (outcome, out) = if sqe.fctype() == fctype::AUTH_SEND {
+            let bytes = match (plan, data) {
+                (DataPlan::InCapsule { offset, len: n }, Some(d)) if *n as usize == len => d.get(*offset as usize..(*offset + *n) as usize),
+                _ => None,
+            };
+            let Some(bytes) = bytes.filter(|b| b.len() <= auth::MAX_MESSAGE) else {
+                return (Status::generic(sc::INVALID_FIELD), TxData::None);
+            };
+            (a.send(bytes), TxData::None)
+        } else {
+            let room = match plan {
+                DataPlan::ToHost { len: n } => (*n as usize).min(len),
+                _ => 0,
+            };
+            match a.receive() {
+                Ok((m, _)) if m.len() > room => return (Status::generic(sc::INVALID_FIELD), TxData::None),
+                Ok((m, outcome)) => (outcome, TxData::Vec(m)),
+                Err(auth::OutOfSequence) => return (Status::generic(sc::COMMAND_SEQUENCE_ERROR), TxData::None),
+            }
+        };
+        drop(st);
+        let (host, subnqn, qid) = (b.ctrl.host_display(), &b.ctrl.subsys.nqn, b.qid);
+        match outcome {
+            auth::Outcome::Pending => {}
+            auth::Outcome::Authenticated => log::debug!("nvmf: host {host} ({}) authenticated on {subnqn} queue {qid}", self.peer),
+            auth::Outcome::Failed(why) => {
+                self.nvmf.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::warn!("nvmf: host {host} ({}) failed DH-HMAC-CHAP authentication on {subnqn} queue {qid}: {why}", self.peer);
+            }
+        }
+        (Status::SUCCESS, out)
+    }
+
     /// Fabrics Connect: binds the queue to a controller (see [`controller::connect`]).
-    /// Ok(cntlid) or Err((status, IATTR, IPO)).
-    fn on_connect(&self, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u16, (Status, u8, u16)> {
+    /// Ok(Connect result: cntlid and AUTHREQ) or Err((status, IATTR, IPO)).
+    fn on_connect(&self, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<u32, (Status, u8, u16)> {
         if self.st.borrow().binding.is_some() {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
         let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts };
-        let b = controller::connect(&q, sqe, plan, icd)?;
-        let cntlid = b.ctrl.cntlid;
+        let (b, auth) = controller::connect(&q, sqe, plan, icd)?;
+        let result = b.ctrl.cntlid as u32 | if auth.is_some() { auth::CONNECT_AUTHREQ_ATR } else { 0 };
         let mut st = self.st.borrow_mut();
         st.slots.resize(b.sqsize as usize + 1);
         st.binding = Some(b);
-        Ok(cntlid)
+        st.auth = auth;
+        Ok(result)
     }
 
     /// Leaves the controller: an admin queue takes its controller down with it.

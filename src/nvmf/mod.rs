@@ -8,6 +8,7 @@
 //! state (registers, features, events) is shared through an `Arc` under a mutex: only admin
 //! commands and the control plane touch it. The data path touches per-queue state only.
 
+pub mod auth;
 pub mod connection;
 pub mod controller;
 pub mod identify;
@@ -46,6 +47,10 @@ pub struct Nvmf {
     pub started: Instant,
     /// Connections currently open (all cores), for metrics and shutdown.
     pub open_connections: AtomicUsize,
+    /// The DH-HMAC-CHAP hashes and groups offered (`nvmf_set_config`).
+    pub auth_policy: Mutex<auth::Policy>,
+    /// Failed DH-HMAC-CHAP transactions (tidemark_nvmf_auth_failures_total).
+    pub auth_failures: AtomicU64,
 }
 
 struct Inner {
@@ -74,6 +79,8 @@ impl Nvmf {
             stopping: AtomicBool::new(false),
             started: Instant::now(),
             open_connections: AtomicUsize::new(0),
+            auth_policy: Mutex::new(auth::Policy::default()),
+            auth_failures: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +267,17 @@ impl Module for NvmfTarget {
 
     fn config(&self, _t: &Ctx) -> Vec<ConfigCall> {
         let mut out = Vec::new();
+        // The default offers everything; a config without the call recreates it.
+        let policy = self.nvmf.auth_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if policy != auth::Policy::default() {
+            out.push(ConfigCall::new(
+                "nvmf_set_config",
+                serde_json::json!({
+                    "dhchap_digests": policy.digests.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                    "dhchap_dhgroups": policy.dhgroups.iter().map(|g| g.name()).collect::<Vec<_>>(),
+                }),
+            ));
+        }
         if let Some(tr) = self.nvmf.transport() {
             out.push(ConfigCall::new("nvmf_create_transport", tr.to_json()));
         }
@@ -313,6 +331,11 @@ impl Module for NvmfTarget {
             "tidemark_nvmf_connections",
             "Open NVMe/TCP connections, connected to a controller or not.",
             &[(vec![], self.nvmf.open_connections.load(Ordering::Relaxed) as f64)],
+        )?;
+        out.counter(
+            "tidemark_nvmf_auth_failures",
+            "NVMe in-band authentication (DH-HMAC-CHAP) transactions that failed.",
+            &[(vec![], self.nvmf.auth_failures.load(Ordering::Relaxed))],
         )?;
         out.counter("tidemark_nvmf_namespace_ops", "Completed NVMe I/O commands per namespace and type.", &ops)?;
         out.counter("tidemark_nvmf_namespace_bytes", "Bytes transferred per namespace and type.", &bytes)?;

@@ -2,9 +2,11 @@
 //! parameters that have no meaning here (shared buffer pools, RDMA knobs) are accepted and
 //! ignored so that SPDK scripts run unchanged; unknown ones are refused, naming the field.
 
-use super::subsystem::{parse_hex, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
+use super::auth::{DhGroup, Digest, Secret};
+use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
+use crate::keyring::KeyRef;
 use crate::module::Ctx;
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
@@ -17,6 +19,7 @@ crate::register_module! {
     order: 40,
     construct: |reactors, _| std::sync::Arc::new(super::NvmfTarget::new(reactors.clone())),
     methods: [
+        ("nvmf_set_config", set_config, "Sets NVMe-oF target options: the DH-HMAC-CHAP digests and DH groups offered."),
         ("nvmf_create_transport", create_transport, "Creates the NVMe-oF TCP transport."),
         ("nvmf_get_transports", get_transports, "Describes the NVMe-oF transports."),
         ("nvmf_create_subsystem", create_subsystem, "Creates an NVMe-oF subsystem."),
@@ -519,11 +522,7 @@ struct HostParams {
 
 impl SpdkParams for HostParams {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![
-            ("psk", self.psk.is_none(), "TLS is not supported"),
-            ("dhchap_key", self.dhchap_key.is_none(), "DH-HMAC-CHAP is not supported"),
-            ("dhchap_ctrlr_key", self.dhchap_ctrlr_key.is_none(), "DH-HMAC-CHAP is not supported"),
-        ]
+        vec![("psk", self.psk.is_none(), "TLS is not supported")]
     }
 }
 
@@ -532,8 +531,85 @@ fn add_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     check_tgt(&p.tgt_name)?;
     let n = nvmf(t)?;
     let s = find_nvme(n, &p.nqn)?;
-    s.add_host(&p.host).map_err(RpcError::invalid_params)?;
+    let keys = host_keys(t, &p)?;
+    s.add_host(&p.host, keys).map_err(RpcError::invalid_params)?;
     n.bump_genctr();
+    Ok(json!(true))
+}
+
+/// Takes holds on the host's DH-HMAC-CHAP keys, checking they are DH-HMAC-CHAP secrets
+/// (`DHHC-1:...`); errors name the key, never show its content.
+fn host_keys(t: &Ctx, p: &HostParams) -> Result<Option<HostKeys>, RpcError> {
+    let Some(name) = &p.dhchap_key else {
+        if p.dhchap_ctrlr_key.is_some() {
+            return Err(RpcError::invalid_params("field `dhchap_ctrlr_key`: needs `dhchap_key` (the controller authenticates only to a host that does)"));
+        }
+        return Ok(None);
+    };
+    let kr = crate::keyring::keyring(t)?;
+    let user = format!("host {} of subsystem {}", p.host, p.nqn);
+    let take = |field: &str, name: &str| -> Result<KeyRef, RpcError> {
+        let k = kr.get(name, &user).map_err(|e| RpcError::invalid_params(format!("field `{field}`: {e}")))?;
+        Secret::parse(k.secret()).map_err(|e| RpcError::invalid_params(format!("field `{field}`: key {name}: {e}")))?;
+        Ok(k)
+    };
+    let key = take("dhchap_key", name)?;
+    let ctrlr_key = p.dhchap_ctrlr_key.as_deref().map(|c| take("dhchap_ctrlr_key", c)).transpose()?;
+    Ok(Some(HostKeys { key, ctrlr_key }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetConfigParams {
+    #[serde(default)]
+    dhchap_digests: Option<Vec<String>>,
+    #[serde(default)]
+    dhchap_dhgroups: Option<Vec<String>>,
+    /// SPDK's other target options: tidemark's are fixed (accepted so SPDK configs load).
+    #[serde(default)]
+    #[allow(dead_code)]
+    discovery_filter: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    admin_cmd_passthru: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    poll_groups_mask: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    acceptor_poll_rate: Option<Value>,
+}
+
+/// `nvmf_set_config`: the DH-HMAC-CHAP hashes and groups the target offers (SPDK's names:
+/// sha256/sha384/sha512, null/ffdhe2048/.../ffdhe8192). Applies to transactions started after.
+fn set_config(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: SetConfigParams = parse(p)?;
+    let n = nvmf(t)?;
+    let mut policy = n.auth_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(d) = &p.dhchap_digests {
+        policy.digests = d
+            .iter()
+            .map(|x| {
+                Digest::from_name(x).ok_or_else(|| RpcError::invalid_params(format!("field `dhchap_digests`: unknown digest {x:?} (sha256, sha384, sha512)")))
+            })
+            .collect::<Result<_, _>>()?;
+        if policy.digests.is_empty() {
+            return Err(RpcError::invalid_params("field `dhchap_digests`: needs at least one digest"));
+        }
+    }
+    if let Some(g) = &p.dhchap_dhgroups {
+        policy.dhgroups = g
+            .iter()
+            .map(|x| {
+                DhGroup::from_name(x)
+                    .ok_or_else(|| RpcError::invalid_params(format!("field `dhchap_dhgroups`: unknown group {x:?} (null, ffdhe2048 ... ffdhe8192)")))
+            })
+            .collect::<Result<_, _>>()?;
+        if policy.dhgroups.is_empty() {
+            return Err(RpcError::invalid_params("field `dhchap_dhgroups`: needs at least one group"));
+        }
+    }
+    *n.auth_policy.lock().unwrap_or_else(|e| e.into_inner()) = policy;
     Ok(json!(true))
 }
 

@@ -40,6 +40,9 @@ pub mod fctype {
     pub const PROPERTY_SET: u8 = 0x00;
     pub const CONNECT: u8 = 0x01;
     pub const PROPERTY_GET: u8 = 0x04;
+    /// In-band authentication (DH-HMAC-CHAP) messages, host to controller and back.
+    pub const AUTH_SEND: u8 = 0x05;
+    pub const AUTH_RECEIVE: u8 = 0x06;
     pub const DISCONNECT: u8 = 0x08;
 }
 
@@ -122,6 +125,8 @@ pub mod csc {
     pub const CONNECT_CONTROLLER_BUSY: u8 = 0x81;
     pub const CONNECT_INVALID_PARAMETERS: u8 = 0x82;
     pub const CONNECT_INVALID_HOST: u8 = 0x84;
+    /// A command on a queue that must authenticate first.
+    pub const AUTH_REQUIRED: u8 = 0x91;
 }
 
 /// Media and data integrity status codes (SCT 2).

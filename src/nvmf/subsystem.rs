@@ -7,8 +7,9 @@
 use super::controller::Controller;
 use super::spec::validate_nqn;
 use crate::bdev::{BdevEntry, BdevStats, HoldGuard};
+use crate::keyring::KeyRef;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -153,11 +154,31 @@ pub struct Subsystem {
 
 struct SubsysState {
     allow_any_host: bool,
-    hosts: BTreeSet<String>,
+    /// Allowed hosts, with the DH-HMAC-CHAP keys they must authenticate with.
+    hosts: BTreeMap<String, Option<Arc<HostKeys>>>,
     listeners: Vec<ListenAddr>,
     namespaces: BTreeMap<u32, Arc<Namespace>>,
     controllers: BTreeMap<u16, Arc<Controller>>,
     next_cntlid: u16,
+}
+
+/// `v` with the host's key names (never the keys), as SPDK shows them.
+fn host_json(mut v: Value, keys: &Option<Arc<HostKeys>>) -> Value {
+    if let Some(k) = keys {
+        v["dhchap_key"] = json!(k.key.name());
+        if let Some(c) = &k.ctrlr_key {
+            v["dhchap_ctrlr_key"] = json!(c.name());
+        }
+    }
+    v
+}
+
+/// A host's DH-HMAC-CHAP keys (holds on keyring keys: they cannot be removed meanwhile).
+#[derive(Debug)]
+pub struct HostKeys {
+    pub key: KeyRef,
+    /// The controller's key, for bidirectional authentication.
+    pub ctrlr_key: Option<KeyRef>,
 }
 
 static NEXT_SUBSYS: AtomicU64 = AtomicU64::new(1);
@@ -211,7 +232,7 @@ impl Subsystem {
             deleted: AtomicBool::new(false),
             state: Mutex::new(SubsysState {
                 allow_any_host,
-                hosts: BTreeSet::new(),
+                hosts: BTreeMap::new(),
                 listeners: Vec::new(),
                 namespaces: BTreeMap::new(),
                 controllers: BTreeMap::new(),
@@ -246,19 +267,24 @@ impl Subsystem {
     /// Whether `hostnqn` may connect (the discovery subsystem admits everyone).
     pub fn allows_host(&self, hostnqn: &str) -> bool {
         let st = self.st();
-        self.is_discovery() || st.allow_any_host || st.hosts.contains(hostnqn)
+        self.is_discovery() || st.allow_any_host || st.hosts.contains_key(hostnqn)
     }
 
-    pub fn add_host(&self, host: &str) -> Result<(), String> {
+    /// The DH-HMAC-CHAP keys `hostnqn` must authenticate with, if it has any.
+    pub fn host_keys(&self, hostnqn: &str) -> Option<Arc<HostKeys>> {
+        self.st().hosts.get(hostnqn).cloned().flatten()
+    }
+
+    pub fn add_host(&self, host: &str, keys: Option<HostKeys>) -> Result<(), String> {
         validate_nqn(host).map_err(|e| format!("field `host`: {e}"))?;
         let mut st = self.st();
-        if st.hosts.contains(host) {
+        if st.hosts.contains_key(host) {
             return Err(format!("host {host} is already allowed on {}", self.nqn));
         }
         if st.hosts.len() >= MAX_HOSTS {
             return Err(format!("subsystem {} already allows {MAX_HOSTS} hosts", self.nqn));
         }
-        st.hosts.insert(host.to_string());
+        st.hosts.insert(host.to_string(), keys.map(Arc::new));
         Ok(())
     }
 
@@ -266,14 +292,14 @@ impl Subsystem {
     /// disconnect them (as SPDK does).
     pub fn remove_host(&self, host: &str) -> Result<Vec<Arc<Controller>>, String> {
         let mut st = self.st();
-        if !st.hosts.remove(host) {
+        if st.hosts.remove(host).is_none() {
             return Err(format!("host {host} is not on the allow-list of {}", self.nqn));
         }
         Ok(st.controllers.values().filter(|c| c.hostnqn == host).cloned().collect())
     }
 
     pub fn hosts(&self) -> Vec<String> {
-        self.st().hosts.iter().cloned().collect()
+        self.st().hosts.keys().cloned().collect()
     }
 
     // --- listeners ---
@@ -423,8 +449,8 @@ impl Subsystem {
         for l in &st.listeners {
             out.push(("nvmf_subsystem_add_listener", json!({ "nqn": self.nqn, "listen_address": l.to_json() })));
         }
-        for h in &st.hosts {
-            out.push(("nvmf_subsystem_add_host", json!({ "nqn": self.nqn, "host": h })));
+        for (h, keys) in &st.hosts {
+            out.push(("nvmf_subsystem_add_host", host_json(json!({ "nqn": self.nqn, "host": h }), keys)));
         }
         for ns in st.namespaces.values() {
             let mut n = json!({ "bdev_name": ns.bdev_name(), "nsid": ns.nsid });
@@ -450,7 +476,7 @@ impl Subsystem {
             "subtype": if self.is_discovery() { "Discovery" } else { "NVMe" },
             "listen_addresses": st.listeners.iter().map(|l| l.to_json()).collect::<Vec<_>>(),
             "allow_any_host": self.is_discovery() || st.allow_any_host,
-            "hosts": st.hosts.iter().map(|h| json!({ "nqn": h })).collect::<Vec<_>>(),
+            "hosts": st.hosts.iter().map(|(h, keys)| host_json(json!({ "nqn": h }), keys)).collect::<Vec<_>>(),
         });
         if !self.is_discovery() {
             v["serial_number"] = json!(self.serial);

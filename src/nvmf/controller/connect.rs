@@ -3,6 +3,7 @@
 
 use super::keep_alive::spawn_keep_alive;
 use super::{Controller, QueueRef};
+use crate::nvmf::auth::{QueueAuth, Secret};
 use crate::nvmf::pdu::DataPlan;
 use crate::nvmf::spec::{connect, csc, sc, sct, ConnectRequest, Sqe, Status, CNTLID_DYNAMIC};
 use crate::nvmf::subsystem::ListenAddr;
@@ -37,7 +38,7 @@ pub(crate) struct Binding {
 
 /// Fabrics Connect of queue `q`: the controller it binds to (a new one for an admin queue,
 /// with its keep-alive timer), or Err((status, IATTR, IPO)).
-pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<Binding, (Status, u8, u16)> {
+pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option<&[u8]>) -> Result<(Binding, Option<Box<QueueAuth>>), (Status, u8, u16)> {
     let invalid = |iattr: u8, ipo: usize| (Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_PARAMETERS), iattr, ipo as u16);
     let data = match (plan, icd) {
         (DataPlan::InCapsule { offset: 0, len }, Some(d)) if len as usize == d.len() => d,
@@ -57,6 +58,20 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
         log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", q.peer);
         return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
     }
+    // A host with a DH-HMAC-CHAP key authenticates every queue before using it.
+    let auth = match subsys.host_keys(hostnqn) {
+        None => None,
+        Some(k) => {
+            let secrets = Secret::parse(k.key.secret()).and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
+            let Ok((host_key, ctrl_key)) = secrets else {
+                // Checked when the host was added; the key's content cannot change since.
+                log::error!("nvmf: DH-HMAC-CHAP key of host {hostnqn} on {subnqn} is not a secret; refusing it");
+                return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
+            };
+            let policy = q.nvmf.auth_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Some(Box::new(QueueAuth::new(hostnqn, subnqn, &host_key, ctrl_key.as_ref(), policy)))
+        }
+    };
     let sqflow_off = cattr & connect::CATTR_DISABLE_SQ_FLOW != 0;
     let peer = q.peer;
     if qid == 0 {
@@ -75,7 +90,7 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
         ))?;
         log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, q.core);
         spawn_keep_alive(q.nvmf.clone(), ctrl.clone());
-        return Ok(Binding { ctrl, qid: 0, sqsize, sqflow_off });
+        return Ok((Binding { ctrl, qid: 0, sqsize, sqflow_off }, auth));
     }
     let Some(ctrl) = subsys.controller(cntlid) else { return Err(invalid(1, connect::DATA_CNTLID)) };
     if ctrl.hostnqn != hostnqn {
@@ -92,5 +107,5 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
     }
     ctrl.attach_io_queue(qid, QueueRef { core: q.core, conn_id: q.conn_id, peer, sqsize }).map_err(|(s, ipo)| (s, 0, ipo))?;
     log::debug!("nvmf: controller {} of {subnqn}: I/O queue {qid} (size {}) on core {}", ctrl.cntlid, sqsize as u32 + 1, q.core);
-    Ok(Binding { ctrl, qid, sqsize, sqflow_off })
+    Ok((Binding { ctrl, qid, sqsize, sqflow_off }, auth))
 }
