@@ -20,17 +20,17 @@ crate::register_module! {
     order: 12,
     construct: |_reactors, _config| Arc::new(LvolModule::default()),
     methods: [
-        ("bdev_lvol_create_lvstore", create_lvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
-        ("bdev_lvol_load_lvstore", load_lvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
-        ("bdev_lvol_delete_lvstore", delete_lvstore, "Deletes an lvol store and its volumes."),
-        ("bdev_lvol_get_lvstores", get_lvstores, "Lists lvol stores."),
-        ("bdev_lvol_rename_lvstore", rename_lvstore, "Renames an lvol store."),
-        ("bdev_lvol_create", create, "Creates a volume in an lvol store."),
-        ("bdev_lvol_get_lvols", get_lvols, "Lists volumes of lvol stores."),
-        ("bdev_lvol_delete", delete, "Deletes a volume."),
-        ("bdev_lvol_rename", rename, "Renames a volume."),
-        ("bdev_lvol_resize", resize, "Resizes a volume."),
-        ("bdev_lvol_set_read_only", set_read_only, "Makes a volume read-only."),
+        ("bdev_lvol_create_lvstore", create_lvstore, CreateLvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
+        ("bdev_lvol_load_lvstore", load_lvstore, LoadLvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
+        ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes."),
+        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores."),
+        ("bdev_lvol_rename_lvstore", rename_lvstore, RenameLvstore, "Renames an lvol store."),
+        ("bdev_lvol_create", create, Create, "Creates a volume in an lvol store."),
+        ("bdev_lvol_get_lvols", get_lvols, GetLvols, "Lists volumes of lvol stores."),
+        ("bdev_lvol_delete", delete, ByName, "Deletes a volume."),
+        ("bdev_lvol_rename", rename, Rename, "Renames a volume."),
+        ("bdev_lvol_resize", resize, Resize, "Resizes a volume."),
+        ("bdev_lvol_set_read_only", set_read_only, ByName, "Makes a volume read-only."),
     ],
 }
 
@@ -183,7 +183,7 @@ fn register_volume(t: &Ctx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcErr
     Ok(name)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateLvstore {
     bdev_name: String,
@@ -222,7 +222,7 @@ fn create_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(uuid.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LoadLvstore {
     bdev_name: String,
@@ -249,7 +249,7 @@ fn load_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(s.uuid.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct StoreRef {
     #[serde(default)]
@@ -302,7 +302,7 @@ fn get_lvstores(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RenameLvstore {
     old_name: String,
@@ -325,7 +325,7 @@ fn rename_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     lvol_name: String,
@@ -373,7 +373,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(register_volume(t, &s, uuid)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetLvols {
     #[serde(default)]
@@ -413,7 +413,7 @@ fn get_lvols(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(out))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByName {
     name: String,
@@ -431,7 +431,7 @@ fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Rename {
     old_name: String,
@@ -461,7 +461,7 @@ fn rename(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Resize {
     name: String,

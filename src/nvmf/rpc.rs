@@ -17,21 +17,21 @@ crate::register_module! {
     order: 40,
     construct: |reactors, _| std::sync::Arc::new(super::NvmfTarget::new(reactors.clone())),
     methods: [
-        ("nvmf_create_transport", create_transport, "Creates the NVMe-oF TCP transport."),
-        ("nvmf_get_transports", get_transports, "Describes the NVMe-oF transports."),
-        ("nvmf_create_subsystem", create_subsystem, "Creates an NVMe-oF subsystem."),
-        ("nvmf_delete_subsystem", delete_subsystem, "Deletes an NVMe-oF subsystem."),
-        ("nvmf_subsystem_add_listener", add_listener, "Adds a TCP listener to a subsystem."),
-        ("nvmf_subsystem_remove_listener", remove_listener, "Removes a listener from a subsystem."),
-        ("nvmf_subsystem_get_listeners", get_listeners, "Lists a subsystem's listeners."),
-        ("nvmf_subsystem_add_ns", add_ns, "Adds a bdev to a subsystem as a namespace."),
-        ("nvmf_subsystem_remove_ns", remove_ns, "Removes a namespace from a subsystem."),
-        ("nvmf_subsystem_add_host", add_host, "Allows a host NQN to connect to a subsystem."),
-        ("nvmf_subsystem_remove_host", remove_host, "Removes a host NQN from a subsystem."),
-        ("nvmf_subsystem_allow_any_host", allow_any_host, "Allows or disallows any host on a subsystem."),
-        ("nvmf_get_subsystems", get_subsystems, "Describes the NVMe-oF subsystems."),
-        ("nvmf_subsystem_get_controllers", get_controllers, "Lists a subsystem's controllers."),
-        ("nvmf_subsystem_get_qpairs", get_qpairs, "Lists a subsystem's queue pairs."),
+        ("nvmf_create_transport", create_transport, CreateTransport, "Creates the NVMe-oF TCP transport."),
+        ("nvmf_get_transports", get_transports, GetTransports, "Describes the NVMe-oF transports."),
+        ("nvmf_create_subsystem", create_subsystem, CreateSubsystem, "Creates an NVMe-oF subsystem."),
+        ("nvmf_delete_subsystem", delete_subsystem, ByNqn, "Deletes an NVMe-oF subsystem."),
+        ("nvmf_subsystem_add_listener", add_listener, Listener, "Adds a TCP listener to a subsystem."),
+        ("nvmf_subsystem_remove_listener", remove_listener, Listener, "Removes a listener from a subsystem."),
+        ("nvmf_subsystem_get_listeners", get_listeners, ByNqn, "Lists a subsystem's listeners."),
+        ("nvmf_subsystem_add_ns", add_ns, AddNs, "Adds a bdev to a subsystem as a namespace."),
+        ("nvmf_subsystem_remove_ns", remove_ns, RemoveNs, "Removes a namespace from a subsystem."),
+        ("nvmf_subsystem_add_host", add_host, HostParams, "Allows a host NQN to connect to a subsystem."),
+        ("nvmf_subsystem_remove_host", remove_host, HostParams, "Removes a host NQN from a subsystem."),
+        ("nvmf_subsystem_allow_any_host", allow_any_host, AllowAny, "Allows or disallows any host on a subsystem."),
+        ("nvmf_get_subsystems", get_subsystems, GetSubsystems, "Describes the NVMe-oF subsystems."),
+        ("nvmf_subsystem_get_controllers", get_controllers, ByNqn, "Lists a subsystem's controllers."),
+        ("nvmf_subsystem_get_qpairs", get_qpairs, ByNqn, "Lists a subsystem's queue pairs."),
     ],
 }
 
@@ -62,7 +62,7 @@ fn find_nvme(n: &Nvmf, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
 /// SPDK's parameters (v25.09 and the `spdk` package). Those of other transports (RDMA,
 /// vfio-user) and of SPDK's buffer pools and sockets are accepted and have no effect, as SPDK's
 /// own TCP transport ignores the other transports' ones.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct CreateTransport {
@@ -174,7 +174,7 @@ fn create_transport(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetTransports {
     #[serde(default)]
@@ -194,7 +194,7 @@ fn get_transports(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(nvmf(t)?.transport().map(|o| o.to_json()).into_iter().collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateSubsystem {
     nqn: String,
@@ -270,7 +270,7 @@ fn create_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByNqn {
     nqn: String,
@@ -316,7 +316,7 @@ fn delete_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ListenAddress {
     trtype: String,
@@ -326,7 +326,7 @@ struct ListenAddress {
     trsvcid: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Listener {
     nqn: String,
@@ -410,7 +410,7 @@ fn get_listeners(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(s.listeners().iter().map(|a| json!({ "address": a.to_json(), "ana_state": "optimized" })).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NamespaceParams {
     bdev_name: String,
@@ -435,7 +435,7 @@ struct NamespaceParams {
     hide_metadata: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddNs {
     nqn: String,
@@ -477,7 +477,7 @@ fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(nsid))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RemoveNs {
     nqn: String,
@@ -497,7 +497,7 @@ fn remove_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct HostParams {
     nqn: String,
@@ -552,7 +552,7 @@ fn remove_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AllowAny {
     nqn: String,
@@ -571,7 +571,7 @@ fn allow_any_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetSubsystems {
     #[serde(default)]
