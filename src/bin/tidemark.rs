@@ -104,7 +104,7 @@ fn main() {
                 i += 2;
             }
             "-h" | "--help" => {
-                println!("{USAGE}\n\nmethods, by module (tidemark METHOD --help for one's parameters):{}", reference::method_list().trim_end());
+                println!("{USAGE}\n\nmethods, by module (tidemark METHOD --help for one's parameters):\n{}", reference::method_list().trim_end());
                 return;
             }
             "-V" | "--version" => {

@@ -45,8 +45,13 @@ pub fn params(m: &MethodDecl) -> Option<Params> {
     let schema = (m.params?)().to_value();
     let mut params = Vec::new();
     collect(&schema, "", &mut params);
-    // Required first (the schema's properties come sorted by name; the order within each group).
-    params.sort_by_key(|p| !p.required);
+    // Required first, a nested row staying under its top-level field (the schema's properties
+    // come sorted by name, an order kept within each group).
+    let top_required = |name: &str| params.iter().any(|p| p.required && p.name == name.split(['.', '[']).next().unwrap_or(name));
+    let keys: Vec<bool> = params.iter().map(|p| !top_required(&p.name)).collect();
+    let mut keyed: Vec<(bool, Param)> = keys.into_iter().zip(params).collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    let params = keyed.into_iter().map(|(_, p)| p).collect();
     Some(Params { params, others_ignored: schema.get("additionalProperties") != Some(&json!(false)), doc: one_line(schema.get("description")) })
 }
 
