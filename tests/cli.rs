@@ -58,7 +58,9 @@ fn help_lists_the_methods_by_module() {
             }
         }
     }
-    for (m, name) in [("malloc", "bdev_malloc_create"), ("nvmf", "nvmf_create_subsystem"), ("iscsi", "iscsi_create_target_node"), ("framework", "rpc_get_methods")] {
+    for (m, name) in
+        [("malloc", "bdev_malloc_create"), ("nvmf", "nvmf_create_subsystem"), ("iscsi", "iscsi_create_target_node"), ("framework", "rpc_get_methods")]
+    {
         let row = seen.iter().find(|(_, n, _)| n == name).unwrap_or_else(|| panic!("{name} not listed: {h}"));
         assert_eq!(row.0, m, "{name} listed under {} instead of {m}", row.0);
         assert!(!row.2.is_empty(), "{name} has no summary");

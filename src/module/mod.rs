@@ -214,10 +214,20 @@ mod tests {
         Ok(Value::Null)
     }
 
-    static A: ModuleDecl =
-        ModuleDecl { name: "a", order: 1, enabled: always, construct: None, methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: None }] };
-    static B: ModuleDecl =
-        ModuleDecl { name: "b", order: 2, enabled: always, construct: None, methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: None }] };
+    static A: ModuleDecl = ModuleDecl {
+        name: "a",
+        order: 1,
+        enabled: always,
+        construct: None,
+        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: None }],
+    };
+    static B: ModuleDecl = ModuleDecl {
+        name: "b",
+        order: 2,
+        enabled: always,
+        construct: None,
+        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: None }],
+    };
 
     #[test]
     #[should_panic(expected = "RPC method m registered twice: by module a and by module b")]

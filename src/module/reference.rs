@@ -336,7 +336,10 @@ mod tests {
         assert!(!p.others_ignored);
         assert_eq!(p.doc, "Creates a thing.");
         let row = |n: &str| p.params.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n} in {:?}", p.params));
-        assert_eq!(*row("num_blocks"), Param { name: "num_blocks".into(), ty: "integer (uint64)".into(), required: true, default: None, doc: "The number of blocks.".into() });
+        assert_eq!(
+            *row("num_blocks"),
+            Param { name: "num_blocks".into(), ty: "integer (uint64)".into(), required: true, default: None, doc: "The number of blocks.".into() }
+        );
         assert!(!row("name").required && row("name").ty == "string" && row("name").default.is_none());
         assert_eq!(row("depth").default.as_deref(), Some("4"));
         assert_eq!(row("fast").default.as_deref(), Some("false"));

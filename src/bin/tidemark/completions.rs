@@ -43,11 +43,7 @@ pub fn command() -> Command {
         .arg(option("socket", "PATH").short('s').value_hint(ValueHint::FilePath).help("JSON-RPC socket"))
         .arg(option("timeout", "SECONDS").short('t').help("how long to wait for the answer"))
         .subcommand(Command::new("top").about("live view of reactors, bdevs, exports, snapshots and jobs").arg(flag("once")).arg(option("interval", "SECS")))
-        .subcommand(
-            Command::new("completions")
-                .about("shell completions")
-                .arg(Arg::new("shell").value_parser(["bash", "zsh", "fish"]).required(true)),
-        )
+        .subcommand(Command::new("completions").about("shell completions").arg(Arg::new("shell").value_parser(["bash", "zsh", "fish"]).required(true)))
         .subcommand(Command::new("rpc-reference").about("every method in Markdown (docs/rpc.md)"));
     let file = |name: &'static str| Arg::new(name).value_hint(ValueHint::FilePath).required(true);
     let mut start = Command::new("start").about("back up a sealed snapshot").arg(flag("detach"));
