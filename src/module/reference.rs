@@ -174,15 +174,14 @@ offending field or object. The codes, as SPDK uses them:
 | -32601 | no such method |
 | -32602 | invalid parameters: a missing, unknown or mistyped field, a value out of range, or a value tidemark does not support (the field and why are named) |
 | -32603 | internal error |
-| -1 (EPERM) | the operation is not allowed in the object's state (e.g. writing a read-only volume) |
-| -5 (EIO) | an I/O error on a device or file (a store, a backup, a configuration file) |
-| -12 (ENOMEM) | a memory budget is exhausted |
+| -1 (EPERM) | not permitted: a path outside the allowed directories (`backup.root`), a key file with a refused kind, mode or owner |
+| -5 (EIO) | an I/O error on a device or file (a store, a backup, a configuration file), or a listener that cannot bind |
 | -16 (EBUSY) | the object is in use (a bdev claimed or exported, a snapshot draining) |
 | -17 (EEXIST) | an object of that name or id exists |
 | -19 (ENODEV) | the named object (bdev, subsystem, target node, job, key) does not exist |
-| -22 (EINVAL) | the request contradicts the target's state (e.g. sizes that do not fit) |
-| -28 (ENOSPC) | the store or pool is full |
-| -110 (ETIMEDOUT) | a reactor did not answer in time |
+| -22 (EINVAL) | the request does not fit the object (e.g. preserving a bdev that cannot be preserved) |
+| -28 (ENOSPC) | no room: a store or pool is full, no free LUN id or target node slot |
+| -110 (ETIMEDOUT) | a reactor did not answer in time, or sessions did not close in time |
 | -114 (EALREADY) | the operation is already done or in progress |
 
 ## Methods
