@@ -50,7 +50,7 @@ pub fn block_format_limits(
 }
 
 /// Parameters of every `bdev_*_delete` method.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ByName {
     pub name: String,

@@ -16,13 +16,13 @@ crate::register_module! {
     order: 10,
     construct: |_, _| Arc::new(BdevSubsystem),
     methods: [
-        ("bdev_get_bdevs", bdev_get_bdevs, "Describes one bdev or every bdev."),
-        ("bdev_get_iostat", bdev_get_iostat, "I/O statistics of one bdev or every bdev."),
+        ("bdev_get_bdevs", bdev_get_bdevs, GetBdevs, "Describes one bdev or every bdev."),
+        ("bdev_get_iostat", bdev_get_iostat, GetIostat, "I/O statistics of one bdev or every bdev."),
     ],
 }
 
 /// `bdev_get_bdevs` (SPDK's parameters).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetBdevs {
     #[serde(default)]
@@ -35,7 +35,7 @@ struct GetBdevs {
 }
 
 /// `bdev_get_iostat` (SPDK's parameters: v25.09 sends `name`, the `spdk` package `names`).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetIostat {
     #[serde(default)]

@@ -57,13 +57,13 @@ crate::register_module! {
     methods: [
         (
             "test_inject_panic",
-            test_inject_panic,
+            test_inject_panic, InjectPanic,
             "Test only: {where: \"reactor\" | \"rpc\", core?} panics in a task on reactor core (default 0) or in the RPC handler."
         ),
     ],
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct InjectPanic {
     #[serde(rename = "where")]

@@ -13,16 +13,16 @@ crate::register_module! {
     name: "delay",
     order: 11,
     methods: [
-        ("bdev_delay_create", create, "Creates a bdev that delays each I/O to its base bdev."),
-        ("bdev_delay_update_latency", update, "Changes one latency of a delay bdev."),
-        ("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>, "Deletes a delay bdev."),
+        ("bdev_delay_create", create, Create, "Creates a bdev that delays each I/O to its base bdev."),
+        ("bdev_delay_update_latency", update, Update, "Changes one latency of a delay bdev."),
+        ("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>, crate::bdevs::ByName, "Deletes a delay bdev."),
     ],
 }
 
 /// Longest latency accepted (60 s): anything above is a typo, and hosts would time out.
 const MAX_LATENCY_US: u64 = 60_000_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
@@ -56,7 +56,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(p.name))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Update {
     delay_bdev_name: String,

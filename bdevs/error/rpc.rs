@@ -12,13 +12,13 @@ crate::register_module! {
     name: "error",
     order: 12,
     methods: [
-        ("bdev_error_create", create, "Creates an error-injection bdev over a base bdev."),
-        ("bdev_error_inject_error", inject, "Makes an error bdev fail the next I/Os of a type."),
-        ("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>, "Deletes an error bdev."),
+        ("bdev_error_create", create, Create, "Creates an error-injection bdev over a base bdev."),
+        ("bdev_error_inject_error", inject, Inject, "Makes an error bdev fail the next I/Os of a type."),
+        ("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>, crate::bdevs::ByName, "Deletes an error bdev."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     base_name: String,
@@ -35,7 +35,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(name))
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 enum InjectType {
     Read,
@@ -47,7 +47,7 @@ enum InjectType {
     Clear,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Inject {
     name: String,

@@ -20,22 +20,22 @@ crate::register_module! {
     order: 12,
     construct: |_reactors, _config| Arc::new(LvolModule::default()),
     methods: [
-        ("bdev_lvol_create_lvstore", create_lvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
-        ("bdev_lvol_load_lvstore", load_lvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
-        ("bdev_lvol_delete_lvstore", delete_lvstore, "Deletes an lvol store and its volumes."),
-        ("bdev_lvol_get_lvstores", get_lvstores, "Lists lvol stores."),
-        ("bdev_lvol_rename_lvstore", rename_lvstore, "Renames an lvol store."),
-        ("bdev_lvol_create", create, "Creates a volume in an lvol store."),
-        ("bdev_lvol_get_lvols", get_lvols, "Lists volumes of lvol stores."),
-        ("bdev_lvol_delete", delete, "Deletes a volume."),
-        ("bdev_lvol_rename", rename, "Renames a volume."),
-        ("bdev_lvol_resize", resize, "Resizes a volume."),
-        ("bdev_lvol_set_read_only", set_read_only, "Makes a volume read-only."),
-        ("bdev_lvol_snapshot", snapshot, "Takes a read-only snapshot of a volume without pausing its I/O."),
-        ("bdev_lvol_clone", clone, "Creates a thin writable clone of a snapshot."),
-        ("bdev_lvol_inflate", inflate, "Gives a volume its own copy of every cluster and drops its parent."),
-        ("bdev_lvol_decouple_parent", decouple_parent, "Detaches a volume from its parent snapshot."),
-        ("bdev_lvol_revert", revert, "Reverts a volume to a snapshot's content (tidemark)."),
+        ("bdev_lvol_create_lvstore", create_lvstore, CreateLvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
+        ("bdev_lvol_load_lvstore", load_lvstore, LoadLvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
+        ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes."),
+        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores."),
+        ("bdev_lvol_rename_lvstore", rename_lvstore, RenameLvstore, "Renames an lvol store."),
+        ("bdev_lvol_create", create, Create, "Creates a volume in an lvol store."),
+        ("bdev_lvol_get_lvols", get_lvols, GetLvols, "Lists volumes of lvol stores."),
+        ("bdev_lvol_delete", delete, ByName, "Deletes a volume."),
+        ("bdev_lvol_rename", rename, Rename, "Renames a volume."),
+        ("bdev_lvol_resize", resize, Resize, "Resizes a volume."),
+        ("bdev_lvol_set_read_only", set_read_only, ByName, "Makes a volume read-only."),
+        ("bdev_lvol_snapshot", snapshot, Snapshot, "Takes a read-only snapshot of a volume without pausing its I/O."),
+        ("bdev_lvol_clone", clone, CloneParams, "Creates a thin writable clone of a snapshot."),
+        ("bdev_lvol_inflate", inflate, ByName, "Gives a volume its own copy of every cluster and drops its parent."),
+        ("bdev_lvol_decouple_parent", decouple_parent, ByName, "Detaches a volume from its parent snapshot."),
+        ("bdev_lvol_revert", revert, Revert, "Reverts a volume to a snapshot's content (tidemark)."),
     ],
 }
 
@@ -188,7 +188,7 @@ fn register_volume(t: &Ctx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcErr
     Ok(name)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateLvstore {
     bdev_name: String,
@@ -227,7 +227,7 @@ fn create_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(uuid.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LoadLvstore {
     bdev_name: String,
@@ -254,7 +254,7 @@ fn load_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(s.uuid.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct StoreRef {
     #[serde(default)]
@@ -307,7 +307,7 @@ fn get_lvstores(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RenameLvstore {
     old_name: String,
@@ -330,7 +330,7 @@ fn rename_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     lvol_name: String,
@@ -378,7 +378,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(register_volume(t, &s, uuid)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetLvols {
     #[serde(default)]
@@ -428,7 +428,7 @@ fn get_lvols(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(out))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByName {
     name: String,
@@ -447,7 +447,7 @@ fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Rename {
     old_name: String,
@@ -477,7 +477,7 @@ fn rename(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Resize {
     name: String,
@@ -517,7 +517,7 @@ fn set_read_only(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Snapshot {
     lvol_name: String,
@@ -533,7 +533,7 @@ fn snapshot(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(register_volume(t, &s, snap)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CloneParams {
     snapshot_name: String,
@@ -563,11 +563,12 @@ fn decouple_parent(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Revert {
     name: String,
     snapshot_name: String,
+    /// Revert even while a host has the volume open.
     #[serde(default)]
     force: bool,
 }

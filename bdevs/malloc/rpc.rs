@@ -11,13 +11,13 @@ crate::register_module! {
     name: "malloc",
     order: 13,
     methods: [
-        ("bdev_malloc_create", create, "Creates a bdev in memory."),
-        ("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>, "Deletes a malloc bdev."),
+        ("bdev_malloc_create", create, Create, "Creates a bdev in memory."),
+        ("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>, crate::bdevs::ByName, "Deletes a malloc bdev."),
     ],
 }
 
 /// SPDK's parameters (v25.09 and the `spdk` Python package).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     #[serde(default)]

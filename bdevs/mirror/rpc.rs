@@ -25,25 +25,25 @@ crate::register_module! {
     order: 20,
     construct: |_, _| std::sync::Arc::new(super::metrics::MirrorSubsystem),
     methods: [
-        ("bdev_raid_create", create, "Creates a mirror (RAID1) bdev over base bdevs."),
-        ("bdev_raid_get_bdevs", get_bdevs, "Describes mirror bdevs and their legs."),
-        ("bdev_raid_delete", delete, "Deletes a mirror bdev."),
-        ("bdev_raid_add_base_bdev", add_base_bdev, "Adds a leg to a mirror; it is resynchronised."),
-        ("bdev_raid_remove_base_bdev", remove_base_bdev, "Removes a leg from its mirror."),
-        ("bdev_raid_set_options", set_options, "Sets the mirror module's options."),
-        ("bdev_raid_open_split_image", open_split_image, "Opens a split leg's image as a bdev."),
+        ("bdev_raid_create", create, Create, "Creates a mirror (RAID1) bdev over base bdevs."),
+        ("bdev_raid_get_bdevs", get_bdevs, GetBdevs, "Describes mirror bdevs and their legs."),
+        ("bdev_raid_delete", delete, Delete, "Deletes a mirror bdev."),
+        ("bdev_raid_add_base_bdev", add_base_bdev, AddBase, "Adds a leg to a mirror; it is resynchronised."),
+        ("bdev_raid_remove_base_bdev", remove_base_bdev, crate::bdevs::ByName, "Removes a leg from its mirror."),
+        ("bdev_raid_set_options", set_options, SetOptions, "Sets the mirror module's options."),
+        ("bdev_raid_open_split_image", open_split_image, OpenImage, "Opens a split leg's image as a bdev."),
     ],
 }
 
 /// SPDK accepts base bdevs as a list or as one space-separated string.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum BaseBdevs {
     List(Vec<String>),
     Words(String),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
@@ -141,7 +141,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
 }
 
 /// `bdev_raid_delete` (SPDK's parameters).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Delete {
     name: String,
@@ -161,7 +161,7 @@ fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     crate::bdevs::delete_handler::<MirrorBdev>(t, Some(json!({ "name": p.name })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetBdevs {
     #[serde(default)]
@@ -184,7 +184,7 @@ fn get_bdevs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(out))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddBase {
     raid_bdev: String,
@@ -247,7 +247,7 @@ fn remove_base_bdev(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SetOptions {
     #[serde(default)]
@@ -272,7 +272,7 @@ fn set_options(_t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct OpenImage {
     name: String,

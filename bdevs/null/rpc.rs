@@ -11,13 +11,13 @@ crate::register_module! {
     name: "null",
     order: 14,
     methods: [
-        ("bdev_null_create", create, "Creates a bdev that discards writes and reads zeroes."),
-        ("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>, "Deletes a null bdev."),
+        ("bdev_null_create", create, Create, "Creates a bdev that discards writes and reads zeroes."),
+        ("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>, crate::bdevs::ByName, "Deletes a null bdev."),
     ],
 }
 
 /// SPDK's parameters (v25.09 and the `spdk` Python package).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct Create {

@@ -13,14 +13,14 @@ crate::register_module! {
     name: "nvme",
     order: 15,
     methods: [
-        ("bdev_nvme_attach_controller", attach, "Connects to an NVMe/TCP controller and makes bdevs of its namespaces."),
-        ("bdev_nvme_detach_controller", detach, "Disconnects an NVMe controller and deletes its bdevs."),
-        ("bdev_nvme_passthru_create", create, "Creates a pass-through bdev over a local NVMe device."),
-        ("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>, "Deletes an NVMe pass-through bdev."),
+        ("bdev_nvme_attach_controller", attach, Attach, "Connects to an NVMe/TCP controller and makes bdevs of its namespaces."),
+        ("bdev_nvme_detach_controller", detach, Detach, "Disconnects an NVMe controller and deletes its bdevs."),
+        ("bdev_nvme_passthru_create", create, Create, "Creates a pass-through bdev over a local NVMe device."),
+        ("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>, crate::bdevs::ByName, "Deletes an NVMe pass-through bdev."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
@@ -42,7 +42,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
 /// SPDK's parameters. Only PCIe controllers are attached here, so the fabrics parameters
 /// (address family, service id, host address, subsystem NQN, timeouts) have nothing to apply
 /// to and are accepted; those that ask for something tidemark lacks are refused.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct Attach {
@@ -151,7 +151,7 @@ fn attach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
 
 /// SPDK's parameters: the path fields select one path of a multipath controller; a PCIe
 /// controller has one path, so only `traddr` is checked (it must be the controller's).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct Detach {

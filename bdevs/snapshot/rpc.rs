@@ -17,12 +17,12 @@ crate::register_module! {
     name: "cow",
     order: 17,
     methods: [
-        ("bdev_cow_create", create, "Creates a copy-on-write preservable volume over a base bdev and a store."),
-        ("bdev_cow_delete", delete, "Deletes a CoW volume (and its snapshots)."),
+        ("bdev_cow_create", create, Create, "Creates a copy-on-write preservable volume over a base bdev and a store."),
+        ("bdev_cow_delete", delete, Delete, "Deletes a CoW volume (and its snapshots)."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
@@ -71,7 +71,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(p.name))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Delete {
     name: String,

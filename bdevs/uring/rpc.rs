@@ -12,12 +12,12 @@ crate::register_module! {
     name: "uring",
     order: 16,
     methods: [
-        ("bdev_uring_create", create, "Creates a bdev on a file or block device through io_uring."),
-        ("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>, "Deletes a uring bdev."),
+        ("bdev_uring_create", create, Create, "Creates a bdev on a file or block device through io_uring."),
+        ("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>, crate::bdevs::ByName, "Deletes a uring bdev."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,

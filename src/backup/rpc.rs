@@ -18,10 +18,10 @@ crate::register_module! {
     order: 60,
     construct: |_, _| std::sync::Arc::new(super::BackupService::default()),
     methods: [
-        ("backup_start", backup_start, "Starts a full or incremental backup of a sealed snapshot to a directory."),
-        ("backup_get", backup_get, "Describes backups: progress and result."),
-        ("backup_cancel", backup_cancel, "Cancels a running backup."),
-        ("backup_restore", backup_restore, "Restores a backup into a bdev."),
+        ("backup_start", backup_start, Start, "Starts a full or incremental backup of a sealed snapshot to a directory."),
+        ("backup_get", backup_get, Get, "Describes backups: progress and result."),
+        ("backup_cancel", backup_cancel, Cancel, "Cancels a running backup."),
+        ("backup_restore", backup_restore, Restore, "Restores a backup into a bdev."),
     ],
 }
 
@@ -31,7 +31,7 @@ fn service(t: &Ctx) -> Result<&BackupService, RpcError> {
     Ok(s)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Start {
     source: String,
@@ -193,7 +193,7 @@ fn newest_backup_of(s: &BackupService, snapshot_uuid: &str) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Get {
     #[serde(default)]
@@ -231,7 +231,7 @@ fn backup_get(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Cancel {
     id: String,
@@ -257,7 +257,7 @@ fn backup_cancel(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Restore {
     /// A backup's manifest or image path; its whole chain is applied.

@@ -2,10 +2,18 @@
 //!
 //!     tidemark [-s SOCKET] [-t SECONDS] METHOD [--param value ...]
 //!     tidemark [-s SOCKET] METHOD --json '{"name": "m0", ...}'
+//!     tidemark METHOD --help          the method's parameters (no daemon needed)
+//!     tidemark completions bash|zsh|fish
+//!     tidemark rpc-reference          docs/rpc.md
+//!
+//! The methods, their summaries and parameters come from the method table linked into this
+//! binary ([`tidemark::module::reference`]), the same one tidemarkd serves.
 //!
 //! Values are JSON when they parse as JSON (numbers, true/false, arrays, objects) and strings
 //! otherwise; dotted names build nested objects (`--listen_address.traddr 127.0.0.1`).
 
+#[path = "tidemark/completions.rs"]
+mod completions;
 #[path = "tidemark/top.rs"]
 mod top;
 
@@ -14,6 +22,7 @@ use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::exit;
 use std::time::Duration;
+use tidemark::module::reference;
 
 const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param value ...] [--json '{...}']
        tidemark [-s SOCKET] backup start --source SNAPSHOT --path FILE [--incremental_from SNAPSHOT] [--max_bandwidth_mb_sec N] [--detach]
@@ -21,6 +30,9 @@ const USAGE: &str = "usage: tidemark [-s SOCKET] [-t SECONDS] METHOD [--param va
        tidemark [-s SOCKET] backup status [ID] [--wait]
        tidemark backup verify MANIFEST_OR_IMAGE
        tidemark [-s SOCKET] backup restore MANIFEST_OR_IMAGE (--to-file FILE | --to-bdev BDEV)
+       tidemark METHOD --help              the method's summary and parameters
+       tidemark completions bash|zsh|fish  shell completions, method names and parameters included
+       tidemark rpc-reference              every method in Markdown (docs/rpc.md)
   -s, --socket PATH   JSON-RPC socket (default /var/tmp/tidemark.sock, else the service's
                       /run/tidemark/tidemark.sock; or $TIDEMARK_RPC_SOCKET)
   -t, --timeout SECS  how long to wait for the answer (default 60)
@@ -92,7 +104,7 @@ fn main() {
                 i += 2;
             }
             "-h" | "--help" => {
-                println!("{USAGE}");
+                println!("{USAGE}\n\nmethods, by module (tidemark METHOD --help for one's parameters):\n{}", reference::method_list().trim_end());
                 return;
             }
             "-V" | "--version" => {
@@ -104,6 +116,21 @@ fn main() {
     }
     let Some(method) = args.get(i).cloned() else { fail(2, USAGE) };
     i += 1;
+    if args[i..].iter().any(|a| a == "--help" || a == "-h") {
+        help(&method);
+        return;
+    }
+    match method.as_str() {
+        "completions" => {
+            completions::main(&args[i..]);
+            return;
+        }
+        "rpc-reference" => {
+            print!("{}", reference::markdown());
+            return;
+        }
+        _ => {}
+    }
     if method == "backup" {
         backup::main(&socket, timeout, &args[i..]);
         return;
@@ -126,6 +153,26 @@ fn main() {
             eprintln!("tidemark: {method} failed: {msg} (code {code})");
             exit(1);
         }
+    }
+}
+
+/// `tidemark COMMAND --help`: a method's summary and parameters from the linked method table.
+fn help(command: &str) {
+    let usage_of = |word: &str| USAGE.lines().filter(|l| l.contains(word)).for_each(|l| println!("{}", l.trim_start_matches("usage: ").trim_start()));
+    match command {
+        "top" => usage_of(" top "),
+        "backup" => usage_of(" backup "),
+        "completions" => usage_of(" completions "),
+        "rpc-reference" => usage_of(" rpc-reference "),
+        m => match reference::modules().iter().flat_map(|(_, ms)| ms.iter()).find(|d| d.name == m) {
+            Some(d) => print!("{}", reference::method_help(d)),
+            None => {
+                let names = reference::modules().into_iter().flat_map(|(_, ms)| ms.into_iter().map(|d| d.name));
+                let near = names.max_by(|a, b| strsim::jaro_winkler(a, m).total_cmp(&strsim::jaro_winkler(b, m)));
+                let hint = near.filter(|n| strsim::jaro_winkler(n, m) > 0.8).map(|n| format!(" (did you mean {n}?)")).unwrap_or_default();
+                fail(2, &format!("no method {m}{hint}; tidemark --help lists them"))
+            }
+        },
     }
 }
 

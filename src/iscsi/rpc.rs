@@ -17,24 +17,24 @@ crate::register_module! {
     order: 50,
     construct: |reactors, _| std::sync::Arc::new(super::IscsiSubsystem::new(reactors.core_count())),
     methods: [
-        ("iscsi_set_options", set_options, "Sets the iSCSI target's options."),
-        ("iscsi_get_options", get_options, "The iSCSI target's options."),
-        ("iscsi_set_discovery_auth", set_discovery_auth, "Sets CHAP for discovery sessions."),
-        ("iscsi_create_portal_group", create_portal_group, "Creates a portal group (listen addresses)."),
-        ("iscsi_delete_portal_group", delete_portal_group, "Deletes a portal group."),
-        ("iscsi_get_portal_groups", get_portal_groups, "Describes the portal groups."),
-        ("iscsi_create_initiator_group", create_initiator_group, "Creates an initiator group (names and netmasks)."),
-        ("iscsi_delete_initiator_group", delete_initiator_group, "Deletes an initiator group."),
-        ("iscsi_get_initiator_groups", get_initiator_groups, "Describes the initiator groups."),
-        ("iscsi_create_auth_group", create_auth_group, "Creates a CHAP secret group."),
-        ("iscsi_delete_auth_group", delete_auth_group, "Deletes a CHAP secret group."),
-        ("iscsi_get_auth_groups", get_auth_groups, "Describes the CHAP secret groups."),
-        ("iscsi_create_target_node", create_target_node, "Creates an iSCSI target node with its LUNs."),
-        ("iscsi_delete_target_node", delete_target_node, "Deletes an iSCSI target node."),
-        ("iscsi_target_node_add_lun", target_node_add_lun, "Adds a LUN to a target node."),
-        ("iscsi_get_target_nodes", get_target_nodes, "Describes the target nodes."),
-        ("iscsi_get_connections", get_connections, "Lists the iSCSI connections."),
-        ("scsi_get_devices", scsi_get_devices, "Lists the SCSI devices (target nodes and their LUNs)."),
+        ("iscsi_set_options", set_options, SpdkOnlyOptions, "Sets the iSCSI target's options."),
+        ("iscsi_get_options", get_options, serde_json::Map<String, Value>, "The iSCSI target's options."),
+        ("iscsi_set_discovery_auth", set_discovery_auth, DiscoveryAuth, "Sets CHAP for discovery sessions."),
+        ("iscsi_create_portal_group", create_portal_group, CreatePortalGroup, "Creates a portal group (listen addresses)."),
+        ("iscsi_delete_portal_group", delete_portal_group, ByTag, "Deletes a portal group."),
+        ("iscsi_get_portal_groups", get_portal_groups, serde_json::Map<String, Value>, "Describes the portal groups."),
+        ("iscsi_create_initiator_group", create_initiator_group, CreateInitiatorGroup, "Creates an initiator group (names and netmasks)."),
+        ("iscsi_delete_initiator_group", delete_initiator_group, ByTag, "Deletes an initiator group."),
+        ("iscsi_get_initiator_groups", get_initiator_groups, serde_json::Map<String, Value>, "Describes the initiator groups."),
+        ("iscsi_create_auth_group", create_auth_group, CreateAuthGroup, "Creates a CHAP secret group."),
+        ("iscsi_delete_auth_group", delete_auth_group, ByTag, "Deletes a CHAP secret group."),
+        ("iscsi_get_auth_groups", get_auth_groups, serde_json::Map<String, Value>, "Describes the CHAP secret groups."),
+        ("iscsi_create_target_node", create_target_node, CreateTargetNode, "Creates an iSCSI target node with its LUNs."),
+        ("iscsi_delete_target_node", delete_target_node, ByName, "Deletes an iSCSI target node."),
+        ("iscsi_target_node_add_lun", target_node_add_lun, AddLun, "Adds a LUN to a target node."),
+        ("iscsi_get_target_nodes", get_target_nodes, serde_json::Map<String, Value>, "Describes the target nodes."),
+        ("iscsi_get_connections", get_connections, serde_json::Map<String, Value>, "Lists the iSCSI connections."),
+        ("scsi_get_devices", scsi_get_devices, serde_json::Map<String, Value>, "Lists the SCSI devices (target nodes and their LUNs)."),
     ],
 }
 
@@ -48,7 +48,7 @@ fn invalid(msg: impl std::fmt::Display) -> RpcError {
 
 /// `iscsi_set_options` parameters SPDK defines beyond tidemark's [`Options`]: SPDK's memory
 /// pools (tidemark sizes its own, so any value is accepted) and two features it lacks.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct SpdkOnlyOptions {
@@ -107,7 +107,7 @@ fn get_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     serde_json::to_value(&subsystem(t)?.shared.registry().options).map_err(RpcError::internal)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DiscoveryAuth {
     #[serde(default)]
@@ -137,21 +137,21 @@ fn set_discovery_auth(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
 }
 
 /// SPDK gives ports as strings; numbers are accepted too.
-#[derive(Deserialize, Serialize, Clone)]
+#[derive(Deserialize, Serialize, Clone, schemars::JsonSchema)]
 #[serde(untagged)]
 enum PortValue {
     Text(String),
     Number(u16),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct PortalParam {
     host: String,
     port: PortValue,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreatePortalGroup {
     tag: u16,
@@ -221,7 +221,7 @@ fn create_portal_group(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByTag {
     tag: u32,
@@ -255,7 +255,7 @@ fn get_portal_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateInitiatorGroup {
     tag: u16,
@@ -311,7 +311,7 @@ fn get_initiator_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(reg.initiator_groups.values().map(|g| json!({"tag": g.tag, "initiators": g.initiators, "netmasks": g.netmasks})).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateAuthGroup {
     tag: u32,
@@ -371,21 +371,21 @@ fn get_auth_groups(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(reg.auth_groups.values().map(|g| json!({"tag": g.tag, "secrets": g.secrets})).collect()))
 }
 
-#[derive(Deserialize, Serialize, Clone)]
+#[derive(Deserialize, Serialize, Clone, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LunParam {
     bdev_name: String,
     lun_id: u64,
 }
 
-#[derive(Deserialize, Serialize, Clone)]
+#[derive(Deserialize, Serialize, Clone, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct MapParam {
     pg_tag: u16,
     ig_tag: u16,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTargetNode {
     name: String,
@@ -485,7 +485,7 @@ fn create_target_node(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByName {
     name: String,
@@ -508,7 +508,7 @@ fn delete_target_node(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddLun {
     name: String,

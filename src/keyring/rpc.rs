@@ -15,13 +15,13 @@ crate::register_module! {
     order: 5,
     construct: |_, _| std::sync::Arc::new(super::Keyring::default()),
     methods: [
-        ("keyring_file_add_key", add_key, "Adds a key read from a file (regular, the daemon's user's, no group or other access)."),
-        ("keyring_file_remove_key", remove_key, "Removes a key nothing uses."),
-        ("keyring_get_keys", get_keys, "Lists the keys: names and paths, never key material."),
+        ("keyring_file_add_key", add_key, AddKey, "Adds a key read from a file (regular, the daemon's user's, no group or other access)."),
+        ("keyring_file_remove_key", remove_key, RemoveKey, "Removes a key nothing uses."),
+        ("keyring_get_keys", get_keys, serde_json::Map<String, Value>, "Lists the keys: names and paths, never key material."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddKey {
     name: String,
@@ -35,7 +35,7 @@ fn add_key(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RemoveKey {
     name: String,

@@ -2,6 +2,7 @@
 
 use super::Ctx;
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams, EIO, ENODEV};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;
@@ -10,18 +11,18 @@ crate::register_module! {
     name: "framework",
     order: 0,
     methods: [
-        ("rpc_get_methods", rpc_get_methods, "Lists every RPC method the target serves."),
-        ("spdk_get_version", spdk_get_version, "The target's version and git commit."),
-        ("framework_get_config", framework_get_config, "One subsystem's running configuration as RPC calls."),
-        ("framework_get_subsystems", framework_get_subsystems, "Lists the subsystems."),
-        ("framework_get_reactors", framework_get_reactors, "Each reactor's core and busy, idle and sleep time."),
-        ("framework_wait_init", |_, _| Ok(json!(true)), "Returns once the target is initialized (it always is)."),
-        ("save_config", save_config, "The running configuration, optionally written to a file."),
-        ("spdk_kill_instance", spdk_kill_instance, "Shuts the daemon down."),
+        ("rpc_get_methods", rpc_get_methods, GetMethods, "Lists every RPC method the target serves."),
+        ("spdk_get_version", spdk_get_version, serde_json::Map<String, Value>, "The target's version and git commit."),
+        ("framework_get_config", framework_get_config, GetConfig, "One subsystem's running configuration as RPC calls."),
+        ("framework_get_subsystems", framework_get_subsystems, serde_json::Map<String, Value>, "Lists the subsystems."),
+        ("framework_get_reactors", framework_get_reactors, serde_json::Map<String, Value>, "Each reactor's core and busy, idle and sleep time."),
+        ("framework_wait_init", |_, _| Ok(json!(true)), serde_json::Map<String, Value>, "Returns once the target is initialized (it always is)."),
+        ("save_config", save_config, SaveConfig, "The running configuration, optionally written to a file."),
+        ("spdk_kill_instance", spdk_kill_instance, Kill, "Shuts the daemon down."),
     ],
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetMethods {
     /// SPDK: list only methods usable in the current state; every method is always usable here.
@@ -31,10 +32,17 @@ struct GetMethods {
     #[serde(default)]
     #[allow(dead_code)]
     include_aliases: bool,
+    /// tidemark: objects with each method's module, summary and params' JSON Schema instead of
+    /// names (what docs/rpc.md is made from).
+    #[serde(default)]
+    detailed: bool,
 }
 
 fn rpc_get_methods(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
-    let _: GetMethods = parse(p)?;
+    let p: GetMethods = parse(p)?;
+    if p.detailed {
+        return Ok(Value::Array(t.methods().map(super::reference::detailed).collect()));
+    }
     Ok(json!(t.methods().map(|m| m.name).collect::<Vec<_>>()))
 }
 
@@ -48,7 +56,7 @@ fn spdk_get_version(_: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetConfig {
     name: String,
@@ -108,7 +116,7 @@ pub fn running_config(t: &Ctx) -> crate::config::Config {
 }
 
 /// What `save_config` writes to `path`.
-#[derive(Deserialize, Default, PartialEq)]
+#[derive(Deserialize, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum SaveFormat {
     /// tidemark's TOML (settings and calls; `tidemarkd --config`).
@@ -118,7 +126,7 @@ enum SaveFormat {
     Spdk,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SaveConfig {
     /// Also write the configuration to this file.
@@ -148,7 +156,7 @@ fn save_config(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!({ "subsystems": subsystems }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Kill {
     #[serde(default)]

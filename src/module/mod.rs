@@ -17,6 +17,7 @@
 mod ctx;
 pub mod framework;
 pub mod metrics;
+pub mod reference;
 
 pub use ctx::Ctx;
 
@@ -56,9 +57,8 @@ pub trait Module: Send + Sync + 'static {
     fn as_any(&self) -> &dyn Any;
 }
 
-/// One RPC method a module serves. Fields are added here (a params schema for the RPC
-/// reference is next), so declarations go through [`register_module!`](crate::register_module),
-/// never struct literals of their own.
+/// One RPC method a module serves. Fields are added here, so declarations go through
+/// [`register_module!`](crate::register_module), never struct literals of their own.
 #[derive(Debug)]
 pub struct MethodDecl {
     pub name: &'static str,
@@ -67,6 +67,11 @@ pub struct MethodDecl {
     pub module: &'static str,
     /// One line for `rpc_get_methods`' readers and the RPC reference.
     pub summary: &'static str,
+    /// The JSON Schema of the params type the handler parses, derived from it
+    /// (`#[derive(JsonSchema)]`): docs/rpc.md, `tidemark METHOD --help` and
+    /// `rpc_get_methods {"detailed": true}` are made from it. `None` when the declaration does
+    /// not name the type yet; tests/rpc_reference.rs fails on such a method.
+    pub params: Option<fn() -> schemars::Schema>,
 }
 
 /// A module as it declares itself.
@@ -99,11 +104,16 @@ pub fn always() -> bool {
 ///     name: "malloc",
 ///     order: 110,
 ///     methods: [
-///         ("bdev_malloc_create", create, "Creates a bdev in memory."),
-///         ("bdev_malloc_delete", delete, "Deletes a bdev made by bdev_malloc_create."),
+///         ("bdev_malloc_create", create, Create, "Creates a bdev in memory."),
+///         ("bdev_malloc_delete", delete, ByName, "Deletes a bdev made by bdev_malloc_create."),
 ///     ],
 /// }
 /// ```
+///
+/// Each method is `(name, handler, params type, summary)`: the params type is the struct the
+/// handler parses its params into, deriving `schemars::JsonSchema` beside `Deserialize`, so
+/// its fields, types, defaults and doc comments document the method (docs/rpc.md). The older
+/// `(name, handler, summary)` still compiles, undocumented, for declarations made before.
 ///
 /// Optional, between `order` and `methods`: `enabled: fn() -> bool` and
 /// `construct: fn(&ReactorHandle, &Config) -> Arc<dyn Module>`.
@@ -114,7 +124,7 @@ macro_rules! register_module {
         order: $order:expr,
         $(enabled: $enabled:expr,)?
         $(construct: $construct:expr,)?
-        methods: [ $( ($method:literal, $handler:expr, $summary:literal) ),* $(,)? ] $(,)?
+        methods: [ $( ( $($method:tt)* ) ),* $(,)? ] $(,)?
     ) => {
         const _: () = {
             #[$crate::module::linkme::distributed_slice($crate::module::MODULES)]
@@ -124,9 +134,28 @@ macro_rules! register_module {
                 order: $order,
                 enabled: $crate::__module_or!($($enabled)?; $crate::module::always),
                 construct: $crate::__module_or!($(Some($construct))?; None),
-                methods: &[ $( $crate::module::MethodDecl { name: $method, handler: $handler, module: $name, summary: $summary } ),* ],
+                methods: &[ $( $crate::__method_decl!($name; $($method)*) ),* ],
             };
         };
+    };
+}
+
+/// One method of [`register_module!`](crate::register_module). The form without a params type
+/// comes first: its `literal` fails softly on a type, where `ty` would fail hard on a literal.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __method_decl {
+    ($module:literal; $method:literal, $handler:expr, $summary:literal) => {
+        $crate::module::MethodDecl { name: $method, handler: $handler, module: $module, summary: $summary, params: None }
+    };
+    ($module:literal; $method:literal, $handler:expr, $params:ty, $summary:literal) => {
+        $crate::module::MethodDecl {
+            name: $method,
+            handler: $handler,
+            module: $module,
+            summary: $summary,
+            params: Some($crate::module::reference::schema_of::<$params>),
+        }
     };
 }
 
@@ -185,10 +214,20 @@ mod tests {
         Ok(Value::Null)
     }
 
-    static A: ModuleDecl =
-        ModuleDecl { name: "a", order: 1, enabled: always, construct: None, methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "" }] };
-    static B: ModuleDecl =
-        ModuleDecl { name: "b", order: 2, enabled: always, construct: None, methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "" }] };
+    static A: ModuleDecl = ModuleDecl {
+        name: "a",
+        order: 1,
+        enabled: always,
+        construct: None,
+        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: None }],
+    };
+    static B: ModuleDecl = ModuleDecl {
+        name: "b",
+        order: 2,
+        enabled: always,
+        construct: None,
+        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: None }],
+    };
 
     #[test]
     #[should_panic(expected = "RPC method m registered twice: by module a and by module b")]

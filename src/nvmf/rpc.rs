@@ -19,22 +19,22 @@ crate::register_module! {
     order: 40,
     construct: |reactors, _| std::sync::Arc::new(super::NvmfTarget::new(reactors.clone())),
     methods: [
-        ("nvmf_set_config", set_config, "Sets NVMe-oF target options: the DH-HMAC-CHAP digests and DH groups offered."),
-        ("nvmf_create_transport", create_transport, "Creates the NVMe-oF TCP transport."),
-        ("nvmf_get_transports", get_transports, "Describes the NVMe-oF transports."),
-        ("nvmf_create_subsystem", create_subsystem, "Creates an NVMe-oF subsystem."),
-        ("nvmf_delete_subsystem", delete_subsystem, "Deletes an NVMe-oF subsystem."),
-        ("nvmf_subsystem_add_listener", add_listener, "Adds a TCP listener to a subsystem."),
-        ("nvmf_subsystem_remove_listener", remove_listener, "Removes a listener from a subsystem."),
-        ("nvmf_subsystem_get_listeners", get_listeners, "Lists a subsystem's listeners."),
-        ("nvmf_subsystem_add_ns", add_ns, "Adds a bdev to a subsystem as a namespace."),
-        ("nvmf_subsystem_remove_ns", remove_ns, "Removes a namespace from a subsystem."),
-        ("nvmf_subsystem_add_host", add_host, "Allows a host NQN to connect to a subsystem."),
-        ("nvmf_subsystem_remove_host", remove_host, "Removes a host NQN from a subsystem."),
-        ("nvmf_subsystem_allow_any_host", allow_any_host, "Allows or disallows any host on a subsystem."),
-        ("nvmf_get_subsystems", get_subsystems, "Describes the NVMe-oF subsystems."),
-        ("nvmf_subsystem_get_controllers", get_controllers, "Lists a subsystem's controllers."),
-        ("nvmf_subsystem_get_qpairs", get_qpairs, "Lists a subsystem's queue pairs."),
+        ("nvmf_set_config", set_config, SetConfigParams, "Sets NVMe-oF target options: the DH-HMAC-CHAP digests and DH groups offered."),
+        ("nvmf_create_transport", create_transport, CreateTransport, "Creates the NVMe-oF TCP transport."),
+        ("nvmf_get_transports", get_transports, GetTransports, "Describes the NVMe-oF transports."),
+        ("nvmf_create_subsystem", create_subsystem, CreateSubsystem, "Creates an NVMe-oF subsystem."),
+        ("nvmf_delete_subsystem", delete_subsystem, ByNqn, "Deletes an NVMe-oF subsystem."),
+        ("nvmf_subsystem_add_listener", add_listener, Listener, "Adds a TCP listener to a subsystem."),
+        ("nvmf_subsystem_remove_listener", remove_listener, Listener, "Removes a listener from a subsystem."),
+        ("nvmf_subsystem_get_listeners", get_listeners, ByNqn, "Lists a subsystem's listeners."),
+        ("nvmf_subsystem_add_ns", add_ns, AddNs, "Adds a bdev to a subsystem as a namespace."),
+        ("nvmf_subsystem_remove_ns", remove_ns, RemoveNs, "Removes a namespace from a subsystem."),
+        ("nvmf_subsystem_add_host", add_host, HostParams, "Allows a host NQN to connect to a subsystem."),
+        ("nvmf_subsystem_remove_host", remove_host, HostParams, "Removes a host NQN from a subsystem."),
+        ("nvmf_subsystem_allow_any_host", allow_any_host, AllowAny, "Allows or disallows any host on a subsystem."),
+        ("nvmf_get_subsystems", get_subsystems, GetSubsystems, "Describes the NVMe-oF subsystems."),
+        ("nvmf_subsystem_get_controllers", get_controllers, ByNqn, "Lists a subsystem's controllers."),
+        ("nvmf_subsystem_get_qpairs", get_qpairs, ByNqn, "Lists a subsystem's queue pairs."),
     ],
 }
 
@@ -65,7 +65,7 @@ fn find_nvme(n: &Nvmf, nqn: &str) -> Result<Arc<Subsystem>, RpcError> {
 /// SPDK's parameters (v25.09 and the `spdk` package). Those of other transports (RDMA,
 /// vfio-user) and of SPDK's buffer pools and sockets are accepted and have no effect, as SPDK's
 /// own TCP transport ignores the other transports' ones.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct CreateTransport {
@@ -177,7 +177,7 @@ fn create_transport(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetTransports {
     #[serde(default)]
@@ -197,7 +197,7 @@ fn get_transports(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(nvmf(t)?.transport().map(|o| o.to_json()).into_iter().collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateSubsystem {
     nqn: String,
@@ -273,7 +273,7 @@ fn create_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ByNqn {
     nqn: String,
@@ -319,7 +319,7 @@ fn delete_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ListenAddress {
     trtype: String,
@@ -329,7 +329,7 @@ struct ListenAddress {
     trsvcid: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Listener {
     nqn: String,
@@ -413,7 +413,7 @@ fn get_listeners(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(s.listeners().iter().map(|a| json!({ "address": a.to_json(), "ana_state": "optimized" })).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct NamespaceParams {
     bdev_name: String,
@@ -438,7 +438,7 @@ struct NamespaceParams {
     hide_metadata: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddNs {
     nqn: String,
@@ -480,7 +480,7 @@ fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(nsid))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RemoveNs {
     nqn: String,
@@ -500,7 +500,7 @@ fn remove_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct HostParams {
     nqn: String,
@@ -509,8 +509,10 @@ struct HostParams {
     tgt_name: Option<String>,
     #[serde(default)]
     psk: Option<String>,
+    /// Keyring key (a `DHHC-1:` secret) the host must prove it holds (DH-HMAC-CHAP).
     #[serde(default)]
     dhchap_key: Option<String>,
+    /// Keyring key the controller proves it holds to the host (bidirectional authentication).
     #[serde(default)]
     dhchap_ctrlr_key: Option<String>,
     /// `nvmf_subsystem_remove_host` (`spdk` package): how long to wait for the host's
@@ -558,11 +560,13 @@ fn host_keys(t: &Ctx, p: &HostParams) -> Result<Option<HostKeys>, RpcError> {
     Ok(Some(HostKeys { key, ctrlr_key }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SetConfigParams {
+    /// DH-HMAC-CHAP hashes offered: sha256, sha384, sha512.
     #[serde(default)]
     dhchap_digests: Option<Vec<String>>,
+    /// DH-HMAC-CHAP groups offered: null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144, ffdhe8192.
     #[serde(default)]
     dhchap_dhgroups: Option<Vec<String>>,
     /// SPDK's other target options: tidemark's are fixed (accepted so SPDK configs load).
@@ -628,7 +632,7 @@ fn remove_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AllowAny {
     nqn: String,
@@ -647,7 +651,7 @@ fn allow_any_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetSubsystems {
     #[serde(default)]

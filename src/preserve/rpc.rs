@@ -13,9 +13,9 @@ crate::register_module! {
     order: 30,
     construct: |_, _| std::sync::Arc::new(super::PreserveSubsystem),
     methods: [
-        ("bdev_snapshot_create", create, "Takes a point-in-time image of a preservable bdev without pausing I/O."),
-        ("bdev_snapshot_get", get, "Describes snapshots: state, epoch, space used."),
-        ("bdev_snapshot_delete", delete, "Deletes a snapshot."),
+        ("bdev_snapshot_create", create, Create, "Takes a point-in-time image of a preservable bdev without pausing I/O."),
+        ("bdev_snapshot_get", get, Get, "Describes snapshots: state, epoch, space used."),
+        ("bdev_snapshot_delete", delete, Delete, "Deletes a snapshot."),
     ],
 }
 
@@ -23,7 +23,7 @@ crate::register_module! {
 const DEFAULT_WAIT_MS: u64 = 10_000;
 const MAX_WAIT_MS: u64 = 300_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     bdev_name: String,
@@ -84,7 +84,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(out)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Get {
     #[serde(default)]
@@ -107,7 +107,7 @@ fn get(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(Value::Array(list))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Delete {
     name: String,

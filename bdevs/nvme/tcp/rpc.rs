@@ -23,7 +23,7 @@ crate::register_module! {
     order: 16,
     construct: |_reactors, _config| Arc::new(TcpModule::default()),
     methods: [
-        ("bdev_nvme_get_controllers", get_controllers, "Lists the attached NVMe/TCP controllers."),
+        ("bdev_nvme_get_controllers", get_controllers, GetControllers, "Lists the attached NVMe/TCP controllers."),
     ],
 }
 
@@ -369,7 +369,7 @@ pub fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GetControllers {
     #[serde(default)]
