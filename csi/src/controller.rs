@@ -469,13 +469,14 @@ impl Controller for ControllerService {
         // A volume lands on one node: the capacity is the largest free space of a node in the
         // segment, which is also the largest volume that can be made there.
         let mut best = 0u64;
-        let mut answered = false;
+        let (mut answered, mut asked) = (false, false);
         for n in self.nodes.nodes() {
             if let Some(t) = &r.accessible_topology {
                 if !t.segments.iter().all(|(k, v)| n.topology.get(k) == Some(v)) {
                     continue;
                 }
             }
+            asked = true;
             match self.nodes.store(&n.name, &pool).await {
                 Ok(s) => {
                     answered = true;
@@ -484,7 +485,7 @@ impl Controller for ControllerService {
                 Err(e) => log::warn!("capacity of {}: {e}", n.name),
             }
         }
-        if !answered && !self.nodes.nodes().is_empty() {
+        if asked && !answered {
             return Err(Status::unavailable("no tidemark node in the segment answers"));
         }
         let best = best.min(i64::MAX as u64) as i64;
