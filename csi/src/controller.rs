@@ -217,7 +217,8 @@ fn page<T>(items: Vec<T>, max: i32, token: &str) -> Result<(Vec<T>, String), Sta
     if max < 0 {
         return Err(Status::invalid_argument("max_entries: negative"));
     }
-    let start: usize = if token.is_empty() { 0 } else { token.parse().map_err(|_| Status::aborted(format!("starting_token {token:?} is not one this driver gave")))? };
+    let start: usize =
+        if token.is_empty() { 0 } else { token.parse().map_err(|_| Status::aborted(format!("starting_token {token:?} is not one this driver gave")))? };
     if start > items.len() {
         return Err(Status::aborted(format!("starting_token {token:?} is past the end of the list")));
     }
@@ -293,10 +294,29 @@ impl Controller for ControllerService {
             }
             None => {
                 let node = self.place(&pool, r.accessibility_requirements.as_ref()).await?;
-                let store = self.nodes.store(&node, &pool).await.map_err(|e| status(&e, &node))?.ok_or_else(|| Status::unavailable(format!("lvol store {pool} of {node} vanished")))?;
-                let size = rounded(if want.0 == 0 { if want.1 == 0 { DEFAULT_SIZE } else { want.1.min(DEFAULT_SIZE) } } else { want.0 }, store.cluster_size);
+                let store = self
+                    .nodes
+                    .store(&node, &pool)
+                    .await
+                    .map_err(|e| status(&e, &node))?
+                    .ok_or_else(|| Status::unavailable(format!("lvol store {pool} of {node} vanished")))?;
+                let size = rounded(
+                    if want.0 == 0 {
+                        if want.1 == 0 {
+                            DEFAULT_SIZE
+                        } else {
+                            want.1.min(DEFAULT_SIZE)
+                        }
+                    } else {
+                        want.0
+                    },
+                    store.cluster_size,
+                );
                 if !fits(size, want) {
-                    return Err(Status::out_of_range(format!("the pool's {} byte clusters give {size} bytes, past limit_bytes {}", store.cluster_size, want.1)));
+                    return Err(Status::out_of_range(format!(
+                        "the pool's {} byte clusters give {size} bytes, past limit_bytes {}",
+                        store.cluster_size, want.1
+                    )));
                 }
                 let p = json!({"lvol_name": lvol, "size_in_mib": size / MIB, "thin_provision": thin, "lvs_name": pool});
                 self.nodes.ask(&node, "bdev_lvol_create", p, &format!("creating volume {}", r.name)).await?;
@@ -377,7 +397,15 @@ impl Controller for ControllerService {
             self.nodes.create_transport(&id.node).await?;
             self.nodes.ask(&id.node, "nvmf_subsystem_add_listener", json!({"nqn": nqn, "listen_address": listen}), &what).await?;
         }
-        let others: Vec<String> = sub["hosts"].as_array().map(|a| a.as_slice()).unwrap_or_default().iter().filter_map(|h| h["nqn"].as_str()).filter(|h| *h != r.node_id).map(String::from).collect();
+        let others: Vec<String> = sub["hosts"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| h["nqn"].as_str())
+            .filter(|h| *h != r.node_id)
+            .map(String::from)
+            .collect();
         if single_node(&cap) && !others.is_empty() {
             return Err(Status::failed_precondition(format!("volume {} is published to {} already", r.volume_id, others.join(", "))));
         }
@@ -394,7 +422,10 @@ impl Controller for ControllerService {
         Ok(Response::new(ControllerPublishVolumeResponse { publish_context }))
     }
 
-    async fn controller_unpublish_volume(&self, request: Request<ControllerUnpublishVolumeRequest>) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         let r = request.into_inner();
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id: missing"));
@@ -427,7 +458,10 @@ impl Controller for ControllerService {
         Ok(Response::new(ControllerUnpublishVolumeResponse {}))
     }
 
-    async fn validate_volume_capabilities(&self, request: Request<ValidateVolumeCapabilitiesRequest>) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let r = request.into_inner();
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id: missing"));
@@ -592,7 +626,12 @@ impl Controller for ControllerService {
             // Never shrunk: a volume at least as large as asked is expanded already.
             return Ok(Response::new(ControllerExpandVolumeResponse { capacity_bytes: l.size as i64, node_expansion_required }));
         }
-        let store = self.nodes.store(&id.node, &id.pool).await.map_err(|e| status(&e, &id.node))?.ok_or_else(|| Status::not_found(format!("lvol store {} vanished", id.pool)))?;
+        let store = self
+            .nodes
+            .store(&id.node, &id.pool)
+            .await
+            .map_err(|e| status(&e, &id.node))?
+            .ok_or_else(|| Status::not_found(format!("lvol store {} vanished", id.pool)))?;
         let size = rounded(target, store.cluster_size);
         if !fits(size, want) {
             return Err(Status::out_of_range(format!("the pool's {} byte clusters give {size} bytes, past limit_bytes {}", store.cluster_size, want.1)));

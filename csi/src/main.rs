@@ -75,7 +75,9 @@ fn main() {
         Mode::Node => {
             let host_nqn = match args.host_nqn {
                 Some(n) => n,
-                None => std::fs::read_to_string("/etc/nvme/hostnqn").map(|s| s.trim().to_string()).unwrap_or_else(|e| fail(&format!("--host-nqn not given and /etc/nvme/hostnqn: {e}"))),
+                None => std::fs::read_to_string("/etc/nvme/hostnqn")
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|e| fail(&format!("--host-nqn not given and /etc/nvme/hostnqn: {e}"))),
             };
             let node = node::NodeService { host_nqn, topology: args.topology.into_iter().collect::<BTreeMap<_, _>>(), max_volumes: args.max_volumes };
             identity = IdentityServer::new(identity::IdentityService { nodes: None });

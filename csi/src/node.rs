@@ -46,7 +46,8 @@ impl Node for NodeService {
     }
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
-        let accessible_topology = (!self.topology.is_empty()).then(|| Topology { segments: self.topology.iter().map(|(k, v)| (k.clone(), v.clone())).collect() });
+        let accessible_topology =
+            (!self.topology.is_empty()).then(|| Topology { segments: self.topology.iter().map(|(k, v)| (k.clone(), v.clone())).collect() });
         Ok(Response::new(NodeGetInfoResponse { node_id: self.host_nqn.clone(), max_volumes_per_node: self.max_volumes, accessible_topology }))
     }
 }

@@ -4,7 +4,10 @@
 //! own `tidemark-csi --mode controller`, on private sockets, and stops both by PID.
 //!
 //! Snapshots and clones need `bdev_lvol_snapshot` / `bdev_lvol_clone`; on a tidemarkd whose
-//! `rpc_get_methods` does not list them, those tests say so and skip.
+//! `rpc_get_methods` does not list them, that test says so and skips, and the same cases run
+//! against a stand-in with SPDK's semantics for them (stand_in/) instead.
+
+mod stand_in;
 
 use bpfman_csi::v1::controller_client::ControllerClient;
 use bpfman_csi::v1::identity_client::IdentityClient;
@@ -95,6 +98,15 @@ struct Rig {
 
 impl Rig {
     async fn start(pool_mib: u64) -> Rig {
+        Self::launch(pool_mib, false).await
+    }
+
+    /// As [`Rig::start`], with the stand-in of stand_in/ in place of tidemarkd.
+    async fn start_stand_in(pool_mib: u64) -> Rig {
+        Self::launch(pool_mib, true).await
+    }
+
+    async fn launch(pool_mib: u64, stand_in: bool) -> Rig {
         let dir = tempfile::Builder::new().prefix("tidemark-csi-test").tempdir().unwrap();
         let rpc = dir.path().join("rpc.sock");
         let data = dir.path().join("data");
@@ -109,25 +121,31 @@ impl Rig {
             ),
         )
         .unwrap();
-        let log = dir.path().join("tidemarkd.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(tidemarkd())
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--rpc-socket")
-            .arg(&rpc)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--metrics")
-            .arg(&metrics)
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .expect("spawn tidemarkd");
-        wait_for_socket(&rpc, &mut child, &log);
-        let daemon = Proc(Some(child));
-        call(&rpc, "bdev_malloc_create", json!({"name": "m0", "num_blocks": pool_mib * 2048, "block_size": 512})).unwrap();
-        call(&rpc, "bdev_lvol_create_lvstore", json!({"bdev_name": "m0", "lvs_name": "pool"})).unwrap();
+        let daemon = if stand_in {
+            stand_in::serve(&rpc, pool_mib);
+            Proc(None)
+        } else {
+            let log = dir.path().join("tidemarkd.log");
+            let f = std::fs::File::create(&log).unwrap();
+            let mut child = Command::new(tidemarkd())
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--rpc-socket")
+                .arg(&rpc)
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--metrics")
+                .arg(&metrics)
+                .stdout(Stdio::from(f.try_clone().unwrap()))
+                .stderr(Stdio::from(f))
+                .spawn()
+                .expect("spawn tidemarkd");
+            wait_for_socket(&rpc, &mut child, &log);
+            let daemon = Proc(Some(child));
+            call(&rpc, "bdev_malloc_create", json!({"name": "m0", "num_blocks": pool_mib * 2048, "block_size": 512})).unwrap();
+            call(&rpc, "bdev_lvol_create_lvstore", json!({"bdev_name": "m0", "lvs_name": "pool"})).unwrap();
+            daemon
+        };
 
         let nvmf_port = free_port();
         let csi_cfg = dir.path().join("csi.toml");
@@ -296,19 +314,24 @@ async fn create_volume_is_idempotent_by_name_and_checks_its_arguments() {
     });
     assert_eq!(code(c.create_volume(bad).await), Code::NotFound);
     let mut bad = create_req("pvc-2", MIB, 0);
-    bad.volume_content_source = Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: "nosuch".into() })) });
+    bad.volume_content_source =
+        Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: "nosuch".into() })) });
     assert_eq!(code(c.create_volume(bad).await), Code::NotFound);
     let mut elsewhere = create_req("pvc-2", MIB, 0);
-    elsewhere.accessibility_requirements =
-        Some(TopologyRequirement { requisite: vec![Topology { segments: HashMap::from([("topology.tidemark.io/node".into(), "n9".into())]) }], preferred: vec![] });
+    elsewhere.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![Topology { segments: HashMap::from([("topology.tidemark.io/node".into(), "n9".into())]) }],
+        preferred: vec![],
+    });
     assert_eq!(code(c.create_volume(elsewhere).await), Code::ResourceExhausted);
     assert_eq!(rig.rpc("bdev_lvol_get_lvols", json!({"lvs_name": "pool"})).as_array().unwrap().len(), 1, "failed calls left nothing behind");
 
     // Thin, in a named pool, with topology, a default size.
     let mut thin = create_req("pvc-3", 0, 0);
     thin.parameters = HashMap::from([("thin".into(), "true".into()), ("pool".into(), "pool".into()), ("csi.storage.k8s.io/pvc/name".into(), "x".into())]);
-    thin.accessibility_requirements =
-        Some(TopologyRequirement { requisite: vec![], preferred: vec![Topology { segments: HashMap::from([("topology.tidemark.io/node".into(), "n1".into())]) }] });
+    thin.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![Topology { segments: HashMap::from([("topology.tidemark.io/node".into(), "n1".into())]) }],
+    });
     let t = create(&mut c, thin).await;
     assert_eq!(t.capacity_bytes, 1 << 30, "1 GiB by default, thin on a 64 MiB pool");
 
@@ -390,30 +413,58 @@ async fn list_volumes_pages_and_validate_and_capacity_report() {
 
     // ValidateVolumeCapabilities.
     let ok = c
-        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: ids[0].clone(), volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)], ..Default::default() })
+        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: ids[0].clone(),
+            volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(ok.confirmed.is_some());
     let no = c
-        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: ids[0].clone(), volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)], ..Default::default() })
+        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: ids[0].clone(),
+            volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty());
     let block = c
-        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: ids[0].clone(), volume_capabilities: vec![block_cap(Mode::MultiNodeMultiWriter)], ..Default::default() })
+        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: ids[0].clone(),
+            volume_capabilities: vec![block_cap(Mode::MultiNodeMultiWriter)],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(block.confirmed.is_some(), "a raw block volume may be shared");
     assert_eq!(
-        code(c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: "n1/pool/v-0".into(), volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)], ..Default::default() }).await),
+        code(
+            c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                volume_id: "n1/pool/v-0".into(),
+                volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+                ..Default::default()
+            })
+            .await
+        ),
         Code::NotFound
     );
-    assert_eq!(code(c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: ids[0].clone(), ..Default::default() }).await), Code::InvalidArgument);
     assert_eq!(
-        code(c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)], ..Default::default() }).await),
+        code(c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest { volume_id: ids[0].clone(), ..Default::default() }).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+                ..Default::default()
+            })
+            .await
+        ),
         Code::InvalidArgument
     );
 
@@ -532,7 +583,15 @@ async fn publish_exports_the_volume_to_the_node_over_nvme_tcp() {
 
 #[tokio::test]
 async fn snapshots_list_page_restore_and_clone() {
-    let rig = Rig::start(64).await;
+    snapshot_cases(Rig::start(64).await).await;
+}
+
+#[tokio::test]
+async fn snapshots_list_page_restore_and_clone_on_the_stand_in() {
+    snapshot_cases(Rig::start_stand_in(64).await).await;
+}
+
+async fn snapshot_cases(rig: Rig) {
     let mut c = rig.controller();
     // Argument checks need no snapshot support.
     let snap = |name: &str, src: &str| CreateSnapshotRequest { name: name.into(), source_volume_id: src.into(), ..Default::default() };
@@ -586,20 +645,23 @@ async fn snapshots_list_page_restore_and_clone() {
 
     // A volume from a snapshot, larger than it; one smaller is out of range.
     let mut from_snap = create_req("pvc-restored", 8 * MIB, 0);
-    from_snap.volume_content_source =
-        Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s1.snapshot_id.clone() })) });
+    from_snap.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s1.snapshot_id.clone() })),
+    });
     let r = create(&mut c, from_snap.clone()).await;
     assert_eq!(r.capacity_bytes, 8 * MIB);
     assert_eq!(r.content_source, from_snap.volume_content_source);
     assert_eq!(create(&mut c, from_snap).await.volume_id, r.volume_id, "idempotent");
     let mut too_small = create_req("pvc-small", MIB, 2 * MIB);
-    too_small.volume_content_source =
-        Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s1.snapshot_id.clone() })) });
+    too_small.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s1.snapshot_id.clone() })),
+    });
     assert_eq!(code(c.create_volume(too_small).await), Code::OutOfRange);
 
     // A volume from a volume.
     let mut from_vol = create_req("pvc-clone", 0, 0);
-    from_vol.volume_content_source = Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: b.volume_id.clone() })) });
+    from_vol.volume_content_source =
+        Some(VolumeContentSource { r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: b.volume_id.clone() })) });
     let cl = create(&mut c, from_vol).await;
     assert_eq!(cl.capacity_bytes, 2 * MIB);
     assert_eq!(c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len(), 4);

@@ -86,7 +86,10 @@ fn the_manifests_parse_and_fit_the_binary() {
         let plugin = cs.iter().find(|c| c["image"].as_str().unwrap().contains("tidemark-csi")).expect("a tidemark-csi container");
         for a in args(plugin) {
             let name = a.split('=').next().unwrap();
-            assert!(help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")) || help.contains(&format!("{name} <")), "{name} is not in --help:\n{help}");
+            assert!(
+                help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")) || help.contains(&format!("{name} <")),
+                "{name} is not in --help:\n{help}"
+            );
         }
         let mode = flag(plugin, "--mode").expect("--mode");
         modes.push(mode.clone());
@@ -114,7 +117,13 @@ fn the_manifests_parse_and_fit_the_binary() {
             std::fs::write(&f, text).unwrap();
             // The controller starts on it (and is stopped at once): a bad config exits 2.
             let sock = dir.path().join("c.sock");
-            let mut child = Command::new(CSI).args(["--mode", "controller", "--config"]).arg(&f).arg("--endpoint").arg(format!("unix://{}", sock.display())).spawn().unwrap();
+            let mut child = Command::new(CSI)
+                .args(["--mode", "controller", "--config"])
+                .arg(&f)
+                .arg("--endpoint")
+                .arg(format!("unix://{}", sock.display()))
+                .spawn()
+                .unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             while !sock.exists() {
                 assert!(child.try_wait().unwrap().is_none(), "tidemark-csi refused the ConfigMap's config");
