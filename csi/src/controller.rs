@@ -67,25 +67,21 @@ impl ControllerService {
     }
 
     /// Finds the volume or snapshot lvol `lvol` (its exact name, or a name starting with it
-    /// when `prefix`) on every reachable node; an unreachable node is skipped.
-    async fn search(&self, lvol: &str, prefix: bool) -> Vec<Lvol> {
+    /// when `prefix`) on every node. A node that does not answer is an error: the name may
+    /// live there, and creating it elsewhere would make two of it.
+    async fn search(&self, lvol: &str, prefix: bool) -> Result<Vec<Lvol>, Status> {
         let mut out = Vec::new();
         for n in self.nodes.nodes() {
-            match self.nodes.lvols(&n.name, lvol).await {
-                Ok(ls) => out.extend(ls.into_iter().filter(|l| prefix || l.id.lvol == lvol)),
-                Err(e) => log::warn!("searching {} for {lvol}: {e}", n.name),
-            }
+            let ls = self.nodes.lvols(&n.name, lvol).await.map_err(|e| status(&e, &format!("looking for {lvol} on {}", n.name)))?;
+            out.extend(ls.into_iter().filter(|l| prefix || l.id.lvol == lvol));
         }
-        out
+        Ok(out)
     }
 
-    /// Every lvol whose name starts with `prefix` on every node, sorted by id; an unreachable
-    /// node is an error (a partial list would page inconsistently).
+    /// Every lvol whose name starts with `prefix` on every node, sorted by id (the order
+    /// the paging tokens count in).
     async fn all(&self, prefix: &str) -> Result<Vec<Lvol>, Status> {
-        let mut out = Vec::new();
-        for n in self.nodes.nodes() {
-            out.extend(self.nodes.lvols(&n.name, prefix).await.map_err(|e| status(&e, &format!("listing the lvols of {}", n.name)))?);
-        }
+        let mut out = self.search(prefix, true).await?;
         out.sort_by_key(|l| l.id.to_string());
         Ok(out)
     }
@@ -259,7 +255,7 @@ impl Controller for ControllerService {
         let source = r.volume_content_source.clone().filter(|s| s.r#type.is_some());
 
         // Same name again: the same volume if it fits the request.
-        if let Some(l) = self.search(&lvol, false).await.into_iter().next() {
+        if let Some(l) = self.search(&lvol, false).await?.into_iter().next() {
             if !fits(l.size, want) {
                 return Err(Status::already_exists(format!("volume {} exists with {} bytes, outside the requested range", r.name, l.size)));
             }
@@ -552,7 +548,7 @@ impl Controller for ControllerService {
         let _busy = self.claim(&r.name)?;
         let src = Id::parse(&r.source_volume_id, VOLUME_PREFIX);
         // Same name again: the same snapshot if it is of the same volume.
-        if let Some(l) = self.search(&names::snapshot_prefix(&r.name), true).await.into_iter().next() {
+        if let Some(l) = self.search(&names::snapshot_prefix(&r.name), true).await?.into_iter().next() {
             let s = snapshot_of(&l).ok_or_else(|| Status::internal(format!("lvol {} is not a snapshot of this driver", l.id)))?;
             if Some(&s.source_volume_id) != src.as_ref().map(|i| i.to_string()).as_ref() {
                 return Err(Status::already_exists(format!("snapshot {} exists, of volume {}", r.name, s.source_volume_id)));
