@@ -91,14 +91,14 @@ fn main() {
         }
         let listener = tokio::net::UnixListener::bind(&path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
         log::info!("tidemark-csi {:?} serving on {}", args.mode, path.display());
-        let stop = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap_or_else(|e| fail(&format!("signal: {e}")));
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap_or_else(|e| fail(&format!("signal: {e}")));
+        // On a signal the server stops at once, without waiting for the sidecars' connections
+        // to close (they never do): a call cut short is retried, and every call is idempotent.
+        let r = tokio::select! {
+            r = router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)) => r,
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
         };
-        let r = router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop).await;
         let _ = std::fs::remove_file(&path);
         if let Err(e) = r {
             fail(&format!("serving: {e}"));

@@ -352,9 +352,11 @@ async fn create_volume_is_idempotent_by_name_and_checks_its_arguments() {
 async fn a_restarted_controller_answers_the_same() {
     let mut rig = Rig::start(64).await;
     let v = create(&mut rig.controller(), create_req("pvc-keep", 2 * MIB, 0)).await;
+    let stopping = Instant::now();
     rig.csi.stop();
-    // Another controller process on the same config: it finds the volume by name.
     let sock = rig.dir.path().join("csi.sock");
+    assert!(stopping.elapsed() < Duration::from_secs(5) && !sock.exists(), "SIGTERM stops the plugin at once, removing its socket");
+    // Another controller process on the same config: it finds the volume by name.
     let child = Command::new(CSI)
         .args(["--mode", "controller", "--endpoint"])
         .arg(format!("unix://{}", sock.display()))
