@@ -676,3 +676,40 @@ async fn snapshot_cases(rig: Rig) {
     c.delete_snapshot(DeleteSnapshotRequest { snapshot_id: s3.snapshot_id.clone(), ..Default::default() }).await.unwrap();
     assert_eq!(c.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries.len(), 2);
 }
+
+/// Measurement, not a check (run with `--ignored --nocapture`): CreateVolume through the driver
+/// against bdev_lvol_create called directly, p50/p99 over 100 calls each, and the driver's
+/// resident memory afterwards.
+#[tokio::test]
+#[ignore]
+async fn measure_create_volume_latency_against_direct_rpc() {
+    let rig = Rig::start(256).await;
+    let mut c = rig.controller();
+    let pct = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let mut via_csi = Vec::new();
+    for i in 0..100 {
+        let mut r = create_req(&format!("bench-{i}"), MIB, 0);
+        r.parameters = HashMap::from([("thin".into(), "true".into())]);
+        let t = Instant::now();
+        create(&mut c, r).await;
+        via_csi.push(t.elapsed());
+    }
+    let mut direct = Vec::new();
+    for i in 0..100 {
+        let t = Instant::now();
+        rig.rpc("bdev_lvol_create", json!({"lvol_name": format!("direct-{i}"), "size_in_mib": 1, "thin_provision": true, "lvs_name": "pool"}));
+        direct.push(t.elapsed());
+    }
+    let pid = rig.csi.0.as_ref().unwrap().id();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find(|l| l.starts_with("VmRSS")).unwrap_or("").to_string();
+    eprintln!(
+        "CreateVolume via tidemark-csi: p50 {:?} p99 {:?}; bdev_lvol_create direct: p50 {:?} p99 {:?}; driver {rss}",
+        pct(via_csi.clone()).0,
+        pct(via_csi).1,
+        pct(direct.clone()).0,
+        pct(direct).1
+    );
+}
