@@ -150,11 +150,21 @@ fn the_debian_package_holds_the_service_and_its_config_is_valid() {
     let root = tempfile::tempdir().expect("tempdir");
     let x = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root.path()).status().expect("dpkg-deb -x");
     assert!(x.success());
-    for f in
-        ["usr/bin/tidemarkd", "usr/bin/tidemark", "lib/systemd/system/tidemark.service", "etc/tidemark/tidemark.toml", "usr/share/doc/tidemark/docs/design.md"]
-    {
+    for f in [
+        "usr/bin/tidemarkd",
+        "usr/bin/tidemark",
+        "lib/systemd/system/tidemark.service",
+        "etc/tidemark/tidemark.toml",
+        "usr/share/doc/tidemark/docs/design.md",
+        "usr/share/doc/tidemark/docs/rpc.md",
+        "usr/share/zsh/vendor-completions/_tidemark",
+        "usr/share/fish/vendor_completions.d/tidemark.fish",
+    ] {
         assert!(root.path().join(f).exists(), "{f} missing from the package");
     }
+    // The bash completion is the CLI's own and completes a method of this build.
+    let bash = std::fs::read_to_string(root.path().join("usr/share/bash-completion/completions/tidemark")).expect("bash completion in the package");
+    assert!(bash.contains("_tidemark") && bash.contains("bdev_lvol_snapshot"), "bash completion without the methods");
     let control = Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]).output().expect("dpkg-deb -I");
     assert!(String::from_utf8_lossy(&control.stdout).contains("/etc/tidemark/tidemark.toml"), "the /etc config is not a conffile");
 
