@@ -6,7 +6,7 @@
 //! `SIM_SEEDS=k` and `SIM_SEED_START=s` choose the range; `SIM_TRACE=1` prints every event.
 
 use tidemark::sim::seeds::run_seeds;
-use tidemark::sim::{cow, mirror};
+use tidemark::sim::{cow, lvol, mirror};
 
 #[test]
 fn preserve_simulation_seeds() {
@@ -50,6 +50,33 @@ fn mirror_simulation_seeds() {
                 && t.rejoins > count / 10
                 && t.enter_waits > count
                 && t.images_after_crash > count / 200,
+            "{t:?}"
+        );
+    }
+}
+
+/// The volume pool: volumes, snapshots (with writes in flight), clones, reverts, inflates,
+/// decouples, resizes, deletes, a full pool and crashes, checked against the model (contents,
+/// snapshot images, space accounting after every step and every reopen).
+#[test]
+fn pool_simulation_seeds() {
+    let r = run_seeds("pool_simulation_seeds", 10_000, lvol::run_seed, lvol::Outcome::add);
+    r.assert_passed();
+    // The runs must exercise what they claim to check.
+    let (t, count) = (&r.totals, r.count);
+    if count >= 200 {
+        assert!(
+            t.snapshots > count / 2
+                && t.snapshots_mid_write > count / 10
+                && t.clones > count / 5
+                && t.clones_of_clones > count / 50
+                && t.reverts > count / 20
+                && t.resizes > count / 10
+                && t.deletes > count / 5
+                && t.crashes > count / 5
+                && t.no_space > count / 10
+                && t.writes_after_full > count / 50
+                && t.volumes_checked_after_crash > count / 5,
             "{t:?}"
         );
     }

@@ -44,6 +44,7 @@
 
 pub mod layout;
 pub mod rpc;
+pub mod sim;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker};
@@ -575,13 +576,15 @@ impl Store {
         ch.write_buf(self.cluster_block(dst), &buf).await
     }
 
-    /// After a first write's data is written: the entry joins the record; returns the
-    /// generation to wait for.
-    fn add_entry(&self, uuid: Uuid, logical: u32) -> Option<u64> {
+    /// After a first write's data is written to `phys`: the entry joins the record; returns
+    /// the generation to wait for. The entry must still be the one for `phys`: once another
+    /// writer published it, a copy-on-write may have put a new entry under the same key, which
+    /// is not ready yet and is its own filler's to add (None: ours is durable already).
+    fn add_entry(&self, uuid: Uuid, logical: u32, phys: u32) -> Option<u64> {
         let mut st = self.st();
         let next = st.next_gen;
         let (phys, gen) = {
-            let p = st.pending.get_mut(&(uuid, logical))?;
+            let p = st.pending.get_mut(&(uuid, logical)).filter(|p| p.phys == phys)?;
             if p.gen.is_some() {
                 return p.gen;
             }
@@ -855,8 +858,8 @@ impl Store {
             if let Some(t) = ticket {
                 self.tracker.exit(t);
             }
-            if let (_, true) = r? {
-                if let Some(gen) = self.add_entry(uuid, l) {
+            if let (phys, true) = r? {
+                if let Some(gen) = self.add_entry(uuid, l, phys) {
                     self.wait_durable(ch, gen).await?;
                 }
             }
@@ -1432,7 +1435,7 @@ impl LvolChannel {
                     Ok((p, first)) => {
                         let blk = self.store.cluster_block(p) + within;
                         let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
-                        r.map(|()| (logical, first))
+                        r.map(|()| (logical, p, first))
                     }
                     Err(e) => Err(e),
                 },
@@ -1441,9 +1444,9 @@ impl LvolChannel {
             if let Some(t) = ticket {
                 self.store.tracker.exit(t);
             }
-            let (logical, first) = r?;
+            let (logical, phys, first) = r?;
             if first {
-                if let Some(gen) = self.store.add_entry(self.uuid, logical) {
+                if let Some(gen) = self.store.add_entry(self.uuid, logical, phys) {
                     self.store.wait_durable(&self.base, gen).await?;
                 }
             }

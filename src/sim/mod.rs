@@ -1,4 +1,4 @@
-//! The deterministic simulator: the real preserve (CoW), mirror (and next, pool) code,
+//! The deterministic simulator: the real preserve (CoW), mirror and pool code,
 //! unchanged, on hand-stepped cores ([`crate::reactor::ManualCores`]: several cores, messages
 //! between them, timers on simulated time) over simulated devices ([`device::SimDevice`]:
 //! seeded latencies and completion order, a volatile write cache, crash images torn at a chosen
@@ -9,7 +9,9 @@
 //! One simulator, several systems under it:
 //! * [`cow`]: a CoW volume with preserves, deletes and crashes (and crashes placed at CoW
 //!   rule 1's two commits);
-//! * [`mirror`]: a mirror with leg failures, splits, re-joins, removals and crashes.
+//! * [`mirror`]: a mirror with leg failures, splits, re-joins, removals and crashes;
+//! * [`lvol`]: the volume pool with snapshots, clones, reverts, resizes, deletes, a full pool
+//!   and crashes.
 //!
 //! They share the scheduler ([`schedule`]: the seed picks the next core, `SIM_TRACE` prints
 //! events), the block tagging and checks ([`blocks`]), the devices, the model, the crash points
@@ -20,6 +22,7 @@ pub mod blocks;
 pub mod cow;
 pub mod crash_point;
 pub mod device;
+pub mod lvol;
 pub mod mirror;
 pub mod model;
 pub mod schedule;
