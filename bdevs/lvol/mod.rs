@@ -601,12 +601,23 @@ impl Store {
 
     /// Removes `logical` clusters from volume `uuid`'s map (unmap of whole clusters, shrink,
     /// delete), commits, waits for the I/O that may still use them, then frees them.
-    async fn drop_clusters(&self, ch: &Channel, uuid: Uuid, logicals: impl Iterator<Item = u32>) -> IoResult {
+    /// With `keep_pending` (unmap), a cluster with a first write or a copy pending is not
+    /// dropped but listed there (the caller zeroes it through the write path): dropping it
+    /// would not stop the entry's publish, which maps the cluster again, and a copy brings the
+    /// unmapped data back.
+    async fn drop_clusters(&self, ch: &Channel, uuid: Uuid, logicals: impl Iterator<Item = u32>, mut keep_pending: Option<&mut Vec<u32>>) -> IoResult {
         let freed: Vec<u32> = {
-            let mut st = self.st();
+            let mut guard = self.st();
+            let st = &mut *guard;
             let Some(v) = st.vols.get_mut(&uuid) else { return Ok(()) };
             let mut freed = Vec::new();
             for l in logicals {
+                if let Some(kept) = keep_pending.as_deref_mut() {
+                    if st.pending.contains_key(&(uuid, l)) {
+                        kept.push(l);
+                        continue;
+                    }
+                }
                 if let Some(p) = v.map.remove(&l) {
                     if v.live.lookup(l as u64) == Some(p) {
                         v.live.set(l, None);
@@ -681,7 +692,7 @@ impl Store {
             let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
             v.map.keys().copied().collect()
         };
-        self.drop_clusters(ch, uuid, logicals.into_iter()).await?;
+        self.drop_clusters(ch, uuid, logicals.into_iter(), None).await?;
         {
             let mut st = self.st();
             if let Some(v) = st.vols.remove(&uuid) {
@@ -991,7 +1002,7 @@ impl Store {
             drop(unsafe { Box::from_raw(old) });
         }
         if !beyond.is_empty() {
-            self.drop_clusters(ch, uuid, beyond.into_iter()).await?;
+            self.drop_clusters(ch, uuid, beyond.into_iter(), None).await?;
         }
         {
             // A thick volume that shrank gives back the reservation of the clusters it lost.
@@ -1484,7 +1495,14 @@ impl LvolChannel {
             let zeros = vec![0u8; (n * self.store.block_size as u64) as usize];
             self.write(at, n, &[IoSlice::new(&zeros)]).await?;
         }
-        self.store.drop_clusters(&self.base, self.uuid, whole.into_iter()).await
+        let mut kept = Vec::new();
+        self.store.drop_clusters(&self.base, self.uuid, whole.into_iter(), Some(&mut kept)).await?;
+        let bpc = self.bpc();
+        for c in kept {
+            let zeros = vec![0u8; (bpc * self.store.block_size as u64) as usize];
+            self.write(c as u64 * bpc, bpc, &[IoSlice::new(&zeros)]).await?;
+        }
+        Ok(())
     }
 }
 
