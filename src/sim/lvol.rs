@@ -321,9 +321,10 @@ async fn client_op(sh: &Sh, r: &mut ChaCha8Rng, name: &str, e: &Arc<BdevEntry>, 
                 s.next_tag += 1;
                 s.next_tag
             };
+            // A write to a snapshot fails: it is not in the snapshot's model.
             let id = {
                 let mut s = sh.borrow_mut();
-                s.vols.get_mut(name).map(|v| v.model.begin_write(off, n, tag))
+                s.vols.get_mut(name).map(|v| if snapshot { usize::MAX } else { v.model.begin_write(off, n, tag) })
             };
             let Some(id) = id else { return };
             trace(|| format!("write {tag} {name} {off}+{n} (core {})", reactor::current_index()));
@@ -778,6 +779,7 @@ async fn check_recovery(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>) 
     }
     let on_media: BTreeMap<String, (Uuid, u64)> = store.volumes().into_iter().map(|(r, _)| (r.name.clone(), (r.uuid, vol_blocks(r.size_bytes)))).collect();
     let known: Vec<String> = sh.borrow().vols.keys().cloned().collect();
+    let mut observed = Vec::new();
     for name in on_media.keys() {
         if !known.contains(name) {
             return fail(&sh, format!("after restart: unknown volume {name}"));
@@ -839,6 +841,13 @@ async fn check_recovery(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>) 
             drop(s);
             return fail(&sh, err);
         }
+        s.out.volumes_checked_after_crash += 1;
+        // Applied after every volume is checked: a snapshot is checked against its origin's
+        // model of the life before.
+        observed.push((name, uuid, blocks, e, got));
+    }
+    let mut s = sh.borrow_mut();
+    for (name, uuid, blocks, e, got) in observed {
         let v = s.vols.get_mut(&name).expect("known");
         let mut model = Model::new(blocks);
         model.baseline = got;
@@ -849,7 +858,6 @@ async fn check_recovery(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>) 
         v.busy = false;
         v.inflight = 0;
         v.pending = Pending::None;
-        s.out.volumes_checked_after_crash += 1;
     }
 }
 
