@@ -860,7 +860,10 @@ impl Store {
     /// unallocated ones allocated and zeroed), then the parent link goes.
     async fn inflate(&self, ch: &Channel, uuid: Uuid) -> Result<(), LvolError> {
         let live = self.live(uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
-        for l in 0..live.capacity() as u32 {
+        // The volume's clusters, not the live map's: a shrink keeps the larger map, and a
+        // cluster past the end in the record makes the store fail to open.
+        let clusters = self.st().vols.get(&uuid).map_or(0, |v| clusters_for(v.rec.size_bytes, self.cluster_size));
+        for l in 0..clusters.min(live.capacity()) as u32 {
             if live.lookup_shared(l as u64).is_some_and(|(_, shared)| !shared) {
                 continue;
             }

@@ -74,6 +74,15 @@ pub fn check_accounting(store: &Store) -> Result<(), String> {
         let diff: Vec<(usize, u32, u32)> = refs.iter().zip(&st.refs).enumerate().filter(|(_, (a, b))| a != b).map(|(i, (a, b))| (i, *a, *b)).take(8).collect();
         return Err(format!("reference counts do not follow the maps: (cluster, from maps, counted) {diff:?}"));
     }
+    // What the open checks of a record: no cluster twice in one map, none past the volume's end.
+    for v in st.vols.values() {
+        let mut seen = std::collections::HashSet::new();
+        for (&l, &p) in &v.map {
+            if !seen.insert(p) || l as u64 >= clusters_for(v.rec.size_bytes, store.cluster_size) {
+                return Err(format!("volume {}: cluster {p} at {l} is mapped twice or past the end ({} bytes): {:?}", v.rec.name, v.rec.size_bytes, v.map));
+            }
+        }
+    }
     let free = refs.iter().filter(|r| **r == 0).count() as u64;
     if st.free_count != free {
         return Err(format!("free count {} but {free} clusters are unreferenced", st.free_count));
@@ -104,4 +113,19 @@ pub fn mapped_clusters(store: &Store) -> u64 {
         }
     }
     seen.iter().filter(|s| **s).count() as u64
+}
+
+/// The open's check of the maps (no cluster twice in one map, none past the volume's end), on
+/// the state in memory: what the next commit would write.
+pub fn check_maps(store: &Store) -> Result<(), String> {
+    let st = store.st();
+    for v in st.vols.values() {
+        let mut seen = std::collections::HashSet::new();
+        for (&l, &p) in &v.map {
+            if !seen.insert(p) || l as u64 >= clusters_for(v.rec.size_bytes, store.cluster_size) {
+                return Err(format!("volume {}: cluster {p} at {l} is mapped twice or past the end ({} bytes): {:?}", v.rec.name, v.rec.size_bytes, v.map));
+            }
+        }
+    }
+    Ok(())
 }

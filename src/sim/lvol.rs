@@ -362,6 +362,12 @@ async fn client_op(sh: &Sh, r: &mut ChaCha8Rng, name: &str, e: &Arc<BdevEntry>, 
                     fail(sh, format!("write {tag} {name} {off}+{n} failed: {err}"))
                 }
                 Ok(()) => {
+                    if let Some(st) = e.bdev().as_any().downcast_ref::<lvol::LvolBdev>().map(|b| b.store().clone()) {
+                        if let Err(err) = pool::check_maps(&st) {
+                            drop(s);
+                            return fail(sh, format!("after write {tag} {name} {off}+{n}: {err}"));
+                        }
+                    }
                     if let Some(v) = s.vols.get_mut(name) {
                         v.model.end_write(id);
                     }
@@ -815,7 +821,9 @@ async fn check_recovery(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>) 
             match &pending {
                 Pending::Create(img) => check_values(&what, 0, &got, |b| vec![img[b as usize]]),
                 Pending::Snapshot(origin, t) => match s.vols.get(origin) {
-                    Some(o) if o.blocks == blocks => check_values(&what, 0, &got, |b| o.model.after_crash(b, *t, o.model.flushed_upto())),
+                    // Present: its commit flushed the base first, so what had completed at `t`
+                    // is in it, and what was in flight at `t` may be (the rule at its reply).
+                    Some(o) if o.blocks == blocks => check_values(&what, 0, &got, |b| o.model.snap_read(b, *t, *t, *t)),
                     _ => Ok(()),
                 },
                 Pending::Revert(img) if blocks == v.blocks => {
