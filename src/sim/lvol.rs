@@ -65,8 +65,8 @@ impl Config {
             pool_clusters: r.random_range(8..=20),
             volumes: r.random_range(1..=3),
             clients: r.random_range(2..=3),
-            ops_per_client: r.random_range(8..=20),
-            crashes: if r.random_bool(0.5) { 1 } else { 0 },
+            ops_per_client: r.random_range(12..=40),
+            crashes: [0, 0, 1, 1, 1, 2][r.random_range(0..6)],
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=50_000) },
         }
     }
@@ -193,6 +193,16 @@ fn fail(sh: &Sh, msg: String) {
 fn alive(sh: &Sh) -> bool {
     let s = sh.borrow();
     !s.dead && s.failure.is_none()
+}
+
+/// A volume's model after a revert or a resize: the image is the new baseline, and the clock
+/// goes on from the old model's (a flush submitted before, still under way, carries a time of
+/// the old clock: on a restarted clock it would make later writes durable).
+fn next_model(old: &Model, baseline: Vec<u64>) -> Model {
+    let mut m = Model::new(baseline.len() as u64);
+    m.baseline = baseline;
+    m.clock = old.clock;
+    m
 }
 
 fn strict_snapshots() -> bool {
@@ -539,7 +549,10 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
     match choice {
         0..30 => {
             // Snapshot, with the clients' writes to the volume going on.
-            let Some(origin) = pick(r, &writable) else { return Ok(()) };
+            // Clones first, half the time: their snapshots make clones of clones.
+            let clones: Vec<String> = writable.iter().filter(|v| sh.borrow().vols[*v].depth > 0).cloned().collect();
+            let from = if !clones.is_empty() && r.random_bool(0.5) { &clones } else { &writable };
+            let Some(origin) = pick(r, from) else { return Ok(()) };
             let name = format!("s{seed:x}-{n}");
             let (t, blocks, mid_write) = {
                 let mut s = sh.borrow_mut();
@@ -645,8 +658,7 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                     check_values(&format!("{vol} reverted to {snap}"), 0, &got, |b| vec![img[b as usize]])?;
                     let mut s = sh.borrow_mut();
                     let v = s.vols.get_mut(&vol).expect("busy");
-                    v.model = Model::new(img.len() as u64);
-                    v.model.baseline = img;
+                    v.model = next_model(&v.model, img);
                     s.out.reverts += 1;
                 }
                 Err(e) if no_space(sh, &e) => {}
@@ -707,8 +719,7 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                     let v = s.vols.get_mut(&vol).expect("busy");
                     let t = v.model.tick();
                     check_values(&format!("{vol} resized {old} -> {new}"), 0, &got, |b| if b < old { v.model.live_read(b, t, t) } else { vec![0] })?;
-                    v.model = Model::new(new);
-                    v.model.baseline = got;
+                    v.model = next_model(&v.model, got);
                     v.blocks = new;
                     s.out.resizes += 1;
                 }
