@@ -285,15 +285,28 @@ impl Store {
             block_size: self.block_size,
             data_start: self.data_start,
             total_clusters: self.total_clusters,
-            volumes: st
-                .vols
-                .values()
-                .map(|v| {
-                    let mut r = v.rec.clone();
-                    r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
-                    r
-                })
-                .collect(),
+            volumes: {
+                // A snapshot maps the clusters it captured pending at once, before their data
+                // (zeroes or a copy) is written; its own commit waits for that, but another
+                // writer's commit could record it first, and a crash then left a snapshot
+                // reading some freed cluster's old data. Until then it is left out of records
+                // (its volume's parent link goes to its parent).
+                let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+                let left_out: HashMap<Uuid, Option<Uuid>> =
+                    st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| unready.contains(p))).map(|v| (v.rec.uuid, v.rec.parent)).collect();
+                st.vols
+                    .values()
+                    .filter(|v| !left_out.contains_key(&v.rec.uuid))
+                    .map(|v| {
+                        let mut r = v.rec.clone();
+                        r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
+                        while let Some(up) = r.parent.and_then(|p| left_out.get(&p)) {
+                            r.parent = *up;
+                        }
+                        r
+                    })
+                    .collect()
+            },
         }
     }
 
