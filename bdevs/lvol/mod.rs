@@ -1131,6 +1131,17 @@ impl Store {
             reserved += r;
             map_vols.insert(rec.uuid, VolState { rec, map, live, reserved: r });
         }
+        // A thick volume reserves what its map lacks. A crash between a delete's two commits
+        // leaves it with its map dropped while snapshots still hold the shared clusters, and
+        // the reservation can exceed what is free (`free_clusters` would underflow): cut it to
+        // the free count rather than overcommit the pool.
+        let mut excess = reserved.saturating_sub(free_count);
+        for v in map_vols.values_mut() {
+            let cut = v.reserved.min(excess);
+            v.reserved -= cut;
+            reserved -= cut;
+            excess -= cut;
+        }
         Store {
             uuid,
             base,

@@ -610,10 +610,11 @@ fn a_grown_volume_still_copies_its_shared_clusters() {
 /// cluster not yet copied); 880, an unmap of a whole cluster racing a copy-on-write came back
 /// with the unmapped data; 2699, inflate after a shrink mapped clusters past the end and the
 /// store no longer opened; 9331, a snapshot recorded by another writer's commit before its
-/// captured clusters were written read a reused cluster's old data after a crash.
+/// captured clusters were written read a reused cluster's old data after a crash; 5793 and
+/// 6574, a crash during a thick volume's delete reopened with reservations above the free count.
 #[test]
 fn pool_simulation_seeds_that_found_bugs_pass() {
-    for seed in [199, 880, 2699, 3213, 3312, 9331] {
+    for seed in [199, 880, 2699, 3213, 3312, 9331, 5793, 6574] {
         if let Err(e) = crate::sim::lvol::run_seed(seed) {
             panic!("{e}");
         }
