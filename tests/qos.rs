@@ -244,3 +244,18 @@ fn spdks_client_sets_a_limit() {
     let o = Command::new(&rpc).arg("-s").arg(&d.socket).args(["bdev_set_qos_limit", "m0", "--rw-ios-per-sec", "1234"]).output().expect("run spdk-rpc");
     assert!(!o.status.success(), "a limit that is not a multiple of 1000 is refused");
 }
+
+/// The benchmark goal: QoS held within 5% at 10k IOPS and at 100 MB/s (figures
+/// printed; bench/qos_bench.sh runs this test alone).
+#[test]
+fn benchmark_goal_10k_iops_and_100_mbytes() {
+    let (d, addr) = daemon();
+    d.rpc("bdev_set_qos_limit", json!({"name": "m0", "rw_ios_per_sec": 10000}));
+    let (iops, _) = load(addr, 4, 8, 3.0);
+    eprintln!("QOS rw_ios_per_sec 10000: achieved {iops:.0} IOPS = {:.3} x limit", iops / 10000.0);
+    assert!(iops <= 10000.0 * 1.05 && iops > 5000.0, "{iops}");
+    d.rpc("bdev_set_qos_limit", json!({"name": "m0", "rw_ios_per_sec": 0, "rw_mbytes_per_sec": 100}));
+    let (_, mib) = load(addr, 4, 128, 3.0);
+    eprintln!("QOS rw_mbytes_per_sec 100: achieved {mib:.1} MiB/s = {:.3} x limit", mib / 100.0);
+    assert!(mib <= 100.0 * 1.05 && mib > 50.0, "{mib}");
+}
