@@ -166,12 +166,15 @@ impl Channel {
 
     async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
         let shard = self.entry.stats().shard(self.core);
-        shard.in_flight.fetch_add(1, Relaxed);
-        // Wall-clock latency (also under simulation: statistics never steer behaviour).
+        // Wall-clock latency (also under simulation: statistics never steer behaviour). It
+        // includes the wait for QoS tokens: that is what the host sees.
         let t0 = reactor::monotonic_ns();
         if self.entry.qos().enabled() {
+            // Before counting the I/O in flight: a waiting I/O whose future is dropped (its
+            // connection closed) has not reached the device and must not stay counted.
             self.admit(t, bytes).await;
         }
+        shard.in_flight.fetch_add(1, Relaxed);
         let r = self.io.submit(io).await;
         let dt = reactor::monotonic_ns().saturating_sub(t0);
         shard.in_flight.fetch_sub(1, Relaxed);

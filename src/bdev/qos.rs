@@ -27,6 +27,8 @@ pub const TIMESLICE_NS: u64 = 1_000_000;
 pub const MIN_IOS_PER_SEC: u64 = 1000;
 /// SPDK's MB in `*_mbytes_per_sec`.
 pub const MIB: u64 = 1024 * 1024;
+/// Most timeslices' allotment a bucket holds (the largest burst after an idle time: 4 ms).
+const CARRY_SLICES: i64 = 4;
 /// A core takes `allotment / CHUNK_DIVISOR` tokens at a time (at least one).
 const CHUNK_DIVISOR: u64 = 8;
 
@@ -95,11 +97,19 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// Starts timeslice `slice` if no core did yet: debt carries over, unused tokens do not.
+    /// Starts timeslice `slice` if no core did yet. Refills are lazy (made by the next
+    /// admission), so every timeslice elapsed since the last refill is credited: a waiter
+    /// woken late on a loaded core must not lose the allotments it slept through, and debt is
+    /// paid by time, not by refills. The balance is capped at [`CARRY_SLICES`] timeslices'
+    /// allotment: unused tokens do not pile up into a burst after an idle time, yet a waiter
+    /// that wakes a few ms late (timers on a busy core) still gets what it slept through.
     fn refill(&self, slice: u64, per_slice: i64) {
         let seen = self.slice.load(Relaxed);
         if seen < slice && self.slice.compare_exchange(seen, slice, Relaxed, Relaxed).is_ok() {
-            let _ = self.avail.fetch_update(Relaxed, Relaxed, |a| Some(a.min(0) + per_slice));
+            // `seen` 0: never refilled (or reset by a limit change): one timeslice's worth.
+            let elapsed = if seen == 0 { 1 } else { (slice - seen).min(1 << 20) as i64 };
+            let credit = per_slice.saturating_mul(elapsed);
+            let _ = self.avail.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_add(credit).min(per_slice.saturating_mul(CARRY_SLICES))));
         }
     }
 
@@ -380,6 +390,17 @@ mod tests {
         assert!(!q.enabled());
         let (c, _) = run(&q, &l, Dir::Read, 512, 5_000, 4_000_000_000, 1);
         assert_eq!(c, 400_000);
+    }
+
+    #[test]
+    fn late_wakes_do_not_lose_allotments() {
+        // One waiter that only retries every 2.5 ms (a loaded core's late timer), 64 KiB I/Os
+        // against 10 MiB/s: each I/O is several timeslices' bytes.
+        let q = Qos::default();
+        q.set(&QosLimits { rw_mbytes_per_sec: 10, ..Default::default() }).unwrap();
+        let l = [LocalQos::default()];
+        let (_, b) = run(&q, &l, Dir::Read, 65536, 2_500_000, 0, 10);
+        assert!(within(b, 100 * MIB, 5.0), "{b}");
     }
 
     #[test]
