@@ -3,7 +3,7 @@
 //! generic layer (`crate::bdev`), because it is a module like the others: the generic layer
 //! knows no module and no [`Ctx`].
 
-use crate::bdev::{BdevEntry, IoType, LATENCY_BUCKETS_US};
+use crate::bdev::{BdevEntry, IoType, QosError, QosLimits, LATENCY_BUCKETS_US};
 use crate::config::ConfigCall;
 use crate::module::{Ctx, Module};
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
@@ -18,6 +18,12 @@ crate::register_module! {
     methods: [
         ("bdev_get_bdevs", bdev_get_bdevs, GetBdevs, "Describes one bdev or every bdev."),
         ("bdev_get_iostat", bdev_get_iostat, GetIostat, "I/O statistics of one bdev or every bdev."),
+        (
+            "bdev_set_qos_limit",
+            bdev_set_qos_limit,
+            SetQosLimit,
+            "Sets a bdev's rate limits (I/Os per second, MiB per second; 0 = unlimited), held across all cores; I/O over a limit waits."
+        ),
     ],
 }
 
@@ -62,6 +68,72 @@ impl SpdkParams for GetIostat {
     }
 }
 
+/// `bdev_set_qos_limit` (SPDK's parameters). A limit left out keeps its current value; at least
+/// one must be given.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SetQosLimit {
+    /// The bdev (name or alias).
+    name: String,
+    /// Read and write I/Os per second, a multiple of 1000; 0 = unlimited.
+    #[serde(default)]
+    rw_ios_per_sec: Option<u64>,
+    /// Read and write MiB per second; 0 = unlimited.
+    #[serde(default)]
+    rw_mbytes_per_sec: Option<u64>,
+    /// Read MiB per second; 0 = unlimited.
+    #[serde(default)]
+    r_mbytes_per_sec: Option<u64>,
+    /// Write MiB per second (writes, unmaps, write zeroes); 0 = unlimited.
+    #[serde(default)]
+    w_mbytes_per_sec: Option<u64>,
+}
+
+fn bdev_set_qos_limit(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: SetQosLimit = parse(p)?;
+    if p.rw_ios_per_sec.is_none() && p.rw_mbytes_per_sec.is_none() && p.r_mbytes_per_sec.is_none() && p.w_mbytes_per_sec.is_none() {
+        // SPDK's words and code.
+        return Err(RpcError::invalid_params("No rate limits specified"));
+    }
+    let e = t.bdev(&p.name)?;
+    let cur = e.qos().limits();
+    let new = QosLimits {
+        rw_ios_per_sec: p.rw_ios_per_sec.unwrap_or(cur.rw_ios_per_sec),
+        rw_mbytes_per_sec: p.rw_mbytes_per_sec.unwrap_or(cur.rw_mbytes_per_sec),
+        r_mbytes_per_sec: p.r_mbytes_per_sec.unwrap_or(cur.r_mbytes_per_sec),
+        w_mbytes_per_sec: p.w_mbytes_per_sec.unwrap_or(cur.w_mbytes_per_sec),
+    };
+    e.qos().set(&new).map_err(|err| {
+        // SPDK answers a refused limit with -32603 "Failed to configure rate limit: Invalid
+        // argument"; the message here also names the field.
+        let field = match &err {
+            QosError::NotMultiple(_) => "rw_ios_per_sec",
+            QosError::TooLarge(f, _) => f,
+        };
+        RpcError::new(crate::rpc::INTERNAL_ERROR, format!("Failed to configure rate limit: field `{field}`: {err} (Invalid argument)"))
+    })?;
+    log::info!("bdev {}: QoS limits {:?}", e.name(), new);
+    Ok(json!(true))
+}
+
+/// The `bdev_set_qos_limit` call that restores a bdev's limits, if it has any.
+fn qos_call(e: &BdevEntry) -> Option<ConfigCall> {
+    let l = e.qos().limits();
+    if l.is_unlimited() {
+        return None;
+    }
+    Some(ConfigCall::new(
+        "bdev_set_qos_limit",
+        json!({
+            "name": e.name(),
+            "rw_ios_per_sec": l.rw_ios_per_sec,
+            "rw_mbytes_per_sec": l.rw_mbytes_per_sec,
+            "r_mbytes_per_sec": l.r_mbytes_per_sec,
+            "w_mbytes_per_sec": l.w_mbytes_per_sec,
+        }),
+    ))
+}
+
 fn selected(t: &Ctx, name: Option<String>) -> Result<Vec<Arc<BdevEntry>>, RpcError> {
     match name {
         Some(n) => Ok(vec![t.bdev(&n)?]),
@@ -82,7 +154,7 @@ pub fn describe(e: &BdevEntry) -> Value {
         "block_size": b.block_size(),
         "num_blocks": b.num_blocks(),
         "uuid": b.uuid().to_string(),
-        "assigned_rate_limits": { "rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0 },
+        "assigned_rate_limits": e.qos().limits(),
         "claimed": claim.is_some(),
         "zoned": false,
         "supported_io_types": supported,
@@ -187,6 +259,35 @@ fn histogram_json(b: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> Value {
     Value::Array(out)
 }
 
+/// QoS families: throttled time per bdev and the limits as gauges (bdevs with a limit only,
+/// plus throttled time of any bdev that was ever throttled, so the counter never vanishes).
+fn qos_metrics(t: &Ctx, out: &mut crate::metrics::MetricsOut<'_>) -> std::fmt::Result {
+    use crate::metrics::labels;
+    let mut throttled = Vec::new();
+    let mut waited = Vec::new();
+    let mut limits = Vec::new();
+    for e in t.bdevs.list() {
+        let q = e.qos();
+        let l = q.limits();
+        if l.is_unlimited() && q.throttled_ios() == 0 {
+            continue;
+        }
+        throttled.push((labels(&[("bdev", e.name())]), q.throttled_ns() as f64 / 1e9));
+        waited.push((labels(&[("bdev", e.name())]), q.throttled_ios()));
+        for (name, v) in [
+            ("rw_ios_per_sec", l.rw_ios_per_sec),
+            ("rw_mbytes_per_sec", l.rw_mbytes_per_sec),
+            ("r_mbytes_per_sec", l.r_mbytes_per_sec),
+            ("w_mbytes_per_sec", l.w_mbytes_per_sec),
+        ] {
+            limits.push((labels(&[("bdev", e.name()), ("limit", name)]), v as f64));
+        }
+    }
+    out.counter("tidemark_bdev_qos_throttled_seconds", "Time I/Os of each bdev waited for its QoS limits (summed over the waiting I/Os).", &throttled)?;
+    out.counter("tidemark_bdev_qos_throttled_ios", "I/Os of each bdev that waited for its QoS limits.", &waited)?;
+    out.gauge("tidemark_bdev_qos_limit", "QoS limit of each bdev (bdev_set_qos_limit; 0 = unlimited).", &limits)
+}
+
 /// The bdev subsystem: its configuration is the creation call of every bdev, bases first.
 pub struct BdevSubsystem;
 
@@ -198,11 +299,16 @@ impl Module for BdevSubsystem {
     fn config(&self, t: &Ctx) -> Vec<ConfigCall> {
         // Module options first: they apply to the bdevs created after them.
         let options = crate::bdevs::mirror::options_call().map(|(m, p)| ConfigCall::new(m, p));
-        options.into_iter().chain(t.bdevs.in_creation_order().iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p))).collect()
+        let order = t.bdevs.in_creation_order();
+        let creates = order.iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p));
+        // Limits last: every bdev, whichever module makes it, exists by then.
+        let limits = order.iter().filter_map(|e| qos_call(e));
+        options.into_iter().chain(creates).chain(limits).collect()
     }
 
     fn metrics(&self, t: &Ctx, out: &mut crate::metrics::MetricsOut<'_>) -> std::fmt::Result {
-        crate::bdevs::uring::space::metrics(t, out)
+        crate::bdevs::uring::space::metrics(t, out)?;
+        qos_metrics(t, out)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

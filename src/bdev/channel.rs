@@ -2,6 +2,7 @@
 //! device (range, length, read-only, supported types) before the module sees it, and records
 //! the statistics, so modules do neither.
 
+use super::qos::{Dir, LocalQos, Qos, TIMESLICE_NS};
 use super::{BdevEntry, BdevError, Io, IoChannel, IoResult, IoType};
 use crate::reactor;
 use std::cell::RefCell;
@@ -14,6 +15,47 @@ use std::sync::Arc;
 /// Per-core cache of opened channels, by bdev entry id.
 #[derive(Default)]
 struct ChannelCache(RefCell<HashMap<u64, Rc<dyn IoChannel>>>);
+
+/// Per-core QoS state (token stock, wait queue) of each limited bdev, by bdev entry id. Kept
+/// beside the channel cache rather than in [`Channel`] because `Channel` values are cheap
+/// per-call handles, while the queue must be one per core and bdev.
+#[derive(Default)]
+struct QosCache(RefCell<HashMap<u64, Rc<LocalQos>>>);
+
+/// Drops a waiting I/O's ticket when it is admitted or its future dropped (connection gone,
+/// shutdown): the next waiter becomes head, so no queued I/O is left behind a dead one.
+struct Ticket<'a> {
+    local: &'a LocalQos,
+    qos: &'a Qos,
+    ticket: u64,
+    t0: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.local.release(self.ticket);
+        self.qos.add_throttled(reactor::monotonic_ns().saturating_sub(self.t0));
+    }
+}
+
+/// Parks a waiting I/O that is not the head of its core's queue until `release` wakes it.
+struct Park<'a> {
+    local: &'a LocalQos,
+    ticket: u64,
+    parked: bool,
+}
+
+impl std::future::Future for Park<'_> {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.parked || self.local.is_head(self.ticket) {
+            return std::task::Poll::Ready(());
+        }
+        self.local.park(self.ticket, cx.waker());
+        self.parked = true;
+        std::task::Poll::Pending
+    }
+}
 
 #[derive(Clone)]
 pub struct Channel {
@@ -47,6 +89,36 @@ impl Channel {
         let cache = reactor::with_core(|c| c.local::<ChannelCache>());
         let ch = cache.0.borrow_mut().remove(&id);
         drop(ch);
+        let q = reactor::with_core(|c| c.local::<QosCache>());
+        let l = q.0.borrow_mut().remove(&id);
+        drop(l);
+    }
+
+    /// Waits until the bdev's limits admit an I/O of `bytes` (QoS). I/O over the limit waits
+    /// on this core in arrival order; it is never failed for the limit.
+    async fn admit(&self, t: IoType, bytes: u64) {
+        let q = self.entry.qos();
+        let cache = reactor::with_core(|c| c.local::<QosCache>());
+        let local = cache.0.borrow_mut().entry(self.entry.id()).or_default().clone();
+        let dir = if t == IoType::Read { Dir::Read } else { Dir::Write };
+        // Shared timeslices need one clock for all cores: the monotonic clock, not the core's
+        // (whose origin is the core's start).
+        if local.queued() == 0 && local.try_admit(q, dir, bytes, reactor::monotonic_ns()) {
+            return;
+        }
+        let ticket = Ticket { local: &local, qos: q, ticket: local.take_ticket(), t0: reactor::monotonic_ns() };
+        loop {
+            if local.is_head(ticket.ticket) {
+                if !q.enabled() || local.try_admit(q, dir, bytes, reactor::monotonic_ns()) {
+                    break;
+                }
+                let now = reactor::monotonic_ns();
+                reactor::sleep(std::time::Duration::from_nanos(TIMESLICE_NS - now % TIMESLICE_NS)).await;
+            } else {
+                Park { local: &local, ticket: ticket.ticket, parked: false }.await;
+            }
+        }
+        drop(ticket);
     }
 
     pub fn entry(&self) -> &Arc<BdevEntry> {
@@ -94,9 +166,15 @@ impl Channel {
 
     async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
         let shard = self.entry.stats().shard(self.core);
-        shard.in_flight.fetch_add(1, Relaxed);
-        // Wall-clock latency (also under simulation: statistics never steer behaviour).
+        // Wall-clock latency (also under simulation: statistics never steer behaviour). It
+        // includes the wait for QoS tokens: that is what the host sees.
         let t0 = reactor::monotonic_ns();
+        if self.entry.qos().enabled() {
+            // Before counting the I/O in flight: a waiting I/O whose future is dropped (its
+            // connection closed) has not reached the device and must not stay counted.
+            self.admit(t, bytes).await;
+        }
+        shard.in_flight.fetch_add(1, Relaxed);
         let r = self.io.submit(io).await;
         let dt = reactor::monotonic_ns().saturating_sub(t0);
         shard.in_flight.fetch_sub(1, Relaxed);

@@ -14,6 +14,7 @@ mod channel;
 mod completion;
 mod ctx;
 pub mod preservable;
+pub mod qos;
 mod registry;
 mod stats;
 
@@ -23,6 +24,7 @@ pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use ctx::BdevCtx;
+pub use qos::{QosError, QosLimits};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
 

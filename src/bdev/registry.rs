@@ -32,6 +32,8 @@ pub struct BdevEntry {
     id: u64,
     bdev: Arc<dyn Bdev>,
     stats: BdevStats,
+    /// Rate limits (`bdev_set_qos_limit`), read by every core's channel.
+    qos: super::qos::Qos,
     holders: Mutex<Vec<Holder>>,
 }
 
@@ -53,6 +55,10 @@ impl BdevEntry {
 
     pub fn stats(&self) -> &BdevStats {
         &self.stats
+    }
+
+    pub fn qos(&self) -> &super::qos::Qos {
+        &self.qos
     }
 
     fn holders(&self) -> MutexGuard<'_, Vec<Holder>> {
@@ -180,8 +186,13 @@ impl BdevRegistry {
         if m.contains_key(&name) {
             return Err(CreateError::Exists(name));
         }
-        let entry =
-            Arc::new(BdevEntry { id: NEXT_ENTRY.fetch_add(1, Ordering::Relaxed), bdev, stats: BdevStats::new(self.cores), holders: Mutex::new(Vec::new()) });
+        let entry = Arc::new(BdevEntry {
+            id: NEXT_ENTRY.fetch_add(1, Ordering::Relaxed),
+            bdev,
+            stats: BdevStats::new(self.cores),
+            qos: Default::default(),
+            holders: Mutex::new(Vec::new()),
+        });
         m.insert(name, entry.clone());
         Ok(entry)
     }
