@@ -306,6 +306,13 @@ fn drive_every_shared_method(c: &Client) {
     ok(&["bdev_lvol_get_lvols"]);
     ok(&["bdev_lvol_rename", "lvs1/v0", "v1"]);
     ok(&["bdev_lvol_resize", "lvs1/v1", "8"]);
+    ok(&["bdev_lvol_snapshot", "lvs1/v1", "s1"]);
+    ok(&["bdev_lvol_clone", "lvs1/s1", "c1"]);
+    ok(&["bdev_lvol_inflate", "lvs1/c1"]);
+    ok(&["bdev_lvol_decouple_parent", "lvs1/v1"]);
+    ok(&["bdev_lvol_delete", "lvs1/c1"]);
+    ok(&["bdev_lvol_delete", "lvs1/s1"]);
+    ok(&["bdev_set_qos_limit", "lvs1/v1", "--rw_ios_per_sec", "1000"]);
     ok(&["bdev_lvol_set_read_only", "lvs1/v1"]);
     ok(&["bdev_lvol_delete", "lvs1/v1"]);
     ok(&["bdev_lvol_delete_lvstore", "-l", "lvs1"]);
