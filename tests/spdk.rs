@@ -312,7 +312,9 @@ fn drive_every_shared_method(c: &Client) {
     ok(&["bdev_lvol_decouple_parent", "lvs1/v1"]);
     ok(&["bdev_lvol_delete", "lvs1/c1"]);
     ok(&["bdev_lvol_delete", "lvs1/s1"]);
-    ok(&["bdev_set_qos_limit", "lvs1/v1", "--rw_ios_per_sec", "1000"]);
+    // The PyPI client spells the option with dashes, SPDK v25.09's rpc.py with underscores.
+    let qos_flag = if c.label == "spdk-rpc" { "--rw-ios-per-sec" } else { "--rw_ios_per_sec" };
+    ok(&["bdev_set_qos_limit", "lvs1/v1", qos_flag, "1000"]);
     ok(&["bdev_lvol_set_read_only", "lvs1/v1"]);
     ok(&["bdev_lvol_delete", "lvs1/v1"]);
     ok(&["bdev_lvol_delete_lvstore", "-l", "lvs1"]);
