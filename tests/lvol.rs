@@ -12,7 +12,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use support::*;
 
@@ -170,15 +170,7 @@ fn bad_input_gets_an_error_naming_the_field_and_changes_nothing() {
 /// SPDK's `spdk-rpc` (PyPI `spdk`), unchanged, creates and lists the store and its volumes.
 #[test]
 fn spdks_client_creates_and_lists_the_pool() {
-    let venv = Path::new("/opt/tidemark-spdk/bin/spdk-rpc");
-    let rpc = if have("spdk-rpc") { PathBuf::from("spdk-rpc") } else { venv.to_path_buf() };
-    if !rpc.exists() && !have("spdk-rpc") {
-        if std::env::var("TIDEMARK_SKIP_SPDK").as_deref() == Ok("1") {
-            eprintln!("skipping: spdk-rpc missing and TIDEMARK_SKIP_SPDK=1");
-            return;
-        }
-        panic!("spdk-rpc not installed: run tests/spdk/deps.sh (or set TIDEMARK_SKIP_SPDK=1 to skip)");
-    }
+    let Some(rpc) = require_spdk_rpc() else { return };
     let d = Daemon::start(MINIMAL_CONFIG);
     let run = |args: &[&str]| {
         let o = Command::new(&rpc).arg("-s").arg(&d.socket).args(args).output().expect("run spdk-rpc");

@@ -1,7 +1,7 @@
 //! QoS end to end (`bdev_set_qos_limit`): the real tidemarkd on two cores, a malloc bdev
 //! exported over iSCSI, load from several sessions (the project's own iSCSI client, so no
 //! external tool is needed), limits held, cleared, refused, saved and restored; SPDK's own
-//! `spdk-rpc` sets one (tests/spdk/deps.sh installs it; skipped with a message without it).
+//! `spdk-rpc` sets one (tests/spdk/deps.sh installs it; missing fails unless TIDEMARK_SKIP_SPDK=1).
 
 #[path = "iscsi/client.rs"]
 #[allow(dead_code)]
@@ -11,7 +11,6 @@ mod support;
 use client::{read10, LoginOptions, Session};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -20,22 +19,9 @@ use support::*;
 
 const TARGET: &str = "iqn.2016-06.io.tidemark:qos";
 
-/// Two cores, so the limit is shared by connections on both.
-const CONFIG: &str = r#"
-[daemon]
-data_dir = "{data_dir}"
-buffer_pool_mb = 16
-[reactor]
-cores = [0, 1]
-poll_mode = "adaptive"
-[rpc]
-socket = "{socket}"
-[metrics]
-listen = "{metrics}"
-"#;
-
 fn daemon() -> (Daemon, SocketAddr) {
-    let d = Daemon::start(CONFIG);
+    // Two cores, so the limit is shared by connections on both.
+    let d = Daemon::start(&MINIMAL_CONFIG.replace("cores = [0]", "cores = [0, 1]"));
     d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 65536, "block_size": 512}));
     let port = free_port();
     d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": port.to_string()}]}));
@@ -226,12 +212,7 @@ fn waiting_io_survives_a_dropped_connection_and_shutdown() {
 /// SPDK's `spdk-rpc` (PyPI `spdk`), unchanged, sets a limit.
 #[test]
 fn spdks_client_sets_a_limit() {
-    let venv = Path::new("/opt/tidemark-spdk/bin/spdk-rpc");
-    let rpc = if have("spdk-rpc") { PathBuf::from("spdk-rpc") } else { venv.to_path_buf() };
-    if !rpc.exists() && !have("spdk-rpc") {
-        eprintln!("SKIPPED: spdk-rpc not installed (tests/spdk/deps.sh installs it)");
-        return;
-    }
+    let Some(rpc) = require_spdk_rpc() else { return };
     let (d, _) = daemon();
     let o = Command::new(&rpc)
         .arg("-s")

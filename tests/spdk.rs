@@ -16,9 +16,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::{free_port, Daemon, MINIMAL_CONFIG, TIDEMARKD};
 
-/// Where tests/spdk/deps.sh puts the clients when pip may not install into the system Python.
-const VENV_BIN: &str = "/opt/tidemark-spdk/bin";
-
 /// One of SPDK's JSON-RPC clients, as a command line.
 struct Client {
     label: &'static str,
@@ -82,24 +79,9 @@ impl Client {
     }
 }
 
-fn find_tool(name: &str) -> Option<PathBuf> {
-    if support::have(name) {
-        return Some(PathBuf::from(name));
-    }
-    let p = Path::new(VENV_BIN).join(name);
-    p.exists().then_some(p)
-}
-
-/// `spdk-rpc` from the `spdk` package; missing fails naming tests/spdk/deps.sh unless
-/// TIDEMARK_SKIP_SPDK=1.
+/// `spdk-rpc` from the `spdk` package ([`support::require_spdk_rpc`]).
 fn pip_client() -> Option<Client> {
-    let Some(rpc) = find_tool("spdk-rpc") else {
-        if std::env::var("TIDEMARK_SKIP_SPDK").as_deref() == Ok("1") {
-            eprintln!("skipping: spdk-rpc missing and TIDEMARK_SKIP_SPDK=1");
-            return None;
-        }
-        panic!("spdk-rpc not installed: run tests/spdk/deps.sh (or set TIDEMARK_SKIP_SPDK=1 to skip)");
-    };
+    let rpc = support::require_spdk_rpc()?;
     Some(Client { label: "spdk-rpc", argv: vec![rpc.display().to_string()], env: vec![], allow_any: ["--allow-any-host", "--no-allow-any-host"] })
 }
 
@@ -278,7 +260,7 @@ fn drive_every_shared_method(c: &Client) {
 
     // spdkcli (the `spdk` package only) reads the populated tree.
     if c.label == "spdk-rpc" {
-        let cli = find_tool("spdk-cli").expect("spdk-cli is installed with spdk-rpc (tests/spdk/deps.sh)");
+        let cli = support::spdk_tool("spdk-cli").expect("spdk-cli is installed with spdk-rpc (tests/spdk/deps.sh)");
         let o = Command::new(cli).arg("-s").arg(&d.socket).arg("ls").output().expect("spdk-cli");
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "spdk-cli ls failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));

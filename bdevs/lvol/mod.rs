@@ -1524,9 +1524,12 @@ impl LvolChannel {
         }
         let mut kept = Vec::new();
         self.store.drop_clusters(&self.base, self.uuid, whole.into_iter(), Some(&mut kept)).await?;
+        if kept.is_empty() {
+            return Ok(());
+        }
         let bpc = self.bpc();
+        let zeros = vec![0u8; (bpc * self.store.block_size as u64) as usize];
         for c in kept {
-            let zeros = vec![0u8; (bpc * self.store.block_size as u64) as usize];
             self.write(c as u64 * bpc, bpc, &[IoSlice::new(&zeros)]).await?;
         }
         Ok(())

@@ -48,33 +48,17 @@ fn decode_hex(h: &str) -> Option<Vec<u8>> {
 }
 
 fn decode_base64(b: &str) -> Option<Vec<u8>> {
+    use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
+    use base64::Engine;
+    // RFC 7143 does not require the padding; initiators send it either way.
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true),
+    );
     if b.len() > 2 * MAX_BINARY_LEN {
         return None;
     }
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = b.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        acc = (acc << 6) | val(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    LENIENT.decode(b).ok()
 }
 
 /// Encodes binary as `0x` hex.
@@ -111,6 +95,10 @@ mod tests {
         assert_eq!(decode_binary("0x0102ff").unwrap(), vec![1, 2, 255]);
         assert_eq!(decode_binary("0xabc").unwrap(), vec![0x0a, 0xbc]);
         assert_eq!(decode_binary("0bAQL/").unwrap(), vec![1, 2, 255]);
+        // Padding is optional.
+        assert_eq!(decode_binary("0bAQI=").unwrap(), vec![1, 2]);
+        assert_eq!(decode_binary("0bAQI").unwrap(), vec![1, 2]);
+        assert!(decode_binary("0bAQ=I").is_none());
         assert!(decode_binary("0xzz").is_none());
         assert!(decode_binary("plain").is_none());
         assert!(decode_binary("0x").is_none());

@@ -69,9 +69,8 @@ pub struct MethodDecl {
     pub summary: &'static str,
     /// The JSON Schema of the params type the handler parses, derived from it
     /// (`#[derive(JsonSchema)]`): docs/rpc.md, `tidemark METHOD --help` and
-    /// `rpc_get_methods {"detailed": true}` are made from it. `None` when the declaration does
-    /// not name the type yet; tests/rpc_reference.rs fails on such a method.
-    pub params: Option<fn() -> schemars::Schema>,
+    /// `rpc_get_methods {"detailed": true}` are made from it.
+    pub params: fn() -> schemars::Schema,
 }
 
 /// A module as it declares itself.
@@ -112,8 +111,8 @@ pub fn always() -> bool {
 ///
 /// Each method is `(name, handler, params type, summary)`: the params type is the struct the
 /// handler parses its params into, deriving `schemars::JsonSchema` beside `Deserialize`, so
-/// its fields, types, defaults and doc comments document the method (docs/rpc.md). The older
-/// `(name, handler, summary)` still compiles, undocumented, for declarations made before.
+/// its fields, types, defaults and doc comments document the method (docs/rpc.md). A method
+/// without one does not compile.
 ///
 /// Optional, between `order` and `methods`: `enabled: fn() -> bool` and
 /// `construct: fn(&ReactorHandle, &Config) -> Arc<dyn Module>`.
@@ -124,7 +123,7 @@ macro_rules! register_module {
         order: $order:expr,
         $(enabled: $enabled:expr,)?
         $(construct: $construct:expr,)?
-        methods: [ $( ( $($method:tt)* ) ),* $(,)? ] $(,)?
+        methods: [ $( ( $method:literal, $handler:expr, $params:ty, $summary:literal ) ),* $(,)? ] $(,)?
     ) => {
         const _: () = {
             #[$crate::module::linkme::distributed_slice($crate::module::MODULES)]
@@ -134,28 +133,15 @@ macro_rules! register_module {
                 order: $order,
                 enabled: $crate::__module_or!($($enabled)?; $crate::module::always),
                 construct: $crate::__module_or!($(Some($construct))?; None),
-                methods: &[ $( $crate::__method_decl!($name; $($method)*) ),* ],
+                methods: &[ $( $crate::module::MethodDecl {
+                    name: $method,
+                    handler: $handler,
+                    module: $name,
+                    summary: $summary,
+                    params: $crate::module::reference::schema_of::<$params>,
+                } ),* ],
             };
         };
-    };
-}
-
-/// One method of [`register_module!`](crate::register_module). The form without a params type
-/// comes first: its `literal` fails softly on a type, where `ty` would fail hard on a literal.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __method_decl {
-    ($module:literal; $method:literal, $handler:expr, $summary:literal) => {
-        $crate::module::MethodDecl { name: $method, handler: $handler, module: $module, summary: $summary, params: None }
-    };
-    ($module:literal; $method:literal, $handler:expr, $params:ty, $summary:literal) => {
-        $crate::module::MethodDecl {
-            name: $method,
-            handler: $handler,
-            module: $module,
-            summary: $summary,
-            params: Some($crate::module::reference::schema_of::<$params>),
-        }
     };
 }
 
@@ -219,14 +205,14 @@ mod tests {
         order: 1,
         enabled: always,
         construct: None,
-        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: None }],
+        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: reference::schema_of::<()> }],
     };
     static B: ModuleDecl = ModuleDecl {
         name: "b",
         order: 2,
         enabled: always,
         construct: None,
-        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: None }],
+        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: reference::schema_of::<()> }],
     };
 
     #[test]

@@ -40,9 +40,9 @@ pub struct Params {
     pub doc: String,
 }
 
-/// The params of `m`; `None` when its declaration names no params type.
-pub fn params(m: &MethodDecl) -> Option<Params> {
-    let schema = (m.params?)().to_value();
+/// The params of `m`, read from its params type's schema.
+pub fn params(m: &MethodDecl) -> Params {
+    let schema = (m.params)().to_value();
     let mut params = Vec::new();
     collect(&schema, "", &mut params);
     // Required first, a nested row staying under its top-level field (the schema's properties
@@ -52,7 +52,7 @@ pub fn params(m: &MethodDecl) -> Option<Params> {
     let mut keyed: Vec<(bool, Param)> = keys.into_iter().zip(params).collect();
     keyed.sort_by_key(|(k, _)| *k);
     let params = keyed.into_iter().map(|(_, p)| p).collect();
-    Some(Params { params, others_ignored: schema.get("additionalProperties") != Some(&json!(false)), doc: one_line(schema.get("description")) })
+    Params { params, others_ignored: schema.get("additionalProperties") != Some(&json!(false)), doc: one_line(schema.get("description")) }
 }
 
 /// The rows of object schema `s`'s properties, named under `prefix`.
@@ -195,31 +195,25 @@ offending field or object. The codes, as SPDK uses them:
         let _ = writeln!(o, "\n## Module `{}`", d.name);
         for m in ms {
             let _ = writeln!(o, "\n### `{}`\n\n{}", m.name, m.summary);
-            match params(m) {
-                None => {
-                    let _ = writeln!(o, "\nParameters: not declared (the declaration in `register_module!` names no params type).");
+            let p = params(m);
+            if !p.doc.is_empty() {
+                let _ = writeln!(o, "\n{}", p.doc);
+            }
+            if p.params.is_empty() {
+                let _ = writeln!(o, "\nParameters: none{}.", if p.others_ignored { " (any given are ignored)" } else { "" });
+                continue;
+            }
+            let _ = writeln!(o, "\nParameters{}:\n", if p.others_ignored { " (fields not listed are ignored)" } else { "" });
+            for a in &p.params {
+                let _ = write!(o, "- `{}` ({}, {}", a.name, a.ty, if a.required { "required" } else { "optional" });
+                if let Some(d) = &a.default {
+                    let _ = write!(o, ", default `{d}`");
                 }
-                Some(p) => {
-                    if !p.doc.is_empty() {
-                        let _ = writeln!(o, "\n{}", p.doc);
-                    }
-                    if p.params.is_empty() {
-                        let _ = writeln!(o, "\nParameters: none{}.", if p.others_ignored { " (any given are ignored)" } else { "" });
-                        continue;
-                    }
-                    let _ = writeln!(o, "\nParameters{}:\n", if p.others_ignored { " (fields not listed are ignored)" } else { "" });
-                    for a in &p.params {
-                        let _ = write!(o, "- `{}` ({}, {}", a.name, a.ty, if a.required { "required" } else { "optional" });
-                        if let Some(d) = &a.default {
-                            let _ = write!(o, ", default `{d}`");
-                        }
-                        o.push(')');
-                        if !a.doc.is_empty() {
-                            let _ = write!(o, ": {}", a.doc);
-                        }
-                        o.push('\n');
-                    }
+                o.push(')');
+                if !a.doc.is_empty() {
+                    let _ = write!(o, ": {}", a.doc);
                 }
+                o.push('\n');
             }
         }
     }
@@ -229,32 +223,28 @@ offending field or object. The codes, as SPDK uses them:
 /// `tidemark METHOD --help`.
 pub fn method_help(m: &MethodDecl) -> String {
     let mut o = format!("{} (module {}): {}\n\nusage: tidemark [-s SOCKET] {} [--param value ...] [--json '{{...}}']\n", m.name, m.module, m.summary, m.name);
-    match params(m) {
-        None => o.push_str("\nparameters: not documented\n"),
-        Some(p) => {
-            if !p.doc.is_empty() {
-                let _ = writeln!(o, "\n{}", p.doc);
-            }
-            if p.params.is_empty() {
-                o.push_str("\nparameters: none\n");
-                return o;
-            }
-            o.push_str("\nparameters:\n");
-            let width = p.params.iter().map(|a| a.name.len()).max().unwrap_or(0) + 2;
-            for a in &p.params {
-                let mut what = format!("{}, {}", a.ty, if a.required { "required" } else { "optional" });
-                if let Some(d) = &a.default {
-                    let _ = write!(what, ", default {d}");
-                }
-                let _ = writeln!(o, "  --{:width$} {what}", a.name);
-                if !a.doc.is_empty() {
-                    let _ = writeln!(o, "  {:width$}   {}", "", a.doc);
-                }
-            }
-            if p.others_ignored {
-                o.push_str("  (other parameters are ignored)\n");
-            }
+    let p = params(m);
+    if !p.doc.is_empty() {
+        let _ = writeln!(o, "\n{}", p.doc);
+    }
+    if p.params.is_empty() {
+        o.push_str("\nparameters: none\n");
+        return o;
+    }
+    o.push_str("\nparameters:\n");
+    let width = p.params.iter().map(|a| a.name.len()).max().unwrap_or(0) + 2;
+    for a in &p.params {
+        let mut what = format!("{}, {}", a.ty, if a.required { "required" } else { "optional" });
+        if let Some(d) = &a.default {
+            let _ = write!(what, ", default {d}");
         }
+        let _ = writeln!(o, "  --{:width$} {what}", a.name);
+        if !a.doc.is_empty() {
+            let _ = writeln!(o, "  {:width$}   {}", "", a.doc);
+        }
+    }
+    if p.others_ignored {
+        o.push_str("  (other parameters are ignored)\n");
     }
     o
 }
@@ -274,9 +264,9 @@ pub fn method_list() -> String {
 }
 
 /// `rpc_get_methods {"detailed": true}`: each method with its module, summary and params'
-/// JSON Schema (`null` when not declared).
+/// JSON Schema.
 pub fn detailed(m: &MethodDecl) -> Value {
-    json!({ "name": m.name, "module": m.module, "summary": m.summary, "params": m.params.map(|f| f().to_value()) })
+    json!({ "name": m.name, "module": m.module, "summary": m.summary, "params": (m.params)().to_value() })
 }
 
 #[cfg(test)]
@@ -330,8 +320,8 @@ mod tests {
 
     #[test]
     fn a_params_struct_documents_names_types_requirement_defaults_and_docs() {
-        let m = MethodDecl { name: "x_create", handler: ok, module: "x", summary: "s", params: Some(schema_of::<P>) };
-        let p = params(&m).expect("declared");
+        let m = MethodDecl { name: "x_create", handler: ok, module: "x", summary: "s", params: schema_of::<P> };
+        let p = params(&m);
         assert!(!p.others_ignored);
         assert_eq!(p.doc, "Creates a thing.");
         let row = |n: &str| p.params.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n} in {:?}", p.params));
@@ -351,9 +341,8 @@ mod tests {
 
     #[test]
     fn a_params_map_reads_as_no_parameters_others_ignored() {
-        let m = MethodDecl { name: "x_get", handler: ok, module: "x", summary: "s", params: Some(schema_of::<serde_json::Map<String, Value>>) };
-        let p = params(&m).expect("declared");
+        let m = MethodDecl { name: "x_get", handler: ok, module: "x", summary: "s", params: schema_of::<serde_json::Map<String, Value>> };
+        let p = params(&m);
         assert!(p.params.is_empty() && p.others_ignored);
-        assert!(params(&MethodDecl { params: None, ..m }).is_none());
     }
 }

@@ -16,6 +16,7 @@
 
 use super::blocks::{check_values, fill, read_tags};
 use super::schedule::{step, trace};
+use super::tasks::{alive, fail, HasRun, RunState};
 use super::{crash_point, device, model};
 use crate::bdev::{BdevEntry, BdevRegistry, Channel};
 use crate::bdevs::snapshot::{CowVolume, OpenParams, SnapshotBdev};
@@ -117,11 +118,7 @@ impl SimOutcome {
 /// State shared by the tasks of one run (one thread: `Rc<RefCell>` is enough).
 struct Shared {
     model: Model,
-    failure: Option<String>,
-    /// The run crashed: tasks of the old world must not touch the model any more.
-    dead: bool,
-    clients_left: usize,
-    controller_done: bool,
+    run: RunState,
     out: SimOutcome,
     snaps: BTreeMap<String, Arc<BdevEntry>>,
     /// Freeze preserves running now, and started so far: host writes may wait for a freeze
@@ -132,16 +129,13 @@ struct Shared {
 
 type Sh = Rc<RefCell<Shared>>;
 
-fn fail(sh: &Sh, msg: String) {
-    let mut s = sh.borrow_mut();
-    if !s.dead && s.failure.is_none() {
-        s.failure = Some(msg);
+impl HasRun for Shared {
+    fn run(&self) -> &RunState {
+        &self.run
     }
-}
-
-fn alive(sh: &Sh) -> bool {
-    let s = sh.borrow();
-    !s.dead && s.failure.is_none()
+    fn run_mut(&mut self) -> &mut RunState {
+        &mut self.run
+    }
 }
 
 /// The simulated world of one life (between restarts).
@@ -371,7 +365,7 @@ async fn client(sh: Sh, vol: Arc<BdevEntry>, cfg: SimConfig, seed: u64) {
             }
         }
     }
-    sh.borrow_mut().clients_left -= 1;
+    sh.borrow_mut().run.clients_left -= 1;
 }
 
 /// Reads the whole of snapshot `name` and checks it: sealed images are pinned and compared
@@ -488,7 +482,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
         if !alive(&sh) {
             return;
         }
-        if sh.borrow().clients_left == 0 {
+        if sh.borrow().run.clients_left == 0 {
             break;
         }
         let count = sh.borrow().snaps.len();
@@ -554,7 +548,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, vol: Arc<BdevEntry>, cf
             }
         }
     }
-    sh.borrow_mut().controller_done = true;
+    sh.borrow_mut().run.controller_done = true;
 }
 
 /// After a restart: every snapshot the model knows comes back as the rules say, the live
@@ -686,10 +680,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
     let mut store_img = vec![0u8; cfg.store_bytes() as usize];
     let sh: Sh = Rc::new(RefCell::new(Shared {
         model: Model::new(blocks),
-        failure: None,
-        dead: false,
-        clients_left: 0,
-        controller_done: false,
+        run: RunState::default(),
         out: SimOutcome::default(),
         snaps: BTreeMap::new(),
         freezing: 0,
@@ -700,9 +691,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         let world = World::start(cfg, &mut rng, base_img, store_img, &mut steps)?;
         {
             let mut s = sh.borrow_mut();
-            s.dead = false;
-            s.clients_left = cfg.clients;
-            s.controller_done = false;
+            s.run.new_life(cfg.clients);
             s.freezing = 0;
             s.snaps.retain(|_, _| false);
         }
@@ -710,7 +699,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
             let (sh2, vol, reg) = (sh.clone(), world.vol.clone(), world.registry.clone());
             world.cores.enter(world.home, || reactor::spawn_detached(check_recovery(sh2, vol, reg, blocks)));
             world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
-            if let Some(f) = sh.borrow().failure.clone() {
+            if let Some(f) = sh.borrow().run.failure.clone() {
                 return Err(f);
             }
         }
@@ -740,10 +729,10 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         };
         let done = || {
             let s = sh.borrow();
-            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && crash_due())
+            s.run.finished() || (crash && crash_due())
         };
         let r = world.run_until(&mut rng, &mut steps, done);
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
         r?;
@@ -752,7 +741,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
             // Crash: capture media, note which snapshots the target had sealed, kill the world.
             {
                 let mut s = sh.borrow_mut();
-                s.dead = true;
+                s.run.dead = true;
                 let sealed: Vec<String> = s
                     .snaps
                     .iter()
@@ -778,10 +767,10 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         let (sh2, vol) = (sh.clone(), world.vol.clone());
         world.cores.enter(world.home, || reactor::spawn_detached(check_final(sh2, vol, blocks)));
         world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
-        sh.borrow_mut().dead = true;
+        sh.borrow_mut().run.dead = true;
         base_img = Vec::new();
         store_img = Vec::new();
         world.teardown(&mut rng);

@@ -26,6 +26,7 @@ use super::blocks::{check_values, fill, read_tags};
 use super::device::{Latency, SimDevice, SIM_BLOCK};
 use super::model::Model;
 use super::schedule::{step, trace};
+use super::tasks::{alive, fail, HasRun, RunState};
 use crate::bdev::{BdevEntry, BdevError, BdevRegistry, Channel, IoBuf};
 use crate::bdevs::lvol::{self, sim as pool, LvolError, Store};
 use crate::reactor::{self, ManualCores};
@@ -171,10 +172,7 @@ struct Vol {
 
 struct Shared {
     vols: BTreeMap<String, Vol>,
-    failure: Option<String>,
-    dead: bool,
-    clients_left: usize,
-    controller_done: bool,
+    run: RunState,
     next_tag: u64,
     /// The pool said full in this life.
     full: bool,
@@ -183,16 +181,13 @@ struct Shared {
 
 type Sh = Rc<RefCell<Shared>>;
 
-fn fail(sh: &Sh, msg: String) {
-    let mut s = sh.borrow_mut();
-    if !s.dead && s.failure.is_none() {
-        s.failure = Some(msg);
+impl HasRun for Shared {
+    fn run(&self) -> &RunState {
+        &self.run
     }
-}
-
-fn alive(sh: &Sh) -> bool {
-    let s = sh.borrow();
-    !s.dead && s.failure.is_none()
+    fn run_mut(&mut self) -> &mut RunState {
+        &mut self.run
+    }
 }
 
 /// A volume's model after a revert or a resize: the image is the new baseline, and the clock
@@ -316,7 +311,7 @@ async fn client(sh: Sh, seed: u64, ops: usize) {
         client_op(&sh, &mut r, &name, &e, snapshot, off, n).await;
         enter_vol(&sh, &name, -1);
     }
-    sh.borrow_mut().clients_left -= 1;
+    sh.borrow_mut().run.clients_left -= 1;
 }
 
 async fn client_op(sh: &Sh, r: &mut ChaCha8Rng, name: &str, e: &Arc<BdevEntry>, snapshot: bool, off: u64, n: u64) {
@@ -507,7 +502,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>, seed
         if !alive(&sh) {
             return;
         }
-        if sh.borrow().clients_left == 0 {
+        if sh.borrow().run.clients_left == 0 {
             break;
         }
         n += 1;
@@ -526,7 +521,7 @@ async fn controller(sh: Sh, registry: Arc<BdevRegistry>, store: Arc<Store>, seed
             }
         }
     }
-    sh.borrow_mut().controller_done = true;
+    sh.borrow_mut().run.controller_done = true;
 }
 
 /// Names of volumes that are (or are not) snapshots and not busy.
@@ -914,26 +909,15 @@ pub fn run_seed(seed: u64) -> Result<Outcome, String> {
 
 pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let sh: Sh = Rc::new(RefCell::new(Shared {
-        vols: BTreeMap::new(),
-        failure: None,
-        dead: false,
-        clients_left: 0,
-        controller_done: false,
-        next_tag: 0,
-        full: false,
-        out: Outcome::default(),
-    }));
+    let sh: Sh = Rc::new(RefCell::new(Shared { vols: BTreeMap::new(), run: RunState::default(), next_tag: 0, full: false, out: Outcome::default() }));
     let mut steps = 0u64;
     let mut image = None;
     for life in 0..=cfg.crashes {
         let world = World::start(cfg, &mut rng, image.take(), &mut steps)?;
         {
             let mut s = sh.borrow_mut();
-            s.dead = false;
+            s.run.new_life(cfg.clients);
             s.full = false;
-            s.clients_left = cfg.clients;
-            s.controller_done = false;
         }
         if life == 0 {
             // The first volumes, created before the clients start.
@@ -956,10 +940,10 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
             let (sh2, reg, st) = (sh.clone(), world.registry.clone(), world.store.clone());
             world.cores.enter(0, || reactor::spawn_detached(check_recovery(sh2, reg, st)));
             world.run_until(&mut rng, &mut steps, || world.idle())?;
-            if let Some(f) = sh.borrow().failure.clone() {
+            if let Some(f) = sh.borrow().run.failure.clone() {
                 return Err(f);
             }
-            if sh.borrow().dead {
+            if sh.borrow().run.dead {
                 world.teardown(&mut rng);
                 break;
             }
@@ -975,17 +959,17 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
         let crash_at = world.dev.submitted.load(Relaxed) + rng.random_range(5..(cfg.clients * cfg.ops_per_client * 4) as u64 + 10);
         let done = || {
             let s = sh.borrow();
-            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && world.dev.submitted.load(Relaxed) >= crash_at)
+            s.run.finished() || (crash && world.dev.submitted.load(Relaxed) >= crash_at)
         };
         let r = world.run_until(&mut rng, &mut steps, done);
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
         r?;
         if crash && world.dev.submitted.load(Relaxed) >= crash_at {
             {
                 let mut s = sh.borrow_mut();
-                s.dead = true;
+                s.run.dead = true;
                 s.out.crashes += 1;
                 for v in s.vols.values_mut() {
                     v.entry = None;
@@ -1000,10 +984,10 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
         let (sh2, st) = (sh.clone(), world.store.clone());
         world.cores.enter(0, || reactor::spawn_detached(check_final(sh2, st)));
         world.run_until(&mut rng, &mut steps, || world.idle())?;
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
-        sh.borrow_mut().dead = true;
+        sh.borrow_mut().run.dead = true;
         for v in sh.borrow_mut().vols.values_mut() {
             v.entry = None;
         }

@@ -20,6 +20,7 @@
 use super::blocks::{check_values, fill, read_tags, tag_of};
 use super::device::{Latency, SimDevice, SIM_BLOCK};
 use super::model::Model;
+use super::tasks::{alive, fail, HasRun, RunState};
 use crate::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
 use crate::bdevs::error::{ErrorBdev, ErrorType, Injections};
 use crate::bdevs::mirror::waits::WaitReason;
@@ -123,11 +124,7 @@ impl Outcome {
 
 struct Sim {
     model: Model,
-    failure: Option<String>,
-    /// The world crashed: its tasks must not touch the model any more.
-    dead: bool,
-    clients_left: usize,
-    controller_done: bool,
+    run: RunState,
     /// Model time of the split that started last (set by the scheduler when the epoch moves).
     split_t: Option<u64>,
     /// The split in progress: leg index and image name.
@@ -140,16 +137,13 @@ struct Sim {
 
 type Sh = Rc<RefCell<Sim>>;
 
-fn fail(sh: &Sh, msg: String) {
-    let mut s = sh.borrow_mut();
-    if !s.dead && s.failure.is_none() {
-        s.failure = Some(msg);
+impl HasRun for Sim {
+    fn run(&self) -> &RunState {
+        &self.run
     }
-}
-
-fn alive(sh: &Sh) -> bool {
-    let s = sh.borrow();
-    !s.dead && s.failure.is_none()
+    fn run_mut(&mut self) -> &mut RunState {
+        &mut self.run
+    }
 }
 
 struct World {
@@ -365,7 +359,7 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
         }
         reactor::sleep(Duration::from_nanos(rng.random_range(0..50_000))).await;
     }
-    sh.borrow_mut().clients_left -= 1;
+    sh.borrow_mut().run.clients_left -= 1;
 }
 
 fn slot_states(m: &MirrorBdev) -> BTreeMap<String, &'static str> {
@@ -437,7 +431,7 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
             }
         }
     }
-    sh.borrow_mut().controller_done = true;
+    sh.borrow_mut().run.controller_done = true;
 }
 
 /// What the controller needs of the world (shared with its tasks).
@@ -570,10 +564,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
     let mut images: Vec<Vec<u8>> = (0..cfg.legs).map(|_| vec![0u8; leg_bytes]).collect();
     let sh: Sh = Rc::new(RefCell::new(Sim {
         model: Model::new(cfg.data_blocks),
-        failure: None,
-        dead: false,
-        clients_left: 0,
-        controller_done: false,
+        run: RunState::default(),
         split_t: None,
         splitting: None,
         roles: vec![Role::Member; cfg.legs],
@@ -585,9 +576,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         let world = World::start(cfg, &mut rng, &images, &sh, &mut steps)?;
         {
             let mut s = sh.borrow_mut();
-            s.dead = false;
-            s.clients_left = cfg.clients;
-            s.controller_done = false;
+            s.run.new_life(cfg.clients);
             // New devices, new error bdevs: nothing is armed any more.
             s.injected.iter_mut().for_each(|x| *x = false);
         }
@@ -616,7 +605,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 })
             });
             world.run_until(&sh, &mut rng, &mut steps, || *done.borrow())?;
-            if let Some(f) = sh.borrow().failure.clone() {
+            if let Some(f) = sh.borrow().run.failure.clone() {
                 return Err(f);
             }
         }
@@ -631,9 +620,9 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         let crash_at = world.io_count() + rng.random_range(5..(cfg.clients * cfg.ops * 4) as u64 + 20);
         let r = world.run_until(&sh, &mut rng, &mut steps, || {
             let s = sh.borrow();
-            s.failure.is_some() || (s.clients_left == 0 && s.controller_done) || (crash && world.io_count() >= crash_at)
+            s.run.finished() || (crash && world.io_count() >= crash_at)
         });
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             if std::env::var("SEED").is_ok() {
                 world.dump(cfg.data_blocks);
             }
@@ -644,7 +633,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         if crash && world.io_count() >= crash_at {
             {
                 let mut s = sh.borrow_mut();
-                s.dead = true;
+                s.run.dead = true;
                 s.out.crashes += 1;
                 // A split whose instant passed is recorded on the legs: its image must survive.
                 if let (Some((leg, name)), Some(t)) = (s.splitting.take(), s.split_t) {
@@ -682,8 +671,8 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 *d2.borrow_mut() = true;
             })
         });
-        world.run_until(&sh, &mut rng, &mut steps, || *done.borrow() || sh.borrow().failure.is_some())?;
-        if let Some(f) = sh.borrow().failure.clone() {
+        world.run_until(&sh, &mut rng, &mut steps, || *done.borrow() || sh.borrow().run.failure.is_some())?;
+        if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
         // Every leg is in sync: their data areas are identical, and the mirror reads right.
@@ -717,7 +706,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             })
         });
         world.run_until(&sh, &mut rng, &mut steps, || *done.borrow())?;
-        if let Some(f) = sh.borrow().failure.clone() {
+        if let Some(f) = sh.borrow().run.failure.clone() {
             if std::env::var("SEED").is_ok() {
                 world.dump(cfg.data_blocks);
             }

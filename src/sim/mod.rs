@@ -27,5 +27,6 @@ pub mod mirror;
 pub mod model;
 pub mod schedule;
 pub mod seeds;
+pub mod tasks;
 
 pub use cow::{run, run_seed, run_seed_at_cow_split, SimConfig, SimOutcome, HEADER_STALL_NS};

@@ -293,6 +293,33 @@ pub fn require_tools(cmds: &[&str], skip_var: &str) -> bool {
     panic!("{missing:?} not installed: run tests/iscsi/deps.sh (or set {skip_var}=1 to skip)");
 }
 
+/// Where tests/spdk/deps.sh installs SPDK's Python clients (PyPI `spdk`) when they are not
+/// on PATH.
+pub const SPDK_VENV_BIN: &str = "/opt/tidemark-spdk/bin";
+
+/// A tool of SPDK's Python package (`spdk-rpc`, `spdk-cli`): on PATH or in [`SPDK_VENV_BIN`].
+pub fn spdk_tool(name: &str) -> Option<PathBuf> {
+    if have(name) {
+        return Some(PathBuf::from(name));
+    }
+    let p = Path::new(SPDK_VENV_BIN).join(name);
+    p.exists().then_some(p)
+}
+
+/// `spdk-rpc`; missing fails the test naming tests/spdk/deps.sh unless TIDEMARK_SKIP_SPDK=1
+/// says to skip (None).
+pub fn require_spdk_rpc() -> Option<PathBuf> {
+    let rpc = spdk_tool("spdk-rpc");
+    if rpc.is_none() {
+        if std::env::var("TIDEMARK_SKIP_SPDK").as_deref() == Ok("1") {
+            eprintln!("skipping: spdk-rpc missing and TIDEMARK_SKIP_SPDK=1");
+            return None;
+        }
+        panic!("spdk-rpc not installed: run tests/spdk/deps.sh (or set TIDEMARK_SKIP_SPDK=1 to skip)");
+    }
+    rpc
+}
+
 /// Path of a file next to the test sources (`tests/...`).
 pub fn tests_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))

@@ -29,9 +29,8 @@ fn option(name: impl Into<String>, value: &'static str) -> Arg {
 /// `method`'s parameters as options (`--json` too); rows inside arrays are left out: the CLI
 /// sets an array whole (`--luns '[...]'`).
 fn method_options(method: &tidemark::module::MethodDecl) -> Vec<Arg> {
-    let mut args: Vec<Arg> = reference::params(method)
-        .map(|p| p.params.into_iter().filter(|a| !a.name.contains("[]")).map(|a| option(a.name, "VALUE").help(a.ty)).collect())
-        .unwrap_or_default();
+    let mut args: Vec<Arg> =
+        reference::params(method).params.into_iter().filter(|a| !a.name.contains("[]")).map(|a| option(a.name, "VALUE").help(a.ty)).collect();
     args.push(option("json", "JSON").help("all parameters as one JSON object"));
     args
 }
