@@ -15,7 +15,7 @@
 //! `run_seed(seed)` replays one seed exactly; a failure message names the seed.
 
 use super::blocks::{check_values, fill, read_tags};
-use super::schedule::{step, trace};
+use super::schedule::{idle, step, trace};
 use super::tasks::{alive, fail, HasRun, RunState};
 use super::{crash_point, device, model};
 use crate::bdev::{BdevEntry, BdevRegistry, Channel};
@@ -206,17 +206,8 @@ impl World {
     }
 
     /// Runs until `done` or idle; Err on deadlock or a step budget overrun.
-    fn run_until(&self, rng: &mut ChaCha8Rng, steps: &mut u64, mut done: impl FnMut() -> bool) -> Result<(), String> {
-        while !done() {
-            *steps += 1;
-            if *steps > MAX_STEPS {
-                return Err("step budget exhausted (livelock?)".into());
-            }
-            if !step(&self.cores, rng) {
-                return Err("deadlock: no core has work and no timer is set, but tasks wait".into());
-            }
-        }
-        Ok(())
+    fn run_until(&self, rng: &mut ChaCha8Rng, steps: &mut u64, done: impl FnMut() -> bool) -> Result<(), String> {
+        super::schedule::run_until(&self.cores, rng, steps, MAX_STEPS, done)
     }
 
     /// Closes the volume and lets every task end; devices must already be dead or quiet.
@@ -698,7 +689,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         if life > 0 {
             let (sh2, vol, reg) = (sh.clone(), world.vol.clone(), world.registry.clone());
             world.cores.enter(world.home, || reactor::spawn_detached(check_recovery(sh2, vol, reg, blocks)));
-            world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+            world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
             if let Some(f) = sh.borrow().run.failure.clone() {
                 return Err(f);
             }
@@ -763,10 +754,10 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
             continue;
         }
         // The run ended without a crash: let seals finish, then check everything.
-        world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+        world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
         let (sh2, vol) = (sh.clone(), world.vol.clone());
         world.cores.enter(world.home, || reactor::spawn_detached(check_final(sh2, vol, blocks)));
-        world.run_until(&mut rng, &mut steps, || (0..cfg.cores).all(|c| !world.cores.has_work(c)) && world.cores.next_timer().is_none())?;
+        world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
         if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }

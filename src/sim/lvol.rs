@@ -25,7 +25,7 @@
 use super::blocks::{check_values, fill, read_tags};
 use super::device::{Latency, SimDevice, SIM_BLOCK};
 use super::model::Model;
-use super::schedule::{step, trace};
+use super::schedule::{idle, step, trace};
 use super::tasks::{alive, fail, HasRun, RunState};
 use crate::bdev::{BdevEntry, BdevError, BdevRegistry, Channel, IoBuf};
 use crate::bdevs::lvol::{self, sim as pool, LvolError, Store};
@@ -248,21 +248,8 @@ impl World {
         Ok(World { cores, registry, dev, store })
     }
 
-    fn idle(&self) -> bool {
-        (0..self.cores.count()).all(|c| !self.cores.has_work(c)) && self.cores.next_timer().is_none()
-    }
-
-    fn run_until(&self, rng: &mut ChaCha8Rng, steps: &mut u64, mut done: impl FnMut() -> bool) -> Result<(), String> {
-        while !done() {
-            *steps += 1;
-            if *steps > MAX_STEPS {
-                return Err("step budget exhausted (livelock?)".into());
-            }
-            if !step(&self.cores, rng) {
-                return Err("deadlock: no core has work and no timer is set, but tasks wait".into());
-            }
-        }
-        Ok(())
+    fn run_until(&self, rng: &mut ChaCha8Rng, steps: &mut u64, done: impl FnMut() -> bool) -> Result<(), String> {
+        super::schedule::run_until(&self.cores, rng, steps, MAX_STEPS, done)
     }
 
     fn teardown(self, rng: &mut ChaCha8Rng) {
@@ -939,7 +926,7 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
         } else {
             let (sh2, reg, st) = (sh.clone(), world.registry.clone(), world.store.clone());
             world.cores.enter(0, || reactor::spawn_detached(check_recovery(sh2, reg, st)));
-            world.run_until(&mut rng, &mut steps, || world.idle())?;
+            world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
             if let Some(f) = sh.borrow().run.failure.clone() {
                 return Err(f);
             }
@@ -980,10 +967,10 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
             world.teardown(&mut rng);
             continue;
         }
-        world.run_until(&mut rng, &mut steps, || world.idle())?;
+        world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
         let (sh2, st) = (sh.clone(), world.store.clone());
         world.cores.enter(0, || reactor::spawn_detached(check_final(sh2, st)));
-        world.run_until(&mut rng, &mut steps, || world.idle())?;
+        world.run_until(&mut rng, &mut steps, || idle(&world.cores))?;
         if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }

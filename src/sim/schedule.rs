@@ -23,6 +23,26 @@ pub fn trace(what: impl FnOnce() -> String) {
     }
 }
 
+/// No core has work and no timer is set: every task has finished (or waits for nothing).
+pub fn idle(cores: &ManualCores) -> bool {
+    (0..cores.count()).all(|c| !cores.has_work(c)) && cores.next_timer().is_none()
+}
+
+/// Steps the cores until `done`; Err on a deadlock (tasks wait, nothing can run) or after
+/// `max_steps` steps in all (`steps` counts across calls: a livelock).
+pub fn run_until(cores: &ManualCores, rng: &mut ChaCha8Rng, steps: &mut u64, max_steps: u64, mut done: impl FnMut() -> bool) -> Result<(), String> {
+    while !done() {
+        *steps += 1;
+        if *steps > max_steps {
+            return Err("step budget exhausted (livelock?)".into());
+        }
+        if !step(cores, rng) {
+            return Err("deadlock: no core has work and no timer is set, but tasks wait".into());
+        }
+    }
+    Ok(())
+}
+
 /// Steps a random core with work, else advances time to the next timer. False when there is
 /// neither: every task waits for something that will never come (or all is done).
 pub fn step(cores: &ManualCores, rng: &mut ChaCha8Rng) -> bool {
