@@ -85,9 +85,16 @@ fn round_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
 
-/// Bytes a slot needs for a store of at most `clusters` clusters and [`MAX_VOLUMES`] volumes.
+/// Bytes a record of `volumes` volumes whose maps hold `entries` entries in all takes, at most.
+pub fn record_bound(volumes: usize, entries: u64) -> u64 {
+    (HEADER_MAX + volumes * VOLUME_MAX) as u64 + entries * 8
+}
+
+/// Bytes a slot needs for a store of at most `clusters` clusters and [`MAX_VOLUMES`] volumes,
+/// each cluster mapped once. Snapshots and clones map shared clusters again: the store keeps
+/// them within what the volume records leave unused (`Store::check_metadata_room`).
 pub fn slot_bytes(clusters: u64, block_size: u32) -> u64 {
-    round_up((HEADER_MAX + MAX_VOLUMES * VOLUME_MAX) as u64 + clusters * 8, block_size as u64)
+    round_up(record_bound(MAX_VOLUMES, clusters), block_size as u64)
 }
 
 /// Places the two slots and the data clusters; `None` if not one data cluster fits.

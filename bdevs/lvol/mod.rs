@@ -356,8 +356,19 @@ impl Store {
                 st.seq += 1;
                 (g, self.record(&st, st.seq).encode(), 1 - st.cur_slot)
             };
-            debug_assert!(bytes.len() as u64 <= self.slot_bytes, "the slot is sized for the largest record");
-            let r = self.write_slot(ch, slot, &bytes).await;
+            // `check_metadata_room` keeps every record within its slot; should one still not
+            // fit, writing it would overwrite the other slot (the previous state) or data.
+            let r = if bytes.len() as u64 > self.slot_bytes {
+                log::error!(
+                    "lvol store {}: metadata record of {} bytes does not fit its {}-byte slot; not written",
+                    self.st().name,
+                    bytes.len(),
+                    self.slot_bytes
+                );
+                Err(BdevError::NoSpace)
+            } else {
+                self.write_slot(ch, slot, &bytes).await
+            };
             self.commits.fetch_add(1, Relaxed);
             let mut st = self.st();
             if r.is_ok() {
@@ -660,6 +671,7 @@ impl Store {
         let live = {
             let mut st = self.st();
             self.check_new(&st, "lvol_name", name)?;
+            self.check_metadata_room(&st, "lvol_name", 1, 0)?;
             if !thin && clusters > st.free_count - st.reserved {
                 return Err(LvolError::NoSpace(format!(
                     "field `size_in_mib`: a thick volume of {clusters} clusters does not fit in the {} free clusters of lvol store {}",
@@ -732,6 +744,24 @@ impl Store {
         }
     }
 
+    /// Whether the metadata record keeps its room, once an operation adds `volumes` volumes
+    /// and `entries` map entries, for a first write to every free cluster. The slot holds one
+    /// entry per cluster plus the volume records (layout::slot_bytes); snapshots and clones map
+    /// shared clusters again, so they may use only what the volume records leave unused, and a
+    /// new volume only what the shared entries leave. Without sharing this always holds.
+    fn check_metadata_room(&self, st: &State, field: &str, volumes: usize, entries: u64) -> Result<(), LvolError> {
+        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
+        if layout::record_bound(st.vols.len() + volumes, mapped + entries + st.free_count) <= self.slot_bytes {
+            return Ok(());
+        }
+        Err(LvolError::NoSpace(format!(
+            "field `{field}`: the metadata of lvol store {} has no room for {volumes} more volume(s) and {entries} more cluster references \
+             ({} volumes and {mapped} references now: snapshots and clones count each shared cluster again); delete snapshots or clones first",
+            st.name,
+            st.vols.len()
+        )))
+    }
+
     /// Checks a new volume's name and the volume count (under the state lock).
     fn check_new(&self, st: &State, field: &str, name: &str) -> Result<(), LvolError> {
         if st.vols.len() >= layout::MAX_VOLUMES {
@@ -769,6 +799,8 @@ impl Store {
             if v.rec.snapshot {
                 return Err(LvolError::Invalid(format!("field `lvol_name`: lvol {} is a snapshot already (clone it, then snapshot the clone)", v.rec.name)));
             }
+            let captured = st.pending.keys().filter(|(u, _)| *u == uuid).count() as u64;
+            self.check_metadata_room(&st, "snapshot_name", 1, v.map.len() as u64 + captured)?;
             let mut map = v.map.clone();
             let rec = VolumeRecord {
                 uuid: snap,
@@ -825,6 +857,7 @@ impl Store {
             if !s.rec.snapshot {
                 return Err(LvolError::Invalid(format!("field `snapshot_name`: lvol {snap_name} is not a snapshot (clone a snapshot of it)")));
             }
+            self.check_metadata_room(&st, "clone_name", 1, s.map.len() as u64)?;
             let rec = VolumeRecord {
                 uuid,
                 name: name.to_string(),
@@ -924,6 +957,8 @@ impl Store {
             if st.pending.keys().any(|(u, _)| *u == uuid) {
                 return Err(LvolError::Busy("field `name`: the volume has first writes in flight; retry".into()));
             }
+            // Its own entries go once the commit is durable; the record holds the snapshot's.
+            self.check_metadata_room(&st, "snapshot_name", 0, (smap.len() as u64).saturating_sub(v.map.len() as u64))?;
             for &p in smap.values() {
                 st.refs[p as usize] += 1;
             }

@@ -589,6 +589,46 @@ proptest::proptest! {
     }
 }
 
+/// Snapshots map shared clusters again, and the metadata slot holds one entry per cluster plus
+/// the volume records: a snapshot that would leave no room for first writes to the free clusters
+/// is refused, before anything changes (on the old code the eighth snapshot's record was larger
+/// than its slot and overwrote the other slot).
+#[test]
+fn a_snapshot_the_metadata_has_no_room_for_is_refused_and_changes_nothing() {
+    let f = fixture(64 << 20);
+    let g = f.base.claim("lvs").unwrap();
+    // Small clusters: many references for little data.
+    let s = f.cores.block_on(0, async move { Store::create(g, "lvs0", 4096, 2).await.unwrap() });
+    let v = f.vol(&s, "a", 16, true);
+    for mib in 0..16u64 {
+        f.write(&v, mib * 2048, mib as u8 + 1, 2048).unwrap();
+    }
+    let mut snaps = Vec::new();
+    let refused = loop {
+        match f.snapshot(&s, &v, &format!("s{}", snaps.len())) {
+            Ok(e) => snaps.push(e),
+            Err(e) => break e,
+        }
+        assert!(snaps.len() < 8, "eight snapshots of 4,096 clusters each do not fit the slot, and none was refused");
+    };
+    assert!(matches!(&refused, LvolError::NoSpace(m) if m.contains("snapshot_name") && m.contains("metadata")), "{refused:?}");
+    let n = snaps.len();
+    assert!(n >= 1, "the first snapshot fits");
+    assert_eq!(s.volume_count(), 1 + n, "the refused snapshot left nothing behind");
+    check_refs(&s);
+    let mut vols = vec![v];
+    vols.extend(snaps);
+    let (s, vols) = f.reopen(s, vols);
+    assert_eq!(vols.len(), 1 + n);
+    assert_eq!(f.read(&vols["a"], 15 * 2048, 1), vec![16u8; BS as usize]);
+    assert_eq!(f.read(&vols["s0"], 0, 1), vec![1u8; BS as usize]);
+    // Deleting a snapshot makes room again.
+    let (s0, a) = (vols["s0"].clone(), vols["a"].clone());
+    drop(vols);
+    f.delete(&s, s0).unwrap();
+    f.snapshot(&s, &a, "again").unwrap();
+}
+
 #[test]
 fn a_grown_volume_still_copies_its_shared_clusters() {
     let f = fixture(8 << 20);
