@@ -430,6 +430,12 @@ impl Store {
         if !thick_reserve && st.free_count <= st.reserved {
             return None;
         }
+        // A first write adds an entry to the record (a copy replaces one): with snapshots and
+        // clones sharing many clusters the record can be full before the pool is, and then
+        // first writes fail as on a full pool until a delete makes room.
+        if !cow && !self.record_fits(st, 0, 1) {
+            return None;
+        }
         let p = st.refs.iter().position(|r| *r == 0)?;
         st.refs[p] = 1;
         st.free_count -= 1;
@@ -744,16 +750,24 @@ impl Store {
         }
     }
 
-    /// Whether the metadata record keeps its room, once an operation adds `volumes` volumes
-    /// and `entries` map entries, for a first write to every free cluster. The slot holds one
-    /// entry per cluster plus the volume records (layout::slot_bytes); snapshots and clones map
-    /// shared clusters again, so they may use only what the volume records leave unused, and a
-    /// new volume only what the shared entries leave. Without sharing this always holds.
-    fn check_metadata_room(&self, st: &State, field: &str, volumes: usize, entries: u64) -> Result<(), LvolError> {
+    /// Whether the metadata record still fits its slot once `volumes` volumes and `entries`
+    /// map entries are added. The slot holds one entry per cluster plus the volume records
+    /// (layout::slot_bytes), so without sharing it always fits; snapshots and clones map shared
+    /// clusters again and use what unused volume records leave.
+    fn record_fits(&self, st: &State, volumes: usize, entries: u64) -> bool {
+        // Pending entries (first writes and copies under way) are counted too: each may join
+        // the record (a copy's replaces one, so this errs on the safe side).
         let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
-        if layout::record_bound(st.vols.len() + volumes, mapped + entries + st.free_count) <= self.slot_bytes {
+        layout::record_bound(st.vols.len() + volumes, mapped + entries) <= self.slot_bytes
+    }
+
+    /// [`Store::record_fits`] for an RPC: refused with ENOSPC naming the metadata, before
+    /// anything changes.
+    fn check_metadata_room(&self, st: &State, field: &str, volumes: usize, entries: u64) -> Result<(), LvolError> {
+        if self.record_fits(st, volumes, entries) {
             return Ok(());
         }
+        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
         Err(LvolError::NoSpace(format!(
             "field `{field}`: the metadata of lvol store {} has no room for {volumes} more volume(s) and {entries} more cluster references \
              ({} volumes and {mapped} references now: snapshots and clones count each shared cluster again); delete snapshots or clones first",

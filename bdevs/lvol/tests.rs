@@ -590,11 +590,12 @@ proptest::proptest! {
 }
 
 /// Snapshots map shared clusters again, and the metadata slot holds one entry per cluster plus
-/// the volume records: a snapshot that would leave no room for first writes to the free clusters
-/// is refused, before anything changes (on the old code the eighth snapshot's record was larger
-/// than its slot and overwrote the other slot).
+/// the volume records: a snapshot whose record would not fit is refused before anything changes,
+/// and first writes fail as on a full pool (though clusters are free) until a delete makes room.
+/// On the old code the seventh snapshot's record was larger than its slot and overwrote the
+/// other slot.
 #[test]
-fn a_snapshot_the_metadata_has_no_room_for_is_refused_and_changes_nothing() {
+fn metadata_that_would_outgrow_its_slot_refuses_snapshots_and_first_writes_until_room_is_made() {
     let f = fixture(64 << 20);
     let g = f.base.claim("lvs").unwrap();
     // Small clusters: many references for little data.
@@ -616,17 +617,35 @@ fn a_snapshot_the_metadata_has_no_room_for_is_refused_and_changes_nothing() {
     assert!(n >= 1, "the first snapshot fits");
     assert_eq!(s.volume_count(), 1 + n, "the refused snapshot left nothing behind");
     check_refs(&s);
-    let mut vols = vec![v];
+
+    // The record is nearly full: first writes to a new volume fail as on a full pool while
+    // the pool still has free clusters; writes to allocated clusters go on.
+    let b = f.vol(&s, "b", 16, true);
+    let mut written = 0u64;
+    let err = loop {
+        match f.write(&b, written * 8, 0xB0, 8) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 4096, "the record never filled");
+    };
+    assert_eq!(err, BdevError::NoSpace);
+    assert!(s.free_clusters() > 1000, "clusters are free: {}", s.free_clusters());
+    f.write(&b, 0, 0xB1, 8).unwrap();
+    check_refs(&s);
+
+    let mut vols = vec![v, b];
     vols.extend(snaps);
     let (s, vols) = f.reopen(s, vols);
-    assert_eq!(vols.len(), 1 + n);
+    assert_eq!(vols.len(), 2 + n);
     assert_eq!(f.read(&vols["a"], 15 * 2048, 1), vec![16u8; BS as usize]);
     assert_eq!(f.read(&vols["s0"], 0, 1), vec![1u8; BS as usize]);
+    assert_eq!(f.read(&vols["b"], 0, 1), vec![0xB1; BS as usize]);
     // Deleting a snapshot makes room again.
-    let (s0, a) = (vols["s0"].clone(), vols["a"].clone());
+    let (s0, b) = (vols["s0"].clone(), vols["b"].clone());
     drop(vols);
     f.delete(&s, s0).unwrap();
-    f.snapshot(&s, &a, "again").unwrap();
+    f.write(&b, written * 8, 0xB2, 8).unwrap();
 }
 
 #[test]
