@@ -172,6 +172,30 @@ struct Pending {
     /// A snapshot taken while the entry was pending owns the cluster too: later writers wait
     /// for the entry to be published and then copy it.
     captured: bool,
+    /// A copy-on-write's fill waits for the seal of this epoch (the snapshot that shared the
+    /// source): a writer whose ticket is of this epoch or older must not wait for the fill
+    /// while holding its ticket.
+    seal_wait: Option<u64>,
+}
+
+/// What a write to one cluster does, settled by [`Store::plan_piece`] without waiting.
+enum Role {
+    /// Mapped to this volume alone: written in place.
+    Mapped(u32),
+    /// A first write or a copy-on-write: this writer made the pending entry and fills it.
+    Fill { phys: u32, from: Option<u32>, cow_epoch: u64 },
+    /// Another writer's pending entry, filled: written there.
+    Ready(u32),
+    /// Another writer's pending entry, being filled: written there once `rx` fires (or
+    /// planned again if the fill fails and drops the sender).
+    WaitFill { phys: u32, seal_wait: Option<u64>, rx: oneshot::Receiver<()> },
+    /// Another writer's entry a snapshot captured: copied once it is published (committed,
+    /// once its writer gave it a generation).
+    WaitPublish(Option<u64>),
+    /// A `Fill` done: this writer's new cluster, ready for its data.
+    Filled(u32),
+    /// A `Fill` given back (an earlier fill of the write failed).
+    Abandoned,
 }
 
 struct State {
@@ -501,6 +525,65 @@ impl Store {
         ch.write_buf(block, &buf).await
     }
 
+    /// Settles, without waiting, what a write to `logical` of volume `vol` does: write in place
+    /// (mapped and not shared), fill a new cluster of its own (a first write, or a copy of a
+    /// shared cluster: the pending entry is made here), or wait for another writer's fill.
+    fn plan_piece(&self, st: &mut State, vol: &VolLive, uuid: Uuid, logical: u32) -> Result<Role, BdevError> {
+        let cow_epoch = st.cow_epoch;
+        Ok(match (vol.lookup_shared(logical as u64), st.pending.get_mut(&(uuid, logical))) {
+            (Some((p, false)), _) => Role::Mapped(p),
+            // Captured by a snapshot while pending: wait for the publish, then copy.
+            (_, Some(p)) if p.captured => Role::WaitPublish(p.gen),
+            (_, Some(p)) if p.ready => Role::Ready(p.phys),
+            (_, Some(p)) => {
+                let (tx, rx) = oneshot::channel();
+                p.ready_waiters.push(tx);
+                Role::WaitFill { phys: p.phys, seal_wait: p.seal_wait, rx }
+            }
+            (shared, None) => {
+                let from = shared.map(|(p, _)| p);
+                let phys = self.alloc_cluster(st, uuid, from.is_some()).ok_or(BdevError::NoSpace)?;
+                let seal_wait = from.map(|_| cow_epoch);
+                st.pending
+                    .insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None, cow_from: None, captured: false, seal_wait });
+                Role::Fill { phys, from, cow_epoch }
+            }
+        })
+    }
+
+    /// Zeroes or copies the cluster of a pending entry this writer made in [`Self::plan_piece`]
+    /// and marks it ready (or, on failure, gives it back: its waiters plan again).
+    async fn fill(&self, ch: &Channel, uuid: Uuid, logical: u32, phys: u32, from: Option<u32>, cow_epoch: u64, ticket: &mut Option<EpochTicket>) -> IoResult {
+        let r = match from {
+            None => self.zero(ch, self.cluster_block(phys), self.blocks_per_cluster()).await,
+            Some(src) => self.copy_cluster(ch, src, phys, cow_epoch, ticket).await,
+        };
+        let mut st = self.st();
+        match r {
+            Ok(()) => {
+                let p = st.pending.get_mut(&(uuid, logical)).expect("only its filler removes a pending entry before it is ready");
+                p.ready = true;
+                for w in p.ready_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon(&mut st, uuid, logical);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives back the cluster of a pending entry its filler will not fill; waiters retry (and
+    /// try to allocate again).
+    fn abandon(&self, st: &mut State, uuid: Uuid, logical: u32) {
+        if let Some(p) = st.pending.remove(&(uuid, logical)) {
+            drop(p.ready_waiters);
+            self.release(st, Some(uuid), &[p.phys]);
+        }
+    }
+
     /// The physical cluster for a write to `logical` of volume `vol`, and whether it is a new
     /// (pending) one: allocated and zeroed for a first write, or a copy of a shared cluster.
     /// The caller holds `ticket`; every wait here on another writer or on a seal gives it up
@@ -514,77 +597,40 @@ impl Store {
         ticket: &mut Option<EpochTicket>,
     ) -> Result<(u32, bool), BdevError> {
         loop {
-            enum Role {
-                Mapped(u32),
-                Fill(u32, Option<u32>),
-                Wait(Option<oneshot::Receiver<()>>),
-                Ready(u32),
-            }
-            let (role, cow_epoch) = {
-                let mut st = self.st();
-                let role = match (vol.lookup_shared(logical as u64), st.pending.get_mut(&(uuid, logical))) {
-                    (Some((p, false)), _) => Role::Mapped(p),
-                    // Captured by a snapshot while pending: wait for the publish, then copy.
-                    (_, Some(p)) if p.captured => Role::Wait(None),
-                    (_, Some(p)) if p.ready => Role::Ready(p.phys),
-                    (_, Some(p)) => {
-                        let (tx, rx) = oneshot::channel();
-                        p.ready_waiters.push(tx);
-                        Role::Wait(Some(rx))
-                    }
-                    (shared, None) => {
-                        let from = shared.map(|(p, _)| p);
-                        let phys = self.alloc_cluster(&mut st, uuid, from.is_some()).ok_or(BdevError::NoSpace)?;
-                        st.pending
-                            .insert((uuid, logical), Pending { phys, ready: false, ready_waiters: Vec::new(), gen: None, cow_from: None, captured: false });
-                        Role::Fill(phys, from)
-                    }
-                };
-                (role, st.cow_epoch)
-            };
-            let (phys, from) = match role {
+            let role = self.plan_piece(&mut self.st(), vol, uuid, logical)?;
+            match role {
                 Role::Mapped(p) => return Ok((p, false)),
                 Role::Ready(p) => return Ok((p, true)),
-                Role::Wait(rx) => {
+                Role::WaitFill { rx, .. } => {
                     // Not holding our ticket while we wait: the one we wait for may be waiting
                     // for the seal of our epoch.
-                    if let Some(t) = ticket.take() {
-                        self.tracker.exit(t);
-                    }
-                    match rx {
-                        Some(rx) => {
-                            let _ = rx.await;
-                        }
+                    self.leave(ticket);
+                    let _ = rx.await;
+                    *ticket = Some(self.tracker.enter());
+                }
+                Role::WaitPublish(gen) => {
+                    self.leave(ticket);
+                    match gen {
+                        // Its writer may commit only once its whole write is done, which may
+                        // wait for this one: commit it here.
+                        Some(gen) => self.wait_durable(ch, gen).await?,
                         None => crate::reactor::sleep(std::time::Duration::from_micros(50)).await,
                     }
                     *ticket = Some(self.tracker.enter());
-                    continue;
                 }
-                Role::Fill(phys, from) => (phys, from),
-            };
-            let r = match from {
-                None => self.zero(ch, self.cluster_block(phys), self.blocks_per_cluster()).await,
-                Some(src) => self.copy_cluster(ch, src, phys, cow_epoch, ticket).await,
-            };
-            let mut st = self.st();
-            match r {
-                Ok(()) => {
-                    let p = st.pending.get_mut(&(uuid, logical)).expect("only its filler removes a pending entry before it is ready");
-                    p.ready = true;
-                    for w in p.ready_waiters.drain(..) {
-                        let _ = w.send(());
-                    }
+                // What a write's own plan turns a `Fill` into, never what a plan returns.
+                Role::Filled(_) | Role::Abandoned => unreachable!("plan_piece returned a finished role"),
+                Role::Fill { phys, from, cow_epoch } => {
+                    self.fill(ch, uuid, logical, phys, from, cow_epoch, ticket).await?;
                     return Ok((phys, true));
                 }
-                Err(e) => {
-                    // Give the cluster back; waiters retry (and try to allocate again).
-                    if let Some(p) = st.pending.remove(&(uuid, logical)) {
-                        drop(p.ready_waiters);
-                    }
-                    self.release(&mut st, Some(uuid), &[phys]);
-                    return Err(e);
-                }
             }
+        }
+    }
+
+    fn leave(&self, ticket: &mut Option<EpochTicket>) {
+        if let Some(t) = ticket.take() {
+            self.tracker.exit(t);
         }
     }
 
@@ -593,9 +639,7 @@ impl Store {
     async fn copy_cluster(&self, ch: &Channel, src: u32, dst: u32, cow_epoch: u64, ticket: &mut Option<EpochTicket>) -> IoResult {
         if !self.tracker.is_sealed(cow_epoch) {
             // Our ticket may be of that very epoch: give it up while we wait.
-            if let Some(t) = ticket.take() {
-                self.tracker.exit(t);
-            }
+            self.leave(ticket);
             while !self.tracker.is_sealed(cow_epoch) {
                 crate::reactor::sleep(std::time::Duration::from_micros(50)).await;
             }
@@ -635,29 +679,39 @@ impl Store {
     /// dropped but listed there (the caller zeroes it through the write path): dropping it
     /// would not stop the entry's publish, which maps the cluster again, and a copy brings the
     /// unmapped data back.
-    async fn drop_clusters(&self, ch: &Channel, uuid: Uuid, logicals: impl Iterator<Item = u32>, mut keep_pending: Option<&mut Vec<u32>>) -> IoResult {
-        let freed: Vec<u32> = {
-            let mut guard = self.st();
-            let st = &mut *guard;
-            let Some(v) = st.vols.get_mut(&uuid) else { return Ok(()) };
-            let mut freed = Vec::new();
-            for l in logicals {
-                if let Some(kept) = keep_pending.as_deref_mut() {
-                    if st.pending.contains_key(&(uuid, l)) {
-                        kept.push(l);
-                        continue;
-                    }
-                }
-                if let Some(p) = v.map.remove(&l) {
-                    if v.live.lookup(l as u64) == Some(p) {
-                        v.live.set(l, None);
-                        v.live.allocated.fetch_sub(1, Relaxed);
-                    }
-                    freed.push(p);
+    async fn drop_clusters(&self, ch: &Channel, uuid: Uuid, logicals: impl Iterator<Item = u32>, keep_pending: Option<&mut Vec<u32>>) -> IoResult {
+        let freed = self.unmap_now(uuid, logicals, keep_pending);
+        self.release_dropped(ch, uuid, freed).await
+    }
+
+    /// The first half of [`Self::drop_clusters`], without waiting: the clusters leave the maps
+    /// (read as zeros from here on); returns the physical clusters to release.
+    fn unmap_now(&self, uuid: Uuid, logicals: impl Iterator<Item = u32>, mut keep_pending: Option<&mut Vec<u32>>) -> Vec<u32> {
+        let mut guard = self.st();
+        let st = &mut *guard;
+        let Some(v) = st.vols.get_mut(&uuid) else { return Vec::new() };
+        let mut freed = Vec::new();
+        for l in logicals {
+            if let Some(kept) = keep_pending.as_deref_mut() {
+                if st.pending.contains_key(&(uuid, l)) {
+                    kept.push(l);
+                    continue;
                 }
             }
-            freed
-        };
+            if let Some(p) = v.map.remove(&l) {
+                if v.live.lookup(l as u64) == Some(p) {
+                    v.live.set(l, None);
+                    v.live.allocated.fetch_sub(1, Relaxed);
+                }
+                freed.push(p);
+            }
+        }
+        freed
+    }
+
+    /// The second half of [`Self::drop_clusters`]: commits, waits for the I/O that may still
+    /// use the clusters, then frees them.
+    async fn release_dropped(&self, ch: &Channel, uuid: Uuid, freed: Vec<u32>) -> IoResult {
         if freed.is_empty() {
             return Ok(());
         }
@@ -1495,93 +1549,184 @@ impl LvolChannel {
         Ok(())
     }
 
+    /// A write holds one epoch ticket from its submission to its last block, and every piece
+    /// of it is settled before its first wait: a snapshot taken while the write is under way
+    /// then finds each of its clusters mapped (written in place: in the image, whose seal waits
+    /// for this ticket), pending (captured, with the data this write puts there) or already
+    /// shared (a copy, not in the image). So an image holds the whole of a write submitted
+    /// before the command (DESIGN §1), not only the pieces that reached their cluster first.
     async fn write(&self, offset: u64, count: u64, bufs: &[IoSlice<'_>]) -> IoResult {
         self.check(true, offset, count)?;
-        let bs = self.store.block_size as usize;
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut done = 0usize;
-        for (c, within, n) in self.pieces(offset, count) {
-            let len = n as usize * bs;
-            let whole = done == 0 && len == total;
-            // Fast path: the cluster is allocated and not shared; no lock, no metadata.
-            let t = self.store.tracker.enter();
-            if let Some((p, false)) = self.live.lookup_shared(c) {
-                let blk = self.store.cluster_block(p) + within;
-                let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
-                self.store.tracker.exit(t);
-                r?;
-                done += len;
-                continue;
+        let mut ticket = Some(self.store.tracker.enter());
+        // The common case, every cluster mapped to this volume alone, needs no plan (and no
+        // allocation): nothing can unmap or move a cluster while the ticket is held.
+        let plan = if self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))) {
+            None
+        } else {
+            match self.plan(offset, count) {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    self.store.leave(&mut ticket);
+                    return Err(e);
+                }
             }
-            // Slow path: a first write or a copy-on-write. The ticket is held from the lookup
-            // to the data written, so that a snapshot's seal covers a write it captured.
-            let logical = u32::try_from(c).map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) });
-            let mut ticket = Some(t);
-            let r = match logical {
-                Ok(logical) => match self.store.cluster_for_write(&self.base, &self.live, self.uuid, logical, &mut ticket).await {
-                    Ok((p, first)) => {
-                        let blk = self.store.cluster_block(p) + within;
-                        let r = if whole { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
-                        r.map(|()| (logical, p, first))
+        };
+        let (gen, r) = self.write_pieces(offset, count, bufs, plan, &mut ticket).await;
+        // The data has landed: a snapshot's seal need not wait for the metadata commit too.
+        self.store.leave(&mut ticket);
+        // Committed even when a later piece failed: the entries of the pieces written are
+        // pending until a commit publishes them (a revert, say, waits for none to be left).
+        match gen {
+            Some(gen) => self.store.wait_durable(&self.base, gen).await.and(r),
+            None => r,
+        }
+    }
+
+    /// Settles every piece of a write at once (see [`Self::write`]); on a refusal (a full pool)
+    /// gives back what it took, so the write fails whole.
+    fn plan(&self, offset: u64, count: u64) -> Result<Vec<Role>, BdevError> {
+        let store = &self.store;
+        let mut st = store.st();
+        let mut plan = Vec::new();
+        for (c, _, _) in self.pieces(offset, count) {
+            let planned = u32::try_from(c)
+                .map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) })
+                .and_then(|l| store.plan_piece(&mut st, &self.live, self.uuid, l));
+            match planned {
+                Ok(role) => plan.push(role),
+                Err(e) => {
+                    for (l, role) in plan.iter().enumerate() {
+                        if let Role::Fill { .. } = role {
+                            store.abandon(&mut st, self.uuid, (offset / self.bpc()) as u32 + l as u32);
+                        }
                     }
-                    Err(e) => Err(e),
+                    return Err(e);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Writes the pieces as planned (`None`: all mapped, in place) while the ticket taken at
+    /// submission is held. A wait that had to give the ticket up (a copy waiting for a seal
+    /// this write's epoch is part of) ends the plan's cover: the rest is settled afresh, as a
+    /// write of the later epoch. Returns the commit generation the new clusters' entries need
+    /// (also when a piece failed) and the outcome.
+    async fn write_pieces(
+        &self,
+        offset: u64,
+        count: u64,
+        bufs: &[IoSlice<'_>],
+        plan: Option<Vec<Role>>,
+        ticket: &mut Option<EpochTicket>,
+    ) -> (Option<u64>, IoResult) {
+        let store = &self.store;
+        let bs = store.block_size as usize;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let epoch0 = ticket.as_ref().map(EpochTicket::epoch);
+        let first_cluster = offset / self.bpc();
+        let mut failed = None;
+        let mut plan = plan;
+        // Fills first: other writers may wait for these clusters with their tickets held, and
+        // a fill waits for nothing of theirs; filling in piece order instead, behind this
+        // write's own waits, lets two writes wait for each other.
+        for (i, role) in plan.iter_mut().flatten().enumerate() {
+            if let Role::Fill { phys, from, cow_epoch } = *role {
+                let logical = (first_cluster + i as u64) as u32;
+                if failed.is_some() {
+                    // Unfilled, our entries would leave their waiters waiting forever.
+                    store.abandon(&mut store.st(), self.uuid, logical);
+                    *role = Role::Abandoned;
+                    continue;
+                }
+                match store.fill(&self.base, self.uuid, logical, phys, from, cow_epoch, ticket).await {
+                    Ok(()) => *role = Role::Filled(phys),
+                    Err(e) => {
+                        *role = Role::Abandoned;
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        let mut roles = plan.map(Vec::into_iter);
+        let mut done = 0usize;
+        let mut gen = None;
+        for (c, within, n) in self.pieces(offset, count) {
+            let role = roles.as_mut().and_then(Iterator::next);
+            let logical = c as u32; // checked by the plan, or mapped (so within the map's range)
+            let len = n as usize * bs;
+            let held = ticket.as_ref().map(EpochTicket::epoch) == epoch0;
+            let target = match role {
+                Some(Role::Abandoned) => continue,
+                // A filled cluster (zeros or a copy) is published even if this write fails.
+                Some(Role::Filled(p)) if failed.is_some() => {
+                    gen = gen.max(store.add_entry(self.uuid, logical, p));
+                    continue;
+                }
+                _ if failed.is_some() => continue,
+                Some(Role::Filled(p)) => Ok((p, true)),
+                Some(Role::Mapped(p)) if held => Ok((p, false)),
+                Some(Role::Ready(p)) if held => Ok((p, true)),
+                // Waiting with the ticket held is safe when the fill waits for no seal of this
+                // write's epoch (a first write's zeroing, or a copy for an older snapshot).
+                Some(Role::WaitFill { phys, seal_wait, rx }) if held && epoch0.is_some_and(|e| seal_wait.is_none_or(|s| s < e)) => match rx.await {
+                    Ok(()) => Ok((phys, true)),
+                    Err(_) => store.cluster_for_write(&self.base, &self.live, self.uuid, logical, ticket).await,
                 },
+                None if held => match self.live.lookup(c) {
+                    Some(p) => Ok((p, false)),
+                    None => store.cluster_for_write(&self.base, &self.live, self.uuid, logical, ticket).await,
+                },
+                // A captured cluster, or the plan's cover ended: settled now (waits give up
+                // the ticket; see `cluster_for_write`).
+                _ => store.cluster_for_write(&self.base, &self.live, self.uuid, logical, ticket).await,
+            };
+            let r = match target {
+                Ok((phys, first)) => {
+                    let blk = store.cluster_block(phys) + within;
+                    let r = if done == 0 && len == total { self.base.write(blk, bufs).await } else { self.base.write(blk, &sub(bufs, done, len)).await };
+                    if first {
+                        gen = gen.max(store.add_entry(self.uuid, logical, phys));
+                    }
+                    r
+                }
                 Err(e) => Err(e),
             };
-            if let Some(t) = ticket {
-                self.store.tracker.exit(t);
-            }
-            let (logical, phys, first) = r?;
-            if first {
-                if let Some(gen) = self.store.add_entry(self.uuid, logical, phys) {
-                    self.store.wait_durable(&self.base, gen).await?;
-                }
+            if let Err(e) = r {
+                failed = Some(e);
             }
             done += len;
         }
-        Ok(())
+        (gen, failed.map_or(Ok(()), Err))
     }
 
     /// Unmap and write-zeroes: whole clusters of a thin volume are freed, the rest of the
-    /// range is zeroed where allocated (unallocated blocks read as zeros already).
+    /// range is zeroed where allocated (unallocated blocks read as zeros already). Settled at
+    /// submission as a write is (see [`Self::write`]): the whole clusters leave the map before
+    /// the first wait, and the zero writes (the range's partial ends, and clusters with a first
+    /// write pending, which a drop would not stop) take their tickets and plans in the same
+    /// first poll, so a snapshot taken while the unmap is under way holds all of it.
     async fn zero_range(&self, offset: u64, count: u64) -> IoResult {
         self.check(true, offset, count)?;
         let bpc = self.bpc();
         let mut whole = Vec::new();
-        let mut partial_shared = Vec::new();
+        let mut zero = Vec::new();
         for (c, within, n) in self.pieces(offset, count) {
-            let t = self.store.tracker.enter();
-            let r = match self.live.lookup(c) {
-                Some(_) if n == bpc => {
-                    whole.push(c as u32);
-                    Ok(())
-                }
-                Some(p) if !self.live.lookup_shared(c).is_some_and(|(_, s)| s) => self.store.zero(&self.base, self.store.cluster_block(p) + within, n).await,
-                // Part of a shared cluster: written as zeros, which copies it first.
-                Some(_) => {
-                    partial_shared.push((c * bpc + within, n));
-                    Ok(())
-                }
-                None => Ok(()),
-            };
-            self.store.tracker.exit(t);
-            r?;
-        }
-        for (at, n) in partial_shared {
-            let zeros = vec![0u8; (n * self.store.block_size as u64) as usize];
-            self.write(at, n, &[IoSlice::new(&zeros)]).await?;
+            if n == bpc {
+                whole.push(c as u32);
+            } else if self.live.lookup(c).is_some() {
+                zero.push((c * bpc + within, n));
+            }
         }
         let mut kept = Vec::new();
-        self.store.drop_clusters(&self.base, self.uuid, whole.into_iter(), Some(&mut kept)).await?;
-        if kept.is_empty() {
-            return Ok(());
-        }
-        let bpc = self.bpc();
-        let zeros = vec![0u8; (bpc * self.store.block_size as u64) as usize];
-        for c in kept {
-            self.write(c as u64 * bpc, bpc, &[IoSlice::new(&zeros)]).await?;
-        }
-        Ok(())
+        let freed = self.store.unmap_now(self.uuid, whole.into_iter(), Some(&mut kept));
+        zero.extend(kept.into_iter().map(|c| (c as u64 * bpc, bpc)));
+        let bs = self.store.block_size as u64;
+        let bufs: Vec<Vec<u8>> = zero.iter().map(|&(_, n)| vec![0u8; (n * bs) as usize]).collect();
+        let slices: Vec<[IoSlice<'_>; 1]> = bufs.iter().map(|b| [IoSlice::new(b)]).collect();
+        let writes = futures::future::join_all(zero.iter().zip(&slices).map(|(&(at, n), s)| self.write(at, n, s)));
+        let (written, released) = futures::join!(writes, self.store.release_dropped(&self.base, self.uuid, freed));
+        written.into_iter().collect::<IoResult>().and(released)
     }
 }
 
