@@ -29,7 +29,7 @@ crate::register_module! {
         ("bdev_lvol_load_lvstore", load_lvstore, LoadLvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it).", [&[
             (ENODEV, "the bdev does not exist or holds no lvol store"),
             (EBUSY, "something else holds the bdev"),
-            (EEXIST, "a store of that name or uuid is open from another bdev"),
+            (EEXIST, "a store of that name or uuid is open from another bdev, or a bdev has a volume's name"),
             (EIO, "the base bdev fails an I/O"),
         ]]),
         ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes.", [STORE, &[(EBUSY, "something holds one of its volumes")]]),

@@ -38,14 +38,13 @@ crate::register_module! {
         ("bdev_raid_delete", delete, Delete, "Deletes a mirror bdev.", [crate::bdevs::DELETE_ERRORS]),
         ("bdev_raid_add_base_bdev", add_base_bdev, AddBase, "Adds a leg to a mirror; it is resynchronised.", [&[
                 (ENODEV, "the raid bdev or the base bdev does not exist, or raid_bdev is not a raid bdev"),
-                (EBUSY, "something holds the base bdev (or the split image), or the mirror is shutting down, splitting or has no free slot"),
-                (EINVAL, "the base bdev does not fit the mirror (block size, size) or is an image of another mirror"),
+                (EBUSY, "something holds the base bdev (or the split image), it is a leg already, or the mirror is shutting down or still releasing it"),
+                (EINVAL, "the base bdev does not fit the mirror (block size, size, read-only), is an image of another mirror, or the mirror has no free slot"),
                 (EIO, "the superblocks cannot be written"),
             ]]),
         ("bdev_raid_remove_base_bdev", remove_base_bdev, crate::bdevs::ByName, "Removes a leg from its mirror.", [&[
                 (ENODEV, "the bdev does not exist or is not an active leg of a raid bdev"),
                 (EBUSY, "it is the last in-sync leg, or the mirror is resynchronising after a crash or shutting down"),
-                (EIO, "the superblocks cannot be written"),
             ]]),
         ("bdev_raid_set_options", set_options, SetOptions, "Sets the mirror module's options.", []),
         ("bdev_raid_open_split_image", open_split_image, OpenImage, "Opens a split leg's image as a bdev.", [crate::bdevs::NEW_NAME_ERRORS, crate::bdevs::BASE_ERRORS, &[(EINVAL, "the base bdev is not a leg split off a mirror"), (EIO, "its superblock cannot be read")]]),

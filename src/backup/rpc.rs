@@ -23,6 +23,7 @@ crate::register_module! {
             (EBUSY, "the snapshot is not sealed yet, or the most jobs run already"),
             (EPERM, "path is outside backup.root"),
             (EEXIST, "the output file exists"),
+            (EINVAL, "the volume cannot tell what changed between the two snapshots (incremental)"),
             (EIO, "the image or manifest cannot be written"),
         ]]),
         ("backup_get", backup_get, Get, "Describes backups: progress and result.", [&[(ENODEV, "no job has that id")]]),

@@ -257,4 +257,19 @@ mod tests {
         }
         assert!(d.windows(2).all(|w| w[0].order <= w[1].order), "modules are not in order");
     }
+
+    #[test]
+    fn every_declared_error_is_a_named_code_with_a_reason() {
+        for m in method_table(&declared()).values() {
+            for &(code, when) in m.errors.iter().flat_map(|s| s.iter()) {
+                assert!(crate::rpc::code_name(code).is_some(), "{}: error code {code} is none of crate::rpc's constants", m.name);
+                assert!(!when.trim().is_empty() && !when.ends_with('.'), "{}: error {code} needs a short reason without a final period: {when:?}", m.name);
+                assert!(
+                    ![crate::rpc::PARSE_ERROR, crate::rpc::INVALID_REQUEST, crate::rpc::METHOD_NOT_FOUND].contains(&code),
+                    "{}: {code} is the server's, not a method's",
+                    m.name
+                );
+            }
+        }
+    }
 }
