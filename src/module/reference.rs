@@ -207,7 +207,7 @@ on the reactors answers when one fails or does not answer in time. The codes, as
 | -5 (EIO) | an I/O error on a device or file (a store, a backup, a configuration file), or a listener that cannot bind |
 | -16 (EBUSY) | the object is in use (a bdev claimed or exported, a snapshot draining) |
 | -17 (EEXIST) | an object of that name or id exists |
-| -19 (ENODEV) | the named object (bdev, subsystem, target node, job, key) does not exist |
+| -19 (ENODEV) | the named object (bdev, lvol store, target node, job, key) does not exist (a missing NVMe-oF subsystem is -32602, as in SPDK) |
 | -22 (EINVAL) | the request does not fit the object (e.g. preserving a bdev that cannot be preserved) |
 | -28 (ENOSPC) | no room: a store or pool is full, no free LUN id or target node slot |
 | -110 (ETIMEDOUT) | a reactor did not answer in time, or sessions did not close in time |
