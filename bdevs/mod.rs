@@ -49,6 +49,19 @@ pub fn block_format_limits(
     ]
 }
 
+/// Errors of every `bdev_*_delete` method ([`delete_handler`]).
+pub const DELETE_ERRORS: &[crate::module::ErrorDoc] = &[
+    (crate::rpc::ENODEV, "the bdev does not exist, or another module made it"),
+    (crate::rpc::EBUSY, "something holds the bdev: a virtual bdev built on it, an export or a job"),
+];
+
+/// Errors of a method that registers a bdev under a name it is given.
+pub const NEW_NAME_ERRORS: &[crate::module::ErrorDoc] = &[(crate::rpc::EEXIST, "a bdev of that name exists")];
+
+/// Errors of a method that claims base bdevs it is given by name.
+pub const BASE_ERRORS: &[crate::module::ErrorDoc] =
+    &[(crate::rpc::ENODEV, "a base bdev does not exist"), (crate::rpc::EBUSY, "something holds a base bdev already: a virtual bdev, an export or a job")];
+
 /// Parameters of every `bdev_*_delete` method.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

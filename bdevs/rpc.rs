@@ -16,13 +16,17 @@ crate::register_module! {
     order: 10,
     construct: |_, _| Arc::new(BdevSubsystem),
     methods: [
-        ("bdev_get_bdevs", bdev_get_bdevs, GetBdevs, "Describes one bdev or every bdev."),
-        ("bdev_get_iostat", bdev_get_iostat, GetIostat, "I/O statistics of one bdev or every bdev."),
+        ("bdev_get_bdevs", bdev_get_bdevs, GetBdevs, "Describes one bdev or every bdev.", [&[(ENODEV, "the named bdev does not exist")]]),
+        ("bdev_get_iostat", bdev_get_iostat, GetIostat, "I/O statistics of one bdev or every bdev.", [&[(ENODEV, "a named bdev does not exist")]]),
         (
             "bdev_set_qos_limit",
             bdev_set_qos_limit,
             SetQosLimit,
-            "Sets a bdev's rate limits (I/Os per second, MiB per second; 0 = unlimited), held across all cores; I/O over a limit waits."
+            "Sets a bdev's rate limits (I/Os per second, MiB per second; 0 = unlimited), held across all cores; I/O over a limit waits.",
+            [&[
+                (ENODEV, "the bdev does not exist"),
+                (INTERNAL_ERROR, "a limit is refused: rw_ios_per_sec not a multiple of 1000, or a limit too large (SPDK's code)"),
+            ]]
         ),
     ],
 }

@@ -58,7 +58,8 @@ crate::register_module! {
         (
             "test_inject_panic",
             test_inject_panic, InjectPanic,
-            "Test only: {where: \"reactor\" | \"rpc\", core?} panics in a task on reactor core (default 0) or in the RPC handler."
+            "Test only: {where: \"reactor\" | \"rpc\", core?} panics in a task on reactor core (default 0) or in the RPC handler.",
+            []
         ),
     ],
 }

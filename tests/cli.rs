@@ -33,6 +33,10 @@ fn method_help_prints_the_parameters_without_a_daemon() {
     // Nested parameters read as the dotted names the CLI takes.
     let h = stdout(&cli(&["nvmf_subsystem_add_listener", "-h"]));
     assert!(h.contains("--listen_address.traddr"), "{h}");
+    // The errors the method declares, after its parameters.
+    let h = stdout(&cli(&["bdev_malloc_delete", "--help"]));
+    let errors = h.split("\nerrors:\n").nth(1).unwrap_or_else(|| panic!("no errors in {h}"));
+    assert!(errors.contains("-32602 (INVALID_PARAMS)") && errors.contains("-19 (ENODEV): the bdev does not exist") && errors.contains("-16 (EBUSY)"), "{h}");
 
     let o = cli(&["bdev_malloc_creat", "--help"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");

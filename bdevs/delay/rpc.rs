@@ -13,9 +13,9 @@ crate::register_module! {
     name: "delay",
     order: 11,
     methods: [
-        ("bdev_delay_create", create, Create, "Creates a bdev that delays each I/O to its base bdev."),
-        ("bdev_delay_update_latency", update, Update, "Changes one latency of a delay bdev."),
-        ("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>, crate::bdevs::ByName, "Deletes a delay bdev."),
+        ("bdev_delay_create", create, Create, "Creates a bdev that delays each I/O to its base bdev.", [crate::bdevs::NEW_NAME_ERRORS, crate::bdevs::BASE_ERRORS]),
+        ("bdev_delay_update_latency", update, Update, "Changes one latency of a delay bdev.", [&[(ENODEV, "the bdev does not exist or is not a delay bdev")]]),
+        ("bdev_delay_delete", crate::bdevs::delete_handler::<DelayBdev>, crate::bdevs::ByName, "Deletes a delay bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

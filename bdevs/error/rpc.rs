@@ -12,9 +12,9 @@ crate::register_module! {
     name: "error",
     order: 12,
     methods: [
-        ("bdev_error_create", create, Create, "Creates an error-injection bdev over a base bdev."),
-        ("bdev_error_inject_error", inject, Inject, "Makes an error bdev fail the next I/Os of a type."),
-        ("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>, crate::bdevs::ByName, "Deletes an error bdev."),
+        ("bdev_error_create", create, Create, "Creates an error-injection bdev over a base bdev.", [crate::bdevs::NEW_NAME_ERRORS, crate::bdevs::BASE_ERRORS]),
+        ("bdev_error_inject_error", inject, Inject, "Makes an error bdev fail the next I/Os of a type.", [&[(ENODEV, "the bdev does not exist or is not an error bdev")]]),
+        ("bdev_error_delete", crate::bdevs::delete_handler::<ErrorBdev>, crate::bdevs::ByName, "Deletes an error bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

@@ -7,7 +7,7 @@ use super::{LvolBdev, LvolError, Store, CLEAR_METHODS};
 use crate::bdev::Channel;
 use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
-use crate::module::{Ctx, Module};
+use crate::module::{Ctx, ErrorDoc, Module};
 use crate::rpc::{parse, RpcError, EBUSY, EEXIST, EIO, ENODEV, ENOSPC, INVALID_PARAMS};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,24 +20,40 @@ crate::register_module! {
     order: 12,
     construct: |_reactors, _config| Arc::new(LvolModule::default()),
     methods: [
-        ("bdev_lvol_create_lvstore", create_lvstore, CreateLvstore, "Creates an lvol store (a pool of volumes) on a bdev."),
-        ("bdev_lvol_load_lvstore", load_lvstore, LoadLvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it)."),
-        ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes."),
-        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores."),
-        ("bdev_lvol_rename_lvstore", rename_lvstore, RenameLvstore, "Renames an lvol store."),
-        ("bdev_lvol_create", create, Create, "Creates a volume in an lvol store."),
-        ("bdev_lvol_get_lvols", get_lvols, GetLvols, "Lists volumes of lvol stores."),
-        ("bdev_lvol_delete", delete, ByName, "Deletes a volume."),
-        ("bdev_lvol_rename", rename, Rename, "Renames a volume."),
-        ("bdev_lvol_resize", resize, Resize, "Resizes a volume."),
-        ("bdev_lvol_set_read_only", set_read_only, ByName, "Makes a volume read-only."),
-        ("bdev_lvol_snapshot", snapshot, Snapshot, "Takes a read-only snapshot of a volume without pausing its I/O."),
-        ("bdev_lvol_clone", clone, CloneParams, "Creates a thin writable clone of a snapshot."),
-        ("bdev_lvol_inflate", inflate, ByName, "Gives a volume its own copy of every cluster and drops its parent."),
-        ("bdev_lvol_decouple_parent", decouple_parent, ByName, "Detaches a volume from its parent snapshot."),
-        ("bdev_lvol_revert", revert, Revert, "Reverts a volume to a snapshot's content (tidemark)."),
+        ("bdev_lvol_create_lvstore", create_lvstore, CreateLvstore, "Creates an lvol store (a pool of volumes) on a bdev.", [&[
+            (EEXIST, "an lvol store of that name exists, or the bdev holds one"),
+            (ENODEV, "the bdev does not exist"),
+            (EBUSY, "something holds the bdev already"),
+            (EIO, "the base bdev fails an I/O"),
+        ]]),
+        ("bdev_lvol_load_lvstore", load_lvstore, LoadLvstore, "Opens the lvol store found on a bdev (tidemark; save_config writes it).", [&[
+            (ENODEV, "the bdev does not exist or holds no lvol store"),
+            (EBUSY, "something else holds the bdev"),
+            (EEXIST, "a store of that name or uuid is open from another bdev, or a bdev has a volume's name"),
+            (EIO, "the base bdev fails an I/O"),
+        ]]),
+        ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes.", [STORE, &[(EBUSY, "something holds one of its volumes")]]),
+        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores.", [&[(ENODEV, "no lvol store has that uuid or name")]]),
+        ("bdev_lvol_rename_lvstore", rename_lvstore, RenameLvstore, "Renames an lvol store.", [STORE, &[(EEXIST, "a store named new_name exists")]]),
+        ("bdev_lvol_create", create, Create, "Creates a volume in an lvol store.", [STORE, &[(EEXIST, "a volume of that name is in the store"), (ENOSPC, "the pool, or its metadata, has no room for the volume")]]),
+        ("bdev_lvol_get_lvols", get_lvols, GetLvols, "Lists volumes of lvol stores.", [&[(ENODEV, "no lvol store has that uuid or name")]]),
+        ("bdev_lvol_delete", delete, ByName, "Deletes a volume.", [LVOL, &[(EBUSY, "something holds the volume, or it is a snapshot with clones")]]),
+        ("bdev_lvol_rename", rename, Rename, "Renames a volume.", [LVOL, &[(EEXIST, "a volume named new_name is in the store")]]),
+        ("bdev_lvol_resize", resize, Resize, "Resizes a volume.", [LVOL, &[(ENOSPC, "growing needs more free clusters than the store has")]]),
+        ("bdev_lvol_set_read_only", set_read_only, ByName, "Makes a volume read-only.", [LVOL]),
+        ("bdev_lvol_snapshot", snapshot, Snapshot, "Takes a read-only snapshot of a volume without pausing its I/O.", [LVOL, &[(EEXIST, "a volume named snapshot_name is in the store"), (ENOSPC, "the store or its metadata has no room")]]),
+        ("bdev_lvol_clone", clone, CloneParams, "Creates a thin writable clone of a snapshot.", [LVOL, &[(EEXIST, "a volume named clone_name is in the store"), (ENOSPC, "the store or its metadata has no room")]]),
+        ("bdev_lvol_inflate", inflate, ByName, "Gives a volume its own copy of every cluster and drops its parent.", [LVOL]),
+        ("bdev_lvol_decouple_parent", decouple_parent, ByName, "Detaches a volume from its parent snapshot.", [LVOL]),
+        ("bdev_lvol_revert", revert, Revert, "Reverts a volume to a snapshot's content (tidemark).", [LVOL, &[(EBUSY, "something holds the volume and force is not given, or first writes are in flight"), (ENOSPC, "the metadata has no room")]]),
     ],
 }
+
+/// Errors of a method on the lvol store named by `uuid` or `lvs_name`.
+const STORE: &[ErrorDoc] = &[(ENODEV, "no lvol store has that uuid or name"), (EIO, "the base bdev fails an I/O")];
+
+/// Errors of a method on one volume, named by its bdev name or `lvs/name` alias.
+const LVOL: &[ErrorDoc] = &[(ENODEV, "no bdev has that name, or it is not an lvol"), (EIO, "the base bdev fails an I/O")];
 
 /// Long enough for a commit behind a slow disk, short enough to answer the caller.
 const CALL_WAIT: Duration = Duration::from_secs(60);

@@ -11,8 +11,8 @@ crate::register_module! {
     name: "malloc",
     order: 13,
     methods: [
-        ("bdev_malloc_create", create, Create, "Creates a bdev in memory."),
-        ("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>, crate::bdevs::ByName, "Deletes a malloc bdev."),
+        ("bdev_malloc_create", create, Create, "Creates a bdev in memory.", [crate::bdevs::NEW_NAME_ERRORS]),
+        ("bdev_malloc_delete", crate::bdevs::delete_handler::<MallocBdev>, crate::bdevs::ByName, "Deletes a malloc bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

@@ -25,13 +25,29 @@ crate::register_module! {
     order: 20,
     construct: |_, _| std::sync::Arc::new(super::metrics::MirrorSubsystem),
     methods: [
-        ("bdev_raid_create", create, Create, "Creates a mirror (RAID1) bdev over base bdevs."),
-        ("bdev_raid_get_bdevs", get_bdevs, GetBdevs, "Describes mirror bdevs and their legs."),
-        ("bdev_raid_delete", delete, Delete, "Deletes a mirror bdev."),
-        ("bdev_raid_add_base_bdev", add_base_bdev, AddBase, "Adds a leg to a mirror; it is resynchronised."),
-        ("bdev_raid_remove_base_bdev", remove_base_bdev, crate::bdevs::ByName, "Removes a leg from its mirror."),
-        ("bdev_raid_set_options", set_options, SetOptions, "Sets the mirror module's options."),
-        ("bdev_raid_open_split_image", open_split_image, OpenImage, "Opens a split leg's image as a bdev."),
+        ("bdev_raid_create", create, Create, "Creates a mirror (RAID1) bdev over base bdevs.", [
+            crate::bdevs::NEW_NAME_ERRORS,
+            &[
+                (EBUSY, "something holds a base bdev already"),
+                (ENODEV, "a base bdev is missing and the others hold no mirror to reassemble"),
+                (EINVAL, "the base bdevs do not make one mirror (block sizes, superblocks)"),
+                (EIO, "a leg's superblock cannot be read or written"),
+            ],
+        ]),
+        ("bdev_raid_get_bdevs", get_bdevs, GetBdevs, "Describes mirror bdevs and their legs.", []),
+        ("bdev_raid_delete", delete, Delete, "Deletes a mirror bdev.", [crate::bdevs::DELETE_ERRORS]),
+        ("bdev_raid_add_base_bdev", add_base_bdev, AddBase, "Adds a leg to a mirror; it is resynchronised.", [&[
+                (ENODEV, "the raid bdev or the base bdev does not exist, or raid_bdev is not a raid bdev"),
+                (EBUSY, "something holds the base bdev (or the split image), it is a leg already, or the mirror is shutting down or still releasing it"),
+                (EINVAL, "the base bdev does not fit the mirror (block size, size, read-only), is an image of another mirror, or the mirror has no free slot"),
+                (EIO, "the superblocks cannot be written"),
+            ]]),
+        ("bdev_raid_remove_base_bdev", remove_base_bdev, crate::bdevs::ByName, "Removes a leg from its mirror.", [&[
+                (ENODEV, "the bdev does not exist or is not an active leg of a raid bdev"),
+                (EBUSY, "it is the last in-sync leg, or the mirror is resynchronising after a crash or shutting down"),
+            ]]),
+        ("bdev_raid_set_options", set_options, SetOptions, "Sets the mirror module's options.", []),
+        ("bdev_raid_open_split_image", open_split_image, OpenImage, "Opens a split leg's image as a bdev.", [crate::bdevs::NEW_NAME_ERRORS, crate::bdevs::BASE_ERRORS, &[(EINVAL, "the base bdev is not a leg split off a mirror"), (EIO, "its superblock cannot be read")]]),
     ],
 }
 

@@ -11,8 +11,8 @@ crate::register_module! {
     name: "null",
     order: 14,
     methods: [
-        ("bdev_null_create", create, Create, "Creates a bdev that discards writes and reads zeroes."),
-        ("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>, crate::bdevs::ByName, "Deletes a null bdev."),
+        ("bdev_null_create", create, Create, "Creates a bdev that discards writes and reads zeroes.", [crate::bdevs::NEW_NAME_ERRORS]),
+        ("bdev_null_delete", crate::bdevs::delete_handler::<NullBdev>, crate::bdevs::ByName, "Deletes a null bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

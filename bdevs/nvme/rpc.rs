@@ -13,10 +13,15 @@ crate::register_module! {
     name: "nvme",
     order: 15,
     methods: [
-        ("bdev_nvme_attach_controller", attach, Attach, "Connects to an NVMe/TCP controller and makes bdevs of its namespaces."),
-        ("bdev_nvme_detach_controller", detach, Detach, "Disconnects an NVMe controller and deletes its bdevs."),
-        ("bdev_nvme_passthru_create", create, Create, "Creates a pass-through bdev over a local NVMe device."),
-        ("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>, crate::bdevs::ByName, "Deletes an NVMe pass-through bdev."),
+        ("bdev_nvme_attach_controller", attach, Attach, "Connects to an NVMe/TCP controller and makes bdevs of its namespaces.", [&[
+                (EEXIST, "a controller or a namespace bdev of that name exists"),
+                (ENODEV, "no NVMe controller at traddr (PCIe), or the subsystem has no active namespace (TCP)"),
+                (EIO, "the TCP connection or a command to the controller fails"),
+                (INVALID_PARAMS, "a namespace's device cannot be opened (PCIe), or the address does not resolve (TCP)"),
+            ]]),
+        ("bdev_nvme_detach_controller", detach, Detach, "Disconnects an NVMe controller and deletes its bdevs.", [&[(ENODEV, "no controller has that name (and path)"), (EBUSY, "something holds one of its namespace bdevs")]]),
+        ("bdev_nvme_passthru_create", create, Create, "Creates a pass-through bdev over a local NVMe device.", [crate::bdevs::NEW_NAME_ERRORS, &[(INVALID_PARAMS, "the file cannot be opened or is not an NVMe device")]]),
+        ("bdev_nvme_passthru_delete", crate::bdevs::delete_handler::<NvmeBdev>, crate::bdevs::ByName, "Deletes an NVMe pass-through bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

@@ -17,8 +17,8 @@ crate::register_module! {
     name: "cow",
     order: 17,
     methods: [
-        ("bdev_cow_create", create, Create, "Creates a copy-on-write preservable volume over a base bdev and a store."),
-        ("bdev_cow_delete", delete, Delete, "Deletes a CoW volume (and its snapshots)."),
+        ("bdev_cow_create", create, Create, "Creates a copy-on-write preservable volume over a base bdev and a store.", [crate::bdevs::NEW_NAME_ERRORS, crate::bdevs::BASE_ERRORS, &[(INVALID_PARAMS, "the store cannot be formatted or opened (too small, another volume's store, unreadable)")]]),
+        ("bdev_cow_delete", delete, Delete, "Deletes a CoW volume (and its snapshots).", [&[(ENODEV, "the bdev does not exist or is not a CoW volume"), (EBUSY, "something holds the volume or one of its snapshots")]]),
     ],
 }
 

@@ -12,8 +12,8 @@ crate::register_module! {
     name: "uring",
     order: 16,
     methods: [
-        ("bdev_uring_create", create, Create, "Creates a bdev on a file or block device through io_uring."),
-        ("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>, crate::bdevs::ByName, "Deletes a uring bdev."),
+        ("bdev_uring_create", create, Create, "Creates a bdev on a file or block device through io_uring.", [crate::bdevs::NEW_NAME_ERRORS, &[(INVALID_PARAMS, "the file cannot be opened or created, or its size or block size does not fit")]]),
+        ("bdev_uring_delete", crate::bdevs::delete_handler::<UringBdev>, crate::bdevs::ByName, "Deletes a uring bdev.", [crate::bdevs::DELETE_ERRORS]),
     ],
 }
 

@@ -18,10 +18,22 @@ crate::register_module! {
     order: 60,
     construct: |_, _| std::sync::Arc::new(super::BackupService::default()),
     methods: [
-        ("backup_start", backup_start, Start, "Starts a full or incremental backup of a sealed snapshot to a directory."),
-        ("backup_get", backup_get, Get, "Describes backups: progress and result."),
-        ("backup_cancel", backup_cancel, Cancel, "Cancels a running backup."),
-        ("backup_restore", backup_restore, Restore, "Restores a backup into a bdev."),
+        ("backup_start", backup_start, Start, "Starts a full or incremental backup of a sealed snapshot to a directory.", [&[
+            (ENODEV, "the source (or incremental_from) is not a snapshot, no complete backup of incremental_from is known, or the two preserve different volumes"),
+            (EBUSY, "the snapshot is not sealed yet, or the most jobs run already"),
+            (EPERM, "path is outside backup.root"),
+            (EEXIST, "the output file exists"),
+            (EINVAL, "the volume cannot tell what changed between the two snapshots (incremental)"),
+            (EIO, "the image or manifest cannot be written"),
+        ]]),
+        ("backup_get", backup_get, Get, "Describes backups: progress and result.", [&[(ENODEV, "no job has that id")]]),
+        ("backup_cancel", backup_cancel, Cancel, "Cancels a running backup.", [&[(ENODEV, "no job has that id"), (EALREADY, "the job has ended already")]]),
+        ("backup_restore", backup_restore, Restore, "Restores a backup into a bdev.", [&[
+            (EPERM, "path is outside backup.root and backup.restore_allowed_dirs"),
+            (ENODEV, "the bdev does not exist"),
+            (EBUSY, "a virtual bdev claims the bdev, an export or job has it open and force is not given, or the most jobs run already"),
+            (EINVAL, "the bdev cannot hold the image"),
+        ]]),
     ],
 }
 

@@ -15,9 +15,16 @@ crate::register_module! {
     order: 5,
     construct: |_, _| std::sync::Arc::new(super::Keyring::default()),
     methods: [
-        ("keyring_file_add_key", add_key, AddKey, "Adds a key read from a file (regular, the daemon's user's, no group or other access)."),
-        ("keyring_file_remove_key", remove_key, RemoveKey, "Removes a key nothing uses."),
-        ("keyring_get_keys", get_keys, serde_json::Map<String, Value>, "Lists the keys: names and paths, never key material."),
+        ("keyring_file_add_key", add_key, AddKey, "Adds a key read from a file (regular, the daemon's user's, no group or other access).", [&[
+            (EEXIST, "a key of that name exists"),
+            (EPERM, "the path is not absolute, is a symlink, is not a regular file, has group or other access or another owner"),
+            (ENOENT, "the file does not exist"),
+            (EACCES, "the daemon may not open the file"),
+            (EINVAL, "the file is empty or larger than a key may be"),
+            (EIO, "the file cannot be read"),
+        ]]),
+        ("keyring_file_remove_key", remove_key, RemoveKey, "Removes a key nothing uses.", [&[(ENODEV, "no key has that name"), (EBUSY, "a subsystem host uses the key")]]),
+        ("keyring_get_keys", get_keys, serde_json::Map<String, Value>, "Lists the keys: names and paths, never key material.", []),
     ],
 }
 

@@ -11,14 +11,14 @@ crate::register_module! {
     name: "framework",
     order: 0,
     methods: [
-        ("rpc_get_methods", rpc_get_methods, GetMethods, "Lists every RPC method the target serves."),
-        ("spdk_get_version", spdk_get_version, serde_json::Map<String, Value>, "The target's version and git commit."),
-        ("framework_get_config", framework_get_config, GetConfig, "One subsystem's running configuration as RPC calls."),
-        ("framework_get_subsystems", framework_get_subsystems, serde_json::Map<String, Value>, "Lists the subsystems."),
-        ("framework_get_reactors", framework_get_reactors, serde_json::Map<String, Value>, "Each reactor's core and busy, idle and sleep time."),
-        ("framework_wait_init", |_, _| Ok(json!(true)), serde_json::Map<String, Value>, "Returns once the target is initialized (it always is)."),
-        ("save_config", save_config, SaveConfig, "The running configuration, optionally written to a file."),
-        ("spdk_kill_instance", spdk_kill_instance, Kill, "Shuts the daemon down."),
+        ("rpc_get_methods", rpc_get_methods, GetMethods, "Lists every RPC method the target serves.", []),
+        ("spdk_get_version", spdk_get_version, serde_json::Map<String, Value>, "The target's version and git commit.", []),
+        ("framework_get_config", framework_get_config, GetConfig, "One subsystem's running configuration as RPC calls.", [&[(ENODEV, "no subsystem has that name")]]),
+        ("framework_get_subsystems", framework_get_subsystems, serde_json::Map<String, Value>, "Lists the subsystems.", []),
+        ("framework_get_reactors", framework_get_reactors, serde_json::Map<String, Value>, "Each reactor's core and busy, idle and sleep time.", []),
+        ("framework_wait_init", |_, _| Ok(json!(true)), serde_json::Map<String, Value>, "Returns once the target is initialized (it always is).", []),
+        ("save_config", save_config, SaveConfig, "The running configuration, optionally written to a file.", [&[(EIO, "the file at `path` cannot be written")]]),
+        ("spdk_kill_instance", spdk_kill_instance, Kill, "Shuts the daemon down.", []),
     ],
 }
 

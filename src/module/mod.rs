@@ -71,7 +71,18 @@ pub struct MethodDecl {
     /// (`#[derive(JsonSchema)]`): docs/rpc.md, `tidemark METHOD --help` and
     /// `rpc_get_methods {"detailed": true}` are made from it.
     pub params: fn() -> schemars::Schema,
+    /// The errors the handler answers beyond a bad params object (-32602, implied for every
+    /// method with params, and the reactor failures any method may meet): each set is a list
+    /// of `(code, when)`, sets shared by several methods (a module's [`ErrorDoc`] constants)
+    /// before the method's own. docs/rpc.md, `tidemark METHOD --help` and
+    /// `rpc_get_methods {"detailed": true}` print them; tests/rpc_reference.rs calls each method
+    /// with params that must fail and checks the answer is one of them.
+    pub errors: &'static [&'static [ErrorDoc]],
 }
+
+/// One error a method answers: the JSON-RPC code (a constant of [`crate::rpc`]) and when, in a
+/// few words ("the bdev does not exist").
+pub type ErrorDoc = (i32, &'static str);
 
 /// A module as it declares itself.
 #[derive(Debug)]
@@ -103,16 +114,20 @@ pub fn always() -> bool {
 ///     name: "malloc",
 ///     order: 110,
 ///     methods: [
-///         ("bdev_malloc_create", create, Create, "Creates a bdev in memory."),
-///         ("bdev_malloc_delete", delete, ByName, "Deletes a bdev made by bdev_malloc_create."),
+///         ("bdev_malloc_create", create, Create, "Creates a bdev in memory.", [&[(EEXIST, "a bdev of that name exists")]]),
+///         ("bdev_malloc_delete", delete, ByName, "Deletes a bdev made by bdev_malloc_create.", [DELETE_ERRORS]),
 ///     ],
 /// }
 /// ```
 ///
-/// Each method is `(name, handler, params type, summary)`: the params type is the struct the
-/// handler parses its params into, deriving `schemars::JsonSchema` beside `Deserialize`, so
-/// its fields, types, defaults and doc comments document the method (docs/rpc.md). A method
-/// without one does not compile.
+/// Each method is `(name, handler, params type, summary, [errors])`: the params type is the
+/// struct the handler parses its params into, deriving `schemars::JsonSchema` beside
+/// `Deserialize`, so its fields, types, defaults and doc comments document the method
+/// (docs/rpc.md). A method without one does not compile. The errors are a list of
+/// `&[(code, "when")]` sets ([`ErrorDoc`]; the codes of [`crate::rpc`] are in scope): a set
+/// several methods share is a constant named here, a method's own written inline; `[]` for a method that fails only on bad params. Read
+/// the handler for them: tests/rpc_reference.rs fails when a call answers a code its method
+/// does not declare.
 ///
 /// Optional, between `order` and `methods`: `enabled: fn() -> bool` and
 /// `construct: fn(&ReactorHandle, &Config) -> Arc<dyn Module>`.
@@ -123,9 +138,12 @@ macro_rules! register_module {
         order: $order:expr,
         $(enabled: $enabled:expr,)?
         $(construct: $construct:expr,)?
-        methods: [ $( ( $method:literal, $handler:expr, $params:ty, $summary:literal ) ),* $(,)? ] $(,)?
+        methods: [ $( ( $method:literal, $handler:expr, $params:ty, $summary:literal, [ $( $errors:expr ),* $(,)? ] $(,)? ) ),* $(,)? ] $(,)?
     ) => {
         const _: () = {
+            // The codes, for the error lists.
+            #[allow(unused_imports)]
+            use $crate::rpc::{EACCES, EALREADY, EBUSY, EEXIST, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, EPERM, ETIMEDOUT, INTERNAL_ERROR, INVALID_PARAMS};
             #[$crate::module::linkme::distributed_slice($crate::module::MODULES)]
             #[linkme(crate = $crate::module::linkme)]
             static DECL: $crate::module::ModuleDecl = $crate::module::ModuleDecl {
@@ -139,6 +157,7 @@ macro_rules! register_module {
                     module: $name,
                     summary: $summary,
                     params: $crate::module::reference::schema_of::<$params>,
+                    errors: &[ $( $errors ),* ],
                 } ),* ],
             };
         };
@@ -205,14 +224,14 @@ mod tests {
         order: 1,
         enabled: always,
         construct: None,
-        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: reference::schema_of::<()> }],
+        methods: &[MethodDecl { name: "m", handler: ok, module: "a", summary: "", params: reference::schema_of::<()>, errors: &[] }],
     };
     static B: ModuleDecl = ModuleDecl {
         name: "b",
         order: 2,
         enabled: always,
         construct: None,
-        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: reference::schema_of::<()> }],
+        methods: &[MethodDecl { name: "m", handler: ok, module: "b", summary: "", params: reference::schema_of::<()>, errors: &[] }],
     };
 
     #[test]
@@ -237,5 +256,20 @@ mod tests {
             assert!(t.contains_key(m), "{m} is not registered");
         }
         assert!(d.windows(2).all(|w| w[0].order <= w[1].order), "modules are not in order");
+    }
+
+    #[test]
+    fn every_declared_error_is_a_named_code_with_a_reason() {
+        for m in method_table(&declared()).values() {
+            for &(code, when) in m.errors.iter().flat_map(|s| s.iter()) {
+                assert!(crate::rpc::code_name(code).is_some(), "{}: error code {code} is none of crate::rpc's constants", m.name);
+                assert!(!when.trim().is_empty() && !when.ends_with('.'), "{}: error {code} needs a short reason without a final period: {when:?}", m.name);
+                assert!(
+                    ![crate::rpc::PARSE_ERROR, crate::rpc::INVALID_REQUEST, crate::rpc::METHOD_NOT_FOUND].contains(&code),
+                    "{}: {code} is the server's, not a method's",
+                    m.name
+                );
+            }
+        }
     }
 }

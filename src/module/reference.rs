@@ -124,6 +124,31 @@ fn one_line(d: Option<&Value>) -> String {
     d.and_then(Value::as_str).unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The errors `m` declares, one row per code in the order first declared, the reasons of a
+/// code declared by several sets joined.
+pub fn errors(m: &MethodDecl) -> Vec<(i32, String)> {
+    let mut out: Vec<(i32, String)> = Vec::new();
+    for &(code, when) in m.errors.iter().flat_map(|set| set.iter()) {
+        match out.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, w)) if w.split("; ").any(|x| x == when) => {}
+            Some((_, w)) => {
+                w.push_str("; ");
+                w.push_str(when);
+            }
+            None => out.push((code, when.to_string())),
+        }
+    }
+    out
+}
+
+/// `-19 (ENODEV)`.
+pub fn code_label(code: i32) -> String {
+    match crate::rpc::code_name(code) {
+        Some(n) if code >= -1000 => format!("{code} ({n})"),
+        _ => code.to_string(),
+    }
+}
+
 /// The modules that make the reference: those enabled in this process, each with its methods
 /// sorted by name; modules without methods are left out.
 pub fn modules() -> Vec<(&'static ModuleDecl, Vec<&'static MethodDecl>)> {
@@ -165,7 +190,10 @@ params' JSON Schema.
 ## Errors
 
 Every method answers a JSON-RPC error object `{{\"code\", \"message\"}}`; the message names the
-offending field or object. The codes, as SPDK uses them:
+offending field or object. Each method below lists the errors it answers and when. Not repeated
+there: -32602 for a bad params object (a missing, unknown or mistyped field, a value out of range),
+which every method that takes parameters answers, and -32603 or -110, which any method that works
+on the reactors answers when one fails or does not answer in time. The codes, as SPDK uses them:
 
 | code | meaning |
 |---|---|
@@ -175,10 +203,11 @@ offending field or object. The codes, as SPDK uses them:
 | -32602 | invalid parameters: a missing, unknown or mistyped field, a value out of range, or a value tidemark does not support (the field and why are named) |
 | -32603 | internal error |
 | -1 (EPERM) | not permitted: a path outside the allowed directories (`backup.root`), a key file with a refused kind, mode or owner |
+| -2 (ENOENT), -13 (EACCES) | a key file does not exist or may not be opened (the open's errno, as SPDK answers) |
 | -5 (EIO) | an I/O error on a device or file (a store, a backup, a configuration file), or a listener that cannot bind |
 | -16 (EBUSY) | the object is in use (a bdev claimed or exported, a snapshot draining) |
 | -17 (EEXIST) | an object of that name or id exists |
-| -19 (ENODEV) | the named object (bdev, subsystem, target node, job, key) does not exist |
+| -19 (ENODEV) | the named object (bdev, lvol store, target node, job, key) does not exist (a missing NVMe-oF subsystem is -32602, as in SPDK) |
 | -22 (EINVAL) | the request does not fit the object (e.g. preserving a bdev that cannot be preserved) |
 | -28 (ENOSPC) | no room: a store or pool is full, no free LUN id or target node slot |
 | -110 (ETIMEDOUT) | a reactor did not answer in time, or sessions did not close in time |
@@ -201,19 +230,28 @@ offending field or object. The codes, as SPDK uses them:
             }
             if p.params.is_empty() {
                 let _ = writeln!(o, "\nParameters: none{}.", if p.others_ignored { " (any given are ignored)" } else { "" });
-                continue;
+            } else {
+                let _ = writeln!(o, "\nParameters{}:\n", if p.others_ignored { " (fields not listed are ignored)" } else { "" });
+                for a in &p.params {
+                    let _ = write!(o, "- `{}` ({}, {}", a.name, a.ty, if a.required { "required" } else { "optional" });
+                    if let Some(d) = &a.default {
+                        let _ = write!(o, ", default `{d}`");
+                    }
+                    o.push(')');
+                    if !a.doc.is_empty() {
+                        let _ = write!(o, ": {}", a.doc);
+                    }
+                    o.push('\n');
+                }
             }
-            let _ = writeln!(o, "\nParameters{}:\n", if p.others_ignored { " (fields not listed are ignored)" } else { "" });
-            for a in &p.params {
-                let _ = write!(o, "- `{}` ({}, {}", a.name, a.ty, if a.required { "required" } else { "optional" });
-                if let Some(d) = &a.default {
-                    let _ = write!(o, ", default `{d}`");
+            let errs = errors(m);
+            if errs.is_empty() {
+                let _ = writeln!(o, "\nErrors: {}.", if p.params.is_empty() { "none of its own" } else { "none beyond -32602 for bad parameters" });
+            } else {
+                let _ = writeln!(o, "\nErrors:\n");
+                for (code, when) in errs {
+                    let _ = writeln!(o, "- {}: {when}", code_label(code));
                 }
-                o.push(')');
-                if !a.doc.is_empty() {
-                    let _ = write!(o, ": {}", a.doc);
-                }
-                o.push('\n');
             }
         }
     }
@@ -229,22 +267,33 @@ pub fn method_help(m: &MethodDecl) -> String {
     }
     if p.params.is_empty() {
         o.push_str("\nparameters: none\n");
-        return o;
-    }
-    o.push_str("\nparameters:\n");
-    let width = p.params.iter().map(|a| a.name.len()).max().unwrap_or(0) + 2;
-    for a in &p.params {
-        let mut what = format!("{}, {}", a.ty, if a.required { "required" } else { "optional" });
-        if let Some(d) = &a.default {
-            let _ = write!(what, ", default {d}");
+    } else {
+        o.push_str("\nparameters:\n");
+        let width = p.params.iter().map(|a| a.name.len()).max().unwrap_or(0) + 2;
+        for a in &p.params {
+            let mut what = format!("{}, {}", a.ty, if a.required { "required" } else { "optional" });
+            if let Some(d) = &a.default {
+                let _ = write!(what, ", default {d}");
+            }
+            let _ = writeln!(o, "  --{:width$} {what}", a.name);
+            if !a.doc.is_empty() {
+                let _ = writeln!(o, "  {:width$}   {}", "", a.doc);
+            }
         }
-        let _ = writeln!(o, "  --{:width$} {what}", a.name);
-        if !a.doc.is_empty() {
-            let _ = writeln!(o, "  {:width$}   {}", "", a.doc);
+        if p.others_ignored {
+            o.push_str("  (other parameters are ignored)\n");
         }
     }
-    if p.others_ignored {
-        o.push_str("  (other parameters are ignored)\n");
+    o.push_str("\nerrors:\n");
+    if !p.params.is_empty() {
+        o.push_str("  -32602 (INVALID_PARAMS): bad parameters (missing, unknown or mistyped field, value out of range)\n");
+    }
+    let errs = errors(m);
+    if errs.is_empty() && p.params.is_empty() {
+        o.push_str("  none of its own\n");
+    }
+    for (code, when) in errs {
+        let _ = writeln!(o, "  {}: {when}", code_label(code));
     }
     o
 }
@@ -263,10 +312,11 @@ pub fn method_list() -> String {
     o
 }
 
-/// `rpc_get_methods {"detailed": true}`: each method with its module, summary and params'
-/// JSON Schema.
+/// `rpc_get_methods {"detailed": true}`: each method with its module, summary, params' JSON
+/// Schema and errors (`{code, when}`, -32602 for bad params left implied).
 pub fn detailed(m: &MethodDecl) -> Value {
-    json!({ "name": m.name, "module": m.module, "summary": m.summary, "params": (m.params)().to_value() })
+    let errors: Vec<Value> = errors(m).into_iter().map(|(code, when)| json!({ "code": code, "when": when })).collect();
+    json!({ "name": m.name, "module": m.module, "summary": m.summary, "params": (m.params)().to_value(), "errors": errors })
 }
 
 #[cfg(test)]
@@ -320,7 +370,14 @@ mod tests {
 
     #[test]
     fn a_params_struct_documents_names_types_requirement_defaults_and_docs() {
-        let m = MethodDecl { name: "x_create", handler: ok, module: "x", summary: "s", params: schema_of::<P> };
+        let m = MethodDecl {
+            name: "x_create",
+            handler: ok,
+            module: "x",
+            summary: "s",
+            params: schema_of::<P>,
+            errors: &[&[(crate::rpc::ENODEV, "no x")], &[(crate::rpc::ENODEV, "no y"), (crate::rpc::EBUSY, "x is in use")]],
+        };
         let p = params(&m);
         assert!(!p.others_ignored);
         assert_eq!(p.doc, "Creates a thing.");
@@ -337,11 +394,15 @@ mod tests {
         assert_eq!(row("format").ty, "\"toml\" | \"spdk\"");
         let help = method_help(&m);
         assert!(help.contains("--num_blocks") && help.contains("integer (uint64), required"), "{help}");
+        // Sets merge by code, in the order declared; help prints them after the parameters.
+        assert_eq!(errors(&m), vec![(-19, "no x; no y".to_string()), (-16, "x is in use".to_string())]);
+        assert!(help.contains("-19 (ENODEV): no x; no y") && help.contains("-16 (EBUSY): x is in use") && help.contains("-32602"), "{help}");
+        assert_eq!(detailed(&m)["errors"], json!([{"code": -19, "when": "no x; no y"}, {"code": -16, "when": "x is in use"}]));
     }
 
     #[test]
     fn a_params_map_reads_as_no_parameters_others_ignored() {
-        let m = MethodDecl { name: "x_get", handler: ok, module: "x", summary: "s", params: schema_of::<serde_json::Map<String, Value>> };
+        let m = MethodDecl { name: "x_get", handler: ok, module: "x", summary: "s", params: schema_of::<serde_json::Map<String, Value>>, errors: &[] };
         let p = params(&m);
         assert!(p.params.is_empty() && p.others_ignored);
     }

@@ -7,8 +7,8 @@ use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsy
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
 use crate::keyring::KeyRef;
-use crate::module::Ctx;
-use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
+use crate::module::{Ctx, ErrorDoc};
+use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams, INVALID_PARAMS};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -19,24 +19,27 @@ crate::register_module! {
     order: 40,
     construct: |reactors, _| std::sync::Arc::new(super::NvmfTarget::new(reactors.clone())),
     methods: [
-        ("nvmf_set_config", set_config, SetConfigParams, "Sets NVMe-oF target options: the DH-HMAC-CHAP digests and DH groups offered."),
-        ("nvmf_create_transport", create_transport, CreateTransport, "Creates the NVMe-oF TCP transport."),
-        ("nvmf_get_transports", get_transports, GetTransports, "Describes the NVMe-oF transports."),
-        ("nvmf_create_subsystem", create_subsystem, CreateSubsystem, "Creates an NVMe-oF subsystem."),
-        ("nvmf_delete_subsystem", delete_subsystem, ByNqn, "Deletes an NVMe-oF subsystem."),
-        ("nvmf_subsystem_add_listener", add_listener, Listener, "Adds a TCP listener to a subsystem."),
-        ("nvmf_subsystem_remove_listener", remove_listener, Listener, "Removes a listener from a subsystem."),
-        ("nvmf_subsystem_get_listeners", get_listeners, ByNqn, "Lists a subsystem's listeners."),
-        ("nvmf_subsystem_add_ns", add_ns, AddNs, "Adds a bdev to a subsystem as a namespace."),
-        ("nvmf_subsystem_remove_ns", remove_ns, RemoveNs, "Removes a namespace from a subsystem."),
-        ("nvmf_subsystem_add_host", add_host, HostParams, "Allows a host NQN to connect to a subsystem."),
-        ("nvmf_subsystem_remove_host", remove_host, HostParams, "Removes a host NQN from a subsystem."),
-        ("nvmf_subsystem_allow_any_host", allow_any_host, AllowAny, "Allows or disallows any host on a subsystem."),
-        ("nvmf_get_subsystems", get_subsystems, GetSubsystems, "Describes the NVMe-oF subsystems."),
-        ("nvmf_subsystem_get_controllers", get_controllers, ByNqn, "Lists a subsystem's controllers."),
-        ("nvmf_subsystem_get_qpairs", get_qpairs, ByNqn, "Lists a subsystem's queue pairs."),
+        ("nvmf_set_config", set_config, SetConfigParams, "Sets NVMe-oF target options: the DH-HMAC-CHAP digests and DH groups offered.", []),
+        ("nvmf_create_transport", create_transport, CreateTransport, "Creates the NVMe-oF TCP transport.", [&[(EEXIST, "the TCP transport exists")]]),
+        ("nvmf_get_transports", get_transports, GetTransports, "Describes the NVMe-oF transports.", [&[(ENODEV, "no transport of that type")]]),
+        ("nvmf_create_subsystem", create_subsystem, CreateSubsystem, "Creates an NVMe-oF subsystem.", [&[(EEXIST, "a subsystem of that NQN exists")]]),
+        ("nvmf_delete_subsystem", delete_subsystem, ByNqn, "Deletes an NVMe-oF subsystem.", [NQN]),
+        ("nvmf_subsystem_add_listener", add_listener, Listener, "Adds a TCP listener to a subsystem.", [NQN, &[(EEXIST, "the subsystem listens there already"), (EIO, "the address cannot be bound")]]),
+        ("nvmf_subsystem_remove_listener", remove_listener, Listener, "Removes a listener from a subsystem.", [NQN, &[(INVALID_PARAMS, "the subsystem does not listen there")]]),
+        ("nvmf_subsystem_get_listeners", get_listeners, ByNqn, "Lists a subsystem's listeners.", [NQN]),
+        ("nvmf_subsystem_add_ns", add_ns, AddNs, "Adds a bdev to a subsystem as a namespace.", [NQN, &[(INVALID_PARAMS, "no bdev has that name, something holds it, or the nsid is taken")]]),
+        ("nvmf_subsystem_remove_ns", remove_ns, RemoveNs, "Removes a namespace from a subsystem.", [NQN, &[(INVALID_PARAMS, "the subsystem has no such namespace")]]),
+        ("nvmf_subsystem_add_host", add_host, HostParams, "Allows a host NQN to connect to a subsystem.", [NQN, &[(INVALID_PARAMS, "a key is not in the keyring or not a DH-HMAC-CHAP secret, or the host is listed already")]]),
+        ("nvmf_subsystem_remove_host", remove_host, HostParams, "Removes a host NQN from a subsystem.", [NQN, &[(INVALID_PARAMS, "the host is not listed")]]),
+        ("nvmf_subsystem_allow_any_host", allow_any_host, AllowAny, "Allows or disallows any host on a subsystem.", [NQN]),
+        ("nvmf_get_subsystems", get_subsystems, GetSubsystems, "Describes the NVMe-oF subsystems.", [NQN]),
+        ("nvmf_subsystem_get_controllers", get_controllers, ByNqn, "Lists a subsystem's controllers.", [NQN]),
+        ("nvmf_subsystem_get_qpairs", get_qpairs, ByNqn, "Lists a subsystem's queue pairs.", [NQN]),
     ],
 }
+
+/// Errors of a method on the subsystem named by `nqn`: SPDK answers -32602 for a missing one.
+const NQN: &[ErrorDoc] = &[(INVALID_PARAMS, "no subsystem has that NQN, or it is the discovery subsystem where that is not allowed")];
 
 fn nvmf(t: &Ctx) -> Result<&Arc<Nvmf>, RpcError> {
     t.module::<NvmfTarget>().map(|n| &n.nvmf).ok_or_else(|| RpcError::internal("the nvmf subsystem is not running"))

@@ -13,9 +13,18 @@ crate::register_module! {
     order: 30,
     construct: |_, _| std::sync::Arc::new(super::PreserveSubsystem),
     methods: [
-        ("bdev_snapshot_create", create, Create, "Takes a point-in-time image of a preservable bdev without pausing I/O."),
-        ("bdev_snapshot_get", get, Get, "Describes snapshots: state, epoch, space used."),
-        ("bdev_snapshot_delete", delete, Delete, "Deletes a snapshot."),
+        ("bdev_snapshot_create", create, Create, "Takes a point-in-time image of a preservable bdev without pausing I/O.", [
+            crate::bdevs::NEW_NAME_ERRORS,
+            &[
+                (ENODEV, "the bdev does not exist"),
+                (EINVAL, "the bdev cannot be preserved (only CoW volumes and mirrors can)"),
+                (EBUSY, "the bdev is busy: a snapshot still draining, a split in progress"),
+                (ENOSPC, "the store has no room for another snapshot"),
+                (EIO, "the snapshot's metadata cannot be written"),
+            ],
+        ]),
+        ("bdev_snapshot_get", get, Get, "Describes snapshots: state, epoch, space used.", [&[(ENODEV, "no snapshot has that name")]]),
+        ("bdev_snapshot_delete", delete, Delete, "Deletes a snapshot.", [&[(ENODEV, "no snapshot has that name"), (EBUSY, "it is still draining, or an export or a backup holds it"), (EIO, "the store cannot be updated")]]),
     ],
 }
 

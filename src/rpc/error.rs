@@ -16,8 +16,37 @@ pub const ENODEV: i32 = -19;
 pub const EINVAL: i32 = -22;
 pub const ENOSPC: i32 = -28;
 pub const EPERM: i32 = -1;
+/// A key file that does not exist (`keyring_file_add_key` answers the open's errno, as SPDK).
+pub const ENOENT: i32 = -2;
+/// A key file the daemon may not open.
+pub const EACCES: i32 = -13;
 pub const ETIMEDOUT: i32 = -110;
 pub const EALREADY: i32 = -114;
+
+/// The name of a code, for the RPC reference: `EPERM`, `INVALID_PARAMS`, ...; `None` for a
+/// code without a constant here.
+pub fn code_name(code: i32) -> Option<&'static str> {
+    Some(match code {
+        PARSE_ERROR => "PARSE_ERROR",
+        INVALID_REQUEST => "INVALID_REQUEST",
+        METHOD_NOT_FOUND => "METHOD_NOT_FOUND",
+        INVALID_PARAMS => "INVALID_PARAMS",
+        INTERNAL_ERROR => "INTERNAL_ERROR",
+        EPERM => "EPERM",
+        ENOENT => "ENOENT",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EACCES => "EACCES",
+        EBUSY => "EBUSY",
+        EEXIST => "EEXIST",
+        ENODEV => "ENODEV",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        ETIMEDOUT => "ETIMEDOUT",
+        EALREADY => "EALREADY",
+        _ => return None,
+    })
+}
 
 /// Longest error message sent to a client. Messages quote names and values the caller sent
 /// (a bdev name, a field's value); bounding them here, where every error is made, means no

@@ -23,7 +23,7 @@ crate::register_module! {
     order: 16,
     construct: |_reactors, _config| Arc::new(TcpModule::default()),
     methods: [
-        ("bdev_nvme_get_controllers", get_controllers, GetControllers, "Lists the attached NVMe/TCP controllers."),
+        ("bdev_nvme_get_controllers", get_controllers, GetControllers, "Lists the attached NVMe/TCP controllers.", [&[(ENODEV, "no controller has that name")]]),
     ],
 }
 

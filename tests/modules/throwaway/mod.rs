@@ -17,8 +17,8 @@ tidemark::register_module! {
     order: 19,
     construct: |_, _| Arc::new(Throwaway),
     methods: [
-        ("bdev_throwaway_create", create, Create, "Creates a throw-away bdev (reads zeros, discards writes)."),
-        ("bdev_throwaway_delete", tidemark::bdevs::delete_handler::<ThrowawayBdev>, tidemark::bdevs::ByName, "Deletes a throw-away bdev."),
+        ("bdev_throwaway_create", create, Create, "Creates a throw-away bdev (reads zeros, discards writes).", [tidemark::bdevs::NEW_NAME_ERRORS]),
+        ("bdev_throwaway_delete", tidemark::bdevs::delete_handler::<ThrowawayBdev>, tidemark::bdevs::ByName, "Deletes a throw-away bdev.", [tidemark::bdevs::DELETE_ERRORS]),
     ],
 }
 
