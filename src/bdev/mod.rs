@@ -14,6 +14,7 @@ mod channel;
 mod completion;
 mod ctx;
 pub mod preservable;
+mod props;
 pub mod qos;
 mod registry;
 mod stats;
@@ -24,6 +25,7 @@ pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use ctx::BdevCtx;
+pub use props::{BdevProps, BlockCount};
 pub use qos::{QosError, QosLimits};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
@@ -187,14 +189,27 @@ pub trait IoChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a>;
 }
 
-/// What every bdev module implements.
+/// What every bdev module implements: its behaviour. Its data (name, sizes, UUID) is one
+/// [`BdevProps`] that the module returns from `props`; the getters below read it and are not
+/// meant to be overridden. Claims and statistics are kept by the registry ([`BdevEntry`]).
 pub trait Bdev: Send + Sync + 'static {
-    fn name(&self) -> &str;
+    fn props(&self) -> &BdevProps;
+    fn name(&self) -> &str {
+        self.props().name()
+    }
     /// Module name as in SPDK's `product_name` ("Malloc disk", "URING bdev", ...).
-    fn product_name(&self) -> &str;
-    fn block_size(&self) -> u32;
-    fn num_blocks(&self) -> u64;
-    fn uuid(&self) -> Uuid;
+    fn product_name(&self) -> &str {
+        self.props().product_name()
+    }
+    fn block_size(&self) -> u32 {
+        self.props().block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.props().num_blocks()
+    }
+    fn uuid(&self) -> Uuid {
+        self.props().uuid()
+    }
     fn supports(&self, io: IoType) -> bool;
     /// Writes (and unmaps) are refused with [`BdevError::ReadOnly`].
     fn read_only(&self) -> bool {
