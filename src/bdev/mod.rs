@@ -13,6 +13,7 @@ mod buffer;
 mod channel;
 mod completion;
 mod ctx;
+pub mod passthru;
 pub mod preservable;
 mod props;
 pub mod qos;
@@ -25,6 +26,7 @@ pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use ctx::BdevCtx;
+pub use passthru::PassThru;
 pub use props::{BdevProps, BlockCount};
 pub use qos::{QosError, QosLimits};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
