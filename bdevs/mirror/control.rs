@@ -924,7 +924,8 @@ impl Ctl {
                 return;
             }
         };
-        debug_assert_eq!(closed + 1, split_epoch);
+        // Only this task advances the mirror's epoch: the legs were told `split_epoch` above.
+        assert_eq!(closed + 1, split_epoch, "the mirror's epoch moved under its control task");
         self.update_source();
         self.sh.counters.splits.fetch_add(1, Relaxed);
         log::info!("mirror {}: splitting off leg {} after epoch {closed}", self.sh.props.name(), self.slots[slot].name);

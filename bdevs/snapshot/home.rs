@@ -92,7 +92,9 @@ impl Home {
     }
 
     fn unused(&self, slot: u32) {
-        debug_assert_eq!(self.v.records.at(slot as usize).load(Relaxed), 0, "an unused slot has no record");
+        // A slot goes back to the free list once its record is cleared; one still recorded
+        // would be handed out again while a snapshot reads it.
+        assert_eq!(self.v.records.at(slot as usize).load(Relaxed), 0, "an unused slot has no record");
         self.v.pieces.at(slot as usize).store(0, SeqCst);
         self.free.borrow_mut().push(slot);
         self.v.stats.used_slots.fetch_sub(1, Relaxed);
@@ -675,7 +677,9 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
             return Err(PreserveError::Busy(format!("volume {}: {e}", v.props.name())));
         }
     };
-    debug_assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
+    // The snapshot's index was made live for `epoch` above; had another advance come in
+    // between, writes of the closed epoch would miss the preserve (a torn image).
+    assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
     let t0 = reactor::now_ns();
     // The header naming the snapshot goes to the header committer. Records carrying the index
     // may become durable before it (host writes never wait for it): until it is, recovery
