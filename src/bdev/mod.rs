@@ -1,5 +1,7 @@
-//! The bdev layer: one trait that every block device module implements (DESIGN §2), the
-//! registry of bdevs by name with claims, per-core I/O channels, buffers and statistics.
+//! The bdev layer: one trait that every block device module implements (DESIGN §2), the data
+//! every bdev has ([`BdevProps`]), the pass-through helper of virtual bdevs over one base
+//! ([`PassThru`]), the registry of bdevs by name with claims, per-core I/O channels, buffers
+//! and statistics.
 //!
 //! A bdev is shared by all cores (`Bdev: Send + Sync`); its I/O goes through an [`IoChannel`]
 //! that each core opens for itself (for `uring`, the core's own ring: SPDK's queue pair). I/O
