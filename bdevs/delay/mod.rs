@@ -97,7 +97,7 @@ impl Bdev for DelayBdev {
         let l = |i: usize| self.latencies.0[i].load(Ordering::Relaxed);
         Some((
             "bdev_delay_create",
-            json!({ "name": self.pt.props().name(), "base_bdev_name": self.pt.base_name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE), "uuid": self.pt.props().uuid().to_string() }),
+            json!({ "name": self.name(), "base_bdev_name": self.pt.base_name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE), "uuid": self.uuid().to_string() }),
         ))
     }
     fn as_any(&self) -> &dyn std::any::Any {

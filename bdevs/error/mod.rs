@@ -195,7 +195,7 @@ impl Bdev for ErrorBdev {
         json!({ "error": { "base_bdev": self.pt.base_name(), "injections": inj, "errors_injected": self.injections.injected.load(Ordering::Relaxed) } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_error_create", json!({ "base_name": self.pt.base_name(), "uuid": self.pt.props().uuid().to_string() })))
+        Some(("bdev_error_create", json!({ "base_name": self.pt.base_name(), "uuid": self.uuid().to_string() })))
     }
     fn destroy(&self) {
         // Release I/O parked by a `pending` injection.

@@ -62,3 +62,27 @@ impl PassThru {
         Channel::get(self.base.entry())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::BdevRegistry;
+    use crate::bdevs::malloc::MallocBdev;
+
+    #[test]
+    fn takes_the_base_geometry_and_its_own_identity_and_holds_the_claim() {
+        let reg = BdevRegistry::new(1);
+        let m = reg.register(Arc::new(MallocBdev::new("m", 64, 4096, None).unwrap())).unwrap();
+        let u = Uuid::new_v4();
+        let pt = PassThru::new(m.claim("top").unwrap(), "top", "delay", Some(u));
+        let p = pt.props();
+        assert_eq!((p.name(), p.product_name(), p.uuid()), ("top", "delay", u));
+        assert_eq!((p.block_size(), p.num_blocks()), (4096, 64));
+        assert_eq!(pt.base_name(), "m");
+        assert!(IoType::ALL.iter().all(|t| pt.supports(*t) == m.bdev().supports(*t)));
+        assert!(!pt.read_only());
+        assert!(m.claim("other").is_err(), "the base stays claimed while the pass-through lives");
+        drop(pt);
+        assert!(m.claim("other").is_ok(), "dropping the pass-through releases the claim");
+    }
+}
