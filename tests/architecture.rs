@@ -204,3 +204,46 @@ fn the_graph_reader_sees_uses_and_paths_but_not_comments_or_tests() {
     let nodes: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
     assert!(find_cycle(&g, &nodes).is_some());
 }
+
+/// The `impl Bdev for ...` blocks of `text` that write a getter of the bdev's data themselves,
+/// as "Type: fn".
+fn own_getters(text: &str) -> Vec<String> {
+    const GETTERS: &[&str] = &["fn name(", "fn product_name(", "fn block_size(", "fn num_blocks(", "fn uuid("];
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.trim_start().strip_prefix("impl Bdev for ") else { continue };
+        let ty = rest.trim_end_matches(|c: char| c == '{' || c.is_whitespace()).to_string();
+        let mut depth = line.matches('{').count() as i32 - line.matches('}').count() as i32;
+        for l in lines.by_ref() {
+            if depth == 1 {
+                found.extend(GETTERS.iter().filter(|g| l.trim_start().starts_with(*g)).map(|g| format!("{ty}: {}", g.trim_end_matches('('))));
+            }
+            depth += l.matches('{').count() as i32 - l.matches('}').count() as i32;
+            if depth <= 0 {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// Issue #20: a bdev's data (name, product name, block size and count, UUID) is its
+/// `BdevProps`, returned by `Bdev::props`; the trait's getters read it. A module that writes a
+/// getter again keeps a second copy of the data that can disagree with the first.
+#[test]
+fn bdev_modules_give_their_data_as_props_not_getters() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for d in ["src", "bdevs", "tests/modules"] {
+        rust_files(&root.join(d), &mut files);
+    }
+    let mut offenders = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("source file is readable");
+        offenders.extend(own_getters(&text).into_iter().map(|o| format!("{} ({o})", f.strip_prefix(root).unwrap_or(&f).display())));
+    }
+    assert!(offenders.is_empty(), "bdev modules that write getters of BdevProps data (return it from `props` instead): {offenders:?}");
+    let sample = "impl Bdev for X {\n    fn props(&self) -> &BdevProps {\n        &self.p\n    }\n    fn uuid(&self) -> Uuid {\n        self.u\n    }\n}\nimpl Other for X {\n    fn name(&self) -> &str { \"x\" }\n}\n";
+    assert_eq!(own_getters(sample), ["X: fn uuid"]);
+}

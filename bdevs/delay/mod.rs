@@ -3,7 +3,7 @@
 
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevError, BdevProps, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType, PassThru};
 use crate::reactor;
 use serde_json::{json, Value};
 use std::cell::Cell;
@@ -22,9 +22,7 @@ pub const AVG_WRITE: usize = 2;
 pub const P99_WRITE: usize = 3;
 
 pub struct DelayBdev {
-    name: String,
-    uuid: Uuid,
-    base: HoldGuard,
+    pt: PassThru,
     latencies: Arc<Latencies>,
 }
 
@@ -34,7 +32,7 @@ impl DelayBdev {
         for (a, v) in latencies.0.iter().zip(lat) {
             a.store(v, Ordering::Relaxed);
         }
-        DelayBdev { name, uuid: uuid.unwrap_or_else(Uuid::new_v4), base, latencies }
+        DelayBdev { pt: PassThru::new(base, name, "delay", uuid), latencies }
     }
 
     pub fn latencies(&self) -> &Latencies {
@@ -79,36 +77,27 @@ impl IoChannel for DelayChannel {
 }
 
 impl Bdev for DelayBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "delay"
-    }
-    fn block_size(&self) -> u32 {
-        self.base.entry().bdev().block_size()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.base.entry().bdev().num_blocks()
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        self.pt.props()
     }
     fn supports(&self, io: IoType) -> bool {
-        self.base.entry().bdev().supports(io)
+        self.pt.supports(io)
+    }
+    fn read_only(&self) -> bool {
+        self.pt.read_only()
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(DelayChannel { base: Channel::get(self.base.entry())?, latencies: self.latencies.clone(), count: Cell::new(0) }))
+        Ok(Rc::new(DelayChannel { base: self.pt.base_channel()?, latencies: self.latencies.clone(), count: Cell::new(0) }))
     }
     fn driver_specific(&self) -> Value {
         let l = |i: usize| self.latencies.0[i].load(Ordering::Relaxed);
-        json!({ "delay": { "base_bdev_name": self.base.entry().name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE) } })
+        json!({ "delay": { "base_bdev_name": self.pt.base_name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE) } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
         let l = |i: usize| self.latencies.0[i].load(Ordering::Relaxed);
         Some((
             "bdev_delay_create",
-            json!({ "name": self.name, "base_bdev_name": self.base.entry().name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE), "uuid": self.uuid.to_string() }),
+            json!({ "name": self.name(), "base_bdev_name": self.pt.base_name(), "avg_read_latency": l(AVG_READ), "p99_read_latency": l(P99_READ), "avg_write_latency": l(AVG_WRITE), "p99_write_latency": l(P99_WRITE), "uuid": self.uuid().to_string() }),
         ))
     }
     fn as_any(&self) -> &dyn std::any::Any {

@@ -4,7 +4,7 @@
 
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevError, BdevProps, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoType, PassThru};
 use crate::reactor;
 use serde_json::{json, Value};
 use std::io::IoSlice;
@@ -96,15 +96,13 @@ impl Injections {
 }
 
 pub struct ErrorBdev {
-    name: String,
-    uuid: Uuid,
-    base: HoldGuard,
+    pt: PassThru,
     injections: Arc<Injections>,
 }
 
 impl ErrorBdev {
     pub fn new(name: String, base: HoldGuard, uuid: Option<Uuid>) -> ErrorBdev {
-        ErrorBdev { name, uuid: uuid.unwrap_or_else(Uuid::new_v4), base, injections: Arc::new(Injections::default()) }
+        ErrorBdev { pt: PassThru::new(base, name, "Error Injection Disk", uuid), injections: Arc::new(Injections::default()) }
     }
 
     pub fn injections(&self) -> &Arc<Injections> {
@@ -173,26 +171,17 @@ impl IoChannel for ErrorChannel {
 }
 
 impl Bdev for ErrorBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Error Injection Disk"
-    }
-    fn block_size(&self) -> u32 {
-        self.base.entry().bdev().block_size()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.base.entry().bdev().num_blocks()
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        self.pt.props()
     }
     fn supports(&self, io: IoType) -> bool {
-        self.base.entry().bdev().supports(io)
+        self.pt.supports(io)
+    }
+    fn read_only(&self) -> bool {
+        self.pt.read_only()
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(ErrorChannel { base: Channel::get(self.base.entry())?, injections: self.injections.clone() }))
+        Ok(Rc::new(ErrorChannel { base: self.pt.base_channel()?, injections: self.injections.clone() }))
     }
     fn driver_specific(&self) -> Value {
         let inj: serde_json::Map<String, Value> = IoType::ALL
@@ -203,10 +192,10 @@ impl Bdev for ErrorBdev {
                 Some((t.name().to_string(), json!({ "error_type": k, "remaining": if r < 0 { json!("unlimited") } else { json!(r) } })))
             })
             .collect();
-        json!({ "error": { "base_bdev": self.base.entry().name(), "injections": inj, "errors_injected": self.injections.injected.load(Ordering::Relaxed) } })
+        json!({ "error": { "base_bdev": self.pt.base_name(), "injections": inj, "errors_injected": self.injections.injected.load(Ordering::Relaxed) } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_error_create", json!({ "base_name": self.base.entry().name(), "uuid": self.uuid.to_string() })))
+        Some(("bdev_error_create", json!({ "base_name": self.pt.base_name(), "uuid": self.uuid().to_string() })))
     }
     fn destroy(&self) {
         // Release I/O parked by a `pending` injection.

@@ -46,7 +46,7 @@ pub mod layout;
 pub mod rpc;
 pub mod sim;
 
-use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker};
 use futures::channel::oneshot;
 use layout::{StoreRecord, VolumeRecord};
@@ -93,7 +93,8 @@ impl LiveMap {
 /// What the data path of one volume reads without a lock.
 pub struct VolLive {
     map: AtomicPtr<LiveMap>,
-    num_blocks: AtomicU64,
+    /// The volume's size, shared with its bdev's props (`BdevProps::with_count`).
+    num_blocks: BlockCount,
     read_only: AtomicBool,
     /// Clusters the volume holds (committed), for metrics and `get_lvols`.
     allocated: AtomicU64,
@@ -103,7 +104,7 @@ impl VolLive {
     fn new(clusters: u64, num_blocks: u64, read_only: bool) -> Arc<VolLive> {
         Arc::new(VolLive {
             map: AtomicPtr::new(Box::into_raw(LiveMap::new(clusters))),
-            num_blocks: AtomicU64::new(num_blocks),
+            num_blocks: BlockCount::new(num_blocks),
             read_only: AtomicBool::new(read_only),
             allocated: AtomicU64::new(0),
         })
@@ -1110,7 +1111,7 @@ impl Store {
             };
             // After the swap: an I/O that sees the new size sees the new map. A shrink refuses
             // I/O past the new end from here on, before its clusters are dropped.
-            live.num_blocks.store(size_bytes / self.block_size as u64, SeqCst);
+            live.num_blocks.set(size_bytes / self.block_size as u64);
             v.rec.size_bytes = size_bytes;
             st.reserved += add_reserve;
             (beyond, old_map)
@@ -1416,20 +1417,25 @@ async fn read_record_any(ch: &Channel, bs: u32, base_bytes: u64) -> Result<(usiz
 
 /// A volume of a store: the bdev.
 pub struct LvolBdev {
-    name: String,
-    uuid: Uuid,
+    props: BdevProps,
     store: Arc<Store>,
     live: Arc<VolLive>,
     thin: bool,
 }
 
 impl LvolBdev {
+    /// The bdev of volume `uuid` (its `live` state, from the store), named `name`.
+    pub fn new(name: String, uuid: Uuid, store: Arc<Store>, live: Arc<VolLive>, thin: bool) -> LvolBdev {
+        let props = BdevProps::with_count(name, PRODUCT_NAME, store.block_size, live.num_blocks.clone(), uuid);
+        LvolBdev { props, store, live, thin }
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
     pub fn lvol_uuid(&self) -> Uuid {
-        self.uuid
+        self.props.uuid()
     }
 
     pub fn is_thin(&self) -> bool {
@@ -1491,7 +1497,7 @@ impl LvolChannel {
     }
 
     fn check(&self, write: bool, offset: u64, count: u64) -> IoResult {
-        let size = self.live.num_blocks.load(Acquire);
+        let size = self.live.num_blocks.get();
         if offset.checked_add(count).is_none_or(|e| e > size) {
             return Err(BdevError::OutOfRange { offset, count, size });
         }
@@ -1590,7 +1596,7 @@ impl LvolChannel {
         let mut plan = Vec::new();
         for (c, _, _) in self.pieces(offset, count) {
             let planned = u32::try_from(c)
-                .map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.load(Relaxed) })
+                .map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.get() })
                 .and_then(|l| store.plan_piece(&mut st, &self.live, self.uuid, l));
             match planned {
                 Ok(role) => plan.push(role),
@@ -1744,20 +1750,8 @@ impl IoChannel for LvolChannel {
 }
 
 impl Bdev for LvolBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        PRODUCT_NAME
-    }
-    fn block_size(&self) -> u32 {
-        self.store.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.live.num_blocks.load(Acquire)
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, io: IoType) -> bool {
         match io {
@@ -1769,11 +1763,11 @@ impl Bdev for LvolBdev {
         self.live.read_only.load(Relaxed)
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(LvolChannel { base: Channel::get(&self.store.base)?, store: self.store.clone(), live: self.live.clone(), uuid: self.uuid }))
+        Ok(Rc::new(LvolChannel { base: Channel::get(&self.store.base)?, store: self.store.clone(), live: self.live.clone(), uuid: self.uuid() }))
     }
     fn driver_specific(&self) -> Value {
         let st = self.store.st();
-        let rec = st.vols.get(&self.uuid).map(|v| v.rec.clone());
+        let rec = st.vols.get(&self.uuid()).map(|v| v.rec.clone());
         json!({ "lvol": {
             "lvol_store_uuid": self.store.uuid.to_string(),
             "base_bdev": self.store.base.name(),
@@ -1787,7 +1781,7 @@ impl Bdev for LvolBdev {
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
         // One call per store, on its anchor volume (see the module comment).
-        (self.store.anchor() == Some(self.uuid)).then(|| ("bdev_lvol_load_lvstore", json!({ "bdev_name": self.store.base.name() })))
+        (self.store.anchor() == Some(self.uuid())).then(|| ("bdev_lvol_load_lvstore", json!({ "bdev_name": self.store.base.name() })))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

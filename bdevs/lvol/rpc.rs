@@ -196,7 +196,7 @@ fn register_volume(t: &Ctx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcErr
     let live = s.live(uuid).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
     let rec = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
     let name = uuid.to_string();
-    t.bdevs.register(Arc::new(LvolBdev { name: name.clone(), uuid, store: s.clone(), live, thin: rec.thin }))?;
+    t.bdevs.register(Arc::new(LvolBdev::new(name.clone(), uuid, s.clone(), live, rec.thin)))?;
     t.bdevs.add_alias(&format!("{}/{}", s.name(), rec.name), &name)?;
     if s.anchor().is_none() {
         s.set_anchor(Some(uuid))?;

@@ -9,7 +9,7 @@ use super::*;
 pub fn bdev(store: &Arc<Store>, uuid: Uuid) -> Option<LvolBdev> {
     let st = store.st();
     let v = st.vols.get(&uuid)?;
-    Some(LvolBdev { name: uuid.to_string(), uuid, store: store.clone(), live: v.live.clone(), thin: v.rec.thin })
+    Some(LvolBdev::new(uuid.to_string(), uuid, store.clone(), v.live.clone(), v.rec.thin))
 }
 
 fn ch(store: &Store) -> Result<Channel, LvolError> {

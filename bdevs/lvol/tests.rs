@@ -40,7 +40,7 @@ impl Fix {
             s2.create_volume(&ch, &n, mib << 20, thin, 1).await
         });
         let (uuid, live) = r.unwrap();
-        self.reg.register(Arc::new(LvolBdev { name: uuid.to_string(), uuid, store: s.clone(), live, thin })).unwrap()
+        self.reg.register(Arc::new(LvolBdev::new(uuid.to_string(), uuid, s.clone(), live, thin))).unwrap()
     }
 
     fn write(&self, v: &Arc<BdevEntry>, block: u64, byte: u8, blocks: usize) -> IoResult {
@@ -169,8 +169,8 @@ fn a_reopened_store_has_every_acknowledged_write() {
     assert_eq!(s.free_clusters(), free, "space accounting survives");
     let vols = s.volumes();
     assert_eq!(vols.len(), 2);
-    let a = f.reg.register(Arc::new(LvolBdev { name: ua.to_string(), uuid: ua, store: s.clone(), live: s.live(ua).unwrap(), thin: true })).unwrap();
-    let b = f.reg.register(Arc::new(LvolBdev { name: ub.to_string(), uuid: ub, store: s.clone(), live: s.live(ub).unwrap(), thin: false })).unwrap();
+    let a = f.reg.register(Arc::new(LvolBdev::new(ua.to_string(), ua, s.clone(), s.live(ua).unwrap(), true))).unwrap();
+    let b = f.reg.register(Arc::new(LvolBdev::new(ub.to_string(), ub, s.clone(), s.live(ub).unwrap(), false))).unwrap();
     assert_eq!(f.read(&a, 10, 3), vec![0x5A; 3 * BS as usize]);
     assert_eq!(f.read(&a, 13, 1), vec![0u8; BS as usize]);
     assert_eq!(f.read(&b, 100, 1), vec![0xA5; BS as usize]);
@@ -300,7 +300,7 @@ fn a_pool_holds_1024_volumes_and_reopens_them() {
 impl Fix {
     fn bdev(&self, s: &Arc<Store>, uuid: Uuid) -> Arc<BdevEntry> {
         let live = s.live(uuid).unwrap();
-        self.reg.register(Arc::new(LvolBdev { name: uuid.to_string(), uuid, store: s.clone(), live, thin: true })).unwrap()
+        self.reg.register(Arc::new(LvolBdev::new(uuid.to_string(), uuid, s.clone(), live, true))).unwrap()
     }
 
     fn snapshot(&self, s: &Arc<Store>, v: &Arc<BdevEntry>, name: &str) -> Result<Arc<BdevEntry>, LvolError> {

@@ -3,7 +3,7 @@
 
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevError, BdevProps, Io, IoChannel, IoFuture, IoType};
 use serde_json::{json, Value};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,10 +29,7 @@ impl Drop for Memory {
 }
 
 pub struct MallocBdev {
-    name: String,
-    uuid: Uuid,
-    block_size: u32,
-    num_blocks: u64,
+    props: BdevProps,
     mem: Arc<Memory>,
 }
 
@@ -66,10 +63,7 @@ impl MallocBdev {
             return Err(format!("cannot map {bytes} bytes: {}", std::io::Error::last_os_error()));
         }
         Ok(MallocBdev {
-            name: name.to_string(),
-            uuid: uuid.unwrap_or_else(Uuid::new_v4),
-            block_size,
-            num_blocks,
+            props: BdevProps::new(name, "Malloc disk", block_size, num_blocks, uuid.unwrap_or_else(Uuid::new_v4)),
             mem: Arc::new(Memory { base: base as *mut u8, len: bytes as usize }),
         })
     }
@@ -132,32 +126,23 @@ impl IoChannel for MallocChannel {
 }
 
 impl Bdev for MallocBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Malloc disk"
-    }
-    fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         true
     }
     fn open_channel(&self) -> Result<Rc<dyn IoChannel>, BdevError> {
-        Ok(Rc::new(MallocChannel { mem: self.mem.clone(), block_size: self.block_size as u64 }))
+        Ok(Rc::new(MallocChannel { mem: self.mem.clone(), block_size: self.block_size() as u64 }))
     }
     fn driver_specific(&self) -> Value {
         json!({ "malloc": { "bytes": self.mem.len } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_malloc_create", json!({ "name": self.name, "num_blocks": self.num_blocks, "block_size": self.block_size, "uuid": self.uuid.to_string() })))
+        Some((
+            "bdev_malloc_create",
+            json!({ "name": self.name(), "num_blocks": self.num_blocks(), "block_size": self.block_size(), "uuid": self.uuid().to_string() }),
+        ))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

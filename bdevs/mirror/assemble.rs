@@ -14,7 +14,7 @@ use super::layout::{
 };
 use super::regions::RegionStates;
 use super::{MirrorBdev, MirrorCounters, MirrorError, MirrorOptions, MirrorStatus, Shared, SlotShared};
-use crate::bdev::{Channel, HoldGuard, IoBuf, IoResult};
+use crate::bdev::{BdevProps, Channel, HoldGuard, IoBuf, IoResult};
 use crate::reactor;
 use crossbeam_utils::CachePadded;
 use futures::channel::mpsc;
@@ -431,8 +431,7 @@ fn start(
     let cores = reactor::core_count();
     let (tx, rx) = mpsc::unbounded();
     let sh = Arc::new(Shared {
-        name: name.to_string(),
-        uuid,
+        props: BdevProps::new(name, "Raid Volume", g.block_size, g.data_blocks, uuid),
         geometry: g,
         home: reactor::current_index(),
         regions: RegionStates::new(g.num_regions),

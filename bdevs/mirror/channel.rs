@@ -177,7 +177,7 @@ impl MirrorChannel {
                 legs.ch[s] = entry.and_then(|e| match Channel::get(&e) {
                     Ok(c) => Some((c, inc)),
                     Err(err) => {
-                        log::error!("mirror {}: cannot open a channel to leg {} on core {}: {err}", self.sh.name, e.name(), self.core);
+                        log::error!("mirror {}: cannot open a channel to leg {} on core {}: {err}", self.sh.props.name(), e.name(), self.core);
                         None
                     }
                 });
@@ -224,7 +224,7 @@ impl MirrorChannel {
                 let io_after = sh.ctl_preserve_io.load(SeqCst);
                 if io_before % 2 == 1 || io_after != io_before {
                     sh.waits.record(WaitReason::PreserveIo, || {
-                        format!("mirror {}: a write to region {r} waited while the control task awaited a split's I/O", sh.name)
+                        format!("mirror {}: a write to region {r} waited while the control task awaited a split's I/O", sh.props.name())
                     });
                 }
                 match answer {
@@ -266,7 +266,7 @@ impl MirrorChannel {
                 }
                 Err(e) => {
                     st.write_errors.fetch_add(1, Relaxed);
-                    log::warn!("mirror {}: leg in slot {s} failed a write at block {offset}: {e}", sh.name);
+                    log::warn!("mirror {}: leg in slot {s} failed a write at block {offset}: {e}", sh.props.name());
                     first_err.get_or_insert(e.clone());
                     failed |= 1 << s;
                 }
@@ -336,7 +336,7 @@ impl MirrorChannel {
                 }
                 Err(e) => {
                     st.read_errors.fetch_add(1, Relaxed);
-                    log::warn!("mirror {}: leg in slot {s} failed a read at block {offset}: {e}; trying another leg", sh.name);
+                    log::warn!("mirror {}: leg in slot {s} failed a read at block {offset}: {e}; trying another leg", sh.props.name());
                     if is_device_error(&e) {
                         bad |= 1 << s;
                     }
@@ -379,10 +379,10 @@ impl MirrorChannel {
                     match ch.write_buf(g.data_offset + offset, &buf).await {
                         Ok(()) => {
                             sh.counters.read_repairs.fetch_add(1, Relaxed);
-                            log::info!("mirror {}: repaired blocks {offset}+{count} on the leg in slot {s}", sh.name);
+                            log::info!("mirror {}: repaired blocks {offset}+{count} on the leg in slot {s}", sh.props.name());
                         }
                         Err(e) => {
-                            log::warn!("mirror {}: write-back to the leg in slot {s} failed ({e}); dropping it", sh.name);
+                            log::warn!("mirror {}: write-back to the leg in slot {s} failed ({e}); dropping it", sh.props.name());
                             let _ = self.report_failure(s, inc).await;
                         }
                     }
@@ -416,7 +416,7 @@ impl MirrorChannel {
                 Some(Ok(())) => ok |= sh.slots[s].mode() == LegMode::Active,
                 Some(Err(e)) => {
                     // A failed flush may have lost completed writes: the leg is not in sync.
-                    log::warn!("mirror {}: leg in slot {s} failed a flush: {e}", sh.name);
+                    log::warn!("mirror {}: leg in slot {s} failed a flush: {e}", sh.props.name());
                     first_err.get_or_insert(e.clone());
                     self.report_failure(s, incarnations[s]).await?;
                 }

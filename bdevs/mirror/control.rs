@@ -424,7 +424,7 @@ impl Ctl {
                     self.sh.offline.store(true, SeqCst);
                     if let Some(sp) = self.split.take() {
                         let slot = sp.slot;
-                        sp.fail(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+                        sp.fail(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.props.name())));
                         // New writes skipped the leg: it is behind, like a failed one.
                         self.depart(slot, SlotState::Failed);
                     }
@@ -569,7 +569,7 @@ impl Ctl {
                 let _ = reply.send(Ok(()));
             }
             SlotState::Active | SlotState::Rebuilding | SlotState::Splitting => {
-                log::error!("mirror {}: dropping leg {} (slot {slot}) after an I/O error", self.sh.name, s.name);
+                log::error!("mirror {}: dropping leg {} (slot {slot}) after an I/O error", self.sh.props.name(), s.name);
                 self.sh.counters.leg_failures.fetch_add(1, Relaxed);
                 self.depart(slot, SlotState::Failed);
                 self.batch.after_sb.push(AfterSb::Io(reply));
@@ -608,34 +608,34 @@ impl Ctl {
 
     fn remove_leg(&mut self, name: &str) -> Result<(), MirrorError> {
         if self.shutting_down {
-            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.props.name())));
         }
         let slot = self
             .slots
             .iter()
             .position(|s| s.name == name && matches!(s.rec.state, SlotState::Active | SlotState::Rebuilding) && !s.failing)
-            .ok_or_else(|| MirrorError::NotFound(format!("{name} is not a leg of mirror {}", self.sh.name)))?;
+            .ok_or_else(|| MirrorError::NotFound(format!("{name} is not a leg of mirror {}", self.sh.props.name())))?;
         if self.slots[slot].in_sync() && self.active_count() == 1 {
-            return Err(MirrorError::Busy(format!("{name} is the last in-sync leg of mirror {}", self.sh.name)));
+            return Err(MirrorError::Busy(format!("{name} is the last in-sync leg of mirror {}", self.sh.props.name())));
         }
         if self.slots[slot].in_sync() && !self.unsynced.is_empty() {
             // The legs may still differ where writes were in flight at a crash; reads there come
             // from one leg, and removing one could change what they return.
             return Err(MirrorError::Busy(format!(
                 "mirror {} is resynchronising {} region(s) after a crash; remove {name} when it is done",
-                self.sh.name,
+                self.sh.props.name(),
                 self.unsynced.count()
             )));
         }
-        log::info!("mirror {}: removing leg {name} (slot {slot})", self.sh.name);
+        log::info!("mirror {}: removing leg {name} (slot {slot})", self.sh.props.name());
         self.depart(slot, SlotState::Removed);
         Ok(())
     }
 
     fn superblock_for(&self, slot: usize, flags: u32) -> Superblock {
         Superblock {
-            mirror_uuid: self.sh.uuid,
-            name: self.sh.name.clone(),
+            mirror_uuid: self.sh.props.uuid(),
+            name: self.sh.props.name().to_string(),
             leg_uuid: self.slots[slot].rec.leg_uuid,
             slot,
             generation: self.generation,
@@ -648,7 +648,7 @@ impl Ctl {
     /// Adds a leg: in memory, with its metadata written; durable with the next superblock.
     async fn add_leg(&mut self, guard: HoldGuard) -> Result<AddedLeg, MirrorError> {
         if self.shutting_down {
-            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.name)));
+            return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.props.name())));
         }
         let entry = guard.entry().clone();
         let name = entry.name().to_string();
@@ -657,7 +657,7 @@ impl Ctl {
             return Err(MirrorError::Invalid(format!(
                 "{name} has {}-byte blocks; the legs of mirror {} have {}-byte blocks",
                 b.block_size(),
-                self.sh.name,
+                self.sh.props.name(),
                 self.g.block_size
             )));
         }
@@ -665,7 +665,7 @@ impl Ctl {
             return Err(MirrorError::Invalid(format!(
                 "{name} is too small: it has {} blocks, a leg of mirror {} needs {}",
                 b.num_blocks(),
-                self.sh.name,
+                self.sh.props.name(),
                 self.g.leg_blocks_needed()
             )));
         }
@@ -677,16 +677,18 @@ impl Ctl {
         // A leg that left this mirror comes back to its slot and gets only what it missed.
         let returning = sb.as_ref().and_then(|sb| {
             let s = self.slots.get(sb.slot)?;
-            (sb.mirror_uuid == self.sh.uuid && s.rec.leg_uuid == sb.leg_uuid && sb.geometry == self.g).then_some(sb.slot)
+            (sb.mirror_uuid == self.sh.props.uuid() && s.rec.leg_uuid == sb.leg_uuid && sb.geometry == self.g).then_some(sb.slot)
         });
         let (slot, leg_uuid, returning) = match returning {
             Some(slot) => {
                 let s = &self.slots[slot];
                 match s.rec.state {
                     SlotState::Failed | SlotState::Removed | SlotState::Split if s.guard.is_none() && !s.failing => (slot, s.rec.leg_uuid, true),
-                    SlotState::Splitting => return Err(MirrorError::Busy(format!("{name} is being split off mirror {}", self.sh.name))),
-                    SlotState::Active | SlotState::Rebuilding => return Err(MirrorError::Busy(format!("{name} is already a leg of mirror {}", self.sh.name))),
-                    _ => return Err(MirrorError::Busy(format!("{name} is still being released by mirror {}; try again", self.sh.name))),
+                    SlotState::Splitting => return Err(MirrorError::Busy(format!("{name} is being split off mirror {}", self.sh.props.name()))),
+                    SlotState::Active | SlotState::Rebuilding => {
+                        return Err(MirrorError::Busy(format!("{name} is already a leg of mirror {}", self.sh.props.name())))
+                    }
+                    _ => return Err(MirrorError::Busy(format!("{name} is still being released by mirror {}; try again", self.sh.props.name()))),
                 }
             }
             None => {
@@ -696,7 +698,7 @@ impl Ctl {
                 let slot = free(SlotState::Empty)
                     .or_else(|| free(SlotState::Removed))
                     .or_else(|| free(SlotState::Failed))
-                    .ok_or_else(|| MirrorError::Invalid(format!("mirror {} has no free slot (at most {MAX_SLOTS} legs)", self.sh.name)))?;
+                    .ok_or_else(|| MirrorError::Invalid(format!("mirror {} has no free slot (at most {MAX_SLOTS} legs)", self.sh.props.name())))?;
                 (slot, Uuid::new_v4(), false)
             }
         };
@@ -752,7 +754,7 @@ impl Ctl {
         }
         log::info!(
             "mirror {}: {} leg {name} in slot {slot}; {to_copy} of {} regions to copy",
-            self.sh.name,
+            self.sh.props.name(),
             if returning { "re-adding" } else { "adding" },
             g.num_regions
         );
@@ -762,7 +764,7 @@ impl Ctl {
     // ---- split ------------------------------------------------------------------------
 
     fn split(&mut self, leg: &str, image: String, reply: oneshot::Sender<Result<SplitStarted, MirrorError>>) {
-        let name = &self.sh.name;
+        let name = self.sh.props.name();
         let refuse = |reply: oneshot::Sender<Result<SplitStarted, MirrorError>>, e: MirrorError| {
             let _ = reply.send(Err(e));
         };
@@ -860,11 +862,11 @@ impl Ctl {
             SplitStep::Start(_) if durable && own.is_ok() && pending && state == SlotState::Splitting && !self.slots[slot].failing => self.split_start(slot),
             SplitStep::Start(_) => {
                 if let Err(e) = &own {
-                    log::error!("mirror {}: marking leg {} as a split image failed: {e}", self.sh.name, self.slots[slot].name);
+                    log::error!("mirror {}: marking leg {} as a split image failed: {e}", self.sh.props.name(), self.slots[slot].name);
                 }
                 if pending {
                     if let Some(sp) = self.split.take() {
-                        sp.fail(fail(&self.sh.name));
+                        sp.fail(fail(self.sh.props.name()));
                     }
                 }
                 if state == SlotState::Splitting {
@@ -875,13 +877,13 @@ impl Ctl {
             }
             SplitStep::Seal(_) => {
                 if let Err(e) = &own {
-                    log::warn!("mirror {}: updating split leg {}'s own superblock failed: {e}", self.sh.name, self.slots[slot].name);
+                    log::warn!("mirror {}: updating split leg {}'s own superblock failed: {e}", self.sh.props.name(), self.slots[slot].name);
                 }
                 if durable && pending && state == SlotState::Split {
                     self.seal(slot);
                 } else if pending {
                     if let Some(sp) = self.split.take() {
-                        sp.fail(fail(&self.sh.name));
+                        sp.fail(fail(self.sh.props.name()));
                     }
                     self.slots[slot].rec.state = SlotState::Splitting;
                     self.depart(slot, SlotState::Failed);
@@ -922,10 +924,11 @@ impl Ctl {
                 return;
             }
         };
-        debug_assert_eq!(closed + 1, split_epoch);
+        // Only this task advances the mirror's epoch: the legs were told `split_epoch` above.
+        assert_eq!(closed + 1, split_epoch, "the mirror's epoch moved under its control task");
         self.update_source();
         self.sh.counters.splits.fetch_add(1, Relaxed);
-        log::info!("mirror {}: splitting off leg {} after epoch {closed}", self.sh.name, self.slots[slot].name);
+        log::info!("mirror {}: splitting off leg {} after epoch {closed}", self.sh.props.name(), self.slots[slot].name);
         if let Some(sp) = self.split.as_mut() {
             let entry = self.slots[slot].guard.as_ref().map(|g| g.entry().clone());
             if let (Some(r), Some(sealed), Some(leg)) = (sp.started.take(), sp.sealed_rx.take(), entry) {
@@ -962,7 +965,7 @@ impl Ctl {
             return;
         }
         if let Err(e) = result {
-            log::error!("mirror {}: flushing split leg {} failed: {e}", self.sh.name, self.slots[slot].name);
+            log::error!("mirror {}: flushing split leg {} failed: {e}", self.sh.props.name(), self.slots[slot].name);
             self.depart(slot, SlotState::Failed);
             return;
         }
@@ -979,10 +982,10 @@ impl Ctl {
         self.slots[slot].ch = None;
         let guard = self.slots[slot].guard.take();
         let reply = sp.sealed.take();
-        log::info!("mirror {}: leg {} sealed as image {} (generation {})", self.sh.name, self.slots[slot].name, sp.image, self.generation);
+        log::info!("mirror {}: leg {} sealed as image {} (generation {})", self.sh.props.name(), self.slots[slot].name, sp.image, self.generation);
         match (guard, reply) {
             (Some(leg), Some(reply)) => {
-                let sealed = SplitSealed { leg, geometry: self.g, mirror_name: self.sh.name.clone(), generation: self.generation };
+                let sealed = SplitSealed { leg, geometry: self.g, mirror_name: self.sh.props.name().to_string(), generation: self.generation };
                 // If the caller is gone, the returned value (and with it the claim) is dropped.
                 let _ = reply.send(Ok(sealed));
             }
@@ -1054,7 +1057,7 @@ impl Ctl {
     fn finish_rebuilds(&mut self) {
         for s in 0..MAX_SLOTS {
             if self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].is_empty() {
-                log::info!("mirror {}: leg {} is in sync", self.sh.name, self.slots[s].name);
+                log::info!("mirror {}: leg {} is in sync", self.sh.props.name(), self.slots[s].name);
                 self.slots[s].rec.state = SlotState::Active;
                 self.sh.slots[s].set_mode(LegMode::Active);
                 self.batch.need_sb = true;
@@ -1074,7 +1077,7 @@ impl Ctl {
             self.sh.regions.clear(region, UNSYNCED);
         }
         if unreadable {
-            log::error!("mirror {}: region {region} could not be read from any in-sync leg; legs being rebuilt are dropped", self.sh.name);
+            log::error!("mirror {}: region {region} could not be read from any in-sync leg; legs being rebuilt are dropped", self.sh.props.name());
             for s in 0..MAX_SLOTS {
                 if self.slots[s].rec.state == SlotState::Rebuilding && self.stale[s].get(region) {
                     self.depart(s, SlotState::Failed);
@@ -1171,9 +1174,9 @@ impl Ctl {
                     // Metadata writes and flushes count as the leg's write errors.
                     stats.write_errors.fetch_add(1, Relaxed);
                     if self.slots[s].in_sync() && self.active_count() == 1 {
-                        log::error!("mirror {}: {what} write to its last in-sync leg {} failed: {e}", self.sh.name, self.slots[s].name);
+                        log::error!("mirror {}: {what} write to its last in-sync leg {} failed: {e}", self.sh.props.name(), self.slots[s].name);
                     } else {
-                        log::error!("mirror {}: {what} write to leg {} failed ({e}); dropping it", self.sh.name, self.slots[s].name);
+                        log::error!("mirror {}: {what} write to leg {} failed ({e}); dropping it", self.sh.props.name(), self.slots[s].name);
                         self.sh.counters.leg_failures.fetch_add(1, Relaxed);
                         self.depart(s, SlotState::Failed);
                     }
@@ -1206,7 +1209,7 @@ impl Ctl {
                 let pages: Vec<(BitmapId, u64)> = std::mem::take(&mut self.stale_dirty).into_iter().map(|(s, p)| (BitmapId::Stale(s), p)).collect();
                 let n = pages.len();
                 if !self.write_pages(pages).await {
-                    log::error!("mirror {}: {n} stale-map pages reached no in-sync leg", self.sh.name);
+                    log::error!("mirror {}: {n} stale-map pages reached no in-sync leg", self.sh.props.name());
                 }
             }
             if !self.wi_dirty.is_empty() {
@@ -1277,7 +1280,7 @@ impl Ctl {
             self.batch.need_sb = true;
         }
         for a in batch.after_sb {
-            let fail = || MirrorError::Io(format!("mirror {}: its metadata could not be written to any in-sync leg", self.sh.name));
+            let fail = || MirrorError::Io(format!("mirror {}: its metadata could not be written to any in-sync leg", self.sh.props.name()));
             match a {
                 AfterSb::Io(reply) => {
                     let _ = reply.send(if sb_durable { Ok(()) } else { Err(BdevError::Media) });
@@ -1338,7 +1341,7 @@ impl Ctl {
         self.sh.layout_gen.fetch_add(1, SeqCst);
         self.publish();
         self.sh.status().shut_down = true;
-        log::info!("mirror {}: shut down cleanly at generation {}", self.sh.name, self.generation);
+        log::info!("mirror {}: shut down cleanly at generation {}", self.sh.props.name(), self.generation);
         for w in self.shutdown_waiters.drain(..) {
             let _ = w.send(());
         }

@@ -48,7 +48,7 @@ impl Module for MirrorSubsystem {
         for m in mirrors {
             let sh = m.shared();
             let st = m.status();
-            let name = sh.name.as_str();
+            let name = sh.props.name();
             let l = labels(&[("mirror", name)]);
             degraded.push((l.clone(), if st.degraded() { 1.0 } else { 0.0 }));
             dirty.push((l.clone(), st.dirty_regions as f64));

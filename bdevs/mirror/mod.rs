@@ -34,7 +34,7 @@ pub mod split;
 mod tests;
 pub mod waits;
 
-use crate::bdev::{Bdev, BdevEntry, BdevError, HoldGuard, IoChannel, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, HoldGuard, IoChannel, IoType};
 use crate::reactor;
 use control::Request;
 use crossbeam_utils::CachePadded;
@@ -282,8 +282,8 @@ pub(crate) struct MirrorCounters {
 
 /// State shared by every core's channel and the control task.
 pub(crate) struct Shared {
-    pub name: String,
-    pub uuid: Uuid,
+    /// The mirror bdev's props (its size is `geometry.data_blocks`).
+    pub props: BdevProps,
     pub geometry: Geometry,
     pub home: usize,
     pub regions: RegionStates,
@@ -407,14 +407,14 @@ impl MirrorBdev {
     /// takes writes; the copy runs in the background.
     pub async fn add_leg(&self, leg: HoldGuard) -> Result<AddedLeg, MirrorError> {
         let r = self.shared.ask(|reply| Request::AddLeg { guard: leg, reply }).await;
-        r.unwrap_or_else(|| Err(shut_down_error(&self.shared.name)))
+        r.unwrap_or_else(|| Err(shut_down_error(self.shared.props.name())))
     }
 
     /// Removes the leg whose bdev is `leg_name` (not the last in-sync leg).
     pub async fn remove_leg(&self, leg_name: &str) -> Result<(), MirrorError> {
         let name = leg_name.to_string();
         let r = self.shared.ask(|reply| Request::RemoveLeg { name, reply }).await;
-        r.unwrap_or_else(|| Err(shut_down_error(&self.shared.name)))
+        r.unwrap_or_else(|| Err(shut_down_error(self.shared.props.name())))
     }
 
     /// Splits the leg whose bdev is `leg_name` off as a point-in-time image named `image`:
@@ -424,13 +424,13 @@ impl MirrorBdev {
     pub async fn split_start(&self, leg_name: &str, image: &str) -> Result<SplitStarted, MirrorError> {
         let (leg, image) = (leg_name.to_string(), image.to_string());
         let r = self.shared.ask(|reply| Request::Split { leg, image, reply }).await;
-        r.unwrap_or_else(|| Err(shut_down_error(&self.shared.name)))
+        r.unwrap_or_else(|| Err(shut_down_error(self.shared.props.name())))
     }
 
     /// [`Self::split_start`], then waits for the seal.
     pub async fn split(&self, leg_name: &str, image: &str) -> Result<SplitSealed, MirrorError> {
         let started = self.split_start(leg_name, image).await?;
-        started.sealed.await.unwrap_or_else(|_| Err(shut_down_error(&self.shared.name)))
+        started.sealed.await.unwrap_or_else(|_| Err(shut_down_error(self.shared.props.name())))
     }
 
     /// Forgets the name of a deleted image (its leg can still re-join incrementally).
@@ -477,20 +477,8 @@ pub struct AddedLeg {
 }
 
 impl Bdev for MirrorBdev {
-    fn name(&self) -> &str {
-        &self.shared.name
-    }
-    fn product_name(&self) -> &str {
-        "Raid Volume"
-    }
-    fn block_size(&self) -> u32 {
-        self.shared.geometry.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.shared.geometry.data_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.shared.uuid
+    fn props(&self) -> &BdevProps {
+        &self.shared.props
     }
     fn supports(&self, _io: IoType) -> bool {
         // Unmap is done as write-zeroes on the legs so that they stay identical; legs without
@@ -507,10 +495,10 @@ impl Bdev for MirrorBdev {
         Some((
             "bdev_raid_create",
             json!({
-                "name": self.shared.name,
+                "name": self.shared.props.name(),
                 "raid_level": "raid1",
                 "base_bdevs": self.attached_leg_names(),
-                "uuid": self.shared.uuid.to_string(),
+                "uuid": self.shared.props.uuid().to_string(),
                 "strip_size_kb": 0,
                 "superblock": true,
                 "region_size_kb": self.shared.geometry.region_bytes() / 1024,
@@ -536,7 +524,7 @@ impl Bdev for MirrorBdev {
                     Ok(None) => std::thread::sleep(std::time::Duration::from_micros(200)),
                 }
             }
-            log::error!("mirror {}: clean shutdown did not finish in 30 s", self.shared.name);
+            log::error!("mirror {}: clean shutdown did not finish in 30 s", self.shared.props.name());
         }
     }
     fn as_any(&self) -> &dyn std::any::Any {
@@ -571,8 +559,8 @@ pub fn describe(m: &MirrorBdev) -> Value {
         })
         .collect();
     let mut v = json!({
-        "name": m.shared.name,
-        "uuid": m.shared.uuid.to_string(),
+        "name": m.shared.props.name(),
+        "uuid": m.shared.props.uuid().to_string(),
         "strip_size_kb": 0,
         "state": state,
         "raid_level": "raid1",

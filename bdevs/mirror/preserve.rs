@@ -116,7 +116,7 @@ impl Preservable for MirrorBdev {
                         *time_to_seal.lock().unwrap_or_else(|e| e.into_inner()) = Some(ns);
                     }
                     Err(e) => {
-                        log::error!("mirror {}: split image {name} failed: {e}", sh.name);
+                        log::error!("mirror {}: split image {name} failed: {e}", sh.props.name());
                         sig.set(SnapshotState::Failed);
                     }
                 }

@@ -115,7 +115,7 @@ async fn copy_region(sh: &Shared, step: &Step, offset: u64, count: u64, chunk: u
             };
             if !ok {
                 targets &= !(1 << s);
-                log::warn!("mirror {}: copy to the leg in slot {s} failed; dropping it", sh.name);
+                log::warn!("mirror {}: copy to the leg in slot {s} failed; dropping it", sh.props.name());
                 let _ = sh.ask(|reply| Request::LegFailed { slot: s, incarnation, reply }).await;
             }
         }

@@ -72,7 +72,9 @@ impl RegionStates {
     #[must_use]
     pub fn leave(&self, r: u64) -> bool {
         let prev = self.word(r).fetch_sub(1, SeqCst);
-        debug_assert!(count(prev) > 0, "region {r}: leave without enter");
+        // The count is the word's low bits: an underflow would borrow into the flags (FAST,
+        // UNSYNCED, ...) and let writes skip the control task's ordering.
+        assert!(count(prev) > 0, "region {r}: leave without enter");
         count(prev) == 1 && prev & WAIT_DRAIN != 0
     }
 
@@ -109,7 +111,8 @@ impl RegionStates {
     /// The region must be closed to fast entry first.
     pub fn begin_drain(&self, r: u64) -> bool {
         let prev = self.word(r).fetch_or(WAIT_DRAIN, SeqCst);
-        debug_assert!(prev & FAST == 0, "draining an open region");
+        // With FAST set, writes keep entering and the drain this waits for may never come.
+        assert!(prev & FAST == 0, "draining an open region");
         if count(prev) == 0 {
             self.word(r).fetch_and(!WAIT_DRAIN, SeqCst);
             return true;

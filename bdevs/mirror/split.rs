@@ -8,7 +8,7 @@
 
 use super::layout::{Geometry, FLAG_SEALED_SPLIT};
 use super::{MirrorError, SplitSealed};
-use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, Channel, HoldGuard, Io, IoChannel, IoFuture, IoType};
 use crate::preserve::{SealSignal, SnapshotState};
 use serde_json::{json, Value};
 use std::rc::Rc;
@@ -27,8 +27,7 @@ fn image_uuid(mirror: Uuid, generation: u64, name: &str) -> Uuid {
 }
 
 pub struct SplitImageBdev {
-    name: String,
-    uuid: Uuid,
+    props: BdevProps,
     leg: Arc<BdevEntry>,
     /// The image's claim on its leg, from the seal on (while the split drains, the mirror
     /// still holds the leg and writes its old epoch to it).
@@ -41,13 +40,16 @@ pub struct SplitImageBdev {
     signal: Arc<SealSignal>,
 }
 
+fn props(name: &str, g: &Geometry, uuid: Uuid) -> BdevProps {
+    BdevProps::new(name, "Split Mirror Image", g.block_size, g.data_blocks, uuid)
+}
+
 impl SplitImageBdev {
     fn sealed(name: &str, leg: HoldGuard, geometry: Geometry, mirror_name: String, mirror_uuid: Uuid, generation: u64) -> SplitImageBdev {
         let signal = SealSignal::new();
         signal.set(SnapshotState::Sealed);
         SplitImageBdev {
-            name: name.to_string(),
-            uuid: image_uuid(mirror_uuid, generation, name),
+            props: props(name, &geometry, image_uuid(mirror_uuid, generation, name)),
             leg: leg.entry().clone(),
             claim: Mutex::new(Some(leg)),
             geometry,
@@ -71,9 +73,8 @@ impl SplitImageBdev {
     /// alongside the old epoch's last writes), sealed by [`Self::install`].
     pub fn draining(name: &str, leg: Arc<BdevEntry>, geometry: Geometry, mirror_name: &str, mirror_uuid: Uuid, signal: Arc<SealSignal>) -> SplitImageBdev {
         SplitImageBdev {
-            name: name.to_string(),
             // Stable across restarts only once sealed; a draining image has no config anyway.
-            uuid: image_uuid(mirror_uuid, u64::MAX, name),
+            props: props(name, &geometry, image_uuid(mirror_uuid, u64::MAX, name)),
             leg,
             claim: Mutex::new(None),
             geometry,
@@ -88,7 +89,7 @@ impl SplitImageBdev {
     pub fn install(&self, sealed: SplitSealed) -> Result<(), MirrorError> {
         let entry = sealed.leg.entry().clone();
         drop(sealed.leg);
-        let leg = entry.claim(&self.name).map_err(|e| MirrorError::Busy(format!("cannot claim split leg {}: {e}", entry.name())))?;
+        let leg = entry.claim(self.name()).map_err(|e| MirrorError::Busy(format!("cannot claim split leg {}: {e}", entry.name())))?;
         *self.claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(leg);
         self.generation.store(sealed.generation, SeqCst);
         self.signal.set(SnapshotState::Sealed);
@@ -148,20 +149,8 @@ impl IoChannel for ImageChannel {
 }
 
 impl Bdev for SplitImageBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Split Mirror Image"
-    }
-    fn block_size(&self) -> u32 {
-        self.geometry.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.geometry.data_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, io: IoType) -> bool {
         // Modifying types are "supported" so that hosts get "read-only" rather than "invalid
@@ -189,7 +178,7 @@ impl Bdev for SplitImageBdev {
         // reassembles the mirror with the split kept, whether the seal completed or not (a
         // crash image of the split's instant if it did not). A failed split's leg is the
         // mirror's again.
-        (self.state() != SnapshotState::Failed).then(|| ("bdev_raid_open_split_image", json!({ "name": self.name, "base_bdev": self.leg_name() })))
+        (self.state() != SnapshotState::Failed).then(|| ("bdev_raid_open_split_image", json!({ "name": self.name(), "base_bdev": self.leg_name() })))
     }
     fn config_needs(&self) -> Vec<String> {
         // While the split drains the mirror still claims the leg; the image is opened after the

@@ -3,16 +3,13 @@
 
 pub mod rpc;
 
-use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevError, BdevProps, Io, IoChannel, IoFuture, IoType};
 use serde_json::{json, Value};
 use std::rc::Rc;
 use uuid::Uuid;
 
 pub struct NullBdev {
-    name: String,
-    uuid: Uuid,
-    block_size: u32,
-    num_blocks: u64,
+    props: BdevProps,
 }
 
 impl NullBdev {
@@ -23,7 +20,7 @@ impl NullBdev {
         if num_blocks == 0 || num_blocks.checked_mul(block_size as u64).is_none() {
             return Err("num_blocks must be at least 1 and num_blocks * block_size must fit in 64 bits".into());
         }
-        Ok(NullBdev { name: name.to_string(), uuid: uuid.unwrap_or_else(Uuid::new_v4), block_size, num_blocks })
+        Ok(NullBdev { props: BdevProps::new(name, "Null disk", block_size, num_blocks, uuid.unwrap_or_else(Uuid::new_v4)) })
     }
 }
 
@@ -40,20 +37,8 @@ impl IoChannel for NullChannel {
 }
 
 impl Bdev for NullBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Null disk"
-    }
-    fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         true
@@ -62,7 +47,10 @@ impl Bdev for NullBdev {
         Ok(Rc::new(NullChannel))
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_null_create", json!({ "name": self.name, "num_blocks": self.num_blocks, "block_size": self.block_size, "uuid": self.uuid.to_string() })))
+        Some((
+            "bdev_null_create",
+            json!({ "name": self.name(), "num_blocks": self.num_blocks(), "block_size": self.block_size(), "uuid": self.uuid().to_string() }),
+        ))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -12,7 +12,7 @@ pub mod identify;
 pub mod rpc;
 pub mod tcp;
 
-use crate::bdev::{gather, scatter, Bdev, BdevError, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, scatter, Bdev, BdevError, BdevProps, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::bdevs::uring::UringBdev;
 use crate::reactor::{self, Poller};
 use identify::Identity;
@@ -65,8 +65,7 @@ enum Backend {
 }
 
 pub struct NvmeBdev {
-    name: String,
-    uuid: Uuid,
+    props: BdevProps,
     filename: String,
     backend: Backend,
     /// (controller name, PCI address) when made by `bdev_nvme_attach_controller`.
@@ -119,6 +118,8 @@ fn iopoll_refusal() -> Option<String> {
     }
 }
 
+const PRODUCT_NAME: &str = "NVMe disk";
+
 impl NvmeBdev {
     /// Opens `path`: passthrough on a generic character device, the uring path on a block
     /// device or file.
@@ -154,12 +155,14 @@ impl NvmeBdev {
                     Some(why) => format!("interrupt-driven ({why})"),
                 }
             );
+            let props = BdevProps::new(name, PRODUCT_NAME, ident.block_size, ident.num_blocks, uuid);
             let backend = Backend::Passthru(Passthru { file: Arc::new(file), ident, offline: Arc::new(AtomicBool::new(false)), poll_queues });
-            return Ok(NvmeBdev { name: name.to_string(), uuid, filename: filename.to_string(), backend, attached });
+            return Ok(NvmeBdev { props, filename: filename.to_string(), backend, attached });
         }
         let u = UringBdev::open(name, filename, path, None, None, None)?;
         log::info!("{name}: {} is not an NVMe generic device; using the uring path (no passthrough)", path.display());
-        Ok(NvmeBdev { name: name.to_string(), uuid: u.uuid(), filename: filename.to_string(), backend: Backend::Uring(u), attached })
+        let props = BdevProps::over(u.props(), name, PRODUCT_NAME, u.uuid());
+        Ok(NvmeBdev { props, filename: filename.to_string(), backend: Backend::Uring(u), attached })
     }
 }
 
@@ -526,26 +529,8 @@ impl IoChannel for PassthruHandle {
 }
 
 impl Bdev for NvmeBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "NVMe disk"
-    }
-    fn block_size(&self) -> u32 {
-        match &self.backend {
-            Backend::Passthru(p) => p.ident.block_size,
-            Backend::Uring(u) => u.block_size(),
-        }
-    }
-    fn num_blocks(&self) -> u64 {
-        match &self.backend {
-            Backend::Passthru(p) => p.ident.num_blocks,
-            Backend::Uring(u) => u.num_blocks(),
-        }
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, io: IoType) -> bool {
         match &self.backend {
@@ -587,9 +572,9 @@ impl Bdev for NvmeBdev {
         match &self.attached {
             // One attach call recreates every namespace of the controller: emit it once, on ns 1.
             Some((ctrl, traddr)) => {
-                self.name.ends_with("n1").then(|| ("bdev_nvme_attach_controller", json!({ "name": ctrl, "trtype": "pcie", "traddr": traddr })))
+                self.name().ends_with("n1").then(|| ("bdev_nvme_attach_controller", json!({ "name": ctrl, "trtype": "pcie", "traddr": traddr })))
             }
-            None => Some(("bdev_nvme_passthru_create", json!({ "name": self.name, "filename": self.filename }))),
+            None => Some(("bdev_nvme_passthru_create", json!({ "name": self.name(), "filename": self.filename }))),
         }
     }
     fn as_any(&self) -> &dyn std::any::Any {

@@ -15,7 +15,7 @@ use super::layout::{
 };
 use super::table::ZeroMap;
 use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
-use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
+use crate::bdev::{BdevError, BdevProps, Channel, HoldGuard, IoBuf, IoResult};
 use crate::extent_lock::LockSpace;
 use crate::preserve::{unix_ms, EpochTracker, FreezeGate, PreserveError, SealSignal, SnapshotState};
 use crate::reactor;
@@ -92,7 +92,9 @@ impl Home {
     }
 
     fn unused(&self, slot: u32) {
-        debug_assert_eq!(self.v.records.at(slot as usize).load(Relaxed), 0, "an unused slot has no record");
+        // A slot goes back to the free list once its record is cleared; one still recorded
+        // would be handed out again while a snapshot reads it.
+        assert_eq!(self.v.records.at(slot as usize).load(Relaxed), 0, "an unused slot has no record");
         self.v.pieces.at(slot as usize).store(0, SeqCst);
         self.free.borrow_mut().push(slot);
         self.v.stats.used_slots.fetch_sub(1, Relaxed);
@@ -127,7 +129,11 @@ impl Home {
                     continue;
                 }
             };
-            log::trace!("{}: record slot {slot} := grain {grain} mask {mask:#x} pieces {:#x}", self.v.name, self.v.pieces.at(slot as usize).load(SeqCst));
+            log::trace!(
+                "{}: record slot {slot} := grain {grain} mask {mask:#x} pieces {:#x}",
+                self.v.props.name(),
+                self.v.pieces.at(slot as usize).load(SeqCst)
+            );
             self.set_record(slot, grain, mask);
             if mask == 0 {
                 self.freed_pending.borrow_mut().push(slot);
@@ -178,7 +184,7 @@ impl Home {
             .collect();
         Header {
             seq: self.seq.get(),
-            uuid: v.uuid,
+            uuid: v.props.uuid(),
             base_num_blocks: v.num_blocks,
             block_size: v.block_size,
             grain_blocks: v.grain_blocks() as u32,
@@ -216,7 +222,7 @@ impl Home {
                 let mut m = s.meta();
                 m.disk_state = DiskState::Failed;
                 m.signal.set(SnapshotState::Failed);
-                log::error!("volume {}: snapshot {} failed: {why}", v.name, m.name);
+                log::error!("volume {}: snapshot {} failed: {why}", v.props.name(), m.name);
             }
         }
         self.header_dirty.set(true);
@@ -268,10 +274,10 @@ async fn committer(h: Rc<Home>) {
         let pages: Vec<(u64, IoBuf)> = std::mem::take(&mut *h.dirty.borrow_mut()).into_iter().map(|p| (p, h.page(p))).collect();
         let waiters = std::mem::take(&mut *h.waiters.borrow_mut());
         let freed = std::mem::take(&mut *h.freed_pending.borrow_mut());
-        log::trace!("{}: commit pages {:?}", h.v.name, pages.iter().map(|p| p.0).collect::<Vec<_>>());
+        log::trace!("{}: commit pages {:?}", h.v.props.name(), pages.iter().map(|p| p.0).collect::<Vec<_>>());
         let r = write_batch(&h.v, &pages).await;
         if let Err(e) = &r {
-            log::error!("{}: writing CoW metadata to {} failed: {e}", h.v.name, h.v.store.name());
+            log::error!("{}: writing CoW metadata to {} failed: {e}", h.v.props.name(), h.v.store.name());
         } else {
             h.free.borrow_mut().extend(freed);
         }
@@ -303,10 +309,10 @@ async fn header_committer(h: Rc<Home>) {
         h.header_dirty.set(false);
         let hd = h.header();
         let waiters = std::mem::take(&mut *h.header_waiters.borrow_mut());
-        log::trace!("{}: commit header {}", h.v.name, hd.seq);
+        log::trace!("{}: commit header {}", h.v.props.name(), hd.seq);
         let r = write_header(&h.v, &hd).await;
         if let Err(e) = &r {
-            log::error!("{}: writing the CoW header to {} failed: {e}", h.v.name, h.v.store.name());
+            log::error!("{}: writing the CoW header to {} failed: {e}", h.v.props.name(), h.v.store.name());
         }
         for w in waiters {
             let _ = w.send(r.clone());
@@ -492,8 +498,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
     let v = Arc::new(VolumeShared {
         // The lock space's id is unique in the process: it keys the home registry too.
         id: locks.id(),
-        name: name.clone(),
-        uuid: header.uuid,
+        props: BdevProps::new(name.clone(), "CoW volume", block_size, num_blocks, header.uuid),
         base: base.clone(),
         store: store.clone(),
         claims: Mutex::new(vec![p.base, p.store]),
@@ -641,12 +646,12 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
 /// signal) once the epoch is bumped; with `freeze`, once sealed.
 pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, freeze: bool) -> Result<(usize, u64, Arc<SealSignal>), PreserveError> {
     if v.find(name).is_some() {
-        return Err(PreserveError::Exists(format!("volume {} already has a snapshot named {name}", v.name)));
+        return Err(PreserveError::Exists(format!("volume {} already has a snapshot named {name}", v.props.name())));
     }
-    let home = home_of(v.id).ok_or_else(|| PreserveError::NotFound(format!("volume {} is closing", v.name)))?;
+    let home = home_of(v.id).ok_or_else(|| PreserveError::NotFound(format!("volume {} is closing", v.props.name())))?;
     let i = (0..MAX_SNAPSHOTS)
         .find(|&i| v.snaps[i].state.load(SeqCst) == ST_FREE)
-        .ok_or_else(|| PreserveError::Busy(format!("volume {} already has {MAX_SNAPSHOTS} snapshots; delete one first", v.name)))?;
+        .ok_or_else(|| PreserveError::Busy(format!("volume {} already has {MAX_SNAPSHOTS} snapshots; delete one first", v.props.name())))?;
     let s = &v.snaps[i];
     let signal = SealSignal::new();
     *s.meta() = SnapMeta { name: name.to_string(), uuid, created_ms: unix_ms(), seal_ns: 0, disk_state: DiskState::Draining, signal: signal.clone() };
@@ -669,10 +674,12 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
             if freeze {
                 v.gate.thaw();
             }
-            return Err(PreserveError::Busy(format!("volume {}: {e}", v.name)));
+            return Err(PreserveError::Busy(format!("volume {}: {e}", v.props.name())));
         }
     };
-    debug_assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
+    // The snapshot's index was made live for `epoch` above; had another advance come in
+    // between, writes of the closed epoch would miss the preserve (a torn image).
+    assert_eq!(closed, epoch, "only the home core advances a volume's epoch");
     let t0 = reactor::now_ns();
     // The header naming the snapshot goes to the header committer. Records carrying the index
     // may become durable before it (host writes never wait for it): until it is, recovery
@@ -691,7 +698,7 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
         home.mark_failed(1 << i, &format!("its record could not be written to the store {}: {e}", v.store.name()));
         return Err(PreserveError::Io(format!(
             "volume {}: snapshot {name} could not be recorded in the store {}: {e}; it is marked failed, delete it",
-            v.name,
+            v.props.name(),
             v.store.name()
         )));
     }
@@ -719,7 +726,7 @@ async fn seal(v: Arc<VolumeShared>, i: usize, gen: u64, sealing: crate::preserve
         if !ok {
             v.live.fetch_and(!(1 << i), SeqCst);
             v.stats.snapshots_failed.fetch_add(1, Relaxed);
-            log::error!("volume {}: snapshot {} failed to seal: {:?}", v.name, s.meta().name, flushed.and(durable));
+            log::error!("volume {}: snapshot {} failed to seal: {:?}", v.props.name(), s.meta().name, flushed.and(durable));
         }
         v.stats.seal_latency.record(dt);
         s.meta().signal.set(if ok { SnapshotState::Sealed } else { SnapshotState::Failed });
@@ -735,7 +742,7 @@ pub(crate) async fn delete(v: &Arc<VolumeShared>, i: usize) -> Result<(), Preser
         ST_DRAINING => return Err(PreserveError::Busy(format!("snapshot {name} is still draining"))),
         _ => return Err(PreserveError::NotFound(format!("snapshot {name} does not exist"))),
     }
-    let home = home_of(v.id).ok_or_else(|| PreserveError::NotFound(format!("volume {} is closing", v.name)))?;
+    let home = home_of(v.id).ok_or_else(|| PreserveError::NotFound(format!("volume {} is closing", v.props.name())))?;
     let io = |e: BdevError| PreserveError::Io(format!("deleting snapshot {name}: store {}: {e}", v.store.name()));
     // Writers keep preserving for the snapshot until "deleting" is durable: a crash before
     // that brings the snapshot back, and it must still be exact.
@@ -758,7 +765,7 @@ pub(crate) async fn delete(v: &Arc<VolumeShared>, i: usize) -> Result<(), Preser
             continue;
         }
         let m = layout::record_mask(r) & !bit;
-        log::trace!("{}: scrub slot {slot} (grain {}) mask {m:#x}", v.name, layout::record_grain(r));
+        log::trace!("{}: scrub slot {slot} (grain {}) mask {m:#x}", v.props.name(), layout::record_grain(r));
         home.set_record(slot, layout::record_grain(r), m);
         if m == 0 {
             home.free.borrow_mut().push(slot);

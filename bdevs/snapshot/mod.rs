@@ -123,7 +123,7 @@ pub mod layout;
 pub mod rpc;
 mod table;
 
-use crate::bdev::{Bdev, BdevEntry, BdevError, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram};
 use crate::extent_lock::LockSpace;
 use crate::preserve::{EpochTracker, FreezeGate, Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::reactor;
@@ -191,8 +191,8 @@ struct CowStats {
 /// Everything a CoW volume's cores share.
 pub(crate) struct VolumeShared {
     id: u64,
-    name: String,
-    uuid: Uuid,
+    /// The volume bdev's props (name, UUID; sizes as `block_size` and `num_blocks` below).
+    props: BdevProps,
     base: Arc<BdevEntry>,
     store: Arc<BdevEntry>,
     claims: Mutex<Vec<HoldGuard>>,
@@ -280,7 +280,7 @@ impl VolumeShared {
         let entries = s.entries.load(Relaxed);
         SnapshotInfo {
             name: m.name.clone(),
-            origin: self.name.clone(),
+            origin: self.props.name().to_string(),
             method: "cow",
             epoch,
             state,
@@ -315,7 +315,7 @@ impl CowVolume {
     /// Takes a snapshot named `name` into `bdev` (a fresh [`SnapshotBdev::new`]). Runs on the
     /// home core. Returns once the epoch is bumped (with `freeze`: once sealed).
     pub async fn take_snapshot(&self, bdev: &SnapshotBdev, freeze: bool) -> Result<Arc<SealSignal>, PreserveError> {
-        let (i, gen, signal) = home::preserve(&self.v, &bdev.name, bdev.uuid, freeze).await?;
+        let (i, gen, signal) = home::preserve(&self.v, bdev.name(), bdev.uuid(), freeze).await?;
         bdev.attach(i, gen);
         Ok(signal)
     }
@@ -558,7 +558,7 @@ impl CowChannel {
             home::unused(v, slot).await;
             return self.store_failed(mask, e).await;
         }
-        log::trace!("{}: grain {g} pieces {pieces:#x} copied to slot {slot} for snapshots {mask:#x}", v.name);
+        log::trace!("{}: grain {g} pieces {pieces:#x} copied to slot {slot} for snapshots {mask:#x}", v.props.name());
         v.pieces.at(slot as usize).store(pieces, SeqCst);
         for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
             v.snaps[i].grains.at(g as usize).store(slot + 1, SeqCst);
@@ -587,7 +587,7 @@ impl CowChannel {
             return self.store_failed(mask, e).await;
         }
         let held = v.pieces.at(slot as usize).fetch_or(need, SeqCst);
-        log::trace!("{}: grain {g} pieces {need:#x} added to slot {slot} (had {held:#x}) for snapshots {mask:#x}", v.name);
+        log::trace!("{}: grain {g} pieces {need:#x} added to slot {slot} (had {held:#x}) for snapshots {mask:#x}", v.props.name());
         if let Err(e) = home::commit(v, vec![home::Update::Pieces { slot }]).await {
             v.pieces.at(slot as usize).store(held, SeqCst);
             return Err(e);
@@ -615,7 +615,7 @@ impl CowChannel {
     /// The snapshots of `mask` are those the slot serves.
     async fn patch_copy(&self, g: u64, slot: u32, mask: u32, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let (within, part) = self.part_of(g, off, n, data);
-        log::trace!("{}: old-epoch write on grain {g} patches slot {slot}", self.v.name);
+        log::trace!("{}: old-epoch write on grain {g} patches slot {slot}", self.v.props.name());
         match self.patch_slot(slot, within, &part).await {
             Ok(()) => Ok(()),
             Err(e) => self.store_failed(mask, e).await,
@@ -644,7 +644,7 @@ impl CowChannel {
             home::unused(v, new).await;
             return self.store_failed(mask, e).await;
         }
-        log::trace!("{}: old-epoch write on grain {g} moves snapshots {mask:#x} from slot {slot} to {new}", v.name);
+        log::trace!("{}: old-epoch write on grain {g} moves snapshots {mask:#x} from slot {slot} to {new}", v.props.name());
         v.pieces.at(new as usize).store(held, SeqCst);
         for i in (0..MAX_SNAPSHOTS).filter(|i| mask & (1 << i) != 0) {
             v.snaps[i].grains.at(g as usize).store(new + 1, SeqCst);
@@ -697,20 +697,8 @@ impl IoChannel for CowChannel {
 }
 
 impl Bdev for CowVolume {
-    fn name(&self) -> &str {
-        &self.v.name
-    }
-    fn product_name(&self) -> &str {
-        "CoW volume"
-    }
-    fn block_size(&self) -> u32 {
-        self.v.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.v.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.v.uuid
+    fn props(&self) -> &BdevProps {
+        &self.v.props
     }
     fn supports(&self, io: IoType) -> bool {
         match io {
@@ -737,7 +725,7 @@ impl Bdev for CowVolume {
         let v = &self.v;
         Some((
             "bdev_cow_create",
-            json!({ "name": v.name, "base_bdev": v.base.name(), "store_bdev": v.store.name(), "grain_kb": v.geo.grain_bytes >> 10, "uuid": v.uuid.to_string() }),
+            json!({ "name": v.props.name(), "base_bdev": v.base.name(), "store_bdev": v.store.name(), "grain_kb": v.geo.grain_bytes >> 10, "uuid": v.props.uuid().to_string() }),
         ))
     }
     fn destroy(&self) {
@@ -774,7 +762,7 @@ impl Preservable for CowVolume {
             Ok(Ok(signal)) => Ok(signal),
             Ok(Err(e)) | Err(e) => {
                 if let Err(de) = t.delete_bdev(&req.snapshot_name) {
-                    log::error!("{}: could not drop the bdev of failed snapshot {}: {de}", self.v.name, req.snapshot_name);
+                    log::error!("{}: could not drop the bdev of failed snapshot {}: {de}", self.v.props.name(), req.snapshot_name);
                 }
                 Err(e)
             }
@@ -798,7 +786,7 @@ impl Preservable for CowVolume {
     fn changed_ranges(&self, older: &str, newer: &str) -> Result<Vec<(u64, u64)>, PreserveError> {
         let v = &self.v;
         let sealed = |n: &str| {
-            let i = v.find(n).ok_or_else(|| PreserveError::NotFound(format!("volume {} has no snapshot {n}", v.name)))?;
+            let i = v.find(n).ok_or_else(|| PreserveError::NotFound(format!("volume {} has no snapshot {n}", v.props.name())))?;
             if v.snaps[i].state.load(SeqCst) != ST_SEALED {
                 return Err(PreserveError::Busy(format!("snapshot {n} is not sealed")));
             }
@@ -869,8 +857,7 @@ impl Preservable for CowVolume {
 /// has no `config_call`; deleting the bdev does not delete the snapshot (`bdev_snapshot_delete`
 /// does).
 pub struct SnapshotBdev {
-    name: String,
-    uuid: Uuid,
+    props: BdevProps,
     v: Arc<VolumeShared>,
     /// (index, generation) once the preserve happened; shared with the channels.
     attached: Arc<OnceLock<(usize, u64)>>,
@@ -879,12 +866,17 @@ pub struct SnapshotBdev {
 impl SnapshotBdev {
     /// A snapshot bdev not yet attached to a preserve (reads fail until it is).
     pub fn new(vol: &CowVolume, name: &str) -> SnapshotBdev {
-        SnapshotBdev { name: name.to_string(), uuid: Uuid::new_v4(), v: vol.v.clone(), attached: Arc::new(OnceLock::new()) }
+        SnapshotBdev::with(&vol.v, name, Uuid::new_v4())
+    }
+
+    fn with(v: &Arc<VolumeShared>, name: &str, uuid: Uuid) -> SnapshotBdev {
+        let props = BdevProps::new(name, "CoW snapshot", v.block_size, v.num_blocks, uuid);
+        SnapshotBdev { props, v: v.clone(), attached: Arc::new(OnceLock::new()) }
     }
 
     fn attached(v: &Arc<VolumeShared>, i: usize, gen: u64) -> SnapshotBdev {
         let m = v.snaps[i].meta();
-        let b = SnapshotBdev { name: m.name.clone(), uuid: m.uuid, v: v.clone(), attached: Arc::new(OnceLock::new()) };
+        let b = SnapshotBdev::with(v, &m.name, m.uuid);
         let _ = b.attached.set((i, gen));
         b
     }
@@ -996,7 +988,7 @@ impl SnapChannel {
             }
             e = e2;
         }
-        debug_assert!(false, "{}: grain {g} of snapshot index {i} kept changing under a read", v.name);
+        debug_assert!(false, "{}: grain {g} of snapshot index {i} kept changing under a read", v.props.name());
         Err(BdevError::NoResources)
     }
 
@@ -1029,20 +1021,8 @@ impl IoChannel for SnapChannel {
 }
 
 impl Bdev for SnapshotBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "CoW snapshot"
-    }
-    fn block_size(&self) -> u32 {
-        self.v.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.v.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         // Every type is "supported" so that modifications fail as write-protected (the
@@ -1062,7 +1042,7 @@ impl Bdev for SnapshotBdev {
     }
     fn driver_specific(&self) -> Value {
         let st = self.state().map(|s| s.name()).unwrap_or("detached");
-        json!({ "cow_snapshot": { "origin": self.v.name, "state": st } })
+        json!({ "cow_snapshot": { "origin": self.v.props.name(), "state": st } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
         None

@@ -6,6 +6,7 @@
 //! same store brings it all back.
 
 use super::{CowVolume, OpenParams};
+use crate::bdev::Bdev;
 use crate::module::Ctx;
 use crate::rpc::{non_empty, parse, RpcError, EBUSY};
 use serde::Deserialize;
@@ -63,7 +64,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let vol = Arc::new(vol);
     t.bdevs.register(vol.clone())?;
     for s in snaps {
-        let n = s.name.clone();
+        let n = s.name().to_string();
         if let Err(e) = t.bdevs.register(Arc::new(s)) {
             log::error!("{}: snapshot {n} cannot be exposed as a bdev: {e}", p.name);
         }

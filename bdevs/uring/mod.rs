@@ -6,7 +6,7 @@
 pub mod rpc;
 pub mod space;
 
-use crate::bdev::{gather, Bdev, BdevError, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, BUF_ALIGN};
+use crate::bdev::{gather, Bdev, BdevError, BdevProps, CompletionFuture, Completions, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, BUF_ALIGN};
 use crate::reactor::{self, Poller};
 use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
@@ -25,13 +25,10 @@ const RING_ENTRIES: u32 = 512;
 const MAX_IN_FLIGHT: usize = 2 * RING_ENTRIES as usize;
 
 pub struct UringBdev {
-    name: String,
-    uuid: Uuid,
+    props: BdevProps,
     filename: String,
     path: PathBuf,
     file: Arc<File>,
-    block_size: u32,
-    num_blocks: u64,
     /// Opened with O_DIRECT (no page cache).
     direct: bool,
     block_device: bool,
@@ -131,13 +128,10 @@ impl UringBdev {
             return Err(format!("{} is smaller than one {bs}-byte block", path.display()));
         }
         Ok(UringBdev {
-            name: name.to_string(),
-            uuid: uuid.unwrap_or_else(Uuid::new_v4),
+            props: BdevProps::new(name, "URING bdev", bs, num_blocks, uuid.unwrap_or_else(Uuid::new_v4)),
             filename: filename.to_string(),
             path: path.to_path_buf(),
             file: Arc::new(file),
-            block_size: bs,
-            num_blocks,
             direct,
             block_device,
             size_mb,
@@ -228,12 +222,12 @@ impl UringChannel {
         let ring = IoUring::builder().setup_cqsize(RING_ENTRIES * 2).build(RING_ENTRIES).map_err(os)?;
         let fd = b.file.as_raw_fd();
         ring.submitter().register_files(&[fd]).map_err(os)?;
-        let fixed = register_pool(&ring.submitter(), &b.name);
+        let fixed = register_pool(&ring.submitter(), b.name());
         let eventfd = completion_eventfd(&ring.submitter());
         let ch = Rc::new(UringChannel {
             ring: RefCell::new(ring),
             fd,
-            block_size: b.block_size as u64,
+            block_size: b.block_size() as u64,
             block_device: b.block_device,
             fixed,
             in_flight: Cell::new(0),
@@ -455,20 +449,8 @@ impl IoChannel for ChannelHandle {
 }
 
 impl Bdev for UringBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "URING bdev"
-    }
-    fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         true
@@ -480,7 +462,7 @@ impl Bdev for UringBdev {
         json!({ "uring": { "filename": self.path.display().to_string(), "direct_io": self.direct, "block_device": self.block_device } })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        let mut p = json!({ "name": self.name, "filename": self.filename, "block_size": self.block_size, "uuid": self.uuid.to_string() });
+        let mut p = json!({ "name": self.name(), "filename": self.filename, "block_size": self.block_size(), "uuid": self.uuid().to_string() });
         if let Some(mb) = self.size_mb {
             p["size_mb"] = json!(mb);
         }

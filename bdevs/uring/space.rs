@@ -6,6 +6,7 @@
 //! and each file's unwritten part as metrics, so that an operator sees it coming.
 
 use super::UringBdev;
+use crate::bdev::Bdev;
 use crate::metrics::{labels, MetricsOut};
 use crate::module::Ctx;
 use std::collections::btree_map::{BTreeMap, Entry};
@@ -46,7 +47,7 @@ impl UringBdev {
         }
         let m = self.file.metadata().ok()?;
         let allocated = m.blocks() * 512;
-        Some(FileUse { bdev: self.name.clone(), path: self.path.clone(), dev: m.dev(), unallocated_bytes: m.len().saturating_sub(allocated) })
+        Some(FileUse { bdev: self.name().to_string(), path: self.path.clone(), dev: m.dev(), unallocated_bytes: m.len().saturating_sub(allocated) })
     }
 }
 

@@ -193,7 +193,9 @@ impl CoreBudget {
     }
 
     fn give_back(&self, n: u64) {
-        debug_assert!(n <= self.used.get(), "returning {n} bytes of {} charged", self.used.get());
+        // Only leases and connections give back, what they were charged; more would wrap
+        // `used` and lift the core's limit for good.
+        assert!(n <= self.used.get(), "returning {n} bytes of {} charged", self.used.get());
         self.used.set(self.used.get() - n);
         self.publish();
         // Wake the waiters, in the order they waited, that the free bytes can serve (not
@@ -340,7 +342,8 @@ impl ConnBudget {
         self.used.set(self.used.get() + n);
         self.core.used.set(self.core.used.get() + n);
         self.core.publish();
-        debug_assert!(self.core.used.get() <= self.core.limit);
+        // `fits` checked the core's room just above, on this core (no other charge between).
+        assert!(self.core.used.get() <= self.core.limit, "core budget over its share");
         Ok(Lease { conn: self.clone(), n })
     }
 
@@ -376,7 +379,8 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let c = &self.conn;
-        debug_assert!(self.n <= c.used.get());
+        // The lease's bytes were added to `used` when it was made and leave once, here.
+        assert!(self.n <= c.used.get(), "a lease of {} bytes on a connection holding {}", self.n, c.used.get());
         c.used.set(c.used.get() - self.n);
         c.core.give_back(self.n);
     }

@@ -1,5 +1,7 @@
-//! The bdev layer: one trait that every block device module implements (DESIGN §2), the
-//! registry of bdevs by name with claims, per-core I/O channels, buffers and statistics.
+//! The bdev layer: one trait that every block device module implements (DESIGN §2), the data
+//! every bdev has ([`BdevProps`]), the pass-through helper of virtual bdevs over one base
+//! ([`PassThru`]), the registry of bdevs by name with claims, per-core I/O channels, buffers
+//! and statistics.
 //!
 //! A bdev is shared by all cores (`Bdev: Send + Sync`); its I/O goes through an [`IoChannel`]
 //! that each core opens for itself (for `uring`, the core's own ring: SPDK's queue pair). I/O
@@ -13,7 +15,9 @@ mod buffer;
 mod channel;
 mod completion;
 mod ctx;
+pub mod passthru;
 pub mod preservable;
+mod props;
 pub mod qos;
 mod registry;
 mod stats;
@@ -24,6 +28,8 @@ pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf
 pub use channel::Channel;
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use ctx::BdevCtx;
+pub use passthru::PassThru;
+pub use props::{BdevProps, BlockCount};
 pub use qos::{QosError, QosLimits};
 pub use registry::{BdevEntry, BdevRegistry, HoldGuard, Holder, HolderKind};
 pub use stats::{BdevStats, IoStatSnapshot, LatencyHistogram, LATENCY_BUCKETS_US};
@@ -187,14 +193,27 @@ pub trait IoChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a>;
 }
 
-/// What every bdev module implements.
+/// What every bdev module implements: its behaviour. Its data (name, sizes, UUID) is one
+/// [`BdevProps`] that the module returns from `props`; the getters below read it and are not
+/// meant to be overridden. Claims and statistics are kept by the registry ([`BdevEntry`]).
 pub trait Bdev: Send + Sync + 'static {
-    fn name(&self) -> &str;
+    fn props(&self) -> &BdevProps;
+    fn name(&self) -> &str {
+        self.props().name()
+    }
     /// Module name as in SPDK's `product_name` ("Malloc disk", "URING bdev", ...).
-    fn product_name(&self) -> &str;
-    fn block_size(&self) -> u32;
-    fn num_blocks(&self) -> u64;
-    fn uuid(&self) -> Uuid;
+    fn product_name(&self) -> &str {
+        self.props().product_name()
+    }
+    fn block_size(&self) -> u32 {
+        self.props().block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.props().num_blocks()
+    }
+    fn uuid(&self) -> Uuid {
+        self.props().uuid()
+    }
     fn supports(&self, io: IoType) -> bool;
     /// Writes (and unmaps) are refused with [`BdevError::ReadOnly`].
     fn read_only(&self) -> bool {

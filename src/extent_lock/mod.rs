@@ -222,7 +222,9 @@ impl ShardTable {
         if queued_overlap || s.overlaps_held(start, end) {
             return Err(());
         }
-        s.held.insert(start, end);
+        // Held ranges are disjoint (checked just above): two grants never share a start.
+        let prev = s.held.insert(start, end);
+        assert!(prev.is_none(), "extent lock {start}..{end} granted over a held range");
         space.stats[shard].acquired.fetch_add(1, Relaxed);
         Ok(Grant { space: space.clone(), shard, start, armed: true })
     }
@@ -238,7 +240,9 @@ impl ShardTable {
         let mut spaces = self.spaces.borrow_mut();
         let Some((_, s)) = spaces.get_mut(&space.id) else { return };
         let removed = s.held.remove(&start);
-        debug_assert!(removed.is_some(), "released an extent lock that is not held");
+        // Only a grant's owner releases it, once (its Drop): a release of a range not held
+        // would mean two owners of one range, i.e. writes no longer ordered.
+        assert!(removed.is_some(), "released an extent lock that is not held");
         // Grant, in FIFO order, every waiter that overlaps neither a held range nor an earlier
         // waiter that stays queued. A grant nobody can receive any more is released on the
         // spot, which may free more waiters: repeat until nothing changes.
@@ -254,7 +258,9 @@ impl ShardTable {
                     continue;
                 }
                 let w = s.waiters.remove(i).expect("index checked");
-                s.held.insert(ws, we);
+                // Not blocked: overlaps no held range, so no held range starts at `ws`.
+                let prev = s.held.insert(ws, we);
+                assert!(prev.is_none(), "extent lock {ws}..{we} granted over a held range");
                 let st = &space.stats[shard];
                 st.acquired.fetch_add(1, Relaxed);
                 st.waits.fetch_add(1, Relaxed);

@@ -161,6 +161,9 @@ impl Slots {
 
     fn alloc(&mut self) -> Option<u16> {
         let i = self.free.pop()?;
+        // `release` pushes a slot once, when it leaves another state: the free list holds
+        // free slots only, so a host's commands never share one.
+        assert!(matches!(self.v[i as usize], SlotState::Free), "slot {i} on the free list is in use");
         self.v[i as usize] = SlotState::Busy;
         Some(i)
     }
@@ -206,6 +209,9 @@ impl CidSet {
     }
     fn remove(&mut self, cid: u16) {
         let (w, b) = ((cid >> 6) as usize, cid & 63);
+        // Only a command that got its id (a duplicate is refused before, unrecorded) completes,
+        // once: clearing an id not held would free the id of another command in flight.
+        assert!(self.0[w] & (1 << b) != 0, "command id {cid} completed twice");
         self.0[w] &= !(1 << b);
     }
 }
@@ -750,6 +756,8 @@ impl Conn {
     }
 
     pub(crate) fn io_finished(&self) {
+        // Paired with `io_started` by `io::run`; close waits for this count to reach zero.
+        assert!(self.inflight.get() > 0, "I/O finished that never started");
         self.inflight.set(self.inflight.get() - 1);
         self.drain_notify.notify();
     }

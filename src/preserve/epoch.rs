@@ -104,10 +104,14 @@ impl EpochTracker {
 
     /// Ends an I/O (on the core that entered it); may complete a seal.
     pub fn exit(&self, t: EpochTicket) {
-        debug_assert_eq!(t.core, reactor::current_index(), "an I/O exits its epoch on the core that entered it");
+        // Counts are per core and a close reads its own core's only: an exit on another core
+        // would let a seal complete while the I/O is still in flight (a torn image).
+        assert_eq!(t.core, reactor::current_index(), "an I/O exits its epoch on the core that entered it");
         let shard = &self.shards[t.core];
         let prev = shard.counts[(t.epoch % RING) as usize].fetch_sub(1, Relaxed);
-        debug_assert!(prev > 0, "epoch counter underflow");
+        // A ticket is consumed by its one exit; an underflow wraps to 4 billion I/Os and the
+        // epoch never seals.
+        assert!(prev > 0, "epoch counter underflow");
         if shard.watch.load(Relaxed) <= t.epoch {
             self.check_pending(t.core);
         }
@@ -135,7 +139,10 @@ impl EpochTracker {
     }
 
     fn core_drained(&self, w: &SealWait) {
-        if w.remaining.fetch_sub(1, AcqRel) == 1 {
+        let prev = w.remaining.fetch_sub(1, AcqRel);
+        // Each core reports a close once (its message, or the exit that drains it after).
+        assert!(prev > 0, "epoch {}: more cores drained than there are", w.epoch);
+        if prev == 1 {
             self.oldest_open.fetch_max(w.epoch + 1, SeqCst);
             if let Some(tx) = w.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = tx.send(());

@@ -46,7 +46,9 @@ impl RecvBuf {
     }
 
     pub fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.available());
+        // Callers consume what `fill` made available; more would put `start` past `end` and
+        // hand out bytes that were never received.
+        assert!(n <= self.available(), "consuming {n} of {} buffered bytes", self.available());
         self.start += n;
         if self.start == self.end {
             self.start = 0;

@@ -10,7 +10,7 @@
 //! a 512-byte sector, whatever block size the device reports, or a smaller unit when asked
 //! (a stricter model than real media, for formats that rely only on smaller atomic records).
 
-use crate::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use crate::bdev::{Bdev, BdevError, BdevProps, Io, IoChannel, IoFuture, IoType};
 use crate::reactor;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,11 +50,9 @@ pub struct Latency {
 }
 
 pub struct SimDevice {
-    name: String,
-    block_size: u32,
+    props: BdevProps,
     /// Bytes a crash keeps or loses as one (a divisor of the sector).
     tear: usize,
-    num_blocks: u64,
     latency: Latency,
     /// Writes touching these bytes take this much longer: (start, end, extra ns).
     slow: Option<(u64, u64, u64)>,
@@ -63,15 +61,15 @@ pub struct SimDevice {
     pub submitted: Arc<AtomicU64>,
 }
 
+const PRODUCT_NAME: &str = "simulated device";
+
 impl SimDevice {
     pub fn new(name: &str, image: Vec<u8>, seed: u64, latency: Latency) -> SimDevice {
         assert!(!image.is_empty() && image.len() % SIM_BLOCK as usize == 0);
         let num_blocks = (image.len() / SIM_BLOCK as usize) as u64;
         SimDevice {
-            name: name.to_string(),
-            block_size: SIM_BLOCK,
+            props: BdevProps::new(name, PRODUCT_NAME, SIM_BLOCK, num_blocks, Uuid::nil()),
             tear: SIM_BLOCK as usize,
-            num_blocks,
             latency,
             slow: None,
             state: Arc::new(Mutex::new(DevState {
@@ -89,10 +87,9 @@ impl SimDevice {
 
     /// The same device reporting blocks of `bs` bytes (a multiple of the sector).
     pub fn with_block_size(mut self, bs: u32) -> SimDevice {
-        let bytes = self.num_blocks * self.block_size as u64;
+        let bytes = self.num_blocks() * self.block_size() as u64;
         assert!(bs % SIM_BLOCK == 0 && bytes % bs as u64 == 0, "{bs}-byte blocks on a {bytes}-byte device");
-        self.block_size = bs;
-        self.num_blocks = bytes / bs as u64;
+        self.props = BdevProps::new(self.name(), PRODUCT_NAME, bs, bytes / bs as u64, Uuid::nil());
         self
     }
 
@@ -278,20 +275,8 @@ impl IoChannel for SimChannel {
 }
 
 impl Bdev for SimDevice {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "simulated device"
-    }
-    fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
-    fn uuid(&self) -> Uuid {
-        Uuid::nil()
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         true
@@ -300,7 +285,7 @@ impl Bdev for SimDevice {
         Ok(Rc::new(SimChannel {
             dev: Arc::new(SimDeviceShared {
                 state: self.state.clone(),
-                block_size: self.block_size,
+                block_size: self.block_size(),
                 latency: self.latency,
                 slow: self.slow,
                 submitted: self.submitted.clone(),

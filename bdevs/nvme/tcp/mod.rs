@@ -14,7 +14,7 @@ pub mod queue;
 pub mod reconnect;
 pub mod rpc;
 
-use crate::bdev::{gather, scatter, Bdev, BdevError, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, scatter, Bdev, BdevError, BdevProps, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::nvmf::initiator::{IdentifyController, IdentifyNamespace};
 use crate::nvmf::spec::{io_opc, Sqe};
 use crate::reactor;
@@ -131,11 +131,10 @@ pub struct TcpController {
 
 /// One namespace of a controller.
 pub struct NvmeTcpBdev {
-    name: String,
+    props: BdevProps,
     ctrl: Arc<TcpController>,
     nsid: u32,
     ns: IdentifyNamespace,
-    uuid: Uuid,
     /// The controller's lowest namespace writes the attach call in save_config.
     first: bool,
 }
@@ -143,7 +142,7 @@ pub struct NvmeTcpBdev {
 impl NvmeTcpBdev {
     pub fn new(name: String, ctrl: Arc<TcpController>, nsid: u32, ns: IdentifyNamespace, first: bool) -> NvmeTcpBdev {
         let uuid = if ns.nguid != [0; 16] { Uuid::from_bytes(ns.nguid) } else { Uuid::new_v4() };
-        NvmeTcpBdev { name, ctrl, nsid, ns, uuid, first }
+        NvmeTcpBdev { props: BdevProps::new(name, "NVMe disk", ns.block_size, ns.nsze, uuid), ctrl, nsid, ns, first }
     }
 
     pub fn controller(&self) -> &Arc<TcpController> {
@@ -341,20 +340,8 @@ impl IoChannel for TcpChannel {
 }
 
 impl Bdev for NvmeTcpBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "NVMe disk"
-    }
-    fn block_size(&self) -> u32 {
-        self.ns.block_size
-    }
-    fn num_blocks(&self) -> u64 {
-        self.ns.nsze
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, io: IoType) -> bool {
         match io {

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::rc::Rc;
 use std::sync::Arc;
-use tidemark::bdev::{Bdev, BdevError, Io, IoChannel, IoFuture, IoType};
+use tidemark::bdev::{Bdev, BdevError, BdevProps, Io, IoChannel, IoFuture, IoType};
 use tidemark::metrics::MetricsOut;
 use tidemark::module::{Ctx, Module};
 use tidemark::rpc::{parse, RpcError};
@@ -46,9 +46,7 @@ impl Module for Throwaway {
 }
 
 pub struct ThrowawayBdev {
-    name: String,
-    num_blocks: u64,
-    uuid: uuid::Uuid,
+    props: BdevProps,
 }
 
 struct Zeros;
@@ -63,20 +61,8 @@ impl IoChannel for Zeros {
 }
 
 impl Bdev for ThrowawayBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Throw-away disk"
-    }
-    fn block_size(&self) -> u32 {
-        512
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
-    fn uuid(&self) -> uuid::Uuid {
-        self.uuid
+    fn props(&self) -> &BdevProps {
+        &self.props
     }
     fn supports(&self, _io: IoType) -> bool {
         true
@@ -85,7 +71,7 @@ impl Bdev for ThrowawayBdev {
         Ok(Rc::new(Zeros))
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some(("bdev_throwaway_create", json!({ "name": self.name, "num_blocks": self.num_blocks })))
+        Some(("bdev_throwaway_create", json!({ "name": self.name(), "num_blocks": self.num_blocks() })))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -105,6 +91,6 @@ fn create(ctx: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         return Err(RpcError::invalid_params("num_blocks must be at least 1"));
     }
     ctx.bdevs.check_new_name(&p.name)?;
-    ctx.bdevs.register(Arc::new(ThrowawayBdev { name: p.name.clone(), num_blocks: p.num_blocks, uuid: uuid::Uuid::new_v4() }))?;
+    ctx.bdevs.register(Arc::new(ThrowawayBdev { props: BdevProps::new(p.name.clone(), "Throw-away disk", 512, p.num_blocks, uuid::Uuid::new_v4()) }))?;
     Ok(json!(p.name))
 }
