@@ -55,8 +55,7 @@ pub const DELETE_ERRORS: &[crate::module::ErrorDoc] = &[
     (crate::rpc::EBUSY, "something holds the bdev: a virtual bdev built on it, an export or a job"),
 ];
 
-/// Errors of a method that registers a bdev under a name it is given.
-pub const NEW_NAME_ERRORS: &[crate::module::ErrorDoc] = &[(crate::rpc::EEXIST, "a bdev of that name exists")];
+pub use crate::bdev::NEW_NAME_ERRORS;
 
 /// Errors of a method that claims base bdevs it is given by name.
 pub const BASE_ERRORS: &[crate::module::ErrorDoc] =

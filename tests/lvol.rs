@@ -105,7 +105,16 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
     assert!(!ok, "a write past the pool's space must fail: {out}");
     // SPACE ALLOCATION FAILED WRITE PROTECT: QEMU's iSCSI driver turns it into ENOSPC.
     assert!(out.contains("No space left on device"), "{out}");
+    // A write that does not fit fails whole: it takes no cluster, and what is left still
+    // serves the writes that fit, up to the last cluster (written on LUN 1, whose only
+    // allocated cluster is its second).
+    let free = store(&d)["free_clusters"].as_u64().expect("free_clusters");
+    assert!(free > 0 && free <= 30, "{}", store(&d));
+    let (ok, out) = qemu_io(addr, 1, &format!("write -P 0x11 {}M {free}M", 32 - free));
+    assert!(ok, "the pool's last {free} clusters: {out}");
     assert_eq!(store(&d)["free_clusters"], 0);
+    let (ok, out) = qemu_io(addr, 1, "write -P 0x11 0 1M");
+    assert!(!ok && out.contains("No space left on device"), "a full pool: {out}");
     // Every other read and write goes on.
     let (ok, out) = qemu_io(addr, 0, "write -P 0x77 1M 4k");
     assert!(ok, "a write to an allocated cluster goes on in a full pool: {out}");

@@ -244,6 +244,11 @@ pub trait Bdev: Send + Sync + 'static {
     }
 }
 
+/// Errors of a method that registers a bdev under a name it is given (the registry's
+/// [`CreateError::Exists`]); here, not with the bdev modules, because the preserve layer's
+/// methods name new bdevs too.
+pub const NEW_NAME_ERRORS: &[(i32, &str)] = &[(crate::rpc::EEXIST, "a bdev of that name exists")];
+
 /// A module's reason for refusing to create a bdev, mapped to a JSON-RPC error at the edge.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {

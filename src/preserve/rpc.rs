@@ -14,7 +14,7 @@ crate::register_module! {
     construct: |_, _| std::sync::Arc::new(super::PreserveSubsystem),
     methods: [
         ("bdev_snapshot_create", create, Create, "Takes a point-in-time image of a preservable bdev without pausing I/O.", [
-            crate::bdevs::NEW_NAME_ERRORS,
+            crate::bdev::NEW_NAME_ERRORS,
             &[
                 (ENODEV, "the bdev does not exist"),
                 (EINVAL, "the bdev cannot be preserved (only CoW volumes and mirrors can)"),
