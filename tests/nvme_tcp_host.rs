@@ -4,6 +4,9 @@
 //! is read back through B and the other way round; B killed with -9 makes A's I/O fail with
 //! an error, never hang; bad input gives JSON-RPC errors.
 
+#[path = "iscsi/client.rs"]
+#[allow(dead_code)]
+mod client;
 mod support;
 
 use serde_json::{json, Value};
@@ -573,6 +576,16 @@ fn a_volume_grown_on_the_remote_node_is_seen_through_the_initiator_and_its_expor
     assert_eq!(a.rpc("bdev_nvme_attach_controller", attach_params("rb", b_addr)), json!(["rbn1"]));
     assert_eq!(a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"], json!(OLD));
     let a_addr = export(&a, NQN_A, &["rbn1"]);
+    // A exports it over iSCSI too; a session's first command collects the power-on attention.
+    let iscsi_port = free_port();
+    a.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": iscsi_port.to_string()}]}));
+    a.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
+    a.rpc("iscsi_create_target_node", json!({"name": "iqn.2016-06.io.tidemark:rb", "luns": [{"bdev_name": "rbn1", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}));
+    let iscsi_addr = SocketAddr::from(([127, 0, 0, 1], iscsi_port));
+    let mut s = client::Session::login(iscsi_addr, &client::LoginOptions::normal("iqn.2024-01.test:resize", "iqn.2016-06.io.tidemark:rb")).expect("iSCSI login");
+    let tur = [0u8; 6];
+    let _ = s.scsi(0, &tur, 0, None).expect("test unit ready");
+    assert_eq!(s.scsi(0, &tur, 0, None).expect("test unit ready").status, 0);
     // Hosts of both nodes wait for namespace notices.
     let (mut cb, aer_b) = aer_host(b_addr, NQN_B);
     let (mut ca, aer_a) = aer_host(a_addr, NQN_A);
@@ -594,6 +607,12 @@ fn a_volume_grown_on_the_remote_node_is_seen_through_the_initiator_and_its_expor
     let log = ca.get_log_page(tidemark::nvmf::spec::log::CHANGED_NS, 0, 4096, 0, false).unwrap();
     assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 1);
     assert_eq!(ca.identify_namespace(1).unwrap().nsze, NEW);
+    // A's iSCSI host: CAPACITY DATA HAS CHANGED, then READ CAPACITY (16) shows the new size.
+    let r = s.scsi(0, &tur, 0, None).expect("test unit ready");
+    assert_eq!((r.status, r.sense), (2, Some((0x06, 0x2a, 0x09))), "iSCSI: CAPACITY DATA HAS CHANGED");
+    let r = s.scsi(0, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], 32, None).expect("read capacity 16");
+    assert_eq!(r.status, 0);
+    assert_eq!(u64::from_be_bytes(r.data[0..8].try_into().unwrap()), NEW - 1, "last LBA");
     // A write past the old end through A lands on B's volume.
     ha.write(1, OLD + 100, &data);
     assert!(ha.read(1, OLD + 100, 16) == data, "read back through A");
@@ -603,7 +622,7 @@ fn a_volume_grown_on_the_remote_node_is_seen_through_the_initiator_and_its_expor
     // A second resize: the initiator's AER was sent again.
     b.rpc("bdev_lvol_resize", json!({"name": "lvs/v", "size_in_mib": 24}));
     wait_for("A's bdev to grow again", 10, || a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"] == json!(24u64 << 20 >> 9));
-    drop((ha, hb, ca, cb));
+    drop((ha, hb, ca, cb, s));
     drop(a);
     drop(b);
 }
