@@ -267,13 +267,15 @@ fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
     let data = pattern(64 * BS, 1);
     ha.write(1, 0, &data);
 
-    // B dies during I/O and comes back (same port, a fresh malloc namespace) 2 s later: the
-    // write issued meanwhile waits and succeeds.
+    // B dies during I/O and comes back (same port, fresh malloc namespaces, the first twice
+    // as large) 2 s later: the write issued meanwhile waits and succeeds.
     b.kill9();
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(2));
         b.restart();
-        setup_b(&b, b_addr.port());
+        b.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2 * BLOCKS, "block_size": BS}));
+        b.rpc("bdev_malloc_create", json!({"name": "m1", "num_blocks": BLOCKS, "block_size": BS}));
+        export_on(&b, NQN_B, &["m0", "m1"], b_addr.port());
         b
     });
     let t0 = Instant::now();
@@ -289,6 +291,11 @@ fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
     let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
     assert_eq!(c[0]["ctrlrs"][0]["reconnects"], json!(1), "{c}");
     assert!(a.metrics_text().contains(r#"tidemark_nvme_tcp_reconnects_total{controller="rb"} 1"#));
+    // The reconnect read the namespaces' sizes again, and the AER was sent on the new admin
+    // queue: a namespace removed on B is reported (logged; its I/O then fails with B's status).
+    wait_for("A to see the larger namespace", 10, || a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"] == json!(2 * BLOCKS));
+    b.rpc("nvmf_subsystem_remove_ns", json!({"nqn": NQN_B, "nsid": 2}));
+    wait_for("A to log the removed namespace", 10, || a.log_text().contains("namespace 2 is no longer active"));
 
     // B gone for good: I/O waits for fast_io_fail_timeout_sec (4 s), then fails; A keeps
     // reconnecting and keeps serving RPCs.
