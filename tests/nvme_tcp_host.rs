@@ -589,7 +589,8 @@ fn a_volume_grown_on_the_remote_node_is_seen_through_the_initiator_and_its_expor
     a.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
     a.rpc("iscsi_create_target_node", json!({"name": "iqn.2016-06.io.tidemark:rb", "luns": [{"bdev_name": "rbn1", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}));
     let iscsi_addr = SocketAddr::from(([127, 0, 0, 1], iscsi_port));
-    let mut s = client::Session::login(iscsi_addr, &client::LoginOptions::normal("iqn.2024-01.test:resize", "iqn.2016-06.io.tidemark:rb")).expect("iSCSI login");
+    let mut s =
+        client::Session::login(iscsi_addr, &client::LoginOptions::normal("iqn.2024-01.test:resize", "iqn.2016-06.io.tidemark:rb")).expect("iSCSI login");
     let tur = [0u8; 6];
     let _ = s.scsi(0, &tur, 0, None).expect("test unit ready");
     assert_eq!(s.scsi(0, &tur, 0, None).expect("test unit ready").status, 0);

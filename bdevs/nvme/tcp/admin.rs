@@ -152,7 +152,11 @@ impl Admin {
             sqe.set_cdw(11, numd >> 16);
             let (cqe, data) = self.exec(sqe, Payload::In(CHANGED_NS_LEN), CMD_TIMEOUT).await?;
             let ids = if cqe.status().is_success() { changed_namespaces(&data) } else { None };
-            log::info!("NVMe/TCP controller {}: namespace attributes changed: {}", shared.name, ids.as_ref().map_or("all namespaces".to_string(), |v| format!("namespaces {v:?}")));
+            log::info!(
+                "NVMe/TCP controller {}: namespace attributes changed: {}",
+                shared.name,
+                ids.as_ref().map_or("all namespaces".to_string(), |v| format!("namespaces {v:?}"))
+            );
             self.refresh(shared, ids.as_deref()).await?;
         } else {
             log::info!("NVMe/TCP controller {}: asynchronous event {ev:?} ignored", shared.name);
