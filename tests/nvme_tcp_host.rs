@@ -4,6 +4,9 @@
 //! is read back through B and the other way round; B killed with -9 makes A's I/O fail with
 //! an error, never hang; bad input gives JSON-RPC errors.
 
+#[path = "iscsi/client.rs"]
+#[allow(dead_code)]
+mod client;
 mod support;
 
 use serde_json::{json, Value};
@@ -264,13 +267,15 @@ fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
     let data = pattern(64 * BS, 1);
     ha.write(1, 0, &data);
 
-    // B dies during I/O and comes back (same port, a fresh malloc namespace) 2 s later: the
-    // write issued meanwhile waits and succeeds.
+    // B dies during I/O and comes back (same port, fresh malloc namespaces, the first twice
+    // as large) 2 s later: the write issued meanwhile waits and succeeds.
     b.kill9();
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(2));
         b.restart();
-        setup_b(&b, b_addr.port());
+        b.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2 * BLOCKS, "block_size": BS}));
+        b.rpc("bdev_malloc_create", json!({"name": "m1", "num_blocks": BLOCKS, "block_size": BS}));
+        export_on(&b, NQN_B, &["m0", "m1"], b_addr.port());
         b
     });
     let t0 = Instant::now();
@@ -286,6 +291,11 @@ fn io_waits_for_a_reconnect_and_fails_after_fast_io_fail() {
     let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
     assert_eq!(c[0]["ctrlrs"][0]["reconnects"], json!(1), "{c}");
     assert!(a.metrics_text().contains(r#"tidemark_nvme_tcp_reconnects_total{controller="rb"} 1"#));
+    // The reconnect read the namespaces' sizes again, and the AER was sent on the new admin
+    // queue: a namespace removed on B is reported (logged; its I/O then fails with B's status).
+    wait_for("A to see the larger namespace", 10, || a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"] == json!(2 * BLOCKS));
+    b.rpc("nvmf_subsystem_remove_ns", json!({"nqn": NQN_B, "nsid": 2}));
+    wait_for("A to log the removed namespace", 10, || a.log_text().contains("namespace 2 is no longer active"));
 
     // B gone for good: I/O waits for fast_io_fail_timeout_sec (4 s), then fails; A keeps
     // reconnecting and keeps serving RPCs.
@@ -532,4 +542,95 @@ fn shutdown_does_not_wait_for_io_held_for_a_reconnect() {
     // The NVMe/TCP front end gives its connections' commands up to 10 s to end; then this
     // module ends the held I/O (before, the reactors waited for it forever).
     assert!(t0.elapsed() < Duration::from_secs(13), "stopped in {:?}", t0.elapsed());
+}
+
+/// Waits (10 s at most) for the completion of admin command `cid`.
+fn admin_completion(c: &mut Controller, cid: u16) -> tidemark::nvmf::initiator::Completion {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out = Vec::new();
+    loop {
+        c.admin.poll(&mut out).unwrap();
+        if let Some(x) = out.iter().find(|x| x.cid == cid) {
+            return *x;
+        }
+        assert!(Instant::now() < deadline, "admin command {cid} did not complete");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A host controller with namespace notices enabled and one AER outstanding.
+fn aer_host(addr: SocketAddr, nqn: &str) -> (Controller, u16) {
+    use tidemark::nvmf::spec::{self, admin_opc};
+    let o = QpairOptions { timeout: Duration::from_secs(20), ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, nqn, &o).expect("connect");
+    c.set_features(spec::feat::ASYNC_EVENT_CONFIG, 1 << 8).unwrap();
+    let aer = c.admin.submit(Sqe::new(admin_opc::ASYNC_EVENT_REQUEST, 0, 0), Payload::None).unwrap();
+    (c, aer)
+}
+
+#[test]
+fn a_volume_grown_on_the_remote_node_is_seen_through_the_initiator_and_its_exports() {
+    const OLD: u64 = 8 << 20 >> 9;
+    const NEW: u64 = 16 << 20 >> 9;
+    // B: a volume of a pool, exported over NVMe/TCP.
+    let b = Daemon::start(&config("[0]"));
+    b.rpc("bdev_malloc_create", json!({"name": "base", "num_blocks": BLOCKS, "block_size": BS}));
+    b.rpc("bdev_lvol_create_lvstore", json!({"bdev_name": "base", "lvs_name": "lvs"}));
+    b.rpc("bdev_lvol_create", json!({"lvol_name": "v", "size_in_mib": 8, "thin_provision": true, "lvs_name": "lvs"}));
+    let b_addr = export(&b, NQN_B, &["lvs/v"]);
+    // A: attaches it and exports the remote bdev again.
+    let a = Daemon::start(&config("[0, 1]"));
+    assert_eq!(a.rpc("bdev_nvme_attach_controller", attach_params("rb", b_addr)), json!(["rbn1"]));
+    assert_eq!(a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"], json!(OLD));
+    let a_addr = export(&a, NQN_A, &["rbn1"]);
+    // A exports it over iSCSI too; a session's first command collects the power-on attention.
+    let iscsi_port = free_port();
+    a.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": iscsi_port.to_string()}]}));
+    a.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
+    a.rpc("iscsi_create_target_node", json!({"name": "iqn.2016-06.io.tidemark:rb", "luns": [{"bdev_name": "rbn1", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}));
+    let iscsi_addr = SocketAddr::from(([127, 0, 0, 1], iscsi_port));
+    let mut s =
+        client::Session::login(iscsi_addr, &client::LoginOptions::normal("iqn.2024-01.test:resize", "iqn.2016-06.io.tidemark:rb")).expect("iSCSI login");
+    let tur = [0u8; 6];
+    let _ = s.scsi(0, &tur, 0, None).expect("test unit ready");
+    assert_eq!(s.scsi(0, &tur, 0, None).expect("test unit ready").status, 0);
+    // Hosts of both nodes wait for namespace notices.
+    let (mut cb, aer_b) = aer_host(b_addr, NQN_B);
+    let (mut ca, aer_a) = aer_host(a_addr, NQN_A);
+    let mut ha = host(a_addr, NQN_A);
+    // Past the old end: refused before the resize.
+    let data = pattern(16 * BS, 11);
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, OLD + 100, 16), Payload::Out(&data)).unwrap();
+    assert!(!cqe.status().is_success(), "a write past the end fails before the resize");
+
+    b.rpc("bdev_lvol_resize", json!({"name": "lvs/v", "size_in_mib": 16}));
+    // B's host gets the event at once.
+    let ev = admin_completion(&mut cb, aer_b);
+    assert_eq!(ev.cqe.dw0, 0x0004_0002, "B: namespace attribute changed");
+    assert_eq!(cb.identify_namespace(1).unwrap().nsze, NEW);
+    // A's initiator got it too, read the new size and set its bdev's: A's own host is told.
+    wait_for("A's bdev to grow", 10, || a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"] == json!(NEW));
+    let ev = admin_completion(&mut ca, aer_a);
+    assert_eq!(ev.cqe.dw0, 0x0004_0002, "A: namespace attribute changed, raised by the resize seen through the initiator");
+    let log = ca.get_log_page(tidemark::nvmf::spec::log::CHANGED_NS, 0, 4096, 0, false).unwrap();
+    assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 1);
+    assert_eq!(ca.identify_namespace(1).unwrap().nsze, NEW);
+    // A's iSCSI host: CAPACITY DATA HAS CHANGED, then READ CAPACITY (16) shows the new size.
+    let r = s.scsi(0, &tur, 0, None).expect("test unit ready");
+    assert_eq!((r.status, r.sense), (2, Some((0x06, 0x2a, 0x09))), "iSCSI: CAPACITY DATA HAS CHANGED");
+    let r = s.scsi(0, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], 32, None).expect("read capacity 16");
+    assert_eq!(r.status, 0);
+    assert_eq!(u64::from_be_bytes(r.data[0..8].try_into().unwrap()), NEW - 1, "last LBA");
+    // A write past the old end through A lands on B's volume.
+    ha.write(1, OLD + 100, &data);
+    assert!(ha.read(1, OLD + 100, 16) == data, "read back through A");
+    let mut hb = host(b_addr, NQN_B);
+    assert!(hb.read(1, OLD + 100, 16) == data, "read on B");
+
+    // A second resize: the initiator's AER was sent again.
+    b.rpc("bdev_lvol_resize", json!({"name": "lvs/v", "size_in_mib": 24}));
+    wait_for("A's bdev to grow again", 10, || a.rpc("bdev_get_bdevs", json!({"name": "rbn1"}))[0]["num_blocks"] == json!(24u64 << 20 >> 9));
+    drop((ha, hb, ca, cb, s));
+    drop(a);
+    drop(b);
 }

@@ -130,6 +130,8 @@ pub struct BdevRegistry {
     by_name: Mutex<BTreeMap<String, Arc<BdevEntry>>>,
     /// Other names of a bdev (SPDK's aliases: an lvol is `lvs/lvol` and its UUID), alias to name.
     aliases: Mutex<BTreeMap<String, String>>,
+    /// Resize notifications (see [`BlockCount`](super::BlockCount)).
+    resize: Arc<super::props::ResizeHub>,
 }
 
 /// Longest bdev name accepted (SPDK has no limit; names end up in NQNs and metrics labels).
@@ -138,7 +140,15 @@ pub const MAX_NAME_LEN: usize = 255;
 impl BdevRegistry {
     /// A registry whose bdevs keep statistics for `cores` cores.
     pub fn new(cores: usize) -> Self {
-        BdevRegistry { cores, by_name: Mutex::new(BTreeMap::new()), aliases: Mutex::new(BTreeMap::new()) }
+        BdevRegistry { cores, by_name: Mutex::new(BTreeMap::new()), aliases: Mutex::new(BTreeMap::new()), resize: Default::default() }
+    }
+
+    /// Calls `f` with a bdev's name whenever its size changes ([`BlockCount::set`](super::BlockCount::set)
+    /// on the count of a registered bdev; every bdev sharing the count is named). The exports
+    /// subscribe: an NVMe namespace raises Namespace Attribute Changed. `f` runs on the thread
+    /// that resized (an RPC thread or a reactor core) and must not block.
+    pub fn subscribe_resize(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        self.resize.subscribe(Arc::new(f));
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<BdevEntry>>> {
@@ -193,6 +203,7 @@ impl BdevRegistry {
             qos: Default::default(),
             holders: Mutex::new(Vec::new()),
         });
+        self.resize.track(&name, entry.bdev().props().block_count());
         m.insert(name, entry.clone());
         Ok(entry)
     }
@@ -224,6 +235,7 @@ impl BdevRegistry {
         }
         let e = m.remove(name).expect("entry checked above");
         drop(m);
+        self.resize.untrack(name);
         self.alias_map().retain(|_, n| n != name);
         Ok(e)
     }
@@ -275,4 +287,39 @@ fn validate_name(name: &str) -> Result<(), CreateError> {
         return Err(CreateError::Invalid(format!("bdev name {name:?} contains a control character, quote, slash or backslash")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdevs::delay::DelayBdev;
+    use crate::bdevs::malloc::MallocBdev;
+
+    #[test]
+    fn a_resize_names_every_bdev_on_the_count_to_every_subscriber_once_per_change() {
+        let reg = BdevRegistry::new(1);
+        let seen: Arc<Mutex<Vec<String>>> = Default::default();
+        for tag in ["a", "b"] {
+            let s = seen.clone();
+            reg.subscribe_resize(move |n| s.lock().unwrap().push(format!("{tag}:{n}")));
+        }
+        let m = reg.register(Arc::new(MallocBdev::new("m", 64, 4096, None).unwrap())).unwrap();
+        let other = reg.register(Arc::new(MallocBdev::new("other", 64, 4096, None).unwrap())).unwrap();
+        let top = reg.register(Arc::new(DelayBdev::new("top".into(), m.claim("top").unwrap(), [0; 4], None))).unwrap();
+        let count = m.bdev().props().block_count().clone();
+        count.set(128);
+        assert_eq!(top.bdev().num_blocks(), 128);
+        let mut got = std::mem::take(&mut *seen.lock().unwrap());
+        got.sort();
+        assert_eq!(got, ["a:m", "a:top", "b:m", "b:top"], "both bdevs on the count, each subscriber; not `other`");
+        count.set(128);
+        assert!(seen.lock().unwrap().is_empty(), "the same size again is no change");
+        other.bdev().props().block_count().set(65);
+        assert_eq!(std::mem::take(&mut *seen.lock().unwrap()), ["a:other", "b:other"]);
+        // An unregistered bdev is not named any more.
+        drop(top);
+        reg.unregister("top").unwrap();
+        count.set(256);
+        assert_eq!(std::mem::take(&mut *seen.lock().unwrap()), ["a:m", "b:m"]);
+    }
 }

@@ -51,8 +51,17 @@ impl Ctx {
                 Some(m)
             })
             .collect();
+        let bdev = BdevCtx::new(reactors);
+        for m in &modules {
+            let m = Arc::downgrade(m);
+            bdev.bdevs.subscribe_resize(move |name| {
+                if let Some(m) = m.upgrade() {
+                    m.bdev_resized(name)
+                }
+            });
+        }
         Ctx {
-            bdev: BdevCtx::new(reactors),
+            bdev,
             data_dir: config.daemon.data_dir.clone(),
             config,
             started: Instant::now(),

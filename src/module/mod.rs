@@ -54,6 +54,9 @@ pub trait Module: Send + Sync + 'static {
     fn metrics(&self, _ctx: &Ctx, _out: &mut MetricsOut<'_>) -> std::fmt::Result {
         Ok(())
     }
+    /// Bdev `name` changed size (a volume grown while exported): an export tells its hosts.
+    /// Runs on the thread that resized; must not block.
+    fn bdev_resized(&self, _name: &str) {}
     fn as_any(&self) -> &dyn Any;
 }
 

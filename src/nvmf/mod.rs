@@ -293,6 +293,20 @@ impl Module for NvmfTarget {
         self.nvmf.shutdown();
     }
 
+    /// A namespace's bdev changed size: every controller of its subsystem gets Namespace
+    /// Attribute Changed and the namespace in its Changed Namespace List (NVMe Base §5.2.2);
+    /// Identify Namespace already reads the size now.
+    fn bdev_resized(&self, name: &str) {
+        for s in self.nvmf.subsystems() {
+            for ns in s.namespaces().iter().filter(|ns| ns.bdev_name() == name) {
+                log::info!("nvmf: {}: namespace {} (bdev {name}) is now {} blocks", s.nqn, ns.nsid, ns.num_blocks());
+                for c in s.controllers() {
+                    c.namespace_changed(&self.nvmf, ns.nsid);
+                }
+            }
+        }
+    }
+
     fn metrics(&self, _t: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let subs = self.nvmf.subsystems();
         let mut ctrls = Vec::new();

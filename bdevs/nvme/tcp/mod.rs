@@ -10,11 +10,12 @@
 //! the connect sequence is the test initiator's (`crate::nvmf::initiator`): neither imports
 //! the bdev modules, so there is no cycle, and the wire format is written once.
 
+pub mod admin;
 pub mod queue;
 pub mod reconnect;
 pub mod rpc;
 
-use crate::bdev::{gather, scatter, Bdev, BdevError, BdevProps, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, scatter, Bdev, BdevError, BdevProps, BlockCount, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::nvmf::initiator::{IdentifyController, IdentifyNamespace};
 use crate::nvmf::spec::{io_opc, Sqe};
 use crate::reactor;
@@ -80,12 +81,19 @@ pub struct Shared {
     /// Bumped when the admin queue is replaced: an older keep-alive task ends.
     generation: AtomicU64,
     pub target: reconnect::Target,
+    /// The namespaces with a bdev: nsid, the bdev's block count (set when the controller
+    /// reports a resize, see [`admin`]) and block size.
+    pub namespaces: std::sync::Mutex<Vec<(u32, BlockCount, u32)>>,
     me: std::sync::Weak<Shared>,
 }
 
 impl Shared {
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn namespaces(&self) -> Vec<(u32, BlockCount, u32)> {
+        self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn set_state(&self, s: State) {
@@ -142,7 +150,9 @@ pub struct NvmeTcpBdev {
 impl NvmeTcpBdev {
     pub fn new(name: String, ctrl: Arc<TcpController>, nsid: u32, ns: IdentifyNamespace, first: bool) -> NvmeTcpBdev {
         let uuid = if ns.nguid != [0; 16] { Uuid::from_bytes(ns.nguid) } else { Uuid::new_v4() };
-        NvmeTcpBdev { props: BdevProps::new(name, "NVMe disk", ns.block_size, ns.nsze, uuid), ctrl, nsid, ns, first }
+        let count = BlockCount::new(ns.nsze);
+        ctrl.shared.namespaces.lock().unwrap_or_else(|e| e.into_inner()).push((nsid, count.clone(), ns.block_size));
+        NvmeTcpBdev { props: BdevProps::with_count(name, "NVMe disk", ns.block_size, count, uuid), ctrl, nsid, ns, first }
     }
 
     pub fn controller(&self) -> &Arc<TcpController> {

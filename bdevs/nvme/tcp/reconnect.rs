@@ -10,8 +10,7 @@
 
 use super::queue::{QueueError, QueueObserver, QueueParams};
 use super::{Shared, State};
-use crate::nvmf::initiator::{Controller, Error as HostError, Payload, Qpair, QpairOptions};
-use crate::nvmf::spec::{admin_opc, Cqe, Sqe};
+use crate::nvmf::initiator::{Controller, Error as HostError, Qpair, QpairOptions};
 use crate::reactor::{self, ReactorHandle};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
@@ -194,55 +193,13 @@ fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Hands the admin queue to core 0, which sends the keep-alives.
+/// Hands the admin queue to core 0, which sends the keep-alives and handles the
+/// controller's asynchronous events ([`super::admin`]).
 pub fn start_keep_alive(c: Controller, shared: Arc<Shared>) {
     let generation = shared.generation.load(Ordering::SeqCst);
     let period = Duration::from_millis(c.opts.kato_ms.max(2) as u64 / 2);
     let reactors = shared.target.reactors.clone();
-    reactors.send(0, move || reactor::spawn_detached(keep_alive(c, shared, period, generation)));
-}
-
-/// Sends a Keep Alive every `period` on the admin queue (it owns the controller's admin
-/// connection) until the controller is detached or reconnected; a failed one starts the
-/// recovery.
-async fn keep_alive(mut c: Controller, shared: Arc<Shared>, period: Duration, generation: u64) {
-    let current = |s: &Shared| !s.stop.load(Ordering::Relaxed) && s.generation.load(Ordering::SeqCst) == generation;
-    loop {
-        reactor::sleep(period).await;
-        if !current(&shared) {
-            break;
-        }
-        match admin_exec(&mut c.admin, Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), period).await {
-            Ok(cqe) if cqe.status().is_success() => {
-                shared.keep_alives.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(cqe) => log::warn!("NVMe/TCP controller {}: Keep Alive failed: {}", shared.name, cqe.status()),
-            Err(e) => {
-                if current(&shared) {
-                    shared.queue_failed(&QueueError::Io(format!("admin queue: {e}")));
-                }
-                break;
-            }
-        }
-    }
-}
-
-/// Runs one admin command without blocking the core: submit, then poll until its completion.
-async fn admin_exec(q: &mut Qpair, sqe: Sqe, timeout: Duration) -> Result<Cqe, HostError> {
-    let cid = q.submit(sqe, Payload::None)?;
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    loop {
-        q.poll(&mut out)?;
-        if let Some(c) = out.iter().find(|c| c.cid == cid) {
-            return Ok(c.cqe);
-        }
-        out.clear();
-        if Instant::now() >= deadline {
-            return Err(HostError::Timeout);
-        }
-        reactor::sleep(Duration::from_millis(1)).await;
-    }
+    reactors.send(0, move || reactor::spawn_detached(super::admin::run(c, shared, period, generation)));
 }
 
 #[cfg(test)]

@@ -266,6 +266,7 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         recovering: Default::default(),
         generation: Default::default(),
         target,
+        namespaces: Default::default(),
         me: me.clone(),
     });
     let id = shared.id;

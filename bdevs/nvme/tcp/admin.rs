@@ -1,0 +1,258 @@
+//! The admin queue of an attached controller, owned by a task on core 0 from attach (and from
+//! each reconnect) until detach: it sends the Keep Alives and keeps one Asynchronous Event
+//! Request outstanding (SPDK's `bdev_nvme` AER handling).
+//!
+//! At start the task enables Namespace Attribute Notices (Set Features, Asynchronous Event
+//! Configuration), reads every namespace's size again (a volume grown while the connection was
+//! down) and sends the AER. A Namespace Attribute Changed notice makes it read the Changed
+//! Namespace List (which unmasks the event on the controller), identify each listed namespace
+//! again and set the bdev's size: [`BlockCount::set`] tells the bdev registry, so this node's
+//! own exports of the bdev tell their hosts in turn (NVMe: the same event; iSCSI: CAPACITY
+//! DATA HAS CHANGED). A namespace that is no longer active is logged; its I/O then fails with
+//! the status the controller gives. The AER is sent again after each event.
+//!
+//! Every command runs without blocking the core: submit, then poll every few milliseconds.
+
+use super::queue::{QueueError, QueueObserver};
+use super::Shared;
+use crate::bdev::BlockCount;
+use crate::nvmf::initiator::{Completion, Controller, Error as HostError, IdentifyNamespace, Payload};
+use crate::nvmf::spec::{self, admin_opc, feat, Cqe, Sqe};
+use crate::reactor;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Asynchronous Event Configuration: Namespace Attribute Notices.
+const AEC_NS_ATTR: u32 = 1 << 8;
+/// How often the task looks for an event between Keep Alives.
+const POLL: Duration = Duration::from_millis(20);
+/// Longest wait for one admin command.
+const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Entries of the Changed Namespace List; its first entry FFFFFFFFh means "more than that".
+const CHANGED_NS_LEN: usize = 4096;
+
+/// What an Asynchronous Event Request completion says (NVMe Base, figure "Asynchronous Event
+/// Request – Completion Queue Entry Dword 0").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsyncEvent {
+    pub kind: u8,
+    pub info: u8,
+    pub log_page: u8,
+}
+
+impl AsyncEvent {
+    pub fn from_dw0(dw0: u32) -> AsyncEvent {
+        AsyncEvent { kind: (dw0 & 0x7) as u8, info: (dw0 >> 8) as u8, log_page: (dw0 >> 16) as u8 }
+    }
+
+    /// A Notice (type 2) of Namespace Attribute Changed (information 0).
+    pub fn is_ns_changed(&self) -> bool {
+        self.kind == 2 && self.info == 0
+    }
+}
+
+/// The namespaces a Changed Namespace List names; `None`: more than it holds (read them all).
+pub fn changed_namespaces(log: &[u8]) -> Option<Vec<u32>> {
+    let ids: Vec<u32> = log.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).take_while(|&n| n != 0).collect();
+    if ids.first() == Some(&u32::MAX) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+struct Admin {
+    c: Controller,
+    /// The outstanding AER's command id.
+    aer: Option<u16>,
+    /// The controller refused or ended an AER with an error: no more are sent.
+    aer_off: bool,
+    /// AER completions not handled yet.
+    events: Vec<Cqe>,
+}
+
+impl Admin {
+    fn other(&mut self, c: Completion) {
+        if self.aer == Some(c.cid) {
+            self.aer = None;
+            self.events.push(c.cqe);
+        }
+    }
+
+    /// Reads what arrived, never waits.
+    fn poll(&mut self) -> Result<(), HostError> {
+        let mut out = Vec::new();
+        self.c.admin.poll(&mut out)?;
+        for c in out {
+            self.other(c);
+        }
+        Ok(())
+    }
+
+    /// Runs one admin command without blocking the core; returns its completion and data.
+    async fn exec(&mut self, sqe: Sqe, payload: Payload<'_>, timeout: Duration) -> Result<(Cqe, Vec<u8>), HostError> {
+        let cid = self.c.admin.submit(sqe, payload)?;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            self.c.admin.poll(&mut out)?;
+            let mut mine = None;
+            for c in out.drain(..) {
+                if c.cid == cid {
+                    mine = Some(c.cqe);
+                } else {
+                    self.other(c);
+                }
+            }
+            if let Some(cqe) = mine {
+                return Ok((cqe, self.c.admin.data(cid).to_vec()));
+            }
+            if Instant::now() >= deadline {
+                return Err(HostError::Timeout);
+            }
+            reactor::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn arm(&mut self) -> Result<(), HostError> {
+        if self.aer.is_none() && !self.aer_off {
+            self.aer = Some(self.c.admin.submit(Sqe::new(admin_opc::ASYNC_EVENT_REQUEST, 0, 0), Payload::None)?);
+        }
+        Ok(())
+    }
+
+    /// Enables the namespace notices, refreshes every namespace's size, sends the AER.
+    async fn start(&mut self, shared: &Shared) -> Result<(), HostError> {
+        let mut sqe = Sqe::new(admin_opc::SET_FEATURES, 0, 0);
+        sqe.set_cdw(10, feat::ASYNC_EVENT_CONFIG as u32);
+        sqe.set_cdw(11, AEC_NS_ATTR);
+        let (cqe, _) = self.exec(sqe, Payload::None, CMD_TIMEOUT).await?;
+        if !cqe.status().is_success() {
+            log::warn!("NVMe/TCP controller {}: the controller refuses namespace notices ({}); a remote resize is not seen", shared.name, cqe.status());
+            self.aer_off = true;
+        }
+        self.refresh(shared, None).await?;
+        self.arm()
+    }
+
+    /// Handles one AER completion and sends the AER again.
+    async fn event(&mut self, shared: &Shared, cqe: Cqe) -> Result<(), HostError> {
+        if !cqe.status().is_success() {
+            log::warn!("NVMe/TCP controller {}: Asynchronous Event Request ended with {}; no more events are asked", shared.name, cqe.status());
+            self.aer_off = true;
+            return Ok(());
+        }
+        let ev = AsyncEvent::from_dw0(cqe.dw0);
+        if ev.is_ns_changed() {
+            // Reading the log (without Retain Asynchronous Event) unmasks the event.
+            let mut sqe = Sqe::new(admin_opc::GET_LOG_PAGE, 0, u32::MAX);
+            let numd = (CHANGED_NS_LEN / 4) as u32 - 1;
+            sqe.set_cdw(10, spec::log::CHANGED_NS as u32 | (numd & 0xFFFF) << 16);
+            sqe.set_cdw(11, numd >> 16);
+            let (cqe, data) = self.exec(sqe, Payload::In(CHANGED_NS_LEN), CMD_TIMEOUT).await?;
+            let ids = if cqe.status().is_success() { changed_namespaces(&data) } else { None };
+            log::info!(
+                "NVMe/TCP controller {}: namespace attributes changed: {}",
+                shared.name,
+                ids.as_ref().map_or("all namespaces".to_string(), |v| format!("namespaces {v:?}"))
+            );
+            self.refresh(shared, ids.as_deref()).await?;
+        } else {
+            log::info!("NVMe/TCP controller {}: asynchronous event {ev:?} ignored", shared.name);
+        }
+        self.arm()
+    }
+
+    /// Identifies the namespaces `only` names (all with `None`) and sets their bdevs' sizes.
+    async fn refresh(&mut self, shared: &Shared, only: Option<&[u32]>) -> Result<(), HostError> {
+        let known: Vec<(u32, BlockCount, u32)> = shared.namespaces().into_iter().filter(|(nsid, _, _)| only.is_none_or(|o| o.contains(nsid))).collect();
+        for (nsid, count, bs) in known {
+            let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, nsid);
+            sqe.set_cdw(10, spec::cns::NAMESPACE as u32);
+            let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
+            let ns = if cqe.status().is_success() { IdentifyNamespace::parse(&data) } else { None };
+            match ns {
+                Some(ns) if ns.nsze > 0 && ns.block_size == bs => {
+                    let old = count.get();
+                    if ns.nsze != old {
+                        log::info!("NVMe/TCP controller {}: namespace {nsid} resized from {old} to {} blocks", shared.name, ns.nsze);
+                        count.set(ns.nsze);
+                    }
+                }
+                Some(ns) if ns.nsze > 0 => {
+                    log::error!("NVMe/TCP controller {}: namespace {nsid} changed its block size from {bs} to {}; the bdev keeps its geometry", shared.name, ns.block_size)
+                }
+                _ => log::error!(
+                    "NVMe/TCP controller {}: namespace {nsid} is no longer active (removed from the subsystem? Identify: {}); its I/O fails with the controller's status until it is detached",
+                    shared.name,
+                    cqe.status()
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The admin task (see the module documentation) of one connection of the controller: ends
+/// when the controller is detached or reconnected (`generation`); a failed command starts the
+/// recovery.
+pub async fn run(c: Controller, shared: Arc<Shared>, period: Duration, generation: u64) {
+    let current = |s: &Shared| !s.stop.load(Ordering::Relaxed) && s.generation.load(Ordering::SeqCst) == generation;
+    let mut a = Admin { c, aer: None, aer_off: false, events: Vec::new() };
+    let mut next_keep_alive = Instant::now() + period;
+    let mut started = false;
+    loop {
+        if started {
+            reactor::sleep(POLL).await;
+        }
+        if !current(&shared) {
+            break;
+        }
+        let step = async {
+            if !started {
+                started = true;
+                a.start(&shared).await?;
+            }
+            a.poll()?;
+            while let Some(cqe) = a.events.pop() {
+                a.event(&shared, cqe).await?;
+            }
+            if Instant::now() >= next_keep_alive {
+                next_keep_alive = Instant::now() + period;
+                let (cqe, _) = a.exec(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), Payload::None, period).await?;
+                if cqe.status().is_success() {
+                    shared.keep_alives.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    log::warn!("NVMe/TCP controller {}: Keep Alive failed: {}", shared.name, cqe.status());
+                }
+            }
+            Ok::<(), HostError>(())
+        };
+        if let Err(e) = step.await {
+            if current(&shared) {
+                shared.queue_failed(&QueueError::Io(format!("admin queue: {e}")));
+            }
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_and_the_changed_namespace_list_parse() {
+        let ev = AsyncEvent::from_dw0(0x0004_0002);
+        assert_eq!(ev, AsyncEvent { kind: 2, info: 0, log_page: spec::log::CHANGED_NS });
+        assert!(ev.is_ns_changed());
+        assert!(!AsyncEvent::from_dw0(0x0003_0302).is_ns_changed(), "another notice");
+        let mut log = vec![0u8; CHANGED_NS_LEN];
+        log[0..4].copy_from_slice(&3u32.to_le_bytes());
+        log[4..8].copy_from_slice(&7u32.to_le_bytes());
+        assert_eq!(changed_namespaces(&log), Some(vec![3, 7]));
+        log[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(changed_namespaces(&log), None, "overflow: every namespace");
+    }
+}
