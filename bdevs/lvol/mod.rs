@@ -43,11 +43,13 @@
 //! with that call). SPDK instead examines every new bdev; the registry has no such hook yet.
 
 pub mod layout;
+mod preserve;
 pub mod rpc;
 pub mod sim;
 
 use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
-use crate::preserve::{EpochTicket, EpochTracker};
+use crate::bdev::LatencyHistogram;
+use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
 use layout::{StoreRecord, VolumeRecord};
 use serde_json::{json, Value};
@@ -98,6 +100,11 @@ pub struct VolLive {
     read_only: AtomicBool,
     /// Clusters the volume holds (committed), for metrics and `get_lvols`.
     allocated: AtomicU64,
+    /// Copy-on-writes of shared clusters done for this volume (preserve metrics).
+    copies: AtomicU64,
+    /// Time from a snapshot of this volume to its seal, and snapshots that failed to seal.
+    seal_latency: LatencyHistogram,
+    snaps_failed: AtomicU64,
 }
 
 impl VolLive {
@@ -107,6 +114,9 @@ impl VolLive {
             num_blocks: BlockCount::new(num_blocks),
             read_only: AtomicBool::new(read_only),
             allocated: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
+            seal_latency: LatencyHistogram::default(),
+            snaps_failed: AtomicU64::new(0),
         })
     }
 
@@ -224,6 +234,19 @@ struct State {
     /// The claim on the base bdev, by the anchor volume's name (see the module comment).
     claim: Option<HoldGuard>,
     anchor: Option<Uuid>,
+    /// What this run knows of the snapshots it took (the record keeps neither an origin nor
+    /// a creation time; see `preserve`). A snapshot loaded from the media has no entry.
+    snap_meta: HashMap<Uuid, SnapMeta>,
+}
+
+/// A snapshot taken in this run of the daemon: by `bdev_lvol_snapshot` or `bdev_snapshot_create`.
+struct SnapMeta {
+    /// The volume it was taken of.
+    origin: Uuid,
+    created_ms: u64,
+    signal: Arc<SealSignal>,
+    started: std::time::Instant,
+    time_to_seal_ns: Option<u64>,
 }
 
 /// An lvol store on one base bdev.
@@ -562,6 +585,11 @@ impl Store {
         let mut st = self.st();
         match r {
             Ok(()) => {
+                if from.is_some() {
+                    if let Some(v) = st.vols.get(&uuid) {
+                        v.live.copies.fetch_add(1, Relaxed);
+                    }
+                }
                 let p = st.pending.get_mut(&(uuid, logical)).expect("only its filler removes a pending entry before it is ready");
                 p.ready = true;
                 for w in p.ready_waiters.drain(..) {
@@ -781,6 +809,7 @@ impl Store {
         self.drop_clusters(ch, uuid, logicals.into_iter(), None).await?;
         {
             let mut st = self.st();
+            st.snap_meta.remove(&uuid);
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
                 for c in st.vols.values_mut().filter(|c| c.rec.parent == Some(uuid)) {
@@ -897,6 +926,9 @@ impl Store {
             if let Some(v) = st.vols.get_mut(&uuid) {
                 v.rec.parent = Some(snap);
             }
+            let meta =
+                SnapMeta { origin: uuid, created_ms: crate::preserve::unix_ms(), signal: SealSignal::new(), started: std::time::Instant::now(), time_to_seal_ns: None };
+            st.snap_meta.insert(snap, meta);
             (self.add_sharing(&mut st, rec, map), captured)
         };
         self.quiesce_only().await;
@@ -912,8 +944,32 @@ impl Store {
             }
             crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
         }
-        self.commit(ch).await?;
+        let r = self.commit(ch).await;
+        self.sealed(snap, r.is_ok());
+        r?;
         Ok((snap, live))
+    }
+
+    /// Snapshot `snap` is sealed (its image whole and its record durable) or failed (its
+    /// commit did not make it durable).
+    fn sealed(&self, snap: Uuid, ok: bool) {
+        let mut st = self.st();
+        let Some(m) = st.snap_meta.get_mut(&snap) else { return };
+        let origin = m.origin;
+        let ns = m.started.elapsed().as_nanos() as u64;
+        if ok {
+            m.time_to_seal_ns = Some(ns);
+        }
+        let signal = m.signal.clone();
+        if let Some(v) = st.vols.get(&origin) {
+            if ok {
+                v.live.seal_latency.record(ns);
+            } else {
+                v.live.snaps_failed.fetch_add(1, Relaxed);
+            }
+        }
+        drop(st);
+        signal.set(if ok { SnapshotState::Sealed } else { SnapshotState::Failed });
     }
 
     /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
@@ -1273,6 +1329,7 @@ impl Store {
                 waiters: Vec::new(),
                 claim: Some(claim),
                 anchor: None,
+                snap_meta: HashMap::new(),
             }),
         }
     }
@@ -1785,6 +1842,9 @@ impl Bdev for LvolBdev {
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+    fn as_preservable(&self) -> Option<&dyn crate::preserve::Preservable> {
+        Some(self)
     }
 }
 

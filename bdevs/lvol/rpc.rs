@@ -4,7 +4,7 @@
 
 use super::layout::MAX_NAME;
 use super::{LvolBdev, LvolError, Store, CLEAR_METHODS};
-use crate::bdev::Channel;
+use crate::bdev::{BdevCtx, Channel};
 use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, ErrorDoc, Module};
@@ -148,7 +148,7 @@ fn module(t: &Ctx) -> Result<&LvolModule, RpcError> {
     t.module::<LvolModule>().ok_or_else(|| RpcError::internal("the lvol module is not running"))
 }
 
-fn check_name(field: &str, v: &str) -> Result<(), RpcError> {
+pub(super) fn check_name(field: &str, v: &str) -> Result<(), RpcError> {
     if v.is_empty() || v.len() > MAX_NAME || v.contains('/') || v.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
         return Err(RpcError::invalid_params(format!(
             "field `{field}`: {v:?} must be 1 to {MAX_NAME} bytes without slash, quote, backslash or control characters"
@@ -179,7 +179,7 @@ fn find_lvol(t: &Ctx, field: &str, name: &str) -> Result<(Arc<crate::bdev::BdevE
 }
 
 /// Runs `f` with the store and the base's channel on core 0 and waits for it.
-fn on_store<T: Send + 'static, Fut>(t: &Ctx, s: &Arc<Store>, f: impl FnOnce(Arc<Store>, Channel) -> Fut + Send + 'static) -> Result<T, RpcError>
+pub(super) fn on_store<T: Send + 'static, Fut>(t: &BdevCtx, s: &Arc<Store>, f: impl FnOnce(Arc<Store>, Channel) -> Fut + Send + 'static) -> Result<T, RpcError>
 where
     Fut: std::future::Future<Output = Result<T, LvolError>> + 'static,
 {
@@ -192,7 +192,7 @@ where
 }
 
 /// Registers a volume's bdev under its UUID, with the alias `lvs/lvol`.
-fn register_volume(t: &Ctx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcError> {
+pub(super) fn register_volume(t: &BdevCtx, s: &Arc<Store>, uuid: Uuid) -> Result<String, RpcError> {
     let live = s.live(uuid).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
     let rec = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r).ok_or_else(|| RpcError::internal(format!("lvol {uuid} vanished")))?;
     let name = uuid.to_string();

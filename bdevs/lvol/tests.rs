@@ -4,6 +4,7 @@
 use super::*;
 use crate::bdev::BdevRegistry;
 use crate::bdevs::malloc::MallocBdev;
+use crate::preserve::PreserveError;
 use crate::reactor::ManualCores;
 
 const BS: u32 = 512;
@@ -694,4 +695,83 @@ fn writes_in_flight_at_a_snapshot_are_in_its_image_whole() {
             panic!("seed {seed}: {e}");
         }
     }
+}
+
+// ---- the generic preserve interface (bdev_snapshot_*, backups) ----
+
+/// What changed between two snapshots of one chain comes from their cluster maps: a cluster
+/// rewritten (copied), first written or unmapped in between changed; one untouched did not.
+#[test]
+fn changed_ranges_come_from_the_cluster_maps() {
+    use crate::preserve::Preservable;
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 1, true);
+    for c in 0..3 {
+        f.write(&v, c * bpc, 0xA0 + c as u8, bpc as usize).unwrap();
+    }
+    let s1 = f.snapshot(&s, &v, "s1").unwrap();
+    f.write(&v, bpc + 3, 0xB1, 1).unwrap(); // cluster 1: copied
+    f.unmap(&v, 2 * bpc, bpc).unwrap(); // cluster 2: unmapped
+    f.write(&v, 5 * bpc, 0xB5, 1).unwrap(); // cluster 5: first write
+    let s2 = f.snapshot(&s, &v, "s2").unwrap();
+    let (u1, u2) = (lvol(&s1).lvol_uuid(), lvol(&s2).lvol_uuid());
+    let want = vec![(CL, 2 * CL), (5 * CL, CL)];
+    assert_eq!(s.changed_ranges(u1, u2).unwrap(), want);
+    assert!(matches!(s.changed_ranges(u2, u1), Err(LvolError::Invalid(_))), "the older one first");
+    assert!(matches!(s.changed_ranges(u1, lvol(&v).lvol_uuid()), Err(LvolError::Invalid(_))), "snapshots only");
+    // Through the trait, by name (`lvs/name` or `name`): the volume's snapshots, oldest epoch 1.
+    let infos = lvol(&v).snapshots();
+    let names: Vec<(String, u64, SnapshotState)> = infos.iter().map(|i| (i.name.clone(), i.epoch, i.state)).collect();
+    assert_eq!(names, vec![("lvs0/s2".into(), 2, SnapshotState::Sealed), ("lvs0/s1".into(), 1, SnapshotState::Sealed)]);
+    assert!(infos.iter().all(|i| i.creation_time_ms > 0 && i.time_to_seal_ns.is_some() && i.origin == "lvs0/a"));
+    assert_eq!(lvol(&v).changed_ranges("lvs0/s1", "s2").unwrap(), want);
+    assert_eq!(lvol(&v).seal_signal("s1").map(|s| s.get()), Some(SnapshotState::Sealed));
+    // A snapshot of a clone is in another chain: no ranges against it.
+    let c = f.clone_of(&s, &s1, "c").unwrap();
+    f.write(&c, 0, 0xC0, 1).unwrap();
+    let s3 = f.snapshot(&s, &c, "s3").unwrap();
+    assert!(matches!(s.changed_ranges(lvol(&s2).lvol_uuid(), lvol(&s3).lvol_uuid()), Err(LvolError::Invalid(_))));
+    assert_eq!(s.changed_ranges(u1, lvol(&s3).lvol_uuid()).unwrap(), vec![(0, CL)], "the clone's chain has s1");
+    // s1 is in both chains but listed once, by the volume it was taken of.
+    let listed = |vols: &[&Arc<BdevEntry>]| {
+        let mut n: Vec<String> = vols.iter().flat_map(|v| lvol(v).snapshots()).map(|i| i.name).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(lvol(&c).snapshots().iter().map(|i| i.name.clone()).collect::<Vec<_>>(), vec!["lvs0/s3".to_string()]);
+    assert_eq!(listed(&[&v, &c, &s1, &s2, &s3]), vec!["lvs0/s1", "lvs0/s2", "lvs0/s3"]);
+    // Grown after s2: the new end changed too.
+    let (s_, u) = (s.clone(), lvol(&v).lvol_uuid());
+    f.cores.block_on(0, async move { s_.resize(&Channel::get(&s_.base).unwrap(), u, 2 << 20, false).await }).unwrap();
+    let s4 = f.snapshot(&s, &v, "s4").unwrap();
+    assert_eq!(s.changed_ranges(u2, lvol(&s4).lvol_uuid()).unwrap(), vec![(1 << 20, 1 << 20)]);
+    check_refs(&s);
+    // After a restart: the same ranges and order from the record alone, each snapshot listed
+    // once (no origin known: s1 goes to one of the two chains that hold it), no creation time.
+    let (s, vols) = f.reopen(s, vec![v, c, s1, s2, s3, s4]);
+    let (u1, u2) = (lvol(&vols["s1"]).lvol_uuid(), lvol(&vols["s2"]).lvol_uuid());
+    assert_eq!(s.changed_ranges(u1, u2).unwrap(), want);
+    let all: Vec<&Arc<BdevEntry>> = vols.values().collect();
+    assert_eq!(listed(&all), vec!["lvs0/s1", "lvs0/s2", "lvs0/s3", "lvs0/s4"]);
+    let a = lvol(&vols["a"]).snapshots();
+    assert_eq!(a.iter().find(|i| i.name == "lvs0/s4").map(|i| (i.epoch, i.creation_time_ms)), Some((3, 0)));
+}
+
+/// The pool's delete, through the trait: refused while clones depend on the snapshot.
+#[test]
+fn deleting_a_snapshot_with_clones_is_refused_by_the_trait_check() {
+    use crate::preserve::Preservable;
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 0, 1, 1).unwrap();
+    let s1 = f.snapshot(&s, &v, "s1").unwrap();
+    let _c = f.clone_of(&s, &s1, "c").unwrap();
+    assert!(matches!(lvol(&v).check_delete("lvs0/s1"), Err(PreserveError::Busy(m)) if m.contains("clones")));
+    assert!(matches!(lvol(&v).check_delete("lvs0/nope"), Err(PreserveError::NotFound(_))));
+    let s2 = f.snapshot(&s, &v, "s2").unwrap();
+    assert!(lvol(&v).check_delete("s2").is_ok(), "one clone (the volume) takes the snapshot's parent");
+    drop(s2);
 }

@@ -143,7 +143,7 @@ impl SealSignal {
     }
 }
 
-/// What a bdev that can be preserved implements (the CoW volume, the mirror).
+/// What a bdev that can be preserved implements (the CoW volume, the mirror, a pool volume).
 pub trait Preservable: Send + Sync {
     /// The preserve method of this bdev: "cow" or "split".
     fn method(&self) -> &'static str;
@@ -153,6 +153,13 @@ pub trait Preservable: Send + Sync {
     /// old-epoch I/O (with `freeze`, after the classic stop/drain/switch/resume). Runs on an
     /// RPC thread.
     fn preserve(&self, t: &BdevCtx, req: &PreserveRequest) -> Result<Arc<SealSignal>, PreserveError>;
+    /// The name a snapshot asked for as `requested` will have (its bdev's name, which
+    /// [`Self::preserve`] then receives), checked to be free. By default the name as given; a
+    /// pool volume's snapshot is a pool volume, `lvs/name`.
+    fn image_name(&self, t: &BdevCtx, requested: &str) -> Result<String, RpcError> {
+        t.bdevs.check_new_name(requested)?;
+        Ok(requested.to_string())
+    }
     /// Every snapshot of this bdev.
     fn snapshots(&self) -> Vec<SnapshotInfo>;
     /// The seal signal of snapshot `name` (for `wait_sealed`).
@@ -160,6 +167,12 @@ pub trait Preservable: Send + Sync {
     /// Deletes snapshot `name`, whose bdev the caller has already unregistered; durable when
     /// it returns. Runs on an RPC thread.
     fn delete_snapshot(&self, t: &BdevCtx, name: &str) -> Result<(), PreserveError>;
+    /// Refuses the delete of snapshot `name` before anything changes (its bdev is still
+    /// registered): a pool snapshot that clones depend on, say.
+    fn check_delete(&self, name: &str) -> Result<(), PreserveError> {
+        let _ = name;
+        Ok(())
+    }
     /// The bdev's preserve figures, for metrics.
     fn stats(&self) -> PreserveStats;
     /// Byte ranges (offset, length), sorted and disjoint, where sealed image `newer` may

@@ -17,14 +17,14 @@ crate::register_module! {
             crate::bdev::NEW_NAME_ERRORS,
             &[
                 (ENODEV, "the bdev does not exist"),
-                (EINVAL, "the bdev cannot be preserved (only CoW volumes and mirrors can)"),
+                (EINVAL, "the bdev cannot be preserved (only CoW volumes, mirrors and pool volumes can)"),
                 (EBUSY, "the bdev is busy: a snapshot still draining, a split in progress"),
                 (ENOSPC, "the store has no room for another snapshot"),
                 (EIO, "the snapshot's metadata cannot be written"),
             ],
         ]),
         ("bdev_snapshot_get", get, Get, "Describes snapshots: state, epoch, space used.", [&[(ENODEV, "no snapshot has that name")]]),
-        ("bdev_snapshot_delete", delete, Delete, "Deletes a snapshot.", [&[(ENODEV, "no snapshot has that name"), (EBUSY, "it is still draining, or an export or a backup holds it"), (EIO, "the store cannot be updated")]]),
+        ("bdev_snapshot_delete", delete, Delete, "Deletes a snapshot.", [&[(ENODEV, "no snapshot has that name"), (EBUSY, "it is still draining, an export or a backup holds it, or it is a pool snapshot with clones"), (EIO, "the store cannot be updated")]]),
     ],
 }
 
@@ -70,7 +70,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     }
     let e = t.bdev(&p.bdev_name)?;
     let pres = preservable(e.bdev().as_ref()).ok_or_else(|| {
-        RpcError::new(EINVAL, format!("bdev {} ({}) cannot be preserved: only CoW volumes and mirrors can", p.bdev_name, e.bdev().product_name()))
+        RpcError::new(EINVAL, format!("bdev {} ({}) cannot be preserved: only CoW volumes, mirrors and pool volumes can", p.bdev_name, e.bdev().product_name()))
     })?;
     if let Some(m) = &p.method {
         if m != pres.method() {
@@ -80,14 +80,15 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if p.base_bdev.is_some() && pres.method() != "split" {
         return Err(RpcError::invalid_params("field `base_bdev`: only the split method takes a base bdev"));
     }
-    t.bdevs.check_new_name(&p.snapshot_name)?;
-    let req = PreserveRequest { snapshot_name: p.snapshot_name.clone(), freeze: p.freeze, base_bdev: p.base_bdev };
+    // A pool volume's snapshot is named `lvs/name` (`snapshot_name` may omit the `lvs/`).
+    let image = pres.image_name(t, &p.snapshot_name)?;
+    let req = PreserveRequest { snapshot_name: image.clone(), freeze: p.freeze, base_bdev: p.base_bdev };
     let signal = pres.preserve(t, &req)?;
     drop(e);
-    let mut out = snapshot_json(&p.bdev_name, &p.snapshot_name, t)?;
+    let mut out = snapshot_json(&p.bdev_name, &image, t)?;
     if p.wait_sealed {
         let st = signal.wait_sealed(Duration::from_millis(timeout));
-        out = snapshot_json(&p.bdev_name, &p.snapshot_name, t)?;
+        out = snapshot_json(&p.bdev_name, &image, t)?;
         out["wait_timed_out"] = json!(st == SnapshotState::Draining);
     }
     Ok(out)
@@ -129,16 +130,20 @@ fn delete(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if info.state == SnapshotState::Draining {
         return Err(RpcError::new(EBUSY, format!("snapshot {} is still draining; delete it once sealed", p.name)));
     }
+    let o = t.bdev(&origin)?;
+    let pres = preservable(o.bdev().as_ref()).ok_or_else(|| RpcError::no_device(format!("bdev {origin} is gone")))?;
+    // The volume's own refusal (a pool snapshot with clones) comes before anything changes.
+    pres.check_delete(&p.name)?;
     // Unregistering fails (and changes nothing) while an export or a backup holds the bdev.
+    // By the bdev's own name: `p.name` may be an alias (`lvs/name` of a pool snapshot).
     if let Some(e) = t.bdevs.get(&p.name) {
         if let Some(h) = e.holder_list().first() {
             return Err(RpcError::new(EBUSY, format!("snapshot {} is in use by {} ({:?}); remove that first", p.name, h.by, h.kind)));
         }
+        let own = e.name().to_string();
         drop(e);
-        t.delete_bdev(&p.name)?;
+        t.delete_bdev(&own)?;
     }
-    let e = t.bdev(&origin)?;
-    let pres = preservable(e.bdev().as_ref()).ok_or_else(|| RpcError::no_device(format!("bdev {origin} is gone")))?;
     pres.delete_snapshot(t, &p.name)?;
     Ok(json!(true))
 }
