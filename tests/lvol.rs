@@ -368,7 +368,11 @@ fn generic_snapshots_of_a_pool_volume_back_up_full_and_incremental_and_restore()
     assert!(ok, "{out}");
     // The name without `lvs/` is taken in the volume's store; the answer names `lvs/name`.
     let s1 = d.rpc("bdev_snapshot_create", json!({"bdev_name": "pool/vol", "snapshot_name": "s1", "wait_sealed": true}));
-    assert_eq!((s1["name"].as_str(), s1["origin"].as_str(), s1["state"].as_str(), s1["epoch"].as_u64()), (Some("pool/s1"), Some("pool/vol"), Some("sealed"), Some(1)), "{s1}");
+    assert_eq!(
+        (s1["name"].as_str(), s1["origin"].as_str(), s1["state"].as_str(), s1["epoch"].as_u64()),
+        (Some("pool/s1"), Some("pool/vol"), Some("sealed"), Some(1)),
+        "{s1}"
+    );
     assert!(s1["creation_time_ms"].as_u64().unwrap() > 0, "{s1}");
     // Pattern B on part of the volume: one cluster rewritten (copied), one first written.
     for cmd in ["write -P 0x22 2M 1M", "write -P 0x23 10M 64k"] {
@@ -419,14 +423,20 @@ fn generic_snapshots_of_a_pool_volume_back_up_full_and_incremental_and_restore()
         let out = d.cli(&["backup", "restore", from.to_str().unwrap(), "--to-file", to.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let got = std::fs::read(&to).unwrap();
-        assert!(got == *want, "{name}: the restored image differs from what was written (first at byte {:?})", got.iter().zip(want.iter()).position(|(a, b)| a != b));
+        assert!(
+            got == *want,
+            "{name}: the restored image differs from what was written (first at byte {:?})",
+            got.iter().zip(want.iter()).position(|(a, b)| a != b)
+        );
     }
     // Restored through the daemon into a new pool volume, read over iSCSI.
     d.rpc("bdev_lvol_create", json!({"lvol_name": "r", "size_in_mib": 16, "lvs_name": "pool", "thin_provision": true}));
     let j = d.rpc("backup_restore", json!({"path": inc.display().to_string(), "bdev": "pool/r"}));
     assert_eq!(wait_job(&d, j["id"].as_str().unwrap())["state"], "complete");
     d.rpc("iscsi_target_node_add_lun", json!({"name": TARGET, "bdev_name": "pool/r", "lun_id": 1}));
-    for (pat, off, len) in [("0x11", "0", "2M"), ("0x22", "2M", "1M"), ("0x11", "3M", "5M"), ("0x00", "8M", "2M"), ("0x23", "10M", "64k"), ("0x00", "10304k", "6080k")] {
+    for (pat, off, len) in
+        [("0x11", "0", "2M"), ("0x22", "2M", "1M"), ("0x11", "3M", "5M"), ("0x00", "8M", "2M"), ("0x23", "10M", "64k"), ("0x00", "10304k", "6080k")]
+    {
         let (ok, out) = qemu_io(addr, 1, &format!("read -P {pat} {off} {len}"));
         assert!(ok, "restored volume, {pat} at {off}: {out}");
     }

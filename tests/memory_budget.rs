@@ -246,6 +246,19 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
 }
 
+/// (thread id, name, utime + stime) of every thread of a process: which one spun.
+fn thread_ticks(pid: u32) -> Vec<(u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let name = s[s.find('(')? + 1..s.rfind(')')?].to_string();
+        let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+        Some((tid, name, f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
+    })
+    .collect()
+}
+
 #[test]
 fn out_of_descriptors_the_listener_sheds_instead_of_spinning() {
     // A reserve too small for what else holds descriptors: idle RPC clients take the rest, so
@@ -269,9 +282,27 @@ fn out_of_descriptors_the_listener_sheds_instead_of_spinning() {
     std::thread::sleep(Duration::from_millis(500));
     let conns: Vec<TcpStream> = (0..NOFILE as usize).filter_map(|_| TcpStream::connect(addr).ok()).collect();
     std::thread::sleep(Duration::from_millis(500));
-    let t0 = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let busy = cpu_ticks(pid) - t0;
+    // A spin on the failing accept lasts; shedding the waiting connections is work that ends
+    // (it can still be under way here on a loaded machine: the RPC server's thread can take
+    // the descriptor the listener freed, and the listener then sheds again only once one is
+    // free). So the quietest of up to four 2-second windows is what must stay low.
+    let mut windows = Vec::new();
+    let busy = loop {
+        let t0 = cpu_ticks(pid);
+        let threads0 = thread_ticks(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = cpu_ticks(pid) - t0;
+        let spent: Vec<String> = thread_ticks(pid)
+            .into_iter()
+            .filter_map(|(tid, name, t)| threads0.iter().find(|(id, _, _)| *id == tid).map(|(_, _, t0)| (name, t - t0)))
+            .filter(|(_, t)| *t > 0)
+            .map(|(name, t)| format!("{name}: {t}"))
+            .collect();
+        windows.push(format!("{busy} ticks ({})", spent.join(", ")));
+        if busy < 100 || windows.len() == 4 {
+            break busy;
+        }
+    };
     let mut shed = 0;
     for c in &conns {
         c.set_nonblocking(true).unwrap();
@@ -279,11 +310,11 @@ fn out_of_descriptors_the_listener_sheds_instead_of_spinning() {
             shed += 1;
         }
     }
-    eprintln!("{shed} of {} connections shed; {busy} ticks of CPU in 2 s", conns.len());
+    eprintln!("{shed} of {} connections shed; CPU of the daemon in 2-second windows: {windows:?}", conns.len());
     assert!(shed > 0, "connections beyond the descriptors must be closed, not left in the backlog");
     assert!(d.log_text().contains("out of file descriptors"), "EMFILE was not reached or not logged:\n{}", d.log_text());
     // Not spinning on the failing accept: well under one core over 2 s (200 ticks).
-    assert!(busy < 100, "the daemon used {busy} ticks of CPU in 2 s with connections shed");
+    assert!(busy < 100, "the daemon kept using CPU with connections shed: {windows:?}");
     drop(conns);
     drop(idle_rpc);
     // With the descriptors back, the RPC socket answers again.

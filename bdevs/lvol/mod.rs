@@ -47,8 +47,8 @@ mod preserve;
 pub mod rpc;
 pub mod sim;
 
-use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::bdev::LatencyHistogram;
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
 use layout::{StoreRecord, VolumeRecord};
@@ -926,8 +926,13 @@ impl Store {
             if let Some(v) = st.vols.get_mut(&uuid) {
                 v.rec.parent = Some(snap);
             }
-            let meta =
-                SnapMeta { origin: uuid, created_ms: crate::preserve::unix_ms(), signal: SealSignal::new(), started: std::time::Instant::now(), time_to_seal_ns: None };
+            let meta = SnapMeta {
+                origin: uuid,
+                created_ms: crate::preserve::unix_ms(),
+                signal: SealSignal::new(),
+                started: std::time::Instant::now(),
+                time_to_seal_ns: None,
+            };
             st.snap_meta.insert(snap, meta);
             (self.add_sharing(&mut st, rec, map), captured)
         };
