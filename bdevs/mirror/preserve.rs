@@ -195,14 +195,7 @@ impl Preservable for MirrorBdev {
     fn stats(&self) -> PreserveStats {
         let mut s = PreserveStats::default();
         self.shared().images.seal_latency.accumulate(&mut s.seal_latency.0, &mut s.seal_latency.1);
-        for info in self.snapshots() {
-            let i = match info.state {
-                SnapshotState::Draining => 0,
-                SnapshotState::Sealed => 1,
-                SnapshotState::Failed => 2,
-            };
-            s.snapshots[i] += 1;
-        }
+        s.count_states(self.snapshots());
         s
     }
 }

@@ -841,14 +841,7 @@ impl Preservable for CowVolume {
         };
         v.stats.copy_latency.accumulate(&mut s.copy_latency.0, &mut s.copy_latency.1);
         v.stats.seal_latency.accumulate(&mut s.seal_latency.0, &mut s.seal_latency.1);
-        for info in self.snapshot_infos() {
-            let i = match info.state {
-                SnapshotState::Draining => 0,
-                SnapshotState::Sealed => 1,
-                SnapshotState::Failed => 2,
-            };
-            s.snapshots[i] += 1;
-        }
+        s.count_states(self.snapshot_infos());
         s
     }
 }

@@ -209,3 +209,17 @@ pub struct PreserveStats {
     /// metadata unwritable); each is also logged at ERROR.
     pub snapshots_failed: u64,
 }
+
+impl PreserveStats {
+    /// Counts `snapshots` by state into [`PreserveStats::snapshots`].
+    pub fn count_states(&mut self, snapshots: impl IntoIterator<Item = SnapshotInfo>) {
+        for info in snapshots {
+            let i = match info.state {
+                SnapshotState::Draining => 0,
+                SnapshotState::Sealed => 1,
+                SnapshotState::Failed => 2,
+            };
+            self.snapshots[i] += 1;
+        }
+    }
+}
