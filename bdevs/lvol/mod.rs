@@ -1789,9 +1789,10 @@ impl LvolChannel {
         let mut kept = Vec::new();
         let freed = self.store.unmap_now(self.uuid, whole.into_iter(), Some(&mut kept));
         zero.extend(kept.into_iter().map(|c| (c as u64 * bpc, bpc)));
+        // One buffer of zeros, as long as the longest piece, serves every piece.
         let bs = self.store.block_size as u64;
-        let bufs: Vec<Vec<u8>> = zero.iter().map(|&(_, n)| vec![0u8; (n * bs) as usize]).collect();
-        let slices: Vec<[IoSlice<'_>; 1]> = bufs.iter().map(|b| [IoSlice::new(b)]).collect();
+        let zeros = vec![0u8; (zero.iter().map(|&(_, n)| n).max().unwrap_or(0) * bs) as usize];
+        let slices: Vec<[IoSlice<'_>; 1]> = zero.iter().map(|&(_, n)| [IoSlice::new(&zeros[..(n * bs) as usize])]).collect();
         let writes = futures::future::join_all(zero.iter().zip(&slices).map(|(&(at, n), s)| self.write(at, n, s)));
         let (written, released) = futures::join!(writes, self.store.release_dropped(&self.base, self.uuid, freed));
         written.into_iter().collect::<IoResult>().and(released)

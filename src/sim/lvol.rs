@@ -577,7 +577,7 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                 // waits, without its ticket, for that entry's publish; a snapshot taken during
                 // the wait does not hold the write (its image and the earlier one share the
                 // cluster). `SIM_STRICT_SNAPSHOT=1` checks the strict rule: 3 of 10,000 seeds
-                // fail it, all that case (before one ticket per write, 190).
+                // fail it, all that case (before one ticket per write, 38 of the first 2,000).
                 let (s_r, c_r) = if strict { (s_r, c_r) } else { (t, t) };
                 check_values(&format!("snapshot {name} of {origin} at its reply"), 0, &got, |b| v.model.snap_read(b, t, s_r, c_r))?;
                 let depth = v.depth;
