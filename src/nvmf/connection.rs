@@ -24,7 +24,9 @@ use super::subsystem::ListenAddr;
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
 use crate::bdev::{ConnBudget, IoBuf, Lease};
-use crate::reactor::{self, RecvBuf, TcpStream, RECV_BUF_DEFAULT};
+use super::tls::{self, PskIdentity};
+use crate::reactor::{self, Channel, RecvBuf, TcpStream, TlsStream, RECV_BUF_DEFAULT, TLS_CONNECTION_BYTES};
+use openssl::ssl::{Ssl, SslContext};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,6 +48,8 @@ const HALF_CLOSE_ANSWERS: Duration = Duration::from_secs(30);
 /// registration, map entries and the allocator's slack (measured with `memory_budget`: RSS
 /// per idle connection less the computed part).
 const STATE_SLACK: usize = 16 * 1024;
+/// How long a host has to complete the TLS handshake on a secure listener.
+const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a connection closed for a protocol error keeps reading (and discarding).
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Slots of a queue before Connect (only a Connect is valid there).
@@ -235,7 +239,9 @@ struct QState {
 pub(crate) struct Conn {
     pub id: u64,
     pub nvmf: Arc<Nvmf>,
-    stream: TcpStream,
+    stream: Channel,
+    /// The host and subsystem the TLS handshake proved (a secure listener's connections).
+    tls: Option<PskIdentity>,
     listener: ListenAddr,
     peer: SocketAddr,
     pub opts: TransportOpts,
@@ -313,17 +319,19 @@ pub fn purge_all_namespaces() {
 /// accept to close: the receive buffer, the table of command ids, the slots and the queued
 /// PDUs of a queue of the largest size the transport allows, the connection itself, and
 /// [`STATE_SLACK`].
-fn state_bytes(opts: &TransportOpts) -> u64 {
+fn state_bytes(opts: &TransportOpts, tls: bool) -> u64 {
     use std::mem::size_of;
     let depth = opts.max_queue_depth as usize;
     // A command's slot and free-list entry; up to two PDUs (data, response) per command in
     // the transmit queue and in the writer's batch, whose vectors keep their capacity.
     let per_command = size_of::<SlotState>() + size_of::<u16>() + 4 * size_of::<TxPdu>();
-    (RECV_BUF_DEFAULT + size_of::<Conn>() + size_of::<CidSet>() + size_of::<[u64; 1024]>() + depth * per_command + STATE_SLACK) as u64
+    let tls = if tls { TLS_CONNECTION_BYTES } else { 0 };
+    (RECV_BUF_DEFAULT + size_of::<Conn>() + size_of::<CidSet>() + size_of::<[u64; 1024]>() + depth * per_command + STATE_SLACK + tls) as u64
 }
 
 /// Serves one accepted connection on the current core until it closes.
-pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr) {
+/// On a secure listener (`tls`), the TLS handshake comes first, bounded in time.
+pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, peer: SocketAddr, tls: Option<SslContext>) {
     let stream = match TcpStream::from_accepted(s) {
         Ok(s) => s,
         Err(e) => {
@@ -338,16 +346,27 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     }
     let opts = nvmf.transport().unwrap_or_default();
     // The connection's own memory counts in the budget before any of it is allocated.
-    let fixed = state_bytes(&opts);
+    let fixed = state_bytes(&opts, tls.is_some());
     let Ok(budget) = ConnBudget::open(fixed) else {
         crate::bdev::budget::refuse_connection("nvmf", peer, fixed);
         stream.shutdown();
         return;
     };
+    let (stream, proven) = match tls {
+        None => (Channel::Plain(stream), None),
+        Some(ctx) => match handshake(&nvmf, stream, &ctx, peer, &listener).await {
+            Some(t) => {
+                let id = t.with_ssl(tls::proven_identity);
+                (Channel::Tls(t), id)
+            }
+            None => return,
+        },
+    };
     let conn = Rc::new(Conn {
         id: nvmf.next_conn_id(),
         nvmf: nvmf.clone(),
         stream,
+        tls: proven,
         listener,
         peer,
         opts,
@@ -423,8 +442,35 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     log::debug!("nvmf: connection {} from {peer} closed", conn.id);
 }
 
+/// The TLS handshake of a connection to a secure listener; None (logged, counted, the
+/// connection closed) when the host is refused or does not finish in time.
+async fn handshake(nvmf: &Nvmf, tcp: TcpStream, ctx: &SslContext, peer: SocketAddr, listener: &ListenAddr) -> Option<TlsStream> {
+    let refused = |why: &dyn std::fmt::Display| {
+        nvmf.tls_refused.fetch_add(1, Ordering::Relaxed);
+        log::warn!("nvmf: TLS connection from {peer} to secure listener {listener} refused: {why}");
+    };
+    let ssl = match Ssl::new(ctx) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("nvmf: cannot start TLS for {peer}: {e}");
+            return None;
+        }
+    };
+    match reactor::timeout(TLS_HANDSHAKE_DEADLINE, TlsStream::accept(tcp, ssl)).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            refused(&e);
+            None
+        }
+        Err(_) => {
+            refused(&format_args!("no TLS handshake within {TLS_HANDSHAKE_DEADLINE:?}"));
+            None
+        }
+    }
+}
+
 /// Reads and discards until the peer closes (at most 64 MiB).
-async fn drain(s: &TcpStream) {
+async fn drain(s: &Channel) {
     let mut junk = vec![0u8; 64 * 1024];
     let mut total = 0usize;
     while total < 64 << 20 {
@@ -1013,7 +1059,7 @@ impl Conn {
         if self.st.borrow().binding.is_some() {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
-        let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts };
+        let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts, tls: self.tls.as_ref() };
         let (b, auth) = controller::connect(&q, sqe, plan, icd)?;
         let result = b.ctrl.cntlid as u32 | if auth.is_some() { auth::CONNECT_AUTHREQ_ATR } else { 0 };
         let mut st = self.st.borrow_mut();

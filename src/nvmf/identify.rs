@@ -194,6 +194,8 @@ pub struct DiscoveryEntry<'a> {
     pub subsys: &'a Subsystem,
     pub addr: &'a ListenAddr,
     pub portid: u16,
+    /// The listener speaks TLS only.
+    pub secure: bool,
 }
 
 /// Discovery log page (log 70h).
@@ -207,15 +209,16 @@ pub fn discovery_log(genctr: u64, entries: &[DiscoveryEntry<'_>], asqsz: u16) ->
         r[0] = 3; // TRTYPE: TCP
         r[1] = e.addr.adrfam.code();
         r[2] = if e.subsys.is_discovery() { 3 } else { 2 }; // SUBTYPE
-                                                            // TREQ: secure channel not required; SQ flow control may be disabled.
-        r[3] = 0b10 | (1 << 2);
+        // TREQ: secure channel required (TLS listener) or not; SQ flow control may be disabled.
+        r[3] = if e.secure { 0b01 } else { 0b10 } | (1 << 2);
         put16(r, 4, e.portid);
         put16(r, 6, 0xFFFF); // CNTLID: dynamic
         put16(r, 8, asqsz);
         put_padded(&mut r[32..64], &e.addr.trsvcid, b' ');
         put_padded(&mut r[256..512], &e.subsys.nqn, 0);
         put_padded(&mut r[512..768], &e.addr.traddr, b' ');
-        // TSAS for TCP: SECTYPE 0 (no security).
+        // TSAS for TCP: SECTYPE 2 (TLS 1.3) on a secure listener, else 0 (none).
+        r[768] = if e.secure { 2 } else { 0 };
     }
     b
 }

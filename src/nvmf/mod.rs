@@ -18,6 +18,7 @@ pub mod pdu;
 pub mod rpc;
 pub mod spec;
 pub mod subsystem;
+pub mod tls;
 pub mod transport;
 
 use crate::config::ConfigCall;
@@ -51,14 +52,18 @@ pub struct Nvmf {
     pub auth_policy: Mutex<auth::Policy>,
     /// Failed DH-HMAC-CHAP transactions (tidemark_nvmf_auth_failures_total).
     pub auth_failures: AtomicU64,
+    /// The TLS settings of secure listeners, made with the first one.
+    tls: std::sync::OnceLock<openssl::ssl::SslContext>,
+    /// TLS handshakes refused (tidemark_nvmf_tls_refused_total).
+    pub tls_refused: AtomicU64,
 }
 
 struct Inner {
     transport: Option<TransportOpts>,
     subsystems: BTreeMap<String, Arc<Subsystem>>,
-    /// Listen addresses with a running listener, with their discovery port id and how many
-    /// subsystems use them.
-    listeners: BTreeMap<ListenAddr, (u16, usize)>,
+    /// Listen addresses with a running listener: their discovery port id, how many
+    /// subsystems use them, and whether they speak TLS only.
+    listeners: BTreeMap<ListenAddr, (u16, usize, bool)>,
     next_portid: u16,
 }
 
@@ -81,6 +86,8 @@ impl Nvmf {
             open_connections: AtomicUsize::new(0),
             auth_policy: Mutex::new(auth::Policy::default()),
             auth_failures: AtomicU64::new(0),
+            tls: std::sync::OnceLock::new(),
+            tls_refused: AtomicU64::new(0),
         }
     }
 
@@ -154,18 +161,57 @@ impl Nvmf {
     }
 
     /// Takes a reference on the listener of `a`, starting it if it is new.
-    pub fn acquire_listener(self: &Arc<Self>, a: &ListenAddr) -> Result<(), String> {
+    /// A listener is TLS-only (`secure`) or plain for every subsystem on it: whether a
+    /// connection is TLS is settled before it names a subsystem.
+    pub fn acquire_listener(self: &Arc<Self>, a: &ListenAddr, secure: bool) -> Result<(), String> {
         let mut i = self.inner();
         if let Some(e) = i.listeners.get_mut(a) {
+            if e.2 != secure {
+                let (is, asked) = if e.2 { ("TLS-only (secure_channel)", "a plain") } else { ("plain", "a secure_channel") };
+                return Err(format!("the listener on {a} is {is} for other subsystems; {asked} one cannot share its address"));
+            }
             e.1 += 1;
             return Ok(());
         }
+        let tls = if secure { Some(self.tls_context()?) } else { None };
         // Bind while holding the lock: two RPCs adding the same address must not both bind.
-        transport::start_listener(self, a)?;
+        transport::start_listener(self, a, tls)?;
         let portid = i.next_portid;
         i.next_portid = i.next_portid.wrapping_add(1).max(1);
-        i.listeners.insert(a.clone(), (portid, 1));
+        i.listeners.insert(a.clone(), (portid, 1, secure));
         Ok(())
+    }
+
+    /// The TLS settings of secure listeners; the key of a host is looked up at each
+    /// handshake, so keys added or removed later apply to the next connection.
+    fn tls_context(self: &Arc<Self>) -> Result<openssl::ssl::SslContext, String> {
+        if let Some(c) = self.tls.get() {
+            return Ok(c.clone());
+        }
+        let weak = Arc::downgrade(self);
+        let ctx = tls::server_context(Box::new(move |id: &tls::PskIdentity| weak.upgrade().and_then(|n| n.tls_psk(id))))
+            .map_err(|e| format!("cannot set up TLS: {e}"))?;
+        Ok(self.tls.get_or_init(|| ctx).clone())
+    }
+
+    /// The TLS key of the host and subsystem `id` names, if that host has a PSK there.
+    fn tls_psk(&self, id: &tls::PskIdentity) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        // Logged here with the reason; counted once, as a failed handshake, by the connection.
+        let refuse = |why: &str| {
+            log::warn!("nvmf: TLS: host {} asked for {}: {why}; refused", id.hostnqn, id.subnqn);
+            None
+        };
+        let Some(s) = self.subsystem(&id.subnqn) else { return refuse("no such subsystem") };
+        let Some(psk) = s.host_keys(&id.hostnqn).and_then(|k| k.psk.as_ref().map(|p| p.secret().to_vec())) else {
+            return refuse("the host has no PSK on it");
+        };
+        let psk = zeroize::Zeroizing::new(psk);
+        // Checked when the host was added; the key's content cannot change since.
+        let Ok(key) = tls::ConfiguredPsk::parse(&psk) else { return refuse("its PSK is not an NVMe TLS key") };
+        if key.suite != id.suite {
+            return refuse(&format!("it offered {} but its PSK is for {}", id.suite.name(), key.suite.name()));
+        }
+        key.tls_psk(&id.hostnqn, &id.text())
     }
 
     /// Drops a reference on the listener of `a`, stopping it when no subsystem uses it.
@@ -350,6 +396,11 @@ impl Module for NvmfTarget {
             "tidemark_nvmf_auth_failures",
             "NVMe in-band authentication (DH-HMAC-CHAP) transactions that failed.",
             &[(vec![], self.nvmf.auth_failures.load(Ordering::Relaxed))],
+        )?;
+        out.counter(
+            "tidemark_nvmf_tls_refused",
+            "Connections to a secure (TLS) listener refused: no key for the host, a wrong key, not TLS, or a handshake cut short.",
+            &[(vec![], self.nvmf.tls_refused.load(Ordering::Relaxed))],
         )?;
         out.counter("tidemark_nvmf_namespace_ops", "Completed NVMe I/O commands per namespace and type.", &ops)?;
         out.counter("tidemark_nvmf_namespace_bytes", "Bytes transferred per namespace and type.", &bytes)?;

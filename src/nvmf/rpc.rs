@@ -3,6 +3,7 @@
 //! ignored so that SPDK scripts run unchanged; unknown ones are refused, naming the field.
 
 use super::auth::{DhGroup, Digest, Secret};
+use super::tls::ConfiguredPsk;
 use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
@@ -356,7 +357,6 @@ struct Listener {
 impl SpdkParams for Listener {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
         vec![
-            ("secure_channel", !self.secure_channel, "TLS is not supported"),
             ("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used"),
         ]
     }
@@ -376,12 +376,12 @@ fn add_listener(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if n.transport().is_none() {
         return Err(RpcError::invalid_params("field `listen_address.trtype`: transport TCP does not exist; call nvmf_create_transport first"));
     }
-    s.add_listener(&a).map_err(RpcError::exists)?;
+    s.add_listener(&a, p.secure_channel).map_err(RpcError::exists)?;
     // --check-config: validated and recorded, never bound.
     if crate::config::check::active() {
         return Ok(json!(true));
     }
-    if let Err(e) = n.acquire_listener(&a) {
+    if let Err(e) = n.acquire_listener(&a, p.secure_channel) {
         s.remove_listener(&a);
         return Err(RpcError::new(crate::rpc::EIO, e));
     }
@@ -413,7 +413,9 @@ fn get_listeners(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let s = find(nvmf(t)?, &p.nqn)?;
-    Ok(Value::Array(s.listeners().iter().map(|a| json!({ "address": a.to_json(), "ana_state": "optimized" })).collect()))
+    Ok(Value::Array(
+        s.listeners_secure().iter().map(|(a, secure)| json!({ "address": a.to_json(), "ana_state": "optimized", "secure_channel": secure })).collect(),
+    ))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -510,6 +512,8 @@ struct HostParams {
     host: String,
     #[serde(default)]
     tgt_name: Option<String>,
+    /// Keyring key (an `NVMeTLSkey-1:` PSK) the host connects with over TLS; the host may
+    /// then connect only through a secure_channel listener.
     #[serde(default)]
     psk: Option<String>,
     /// Keyring key (a `DHHC-1:` secret) the host must prove it holds (DH-HMAC-CHAP).
@@ -525,11 +529,7 @@ struct HostParams {
     timeout_ms: Option<u64>,
 }
 
-impl SpdkParams for HostParams {
-    fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![("psk", self.psk.is_none(), "TLS is not supported")]
-    }
-}
+impl SpdkParams for HostParams {}
 
 fn add_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: HostParams = parse_spdk(p)?;
@@ -542,25 +542,29 @@ fn add_host(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-/// Takes holds on the host's DH-HMAC-CHAP keys, checking they are DH-HMAC-CHAP secrets
-/// (`DHHC-1:...`); errors name the key, never show its content.
+/// Takes holds on the host's keys, checking each is what its field needs (a TLS PSK in
+/// `NVMeTLSkey-1:` form, DH-HMAC-CHAP secrets in `DHHC-1:` form); errors name the key, never
+/// show its content.
 fn host_keys(t: &Ctx, p: &HostParams) -> Result<Option<HostKeys>, RpcError> {
-    let Some(name) = &p.dhchap_key else {
-        if p.dhchap_ctrlr_key.is_some() {
-            return Err(RpcError::invalid_params("field `dhchap_ctrlr_key`: needs `dhchap_key` (the controller authenticates only to a host that does)"));
-        }
+    if p.dhchap_key.is_none() && p.dhchap_ctrlr_key.is_some() {
+        return Err(RpcError::invalid_params("field `dhchap_ctrlr_key`: needs `dhchap_key` (the controller authenticates only to a host that does)"));
+    }
+    if p.dhchap_key.is_none() && p.psk.is_none() {
         return Ok(None);
-    };
+    }
     let kr = crate::keyring::keyring(t)?;
     let user = format!("host {} of subsystem {}", p.host, p.nqn);
-    let take = |field: &str, name: &str| -> Result<KeyRef, RpcError> {
+    let take = |field: &str, name: &str, check: &dyn Fn(&[u8]) -> Result<(), String>| -> Result<KeyRef, RpcError> {
         let k = kr.get(name, &user).map_err(|e| RpcError::invalid_params(format!("field `{field}`: {e}")))?;
-        Secret::parse(k.secret()).map_err(|e| RpcError::invalid_params(format!("field `{field}`: key {name}: {e}")))?;
+        check(k.secret()).map_err(|e| RpcError::invalid_params(format!("field `{field}`: key {name}: {e}")))?;
         Ok(k)
     };
-    let key = take("dhchap_key", name)?;
-    let ctrlr_key = p.dhchap_ctrlr_key.as_deref().map(|c| take("dhchap_ctrlr_key", c)).transpose()?;
-    Ok(Some(HostKeys { key, ctrlr_key }))
+    let dhchap = |b: &[u8]| Secret::parse(b).map(|_| ()).map_err(|e| e.to_string());
+    let tls_psk = |b: &[u8]| ConfiguredPsk::parse(b).map(|_| ()).map_err(|e| e.to_string());
+    let psk = p.psk.as_deref().map(|n| take("psk", n, &tls_psk)).transpose()?;
+    let key = p.dhchap_key.as_deref().map(|n| take("dhchap_key", n, &dhchap)).transpose()?;
+    let ctrlr_key = p.dhchap_ctrlr_key.as_deref().map(|c| take("dhchap_ctrlr_key", c, &dhchap)).transpose()?;
+    Ok(Some(HostKeys { psk, key, ctrlr_key }))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]

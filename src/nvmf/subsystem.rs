@@ -156,7 +156,8 @@ struct SubsysState {
     allow_any_host: bool,
     /// Allowed hosts, with the DH-HMAC-CHAP keys they must authenticate with.
     hosts: BTreeMap<String, Option<Arc<HostKeys>>>,
-    listeners: Vec<ListenAddr>,
+    /// Listen addresses, each with whether it is a secure (TLS) one.
+    listeners: Vec<(ListenAddr, bool)>,
     namespaces: BTreeMap<u32, Arc<Namespace>>,
     controllers: BTreeMap<u16, Arc<Controller>>,
     next_cntlid: u16,
@@ -165,7 +166,12 @@ struct SubsysState {
 /// `v` with the host's key names (never the keys), as SPDK shows them.
 fn host_json(mut v: Value, keys: &Option<Arc<HostKeys>>) -> Value {
     if let Some(k) = keys {
-        v["dhchap_key"] = json!(k.key.name());
+        if let Some(p) = &k.psk {
+            v["psk"] = json!(p.name());
+        }
+        if let Some(d) = &k.key {
+            v["dhchap_key"] = json!(d.name());
+        }
         if let Some(c) = &k.ctrlr_key {
             v["dhchap_ctrlr_key"] = json!(c.name());
         }
@@ -173,10 +179,14 @@ fn host_json(mut v: Value, keys: &Option<Arc<HostKeys>>) -> Value {
     v
 }
 
-/// A host's DH-HMAC-CHAP keys (holds on keyring keys: they cannot be removed meanwhile).
+/// A host's keys (holds on keyring keys: they cannot be removed meanwhile): its TLS PSK
+/// and its DH-HMAC-CHAP keys, each optional.
 #[derive(Debug)]
 pub struct HostKeys {
-    pub key: KeyRef,
+    /// The TLS pre-shared key (an `NVMeTLSkey-1:` key): the host connects only over TLS.
+    pub psk: Option<KeyRef>,
+    /// The DH-HMAC-CHAP key the host proves it holds.
+    pub key: Option<KeyRef>,
     /// The controller's key, for bidirectional authentication.
     pub ctrlr_key: Option<KeyRef>,
 }
@@ -304,31 +314,36 @@ impl Subsystem {
 
     // --- listeners ---
 
-    pub fn add_listener(&self, a: &ListenAddr) -> Result<(), String> {
+    pub fn add_listener(&self, a: &ListenAddr, secure: bool) -> Result<(), String> {
         let mut st = self.st();
-        if st.listeners.contains(a) {
+        if st.listeners.iter().any(|(l, _)| l == a) {
             return Err(format!("subsystem {} already listens on {a}", self.nqn));
         }
         if st.listeners.len() >= MAX_LISTENERS {
             return Err(format!("subsystem {} already has {MAX_LISTENERS} listeners", self.nqn));
         }
-        st.listeners.push(a.clone());
+        st.listeners.push((a.clone(), secure));
         Ok(())
     }
 
     pub fn remove_listener(&self, a: &ListenAddr) -> bool {
         let mut st = self.st();
         let before = st.listeners.len();
-        st.listeners.retain(|l| l != a);
+        st.listeners.retain(|(l, _)| l != a);
         st.listeners.len() != before
     }
 
     pub fn listeners(&self) -> Vec<ListenAddr> {
+        self.st().listeners.iter().map(|(l, _)| l.clone()).collect()
+    }
+
+    /// The listeners with whether each is secure (TLS).
+    pub fn listeners_secure(&self) -> Vec<(ListenAddr, bool)> {
         self.st().listeners.clone()
     }
 
     pub fn has_listener(&self, a: &ListenAddr) -> bool {
-        self.st().listeners.contains(a)
+        self.st().listeners.iter().any(|(l, _)| l == a)
     }
 
     // --- namespaces ---
@@ -446,8 +461,12 @@ impl Subsystem {
                 "min_cntlid": self.min_cntlid, "max_cntlid": self.max_cntlid,
             }),
         )];
-        for l in &st.listeners {
-            out.push(("nvmf_subsystem_add_listener", json!({ "nqn": self.nqn, "listen_address": l.to_json() })));
+        for (l, secure) in &st.listeners {
+            let mut v = json!({ "nqn": self.nqn, "listen_address": l.to_json() });
+            if *secure {
+                v["secure_channel"] = json!(true);
+            }
+            out.push(("nvmf_subsystem_add_listener", v));
         }
         for (h, keys) in &st.hosts {
             out.push(("nvmf_subsystem_add_host", host_json(json!({ "nqn": self.nqn, "host": h }), keys)));
@@ -474,7 +493,7 @@ impl Subsystem {
         let mut v = json!({
             "nqn": self.nqn,
             "subtype": if self.is_discovery() { "Discovery" } else { "NVMe" },
-            "listen_addresses": st.listeners.iter().map(|l| l.to_json()).collect::<Vec<_>>(),
+            "listen_addresses": st.listeners.iter().map(|(l, _)| l.to_json()).collect::<Vec<_>>(),
             "allow_any_host": self.is_discovery() || st.allow_any_host,
             "hosts": st.hosts.iter().map(|(h, keys)| host_json(json!({ "nqn": h }), keys)).collect::<Vec<_>>(),
         });

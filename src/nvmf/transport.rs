@@ -5,6 +5,7 @@
 use super::subsystem::ListenAddr;
 use super::Nvmf;
 use crate::reactor::{self, TcpListener};
+use openssl::ssl::SslContext;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cell::RefCell;
@@ -113,14 +114,15 @@ impl TransportOpts {
 struct Listeners(RefCell<HashMap<ListenAddr, async_task::Task<()>>>);
 
 /// Binds `a` on core 0 and starts accepting.
-pub fn start_listener(nvmf: &Arc<Nvmf>, a: &ListenAddr) -> Result<(), String> {
+/// With `tls`, every connection it accepts must complete a TLS handshake first.
+pub fn start_listener(nvmf: &Arc<Nvmf>, a: &ListenAddr, tls: Option<SslContext>) -> Result<(), String> {
     let n = nvmf.clone();
     let addr = a.clone();
     nvmf.reactors
         .call(0, move || -> Result<(), String> {
             let l = TcpListener::bind(addr.socket_addr()).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            log::info!("nvmf: listening on {addr} (NVMe/TCP)");
-            let task = reactor::spawn(accept_loop(n, l, addr.clone()));
+            log::info!("nvmf: listening on {addr} (NVMe/TCP{})", if tls.is_some() { " over TLS 1.3" } else { "" });
+            let task = reactor::spawn(accept_loop(n, l, addr.clone(), tls));
             reactor::with_core(|c| c.local::<Listeners>()).0.borrow_mut().insert(addr, task);
             Ok(())
         })
@@ -142,7 +144,7 @@ pub fn stop_listener(nvmf: &Arc<Nvmf>, a: &ListenAddr) {
     }
 }
 
-async fn accept_loop(nvmf: Arc<Nvmf>, l: TcpListener, addr: ListenAddr) {
+async fn accept_loop(nvmf: Arc<Nvmf>, l: TcpListener, addr: ListenAddr, tls: Option<SslContext>) {
     loop {
         match l.accept().await {
             Ok((s, peer)) => {
@@ -152,7 +154,8 @@ async fn accept_loop(nvmf: Arc<Nvmf>, l: TcpListener, addr: ListenAddr) {
                 let core = nvmf.next_core();
                 let n = nvmf.clone();
                 let a = addr.clone();
-                reactor::send_to(core, move || reactor::spawn_detached(super::connection::serve(n, s, a, peer)));
+                let t = tls.clone();
+                reactor::send_to(core, move || reactor::spawn_detached(super::connection::serve(n, s, a, peer, t)));
             }
             Err(e) => {
                 // Out of descriptors with no spare left to shed with: back off instead of

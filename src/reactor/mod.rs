@@ -9,6 +9,7 @@ mod net;
 mod recv;
 mod thread;
 mod timer;
+mod tls;
 
 pub use self::clock::{monotonic_ns, Clock};
 pub use self::core::{
@@ -17,7 +18,8 @@ pub use self::core::{
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};
 pub use self::net::{connection_cap, connection_stats, set_fd_reserve, Accepted, ConnectionSlot, TcpListener, TcpStream};
-pub use self::recv::{RecvBuf, RECV_BUF_DEFAULT};
+pub use self::recv::{RecvBuf, Source, RECV_BUF_DEFAULT};
+pub use self::tls::{Channel, TlsStream, TLS_CONNECTION_BYTES};
 pub use self::thread::{CallError, ManualCores, PollMode, ReactorHandle, ReactorOptions, Reactors, CALL_TIMEOUT};
 pub use self::timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 

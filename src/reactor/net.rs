@@ -198,6 +198,11 @@ impl TcpStream {
     }
 
     /// Writes without waiting; `WouldBlock` when the socket buffer is full.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        (&self.inner).write(buf)
+    }
+
+    /// Writes without waiting; `WouldBlock` when the socket buffer is full.
     pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         (&self.inner).write_vectored(bufs)
     }
@@ -247,6 +252,15 @@ impl TcpStream {
 
     pub fn read_tick(&self) -> u64 {
         self.reg.read_tick()
+    }
+
+    /// Waits until the socket is writable (after a write returned `WouldBlock`).
+    pub async fn writable(&self, tick: u64) {
+        self.reg.writable(tick).await
+    }
+
+    pub fn write_tick(&self) -> u64 {
+        self.reg.write_tick()
     }
 
     pub fn shutdown(&self) {

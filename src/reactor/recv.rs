@@ -10,7 +10,31 @@
 //! instead of a buffer that grows behind the budget's back.
 
 use super::net::TcpStream;
+use std::future::Future;
 use std::io::{self, ErrorKind};
+
+/// What a receive buffer reads from: a socket, plain or TLS (`super::tls::Channel`).
+pub trait Source {
+    /// Reads without waiting; `WouldBlock` when nothing is there. A read shorter than `buf`
+    /// means the source is drained (a wait after it is for new bytes).
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// The readiness tick to take before a `try_read` whose `WouldBlock` is then waited on.
+    fn read_tick(&self) -> u64;
+    /// Waits for bytes that arrive after `tick`.
+    fn readable(&self, tick: u64) -> impl Future<Output = ()>;
+}
+
+impl Source for TcpStream {
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+    fn read_tick(&self) -> u64 {
+        TcpStream::read_tick(self)
+    }
+    fn readable(&self, tick: u64) -> impl Future<Output = ()> {
+        TcpStream::readable(self, tick)
+    }
+}
 
 /// Default size of a receive buffer: a few dozen command headers per `read`.
 pub const RECV_BUF_DEFAULT: usize = 16 * 1024;
@@ -58,7 +82,7 @@ impl RecvBuf {
 
     /// Reads until at least `n` bytes are buffered. `UnexpectedEof` when the peer closed
     /// first, `InvalidInput` when `n` is more than the buffer holds.
-    pub async fn fill(&mut self, s: &TcpStream, n: usize) -> io::Result<()> {
+    pub async fn fill(&mut self, s: &impl Source, n: usize) -> io::Result<()> {
         if n > self.buf.len() {
             return Err(io::Error::new(ErrorKind::InvalidInput, "more than the receive buffer holds"));
         }
@@ -93,7 +117,7 @@ impl RecvBuf {
 
     /// Fills `dst`: first from what is buffered; a small rest through the buffer (the same
     /// `read` brings the next PDUs), a large one straight from the socket.
-    pub async fn read_into(&mut self, s: &TcpStream, dst: &mut [u8]) -> io::Result<()> {
+    pub async fn read_into(&mut self, s: &impl Source, dst: &mut [u8]) -> io::Result<()> {
         let n = self.available().min(dst.len());
         dst[..n].copy_from_slice(&self.data()[..n]);
         self.consume(n);
@@ -124,7 +148,7 @@ impl RecvBuf {
     }
 
     /// Consumes `n` bytes without keeping them; each piece goes to `seen` (a digest).
-    pub async fn discard(&mut self, s: &TcpStream, mut n: usize, mut seen: impl FnMut(&[u8])) -> io::Result<()> {
+    pub async fn discard(&mut self, s: &impl Source, mut n: usize, mut seen: impl FnMut(&[u8])) -> io::Result<()> {
         while n > 0 {
             if self.available() == 0 {
                 self.fill(s, n.min(self.buf.len())).await?;
@@ -138,7 +162,7 @@ impl RecvBuf {
     }
 
     /// Reads a little-endian u32 (a data digest).
-    pub async fn read_u32_le(&mut self, s: &TcpStream) -> io::Result<u32> {
+    pub async fn read_u32_le(&mut self, s: &impl Source) -> io::Result<u32> {
         self.fill(s, 4).await?;
         let a = self.data();
         let v = u32::from_le_bytes([a[0], a[1], a[2], a[3]]);

@@ -7,6 +7,7 @@ use crate::nvmf::auth::{QueueAuth, Secret};
 use crate::nvmf::pdu::DataPlan;
 use crate::nvmf::spec::{connect, csc, sc, sct, ConnectRequest, Sqe, Status, CNTLID_DYNAMIC};
 use crate::nvmf::subsystem::ListenAddr;
+use crate::nvmf::tls::PskIdentity;
 use crate::nvmf::transport::TransportOpts;
 use crate::nvmf::Nvmf;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ pub(crate) struct Connecting<'a> {
     /// The listener the connection came in on (a subsystem accepts only its own).
     pub listener: &'a ListenAddr,
     pub opts: &'a TransportOpts,
+    /// What the TLS handshake proved, on a secure listener's connection.
+    pub tls: Option<&'a PskIdentity>,
 }
 
 /// What the queue is connected to.
@@ -58,11 +61,24 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
         log::warn!("nvmf: host {hostnqn} ({}) is not allowed on {subnqn}", q.peer);
         return Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16));
     }
+    // TLS proved who holds the key: the queue may connect only that host to that subsystem
+    // (the discovery subsystem: that host). A host with a PSK here connects only over TLS.
+    let refuse_host = |why: &str| {
+        log::warn!("nvmf: host {hostnqn} ({}) refused on {subnqn}: {why}", q.peer);
+        Err((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_INVALID_HOST), 1, connect::DATA_HOSTNQN as u16))
+    };
+    match q.tls {
+        Some(id) if id.hostnqn != hostnqn || (!subsys.is_discovery() && id.subnqn != subnqn) => {
+            return refuse_host(&format!("its TLS key was for host {} on {}", id.hostnqn, id.subnqn));
+        }
+        None if subsys.host_keys(hostnqn).is_some_and(|k| k.psk.is_some()) => return refuse_host("it has a TLS key here and must connect over TLS"),
+        _ => {}
+    }
     // A host with a DH-HMAC-CHAP key authenticates every queue before using it.
-    let auth = match subsys.host_keys(hostnqn) {
+    let auth = match subsys.host_keys(hostnqn).filter(|k| k.key.is_some()) {
         None => None,
         Some(k) => {
-            let secrets = Secret::parse(k.key.secret()).and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
+            let secrets = k.key.as_ref().map_or(Err(crate::nvmf::auth::secret::SecretError::Format), |key| Secret::parse(key.secret())).and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
             let Ok((host_key, ctrl_key)) = secrets else {
                 // Checked when the host was added; the key's content cannot change since.
                 log::error!("nvmf: DH-HMAC-CHAP key of host {hostnqn} on {subnqn} is not a secret; refusing it");

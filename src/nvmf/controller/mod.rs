@@ -624,11 +624,12 @@ impl Nvmf {
     /// once per listener.
     pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
         let subs = self.subsystems();
-        let visible: Vec<(Arc<Subsystem>, Vec<ListenAddr>)> = subs.into_iter().filter(|s| s.allows_host(hostnqn)).map(|s| (s.clone(), s.listeners())).collect();
+        let visible: Vec<(Arc<Subsystem>, Vec<(ListenAddr, bool)>)> =
+            subs.into_iter().filter(|s| s.allows_host(hostnqn)).map(|s| (s.clone(), s.listeners_secure())).collect();
         let mut entries = Vec::new();
         for (s, ls) in &visible {
-            for a in ls {
-                entries.push(identify::DiscoveryEntry { subsys: s, addr: a, portid: self.portid(a) });
+            for (a, secure) in ls {
+                entries.push(identify::DiscoveryEntry { subsys: s, addr: a, portid: self.portid(a), secure: *secure });
             }
         }
         let asqsz = self.transport().map(|t| t.max_aq_depth).unwrap_or(32);
