@@ -37,6 +37,20 @@ pub struct Harness {
     /// A controller kept connected for the whole process (keep-alive off), so an input can
     /// connect an I/O queue to it (its `cntlid` is in the seeds) and reach the I/O path.
     pub admin: std::sync::Mutex<crate::nvmf::initiator::Controller>,
+    /// The same subsystem's secure (TLS) listener, where [`TLS_HOST`] has [`tls_key`].
+    pub nvmf_tls_addr: SocketAddr,
+}
+
+/// The host with a TLS PSK on the fuzz target's subsystem.
+pub const TLS_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:f0220000-0000-4000-8000-000000000001";
+
+/// [`TLS_HOST`]'s PSK, interchange form with the configured key used as is (hash field 00).
+pub fn tls_key() -> String {
+    use base64::Engine as _;
+    let key = [0x7eu8; 32];
+    let mut raw = key.to_vec();
+    raw.extend_from_slice(&crc32fast::hash(&key).to_le_bytes());
+    format!("NVMeTLSkey-1:00:{}:", base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
 fn free_port() -> u16 {
@@ -54,7 +68,11 @@ pub fn harness() -> &'static Harness {
         let target = Arc::new(Target::new(reactors.handle(), config));
         // Never stopped: the harness serves every input of the process.
         std::mem::forget(reactors);
-        let (nport, iport) = (free_port(), free_port());
+        let (nport, iport, tport) = (free_port(), free_port(), free_port());
+        std::fs::create_dir_all(&dir).expect("fuzz data dir");
+        let key_path = dir.join("tls.key");
+        std::fs::write(&key_path, tls_key()).expect("the fuzz TLS key");
+        std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("key file mode");
         let calls = [
             ("bdev_malloc_create", json!({"name": "fz0", "num_blocks": 256, "block_size": 512})),
             ("nvmf_create_transport", json!({"trtype": "TCP"})),
@@ -64,6 +82,12 @@ pub fn harness() -> &'static Harness {
                 "nvmf_subsystem_add_listener",
                 json!({"nqn": NVMF_NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": nport.to_string()}}),
             ),
+            (
+                "nvmf_subsystem_add_listener",
+                json!({"nqn": NVMF_NQN, "secure_channel": true, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": tport.to_string()}}),
+            ),
+            ("keyring_file_add_key", json!({"name": "fuzz-psk", "path": key_path})),
+            ("nvmf_subsystem_add_host", json!({"nqn": NVMF_NQN, "host": TLS_HOST, "psk": "fuzz-psk"})),
             ("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": iport.to_string()}]})),
             ("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]})),
             (
@@ -80,16 +104,28 @@ pub fn harness() -> &'static Harness {
         let iscsi_addr = SocketAddr::from(([127, 0, 0, 1], iport));
         let opts = crate::nvmf::initiator::QpairOptions { kato_ms: 0, ..Default::default() };
         let admin = crate::nvmf::initiator::Controller::connect(nvmf_addr, NVMF_NQN, &opts).expect("the harness's admin controller");
-        Harness { target, nvmf_addr, iscsi_addr, admin: std::sync::Mutex::new(admin) }
+        let nvmf_tls_addr = SocketAddr::from(([127, 0, 0, 1], tport));
+        Harness { target, nvmf_addr, iscsi_addr, admin: std::sync::Mutex::new(admin), nvmf_tls_addr }
     })
+}
+
+/// One input at a time (tests share the harness): the teardown checks count connections.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits until the target has torn its side down (`open` back to `base`); panics after
+/// [`CLOSE_LIMIT`].
+fn torn_down(open: impl Fn() -> usize, base: usize) {
+    let deadline = Instant::now() + CLOSE_LIMIT;
+    while open() > base {
+        assert!(Instant::now() < deadline, "the target closed the socket but did not tear the connection down");
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// Sends `data` on a fresh connection to `addr`, shuts the sending side and returns what the
 /// target answered (at most 1 MiB kept) once it closed. Panics if it neither closes within
 /// [`CLOSE_LIMIT`] nor tears the connection down (`open` back to `base`) afterwards.
 fn one_connection(addr: SocketAddr, data: &[u8], open: impl Fn() -> usize, base: usize) -> Vec<u8> {
-    // One input at a time (tests share the harness): the teardown check counts connections.
-    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let s = TcpStream::connect(addr).expect("connect to the fuzz target");
     s.set_read_timeout(Some(CLOSE_LIMIT)).ok();
@@ -131,11 +167,7 @@ fn one_connection(addr: SocketAddr, data: &[u8], open: impl Fn() -> usize, base:
             }
         }
     });
-    let deadline = Instant::now() + CLOSE_LIMIT;
-    while open() > base {
-        assert!(Instant::now() < deadline, "the target closed the socket but did not tear the connection down");
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    torn_down(open, base);
     answer
 }
 
@@ -146,6 +178,100 @@ pub fn nvmf_pdu(data: &[u8]) -> Vec<u8> {
     let nvmf = h.target.module::<crate::nvmf::NvmfTarget>().expect("the NVMe-oF subsystem").nvmf.clone();
     // The harness's own admin queue stays open.
     one_connection(h.nvmf_addr, data, || nvmf.open_connections.load(Ordering::SeqCst), 1)
+}
+
+/// `nvmf_tls`: a connection to the secure (TLS) listener. The first byte picks the form: odd,
+/// the rest is sent raw (what a host that is not TLS, or a broken handshake, sends); even, a
+/// TLS client holding [`TLS_HOST`]'s key completes the handshake and sends the rest as an
+/// NVMe/TCP stream, in TLS records whose sizes cycle through a list read from the input
+/// (byte 1: how many, up to 8; then each a little-endian u16, at least 1), so records end
+/// anywhere in PDUs and PDUs anywhere in records. Returns the decrypted answer (raw: the bytes
+/// answered, which must be none: a secure listener says nothing in the clear).
+pub fn nvmf_tls(data: &[u8]) -> Vec<u8> {
+    let h = harness();
+    let nvmf = h.target.module::<crate::nvmf::NvmfTarget>().expect("the NVMe-oF subsystem").nvmf.clone();
+    let open = || nvmf.open_connections.load(Ordering::SeqCst);
+    let Some((&mode, rest)) = data.split_first() else { return Vec::new() };
+    if mode % 2 == 1 {
+        let answer = one_connection(h.nvmf_tls_addr, rest, open, 1);
+        // A TLS alert at most (a refusal in TLS's own words), never an NVMe/TCP PDU.
+        assert!(answer.is_empty() || answer[0] == 0x15, "the secure listener answered in the clear: {:02x?}", &answer[..answer.len().min(16)]);
+        return answer;
+    }
+    let (n, mut rest) = rest.split_first().map(|(n, r)| ((*n as usize % 8) + 1, r)).unwrap_or((1, &[]));
+    let mut sizes = Vec::with_capacity(n);
+    for _ in 0..n {
+        if rest.len() < 2 {
+            break;
+        }
+        sizes.push((u16::from_le_bytes([rest[0], rest[1]]) as usize).clamp(1, 16384));
+        rest = &rest[2..];
+    }
+    if sizes.is_empty() {
+        sizes.push(16384);
+    }
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let answer = tls_session(h.nvmf_tls_addr, rest, &sizes);
+    torn_down(open, 1);
+    answer
+}
+
+/// A TLS client session with [`TLS_HOST`]'s key: sends `stream` in records of `sizes`
+/// (cycling), closes its sending side (close_notify, FIN) and returns the decrypted answer.
+fn tls_session(addr: SocketAddr, stream: &[u8], sizes: &[usize]) -> Vec<u8> {
+    use crate::nvmf::tls::{ConfiguredPsk, PskIdentity, Suite};
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+    use std::io::Write;
+    let identity = PskIdentity { suite: Suite::Aes128GcmSha256, hostnqn: TLS_HOST.into(), subnqn: NVMF_NQN.into() }.text();
+    let key = ConfiguredPsk::parse(tls_key().as_bytes()).expect("the fuzz key").tls_psk(TLS_HOST, &identity).expect("a short identity");
+    let mut b = SslConnector::builder(SslMethod::tls_client()).expect("TLS client");
+    b.set_min_proto_version(Some(SslVersion::TLS1_3)).expect("TLS 1.3");
+    b.set_ciphersuites(Suite::Aes128GcmSha256.name()).expect("suite");
+    b.set_psk_client_callback(move |_, _, id, k| {
+        id[..identity.len()].copy_from_slice(identity.as_bytes());
+        id[identity.len()] = 0;
+        k[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let c = b.build();
+    let s = TcpStream::connect(addr).expect("connect to the fuzz target's secure listener");
+    s.set_read_timeout(Some(CLOSE_LIMIT)).ok();
+    let mut conf = c.configure().expect("TLS client session");
+    conf.set_verify_hostname(false);
+    conf.set_verify(SslVerifyMode::NONE);
+    let mut t = conf.connect("tidemark", s).expect("the handshake with the fuzz key");
+    // One writer and one reader on one session: the answer is read after everything is sent
+    // (the target's answers wait in the socket; a stream larger than the socket buffers with
+    // unread answers could stall both sides, so inputs are capped).
+    let mut rest = &stream[..stream.len().min(256 * 1024)];
+    let mut i = 0;
+    while !rest.is_empty() {
+        let n = sizes[i % sizes.len()].min(rest.len());
+        if t.write_all(&rest[..n]).is_err() {
+            break;
+        }
+        rest = &rest[n..];
+        i += 1;
+    }
+    let _ = t.shutdown();
+    let _ = t.get_ref().shutdown(Shutdown::Write);
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match t.read(&mut chunk) {
+            Ok(0) => return answer,
+            Ok(n) => {
+                if answer.len() < 1 << 20 {
+                    answer.extend_from_slice(&chunk[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("the secure listener neither answered nor closed within {CLOSE_LIMIT:?} ({} bytes of answer so far)", answer.len())
+            }
+            Err(_) => return answer,
+        }
+    }
 }
 
 /// `iscsi_conn`: an initiator's byte stream on one iSCSI connection, through the real

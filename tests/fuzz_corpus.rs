@@ -47,7 +47,7 @@ fn nvme_pdu_types(mut b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_fuzz_target_has_a_corpus_and_every_corpus_file_passes() {
-    let targets: [(&str, fn(&[u8])); 7] = [
+    let targets: [(&str, fn(&[u8])); 8] = [
         ("nvmf_pdu", |d| drop(tidemark::fuzz::nvmf_pdu(d))),
         ("iscsi_conn", |d| drop(tidemark::fuzz::iscsi_conn(d))),
         ("nvmf_capsule", tidemark::fuzz::nvmf_capsule),
@@ -55,6 +55,7 @@ fn every_fuzz_target_has_a_corpus_and_every_corpus_file_passes() {
         ("iscsi_text", tidemark::fuzz::iscsi_text),
         ("scsi_cdb", tidemark::fuzz::scsi_cdb),
         ("nvmf_auth", tidemark::fuzz::nvmf_auth),
+        ("nvmf_tls", |d| drop(tidemark::fuzz::nvmf_tls(d))),
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
     for e in std::fs::read_dir(&dir).expect("fuzz/fuzz_targets") {
@@ -82,6 +83,21 @@ fn the_connection_seeds_reach_the_io_path() {
         if f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("io")) {
             assert!(types.contains(&0x07), "{}: reads answered with C2HData: {types:x?}", f.display());
         }
+    }
+    // Over TLS, with records cut at every byte, at 1/7/333 bytes and whole: the admin session
+    // (the recorded one, as the TLS host) connects and is answered as over plain TCP.
+    for f in files("nvmf_tls").into_iter().filter(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tls_"))) {
+        let data = std::fs::read(&f).expect("read a seed");
+        let answer = tidemark::fuzz::nvmf_tls(&data);
+        let types = nvme_pdu_types(&answer);
+        assert_eq!(types.first(), Some(&0x01), "{}: an ICResp first: {types:x?}", f.display());
+        // The first CapsuleResp answers the Connect: success (status bits of CQE dword 3).
+        let icresp_len = u32::from_le_bytes(answer[4..8].try_into().unwrap()) as usize;
+        let resp = &answer[icresp_len..];
+        assert_eq!(resp[0], 0x05, "{}: a CapsuleResp after the ICResp", f.display());
+        let status = u16::from_le_bytes([resp[8 + 14], resp[8 + 15]]) >> 1;
+        assert_eq!(status, 0, "{}: the TLS host's Connect failed", f.display());
+        assert!(types.iter().filter(|&&t| t == 0x05).count() > 2, "{}: admin commands answered: {types:x?}", f.display());
     }
     for f in files("iscsi_conn") {
         let data = std::fs::read(&f).expect("read a seed");
