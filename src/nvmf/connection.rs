@@ -48,6 +48,9 @@ const HALF_CLOSE_ANSWERS: Duration = Duration::from_secs(30);
 /// registration, map entries and the allocator's slack (measured with `memory_budget`: RSS
 /// per idle connection less the computed part).
 const STATE_SLACK: usize = 16 * 1024;
+/// How long a queue whose host must authenticate (DH-HMAC-CHAP) may stay connected without
+/// completing it: it takes no command but the transaction's meanwhile, and holds a connection.
+const AUTH_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a host has to complete the TLS handshake on a secure listener.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a connection closed for a protocol error keeps reading (and discarding).
@@ -1062,6 +1065,19 @@ impl Conn {
         let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts, tls: self.tls.as_ref() };
         let (b, auth) = controller::connect(&q, sqe, plan, icd)?;
         let result = b.ctrl.cntlid as u32 | if auth.is_some() { auth::CONNECT_AUTHREQ_ATR } else { 0 };
+        if auth.is_some() {
+            let id = self.id;
+            reactor::spawn_detached(async move {
+                reactor::sleep(AUTH_DEADLINE).await;
+                let Some(c) = lookup(id) else { return };
+                if c.closing.get() || !c.st.borrow().auth.as_ref().is_some_and(|a| !a.authenticated()) {
+                    return;
+                }
+                c.nvmf.auth_failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!("nvmf: connection {} from {} did not complete DH-HMAC-CHAP authentication in {AUTH_DEADLINE:?}; closed", c.id, c.peer);
+                c.abort();
+            });
+        }
         let mut st = self.st.borrow_mut();
         st.slots.resize(b.sqsize as usize + 1);
         st.binding = Some(b);
