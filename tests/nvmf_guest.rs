@@ -1,10 +1,8 @@
 //! The Linux kernel NVMe/TCP initiator against tidemarkd: a QEMU guest (tests/guest/run.sh)
 //! runs tests/nvmf/guest.sh — nvme discover/connect/id-ctrl/id-ns, fio random read and write
 //! and a 30 s write+verify at QD32, a refused host, an async event when a namespace is removed,
-//! nvme disconnect; NVMe in-band authentication (DH-HMAC-CHAP) by the kernel host: `nvme connect
-//! --dhchap-secret [--dhchap-ctrl-secret]` with fio verify, a wrong and a missing secret
-//! refused. The host side serves the namespace removal the guest asks for and checks what the
-//! target saw.
+//! nvme disconnect. The host side serves the namespace removal the guest asks for and checks
+//! what the target saw.
 //!
 //! Needs qemu-system-x86_64 and the guest image (tests/guest/deps.sh, build.sh: tests/run
 //! installs them). Without them the test fails, unless TIDEMARK_SKIP_NVMF_GUEST=1.
@@ -23,8 +21,6 @@ const NQN: &str = "nqn.2016-06.io.tidemark:guest";
 const NQN_RESTRICTED: &str = "nqn.2016-06.io.tidemark:restricted";
 const HOST_GUEST: &str = "nqn.2014-08.org.nvmexpress:uuid:6a7b7e1e-0000-4000-8000-000000000001";
 const HOST_ALLOWED: &str = "nqn.2014-08.org.nvmexpress:uuid:6a7b7e1e-0000-4000-8000-0000000000a1";
-const NQN_AUTH: &str = "nqn.2016-06.io.tidemark:auth";
-const HOST_AUTH: &str = "nqn.2014-08.org.nvmexpress:uuid:6a7b7e1e-0000-4000-8000-0000000000c1";
 
 fn skip() -> bool {
     ["TIDEMARK_SKIP_NVMF_GUEST", "TIDEMARK_SKIP_NVMF"].iter().any(|v| std::env::var(v).as_deref() == Ok("1"))
@@ -55,27 +51,6 @@ fn linux_initiator_in_a_guest() {
     d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_RESTRICTED, "namespace": {"bdev_name": "r0"}}));
     d.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN_RESTRICTED, "host": HOST_ALLOWED}));
     d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_RESTRICTED, "listen_address": listen}));
-    // DH-HMAC-CHAP: HOST_AUTH must prove it holds key0; the controller proves ckey0 to a host
-    // that asks. The guest's kernel has HMAC-SHA-256 and the FFDHE groups built in (SHA-384/512
-    // would need modules the guest image does not carry), so the offer is narrowed to those.
-    let keys = tempfile::tempdir().unwrap();
-    let (k0, c0, wrong) = (
-        tidemark::nvmf::auth::Secret::encode(Some(tidemark::nvmf::auth::Digest::Sha256), &[0x61; 32]),
-        tidemark::nvmf::auth::Secret::encode(None, &[0x62; 32]),
-        tidemark::nvmf::auth::Secret::encode(Some(tidemark::nvmf::auth::Digest::Sha256), &[0x63; 32]),
-    );
-    for (name, secret) in [("key0", &k0), ("ckey0", &c0)] {
-        let p = keys.path().join(name);
-        std::fs::write(&p, secret).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        d.rpc("keyring_file_add_key", json!({"name": name, "path": p}));
-    }
-    d.rpc("nvmf_set_config", json!({"dhchap_digests": ["sha256"], "dhchap_dhgroups": ["null", "ffdhe2048", "ffdhe3072"]}));
-    d.rpc("bdev_malloc_create", json!({"name": "a0", "num_blocks": 65536, "block_size": 512}));
-    d.rpc("nvmf_create_subsystem", json!({"nqn": NQN_AUTH, "serial_number": "TMGUEST0003", "allow_any_host": false}));
-    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_AUTH, "namespace": {"bdev_name": "a0"}}));
-    d.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN_AUTH, "host": HOST_AUTH, "dhchap_key": "key0", "dhchap_ctrlr_key": "ckey0"}));
-    d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_AUTH, "listen_address": listen}));
 
     // The guest asks (through the share) for namespace 2 to be removed while it is connected.
     let share = tempfile::Builder::new().prefix("tidemark-nvmf-guest").tempdir().unwrap();
@@ -101,7 +76,7 @@ fn linux_initiator_in_a_guest() {
     let out = Command::new(&run_sh)
         .arg(&script)
         .env("TIDEMARK_GUEST_SHARE", share.path())
-        .env("TIDEMARK_GUEST_VARS", "PORT NQN NQN_RESTRICTED HOST_GUEST HOST_ALLOWED FIO_SECS NQN_AUTH HOST_AUTH AUTH_KEY AUTH_CTRL_KEY AUTH_WRONG")
+        .env("TIDEMARK_GUEST_VARS", "PORT NQN NQN_RESTRICTED HOST_GUEST HOST_ALLOWED FIO_SECS")
         .env("TIDEMARK_GUEST_TIMEOUT", std::env::var("TIDEMARK_GUEST_TIMEOUT").unwrap_or_else(|_| "600".into()))
         .env("PORT", port.to_string())
         .env("NQN", NQN)
@@ -109,11 +84,6 @@ fn linux_initiator_in_a_guest() {
         .env("HOST_GUEST", HOST_GUEST)
         .env("HOST_ALLOWED", HOST_ALLOWED)
         .env("FIO_SECS", "10")
-        .env("NQN_AUTH", NQN_AUTH)
-        .env("HOST_AUTH", HOST_AUTH)
-        .env("AUTH_KEY", &k0)
-        .env("AUTH_CTRL_KEY", &c0)
-        .env("AUTH_WRONG", &wrong)
         .stdin(Stdio::null())
         .output()
         .expect("run tests/guest/run.sh");
@@ -130,22 +100,13 @@ fn linux_initiator_in_a_guest() {
 
     // What the target saw: the hosts are gone, their I/O was counted, the refused host was
     // logged, and the removed namespace's bdev is free again.
-    for nqn in [NQN, NQN_RESTRICTED, NQN_AUTH] {
+    for nqn in [NQN, NQN_RESTRICTED] {
         assert!(d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": nqn})).as_array().unwrap().is_empty(), "{nqn} still has controllers");
     }
     let st = d.rpc("bdev_get_iostat", json!({"name": "g0"}));
     assert!(st["bdevs"][0]["num_write_ops"].as_u64().unwrap() > 1000, "{st}");
     assert!(st["bdevs"][0]["num_read_ops"].as_u64().unwrap() > 1000, "{st}");
     assert!(d.log_text().contains(&format!("host {HOST_GUEST}")), "the refused connect is logged");
-    // The kernel host authenticated and moved data; its wrong secret was counted and logged
-    // with its NQN, never a secret.
-    let st = d.rpc("bdev_get_iostat", json!({"name": "a0"}));
-    assert!(st["bdevs"][0]["num_write_ops"].as_u64().unwrap() > 100, "{st}");
-    let log = d.log_text();
-    assert!(log.contains(&format!("host {HOST_AUTH}")) && log.contains("failed DH-HMAC-CHAP"), "the wrong secret is not logged");
-    for secret in [&k0, &c0, &wrong] {
-        assert!(!log.contains(&secret[10..30]), "a secret reached the log");
-    }
     d.rpc("bdev_malloc_delete", json!({"name": "g1"}));
 }
 

@@ -952,6 +952,12 @@ impl Conn {
             return self.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
         let fabrics = sqe.opcode() == FABRICS_OPC;
+        // Any command on the admin queue shows the host is alive, Fabrics ones too: during
+        // authentication a host can send nothing else (not even Keep Alive), and a slow one
+        // (a large Diffie-Hellman group on a small guest) must not be expired meanwhile.
+        if b.qid == 0 && fabrics {
+            b.ctrl.touch_keep_alive();
+        }
         if fabrics && matches!(sqe.fctype(), fctype::AUTH_SEND | fctype::AUTH_RECEIVE) {
             let (status, out) = self.auth_command(&b, &sqe, &plan, data.as_ref().map(|(d, _)| d));
             return self.complete(slot, &sqe, status, 0, out);

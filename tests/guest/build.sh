@@ -45,6 +45,9 @@ MODULES=(
   9p 9pnet_virtio
   loop null_blk brd sd_mod sg scsi_mod iscsi_tcp ext4 veth tun
   vfio vfio_pci vfio_iommu_type1 uio_pci_generic
+  # NVMe in-band authentication (kernels built with it): the hashes and Diffie-Hellman groups
+  # the host asks the crypto API for by name, which modules.dep does not list.
+  nvme_auth? hmac? sha256_generic? sha512_generic? dh_generic? kpp?
 )
 
 # ---- resolve exact package versions (this is what the cache key is made of) ----------------

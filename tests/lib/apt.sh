@@ -3,6 +3,7 @@
 #
 #   apt_install WHO PKG...      install PKG... and say so; WHO names the caller in messages
 #   apt_missing PKG...          print the PKGs that are not installed, one a line
+#   ensure_backports WHY        make apt know bookworm-backports (low priority), saying WHY
 #
 # What every install step promises the person running it: it prints what it installs (apt's own
 # output stays visible, it is not sent to /dev/null), it never removes a package the machine
@@ -28,18 +29,25 @@ qemu_release() {
   local v
   v=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
   [[ $v == *bpo12* ]] || return 0
-  if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
-    echo "tests/lib/apt.sh: qemu-utils $v is from bookworm-backports; adding" \
-      "/etc/apt/sources.list.d/tidemark-bookworm-backports.sources so qemu's packages match it" >&2
-    cat >/etc/apt/sources.list.d/tidemark-bookworm-backports.sources <<'SRC'
+  ensure_backports "qemu-utils $v is from bookworm-backports; qemu's packages must match it"
+  QEMU_APT_RELEASE=(-t bookworm-backports)
+}
+
+# Makes apt know bookworm-backports (adding tidemark-bookworm-backports.sources and refreshing
+# the lists, and saying why, when the machine does not list it). Backports have a low priority:
+# nothing installed or upgraded comes from them unless asked for by name or with -t.
+ensure_backports() {
+  local why=$1
+  apt-cache policy 2>/dev/null | grep -q 'bookworm-backports' && return 0
+  echo "tests/lib/apt.sh: $why; adding /etc/apt/sources.list.d/tidemark-bookworm-backports.sources" >&2
+  cat >/etc/apt/sources.list.d/tidemark-bookworm-backports.sources <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-  fi
-  QEMU_APT_RELEASE=(-t bookworm-backports)
+  apt-get update -qq >&2
 }
 
 apt_install() {

@@ -4,9 +4,7 @@
 #
 # Variables from the host test (tests/nvmf_guest.rs): PORT, NQN (allow_any_host, nsid 1 = a
 # 256 MiB malloc bdev, nsid 2 = a small one that the host removes on request), NQN_RESTRICTED
-# (only HOST_ALLOWED may connect), HOST_GUEST and HOST_ALLOWED (host NQNs), FIO_SECS; NQN_AUTH,
-# where HOST_AUTH authenticates with AUTH_KEY (the controller with AUTH_CTRL_KEY), AUTH_WRONG
-# a secret that is not its key.
+# (only HOST_ALLOWED may connect), HOST_GUEST and HOST_ALLOWED (host NQNs), FIO_SECS.
 # The host removes nsid 2 when this script creates /share/remove-ns.request and answers with
 # /share/remove-ns.done.
 # Prints "CHECK ok|FAIL name" per check and "nvmf-guest: N passed, N failed"; exits non-zero on
@@ -145,21 +143,4 @@ dmesg | grep -iE 'nvme|tidemark' | tail -n 15
 
 check "nvme disconnect" nvme disconnect -n "$NQN"
 check "controller gone" wait_for 10 not ctrl_dev "$NQN"
-
-# NVMe in-band authentication by the kernel host: bidirectional, then the host's key only;
-# a wrong secret and no secret are refused.
-A="-t tcp -a $T -s $PORT -n $NQN_AUTH --hostnqn=$HOST_AUTH"
-check "DH-HMAC-CHAP: bidirectional connect" nvme connect $A --dhchap-secret="$AUTH_KEY" --dhchap-ctrl-secret="$AUTH_CTRL_KEY"
-ADEV=$(nvme_ns_dev "$NQN_AUTH" 30)
-check "DH-HMAC-CHAP: fio write+verify" fio --filename="$ADEV" --ioengine=libaio --direct=1 --bs=4k --iodepth=16 \
-  --name=authverify --rw=randwrite --size=16m --verify=crc32c --verify_fatal=1 --do_verify=1
-grep -E 'IOPS=|err=' /tmp/check.out | head -n 4
-check "DH-HMAC-CHAP: disconnect" nvme disconnect -n "$NQN_AUTH"
-check "DH-HMAC-CHAP: host key only" nvme connect $A --dhchap-secret="$AUTH_KEY"
-check "DH-HMAC-CHAP: device" test -n "$(nvme_ns_dev "$NQN_AUTH" 30)"
-check "DH-HMAC-CHAP: disconnect again" nvme disconnect -n "$NQN_AUTH"
-check "DH-HMAC-CHAP: wrong secret refused" not nvme connect $A --dhchap-secret="$AUTH_WRONG"
-check "DH-HMAC-CHAP: missing secret refused" not nvme connect $A
-check "DH-HMAC-CHAP: no controller left" not ctrl_dev "$NQN_AUTH"
-dmesg | grep -iE 'auth|dhchap' | tail -n 8
 finish
