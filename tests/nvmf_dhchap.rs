@@ -8,8 +8,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -17,14 +16,6 @@ use tidemark::nvmf::auth::{Digest, Secret};
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:5b2d1f5e-7a2e-4bb1-9d6b-3f0e2a1c9d01";
-
-/// Writes `secret` to a file only its owner reads (both keyrings insist).
-fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, secret).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
 
 /// A daemon exporting a 64 MiB RAM bdev on `NQN`, where `HOST` must authenticate with key0
 /// (and the controller with ckey0).
@@ -72,23 +63,6 @@ fn rpcs_take_key_names_and_save_config_keeps_names_only() {
         assert!(!cfg.contains(&secret[10..30]), "a secret reached save_config");
         assert!(!d.log_text().contains(&secret[10..30]), "a secret reached the log");
     }
-}
-
-/// SPDK's binaries, or None (and a message) when `SPDK_DIR` does not point at them.
-fn spdk_dir() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("SPDK_DIR") else {
-        eprintln!("SKIPPED: SPDK_DIR is not set (point it at an SPDK build with bin/bdevperf)");
-        return None;
-    };
-    let mut dir = PathBuf::from(dir);
-    if dir.is_relative() {
-        dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-    }
-    if !dir.join("bin/bdevperf").is_file() {
-        eprintln!("SKIPPED: SPDK_DIR={} has no bin/bdevperf", dir.display());
-        return None;
-    }
-    Some(dir)
 }
 
 /// Runs bdevperf's verify job for 2 s against the daemon as `HOST` with `keys` (SPDK keyring
@@ -146,36 +120,28 @@ fn bdevperf(spdk: &Path, dir: &Path, port: u16, keys: &[(&str, &str)], run: &str
     (ok, out)
 }
 
-fn failures(d: &Daemon) -> f64 {
-    let m = d.metrics_text();
-    m.lines()
-        .find(|l| l.starts_with("tidemark_nvmf_auth_failures_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_else(|| panic!("no tidemark_nvmf_auth_failures_total in the metrics:\n{m}"))
-}
-
 #[test]
 fn spdk_host_authenticates_and_wrong_or_missing_keys_are_refused() {
-    let Some(spdk) = spdk_dir() else { return };
+    let Some(spdk) = spdk_dir(&["bin/bdevperf"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let (d, port, k0, c0) = start(dir.path());
     let wrong = Secret::encode(Some(Digest::Sha256), &[0x33; 32]);
-    assert_eq!(failures(&d), 0.0);
+    assert_eq!(d.metric("tidemark_nvmf_auth_failures_total"), 0.0);
 
     // Bidirectional, then unidirectional (SPDK offers every digest and group: the strongest wins).
     let (ok, out) = bdevperf(&spdk, dir.path(), port, &[("key0", &k0), ("ckey0", &c0)], "bidi");
     assert!(ok, "bdevperf with the right keys failed:\n{out}\n--- tidemarkd:\n{}", d.log_text());
     let (ok, out) = bdevperf(&spdk, dir.path(), port, &[("key0", &k0)], "uni");
     assert!(ok, "bdevperf with the host key only failed:\n{out}\n--- tidemarkd:\n{}", d.log_text());
-    assert_eq!(failures(&d), 0.0);
+    assert_eq!(d.metric("tidemark_nvmf_auth_failures_total"), 0.0);
 
     for (run, keys) in [("wrong", vec![("key0", wrong.as_str())]), ("missing", vec![]), ("wrongctrl", vec![("key0", k0.as_str()), ("ckey0", wrong.as_str())])] {
-        let before = failures(&d);
+        let before = d.metric("tidemark_nvmf_auth_failures_total");
         let (ok, out) = bdevperf(&spdk, dir.path(), port, &keys, run);
         assert!(!ok, "bdevperf {run} got through:\n{out}");
         if run != "missing" {
             // A host without a key never starts a transaction: its commands are refused.
-            assert!(failures(&d) > before, "{run}: not counted\n{}", d.log_text());
+            assert!(d.metric("tidemark_nvmf_auth_failures_total") > before, "{run}: not counted\n{}", d.log_text());
         }
     }
     let log = d.log_text();
@@ -227,12 +193,12 @@ fn an_unauthenticated_queue_refuses_commands_and_a_failure_is_counted() {
     let (cqe, data) = auth_cmd(&mut q, &[]);
     assert!(cqe.status().is_success());
     let Ok(Message::Challenge { .. }) = Message::decode(&data) else { panic!("no challenge: {data:?}") };
-    let before = failures(&d);
+    let before = d.metric("tidemark_nvmf_auth_failures_total");
     let reply = Message::Reply { tid: 1, response: vec![0; 32], challenge: None, seqnum: 0, dh: vec![] }.encode();
     assert!(auth_cmd(&mut q, &reply).0.status().is_success());
     let (_, data) = auth_cmd(&mut q, &[]);
     assert_eq!(data.get(1), Some(&id::FAILURE1));
-    assert_eq!(failures(&d), before + 1.0);
+    assert_eq!(d.metric("tidemark_nvmf_auth_failures_total"), before + 1.0);
     let (cqe, _) = q.execute(identify, tidemark::nvmf::initiator::Payload::In(4096)).unwrap();
     assert_eq!(cqe.status().sc, 0x91);
     assert!(d.log_text().contains("wrong response"));

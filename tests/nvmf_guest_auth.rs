@@ -25,14 +25,6 @@ fn skip() -> bool {
     ["TIDEMARK_SKIP_NVMF_GUEST", "TIDEMARK_SKIP_NVMF"].iter().any(|v| std::env::var(v).as_deref() == Ok("1"))
 }
 
-fn auth_failures(d: &Daemon) -> f64 {
-    let m = d.metrics_text();
-    m.lines()
-        .find(|l| l.starts_with("tidemark_nvmf_auth_failures_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_else(|| panic!("no tidemark_nvmf_auth_failures_total in the metrics:\n{m}"))
-}
-
 #[test]
 fn linux_host_authenticates_with_dh_hmac_chap() {
     if skip() {
@@ -92,7 +84,7 @@ fn linux_host_authenticates_with_dh_hmac_chap() {
 
     // Three refusals counted (wrong secret, wrong controller secret: failed transactions; the
     // host without a secret never starts one), logged with the host's NQN, no secret logged.
-    assert!(auth_failures(&d) >= 2.0, "{}", d.log_text());
+    assert!(d.metric("tidemark_nvmf_auth_failures_total") >= 2.0, "{}", d.log_text());
     let log = d.log_text();
     assert!(log.contains(&format!("host {HOST} (127.0.0.1:")) && log.contains("failed DH-HMAC-CHAP"), "{log}");
     for secret in [&key, &ctrl_key, &wrong] {

@@ -11,8 +11,7 @@ mod support;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -26,14 +25,6 @@ fn interchange(hash: &str, key: &[u8]) -> String {
     let mut raw = key.to_vec();
     raw.extend_from_slice(&crc32fast::hash(key).to_le_bytes());
     format!("NVMeTLSkey-1:{hash}:{}:", base64::engine::general_purpose::STANDARD.encode(raw))
-}
-
-/// Writes `secret` to a file only its owner reads (both keyrings insist).
-fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, secret).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
 }
 
 struct Target {
@@ -64,14 +55,6 @@ fn start(dir: &Path) -> Target {
     d.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN, "host": HOST, "psk": "psk0"}));
     d.rpc("nvmf_subsystem_add_host", json!({"nqn": NQN, "host": HOST2, "psk": "psk1"}));
     Target { d, port, plain, k256, k384 }
-}
-
-fn refused(d: &Daemon) -> f64 {
-    let m = d.metrics_text();
-    m.lines()
-        .find(|l| l.starts_with("tidemark_nvmf_tls_refused_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_else(|| panic!("no tidemark_nvmf_tls_refused_total in the metrics:\n{m}"))
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -110,7 +93,7 @@ fn secure_listeners_refuse_plain_and_truncated_connections_and_keys_stay_secret(
     assert!(d.try_rpc("keyring_file_remove_key", json!({"name": "psk0"})).is_err(), "a key in use cannot be removed");
 
     // A plain NVMe/TCP host on the secure listener: refused before any PDU is answered.
-    let before = refused(d);
+    let before = d.metric("tidemark_nvmf_tls_refused_total");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut icreq = [0u8; 128];
@@ -121,14 +104,14 @@ fn secure_listeners_refuse_plain_and_truncated_connections_and_keys_stay_secret(
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).unwrap_or(0);
     assert!(n == 0 || buf[0] == 0x15, "a plain host got an NVMe/TCP answer from a secure listener: {:?}", &buf[..n.min(16)]);
-    wait_for("the plain connection to be counted", || refused(d) > before);
+    wait_for("the plain connection to be counted", || d.metric("tidemark_nvmf_tls_refused_total") > before);
 
     // A handshake cut short: half a ClientHello, then silence; then the client leaves.
-    let before = refused(d);
+    let before = d.metric("tidemark_nvmf_tls_refused_total");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
     s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).unwrap();
     drop(s);
-    wait_for("the cut handshake to be counted", || refused(d) > before);
+    wait_for("the cut handshake to be counted", || d.metric("tidemark_nvmf_tls_refused_total") > before);
 
     // The plain listener refuses a host that has a key: it must use TLS.
     let opts = tidemark::nvmf::initiator::QpairOptions { hostnqn: HOST.into(), ..Default::default() };
@@ -139,33 +122,6 @@ fn secure_listeners_refuse_plain_and_truncated_connections_and_keys_stay_secret(
     assert!(log.contains("secure listener") && log.contains("refused"), "{log}");
     for secret in [&t.k256, &t.k384] {
         assert!(!log.contains(&secret[16..40]), "a key reached the log");
-    }
-}
-
-/// SPDK's binaries, or None (and a message) when `SPDK_DIR` does not point at them.
-fn spdk_dir() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("SPDK_DIR") else {
-        eprintln!("SKIPPED: SPDK_DIR is not set (point it at an SPDK build with bin/bdevperf and bin/spdk_nvme_perf)");
-        return None;
-    };
-    let mut dir = PathBuf::from(dir);
-    if dir.is_relative() {
-        dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-    }
-    for bin in ["bdevperf", "spdk_nvme_perf"] {
-        if !dir.join("bin").join(bin).is_file() {
-            eprintln!("SKIPPED: SPDK_DIR={} has no bin/{bin}", dir.display());
-            return None;
-        }
-    }
-    Some(dir)
-}
-
-fn client_mask() -> &'static str {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) > 1 {
-        "0x2"
-    } else {
-        "0x1"
     }
 }
 
@@ -218,11 +174,11 @@ fn bdevperf(spdk: &Path, dir: &Path, port: u16, host: &str, psk: Option<&str>, r
 
 #[test]
 fn spdk_host_connects_over_tls_and_wrong_or_missing_keys_are_refused() {
-    let Some(spdk) = spdk_dir() else { return };
+    let Some(spdk) = spdk_dir(&["bin/bdevperf", "bin/spdk_nvme_perf"]) else { return };
     let dir = tempfile::tempdir().unwrap();
     let t = start(dir.path());
     let d = &t.d;
-    assert_eq!(refused(d), 0.0);
+    assert_eq!(d.metric("tidemark_nvmf_tls_refused_total"), 0.0);
 
     // Both suites, data verified: TLS_AES_128_GCM_SHA256 (32-byte key), TLS_AES_256_GCM_SHA384 (48).
     let (ok, out) = bdevperf(&spdk, dir.path(), t.port, HOST, Some(&t.k256), "sha256");
@@ -238,15 +194,15 @@ fn spdk_host_connects_over_tls_and_wrong_or_missing_keys_are_refused() {
         .arg(format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{} subnqn:{NQN} hostnqn:{HOST}", t.port));
     let (ok, out) = run(cmd, &dir.path().join("perf.log"));
     assert!(ok && out.contains("Total"), "spdk_nvme_perf over TLS failed:\n{out}\n--- tidemarkd:\n{}", d.log_text());
-    assert_eq!(refused(d), 0.0, "{}", d.log_text());
+    assert_eq!(d.metric("tidemark_nvmf_tls_refused_total"), 0.0, "{}", d.log_text());
 
     // A wrong key, another host's key, no key: refused and counted; the target keeps serving.
     let wrong = interchange("01", &[0x33; 32]);
     for (run_name, host, key) in [("wrong", HOST, Some(wrong.as_str())), ("swapped", HOST, Some(t.k384.as_str())), ("nokey", HOST, None)] {
-        let before = refused(d);
+        let before = d.metric("tidemark_nvmf_tls_refused_total");
         let (ok, out) = bdevperf(&spdk, dir.path(), t.port, host, key, run_name);
         assert!(!ok, "bdevperf {run_name} got through:\n{out}");
-        wait_for(&format!("{run_name} to be counted"), || refused(d) > before);
+        wait_for(&format!("{run_name} to be counted"), || d.metric("tidemark_nvmf_tls_refused_total") > before);
     }
     let log = d.log_text();
     assert!(log.contains(&format!("host {HOST} asked for {NQN}")), "the refusal does not name the host:\n{log}");

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::io::{BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -91,35 +91,6 @@ fn what_spdks_host_sends_is_accepted() {
     }
 }
 
-/// SPDK's binaries, or None (and a message) when `SPDK_DIR` does not point at them.
-fn spdk_dir() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("SPDK_DIR") else {
-        eprintln!("SKIPPED: SPDK_DIR is not set (point it at an SPDK build with bin/spdk_nvme_perf and bin/bdevperf)");
-        return None;
-    };
-    let mut dir = PathBuf::from(dir);
-    if dir.is_relative() {
-        // tests/run exports it relative to the repository.
-        dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-    }
-    for bin in ["spdk_nvme_perf", "bdevperf"] {
-        if !dir.join("bin").join(bin).is_file() {
-            eprintln!("SKIPPED: SPDK_DIR={} has no bin/{bin}", dir.display());
-            return None;
-        }
-    }
-    Some(dir)
-}
-
-/// The core SPDK's processes poll on: the second one when there is one (tidemark has core 0).
-fn client_mask() -> &'static str {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) > 1 {
-        "0x2"
-    } else {
-        "0x1"
-    }
-}
-
 /// Starts `cmd` with its output in `log`.
 fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
     let f = std::fs::File::create(log).expect("log file");
@@ -159,7 +130,7 @@ fn totals(out: &str) -> Vec<f64> {
 
 #[test]
 fn spdk_nvme_perf_runs_io_at_every_queue_depth_with_and_without_digests() {
-    let Some(spdk) = spdk_dir() else { return };
+    let Some(spdk) = spdk_dir(&["bin/spdk_nvme_perf", "bin/bdevperf"]) else { return };
     let (d, addr) = start(true);
     let trid = format!("trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{NQN}", addr.ip(), addr.port());
     let log = d.dir.path().join("spdk_nvme_perf.log");
@@ -236,7 +207,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn bdevperf_verifies_through_an_attached_tidemark_controller() {
-    let Some(spdk) = spdk_dir() else { return };
+    let Some(spdk) = spdk_dir(&["bin/spdk_nvme_perf", "bin/bdevperf"]) else { return };
     let (d, addr) = start(true);
     let attach = |name: &str, digests: bool| {
         json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": addr.ip().to_string(), "trsvcid": addr.port().to_string(),

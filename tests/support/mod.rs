@@ -456,3 +456,52 @@ pub fn start_with_every_subsystem() -> Daemon {
     }
     d
 }
+
+/// SPDK's folder (`SPDK_DIR`, relative to the repository as tests/run exports it) when it has
+/// every one of `files` (e.g. "bin/bdevperf"); None, saying the test skipped and why, otherwise.
+pub fn spdk_dir(files: &[&str]) -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os("SPDK_DIR") else {
+        eprintln!("SKIPPED: SPDK_DIR is not set (point it at an SPDK build with {}, e.g. ../shared/peers/spdk-v25.09)", files.join(", "));
+        return None;
+    };
+    let mut dir = PathBuf::from(dir);
+    if dir.is_relative() {
+        dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    }
+    for f in files {
+        if !dir.join(f).exists() {
+            eprintln!("SKIPPED: SPDK_DIR={} has no {f}", dir.display());
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+/// The core SPDK's processes poll on: the second one when there is one (tidemark has core 0).
+pub fn client_mask() -> &'static str {
+    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) > 1 {
+        "0x2"
+    } else {
+        "0x1"
+    }
+}
+
+/// Writes `secret` to `dir/name` readable by its owner only (tidemark's and SPDK's keyrings
+/// insist).
+pub fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, secret).expect("write key file");
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key file");
+    p
+}
+
+impl Daemon {
+    /// The value of an unlabelled metric (`name` as scraped, e.g. `..._total`).
+    pub fn metric(&self, name: &str) -> f64 {
+        let m = self.metrics_text();
+        m.lines()
+            .find(|l| l.split(['{', ' ']).next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{m}"))
+    }
+}
