@@ -73,6 +73,9 @@ pub fn server_context(lookup: Box<PskLookup>) -> Result<SslContext, ErrorStack> 
     // cut a PDU is the NVMe/TCP layer's to judge.
     b.set_options(SslOptions::NO_TICKET | SslOptions::IGNORE_UNEXPECTED_EOF);
     b.set_num_tickets(0)?;
+    // Read what the socket has into OpenSSL's buffer in one system call, not a record header
+    // and a body in two each: a host's small command records arrive many at a time.
+    b.set_read_ahead(true);
     b.set_ex_data(lookup_index()?, Lookup(lookup));
     // SAFETY: `b` is a live SSL_CTX and the callback matches OpenSSL's prototype.
     unsafe { SSL_CTX_set_psk_find_session_callback(b.as_ptr(), Some(find_session)) };
