@@ -41,7 +41,7 @@ done
 sleep 2
 busy=$(rss)
 conns=$(rpc nvmf_subsystem_get_qpairs --nqn nqn.2016-06.io.tidemark:vol0 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
-echo "tidemarkd on config/default.toml (1 GiB file-backed CoW volume, NVMe/TCP + iSCSI exports)"
+echo "tidemarkd on config/default.toml (thin 1 GiB volume of a file-backed pool, NVMe/TCP + iSCSI exports)"
 echo "idle RSS: $((idle / 1024)) MiB"
 echo "with $conns NVMe/TCP queue pairs open ($n hosts at QD 1): $((busy / 1024)) MiB"
 python3 -c "print(f'per connection: {($busy - $idle) / max($conns, 1):.0f} KiB')"

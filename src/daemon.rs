@@ -148,7 +148,7 @@ pub fn apply_config(target: &Target) -> Result<(), String> {
     for (section, calls) in target.config.sections() {
         for (i, call) in calls.iter().enumerate() {
             let params = if call.params.is_null() { None } else { Some(call.params.clone()) };
-            target.call(&call.method, params).map_err(|e| format!("{section}[{i}] ({}): {}", call.method, e.message))?;
+            target.call_from_config(&call.method, params).map_err(|e| format!("{section}[{i}] ({}): {}", call.method, e.message))?;
         }
     }
     Ok(())

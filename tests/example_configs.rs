@@ -100,3 +100,42 @@ fn every_example_passes_check_config() {
     }
     assert!(checked >= 2, "the default and at least one example");
 }
+
+#[test]
+fn the_cow_volume_example_serves_and_keeps_its_volume() {
+    let (nvmf_port, iscsi_port) = (free_port(), free_port());
+    let text = example("cow-volume.toml")
+        .replace("trsvcid = \"4420\"", &format!("trsvcid = \"{nvmf_port}\""))
+        .replace("port = \"3260\"", &format!("port = \"{iscsi_port}\""));
+    assert!(text.contains(&nvmf_port.to_string()) && text.contains(&iscsi_port.to_string()), "the example's listeners moved");
+    let mut d = Daemon::start(&text);
+    d.rpc("framework_wait_init", json!(null));
+    let vol = d.rpc("bdev_get_bdevs", json!({"name": "vol0"}));
+    assert_eq!((vol[0]["product_name"].as_str(), vol[0]["num_blocks"].as_u64()), (Some("CoW volume"), Some(2 << 20)), "{vol}");
+    assert!(d.data_dir().join("vol0.img").exists() && d.data_dir().join("vol0.store").exists(), "the files the old default made");
+
+    let addr = format!("127.0.0.1:{nvmf_port}").parse().expect("address");
+    let write_read = |data: Option<&[u8]>| {
+        let mut c = Controller::connect(addr, "nqn.2016-06.io.tidemark:vol0", &QpairOptions::default()).expect("connect");
+        let mut q = c.connect_io(1, 16).expect("I/O queue");
+        if let Some(data) = data {
+            let (cqe, _) = q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 64, 8), Payload::Out(data)).expect("write");
+            assert!(cqe.status().is_success());
+        }
+        let (cqe, back) = q.execute(Qpair::rw_sqe(io_opc::READ, 1, 64, 8), Payload::In(4096)).expect("read");
+        assert!(cqe.status().is_success());
+        back
+    };
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 5 + 1) as u8).collect();
+    assert_eq!(write_read(Some(&data)), data);
+    let snap = d.rpc("bdev_snapshot_create", json!({"bdev_name": "vol0", "snapshot_name": "s1", "wait_sealed": true}));
+    assert_eq!(snap["state"], "sealed", "{snap}");
+
+    // The same file at a restart opens the volume and its store, snapshot included.
+    let status = d.terminate(std::time::Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    d.restart();
+    assert_eq!(write_read(None), data);
+    let snaps = d.rpc("bdev_snapshot_get", json!({"name": "s1"}));
+    assert_eq!(snaps[0]["origin"], "vol0", "{snaps}");
+}

@@ -177,12 +177,14 @@ fn a_preserve_taken_while_qemu_io_writes_is_a_point_in_time_image() {
 }
 
 #[test]
-fn the_default_volume_preserves_with_one_command_and_snapshots_survive_kill_9() {
+fn the_cow_volume_example_preserves_with_one_command_and_snapshots_survive_kill_9() {
     if !tools(&["qemu-io", "qemu-img", "timeout"]) {
         return;
     }
     let (nvmf, iscsi) = (free_port(), free_port());
-    let cfg = tidemark::config::DEFAULT_CONFIG
+    // The CoW volume the default configuration exported before it built a pool.
+    let cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/cow-volume.toml"))
+        .expect("config/cow-volume.toml")
         .replace("\"/var/tmp/tidemark\"", "\"{data_dir}\"")
         .replace("\"/var/tmp/tidemark.sock\"", "\"{socket}\"")
         .replace("\"127.0.0.1:9464\"", "\"{metrics}\"")

@@ -220,13 +220,13 @@ fn the_package_runs_as_a_systemd_service() {
     // The data directory and what the packaged configuration made in it.
     let data = c.ok(&["stat", "-c", "%U %a", "/var/lib/tidemark"]);
     assert_eq!(data.trim(), "tidemark 700");
-    let vol = c.ok(&["stat", "-c", "%U %s", "/var/lib/tidemark/vol0.img"]);
-    assert_eq!(vol.trim(), format!("tidemark {}", 1u64 << 30));
+    let vol = c.ok(&["stat", "-c", "%U %s", "/var/lib/tidemark/pool0.img"]);
+    assert_eq!(vol.trim(), format!("tidemark {}", 4u64 << 30));
 
     // RPC over the socket, with the CLI as installed (it finds /run/tidemark/tidemark.sock).
     let bdevs = c.ok(&["tidemark", "bdev_get_bdevs"]);
-    assert!(bdevs.contains("\"vol0\"") && bdevs.contains("\"vol0_base\""), "{bdevs}");
-    c.ok(&["tidemark", "bdev_snapshot_create", "--bdev_name", "vol0", "--snapshot_name", "svc1"]);
+    assert!(bdevs.contains("\"pool0/vol0\"") && bdevs.contains("\"pool0_base\""), "{bdevs}");
+    c.ok(&["tidemark", "bdev_snapshot_create", "--bdev_name", "pool0/vol0", "--snapshot_name", "svc1"]);
 
     // Reload: the new log level applies in the same process.
     c.ok(&["sed", "-i", "s/^log_level = \"info\"/log_level = \"debug\"/", "/etc/tidemark/tidemark.toml"]);
@@ -242,7 +242,8 @@ fn the_package_runs_as_a_systemd_service() {
     if let Err(e) = c.listeners_answer() {
         panic!("active after restart but a listener does not answer: {e}\n{}", c.journal());
     }
-    c.ok(&["tidemark", "bdev_get_bdevs", "--name", "vol0"]);
+    // The packaged configuration is replayed on the pool the first start made.
+    c.ok(&["tidemark", "bdev_get_bdevs", "--name", "pool0/svc1"]);
 
     // Stop: SIGTERM drains and exits 0; systemd records a clean stop.
     c.ok(&["systemctl", "stop", "tidemark"]);

@@ -41,6 +41,11 @@
 //! bdev so that the call comes after the base's creation; the load finds the store on the
 //! base and registers every volume. A store with no volume is not in `save_config` (load it
 //! with that call). SPDK instead examines every new bdev; the registry has no such hook yet.
+//! A hand-written configuration that creates a store and volumes (the embedded default does)
+//! is replayed at every start: there `bdev_lvol_create_lvstore` opens the store of the same
+//! name and cluster size it finds on the bdev, and `bdev_lvol_create` returns the volume of
+//! the same name and kind it finds, each saying so in the log; anything else there is still
+//! an error. RPC clients keep SPDK's errors for both (see [`crate::module::Ctx::from_config`]).
 
 pub mod layout;
 mod preserve;
@@ -1230,6 +1235,14 @@ impl Store {
 
     /// Creates a store on `base` (claimed by the caller, guard given here).
     pub async fn create(base: HoldGuard, name: &str, cluster_size: u64, cores: usize) -> Result<Arc<Store>, LvolError> {
+        Ok(Self::create_or_open(base, name, cluster_size, cores, false).await?.0)
+    }
+
+    /// Creates a store on `base`, or, with `open_same`, opens (as [`Store::load`]) the store
+    /// named `name` with clusters of `cluster_size` that `base` holds already: the same
+    /// creation replayed at a restart. True with the store when it was created. A store of
+    /// another name or cluster size on `base` is refused either way.
+    pub async fn create_or_open(base: HoldGuard, name: &str, cluster_size: u64, cores: usize, open_same: bool) -> Result<(Arc<Store>, bool), LvolError> {
         let entry = base.entry().clone();
         let b = entry.bdev().clone();
         let bs = b.block_size();
@@ -1245,6 +1258,19 @@ impl Store {
         })?;
         let ch = Channel::get(&entry)?;
         match read_record(&ch, bs, g.slot_bytes).await {
+            Ok((_, r)) if open_same && r.name == name && r.cluster_size == cluster_size => {
+                drop(ch);
+                return Ok((Self::load(base, cores).await?, false));
+            }
+            Ok((_, r)) if open_same && r.name == name => {
+                return Err(LvolError::Exists(format!(
+                    "field `cluster_sz`: bdev {} holds lvol store {} ({}) with clusters of {} bytes, not {cluster_size}",
+                    entry.name(),
+                    r.name,
+                    r.uuid,
+                    r.cluster_size
+                )))
+            }
             Ok((_, r)) => {
                 return Err(LvolError::Exists(format!("field `bdev_name`: bdev {} holds lvol store {} ({}); delete it first", entry.name(), r.name, r.uuid)))
             }
@@ -1257,7 +1283,7 @@ impl Store {
         let blank = vec![0u8; bs as usize];
         ch.write_buf(store.slot_offset(1), &blank).await?;
         store.commit(&ch).await?;
-        Ok(store)
+        Ok((store, true))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,8 @@
 //! SPDK's lvol RPCs (`scripts/rpc.py bdev_lvol_*`, same names and parameters), plus
 //! `bdev_lvol_load_lvstore {bdev_name}` (tidemark: opens the store found on a bdev; what
-//! `save_config` writes), and the module's metrics.
+//! `save_config` writes), and the module's metrics. As steps of the configuration applied at
+//! startup, `bdev_lvol_create_lvstore` and `bdev_lvol_create` open what an earlier start made
+//! (see the module comment, **Restart**).
 
 use super::layout::MAX_NAME;
 use super::{LvolBdev, LvolError, Store, CLEAR_METHODS};
@@ -230,17 +232,46 @@ fn create_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         }
     }
     let m = module(t)?;
-    if m.stores().iter().any(|s| s.name() == p.lvs_name) {
+    let cluster = p.cluster_sz.unwrap_or(MIB);
+    // A configuration step is replayed at every start: the store it created on the first one
+    // is then on the bdev (or already open), and is opened instead, as SPDK's examine would.
+    // A store of another name or cluster size there is still an error.
+    let replay = t.from_config();
+    let base_entry = t.bdev(&p.bdev_name)?;
+    if let Some(s) = m.stores().into_iter().find(|s| s.name() == p.lvs_name) {
+        if replay && s.base.id() == base_entry.id() && s.cluster_size() == cluster {
+            log::info!("lvol store {} ({}) on {} is open already: not created again", p.lvs_name, s.uuid, p.bdev_name);
+            return Ok(json!(s.uuid.to_string()));
+        }
         return Err(RpcError::exists(format!("field `lvs_name`: lvol store {} already exists", p.lvs_name)));
     }
-    let cluster = p.cluster_sz.unwrap_or(MIB);
-    let base = t.bdev(&p.bdev_name)?.claim(&format!("lvs:{}", p.lvs_name))?;
+    let base = base_entry.claim(&format!("lvs:{}", p.lvs_name))?;
     let cores = t.reactors.core_count();
     let name = p.lvs_name.clone();
-    let s = t.reactors.call_async(0, CALL_WAIT, move || async move { Store::create(base, &name, cluster, cores).await })??;
+    let (s, created) = t.reactors.call_async(0, CALL_WAIT, move || async move { Store::create_or_open(base, &name, cluster, cores, replay).await })??;
     let uuid = s.uuid;
-    m.add(s);
+    if created {
+        m.add(s);
+    } else {
+        let n = s.volumes().len();
+        open_found(t, m, s, &p.bdev_name)?;
+        log::info!("lvol store {} ({uuid}) found on {}: opened with its {n} volumes, not created again", p.lvs_name, p.bdev_name);
+    }
     Ok(json!(uuid.to_string()))
+}
+
+/// Makes a store just read from `bdev_name` usable: refuses one whose name or uuid an open
+/// store has, then registers every volume.
+fn open_found(t: &Ctx, m: &LvolModule, s: Arc<Store>, bdev_name: &str) -> Result<(), RpcError> {
+    if m.stores().iter().any(|o| o.name() == s.name() || o.uuid == s.uuid) {
+        return Err(RpcError::exists(format!("field `bdev_name`: lvol store {} ({}) on {bdev_name} is already open from another bdev", s.name(), s.uuid)));
+    }
+    s.set_anchor(None)?;
+    m.add(s.clone());
+    for (rec, _) in s.volumes() {
+        register_volume(t, &s, rec.uuid)?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -259,15 +290,9 @@ fn load_lvstore(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let base = base_entry.claim("lvs:load")?;
     let cores = t.reactors.core_count();
     let s = t.reactors.call_async(0, CALL_WAIT, move || async move { Store::load(base, cores).await })??;
-    if m.stores().iter().any(|o| o.name() == s.name() || o.uuid == s.uuid) {
-        return Err(RpcError::exists(format!("field `bdev_name`: lvol store {} ({}) on {} is already open from another bdev", s.name(), s.uuid, p.bdev_name)));
-    }
-    s.set_anchor(None)?;
-    m.add(s.clone());
-    for (rec, _) in s.volumes() {
-        register_volume(t, &s, rec.uuid)?;
-    }
-    Ok(json!(s.uuid.to_string()))
+    let uuid = s.uuid;
+    open_found(t, m, s, &p.bdev_name)?;
+    Ok(json!(uuid.to_string()))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -385,6 +410,11 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if size / s.cluster_size() > u32::MAX as u64 || size / s.block_size() as u64 > u64::MAX / 2 {
         return Err(RpcError::invalid_params("field `size_in_mib`: too large"));
     }
+    if t.from_config() {
+        if let Some(existing) = existing_for_config(&s, &p, size)? {
+            return Ok(json!(existing));
+        }
+    }
     t.bdevs.check_new_name(&format!("{}/{}", s.name(), p.lvol_name)).or_else(|e| match e {
         crate::bdev::CreateError::Invalid(_) => Ok(()),
         e => Err(e),
@@ -392,6 +422,35 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let (name, thin) = (p.lvol_name.clone(), p.thin_provision);
     let uuid = on_store(t, &s, move |s, ch| async move { Ok(s.create_volume(&ch, &name, size, thin, clear).await?.0) })?;
     Ok(json!(register_volume(t, &s, uuid)?))
+}
+
+/// A configuration step replayed at a restart finds the volume it created on the first start:
+/// its bdev name, if `p` describes it. Of another kind (thick for thin, a snapshot), it is an
+/// error. Of another size, it is kept as it is: `bdev_lvol_resize` changes a volume's size
+/// while it runs, and a restart must neither undo that nor refuse to start.
+fn existing_for_config(s: &Store, p: &Create, size: u64) -> Result<Option<String>, RpcError> {
+    let Some((rec, _)) = s.volumes().into_iter().find(|(r, _)| r.name == p.lvol_name) else {
+        return Ok(None);
+    };
+    let name = format!("{}/{}", s.name(), rec.name);
+    if rec.snapshot {
+        return Err(RpcError::exists(format!("field `lvol_name`: {name} exists and is a snapshot")));
+    }
+    if rec.thin != p.thin_provision {
+        let kind = |thin: bool| if thin { "thin" } else { "thick" };
+        return Err(RpcError::exists(format!("field `thin_provision`: {name} exists and is {}, not {}", kind(rec.thin), kind(p.thin_provision))));
+    }
+    if rec.size_bytes == size {
+        log::info!("lvol {name} ({}) exists with this size: not created again", rec.uuid);
+    } else {
+        log::warn!(
+            "lvol {name} ({}) exists with {} MiB, not the configured {} MiB (resized since it was created): kept as it is",
+            rec.uuid,
+            rec.size_bytes / MIB,
+            size / MIB
+        );
+    }
+    Ok(Some(rec.uuid.to_string()))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]

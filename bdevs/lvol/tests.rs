@@ -211,6 +211,34 @@ fn create_refuses_a_bdev_that_holds_a_store() {
     assert!(matches!(r, Err(LvolError::Exists(_))), "{:?}", r.err());
 }
 
+/// What a configuration replayed at a restart relies on: the same creation opens the store it
+/// made, with its volumes and data; another name or cluster size is still refused.
+#[test]
+fn create_or_open_opens_only_the_same_store() {
+    let f = fixture(4 << 20);
+    let s = f.create();
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, 3, 0x5A, 1).unwrap();
+    let (uuid, total) = (s.uuid, s.total_clusters());
+    f.close(s, vec![v]);
+    let attempt = |name: &'static str, cluster: u64, open_same: bool| {
+        let g = f.base.claim("lvs").unwrap();
+        f.cores.block_on(0, async move { Store::create_or_open(g, name, cluster, 2, open_same).await })
+    };
+    for (name, cluster, open_same) in [("lvs0", CL, false), ("other", CL, true), ("lvs0", 2 * CL, true)] {
+        let r = attempt(name, cluster, open_same);
+        assert!(matches!(r, Err(LvolError::Exists(_))), "{name} {cluster} {open_same}: {:?}", r.map(|(s, created)| (s.uuid, created)));
+    }
+    let (s, created) = attempt("lvs0", CL, true).unwrap();
+    assert!(!created, "opened, not created");
+    assert_eq!((s.uuid, s.total_clusters()), (uuid, total));
+    let vols = s.volumes();
+    assert_eq!((vols.len(), vols[0].0.name.as_str(), vols[0].1), (1, "a", 1), "the volume and its allocated cluster");
+    let live = s.live(vols[0].0.uuid).unwrap();
+    let v = f.reg.register(Arc::new(LvolBdev::new(vols[0].0.uuid.to_string(), vols[0].0.uuid, s.clone(), live, true))).unwrap();
+    assert_eq!(f.read(&v, 3, 1), vec![0x5A; BS as usize], "its data");
+}
+
 #[test]
 fn concurrent_first_writes_share_commits_and_clusters() {
     let f = fixture(8 << 20);

@@ -60,7 +60,7 @@ fn run_calls(config: &Config, scratch: &Path) -> Result<(), Vec<Problem>> {
     for (section, calls) in target.config.sections() {
         for (i, call) in calls.iter().enumerate() {
             let params = if call.params.is_null() { None } else { Some(call.params.clone()) };
-            if let Err(e) = target.call(&call.method, params) {
+            if let Err(e) = target.call_from_config(&call.method, params) {
                 problems.push(Problem { key: format!("{section}[{i}]"), method: call.method.clone(), message: e.message });
             }
         }

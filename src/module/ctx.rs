@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+thread_local! {
+    /// Set while this thread runs a configuration step (see [`Ctx::call_from_config`]).
+    static FROM_CONFIG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The narrow context every module and RPC handler receives: the reactors, the bdev registry,
 /// the data directory and settings the daemon started with, the start time, the shutdown
 /// request and the other modules (by type, [`Ctx::module`]).
@@ -91,6 +96,29 @@ impl Ctx {
     pub fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         let m = self.methods.get(method).ok_or_else(|| RpcError::new(METHOD_NOT_FOUND, format!("Method not found: {method}")))?;
         (m.handler)(self, params)
+    }
+
+    /// Calls `method` as a step of the configuration being applied at startup. A handler may
+    /// treat such a call as "make sure this exists" ([`Ctx::from_config`]): the configuration
+    /// is replayed on every start over the data the previous run left in the data directory,
+    /// so a step that created something on the first start finds it there on the next.
+    pub fn call_from_config(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                FROM_CONFIG.with(|f| f.set(self.0));
+            }
+        }
+        // Per thread rather than per target: an RPC client served on another thread while
+        // the configuration applies gets the strict behaviour.
+        let _reset = Reset(FROM_CONFIG.with(|f| f.replace(true)));
+        self.call(method, params)
+    }
+
+    /// Whether the running handler serves a configuration step ([`Ctx::call_from_config`])
+    /// rather than an RPC client.
+    pub fn from_config(&self) -> bool {
+        FROM_CONFIG.with(|f| f.get())
     }
 
     /// Resolves a path given in a configuration or RPC: relative paths live in the data dir.

@@ -33,9 +33,10 @@ export LC_ALL=C
 TOOL_PKGS=(busybox-static nvme-cli fio kmod bash)
 BASE_LIB_PKGS=(libc6 libgcc-s1)
 # Every executable of these goes in: the iSCSI initiator (iscsid, iscsiadm) and sg3-utils
-# (sg_persist) for the persistent reservation test (tests/iscsi_guest.rs), and whatever the
-# caller adds.
-read -r -a EXTRA_PKGS <<<"open-iscsi sg3-utils ${TIDEMARK_GUEST_EXTRA_PKGS:-}"
+# (sg_persist) for the persistent reservation test (tests/iscsi_guest.rs), e2fsprogs (mke2fs,
+# resize2fs) for the online grow of a mounted ext4 pool volume (tests/nvmf_guest.rs), and
+# whatever the caller adds.
+read -r -a EXTRA_PKGS <<<"open-iscsi sg3-utils e2fsprogs ${TIDEMARK_GUEST_EXTRA_PKGS:-}"
 # Module roots; modules.dep adds their dependencies. A trailing '?' marks optional ones.
 MODULES=(
   nvme_tcp nvme_fabrics nvme_core nvme nvmet nvmet_tcp nvme_loop? configfs

@@ -4,9 +4,12 @@
 #
 # Variables from the host test (tests/nvmf_guest.rs): PORT, NQN (allow_any_host, nsid 1 = a
 # 256 MiB malloc bdev, nsid 2 = a small one that the host removes on request), NQN_RESTRICTED
-# (only HOST_ALLOWED may connect), HOST_GUEST and HOST_ALLOWED (host NQNs), FIO_SECS.
-# The host removes nsid 2 when this script creates /share/remove-ns.request and answers with
-# /share/remove-ns.done.
+# (only HOST_ALLOWED may connect), NQN_POOL and NQN_CLONE (pool volumes, below), HOST_GUEST and
+# HOST_ALLOWED (host NQNs), FIO_SECS.
+# The host does what this script asks for by creating /share/NAME.request and answers with
+# /share/NAME.done ("ok"): remove-ns (removes nsid 2 of NQN), snapshot (snapshots and clones
+# the pool volume, exports the clone as NQN_CLONE), grow (grows the 64 MiB pool volume to
+# 128 MiB).
 # Prints "CHECK ok|FAIL name" per check and "nvmf-guest: N passed, N failed"; exits non-zero on
 # any failure.
 set -u
@@ -143,4 +146,63 @@ dmesg | grep -iE 'nvme|tidemark' | tail -n 15
 
 check "nvme disconnect" nvme disconnect -n "$NQN"
 check "controller gone" wait_for 10 not ctrl_dev "$NQN"
+
+# Volumes of a pool (bdevs/lvol). NQN_POOL: nsid 1 a thin 256 MiB volume, nsid 2 a thin 64 MiB
+# one. A pattern, then a snapshot and a clone taken by the host while a writer runs; the clone
+# (NQN_CLONE) holds the pattern and takes its own writes, the volume keeps its own.
+request() { # request NAME: ask the host for NAME and wait for its answer
+  touch "/share/$1.request"
+  wait_for 60 test -e "/share/$1.done" && [ "$(cat "/share/$1.done")" = ok ]
+}
+size_is() { [ "$(cat "/sys/block/${1##*/}/size")" -eq "$2" ]; }
+dev_of_size() { # dev_of_size NQN SECTORS: the namespace device of that size
+  for d in $(ns_devs "$1"); do size_is "$d" "$2" && { echo "$d"; return 0; }; done
+  return 1
+}
+same() { # same FILE DEV: DEV starts with FILE's bytes
+  dd if="$2" of=/tmp/same bs=64k count=$(( $(stat -c %s "$1") / 65536 )) iflag=direct 2>/dev/null && cmp "$1" /tmp/same
+}
+check "pool: nvme connect" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_POOL" $H
+check "pool: two namespaces" wait_for 20 count_ns_is "$NQN_POOL" 2
+PDEV=$(dev_of_size "$NQN_POOL" 524288)
+FDEV=$(dev_of_size "$NQN_POOL" 131072)
+echo "pool volume $PDEV, file system volume $FDEV"
+for p in p1 p3 p4; do dd if=/dev/urandom of=/tmp/$p bs=64k count=64 2>/dev/null; done
+check "pool: pattern written" dd if=/tmp/p1 of="$PDEV" bs=64k oflag=direct conv=fsync
+# The writer covers 64 MiB past the pattern for a few seconds; the snapshot lands inside.
+fio --filename="$PDEV" --ioengine=libaio --direct=1 --bs=4k --iodepth=16 --name=writer --rw=randwrite \
+  --offset=16m --size=64m --time_based --runtime=6 >/tmp/writer.out 2>&1 &
+writer=$!
+sleep 1
+check "pool: snapshot and clone taken under the writer" request snapshot
+check "pool: the writer saw no error" wait $writer
+grep -E 'IOPS=|err=' /tmp/writer.out
+check "pool: the volume written after the snapshot" dd if=/tmp/p3 of="$PDEV" bs=64k oflag=direct conv=fsync
+check "pool: clone connect" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_CLONE" $H
+CDEV=$(nvme_ns_dev "$NQN_CLONE" 30)
+echo "clone $CDEV"
+check "pool: the clone holds the pattern of the snapshot" same /tmp/p1 "$CDEV"
+check "pool: the clone written" dd if=/tmp/p4 of="$CDEV" bs=64k oflag=direct conv=fsync
+check "pool: the clone reads its own write" same /tmp/p4 "$CDEV"
+check "pool: the volume reads its own write, not the clone's" same /tmp/p3 "$PDEV"
+check "pool: clone disconnect" nvme disconnect -n "$NQN_CLONE"
+
+# A mounted ext4 volume grown online: the host resizes it, the target's Namespace Attribute
+# Changed event makes the kernel see the new size on the same connection, resize2fs grows the
+# mounted file system.
+modprobe ext4 2>/dev/null
+mkdir -p /mnt/fs
+check "pool: mkfs.ext4" mke2fs -q -t ext4 -F "$FDEV"
+check "pool: mount" mount -t ext4 "$FDEV" /mnt/fs
+check "pool: a file on it" sh -c "dd if=/tmp/p1 of=/mnt/fs/f bs=64k 2>/dev/null && sync && md5sum /mnt/fs/f > /tmp/f.md5"
+kib0=$(df -k /mnt/fs | awk 'NR == 2 {print $2}')
+check "pool: grown by the host while mounted" request grow
+check "pool: the new size seen without reconnecting" wait_for 30 size_is "$FDEV" 262144
+check "pool: resize2fs grows the mounted file system" resize2fs "$FDEV"
+kib1=$(df -k /mnt/fs | awk 'NR == 2 {print $2}')
+echo "ext4 on $FDEV: $kib0 KiB, then $kib1 KiB"
+check "pool: the file system is larger" test "$kib1" -gt $(( kib0 * 3 / 2 ))
+check "pool: the file is intact" md5sum -c /tmp/f.md5
+check "pool: umount" umount /mnt/fs
+check "pool: nvme disconnect" nvme disconnect -n "$NQN_POOL"
 finish
