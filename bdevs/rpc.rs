@@ -177,7 +177,13 @@ pub fn describe(e: &BdevEntry) -> Value {
 
 fn bdev_get_bdevs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetBdevs = parse(p)?;
-    Ok(Value::Array(selected(t, p.name)?.iter().map(|e| describe(e)).collect()))
+    // An lvol is named by its UUID and found by `lvs/lvol` too (SPDK's aliases).
+    let with_aliases = |e: &Arc<BdevEntry>| {
+        let mut v = describe(e);
+        v["aliases"] = json!(t.bdevs.aliases_of(e.bdev().name()));
+        v
+    };
+    Ok(Value::Array(selected(t, p.name)?.iter().map(with_aliases).collect()))
 }
 
 fn bdev_get_iostat(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {

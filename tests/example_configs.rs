@@ -135,6 +135,7 @@ fn the_cow_volume_example_serves_and_keeps_its_volume() {
     let status = d.terminate(std::time::Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     d.restart();
+    d.rpc("framework_wait_init", json!(null));
     assert_eq!(write_read(None), data);
     let snaps = d.rpc("bdev_snapshot_get", json!({"name": "s1"}));
     assert_eq!(snaps[0]["origin"], "vol0", "{snaps}");
