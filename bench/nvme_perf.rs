@@ -42,12 +42,35 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Sequential workloads: bytes from one I/O's offset to the next (default: the I/O size).
+    /// `-o 4096 --stride 1048576` writes the first 4 KiB of every MiB.
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Sequential workloads: one pass over the namespace, then stop (before `-t` if it is
+    /// shorter); one core only.
+    #[arg(long)]
+    once: bool,
+    /// Write every completion as "ns_since_start latency_ns" to this file, print "started" on
+    /// stdout when the I/O begins and the start time (unix ns) in the JSON.
+    #[arg(long)]
+    lat_log: Option<std::path::PathBuf>,
 }
 
 struct ThreadResult {
     ops: u64,
     errors: u64,
     hist: Histogram<u64>,
+    log: Vec<(u64, u64)>,
+}
+
+/// What a worker does besides the workload: the stride of sequential offsets, one pass, and
+/// the completion log.
+#[derive(Clone, Copy)]
+struct Pass {
+    stride_lbas: u64,
+    once: bool,
+    log: bool,
+    start: Instant,
 }
 
 fn fail(msg: &str) -> ! {
@@ -110,13 +133,28 @@ fn main() {
     }
     let qsize = (queue_depth + 1).max(2) as u16;
     let nlb = (a.w.io_size / bs) as u32;
-    let slots = ns.nsze / nlb as u64;
+    let stride = a.stride.unwrap_or(a.w.io_size);
+    if stride < a.w.io_size || stride % bs != 0 {
+        fail(&format!("--stride must be a multiple of the block size {bs} and at least -o"));
+    }
+    if a.once && (random || cpus.len() > 1) {
+        fail("--once needs a sequential workload (read, write) on one core");
+    }
+    let stride_lbas = (stride / bs) as u64;
+    let slots = (ns.nsze - nlb as u64) / stride_lbas + 1;
     let mut queues = Vec::new();
     for i in 0..cpus.len() {
         queues.push(ctrl.connect_io(i as u16 + 1, qsize).unwrap_or_else(|e| fail(&format!("connect I/O queue {}: {e}", i + 1))));
     }
     let dur = Duration::from_secs(a.w.time);
+    let start_unix_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let start = Instant::now();
+    let pass = Pass { stride_lbas, once: a.once, log: a.lat_log.is_some(), start };
+    if pass.log {
+        println!("started");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
     let handles: Vec<_> = queues
         .into_iter()
         .zip(cpus.iter().copied())
@@ -127,13 +165,24 @@ fn main() {
                 if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
                     eprintln!("nvme_perf: could not pin to CPU {cpu}");
                 }
-                run(q, qd, io_size, nlb, nsid, slots, random, read_pct, dur, 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1) * 0x1000_0001)
+                run(q, qd, io_size, nlb, nsid, slots, random, read_pct, dur, 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1) * 0x1000_0001, pass)
             })
         })
         .collect();
     let results: Vec<ThreadResult> = handles.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a worker thread panicked"))).collect();
     let secs = start.elapsed().as_secs_f64().min(a.w.time as f64).max(1e-9);
     let _ = ctrl.shutdown();
+    if let Some(path) = &a.lat_log {
+        use std::io::Write;
+        let f = std::fs::File::create(path).unwrap_or_else(|e| fail(&format!("--lat-log {}: {e}", path.display())));
+        let mut w = std::io::BufWriter::new(f);
+        for r in &results {
+            for (t, l) in &r.log {
+                let _ = writeln!(w, "{t} {l}");
+            }
+        }
+        w.flush().unwrap_or_else(|e| fail(&format!("--lat-log {}: {e}", path.display())));
+    }
 
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let (mut ops, mut errors) = (0u64, 0u64);
@@ -153,6 +202,7 @@ fn main() {
                 "iops": iops, "mib_s": mibs, "errors": errors,
                 "avg_us": hist.mean() / 1000.0, "min_us": us(hist.min()), "max_us": us(hist.max()),
                 "p50_us": us(hist.value_at_quantile(0.5)), "p99_us": us(hist.value_at_quantile(0.99)), "p999_us": us(hist.value_at_quantile(0.999)),
+                "ops": ops, "secs": secs, "start_unix_ns": start_unix_ns,
             })
         );
     } else {
@@ -184,21 +234,29 @@ fn main() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(mut q: Qpair, qd: usize, io_size: usize, nlb: u32, nsid: u32, slots: u64, random: bool, read_pct: u32, dur: Duration, seed: u64) -> ThreadResult {
+fn run(mut q: Qpair, qd: usize, io_size: usize, nlb: u32, nsid: u32, slots: u64, random: bool, read_pct: u32, dur: Duration, seed: u64, pass: Pass) -> ThreadResult {
+    let mut log = Vec::new();
+    let submitted = std::cell::Cell::new(0u64);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
     let mut rng = Rng(seed | 1);
     let mut seq = 0u64;
     let (mut ops, mut errors) = (0u64, 0u64);
     let mut done: Vec<Completion> = Vec::with_capacity(qd);
     let mut submit = |q: &mut Qpair, rng: &mut Rng| {
+        if pass.once && submitted.get() >= slots {
+            return;
+        }
+        submitted.set(submitted.get() + 1);
         let slot = if random {
             rng.next() % slots
+        } else if pass.once {
+            submitted.get() - 1
         } else {
             seq = (seq + 1) % slots;
             seq
         };
         let read = read_pct == 100 || (read_pct > 0 && (rng.next() % 100) < read_pct as u64);
-        let lba = slot * nlb as u64;
+        let lba = slot * pass.stride_lbas;
         let r = if read {
             q.submit(Qpair::rw_sqe(io_opc::READ, nsid, lba, nlb), Payload::In(io_size))
         } else {
@@ -231,12 +289,16 @@ fn run(mut q: Qpair, qd: usize, io_size: usize, nlb: u32, nsid: u32, slots: u64,
             } else {
                 errors += 1;
             }
-            let _ = hist.record(now.duration_since(c.submitted).as_nanos().max(1) as u64);
+            let lat = now.duration_since(c.submitted).as_nanos().max(1) as u64;
+            let _ = hist.record(lat);
+            if pass.log {
+                log.push((now.duration_since(pass.start).as_nanos() as u64, lat));
+            }
             if running {
                 submit(&mut q, &mut rng);
             }
         }
-        if !running && q.outstanding() == 0 {
+        if (!running || (pass.once && submitted.get() >= slots)) && q.outstanding() == 0 {
             break;
         }
     }
@@ -248,5 +310,5 @@ fn run(mut q: Qpair, qd: usize, io_size: usize, nlb: u32, nsid: u32, slots: u64,
             break;
         }
     }
-    ThreadResult { ops, errors, hist }
+    ThreadResult { ops, errors, hist, log }
 }
