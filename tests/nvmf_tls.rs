@@ -212,3 +212,42 @@ fn spdk_host_connects_over_tls_and_wrong_or_missing_keys_are_refused() {
     let (ok, out) = bdevperf(&spdk, dir.path(), t.port, HOST, Some(&t.k256), "after");
     assert!(ok, "bdevperf after the refusals failed:\n{out}\n--- tidemarkd:\n{}", d.log_text());
 }
+
+/// tidemark's own initiator (`bdev_nvme_attach_controller --psk`, as a remote mirror leg
+/// would use it) connects to a secure listener over TLS: its namespace is a bdev of the
+/// second node, written and read through an export of that node; a wrong key cannot attach.
+#[test]
+fn tidemarks_initiator_attaches_over_tls() {
+    use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
+    use tidemark::nvmf::spec::io_opc;
+    let dir = tempfile::tempdir().unwrap();
+    let t = start(dir.path());
+    let b = Daemon::start(MINIMAL_CONFIG);
+    b.rpc("keyring_file_add_key", json!({"name": "k", "path": key_file(dir.path(), "b-psk", &t.k384)}));
+    b.rpc("keyring_file_add_key", json!({"name": "wrong", "path": key_file(dir.path(), "b-wrong", &interchange("02", &[0x11; 48]))}));
+    let attach = |name: &str, key: &str| {
+        json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": t.port.to_string(),
+               "subnqn": NQN, "hostnqn": HOST2, "psk": key})
+    };
+    let e = b.try_rpc("bdev_nvme_attach_controller", attach("bad", "wrong")).unwrap_err();
+    assert!(e.message.contains("TLS"), "{e:?}");
+    assert_eq!(b.rpc("bdev_nvme_attach_controller", attach("tls", "k")), json!(["tlsn1"]));
+    // Export the remote namespace from the second node and move data through both hops.
+    let port = free_port();
+    let nqn = "nqn.2016-06.io.tidemark:through";
+    b.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    b.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
+    b.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "tlsn1"}}));
+    b.rpc("nvmf_subsystem_add_listener", json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}));
+    let mut c = Controller::connect(format!("127.0.0.1:{port}").parse().unwrap(), nqn, &QpairOptions::default()).expect("connect");
+    let mut q = c.connect_io(1, 16).expect("I/O queue");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (cqe, _) = q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 32, 16), Payload::Out(&data)).expect("write");
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let (cqe, back) = q.execute(Qpair::rw_sqe(io_opc::READ, 1, 32, 16), Payload::In(data.len())).expect("read");
+    assert!(cqe.status().is_success() && back == data, "the data did not come back through TLS");
+    let st = t.d.rpc("bdev_get_iostat", json!({"name": "m0"}));
+    assert!(st["bdevs"][0]["num_write_ops"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(t.d.metric("tidemark_nvmf_tls_refused_total"), 1.0, "the wrong key only:\n{}", t.d.log_text());
+    assert!(b.try_rpc("keyring_file_remove_key", json!({"name": "k"})).is_err(), "the attached controller holds its key");
+}

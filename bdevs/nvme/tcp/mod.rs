@@ -196,7 +196,7 @@ fn queue_is_down(ctrl_id: u64) -> bool {
 }
 
 /// The current core's queue of controller `ctrl_id` continues on a new connection.
-fn reset_queue(ctrl_id: u64, stream: std::net::TcpStream, p: queue::QueueParams) {
+fn reset_queue(ctrl_id: u64, stream: crate::nvmf::initiator::HostStream, p: queue::QueueParams) {
     if let Some(q) = core_queue(ctrl_id) {
         q.reset(stream, p);
     }

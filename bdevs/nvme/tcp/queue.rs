@@ -19,7 +19,7 @@ use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
 use crate::reactor::Poller;
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use crate::nvmf::initiator::HostStream;
 use std::sync::Arc;
 
 /// Largest transfer of one command this host issues (the controller's MDTS may lower it): the
@@ -72,7 +72,7 @@ struct Req {
 }
 
 struct Inner {
-    stream: TcpStream,
+    stream: HostStream,
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
@@ -104,7 +104,7 @@ pub struct IoQueue {
 impl IoQueue {
     /// A queue over `stream` (connected: ICReq/ICResp and Fabrics Connect done). Call on the
     /// core that will own it.
-    pub fn new(stream: TcpStream, p: QueueParams, observer: Arc<dyn QueueObserver>) -> IoQueue {
+    pub fn new(stream: HostStream, p: QueueParams, observer: Arc<dyn QueueObserver>) -> IoQueue {
         let n = p.depth.max(2) as usize;
         IoQueue {
             inner: RefCell::new(Inner {
@@ -200,16 +200,16 @@ impl IoQueue {
         if self.down.replace(true) {
             return;
         }
-        let _ = self.inner.borrow().stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.inner.borrow().stream.tcp().shutdown(std::net::Shutdown::Both);
         self.observer.queue_failed(why);
     }
 
     /// A new connection (ICReq/ICResp and Fabrics Connect done): every command still in the
     /// table is sent again, and new ones go out.
-    pub fn reset(&self, stream: TcpStream, p: QueueParams) {
+    pub fn reset(&self, stream: HostStream, p: QueueParams) {
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
-        let _ = inner.stream.shutdown(std::net::Shutdown::Both);
+        let _ = inner.stream.tcp().shutdown(std::net::Shutdown::Both);
         inner.stream = stream;
         inner.rx_start = 0;
         inner.rx_end = 0;
@@ -233,7 +233,7 @@ impl IoQueue {
         self.down.set(true);
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
-        let _ = inner.stream.shutdown(std::net::Shutdown::Both);
+        let _ = inner.stream.tcp().shutdown(std::net::Shutdown::Both);
         let slots: Vec<usize> = inner
             .reqs
             .iter_mut()
@@ -446,7 +446,7 @@ mod tests {
     use crate::nvmf::spec::{io_opc, Status};
     use crate::reactor::ManualCores;
     use std::future::Future;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
     use std::pin::Pin;
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     use std::task::{Context, Poll, Waker};
@@ -509,7 +509,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let (host, mut tgt) = pair();
         cores.enter(0, || {
-            let q = IoQueue::new(host, params(0), Arc::new(Seen::default()));
+            let q = IoQueue::new(HostStream::Plain(host), params(0), Arc::new(Seen::default()));
             let mut buf = Some(IoBuf::alloc(8192));
             let mut f = Box::pin(q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::READ, 1, 0, 16), &mut buf, true).unwrap().unwrap().owned());
             q.poll();
@@ -540,7 +540,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let (host, mut tgt) = pair();
         cores.enter(0, || {
-            let q = IoQueue::new(host, params(1024), Arc::new(Seen::default()));
+            let q = IoQueue::new(HostStream::Plain(host), params(1024), Arc::new(Seen::default()));
             let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
             let mut b = IoBuf::alloc(data.len());
             b.copy_from_slice(&data);
@@ -581,7 +581,7 @@ mod tests {
         let (host, mut tgt) = pair();
         let seen = Arc::new(Seen::default());
         cores.enter(0, || {
-            let q = IoQueue::new(host, params(4096), seen.clone());
+            let q = IoQueue::new(HostStream::Plain(host), params(4096), seen.clone());
             let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
             q.poll();
             read_pdu(&mut tgt);
@@ -598,7 +598,7 @@ mod tests {
             assert!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).is_none(), "new commands wait");
             // A reconnect sends the held command again, on the new connection.
             let (host2, mut tgt2) = pair();
-            q.reset(host2, params(4096));
+            q.reset(HostStream::Plain(host2), params(4096));
             q.poll();
             let again = read_pdu(&mut tgt2);
             let cid = Sqe::from_slice(&again[8..72]).unwrap().cid();

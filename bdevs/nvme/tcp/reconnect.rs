@@ -10,9 +10,9 @@
 
 use super::queue::{QueueError, QueueObserver, QueueParams};
 use super::{Shared, State};
-use crate::nvmf::initiator::{Controller, Error as HostError, Qpair, QpairOptions};
+use crate::nvmf::initiator::{Controller, Error as HostError, HostStream, Qpair, QpairOptions};
 use crate::reactor::{self, ReactorHandle};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,17 +102,16 @@ pub struct Target {
     pub opts: QpairOptions,
     pub cores: usize,
     pub policy: Policy,
+    /// The keyring key TLS uses (held: it cannot be removed while the controller exists).
+    pub psk: Option<crate::keyring::KeyRef>,
 }
 
-/// Connects I/O queue `core + 1` and returns its socket and what it negotiated. The socket is
-/// a second descriptor of the initiator's connection: the initiator's queue pair (and its own
-/// descriptor) is dropped once connected, the connection stays open through ours.
-pub fn connect_queue(c: &mut Controller, core: usize) -> Result<(TcpStream, QueueParams), HostError> {
+/// Connects I/O queue `core + 1` and returns its connection (plain or TLS, with its session)
+/// and what it negotiated, for the bdev's queue on that core.
+pub fn connect_queue(c: &mut Controller, core: usize) -> Result<(HostStream, QueueParams), HostError> {
     let q: Qpair = c.connect_io(core as u16 + 1, IO_QUEUE_SIZE)?;
-    let stream = q.stream().try_clone()?;
     let qp = QueueParams { hdgst: q.hdgst, ddgst: q.ddgst, maxh2cdata: q.maxh2cdata, max_inline: q.max_inline, depth: IO_QUEUE_SIZE };
-    drop(q);
-    Ok((stream, qp))
+    Ok((q.into_stream(), qp))
 }
 
 /// The recovery of `shared`'s controller; runs on its own thread until the controller is back,

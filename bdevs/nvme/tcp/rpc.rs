@@ -10,6 +10,7 @@ use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, Module};
 use crate::nvmf::initiator::{Controller, Error as HostError, QpairOptions, TransportId};
+use crate::nvmf::tls::ConfiguredPsk;
 use crate::nvmf::spec::prop;
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
@@ -164,11 +165,10 @@ struct Attach {
 impl SpdkParams for Attach {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
         const PI: &str = "protection information is not supported";
-        const AUTH: &str = "TLS and DH-HMAC-CHAP authentication are not supported";
+        const AUTH: &str = "DH-HMAC-CHAP authentication is not supported by the initiator";
         vec![
             ("prchk_reftag", !self.prchk_reftag, PI),
             ("prchk_guard", !self.prchk_guard, PI),
-            ("psk", self.psk.is_none(), AUTH),
             ("dhchap_key", self.dhchap_key.is_none() && self.dhchap_ctrlr_key.is_none(), AUTH),
             ("multipath", self.multipath.as_deref().is_none_or(|m| m == "disable"), "multipath is not supported"),
             ("hostaddr", self.hostaddr.is_none() && self.hostsvcid.is_none(), "choosing the local address is not supported"),
@@ -216,6 +216,19 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if let Some(h) = &p.hostnqn {
         opts.hostnqn = h.clone();
     }
+    // TLS 1.3 with the keyring's PSK (an `NVMeTLSkey-1:` key): every queue, and every
+    // reconnect, starts with the handshake.
+    let psk = match &p.psk {
+        None => None,
+        Some(name) => {
+            let k = crate::keyring::keyring(t)?
+                .get(name, &format!("NVMe controller {}", p.name))
+                .map_err(|e| RpcError::invalid_params(format!("field `psk`: {e}")))?;
+            let key = ConfiguredPsk::parse(k.secret()).map_err(|e| RpcError::invalid_params(format!("field `psk`: key {name}: {e}")))?;
+            opts.tls = Some(crate::nvmf::tls::client_context(&key, &opts.hostnqn, &subnqn).map_err(RpcError::invalid_params)?);
+            Some(k)
+        }
+    };
     let what = format!("cannot attach {} ({}:{} {})", p.name, p.traddr, trsvcid, subnqn);
     let mut c = Controller::connect(addr, &subnqn, &opts).map_err(|e| connect_error(&what, e))?;
     // MDTS is in units of the minimum memory page size (CAP.MPSMIN).
@@ -254,7 +267,7 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if (granted as usize) < cores {
         return Err(RpcError::new(-5, format!("{what}: the controller grants {granted} I/O queues, {cores} reactor cores need one each")));
     }
-    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy };
+    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy, psk };
     let shared = Arc::new_cyclic(|me| Shared {
         name: p.name.clone(),
         id: m.next_id.fetch_add(1, Ordering::Relaxed),

@@ -93,6 +93,9 @@ pub struct QpairOptions {
     pub disable_sqflow: bool,
     /// Wait limit of synchronous operations.
     pub timeout: Duration,
+    /// TLS 1.3 with a pre-shared key (`super::tls::client_context`): every connection of the
+    /// controller starts with the handshake.
+    pub tls: Option<openssl::ssl::SslContext>,
 }
 
 impl Default for QpairOptions {
@@ -106,7 +109,75 @@ impl Default for QpairOptions {
             kato_ms: 0,
             disable_sqflow: true,
             timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+}
+
+/// A host connection: plain TCP, or TLS over it. Non-blocking once connected; a TLS read or
+/// write that would block says `WouldBlock` as the socket does.
+pub enum HostStream {
+    Plain(TcpStream),
+    Tls(Box<openssl::ssl::SslStream<TcpStream>>),
+}
+
+impl HostStream {
+    /// Connects to `addr` (within `timeout`), runs the TLS handshake when `tls` is given, and
+    /// leaves the socket non-blocking.
+    fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&openssl::ssl::SslContext>) -> Result<HostStream> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        let s = match tls {
+            None => HostStream::Plain(tcp),
+            Some(ctx) => {
+                tcp.set_read_timeout(Some(timeout))?;
+                tcp.set_write_timeout(Some(timeout))?;
+                let ssl = openssl::ssl::Ssl::new(ctx).map_err(|e| Error::Protocol(format!("TLS: {e}")))?;
+                let t = ssl.connect(tcp).map_err(|e| Error::Protocol(format!("TLS handshake with {addr}: {e}")))?;
+                t.get_ref().set_read_timeout(None)?;
+                t.get_ref().set_write_timeout(None)?;
+                HostStream::Tls(Box::new(t))
+            }
+        };
+        s.tcp().set_nonblocking(true)?;
+        Ok(s)
+    }
+
+    /// The TCP connection underneath (for shutdown and readiness).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            HostStream::Plain(s) => s,
+            HostStream::Tls(t) => t.get_ref(),
+        }
+    }
+
+    /// Bytes decrypted and not read yet: readable although the socket may not be.
+    pub fn pending(&self) -> usize {
+        match self {
+            HostStream::Plain(_) => 0,
+            HostStream::Tls(t) => t.ssl().pending(),
+        }
+    }
+}
+
+impl Read for HostStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Plain(s) => s.read(buf),
+            HostStream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for HostStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Plain(s) => s.write(buf),
+            HostStream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -149,7 +220,7 @@ struct Req {
 
 /// One NVMe/TCP queue pair.
 pub struct Qpair {
-    stream: TcpStream,
+    stream: HostStream,
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
@@ -175,9 +246,7 @@ const RX_CAP: usize = (1 << 20) + 4096;
 impl Qpair {
     /// Opens the TCP connection and exchanges ICReq/ICResp.
     pub fn connect(addr: SocketAddr, o: &QpairOptions) -> Result<Qpair> {
-        let stream = TcpStream::connect_timeout(&addr, o.timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_nonblocking(true)?;
+        let stream = HostStream::connect(addr, o.timeout, o.tls.as_ref())?;
         let n = o.queue_size.max(2) as usize;
         let mut q = Qpair {
             stream,
@@ -217,8 +286,14 @@ impl Qpair {
         Ok(q)
     }
 
+    /// The TCP connection underneath.
     pub fn stream(&self) -> &TcpStream {
-        &self.stream
+        self.stream.tcp()
+    }
+
+    /// The connection, for a queue that goes on elsewhere (the bdev's I/O queues).
+    pub fn into_stream(self) -> HostStream {
+        self.stream
     }
 
     fn limits(&self) -> RxLimits {
@@ -503,7 +578,11 @@ impl Qpair {
 
     /// Waits (at most `timeout`) until the socket is readable or, with `write`, writable.
     fn wait_io(&self, timeout: Duration, write: bool) {
-        let mut fds = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN | if write { libc::POLLOUT } else { 0 }, revents: 0 };
+        // Decrypted bytes waiting in the TLS session make no readiness on the socket.
+        if self.stream.pending() > 0 {
+            return;
+        }
+        let mut fds = libc::pollfd { fd: self.stream.tcp().as_raw_fd(), events: libc::POLLIN | if write { libc::POLLOUT } else { 0 }, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut fds, 1, ms) };

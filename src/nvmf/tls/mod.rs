@@ -19,7 +19,7 @@ pub use psk::{ConfiguredPsk, PskError, PskIdentity, Suite};
 use foreign_types::ForeignTypeRef;
 use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslVersion};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef, SslVerifyMode, SslVersion};
 use openssl_sys as ffi;
 use std::os::raw::{c_int, c_uchar};
 use std::sync::OnceLock;
@@ -31,9 +31,11 @@ pub type PskLookup = dyn Fn(&PskIdentity) -> Option<Zeroizing<Vec<u8>>> + Send +
 struct Lookup(Box<PskLookup>);
 
 type FindSessionCb = unsafe extern "C" fn(*mut ffi::SSL, *const c_uchar, usize, *mut *mut ffi::SSL_SESSION) -> c_int;
+type UseSessionCb = unsafe extern "C" fn(*mut ffi::SSL, *const ffi::EVP_MD, *mut *const c_uchar, *mut usize, *mut *mut ffi::SSL_SESSION) -> c_int;
 
 extern "C" {
     fn SSL_CTX_set_psk_find_session_callback(ctx: *mut ffi::SSL_CTX, cb: Option<FindSessionCb>);
+    fn SSL_CTX_set_psk_use_session_callback(ctx: *mut ffi::SSL_CTX, cb: Option<UseSessionCb>);
     fn SSL_SESSION_new() -> *mut ffi::SSL_SESSION;
     fn SSL_SESSION_set1_master_key(s: *mut ffi::SSL_SESSION, key: *const c_uchar, len: usize) -> c_int;
     fn SSL_SESSION_set_cipher(s: *mut ffi::SSL_SESSION, cipher: *const ffi::SSL_CIPHER) -> c_int;
@@ -72,6 +74,7 @@ pub fn server_context(lookup: Box<PskLookup>) -> Result<SslContext, ErrorStack> 
     // A peer that closes without close_notify ends the stream like a TCP FIN; whether that
     // cut a PDU is the NVMe/TCP layer's to judge.
     b.set_options(SslOptions::NO_TICKET | SslOptions::IGNORE_UNEXPECTED_EOF);
+    b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
     b.set_num_tickets(0)?;
     // Read what the socket has into OpenSSL's buffer in one system call, not a record header
     // and a body in two each: a host's small command records arrive many at a time.
@@ -80,6 +83,80 @@ pub fn server_context(lookup: Box<PskLookup>) -> Result<SslContext, ErrorStack> 
     // SAFETY: `b` is a live SSL_CTX and the callback matches OpenSSL's prototype.
     unsafe { SSL_CTX_set_psk_find_session_callback(b.as_ptr(), Some(find_session)) };
     Ok(b.build())
+}
+
+/// What a host offers: its identity and the TLS key derived for it.
+struct ClientPsk {
+    identity: Vec<u8>,
+    suite: Suite,
+    key: Zeroizing<Vec<u8>>,
+}
+
+fn client_index() -> Result<Index<SslContext, ClientPsk>, ErrorStack> {
+    static I: OnceLock<Index<SslContext, ClientPsk>> = OnceLock::new();
+    if let Some(i) = I.get() {
+        return Ok(*i);
+    }
+    let i = SslContext::new_ex_index()?;
+    Ok(*I.get_or_init(|| i))
+}
+
+/// The host side (tidemark's NVMe/TCP initiator): TLS 1.3 with `psk` for `hostnqn` on
+/// `subnqn`, offering the identity "NVMe0R0<suite> <hostnqn> <subnqn>" and only the suite the
+/// key is for. The target is authenticated by the key alone (no certificate).
+pub fn client_context(psk: &ConfiguredPsk, hostnqn: &str, subnqn: &str) -> Result<SslContext, String> {
+    let id = PskIdentity { suite: psk.suite, hostnqn: hostnqn.to_string(), subnqn: subnqn.to_string() };
+    let identity = id.text();
+    let key = psk.tls_psk(hostnqn, &identity).ok_or("the PSK identity is longer than 255 bytes")?;
+    let build = || -> Result<SslContext, ErrorStack> {
+        let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
+        b.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+        b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
+        b.set_ciphersuites(psk.suite.name())?;
+        b.set_options(SslOptions::NO_TICKET | SslOptions::IGNORE_UNEXPECTED_EOF);
+        b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_ex_data(client_index()?, ClientPsk { identity: identity.into_bytes(), suite: psk.suite, key });
+        // SAFETY: `b` is a live SSL_CTX and the callback matches OpenSSL's prototype.
+        unsafe { SSL_CTX_set_psk_use_session_callback(b.as_ptr(), Some(use_session)) };
+        Ok(b.build())
+    };
+    build().map_err(|e| format!("cannot set up TLS: {e}"))
+}
+
+/// A PSK session for `cipher` holding `key` (None when OpenSSL cannot make one).
+unsafe fn psk_session(ssl: *mut ffi::SSL, suite: Suite, key: &[u8]) -> Option<*mut ffi::SSL_SESSION> {
+    let cipher = SSL_CIPHER_find(ssl, suite.iana().as_ptr());
+    if cipher.is_null() {
+        return None;
+    }
+    let sess = SSL_SESSION_new();
+    if sess.is_null() {
+        return None;
+    }
+    if SSL_SESSION_set1_master_key(sess, key.as_ptr(), key.len()) != 1
+        || SSL_SESSION_set_cipher(sess, cipher) != 1
+        || SSL_SESSION_set_protocol_version(sess, TLS1_3_VERSION) != 1
+    {
+        ffi::SSL_SESSION_free(sess);
+        return None;
+    }
+    Some(sess)
+}
+
+/// OpenSSL asks the host which PSK to offer: the identity and session its context holds.
+unsafe extern "C" fn use_session(ssl: *mut ffi::SSL, _md: *const ffi::EVP_MD, id: *mut *const c_uchar, idlen: *mut usize, out: *mut *mut ffi::SSL_SESSION) -> c_int {
+    *out = std::ptr::null_mut();
+    // SAFETY: OpenSSL passes the live SSL of this handshake.
+    let r = SslRef::from_ptr(ssl);
+    let Ok(ci) = client_index() else { return 0 };
+    let Some(c) = r.ssl_context().ex_data(ci) else { return 0 };
+    let Some(sess) = psk_session(ssl, c.suite, &c.key) else { return 0 };
+    // The identity lives in the context, which outlives the handshake.
+    *id = c.identity.as_ptr();
+    *idlen = c.identity.len();
+    *out = sess;
+    1
 }
 
 /// The identity the handshake of `ssl` proved (None before a handshake, or on a plain one).
@@ -105,21 +182,7 @@ unsafe extern "C" fn find_session(ssl: *mut ffi::SSL, id: *const c_uchar, len: u
     let (Ok(li), Ok(ii)) = (lookup_index(), identity_index()) else { return 0 };
     let Some(lookup) = ssl.ssl_context().ex_data(li) else { return 0 };
     let Some(key) = (lookup.0)(&identity) else { return 1 };
-    let cipher = SSL_CIPHER_find(ssl.as_ptr(), identity.suite.iana().as_ptr());
-    if cipher.is_null() {
-        return 0;
-    }
-    let sess = SSL_SESSION_new();
-    if sess.is_null() {
-        return 0;
-    }
-    if SSL_SESSION_set1_master_key(sess, key.as_ptr(), key.len()) != 1
-        || SSL_SESSION_set_cipher(sess, cipher) != 1
-        || SSL_SESSION_set_protocol_version(sess, TLS1_3_VERSION) != 1
-    {
-        ffi::SSL_SESSION_free(sess);
-        return 0;
-    }
+    let Some(sess) = psk_session(ssl.as_ptr(), identity.suite, &key) else { return 0 };
     ssl.set_ex_data(ii, identity);
     *out = sess;
     1
