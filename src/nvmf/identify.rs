@@ -78,8 +78,8 @@ pub fn controller(ctrl: &Controller, opts: &TransportOpts) -> Vec<u8> {
     put16(&mut b, 514, if disc { opts.max_aq_depth } else { opts.max_queue_depth });
     put32(&mut b, 516, if disc { 0 } else { sub.max_namespaces });
     if !disc {
-        // ONCS: Compare, Dataset Management, Write Zeroes.
-        put16(&mut b, 520, (1 << 0) | (1 << 2) | (1 << 3));
+        // ONCS: Compare, Dataset Management, Write Zeroes, Reservations.
+        put16(&mut b, 520, (1 << 0) | (1 << 2) | (1 << 3) | (1 << 5));
         b[525] = 1; // VWC: a volatile write cache is present (Flush reaches the bdev)
     }
     // SGLS: SGLs supported (bit 0, no alignment requirement) and the SGL Address field used
@@ -110,6 +110,7 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[25] = 0; // NLBAF: one format
     b[26] = 0; // FLBAS: format 0, no metadata
     b[30] = 1; // NMIC: may be attached to several controllers
+    b[31] = super::reservation::rescap(ns.resv.ptpl_file().is_some()); // RESCAP
     if ns.entry.bdev().read_only() {
         b[99] = 1; // NSATTR: write protected
     }

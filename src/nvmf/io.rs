@@ -6,6 +6,7 @@
 use super::connection::{Binding, Conn, SlotState, TxData};
 use super::pdu::DataPlan;
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
+use super::reservation::{Access, Command, SC_RESERVATION_CONFLICT};
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;
@@ -218,10 +219,19 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
         Ok(n) => n,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
+    if is_reservation(sqe.opcode()) {
+        let (status, out) = reservation(conn, &b, &nsc.ns, &sqe, plan, data.as_ref().map(|(b, _)| b));
+        return conn.complete(slot, &sqe, status, 0, out);
+    }
     let op = match check(&nsc, &sqe, plan, data.as_ref().map(|(b, _)| b), conn.opts.max_io_size) {
         Ok(op) => op,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
+    // One relaxed load while nobody registered with the namespace.
+    let access = if matches!(op, Op::Read { .. } | Op::Compare { .. }) { Access::Read } else { Access::Write };
+    if !nsc.ns.resv.allows(&b.ctrl.hostid, access) {
+        return conn.complete(slot, &sqe, Status::generic(SC_RESERVATION_CONFLICT), 0, TxData::None);
+    }
     let slot = match slot.or_else(|| conn.take_slot()) {
         Some(s) => s,
         // The reader waits for a free slot before it takes a capsule; this cannot happen.
@@ -312,6 +322,59 @@ async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data
         Err(s) => conn.complete(Some(slot), &sqe, s, 0, TxData::None),
     }
     conn.io_finished();
+}
+
+fn is_reservation(opc: u8) -> bool {
+    matches!(opc, io_opc::RESERVATION_REGISTER | io_opc::RESERVATION_REPORT | io_opc::RESERVATION_ACQUIRE | io_opc::RESERVATION_RELEASE)
+}
+
+/// A reservation command, run on the reader's path: it only touches the namespace's
+/// reservation state (and, with PTPL, writes its small file before completing).
+fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>) -> (Status, TxData) {
+    let opc = sqe.opcode();
+    if opc == io_opc::RESERVATION_REPORT {
+        let DataPlan::ToHost { len } = plan else { return (Status::generic(sc::INVALID_FIELD), TxData::None) };
+        // NUMD (0's based dwords) may ask for less than the buffer.
+        let want = ((sqe.cdw(10) as u64 + 1) * 4).min(len as u64) as usize;
+        let eds = sqe.cdw(11) & 1 != 0;
+        // Controllers first: the reservation lock is never held while taking another.
+        let ctrls = b.ctrl.subsys.controllers();
+        let report = ns.resv.lock().report(eds, |h| ctrls.iter().find(|c| &c.hostid == h && !c.is_closed()).map(|c| c.cntlid));
+        return match report {
+            Ok(mut d) => {
+                d.resize(want, 0);
+                d.resize(len as usize, 0);
+                (Status::SUCCESS, TxData::Vec(d))
+            }
+            Err(e) => (e.status(), TxData::None),
+        };
+    }
+    let need = Command::data_len(opc);
+    let bytes = match (plan, data) {
+        (DataPlan::InCapsule { offset, len }, Some(d)) if len as usize >= need => d.get(offset as usize..offset as usize + need),
+        _ => None,
+    };
+    let Some(c) = bytes.and_then(|d| Command::parse(opc, sqe.cdw(10), d)) else { return (Status::generic(sc::DATA_SGL_LENGTH_INVALID), TxData::None) };
+    match ns.resv.execute(&b.ctrl.hostid, c) {
+        Ok(out) => {
+            if !out.notices.is_empty() {
+                for c in b.ctrl.subsys.controllers() {
+                    for (_, n) in out.notices.iter().filter(|(h, _)| *h == c.hostid) {
+                        if !c.is_closed() {
+                            c.reservation_notice(&conn.nvmf, ns.nsid, *n);
+                        }
+                    }
+                }
+            }
+            (Status::SUCCESS, TxData::None)
+        }
+        Err(e) => {
+            if let super::reservation::ResvError::Persist(why) = &e {
+                log::error!("nvmf: namespace {} of {}: reservation change not persisted: {why}", ns.nsid, b.ctrl.subsys.nqn);
+            }
+            (e.status(), TxData::None)
+        }
+    }
 }
 
 /// Write Zeroes through the bdev's own operation, or by writing zeroed buffers.

@@ -15,6 +15,7 @@ pub mod identify;
 pub mod initiator;
 pub mod io;
 pub mod pdu;
+pub mod reservation;
 pub mod rpc;
 pub mod spec;
 pub mod subsystem;

@@ -433,6 +433,8 @@ struct NamespaceParams {
     #[serde(default)]
     #[allow(dead_code)]
     anagrpid: Option<u32>,
+    /// File where the namespace's NVMe reservations persist through power loss (once a host
+    /// turns PTPL on), read back when the namespace is added again.
     #[serde(default)]
     ptpl_file: Option<String>,
     #[serde(default)]
@@ -455,7 +457,6 @@ struct AddNs {
 impl SpdkParams for AddNs {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
         vec![
-            ("namespace.ptpl_file", self.namespace.ptpl_file.is_none(), "NVMe reservations are not supported"),
             ("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported"),
         ]
     }
@@ -476,7 +477,7 @@ fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let n = nvmf(t)?;
     let s = find_nvme(n, &p.nqn)?;
     let entry = t.bdevs.get(&ns.bdev_name).ok_or_else(|| RpcError::invalid_params(format!("field `namespace.bdev_name`: no bdev named {}", ns.bdev_name)))?;
-    let added = s.add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64 }).map_err(RpcError::invalid_params)?;
+    let added = s.add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64, ptpl_file: ns.ptpl_file.as_ref().map(std::path::PathBuf::from) }).map_err(RpcError::invalid_params)?;
     let nsid = added.nsid;
     drop(added);
     for c in s.controllers() {

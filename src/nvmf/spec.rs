@@ -32,6 +32,10 @@ pub mod io_opc {
     pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DSM: u8 = 0x09;
+    pub const RESERVATION_REGISTER: u8 = 0x0D;
+    pub const RESERVATION_REPORT: u8 = 0x0E;
+    pub const RESERVATION_ACQUIRE: u8 = 0x11;
+    pub const RESERVATION_RELEASE: u8 = 0x15;
 }
 
 /// Opcode of every Fabrics command; the command type is byte 4 (`fctype`).
@@ -60,6 +64,8 @@ pub mod feat {
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0B;
     pub const KEEP_ALIVE_TIMER: u8 = 0x0F;
     pub const HOST_IDENTIFIER: u8 = 0x81;
+    pub const RESERVATION_NOTIFICATION_MASK: u8 = 0x82;
+    pub const RESERVATION_PERSISTENCE: u8 = 0x83;
 }
 
 pub mod log {
@@ -67,6 +73,7 @@ pub mod log {
     pub const SMART: u8 = 0x02;
     pub const FW_SLOT: u8 = 0x03;
     pub const CHANGED_NS: u8 = 0x04;
+    pub const RESERVATION_NOTIFICATION: u8 = 0x80;
     pub const DISCOVERY: u8 = 0x70;
 }
 

@@ -5,12 +5,14 @@
 //! generation counter, never through the lock.
 
 use super::controller::Controller;
+use super::reservation::Reservations;
 use super::spec::validate_nqn;
 use crate::bdev::{BdevEntry, BdevStats, HoldGuard};
 use crate::keyring::KeyRef;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
@@ -103,6 +105,8 @@ pub struct Namespace {
     pub eui64: [u8; 8],
     /// Per-core I/O statistics of the namespace (ops, bytes, latency).
     pub stats: BdevStats,
+    /// NVMe reservations: one state for every controller that reaches the namespace.
+    pub resv: Reservations,
     /// Identifiers given explicitly (saved in the configuration).
     explicit_uuid: bool,
     explicit_nguid: bool,
@@ -121,12 +125,14 @@ impl Namespace {
     }
 }
 
-/// Optional identifiers of `nvmf_subsystem_add_ns`.
+/// Optional identifiers and settings of `nvmf_subsystem_add_ns`.
 #[derive(Debug, Default, Clone)]
 pub struct NsIds {
     pub uuid: Option<Uuid>,
     pub nguid: Option<[u8; 16]>,
     pub eui64: Option<[u8; 8]>,
+    /// Where reservations persist through power loss (SPDK's `ptpl_file`).
+    pub ptpl_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,6 +378,9 @@ impl Subsystem {
                 return Err(format!("namespace {} of {} already has UUID {uuid}", other.nsid, self.nqn));
             }
         }
+        // A state file that cannot be read refuses the namespace (as SPDK does): exporting it
+        // without the reservations a host relies on for fencing would be worse.
+        let resv = Reservations::new(ids.ptpl_file.clone(), entry.bdev().uuid()).map_err(|e| format!("field `namespace.ptpl_file`: {e}"))?;
         let hold = entry.open(&format!("nvmf {} nsid {nsid}", self.nqn)).map_err(|e| e.to_string())?;
         let nguid = ids.nguid.unwrap_or(*uuid.as_bytes());
         let eui64 = ids.eui64.unwrap_or_else(|| {
@@ -390,6 +399,7 @@ impl Subsystem {
             nguid,
             eui64,
             stats: BdevStats::new(self.cores),
+            resv,
             explicit_uuid: ids.uuid.is_some(),
             explicit_nguid: ids.nguid.is_some(),
             explicit_eui64: ids.eui64.is_some(),
@@ -481,6 +491,9 @@ impl Subsystem {
             }
             if ns.explicit_eui64 {
                 n["eui64"] = json!(hex(&ns.eui64));
+            }
+            if let Some(f) = ns.resv.ptpl_file() {
+                n["ptpl_file"] = json!(f.display().to_string());
             }
             out.push(("nvmf_subsystem_add_ns", json!({ "nqn": self.nqn, "namespace": n })));
         }

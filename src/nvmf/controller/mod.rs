@@ -10,6 +10,7 @@ mod keep_alive;
 pub(crate) use self::connect::{connect, Binding, Connecting};
 
 use super::identify;
+use super::reservation::{Notice, ResvError};
 use super::spec::{admin_opc, cns, csc, feat, io_opc, log, prop, sc, sct, Sqe, Status, FABRICS_OPC, NSID_ALL};
 use super::subsystem::{ListenAddr, Namespace, Subsystem};
 use super::transport::TransportOpts;
@@ -53,6 +54,12 @@ impl AdminOutcome {
 
 /// AER completion dword 0 of "namespace attribute changed" (notice type 2, info 0, log 04h).
 pub const AEN_NS_CHANGED: u32 = (log::CHANGED_NS as u32) << 16 | 0x02;
+/// AER completion dword 0 of "reservation log page available" (type 6, I/O command specific
+/// status; info 0; log 80h).
+pub const AEN_RESERVATION: u32 = (log::RESERVATION_NOTIFICATION as u32) << 16 | 0x06;
+/// Most Reservation Notification log entries kept per controller (the page's "available"
+/// field counts to 255); later ones are lost, which the host sees as a gap in the count.
+const MAX_RESV_NOTICES: usize = 255;
 /// Async Event Configuration bit enabling namespace attribute notices.
 pub const AEC_NS_ATTR: u32 = 1 << 8;
 
@@ -105,6 +112,15 @@ struct CtrlState {
     error_count: u64,
     /// The newest Error Information Log entries, newest first (at most ELPE + 1).
     error_log: VecDeque<[u8; ERROR_ENTRY_LEN]>,
+    /// Reservation Notification log entries not read yet, oldest first: (count, type, nsid).
+    resv_log: VecDeque<(u64, Notice, u32)>,
+    /// Reservation notifications raised so far (the log page count; lost ones count too).
+    resv_count: u64,
+    /// A reservation AER was sent and the host has not read the log since.
+    resv_event_masked: bool,
+    /// Reservation Notification Mask (feature 82h) per namespace, and for the others.
+    resv_masks: BTreeMap<u32, u32>,
+    resv_mask_default: u32,
 }
 
 /// CC fields.
@@ -152,6 +168,11 @@ impl Controller {
                 changed_overflow: false,
                 error_count: 0,
                 error_log: VecDeque::new(),
+                resv_log: VecDeque::new(),
+                resv_count: 0,
+                resv_event_masked: false,
+                resv_masks: BTreeMap::new(),
+                resv_mask_default: 0,
             }),
         }
     }
@@ -296,6 +317,57 @@ impl Controller {
             let conn = self.admin.conn_id;
             nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_NS_CHANGED));
         }
+    }
+
+    /// Records reservation notification `notice` for namespace `nsid` (log page 80h) unless
+    /// the host masked it, and raises the async event (one until the host reads the log).
+    pub fn reservation_notice(&self, nvmf: &Nvmf, nsid: u32, notice: Notice) {
+        let deliver = {
+            let mut st = self.st();
+            let mask = st.resv_masks.get(&nsid).copied().unwrap_or(st.resv_mask_default);
+            if mask & notice.mask_bit() != 0 {
+                return;
+            }
+            // Count 0 means "no entry": the count skips it when it wraps.
+            st.resv_count = st.resv_count.wrapping_add(1).max(1);
+            if st.resv_log.len() < MAX_RESV_NOTICES {
+                let count = st.resv_count;
+                st.resv_log.push_back((count, notice, nsid));
+            }
+            if st.resv_event_masked {
+                return;
+            }
+            st.resv_event_masked = true;
+            match st.aers.pop() {
+                Some(cid) => Some(cid),
+                None => {
+                    st.pending_events.push_back(AEN_RESERVATION);
+                    None
+                }
+            }
+        };
+        if let Some(cid) = deliver {
+            ::log::info!("nvmf: controller {} of {}: reservation notice {notice:?} on namespace {nsid}, async event sent", self.cntlid, self.subsys.nqn);
+            let conn = self.admin.conn_id;
+            nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_RESERVATION));
+        }
+    }
+
+    /// The Reservation Notification log page (80h): the oldest unread entry, taken; zeros
+    /// when there is none.
+    fn reservation_log(&self, rae: bool) -> Vec<u8> {
+        let mut st = self.st();
+        let mut page = vec![0u8; 64];
+        if let Some((count, notice, nsid)) = st.resv_log.pop_front() {
+            page[0..8].copy_from_slice(&count.to_le_bytes());
+            page[8] = notice as u8;
+            page[9] = st.resv_log.len().min(255) as u8;
+            page[12..16].copy_from_slice(&nsid.to_le_bytes());
+        }
+        if !rae {
+            st.resv_event_masked = false;
+        }
+        page
     }
 
     /// Forgets the outstanding AER `cid`; true if there was one. A host that sends a new
@@ -488,6 +560,7 @@ impl Controller {
                 identify::smart_log(&nss, self.created.elapsed().as_secs(), errors)
             }
             log::FW_SLOT => identify::firmware_log(),
+            log::RESERVATION_NOTIFICATION => self.reservation_log(rae),
             log::CHANGED_NS => {
                 let mut st = self.st();
                 let page = identify::changed_ns_log(&st.changed_ns, st.changed_overflow);
@@ -519,6 +592,9 @@ impl Controller {
         }
         let v = sqe.cdw(11);
         let disc = self.subsys.is_discovery();
+        if !disc && matches!(fid, feat::RESERVATION_NOTIFICATION_MASK | feat::RESERVATION_PERSISTENCE) {
+            return self.set_reservation_feature(fid, sqe.nsid(), v);
+        }
         let mut st = self.st();
         match fid {
             feat::NUMBER_OF_QUEUES if !disc => {
@@ -553,17 +629,23 @@ impl Controller {
         let fid = (cdw10 & 0xFF) as u8;
         let sel = (cdw10 >> 8) & 0x7;
         let disc = self.subsys.is_discovery();
-        let st = self.st();
-        let changeable = matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER);
+        let resv = !disc && matches!(fid, feat::RESERVATION_NOTIFICATION_MASK | feat::RESERVATION_PERSISTENCE);
         if sel == 3 {
+            let changeable = matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER) || resv;
             let known =
-                matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER | feat::VOLATILE_WRITE_CACHE | feat::HOST_IDENTIFIER);
+                matches!(fid, feat::NUMBER_OF_QUEUES | feat::ASYNC_EVENT_CONFIG | feat::KEEP_ALIVE_TIMER | feat::VOLATILE_WRITE_CACHE | feat::HOST_IDENTIFIER)
+                    || resv;
             if !known {
                 return AdminOutcome::err(Status::generic(sc::INVALID_FIELD));
             }
-            // Capabilities: changeable (bit 2); nothing is saveable or per namespace.
-            return AdminOutcome::ok(if changeable { 1 << 2 } else { 0 });
+            // Capabilities: changeable (bit 2), per namespace (bit 1: the reservation
+            // features); nothing is saveable.
+            return AdminOutcome::ok(if changeable { 1 << 2 } else { 0 } | if resv { 1 << 1 } else { 0 });
         }
+        if resv {
+            return self.get_reservation_feature(fid, sqe.nsid(), sel == 1);
+        }
+        let st = self.st();
         let default = sel == 1;
         match fid {
             feat::NUMBER_OF_QUEUES if !disc => {
@@ -576,6 +658,44 @@ impl Controller {
             feat::HOST_IDENTIFIER => AdminOutcome::data(self.hostid.to_vec()),
             _ => AdminOutcome::err(Status::generic(sc::INVALID_FIELD)),
         }
+    }
+
+    /// Set Features Reservation Notification Mask (82h, per namespace or all of them) and
+    /// Reservation Persistence (83h, per namespace: the PTPL state of its reservations).
+    fn set_reservation_feature(&self, fid: u8, nsid: u32, v: u32) -> AdminOutcome {
+        if fid == feat::RESERVATION_NOTIFICATION_MASK {
+            // Bits 1-3: registration preempted, reservation released, reservation preempted.
+            let mask = v & 0b1110;
+            let mut st = self.st();
+            if nsid == NSID_ALL {
+                st.resv_mask_default = mask;
+                st.resv_masks.clear();
+            } else if self.subsys.namespace(nsid).is_some() {
+                st.resv_masks.insert(nsid, mask);
+            } else {
+                return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE));
+            }
+            return AdminOutcome::ok(0);
+        }
+        let Some(ns) = self.subsys.namespace(nsid) else { return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE)) };
+        match ns.resv.set_ptpl(v & 1 != 0) {
+            Ok(()) => AdminOutcome::ok(0),
+            Err(ResvError::InvalidField) => AdminOutcome::err(Status::error(sct::COMMAND_SPECIFIC, csc::FEATURE_NOT_CHANGEABLE)),
+            Err(e) => AdminOutcome::err(e.status()),
+        }
+    }
+
+    fn get_reservation_feature(&self, fid: u8, nsid: u32, default: bool) -> AdminOutcome {
+        if fid == feat::RESERVATION_NOTIFICATION_MASK {
+            let st = self.st();
+            if nsid != NSID_ALL && self.subsys.namespace(nsid).is_none() {
+                return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE));
+            }
+            let mask = if default { 0 } else { st.resv_masks.get(&nsid).copied().unwrap_or(st.resv_mask_default) };
+            return AdminOutcome::ok(mask);
+        }
+        let Some(ns) = self.subsys.namespace(nsid) else { return AdminOutcome::err(Status::generic(sc::INVALID_NAMESPACE)) };
+        AdminOutcome::ok(if default { 0 } else { ns.resv.lock().ptpl() as u32 })
     }
 
     /// Abort: outstanding AERs can be aborted; commands already at a bdev cannot (the spec
