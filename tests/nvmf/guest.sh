@@ -142,6 +142,15 @@ touch /share/remove-ns.request
 check "host removed the namespace" wait_for 60 test -e /share/remove-ns.done
 check "namespace device gone after the async event" wait_for 60 not test -b "$DEV2"
 check "first namespace still serves I/O" dd if="$DEV" of=/dev/null bs=4k count=256 iflag=direct
+# NVMe reservations through nvme-cli: register, report (extended: 128-bit host id), acquire
+# Write Exclusive, the holder still writes, release, unregister.
+check "resv-register" nvme resv-register "$DEV" --nrkey=0xa1 --rrega=0
+nvme resv-report "$DEV" --eds > /tmp/resv.txt 2>&1; cat /tmp/resv.txt
+check "resv-report shows the key and a host id" sh -c "grep -qiE 'rkey.*(161|0xa1)' /tmp/resv.txt && grep -qi 'hostid' /tmp/resv.txt"
+check "resv-acquire write exclusive" nvme resv-acquire "$DEV" --crkey=0xa1 --rtype=1 --racqa=0
+check "holder writes" dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct
+check "resv-release" nvme resv-release "$DEV" --crkey=0xa1 --rtype=1 --rrela=0
+check "resv-register unregister" nvme resv-register "$DEV" --crkey=0xa1 --rrega=1
 dmesg | grep -iE 'nvme|tidemark' | tail -n 15
 
 check "nvme disconnect" nvme disconnect -n "$NQN"
