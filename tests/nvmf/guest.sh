@@ -146,7 +146,7 @@ check "first namespace still serves I/O" dd if="$DEV" of=/dev/null bs=4k count=2
 # Write Exclusive, the holder still writes, release, unregister.
 check "resv-register" nvme resv-register "$DEV" --nrkey=0xa1 --rrega=0
 nvme resv-report "$DEV" --eds > /tmp/resv.txt 2>&1; cat /tmp/resv.txt
-check "resv-report shows the key and a host id" sh -c "grep -qiE 'rkey.*(161|0xa1)' /tmp/resv.txt && grep -qi 'hostid' /tmp/resv.txt"
+check "resv-report shows the key and a host id" sh -c "grep -qiE 'rkey *: *(0x)?a1\$' /tmp/resv.txt && grep -qiE 'hostid *: *[0-9a-f]{32}\$' /tmp/resv.txt"
 check "resv-acquire write exclusive" nvme resv-acquire "$DEV" --crkey=0xa1 --rtype=1 --racqa=0
 check "holder writes" dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct
 check "resv-release" nvme resv-release "$DEV" --crkey=0xa1 --rtype=1 --rrela=0
