@@ -251,11 +251,8 @@ impl ResvState {
         self.regs.retain(|r| &r.host != h);
         match self.res {
             // An all-registrants reservation lives while anybody is registered.
-            Some(r) if all_registrants(r.rtype) => {
-                if self.regs.is_empty() {
-                    self.res = None;
-                }
-            }
+            Some(r) if all_registrants(r.rtype) && self.regs.is_empty() => self.res = None,
+            Some(r) if all_registrants(r.rtype) => {}
             Some(r) if &r.holder == h => self.release_reservation(h, out),
             _ => {}
         }
