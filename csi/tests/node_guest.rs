@@ -12,6 +12,9 @@
 //!   the file system grow;
 //! - a raw block volume is staged and published as a device file, written and read back;
 //! - a read-only publish refuses writes; unstaging a volume still published is refused;
+//! - the plugin is killed (SIGKILL) and restarted, and the new one picks up where calls were
+//!   cut short: a subsystem connected by hand is staged without a second controller, an
+//!   unpublish and an unstage interrupted after their umount complete;
 //! - everything is unpublished and unstaged (twice: idempotent) and no NVMe controller is
 //!   left in the guest, nor on the target.
 //!
@@ -190,10 +193,17 @@ async fn create(c: &mut ControllerClient<Channel>, name: &str, size: i64, cap: &
 }
 
 /// ControllerPublishVolume to the guest, then NodeStageVolume twice (the second finds it done).
-async fn attach(c: &mut ControllerClient<Channel>, n: &mut NodeClient<Channel>, node_id: &str, v: &Vol) {
+/// With `crashed`, the guest first connects the subsystem itself, as a stage cut short by a
+/// crash of the plugin leaves it: staging goes on from there, without a second controller.
+async fn attach(c: &mut ControllerClient<Channel>, n: &mut NodeClient<Channel>, node_id: &str, v: &Vol, g: &mut Guest, crashed: bool) {
     let req = ControllerPublishVolumeRequest { volume_id: v.id.clone(), node_id: node_id.into(), volume_capability: Some(v.cap.clone()), ..Default::default() };
     let ctx = c.controller_publish_volume(req).await.expect("ControllerPublishVolume").into_inner().publish_context;
     assert_eq!(ctx["traddr"], "10.0.2.2", "the address hosts use (nvmf_host_address), not the listener's: {ctx:?}");
+    let one_controller = format!("test \"$(grep -lx '{}' /sys/class/nvme/nvme*/subsysnqn | wc -l)\" -eq 1", ctx["subnqn"]);
+    if crashed {
+        let connect = format!("nvme connect -t tcp -a {} -s {} -n {} --hostnqn {node_id} && {one_controller}", ctx["traddr"], ctx["trsvcid"], ctx["subnqn"]);
+        g.ok("connected by hand, as a crashed stage leaves it", &connect).await;
+    }
     for _ in 0..2 {
         let t = Instant::now();
         let req = NodeStageVolumeRequest {
@@ -206,6 +216,7 @@ async fn attach(c: &mut ControllerClient<Channel>, n: &mut NodeClient<Channel>, 
         n.node_stage_volume(req).await.unwrap_or_else(|e| panic!("NodeStageVolume {}: {e:?}", v.id));
         eprintln!("NodeStageVolume {} took {:?}", v.id, t.elapsed());
     }
+    g.ok("one controller of the volume's subsystem", &one_controller).await;
 }
 
 async fn publish(n: &mut NodeClient<Channel>, v: &Vol, target: &str, readonly: bool) {
@@ -243,6 +254,17 @@ async fn stats(n: &mut NodeClient<Channel>, v: &Vol, path: &str) -> NodeGetVolum
 
 fn bytes(s: &NodeGetVolumeStatsResponse) -> &VolumeUsage {
     s.usage.iter().find(|u| u.unit == volume_usage::Unit::Bytes as i32).expect("a BYTES usage")
+}
+
+async fn connect_node(port: u16) -> NodeClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(150))
+        .connect()
+        .await
+        .expect("connect to the node plugin in the guest");
+    NodeClient::new(ch)
 }
 
 #[tokio::test]
@@ -365,14 +387,7 @@ async fn node_service_end_to_end_in_a_guest() {
     let guest_nqn = std::fs::read_to_string(&ready).unwrap().trim().to_string();
     eprintln!("guest up after {:?}, host NQN {guest_nqn}", t0.elapsed());
     let mut g = Guest { share: share.path().to_path_buf(), next: 1 };
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{host_port}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(150))
-        .connect()
-        .await
-        .expect("connect to the node plugin in the guest");
-    let mut node = NodeClient::new(ch);
+    let mut node = connect_node(host_port).await;
 
     // Who the node is and what it can do.
     let info = node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
@@ -398,7 +413,7 @@ async fn node_service_end_to_end_in_a_guest() {
 
     // A new volume: ext4 made and mounted at staging, bound into a pod, a file written.
     let a = Vol { id: create(&mut ctl, "pvc-a", 64 * MIB, &mount_cap(), None).await, stage: staging("pvc-a"), cap: mount_cap() };
-    attach(&mut ctl, &mut node, &guest_nqn, &a).await;
+    attach(&mut ctl, &mut node, &guest_nqn, &a, &mut g, false).await;
     g.ok("ext4 mounted at the staging path", &format!("grep -q ' {} ext4 ' /proc/mounts && grep ' {} ' /proc/mounts", a.stage, a.stage)).await;
     let ta = target("pod-1", "pvc-a");
     publish(&mut node, &a, &ta, false).await;
@@ -434,7 +449,7 @@ async fn node_service_end_to_end_in_a_guest() {
     eprintln!("{writer}");
     let src = VolumeContentSource { r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() })) };
     let b = Vol { id: create(&mut ctl, "pvc-b", 64 * MIB, &mount_cap(), Some(src)).await, stage: staging("pvc-b"), cap: mount_cap() };
-    attach(&mut ctl, &mut node, &guest_nqn, &b).await;
+    attach(&mut ctl, &mut node, &guest_nqn, &b, &mut g, false).await;
     let tb = target("pod-2", "pvc-b");
     publish(&mut node, &b, &tb, false).await;
     g.ok("the volume from the snapshot holds the file", &format!("cd {tb} && sed 's#/tmp/data#data#' /tmp/data.md5 | md5sum -c")).await;
@@ -472,7 +487,7 @@ async fn node_service_end_to_end_in_a_guest() {
 
     // A raw block volume: a device file in the pod's directory.
     let c = Vol { id: create(&mut ctl, "pvc-c", 16 * MIB, &block_cap(), None).await, stage: staging("pvc-c"), cap: block_cap() };
-    attach(&mut ctl, &mut node, &guest_nqn, &c).await;
+    attach(&mut ctl, &mut node, &guest_nqn, &c, &mut g, true).await;
     let tc = "/var/lib/kubelet/pods/pod-4/volumeDevices/kubernetes.io~csi/pvc-c".to_string();
     publish(&mut node, &c, &tc, false).await;
     g.ok(
@@ -487,6 +502,13 @@ async fn node_service_end_to_end_in_a_guest() {
     // Unstaging a volume that is still published is refused: its device stays.
     let req = NodeUnstageVolumeRequest { volume_id: a.id.clone(), staging_target_path: a.stage.clone() };
     assert_eq!(code(node.node_unstage_volume(req).await), Code::FailedPrecondition);
+
+    // The plugin crashes (SIGKILL) and a new one starts with nothing but the node to go by:
+    // staging again finds everything done; calls cut short are completed.
+    g.ok("the node plugin killed and restarted", "kill -9 $(cat /tmp/csi.pid); sleep 0.5; /tmp/start-node.sh").await;
+    let mut node = connect_node(host_port).await;
+    attach(&mut ctl, &mut node, &guest_nqn, &a, &mut g, false).await;
+    g.ok("an unpublish and an unstage cut short after their umount", &format!("umount {tb} && umount {}", b.stage)).await;
 
     // Everything away, each call twice; no controller left.
     unpublish(&mut node, &a, &ta).await;

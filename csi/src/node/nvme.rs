@@ -202,6 +202,14 @@ pub fn connect(sys: &Sys, t: &Target, host_nqn: &str) -> Result<(), Status> {
     if sys.connected(&t.subnqn, &t.traddr, &t.trsvcid).is_some() {
         return Ok(());
     }
+    // The initiator may not be loaded yet on a fresh node (the container needs /lib/modules).
+    if !sys.root.join("sys/module/nvme_tcp").exists() && sys.root == Path::new("/") {
+        match run::run("modprobe", &["nvme-tcp"], NVME_TIMEOUT) {
+            Ok(o) if o.ok() => {}
+            Ok(o) => log::warn!("{}", run::failure("modprobe", &["nvme-tcp"], &o)),
+            Err(e) => log::warn!("modprobe nvme-tcp: {}", e.message()),
+        }
+    }
     let args = ["connect", "-t", "tcp", "-a", &t.traddr, "-s", &t.trsvcid, "-n", &t.subnqn, "--hostnqn", host_nqn];
     let o = run::run("nvme", &args, NVME_TIMEOUT)?;
     // nvme-cli 2 refuses a second connect of the same path ("already connected"): fine.
