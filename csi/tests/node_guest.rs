@@ -11,6 +11,8 @@
 //! - the first volume is grown by ControllerExpandVolume and NodeExpandVolume, and `df` sees
 //!   the file system grow;
 //! - a raw block volume is staged and published as a device file, written and read back;
+//! - an xfs volume is refused with FAILED_PRECONDITION naming mkfs.xfs (the guest has no
+//!   xfsprogs), or staged when it has;
 //! - a read-only publish refuses writes; unstaging a volume still published is refused;
 //! - the plugin is killed (SIGKILL) and restarted, and the new one picks up where calls were
 //!   cut short: a subsystem connected by hand is staged without a second controller, an
@@ -499,6 +501,22 @@ async fn node_service_end_to_end_in_a_guest() {
     assert_eq!(bytes(&st).total, 16 * MIB, "{st:?}");
     assert_eq!(st.volume_condition.as_ref().map(|c| c.abnormal), Some(false), "{st:?}");
 
+    // xfs: made when mkfs.xfs is there; the guest has no xfsprogs, and staging says so.
+    let xfs_cap = VolumeCapability { access_type: Some(AccessType::Mount(MountVolume { fs_type: "xfs".into(), ..Default::default() })), ..mount_cap() };
+    let d = Vol { id: create(&mut ctl, "pvc-d", 32 * MIB, &xfs_cap, None).await, stage: staging("pvc-d"), cap: xfs_cap };
+    let has_xfs = g.run("command -v mkfs.xfs").await.0 == 0;
+    let req = ControllerPublishVolumeRequest { volume_id: d.id.clone(), node_id: guest_nqn.clone(), volume_capability: Some(d.cap.clone()), ..Default::default() };
+    let ctx = ctl.controller_publish_volume(req).await.expect("ControllerPublishVolume").into_inner().publish_context;
+    let req = NodeStageVolumeRequest { volume_id: d.id.clone(), publish_context: ctx, staging_target_path: d.stage.clone(), volume_capability: Some(d.cap.clone()), ..Default::default() };
+    match node.node_stage_volume(req).await {
+        Ok(_) => assert!(has_xfs, "staged as xfs without mkfs.xfs?"),
+        Err(e) => {
+            assert!(!has_xfs, "xfs staging failed with mkfs.xfs there: {e:?}");
+            assert!(e.code() == Code::FailedPrecondition && e.message().contains("mkfs.xfs"), "{e:?}");
+        }
+    }
+    unstage(&mut node, &d).await;
+
     // Unstaging a volume that is still published is refused: its device stays.
     let req = NodeUnstageVolumeRequest { volume_id: a.id.clone(), staging_target_path: a.stage.clone() };
     assert_eq!(code(node.node_unstage_volume(req).await), Code::FailedPrecondition);
@@ -524,7 +542,7 @@ async fn node_service_end_to_end_in_a_guest() {
     )
     .await;
     g.ok("the published paths are gone", &format!("test ! -e {ta} && test ! -e {ta_ro} && test ! -e {tb} && test ! -e {tc}")).await;
-    for v in [&a, &b, &c] {
+    for v in [&a, &b, &c, &d] {
         let nqn = format!("nqn.2016-06.io.tidemark:csi-{}", v.id.rsplit('/').next().unwrap());
         let ctrls = call(&rpc, "nvmf_subsystem_get_controllers", json!({"nqn": nqn}));
         assert_eq!(ctrls, json!([]), "{nqn} has controllers left on the target");
