@@ -447,9 +447,16 @@ async fn node_service_end_to_end_in_a_guest() {
         .snapshot
         .unwrap();
     eprintln!("CreateSnapshot under the guest's writer took {:?}", t.elapsed());
-    let writer = g.ok("the writer finished without error", "for i in $(seq 300); do [ -e /tmp/w.rc ] && break; sleep 0.1; done; cat /tmp/w.rc; grep -E 'IOPS=|err=' /tmp/w.out; exit $(cat /tmp/w.rc)").await;
+    let writer = g
+        .ok(
+            "the writer finished without error",
+            "for i in $(seq 300); do [ -e /tmp/w.rc ] && break; sleep 0.1; done; cat /tmp/w.rc; grep -E 'IOPS=|err=' /tmp/w.out; exit $(cat /tmp/w.rc)",
+        )
+        .await;
     eprintln!("{writer}");
-    let src = VolumeContentSource { r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() })) };
+    let src = VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
+    };
     let b = Vol { id: create(&mut ctl, "pvc-b", 64 * MIB, &mount_cap(), Some(src)).await, stage: staging("pvc-b"), cap: mount_cap() };
     attach(&mut ctl, &mut node, &guest_nqn, &b, &mut g, false).await;
     let tb = target("pod-2", "pvc-b");
@@ -460,7 +467,12 @@ async fn node_service_end_to_end_in_a_guest() {
     let kib = |s: &str| s.trim().lines().last().unwrap_or("0").trim().parse::<u64>().unwrap_or(0);
     let df = format!("df -k {ta} | awk 'NR == 2 {{print $2}}'");
     let k0 = kib(&g.ok("df before", &df).await);
-    let req = ControllerExpandVolumeRequest { volume_id: a.id.clone(), capacity_range: Some(CapacityRange { required_bytes: 128 * MIB, limit_bytes: 0 }), volume_capability: Some(a.cap.clone()), ..Default::default() };
+    let req = ControllerExpandVolumeRequest {
+        volume_id: a.id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: 128 * MIB, limit_bytes: 0 }),
+        volume_capability: Some(a.cap.clone()),
+        ..Default::default()
+    };
     let e = ctl.controller_expand_volume(req).await.expect("ControllerExpandVolume").into_inner();
     assert!(e.node_expansion_required && e.capacity_bytes >= 128 * MIB, "{e:?}");
     for _ in 0..2 {
@@ -505,9 +517,16 @@ async fn node_service_end_to_end_in_a_guest() {
     let xfs_cap = VolumeCapability { access_type: Some(AccessType::Mount(MountVolume { fs_type: "xfs".into(), ..Default::default() })), ..mount_cap() };
     let d = Vol { id: create(&mut ctl, "pvc-d", 32 * MIB, &xfs_cap, None).await, stage: staging("pvc-d"), cap: xfs_cap };
     let has_xfs = g.run("command -v mkfs.xfs").await.0 == 0;
-    let req = ControllerPublishVolumeRequest { volume_id: d.id.clone(), node_id: guest_nqn.clone(), volume_capability: Some(d.cap.clone()), ..Default::default() };
+    let req =
+        ControllerPublishVolumeRequest { volume_id: d.id.clone(), node_id: guest_nqn.clone(), volume_capability: Some(d.cap.clone()), ..Default::default() };
     let ctx = ctl.controller_publish_volume(req).await.expect("ControllerPublishVolume").into_inner().publish_context;
-    let req = NodeStageVolumeRequest { volume_id: d.id.clone(), publish_context: ctx, staging_target_path: d.stage.clone(), volume_capability: Some(d.cap.clone()), ..Default::default() };
+    let req = NodeStageVolumeRequest {
+        volume_id: d.id.clone(),
+        publish_context: ctx,
+        staging_target_path: d.stage.clone(),
+        volume_capability: Some(d.cap.clone()),
+        ..Default::default()
+    };
     match node.node_stage_volume(req).await {
         Ok(_) => assert!(has_xfs, "staged as xfs without mkfs.xfs?"),
         Err(e) => {

@@ -227,7 +227,9 @@ impl Inner {
                 (staging.clone(), m.dev, None)
             }
             Access::Block => {
-                let name = self.device_of(&id).ok_or_else(|| Status::failed_precondition(format!("volume {} is not staged: no device of {}", r.volume_id, id.nqn())))?;
+                let name = self
+                    .device_of(&id)
+                    .ok_or_else(|| Status::failed_precondition(format!("volume {} is not staged: no device of {}", r.volume_id, id.nqn())))?;
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
                 }
@@ -247,7 +249,11 @@ impl Inner {
                 return Err(Status::already_exists(format!("{} has {} mounted, not volume {}", target.display(), m.source, r.volume_id)));
             }
             if m.read_only() != r.readonly {
-                return Err(Status::already_exists(format!("{} is published {} already", target.display(), if m.read_only() { "read-only" } else { "read-write" })));
+                return Err(Status::already_exists(format!(
+                    "{} is published {} already",
+                    target.display(),
+                    if m.read_only() { "read-only" } else { "read-write" }
+                )));
             }
             return Ok(NodePublishVolumeResponse {});
         }
@@ -406,8 +412,7 @@ impl Node for NodeService {
 
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
         let n = &self.inner;
-        let accessible_topology =
-            (!n.topology.is_empty()).then(|| Topology { segments: n.topology.iter().map(|(k, v)| (k.clone(), v.clone())).collect() });
+        let accessible_topology = (!n.topology.is_empty()).then(|| Topology { segments: n.topology.iter().map(|(k, v)| (k.clone(), v.clone())).collect() });
         Ok(Response::new(NodeGetInfoResponse { node_id: n.host_nqn.clone(), max_volumes_per_node: n.max_volumes, accessible_topology }))
     }
 }
@@ -496,7 +501,8 @@ mod tests {
         assert_eq!(stats(""), InvalidArgument);
         assert_eq!(stats(&dir.path().join("gone").to_string_lossy()), NotFound);
         assert_eq!(stats(&dir.path().to_string_lossy()), NotFound, "a directory with nothing mounted");
-        let expand = n.expand(NodeExpandVolumeRequest { volume_id: VOL.into(), volume_path: dir.path().join("gone").to_string_lossy().into(), ..Default::default() });
+        let expand =
+            n.expand(NodeExpandVolumeRequest { volume_id: VOL.into(), volume_path: dir.path().join("gone").to_string_lossy().into(), ..Default::default() });
         assert_eq!(expand.unwrap_err().code(), NotFound);
     }
 

@@ -59,7 +59,8 @@ impl Sys {
     }
 
     fn entries(&self, dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
         v.sort_by_key(|n| (n.len(), n.clone()));
         v
     }
@@ -88,7 +89,10 @@ impl Sys {
     /// A live-or-reconnecting TCP controller of `nqn` at `traddr`:`trsvcid`.
     pub fn connected(&self, nqn: &str, traddr: &str, trsvcid: &str) -> Option<Controller> {
         self.controllers_of(nqn).into_iter().find(|c| {
-            c.alive() && c.transport == "tcp" && c.address.get("traddr").map(String::as_str) == Some(traddr) && c.address.get("trsvcid").map(String::as_str) == Some(trsvcid)
+            c.alive()
+                && c.transport == "tcp"
+                && c.address.get("traddr").map(String::as_str) == Some(traddr)
+                && c.address.get("trsvcid").map(String::as_str) == Some(trsvcid)
         })
     }
 
@@ -184,7 +188,11 @@ impl Target {
             return Err(Status::invalid_argument(format!("publish_context: trtype {trtype:?} is not supported (tcp)")));
         }
         let missing = |k: &str| Status::invalid_argument(format!("publish_context: {k} is missing (was the volume published with ControllerPublishVolume?)"));
-        let t = Target { traddr: get("traddr").ok_or_else(|| missing("traddr"))?, trsvcid: get("trsvcid").unwrap_or_else(|| "4420".into()), subnqn: get("subnqn").ok_or_else(|| missing("subnqn"))? };
+        let t = Target {
+            traddr: get("traddr").ok_or_else(|| missing("traddr"))?,
+            trsvcid: get("trsvcid").unwrap_or_else(|| "4420".into()),
+            subnqn: get("subnqn").ok_or_else(|| missing("subnqn"))?,
+        };
         if t.trsvcid.parse::<u16>().is_err() {
             return Err(Status::invalid_argument(format!("publish_context: trsvcid {:?} is not a port", t.trsvcid)));
         }

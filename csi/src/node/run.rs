@@ -43,14 +43,8 @@ fn command_line(prog: &str, args: &[&str]) -> String {
 pub fn run(prog: &str, args: &[&str], timeout: Duration) -> Result<Output, Status> {
     let line = command_line(prog, args);
     log::debug!("running {line}");
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("LC_ALL", "C")
-        .spawn()
-        .map_err(|e| {
+    let mut child =
+        Command::new(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).env("LC_ALL", "C").spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Status::failed_precondition(format!("{prog} is not installed on this node (needed for `{line}`)"))
             } else {
