@@ -25,6 +25,11 @@ pub struct Node {
     pub rpc: String,
     /// Where hosts connect for NVMe/TCP (a listener the driver adds to each volume's subsystem).
     pub nvmf_address: String,
+    /// The address hosts are told to connect to (the publish context's `traddr`) when it is
+    /// not `nvmf_address`: a NAT or port forward in front of the node, or a listener on a
+    /// wildcard address. Default: `nvmf_address`.
+    #[serde(default)]
+    pub nvmf_host_address: Option<String>,
     #[serde(default = "default_nvmf_port")]
     pub nvmf_port: u16,
     /// The node's topology segments (e.g. `"topology.tidemark.io/node" = "a"`).
@@ -38,6 +43,13 @@ fn default_pool() -> String {
 
 fn default_nvmf_port() -> u16 {
     4420
+}
+
+impl Node {
+    /// Where hosts connect: `nvmf_host_address`, else `nvmf_address`.
+    pub fn host_address(&self) -> &str {
+        self.nvmf_host_address.as_deref().unwrap_or(&self.nvmf_address)
+    }
 }
 
 impl Config {
@@ -89,11 +101,13 @@ mod tests {
             rpc = "10.0.0.2:5260"
             nvmf_address = "10.0.0.2"
             nvmf_port = 4421
+            nvmf_host_address = "198.51.100.2"
             "#,
         )
         .unwrap();
         assert!(c.validate().is_ok());
         assert_eq!((c.nodes[0].nvmf_port, c.nodes[1].nvmf_port), (4420, 4421));
+        assert_eq!((c.nodes[0].host_address(), c.nodes[1].host_address()), ("10.0.0.1", "198.51.100.2"));
         assert_eq!(c.node("a").unwrap().topology["topology.tidemark.io/node"], "a");
         let bad: Config = toml::from_str("[[nodes]]\nname = \"a/b\"\nrpc = \"x\"\nnvmf_address = \"y\"\n").unwrap();
         assert!(bad.validate().unwrap_err().contains("a/b"));

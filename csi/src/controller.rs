@@ -408,10 +408,12 @@ impl Controller for ControllerService {
         if !has("hosts", &|h| h["nqn"] == r.node_id.as_str()) {
             self.nodes.ask(&id.node, "nvmf_subsystem_add_host", json!({"nqn": nqn, "host": r.node_id}), &what).await?;
         }
+        // The address hosts reach the listener at (a NAT or port forward may stand between).
+        let traddr = node.host_address();
         let publish_context = HashMap::from([
             ("trtype".to_string(), "tcp".to_string()),
-            ("adrfam".to_string(), listen["adrfam"].as_str().unwrap_or("IPv4").to_ascii_lowercase()),
-            ("traddr".to_string(), node.nvmf_address.clone()),
+            ("adrfam".to_string(), if traddr.contains(':') { "ipv6" } else { "ipv4" }.to_string()),
+            ("traddr".to_string(), traddr.to_string()),
             ("trsvcid".to_string(), node.nvmf_port.to_string()),
             ("subnqn".to_string(), nqn),
         ]);
