@@ -188,6 +188,11 @@ fn drive_every_shared_method(c: &Client) {
     let e = c.fails(&d, &["bdev_nvme_detach_controller", "nvme0"]);
     assert!(e.contains("-19"), "{e}");
     assert_eq!(js(&["bdev_nvme_get_controllers"]), json!([]), "no NVMe/TCP controller attached");
+    called.borrow_mut().insert("bdev_nvme_reset_controller".into());
+    let e = c.fails(&d, &["bdev_nvme_reset_controller", "nvme0"]);
+    assert!(e.contains("-19"), "{e}");
+    // A startup call: allowed while no controller is attached (rpc.py sends its defaults).
+    ok(&["bdev_nvme_set_options"]);
     // What tidemark lacks is refused naming the parameter and why.
     let e = c.fails(&d, &["bdev_malloc_create", "-b", "md", "1", "512", "-m", "8"]);
     assert!(e.contains("-32602") && e.contains("md_size") && e.contains("metadata"), "{e}");

@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 pub struct BdevCtx {
     pub reactors: ReactorHandle,
-    pub bdevs: BdevRegistry,
+    /// Shared so that a module's background work (an initiator making the bdev of a namespace
+    /// that appeared on its controller) can keep a weak link to it.
+    pub bdevs: Arc<BdevRegistry>,
 }
 
 impl BdevCtx {
     pub fn new(reactors: ReactorHandle) -> BdevCtx {
-        BdevCtx { bdevs: BdevRegistry::new(reactors.core_count()), reactors }
+        BdevCtx { bdevs: Arc::new(BdevRegistry::new(reactors.core_count())), reactors }
     }
 
     /// Deletes a bdev nothing holds: unregisters it, drops every core's channel, destroys it.

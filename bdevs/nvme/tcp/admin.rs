@@ -8,8 +8,10 @@
 //! Namespace List (which unmasks the event on the controller), identify each listed namespace
 //! again and set the bdev's size: [`BlockCount::set`] tells the bdev registry, so this node's
 //! own exports of the bdev tell their hosts in turn (NVMe: the same event; iSCSI: CAPACITY
-//! DATA HAS CHANGED). A namespace that is no longer active is logged; its I/O then fails with
-//! the status the controller gives. The AER is sent again after each event.
+//! DATA HAS CHANGED). The active namespace list is read too: a namespace that appeared gets
+//! its bdev `{name}n{nsid}`, one that went away loses it (unless something holds it: then its
+//! I/O fails with the status the controller gives), as SPDK's `bdev_nvme` does. The AER is
+//! sent again after each event.
 //!
 //! Every command runs without blocking the core: submit, then poll every few milliseconds.
 
@@ -123,7 +125,7 @@ impl Admin {
     }
 
     /// Enables the namespace notices, refreshes every namespace's size, sends the AER.
-    async fn start(&mut self, shared: &Shared) -> Result<(), HostError> {
+    async fn start(&mut self, shared: &Arc<Shared>) -> Result<(), HostError> {
         let mut sqe = Sqe::new(admin_opc::SET_FEATURES, 0, 0);
         sqe.set_cdw(10, feat::ASYNC_EVENT_CONFIG as u32);
         sqe.set_cdw(11, AEC_NS_ATTR);
@@ -137,7 +139,7 @@ impl Admin {
     }
 
     /// Handles one AER completion and sends the AER again.
-    async fn event(&mut self, shared: &Shared, cqe: Cqe) -> Result<(), HostError> {
+    async fn event(&mut self, shared: &Arc<Shared>, cqe: Cqe) -> Result<(), HostError> {
         if !cqe.status().is_success() {
             log::warn!("NVMe/TCP controller {}: Asynchronous Event Request ended with {}; no more events are asked", shared.name, cqe.status());
             self.aer_off = true;
@@ -164,33 +166,65 @@ impl Admin {
         self.arm()
     }
 
-    /// Identifies the namespaces `only` names (all with `None`) and sets their bdevs' sizes.
-    async fn refresh(&mut self, shared: &Shared, only: Option<&[u32]>) -> Result<(), HostError> {
-        let known: Vec<(u32, BlockCount, u32)> = shared.namespaces().into_iter().filter(|(nsid, _, _)| only.is_none_or(|o| o.contains(nsid))).collect();
-        for (nsid, count, bs) in known {
-            let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, nsid);
-            sqe.set_cdw(10, spec::cns::NAMESPACE as u32);
-            let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
-            let ns = if cqe.status().is_success() { IdentifyNamespace::parse(&data) } else { None };
+    /// Reads the active namespace list and identifies the namespaces `only` names (all with
+    /// `None`): sets the bdevs' sizes here, and hands the namespaces that appeared or went
+    /// away to a thread that makes or deletes their bdevs (that waits for every core, which a
+    /// reactor must not).
+    async fn refresh(&mut self, shared: &Arc<Shared>, only: Option<&[u32]>) -> Result<(), HostError> {
+        let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, 0);
+        sqe.set_cdw(10, spec::cns::ACTIVE_NS_LIST as u32);
+        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
+        // None: the controller would not say; then only namespaces it fails to identify count
+        // as gone, and none as new.
+        let active = cqe.status().is_success().then(|| changed_namespaces(&data).unwrap_or_default());
+        let known: Vec<(u32, BlockCount, u32)> = shared.namespaces();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (nsid, count, bs) in known.iter().filter(|(nsid, _, _)| only.is_none_or(|o| o.contains(nsid))) {
+            let (nsid, bs) = (*nsid, *bs);
+            let listed = active.as_ref().is_none_or(|a| a.contains(&nsid));
+            let ns = if listed { self.identify(nsid).await? } else { None };
             match ns {
-                Some(ns) if ns.nsze > 0 && ns.block_size == bs => {
+                Some(ns) if ns.block_size == bs => {
                     let old = count.get();
                     if ns.nsze != old {
                         log::info!("NVMe/TCP controller {}: namespace {nsid} resized from {old} to {} blocks", shared.name, ns.nsze);
                         count.set(ns.nsze);
                     }
                 }
-                Some(ns) if ns.nsze > 0 => {
+                Some(ns) => {
                     log::error!("NVMe/TCP controller {}: namespace {nsid} changed its block size from {bs} to {}; the bdev keeps its geometry", shared.name, ns.block_size)
                 }
-                _ => log::error!(
-                    "NVMe/TCP controller {}: namespace {nsid} is no longer active (removed from the subsystem? Identify: {}); its I/O fails with the controller's status until it is detached",
-                    shared.name,
-                    cqe.status()
-                ),
+                None => {
+                    log::error!("NVMe/TCP controller {}: namespace {nsid} is no longer active (removed from the subsystem?)", shared.name);
+                    removed.push(nsid);
+                }
+            }
+        }
+        for nsid in active.unwrap_or_default() {
+            if known.iter().any(|n| n.0 == nsid) {
+                continue;
+            }
+            if let Some(ns) = self.identify(nsid).await? {
+                added.push((nsid, ns));
+            }
+        }
+        if !added.is_empty() || !removed.is_empty() {
+            let s = shared.clone();
+            let spawned = std::thread::Builder::new().name(format!("nvme-ns-{}", shared.id)).spawn(move || s.apply_namespace_changes(added, removed));
+            if let Err(e) = spawned {
+                log::error!("NVMe/TCP controller {}: cannot apply namespace changes: {e}", shared.name);
             }
         }
         Ok(())
+    }
+
+    /// Identify Namespace; None for a namespace that is not active (an error status or a
+    /// zero size or block size).
+    async fn identify(&mut self, nsid: u32) -> Result<Option<IdentifyNamespace>, HostError> {
+        let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, nsid);
+        sqe.set_cdw(10, spec::cns::NAMESPACE as u32);
+        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
+        Ok(if cqe.status().is_success() { IdentifyNamespace::parse(&data).filter(|ns| ns.nsze > 0 && ns.block_size > 0) } else { None })
     }
 }
 

@@ -11,11 +11,12 @@
 //! the bdev modules, so there is no cycle, and the wire format is written once.
 
 pub mod admin;
+pub mod options;
 pub mod queue;
 pub mod reconnect;
 pub mod rpc;
 
-use crate::bdev::{gather, scatter, Bdev, BdevError, BdevProps, BlockCount, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{gather, scatter, Bdev, BdevCtx, BdevError, BdevProps, BdevRegistry, BlockCount, CopyOut, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::nvmf::initiator::{IdentifyController, IdentifyNamespace};
 use crate::nvmf::spec::{io_opc, Sqe};
 use crate::reactor;
@@ -25,7 +26,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use uuid::Uuid;
 
 /// Most blocks one Read/Write/Write Zeroes carries (NLB is a 16-bit field).
@@ -81,10 +82,20 @@ pub struct Shared {
     /// Bumped when the admin queue is replaced: an older keep-alive task ends.
     generation: AtomicU64,
     pub target: reconnect::Target,
-    /// The namespaces with a bdev: nsid, the bdev's block count (set when the controller
-    /// reports a resize, see [`admin`]) and block size.
-    pub namespaces: std::sync::Mutex<Vec<(u32, BlockCount, u32)>>,
-    me: std::sync::Weak<Shared>,
+    /// The namespaces with a bdev, in NSID order: nsid, the bdev's block count (set when the
+    /// controller reports a resize, see [`admin`]) and block size. A bdev adds itself when
+    /// made and takes itself out when destroyed.
+    pub namespaces: Mutex<Vec<(u32, BlockCount, u32)>>,
+    /// Held while namespace bdevs are made or deleted (a namespace notice, a detach, the
+    /// deletion of a lost controller): one of them at a time.
+    bdev_changes: Mutex<()>,
+    /// The controller and the bdev registry, for the namespace bdevs made and deleted after
+    /// the attach. Weak: the registry holds the bdevs, which hold the controller.
+    ctrl: OnceLock<Weak<TcpController>>,
+    registry: Weak<BdevRegistry>,
+    /// Detached or deleted: the module forgets it.
+    pub removed: AtomicBool,
+    me: Weak<Shared>,
 }
 
 impl Shared {
@@ -94,6 +105,117 @@ impl Shared {
 
     pub fn namespaces(&self) -> Vec<(u32, BlockCount, u32)> {
         self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The names of the controller's namespace bdevs, in NSID order.
+    pub fn bdev_names(&self) -> Vec<String> {
+        self.namespaces().iter().map(|(nsid, _, _)| bdev_name(&self.name, *nsid)).collect()
+    }
+
+    fn changes(&self) -> MutexGuard<'_, ()> {
+        self.bdev_changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What deleting and making bdevs needs, while the target runs.
+    fn bdev_ctx(&self) -> Option<BdevCtx> {
+        Some(BdevCtx { reactors: self.target.reactors.clone(), bdevs: self.registry.upgrade()? })
+    }
+
+    /// Deletes the controller's bdevs and closes its queues, unless something holds one of
+    /// its bdevs (a mirror leg, an export): then nothing changes and the holder is named.
+    /// Must not run on a reactor (it waits for every core).
+    pub fn remove(&self) -> Result<(), crate::rpc::RpcError> {
+        let _g = self.changes();
+        let ctx = self.bdev_ctx().ok_or_else(|| crate::rpc::RpcError::internal("the target is stopping"))?;
+        let names = self.bdev_names();
+        for n in &names {
+            if let Some(h) = ctx.bdevs.get(n).and_then(|e| e.holder_list().first().cloned()) {
+                return Err(crate::rpc::RpcError::busy(format!("bdev {n} is in use by {}", h.by)));
+            }
+        }
+        self.set_state(State::Deleting);
+        for n in &names {
+            if ctx.bdevs.get(n).is_some() {
+                ctx.delete_bdev(n)?;
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let id = self.id;
+        ctx.reactors.call_all(move || remove_queue(id))?;
+        self.removed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies what a namespace notice found (see [`admin`]): makes a bdev for each namespace
+    /// that became active, deletes the bdev of each one that went away unless something holds
+    /// it (its I/O then fails with the controller's status until the holder lets go and the
+    /// controller is detached). Runs on a thread of its own, never a reactor.
+    pub fn apply_namespace_changes(&self, added: Vec<(u32, IdentifyNamespace)>, removed: Vec<u32>) {
+        let _g = self.changes();
+        let (Some(ctx), Some(ctrl)) = (self.bdev_ctx(), self.ctrl.get().and_then(Weak::upgrade)) else { return };
+        if self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let known = |nsid: u32| self.namespaces().iter().any(|n| n.0 == nsid);
+        for nsid in removed.into_iter().filter(|&n| known(n)) {
+            let name = bdev_name(&self.name, nsid);
+            match ctx.delete_bdev(&name) {
+                Ok(()) => log::info!("NVMe/TCP controller {}: namespace {nsid} is gone; bdev {name} deleted", self.name),
+                Err(e) => log::error!(
+                    "NVMe/TCP controller {}: namespace {nsid} is gone but bdev {name} stays ({}); its I/O fails with the controller's status",
+                    self.name,
+                    e.message
+                ),
+            }
+        }
+        for (nsid, ns) in added.into_iter().filter(|(n, _)| !known(*n)) {
+            let name = bdev_name(&self.name, nsid);
+            let (blocks, bs) = (ns.nsze, ns.block_size);
+            let made = ctx.bdevs.check_new_name(&name).map_err(crate::rpc::RpcError::from).and_then(|()| {
+                let b = NvmeTcpBdev::new(name.clone(), ctrl.clone(), nsid, ns);
+                ctx.bdevs.register(Arc::new(b)).map(|_| ()).map_err(Into::into)
+            });
+            match made {
+                Ok(()) => log::info!("NVMe/TCP controller {}: namespace {nsid} appeared; bdev {name} made ({blocks} blocks of {bs})", self.name),
+                Err(e) => log::error!("NVMe/TCP controller {}: namespace {nsid} appeared but no bdev was made: {}", self.name, e.message),
+            }
+        }
+    }
+
+    /// `bdev_nvme_reset_controller`: drops the connections and connects again at once (I/O in
+    /// flight waits and is sent again on the new queues). A lost controller may be reset too:
+    /// one more attempt. If the attempt fails, the usual recovery takes over (reconnects every
+    /// `reconnect_delay_sec` until the timeouts) and the error is returned.
+    pub fn reset(&self) -> Result<(), crate::rpc::RpcError> {
+        use crate::rpc::RpcError;
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(RpcError::no_device(format!("NVMe controller {} is being deleted", self.name)));
+        }
+        match self.state() {
+            State::Enabled if !self.recovering.swap(true, Ordering::SeqCst) => {}
+            State::Lost => {}
+            s => return Err(RpcError::busy(format!("NVMe controller {} is {}: a reconnect is already in progress", self.name, s.name()))),
+        }
+        self.set_state(State::Resetting);
+        // The old admin task ends; the queues go down (their observer sees the reset and
+        // starts nothing).
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let id = self.id;
+        self.target.reactors.call_all(move || disconnect_queue(id))?;
+        let Some(me) = self.me.upgrade() else { return Err(RpcError::internal("controller gone")) };
+        match reconnect::reconnect(&me) {
+            Ok(()) => {
+                self.set_state(State::Enabled);
+                self.recovering.store(false, Ordering::SeqCst);
+                log::info!("NVMe/TCP controller {}: reset", self.name);
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("NVMe/TCP controller {}: reset failed: {e}; reconnecting as after a connection loss", self.name);
+                reconnect::spawn_recovery(me);
+                Err(RpcError::new(crate::rpc::EIO, format!("NVMe controller {}: reset failed: {e}", self.name)))
+            }
+        }
     }
 
     fn set_state(&self, s: State) {
@@ -112,10 +234,8 @@ impl QueueObserver for Shared {
         }
         log::error!("NVMe/TCP controller {}: {why}; I/O waits while it reconnects", self.name);
         self.set_state(State::Resetting);
-        let Some(me) = self.me.upgrade() else { return };
-        let spawned = std::thread::Builder::new().name(format!("nvme-reconnect-{}", self.id)).spawn(move || reconnect::recover(me));
-        if let Err(e) = spawned {
-            log::error!("NVMe/TCP controller {}: cannot start its reconnect thread: {e}", self.name);
+        if let Some(me) = self.me.upgrade() {
+            reconnect::spawn_recovery(me);
         }
     }
 }
@@ -134,7 +254,20 @@ pub struct TcpController {
     pub ident: IdentifyController,
     /// Blocks per command are limited to this many bytes (MDTS, and the queue's receive buffer).
     pub max_transfer: usize,
-    pub bdevs: Vec<String>,
+    /// `bdev_nvme_set_options {generate_uuids}` when it was attached.
+    pub generate_uuids: bool,
+}
+
+impl TcpController {
+    /// Links the controller to its shared state (namespace bdevs made later need it).
+    pub fn link(self: &Arc<Self>) {
+        let _ = self.shared.ctrl.set(Arc::downgrade(self));
+    }
+}
+
+/// The bdev of namespace `nsid` of controller `ctrl` (SPDK's naming).
+pub fn bdev_name(ctrl: &str, nsid: u32) -> String {
+    format!("{ctrl}n{nsid}")
 }
 
 /// One namespace of a controller.
@@ -143,16 +276,22 @@ pub struct NvmeTcpBdev {
     ctrl: Arc<TcpController>,
     nsid: u32,
     ns: IdentifyNamespace,
-    /// The controller's lowest namespace writes the attach call in save_config.
-    first: bool,
 }
 
 impl NvmeTcpBdev {
-    pub fn new(name: String, ctrl: Arc<TcpController>, nsid: u32, ns: IdentifyNamespace, first: bool) -> NvmeTcpBdev {
-        let uuid = if ns.nguid != [0; 16] { Uuid::from_bytes(ns.nguid) } else { Uuid::new_v4() };
+    pub fn new(name: String, ctrl: Arc<TcpController>, nsid: u32, ns: IdentifyNamespace) -> NvmeTcpBdev {
+        let uuid = match (ns.nguid != [0; 16], ctrl.generate_uuids) {
+            (true, _) => Uuid::from_bytes(ns.nguid),
+            (false, true) => options::generated_uuid(&ctrl.ident.sn, nsid),
+            (false, false) => Uuid::new_v4(),
+        };
         let count = BlockCount::new(ns.nsze);
-        ctrl.shared.namespaces.lock().unwrap_or_else(|e| e.into_inner()).push((nsid, count.clone(), ns.block_size));
-        NvmeTcpBdev { props: BdevProps::with_count(name, "NVMe disk", ns.block_size, count, uuid), ctrl, nsid, ns, first }
+        {
+            let mut all = ctrl.shared.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+            let at = all.partition_point(|n| n.0 < nsid);
+            all.insert(at, (nsid, count.clone(), ns.block_size));
+        }
+        NvmeTcpBdev { props: BdevProps::with_count(name, "NVMe disk", ns.block_size, count, uuid), ctrl, nsid, ns }
     }
 
     pub fn controller(&self) -> &Arc<TcpController> {
@@ -170,6 +309,14 @@ pub fn install_queue(ctrl_id: u64, q: IoQueue) {
     let id = reactor::with_core(|c| c.add_poller(q.clone()));
     q.poller_id.set(Some(id));
     reactor::with_core(|c| c.local::<CoreQueues>()).0.borrow_mut().insert(ctrl_id, q);
+}
+
+/// The current core's queue of controller `ctrl_id` drops its connection; its commands wait
+/// for the new one (a reset).
+fn disconnect_queue(ctrl_id: u64) {
+    if let Some(q) = core_queue(ctrl_id) {
+        q.disconnect(&QueueError::Io("reset requested".into()));
+    }
 }
 
 /// Removes the current core's queue of controller `ctrl_id`: its commands end with `Offline`.
@@ -387,8 +534,13 @@ impl Bdev for NvmeTcpBdev {
         }]})
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        // One attach call recreates every namespace of the controller.
-        self.first.then(|| ("bdev_nvme_attach_controller", self.ctrl.attach_params.clone()))
+        // One attach call, written by the lowest namespace, recreates every namespace of the
+        // controller.
+        let first = self.ctrl.shared.namespaces().first().map(|n| n.0);
+        (first == Some(self.nsid)).then(|| ("bdev_nvme_attach_controller", self.ctrl.attach_params.clone()))
+    }
+    fn destroy(&self) {
+        self.ctrl.shared.namespaces.lock().unwrap_or_else(|e| e.into_inner()).retain(|n| n.0 != self.nsid);
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

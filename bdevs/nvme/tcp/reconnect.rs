@@ -2,7 +2,9 @@
 //! queue's keep-alive fails, the controller's I/O waits while a recovery thread reconnects
 //! every `reconnect_delay_sec`; once `fast_io_fail_timeout_sec` has passed, waiting and new I/O
 //! fail with an I/O error (so that a mirror can drop the leg); once `ctrlr_loss_timeout_sec`
-//! has passed, the controller stops reconnecting and stays failed until it is detached.
+//! has passed, the controller stops reconnecting and is deleted with its bdevs, as SPDK does,
+//! unless something holds one of them (a mirror leg, an export): then it stays `lost`, its I/O
+//! failing, until it is detached or reset.
 //!
 //! The connect sequence blocks (connect, ICReq, Fabrics Connect, each with a timeout), so it
 //! runs on a thread of its own that exists only while the controller is down, never on a
@@ -114,9 +116,18 @@ pub fn connect_queue(c: &mut Controller, core: usize) -> Result<(HostStream, Que
     Ok((q.into_stream(), qp))
 }
 
+/// Starts the recovery of `shared`'s controller on a thread of its own.
+pub fn spawn_recovery(shared: Arc<Shared>) {
+    let name = shared.name.clone();
+    let spawned = std::thread::Builder::new().name(format!("nvme-reconnect-{}", shared.id)).spawn(move || recover(shared));
+    if let Err(e) = spawned {
+        log::error!("NVMe/TCP controller {name}: cannot start its reconnect thread: {e}");
+    }
+}
+
 /// The recovery of `shared`'s controller; runs on its own thread until the controller is back,
 /// lost or detached.
-pub fn recover(shared: Arc<Shared>) {
+fn recover(shared: Arc<Shared>) {
     let t = &shared.target;
     let t0 = Instant::now();
     let (mut attempts, mut io_failed) = (0, false);
@@ -131,6 +142,10 @@ pub fn recover(shared: Arc<Shared>) {
                 log::error!("NVMe/TCP controller {}: lost (no reconnect within ctrlr_loss_timeout_sec); its I/O fails", shared.name);
                 shared.set_state(State::Lost);
                 fail_io(&shared);
+                match shared.remove() {
+                    Ok(()) => log::error!("NVMe/TCP controller {}: deleted with its bdevs after ctrlr_loss_timeout_sec", shared.name),
+                    Err(e) => log::error!("NVMe/TCP controller {}: stays lost, not deleted: {} (detach it once that lets go)", shared.name, e.message),
+                }
                 return;
             }
             Step::FailIo => {
@@ -173,7 +188,7 @@ fn fail_io(shared: &Shared) {
     }
 }
 
-fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
+pub fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
     let t = &shared.target;
     let mut c = Controller::connect(t.addr, &t.subnqn, &t.opts)?;
     let granted = c.set_queue_count(t.cores as u16)?;
@@ -196,7 +211,7 @@ fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
 /// controller's asynchronous events ([`super::admin`]).
 pub fn start_keep_alive(c: Controller, shared: Arc<Shared>) {
     let generation = shared.generation.load(Ordering::SeqCst);
-    let period = Duration::from_millis(c.opts.kato_ms.max(2) as u64 / 2);
+    let period = super::options::Options::keep_alive_period(c.opts.kato_ms);
     let reactors = shared.target.reactors.clone();
     reactors.send(0, move || reactor::spawn_detached(super::admin::run(c, shared, period, generation)));
 }

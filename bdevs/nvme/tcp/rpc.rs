@@ -1,11 +1,13 @@
 //! `bdev_nvme_attach_controller {trtype: "tcp", ...}` (reached from `nvme::rpc`, which
-//! dispatches on `trtype`), `bdev_nvme_detach_controller` of a TCP controller, and
-//! `bdev_nvme_get_controllers` (SPDK's output shape). The module keeps the attached
-//! controllers and writes their metrics.
+//! dispatches on `trtype`), `bdev_nvme_detach_controller` of a TCP controller,
+//! `bdev_nvme_get_controllers` (SPDK's output shape), `bdev_nvme_reset_controller` and
+//! `bdev_nvme_set_options` ([`super::options`]). The module keeps the attached controllers and
+//! the options, and writes their metrics.
 
+use super::options::Options;
 use super::queue::{IoQueue, MAX_TRANSFER};
 use super::reconnect::{connect_queue, start_keep_alive, Policy, Target};
-use super::{install_queue, remove_queue, NvmeTcpBdev, Shared, State, TcpController};
+use super::{bdev_name, install_queue, remove_queue, NvmeTcpBdev, Shared, State, TcpController};
 use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, Module};
@@ -25,24 +27,34 @@ crate::register_module! {
     construct: |_reactors, _config| Arc::new(TcpModule::default()),
     methods: [
         ("bdev_nvme_get_controllers", get_controllers, GetControllers, "Lists the attached NVMe/TCP controllers.", [&[(ENODEV, "no controller has that name")]]),
+        ("bdev_nvme_reset_controller", reset_controller, Reset, "Drops an NVMe/TCP controller's connections and connects again (I/O in flight waits and is sent again).", [&[
+                (ENODEV, "no controller has that name, or it is being deleted"),
+                (EBUSY, "the controller is already reconnecting"),
+                (EIO, "the reconnect failed (the controller then keeps reconnecting as after a connection loss)"),
+            ]]),
+        ("bdev_nvme_set_options", set_options, Options, "Sets the NVMe bdev module's options (startup only: before any controller is attached).", [&[
+                (EPERM, "a controller is attached"),
+            ]]),
     ],
 }
-
-/// Keep-alive timeout asked in the admin Connect (SPDK's default `keep_alive_timeout_ms`).
-const KATO_MS: u32 = 10_000;
-/// How long the connect sequence may take (SPDK's `fabrics_connect_timeout_us` default is
-/// shorter per command; this bounds the whole exchange of one queue).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct TcpModule {
     ctrls: Mutex<Vec<Arc<TcpController>>>,
+    opts: Mutex<Options>,
     next_id: AtomicU64,
 }
 
 impl TcpModule {
+    /// The attached controllers; forgets those deleted after `ctrlr_loss_timeout_sec`.
     fn list(&self) -> Vec<Arc<TcpController>> {
-        self.ctrls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut all = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|c| !c.shared.removed.load(Ordering::SeqCst));
+        all.clone()
+    }
+
+    fn options(&self) -> Options {
+        self.opts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<TcpController>> {
@@ -191,6 +203,43 @@ fn connect_error(what: &str, e: HostError) -> RpcError {
     RpcError::new(-5, format!("{what}: {e}"))
 }
 
+/// The `bdev_nvme_set_options` call of save_config (in the bdev section, before the attach
+/// calls it applies to), when the options are not the defaults.
+pub fn options_call(t: &Ctx) -> Option<(&'static str, Value)> {
+    t.module::<TcpModule>()?.options().config_call()
+}
+
+fn set_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let o: Options = if p.is_none() { Options::default() } else { parse(p)? };
+    let o = o.normalize();
+    o.validate().map_err(RpcError::invalid_params)?;
+    let m = module(t)?;
+    if !m.list().is_empty() {
+        return Err(RpcError::new(crate::rpc::EPERM, "bdev_nvme_set_options is a startup call: a controller is attached"));
+    }
+    *m.opts.lock().unwrap_or_else(|e| e.into_inner()) = o;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Reset {
+    name: String,
+    /// A TCP controller has one path: when given, it must be the controller's.
+    #[serde(default)]
+    cntlid: Option<u16>,
+}
+
+fn reset_controller(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: Reset = parse(p)?;
+    let c = module(t)?.find(&p.name).ok_or_else(|| RpcError::no_device(format!("no NVMe controller named {}", p.name)))?;
+    if p.cntlid.is_some_and(|id| id != c.cntlid) {
+        return Err(RpcError::no_device(format!("controller {} has no path with cntlid {}", p.name, p.cntlid.unwrap_or_default())));
+    }
+    c.shared.reset()?;
+    Ok(json!(true))
+}
+
 pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     let given = raw.clone().unwrap_or(Value::Null);
     let p: Attach = parse_spdk(raw)?;
@@ -204,12 +253,19 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
             return Err(RpcError::invalid_params(format!("field `adrfam`: {a:?} is not IPv4 or IPv6")));
         }
     }
-    let policy = Policy::from_params(p.ctrlr_loss_timeout_sec.unwrap_or(0), p.reconnect_delay_sec.unwrap_or(0), p.fast_io_fail_timeout_sec.unwrap_or(0))
-        .map_err(RpcError::invalid_params)?;
+    // The module's options (bdev_nvme_set_options) give what the call leaves out, as in SPDK.
+    let defaults = m.options();
+    let policy = Policy::from_params(
+        p.ctrlr_loss_timeout_sec.unwrap_or(defaults.ctrlr_loss_timeout_sec),
+        p.reconnect_delay_sec.unwrap_or(defaults.reconnect_delay_sec),
+        p.fast_io_fail_timeout_sec.unwrap_or(defaults.fast_io_fail_timeout_sec),
+    )
+    .map_err(RpcError::invalid_params)?;
     let trsvcid = p.trsvcid.clone().unwrap_or_else(|| "4420".into());
     let trid = TransportId { traddr: p.traddr.clone(), trsvcid: trsvcid.clone(), subnqn: subnqn.clone(), hostnqn: p.hostnqn.clone() };
     let addr = trid.socket_addr().map_err(|e| RpcError::invalid_params(format!("field `traddr`: {e}")))?;
-    let mut opts = QpairOptions { hdgst: p.hdgst, ddgst: p.ddgst, kato_ms: KATO_MS, timeout: CONNECT_TIMEOUT, ..QpairOptions::default() };
+    let mut opts =
+        QpairOptions { hdgst: p.hdgst, ddgst: p.ddgst, kato_ms: defaults.keep_alive_timeout_ms, timeout: defaults.connect_timeout(), ..QpairOptions::default() };
     if let Some(us) = p.fabrics_connect_timeout_us.filter(|&us| us > 0) {
         opts.timeout = Duration::from_micros(us);
     }
@@ -249,7 +305,7 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if namespaces.is_empty() {
         return Err(RpcError::no_device(format!("{what}: the subsystem has no active namespace")));
     }
-    let names: Vec<String> = namespaces.iter().map(|(nsid, _)| format!("{}n{nsid}", p.name)).collect();
+    let names: Vec<String> = namespaces.iter().map(|(nsid, _)| bdev_name(&p.name, *nsid)).collect();
     for n in &names {
         t.bdevs.check_new_name(n)?;
     }
@@ -280,6 +336,10 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         generation: Default::default(),
         target,
         namespaces: Default::default(),
+        bdev_changes: Default::default(),
+        ctrl: Default::default(),
+        registry: Arc::downgrade(&t.bdevs),
+        removed: Default::default(),
         me: me.clone(),
     });
     let id = shared.id;
@@ -307,11 +367,12 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         cntlid: c.cntlid,
         ident: c.id.clone(),
         max_transfer,
-        bdevs: names.clone(),
+        generate_uuids: defaults.generate_uuids,
     });
+    ctrl.link();
     let mut made: Vec<String> = Vec::new();
-    for (i, ((nsid, ns), name)) in namespaces.into_iter().zip(&names).enumerate() {
-        let b = NvmeTcpBdev::new(name.clone(), ctrl.clone(), nsid, ns, i == 0);
+    for ((nsid, ns), name) in namespaces.into_iter().zip(&names) {
+        let b = NvmeTcpBdev::new(name.clone(), ctrl.clone(), nsid, ns);
         if let Err(e) = t.bdevs.register(Arc::new(b)) {
             for n in &made {
                 let _ = t.delete_bdev(n);
@@ -363,22 +424,7 @@ pub fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if mismatch(&p.traddr, &c.traddr) || mismatch(&p.trsvcid, &c.trsvcid) || mismatch(&p.subnqn, &c.subnqn) || mismatch(&p.trtype, "tcp") {
         return Err(RpcError::no_device(format!("controller {} has no such path", p.name)));
     }
-    for n in &c.bdevs {
-        if let Some(e) = t.bdevs.get(n) {
-            if let Some(h) = e.holder_list().first() {
-                return Err(RpcError::busy(format!("bdev {n} is in use by {}", h.by)));
-            }
-        }
-    }
-    c.shared.set_state(State::Deleting);
-    for n in &c.bdevs {
-        if t.bdevs.get(n).is_some() {
-            t.delete_bdev(n)?;
-        }
-    }
-    c.shared.stop.store(true, Ordering::Relaxed);
-    let id = c.shared.id;
-    t.reactors.call_all(move || remove_queue(id))?;
+    c.shared.remove()?;
     m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| !Arc::ptr_eq(x, &c));
     Ok(json!(true))
 }
@@ -399,7 +445,7 @@ fn controller_json(c: &TcpController) -> Value {
             "trid": { "trtype": "TCP", "adrfam": c.adrfam, "traddr": c.traddr, "trsvcid": c.trsvcid, "subnqn": c.subnqn },
             "cntlid": c.cntlid,
             "host": { "nqn": c.hostnqn, "addr": "", "svcid": "" },
-            "bdevs": c.bdevs,
+            "bdevs": c.shared.bdev_names(),
             "io_errors": c.shared.io_errors.load(Ordering::Relaxed),
             "reconnects": c.shared.reconnects.load(Ordering::Relaxed),
         }],
