@@ -208,7 +208,19 @@ fn accept_loop(listener: UnixListener, settings: RpcSection, target: Arc<dyn Dis
                     clients.lock().retain(|c| c.id != next_id);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            // Wait for the next client without delaying it (a sleep here added up to its length
+            // to every call of a client that connects per call, as SPDK's rpc.py does), waking
+            // every 100 ms to see whether the server stops.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                use std::os::fd::AsFd;
+                let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if let Err(e) = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                    if e != nix::errno::Errno::EINTR {
+                        log::warn!("rpc: poll failed: {e}");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
             Err(e) => {
                 log::warn!("rpc: accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
