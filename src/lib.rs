@@ -25,6 +25,7 @@ pub mod reactor;
 pub mod rpc;
 pub mod scsi;
 pub mod sim;
+pub mod state_file;
 pub mod target;
 
 /// Every allocation of the target comes from mimalloc: its thread-local free lists make the

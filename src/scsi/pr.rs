@@ -702,34 +702,12 @@ impl Pr {
 }
 
 fn load(f: &Path) -> Result<Option<Saved>, String> {
-    match std::fs::read(f) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| e.to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
+    crate::state_file::load(f)
 }
 
 /// Writes (or, for None, removes) the state file atomically and durably.
 fn store(f: &Path, s: Option<&Saved>) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = f.parent().unwrap_or(Path::new("."));
-    match s {
-        None => match std::fs::remove_file(f) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        },
-        Some(s) => {
-            std::fs::create_dir_all(dir)?;
-            let tmp = f.with_extension("json.tmp");
-            let body = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&body)?;
-            file.sync_all()?;
-            drop(file);
-            std::fs::rename(&tmp, f)?;
-        }
-    }
-    std::fs::File::open(dir)?.sync_all()
+    crate::state_file::store(f, s)
 }
 
 /// The PR state of each bdev with a logical unit, by bdev entry id.
