@@ -10,74 +10,18 @@ use bpfman_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, Mou
 use bpfman_csi::v1::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
-const CSI: &str = env!("CARGO_BIN_EXE_tidemark-csi");
+mod support;
+
+use support::{free_port, tidemarkd, try_call as call, wait_for_socket, Proc, CSI};
+
 const MIB: i64 = 1 << 20;
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:5e1c0a2e-0000-4000-8000-000000000001";
-
-/// tidemarkd is a binary of the product crate, built beside this one by `cargo test` at the root.
-fn tidemarkd() -> PathBuf {
-    let p = Path::new(CSI).with_file_name("tidemarkd");
-    assert!(p.exists(), "{} is missing: build it first (`cargo build -p tidemark --bin tidemarkd`; `cargo test` at the root does)", p.display());
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
-}
-
-/// A child process stopped (SIGTERM, then SIGKILL) by PID when dropped.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn stop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: kill on the PID of a child we spawned and have not reaped.
-            unsafe { libc_kill(c.id() as i32, 15) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{} exited ({s}):\n{}", path.display(), std::fs::read_to_string(log).unwrap_or_default());
-        }
-        if UnixStream::connect(path).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on {} after 20 s:\n{}", path.display(), std::fs::read_to_string(log).unwrap_or_default());
-}
 
 /// A tidemarkd with a `pool_mib` MiB malloc bdev and an lvol store `pool` on it, and a
 /// tidemark-csi controller pointed at it.
@@ -173,21 +117,6 @@ impl Rig {
     fn logs(&self) -> String {
         let r = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
         format!("--- tidemarkd\n{}\n--- tidemark-csi\n{}", r("tidemarkd.log"), r("csi.log"))
-    }
-}
-
-/// One JSON-RPC call to tidemarkd: Ok(result) or Err((code, message)).
-fn call(sock: &Path, method: &str, params: Value) -> Result<Value, String> {
-    let s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
-    let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
-    if !params.is_null() {
-        req["params"] = params;
-    }
-    (&s).write_all(req.to_string().as_bytes()).unwrap();
-    let resp: Value = serde_json::Deserializer::from_reader(BufReader::new(&s)).into_iter::<Value>().next().unwrap().unwrap();
-    match resp.get("error") {
-        Some(e) => Err(e.to_string()),
-        None => Ok(resp["result"].clone()),
     }
 }
 
@@ -636,41 +565,4 @@ async fn snapshot_cases(rig: Rig) {
     c.delete_snapshot(DeleteSnapshotRequest { snapshot_id: s3.snapshot_id.clone(), ..Default::default() }).await.unwrap();
     c.delete_snapshot(DeleteSnapshotRequest { snapshot_id: s3.snapshot_id.clone(), ..Default::default() }).await.unwrap();
     assert_eq!(c.list_snapshots(ListSnapshotsRequest::default()).await.unwrap().into_inner().entries.len(), 2);
-}
-
-/// Measurement, not a check (run with `--ignored --nocapture`): CreateVolume through the driver
-/// against bdev_lvol_create called directly, p50/p99 over 100 calls each, and the driver's
-/// resident memory afterwards.
-#[tokio::test]
-#[ignore]
-async fn measure_create_volume_latency_against_direct_rpc() {
-    let rig = Rig::start(256).await;
-    let mut c = rig.controller();
-    let pct = |mut v: Vec<Duration>| {
-        v.sort();
-        (v[v.len() / 2], v[v.len() * 99 / 100])
-    };
-    let mut via_csi = Vec::new();
-    for i in 0..100 {
-        let mut r = create_req(&format!("bench-{i}"), MIB, 0);
-        r.parameters = HashMap::from([("thin".into(), "true".into())]);
-        let t = Instant::now();
-        create(&mut c, r).await;
-        via_csi.push(t.elapsed());
-    }
-    let mut direct = Vec::new();
-    for i in 0..100 {
-        let t = Instant::now();
-        rig.rpc("bdev_lvol_create", json!({"lvol_name": format!("direct-{i}"), "size_in_mib": 1, "thin_provision": true, "lvs_name": "pool"}));
-        direct.push(t.elapsed());
-    }
-    let pid = rig.csi.0.as_ref().unwrap().id();
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find(|l| l.starts_with("VmRSS")).unwrap_or("").to_string();
-    eprintln!(
-        "CreateVolume via tidemark-csi: p50 {:?} p99 {:?}; bdev_lvol_create direct: p50 {:?} p99 {:?}; driver {rss}",
-        pct(via_csi.clone()).0,
-        pct(via_csi).1,
-        pct(direct.clone()).0,
-        pct(direct).1
-    );
 }

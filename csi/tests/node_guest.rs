@@ -28,16 +28,17 @@ use bpfman_csi::v1::node_client::NodeClient;
 use bpfman_csi::v1::volume_capability::access_mode::Mode;
 use bpfman_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use bpfman_csi::v1::*;
-use serde_json::{json, Value};
-use std::io::{BufReader, Write};
-use std::os::unix::net::UnixStream;
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
-const CSI: &str = env!("CARGO_BIN_EXE_tidemark-csi");
+mod support;
+
+use support::{call, free_port, tidemarkd, wait_for_socket, Proc, CSI};
+
 const MIB: i64 = 1 << 20;
 /// The node plugin's port inside the guest.
 const GUEST_PORT: u16 = 10000;
@@ -46,68 +47,8 @@ fn skip() -> Option<&'static str> {
     ["TIDEMARK_SKIP_GUEST", "TIDEMARK_SKIP_NVMF_GUEST"].into_iter().find(|v| std::env::var(v).as_deref() == Ok("1"))
 }
 
-fn tidemarkd() -> PathBuf {
-    let p = Path::new(CSI).with_file_name("tidemarkd");
-    assert!(p.exists(), "{} is missing: build it first (`cargo build -p tidemark --bin tidemarkd`; `cargo test` at the root does)", p.display());
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
-}
-
 fn have(prog: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-/// A child process stopped (SIGTERM, then SIGKILL) by PID when dropped.
-struct Proc(Option<Child>);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: kill on the PID of a child we spawned and have not reaped.
-            unsafe { libc_kill(c.id() as i32, 15) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{} exited ({s}):\n{}", path.display(), std::fs::read_to_string(log).unwrap_or_default());
-        }
-        if UnixStream::connect(path).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on {} after 20 s", path.display());
-}
-
-/// One JSON-RPC call to tidemarkd.
-fn call(sock: &Path, method: &str, params: Value) -> Value {
-    let s = UnixStream::connect(sock).unwrap();
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    (&s).write_all(req.to_string().as_bytes()).unwrap();
-    let resp: Value = serde_json::Deserializer::from_reader(BufReader::new(&s)).into_iter::<Value>().next().unwrap().unwrap();
-    assert!(resp.get("error").is_none(), "{method}: {resp}");
-    resp["result"].clone()
 }
 
 /// The guest's side: shell commands through the share (see node_guest.sh).
