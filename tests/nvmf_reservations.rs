@@ -135,7 +135,7 @@ fn notice(c: &mut Controller) -> (u64, u8, u8, u32) {
 
 #[test]
 fn two_hosts_register_acquire_preempt_release_and_clear() {
-    let (_d, addr) = start(json!({}));
+    let (d, addr) = start(json!({}));
     let (mut ca, mut qa) = host(addr, HOST_A, ID_A);
     let (mut cb, mut qb) = host(addr, HOST_B, ID_B);
     assert_ne!(ca.id.oncs & (1 << 5), 0, "ONCS: reservations");
@@ -172,6 +172,14 @@ fn two_hosts_register_acquire_preempt_release_and_clear() {
     assert_eq!(notice(&mut ca), (0, 0, 0, 0), "nothing more");
     assert_eq!(write(&mut qa, 1), conflict(), "the fenced host cannot write");
     assert_eq!(read(&mut qa, 1), conflict(), "nor read (exclusive access)");
+    // The refused I/O is counted per namespace (B's write, A's write and read so far).
+    let m = d.metrics_text();
+    let conflicts: f64 = m
+        .lines()
+        .find(|l| l.starts_with("tidemark_nvmf_namespace_reservation_conflicts_total{") && l.contains("nsid=\"1\""))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no conflicts metric for namespace 1:\n{m}"));
+    assert!(conflicts >= 3.0, "conflicts counted: {conflicts}");
     assert!(write(&mut qb, 1).is_success());
     assert_eq!(release(&mut qa, 1, 0, EXCLUSIVE_ACCESS, 0xA), conflict(), "A is not registered any more");
     let (generation, rtype, _, regs) = report(&mut qa, 1, true).unwrap();

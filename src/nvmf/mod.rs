@@ -363,6 +363,7 @@ impl Module for NvmfTarget {
         let mut bytes = Vec::new();
         let mut errors = Vec::new();
         let mut qd = Vec::new();
+        let mut conflicts = Vec::new();
         let mut snaps = Vec::new();
         for s in &subs {
             let l = labels(&[("nqn", &s.nqn)]);
@@ -382,6 +383,7 @@ impl Module for NvmfTarget {
                 }
                 let l = labels(&[("nqn", &s.nqn), ("nsid", &nsid), ("bdev", ns.bdev_name())]);
                 qd.push((l.clone(), snap.in_flight as f64));
+                conflicts.push((l.clone(), ns.resv.conflicts.load(Ordering::Relaxed)));
                 snaps.push((l, snap));
             }
         }
@@ -407,6 +409,11 @@ impl Module for NvmfTarget {
         out.counter("tidemark_nvmf_namespace_bytes", "Bytes transferred per namespace and type.", &bytes)?;
         out.counter("tidemark_nvmf_namespace_errors", "NVMe I/O commands completed with an error, per namespace and type.", &errors)?;
         out.gauge("tidemark_nvmf_namespace_queue_depth", "NVMe I/O commands executing per namespace.", &qd)?;
+        out.counter(
+            "tidemark_nvmf_namespace_reservation_conflicts",
+            "NVMe commands refused with Reservation Conflict per namespace (a host fenced by another's reservation).",
+            &conflicts,
+        )?;
         let reads: Vec<_> = snaps.iter().map(|(l, s)| (l.clone(), LatencySample { buckets: &s.read_buckets, sum_ns: s.read_sum_ns })).collect();
         out.latency("tidemark_nvmf_namespace_read_latency_seconds", "NVMe read latency per namespace, command received to data sent.", &reads)?;
         let writes: Vec<_> = snaps.iter().map(|(l, s)| (l.clone(), LatencySample { buckets: &s.write_buckets, sum_ns: s.write_sum_ns })).collect();
