@@ -7,13 +7,13 @@ use super::inquiry::{self, PortIdentity, UnitIdentity};
 use super::mode::{self, ModeState};
 use super::pr::{self, Access, ItNexus, OutCmd, Pr, PrError};
 use super::sense::{asc, Sense, SenseKey, Status, FIXED_SENSE_LEN, MAX_SENSE_LEN};
+use super::write_gate::{self, Exclusive, WriteGate, WriteHold};
 use super::xcopy::{self, CopyResult};
 use crate::bdev::{BdevEntry, BdevError, Channel, IoBuf, IoType};
-use crate::extent_lock::{ExtentGuard, LockSpace};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 /// Why a command did not complete with GOOD status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,8 @@ pub struct LogicalUnit {
     mode_generation: AtomicU64,
     /// Every write of this target to the bdev holds its range here, so that COMPARE AND WRITE
     /// (compare, then write) is atomic against them. Shared by all units on one bdev.
-    write_locks: Arc<LockSpace>,
+    /// Ordinary writes pass it; atomic commands hold their blocks through it.
+    gate: Arc<WriteGate>,
     /// The nexus holding a RESERVE(6) reservation (0: none).
     reserved_by: Arc<AtomicU64>,
     /// Persistent reservations, shared by every unit on the bdev.
@@ -96,24 +97,6 @@ pub struct LogicalUnit {
 
 /// Ids of nexuses (0 means "nobody").
 static NEXT_NEXUS: AtomicU64 = AtomicU64::new(1);
-
-/// Blocks per extent-lock region: writes of up to a few MiB take one piece.
-const LOCK_REGION_BLOCKS: u64 = 1 << 14;
-
-/// The write lock space of each bdev with a logical unit, by bdev entry id.
-static WRITE_LOCKS: Mutex<Option<HashMap<u64, Weak<LockSpace>>>> = Mutex::new(None);
-
-fn write_locks_for(entry: &BdevEntry, cores: usize) -> Arc<LockSpace> {
-    let mut g = WRITE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
-    let map = g.get_or_insert_with(HashMap::new);
-    map.retain(|_, w| w.strong_count() > 0);
-    if let Some(s) = map.get(&entry.id()).and_then(Weak::upgrade) {
-        return s;
-    }
-    let s = LockSpace::new(cores.max(1), LOCK_REGION_BLOCKS);
-    map.insert(entry.id(), Arc::downgrade(&s));
-    s
-}
 
 impl LogicalUnit {
     /// A unit over `entry`, for a target with `cores` reactor cores; persistent reservations
@@ -141,7 +124,7 @@ impl LogicalUnit {
             sanitizing: AtomicBool::new(false),
             reset_generation: AtomicU64::new(0),
             mode_generation: AtomicU64::new(0),
-            write_locks: write_locks_for(&entry, cores),
+            gate: write_gate::for_bdev(entry.id(), cores),
             reserved_by: Arc::new(AtomicU64::new(0)),
             pr: pr::for_bdev(entry.id(), entry.name(), pr_dir),
             entry,
@@ -197,12 +180,21 @@ impl LogicalUnit {
         })
     }
 
-    /// Holds blocks `lba..lba+blocks` against every other write of this target.
-    async fn lock_write(&self, lba: u64, blocks: u64) -> Option<ExtentGuard> {
+    /// Holds blocks `lba..lba+blocks` for an ordinary write (no lock unless an atomic command
+    /// runs: see [`write_gate`]).
+    async fn hold_write(&self, lba: u64, blocks: u64) -> Option<WriteHold<'_>> {
         if blocks == 0 {
             return None;
         }
-        Some(self.write_locks.lock(lba, blocks).await)
+        Some(self.gate.write(lba, blocks).await)
+    }
+
+    /// Holds blocks `lba..lba+blocks` against every other write of every unit on the bdev.
+    async fn hold_exclusive(&self, lba: u64, blocks: u64) -> Option<Exclusive<'_>> {
+        if blocks == 0 {
+            return None;
+        }
+        Some(self.gate.exclusive(lba, blocks).await)
     }
 
     fn mode_state(&self) -> ModeState {
@@ -294,8 +286,8 @@ impl LogicalUnit {
                 if n == 0 {
                     return Ok(Done::good(0));
                 }
-                // Read, OR and write under the blocks' write lock: atomic like COMPARE AND WRITE.
-                let _lock = self.lock_write(lba, (n / bs) as u64).await;
+                // Read, OR and write holding the blocks exclusively: atomic like COMPARE AND WRITE.
+                let _lock = self.hold_exclusive(lba, (n / bs) as u64).await;
                 let mut merged = IoBuf::alloc(n);
                 ch.read_buf(lba, &mut merged).await.map_err(|e| bdev_failure(e, false))?;
                 for (m, d) in merged.iter_mut().zip(&data_out[..n]) {
@@ -395,7 +387,7 @@ impl LogicalUnit {
             Command::Write { lba, blocks, fua } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
-                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
+                    let _lock = self.hold_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     self.after_write(ch, fua).await?;
                 }
@@ -404,7 +396,7 @@ impl LogicalUnit {
             Command::WriteVerify { lba, blocks } => {
                 let n = (blocks as usize * bs).min(data_out.len() / bs * bs);
                 if n > 0 {
-                    let _lock = self.lock_write(lba, (n / bs) as u64).await;
+                    let _lock = self.hold_write(lba, (n / bs) as u64).await;
                     ch.write_buf(lba, &data_out[..n]).await.map_err(|e| bdev_failure(e, true))?;
                     // Verification reads back what the medium holds: make it durable first.
                     ch.flush().await.map_err(|e| bdev_failure(e, true))?;
@@ -456,7 +448,7 @@ impl LogicalUnit {
                         None => return Ok(Done::good(0)),
                     }
                 };
-                let _lock = self.lock_write(lba, blocks as u64).await;
+                let _lock = self.hold_write(lba, blocks as u64).await;
                 self.write_same(ch, lba, blocks as u64, pattern, unmap).await?;
                 Ok(Done::good(0))
             }
@@ -480,9 +472,9 @@ impl LogicalUnit {
                 if data_out.len() < 2 * n {
                     return Err(Sense::invalid_cdb(13, None).into());
                 }
-                // Atomic against every other write of this target to these blocks: they all
-                // hold their range in the same lock space while they write.
-                let _lock = self.lock_write(lba, blocks as u64).await;
+                // Atomic against every other write to these blocks, from any unit on the bdev
+                // (the gate drains writes in flight there and holds later ones).
+                let _lock = self.hold_exclusive(lba, blocks as u64).await;
                 let mut medium = IoBuf::alloc(n);
                 ch.read_buf(lba, &mut medium).await.map_err(|e| bdev_failure(e, false))?;
                 if let Some(off) = first_difference(&medium, &data_out[..n]) {
@@ -550,8 +542,7 @@ impl LogicalUnit {
 
     /// Runs a validated EXTENDED COPY: every segment is checked (units reachable, ranges,
     /// reservations) before the first block moves; then each segment is copied in chunks of
-    /// [`xcopy::CHUNK_BYTES`] through one buffer, holding the destination blocks' write lock
-    /// like any write.
+    /// [`xcopy::CHUNK_BYTES`] through one buffer, each chunk written as an ordinary write.
     async fn extended_copy(&self, nx: &Nexus, plan: &xcopy::Plan, ctx: &Context<'_>, result: &mut CopyResult) -> Result<(), Failure> {
         let units: Vec<Option<CopyUnit>> = plan.cscds.iter().map(|c| self.copy_unit(c, ctx)).collect();
         let unit_at = |i: u16| -> Result<&LogicalUnit, Failure> {
@@ -618,7 +609,7 @@ impl LogicalUnit {
                 let n = per_chunk.min(blocks - off);
                 let bytes = (n * bs) as usize;
                 src_ch.read_buf(seg.src_lba + off, &mut buf[..bytes]).await.map_err(|e| bdev_failure(e, false))?;
-                let _lock = dst.lock_write(seg.dst_lba + off, n).await;
+                let _lock = dst.hold_write(seg.dst_lba + off, n).await;
                 dst_ch.write_buf(seg.dst_lba + off, &buf[..bytes]).await.map_err(|e| bdev_failure(e, true))?;
                 result.bytes += bytes as u64;
             }
@@ -638,7 +629,7 @@ impl LogicalUnit {
 
     /// SANITIZE BLOCK ERASE: every block deallocated (they then read as zeros, LBPRZ). Other
     /// commands get NOT READY meanwhile; writes already running finish first (the erase takes
-    /// the write lock of each range it deallocates).
+    /// each range it deallocates exclusively).
     async fn block_erase(&self, ch: &Channel, g: &Geometry) -> Result<(), Failure> {
         if self.sanitizing.compare_exchange(false, true, Relaxed, Relaxed).is_err() {
             return Err(Sense::new(SenseKey::NotReady, asc::SANITIZE_IN_PROGRESS).into());
@@ -656,7 +647,7 @@ impl LogicalUnit {
         let mut lba = 0;
         while lba < g.num_blocks {
             let n = step.min(g.num_blocks - lba);
-            let _lock = self.lock_write(lba, n).await;
+            let _lock = self.hold_exclusive(lba, n).await;
             ch.unmap(lba, n).await.map_err(|e| bdev_failure(e, true))?;
             lba += n;
         }
@@ -770,7 +761,7 @@ impl LogicalUnit {
         for i in 0..count {
             let (lba, n) = parse(i);
             if n > 0 {
-                let _lock = self.lock_write(lba, n as u64).await;
+                let _lock = self.hold_write(lba, n as u64).await;
                 ch.unmap(lba, n as u64).await.map_err(|e| bdev_failure(e, true))?;
             }
         }
@@ -1062,13 +1053,20 @@ mod tests {
         let cores = ManualCores::new(1);
         let reg = BdevRegistry::new(1);
         let lu = unit(&reg);
-        let held = Rc::new(RefCell::new(None));
+        let held = Rc::new(Cell::new(false));
+        let (release, released) = futures::channel::oneshot::channel::<()>();
         let h = held.clone();
         let l = lu.clone();
-        // A write to blocks 4..6 is in flight (holds its range).
-        cores.enter(0, || reactor::spawn_detached(async move { *h.borrow_mut() = l.lock_write(4, 2).await }));
+        // A write to blocks 4..6 is in flight (holds its range until released).
+        cores.enter(0, || {
+            reactor::spawn_detached(async move {
+                let _hold = l.hold_write(4, 2).await;
+                h.set(true);
+                let _ = released.await;
+            })
+        });
         cores.run_until_idle();
-        assert!(held.borrow().is_some());
+        assert!(held.get());
         let done = Rc::new(Cell::new(false));
         let d = done.clone();
         let l = lu.clone();
@@ -1083,8 +1081,7 @@ mod tests {
         });
         cores.run_until_idle();
         assert!(!done.get(), "COMPARE AND WRITE ran while an overlapping write held its blocks");
-        // Extent locks are released on a core.
-        cores.enter(0, || drop(held.borrow_mut().take()));
+        let _ = release.send(());
         cores.run_until_idle();
         assert!(done.get(), "COMPARE AND WRITE runs once the write is done");
     }

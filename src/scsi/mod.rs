@@ -9,6 +9,7 @@ pub mod lu;
 pub mod mode;
 pub mod pr;
 pub mod sense;
+mod write_gate;
 pub mod xcopy;
 
 pub use cdb::{Command, DataDir, Geometry};

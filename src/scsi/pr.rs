@@ -2,7 +2,7 @@
 //! logical unit, PERSISTENT RESERVE IN and OUT, the access rules every command is checked
 //! against, the unit attentions they raise for other I_T nexuses, and APTPL persistence.
 //!
-//! The state of a bdev is shared by every logical unit on it (like its write locks): an
+//! The state of a bdev is shared by every logical unit on it (like its write gate): an
 //! initiator sees one set of keys whatever target node or LUN it reaches the bdev through. It
 //! sits behind a mutex; commands only take it while a registration exists (an atomic flag says
 //! so), and PR commands are rare control commands.
