@@ -72,10 +72,13 @@ fn host(addr: SocketAddr, nqn: &str) -> Host {
 }
 
 impl Host {
+    /// `data` at block `slba`, 64 KiB per command (within the target's MDTS).
     fn write(&mut self, slba: u64, data: &[u8]) {
-        let nlb = (data.len() / BS) as u32;
-        let (cqe, _) = self.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, slba, nlb), Payload::Out(data)).expect("write completes");
-        assert!(cqe.status().is_success(), "write {slba}+{nlb}: {}", cqe.status());
+        for (i, piece) in data.chunks(PIECE_BLOCKS as usize * BS).enumerate() {
+            let (at, nlb) = (slba + i as u64 * PIECE_BLOCKS, (piece.len() / BS) as u32);
+            let (cqe, _) = self.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, at, nlb), Payload::Out(piece)).expect("write completes");
+            assert!(cqe.status().is_success(), "write {at}+{nlb}: {}", cqe.status());
+        }
     }
 
     /// `len` bytes from block `slba`, read 128 KiB at a time.
@@ -250,7 +253,7 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
     ha.write(0, &after[..1 << 20]);
     assert!(ha.read(0, 1 << 20) == after[..1 << 20], "A keeps serving after the split");
     // Backed up (through A, which reads the image from C).
-    let backup = a.dir.path().join("snap0.img");
+    let backup = a.data_dir().join("backups").join("snap0.img");
     let j = a.rpc("backup_start", json!({"source": "snap0", "path": backup.display().to_string()}));
     let id = j["id"].as_str().unwrap().to_string();
     wait_for("the backup of the image on C", 60, || a.rpc("backup_get", json!({"id": id}))[0]["state"] != "in_progress");
