@@ -245,6 +245,8 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
         assert!(line.is_some_and(|x| x.ends_with(" 1")), "one automatic re-join of {l} counted: {line:?}");
     }
     assert!(m.lines().any(|x| x.starts_with("tidemark_nvme_tcp_reconnects_total{controller=\"rc\"") && !x.ends_with(" 0")), "C's controller reconnected");
+    let info = m.lines().find(|x| x.starts_with("tidemark_nvme_tcp_controller_info{controller=\"rb\""));
+    assert!(info.is_some_and(|x| x.contains("traddr=\"127.0.0.2\"") && x.contains(&format!("subnqn=\"{NQN_B}\""))), "B's path in the metrics: {info:?}");
 
     // (c) C's leg split off: the image stays on C, as of the split, while A goes on.
     a.rpc("bdev_snapshot_create", json!({"bdev_name": "m0", "snapshot_name": "snap0", "method": "split", "base_bdev": "rcn1", "wait_sealed": true}));

@@ -97,6 +97,16 @@ impl Module for TcpModule {
             })
             .collect();
         out.gauge("tidemark_nvme_tcp_controller_state", "State of each attached NVMe/TCP controller (1 for its current state).", &states)?;
+        // The path as labels of a constant gauge, so that a dashboard can join a controller
+        // (and a mirror leg on one of its namespaces) to the node it reaches.
+        let paths: Vec<_> = all
+            .iter()
+            .map(|c| {
+                let l = vec![("controller", c.shared.name.clone()), ("traddr", c.traddr.clone()), ("trsvcid", c.trsvcid.clone()), ("subnqn", c.subnqn.clone())];
+                (l, 1.0)
+            })
+            .collect();
+        out.gauge("tidemark_nvme_tcp_controller_info", "Path of each attached NVMe/TCP controller (value 1; the path is in the labels).", &paths)?;
         let count = |f: &dyn Fn(&Shared) -> u64| all.iter().map(|c| (l(c), f(&c.shared))).collect::<Vec<_>>();
         out.counter(
             "tidemark_nvme_tcp_io_errors",
