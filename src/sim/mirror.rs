@@ -671,9 +671,18 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         let done = Rc::new(RefCell::new(false));
         let d2 = done.clone();
         let seed2: u64 = rng.random();
+        let auto_wait = cfg.auto_rejoin.then(|| Duration::from_nanos(cfg.rejoin_ns * 20));
         world.cores.enter(world.home, || {
             reactor::spawn_detached(async move {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed2);
+                if let Some(wait) = auto_wait {
+                    // Healed, failed legs come back by themselves (the rest is re-joined below).
+                    for (i, inj) in r2.inj.iter().enumerate() {
+                        inj.clear();
+                        sh2.borrow_mut().injected[i] = false;
+                    }
+                    reactor::sleep(wait).await;
+                }
                 for _ in 0..200 {
                     let states = slot_states(&r2.mirror);
                     if states.values().all(|s| *s == "active") && r2.mirror.status().process.is_none() {
