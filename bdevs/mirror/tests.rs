@@ -775,3 +775,30 @@ fn a_failed_leg_rejoins_by_itself_once_it_answers_again_and_only_then() {
     assert_eq!((s.rejoins_auto, s.rejoins_rpc), (2, 1));
     assert_eq!(rig.leg_data(&a, &g), rig.leg_data(&b, &g));
 }
+
+#[test]
+fn a_failed_leg_whose_superblock_is_newer_than_the_mirror_is_not_taken_back_by_itself() {
+    let rig = Rig::new(1);
+    let (a, _) = rig.error_leg("a");
+    let (b, ib) = rig.error_leg("b");
+    let m = rig.mirror("m", &[&a, &b]);
+    let g = m.geometry();
+    m.shared().process_options().auto_rejoin.store(false, Relaxed);
+    ib.set(IoType::Write, ErrorType::Failure, 1);
+    rig.write("m", 0, pattern(1, 4096)).unwrap();
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    rig.idle(2_000_000_000);
+    // Meanwhile the leg was written by another assembly of the mirror (a newer generation):
+    // it is not this mirror's to take back without the operator.
+    let mut sb = rig.superblock(&b).unwrap();
+    sb.generation = m.status().generation + 10;
+    let mut page = vec![0u8; g.page_bytes as usize];
+    sb.encode(&mut page[..SUPERBLOCK_BYTES]);
+    for copy in 0..2 {
+        rig.write("b", g.superblock_block(copy), page.clone()).unwrap();
+    }
+    m.shared().process_options().auto_rejoin.store(true, Relaxed);
+    rig.idle(20_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    assert_eq!(rig.reg.get(&b).unwrap().claimed_by(), None, "the attempts let go of the bdev");
+}
