@@ -460,6 +460,8 @@ fn a_mirror_with_a_remote_leg_survives_the_leg_node_dying_and_rejoins_it() {
     p["reconnect_delay_sec"] = json!(1);
     p["fast_io_fail_timeout_sec"] = json!(2);
     a.rpc("bdev_nvme_attach_controller", p);
+    // This test re-joins by RPC (tests/mirror_remote.rs has the leg come back by itself).
+    a.rpc("bdev_raid_set_options", json!({"auto_rejoin": false}));
     a.rpc("bdev_malloc_create", json!({"name": "l0", "num_blocks": BLOCKS, "block_size": BS}));
     a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["l0", "rbn1"]}));
     let r = raid(&a, "m0");

@@ -48,6 +48,7 @@ fn mirror_simulation_seeds() {
                 && t.failures > count / 10
                 && t.crashes > count / 10
                 && t.rejoins > count / 10
+                && t.auto_rejoins > count / 20
                 && t.enter_waits > count
                 && t.images_after_crash > count / 200,
             "{t:?}"

@@ -21,13 +21,13 @@ use super::channel::join_slots;
 use super::layout::{Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, SUPERBLOCK_BYTES};
 use super::regions::{FAST, UNSYNCED, WAIT_DRAIN};
 use super::{rebuild, AddedLeg, LegMode, MirrorError, MirrorStatus, ProcessStatus, Shared, SlotStatus, SplitSealed, SplitStarted};
-use crate::bdev::{BdevError, Channel, HoldGuard, IoBuf, IoResult};
+use crate::bdev::{BdevEntry, BdevError, Channel, HoldGuard, IoBuf, IoResult};
 use crate::reactor;
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -63,6 +63,14 @@ pub(crate) enum Request {
         reply: oneshot::Sender<IoResult>,
     },
     CleanTick,
+    /// Time to look for failed legs that may be back (`auto_rejoin`).
+    RejoinTick,
+    /// A failed leg's bdev was claimed again and its superblock read (off the control loop):
+    /// `guard` is set when the superblock says the leg is this slot's and it answered.
+    RejoinProbed {
+        slot: usize,
+        guard: Option<HoldGuard>,
+    },
     AddLeg {
         guard: HoldGuard,
         reply: oneshot::Sender<Result<AddedLeg, MirrorError>>,
@@ -172,6 +180,23 @@ impl CtlSlot {
     }
 }
 
+/// A slot's automatic re-join (`auto_rejoin`) and its history.
+#[derive(Default)]
+struct Rejoin {
+    /// The bdev of a leg that failed, kept weakly once its claim is released: the leg may come
+    /// back by itself when the bdev answers again (the same bdev, not one made later under the
+    /// same name: that is the operator's to add).
+    departed: Option<Weak<BdevEntry>>,
+    /// No attempt before this time; the delay doubles after each failed attempt.
+    at_ns: u64,
+    delay_ns: u64,
+    /// An attempt (claim, superblock read) is under way off the control loop.
+    probing: bool,
+    auto: u64,
+    rpc: u64,
+    last: Option<(&'static str, u64)>,
+}
+
 #[derive(Default)]
 struct RegionLock {
     queue: VecDeque<(bool, oneshot::Sender<IoResult>)>,
@@ -241,6 +266,7 @@ pub(crate) struct Ctl {
     written_states: [SlotState; MAX_SLOTS],
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
+    rejoin: [Rejoin; MAX_SLOTS],
     batch: Batch,
 }
 
@@ -268,6 +294,7 @@ impl Ctl {
             written_states: [SlotState::Empty; MAX_SLOTS],
             shutdown_waiters: Vec::new(),
             shutting_down: false,
+            rejoin: Default::default(),
             batch: Batch::default(),
         };
         c.written_states = std::array::from_fn(|i| c.slots[i].rec.state);
@@ -286,10 +313,20 @@ impl Ctl {
         let sh = self.sh.clone();
         reactor::spawn_detached(self.run(rx));
         let interval = Duration::from_nanos(sh.options.clean_interval_ns.max(1_000_000));
+        let sh2 = sh.clone();
         reactor::spawn_detached(async move {
             loop {
                 reactor::sleep(interval).await;
-                if sh.offline.load(SeqCst) || !sh.send(Request::CleanTick) {
+                if sh2.offline.load(SeqCst) || !sh2.send(Request::CleanTick) {
+                    break;
+                }
+            }
+        });
+        let interval = Duration::from_nanos(sh.options.rejoin_interval_ns.max(1_000_000));
+        reactor::spawn_detached(async move {
+            loop {
+                reactor::sleep(interval).await;
+                if sh.offline.load(SeqCst) || !sh.send(Request::RejoinTick) {
                     break;
                 }
             }
@@ -382,8 +419,13 @@ impl Ctl {
                 }
             }
             Request::CleanTick => self.clean(),
-            Request::AddLeg { guard, reply } => match self.add_leg(guard).await {
+            Request::RejoinTick => self.rejoin_tick(),
+            Request::RejoinProbed { slot, guard } => self.rejoin_probed(slot, guard).await,
+            Request::AddLeg { guard, reply } => match self.add_leg(guard, false).await {
                 Ok(info) => {
+                    if info.returning {
+                        self.note_rejoin(info.slot, "rpc", info.regions_to_copy);
+                    }
                     self.batch.need_sb = true;
                     self.batch.after_sb.push(AfterSb::Added(reply, info));
                 }
@@ -646,7 +688,8 @@ impl Ctl {
     }
 
     /// Adds a leg: in memory, with its metadata written; durable with the next superblock.
-    async fn add_leg(&mut self, guard: HoldGuard) -> Result<AddedLeg, MirrorError> {
+    /// `auto`: only a failed leg returning to its own slot (an automatic re-join).
+    async fn add_leg(&mut self, guard: HoldGuard, auto: bool) -> Result<AddedLeg, MirrorError> {
         if self.shutting_down {
             return Err(MirrorError::Busy(format!("mirror {} is shutting down", self.sh.props.name())));
         }
@@ -679,6 +722,9 @@ impl Ctl {
             let s = self.slots.get(sb.slot)?;
             (sb.mirror_uuid == self.sh.props.uuid() && s.rec.leg_uuid == sb.leg_uuid && sb.geometry == self.g).then_some(sb.slot)
         });
+        if auto && !returning.is_some_and(|slot| self.slots[slot].rec.state == SlotState::Failed) {
+            return Err(MirrorError::Invalid(format!("{name} is no longer a failed leg of mirror {}", self.sh.props.name())));
+        }
         let (slot, leg_uuid, returning) = match returning {
             Some(slot) => {
                 let s = &self.slots[slot];
@@ -759,6 +805,116 @@ impl Ctl {
             g.num_regions
         );
         Ok(AddedLeg { slot, returning, regions_to_copy: to_copy })
+    }
+
+    // ---- automatic re-join --------------------------------------------------------------
+
+    /// Counts a leg's return to its slot and forgets the failed bdev it was.
+    fn note_rejoin(&mut self, slot: usize, how: &'static str, regions: u64) {
+        let r = &mut self.rejoin[slot];
+        r.departed = None;
+        r.probing = false;
+        match how {
+            "auto" => r.auto += 1,
+            _ => r.rpc += 1,
+        }
+        r.last = Some((how, regions));
+    }
+
+    /// Whether slot `s` holds a failed leg that may come back by itself.
+    fn rejoin_candidate(&self, s: usize) -> bool {
+        let c = &self.slots[s];
+        c.rec.state == SlotState::Failed && !c.failing && c.guard.is_none() && self.split.as_ref().is_none_or(|sp| sp.slot != s)
+    }
+
+    /// Starts an attempt for each failed leg that is due: its bdev is claimed again (which
+    /// fails while anything else holds it: an operator who took it over keeps it) and its
+    /// superblock read off the control loop, so that a node that hangs holds up nothing here.
+    /// A leg the operator removed, a split-off leg and one that failed at assembly (no bdev
+    /// seen since) are never candidates: only `Failed` slots with a bdev this task released.
+    fn rejoin_tick(&mut self) {
+        if self.shutting_down || !self.sh.process_options().auto_rejoin.load(Relaxed) {
+            return;
+        }
+        let now = reactor::now_ns();
+        for s in 0..MAX_SLOTS {
+            if !self.rejoin_candidate(s) || self.rejoin[s].probing || now < self.rejoin[s].at_ns {
+                continue;
+            }
+            let Some(entry) = self.rejoin[s].departed.as_ref().and_then(Weak::upgrade) else {
+                // Deleted: gone for good (a bdev made again under its name is added by RPC).
+                self.rejoin[s].departed = None;
+                continue;
+            };
+            let Ok(guard) = entry.claim(self.sh.props.name()) else {
+                // Still being released, or held by someone else: later.
+                self.rejoin_backoff(s);
+                continue;
+            };
+            self.rejoin[s].probing = true;
+            let (sh, g, generation, leg_uuid) = (self.sh.clone(), self.g, self.generation, self.slots[s].rec.leg_uuid);
+            reactor::spawn_detached(async move {
+                let ok = match Channel::get(guard.entry()) {
+                    Ok(ch) => match super::assemble::read_superblock_copies(&ch, g.block_size).await.0 {
+                        Some(sb) => {
+                            let ours = sb.mirror_uuid == sh.props.uuid() && sb.slot == s && sb.leg_uuid == leg_uuid && sb.geometry == g;
+                            // A leg that was sealed as an image, or whose superblock is newer
+                            // than the mirror's (written by another assembly of it), is not
+                            // taken back without the operator.
+                            let conflict = sb.flags & FLAG_SEALED_SPLIT != 0 || sb.generation > generation;
+                            if ours && conflict {
+                                log::warn!(
+                                    "mirror {}: failed leg {} answers again but its superblock (generation {}, flags {:#x}) conflicts; not re-joining it by itself",
+                                    sh.props.name(),
+                                    guard.entry().name(),
+                                    sb.generation,
+                                    sb.flags
+                                );
+                            }
+                            ours && !conflict
+                        }
+                        None => false,
+                    },
+                    Err(_) => false,
+                };
+                sh.send(Request::RejoinProbed { slot: s, guard: ok.then_some(guard) });
+            });
+        }
+    }
+
+    fn rejoin_backoff(&mut self, s: usize) {
+        let base = self.sh.options.rejoin_interval_ns.max(1);
+        let r = &mut self.rejoin[s];
+        r.probing = false;
+        r.delay_ns = (r.delay_ns.max(base) * 2).min(base * super::REJOIN_BACKOFF_MAX);
+        r.at_ns = reactor::now_ns() + r.delay_ns;
+    }
+
+    async fn rejoin_probed(&mut self, slot: usize, guard: Option<HoldGuard>) {
+        let auto = self.sh.process_options().auto_rejoin.load(Relaxed);
+        let Some(guard) = guard.filter(|_| auto && !self.shutting_down && slot < MAX_SLOTS && self.rejoin_candidate(slot)) else {
+            if slot < MAX_SLOTS {
+                self.rejoin_backoff(slot);
+            }
+            return;
+        };
+        let leg = guard.entry().name().to_string();
+        match self.add_leg(guard, true).await {
+            Ok(info) => {
+                log::info!(
+                    "mirror {}: failed leg {leg} answers again and re-joins by itself; {} region(s) to copy",
+                    self.sh.props.name(),
+                    info.regions_to_copy
+                );
+                self.note_rejoin(slot, "auto", info.regions_to_copy);
+                self.rejoin[slot].delay_ns = 0;
+                self.batch.need_sb = true;
+            }
+            Err(e) => {
+                log::warn!("mirror {}: failed leg {leg} could not re-join by itself: {e}", self.sh.props.name());
+                self.rejoin_backoff(slot);
+            }
+        }
     }
 
     // ---- split ------------------------------------------------------------------------
@@ -1309,6 +1465,10 @@ impl Ctl {
         self.sh.layout_gen.fetch_add(1, SeqCst);
         s.ch = None;
         let Some(guard) = s.guard.take() else { return };
+        let r = &mut self.rejoin[slot];
+        r.departed = (s.rec.state == SlotState::Failed).then(|| Arc::downgrade(guard.entry()));
+        r.delay_ns = self.sh.options.rejoin_interval_ns;
+        r.at_ns = reactor::now_ns() + r.delay_ns;
         let sh = self.sh.clone();
         reactor::spawn_detached(async move {
             let deadline = reactor::now_ns() + RELEASE_WAIT.as_nanos() as u64;
@@ -1359,6 +1519,9 @@ impl Ctl {
                     state: super::slot_state_name(c.rec.state, c.failing),
                     stale_regions: if c.rec.state == SlotState::Active && !c.failing { 0 } else { self.stale[s].count() },
                     image: c.rec.image.clone(),
+                    rejoins_auto: self.rejoin[s].auto,
+                    rejoins_rpc: self.rejoin[s].rpc,
+                    last_rejoin: self.rejoin[s].last,
                 }
             })
             .collect();

@@ -45,6 +45,7 @@ impl Module for MirrorSubsystem {
         let mut leg_errors = Vec::new();
         let mut leg_qd = Vec::new();
         let mut leg_stale = Vec::new();
+        let mut leg_rejoins = Vec::new();
         for m in mirrors {
             let sh = m.shared();
             let st = m.status();
@@ -75,6 +76,11 @@ impl Module for MirrorSubsystem {
                 with_state.push(("state", s.state.to_string()));
                 leg_state.push((with_state, 1.0));
                 leg_stale.push((ll.clone(), s.stale_regions as f64));
+                for (how, n) in [("auto", s.rejoins_auto), ("rpc", s.rejoins_rpc)] {
+                    let mut v = ll.clone();
+                    v.push(("how", how.to_string()));
+                    leg_rejoins.push((v, n));
+                }
                 if s.slot >= MAX_SLOTS {
                     continue;
                 }
@@ -122,6 +128,11 @@ impl Module for MirrorSubsystem {
         out.counter("tidemark_mirror_splits", "Legs split off as point-in-time images.", &splits)?;
         out.gauge("tidemark_mirror_leg_state", "State of each leg of a mirror (value 1; the state is a label).", &leg_state)?;
         out.gauge("tidemark_mirror_leg_stale_regions", "Regions a leg misses (departed) or still has to receive (rebuilding).", &leg_stale)?;
+        out.counter(
+            "tidemark_mirror_leg_rejoins",
+            "Returns of a departed leg to its slot (incremental re-joins), by itself (how=auto) or by bdev_raid_add_base_bdev (how=rpc).",
+            &leg_rejoins,
+        )?;
         out.counter("tidemark_mirror_leg_ops", "I/O operations each leg completed for its mirror.", &leg_ops)?;
         out.counter("tidemark_mirror_leg_errors", "I/O operations each leg failed for its mirror.", &leg_errors)?;
         out.gauge("tidemark_mirror_leg_queue_depth", "I/O operations in flight on each leg for its mirror.", &leg_qd)?;

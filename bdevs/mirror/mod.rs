@@ -100,11 +100,15 @@ pub struct MirrorOptions {
     /// Options of this mirror's background processes; `None`: the module's
     /// ([`PROCESS_OPTIONS`], set by `bdev_raid_set_options`).
     pub process: Option<Arc<ProcessOptions>>,
+    /// How often the control task looks for failed legs that may have come back (when
+    /// `auto_rejoin` is on); a leg whose attempt failed is tried again after up to
+    /// [`REJOIN_BACKOFF_MAX`] times this.
+    pub rejoin_interval_ns: u64,
 }
 
 impl Default for MirrorOptions {
     fn default() -> Self {
-        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None }
+        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None, rejoin_interval_ns: 1_000_000_000 }
     }
 }
 
@@ -115,11 +119,19 @@ pub struct ProcessOptions {
     pub window_bytes: AtomicU64,
     /// Rebuild bandwidth limit in MiB/s; 0 = unlimited.
     pub max_bandwidth_mb_sec: AtomicU64,
+    /// A leg dropped after I/O errors re-joins by itself (incrementally) once its bdev answers
+    /// again, e.g. once a remote leg's NVMe/TCP controller reconnected (tidemark's
+    /// `auto_rejoin`; SPDK has no such option).
+    pub auto_rejoin: AtomicBool,
 }
+
+/// A failed leg whose re-join attempt failed is tried again after a delay that doubles up to
+/// this many times the mirror's `rejoin_interval_ns`.
+pub const REJOIN_BACKOFF_MAX: u64 = 8;
 
 impl ProcessOptions {
     pub const fn new() -> ProcessOptions {
-        ProcessOptions { window_bytes: AtomicU64::new(1 << 20), max_bandwidth_mb_sec: AtomicU64::new(0) }
+        ProcessOptions { window_bytes: AtomicU64::new(1 << 20), max_bandwidth_mb_sec: AtomicU64::new(0), auto_rejoin: AtomicBool::new(true) }
     }
 }
 
@@ -135,9 +147,16 @@ pub static PROCESS_OPTIONS: ProcessOptions = ProcessOptions::new();
 /// the defaults (for `save_config`).
 pub fn options_call() -> Option<(&'static str, serde_json::Value)> {
     let (window, bw) = (PROCESS_OPTIONS.window_bytes.load(Relaxed), PROCESS_OPTIONS.max_bandwidth_mb_sec.load(Relaxed));
+    let auto = PROCESS_OPTIONS.auto_rejoin.load(Relaxed);
     let d = ProcessOptions::new();
-    (window != d.window_bytes.load(Relaxed) || bw != d.max_bandwidth_mb_sec.load(Relaxed))
-        .then(|| ("bdev_raid_set_options", serde_json::json!({"process_window_size_kb": window / 1024, "process_max_bandwidth_mb_sec": bw})))
+    (window != d.window_bytes.load(Relaxed) || bw != d.max_bandwidth_mb_sec.load(Relaxed) || auto != d.auto_rejoin.load(Relaxed)).then(|| {
+        let mut p = serde_json::json!({"process_window_size_kb": window / 1024, "process_max_bandwidth_mb_sec": bw});
+        // Only when off: SPDK does not know the option, and its default needs no line.
+        if !auto {
+            p["auto_rejoin"] = serde_json::json!(false);
+        }
+        ("bdev_raid_set_options", p)
+    })
 }
 
 /// What the data path may do with a slot's leg.
@@ -237,6 +256,11 @@ pub struct SlotStatus {
     pub stale_regions: u64,
     /// For a split leg: its image's name.
     pub image: String,
+    /// Times the leg came back to its slot incrementally: by itself, and by RPC.
+    pub rejoins_auto: u64,
+    pub rejoins_rpc: u64,
+    /// The last return to this slot: how ("auto" or "rpc") and the regions it had to receive.
+    pub last_rejoin: Option<(&'static str, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -555,6 +579,8 @@ pub fn describe(m: &MirrorBdev) -> Value {
                 "data_size": g.data_blocks,
                 "stale_regions": x.stale_regions,
                 "image": if x.image.is_empty() { Value::Null } else { json!(x.image) },
+                "rejoins": { "auto": x.rejoins_auto, "rpc": x.rejoins_rpc },
+                "last_rejoin": x.last_rejoin.map_or(Value::Null, |(how, n)| json!({ "how": how, "regions_to_copy": n })),
             })
         })
         .collect();

@@ -190,14 +190,41 @@ fn get_bdevs(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if !matches!(category.as_str(), "all" | "online" | "configuring" | "offline") {
         return Err(RpcError::invalid_params(format!("field `category`: {category:?} is not one of all, online, configuring, offline")));
     }
-    let out: Vec<Value> = t
+    let mut out: Vec<Value> = t
         .bdevs
         .list()
         .iter()
         .filter_map(|e| e.bdev().as_any().downcast_ref::<MirrorBdev>().map(describe))
         .filter(|d| category == "all" || d["state"] == category.as_str())
         .collect();
+    for m in out.iter_mut() {
+        if let Some(legs) = m["base_bdevs_list"].as_array_mut() {
+            for leg in legs {
+                let remote = leg["name"].as_str().and_then(|n| t.bdevs.get(n)).and_then(|e| remote_path(&e.bdev().driver_specific()));
+                if let Some(r) = remote {
+                    leg["remote"] = r;
+                }
+            }
+        }
+    }
     Ok(Value::Array(out))
+}
+
+/// Where a leg that is an NVMe-oF initiator bdev lives: its path and its controller's state,
+/// from what the bdev tells `bdev_get_bdevs` (`driver_specific.nvme[0]`), so that the mirror
+/// needs nothing of the initiator module.
+fn remote_path(ds: &Value) -> Option<Value> {
+    let n = ds.get("nvme")?.get(0)?;
+    let trid = n.get("trid")?;
+    Some(json!({
+        "trtype": trid.get("trtype")?.as_str()?.to_ascii_lowercase(),
+        "adrfam": trid.get("adrfam"),
+        "traddr": trid.get("traddr")?,
+        "trsvcid": trid.get("trsvcid"),
+        "subnqn": trid.get("subnqn"),
+        "nsid": n.get("ns_data").and_then(|d| d.get("id")),
+        "state": n.get("state"),
+    }))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -270,6 +297,12 @@ struct SetOptions {
     process_window_size_kb: Option<u64>,
     #[serde(default)]
     process_max_bandwidth_mb_sec: Option<u64>,
+    /// A leg dropped after I/O errors re-joins by itself, incrementally, once its bdev answers
+    /// again (a remote leg's controller reconnected). Default true; tidemark's own option.
+    /// Legs removed by `bdev_raid_remove_base_bdev` and split-off legs never re-join by
+    /// themselves.
+    #[serde(default)]
+    auto_rejoin: Option<bool>,
 }
 
 fn set_options(_t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
@@ -284,6 +317,9 @@ fn set_options(_t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     }
     if let Some(bw) = p.process_max_bandwidth_mb_sec {
         PROCESS_OPTIONS.max_bandwidth_mb_sec.store(bw, Relaxed);
+    }
+    if let Some(auto) = p.auto_rejoin {
+        PROCESS_OPTIONS.auto_rejoin.store(auto, Relaxed);
     }
     Ok(json!(true))
 }

@@ -17,7 +17,7 @@ const REGION: u64 = 64 << 10;
 const REGION_BLOCKS: u64 = REGION / BS as u64;
 
 fn options() -> MirrorOptions {
-    MirrorOptions { region_bytes: REGION, clean_interval_ns: 10_000_000, process: Some(Arc::new(ProcessOptions::new())) }
+    MirrorOptions { region_bytes: REGION, clean_interval_ns: 10_000_000, process: Some(Arc::new(ProcessOptions::new())), rejoin_interval_ns: 1_000_000_000 }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -714,4 +714,91 @@ fn writes_from_another_core_go_through_the_home_core() {
     });
     assert_eq!(back.unwrap(), d);
     assert_eq!(rig.leg_data("b", &g)[(3 * REGION) as usize..(3 * REGION) as usize + 4096], d[..]);
+}
+
+#[test]
+fn a_failed_leg_rejoins_by_itself_once_it_answers_again_and_only_then() {
+    let rig = Rig::new(1);
+    let (a, _) = rig.error_leg("a");
+    let (b, ib) = rig.error_leg("b");
+    let m = rig.mirror("m", &[&a, &b]);
+    let g = m.geometry();
+    for r in 0..10 {
+        rig.write("m", r * REGION_BLOCKS, pattern(r, 4096)).unwrap();
+    }
+    rig.idle(50_000_000);
+    // b fails every write: it is dropped, and attempts to take it back fail (its metadata
+    // cannot be written), backing off.
+    ib.set(IoType::Write, ErrorType::Failure, 0);
+    rig.write("m", 20 * REGION_BLOCKS, pattern(20, 4096)).unwrap();
+    rig.write("m", 30 * REGION_BLOCKS, pattern(30, 4096)).unwrap();
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    rig.idle(5_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "failed", "a leg that still fails writes stays out");
+    // Healed: it comes back by itself, with only what it missed.
+    ib.clear();
+    rig.idle(10_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "active");
+    let s = m.status().slots.into_iter().find(|s| s.name == b).unwrap();
+    assert_eq!((s.rejoins_auto, s.rejoins_rpc), (1, 0));
+    assert_eq!(s.last_rejoin, Some(("auto", 2)), "only the two regions written while it was out");
+    assert_eq!(rig.leg_data(&a, &g), rig.leg_data(&b, &g));
+
+    // Removed by the operator: never taken back by itself.
+    let m2 = m.clone();
+    let b2 = b.clone();
+    rig.run(async move { m2.remove_leg(&b2).await }).unwrap();
+    rig.idle(5_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "removed");
+    let guard = rig.reg.get(&b).unwrap().claim("m").unwrap();
+    let m2 = m.clone();
+    assert!(rig.run(async move { m2.add_leg(guard).await }).unwrap().returning);
+    rig.idle(1_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "active");
+
+    // With auto_rejoin off, a failed leg stays out until it is added.
+    m.shared().process_options().auto_rejoin.store(false, Relaxed);
+    ib.set(IoType::Write, ErrorType::Failure, 1);
+    rig.write("m", 40 * REGION_BLOCKS, pattern(40, 4096)).unwrap();
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    rig.idle(5_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    // Held by someone else meanwhile: not taken even when the option is back on.
+    let held = rig.reg.get(&b).unwrap().open("export").unwrap();
+    m.shared().process_options().auto_rejoin.store(true, Relaxed);
+    rig.idle(10_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    drop(held);
+    rig.idle(10_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "active");
+    let s = m.status().slots.into_iter().find(|s| s.name == b).unwrap();
+    assert_eq!((s.rejoins_auto, s.rejoins_rpc), (2, 1));
+    assert_eq!(rig.leg_data(&a, &g), rig.leg_data(&b, &g));
+}
+
+#[test]
+fn a_failed_leg_whose_superblock_is_newer_than_the_mirror_is_not_taken_back_by_itself() {
+    let rig = Rig::new(1);
+    let (a, _) = rig.error_leg("a");
+    let (b, ib) = rig.error_leg("b");
+    let m = rig.mirror("m", &[&a, &b]);
+    let g = m.geometry();
+    m.shared().process_options().auto_rejoin.store(false, Relaxed);
+    ib.set(IoType::Write, ErrorType::Failure, 1);
+    rig.write("m", 0, pattern(1, 4096)).unwrap();
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    rig.idle(2_000_000_000);
+    // Meanwhile the leg was written by another assembly of the mirror (a newer generation):
+    // it is not this mirror's to take back without the operator.
+    let mut sb = rig.superblock(&b).unwrap();
+    sb.generation = m.status().generation + 10;
+    let mut page = vec![0u8; g.page_bytes as usize];
+    sb.encode(&mut page[..SUPERBLOCK_BYTES]);
+    for copy in 0..2 {
+        rig.write("b", g.superblock_block(copy), page.clone()).unwrap();
+    }
+    m.shared().process_options().auto_rejoin.store(true, Relaxed);
+    rig.idle(20_000_000_000);
+    assert_eq!(rig.state_of(&m, &b), "failed");
+    assert_eq!(rig.reg.get(&b).unwrap().claimed_by(), None, "the attempts let go of the bdev");
 }

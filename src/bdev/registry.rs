@@ -8,7 +8,7 @@
 use super::stats::BdevStats;
 use super::{Bdev, CreateError};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -35,6 +35,10 @@ pub struct BdevEntry {
     /// Rate limits (`bdev_set_qos_limit`), read by every core's channel.
     qos: super::qos::Qos,
     holders: Mutex<Vec<Holder>>,
+    /// Unregistered (under the holders lock): no new claim or open. Something that kept the
+    /// entry of a bdev it let go (a mirror that may take a failed leg back by itself) must not
+    /// get hold of a bdev that is being deleted.
+    retired: AtomicBool,
 }
 
 static NEXT_HOLD: AtomicU64 = AtomicU64::new(1);
@@ -78,6 +82,9 @@ impl BdevEntry {
     /// Claims the bdev for `by` (a virtual bdev's name). Fails if claimed or open already.
     pub fn claim(self: &Arc<Self>, by: &str) -> Result<HoldGuard, CreateError> {
         let mut h = self.holders();
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(CreateError::NotFound(self.name().to_string()));
+        }
         if let Some(other) = h.first() {
             return Err(CreateError::Busy { name: self.name().to_string(), by: other.by.clone() });
         }
@@ -89,6 +96,9 @@ impl BdevEntry {
     /// Opens the bdev for `by` (an export or a job). Fails if a virtual bdev claims it.
     pub fn open(self: &Arc<Self>, by: &str) -> Result<HoldGuard, CreateError> {
         let mut h = self.holders();
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(CreateError::NotFound(self.name().to_string()));
+        }
         if let Some(c) = h.iter().find(|x| x.kind == HolderKind::Claim) {
             return Err(CreateError::Busy { name: self.name().to_string(), by: c.by.clone() });
         }
@@ -202,6 +212,7 @@ impl BdevRegistry {
             stats: BdevStats::new(self.cores),
             qos: Default::default(),
             holders: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
         });
         self.resize.track(&name, entry.bdev().props().block_count());
         m.insert(name, entry.clone());
@@ -230,8 +241,12 @@ impl BdevRegistry {
     pub fn unregister(&self, name: &str) -> Result<Arc<BdevEntry>, CreateError> {
         let mut m = self.map();
         let entry = m.get(name).ok_or_else(|| CreateError::NotFound(name.to_string()))?;
-        if let Some(h) = entry.holders().first() {
-            return Err(CreateError::Busy { name: name.to_string(), by: h.by.clone() });
+        {
+            let holders = entry.holders();
+            if let Some(h) = holders.first() {
+                return Err(CreateError::Busy { name: name.to_string(), by: h.by.clone() });
+            }
+            entry.retired.store(true, Ordering::SeqCst);
         }
         let e = m.remove(name).expect("entry checked above");
         drop(m);

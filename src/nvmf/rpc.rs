@@ -3,8 +3,8 @@
 //! ignored so that SPDK scripts run unchanged; unknown ones are refused, naming the field.
 
 use super::auth::{DhGroup, Digest, Secret};
-use super::tls::ConfiguredPsk;
 use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
+use super::tls::ConfiguredPsk;
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
 use crate::keyring::KeyRef;
@@ -356,9 +356,7 @@ struct Listener {
 
 impl SpdkParams for Listener {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![
-            ("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used"),
-        ]
+        vec![("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used")]
     }
 }
 
@@ -456,9 +454,7 @@ struct AddNs {
 
 impl SpdkParams for AddNs {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![
-            ("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported"),
-        ]
+        vec![("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported")]
     }
 }
 
@@ -477,7 +473,9 @@ fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let n = nvmf(t)?;
     let s = find_nvme(n, &p.nqn)?;
     let entry = t.bdevs.get(&ns.bdev_name).ok_or_else(|| RpcError::invalid_params(format!("field `namespace.bdev_name`: no bdev named {}", ns.bdev_name)))?;
-    let added = s.add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64, ptpl_file: ns.ptpl_file.as_ref().map(std::path::PathBuf::from) }).map_err(RpcError::invalid_params)?;
+    let added = s
+        .add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64, ptpl_file: ns.ptpl_file.as_ref().map(std::path::PathBuf::from) })
+        .map_err(RpcError::invalid_params)?;
     let nsid = added.nsid;
     drop(added);
     for c in s.controllers() {

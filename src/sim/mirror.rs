@@ -54,6 +54,9 @@ struct Cfg {
     clean_ns: u64,
     bandwidth_mb: u64,
     latency: Latency,
+    /// Failed legs re-join by themselves once healed (`auto_rejoin`), probed this often.
+    auto_rejoin: bool,
+    rejoin_ns: u64,
 }
 
 impl Cfg {
@@ -71,6 +74,9 @@ impl Cfg {
             clean_ns: r.random_range(50_000..=2_000_000),
             bandwidth_mb: if r.random_bool(0.3) { r.random_range(50..=500) } else { 0 },
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=80_000) },
+            // Drawn last: the fields above stay what they were for every seed.
+            auto_rejoin: r.random_bool(0.5),
+            rejoin_ns: r.random_range(100_000..=2_000_000),
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct Outcome {
     pub splits: u64,
     pub sealed_checked: u64,
     pub rejoins: u64,
+    /// Failed legs that, once healed, re-joined by themselves (`auto_rejoin`).
+    pub auto_rejoins: u64,
     pub crashes: u64,
     pub rebuilds_checked: u64,
     /// Host writes that asked the control task to enter a region (waits the mirror needs for
@@ -115,6 +123,7 @@ impl Outcome {
         self.splits += o.splits;
         self.sealed_checked += o.sealed_checked;
         self.rejoins += o.rejoins;
+        self.auto_rejoins += o.auto_rejoins;
         self.crashes += o.crashes;
         self.rebuilds_checked += o.rebuilds_checked;
         self.enter_waits += o.enter_waits;
@@ -211,8 +220,10 @@ impl World {
             region_bytes: cfg.region_blocks * SIM_BLOCK as u64,
             clean_interval_ns: cfg.clean_ns,
             process: Some(Arc::new(ProcessOptions::new())),
+            rejoin_interval_ns: cfg.rejoin_ns,
         };
         if let Some(p) = &options.process {
+            p.auto_rejoin.store(cfg.auto_rejoin, Relaxed);
             p.max_bandwidth_mb_sec.store(cfg.bandwidth_mb, Relaxed);
             p.window_bytes.store(SIM_BLOCK as u64 * rng.random_range(1..=16), Relaxed);
         }
@@ -408,6 +419,15 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
                     if let Err(e) = split(&sh, &w, &leg, cfg.data_blocks).await {
                         return fail(&sh, e);
                     }
+                }
+            }
+            // Heal a failed leg and let it come back by itself (`auto_rejoin`).
+            2 | 3 if cfg.auto_rejoin && rng.random_bool(0.5) => {
+                let failed: Vec<String> = states.iter().filter(|(n, s)| **s == "failed" && !n.is_empty()).map(|(n, _)| n.clone()).collect();
+                if !failed.is_empty() {
+                    let i = leg_index(&failed[rng.random_range(0..failed.len())]);
+                    w.inj[i].clear();
+                    sh.borrow_mut().injected[i] = false;
                 }
             }
             // Bring departed legs back (healed); images re-join after a last check.
@@ -651,9 +671,18 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         let done = Rc::new(RefCell::new(false));
         let d2 = done.clone();
         let seed2: u64 = rng.random();
+        let auto_wait = cfg.auto_rejoin.then(|| Duration::from_nanos(cfg.rejoin_ns * 20));
         world.cores.enter(world.home, || {
             reactor::spawn_detached(async move {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed2);
+                if let Some(wait) = auto_wait {
+                    // Healed, failed legs come back by themselves (the rest is re-joined below).
+                    for (i, inj) in r2.inj.iter().enumerate() {
+                        inj.clear();
+                        sh2.borrow_mut().injected[i] = false;
+                    }
+                    reactor::sleep(wait).await;
+                }
                 for _ in 0..200 {
                     let states = slot_states(&r2.mirror);
                     if states.values().all(|s| *s == "active") && r2.mirror.status().process.is_none() {
@@ -692,7 +721,11 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 ));
             }
         }
-        sh.borrow_mut().out.rebuilds_checked += 1;
+        {
+            let mut s = sh.borrow_mut();
+            s.out.rebuilds_checked += 1;
+            s.out.auto_rejoins += world.mirror.status().slots.iter().map(|x| x.rejoins_auto).sum::<u64>();
+        }
         let (sh2, e, n) = (sh.clone(), world.entry.clone(), cfg.data_blocks);
         let done = Rc::new(RefCell::new(false));
         let d2 = done.clone();

@@ -168,8 +168,12 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status (at most `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        // SAFETY: kill on the PID of a child we spawned and have not reaped.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill on the PID of a child we spawned and have not reaped. A frozen daemon
+        // (`freeze`) is let go first, or it would not act on SIGTERM.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGCONT);
+            libc::kill(c.id() as i32, libc::SIGTERM)
+        };
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(s)) = c.try_wait() {
@@ -205,6 +209,23 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGSTOP: a hung node (its sockets stay open, nothing answers).
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen daemon go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill on the PID of a child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, sig) };
         }
     }
 

@@ -1,0 +1,276 @@
+//! A mirror whose legs live on other nodes (issue #15, items 2 and 6). Three tidemarkd nodes on
+//! this machine, each with its own loopback address, data directory and RPC socket: node A
+//! holds mirror m0 = a local leg + a leg on B + a leg on C (file-backed, so that they survive
+//! kill -9), attached over NVMe/TCP. A host writes through A's NVMe/TCP export while B is
+//! killed with -9 and restarted, then while C hangs (SIGSTOP) and goes on (SIGCONT): the host
+//! sees no error and a latency bounded by `fast_io_fail_timeout_sec`, each leg comes back by
+//! itself and gets only the regions written while it was away, and afterwards every leg holds
+//! what the host wrote. Then C's leg is split off: its sealed image is backed up through A and
+//! opened and exported on C itself, while A keeps serving.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
+use tidemark::nvmf::spec::io_opc;
+
+const NQN_A: &str = "nqn.2016-06.io.tidemark:node-a";
+const NQN_B: &str = "nqn.2016-06.io.tidemark:node-b";
+const NQN_C: &str = "nqn.2016-06.io.tidemark:node-c";
+const NQN_IMG: &str = "nqn.2016-06.io.tidemark:node-c-image";
+const BS: usize = 512;
+/// Blocks of each leg (64 MiB).
+const BLOCKS: u64 = 131072;
+/// The host writes 64 KiB pieces over the first 8 MiB.
+const PIECE_BLOCKS: u64 = 128;
+const PIECES: u64 = 128;
+const SPAN: usize = (PIECES * PIECE_BLOCKS) as usize * BS;
+
+fn export_on(d: &Daemon, nqn: &str, bdev: &str, addr: SocketAddr) -> SocketAddr {
+    // The transport exists after the node's first export.
+    let _ = d.try_rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": nqn, "serial_number": "SN-REMOTE-1", "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": bdev, "nsid": 1}}));
+    let listen = json!({"trtype": "TCP", "adrfam": "IPv4", "traddr": addr.ip().to_string(), "trsvcid": addr.port().to_string()});
+    d.rpc("nvmf_subsystem_add_listener", json!({"nqn": nqn, "listen_address": listen}));
+    addr
+}
+
+/// A leg node: a file leg with a fixed UUID (the same bdev after a restart), exported.
+fn setup_leg_node(d: &Daemon, nqn: &str, addr: SocketAddr, uuid: &str) {
+    d.rpc("bdev_uring_create", json!({"name": "u0", "filename": "leg.img", "size_mb": 64, "block_size": BS, "uuid": uuid}));
+    export_on(d, nqn, "u0", addr);
+}
+
+fn attach(a: &Daemon, name: &str, addr: SocketAddr, nqn: &str) {
+    a.rpc(
+        "bdev_nvme_attach_controller",
+        json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": addr.ip().to_string(), "trsvcid": addr.port().to_string(), "subnqn": nqn,
+               "ctrlr_loss_timeout_sec": 120, "reconnect_delay_sec": 1, "fast_io_fail_timeout_sec": 2}),
+    );
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i / BS) as u8).wrapping_mul(7).wrapping_add(i as u8).wrapping_add(seed)).collect()
+}
+
+struct Host {
+    _c: Controller,
+    q: Qpair,
+}
+
+fn host(addr: SocketAddr, nqn: &str) -> Host {
+    let o = QpairOptions { timeout: Duration::from_secs(30), ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, nqn, &o).expect("connect");
+    let q = c.connect_io(1, 64).expect("io queue");
+    Host { _c: c, q }
+}
+
+impl Host {
+    /// `data` at block `slba`, 64 KiB per command (within the target's MDTS).
+    fn write(&mut self, slba: u64, data: &[u8]) {
+        for (i, piece) in data.chunks(PIECE_BLOCKS as usize * BS).enumerate() {
+            let (at, nlb) = (slba + i as u64 * PIECE_BLOCKS, (piece.len() / BS) as u32);
+            let (cqe, _) = self.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, at, nlb), Payload::Out(piece)).expect("write completes");
+            assert!(cqe.status().is_success(), "write {at}+{nlb}: {}", cqe.status());
+        }
+    }
+
+    /// `len` bytes from block `slba`, read 128 KiB at a time.
+    fn read(&mut self, slba: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let step = 256usize;
+        let mut b = slba;
+        while out.len() < len {
+            let n = step.min((len - out.len()) / BS);
+            let (cqe, data) = self.q.execute(Qpair::rw_sqe(io_opc::READ, 1, b, n as u32), Payload::In(n * BS)).expect("read completes");
+            assert!(cqe.status().is_success(), "read {b}+{n}: {}", cqe.status());
+            out.extend_from_slice(&data[..n * BS]);
+            b += n as u64;
+        }
+        out
+    }
+}
+
+fn raid(d: &Daemon) -> Value {
+    let all = d.rpc("bdev_raid_get_bdevs", json!({"category": "all"}));
+    all.as_array().and_then(|v| v.iter().find(|r| r["name"] == "m0").cloned()).unwrap_or_else(|| panic!("no m0 in {all}"))
+}
+
+fn leg(r: &Value, name: &str) -> Value {
+    r["base_bdevs_list"].as_array().and_then(|v| v.iter().find(|b| b["name"] == name).cloned()).unwrap_or(Value::Null)
+}
+
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out ({secs} s) waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t0.elapsed()
+}
+
+/// Waits for `name` to have re-joined by itself `n` times and to be in sync again; returns the
+/// regions that re-join copied.
+fn wait_auto_rejoin(a: &Daemon, name: &str, n: u64) -> u64 {
+    let took = wait_for(&format!("{name} to re-join by itself"), 40, || {
+        let l = leg(&raid(a), name);
+        l["rejoins"]["auto"] == n && l["state"] == "active"
+    });
+    let l = leg(&raid(a), name);
+    assert_eq!(l["last_rejoin"]["how"], "auto", "{l}");
+    println!("{name}: back in sync {took:?} after its node returned; {l}");
+    l["last_rejoin"]["regions_to_copy"].as_u64().unwrap_or(u64::MAX)
+}
+
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Duration, u64, Vec<u8>, u64)>,
+}
+
+/// A host writing 64 KiB pieces over the first 8 MiB of A's export, round after round, until
+/// stopped: (max latency, errors, what the volume must hold, writes).
+fn start_writer(addr: SocketAddr) -> Writer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut h = host(addr, NQN_A);
+        let (mut max, mut errors, mut writes, mut round) = (Duration::ZERO, 0, 0, 0u8);
+        let mut expect = vec![0u8; SPAN];
+        while !s.load(Relaxed) {
+            for piece in 0..PIECES {
+                let data = pattern(PIECE_BLOCKS as usize * BS, round.wrapping_mul(31).wrapping_add(piece as u8));
+                let t0 = Instant::now();
+                let (cqe, _) = h.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, piece * PIECE_BLOCKS, PIECE_BLOCKS as u32), Payload::Out(&data)).expect("A answers");
+                max = max.max(t0.elapsed());
+                writes += 1;
+                if cqe.status().is_success() {
+                    let at = (piece * PIECE_BLOCKS) as usize * BS;
+                    expect[at..at + data.len()].copy_from_slice(&data);
+                } else {
+                    errors += 1;
+                }
+                // Some pacing: the test machine is shared, and the rounds need not be fast.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            round = round.wrapping_add(1);
+        }
+        (max, errors, expect, writes)
+    });
+    Writer { stop, thread }
+}
+
+#[test]
+fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itself_and_splits_to_a_node() {
+    let t_start = Instant::now();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let c_addr: SocketAddr = format!("127.0.0.3:{}", free_port()).parse().unwrap();
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut b = Daemon::start(MINIMAL_CONFIG);
+    setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b0");
+    let c = Daemon::start(MINIMAL_CONFIG);
+    setup_leg_node(&c, NQN_C, c_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789c0");
+    let a = Daemon::start(MINIMAL_CONFIG);
+    // A hung node answers no Keep Alive: with a 2 s timeout (sent every second) A notices
+    // within about 2 s; a connect attempt to it gives up after 1 s.
+    a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000}));
+    attach(&a, "rb", b_addr, NQN_B);
+    attach(&a, "rc", c_addr, NQN_C);
+    a.rpc("bdev_malloc_create", json!({"name": "l0", "num_blocks": BLOCKS, "block_size": BS}));
+    a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["l0", "rbn1", "rcn1"]}));
+    let r = raid(&a);
+    assert_eq!(r["num_base_bdevs_operational"], 3, "{r}");
+    let num_regions = r["num_regions"].as_u64().unwrap();
+    let data_offset = leg(&r, "rbn1")["data_offset"].as_u64().unwrap();
+    // Item 6: a remote leg shows where it lives.
+    let rb = leg(&r, "rbn1");
+    assert_eq!(rb["remote"]["trtype"], "tcp", "{rb}");
+    assert_eq!(rb["remote"]["traddr"], "127.0.0.2", "{rb}");
+    assert_eq!(rb["remote"]["trsvcid"], b_addr.port().to_string(), "{rb}");
+    assert_eq!(rb["remote"]["subnqn"], NQN_B, "{rb}");
+    assert_eq!(rb["remote"]["state"], "enabled", "{rb}");
+    assert_eq!(leg(&r, "rcn1")["remote"]["traddr"], "127.0.0.3");
+    assert!(leg(&r, "l0").get("remote").is_none(), "a local leg has no remote path: {r}");
+    export_on(&a, NQN_A, "m0", a_addr);
+
+    let w = start_writer(a_addr);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // (a) B dies (kill -9) and comes back: its leg is dropped, then re-joins by itself.
+    b.kill9();
+    let t_fail = wait_for("the mirror to drop B's leg", 20, || leg(&raid(&a), "rbn1")["state"] == "failed");
+    println!("B's leg dropped {t_fail:?} after kill -9");
+    std::thread::sleep(Duration::from_secs(1));
+    b.restart();
+    setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b0");
+    let copied_b = wait_auto_rejoin(&a, "rbn1", 1);
+    assert!(copied_b >= 1 && copied_b < num_regions, "B's re-join is incremental: {copied_b} of {num_regions} regions");
+
+    // (b) C hangs (SIGSTOP) past fast_io_fail_timeout_sec, then goes on.
+    c.freeze();
+    let t_fail = wait_for("the mirror to drop C's hung leg", 20, || leg(&raid(&a), "rcn1")["state"] == "failed");
+    println!("C's leg dropped {t_fail:?} after SIGSTOP");
+    let seen = leg(&raid(&a), "rcn1");
+    assert_ne!(seen["remote"]["state"], "enabled", "the view shows C's controller down: {seen}");
+    std::thread::sleep(Duration::from_secs(1));
+    c.thaw();
+    let copied_c = wait_auto_rejoin(&a, "rcn1", 1);
+    assert!(copied_c >= 1 && copied_c < num_regions, "C's re-join is incremental: {copied_c} of {num_regions} regions");
+
+    w.stop.store(true, Relaxed);
+    let (max, errors, expect, writes) = w.thread.join().expect("writer");
+    println!("host: {writes} writes of 64 KiB, {errors} errors, max latency {max:?}");
+    assert_eq!(errors, 0, "the host saw no error");
+    // Detection (keep-alive: up to ~2 s for a hung node) + fast_io_fail_timeout_sec (2 s) + slack.
+    assert!(max < Duration::from_secs(8), "host latency is bounded by the timeouts: {max:?}");
+
+    // Every leg holds what the host wrote: A through its export, B and C read directly.
+    let r = raid(&a);
+    assert_eq!(r["num_base_bdevs_operational"], 3, "{r}");
+    assert_eq!(r["degraded"], false, "{r}");
+    let mut ha = host(a_addr, NQN_A);
+    assert!(ha.read(0, SPAN) == expect, "the volume has every acknowledged write");
+    for (name, addr, nqn) in [("B", b_addr, NQN_B), ("C", c_addr, NQN_C)] {
+        let mut h = host(addr, nqn);
+        assert!(h.read(data_offset, SPAN) == expect, "the leg on {name} has every acknowledged write");
+    }
+    let m = a.metrics();
+    for l in ["rbn1", "rcn1"] {
+        let line = m.lines().find(|x| x.starts_with("tidemark_mirror_leg_rejoins_total") && x.contains(&format!("leg=\"{l}\"")) && x.contains("how=\"auto\""));
+        assert!(line.is_some_and(|x| x.ends_with(" 1")), "one automatic re-join of {l} counted: {line:?}");
+    }
+    assert!(m.lines().any(|x| x.starts_with("tidemark_nvme_tcp_reconnects_total{controller=\"rc\"") && !x.ends_with(" 0")), "C's controller reconnected");
+    let info = m.lines().find(|x| x.starts_with("tidemark_nvme_tcp_controller_info{controller=\"rb\""));
+    assert!(info.is_some_and(|x| x.contains("traddr=\"127.0.0.2\"") && x.contains(&format!("subnqn=\"{NQN_B}\""))), "B's path in the metrics: {info:?}");
+
+    // (c) C's leg split off: the image stays on C, as of the split, while A goes on.
+    a.rpc("bdev_snapshot_create", json!({"bdev_name": "m0", "snapshot_name": "snap0", "method": "split", "base_bdev": "rcn1", "wait_sealed": true}));
+    assert_eq!(leg(&raid(&a), "rcn1")["state"], "split");
+    let after = pattern(SPAN, 0x5a);
+    ha.write(0, &after[..1 << 20]);
+    assert!(ha.read(0, 1 << 20) == after[..1 << 20], "A keeps serving after the split");
+    // Backed up (through A, which reads the image from C).
+    let backup = a.data_dir().join("backups").join("snap0.img");
+    let j = a.rpc("backup_start", json!({"source": "snap0", "path": backup.display().to_string()}));
+    let id = j["id"].as_str().unwrap().to_string();
+    wait_for("the backup of the image on C", 60, || a.rpc("backup_get", json!({"id": id}))[0]["state"] != "in_progress");
+    let job = a.rpc("backup_get", json!({"id": id}))[0].clone();
+    assert_eq!(job["state"], "complete", "{job}");
+    let file = std::fs::read(&backup).expect("backup file");
+    assert!(file.len() >= SPAN && file[..SPAN] == expect[..], "the backup holds the volume as of the split");
+    // On C: the leg is C's own file; opened there as the sealed image (its superblock says
+    // what it is) and exported by C itself.
+    c.rpc("nvmf_subsystem_remove_ns", json!({"nqn": NQN_C, "nsid": 1}));
+    c.rpc("bdev_raid_open_split_image", json!({"name": "img", "base_bdev": "u0"}));
+    let img_addr: SocketAddr = format!("127.0.0.3:{}", free_port()).parse().unwrap();
+    export_on(&c, NQN_IMG, "img", img_addr);
+    let mut hc = host(img_addr, NQN_IMG);
+    assert!(hc.read(0, SPAN) == expect, "C exports the image as of the split");
+    ha.write(PIECE_BLOCKS * 8, &after[..64 << 10]);
+    println!("three-node test: {:?}", t_start.elapsed());
+}
