@@ -104,11 +104,24 @@ impl Nodes {
         Ok(out)
     }
 
-    /// The lvol `id` names; Ok(None) when the node answers that it has none.
+    /// The lvol `id` names; Ok(None) when the node answers that it has none. One lookup of
+    /// the alias `pool/lvol` (not a listing of the node's lvols, which grows with the pool).
     pub async fn find(&self, id: &Id) -> Result<Option<Lvol>, Status> {
-        self.client(&id.node)?;
-        let all = self.lvols(&id.node, &id.lvol).await.map_err(|e| status(&e, &format!("listing the lvols of {}", id.node)))?;
-        Ok(all.into_iter().find(|l| l.id == *id))
+        let alias = id.alias();
+        let v = match self.client(&id.node)?.call("bdev_get_bdevs", json!({"name": alias})).await {
+            Ok(v) => v,
+            Err(e) if matches!(e.code(), Some(tidemark::ENODEV | tidemark::ENOENT)) => return Ok(None),
+            Err(e) => return Err(status(&e, &format!("looking up {id} on {}", id.node))),
+        };
+        let Some(b) = v.as_array().and_then(|a| a.first()) else { return Ok(None) };
+        // The alias must be this lvol's own (a bdev named like it that is no lvol is not it).
+        if !b["aliases"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some(alias.as_str()))) {
+            return Ok(None);
+        }
+        let (Some(uuid), Some(blocks), Some(bs)) = (b["uuid"].as_str(), b["num_blocks"].as_u64(), b["block_size"].as_u64()) else {
+            return Err(Status::internal(format!("{} described {alias} without uuid, num_blocks or block_size: {b}", id.node)));
+        };
+        Ok(Some(Lvol { id: id.clone(), uuid: uuid.to_string(), size: blocks * bs }))
     }
 
     pub async fn create_transport(&self, node: &str) -> Result<(), Status> {
