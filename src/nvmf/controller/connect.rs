@@ -78,7 +78,11 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
     let auth = match subsys.host_keys(hostnqn).filter(|k| k.key.is_some()) {
         None => None,
         Some(k) => {
-            let secrets = k.key.as_ref().map_or(Err(crate::nvmf::auth::secret::SecretError::Format), |key| Secret::parse(key.secret())).and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
+            let secrets = k
+                .key
+                .as_ref()
+                .map_or(Err(crate::nvmf::auth::secret::SecretError::Format), |key| Secret::parse(key.secret()))
+                .and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
             let Ok((host_key, ctrl_key)) = secrets else {
                 // Checked when the host was added; the key's content cannot change since.
                 log::error!("nvmf: DH-HMAC-CHAP key of host {hostnqn} on {subnqn} is not a secret; refusing it");
@@ -99,11 +103,11 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
         }
         let admin = QueueRef { core: q.core, conn_id: q.conn_id, peer, sqsize };
         let (opts, listener, host) = (*q.opts, q.listener.clone(), hostnqn.to_string());
-        let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
-            Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
-            0,
-            0,
-        ))?;
+        // Read before add_controller, which holds the subsystem's lock while it makes one.
+        let ana = subsys.listener_ana(&listener);
+        let ctrl = subsys
+            .add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato).with_ana(ana)))
+            .ok_or((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY), 0, 0))?;
         log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, q.core);
         spawn_keep_alive(q.nvmf.clone(), ctrl.clone());
         return Ok((Binding { ctrl, qid: 0, sqsize, sqflow_off }, auth));
