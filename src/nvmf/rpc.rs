@@ -217,6 +217,8 @@ struct CreateSubsystem {
     max_namespaces: Option<u32>,
     #[serde(default)]
     tgt_name: Option<String>,
+    /// Asymmetric Namespace Access reporting: hosts see ANA groups (a namespace's `anagrpid`)
+    /// and each listener's states (`nvmf_subsystem_listener_set_ana_state`), for multipath.
     #[serde(default)]
     ana_reporting: bool,
     #[serde(default)]
