@@ -140,10 +140,10 @@ fn two_listeners_identify_log_page_inaccessible_path_event_and_errors() {
     let id = c1.identify(spec::cns::CONTROLLER, 0).unwrap();
     assert_eq!(id[76] & 0b1010, 0b1010, "CMIC");
     assert_ne!(u32::from_le_bytes(id[92..96].try_into().unwrap()) & (1 << 11), 0, "OAES: ANA change notices");
-    assert!(id[343] > 0, "ANATT");
-    assert_eq!(id[344] & 0x1F, 0x1F, "ANACAP: every state reported");
-    assert_eq!(u32::from_le_bytes(id[345..349].try_into().unwrap()), 4, "ANAGRPMAX");
-    assert_eq!(u32::from_le_bytes(id[349..353].try_into().unwrap()), 4, "NANAGRPID");
+    assert!(id[342] > 0, "ANATT");
+    assert_eq!(id[343] & 0x1F, 0x1F, "ANACAP: every state reported");
+    assert_eq!(u32::from_le_bytes(id[344..348].try_into().unwrap()), 4, "ANAGRPMAX");
+    assert_eq!(u32::from_le_bytes(id[348..352].try_into().unwrap()), 4, "NANAGRPID");
     assert_eq!(u32::from_le_bytes(id[540..544].try_into().unwrap()), 4, "MNAN");
     // Identify Namespace: ANAGRPID (nsid by default, or the one given) and NMIC shared.
     let ns1 = c1.identify(spec::cns::NAMESPACE, 1).unwrap();

@@ -76,12 +76,14 @@ pub fn controller(ctrl: &Controller, opts: &TransportOpts) -> Vec<u8> {
     b[263] = 0; // NPSS
     put16(&mut b, 320, KAS_100MS);
     if sub.ana_reporting {
-        b[343] = super::ana::ANATT_SECS;
-        b[344] = super::ana::ANACAP;
-        // ANAGRPMAX and NANAGRPID: group ids 1..=max_namespaces, as in SPDK. Linux sizes its
-        // ANA log buffer from NANAGRPID and MNAN.
-        put32(&mut b, 345, sub.ana_groups());
-        put32(&mut b, 349, sub.ana_groups());
+        // NVMe Base 1.4 Figure 247: ANATT at byte 342, ANACAP 343, ANAGRPMAX 344-347,
+        // NANAGRPID 348-351.
+        b[342] = super::ana::ANATT_SECS;
+        b[343] = super::ana::ANACAP;
+        // Group ids 1..=max_namespaces, as in SPDK. Linux sizes its ANA log buffer from
+        // NANAGRPID and MNAN and turns ANA off if that exceeds MDTS.
+        put32(&mut b, 344, sub.ana_groups());
+        put32(&mut b, 348, sub.ana_groups());
     }
     b[512] = 0x66; // SQES: 64-byte entries
     b[513] = 0x44; // CQES: 16-byte entries

@@ -718,6 +718,44 @@ mod tests {
     }
 
     #[test]
+    fn ana_states_per_listener_validate_show_and_save() {
+        let plain = Subsystem::new("nqn.2016-06.io.t:p", SubsysKind::Nvme, "SN", "MN", 4, false, (1, 0xFFEF), 1).unwrap();
+        let a = ListenAddr::parse("tcp", None, "127.0.0.1", "4420").unwrap();
+        let b = ListenAddr::parse("tcp", None, "127.0.0.1", "4421").unwrap();
+        plain.add_listener(&a, false).unwrap();
+        assert!(plain.set_ana_state(&a, None, AnaState::Inaccessible).unwrap_err().contains("ana_reporting"));
+        assert_eq!(plain.listeners_json()[0]["ana_state"], "optimized");
+
+        let s = Subsystem::new("nqn.2016-06.io.t:a", SubsysKind::Nvme, "SN", "MN", 4, false, (1, 0xFFEF), 1).unwrap().with_ana_reporting(true);
+        s.add_listener(&a, false).unwrap();
+        s.add_listener(&b, false).unwrap();
+        assert!(s.set_ana_state(&a, Some(0), AnaState::Inaccessible).unwrap_err().contains("anagrpid"));
+        assert!(s.set_ana_state(&a, Some(5), AnaState::Inaccessible).unwrap_err().contains("anagrpid"));
+        let c = ListenAddr::parse("tcp", None, "127.0.0.1", "4422").unwrap();
+        assert!(s.set_ana_state(&c, None, AnaState::Inaccessible).unwrap_err().contains("does not listen"));
+        assert_eq!(s.set_ana_state(&a, Some(2), AnaState::Inaccessible), Ok(true));
+        assert_eq!(s.set_ana_state(&a, Some(2), AnaState::Inaccessible), Ok(false));
+        assert_eq!(s.set_ana_state(&b, None, AnaState::NonOptimized), Ok(true));
+        // A controller's view is the listener's, shared.
+        assert_eq!(s.listener_ana(&a).unwrap().state(2), AnaState::Inaccessible);
+        let l = s.listeners_json();
+        assert_eq!(l[0]["ana_states"][1], json!({"ana_group": 2, "ana_state": "inaccessible"}));
+        assert_eq!(l[0]["ana_states"].as_array().unwrap().len(), 4, "every group 1..=max_namespaces, as SPDK");
+        // save_config: per group where they differ, one call where they are all the same.
+        let calls = s.config_calls();
+        assert_eq!(calls[0].1["ana_reporting"], true);
+        let sets: Vec<&Value> = calls.iter().filter(|(m, _)| *m == "nvmf_subsystem_listener_set_ana_state").map(|(_, v)| v).collect();
+        assert_eq!(sets.len(), 2, "{sets:?}");
+        assert_eq!((sets[0]["anagrpid"].as_u64(), sets[0]["ana_state"].as_str()), (Some(2), Some("inaccessible")));
+        assert_eq!((sets[1].get("anagrpid"), sets[1]["ana_state"].as_str()), (None, Some("non_optimized")));
+        // A removed listener's states go with it; added again it starts optimized.
+        assert!(s.remove_listener(&a));
+        assert!(s.listener_ana(&a).is_none());
+        s.add_listener(&a, false).unwrap();
+        assert_eq!(s.listener_ana(&a).unwrap().state(2), AnaState::Optimized);
+    }
+
+    #[test]
     fn hex_round_trip() {
         assert_eq!(parse_hex::<4>("0a-0B:0c0d"), Some([10, 11, 12, 13]));
         assert_eq!(parse_hex::<4>("0a0b0c"), None);
