@@ -125,7 +125,8 @@ fn set_state(d: &Daemon, port: u16, state: &str, grp: Option<u32>) {
 
 fn listener_states(d: &Daemon, port: u16) -> Vec<(u64, String)> {
     let ls = d.rpc("nvmf_subsystem_get_listeners", json!({"nqn": NQN}));
-    let l = ls.as_array().unwrap().iter().find(|l| l["address"]["trsvcid"] == port.to_string()).expect("listener listed");
+    let l =
+        ls.as_array().unwrap().iter().find(|l| l["address"]["trsvcid"].as_str().and_then(|p| p.parse::<u16>().ok()) == Some(port)).expect("listener listed");
     l["ana_states"].as_array().unwrap().iter().map(|s| (s["ana_group"].as_u64().unwrap(), s["ana_state"].as_str().unwrap().to_string())).collect()
 }
 
