@@ -234,19 +234,7 @@ fn main() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(
-    mut q: Qpair,
-    qd: usize,
-    io_size: usize,
-    nlb: u32,
-    nsid: u32,
-    slots: u64,
-    random: bool,
-    read_pct: u32,
-    dur: Duration,
-    seed: u64,
-    pass: Pass,
-) -> ThreadResult {
+fn run(mut q: Qpair, qd: usize, io_size: usize, nlb: u32, nsid: u32, slots: u64, random: bool, read_pct: u32, dur: Duration, seed: u64, pass: Pass) -> ThreadResult {
     let mut log = Vec::new();
     let submitted = std::cell::Cell::new(0u64);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");

@@ -96,11 +96,7 @@ fn default_config_serves_the_pool_volume_on_both_front_ends_and_keeps_it_across_
     let total = p["total_data_clusters"].as_u64().expect("total");
     assert!(total > 4000 && p["free_clusters"] == total, "a fresh 4 GiB pool: {p}");
     let v = lvol(&d, "vol0");
-    assert_eq!(
-        (v["is_thin_provisioned"].as_bool(), v["num_allocated_clusters"].as_u64(), v["num_clusters"].as_u64()),
-        (Some(true), Some(0), Some(1024)),
-        "{v}"
-    );
+    assert_eq!((v["is_thin_provisioned"].as_bool(), v["num_allocated_clusters"].as_u64(), v["num_clusters"].as_u64()), (Some(true), Some(0), Some(1024)), "{v}");
     let b = d.rpc("bdev_get_bdevs", json!({"name": VOL}));
     assert_eq!(b[0]["num_blocks"].as_u64().unwrap() * b[0]["block_size"].as_u64().unwrap(), 1 << 30, "{b}");
     assert_eq!(b[0]["product_name"], "Logical Volume", "{b}");

@@ -95,25 +95,14 @@ async fn main() {
     )
     .expect("config");
     let log = std::fs::File::create(dir.path().join("tidemarkd.log")).expect("log");
-    let _daemon = Proc(
-        Command::new(&tidemarkd)
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("tidemarkd"),
-    );
+    let _daemon = Proc(Command::new(&tidemarkd).arg("--config").arg(&cfg).stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log)).spawn().expect("tidemarkd"));
     wait_for_socket(&rpc);
     call(&rpc, "bdev_malloc_create", json!({"name": "m0", "num_blocks": 1024 * 2048, "block_size": 512}));
     call(&rpc, "bdev_lvol_create_lvstore", json!({"bdev_name": "m0", "lvs_name": "pool"}));
 
     let csi_cfg = dir.path().join("csi.toml");
-    std::fs::write(
-        &csi_cfg,
-        format!("default_pool = \"pool\"\n[[nodes]]\nname = \"n1\"\nrpc = \"{}\"\nnvmf_address = \"127.0.0.1\"\nnvmf_port = {}\n", rpc.display(), free_port()),
-    )
-    .expect("csi config");
+    std::fs::write(&csi_cfg, format!("default_pool = \"pool\"\n[[nodes]]\nname = \"n1\"\nrpc = \"{}\"\nnvmf_address = \"127.0.0.1\"\nnvmf_port = {}\n", rpc.display(), free_port()))
+        .expect("csi config");
     let sock = dir.path().join("csi.sock");
     let driver = Proc(
         Command::new(&csi)

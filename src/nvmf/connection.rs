@@ -21,10 +21,10 @@ use super::io;
 use super::pdu::{self, CommonHeader, DataHeader, DataPlan, Fatal, Fes, HeaderBytes, IcReq, IcResp, Layout, RxLimits};
 use super::spec::{csc, fctype, sc, sct, Cqe, Sqe, Status, FABRICS_OPC};
 use super::subsystem::ListenAddr;
-use super::tls::{self, PskIdentity};
 use super::transport::{TransportOpts, ADMIN_ICD};
 use super::Nvmf;
 use crate::bdev::{ConnBudget, IoBuf, Lease};
+use super::tls::{self, PskIdentity};
 use crate::reactor::{self, Channel, RecvBuf, TcpStream, TlsStream, RECV_BUF_DEFAULT, TLS_CONNECTION_BYTES};
 use openssl::ssl::{Ssl, SslContext};
 use std::cell::{Cell, RefCell};
@@ -1068,15 +1068,7 @@ impl Conn {
         if self.st.borrow().binding.is_some() {
             return Err((Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, 0));
         }
-        let q = Connecting {
-            nvmf: &self.nvmf,
-            core: self.core,
-            conn_id: self.id,
-            peer: self.peer,
-            listener: &self.listener,
-            opts: &self.opts,
-            tls: self.tls.as_ref(),
-        };
+        let q = Connecting { nvmf: &self.nvmf, core: self.core, conn_id: self.id, peer: self.peer, listener: &self.listener, opts: &self.opts, tls: self.tls.as_ref() };
         let (b, auth) = controller::connect(&q, sqe, plan, icd)?;
         let result = b.ctrl.cntlid as u32 | if auth.is_some() { auth::CONNECT_AUTHREQ_ATR } else { 0 };
         if auth.is_some() {

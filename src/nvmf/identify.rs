@@ -225,7 +225,7 @@ pub fn discovery_log(genctr: u64, entries: &[DiscoveryEntry<'_>], asqsz: u16) ->
         r[0] = 3; // TRTYPE: TCP
         r[1] = e.addr.adrfam.code();
         r[2] = if e.subsys.is_discovery() { 3 } else { 2 }; // SUBTYPE
-                                                            // TREQ: secure channel required (TLS listener) or not; SQ flow control may be disabled.
+        // TREQ: secure channel required (TLS listener) or not; SQ flow control may be disabled.
         r[3] = if e.secure { 0b01 } else { 0b10 } | (1 << 2);
         put16(r, 4, e.portid);
         put16(r, 6, 0xFFFF); // CNTLID: dynamic

@@ -5,8 +5,8 @@
 
 use super::connection::{Binding, Conn, SlotState, TxData};
 use super::pdu::DataPlan;
-use super::reservation::{Access, Command, SC_RESERVATION_CONFLICT};
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
+use super::reservation::{Access, Command, SC_RESERVATION_CONFLICT};
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;

@@ -4,8 +4,8 @@
 
 use super::ana::AnaState;
 use super::auth::{DhGroup, Digest, Secret};
-use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::tls::ConfiguredPsk;
+use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::transport::TransportOpts;
 use super::{describe_controller, Nvmf, NvmfTarget};
 use crate::keyring::KeyRef;
@@ -360,7 +360,9 @@ struct Listener {
 
 impl SpdkParams for Listener {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used")]
+        vec![
+            ("sock_impl", self.sock_impl.as_deref().is_none_or(|s| s == "posix"), "only the kernel's sockets (\"posix\") are used"),
+        ]
     }
 }
 
@@ -507,7 +509,9 @@ struct AddNs {
 
 impl SpdkParams for AddNs {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
-        vec![("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported")]
+        vec![
+            ("namespace.no_auto_visible", !self.namespace.no_auto_visible, "per-host namespace visibility is not supported"),
+        ]
     }
 }
 

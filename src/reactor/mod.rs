@@ -19,9 +19,9 @@ pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};
 pub use self::net::{connection_cap, connection_stats, set_fd_reserve, Accepted, ConnectionSlot, TcpListener, TcpStream};
 pub use self::recv::{RecvBuf, Source, RECV_BUF_DEFAULT};
+pub use self::tls::{Channel, TlsStream, TLS_CONNECTION_BYTES};
 pub use self::thread::{CallError, ManualCores, PollMode, ReactorHandle, ReactorOptions, Reactors, CALL_TIMEOUT};
 pub use self::timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
-pub use self::tls::{Channel, TlsStream, TLS_CONNECTION_BYTES};
 
 /// Parses a core mask (`0x3`, `3`, `[0,1]`) into CPU ids.
 pub fn parse_cpumask(mask: &str) -> Result<Vec<usize>, String> {

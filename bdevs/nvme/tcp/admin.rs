@@ -192,11 +192,7 @@ impl Admin {
                     }
                 }
                 Some(ns) => {
-                    log::error!(
-                        "NVMe/TCP controller {}: namespace {nsid} changed its block size from {bs} to {}; the bdev keeps its geometry",
-                        shared.name,
-                        ns.block_size
-                    )
+                    log::error!("NVMe/TCP controller {}: namespace {nsid} changed its block size from {bs} to {}; the bdev keeps its geometry", shared.name, ns.block_size)
                 }
                 None => {
                     log::error!("NVMe/TCP controller {}: namespace {nsid} is no longer active (removed from the subsystem?)", shared.name);

@@ -14,12 +14,12 @@
 //! answered with H2CData PDUs read from it: the caller's buffers are never named here.
 
 use crate::bdev::{BdevError, CompletionFuture, Completions, IoBuf, IoResult};
-use crate::nvmf::initiator::HostStream;
 use crate::nvmf::pdu::{self, CommonHeader, DataHeader, R2t, RxLimits};
 use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
 use crate::reactor::Poller;
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
+use crate::nvmf::initiator::HostStream;
 use std::sync::Arc;
 
 /// Largest transfer of one command this host issues (the controller's MDTS may lower it): the

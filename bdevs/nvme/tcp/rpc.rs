@@ -12,8 +12,8 @@ use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, Module};
 use crate::nvmf::initiator::{Controller, Error as HostError, QpairOptions, TransportId};
-use crate::nvmf::spec::prop;
 use crate::nvmf::tls::ConfiguredPsk;
+use crate::nvmf::spec::prop;
 use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -264,13 +264,8 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     let trsvcid = p.trsvcid.clone().unwrap_or_else(|| "4420".into());
     let trid = TransportId { traddr: p.traddr.clone(), trsvcid: trsvcid.clone(), subnqn: subnqn.clone(), hostnqn: p.hostnqn.clone() };
     let addr = trid.socket_addr().map_err(|e| RpcError::invalid_params(format!("field `traddr`: {e}")))?;
-    let mut opts = QpairOptions {
-        hdgst: p.hdgst,
-        ddgst: p.ddgst,
-        kato_ms: defaults.keep_alive_timeout_ms,
-        timeout: defaults.connect_timeout(),
-        ..QpairOptions::default()
-    };
+    let mut opts =
+        QpairOptions { hdgst: p.hdgst, ddgst: p.ddgst, kato_ms: defaults.keep_alive_timeout_ms, timeout: defaults.connect_timeout(), ..QpairOptions::default() };
     if let Some(us) = p.fabrics_connect_timeout_us.filter(|&us| us > 0) {
         opts.timeout = Duration::from_micros(us);
     }

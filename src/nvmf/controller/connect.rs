@@ -78,11 +78,7 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
     let auth = match subsys.host_keys(hostnqn).filter(|k| k.key.is_some()) {
         None => None,
         Some(k) => {
-            let secrets = k
-                .key
-                .as_ref()
-                .map_or(Err(crate::nvmf::auth::secret::SecretError::Format), |key| Secret::parse(key.secret()))
-                .and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
+            let secrets = k.key.as_ref().map_or(Err(crate::nvmf::auth::secret::SecretError::Format), |key| Secret::parse(key.secret())).and_then(|h| Ok((h, k.ctrlr_key.as_ref().map(|c| Secret::parse(c.secret())).transpose()?)));
             let Ok((host_key, ctrl_key)) = secrets else {
                 // Checked when the host was added; the key's content cannot change since.
                 log::error!("nvmf: DH-HMAC-CHAP key of host {hostnqn} on {subnqn} is not a secret; refusing it");

@@ -145,13 +145,7 @@ unsafe fn psk_session(ssl: *mut ffi::SSL, suite: Suite, key: &[u8]) -> Option<*m
 }
 
 /// OpenSSL asks the host which PSK to offer: the identity and session its context holds.
-unsafe extern "C" fn use_session(
-    ssl: *mut ffi::SSL,
-    _md: *const ffi::EVP_MD,
-    id: *mut *const c_uchar,
-    idlen: *mut usize,
-    out: *mut *mut ffi::SSL_SESSION,
-) -> c_int {
+unsafe extern "C" fn use_session(ssl: *mut ffi::SSL, _md: *const ffi::EVP_MD, id: *mut *const c_uchar, idlen: *mut usize, out: *mut *mut ffi::SSL_SESSION) -> c_int {
     *out = std::ptr::null_mut();
     // SAFETY: OpenSSL passes the live SSL of this handshake.
     let r = SslRef::from_ptr(ssl);

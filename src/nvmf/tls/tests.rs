@@ -21,15 +21,13 @@ fn server_key() -> ConfiguredPsk {
 /// The target's lookup: one host on one subsystem.
 fn context() -> SslContext {
     let key = server_key();
-    server_context(Box::new(
-        move |id: &PskIdentity| {
-            if id.hostnqn == HOST && id.subnqn == SUB && id.suite == key.suite {
-                key.tls_psk(&id.hostnqn, &id.text())
-            } else {
-                None
-            }
-        },
-    ))
+    server_context(Box::new(move |id: &PskIdentity| {
+        if id.hostnqn == HOST && id.subnqn == SUB && id.suite == key.suite {
+            key.tls_psk(&id.hostnqn, &id.text())
+        } else {
+            None
+        }
+    }))
     .unwrap()
 }
 
