@@ -4,7 +4,9 @@
 //! nvme disconnect; then on volumes of a pool (bdevs/lvol): a pattern, a snapshot under a
 //! running writer, a clone of it written and read beside its origin, and a mounted ext4
 //! volume grown online (the guest sees the new size without reconnecting, resize2fs grows the
-//! file system). The host side serves what the guest asks for (namespace removal, snapshot
+//! file system); ANA multipath: one subsystem through two listeners is one multipath head, fio
+//! write+verify on it goes on without error while the host makes a path inaccessible, swaps
+//! the paths and removes a listener. The host side serves what the guest asks for (namespace removal, snapshot
 //! and clone, resize) and checks what the target saw.
 //!
 //! Needs qemu-system-x86_64 and the guest image (tests/guest/deps.sh, build.sh: tests/run
@@ -29,6 +31,9 @@ const HOST_ALLOWED: &str = "nqn.2014-08.org.nvmexpress:uuid:6a7b7e1e-0000-4000-8
 const NQN_POOL: &str = "nqn.2016-06.io.tidemark:pool";
 /// The clone of gvol's snapshot, exported when the guest asks for the snapshot.
 const NQN_CLONE: &str = "nqn.2016-06.io.tidemark:clone";
+/// ANA multipath: one 64 MiB namespace (ana_reporting) on two listeners (port and port2),
+/// whose states the guest asks the host to change while fio runs.
+const NQN_ANA: &str = "nqn.2016-06.io.tidemark:ana";
 
 fn skip() -> bool {
     ["TIDEMARK_SKIP_NVMF_GUEST", "TIDEMARK_SKIP_NVMF"].iter().any(|v| std::env::var(v).as_deref() == Ok("1"))
@@ -68,6 +73,13 @@ fn linux_initiator_in_a_guest() {
     d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_POOL, "namespace": {"bdev_name": "gpool/gvol", "nsid": 1}}));
     d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_POOL, "namespace": {"bdev_name": "gpool/fsvol", "nsid": 2}}));
     d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_POOL, "listen_address": listen}));
+    let port2 = free_port();
+    let listen2 = json!({"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port2.to_string()});
+    d.rpc("bdev_malloc_create", json!({"name": "a0", "num_blocks": 131072, "block_size": 512}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": NQN_ANA, "serial_number": "TMGUEST0005", "allow_any_host": true, "ana_reporting": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_ANA, "namespace": {"bdev_name": "a0", "nsid": 1}}));
+    d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_ANA, "listen_address": listen}));
+    d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_ANA, "listen_address": listen2}));
 
     // The guest asks (through the share: NAME.request, answered by NAME.done) for what only
     // the host can do while it is connected.
@@ -77,6 +89,7 @@ fn linux_initiator_in_a_guest() {
     let share_path = share.path().to_path_buf();
     let st = stop.clone();
     let listen_clone = listen.clone();
+    let (ana1, ana2) = (listen.clone(), listen2.clone());
     let helper = std::thread::spawn(move || {
         let serve = |name: &str| -> bool {
             let s = &socket;
@@ -95,12 +108,16 @@ fn linux_initiator_in_a_guest() {
                 }
                 // Grown while mounted: the guest sees the new size without reconnecting.
                 "grow" => rpc_on(s, "bdev_lvol_resize", json!({"name": "gpool/fsvol", "size_in_mib": 128})),
+                // ANA: the guest's fio runs on the multipath head meanwhile.
+                "ana-inaccessible" => set_ana(s, &ana1, "inaccessible"),
+                "ana-swap" => set_ana(s, &ana1, "optimized") && set_ana(s, &ana2, "inaccessible"),
+                "ana-remove" => set_ana(s, &ana2, "optimized") && rpc_on(s, "nvmf_subsystem_remove_listener", json!({"nqn": NQN_ANA, "listen_address": ana1})),
                 _ => false,
             }
         };
         let mut served = Vec::new();
         while !st.load(Ordering::SeqCst) {
-            for name in ["remove-ns", "snapshot", "grow"] {
+            for name in ["remove-ns", "snapshot", "grow", "ana-inaccessible", "ana-swap", "ana-remove"] {
                 if !served.iter().any(|(n, _)| *n == name) && share_path.join(format!("{name}.request")).exists() {
                     let ok = serve(name);
                     std::fs::write(share_path.join(format!("{name}.done")), if ok { "ok" } else { "failed" }).unwrap();
@@ -117,9 +134,11 @@ fn linux_initiator_in_a_guest() {
     let out = Command::new(&run_sh)
         .arg(&script)
         .env("TIDEMARK_GUEST_SHARE", share.path())
-        .env("TIDEMARK_GUEST_VARS", "PORT NQN NQN_RESTRICTED NQN_POOL NQN_CLONE HOST_GUEST HOST_ALLOWED FIO_SECS")
+        .env("TIDEMARK_GUEST_VARS", "PORT PORT2 NQN NQN_RESTRICTED NQN_POOL NQN_CLONE NQN_ANA HOST_GUEST HOST_ALLOWED FIO_SECS")
         .env("TIDEMARK_GUEST_TIMEOUT", std::env::var("TIDEMARK_GUEST_TIMEOUT").unwrap_or_else(|_| "600".into()))
         .env("PORT", port.to_string())
+        .env("PORT2", port2.to_string())
+        .env("NQN_ANA", NQN_ANA)
         .env("NQN", NQN)
         .env("NQN_RESTRICTED", NQN_RESTRICTED)
         .env("NQN_POOL", NQN_POOL)
@@ -139,11 +158,15 @@ fn linux_initiator_in_a_guest() {
     assert!(failed.is_empty(), "guest checks failed: {failed:#?}\n{}", d.log_text());
     assert!(out.status.success(), "guest script failed ({}); daemon log:\n{}", out.status, d.log_text());
     assert!(console.contains("nvmf-guest: ") && console.contains(" passed, 0 failed"), "the guest script did not finish");
-    assert_eq!(served, [("remove-ns", true), ("snapshot", true), ("grow", true)], "what the guest asked the host for, in order, and whether it worked");
+    assert_eq!(
+        served,
+        [("remove-ns", true), ("snapshot", true), ("grow", true), ("ana-inaccessible", true), ("ana-swap", true), ("ana-remove", true)],
+        "what the guest asked the host for, in order, and whether it worked"
+    );
 
     // What the target saw: the hosts are gone, their I/O was counted, the refused host was
     // logged, and the removed namespace's bdev is free again.
-    for nqn in [NQN, NQN_RESTRICTED, NQN_POOL, NQN_CLONE] {
+    for nqn in [NQN, NQN_RESTRICTED, NQN_POOL, NQN_CLONE, NQN_ANA] {
         assert!(d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": nqn})).as_array().unwrap().is_empty(), "{nqn} still has controllers");
     }
     let st = d.rpc("bdev_get_iostat", json!({"name": "g0"}));
@@ -159,6 +182,19 @@ fn linux_initiator_in_a_guest() {
     assert_eq!(lvol("gclone")["base_snapshot"], "gsnap", "{lvols}");
     assert_eq!(lvol("fsvol")["num_clusters"], 128, "{lvols}");
     assert!(lvol("gvol")["num_allocated_clusters"].as_u64() > Some(4), "{lvols}");
+    // ANA: the guest's I/O went through the multipath head to the namespace, the first
+    // listener is gone and the second one ended optimized.
+    let st = d.rpc("bdev_get_iostat", json!({"name": "a0"}));
+    assert!(st["bdevs"][0]["num_write_ops"].as_u64().unwrap() > 500, "{st}");
+    let ls = d.rpc("nvmf_subsystem_get_listeners", json!({"nqn": NQN_ANA}));
+    assert_eq!(ls.as_array().map(|a| a.len()), Some(1), "{ls}");
+    assert_eq!(ls[0]["address"]["trsvcid"], port2.to_string(), "{ls}");
+    assert_eq!(ls[0]["ana_states"][0]["ana_state"], "optimized", "{ls}");
+}
+
+/// Sets the ANA state of every group of `NQN_ANA` on `listen`; true on success.
+fn set_ana(socket: &Path, listen: &serde_json::Value, state: &str) -> bool {
+    rpc_on(socket, "nvmf_subsystem_listener_set_ana_state", json!({"nqn": NQN_ANA, "listen_address": listen, "ana_state": state}))
 }
 
 /// One RPC on `socket`; true on success.

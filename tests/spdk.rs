@@ -225,6 +225,17 @@ fn drive_every_shared_method(c: &Client) {
     ok(&["nvmf_get_subsystems"]);
     let l = js(&["nvmf_subsystem_get_listeners", nqn]);
     assert_eq!(l[0]["address"]["trsvcid"], port);
+    // ANA: a subsystem with ana_reporting (-r) on the same listener, group 1 made
+    // inaccessible there; get_listeners shows SPDK's per-group `ana_states`.
+    let ana = "nqn.2016-06.io.spdk:ana1";
+    ok(&["nvmf_create_subsystem", ana, "-a", "-r", "-m", "2"]);
+    ok(&["nvmf_subsystem_add_listener", ana, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
+    ok(&["nvmf_subsystem_listener_set_ana_state", ana, "-t", "tcp", "-a", "127.0.0.1", "-s", &port, "-n", "inaccessible", "-g", "1"]);
+    let l = js(&["nvmf_subsystem_get_listeners", ana]);
+    assert_eq!(l[0]["ana_states"], json!([{"ana_group": 1, "ana_state": "inaccessible"}, {"ana_group": 2, "ana_state": "optimized"}]), "{l}");
+    let e = c.fails(&d, &["nvmf_subsystem_listener_set_ana_state", nqn, "-t", "tcp", "-a", "127.0.0.1", "-s", &port, "-n", "optimized"]);
+    assert!(e.contains("-32602") && e.contains("ana_reporting"), "{e}");
+    ok(&["nvmf_delete_subsystem", ana]);
     ok(&["nvmf_subsystem_get_controllers", nqn]);
     ok(&["nvmf_subsystem_get_qpairs", nqn]);
 

@@ -53,14 +53,16 @@ pub fn controller(ctrl: &Controller, opts: &TransportOpts) -> Vec<u8> {
     put_padded(&mut b[64..72], &firmware_revision(), b' ');
     b[72] = 6; // RAB: recommended arbitration burst
     if !disc {
-        // CMIC bit 1: the subsystem may have more than one controller (hosts use multipath).
-        b[76] = 1 << 1;
+        // CMIC bit 1: the subsystem may have more than one controller (hosts use multipath);
+        // bit 3: ANA reporting (Linux's native multipath then follows the ANA states).
+        b[76] = 1 << 1 | if sub.ana_reporting { 1 << 3 } else { 0 };
     }
     b[77] = opts.mdts();
     put16(&mut b, 78, ctrl.cntlid);
     put32(&mut b, 80, NVME_VERSION);
     // OAES: namespace attribute notices (I/O controllers), discovery log change (discovery).
-    put32(&mut b, 92, if disc { 1 << 31 } else { 1 << 8 });
+    // With ANA reporting, also ANA change notices (bit 11).
+    put32(&mut b, 92, if disc { 1 << 31 } else { 1 << 8 | if sub.ana_reporting { 1 << 11 } else { 0 } });
     // CTRATT bit 0: 128-bit host identifiers (fabrics hosts send a UUID in Connect).
     put32(&mut b, 96, 1);
     b[111] = if disc { 2 } else { 1 }; // CNTRLTYPE: I/O or discovery controller
@@ -73,6 +75,16 @@ pub fn controller(ctrl: &Controller, opts: &TransportOpts) -> Vec<u8> {
     b[262] = ELPE;
     b[263] = 0; // NPSS
     put16(&mut b, 320, KAS_100MS);
+    if sub.ana_reporting {
+        // NVMe Base 1.4 Figure 247: ANATT at byte 342, ANACAP 343, ANAGRPMAX 344-347,
+        // NANAGRPID 348-351.
+        b[342] = super::ana::ANATT_SECS;
+        b[343] = super::ana::ANACAP;
+        // Group ids 1..=max_namespaces, as in SPDK. Linux sizes its ANA log buffer from
+        // NANAGRPID and MNAN and turns ANA off if that exceeds MDTS.
+        put32(&mut b, 344, sub.ana_groups());
+        put32(&mut b, 348, sub.ana_groups());
+    }
     b[512] = 0x66; // SQES: 64-byte entries
     b[513] = 0x44; // CQES: 16-byte entries
     put16(&mut b, 514, if disc { opts.max_aq_depth } else { opts.max_queue_depth });
@@ -101,7 +113,7 @@ pub fn controller(ctrl: &Controller, opts: &TransportOpts) -> Vec<u8> {
 }
 
 /// Identify Namespace (CNS 00h) of an active namespace.
-pub fn namespace(ns: &Namespace) -> Vec<u8> {
+pub fn namespace(ns: &Namespace, ana_reporting: bool) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
     let blocks = ns.num_blocks();
     put64(&mut b, 0, blocks); // NSZE
@@ -111,6 +123,9 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[26] = 0; // FLBAS: format 0, no metadata
     b[30] = 1; // NMIC: may be attached to several controllers
     b[31] = super::reservation::rescap(ns.resv.ptpl_file().is_some()); // RESCAP
+    if ana_reporting {
+        put32(&mut b, 92, ns.anagrpid); // ANAGRPID
+    }
     if ns.entry.bdev().read_only() {
         b[99] = 1; // NSATTR: write protected
     }

@@ -219,6 +219,11 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
         Ok(n) => n,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
+    // ANA: a namespace whose group is inaccessible through this listener refuses I/O with a
+    // path-related status, which a multipath host retries on another path. One relaxed load.
+    if let Some(status) = b.ctrl.ana.as_ref().and_then(|a| a.state(nsc.ns.anagrpid).io_status()) {
+        return conn.complete(slot, &sqe, status, 0, TxData::None);
+    }
     if is_reservation(sqe.opcode()) {
         let (status, out) = reservation(conn, &b, &nsc.ns, &sqe, plan, data.as_ref().map(|(b, _)| b));
         return conn.complete(slot, &sqe, status, 0, out);

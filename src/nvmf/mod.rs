@@ -8,6 +8,7 @@
 //! state (registers, features, events) is shared through an `Arc` under a mutex: only admin
 //! commands and the control plane touch it. The data path touches per-queue state only.
 
+pub mod ana;
 pub mod auth;
 pub mod connection;
 pub mod controller;
@@ -365,7 +366,14 @@ impl Module for NvmfTarget {
         let mut qd = Vec::new();
         let mut conflicts = Vec::new();
         let mut snaps = Vec::new();
+        let mut ana = Vec::new();
         for s in &subs {
+            if s.ana_reporting {
+                for (a, g, st) in s.ana_states() {
+                    let l = labels(&[("nqn", &s.nqn), ("traddr", &a.traddr), ("trsvcid", &a.trsvcid), ("ana_group", &g.to_string())]);
+                    ana.push((l, st as u8 as f64));
+                }
+            }
             let l = labels(&[("nqn", &s.nqn)]);
             let cs = s.controllers();
             ctrls.push((l.clone(), cs.len() as f64));
@@ -413,6 +421,11 @@ impl Module for NvmfTarget {
             "tidemark_nvmf_namespace_reservation_conflicts",
             "NVMe commands refused with Reservation Conflict per namespace (a host fenced by another's reservation).",
             &conflicts,
+        )?;
+        out.gauge(
+            "tidemark_nvmf_listener_ana_state",
+            "ANA state per listener and ANA group (groups with a namespace, subsystems with ana_reporting): 1 optimized, 2 non-optimized, 3 inaccessible, 4 persistent loss, 15 change.",
+            &ana,
         )?;
         let reads: Vec<_> = snaps.iter().map(|(l, s)| (l.clone(), LatencySample { buckets: &s.read_buckets, sum_ns: s.read_sum_ns })).collect();
         out.latency("tidemark_nvmf_namespace_read_latency_seconds", "NVMe read latency per namespace, command received to data sent.", &reads)?;

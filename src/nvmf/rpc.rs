@@ -2,6 +2,7 @@
 //! parameters that have no meaning here (shared buffer pools, RDMA knobs) are accepted and
 //! ignored so that SPDK scripts run unchanged; unknown ones are refused, naming the field.
 
+use super::ana::AnaState;
 use super::auth::{DhGroup, Digest, Secret};
 use super::subsystem::{parse_hex, HostKeys, ListenAddr, NsIds, SubsysKind, Subsystem, DEFAULT_MAX_NAMESPACES};
 use super::tls::ConfiguredPsk;
@@ -28,6 +29,7 @@ crate::register_module! {
         ("nvmf_subsystem_add_listener", add_listener, Listener, "Adds a TCP listener to a subsystem.", [NQN, &[(EEXIST, "the subsystem listens there already"), (EIO, "the address cannot be bound")]]),
         ("nvmf_subsystem_remove_listener", remove_listener, Listener, "Removes a listener from a subsystem.", [NQN, &[(INVALID_PARAMS, "the subsystem does not listen there")]]),
         ("nvmf_subsystem_get_listeners", get_listeners, ByNqn, "Lists a subsystem's listeners.", [NQN]),
+        ("nvmf_subsystem_listener_set_ana_state", set_ana_state, SetAnaState, "Sets the ANA state of a listener's ANA groups (one, or all of them) of a subsystem created with ana_reporting; hosts connected through the listener get an ANA change event.", [NQN, &[(INVALID_PARAMS, "the subsystem has no ANA reporting or no such listener, the state is not optimized, non_optimized or inaccessible, or the group is not between 1 and max_namespaces")]]),
         ("nvmf_subsystem_add_ns", add_ns, AddNs, "Adds a bdev to a subsystem as a namespace.", [NQN, &[(INVALID_PARAMS, "no bdev has that name, something holds it, or the nsid is taken")]]),
         ("nvmf_subsystem_remove_ns", remove_ns, RemoveNs, "Removes a namespace from a subsystem.", [NQN, &[(INVALID_PARAMS, "the subsystem has no such namespace")]]),
         ("nvmf_subsystem_add_host", add_host, HostParams, "Allows a host NQN to connect to a subsystem.", [NQN, &[(INVALID_PARAMS, "a key is not in the keyring or not a DH-HMAC-CHAP secret, or the host is listed already")]]),
@@ -215,6 +217,8 @@ struct CreateSubsystem {
     max_namespaces: Option<u32>,
     #[serde(default)]
     tgt_name: Option<String>,
+    /// Asymmetric Namespace Access reporting: hosts see ANA groups (a namespace's `anagrpid`)
+    /// and each listener's states (`nvmf_subsystem_listener_set_ana_state`), for multipath.
     #[serde(default)]
     ana_reporting: bool,
     #[serde(default)]
@@ -243,7 +247,6 @@ impl SpdkParams for CreateSubsystem {
     fn limits(&self) -> Vec<(&'static str, bool, &'static str)> {
         const LIMIT: &str = "per-subsystem command size limits are not supported";
         vec![
-            ("ana_reporting", !self.ana_reporting, "ANA reporting is not supported"),
             ("passthrough", !self.passthrough, "NVMe passthrough subsystems are not supported"),
             ("enable_nssr", !self.enable_nssr, "NVM subsystem reset is not supported"),
             ("max_discard_size_kib", self.max_discard_size_kib == 0, LIMIT),
@@ -272,7 +275,8 @@ fn create_subsystem(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         (p.min_cntlid.unwrap_or(1), p.max_cntlid.unwrap_or(0xFFEF)),
         t.reactors.core_count(),
     )
-    .map_err(RpcError::invalid_params)?;
+    .map_err(RpcError::invalid_params)?
+    .with_ana_reporting(p.ana_reporting);
     n.add_subsystem(s).map_err(RpcError::exists)?;
     Ok(json!(true))
 }
@@ -342,8 +346,8 @@ struct Listener {
     tgt_name: Option<String>,
     #[serde(default)]
     secure_channel: bool,
+    /// The ANA state of every group on the new listener (optimized when not given).
     #[serde(default)]
-    #[allow(dead_code)]
     ana_state: Option<String>,
     /// SPDK's socket implementation: tidemark's are the kernel's (SPDK's "posix").
     #[serde(default)]
@@ -374,7 +378,15 @@ fn add_listener(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     if n.transport().is_none() {
         return Err(RpcError::invalid_params("field `listen_address.trtype`: transport TCP does not exist; call nvmf_create_transport first"));
     }
+    let ana = p.ana_state.as_deref().map(parse_ana_state).transpose()?.filter(|st| *st != AnaState::Optimized);
+    if ana.is_some() && !s.ana_reporting {
+        return Err(RpcError::invalid_params(format!("field `ana_state`: subsystem {} was not created with ana_reporting", p.nqn)));
+    }
     s.add_listener(&a, p.secure_channel).map_err(RpcError::exists)?;
+    if let Some(st) = ana {
+        // A new listener has no controllers yet: no event to raise.
+        s.set_ana_state(&a, None, st).map_err(RpcError::invalid_params)?;
+    }
     // --check-config: validated and recorded, never bound.
     if crate::config::check::active() {
         return Ok(json!(true));
@@ -411,9 +423,50 @@ fn get_listeners(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByNqn = parse(p)?;
     check_tgt(&p.tgt_name)?;
     let s = find(nvmf(t)?, &p.nqn)?;
-    Ok(Value::Array(
-        s.listeners_secure().iter().map(|(a, secure)| json!({ "address": a.to_json(), "ana_state": "optimized", "secure_channel": secure })).collect(),
-    ))
+    Ok(Value::Array(s.listeners_json()))
+}
+
+fn parse_ana_state(name: &str) -> Result<AnaState, RpcError> {
+    AnaState::from_rpc_name(name)
+        .ok_or_else(|| RpcError::invalid_params(format!("field `ana_state`: {name:?} is not optimized, non_optimized or inaccessible")))
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SetAnaState {
+    nqn: String,
+    listen_address: ListenAddress,
+    /// optimized, non_optimized or inaccessible.
+    ana_state: String,
+    /// The ANA group (1 to max_namespaces); every group of the listener when not given.
+    #[serde(default)]
+    anagrpid: Option<u32>,
+    #[serde(default)]
+    tgt_name: Option<String>,
+}
+
+/// `nvmf_subsystem_listener_set_ana_state`: the controllers connected through the listener
+/// see the new state at once (their next command) and get the ANA change event, upon which a
+/// Linux host re-reads the ANA log page and moves its I/O to an optimized path.
+fn set_ana_state(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
+    let p: SetAnaState = parse(p)?;
+    check_tgt(&p.tgt_name)?;
+    let n = nvmf(t)?;
+    let s = find_nvme(n, &p.nqn)?;
+    let la = &p.listen_address;
+    let a = ListenAddr::parse(&la.trtype, la.adrfam.as_deref(), &la.traddr, &la.trsvcid).map_err(RpcError::invalid_params)?;
+    let state = parse_ana_state(&p.ana_state)?;
+    if !s.set_ana_state(&a, p.anagrpid, state).map_err(RpcError::invalid_params)? {
+        return Ok(json!(true));
+    }
+    let group = p.anagrpid.map(|g| format!("group {g}")).unwrap_or_else(|| "every group".into());
+    log::info!("nvmf: {}: listener {a}: ANA state of {group} is now {}", s.nqn, state.name());
+    for c in s.controllers() {
+        if c.listener == a {
+            c.ana_changed(n);
+        }
+    }
+    Ok(json!(true))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -428,8 +481,8 @@ struct NamespaceParams {
     nguid: Option<String>,
     #[serde(default)]
     eui64: Option<String>,
+    /// The namespace's ANA group (1 to max_namespaces); its nsid when not given.
     #[serde(default)]
-    #[allow(dead_code)]
     anagrpid: Option<u32>,
     /// File where the namespace's NVMe reservations persist through power loss (once a host
     /// turns PTPL on), read back when the namespace is added again.
@@ -474,7 +527,11 @@ fn add_ns(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let s = find_nvme(n, &p.nqn)?;
     let entry = t.bdevs.get(&ns.bdev_name).ok_or_else(|| RpcError::invalid_params(format!("field `namespace.bdev_name`: no bdev named {}", ns.bdev_name)))?;
     let added = s
-        .add_namespace(&entry, ns.nsid.unwrap_or(0), NsIds { uuid: ns.uuid, nguid, eui64, ptpl_file: ns.ptpl_file.as_ref().map(std::path::PathBuf::from) })
+        .add_namespace(
+            &entry,
+            ns.nsid.unwrap_or(0),
+            NsIds { uuid: ns.uuid, nguid, eui64, ptpl_file: ns.ptpl_file.as_ref().map(std::path::PathBuf::from), anagrpid: ns.anagrpid },
+        )
         .map_err(RpcError::invalid_params)?;
     let nsid = added.nsid;
     drop(added);

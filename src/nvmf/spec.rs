@@ -73,6 +73,7 @@ pub mod log {
     pub const SMART: u8 = 0x02;
     pub const FW_SLOT: u8 = 0x03;
     pub const CHANGED_NS: u8 = 0x04;
+    pub const ANA: u8 = 0x0C;
     pub const RESERVATION_NOTIFICATION: u8 = 0x80;
     pub const DISCOVERY: u8 = 0x70;
 }
@@ -91,6 +92,8 @@ pub mod sct {
     pub const GENERIC: u8 = 0;
     pub const COMMAND_SPECIFIC: u8 = 1;
     pub const MEDIA: u8 = 2;
+    /// Path-related status (ANA states, path errors): hosts retry on another path.
+    pub const PATH: u8 = 3;
 }
 
 /// Generic status codes (SCT 0).

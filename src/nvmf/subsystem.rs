@@ -4,6 +4,7 @@
 //! under one mutex; the data path reads namespaces through per-queue caches validated by a
 //! generation counter, never through the lock.
 
+use super::ana::{AnaState, GroupDesc, ListenerAna};
 use super::controller::Controller;
 use super::reservation::Reservations;
 use super::spec::validate_nqn;
@@ -107,10 +108,13 @@ pub struct Namespace {
     pub stats: BdevStats,
     /// NVMe reservations: one state for every controller that reaches the namespace.
     pub resv: Reservations,
+    /// The ANA group of the namespace (1..=max_namespaces; the nsid unless given).
+    pub anagrpid: u32,
     /// Identifiers given explicitly (saved in the configuration).
     explicit_uuid: bool,
     explicit_nguid: bool,
     explicit_eui64: bool,
+    explicit_anagrpid: bool,
 }
 
 impl Namespace {
@@ -133,6 +137,8 @@ pub struct NsIds {
     pub eui64: Option<[u8; 8]>,
     /// Where reservations persist through power loss (SPDK's `ptpl_file`).
     pub ptpl_file: Option<PathBuf>,
+    /// The ANA group (SPDK's `anagrpid`); the nsid when None.
+    pub anagrpid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +157,9 @@ pub struct Subsystem {
     pub max_namespaces: u32,
     pub min_cntlid: u16,
     pub max_cntlid: u16,
+    /// ANA reporting (`nvmf_create_subsystem {ana_reporting}`): hosts see ANA groups and
+    /// per-listener states; fixed for the subsystem's life, as in SPDK.
+    pub ana_reporting: bool,
     /// Bumped on every namespace change; queue caches compare it per command.
     ns_generation: AtomicU64,
     pub deleted: AtomicBool,
@@ -164,6 +173,9 @@ struct SubsysState {
     hosts: BTreeMap<String, Option<Arc<HostKeys>>>,
     /// Listen addresses, each with whether it is a secure (TLS) one.
     listeners: Vec<(ListenAddr, bool)>,
+    /// The ANA states of each listener (all optimized without ANA reporting); controllers
+    /// hold their listener's, so the data path reads them without this lock.
+    ana: BTreeMap<ListenAddr, Arc<ListenerAna>>,
     namespaces: BTreeMap<u32, Arc<Namespace>>,
     controllers: BTreeMap<u16, Arc<Controller>>,
     next_cntlid: u16,
@@ -244,18 +256,26 @@ impl Subsystem {
             max_namespaces,
             min_cntlid: min,
             max_cntlid: max,
+            ana_reporting: false,
             ns_generation: AtomicU64::new(1),
             deleted: AtomicBool::new(false),
             state: Mutex::new(SubsysState {
                 allow_any_host,
                 hosts: BTreeMap::new(),
                 listeners: Vec::new(),
+                ana: BTreeMap::new(),
                 namespaces: BTreeMap::new(),
                 controllers: BTreeMap::new(),
                 next_cntlid: min,
             }),
             cores,
         })
+    }
+
+    /// The subsystem with ANA reporting on or off.
+    pub fn with_ana_reporting(mut self, on: bool) -> Subsystem {
+        self.ana_reporting = on && !self.is_discovery();
+        self
     }
 
     fn st(&self) -> MutexGuard<'_, SubsysState> {
@@ -329,6 +349,7 @@ impl Subsystem {
             return Err(format!("subsystem {} already has {MAX_LISTENERS} listeners", self.nqn));
         }
         st.listeners.push((a.clone(), secure));
+        st.ana.insert(a.clone(), Arc::new(ListenerAna::new(self.ana_groups(), AnaState::Optimized)));
         Ok(())
     }
 
@@ -336,7 +357,87 @@ impl Subsystem {
         let mut st = self.st();
         let before = st.listeners.len();
         st.listeners.retain(|(l, _)| l != a);
+        st.ana.remove(a);
         st.listeners.len() != before
+    }
+
+    // --- ANA ---
+
+    /// ANA group ids run 1..=this (Identify Controller ANAGRPMAX and NANAGRPID), as in SPDK.
+    pub fn ana_groups(&self) -> u32 {
+        if self.is_discovery() {
+            0
+        } else {
+            self.max_namespaces
+        }
+    }
+
+    /// The ANA states of listener `a`, shared with the controllers connected through it.
+    pub fn listener_ana(&self, a: &ListenAddr) -> Option<Arc<ListenerAna>> {
+        self.st().ana.get(a).cloned()
+    }
+
+    /// Sets the ANA state of group `grp` (every group when None) on listener `a`; Ok(true)
+    /// if a state changed. Checked before anything changes.
+    pub fn set_ana_state(&self, a: &ListenAddr, grp: Option<u32>, state: AnaState) -> Result<bool, String> {
+        if !self.ana_reporting {
+            return Err(format!("subsystem {} was not created with ana_reporting", self.nqn));
+        }
+        if let Some(g) = grp {
+            if g == 0 || g > self.ana_groups() {
+                return Err(format!("field `anagrpid`: {g} is not an ANA group of {} (1 to {})", self.nqn, self.ana_groups()));
+            }
+        }
+        let st = self.st();
+        let l = st.ana.get(a).ok_or_else(|| format!("field `listen_address`: subsystem {} does not listen on {a}", self.nqn))?;
+        Ok(l.set(grp, state))
+    }
+
+    /// The ANA log page descriptors as listener `a` shows them: every group that has a
+    /// namespace, ascending, with its namespaces (SPDK reports the same groups), and the
+    /// page's change count.
+    pub fn ana_descriptors(&self, a: &ListenAddr) -> (u64, Vec<GroupDesc>) {
+        let st = self.st();
+        let Some(l) = st.ana.get(a) else { return (0, Vec::new()) };
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for ns in st.namespaces.values() {
+            groups.entry(ns.anagrpid).or_default().push(ns.nsid);
+        }
+        let descs = groups.into_iter().map(|(g, nsids)| GroupDesc { anagrpid: g, change_count: l.group_change_count(g), state: l.state(g), nsids }).collect();
+        (l.change_count(), descs)
+    }
+
+    /// `nvmf_subsystem_get_listeners`' ANA part of listener `a`: SPDK's `ana_states` (every
+    /// group) with ANA reporting, else the single state hosts see.
+    fn ana_json(&self, st: &SubsysState, a: &ListenAddr) -> (&'static str, Value) {
+        let l = st.ana.get(a);
+        let state = |g: u32| l.map(|l| l.state(g)).unwrap_or(AnaState::Optimized).name();
+        if self.ana_reporting {
+            ("ana_states", Value::Array((1..=self.ana_groups()).map(|g| json!({ "ana_group": g, "ana_state": state(g) })).collect()))
+        } else {
+            ("ana_state", json!(state(1)))
+        }
+    }
+
+    /// The `nvmf_subsystem_get_listeners` entries.
+    pub fn listeners_json(&self) -> Vec<Value> {
+        let st = self.st();
+        st.listeners
+            .iter()
+            .map(|(a, secure)| {
+                let mut v = json!({ "address": a.to_json(), "secure_channel": secure });
+                let (k, ana) = self.ana_json(&st, a);
+                v[k] = ana;
+                v
+            })
+            .collect()
+    }
+
+    /// (listener, group, state) of every group that has a namespace, for metrics.
+    pub fn ana_states(&self) -> Vec<(ListenAddr, u32, AnaState)> {
+        let st = self.st();
+        let groups: std::collections::BTreeSet<u32> = st.namespaces.values().map(|n| n.anagrpid).collect();
+        st.ana.iter().flat_map(|(a, l)| groups.iter().map(move |&g| (a.clone(), g, l.state(g)))).collect()
     }
 
     pub fn listeners(&self) -> Vec<ListenAddr> {
@@ -371,6 +472,10 @@ impl Subsystem {
             }
             nsid
         };
+        let anagrpid = ids.anagrpid.unwrap_or(nsid);
+        if anagrpid == 0 || anagrpid > self.ana_groups() {
+            return Err(format!("field `namespace.anagrpid`: {anagrpid} is not between 1 and max_namespaces {}", self.max_namespaces));
+        }
         let uuid = ids.uuid.unwrap_or_else(|| entry.bdev().uuid());
         // Identifiers must be unique within the subsystem (hosts key their block devices on them).
         for other in st.namespaces.values() {
@@ -400,9 +505,11 @@ impl Subsystem {
             eui64,
             stats: BdevStats::new(self.cores),
             resv,
+            anagrpid,
             explicit_uuid: ids.uuid.is_some(),
             explicit_nguid: ids.nguid.is_some(),
             explicit_eui64: ids.eui64.is_some(),
+            explicit_anagrpid: ids.anagrpid.is_some(),
         });
         st.namespaces.insert(nsid, ns.clone());
         self.ns_generation.fetch_add(1, Ordering::AcqRel);
@@ -471,12 +578,36 @@ impl Subsystem {
                 "min_cntlid": self.min_cntlid, "max_cntlid": self.max_cntlid,
             }),
         )];
+        if self.ana_reporting {
+            out[0].1["ana_reporting"] = json!(true);
+        }
         for (l, secure) in &st.listeners {
             let mut v = json!({ "nqn": self.nqn, "listen_address": l.to_json() });
             if *secure {
                 v["secure_channel"] = json!(true);
             }
             out.push(("nvmf_subsystem_add_listener", v));
+            // The listener's ANA states, so a restart keeps the paths hosts were steered to:
+            // one call when every group has one state, else one per group not optimized.
+            if let Some(a) = st.ana.get(l).filter(|_| self.ana_reporting) {
+                let states: Vec<AnaState> = (1..=self.ana_groups()).map(|g| a.state(g)).collect();
+                let set = |grp: Option<u32>, s: AnaState| {
+                    let mut v = json!({ "nqn": self.nqn, "listen_address": l.to_json(), "ana_state": s.name() });
+                    if let Some(g) = grp {
+                        v["anagrpid"] = json!(g);
+                    }
+                    ("nvmf_subsystem_listener_set_ana_state", v)
+                };
+                if states.iter().all(|s| *s == states[0]) {
+                    if states[0] != AnaState::Optimized {
+                        out.push(set(None, states[0]));
+                    }
+                } else {
+                    for (i, s) in states.iter().enumerate().filter(|(_, s)| **s != AnaState::Optimized) {
+                        out.push(set(Some(i as u32 + 1), *s));
+                    }
+                }
+            }
         }
         for (h, keys) in &st.hosts {
             out.push(("nvmf_subsystem_add_host", host_json(json!({ "nqn": self.nqn, "host": h }), keys)));
@@ -491,6 +622,9 @@ impl Subsystem {
             }
             if ns.explicit_eui64 {
                 n["eui64"] = json!(hex(&ns.eui64));
+            }
+            if ns.explicit_anagrpid {
+                n["anagrpid"] = json!(ns.anagrpid);
             }
             if let Some(f) = ns.resv.ptpl_file() {
                 n["ptpl_file"] = json!(f.display().to_string());
@@ -516,14 +650,22 @@ impl Subsystem {
             v["max_namespaces"] = json!(self.max_namespaces);
             v["min_cntlid"] = json!(self.min_cntlid);
             v["max_cntlid"] = json!(self.max_cntlid);
+            if self.ana_reporting {
+                v["ana_reporting"] = json!(true);
+            }
             v["namespaces"] = Value::Array(
                 st.namespaces
                     .values()
                     .map(|ns| {
-                        json!({
+                        let mut n = json!({
                             "nsid": ns.nsid, "bdev_name": ns.bdev_name(), "name": ns.bdev_name(),
                             "uuid": ns.uuid.to_string(), "nguid": hex(&ns.nguid), "eui64": hex(&ns.eui64),
-                        })
+                        });
+                        // As SPDK: the group is shown where hosts see groups.
+                        if self.ana_reporting {
+                            n["anagrpid"] = json!(ns.anagrpid);
+                        }
+                        n
                     })
                     .collect(),
             );
@@ -573,6 +715,44 @@ mod tests {
         assert!(Subsystem::new("nqn.2016-06.io.t:a", SubsysKind::Nvme, &"S".repeat(21), "MN", 32, false, (1, 0xFFEF), 1).is_err());
         assert!(Subsystem::new("nqn.2016-06.io.t:a", SubsysKind::Nvme, "SN", "MN", 0, false, (1, 0xFFEF), 1).is_err());
         assert!(Subsystem::new("nqn.2016-06.io.t:a", SubsysKind::Nvme, "SN", "MN", 32, false, (5, 4), 1).is_err());
+    }
+
+    #[test]
+    fn ana_states_per_listener_validate_show_and_save() {
+        let plain = Subsystem::new("nqn.2016-06.io.t:p", SubsysKind::Nvme, "SN", "MN", 4, false, (1, 0xFFEF), 1).unwrap();
+        let a = ListenAddr::parse("tcp", None, "127.0.0.1", "4420").unwrap();
+        let b = ListenAddr::parse("tcp", None, "127.0.0.1", "4421").unwrap();
+        plain.add_listener(&a, false).unwrap();
+        assert!(plain.set_ana_state(&a, None, AnaState::Inaccessible).unwrap_err().contains("ana_reporting"));
+        assert_eq!(plain.listeners_json()[0]["ana_state"], "optimized");
+
+        let s = Subsystem::new("nqn.2016-06.io.t:a", SubsysKind::Nvme, "SN", "MN", 4, false, (1, 0xFFEF), 1).unwrap().with_ana_reporting(true);
+        s.add_listener(&a, false).unwrap();
+        s.add_listener(&b, false).unwrap();
+        assert!(s.set_ana_state(&a, Some(0), AnaState::Inaccessible).unwrap_err().contains("anagrpid"));
+        assert!(s.set_ana_state(&a, Some(5), AnaState::Inaccessible).unwrap_err().contains("anagrpid"));
+        let c = ListenAddr::parse("tcp", None, "127.0.0.1", "4422").unwrap();
+        assert!(s.set_ana_state(&c, None, AnaState::Inaccessible).unwrap_err().contains("does not listen"));
+        assert_eq!(s.set_ana_state(&a, Some(2), AnaState::Inaccessible), Ok(true));
+        assert_eq!(s.set_ana_state(&a, Some(2), AnaState::Inaccessible), Ok(false));
+        assert_eq!(s.set_ana_state(&b, None, AnaState::NonOptimized), Ok(true));
+        // A controller's view is the listener's, shared.
+        assert_eq!(s.listener_ana(&a).unwrap().state(2), AnaState::Inaccessible);
+        let l = s.listeners_json();
+        assert_eq!(l[0]["ana_states"][1], json!({"ana_group": 2, "ana_state": "inaccessible"}));
+        assert_eq!(l[0]["ana_states"].as_array().unwrap().len(), 4, "every group 1..=max_namespaces, as SPDK");
+        // save_config: per group where they differ, one call where they are all the same.
+        let calls = s.config_calls();
+        assert_eq!(calls[0].1["ana_reporting"], true);
+        let sets: Vec<&Value> = calls.iter().filter(|(m, _)| *m == "nvmf_subsystem_listener_set_ana_state").map(|(_, v)| v).collect();
+        assert_eq!(sets.len(), 2, "{sets:?}");
+        assert_eq!((sets[0]["anagrpid"].as_u64(), sets[0]["ana_state"].as_str()), (Some(2), Some("inaccessible")));
+        assert_eq!((sets[1].get("anagrpid"), sets[1]["ana_state"].as_str()), (None, Some("non_optimized")));
+        // A removed listener's states go with it; added again it starts optimized.
+        assert!(s.remove_listener(&a));
+        assert!(s.listener_ana(&a).is_none());
+        s.add_listener(&a, false).unwrap();
+        assert_eq!(s.listener_ana(&a).unwrap().state(2), AnaState::Optimized);
     }
 
     #[test]

@@ -5,11 +5,13 @@
 # Variables from the host test (tests/nvmf_guest.rs): PORT, NQN (allow_any_host, nsid 1 = a
 # 256 MiB malloc bdev, nsid 2 = a small one that the host removes on request), NQN_RESTRICTED
 # (only HOST_ALLOWED may connect), NQN_POOL and NQN_CLONE (pool volumes, below), HOST_GUEST and
-# HOST_ALLOWED (host NQNs), FIO_SECS.
+# HOST_ALLOWED (host NQNs), FIO_SECS, NQN_ANA (ana_reporting, nsid 1 a 64 MiB malloc bdev,
+# listening on PORT and PORT2).
 # The host does what this script asks for by creating /share/NAME.request and answers with
 # /share/NAME.done ("ok"): remove-ns (removes nsid 2 of NQN), snapshot (snapshots and clones
 # the pool volume, exports the clone as NQN_CLONE), grow (grows the 64 MiB pool volume to
-# 128 MiB).
+# 128 MiB), ana-inaccessible (sets NQN_ANA's PORT listener inaccessible), ana-swap (PORT back
+# to optimized, PORT2 inaccessible), ana-remove (PORT2 optimized, the PORT listener removed).
 # Prints "CHECK ok|FAIL name" per check and "nvmf-guest: N passed, N failed"; exits non-zero on
 # any failure.
 set -u
@@ -214,4 +216,54 @@ check "pool: the file system is larger" test "$kib1" -gt $(( kib0 * 3 / 2 ))
 check "pool: the file is intact" md5sum -c /tmp/f.md5
 check "pool: umount" umount /mnt/fs
 check "pool: nvme disconnect" nvme disconnect -n "$NQN_POOL"
+
+# ANA multipath: the subsystem through two listeners is one multipath head with two paths;
+# fio write+verify runs on the head while the host makes the first path inaccessible, then
+# swaps, then removes the first listener: the kernel follows the ANA change events and fails
+# I/O over, fio sees no error.
+check "ana: native multipath on" grep -qx Y /sys/module/nvme_core/parameters/multipath
+check "ana: connect through $PORT" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_ANA" $H
+check "ana: connect through $PORT2" nvme connect -t tcp -a $T -s "$PORT2" -n "$NQN_ANA" $H
+ADEV=$(nvme_ns_dev "$NQN_ANA" 30)
+path_of() { # path_of PORT: the hidden path device (nvmeXcYnZ) of the controller on PORT
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$NQN_ANA" ] || continue
+    case "$(cat "$c/address" 2>/dev/null)" in *"trsvcid=$1,"* | *"trsvcid=$1") ;; *) continue ;; esac
+    for n in "$c"/nvme*c*n*; do [ -e "$n/ana_state" ] && { echo "${n##*/}"; return 0; }; done
+  done
+  return 1
+}
+ana_is() { [ "$(cat "/sys/block/$(path_of "$1")/ana_state" 2>/dev/null)" = "$2" ]; }
+ana_are() { ana_is "$PORT" "$1" && ana_is "$PORT2" "$2"; } # ana_are STATE1 STATE2
+wait_for 20 path_of "$PORT2" >/dev/null
+echo "ana: head $ADEV, paths $(path_of "$PORT") ($PORT) and $(path_of "$PORT2") ($PORT2)"
+nvme list-subsys "$ADEV" 2>&1 | tee /tmp/lsubsys.txt
+check "ana: one head" count_ns_is "$NQN_ANA" 1
+check "ana: two paths listed" sh -c "grep -q 'trsvcid=$PORT' /tmp/lsubsys.txt && grep -q 'trsvcid=$PORT2' /tmp/lsubsys.txt"
+check "ana: both paths optimized" wait_for 10 ana_are optimized optimized
+AFIO="fio --filename=$ADEV --ioengine=libaio --direct=1 --bs=4k --iodepth=16 --rw=randwrite --size=48m \
+  --verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 --time_based"
+$AFIO --name=ana-verify --runtime=12 >/tmp/anafio.out 2>&1 &
+afio=$!
+sleep 2
+check "ana: first path set inaccessible by the host" request ana-inaccessible
+check "ana: the kernel sees the first path inaccessible" wait_for 10 ana_is "$PORT" inaccessible
+check "ana: the second path still optimized" ana_is "$PORT2" optimized
+nvme list-subsys "$ADEV" 2>&1
+sleep 3
+check "ana: paths swapped by the host" request ana-swap
+check "ana: the kernel sees the swap" wait_for 10 ana_are optimized inaccessible
+check "ana: fio write+verify saw no error through both changes" wait $afio
+grep -E 'IOPS=|err=|verify' /tmp/anafio.out | head -n 6
+# The first listener goes away under I/O: its controller loses the connection, the I/O goes
+# on through the second path (optimized again first).
+$AFIO --name=ana-remove --runtime=6 >/tmp/anafio2.out 2>&1 &
+afio=$!
+sleep 1
+check "ana: first listener removed by the host" request ana-remove
+check "ana: fio write+verify saw no error when the listener went away" wait $afio
+grep -E 'IOPS=|err=' /tmp/anafio2.out | head -n 3
+nvme list-subsys "$ADEV" 2>&1
+check "ana: the second path carries the I/O" ana_is "$PORT2" optimized
+check "ana: nvme disconnect" nvme disconnect -n "$NQN_ANA"
 finish

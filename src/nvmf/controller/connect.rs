@@ -103,11 +103,11 @@ pub(crate) fn connect(q: &Connecting<'_>, sqe: &Sqe, plan: DataPlan, icd: Option
         }
         let admin = QueueRef { core: q.core, conn_id: q.conn_id, peer, sqsize };
         let (opts, listener, host) = (*q.opts, q.listener.clone(), hostnqn.to_string());
-        let ctrl = subsys.add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato))).ok_or((
-            Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY),
-            0,
-            0,
-        ))?;
+        // Read before add_controller, which holds the subsystem's lock while it makes one.
+        let ana = subsys.listener_ana(&listener);
+        let ctrl = subsys
+            .add_controller(|id| Arc::new(Controller::new(id, subsys.clone(), host, hostid, opts, listener, admin, kato).with_ana(ana)))
+            .ok_or((Status::error(sct::COMMAND_SPECIFIC, csc::CONNECT_CONTROLLER_BUSY), 0, 0))?;
         log::info!("nvmf: host {} ({peer}) connected to {subnqn}: controller {}, core {}", ctrl.host_display(), ctrl.cntlid, q.core);
         spawn_keep_alive(q.nvmf.clone(), ctrl.clone());
         return Ok((Binding { ctrl, qid: 0, sqsize, sqflow_off }, auth));

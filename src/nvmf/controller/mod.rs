@@ -9,6 +9,7 @@ mod keep_alive;
 
 pub(crate) use self::connect::{connect, Binding, Connecting};
 
+use super::ana::ListenerAna;
 use super::identify;
 use super::reservation::{Notice, ResvError};
 use super::spec::{admin_opc, cns, csc, feat, io_opc, log, prop, sc, sct, Sqe, Status, FABRICS_OPC, NSID_ALL};
@@ -62,6 +63,11 @@ pub const AEN_RESERVATION: u32 = (log::RESERVATION_NOTIFICATION as u32) << 16 | 
 const MAX_RESV_NOTICES: usize = 255;
 /// Async Event Configuration bit enabling namespace attribute notices.
 pub const AEC_NS_ATTR: u32 = 1 << 8;
+/// AER completion dword 0 of "asymmetric namespace access change" (notice type 2, info 03h,
+/// log 0Ch).
+pub const AEN_ANA_CHANGE: u32 = (log::ANA as u32) << 16 | 0x03 << 8 | 0x02;
+/// Async Event Configuration bit enabling ANA change notices (OAES bit 11).
+pub const AEC_ANA_CHANGE: u32 = 1 << 11;
 
 /// Bytes of one Error Information Log entry.
 const ERROR_ENTRY_LEN: usize = 64;
@@ -86,6 +92,9 @@ pub struct Controller {
     pub opts: TransportOpts,
     /// The listener the admin queue came through (I/O queues must use the subsystem's too).
     pub listener: ListenAddr,
+    /// The ANA states of that listener (None on the discovery subsystem): the data path
+    /// checks a namespace's group here with one relaxed load.
+    pub ana: Option<Arc<ListenerAna>>,
     pub admin: QueueRef,
     pub created: Instant,
     ready: AtomicBool,
@@ -118,6 +127,8 @@ struct CtrlState {
     resv_count: u64,
     /// A reservation AER was sent and the host has not read the log since.
     resv_event_masked: bool,
+    /// An ANA change AER was sent and the host has not read the ANA log since.
+    ana_event_masked: bool,
     /// Reservation Notification Mask (feature 82h) per namespace, and for the others.
     resv_masks: BTreeMap<u32, u32>,
     resv_mask_default: u32,
@@ -149,6 +160,7 @@ impl Controller {
             hostid,
             opts,
             listener,
+            ana: None,
             admin,
             created: Instant::now(),
             ready: AtomicBool::new(false),
@@ -171,10 +183,17 @@ impl Controller {
                 resv_log: VecDeque::new(),
                 resv_count: 0,
                 resv_event_masked: false,
+                ana_event_masked: false,
                 resv_masks: BTreeMap::new(),
                 resv_mask_default: 0,
             }),
         }
+    }
+
+    /// The controller with the ANA states of its listener.
+    pub fn with_ana(mut self, ana: Option<Arc<ListenerAna>>) -> Controller {
+        self.ana = ana;
+        self
     }
 
     /// The host NQN for log lines (SPDK's tools may connect without one).
@@ -316,6 +335,30 @@ impl Controller {
             ::log::info!("nvmf: controller {} of {}: namespace {nsid} changed, async event sent", self.cntlid, self.subsys.nqn);
             let conn = self.admin.conn_id;
             nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_NS_CHANGED));
+        }
+    }
+
+    /// The ANA states this controller sees changed: raises the ANA change async event if the
+    /// host enabled it (one until the host reads the ANA log page).
+    pub fn ana_changed(&self, nvmf: &Nvmf) {
+        let deliver = {
+            let mut st = self.st();
+            if st.aec & AEC_ANA_CHANGE == 0 || st.ana_event_masked {
+                return;
+            }
+            st.ana_event_masked = true;
+            match st.aers.pop() {
+                Some(cid) => Some(cid),
+                None => {
+                    st.pending_events.push_back(AEN_ANA_CHANGE);
+                    None
+                }
+            }
+        };
+        if let Some(cid) = deliver {
+            ::log::info!("nvmf: controller {} of {}: ANA state changed, async event sent", self.cntlid, self.subsys.nqn);
+            let conn = self.admin.conn_id;
+            nvmf.post(self.admin.core, move || super::connection::complete_aer(conn, cid, Status::SUCCESS, AEN_ANA_CHANGE));
         }
     }
 
@@ -503,7 +546,7 @@ impl Controller {
                 }
                 // An inactive namespace id reads as zeros (NVMe Base §5.15.2.1).
                 match self.subsys.namespace(nsid) {
-                    Some(ns) if c == cns::NAMESPACE => AdminOutcome::data(identify::namespace(&ns)),
+                    Some(ns) if c == cns::NAMESPACE => AdminOutcome::data(identify::namespace(&ns, self.subsys.ana_reporting)),
                     _ => AdminOutcome::data(vec![0u8; super::spec::IDENTIFY_LEN]),
                 }
             }
@@ -561,6 +604,15 @@ impl Controller {
             }
             log::FW_SLOT => identify::firmware_log(),
             log::RESERVATION_NOTIFICATION => self.reservation_log(rae),
+            log::ANA if self.subsys.ana_reporting => {
+                // Log specific field bit 0 (CDW10 bit 8): Return Groups Only.
+                let rgo = cdw10 & (1 << 8) != 0;
+                let (count, groups) = self.subsys.ana_descriptors(&self.listener);
+                if !rae {
+                    self.st().ana_event_masked = false;
+                }
+                super::ana::log_page(count, &groups, rgo)
+            }
             log::CHANGED_NS => {
                 let mut st = self.st();
                 let page = identify::changed_ns_log(&st.changed_ns, st.changed_overflow);
