@@ -34,6 +34,10 @@ const NQN_CLONE: &str = "nqn.2016-06.io.tidemark:clone";
 /// ANA multipath: one 64 MiB namespace (ana_reporting) on two listeners (port and port2),
 /// whose states the guest asks the host to change while fio runs.
 const NQN_ANA: &str = "nqn.2016-06.io.tidemark:ana";
+/// A hundred thin 4 MiB volumes of the pool, namespaces 1..=100: a fleet-sized pool, each
+/// volume written with its own pattern by the guest and read back.
+const NQN_MANY: &str = "nqn.2016-06.io.tidemark:many";
+const MANY: u32 = 100;
 
 fn skip() -> bool {
     ["TIDEMARK_SKIP_NVMF_GUEST", "TIDEMARK_SKIP_NVMF"].iter().any(|v| std::env::var(v).as_deref() == Ok("1"))
@@ -73,6 +77,12 @@ fn linux_initiator_in_a_guest() {
     d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_POOL, "namespace": {"bdev_name": "gpool/gvol", "nsid": 1}}));
     d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_POOL, "namespace": {"bdev_name": "gpool/fsvol", "nsid": 2}}));
     d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_POOL, "listen_address": listen}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": NQN_MANY, "serial_number": "TMGUEST0006", "allow_any_host": true, "max_namespaces": 128}));
+    for i in 1..=MANY {
+        d.rpc("bdev_lvol_create", json!({"lvs_name": "gpool", "lvol_name": format!("many{i}"), "size_in_mib": 4, "thin_provision": true}));
+        d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN_MANY, "namespace": {"bdev_name": format!("gpool/many{i}"), "nsid": i}}));
+    }
+    d.rpc("nvmf_subsystem_add_listener", json!({"nqn": NQN_MANY, "listen_address": listen}));
     let port2 = free_port();
     let listen2 = json!({"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port2.to_string()});
     d.rpc("bdev_malloc_create", json!({"name": "a0", "num_blocks": 131072, "block_size": 512}));
@@ -134,11 +144,13 @@ fn linux_initiator_in_a_guest() {
     let out = Command::new(&run_sh)
         .arg(&script)
         .env("TIDEMARK_GUEST_SHARE", share.path())
-        .env("TIDEMARK_GUEST_VARS", "PORT PORT2 NQN NQN_RESTRICTED NQN_POOL NQN_CLONE NQN_ANA HOST_GUEST HOST_ALLOWED FIO_SECS")
+        .env("TIDEMARK_GUEST_VARS", "PORT PORT2 NQN NQN_RESTRICTED NQN_POOL NQN_CLONE NQN_ANA NQN_MANY MANY HOST_GUEST HOST_ALLOWED FIO_SECS")
         .env("TIDEMARK_GUEST_TIMEOUT", std::env::var("TIDEMARK_GUEST_TIMEOUT").unwrap_or_else(|_| "600".into()))
         .env("PORT", port.to_string())
         .env("PORT2", port2.to_string())
         .env("NQN_ANA", NQN_ANA)
+        .env("NQN_MANY", NQN_MANY)
+        .env("MANY", MANY.to_string())
         .env("NQN", NQN)
         .env("NQN_RESTRICTED", NQN_RESTRICTED)
         .env("NQN_POOL", NQN_POOL)
@@ -166,7 +178,7 @@ fn linux_initiator_in_a_guest() {
 
     // What the target saw: the hosts are gone, their I/O was counted, the refused host was
     // logged, and the removed namespace's bdev is free again.
-    for nqn in [NQN, NQN_RESTRICTED, NQN_POOL, NQN_CLONE, NQN_ANA] {
+    for nqn in [NQN, NQN_RESTRICTED, NQN_POOL, NQN_CLONE, NQN_ANA, NQN_MANY] {
         assert!(d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": nqn})).as_array().unwrap().is_empty(), "{nqn} still has controllers");
     }
     let st = d.rpc("bdev_get_iostat", json!({"name": "g0"}));
@@ -182,6 +194,10 @@ fn linux_initiator_in_a_guest() {
     assert_eq!(lvol("gclone")["base_snapshot"], "gsnap", "{lvols}");
     assert_eq!(lvol("fsvol")["num_clusters"], 128, "{lvols}");
     assert!(lvol("gvol")["num_allocated_clusters"].as_u64() > Some(4), "{lvols}");
+    // Each of the hundred volumes took exactly the one cluster its pattern went to.
+    for i in 1..=MANY {
+        assert_eq!(lvol(&format!("many{i}"))["num_allocated_clusters"], 1, "many{i}: {lvols}");
+    }
     // ANA: the guest's I/O went through the multipath head to the namespace, the first
     // listener is gone and the second one ended optimized.
     let st = d.rpc("bdev_get_iostat", json!({"name": "a0"}));

@@ -6,7 +6,7 @@
 # 256 MiB malloc bdev, nsid 2 = a small one that the host removes on request), NQN_RESTRICTED
 # (only HOST_ALLOWED may connect), NQN_POOL and NQN_CLONE (pool volumes, below), HOST_GUEST and
 # HOST_ALLOWED (host NQNs), FIO_SECS, NQN_ANA (ana_reporting, nsid 1 a 64 MiB malloc bdev,
-# listening on PORT and PORT2).
+# listening on PORT and PORT2), NQN_MANY (MANY thin 4 MiB volumes of the pool, nsid 1..MANY).
 # The host does what this script asks for by creating /share/NAME.request and answers with
 # /share/NAME.done ("ok"): remove-ns (removes nsid 2 of NQN), snapshot (snapshots and clones
 # the pool volume, exports the clone as NQN_CLONE), grow (grows the 64 MiB pool volume to
@@ -216,6 +216,26 @@ check "pool: the file system is larger" test "$kib1" -gt $(( kib0 * 3 / 2 ))
 check "pool: the file is intact" md5sum -c /tmp/f.md5
 check "pool: umount" umount /mnt/fs
 check "pool: nvme disconnect" nvme disconnect -n "$NQN_POOL"
+
+# A hundred thin volumes of the same pool, one namespace each: every one gets its own 64 KiB
+# pattern (its nsid in it) at its own offset, then all are read back.
+check "many: nvme connect" nvme connect -t tcp -a $T -s "$PORT" -n "$NQN_MANY" $H
+check "many: $MANY namespaces" wait_for 60 count_ns_is "$NQN_MANY" "$MANY"
+many_pattern() { yes "tidemark volume $1 of $MANY" | head -c 65536; }
+many_each() { # many_each write|verify: over every namespace of NQN_MANY
+  for d in $(ns_devs "$NQN_MANY"); do
+    n=$(cat "/sys/block/${d##*/}/nsid") || return 1
+    off=$(( n % 64 ))  # in 64 KiB blocks: within the volume's first cluster
+    if [ "$1" = write ]; then
+      many_pattern "$n" | dd of="$d" bs=64k seek="$off" oflag=direct 2>/dev/null || return 1
+    else
+      dd if="$d" bs=64k skip="$off" count=1 iflag=direct 2>/dev/null | cmp -s - <(many_pattern "$n") || { echo "volume $n ($d) differs"; return 1; }
+    fi
+  done
+}
+check "many: a pattern written to each volume" many_each write
+check "many: each volume reads its own pattern back" many_each verify
+check "many: nvme disconnect" nvme disconnect -n "$NQN_MANY"
 
 # ANA multipath: the subsystem through two listeners is one multipath head with two paths;
 # fio write+verify runs on the head while the host makes the first path inaccessible, then
