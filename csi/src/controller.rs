@@ -72,8 +72,16 @@ impl ControllerService {
     async fn search(&self, lvol: &str, prefix: bool) -> Result<Vec<Lvol>, Status> {
         let mut out = Vec::new();
         for n in self.nodes.nodes() {
-            let ls = self.nodes.lvols(&n.name, lvol).await.map_err(|e| status(&e, &format!("looking for {lvol} on {}", n.name)))?;
-            out.extend(ls.into_iter().filter(|l| prefix || l.id.lvol == lvol));
+            let looking = |e: &tidemark::RpcError| status(e, &format!("looking for {lvol} on {}", n.name));
+            if prefix {
+                out.extend(self.nodes.lvols(&n.name, lvol).await.map_err(|e| looking(&e))?);
+            } else {
+                // An exact name: one lookup of its alias per store, not a listing of every
+                // lvol of the node (which grows with the pool).
+                for store in self.nodes.stores(&n.name).await.map_err(|e| looking(&e))? {
+                    out.extend(self.nodes.find(&Id::new(&n.name, &store.name, lvol)).await?);
+                }
+            }
         }
         Ok(out)
     }
