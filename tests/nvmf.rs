@@ -450,18 +450,6 @@ fn access_control_and_namespace_events() {
     wait_until(|| d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN})).as_array().unwrap().is_empty(), "controller removed");
 }
 
-fn wait_completion(q: &mut Qpair, cid: u16) -> Completion {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = Vec::new();
-    loop {
-        q.poll(&mut out).unwrap();
-        if let Some(c) = out.iter().find(|c| c.cid == cid) {
-            return *c;
-        }
-        assert!(Instant::now() < deadline, "command {cid} did not complete");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn keep_alive_timeout_tears_the_controller_down_with_io_in_flight() {

@@ -10,9 +10,9 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
-use tidemark::nvmf::initiator::{Completion, Controller, Payload, Qpair, QpairOptions};
+use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
 use tidemark::nvmf::spec::{self, admin_opc, io_opc, Sqe, Status};
 
 const NQN: &str = "nqn.2016-06.io.tidemark:ana";
@@ -102,18 +102,6 @@ fn states(c: &mut Controller) -> Vec<(u32, u8)> {
     parse_ana(&ana_log(c, 4096, 0, false).unwrap()).1.into_iter().map(|g| (g.0, g.2)).collect()
 }
 
-fn wait_completion(q: &mut Qpair, cid: u16) -> Completion {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = Vec::new();
-    loop {
-        q.poll(&mut out).unwrap();
-        if let Some(c) = out.iter().find(|c| c.cid == cid) {
-            return *c;
-        }
-        assert!(Instant::now() < deadline, "command {cid} did not complete");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn set_state(d: &Daemon, port: u16, state: &str, grp: Option<u32>) {
     let mut p = json!({"nqn": NQN, "listen_address": laddr(port), "ana_state": state});

@@ -8,9 +8,9 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+
 use support::*;
-use tidemark::nvmf::initiator::{Completion, Controller, Payload, Qpair, QpairOptions};
+use tidemark::nvmf::initiator::{Controller, Payload, Qpair, QpairOptions};
 use tidemark::nvmf::spec::{self, admin_opc, io_opc, Sqe, Status};
 
 const NQN: &str = "nqn.2016-06.io.tidemark:resv";
@@ -112,19 +112,6 @@ fn read(q: &mut Qpair, nsid: u32) -> Status {
 
 fn conflict() -> Status {
     Status { sct: 0, sc: CONFLICT, dnr: true }
-}
-
-fn wait_completion(q: &mut Qpair, cid: u16) -> Completion {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = Vec::new();
-    loop {
-        q.poll(&mut out).unwrap();
-        if let Some(c) = out.iter().find(|c| c.cid == cid) {
-            return *c;
-        }
-        assert!(Instant::now() < deadline, "command {cid} did not complete");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// The next Reservation Notification log entry: (count, type, available, nsid).

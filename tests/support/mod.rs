@@ -526,3 +526,17 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {name} in the metrics:\n{m}"))
     }
 }
+
+/// Polls `q` until the completion of command `cid` arrives (10 s at most).
+pub fn wait_completion(q: &mut tidemark::nvmf::initiator::Qpair, cid: u16) -> tidemark::nvmf::initiator::Completion {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out = Vec::new();
+    loop {
+        q.poll(&mut out).expect("the queue pair answers");
+        if let Some(c) = out.iter().find(|c| c.cid == cid) {
+            return *c;
+        }
+        assert!(Instant::now() < deadline, "command {cid} did not complete");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
