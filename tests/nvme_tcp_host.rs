@@ -706,7 +706,8 @@ fn a_lost_controller_is_deleted_unless_its_bdev_is_held_and_reset_reconnects() {
     // belongs to the same controller.
     b.kill9();
     wait_for("the keep-alive to notice", 15, || state(&a) == "lost");
-    assert!(a.log_text().contains("stays lost, not deleted"));
+    // The state turns before the line reaches the log file.
+    wait_for("the log to say why the controller stays", 5, || a.log_text().contains("stays lost, not deleted"));
     // A reset of a lost controller is one more attempt; B is still down.
     assert_eq!(a.try_rpc("bdev_nvme_reset_controller", json!({"name": "rb"})).unwrap_err().code, -5);
     // B comes back; a reset brings the controller back.

@@ -74,6 +74,9 @@ impl AnaState {
 pub const SC_ANA_PERSISTENT_LOSS: u8 = 0x01;
 pub const SC_ANA_INACCESSIBLE: u8 = 0x02;
 pub const SC_ANA_TRANSITION: u8 = 0x03;
+/// Controller Pathing Error: the path through this controller is failing (it is being torn
+/// down), the command may succeed on another path.
+pub const SC_CONTROLLER_PATHING_ERROR: u8 = 0x60;
 
 /// ANA Transition Time (Identify Controller ANATT), seconds: changes here are instant, the
 /// value bounds how long a host waits in the change state.

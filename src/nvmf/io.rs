@@ -210,7 +210,16 @@ fn read_buffer_len(op: &Op) -> usize {
 /// Starts I/O command `sqe` on `conn` (the reader's path: checks, then one task).
 pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
     if !b.ctrl.is_ready() {
-        return conn.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
+        // A controller torn down (its listener removed, its keep-alive expired, its subsystem
+        // deleted) still reads the commands already on its socket: they get a path error with
+        // DNR clear, so a multipath host retries them on another path instead of failing them.
+        // Before enable it is the host's mistake: Command Sequence Error.
+        let status = if b.ctrl.is_closed() {
+            Status::retryable(sct::PATH, super::ana::SC_CONTROLLER_PATHING_ERROR)
+        } else {
+            Status::generic(sc::COMMAND_SEQUENCE_ERROR)
+        };
+        return conn.complete(slot, &sqe, status, 0, TxData::None);
     }
     if sqe.fuse() != 0 {
         return conn.complete(slot, &sqe, Status::generic(sc::INVALID_FIELD), 0, TxData::None);
