@@ -450,7 +450,6 @@ fn access_control_and_namespace_events() {
     wait_until(|| d.rpc("nvmf_subsystem_get_controllers", json!({"nqn": NQN})).as_array().unwrap().is_empty(), "controller removed");
 }
 
-
 #[test]
 fn keep_alive_timeout_tears_the_controller_down_with_io_in_flight() {
     let (d, addr) = start("[0, 1]", true);

@@ -102,7 +102,6 @@ fn states(c: &mut Controller) -> Vec<(u32, u8)> {
     parse_ana(&ana_log(c, 4096, 0, false).unwrap()).1.into_iter().map(|g| (g.0, g.2)).collect()
 }
 
-
 fn set_state(d: &Daemon, port: u16, state: &str, grp: Option<u32>) {
     let mut p = json!({"nqn": NQN, "listen_address": laddr(port), "ana_state": state});
     if let Some(g) = grp {
