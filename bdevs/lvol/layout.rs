@@ -20,19 +20,53 @@
 //! none: the snapshot a clone reads through, see the module comment of `lvol`) and the flag
 //! bit 2, *snapshot*. A physical cluster may now appear in the maps of several volumes (it is
 //! shared); it never appears twice in one map. **Upgrade rule:** a version 1 record decodes
-//! as version 2 with no parents and no snapshots. A record is written in version 1 as long as
-//! no volume has a parent or is a snapshot, so a store stays readable by the first slice
-//! until the first `bdev_lvol_snapshot` (an explicit, crash-safe RPC: one commit) makes it
-//! version 2; from then on the first slice refuses it by its version and changes nothing.
+//! as version 2 with no parents and no snapshots. (The snapshot slice wrote version 1 as long as
+//! no volume had a parent or was a snapshot; since version 3 every record is written in the
+//! current version, see upgrade rule 2 below.)
+//!
+//! Version 3 (the map log) adds **log records** after the record in its slot. A commit that
+//! changes nothing but cluster maps (first writes, copy-on-writes, unmaps: the data path's
+//! commits) appends one log record instead of rewriting the whole state, so its cost follows
+//! what changed, not what the store holds (a full record of a filled 1 TiB pool is ~8 MiB).
+//! Any other change (a volume created, deleted, resized, snapshotted, ...) writes a whole record
+//! into the other slot as before, and the log of the new slot starts empty after it.
+//!
+//! ```text
+//! slot: | record (seq S) | log S+1 | log S+2 | ... | stale bytes of older records and logs |
+//! ```
+//!
+//! A log record is `magic "TDMKLVJ1", version u32, crc32c u32, len u64, seq u64, store uuid,
+//! count u32`, then `count` changes `(volume uuid, logical u32, physical u32)`, physical
+//! `u32::MAX` for an unmapped cluster; each starts on a block boundary. At open the current
+//! record is read, then the log records after it in order, as long as each is valid, names
+//! the store's uuid and carries the next sequence number. Why stale bytes are never replayed:
+//! logs left in a slot by an earlier cycle carry sequence numbers below the record now in the
+//! slot (the slots alternate and sequence numbers only grow), and logs of a store deleted
+//! and created again on the same bdev name another store uuid. A torn log record fails its
+//! CRC, which ends the replay at the last acknowledged commit.
+//!
+//! **Upgrade rule 2:** version 1 and 2 records still open (no log follows them: those
+//! versions never wrote one). The first commit after an open writes a whole version 3 record;
+//! from then on earlier tidemarks refuse the store by its version and change nothing (they
+//! would not replay the log and would lose acknowledged first writes).
 //!
 //! Little endian throughout.
 
 use uuid::Uuid;
 
 pub const MAGIC: &[u8; 8] = b"TDMKLVS1";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The first slice's format, still read (see the upgrade rule above).
 pub const VERSION_1: u32 = 1;
+/// The snapshot slice's format, still read.
+pub const VERSION_2: u32 = 2;
+/// Magic of a log record (see the module comment).
+pub const LOG_MAGIC: &[u8; 8] = b"TDMKLVJ1";
+const LOG_VERSION: u32 = 1;
+/// Bytes of a log record before its changes.
+const LOG_HEADER: usize = 8 + 4 + 4 + 8 + 8 + 16 + 4;
+/// Bytes of one change in a log record.
+const LOG_CHANGE: usize = 16 + 4 + 4;
 /// Most volumes a store holds (the slot is sized for them; the issue asks for ≥ 1,000).
 pub const MAX_VOLUMES: usize = 1024;
 /// Longest store or volume name (SPDK's `SPDK_LVS_NAME_MAX` / `SPDK_LVOL_NAME_MAX` less the NUL).
@@ -111,7 +145,7 @@ pub fn geometry(base_bytes: u64, block_size: u32, cluster_size: u64) -> Option<G
 pub enum DecodeError {
     #[error("no lvol store (no TDMKLVS1 magic)")]
     NoMagic,
-    #[error("lvol store format version {0}; this tidemark reads versions {VERSION_1} and {VERSION}")]
+    #[error("lvol store format version {0}; this tidemark reads versions {VERSION_1} to {VERSION}")]
     Version(u32),
     #[error("lvol store metadata is torn or corrupt (CRC or length mismatch)")]
     Corrupt,
@@ -172,9 +206,8 @@ impl StoreRecord {
     /// The record as written to a slot (its length is `len`, not rounded to blocks).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(HEADER_MAX + self.volumes.len() * VOLUME_MAX));
-        let v2 = self.volumes.iter().any(|v| v.snapshot || v.parent.is_some());
         w.0.extend_from_slice(MAGIC);
-        w.u32(if v2 { VERSION } else { VERSION_1 });
+        w.u32(VERSION);
         w.u32(0); // crc, below
         w.u64(0); // len, below
         w.u64(self.seq);
@@ -191,9 +224,7 @@ impl StoreRecord {
             w.u64(v.size_bytes);
             w.u8(v.thin as u8 | (v.read_only as u8) << 1 | (v.snapshot as u8) << 2);
             w.u8(v.clear_method);
-            if v2 {
-                w.0.extend_from_slice(v.parent.unwrap_or(Uuid::nil()).as_bytes());
-            }
+            w.0.extend_from_slice(v.parent.unwrap_or(Uuid::nil()).as_bytes());
             w.u32(v.map.len() as u32);
             for &(l, p) in &v.map {
                 w.u32(l);
@@ -288,10 +319,99 @@ fn check_magic(head: &[u8]) -> Result<u32, DecodeError> {
         return Err(DecodeError::NoMagic);
     }
     let v = u32::from_le_bytes(head[8..12].try_into().map_err(|_| DecodeError::Corrupt)?);
-    if v != VERSION && v != VERSION_1 {
+    if !(VERSION_1..=VERSION).contains(&v) {
         return Err(DecodeError::Version(v));
     }
     Ok(v)
+}
+
+/// One change of a cluster map, as a log record carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapChange {
+    pub vol: Uuid,
+    pub logical: u32,
+    /// The physical cluster now mapped, or None: unmapped.
+    pub phys: Option<u32>,
+}
+
+/// A commit that changed cluster maps only (see the module comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub seq: u64,
+    /// The store it belongs to: a log of an earlier store on the same bdev is not replayed.
+    pub store: Uuid,
+    pub changes: Vec<MapChange>,
+}
+
+impl LogRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(LOG_HEADER + self.changes.len() * LOG_CHANGE));
+        w.0.extend_from_slice(LOG_MAGIC);
+        w.u32(LOG_VERSION);
+        w.u32(0); // crc, below
+        w.u64(0); // len, below
+        w.u64(self.seq);
+        w.0.extend_from_slice(self.store.as_bytes());
+        w.u32(self.changes.len() as u32);
+        for c in &self.changes {
+            w.0.extend_from_slice(c.vol.as_bytes());
+            w.u32(c.logical);
+            w.u32(c.phys.unwrap_or(u32::MAX));
+        }
+        let mut b = w.0;
+        let len = b.len() as u64;
+        b[16..24].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Bytes of the log record that starts `head`; an error if `head` starts none.
+    pub fn encoded_len(head: &[u8]) -> Result<u64, DecodeError> {
+        if head.len() < LOG_HEADER || &head[..8] != LOG_MAGIC {
+            return Err(DecodeError::NoMagic);
+        }
+        if u32::from_le_bytes(head[8..12].try_into().map_err(|_| DecodeError::Corrupt)?) != LOG_VERSION {
+            return Err(DecodeError::Corrupt);
+        }
+        let len = u64::from_le_bytes(head[16..24].try_into().map_err(|_| DecodeError::Corrupt)?);
+        if len < LOG_HEADER as u64 {
+            return Err(DecodeError::Corrupt);
+        }
+        Ok(len)
+    }
+
+    /// Decodes a log record (the bytes hold at least its `len`); checks magic, CRC, counts,
+    /// and that every physical cluster is below `total_clusters`.
+    pub fn decode(b: &[u8], total_clusters: u64) -> Result<LogRecord, DecodeError> {
+        let len = Self::encoded_len(b)? as usize;
+        if len > b.len() {
+            return Err(DecodeError::Corrupt);
+        }
+        let b = &b[..len];
+        let crc = u32::from_le_bytes(b[12..16].try_into().map_err(|_| DecodeError::Corrupt)?);
+        if crc32c::crc32c(&b[16..]) != crc {
+            return Err(DecodeError::Corrupt);
+        }
+        let mut r = Reader(&b[24..]);
+        let seq = r.u64()?;
+        let store = r.uuid()?;
+        let n = r.u32()? as usize;
+        if n != r.0.len() / LOG_CHANGE || r.0.len() % LOG_CHANGE != 0 {
+            return Err(DecodeError::Corrupt);
+        }
+        let mut changes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let vol = r.uuid()?;
+            let logical = r.u32()?;
+            let phys = Some(r.u32()?).filter(|p| *p != u32::MAX);
+            if phys.is_some_and(|p| p as u64 >= total_clusters) {
+                return Err(DecodeError::Corrupt);
+            }
+            changes.push(MapChange { vol, logical, phys });
+        }
+        Ok(LogRecord { seq, store, changes })
+    }
 }
 
 /// Which slot holds the current state, given what each slot decodes to: the valid record with
@@ -407,11 +527,44 @@ mod tests {
         }
         let v1 = unhex(V1_RECORD);
         assert_eq!(StoreRecord::decode(&v1), Ok(r.clone()));
-        // Written again without snapshots, it stays version 1, byte for byte.
-        assert_eq!(r.encode(), v1);
-        // The first snapshot makes it version 2.
+        // Written again, it is version 3 (upgrade rule 2), and decodes to the same state.
+        let v3 = r.encode();
+        assert_eq!(u32::from_le_bytes(v3[8..12].try_into().unwrap()), VERSION);
+        assert_eq!(StoreRecord::decode(&v3), Ok(r.clone()));
         r.volumes[0].snapshot = true;
-        assert_eq!(u32::from_le_bytes(r.encode()[8..12].try_into().unwrap()), VERSION);
+        assert_eq!(StoreRecord::decode(&r.encode()), Ok(r));
+    }
+
+    fn log(seq: u64, n: u32) -> LogRecord {
+        LogRecord {
+            seq,
+            store: Uuid::from_u128(7),
+            changes: (0..n).map(|i| MapChange { vol: Uuid::from_u128(100 + i as u128 % 3), logical: i * 5, phys: (i % 4 != 3).then_some(i) }).collect(),
+        }
+    }
+
+    #[test]
+    fn a_log_record_is_not_taken_for_a_store_record_nor_the_other_way() {
+        let l = log(9, 4).encode();
+        assert_eq!(StoreRecord::decode(&l), Err(DecodeError::NoMagic));
+        assert_eq!(LogRecord::decode(&sample(9, 2).encode(), 100), Err(DecodeError::NoMagic));
+        // A physical cluster past the store's end is corrupt, not a change to replay.
+        assert_eq!(LogRecord::decode(&l, 2), Err(DecodeError::Corrupt));
+        assert_eq!(LogRecord::decode(&l, 100), Ok(log(9, 4)));
+    }
+
+    proptest! {
+        #[test]
+        fn log_records_round_trip_and_any_tear_is_caught(seq in any::<u64>(), n in 0u32..60, cut in 0usize..4096) {
+            let r = log(seq, n);
+            let b = r.encode();
+            prop_assert_eq!(LogRecord::decode(&b, 1000), Ok(r));
+            let cut = cut % b.len();
+            prop_assert!(LogRecord::decode(&b[..cut], 1000).is_err());
+            let mut f = b.clone();
+            f[cut.max(16)] ^= 0x01;
+            prop_assert!(LogRecord::decode(&f, 1000).is_err());
+        }
     }
 
     proptest! {

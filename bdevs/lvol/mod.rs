@@ -56,7 +56,7 @@ use crate::bdev::LatencyHistogram;
 use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
-use layout::{StoreRecord, VolumeRecord};
+use layout::{LogRecord, MapChange, StoreRecord, VolumeRecord};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IoSlice, IoSliceMut};
@@ -93,7 +93,11 @@ const SHARED: u32 = 1 << 31;
 
 impl LiveMap {
     fn new(n: u64) -> Box<LiveMap> {
-        Box::new(LiveMap((0..n).map(|_| AtomicU32::new(0)).collect()))
+        // Zeroed memory from the allocator (calloc: fresh pages of a large map are mapped on
+        // first touch), not a loop storing n zeroes: creating, snapshotting or cloning a 1 TiB
+        // thin volume then costs no more than a 1 GiB one, and an empty thin volume no RSS.
+        // SAFETY: all-zero bytes are a valid AtomicU32 (0: unmapped).
+        Box::new(LiveMap(unsafe { Box::<[AtomicU32]>::new_zeroed_slice(n as usize).assume_init() }))
     }
 }
 
@@ -219,6 +223,15 @@ struct State {
     seq: u64,
     /// The slot holding the current record.
     cur_slot: usize,
+    /// Map changes made since the last commit began, in order: what the next log record
+    /// carries (layout: log records).
+    journal: Vec<MapChange>,
+    /// Byte offset in the current slot where the next log record goes.
+    log_at: u64,
+    /// The store's name and volume records (maps left out) of the last durable state, if a
+    /// log record can follow it: a commit whose name or records differ, or any commit after
+    /// a failed one or after an open, writes a whole record instead.
+    last_heads: Option<(String, Vec<VolumeRecord>)>,
     /// References to each physical cluster (volume maps + pending entries); 0 = free.
     refs: Vec<u32>,
     free_count: u64,
@@ -328,49 +341,78 @@ impl Store {
         self.cluster_size / self.block_size as u64
     }
 
-    /// The record of the current state with the next sequence number.
-    fn record(&self, st: &State, seq: u64) -> StoreRecord {
-        StoreRecord {
-            seq,
+    /// The volume records of the current state without their maps, and whether a snapshot is
+    /// left out of them (see below).
+    fn heads(&self, st: &State) -> (Vec<VolumeRecord>, bool) {
+        // A snapshot maps the clusters it captured pending at once, before their data (zeroes
+        // or a copy) is written; its own commit waits for that, but another writer's commit
+        // could record it first, and a crash then left a snapshot reading some freed
+        // cluster's old data. Until then it is left out of records (its volume's parent link
+        // goes to its parent).
+        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+        let left_out: HashMap<Uuid, Option<Uuid>> = if unready.is_empty() {
+            HashMap::new()
+        } else {
+            st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| unready.contains(p))).map(|v| (v.rec.uuid, v.rec.parent)).collect()
+        };
+        let heads = st
+            .vols
+            .values()
+            .filter(|v| !left_out.contains_key(&v.rec.uuid))
+            .map(|v| {
+                let mut r = v.rec.clone();
+                debug_assert!(r.map.is_empty(), "a volume's map lives in VolState::map, not in its record");
+                while let Some(up) = r.parent.and_then(|p| left_out.get(&p)) {
+                    r.parent = *up;
+                }
+                r
+            })
+            .collect();
+        (heads, !left_out.is_empty())
+    }
+
+    /// What the next commit writes, with the next sequence number: a log record after the
+    /// current one when only maps changed since the last durable state (then `Some` offset in
+    /// the current slot), else a whole record for the other slot (`None`). Takes the journal.
+    fn next_record(&self, st: &mut State) -> (Vec<u8>, Option<u64>) {
+        st.seq += 1;
+        let (mut heads, left_out) = self.heads(st);
+        let changes = std::mem::take(&mut st.journal);
+        if !left_out && st.last_heads.as_ref().is_some_and(|(n, h)| *n == st.name && *h == heads) {
+            let log = LogRecord { seq: st.seq, store: self.uuid, changes }.encode();
+            let padded = (log.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
+            if st.log_at + padded <= self.slot_bytes {
+                return (log, Some(st.log_at));
+            }
+        }
+        st.last_heads = if left_out { None } else { Some((st.name.clone(), heads.clone())) };
+        for r in &mut heads {
+            if let Some(v) = st.vols.get(&r.uuid) {
+                r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
+            }
+        }
+        let rec = StoreRecord {
+            seq: st.seq,
             uuid: self.uuid,
             name: st.name.clone(),
             cluster_size: self.cluster_size,
             block_size: self.block_size,
             data_start: self.data_start,
             total_clusters: self.total_clusters,
-            volumes: {
-                // A snapshot maps the clusters it captured pending at once, before their data
-                // (zeroes or a copy) is written; its own commit waits for that, but another
-                // writer's commit could record it first, and a crash then left a snapshot
-                // reading some freed cluster's old data. Until then it is left out of records
-                // (its volume's parent link goes to its parent).
-                let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
-                let left_out: HashMap<Uuid, Option<Uuid>> =
-                    st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| unready.contains(p))).map(|v| (v.rec.uuid, v.rec.parent)).collect();
-                st.vols
-                    .values()
-                    .filter(|v| !left_out.contains_key(&v.rec.uuid))
-                    .map(|v| {
-                        let mut r = v.rec.clone();
-                        r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
-                        while let Some(up) = r.parent.and_then(|p| left_out.get(&p)) {
-                            r.parent = *up;
-                        }
-                        r
-                    })
-                    .collect()
-            },
-        }
+            volumes: heads,
+        };
+        (rec.encode(), None)
     }
 
-    /// Writes a record into `slot`: everything written before is made durable first (data and
-    /// zeroed clusters the record points to), then the record, then it is flushed.
-    async fn write_slot(&self, ch: &Channel, slot: usize, rec: &[u8]) -> IoResult {
+    /// Writes a record (or a log record) at byte `at` of `slot`: everything written before is
+    /// made durable first (data and zeroed clusters the record points to), then the record,
+    /// then it is flushed.
+    async fn write_slot(&self, ch: &Channel, slot: usize, at: u64, rec: &[u8]) -> IoResult {
         let bs = self.block_size as usize;
         let mut buf = vec![0u8; rec.len().div_ceil(bs) * bs];
         buf[..rec.len()].copy_from_slice(rec);
         ch.flush().await?;
-        ch.write_buf(self.slot_offset(slot), &buf).await?;
+        ch.write_buf(self.slot_offset(slot) + at / bs as u64, &buf).await?;
         ch.flush().await
     }
 
@@ -402,12 +444,13 @@ impl Store {
         let mut mine: IoResult = Ok(());
         let mut mine_done = false;
         loop {
-            let (g, bytes, slot) = {
+            let (g, bytes, slot, log_at) = {
                 let mut st = self.st();
                 let g = st.next_gen;
                 st.next_gen += 1;
-                st.seq += 1;
-                (g, self.record(&st, st.seq).encode(), 1 - st.cur_slot)
+                let (bytes, log_at) = self.next_record(&mut st);
+                let slot = if log_at.is_some() { st.cur_slot } else { 1 - st.cur_slot };
+                (g, bytes, slot, log_at)
             };
             // `check_metadata_room` keeps every record within its slot; should one still not
             // fit, writing it would overwrite the other slot (the previous state) or data.
@@ -420,16 +463,21 @@ impl Store {
                 );
                 Err(BdevError::NoSpace)
             } else {
-                self.write_slot(ch, slot, &bytes).await
+                self.write_slot(ch, slot, log_at.unwrap_or(0), &bytes).await
             };
             self.commits.fetch_add(1, Relaxed);
             let mut st = self.st();
             if r.is_ok() {
                 st.cur_slot = slot;
+                // The next log record goes after this one (or after this whole record).
+                st.log_at = log_at.unwrap_or(0) + (bytes.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
                 st.durable_gen = g;
                 self.publish(&mut st, g);
             } else if let Err(e) = &r {
                 log::error!("lvol store {}: metadata commit failed: {e}", st.name);
+                // What the failed commit took from the journal is in no record: the next
+                // commit writes the whole state.
+                st.last_heads = None;
             }
             if !mine_done {
                 mine = r.clone();
@@ -701,6 +749,7 @@ impl Store {
         };
         // A copy-on-write displaces the shared cluster; its reference goes at the publish.
         let displaced = st.vols.get_mut(&uuid).and_then(|v| v.map.insert(logical, phys));
+        st.journal.push(MapChange { vol: uuid, logical, phys: Some(phys) });
         if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
             p.cow_from = displaced;
         }
@@ -733,6 +782,7 @@ impl Store {
                 }
             }
             if let Some(p) = v.map.remove(&l) {
+                st.journal.push(MapChange { vol: uuid, logical: l, phys: None });
                 if v.live.lookup(l as u64) == Some(p) {
                     v.live.set(l, None);
                     v.live.allocated.fetch_sub(1, Relaxed);
@@ -1108,6 +1158,8 @@ impl Store {
             v.live.allocated.store(smap.len() as u64, Relaxed);
             v.map = smap;
             v.rec.parent = Some(snap);
+            // The whole map changed: the commit writes a whole record, not a log of it.
+            st.last_heads = None;
             old
         };
         let r = self.commit(ch).await;
@@ -1258,11 +1310,11 @@ impl Store {
         })?;
         let ch = Channel::get(&entry)?;
         match read_record(&ch, bs, g.slot_bytes).await {
-            Ok((_, r)) if open_same && r.name == name && r.cluster_size == cluster_size => {
+            Ok((_, r, _)) if open_same && r.name == name && r.cluster_size == cluster_size => {
                 drop(ch);
                 return Ok((Self::load(base, cores).await?, false));
             }
-            Ok((_, r)) if open_same && r.name == name => {
+            Ok((_, r, _)) if open_same && r.name == name => {
                 return Err(LvolError::Exists(format!(
                     "field `cluster_sz`: bdev {} holds lvol store {} ({}) with clusters of {} bytes, not {cluster_size}",
                     entry.name(),
@@ -1271,7 +1323,7 @@ impl Store {
                     r.cluster_size
                 )))
             }
-            Ok((_, r)) => {
+            Ok((_, r, _)) => {
                 return Err(LvolError::Exists(format!("field `bdev_name`: bdev {} holds lvol store {} ({}); delete it first", entry.name(), r.name, r.uuid)))
             }
             Err(layout::DecodeError::NoMagic) => {}
@@ -1309,11 +1361,11 @@ impl Store {
         let free_count = refs.iter().filter(|r| **r == 0).count() as u64;
         let mut reserved = 0;
         let mut map_vols = BTreeMap::new();
-        for rec in vols {
+        for mut rec in vols {
             let clusters = clusters_for(rec.size_bytes, cluster_size);
             let live = VolLive::new(clusters, rec.size_bytes / block_size as u64, rec.read_only);
             let mut map = BTreeMap::new();
-            for &(l, p) in &rec.map {
+            for (l, p) in std::mem::take(&mut rec.map) {
                 map.insert(l, p);
                 live.set_shared(l, Some(p), refs[p as usize] > 1);
             }
@@ -1347,6 +1399,9 @@ impl Store {
                 name: name.to_string(),
                 seq,
                 cur_slot,
+                journal: Vec::new(),
+                log_at: 0,
+                last_heads: None,
                 refs,
                 limbo: Vec::new(),
                 cow_epoch: 0,
@@ -1385,7 +1440,11 @@ impl Store {
         };
         let g = layout::geometry(b.num_blocks() * bs as u64, bs, cluster_guess)
             .ok_or_else(|| LvolError::Invalid(format!("field `bdev_name`: bdev {} is too small for the lvol store it holds", entry.name())))?;
-        let (slot, r) = read_record(&ch, bs, g.slot_bytes).await.map_err(|e| LvolError::NotFound(format!("field `bdev_name`: bdev {}: {e}", entry.name())))?;
+        let (slot, mut r, len) =
+            read_record(&ch, bs, g.slot_bytes).await.map_err(|e| LvolError::NotFound(format!("field `bdev_name`: bdev {}: {e}", entry.name())))?;
+        let replayed = replay_log(&ch, bs, slot, g.slot_bytes, len, &mut r)
+            .await
+            .map_err(|e| LvolError::Invalid(format!("lvol store {} on {}: {e}", r.name, entry.name())))?;
         if r.block_size != bs || r.data_start != g.data_start || r.total_clusters != g.total_clusters {
             return Err(LvolError::Invalid(format!(
                 "field `bdev_name`: the lvol store on {} was made for another size or block size of the bdev",
@@ -1419,7 +1478,7 @@ impl Store {
         }
         let used = seen.iter().filter(|s| **s).count();
         log::info!(
-            "lvol store {} ({}) on {}: {} volumes, {used} of {} clusters in use; every other cluster is free (leak check: clusters no map references are reclaimed)",
+            "lvol store {} ({}) on {}: {} volumes, {used} of {} clusters in use; every other cluster is free (leak check: clusters no map references are reclaimed); {replayed} log record(s) replayed",
             r.name,
             r.uuid,
             entry.name(),
@@ -1463,7 +1522,8 @@ async fn read_head(ch: &Channel, bs: u32, block: u64) -> Result<Vec<u8>, BdevErr
     Ok(b)
 }
 
-async fn read_slot(ch: &Channel, bs: u32, block: u64, slot_bytes: u64) -> Result<StoreRecord, layout::DecodeError> {
+/// The record a slot holds, and its length in bytes.
+async fn read_slot(ch: &Channel, bs: u32, block: u64, slot_bytes: u64) -> Result<(StoreRecord, u64), layout::DecodeError> {
     let head = read_head(ch, bs, block).await.map_err(|_| layout::DecodeError::Corrupt)?;
     let len = StoreRecord::encoded_len(&head)?;
     if len > slot_bytes {
@@ -1471,14 +1531,63 @@ async fn read_slot(ch: &Channel, bs: u32, block: u64, slot_bytes: u64) -> Result
     }
     let mut b = vec![0u8; len.div_ceil(bs as u64) as usize * bs as usize];
     ch.read_buf(block, &mut b).await.map_err(|_| layout::DecodeError::Corrupt)?;
-    StoreRecord::decode(&b)
+    Ok((StoreRecord::decode(&b)?, len))
+}
+
+/// Applies the log records that follow the record `r` read from `slot` (layout: log records)
+/// to its maps; returns how many. An error if a valid log record names a volume the state
+/// does not hold (the store is then not opened: dropping the change would lose data).
+async fn replay_log(ch: &Channel, bs: u32, slot: usize, slot_bytes: u64, rec_len: u64, r: &mut StoreRecord) -> Result<u64, String> {
+    let mut at = rec_len.div_ceil(bs as u64) * bs as u64;
+    let base = slot as u64 * slot_bytes / bs as u64;
+    let mut maps: HashMap<Uuid, BTreeMap<u32, u32>> = HashMap::new();
+    let mut n = 0;
+    while at + bs as u64 <= slot_bytes {
+        let Ok(head) = read_head(ch, bs, base + at / bs as u64).await else { break };
+        let Ok(len) = LogRecord::encoded_len(&head) else { break };
+        let padded = len.div_ceil(bs as u64) * bs as u64;
+        if at + padded > slot_bytes {
+            break;
+        }
+        let mut b = vec![0u8; padded as usize];
+        if ch.read_buf(base + at / bs as u64, &mut b).await.is_err() {
+            break;
+        }
+        let Ok(log) = LogRecord::decode(&b, r.total_clusters) else { break };
+        if log.store != r.uuid || log.seq != r.seq + 1 {
+            break;
+        }
+        for c in &log.changes {
+            let vol = r
+                .volumes
+                .iter_mut()
+                .find(|v| v.uuid == c.vol)
+                .ok_or_else(|| format!("log record {} changes lvol {}, which the store does not hold", log.seq, c.vol))?;
+            let m = maps.entry(c.vol).or_insert_with(|| std::mem::take(&mut vol.map).into_iter().collect());
+            match c.phys {
+                Some(p) => m.insert(c.logical, p),
+                None => m.remove(&c.logical),
+            };
+        }
+        r.seq = log.seq;
+        at += padded;
+        n += 1;
+    }
+    for v in &mut r.volumes {
+        if let Some(m) = maps.remove(&v.uuid) {
+            v.map = m.into_iter().collect();
+        }
+    }
+    Ok(n)
 }
 
 /// Reads both slots and picks the current record.
-async fn read_record(ch: &Channel, bs: u32, slot_bytes: u64) -> Result<(usize, StoreRecord), layout::DecodeError> {
+async fn read_record(ch: &Channel, bs: u32, slot_bytes: u64) -> Result<(usize, StoreRecord, u64), layout::DecodeError> {
     let a = read_slot(ch, bs, 0, slot_bytes).await;
     let b = read_slot(ch, bs, slot_bytes / bs as u64, slot_bytes).await;
-    layout::pick(a, b)
+    let lens = [a.as_ref().map_or(0, |x| x.1), b.as_ref().map_or(0, |x| x.1)];
+    let (slot, r) = layout::pick(a.map(|x| x.0), b.map(|x| x.0))?;
+    Ok((slot, r, lens[slot]))
 }
 
 /// Slot 0 unreadable: slot 1's place depends on the cluster size, so try SPDK's usual ones.
@@ -1491,7 +1600,7 @@ async fn read_record_any(ch: &Channel, bs: u32, base_bytes: u64) -> Result<(usiz
         }
         let Some(g) = layout::geometry(base_bytes, bs, cs) else { continue };
         match read_slot(ch, bs, g.slot_bytes / bs as u64, g.slot_bytes).await {
-            Ok(r) if r.cluster_size == cs => return Ok((1, r)),
+            Ok((r, _)) if r.cluster_size == cs => return Ok((1, r)),
             Ok(_) => {}
             Err(e) => {
                 if e != layout::DecodeError::NoMagic {

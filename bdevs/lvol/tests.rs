@@ -182,15 +182,25 @@ fn a_torn_metadata_write_reopens_the_previous_state() {
     let f = fixture(8 << 20);
     let s = f.create();
     let a = f.vol(&s, "a", 2, true);
+    let (cur, at) = {
+        let st = s.st();
+        (st.cur_slot, st.log_at)
+    };
     f.write(&a, 0, 1, 1).unwrap();
     let ua = lvol(&a).lvol_uuid();
-    // The last commit (the allocation) went to slot `cur`; tear it: its CRC no longer matches.
-    let (cur, slot_blocks) = (s.st().cur_slot, s.slot_bytes / BS as u64);
+    // The last commit (the allocation) changed a map only: a log record after the current
+    // record, in the same slot. Tear it: its CRC no longer matches.
+    let after = {
+        let st = s.st();
+        (st.cur_slot, st.log_at > at)
+    };
+    assert_eq!(after, (cur, true), "a first write's commit is a log record");
+    let slot_blocks = s.slot_bytes / BS as u64;
     f.close(s, vec![a]);
     let base = f.base.clone();
     f.cores.block_on(0, async move {
         let ch = Channel::get(&base).unwrap();
-        ch.write_buf(cur as u64 * slot_blocks, &[0u8; 16].repeat(32)[..BS as usize].iter().map(|_| 0u8).collect::<Vec<_>>()).await.unwrap();
+        ch.write_buf(cur as u64 * slot_blocks + at / BS as u64, &[0u8; BS as usize]).await.unwrap();
     });
     let s = f.load().unwrap();
     // The previous record: the volume exists, its first write was not committed.
@@ -199,6 +209,58 @@ fn a_torn_metadata_write_reopens_the_previous_state() {
     assert_eq!(vols[0].0.uuid, ua);
     assert_eq!(vols[0].1, 0, "the torn commit's allocation is not there");
     assert_eq!(s.free_clusters(), s.total_clusters(), "and its cluster is free again");
+}
+
+#[test]
+fn first_writes_and_unmaps_commit_as_log_records_replayed_at_open() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 4, true);
+    let ua = lvol(&a).lvol_uuid();
+    let cl = CL / BS as u64;
+    let (cur, commits) = (s.st().cur_slot, s.commits());
+    // Three first writes, an unmap of one of them, a write to it again: all in the log.
+    for (i, byte) in [(0u64, 1u8), (1, 2), (3, 3)] {
+        f.write(&a, i * cl, byte, 2).unwrap();
+    }
+    f.unmap(&a, cl, cl).unwrap();
+    f.write(&a, cl + 5, 4, 1).unwrap();
+    assert_eq!(s.commits() - commits, 5);
+    assert_eq!(s.st().cur_slot, cur, "no whole record was written for map changes");
+    let free = s.free_clusters();
+    f.close(s, vec![a]);
+    let s = f.load().unwrap();
+    assert_eq!(s.volumes()[0].1, 3);
+    assert_eq!(s.free_clusters(), free);
+    let a = f.reg.register(Arc::new(LvolBdev::new(ua.to_string(), ua, s.clone(), s.live(ua).unwrap(), true))).unwrap();
+    assert_eq!(f.read(&a, 0, 2), vec![1; 2 * BS as usize]);
+    assert_eq!(f.read(&a, cl, 6), [vec![0; 5 * BS as usize], vec![4; BS as usize]].concat(), "unmapped, then written again");
+    assert_eq!(f.read(&a, 3 * cl, 2), vec![3; 2 * BS as usize]);
+    // The first commit after an open writes a whole record (into the other slot).
+    let slot = s.st().cur_slot;
+    f.write(&a, 2 * cl, 5, 1).unwrap();
+    assert_ne!(s.st().cur_slot, slot);
+}
+
+#[test]
+fn a_store_created_again_on_the_bdev_does_not_replay_the_old_ones_log() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 4, true);
+    for i in 0..3u64 {
+        f.write(&a, i * (CL / BS as u64), 7, 1).unwrap();
+    }
+    let s2 = s.clone();
+    f.cores.block_on(0, async move { s2.destroy_on_media().await.unwrap() });
+    f.close(s, vec![a]);
+    // The new store's record is as long as the old one's was: its log would start where the
+    // old log records are, with the sequence numbers the new store uses next.
+    let s = f.create();
+    let b = f.vol(&s, "a", 4, true);
+    f.close(s, vec![b]);
+    let s = f.load().unwrap();
+    assert_eq!(s.volumes()[0].1, 0, "nothing of the old store's log is replayed");
+    assert_eq!(s.free_clusters(), s.total_clusters());
 }
 
 #[test]
