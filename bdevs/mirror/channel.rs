@@ -209,6 +209,9 @@ impl MirrorChannel {
         if sh.offline.load(Relaxed) {
             return Err(BdevError::Offline);
         }
+        if sh.fenced.load(Relaxed) {
+            return Err(Shared::fenced_error());
+        }
         let g = &sh.geometry;
         let stamp = Stamp { gate: &sh.gate, ticket: Some(sh.gate.enter()) };
         // The extent lock before the regions: a write never holds a region while it waits for
@@ -271,6 +274,17 @@ impl MirrorChannel {
                     failed |= 1 << s;
                 }
             }
+        }
+        // A leg refused the write for a reservation another head holds: this head is fenced.
+        // The write fails and no leg is dropped: dropping would record on the other legs that
+        // they alone are current, which is the new head's to decide, not this one's.
+        if let Some(s) = (0..MAX_SLOTS).find(|&s| matches!(&results[s], Some(Err(e)) if super::fence::is_conflict(e))) {
+            let leg = self.leg(s).map(|c| c.entry().name().to_string()).unwrap_or_else(|| format!("in slot {s}"));
+            sh.set_fenced(&leg);
+            return Err(Shared::fenced_error());
+        }
+        if sh.fenced.load(Relaxed) {
+            return Err(Shared::fenced_error());
         }
         let mut durable = Ok(());
         for s in 0..MAX_SLOTS {

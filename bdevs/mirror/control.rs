@@ -715,6 +715,21 @@ impl Ctl {
         if b.read_only() {
             return Err(MirrorError::Invalid(format!("{name} is read-only")));
         }
+        // A remote leg that comes (back) is reserved again before anything is written to it: a
+        // target restarted without persistence lost the reservation. The only key preempted is
+        // the stale head's that the assembly was told of (a leg that was away during the
+        // failover still carries that head's reservation); a leg that any other head holds
+        // means this head was fenced.
+        if let Some(f) = self.sh.options.fencing {
+            match super::fence::reserve_leg(b.as_ref(), f).await {
+                Ok(_) => {}
+                Err(e @ (super::fence::FenceError::HeldByOther { .. } | super::fence::FenceError::Conflict { .. })) => {
+                    self.sh.set_fenced(&name);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let ch = Channel::get(&entry).map_err(|e| MirrorError::Io(format!("cannot open {name}: {e}")))?;
         let (sb, next_copy) = super::assemble::read_superblock_copies(&ch, self.g.block_size).await;
         // A leg that left this mirror comes back to its slot and gets only what it missed.

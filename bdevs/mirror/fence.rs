@@ -1,0 +1,138 @@
+//! Fencing a stale head (issue #15 item 3; tidemark's own, SPDK has no such option): a mirror
+//! created with a `reservation_key` holds an NVMe reservation on each leg that is an NVMe
+//! namespace (a remote leg), so that once another node assembled the mirror and preempted it,
+//! the legs refuse this node's writes. Shaped like Mayastor's nexus reservations.
+//!
+//! On each remote leg, before the mirror writes anything to it: Register the key (a
+//! registration of this host with another key is replaced: it is this node's own, left by an
+//! earlier run with another key), then Acquire a **Write Exclusive** reservation. Write
+//! Exclusive, not Exclusive Access: the old head must not write, but a backup or a diagnosis
+//! reading the leg through another path may still read; and not a registrants-only or
+//! all-registrants type, under which every registered host (the old head's registration may
+//! linger after a release) could still write. Held by another key: preempted only when
+//! `preempt_key` names that key (the orchestrator says which head is stale), with Preempt and
+//! Abort so that the target drops the stale head's commands that it has not started yet (see
+//! `docs/failover.md` for what that does not cover); else the assembly is refused, naming the
+//! leg.
+//!
+//! A leg write answered with Reservation Conflict means another head took over: the mirror is
+//! fenced and acknowledges no host write any more (channel.rs).
+
+use crate::bdev::{Bdev, BdevError, NvmePassthru};
+use crate::nvmf::initiator::resv;
+use crate::nvmf::reservation::{rtype, SC_RESERVATION_CONFLICT};
+use crate::nvmf::spec::io_opc;
+
+/// The reservation type the head holds (see the module comment).
+pub const RTYPE: u8 = rtype::WRITE_EXCLUSIVE;
+
+/// A mirror's reservation keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fencing {
+    /// This head's key (nonzero).
+    pub key: u64,
+    /// The stale head's key, which this head may preempt: at assembly, and on a leg that
+    /// returns later still reserved by that head (it was away during the failover).
+    pub preempt: Option<u64>,
+}
+
+/// Why a leg could not be reserved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FenceError {
+    /// Another head holds the leg and no preempt of its key was allowed.
+    #[error("leg {leg} is reserved by another head (key {holder:#x}); give preempt_key {holder:#x} to take it over if that head is stale")]
+    HeldByOther { leg: String, holder: u64 },
+    /// This head's key is no longer registered or the reservation was taken: it was fenced.
+    #[error("leg {leg} refused this head's reservation (Reservation Conflict): another head took it over")]
+    Conflict { leg: String },
+    /// The command failed otherwise (the leg is unreachable, or does not do reservations).
+    #[error("leg {leg}: {what} failed: {err}")]
+    Failed { leg: String, what: &'static str, err: BdevError },
+}
+
+impl From<FenceError> for super::MirrorError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::HeldByOther { .. } | FenceError::Conflict { .. } => super::MirrorError::Busy(e.to_string()),
+            FenceError::Failed { .. } => super::MirrorError::Io(e.to_string()),
+        }
+    }
+}
+
+/// Whether a leg's error is an NVMe Reservation Conflict: another head preempted this one.
+pub fn is_conflict(e: &BdevError) -> bool {
+    matches!(e, BdevError::Nvme { sct: 0, sc } if *sc == SC_RESERVATION_CONFLICT)
+}
+
+async fn run(b: &dyn Bdev, what: &'static str, cmd: NvmePassthru) -> Result<Vec<u8>, FenceError> {
+    let leg = || b.name().to_string();
+    let fut = b.nvme_io_passthru(cmd).ok_or_else(|| FenceError::Failed { leg: leg(), what, err: BdevError::Unsupported(crate::bdev::IoType::Write) })?;
+    fut.await.map_err(|err| if is_conflict(&err) { FenceError::Conflict { leg: leg() } } else { FenceError::Failed { leg: leg(), what, err } })
+}
+
+/// Reports the leg's reservation (extended data structure: 128-bit host identifiers).
+async fn report(b: &dyn Bdev) -> Result<(u8, Vec<resv::Registrant>), FenceError> {
+    // Header and room for a few dozen registrants (more than a mirror's heads ever are).
+    const LEN: usize = 64 * 64;
+    let cmd = NvmePassthru { opcode: io_opc::RESERVATION_REPORT, cdw10: (LEN / 4 - 1) as u32, cdw11: 1, data_out: Vec::new(), data_in: LEN };
+    let d = run(b, "Reservation Report", cmd).await?;
+    resv::parse_report(&d).ok_or_else(|| FenceError::Failed { leg: b.name().to_string(), what: "Reservation Report", err: BdevError::Media })
+}
+
+async fn acquire(b: &dyn Bdev, action: u8, key: u64, prkey: u64) -> Result<(), FenceError> {
+    let cmd = NvmePassthru {
+        opcode: io_opc::RESERVATION_ACQUIRE,
+        cdw10: resv::cdw10(action, false, RTYPE, 0),
+        cdw11: 0,
+        data_out: resv::keys(key, prkey),
+        data_in: 0,
+    };
+    run(b, "Reservation Acquire", cmd).await.map(|_| ())
+}
+
+/// Reserves leg `b` for this head (see the module comment). `Ok(false)`: the leg is no NVMe
+/// namespace (a local leg), nothing to do. Runs on a reactor core.
+pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
+    let probe = NvmePassthru {
+        opcode: io_opc::RESERVATION_REGISTER,
+        cdw10: resv::cdw10(resv::REGISTER, false, 0, 0),
+        cdw11: 0,
+        data_out: resv::keys(0, f.key),
+        data_in: 0,
+    };
+    let Some(fut) = b.nvme_io_passthru(probe) else { return Ok(false) };
+    let leg = b.name().to_string();
+    match fut.await {
+        Ok(_) => {}
+        // This host is registered with another key: its own, from an earlier run (a key is
+        // per host, and this host is this node). Replace it, ignoring the old key.
+        Err(e) if is_conflict(&e) => {
+            let cmd = NvmePassthru {
+                opcode: io_opc::RESERVATION_REGISTER,
+                cdw10: resv::cdw10(resv::REPLACE, true, 0, 0),
+                cdw11: 0,
+                data_out: resv::keys(0, f.key),
+                data_in: 0,
+            };
+            run(b, "Reservation Register (replace)", cmd).await?;
+            log::info!("leg {leg}: this host's earlier reservation key replaced by {:#x}", f.key);
+        }
+        Err(err) => return Err(FenceError::Failed { leg, what: "Reservation Register", err }),
+    }
+    let (held, regs) = report(b).await?;
+    let holder = regs.iter().find(|r| r.holds);
+    match (held, holder) {
+        // Nobody holds it (a new leg, or a restarted target without persistence).
+        (0, _) => acquire(b, resv::ACQUIRE, f.key, 0).await?,
+        // Ours already (the same key: this head, or its restart with the same identity).
+        (_, Some(h)) if h.key == f.key => acquire(b, resv::ACQUIRE, f.key, 0).await?,
+        (_, Some(h)) if f.preempt == Some(h.key) => {
+            acquire(b, resv::PREEMPT_AND_ABORT, f.key, h.key).await?;
+            log::warn!("leg {leg}: reservation of the stale head (key {:#x}) preempted by key {:#x}", h.key, f.key);
+        }
+        (_, Some(h)) => return Err(FenceError::HeldByOther { leg, holder: h.key }),
+        // Held, but the report names no holder (it did not fit): treat as another head's.
+        (_, None) => return Err(FenceError::HeldByOther { leg, holder: 0 }),
+    }
+    Ok(true)
+}
