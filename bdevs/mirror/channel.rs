@@ -206,11 +206,12 @@ impl MirrorChannel {
 
     async fn write_op(&self, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
         let sh = &*self.sh;
-        if sh.offline.load(Relaxed) {
-            return Err(BdevError::Offline);
-        }
+        // Fenced first: a fenced mirror that also went offline still tells the host why.
         if sh.fenced.load(Relaxed) {
             return Err(Shared::fenced_error());
+        }
+        if sh.offline.load(Relaxed) {
+            return Err(BdevError::Offline);
         }
         let g = &sh.geometry;
         let stamp = Stamp { gate: &sh.gate, ticket: Some(sh.gate.enter()) };
@@ -232,6 +233,9 @@ impl MirrorChannel {
                 }
                 match answer {
                     Some(Ok(())) => {}
+                    // The write-intent bit could not be persisted because a leg refused it:
+                    // the host hears that this head was fenced, not of a device error.
+                    Some(Err(_)) if sh.fenced.load(Relaxed) => return Err(Shared::fenced_error()),
                     Some(Err(e)) => return Err(e),
                     None => return Err(BdevError::Offline),
                 }

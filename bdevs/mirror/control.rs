@@ -1340,6 +1340,9 @@ impl Ctl {
         for (s, r) in results.iter().enumerate() {
             match r {
                 Some(Ok(())) => durable |= self.slots[s].in_sync(),
+                // Another head holds the leg: this one is fenced. The leg is not dropped (that
+                // would be recorded on the others, which are the new head's now).
+                Some(Err(e)) if super::fence::is_conflict(e) => self.sh.set_fenced(&self.slots[s].name),
                 Some(Err(e)) => {
                     let stats = self.sh.leg_stats(self.sh.home, s);
                     // Metadata writes and flushes count as the leg's write errors.
