@@ -268,7 +268,17 @@ pub(crate) struct Ctl {
     shutting_down: bool,
     rejoin: [Rejoin; MAX_SLOTS],
     batch: Batch,
+    /// When the remote legs' reservations are checked next (fencing only), and whether a
+    /// check still runs (a leg waiting for a reconnect can hold one up; checks do not pile up).
+    resv_check_at_ns: u64,
+    resv_checking: std::rc::Rc<std::cell::Cell<bool>>,
 }
+
+/// How often a mirror with a `reservation_key` checks its reservation on every remote leg:
+/// a leg whose target restarted without persistence lost it without any I/O error (it is
+/// reserved again within this), and a head that was fenced while it had no writes learns it
+/// (and shows it) within this.
+const RESERVATION_CHECK_NS: u64 = 2_000_000_000;
 
 impl Ctl {
     pub(crate) fn new(sh: Arc<Shared>, generation: u64, slots: Vec<CtlSlot>, wi: Bitmap, stale: Vec<Bitmap>, unsynced: Bitmap) -> Ctl {
@@ -296,6 +306,8 @@ impl Ctl {
             shutting_down: false,
             rejoin: Default::default(),
             batch: Batch::default(),
+            resv_check_at_ns: 0,
+            resv_checking: Default::default(),
         };
         c.written_states = std::array::from_fn(|i| c.slots[i].rec.state);
         for r in c.unsynced.iter_set().collect::<Vec<_>>() {
@@ -419,7 +431,10 @@ impl Ctl {
                 }
             }
             Request::CleanTick => self.clean(),
-            Request::RejoinTick => self.rejoin_tick(),
+            Request::RejoinTick => {
+                self.rejoin_tick();
+                self.reservation_tick();
+            }
             Request::RejoinProbed { slot, guard } => self.rejoin_probed(slot, guard).await,
             Request::AddLeg { guard, reply } => match self.add_leg(guard, false).await {
                 Ok(info) => {
@@ -895,6 +910,37 @@ impl Ctl {
                 sh.send(Request::RejoinProbed { slot: s, guard: ok.then_some(guard) });
             });
         }
+    }
+
+    /// Checks (and renews) the reservation on every leg that takes writes, off the control
+    /// task: Register and Acquire are no-ops for the holder, so this costs three small commands
+    /// per remote leg every [`RESERVATION_CHECK_NS`].
+    fn reservation_tick(&mut self) {
+        let Some(f) = self.sh.options.fencing else { return };
+        let now = reactor::now_ns();
+        if self.shutting_down || self.sh.fenced.load(Relaxed) || self.resv_checking.get() || now < self.resv_check_at_ns {
+            return;
+        }
+        self.resv_check_at_ns = now + RESERVATION_CHECK_NS;
+        let legs: Vec<(String, Arc<dyn crate::bdev::Bdev>)> =
+            self.slots.iter().filter(|s| s.holds_metadata()).filter_map(|s| s.guard.as_ref().map(|g| (s.name.clone(), g.entry().bdev().clone()))).collect();
+        let (sh, busy) = (self.sh.clone(), self.resv_checking.clone());
+        busy.set(true);
+        reactor::spawn_detached(async move {
+            for (name, b) in legs {
+                match super::fence::reserve_leg(b.as_ref(), f).await {
+                    Ok(_) => {}
+                    Err(super::fence::FenceError::HeldByOther { .. } | super::fence::FenceError::Conflict { .. }) => {
+                        sh.set_fenced(&name);
+                        break;
+                    }
+                    // An unreachable leg is the data path's business (it fails and is dropped,
+                    // and is reserved again when it re-joins).
+                    Err(e) => log::debug!("mirror {}: reservation check: {e}", sh.props.name()),
+                }
+            }
+            busy.set(false);
+        });
     }
 
     fn rejoin_backoff(&mut self, s: usize) {

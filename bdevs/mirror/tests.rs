@@ -950,3 +950,28 @@ fn fencing_leaves_local_legs_alone() {
     rig.write("m", 0, pattern(25, 4096)).unwrap();
     assert_eq!(describe(&m)["fenced"], false);
 }
+
+#[test]
+fn a_lost_reservation_is_renewed_and_a_quiet_head_learns_it_was_fenced() {
+    use crate::nvmf::reservation::{Access, ResvState};
+    let rig = Rig::new(1);
+    let disks: Vec<Arc<dyn Bdev>> = ["e0", "e1"].iter().map(|n| Arc::new(MallocBdev::new(n, LEG_BLOCKS, BS, None).unwrap()) as Arc<dyn Bdev>).collect();
+    let states: Vec<_> = disks.iter().map(|_| Arc::new(Mutex::new(ResvState::default()))).collect();
+    let legs1: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 1)).collect();
+    let m1 = rig.try_fenced_mirror("m1", &legs1, None, fence::Fencing { key: 1, preempt: None }).unwrap();
+    let other: crate::nvmf::reservation::HostId = [9; 16];
+    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write));
+    // The leg's target restarts without persistence: the reservation is gone, with no I/O
+    // error for the mirror to notice. The periodic check reserves it again.
+    *states[0].lock().unwrap() = ResvState::default();
+    assert!(!states[0].lock().unwrap().conflicts(&other, Access::Write));
+    rig.idle(3_000_000_000);
+    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write), "reserved again");
+    assert!(!m1.shared().fenced.load(SeqCst));
+    // Another head takes over while head 1 writes nothing: head 1 learns it by its check.
+    let legs2: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 2)).collect();
+    rig.try_fenced_mirror("m2", &legs2, Some(m1.uuid()), fence::Fencing { key: 2, preempt: Some(1) }).unwrap();
+    rig.idle(3_000_000_000);
+    assert!(m1.shared().fenced.load(SeqCst), "a quiet head learns it was fenced");
+    assert_eq!(m1.status().active_legs(), 2);
+}
