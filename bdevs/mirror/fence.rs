@@ -45,6 +45,11 @@ pub enum FenceError {
     /// This head's key is no longer registered or the reservation was taken: it was fenced.
     #[error("leg {leg} refused this head's reservation (Reservation Conflict): another head took it over")]
     Conflict { leg: String },
+    /// This node is registered on the leg with the very key it was told to preempt: it has
+    /// the stale head's host identifier (two nodes attach with the same hostnqn), and a
+    /// preempt would fence nobody.
+    #[error("leg {leg}: this node's host identifier is registered there with key {key:#x}, the stale head's: both nodes attach with the same hostnqn ({hostnqn}); attach the legs with this node's own hostnqn")]
+    SharedIdentity { leg: String, key: u64, hostnqn: String },
     /// The command failed otherwise (the leg is unreachable, or does not do reservations).
     #[error("leg {leg}: {what} failed: {err}")]
     Failed { leg: String, what: &'static str, err: BdevError },
@@ -54,6 +59,7 @@ impl From<FenceError> for super::MirrorError {
     fn from(e: FenceError) -> Self {
         match e {
             FenceError::HeldByOther { .. } | FenceError::Conflict { .. } => super::MirrorError::Busy(e.to_string()),
+            FenceError::SharedIdentity { .. } => super::MirrorError::Invalid(e.to_string()),
             FenceError::Failed { .. } => super::MirrorError::Io(e.to_string()),
         }
     }
@@ -90,6 +96,15 @@ async fn acquire(b: &dyn Bdev, action: u8, key: u64, prkey: u64) -> Result<(), F
     run(b, "Reservation Acquire", cmd).await.map(|_| ())
 }
 
+/// The host identifier and NQN this node uses on leg `b`, from what the bdev tells
+/// `bdev_get_bdevs` (`driver_specific.nvme[0].host`), so that the mirror needs nothing of the
+/// initiator module.
+fn own_host(b: &dyn Bdev) -> Option<([u8; 16], String)> {
+    let h = b.driver_specific().get("nvme")?.get(0)?.get("host")?.clone();
+    let id = uuid::Uuid::parse_str(h.get("id")?.as_str()?).ok()?;
+    Some((*id.as_bytes(), h.get("nqn")?.as_str()?.to_string()))
+}
+
 /// Reserves leg `b` for this head (see the module comment). `Ok(false)`: the leg is no NVMe
 /// namespace (a local leg), nothing to do. Runs on a reactor core.
 pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
@@ -107,6 +122,14 @@ pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
         // This host is registered with another key: its own, from an earlier run (a key is
         // per host, and this host is this node). Replace it, ignoring the old key.
         Err(e) if is_conflict(&e) => {
+            // Unless that key is the stale head's: then this node *is* that head as far as
+            // the leg can tell (the same hostnqn), and nothing could be fenced.
+            if let (Some((me, hostnqn)), Some(stale)) = (own_host(b), f.preempt) {
+                let (_, regs) = report(b).await?;
+                if regs.iter().any(|r| r.host_id == me && r.key == stale) {
+                    return Err(FenceError::SharedIdentity { leg, key: stale, hostnqn });
+                }
+            }
             let cmd = NvmePassthru {
                 opcode: io_opc::RESERVATION_REGISTER,
                 cdw10: resv::cdw10(resv::REPLACE, true, 0, 0),

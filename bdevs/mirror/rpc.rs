@@ -30,7 +30,7 @@ crate::register_module! {
             &[
                 (EBUSY, "something holds a base bdev already, or (reservation_key) another head holds a leg's reservation and preempt_key does not name its key (the message names the leg)"),
                 (ENODEV, "a base bdev is missing and the others hold no mirror to reassemble"),
-                (EINVAL, "the base bdevs do not make one mirror (block sizes, superblocks)"),
+                (EINVAL, "the base bdevs do not make one mirror (block sizes, superblocks), or (preempt_key) this node is registered on a leg with the stale head's key: both attach with the same hostnqn"),
                 (EIO, "a leg's superblock cannot be read or written, or a remote leg's reservation command failed"),
             ],
         ]),

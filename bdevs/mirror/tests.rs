@@ -843,6 +843,9 @@ impl Bdev for ResvLeg {
     fn supports(&self, io: IoType) -> bool {
         self.disk.supports(io)
     }
+    fn driver_specific(&self) -> Value {
+        json!({ "nvme": [{ "host": { "nqn": format!("host-{}", self.host[0]), "id": Uuid::from_bytes(self.host).to_string() } }] })
+    }
     fn open_channel(&self) -> Result<Rc<dyn crate::bdev::IoChannel>, BdevError> {
         Ok(Rc::new(ResvLegChannel { inner: self.disk.open_channel()?, state: self.state.clone(), host: self.host }))
     }
@@ -878,7 +881,11 @@ impl Bdev for ResvLeg {
 impl Rig {
     /// Head `head`'s view (host identifier `head`) of shared disk `disk`, named `{disk}_{head}`.
     fn resv_leg(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8) -> String {
-        let name = format!("{}_{head}", disk.name());
+        self.resv_leg_named(disk, state, head, &format!("{}_{head}", disk.name()))
+    }
+
+    fn resv_leg_named(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8, name: &str) -> String {
+        let name = name.to_string();
         let props = BdevProps::new(name.clone(), "NVMe disk", BS, disk.num_blocks(), Uuid::new_v4());
         self.reg.register(Arc::new(ResvLeg { props, disk: disk.clone(), state: state.clone(), host: [head; 16] })).unwrap();
         name
@@ -910,6 +917,11 @@ fn a_new_head_preempts_the_old_one_which_is_fenced_and_acknowledges_no_write() {
     let legs2: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 2)).collect();
     let e = rig.try_fenced_mirror("m2", &legs2, Some(m1.uuid()), fence::Fencing { key: k2, preempt: None }).err().expect("refused");
     assert!(matches!(&e, MirrorError::Busy(m) if m.contains(&legs2[0]) && m.contains("preempt_key")), "{e:?}");
+    rig.write("m1", 3 * REGION_BLOCKS, d.clone()).expect("head 1 still serves");
+    // A head with head 1's host identity (the same hostnqn) cannot fence it: refused, saying so.
+    let legs_same: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg_named(d, s, 1, &format!("{}_same", d.name()))).collect();
+    let e = rig.try_fenced_mirror("m3", &legs_same, Some(m1.uuid()), fence::Fencing { key: 0x3333, preempt: Some(k1) }).err().expect("refused");
+    assert!(matches!(&e, MirrorError::Invalid(m) if m.contains("same hostnqn")), "{e:?}");
     rig.write("m1", 3 * REGION_BLOCKS, d.clone()).expect("head 1 still serves");
 
     // Head 2 preempts head 1's key: it assembles the same mirror and reads what head 1 wrote.

@@ -529,6 +529,9 @@ impl Bdev for NvmeTcpBdev {
                 "oacs": {},
             },
             "ns_data": { "id": self.nsid },
+            // Who this node is to the target (the mirror's fencing checks that two heads are
+            // not one host to the legs).
+            "host": { "nqn": c.hostnqn, "id": uuid::Uuid::from_bytes(crate::nvmf::initiator::host_id_for(&c.hostnqn)).to_string() },
             "state": c.shared.state().name(),
             "max_transfer_bytes": c.max_transfer,
         }]})
