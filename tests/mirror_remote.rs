@@ -331,7 +331,7 @@ fn a_hung_head_is_fenced_when_another_node_assembles_its_mirror() {
     attach_as(&d, "rb", b_addr, NQN_B, HOST_D);
     attach_as(&d, "rc", c_addr, NQN_C, HOST_D);
     let create = json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["rbn1", "rcn1"], "uuid": uuid, "reservation_key": KEY_D});
-    let e = d.try_rpc("bdev_raid_create", create.clone()).err().expect("a leg held by another head is refused without preempt_key");
+    let e = d.try_rpc("bdev_raid_create", create.clone()).expect_err("a leg held by another head is refused without preempt_key");
     assert!(e.message.contains("rbn1") && e.message.contains("preempt_key"), "the error names the leg: {e:?}");
     let mut with_preempt = create.clone();
     with_preempt["preempt_key"] = json!(KEY_A);

@@ -117,6 +117,18 @@ pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
     };
     let Some(fut) = b.nvme_io_passthru(probe) else { return Ok(false) };
     let leg = b.name().to_string();
+    // Once per process: the periodic check would repeat it every two seconds.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.load(std::sync::atomic::Ordering::Relaxed)
+        && own_host(b).is_some_and(|(_, nqn)| nqn == crate::nvmf::initiator::QpairOptions::default().hostnqn)
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        // Every node that attaches without a hostnqn is this same host to the legs: a head
+        // on another such node could not fence this one, nor this one it.
+        log::warn!(
+            "leg {leg}: attached with the default hostnqn; give each node its own (bdev_nvme_attach_controller hostnqn) or fencing cannot tell the nodes apart"
+        );
+    }
     match fut.await {
         Ok(_) => {}
         // This host is registered with another key: its own, from an earlier run (a key is
