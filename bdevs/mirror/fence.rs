@@ -162,7 +162,17 @@ pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
         // Ours already (the same key: this head, or its restart with the same identity).
         (_, Some(h)) if h.key == f.key => acquire(b, resv::ACQUIRE, f.key, 0).await?,
         (_, Some(h)) if f.preempt == Some(h.key) => {
-            acquire(b, resv::PREEMPT_AND_ABORT, f.key, h.key).await?;
+            match acquire(b, resv::PREEMPT_AND_ABORT, f.key, h.key).await {
+                Ok(()) => {}
+                // SPDK's nvmf_tgt v25.09 refuses Preempt and Abort (Invalid Field; later
+                // versions wait for the preempted hosts' commands instead): a plain Preempt
+                // fences the same, without the drain (see docs/failover.md).
+                Err(FenceError::Failed { err: BdevError::Nvme { sct: 0, sc: 0x02 }, .. }) => {
+                    log::info!("leg {leg}: Preempt and Abort refused (Invalid Field); preempting without abort");
+                    acquire(b, resv::PREEMPT, f.key, h.key).await?;
+                }
+                Err(e) => return Err(e),
+            }
             log::warn!("leg {leg}: reservation of the stale head (key {:#x}) preempted by key {:#x}", h.key, f.key);
         }
         (_, Some(h)) => return Err(FenceError::HeldByOther { leg, holder: h.key }),
