@@ -376,6 +376,17 @@ fn a_hung_head_is_fenced_when_another_node_assembles_its_mirror() {
     assert!(m.lines().any(|l| l.starts_with("tidemark_mirror_fenced{mirror=\"m0\"") && (l.ends_with(" 1") || l.ends_with(" 1.0"))), "fenced metric: {m}");
     assert!(a.log_text().contains("mirror m0 fenced by leg"), "logged");
 
+    // The orchestrator's clean-up on A (docs/failover.md, step 5), and A cannot come back as
+    // a second head with its old key: the legs are D's.
+    drop(ha);
+    a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
+    let t_delete = Instant::now();
+    a.rpc("bdev_raid_delete", json!({"name": "m0"}));
+    println!("fenced mirror deleted on A in {:?}", t_delete.elapsed());
+    let again = json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["rbn1", "rcn1"], "uuid": uuid, "reservation_key": KEY_A});
+    let e = a.try_rpc("bdev_raid_create", again).expect_err("A's old configuration is refused");
+    assert!(e.code == -16 && e.message.contains("preempt_key"), "{e:?}");
+
     // Nothing of A's reached the legs: D reads what D and A had written before.
     assert!(hd.read(0, expect.len()) == expect, "the stale head's write reached no leg");
     for (name, addr, nqn) in [("B", b_addr, NQN_B), ("C", c_addr, NQN_C)] {
