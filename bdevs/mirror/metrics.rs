@@ -53,9 +53,8 @@ impl Module for MirrorSubsystem {
             let name = sh.props.name();
             let l = labels(&[("mirror", name)]);
             degraded.push((l.clone(), if st.degraded() { 1.0 } else { 0.0 }));
-            if sh.options.fencing.is_some() {
-                fenced.push((l.clone(), if sh.fenced.load(Relaxed) { 1.0 } else { 0.0 }));
-            }
+            // Every mirror (0 without a reservation_key): an alert on it needs the series.
+            fenced.push((l.clone(), if sh.fenced.load(Relaxed) { 1.0 } else { 0.0 }));
             dirty.push((l.clone(), st.dirty_regions as f64));
             unsynced.push((l.clone(), st.unsynced_regions as f64));
             generation.push((l.clone(), st.generation as f64));
