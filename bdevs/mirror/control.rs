@@ -738,7 +738,11 @@ impl Ctl {
         if let Some(f) = self.sh.options.fencing {
             match super::fence::reserve_leg(b.as_ref(), f).await {
                 Ok(_) => {}
-                Err(e @ (super::fence::FenceError::HeldByOther { .. } | super::fence::FenceError::Conflict { .. })) => {
+                Err(
+                    e @ (super::fence::FenceError::HeldByOther { .. }
+                    | super::fence::FenceError::Conflict { .. }
+                    | super::fence::FenceError::HeldBySameHost { .. }),
+                ) => {
                     self.sh.set_fenced(&name);
                     return Err(e.into());
                 }
@@ -930,7 +934,11 @@ impl Ctl {
             for (name, b) in legs {
                 match super::fence::reserve_leg(b.as_ref(), f).await {
                     Ok(_) => {}
-                    Err(super::fence::FenceError::HeldByOther { .. } | super::fence::FenceError::Conflict { .. }) => {
+                    Err(
+                        super::fence::FenceError::HeldByOther { .. }
+                        | super::fence::FenceError::Conflict { .. }
+                        | super::fence::FenceError::HeldBySameHost { .. },
+                    ) => {
                         sh.set_fenced(&name);
                         break;
                     }

@@ -50,6 +50,11 @@ pub enum FenceError {
     /// preempt would fence nobody.
     #[error("leg {leg}: this node's host identifier is registered there with key {key:#x}, the stale head's: both nodes attach with the same hostnqn ({hostnqn}); attach the legs with this node's own hostnqn")]
     SharedIdentity { leg: String, key: u64, hostnqn: String },
+    /// This node's host identifier holds the leg's reservation under another key: another
+    /// head with the same hostnqn, or an earlier mirror of this node with another key. Taking
+    /// the key over would leave both heads able to write (they are one host to the leg).
+    #[error("leg {leg}: this node's host identifier already holds its reservation with key {key:#x}: another head attaches with the same hostnqn ({hostnqn}), or an earlier mirror here used that key; attach with this node's own hostnqn, or use that key")]
+    HeldBySameHost { leg: String, key: u64, hostnqn: String },
     /// The command failed otherwise (the leg is unreachable, or does not do reservations).
     #[error("leg {leg}: {what} failed: {err}")]
     Failed { leg: String, what: &'static str, err: BdevError },
@@ -58,7 +63,7 @@ pub enum FenceError {
 impl From<FenceError> for super::MirrorError {
     fn from(e: FenceError) -> Self {
         match e {
-            FenceError::HeldByOther { .. } | FenceError::Conflict { .. } => super::MirrorError::Busy(e.to_string()),
+            FenceError::HeldByOther { .. } | FenceError::Conflict { .. } | FenceError::HeldBySameHost { .. } => super::MirrorError::Busy(e.to_string()),
             FenceError::SharedIdentity { .. } => super::MirrorError::Invalid(e.to_string()),
             FenceError::Failed { .. } => super::MirrorError::Io(e.to_string()),
         }
@@ -134,12 +139,19 @@ pub async fn reserve_leg(b: &dyn Bdev, f: Fencing) -> Result<bool, FenceError> {
         // This host is registered with another key: its own, from an earlier run (a key is
         // per host, and this host is this node). Replace it, ignoring the old key.
         Err(e) if is_conflict(&e) => {
-            // Unless that key is the stale head's: then this node *is* that head as far as
-            // the leg can tell (the same hostnqn), and nothing could be fenced.
-            if let (Some((me, hostnqn)), Some(stale)) = (own_host(b), f.preempt) {
+            // Unless that key is the stale head's (then this node *is* that head as far as the
+            // leg can tell: the same hostnqn, and nothing could be fenced), or it holds the
+            // reservation (replacing it would make this head a second writer beside whoever
+            // holds it under this identity).
+            if let Some((me, hostnqn)) = own_host(b) {
                 let (_, regs) = report(b).await?;
-                if regs.iter().any(|r| r.host_id == me && r.key == stale) {
-                    return Err(FenceError::SharedIdentity { leg, key: stale, hostnqn });
+                if let Some(r) = regs.iter().find(|r| r.host_id == me) {
+                    if f.preempt == Some(r.key) {
+                        return Err(FenceError::SharedIdentity { leg, key: r.key, hostnqn });
+                    }
+                    if r.holds {
+                        return Err(FenceError::HeldBySameHost { leg, key: r.key, hostnqn });
+                    }
                 }
             }
             let cmd = NvmePassthru {

@@ -922,6 +922,9 @@ fn a_new_head_preempts_the_old_one_which_is_fenced_and_acknowledges_no_write() {
     let legs_same: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg_named(d, s, 1, &format!("{}_same", d.name()))).collect();
     let e = rig.try_fenced_mirror("m3", &legs_same, Some(m1.uuid()), fence::Fencing { key: 0x3333, preempt: Some(k1) }).err().expect("refused");
     assert!(matches!(&e, MirrorError::Invalid(m) if m.contains("same hostnqn")), "{e:?}");
+    // Nor without a preempt: replacing the holder's key would leave two writers of one identity.
+    let e = rig.try_fenced_mirror("m3", &legs_same, Some(m1.uuid()), fence::Fencing { key: 0x3333, preempt: None }).err().expect("refused");
+    assert!(matches!(&e, MirrorError::Busy(m) if m.contains("same hostnqn") && m.contains("already holds")), "{e:?}");
     rig.write("m1", 3 * REGION_BLOCKS, d.clone()).expect("head 1 still serves");
 
     // Head 2 preempts head 1's key: it assembles the same mirror and reads what head 1 wrote.
