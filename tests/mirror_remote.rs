@@ -274,3 +274,130 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
     ha.write(PIECE_BLOCKS * 8, &after[..64 << 10]);
     println!("three-node test: {:?}", t_start.elapsed());
 }
+
+const NQN_D: &str = "nqn.2016-06.io.tidemark:node-d";
+/// The heads' own host NQNs: a node's Host Identifier, which reservations know it by, is
+/// derived from its NQN, so each head must attach its legs with its own.
+const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:a0a0a0a0-0000-4000-8000-00000000000a";
+const HOST_D: &str = "nqn.2016-06.io.tidemark:host-d";
+const KEY_A: u64 = 0xA1;
+const KEY_D: u64 = 0xD2;
+
+fn attach_as(n: &Daemon, name: &str, addr: SocketAddr, nqn: &str, hostnqn: &str) {
+    n.rpc(
+        "bdev_nvme_attach_controller",
+        json!({"name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": addr.ip().to_string(), "trsvcid": addr.port().to_string(), "subnqn": nqn,
+               "hostnqn": hostnqn, "ctrlr_loss_timeout_sec": 120, "reconnect_delay_sec": 1, "fast_io_fail_timeout_sec": 2}),
+    );
+}
+
+/// Item 3: node A serves m0 (legs on B and C, reserved with A's key); A hangs (SIGSTOP, the
+/// hard case: it comes back and believes it is still the head). The orchestrator assembles
+/// m0 on node D, preempting A's key (docs/failover.md): D reads what A acknowledged. A goes
+/// on: its host's write is refused (the legs answer A with Reservation Conflict) and reaches
+/// no leg, and A reports itself fenced.
+#[test]
+fn a_hung_head_is_fenced_when_another_node_assembles_its_mirror() {
+    let t_start = Instant::now();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let c_addr: SocketAddr = format!("127.0.0.3:{}", free_port()).parse().unwrap();
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let d_addr: SocketAddr = format!("127.0.0.4:{}", free_port()).parse().unwrap();
+    let b = Daemon::start(MINIMAL_CONFIG);
+    setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b1");
+    let c = Daemon::start(MINIMAL_CONFIG);
+    setup_leg_node(&c, NQN_C, c_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789c1");
+    let a = Daemon::start(MINIMAL_CONFIG);
+    a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000}));
+    attach_as(&a, "rb", b_addr, NQN_B, HOST_A);
+    attach_as(&a, "rc", c_addr, NQN_C, HOST_A);
+    a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["rbn1", "rcn1"], "reservation_key": KEY_A}));
+    let r = raid(&a);
+    assert_eq!((r["reservation_key"].as_u64(), &r["fenced"]), (Some(KEY_A), &json!(false)), "{r}");
+    let uuid = r["uuid"].as_str().unwrap().to_string();
+    let cfg = a.rpc("save_config", json!({}));
+    let saved = cfg.to_string();
+    assert!(saved.contains("\"reservation_key\":161"), "save_config keeps the key: {saved}");
+    export_on(&a, NQN_A, "m0", a_addr);
+    let mut ha = host(a_addr, NQN_A);
+    let acked = pattern(1 << 20, 0x11);
+    ha.write(0, &acked);
+
+    // A hangs. D assembles the mirror: refused without the preempt (A holds the legs), done
+    // with it.
+    a.freeze();
+    let t_failover = Instant::now();
+    let d = Daemon::start(MINIMAL_CONFIG);
+    attach_as(&d, "rb", b_addr, NQN_B, HOST_D);
+    attach_as(&d, "rc", c_addr, NQN_C, HOST_D);
+    let create = json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["rbn1", "rcn1"], "uuid": uuid, "reservation_key": KEY_D});
+    let e = d.try_rpc("bdev_raid_create", create.clone()).expect_err("a leg held by another head is refused without preempt_key");
+    assert!(e.message.contains("rbn1") && e.message.contains("preempt_key"), "the error names the leg: {e:?}");
+    let mut with_preempt = create.clone();
+    with_preempt["preempt_key"] = json!(KEY_A);
+    d.rpc("bdev_raid_create", with_preempt);
+    let r = raid(&d);
+    assert_eq!(r["uuid"], uuid.as_str(), "{r}");
+    assert_eq!(r["num_base_bdevs_operational"], 2, "{r}");
+    export_on(&d, NQN_D, "m0", d_addr);
+    let mut hd = host(d_addr, NQN_D);
+    assert!(hd.read(0, acked.len()) == acked, "the new head reads every write the old one acknowledged");
+    println!("failover to D: {:?}", t_failover.elapsed());
+    let mut expect = acked.clone();
+    let newer = pattern(64 << 10, 0x77);
+    hd.write(0, &newer);
+    expect[..newer.len()].copy_from_slice(&newer);
+
+    // A stays hung past the keep-alive timeout of its controllers on B and C (2 s, plus the
+    // target's 1 s of grace), so that the legs' targets drop them: A has to notice, reconnect
+    // and re-join before it can learn that it was fenced. Then A goes on, still believing it
+    // is the head: its host's write is refused.
+    wait_for("B to drop A's controller", 20, || b.log_text().contains("keep-alive timeout of"));
+    a.thaw();
+    let stale = pattern(64 << 10, 0x33);
+    let t_write = Instant::now();
+    let refused = match ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, (stale.len() / BS) as u32), Payload::Out(&stale)) {
+        Ok((cqe, _)) => {
+            assert!(!cqe.status().is_success(), "the old head acknowledged a write after it was fenced");
+            format!("{}", cqe.status())
+        }
+        Err(e) => format!("{e}"),
+    };
+    println!("old head's write refused after {:?}: {refused}", t_write.elapsed());
+    wait_for("A to report itself fenced", 30, || raid(&a)["fenced"] == true);
+    let r = raid(&a);
+    println!("A: {r}");
+    assert!(r["fenced_by"].as_str().is_some_and(|l| l == "rbn1" || l == "rcn1"), "{r}");
+    // Later writes fail at once, with Reservation Conflict.
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 256, 1), Payload::Out(&stale[..BS])).expect("A answers");
+    assert!(!cqe.status().is_success());
+    assert_eq!((cqe.status().sct, cqe.status().sc), (0, 0x83), "a fenced head answers Reservation Conflict: {}", cqe.status());
+    let m = a.metrics();
+    assert!(m.lines().any(|l| l.starts_with("tidemark_mirror_fenced{mirror=\"m0\"") && (l.ends_with(" 1") || l.ends_with(" 1.0"))), "fenced metric: {m}");
+    assert!(a.log_text().contains("mirror m0 fenced by leg"), "logged");
+
+    // The orchestrator's clean-up on A (docs/failover.md, step 5), and A cannot come back as
+    // a second head with its old key: the legs are D's.
+    drop(ha);
+    a.rpc("nvmf_delete_subsystem", json!({"nqn": NQN_A}));
+    let t_delete = Instant::now();
+    a.rpc("bdev_raid_delete", json!({"name": "m0"}));
+    println!("fenced mirror deleted on A in {:?}", t_delete.elapsed());
+    let again = json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["rbn1", "rcn1"], "uuid": uuid, "reservation_key": KEY_A});
+    let e = a.try_rpc("bdev_raid_create", again).expect_err("A's old configuration is refused");
+    assert!(e.code == -16 && e.message.contains("preempt_key"), "{e:?}");
+
+    // Nothing of A's reached the legs: D reads what D and A had written before.
+    assert!(hd.read(0, expect.len()) == expect, "the stale head's write reached no leg");
+    for (name, addr, nqn) in [("B", b_addr, NQN_B), ("C", c_addr, NQN_C)] {
+        let data_offset = leg(&raid(&d), if name == "B" { "rbn1" } else { "rcn1" })["data_offset"].as_u64().unwrap();
+        let mut h = host(addr, nqn);
+        assert!(h.read(data_offset, expect.len()) == expect, "the leg on {name} holds the new head's data only");
+    }
+    for (n, node) in [("A", &a), ("B", &b)] {
+        for l in node.log_text().lines().filter(|l| l.contains("fenced") || l.contains("keep-alive") || l.contains("reconnect") || l.contains("preempted")) {
+            println!("{n}: {l}");
+        }
+    }
+    println!("fencing test: {:?}", t_start.elapsed());
+}

@@ -328,35 +328,41 @@ impl Drop for SpdkApp {
     }
 }
 
-#[test]
-fn attaches_spdk_nvmf_tgt() {
+/// SPDK's nvmf_tgt from `SPDK_DIR` (None, printing SKIPPED, when it is not there), serving
+/// subsystem `nqn` with `namespaces` RAM namespaces of 32768 blocks (nsid 1, 2, ...) on a free
+/// port of 127.0.0.1.
+fn spdk_nvmf_tgt(test: &str, nqn: &str, namespaces: u32) -> Option<(SpdkApp, tempfile::TempDir, SocketAddr)> {
     let Ok(dir) = std::env::var("SPDK_DIR") else {
-        eprintln!("SKIPPED attaches_spdk_nvmf_tgt: SPDK_DIR is not set (point it at SPDK v25.09's folder, e.g. ../shared/peers/spdk-v25.09)");
-        return;
+        eprintln!("SKIPPED {test}: SPDK_DIR is not set (point it at SPDK v25.09's folder, e.g. ../shared/peers/spdk-v25.09)");
+        return None;
     };
     let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&dir).join("bin/nvmf_tgt");
     if !bin.exists() {
-        eprintln!("SKIPPED attaches_spdk_nvmf_tgt: {} does not exist", bin.display());
-        return;
+        eprintln!("SKIPPED {test}: {} does not exist", bin.display());
+        return None;
     }
-    const NQN_S: &str = "nqn.2016-06.io.spdk:cnode1";
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let cfg = json!({"subsystems": [
-        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 32768, "block_size": 512}}]},
-        {"subsystem": "nvmf", "config": [
-            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
-            {"method": "nvmf_create_subsystem", "params": {"nqn": NQN_S, "allow_any_host": true, "serial_number": "SPDK0001"}},
-            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": NQN_S, "namespace": {"bdev_name": "Malloc0", "nsid": 1}}},
-            {"method": "nvmf_subsystem_add_listener", "params": {"nqn": NQN_S, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}}
-        ]}
-    ]});
+    let mallocs: Vec<Value> = (0..namespaces)
+        .map(|i| json!({"method": "bdev_malloc_create", "params": {"name": format!("Malloc{i}"), "num_blocks": 32768, "block_size": 512}}))
+        .collect();
+    let mut nvmf = vec![
+        json!({"method": "nvmf_create_transport", "params": {"trtype": "TCP"}}),
+        json!({"method": "nvmf_create_subsystem", "params": {"nqn": nqn, "allow_any_host": true, "serial_number": "SPDK0001"}}),
+    ];
+    for i in 0..namespaces {
+        nvmf.push(json!({"method": "nvmf_subsystem_add_ns", "params": {"nqn": nqn, "namespace": {"bdev_name": format!("Malloc{i}"), "nsid": i + 1}}}));
+    }
+    nvmf.push(json!({"method": "nvmf_subsystem_add_listener", "params": {"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}}));
+    let cfg = json!({"subsystems": [{"subsystem": "bdev", "config": mallocs}, {"subsystem": "nvmf", "config": nvmf}]});
     let cfg_path = tmp.path().join("nvmf_tgt.json");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let log = tmp.path().join("nvmf_tgt.log");
     let logf = std::fs::File::create(&log).expect("log");
     let child = std::process::Command::new(&bin)
-        .args(["-m", "0x1", "--no-huge", "-s", "1024", "--no-pci", "-r"])
+        // No core lock: other SPDK apps on this machine (benchmarks, other tests) may run on
+        // core 0 too, and a test target needs no exclusive core.
+        .args(["-m", "0x1", "--no-huge", "-s", "1024", "--no-pci", "--disable-cpumask-locks", "-r"])
         .arg(tmp.path().join("spdk.sock"))
         .arg("--json")
         .arg(&cfg_path)
@@ -374,6 +380,13 @@ fn attaches_spdk_nvmf_tgt() {
         assert!(Instant::now() < deadline, "nvmf_tgt did not listen in 60 s:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(200));
     }
+    Some((app, tmp, s_addr))
+}
+
+#[test]
+fn attaches_spdk_nvmf_tgt() {
+    const NQN_S: &str = "nqn.2016-06.io.spdk:cnode1";
+    let Some((_app, _tmp, s_addr)) = spdk_nvmf_tgt("attaches_spdk_nvmf_tgt", NQN_S, 1) else { return };
 
     let a = Daemon::start(&config("[0, 1]"));
     let mut p = attach_params("spdk", s_addr);
@@ -724,4 +737,45 @@ fn a_lost_controller_is_deleted_unless_its_bdev_is_held_and_reset_reconnects() {
     wait_for("the controller to be deleted", 15, || a.rpc("bdev_nvme_get_controllers", json!({})) == json!([]));
     assert!(a.try_rpc("bdev_get_bdevs", json!({"name": "rbn1"})).is_err());
     assert!(a.log_text().contains("deleted with its bdevs after ctrlr_loss_timeout_sec"));
+}
+
+/// Fencing (issue #15 item 3) with SPDK's nvmf_tgt as the legs' target: head A holds the legs
+/// (Write Exclusive, key 0xA); head D is refused without `preempt_key`, then preempts A and
+/// reads what A wrote; A's next write is refused by SPDK (Reservation Conflict) and A is fenced.
+#[test]
+fn a_stale_head_is_fenced_on_spdk_nvmf_tgt_legs() {
+    const NQN_S: &str = "nqn.2016-06.io.spdk:fence";
+    const NQN_D: &str = "nqn.2016-06.io.tidemark:node-d";
+    let Some((_app, _tmp, s_addr)) = spdk_nvmf_tgt("a_stale_head_is_fenced_on_spdk_nvmf_tgt_legs", NQN_S, 2) else { return };
+    let attach = |d: &Daemon, hostnqn: &str| {
+        let mut p = attach_params("spdk", s_addr);
+        p["subnqn"] = json!(NQN_S);
+        p["hostnqn"] = json!(hostnqn);
+        assert_eq!(d.rpc("bdev_nvme_attach_controller", p), json!(["spdkn1", "spdkn2"]));
+    };
+    let a = Daemon::start(&config("[0]"));
+    attach(&a, "nqn.2016-06.io.tidemark:head-a");
+    a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["spdkn1", "spdkn2"], "reservation_key": 0xA}));
+    let uuid = raid(&a, "m0")["uuid"].as_str().unwrap().to_string();
+    let a_addr = export(&a, NQN_A, &["m0"]);
+    let mut ha = host(a_addr, NQN_A);
+    let data = pattern(64 * BS, 5);
+    ha.write(1, 0, &data);
+
+    let d = Daemon::start(&config("[0]"));
+    attach(&d, "nqn.2016-06.io.tidemark:head-d");
+    let mut create = json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["spdkn1", "spdkn2"], "uuid": uuid, "reservation_key": 0xD});
+    let e = d.try_rpc("bdev_raid_create", create.clone()).expect_err("the legs are A's");
+    assert!(e.message.contains("spdkn1") && e.message.contains("preempt_key"), "{e:?}");
+    create["preempt_key"] = json!(0xA);
+    d.rpc("bdev_raid_create", create);
+    let d_addr = export(&d, NQN_D, &["m0"]);
+    let mut hd = host(d_addr, NQN_D);
+    assert!(hd.read(1, 0, 64) == data, "D reads what A acknowledged");
+
+    let (cqe, _) = ha.q.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 64), Payload::Out(&pattern(64 * BS, 6))).expect("A answers");
+    assert_eq!((cqe.status().sct, cqe.status().sc), (0, 0x83), "A's write is refused: {}", cqe.status());
+    let r = raid(&a, "m0");
+    assert_eq!(r["fenced"], true, "{r}");
+    assert!(hd.read(1, 0, 64) == data, "A's refused write reached no leg");
 }

@@ -455,6 +455,8 @@ fn start(
         images: Default::default(),
         waits: Default::default(),
         ctl_preserve_io: AtomicU64::new(0),
+        fenced: AtomicBool::new(false),
+        fenced_by: Mutex::new(String::new()),
     });
     // Regions dirty at assembly start open: their bits are durable, and every departed leg's
     // stale map already covers them.

@@ -206,6 +206,10 @@ impl MirrorChannel {
 
     async fn write_op(&self, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
         let sh = &*self.sh;
+        // Fenced first: a fenced mirror that also went offline still tells the host why.
+        if sh.fenced.load(Relaxed) {
+            return Err(Shared::fenced_error());
+        }
         if sh.offline.load(Relaxed) {
             return Err(BdevError::Offline);
         }
@@ -229,6 +233,9 @@ impl MirrorChannel {
                 }
                 match answer {
                     Some(Ok(())) => {}
+                    // The write-intent bit could not be persisted because a leg refused it:
+                    // the host hears that this head was fenced, not of a device error.
+                    Some(Err(_)) if sh.fenced.load(Relaxed) => return Err(Shared::fenced_error()),
                     Some(Err(e)) => return Err(e),
                     None => return Err(BdevError::Offline),
                 }
@@ -271,6 +278,17 @@ impl MirrorChannel {
                     failed |= 1 << s;
                 }
             }
+        }
+        // A leg refused the write for a reservation another head holds: this head is fenced.
+        // The write fails and no leg is dropped: dropping would record on the other legs that
+        // they alone are current, which is the new head's to decide, not this one's.
+        if let Some(s) = (0..MAX_SLOTS).find(|&s| matches!(&results[s], Some(Err(e)) if super::fence::is_conflict(e))) {
+            let leg = self.leg(s).map(|c| c.entry().name().to_string()).unwrap_or_else(|| format!("in slot {s}"));
+            sh.set_fenced(&leg);
+            return Err(Shared::fenced_error());
+        }
+        if sh.fenced.load(Relaxed) {
+            return Err(Shared::fenced_error());
         }
         let mut durable = Ok(());
         for s in 0..MAX_SLOTS {

@@ -268,7 +268,17 @@ pub(crate) struct Ctl {
     shutting_down: bool,
     rejoin: [Rejoin; MAX_SLOTS],
     batch: Batch,
+    /// When the remote legs' reservations are checked next (fencing only), and whether a
+    /// check still runs (a leg waiting for a reconnect can hold one up; checks do not pile up).
+    resv_check_at_ns: u64,
+    resv_checking: std::rc::Rc<std::cell::Cell<bool>>,
 }
+
+/// How often a mirror with a `reservation_key` checks its reservation on every remote leg:
+/// a leg whose target restarted without persistence lost it without any I/O error (it is
+/// reserved again within this), and a head that was fenced while it had no writes learns it
+/// (and shows it) within this.
+const RESERVATION_CHECK_NS: u64 = 2_000_000_000;
 
 impl Ctl {
     pub(crate) fn new(sh: Arc<Shared>, generation: u64, slots: Vec<CtlSlot>, wi: Bitmap, stale: Vec<Bitmap>, unsynced: Bitmap) -> Ctl {
@@ -296,6 +306,8 @@ impl Ctl {
             shutting_down: false,
             rejoin: Default::default(),
             batch: Batch::default(),
+            resv_check_at_ns: 0,
+            resv_checking: Default::default(),
         };
         c.written_states = std::array::from_fn(|i| c.slots[i].rec.state);
         for r in c.unsynced.iter_set().collect::<Vec<_>>() {
@@ -419,7 +431,10 @@ impl Ctl {
                 }
             }
             Request::CleanTick => self.clean(),
-            Request::RejoinTick => self.rejoin_tick(),
+            Request::RejoinTick => {
+                self.rejoin_tick();
+                self.reservation_tick();
+            }
             Request::RejoinProbed { slot, guard } => self.rejoin_probed(slot, guard).await,
             Request::AddLeg { guard, reply } => match self.add_leg(guard, false).await {
                 Ok(info) => {
@@ -715,6 +730,25 @@ impl Ctl {
         if b.read_only() {
             return Err(MirrorError::Invalid(format!("{name} is read-only")));
         }
+        // A remote leg that comes (back) is reserved again before anything is written to it: a
+        // target restarted without persistence lost the reservation. The only key preempted is
+        // the stale head's that the assembly was told of (a leg that was away during the
+        // failover still carries that head's reservation); a leg that any other head holds
+        // means this head was fenced.
+        if let Some(f) = self.sh.options.fencing {
+            match super::fence::reserve_leg(b.as_ref(), f).await {
+                Ok(_) => {}
+                Err(
+                    e @ (super::fence::FenceError::HeldByOther { .. }
+                    | super::fence::FenceError::Conflict { .. }
+                    | super::fence::FenceError::HeldBySameHost { .. }),
+                ) => {
+                    self.sh.set_fenced(&name);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let ch = Channel::get(&entry).map_err(|e| MirrorError::Io(format!("cannot open {name}: {e}")))?;
         let (sb, next_copy) = super::assemble::read_superblock_copies(&ch, self.g.block_size).await;
         // A leg that left this mirror comes back to its slot and gets only what it missed.
@@ -880,6 +914,41 @@ impl Ctl {
                 sh.send(Request::RejoinProbed { slot: s, guard: ok.then_some(guard) });
             });
         }
+    }
+
+    /// Checks (and renews) the reservation on every leg that takes writes, off the control
+    /// task: Register and Acquire are no-ops for the holder, so this costs three small commands
+    /// per remote leg every [`RESERVATION_CHECK_NS`].
+    fn reservation_tick(&mut self) {
+        let Some(f) = self.sh.options.fencing else { return };
+        let now = reactor::now_ns();
+        if self.shutting_down || self.sh.fenced.load(Relaxed) || self.resv_checking.get() || now < self.resv_check_at_ns {
+            return;
+        }
+        self.resv_check_at_ns = now + RESERVATION_CHECK_NS;
+        let legs: Vec<(String, Arc<dyn crate::bdev::Bdev>)> =
+            self.slots.iter().filter(|s| s.holds_metadata()).filter_map(|s| s.guard.as_ref().map(|g| (s.name.clone(), g.entry().bdev().clone()))).collect();
+        let (sh, busy) = (self.sh.clone(), self.resv_checking.clone());
+        busy.set(true);
+        reactor::spawn_detached(async move {
+            for (name, b) in legs {
+                match super::fence::reserve_leg(b.as_ref(), f).await {
+                    Ok(_) => {}
+                    Err(
+                        super::fence::FenceError::HeldByOther { .. }
+                        | super::fence::FenceError::Conflict { .. }
+                        | super::fence::FenceError::HeldBySameHost { .. },
+                    ) => {
+                        sh.set_fenced(&name);
+                        break;
+                    }
+                    // An unreachable leg is the data path's business (it fails and is dropped,
+                    // and is reserved again when it re-joins).
+                    Err(e) => log::debug!("mirror {}: reservation check: {e}", sh.props.name()),
+                }
+            }
+            busy.set(false);
+        });
     }
 
     fn rejoin_backoff(&mut self, s: usize) {
@@ -1325,6 +1394,9 @@ impl Ctl {
         for (s, r) in results.iter().enumerate() {
             match r {
                 Some(Ok(())) => durable |= self.slots[s].in_sync(),
+                // Another head holds the leg: this one is fenced. The leg is not dropped (that
+                // would be recorded on the others, which are the new head's now).
+                Some(Err(e)) if super::fence::is_conflict(e) => self.sh.set_fenced(&self.slots[s].name),
                 Some(Err(e)) => {
                     let stats = self.sh.leg_stats(self.sh.home, s);
                     // Metadata writes and flushes count as the leg's write errors.

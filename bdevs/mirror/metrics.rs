@@ -46,12 +46,15 @@ impl Module for MirrorSubsystem {
         let mut leg_qd = Vec::new();
         let mut leg_stale = Vec::new();
         let mut leg_rejoins = Vec::new();
+        let mut fenced = Vec::new();
         for m in mirrors {
             let sh = m.shared();
             let st = m.status();
             let name = sh.props.name();
             let l = labels(&[("mirror", name)]);
             degraded.push((l.clone(), if st.degraded() { 1.0 } else { 0.0 }));
+            // Every mirror (0 without a reservation_key): an alert on it needs the series.
+            fenced.push((l.clone(), if sh.fenced.load(Relaxed) { 1.0 } else { 0.0 }));
             dirty.push((l.clone(), st.dirty_regions as f64));
             unsynced.push((l.clone(), st.unsynced_regions as f64));
             generation.push((l.clone(), st.generation as f64));
@@ -109,6 +112,11 @@ impl Module for MirrorSubsystem {
             "tidemark_mirror_degraded",
             "1 when a mirror runs with fewer in-sync legs than it should (a leg failed, is missing or is being rebuilt, or one is left).",
             &degraded,
+        )?;
+        out.gauge(
+            "tidemark_mirror_fenced",
+            "1 when a mirror with a reservation_key was fenced: a leg refused its write because another head took the mirror over; it acknowledges no host write any more.",
+            &fenced,
         )?;
         out.gauge("tidemark_mirror_dirty_regions", "Regions whose write-intent bit is set (written recently; resynchronised after a crash).", &dirty)?;
         out.gauge("tidemark_mirror_unsynced_regions", "Regions still to resynchronise after a crash.", &unsynced)?;

@@ -23,6 +23,7 @@
 mod assemble;
 mod channel;
 mod control;
+pub mod fence;
 pub mod layout;
 pub mod metrics;
 mod preserve;
@@ -104,11 +105,14 @@ pub struct MirrorOptions {
     /// `auto_rejoin` is on); a leg whose attempt failed is tried again after up to
     /// [`REJOIN_BACKOFF_MAX`] times this.
     pub rejoin_interval_ns: u64,
+    /// Hold an NVMe reservation on every remote leg, so that a new head can fence this one
+    /// (`reservation_key`, `preempt_key`; see [`fence`]). `None`: no fencing.
+    pub fencing: Option<fence::Fencing>,
 }
 
 impl Default for MirrorOptions {
     fn default() -> Self {
-        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None, rejoin_interval_ns: 1_000_000_000 }
+        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None, rejoin_interval_ns: 1_000_000_000, fencing: None }
     }
 }
 
@@ -338,9 +342,33 @@ pub(crate) struct Shared {
     /// flush); bumped at the start and at the end of each such wait. A write that asked the
     /// control task and saw it move was held up by that I/O.
     pub ctl_preserve_io: AtomicU64,
+    /// A leg answered a write with Reservation Conflict: another head took the mirror over.
+    /// From then on no host write is acknowledged (a fenced head that carried on with its
+    /// other legs would be a second writer: split brain). Never cleared: the mirror is deleted
+    /// and, if this node is to serve it again, assembled anew.
+    pub fenced: AtomicBool,
+    /// The leg that fenced it (for the RPC view and the log).
+    pub fenced_by: Mutex<String>,
 }
 
 impl Shared {
+    /// Marks the mirror fenced by `leg` (logged once).
+    pub(crate) fn set_fenced(&self, leg: &str) {
+        if !self.fenced.swap(true, SeqCst) {
+            *self.fenced_by.lock().unwrap_or_else(|e| e.into_inner()) = leg.to_string();
+            log::error!(
+                "mirror {} fenced by leg {leg}: another head holds its reservation; host writes fail from now on (delete the mirror here)",
+                self.props.name()
+            );
+        }
+    }
+
+    /// The error a fenced mirror gives a host write: the legs' own Reservation Conflict
+    /// status, which reaches an NVMe host as such and a SCSI host as RESERVATION CONFLICT.
+    pub(crate) fn fenced_error() -> BdevError {
+        BdevError::Nvme { sct: 0, sc: crate::nvmf::reservation::SC_RESERVATION_CONFLICT }
+    }
+
     pub(crate) fn leg_stats(&self, core: usize, slot: usize) -> &LegCounters {
         &self.leg_stats[core.min(self.leg_stats.len() - 1)][slot]
     }
@@ -423,6 +451,15 @@ impl MirrorBdev {
         uuid: Option<Uuid>,
         options: MirrorOptions,
     ) -> Result<Arc<MirrorBdev>, MirrorError> {
+        // Reserve the remote legs before reading their superblocks: once preempted, the old
+        // head's later writes are refused, so what the assembly reads stays current.
+        if let Some(f) = options.fencing {
+            for l in &legs {
+                if fence::reserve_leg(l.entry().bdev().as_ref(), f).await? {
+                    log::info!("mirror {name}: leg {} reserved (Write Exclusive, key {:#x})", l.entry().name(), f.key);
+                }
+            }
+        }
         assemble::assemble(name, legs, missing, uuid, options).await
     }
 
@@ -516,18 +553,22 @@ impl Bdev for MirrorBdev {
         json!({ "raid": describe(self) })
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
-        Some((
-            "bdev_raid_create",
-            json!({
-                "name": self.shared.props.name(),
-                "raid_level": "raid1",
-                "base_bdevs": self.attached_leg_names(),
-                "uuid": self.shared.props.uuid().to_string(),
-                "strip_size_kb": 0,
-                "superblock": true,
-                "region_size_kb": self.shared.geometry.region_bytes() / 1024,
-            }),
-        ))
+        let mut p = json!({
+            "name": self.shared.props.name(),
+            "raid_level": "raid1",
+            "base_bdevs": self.attached_leg_names(),
+            "uuid": self.shared.props.uuid().to_string(),
+            "strip_size_kb": 0,
+            "superblock": true,
+            "region_size_kb": self.shared.geometry.region_bytes() / 1024,
+        });
+        // The key, not `preempt_key`: a preempt is a decision of one failover, and replayed
+        // at a later restart it would take the legs from whichever head holds that key then.
+        // This head restarting finds its own key registered and holding.
+        if let Some(f) = self.shared.options.fencing {
+            p["reservation_key"] = json!(f.key);
+        }
+        Some(("bdev_raid_create", p))
     }
     fn destroy(&self) {
         self.shared.offline.store(true, SeqCst);
@@ -602,6 +643,15 @@ pub fn describe(m: &MirrorBdev) -> Value {
         "unsynced_regions": s.unsynced_regions,
         "base_bdevs_list": base,
     });
+    // tidemark's fencing (issue #15): the key this head holds on its remote legs, and whether
+    // another head took them over.
+    if let Some(f) = m.shared.options.fencing {
+        v["reservation_key"] = json!(f.key);
+        v["fenced"] = json!(m.shared.fenced.load(SeqCst));
+        if m.shared.fenced.load(SeqCst) {
+            v["fenced_by"] = json!(m.shared.fenced_by.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        }
+    }
     if let Some(p) = &s.process {
         let blocks = p.done_regions.saturating_mul(g.region_blocks).min(g.data_blocks);
         let percent = if p.total_regions == 0 { 100.0 } else { p.done_regions as f64 * 100.0 / p.total_regions as f64 };

@@ -28,10 +28,10 @@ crate::register_module! {
         ("bdev_raid_create", create, Create, "Creates a mirror (RAID1) bdev over base bdevs.", [
             crate::bdevs::NEW_NAME_ERRORS,
             &[
-                (EBUSY, "something holds a base bdev already"),
+                (EBUSY, "something holds a base bdev already, or (reservation_key) another head holds a leg's reservation and preempt_key does not name its key (the message names the leg)"),
                 (ENODEV, "a base bdev is missing and the others hold no mirror to reassemble"),
-                (EINVAL, "the base bdevs do not make one mirror (block sizes, superblocks)"),
-                (EIO, "a leg's superblock cannot be read or written"),
+                (EINVAL, "the base bdevs do not make one mirror (block sizes, superblocks), or (preempt_key) this node is registered on a leg with the stale head's key: both attach with the same hostnqn"),
+                (EIO, "a leg's superblock cannot be read or written, or a remote leg's reservation command failed"),
             ],
         ]),
         ("bdev_raid_get_bdevs", get_bdevs, GetBdevs, "Describes mirror bdevs and their legs.", []),
@@ -80,6 +80,17 @@ struct Create {
     /// Size of a write-intent region (default 1024 KiB); a reassembled mirror keeps its own.
     #[serde(default)]
     region_size_kb: Option<u64>,
+    /// tidemark's own (SPDK has no fencing): nonzero turns fencing on. The mirror registers
+    /// this key on every leg that is an NVMe namespace (a remote leg) and holds a Write
+    /// Exclusive reservation on it, so that a head assembling the mirror elsewhere can fence
+    /// this one (see docs/failover.md). Give each head its own key.
+    #[serde(default)]
+    reservation_key: Option<u64>,
+    /// tidemark's own: the key of a stale head whose reservation on the legs this head may
+    /// preempt (Preempt and Abort). Only with `reservation_key`; used by this call only
+    /// (`save_config` does not keep it).
+    #[serde(default)]
+    preempt_key: Option<u64>,
 }
 
 fn mirror_of(t: &Ctx, name: &str) -> Result<(Arc<BdevEntry>, Arc<dyn crate::bdev::Bdev>), RpcError> {
@@ -135,6 +146,14 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         }
         options.region_bytes = kb * 1024;
     }
+    options.fencing = match (p.reservation_key.filter(|&k| k != 0), p.preempt_key) {
+        (None, Some(_)) => return Err(RpcError::invalid_params("field `preempt_key`: needs a nonzero `reservation_key`")),
+        (Some(k), Some(pk)) if pk == k || pk == 0 => {
+            return Err(RpcError::invalid_params("field `preempt_key`: must be nonzero and differ from `reservation_key` (it names another head's key)"))
+        }
+        (None, None) => None,
+        (Some(key), preempt) => Some(super::fence::Fencing { key, preempt }),
+    };
     t.bdevs.check_new_name(&p.name)?;
     // Claim what exists; legs that are missing are tolerated only when the mirror is
     // reassembled from the others (it then runs degraded).

@@ -17,7 +17,13 @@ const REGION: u64 = 64 << 10;
 const REGION_BLOCKS: u64 = REGION / BS as u64;
 
 fn options() -> MirrorOptions {
-    MirrorOptions { region_bytes: REGION, clean_interval_ns: 10_000_000, process: Some(Arc::new(ProcessOptions::new())), rejoin_interval_ns: 1_000_000_000 }
+    MirrorOptions {
+        region_bytes: REGION,
+        clean_interval_ns: 10_000_000,
+        process: Some(Arc::new(ProcessOptions::new())),
+        rejoin_interval_ns: 1_000_000_000,
+        fencing: None,
+    }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -801,4 +807,186 @@ fn a_failed_leg_whose_superblock_is_newer_than_the_mirror_is_not_taken_back_by_i
     rig.idle(20_000_000_000);
     assert_eq!(rig.state_of(&m, &b), "failed");
     assert_eq!(rig.reg.get(&b).unwrap().claimed_by(), None, "the attempts let go of the bdev");
+}
+
+/// A remote leg as one head sees it: a view of a shared disk that speaks NVMe reservations
+/// with the target's own state machine (`nvmf::reservation`) under this head's host identifier;
+/// its writes meet Reservation Conflict as the target's would.
+struct ResvLeg {
+    props: BdevProps,
+    disk: Arc<dyn Bdev>,
+    state: Arc<Mutex<crate::nvmf::reservation::ResvState>>,
+    host: crate::nvmf::reservation::HostId,
+}
+
+struct ResvLegChannel {
+    inner: Rc<dyn crate::bdev::IoChannel>,
+    state: Arc<Mutex<crate::nvmf::reservation::ResvState>>,
+    host: crate::nvmf::reservation::HostId,
+}
+
+impl crate::bdev::IoChannel for ResvLegChannel {
+    fn submit<'a, 'b: 'a>(&'a self, io: crate::bdev::Io<'a, 'b>) -> crate::bdev::IoFuture<'a> {
+        use crate::nvmf::reservation::Access;
+        let access = if matches!(io, crate::bdev::Io::Read { .. }) { Access::Read } else { Access::Write };
+        if self.state.lock().unwrap().conflicts(&self.host, access) {
+            return crate::bdev::IoFuture::ready(Err(BdevError::Nvme { sct: 0, sc: crate::nvmf::reservation::SC_RESERVATION_CONFLICT }));
+        }
+        self.inner.submit(io)
+    }
+}
+
+impl Bdev for ResvLeg {
+    fn props(&self) -> &BdevProps {
+        &self.props
+    }
+    fn supports(&self, io: IoType) -> bool {
+        self.disk.supports(io)
+    }
+    fn driver_specific(&self) -> Value {
+        json!({ "nvme": [{ "host": { "nqn": format!("host-{}", self.host[0]), "id": Uuid::from_bytes(self.host).to_string() } }] })
+    }
+    fn open_channel(&self) -> Result<Rc<dyn crate::bdev::IoChannel>, BdevError> {
+        Ok(Rc::new(ResvLegChannel { inner: self.disk.open_channel()?, state: self.state.clone(), host: self.host }))
+    }
+    fn config_call(&self) -> Option<(&'static str, Value)> {
+        None
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn nvme_io_passthru(&self, cmd: crate::bdev::NvmePassthru) -> Option<crate::bdev::PassthruFuture> {
+        use crate::nvmf::reservation::{Command, ResvError};
+        use crate::nvmf::spec::io_opc;
+        let mut st = self.state.lock().unwrap();
+        let r = if cmd.opcode == io_opc::RESERVATION_REPORT {
+            st.report(cmd.cdw11 & 1 != 0, |_| Some(1)).map(|mut d| {
+                d.resize(cmd.data_in, 0);
+                d
+            })
+        } else {
+            match Command::parse(cmd.opcode, cmd.cdw10, &cmd.data_out) {
+                Some(c) => st.execute(&self.host, c, false).map(|_| Vec::new()),
+                None => Err(ResvError::InvalidField),
+            }
+        };
+        let r = r.map_err(|e| {
+            let s = e.status();
+            BdevError::Nvme { sct: s.sct, sc: s.sc }
+        });
+        Some(Box::pin(async move { r }))
+    }
+}
+
+impl Rig {
+    /// Head `head`'s view (host identifier `head`) of shared disk `disk`, named `{disk}_{head}`.
+    fn resv_leg(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8) -> String {
+        self.resv_leg_named(disk, state, head, &format!("{}_{head}", disk.name()))
+    }
+
+    fn resv_leg_named(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8, name: &str) -> String {
+        let name = name.to_string();
+        let props = BdevProps::new(name.clone(), "NVMe disk", BS, disk.num_blocks(), Uuid::new_v4());
+        self.reg.register(Arc::new(ResvLeg { props, disk: disk.clone(), state: state.clone(), host: [head; 16] })).unwrap();
+        name
+    }
+
+    fn try_fenced_mirror(&self, name: &str, legs: &[String], uuid: Option<Uuid>, f: fence::Fencing) -> Result<Arc<MirrorBdev>, MirrorError> {
+        let guards: Vec<HoldGuard> = legs.iter().map(|l| self.reg.get(l).unwrap().claim(name).unwrap()).collect();
+        let n = name.to_string();
+        let m = self.run(async move { MirrorBdev::assemble(&n, guards, Vec::new(), uuid, MirrorOptions { fencing: Some(f), ..options() }).await })?;
+        self.reg.register(m.clone() as Arc<dyn Bdev>).unwrap();
+        Ok(m)
+    }
+}
+
+#[test]
+fn a_new_head_preempts_the_old_one_which_is_fenced_and_acknowledges_no_write() {
+    let rig = Rig::new(1);
+    let disks: Vec<Arc<dyn Bdev>> = ["d0", "d1"].iter().map(|n| Arc::new(MallocBdev::new(n, LEG_BLOCKS, BS, None).unwrap()) as Arc<dyn Bdev>).collect();
+    let states: Vec<_> = disks.iter().map(|_| Arc::new(Mutex::new(crate::nvmf::reservation::ResvState::default()))).collect();
+    let (k1, k2) = (0x1111, 0x2222);
+    // Head 1 serves the mirror; its writes reach both legs.
+    let legs1: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 1)).collect();
+    let m1 = rig.try_fenced_mirror("m1", &legs1, None, fence::Fencing { key: k1, preempt: None }).unwrap();
+    let d = pattern(21, 8192);
+    rig.write("m1", 2 * REGION_BLOCKS, d.clone()).unwrap();
+    let generation = m1.status().generation;
+
+    // Head 2 without a preempt is refused, naming the leg; nothing changed.
+    let legs2: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 2)).collect();
+    let e = rig.try_fenced_mirror("m2", &legs2, Some(m1.uuid()), fence::Fencing { key: k2, preempt: None }).err().expect("refused");
+    assert!(matches!(&e, MirrorError::Busy(m) if m.contains(&legs2[0]) && m.contains("preempt_key")), "{e:?}");
+    rig.write("m1", 3 * REGION_BLOCKS, d.clone()).expect("head 1 still serves");
+    // A head with head 1's host identity (the same hostnqn) cannot fence it: refused, saying so.
+    let legs_same: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg_named(d, s, 1, &format!("{}_same", d.name()))).collect();
+    let e = rig.try_fenced_mirror("m3", &legs_same, Some(m1.uuid()), fence::Fencing { key: 0x3333, preempt: Some(k1) }).err().expect("refused");
+    assert!(matches!(&e, MirrorError::Invalid(m) if m.contains("same hostnqn")), "{e:?}");
+    // Nor without a preempt: replacing the holder's key would leave two writers of one identity.
+    let e = rig.try_fenced_mirror("m3", &legs_same, Some(m1.uuid()), fence::Fencing { key: 0x3333, preempt: None }).err().expect("refused");
+    assert!(matches!(&e, MirrorError::Busy(m) if m.contains("same hostnqn") && m.contains("already holds")), "{e:?}");
+    rig.write("m1", 3 * REGION_BLOCKS, d.clone()).expect("head 1 still serves");
+
+    // Head 2 preempts head 1's key: it assembles the same mirror and reads what head 1 wrote.
+    let m2 = rig.try_fenced_mirror("m2", &legs2, Some(m1.uuid()), fence::Fencing { key: k2, preempt: Some(k1) }).unwrap();
+    assert_eq!(m2.uuid(), m1.uuid());
+    assert!(m2.status().generation > generation);
+    assert_eq!(rig.read("m2", 2 * REGION_BLOCKS, 8192).unwrap(), d);
+
+    // Head 1 is fenced: its write fails with Reservation Conflict, drops no leg, reaches no
+    // leg; every later write fails at once; reads still work (Write Exclusive).
+    let conflict = Err(BdevError::Nvme { sct: 0, sc: crate::nvmf::reservation::SC_RESERVATION_CONFLICT });
+    assert_eq!(rig.write("m1", 2 * REGION_BLOCKS, pattern(22, 4096)), conflict);
+    assert!(m1.shared().fenced.load(SeqCst));
+    assert_eq!(m1.status().active_legs(), 2, "a fenced head drops no leg");
+    assert_eq!(rig.write("m1", 50 * REGION_BLOCKS, pattern(23, 512)), conflict);
+    assert_eq!(rig.read("m1", 2 * REGION_BLOCKS, 8192).unwrap(), d);
+    let v = describe(&m1);
+    assert_eq!(v["fenced"], true, "{v}");
+    assert_eq!(v["fenced_by"], legs1[0], "{v}");
+    assert_eq!(v["reservation_key"], k1, "{v}");
+    // Head 2 serves.
+    let d2 = pattern(24, 4096);
+    rig.write("m2", 2 * REGION_BLOCKS, d2.clone()).unwrap();
+    assert_eq!(rig.read("m2", 2 * REGION_BLOCKS, 4096).unwrap(), d2);
+    assert_eq!(describe(&m2)["fenced"], false);
+    // The saved configuration keeps the key, not the preempt.
+    let (_, p) = m2.config_call().unwrap();
+    assert_eq!(p["reservation_key"], k2);
+    assert!(p.get("preempt_key").is_none());
+}
+
+#[test]
+fn fencing_leaves_local_legs_alone() {
+    let rig = Rig::new(1);
+    rig.malloc("a", LEG_BLOCKS);
+    rig.malloc("b", LEG_BLOCKS);
+    let m = rig.try_fenced_mirror("m", &["a".into(), "b".into()], None, fence::Fencing { key: 7, preempt: None }).unwrap();
+    rig.write("m", 0, pattern(25, 4096)).unwrap();
+    assert_eq!(describe(&m)["fenced"], false);
+}
+
+#[test]
+fn a_lost_reservation_is_renewed_and_a_quiet_head_learns_it_was_fenced() {
+    use crate::nvmf::reservation::{Access, ResvState};
+    let rig = Rig::new(1);
+    let disks: Vec<Arc<dyn Bdev>> = ["e0", "e1"].iter().map(|n| Arc::new(MallocBdev::new(n, LEG_BLOCKS, BS, None).unwrap()) as Arc<dyn Bdev>).collect();
+    let states: Vec<_> = disks.iter().map(|_| Arc::new(Mutex::new(ResvState::default()))).collect();
+    let legs1: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 1)).collect();
+    let m1 = rig.try_fenced_mirror("m1", &legs1, None, fence::Fencing { key: 1, preempt: None }).unwrap();
+    let other: crate::nvmf::reservation::HostId = [9; 16];
+    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write));
+    // The leg's target restarts without persistence: the reservation is gone, with no I/O
+    // error for the mirror to notice. The periodic check reserves it again.
+    *states[0].lock().unwrap() = ResvState::default();
+    assert!(!states[0].lock().unwrap().conflicts(&other, Access::Write));
+    rig.idle(3_000_000_000);
+    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write), "reserved again");
+    assert!(!m1.shared().fenced.load(SeqCst));
+    // Another head takes over while head 1 writes nothing: head 1 learns it by its check.
+    let legs2: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 2)).collect();
+    rig.try_fenced_mirror("m2", &legs2, Some(m1.uuid()), fence::Fencing { key: 2, preempt: Some(1) }).unwrap();
+    rig.idle(3_000_000_000);
+    assert!(m1.shared().fenced.load(SeqCst), "a quiet head learns it was fenced");
+    assert_eq!(m1.status().active_legs(), 2);
 }

@@ -242,7 +242,32 @@ pub trait Bdev: Send + Sync + 'static {
     fn as_preservable(&self) -> Option<&dyn preservable::Preservable> {
         None
     }
+    /// Passes an NVMe I/O command through to the namespace this bdev is (SPDK's
+    /// `spdk_bdev_nvme_io_passthru`); `None` when the bdev is no NVMe namespace. The mirror
+    /// sends Reservation Register/Acquire/Report this way to fence a stale head on its remote
+    /// legs without knowing the initiator module. Must be awaited on a reactor core.
+    fn nvme_io_passthru(&self, _cmd: NvmePassthru) -> Option<PassthruFuture> {
+        None
+    }
 }
+
+/// An NVMe I/O command for [`Bdev::nvme_io_passthru`]: the bdev fills in its NSID (and the
+/// command identifier); the caller gives the opcode, CDW10/11 and the data. Plain fields, so
+/// that the bdev layer needs nothing of the NVMe modules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NvmePassthru {
+    pub opcode: u8,
+    pub cdw10: u32,
+    pub cdw11: u32,
+    /// Host-to-controller data (empty: none).
+    pub data_out: Vec<u8>,
+    /// Bytes of controller-to-host data expected (0: none). Not both directions at once.
+    pub data_in: usize,
+}
+
+/// The result of a passed-through command: the data it read (empty for a command that reads
+/// nothing), or its failure (`BdevError::Nvme` carries a command's NVMe status).
+pub type PassthruFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, BdevError>>>>;
 
 /// Errors of a method that registers a bdev under a name it is given (the registry's
 /// [`CreateError::Exists`]); here, not with the bdev modules, because the preserve layer's

@@ -34,6 +34,10 @@ impl From<Sense> for Failure {
 fn bdev_failure(e: BdevError, write: bool) -> Failure {
     match e {
         BdevError::NoResources => Failure::Busy,
+        // An NVMe device below answered Reservation Conflict (generic status 83h; a fenced
+        // mirror answers so too): the SCSI status of the same meaning, as the NVMe-SCSI
+        // translation has it, so that the host does not take it for a medium error.
+        BdevError::Nvme { sct: 0, sc: 0x83 } => Failure::ReservationConflict,
         e => Failure::Check(Sense::from_bdev(&e, write)),
     }
 }

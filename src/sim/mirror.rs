@@ -221,6 +221,7 @@ impl World {
             clean_interval_ns: cfg.clean_ns,
             process: Some(Arc::new(ProcessOptions::new())),
             rejoin_interval_ns: cfg.rejoin_ns,
+            fencing: None,
         };
         if let Some(p) = &options.process {
             p.auto_rejoin.store(cfg.auto_rejoin, Relaxed);

@@ -529,6 +529,9 @@ impl Bdev for NvmeTcpBdev {
                 "oacs": {},
             },
             "ns_data": { "id": self.nsid },
+            // Who this node is to the target (the mirror's fencing checks that two heads are
+            // not one host to the legs).
+            "host": { "nqn": c.hostnqn, "id": uuid::Uuid::from_bytes(crate::nvmf::initiator::host_id_for(&c.hostnqn)).to_string() },
             "state": c.shared.state().name(),
             "max_transfer_bytes": c.max_transfer,
         }]})
@@ -541,6 +544,30 @@ impl Bdev for NvmeTcpBdev {
     }
     fn destroy(&self) {
         self.ctrl.shared.namespaces.lock().unwrap_or_else(|e| e.into_inner()).retain(|n| n.0 != self.nsid);
+    }
+    fn nvme_io_passthru(&self, cmd: crate::bdev::NvmePassthru) -> Option<crate::bdev::PassthruFuture> {
+        let (id, nsid, bs) = (self.ctrl.shared.id, self.nsid, self.ns.block_size as u64);
+        Some(Box::pin(async move {
+            // The current core's I/O queue: a reservation command is an I/O command, and it
+            // waits for a reconnect like any other I/O of the controller.
+            let q = core_queue(id).ok_or(BdevError::Offline)?;
+            let mut sqe = Sqe::new(cmd.opcode, 0, nsid);
+            sqe.set_cdw(10, cmd.cdw10);
+            sqe.set_cdw(11, cmd.cdw11);
+            let (buf, data_in) = if cmd.data_in > 0 {
+                (Some(IoBuf::zeroed(cmd.data_in)), true)
+            } else if !cmd.data_out.is_empty() {
+                let mut b = IoBuf::alloc(cmd.data_out.len());
+                b.copy_from_slice(&cmd.data_out);
+                (Some(b), false)
+            } else {
+                (None, false)
+            };
+            let ch = TcpChannel { q, nsid, block_size: bs, max_blocks: 1 };
+            let (r, b) = ch.run_cmd(sqe, buf, data_in).await;
+            r?;
+            Ok(if data_in { b.map(|b| b.to_vec()).unwrap_or_default() } else { Vec::new() })
+        }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

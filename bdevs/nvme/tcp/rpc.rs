@@ -287,6 +287,9 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if let Some(h) = &p.hostnqn {
         opts.hostnqn = h.clone();
     }
+    // The Host Identifier goes with the NQN (see `host_id_for`): a node attaching with its
+    // own hostnqn is its own registrant for reservations, which fencing a stale head needs.
+    opts.hostid = crate::nvmf::initiator::host_id_for(&opts.hostnqn);
     // TLS 1.3 with the keyring's PSK (an `NVMeTLSkey-1:` key): every queue, and every
     // reconnect, starts with the handshake.
     let psk = match &p.psk {

@@ -78,6 +78,77 @@ impl TransportId {
     }
 }
 
+/// The Host Identifier a host sends in Connect for `hostnqn`. NVMe reservations know a host
+/// by this identifier, not by its NQN, so two nodes that sent the same one would be one
+/// registrant and could not fence each other. It is derived from the NQN rather than drawn at
+/// random or kept in the data directory: a node that restarts (or reconnects) must come back
+/// as the same registrant, and the NQN is the identity the operator already gives each node.
+/// A UUID NQN (`nqn.2014-08.org.nvmexpress:uuid:<uuid>`, what nvme-cli and SPDK generate)
+/// carries its identifier, as the Linux host uses it; any other NQN maps to a name-based
+/// UUID (v5) of the NQN, stable across restarts and distinct per NQN.
+pub fn host_id_for(hostnqn: &str) -> [u8; 16] {
+    const UUID_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:";
+    /// The namespace of the name-based identifiers (fixed: changing it would change every
+    /// node's identity, and with it the registrations it holds).
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x7469_6465_6d61_4b00_8000_686f_7374_6964);
+    if let Some(u) = hostnqn.strip_prefix(UUID_NQN).and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+        return *u.as_bytes();
+    }
+    *uuid::Uuid::new_v5(&NAMESPACE, hostnqn.as_bytes()).as_bytes()
+}
+
+/// Reservation commands as a host sends them (NVMe Base 2.0 §7.5-7.8): CDW10 and the data.
+pub mod resv {
+    /// Reservation Register actions (RREGA).
+    pub const REGISTER: u8 = 0;
+    pub const UNREGISTER: u8 = 1;
+    pub const REPLACE: u8 = 2;
+    /// Reservation Acquire actions (RACQA).
+    pub const ACQUIRE: u8 = 0;
+    pub const PREEMPT: u8 = 1;
+    pub const PREEMPT_AND_ABORT: u8 = 2;
+    /// Reservation Release actions (RRELA).
+    pub const RELEASE: u8 = 0;
+
+    /// CDW10 of a Register (`cptpl` 0: leave PTPL as is), Acquire or Release.
+    pub fn cdw10(action: u8, iekey: bool, rtype: u8, cptpl: u8) -> u32 {
+        (action as u32 & 7) | (iekey as u32) << 3 | (rtype as u32) << 8 | (cptpl as u32 & 3) << 30
+    }
+
+    /// The 16 bytes of a Register (CRKEY, NRKEY) or an Acquire (CRKEY, PRKEY).
+    pub fn keys(a: u64, b: u64) -> Vec<u8> {
+        let mut d = a.to_le_bytes().to_vec();
+        d.extend_from_slice(&b.to_le_bytes());
+        d
+    }
+
+    /// One registrant of an extended Reservation Report.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Registrant {
+        pub cntlid: u16,
+        pub holds: bool,
+        pub key: u64,
+        pub host_id: [u8; 16],
+    }
+
+    /// An extended Reservation Report (EDS = 1): the reservation type (0: none) and the
+    /// registrants. None when the data is short.
+    pub fn parse_report(d: &[u8]) -> Option<(u8, Vec<Registrant>)> {
+        let head = d.get(..64)?;
+        let n = u16::from_le_bytes([head[5], head[6]]) as usize;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let Some(e) = d.get(64 + i * 64..128 + i * 64) else { break };
+            let mut key = [0u8; 8];
+            key.copy_from_slice(&e[8..16]);
+            let mut host_id = [0u8; 16];
+            host_id.copy_from_slice(&e[16..32]);
+            out.push(Registrant { cntlid: u16::from_le_bytes([e[0], e[1]]), holds: e[2] & 1 != 0, key: u64::from_le_bytes(key), host_id });
+        }
+        Some((head[4], out))
+    }
+}
+
 /// How to connect a queue pair.
 #[derive(Debug, Clone)]
 pub struct QpairOptions {
@@ -991,5 +1062,42 @@ mod tests {
         assert!(TransportId::parse("traddr").is_err());
         assert!(TransportId::parse("trsvcid:1").is_err());
         assert_eq!(TransportId::parse("traddr:::1 trsvcid:4420").unwrap().socket_addr().unwrap().to_string(), "[::1]:4420");
+    }
+
+    #[test]
+    fn host_ids_follow_the_nqn() {
+        let u = "nqn.2014-08.org.nvmexpress:uuid:a0a0a0a0-0000-4000-8000-00000000000a";
+        assert_eq!(uuid::Uuid::from_bytes(host_id_for(u)).to_string(), "a0a0a0a0-0000-4000-8000-00000000000a");
+        // The default options' identifier is their NQN's.
+        let d = QpairOptions::default();
+        assert_eq!(host_id_for(&d.hostnqn), d.hostid);
+        // Other NQNs: stable, and distinct per NQN.
+        let a = host_id_for("nqn.2016-06.io.tidemark:node-a");
+        assert_eq!(a, host_id_for("nqn.2016-06.io.tidemark:node-a"));
+        assert_ne!(a, host_id_for("nqn.2016-06.io.tidemark:node-b"));
+        assert_ne!(a, [0u8; 16]);
+    }
+
+    #[test]
+    fn reservation_commands_match_the_target() {
+        use crate::nvmf::reservation::{Command, ResvState};
+        use crate::nvmf::spec::io_opc;
+        let c = Command::parse(io_opc::RESERVATION_ACQUIRE, resv::cdw10(resv::PREEMPT_AND_ABORT, false, 1, 0), &resv::keys(5, 6));
+        assert_eq!(c, Some(Command::Acquire { action: 2, iekey: false, rtype: 1, crkey: 5, prkey: 6 }));
+        let c = Command::parse(io_opc::RESERVATION_REGISTER, resv::cdw10(resv::REPLACE, true, 0, 3), &resv::keys(0, 9));
+        assert_eq!(c, Some(Command::Register { action: 2, iekey: true, cptpl: 3, crkey: 0, nrkey: 9 }));
+        // A report of the target's state parses back.
+        let mut st = ResvState::default();
+        let (h1, h2) = ([1u8; 16], [2u8; 16]);
+        st.execute(&h1, Command::Register { action: 0, iekey: false, cptpl: 0, crkey: 0, nrkey: 0x11 }, false).unwrap();
+        st.execute(&h2, Command::Register { action: 0, iekey: false, cptpl: 0, crkey: 0, nrkey: 0x22 }, false).unwrap();
+        st.execute(&h2, Command::Acquire { action: 0, iekey: false, rtype: 1, crkey: 0x22, prkey: 0 }, false).unwrap();
+        let d = st.report(true, |_| Some(7)).unwrap();
+        let (rtype, regs) = resv::parse_report(&d).unwrap();
+        assert_eq!(rtype, 1);
+        assert_eq!(regs.len(), 2);
+        let holder = regs.iter().find(|r| r.holds).unwrap();
+        assert_eq!((holder.key, holder.host_id, holder.cntlid), (0x22, h2, 7));
+        assert!(resv::parse_report(&d[..10]).is_none());
     }
 }
