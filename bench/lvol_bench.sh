@@ -76,6 +76,12 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/tidemark-lvol-bench.XXXXXX")
 tm_pid=""
 sp_pid=""
 cleanup() {
+  local rc=$?
+  if [[ $rc != 0 ]]; then
+    for f in "$work"/tidemarkd.log "$work"/nvmf_tgt.log; do
+      [[ -s $f ]] && { echo "--- last lines of $f:"; tail -n 20 "$f"; }
+    done
+  fi
   # Only the two targets this script started, by PID; a stopped one is continued first so
   # that it can act on the TERM.
   for p in $tm_pid $sp_pid; do
