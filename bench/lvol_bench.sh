@@ -105,6 +105,10 @@ cat > "$work/tidemark.toml" <<TOML
 [daemon]
 data_dir = "$work"
 buffer_pool_mb = 64
+# The script keeps one RPC connection for the whole run, idle while SPDK's turns run (and the
+# daemon is stopped): not dropped after the default 30 s.
+[rpc]
+idle_timeout_ms = 86400000
 [[bdev]]
 method = "bdev_malloc_create"
 params = { name = "Malloc0", num_blocks = $((pool_mib * 256)), block_size = 4096 }
