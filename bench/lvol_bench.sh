@@ -148,7 +148,7 @@ echo "pool pool0 on a ${pool_mib} MiB RAM bdev (4 KiB blocks, 1 MiB clusters); v
 if [[ -n $spdk ]]; then
   echo "SPDK lvol rows: SPDK nvmf_tgt (pid $sp_pid, $spdk) on CPU $tcpu, port $sp_port, the same pool and volumes; the idle target is stopped (SIGSTOP)"
 else
-  echo "SPDK lvol rows: SKIPPED ($spdk_skip)"
+  echo "SPDK lvol rows: SKIPPED: $spdk_skip"
 fi
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
 
