@@ -51,7 +51,8 @@ fn qemu_io_batch(addr: SocketAddr, lun: u32, cmds: &[String]) -> (bool, String) 
     (out.status.success() && !text.contains("failed") && text.matches("bytes at offset").count() == cmds.len(), text)
 }
 
-/// Runs `f(lun)` for every LUN of `luns` on a few threads; panics with the first failure.
+/// Runs `f(lun)` for every LUN of `luns` on four threads; panics listing the failures.
+#[track_caller]
 fn on_luns(luns: std::ops::Range<u32>, f: impl Fn(u32) -> Result<(), String> + Sync) {
     let next = std::sync::atomic::AtomicU32::new(luns.start);
     let failures = std::sync::Mutex::new(Vec::new());
