@@ -94,9 +94,10 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 port=$(free_port)
 sp_port=$(free_port)
+while [[ $sp_port == "$port" ]]; do sp_port=$(free_port); done
 nqn=nqn.2016-06.io.tidemark:lvolbench
 pool_mib=$((4 * vol_mib + 64))
 tmask=$(printf '0x%x' $((1 << tcpu)))
