@@ -7,7 +7,7 @@
 #   bench/lvol_bench.sh [seconds per run] [pairs]
 #   SPDK_DIR=/work/shared/peers/spdk-v25.09 bench/lvol_bench.sh [seconds per run] [pairs]
 #
-# Defaults: 3 s per run, 3 pairs (about 3 minutes; about 7 with SPDK). BENCH_VOL_MIB=1024 sizes
+# Defaults: 3 s per run, 3 pairs (about 3 minutes; about 5 with SPDK). BENCH_VOL_MIB=1024 sizes
 # the volumes (the pool is 4x that, plus a raw RAM bdev of that size: about 5 GiB of RAM at
 # most, twice that with SPDK). BENCH_TARGET_CPU=0 BENCH_INITIATOR_CPU=1. BENCH_SKIP_BUILD=1
 # reuses target/release binaries.
