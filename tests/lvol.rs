@@ -36,21 +36,68 @@ fn qemu_io_as(addr: SocketAddr, lun: u32, cmd: &str, read_only: bool) -> (bool, 
     (out.status.success() && !text.contains("failed"), text)
 }
 
+/// Several read/write/discard commands on one LUN in one qemu-io session (one login): ok when
+/// every one of them reports its "bytes at offset" line and none failed (a pattern mismatch
+/// says "Pattern verification failed").
+fn qemu_io_batch(addr: SocketAddr, lun: u32, cmds: &[String]) -> (bool, String) {
+    let url = format!("iscsi://{addr}/{TARGET}/{lun}");
+    let mut c = Command::new("timeout");
+    c.args(["60", "qemu-io", "-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(&url).output().expect("run qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed") && text.matches("bytes at offset").count() == cmds.len(), text)
+}
+
+/// Runs `f(lun)` for every LUN of `luns` on four threads; panics listing the failures.
+#[track_caller]
+fn on_luns(luns: std::ops::Range<u32>, f: impl Fn(u32) -> Result<(), String> + Sync) {
+    let next = std::sync::atomic::AtomicU32::new(luns.start);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let lun = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if lun >= luns.end {
+                    break;
+                }
+                if let Err(e) = f(lun) {
+                    failures.lock().unwrap().push(format!("LUN {lun}: {e}"));
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{} LUN(s) failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Volume `i` of the hundred: its pattern byte (distinct, never 0) and the offset of its 64 KiB
+/// (distinct per volume, inside one 1 MiB cluster, never at the cluster's start).
+fn pattern_of(i: u32) -> (u8, u64) {
+    ((i + 1) as u8, u64::from(i % 32) * MIB + u64::from(1 + i / 32) * 64 * 1024)
+}
+
 /// A daemon with a 64 MiB file-backed bdev `u0` and an lvol store `pool` on it.
 fn daemon_with_pool() -> (Daemon, PathBuf, String) {
+    daemon_with_pool_of(64)
+}
+
+fn daemon_with_pool_of(mib: u64) -> (Daemon, PathBuf, String) {
     let d = Daemon::start(MINIMAL_CONFIG);
     let file = d.dir.path().join("pool.img");
-    std::fs::File::create(&file).unwrap().set_len(64 * MIB).unwrap();
+    std::fs::File::create(&file).unwrap().set_len(mib * MIB).unwrap();
     d.rpc("bdev_uring_create", json!({"name": "u0", "filename": file.display().to_string(), "block_size": 512}));
     let uuid = d.rpc("bdev_lvol_create_lvstore", json!({"bdev_name": "u0", "lvs_name": "pool"}));
     (d, file, uuid.as_str().unwrap().to_string())
 }
 
-fn export(d: &Daemon, luns: &[&str]) -> SocketAddr {
+fn export<S: AsRef<str>>(d: &Daemon, luns: &[S]) -> SocketAddr {
     let port = free_port();
     d.rpc("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": port.to_string()}]}));
     d.rpc("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}));
-    let luns: Vec<Value> = luns.iter().enumerate().map(|(i, b)| json!({"bdev_name": b, "lun_id": i})).collect();
+    let luns: Vec<Value> = luns.iter().enumerate().map(|(i, b)| json!({"bdev_name": b.as_ref(), "lun_id": i})).collect();
     d.rpc("iscsi_create_target_node", json!({"name": TARGET, "luns": luns, "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}));
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -65,14 +112,16 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
     if !require_tools(&["qemu-io", "timeout"], "TIDEMARK_SKIP_ISCSI") {
         return;
     }
-    let (mut d, _file, uuid) = daemon_with_pool();
+    // 160 MiB: the hundred volumes' clusters (96 of them kept) plus what the fill below needs
+    // (about 64 clusters, so that the two 32 MiB volumes fill it).
+    let (mut d, _file, uuid) = daemon_with_pool_of(160);
     let s = store(&d);
     assert_eq!(s["uuid"], uuid.as_str());
     assert_eq!((s["base_bdev"].as_str(), s["block_size"].as_u64(), s["cluster_size"].as_u64()), (Some("u0"), Some(512), Some(MIB)), "{s}");
     let total = s["total_data_clusters"].as_u64().unwrap();
-    assert!(total >= 60 && s["free_clusters"] == total, "{s}");
+    assert!(total >= 150 && s["free_clusters"] == total, "{s}");
 
-    // 100 thin volumes of 32 MiB on a 64 MiB pool: overcommitted 50 times.
+    // 100 thin volumes of 32 MiB on a 160 MiB pool: overcommitted 20 times.
     let mut names = Vec::new();
     for i in 0..100 {
         let n = d.rpc("bdev_lvol_create", json!({"lvol_name": format!("v{i}"), "size_in_mib": 32, "thin_provision": true, "lvs_name": "pool"}));
@@ -83,8 +132,38 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
     assert_eq!(d.rpc("bdev_lvol_get_lvols", json!({"lvs_name": "pool"})).as_array().unwrap().len(), 100);
     assert_eq!(store(&d)["free_clusters"], total, "thin volumes take no space until written");
 
-    // Exported by alias (lvs/lvol) and by UUID.
-    let addr = export(&d, &["pool/v0", &names[1], "pool/v2", "pool/v3"]);
+    // All hundred exported as LUNs 0-99 of one target, by alias (lvs/lvol), LUN 1 by UUID.
+    let luns: Vec<String> = (0..100).map(|i| if i == 1 { names[1].clone() } else { format!("pool/v{i}") }).collect();
+    let addr = export(&d, &luns);
+    // Each volume gets its own pattern at its own offset, read back in the same session with
+    // the zeros before it in its cluster; one qemu-io (one login) per LUN, four at a time.
+    let t0 = std::time::Instant::now();
+    on_luns(0..100, |lun| {
+        let (p, off) = pattern_of(lun);
+        let cluster = off / MIB * MIB;
+        let cmds = [format!("write -P {p} {off} 64k"), format!("read -P {p} {off} 64k"), format!("read -P 0 {cluster} {}", off - cluster)];
+        let (ok, out) = qemu_io_batch(addr, lun, &cmds);
+        ok.then_some(()).ok_or(out)
+    });
+    eprintln!("100 LUNs written and read back in {:?}", t0.elapsed());
+    // Each took exactly one cluster (its own), and the pool counts a hundred.
+    let lvols = d.rpc("bdev_lvol_get_lvols", json!({"lvs_name": "pool"}));
+    for l in lvols.as_array().unwrap() {
+        assert_eq!(l["num_allocated_clusters"], 1, "one 64 KiB write takes one cluster: {l}");
+    }
+    assert_eq!(store(&d)["free_clusters"], total - 100, "{}", store(&d));
+    // v0-v3 serve the fill below: their clusters are given back (an unmap of the whole
+    // cluster frees it) and read zeros again.
+    on_luns(0..4, |lun| {
+        let (_, off) = pattern_of(lun);
+        let cluster = off / MIB * MIB;
+        let (ok, out) = qemu_io_batch(addr, lun, &[format!("discard {cluster} 1M"), format!("read -P 0 {cluster} 1M")]);
+        ok.then_some(()).ok_or(out)
+    });
+    let free0 = total - 96;
+    assert_eq!(store(&d)["free_clusters"], free0, "{}", store(&d));
+    assert!(free0 > 34 && free0 < 66, "the fill below needs 34 < free clusters < 66: {free0}");
+
     for (lun, pat) in [(0u32, "0x5a"), (1, "0xa5")] {
         let (ok, out) = qemu_io(addr, lun, &format!("write -P {pat} 1M 1M"));
         assert!(ok, "write LUN {lun}: {out}\n{}", d.log_text());
@@ -93,7 +172,7 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
         let (ok, out) = qemu_io(addr, lun, "read -P 0 0 1M");
         assert!(ok && !out.contains("Pattern verification failed"), "unwritten space reads zeros: {out}");
     }
-    assert_eq!(store(&d)["free_clusters"], total - 2);
+    assert_eq!(store(&d)["free_clusters"], free0 - 2);
     let m = d.metrics();
     assert!(m.contains("tidemark_lvol_store_clusters") && m.contains("tidemark_lvol_allocated_clusters"), "{m}");
     check_openmetrics(&m).unwrap_or_else(|e| panic!("{e}\n{m}"));
@@ -109,7 +188,7 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
     // serves the writes that fit, up to the last cluster (written on LUN 1, whose only
     // allocated cluster is its second).
     let free = store(&d)["free_clusters"].as_u64().expect("free_clusters");
-    assert!(free > 0 && free <= 30, "{}", store(&d));
+    assert!(free > 0 && free <= free0 - 34, "{}", store(&d));
     let (ok, out) = qemu_io(addr, 1, &format!("write -P 0x11 {}M {free}M", 32 - free));
     assert!(ok, "the pool's last {free} clusters: {out}");
     assert_eq!(store(&d)["free_clusters"], 0);
@@ -138,6 +217,15 @@ fn a_pool_of_100_thin_volumes_over_iscsi_fills_frees_and_survives_kill9() {
         let (ok, out) = qemu_io(addr, lun, &format!("read -P {pat} {off} 4k"));
         assert!(ok && !out.contains("Pattern verification failed"), "LUN {lun} after kill -9: {out}\n{}", d.log_text());
     }
+    // The other 96 volumes still read their own pattern, and zeros before it.
+    let t0 = std::time::Instant::now();
+    on_luns(4..100, |lun| {
+        let (p, off) = pattern_of(lun);
+        let cluster = off / MIB * MIB;
+        let (ok, out) = qemu_io_batch(addr, lun, &[format!("read -P {p} {off} 64k"), format!("read -P 0 {cluster} {}", off - cluster)]);
+        ok.then_some(()).ok_or(out)
+    });
+    eprintln!("96 LUNs read back after kill -9 in {:?}", t0.elapsed());
 }
 
 #[test]
