@@ -18,3 +18,17 @@ wait_port() {
   echo "nothing listens on port $1" >&2
   return 1
 }
+
+# Stops the processes a script started (arguments: their PIDs; empty ones are skipped). One
+# stopped with SIGSTOP (how the A/B benches idle a target) is continued first, so that it can
+# act on the TERM.
+stop_pids() {
+  local p
+  for p in "$@"; do
+    if [[ -n $p ]] && kill -0 "$p" 2>/dev/null; then
+      kill -CONT "$p" 2>/dev/null || true
+      kill -TERM "$p" 2>/dev/null || true
+      wait "$p" 2>/dev/null || true
+    fi
+  done
+}

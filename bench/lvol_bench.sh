@@ -85,15 +85,8 @@ cleanup() {
       [[ -s $f ]] && { echo "--- last lines of $f:"; tail -n 20 "$f"; }
     done
   fi
-  # Only the two targets this script started, by PID; a stopped one is continued first so
-  # that it can act on the TERM.
-  for p in $tm_pid $sp_pid; do
-    if kill -0 "$p" 2>/dev/null; then
-      kill -CONT "$p" 2>/dev/null || true
-      kill -TERM "$p" 2>/dev/null || true
-      wait "$p" 2>/dev/null || true
-    fi
-  done
+  # Only the two targets this script started, by PID.
+  stop_pids "$tm_pid" "$sp_pid"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -417,34 +410,35 @@ for client in clients:
     row(f"1. randwrite 4K QD32, allocated thin volume / raw bdev ({client})", "goal >= 0.95", res, "IOPS", names=("volume", "raw"))
 
 print(f"\n2. first writes ({vol_mib} clusters of a fresh thin volume, one 4 KiB write each, QD32, one pass) / the same pattern on allocated clusters", flush=True)
-lat_a = {t.name: [] for t in targets}
-def first_writes(t, i):
+def one_pass_vs_plain(make, what):
+    """Each pair: a fresh volume made by make(t, i), one pass of one 4 KiB write per cluster
+    (timed), then the same pattern on the allocated volume V; per-run latencies printed."""
+    lat_a = {t.name: [] for t in targets}
+    def run(t, i):
+        use(t)
+        name = make(t, i)
+        add_ns(t, 3, f"pool0/{name}")
+        j = perf(t, 3, "write", stride=MIB, once=True, secs_=600)
+        lat_a[t.name].append(f"{j['ops']} writes in {j['secs'] * 1e3:.0f} ms, p50 {j['p50_us']:.0f} us, p99 {j['p99_us']:.0f} us")
+        remove_ns(t, 3)
+        delete(t, f"pool0/{name}")
+        return j["iops"], perf(t, 2, "write", stride=MIB)["iops"]
+    res = each_pair(run)
+    for tn, l in lat_a.items():
+        print(f"  {tn} {what} runs: " + "; ".join(l))
+    return res
+
+def fresh_volume(t, i):
     create(t, f"F{i}", vol_mib)
-    add_ns(t, 3, f"pool0/F{i}")
-    j = perf(t, 3, "write", stride=MIB, once=True, secs_=600)
-    lat_a[t.name].append(f"{j['ops']} writes in {j['secs'] * 1e3:.0f} ms, p50 {j['p50_us']:.0f} us, p99 {j['p99_us']:.0f} us")
-    remove_ns(t, 3)
-    delete(t, f"pool0/F{i}")
-    return j["iops"], perf(t, 2, "write", stride=MIB)["iops"]
-res = each_pair(first_writes)
-for tn, l in lat_a.items():
-    print(f"  {tn} first-write runs: " + "; ".join(l))
+    return f"F{i}"
+res = one_pass_vs_plain(fresh_volume, "first-write")
 row("2. first writes / writes to allocated clusters", "(no goal)", res, "IOPS", names=("first", "allocated"))
 
 print(f"\n3. first writes to a fresh clone of a snapshot (each copies its 1 MiB cluster) / plain writes, same pattern", flush=True)
-lat_a = {t.name: [] for t in targets}
-def clone_writes(t, i):
-    use(t)
+def fresh_clone(t, i):
     t.rpc("bdev_lvol_clone", snapshot_name="pool0/Gsnap", clone_name=f"C{i}")
-    add_ns(t, 3, f"pool0/C{i}")
-    j = perf(t, 3, "write", stride=MIB, once=True, secs_=600)
-    lat_a[t.name].append(f"{j['ops']} writes in {j['secs'] * 1e3:.0f} ms, p50 {j['p50_us']:.0f} us, p99 {j['p99_us']:.0f} us")
-    remove_ns(t, 3)
-    delete(t, f"pool0/C{i}")
-    return j["iops"], perf(t, 2, "write", stride=MIB)["iops"]
-res = each_pair(clone_writes)
-for tn, l in lat_a.items():
-    print(f"  {tn} clone first-write runs: " + "; ".join(l))
+    return f"C{i}"
+res = one_pass_vs_plain(fresh_clone, "clone first-write")
 row("3. first writes to a clone / plain writes", "goal >= 0.85", res, "IOPS", names=("clone", "plain"))
 
 for client in clients:

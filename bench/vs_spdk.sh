@@ -25,6 +25,7 @@
 # 4 KiB randread QD32 and 128 KiB sequential read QD32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 secs=${1:-3}
 pairs=${2:-5}
 tcpu=${BENCH_TARGET_CPU:-0}
@@ -49,17 +50,10 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/tidemark-vs-spdk.XXXXXX")
 tm_pid=""
 sp_pid=""
 cleanup() {
-  for p in $tm_pid $sp_pid; do
-    if kill -0 "$p" 2>/dev/null; then
-      kill -CONT "$p" 2>/dev/null || true
-      kill -TERM "$p" 2>/dev/null || true
-      wait "$p" 2>/dev/null || true
-    fi
-  done
+  stop_pids "$tm_pid" "$sp_pid"
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 tm_port=$(free_port)
 sp_port=$(free_port)
 plain_port=$(free_port)

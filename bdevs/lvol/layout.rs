@@ -253,15 +253,7 @@ impl StoreRecord {
     /// every count against the bytes present.
     pub fn decode(b: &[u8]) -> Result<StoreRecord, DecodeError> {
         let version = check_magic(b)?;
-        let len = Self::encoded_len(b)? as usize;
-        if len > b.len() {
-            return Err(DecodeError::Corrupt);
-        }
-        let b = &b[..len];
-        let crc = u32::from_le_bytes(b[12..16].try_into().map_err(|_| DecodeError::Corrupt)?);
-        if crc32c::crc32c(&b[16..]) != crc {
-            return Err(DecodeError::Corrupt);
-        }
+        let b = checked(b, Self::encoded_len(b)?)?;
         let mut r = Reader(&b[24..]);
         let seq = r.u64()?;
         let uuid = r.uuid()?;
@@ -311,6 +303,17 @@ impl StoreRecord {
         }
         Ok(StoreRecord { seq, uuid, name, cluster_size, block_size, data_start, total_clusters, volumes })
     }
+}
+
+/// The `len` bytes of a record or log record, if they are all present and their CRC32C (at
+/// bytes 12..16, over bytes 16..len) matches.
+fn checked(b: &[u8], len: u64) -> Result<&[u8], DecodeError> {
+    let b = b.get(..usize::try_from(len).map_err(|_| DecodeError::Corrupt)?).ok_or(DecodeError::Corrupt)?;
+    let crc = u32::from_le_bytes(b[12..16].try_into().map_err(|_| DecodeError::Corrupt)?);
+    if crc32c::crc32c(&b[16..]) != crc {
+        return Err(DecodeError::Corrupt);
+    }
+    Ok(b)
 }
 
 /// The record's format version, if it is one this tidemark reads.
@@ -384,15 +387,7 @@ impl LogRecord {
     /// Decodes a log record (the bytes hold at least its `len`); checks magic, CRC, counts,
     /// and that every physical cluster is below `total_clusters`.
     pub fn decode(b: &[u8], total_clusters: u64) -> Result<LogRecord, DecodeError> {
-        let len = Self::encoded_len(b)? as usize;
-        if len > b.len() {
-            return Err(DecodeError::Corrupt);
-        }
-        let b = &b[..len];
-        let crc = u32::from_le_bytes(b[12..16].try_into().map_err(|_| DecodeError::Corrupt)?);
-        if crc32c::crc32c(&b[16..]) != crc {
-            return Err(DecodeError::Corrupt);
-        }
+        let b = checked(b, Self::encoded_len(b)?)?;
         let mut r = Reader(&b[24..]);
         let seq = r.u64()?;
         let store = r.uuid()?;

@@ -235,6 +235,8 @@ struct State {
     /// References to each physical cluster (volume maps + pending entries); 0 = free.
     refs: Vec<u32>,
     free_count: u64,
+    /// Where the search for a free cluster starts (see `alloc_cluster`).
+    next_free: usize,
     /// Clusters whose last reference went at a copy-on-write publish; they keep a reference
     /// of 1 until the next quiesce (a read may still be using them).
     limbo: Vec<u32>,
@@ -537,7 +539,12 @@ impl Store {
         if !cow && !self.record_fits(st, 0, 1) {
             return None;
         }
-        let p = st.refs.iter().position(|r| *r == 0)?;
+        // Next fit: the search goes on after the cluster allocated last, so that filling a pool
+        // costs O(1) per cluster rather than a scan over every allocated one (under the lock
+        // that every first write takes).
+        let start = st.next_free.min(st.refs.len());
+        let p = (start..st.refs.len()).chain(0..start).find(|&i| st.refs[i] == 0)?;
+        st.next_free = p + 1;
         st.refs[p] = 1;
         st.free_count -= 1;
         if thick_reserve {
@@ -1403,6 +1410,7 @@ impl Store {
                 log_at: 0,
                 last_heads: None,
                 refs,
+                next_free: 0,
                 limbo: Vec::new(),
                 cow_epoch: 0,
                 free_count,
