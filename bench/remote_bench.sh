@@ -211,7 +211,7 @@ def run_perf(trid, w, qd, t, extra=(), size=BS):
 
 def prefill(trid):
     # Every block written once: RAM bdevs are backed lazily, and that cost is no steady state.
-    run_perf(trid, "write", 32, 120, ["--one-pass"], 131072)
+    run_perf(trid, "write", 32, 120, ["--once"], 131072)
 
 def stop_all(nodes):
     for n in nodes:
@@ -392,7 +392,7 @@ if "3" in rows:
     stride = str(region * 100)
 
     def write_1pct():
-        j = run_perf(a_trid, "write", 1, 120, ["--one-pass", "--stride", stride])
+        j = run_perf(a_trid, "write", 1, 120, ["--once", "--stride", stride])
         if j["errors"]:
             sys.exit(f"the host saw {j['errors']} errors writing 1%")
 
