@@ -30,7 +30,8 @@
 # legs of [3] and [4]. BENCH_SKIP_BUILD=1 reuses target/release binaries built just before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source bench/lib.sh
+# Ports come from the Python part (bound on each node's own loopback address: bench/lib.sh's
+# free_port and wait_port probe 127.0.0.1 only).
 secs=${1:-3}
 pairs=${2:-3}
 tcpu=${BENCH_TARGET_CPU:-0}
