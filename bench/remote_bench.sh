@@ -6,9 +6,10 @@
 #
 #   [SPDK_DIR=../shared/peers/spdk-v25.09] bench/remote_bench.sh [seconds per run] [pairs]
 #
-# Defaults: 3 s per run, 3 pairs (about 5 minutes). Node processes on BENCH_TARGET_CPU (0),
-# clients (bdevperf, nvme_perf, spdk_nvme_perf) on BENCH_INITIATOR_CPU (1). Nodes poll
-# adaptively (several share one core; a busy-polling idle node would take it from the others).
+# Defaults: 3 s per run, 3 pairs (about 5 minutes at load 5 on 2 cores). Node processes on
+# BENCH_TARGET_CPU (0), clients (bdevperf, nvme_perf, spdk_nvme_perf) on BENCH_INITIATOR_CPU (1).
+# Nodes poll adaptively (several share one core; a busy-polling idle node would take it from
+# the others).
 #
 # [1] initiator: 4 KiB randread/randwrite QD1 and QD32 against a RAM namespace exported by
 #     node B, through tidemark's NVMe/TCP initiator bdev (bdevperf: an in-process bdev
@@ -25,8 +26,9 @@
 # [4] host write latency (max, p99.9, errors; nvme_perf's JSON) over a run in which B is
 #     killed -9 mid-run, against the same run without a kill; the bound is
 #     fast_io_fail_timeout_sec (BENCH_FAST_IO_FAIL, 2) + detection.
+# [5] the same with B hung (SIGSTOP, SIGCONT after the run): detection is A's keep-alive (2 s).
 #
-# BENCH_ROWS="1 2 3 4" picks rows. BENCH_MIRROR_MB (512): legs of [2]; BENCH_REJOIN_MB (1024):
+# BENCH_ROWS="1 2 3 4 5" picks rows. BENCH_MIRROR_MB (512): legs of [2]; BENCH_REJOIN_MB (1024):
 # legs of [3] and [4]. BENCH_SKIP_BUILD=1 reuses target/release binaries built just before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +74,7 @@ trap cleanup EXIT
 echo "remote_bench: nodes (tidemarkd, adaptive polling) on CPU $tcpu, clients on CPU $icpu; ${secs}s per run, $pairs pairs"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs"
 export RB_SECS=$secs RB_PAIRS=$pairs RB_TCPU=$tcpu RB_ICPU=$icpu RB_SPDK=$spdk RB_WORK=$work RB_PIDS=$pids
-export RB_ROWS=${BENCH_ROWS:-1 2 3 4} RB_MIRROR_MB=${BENCH_MIRROR_MB:-512} RB_REJOIN_MB=${BENCH_REJOIN_MB:-1024}
+export RB_ROWS=${BENCH_ROWS:-1 2 3 4 5} RB_MIRROR_MB=${BENCH_MIRROR_MB:-512} RB_REJOIN_MB=${BENCH_REJOIN_MB:-1024}
 export RB_FAST_IO_FAIL=${BENCH_FAST_IO_FAIL:-2}
 python3 - <<'PY'
 import json, os, re, signal, socket, statistics, subprocess, sys, time
@@ -348,7 +350,7 @@ def rejoined(a, n):
         return l if l and l["state"] == "active" and l["rejoins"]["auto"] >= n else None
     return f
 
-if "3" in rows or "4" in rows:
+if "3" in rows or "4" in rows or "5" in rows:
     a, b = Node("a3", "127.0.0.1"), Node("b3", "127.0.0.2")
     a.rpc("bdev_nvme_set_options", {"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000})
     b_up(b)
@@ -442,23 +444,35 @@ if "3" in rows:
     if rr and fr:
         print(f"    bytes moved: re-join {mb(med(rr))} / full {mb(med(fr))} = {med(rr) / med(fr):.4f}", flush=True)
 
-if "4" in rows:
+def fault_row(tag, mode):
+    """Host write latency over runs with a fault of B mid-run against runs without one."""
     t4 = max(secs, fast_fail + 5)
-    print(f"\n[4] host write latency across a node loss: nvme_perf 4 KiB randwrite QD32 for {t4} s through A's export of m0 (l0 + B's leg)")
-    print(f"    with B killed -9 {t4 // 3} s into the run (and restarted after it), against the same run without a kill")
-    print(f"    fast_io_fail_timeout_sec = {fast_fail}, reconnect_delay_sec = 1, keep_alive_timeout_ms = 2000: goal max <= {fast_fail + 1} s and no error")
+    hung = mode == "stop"
+    what = "B stopped (SIGSTOP: a hung node)" if hung else "B killed -9"
+    # A hung node is noticed by keep-alive (2 s here); a killed one by its connections' reset.
+    bound = fast_fail + (2 if hung else 0) + 1
+    print(f"\n[{tag}] host write latency across a node {'hang' if hung else 'loss'}: nvme_perf 4 KiB randwrite QD32 for {t4} s through A's export of m0 (l0 + B's leg)")
+    print(f"    with {what} {t4 // 3} s into the run ({'SIGCONT' if hung else 'restarted'} after it, leg re-joined before the next run), against the same run without a fault")
+    print(f"    fast_io_fail_timeout_sec = {fast_fail}, reconnect_delay_sec = 1, keep_alive_timeout_ms = 2000: goal max <= {bound} s"
+          f" ({'keep-alive 2 s + ' if hung else ''}fast_io_fail {fast_fail} s + 1 s) and no error")
     print(f"    load average: {load()}", flush=True)
 
-    def lat_run(kill):
+    def lat_run(fault):
         p = nvme_perf(a_trid, "randwrite", 32, t4)
-        if kill:
+        if fault:
             time.sleep(t4 // 3)
-            b.kill9()
+            if hung:
+                b.proc.send_signal(signal.SIGSTOP)
+            else:
+                b.kill9()
         j = perf_result(p, "randwrite QD32")
-        if kill:
+        if fault:
             wait("rbn1 to be dropped", 30, lambda: leg(raid(a), "rbn1")["state"] == "failed", 0.02)
-            b.start()
-            b_up(b)
+            if hung:
+                b.proc.send_signal(signal.SIGCONT)
+            else:
+                b.start()
+                b_up(b)
             back_in_sync(time.monotonic())
         return j
 
@@ -468,17 +482,24 @@ if "4" in rows:
             nr.append(lat_run(False)); kr.append(lat_run(True))
         else:
             kr.append(lat_run(True)); nr.append(lat_run(False))
-    for lbl, rs in [("no kill", nr), ("kill -9", kr)]:
+    lbl_f = "SIGSTOP" if hung else "kill -9"
+    for lbl, rs in [("no fault", nr), (lbl_f, kr)]:
         print(f"    {lbl:<8} max {' '.join('%.1f' % (r['max_us'] / 1e3) for r in rs)} ms; p99.9 {' '.join('%.0f' % r['p999_us'] for r in rs)} us; "
               f"IOPS {' '.join('%.0f' % r['iops'] for r in rs)}; errors {sum(r['errors'] for r in rs)}")
     mk, mn = med(r["max_us"] for r in kr), med(r["max_us"] for r in nr)
     pk, pn = med(r["p999_us"] for r in kr), med(r["p999_us"] for r in nr)
-    print(f"    median max latency: kill {mk / 1e3:.1f} ms vs no kill {mn / 1e3:.1f} ms (ratio {mk / mn:.1f}); worst with kill {max(r['max_us'] for r in kr) / 1e3:.1f} ms"
-          f" (bound {fast_fail + 1} s: {'met' if max(r['max_us'] for r in kr) <= (fast_fail + 1) * 1e6 else 'NOT met'})")
-    print(f"    median p99.9: kill {pk:.0f} us vs no kill {pn:.0f} us (ratio {pk / pn:.2f}); per pair max ratios {' '.join(ratio(x['max_us'], y['max_us']) for x, y in zip(kr, nr))}")
+    worst = max(r["max_us"] for r in kr)
+    print(f"    median max latency: {lbl_f} {mk / 1e3:.1f} ms vs no fault {mn / 1e3:.1f} ms (ratio {mk / mn:.1f}); worst with {lbl_f} {worst / 1e3:.1f} ms"
+          f" (bound {bound} s: {'met' if worst <= bound * 1e6 else 'NOT met'})")
+    print(f"    median p99.9: {lbl_f} {pk:.0f} us vs no fault {pn:.0f} us (ratio {pk / pn:.2f}); per pair max ratios {' '.join(ratio(x['max_us'], y['max_us']) for x, y in zip(kr, nr))}")
     print(f"    host errors: {sum(r['errors'] for r in kr + nr)}", flush=True)
 
-if "3" in rows or "4" in rows:
+if "4" in rows:
+    fault_row("4", "kill")
+if "5" in rows:
+    fault_row("5", "stop")
+
+if "3" in rows or "4" in rows or "5" in rows:
     stop_all([a, b])
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
