@@ -85,19 +85,65 @@ pub enum LvolError {
 }
 
 /// A volume's cluster map, shared by every core: physical cluster + 1, or 0; with [`SHARED`]
-/// set when another volume (a snapshot, a clone) maps the same cluster.
-struct LiveMap(Box<[AtomicU32]>);
+/// set when another volume (a snapshot, a clone) maps the same cluster. Two levels: chunks of
+/// [`CHUNK`] entries, allocated when a cluster of theirs is first mapped, so that creating,
+/// snapshotting or cloning a 1 TiB thin volume costs what a 1 GiB one does (a flat map was
+/// 4 MiB to allocate and zero per TiB), and an empty thin volume takes no map memory.
+struct LiveMap {
+    len: u64,
+    chunks: Box<[AtomicPtr<[AtomicU32; CHUNK]>]>,
+}
+
+/// Entries per chunk of a live map (16 KiB: 4 GiB of volume with 1 MiB clusters).
+const CHUNK: usize = 4096;
 
 /// The live map's bit for a cluster that must be copied before it is written.
 const SHARED: u32 = 1 << 31;
 
 impl LiveMap {
     fn new(n: u64) -> Box<LiveMap> {
-        // Zeroed memory from the allocator (calloc: fresh pages of a large map are mapped on
-        // first touch), not a loop storing n zeroes: creating, snapshotting or cloning a 1 TiB
-        // thin volume then costs no more than a 1 GiB one, and an empty thin volume no RSS.
-        // SAFETY: all-zero bytes are a valid AtomicU32 (0: unmapped).
-        Box::new(LiveMap(unsafe { Box::<[AtomicU32]>::new_zeroed_slice(n as usize).assume_init() }))
+        let chunks = (0..(n as usize).div_ceil(CHUNK)).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect();
+        Box::new(LiveMap { len: n, chunks })
+    }
+
+    /// The entry of `i`, if its chunk exists (an absent chunk reads as all unmapped).
+    fn get(&self, i: u64) -> Option<&AtomicU32> {
+        if i >= self.len {
+            return None;
+        }
+        let c = self.chunks[i as usize / CHUNK].load(Acquire);
+        // SAFETY: a chunk, once published, lives as long as the map (freed only in `drop`).
+        (!c.is_null()).then(|| unsafe { &(*c)[i as usize % CHUNK] })
+    }
+
+    /// The entry of `i`, its chunk allocated if absent; `None` past the end. Called with the
+    /// store's state lock held (one writer per map: no two threads race to allocate a chunk).
+    fn get_or_alloc(&self, i: u64) -> Option<&AtomicU32> {
+        if i >= self.len {
+            return None;
+        }
+        let slot = &self.chunks[i as usize / CHUNK];
+        let mut c = slot.load(Acquire);
+        if c.is_null() {
+            // Release: a reader that sees the pointer sees the zeroed entries behind it.
+            c = Box::into_raw(Box::new([const { AtomicU32::new(0) }; CHUNK]));
+            slot.store(c, Release);
+        }
+        // SAFETY: as in `get`.
+        Some(unsafe { &(*c)[i as usize % CHUNK] })
+    }
+}
+
+impl Drop for LiveMap {
+    fn drop(&mut self) {
+        for c in self.chunks.iter() {
+            let c = c.load(Acquire);
+            if !c.is_null() {
+                // SAFETY: allocated by `get_or_alloc` with Box::new; the map is going away, so
+                // nothing can hold a reference into it (see VolLive's drop and `resize`).
+                drop(unsafe { Box::from_raw(c) });
+            }
+        }
     }
 }
 
@@ -139,7 +185,7 @@ impl VolLive {
         // SAFETY: the map is replaced only by `resize`, which frees the old one after the
         // store's epoch sealed, i.e. after every I/O (ticket holder) that could have loaded it.
         let m = unsafe { &*self.map.load(Acquire) };
-        let v = m.0.get(logical as usize)?.load(Acquire);
+        let v = m.get(logical)?.load(Acquire);
         Some(((v & !SHARED).checked_sub(1)?, v & SHARED != 0))
     }
 
@@ -151,14 +197,16 @@ impl VolLive {
         // SAFETY: as in `lookup`; called with the store's state lock held, which `replace_map`
         // also holds, so the map cannot be swapped under us.
         let m = unsafe { &*self.map.load(Acquire) };
-        if let Some(a) = m.0.get(logical as usize) {
+        // Unmapping in an absent chunk has nothing to clear.
+        let a = if phys.is_some() { m.get_or_alloc(logical as u64) } else { m.get(logical as u64) };
+        if let Some(a) = a {
             a.store(phys.map_or(0, |p| (p + 1) | if shared { SHARED } else { 0 }), Release);
         }
     }
 
     fn capacity(&self) -> u64 {
         // SAFETY: as in `set`.
-        unsafe { &*self.map.load(Acquire) }.0.len() as u64
+        unsafe { &*self.map.load(Acquire) }.len
     }
 }
 
@@ -1227,8 +1275,12 @@ impl Store {
                 // unpublished: their publish sets them in the new map).
                 // SAFETY: as in `VolLive::set`: under the state lock.
                 let old = unsafe { &*live.map.load(Acquire) };
-                for (n, o) in new.0.iter().zip(old.0.iter()) {
-                    n.store(o.load(Acquire), Relaxed);
+                for i in 0..old.len.min(new.len) {
+                    if let Some(v) = old.get(i).map(|o| o.load(Acquire)).filter(|v| *v != 0) {
+                        if let Some(n) = new.get_or_alloc(i) {
+                            n.store(v, Relaxed);
+                        }
+                    }
                 }
                 Some(live.map.swap(Box::into_raw(new), AcqRel))
             } else {
