@@ -451,7 +451,7 @@ fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, pla
 /// the Acquire only, never an I/O). New commands of those hosts are refused by the
 /// reservation check, so the counters only go down, apart from a refused command's moment.
 /// No time limit: completing earlier is what lets a stale write overwrite the new holder's.
-pub(crate) async fn reservation_drain(counters: &[Arc<AtomicU32>], nqn: &str, nsid: u32) {
+pub async fn reservation_drain(counters: &[Arc<AtomicU32>], nqn: &str, nsid: u32) {
     let t0 = reactor::now_ns();
     let mut warned = false;
     while counters.iter().any(|c| c.load(SeqCst) > 0) {
