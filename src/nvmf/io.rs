@@ -430,8 +430,9 @@ fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, pla
                     }
                 }
             }
-            // Preempt and Preempt and Abort alike (see `reservation_drain`).
-            let drain = if matches!(c, Command::Acquire { action: 1 | 2, .. }) { ns.resv.in_flight_of(out.preempted()) } else { Vec::new() };
+            // Preempt and Preempt and Abort alike (see `reservation_drain`); any Acquire also
+            // waits for an earlier preempt's drain still under way (a retried Acquire).
+            let drain = if matches!(c, Command::Acquire { .. }) { ns.resv.acquire_drain(out.preempted()) } else { Vec::new() };
             (Status::SUCCESS, TxData::None, drain)
         }
         Err(e) => {
@@ -534,8 +535,12 @@ mod tests {
         assert_eq!(ca.load(SeqCst), 1, "A's write is at the bdev");
         // B preempts and aborts A: A's later writes meet the conflict, the drain waits.
         let out = resv.execute(&b, Command::Acquire { action: 2, iekey: false, rtype: rtype::WRITE_EXCLUSIVE, crkey: 0xB, prkey: 0xA }).unwrap();
-        let drain = resv.in_flight_of(out.preempted());
+        let drain = resv.acquire_drain(out.preempted());
         assert_eq!(drain.len(), 1, "only A, the preempted host, is waited for");
+        // The same Acquire retried (the first timed out at the host): B already holds, nothing
+        // is preempted, and still it waits for A's write.
+        resv.execute(&b, Command::Acquire { action: 0, iekey: false, rtype: rtype::WRITE_EXCLUSIVE, crkey: 0xB, prkey: 0 }).unwrap();
+        assert_eq!(resv.acquire_drain(std::iter::empty()).len(), 1, "a retried Acquire waits for the drain under way");
         assert!(!resv.allows(&a, Access::Write));
         let dd = drain_done.clone();
         cores.enter(0, || {

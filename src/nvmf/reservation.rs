@@ -525,6 +525,11 @@ pub struct Reservations {
     /// commands are still at the bdev). Taken only when a queue first uses the namespace and
     /// by a preempt, never per I/O.
     in_flight: Mutex<Vec<(HostId, Weak<AtomicU32>)>>,
+    /// Counters of preempted hosts whose drain may not have ended: every later Acquire waits
+    /// for them too, so that a retried Acquire (the first one timed out at the host while a
+    /// device held a preempted write; the retry finds its issuer already the holder, nothing
+    /// to preempt) does not complete before the preempted writes left the bdev.
+    draining: Mutex<Vec<Arc<AtomicU32>>>,
 }
 
 impl Reservations {
@@ -544,6 +549,7 @@ impl Reservations {
             file,
             bdev_uuid,
             in_flight: Mutex::new(Vec::new()),
+            draining: Mutex::new(Vec::new()),
         })
     }
 
@@ -572,6 +578,20 @@ impl Reservations {
     pub fn in_flight_of(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
         let v = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         hosts.filter_map(|h| v.iter().find(|(x, _)| *x == h).and_then(|(_, w)| w.upgrade())).collect()
+    }
+
+    /// What a successful Acquire waits for: the counters of the hosts it preempted (`hosts`)
+    /// and those of earlier preempts still above zero.
+    pub fn acquire_drain(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
+        let new = self.in_flight_of(hosts);
+        let mut d = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|c| c.load(SeqCst) > 0);
+        for c in new {
+            if !d.iter().any(|x| Arc::ptr_eq(x, &c)) {
+                d.push(c);
+            }
+        }
+        d.clone()
     }
 
     /// Whether a command of kind `access` from host `h` may run. Costs one load while nothing

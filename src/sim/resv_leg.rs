@@ -112,8 +112,8 @@ impl Bdev for ResvLeg {
         let (resv, host) = (self.resv.clone(), self.host);
         Some(Box::pin(async move {
             let out = resv.execute(&host, c).map_err(nvme)?;
-            if matches!(c, Command::Acquire { action: 1 | 2, .. }) {
-                let drain = resv.in_flight_of(out.preempted());
+            if matches!(c, Command::Acquire { .. }) {
+                let drain = resv.acquire_drain(out.preempted());
                 crate::nvmf::io::reservation_drain(&drain, "sim", 1).await;
             }
             Ok(Vec::new())
