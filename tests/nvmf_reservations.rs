@@ -264,3 +264,70 @@ fn ptpl_state_survives_a_kill_and_restart_and_without_ptpl_file_it_does_not() {
     assert!(!file.exists());
     assert_eq!(report(&mut qb, 1, true).unwrap().2, 0);
 }
+
+/// Preempt and Abort (and plain Preempt) completes only after the preempted host's commands
+/// already at the bdev completed: A's write sits in a delay bdev for 1.5 s when B preempts A;
+/// B's Acquire must not complete before A's write does (a stale head's write landing after
+/// the new head's first write would overwrite it). A's write, admitted before the preempt,
+/// succeeds; A's next write is refused; B's write after the Acquire reads back as B's.
+#[test]
+fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
+    const SLOW_US: u64 = 1_500_000;
+    let d = Daemon::start(MINIMAL_CONFIG);
+    let port = free_port();
+    d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 8192, "block_size": 512}));
+    d.rpc(
+        "bdev_delay_create",
+        json!({"name": "slow", "base_bdev_name": "m0", "avg_read_latency": 0, "p99_read_latency": 0, "avg_write_latency": SLOW_US, "p99_write_latency": SLOW_US}),
+    );
+    d.rpc("nvmf_create_transport", json!({"trtype": "TCP"}));
+    d.rpc("nvmf_create_subsystem", json!({"nqn": NQN, "allow_any_host": true}));
+    d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN, "namespace": {"bdev_name": "slow", "nsid": 1}}));
+    d.rpc(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_ca, mut qa) = host(addr, HOST_A, ID_A);
+    let (_cb, mut qb) = host(addr, HOST_B, ID_B);
+    assert!(register(&mut qa, 1, 0, 0, 0, 0xA).is_success());
+    assert!(register(&mut qb, 1, 0, 0, 0, 0xB).is_success());
+    assert!(acquire(&mut qa, 1, 0, WRITE_EXCLUSIVE, 0xA, 0).is_success());
+
+    for action in [2u32, 1] {
+        // Each round: A holds, writes slowly, B preempts (round 1 Preempt and Abort, round 2
+        // Preempt), then hands the namespace back to A for the next round.
+        let a_sent = std::time::Instant::now();
+        let a_write = std::thread::spawn(move || {
+            let st = qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xAA; 512])).unwrap().0.status();
+            (st, a_sent.elapsed(), qa)
+        });
+        // Let A's write reach the bdev, then make later writes fast (the delay bdev fixes a
+        // write's latency at submission): without the wait B's own write would land first.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for t in ["avg_write", "p99_write"] {
+            d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": 0}));
+        }
+        assert!(acquire(&mut qb, 1, action, WRITE_EXCLUSIVE, 0xB, 0xA).is_success(), "action {action}");
+        let b_done = a_sent.elapsed();
+        let (st, a_done, q) = a_write.join().unwrap();
+        qa = q;
+        assert!(st.is_success(), "A's write was admitted before the preempt: {st:?}");
+        // The target completes A's write before B's Acquire; the two client threads see them
+        // a scheduling delay apart, so the check is that B waited for A's write latency.
+        assert!(b_done >= std::time::Duration::from_micros(SLOW_US), "action {action}: B's Acquire at {b_done:?} did not wait for A's write (at {a_done:?})");
+        assert_eq!(write(&mut qa, 1), conflict(), "the preempted host's later writes are refused");
+        let st = qb.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xBB; 512])).unwrap().0.status();
+        assert!(st.is_success());
+        let (cqe, data) = qb.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 1), Payload::In(512)).unwrap();
+        assert!(cqe.status().is_success());
+        assert_eq!(&data[..512], &[0xBB; 512][..], "B's write stands");
+        // Back to A for the next round, slow writes again.
+        assert!(register(&mut qa, 1, 0, 0, 0, 0xA).is_success());
+        assert!(acquire(&mut qa, 1, 2, WRITE_EXCLUSIVE, 0xA, 0xB).is_success());
+        assert!(register(&mut qb, 1, 0, 0, 0, 0xB).is_success());
+        for t in ["avg_write", "p99_write"] {
+            d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": SLOW_US}));
+        }
+    }
+}

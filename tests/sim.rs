@@ -6,7 +6,7 @@
 //! `SIM_SEEDS=k` and `SIM_SEED_START=s` choose the range; `SIM_TRACE=1` prints every event.
 
 use tidemark::sim::seeds::run_seeds;
-use tidemark::sim::{cow, lvol, mirror};
+use tidemark::sim::{cow, lvol, mirror, stale_head};
 
 #[test]
 fn preserve_simulation_seeds() {
@@ -78,6 +78,23 @@ fn pool_simulation_seeds() {
                 && t.no_space > count / 10
                 && t.writes_after_full > count / 50
                 && t.volumes_checked_after_crash > count / 5,
+            "{t:?}"
+        );
+    }
+}
+
+/// The stale head: a second head assembles the mirror over the same remote legs (latency per
+/// leg) with fencing while the first still writes; its writes after the fence are refused and
+/// never appear, the new head sees every write the old one acknowledged, and no stale write
+/// lands over the new head's.
+#[test]
+fn stale_head_simulation_seeds() {
+    let r = run_seeds("stale_head_simulation_seeds", 2000, stale_head::run_seed, stale_head::Outcome::add);
+    r.assert_passed();
+    let (t, count) = (&r.totals, r.count);
+    if count >= 100 {
+        assert!(
+            t.a_acked > count && t.a_after_fence > count / 4 && t.a_in_flight_at_fence > count && t.a_acked_across_fence > count / 10 && t.b_writes > count,
             "{t:?}"
         );
     }

@@ -809,86 +809,15 @@ fn a_failed_leg_whose_superblock_is_newer_than_the_mirror_is_not_taken_back_by_i
     assert_eq!(rig.reg.get(&b).unwrap().claimed_by(), None, "the attempts let go of the bdev");
 }
 
-/// A remote leg as one head sees it: a view of a shared disk that speaks NVMe reservations
-/// with the target's own state machine (`nvmf::reservation`) under this head's host identifier;
-/// its writes meet Reservation Conflict as the target's would.
-struct ResvLeg {
-    props: BdevProps,
-    disk: Arc<dyn Bdev>,
-    state: Arc<Mutex<crate::nvmf::reservation::ResvState>>,
-    host: crate::nvmf::reservation::HostId,
-}
-
-struct ResvLegChannel {
-    inner: Rc<dyn crate::bdev::IoChannel>,
-    state: Arc<Mutex<crate::nvmf::reservation::ResvState>>,
-    host: crate::nvmf::reservation::HostId,
-}
-
-impl crate::bdev::IoChannel for ResvLegChannel {
-    fn submit<'a, 'b: 'a>(&'a self, io: crate::bdev::Io<'a, 'b>) -> crate::bdev::IoFuture<'a> {
-        use crate::nvmf::reservation::Access;
-        let access = if matches!(io, crate::bdev::Io::Read { .. }) { Access::Read } else { Access::Write };
-        if self.state.lock().unwrap().conflicts(&self.host, access) {
-            return crate::bdev::IoFuture::ready(Err(BdevError::Nvme { sct: 0, sc: crate::nvmf::reservation::SC_RESERVATION_CONFLICT }));
-        }
-        self.inner.submit(io)
-    }
-}
-
-impl Bdev for ResvLeg {
-    fn props(&self) -> &BdevProps {
-        &self.props
-    }
-    fn supports(&self, io: IoType) -> bool {
-        self.disk.supports(io)
-    }
-    fn driver_specific(&self) -> Value {
-        json!({ "nvme": [{ "host": { "nqn": format!("host-{}", self.host[0]), "id": Uuid::from_bytes(self.host).to_string() } }] })
-    }
-    fn open_channel(&self) -> Result<Rc<dyn crate::bdev::IoChannel>, BdevError> {
-        Ok(Rc::new(ResvLegChannel { inner: self.disk.open_channel()?, state: self.state.clone(), host: self.host }))
-    }
-    fn config_call(&self) -> Option<(&'static str, Value)> {
-        None
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn nvme_io_passthru(&self, cmd: crate::bdev::NvmePassthru) -> Option<crate::bdev::PassthruFuture> {
-        use crate::nvmf::reservation::{Command, ResvError};
-        use crate::nvmf::spec::io_opc;
-        let mut st = self.state.lock().unwrap();
-        let r = if cmd.opcode == io_opc::RESERVATION_REPORT {
-            st.report(cmd.cdw11 & 1 != 0, |_| Some(1)).map(|mut d| {
-                d.resize(cmd.data_in, 0);
-                d
-            })
-        } else {
-            match Command::parse(cmd.opcode, cmd.cdw10, &cmd.data_out) {
-                Some(c) => st.execute(&self.host, c, false).map(|_| Vec::new()),
-                None => Err(ResvError::InvalidField),
-            }
-        };
-        let r = r.map_err(|e| {
-            let s = e.status();
-            BdevError::Nvme { sct: s.sct, sc: s.sc }
-        });
-        Some(Box::pin(async move { r }))
-    }
-}
-
 impl Rig {
     /// Head `head`'s view (host identifier `head`) of shared disk `disk`, named `{disk}_{head}`.
-    fn resv_leg(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8) -> String {
+    fn resv_leg(&self, disk: &Arc<dyn Bdev>, state: &Arc<crate::nvmf::reservation::Reservations>, head: u8) -> String {
         self.resv_leg_named(disk, state, head, &format!("{}_{head}", disk.name()))
     }
 
-    fn resv_leg_named(&self, disk: &Arc<dyn Bdev>, state: &Arc<Mutex<crate::nvmf::reservation::ResvState>>, head: u8, name: &str) -> String {
-        let name = name.to_string();
-        let props = BdevProps::new(name.clone(), "NVMe disk", BS, disk.num_blocks(), Uuid::new_v4());
-        self.reg.register(Arc::new(ResvLeg { props, disk: disk.clone(), state: state.clone(), host: [head; 16] })).unwrap();
-        name
+    fn resv_leg_named(&self, disk: &Arc<dyn Bdev>, state: &Arc<crate::nvmf::reservation::Reservations>, head: u8, name: &str) -> String {
+        self.reg.register(Arc::new(crate::sim::resv_leg::ResvLeg::new(name, disk.clone(), state.clone(), [head; 16]))).unwrap();
+        name.to_string()
     }
 
     fn try_fenced_mirror(&self, name: &str, legs: &[String], uuid: Option<Uuid>, f: fence::Fencing) -> Result<Arc<MirrorBdev>, MirrorError> {
@@ -904,7 +833,7 @@ impl Rig {
 fn a_new_head_preempts_the_old_one_which_is_fenced_and_acknowledges_no_write() {
     let rig = Rig::new(1);
     let disks: Vec<Arc<dyn Bdev>> = ["d0", "d1"].iter().map(|n| Arc::new(MallocBdev::new(n, LEG_BLOCKS, BS, None).unwrap()) as Arc<dyn Bdev>).collect();
-    let states: Vec<_> = disks.iter().map(|_| Arc::new(Mutex::new(crate::nvmf::reservation::ResvState::default()))).collect();
+    let states: Vec<_> = disks.iter().map(|_| crate::sim::resv_leg::ResvLeg::new_state()).collect();
     let (k1, k2) = (0x1111, 0x2222);
     // Head 1 serves the mirror; its writes reach both legs.
     let legs1: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 1)).collect();
@@ -971,17 +900,17 @@ fn a_lost_reservation_is_renewed_and_a_quiet_head_learns_it_was_fenced() {
     use crate::nvmf::reservation::{Access, ResvState};
     let rig = Rig::new(1);
     let disks: Vec<Arc<dyn Bdev>> = ["e0", "e1"].iter().map(|n| Arc::new(MallocBdev::new(n, LEG_BLOCKS, BS, None).unwrap()) as Arc<dyn Bdev>).collect();
-    let states: Vec<_> = disks.iter().map(|_| Arc::new(Mutex::new(ResvState::default()))).collect();
+    let states: Vec<_> = disks.iter().map(|_| crate::sim::resv_leg::ResvLeg::new_state()).collect();
     let legs1: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 1)).collect();
     let m1 = rig.try_fenced_mirror("m1", &legs1, None, fence::Fencing { key: 1, preempt: None }).unwrap();
     let other: crate::nvmf::reservation::HostId = [9; 16];
-    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write));
+    assert!(states[0].lock().conflicts(&other, Access::Write));
     // The leg's target restarts without persistence: the reservation is gone, with no I/O
     // error for the mirror to notice. The periodic check reserves it again.
-    *states[0].lock().unwrap() = ResvState::default();
-    assert!(!states[0].lock().unwrap().conflicts(&other, Access::Write));
+    *states[0].lock() = ResvState::default();
+    assert!(!states[0].lock().conflicts(&other, Access::Write));
     rig.idle(3_000_000_000);
-    assert!(states[0].lock().unwrap().conflicts(&other, Access::Write), "reserved again");
+    assert!(states[0].lock().conflicts(&other, Access::Write), "reserved again");
     assert!(!m1.shared().fenced.load(SeqCst));
     // Another head takes over while head 1 writes nothing: head 1 learns it by its check.
     let legs2: Vec<String> = disks.iter().zip(&states).map(|(d, s)| rig.resv_leg(d, s, 2)).collect();

@@ -5,21 +5,43 @@
 
 use super::connection::{Binding, Conn, SlotState, TxData};
 use super::pdu::DataPlan;
-use super::reservation::{Access, Command, SC_RESERVATION_CONFLICT};
+use super::reservation::{Access, Command, HostId, SC_RESERVATION_CONFLICT};
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A namespace as one queue uses it: the namespace and this core's channel to its bdev.
 pub struct NsChannel {
     pub ns: Arc<Namespace>,
     pub ch: Channel,
     block_size: u32,
+    /// This queue's host's in-flight counter on the namespace (`Reservations::in_flight`).
+    in_flight: Arc<AtomicU32>,
+}
+
+/// A command counted in its host's in-flight counter from before its reservation check until
+/// its bdev I/O ended (or it was refused, or dropped unstarted): a preempt waits for it.
+pub(crate) struct Admitted(Rc<NsChannel>);
+
+impl Admitted {
+    fn new(n: &Rc<NsChannel>) -> Admitted {
+        // SeqCst, before the check: see `Reservations::allows`.
+        n.in_flight.fetch_add(1, SeqCst);
+        Admitted(n.clone())
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, SeqCst);
+    }
 }
 
 /// A queue's namespaces, refreshed when the subsystem's namespace generation changes (one
@@ -37,7 +59,7 @@ impl NsCache {
         self.by_nsid.clear();
     }
 
-    fn get(&mut self, subsys: &Subsystem, nsid: u32) -> Result<Rc<NsChannel>, Status> {
+    fn get(&mut self, subsys: &Subsystem, nsid: u32, host: &HostId) -> Result<Rc<NsChannel>, Status> {
         let g = subsys.ns_generation();
         if g != self.generation || subsys.id != self.subsys_id {
             self.by_nsid.clear();
@@ -56,7 +78,8 @@ impl NsCache {
             log::warn!("nvmf: namespace {nsid} of {}: cannot open a channel: {e}", subsys.nqn);
             Status::retryable(sct::GENERIC, sc::NAMESPACE_NOT_READY)
         })?;
-        let c = Rc::new(NsChannel { block_size: ch.block_size(), ns, ch });
+        let in_flight = ns.resv.in_flight_counter(host);
+        let c = Rc::new(NsChannel { block_size: ch.block_size(), ns, ch, in_flight });
         if self.by_nsid.len() <= i {
             self.by_nsid.resize(i + 1, None);
         }
@@ -190,6 +213,7 @@ pub(crate) struct HeldIo {
     nsc: Rc<NsChannel>,
     op: Op,
     data: Option<(IoBuf, Lease)>,
+    admitted: Admitted,
 }
 
 impl HeldIo {
@@ -224,7 +248,7 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
     if sqe.fuse() != 0 {
         return conn.complete(slot, &sqe, Status::generic(sc::INVALID_FIELD), 0, TxData::None);
     }
-    let nsc = match conn.with_ns_cache(|c| c.get(&b.ctrl.subsys, sqe.nsid())) {
+    let nsc = match conn.with_ns_cache(|c| c.get(&b.ctrl.subsys, sqe.nsid(), &b.ctrl.hostid)) {
         Ok(n) => n,
         Err(s) => return conn.complete(slot, &sqe, s, 0, TxData::None),
     };
@@ -234,8 +258,25 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
         return conn.complete(slot, &sqe, status, 0, TxData::None);
     }
     if is_reservation(sqe.opcode()) {
-        let (status, out) = reservation(conn, &b, &nsc.ns, &sqe, plan, data.as_ref().map(|(b, _)| b));
-        return conn.complete(slot, &sqe, status, 0, out);
+        let (status, out, drain) = reservation(conn, &b, &nsc.ns, &sqe, plan, data.as_ref().map(|(b, _)| b));
+        if drain.is_empty() {
+            return conn.complete(slot, &sqe, status, 0, out);
+        }
+        let Some(slot) = slot.or_else(|| conn.take_slot()) else {
+            // The reader waits for a free slot before it takes a capsule (an Acquire carries
+            // its keys in the capsule); should it happen, the preempt stands undrained.
+            log::error!("nvmf: {}: no slot to wait for a preempted host's commands", b.ctrl.subsys.nqn);
+            return conn.complete(None, &sqe, status, 0, out);
+        };
+        // The connection's close waits for this like for an I/O command.
+        conn.io_started();
+        let (conn, nqn, nsid) = (conn.clone(), b.ctrl.subsys.nqn.clone(), nsc.ns.nsid);
+        reactor::spawn_detached(async move {
+            reservation_drain(&drain, &nqn, nsid).await;
+            conn.complete(Some(slot), &sqe, status, 0, out);
+            conn.io_finished();
+        });
+        return;
     }
     let op = match check(&nsc, &sqe, plan, data.as_ref().map(|(b, _)| b), conn.opts.max_io_size) {
         Ok(op) => op,
@@ -243,6 +284,9 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
     };
     // One relaxed load while nobody registered with the namespace.
     let access = if matches!(op, Op::Read { .. } | Op::Compare { .. }) { Access::Read } else { Access::Write };
+    // Counted before the check (a non-allocating atomic add on the host's counter), so that a
+    // preempt racing with this check either refuses the command or waits for it.
+    let admitted = Admitted::new(&nsc);
     if !nsc.ns.resv.allows(&b.ctrl.hostid, access) {
         return conn.complete(slot, &sqe, Status::generic(SC_RESERVATION_CONFLICT), 0, TxData::None);
     }
@@ -257,22 +301,23 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
     let lease = if need > 0 {
         match conn.charge_in_order(need as u64) {
             Some(l) => Some(l),
-            None => return conn.hold(slot, SlotState::AwaitingBuffer(Box::new(HeldIo { sqe, nsc, op, data }))),
+            None => return conn.hold(slot, SlotState::AwaitingBuffer(Box::new(HeldIo { sqe, nsc, op, data, admitted }))),
         }
     } else {
         None
     };
     conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data, lease));
+    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data, lease, admitted));
 }
 
 /// Starts a held command now that its buffer is charged.
 pub(crate) fn resume(conn: &Rc<Conn>, slot: u16, h: HeldIo, lease: Lease) {
     conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, h.sqe, h.nsc, h.op, h.data, Some(lease)));
+    reactor::spawn_detached(run(conn.clone(), slot, h.sqe, h.nsc, h.op, h.data, Some(lease), h.admitted));
 }
 
-async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<(IoBuf, Lease)>, lease: Option<Lease>) {
+#[allow(clippy::too_many_arguments)]
+async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<(IoBuf, Lease)>, lease: Option<Lease>, admitted: Admitted) {
     // Host data and its charge live until the command completes (dropped below).
     let (data, data_lease) = match data {
         Some((b, l)) => (Some(b), Some(l)),
@@ -329,8 +374,9 @@ async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data
     let dt = reactor::now_ns().saturating_sub(t0);
     shard.in_flight.fetch_sub(1, Relaxed);
     n.ns.stats.record(core, ty, bytes, dt, result.is_ok());
-    // The buffers go back (and their charges with them) before the host hears of it.
-    drop((data, data_lease, lease));
+    // The buffers go back (and their charges with them) before the host hears of it; the
+    // bdev is done with the command, so a preempt waiting for it may complete.
+    drop((data, data_lease, lease, admitted));
     match result {
         Ok(()) => conn.complete(Some(slot), &sqe, Status::SUCCESS, 0, out),
         Err(s) => conn.complete(Some(slot), &sqe, s, 0, TxData::None),
@@ -344,10 +390,12 @@ fn is_reservation(opc: u8) -> bool {
 
 /// A reservation command, run on the reader's path: it only touches the namespace's
 /// reservation state (and, with PTPL, writes its small file before completing).
-fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>) -> (Status, TxData) {
+/// Besides the status: the in-flight counters of the hosts a Preempt removed, which must reach
+/// zero before the command completes.
+fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, plan: DataPlan, data: Option<&IoBuf>) -> (Status, TxData, Vec<Arc<AtomicU32>>) {
     let opc = sqe.opcode();
     if opc == io_opc::RESERVATION_REPORT {
-        let DataPlan::ToHost { len } = plan else { return (Status::generic(sc::INVALID_FIELD), TxData::None) };
+        let DataPlan::ToHost { len } = plan else { return (Status::generic(sc::INVALID_FIELD), TxData::None, Vec::new()) };
         // NUMD (0's based dwords) may ask for less than the buffer.
         let want = ((sqe.cdw(10) as u64 + 1) * 4).min(len as u64) as usize;
         let eds = sqe.cdw(11) & 1 != 0;
@@ -358,9 +406,9 @@ fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, pla
             Ok(mut d) => {
                 d.resize(want, 0);
                 d.resize(len as usize, 0);
-                (Status::SUCCESS, TxData::Vec(d))
+                (Status::SUCCESS, TxData::Vec(d), Vec::new())
             }
-            Err(e) => (e.status(), TxData::None),
+            Err(e) => (e.status(), TxData::None, Vec::new()),
         };
     }
     let need = Command::data_len(opc);
@@ -368,7 +416,9 @@ fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, pla
         (DataPlan::InCapsule { offset, len }, Some(d)) if len as usize >= need => d.get(offset as usize..offset as usize + need),
         _ => None,
     };
-    let Some(c) = bytes.and_then(|d| Command::parse(opc, sqe.cdw(10), d)) else { return (Status::generic(sc::DATA_SGL_LENGTH_INVALID), TxData::None) };
+    let Some(c) = bytes.and_then(|d| Command::parse(opc, sqe.cdw(10), d)) else {
+        return (Status::generic(sc::DATA_SGL_LENGTH_INVALID), TxData::None, Vec::new());
+    };
     match ns.resv.execute(&b.ctrl.hostid, c) {
         Ok(out) => {
             if !out.notices.is_empty() {
@@ -380,13 +430,38 @@ fn reservation(conn: &Rc<Conn>, b: &Binding, ns: &Arc<Namespace>, sqe: &Sqe, pla
                     }
                 }
             }
-            (Status::SUCCESS, TxData::None)
+            // Preempt and Preempt and Abort alike (see `reservation_drain`); any Acquire also
+            // waits for an earlier preempt's drain still under way (a retried Acquire).
+            let drain = if matches!(c, Command::Acquire { .. }) { ns.resv.acquire_drain(out.preempted()) } else { Vec::new() };
+            (Status::SUCCESS, TxData::None, drain)
         }
         Err(e) => {
             if let super::reservation::ResvError::Persist(why) = &e {
                 log::error!("nvmf: namespace {} of {}: reservation change not persisted: {why}", ns.nsid, b.ctrl.subsys.nqn);
             }
-            (e.status(), TxData::None)
+            (e.status(), TxData::None, Vec::new())
+        }
+    }
+}
+
+/// Waits until every command counted in `counters` (the preempted hosts' commands admitted
+/// before the preempt) has left the bdev. Nothing is aborted: a command handed to a bdev
+/// cannot be recalled, it can only be waited for (NVMe lets Preempt and Abort complete the
+/// preempted commands instead of aborting them; plain Preempt gets the same wait because the
+/// mirror falls back to it against targets that refuse Preempt and Abort, and the wait costs
+/// the Acquire only, never an I/O). New commands of those hosts are refused by the
+/// reservation check, so the counters only go down, apart from a refused command's moment.
+/// No time limit: completing earlier is what lets a stale write overwrite the new holder's.
+pub async fn reservation_drain(counters: &[Arc<AtomicU32>], nqn: &str, nsid: u32) {
+    let t0 = reactor::now_ns();
+    let mut warned = false;
+    while counters.iter().any(|c| c.load(SeqCst) > 0) {
+        // A poll interval instead of a notification: the data path stays free of wake-ups,
+        // and a preempt is rare.
+        reactor::sleep(Duration::from_micros(200)).await;
+        if !warned && reactor::now_ns().saturating_sub(t0) > 10_000_000_000 {
+            warned = true;
+            log::warn!("nvmf: namespace {nsid} of {nqn}: a preempt has waited 10 s for the preempted hosts' commands at the bdev");
         }
     }
 }
@@ -406,4 +481,84 @@ async fn write_zeroes(n: &NsChannel, slba: u64, nlb: u64, max_io: u32) -> Result
         done += k;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reservation::{rtype, Reservations};
+    use super::*;
+    use crate::bdev::BdevRegistry;
+    use crate::bdevs::delay::DelayBdev;
+    use crate::bdevs::malloc::MallocBdev;
+    use crate::reactor::ManualCores;
+    use std::cell::Cell;
+
+    /// A preempted host's write held 5 ms by a delay bdev, counted as `start` counts it: the
+    /// preempt's drain ends only when the write has completed, and a host nobody preempted
+    /// (B, the issuer, with a read in flight) is not waited for.
+    #[test]
+    fn a_preempt_waits_for_the_preempted_hosts_write_at_the_bdev() {
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let m = reg.register(Arc::new(MallocBdev::new("m", 64, 512, None).unwrap())).unwrap();
+        let d = reg.register(Arc::new(DelayBdev::new("d".into(), m.claim("d").unwrap(), [5000, 5000, 5000, 5000], None))).unwrap();
+        let resv = Arc::new(Reservations::new(None, uuid::Uuid::from_u128(1)).unwrap());
+        let (a, b) = ([0xA; 16], [0xB; 16]);
+        let reg_cmd = |k| Command::Register { action: 0, iekey: false, cptpl: 0, crkey: 0, nrkey: k };
+        resv.execute(&a, reg_cmd(0xA)).unwrap();
+        resv.execute(&b, reg_cmd(0xB)).unwrap();
+        resv.execute(&a, Command::Acquire { action: 0, iekey: false, rtype: rtype::WRITE_EXCLUSIVE, crkey: 0xA, prkey: 0 }).unwrap();
+        let (ca, cb) = (resv.in_flight_counter(&a), resv.in_flight_counter(&b));
+        let write_done = Rc::new(Cell::new(0u64));
+        let drain_done = Rc::new(Cell::new(0u64));
+        let b_write_done = Rc::new(Cell::new(0u64));
+        // A's write: counted, checked, then at the bdev for 5 ms.
+        // B's read: B is no holder, but Write Exclusive lets anybody read.
+        for (c, h, done, access) in [(ca.clone(), a, write_done.clone(), Access::Write), (cb.clone(), b, b_write_done.clone(), Access::Read)] {
+            let (d, resv) = (d.clone(), resv.clone());
+            cores.enter(0, || {
+                reactor::spawn_detached(async move {
+                    c.fetch_add(1, SeqCst);
+                    assert!(resv.allows(&h, access));
+                    let ch = Channel::get(&d).unwrap();
+                    if access == Access::Write {
+                        ch.write(0, &[IoSlice::new(&[0xAA; 512])]).await.unwrap();
+                    } else {
+                        ch.read(0, &mut [IoSliceMut::new(&mut [0u8; 512])]).await.unwrap();
+                    }
+                    c.fetch_sub(1, SeqCst);
+                    done.set(reactor::now_ns().max(1));
+                })
+            });
+        }
+        cores.run_until_idle();
+        assert_eq!(ca.load(SeqCst), 1, "A's write is at the bdev");
+        // B preempts and aborts A: A's later writes meet the conflict, the drain waits.
+        let out = resv.execute(&b, Command::Acquire { action: 2, iekey: false, rtype: rtype::WRITE_EXCLUSIVE, crkey: 0xB, prkey: 0xA }).unwrap();
+        let drain = resv.acquire_drain(out.preempted());
+        assert_eq!(drain.len(), 1, "only A, the preempted host, is waited for");
+        // The same Acquire retried (the first timed out at the host): B already holds, nothing
+        // is preempted, and still it waits for A's write.
+        resv.execute(&b, Command::Acquire { action: 0, iekey: false, rtype: rtype::WRITE_EXCLUSIVE, crkey: 0xB, prkey: 0 }).unwrap();
+        assert_eq!(resv.acquire_drain(std::iter::empty()).len(), 1, "a retried Acquire waits for the drain under way");
+        assert!(!resv.allows(&a, Access::Write));
+        let dd = drain_done.clone();
+        cores.enter(0, || {
+            reactor::spawn_detached(async move {
+                reservation_drain(&drain, "nqn.test", 1).await;
+                dd.set(reactor::now_ns().max(1));
+            })
+        });
+        cores.run_until_idle();
+        assert_eq!(drain_done.get(), 0, "the Acquire waits while A's write is at the bdev");
+        while write_done.get() == 0 || drain_done.get() == 0 {
+            let t = cores.next_timer().expect("a timer pending");
+            cores.advance_to(t);
+            cores.run_until_idle();
+            assert!(drain_done.get() == 0 || write_done.get() != 0, "the drain ended before A's write did");
+        }
+        assert!(drain_done.get() >= write_done.get());
+        assert!(write_done.get() >= 5_000_000);
+        assert!(b_write_done.get() != 0);
+    }
 }

@@ -12,14 +12,18 @@
 //! no REGISTER AND MOVE, notification log entries instead of unit attentions) that the two
 //! share no code.
 //!
-//! Preempt and Abort is Preempt: commands of the preempted hosts already at the bdev finish
-//! (the data path has no way to recall them), later ones meet the conflict.
+//! Preempt (and Preempt and Abort) drains: a command already handed to the bdev cannot be
+//! recalled, so the Acquire that preempts a host completes only after every command of that
+//! host admitted to the namespace before the preempt has completed (`Reservations::in_flight`
+//! counts them per host; `io::reservation_drain` waits). Later commands meet the conflict.
+//! Without the wait, a write of a fenced head stalled in a slow device could land after the
+//! new head's first write to the same blocks and overwrite it.
 
 use super::spec::{sc, Status};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use uuid::Uuid;
 
 /// A host as reservations know it: the Host Identifier of its Connect.
@@ -186,6 +190,14 @@ pub const MAX_REGISTRANTS: usize = 64;
 pub struct Outcome {
     pub changed: bool,
     pub notices: Vec<(HostId, Notice)>,
+}
+
+impl Outcome {
+    /// The hosts whose registration a Preempt (or Preempt and Abort) removed: their commands
+    /// admitted before it must drain before the Acquire completes.
+    pub fn preempted(&self) -> impl Iterator<Item = HostId> + '_ {
+        self.notices.iter().filter(|(_, n)| *n == Notice::RegistrationPreempted).map(|(h, _)| *h)
+    }
 }
 
 impl ResvState {
@@ -507,6 +519,17 @@ pub struct Reservations {
     /// Where the state persists (`ptpl_file`); None: the namespace cannot persist.
     file: Option<PathBuf>,
     bdev_uuid: Uuid,
+    /// Commands admitted and not yet completed, one counter per host (shared by all the
+    /// host's queues; each queue holds a strong reference from its namespace cache, a running
+    /// command through its queue's, so a host's counter outlives a closed controller whose
+    /// commands are still at the bdev). Taken only when a queue first uses the namespace and
+    /// by a preempt, never per I/O.
+    in_flight: Mutex<Vec<(HostId, Weak<AtomicU32>)>>,
+    /// Counters of preempted hosts whose drain may not have ended: every later Acquire waits
+    /// for them too, so that a retried Acquire (the first one timed out at the host while a
+    /// device held a preempted write; the retry finds its issuer already the holder, nothing
+    /// to preempt) does not complete before the preempted writes left the bdev.
+    draining: Mutex<Vec<Arc<AtomicU32>>>,
 }
 
 impl Reservations {
@@ -519,7 +542,15 @@ impl Reservations {
             },
             None => ResvState::default(),
         };
-        Ok(Reservations { active: AtomicBool::new(st.active()), state: Mutex::new(st), conflicts: AtomicU64::new(0), file, bdev_uuid })
+        Ok(Reservations {
+            active: AtomicBool::new(st.active()),
+            state: Mutex::new(st),
+            conflicts: AtomicU64::new(0),
+            file,
+            bdev_uuid,
+            in_flight: Mutex::new(Vec::new()),
+            draining: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, ResvState> {
@@ -530,10 +561,47 @@ impl Reservations {
         self.file.as_deref()
     }
 
-    /// Whether a command of kind `access` from host `h` may run. Costs one relaxed load
-    /// while nothing is registered.
+    /// The in-flight counter of host `h` on this namespace (created on first use).
+    pub fn in_flight_counter(&self, h: &HostId) -> Arc<AtomicU32> {
+        let mut v = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = v.iter().find(|(x, _)| x == h).and_then(|(_, w)| w.upgrade()) {
+            return c;
+        }
+        // Counters nobody uses any more go (hosts that came and went).
+        v.retain(|(_, w)| w.strong_count() > 0);
+        let c = Arc::new(AtomicU32::new(0));
+        v.push((*h, Arc::downgrade(&c)));
+        c
+    }
+
+    /// The in-flight counters of `hosts` that exist (a host with none has nothing in flight).
+    pub fn in_flight_of(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
+        let v = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.filter_map(|h| v.iter().find(|(x, _)| *x == h).and_then(|(_, w)| w.upgrade())).collect()
+    }
+
+    /// What a successful Acquire waits for: the counters of the hosts it preempted (`hosts`)
+    /// and those of earlier preempts still above zero.
+    pub fn acquire_drain(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
+        let new = self.in_flight_of(hosts);
+        let mut d = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|c| c.load(SeqCst) > 0);
+        for c in new {
+            if !d.iter().any(|x| Arc::ptr_eq(x, &c)) {
+                d.push(c);
+            }
+        }
+        d.clone()
+    }
+
+    /// Whether a command of kind `access` from host `h` may run. Costs one load while nothing
+    /// is registered. The caller has already counted the command in its host's in-flight
+    /// counter (SeqCst): either this check sees a preempt's new state, or the preempt's
+    /// drain (which loads the counters after changing the state) sees the command counted.
+    /// The flag is loaded SeqCst for the same reason: a check that reads it stale (false)
+    /// is ordered before the preempted host's registration, hence before the drain's load.
     pub fn allows(&self, h: &HostId, access: Access) -> bool {
-        if !self.active.load(Relaxed) {
+        if !self.active.load(SeqCst) {
             return true;
         }
         let ok = !self.lock().conflicts(h, access);
@@ -549,7 +617,7 @@ impl Reservations {
         let mut st = self.lock();
         let was_ptpl = st.ptpl;
         let r = st.execute(h, c, self.file.is_some());
-        self.active.store(st.active(), Relaxed);
+        self.active.store(st.active(), SeqCst);
         if matches!(r, Err(ResvError::Conflict)) {
             self.conflicts.fetch_add(1, Relaxed);
         }

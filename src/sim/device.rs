@@ -56,6 +56,8 @@ pub struct SimDevice {
     latency: Latency,
     /// Writes touching these bytes take this much longer: (start, end, extra ns).
     slow: Option<(u64, u64, u64)>,
+    /// One write in `.0` stalls `.1` ns longer (a device or path that hangs now and then).
+    stall: Option<(u32, u64)>,
     state: Arc<Mutex<DevState>>,
     /// I/Os submitted (the harness picks crash points from it).
     pub submitted: Arc<AtomicU64>,
@@ -72,6 +74,7 @@ impl SimDevice {
             tear: SIM_BLOCK as usize,
             latency,
             slow: None,
+            stall: None,
             state: Arc::new(Mutex::new(DevState {
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 current: image.clone(),
@@ -97,6 +100,13 @@ impl SimDevice {
     /// simulation makes preserve metadata slow, so that a host write waiting for it shows).
     pub fn with_slow_writes(mut self, range: std::ops::Range<u64>, extra_ns: u64) -> SimDevice {
         self.slow = Some((range.start, range.end, extra_ns));
+        self
+    }
+
+    /// The same device with one write in `one_in` (drawn from the seed) taking `extra_ns`
+    /// longer: a write that stalls while later ones pass it.
+    pub fn with_stalls(mut self, one_in: u32, extra_ns: u64) -> SimDevice {
+        self.stall = Some((one_in.max(1), extra_ns));
         self
     }
 
@@ -157,6 +167,7 @@ struct SimDeviceShared {
     block_size: u32,
     latency: Latency,
     slow: Option<(u64, u64, u64)>,
+    stall: Option<(u32, u64)>,
     submitted: Arc<AtomicU64>,
 }
 
@@ -177,10 +188,15 @@ impl SimDeviceShared {
 
     /// Extra latency of a write of `bytes` at byte `at`.
     fn slow_extra(&self, at: u64, bytes: u64) -> u64 {
-        match self.slow {
-            Some((a, b, extra)) if at < b && a < at + bytes => extra,
+        let stall = match self.stall {
+            Some((one_in, extra)) if self.st().rng.random_ratio(1, one_in) => extra,
             _ => 0,
-        }
+        };
+        stall
+            + match self.slow {
+                Some((a, b, extra)) if at < b && a < at + bytes => extra,
+                _ => 0,
+            }
     }
 
     fn begin_write(&self, offset: u64, data: Vec<u8>) -> u64 {
@@ -288,6 +304,7 @@ impl Bdev for SimDevice {
                 block_size: self.block_size(),
                 latency: self.latency,
                 slow: self.slow,
+                stall: self.stall,
                 submitted: self.submitted.clone(),
             }),
         }))

@@ -57,6 +57,9 @@ struct Cfg {
     /// Failed legs re-join by themselves once healed (`auto_rejoin`), probed this often.
     auto_rejoin: bool,
     rejoin_ns: u64,
+    /// Per leg: its own latency when the leg is remote (slower than `latency`, the local
+    /// device's, and varying more); None: local.
+    leg_latency: Vec<Option<Latency>>,
 }
 
 impl Cfg {
@@ -77,6 +80,14 @@ impl Cfg {
             // Drawn last: the fields above stay what they were for every seed.
             auto_rejoin: r.random_bool(0.5),
             rejoin_ns: r.random_range(100_000..=2_000_000),
+            leg_latency: (0..4)
+                .map(|_| {
+                    r.random_bool(0.5).then(|| {
+                        let min_ns = r.random_range(20_000..=100_000);
+                        Latency { min_ns, max_ns: min_ns + r.random_range(10_000..=1_000_000) }
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -205,7 +216,8 @@ impl World {
         let mut devs = Vec::new();
         let mut inj = Vec::new();
         for (i, img) in images.iter().enumerate() {
-            let d = Arc::new(SimDevice::new(&format!("d{i}"), img.clone(), rng.random(), cfg.latency));
+            let latency = cfg.leg_latency.get(i).copied().flatten().unwrap_or(cfg.latency);
+            let d = Arc::new(SimDevice::new(&format!("d{i}"), img.clone(), rng.random(), latency));
             let e = reg.register(d.clone()).map_err(|e| e.to_string())?;
             let eb = ErrorBdev::new(leg_name(i), e.claim(&leg_name(i)).map_err(|e| e.to_string())?, None);
             inj.push(eb.injections().clone());

@@ -9,7 +9,10 @@
 //! One simulator, several systems under it:
 //! * [`cow`]: a CoW volume with preserves, deletes and crashes (and crashes placed at CoW
 //!   rule 1's two commits);
-//! * [`mirror`]: a mirror with leg failures, splits, re-joins, removals and crashes;
+//! * [`mirror`]: a mirror with leg failures, splits, re-joins, removals and crashes (legs
+//!   local or remote: a remote leg has its own, slower and more varying, latency);
+//! * [`stale_head`]: a second head fencing the first over remote legs that answer NVMe
+//!   reservations with the target's code ([`resv_leg`]) while the first still writes;
 //! * [`lvol`]: the volume pool with snapshots, clones, reverts, resizes, deletes, a full pool
 //!   and crashes.
 //!
@@ -25,8 +28,10 @@ pub mod device;
 pub mod lvol;
 pub mod mirror;
 pub mod model;
+pub mod resv_leg;
 pub mod schedule;
 pub mod seeds;
+pub mod stale_head;
 pub mod tasks;
 
 pub use cow::{run, run_seed, run_seed_at_cow_split, SimConfig, SimOutcome, HEADER_STALL_NS};
