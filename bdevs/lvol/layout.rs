@@ -231,12 +231,7 @@ impl StoreRecord {
                 w.u32(p);
             }
         }
-        let mut b = w.0;
-        let len = b.len() as u64;
-        b[16..24].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c(&b[16..]);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
-        b
+        sealed(w.0)
     }
 
     /// Bytes of the record that starts `head` (its first block): what to read in all.
@@ -305,6 +300,16 @@ impl StoreRecord {
     }
 }
 
+/// A record or log record with its `len` (bytes 16..24) and CRC32C (bytes 12..16, over bytes
+/// 16..len) filled in.
+fn sealed(mut b: Vec<u8>) -> Vec<u8> {
+    let len = b.len() as u64;
+    b[16..24].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&b[16..]);
+    b[12..16].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
 /// The `len` bytes of a record or log record, if they are all present and their CRC32C (at
 /// bytes 12..16, over bytes 16..len) matches.
 fn checked(b: &[u8], len: u64) -> Result<&[u8], DecodeError> {
@@ -361,12 +366,7 @@ impl LogRecord {
             w.u32(c.logical);
             w.u32(c.phys.unwrap_or(u32::MAX));
         }
-        let mut b = w.0;
-        let len = b.len() as u64;
-        b[16..24].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c(&b[16..]);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
-        b
+        sealed(w.0)
     }
 
     /// Bytes of the log record that starts `head`; an error if `head` starts none.
