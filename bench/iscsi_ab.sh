@@ -23,22 +23,13 @@ work=$(mktemp -d /tmp/tidemark-iscsi-ab.XXXXXX)
 pid=""
 cleanup() {
   if [[ -n $pid ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  if [[ -d $work/base-src ]]; then git -C "$ROOT" worktree remove --force "$work/base-src" 2>/dev/null || true; fi
+  remove_base_worktree "$ROOT" "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-if [[ -n ${BASE_BIN:-} ]]; then
-  OLD=$BASE_BIN
-else
-  rev=${BASE_REV:-HEAD~1}
-  echo "building $rev ..." >&2
-  git -C "$ROOT" worktree add -q --detach "$work/base-src" "$rev"
-  (cd "$work/base-src" && CARGO_TARGET_DIR="$ROOT/target/bench-base" cargo build --release --quiet --bin tidemarkd)
-  OLD=$ROOT/target/bench-base/release/tidemarkd
-fi
-
 . "$ROOT/bench/lib.sh"
+OLD=$(base_tidemarkd "$ROOT" "$work")
 
 start() { # binary -> sets pid, port
   port=$(free_port)

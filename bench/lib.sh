@@ -32,3 +32,23 @@ stop_pids() {
     fi
   done
 }
+
+# The tidemarkd of an earlier build, for the A/B benches: $BASE_BIN if set, else revision
+# $BASE_REV (default HEAD~1) built in the scratch worktree $2/base-src (the caller's cleanup
+# runs remove_base_worktree) into $1/target/bench-base. $1: the repository. Prints its path.
+base_tidemarkd() {
+  if [[ -n ${BASE_BIN:-} ]]; then
+    echo "$BASE_BIN"
+    return
+  fi
+  local rev=${BASE_REV:-HEAD~1}
+  echo "building $rev ..." >&2
+  git -C "$1" worktree add -q --detach "$2/base-src" "$rev" >&2
+  (cd "$2/base-src" && CARGO_TARGET_DIR="$1/target/bench-base" cargo build --release --quiet --bin tidemarkd) >&2
+  echo "$1/target/bench-base/release/tidemarkd"
+}
+
+# Removes the scratch worktree of base_tidemarkd, if any ($1: the repository, $2: the work dir).
+remove_base_worktree() {
+  if [[ -d $2/base-src ]]; then git -C "$1" worktree remove --force "$2/base-src" 2>/dev/null || true; fi
+}
