@@ -33,7 +33,8 @@ nqn=nqn.2016-06.io.tidemark:fill
 
 # One pass on NSID $1 of the daemon listening on $port: first writes/s.
 pass() {
-  taskset -c "$CLIENT_CPU" "$PERF" --json -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$port subnqn:$nqn" \
+  # nvme_perf pins its own threads (-c; its default is CPU 0, the target's): not taskset.
+  "$PERF" -c "$(printf '0x%x' $((1 << CLIENT_CPU)))" --json -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$port subnqn:$nqn" \
     -n "$1" -q 32 -o 4096 -w write -t 600 --stride 1048576 --once | python3 -c 'import json, sys; print(round(json.load(sys.stdin)["iops"]))'
 }
 
