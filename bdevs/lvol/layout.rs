@@ -268,7 +268,7 @@ impl StoreRecord {
             let size_bytes = r.u64()?;
             let flags = r.u8()?;
             let clear_method = r.u8()?;
-            let parent = if version >= 2 { Some(r.uuid()?).filter(|u| !u.is_nil()) } else { None };
+            let parent = if version >= VERSION_2 { Some(r.uuid()?).filter(|u| !u.is_nil()) } else { None };
             let n = r.u32()? as usize;
             if n > r.0.len() / 8 {
                 return Err(DecodeError::Corrupt);
