@@ -176,9 +176,14 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
     let c = Daemon::start(MINIMAL_CONFIG);
     setup_leg_node(&c, NQN_C, c_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789c0");
     let a = Daemon::start(MINIMAL_CONFIG);
-    // A hung node answers no Keep Alive: with a 2 s timeout (sent every second) A notices
-    // within about 2 s; a connect attempt to it gives up after 1 s.
-    a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000}));
+    // A hung node keeps its connections open and answers nothing: a command unanswered for
+    // 0.5 s resets the controller (SPDK's timeout_us with action_on_timeout reset), and
+    // fast_io_fail_timeout_sec counts from when that command was sent, so the host waits on a
+    // hung leg no longer than on a dead one. A connect attempt to it gives up after 1 s.
+    a.rpc(
+        "bdev_nvme_set_options",
+        json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000, "timeout_us": 500_000, "action_on_timeout": "reset"}),
+    );
     attach(&a, "rb", b_addr, NQN_B);
     attach(&a, "rc", c_addr, NQN_C);
     a.rpc("bdev_malloc_create", json!({"name": "l0", "num_blocks": BLOCKS, "block_size": BS}));
@@ -226,8 +231,9 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
     let (max, errors, expect, writes) = w.thread.join().expect("writer");
     println!("host: {writes} writes of 64 KiB, {errors} errors, max latency {max:?}");
     assert_eq!(errors, 0, "the host saw no error");
-    // Detection (keep-alive: up to ~2 s for a hung node) + fast_io_fail_timeout_sec (2 s) + slack.
-    assert!(max < Duration::from_secs(8), "host latency is bounded by the timeouts: {max:?}");
+    // The bound is fast_io_fail_timeout_sec (2 s) + 1 s, for the dead and the hung node
+    // alike (bench/remote_bench.sh rows 4 and 5 measure it); 0.5 s more for a loaded test machine.
+    assert!(max < Duration::from_millis(3500), "host latency is bounded by fast_io_fail_timeout_sec: {max:?}");
 
     // Every leg holds what the host wrote: A through its export, B and C read directly.
     let r = raid(&a);

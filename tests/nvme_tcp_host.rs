@@ -692,8 +692,8 @@ fn a_lost_controller_is_deleted_unless_its_bdev_is_held_and_reset_reconnects() {
     let a = Daemon::start(&config("[0]"));
     // Options first (a startup call: refused once a controller is attached).
     a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "generate_uuids": true}));
-    let e = a.try_rpc("bdev_nvme_set_options", json!({"timeout_us": 100})).unwrap_err();
-    assert!(e.message.contains("timeout_us"), "{}", e.message);
+    let e = a.try_rpc("bdev_nvme_set_options", json!({"timeout_admin_us": 100})).unwrap_err();
+    assert!(e.message.contains("timeout_admin_us"), "SPDK's check: an admin timeout needs an I/O timeout: {}", e.message);
     a.rpc("bdev_nvme_attach_controller", attach_params("rb", b_addr));
     let e = a.try_rpc("bdev_nvme_set_options", json!({})).unwrap_err();
     assert_eq!(e.code, -1, "EPERM once a controller is attached: {}", e.message);

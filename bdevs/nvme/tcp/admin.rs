@@ -72,6 +72,10 @@ struct Admin {
     aer_off: bool,
     /// AER completions not handled yet.
     events: Vec<Cqe>,
+    /// How long a command other than Keep Alive may take (`timeout_admin_us`, else 5 s).
+    cmd_timeout: Duration,
+    /// Set when a command timed out: how long it went unanswered.
+    timed_out: Option<Duration>,
 }
 
 impl Admin {
@@ -111,6 +115,7 @@ impl Admin {
                 return Ok((cqe, self.c.admin.data(cid).to_vec()));
             }
             if Instant::now() >= deadline {
+                self.timed_out = Some(timeout);
                 return Err(HostError::Timeout);
             }
             reactor::sleep(Duration::from_millis(1)).await;
@@ -129,7 +134,7 @@ impl Admin {
         let mut sqe = Sqe::new(admin_opc::SET_FEATURES, 0, 0);
         sqe.set_cdw(10, feat::ASYNC_EVENT_CONFIG as u32);
         sqe.set_cdw(11, AEC_NS_ATTR);
-        let (cqe, _) = self.exec(sqe, Payload::None, CMD_TIMEOUT).await?;
+        let (cqe, _) = self.exec(sqe, Payload::None, self.cmd_timeout).await?;
         if !cqe.status().is_success() {
             log::warn!("NVMe/TCP controller {}: the controller refuses namespace notices ({}); a remote resize is not seen", shared.name, cqe.status());
             self.aer_off = true;
@@ -152,7 +157,7 @@ impl Admin {
             let numd = (CHANGED_NS_LEN / 4) as u32 - 1;
             sqe.set_cdw(10, spec::log::CHANGED_NS as u32 | (numd & 0xFFFF) << 16);
             sqe.set_cdw(11, numd >> 16);
-            let (cqe, data) = self.exec(sqe, Payload::In(CHANGED_NS_LEN), CMD_TIMEOUT).await?;
+            let (cqe, data) = self.exec(sqe, Payload::In(CHANGED_NS_LEN), self.cmd_timeout).await?;
             let ids = if cqe.status().is_success() { changed_namespaces(&data) } else { None };
             log::info!(
                 "NVMe/TCP controller {}: namespace attributes changed: {}",
@@ -173,7 +178,7 @@ impl Admin {
     async fn refresh(&mut self, shared: &Arc<Shared>, only: Option<&[u32]>) -> Result<(), HostError> {
         let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, 0);
         sqe.set_cdw(10, spec::cns::ACTIVE_NS_LIST as u32);
-        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
+        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), self.cmd_timeout).await?;
         // None: the controller would not say; then only namespaces it fails to identify count
         // as gone, and none as new.
         let active = cqe.status().is_success().then(|| changed_namespaces(&data).unwrap_or_default());
@@ -227,17 +232,19 @@ impl Admin {
     async fn identify(&mut self, nsid: u32) -> Result<Option<IdentifyNamespace>, HostError> {
         let mut sqe = Sqe::new(admin_opc::IDENTIFY, 0, nsid);
         sqe.set_cdw(10, spec::cns::NAMESPACE as u32);
-        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), CMD_TIMEOUT).await?;
+        let (cqe, data) = self.exec(sqe, Payload::In(spec::IDENTIFY_LEN), self.cmd_timeout).await?;
         Ok(if cqe.status().is_success() { IdentifyNamespace::parse(&data).filter(|ns| ns.nsze > 0 && ns.block_size > 0) } else { None })
     }
 }
 
 /// The admin task (see the module documentation) of one connection of the controller: ends
 /// when the controller is detached or reconnected (`generation`); a failed command starts the
-/// recovery.
-pub async fn run(c: Controller, shared: Arc<Shared>, period: Duration, generation: u64) {
+/// recovery. A Keep Alive goes every `period` and may take `admin_timeout` (SPDK's
+/// `timeout_admin_us`), else until the next one is due.
+pub async fn run(c: Controller, shared: Arc<Shared>, period: Duration, admin_timeout: Option<Duration>, generation: u64) {
     let current = |s: &Shared| !s.stop.load(Ordering::Relaxed) && s.generation.load(Ordering::SeqCst) == generation;
-    let mut a = Admin { c, aer: None, aer_off: false, events: Vec::new() };
+    let mut a = Admin { c, aer: None, aer_off: false, events: Vec::new(), cmd_timeout: admin_timeout.unwrap_or(CMD_TIMEOUT), timed_out: None };
+    let keep_alive_timeout = admin_timeout.unwrap_or(period);
     let mut next_keep_alive = Instant::now() + period;
     let mut started = false;
     loop {
@@ -258,7 +265,7 @@ pub async fn run(c: Controller, shared: Arc<Shared>, period: Duration, generatio
             }
             if Instant::now() >= next_keep_alive {
                 next_keep_alive = Instant::now() + period;
-                let (cqe, _) = a.exec(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), Payload::None, period).await?;
+                let (cqe, _) = a.exec(Sqe::new(admin_opc::KEEP_ALIVE, 0, 0), Payload::None, keep_alive_timeout).await?;
                 if cqe.status().is_success() {
                     shared.keep_alives.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -269,7 +276,13 @@ pub async fn run(c: Controller, shared: Arc<Shared>, period: Duration, generatio
         };
         if let Err(e) = step.await {
             if current(&shared) {
-                shared.queue_failed(&QueueError::Io(format!("admin queue: {e}")));
+                // An unanswered command means a hung controller since it was sent: the
+                // recovery's clock starts there (see `reconnect`).
+                let why = match (e, a.timed_out) {
+                    (HostError::Timeout, Some(waited)) => QueueError::Timeout { waited },
+                    (e, _) => QueueError::Io(format!("admin queue: {e}")),
+                };
+                shared.queue_failed(&why);
             }
             break;
         }

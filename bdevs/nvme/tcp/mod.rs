@@ -203,7 +203,7 @@ impl Shared {
         let id = self.id;
         self.target.reactors.call_all(move || disconnect_queue(id))?;
         let Some(me) = self.me.upgrade() else { return Err(RpcError::internal("controller gone")) };
-        match reconnect::reconnect(&me) {
+        match reconnect::reconnect(&me, self.target.opts.timeout) {
             Ok(()) => {
                 self.set_state(State::Enabled);
                 self.recovering.store(false, Ordering::SeqCst);
@@ -212,7 +212,7 @@ impl Shared {
             }
             Err(e) => {
                 log::error!("NVMe/TCP controller {}: reset failed: {e}; reconnecting as after a connection loss", self.name);
-                reconnect::spawn_recovery(me);
+                reconnect::spawn_recovery(me, std::time::Instant::now());
                 Err(RpcError::new(crate::rpc::EIO, format!("NVMe controller {}: reset failed: {e}", self.name)))
             }
         }
@@ -234,8 +234,9 @@ impl QueueObserver for Shared {
         }
         log::error!("NVMe/TCP controller {}: {why}; I/O waits while it reconnects", self.name);
         self.set_state(State::Resetting);
+        let now = std::time::Instant::now();
         if let Some(me) = self.me.upgrade() {
-            reconnect::spawn_recovery(me);
+            reconnect::spawn_recovery(me, now.checked_sub(why.unanswered_for()).unwrap_or(now));
         }
     }
 }

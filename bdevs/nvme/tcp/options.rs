@@ -9,9 +9,12 @@
 //!   `tcp_connect_timeout_ms` (bounds the TCP connect and each step of the connect sequence),
 //!   `generate_uuids` (a namespace without an NGUID gets a UUID derived from the controller's
 //!   serial number and the namespace ID, the same on every attach, instead of a random one);
-//! - refused when set: `timeout_us` / `timeout_admin_us` / `action_on_timeout` (commands are not
-//!   timed one by one: the keep-alive notices a dead controller and `fast_io_fail_timeout_sec`
-//!   bounds how long I/O waits for it);
+//! - applied: `timeout_us` / `timeout_admin_us` / `action_on_timeout` (see [`Timeouts`]): an I/O
+//!   command (admin command) unanswered for that long means a hung controller; with `reset` (or
+//!   `abort`, handled as `reset`: a controller that does not answer a command does not answer its
+//!   Abort either) the queue drops its connection and the controller reconnects, with
+//!   `fast_io_fail_timeout_sec` counted from when the oldest unanswered command was sent, so a
+//!   hung node holds a host's I/O no longer than a dead one does; with `none` it is only logged;
 //! - accepted with no effect: the PCIe and RDMA tuning (`arbitration_burst`, the priority
 //!   weights, `rdma_*`, `transport_tos`), polling periods (each reactor polls its queue every
 //!   loop), `io_queue_requests`, `delay_cmd_submit`, retry counts (a failed command is not
@@ -28,11 +31,13 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Options {
-    /// `none`, `reset` or `abort`; only `none` (no per-command timeout) is supported.
+    /// What a command unanswered for `timeout_us` does: `none` (logged), `reset` (the
+    /// controller reconnects), `abort` (handled as `reset`).
     pub action_on_timeout: String,
-    /// Per-command timeout; only 0 is supported.
+    /// I/O command timeout (0: none).
     pub timeout_us: u64,
-    /// Per-admin-command timeout; only 0 is supported.
+    /// Admin command timeout, Keep Alive included (0: `timeout_us`'s rules do not apply to the
+    /// admin queue).
     pub timeout_admin_us: u64,
     /// The keep-alive timeout each Connect asks for (0: the controller never times the host
     /// out; tidemark still sends a Keep Alive every 5 s to notice a dead controller).
@@ -114,6 +119,18 @@ impl Default for Options {
     }
 }
 
+/// SPDK's command timeouts (`timeout_us`, `timeout_admin_us`, `action_on_timeout`), fixed for a
+/// controller when it is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// An I/O command unanswered for this long is timed out.
+    pub io: Option<Duration>,
+    /// An admin command (a Keep Alive too) unanswered for this long is timed out.
+    pub admin: Option<Duration>,
+    /// A timed-out command resets the controller (`reset`, `abort`); else it is only logged.
+    pub reset: bool,
+}
+
 /// The connect sequence's bound when `tcp_connect_timeout_ms` is 0.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The Keep Alive period when the keep-alive timeout is 0 (the controller never times out).
@@ -131,10 +148,13 @@ impl Options {
         if !["none", "reset", "abort"].contains(&self.action_on_timeout.as_str()) {
             return Err(format!("field `action_on_timeout`: {:?} is not none, reset or abort", self.action_on_timeout));
         }
-        if self.timeout_us != 0 || self.timeout_admin_us != 0 || self.action_on_timeout != "none" {
-            return Err("field `timeout_us`: per-command timeouts are not supported (the keep-alive notices a dead controller and fast_io_fail_timeout_sec bounds how long I/O waits)".into());
-        }
         self.policy().map(|_| ())
+    }
+
+    /// The command timeouts of the controllers attached after these options.
+    pub fn timeouts(&self) -> Timeouts {
+        let d = |us: u64| (us > 0).then(|| Duration::from_micros(us));
+        Timeouts { io: d(self.timeout_us), admin: d(self.timeout_admin_us), reset: self.action_on_timeout != "none" }
     }
 
     /// The reconnect policy an attach call without its own timeouts gets.
@@ -220,13 +240,24 @@ mod tests {
         let bad = |v: serde_json::Value| serde_json::from_value::<Options>(v).unwrap().validate().unwrap_err();
         assert!(bad(json!({"timeout_admin_us": 5})).contains("timeout_admin_us"));
         assert!(bad(json!({"bdev_retry_count": -2})).contains("bdev_retry_count"));
-        assert!(bad(json!({"timeout_us": 1000})).contains("not supported"));
-        assert!(bad(json!({"action_on_timeout": "reset"})).contains("not supported"));
+        let ok = |v: serde_json::Value| serde_json::from_value::<Options>(v).unwrap().validate().map(|()| ());
+        assert_eq!(ok(json!({"timeout_us": 500_000, "timeout_admin_us": 2_000_000, "action_on_timeout": "reset"})), Ok(()));
+        assert_eq!(ok(json!({"timeout_us": 500_000, "action_on_timeout": "abort"})), Ok(()));
         assert!(bad(json!({"action_on_timeout": "explode"})).contains("explode"));
         assert!(bad(json!({"ctrlr_loss_timeout_sec": 10})).contains("reconnect_delay_sec"));
         let o: Options = serde_json::from_value(json!({"ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 2, "fast_io_fail_timeout_sec": 4})).unwrap();
         let p = o.policy().unwrap();
         assert_eq!((p.ctrlr_loss, p.reconnect_delay, p.fast_io_fail), (None, Duration::from_secs(2), Some(Duration::from_secs(4))));
+    }
+
+    #[test]
+    fn command_timeouts_follow_spdk_parameters() {
+        let t = |v: serde_json::Value| serde_json::from_value::<Options>(v).unwrap().timeouts();
+        assert_eq!(t(json!({})), Timeouts { io: None, admin: None, reset: false });
+        let ms = Duration::from_millis;
+        assert_eq!(t(json!({"timeout_us": 500_000, "action_on_timeout": "reset"})), Timeouts { io: Some(ms(500)), admin: None, reset: true });
+        assert_eq!(t(json!({"timeout_us": 1000, "timeout_admin_us": 3000, "action_on_timeout": "abort"})), Timeouts { io: Some(ms(1)), admin: Some(ms(3)), reset: true });
+        assert!(!t(json!({"timeout_us": 1000})).reset, "`none` only logs");
     }
 
     #[test]

@@ -8,6 +8,13 @@
 //! the queue a new socket (every waiting command is sent again), or the controller gives up
 //! waiting and [`IoQueue::fail_pending`] ends them with `Offline`.
 //!
+//! Command timeouts (`bdev_nvme_set_options {timeout_us}`): the poller looks at the oldest
+//! command a few times per timeout (not per I/O); one unanswered for longer means a hung
+//! controller, whose socket stays open and whose keep-alive may take seconds to notice. With
+//! `action_on_timeout` `reset` the queue goes down as if the connection were lost, telling the
+//! controller how long that command waited so that `fast_io_fail_timeout_sec` counts from
+//! then; with `none` it is logged once per stalled command.
+//!
 //! Data placement: a command's data lives in a pool buffer that its completion slot owns until
 //! the command ends (the slot frees it if the caller's future is gone), the queue only keeps
 //! the buffer's address. C2HData payloads are copied from the receive buffer into it, R2Ts are
@@ -17,7 +24,8 @@ use crate::bdev::{BdevError, CompletionFuture, Completions, IoBuf, IoResult};
 use crate::nvmf::initiator::HostStream;
 use crate::nvmf::pdu::{self, CommonHeader, DataHeader, R2t, RxLimits};
 use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
-use crate::reactor::Poller;
+use super::options::Timeouts;
+use crate::reactor::{monotonic_ns, Poller};
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
 use std::sync::Arc;
@@ -36,6 +44,21 @@ pub enum QueueError {
     Closed,
     #[error("protocol error from the controller: {0}")]
     Protocol(String),
+    /// A command (the oldest) went unanswered for `waited`, past the command timeout: the
+    /// controller hangs. The recovery's clock counts from when it was sent.
+    #[error("a command went unanswered for {waited:?} (timeout_us): the controller hangs")]
+    Timeout { waited: std::time::Duration },
+}
+
+impl QueueError {
+    /// How long before it was noticed the controller stopped answering (zero for a connection
+    /// that broke: that is noticed at once).
+    pub fn unanswered_for(&self) -> std::time::Duration {
+        match self {
+            QueueError::Timeout { waited } => *waited,
+            _ => std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// What a connected queue negotiated (ICResp, Identify Controller).
@@ -48,6 +71,8 @@ pub struct QueueParams {
     pub max_inline: usize,
     /// Queue entries (commands in flight at most).
     pub depth: u16,
+    /// The host's command timeouts (not negotiated: the controller's attach options).
+    pub timeouts: Timeouts,
 }
 
 /// Maps an NVMe completion status to the bdev layer's result.
@@ -69,6 +94,8 @@ struct Req {
     len: usize,
     /// Whether data flows controller to host.
     data_in: bool,
+    /// When it was (last) sent, on the monotonic clock; read only with a command timeout.
+    sent_ns: u64,
 }
 
 struct Inner {
@@ -97,6 +124,10 @@ pub struct IoQueue {
     /// Commands fail at once (fast_io_fail_timeout_sec passed, or the controller is gone).
     failing: Cell<bool>,
     in_flight: Cell<usize>,
+    /// When the poller next looks for a timed-out command.
+    next_timeout_check_ns: Cell<u64>,
+    /// The send time of the last command logged as timed out (`action_on_timeout: none`).
+    logged_timeout: Cell<u64>,
     pub(super) poller_id: Cell<Option<u64>>,
     observer: Arc<dyn QueueObserver>,
 }
@@ -114,7 +145,7 @@ impl IoQueue {
                 rx_end: 0,
                 tx: Vec::with_capacity(64 * 1024),
                 tx_off: 0,
-                reqs: (0..n).map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false }).collect(),
+                reqs: (0..n).map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false, sent_ns: 0 }).collect(),
                 free: (0..n as u16).rev().collect(),
             }),
             p: Cell::new(p),
@@ -122,6 +153,8 @@ impl IoQueue {
             down: Cell::new(false),
             failing: Cell::new(false),
             in_flight: Cell::new(0),
+            next_timeout_check_ns: Cell::new(0),
+            logged_timeout: Cell::new(0),
             poller_id: Cell::new(None),
             observer,
         }
@@ -162,7 +195,8 @@ impl IoQueue {
             Some(b) => self.completions.alloc_owning(b),
             None => self.completions.alloc(),
         };
-        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in };
+        let sent_ns = if self.p.get().timeouts.io.is_some() { monotonic_ns() } else { 0 };
+        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in, sent_ns };
         self.encode(inner, cid);
         self.in_flight.set(self.in_flight.get() + 1);
         Some(Ok(fut))
@@ -217,7 +251,11 @@ impl IoQueue {
         inner.tx_off = 0;
         self.p.set(p);
         let busy: Vec<u16> = (0..inner.reqs.len() as u16).filter(|&c| inner.reqs[c as usize].busy).collect();
+        let now = monotonic_ns();
         for cid in busy {
+            // The timeout counts from this sending: the old connection's wait was the
+            // recovery's to bound.
+            inner.reqs[cid as usize].sent_ns = now;
             self.encode(inner, cid);
         }
         self.down.set(false);
@@ -407,6 +445,37 @@ impl IoQueue {
     }
 }
 
+impl IoQueue {
+    /// Looks for a command unanswered past the command timeout (see the module documentation);
+    /// a timed-out one with `reset` takes the queue down. At most a few times per timeout and
+    /// every 10 ms: the scan of the table is not paid per I/O.
+    fn check_timeouts(&self) {
+        let t = self.p.get().timeouts;
+        let Some(limit) = t.io else { return };
+        if self.in_flight.get() == 0 {
+            return;
+        }
+        let now = monotonic_ns();
+        if now < self.next_timeout_check_ns.get() {
+            return;
+        }
+        let limit_ns = limit.as_nanos() as u64;
+        self.next_timeout_check_ns.set(now + (limit_ns / 4).clamp(1_000_000, 10_000_000));
+        let Some(oldest) = self.inner.borrow().reqs.iter().filter(|r| r.busy).map(|r| r.sent_ns).min() else { return };
+        let waited = now.saturating_sub(oldest);
+        if waited <= limit_ns {
+            return;
+        }
+        let why = QueueError::Timeout { waited: std::time::Duration::from_nanos(waited) };
+        if t.reset {
+            log::error!("NVMe/TCP I/O queue: {why}; resetting");
+            self.disconnect(&why);
+        } else if self.logged_timeout.replace(oldest) != oldest {
+            log::warn!("NVMe/TCP I/O queue: {why} (action_on_timeout is none: it goes on waiting)");
+        }
+    }
+}
+
 /// The length of the PDU at the front of `avail`, once it is all there.
 fn complete_pdu_len(avail: &[u8], lim: &RxLimits) -> Result<Option<usize>, QueueError> {
     let Some(ch) = CommonHeader::parse(avail) else { return Ok(None) };
@@ -420,7 +489,10 @@ impl Poller for IoQueue {
             return 0;
         }
         match self.run() {
-            Ok(n) => n,
+            Ok(n) => {
+                self.check_timeouts();
+                n
+            }
             Err(e) => {
                 log::error!("NVMe/TCP I/O queue: {e}");
                 self.disconnect(&e);
@@ -455,14 +527,16 @@ mod tests {
     struct Seen {
         errors: AtomicU64,
         failures: AtomicU64,
+        last: std::sync::Mutex<Option<QueueError>>,
     }
 
     impl QueueObserver for Seen {
         fn io_error(&self) {
             self.errors.fetch_add(1, Relaxed);
         }
-        fn queue_failed(&self, _why: &QueueError) {
+        fn queue_failed(&self, why: &QueueError) {
             self.failures.fetch_add(1, Relaxed);
+            *self.last.lock().unwrap() = Some(why.clone());
         }
     }
 
@@ -501,7 +575,7 @@ mod tests {
     }
 
     fn params(max_inline: usize) -> QueueParams {
-        QueueParams { hdgst: true, ddgst: true, maxh2cdata: 4096, max_inline, depth: 4 }
+        QueueParams { hdgst: true, ddgst: true, maxh2cdata: 4096, max_inline, depth: 4, timeouts: Timeouts::default() }
     }
 
     #[test]
@@ -611,5 +685,53 @@ mod tests {
             assert!(matches!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false), Some(Err(BdevError::Offline))));
             assert_eq!(seen.errors.load(Relaxed), 2);
         });
+    }
+
+    #[test]
+    fn a_command_unanswered_past_the_timeout_takes_the_queue_down_or_is_only_logged() {
+        use std::time::{Duration, Instant};
+        let cores = ManualCores::new(1);
+        for reset in [true, false] {
+            let (host, mut tgt) = pair();
+            let seen = Arc::new(Seen::default());
+            cores.enter(0, || {
+                let p = QueueParams { timeouts: Timeouts { io: Some(Duration::from_millis(30)), admin: None, reset }, ..params(4096) };
+                let q = IoQueue::new(HostStream::Plain(host), p, seen.clone());
+                // Answered commands are never timed out, however long the queue then idles.
+                let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+                q.poll();
+                let cid = Sqe::from_slice(&read_pdu(&mut tgt)[8..72]).unwrap().cid();
+                tgt.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::SUCCESS), true).as_slice()).unwrap();
+                assert_eq!(wait(&q, &mut f), Ok(()));
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_millis(80) {
+                    q.poll();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                assert_eq!(seen.failures.load(Relaxed), 0, "nothing in flight, nothing timed out");
+                // A command the controller never answers (a hung node keeps its socket open).
+                let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+                q.poll();
+                read_pdu(&mut tgt);
+                let sent = Instant::now();
+                while sent.elapsed() < Duration::from_millis(300) && !q.is_down() {
+                    q.poll();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let mut cx = Context::from_waker(Waker::noop());
+                assert!(Pin::new(&mut g).poll(&mut cx).is_pending(), "the command is neither failed nor lost: it waits for the reconnect");
+                if reset {
+                    assert!(q.is_down(), "reset: the queue drops the connection");
+                    assert!(sent.elapsed() >= Duration::from_millis(30));
+                    assert_eq!(seen.failures.load(Relaxed), 1);
+                    let why = seen.last.lock().unwrap().clone().unwrap();
+                    assert!(why.unanswered_for() >= Duration::from_millis(30), "the controller learns how long it waited: {why}");
+                    assert!(why.unanswered_for() <= sent.elapsed() + Duration::from_millis(5), "{why}");
+                } else {
+                    assert!(!q.is_down(), "none: logged only");
+                    assert_eq!(seen.failures.load(Relaxed), 0);
+                }
+            });
+        }
     }
 }

@@ -6,10 +6,18 @@
 //! unless something holds one of them (a mirror leg, an export): then it stays `lost`, its I/O
 //! failing, until it is detached or reset.
 //!
+//! The clock of the two timeouts starts when the controller stopped answering, as far as the
+//! host can tell: when the connection broke, or when the oldest command a command timeout (or
+//! the Keep Alive a keep-alive timeout) caught was sent. So `fast_io_fail_timeout_sec` bounds
+//! how long a host's I/O waits on a hung node as on a dead one, not that plus the detection.
+//! A reconnect attempt to a hung node blocks for up to the connect timeout: an attempt never
+//! runs past the moment I/O must fail (its timeout is cut to it), so I/O fails on time.
+//!
 //! The connect sequence blocks (connect, ICReq, Fabrics Connect, each with a timeout), so it
 //! runs on a thread of its own that exists only while the controller is down, never on a
 //! reactor; the cores only swap the new sockets into their queues.
 
+use super::options::Timeouts;
 use super::queue::{QueueError, QueueObserver, QueueParams};
 use super::{Shared, State};
 use crate::nvmf::initiator::{Controller, Error as HostError, HostStream, Qpair, QpairOptions};
@@ -104,22 +112,25 @@ pub struct Target {
     pub opts: QpairOptions,
     pub cores: usize,
     pub policy: Policy,
+    /// `bdev_nvme_set_options {timeout_us, timeout_admin_us, action_on_timeout}` at attach.
+    pub timeouts: Timeouts,
     /// The keyring key TLS uses (held: it cannot be removed while the controller exists).
     pub psk: Option<crate::keyring::KeyRef>,
 }
 
 /// Connects I/O queue `core + 1` and returns its connection (plain or TLS, with its session)
 /// and what it negotiated, for the bdev's queue on that core.
-pub fn connect_queue(c: &mut Controller, core: usize) -> Result<(HostStream, QueueParams), HostError> {
+pub fn connect_queue(c: &mut Controller, core: usize, timeouts: Timeouts) -> Result<(HostStream, QueueParams), HostError> {
     let q: Qpair = c.connect_io(core as u16 + 1, IO_QUEUE_SIZE)?;
-    let qp = QueueParams { hdgst: q.hdgst, ddgst: q.ddgst, maxh2cdata: q.maxh2cdata, max_inline: q.max_inline, depth: IO_QUEUE_SIZE };
+    let qp = QueueParams { hdgst: q.hdgst, ddgst: q.ddgst, maxh2cdata: q.maxh2cdata, max_inline: q.max_inline, depth: IO_QUEUE_SIZE, timeouts };
     Ok((q.into_stream(), qp))
 }
 
-/// Starts the recovery of `shared`'s controller on a thread of its own.
-pub fn spawn_recovery(shared: Arc<Shared>) {
+/// Starts the recovery of `shared`'s controller on a thread of its own; `since`: when the
+/// controller stopped answering (the timeouts' clock starts there).
+pub fn spawn_recovery(shared: Arc<Shared>, since: Instant) {
     let name = shared.name.clone();
-    let spawned = std::thread::Builder::new().name(format!("nvme-reconnect-{}", shared.id)).spawn(move || recover(shared));
+    let spawned = std::thread::Builder::new().name(format!("nvme-reconnect-{}", shared.id)).spawn(move || recover(shared, since));
     if let Err(e) = spawned {
         log::error!("NVMe/TCP controller {name}: cannot start its reconnect thread: {e}");
     }
@@ -127,9 +138,8 @@ pub fn spawn_recovery(shared: Arc<Shared>) {
 
 /// The recovery of `shared`'s controller; runs on its own thread until the controller is back,
 /// lost or detached.
-fn recover(shared: Arc<Shared>) {
+fn recover(shared: Arc<Shared>, t0: Instant) {
     let t = &shared.target;
-    let t0 = Instant::now();
     let (mut attempts, mut io_failed) = (0, false);
     // The keep-alive task of the old admin queue ends.
     shared.generation.fetch_add(1, Ordering::SeqCst);
@@ -158,7 +168,7 @@ fn recover(shared: Arc<Shared>) {
             Step::Reconnect => {}
         }
         attempts += 1;
-        match reconnect(&shared) {
+        match reconnect(&shared, attempt_timeout(&t.policy, t0.elapsed(), io_failed, t.opts.timeout)) {
             Ok(()) => {
                 shared.reconnects.fetch_add(1, Ordering::Relaxed);
                 shared.set_state(State::Enabled);
@@ -188,17 +198,30 @@ fn fail_io(shared: &Shared) {
     }
 }
 
-pub fn reconnect(shared: &Arc<Shared>) -> Result<(), HostError> {
+/// How long each step of a reconnect attempt may wait: the connect timeout, cut to the moment
+/// the waiting I/O must fail (or the controller is lost), but not below 50 ms: a live
+/// controller answers a connect on a working network in far less, and an attempt cut to
+/// nothing would never succeed.
+pub fn attempt_timeout(p: &Policy, elapsed: Duration, io_failed: bool, connect: Duration) -> Duration {
+    next_wait(&Policy { reconnect_delay: connect, ..*p }, elapsed, io_failed).max(Duration::from_millis(50))
+}
+
+/// One attempt: connects the admin and every I/O queue (each step waiting up to `timeout`),
+/// then gives the cores their new connections.
+pub fn reconnect(shared: &Arc<Shared>, timeout: Duration) -> Result<(), HostError> {
     let t = &shared.target;
-    let mut c = Controller::connect(t.addr, &t.subnqn, &t.opts)?;
+    let opts = QpairOptions { timeout, ..t.opts.clone() };
+    let mut c = Controller::connect(t.addr, &t.subnqn, &opts)?;
     let granted = c.set_queue_count(t.cores as u16)?;
     if (granted as usize) < t.cores {
         return Err(HostError::Protocol(format!("the controller grants {granted} I/O queues, {} reactor cores need one each", t.cores)));
     }
     let mut queues = Vec::with_capacity(t.cores);
     for core in 0..t.cores {
-        queues.push(connect_queue(&mut c, core)?);
+        queues.push(connect_queue(&mut c, core, t.timeouts)?);
     }
+    // The admin queue's own commands are timed by the admin task from now on.
+    c.opts.timeout = t.opts.timeout;
     let id = shared.id;
     for (core, (stream, qp)) in queues.into_iter().enumerate() {
         t.reactors.call(core, move || super::reset_queue(id, stream, qp)).map_err(|e| HostError::Protocol(e.to_string()))?;
@@ -213,7 +236,8 @@ pub fn start_keep_alive(c: Controller, shared: Arc<Shared>) {
     let generation = shared.generation.load(Ordering::SeqCst);
     let period = super::options::Options::keep_alive_period(c.opts.kato_ms);
     let reactors = shared.target.reactors.clone();
-    reactors.send(0, move || reactor::spawn_detached(super::admin::run(c, shared, period, generation)));
+    let admin_timeout = shared.target.timeouts.admin;
+    reactors.send(0, move || reactor::spawn_detached(super::admin::run(c, shared, period, admin_timeout, generation)));
 }
 
 #[cfg(test)]
@@ -267,4 +291,21 @@ mod tests {
         assert!(Policy::from_params(10, 5, 3).is_err(), "fast fail before the first retry");
         assert!(Policy::from_params(-1, 5, 30).is_ok());
     }
+
+    #[test]
+    fn a_reconnect_attempt_never_runs_past_the_moment_io_must_fail() {
+        let p = Policy::from_params(120, 1, 2).unwrap();
+        let ms = Duration::from_millis;
+        // Far from the deadline: the whole connect timeout.
+        assert_eq!(attempt_timeout(&p, ms(0), false, S(1)), S(1));
+        // 500 ms before I/O fails: cut to it, so a hung node's half-open connect cannot hold
+        // the waiting I/O past fast_io_fail_timeout_sec.
+        assert_eq!(attempt_timeout(&p, ms(1500), false, S(5)), ms(500));
+        // I/O has failed: only the loss deadline cuts it.
+        assert_eq!(attempt_timeout(&p, ms(2500), true, S(5)), S(5));
+        assert_eq!(attempt_timeout(&p, ms(118_000), true, S(5)), S(2));
+        // Never below 50 ms.
+        assert_eq!(attempt_timeout(&p, ms(1990), false, S(5)), ms(50));
+    }
 }
+

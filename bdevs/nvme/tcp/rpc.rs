@@ -341,7 +341,8 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if (granted as usize) < cores {
         return Err(RpcError::new(-5, format!("{what}: the controller grants {granted} I/O queues, {cores} reactor cores need one each")));
     }
-    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy, psk };
+    let timeouts = defaults.timeouts();
+    let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy, timeouts, psk };
     let shared = Arc::new_cyclic(|me| Shared {
         name: p.name.clone(),
         id: m.next_id.fetch_add(1, Ordering::Relaxed),
@@ -365,7 +366,7 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         let _ = t.reactors.call_all(move || remove_queue(id));
     };
     for core in 0..cores {
-        let installed = connect_queue(&mut c, core).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
+        let installed = connect_queue(&mut c, core, timeouts).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
             let obs = shared.clone();
             t.reactors.call(core, move || install_queue(id, IoQueue::new(stream, qp, obs))).map_err(RpcError::from)
         });
