@@ -180,10 +180,7 @@ fn a_mirror_with_legs_on_two_other_nodes_survives_kill_and_hang_rejoins_by_itsel
     // 0.5 s resets the controller (SPDK's timeout_us with action_on_timeout reset), and
     // fast_io_fail_timeout_sec counts from when that command was sent, so the host waits on a
     // hung leg no longer than on a dead one. A connect attempt to it gives up after 1 s.
-    a.rpc(
-        "bdev_nvme_set_options",
-        json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000, "timeout_us": 500_000, "action_on_timeout": "reset"}),
-    );
+    a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000, "timeout_us": 500_000, "action_on_timeout": "reset"}));
     attach(&a, "rb", b_addr, NQN_B);
     attach(&a, "rc", c_addr, NQN_C);
     a.rpc("bdev_malloc_create", json!({"name": "l0", "num_blocks": BLOCKS, "block_size": BS}));

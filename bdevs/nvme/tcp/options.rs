@@ -256,7 +256,10 @@ mod tests {
         assert_eq!(t(json!({})), Timeouts { io: None, admin: None, reset: false });
         let ms = Duration::from_millis;
         assert_eq!(t(json!({"timeout_us": 500_000, "action_on_timeout": "reset"})), Timeouts { io: Some(ms(500)), admin: None, reset: true });
-        assert_eq!(t(json!({"timeout_us": 1000, "timeout_admin_us": 3000, "action_on_timeout": "abort"})), Timeouts { io: Some(ms(1)), admin: Some(ms(3)), reset: true });
+        assert_eq!(
+            t(json!({"timeout_us": 1000, "timeout_admin_us": 3000, "action_on_timeout": "abort"})),
+            Timeouts { io: Some(ms(1)), admin: Some(ms(3)), reset: true }
+        );
         assert!(!t(json!({"timeout_us": 1000})).reset, "`none` only logs");
     }
 

@@ -20,11 +20,11 @@
 //! the buffer's address. C2HData payloads are copied from the receive buffer into it, R2Ts are
 //! answered with H2CData PDUs read from it: the caller's buffers are never named here.
 
+use super::options::Timeouts;
 use crate::bdev::{BdevError, CompletionFuture, Completions, IoBuf, IoResult};
 use crate::nvmf::initiator::HostStream;
 use crate::nvmf::pdu::{self, CommonHeader, DataHeader, R2t, RxLimits};
 use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
-use super::options::Timeouts;
 use crate::reactor::{monotonic_ns, Poller};
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
@@ -145,7 +145,9 @@ impl IoQueue {
                 rx_end: 0,
                 tx: Vec::with_capacity(64 * 1024),
                 tx_off: 0,
-                reqs: (0..n).map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false, sent_ns: 0 }).collect(),
+                reqs: (0..n)
+                    .map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false, sent_ns: 0 })
+                    .collect(),
                 free: (0..n as u16).rev().collect(),
             }),
             p: Cell::new(p),

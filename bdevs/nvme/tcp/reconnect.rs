@@ -308,4 +308,3 @@ mod tests {
         assert_eq!(attempt_timeout(&p, ms(1990), false, S(5)), ms(50));
     }
 }
-
