@@ -289,8 +289,9 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
     };
     // One relaxed load while nobody registered with the namespace.
     let access = if matches!(op, Op::Read { .. } | Op::Compare { .. }) { Access::Read } else { Access::Write };
-    // Counted before the check (a non-allocating atomic add on the host's counter), so that a
-    // preempt racing with this check either refuses the command or waits for it.
+    // Counted before the check (a non-allocating atomic add on this core's counter of the
+    // host), so that a preempt or a Clear racing with this check either refuses the command or
+    // waits for it.
     let admitted = Admitted::new(&nsc, conn.core());
     if !nsc.ns.resv.allows(&b.ctrl.hostid, access) {
         return conn.complete(slot, &sqe, Status::generic(SC_RESERVATION_CONFLICT), 0, TxData::None);
