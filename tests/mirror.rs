@@ -309,3 +309,38 @@ fn save_config_while_a_split_drains_writes_the_image_after_its_leg_and_mirror() 
     let slot = after["base_bdevs_list"].as_array().unwrap().iter().find(|b| b["image"] == "a_img").cloned().unwrap_or_default();
     assert_eq!(slot["state"], "split", "the mirror keeps the split: {after}");
 }
+
+/// `save_config` keeps a failed leg; if something else holds that leg's bdev when the
+/// configuration is replayed (here a delay bdev made on it ahead of the mirror), the mirror is
+/// reassembled without it instead of the whole start failing, and keeps naming it.
+#[test]
+fn a_configured_leg_held_by_something_else_at_startup_is_left_out_not_fatal() {
+    let mut d = Daemon::start(MINIMAL_CONFIG);
+    for i in 0..2 {
+        d.rpc("bdev_uring_create", json!({"name": format!("u{i}"), "filename": format!("u{i}.img"), "size_mb": 16}));
+    }
+    d.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["u0", "u1"], "region_size_kb": 256}));
+    let saved = d.dir.path().join("tidemark.toml");
+    d.rpc("save_config", json!({"path": saved.display().to_string()}));
+    assert!(d.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let text = std::fs::read_to_string(&saved).unwrap();
+    let at = text.find("bdev_raid_create").and_then(|i| text[..i].rfind("[[bdev]]")).unwrap_or_else(|| panic!("no mirror in {text}"));
+    let delay = "[[bdev]]\nmethod = \"bdev_delay_create\"\nparams = { name = \"d1\", base_bdev_name = \"u1\", avg_read_latency = 0, p99_read_latency = 0, avg_write_latency = 0, p99_write_latency = 0 }\n\n";
+    std::fs::write(&saved, format!("{}{delay}{}", &text[..at], &text[at..])).unwrap();
+    d.restart();
+    let r = raid(&d, "m0");
+    assert_eq!((leg_state(&r, "u0"), leg_state(&r, "u1")), ("active".to_string(), "failed".to_string()), "{r}");
+    assert!(d.log_text().contains("base bdev u1 is left out"), "{}", d.log_text());
+    let again = d.rpc("save_config", json!({}));
+    assert!(again.to_string().contains(r#""base_bdevs":["u0","u1"]"#), "{again}");
+    // From a client, a held leg is refused as before.
+    for i in 2..4 {
+        d.rpc("bdev_uring_create", json!({"name": format!("u{i}"), "filename": format!("u{i}.img"), "size_mb": 16}));
+    }
+    d.rpc(
+        "bdev_delay_create",
+        json!({"name": "d2", "base_bdev_name": "u2", "avg_read_latency": 0, "p99_read_latency": 0, "avg_write_latency": 0, "p99_write_latency": 0}),
+    );
+    let e = d.try_rpc("bdev_raid_create", json!({"name": "m1", "raid_level": "raid1", "base_bdevs": ["u3", "u2"]})).unwrap_err();
+    assert!(e.code == -16 && e.message.contains("u2"), "{e:?}");
+}

@@ -404,3 +404,92 @@ fn a_hung_head_is_fenced_when_another_node_assembles_its_mirror() {
     }
     println!("fencing test: {:?}", t_start.elapsed());
 }
+
+/// Issue #15: a leg whose node is down when the head restarts stays a leg. Head A serves m0 =
+/// a local file leg + a leg on B. B dies; the orchestrator takes B's controller off A (a
+/// configuration that attaches a node that is down would not start) and A restarts from its
+/// saved configuration: m0 assembles degraded, naming B's leg as failed, and a save after that
+/// restart still names both legs (it used to write only the legs present, so the restart after
+/// that forgot B's leg for good). B comes back: its leg is attached again and re-joins
+/// incrementally by `bdev_raid_add_base_bdev`, and both legs hold everything the host wrote.
+#[test]
+fn a_leg_missing_at_a_head_restart_stays_in_the_saved_config_and_rejoins() {
+    let t_start = Instant::now();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut b = Daemon::start(MINIMAL_CONFIG);
+    setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b2");
+    let mut a = Daemon::start(MINIMAL_CONFIG);
+    a.rpc("bdev_nvme_set_options", json!({"keep_alive_timeout_ms": 2000, "tcp_connect_timeout_ms": 1000}));
+    attach(&a, "rb", b_addr, NQN_B);
+    a.rpc("bdev_uring_create", json!({"name": "l0", "filename": "l0.img", "size_mb": 64, "block_size": BS}));
+    a.rpc("bdev_raid_create", json!({"name": "m0", "raid_level": "raid1", "base_bdevs": ["l0", "rbn1"]}));
+    let r = raid(&a);
+    let (num_regions, data_offset) = (r["num_regions"].as_u64().unwrap(), leg(&r, "rbn1")["data_offset"].as_u64().unwrap());
+    export_on(&a, NQN_A, "m0", a_addr);
+    let mut expect = pattern(4 << 20, 0x21);
+    {
+        let mut h = host(a_addr, NQN_A);
+        h.write(0, &expect);
+    }
+
+    // B dies; A drops its leg and writes on without it.
+    b.kill9();
+    wait_for("the mirror to drop B's leg", 20, || leg(&raid(&a), "rbn1")["state"] == "failed");
+    let degraded = pattern(256 << 10, 0x42);
+    {
+        let mut h = host(a_addr, NQN_A);
+        h.write(1024, &degraded);
+    }
+    expect[1024 * BS..1024 * BS + degraded.len()].copy_from_slice(&degraded);
+    a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"}));
+    let names_both = |d: &Daemon, when: &str| {
+        let cfg = d.rpc("save_config", json!({}));
+        let create = cfg["subsystems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["config"].as_array().into_iter().flatten())
+            .find(|c| c["method"] == "bdev_raid_create")
+            .cloned();
+        let legs = create.as_ref().map(|c| c["params"]["base_bdevs"].clone());
+        assert_eq!(legs, Some(json!(["l0", "rbn1"])), "{when}: the saved mirror names both legs: {cfg}");
+    };
+    names_both(&a, "B down");
+    let r = raid(&a);
+    assert_eq!(leg(&r, "rbn1")["state"], "failed", "{r}");
+
+    // A restarts from its saved configuration, B still down.
+    let saved = a.dir.path().join("tidemark.toml");
+    a.rpc("save_config", json!({"path": saved.display().to_string()}));
+    assert!(a.terminate(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    a.restart();
+    let r = raid(&a);
+    println!("after the restart: {r}");
+    assert_eq!((&r["num_base_bdevs_operational"], &r["degraded"]), (&json!(1), &json!(true)), "{r}");
+    let missing = leg(&r, "rbn1");
+    assert_eq!((&missing["state"], &missing["is_configured"]), (&json!("failed"), &json!(false)), "the missing leg is shown by name: {r}");
+    names_both(&a, "after a restart with B down");
+
+    // B comes back: its leg is attached again and re-joins with the regions it missed.
+    b.restart();
+    setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b2");
+    attach(&a, "rb", b_addr, NQN_B);
+    let added = a.rpc("bdev_raid_add_base_bdev", json!({"raid_bdev": "m0", "base_bdev": "rbn1"}));
+    println!("re-join: {added}");
+    wait_for("B's leg to be in sync", 40, || leg(&raid(&a), "rbn1")["state"] == "active");
+    let l = leg(&raid(&a), "rbn1");
+    let copied = l["last_rejoin"]["regions_to_copy"].as_u64().unwrap_or(u64::MAX);
+    assert!(copied >= 1 && copied < num_regions, "the re-join is incremental: {copied} of {num_regions} regions: {l}");
+    names_both(&a, "B back");
+
+    // Both legs hold what the host wrote: B's through B's own export, A's from its file.
+    let mut ha = host(a_addr, NQN_A);
+    assert!(ha.read(0, expect.len()) == expect, "the volume has every acknowledged write");
+    let mut hb = host(b_addr, NQN_B);
+    assert!(hb.read(data_offset, expect.len()) == expect, "the leg on B has every acknowledged write");
+    let file = std::fs::read(a.data_dir().join("l0.img")).expect("A's leg file");
+    let at = data_offset as usize * BS;
+    assert!(file.len() >= at + expect.len() && file[at..at + expect.len()] == expect[..], "A's local leg has every acknowledged write");
+    println!("restart-with-a-missing-leg test: {:?}", t_start.elapsed());
+}

@@ -269,7 +269,8 @@ fn ptpl_state_survives_a_kill_and_restart_and_without_ptpl_file_it_does_not() {
 /// already at the bdev completed: A's write sits in a delay bdev for 1.5 s when B preempts A;
 /// B's Acquire must not complete before A's write does (a stale head's write landing after
 /// the new head's first write would overwrite it). A's write, admitted before the preempt,
-/// succeeds; A's next write is refused; B's write after the Acquire reads back as B's.
+/// succeeds; A's next write is refused; B's write after the Acquire reads back as B's. Then
+/// the same for a Release with Clear by B.
 #[test]
 fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
     const SLOW_US: u64 = 1_500_000;
@@ -330,4 +331,29 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
             d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": SLOW_US}));
         }
     }
+
+    // Release with Clear drains too: it unregisters A without A's asking, and B's next write
+    // must not be overwritten by A's slow one, although nothing refuses A's writes afterwards
+    // (no reservation is left).
+    let a_sent = std::time::Instant::now();
+    let a_write = std::thread::spawn(move || {
+        let st = qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xAA; 512])).unwrap().0.status();
+        (st, a_sent.elapsed(), qa)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for t in ["avg_write", "p99_write"] {
+        d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": 0}));
+    }
+    assert!(release(&mut qb, 1, 1, 0, 0xB).is_success(), "Clear");
+    let b_done = a_sent.elapsed();
+    let (st, a_done, mut qa) = a_write.join().unwrap();
+    assert!(st.is_success(), "A's write was admitted before the Clear: {st:?}");
+    assert!(b_done >= std::time::Duration::from_micros(SLOW_US), "Clear at {b_done:?} did not wait for A's write (at {a_done:?})");
+    assert!(report(&mut qb, 1, true).unwrap().3.is_empty(), "nobody is registered");
+    let st = qb.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xBB; 512])).unwrap().0.status();
+    assert!(st.is_success());
+    let (cqe, data) = qb.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 1), Payload::In(512)).unwrap();
+    assert!(cqe.status().is_success());
+    assert_eq!(&data[..512], &[0xBB; 512][..], "B's write after the Clear stands");
+    assert!(write(&mut qa, 1).is_success(), "after a Clear nothing fences A");
 }

@@ -159,7 +159,7 @@ pub(crate) async fn assemble(
             }
             create_new(name, legs, uuid, options).await
         }
-        Some(auth) => reassemble(name, legs, auth, options).await,
+        Some(auth) => reassemble(name, legs, missing, auth, options).await,
     }
 }
 
@@ -206,7 +206,7 @@ async fn create_new(name: &str, legs: Vec<Leg>, uuid: Option<Uuid>, options: Mir
     Ok(start(name, mirror_uuid, g, generation, slots, wi, stale, Bitmap::new(g.num_regions), options))
 }
 
-async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: MirrorOptions) -> Result<Arc<MirrorBdev>, MirrorError> {
+async fn reassemble(name: &str, legs: Vec<Leg>, missing: Vec<String>, auth: Superblock, options: MirrorOptions) -> Result<Arc<MirrorBdev>, MirrorError> {
     let g = auth.geometry;
     let bs = legs[0].ch.block_size();
     if bs != g.block_size {
@@ -351,6 +351,7 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
         };
         provided[slot] = true;
     }
+    name_missing_legs(name, &mut slots, missing);
     let in_sync = slots.iter().filter(|s| s.rec.state == SlotState::Active && s.guard.is_some()).count();
     let unsynced = if in_sync >= 2 { wi.clone() } else { Bitmap::new(g.num_regions) };
     // Write the assembled state to every leg in use, bitmaps first; a leg that cannot take it
@@ -414,6 +415,29 @@ async fn reassemble(name: &str, legs: Vec<Leg>, auth: Superblock, options: Mirro
         changes.join(", ")
     );
     Ok(start(name, auth.mirror_uuid, g, generation, slots, wi, stale, unsynced, options))
+}
+
+/// Gives the configured legs that do not exist now (`missing`: a node down at the restart) to
+/// the failed slots whose leg was not given, in slot order, so that the mirror keeps naming them
+/// (`save_config`, `bdev_raid_get_bdevs`) and the next restart from the saved configuration
+/// looks for them again; without a name a missing leg would drop out of the configuration at
+/// the first save and never be looked for. The superblocks keep no bdev names (a name is the
+/// node's business, not the media's), so with several missing legs the pairing follows the
+/// configuration's order, which `save_config` writes in slot order. The name is a label only: a
+/// leg that comes back is matched to its slot by its superblock (`bdev_raid_add_base_bdev`),
+/// never by name.
+fn name_missing_legs(name: &str, slots: &mut [CtlSlot], missing: Vec<String>) {
+    let mut names = missing.into_iter();
+    for s in slots.iter_mut().filter(|s| s.rec.state == SlotState::Failed && s.guard.is_none() && s.name.is_empty()) {
+        match names.next() {
+            Some(n) => s.name = n,
+            None => break,
+        }
+    }
+    for n in names {
+        // More names than missing legs: the superblocks record no leg this one could be.
+        log::warn!("mirror {name}: base bdev {n} does not exist and the mirror records no missing leg; it is not a leg of the mirror");
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

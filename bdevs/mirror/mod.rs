@@ -251,7 +251,8 @@ pub struct MirrorStatus {
 #[derive(Debug, Clone, Default)]
 pub struct SlotStatus {
     pub slot: usize,
-    /// Name of the leg's bdev ("" when unknown, e.g. a leg missing since assembly).
+    /// Name of the leg's bdev; a leg missing since assembly has the name the configuration gave
+    /// it ("" when unknown: the configuration named fewer legs than the superblock misses).
     pub name: String,
     pub leg_uuid: Uuid,
     /// "active", "rebuilding", "failed", "failing", "removed", "splitting", "split".
@@ -522,6 +523,22 @@ impl MirrorBdev {
         self.status().slots.iter().filter(|s| matches!(s.state, "active" | "rebuilding")).map(|s| s.name.clone()).collect()
     }
 
+    /// Names of every leg the configuration must keep, in slot order: those attached, and
+    /// those failed or missing (a node down), so that a restart from the saved configuration
+    /// looks for them again (see `assemble::name_missing_legs`). Not removed legs, nor split
+    /// ones (an image is configured by its own `bdev_raid_open_split_image`), nor a failed leg
+    /// whose name is unknown. SPDK's raid writes every slot too (a slot without a name as
+    /// `removed_base_bdev_<slot>`); tidemark leaves those out: such a name would make a
+    /// restart create nothing under it and only fail to find it.
+    pub fn configured_leg_names(&self) -> Vec<String> {
+        self.status()
+            .slots
+            .iter()
+            .filter(|s| matches!(s.state, "active" | "rebuilding" | "failing" | "failed") && !s.name.is_empty())
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     /// The slot of the leg named `leg`, if it is attached.
     pub fn has_leg(&self, leg: &str) -> bool {
         self.status().slots.iter().any(|s| s.name == leg && matches!(s.state, "active" | "rebuilding" | "failing" | "splitting"))
@@ -556,7 +573,7 @@ impl Bdev for MirrorBdev {
         let mut p = json!({
             "name": self.shared.props.name(),
             "raid_level": "raid1",
-            "base_bdevs": self.attached_leg_names(),
+            "base_bdevs": self.configured_leg_names(),
             "uuid": self.shared.props.uuid().to_string(),
             "strip_size_kb": 0,
             "superblock": true,

@@ -161,7 +161,19 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let mut missing = Vec::new();
     for b in &bases {
         match t.bdevs.get(b) {
-            Some(e) => guards.push(e.claim(&p.name)?),
+            Some(e) => match e.claim(&p.name) {
+                Ok(g) => guards.push(g),
+                // Replaying a configuration, a leg that something else holds now (the operator
+                // took a failed leg's bdev for another use) is left out like a missing one:
+                // `save_config` keeps failed legs, and one of them must not keep the whole
+                // configuration from starting. A new mirror still fails (no superblock to
+                // reassemble from). From a client the call is refused as before.
+                Err(err) if t.from_config() => {
+                    log::warn!("bdev_raid_create {}: base bdev {b} is left out: {err}", p.name);
+                    missing.push(b.clone());
+                }
+                Err(err) => return Err(err.into()),
+            },
             None => missing.push(b.clone()),
         }
     }

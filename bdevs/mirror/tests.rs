@@ -334,6 +334,72 @@ fn the_status_lists_the_legs_as_soon_as_assemble_returns() {
     assert_eq!(m.status().slots.len(), 2);
 }
 
+/// Assembles mirror `name` from `legs` with `missing` named by the configuration but absent.
+fn mirror_missing(rig: &Rig, name: &str, legs: &[&str], missing: &[&str]) -> Arc<MirrorBdev> {
+    let guards: Vec<HoldGuard> = legs.iter().map(|l| rig.reg.get(l).unwrap().claim(name).unwrap()).collect();
+    let (n, missing) = (name.to_string(), missing.iter().map(|m| m.to_string()).collect());
+    let m = rig.run(async move { MirrorBdev::assemble(&n, guards, missing, None, options()).await }).unwrap();
+    rig.reg.register(m.clone() as Arc<dyn Bdev>).unwrap();
+    m
+}
+
+fn saved_legs(m: &MirrorBdev) -> serde_json::Value {
+    m.config_call().map(|(_, p)| p["base_bdevs"].clone()).unwrap_or_default()
+}
+
+/// A leg missing when the mirror is reassembled (its node down at a head restart) keeps the
+/// name the configuration gave it: `bdev_raid_get_bdevs` shows it failed under that name and
+/// `save_config` still lists it in slot order, so a restart from the saved configuration
+/// looks for it again; when it exists again it returns to its slot with only what it missed.
+/// It used to be left out of the saved configuration: the next restart forgot it for good.
+#[test]
+fn a_leg_missing_at_reassembly_keeps_its_name_in_the_saved_configuration() {
+    let rig = Rig::new(1);
+    for l in ["a", "b", "c"] {
+        rig.malloc(l, LEG_BLOCKS);
+    }
+    let m = rig.mirror("m", &["a", "b", "c"]);
+    let g = m.geometry();
+    rig.write("m", 0, pattern(1, 4096)).unwrap();
+    let m2 = m.clone();
+    rig.run(async move { m2.shutdown().await });
+
+    // Restart without b; the configuration names it.
+    let rig2 = restart(&rig, &["a", "c"]);
+    let m = mirror_missing(&rig2, "m", &["a", "c"], &["b"]);
+    assert_eq!(rig2.state_of(&m, "b"), "failed", "{:?}", m.status());
+    assert_eq!(saved_legs(&m), serde_json::json!(["a", "b", "c"]), "slot order, the missing leg included");
+    let b_slot = describe(&m)["base_bdevs_list"].as_array().unwrap().iter().find(|x| x["name"] == "b").cloned().unwrap_or_default();
+    assert_eq!((&b_slot["state"], &b_slot["is_configured"], &b_slot["slot"]), (&serde_json::json!("failed"), &serde_json::json!(false), &serde_json::json!(1)));
+    rig2.write("m", 5 * REGION_BLOCKS, pattern(5, 4096)).unwrap();
+    let m2 = m.clone();
+    rig2.run(async move { m2.shutdown().await });
+
+    // Restarted again from that configuration, b still away: still named.
+    let rig3 = restart(&rig2, &["a", "c"]);
+    let m = mirror_missing(&rig3, "m", &["a", "c"], &["b"]);
+    assert_eq!(saved_legs(&m), serde_json::json!(["a", "b", "c"]));
+    rig3.write("m", 9 * REGION_BLOCKS, pattern(9, 4096)).unwrap();
+    // A name the superblocks have no missing leg for is not made a leg.
+    let m2 = m.clone();
+    rig3.run(async move { m2.shutdown().await });
+    let rig4 = restart(&rig3, &["a", "c"]);
+    let m = mirror_missing(&rig4, "m", &["a", "c"], &["b", "x"]);
+    assert_eq!(saved_legs(&m), serde_json::json!(["a", "b", "c"]));
+
+    // b is back: it returns to its slot and gets the two regions written without it.
+    let b = rig.reg.get("b").unwrap().bdev().clone();
+    rig4.reg.register(b).unwrap();
+    let guard = rig4.reg.get("b").unwrap().claim("m").unwrap();
+    let m2 = m.clone();
+    let added = rig4.run(async move { m2.add_leg(guard).await }).unwrap();
+    assert_eq!(added, AddedLeg { slot: 1, returning: true, regions_to_copy: 2 });
+    rig4.idle(100_000_000);
+    assert_eq!(rig4.state_of(&m, "b"), "active");
+    assert_eq!(rig4.leg_data("a", &g), rig4.leg_data("b", &g));
+    assert_eq!(saved_legs(&m), serde_json::json!(["a", "b", "c"]));
+}
+
 #[test]
 fn after_a_crash_regions_in_flight_are_read_from_one_leg_then_resynchronised() {
     let rig = Rig::new(1);

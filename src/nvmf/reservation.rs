@@ -12,18 +12,37 @@
 //! no REGISTER AND MOVE, notification log entries instead of unit attentions) that the two
 //! share no code.
 //!
-//! Preempt (and Preempt and Abort) drains: a command already handed to the bdev cannot be
-//! recalled, so the Acquire that preempts a host completes only after every command of that
-//! host admitted to the namespace before the preempt has completed (`Reservations::in_flight`
-//! counts them per host; `io::reservation_drain` waits). Later commands meet the conflict.
-//! Without the wait, a write of a fenced head stalled in a slow device could land after the
-//! new head's first write to the same blocks and overwrite it.
+//! Preempt (and Preempt and Abort) and Release with Clear drain: a command already handed to
+//! the bdev cannot be recalled, so the command that takes a host's registration away completes
+//! only after every command of that host admitted to the namespace before it has completed
+//! ([`InFlight`] counts them per host, per core and per drain epoch; `io::reservation_drain`
+//! waits). Without the wait, a write of a fenced head stalled in a slow device could land after
+//! the new head's first write to the same blocks and overwrite it.
+//!
+//! What a drain waits for is "admitted before the change", not "the host has nothing in flight":
+//! after a Clear (no reservation left) or a Preempt under Write Exclusive (anybody may read) the
+//! unregistered host's new commands are still admitted, and a counter that only had to reach
+//! zero would never do so under steady I/O. So every command is counted under the namespace's
+//! drain epoch (one of two counters, by the epoch's parity); a drain advances the epoch after
+//! the state change and waits for the counters of the epoch it closed.
+//!
+//! Which changes drain: Preempt and Clear take registrations from hosts that did not ask, so
+//! those hosts' admitted commands are waited for (Clear: every registrant it unregisters, the
+//! issuer included). A Register with Replace changes a key and no access right; an Unregister
+//! or a Release (even by the holder, even where it lets other hosts write) is the host's own
+//! act on its own commands: NVMe leaves the order of a host's outstanding commands to the
+//! controller (a command sent later may complete first), so a host that wants its writes done
+//! before other hosts may write waits for their completions before it unregisters or releases,
+//! as SCSI initiators do before RELEASE; and the host is still there to do so, unlike a fenced
+//! one. Those complete at once. Any Acquire also waits for a drain still under way (a retried
+//! Acquire, see [`Reservations::drain`]).
 
 use super::spec::{sc, Status};
+use crossbeam_utils::CachePadded;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
 /// A host as reservations know it: the Host Identifier of its Connect.
@@ -190,6 +209,10 @@ pub const MAX_REGISTRANTS: usize = 64;
 pub struct Outcome {
     pub changed: bool,
     pub notices: Vec<(HostId, Notice)>,
+    /// The hosts whose registration this command took away without their asking (Preempt,
+    /// Preempt and Abort, Clear): their commands admitted before it must complete before it
+    /// does (see the module's comment on which changes drain).
+    pub unregistered: Vec<HostId>,
 }
 
 impl Outcome {
@@ -366,6 +389,9 @@ impl ResvState {
                     },
                     1 => {
                         out.notices.extend(self.others(h).map(|x| (x, Notice::ReservationPreempted)));
+                        // Every registrant, the issuer too: the issuer's own commands in flight
+                        // are waited for as well (it costs nothing more and needs no exception).
+                        out.unregistered.extend(self.regs.iter().map(|r| r.host));
                         self.regs.clear();
                         self.res = None;
                         self.generation = self.generation.wrapping_add(1);
@@ -385,6 +411,7 @@ impl ResvState {
             let gone: Vec<HostId> = st.regs.iter().filter(|r| &r.host != h && key.is_none_or(|k| r.key == k)).map(|r| r.host).collect();
             st.regs.retain(|r| !gone.contains(&r.host));
             out.notices.extend(gone.iter().map(|x| (*x, Notice::RegistrationPreempted)));
+            out.unregistered.extend(gone.iter().copied());
             !gone.is_empty()
         };
         match self.res {
@@ -509,6 +536,123 @@ struct SavedRegistrant {
     host_uuid: String,
 }
 
+/// One host's commands admitted to a namespace and not yet completed, counted on the core
+/// each runs on (a host's queues live on several cores; one shared counter would move its cache
+/// line between them on every command) and under the parity of the namespace's drain epoch
+/// (see the module's comment). A drain sums over the cores.
+pub struct InFlight {
+    /// Indexed by core (cores past the end share the last); in each, the commands admitted
+    /// under an even and under an odd epoch.
+    cores: Box<[CachePadded<[AtomicU32; 2]>]>,
+    /// One counter for callers that count outside the per-core path
+    /// ([`Reservations::in_flight_counter`], the simulation's legs): a drain waits for it to
+    /// read zero, without epochs.
+    shared: Arc<AtomicU32>,
+}
+
+impl InFlight {
+    fn new(cores: usize) -> InFlight {
+        InFlight { cores: (0..cores.max(1)).map(|_| CachePadded::new([AtomicU32::new(0), AtomicU32::new(0)])).collect(), shared: Arc::new(AtomicU32::new(0)) }
+    }
+
+    /// Commands counted under epoch parity `p`, over every core.
+    fn count(&self, p: usize) -> u64 {
+        self.cores.iter().map(|c| c[p].load(SeqCst) as u64).sum()
+    }
+
+    /// Every command counted, both parities and the shared counter (tests, diagnostics).
+    pub fn total(&self) -> u64 {
+        self.count(0) + self.count(1) + self.shared.load(SeqCst) as u64
+    }
+
+    /// Ends command `t`: the counter it was counted in goes down, whichever core this runs on.
+    pub fn leave(&self, t: Ticket) {
+        let prev = self.cores[t.core][t.parity].fetch_sub(1, SeqCst);
+        debug_assert!(prev > 0, "an in-flight counter went below zero: a ticket left twice or on another host's counter");
+    }
+}
+
+/// Where one admitted command is counted: given by [`Reservations::admit`], given back once
+/// to [`InFlight::leave`] of the same host (so the decrement hits the counter of the
+/// increment, even if the command ends on another core).
+#[derive(Debug)]
+pub struct Ticket {
+    core: usize,
+    parity: usize,
+}
+
+/// The drain epoch and every host's counters of one namespace; shared with the drains, which
+/// outlive the command that started them.
+struct FlightTable {
+    /// Advanced by each drain after its state change; its parity picks the counter a new
+    /// command is counted in.
+    epoch: AtomicU64,
+    /// Kept while a queue, a drain or a shared-counter user holds the host's counters, or
+    /// while they count anything. Taken when a queue first uses the namespace and by drains,
+    /// never per I/O.
+    hosts: Mutex<Vec<(HostId, Arc<InFlight>)>>,
+}
+
+impl FlightTable {
+    fn hosts(&self) -> MutexGuard<'_, Vec<(HostId, Arc<InFlight>)>> {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Advances the epoch from e to e+1 if nothing of epoch e-1 is in flight on any host (its
+    /// parity becomes current again; were commands of e-1 still counted there, a drain waiting
+    /// for them would see new commands join them and might never end). Returns the parity of
+    /// e, whose counters the caller's drain waits for.
+    fn try_advance(&self) -> Option<usize> {
+        // Under the lock: advances are serialised, and no host is added unseen.
+        let hosts = self.hosts();
+        let e = self.epoch.load(SeqCst);
+        let next = ((e + 1) & 1) as usize;
+        if hosts.iter().any(|(_, f)| f.count(next) > 0) {
+            return None;
+        }
+        self.epoch.store(e + 1, SeqCst);
+        Some((e & 1) as usize)
+    }
+}
+
+/// A drain under way: done when the epoch was advanced after the state change and the
+/// commands the hosts it waits for had admitted before have all completed.
+pub struct Drain {
+    table: Arc<FlightTable>,
+    hosts: Vec<Arc<InFlight>>,
+    /// The parity of the epoch this drain closed; [`Drain::NOT_ADVANCED`] until then.
+    parity: AtomicU8,
+}
+
+impl Drain {
+    const NOT_ADVANCED: u8 = u8::MAX;
+
+    /// Whether the drain is over (advances the epoch first when it can). Polled: a drain is
+    /// rare and the data path stays free of wake-ups.
+    pub fn done(&self) -> bool {
+        let mut p = self.parity.load(Relaxed);
+        if p == Self::NOT_ADVANCED {
+            match self.table.try_advance() {
+                Some(x) => {
+                    p = x as u8;
+                    self.parity.store(p, Relaxed);
+                }
+                None => return false,
+            }
+        }
+        // A command counted under the closed epoch's parity was either admitted before the
+        // advance (and so possibly before the state change) or read the epoch before it and
+        // was checked against the new state: both only go down now, as new commands count
+        // under the other parity.
+        self.hosts.iter().all(|f| f.count(p as usize) == 0 && f.shared.load(SeqCst) == 0)
+    }
+
+    /// How many hosts' commands it waits for (besides the advance).
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
+    }
+}
+
 /// The reservation state of a namespace, shared by every controller that reaches it.
 pub struct Reservations {
     state: Mutex<ResvState>,
@@ -519,17 +663,10 @@ pub struct Reservations {
     /// Where the state persists (`ptpl_file`); None: the namespace cannot persist.
     file: Option<PathBuf>,
     bdev_uuid: Uuid,
-    /// Commands admitted and not yet completed, one counter per host (shared by all the
-    /// host's queues; each queue holds a strong reference from its namespace cache, a running
-    /// command through its queue's, so a host's counter outlives a closed controller whose
-    /// commands are still at the bdev). Taken only when a queue first uses the namespace and
-    /// by a preempt, never per I/O.
-    in_flight: Mutex<Vec<(HostId, Weak<AtomicU32>)>>,
-    /// Counters of preempted hosts whose drain may not have ended: every later Acquire waits
-    /// for them too, so that a retried Acquire (the first one timed out at the host while a
-    /// device held a preempted write; the retry finds its issuer already the holder, nothing
-    /// to preempt) does not complete before the preempted writes left the bdev.
-    draining: Mutex<Vec<Arc<AtomicU32>>>,
+    /// Commands admitted and not yet completed, per host (each queue holds its host's from its
+    /// namespace cache, a running command through its queue's, so a host's counters outlive a
+    /// closed controller whose commands are still at the bdev), and the drain epoch.
+    flight: Arc<FlightTable>,
 }
 
 impl Reservations {
@@ -548,8 +685,7 @@ impl Reservations {
             conflicts: AtomicU64::new(0),
             file,
             bdev_uuid,
-            in_flight: Mutex::new(Vec::new()),
-            draining: Mutex::new(Vec::new()),
+            flight: Arc::new(FlightTable { epoch: AtomicU64::new(0), hosts: Mutex::new(Vec::new()) }),
         })
     }
 
@@ -561,43 +697,67 @@ impl Reservations {
         self.file.as_deref()
     }
 
-    /// The in-flight counter of host `h` on this namespace (created on first use).
+    /// The in-flight counters of host `h` on this namespace (created on first use, with one
+    /// counter per core of the reactor set this runs on).
+    pub fn in_flight(&self, h: &HostId) -> Arc<InFlight> {
+        let mut v = self.flight.hosts();
+        if let Some((_, f)) = v.iter().find(|(x, _)| x == h) {
+            return f.clone();
+        }
+        // Counters nobody uses any more go (hosts that came and went): held by the table
+        // alone, counting nothing. Clones are made under this lock or from another holder, so
+        // a count of one cannot grow behind this check.
+        v.retain(|(_, f)| Arc::strong_count(f) > 1 || Arc::strong_count(&f.shared) > 1 || f.total() > 0);
+        let f = Arc::new(InFlight::new(crate::reactor::try_current().map_or(1, |c| c.core_count())));
+        v.push((*h, f.clone()));
+        f
+    }
+
+    /// Host `h`'s single shared counter, for callers that count outside the per-core path (the
+    /// simulation's legs): increment before [`Self::allows`], decrement when the command ended.
     pub fn in_flight_counter(&self, h: &HostId) -> Arc<AtomicU32> {
-        let mut v = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = v.iter().find(|(x, _)| x == h).and_then(|(_, w)| w.upgrade()) {
-            return c;
-        }
-        // Counters nobody uses any more go (hosts that came and went).
-        v.retain(|(_, w)| w.strong_count() > 0);
-        let c = Arc::new(AtomicU32::new(0));
-        v.push((*h, Arc::downgrade(&c)));
-        c
+        self.in_flight(h).shared.clone()
     }
 
-    /// The in-flight counters of `hosts` that exist (a host with none has nothing in flight).
-    pub fn in_flight_of(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
-        let v = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        hosts.filter_map(|h| v.iter().find(|(x, _)| *x == h).and_then(|(_, w)| w.upgrade())).collect()
+    /// Counts a command of the host of `f` on core `core` (the core it is checked on), before
+    /// its reservation check: see [`Self::allows`]. The ticket goes back to `f.leave`.
+    pub fn admit(&self, f: &InFlight, core: usize) -> Ticket {
+        let core = core.min(f.cores.len() - 1);
+        let parity = (self.flight.epoch.load(SeqCst) & 1) as usize;
+        // SeqCst, before the check: see `allows`.
+        f.cores[core][parity].fetch_add(1, SeqCst);
+        Ticket { core, parity }
     }
 
-    /// What a successful Acquire waits for: the counters of the hosts it preempted (`hosts`)
-    /// and those of earlier preempts still above zero.
-    pub fn acquire_drain(&self, hosts: impl Iterator<Item = HostId>) -> Vec<Arc<AtomicU32>> {
-        let new = self.in_flight_of(hosts);
-        let mut d = self.draining.lock().unwrap_or_else(|e| e.into_inner());
-        d.retain(|c| c.load(SeqCst) > 0);
-        for c in new {
-            if !d.iter().any(|x| Arc::ptr_eq(x, &c)) {
-                d.push(c);
-            }
-        }
-        d.clone()
+    /// The drain a command that changed the state must wait for before it completes: the
+    /// commands `hosts` admitted before the change. Called after the change. Every Acquire
+    /// drains, with no hosts when it preempted nobody: its drain still waits for the epoch to
+    /// advance, which waits for any earlier drain's commands, so that a retried Acquire (the
+    /// first timed out at the host while a device held a preempted write; the retry finds its
+    /// issuer already the holder, nothing to preempt) does not complete before the preempted
+    /// writes left the bdev.
+    pub fn drain(&self, hosts: impl Iterator<Item = HostId>) -> Drain {
+        let hosts: Vec<HostId> = hosts.collect();
+        let v = self.flight.hosts();
+        // A host without counters has nothing in flight.
+        let hosts = v.iter().filter(|(x, _)| hosts.contains(x)).map(|(_, f)| f.clone()).collect();
+        drop(v);
+        let d = Drain { table: self.flight.clone(), hosts, parity: AtomicU8::new(Drain::NOT_ADVANCED) };
+        // Advance now if possible: the sooner, the fewer commands the drain waits for.
+        d.done();
+        d
+    }
+
+    /// [`Self::drain`] for an Acquire that preempted `hosts`.
+    pub fn acquire_drain(&self, hosts: impl Iterator<Item = HostId>) -> Drain {
+        self.drain(hosts)
     }
 
     /// Whether a command of kind `access` from host `h` may run. Costs one load while nothing
-    /// is registered. The caller has already counted the command in its host's in-flight
-    /// counter (SeqCst): either this check sees a preempt's new state, or the preempt's
-    /// drain (which loads the counters after changing the state) sees the command counted.
+    /// is registered. The caller has already counted the command ([`Self::admit`], SeqCst):
+    /// either this check sees a preempt's (or a Clear's) new state, or the drain (which
+    /// advances the epoch and loads the counters after changing the state) sees the command
+    /// counted under the epoch it closed.
     /// The flag is loaded SeqCst for the same reason: a check that reads it stale (false)
     /// is ordered before the preempted host's registration, hence before the drain's load.
     pub fn allows(&self, h: &HostId, access: Access) -> bool {
@@ -698,7 +858,7 @@ mod tests {
         let ie = Command::Register { action: 2, iekey: true, cptpl: 0, crkey: 0, nrkey: 0xD };
         assert!(st.execute(&host(2), ie, false).is_ok(), "IEKEY registers");
         assert_eq!(reg(&mut st, 2, 1, 0x1, 0), Err(ResvError::Conflict));
-        assert!(reg(&mut st, 2, 1, 0xD, 0).is_ok());
+        assert!(reg(&mut st, 2, 1, 0xD, 0).unwrap().unregistered.is_empty(), "a host's own Unregister does not drain");
         assert_eq!(st.key_of(&host(2)), None);
         assert_eq!(st.generation, 4);
         assert_eq!(reg(&mut st, 1, 5, 0xC, 0), Err(ResvError::InvalidField));
@@ -755,6 +915,7 @@ mod tests {
         acq(&mut st, 2, 0, rtype::WRITE_EXCLUSIVE, 0xB, 0).unwrap();
         let out = rel(&mut st, 1, 1, 0, 0xA).unwrap();
         assert_eq!(out.notices, vec![(host(2), Notice::ReservationPreempted)]);
+        assert_eq!(out.unregistered, vec![host(1), host(2)], "Clear drains every registrant, its issuer too");
         assert!(!st.active());
     }
 
@@ -770,6 +931,7 @@ mod tests {
         let g = st.generation;
         let out = acq(&mut st, 2, 2, rtype::EXCLUSIVE_ACCESS, 0xB, 0xA).unwrap();
         assert_eq!(out.notices, vec![(host(1), Notice::RegistrationPreempted)]);
+        assert_eq!(out.unregistered, vec![host(1)]);
         assert_eq!(st.generation, g + 1);
         assert_eq!(st.key_of(&host(1)), None);
         assert!(st.conflicts(&host(1), Access::Write) && st.conflicts(&host(1), Access::Read));
