@@ -308,8 +308,7 @@ impl Module for BdevSubsystem {
 
     fn config(&self, t: &Ctx) -> Vec<ConfigCall> {
         // Module options first: they apply to the bdevs created after them.
-        let options =
-            [crate::bdevs::mirror::options_call(), crate::bdevs::nvme::tcp::rpc::options_call(t)].into_iter().flatten().map(|(m, p)| ConfigCall::new(m, p));
+        let options = crate::bdevs::mirror::options_call().into_iter().chain(crate::bdevs::nvme::tcp::rpc::module_calls(t)).map(|(m, p)| ConfigCall::new(m, p));
         let order = t.bdevs.in_creation_order();
         let creates = order.iter().filter_map(|e| e.bdev().config_call()).map(|(m, p)| ConfigCall::new(m, p));
         // Limits last: every bdev, whichever module makes it, exists by then.

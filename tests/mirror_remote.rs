@@ -406,14 +406,15 @@ fn a_hung_head_is_fenced_when_another_node_assembles_its_mirror() {
 }
 
 /// Issue #15: a leg whose node is down when the head restarts stays a leg. Head A serves m0 =
-/// a local file leg + a leg on B. B dies; the orchestrator takes B's controller off A (a
-/// configuration that attaches a node that is down would not start) and A restarts from its
-/// saved configuration: m0 assembles degraded, naming B's leg as failed, and a save after that
-/// restart still names both legs (it used to write only the legs present, so the restart after
-/// that forgot B's leg for good). B comes back: its leg is attached again and re-joins
-/// incrementally by `bdev_raid_add_base_bdev`, and both legs hold everything the host wrote.
+/// a local file leg + a leg on B. B dies, and A restarts from its saved configuration while B
+/// is still down: A starts (B's controller, which the configuration attaches, is kept
+/// `connecting` instead of failing the start), m0 assembles degraded naming B's leg as failed,
+/// and a save after that restart still names B's controller and both legs (it used to write
+/// only the legs present, so the restart after that forgot B's leg for good). B comes back:
+/// A's controller attaches by itself, and B's leg re-joins by itself with only the regions it
+/// missed; both legs hold everything the host wrote.
 #[test]
-fn a_leg_missing_at_a_head_restart_stays_in_the_saved_config_and_rejoins() {
+fn a_leg_whose_node_is_down_at_a_head_restart_stays_a_leg_and_rejoins_by_itself() {
     let t_start = Instant::now();
     let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
     let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -442,7 +443,6 @@ fn a_leg_missing_at_a_head_restart_stays_in_the_saved_config_and_rejoins() {
         h.write(1024, &degraded);
     }
     expect[1024 * BS..1024 * BS + degraded.len()].copy_from_slice(&degraded);
-    a.rpc("bdev_nvme_detach_controller", json!({"name": "rb"}));
     let names_both = |d: &Daemon, when: &str| {
         let cfg = d.rpc("save_config", json!({}));
         let create = cfg["subsystems"]
@@ -454,6 +454,7 @@ fn a_leg_missing_at_a_head_restart_stays_in_the_saved_config_and_rejoins() {
             .cloned();
         let legs = create.as_ref().map(|c| c["params"]["base_bdevs"].clone());
         assert_eq!(legs, Some(json!(["l0", "rbn1"])), "{when}: the saved mirror names both legs: {cfg}");
+        assert!(cfg.to_string().contains("bdev_nvme_attach_controller"), "{when}: B's controller is saved: {cfg}");
     };
     names_both(&a, "B down");
     let r = raid(&a);
@@ -470,14 +471,25 @@ fn a_leg_missing_at_a_head_restart_stays_in_the_saved_config_and_rejoins() {
     let missing = leg(&r, "rbn1");
     assert_eq!((&missing["state"], &missing["is_configured"]), (&json!("failed"), &json!(false)), "the missing leg is shown by name: {r}");
     names_both(&a, "after a restart with B down");
+    let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
+    assert_eq!(c[0]["ctrlrs"][0]["state"], "connecting", "B's controller waits for B: {c}");
+    assert!(c[0]["ctrlrs"][0]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{c}");
+    // The volume serves meanwhile.
+    {
+        let mut h = host(a_addr, NQN_A);
+        assert!(h.read(0, expect.len()) == expect, "A serves m0 from its own leg while B is down");
+    }
 
-    // B comes back: its leg is attached again and re-joins with the regions it missed.
+    // B comes back: A's controller attaches by itself and B's leg re-joins by itself with the
+    // regions it missed.
     b.restart();
     setup_leg_node(&b, NQN_B, b_addr, "5e1f0c2a-7d3b-4c1e-9a55-0123456789b2");
-    attach(&a, "rb", b_addr, NQN_B);
-    let added = a.rpc("bdev_raid_add_base_bdev", json!({"raid_bdev": "m0", "base_bdev": "rbn1"}));
-    println!("re-join: {added}");
-    wait_for("B's leg to be in sync", 40, || leg(&raid(&a), "rbn1")["state"] == "active");
+    wait_for("B's leg to re-join by itself", 40, || {
+        let l = leg(&raid(&a), "rbn1");
+        l["state"] == "active" && l["rejoins"]["auto"] == 1
+    });
+    let c = a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}));
+    assert_eq!(c[0]["ctrlrs"][0]["state"], "enabled", "{c}");
     let l = leg(&raid(&a), "rbn1");
     let copied = l["last_rejoin"]["regions_to_copy"].as_u64().unwrap_or(u64::MAX);
     assert!(copied >= 1 && copied < num_regions, "the re-join is incremental: {copied} of {num_regions} regions: {l}");

@@ -779,3 +779,66 @@ fn a_stale_head_is_fenced_on_spdk_nvmf_tgt_legs() {
     assert_eq!(r["fenced"], true, "{r}");
     assert!(hd.read(1, 0, 64) == data, "A's refused write reached no leg");
 }
+
+/// A controller the configuration attaches whose node does not answer at startup: with a
+/// reconnect policy the daemon starts anyway and keeps it `connecting` (a head restarting while
+/// a leg's node is down must serve its volumes), `save_config` keeps it, a detach cancels it,
+/// and it attaches by itself once the node answers; with SPDK's default policy (no reconnects)
+/// the start fails as in SPDK. A client's attach to a node that does not answer fails at once.
+#[test]
+fn a_configured_controller_whose_node_is_down_keeps_connecting() {
+    let port = free_port();
+    let attach_call = |name: &str, policy: &str| {
+        format!(
+            "[[bdev]]\nmethod = \"bdev_nvme_attach_controller\"\n\
+             params = {{ name = \"{name}\", trtype = \"tcp\", adrfam = \"ipv4\", traddr = \"127.0.0.1\", trsvcid = \"{port}\", subnqn = \"{NQN_B}\"{policy} }}\n"
+        )
+    };
+    let policy = ", ctrlr_loss_timeout_sec = -1, reconnect_delay_sec = 1";
+    let a = Daemon::start(&format!("{MINIMAL_CONFIG}{}{}", attach_call("rb", policy), attach_call("rc", policy)));
+    let c = a.rpc("bdev_nvme_get_controllers", json!({}));
+    let states: Vec<_> = c.as_array().unwrap().iter().map(|x| (x["name"].clone(), x["ctrlrs"][0]["state"].clone())).collect();
+    assert_eq!(states, vec![(json!("rb"), json!("connecting")), (json!("rc"), json!("connecting"))], "{c}");
+    assert!(c[0]["ctrlrs"][0]["last_error"].as_str().is_some_and(|e| e.contains("cannot attach rb")), "{c}");
+    let e = a.try_rpc("bdev_nvme_attach_controller", attach_params("rb", format!("127.0.0.1:{port}").parse().unwrap())).unwrap_err();
+    assert_eq!(e.code, -17, "the name is taken while it connects: {}", e.message);
+    let saved = a.rpc("save_config", json!({})).to_string();
+    assert_eq!(saved.matches("bdev_nvme_attach_controller").count(), 2, "both are saved: {saved}");
+    // A detach cancels one.
+    assert_eq!(a.rpc("bdev_nvme_detach_controller", json!({"name": "rc"})), json!(true));
+    let c = a.rpc("bdev_nvme_get_controllers", json!({}));
+    assert_eq!(c.as_array().map(|v| v.len()), Some(1), "{c}");
+    assert!(a.try_rpc("bdev_nvme_get_controllers", json!({"name": "rc"})).is_err());
+    // The node comes up on that port: rb attaches by itself and its bdev appears.
+    let b = Daemon::start(MINIMAL_CONFIG);
+    b.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 2048, "block_size": 512}));
+    export_on(&b, NQN_B, &["m0"], port);
+    let t0 = Instant::now();
+    while a.try_rpc("bdev_get_bdevs", json!({"name": "rbn1"})).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "rb did not attach: {}", a.rpc("bdev_nvme_get_controllers", json!({})));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(a.rpc("bdev_nvme_get_controllers", json!({"name": "rb"}))[0]["ctrlrs"][0]["state"], "enabled");
+    let saved = a.rpc("save_config", json!({})).to_string();
+    assert_eq!(saved.matches("bdev_nvme_attach_controller").count(), 1, "rb once (by its bdev), rc gone: {saved}");
+    drop(b);
+    // A client's attach fails at once; so does a start whose configuration attaches a node
+    // that does not answer with SPDK's default policy.
+    let dead = free_port();
+    let e = a.try_rpc("bdev_nvme_attach_controller", attach_params("rd", format!("127.0.0.1:{dead}").parse().unwrap())).unwrap_err();
+    assert_eq!(e.code, -5, "{}", e.message);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!("{MINIMAL_CONFIG}{}", attach_call("rd", "")).replace(&format!("trsvcid = \"{port}\""), &format!("trsvcid = \"{dead}\""));
+    let path = dir.path().join("t.toml");
+    std::fs::write(
+        &path,
+        text.replace("{socket}", &dir.path().join("s.sock").display().to_string())
+            .replace("{data_dir}", &dir.path().display().to_string())
+            .replace("{metrics}", ""),
+    )
+    .unwrap();
+    // (Bounded: a daemon that wrongly started would otherwise run on.)
+    let o = std::process::Command::new("timeout").args(["30", TIDEMARKD, "--config"]).arg(&path).env_remove("RUST_LOG").output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success() && o.status.code() != Some(124) && out.contains("cannot attach rd"), "{out}");
+}

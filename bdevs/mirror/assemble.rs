@@ -481,6 +481,7 @@ fn start(
         ctl_preserve_io: AtomicU64::new(0),
         fenced: AtomicBool::new(false),
         fenced_by: Mutex::new(String::new()),
+        registry: Default::default(),
     });
     // Regions dirty at assembly start open: their bits are durable, and every departed leg's
     // stale map already covers them.

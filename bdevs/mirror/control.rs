@@ -864,8 +864,12 @@ impl Ctl {
     /// Starts an attempt for each failed leg that is due: its bdev is claimed again (which
     /// fails while anything else holds it: an operator who took it over keeps it) and its
     /// superblock read off the control loop, so that a node that hangs holds up nothing here.
-    /// A leg the operator removed, a split-off leg and one that failed at assembly (no bdev
-    /// seen since) are never candidates: only `Failed` slots with a bdev this task released.
+    /// A leg the operator removed and a split-off leg are never candidates: only `Failed`
+    /// slots. The bdev tried is the one this task released, or, when that is gone (deleted
+    /// with a lost controller) or there never was one (the leg was missing at assembly: its
+    /// node was down when this head started, its controller still connecting), the bdev under
+    /// the leg's configured name once one exists: its superblock decides whether it is this
+    /// slot's leg, as for any re-join.
     fn rejoin_tick(&mut self) {
         if self.shutting_down || !self.sh.process_options().auto_rejoin.load(Relaxed) {
             return;
@@ -875,8 +879,12 @@ impl Ctl {
             if !self.rejoin_candidate(s) || self.rejoin[s].probing || now < self.rejoin[s].at_ns {
                 continue;
             }
-            let Some(entry) = self.rejoin[s].departed.as_ref().and_then(Weak::upgrade) else {
-                // Deleted: gone for good (a bdev made again under its name is added by RPC).
+            let departed = self.rejoin[s].departed.as_ref().and_then(Weak::upgrade);
+            let by_name = || {
+                let name = &self.slots[s].name;
+                (!name.is_empty()).then(|| self.sh.registry.get().and_then(Weak::upgrade)).flatten().and_then(|r| r.get(name))
+            };
+            let Some(entry) = departed.or_else(by_name) else {
                 self.rejoin[s].departed = None;
                 continue;
             };

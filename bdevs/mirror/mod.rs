@@ -350,6 +350,9 @@ pub(crate) struct Shared {
     pub fenced: AtomicBool,
     /// The leg that fenced it (for the RPC view and the log).
     pub fenced_by: Mutex<String>,
+    /// The bdev registry, once the mirror is registered: a failed leg whose bdev is gone, or
+    /// was missing at assembly, is looked for under its name there to re-join by itself.
+    pub registry: std::sync::OnceLock<std::sync::Weak<crate::bdev::BdevRegistry>>,
 }
 
 impl Shared {
@@ -436,6 +439,12 @@ impl MirrorBdev {
 
     pub fn geometry(&self) -> Geometry {
         self.shared.geometry
+    }
+
+    /// Lets the mirror find a failed leg's bdev by name when it appears again (see
+    /// `Shared::registry`); the RPC that registers the mirror sets it.
+    pub fn set_registry(&self, r: &Arc<crate::bdev::BdevRegistry>) {
+        let _ = self.shared.registry.set(Arc::downgrade(r));
     }
 
     pub fn home_core(&self) -> usize {

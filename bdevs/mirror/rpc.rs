@@ -179,6 +179,7 @@ fn create(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     }
     let (name, uuid) = (p.name.clone(), p.uuid);
     let m = t.reactors.call_async(0, CALL_WAIT, move || async move { MirrorBdev::assemble(&name, guards, missing, uuid, options).await })??;
+    m.set_registry(&t.bdevs);
     if let Err(e) = t.bdevs.register(m.clone() as Arc<dyn crate::bdev::Bdev>) {
         let m2 = m.clone();
         let _ = t.reactors.call_async(m.home_core(), CALL_WAIT, move || async move { m2.shutdown().await });

@@ -137,6 +137,15 @@ impl KeyRef {
     }
 }
 
+/// Another hold by the same user (an NVMe/TCP controller still connecting keeps one, and gives
+/// its controller another once it connects).
+impl Clone for KeyRef {
+    fn clone(&self) -> KeyRef {
+        self.key.users().push(self.user.clone());
+        KeyRef { key: self.key.clone(), user: self.user.clone() }
+    }
+}
+
 impl Drop for KeyRef {
     fn drop(&mut self) {
         let mut users = self.key.users();

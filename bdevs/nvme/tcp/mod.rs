@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod options;
+pub mod pending;
 pub mod queue;
 pub mod reconnect;
 pub mod rpc;

@@ -5,9 +5,11 @@
 //! the options, and writes their metrics.
 
 use super::options::Options;
+use super::pending::Pending;
 use super::queue::{IoQueue, MAX_TRANSFER};
 use super::reconnect::{connect_queue, start_keep_alive, Policy, Target};
 use super::{bdev_name, install_queue, remove_queue, NvmeTcpBdev, Shared, State, TcpController};
+use crate::bdev::BdevCtx;
 use crate::config::ConfigCall;
 use crate::metrics::MetricsOut;
 use crate::module::{Ctx, Module};
@@ -18,7 +20,7 @@ use crate::rpc::{parse, parse_spdk, RpcError, SpdkParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 crate::register_module! {
@@ -40,15 +42,33 @@ crate::register_module! {
 
 #[derive(Default)]
 pub struct TcpModule {
-    ctrls: Mutex<Vec<Arc<TcpController>>>,
+    ctrls: Arc<Controllers>,
     opts: Mutex<Options>,
+}
+
+/// The attached controllers, and those the configuration attaches whose node does not answer
+/// yet ([`super::pending`]); shared with the threads that keep connecting those.
+#[derive(Default)]
+pub(super) struct Controllers {
+    attached: Mutex<Vec<Arc<TcpController>>>,
+    pub(super) pending: Mutex<Vec<Arc<Pending>>>,
     next_id: AtomicU64,
+}
+
+impl Controllers {
+    pub(super) fn pending(&self) -> MutexGuard<'_, Vec<Arc<Pending>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn attached(&self) -> MutexGuard<'_, Vec<Arc<TcpController>>> {
+        self.attached.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl TcpModule {
     /// The attached controllers; forgets those deleted after `ctrlr_loss_timeout_sec`.
     fn list(&self) -> Vec<Arc<TcpController>> {
-        let mut all = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.ctrls.attached();
         all.retain(|c| !c.shared.removed.load(Ordering::SeqCst));
         all.clone()
     }
@@ -76,6 +96,9 @@ impl Module for TcpModule {
     /// (`Offline`): the bdevs' flushes that follow, and the reactors' drain of busy pollers,
     /// must not wait for a node that is gone.
     fn shutdown(&self, ctx: &Ctx) {
+        for p in self.ctrls.pending().drain(..) {
+            p.cancel();
+        }
         for c in self.list() {
             c.shared.stop.store(true, Ordering::Relaxed);
             let id = c.shared.id;
@@ -213,10 +236,14 @@ fn connect_error(what: &str, e: HostError) -> RpcError {
     RpcError::new(-5, format!("{what}: {e}"))
 }
 
-/// The `bdev_nvme_set_options` call of save_config (in the bdev section, before the attach
-/// calls it applies to), when the options are not the defaults.
-pub fn options_call(t: &Ctx) -> Option<(&'static str, Value)> {
-    t.module::<TcpModule>()?.options().config_call()
+/// The module's calls of save_config (in the bdev section, before the bdevs): the
+/// `bdev_nvme_set_options` call when the options are not the defaults (before the attach calls
+/// it applies to), and the attach call of each controller still connecting (it has no bdev to
+/// write it, and the next start must go on looking for it).
+pub fn module_calls(t: &Ctx) -> Vec<(&'static str, Value)> {
+    let Some(m) = t.module::<TcpModule>() else { return Vec::new() };
+    let pending: Vec<_> = m.ctrls.pending().iter().map(|x| ("bdev_nvme_attach_controller", x.prep.given.clone())).collect();
+    m.options().config_call().into_iter().chain(pending).collect()
 }
 
 fn set_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
@@ -224,7 +251,7 @@ fn set_options(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let o = o.normalize();
     o.validate().map_err(RpcError::invalid_params)?;
     let m = module(t)?;
-    if !m.list().is_empty() {
+    if !m.list().is_empty() || !m.ctrls.pending().is_empty() {
         return Err(RpcError::new(crate::rpc::EPERM, "bdev_nvme_set_options is a startup call: a controller is attached"));
     }
     *m.opts.lock().unwrap_or_else(|e| e.into_inner()) = o;
@@ -250,11 +277,29 @@ fn reset_controller(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// What an attach call resolved before connecting: enough to connect again later without the
+/// RPC context (see [`super::pending`]).
+pub(super) struct Prepared {
+    pub(super) name: String,
+    pub(super) given: Value,
+    pub(super) traddr: String,
+    pub(super) trsvcid: String,
+    adrfam: String,
+    pub(super) subnqn: String,
+    addr: std::net::SocketAddr,
+    opts: QpairOptions,
+    pub(super) policy: Policy,
+    timeouts: super::options::Timeouts,
+    psk: Option<crate::keyring::KeyRef>,
+    generate_uuids: bool,
+    pub(super) what: String,
+}
+
 pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     let given = raw.clone().unwrap_or(Value::Null);
     let p: Attach = parse_spdk(raw)?;
     let m = module(t)?;
-    if m.find(&p.name).is_some() {
+    if m.find(&p.name).is_some() || m.ctrls.pending().iter().any(|x| x.prep.name == p.name) {
         return Err(RpcError::exists(format!("NVMe controller {} already exists", p.name)));
     }
     let subnqn = p.subnqn.clone().ok_or_else(|| RpcError::invalid_params("field `subnqn`: required for a TCP controller"))?;
@@ -304,17 +349,53 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         }
     };
     let what = format!("cannot attach {} ({}:{} {})", p.name, p.traddr, trsvcid, subnqn);
-    let mut c = Controller::connect(addr, &subnqn, &opts).map_err(|e| connect_error(&what, e))?;
+    let prep = Prepared {
+        name: p.name.clone(),
+        given,
+        traddr: p.traddr.clone(),
+        trsvcid,
+        adrfam: p.adrfam.clone().unwrap_or_else(|| "IPv4".into()),
+        subnqn,
+        addr,
+        opts,
+        policy,
+        timeouts: defaults.timeouts(),
+        psk,
+        generate_uuids: defaults.generate_uuids,
+        what,
+    };
+    let b = BdevCtx { reactors: t.reactors.clone(), bdevs: t.bdevs.clone() };
+    match connect_and_register(&m.ctrls, &b, &prep) {
+        // The configuration names a controller whose node does not answer (yet): a head
+        // restarting while a leg's node is down must still start and serve its volumes. It is
+        // kept connecting in the background by the attach's own reconnect policy; its bdevs
+        // appear when it answers (a mirror takes back a leg it names then). A client's call
+        // fails as in SPDK: the caller is there to see the error and retry. SPDK's default
+        // policy (ctrlr_loss_timeout_sec 0: no reconnects) keeps the old behaviour too.
+        Err(e) if t.from_config() && prep.policy.ctrlr_loss != Some(Duration::ZERO) && !crate::config::check::active() => {
+            log::warn!("{}; the configuration keeps it and it goes on connecting every {:?}", e.message, prep.policy.reconnect_delay);
+            super::pending::start(m.ctrls.clone(), b, prep, e.message);
+            Ok(json!([]))
+        }
+        r => r,
+    }
+}
+
+/// Connects `prep`'s controller, makes its namespaces' bdevs and registers it with the module.
+pub(super) fn connect_and_register(m: &Arc<Controllers>, t: &BdevCtx, prep: &Prepared) -> Result<Value, RpcError> {
+    let (what, subnqn, opts, policy, addr) = (&prep.what, prep.subnqn.clone(), &prep.opts, prep.policy, prep.addr);
+    let psk = prep.psk.clone();
+    let mut c = Controller::connect(addr, &subnqn, opts).map_err(|e| connect_error(what, e))?;
     // MDTS is in units of the minimum memory page size (CAP.MPSMIN).
-    let cap = c.property_get(prop::CAP).map_err(|e| connect_error(&what, e))?;
+    let cap = c.property_get(prop::CAP).map_err(|e| connect_error(what, e))?;
     let page = 4096usize << ((cap >> 48) & 0xF);
     let max_transfer = match c.id.mdts {
         0 => MAX_TRANSFER,
         m => page.checked_shl(m as u32).unwrap_or(usize::MAX).min(MAX_TRANSFER),
     };
     let mut namespaces = Vec::new();
-    for nsid in c.active_namespaces().map_err(|e| connect_error(&what, e))? {
-        let ns = c.identify_namespace(nsid).map_err(|e| connect_error(&what, e))?;
+    for nsid in c.active_namespaces().map_err(|e| connect_error(what, e))? {
+        let ns = c.identify_namespace(nsid).map_err(|e| connect_error(what, e))?;
         if ns.nsze == 0 || ns.block_size == 0 {
             continue;
         }
@@ -323,7 +404,7 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     if namespaces.is_empty() {
         return Err(RpcError::no_device(format!("{what}: the subsystem has no active namespace")));
     }
-    let names: Vec<String> = namespaces.iter().map(|(nsid, _)| bdev_name(&p.name, *nsid)).collect();
+    let names: Vec<String> = namespaces.iter().map(|(nsid, _)| bdev_name(&prep.name, *nsid)).collect();
     for n in &names {
         t.bdevs.check_new_name(n)?;
     }
@@ -337,14 +418,14 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         return Ok(json!(names));
     }
     let cores = t.reactors.core_count();
-    let granted = c.set_queue_count(cores as u16).map_err(|e| connect_error(&what, e))?;
+    let granted = c.set_queue_count(cores as u16).map_err(|e| connect_error(what, e))?;
     if (granted as usize) < cores {
         return Err(RpcError::new(-5, format!("{what}: the controller grants {granted} I/O queues, {cores} reactor cores need one each")));
     }
-    let timeouts = defaults.timeouts();
+    let timeouts = prep.timeouts;
     let target = Target { reactors: t.reactors.clone(), addr, subnqn: subnqn.clone(), opts: opts.clone(), cores, policy, timeouts, psk };
     let shared = Arc::new_cyclic(|me| Shared {
-        name: p.name.clone(),
+        name: prep.name.clone(),
         id: m.next_id.fetch_add(1, Ordering::Relaxed),
         state: Default::default(),
         io_errors: AtomicU64::new(0),
@@ -362,11 +443,11 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         me: me.clone(),
     });
     let id = shared.id;
-    let undo_queues = |t: &Ctx| {
+    let undo_queues = |t: &BdevCtx| {
         let _ = t.reactors.call_all(move || remove_queue(id));
     };
     for core in 0..cores {
-        let installed = connect_queue(&mut c, core, timeouts).map_err(|e| connect_error(&what, e)).and_then(|(stream, qp)| {
+        let installed = connect_queue(&mut c, core, timeouts).map_err(|e| connect_error(what, e)).and_then(|(stream, qp)| {
             let obs = shared.clone();
             t.reactors.call(core, move || install_queue(id, IoQueue::new(stream, qp, obs))).map_err(RpcError::from)
         });
@@ -377,16 +458,16 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
     }
     let ctrl = Arc::new(TcpController {
         shared: shared.clone(),
-        attach_params: given,
-        traddr: p.traddr.clone(),
-        trsvcid,
-        adrfam: p.adrfam.clone().unwrap_or_else(|| "IPv4".into()),
+        attach_params: prep.given.clone(),
+        traddr: prep.traddr.clone(),
+        trsvcid: prep.trsvcid.clone(),
+        adrfam: prep.adrfam.clone(),
         subnqn,
         hostnqn: opts.hostnqn.clone(),
         cntlid: c.cntlid,
         ident: c.id.clone(),
         max_transfer,
-        generate_uuids: defaults.generate_uuids,
+        generate_uuids: prep.generate_uuids,
     });
     ctrl.link();
     let mut made: Vec<String> = Vec::new();
@@ -401,9 +482,9 @@ pub fn attach(t: &Ctx, raw: Option<Value>) -> Result<Value, RpcError> {
         }
         made.push(name.clone());
     }
-    m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).push(ctrl);
+    m.attached().push(ctrl);
     start_keep_alive(c, shared);
-    log::info!("NVMe/TCP controller {} attached: {} at {addr}, bdevs {names:?}", p.name, p.subnqn.as_deref().unwrap_or(""));
+    log::info!("NVMe/TCP controller {} attached: {} at {addr}, bdevs {names:?}", prep.name, prep.subnqn);
     Ok(json!(made))
 }
 
@@ -431,12 +512,15 @@ struct Detach {
 /// Whether `name` names an attached TCP controller (the caller dispatches on it).
 pub fn owns(t: &Ctx, p: &Option<Value>) -> bool {
     let name = p.as_ref().and_then(|v| v.get("name")).and_then(|v| v.as_str());
-    name.is_some_and(|n| t.module::<TcpModule>().is_some_and(|m| m.find(n).is_some()))
+    name.is_some_and(|n| t.module::<TcpModule>().is_some_and(|m| m.find(n).is_some() || m.ctrls.pending().iter().any(|x| x.prep.name == n)))
 }
 
 pub fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: Detach = parse(p)?;
     let m = module(t)?;
+    if super::pending::cancel(&m.ctrls, &p.name) {
+        return Ok(json!(true));
+    }
     let c = m.find(&p.name).ok_or_else(|| RpcError::no_device(format!("no NVMe controller named {}", p.name)))?;
     // The path fields select a path of a multipath controller: a TCP controller has one.
     let mismatch = |given: &Option<String>, have: &str| given.as_ref().is_some_and(|g| !g.eq_ignore_ascii_case(have));
@@ -444,7 +528,7 @@ pub fn detach(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
         return Err(RpcError::no_device(format!("controller {} has no such path", p.name)));
     }
     c.shared.remove()?;
-    m.ctrls.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| !Arc::ptr_eq(x, &c));
+    m.ctrls.attached().retain(|x| !Arc::ptr_eq(x, &c));
     Ok(json!(true))
 }
 
@@ -474,11 +558,13 @@ fn controller_json(c: &TcpController) -> Value {
 fn get_controllers(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: GetControllers = if p.is_none() { GetControllers::default() } else { parse(p)? };
     let m = module(t)?;
-    match p.name {
-        Some(n) => {
-            let c = m.find(&n).ok_or_else(|| RpcError::no_device(format!("no NVMe controller named {n}")))?;
-            Ok(json!([controller_json(&c)]))
+    let pending = m.ctrls.pending().clone();
+    let mut all: Vec<Value> = m.list().iter().map(|c| controller_json(c)).chain(pending.iter().map(|x| x.json())).collect();
+    if let Some(n) = p.name {
+        all.retain(|c| c["name"] == n.as_str());
+        if all.is_empty() {
+            return Err(RpcError::no_device(format!("no NVMe controller named {n}")));
         }
-        None => Ok(Value::Array(m.list().iter().map(|c| controller_json(c)).collect())),
     }
+    Ok(Value::Array(all))
 }
