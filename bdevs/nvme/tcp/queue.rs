@@ -128,6 +128,9 @@ pub struct IoQueue {
     next_timeout_check_ns: Cell<u64>,
     /// The send time of the last command logged as timed out (`action_on_timeout: none`).
     logged_timeout: Cell<u64>,
+    /// The completions one poll collects, kept between polls so that polling allocates
+    /// nothing in steady state.
+    done: Cell<Vec<(usize, IoResult)>>,
     pub(super) poller_id: Cell<Option<u64>>,
     observer: Arc<dyn QueueObserver>,
 }
@@ -157,6 +160,7 @@ impl IoQueue {
             in_flight: Cell::new(0),
             next_timeout_check_ns: Cell::new(0),
             logged_timeout: Cell::new(0),
+            done: Cell::new(Vec::with_capacity(n)),
             poller_id: Cell::new(None),
             observer,
         }
@@ -311,20 +315,36 @@ impl IoQueue {
     fn run(&self) -> Result<usize, QueueError> {
         let mut work = 0;
         let lim = self.limits();
-        let mut done: Vec<(usize, IoResult)> = Vec::new();
+        let mut done = self.done.take();
+        let r = self.run_into(&mut done, lim, &mut work);
+        // Completions run wakers only after the queue is released (a woken task may submit);
+        // those collected before an error too (their commands left the table: a reconnect
+        // would not send them again).
+        for (slot, r) in done.drain(..) {
+            if r.is_err() {
+                self.observer.io_error();
+            }
+            self.completions.complete(slot, r);
+        }
+        self.done.set(done);
+        r.map(|()| work)
+    }
+
+    /// Sends what is queued and handles what arrived, collecting completions in `done`.
+    fn run_into(&self, done: &mut Vec<(usize, IoResult)>, lim: RxLimits, work: &mut usize) -> Result<(), QueueError> {
         {
             let mut g = self.inner.borrow_mut();
             let inner = &mut *g;
             if !inner.tx.is_empty() {
-                work += 1;
+                *work += 1;
             }
             Self::flush(inner)?;
             loop {
                 while let Some(len) = complete_pdu_len(&inner.rx[inner.rx_start..inner.rx_end], &lim)? {
                     let start = inner.rx_start;
                     inner.rx_start += len;
-                    self.handle_pdu(inner, start, len, &mut done)?;
-                    work += 1;
+                    self.handle_pdu(inner, start, len, done)?;
+                    *work += 1;
                 }
                 if inner.rx_start == inner.rx_end {
                     inner.rx_start = 0;
@@ -345,14 +365,7 @@ impl IoQueue {
             }
             Self::flush(inner)?;
         }
-        // Completions run wakers only after the queue is released (a woken task may submit).
-        for (slot, r) in done {
-            if r.is_err() {
-                self.observer.io_error();
-            }
-            self.completions.complete(slot, r);
-        }
-        Ok(work)
+        Ok(())
     }
 
     /// Ends command `cid` (its data buffer is no longer touched): (slot, result) to complete.
@@ -735,5 +748,35 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn an_answer_that_arrives_just_before_garbage_still_completes_its_command() {
+        let cores = ManualCores::new(1);
+        let (host, mut tgt) = pair();
+        let seen = Arc::new(Seen::default());
+        cores.enter(0, || {
+            let q = IoQueue::new(HostStream::Plain(host), params(4096), seen.clone());
+            let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            q.poll();
+            let first = Sqe::from_slice(&read_pdu(&mut tgt)[8..72]).unwrap().cid();
+            read_pdu(&mut tgt);
+            // One write: the first command's answer, then garbage; one poll reads both.
+            let mut bytes = pdu::capsule_resp(&Cqe::new(first, Status::SUCCESS), true).as_slice().to_vec();
+            bytes.extend_from_slice(&[0xEE; 64]);
+            tgt.write_all(&bytes).unwrap();
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..200 {
+                q.poll();
+                if q.is_down() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(q.is_down());
+            assert_eq!(Pin::new(&mut f).poll(&mut cx), Poll::Ready(Ok(())), "answered before the garbage: completed, not lost");
+            assert!(Pin::new(&mut g).poll(&mut cx).is_pending(), "the other waits for the reconnect");
+        });
     }
 }
