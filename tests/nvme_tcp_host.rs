@@ -800,6 +800,8 @@ fn a_configured_controller_whose_node_is_down_keeps_connecting() {
     let states: Vec<_> = c.as_array().unwrap().iter().map(|x| (x["name"].clone(), x["ctrlrs"][0]["state"].clone())).collect();
     assert_eq!(states, vec![(json!("rb"), json!("connecting")), (json!("rc"), json!("connecting"))], "{c}");
     assert!(c[0]["ctrlrs"][0]["last_error"].as_str().is_some_and(|e| e.contains("cannot attach rb")), "{c}");
+    let m = a.metrics();
+    assert!(m.contains(r#"tidemark_nvme_tcp_controller_state{controller="rb",state="connecting"} 1"#), "{m}");
     let e = a.try_rpc("bdev_nvme_attach_controller", attach_params("rb", format!("127.0.0.1:{port}").parse().unwrap())).unwrap_err();
     assert_eq!(e.code, -17, "the name is taken while it connects: {}", e.message);
     let saved = a.rpc("save_config", json!({})).to_string();

@@ -111,7 +111,7 @@ impl Module for TcpModule {
     fn metrics(&self, _ctx: &Ctx, out: &mut MetricsOut<'_>) -> std::fmt::Result {
         let all = self.list();
         let l = |c: &TcpController| vec![("controller", c.shared.name.clone())];
-        let states: Vec<_> = all
+        let mut states: Vec<_> = all
             .iter()
             .flat_map(|c| {
                 State::ALL.iter().map(move |s| {
@@ -119,7 +119,13 @@ impl Module for TcpModule {
                 })
             })
             .collect();
-        out.gauge("tidemark_nvme_tcp_controller_state", "State of each attached NVMe/TCP controller (1 for its current state).", &states)?;
+        // A controller of the configuration still waiting for its node (`super::pending`).
+        states.extend(self.ctrls.pending().iter().map(|p| (vec![("controller", p.prep.name.clone()), ("state", "connecting".to_string())], 1.0)));
+        out.gauge(
+            "tidemark_nvme_tcp_controller_state",
+            "State of each attached NVMe/TCP controller (1 for its current state; `connecting`: attached by the configuration, its node not answering yet).",
+            &states,
+        )?;
         // The path as labels of a constant gauge, so that a dashboard can join a controller
         // (and a mirror leg on one of its namespaces) to the node it reaches.
         let paths: Vec<_> = all
