@@ -103,7 +103,10 @@ pub struct MirrorOptions {
     pub process: Option<Arc<ProcessOptions>>,
     /// How often the control task looks for failed legs that may have come back (when
     /// `auto_rejoin` is on); a leg whose attempt failed is tried again after up to
-    /// [`REJOIN_BACKOFF_MAX`] times this.
+    /// [`REJOIN_BACKOFF_MAX`] times this. 250 ms: an attempt on a leg still down costs one
+    /// superblock read that fails at once, and a returning leg's re-join should not wait
+    /// longer than its controller's own reconnect (a 1 s default made the wait dominate a
+    /// small re-join: bench/remote_bench.sh row 3).
     pub rejoin_interval_ns: u64,
     /// Hold an NVMe reservation on every remote leg, so that a new head can fence this one
     /// (`reservation_key`, `preempt_key`; see [`fence`]). `None`: no fencing.
@@ -112,7 +115,7 @@ pub struct MirrorOptions {
 
 impl Default for MirrorOptions {
     fn default() -> Self {
-        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None, rejoin_interval_ns: 1_000_000_000, fencing: None }
+        MirrorOptions { region_bytes: DEFAULT_REGION_BYTES, clean_interval_ns: 1_000_000_000, process: None, rejoin_interval_ns: 250_000_000, fencing: None }
     }
 }
 
