@@ -35,7 +35,11 @@ fn cow_split_commits_survive_a_crash_between_and_within_them() {
 }
 
 /// The mirror: every seed checks reads against the model, sealed split images, reassembly after
-/// crashes, identical legs after the rebuilds, and that no host write waited on a split.
+/// crashes, identical legs after the rebuilds, and that no host write waited on a split. A share
+/// of the seeds put their remote legs behind the initiator's connection model (drops, hangs,
+/// command timeouts, reconnects, fast_io_fail: `sim::remote_leg`) and check too that no host
+/// write fails or waits past fast_io_fail (plus slack) while another leg is healthy, and that
+/// a reconnect within fast_io_fail never drops a leg.
 #[test]
 fn mirror_simulation_seeds() {
     let r = run_seeds("mirror_simulation_seeds", 2000, mirror::run_seed, mirror::Outcome::add);
@@ -52,6 +56,19 @@ fn mirror_simulation_seeds() {
                 && t.enter_waits > count
                 && t.images_after_crash > count / 200,
             "{t:?}"
+        );
+        let c = &t.conn;
+        assert!(
+            t.conn_runs > count / 5
+                && t.waits_checked > count
+                && c.drops > count / 20
+                && c.hangs > count / 40
+                && c.timeouts > count / 40
+                && c.quick_reconnects > count / 40
+                && c.fast_fails > count / 40
+                && c.resent > count / 20
+                && c.errors > count / 40,
+            "connection events: {t:?}"
         );
     }
 }
