@@ -119,7 +119,10 @@ impl ConnSetup {
                 timeout_ns,
                 timeout_check_ns: timeout_ns / 4,
                 wire_ns,
-                // Off only by hand (`SIM_CONN_LATE=1`): see the note on late execution.
+                // Off only by hand (`SIM_CONN_LATE=1`): a dead connection's commands landing
+                // after their re-send make legs differ (notes/simconn.md, "late execution";
+                // `super::remote_leg`), a hazard below the mirror: that interleaving is left
+                // out of the suite.
                 quiesce: std::env::var("SIM_CONN_LATE").is_err(),
             },
             seed: r.random(),
