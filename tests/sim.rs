@@ -103,7 +103,8 @@ fn pool_simulation_seeds() {
 /// The stale head: a second head assembles the mirror over the same remote legs (latency per
 /// leg) with fencing while the first still writes; its writes after the fence are refused and
 /// never appear, the new head sees every write the old one acknowledged, and no stale write
-/// lands over the new head's.
+/// lands over the new head's. In half the seeds B's node dies (a write possibly in flight) and
+/// B restarts and reassembles: its acknowledged writes survive, A's stay out.
 #[test]
 fn stale_head_simulation_seeds() {
     let r = run_seeds("stale_head_simulation_seeds", 2000, stale_head::run_seed, stale_head::Outcome::add);
@@ -111,7 +112,13 @@ fn stale_head_simulation_seeds() {
     let (t, count) = (&r.totals, r.count);
     if count >= 100 {
         assert!(
-            t.a_acked > count && t.a_after_fence > count / 4 && t.a_in_flight_at_fence > count && t.a_acked_across_fence > count / 10 && t.b_writes > count,
+            t.a_acked > count
+                && t.a_after_fence > count / 4
+                && t.a_in_flight_at_fence > count
+                && t.a_acked_across_fence > count / 10
+                && t.b_writes > count
+                && t.b_crashes > count / 4
+                && t.b_acked_before_crash > count / 2,
             "{t:?}"
         );
     }
