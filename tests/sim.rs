@@ -35,7 +35,11 @@ fn cow_split_commits_survive_a_crash_between_and_within_them() {
 }
 
 /// The mirror: every seed checks reads against the model, sealed split images, reassembly after
-/// crashes, identical legs after the rebuilds, and that no host write waited on a split.
+/// crashes, identical legs after the rebuilds, and that no host write waited on a split. A share
+/// of the seeds put their remote legs behind the initiator's connection model (drops, hangs,
+/// command timeouts, reconnects, fast_io_fail: `sim::remote_leg`) and check too that no host
+/// write fails or waits past fast_io_fail (plus slack) while another leg is healthy, and that
+/// a reconnect within fast_io_fail never drops a leg.
 #[test]
 fn mirror_simulation_seeds() {
     let r = run_seeds("mirror_simulation_seeds", 2000, mirror::run_seed, mirror::Outcome::add);
@@ -52,6 +56,19 @@ fn mirror_simulation_seeds() {
                 && t.enter_waits > count
                 && t.images_after_crash > count / 200,
             "{t:?}"
+        );
+        let c = &t.conn;
+        assert!(
+            t.conn_runs > count / 5
+                && t.waits_checked > count
+                && c.drops > count / 20
+                && c.hangs > count / 40
+                && c.timeouts > count / 40
+                && c.quick_reconnects > count / 40
+                && c.fast_fails > count / 40
+                && c.resent > count / 20
+                && c.errors > count / 40,
+            "connection events: {t:?}"
         );
     }
 }
@@ -86,7 +103,8 @@ fn pool_simulation_seeds() {
 /// The stale head: a second head assembles the mirror over the same remote legs (latency per
 /// leg) with fencing while the first still writes; its writes after the fence are refused and
 /// never appear, the new head sees every write the old one acknowledged, and no stale write
-/// lands over the new head's.
+/// lands over the new head's. In half the seeds B's node dies (a write possibly in flight) and
+/// B restarts and reassembles: its acknowledged writes survive, A's stay out.
 #[test]
 fn stale_head_simulation_seeds() {
     let r = run_seeds("stale_head_simulation_seeds", 2000, stale_head::run_seed, stale_head::Outcome::add);
@@ -94,7 +112,13 @@ fn stale_head_simulation_seeds() {
     let (t, count) = (&r.totals, r.count);
     if count >= 100 {
         assert!(
-            t.a_acked > count && t.a_after_fence > count / 4 && t.a_in_flight_at_fence > count && t.a_acked_across_fence > count / 10 && t.b_writes > count,
+            t.a_acked > count
+                && t.a_after_fence > count / 4
+                && t.a_in_flight_at_fence > count
+                && t.a_acked_across_fence > count / 10
+                && t.b_writes > count
+                && t.b_crashes > count / 4
+                && t.b_acked_before_crash > count / 2,
             "{t:?}"
         );
     }

@@ -1370,7 +1370,11 @@ impl Ctl {
     async fn flush_legs(&mut self) {
         let futs: [Option<_>; MAX_SLOTS] = std::array::from_fn(|s| {
             let slot = &self.slots[s];
-            let ch = slot.ch.clone().filter(|_| slot.holds_metadata())?;
+            // A leg being split off holds no metadata but still takes the writes before the
+            // split's instant: a write-intent bit cleared must mean they are durable there too,
+            // or a crash before the seal leaves the image without a write that the mirror no
+            // longer lists for it (a re-join of the image would not copy that region).
+            let ch = slot.ch.clone().filter(|_| slot.holds_metadata() || (slot.rec.state == SlotState::Splitting && !slot.failing))?;
             Some(async move { ch.flush().await })
         });
         let results = join_slots(futs).await;

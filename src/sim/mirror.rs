@@ -15,16 +15,30 @@
 //!   superblock write the split needs, nor because the split closed its region;
 //! * nothing deadlocks.
 //!
+//! In a share of the seeds the remote legs sit behind the initiator's connection model
+//! ([`super::remote_leg`]: the node dies or hangs, commands are lost on the wire or applied
+//! with their answer lost, held and sent again after a reconnect, failed with `Offline` after
+//! fast_io_fail, connections reset by the command timeout), one leg at a time while another
+//! stays healthy; besides the above, these check:
+//! * no host write fails, and none waits longer than fast_io_fail (or the command timeout and
+//!   its check, when longer; the clock backdated to the oldest held command) plus a slack for
+//!   the healthy legs' own slowest I/Os;
+//! * a leg whose connection came back within fast_io_fail (no error returned) is never dropped;
+//! * after the outages the legs re-join and end identical (commands sent again, or applied
+//!   before their answer was lost, included).
+//!
 //! [`run_seed`] replays one seed exactly (`tests/sim.rs`, `mirror_simulation_seeds`).
 
 use super::blocks::{check_values, fill, read_tags, tag_of};
 use super::device::{Latency, SimDevice, SIM_BLOCK};
 use super::model::Model;
+use super::remote_leg::{Conn, ConnCfg, ConnStats, Node, RemoteLeg};
 use super::tasks::{alive, fail, HasRun, RunState};
 use crate::bdev::{Bdev, BdevEntry, BdevRegistry, Channel, HoldGuard, IoBuf, IoType};
 use crate::bdevs::error::{ErrorBdev, ErrorType, Injections};
 use crate::bdevs::mirror::waits::WaitReason;
 use crate::bdevs::mirror::{MirrorBdev, MirrorOptions, ProcessOptions, SplitImageBdev};
+use crate::bdevs::nvme::tcp::reconnect::Policy;
 use crate::reactor::{self, ManualCores};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,12 +74,114 @@ struct Cfg {
     /// Per leg: its own latency when the leg is remote (slower than `latency`, the local
     /// device's, and varying more); None: local.
     leg_latency: Vec<Option<Latency>>,
+    /// Connection events on the remote legs (drops, hangs, reconnects, command timeouts), or
+    /// none.
+    conn: Option<ConnSetup>,
+}
+
+/// The remote legs' initiator settings and what their connections go through, per life.
+#[derive(Debug, Clone)]
+struct ConnSetup {
+    cfg: ConnCfg,
+    seed: u64,
+    /// Outages per life, started over its first `window_ns`.
+    outages: usize,
+    window_ns: u64,
+}
+
+/// One outage of a remote leg's node: when (from the start of the life), what, how long.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    leg: usize,
+    at_ns: u64,
+    kind: Node,
+    down_ns: u64,
+}
+
+impl ConnSetup {
+    /// `slowest_ns`: the slowest I/O of the slowest remote leg (a stalled one).
+    fn draw(r: &mut ChaCha8Rng, slowest_ns: u64) -> ConnSetup {
+        // Simulated time runs ~1000 times faster than the real settings (seconds there,
+        // milliseconds here), as the legs' latencies are those of a fast network.
+        let reconnect_delay = r.random_range(200_000..=1_000_000u64);
+        let fast_io_fail = reconnect_delay * r.random_range(2..=8);
+        let wire_ns = r.random_range(5_000..=40_000);
+        // Longer than any answer of a node that works (as timeout_us should be): a timeout
+        // means a hung node, never a slow one.
+        let timeout_ns = slowest_ns + 2 * wire_ns + r.random_range(500_000..=5_000_000);
+        ConnSetup {
+            cfg: ConnCfg {
+                policy: Policy {
+                    ctrlr_loss: None,
+                    reconnect_delay: Duration::from_nanos(reconnect_delay),
+                    fast_io_fail: Some(Duration::from_nanos(fast_io_fail)),
+                },
+                timeout_ns,
+                timeout_check_ns: timeout_ns / 4,
+                wire_ns,
+                // Off only by hand (`SIM_CONN_LATE=1`): a dead connection's commands landing
+                // after their re-send make legs differ (notes/simconn.md, "late execution";
+                // `super::remote_leg`), a hazard below the mirror: that interleaving is left
+                // out of the suite.
+                quiesce: std::env::var("SIM_CONN_LATE").is_err(),
+            },
+            seed: r.random(),
+            outages: r.random_range(1..=3),
+            window_ns: r.random_range(500_000..=4_000_000),
+        }
+    }
+
+    /// Life `life`'s outages on the remote legs `remote`.
+    fn plan(&self, life: usize, remote: &[usize]) -> Vec<Outage> {
+        let mut r = ChaCha8Rng::seed_from_u64(self.seed ^ (life as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let fio = self.cfg.policy.fast_io_fail.map_or(0, |d| d.as_nanos() as u64);
+        let mut v: Vec<Outage> = (0..self.outages)
+            .map(|_| {
+                let kind = if r.random_bool(0.6) { Node::Down } else { Node::Hung };
+                // Half short (the host reconnects, or for a hang never times out, before
+                // fast_io_fail), half long (past fast_io_fail: the mirror drops the leg).
+                let down_ns = if r.random_bool(0.5) {
+                    let short = if kind == Node::Hung { self.cfg.timeout_ns } else { fio };
+                    r.random_range(10_000..=short * 3 / 4)
+                } else {
+                    r.random_range(fio + self.cfg.timeout_ns..=4 * fio + 20_000_000)
+                };
+                Outage { leg: remote[r.random_range(0..remote.len())], at_ns: r.random_range(0..=self.window_ns), kind, down_ns }
+            })
+            .collect();
+        v.sort_by_key(|o| o.at_ns);
+        v
+    }
+
+    /// The longest a host write may wait with one leg down or hung and the others healthy:
+    /// fast_io_fail counted from the oldest held command's sending (the clock is backdated on
+    /// a timeout reset, as the real initiator's), or the timeout and its check when longer,
+    /// plus `slack` for the healthy legs' own slowest I/Os.
+    fn host_wait_bound(&self, slack: u64) -> u64 {
+        let fio = self.cfg.policy.fast_io_fail.map_or(0, |d| d.as_nanos() as u64);
+        fio.max(self.cfg.timeout_ns + self.cfg.timeout_check_ns) + slack
+    }
 }
 
 impl Cfg {
+    /// Legs with a connection model.
+    fn remote(&self) -> Vec<usize> {
+        if self.conn.is_none() {
+            return Vec::new();
+        }
+        (0..self.legs).filter(|&i| self.leg_latency.get(i).copied().flatten().is_some()).collect()
+    }
+
+    /// Slack of the host-wait bound: two of the slowest legs' stalled I/Os in a row (a
+    /// bitmap write then the data) and a millisecond for the mirror's own work.
+    fn host_wait_slack(&self) -> u64 {
+        let max = (0..self.legs).map(|i| self.leg_latency.get(i).copied().flatten().unwrap_or(self.latency).max_ns).max().unwrap_or(0);
+        2 * 10 * max + 1_000_000
+    }
+
     fn from_seed(seed: u64) -> Cfg {
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x3141_5926);
-        Cfg {
+        let mut cfg = Cfg {
             cores: r.random_range(1..=3),
             legs: r.random_range(2..=3),
             data_blocks: 32 * r.random_range(2..=6),
@@ -88,7 +204,14 @@ impl Cfg {
                     })
                 })
                 .collect(),
+            conn: None,
+        };
+        // Drawn last, as above.
+        if r.random_bool(0.4) && cfg.leg_latency[..cfg.legs].iter().any(Option::is_some) {
+            let slowest = cfg.leg_latency.iter().flatten().map(|l| 10 * l.max_ns).max().unwrap_or(0);
+            cfg.conn = Some(ConnSetup::draw(&mut r, slowest));
         }
+        cfg
     }
 }
 
@@ -123,6 +246,14 @@ pub struct Outcome {
     pub enter_waits: u64,
     /// Images of splits under way at a crash, checked after the restart.
     pub images_after_crash: u64,
+    /// Runs with connection events, and what the remote legs' connections went through.
+    pub conn_runs: u64,
+    pub outages_skipped: u64,
+    pub conn: ConnStats,
+    /// Host writes checked against the wait bound while a connection was disturbed, and the
+    /// longest wait seen (ns).
+    pub waits_checked: u64,
+    pub max_host_wait_ns: u64,
 }
 
 impl Outcome {
@@ -139,7 +270,26 @@ impl Outcome {
         self.rebuilds_checked += o.rebuilds_checked;
         self.enter_waits += o.enter_waits;
         self.images_after_crash += o.images_after_crash;
+        self.conn_runs += o.conn_runs;
+        self.outages_skipped += o.outages_skipped;
+        add_conn(&mut self.conn, &o.conn);
+        self.waits_checked += o.waits_checked;
+        self.max_host_wait_ns = self.max_host_wait_ns.max(o.max_host_wait_ns);
     }
+}
+
+fn add_conn(t: &mut ConnStats, o: &ConnStats) {
+    t.drops += o.drops;
+    t.hangs += o.hangs;
+    t.timeouts += o.timeouts;
+    t.reconnects += o.reconnects;
+    t.fast_fails += o.fast_fails;
+    t.quick_reconnects += o.quick_reconnects;
+    t.resent += o.resent;
+    t.lost_on_wire += o.lost_on_wire;
+    t.late_executed += o.late_executed;
+    t.errors += o.errors;
+    t.max_held_ns = t.max_held_ns.max(o.max_held_ns);
 }
 
 struct Sim {
@@ -152,6 +302,16 @@ struct Sim {
     roles: Vec<Role>,
     /// Legs armed to fail every write.
     injected: Vec<bool>,
+    /// Legs that may have been dropped by the mirror in this life for a reason the harness
+    /// knows (armed to fail, not active when the life began); the others must not be, unless
+    /// their connection returned an error.
+    may_fail: Vec<bool>,
+    /// The controller is removing or re-adding a leg (no outage starts meanwhile), and how many
+    /// such operations and splits it started.
+    busy: u32,
+    leg_ops: u64,
+    /// The end of the life heals every connection: no outage starts any more.
+    healing: bool,
     out: Outcome,
 }
 
@@ -174,6 +334,8 @@ struct World {
     mirror: Arc<MirrorBdev>,
     entry: Arc<BdevEntry>,
     home: usize,
+    /// Per leg: its connection, when it has the connection model.
+    conns: Vec<Option<Arc<Conn>>>,
 }
 
 fn leg_name(i: usize) -> String {
@@ -215,10 +377,21 @@ impl World {
         let reg = Rc::new(BdevRegistry::new(cfg.cores));
         let mut devs = Vec::new();
         let mut inj = Vec::new();
+        let mut conns = Vec::new();
+        let remote = cfg.remote();
         for (i, img) in images.iter().enumerate() {
             let latency = cfg.leg_latency.get(i).copied().flatten().unwrap_or(cfg.latency);
             let d = Arc::new(SimDevice::new(&format!("d{i}"), img.clone(), rng.random(), latency));
-            let e = reg.register(d.clone()).map_err(|e| e.to_string())?;
+            // A remote leg with the connection model: the device on its node behind an
+            // initiator (its connection's seed from the configuration: the world's draws stay
+            // what they are without it).
+            let conn = cfg.conn.as_ref().filter(|_| remote.contains(&i)).map(|c| Conn::new(c.cfg, c.seed ^ (i as u64 + 1) ^ (*steps << 8)));
+            let e = match &conn {
+                Some(c) => reg.register(Arc::new(RemoteLeg::new(&format!("d{i}"), d.clone(), c.clone()))),
+                None => reg.register(d.clone()),
+            }
+            .map_err(|e| e.to_string())?;
+            conns.push(conn);
             let eb = ErrorBdev::new(leg_name(i), e.claim(&leg_name(i)).map_err(|e| e.to_string())?, None);
             inj.push(eb.injections().clone());
             reg.register(Arc::new(eb)).map_err(|e| e.to_string())?;
@@ -266,7 +439,12 @@ impl World {
                 reg.register(Arc::new(img)).map_err(|e| e.to_string())?;
             }
         }
-        Ok(World { cores, reg, devs, inj, mirror, entry, home })
+        // The host's command timeouts, on the home core.
+        for c in conns.iter().flatten() {
+            let c = c.clone();
+            cores.enter(home, || reactor::spawn_detached(c.watchdog()));
+        }
+        Ok(World { cores, reg, devs, inj, mirror, entry, home, conns })
     }
 
     /// Runs until `done`; checks the split instant after every step.
@@ -286,6 +464,7 @@ impl World {
                 let mut s = sh.borrow_mut();
                 let t = s.model.tick();
                 s.split_t = Some(t);
+                super::schedule::trace(|| format!("split instant (model time {t})"));
             }
         }
         Ok(())
@@ -300,6 +479,14 @@ impl World {
         match w.preserve_waits() {
             0 => Ok(()),
             n => Err(format!("{n} host write(s) waited on a split; the first: {}", w.first_preserve_wait().unwrap_or_default())),
+        }
+    }
+
+    fn add_conn_stats(&self, sh: &Sh) {
+        let mut s = sh.borrow_mut();
+        for c in self.conns.iter().flatten() {
+            super::schedule::trace(|| format!("connection: {:?}", c.stats()));
+            add_conn(&mut s.out.conn, &c.stats());
         }
     }
 
@@ -342,12 +529,28 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
                 };
                 let mut buf = IoBuf::alloc((n * SIM_BLOCK as u64) as usize);
                 fill(&mut buf, off, tag);
+                let (t0, quiet0) = (reactor::now_ns(), quiet(&sh, &m));
+                super::schedule::trace(|| format!("write {tag} at {off}+{n}"));
                 let r = ch.write_buf(off, &buf).await;
+                super::schedule::trace(|| format!("write {tag} at {off}+{n}: {r:?}"));
                 if !alive(&sh) {
                     return;
                 }
                 if let Err(e) = r {
                     return fail(&sh, format!("write {tag} at {off}+{n} failed: {e}"));
+                }
+                // One leg down or hung, the others healthy: the write ends within fast_io_fail
+                // (and the timeout), whatever the down leg does. (Not checked across a split,
+                // a removal or a re-join, which may hold a write for reasons of their own.)
+                if let Some(c) = cfg.conn.as_ref().filter(|_| quiet0.is_some() && quiet(&sh, &m) == quiet0) {
+                    let (waited, bound) = (reactor::now_ns() - t0, c.host_wait_bound(cfg.host_wait_slack()));
+                    let mut s = sh.borrow_mut();
+                    s.out.waits_checked += 1;
+                    s.out.max_host_wait_ns = s.out.max_host_wait_ns.max(waited);
+                    if waited > bound {
+                        drop(s);
+                        return fail(&sh, format!("write {tag} at {off}+{n} waited {waited} ns, more than the bound {bound} ns"));
+                    }
                 }
                 let mut s = sh.borrow_mut();
                 s.model.end_write(id);
@@ -371,7 +574,9 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
             }
             _ => {
                 let s_f = sh.borrow_mut().model.tick();
+                super::schedule::trace(|| "flush".into());
                 let r = ch.flush().await;
+                super::schedule::trace(|| format!("flush: {r:?}"));
                 if !alive(&sh) {
                     return;
                 }
@@ -384,6 +589,17 @@ async fn client(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
         reactor::sleep(Duration::from_nanos(rng.random_range(0..50_000))).await;
     }
     sh.borrow_mut().run.clients_left -= 1;
+}
+
+/// The controller's and the mirror's own leg operations so far, or None while one is under way.
+fn quiet(sh: &Sh, m: &Arc<BdevEntry>) -> Option<(u64, u64)> {
+    let s = sh.borrow();
+    let mirror = m.bdev().as_any().downcast_ref::<MirrorBdev>()?;
+    let st = mirror.status();
+    if s.busy > 0 || s.splitting.is_some() || st.process.is_some() {
+        return None;
+    }
+    Some((s.leg_ops, st.slots.iter().map(|x| x.rejoins_auto).sum()))
 }
 
 fn slot_states(m: &MirrorBdev) -> BTreeMap<String, &'static str> {
@@ -408,7 +624,9 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
         let states = slot_states(m);
         let active: Vec<String> = states.iter().filter(|(_, s)| **s == "active").map(|(n, _)| n.clone()).collect();
         let armed = sh.borrow().injected.clone();
-        let injected = |n: &str| armed[leg_index(n)];
+        // A leg whose connection is down, hung or recovering counts as armed to fail: it may
+        // fail any moment.
+        let injected = |n: &str| armed[leg_index(n)] || w.disturbed(leg_index(n));
         match rng.random_range(0..5) {
             // A leg fails every write from now on (never the last one that could).
             // (Not while a resync after a crash runs: a failing source leg would change what
@@ -421,6 +639,7 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
                     w.inj[leg_index(n)].set(IoType::Flush, ErrorType::Failure, 0);
                     let mut s = sh.borrow_mut();
                     s.injected[leg_index(n)] = true;
+                    s.may_fail[leg_index(n)] = true;
                     s.out.failures += 1;
                 }
             }
@@ -454,7 +673,11 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
                 let healthy: Vec<&String> = active.iter().filter(|n| !injected(n)).collect();
                 if healthy.len() >= 2 {
                     let n = healthy[rng.random_range(0..healthy.len())].clone();
-                    match m.remove_leg(&n).await {
+                    sh.borrow_mut().busy += 1;
+                    sh.borrow_mut().leg_ops += 1;
+                    let r = m.remove_leg(&n).await;
+                    sh.borrow_mut().busy -= 1;
+                    match r {
                         Ok(()) => {}
                         Err(e) if !alive(&sh) => return drop(e),
                         // Refused when it just became the last in-sync leg: fine.
@@ -463,8 +686,76 @@ async fn controller(sh: Sh, w: Rc<WorldRefs>, cfg: Cfg, seed: u64) {
                 }
             }
         }
+        if let Err(e) = check_not_dropped(&sh, &w) {
+            return fail(&sh, e);
+        }
     }
     sh.borrow_mut().run.controller_done = true;
+}
+
+/// A leg whose connection never returned an error was not dropped by the mirror (a reconnect
+/// within fast_io_fail is invisible to it), unless the harness failed it otherwise.
+fn check_not_dropped(sh: &Sh, w: &WorldRefs) -> Result<(), String> {
+    let may_fail = sh.borrow().may_fail.clone();
+    for s in w.mirror.status().slots {
+        let Some(i) = s.name.strip_prefix("EE_d").and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let Some(c) = &w.conns[i] else { continue };
+        let st = c.stats();
+        if matches!(s.state, "failed" | "failing") && !may_fail[i] && st.errors == 0 {
+            return Err(format!("{} was dropped ({}) though its connection returned no error: {st:?}", s.name, s.state));
+        }
+    }
+    Ok(())
+}
+
+/// Whether leg `leg`'s node may go down or hang now without making a host write fail: another
+/// in-sync leg stays healthy through it (nothing else disturbed or armed, no split, removal or
+/// re-join under way that counted on this leg, no resync after a crash).
+fn may_disturb(sh: &Sh, w: &WorldRefs, leg: usize) -> bool {
+    let s = sh.borrow();
+    if s.splitting.is_some() || s.busy > 0 || s.healing || s.roles[leg] != Role::Member {
+        return false;
+    }
+    if (0..w.conns.len()).any(|i| w.disturbed(i)) {
+        return false;
+    }
+    let st = w.mirror.status();
+    // Not a leg the mirror does not know by name (an image's leg not yet claimed back).
+    if st.unsynced_regions > 0 || !st.slots.iter().any(|x| x.name == leg_name(leg)) {
+        return false;
+    }
+    st.slots.iter().any(|x| {
+        x.state == "active" && x.name != leg_name(leg) && x.name.strip_prefix("EE_d").and_then(|n| n.parse::<usize>().ok()).is_some_and(|j| !s.injected[j])
+    })
+}
+
+/// Starts the planned outages of this life at their times (skipping those that would leave
+/// no healthy leg), each ended after its down time; stops when the life heals.
+async fn outages(sh: Sh, w: Rc<WorldRefs>, plan: Vec<Outage>, settle_ns: u64) {
+    let start = reactor::now_ns();
+    let mut not_before = 0;
+    for o in plan {
+        // One outage at a time, as far as any host write can tell: the next starts once the
+        // last one's connection is back and the writes it held have had their bound to end.
+        reactor::sleep_until((start + o.at_ns).max(not_before)).await;
+        while (0..w.conns.len()).any(|i| w.disturbed(i)) && alive(&sh) && !sh.borrow().healing {
+            reactor::sleep(Duration::from_micros(100)).await;
+        }
+        if !alive(&sh) || sh.borrow().healing {
+            return;
+        }
+        let Some(c) = w.conns[o.leg].clone() else { continue };
+        if !may_disturb(&sh, &w, o.leg) {
+            sh.borrow_mut().out.outages_skipped += 1;
+            continue;
+        }
+        super::schedule::trace(|| format!("leg {}: node {:?} for {} ns", o.leg, o.kind, o.down_ns));
+        c.start_outage(o.kind);
+        reactor::sleep(Duration::from_nanos(o.down_ns)).await;
+        super::schedule::trace(|| format!("leg {}: node up", o.leg));
+        c.end_outage();
+        not_before = reactor::now_ns() + settle_ns;
+    }
 }
 
 /// What the controller needs of the world (shared with its tasks).
@@ -472,6 +763,13 @@ struct WorldRefs {
     mirror: Arc<MirrorBdev>,
     reg: Rc<BdevRegistry>,
     inj: Vec<Arc<Injections>>,
+    conns: Vec<Option<Arc<Conn>>>,
+}
+
+impl WorldRefs {
+    fn disturbed(&self, i: usize) -> bool {
+        self.conns.get(i).and_then(|c| c.as_ref()).is_some_and(|c| c.disturbed())
+    }
 }
 
 fn leg_index(name: &str) -> usize {
@@ -484,6 +782,7 @@ async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), Str
         let mut s = sh.borrow_mut();
         s.split_t = None;
         s.splitting = Some((leg_index(leg), name.clone()));
+        s.leg_ops += 1;
     }
     let r = split_inner(sh, w, leg, &name, blocks).await;
     if alive(sh) {
@@ -494,6 +793,7 @@ async fn split(sh: &Sh, w: &WorldRefs, leg: &str, blocks: u64) -> Result<(), Str
 
 async fn split_inner(sh: &Sh, w: &WorldRefs, leg: &str, name: &str, blocks: u64) -> Result<(), String> {
     let name = name.to_string();
+    super::schedule::trace(|| format!("split {leg} as {name}"));
     let started = match w.mirror.split_start(leg, &name).await {
         Ok(s) => s,
         // Refused (the leg failed or left meanwhile): fine.
@@ -503,6 +803,7 @@ async fn split_inner(sh: &Sh, w: &WorldRefs, leg: &str, name: &str, blocks: u64)
         Ok(Ok(s)) => s,
         _ => return Ok(()),
     };
+    super::schedule::trace(|| format!("split {leg} as {name}: sealed"));
     if !alive(sh) {
         return Ok(());
     }
@@ -560,6 +861,10 @@ async fn rejoin_one(sh: &Sh, w: &WorldRefs, rng: &mut ChaCha8Rng, blocks: u64) -
         }
     }
     let i = leg_index(&leg);
+    if w.disturbed(i) {
+        // Its node does not answer: later.
+        return Ok(());
+    }
     let role = sh.borrow().roles[i].clone();
     if let Role::Image { name, pinned } = role {
         let Some(e) = w.reg.get(&name) else { return Ok(()) };
@@ -581,7 +886,10 @@ async fn rejoin_one(sh: &Sh, w: &WorldRefs, rng: &mut ChaCha8Rng, blocks: u64) -
         // Still being released after its failure: try another time.
         return Ok(());
     };
+    sh.borrow_mut().busy += 1;
+    sh.borrow_mut().leg_ops += 1;
     let r = w.mirror.add_leg(guard).await;
+    sh.borrow_mut().busy -= 1;
     match r {
         Ok(added) if !added.returning => return Err(format!("{leg} came back as a new leg: {added:?}")),
         Ok(_) => sh.borrow_mut().out.rejoins += 1,
@@ -602,8 +910,13 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         splitting: None,
         roles: vec![Role::Member; cfg.legs],
         injected: vec![false; cfg.legs],
+        may_fail: vec![false; cfg.legs],
+        busy: 0,
+        leg_ops: 0,
+        healing: false,
         out: Outcome::default(),
     }));
+    let remote = cfg.remote();
     let mut steps = 0u64;
     for life in 0..=cfg.crashes {
         let world = World::start(cfg, &mut rng, &images, &sh, &mut steps)?;
@@ -612,6 +925,11 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
             s.run.new_life(cfg.clients);
             // New devices, new error bdevs: nothing is armed any more.
             s.injected.iter_mut().for_each(|x| *x = false);
+            // A leg that is not in sync at the start of the life may be (or stay) out.
+            let states = slot_states(&world.mirror);
+            s.may_fail = (0..cfg.legs).map(|i| states.get(&leg_name(i)).is_none_or(|st| *st != "active")).collect();
+            s.busy = 0;
+            s.healing = false;
         }
         if life > 0 {
             // After a crash: every block holds something that may have survived.
@@ -642,13 +960,17 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 return Err(f);
             }
         }
-        let refs = Rc::new(WorldRefs { mirror: world.mirror.clone(), reg: world.reg.clone(), inj: world.inj.clone() });
+        let refs = Rc::new(WorldRefs { mirror: world.mirror.clone(), reg: world.reg.clone(), inj: world.inj.clone(), conns: world.conns.clone() });
         for _ in 0..cfg.clients {
             let (sh2, e, c2, s) = (sh.clone(), world.entry.clone(), cfg.clone(), rng.random());
             world.cores.enter(rng.random_range(0..cfg.cores), || reactor::spawn_detached(client(sh2, e, c2, s)));
         }
         let (sh2, r2, c2, s) = (sh.clone(), refs.clone(), cfg.clone(), rng.random());
         world.cores.enter(world.home, || reactor::spawn_detached(controller(sh2, r2, c2, s)));
+        if let Some(c) = &cfg.conn {
+            let (sh2, r2, plan, settle) = (sh.clone(), refs.clone(), c.plan(life, &remote), c.host_wait_bound(cfg.host_wait_slack()));
+            world.cores.enter(world.home, || reactor::spawn_detached(outages(sh2, r2, plan, settle)));
+        }
         let crash = life < cfg.crashes;
         let crash_at = world.io_count() + rng.random_range(5..(cfg.clients * cfg.ops * 4) as u64 + 20);
         let r = world.run_until(&sh, &mut rng, &mut steps, || {
@@ -674,12 +996,21 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                     s.roles[leg] = Role::Crashed { name, t, flushed };
                 }
             }
+            super::schedule::trace(|| "crash".into());
             images = world.devs.iter().map(|d| d.crash()).collect();
+            world.add_conn_stats(&sh);
             drop(refs);
             world.teardown(&mut rng);
             continue;
         }
         // No crash: heal and re-join every leg, let the rebuilds finish, then check the legs.
+        if let Err(e) = check_not_dropped(&sh, &refs) {
+            return Err(e);
+        }
+        sh.borrow_mut().healing = true;
+        for c in world.conns.iter().flatten() {
+            c.end_outage();
+        }
         let (sh2, r2, n) = (sh.clone(), refs.clone(), cfg.data_blocks);
         let done = Rc::new(RefCell::new(false));
         let d2 = done.clone();
@@ -717,6 +1048,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         if let Some(f) = sh.borrow().run.failure.clone() {
             return Err(f);
         }
+        world.add_conn_stats(&sh);
         // Every leg is in sync: their data areas are identical, and the mirror reads right.
         let (a, b) = ((DATA_OFFSET * SIM_BLOCK as u64) as usize, leg_bytes);
         let first = world.devs[0].current_image()[a..b].to_vec();
@@ -727,6 +1059,9 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
                 let blk = (0..cfg.data_blocks as usize).find(|&k| img[a + k * bs..a + (k + 1) * bs] != first[k * bs..(k + 1) * bs]).unwrap_or(0);
                 let t0 = tag_of(&first[blk * bs..(blk + 1) * bs], blk as u64);
                 let ti = tag_of(&img[a + blk * bs..a + (blk + 1) * bs], blk as u64);
+                if std::env::var("SEED").is_ok() {
+                    world.dump(cfg.data_blocks);
+                }
                 return Err(format!(
                     "after the rebuilds, leg {i} differs from leg 0 at block {blk} (region {}): {ti:?} vs {t0:?}; {:?}",
                     blk as u64 / cfg.region_blocks,
@@ -763,7 +1098,8 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         world.teardown(&mut rng);
         break;
     }
-    let out = sh.borrow().out.clone();
+    let mut out = sh.borrow().out.clone();
+    out.conn_runs = cfg.conn.is_some() as u64;
     Ok(out)
 }
 

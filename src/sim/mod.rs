@@ -28,6 +28,7 @@ pub mod device;
 pub mod lvol;
 pub mod mirror;
 pub mod model;
+pub mod remote_leg;
 pub mod resv_leg;
 pub mod schedule;
 pub mod seeds;

@@ -10,7 +10,7 @@ use crate::nvmf::reservation::{Access, Command, HostId, Reservations, ResvError,
 use crate::nvmf::spec::io_opc;
 use serde_json::{json, Value};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -19,6 +19,9 @@ pub struct ResvLeg {
     disk: Arc<dyn Bdev>,
     resv: Arc<Reservations>,
     host: HostId,
+    /// The head's node died: its view of the leg answers nothing more (what it already sent
+    /// to the device still completes there).
+    dead: Arc<AtomicBool>,
 }
 
 impl ResvLeg {
@@ -26,7 +29,12 @@ impl ResvLeg {
     /// disk, shared by every head's view of it).
     pub fn new(name: &str, disk: Arc<dyn Bdev>, resv: Arc<Reservations>, host: HostId) -> ResvLeg {
         let props = BdevProps::new(name, "NVMe disk", disk.block_size(), disk.num_blocks(), Uuid::nil());
-        ResvLeg { props, disk, resv, host }
+        ResvLeg { props, disk, resv, host, dead: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The switch that kills this head's view (for a crash of the head).
+    pub fn dead_switch(&self) -> Arc<AtomicBool> {
+        self.dead.clone()
     }
 
     /// The reservations of a fresh disk.
@@ -41,6 +49,7 @@ struct ResvLegChannel {
     resv: Arc<Reservations>,
     host: HostId,
     in_flight: Arc<AtomicU32>,
+    dead: Arc<AtomicBool>,
 }
 
 /// Counts a command in its host's in-flight counter while it lives (as the target does).
@@ -54,6 +63,9 @@ impl Drop for Counted {
 
 impl IoChannel for ResvLegChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
+        if self.dead.load(SeqCst) {
+            return IoFuture::ready(Err(BdevError::Offline));
+        }
         let access = if matches!(io, Io::Read { .. }) { Access::Read } else { Access::Write };
         // Counted before the check, as `nvmf::io::start` does.
         self.in_flight.fetch_add(1, SeqCst);
@@ -86,6 +98,7 @@ impl Bdev for ResvLeg {
             resv: self.resv.clone(),
             host: self.host,
             in_flight: self.resv.in_flight_counter(&self.host),
+            dead: self.dead.clone(),
         }))
     }
     fn config_call(&self) -> Option<(&'static str, Value)> {
@@ -95,6 +108,9 @@ impl Bdev for ResvLeg {
         self
     }
     fn nvme_io_passthru(&self, cmd: NvmePassthru) -> Option<PassthruFuture> {
+        if self.dead.load(SeqCst) {
+            return Some(Box::pin(async { Err(BdevError::Offline) }));
+        }
         let nvme = |e: ResvError| {
             let s = e.status();
             BdevError::Nvme { sct: s.sct, sc: s.sc }

@@ -14,6 +14,13 @@
 //!   it acknowledged. So B sees every write A acknowledged (before the fence or in flight at
 //!   it: acknowledged means landed on every leg).
 //!
+//! In half the seeds B's node dies a seeded time after sending one of its writes (its views of
+//! the legs answer nothing more; what it sent still completes at the devices), and B restarts
+//! on the same node (same host identifier and key) and assembles the mirror again, once the
+//! targets are done with its old commands: B's writes acknowledged before the crash stand
+//! unless a later write of B replaced them, the one in flight may or may not have landed, and
+//! A's post-fence writes still never appear.
+//!
 //! [`run_seed`] replays one seed (`tests/sim.rs`, `stale_head_simulation_seeds`).
 
 use super::blocks::{fill, read_tags};
@@ -51,6 +58,9 @@ struct Cfg {
     b_writes: usize,
     /// A leg whose writes stall now and then (one in `.1`, by `.2` ns), or none.
     stall: Option<(usize, u32, u64)>,
+    /// B's node dies `.1` ns after sending its write number `.0`, and B restarts and
+    /// reassembles the mirror (same host, same key), or none.
+    b_crash: Option<(usize, u64)>,
 }
 
 impl Cfg {
@@ -67,7 +77,7 @@ impl Cfg {
                 }
             })
             .collect();
-        Cfg {
+        let mut cfg = Cfg {
             cores: r.random_range(1..=2),
             legs,
             data_blocks: r.random_range(8..=48),
@@ -77,7 +87,13 @@ impl Cfg {
             fence_at_ns: r.random_range(0..=10_000_000),
             b_writes: r.random_range(1..=10),
             stall: r.random_bool(0.6).then(|| (r.random_range(0..legs), r.random_range(2..=8), r.random_range(2_000_000..=30_000_000))),
+            // Drawn last: the fields above stay what they were for every seed.
+            b_crash: None,
+        };
+        if r.random_bool(0.5) {
+            cfg.b_crash = Some((r.random_range(0..cfg.b_writes), r.random_range(0..=3_000_000)));
         }
+        cfg
     }
 }
 
@@ -95,6 +111,10 @@ pub struct Outcome {
     /// Of those, acknowledged (landed on every leg before the preempt completed).
     pub a_acked_across_fence: u64,
     pub b_writes: u64,
+    /// Crashes and restarts of B, and B's writes acknowledged before its crash (each must
+    /// survive it).
+    pub b_crashes: u64,
+    pub b_acked_before_crash: u64,
 }
 
 impl Outcome {
@@ -106,6 +126,8 @@ impl Outcome {
         self.a_in_flight_at_fence += o.a_in_flight_at_fence;
         self.a_acked_across_fence += o.a_acked_across_fence;
         self.b_writes += o.b_writes;
+        self.b_crashes += o.b_crashes;
+        self.b_acked_before_crash += o.b_acked_before_crash;
     }
 }
 
@@ -128,6 +150,8 @@ struct State {
     fence_ns: Option<u64>,
     clients_left: usize,
     b_done: bool,
+    /// When B's node died.
+    b_crash_ns: Option<u64>,
     error: Option<String>,
 }
 
@@ -175,7 +199,14 @@ async fn client_a(sh: Sh, m: Arc<BdevEntry>, cfg: Cfg, seed: u64) {
     sh.borrow_mut().clients_left -= 1;
 }
 
-async fn head_b(sh: Sh, reg: Rc<BdevRegistry>, legs: Vec<String>, uuid: uuid::Uuid, cfg: Cfg, seed: u64) {
+/// What B's restart needs: per leg, the disk and its reservations (the node's new view of the
+/// leg is made from them), and the switches that kill B's old views.
+struct BRestart {
+    disks: Vec<(Arc<dyn Bdev>, Arc<crate::nvmf::reservation::Reservations>)>,
+    dead: Vec<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+async fn head_b(sh: Sh, reg: Rc<BdevRegistry>, legs: Vec<String>, uuid: uuid::Uuid, cfg: Cfg, seed: u64, restart: BRestart) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     reactor::sleep(Duration::from_nanos(cfg.fence_at_ns)).await;
     sh.borrow_mut().fence_start_ns = Some(reactor::now_ns());
@@ -193,11 +224,61 @@ async fn head_b(sh: Sh, reg: Rc<BdevRegistry>, legs: Vec<String>, uuid: uuid::Uu
         Ok(e) => e,
         Err(e) => return sh.borrow_mut().error = Some(e.to_string()),
     };
-    let Ok(ch) = Channel::get(&e) else { return sh.borrow_mut().error = Some("B: no channel".into()) };
-    for _ in 0..cfg.b_writes {
-        if !write(&sh, &ch, &mut rng, cfg.data_blocks, true).await {
-            return sh.borrow_mut().error = Some("a write of B failed".into());
+    let Ok(mut ch) = Channel::get(&e) else { return sh.borrow_mut().error = Some("B: no channel".into()) };
+    let (mut m, mut e) = (m, e);
+    for k in 0..cfg.b_writes {
+        let Some(delay) = cfg.b_crash.filter(|c| c.0 == k).map(|c| c.1) else {
+            if !write(&sh, &ch, &mut rng, cfg.data_blocks, true).await {
+                return sh.borrow_mut().error = Some("a write of B failed".into());
+            }
+            continue;
+        };
+        // Write k goes out and B's node dies `delay` ns later, the write possibly still in
+        // flight: what B sent is at the devices or not, its answers are lost.
+        let (sh2, e2, s2, n) = (sh.clone(), e.clone(), rng.random::<u64>(), cfg.data_blocks);
+        let w = reactor::spawn(async move {
+            if let Ok(ch) = Channel::get(&e2) {
+                write(&sh2, &ch, &mut ChaCha8Rng::seed_from_u64(s2), n, true).await;
+            }
+        });
+        reactor::sleep(Duration::from_nanos(delay)).await;
+        restart.dead.iter().for_each(|d| d.store(true, std::sync::atomic::Ordering::SeqCst));
+        sh.borrow_mut().b_crash_ns = Some(reactor::now_ns());
+        w.await;
+        // The dead head's mirror stops (its metadata writes go nowhere any more).
+        let zombie = m.clone();
+        reactor::spawn_detached(async move { zombie.shutdown().await });
+        // The node restarts once the targets are done with its old connections' commands
+        // (a quiescing target, as in `super::remote_leg`; a write of the dead head landing
+        // after the new one's would be the late-execution hazard of notes/simconn.md).
+        while restart.disks.iter().any(|(_, st)| st.in_flight_counter(&[2u8; 16]).load(std::sync::atomic::Ordering::SeqCst) > 0) {
+            reactor::sleep(Duration::from_micros(50)).await;
         }
+        // B restarts on the same node: the same host identifier and key, new views of the
+        // legs, and assembles the mirror again (its reservation is still there: no preempt).
+        let mut names = Vec::new();
+        for (i, (disk, st)) in restart.disks.iter().enumerate() {
+            let name = format!("h2r_d{i}");
+            if let Err(x) = reg.register(Arc::new(ResvLeg::new(&name, disk.clone(), st.clone(), [2u8; 16]))) {
+                return sh.borrow_mut().error = Some(x.to_string());
+            }
+            names.push(name);
+        }
+        let guards: Result<Vec<_>, String> = names.iter().map(|l| reg.get(l).ok_or(format!("{l} missing"))?.claim("mb2").map_err(|e| e.to_string())).collect();
+        let m2 = match guards {
+            Ok(g) => MirrorBdev::assemble("mb2", g, Vec::new(), Some(uuid), options(Fencing { key: KEY_B, preempt: Some(KEY_A) })).await,
+            Err(x) => return sh.borrow_mut().error = Some(x),
+        };
+        m = match m2 {
+            Ok(m) => m,
+            Err(x) => return sh.borrow_mut().error = Some(format!("B's reassembly after its crash failed: {x}")),
+        };
+        e = match reg.register(m.clone() as Arc<dyn Bdev>) {
+            Ok(e) => e,
+            Err(x) => return sh.borrow_mut().error = Some(x.to_string()),
+        };
+        let Ok(c) = Channel::get(&e) else { return sh.borrow_mut().error = Some("B: no channel after the restart".into()) };
+        ch = c;
     }
     // Every write of A ends (refused or landed), then B reads.
     while sh.borrow().clients_left > 0 {
@@ -227,10 +308,19 @@ fn check(s: &State, tags: &[u64]) -> Result<(), String> {
     for (b, &got) in tags.iter().enumerate() {
         let b = b as u64;
         let ws: Vec<&Write> = s.writes.iter().filter(|w| w.block == b).collect();
-        if let Some(last_b) = ws.iter().filter(|w| w.by_b).max_by_key(|w| w.tag) {
-            if got != last_b.tag {
-                return Err(format!("block {b}: B wrote {} last, reads {got} (writes: {ws:?})", last_b.tag));
+        // B writes one at a time: its last acknowledged write to the block stands, or one of
+        // its later writes that failed (B crashed with it in flight: landed or not).
+        let b_failed_after = |t: u64| ws.iter().filter(|w| w.by_b && w.tag > t && w.done.is_some_and(|(_, ok)| !ok)).map(|w| w.tag).collect::<Vec<u64>>();
+        if let Some(last_b) = ws.iter().filter(|w| w.by_b && w.done.is_some_and(|(_, ok)| ok)).max_by_key(|w| w.tag) {
+            let mut ok = b_failed_after(last_b.tag);
+            ok.push(last_b.tag);
+            if !ok.contains(&got) {
+                return Err(format!("block {b}: B's last acknowledged write is {}, reads {got}, allowed {ok:?} (writes: {ws:?})", last_b.tag));
             }
+            continue;
+        }
+        let b_failed = b_failed_after(0);
+        if b_failed.contains(&got) {
             continue;
         }
         let acked: Vec<&&Write> = ws.iter().filter(|w| w.done.is_some_and(|(_, ok)| ok)).collect();
@@ -252,7 +342,7 @@ fn check(s: &State, tags: &[u64]) -> Result<(), String> {
 
 pub fn run_seed(seed: u64) -> Result<Outcome, String> {
     let cfg = Cfg::from_seed(seed);
-    run(seed, &cfg).map_err(|e| format!("{e}\n  config: {cfg:?}"))
+    run(seed, &cfg).map_err(|e| format!("seed {seed}: {e}\n  config: {cfg:?}"))
 }
 
 fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
@@ -261,6 +351,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
     let reg = Rc::new(BdevRegistry::new(cfg.cores));
     let leg_bytes = ((DATA_OFFSET + cfg.data_blocks) * SIM_BLOCK as u64) as usize;
     let (mut legs_a, mut legs_b, mut devs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut restart = BRestart { disks: Vec::new(), dead: Vec::new() };
     for i in 0..cfg.legs {
         let mut dev = SimDevice::new(&format!("d{i}"), vec![0u8; leg_bytes], rng.random(), cfg.latency[i]);
         if let Some((_, one_in, ns)) = cfg.stall.filter(|s| s.0 == i) {
@@ -272,9 +363,14 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         let st = ResvLeg::new_state();
         for (head, legs) in [(1u8, &mut legs_a), (2u8, &mut legs_b)] {
             let name = format!("h{head}_d{i}");
-            reg.register(Arc::new(ResvLeg::new(&name, d.clone(), st.clone(), [head; 16]))).map_err(|e| e.to_string())?;
+            let leg = ResvLeg::new(&name, d.clone(), st.clone(), [head; 16]);
+            if head == 2 {
+                restart.dead.push(leg.dead_switch());
+            }
+            reg.register(Arc::new(leg)).map_err(|e| e.to_string())?;
             legs.push(name);
         }
+        restart.disks.push((d.clone(), st.clone()));
     }
     let sh: Sh = Rc::new(RefCell::new(State { clients_left: cfg.clients, ..State::default() }));
     let mut steps = 0u64;
@@ -313,7 +409,7 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
     }
     let (sh2, reg2, cfg2, s, uuid) = (sh.clone(), reg.clone(), cfg.clone(), rng.random(), ma.uuid());
     let legs = legs_b.clone();
-    cores.enter(cfg.cores - 1, || reactor::spawn_detached(head_b(sh2, reg2, legs, uuid, cfg2, s)));
+    cores.enter(cfg.cores - 1, || reactor::spawn_detached(head_b(sh2, reg2, legs, uuid, cfg2, s, restart)));
     loop {
         {
             let s = sh.borrow();
@@ -358,6 +454,8 @@ fn run(seed: u64, cfg: &Cfg) -> Result<Outcome, String> {
         a_in_flight_at_fence: across().count() as u64,
         a_acked_across_fence: across().filter(|w| w.done.is_some_and(|(_, ok)| ok)).count() as u64,
         b_writes: s.writes.iter().filter(|w| w.by_b).count() as u64,
+        b_crashes: s.b_crash_ns.is_some() as u64,
+        b_acked_before_crash: s.b_crash_ns.map_or(0, |t| s.writes.iter().filter(|w| w.by_b && w.done.is_some_and(|(d, ok)| ok && d <= t)).count() as u64),
     };
     drop(s);
     for n in reg.list().iter().map(|e| e.name().to_string()).collect::<Vec<_>>() {
