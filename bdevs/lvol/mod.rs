@@ -51,6 +51,7 @@ pub mod layout;
 mod preserve;
 pub mod rpc;
 pub mod sim;
+mod vols;
 
 use crate::bdev::LatencyHistogram;
 use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
@@ -64,6 +65,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
+use vols::{Head, VolState, Vols};
 
 pub const PRODUCT_NAME: &str = "Logical Volume";
 
@@ -217,15 +219,6 @@ impl Drop for VolLive {
     }
 }
 
-/// A volume as the store's record holds it.
-struct VolState {
-    rec: VolumeRecord,
-    map: BTreeMap<u32, u32>,
-    live: Arc<VolLive>,
-    /// Clusters a thick volume still has reserved (not yet allocated).
-    reserved: u64,
-}
-
 /// A cluster allocated for a first write and not yet durable in a map.
 struct Pending {
     phys: u32,
@@ -276,10 +269,14 @@ struct State {
     journal: Vec<MapChange>,
     /// Byte offset in the current slot where the next log record goes.
     log_at: u64,
-    /// The store's name and volume records (maps left out) of the last durable state, if a
-    /// log record can follow it: a commit whose name or records differ, or any commit after
-    /// a failed one or after an open, writes a whole record instead.
-    last_heads: Option<(String, Vec<VolumeRecord>)>,
+    /// The generation of the volume records ([`Vols::gen`]) and the store's name in the last
+    /// durable whole record, if a log record can follow it: a commit whose name or records
+    /// differ, or any commit after a failed one, after an open or after a revert, writes a
+    /// whole record instead.
+    last_heads: Option<(u64, String)>,
+    /// The volume records that whole record holds, to check the generation against.
+    #[cfg(debug_assertions)]
+    durable_heads: Vec<VolumeRecord>,
     /// References to each physical cluster (volume maps + pending entries); 0 = free.
     refs: Vec<u32>,
     free_count: u64,
@@ -293,7 +290,7 @@ struct State {
     cow_epoch: u64,
     /// Clusters reserved by thick volumes and not yet allocated.
     reserved: u64,
-    vols: BTreeMap<Uuid, VolState>,
+    vols: Vols,
     pending: HashMap<(Uuid, u32), Pending>,
     next_gen: u64,
     durable_gen: u64,
@@ -391,51 +388,77 @@ impl Store {
         self.cluster_size / self.block_size as u64
     }
 
-    /// The volume records of the current state without their maps, and whether a snapshot is
-    /// left out of them (see below).
-    fn heads(&self, st: &State) -> (Vec<VolumeRecord>, bool) {
-        // A snapshot maps the clusters it captured pending at once, before their data (zeroes
-        // or a copy) is written; its own commit waits for that, but another writer's commit
-        // could record it first, and a crash then left a snapshot reading some freed
-        // cluster's old data. Until then it is left out of records (its volume's parent link
-        // goes to its parent).
-        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+    /// The snapshots left out of the next record, with the parent their children's links go
+    /// to instead. A snapshot maps the clusters it captured pending at once, before their data
+    /// (zeroes or a copy) is written; its own commit waits for that, but another writer's
+    /// commit could record it first, and a crash then left a snapshot reading some freed
+    /// cluster's old data. Until then it is left out of records (its volume's parent link goes
+    /// to its parent).
+    fn left_out(&self, st: &State) -> HashMap<Uuid, Option<Uuid>> {
+        // Only a captured entry's cluster can be in a snapshot's map before the entry has its
+        // generation: a pending cluster was free when allocated, and joins a map either with
+        // its entry (`add_entry`, which gives the generation) or by a snapshot's capture (a
+        // clone or a revert copies a map that has it already). So the common commit, with no
+        // snapshot under way, looks at the pending entries and at no map.
+        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none() && p.captured).map(|p| p.phys).collect();
         let left_out: HashMap<Uuid, Option<Uuid>> = if unready.is_empty() {
             HashMap::new()
         } else {
             st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| unready.contains(p))).map(|v| (v.rec.uuid, v.rec.parent)).collect()
         };
-        let heads = st
-            .vols
+        #[cfg(debug_assertions)]
+        {
+            let all: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+            let n = st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| all.contains(p))).count();
+            assert_eq!(n, left_out.len(), "only captured pending clusters are mapped by a snapshot before they are ready");
+        }
+        left_out
+    }
+
+    /// The volume records of the current state without their maps (those of `left_out` left
+    /// out, see [`Self::left_out`]).
+    fn heads(&self, st: &State, left_out: &HashMap<Uuid, Option<Uuid>>) -> Vec<VolumeRecord> {
+        st.vols
             .values()
             .filter(|v| !left_out.contains_key(&v.rec.uuid))
             .map(|v| {
-                let mut r = v.rec.clone();
-                debug_assert!(r.map.is_empty(), "a volume's map lives in VolState::map, not in its record");
+                let mut r = VolumeRecord::clone(&v.rec);
                 while let Some(up) = r.parent.and_then(|p| left_out.get(&p)) {
                     r.parent = *up;
                 }
                 r
             })
-            .collect();
-        (heads, !left_out.is_empty())
+            .collect()
     }
 
     /// What the next commit writes, with the next sequence number: a log record after the
     /// current one when only maps changed since the last durable state (then `Some` offset in
     /// the current slot), else a whole record for the other slot (`None`). Takes the journal.
+    ///
+    /// Whether only maps changed is told by the generation of the records and the name, in
+    /// O(1): this runs under the state lock for every group commit of first writes, and a
+    /// comparison of the records themselves cost a copy of each (see `vols`).
     fn next_record(&self, st: &mut State) -> (Vec<u8>, Option<u64>) {
         st.seq += 1;
-        let (mut heads, left_out) = self.heads(st);
+        let left_out = self.left_out(st);
         let changes = std::mem::take(&mut st.journal);
-        if !left_out && st.last_heads.as_ref().is_some_and(|(n, h)| *n == st.name && *h == heads) {
+        if left_out.is_empty() && st.last_heads.as_ref().is_some_and(|(g, n)| *g == st.vols.gen() && *n == st.name) {
+            // A change of a record that did not move the generation would be lost by this log
+            // record (it carries map changes only), silently until the next open.
+            #[cfg(debug_assertions)]
+            assert!(self.heads(st, &left_out) == st.durable_heads, "lvol store {}: a volume record changed without moving the records' generation", st.name);
             let log = LogRecord { seq: st.seq, store: self.uuid, changes }.encode();
             let padded = (log.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
             if st.log_at + padded <= self.slot_bytes {
                 return (log, Some(st.log_at));
             }
         }
-        st.last_heads = if left_out { None } else { Some((st.name.clone(), heads.clone())) };
+        let mut heads = self.heads(st, &left_out);
+        st.last_heads = left_out.is_empty().then(|| (st.vols.gen(), st.name.clone()));
+        #[cfg(debug_assertions)]
+        {
+            st.durable_heads = heads.clone();
+        }
         for r in &mut heads {
             if let Some(v) = st.vols.get(&r.uuid) {
                 r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
@@ -883,7 +906,7 @@ impl Store {
                 VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, snapshot: false, parent: None, map: Vec::new() };
             let reserved = if thin { 0 } else { clusters };
             st.reserved += reserved;
-            st.vols.insert(uuid, VolState { rec, map: BTreeMap::new(), live: live.clone(), reserved });
+            st.vols.insert(VolState { rec: Head::new(rec), map: BTreeMap::new(), live: live.clone(), reserved });
             live
         };
         if let Err(e) = self.commit(ch).await {
@@ -922,8 +945,11 @@ impl Store {
             st.snap_meta.remove(&uuid);
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
-                for c in st.vols.values_mut().filter(|c| c.rec.parent == Some(uuid)) {
-                    c.rec.parent = v.rec.parent;
+                let children: Vec<Uuid> = st.vols.values().filter(|c| c.rec.parent == Some(uuid)).map(|c| c.rec.uuid).collect();
+                for c in children {
+                    if let Some(r) = st.vols.rec_mut(&c) {
+                        r.parent = v.rec.parent;
+                    }
                 }
             }
             self.unshare_single(&mut st);
@@ -989,7 +1015,7 @@ impl Store {
             live.set_shared(l, Some(p), true);
         }
         live.allocated.store(map.len() as u64, Relaxed);
-        st.vols.insert(rec.uuid, VolState { rec, map, live: live.clone(), reserved: 0 });
+        st.vols.insert(VolState { rec: Head::new(rec), map, live: live.clone(), reserved: 0 });
         live
     }
 
@@ -1033,8 +1059,8 @@ impl Store {
                 }
             }
             st.cow_epoch = self.tracker.current();
-            if let Some(v) = st.vols.get_mut(&uuid) {
-                v.rec.parent = Some(snap);
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = Some(snap);
             }
             let meta = SnapMeta {
                 origin: uuid,
@@ -1134,8 +1160,8 @@ impl Store {
                 return Err(LvolError::Invalid(format!("field `{field}`: lvol has no parent snapshot")));
             };
             let grand = st.vols.get(&parent).and_then(|p| p.rec.parent);
-            if let Some(v) = st.vols.get_mut(&uuid) {
-                v.rec.parent = grand;
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = grand;
             }
         }
         self.commit(ch).await?;
@@ -1165,8 +1191,8 @@ impl Store {
             }
         }
         let mut st = self.st();
-        if let Some(v) = st.vols.get_mut(&uuid) {
-            v.rec.parent = None;
+        if let Some(r) = st.vols.rec_mut(&uuid) {
+            r.parent = None;
         }
         drop(st);
         self.commit(ch).await?;
@@ -1212,7 +1238,9 @@ impl Store {
             }
             v.live.allocated.store(smap.len() as u64, Relaxed);
             v.map = smap;
-            v.rec.parent = Some(snap);
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = Some(snap);
+            }
             // The whole map changed: the commit writes a whole record, not a log of it.
             st.last_heads = None;
             old
@@ -1226,12 +1254,13 @@ impl Store {
         Ok(r?)
     }
 
-    /// Changes one volume's record (rename, read-only) and commits.
-    async fn update_volume(&self, ch: &Channel, uuid: Uuid, f: impl FnOnce(&mut VolState) -> Result<(), LvolError>) -> Result<(), LvolError> {
+    /// Changes one volume's record (rename, read-only; its live state given beside) and commits.
+    async fn update_volume(&self, ch: &Channel, uuid: Uuid, f: impl FnOnce(&mut VolumeRecord, &VolLive) -> Result<(), LvolError>) -> Result<(), LvolError> {
         {
             let mut st = self.st();
-            let v = st.vols.get_mut(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
-            f(v)?;
+            let live = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?.live.clone();
+            let rec = st.vols.rec_mut(&uuid).expect("looked up above, under the same lock");
+            f(rec, &live)?;
         }
         self.commit(ch).await?;
         Ok(())
@@ -1289,7 +1318,9 @@ impl Store {
             // After the swap: an I/O that sees the new size sees the new map. A shrink refuses
             // I/O past the new end from here on, before its clusters are dropped.
             live.num_blocks.set(size_bytes / self.block_size as u64);
-            v.rec.size_bytes = size_bytes;
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.size_bytes = size_bytes;
+            }
             st.reserved += add_reserve;
             (beyond, old_map)
         };
@@ -1431,7 +1462,7 @@ impl Store {
             live.allocated.store(map.len() as u64, Relaxed);
             let r = if rec.thin { 0 } else { clusters.saturating_sub(map.len() as u64) };
             reserved += r;
-            map_vols.insert(rec.uuid, VolState { rec, map, live, reserved: r });
+            map_vols.insert(rec.uuid, VolState { rec: Head::new(rec), map, live, reserved: r });
         }
         // A thick volume reserves what its map lacks. A crash between a delete's two commits
         // leaves it with its map dropped while snapshots still hold the shared clusters, and
@@ -1461,13 +1492,15 @@ impl Store {
                 journal: Vec::new(),
                 log_at: 0,
                 last_heads: None,
+                #[cfg(debug_assertions)]
+                durable_heads: Vec::new(),
                 refs,
                 next_free: 0,
                 limbo: Vec::new(),
                 cow_epoch: 0,
                 free_count,
                 reserved,
-                vols: map_vols,
+                vols: Vols::new(map_vols),
                 pending: HashMap::new(),
                 next_gen: 1,
                 durable_gen: 0,

@@ -541,8 +541,8 @@ fn rename(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let old = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r.name).unwrap_or_default();
     let new = p.new_name.clone();
     on_store(t, &s, move |s, ch| async move {
-        s.update_volume(&ch, uuid, |v| {
-            v.rec.name = new;
+        s.update_volume(&ch, uuid, |rec, _| {
+            rec.name = new;
             Ok(())
         })
         .await
@@ -582,9 +582,9 @@ fn set_read_only(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByName = parse(p)?;
     let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
     on_store(t, &s, move |s, ch| async move {
-        s.update_volume(&ch, uuid, |v| {
-            v.rec.read_only = true;
-            v.live.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.update_volume(&ch, uuid, |rec, live| {
+            rec.read_only = true;
+            live.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         })
         .await

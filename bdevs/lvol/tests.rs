@@ -865,3 +865,98 @@ fn deleting_a_snapshot_with_clones_is_refused_by_the_trait_check() {
     assert!(lvol(&v).check_delete("s2").is_ok(), "one clone (the volume) takes the snapshot's parent");
     drop(s2);
 }
+
+/// Whether `op` made the store write a whole record (into the other slot) rather than a log
+/// record; `op` commits once.
+fn wrote_whole_record(s: &Store, op: impl FnOnce()) -> bool {
+    let (slot, commits) = (s.st().cur_slot, s.commits());
+    op();
+    assert_eq!(s.commits(), commits + 1, "the operation commits once");
+    s.st().cur_slot != slot
+}
+
+#[test]
+fn every_change_of_a_volume_record_writes_a_whole_record_and_writes_only_log_records() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let cl = CL / BS as u64;
+    // Runs a store operation to its end.
+    fn run<F: std::future::Future<Output = Result<(), LvolError>> + 'static>(f: &Fix, s: &Arc<Store>, op: impl FnOnce(Arc<Store>, Channel) -> F + 'static) {
+        let s = s.clone();
+        f.cores.block_on(0, async move { op(s.clone(), Channel::get(&s.base).unwrap()).await }).unwrap()
+    }
+    let mut a = None;
+    assert!(wrote_whole_record(&s, || a = Some(f.vol(&s, "a", 1, true))), "create");
+    let a = a.unwrap();
+    let ua = lvol(&a).lvol_uuid();
+    let mut next = 0u64;
+    // A first write after each change: only a map changed, a log record says it.
+    let mut first_write = || {
+        assert!(!wrote_whole_record(&s, || f.write(&a, next * cl, 1, 1).unwrap()), "a first write after cluster {next}");
+        next += 1;
+    };
+    first_write();
+    let rename = move |s: Arc<Store>, ch: Channel| async move {
+        s.update_volume(&ch, ua, |r, _| {
+            r.name = "a2".into();
+            Ok(())
+        })
+        .await
+    };
+    assert!(wrote_whole_record(&s, || run(&f, &s, rename)), "volume rename");
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.resize(&ch, ua, 2 << 20, false).await })), "resize");
+    first_write();
+    let mut snap = None;
+    assert!(wrote_whole_record(&s, || snap = Some(f.snapshot(&s, &a, "snap").unwrap())), "snapshot");
+    let snap = snap.unwrap();
+    first_write();
+    let mut c = None;
+    assert!(wrote_whole_record(&s, || c = Some(f.clone_of(&s, &snap, "c").unwrap())), "clone");
+    let c = c.unwrap();
+    let uc = lvol(&c).lvol_uuid();
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.decouple(&ch, uc, "name").await })), "decouple");
+    first_write();
+    let us = lvol(&snap).lvol_uuid();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.revert(&ch, ua, us).await })), "revert");
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.rename(&ch, "lvs1").await })), "store rename");
+    first_write();
+    let mut d = None;
+    assert!(wrote_whole_record(&s, || d = Some(f.vol(&s, "d", 1, true))), "create");
+    first_write();
+    assert!(wrote_whole_record(&s, || f.delete(&s, d.take().unwrap()).unwrap()), "delete of an empty volume");
+    first_write();
+    let read_only = move |s: Arc<Store>, ch: Channel| async move {
+        s.update_volume(&ch, us, |r, l| {
+            r.read_only = true;
+            l.read_only.store(true, Relaxed);
+            Ok(())
+        })
+        .await
+    };
+    assert!(wrote_whole_record(&s, || run(&f, &s, read_only)), "set read-only");
+    first_write();
+    // What was committed is what opens.
+    let before = s.volumes();
+    let (s, _vols) = f.reopen(s, vec![a, snap, c]);
+    assert_eq!(s.volumes(), before);
+    assert_eq!(s.name(), "lvs1");
+}
+
+/// The check behind the records' generation: a record changed without moving it is caught at
+/// the next commit that would have written a log record (instead of being lost from the
+/// media until the next whole record).
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "a volume record changed without moving the records' generation")]
+fn a_record_change_that_does_not_move_the_generation_is_caught() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 1, true);
+    let ua = lvol(&a).lvol_uuid();
+    f.write(&a, 0, 1, 1).unwrap();
+    s.st().vols.rec_mut_uncounted(&ua).unwrap().name = "b".into();
+    let _ = f.write(&a, CL / BS as u64, 1, 1);
+}

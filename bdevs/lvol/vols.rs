@@ -1,0 +1,97 @@
+//! The store's volumes, and the generation of their records.
+//!
+//! A commit writes a log record (map changes only) when the store's name and every volume
+//! record (maps left out) are what the last durable whole record holds, else a whole record.
+//! Comparing the records themselves cost a copy of every record (names included) per group
+//! commit, under the state lock, on the path of first writes: O(volumes) allocations per
+//! commit. Instead [`Vols`] counts changes of the records: the count moves with every insert,
+//! remove and [`Vols::rec_mut`], and a record cannot be changed another way (a [`Head`] hands
+//! out no `&mut`), so a change that forgot to count is a compile error rather than a log
+//! record silently dropping it. Debug builds still compare the records (see
+//! `Store::next_record`) in case a future change finds a way around this.
+
+use super::{VolLive, VolumeRecord};
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// A volume's record without its map, read-only except through [`Vols::rec_mut`].
+pub(super) struct Head(VolumeRecord);
+
+impl Head {
+    pub(super) fn new(rec: VolumeRecord) -> Head {
+        debug_assert!(rec.map.is_empty(), "a volume's map lives in VolState::map, not in its record");
+        Head(rec)
+    }
+}
+
+impl Deref for Head {
+    type Target = VolumeRecord;
+    fn deref(&self) -> &VolumeRecord {
+        &self.0
+    }
+}
+
+/// A volume as the store's record holds it.
+pub(super) struct VolState {
+    pub(super) rec: Head,
+    pub(super) map: BTreeMap<u32, u32>,
+    pub(super) live: Arc<VolLive>,
+    /// Clusters a thick volume still has reserved (not yet allocated).
+    pub(super) reserved: u64,
+}
+
+/// The store's volumes by UUID, with the generation of their records.
+pub(super) struct Vols {
+    map: BTreeMap<Uuid, VolState>,
+    gen: u64,
+}
+
+impl Vols {
+    pub(super) fn new(map: BTreeMap<Uuid, VolState>) -> Vols {
+        Vols { map, gen: 0 }
+    }
+
+    /// Moves with every change of a record, the set of volumes included (never backwards).
+    pub(super) fn gen(&self) -> u64 {
+        self.gen
+    }
+
+    pub(super) fn insert(&mut self, v: VolState) {
+        self.gen += 1;
+        self.map.insert(v.rec.uuid, v);
+    }
+
+    pub(super) fn remove(&mut self, uuid: &Uuid) -> Option<VolState> {
+        let v = self.map.remove(uuid)?;
+        self.gen += 1;
+        Some(v)
+    }
+
+    /// Volume `uuid`'s record to change (counted as changed whether or not the caller does).
+    pub(super) fn rec_mut(&mut self, uuid: &Uuid) -> Option<&mut VolumeRecord> {
+        let v = self.map.get_mut(uuid)?;
+        self.gen += 1;
+        Some(&mut v.rec.0)
+    }
+
+    /// A record changed the way a missed count would: for the test that shows the debug
+    /// check of `Store::next_record` catches it.
+    #[cfg(test)]
+    pub(super) fn rec_mut_uncounted(&mut self, uuid: &Uuid) -> Option<&mut VolumeRecord> {
+        Some(&mut self.map.get_mut(uuid)?.rec.0)
+    }
+
+    /// A volume's map, live state and reservation to change; its record stays as it is.
+    pub(super) fn get_mut(&mut self, uuid: &Uuid) -> Option<&mut VolState> {
+        self.map.get_mut(uuid)
+    }
+}
+
+impl Deref for Vols {
+    type Target = BTreeMap<Uuid, VolState>;
+    fn deref(&self) -> &BTreeMap<Uuid, VolState> {
+        &self.map
+    }
+}
