@@ -134,6 +134,14 @@ impl LiveMap {
         // SAFETY: as in `get`.
         Some(unsafe { &(*c)[i as usize % CHUNK] })
     }
+
+    /// The heap the map takes, in bytes: its header, its chunk pointers (one per 4 GiB of
+    /// volume with 1 MiB clusters) and the chunks allocated (16 KiB each, whether one entry or
+    /// all 4096 of theirs are mapped).
+    fn heap_bytes(&self) -> u64 {
+        let chunks = self.chunks.iter().filter(|c| !c.load(Acquire).is_null()).count() as u64;
+        (std::mem::size_of::<LiveMap>() + std::mem::size_of_val(&*self.chunks)) as u64 + chunks * std::mem::size_of::<[AtomicU32; CHUNK]>() as u64
+    }
 }
 
 impl Drop for LiveMap {
@@ -209,6 +217,12 @@ impl VolLive {
     fn capacity(&self) -> u64 {
         // SAFETY: as in `set`.
         unsafe { &*self.map.load(Acquire) }.len
+    }
+
+    /// The heap the live map takes, in bytes.
+    fn map_bytes(&self) -> u64 {
+        // SAFETY: as in `set`: the caller holds the store's state lock.
+        unsafe { &*self.map.load(Acquire) }.heap_bytes()
     }
 }
 
@@ -329,6 +343,30 @@ pub struct Store {
     commits: AtomicU64,
 }
 
+/// What a store's metadata takes in memory, in bytes, by kind ([`Store::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetadataMemory {
+    /// The volumes' committed maps: one B-tree entry per cluster a volume maps (a shared
+    /// cluster counts once per volume mapping it).
+    pub maps: u64,
+    /// The volumes' live maps: chunks of 4096 entries (4 bytes each), allocated when one of
+    /// their clusters is first mapped.
+    pub live_maps: u64,
+    /// The reference count of every cluster of the pool, allocated or not (4 bytes each).
+    pub refs: u64,
+    /// Each volume's record, name and live state, its map aside.
+    pub volumes: u64,
+    /// Work under way or kept between commits: pending first writes, the journal of the next
+    /// log record, clusters in limbo, commit waiters, this run's snapshot metadata.
+    pub work: u64,
+}
+
+impl MetadataMemory {
+    pub fn total(&self) -> u64 {
+        self.maps + self.live_maps + self.refs + self.volumes + self.work
+    }
+}
+
 /// SPDK's `clear_method` names, by their on-media number.
 pub const CLEAR_METHODS: [&str; 3] = ["none", "unmap", "write_zeroes"];
 
@@ -374,6 +412,36 @@ impl Store {
 
     pub fn volume_count(&self) -> usize {
         self.st().vols.len()
+    }
+
+    /// What the store's metadata takes in memory now, counted from the sizes of its
+    /// structures (what the allocator adds to each allocation included where it is the
+    /// bulk of it, see [`vols::MAP_ENTRY_BYTES`]). Not counted: the buffers of a commit under
+    /// way (a whole record's encoding is freed once written), and what the allocator keeps
+    /// of freed memory; see `metadata_memory_per_allocated_mib_is_within_the_goal` in the tests.
+    pub fn memory(&self) -> MetadataMemory {
+        use std::mem::size_of;
+        let st = self.st();
+        let mut m = MetadataMemory { refs: (st.refs.capacity() * size_of::<u32>()) as u64, ..Default::default() };
+        for v in st.vols.values() {
+            // The tree of volumes is keyed by random UUIDs: its nodes are about 2/3 full.
+            m.volumes += (size_of::<(Uuid, VolState)>() * 3 / 2 + v.rec.name.capacity() + 2 * size_of::<usize>() + size_of::<VolLive>()) as u64;
+            m.live_maps += v.live.map_bytes();
+            m.maps += v.map.len() as u64 * vols::MAP_ENTRY_BYTES;
+        }
+        // A hash map keeps a control byte beside each of its buckets.
+        m.work = (st.pending.capacity() * (size_of::<((Uuid, u32), Pending)>() + 1)
+            + st.pending.values().map(|p| p.ready_waiters.capacity() * size_of::<oneshot::Sender<()>>()).sum::<usize>()
+            + st.journal.capacity() * size_of::<MapChange>()
+            + st.limbo.capacity() * size_of::<u32>()
+            + st.waiters.capacity() * size_of::<(u64, oneshot::Sender<IoResult>)>()
+            + st.snap_meta.capacity() * (size_of::<(Uuid, SnapMeta)>() + 1)
+            + st.name.capacity()) as u64;
+        #[cfg(debug_assertions)]
+        {
+            m.work += st.durable_heads.iter().map(|r| (size_of::<VolumeRecord>() + r.name.capacity()) as u64).sum::<u64>();
+        }
+        m
     }
 
     fn slot_offset(&self, slot: usize) -> u64 {

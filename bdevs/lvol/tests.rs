@@ -960,3 +960,41 @@ fn a_record_change_that_does_not_move_the_generation_is_caught() {
     s.st().vols.rec_mut_uncounted(&ua).unwrap().name = "b".into();
     let _ = f.write(&a, CL / BS as u64, 1, 1);
 }
+
+/// Issue #14's goal of at most 64 bytes of metadata memory per allocated MiB, counted from
+/// the structures (`Store::memory`) for the default 1 MiB clusters: a pool on a null bdev
+/// (8 GiB, 8192 clusters) half filled by one thin volume written one block per cluster, in
+/// order (the B-tree's worst usual fill), plus 100 empty thin volumes.
+#[test]
+fn metadata_memory_per_allocated_mib_is_within_the_goal() {
+    const MIB: u64 = 1 << 20;
+    let cores = ManualCores::new(2);
+    let reg = BdevRegistry::new(2);
+    let base = reg.register(Arc::new(crate::bdevs::null::NullBdev::new("n", ((8 << 30) + (4 << 20)) / BS as u64, BS, None).unwrap())).unwrap();
+    let g = base.claim("lvs").unwrap();
+    let s = cores.block_on(0, async move { Store::create(g, "lvs0", MIB, 2).await.unwrap() });
+    let f = Fix { cores, reg, base };
+    let empty = s.memory();
+    let v = f.vol(&s, "v", 4096, true);
+    let n = 4096;
+    for c in 0..n {
+        f.write(&v, c * (MIB / BS as u64), 1, 1).unwrap();
+    }
+    assert_eq!(s.volumes()[0].1, n);
+    let fill = n as f64 / s.total_clusters() as f64;
+    assert!((0.45..=0.55).contains(&fill), "the pool is half full: {n} of {} clusters", s.total_clusters());
+    let full = s.memory();
+    let per_mib = full.total() as f64 / n as f64;
+    let marginal = (full.total() - empty.total()) as f64 / n as f64;
+    let before_vols = full.total();
+    let vols: Vec<_> = (0..100).map(|i| f.vol(&s, &format!("e{i}"), 1024, true)).collect();
+    let per_vol = (s.memory().total() - before_vols) as f64 / vols.len() as f64;
+    println!(
+        "metadata memory: empty pool {empty:?}; with {n} allocated 1 MiB clusters of {} {full:?}: {per_mib:.1} bytes per allocated MiB \
+         ({marginal:.1} without the empty pool's); {per_vol:.0} bytes per empty 1 GiB thin volume",
+        s.total_clusters()
+    );
+    assert!(per_mib <= 64.0, "{per_mib:.1} bytes of metadata per allocated MiB (goal <= 64): {full:?}");
+    // Dense maps: a live map chunk per 4096 clusters, 4 bytes an entry.
+    assert!(full.live_maps - empty.live_maps <= n * 4 + 4096, "one 16 KiB chunk per 4096 clusters");
+}

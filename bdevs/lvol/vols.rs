@@ -42,6 +42,23 @@ pub(super) struct VolState {
     pub(super) reserved: u64,
 }
 
+/// Heap bytes per entry of a `BTreeMap<u32, u32>` (a volume's committed map), from the node
+/// layout of std's B-tree (capacity 11): a leaf is a parent pointer, two u16 and 11 keys and
+/// values (104 bytes), an internal node that and 12 edges (200); glibc adds 8 bytes to each
+/// and rounds to 16. Counted for entries inserted in ascending order, the worst of the usual
+/// patterns (first writes of a sequential fill): a full leaf split by an append keeps 6 of
+/// its 11, so each leaf holds 6 entries and its parent one more, one internal node per 7
+/// leaves. Random inserts fill nodes further (about 16 bytes per entry).
+pub(super) const MAP_ENTRY_BYTES: u64 = {
+    const fn malloc(n: u64) -> u64 {
+        (n + 8).div_ceil(16) * 16
+    }
+    let kv = std::mem::size_of::<(u32, u32)>() as u64;
+    let leaf = malloc((8 + 2 + 2 + 11 * kv).div_ceil(8) * 8);
+    let internal = malloc((8 + 2 + 2 + 11 * kv).div_ceil(8) * 8 + 12 * 8);
+    (7 * leaf + internal).div_ceil(49)
+};
+
 /// The store's volumes by UUID, with the generation of their records.
 pub(super) struct Vols {
     map: BTreeMap<Uuid, VolState>,
