@@ -548,10 +548,11 @@ impl Store {
     /// Writes a record (or a log record) at byte `at` of `slot`: everything written before is
     /// made durable first (data and zeroed clusters the record points to), then the record,
     /// then it is flushed.
-    async fn write_slot(&self, ch: &Channel, slot: usize, at: u64, rec: &[u8]) -> IoResult {
+    async fn write_slot(&self, ch: &Channel, slot: usize, at: u64, rec: Vec<u8>) -> IoResult {
         let bs = self.block_size as usize;
-        let mut buf = vec![0u8; rec.len().div_ceil(bs) * bs];
-        buf[..rec.len()].copy_from_slice(rec);
+        // Padded in place: a whole record is 8 bytes per mapped cluster, not worth a copy.
+        let mut buf = rec;
+        buf.resize(buf.len().div_ceil(bs) * bs, 0);
         ch.flush().await?;
         ch.write_buf(self.slot_offset(slot) + at / bs as u64, &buf).await?;
         ch.flush().await
@@ -595,6 +596,7 @@ impl Store {
             };
             // `check_metadata_room` keeps every record within its slot; should one still not
             // fit, writing it would overwrite the other slot (the previous state) or data.
+            let padded = (bytes.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
             let r = if bytes.len() as u64 > self.slot_bytes {
                 log::error!(
                     "lvol store {}: metadata record of {} bytes does not fit its {}-byte slot; not written",
@@ -604,14 +606,14 @@ impl Store {
                 );
                 Err(BdevError::NoSpace)
             } else {
-                self.write_slot(ch, slot, log_at.unwrap_or(0), &bytes).await
+                self.write_slot(ch, slot, log_at.unwrap_or(0), bytes).await
             };
             self.commits.fetch_add(1, Relaxed);
             let mut st = self.st();
             if r.is_ok() {
                 st.cur_slot = slot;
                 // The next log record goes after this one (or after this whole record).
-                st.log_at = log_at.unwrap_or(0) + (bytes.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
+                st.log_at = log_at.unwrap_or(0) + padded;
                 st.durable_gen = g;
                 self.publish(&mut st, g);
             } else if let Err(e) = &r {
