@@ -896,7 +896,7 @@ impl Store {
             (p.phys, p.gen)
         };
         // A copy-on-write displaces the shared cluster; its reference goes at the publish.
-        let displaced = st.vols.get_mut(&uuid).and_then(|v| v.map.insert(logical, phys));
+        let displaced = st.vols.map_insert(&uuid, logical, phys);
         st.journal.push(MapChange { vol: uuid, logical, phys: Some(phys) });
         if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
             p.cow_from = displaced;
@@ -920,7 +920,7 @@ impl Store {
     fn unmap_now(&self, uuid: Uuid, logicals: impl Iterator<Item = u32>, mut keep_pending: Option<&mut Vec<u32>>) -> Vec<u32> {
         let mut guard = self.st();
         let st = &mut *guard;
-        let Some(v) = st.vols.get_mut(&uuid) else { return Vec::new() };
+        let Some(live) = st.vols.get(&uuid).map(|v| v.live.clone()) else { return Vec::new() };
         let mut freed = Vec::new();
         for l in logicals {
             if let Some(kept) = keep_pending.as_deref_mut() {
@@ -929,11 +929,11 @@ impl Store {
                     continue;
                 }
             }
-            if let Some(p) = v.map.remove(&l) {
+            if let Some(p) = st.vols.map_remove(&uuid, l) {
                 st.journal.push(MapChange { vol: uuid, logical: l, phys: None });
-                if v.live.lookup(l as u64) == Some(p) {
-                    v.live.set(l, None);
-                    v.live.allocated.fetch_sub(1, Relaxed);
+                if live.lookup(l as u64) == Some(p) {
+                    live.set(l, None);
+                    live.allocated.fetch_sub(1, Relaxed);
                 }
                 freed.push(p);
             }
@@ -1047,7 +1047,7 @@ impl Store {
     fn record_fits(&self, st: &State, volumes: usize, entries: u64) -> bool {
         // Pending entries (first writes and copies under way) are counted too: each may join
         // the record (a copy's replaces one, so this errs on the safe side).
-        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
+        let mapped = st.vols.mapped() + st.pending.len() as u64;
         layout::record_bound(st.vols.len() + volumes, mapped + entries) <= self.slot_bytes
     }
 
@@ -1057,7 +1057,7 @@ impl Store {
         if self.record_fits(st, volumes, entries) {
             return Ok(());
         }
-        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
+        let mapped = st.vols.mapped() + st.pending.len() as u64;
         Err(LvolError::NoSpace(format!(
             "field `{field}`: the metadata of lvol store {} has no room for {volumes} more volume(s) and {entries} more cluster references \
              ({} volumes and {mapped} references now: snapshots and clones count each shared cluster again); delete snapshots or clones first",
@@ -1298,7 +1298,7 @@ impl Store {
             for &p in smap.values() {
                 st.refs[p as usize] += 1;
             }
-            let v = st.vols.get_mut(&uuid).expect("looked up above");
+            let v = st.vols.get(&uuid).expect("looked up above");
             let old: Vec<u32> = v.map.values().copied().collect();
             for &l in v.map.keys() {
                 v.live.set(l, None);
@@ -1307,7 +1307,7 @@ impl Store {
                 v.live.set_shared(l, Some(p), true);
             }
             v.live.allocated.store(smap.len() as u64, Relaxed);
-            v.map = smap;
+            st.vols.set_map(&uuid, smap);
             if let Some(r) = st.vols.rec_mut(&uuid) {
                 r.parent = Some(snap);
             }

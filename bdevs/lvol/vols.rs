@@ -59,15 +59,51 @@ pub(super) const MAP_ENTRY_BYTES: u64 = {
     (7 * leaf + internal).div_ceil(49)
 };
 
-/// The store's volumes by UUID, with the generation of their records.
+/// The store's volumes by UUID, with the generation of their records and the count of
+/// their map entries.
 pub(super) struct Vols {
     map: BTreeMap<Uuid, VolState>,
     gen: u64,
+    /// Entries of all the volumes' maps: what `Store::record_fits` checks on every first
+    /// write, kept here rather than summed over every volume under the lock. Maps change
+    /// through `map_insert`, `map_remove` and `set_map`; debug builds check the count.
+    mapped: u64,
 }
 
 impl Vols {
     pub(super) fn new(map: BTreeMap<Uuid, VolState>) -> Vols {
-        Vols { map, gen: 0 }
+        let mapped = map.values().map(|v| v.map.len() as u64).sum();
+        Vols { map, gen: 0, mapped }
+    }
+
+    /// Entries of all the volumes' maps (a shared cluster counts once per volume).
+    pub(super) fn mapped(&self) -> u64 {
+        debug_assert_eq!(self.mapped, self.map.values().map(|v| v.map.len() as u64).sum::<u64>(), "a map changed outside Vols' methods");
+        self.mapped
+    }
+
+    /// Maps `logical` of volume `uuid` to `phys`; the entry it replaces, if any.
+    pub(super) fn map_insert(&mut self, uuid: &Uuid, logical: u32, phys: u32) -> Option<u32> {
+        let old = self.map.get_mut(uuid)?.map.insert(logical, phys);
+        if old.is_none() {
+            self.mapped += 1;
+        }
+        old
+    }
+
+    /// Unmaps `logical` of volume `uuid`; the cluster it mapped, if any.
+    pub(super) fn map_remove(&mut self, uuid: &Uuid, logical: u32) -> Option<u32> {
+        let p = self.map.get_mut(uuid)?.map.remove(&logical)?;
+        self.mapped -= 1;
+        Some(p)
+    }
+
+    /// Replaces volume `uuid`'s whole map (a revert).
+    pub(super) fn set_map(&mut self, uuid: &Uuid, map: BTreeMap<u32, u32>) {
+        if let Some(v) = self.map.get_mut(uuid) {
+            self.mapped = self.mapped - v.map.len() as u64 + map.len() as u64;
+            v.map = map;
+        }
     }
 
     /// Moves with every change of a record, the set of volumes included (never backwards).
@@ -77,12 +113,15 @@ impl Vols {
 
     pub(super) fn insert(&mut self, v: VolState) {
         self.gen += 1;
-        self.map.insert(v.rec.uuid, v);
+        self.mapped += v.map.len() as u64;
+        let old = self.map.insert(v.rec.uuid, v);
+        debug_assert!(old.is_none(), "a new volume has a new UUID");
     }
 
     pub(super) fn remove(&mut self, uuid: &Uuid) -> Option<VolState> {
         let v = self.map.remove(uuid)?;
         self.gen += 1;
+        self.mapped -= v.map.len() as u64;
         Some(v)
     }
 
@@ -100,7 +139,8 @@ impl Vols {
         Some(&mut self.map.get_mut(uuid)?.rec.0)
     }
 
-    /// A volume's map, live state and reservation to change; its record stays as it is.
+    /// A volume's live state and reservation to change; its record stays as it is, and its
+    /// map is changed through the methods above (which count its entries).
     pub(super) fn get_mut(&mut self, uuid: &Uuid) -> Option<&mut VolState> {
         self.map.get_mut(uuid)
     }
