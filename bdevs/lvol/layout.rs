@@ -205,7 +205,13 @@ impl Reader<'_> {
 impl StoreRecord {
     /// The record as written to a slot (its length is `len`, not rounded to blocks).
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(HEADER_MAX + self.volumes.len() * VOLUME_MAX));
+        // Sized for the whole record at once, rounded to 4 KiB blocks so that padding it to the
+        // slot's blocks (`Store::write_slot`) needs no copy either: a record of a full pool is
+        // 8 bytes per mapped cluster, and growing the buffer by doubling held up to three
+        // times that at once (the heap then keeps it, see the store's `memory`).
+        let entries: u64 = self.volumes.iter().map(|v| v.map.len() as u64).sum();
+        let cap = round_up(record_bound(self.volumes.len(), entries), 4096);
+        let mut w = Writer(Vec::with_capacity(usize::try_from(cap).unwrap_or(0)));
         w.0.extend_from_slice(MAGIC);
         w.u32(VERSION);
         w.u32(0); // crc, below

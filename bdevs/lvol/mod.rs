@@ -51,6 +51,7 @@ pub mod layout;
 mod preserve;
 pub mod rpc;
 pub mod sim;
+mod vols;
 
 use crate::bdev::LatencyHistogram;
 use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
@@ -64,6 +65,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
+use vols::{Head, VolState, Vols};
 
 pub const PRODUCT_NAME: &str = "Logical Volume";
 
@@ -131,6 +133,14 @@ impl LiveMap {
         }
         // SAFETY: as in `get`.
         Some(unsafe { &(*c)[i as usize % CHUNK] })
+    }
+
+    /// The heap the map takes, in bytes: its header, its chunk pointers (one per 4 GiB of
+    /// volume with 1 MiB clusters) and the chunks allocated (16 KiB each, whether one entry or
+    /// all 4096 of theirs are mapped).
+    fn heap_bytes(&self) -> u64 {
+        let chunks = self.chunks.iter().filter(|c| !c.load(Acquire).is_null()).count() as u64;
+        (std::mem::size_of::<LiveMap>() + std::mem::size_of_val(&*self.chunks)) as u64 + chunks * std::mem::size_of::<[AtomicU32; CHUNK]>() as u64
     }
 }
 
@@ -208,6 +218,12 @@ impl VolLive {
         // SAFETY: as in `set`.
         unsafe { &*self.map.load(Acquire) }.len
     }
+
+    /// The heap the live map takes, in bytes.
+    fn map_bytes(&self) -> u64 {
+        // SAFETY: as in `set`: the caller holds the store's state lock.
+        unsafe { &*self.map.load(Acquire) }.heap_bytes()
+    }
 }
 
 impl Drop for VolLive {
@@ -215,15 +231,6 @@ impl Drop for VolLive {
         // SAFETY: the last reference: no I/O can hold the pointer.
         drop(unsafe { Box::from_raw(self.map.load(Acquire)) });
     }
-}
-
-/// A volume as the store's record holds it.
-struct VolState {
-    rec: VolumeRecord,
-    map: BTreeMap<u32, u32>,
-    live: Arc<VolLive>,
-    /// Clusters a thick volume still has reserved (not yet allocated).
-    reserved: u64,
 }
 
 /// A cluster allocated for a first write and not yet durable in a map.
@@ -276,10 +283,14 @@ struct State {
     journal: Vec<MapChange>,
     /// Byte offset in the current slot where the next log record goes.
     log_at: u64,
-    /// The store's name and volume records (maps left out) of the last durable state, if a
-    /// log record can follow it: a commit whose name or records differ, or any commit after
-    /// a failed one or after an open, writes a whole record instead.
-    last_heads: Option<(String, Vec<VolumeRecord>)>,
+    /// The generation of the volume records ([`Vols::gen`]) and the store's name in the last
+    /// durable whole record, if a log record can follow it: a commit whose name or records
+    /// differ, or any commit after a failed one, after an open or after a revert, writes a
+    /// whole record instead.
+    last_heads: Option<(u64, String)>,
+    /// The volume records that whole record holds, to check the generation against.
+    #[cfg(debug_assertions)]
+    durable_heads: Vec<VolumeRecord>,
     /// References to each physical cluster (volume maps + pending entries); 0 = free.
     refs: Vec<u32>,
     free_count: u64,
@@ -293,7 +304,7 @@ struct State {
     cow_epoch: u64,
     /// Clusters reserved by thick volumes and not yet allocated.
     reserved: u64,
-    vols: BTreeMap<Uuid, VolState>,
+    vols: Vols,
     pending: HashMap<(Uuid, u32), Pending>,
     next_gen: u64,
     durable_gen: u64,
@@ -330,6 +341,30 @@ pub struct Store {
     state: Mutex<State>,
     /// Metadata records written (each covers every change made before it began).
     commits: AtomicU64,
+}
+
+/// What a store's metadata takes in memory, in bytes, by kind ([`Store::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetadataMemory {
+    /// The volumes' committed maps: one B-tree entry per cluster a volume maps (a shared
+    /// cluster counts once per volume mapping it).
+    pub maps: u64,
+    /// The volumes' live maps: chunks of 4096 entries (4 bytes each), allocated when one of
+    /// their clusters is first mapped.
+    pub live_maps: u64,
+    /// The reference count of every cluster of the pool, allocated or not (4 bytes each).
+    pub refs: u64,
+    /// Each volume's record, name and live state, its map aside.
+    pub volumes: u64,
+    /// Work under way or kept between commits: pending first writes, the journal of the next
+    /// log record, clusters in limbo, commit waiters, this run's snapshot metadata.
+    pub work: u64,
+}
+
+impl MetadataMemory {
+    pub fn total(&self) -> u64 {
+        self.maps + self.live_maps + self.refs + self.volumes + self.work
+    }
 }
 
 /// SPDK's `clear_method` names, by their on-media number.
@@ -379,6 +414,36 @@ impl Store {
         self.st().vols.len()
     }
 
+    /// What the store's metadata takes in memory now, counted from the sizes of its
+    /// structures (what the allocator adds to each allocation included where it is the
+    /// bulk of it, see [`vols::MAP_ENTRY_BYTES`]). Not counted: the buffers of a commit under
+    /// way (a whole record's encoding is freed once written), and what the allocator keeps
+    /// of freed memory; see `metadata_memory_per_allocated_mib_is_within_the_goal` in the tests.
+    pub fn memory(&self) -> MetadataMemory {
+        use std::mem::size_of;
+        let st = self.st();
+        let mut m = MetadataMemory { refs: (st.refs.capacity() * size_of::<u32>()) as u64, ..Default::default() };
+        for v in st.vols.values() {
+            // The tree of volumes is keyed by random UUIDs: its nodes are about 2/3 full.
+            m.volumes += (size_of::<(Uuid, VolState)>() * 3 / 2 + v.rec.name.capacity() + 2 * size_of::<usize>() + size_of::<VolLive>()) as u64;
+            m.live_maps += v.live.map_bytes();
+            m.maps += v.map.len() as u64 * vols::MAP_ENTRY_BYTES;
+        }
+        // A hash map keeps a control byte beside each of its buckets.
+        m.work = (st.pending.capacity() * (size_of::<((Uuid, u32), Pending)>() + 1)
+            + st.pending.values().map(|p| p.ready_waiters.capacity() * size_of::<oneshot::Sender<()>>()).sum::<usize>()
+            + st.journal.capacity() * size_of::<MapChange>()
+            + st.limbo.capacity() * size_of::<u32>()
+            + st.waiters.capacity() * size_of::<(u64, oneshot::Sender<IoResult>)>()
+            + st.snap_meta.capacity() * (size_of::<(Uuid, SnapMeta)>() + 1)
+            + st.name.capacity()) as u64;
+        #[cfg(debug_assertions)]
+        {
+            m.work += st.durable_heads.iter().map(|r| (size_of::<VolumeRecord>() + r.name.capacity()) as u64).sum::<u64>();
+        }
+        m
+    }
+
     fn slot_offset(&self, slot: usize) -> u64 {
         slot as u64 * self.slot_bytes / self.block_size as u64
     }
@@ -391,51 +456,77 @@ impl Store {
         self.cluster_size / self.block_size as u64
     }
 
-    /// The volume records of the current state without their maps, and whether a snapshot is
-    /// left out of them (see below).
-    fn heads(&self, st: &State) -> (Vec<VolumeRecord>, bool) {
-        // A snapshot maps the clusters it captured pending at once, before their data (zeroes
-        // or a copy) is written; its own commit waits for that, but another writer's commit
-        // could record it first, and a crash then left a snapshot reading some freed
-        // cluster's old data. Until then it is left out of records (its volume's parent link
-        // goes to its parent).
-        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+    /// The snapshots left out of the next record, with the parent their children's links go
+    /// to instead. A snapshot maps the clusters it captured pending at once, before their data
+    /// (zeroes or a copy) is written; its own commit waits for that, but another writer's
+    /// commit could record it first, and a crash then left a snapshot reading some freed
+    /// cluster's old data. Until then it is left out of records (its volume's parent link goes
+    /// to its parent).
+    fn left_out(&self, st: &State) -> HashMap<Uuid, Option<Uuid>> {
+        // Only a captured entry's cluster can be in a snapshot's map before the entry has its
+        // generation: a pending cluster was free when allocated, and joins a map either with
+        // its entry (`add_entry`, which gives the generation) or by a snapshot's capture (a
+        // clone or a revert copies a map that has it already). So the common commit, with no
+        // snapshot under way, looks at the pending entries and at no map.
+        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none() && p.captured).map(|p| p.phys).collect();
         let left_out: HashMap<Uuid, Option<Uuid>> = if unready.is_empty() {
             HashMap::new()
         } else {
             st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| unready.contains(p))).map(|v| (v.rec.uuid, v.rec.parent)).collect()
         };
-        let heads = st
-            .vols
+        #[cfg(debug_assertions)]
+        {
+            let all: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none()).map(|p| p.phys).collect();
+            let n = st.vols.values().filter(|v| v.rec.snapshot && v.map.values().any(|p| all.contains(p))).count();
+            assert_eq!(n, left_out.len(), "only captured pending clusters are mapped by a snapshot before they are ready");
+        }
+        left_out
+    }
+
+    /// The volume records of the current state without their maps (those of `left_out` left
+    /// out, see [`Self::left_out`]).
+    fn heads(&self, st: &State, left_out: &HashMap<Uuid, Option<Uuid>>) -> Vec<VolumeRecord> {
+        st.vols
             .values()
             .filter(|v| !left_out.contains_key(&v.rec.uuid))
             .map(|v| {
-                let mut r = v.rec.clone();
-                debug_assert!(r.map.is_empty(), "a volume's map lives in VolState::map, not in its record");
+                let mut r = VolumeRecord::clone(&v.rec);
                 while let Some(up) = r.parent.and_then(|p| left_out.get(&p)) {
                     r.parent = *up;
                 }
                 r
             })
-            .collect();
-        (heads, !left_out.is_empty())
+            .collect()
     }
 
     /// What the next commit writes, with the next sequence number: a log record after the
     /// current one when only maps changed since the last durable state (then `Some` offset in
     /// the current slot), else a whole record for the other slot (`None`). Takes the journal.
+    ///
+    /// Whether only maps changed is told by the generation of the records and the name, in
+    /// O(1): this runs under the state lock for every group commit of first writes, and a
+    /// comparison of the records themselves cost a copy of each (see `vols`).
     fn next_record(&self, st: &mut State) -> (Vec<u8>, Option<u64>) {
         st.seq += 1;
-        let (mut heads, left_out) = self.heads(st);
+        let left_out = self.left_out(st);
         let changes = std::mem::take(&mut st.journal);
-        if !left_out && st.last_heads.as_ref().is_some_and(|(n, h)| *n == st.name && *h == heads) {
+        if left_out.is_empty() && st.last_heads.as_ref().is_some_and(|(g, n)| *g == st.vols.gen() && *n == st.name) {
+            // A change of a record that did not move the generation would be lost by this log
+            // record (it carries map changes only), silently until the next open.
+            #[cfg(debug_assertions)]
+            assert!(self.heads(st, &left_out) == st.durable_heads, "lvol store {}: a volume record changed without moving the records' generation", st.name);
             let log = LogRecord { seq: st.seq, store: self.uuid, changes }.encode();
             let padded = (log.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
             if st.log_at + padded <= self.slot_bytes {
                 return (log, Some(st.log_at));
             }
         }
-        st.last_heads = if left_out { None } else { Some((st.name.clone(), heads.clone())) };
+        let mut heads = self.heads(st, &left_out);
+        st.last_heads = left_out.is_empty().then(|| (st.vols.gen(), st.name.clone()));
+        #[cfg(debug_assertions)]
+        {
+            st.durable_heads = heads.clone();
+        }
         for r in &mut heads {
             if let Some(v) = st.vols.get(&r.uuid) {
                 r.map = v.map.iter().map(|(l, p)| (*l, *p)).collect();
@@ -457,10 +548,11 @@ impl Store {
     /// Writes a record (or a log record) at byte `at` of `slot`: everything written before is
     /// made durable first (data and zeroed clusters the record points to), then the record,
     /// then it is flushed.
-    async fn write_slot(&self, ch: &Channel, slot: usize, at: u64, rec: &[u8]) -> IoResult {
+    async fn write_slot(&self, ch: &Channel, slot: usize, at: u64, rec: Vec<u8>) -> IoResult {
         let bs = self.block_size as usize;
-        let mut buf = vec![0u8; rec.len().div_ceil(bs) * bs];
-        buf[..rec.len()].copy_from_slice(rec);
+        // Padded in place: a whole record is 8 bytes per mapped cluster, not worth a copy.
+        let mut buf = rec;
+        buf.resize(buf.len().div_ceil(bs) * bs, 0);
         ch.flush().await?;
         ch.write_buf(self.slot_offset(slot) + at / bs as u64, &buf).await?;
         ch.flush().await
@@ -504,6 +596,7 @@ impl Store {
             };
             // `check_metadata_room` keeps every record within its slot; should one still not
             // fit, writing it would overwrite the other slot (the previous state) or data.
+            let padded = (bytes.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
             let r = if bytes.len() as u64 > self.slot_bytes {
                 log::error!(
                     "lvol store {}: metadata record of {} bytes does not fit its {}-byte slot; not written",
@@ -513,14 +606,14 @@ impl Store {
                 );
                 Err(BdevError::NoSpace)
             } else {
-                self.write_slot(ch, slot, log_at.unwrap_or(0), &bytes).await
+                self.write_slot(ch, slot, log_at.unwrap_or(0), bytes).await
             };
             self.commits.fetch_add(1, Relaxed);
             let mut st = self.st();
             if r.is_ok() {
                 st.cur_slot = slot;
                 // The next log record goes after this one (or after this whole record).
-                st.log_at = log_at.unwrap_or(0) + (bytes.len() as u64).div_ceil(self.block_size as u64) * self.block_size as u64;
+                st.log_at = log_at.unwrap_or(0) + padded;
                 st.durable_gen = g;
                 self.publish(&mut st, g);
             } else if let Err(e) = &r {
@@ -803,7 +896,7 @@ impl Store {
             (p.phys, p.gen)
         };
         // A copy-on-write displaces the shared cluster; its reference goes at the publish.
-        let displaced = st.vols.get_mut(&uuid).and_then(|v| v.map.insert(logical, phys));
+        let displaced = st.vols.map_insert(&uuid, logical, phys);
         st.journal.push(MapChange { vol: uuid, logical, phys: Some(phys) });
         if let Some(p) = st.pending.get_mut(&(uuid, logical)) {
             p.cow_from = displaced;
@@ -827,7 +920,7 @@ impl Store {
     fn unmap_now(&self, uuid: Uuid, logicals: impl Iterator<Item = u32>, mut keep_pending: Option<&mut Vec<u32>>) -> Vec<u32> {
         let mut guard = self.st();
         let st = &mut *guard;
-        let Some(v) = st.vols.get_mut(&uuid) else { return Vec::new() };
+        let Some(live) = st.vols.get(&uuid).map(|v| v.live.clone()) else { return Vec::new() };
         let mut freed = Vec::new();
         for l in logicals {
             if let Some(kept) = keep_pending.as_deref_mut() {
@@ -836,11 +929,11 @@ impl Store {
                     continue;
                 }
             }
-            if let Some(p) = v.map.remove(&l) {
+            if let Some(p) = st.vols.map_remove(&uuid, l) {
                 st.journal.push(MapChange { vol: uuid, logical: l, phys: None });
-                if v.live.lookup(l as u64) == Some(p) {
-                    v.live.set(l, None);
-                    v.live.allocated.fetch_sub(1, Relaxed);
+                if live.lookup(l as u64) == Some(p) {
+                    live.set(l, None);
+                    live.allocated.fetch_sub(1, Relaxed);
                 }
                 freed.push(p);
             }
@@ -883,7 +976,7 @@ impl Store {
                 VolumeRecord { uuid, name: name.to_string(), size_bytes, thin, read_only: false, clear_method, snapshot: false, parent: None, map: Vec::new() };
             let reserved = if thin { 0 } else { clusters };
             st.reserved += reserved;
-            st.vols.insert(uuid, VolState { rec, map: BTreeMap::new(), live: live.clone(), reserved });
+            st.vols.insert(VolState { rec: Head::new(rec), map: BTreeMap::new(), live: live.clone(), reserved });
             live
         };
         if let Err(e) = self.commit(ch).await {
@@ -922,8 +1015,11 @@ impl Store {
             st.snap_meta.remove(&uuid);
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
-                for c in st.vols.values_mut().filter(|c| c.rec.parent == Some(uuid)) {
-                    c.rec.parent = v.rec.parent;
+                let children: Vec<Uuid> = st.vols.values().filter(|c| c.rec.parent == Some(uuid)).map(|c| c.rec.uuid).collect();
+                for c in children {
+                    if let Some(r) = st.vols.rec_mut(&c) {
+                        r.parent = v.rec.parent;
+                    }
                 }
             }
             self.unshare_single(&mut st);
@@ -951,7 +1047,7 @@ impl Store {
     fn record_fits(&self, st: &State, volumes: usize, entries: u64) -> bool {
         // Pending entries (first writes and copies under way) are counted too: each may join
         // the record (a copy's replaces one, so this errs on the safe side).
-        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
+        let mapped = st.vols.mapped() + st.pending.len() as u64;
         layout::record_bound(st.vols.len() + volumes, mapped + entries) <= self.slot_bytes
     }
 
@@ -961,7 +1057,7 @@ impl Store {
         if self.record_fits(st, volumes, entries) {
             return Ok(());
         }
-        let mapped = st.vols.values().map(|v| v.map.len() as u64).sum::<u64>() + st.pending.len() as u64;
+        let mapped = st.vols.mapped() + st.pending.len() as u64;
         Err(LvolError::NoSpace(format!(
             "field `{field}`: the metadata of lvol store {} has no room for {volumes} more volume(s) and {entries} more cluster references \
              ({} volumes and {mapped} references now: snapshots and clones count each shared cluster again); delete snapshots or clones first",
@@ -989,7 +1085,7 @@ impl Store {
             live.set_shared(l, Some(p), true);
         }
         live.allocated.store(map.len() as u64, Relaxed);
-        st.vols.insert(rec.uuid, VolState { rec, map, live: live.clone(), reserved: 0 });
+        st.vols.insert(VolState { rec: Head::new(rec), map, live: live.clone(), reserved: 0 });
         live
     }
 
@@ -1033,8 +1129,8 @@ impl Store {
                 }
             }
             st.cow_epoch = self.tracker.current();
-            if let Some(v) = st.vols.get_mut(&uuid) {
-                v.rec.parent = Some(snap);
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = Some(snap);
             }
             let meta = SnapMeta {
                 origin: uuid,
@@ -1134,8 +1230,8 @@ impl Store {
                 return Err(LvolError::Invalid(format!("field `{field}`: lvol has no parent snapshot")));
             };
             let grand = st.vols.get(&parent).and_then(|p| p.rec.parent);
-            if let Some(v) = st.vols.get_mut(&uuid) {
-                v.rec.parent = grand;
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = grand;
             }
         }
         self.commit(ch).await?;
@@ -1165,8 +1261,8 @@ impl Store {
             }
         }
         let mut st = self.st();
-        if let Some(v) = st.vols.get_mut(&uuid) {
-            v.rec.parent = None;
+        if let Some(r) = st.vols.rec_mut(&uuid) {
+            r.parent = None;
         }
         drop(st);
         self.commit(ch).await?;
@@ -1202,7 +1298,7 @@ impl Store {
             for &p in smap.values() {
                 st.refs[p as usize] += 1;
             }
-            let v = st.vols.get_mut(&uuid).expect("looked up above");
+            let v = st.vols.get(&uuid).expect("looked up above");
             let old: Vec<u32> = v.map.values().copied().collect();
             for &l in v.map.keys() {
                 v.live.set(l, None);
@@ -1211,8 +1307,10 @@ impl Store {
                 v.live.set_shared(l, Some(p), true);
             }
             v.live.allocated.store(smap.len() as u64, Relaxed);
-            v.map = smap;
-            v.rec.parent = Some(snap);
+            st.vols.set_map(&uuid, smap);
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.parent = Some(snap);
+            }
             // The whole map changed: the commit writes a whole record, not a log of it.
             st.last_heads = None;
             old
@@ -1226,12 +1324,13 @@ impl Store {
         Ok(r?)
     }
 
-    /// Changes one volume's record (rename, read-only) and commits.
-    async fn update_volume(&self, ch: &Channel, uuid: Uuid, f: impl FnOnce(&mut VolState) -> Result<(), LvolError>) -> Result<(), LvolError> {
+    /// Changes one volume's record (rename, read-only; its live state given beside) and commits.
+    async fn update_volume(&self, ch: &Channel, uuid: Uuid, f: impl FnOnce(&mut VolumeRecord, &VolLive) -> Result<(), LvolError>) -> Result<(), LvolError> {
         {
             let mut st = self.st();
-            let v = st.vols.get_mut(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?;
-            f(v)?;
+            let live = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("no lvol {uuid}")))?.live.clone();
+            let rec = st.vols.rec_mut(&uuid).expect("looked up above, under the same lock");
+            f(rec, &live)?;
         }
         self.commit(ch).await?;
         Ok(())
@@ -1289,7 +1388,9 @@ impl Store {
             // After the swap: an I/O that sees the new size sees the new map. A shrink refuses
             // I/O past the new end from here on, before its clusters are dropped.
             live.num_blocks.set(size_bytes / self.block_size as u64);
-            v.rec.size_bytes = size_bytes;
+            if let Some(r) = st.vols.rec_mut(&uuid) {
+                r.size_bytes = size_bytes;
+            }
             st.reserved += add_reserve;
             (beyond, old_map)
         };
@@ -1431,7 +1532,7 @@ impl Store {
             live.allocated.store(map.len() as u64, Relaxed);
             let r = if rec.thin { 0 } else { clusters.saturating_sub(map.len() as u64) };
             reserved += r;
-            map_vols.insert(rec.uuid, VolState { rec, map, live, reserved: r });
+            map_vols.insert(rec.uuid, VolState { rec: Head::new(rec), map, live, reserved: r });
         }
         // A thick volume reserves what its map lacks. A crash between a delete's two commits
         // leaves it with its map dropped while snapshots still hold the shared clusters, and
@@ -1461,13 +1562,15 @@ impl Store {
                 journal: Vec::new(),
                 log_at: 0,
                 last_heads: None,
+                #[cfg(debug_assertions)]
+                durable_heads: Vec::new(),
                 refs,
                 next_free: 0,
                 limbo: Vec::new(),
                 cow_epoch: 0,
                 free_count,
                 reserved,
-                vols: map_vols,
+                vols: Vols::new(map_vols),
                 pending: HashMap::new(),
                 next_gen: 1,
                 durable_gen: 0,

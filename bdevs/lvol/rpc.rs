@@ -35,7 +35,7 @@ crate::register_module! {
             (EIO, "the base bdev fails an I/O"),
         ]]),
         ("bdev_lvol_delete_lvstore", delete_lvstore, StoreRef, "Deletes an lvol store and its volumes.", [STORE, &[(EBUSY, "something holds one of its volumes")]]),
-        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores.", [&[(ENODEV, "no lvol store has that uuid or name")]]),
+        ("bdev_lvol_get_lvstores", get_lvstores, StoreRef, "Lists lvol stores (tidemark adds `metadata_memory_bytes`: what the store's metadata takes in memory).", [&[(ENODEV, "no lvol store has that uuid or name")]]),
         ("bdev_lvol_rename_lvstore", rename_lvstore, RenameLvstore, "Renames an lvol store.", [STORE, &[(EEXIST, "a store named new_name exists")]]),
         ("bdev_lvol_create", create, Create, "Creates a volume in an lvol store.", [STORE, &[(EEXIST, "a volume of that name is in the store"), (ENOSPC, "the pool, or its metadata, has no room for the volume")]]),
         ("bdev_lvol_get_lvols", get_lvols, GetLvols, "Lists volumes of lvol stores.", [&[(ENODEV, "no lvol store has that uuid or name")]]),
@@ -96,8 +96,10 @@ impl Module for LvolModule {
         let mut clusters = Vec::new();
         let mut vols = Vec::new();
         let mut commits = Vec::new();
+        let mut memory = Vec::new();
         for s in &stores {
             commits.push((vec![("lvs", s.name())], s.commits()));
+            memory.push((vec![("lvs", s.name())], s.memory().total() as f64));
             let name = s.name();
             clusters.push((vec![("lvs", name.clone()), ("state", "total".to_string())], s.total_clusters() as f64));
             clusters.push((vec![("lvs", name.clone()), ("state", "free".to_string())], s.free_clusters() as f64));
@@ -107,6 +109,11 @@ impl Module for LvolModule {
         }
         out.gauge("tidemark_lvol_store_clusters", "Clusters of each lvol store, total and free (neither allocated nor reserved).", &clusters)?;
         out.gauge("tidemark_lvol_allocated_clusters", "Clusters allocated to each volume.", &vols)?;
+        out.gauge(
+            "tidemark_lvol_metadata_memory_bytes",
+            "Memory each lvol store's metadata takes (maps, cluster references, volume records), counted from its structures.",
+            &memory,
+        )?;
         out.counter(
             "tidemark_lvol_metadata_commits",
             "Metadata records written by each lvol store (one covers every first write pending when it began).",
@@ -342,6 +349,8 @@ fn get_lvstores(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
                     "free_clusters": s.free_clusters(),
                     "block_size": s.block_size(),
                     "cluster_size": s.cluster_size(),
+                    // tidemark: what the store's metadata takes in memory (Store::memory).
+                    "metadata_memory_bytes": s.memory().total(),
                 })
             })
             .collect(),
@@ -541,8 +550,8 @@ fn rename(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let old = s.volumes().into_iter().find(|(r, _)| r.uuid == uuid).map(|(r, _)| r.name).unwrap_or_default();
     let new = p.new_name.clone();
     on_store(t, &s, move |s, ch| async move {
-        s.update_volume(&ch, uuid, |v| {
-            v.rec.name = new;
+        s.update_volume(&ch, uuid, |rec, _| {
+            rec.name = new;
             Ok(())
         })
         .await
@@ -582,9 +591,9 @@ fn set_read_only(t: &Ctx, p: Option<Value>) -> Result<Value, RpcError> {
     let p: ByName = parse(p)?;
     let (_, s, uuid) = find_lvol(t, "name", &p.name)?;
     on_store(t, &s, move |s, ch| async move {
-        s.update_volume(&ch, uuid, |v| {
-            v.rec.read_only = true;
-            v.live.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.update_volume(&ch, uuid, |rec, live| {
+            rec.read_only = true;
+            live.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         })
         .await

@@ -865,3 +865,136 @@ fn deleting_a_snapshot_with_clones_is_refused_by_the_trait_check() {
     assert!(lvol(&v).check_delete("s2").is_ok(), "one clone (the volume) takes the snapshot's parent");
     drop(s2);
 }
+
+/// Whether `op` made the store write a whole record (into the other slot) rather than a log
+/// record; `op` commits once.
+fn wrote_whole_record(s: &Store, op: impl FnOnce()) -> bool {
+    let (slot, commits) = (s.st().cur_slot, s.commits());
+    op();
+    assert_eq!(s.commits(), commits + 1, "the operation commits once");
+    s.st().cur_slot != slot
+}
+
+#[test]
+fn every_change_of_a_volume_record_writes_a_whole_record_and_writes_only_log_records() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let cl = CL / BS as u64;
+    // Runs a store operation to its end.
+    fn run<F: std::future::Future<Output = Result<(), LvolError>> + 'static>(f: &Fix, s: &Arc<Store>, op: impl FnOnce(Arc<Store>, Channel) -> F + 'static) {
+        let s = s.clone();
+        f.cores.block_on(0, async move { op(s.clone(), Channel::get(&s.base).unwrap()).await }).unwrap()
+    }
+    let mut a = None;
+    assert!(wrote_whole_record(&s, || a = Some(f.vol(&s, "a", 1, true))), "create");
+    let a = a.unwrap();
+    let ua = lvol(&a).lvol_uuid();
+    let mut next = 0u64;
+    // A first write after each change: only a map changed, a log record says it.
+    let mut first_write = || {
+        assert!(!wrote_whole_record(&s, || f.write(&a, next * cl, 1, 1).unwrap()), "a first write after cluster {next}");
+        next += 1;
+    };
+    first_write();
+    let rename = move |s: Arc<Store>, ch: Channel| async move {
+        s.update_volume(&ch, ua, |r, _| {
+            r.name = "a2".into();
+            Ok(())
+        })
+        .await
+    };
+    assert!(wrote_whole_record(&s, || run(&f, &s, rename)), "volume rename");
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.resize(&ch, ua, 2 << 20, false).await })), "resize");
+    first_write();
+    let mut snap = None;
+    assert!(wrote_whole_record(&s, || snap = Some(f.snapshot(&s, &a, "snap").unwrap())), "snapshot");
+    let snap = snap.unwrap();
+    first_write();
+    let mut c = None;
+    assert!(wrote_whole_record(&s, || c = Some(f.clone_of(&s, &snap, "c").unwrap())), "clone");
+    let c = c.unwrap();
+    let uc = lvol(&c).lvol_uuid();
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.decouple(&ch, uc, "name").await })), "decouple");
+    first_write();
+    let us = lvol(&snap).lvol_uuid();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.revert(&ch, ua, us).await })), "revert");
+    first_write();
+    assert!(wrote_whole_record(&s, || run(&f, &s, move |s, ch| async move { s.rename(&ch, "lvs1").await })), "store rename");
+    first_write();
+    let mut d = None;
+    assert!(wrote_whole_record(&s, || d = Some(f.vol(&s, "d", 1, true))), "create");
+    first_write();
+    assert!(wrote_whole_record(&s, || f.delete(&s, d.take().unwrap()).unwrap()), "delete of an empty volume");
+    first_write();
+    let read_only = move |s: Arc<Store>, ch: Channel| async move {
+        s.update_volume(&ch, us, |r, l| {
+            r.read_only = true;
+            l.read_only.store(true, Relaxed);
+            Ok(())
+        })
+        .await
+    };
+    assert!(wrote_whole_record(&s, || run(&f, &s, read_only)), "set read-only");
+    first_write();
+    // What was committed is what opens.
+    let before = s.volumes();
+    let (s, _vols) = f.reopen(s, vec![a, snap, c]);
+    assert_eq!(s.volumes(), before);
+    assert_eq!(s.name(), "lvs1");
+}
+
+/// The check behind the records' generation: a record changed without moving it is caught at
+/// the next commit that would have written a log record (instead of being lost from the
+/// media until the next whole record).
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "a volume record changed without moving the records' generation")]
+fn a_record_change_that_does_not_move_the_generation_is_caught() {
+    let f = fixture(16 << 20);
+    let s = f.create();
+    let a = f.vol(&s, "a", 1, true);
+    let ua = lvol(&a).lvol_uuid();
+    f.write(&a, 0, 1, 1).unwrap();
+    s.st().vols.rec_mut_uncounted(&ua).unwrap().name = "b".into();
+    let _ = f.write(&a, CL / BS as u64, 1, 1);
+}
+
+/// Issue #14's goal of at most 64 bytes of metadata memory per allocated MiB, counted from
+/// the structures (`Store::memory`) for the default 1 MiB clusters: a pool on a null bdev
+/// (8 GiB, 8192 clusters) half filled by one thin volume written one block per cluster, in
+/// order (the B-tree's worst usual fill), plus 100 empty thin volumes.
+#[test]
+fn metadata_memory_per_allocated_mib_is_within_the_goal() {
+    const MIB: u64 = 1 << 20;
+    let cores = ManualCores::new(2);
+    let reg = BdevRegistry::new(2);
+    let base = reg.register(Arc::new(crate::bdevs::null::NullBdev::new("n", ((8 << 30) + (4 << 20)) / BS as u64, BS, None).unwrap())).unwrap();
+    let g = base.claim("lvs").unwrap();
+    let s = cores.block_on(0, async move { Store::create(g, "lvs0", MIB, 2).await.unwrap() });
+    let f = Fix { cores, reg, base };
+    let empty = s.memory();
+    let v = f.vol(&s, "v", 4096, true);
+    let n = 4096;
+    for c in 0..n {
+        f.write(&v, c * (MIB / BS as u64), 1, 1).unwrap();
+    }
+    assert_eq!(s.volumes()[0].1, n);
+    let fill = n as f64 / s.total_clusters() as f64;
+    assert!((0.45..=0.55).contains(&fill), "the pool is half full: {n} of {} clusters", s.total_clusters());
+    let full = s.memory();
+    let per_mib = full.total() as f64 / n as f64;
+    let marginal = (full.total() - empty.total()) as f64 / n as f64;
+    let before_vols = full.total();
+    let vols: Vec<_> = (0..100).map(|i| f.vol(&s, &format!("e{i}"), 1024, true)).collect();
+    let per_vol = (s.memory().total() - before_vols) as f64 / vols.len() as f64;
+    println!(
+        "metadata memory: empty pool {empty:?}; with {n} allocated 1 MiB clusters of {} {full:?}: {per_mib:.1} bytes per allocated MiB \
+         ({marginal:.1} without the empty pool's); {per_vol:.0} bytes per empty 1 GiB thin volume",
+        s.total_clusters()
+    );
+    assert!(per_mib <= 64.0, "{per_mib:.1} bytes of metadata per allocated MiB (goal <= 64): {full:?}");
+    // Dense maps: a live map chunk per 4096 clusters, 4 bytes an entry.
+    assert!(full.live_maps - empty.live_maps <= n * 4 + 4096, "one 16 KiB chunk per 4096 clusters");
+}
