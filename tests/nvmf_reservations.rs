@@ -271,9 +271,10 @@ fn ptpl_state_survives_a_kill_and_restart_and_without_ptpl_file_it_does_not() {
 /// the new head's first write would overwrite it). A's write, admitted before the preempt,
 /// succeeds; A's next write is refused; B's write after the Acquire reads back as B's. Then
 /// the same for a Release with Clear by B.
-#[test]
-fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
-    const SLOW_US: u64 = 1_500_000;
+const SLOW_US: u64 = 1_500_000;
+
+/// A daemon exporting a delay bdev (writes take SLOW_US) as namespace 1 of NQN.
+fn slow_target() -> (Daemon, SocketAddr) {
     let d = Daemon::start(MINIMAL_CONFIG);
     let port = free_port();
     d.rpc("bdev_malloc_create", json!({"name": "m0", "num_blocks": 8192, "block_size": 512}));
@@ -288,7 +289,52 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
         "nvmf_subsystem_add_listener",
         json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    (d, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+fn fast_writes(d: &Daemon, us: u64) {
+    for t in ["avg_write", "p99_write"] {
+        d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": us}));
+    }
+}
+
+/// A host whose connection broke sends its unanswered writes again on a new association. The
+/// target answers that association's Connect only once the host's earlier commands have left
+/// the bdev, so that the earlier copy of a write cannot land after the re-sent one or after a
+/// newer write (the mirror simulation's late-execution case, `SIM_CONN_LATE=1 SEED=7843`: a
+/// mirror leg silently holding older data). Another host's Connect does not wait.
+#[test]
+fn a_new_association_waits_for_the_hosts_earlier_commands_at_the_bdev() {
+    let (d, addr) = slow_target();
+    let (ca, mut qa) = host(addr, HOST_A, ID_A);
+    let sent = std::time::Instant::now();
+    qa.submit(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xA1; 512])).unwrap();
+    while !qa.flush().unwrap() {}
+    // A's write reaches the bdev (1.5 s there), later writes are fast; then A's connections
+    // break with the write unanswered.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    fast_writes(&d, 0);
+    drop((qa, ca));
+    let t = std::time::Instant::now();
+    let (_cb, mut qb) = host(addr, HOST_B, ID_B);
+    assert!(t.elapsed() < std::time::Duration::from_millis(1000), "B has nothing in flight: its Connect took {:?}", t.elapsed());
+    let (_ca, mut qa) = host(addr, HOST_A, ID_A);
+    let connected = sent.elapsed();
+    assert!(
+        connected >= std::time::Duration::from_micros(SLOW_US - 100_000),
+        "A's new association answered at {connected:?}, before its earlier write left the bdev"
+    );
+    // A writes again (what a host re-sends, newer data here); the earlier copy cannot follow.
+    assert!(qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xA2; 512])).unwrap().0.status().is_success());
+    std::thread::sleep(std::time::Duration::from_micros(SLOW_US).saturating_sub(sent.elapsed()) + std::time::Duration::from_millis(300));
+    let (cqe, data) = qb.execute(Qpair::rw_sqe(io_opc::READ, 1, 0, 1), Payload::In(512)).unwrap();
+    assert!(cqe.status().is_success());
+    assert_eq!(&data[..512], &[0xA2; 512][..], "the newer write stands");
+}
+
+#[test]
+fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
+    let (d, addr) = slow_target();
     let (_ca, mut qa) = host(addr, HOST_A, ID_A);
     let (_cb, mut qb) = host(addr, HOST_B, ID_B);
     assert!(register(&mut qa, 1, 0, 0, 0, 0xA).is_success());
@@ -306,9 +352,7 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
         // Let A's write reach the bdev, then make later writes fast (the delay bdev fixes a
         // write's latency at submission): without the wait B's own write would land first.
         std::thread::sleep(std::time::Duration::from_millis(200));
-        for t in ["avg_write", "p99_write"] {
-            d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": 0}));
-        }
+        fast_writes(&d, 0);
         assert!(acquire(&mut qb, 1, action, WRITE_EXCLUSIVE, 0xB, 0xA).is_success(), "action {action}");
         let b_done = a_sent.elapsed();
         let (st, a_done, q) = a_write.join().unwrap();
@@ -327,9 +371,7 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
         assert!(register(&mut qa, 1, 0, 0, 0, 0xA).is_success());
         assert!(acquire(&mut qa, 1, 2, WRITE_EXCLUSIVE, 0xA, 0xB).is_success());
         assert!(register(&mut qb, 1, 0, 0, 0, 0xB).is_success());
-        for t in ["avg_write", "p99_write"] {
-            d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": SLOW_US}));
-        }
+        fast_writes(&d, SLOW_US);
     }
 
     // Release with Clear drains too: it unregisters A without A's asking, and B's next write
@@ -341,9 +383,7 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
         (st, a_sent.elapsed(), qa)
     });
     std::thread::sleep(std::time::Duration::from_millis(200));
-    for t in ["avg_write", "p99_write"] {
-        d.rpc("bdev_delay_update_latency", json!({"delay_bdev_name": "slow", "latency_type": t, "latency_us": 0}));
-    }
+    fast_writes(&d, 0);
     assert!(release(&mut qb, 1, 1, 0, 0xB).is_success(), "Clear");
     let b_done = a_sent.elapsed();
     let (st, a_done, mut qa) = a_write.join().unwrap();

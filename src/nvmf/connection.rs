@@ -864,6 +864,20 @@ impl Conn {
                 Ok(result) => (Status::SUCCESS, result as u64),
                 Err((status, iattr, ipo)) => (status, ipo as u64 | (iattr as u64) << 16),
             };
+            if let Some((nqn, drains)) = status.is_success().then(|| self.earlier_commands()).flatten() {
+                // Answered once the host's earlier commands left the bdevs (see
+                // `earlier_commands`); the connection's close waits for it like for an I/O.
+                self.io_started();
+                let conn = self.clone();
+                reactor::spawn_detached(async move {
+                    for (nsid, d) in &drains {
+                        io::reservation_drain(d, &nqn, *nsid).await;
+                    }
+                    conn.complete(None, &sqe, status, result, TxData::None);
+                    conn.io_finished();
+                });
+                return;
+            }
             return self.complete(None, &sqe, status, result, TxData::None);
         }
         if binding.is_none() {
@@ -1097,6 +1111,28 @@ impl Conn {
         st.binding = Some(b);
         st.auth = auth;
         Ok(result)
+    }
+
+    /// After an admin queue's Connect (a new association): the drains of the commands the same
+    /// host (Host Identifier) had admitted on the subsystem's namespaces before it, those not
+    /// over yet. A host whose connection broke sends its unanswered commands again on the new
+    /// association; if an earlier copy of a write were still running at the bdev, it could
+    /// complete after the re-sent copy and after a newer write to the same blocks, and a mirror
+    /// leg would silently hold the older data (found by the mirror simulation: seed 7843 with
+    /// `SIM_CONN_LATE`). So the new association is answered only once every command of that
+    /// host admitted before it has left the bdevs. Commands of the old connection still unread
+    /// in its socket are read before its end, long before the new association's first I/O
+    /// (a Connect, Property Sets and an I/O queue Connect come first). A live second path of
+    /// the same host (multipath) only delays the answer by its commands already in flight; a
+    /// host with nothing in flight waits for nothing.
+    fn earlier_commands(&self) -> Option<(String, Vec<(u32, super::reservation::Drain)>)> {
+        let b = self.st.borrow().binding.clone()?;
+        if b.qid != 0 {
+            return None;
+        }
+        let drains: Vec<_> =
+            b.ctrl.subsys.namespaces().into_iter().filter_map(|ns| Some((ns.nsid, ns.resv.host_drain(b.ctrl.hostid)?))).filter(|(_, d)| !d.done()).collect();
+        (!drains.is_empty()).then(|| (b.ctrl.subsys.nqn.clone(), drains))
     }
 
     /// Leaves the controller: an admin queue takes its controller down with it.

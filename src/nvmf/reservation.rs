@@ -748,6 +748,14 @@ impl Reservations {
         d
     }
 
+    /// The drain of the commands `host` has admitted so far, None when it has none in flight
+    /// (then nothing is waited for, not even other hosts' commands of the current epoch): a new
+    /// association of the host waits for it (`Conn::earlier_commands`).
+    pub fn host_drain(&self, host: HostId) -> Option<Drain> {
+        let busy = self.flight.hosts().iter().any(|(x, f)| *x == host && f.total() > 0);
+        busy.then(|| self.drain(std::iter::once(host)))
+    }
+
     /// [`Self::drain`] for an Acquire that preempted `hosts`.
     pub fn acquire_drain(&self, hosts: impl Iterator<Item = HostId>) -> Drain {
         self.drain(hosts)

@@ -120,9 +120,9 @@ impl ConnSetup {
                 timeout_check_ns: timeout_ns / 4,
                 wire_ns,
                 // Off only by hand (`SIM_CONN_LATE=1`): a dead connection's commands landing
-                // after their re-send make legs differ (notes/simconn.md, "late execution";
-                // `super::remote_leg`), a hazard below the mirror: that interleaving is left
-                // out of the suite.
+                // after their re-send make legs differ (`super::remote_leg`), a hazard below
+                // the mirror that tidemark's target rules out (it answers a host's new
+                // association once that host's earlier commands left the bdevs).
                 quiesce: std::env::var("SIM_CONN_LATE").is_err(),
             },
             seed: r.random(),

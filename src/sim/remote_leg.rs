@@ -28,8 +28,12 @@
 //!   after the host sent it again and after newer writes, and a leg silently differs from the
 //!   others: `SIM_CONN_LATE=1 SEED=7843` (and 5509) of `mirror_simulation_seeds` show it. That
 //!   is a hazard of the initiator and target (NVMe's answer is a quiesce time before commands
-//!   are retried), not one the mirror can see; the suite models the quiescing target (the
-//!   engineers' note `notes/simconn.md`, "late execution").
+//!   are retried), not one the mirror can see. The suite models the quiescing target, which
+//!   tidemark's target is: it answers a host's new association (its admin Connect) only once
+//!   the commands that host admitted before it have left the bdevs (`Conn::earlier_commands`
+//!   in `nvmf::connection`; tests/nvmf_reservations.rs
+//!   `a_new_association_waits_for_the_hosts_earlier_commands_at_the_bdev`). Another target
+//!   as a leg (SPDK's `nvmf_tgt`) may not be.
 //!
 //! Not modelled: a node that loses its volatile cache when it dies (its device keeps what it
 //! applied), and controller loss (`ctrlr_loss_timeout_sec`: the sim reconnects forever).
