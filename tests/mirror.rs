@@ -10,7 +10,6 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -45,20 +44,10 @@ fn wait_raid(d: &Daemon, name: &str, what: &str, secs: u64, cond: impl Fn(&Value
 }
 
 fn qemu_io(addr: SocketAddr, target: &str, cmds: &[String]) -> String {
-    let url = format!("iscsi://{addr}/{target}/0");
-    let mut c = Command::new("timeout");
-    c.args(["120", "qemu-io", "-f", "raw"]);
-    if target == IMAGE_TARGET {
-        // The image is read-only: a read-write open is refused (write protected).
-        c.arg("-r");
-    }
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(&url);
-    let out = c.output().expect("run qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("failed") && !text.contains("error"), "qemu-io {cmds:?}: {text}");
+    // The image is read-only: a read-write open is refused (write protected).
+    let opts: &[&str] = if target == IMAGE_TARGET { &["-r"] } else { &[] };
+    let (ok, text) = run_qemu_io(&format!("iscsi://{addr}/{target}/0"), opts, cmds);
+    assert!(ok && !text.contains("failed") && !text.contains("error"), "qemu-io {cmds:?}: {text}");
     text
 }
 

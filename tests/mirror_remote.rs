@@ -506,18 +506,11 @@ fn a_leg_whose_node_is_down_at_a_head_restart_stays_a_leg_and_rejoins_by_itself(
     println!("restart-with-a-missing-leg test: {:?}", t_start.elapsed());
 }
 
-/// qemu-io (QEMU's iSCSI driver, a client nobody here wrote) through A's iSCSI export of one
-/// write and the whole verification.
+/// qemu-io (QEMU's iSCSI driver, a client nobody here wrote) on LUN 0 of `iqn`: Err with its
+/// output when it failed or a command did.
 fn qemu_io(addr: SocketAddr, iqn: &str, cmds: &[String]) -> Result<String, String> {
-    let mut c = std::process::Command::new("timeout");
-    c.args(["120", "qemu-io", "-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(format!("iscsi://{addr}/{iqn}/0"));
-    let out = c.output().map_err(|e| format!("qemu-io: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.success() && !text.contains("failed") && !text.contains("error") {
+    let (ok, text) = run_qemu_io(&format!("iscsi://{addr}/{iqn}/0"), &[], cmds);
+    if ok && !text.contains("failed") && !text.contains("error") {
         Ok(text)
     } else {
         Err(text)

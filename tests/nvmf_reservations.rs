@@ -298,6 +298,21 @@ fn fast_writes(d: &Daemon, us: u64) {
     }
 }
 
+/// A's write of 0xAA to block 0 on its own thread (the delay bdev holds it SLOW_US), and, once
+/// it has reached the bdev, later writes made fast (the delay bdev fixes a write's latency at
+/// submission): without the wait another host's write would land first. When it was sent, and
+/// the thread giving back (status, latency, A's queue).
+fn slow_write_in_flight(d: &Daemon, mut qa: Qpair) -> (std::time::Instant, std::thread::JoinHandle<(Status, std::time::Duration, Qpair)>) {
+    let a_sent = std::time::Instant::now();
+    let a_write = std::thread::spawn(move || {
+        let st = qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xAA; 512])).unwrap().0.status();
+        (st, a_sent.elapsed(), qa)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    fast_writes(d, 0);
+    (a_sent, a_write)
+}
+
 /// A host whose connection broke sends its unanswered writes again on a new association. The
 /// target answers that association's Connect only once the host's earlier commands have left
 /// the bdev, so that the earlier copy of a write cannot land after the re-sent one or after a
@@ -344,15 +359,7 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
     for action in [2u32, 1] {
         // Each round: A holds, writes slowly, B preempts (round 1 Preempt and Abort, round 2
         // Preempt), then hands the namespace back to A for the next round.
-        let a_sent = std::time::Instant::now();
-        let a_write = std::thread::spawn(move || {
-            let st = qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xAA; 512])).unwrap().0.status();
-            (st, a_sent.elapsed(), qa)
-        });
-        // Let A's write reach the bdev, then make later writes fast (the delay bdev fixes a
-        // write's latency at submission): without the wait B's own write would land first.
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        fast_writes(&d, 0);
+        let (a_sent, a_write) = slow_write_in_flight(&d, qa);
         assert!(acquire(&mut qb, 1, action, WRITE_EXCLUSIVE, 0xB, 0xA).is_success(), "action {action}");
         let b_done = a_sent.elapsed();
         let (st, a_done, q) = a_write.join().unwrap();
@@ -377,13 +384,7 @@ fn preempt_waits_for_the_preempted_hosts_writes_at_the_bdev() {
     // Release with Clear drains too: it unregisters A without A's asking, and B's next write
     // must not be overwritten by A's slow one, although nothing refuses A's writes afterwards
     // (no reservation is left).
-    let a_sent = std::time::Instant::now();
-    let a_write = std::thread::spawn(move || {
-        let st = qa.execute(Qpair::rw_sqe(io_opc::WRITE, 1, 0, 1), Payload::Out(&[0xAA; 512])).unwrap().0.status();
-        (st, a_sent.elapsed(), qa)
-    });
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    fast_writes(&d, 0);
+    let (a_sent, a_write) = slow_write_in_flight(&d, qa);
     assert!(release(&mut qb, 1, 1, 0, 0xB).is_success(), "Clear");
     let b_done = a_sent.elapsed();
     let (st, a_done, mut qa) = a_write.join().unwrap();

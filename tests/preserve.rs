@@ -58,13 +58,7 @@ fn qemu_io(u: &str, cmds: &[String]) -> (bool, String) {
 }
 
 fn qemu_io_opts(u: &str, cmds: &[String], opts: &[&str]) -> (bool, String) {
-    let mut c = Command::new("timeout");
-    c.args(["120", "qemu-io", "-f", "raw"]).args(opts);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    let out = c.arg(u).output().expect("run qemu-io");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    run_qemu_io(u, opts, cmds)
 }
 
 /// The whole image behind `u`, through qemu-img.

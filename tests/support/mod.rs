@@ -263,6 +263,19 @@ impl Drop for Daemon {
 }
 
 /// A minimal HTTP/1.0 GET (the metrics endpoint is the only HTTP server we talk to).
+/// Runs qemu-io (QEMU's raw driver, `opts` before the commands: `-r` for a read-only open)
+/// with `cmds` on `url` (`iscsi://...`), bounded by 120 s: (exit status success, stdout and
+/// stderr). qemu-io exits 0 when a command fails; callers look for "failed" in the text.
+pub fn run_qemu_io(url: &str, opts: &[&str], cmds: &[String]) -> (bool, String) {
+    let mut c = Command::new("timeout");
+    c.args(["120", "qemu-io", "-f", "raw"]).args(opts);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let out = c.arg(url).output().expect("run qemu-io");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 pub fn http_get(addr: &str, path: &str) -> String {
     http_get_accept(addr, path, "*/*")
 }

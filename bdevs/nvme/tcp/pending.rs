@@ -50,7 +50,7 @@ impl Pending {
             "name": p.name,
             "ctrlrs": [{
                 "state": "connecting",
-                "trid": { "trtype": "TCP", "adrfam": p.given.get("adrfam").cloned().unwrap_or(json!("IPv4")), "traddr": p.traddr, "trsvcid": p.trsvcid, "subnqn": p.subnqn },
+                "trid": { "trtype": "TCP", "adrfam": p.adrfam, "traddr": p.traddr, "trsvcid": p.trsvcid, "subnqn": p.subnqn },
                 "bdevs": [],
                 "attempts": self.attempts.load(Ordering::Relaxed),
                 "connecting_for_sec": self.since.elapsed().as_secs(),

@@ -589,6 +589,11 @@ mod tests {
         panic!("the command did not complete");
     }
 
+    /// A Flush pushed on `q` (room and a connection expected).
+    fn push_flush(q: &IoQueue) -> CompletionFuture {
+        q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap()
+    }
+
     fn params(max_inline: usize) -> QueueParams {
         QueueParams { hdgst: true, ddgst: true, maxh2cdata: 4096, max_inline, depth: 4, timeouts: Timeouts::default() }
     }
@@ -671,7 +676,7 @@ mod tests {
         let seen = Arc::new(Seen::default());
         cores.enter(0, || {
             let q = IoQueue::new(HostStream::Plain(host), params(4096), seen.clone());
-            let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            let mut f = push_flush(&q);
             q.poll();
             read_pdu(&mut tgt);
             // Garbage from the controller: the queue goes down, the command waits.
@@ -694,7 +699,7 @@ mod tests {
             tgt2.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::SUCCESS), true).as_slice()).unwrap();
             assert_eq!(wait(&q, &mut f), Ok(()));
             // Fast fail: the held commands and new ones end with Offline.
-            let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            let mut g = push_flush(&q);
             q.fail_pending();
             assert_eq!(Pin::new(&mut g).poll(&mut cx), Poll::Ready(Err(BdevError::Offline)));
             assert!(matches!(q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false), Some(Err(BdevError::Offline))));
@@ -713,7 +718,7 @@ mod tests {
                 let p = QueueParams { timeouts: Timeouts { io: Some(Duration::from_millis(30)), admin: None, reset }, ..params(4096) };
                 let q = IoQueue::new(HostStream::Plain(host), p, seen.clone());
                 // Answered commands are never timed out, however long the queue then idles.
-                let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+                let mut f = push_flush(&q);
                 q.poll();
                 let cid = Sqe::from_slice(&read_pdu(&mut tgt)[8..72]).unwrap().cid();
                 tgt.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::SUCCESS), true).as_slice()).unwrap();
@@ -725,7 +730,7 @@ mod tests {
                 }
                 assert_eq!(seen.failures.load(Relaxed), 0, "nothing in flight, nothing timed out");
                 // A command the controller never answers (a hung node keeps its socket open).
-                let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+                let mut g = push_flush(&q);
                 q.poll();
                 read_pdu(&mut tgt);
                 let sent = Instant::now();
@@ -757,8 +762,8 @@ mod tests {
         let seen = Arc::new(Seen::default());
         cores.enter(0, || {
             let q = IoQueue::new(HostStream::Plain(host), params(4096), seen.clone());
-            let mut f = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
-            let mut g = q.push(Sqe::new(io_opc::FLUSH, 0, 1), &mut None, false).unwrap().unwrap();
+            let mut f = push_flush(&q);
+            let mut g = push_flush(&q);
             q.poll();
             let first = Sqe::from_slice(&read_pdu(&mut tgt)[8..72]).unwrap().cid();
             read_pdu(&mut tgt);

@@ -290,7 +290,7 @@ pub(super) struct Prepared {
     pub(super) given: Value,
     pub(super) traddr: String,
     pub(super) trsvcid: String,
-    adrfam: String,
+    pub(super) adrfam: String,
     pub(super) subnqn: String,
     addr: std::net::SocketAddr,
     opts: QpairOptions,
