@@ -468,7 +468,7 @@ impl Store {
         // its entry (`add_entry`, which gives the generation) or by a snapshot's capture (a
         // clone or a revert copies a map that has it already). So the common commit, with no
         // snapshot under way, looks at the pending entries and at no map.
-        let unready: std::collections::HashSet<u32> = st.pending.values().filter(|p| p.gen.is_none() && p.captured).map(|p| p.phys).collect();
+        let unready = Self::unready_captured(st);
         let left_out: HashMap<Uuid, Option<Uuid>> = if unready.is_empty() {
             HashMap::new()
         } else {
@@ -481,6 +481,42 @@ impl Store {
             assert_eq!(n, left_out.len(), "only captured pending clusters are mapped by a snapshot before they are ready");
         }
         left_out
+    }
+
+    /// The clusters of captured entries not yet ready (filled and written): a snapshot that
+    /// maps one does not hold its image yet.
+    fn unready_captured(st: &State) -> std::collections::HashSet<u32> {
+        st.pending.values().filter(|p| p.gen.is_none() && p.captured).map(|p| p.phys).collect()
+    }
+
+    /// Whether snapshot `snap` maps a captured cluster not yet ready (it is not sealed yet).
+    fn maps_unready(st: &State, snap: Uuid) -> bool {
+        let unready = Self::unready_captured(st);
+        !unready.is_empty() && st.vols.get(&snap).is_some_and(|v| v.map.values().any(|p| unready.contains(p)))
+    }
+
+    /// Waits until snapshot `snap` is sealed (or failed to), so that it maps no captured
+    /// cluster that is not ready: its captured first writes have written their data (or
+    /// failed, and `abandon` took their clusters out of its map), and the writes in flight at
+    /// the snapshot have landed in the clusters it shares. A clone or a revert copies the
+    /// snapshot's map; made before that, it would map a cluster that holds another volume's
+    /// old data until the fill, and, unlike the snapshot, it is not left out of the records
+    /// (`left_out`), so a crash could make that mapping durable; and a clone acknowledged
+    /// before the seal would see its content change under it. The RPCs cannot get here before
+    /// the seal (a snapshot's bdev is registered once `snapshot` returns), the store's own
+    /// callers could. Once settled a snapshot stays so: it gains captured clusters only when
+    /// it is taken. A snapshot loaded from the media has no `snap_meta`: it is sealed.
+    async fn wait_sealed(&self, snap: Uuid) {
+        loop {
+            let draining = {
+                let st = self.st();
+                Self::maps_unready(&st, snap) || st.snap_meta.get(&snap).is_some_and(|m| m.signal.get() == SnapshotState::Draining)
+            };
+            if !draining {
+                return;
+            }
+            crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
+        }
     }
 
     /// The volume records of the current state without their maps (those of `left_out` left
@@ -807,11 +843,52 @@ impl Store {
 
     /// Gives back the cluster of a pending entry its filler will not fill; waiters retry (and
     /// try to allocate again).
+    ///
+    /// A snapshot that captured the entry maps its cluster already, and the cluster was never
+    /// zeroed or copied into: left there, the snapshot (and, once its record is durable, the
+    /// store after a restart) would read whatever a freed cluster held before, another
+    /// volume's old data. The write failed, so the snapshot's image at `logical` is what the
+    /// volume held before it: the cluster the volume still maps there (a copy-on-write's
+    /// source), or nothing (zeroes) for a first write. Each capturing snapshot is set back to
+    /// that, and the cluster goes back to the pool with its last reference.
     fn abandon(&self, st: &mut State, uuid: Uuid, logical: u32) {
-        if let Some(p) = st.pending.remove(&(uuid, logical)) {
-            drop(p.ready_waiters);
-            self.release(st, Some(uuid), &[p.phys]);
+        let Some(p) = st.pending.remove(&(uuid, logical)) else { return };
+        drop(p.ready_waiters);
+        if p.captured {
+            // The entry never had a generation (its data was never written, `add_entry` was
+            // not called), so the volume's map still holds the image's entry at `logical`.
+            assert!(p.gen.is_none(), "an abandoned entry was never added to a map");
+            let prior = st.vols.get(&uuid).and_then(|v| v.map.get(&logical).copied());
+            let holders: Vec<Uuid> = st.vols.values().filter(|v| v.rec.uuid != uuid && v.map.get(&logical) == Some(&p.phys)).map(|v| v.rec.uuid).collect();
+            for h in &holders {
+                // Only a snapshot maps a captured cluster before it is ready: a clone or a
+                // revert of one waits for its seal (`wait_sealed`).
+                debug_assert!(st.vols.get(h).is_some_and(|v| v.rec.snapshot), "only a snapshot maps an unready captured cluster");
+                match prior {
+                    Some(q) => {
+                        st.vols.map_insert(h, logical, q);
+                        st.refs[q as usize] += 1;
+                    }
+                    None => {
+                        st.vols.map_remove(h, logical);
+                    }
+                }
+                if let Some(v) = st.vols.get(h) {
+                    v.live.set_shared(logical, prior, true);
+                    if prior.is_none() {
+                        v.live.allocated.fetch_sub(1, Relaxed);
+                    }
+                }
+            }
+            // Those snapshots were left out of every record while the entry was unready (see
+            // `left_out`), so their maps changed here need no log record; the next commit
+            // writes the whole state all the same, so that nothing depends on that reasoning.
+            st.last_heads = None;
+            let dropped = vec![p.phys; holders.len()];
+            self.release(st, None, &dropped);
         }
+        self.release(st, Some(uuid), &[p.phys]);
+        debug_assert!(!p.captured || st.refs[p.phys as usize] == 0, "an abandoned captured cluster has no reference left");
     }
 
     /// The physical cluster for a write to `logical` of volume `vol`, and whether it is a new
@@ -1186,6 +1263,8 @@ impl Store {
     /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
     async fn clone_volume(&self, ch: &Channel, snap: Uuid, snap_name: &str, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
         let uuid = Uuid::new_v4();
+        // A clone of a snapshot not yet sealed waits for its image (see `wait_sealed`).
+        self.wait_sealed(snap).await;
         let live = {
             let mut st = self.st();
             self.check_new(&st, "clone_name", name)?;
@@ -1193,6 +1272,7 @@ impl Store {
             if !s.rec.snapshot {
                 return Err(LvolError::Invalid(format!("field `snapshot_name`: lvol {snap_name} is not a snapshot (clone a snapshot of it)")));
             }
+            assert!(!Self::maps_unready(&st, snap), "a snapshot, once its captured clusters are ready, gains no unready one");
             self.check_metadata_room(&st, "clone_name", 1, s.map.len() as u64)?;
             let rec = VolumeRecord {
                 uuid,
@@ -1273,12 +1353,15 @@ impl Store {
     /// data copied (its clusters become shared with the snapshot); its old clusters are freed
     /// once no I/O can use them.
     async fn revert(&self, ch: &Channel, uuid: Uuid, snap: Uuid) -> Result<(), LvolError> {
+        // As a clone: the volume must not take clusters the snapshot's image is not in yet.
+        self.wait_sealed(snap).await;
         let old: Vec<u32> = {
             let mut st = self.st();
             let s = st.vols.get(&snap).ok_or_else(|| LvolError::NotFound(format!("field `snapshot_name`: no lvol {snap}")))?;
             if !s.rec.snapshot {
                 return Err(LvolError::Invalid("field `snapshot_name`: not a snapshot".into()));
             }
+            assert!(!Self::maps_unready(&st, snap), "a snapshot, once its captured clusters are ready, gains no unready one");
             let (smap, ssize) = (s.map.clone(), s.rec.size_bytes);
             let v = st.vols.get(&uuid).ok_or_else(|| LvolError::NotFound(format!("field `name`: no lvol {uuid}")))?;
             if v.rec.snapshot {

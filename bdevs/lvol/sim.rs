@@ -136,3 +136,8 @@ pub fn check_maps(store: &Store) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The UUID of volume `name`, once the store has it (a snapshot has from its first poll on).
+pub fn uuid_named(store: &Store, name: &str) -> Option<Uuid> {
+    store.st().vols.values().find(|v| v.rec.name == name).map(|v| v.rec.uuid)
+}

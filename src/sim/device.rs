@@ -58,6 +58,8 @@ pub struct SimDevice {
     slow: Option<(u64, u64, u64)>,
     /// One write in `.0` stalls `.1` ns longer (a device or path that hangs now and then).
     stall: Option<(u32, u64)>,
+    /// One write-zeroes in this many fails with a media error, writing nothing.
+    zero_failures: Option<u32>,
     state: Arc<Mutex<DevState>>,
     /// I/Os submitted (the harness picks crash points from it).
     pub submitted: Arc<AtomicU64>,
@@ -75,6 +77,7 @@ impl SimDevice {
             latency,
             slow: None,
             stall: None,
+            zero_failures: None,
             state: Arc::new(Mutex::new(DevState {
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 current: image.clone(),
@@ -107,6 +110,15 @@ impl SimDevice {
     /// longer: a write that stalls while later ones pass it.
     pub fn with_stalls(mut self, one_in: u32, extra_ns: u64) -> SimDevice {
         self.stall = Some((one_in.max(1), extra_ns));
+        self
+    }
+
+    /// The same device failing one write-zeroes in `one_in` (drawn from the seed) with a media
+    /// error that writes nothing: the pool simulation's failed fills of first writes (the pool
+    /// zeroes a new cluster with write-zeroes, and uses it for nothing else). Without it the
+    /// device draws nothing more from its seed, so other simulations keep their schedules.
+    pub fn with_zero_failures(mut self, one_in: u32) -> SimDevice {
+        self.zero_failures = Some(one_in.max(1));
         self
     }
 
@@ -168,6 +180,7 @@ struct SimDeviceShared {
     latency: Latency,
     slow: Option<(u64, u64, u64)>,
     stall: Option<(u32, u64)>,
+    zero_failures: Option<u32>,
     submitted: Arc<AtomicU64>,
 }
 
@@ -197,6 +210,11 @@ impl SimDeviceShared {
                 Some((a, b, extra)) if at < b && a < at + bytes => extra,
                 _ => 0,
             }
+    }
+
+    /// Whether this write-zeroes fails (see [`SimDevice::with_zero_failures`]).
+    fn zero_fails(&self) -> bool {
+        self.zero_failures.is_some_and(|one_in| self.st().rng.random_ratio(1, one_in))
     }
 
     fn begin_write(&self, offset: u64, data: Vec<u8>) -> u64 {
@@ -258,6 +276,10 @@ impl IoChannel for SimChannel {
                     d.complete_write(seq)
                 })
             }
+            Io::WriteZeroes { .. } if d.zero_fails() => IoFuture::boxed(async move {
+                reactor::sleep_until(done_at).await;
+                Err(if d.st().dead { BdevError::Offline } else { BdevError::Media })
+            }),
             Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
                 let done_at = done_at + d.slow_extra(offset_blocks * bs as u64, num_blocks * bs as u64);
                 let seq = d.begin_write(sector(offset_blocks), vec![0u8; num_blocks as usize * bs]);
@@ -305,6 +327,7 @@ impl Bdev for SimDevice {
                 latency: self.latency,
                 slow: self.slow,
                 stall: self.stall,
+                zero_failures: self.zero_failures,
                 submitted: self.submitted.clone(),
             }),
         }))

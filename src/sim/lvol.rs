@@ -9,7 +9,11 @@
 //! * every read of a writable volume returns only what a register would;
 //! * a snapshot's image is exactly the writes submitted before the snapshot command (those in
 //!   flight either way, as the model allows), read at the reply, and never changes after;
-//! * writes fail only with the pool's out-of-space error, and only on writable volumes;
+//! * writes fail only with the pool's out-of-space error, and only on writable volumes (or,
+//!   in the seeds with [`Config::fill_failures`], with the device's media error of a failed
+//!   zeroing of a new cluster, also one a snapshot under way captured);
+//! * a clone made of a snapshot before the snapshot's reply ([`Config::clone_unsealed`])
+//!   reads the snapshot's image at its own reply, and after a crash at any point;
 //! * after a restart: every volume whose creation was acknowledged is there (unless a delete
 //!   was under way), reads what was durable (unacknowledged writes may be either), every
 //!   snapshot reads its image, and nothing unknown appears;
@@ -58,6 +62,12 @@ pub struct Config {
     pub latency: Latency,
     /// Snapshot images checked by the strict rule (`SIM_STRICT_SNAPSHOT=1`).
     pub strict_snapshots: bool,
+    /// One zeroing of a new cluster in this many fails (the device's write-zeroes, with a
+    /// media error): a first write's fill fails, also under a snapshot that captured it.
+    pub fill_failures: Option<u32>,
+    /// Snapshots are sometimes cloned while they are not sealed yet (right after their first
+    /// poll), and that clone is read at once.
+    pub clone_unsealed: bool,
 }
 
 impl Config {
@@ -72,7 +82,17 @@ impl Config {
             crashes: [0, 0, 1, 1, 1, 2][r.random_range(0..6)],
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=50_000) },
             strict_snapshots: std::env::var("SIM_STRICT_SNAPSHOT").is_ok(),
+            // Drawn last, so that the draws above (and every seed's shape) stay as they were.
+            fill_failures: r.random_bool(0.5).then(|| r.random_range(2..=8)),
+            clone_unsealed: r.random_bool(0.5),
         }
+    }
+
+    /// The shape of `seed` without the operations added in session 32 (failed fills, clones
+    /// of unsealed snapshots): the schedule the seeds kept as regression tests found their
+    /// bugs with (each new operation draws from the controller's or the device's stream).
+    pub fn classic(seed: u64) -> Config {
+        Config { fill_failures: None, clone_unsealed: false, ..Config::from_seed(seed) }
     }
 
     /// The smallest device whose pool has `pool_clusters` data clusters.
@@ -101,6 +121,12 @@ pub struct Outcome {
     pub clones: u64,
     /// Clones of a clone (of a snapshot of a clone).
     pub clones_of_clones: u64,
+    /// Clones made of a snapshot before its reply (not yet sealed), read at their reply.
+    pub clones_of_unsealed: u64,
+    /// Writes (or unmaps, inflates) failed by a failed zeroing of a new cluster.
+    pub fill_failures: u64,
+    /// Of those, writes failed while a snapshot under way had captured their clusters.
+    pub fill_failures_captured: u64,
     pub reverts: u64,
     pub inflates: u64,
     pub decouples: u64,
@@ -128,6 +154,9 @@ impl Outcome {
         self.snapshots_mid_write += o.snapshots_mid_write;
         self.clones += o.clones;
         self.clones_of_clones += o.clones_of_clones;
+        self.clones_of_unsealed += o.clones_of_unsealed;
+        self.fill_failures += o.fill_failures;
+        self.fill_failures_captured += o.fill_failures_captured;
         self.reverts += o.reverts;
         self.inflates += o.inflates;
         self.decouples += o.decouples;
@@ -153,7 +182,8 @@ enum Pending {
     Revert(Vec<u64>),
     /// Being resized to this many blocks.
     Resize(u64),
-    /// A snapshot of volume `.0` at that volume's model time `.1`.
+    /// A snapshot of volume `.0` at that volume's model time `.1` (or a clone made of it
+    /// before its reply: the same image).
     Snapshot(String, u64),
 }
 
@@ -182,6 +212,11 @@ struct Shared {
     out: Outcome,
     /// Check snapshot images by the strict rule (see the snapshot step).
     strict: bool,
+    /// Writes may fail with the device's media error (see [`Config::fill_failures`]).
+    fill_failures: bool,
+    clone_unsealed: bool,
+    /// Snapshots under way (between their first poll and their reply), by origin.
+    snapping: BTreeMap<String, u32>,
 }
 
 type Sh = Rc<RefCell<Shared>>;
@@ -227,7 +262,11 @@ impl World {
         let registry = Arc::new(BdevRegistry::new(cfg.cores));
         let fresh = image.is_none();
         let img = image.unwrap_or_else(|| vec![0u8; cfg.device_bytes() as usize]);
-        let dev = Arc::new(SimDevice::new("base", img, rng.random(), cfg.latency));
+        let dev = SimDevice::new("base", img, rng.random(), cfg.latency);
+        let dev = Arc::new(match cfg.fill_failures {
+            Some(one_in) => dev.with_zero_failures(one_in),
+            None => dev,
+        });
         let be = registry.register(dev.clone()).map_err(|e| e.to_string())?;
         let guard = be.claim("lvs").map_err(|e| e.to_string())?;
         let opened = Rc::new(RefCell::new(None));
@@ -352,6 +391,12 @@ async fn client_op(sh: &Sh, r: &mut ChaCha8Rng, name: &str, e: &Arc<BdevEntry>, 
                 Err(BdevError::NoSpace) => {
                     s.full = true;
                     s.out.no_space += 1;
+                }
+                // A failed zeroing of a new cluster (the device's injected media error): as for
+                // a refusal, the write may show or not, for ever.
+                Err(BdevError::Media) if s.fill_failures => {
+                    s.out.fill_failures += 1;
+                    s.out.fill_failures_captured += s.snapping.get(name).is_some_and(|n| *n > 0) as u64;
                 }
                 Err(err) => {
                     drop(s);
@@ -543,17 +588,50 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                 (v.model.tick(), v.blocks, v.inflight > 0)
             };
             add_pending(sh, &name, Pending::Snapshot(origin.clone(), t), blocks, true);
-            trace(|| format!("snapshot {origin} -> {name} at {t}"));
+            // Sometimes cloned before its reply, while it may not be sealed (its captured
+            // first writes still filling): the clone must hold the snapshot's image from its
+            // own reply on, and after a crash at any point.
+            let unsealed_clone = (sh.borrow().clone_unsealed && r.random_bool(0.5)).then(|| format!("c{seed:x}-{n}"));
+            if let Some(c) = &unsealed_clone {
+                add_pending(sh, c, Pending::Snapshot(origin.clone(), t), blocks, false);
+            }
+            trace(|| format!("snapshot {origin} -> {name} at {t}{}", unsealed_clone.as_ref().map_or(String::new(), |c| format!(", cloned to {c} at once"))));
+            *sh.borrow_mut().snapping.entry(origin.clone()).or_default() += 1;
             // The model's instant `t` and the store's sharing of the clusters happen in the
-            // same poll (the snapshot's first), with no await between.
-            let res = pool::snapshot(store, uuid_of(sh, &origin), &name).await;
+            // same poll (the snapshot's first), with no await between. `join` polls the
+            // snapshot first: the clone's first poll finds it taken, not yet replied to.
+            let snap_call = pool::snapshot(store, uuid_of(sh, &origin), &name);
+            let clone_call = async {
+                let c = unsealed_clone.as_ref()?;
+                let su = pool::uuid_named(store, &name)?;
+                trace(|| format!("clone {name} -> {c} before its reply"));
+                let res = pool::clone_volume(store, su, c).await;
+                // Read at its reply, before the snapshot's perhaps.
+                Some(match res {
+                    Ok(cu) => match register(registry, store, cu) {
+                        Ok(e) => read_tags(&e, 0, blocks).await.map(|got| Ok((cu, e, got))),
+                        Err(err) => Err(err),
+                    },
+                    Err(e) => Ok(Err(e)),
+                })
+            };
+            let (res, cloned) = futures::join!(snap_call, clone_call);
+            if let Some(v) = sh.borrow_mut().snapping.get_mut(&origin) {
+                *v -= 1;
+            }
             if !alive(sh) {
                 return Ok(());
+            }
+            if let Some(c) = &unsealed_clone {
+                sh.borrow_mut().vols.remove(c);
             }
             let uuid = match res {
                 Ok(u) => u,
                 Err(e) => {
                     sh.borrow_mut().vols.remove(&name);
+                    if let Some(Ok(Ok(_))) = cloned {
+                        return Err(format!("snapshot {origin}: {e}, but its clone was made"));
+                    }
                     return if no_space(sh, &e) { Ok(()) } else { Err(format!("snapshot {origin}: {e}")) };
                 }
             };
@@ -592,6 +670,35 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                 sv.pending = Pending::None;
                 s.out.snapshots += 1;
                 s.out.snapshots_mid_write += mid_write as u64;
+            }
+            if let (Some(c), Some(cloned)) = (&unsealed_clone, cloned) {
+                match cloned? {
+                    Ok((cu, e, got)) => {
+                        // Its image is the snapshot's, exactly, from its reply on.
+                        let img = sh.borrow().vols[&name].model.baseline.clone();
+                        check_values(&format!("clone {c} of {name} (not sealed when cloned) at its reply"), 0, &got, |b| vec![img[b as usize]])?;
+                        let depth = sh.borrow().vols[&name].depth;
+                        let mut model = Model::new(blocks);
+                        model.baseline = img;
+                        let mut s = sh.borrow_mut();
+                        let v = Vol {
+                            uuid: cu,
+                            snapshot: false,
+                            blocks,
+                            model,
+                            entry: Some(e),
+                            busy: false,
+                            inflight: 0,
+                            depth: depth + 1,
+                            pending: Pending::None,
+                        };
+                        s.vols.insert(c.clone(), v);
+                        s.out.clones += 1;
+                        s.out.clones_of_unsealed += 1;
+                    }
+                    Err(e) if no_space(sh, &e) => {}
+                    Err(e) => return Err(format!("clone {c} of {name} before its reply: {e}")),
+                }
             }
         }
         30..45 => {
@@ -674,6 +781,8 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                     }
                 }
                 Err(e) if no_space(sh, &e) => {}
+                // A failed zeroing of a cluster it allocates (see `Config::fill_failures`).
+                Err(LvolError::Io(BdevError::Media)) if inflate && sh.borrow().fill_failures => sh.borrow_mut().out.fill_failures += 1,
                 // No parent (nothing to inflate or decouple from).
                 Err(LvolError::Invalid(_)) => {}
                 Err(e) => return Err(format!("{} {vol}: {e}", if inflate { "inflate" } else { "decouple" })),
@@ -908,6 +1017,9 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
         full: false,
         out: Outcome::default(),
         strict: cfg.strict_snapshots,
+        fill_failures: cfg.fill_failures.is_some(),
+        clone_unsealed: cfg.clone_unsealed,
+        snapping: BTreeMap::new(),
     }));
     let mut steps = 0u64;
     let mut image = None;
