@@ -73,8 +73,9 @@ fn mirror_simulation_seeds() {
     }
 }
 
-/// The volume pool: volumes, snapshots (with writes in flight), clones, reverts, inflates,
-/// decouples, resizes, deletes, a full pool and crashes, checked against the model (contents,
+/// The volume pool: volumes, snapshots (with writes in flight), clones (also of snapshots not
+/// yet sealed), reverts, inflates, decouples, resizes, deletes, a full pool, failed zeroings of
+/// new clusters (also captured by a snapshot) and crashes, checked against the model (contents,
 /// snapshot images, space accounting after every step and every reopen).
 #[test]
 fn pool_simulation_seeds() {
@@ -88,6 +89,9 @@ fn pool_simulation_seeds() {
                 && t.snapshots_mid_write > count / 10
                 && t.clones > count / 5
                 && t.clones_of_clones > count / 50
+                && t.clones_of_unsealed > count / 5
+                && t.fill_failures > count / 4
+                && t.fill_failures_captured > count / 20
                 && t.reverts > count / 20
                 && t.resizes > count / 10
                 && t.deletes > count / 5

@@ -622,13 +622,15 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
             if !alive(sh) {
                 return Ok(());
             }
-            if let Some(c) = &unsealed_clone {
-                sh.borrow_mut().vols.remove(c);
-            }
+            // The clone's placeholder stays until its outcome is known: a crash during the
+            // reads below must find it (it may be on the media).
             let uuid = match res {
                 Ok(u) => u,
                 Err(e) => {
                     sh.borrow_mut().vols.remove(&name);
+                    if let Some(c) = &unsealed_clone {
+                        sh.borrow_mut().vols.remove(c);
+                    }
                     if let Some(Ok(Ok(_))) = cloned {
                         return Err(format!("snapshot {origin}: {e}, but its clone was made"));
                     }
@@ -671,7 +673,12 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                 s.out.snapshots += 1;
                 s.out.snapshots_mid_write += mid_write as u64;
             }
-            if let (Some(c), Some(cloned)) = (&unsealed_clone, cloned) {
+            if let Some(c) = &unsealed_clone {
+                let Some(cloned) = cloned else {
+                    // The snapshot was refused at its first poll: no clone was asked for.
+                    sh.borrow_mut().vols.remove(c);
+                    return Ok(());
+                };
                 match cloned? {
                     Ok((cu, e, got)) => {
                         // Its image is the snapshot's, exactly, from its reply on.
@@ -696,7 +703,9 @@ async fn control_step(sh: &Sh, r: &mut ChaCha8Rng, registry: &Arc<BdevRegistry>,
                         s.out.clones += 1;
                         s.out.clones_of_unsealed += 1;
                     }
-                    Err(e) if no_space(sh, &e) => {}
+                    Err(e) if no_space(sh, &e) => {
+                        sh.borrow_mut().vols.remove(c);
+                    }
                     Err(e) => return Err(format!("clone {c} of {name} before its reply: {e}")),
                 }
             }
