@@ -136,9 +136,11 @@ struct Inner {
     pieces: VecDeque<Piece>,
     /// Bytes of the front piece already written.
     sent: usize,
-    /// Whether data is queued by reference and written with `writev` (plain TCP); over TLS it
-    /// is copied into the send buffer, whose records a vector would cut into small ones.
-    vectored: bool,
+    /// Plain TCP: data is queued by reference and written with `writev`, and a short read
+    /// means the socket is drained. Over TLS data is copied into the send buffer (a vector
+    /// would cut its records small) and reads go on until one would block (a read hands out
+    /// one record at a time).
+    plain_tcp: bool,
     reqs: Vec<Req>,
     free: Vec<u16>,
 }
@@ -156,7 +158,7 @@ impl Inner {
 
     /// Queues `len` bytes of command `cid`'s data at `ptr` (inside its buffer).
     fn put_data(&mut self, cid: u16, ptr: *const u8, len: usize) {
-        if !self.vectored {
+        if !self.plain_tcp {
             // SAFETY: the caller names bytes inside the buffer of a command in the table.
             let b = unsafe { std::slice::from_raw_parts(ptr, len) };
             return self.put(b);
@@ -247,7 +249,7 @@ impl IoQueue {
         let n = p.depth.max(2) as usize;
         IoQueue {
             inner: RefCell::new(Inner {
-                vectored: matches!(stream, HostStream::Plain(_)),
+                plain_tcp: matches!(stream, HostStream::Plain(_)),
                 stream,
                 rx: vec![0u8; RX_CAP],
                 rx_start: 0,
@@ -357,7 +359,7 @@ impl IoQueue {
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
         let _ = inner.stream.tcp().shutdown(std::net::Shutdown::Both);
-        inner.vectored = matches!(stream, HostStream::Plain(_));
+        inner.plain_tcp = matches!(stream, HostStream::Plain(_));
         inner.stream = stream;
         inner.rx_start = 0;
         inner.rx_end = 0;
@@ -458,6 +460,7 @@ impl IoQueue {
                 *work += 1;
             }
             Self::flush(inner)?;
+            let mut drained = false;
             loop {
                 while let Some(len) = complete_pdu_len(&inner.rx[inner.rx_start..inner.rx_end], &lim)? {
                     let start = inner.rx_start;
@@ -473,10 +476,20 @@ impl IoQueue {
                     inner.rx_end -= inner.rx_start;
                     inner.rx_start = 0;
                 }
+                if drained {
+                    break;
+                }
                 let end = inner.rx_end;
+                let room = inner.rx.len() - end;
                 match inner.stream.read(&mut inner.rx[end..]) {
                     Ok(0) => return Err(QueueError::Closed),
-                    Ok(n) => inner.rx_end += n,
+                    Ok(n) => {
+                        inner.rx_end += n;
+                        // Less than asked for: the socket had no more (see `plain_tcp`). What
+                        // came is parsed and the next poll reads again: one read per poll
+                        // that finds data, not a second one that finds none.
+                        drained = n < room && inner.plain_tcp;
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => return Err(QueueError::Io(e.to_string())),
