@@ -17,8 +17,11 @@
 //!
 //! Data placement: a command's data lives in a pool buffer that its completion slot owns until
 //! the command ends (the slot frees it if the caller's future is gone), the queue only keeps
-//! the buffer's address. C2HData payloads are copied from the receive buffer into it, R2Ts are
-//! answered with H2CData PDUs read from it: the caller's buffers are never named here.
+//! the buffer's address. C2HData payloads are copied from the receive buffer into it (one read
+//! brings many PDUs: cheaper than a read per payload for small transfers). Write data, in the
+//! capsule or in H2CData PDUs answering R2Ts, goes to the socket straight from it: the send
+//! queue holds headers and digests in its own buffer and the data by reference, written with
+//! one `writev` (SPDK's host does the same). The caller's buffers are never named here.
 
 use super::options::Timeouts;
 use crate::bdev::{BdevError, CompletionFuture, Completions, IoBuf, IoResult};
@@ -27,13 +30,16 @@ use crate::nvmf::pdu::{self, CommonHeader, DataHeader, R2t, RxLimits};
 use crate::nvmf::spec::{sgl, Cqe, Sqe, Status};
 use crate::reactor::{monotonic_ns, Poller};
 use std::cell::{Cell, RefCell};
-use std::io::{ErrorKind, Read, Write};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::sync::Arc;
 
 /// Largest transfer of one command this host issues (the controller's MDTS may lower it): the
 /// receive buffer holds one whole C2HData PDU of this size.
 pub const MAX_TRANSFER: usize = 1 << 20;
 const RX_CAP: usize = MAX_TRANSFER + 16 * 1024;
+/// Pieces of the send queue one `writev` takes at most (far below the kernel's IOV_MAX).
+const MAX_IOV: usize = 64;
 
 /// Why a queue stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +102,27 @@ struct Req {
     data_in: bool,
     /// When it was (last) sent, on the monotonic clock; read only with a command timeout.
     sent_ns: u64,
+    /// Pieces of the send queue that point into `data` (see [`Piece::Data`]).
+    unsent: u16,
+}
+
+/// A piece of the send queue.
+#[derive(Clone, Copy)]
+enum Piece {
+    /// `len` bytes of the send buffer at `off`: PDU headers, digests, copied data.
+    Tx { off: usize, len: usize },
+    /// `len` bytes of command `cid`'s data buffer at `ptr`, written to the socket from there.
+    /// Valid while the command is in the table: [`Inner::detach_data`] copies the bytes into
+    /// the send buffer before a command leaves it with pieces still queued.
+    Data { ptr: *const u8, len: usize, cid: u16 },
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match *self {
+            Piece::Tx { len, .. } | Piece::Data { len, .. } => len,
+        }
+    }
 }
 
 struct Inner {
@@ -103,10 +130,90 @@ struct Inner {
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
+    /// The send buffer: what the pieces of type `Tx` point into.
     tx: Vec<u8>,
-    tx_off: usize,
+    /// What is to be written, in order.
+    pieces: VecDeque<Piece>,
+    /// Bytes of the front piece already written.
+    sent: usize,
+    /// Plain TCP: data is queued by reference and written with `writev`, and a short read
+    /// means the socket is drained. Over TLS data is copied into the send buffer (a vector
+    /// would cut its records small) and reads go on until one would block (a read hands out
+    /// one record at a time).
+    plain_tcp: bool,
     reqs: Vec<Req>,
     free: Vec<u16>,
+}
+
+impl Inner {
+    /// Queues a copy of `b`.
+    fn put(&mut self, b: &[u8]) {
+        let off = self.tx.len();
+        self.tx.extend_from_slice(b);
+        match self.pieces.back_mut() {
+            Some(Piece::Tx { off: o, len }) if *o + *len == off => *len += b.len(),
+            _ => self.pieces.push_back(Piece::Tx { off, len: b.len() }),
+        }
+    }
+
+    /// Queues `len` bytes of command `cid`'s data at `ptr` (inside its buffer).
+    fn put_data(&mut self, cid: u16, ptr: *const u8, len: usize) {
+        if !self.plain_tcp {
+            // SAFETY: the caller names bytes inside the buffer of a command in the table.
+            let b = unsafe { std::slice::from_raw_parts(ptr, len) };
+            return self.put(b);
+        }
+        self.pieces.push_back(Piece::Data { ptr, len, cid });
+        self.reqs[cid as usize].unsent += 1;
+    }
+
+    /// Command `cid` leaves the table while some of its data is still queued (a controller that
+    /// answers before it has all the data): those bytes are copied into the send buffer so
+    /// that the command's buffer can go back to its owner.
+    fn detach_data(&mut self, cid: u16) {
+        if self.reqs[cid as usize].unsent == 0 {
+            return;
+        }
+        for i in 0..self.pieces.len() {
+            if let Piece::Data { ptr, len, cid: c } = self.pieces[i] {
+                if c == cid {
+                    let off = self.tx.len();
+                    // SAFETY: the command is still in the table: its buffer is alive.
+                    self.tx.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+                    // Same length: `sent` stays right if this is the front piece.
+                    self.pieces[i] = Piece::Tx { off, len };
+                }
+            }
+        }
+        self.reqs[cid as usize].unsent = 0;
+    }
+
+    /// Forgets everything queued (the connection is gone).
+    fn clear_tx(&mut self) {
+        self.tx.clear();
+        self.pieces.clear();
+        self.sent = 0;
+        for r in &mut self.reqs {
+            r.unsent = 0;
+        }
+    }
+
+    /// `n` more bytes were written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let front = self.pieces.front().expect("the socket took no more than was queued");
+            let rest = front.len() - self.sent;
+            if n < rest {
+                self.sent += n;
+                return;
+            }
+            n -= rest;
+            self.sent = 0;
+            if let Some(Piece::Data { cid, .. }) = self.pieces.pop_front() {
+                self.reqs[cid as usize].unsent -= 1;
+            }
+        }
+    }
 }
 
 /// Counters a queue updates for its controller (shared by all cores).
@@ -142,14 +249,16 @@ impl IoQueue {
         let n = p.depth.max(2) as usize;
         IoQueue {
             inner: RefCell::new(Inner {
+                plain_tcp: matches!(stream, HostStream::Plain(_)),
                 stream,
                 rx: vec![0u8; RX_CAP],
                 rx_start: 0,
                 rx_end: 0,
                 tx: Vec::with_capacity(64 * 1024),
-                tx_off: 0,
+                pieces: VecDeque::with_capacity(4 * n),
+                sent: 0,
                 reqs: (0..n)
-                    .map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false, sent_ns: 0 })
+                    .map(|_| Req { busy: false, sqe: Sqe::default(), slot: 0, data: std::ptr::null_mut(), len: 0, data_in: false, sent_ns: 0, unsent: 0 })
                     .collect(),
                 free: (0..n as u16).rev().collect(),
             }),
@@ -202,13 +311,13 @@ impl IoQueue {
             None => self.completions.alloc(),
         };
         let sent_ns = if self.p.get().timeouts.io.is_some() { monotonic_ns() } else { 0 };
-        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in, sent_ns };
+        inner.reqs[cid as usize] = Req { busy: true, sqe, slot, data: ptr, len, data_in, sent_ns, unsent: 0 };
         self.encode(inner, cid);
         self.in_flight.set(self.in_flight.get() + 1);
         Some(Ok(fut))
     }
 
-    /// Appends command `cid`'s capsule (and in-capsule data) to the send buffer.
+    /// Queues command `cid`'s capsule (and in-capsule data).
     fn encode(&self, inner: &mut Inner, cid: u16) {
         let r = &inner.reqs[cid as usize];
         let (ptr, len, data_in) = (r.data, r.len, r.data_in);
@@ -218,19 +327,19 @@ impl IoQueue {
         let (hd, dd) = (p.hdgst, p.ddgst);
         if len > 0 && !data_in && len <= p.max_inline {
             sqe.set_sgl(0, len as u32, sgl::IN_CAPSULE);
-            inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, len, hd, dd).as_slice());
-            // SAFETY: the slot owns the buffer until this command completes; it is not freed
-            // or written while the command is queued.
-            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-            inner.tx.extend_from_slice(data);
+            inner.put(pdu::capsule_cmd(&sqe, len, hd, dd).as_slice());
+            inner.put_data(cid, ptr, len);
             if dd {
-                inner.tx.extend_from_slice(&pdu::digest(data).to_le_bytes());
+                // SAFETY: the slot owns the buffer until this command completes; it is not
+                // freed or written while the command is queued.
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                inner.put(&pdu::digest(data).to_le_bytes());
             }
         } else {
             // Reads, large writes (the controller asks with R2Ts) and commands without data
             // (a zero-length transport SGL).
             sqe.set_sgl(0, len as u32, sgl::TRANSPORT_DATA_BLOCK);
-            inner.tx.extend_from_slice(pdu::capsule_cmd(&sqe, 0, hd, dd).as_slice());
+            inner.put(pdu::capsule_cmd(&sqe, 0, hd, dd).as_slice());
         }
     }
 
@@ -250,11 +359,11 @@ impl IoQueue {
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
         let _ = inner.stream.tcp().shutdown(std::net::Shutdown::Both);
+        inner.plain_tcp = matches!(stream, HostStream::Plain(_));
         inner.stream = stream;
         inner.rx_start = 0;
         inner.rx_end = 0;
-        inner.tx.clear();
-        inner.tx_off = 0;
+        inner.clear_tx();
         self.p.set(p);
         let busy: Vec<u16> = (0..inner.reqs.len() as u16).filter(|&c| inner.reqs[c as usize].busy).collect();
         let now = monotonic_ns();
@@ -278,6 +387,7 @@ impl IoQueue {
         let mut g = self.inner.borrow_mut();
         let inner = &mut *g;
         let _ = inner.stream.tcp().shutdown(std::net::Shutdown::Both);
+        inner.clear_tx();
         let slots: Vec<usize> = inner
             .reqs
             .iter_mut()
@@ -298,17 +408,28 @@ impl IoQueue {
     }
 
     fn flush(inner: &mut Inner) -> Result<(), QueueError> {
-        while inner.tx_off < inner.tx.len() {
-            match inner.stream.write(&inner.tx[inner.tx_off..]) {
+        while !inner.pieces.is_empty() {
+            let mut iov: [IoSlice<'_>; MAX_IOV] = std::array::from_fn(|_| IoSlice::new(&[]));
+            let mut n = 0;
+            for (i, p) in inner.pieces.iter().take(MAX_IOV).enumerate() {
+                let skip = if i == 0 { inner.sent } else { 0 };
+                iov[i] = IoSlice::new(match *p {
+                    Piece::Tx { off, len } => &inner.tx[off + skip..off + len],
+                    // SAFETY: see `Piece::Data`: the command is in the table.
+                    Piece::Data { ptr, len, .. } => unsafe { std::slice::from_raw_parts(ptr.add(skip), len - skip) },
+                });
+                n = i + 1;
+            }
+            match inner.stream.write_vectored(&iov[..n]) {
                 Ok(0) => return Err(QueueError::Closed),
-                Ok(n) => inner.tx_off += n,
+                Ok(w) => inner.advance(w),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(QueueError::Io(e.to_string())),
             }
         }
         inner.tx.clear();
-        inner.tx_off = 0;
+        inner.sent = 0;
         Ok(())
     }
 
@@ -335,10 +456,11 @@ impl IoQueue {
         {
             let mut g = self.inner.borrow_mut();
             let inner = &mut *g;
-            if !inner.tx.is_empty() {
+            if !inner.pieces.is_empty() {
                 *work += 1;
             }
             Self::flush(inner)?;
+            let mut drained = false;
             loop {
                 while let Some(len) = complete_pdu_len(&inner.rx[inner.rx_start..inner.rx_end], &lim)? {
                     let start = inner.rx_start;
@@ -354,10 +476,20 @@ impl IoQueue {
                     inner.rx_end -= inner.rx_start;
                     inner.rx_start = 0;
                 }
+                if drained {
+                    break;
+                }
                 let end = inner.rx_end;
+                let room = inner.rx.len() - end;
                 match inner.stream.read(&mut inner.rx[end..]) {
                     Ok(0) => return Err(QueueError::Closed),
-                    Ok(n) => inner.rx_end += n,
+                    Ok(n) => {
+                        inner.rx_end += n;
+                        // Less than asked for: the socket had no more (see `plain_tcp`). What
+                        // came is parsed and the next poll reads again: one read per poll
+                        // that finds data, not a second one that finds none.
+                        drained = n < room && inner.plain_tcp;
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => return Err(QueueError::Io(e.to_string())),
@@ -370,7 +502,11 @@ impl IoQueue {
 
     /// Ends command `cid` (its data buffer is no longer touched): (slot, result) to complete.
     fn finish(&self, inner: &mut Inner, cid: u16, r: IoResult, done: &mut Vec<(usize, IoResult)>) -> Result<(), QueueError> {
-        let req = inner.reqs.get_mut(cid as usize).filter(|r| r.busy).ok_or_else(|| QueueError::Protocol(format!("completion for unknown command {cid}")))?;
+        if !inner.reqs.get(cid as usize).is_some_and(|r| r.busy) {
+            return Err(QueueError::Protocol(format!("completion for unknown command {cid}")));
+        }
+        inner.detach_data(cid);
+        let req = &mut inner.reqs[cid as usize];
         req.busy = false;
         req.data = std::ptr::null_mut();
         done.push((req.slot, r));
@@ -441,15 +577,16 @@ impl IoQueue {
                 }
                 // SAFETY: as for C2HData: the slot owns `req.len` bytes at `req.data`.
                 let data = unsafe { std::slice::from_raw_parts(req.data.add(a), total) };
-                let max = self.p.get().maxh2cdata as usize;
+                let p = self.p.get();
+                let max = p.maxh2cdata as usize;
                 let mut off = 0;
                 while off < total {
                     let n = max.min(total - off);
-                    let h = pdu::h2c_data(cid, r2t.ttag, (a + off) as u32, n as u32, off + n == total, self.p.get().hdgst, self.p.get().ddgst);
-                    inner.tx.extend_from_slice(h.as_slice());
-                    inner.tx.extend_from_slice(&data[off..off + n]);
-                    if self.p.get().ddgst {
-                        inner.tx.extend_from_slice(&pdu::digest(&data[off..off + n]).to_le_bytes());
+                    let h = pdu::h2c_data(cid, r2t.ttag, (a + off) as u32, n as u32, off + n == total, p.hdgst, p.ddgst);
+                    inner.put(h.as_slice());
+                    inner.put_data(cid, data[off..].as_ptr(), n);
+                    if p.ddgst {
+                        inner.put(&pdu::digest(&data[off..off + n]).to_le_bytes());
                     }
                     off += n;
                 }
@@ -666,6 +803,76 @@ mod tests {
             let _f = q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 1), &mut small, false).unwrap().unwrap();
             q.poll();
             assert_eq!(read_pdu(&mut tgt).len(), pdu::CAPSULE_CMD_HLEN + 4 + 512 + 4);
+        });
+    }
+
+    /// Shrinks a socket's kernel buffer (`opt`: SO_SNDBUF or SO_RCVBUF).
+    fn small_buffer(fd: std::os::fd::RawFd, opt: libc::c_int) {
+        let v: libc::c_int = 4096;
+        // SAFETY: a valid socket and an int option of the right size.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, &v as *const _ as *const libc::c_void, std::mem::size_of_val(&v) as u32) };
+        assert_eq!(r, 0);
+    }
+
+    #[test]
+    fn write_data_goes_out_from_the_command_buffer_and_survives_an_early_answer() {
+        use std::os::fd::AsRawFd;
+        // Small kernel buffers on both sides, so that most of a 1 MiB write's H2CData stays
+        // queued in the host (by reference to the command's buffer) when the answer comes.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        small_buffer(l.as_raw_fd(), libc::SO_RCVBUF);
+        let host = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut tgt, _) = l.accept().unwrap();
+        small_buffer(host.as_raw_fd(), libc::SO_SNDBUF);
+        host.set_nonblocking(true).unwrap();
+        tgt.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let cores = ManualCores::new(1);
+        cores.enter(0, || {
+            let q = IoQueue::new(HostStream::Plain(host), params(0), Arc::new(Seen::default()));
+            let data: Vec<u8> = (0..MAX_TRANSFER as u32).map(|i| (i % 253) as u8).collect();
+            let mut b = IoBuf::alloc(data.len());
+            b.copy_from_slice(&data);
+            let mut f = Box::pin(q.push(crate::bdevs::nvme::tcp::rw_sqe(io_opc::WRITE, 1, 0, 2048), &mut Some(b), false).unwrap().unwrap().owned());
+            q.poll();
+            let cmd = read_pdu(&mut tgt);
+            let cid = Sqe::from_slice(&cmd[8..72]).unwrap().cid();
+            tgt.write_all(pdu::r2t(cid, 3, 0, MAX_TRANSFER as u32, true).as_slice()).unwrap();
+            for _ in 0..1000 {
+                q.poll();
+                if q.inner.borrow().pieces.iter().any(|p| matches!(p, Piece::Data { .. })) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(q.inner.borrow().pieces.iter().any(|p| matches!(p, Piece::Data { .. })), "data queued by reference");
+            // The controller answers before it has the data (as on an error).
+            tgt.write_all(pdu::capsule_resp(&Cqe::new(cid, Status::generic(0x80)), true).as_slice()).unwrap();
+            let (r, buf) = wait(&q, &mut f);
+            assert_eq!(r, Err(BdevError::Nvme { sct: 0, sc: 0x80 }));
+            let queued = q.inner.borrow().pieces.iter().map(|p| p.len()).sum::<usize>();
+            assert!(queued > 0, "the answer came while data was still queued");
+            assert!(!q.inner.borrow().pieces.iter().any(|p| matches!(p, Piece::Data { .. })), "no piece names the ended command's buffer");
+            // The buffer is back with its owner, who reuses it: what is still to go out must
+            // not change.
+            buf.unwrap().fill(0xFF);
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while got.len() < MAX_TRANSFER {
+                    let p = read_pdu(&mut tgt);
+                    assert_eq!(p[0], pdu::pdu_type::H2C_DATA);
+                    let dh = pdu::DataHeader::parse(&p).unwrap();
+                    assert_eq!((dh.cccid, dh.datao as usize), (cid, got.len()));
+                    let d = &p[28..28 + dh.datal as usize];
+                    assert_eq!(&p[28 + d.len()..], &pdu::digest(d).to_le_bytes(), "digest of the bytes sent");
+                    got.extend_from_slice(d);
+                }
+                got
+            });
+            while !reader.is_finished() {
+                q.poll();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            assert!(reader.join().unwrap() == data, "the H2CData carried the command's own bytes");
         });
     }
 

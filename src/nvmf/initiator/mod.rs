@@ -247,6 +247,12 @@ impl Write for HostStream {
             HostStream::Tls(t) => t.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            HostStream::Plain(s) => s.write_vectored(bufs),
+            HostStream::Tls(t) => t.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
