@@ -11,6 +11,7 @@
 //!
 //! Only a call from the configuration gets this: a client's attach fails at once as in SPDK.
 
+use super::reconnect::{next_step, next_wait, sleep_unless, Step};
 use super::rpc::{connect_and_register, Controllers, Prepared};
 use crate::bdev::BdevCtx;
 use serde_json::{json, Value};
@@ -87,40 +88,39 @@ pub(super) fn cancel(m: &Controllers, name: &str) -> bool {
     true
 }
 
+/// The attempts, on the recovery's policy (`reconnect::next_step`, `next_wait`): one every
+/// `reconnect_delay_sec`, until `ctrlr_loss_timeout_sec` has passed since the start. There is
+/// no I/O to fail meanwhile (no bdev exists yet), so `fast_io_fail_timeout_sec` plays no part.
 fn keep_connecting(m: Arc<Controllers>, b: BdevCtx, p: Arc<Pending>) {
     let policy = p.prep.policy;
     let name = p.prep.name.clone();
     loop {
-        let wake = Instant::now() + policy.reconnect_delay.max(Duration::from_millis(100));
-        while Instant::now() < wake {
-            if p.gate().cancelled {
-                return;
-            }
-            std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(100)));
+        // At least 100 ms between attempts, whatever the policy's remaining time says.
+        let wait = next_wait(&policy, p.since.elapsed(), true).max(Duration::from_millis(100));
+        if !sleep_unless(wait, || p.gate().cancelled) {
+            return;
         }
         let mut g = p.gate();
         if g.cancelled {
             return;
         }
-        let n = p.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-        let done = match connect_and_register(&m, &b, &p.prep) {
-            Ok(bdevs) => {
-                log::info!("NVMe/TCP controller {name}: attached after {:?} ({n} attempts), bdevs {bdevs}", p.since.elapsed());
-                true
+        let attempts = p.attempts.load(Ordering::Relaxed);
+        if next_step(&policy, p.since.elapsed(), attempts as u32, true) == Step::Lose {
+            log::error!("NVMe/TCP controller {name}: not attached within ctrlr_loss_timeout_sec ({}); dropped from the configuration", g.last_error);
+        } else {
+            let n = p.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            match connect_and_register(&m, &b, &p.prep) {
+                Ok(bdevs) => log::info!("NVMe/TCP controller {name}: attached after {:?} ({n} attempts), bdevs {bdevs}", p.since.elapsed()),
+                Err(e) => {
+                    log::debug!("NVMe/TCP controller {name}: attempt {n}: {}", e.message);
+                    g.last_error = e.message;
+                    continue;
+                }
             }
-            Err(e) if policy.ctrlr_loss.is_some_and(|d| p.since.elapsed() >= d) => {
-                log::error!("NVMe/TCP controller {name}: not attached within ctrlr_loss_timeout_sec ({}); dropped from the configuration", e.message);
-                true
-            }
-            Err(e) => {
-                log::debug!("NVMe/TCP controller {name}: attempt {n}: {}", e.message);
-                g.last_error = e.message;
-                false
-            }
-        };
-        if done {
-            m.pending().retain(|x| !Arc::ptr_eq(x, &p));
-            return;
         }
+        // Still under the gate: a detach that finds the controller no longer connecting
+        // detaches the attached one itself (see `cancel`).
+        m.pending().retain(|x| !Arc::ptr_eq(x, &p));
+        return;
     }
 }

@@ -184,10 +184,23 @@ fn recover(shared: Arc<Shared>, t0: Instant) {
             }
             Err(e) => log::warn!("NVMe/TCP controller {}: reconnect attempt {attempts} failed: {e}", shared.name),
         }
-        let deadline = Instant::now() + next_wait(&t.policy, t0.elapsed(), io_failed);
-        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep((deadline - Instant::now()).min(Duration::from_millis(100)));
+        sleep_unless(next_wait(&t.policy, t0.elapsed(), io_failed), || shared.stop.load(Ordering::Relaxed));
+    }
+}
+
+/// Sleeps for `d`, looking at `stopped` every 100 ms at most (a detach or a shutdown does not
+/// wait for a whole reconnect delay); false if it was stopped.
+pub fn sleep_unless(d: Duration, stopped: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        if stopped() {
+            return false;
         }
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
     }
 }
 
