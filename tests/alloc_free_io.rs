@@ -1,0 +1,146 @@
+//! The NVMe/TCP data path allocates nothing per I/O in steady state (issue #17 item 5).
+//!
+//! A target runs in this process (one reactor, a RAM namespace) and the in-tree host drives
+//! it over loopback TCP from the test's thread. The library's allocator counts allocations on
+//! the reactor thread only (`reactor::alloc`), so the host's own allocations are not counted.
+//! After a warm-up (slots, buffer pool classes, vectors at their working capacity), 10,000
+//! 4 KiB reads and writes are timed against the counter, twice: in-capsule writes without
+//! digests, then R2T writes with header and data digests.
+//!
+//! `ALLOC_TRACE=n` prints the backtraces of the first n allocations counted in the measured
+//! window (to find what allocates).
+
+use serde_json::json;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tidemark::config::Config;
+use tidemark::nvmf::initiator::{Completion, Controller, Payload, Qpair, QpairOptions};
+use tidemark::nvmf::spec::io_opc;
+use tidemark::reactor::{alloc, PollMode, ReactorOptions, Reactors};
+use tidemark::target::Target;
+
+const NQN: &str = "nqn.2016-06.io.tidemark:alloc";
+const BS: usize = 512;
+const BLOCKS: u64 = 65536; // 32 MiB
+const IO: usize = 4096;
+const MEASURED: usize = 10_000;
+const WARM_UP: usize = 3_000;
+const QD: usize = 16;
+
+/// Allocations per I/O the steady-state path may make. The figure measured before the data
+/// path was changed (1.10 in-capsule, 1.73 with R2T and digests: a task per command, a boxed
+/// R2T state, the writer's iovec array, the reactor's run queue).
+const BOUND_PER_IO: f64 = 1.8;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Runs `n` 4 KiB I/Os at queue depth [`QD`], reads and writes alternating, over the first
+/// half of the namespace in a fixed stride.
+fn run(q: &mut Qpair, n: usize, seq: &mut u64) {
+    let mut submitted = 0;
+    let mut done = 0;
+    let mut out: Vec<Completion> = Vec::with_capacity(QD * 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < n {
+        while submitted < n && q.outstanding() < QD {
+            *seq += 1;
+            let slba = (*seq * 8 * 37) % (BLOCKS / 2);
+            let nlb = (IO / BS) as u32;
+            let r = if *seq % 2 == 0 {
+                q.submit(Qpair::rw_sqe(io_opc::WRITE, 1, slba, nlb), Payload::OutScratch(IO))
+            } else {
+                q.submit(Qpair::rw_sqe(io_opc::READ, 1, slba, nlb), Payload::InDiscard(IO))
+            };
+            r.expect("submit");
+            submitted += 1;
+        }
+        out.clear();
+        q.poll(&mut out).expect("the queue pair answers");
+        for c in &out {
+            assert!(c.cqe.status().is_success(), "I/O failed: {}", c.cqe.status());
+        }
+        done += out.len();
+        if out.is_empty() {
+            let mut fds = libc::pollfd { fd: q.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut fds, 1, 1) };
+        }
+        assert!(Instant::now() < deadline, "the I/O took over 60 s");
+    }
+}
+
+/// Warms up, then returns the allocations per I/O of [`MEASURED`] I/Os on `q`.
+fn measure(what: &str, q: &mut Qpair) -> f64 {
+    let mut seq = 0;
+    run(q, WARM_UP, &mut seq);
+    if let Some(n) = std::env::var("ALLOC_TRACE").ok().and_then(|v| v.parse().ok()) {
+        alloc::trace_next(n);
+    }
+    let before = alloc::counted();
+    let t0 = Instant::now();
+    run(q, MEASURED, &mut seq);
+    let dt = t0.elapsed();
+    let n = alloc::counted() - before;
+    alloc::trace_next(0);
+    let per_io = n as f64 / MEASURED as f64;
+    println!("{what}: {n} allocations on the reactor across {MEASURED} 4 KiB I/Os (half reads, half writes) in {dt:?}: {per_io:.3} per I/O");
+    per_io
+}
+
+#[test]
+fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::parse(&format!("[daemon]\ndata_dir = {:?}\nbuffer_pool_mb = 64\n", dir.path().display().to_string())).expect("config");
+    let reactors = Reactors::start(&ReactorOptions { cpus: vec![0], poll_mode: PollMode::Adaptive, idle_us: 200, pin: false }).expect("reactors");
+    let h = reactors.handle();
+    let target = Arc::new(Target::new(h.clone(), config));
+    let port = free_port();
+    let calls = [
+        ("bdev_malloc_create", json!({"name": "m0", "num_blocks": BLOCKS, "block_size": BS})),
+        ("nvmf_create_transport", json!({"trtype": "TCP"})),
+        ("nvmf_create_subsystem", json!({"nqn": NQN, "allow_any_host": true})),
+        ("nvmf_subsystem_add_ns", json!({"nqn": NQN, "namespace": {"bdev_name": "m0", "nsid": 1}})),
+        (
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+        ),
+    ];
+    for (m, p) in calls {
+        if let Err(e) = target.call(m, Some(p)) {
+            panic!("{m}: {}", e.message);
+        }
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    // Count on the reactor thread from now on; the host runs on this thread, uncounted.
+    h.call(0, || alloc::count_this_thread(true)).expect("core 0 answers");
+
+    // 1: in-capsule writes (4 KiB fits the default 8 KiB in-capsule size), reads whose
+    // C2HData carries the completion (SQ flow control off), no digests.
+    let o = QpairOptions { kato_ms: 0, ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, NQN, &o).expect("connect");
+    let mut q = c.connect_io(1, 32).expect("I/O queue");
+    assert!(q.max_inline >= IO, "4 KiB writes go in the capsule");
+    let plain = measure("in-capsule writes, no digests", &mut q);
+    drop(q);
+    drop(c);
+
+    // 2: writes through R2T and H2CData, header and data digests, SQ flow control on (every
+    // read gets a CapsuleResp after its data).
+    let o = QpairOptions { kato_ms: 0, hdgst: true, ddgst: true, disable_sqflow: false, ..QpairOptions::default() };
+    let mut c = Controller::connect(addr, NQN, &o).expect("connect");
+    let mut q = c.connect_io(1, 32).expect("I/O queue");
+    q.max_inline = 0;
+    let r2t = measure("R2T writes, digests", &mut q);
+    drop(q);
+    drop(c);
+
+    h.call(0, || alloc::count_this_thread(false)).expect("core 0 answers");
+    drop(target);
+    reactors.stop();
+    assert!(plain <= BOUND_PER_IO, "{plain} allocations per I/O (in-capsule writes) on the reactor; at most {BOUND_PER_IO} allowed");
+    assert!(r2t <= BOUND_PER_IO, "{r2t} allocations per I/O (R2T writes, digests) on the reactor; at most {BOUND_PER_IO} allowed");
+}
