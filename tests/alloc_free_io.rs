@@ -7,13 +7,20 @@
 //! 4 KiB reads and writes are timed against the counter, twice: in-capsule writes without
 //! digests, then R2T writes with header and data digests.
 //!
+//! The iSCSI data path is measured the same way (one session, 4 KiB READ(10)/WRITE(10) with
+//! immediate data, one at a time) against the bound it has reached so far.
+//!
 //! `ALLOC_TRACE=n` prints the backtraces of the first n allocations counted in the measured
 //! window (to find what allocates).
+
+#[path = "iscsi/client.rs"]
+#[allow(dead_code)]
+mod client;
 
 use serde_json::json;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidemark::config::Config;
 use tidemark::nvmf::initiator::{Completion, Controller, Payload, Qpair, QpairOptions};
@@ -22,12 +29,23 @@ use tidemark::reactor::{alloc, PollMode, ReactorOptions, Reactors};
 use tidemark::target::Target;
 
 const NQN: &str = "nqn.2016-06.io.tidemark:alloc";
+const IQN: &str = "iqn.2016-06.io.tidemark:alloc";
 const BS: usize = 512;
 const BLOCKS: u64 = 65536; // 32 MiB
 const IO: usize = 4096;
 const MEASURED: usize = 10_000;
 const WARM_UP: usize = 3_000;
 const QD: usize = 16;
+
+/// The counter is one for the process: the tests take turns.
+static ONE: Mutex<()> = Mutex::new(());
+
+/// Allocations per iSCSI I/O today, measured: 3.00. Not yet zero, and what remains is known
+/// (found with `ALLOC_TRACE`): every command spawns a task (`iscsi::conn` admission and
+/// `advance_write`) and gets an `Rc<Running>`; a write boxes its `WriteXfer`; a read allocates
+/// once more in its task. The NVMe/TCP treatment (workers kept per connection, per-slot state)
+/// would remove them; until then this bound keeps it from growing.
+const ISCSI_BOUND_PER_IO: f64 = 3.0;
 
 /// Allocations per I/O the steady-state path may make: none. (Before the change: 1.10
 /// in-capsule, 1.73 with R2T and digests: a task per command, a boxed R2T state, the writer's
@@ -73,16 +91,16 @@ fn run(q: &mut Qpair, n: usize, seq: &mut u64) {
     }
 }
 
-/// Warms up, then returns the allocations per I/O of [`MEASURED`] I/Os on `q`.
-fn measure(what: &str, q: &mut Qpair) -> f64 {
-    let mut seq = 0;
-    run(q, WARM_UP, &mut seq);
+/// Warms up with [`WARM_UP`] I/Os of `io`, then returns the allocations per I/O of
+/// [`MEASURED`] more.
+fn measure(what: &str, mut io: impl FnMut(usize)) -> f64 {
+    io(WARM_UP);
     if let Some(n) = std::env::var("ALLOC_TRACE").ok().and_then(|v| v.parse().ok()) {
         alloc::trace_next(n);
     }
     let before = alloc::counted();
     let t0 = Instant::now();
-    run(q, MEASURED, &mut seq);
+    io(MEASURED);
     let dt = t0.elapsed();
     let n = alloc::counted() - before;
     alloc::trace_next(0);
@@ -91,16 +109,26 @@ fn measure(what: &str, q: &mut Qpair) -> f64 {
     per_io
 }
 
-#[test]
-fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
+/// A target in this process on one reactor, with RAM bdev `m0`, configured by `calls`.
+fn start(calls: &[(&str, serde_json::Value)]) -> (tempfile::TempDir, Reactors, Arc<Target>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = Config::parse(&format!("[daemon]\ndata_dir = {:?}\nbuffer_pool_mb = 64\n", dir.path().display().to_string())).expect("config");
     let reactors = Reactors::start(&ReactorOptions { cpus: vec![0], poll_mode: PollMode::Adaptive, idle_us: 200, pin: false }).expect("reactors");
-    let h = reactors.handle();
-    let target = Arc::new(Target::new(h.clone(), config));
+    let target = Arc::new(Target::new(reactors.handle(), config));
+    let m0 = ("bdev_malloc_create", json!({"name": "m0", "num_blocks": BLOCKS, "block_size": BS}));
+    for (m, p) in std::iter::once(&m0).chain(calls) {
+        if let Err(e) = target.call(m, Some(p.clone())) {
+            panic!("{m}: {}", e.message);
+        }
+    }
+    (dir, reactors, target)
+}
+
+#[test]
+fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_port();
     let calls = [
-        ("bdev_malloc_create", json!({"name": "m0", "num_blocks": BLOCKS, "block_size": BS})),
         ("nvmf_create_transport", json!({"trtype": "TCP"})),
         ("nvmf_create_subsystem", json!({"nqn": NQN, "allow_any_host": true})),
         ("nvmf_subsystem_add_ns", json!({"nqn": NQN, "namespace": {"bdev_name": "m0", "nsid": 1}})),
@@ -109,11 +137,8 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
             json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
         ),
     ];
-    for (m, p) in calls {
-        if let Err(e) = target.call(m, Some(p)) {
-            panic!("{m}: {}", e.message);
-        }
-    }
+    let (_dir, reactors, target) = start(&calls);
+    let h = reactors.handle();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
     // Count on the reactor thread from now on; the host runs on this thread, uncounted.
     h.call(0, || alloc::count_this_thread(true)).expect("core 0 answers");
@@ -124,7 +149,8 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     let mut c = Controller::connect(addr, NQN, &o).expect("connect");
     let mut q = c.connect_io(1, 32).expect("I/O queue");
     assert!(q.max_inline >= IO, "4 KiB writes go in the capsule");
-    let plain = measure("in-capsule writes, no digests", &mut q);
+    let mut seq = 0;
+    let plain = measure("NVMe/TCP, in-capsule writes, no digests", |n| run(&mut q, n, &mut seq));
     drop(q);
     drop(c);
 
@@ -134,7 +160,7 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     let mut c = Controller::connect(addr, NQN, &o).expect("connect");
     let mut q = c.connect_io(1, 32).expect("I/O queue");
     q.max_inline = 0;
-    let r2t = measure("R2T writes, digests", &mut q);
+    let r2t = measure("NVMe/TCP, R2T writes, digests", |n| run(&mut q, n, &mut seq));
     drop(q);
     drop(c);
 
@@ -143,4 +169,43 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     reactors.stop();
     assert!(plain <= BOUND_PER_IO, "{plain} allocations per I/O (in-capsule writes) on the reactor; at most {BOUND_PER_IO} allowed");
     assert!(r2t <= BOUND_PER_IO, "{r2t} allocations per I/O (R2T writes, digests) on the reactor; at most {BOUND_PER_IO} allowed");
+}
+
+#[test]
+fn iscsi_reads_and_writes_allocate_at_most_the_bound_on_the_reactor_after_warm_up() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_port();
+    let calls = [
+        ("iscsi_create_portal_group", json!({"tag": 1, "portals": [{"host": "127.0.0.1", "port": port.to_string()}]})),
+        ("iscsi_create_initiator_group", json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]})),
+        (
+            "iscsi_create_target_node",
+            json!({"name": IQN, "luns": [{"bdev_name": "m0", "lun_id": 0}], "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 32}),
+        ),
+    ];
+    let (_dir, reactors, target) = start(&calls);
+    let h = reactors.handle();
+    h.call(0, || alloc::count_this_thread(true)).expect("core 0 answers");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = client::Session::login(addr, &client::LoginOptions::normal("iqn.2016-06.io.tidemark:host", IQN)).expect("login");
+    let data = vec![0x5au8; IO];
+    let mut seq = 0u64;
+    // One command at a time (the raw client waits for each): 4 KiB writes as immediate data,
+    // 4 KiB reads whose last Data-In carries the status.
+    let per_io = measure("iSCSI, immediate-data writes, no digests", |n| {
+        for _ in 0..n {
+            seq += 1;
+            let lba = ((seq * 8 * 37) % (BLOCKS / 2)) as u32;
+            let nb = (IO / BS) as u16;
+            let r =
+                if seq % 2 == 0 { s.scsi(0, &client::write10(lba, nb), IO as u32, Some(&data)) } else { s.scsi(0, &client::read10(lba, nb), IO as u32, None) };
+            let r = r.expect("the command completes");
+            assert_eq!(r.status, 0, "SCSI status {:#x}, sense {:?}", r.status, r.sense);
+        }
+    });
+    drop(s);
+    h.call(0, || alloc::count_this_thread(false)).expect("core 0 answers");
+    drop(target);
+    reactors.stop();
+    assert!(per_io <= ISCSI_BOUND_PER_IO, "{per_io} allocations per iSCSI I/O on the reactor; at most {ISCSI_BOUND_PER_IO} allowed");
 }
