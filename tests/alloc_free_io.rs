@@ -14,7 +14,6 @@
 //! window (to find what allocates).
 
 #[path = "iscsi/client.rs"]
-#[allow(dead_code)]
 mod client;
 
 use serde_json::json;
@@ -68,7 +67,7 @@ fn run(q: &mut Qpair, n: usize, seq: &mut u64) {
             *seq += 1;
             let slba = (*seq * 8 * 37) % (BLOCKS / 2);
             let nlb = (IO / BS) as u32;
-            let r = if *seq % 2 == 0 {
+            let r = if seq.is_multiple_of(2) {
                 q.submit(Qpair::rw_sqe(io_opc::WRITE, 1, slba, nlb), Payload::OutScratch(IO))
             } else {
                 q.submit(Qpair::rw_sqe(io_opc::READ, 1, slba, nlb), Payload::InDiscard(IO))
@@ -197,8 +196,11 @@ fn iscsi_reads_and_writes_allocate_at_most_the_bound_on_the_reactor_after_warm_u
             seq += 1;
             let lba = ((seq * 8 * 37) % (BLOCKS / 2)) as u32;
             let nb = (IO / BS) as u16;
-            let r =
-                if seq % 2 == 0 { s.scsi(0, &client::write10(lba, nb), IO as u32, Some(&data)) } else { s.scsi(0, &client::read10(lba, nb), IO as u32, None) };
+            let r = if seq.is_multiple_of(2) {
+                s.scsi(0, &client::write10(lba, nb), IO as u32, Some(&data))
+            } else {
+                s.scsi(0, &client::read10(lba, nb), IO as u32, None)
+            };
             let r = r.expect("the command completes");
             assert_eq!(r.status, 0, "SCSI status {:#x}, sense {:?}", r.status, r.sense);
         }
