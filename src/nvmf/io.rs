@@ -387,8 +387,8 @@ fn worker_bytes() -> usize {
     future_size(&worker) + TASK_HEADER + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
-/// Hands `job` to an idle worker of `conn`, or to a new one while the connection has fewer
-/// than commands running (during warm-up, or when the host goes deeper than before).
+/// Hands `job` to an idle worker of `conn`, or to a new one when every worker is busy (during
+/// warm-up, or when the host goes deeper than before).
 fn dispatch(conn: &Rc<Conn>, job: Job) {
     conn.io_started();
     let workers = conn.workers();
