@@ -28,7 +28,8 @@ pub mod sim;
 pub mod state_file;
 pub mod target;
 
-/// Every allocation of the target comes from mimalloc: its thread-local free lists make the
-/// few allocations on the data path (task and future frames) lock-free and syscall-free.
+/// Every allocation of the target comes from mimalloc (its thread-local free lists keep the
+/// control path's allocations lock-free and syscall-free), behind a counter that tests arm on
+/// the reactor threads to prove the data paths allocate nothing per I/O.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: reactor::alloc::CountingMiMalloc = reactor::alloc::CountingMiMalloc;

@@ -2,7 +2,8 @@
 //!
 //! Two futures serve it. The reader parses PDUs from a per-connection receive buffer (one
 //! `read` usually brings many small PDUs; large payloads are read straight into the command's
-//! `IoBuf`), executes admin commands inline and spawns one task per I/O command. The writer
+//! `IoBuf`), executes admin commands inline and hands I/O commands to the connection's
+//! workers (tasks kept from one command to the next: see [`io::Worker`]). The writer
 //! sends everything queued since it last ran with one `writev`, so completions of one loop
 //! iteration leave in one system call. Commands occupy slots bounded by the queue size the
 //! host connected with; when all are busy the reader stops reading (TCP pushes back on the
@@ -141,11 +142,13 @@ pub(crate) struct PendingData {
 pub(crate) enum SlotState {
     Free,
     Busy,
-    /// An R2T is out; the data is coming.
-    AwaitingData(Box<PendingData>),
+    /// An R2T is out; the data is coming. Unboxed: every write larger than the in-capsule
+    /// size passes here, and the slot's storage is already there.
+    AwaitingData(PendingData),
     /// Waiting for buffer budget for its R2T (the R2T has not been sent).
     AwaitingR2t(Sqe, u32),
-    /// A checked I/O command waiting for buffer budget for its data.
+    /// A checked I/O command waiting for buffer budget for its data. Boxed: it happens only
+    /// when the budget is short, and inline it would make every slot of every queue larger.
     AwaitingBuffer(Box<io::HeldIo>),
 }
 
@@ -262,6 +265,8 @@ pub(crate) struct Conn {
     budget: Rc<ConnBudget>,
     /// Set when a command starts waiting for budget.
     deferred_notify: Notify,
+    /// The tasks that run this queue's I/O commands, kept between commands.
+    workers: io::Workers,
 }
 
 /// The connections of this core.
@@ -397,6 +402,7 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
         inflight: Cell::new(0),
         budget,
         deferred_notify: Notify::default(),
+        workers: io::Workers::default(),
     });
     registry().0.borrow_mut().insert(conn.id, conn.clone());
     nvmf.open_connections.fetch_add(1, Ordering::SeqCst);
@@ -439,6 +445,8 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     while conn.inflight.get() > 0 {
         conn.drain_notify.wait().await;
     }
+    // The workers hold the connection: they end now that no command runs.
+    conn.workers.stop();
     conn.detach();
     registry().0.borrow_mut().remove(&conn.id);
     nvmf.open_connections.fetch_sub(1, Ordering::SeqCst);
@@ -617,7 +625,7 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Lay
         }
     };
     let Some(mut p) = taken else { return fatal(Fes::InvalidHeaderField, 10, "H2CData for an unknown transfer tag") };
-    let restore = |p: Box<PendingData>| {
+    let restore = |p: PendingData| {
         if let Some(s) = conn.st.borrow_mut().slots.v.get_mut(dh.ttag as usize) {
             *s = SlotState::AwaitingData(p);
         }
@@ -654,7 +662,7 @@ async fn on_h2c_data(conn: &Rc<Conn>, rx: &mut RecvBuf, hdr: &[u8], layout: &Lay
         restore(p);
         return Ok(());
     }
-    let PendingData { sqe, buf, len, _lease: lease, .. } = *p;
+    let PendingData { sqe, buf, len, _lease: lease, .. } = p;
     conn.execute(conn.binding(), Some(ttag), sqe, DataPlan::InCapsule { offset: 0, len }, Some((buf, lease)));
     Ok(())
 }
@@ -811,6 +819,15 @@ impl Conn {
         self.drain_notify.notify();
     }
 
+    pub(crate) fn workers(&self) -> &io::Workers {
+        &self.workers
+    }
+
+    /// The queue's command slots (the queue size the host connected with).
+    pub(crate) fn slot_count(&self) -> usize {
+        self.st.borrow().slots.v.len()
+    }
+
     pub(crate) fn with_ns_cache<R>(&self, f: impl FnOnce(&mut io::NsCache) -> R) -> R {
         f(&mut self.st.borrow_mut().ns)
     }
@@ -907,7 +924,7 @@ impl Conn {
         let buf = IoBuf::alloc(len as usize);
         let hdgst = {
             let mut st = self.st.borrow_mut();
-            st.slots.v[slot as usize] = SlotState::AwaitingData(Box::new(PendingData { sqe, buf, received: 0, len, _lease: lease }));
+            st.slots.v[slot as usize] = SlotState::AwaitingData(PendingData { sqe, buf, received: 0, len, _lease: lease });
             st.hdgst
         };
         self.push(TxPdu { hdr: pdu::r2t(sqe.cid(), slot, 0, len, hdgst), data: TxData::None, ddgst: None });
@@ -1163,8 +1180,22 @@ async fn budget_loop(conn: &Rc<Conn>) {
     }
 }
 
+/// An empty vector of `IoSlice`s with the capacity of `v`, for slices of another lifetime:
+/// the writer's iovec array keeps its allocation from one batch to the next.
+fn recycle_iov<'a>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'a>> {
+    v.clear();
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, cap) = (v.as_mut_ptr(), v.capacity());
+    // SAFETY: the vector is empty, so no slice of the old lifetime survives; `IoSlice<'a>` and
+    // `IoSlice<'b>` have the same layout (a lifetime is no part of it); the allocation is the
+    // old vector's (not dropped, thanks to ManuallyDrop), with its capacity.
+    unsafe { Vec::from_raw_parts(ptr.cast::<IoSlice<'a>>(), 0, cap) }
+}
+
 async fn write_loop(conn: &Conn) {
     let mut batch: Vec<TxPdu> = Vec::new();
+    // Kept across batches (emptied): no allocation per batch once it reached its working size.
+    let mut iov_store: Vec<IoSlice<'static>> = Vec::new();
     loop {
         std::mem::swap(&mut *conn.tx.borrow_mut(), &mut batch);
         if batch.is_empty() {
@@ -1174,7 +1205,8 @@ async fn write_loop(conn: &Conn) {
             conn.tx_notify.wait().await;
             continue;
         }
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
+        let mut iov: Vec<IoSlice<'_>> = recycle_iov(std::mem::take(&mut iov_store));
+        iov.reserve(batch.len() * 3);
         for p in &batch {
             iov.push(IoSlice::new(p.hdr.as_slice()));
             match &p.data {
@@ -1194,7 +1226,7 @@ async fn write_loop(conn: &Conn) {
                 break;
             }
         }
-        drop(iov);
+        iov_store = recycle_iov(iov);
         batch.clear();
         if failed {
             conn.closing.set(true);

@@ -1,15 +1,18 @@
 //! The NVM I/O command set on bdevs: Read, Write, Flush, Write Zeroes, Dataset Management
 //! (deallocate) and Compare. Commands are checked on the reader's path (namespace, range,
-//! lengths) so that bad ones are answered without spawning anything; good ones run as one
-//! task each on the queue's core, against the core's channel of the namespace's bdev.
+//! lengths) so that bad ones are answered without running anything; good ones run on the
+//! queue's core, against the core's channel of the namespace's bdev, each in one of the
+//! connection's [`Worker`]s: tasks kept from one command to the next, so that a command in
+//! steady state allocates nothing (no task, no future frame; see `tests/alloc_free_io.rs`).
 
-use super::connection::{Binding, Conn, SlotState, TxData};
+use super::connection::{Binding, Conn, Notify, SlotState, TxData};
 use super::pdu::DataPlan;
 use super::reservation::{Access, Command, Drain, HostId, InFlight, Ticket, SC_RESERVATION_CONFLICT};
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;
+use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -312,18 +315,115 @@ pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, pl
     } else {
         None
     };
-    conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, sqe, nsc, op, data, lease, admitted));
+    dispatch(conn, Job { slot, sqe, n: nsc, op, data, lease, admitted });
 }
 
 /// Starts a held command now that its buffer is charged.
 pub(crate) fn resume(conn: &Rc<Conn>, slot: u16, h: HeldIo, lease: Lease) {
-    conn.io_started();
-    reactor::spawn_detached(run(conn.clone(), slot, h.sqe, h.nsc, h.op, h.data, Some(lease), h.admitted));
+    dispatch(conn, Job { slot, sqe: h.sqe, n: h.nsc, op: h.op, data: h.data, lease: Some(lease), admitted: h.admitted });
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(conn: Rc<Conn>, slot: u16, sqe: Sqe, n: Rc<NsChannel>, op: Op, data: Option<(IoBuf, Lease)>, lease: Option<Lease>, admitted: Admitted) {
+/// A checked I/O command with what it runs with: its slot, its namespace channel, the host's
+/// data and the charges of its buffers, its reservation admission.
+struct Job {
+    slot: u16,
+    sqe: Sqe,
+    n: Rc<NsChannel>,
+    op: Op,
+    data: Option<(IoBuf, Lease)>,
+    lease: Option<Lease>,
+    admitted: Admitted,
+}
+
+/// A task of a connection that runs its I/O commands, one at a time, and is kept between them
+/// (idle in [`Workers`]): a task per command would allocate its frame per command. A
+/// connection has at most as many as it has had commands running at once, so never more than
+/// its slots.
+pub(crate) struct Worker {
+    job: RefCell<Option<Job>>,
+    wake: Notify,
+}
+
+/// The workers of one connection.
+#[derive(Default)]
+pub(crate) struct Workers {
+    /// Workers without a command; a command takes the last one (the warmest in the cache).
+    idle: RefCell<Vec<Rc<Worker>>>,
+    /// Workers alive (idle or running a command).
+    count: Cell<usize>,
+}
+
+impl Workers {
+    /// Ends every worker (at the connection's end, once no command runs): each is woken
+    /// without a command and returns, dropping its hold on the connection.
+    pub(crate) fn stop(&self) {
+        let idle = std::mem::take(&mut *self.idle.borrow_mut());
+        // Every command has finished (the connection waited for them): all workers are idle.
+        assert_eq!(idle.len(), self.count.get(), "a worker still runs a command at the connection's end");
+        self.count.set(0);
+        for w in idle {
+            w.wake.notify();
+        }
+    }
+}
+
+/// Bytes one worker holds for as long as its connection lives: its task's future (with the
+/// frame of the command it runs), the executor's header of the task, and the `Worker`. Not in
+/// the connection's fixed charge (`connection::state_bytes`) yet: charged per slot at the
+/// transport's largest queue depth it would about halve the connections a small budget admits
+/// (measured: 1376 bytes, so 176 KiB more per connection at depth 128). A task per command
+/// held the same frame uncharged while the command ran.
+#[cfg(test)]
+fn worker_bytes() -> usize {
+    // The future's size without making one: from the type `worker` returns.
+    fn future_size<F, Fut>(_: &F) -> usize
+    where
+        F: Fn(Rc<Conn>, Rc<Worker>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    // async-task's header (state, awaiter, vtable) and the schedule closure: a few words.
+    const TASK_HEADER: usize = 64;
+    future_size(&worker) + TASK_HEADER + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
+}
+
+/// Hands `job` to an idle worker of `conn`, or to a new one when every worker is busy (during
+/// warm-up, or when the host goes deeper than before).
+fn dispatch(conn: &Rc<Conn>, job: Job) {
+    conn.io_started();
+    let workers = conn.workers();
+    let idle = workers.idle.borrow_mut().pop();
+    let w = match idle {
+        Some(w) => w,
+        None => {
+            let w = Rc::new(Worker { job: RefCell::new(None), wake: Notify::default() });
+            workers.count.set(workers.count.get() + 1);
+            // One per running command, and a running command holds a slot.
+            assert!(workers.count.get() <= conn.slot_count(), "more workers than slots");
+            reactor::spawn_detached(worker(conn.clone(), w.clone()));
+            w
+        }
+    };
+    let previous = w.job.borrow_mut().replace(job);
+    assert!(previous.is_none(), "an idle worker had a command");
+    w.wake.notify();
+}
+
+/// A worker's life: a command, back to the idle list, the next command; woken without one, it
+/// ends (see [`Workers::stop`]).
+async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
+    loop {
+        w.wake.wait().await;
+        let Some(job) = w.job.borrow_mut().take() else { return };
+        run(&conn, job).await;
+        // After `run`'s `io_finished`, without a wait in between: when the connection sees
+        // no command running, every worker is back on the list.
+        conn.workers().idle.borrow_mut().push(w.clone());
+    }
+}
+
+async fn run(conn: &Rc<Conn>, job: Job) {
+    let Job { slot, sqe, n, op, data, lease, admitted } = job;
     // Host data and its charge live until the command completes (dropped below).
     let (data, data_lease) = match data {
         Some((b, l)) => (Some(b), Some(l)),
@@ -664,6 +764,15 @@ mod tests {
             r.step();
         }
         assert!(b_write.get() > cleared.get());
+    }
+
+    /// A worker is kept for the connection's life and charged per slot of every connection
+    /// (`state_bytes`): it must stay small.
+    #[test]
+    fn a_worker_costs_less_than_a_page() {
+        let n = worker_bytes();
+        println!("a worker holds {n} bytes");
+        assert!(n > 64 && n < 4096, "a worker holds {n} bytes");
     }
 
     /// A later Clear (or Acquire) cannot advance the epoch while commands of the epoch before

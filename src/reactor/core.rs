@@ -34,6 +34,9 @@ pub struct Core {
     pub(crate) timers: Timers,
     pub(crate) io: Option<IoDriver>,
     pollers: RefCell<Vec<(u64, Rc<dyn Poller>)>>,
+    /// The pollers of the running iteration, kept (empty) between iterations so that a loop
+    /// iteration allocates nothing.
+    polling: RefCell<Vec<Rc<dyn Poller>>>,
     next_poller_id: std::cell::Cell<u64>,
     /// Per-core state by type; a handful of entries, so a vector beats hashing.
     locals: RefCell<Vec<(TypeId, Rc<dyn Any>)>>,
@@ -55,6 +58,7 @@ impl Core {
             timers: Timers::default(),
             io,
             pollers: RefCell::new(Vec::new()),
+            polling: RefCell::new(Vec::new()),
             next_poller_id: std::cell::Cell::new(0),
             locals: RefCell::new(Vec::new()),
             overflow: RefCell::new(Vec::new()),
@@ -106,9 +110,14 @@ impl Core {
 
     /// Polls every registered poller once; returns the work done.
     pub fn run_pollers(&self) -> usize {
-        // Clone the list so a poller may add or remove pollers while it runs.
-        let pollers: Vec<Rc<dyn Poller>> = self.pollers.borrow().iter().map(|(_, p)| p.clone()).collect();
-        pollers.iter().map(|p| p.poll()).sum()
+        // Clone the list so a poller may add or remove pollers while it runs. Into a vector
+        // taken out of `polling` (a poller that runs the loop again finds it empty).
+        let mut pollers = std::mem::take(&mut *self.polling.borrow_mut());
+        pollers.extend(self.pollers.borrow().iter().map(|(_, p)| p.clone()));
+        let work = pollers.iter().map(|p| p.poll()).sum();
+        pollers.clear();
+        *self.polling.borrow_mut() = pollers;
+        work
     }
 
     pub(crate) fn pollers_busy(&self) -> bool {
@@ -140,6 +149,7 @@ impl Core {
             drop(l);
         }
         self.pollers.borrow_mut().clear();
+        self.polling.borrow_mut().clear();
     }
 
     /// Runs `f` with this core installed as the current one.

@@ -1,7 +1,8 @@
 //! The message ring of one core: the only way work reaches a core from outside it.
 //!
 //! Two lock-free queues: runnable tasks (woken futures; unbounded because the number of tasks is
-//! bounded elsewhere by queue depths) and closures sent by other cores or the RPC thread
+//! bounded elsewhere by queue depths, and preallocated up to [`TASK_RING_CAPACITY`] so that a
+//! wake-up allocates nothing in steady state) and closures sent by other cores or the RPC thread
 //! (bounded, so a flood of control messages cannot grow memory without limit). A sleeping
 //! reactor is woken through an eventfd only when it announced that it sleeps, so a busy reactor
 //! never pays a syscall for a wake-up.
@@ -16,6 +17,46 @@ pub type Message = Box<dyn FnOnce() + Send>;
 
 /// Capacity of the bounded message ring of each core.
 pub const MESSAGE_RING_CAPACITY: usize = 16 * 1024;
+/// Runnable tasks a core queues without allocating (more go to an overflow queue).
+pub const TASK_RING_CAPACITY: usize = 4096;
+
+/// The runnable tasks of a core, first in first out: a preallocated ring, and behind it an
+/// unbounded queue for when the ring is full. A `SegQueue` alone allocates a block every 31
+/// pushes, that is a fraction of an allocation per wake-up, per I/O.
+///
+/// Order: once the overflow holds tasks, every push goes there until the core has taken them
+/// all; the core takes from the ring first. So a task pushed to the ring is younger than
+/// everything in the overflow only if the overflow was empty when it was pushed, that is when
+/// every older task had left it: one producer's tasks run in the order it pushed them (pushes
+/// of different threads at the same time have no order to keep).
+pub(crate) struct TaskQueue {
+    ring: ArrayQueue<Runnable>,
+    overflow: SegQueue<Runnable>,
+}
+
+impl TaskQueue {
+    fn new() -> TaskQueue {
+        TaskQueue { ring: ArrayQueue::new(TASK_RING_CAPACITY), overflow: SegQueue::new() }
+    }
+
+    fn push(&self, r: Runnable) {
+        if self.overflow.is_empty() {
+            match self.ring.push(r) {
+                Ok(()) => return,
+                Err(r) => return self.overflow.push(r),
+            }
+        }
+        self.overflow.push(r);
+    }
+
+    pub(crate) fn pop(&self) -> Option<Runnable> {
+        self.ring.pop().or_else(|| self.overflow.pop())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ring.is_empty() && self.overflow.is_empty()
+    }
+}
 
 #[derive(Default)]
 pub struct ReactorCounters {
@@ -34,7 +75,7 @@ pub struct ReactorCounters {
 pub struct Mailbox {
     pub(crate) core_index: usize,
     pub(crate) cpu: Option<usize>,
-    pub(crate) tasks: SegQueue<Runnable>,
+    pub(crate) tasks: TaskQueue,
     pub(crate) messages: ArrayQueue<Message>,
     sleeping: AtomicBool,
     notifier: OnceLock<mio::Waker>,
@@ -46,7 +87,7 @@ impl Mailbox {
         Mailbox {
             core_index,
             cpu,
-            tasks: SegQueue::new(),
+            tasks: TaskQueue::new(),
             messages: ArrayQueue::new(MESSAGE_RING_CAPACITY),
             sleeping: AtomicBool::new(false),
             notifier: OnceLock::new(),

@@ -1,6 +1,8 @@
 //! The reactor: one thread per core, each polling its message ring, its devices and its
 //! sockets, with no locks between cores (DESIGN §2).
 
+#[doc(hidden)]
+pub mod alloc;
 mod clock;
 mod core;
 mod io;

@@ -153,7 +153,7 @@ impl Conn {
             let run = Rc::new(Running { lun: scsi::decode_lun(&lun_field).unwrap_or(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) });
             self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(run.clone()));
             let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None, mem };
-            reactor::spawn_detached(self.clone().execute(job));
+            self.start_command(job);
             return Ok(());
         };
         // A write: set up the transfer, take the immediate data, solicit the rest.

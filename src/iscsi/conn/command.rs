@@ -15,7 +15,93 @@ pub(super) struct Running {
     pub(super) done: Cell<bool>,
 }
 
+/// A task of the connection that runs its SCSI commands one after the other and is kept
+/// between them (idle in [`Workers`]): a task per command would allocate its frame per command.
+/// A connection has at most as many as it has had commands running at once.
+#[derive(Default)]
+pub(super) struct Worker {
+    job: RefCell<Option<Job>>,
+    /// Set when the connection ends: the worker returns instead of waiting for a command.
+    stop: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Worker {
+    fn wake(&self) {
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// The next command; None once the connection ended.
+    async fn next(&self) -> Option<Job> {
+        std::future::poll_fn(|cx| {
+            if let Some(job) = self.job.borrow_mut().take() {
+                return Poll::Ready(Some(job));
+            }
+            if self.stop.get() {
+                return Poll::Ready(None);
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The workers of one connection.
+#[derive(Default)]
+pub(super) struct Workers {
+    /// Workers without a command; a command takes the last one.
+    idle: RefCell<Vec<Rc<Worker>>>,
+    /// The connection ended: a worker returns once its command is done.
+    stopping: Cell<bool>,
+}
+
+impl Workers {
+    /// Ends the workers (at the connection's end): the idle ones now, the busy ones (a command
+    /// past the drain timeout) when their command is done. Each drops its hold on the
+    /// connection then.
+    pub(super) fn stop(&self) {
+        self.stopping.set(true);
+        let idle = std::mem::take(&mut *self.idle.borrow_mut());
+        for w in idle {
+            w.stop.set(true);
+            w.wake();
+        }
+    }
+}
+
+/// A worker's life: a command, back to the idle list, the next command.
+async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
+    while let Some(job) = w.next().await {
+        conn.clone().execute(job).await;
+        if conn.workers.stopping.get() {
+            return;
+        }
+        conn.workers.idle.borrow_mut().push(w.clone());
+    }
+}
+
 impl Conn {
+    /// Runs `job` in an idle worker, or in a new one when all are busy (during warm-up, or
+    /// when the initiator goes deeper than before).
+    pub(super) fn start_command(self: &Rc<Self>, job: Job) {
+        let idle = self.workers.idle.borrow_mut().pop();
+        let w = match idle {
+            Some(w) => w,
+            None => {
+                let w = Rc::new(Worker::default());
+                reactor::spawn_detached(worker(self.clone(), w.clone()));
+                w
+            }
+        };
+        let previous = w.job.borrow_mut().replace(job);
+        assert!(previous.is_none(), "an idle worker had a command");
+        w.wake();
+    }
+
     /// Runs one SCSI command and sends its data and status.
     pub(super) async fn execute(self: Rc<Self>, job: Job) {
         let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;

@@ -79,7 +79,7 @@ impl Conn {
             failed: x.failed,
             mem: x.mem,
         };
-        reactor::spawn_detached(self.clone().execute(job));
+        self.start_command(job);
     }
 
     pub(super) async fn data_out(self: &Rc<Self>, bhs: &Bhs, rb: &mut RecvBuf) -> Result<(), Stop> {

@@ -4,8 +4,9 @@
 //! state (CmdSN window, StatSN, tasks) lives in the connection and needs no sharing.
 //!
 //! Three tasks per connection: the reader parses PDUs from a per-connection receive buffer
-//! (data segments of writes go straight into the command's `IoBuf`), spawns one task per SCSI
-//! command, and answers everything else in place; command tasks queue their responses; the
+//! (data segments of writes go straight into the command's `IoBuf`), hands each SCSI command
+//! to one of the connection's workers (tasks kept between commands: `command::Worker`), and
+//! answers everything else in place; command tasks queue their responses; the
 //! writer sends everything queued with one `writev` per loop iteration. A fourth, idle most of
 //! the time, pings a silent initiator with NOP-In and drops the connection if it does not
 //! answer.
@@ -27,7 +28,7 @@ mod text_req;
 mod transmit;
 
 use self::admission::MAX_CONTROL_DATA_IN;
-use self::command::{DataIn, Job, Running};
+use self::command::{DataIn, Job, Running, Workers};
 use self::data_out::WriteXfer;
 use self::login_phase::{login_phase, LOGIN_TIMEOUT};
 use self::receive::{SegmentRead, MAX_AHS};
@@ -188,6 +189,8 @@ struct Conn {
     budget: Rc<ConnBudget>,
     /// Tasks that will queue an answer (task management, logout) and have not yet.
     replies: Cell<u32>,
+    /// The tasks that run this session's SCSI commands, kept between commands.
+    workers: Workers,
 }
 
 /// Why the reader stops.
@@ -259,6 +262,7 @@ impl Conn {
             close_after_flush: Cell::new(false),
             budget,
             replies: Cell::new(0),
+            workers: Workers::default(),
         }
     }
 
@@ -293,6 +297,9 @@ impl Conn {
             reactor::sleep(Duration::from_micros(200)).await;
         }
         self.st.borrow_mut().tasks.clear();
+        // The workers hold the connection: they end now (a command still running past the
+        // drain timeout ends its worker when it is done).
+        self.workers.stop();
         drop(pinger);
         // Let the writer send what is queued (a Reject, a logout answer), but not forever.
         let _ = reactor::timeout(Duration::from_secs(5), writer).await;
