@@ -51,6 +51,11 @@ const ISCSI_BOUND_PER_IO: f64 = 2.0;
 /// iovec array per batch, the reactor's run queue growing by blocks.)
 const BOUND_PER_IO: f64 = 0.0;
 
+/// Bytes charged to the buffer budget, all cores.
+fn budget_used() -> u64 {
+    tidemark::bdev::budget::budget_stats().0
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
@@ -165,14 +170,26 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     // 1: in-capsule writes (4 KiB fits the default 8 KiB in-capsule size), reads whose
     // C2HData carries the completion (SQ flow control off), no digests.
     let o = QpairOptions { kato_ms: 0, ..QpairOptions::default() };
+    let before_connect = budget_used();
     let mut c = Controller::connect(addr, NQN, &o).expect("connect");
     let mut q = c.connect_io(1, 32).expect("I/O queue");
     assert!(q.max_inline >= IO, "4 KiB writes go in the capsule");
     let mut seq = 0;
+    let idle = budget_used();
     (0..3).for_each(|_| burst(&mut q));
+    // The workers the bursts made are kept, and what they hold is charged to the buffer
+    // budget (no command runs now: nothing else is charged).
+    let workers = budget_used() - idle;
+    assert!((QD as u64 * 1024..=QD as u64 * 4096).contains(&workers), "{QD} kept workers charge {workers} bytes");
     let plain = measure("NVMe/TCP, in-capsule writes, no digests", |n| run(&mut q, n, &mut seq));
     drop(q);
     drop(c);
+    // Closed: the workers ended and gave their charge back with the connections' own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget_used() != before_connect {
+        assert!(Instant::now() < deadline, "the budget is not back to {before_connect} after the close: {}", budget_used());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // 2: writes through R2T and H2CData, header and data digests, SQ flow control on (every
     // read gets a CapsuleResp after its data).

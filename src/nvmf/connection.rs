@@ -823,6 +823,11 @@ impl Conn {
         &self.workers
     }
 
+    /// This connection's account in the buffer budget.
+    pub(crate) fn budget(&self) -> &Rc<ConnBudget> {
+        &self.budget
+    }
+
     /// The queue's command slots (the queue size the host connected with).
     pub(crate) fn slot_count(&self) -> usize {
         self.st.borrow().slots.v.len()

@@ -342,6 +342,11 @@ struct Job {
 pub(crate) struct Worker {
     job: RefCell<Option<Job>>,
     wake: Notify,
+    /// Its memory ([`worker_bytes`]) charged to the connection's buffer budget for as long as
+    /// it is kept. None when the budget had no room: it ends after its command, holding that
+    /// memory only while the command runs (what a task per command held, uncharged), so what a
+    /// connection keeps is always charged.
+    kept: Option<Lease>,
 }
 
 /// The workers of one connection.
@@ -367,14 +372,13 @@ impl Workers {
     }
 }
 
-/// Bytes one worker holds for as long as its connection lives: its task's future (with the
-/// frame of the command it runs), the executor's header of the task, and the `Worker`. Not in
-/// the connection's fixed charge (`connection::state_bytes`) yet: charged per slot at the
-/// transport's largest queue depth it would about halve the connections a small budget admits
-/// (measured: 1376 bytes, so 176 KiB more per connection at depth 128). A task per command
-/// held the same frame uncharged while the command ran.
-#[cfg(test)]
-fn worker_bytes() -> usize {
+/// Bytes one kept worker holds: its task's future (with the frame of the command it runs), the
+/// executor's header of the task, and the `Worker` (1376 bytes when measured). Charged when a
+/// worker is made (see [`Worker::kept`]), not in the connection's fixed charge
+/// (`connection::state_bytes`): a connection makes only as many as its host runs commands at
+/// once, and charged per slot at the transport's largest queue depth (176 KiB per connection
+/// at 128) it would about halve the connections a small budget admits.
+pub fn worker_bytes() -> usize {
     // The future's size without making one: from the type `worker` returns.
     fn future_size<F, Fut>(_: &F) -> usize
     where
@@ -396,7 +400,10 @@ fn dispatch(conn: &Rc<Conn>, job: Job) {
     let w = match idle {
         Some(w) => w,
         None => {
-            let w = Rc::new(Worker { job: RefCell::new(None), wake: Notify::default() });
+            // Only when it fits: a refusal here is no host's (`try_charge` counts those).
+            let n = worker_bytes() as u64;
+            let kept = conn.budget().fits(n).ok().and_then(|()| conn.budget().try_charge(n).ok());
+            let w = Rc::new(Worker { job: RefCell::new(None), wake: Notify::default(), kept });
             workers.count.set(workers.count.get() + 1);
             // One per running command, and a running command holds a slot.
             assert!(workers.count.get() <= conn.slot_count(), "more workers than slots");
@@ -417,8 +424,13 @@ async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
         let Some(job) = w.job.borrow_mut().take() else { return };
         run(&conn, job).await;
         // After `run`'s `io_finished`, without a wait in between: when the connection sees
-        // no command running, every worker is back on the list.
-        conn.workers().idle.borrow_mut().push(w.clone());
+        // no command running, every worker is back on the list (or gone).
+        let workers = conn.workers();
+        if w.kept.is_none() {
+            workers.count.set(workers.count.get() - 1);
+            return;
+        }
+        workers.idle.borrow_mut().push(w.clone());
     }
 }
 
@@ -766,8 +778,8 @@ mod tests {
         assert!(b_write.get() > cleared.get());
     }
 
-    /// A worker is kept for the connection's life and charged per slot of every connection
-    /// (`state_bytes`): it must stay small.
+    /// A worker is kept for the connection's life and charged to its buffer budget: it must
+    /// stay small.
     #[test]
     fn a_worker_costs_less_than_a_page() {
         let n = worker_bytes();
