@@ -225,7 +225,9 @@ fn iscsi_reads_and_writes_allocate_at_most_the_bound_on_the_reactor_after_warm_u
     let h = reactors.handle();
     h.call(0, || alloc::count_this_thread(true)).expect("core 0 answers");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let before_login = budget_used();
     let mut s = client::Session::login(addr, &client::LoginOptions::normal("iqn.2016-06.io.tidemark:host", IQN)).expect("login");
+    let logged_in = budget_used();
     let data = vec![0x5au8; IO];
     let mut seq = 0u64;
     // One command at a time (the raw client waits for each): 4 KiB writes as immediate data,
@@ -244,9 +246,17 @@ fn iscsi_reads_and_writes_allocate_at_most_the_bound_on_the_reactor_after_warm_u
             assert_eq!(r.status, 0, "SCSI status {:#x}, sense {:?}", r.status, r.sense);
         }
     });
+    // Idle, one command at a time: the connection keeps a worker or two, charged.
+    let kept = budget_used() - logged_in;
     drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget_used() != before_login {
+        assert!(Instant::now() < deadline, "the budget is not back to {before_login} after the logout: {}", budget_used());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     h.call(0, || alloc::count_this_thread(false)).expect("core 0 answers");
     drop(target);
     reactors.stop();
+    assert!((1024..=4 * 4096).contains(&kept), "the kept workers charge {kept} bytes");
     assert!(per_io <= ISCSI_BOUND_PER_IO, "{per_io} allocations per iSCSI I/O on the reactor; at most {ISCSI_BOUND_PER_IO} allowed");
 }

@@ -18,12 +18,31 @@ pub(super) struct Running {
 /// A task of the connection that runs its SCSI commands one after the other and is kept
 /// between them (idle in [`Workers`]): a task per command would allocate its frame per command.
 /// A connection has at most as many as it has had commands running at once.
-#[derive(Default)]
 pub(super) struct Worker {
     job: RefCell<Option<Job>>,
     /// Set when the connection ends: the worker returns instead of waiting for a command.
     stop: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    /// Its memory ([`worker_bytes`]) charged to the connection's buffer budget for as long as
+    /// it is kept; None when the budget had no room: it ends after its command (holding that
+    /// memory only while the command runs, as a task per command did), so what a connection
+    /// keeps is always charged.
+    kept: Option<Lease>,
+}
+
+/// Bytes one kept worker holds: its task's future (with the frame of the command it runs),
+/// the executor's header of the task, and the `Worker`.
+pub fn worker_bytes() -> usize {
+    // The future's size without making one: from the type `worker` returns.
+    fn future_size<F, Fut>(_: &F) -> usize
+    where
+        F: Fn(Rc<Conn>, Rc<Worker>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    // async-task's header (state, awaiter, vtable) and the schedule closure: a few words.
+    const TASK_HEADER: usize = 64;
+    future_size(&worker) + TASK_HEADER + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
 impl Worker {
@@ -77,7 +96,7 @@ impl Workers {
 async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
     while let Some(job) = w.next().await {
         conn.clone().execute(job).await;
-        if conn.workers.stopping.get() {
+        if conn.workers.stopping.get() || w.kept.is_none() {
             return;
         }
         conn.workers.idle.borrow_mut().push(w.clone());
@@ -92,7 +111,10 @@ impl Conn {
         let w = match idle {
             Some(w) => w,
             None => {
-                let w = Rc::new(Worker::default());
+                // Only when it fits: a refusal here is no initiator's (`try_charge` counts those).
+                let n = worker_bytes() as u64;
+                let kept = self.budget.fits(n).ok().and_then(|()| self.budget.try_charge(n).ok());
+                let w = Rc::new(Worker { job: RefCell::new(None), stop: Cell::new(false), waker: RefCell::new(None), kept });
                 reactor::spawn_detached(worker(self.clone(), w.clone()));
                 w
             }
