@@ -379,16 +379,7 @@ impl Workers {
 /// once, and charged per slot at the transport's largest queue depth (176 KiB per connection
 /// at 128) it would about halve the connections a small budget admits.
 pub fn worker_bytes() -> usize {
-    // The future's size without making one: from the type `worker` returns.
-    fn future_size<F, Fut>(_: &F) -> usize
-    where
-        F: Fn(Rc<Conn>, Rc<Worker>) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-    // async-task's header (state, awaiter, vtable) and the schedule closure: a few words.
-    const TASK_HEADER: usize = 64;
-    future_size(&worker) + TASK_HEADER + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
+    reactor::task_bytes(&worker) + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
 /// Hands `job` to an idle worker of `conn`, or to a new one when every worker is busy (during

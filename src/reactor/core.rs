@@ -231,6 +231,15 @@ where
     spawn(fut).detach()
 }
 
+/// Bytes a task made from the future `f(a, b)` returns holds while it lives: the future (its
+/// frame, sized from the type without making one) and the executor's header (async-task's
+/// state, awaiter and vtable, and the schedule closure: a few words). For front ends that keep
+/// tasks between commands and charge what they keep to a memory budget.
+pub fn task_bytes<A, B, Fut>(_f: &impl Fn(A, B) -> Fut) -> usize {
+    const TASK_HEADER: usize = 64;
+    std::mem::size_of::<Fut>() + TASK_HEADER
+}
+
 /// Sends a closure to core `core`. Messages between cores are never lost: if the target's ring
 /// is full the message waits in the sender core's overflow list and is retried on its next
 /// loop iteration.

@@ -15,7 +15,7 @@ mod tls;
 
 pub use self::clock::{monotonic_ns, Clock};
 pub use self::core::{
-    call_on, consume_budget, core_count, current_index, now_ns, send_to, spawn, spawn_detached, try_current, with_core, yield_now, Core, Poller,
+    call_on, consume_budget, core_count, current_index, now_ns, send_to, spawn, spawn_detached, task_bytes, try_current, with_core, yield_now, Core, Poller,
 };
 pub use self::io::{IoDriver, Registration};
 pub use self::mailbox::{Mailbox, Message, ReactorCounters, MESSAGE_RING_CAPACITY};

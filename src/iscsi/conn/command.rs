@@ -33,16 +33,7 @@ pub(super) struct Worker {
 /// Bytes one kept worker holds: its task's future (with the frame of the command it runs),
 /// the executor's header of the task, and the `Worker`.
 pub fn worker_bytes() -> usize {
-    // The future's size without making one: from the type `worker` returns.
-    fn future_size<F, Fut>(_: &F) -> usize
-    where
-        F: Fn(Rc<Conn>, Rc<Worker>) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-    // async-task's header (state, awaiter, vtable) and the schedule closure: a few words.
-    const TASK_HEADER: usize = 64;
-    future_size(&worker) + TASK_HEADER + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
+    reactor::task_bytes(&worker) + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
 impl Worker {
