@@ -32,11 +32,12 @@ fn default_on_private_ports(nvmf_port: u16, iscsi_port: u16) -> String {
         .replace("\"/var/tmp/tidemark\"", "\"{data_dir}\"")
         .replace("\"/var/tmp/tidemark.sock\"", "\"{socket}\"")
         .replace("\"127.0.0.1:9464\"", "\"{metrics}\"")
-        .replace("\"4420\"", &format!("\"{nvmf_port}\""))
-        .replace("\"3260\"", &format!("\"{iscsi_port}\""));
+        .replace("\"4420\"", "\"{nvmf_port}\"")
+        .replace("\"3260\"", "\"{iscsi_port}\"");
+    // Checked before the ports go in: a free port may itself contain 4420 or 3260 (34420).
     let settings = cfg.lines().filter(|l| !l.trim_start().starts_with('#'));
     assert!(settings.clone().all(|l| !l.contains("4420") && !l.contains("3260") && !l.contains("/var/tmp")), "every fixed port and path was replaced");
-    cfg
+    cfg.replace("{nvmf_port}", &nvmf_port.to_string()).replace("{iscsi_port}", &iscsi_port.to_string())
 }
 
 /// The pool's volume as `bdev_lvol_get_lvols` lists it.
