@@ -14,7 +14,7 @@ use super::layout::{
     self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES,
 };
 use super::table::ZeroMap;
-use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
+use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, NO_LOCKLESS_EPOCH, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
 use crate::bdev::{BdevError, BdevProps, Channel, HoldGuard, IoBuf, IoResult};
 use crate::extent_lock::LockSpace;
 use crate::preserve::{unix_ms, EpochTracker, FreezeGate, PreserveError, SealSignal, SnapshotState};
@@ -515,6 +515,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         gate: FreezeGate::default(),
         snaps,
         live: AtomicU32::new(live_mask),
+        lockless_upto: AtomicU64::new(NO_LOCKLESS_EPOCH),
         records: ZeroMap::new(header.slot_count as usize).map_err(|e| invalid(&name, e))?,
         pieces: ZeroMap::new(header.slot_count as usize).map_err(|e| invalid(&name, e))?,
         closed: AtomicBool::new(false),
@@ -663,7 +664,14 @@ pub(crate) async fn preserve(v: &Arc<VolumeShared>, name: &str, uuid: Uuid, free
     s.epoch.store(epoch, SeqCst);
     s.entries.store(0, Relaxed);
     s.state.store(ST_DRAINING, SeqCst);
-    v.live.fetch_or(1 << i, SeqCst);
+    // No snapshot was live: writes in flight may have gone without the grain lock (they had
+    // nothing to preserve). They all belong to this snapshot (they read `live` before this
+    // bit, so their stamp is at most `epoch`); writes after the bump below must not copy a
+    // grain before they have landed, so they wait for `epoch` to drain first (the module
+    // doc, "Lockless writes"). Stored before the bump: a write stamped after it sees it.
+    if v.live.fetch_or(1 << i, SeqCst) == 0 {
+        v.lockless_upto.store(epoch, SeqCst);
+    }
     let gen = s.generation.load(SeqCst);
     let (closed, sealing) = match v.tracker.advance() {
         Ok(x) => x,

@@ -23,7 +23,8 @@
 //! (in the order the grain lock gave them); otherwise `L[p]` is that image. Reads of `s` follow
 //! the same split: pieces the slot holds from the slot, the others from `L`.
 //!
-//! Every modifying I/O (write, unmap, write-zeroes) `w`, after its stamp, locks the grains it
+//! Every modifying I/O (write, unmap, write-zeroes) `w`, after its stamp, when some snapshot
+//! is live (else see "Lockless writes" below), locks the grains it
 //! touches (one extent lock, grain aligned; this orders old-epoch writes, copies and new-epoch
 //! writes on the same grain) and then, for each grain `g`, with `P` the pieces of `g` it
 //! touches, and for each slot `X` in use for `g` (`X` holds pieces `H`; `old(X)` are the live
@@ -73,6 +74,21 @@
 //! is correct in every case, costs one store write in a rare case, and keeps the entry, so a
 //! later new-epoch write never needs to copy those pieces again. DESIGN also says a grain is
 //! copied whole; we copy the pieces a write touches.
+//!
+//! # Lockless writes
+//!
+//! A write that finds no snapshot live (read after its stamp) goes straight to `L`: nothing
+//! to preserve, no grain lock, no message (a volume nobody preserves costs its base one epoch
+//! stamp per write). Such a write can still be in flight when a preserve makes a snapshot `s`
+//! live; it belongs to `s` (it read `live` before `s`'s bit was set, so it was stamped at most
+//! `s.e`), and rules 1-4 assume every write to a grain holds its lock. So the preserve that
+//! makes the first index live records its epoch (`lockless_upto`), and a write stamped later
+//! waits, before it takes a grain lock, until that epoch has drained: no copy it makes can
+//! miss a lockless write of the image. Old-epoch writes with the lock go on as before (none
+//! of them can find a copy of `s` while lockless writes of that epoch are in flight: copies
+//! come only from the writes that wait). The wait is one in-flight I/O's latency, once per
+//! first preserve; a preserve taken while another snapshot is live does not set it (no
+//! lockless write has been possible since the last one drained).
 //!
 //! Consequences: a slot's pieces only grow while it is in use, and the pieces it held never
 //! change once no snapshot it serves is draining (rules 1-2 apply only while `s` drains), so a
@@ -144,6 +160,9 @@ const ST_DRAINING: u8 = DiskState::Draining as u8;
 const ST_SEALED: u8 = DiskState::Sealed as u8;
 const ST_DELETING: u8 = DiskState::Deleting as u8;
 const ST_FAILED: u8 = DiskState::Failed as u8;
+/// `lockless_upto` before any preserve was taken with nothing live since the volume opened
+/// (no write's stamp is above it, so no write waits).
+const NO_LOCKLESS_EPOCH: u64 = u64::MAX;
 
 /// Default grain size.
 pub const DEFAULT_GRAIN_KB: u32 = 64;
@@ -211,6 +230,10 @@ pub(crate) struct VolumeShared {
     snaps: Vec<SnapSlot>,
     /// Bit i set: index i is draining or sealed (writers preserve for it).
     live: AtomicU32,
+    /// The epoch of the last preserve taken while no snapshot was live, or
+    /// [`NO_LOCKLESS_EPOCH`]: writes stamped later wait for it to drain before they take a
+    /// grain lock (module doc, "Lockless writes").
+    lockless_upto: AtomicU64,
     /// Slot records as the home core last set them (home core writes; stats read).
     records: ZeroMap<AtomicU64>,
     /// Per slot: the pieces of its grain it holds, the same for every snapshot it serves. Set
@@ -440,6 +463,18 @@ impl CowChannel {
 
     async fn modify_in_epoch(&self, epoch: u64, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
+        // Read after the stamp (the caller's): a preserve makes its index live before it bumps
+        // the epoch, so a write that finds nothing live belongs to every snapshot to come.
+        if v.live_mask() == 0 {
+            return self.apply(off, n, data).await;
+        }
+        let upto = v.lockless_upto.load(SeqCst);
+        if epoch > upto && !v.tracker.is_sealed(upto) {
+            // Writes of `upto` or older may be in flight without the grain lock; a copy made
+            // now could miss one that belongs to the image. Waited for before the lock: a
+            // write of that epoch may be queued for the lock this write would hold.
+            v.tracker.drained(upto).await;
+        }
         let (g0, g1) = (off >> v.grain_shift, (off + n - 1) >> v.grain_shift);
         let lock_start = g0 << v.grain_shift;
         let lock_end = ((g1 + 1) << v.grain_shift).min(v.num_blocks);
@@ -450,6 +485,11 @@ impl CowChannel {
                 self.preserve_grain(g, epoch, live, off, n, data).await?;
             }
         }
+        self.apply(off, n, data).await
+    }
+
+    /// Rule 5: the write reaches the live image.
+    async fn apply(&self, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         match data {
             Data::Buf(bufs) => self.base.write(off, bufs).await,
             Data::Unmap => self.base.unmap(off, n).await,

@@ -22,6 +22,7 @@ use crossbeam_utils::CachePadded;
 use futures::channel::oneshot;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 /// Epoch counters kept per core (a ring indexed by epoch).
 const RING: u64 = 64;
@@ -51,6 +52,10 @@ pub struct EpochTracker {
     /// Every epoch below this one is sealed (has no I/O in flight anywhere).
     oldest_open: AtomicU64,
     shards: Box<[CachePadded<Shard>]>,
+    /// Tasks waiting in [`EpochTracker::drained`] for an epoch to seal. Touched only right
+    /// after a preserve (by writers that must not overtake its old epoch) and when a seal
+    /// completes: never on the common data path.
+    drain_waiters: Mutex<Vec<(u64, Waker)>>,
 }
 
 /// Proof that an I/O entered an epoch; give it back to [`EpochTracker::exit`] on completion.
@@ -86,7 +91,7 @@ impl EpochTracker {
                 CachePadded::new(Shard { counts: std::array::from_fn(|_| AtomicU32::new(0)), watch: AtomicU64::new(u64::MAX), pending: Mutex::new(Vec::new()) })
             })
             .collect();
-        Arc::new(EpochTracker { epoch: AtomicU64::new(epoch), oldest_open: AtomicU64::new(epoch), shards })
+        Arc::new(EpochTracker { epoch: AtomicU64::new(epoch), oldest_open: AtomicU64::new(epoch), shards, drain_waiters: Mutex::new(Vec::new()) })
     }
 
     /// The epoch new submissions are stamped with.
@@ -147,6 +152,14 @@ impl EpochTracker {
             if let Some(tx) = w.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = tx.send(());
             }
+            // After the bump above: a waiter that registers later finds the epoch sealed.
+            let woken: Vec<Waker> = {
+                let mut ws = self.drain_waiters.lock().unwrap_or_else(|e| e.into_inner());
+                let (done, keep): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(e, _)| self.is_sealed(*e));
+                *ws = keep;
+                done.into_iter().map(|(_, w)| w).collect()
+            };
+            woken.into_iter().for_each(Waker::wake);
         }
     }
 
@@ -189,6 +202,26 @@ impl EpochTracker {
     /// Whether every I/O stamped `epoch` or older has completed.
     pub fn is_sealed(&self, epoch: u64) -> bool {
         self.oldest_open.load(SeqCst) > epoch
+    }
+
+    /// Completes once every I/O stamped `epoch` or older has completed. `epoch` must have been
+    /// closed by [`Self::advance`] (only a close completes a seal). A task waiting here must
+    /// not hold anything an I/O of that epoch waits for.
+    pub fn drained(&self, epoch: u64) -> impl std::future::Future<Output = ()> + '_ {
+        assert!(epoch < self.current(), "epoch {epoch} is still open: nothing would ever seal it");
+        std::future::poll_fn(move |cx| {
+            if self.is_sealed(epoch) {
+                return Poll::Ready(());
+            }
+            let mut ws = self.drain_waiters.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked again under the list's lock: a seal that completed since the check
+            // above took the list before this waker went in, and would never wake it.
+            if self.is_sealed(epoch) {
+                return Poll::Ready(());
+            }
+            ws.push((epoch, cx.waker().clone()));
+            Poll::Pending
+        })
     }
 }
 
@@ -248,5 +281,39 @@ mod tests {
         for (_, mut s) in seals {
             assert_eq!(s.try_recv().unwrap(), Some(()));
         }
+    }
+
+    #[test]
+    fn drained_wakes_a_waiter_on_another_core_once_the_old_epoch_is_gone() {
+        let cores = ManualCores::new(2);
+        let t = EpochTracker::new(2, 0);
+        let old = cores.enter(0, || t.enter());
+        let (closed, _seal) = cores.enter(0, || t.advance()).unwrap();
+        cores.run_until_idle();
+        let woke = Rc::new(RefCell::new(false));
+        let (t2, w2) = (t.clone(), woke.clone());
+        cores.enter(1, || {
+            crate::reactor::spawn_detached(async move {
+                t2.drained(closed).await;
+                *w2.borrow_mut() = true;
+            })
+        });
+        cores.run_until_idle();
+        // The old epoch's write is still in flight: the waiter must not run ahead of it.
+        assert!(!*woke.borrow());
+        cores.enter(0, || t.exit(old));
+        cores.run_until_idle();
+        assert!(*woke.borrow(), "the waiter was not woken when the epoch sealed");
+        // Once sealed, a wait completes at once.
+        let again = Rc::new(RefCell::new(false));
+        let (t3, a3) = (t.clone(), again.clone());
+        cores.enter(0, || {
+            crate::reactor::spawn_detached(async move {
+                t3.drained(closed).await;
+                *a3.borrow_mut() = true;
+            })
+        });
+        cores.run_until_idle();
+        assert!(*again.borrow());
     }
 }
