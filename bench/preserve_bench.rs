@@ -1,7 +1,7 @@
 //! preserve_bench: what a preserve costs the host, against the classic freeze, in one run.
 //!
 //!     preserve_bench [--dir DIR] [--size-mb 256] [--grain-kb 64] [-q 32] [-t 40] [--interval 5]
-//!                    [--window-ms 1000] [-m 0x1]
+//!                    [--window-ms 1000] [-m 0x1] [--layer-cost-only]
 //!
 //! A CoW volume over two files through `uring` (base pre-filled, store pre-written so that the
 //! file system does not allocate during the run) takes 4 KiB random writes at depth 32 from an
@@ -11,7 +11,9 @@
 //! store never fills. Every I/O's completion time and latency is kept; the run prints max and
 //! p99.9 of the host-visible write latency in the windows that follow each kind of preserve
 //! (`--window-ms`), in the windows after each delete, and in the rest ("normal"), with ratios.
-//! A second phase measures first writes after a preserve (each to a grain not yet copied)
+//! A first phase measures what the CoW layer costs a volume with no snapshot against its base
+//! written directly (on RAM bdevs and on the files, pairs of runs A B A B).
+//! A last phase measures first writes after a preserve (each to a grain not yet copied)
 //! against plain writes to the same grains, and the lookup tables' RAM per copied grain.
 
 use clap::Parser;
@@ -53,6 +55,9 @@ struct Args {
     window_ms: u64,
     #[arg(short = 'm', long, default_value = "0x1")]
     cpumask: String,
+    /// Stop after the first phase (the CoW layer's cost with no snapshot).
+    #[arg(long)]
+    layer_cost_only: bool,
 }
 
 fn fail(msg: &str) -> ! {
@@ -195,9 +200,15 @@ fn main() {
         "[daemon]\ndata_dir = {:?}\nbuffer_pool_mb = 64\n[reactor]\ncpumask = {:?}\npoll_mode = \"busy\"\n[metrics]\nlisten = \"\"\n\
          [[bdev]]\nmethod = \"bdev_uring_create\"\nparams = {{ name = \"base\", filename = \"base.img\", block_size = 512 }}\n\
          [[bdev]]\nmethod = \"bdev_uring_create\"\nparams = {{ name = \"store\", filename = \"store.img\", block_size = 512 }}\n\
-         [[bdev]]\nmethod = \"bdev_cow_create\"\nparams = {{ name = \"vol\", base_bdev = \"base\", store_bdev = \"store\", grain_kb = {} }}\n",
+         [[bdev]]\nmethod = \"bdev_cow_create\"\nparams = {{ name = \"vol\", base_bdev = \"base\", store_bdev = \"store\", grain_kb = {} }}\n\
+         [[bdev]]\nmethod = \"bdev_malloc_create\"\nparams = {{ name = \"rbase\", num_blocks = {}, block_size = 512 }}\n\
+         [[bdev]]\nmethod = \"bdev_malloc_create\"\nparams = {{ name = \"rstore\", num_blocks = {}, block_size = 512 }}\n\
+         [[bdev]]\nmethod = \"bdev_cow_create\"\nparams = {{ name = \"rvol\", base_bdev = \"rbase\", store_bdev = \"rstore\", grain_kb = {} }}\n",
         dir.display().to_string(),
         a.cpumask,
+        a.grain_kb,
+        a.size_mb * 2048,
+        RAM_STORE_MB * 2048,
         a.grain_kb
     );
     let cfg = Config::parse(&text).unwrap_or_else(|e| fail(&e));
@@ -208,6 +219,39 @@ fn main() {
     let slots = entry.bdev().num_blocks() / io_blocks;
     let grain_blocks = a.grain_kb as u64 * 2;
     let num_grains = entry.bdev().num_blocks() / grain_blocks;
+    // Phase 0: what the CoW layer costs a volume nobody preserves (no snapshot), against its
+    // base bdev written directly, in pairs A B A B: on RAM (the layer's CPU cost shows) and
+    // on the files.
+    prefill_bdev(&target, "rbase");
+    for (vol, base, what) in [("rvol", "rbase", "RAM"), ("vol", "base", "files")] {
+        let (mut v, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..PAIRS {
+            v.push(timed_writes(&target, vol, a.queue_depth, io_blocks));
+            b.push(timed_writes(&target, base, a.queue_depth, io_blocks));
+        }
+        let pairs: Vec<String> = v.iter().zip(&b).map(|(x, y)| format!("{:.3}", x / y)).collect();
+        println!(
+            "CoW volume with no snapshot / its base ({what}, {} B random writes QD {}, {PAIRS} pairs of {PAIR_SECS} s): {:.0} / {:.0} IOPS (medians), ratio {:.3} (goal >= 0.97); pairs {}",
+            a.io_size,
+            a.queue_depth,
+            median(&mut v),
+            median(&mut b),
+            median(&mut v.clone()) / median(&mut b.clone()),
+            pairs.join(" ")
+        );
+    }
+    let rvol = target.bdevs.get("rvol").unwrap_or_else(|| fail("no rvol"));
+    let locks = rvol.bdev().as_any().downcast_ref::<CowVolume>().unwrap_or_else(|| fail("rvol is not a CoW volume")).lock_stats();
+    println!("extent locks taken by those writes on the RAM volume: {} (none while nothing is preserved)", locks.acquired);
+    if a.layer_cost_only {
+        target.shutdown();
+        reactors.stop();
+        if a.dir.is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        return;
+    }
+
     let h = target.reactors.clone();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -395,6 +439,63 @@ fn main() {
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Pairs of runs in phase 0, and the seconds of each run.
+const PAIRS: usize = 5;
+const PAIR_SECS: u64 = 2;
+/// The RAM volume's store: it only needs its header and tables (nothing is copied to it).
+const RAM_STORE_MB: u64 = 64;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// IOPS of `PAIR_SECS` seconds of random writes at depth `qd` to `bdev`.
+fn timed_writes(target: &tidemark::target::Target, bdev: &str, qd: usize, io_blocks: u64) -> f64 {
+    let entry = target.bdevs.get(bdev).unwrap_or_else(|| fail(&format!("no {bdev}")));
+    let slots = entry.bdev().num_blocks() / io_blocks;
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(PAIR_SECS));
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let s = Instant::now();
+    let n = target
+        .reactors
+        .call_async(0, Duration::from_secs(PAIR_SECS + 60), move || async move {
+            let ch = Channel::get(&entry).unwrap_or_else(|e| fail(&e.to_string()));
+            write_job(ch, qd, io_blocks, slots, Instant::now(), stop, None).await.len()
+        })
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let _ = timer.join();
+    n as f64 / s.elapsed().as_secs_f64()
+}
+
+/// Writes the whole of a RAM bdev once (its pages are mapped on first touch: a page fault per
+/// first write would be measured otherwise).
+fn prefill_bdev(target: &tidemark::target::Target, bdev: &str) {
+    let entry = target.bdevs.get(bdev).unwrap_or_else(|| fail(&format!("no {bdev}")));
+    target
+        .reactors
+        .call_async(0, Duration::from_secs(600), move || async move {
+            let ch = Channel::get(&entry).unwrap_or_else(|e| fail(&e.to_string()));
+            let buf = IoBuf::zeroed(1 << 20);
+            let step = (1u64 << 20) / ch.block_size() as u64;
+            let mut off = 0;
+            while off < ch.num_blocks() {
+                let n = step.min(ch.num_blocks() - off);
+                if let Err(e) = ch.write_buf(off, &buf[..(n * ch.block_size() as u64) as usize]).await {
+                    fail(&format!("prefill: {e}"));
+                }
+                off += n;
+            }
+        })
+        .unwrap_or_else(|e| fail(&e.to_string()));
 }
 
 /// The bench's directory: `--dir`, or a fresh one under the temp dir, removed at the end.

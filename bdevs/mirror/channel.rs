@@ -18,6 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::task::Poll;
@@ -29,16 +30,26 @@ const NO_RESOURCES_BACKOFF: Duration = Duration::from_micros(50);
 /// Largest zero buffer used to emulate write-zeroes on a leg without it.
 const ZERO_CHUNK: usize = 1 << 20;
 
+#[derive(Clone)]
 struct Legs {
     gen: u64,
     /// Each slot's leg and the slot's incarnation when it was opened.
     ch: [Option<(Channel, u64)>; MAX_SLOTS],
 }
 
+impl Legs {
+    fn leg(&self, s: usize) -> Option<&Channel> {
+        self.ch[s].as_ref().map(|(c, _)| c)
+    }
+}
+
 pub(crate) struct MirrorChannel {
     sh: Arc<Shared>,
     core: usize,
-    legs: RefCell<Legs>,
+    /// Replaced, never changed in place, when the layout moves: an I/O holds the set it
+    /// started with (one `Rc` count) and borrows its legs' channels from it, instead of
+    /// cloning each leg's channel (an atomic count on the leg's entry, shared by every core).
+    legs: RefCell<Rc<Legs>>,
     reads_out: [Cell<u32>; MAX_SLOTS],
 }
 
@@ -122,13 +133,13 @@ fn is_device_error(e: &BdevError) -> bool {
     !matches!(e, BdevError::NoResources | BdevError::OutOfRange { .. } | BdevError::BadLength { .. })
 }
 
-async fn write_leg(ch: Channel, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
+async fn write_leg(ch: &Channel, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
     let mut tries = 0;
     loop {
         let r = match payload {
             Payload::Data(bufs) => ch.write(offset, bufs).await,
             Payload::Zeroes if ch.supports(IoType::WriteZeroes) => ch.write_zeroes(offset, count).await,
-            Payload::Zeroes => write_zero_buffers(&ch, offset, count).await,
+            Payload::Zeroes => write_zero_buffers(ch, offset, count).await,
         };
         match r {
             Err(BdevError::NoResources) if tries < NO_RESOURCES_RETRIES => {
@@ -155,7 +166,12 @@ async fn write_zero_buffers(ch: &Channel, offset: u64, count: u64) -> IoResult {
 
 impl MirrorChannel {
     pub(crate) fn new(sh: Arc<Shared>) -> MirrorChannel {
-        MirrorChannel { sh, core: reactor::current_index(), legs: RefCell::new(Legs { gen: u64::MAX, ch: Default::default() }), reads_out: Default::default() }
+        MirrorChannel {
+            sh,
+            core: reactor::current_index(),
+            legs: RefCell::new(Rc::new(Legs { gen: u64::MAX, ch: Default::default() })),
+            reads_out: Default::default(),
+        }
     }
 
     /// Picks up leg changes (the layout generation moved since this core last looked).
@@ -164,7 +180,7 @@ impl MirrorChannel {
         if self.legs.borrow().gen == gen {
             return;
         }
-        let mut legs = self.legs.borrow_mut();
+        let mut legs = Legs::clone(&self.legs.borrow());
         for (s, slot) in self.sh.slots.iter().enumerate() {
             // The incarnation first: a failure must never be reported against a newer leg.
             let inc = slot.incarnation.load(SeqCst);
@@ -184,6 +200,12 @@ impl MirrorChannel {
             }
         }
         legs.gen = gen;
+        *self.legs.borrow_mut() = Rc::new(legs);
+    }
+
+    /// The legs as this channel knows them now (call `refresh` first to pick up changes).
+    fn legs(&self) -> Rc<Legs> {
+        self.legs.borrow().clone()
     }
 
     fn leg(&self, s: usize) -> Option<Channel> {
@@ -243,6 +265,7 @@ impl MirrorChannel {
             entered.end = r + 1;
         }
         self.refresh();
+        let legs = self.legs();
         let mut targets = 0u8;
         let mut missing = 0u8;
         let incarnations: [u64; MAX_SLOTS] = std::array::from_fn(|s| self.incarnation(s));
@@ -251,7 +274,7 @@ impl MirrorChannel {
                 return None;
             }
             targets |= 1 << s;
-            let Some(ch) = self.leg(s) else {
+            let Some(ch) = legs.leg(s) else {
                 missing |= 1 << s;
                 return None;
             };
@@ -335,9 +358,10 @@ impl MirrorChannel {
         let mut tried = 0u8;
         let mut bad = 0u8;
         let mut last_err = None;
+        let legs = self.legs();
         while let Some(s) = self.pick_reader(tried, pinned) {
             tried |= 1 << s;
-            let Some(ch) = self.leg(s) else { continue };
+            let Some(ch) = legs.leg(s) else { continue };
             let st = sh.leg_stats(self.core, s);
             self.reads_out[s].set(self.reads_out[s].get() + 1);
             st.in_flight.fetch_add(1, Relaxed);
@@ -451,15 +475,14 @@ impl MirrorChannel {
 
 impl IoChannel for MirrorChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
-        IoFuture::boxed(async move {
-            match io {
-                Io::Read { offset_blocks, num_blocks, bufs } => self.read(offset_blocks, bufs, num_blocks).await,
-                Io::Write { offset_blocks, num_blocks, bufs } => self.write_op(offset_blocks, num_blocks, Payload::Data(bufs)).await,
-                Io::WriteZeroes { offset_blocks, num_blocks } | Io::Unmap { offset_blocks, num_blocks } => {
-                    self.write_op(offset_blocks, num_blocks, Payload::Zeroes).await
-                }
-                Io::Flush => self.flush().await,
+        // One box per kind: a read's box is sized for a read, not for the largest of them.
+        match io {
+            Io::Read { offset_blocks, num_blocks, bufs } => IoFuture::boxed(self.read(offset_blocks, bufs, num_blocks)),
+            Io::Write { offset_blocks, num_blocks, bufs } => IoFuture::boxed(self.write_op(offset_blocks, num_blocks, Payload::Data(bufs))),
+            Io::WriteZeroes { offset_blocks, num_blocks } | Io::Unmap { offset_blocks, num_blocks } => {
+                IoFuture::boxed(self.write_op(offset_blocks, num_blocks, Payload::Zeroes))
             }
-        })
+            Io::Flush => IoFuture::boxed(self.flush()),
+        }
     }
 }

@@ -456,18 +456,17 @@ impl CowChannel {
             v.gate.pass().await;
         }
         let ticket = v.tracker.enter();
-        let r = self.modify_in_epoch(ticket.epoch(), off, n, data).await;
+        // Read after the stamp: a preserve makes its index live before it bumps the epoch, so
+        // a write that finds nothing live belongs to every snapshot to come ("Lockless
+        // writes"). The preserving path is boxed: its future is large (rules 1-4) and would
+        // make every write's future as large, copied and allocated per I/O.
+        let r = if v.live_mask() == 0 { self.apply(off, n, data).await } else { Box::pin(self.modify_in_epoch(ticket.epoch(), off, n, data)).await };
         v.tracker.exit(ticket);
         r
     }
 
     async fn modify_in_epoch(&self, epoch: u64, off: u64, n: u64, data: Data<'_, '_>) -> IoResult {
         let v = &self.v;
-        // Read after the stamp (the caller's): a preserve makes its index live before it bumps
-        // the epoch, so a write that finds nothing live belongs to every snapshot to come.
-        if v.live_mask() == 0 {
-            return self.apply(off, n, data).await;
-        }
         let upto = v.lockless_upto.load(SeqCst);
         if epoch > upto && !v.tracker.is_sealed(upto) {
             // Writes of `upto` or older may be in flight without the grain lock; a copy made

@@ -9,7 +9,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 /// Per-core cache of opened channels, by bdev entry id.
@@ -174,10 +173,10 @@ impl Channel {
             // connection closed) has not reached the device and must not stay counted.
             self.admit(t, bytes).await;
         }
-        shard.in_flight.fetch_add(1, Relaxed);
+        shard.io_started();
         let r = self.io.submit(io).await;
         let dt = reactor::monotonic_ns().saturating_sub(t0);
-        shard.in_flight.fetch_sub(1, Relaxed);
+        shard.io_ended();
         self.entry.stats().record(self.core, t, bytes, dt, r.is_ok());
         r
     }

@@ -29,7 +29,7 @@ use futures::channel::oneshot;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 static NEXT_SPACE: AtomicU64 = AtomicU64::new(1);
 
@@ -113,7 +113,7 @@ impl LockSpace {
     pub async fn lock(self: &Arc<Self>, start: u64, count: u64) -> ExtentGuard {
         assert!(count > 0, "an extent lock covers at least one block");
         let end = start.checked_add(count).expect("extent lock range overflows u64");
-        let mut guard = ExtentGuard { pieces: Vec::new() };
+        let mut guard = ExtentGuard { first: None, rest: Vec::new() };
         let mut piece_start = start;
         while piece_start < end {
             let region = piece_start >> self.region_shift;
@@ -121,7 +121,10 @@ impl LockSpace {
             let piece_end = end.min(region_end);
             let shard = self.shard_of(region);
             let grant = self.acquire(shard, piece_start, piece_end).await;
-            guard.pieces.push(grant);
+            match guard.first {
+                None => guard.first = Some(grant),
+                Some(_) => guard.rest.push(grant),
+            }
             piece_start = piece_end;
         }
         guard
@@ -179,12 +182,14 @@ impl Drop for Grant {
 
 /// Locked block ranges; released when dropped.
 pub struct ExtentGuard {
-    pieces: Vec<Grant>,
+    /// Most locks fit one region: their one piece needs no vector (no allocation per lock).
+    first: Option<Grant>,
+    rest: Vec<Grant>,
 }
 
 impl std::fmt::Debug for ExtentGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ExtentGuard({} piece(s))", self.pieces.len())
+        write!(f, "ExtentGuard({} piece(s))", self.first.iter().count() + self.rest.len())
     }
 }
 
@@ -209,15 +214,27 @@ impl SpaceShard {
 }
 
 /// The shard table of one core: every lock space's held ranges and queues on this core.
+///
+/// A space's entry stays when it empties (making and dropping it per lock cost allocations
+/// on every write); it is dropped once its space is gone and it is empty, checked whenever a
+/// new space comes in (rare: a bdev is created).
 #[derive(Default)]
 struct ShardTable {
-    spaces: RefCell<BTreeMap<u64, (Arc<LockSpace>, SpaceShard)>>,
+    spaces: RefCell<BTreeMap<u64, (Weak<LockSpace>, SpaceShard)>>,
 }
 
 impl ShardTable {
+    fn shard_of<'t>(spaces: &'t mut BTreeMap<u64, (Weak<LockSpace>, SpaceShard)>, space: &Arc<LockSpace>) -> &'t mut SpaceShard {
+        if !spaces.contains_key(&space.id) {
+            spaces.retain(|_, (w, s)| w.strong_count() > 0 || !s.held.is_empty() || !s.waiters.is_empty());
+            spaces.insert(space.id, (Arc::downgrade(space), SpaceShard::default()));
+        }
+        &mut spaces.get_mut(&space.id).expect("inserted above").1
+    }
+
     fn try_grant(&self, space: &Arc<LockSpace>, shard: usize, start: u64, end: u64) -> Result<Grant, ()> {
         let mut spaces = self.spaces.borrow_mut();
-        let (_, s) = spaces.entry(space.id).or_insert_with(|| (space.clone(), SpaceShard::default()));
+        let s = Self::shard_of(&mut spaces, space);
         let queued_overlap = s.waiters.iter().any(|w| w.start < end && start < w.end);
         if queued_overlap || s.overlaps_held(start, end) {
             return Err(());
@@ -231,7 +248,7 @@ impl ShardTable {
 
     fn enqueue(&self, space: &Arc<LockSpace>, start: u64, end: u64, tx: oneshot::Sender<Grant>) {
         let mut spaces = self.spaces.borrow_mut();
-        let (_, s) = spaces.entry(space.id).or_insert_with(|| (space.clone(), SpaceShard::default()));
+        let s = Self::shard_of(&mut spaces, space);
         s.waiters.push_back(Waiter { start, end, since_ns: reactor::now_ns(), tx });
     }
 
@@ -275,9 +292,6 @@ impl ShardTable {
             if !changed {
                 break;
             }
-        }
-        if s.held.is_empty() && s.waiters.is_empty() {
-            spaces.remove(&space.id);
         }
     }
 }
@@ -373,5 +387,24 @@ mod tests {
         cores.run_until_idle();
         assert_eq!(*done.borrow(), 2);
         assert_eq!(space.stats().waits, 0);
+    }
+
+    #[test]
+    fn a_space_keeps_its_shard_entry_between_locks_and_loses_it_once_dropped() {
+        let cores = ManualCores::new(1);
+        let entries = || cores.enter(0, || reactor::with_core(|c| c.local::<ShardTable>()).spaces.borrow().len());
+        let lock_and_free = |space: &Arc<LockSpace>| {
+            let space = space.clone();
+            cores.block_on(0, async move { drop(space.lock(0, 4).await) })
+        };
+        let a = LockSpace::new(1, 8);
+        for _ in 0..3 {
+            lock_and_free(&a);
+        }
+        assert_eq!(entries(), 1, "the entry is kept while the space lives");
+        drop(a);
+        let b = LockSpace::new(1, 8);
+        lock_and_free(&b);
+        assert_eq!(entries(), 1, "the dropped space's empty entry went when a new space came");
     }
 }

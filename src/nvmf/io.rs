@@ -15,7 +15,6 @@ use crate::reactor;
 use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -435,7 +434,7 @@ async fn run(conn: &Rc<Conn>, job: Job) {
     let mut lease = lease;
     let core = conn.core();
     let shard = n.ns.stats.shard(core);
-    shard.in_flight.fetch_add(1, Relaxed);
+    shard.io_started();
     let t0 = reactor::now_ns();
     let ty = op.io_type();
     let (result, out, bytes): (Result<(), Status>, TxData, u64) = match op {
@@ -481,7 +480,7 @@ async fn run(conn: &Rc<Conn>, job: Job) {
         Op::Nothing => (Ok(()), TxData::None, 0),
     };
     let dt = reactor::now_ns().saturating_sub(t0);
-    shard.in_flight.fetch_sub(1, Relaxed);
+    shard.io_ended();
     n.ns.stats.record(core, ty, bytes, dt, result.is_ok());
     // The buffers go back (and their charges with them) before the host hears of it; the
     // bdev is done with the command, so a preempt waiting for it may complete.
