@@ -134,18 +134,32 @@ fn is_device_error(e: &BdevError) -> bool {
 }
 
 async fn write_leg(ch: &Channel, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
-    let mut tries = 0;
+    // The rare paths (no resources, zeroes emulated by writes) are boxed: a write keeps one of
+    // these futures per slot, and their state would make every write's future several KiB.
+    let r = match payload {
+        Payload::Data(bufs) => ch.write(offset, bufs).await,
+        Payload::Zeroes if ch.supports(IoType::WriteZeroes) => ch.write_zeroes(offset, count).await,
+        Payload::Zeroes => Box::pin(write_zero_buffers(ch, offset, count)).await,
+    };
+    match r {
+        Err(BdevError::NoResources) => Box::pin(retry_leg(ch, offset, count, payload)).await,
+        r => r,
+    }
+}
+
+/// A leg write the leg had no resources for, tried again after a pause, a bounded number of
+/// times.
+async fn retry_leg(ch: &Channel, offset: u64, count: u64, payload: Payload<'_>) -> IoResult {
+    let mut tries = 1;
     loop {
+        reactor::sleep(NO_RESOURCES_BACKOFF).await;
         let r = match payload {
             Payload::Data(bufs) => ch.write(offset, bufs).await,
             Payload::Zeroes if ch.supports(IoType::WriteZeroes) => ch.write_zeroes(offset, count).await,
             Payload::Zeroes => write_zero_buffers(ch, offset, count).await,
         };
         match r {
-            Err(BdevError::NoResources) if tries < NO_RESOURCES_RETRIES => {
-                tries += 1;
-                reactor::sleep(NO_RESOURCES_BACKOFF).await;
-            }
+            Err(BdevError::NoResources) if tries < NO_RESOURCES_RETRIES => tries += 1,
             r => return r,
         }
     }

@@ -93,18 +93,27 @@ impl Channel {
         drop(l);
     }
 
-    /// Waits until the bdev's limits admit an I/O of `bytes` (QoS). I/O over the limit waits
-    /// on this core in arrival order; it is never failed for the limit.
-    async fn admit(&self, t: IoType, bytes: u64) {
-        let q = self.entry.qos();
+    /// This core's QoS state of the bdev and the direction of `t`.
+    fn qos_local(&self, t: IoType) -> (Rc<LocalQos>, Dir) {
         let cache = reactor::with_core(|c| c.local::<QosCache>());
         let local = cache.0.borrow_mut().entry(self.entry.id()).or_default().clone();
-        let dir = if t == IoType::Read { Dir::Read } else { Dir::Write };
+        (local, if t == IoType::Read { Dir::Read } else { Dir::Write })
+    }
+
+    /// Whether the bdev's limits admit an I/O of `bytes` at once (nothing queued before it).
+    fn admit_now(&self, t: IoType, bytes: u64) -> bool {
+        let (local, dir) = self.qos_local(t);
         // Shared timeslices need one clock for all cores: the monotonic clock, not the core's
         // (whose origin is the core's start).
-        if local.queued() == 0 && local.try_admit(q, dir, bytes, reactor::monotonic_ns()) {
-            return;
-        }
+        local.queued() == 0 && local.try_admit(self.entry.qos(), dir, bytes, reactor::monotonic_ns())
+    }
+
+    /// Waits until the bdev's limits admit an I/O of `bytes` (QoS), after [`Self::admit_now`]
+    /// said no. I/O over the limit waits on this core in arrival order; it is never failed
+    /// for the limit.
+    async fn admit_wait(&self, t: IoType, bytes: u64) {
+        let q = self.entry.qos();
+        let (local, dir) = self.qos_local(t);
         let ticket = Ticket { local: &local, qos: q, ticket: local.take_ticket(), t0: reactor::monotonic_ns() };
         loop {
             if local.is_head(ticket.ticket) {
@@ -168,10 +177,12 @@ impl Channel {
         // Wall-clock latency (also under simulation: statistics never steer behaviour). It
         // includes the wait for QoS tokens: that is what the host sees.
         let t0 = reactor::monotonic_ns();
-        if self.entry.qos().enabled() {
+        if self.entry.qos().enabled() && !self.admit_now(t, bytes) {
             // Before counting the I/O in flight: a waiting I/O whose future is dropped (its
-            // connection closed) has not reached the device and must not stay counted.
-            self.admit(t, bytes).await;
+            // connection closed) has not reached the device and must not stay counted. Boxed:
+            // the wait's state would otherwise make every I/O's future (and every layer's
+            // above it) larger, while only I/O over a limit waits.
+            Box::pin(self.admit_wait(t, bytes)).await;
         }
         shard.io_started();
         let r = self.io.submit(io).await;
