@@ -2,15 +2,28 @@
 
 use super::*;
 
-/// Data-In of a command, queued for the writer, with its share of the buffer budget.
+/// Data-In of a command, queued for the writer, with its share of the buffer budget. The
+/// Data-In PDUs of one command share it (an `Rc`); once the writer has sent the last of them
+/// the allocation is kept for a later command's Data-In ([`Conn::recycle_data_in`]): an `Rc`
+/// per read would be an allocation per read.
 pub(super) struct DataIn {
-    pub(super) buf: IoBuf,
-    pub(super) _mem: Option<Lease>,
+    /// None while kept between commands.
+    pub(super) buf: Option<IoBuf>,
+    pub(super) mem: Option<Lease>,
+    /// Its own bytes ([`DATA_IN_BYTES`]) charged to the connection's budget while the
+    /// connection keeps it; None when the budget had no room: it is freed after its command,
+    /// so what a connection keeps is always charged (as for the workers).
+    kept: Option<Lease>,
 }
 
-/// Bookkeeping of a running command (for aborts).
+/// Bytes of one kept Data-In: the value and the `Rc`'s two counts.
+const DATA_IN_BYTES: u64 = (std::mem::size_of::<DataIn>() + 2 * std::mem::size_of::<usize>()) as u64;
+
+/// Bookkeeping of a running command, as task management sees it (for aborts). Held by the
+/// worker that runs the command, which is in the connection's `tasks` under the command's tag
+/// while it runs: no allocation per command.
 pub(super) struct Running {
-    pub(super) lun: u64,
+    pub(super) lun: Cell<u64>,
     pub(super) aborted: Cell<bool>,
     pub(super) done: Cell<bool>,
 }
@@ -20,6 +33,8 @@ pub(super) struct Running {
 /// A connection has at most as many as it has had commands running at once.
 pub(super) struct Worker {
     job: RefCell<Option<Job>>,
+    /// The command it runs (reset for each command; see [`Running`]).
+    pub(super) run: Running,
     /// Set when the connection ends: the worker returns instead of waiting for a command.
     stop: Cell<bool>,
     waker: RefCell<Option<Waker>>,
@@ -86,7 +101,7 @@ impl Workers {
 /// A worker's life: a command, back to the idle list, the next command.
 async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
     while let Some(job) = w.next().await {
-        conn.clone().execute(job).await;
+        conn.clone().execute(job, &w.run).await;
         if conn.workers.stopping.get() || w.kept.is_none() {
             return;
         }
@@ -96,28 +111,66 @@ async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
 
 impl Conn {
     /// Runs `job` in an idle worker, or in a new one when all are busy (during warm-up, or
-    /// when the initiator goes deeper than before).
+    /// when the initiator goes deeper than before). The worker enters `tasks` under the
+    /// command's tag, where task management finds it.
     pub(super) fn start_command(self: &Rc<Self>, job: Job) {
         let idle = self.workers.idle.borrow_mut().pop();
         let w = match idle {
             Some(w) => w,
             None => {
-                // Only when it fits: a refusal here is no initiator's (`try_charge` counts those).
-                let n = worker_bytes() as u64;
-                let kept = self.budget.fits(n).ok().and_then(|()| self.budget.try_charge(n).ok());
-                let w = Rc::new(Worker { job: RefCell::new(None), stop: Cell::new(false), waker: RefCell::new(None), kept });
+                let kept = self.charge_kept(worker_bytes() as u64);
+                let run = Running { lun: Cell::new(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) };
+                let w = Rc::new(Worker { job: RefCell::new(None), run, stop: Cell::new(false), waker: RefCell::new(None), kept });
                 reactor::spawn_detached(worker(self.clone(), w.clone()));
                 w
             }
         };
+        w.run.lun.set(scsi::decode_lun(&job.lun_field).unwrap_or(u64::MAX));
+        w.run.aborted.set(false);
+        w.run.done.set(false);
+        self.st.borrow_mut().tasks.insert(job.itt, TaskSlot::Running(w.clone()));
         let previous = w.job.borrow_mut().replace(job);
         assert!(previous.is_none(), "an idle worker had a command");
         w.wake();
     }
 
+    /// A charge of `n` bytes for something the connection keeps between commands, or None
+    /// when the budget has no room for it (then it is not kept). Only when it fits: a refusal
+    /// here is no initiator's (`try_charge` counts those).
+    pub(super) fn charge_kept(&self, n: u64) -> Option<Lease> {
+        self.budget.fits(n).ok().and_then(|()| self.budget.try_charge(n).ok())
+    }
+
+    /// A Data-In for `buf`, in a kept allocation when there is one.
+    fn data_in(&self, buf: IoBuf, mem: Option<Lease>) -> Rc<DataIn> {
+        let spare = self.spare_data_in.borrow_mut().pop();
+        match spare {
+            Some(mut d) => {
+                let x = Rc::get_mut(&mut d).expect("a kept Data-In is not shared");
+                x.buf = Some(buf);
+                x.mem = mem;
+                d
+            }
+            None => Rc::new(DataIn { buf: Some(buf), mem, kept: self.charge_kept(DATA_IN_BYTES) }),
+        }
+    }
+
+    /// Called by the writer with each Data-In PDU it has sent: once the command's last one is
+    /// sent, the buffer and its charge go back and the allocation is kept for the next
+    /// command's Data-In (if it is charged and the connection is not closing).
+    pub(super) fn recycle_data_in(&self, mut d: Rc<DataIn>) {
+        // Shared: other PDUs of the command are still queued; dropping ours is the count.
+        let Some(x) = Rc::get_mut(&mut d) else { return };
+        x.buf = None;
+        x.mem = None;
+        if x.kept.is_some() && !self.control.closing.get() {
+            self.spare_data_in.borrow_mut().push(d);
+        }
+    }
+
     /// Runs one SCSI command and sends its data and status.
-    pub(super) async fn execute(self: Rc<Self>, job: Job) {
-        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;
+    pub(super) async fn execute(self: Rc<Self>, job: Job, run: &Running) {
+        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, t0, failed, mem } = job;
         let read_flag = flags & pdu::FLAG_READ != 0;
         let edtl_in = if read_flag { edtl } else { 0 };
         let mut din: Option<IoBuf> = None;
@@ -206,7 +259,7 @@ impl Conn {
                 // Residuals against the direction that carried data (RFC 7143 §11.4.5).
                 let (flag, residual) = if need > 0 || flags & pdu::FLAG_WRITE != 0 { residual_of(need, edtl) } else { residual_of(produced, edtl) };
                 if sent > 0 {
-                    let buf = Rc::new(DataIn { buf: din.take().expect("data produced into a buffer"), _mem: mem });
+                    let buf = self.data_in(din.take().expect("data produced into a buffer"), mem);
                     self.send_data_in(itt, &lun_field, buf, sent, done.status, flag, residual);
                 } else {
                     self.send_response(itt, done.status as u8, None, flag, residual, 0);
@@ -292,7 +345,6 @@ pub(super) struct Job {
     pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
     pub(super) cmd: Result<Command, Sense>,
     pub(super) data: Option<(IoBuf, usize)>,
-    pub(super) run: Rc<Running>,
     pub(super) t0: u64,
     pub(super) failed: Option<Sense>,
     pub(super) mem: Option<Lease>,
