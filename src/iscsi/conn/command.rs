@@ -10,8 +10,8 @@ pub(super) struct DataIn {
     /// None while kept between commands.
     pub(super) buf: Option<IoBuf>,
     pub(super) mem: Option<Lease>,
-    /// Its own bytes ([`DATA_IN_BYTES`]) charged to the connection's budget while the
-    /// connection keeps it; None when the budget had no room: it is freed after its command,
+    /// Its own bytes ([`DATA_IN_BYTES`]) charged to the buffer budget while the connection
+    /// keeps it (`Conn::charge_kept`); None when the budget had no room: it is freed after its command,
     /// so what a connection keeps is always charged (as for the workers).
     kept: Option<Lease>,
 }
@@ -38,8 +38,8 @@ pub(super) struct Worker {
     /// Set when the connection ends: the worker returns instead of waiting for a command.
     stop: Cell<bool>,
     waker: RefCell<Option<Waker>>,
-    /// Its memory ([`worker_bytes`]) charged to the connection's buffer budget for as long as
-    /// it is kept; None when the budget had no room: it ends after its command (holding that
+    /// Its memory ([`worker_bytes`]) charged to the buffer budget for as long as it is kept
+    /// (`Conn::charge_kept`); None when the budget had no room: it ends after its command (holding that
     /// memory only while the command runs, as a task per command did), so what a connection
     /// keeps is always charged.
     kept: Option<Lease>,
@@ -135,10 +135,10 @@ impl Conn {
     }
 
     /// A charge of `n` bytes for something the connection keeps between commands, or None
-    /// when the budget has no room for it (then it is not kept). Only when it fits: a refusal
-    /// here is no initiator's (`try_charge` counts those).
+    /// when the core's budget has no room for it (then it is not kept). Charged to the core
+    /// only (`try_charge_state`), not to the connection's limit for its commands' buffers.
     pub(super) fn charge_kept(&self, n: u64) -> Option<Lease> {
-        self.budget.fits(n).ok().and_then(|()| self.budget.try_charge(n).ok())
+        self.budget.try_charge_state(n)
     }
 
     /// A Data-In for `buf`, in a kept allocation when there is one.

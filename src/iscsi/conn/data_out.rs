@@ -29,8 +29,8 @@ pub(super) struct WriteXfer {
     pub(super) failed: Option<Sense>,
     pub(super) t0: u64,
     pub(super) mem: Option<Lease>,
-    /// The box's bytes ([`Conn::xfer_bytes`]) charged to the connection's budget while the
-    /// connection keeps it; None when the budget had no room: it is freed after its command,
+    /// The box's bytes ([`Conn::xfer_bytes`]) charged to the buffer budget while the
+    /// connection keeps it (`Conn::charge_kept`); None when the budget had no room: it is freed after its command,
     /// so what a connection keeps is always charged (as for the workers).
     pub(super) kept: Option<Lease>,
 }
