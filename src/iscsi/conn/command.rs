@@ -31,18 +31,20 @@ pub(super) struct Running {
 /// A task of the connection that runs its SCSI commands one after the other and is kept
 /// between them (idle in [`Workers`]): a task per command would allocate its frame per command.
 /// A connection has at most as many as it has had commands running at once.
-pub(super) struct Worker {
-    job: RefCell<Option<Job>>,
+pub(super) type Worker = reactor::Worker<Job, WorkerState>;
+
+/// The workers of one connection.
+pub(super) type Workers = reactor::Workers<Job, WorkerState>;
+
+/// What a worker keeps with it.
+pub(super) struct WorkerState {
     /// The command it runs (reset for each command; see [`Running`]).
     pub(super) run: Running,
-    /// Set when the connection ends: the worker returns instead of waiting for a command.
-    stop: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
     /// Its memory ([`worker_bytes`]) charged to the buffer budget for as long as it is kept
-    /// (`Conn::charge_kept`); None when the budget had no room: it ends after its command (holding that
-    /// memory only while the command runs, as a task per command did), so what a connection
-    /// keeps is always charged.
-    kept: Option<Lease>,
+    /// (`Conn::charge_kept`); None when the budget had no room: it ends after its command
+    /// (holding that memory only while the command runs, as a task per command did), so what
+    /// a connection keeps is always charged.
+    _kept: Option<Lease>,
 }
 
 /// Bytes one kept worker holds: its task's future (with the frame of the command it runs),
@@ -51,61 +53,14 @@ pub fn worker_bytes() -> usize {
     reactor::task_bytes(&worker) + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
-impl Worker {
-    fn wake(&self) {
-        let w = self.waker.borrow_mut().take();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-
-    /// The next command; None once the connection ended.
-    async fn next(&self) -> Option<Job> {
-        std::future::poll_fn(|cx| {
-            if let Some(job) = self.job.borrow_mut().take() {
-                return Poll::Ready(Some(job));
-            }
-            if self.stop.get() {
-                return Poll::Ready(None);
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-}
-
-/// The workers of one connection.
-#[derive(Default)]
-pub(super) struct Workers {
-    /// Workers without a command; a command takes the last one.
-    idle: RefCell<Vec<Rc<Worker>>>,
-    /// The connection ended: a worker returns once its command is done.
-    stopping: Cell<bool>,
-}
-
-impl Workers {
-    /// Ends the workers (at the connection's end): the idle ones now, the busy ones (a command
-    /// past the drain timeout) when their command is done. Each drops its hold on the
-    /// connection then.
-    pub(super) fn stop(&self) {
-        self.stopping.set(true);
-        let idle = std::mem::take(&mut *self.idle.borrow_mut());
-        for w in idle {
-            w.stop.set(true);
-            w.wake();
-        }
-    }
-}
-
-/// A worker's life: a command, back to the idle list, the next command.
+/// A worker's life: a command, back to the idle list, the next command; woken without one
+/// (the connection ended: [`Workers::stop`]), it returns and drops its hold on the connection.
 async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
     while let Some(job) = w.next().await {
-        conn.clone().execute(job, &w.run).await;
-        if conn.workers.stopping.get() || w.kept.is_none() {
+        conn.clone().execute(job, &w.state.run).await;
+        if !conn.workers.finished(&w) {
             return;
         }
-        conn.workers.idle.borrow_mut().push(w.clone());
     }
 }
 
@@ -114,24 +69,20 @@ impl Conn {
     /// when the initiator goes deeper than before). The worker enters `tasks` under the
     /// command's tag, where task management finds it.
     pub(super) fn start_command(self: &Rc<Self>, job: Job) {
-        let idle = self.workers.idle.borrow_mut().pop();
-        let w = match idle {
-            Some(w) => w,
-            None => {
-                let kept = self.charge_kept(worker_bytes() as u64);
-                let run = Running { lun: Cell::new(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) };
-                let w = Rc::new(Worker { job: RefCell::new(None), run, stop: Cell::new(false), waker: RefCell::new(None), kept });
-                reactor::spawn_detached(worker(self.clone(), w.clone()));
-                w
-            }
+        let (itt, lun) = (job.itt, scsi::decode_lun(&job.lun_field).unwrap_or(u64::MAX));
+        let make = || {
+            let kept = self.charge_kept(worker_bytes() as u64);
+            let is_kept = kept.is_some();
+            let run = Running { lun: Cell::new(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) };
+            (WorkerState { run, _kept: kept }, is_kept)
         };
-        w.run.lun.set(scsi::decode_lun(&job.lun_field).unwrap_or(u64::MAX));
-        w.run.aborted.set(false);
-        w.run.done.set(false);
-        self.st.borrow_mut().tasks.insert(job.itt, TaskSlot::Running(w.clone()));
-        let previous = w.job.borrow_mut().replace(job);
-        assert!(previous.is_none(), "an idle worker had a command");
-        w.wake();
+        let w = self.workers.dispatch(job, make, |w| reactor::spawn_detached(worker(self.clone(), w)));
+        // The worker runs the command once this task yields: its bookkeeping is set now.
+        let run = &w.state.run;
+        run.lun.set(lun);
+        run.aborted.set(false);
+        run.done.set(false);
+        self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(w));
     }
 
     /// A charge of `n` bytes for something the connection keeps between commands, or None

@@ -324,7 +324,7 @@ impl Conn {
 
     /// Some command runs (its buffers are in a bdev's hands, its answer still to come).
     fn any_running(&self) -> bool {
-        self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.run.done.get()))
+        self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.state.run.done.get()))
     }
 }
 

@@ -32,7 +32,7 @@ impl Conn {
     pub(super) async fn drain(&self, which: impl Fn(&Running) -> bool) {
         let start = reactor::now_ns();
         loop {
-            let busy = self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.run.done.get() && which(&w.run)));
+            let busy = self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.state.run.done.get() && which(&w.state.run)));
             if !busy || reactor::now_ns().saturating_sub(start) > DRAIN_TIMEOUT.as_nanos() as u64 {
                 return;
             }
@@ -63,7 +63,7 @@ impl Conn {
                 }
             }
             TaskSlot::Running(w) => {
-                let r = &w.run;
+                let r = &w.state.run;
                 if which(itt, r.lun.get()) && !r.done.get() {
                     r.aborted.set(true);
                     n += 1;
