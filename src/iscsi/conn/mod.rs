@@ -164,7 +164,9 @@ struct State {
     text_rest: Option<(u32, Vec<u8>)>,
     /// Write transfers' boxes (with their R2T vectors) kept for the next writes: a box per
     /// write would be an allocation per write. Each is charged while kept
-    /// (`WriteXfer::kept`); at most as many as writes ever received data at once.
+    /// (`WriteXfer::kept`); at most as many as writes ever received data at once. Boxes, not
+    /// values: the box itself moves into `TaskSlot::Receiving` and back, never reallocated.
+    #[allow(clippy::vec_box)]
     spare_xfers: Vec<Box<WriteXfer>>,
 }
 
