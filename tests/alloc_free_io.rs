@@ -205,33 +205,6 @@ fn nvme_tcp_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     assert!(r2t <= BOUND_PER_IO, "{r2t} allocations per I/O (R2T writes, digests) on the reactor; at most {BOUND_PER_IO} allowed");
 }
 
-/// A WRITE(10) of `data` at `lba` whose data the target solicits: the command goes without
-/// immediate data, each R2T is answered with one Data-Out. Returns the SCSI status.
-fn write_solicited(s: &mut client::Session, lba: u32, data: &[u8]) -> u8 {
-    let h = s.command_header(0, &client::write10(lba, (data.len() / BS) as u16), data.len() as u32, false, true);
-    let itt = s.itt;
-    s.send(h, &[]).expect("send the command");
-    loop {
-        let p = s.recv().expect("the target answers");
-        match p.opcode() {
-            0x31 if p.itt() == itt => {
-                let (ttt, off, len) = (p.u32(20), p.u32(40) as usize, p.u32(44) as usize);
-                let mut d = [0u8; client::BHS];
-                d[0] = 0x05;
-                d[1] = 0x80;
-                d[16..20].copy_from_slice(&itt.to_be_bytes());
-                d[20..24].copy_from_slice(&ttt.to_be_bytes());
-                d[28..32].copy_from_slice(&s.exp_stat_sn.to_be_bytes());
-                d[40..44].copy_from_slice(&(off as u32).to_be_bytes());
-                s.send(d, &data[off..off + len]).expect("send the Data-Out");
-            }
-            0x21 if p.itt() == itt => return p.bhs[3],
-            0x20 => {}
-            other => panic!("unexpected PDU {other:#x} during a solicited write"),
-        }
-    }
-}
-
 #[test]
 fn iscsi_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,7 +265,7 @@ fn iscsi_reads_and_writes_allocate_nothing_on_the_reactor_after_warm_up() {
             seq += 1;
             let lba = ((seq * 8 * 37) % (BLOCKS / 2)) as u32;
             if seq.is_multiple_of(2) {
-                assert_eq!(write_solicited(&mut s, lba, &data), 0, "a solicited write failed");
+                assert_eq!(s.write_solicited(0, &client::write10(lba, nb), &data).expect("the write completes"), 0, "a solicited write failed");
             } else {
                 let r = s.scsi(0, &client::read10(lba, nb), IO as u32, None).expect("the read completes");
                 assert_eq!(r.status, 0, "SCSI status {:#x}, sense {:?}", r.status, r.sense);
