@@ -474,3 +474,37 @@ fn buffered_write_data_is_bounded_per_connection() {
     // The connection still works.
     assert_eq!(s.ping(b"still here").unwrap(), b"still here");
 }
+
+#[test]
+fn abort_task_drops_a_write_waiting_for_its_data_and_the_session_goes_on() {
+    let (_d, addr) = daemon_with_target(4096, json!({}));
+    let mut s = Session::login(addr, &LoginOptions::normal(INITIATOR, TARGET)).unwrap();
+    // A write whose data the target solicits; the R2T comes, the data never does.
+    let h = s.command_header(0, &write10(8, 8), 4096, false, true);
+    let (itt, cmd_sn) = (s.itt, s.cmd_sn.wrapping_sub(1));
+    s.send(h, &[]).unwrap();
+    let p = s.recv().unwrap();
+    assert_eq!((p.opcode(), p.itt()), (0x31, itt), "an R2T for the write");
+    // ABORT TASK (immediate) for it.
+    let mut t = [0u8; 48];
+    t[0] = 0x42;
+    t[1] = 0x80 | 1;
+    t[16..20].copy_from_slice(&998u32.to_be_bytes());
+    t[20..24].copy_from_slice(&itt.to_be_bytes());
+    t[24..28].copy_from_slice(&s.cmd_sn.to_be_bytes());
+    t[28..32].copy_from_slice(&s.exp_stat_sn.to_be_bytes());
+    t[32..36].copy_from_slice(&cmd_sn.to_be_bytes());
+    s.send(t, &[]).unwrap();
+    let p = s.recv().unwrap();
+    assert_eq!((p.opcode(), p.bhs[2]), (0x22, 0), "ABORT TASK: function complete");
+    // The session goes on, its transfers' state reused or made anew: solicited and immediate
+    // writes, each read back.
+    for (i, solicited) in [(1u8, true), (2, false), (3, true)] {
+        let data = vec![i; 4096];
+        let status =
+            if solicited { s.write_solicited(0, &write10(8, 8), &data).unwrap() } else { s.scsi(0, &write10(8, 8), 4096, Some(&data)).unwrap().status };
+        assert_eq!(status, 0, "write {i}");
+        let r = s.scsi(0, &read10(8, 8), 4096, None).unwrap();
+        assert_eq!((r.status, r.data == data), (0, true), "read back {i}");
+    }
+}

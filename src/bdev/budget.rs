@@ -344,7 +344,21 @@ impl ConnBudget {
         self.core.publish();
         // `fits` checked the core's room just above, on this core (no other charge between).
         assert!(self.core.used.get() <= self.core.limit, "core budget over its share");
-        Ok(Lease { conn: self.clone(), n })
+        Ok(Lease { conn: self.clone(), n, on_connection: true })
+    }
+
+    /// Charges `n` bytes of state the connection keeps between its commands (kept workers,
+    /// reused allocations) to its core only, as its fixed state: the connection's limit is for
+    /// its commands' buffers, and state charged there would take their room (two writes that
+    /// fill the limit would no longer both fit). None when the core has no room (the caller
+    /// then does not keep it); not counted as a refusal: no host asked for it.
+    pub fn try_charge_state(self: &Rc<Self>, n: u64) -> Option<Lease> {
+        if n > self.core.available() {
+            return None;
+        }
+        self.core.used.set(self.core.used.get() + n);
+        self.core.publish();
+        Some(Lease { conn: self.clone(), n, on_connection: false })
     }
 
     /// Whether the connection or its core is short of room for another `n` bytes: front ends
@@ -368,6 +382,9 @@ impl Drop for ConnBudget {
 pub struct Lease {
     conn: Rc<ConnBudget>,
     n: u64,
+    /// Counted in the connection's `used` too (a command's buffer), or in its core's only
+    /// (`try_charge_state`).
+    on_connection: bool,
 }
 
 impl Lease {
@@ -380,8 +397,10 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let c = &self.conn;
         // The lease's bytes were added to `used` when it was made and leave once, here.
-        assert!(self.n <= c.used.get(), "a lease of {} bytes on a connection holding {}", self.n, c.used.get());
-        c.used.set(c.used.get() - self.n);
+        if self.on_connection {
+            assert!(self.n <= c.used.get(), "a lease of {} bytes on a connection holding {}", self.n, c.used.get());
+            c.used.set(c.used.get() - self.n);
+        }
         c.core.give_back(self.n);
     }
 }
@@ -432,6 +451,21 @@ mod tests {
         let c = ConnBudget::open_with(core.clone(), 60, 50).unwrap();
         drop((b, c));
         assert_eq!(core.used(), 0);
+    }
+
+    #[test]
+    fn kept_state_is_charged_to_the_core_and_leaves_the_connection_its_limit() {
+        let core = Rc::new(CoreBudget::with_limit(100));
+        let a = ConnBudget::with(core.clone(), 60);
+        let kept = a.try_charge_state(10).expect("the core has room");
+        assert_eq!((core.used(), a.used()), (10, 0), "kept state counts in the core only");
+        // The connection's commands still get its whole limit.
+        let l = a.try_charge(60).unwrap();
+        assert_eq!(core.used(), 70);
+        assert!(a.try_charge_state(31).is_none(), "beyond the core's room nothing is kept");
+        drop(l);
+        drop(kept);
+        assert_eq!((core.used(), a.used()), (0, 0), "both given back");
     }
 
     #[test]

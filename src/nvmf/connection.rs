@@ -445,8 +445,9 @@ pub async fn serve(nvmf: Arc<Nvmf>, s: reactor::Accepted, listener: ListenAddr, 
     while conn.inflight.get() > 0 {
         conn.drain_notify.wait().await;
     }
-    // The workers hold the connection: they end now that no command runs.
-    conn.workers.stop();
+    // The workers hold the connection: they end now that no command runs (every one idle).
+    let busy = conn.workers.stop();
+    assert_eq!(busy, 0, "a worker still runs a command at the connection's end");
     conn.detach();
     registry().0.borrow_mut().remove(&conn.id);
     nvmf.open_connections.fetch_sub(1, Ordering::SeqCst);

@@ -5,14 +5,13 @@
 //! connection's [`Worker`]s: tasks kept from one command to the next, so that a command in
 //! steady state allocates nothing (no task, no future frame; see `tests/alloc_free_io.rs`).
 
-use super::connection::{Binding, Conn, Notify, SlotState, TxData};
+use super::connection::{Binding, Conn, SlotState, TxData};
 use super::pdu::DataPlan;
 use super::reservation::{Access, Command, Drain, HostId, InFlight, Ticket, SC_RESERVATION_CONFLICT};
 use super::spec::{io_opc, msc, sc, sct, Sqe, Status};
 use super::subsystem::{Namespace, Subsystem};
 use crate::bdev::{BdevError, Channel, IoBuf, IoType, Lease};
 use crate::reactor;
-use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -324,7 +323,7 @@ pub(crate) fn resume(conn: &Rc<Conn>, slot: u16, h: HeldIo, lease: Lease) {
 
 /// A checked I/O command with what it runs with: its slot, its namespace channel, the host's
 /// data and the charges of its buffers, its reservation admission.
-struct Job {
+pub(crate) struct Job {
     slot: u16,
     sqe: Sqe,
     n: Rc<NsChannel>,
@@ -337,43 +336,18 @@ struct Job {
 /// A task of a connection that runs its I/O commands, one at a time, and is kept between them
 /// (idle in [`Workers`]): a task per command would allocate its frame per command. A
 /// connection has at most as many as it has had commands running at once, so never more than
-/// its slots.
-pub(crate) struct Worker {
-    job: RefCell<Option<Job>>,
-    wake: Notify,
-    /// Its memory ([`worker_bytes`]) charged to the connection's buffer budget for as long as
-    /// it is kept. None when the budget had no room: it ends after its command, holding that
-    /// memory only while the command runs (what a task per command held, uncharged), so what a
-    /// connection keeps is always charged.
-    kept: Option<Lease>,
-}
+/// its slots. Its state: its memory ([`worker_bytes`]) charged to the connection's buffer
+/// budget for as long as it is kept; None when the budget had no room: it ends after its
+/// command, holding that memory only while the command runs (what a task per command held,
+/// uncharged), so what a connection keeps is always charged.
+pub(crate) type Worker = reactor::Worker<Job, Option<Lease>>;
 
 /// The workers of one connection.
-#[derive(Default)]
-pub(crate) struct Workers {
-    /// Workers without a command; a command takes the last one (the warmest in the cache).
-    idle: RefCell<Vec<Rc<Worker>>>,
-    /// Workers alive (idle or running a command).
-    count: Cell<usize>,
-}
-
-impl Workers {
-    /// Ends every worker (at the connection's end, once no command runs): each is woken
-    /// without a command and returns, dropping its hold on the connection.
-    pub(crate) fn stop(&self) {
-        let idle = std::mem::take(&mut *self.idle.borrow_mut());
-        // Every command has finished (the connection waited for them): all workers are idle.
-        assert_eq!(idle.len(), self.count.get(), "a worker still runs a command at the connection's end");
-        self.count.set(0);
-        for w in idle {
-            w.wake.notify();
-        }
-    }
-}
+pub(crate) type Workers = reactor::Workers<Job, Option<Lease>>;
 
 /// Bytes one kept worker holds: its task's future (with the frame of the command it runs), the
 /// executor's header of the task, and the `Worker` (1376 bytes when measured). Charged when a
-/// worker is made (see [`Worker::kept`]), not in the connection's fixed charge
+/// worker is made (see [`Worker`]), not in the connection's fixed charge
 /// (`connection::state_bytes`): a connection makes only as many as its host runs commands at
 /// once, and charged per slot at the transport's largest queue depth (176 KiB per connection
 /// at 128) it would about halve the connections a small budget admits.
@@ -386,41 +360,28 @@ pub fn worker_bytes() -> usize {
 fn dispatch(conn: &Rc<Conn>, job: Job) {
     conn.io_started();
     let workers = conn.workers();
-    let idle = workers.idle.borrow_mut().pop();
-    let w = match idle {
-        Some(w) => w,
-        None => {
-            // Only when it fits: a refusal here is no host's (`try_charge` counts those).
-            let n = worker_bytes() as u64;
-            let kept = conn.budget().fits(n).ok().and_then(|()| conn.budget().try_charge(n).ok());
-            let w = Rc::new(Worker { job: RefCell::new(None), wake: Notify::default(), kept });
-            workers.count.set(workers.count.get() + 1);
-            // One per running command, and a running command holds a slot.
-            assert!(workers.count.get() <= conn.slot_count(), "more workers than slots");
-            reactor::spawn_detached(worker(conn.clone(), w.clone()));
-            w
-        }
+    let make = || {
+        // Only when it fits: a refusal here is no host's (`try_charge` counts those).
+        let n = worker_bytes() as u64;
+        let kept = conn.budget().fits(n).ok().and_then(|()| conn.budget().try_charge(n).ok());
+        let is_kept = kept.is_some();
+        (kept, is_kept)
     };
-    let previous = w.job.borrow_mut().replace(job);
-    assert!(previous.is_none(), "an idle worker had a command");
-    w.wake.notify();
+    workers.dispatch(job, make, |w| reactor::spawn_detached(worker(conn.clone(), w)));
+    // One per running command, and a running command holds a slot.
+    assert!(workers.count() <= conn.slot_count(), "more workers than slots");
 }
 
 /// A worker's life: a command, back to the idle list, the next command; woken without one, it
 /// ends (see [`Workers::stop`]).
 async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
-    loop {
-        w.wake.wait().await;
-        let Some(job) = w.job.borrow_mut().take() else { return };
+    while let Some(job) = w.next().await {
         run(&conn, job).await;
         // After `run`'s `io_finished`, without a wait in between: when the connection sees
         // no command running, every worker is back on the list (or gone).
-        let workers = conn.workers();
-        if w.kept.is_none() {
-            workers.count.set(workers.count.get() - 1);
+        if !conn.workers().finished(&w) {
             return;
         }
-        workers.idle.borrow_mut().push(w.clone());
     }
 }
 

@@ -12,6 +12,7 @@ mod recv;
 mod thread;
 mod timer;
 mod tls;
+mod workers;
 
 pub use self::clock::{monotonic_ns, Clock};
 pub use self::core::{
@@ -24,6 +25,7 @@ pub use self::recv::{RecvBuf, Source, RECV_BUF_DEFAULT};
 pub use self::thread::{CallError, ManualCores, PollMode, ReactorHandle, ReactorOptions, Reactors, CALL_TIMEOUT};
 pub use self::timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 pub use self::tls::{Channel, TlsStream, TLS_CONNECTION_BYTES};
+pub use self::workers::{Worker, Workers};
 
 /// Parses a core mask (`0x3`, `3`, `[0,1]`) into CPU ids.
 pub fn parse_cpumask(mask: &str) -> Result<Vec<usize>, String> {

@@ -249,6 +249,35 @@ impl Session {
         }
     }
 
+    /// Runs a write command (`cdb`) whose data the target solicits: the command goes without
+    /// immediate data and each R2T is answered with one Data-Out of the range it asks for.
+    /// Returns the SCSI status.
+    pub fn write_solicited(&mut self, lun: u8, cdb: &[u8], data: &[u8]) -> std::io::Result<u8> {
+        let h = self.command_header(lun, cdb, data.len() as u32, false, true);
+        let itt = self.itt;
+        self.send(h, &[])?;
+        loop {
+            let p = self.recv()?;
+            match p.opcode() {
+                0x31 if p.itt() == itt => {
+                    let (ttt, off, len) = (p.u32(20), p.u32(40) as usize, p.u32(44) as usize);
+                    let mut d = [0u8; BHS];
+                    d[0] = 0x05;
+                    d[1] = 0x80;
+                    d[9] = lun;
+                    d[16..20].copy_from_slice(&itt.to_be_bytes());
+                    d[20..24].copy_from_slice(&ttt.to_be_bytes());
+                    d[28..32].copy_from_slice(&self.exp_stat_sn.to_be_bytes());
+                    d[40..44].copy_from_slice(&(off as u32).to_be_bytes());
+                    self.send(d, &data[off..off + len])?;
+                }
+                0x21 if p.itt() == itt => return Ok(p.bhs[3]),
+                0x20 => {} // a ping from the target
+                other => return Err(std::io::Error::other(format!("unexpected PDU {other:#x} during a solicited write"))),
+            }
+        }
+    }
+
     /// NOP-Out ping with data; returns the echoed data.
     pub fn ping(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut h = [0u8; BHS];

@@ -150,9 +150,7 @@ impl Conn {
                 self.release_slot(immediate);
                 return Ok(());
             }
-            let run = Rc::new(Running { lun: scsi::decode_lun(&lun_field).unwrap_or(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) });
-            self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(run.clone()));
-            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, run, t0, failed: None, mem };
+            let job = Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd: parsed, data: None, t0, failed: None, mem };
             self.start_command(job);
             return Ok(());
         };
@@ -164,14 +162,13 @@ impl Conn {
             self.reject(reject::PROTOCOL_ERROR, bhs);
             return Ok(());
         }
-        let mut x = Box::new(WriteXfer {
+        let mut x = self.boxed_xfer(WriteXfer {
             itt,
             immediate,
-            lun,
-            nexus,
+            unit: Some((lun, nexus)),
             lun_field,
             cmd,
-            buf: IoBuf::alloc(need as usize),
+            buf: Some(IoBuf::alloc(need as usize)),
             edtl,
             collect,
             need,
@@ -184,9 +181,11 @@ impl Conn {
             failed: None,
             t0,
             mem,
+            kept: None,
         });
         let take = dsl.min(collect as usize);
-        let ok = rb.read_segment(s, dsl, &mut x.buf[..take], p.data_digest).await?;
+        let buf = x.buf.as_mut().expect("a new transfer has its buffer");
+        let ok = rb.read_segment(s, dsl, &mut buf[..take], p.data_digest).await?;
         if !ok {
             self.shared.counters.digest_errors.fetch_add(1, Relaxed);
             self.reject(reject::DATA_DIGEST_ERROR, bhs);

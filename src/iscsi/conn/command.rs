@@ -2,15 +2,28 @@
 
 use super::*;
 
-/// Data-In of a command, queued for the writer, with its share of the buffer budget.
+/// Data-In of a command, queued for the writer, with its share of the buffer budget. The
+/// Data-In PDUs of one command share it (an `Rc`); once the writer has sent the last of them
+/// the allocation is kept for a later command's Data-In ([`Conn::recycle_data_in`]): an `Rc`
+/// per read would be an allocation per read.
 pub(super) struct DataIn {
-    pub(super) buf: IoBuf,
-    pub(super) _mem: Option<Lease>,
+    /// None while kept between commands.
+    pub(super) buf: Option<IoBuf>,
+    pub(super) mem: Option<Lease>,
+    /// Its own bytes ([`DATA_IN_BYTES`]) charged to the buffer budget while the connection
+    /// keeps it (`Conn::charge_kept`); None when the budget had no room: it is freed after its command,
+    /// so what a connection keeps is always charged (as for the workers).
+    kept: Option<Lease>,
 }
 
-/// Bookkeeping of a running command (for aborts).
+/// Bytes of one kept Data-In: the value and the `Rc`'s two counts.
+const DATA_IN_BYTES: u64 = (std::mem::size_of::<DataIn>() + 2 * std::mem::size_of::<usize>()) as u64;
+
+/// Bookkeeping of a running command, as task management sees it (for aborts). Held by the
+/// worker that runs the command, which is in the connection's `tasks` under the command's tag
+/// while it runs: no allocation per command.
 pub(super) struct Running {
-    pub(super) lun: u64,
+    pub(super) lun: Cell<u64>,
     pub(super) aborted: Cell<bool>,
     pub(super) done: Cell<bool>,
 }
@@ -18,16 +31,20 @@ pub(super) struct Running {
 /// A task of the connection that runs its SCSI commands one after the other and is kept
 /// between them (idle in [`Workers`]): a task per command would allocate its frame per command.
 /// A connection has at most as many as it has had commands running at once.
-pub(super) struct Worker {
-    job: RefCell<Option<Job>>,
-    /// Set when the connection ends: the worker returns instead of waiting for a command.
-    stop: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-    /// Its memory ([`worker_bytes`]) charged to the connection's buffer budget for as long as
-    /// it is kept; None when the budget had no room: it ends after its command (holding that
-    /// memory only while the command runs, as a task per command did), so what a connection
-    /// keeps is always charged.
-    kept: Option<Lease>,
+pub(super) type Worker = reactor::Worker<Job, WorkerState>;
+
+/// The workers of one connection.
+pub(super) type Workers = reactor::Workers<Job, WorkerState>;
+
+/// What a worker keeps with it.
+pub(super) struct WorkerState {
+    /// The command it runs (reset for each command; see [`Running`]).
+    pub(super) run: Running,
+    /// Its memory ([`worker_bytes`]) charged to the buffer budget for as long as it is kept
+    /// (`Conn::charge_kept`); None when the budget had no room: it ends after its command
+    /// (holding that memory only while the command runs, as a task per command did), so what
+    /// a connection keeps is always charged.
+    _kept: Option<Lease>,
 }
 
 /// Bytes one kept worker holds: its task's future (with the frame of the command it runs),
@@ -36,88 +53,75 @@ pub fn worker_bytes() -> usize {
     reactor::task_bytes(&worker) + std::mem::size_of::<Worker>() + std::mem::size_of::<Rc<Worker>>()
 }
 
-impl Worker {
-    fn wake(&self) {
-        let w = self.waker.borrow_mut().take();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-
-    /// The next command; None once the connection ended.
-    async fn next(&self) -> Option<Job> {
-        std::future::poll_fn(|cx| {
-            if let Some(job) = self.job.borrow_mut().take() {
-                return Poll::Ready(Some(job));
-            }
-            if self.stop.get() {
-                return Poll::Ready(None);
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-}
-
-/// The workers of one connection.
-#[derive(Default)]
-pub(super) struct Workers {
-    /// Workers without a command; a command takes the last one.
-    idle: RefCell<Vec<Rc<Worker>>>,
-    /// The connection ended: a worker returns once its command is done.
-    stopping: Cell<bool>,
-}
-
-impl Workers {
-    /// Ends the workers (at the connection's end): the idle ones now, the busy ones (a command
-    /// past the drain timeout) when their command is done. Each drops its hold on the
-    /// connection then.
-    pub(super) fn stop(&self) {
-        self.stopping.set(true);
-        let idle = std::mem::take(&mut *self.idle.borrow_mut());
-        for w in idle {
-            w.stop.set(true);
-            w.wake();
-        }
-    }
-}
-
-/// A worker's life: a command, back to the idle list, the next command.
+/// A worker's life: a command, back to the idle list, the next command; woken without one
+/// (the connection ended: [`Workers::stop`]), it returns and drops its hold on the connection.
 async fn worker(conn: Rc<Conn>, w: Rc<Worker>) {
     while let Some(job) = w.next().await {
-        conn.clone().execute(job).await;
-        if conn.workers.stopping.get() || w.kept.is_none() {
+        conn.clone().execute(job, &w.state.run).await;
+        if !conn.workers.finished(&w) {
             return;
         }
-        conn.workers.idle.borrow_mut().push(w.clone());
     }
 }
 
 impl Conn {
     /// Runs `job` in an idle worker, or in a new one when all are busy (during warm-up, or
-    /// when the initiator goes deeper than before).
+    /// when the initiator goes deeper than before). The worker enters `tasks` under the
+    /// command's tag, where task management finds it.
     pub(super) fn start_command(self: &Rc<Self>, job: Job) {
-        let idle = self.workers.idle.borrow_mut().pop();
-        let w = match idle {
-            Some(w) => w,
-            None => {
-                // Only when it fits: a refusal here is no initiator's (`try_charge` counts those).
-                let n = worker_bytes() as u64;
-                let kept = self.budget.fits(n).ok().and_then(|()| self.budget.try_charge(n).ok());
-                let w = Rc::new(Worker { job: RefCell::new(None), stop: Cell::new(false), waker: RefCell::new(None), kept });
-                reactor::spawn_detached(worker(self.clone(), w.clone()));
-                w
-            }
+        let (itt, lun) = (job.itt, scsi::decode_lun(&job.lun_field).unwrap_or(u64::MAX));
+        let make = || {
+            let kept = self.charge_kept(worker_bytes() as u64);
+            let is_kept = kept.is_some();
+            let run = Running { lun: Cell::new(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) };
+            (WorkerState { run, _kept: kept }, is_kept)
         };
-        let previous = w.job.borrow_mut().replace(job);
-        assert!(previous.is_none(), "an idle worker had a command");
-        w.wake();
+        let w = self.workers.dispatch(job, make, |w| reactor::spawn_detached(worker(self.clone(), w)));
+        // The worker runs the command once this task yields: its bookkeeping is set now.
+        let run = &w.state.run;
+        run.lun.set(lun);
+        run.aborted.set(false);
+        run.done.set(false);
+        self.st.borrow_mut().tasks.insert(itt, TaskSlot::Running(w));
+    }
+
+    /// A charge of `n` bytes for something the connection keeps between commands, or None
+    /// when the core's budget has no room for it (then it is not kept). Charged to the core
+    /// only (`try_charge_state`), not to the connection's limit for its commands' buffers.
+    pub(super) fn charge_kept(&self, n: u64) -> Option<Lease> {
+        self.budget.try_charge_state(n)
+    }
+
+    /// A Data-In for `buf`, in a kept allocation when there is one.
+    fn data_in(&self, buf: IoBuf, mem: Option<Lease>) -> Rc<DataIn> {
+        let spare = self.spare_data_in.borrow_mut().pop();
+        match spare {
+            Some(mut d) => {
+                let x = Rc::get_mut(&mut d).expect("a kept Data-In is not shared");
+                x.buf = Some(buf);
+                x.mem = mem;
+                d
+            }
+            None => Rc::new(DataIn { buf: Some(buf), mem, kept: self.charge_kept(DATA_IN_BYTES) }),
+        }
+    }
+
+    /// Called by the writer with each Data-In PDU it has sent: once the command's last one is
+    /// sent, the buffer and its charge go back and the allocation is kept for the next
+    /// command's Data-In (if it is charged and the connection is not closing).
+    pub(super) fn recycle_data_in(&self, mut d: Rc<DataIn>) {
+        // Shared: other PDUs of the command are still queued; dropping ours is the count.
+        let Some(x) = Rc::get_mut(&mut d) else { return };
+        x.buf = None;
+        x.mem = None;
+        if x.kept.is_some() && !self.control.closing.get() {
+            self.spare_data_in.borrow_mut().push(d);
+        }
     }
 
     /// Runs one SCSI command and sends its data and status.
-    pub(super) async fn execute(self: Rc<Self>, job: Job) {
-        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, run, t0, failed, mem } = job;
+    pub(super) async fn execute(self: Rc<Self>, job: Job, run: &Running) {
+        let Job { itt, immediate, lun_field, flags, edtl, need, unit, cmd, data, t0, failed, mem } = job;
         let read_flag = flags & pdu::FLAG_READ != 0;
         let edtl_in = if read_flag { edtl } else { 0 };
         let mut din: Option<IoBuf> = None;
@@ -206,7 +210,7 @@ impl Conn {
                 // Residuals against the direction that carried data (RFC 7143 §11.4.5).
                 let (flag, residual) = if need > 0 || flags & pdu::FLAG_WRITE != 0 { residual_of(need, edtl) } else { residual_of(produced, edtl) };
                 if sent > 0 {
-                    let buf = Rc::new(DataIn { buf: din.take().expect("data produced into a buffer"), _mem: mem });
+                    let buf = self.data_in(din.take().expect("data produced into a buffer"), mem);
                     self.send_data_in(itt, &lun_field, buf, sent, done.status, flag, residual);
                 } else {
                     self.send_response(itt, done.status as u8, None, flag, residual, 0);
@@ -292,7 +296,6 @@ pub(super) struct Job {
     pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
     pub(super) cmd: Result<Command, Sense>,
     pub(super) data: Option<(IoBuf, usize)>,
-    pub(super) run: Rc<Running>,
     pub(super) t0: u64,
     pub(super) failed: Option<Sense>,
     pub(super) mem: Option<Lease>,

@@ -2,15 +2,17 @@
 
 use super::*;
 
-/// A command whose Data-Out is still arriving.
+/// A command whose Data-Out is still arriving. Boxed (a task entry stays small), and the box
+/// is kept for the next write once the command runs (`State::spare_xfers`).
 pub(super) struct WriteXfer {
     pub(super) itt: u32,
     pub(super) immediate: bool,
-    pub(super) lun: Arc<Lun>,
-    pub(super) nexus: Rc<Nexus>,
+    /// The LUN and the nexus; None while the box is kept (it must not keep a LUN alive).
+    pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
     pub(super) lun_field: [u8; 8],
     pub(super) cmd: Command,
-    pub(super) buf: IoBuf,
+    /// The Data-Out buffer; None while the box is kept.
+    pub(super) buf: Option<IoBuf>,
     pub(super) edtl: u32,
     /// Bytes the command takes: min(EDTL, what the CDB needs).
     pub(super) collect: u32,
@@ -20,12 +22,17 @@ pub(super) struct WriteXfer {
     pub(super) unsolicited_pending: bool,
     pub(super) unsolicited_data_sn: u32,
     pub(super) next_r2t: u32,
+    /// Outstanding R2Ts; its capacity is kept with the box.
     pub(super) r2ts: Vec<R2tState>,
     pub(super) r2t_sn: u32,
     /// Set when data arrived damaged (digest): the command ends with CHECK CONDITION.
     pub(super) failed: Option<Sense>,
     pub(super) t0: u64,
     pub(super) mem: Option<Lease>,
+    /// The box's bytes ([`Conn::xfer_bytes`]) charged to the buffer budget while the
+    /// connection keeps it (`Conn::charge_kept`); None when the budget had no room: it is freed after its command,
+    /// so what a connection keeps is always charged (as for the workers).
+    pub(super) kept: Option<Lease>,
 }
 
 pub(super) struct R2tState {
@@ -37,6 +44,30 @@ pub(super) struct R2tState {
 }
 
 impl Conn {
+    /// Bytes of one kept transfer: the box and its R2T vector at the most R2Ts it can hold.
+    fn xfer_bytes(&self) -> u64 {
+        (std::mem::size_of::<WriteXfer>() + self.p.max_outstanding_r2t as usize * std::mem::size_of::<R2tState>()) as u64
+    }
+
+    /// `x` in a box: a kept one when there is one (its R2T vector and charge stay with it),
+    /// else a new one, charged if the budget has room.
+    pub(super) fn boxed_xfer(&self, mut x: WriteXfer) -> Box<WriteXfer> {
+        let spare = self.st.borrow_mut().spare_xfers.pop();
+        match spare {
+            Some(mut b) => {
+                x.r2ts = std::mem::take(&mut b.r2ts);
+                x.r2ts.clear();
+                x.kept = b.kept.take();
+                *b = x;
+                b
+            }
+            None => {
+                x.kept = self.charge_kept(self.xfer_bytes());
+                Box::new(x)
+            }
+        }
+    }
+
     /// Sends the R2Ts a transfer may have outstanding, or runs the command once all its data
     /// is in.
     pub(super) fn advance_write(self: &Rc<Self>, mut x: Box<WriteXfer>) {
@@ -61,9 +92,7 @@ impl Conn {
             self.st.borrow_mut().tasks.insert(x.itt, TaskSlot::Receiving(x));
             return;
         }
-        let x = *x;
-        let run = Rc::new(Running { lun: scsi::decode_lun(&x.lun_field).unwrap_or(u64::MAX), aborted: Cell::new(false), done: Cell::new(false) });
-        self.st.borrow_mut().tasks.insert(x.itt, TaskSlot::Running(run.clone()));
+        // All data in: what the command needs moves to its job; the box, emptied, is kept.
         let job = Job {
             itt: x.itt,
             immediate: x.immediate,
@@ -71,14 +100,16 @@ impl Conn {
             flags: pdu::FLAG_WRITE,
             edtl: x.edtl,
             need: x.need,
-            unit: Some((x.lun, x.nexus)),
+            unit: x.unit.take(),
             cmd: Ok(x.cmd),
-            data: Some((x.buf, x.collect as usize)),
-            run,
+            data: x.buf.take().map(|b| (b, x.collect as usize)),
             t0: x.t0,
-            failed: x.failed,
-            mem: x.mem,
+            failed: x.failed.take(),
+            mem: x.mem.take(),
         };
+        if x.kept.is_some() {
+            self.st.borrow_mut().spare_xfers.push(x);
+        }
         self.start_command(job);
     }
 
@@ -119,7 +150,8 @@ impl Conn {
         }
         let lo = (offset as usize).min(x.collect as usize);
         let hi = (end as usize).min(x.collect as usize);
-        let ok = rb.read_segment(s, dsl, &mut x.buf[lo..hi], self.p.data_digest).await?;
+        let buf = x.buf.as_mut().expect("a receiving transfer has its buffer");
+        let ok = rb.read_segment(s, dsl, &mut buf[lo..hi], self.p.data_digest).await?;
         if !ok {
             self.shared.counters.digest_errors.fetch_add(1, Relaxed);
             self.reject(reject::DATA_DIGEST_ERROR, bhs);

@@ -28,7 +28,7 @@ mod text_req;
 mod transmit;
 
 use self::admission::MAX_CONTROL_DATA_IN;
-use self::command::{DataIn, Job, Running, Workers};
+use self::command::{DataIn, Job, Running, Worker, Workers};
 use self::data_out::WriteXfer;
 use self::login_phase::{login_phase, LOGIN_TIMEOUT};
 use self::receive::{SegmentRead, MAX_AHS};
@@ -139,9 +139,10 @@ pub(crate) async fn serve(s: reactor::Accepted, shared: Arc<IscsiShared>, pg_tag
     conns.0.borrow_mut().remove(&id);
 }
 
+/// A command of the connection by its tag: receiving its Data-Out, or running in a worker.
 enum TaskSlot {
     Receiving(Box<WriteXfer>),
-    Running(Rc<Running>),
+    Running(Rc<Worker>),
 }
 
 struct State {
@@ -161,6 +162,12 @@ struct State {
     last_rx_ns: u64,
     /// Rest of a SendTargets answer too long for one PDU: (TTT, bytes).
     text_rest: Option<(u32, Vec<u8>)>,
+    /// Write transfers' boxes (with their R2T vectors) kept for the next writes: a box per
+    /// write would be an allocation per write. Each is charged while kept
+    /// (`WriteXfer::kept`); at most as many as writes ever received data at once. Boxes, not
+    /// values: the box itself moves into `TaskSlot::Receiving` and back, never reallocated.
+    #[allow(clippy::vec_box)]
+    spare_xfers: Vec<Box<WriteXfer>>,
 }
 
 struct Conn {
@@ -191,6 +198,8 @@ struct Conn {
     replies: Cell<u32>,
     /// The tasks that run this session's SCSI commands, kept between commands.
     workers: Workers,
+    /// Data-In allocations whose PDUs are sent, kept for the next reads (`recycle_data_in`).
+    spare_data_in: RefCell<Vec<Rc<DataIn>>>,
 }
 
 /// Why the reader stops.
@@ -256,6 +265,7 @@ impl Conn {
                 ping: None,
                 last_rx_ns: reactor::now_ns(),
                 text_rest: None,
+                spare_xfers: Vec::new(),
             }),
             out: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
@@ -263,6 +273,7 @@ impl Conn {
             budget,
             replies: Cell::new(0),
             workers: Workers::default(),
+            spare_data_in: RefCell::new(Vec::new()),
         }
     }
 
@@ -296,19 +307,26 @@ impl Conn {
             }
             reactor::sleep(Duration::from_micros(200)).await;
         }
-        self.st.borrow_mut().tasks.clear();
+        {
+            let mut st = self.st.borrow_mut();
+            st.tasks.clear();
+            // Their charges go back with the connection's (and not later, when the last
+            // `Rc<Conn>` goes).
+            st.spare_xfers.clear();
+        }
         // The workers hold the connection: they end now (a command still running past the
         // drain timeout ends its worker when it is done).
         self.workers.stop();
         drop(pinger);
         // Let the writer send what is queued (a Reject, a logout answer), but not forever.
         let _ = reactor::timeout(Duration::from_secs(5), writer).await;
+        self.spare_data_in.borrow_mut().clear();
         self.stream.shutdown();
     }
 
     /// Some command runs (its buffers are in a bdev's hands, its answer still to come).
     fn any_running(&self) -> bool {
-        self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(r) if !r.done.get()))
+        self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.state.run.done.get()))
     }
 }
 

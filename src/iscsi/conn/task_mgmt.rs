@@ -32,7 +32,7 @@ impl Conn {
     pub(super) async fn drain(&self, which: impl Fn(&Running) -> bool) {
         let start = reactor::now_ns();
         loop {
-            let busy = self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(r) if !r.done.get() && which(r)));
+            let busy = self.st.borrow().tasks.values().any(|t| matches!(t, TaskSlot::Running(w) if !w.state.run.done.get() && which(&w.state.run)));
             if !busy || reactor::now_ns().saturating_sub(start) > DRAIN_TIMEOUT.as_nanos() as u64 {
                 return;
             }
@@ -62,8 +62,9 @@ impl Conn {
                     true
                 }
             }
-            TaskSlot::Running(r) => {
-                if which(itt, r.lun) && !r.done.get() {
+            TaskSlot::Running(w) => {
+                let r = &w.state.run;
+                if which(itt, r.lun.get()) && !r.done.get() {
                     r.aborted.set(true);
                     n += 1;
                 }
@@ -162,7 +163,7 @@ impl Conn {
         self.replies.set(self.replies.get() + 1);
         reactor::spawn_detached(async move {
             if let Some(l) = wait_lun {
-                this.drain(|r| r.aborted.get() && (l.is_none() || Some(r.lun) == l)).await;
+                this.drain(|r| r.aborted.get() && (l.is_none() || Some(r.lun.get()) == l)).await;
             }
             let mut h = Bhs::new(opcode::TMF_RESP);
             h.0[1] = 0x80;

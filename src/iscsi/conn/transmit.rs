@@ -32,7 +32,7 @@ impl OutPdu {
         match &self.data {
             OutData::None => &[],
             OutData::Owned(v) => v,
-            OutData::Shared(b, off, len) => &b.buf[*off..*off + *len],
+            OutData::Shared(b, off, len) => &b.buf.as_ref().expect("a queued Data-In has its buffer")[*off..*off + *len],
         }
     }
 }
@@ -120,7 +120,11 @@ impl Conn {
                 }
             }
             let r = self.stream.write_all_vectored(&mut iov[..k]).await;
-            batch.clear();
+            for p in batch.drain(..) {
+                if let OutData::Shared(d, ..) = p.data {
+                    self.recycle_data_in(d);
+                }
+            }
             if r.is_err() {
                 self.control.close();
                 self.out.borrow_mut().clear();
