@@ -171,10 +171,11 @@ impl Drop for Grant {
         // Off a core (a simulated crash tearing everything down) there is no shard left to
         // tell: the whole table is being dropped.
         let Some(core) = reactor::try_current() else { return };
-        let (space, start, shard) = (self.space.clone(), self.start, self.shard);
+        let (start, shard) = (self.start, self.shard);
         if core.index() == shard {
-            core.local::<ShardTable>().release(&space, start);
+            core.local::<ShardTable>().release(&self.space, start);
         } else {
+            let space = self.space.clone();
             reactor::send_to(shard, move || reactor::with_core(|c| c.local::<ShardTable>()).release(&space, start));
         }
     }
@@ -242,7 +243,9 @@ impl ShardTable {
         // Held ranges are disjoint (checked just above): two grants never share a start.
         let prev = s.held.insert(start, end);
         assert!(prev.is_none(), "extent lock {start}..{end} granted over a held range");
-        space.stats[shard].acquired.fetch_add(1, Relaxed);
+        // Only this shard's core writes its statistics: a load and a store, no locked add.
+        let acquired = &space.stats[shard].acquired;
+        acquired.store(acquired.load(Relaxed) + 1, Relaxed);
         Ok(Grant { space: space.clone(), shard, start, armed: true })
     }
 
@@ -263,6 +266,9 @@ impl ShardTable {
         // Grant, in FIFO order, every waiter that overlaps neither a held range nor an earlier
         // waiter that stays queued. A grant nobody can receive any more is released on the
         // spot, which may free more waiters: repeat until nothing changes.
+        if s.waiters.is_empty() {
+            return;
+        }
         let now = reactor::now_ns();
         loop {
             let mut changed = false;
