@@ -73,7 +73,10 @@ pub fn mem_total() -> u64 {
     text.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
 }
 
-/// Per-core figures readable from other threads (metrics).
+/// Per-core figures readable from other threads (metrics). Aligned to a cache-line pair (as
+/// `CachePadded`): a core stores `used` twice per command, and unaligned 40-byte entries put
+/// neighbouring cores' figures on one line, bounced between them on every command.
+#[repr(align(128))]
 struct CoreStats {
     used: AtomicU64,
     peak: AtomicU64,

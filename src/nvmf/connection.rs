@@ -231,7 +231,9 @@ struct QState {
     ddgst: bool,
     data_align: usize,
     ic_done: bool,
-    binding: Option<Binding>,
+    /// Shared by the connection's commands by `Rc`: a clone per command of the `Arc` inside
+    /// would write the controller's count, one cache line for every core the host's queues use.
+    binding: Option<Rc<Binding>>,
     /// The queue's DH-HMAC-CHAP state when its host must authenticate.
     auth: Option<Box<QueueAuth>>,
     sqhd: u16,
@@ -689,7 +691,7 @@ impl Conn {
         }
     }
 
-    pub fn binding(&self) -> Option<Binding> {
+    pub fn binding(&self) -> Option<Rc<Binding>> {
         self.st.borrow().binding.clone()
     }
 
@@ -984,7 +986,7 @@ impl Conn {
     }
 
     /// Runs a command whose data (if it sends any) is all here.
-    fn execute(self: &Rc<Self>, binding: Option<Binding>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
+    fn execute(self: &Rc<Self>, binding: Option<Rc<Binding>>, slot: Option<u16>, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
         let Some(b) = binding else {
             return self.complete(slot, &sqe, Status::generic(sc::COMMAND_SEQUENCE_ERROR), 0, TxData::None);
         };
@@ -1131,7 +1133,7 @@ impl Conn {
         }
         let mut st = self.st.borrow_mut();
         st.slots.resize(b.sqsize as usize + 1);
-        st.binding = Some(b);
+        st.binding = Some(Rc::new(b));
         st.auth = auth;
         Ok(result)
     }

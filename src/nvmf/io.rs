@@ -238,7 +238,7 @@ fn read_buffer_len(op: &Op) -> usize {
 }
 
 /// Starts I/O command `sqe` on `conn` (the reader's path: checks, then one task).
-pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Binding, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
+pub(crate) fn start(conn: &Rc<Conn>, slot: Option<u16>, b: Rc<Binding>, sqe: Sqe, plan: DataPlan, data: Option<(IoBuf, Lease)>) {
     if !b.ctrl.is_ready() {
         // A controller torn down (its listener removed, its keep-alive expired, its subsystem
         // deleted) still reads the commands already on its socket: they get a path error with
