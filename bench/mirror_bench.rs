@@ -8,6 +8,8 @@
 //! 3. Host write latency in the windows around a split against the same windows without one
 //!    (a split must not pause host I/O).
 
+mod prefill;
+
 use clap::Parser;
 use hdrhistogram::Histogram;
 use std::cell::RefCell;
@@ -101,27 +103,6 @@ fn iops(t: &Target, bdev: &str, a: &Args) -> (f64, f64) {
     (ops as f64 / a.time as f64, h.value_at_quantile(0.99) as f64 / 1000.0)
 }
 
-/// Writes the whole of `bdev` once, sequentially in 1 MiB writes.
-fn prefill(t: &Target, bdev: &str) {
-    let e = t.bdevs.get(bdev).unwrap_or_else(|| fail(&format!("no {bdev}")));
-    let name = bdev.to_string();
-    t.reactors
-        .call_async(0, Duration::from_secs(600), move || async move {
-            let ch = Channel::get(&e).unwrap_or_else(|x| fail(&x.to_string()));
-            let buf = IoBuf::zeroed(1 << 20);
-            let step = (1u64 << 20) / ch.block_size() as u64;
-            let mut off = 0;
-            while off < ch.num_blocks() {
-                let n = step.min(ch.num_blocks() - off);
-                if let Err(x) = ch.write_buf(off, &buf[..(n * ch.block_size() as u64) as usize]).await {
-                    fail(&format!("prefill of {name}: {x}"));
-                }
-                off += n;
-            }
-        })
-        .unwrap_or_else(|e| fail(&e.to_string()));
-}
-
 fn mirror(t: &Target, name: &str) -> Arc<dyn Bdev> {
     let e = t.bdevs.get(name).unwrap_or_else(|| fail("no mirror"));
     e.bdev().clone()
@@ -170,8 +151,9 @@ fn main() {
     iops(t, "m0", &warm);
     // Every block written once first: RAM legs are backed lazily and files allocate on first
     // write, and neither cost belongs in a steady-state comparison.
-    prefill(t, "single");
-    prefill(t, "m0");
+    for b in ["single", "m0"] {
+        prefill::prefill(t, b).unwrap_or_else(|e| fail(&e));
+    }
     let (single, single_p99) = iops(t, "single", &a);
     let (mirror_iops, mirror_p99) = iops(t, "m0", &a);
     println!(

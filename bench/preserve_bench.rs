@@ -16,6 +16,8 @@
 //! A last phase measures first writes after a preserve (each to a grain not yet copied)
 //! against plain writes to the same grains, and the lookup tables' RAM per copied grain.
 
+mod prefill;
+
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -66,7 +68,7 @@ fn fail(msg: &str) -> ! {
 }
 
 /// Writes `mb` MiB of a byte to `path` (real blocks, not a sparse file).
-fn prefill(path: &std::path::Path, mb: u64, byte: u8) {
+fn prefill_file(path: &std::path::Path, mb: u64, byte: u8) {
     let mut f = std::fs::File::create(path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
     let chunk = vec![byte; 1 << 20];
     for _ in 0..mb {
@@ -194,8 +196,8 @@ fn main() {
     // Two snapshots live at once (the previous one is deleted half an interval later).
     let store_mb = 2 * a.size_mb + a.size_mb / 8 + 16;
     eprintln!("preparing {} MiB base and {store_mb} MiB store in {}", a.size_mb, dir.display());
-    prefill(&dir.join("base.img"), a.size_mb, 0x5A);
-    prefill(&dir.join("store.img"), store_mb, 0);
+    prefill_file(&dir.join("base.img"), a.size_mb, 0x5A);
+    prefill_file(&dir.join("store.img"), store_mb, 0);
     let text = format!(
         "[daemon]\ndata_dir = {:?}\nbuffer_pool_mb = 64\n[reactor]\ncpumask = {:?}\npoll_mode = \"busy\"\n[metrics]\nlisten = \"\"\n\
          [[bdev]]\nmethod = \"bdev_uring_create\"\nparams = {{ name = \"base\", filename = \"base.img\", block_size = 512 }}\n\
@@ -222,7 +224,7 @@ fn main() {
     // Phase 0: what the CoW layer costs a volume nobody preserves (no snapshot), against its
     // base bdev written directly, in pairs A B A B: on RAM (the layer's CPU cost shows) and
     // on the files.
-    prefill_bdev(&target, "rbase");
+    prefill::prefill(&target, "rbase").unwrap_or_else(|e| fail(&e));
     for (vol, base, what) in [("rvol", "rbase", "RAM"), ("vol", "base", "files")] {
         let (mut v, mut b) = (Vec::new(), Vec::new());
         for _ in 0..PAIRS {
@@ -474,28 +476,6 @@ fn timed_writes(target: &tidemark::target::Target, bdev: &str, qd: usize, io_blo
         .unwrap_or_else(|e| fail(&e.to_string()));
     let _ = timer.join();
     n as f64 / s.elapsed().as_secs_f64()
-}
-
-/// Writes the whole of a RAM bdev once (its pages are mapped on first touch: a page fault per
-/// first write would be measured otherwise).
-fn prefill_bdev(target: &tidemark::target::Target, bdev: &str) {
-    let entry = target.bdevs.get(bdev).unwrap_or_else(|| fail(&format!("no {bdev}")));
-    target
-        .reactors
-        .call_async(0, Duration::from_secs(600), move || async move {
-            let ch = Channel::get(&entry).unwrap_or_else(|e| fail(&e.to_string()));
-            let buf = IoBuf::zeroed(1 << 20);
-            let step = (1u64 << 20) / ch.block_size() as u64;
-            let mut off = 0;
-            while off < ch.num_blocks() {
-                let n = step.min(ch.num_blocks() - off);
-                if let Err(e) = ch.write_buf(off, &buf[..(n * ch.block_size() as u64) as usize]).await {
-                    fail(&format!("prefill: {e}"));
-                }
-                off += n;
-            }
-        })
-        .unwrap_or_else(|e| fail(&e.to_string()));
 }
 
 /// The bench's directory: `--dir`, or a fresh one under the temp dir, removed at the end.
