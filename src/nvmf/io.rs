@@ -336,8 +336,10 @@ pub(crate) struct Job {
 /// A task of a connection that runs its I/O commands, one at a time, and is kept between them
 /// (idle in [`Workers`]): a task per command would allocate its frame per command. A
 /// connection has at most as many as it has had commands running at once, so never more than
-/// its slots. Its state: its memory ([`worker_bytes`]) charged to the connection's buffer
-/// budget for as long as it is kept; None when the budget had no room: it ends after its
+/// its slots. Its state: its memory ([`worker_bytes`]) charged to the core's buffer budget as
+/// connection state (`ConnBudget::try_charge_state`, as iSCSI's kept workers: charged to the
+/// connection's limit it would take its commands' room) for as long as it is kept; None when
+/// the core had no room: it ends after its
 /// command, holding that memory only while the command runs (what a task per command held,
 /// uncharged), so what a connection keeps is always charged.
 pub(crate) type Worker = reactor::Worker<Job, Option<Lease>>;
@@ -361,9 +363,7 @@ fn dispatch(conn: &Rc<Conn>, job: Job) {
     conn.io_started();
     let workers = conn.workers();
     let make = || {
-        // Only when it fits: a refusal here is no host's (`try_charge` counts those).
-        let n = worker_bytes() as u64;
-        let kept = conn.budget().fits(n).ok().and_then(|()| conn.budget().try_charge(n).ok());
+        let kept = conn.budget().try_charge_state(worker_bytes() as u64);
         let is_kept = kept.is_some();
         (kept, is_kept)
     };
