@@ -2,8 +2,9 @@
 //! and the control flows that change the snapshot list (open/recover, preserve, seal, delete).
 //! Other cores reach it with `call_on`; nothing here is touched by another core.
 //!
-//! Records and the header have a committer each. The record committer (one flush + record
-//! pages + one flush per batch) is what a host write that copies waits for; the header
+//! Records and the header have a committer each. The record committer (record pages + one
+//! flush per batch; a record that names new data carries a check of it, see `layout`, so the
+//! data needs no flush of its own first) is what a host write that copies waits for; the header
 //! committer (header + flush) is what a preserve, a seal, a delete or a failure waits for. Host
 //! writes never wait for a header write (DESIGN §1: no host I/O waits for a preserve): a record
 //! carrying an index whose header is not durable yet is harmless, since recovery drops the bits
@@ -11,7 +12,7 @@
 //! header is durable.
 
 use super::layout::{
-    self, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES,
+    self, Check, DiskState, Geometry, Header, SnapRecord, HEADER_BYTES, MAX_PIECES, MAX_SNAPSHOTS, PAGE_BYTES, RECORDS_OFFSET, RECORDS_PER_PAGE, RECORD_BYTES,
 };
 use super::table::ZeroMap;
 use super::{CowStats, SnapMeta, SnapSlot, VolumeShared, DEFAULT_GRAIN_KB, NO_LOCKLESS_EPOCH, ST_DELETING, ST_DRAINING, ST_FAILED, ST_FREE, ST_SEALED};
@@ -44,14 +45,15 @@ pub struct OpenParams {
 }
 
 /// A change of one slot record. The slot's piece bitmap is set by the writer (under the
-/// grain's lock, after the pieces' data is written) before it asks for the change.
+/// grain's lock, after the pieces' data is written) before it asks for the change. A change
+/// that names data written since the last flush carries its check (`layout::Check`).
 pub(crate) enum Update {
     /// Slot `slot` now holds grain `grain` for the snapshots of `mask`.
-    Set { slot: u32, grain: u32, mask: u32 },
+    Set { slot: u32, grain: u32, mask: u32, check: Check },
     /// The snapshots of `mask` no longer use slot `slot`.
     Clear { slot: u32, mask: u32 },
     /// Slot `slot` holds more pieces than its record on media says.
-    Pieces { slot: u32 },
+    Pieces { slot: u32, check: Check },
 }
 
 struct Home {
@@ -61,6 +63,12 @@ struct Home {
     /// Slots freed by record changes not yet durable: reusable once their batch is.
     freed_pending: RefCell<Vec<u32>>,
     dirty: RefCell<BTreeSet<u64>>,
+    /// Checks the next write of their record's page carries (slots whose copy is not durable).
+    checks: RefCell<BTreeMap<u32, Check>>,
+    /// Slots whose record on media may still carry a check: their data is durable, but until
+    /// the page is written again their bytes must not change in place (the check would fail
+    /// after a crash and drop them). Cleared by the next batch, which rewrites their pages.
+    checked_on_media: RefCell<BTreeSet<u32>>,
     /// Waiters for the next record batch.
     waiters: RefCell<Vec<oneshot::Sender<IoResult>>>,
     /// The in-memory snapshot list changed since the last header write was built.
@@ -119,12 +127,16 @@ impl Home {
         let valid = self.valid_mask();
         for u in updates {
             let (slot, grain, mask) = match u {
-                Update::Set { slot, grain, mask } => (slot, grain, mask & valid),
+                Update::Set { slot, grain, mask, check } => {
+                    self.set_check(slot, check);
+                    (slot, grain, mask & valid)
+                }
                 Update::Clear { slot, mask } => {
                     let r = self.v.records.at(slot as usize).load(Relaxed);
                     (slot, layout::record_grain(r), layout::record_mask(r) & !mask)
                 }
-                Update::Pieces { slot } => {
+                Update::Pieces { slot, check } => {
+                    self.set_check(slot, check);
                     self.dirty.borrow_mut().insert(slot as u64 / RECORDS_PER_PAGE);
                     continue;
                 }
@@ -141,6 +153,49 @@ impl Home {
             }
         }
         self.wait_batch()
+    }
+
+    fn set_check(&self, slot: u32, check: Check) {
+        if check.added != 0 {
+            self.checks.borrow_mut().insert(slot, check);
+        }
+    }
+
+    /// Whether slot `slot`'s record on media may carry a check (or is about to): if so, its
+    /// page is queued for a rewrite without it and the receiver says when that is durable.
+    fn unchecked(&self, slot: u32) -> Option<oneshot::Receiver<IoResult>> {
+        if !self.checks.borrow().contains_key(&slot) && !self.checked_on_media.borrow().contains(&slot) {
+            return None;
+        }
+        self.dirty.borrow_mut().insert(slot as u64 / RECORDS_PER_PAGE);
+        Some(self.wait_batch())
+    }
+
+    /// After a batch wrote `pages` (`ok`: durably), carrying the checks of `checked`: those
+    /// slots' data is durable now, so their checks leave RAM and their pages are queued again
+    /// (the next batch writes them without the checks, so the store is opened with few to
+    /// verify); slots whose page was written without a check have none on media.
+    fn batch_done(&self, pages: &[u64], checked: &[u32], ok: bool) {
+        let mut checks = self.checks.borrow_mut();
+        for s in checked {
+            checks.remove(s);
+        }
+        if !ok {
+            return;
+        }
+        let mut on_media = self.checked_on_media.borrow_mut();
+        for &p in pages {
+            let (a, b) = ((p * RECORDS_PER_PAGE) as u32, ((p + 1) * RECORDS_PER_PAGE).min(u32::MAX as u64) as u32);
+            let gone: Vec<u32> = on_media.range(a..b).copied().collect();
+            for s in gone {
+                on_media.remove(&s);
+            }
+        }
+        let mut dirty = self.dirty.borrow_mut();
+        for &s in checked {
+            on_media.insert(s);
+            dirty.insert(s as u64 / RECORDS_PER_PAGE);
+        }
     }
 
     /// Waits for the next record batch (it writes every record page dirty now).
@@ -202,7 +257,8 @@ impl Home {
                 let r = self.v.records.at(slot as usize).load(Relaxed);
                 if r != 0 {
                     let o = k as usize * RECORD_BYTES;
-                    b[o..o + RECORD_BYTES].copy_from_slice(&layout::encode_record(r, self.v.pieces.at(slot as usize).load(SeqCst)));
+                    let check = self.checks.borrow().get(&(slot as u32)).copied().unwrap_or_default();
+                    b[o..o + RECORD_BYTES].copy_from_slice(&layout::encode_record(r, self.v.pieces.at(slot as usize).load(SeqCst), check));
                 }
             }
         }
@@ -230,10 +286,10 @@ impl Home {
     }
 }
 
-/// Writes a record batch: flush (slot data durable), record pages, flush.
+/// Writes a record batch: record pages, flush. No flush before: the slot data the records
+/// name is either durable already or covered by the records' checks.
 async fn write_batch(v: &VolumeShared, pages: &[(u64, IoBuf)]) -> IoResult {
     let store = Channel::get(&v.store)?;
-    store.flush().await?;
     let writes = pages.iter().map(|(p, b)| store.write_buf((RECORDS_OFFSET + p * PAGE_BYTES as u64) / v.store_bs, &b[..]));
     for r in futures::future::join_all(writes).await {
         r?;
@@ -272,10 +328,13 @@ async fn committer(h: Rc<Home>) {
             break;
         }
         let pages: Vec<(u64, IoBuf)> = std::mem::take(&mut *h.dirty.borrow_mut()).into_iter().map(|p| (p, h.page(p))).collect();
+        let numbers: Vec<u64> = pages.iter().map(|p| p.0).collect();
+        let checked: Vec<u32> = h.checks.borrow().keys().copied().filter(|&s| numbers.binary_search(&(s as u64 / RECORDS_PER_PAGE)).is_ok()).collect();
         let waiters = std::mem::take(&mut *h.waiters.borrow_mut());
         let freed = std::mem::take(&mut *h.freed_pending.borrow_mut());
-        log::trace!("{}: commit pages {:?}", h.v.props.name(), pages.iter().map(|p| p.0).collect::<Vec<_>>());
+        log::trace!("{}: commit pages {numbers:?}", h.v.props.name());
         let r = write_batch(&h.v, &pages).await;
+        h.batch_done(&numbers, &checked, r.is_ok());
         if let Err(e) = &r {
             log::error!("{}: writing CoW metadata to {} failed: {e}", h.v.props.name(), h.v.store.name());
         } else {
@@ -355,6 +414,18 @@ pub(crate) async fn commit(v: &VolumeShared, updates: Vec<Update>) -> IoResult {
     rx.await.unwrap_or(Err(BdevError::Offline))
 }
 
+/// Waits until slot `slot`'s record on media carries no check, so that bytes of its pieces
+/// may change in place (a check written for the old bytes would drop them after a crash).
+pub(crate) async fn unchecked(v: &VolumeShared, slot: u32) -> IoResult {
+    let id = v.id;
+    loop {
+        match reactor::call_on(v.home, move || home_of(id).map(|h| h.unchecked(slot))).await.ok_or(BdevError::Offline)? {
+            None => return Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(BdevError::Offline))?,
+        }
+    }
+}
+
 /// Writes the header (with every change made to the snapshot list so far) and waits until it
 /// is durable.
 async fn header_durable(v: &VolumeShared) -> IoResult {
@@ -394,10 +465,15 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         None => {
             for copy in [&hb[..HEADER_BYTES], &hb[HEADER_BYTES..]] {
                 let version = u32::from_le_bytes(copy[8..12].try_into().expect("4 bytes"));
-                if copy[..8] == layout::MAGIC && version != layout::VERSION {
+                if copy[..8] == layout::MAGIC && !(layout::OLDEST_READABLE..=layout::VERSION).contains(&version) {
                     return Err(invalid(
                         &name,
-                        format!("store {} is in CoW store format {version}; this tidemark reads format {} only", store.name(), layout::VERSION),
+                        format!(
+                            "store {} is in CoW store format {version}; this tidemark reads formats {} to {}",
+                            store.name(),
+                            layout::OLDEST_READABLE,
+                            layout::VERSION
+                        ),
                     ));
                 }
             }
@@ -529,6 +605,8 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         hwm: Cell::new(0),
         freed_pending: RefCell::new(Vec::new()),
         dirty: RefCell::new(BTreeSet::new()),
+        checks: RefCell::new(BTreeMap::new()),
+        checked_on_media: RefCell::new(BTreeSet::new()),
         waiters: RefCell::new(Vec::new()),
         header_dirty: Cell::new(false),
         header_waiters: RefCell::new(Vec::new()),
@@ -573,13 +651,15 @@ fn check_grain(name: &str, grain_kb: u32, block_size: u32, store_bs: u64) -> Res
 /// Rebuilds the tables from the records and repairs what a crash left: bits of indices that
 /// are not live, entries beyond the volume, pieces beyond the grain, a grain claimed twice by
 /// one snapshot (a split cut between its two commits: either copy is a valid image of that
-/// draining snapshot), snapshots that were draining (now sealed), deletions half done.
+/// draining snapshot), snapshots that were draining (now sealed), deletions half done, copies
+/// whose check fails (the crash kept their record but not all of their data).
 async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
     let v = &h.v;
     let pages = v.geo.record_pages();
     let chunk = 64u64;
     let mut buf = IoBuf::alloc(chunk as usize * PAGE_BYTES);
-    let (mut hwm, mut used) = (0u32, 0u64);
+    let mut piece_buf = IoBuf::alloc(v.geo.grain_bytes as usize);
+    let (mut hwm, mut used, mut dropped) = (0u32, 0u64, 0u64);
     let mut p0 = 0;
     while p0 < pages {
         let n = (pages - p0).min(chunk);
@@ -591,7 +671,7 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
                 break;
             }
             let o = k as usize * RECORD_BYTES;
-            let (r, pieces) = layout::decode_record(&buf[o..o + RECORD_BYTES]);
+            let (r, mut pieces, check) = layout::decode_record(&buf[o..o + RECORD_BYTES]);
             if r == 0 {
                 continue;
             }
@@ -599,6 +679,17 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
             let mut m = layout::record_mask(r) & valid;
             if g as u64 >= v.num_grains {
                 m = 0;
+            }
+            if check.added != 0 {
+                // Cleared on media by the batch below, whatever the outcome.
+                h.dirty.borrow_mut().insert(slot / RECORDS_PER_PAGE);
+                if m != 0 && !check_holds(v, sch, slot as u32, g as u64, check, &mut piece_buf).await? {
+                    pieces &= !check.added;
+                    dropped += 1;
+                    if pieces == 0 {
+                        m = 0;
+                    }
+                }
             }
             let claimed = m;
             for i in (0..MAX_SNAPSHOTS).filter(|i| claimed & (1 << i) != 0) {
@@ -629,6 +720,12 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
         }
         p0 += n;
     }
+    if dropped > 0 {
+        log::warn!(
+            "volume {}: {dropped} copies in the CoW store were cut by a crash before they were durable; dropped (their host writes had not reached the volume)",
+            v.props.name()
+        );
+    }
     h.hwm.set(hwm);
     h.free.borrow_mut().extend((0..hwm).rev().filter(|&s| v.records.at(s as usize).load(Relaxed) == 0));
     v.stats.used_slots.store(used, Relaxed);
@@ -641,6 +738,17 @@ async fn recover(h: &Home, sch: &Channel, valid: u32) -> IoResult {
     Channel::get(&v.base)?.flush().await?;
     Channel::get(&v.store)?.flush().await?;
     write_header(v, &h.header()).await
+}
+
+/// Whether the pieces `check.added` of slot `slot` (grain `g`) read as the check says.
+async fn check_holds(v: &VolumeShared, sch: &Channel, slot: u32, g: u64, check: Check, buf: &mut IoBuf) -> Result<bool, BdevError> {
+    let mut crc = 0u32;
+    for (within, len) in v.piece_bytes(g, check.added) {
+        let rlen = (len as u64).div_ceil(v.store_bs) * v.store_bs;
+        sch.read_buf(v.store_offset_blocks(slot, within as u64), &mut buf[..rlen as usize]).await?;
+        crc = crc32c::crc32c_append(crc, &buf[..len]);
+    }
+    Ok(crc == check.crc)
 }
 
 /// Takes a preserve (rules in the module doc of `snapshot`). Returns (index, generation,

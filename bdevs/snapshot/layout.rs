@@ -14,12 +14,26 @@
 //! the slot's other pieces hold nothing anyone reads. A record is 16 bytes inside one 512-byte
 //! sector, so a torn page write leaves each record either old or new. Bits of snapshot indices
 //! that the header does not list as live are ignored (and cleared) when the store is opened.
+//!
+//! A record may also carry a *check* (format 3): the pieces its last change added and the
+//! CRC32C of their bytes (in piece order, each run of pieces as its bytes in the slot). That
+//! lets a copy and its record go to the store together and become durable with one flush: if
+//! a crash keeps the record but not all of the data, the check fails when the store is opened
+//! and the added pieces are dropped from the record (nothing read them as durable: the host
+//! write that needed them was not submitted before the flush completed, so the live image
+//! still holds their image). A check is cleared (written as zero) by the next write of its
+//! record page, so the store is opened with at most a few batches' checks to verify. Format 2
+//! stores (no checks: zeros there) are read as they are.
 
 use uuid::Uuid;
 
 pub const MAGIC: [u8; 8] = *b"TDMKCOW1";
-/// Format 2: records of 16 bytes with a piece bitmap (format 1 copied whole grains).
-pub const VERSION: u32 = 2;
+/// Format 3: records may carry a check of the pieces they add (format 2 had zeros there and is
+/// read as it is; format 1 copied whole grains). Written headers say 3, so an older tidemark
+/// refuses a store whose records it would trust without their check.
+pub const VERSION: u32 = 3;
+/// The oldest format this version reads.
+pub const OLDEST_READABLE: u32 = 2;
 pub const HEADER_BYTES: usize = 16 << 10;
 pub const RECORDS_OFFSET: u64 = 2 * HEADER_BYTES as u64;
 pub const PAGE_BYTES: usize = 4096;
@@ -144,16 +158,28 @@ pub fn record_mask(r: u64) -> u32 {
     (r >> 32) as u32
 }
 
-/// A record as stored: the word of [`record`], the piece bitmap, zeros.
-pub fn encode_record(r: u64, pieces: u16) -> [u8; RECORD_BYTES] {
+/// What a record's last change added and the CRC32C of those pieces' bytes (see the module
+/// doc); `added == 0` means nothing to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Check {
+    pub added: u16,
+    pub crc: u32,
+}
+
+/// A record as stored: the word of [`record`], the piece bitmap, the check.
+pub fn encode_record(r: u64, pieces: u16, check: Check) -> [u8; RECORD_BYTES] {
     let mut b = [0u8; RECORD_BYTES];
     b[0..8].copy_from_slice(&r.to_le_bytes());
     b[8..10].copy_from_slice(&pieces.to_le_bytes());
+    b[10..12].copy_from_slice(&check.added.to_le_bytes());
+    b[12..16].copy_from_slice(&check.crc.to_le_bytes());
     b
 }
 
-pub fn decode_record(b: &[u8]) -> (u64, u16) {
-    (u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")), u16::from_le_bytes([b[8], b[9]]))
+pub fn decode_record(b: &[u8]) -> (u64, u16, Check) {
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let word = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+    (word, u16_at(8), Check { added: u16_at(10), crc: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) })
 }
 
 impl Header {
@@ -192,7 +218,7 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        if u32_at(8) != VERSION {
+        if !(OLDEST_READABLE..=VERSION).contains(&u32_at(8)) {
             return None;
         }
         let mut copy = b[..HEADER_BYTES].to_vec();
@@ -276,8 +302,13 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let r = record(77, 0x8000_0001);
-        let b = encode_record(r, 0xA5A5);
-        assert_eq!(decode_record(&b), (r, 0xA5A5));
+        let c = Check { added: 0x0005, crc: 0xDEAD_BEEF };
+        let b = encode_record(r, 0xA5A5, c);
+        assert_eq!(decode_record(&b), (r, 0xA5A5, c));
+        // A format 2 record (zeros after the bitmap) reads as one with nothing to check.
+        let mut old = encode_record(r, 0xA5A5, c);
+        old[10..].fill(0);
+        assert_eq!(decode_record(&old), (r, 0xA5A5, Check::default()));
         assert_eq!(record_grain(r), 77);
         assert_eq!(record_mask(r), 0x8000_0001);
     }
