@@ -12,8 +12,8 @@
 //! its end), a job's CPU is its share of the measured cost, and a cross-core interaction
 //! costs:
 //!
-//! * a message (lock request, grant wake, release): [`MESSAGE_NS`], half on the sender and
-//!   half on the receiver, each half a job of its own on the receiving core;
+//! * a message (lock request, grant wake, release): [`MESSAGE_NS`], half in the sender's job
+//!   and half in a job queued on the receiving core, behind what that core already has;
 //! * a write to a cache line another core wrote last: [`TRANSFER_NS`] of stall on the writing
 //!   core. A line moves one core at a time (it is free again [`TRANSFER_NS`] after a transfer
 //!   started), so a line every I/O writes caps the I/O rate at one transfer per
