@@ -17,6 +17,7 @@
 //! - A limit change bumps a generation: cores drop their stocks, waiting I/O re-checks at the
 //!   next timeslice at the latest (clearing every limit releases the whole queue in order).
 
+use crossbeam_utils::CachePadded;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -125,7 +126,22 @@ impl Bucket {
     }
 }
 
+/// What every core writes while a limit is set: the buckets and the throttling totals.
+#[derive(Default)]
+struct Written {
+    buckets: [Bucket; 4],
+    /// Total time I/Os spent waiting for tokens.
+    throttled_ns: AtomicU64,
+    /// I/O that had to wait at least once.
+    throttled_ios: AtomicU64,
+}
+
 /// The QoS state of one bdev, shared by all cores.
+///
+/// The written part is `CachePadded` (which also aligns `Qos` to 128 bytes) so that `rates`,
+/// `enabled` and `generation`, loaded by every I/O and changed only by the control plane,
+/// sit on lines no core writes per I/O: a core's bucket take would otherwise invalidate the
+/// line holding `enabled` in every other core's cache (audit item G, docs/scaling.md).
 #[derive(Default)]
 pub struct Qos {
     /// Limits per second in their unit (I/Os, bytes), [`Kind`] order.
@@ -134,11 +150,7 @@ pub struct Qos {
     enabled: std::sync::atomic::AtomicBool,
     /// Bumped on every change; cores drop their stock when it moves.
     generation: AtomicU64,
-    buckets: [Bucket; 4],
-    /// Total time I/Os spent waiting for tokens.
-    throttled_ns: AtomicU64,
-    /// I/O that had to wait at least once.
-    throttled_ios: AtomicU64,
+    written: CachePadded<Written>,
 }
 
 impl Qos {
@@ -158,7 +170,7 @@ impl Qos {
         for (a, r) in self.rates.iter().zip(l.rates()) {
             a.store(r, Relaxed);
         }
-        for b in &self.buckets {
+        for b in &self.written.buckets {
             // A fresh start: debt under the old limit is forgiven, the next slice refills.
             b.avail.store(0, Relaxed);
             b.slice.store(0, Relaxed);
@@ -174,16 +186,16 @@ impl Qos {
     }
 
     pub fn throttled_ns(&self) -> u64 {
-        self.throttled_ns.load(Relaxed)
+        self.written.throttled_ns.load(Relaxed)
     }
 
     pub fn throttled_ios(&self) -> u64 {
-        self.throttled_ios.load(Relaxed)
+        self.written.throttled_ios.load(Relaxed)
     }
 
     pub(crate) fn add_throttled(&self, ns: u64) {
-        self.throttled_ns.fetch_add(ns, Relaxed);
-        self.throttled_ios.fetch_add(1, Relaxed);
+        self.written.throttled_ns.fetch_add(ns, Relaxed);
+        self.written.throttled_ios.fetch_add(1, Relaxed);
     }
 }
 
@@ -239,7 +251,7 @@ impl LocalQos {
                 continue;
             }
             let per_slice = (rate / (1_000_000_000 / TIMESLICE_NS)).max(1) as i64;
-            let bucket = &q.buckets[k as usize];
+            let bucket = &q.written.buckets[k as usize];
             bucket.refill(slice, per_slice);
             let chunk = (per_slice / CHUNK_DIVISOR as i64).max(1);
             let want = (n - stock.get()).max(chunk);
@@ -325,6 +337,22 @@ mod tests {
 
     fn within(got: u64, want: u64, pct: f64) -> bool {
         (got as f64 - want as f64).abs() <= want as f64 * pct / 100.0
+    }
+
+    /// The fields every I/O loads share no 128-byte block (a line and the one the adjacent-line
+    /// prefetcher pairs it with) with the buckets the cores write, nor with whatever follows
+    /// `Qos` in its owner.
+    #[test]
+    fn read_mostly_fields_are_off_the_written_lines() {
+        use std::mem::{align_of, offset_of, size_of};
+        let block = |off: usize| off / 128;
+        let w = offset_of!(Qos, written);
+        let written = block(w)..=block(w + size_of::<CachePadded<Written>>() - 1);
+        for (name, off, len) in [("rates", offset_of!(Qos, rates), size_of::<[AtomicU64; 4]>()), ("enabled", offset_of!(Qos, enabled), 1), ("generation", offset_of!(Qos, generation), 8)] {
+            assert!(!written.contains(&block(off)) && !written.contains(&block(off + len - 1)), "{name} shares a line with the buckets");
+        }
+        assert_eq!(align_of::<Qos>(), 128, "Qos must start a line so its read fields do not share one with its owner's");
+        assert_eq!(size_of::<Qos>() % 128, 0);
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! * [`lvol`]: the volume pool with snapshots, clones, reverts, resizes, deletes, a full pool
 //!   and crashes.
 //!
+//! Apart from those, [`scaling`] is docs/scaling.md's scaling model as a discrete-event
+//! simulation (n cores, per-I/O CPU measured on one, cross-core messages and line transfers):
+//! it runs no I/O code, only the code's placement rules (round-robin connections, the extent
+//! lock's `shard_of`), so it shares nothing else here.
+//!
 //! They share the scheduler ([`schedule`]: the seed picks the next core, `SIM_TRACE` prints
 //! events), the block tagging and checks ([`blocks`]), the devices, the model, the crash points
 //! ([`crash_point`]) and the one seed runner ([`seeds`]): `SEED=n` replays seed n exactly,
@@ -30,6 +35,7 @@ pub mod mirror;
 pub mod model;
 pub mod remote_leg;
 pub mod resv_leg;
+pub mod scaling;
 pub mod schedule;
 pub mod seeds;
 pub mod stale_head;

@@ -9,6 +9,16 @@ pub(super) const MAX_IMMEDIATE: u32 = 8;
 /// Largest Data-In buffer of commands that are not reads (their data is small).
 pub(super) const MAX_CONTROL_DATA_IN: u64 = 64 * 1024;
 
+/// A LUN as one connection uses it: the target's `Lun` and this connection's nexus on it.
+/// Kept per connection (`State::units`) and shared with its commands by `Rc`: a command
+/// cloning the `Arc<Lun>` would write the LUN's count, one cache line for every core with a
+/// session on that LUN, twice per command (audit item C, docs/scaling.md). A command's `Rc`
+/// still keeps the `Lun` (and its bdev hold) alive if the LUN is removed while it runs.
+pub(super) struct Bound {
+    pub(super) lun: Arc<Lun>,
+    pub(super) nexus: Rc<Nexus>,
+}
+
 impl Conn {
     /// CmdSN check of a non-immediate request: Some(true) accepted (ExpCmdSN advanced), false
     /// outside the window (silently ignored, RFC 7143 §4.2.2.1).
@@ -33,26 +43,38 @@ impl Conn {
         st.lun_generation = g;
         st.luns = node.luns();
         st.lun_ids = st.luns.iter().map(|l| l.id).collect();
-        let ids = st.lun_ids.clone();
-        st.nexus.retain(|id, _| ids.contains(id));
-        for nx in st.nexus.values() {
-            nx.add_unit_attention(scsi::sense::asc::REPORTED_LUNS_DATA_HAS_CHANGED);
+        // A LUN id still listed keeps its nexus (and so its pending unit attentions) even when
+        // the id now names another `Lun`, as the nexus table keyed by id always did; the `Lun`
+        // follows the new list.
+        let State { luns, units, .. } = &mut *st;
+        units.retain(|id, b| match luns.iter().find(|l| l.id == *id) {
+            None => false,
+            Some(l) => {
+                if !Arc::ptr_eq(l, &b.lun) {
+                    *b = Rc::new(Bound { lun: l.clone(), nexus: b.nexus.clone() });
+                }
+                true
+            }
+        });
+        for b in st.units.values() {
+            b.nexus.add_unit_attention(scsi::sense::asc::REPORTED_LUNS_DATA_HAS_CHANGED);
         }
     }
 
-    /// The LUN and this connection's nexus on it.
-    pub(super) fn lookup(&self, lun: u64) -> Option<(Arc<Lun>, Rc<Nexus>)> {
+    /// The LUN and this connection's nexus on it. After a LUN's first command on this
+    /// connection, an `Rc` clone: no count shared with other cores is written.
+    pub(super) fn lookup(&self, lun: u64) -> Option<Rc<Bound>> {
         let mut st = self.st.borrow_mut();
         self.refresh_luns(&mut st);
-        let l = st.luns.iter().find(|l| l.id == lun)?.clone();
-        if let Some(nx) = st.nexus.get(&lun) {
-            return Some((l, nx.clone()));
+        if let Some(b) = st.units.get(&lun) {
+            return Some(b.clone());
         }
+        let l = st.luns.iter().find(|l| l.id == lun)?.clone();
         match l.unit.nexus(self.it.clone()) {
             Ok(nx) => {
-                let nx = Rc::new(nx);
-                st.nexus.insert(lun, nx.clone());
-                Some((l, nx))
+                let b = Rc::new(Bound { lun: l, nexus: Rc::new(nx) });
+                st.units.insert(lun, b.clone());
+                Some(b)
             }
             Err(e) => {
                 log::warn!("iscsi: cannot open LUN {lun} of {}: {e}", self.port.target_name);
@@ -107,7 +129,7 @@ impl Conn {
             Err(Sense::invalid_opcode())
         } else {
             match &unit {
-                Some((l, _)) => cdb::parse(cdb_bytes, &l.unit.geometry()),
+                Some(b) => cdb::parse(cdb_bytes, &b.lun.unit.geometry()),
                 None => match cdb::parse(cdb_bytes, &cdb::Geometry { block_size: 512, num_blocks: 1 }) {
                     Ok(c @ (Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. })) => Ok(c),
                     _ => Err(Sense::lun_not_supported()),
@@ -116,14 +138,14 @@ impl Conn {
         };
         let write_flag = flags & pdu::FLAG_WRITE != 0;
         let need = match (&parsed, &unit) {
-            (Ok(c), Some((l, _))) => c.data_out_len(&l.unit.geometry()).min(u32::MAX as u64) as u32,
+            (Ok(c), Some(b)) => c.data_out_len(&b.lun.unit.geometry()).min(u32::MAX as u64) as u32,
             _ => 0,
         };
         let collect = if write_flag { need.min(edtl) } else { 0 };
         // The buffers this command will hold: its Data-Out and its Data-In.
         let din = match (&parsed, &unit) {
-            (Ok(c @ Command::Read { .. }), Some((l, _))) => c.data_in_len(&l.unit.geometry()),
-            (Ok(c), Some((l, _))) => c.data_in_len(&l.unit.geometry()).min(MAX_CONTROL_DATA_IN),
+            (Ok(c @ Command::Read { .. }), Some(b)) => c.data_in_len(&b.lun.unit.geometry()),
+            (Ok(c), Some(b)) => c.data_in_len(&b.lun.unit.geometry()).min(MAX_CONTROL_DATA_IN),
             _ => 0,
         };
         let bytes = din + if collect > 0 { need as u64 } else { 0 };
@@ -141,7 +163,7 @@ impl Conn {
         } else {
             None
         };
-        let (Ok(cmd), Some((lun, nexus)), true) = (parsed, unit.clone(), collect > 0) else {
+        let (Ok(cmd), Some(bound), true) = (parsed, unit.clone(), collect > 0) else {
             // No Data-Out to collect: absorb any immediate data and run the command now.
             let ok = rb.read_segment(s, dsl, &mut [], self.p.data_digest).await?;
             if !ok {
@@ -165,7 +187,7 @@ impl Conn {
         let mut x = self.boxed_xfer(WriteXfer {
             itt,
             immediate,
-            unit: Some((lun, nexus)),
+            unit: Some(bound),
             lun_field,
             cmd,
             buf: Some(IoBuf::alloc(need as usize)),

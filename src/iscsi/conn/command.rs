@@ -152,7 +152,8 @@ impl Conn {
                     scsi::Done { status: Status::Good, data_len: v.len() }
                 })
             }
-            (None, Ok(cmd), Some((lun, nexus))) => {
+            (None, Ok(cmd), Some(bound)) => {
+                let Bound { lun, nexus } = &**bound;
                 let g = lun.unit.geometry();
                 let din_len = match cmd {
                     Command::Read { .. } => cmd.data_in_len(&g),
@@ -293,7 +294,7 @@ pub(super) struct Job {
     pub(super) flags: u8,
     pub(super) edtl: u32,
     pub(super) need: u32,
-    pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
+    pub(super) unit: Option<Rc<Bound>>,
     pub(super) cmd: Result<Command, Sense>,
     pub(super) data: Option<(IoBuf, usize)>,
     pub(super) t0: u64,

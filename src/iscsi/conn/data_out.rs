@@ -8,7 +8,7 @@ pub(super) struct WriteXfer {
     pub(super) itt: u32,
     pub(super) immediate: bool,
     /// The LUN and the nexus; None while the box is kept (it must not keep a LUN alive).
-    pub(super) unit: Option<(Arc<Lun>, Rc<Nexus>)>,
+    pub(super) unit: Option<Rc<Bound>>,
     pub(super) lun_field: [u8; 8],
     pub(super) cmd: Command,
     /// The Data-Out buffer; None while the box is kept.

@@ -27,7 +27,7 @@ mod task_mgmt;
 mod text_req;
 mod transmit;
 
-use self::admission::MAX_CONTROL_DATA_IN;
+use self::admission::{Bound, MAX_CONTROL_DATA_IN};
 use self::command::{DataIn, Job, Running, Worker, Workers};
 use self::data_out::WriteXfer;
 use self::login_phase::{login_phase, LOGIN_TIMEOUT};
@@ -156,7 +156,8 @@ struct State {
     lun_generation: u64,
     luns: Arc<Vec<Arc<Lun>>>,
     lun_ids: Rc<[u64]>,
-    nexus: HashMap<u64, Rc<Nexus>, TagHash>,
+    /// The LUNs this connection has used, with its nexus on each (`Bound`).
+    units: HashMap<u64, Rc<Bound>, TagHash>,
     /// Outstanding target ping: (TTT, deadline).
     ping: Option<(u32, u64)>,
     last_rx_ns: u64,
@@ -261,7 +262,7 @@ impl Conn {
                 lun_generation: generation,
                 luns,
                 lun_ids,
-                nexus: HashMap::default(),
+                units: HashMap::default(),
                 ping: None,
                 last_rx_ns: reactor::now_ns(),
                 text_rest: None,

@@ -133,10 +133,10 @@ impl Conn {
                 // LOGICAL UNIT RESET
                 match lun_id.and_then(|l| self.lookup(l)) {
                     None => response = NO_LUN,
-                    Some((lun, nx)) => {
+                    Some(b) => {
                         self.abort_where(|_, l| Some(l) == lun_id);
-                        lun.unit.reset(&nx);
-                        nx.clear_unit_attentions();
+                        b.lun.unit.reset(&b.nexus);
+                        b.nexus.clear_unit_attentions();
                         wait_lun = Some(lun_id);
                         response = COMPLETE;
                     }
@@ -147,9 +147,9 @@ impl Conn {
                 self.abort_where(|_, _| true);
                 let luns = self.st.borrow().lun_ids.clone();
                 for &l in luns.iter() {
-                    if let Some((lun, nx)) = self.lookup(l) {
-                        lun.unit.reset(&nx);
-                        nx.clear_unit_attentions();
+                    if let Some(b) = self.lookup(l) {
+                        b.lun.unit.reset(&b.nexus);
+                        b.nexus.clear_unit_attentions();
                     }
                 }
                 wait_lun = Some(None);
