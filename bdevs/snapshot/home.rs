@@ -23,7 +23,7 @@ use crate::reactor;
 use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::{Arc, Mutex};
@@ -67,8 +67,13 @@ struct Home {
     checks: RefCell<BTreeMap<u32, Check>>,
     /// Slots whose record on media may still carry a check: their data is durable, but until
     /// the page is written again their bytes must not change in place (the check would fail
-    /// after a crash and drop them). Cleared by the next batch, which rewrites their pages.
+    /// after a crash and drop them). Cleared when their page is written again.
     checked_on_media: RefCell<BTreeSet<u32>>,
+    /// Pages to write again without their checks: they ride along with the next batch, or get
+    /// one of their own once the committer has been idle for [`CLEANUP_IDLE`]. Never a batch
+    /// of their own while writers wait: that would put one more flush between each round of
+    /// first writes and the next.
+    cleanup: RefCell<BTreeSet<u64>>,
     /// Waiters for the next record batch.
     waiters: RefCell<Vec<oneshot::Sender<IoResult>>>,
     /// The in-memory snapshot list changed since the last header write was built.
@@ -172,9 +177,9 @@ impl Home {
     }
 
     /// After a batch wrote `pages` (`ok`: durably), carrying the checks of `checked`: those
-    /// slots' data is durable now, so their checks leave RAM and their pages are queued again
-    /// (the next batch writes them without the checks, so the store is opened with few to
-    /// verify); slots whose page was written without a check have none on media.
+    /// slots' data is durable now, so their checks leave RAM and their pages are queued for a
+    /// cleanup (written again without the checks, so the store is opened with few to verify);
+    /// slots whose page was written without a check have none on media.
     fn batch_done(&self, pages: &[u64], checked: &[u32], ok: bool) {
         let mut checks = self.checks.borrow_mut();
         for s in checked {
@@ -191,10 +196,10 @@ impl Home {
                 on_media.remove(&s);
             }
         }
-        let mut dirty = self.dirty.borrow_mut();
+        let mut cleanup = self.cleanup.borrow_mut();
         for &s in checked {
             on_media.insert(s);
-            dirty.insert(s as u64 / RECORDS_PER_PAGE);
+            cleanup.insert(s as u64 / RECORDS_PER_PAGE);
         }
     }
 
@@ -286,6 +291,10 @@ impl Home {
     }
 }
 
+/// How long the record committer waits with nothing else to do before it writes the pages
+/// whose checks only need clearing.
+const CLEANUP_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Writes a record batch: record pages, flush. No flush before: the slot data the records
 /// name is either durable already or covered by the records' checks.
 async fn write_batch(v: &VolumeShared, pages: &[(u64, IoBuf)]) -> IoResult {
@@ -313,12 +322,18 @@ async fn write_header(v: &VolumeShared, h: &Header) -> IoResult {
 /// batch was being written.
 async fn committer(h: Rc<Home>) {
     loop {
+        let mut idle: Option<reactor::Sleep> = None;
         let work = poll_fn(|cx| {
             h.v.committer.register(cx.waker());
             if !h.waiters.borrow().is_empty() || !h.dirty.borrow().is_empty() {
                 Poll::Ready(true)
             } else if h.v.closed.load(SeqCst) {
+                // Checks left on media are harmless (their data is durable): the next open
+                // verifies and clears them.
                 Poll::Ready(false)
+            } else if !h.cleanup.borrow().is_empty() {
+                let sleep = idle.get_or_insert_with(|| reactor::sleep(CLEANUP_IDLE));
+                std::pin::Pin::new(sleep).poll(cx).map(|()| true)
             } else {
                 Poll::Pending
             }
@@ -327,7 +342,9 @@ async fn committer(h: Rc<Home>) {
         if !work {
             break;
         }
-        let pages: Vec<(u64, IoBuf)> = std::mem::take(&mut *h.dirty.borrow_mut()).into_iter().map(|p| (p, h.page(p))).collect();
+        let mut numbers = std::mem::take(&mut *h.dirty.borrow_mut());
+        numbers.append(&mut h.cleanup.borrow_mut());
+        let pages: Vec<(u64, IoBuf)> = numbers.into_iter().map(|p| (p, h.page(p))).collect();
         let numbers: Vec<u64> = pages.iter().map(|p| p.0).collect();
         let checked: Vec<u32> = h.checks.borrow().keys().copied().filter(|&s| numbers.binary_search(&(s as u64 / RECORDS_PER_PAGE)).is_ok()).collect();
         let waiters = std::mem::take(&mut *h.waiters.borrow_mut());
@@ -607,6 +624,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         dirty: RefCell::new(BTreeSet::new()),
         checks: RefCell::new(BTreeMap::new()),
         checked_on_media: RefCell::new(BTreeSet::new()),
+        cleanup: RefCell::new(BTreeSet::new()),
         waiters: RefCell::new(Vec::new()),
         header_dirty: Cell::new(false),
         header_waiters: RefCell::new(Vec::new()),

@@ -1217,7 +1217,7 @@ mod tests {
             let (vol, mut snaps) = open(&cores);
             assert_eq!(snaps.len(), 1, "the sealed snapshot comes back");
             assert_eq!(vol.used_slots(), data_kept as u64, "a copy whose check fails frees its slot");
-            let e = reg.register(Arc::new(vol)).unwrap();
+            let _volume = reg.register(Arc::new(vol)).unwrap();
             let sb = reg.register(Arc::new(snaps.pop().unwrap())).unwrap();
             let s3 = store.clone();
             let (image, rec) = cores.block_on(0, async move {
