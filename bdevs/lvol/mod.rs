@@ -919,6 +919,7 @@ impl Store {
                 Role::WaitFill { rx, .. } => {
                     // Not holding our ticket while we wait: the one we wait for may be waiting
                     // for the seal of our epoch.
+                    log::debug!("lvol {uuid}: a write to cluster {logical} waits, without its ticket, for another writer's fill");
                     self.leave(ticket);
                     let _ = rx.await;
                     *ticket = Some(self.tracker.enter());
@@ -957,6 +958,7 @@ impl Store {
     async fn copy_cluster(&self, ch: &Channel, src: u32, dst: u32, cow_epoch: u64, ticket: &mut Option<EpochTicket>) -> IoResult {
         if !self.tracker.is_sealed(cow_epoch) {
             // Our ticket may be of that very epoch: give it up while we wait.
+            log::debug!("lvol: a copy of cluster {src} waits, without its ticket, for the seal of epoch {cow_epoch}");
             self.leave(ticket);
             while !self.tracker.is_sealed(cow_epoch) {
                 crate::reactor::sleep(std::time::Duration::from_micros(50)).await;
@@ -1245,6 +1247,7 @@ impl Store {
                 }
             }
             st.cow_epoch = self.tracker.current();
+            log::trace!("lvol {uuid}: snapshot {name}: map {map:?}, captured {captured:?}, epoch {}", st.cow_epoch);
             if let Some(r) = st.vols.rec_mut(&uuid) {
                 r.parent = Some(snap);
             }
@@ -2047,9 +2050,24 @@ impl LvolChannel {
         self.check(true, offset, count)?;
         let mut ticket = Some(self.store.tracker.enter());
         // The common case, every cluster mapped to this volume alone, needs no plan (and no
-        // allocation): nothing can unmap or move a cluster while the ticket is held.
-        let plan = if self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))) {
-            None
+        // allocation): a cluster is reused only after the epoch of our ticket sealed. One
+        // cluster is looked up again at its turn, before any wait: the same answer. Several
+        // are settled here, as the plan does: an unmap submitted later takes a cluster out of
+        // the map at once, and the write's later piece, looked up at its turn, then went to a
+        // new cluster, not the one a snapshot taken in between shares (strict-rule seed 6527).
+        let single = count == 0 || offset / self.bpc() == (offset + count - 1) / self.bpc();
+        let mapped = if single {
+            self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))).then(Vec::new)
+        } else {
+            self.pieces(offset, count)
+                .map(|(c, _, _)| match self.live.lookup_shared(c) {
+                    Some((p, false)) => Some(Role::Mapped(p)),
+                    _ => None,
+                })
+                .collect::<Option<Vec<Role>>>()
+        };
+        let plan = if let Some(mapped) = mapped {
+            (!single).then_some(mapped)
         } else {
             match self.plan(offset, count) {
                 Ok(plan) => Some(plan),
@@ -2092,6 +2110,20 @@ impl LvolChannel {
                 }
             }
         }
+        log::trace!(
+            "lvol {}: write {offset}+{count} planned: {:?}",
+            self.uuid,
+            plan.iter()
+                .map(|r| match r {
+                    Role::Mapped(p) => format!("mapped {p}"),
+                    Role::Fill { phys, from, .. } => format!("fill {phys} from {from:?}"),
+                    Role::Ready(p) => format!("ready {p}"),
+                    Role::WaitFill { phys, .. } => format!("wait fill {phys}"),
+                    Role::WaitPublish(g) => format!("wait publish {g:?}"),
+                    Role::Filled(_) | Role::Abandoned => "done".to_string(),
+                })
+                .collect::<Vec<_>>()
+        );
         Ok(plan)
     }
 

@@ -791,6 +791,22 @@ fn pool_simulation_seeds_that_found_fill_and_clone_bugs_pass() {
     }
 }
 
+/// Seeds that found the session-34 bugs once deletes met writes in flight
+/// ([`crate::sim::lvol::Config::delete_mid_write`]; 108 of the first 1,000 seeds failed): 0,
+/// 125 and 134, a first write or copy pending at the delete was published into the volume that
+/// was gone, its cluster never freed; 18 and 152, that publish went into a log record naming
+/// the deleted volume, and the store no longer opened after a crash.
+#[test]
+fn pool_simulation_seeds_that_found_delete_bugs_pass() {
+    for seed in [0, 18, 125, 134, 152] {
+        let cfg = crate::sim::lvol::Config::from_seed(seed);
+        assert!(cfg.delete_mid_write, "seed {seed} deletes with writes in flight");
+        if let Err(e) = crate::sim::lvol::run(seed, &cfg) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
 /// Seeds that broke the strict snapshot rule (a write submitted before `bdev_lvol_snapshot` is
 /// in its image whole) before a write took one epoch ticket and settled all its clusters at
 /// submission: 1136, 1206, 1229, 1257 and 1273, a write over two clusters was half in the image
@@ -804,6 +820,18 @@ fn writes_in_flight_at_a_snapshot_are_in_its_image_whole() {
         if let Err(e) = crate::sim::lvol::run(seed, &cfg) {
             panic!("seed {seed}: {e}");
         }
+    }
+}
+
+/// Seed 6527 (session 34, once deletes met writes in flight) broke the strict rule another
+/// way: a write over two mapped clusters took the fast path, which looked its second cluster
+/// up only at that piece's turn; a snapshot came, then an unmap of that cluster (submitted
+/// after the snapshot), and the piece went to a new cluster, not the one the snapshot shares.
+#[test]
+fn a_write_over_mapped_clusters_settles_them_at_submission() {
+    let cfg = crate::sim::lvol::Config { strict_snapshots: true, ..crate::sim::lvol::Config::from_seed(6527) };
+    if let Err(e) = crate::sim::lvol::run(6527, &cfg) {
+        panic!("seed 6527: {e}");
     }
 }
 
