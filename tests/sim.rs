@@ -95,6 +95,7 @@ fn pool_simulation_seeds() {
                 && t.reverts > count / 20
                 && t.resizes > count / 10
                 && t.deletes > count / 5
+                && t.deletes_mid_write > count / 20
                 && t.crashes > count / 5
                 && t.no_space > count / 10
                 && t.writes_after_full > count / 50

@@ -783,8 +783,26 @@ fn pool_simulation_seeds_that_found_bugs_pass() {
 #[test]
 fn pool_simulation_seeds_that_found_fill_and_clone_bugs_pass() {
     for seed in [12, 1589, 2262, 3155, 3285, 1029, 1031, 1138, 1179, 1204] {
-        if let Err(e) = crate::sim::lvol::run_seed(seed) {
-            panic!("{e}");
+        // Their schedule when they found the bugs (before deletes met writes in flight).
+        let cfg = crate::sim::lvol::Config { delete_mid_write: false, ..crate::sim::lvol::Config::from_seed(seed) };
+        if let Err(e) = crate::sim::lvol::run(seed, &cfg) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+/// Seeds that found the session-34 bugs once deletes met writes in flight
+/// ([`crate::sim::lvol::Config::delete_mid_write`]; 108 of the first 1,000 seeds failed): 0,
+/// 125 and 134, a first write or copy pending at the delete was published into the volume that
+/// was gone, its cluster never freed; 18 and 152, that publish went into a log record naming
+/// the deleted volume, and the store no longer opened after a crash.
+#[test]
+fn pool_simulation_seeds_that_found_delete_bugs_pass() {
+    for seed in [0, 18, 125, 134, 152] {
+        let cfg = crate::sim::lvol::Config::from_seed(seed);
+        assert!(cfg.delete_mid_write, "seed {seed} deletes with writes in flight");
+        if let Err(e) = crate::sim::lvol::run(seed, &cfg) {
+            panic!("seed {seed}: {e}");
         }
     }
 }
@@ -802,6 +820,18 @@ fn writes_in_flight_at_a_snapshot_are_in_its_image_whole() {
         if let Err(e) = crate::sim::lvol::run(seed, &cfg) {
             panic!("seed {seed}: {e}");
         }
+    }
+}
+
+/// Seed 6527 (session 34, once deletes met writes in flight) broke the strict rule another
+/// way: a write over two mapped clusters took the fast path, which looked its second cluster
+/// up only at that piece's turn; a snapshot came, then an unmap of that cluster (submitted
+/// after the snapshot), and the piece went to a new cluster, not the one the snapshot shares.
+#[test]
+fn a_write_over_mapped_clusters_settles_them_at_submission() {
+    let cfg = crate::sim::lvol::Config { strict_snapshots: true, ..crate::sim::lvol::Config::from_seed(6527) };
+    if let Err(e) = crate::sim::lvol::run(6527, &cfg) {
+        panic!("seed 6527: {e}");
     }
 }
 
@@ -1164,4 +1194,55 @@ fn a_clone_of_a_snapshot_not_yet_sealed_waits_for_its_image() {
     for (name, e) in &vols {
         assert_eq!(f.read(e, 0, bpc as usize), vec![0u8; CL as usize], "{name} after a restart");
     }
+}
+
+/// Issue #14, a leftover: a volume deleted while one of its writes is pending. The write (two
+/// clusters: a first write to cluster 0, a copy-on-write of cluster 1, which snapshot `s1`
+/// shares) is in flight at snapshot `s2`, which captures both clusters; then the volume is
+/// deleted (as after `bdev_lvol_delete` unregistered its bdev: the write keeps its channel),
+/// and the write's fill fails. `s2`'s image is what the volume held before the write: zeroes
+/// at cluster 0, the copy-on-write's source (0x22) at cluster 1. Before the fix the delete
+/// took cluster 1 out of the volume's map at once, so `abandon` found nothing there to set the
+/// capturing snapshot back to and unmapped it: `s2` read zeroes at cluster 1, also after a
+/// restart. Now a delete refuses new first writes to the volume and waits for its pending ones
+/// to end (published or given back) before it drops its clusters.
+#[test]
+fn a_volume_deleted_while_a_captured_write_is_pending_leaves_the_snapshot_its_image() {
+    let (f, inj, _m) = stale_fixture(8 << 20);
+    let s = f.create();
+    let total = s.total_clusters();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 1, true);
+    f.write(&v, bpc, 0x22, bpc as usize).unwrap();
+    let s1 = f.snapshot(&s, &v, "s1").unwrap();
+    let (s2, v2, ua) = (s.clone(), v.clone(), lvol(&v).lvol_uuid());
+    let (w, snap, del) = f.cores.block_on(0, async move {
+        // The write's zeroing of cluster 0 hangs until cleared, then fails; the copy of
+        // cluster 1 is planned (pending) and given back when that fill fails.
+        inj.set(IoType::WriteZeroes, crate::bdevs::error::ErrorType::Pending, 1);
+        let w = crate::reactor::spawn(async move { Channel::get(&v2)?.write_buf(0, &vec![0x11; 2 * CL as usize]).await });
+        crate::reactor::sleep(std::time::Duration::from_millis(1)).await;
+        let s3 = s2.clone();
+        let snap = crate::reactor::spawn(async move { s3.snapshot(&Channel::get(&s3.base).unwrap(), ua, "s2").await });
+        crate::reactor::sleep(std::time::Duration::from_millis(1)).await;
+        assert_eq!(s2.st().pending.values().filter(|p| p.captured).count(), 2, "both clusters of the write are captured");
+        let s3 = s2.clone();
+        let del = crate::reactor::spawn(async move { s3.delete_volume(&Channel::get(&s3.base).unwrap(), ua).await });
+        crate::reactor::sleep(std::time::Duration::from_millis(1)).await;
+        inj.clear();
+        (w.await, snap.await.map(|(u, _)| u), del.await)
+    });
+    assert!(w.is_err(), "the write whose fill failed fails");
+    del.unwrap();
+    let snap = f.bdev(&s, snap.unwrap());
+    let image = [vec![0u8; CL as usize], vec![0x22; CL as usize]].concat();
+    assert_eq!(f.read(&snap, 0, 2 * bpc as usize), image, "the snapshot reads the deleted volume's image before the failed write");
+    check_refs(&s);
+    assert_eq!(s.free_clusters(), total - 1, "only the copy-on-write's source is allocated (s1 and s2 share it)");
+    drop(v);
+    f.reg.unregister(&ua.to_string()).unwrap();
+    let (s, vols) = f.reopen(s, vec![s1, snap]);
+    check_refs(&s);
+    assert_eq!(s.free_clusters(), total - 1);
+    assert_eq!(f.read(&vols["s2"], 0, 2 * bpc as usize), image, "s2 after a restart");
 }
