@@ -404,7 +404,11 @@ fn main() {
     target
         .call("bdev_snapshot_create", Some(json!({"bdev_name": "vol", "snapshot_name": "first", "wait_sealed": true})))
         .unwrap_or_else(|e| fail(&e.to_string()));
+    // Store flushes during the first writes: what each round of copies waits for.
+    let store_flushes = || target.bdevs.get("store").map(|e| e.stats().snapshot().ops[tidemark::bdev::IoType::Flush.index()]).unwrap_or(0);
+    let flushes0 = store_flushes();
     let (first_iops, first) = run_grains(list.clone());
+    let first_flushes = store_flushes() - flushes0;
     let (plain_iops, plain) = run_grains(list);
     let p = |v: &[(u64, u64)], q: f64| {
         let mut h = Histogram::<u64>::new(3).expect("histogram");
@@ -422,6 +426,7 @@ fn main() {
     );
     println!("plain writes to the same grains:                     {:.0} IOPS, p50 {:.0} us, p99.9 {:.0} us", plain_iops, p(&plain, 0.5), p(&plain, 0.999));
     println!("ratio first-write IOPS / plain-write IOPS: {:.3}", first_iops / plain_iops);
+    println!("store flushes during the first writes: {first_flushes}, {:.1} per 100 first writes", first_flushes as f64 * 100.0 / first.len().max(1) as f64);
     let vol = entry.bdev().as_any().downcast_ref::<CowVolume>().unwrap_or_else(|| fail("not a CoW volume"));
     let info = target.call("bdev_snapshot_get", Some(json!({"name": "first"}))).unwrap_or_else(|e| fail(&e.to_string()));
     let copied = info[0]["grains_copied"].as_u64().unwrap_or(0).max(1);
