@@ -30,7 +30,24 @@ fn cow_split_commits_survive_a_crash_between_and_within_them() {
     r.assert_passed();
     // About 2% of the seeds reach rule 1 (merged commits: 8 of 6,000 seeds fail).
     if r.count >= 1000 {
-        assert!(r.totals.split_crashes > r.count / 100, "too few crashes at rule 1: {:?}", r.totals);
+        assert!(r.totals.placed_crashes > r.count / 100, "too few crashes at rule 1: {:?}", r.totals);
+    }
+}
+
+/// CoW rule 2 ("update"): an old-epoch write patches a slot in place. The slot's record may
+/// still carry the check of the copy it patches (store format 3); the patch first has the
+/// record rewritten without it, durably, or a crash after the patched bytes landed would fail
+/// the check at open and drop pieces the image needs. A crash placed on purpose around that
+/// rewrite and the patch must leave every snapshot's image right. (Known gap: with that wait
+/// removed this still passes, about 380 crashes at rule 2 in 6,000 seeds; the window where a
+/// crash keeps the patch, drops the rewrite and the image then reads new-epoch data is not
+/// reached. The wait rests on the argument in `bdevs/snapshot`.)
+#[test]
+fn cow_patch_in_place_survives_a_crash_around_it() {
+    let r = run_seeds("cow_patch_in_place_survives_a_crash_around_it", 6_000, cow::run_seed_at_cow_patch, cow::SimOutcome::add);
+    r.assert_passed();
+    if r.count >= 1000 {
+        assert!(r.totals.placed_crashes > r.count / 200, "too few crashes at rule 2: {:?}", r.totals);
     }
 }
 

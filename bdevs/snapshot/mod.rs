@@ -682,6 +682,7 @@ impl CowChannel {
         // The slot's record may still carry the check of its last copy, computed over the bytes
         // this write changes: after a crash it would fail and drop pieces the image needs.
         // Rare (an old-epoch write overtaken by a copy on its grain), so a batch is cheap here.
+        crate::sim::crash_point::reached(crate::sim::crash_point::Point::CowPatchInPlace);
         home::unchecked(&self.v, slot).await?;
         match self.patch_slot(slot, within, &part).await {
             Ok(()) => Ok(()),
@@ -1127,7 +1128,15 @@ mod tests {
         let base = reg.register(Arc::new(MallocBdev::new("b", 128, 512, None).unwrap())).unwrap();
         let store_blocks = (layout::RECORDS_OFFSET + 4096 + 4096 + slots * 4096) / 512;
         let store = reg.register(Arc::new(MallocBdev::new("s", store_blocks, 512, None).unwrap())).unwrap();
-        let p = OpenParams {
+        let p = params(&base, &store);
+        let (vol, snaps) = cores.block_on(0, async move { CowVolume::open(p).await.unwrap() });
+        assert!(snaps.is_empty());
+        reg.register(Arc::new(vol)).unwrap()
+    }
+
+    /// Volume "v" over `base` and `store`, 4 KiB grains, one core.
+    fn params(base: &Arc<BdevEntry>, store: &Arc<BdevEntry>) -> OpenParams {
+        OpenParams {
             name: "v".into(),
             uuid: None,
             base: base.claim("v").unwrap(),
@@ -1135,10 +1144,7 @@ mod tests {
             grain_kb: Some(4),
             cores: 1,
             lock_region_grains: None,
-        };
-        let (vol, snaps) = cores.block_on(0, async move { CowVolume::open(p).await.unwrap() });
-        assert!(snaps.is_empty());
-        reg.register(Arc::new(vol)).unwrap()
+        }
     }
 
     fn cow(e: &BdevEntry) -> &CowVolume {
@@ -1171,15 +1177,7 @@ mod tests {
             let base = reg.register(Arc::new(MallocBdev::new("b", 128, 512, None).unwrap())).unwrap();
             let store = reg.register(Arc::new(MallocBdev::new("s", (layout::RECORDS_OFFSET + 8192 + 16 * 4096) / 512, 512, None).unwrap())).unwrap();
             let open = |cores: &ManualCores| {
-                let p = OpenParams {
-                    name: "v".into(),
-                    uuid: None,
-                    base: base.claim("v").unwrap(),
-                    store: store.claim("v").unwrap(),
-                    grain_kb: Some(4),
-                    cores: 1,
-                    lock_region_grains: None,
-                };
+                let p = params(&base, &store);
                 cores.block_on(0, async move { CowVolume::open(p).await.unwrap() })
             };
             let (vol, _) = open(&cores);

@@ -348,7 +348,11 @@ mod tests {
         let block = |off: usize| off / 128;
         let w = offset_of!(Qos, written);
         let written = block(w)..=block(w + size_of::<CachePadded<Written>>() - 1);
-        for (name, off, len) in [("rates", offset_of!(Qos, rates), size_of::<[AtomicU64; 4]>()), ("enabled", offset_of!(Qos, enabled), 1), ("generation", offset_of!(Qos, generation), 8)] {
+        for (name, off, len) in [
+            ("rates", offset_of!(Qos, rates), size_of::<[AtomicU64; 4]>()),
+            ("enabled", offset_of!(Qos, enabled), 1),
+            ("generation", offset_of!(Qos, generation), 8),
+        ] {
             assert!(!written.contains(&block(off)) && !written.contains(&block(off + len - 1)), "{name} shares a line with the buckets");
         }
         assert_eq!(align_of::<Qos>(), 128, "Qos must start a line so its read fields do not share one with its owner's");

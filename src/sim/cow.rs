@@ -49,10 +49,10 @@ pub struct SimConfig {
     /// Block size of the store device: 4096 makes pieces larger than the volume's blocks
     /// (copies and old-epoch updates of part of a piece).
     pub store_block: u32,
-    /// Crash on purpose `k` store I/Os after an old-epoch write reached the two commits of CoW
-    /// rule 1 (split), instead of at a random I/O count: lands before, inside and between the
-    /// two record commits (see [`run_seed_at_cow_split`]).
-    pub crash_at_cow_split: Option<u64>,
+    /// Crash on purpose `k` store I/Os after a write reached the point (CoW rule 1's two
+    /// commits, or rule 2's patch in place), instead of at a random I/O count (see
+    /// [`run_seed_at_cow_split`], [`run_seed_at_cow_patch`]).
+    pub crash_at_point: Option<(crash_point::Point, u64)>,
 }
 
 impl SimConfig {
@@ -69,7 +69,7 @@ impl SimConfig {
             latency: Latency { min_ns: 1_000, max_ns: r.random_range(5_000..=100_000) },
             lock_region_grains: [1, 2, 64][r.random_range(0..3)],
             store_block: if r.random_ratio(1, 4) { 4096 } else { SIM_BLOCK },
-            crash_at_cow_split: None,
+            crash_at_point: None,
         }
     }
 
@@ -96,8 +96,8 @@ pub struct SimOutcome {
     pub deletes: u64,
     pub crashes: u64,
     pub sealed_checked: u64,
-    /// Crashes placed at CoW rule 1's commits.
-    pub split_crashes: u64,
+    /// Crashes placed at a point (`crash_at_point`).
+    pub placed_crashes: u64,
 }
 
 impl SimOutcome {
@@ -111,7 +111,7 @@ impl SimOutcome {
         self.deletes += o.deletes;
         self.crashes += o.crashes;
         self.sealed_checked += o.sealed_checked;
-        self.split_crashes += o.split_crashes;
+        self.placed_crashes += o.placed_crashes;
     }
 }
 
@@ -651,11 +651,26 @@ pub fn run_seed_at_cow_split(seed: u64) -> Result<SimOutcome, String> {
     let mut cfg = SimConfig::from_seed(seed);
     let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xC0_5911);
     cfg.crashes = 1;
-    cfg.crash_at_cow_split = Some(r.random_range(0..=7));
+    cfg.crash_at_point = Some((crash_point::Point::CowSplitCommits, r.random_range(0..=7)));
     cfg.max_snapshots = r.random_range(2..=4);
     cfg.clients = r.random_range(3..=5);
     cfg.grains = r.random_range(2..=6);
     run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at CoW rule 1): {e}\n  config: {cfg:?}"))
+}
+
+/// Runs one seed with its crash placed at CoW rule 2 (an old-epoch write patches a slot in
+/// place, right after the copy it patches was committed with a check): the crash comes 0 to 5
+/// store I/Os later, before, inside or after the rewrite of the slot's record without its
+/// check and the patch itself. Same shape as [`run_seed_at_cow_split`].
+pub fn run_seed_at_cow_patch(seed: u64) -> Result<SimOutcome, String> {
+    let mut cfg = SimConfig::from_seed(seed);
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xC0_9A7C);
+    cfg.crashes = 1;
+    cfg.crash_at_point = Some((crash_point::Point::CowPatchInPlace, r.random_range(0..=5)));
+    cfg.max_snapshots = r.random_range(2..=4);
+    cfg.clients = r.random_range(3..=5);
+    cfg.grains = r.random_range(2..=6);
+    run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at CoW rule 2): {e}\n  config: {cfg:?}"))
 }
 
 pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
@@ -706,15 +721,15 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
         let crash_at = total_io() + rng.random_range(5..(cfg.clients * cfg.ops_per_client * 3) as u64 + 10);
         // A crash placed by the hook: the store I/O count at which it comes.
         let placed: Rc<std::cell::Cell<Option<u64>>> = Rc::new(std::cell::Cell::new(None));
-        if let (Some(k), true) = (cfg.crash_at_cow_split, crash) {
+        if let (Some((at, k)), true) = (cfg.crash_at_point, crash) {
             let (p, store) = (placed.clone(), world.store.submitted.clone());
             crash_point::set_hook(Some(Box::new(move |point| {
-                if point == crash_point::Point::CowSplitCommits && p.get().is_none() {
+                if point == at && p.get().is_none() {
                     p.set(Some(store.load(Relaxed) + k));
                 }
             })));
         }
-        let crash_due = || match cfg.crash_at_cow_split {
+        let crash_due = || match cfg.crash_at_point {
             Some(_) => placed.get().is_some_and(|at| world.store.submitted.load(Relaxed) >= at),
             None => total_io() >= crash_at,
         };
@@ -745,7 +760,7 @@ fn run_inner(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
                     }
                 }
                 s.out.crashes += 1;
-                s.out.split_crashes += placed.get().is_some() as u64;
+                s.out.placed_crashes += placed.get().is_some() as u64;
             }
             trace(|| "CRASH".to_string());
             base_img = world.base.crash();

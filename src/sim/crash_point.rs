@@ -12,6 +12,9 @@ pub enum Point {
     /// CoW rule 1 ("split", `bdevs/snapshot`): an old-epoch write on a shared slot is about
     /// to commit the new slot's record and then the old slot's.
     CowSplitCommits,
+    /// CoW rule 2 ("update", `bdevs/snapshot`): an old-epoch write is about to patch a slot in
+    /// place, whose record on media may still carry the check of the copy it patches.
+    CowPatchInPlace,
 }
 
 type Hook = Box<dyn FnMut(Point)>;

@@ -132,7 +132,17 @@ pub struct Config {
 impl Config {
     /// The paper model's load: one connection per core, QD 32 each, the assumed costs.
     pub fn new(path: Path, cores: usize, seed: u64) -> Config {
-        Config { cores, path, connections: cores, queue_depth: 32, seed, warmup_ns: 2_000_000, measure_ns: 10_000_000, message_ns: MESSAGE_NS, transfer_ns: TRANSFER_NS }
+        Config {
+            cores,
+            path,
+            connections: cores,
+            queue_depth: 32,
+            seed,
+            warmup_ns: 2_000_000,
+            measure_ns: 10_000_000,
+            message_ns: MESSAGE_NS,
+            transfer_ns: TRANSFER_NS,
+        }
     }
 }
 
