@@ -648,14 +648,7 @@ pub fn run_seed(seed: u64) -> Result<SimOutcome, String> {
 /// before them, inside either (torn in 16-byte records), or between them. Every snapshot's
 /// image is checked after the restart, as in every run.
 pub fn run_seed_at_cow_split(seed: u64) -> Result<SimOutcome, String> {
-    let mut cfg = SimConfig::from_seed(seed);
-    let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xC0_5911);
-    cfg.crashes = 1;
-    cfg.crash_at_point = Some((crash_point::Point::CowSplitCommits, r.random_range(0..=7)));
-    cfg.max_snapshots = r.random_range(2..=4);
-    cfg.clients = r.random_range(3..=5);
-    cfg.grains = r.random_range(2..=6);
-    run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at CoW rule 1): {e}\n  config: {cfg:?}"))
+    run_seed_at(seed, crash_point::Point::CowSplitCommits, 7, 0xC0_5911, "CoW rule 1")
 }
 
 /// Runs one seed with its crash placed at CoW rule 2 (an old-epoch write patches a slot in
@@ -663,14 +656,20 @@ pub fn run_seed_at_cow_split(seed: u64) -> Result<SimOutcome, String> {
 /// store I/Os later, before, inside or after the rewrite of the slot's record without its
 /// check and the patch itself. Same shape as [`run_seed_at_cow_split`].
 pub fn run_seed_at_cow_patch(seed: u64) -> Result<SimOutcome, String> {
+    run_seed_at(seed, crash_point::Point::CowPatchInPlace, 5, 0xC0_9A7C, "CoW rule 2")
+}
+
+/// One seed shaped for old-epoch writes to be overtaken (several snapshots, busy clients, few
+/// grains), with its one crash `0..=k_max` store I/Os after a write reached `point`.
+fn run_seed_at(seed: u64, point: crash_point::Point, k_max: u64, salt: u64, what: &str) -> Result<SimOutcome, String> {
     let mut cfg = SimConfig::from_seed(seed);
-    let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xC0_9A7C);
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ salt);
     cfg.crashes = 1;
-    cfg.crash_at_point = Some((crash_point::Point::CowPatchInPlace, r.random_range(0..=5)));
+    cfg.crash_at_point = Some((point, r.random_range(0..=k_max)));
     cfg.max_snapshots = r.random_range(2..=4);
     cfg.clients = r.random_range(3..=5);
     cfg.grains = r.random_range(2..=6);
-    run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at CoW rule 2): {e}\n  config: {cfg:?}"))
+    run(seed, &cfg).map_err(|e| format!("seed {seed} (crash at {what}): {e}\n  config: {cfg:?}"))
 }
 
 pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimOutcome, String> {
