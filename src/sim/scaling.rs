@@ -650,11 +650,17 @@ mod tests {
     }
 
     /// Prints the table of docs/scaling.md §2:
-    /// `cargo test --lib sim::scaling::tests::prints_the_table -- --nocapture`.
+    /// `cargo test --lib sim::scaling::tests::prints_the_table -- --nocapture`, and checks
+    /// that the document shows what the model computes now: a changed cost or path that
+    /// nobody copied into the document fails here, not in a reader's hands.
     #[test]
     fn prints_the_table() {
         let t = table(1);
         println!("{t}");
         assert_eq!(t.lines().count(), 2 + Path::ALL.len());
+        let doc = include_str!("../../docs/scaling.md");
+        for line in t.lines() {
+            assert!(doc.lines().any(|l| l == line), "docs/scaling.md §2 lacks this line of the model's table:\n{line}");
+        }
     }
 }

@@ -161,6 +161,12 @@ check "controller gone" wait_for 10 not ctrl_dev "$NQN"
 # Volumes of a pool (bdevs/lvol). NQN_POOL: nsid 1 a thin 256 MiB volume, nsid 2 a thin 64 MiB
 # one. A pattern, then a snapshot and a clone taken by the host while a writer runs; the clone
 # (NQN_CLONE) holds the pattern and takes its own writes, the volume keeps its own.
+wait_fio() { # wait_fio PID OUTPUT: fio's exit status; on failure its output and the kernel's last words
+  local rc=0
+  wait "$1" || rc=$?
+  [ "$rc" -eq 0 ] || { echo "fio exited $rc at $(date +%T)"; tail -n 14 "$2"; dmesg | tail -n 14; }
+  return "$rc"
+}
 request() { # request NAME: ask the host for NAME and wait for its answer
   touch "/share/$1.request"
   wait_for 60 test -e "/share/$1.done" && [ "$(cat "/share/$1.done")" = ok ]
@@ -273,7 +279,7 @@ nvme list-subsys "$ADEV" 2>&1
 sleep 3
 check "ana: paths swapped by the host" request ana-swap
 check "ana: the kernel sees the swap" wait_for 10 ana_are optimized inaccessible
-check "ana: fio write+verify saw no error through both changes" wait $afio
+check "ana: fio write+verify saw no error through both changes" wait_fio $afio /tmp/anafio.out
 grep -E 'IOPS=|err=|verify' /tmp/anafio.out | head -n 6
 # The first listener goes away under I/O: its controller loses the connection, the I/O goes
 # on through the second path (optimized again first).
@@ -281,7 +287,7 @@ $AFIO --name=ana-remove --runtime=6 >/tmp/anafio2.out 2>&1 &
 afio=$!
 sleep 1
 check "ana: first listener removed by the host" request ana-remove
-check "ana: fio write+verify saw no error when the listener went away" wait $afio
+check "ana: fio write+verify saw no error when the listener went away" wait_fio $afio /tmp/anafio2.out
 grep -E 'IOPS=|err=' /tmp/anafio2.out | head -n 3
 nvme list-subsys "$ADEV" 2>&1
 check "ana: the second path carries the I/O" ana_is "$PORT2" optimized
