@@ -54,11 +54,12 @@ pub mod sim;
 mod vols;
 
 use crate::bdev::LatencyHistogram;
-use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
 use layout::{LogRecord, MapChange, StoreRecord, VolumeRecord};
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
@@ -277,6 +278,15 @@ enum Role {
     /// A `Fill` given back (an earlier fill of the write failed).
     Abandoned,
 }
+
+/// The roles of a write's pieces, one per cluster it spans: inline for the two to four a write
+/// usually spans (a 128 KiB write across the boundary of 64 KiB clusters spans three), so that
+/// a write over a cluster boundary allocates nothing on the common path.
+type Plan = SmallVec<[Role; 4]>;
+
+/// A piece of a caller's buffers (see `sub`): inline for the few a host write brings.
+type Slices<'x> = SmallVec<[IoSlice<'x>; 4]>;
+type SlicesMut<'x> = SmallVec<[IoSliceMut<'x>; 4]>;
 
 struct State {
     name: String,
@@ -1009,7 +1019,9 @@ impl Store {
             self.tracker.drained(cow_epoch).await;
             *ticket = Some(self.tracker.enter());
         }
-        let mut buf = vec![0u8; self.cluster_size as usize];
+        // A cluster is at most 1 MiB in the usual setups: from the core's buffer pool, as the
+        // other copies are, rather than a zeroed heap allocation per copy (read over whole).
+        let mut buf = IoBuf::alloc(self.cluster_size as usize);
         ch.read_buf(self.cluster_block(src), &mut buf).await?;
         ch.write_buf(self.cluster_block(dst), &buf).await
     }
@@ -1992,8 +2004,8 @@ struct LvolChannel {
 }
 
 /// Byte range `skip..skip+len` of a vector of buffers.
-fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Vec<IoSlice<'x>> {
-    let mut out = Vec::new();
+fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Slices<'x> {
+    let mut out = Slices::new();
     for b in bufs {
         if len == 0 {
             break;
@@ -2010,8 +2022,8 @@ fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Vec<IoSl
     out
 }
 
-fn sub_mut<'x>(bufs: &'x mut [IoSliceMut<'_>], mut skip: usize, mut len: usize) -> Vec<IoSliceMut<'x>> {
-    let mut out = Vec::new();
+fn sub_mut<'x>(bufs: &'x mut [IoSliceMut<'_>], mut skip: usize, mut len: usize) -> SlicesMut<'x> {
+    let mut out = SlicesMut::new();
     for b in bufs.iter_mut() {
         if len == 0 {
             break;
@@ -2107,16 +2119,17 @@ impl LvolChannel {
         // are settled here, as the plan does: an unmap submitted later takes a cluster out of
         // the map at once, and the write's later piece, looked up at its turn, then went to a
         // new cluster, not the one a snapshot taken in between shares (strict-rule seed 6527).
+        // Their roles are kept inline (`Plan`): no allocation for the few a write spans.
         let single = count == 0 || offset / self.bpc() == (offset + count - 1) / self.bpc();
         let mapped = if single {
-            self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))).then(Vec::new)
+            self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))).then(Plan::new)
         } else {
             self.pieces(offset, count)
                 .map(|(c, _, _)| match self.live.lookup_shared(c) {
                     Some((p, false)) => Some(Role::Mapped(p)),
                     _ => None,
                 })
-                .collect::<Option<Vec<Role>>>()
+                .collect::<Option<Plan>>()
         };
         let plan = if let Some(mapped) = mapped {
             (!single).then_some(mapped)
@@ -2142,10 +2155,10 @@ impl LvolChannel {
 
     /// Settles every piece of a write at once (see [`Self::write`]); on a refusal (a full pool)
     /// gives back what it took, so the write fails whole.
-    fn plan(&self, offset: u64, count: u64) -> Result<Vec<Role>, BdevError> {
+    fn plan(&self, offset: u64, count: u64) -> Result<Plan, BdevError> {
         let store = &self.store;
         let mut st = store.st();
-        let mut plan = Vec::new();
+        let mut plan = Plan::new();
         for (c, _, _) in self.pieces(offset, count) {
             let planned = u32::try_from(c)
                 .map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.get() })
@@ -2189,7 +2202,7 @@ impl LvolChannel {
         offset: u64,
         count: u64,
         bufs: &[IoSlice<'_>],
-        plan: Option<Vec<Role>>,
+        plan: Option<Plan>,
         ticket: &mut Option<EpochTicket>,
     ) -> (Option<u64>, IoResult) {
         let store = &self.store;
@@ -2220,7 +2233,7 @@ impl LvolChannel {
                 }
             }
         }
-        let mut roles = plan.map(Vec::into_iter);
+        let mut roles = plan.map(Plan::into_iter);
         let mut done = 0usize;
         let mut gen = None;
         for (c, within, n) in self.pieces(offset, count) {
