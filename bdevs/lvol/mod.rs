@@ -54,16 +54,18 @@ pub mod sim;
 mod vols;
 
 use crate::bdev::LatencyHistogram;
-use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
 use layout::{LogRecord, MapChange, StoreRecord, VolumeRecord};
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use uuid::Uuid;
 use vols::{Head, VolState, Vols};
 
@@ -277,6 +279,15 @@ enum Role {
     Abandoned,
 }
 
+/// The roles of a write's pieces, one per cluster it spans: inline for the two to four a write
+/// usually spans (a 128 KiB write across the boundary of 64 KiB clusters spans three), so that
+/// a write over a cluster boundary allocates nothing on the common path.
+type Plan = SmallVec<[Role; 4]>;
+
+/// A piece of a caller's buffers (see `sub`): inline for the few a host write brings.
+type Slices<'x> = SmallVec<[IoSlice<'x>; 4]>;
+type SlicesMut<'x> = SmallVec<[IoSliceMut<'x>; 4]>;
+
 struct State {
     name: String,
     seq: u64,
@@ -314,6 +325,11 @@ struct State {
     durable_gen: u64,
     committing: bool,
     waiters: Vec<(u64, oneshot::Sender<IoResult>)>,
+    /// Tasks waiting in [`Store::until`] for a pending entry to get its generation or to end,
+    /// for a snapshot to seal or go, or for the epoch to advance; woken (all, to check their
+    /// condition again) by [`Store::notify`] where one of those happens. Only control
+    /// operations and writes to a captured cluster wait here: the list is nearly always empty.
+    watchers: Vec<Waker>,
     /// The claim on the base bdev, by the anchor volume's name (see the module comment).
     claim: Option<HoldGuard>,
     anchor: Option<Uuid>,
@@ -383,6 +399,35 @@ impl Store {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Waits, with no timer, until `done` holds. `done` is checked under the state lock and
+    /// the waker is registered under the same lock, so an event cannot slip in between: what
+    /// makes `done` true must call [`Self::notify`] under the lock after it did (the list of
+    /// such events is at `State::watchers`).
+    async fn until(&self, mut done: impl FnMut(&State) -> bool) {
+        std::future::poll_fn(|cx| {
+            let mut st = self.st();
+            if done(&st) {
+                return Poll::Ready(());
+            }
+            // Polled again before an event (a `join!` polls every branch): one entry is enough.
+            if !st.watchers.iter().any(|w| w.will_wake(cx.waker())) {
+                st.watchers.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Wakes every task waiting in [`Self::until`] (each checks its condition again); called
+    /// under the state lock where an entry gets its generation or ends, a snapshot seals or
+    /// goes, or the epoch advances. With nobody waiting, the common case, a length check.
+    fn notify(st: &mut State) {
+        // `drain` keeps the list's capacity: no allocation the next time someone waits.
+        for w in st.watchers.drain(..) {
+            w.wake();
+        }
+    }
+
     pub fn name(&self) -> String {
         self.st().name.clone()
     }
@@ -439,6 +484,7 @@ impl Store {
             + st.journal.capacity() * size_of::<MapChange>()
             + st.limbo.capacity() * size_of::<u32>()
             + st.waiters.capacity() * size_of::<(u64, oneshot::Sender<IoResult>)>()
+            + st.watchers.capacity() * size_of::<Waker>()
             + st.snap_meta.capacity() * (size_of::<(Uuid, SnapMeta)>() + 1)
             + st.name.capacity()) as u64;
         #[cfg(debug_assertions)]
@@ -510,17 +556,11 @@ impl Store {
     /// the seal (a snapshot's bdev is registered once `snapshot` returns), the store's own
     /// callers could. Once settled a snapshot stays so: it gains captured clusters only when
     /// it is taken. A snapshot loaded from the media has no `snap_meta`: it is sealed.
+    ///
+    /// Woken by the events that end the wait: a captured entry gets its generation or is given
+    /// back (`add_entry`, `abandon`), the snapshot seals or fails (`sealed`), or is deleted.
     async fn wait_sealed(&self, snap: Uuid) {
-        loop {
-            let draining = {
-                let st = self.st();
-                Self::maps_unready(&st, snap) || st.snap_meta.get(&snap).is_some_and(|m| m.signal.get() == SnapshotState::Draining)
-            };
-            if !draining {
-                return;
-            }
-            crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
-        }
+        self.until(|st| !(Self::maps_unready(st, snap) || st.snap_meta.get(&snap).is_some_and(|m| m.signal.get() == SnapshotState::Draining))).await
     }
 
     /// The volume records of the current state without their maps (those of `left_out` left
@@ -685,6 +725,10 @@ impl Store {
     /// Entries committed in generation `g` or before become visible to the data path.
     fn publish(&self, st: &mut State, g: u64) {
         let keys: Vec<(Uuid, u32)> = st.pending.iter().filter(|(_, p)| p.gen.is_some_and(|pg| pg <= g)).map(|(k, _)| *k).collect();
+        if !keys.is_empty() {
+            // Entries end here: a delete waiting for its volume's may go on.
+            Self::notify(st);
+        }
         for k in keys {
             let p = st.pending.remove(&k).expect("key listed above");
             let shared = st.refs[p.phys as usize] > 1;
@@ -774,10 +818,14 @@ impl Store {
         loop {
             match self.tracker.advance() {
                 Ok((_, sealing)) => {
+                    // A copy-on-write for a snapshot whose own advance was refused (too many
+                    // preserves draining) waits for an advance past its epoch (`copy_cluster`).
+                    Self::notify(&mut self.st());
                     let _ = sealing.await;
                     return;
                 }
-                Err(_) => crate::reactor::sleep(std::time::Duration::from_millis(1)).await,
+                // Too many epochs still draining: the seal that makes room wakes us.
+                Err(_) => self.tracker.advance_possible().await,
             }
         }
     }
@@ -862,6 +910,8 @@ impl Store {
     fn abandon(&self, st: &mut State, uuid: Uuid, logical: u32) {
         let Some(p) = st.pending.remove(&(uuid, logical)) else { return };
         drop(p.ready_waiters);
+        // The entry ends: a snapshot, a delete or a write waiting for it goes on.
+        Self::notify(st);
         if p.captured {
             // The entry never had a generation (its data was never written, `add_entry` was
             // not called), so the volume's map still holds the image's entry at `logical`.
@@ -933,7 +983,9 @@ impl Store {
                         // Its writer may commit only once its whole write is done, which may
                         // wait for this one: commit it here.
                         Some(gen) => self.wait_durable(ch, gen).await?,
-                        None => crate::reactor::sleep(std::time::Duration::from_micros(50)).await,
+                        // Not written yet: planned again once its writer gives it a generation
+                        // (`add_entry`) or gives it back (`abandon`).
+                        None => self.until(|st| !st.pending.get(&(uuid, logical)).is_some_and(|p| p.captured && p.gen.is_none())).await,
                     }
                     *ticket = Some(self.tracker.enter());
                 }
@@ -960,12 +1012,16 @@ impl Store {
             // Our ticket may be of that very epoch: give it up while we wait.
             log::debug!("lvol: a copy of cluster {src} waits, without its ticket, for the seal of epoch {cow_epoch}");
             self.leave(ticket);
-            while !self.tracker.is_sealed(cow_epoch) {
-                crate::reactor::sleep(std::time::Duration::from_micros(50)).await;
-            }
+            // The snapshot closes `cow_epoch` in the poll that shares the cluster, unless too
+            // many preserves are draining: then with its later advance, before which nothing
+            // can seal it (`drained` may only wait for a closed epoch).
+            self.until(|_| self.tracker.current() > cow_epoch).await;
+            self.tracker.drained(cow_epoch).await;
             *ticket = Some(self.tracker.enter());
         }
-        let mut buf = vec![0u8; self.cluster_size as usize];
+        // A cluster is at most 1 MiB in the usual setups: from the core's buffer pool, as the
+        // other copies are, rather than a zeroed heap allocation per copy (read over whole).
+        let mut buf = IoBuf::alloc(self.cluster_size as usize);
         ch.read_buf(self.cluster_block(src), &mut buf).await?;
         ch.write_buf(self.cluster_block(dst), &buf).await
     }
@@ -985,6 +1041,9 @@ impl Store {
             p.gen = Some(next);
             (p.phys, p.gen)
         };
+        // Written: a snapshot waiting for its captured entries, a write waiting to copy this
+        // one or a delete waiting for its volume's entries goes on (to wait for the commit).
+        Self::notify(&mut st);
         // A copy-on-write displaces the shared cluster; its reference goes at the publish.
         let displaced = st.vols.map_insert(&uuid, logical, phys);
         st.journal.push(MapChange { vol: uuid, logical, phys: Some(phys) });
@@ -1119,7 +1178,15 @@ impl Store {
                 // Written and in a record not yet durable: its writer commits it, but should
                 // that commit have failed, nothing else would publish it.
                 Some(g) => self.wait_durable(ch, g).await?,
-                None => crate::reactor::sleep(std::time::Duration::from_micros(100)).await,
+                // None written yet: until one is (`add_entry`) or all ended (`abandon`,
+                // `publish`), as the loop would decide again.
+                None => {
+                    self.until(|st| {
+                        let mut mine = st.pending.iter().filter(|((u, _), _)| *u == uuid).map(|(_, p)| p.gen);
+                        mine.clone().next().is_none() || mine.any(|g| g.is_some())
+                    })
+                    .await
+                }
             }
         }
         let logicals: Vec<u32> = {
@@ -1131,6 +1198,8 @@ impl Store {
         {
             let mut st = self.st();
             st.snap_meta.remove(&uuid);
+            // A clone or revert waiting for this snapshot's seal finds it gone.
+            Self::notify(&mut st);
             if let Some(v) = st.vols.remove(&uuid) {
                 st.reserved -= v.reserved;
                 let children: Vec<Uuid> = st.vols.values().filter(|c| c.rec.parent == Some(uuid)).map(|c| c.rec.uuid).collect();
@@ -1264,16 +1333,8 @@ impl Store {
         self.quiesce_only().await;
         // A captured first write holds its ticket until its data is written, but one that
         // gave it up to wait (see cluster_for_write) may still be writing: wait for its entry.
-        loop {
-            let busy = {
-                let st = self.st();
-                captured.iter().any(|l| st.pending.get(&(uuid, *l)).is_some_and(|p| p.gen.is_none()))
-            };
-            if !busy {
-                break;
-            }
-            crate::reactor::sleep(std::time::Duration::from_micros(100)).await;
-        }
+        // Woken where such an entry gets its generation (`add_entry`) or is given back.
+        self.until(|st| !captured.iter().any(|l| st.pending.get(&(uuid, *l)).is_some_and(|p| p.gen.is_none()))).await;
         let r = self.commit(ch).await;
         self.sealed(snap, r.is_ok());
         r?;
@@ -1300,6 +1361,8 @@ impl Store {
         }
         drop(st);
         signal.set(if ok { SnapshotState::Sealed } else { SnapshotState::Failed });
+        // After the set: a clone or revert in `wait_sealed` reads the signal under the lock.
+        Self::notify(&mut self.st());
     }
 
     /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
@@ -1701,6 +1764,7 @@ impl Store {
                 durable_gen: 0,
                 committing: false,
                 waiters: Vec::new(),
+                watchers: Vec::new(),
                 claim: Some(claim),
                 anchor: None,
                 snap_meta: HashMap::new(),
@@ -1940,8 +2004,8 @@ struct LvolChannel {
 }
 
 /// Byte range `skip..skip+len` of a vector of buffers.
-fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Vec<IoSlice<'x>> {
-    let mut out = Vec::new();
+fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Slices<'x> {
+    let mut out = Slices::new();
     for b in bufs {
         if len == 0 {
             break;
@@ -1958,8 +2022,8 @@ fn sub<'x>(bufs: &'x [IoSlice<'_>], mut skip: usize, mut len: usize) -> Vec<IoSl
     out
 }
 
-fn sub_mut<'x>(bufs: &'x mut [IoSliceMut<'_>], mut skip: usize, mut len: usize) -> Vec<IoSliceMut<'x>> {
-    let mut out = Vec::new();
+fn sub_mut<'x>(bufs: &'x mut [IoSliceMut<'_>], mut skip: usize, mut len: usize) -> SlicesMut<'x> {
+    let mut out = SlicesMut::new();
     for b in bufs.iter_mut() {
         if len == 0 {
             break;
@@ -2055,16 +2119,17 @@ impl LvolChannel {
         // are settled here, as the plan does: an unmap submitted later takes a cluster out of
         // the map at once, and the write's later piece, looked up at its turn, then went to a
         // new cluster, not the one a snapshot taken in between shares (strict-rule seed 6527).
+        // Their roles are kept inline (`Plan`): no allocation for the few a write spans.
         let single = count == 0 || offset / self.bpc() == (offset + count - 1) / self.bpc();
         let mapped = if single {
-            self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))).then(Vec::new)
+            self.pieces(offset, count).all(|(c, _, _)| matches!(self.live.lookup_shared(c), Some((_, false)))).then(Plan::new)
         } else {
             self.pieces(offset, count)
                 .map(|(c, _, _)| match self.live.lookup_shared(c) {
                     Some((p, false)) => Some(Role::Mapped(p)),
                     _ => None,
                 })
-                .collect::<Option<Vec<Role>>>()
+                .collect::<Option<Plan>>()
         };
         let plan = if let Some(mapped) = mapped {
             (!single).then_some(mapped)
@@ -2090,10 +2155,10 @@ impl LvolChannel {
 
     /// Settles every piece of a write at once (see [`Self::write`]); on a refusal (a full pool)
     /// gives back what it took, so the write fails whole.
-    fn plan(&self, offset: u64, count: u64) -> Result<Vec<Role>, BdevError> {
+    fn plan(&self, offset: u64, count: u64) -> Result<Plan, BdevError> {
         let store = &self.store;
         let mut st = store.st();
-        let mut plan = Vec::new();
+        let mut plan = Plan::new();
         for (c, _, _) in self.pieces(offset, count) {
             let planned = u32::try_from(c)
                 .map_err(|_| BdevError::OutOfRange { offset, count, size: self.live.num_blocks.get() })
@@ -2137,7 +2202,7 @@ impl LvolChannel {
         offset: u64,
         count: u64,
         bufs: &[IoSlice<'_>],
-        plan: Option<Vec<Role>>,
+        plan: Option<Plan>,
         ticket: &mut Option<EpochTicket>,
     ) -> (Option<u64>, IoResult) {
         let store = &self.store;
@@ -2168,7 +2233,7 @@ impl LvolChannel {
                 }
             }
         }
-        let mut roles = plan.map(Vec::into_iter);
+        let mut roles = plan.map(Plan::into_iter);
         let mut done = 0usize;
         let mut gen = None;
         for (c, within, n) in self.pieces(offset, count) {

@@ -1246,3 +1246,157 @@ fn a_volume_deleted_while_a_captured_write_is_pending_leaves_the_snapshot_its_im
     assert_eq!(s.free_clusters(), total - 1);
     assert_eq!(f.read(&vols["s2"], 0, 2 * bpc as usize), image, "s2 after a restart");
 }
+
+/// Runs every core until idle with no simulated time passing, and returns the one timer set
+/// then, which must be the injected hang's own 1 ms retry (`bdevs/error`): nothing in the pool
+/// waits by timer (before, its waits re-checked on 50 µs to 1 ms sleeps).
+fn idle_with_only_the_hang_timer(f: &Fix) -> u64 {
+    f.cores.run_until_idle();
+    let now = f.cores.now_ns();
+    let t = f.cores.next_timer().expect("the injected hang retries on a timer");
+    assert!(t >= now + 1_000_000, "a timer due in {} ns: a wait of the pool polls by timer", t - now);
+    t
+}
+
+/// Ends the injected hang (its I/O fails) by firing its one timer, and runs every core until
+/// idle: whatever waited for the hung I/O must be done by then, woken by events alone.
+fn end_the_hang(f: &Fix, inj: &crate::bdevs::error::Injections, t: u64) {
+    inj.clear();
+    f.cores.advance_to(t);
+    f.cores.run_until_idle();
+    assert_eq!(f.cores.next_timer(), None, "no timer left once everything ended");
+}
+
+/// The pool's waits end at the event they wait for, arming no timer: a snapshot that captured
+/// a first write whose fill hangs, a clone of that snapshot (`wait_sealed`) and a second write
+/// to the captured cluster (`WaitPublish` with no generation yet); then a copy-on-write whose
+/// source's snapshot epoch has a write in flight (`copy_cluster`); then a delete of a volume
+/// with a first write pending. Each time the only timer is the injected hang's, and once that
+/// one fires (the hung I/O fails) everything completes without time passing.
+#[test]
+fn waits_of_the_pool_end_at_their_events_not_by_timer() {
+    use crate::bdevs::error::ErrorType;
+    let (f, inj, _m) = stale_fixture(8 << 20);
+    let s = f.create();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 1, true);
+    let ua = lvol(&v).lvol_uuid();
+    let write = |block: u64, byte: u8| {
+        let v = v.clone();
+        f.cores.enter(1, || crate::reactor::spawn(async move { Channel::get(&v)?.write_buf(block, &vec![byte; BS as usize]).await }))
+    };
+
+    // 1. A first write to cluster 0 hangs in its zeroing; a snapshot captures it.
+    inj.set(IoType::WriteZeroes, ErrorType::Pending, 1);
+    let w1 = write(0, 0x11);
+    f.cores.run_until_idle();
+    let s2 = s.clone();
+    let snap = f.cores.enter(0, || crate::reactor::spawn(async move { s2.snapshot(&Channel::get(&s2.base).unwrap(), ua, "snap").await }));
+    f.cores.run_until_idle();
+    let su = uuid_named(&s, "snap");
+    let s2 = s.clone();
+    let clone = f.cores.enter(0, || crate::reactor::spawn(async move { s2.clone_volume(&Channel::get(&s2.base).unwrap(), su, "snap", "c").await }));
+    let w2 = write(1, 0x22);
+    let t = idle_with_only_the_hang_timer(&f);
+    assert!(!snap.is_finished() && !clone.is_finished() && !w2.is_finished(), "all wait for the hung fill");
+    end_the_hang(&f, &inj, t);
+    assert!(w1.is_finished() && snap.is_finished() && clone.is_finished() && w2.is_finished(), "woken by the fill's end, not by a timer");
+    let w1 = f.cores.block_on(0, w1);
+    assert!(w1.is_err(), "the hung first write failed");
+    let (snap, _) = f.cores.block_on(0, snap).unwrap();
+    let (cu, _) = f.cores.block_on(0, clone).unwrap();
+    f.cores.block_on(0, w2).unwrap();
+    let (snap, c) = (f.bdev(&s, snap), f.bdev(&s, cu));
+    assert_eq!(f.read(&snap, 0, 2), vec![0u8; 2 * BS as usize], "the snapshot holds the image before the failed write");
+    assert_eq!(f.read(&c, 0, 2), vec![0u8; 2 * BS as usize], "the clone holds the snapshot's image");
+    assert_eq!(f.read(&v, 1, 1), vec![0x22; BS as usize], "the second write landed");
+    check_refs(&s);
+
+    // 2. A write in place to cluster 0 hangs, holding its epoch; snapshot `snap2` closes that
+    // epoch and shares the cluster; a write to it copies it once the epoch sealed.
+    inj.set(IoType::Write, ErrorType::Pending, 1);
+    let w3 = write(2, 0x33);
+    f.cores.run_until_idle();
+    let s2 = s.clone();
+    let snap2 = f.cores.enter(0, || crate::reactor::spawn(async move { s2.snapshot(&Channel::get(&s2.base).unwrap(), ua, "snap2").await }));
+    f.cores.run_until_idle();
+    let w4 = write(3, 0x44);
+    let t = idle_with_only_the_hang_timer(&f);
+    assert!(!snap2.is_finished() && !w4.is_finished(), "the snapshot and the copy wait for the epoch's seal");
+    assert_eq!(s.st().pending.len(), 1, "the copy-on-write is pending");
+    end_the_hang(&f, &inj, t);
+    assert!(w3.is_finished() && snap2.is_finished() && w4.is_finished(), "woken by the seal, not by a timer");
+    assert!(f.cores.block_on(0, w3).is_err(), "the hung write failed");
+    let (snap2, _) = f.cores.block_on(0, snap2).unwrap();
+    f.cores.block_on(0, w4).unwrap();
+    assert_eq!(s.st().vols.get(&ua).map(|x| x.live.copies.load(Relaxed)), Some(1), "cluster 0 was copied");
+    let snap2 = f.bdev(&s, snap2);
+    assert_eq!(f.read(&snap2, 1, 1), vec![0x22; BS as usize], "the copy's source is the snapshot's");
+    assert_eq!(f.read(&v, 1, 3), [vec![0x22; BS as usize], vec![0u8; BS as usize], vec![0x44; BS as usize]].concat(), "the copy holds the volume");
+    check_refs(&s);
+
+    // 3. A first write to cluster 2 hangs; the volume's delete waits for it to end.
+    inj.set(IoType::WriteZeroes, ErrorType::Pending, 1);
+    let w5 = write(2 * bpc, 0x55);
+    f.cores.run_until_idle();
+    let s2 = s.clone();
+    let del = f.cores.enter(0, || crate::reactor::spawn(async move { s2.delete_volume(&Channel::get(&s2.base).unwrap(), ua).await }));
+    let t = idle_with_only_the_hang_timer(&f);
+    assert!(!del.is_finished(), "the delete waits for the volume's pending first write");
+    end_the_hang(&f, &inj, t);
+    assert!(w5.is_finished() && del.is_finished(), "woken by the entry's end, not by a timer");
+    assert!(f.cores.block_on(0, w5).is_err(), "the hung first write failed");
+    f.cores.block_on(0, del).unwrap();
+    assert!(s.live(ua).is_none(), "the volume is gone");
+    check_refs(&s);
+}
+
+/// Writes and reads of clusters the volume holds alone allocate nothing, also across cluster
+/// boundaries (the pieces' roles and buffer slices are inline, `Plan` and `Slices`): counted
+/// by the process's allocator on this thread, which runs the simulated cores. The channel is
+/// driven directly, as the bdev layer's per-I/O future is not the pool's to save.
+#[test]
+fn io_to_allocated_clusters_allocates_nothing_also_across_cluster_boundaries() {
+    use crate::reactor::alloc;
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 1, true);
+    let u = lvol(&v).lvol_uuid();
+    f.write(&v, 0, 0x11, 4 * bpc as usize).unwrap();
+    let (s2, live) = (s.clone(), s.live(u).unwrap());
+    let (counted, last) = f.cores.block_on(1, async move {
+        let ch = LvolChannel { base: Channel::get(&s2.base).unwrap(), store: s2.clone(), live, uuid: u };
+        // Two clusters (the last block of 0, the first of 1) and three (0's last, all of 1,
+        // 2's first); the data in two slices, as a host's scattered buffers may come.
+        let data: Vec<u8> = (0..(bpc + 2) * BS as u64).map(|i| (i / BS as u64) as u8).collect();
+        let mut back = vec![0u8; data.len()];
+        // Warm-up: the cores' run queues at their working size.
+        for _ in 0..8 {
+            io_across(&ch, &data, &mut back, 2).await;
+            io_across(&ch, &data, &mut back, bpc + 2).await;
+        }
+        alloc::count_this_thread(true);
+        let before = alloc::counted();
+        for _ in 0..100 {
+            io_across(&ch, &data, &mut back, 2).await;
+            io_across(&ch, &data, &mut back, bpc + 2).await;
+        }
+        let n = alloc::counted() - before;
+        alloc::count_this_thread(false);
+        (n, back == data)
+    });
+    assert!(last, "the reads return what was written");
+    assert_eq!(counted, 0, "allocations in 200 writes and 200 reads of mapped clusters across cluster boundaries");
+}
+
+/// Writes the first `n` blocks of `data` from the last block of cluster 0 on (two clusters for
+/// 2, three for a cluster and 2), then reads them back into `back`; in two slices each, as a
+/// host's scattered buffers may come.
+async fn io_across(ch: &LvolChannel, data: &[u8], back: &mut [u8], n: u64) {
+    let (bpc, len) = (CL / BS as u64, (n * BS as u64) as usize);
+    let (a, b) = data[..len].split_at(BS as usize);
+    ch.write(bpc - 1, n, &[IoSlice::new(a), IoSlice::new(b)]).await.unwrap();
+    let (x, y) = back[..len].split_at_mut(BS as usize);
+    ch.read(bpc - 1, n, &mut [IoSliceMut::new(x), IoSliceMut::new(y)]).await.unwrap();
+}

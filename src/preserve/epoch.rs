@@ -223,6 +223,24 @@ impl EpochTracker {
             Poll::Pending
         })
     }
+
+    /// Completes once [`Self::advance`] would not refuse with [`AdvanceError::TooManyOpen`]:
+    /// once the oldest of the open epochs that hold the limit sealed. A caller that got the
+    /// refusal waits here instead of retrying by timer: the seal that makes room wakes it.
+    /// Another caller may take the room first, so advance again and wait again on a refusal.
+    pub async fn advance_possible(&self) {
+        loop {
+            // `advance` refuses while `current + 1 - oldest_open > MAX_OPEN_EPOCHS`, i.e. while
+            // epoch `current - MAX_OPEN_EPOCHS` is not sealed (none such below the limit).
+            let Some(limit) = self.current().checked_sub(MAX_OPEN_EPOCHS) else { return };
+            if self.is_sealed(limit) {
+                return;
+            }
+            // Below the current epoch, and not sealed, so closed by an `advance`: `drained`
+            // may wait for it.
+            self.drained(limit).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +299,33 @@ mod tests {
         for (_, mut s) in seals {
             assert_eq!(s.try_recv().unwrap(), Some(()));
         }
+    }
+
+    #[test]
+    fn advance_possible_wakes_a_refused_caller_when_the_oldest_epoch_seals() {
+        let cores = ManualCores::new(1);
+        let t = EpochTracker::new(1, 1);
+        // An I/O of the first epoch holds every later seal back (seals complete in order).
+        let held = cores.enter(0, || t.enter());
+        let seals: Vec<_> = (0..MAX_OPEN_EPOCHS).map(|_| cores.enter(0, || t.advance()).unwrap()).collect();
+        assert!(cores.enter(0, || t.advance()).is_err());
+        cores.run_until_idle();
+        let advanced = Rc::new(RefCell::new(None));
+        let (t2, a2) = (t.clone(), advanced.clone());
+        cores.enter(0, || {
+            crate::reactor::spawn_detached(async move {
+                t2.advance_possible().await;
+                *a2.borrow_mut() = Some(t2.advance().map(|(closed, _)| closed));
+            })
+        });
+        cores.run_until_idle();
+        assert!(advanced.borrow().is_none(), "no room yet: the oldest open epoch has an I/O in flight");
+        cores.enter(0, || t.exit(held));
+        // No simulated time passes: only the seal can have woken the waiter (no timer fired).
+        cores.run_until_idle();
+        assert_eq!(*advanced.borrow(), Some(Ok(1 + MAX_OPEN_EPOCHS)), "the waiter advanced once the seal made room");
+        assert!(cores.next_timer().is_none(), "the wait set no timer");
+        drop(seals);
     }
 
     #[test]
