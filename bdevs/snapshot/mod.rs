@@ -1234,6 +1234,98 @@ mod tests {
         }
     }
 
+    /// Rule 2 after a crash. An old-epoch write `w` that waited for a lock is overtaken on a
+    /// grain by a new-epoch write whose copy (with its check) is on media, and then patches
+    /// that copy in place; a later write changes the live volume again. A crash before the
+    /// copy's record page is written again must not find the check failing over the patched
+    /// bytes and drop the piece: the snapshot `w` belongs to would then read the live volume's
+    /// later data. (Fails with `patch_copy`'s wait for `home::unchecked` removed.)
+    #[test]
+    fn a_copy_patched_in_place_keeps_its_piece_after_a_crash() {
+        use crate::bdevs::error::{ErrorBdev, ErrorType};
+        let cores = ManualCores::new(1);
+        let reg = BdevRegistry::new(1);
+        let mem = reg.register(Arc::new(MallocBdev::new("m", 128, 512, None).unwrap())).unwrap();
+        let eb = ErrorBdev::new("eb".into(), mem.claim("eb").unwrap(), None);
+        let inject = eb.injections().clone();
+        let base = reg.register(Arc::new(eb)).unwrap();
+        let store_blocks = (layout::RECORDS_OFFSET + 8192 + 16 * 4096) / 512;
+        let store = reg.register(Arc::new(MallocBdev::new("s", store_blocks, 512, None).unwrap())).unwrap();
+        // One grain per lock region: a write over grains 0 and 1 locks 0, then 1.
+        let p = OpenParams { lock_region_grains: Some(1), ..params(&base, &store) };
+        let (vol, _) = cores.block_on(0, async move { CowVolume::open(p).await.unwrap() });
+        let e = reg.register(Arc::new(vol)).unwrap();
+        async fn put(e: Arc<BdevEntry>, block: u64, blocks: usize, byte: u8) -> IoResult {
+            Channel::get(&e).unwrap().write_buf(block, &vec![byte; blocks * 512]).await
+        }
+        let (e2, mem2, store2) = (e.clone(), mem.clone(), store.clone());
+        let (image, s1) = cores.block_on(0, async move {
+            let ms = std::time::Duration::from_millis;
+            put(e2.clone(), 0, 16, 0x01).await.unwrap();
+            snap(e2.clone(), "s0").await;
+            // Grain 1's block 8 gets its copy for s0 (slot X0).
+            put(e2.clone(), 8, 1, 0x02).await.unwrap();
+            // w0 (grain 0) hangs in the live volume holding grain 0's lock; w (blocks 7-8,
+            // grains 0 and 1) is stamped and queues for grain 0's lock.
+            inject.set(IoType::Write, ErrorType::Pending, 1);
+            // All of grain 0: s0's copy of it then holds every piece w touches there (no
+            // rule 3 extend, whose record batch would rewrite the page under test).
+            let w0 = reactor::spawn(put(e2.clone(), 0, 8, 0x03));
+            reactor::sleep(ms(5)).await;
+            let w = reactor::spawn(put(e2.clone(), 7, 2, 0x04));
+            reactor::sleep(ms(1)).await;
+            let s1 = Arc::new(SnapshotBdev::new(cow(&e2), "s1"));
+            let sig = cow(&e2).take_snapshot(&s1, false).await.unwrap();
+            assert_eq!(sig.get(), SnapshotState::Draining, "w0 and w are still in flight");
+            // w2, new epoch, takes grain 1's lock first: copies block 8 (0x02) for s1 (slot
+            // X1, its record with a check, one flush), then writes 0x05 to the live volume.
+            put(e2.clone(), 8, 1, 0x05).await.unwrap();
+            // w0 fails, w gets both locks: rule 2 patches X1 with its 0x04.
+            inject.clear();
+            w.await.unwrap();
+            // w reached the live volume after w2; a later write changes it again (s1's copy
+            // holds the piece already: no copy, no record batch).
+            put(e2.clone(), 8, 1, 0x06).await.unwrap();
+            // The crash: what the devices hold now (RAM: every write landed).
+            let mut image = (vec![0u8; 128 * 512], vec![0u8; store_blocks as usize * 512]);
+            Channel::get(&mem2).unwrap().read_buf(0, &mut image.0).await.unwrap();
+            Channel::get(&store2).unwrap().read_buf(0, &mut image.1).await.unwrap();
+            assert!(w0.await.is_err(), "w0 was aborted");
+            while sig.get() != SnapshotState::Sealed {
+                reactor::sleep(std::time::Duration::from_micros(10)).await;
+            }
+            (image, s1)
+        });
+        let s1 = reg.register(s1).unwrap();
+        let read8 = |cores: &ManualCores, s: Arc<BdevEntry>| {
+            cores.block_on(0, async move {
+                let mut b = vec![0u8; 512];
+                Channel::get(&s).unwrap().read_buf(8, &mut b).await.unwrap();
+                b
+            })
+        };
+        assert_eq!(read8(&cores, s1), vec![0x04; 512], "s1 holds w (its patched copy), not w2's 0x05");
+        reg.unregister("s1").unwrap();
+        e.bdev().destroy();
+        drop(e);
+        reg.unregister("v").unwrap();
+        cores.block_on(0, async { reactor::sleep(std::time::Duration::from_millis(20)).await });
+        // Restart on what the crash left.
+        let base2 = reg.register(Arc::new(MallocBdev::new("b2", 128, 512, None).unwrap())).unwrap();
+        let store2 = reg.register(Arc::new(MallocBdev::new("s2", store_blocks, 512, None).unwrap())).unwrap();
+        let (b2, s2) = (base2.clone(), store2.clone());
+        cores.block_on(0, async move {
+            Channel::get(&b2).unwrap().write_buf(0, &image.0).await.unwrap();
+            Channel::get(&s2).unwrap().write_buf(0, &image.1).await.unwrap();
+        });
+        let p = OpenParams { lock_region_grains: Some(1), ..params(&base2, &store2) };
+        let (vol, snaps) = cores.block_on(0, async move { CowVolume::open(p).await.unwrap() });
+        let _volume = reg.register(Arc::new(vol)).unwrap();
+        let s1 = snaps.into_iter().find(|s| s.props().name() == "s1").expect("s1 comes back");
+        let s1 = reg.register(Arc::new(s1)).unwrap();
+        assert_eq!(read8(&cores, s1), vec![0x04; 512], "after the crash s1 still reads w's 0x04 from its patched copy");
+    }
+
     #[test]
     fn changed_ranges_come_from_the_tables() {
         let cores = ManualCores::new(1);
