@@ -12,13 +12,14 @@ use super::control::Request;
 use super::layout::MAX_SLOTS;
 use super::waits::WaitReason;
 use super::{LegMode, Shared};
-use crate::bdev::{BdevError, Channel, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
+use crate::bdev::{BdevError, Channel, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, Started};
 use crate::reactor;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::task::Poll;
@@ -128,6 +129,14 @@ pub(crate) async fn join_slots<F: Future<Output = IoResult>>(futs: [Option<F>; M
     out
 }
 
+/// Adds `v` (wrapping: `u64::MAX` subtracts one) to a counter of this core's leg statistics:
+/// only this core's thread writes its shard (the control task writes the home core's, on the
+/// home core), so a load and a store do, not a locked add (three per leg per write). Readers
+/// on other cores may see a value one I/O old.
+fn bump(a: &AtomicU64, v: u64) {
+    a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
+}
+
 /// Whether a leg's error means the leg is bad (rather than "try again" or a caller mistake).
 fn is_device_error(e: &BdevError) -> bool {
     !matches!(e, BdevError::NoResources | BdevError::OutOfRange { .. } | BdevError::BadLength { .. })
@@ -137,7 +146,18 @@ async fn write_leg(ch: &Channel, offset: u64, count: u64, payload: Payload<'_>) 
     // The rare paths (no resources, zeroes emulated by writes) are boxed: a write keeps one of
     // these futures per slot, and their state would make every write's future several KiB.
     let r = match payload {
-        Payload::Data(bufs) => ch.write(offset, bufs).await,
+        // Started rather than awaited: a leg that completes in place (RAM) needs no future.
+        Payload::Data(bufs) => match ch.start(Io::Write { offset_blocks: offset, num_blocks: count, bufs }) {
+            Started::Done(r) => {
+                // What the leg's own in-place future did: past the task's budget, give up the
+                // turn once (a task writing to RAM legs in a loop would starve its core).
+                if !reactor::consume_budget() {
+                    reactor::yield_now().await;
+                }
+                r
+            }
+            Started::Running(run) => ch.finish(run).await,
+        },
         Payload::Zeroes if ch.supports(IoType::WriteZeroes) => ch.write_zeroes(offset, count).await,
         Payload::Zeroes => Box::pin(write_zero_buffers(ch, offset, count)).await,
     };
@@ -253,7 +273,12 @@ impl MirrorChannel {
         let stamp = Stamp { gate: &sh.gate, ticket: Some(sh.gate.enter()) };
         // The extent lock before the regions: a write never holds a region while it waits for
         // a lock (a rebuild window waiting for the region to drain would wait forever).
-        let _order = sh.locks.lock(offset, count).await;
+        // Mostly granted in place (a free range whose shard is this core's); the wait or the
+        // message is boxed, so that its state does not enlarge every write's future.
+        let _order = match sh.locks.try_lock(offset, count) {
+            Some(g) => g,
+            None => Box::pin(sh.locks.lock(offset, count)).await,
+        };
         let (r0, r1) = g.regions_of(offset, count);
         let mut entered = Entered { sh, first: r0, end: r0 };
         for r in r0..=r1 {
@@ -292,7 +317,7 @@ impl MirrorChannel {
                 missing |= 1 << s;
                 return None;
             };
-            sh.leg_stats(self.core, s).in_flight.fetch_add(1, Relaxed);
+            bump(&sh.leg_stats(self.core, s).in_flight, 1);
             Some(write_leg(ch, g.data_offset + offset, count, payload))
         });
         let results = join_slots(futs).await;
@@ -302,10 +327,10 @@ impl MirrorChannel {
         for s in 0..MAX_SLOTS {
             let Some(r) = &results[s] else { continue };
             let st = sh.leg_stats(self.core, s);
-            st.in_flight.fetch_sub(1, Relaxed);
+            bump(&st.in_flight, u64::MAX);
             match r {
                 Ok(()) => {
-                    st.writes.fetch_add(1, Relaxed);
+                    bump(&st.writes, 1);
                     succeeded |= 1 << s;
                 }
                 Err(e) => {
@@ -378,13 +403,13 @@ impl MirrorChannel {
             let Some(ch) = legs.leg(s) else { continue };
             let st = sh.leg_stats(self.core, s);
             self.reads_out[s].set(self.reads_out[s].get() + 1);
-            st.in_flight.fetch_add(1, Relaxed);
+            bump(&st.in_flight, 1);
             let r = ch.read(g.data_offset + offset, bufs).await;
-            st.in_flight.fetch_sub(1, Relaxed);
+            bump(&st.in_flight, u64::MAX);
             self.reads_out[s].set(self.reads_out[s].get() - 1);
             match r {
                 Ok(()) => {
-                    st.reads.fetch_add(1, Relaxed);
+                    bump(&st.reads, 1);
                     if bad != 0 {
                         self.repair(bad, s, offset, count).await;
                     }

@@ -3,9 +3,9 @@
 //! the statistics, so modules do neither.
 
 use super::qos::{Dir, LocalQos, Qos, TIMESLICE_NS};
-use super::{BdevEntry, BdevError, Io, IoChannel, IoResult, IoType};
+use super::{BdevEntry, BdevError, Io, IoChannel, IoFuture, IoResult, IoType};
 use crate::reactor;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
@@ -54,6 +54,45 @@ impl std::future::Future for Park<'_> {
         self.parked = true;
         std::task::Poll::Pending
     }
+}
+
+/// Clock readings handed between nested channels within one synchronous submission, so that
+/// a stack of layers completing in place (a CoW volume over RAM, say) reads the clock twice
+/// in all rather than twice per layer (each read is a measurable part of such an I/O).
+/// `start` is set only while a channel's `submit` call runs: the first channel submitted below
+/// takes it as its own start. `end` is cleared before that call and set by a channel below
+/// that completed in place; the caller takes it right after the call returns. Neither value
+/// outlives the submission that set it, so no I/O ever takes another's time.
+#[derive(Default)]
+struct Handoff {
+    start: Cell<Option<u64>>,
+    end: Cell<Option<u64>>,
+}
+
+thread_local! {
+    static CLOCK: Handoff = const { Handoff { start: Cell::new(None), end: Cell::new(None) } };
+}
+
+/// A request [`Channel::start`] began.
+pub enum Started<'a, 'b> {
+    /// Completed in place (or refused by the checks); statistics recorded.
+    Done(IoResult),
+    /// Still to complete: await [`Channel::finish`] with it.
+    Running(Running<'a, 'b>),
+}
+
+/// A started request that did not complete in place.
+pub struct Running<'a, 'b> {
+    state: RunState<'a, 'b>,
+    t: IoType,
+    bytes: u64,
+    t0: u64,
+}
+
+enum RunState<'a, 'b> {
+    Submitted(IoFuture<'a>),
+    /// QoS holds it: submitted once the limits admit it.
+    Held(Io<'a, 'b>),
 }
 
 #[derive(Clone)]
@@ -173,23 +212,112 @@ impl Channel {
     }
 
     async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
-        let shard = self.entry.stats().shard(self.core);
-        // Wall-clock latency (also under simulation: statistics never steer behaviour). It
-        // includes the wait for QoS tokens: that is what the host sees.
-        let t0 = reactor::monotonic_ns();
-        if self.entry.qos().enabled() && !self.admit_now(t, bytes) {
-            // Before counting the I/O in flight: a waiting I/O whose future is dropped (its
-            // connection closed) has not reached the device and must not stay counted. Boxed:
-            // the wait's state would otherwise make every I/O's future (and every layer's
-            // above it) larger, while only I/O over a limit waits.
-            Box::pin(self.admit_wait(t, bytes)).await;
+        match self.submit_checked(t, bytes, io) {
+            Started::Done(r) => {
+                // The device completed in place and so did this layer: give up the turn past
+                // the task's budget, as a device's own `Ready` future would have (a task whose
+                // I/O all completes in place would otherwise starve its core).
+                if !reactor::consume_budget() {
+                    reactor::yield_now().await;
+                }
+                r
+            }
+            Started::Running(run) => self.finish(run).await,
         }
-        shard.io_started();
-        let r = self.io.submit(io).await;
-        let dt = reactor::monotonic_ns().saturating_sub(t0);
-        shard.io_ended();
+    }
+
+    /// Starts a checked request: submits it at once unless QoS holds it, and takes the result
+    /// at once when the device completed it in place (the statistics recorded either way).
+    fn submit_checked<'a, 'b: 'a>(&'a self, t: IoType, bytes: u64, io: Io<'a, 'b>) -> Started<'a, 'b> {
+        // Wall-clock latency (also under simulation: statistics never steer behaviour). It
+        // includes the wait for QoS tokens: that is what the host sees. A layer below that
+        // this submission reaches synchronously starts at the same instant (see `CLOCK`).
+        let t0 = CLOCK.with(|c| c.start.take()).unwrap_or_else(reactor::monotonic_ns);
+        if self.entry.qos().enabled() && !self.admit_now(t, bytes) {
+            return Started::Running(Running { state: RunState::Held(io), t, bytes, t0 });
+        }
+        self.entry.stats().shard(self.core).io_started();
+        CLOCK.with(|c| {
+            c.start.set(Some(t0));
+            c.end.set(None);
+        });
+        let fut = self.io.submit(io);
+        // Taken back whether or not a layer below used it: it is this submission's only.
+        let below_end = CLOCK.with(|c| {
+            c.start.set(None);
+            c.end.take()
+        });
+        match fut.into_ready() {
+            Ok(r) => {
+                // Completed in place: a channel below that completed in place inside this
+                // submission read the clock at its end an instant ago; that is this end too.
+                let t1 = below_end.unwrap_or_else(reactor::monotonic_ns);
+                CLOCK.with(|c| c.end.set(Some(t1)));
+                self.ended(t, bytes, t1.saturating_sub(t0), &r);
+                Started::Done(r)
+            }
+            Err(fut) => Started::Running(Running { state: RunState::Submitted(fut), t, bytes, t0 }),
+        }
+    }
+
+    fn ended(&self, t: IoType, bytes: u64, dt: u64, r: &IoResult) {
+        self.entry.stats().shard(self.core).io_ended();
         self.entry.stats().record(self.core, t, bytes, dt, r.is_ok());
+    }
+
+    /// Completes an I/O [`Self::start`] left running.
+    pub async fn finish(&self, run: Running<'_, '_>) -> IoResult {
+        let Running { state, t, bytes, t0 } = run;
+        let fut = match state {
+            RunState::Submitted(fut) => fut,
+            RunState::Held(io) => {
+                // Before counting the I/O in flight: a waiting I/O whose future is dropped (its
+                // connection closed) has not reached the device and must not stay counted.
+                // Boxed: the wait's state would otherwise make every I/O's future (and every
+                // layer's above it) larger, while only I/O over a limit waits.
+                Box::pin(self.admit_wait(t, bytes)).await;
+                self.entry.stats().shard(self.core).io_started();
+                self.io.submit(io)
+            }
+        };
+        let r = fut.await;
+        self.ended(t, bytes, reactor::monotonic_ns().saturating_sub(t0), &r);
         r
+    }
+
+    /// Starts a request a layer above received (checked here as by the typed entries), without
+    /// a future of its own: a device that completes in place gives its result at once
+    /// ([`Started::Done`]), so a layer whose own work is synchronous completes in place too
+    /// and needs no boxed future. Otherwise await [`Self::finish`].
+    pub fn start<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> Started<'a, 'b> {
+        let bs = self.block_size as u64;
+        let checked = match io {
+            Io::Read { offset_blocks, bufs, .. } => {
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                self.blocks_of(len)
+                    .and_then(|n| self.check(IoType::Read, offset_blocks, n).map(|()| n))
+                    .map(|num_blocks| (IoType::Read, len as u64, Io::Read { offset_blocks, num_blocks, bufs }))
+            }
+            Io::Write { offset_blocks, bufs, .. } => {
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                self.blocks_of(len)
+                    .and_then(|n| self.check(IoType::Write, offset_blocks, n).map(|()| n))
+                    .map(|num_blocks| (IoType::Write, len as u64, Io::Write { offset_blocks, num_blocks, bufs }))
+            }
+            // A device without a volatile cache has nothing to flush.
+            Io::Flush if !self.supports(IoType::Flush) => return Started::Done(Ok(())),
+            Io::Flush => Ok((IoType::Flush, 0, Io::Flush)),
+            Io::Unmap { offset_blocks, num_blocks } => {
+                self.check(IoType::Unmap, offset_blocks, num_blocks).map(|()| (IoType::Unmap, num_blocks * bs, Io::Unmap { offset_blocks, num_blocks }))
+            }
+            Io::WriteZeroes { offset_blocks, num_blocks } => self
+                .check(IoType::WriteZeroes, offset_blocks, num_blocks)
+                .map(|()| (IoType::WriteZeroes, num_blocks * bs, Io::WriteZeroes { offset_blocks, num_blocks })),
+        };
+        match checked {
+            Ok((t, bytes, io)) => self.submit_checked(t, bytes, io),
+            Err(e) => Started::Done(Err(e)),
+        }
     }
 
     /// Reads `offset_blocks..` into `bufs` (their total length: a whole number of blocks).

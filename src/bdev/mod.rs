@@ -25,7 +25,7 @@ mod stats;
 pub use budget::{ConnBudget, CoreBudget, Lease, Short};
 pub use buffer::set_pool_bytes;
 pub use buffer::{buffer_pool_info, current_pool_region, pool_free_buffers, IoBuf, BUF_ALIGN};
-pub use channel::Channel;
+pub use channel::{Channel, Running, Started};
 pub use completion::{gather, scatter, CompletionFuture, Completions, CopyOut};
 pub use ctx::BdevCtx;
 pub use passthru::PassThru;
@@ -124,6 +124,16 @@ impl<'a> IoFuture<'a> {
 
     pub fn boxed(f: impl Future<Output = IoResult> + 'a) -> Self {
         IoFuture::Boxed(Box::pin(f))
+    }
+
+    /// The result of an I/O the device completed in place, or the future back. A layer that
+    /// takes the result here completes its own I/O in place too, instead of boxing a future
+    /// that awaits this one (the caller's own `Ready` still yields by the task's budget).
+    pub fn into_ready(self) -> Result<IoResult, Self> {
+        match self {
+            IoFuture::Ready(Some(r), _) => Ok(r),
+            other => Err(other),
+        }
     }
 }
 

@@ -130,6 +130,25 @@ impl LockSpace {
         guard
     }
 
+    /// Locks blocks `start..start+count` at once if that needs neither a wait nor a message:
+    /// the range lies in one region, that region's shard is this core's, and nothing held or
+    /// queued there overlaps it. None otherwise (nothing was taken or queued): call
+    /// [`Self::lock`], which then queues in the same order this call would have found.
+    pub fn try_lock(self: &Arc<Self>, start: u64, count: u64) -> Option<ExtentGuard> {
+        let end = start.checked_add(count).filter(|_| count > 0)?;
+        let region = start >> self.region_shift;
+        if (end - 1) >> self.region_shift != region {
+            return None;
+        }
+        let shard = self.shard_of(region);
+        if shard != reactor::current_index() {
+            return None;
+        }
+        let table = reactor::with_core(|c| c.local::<ShardTable>());
+        let grant = table.try_grant(self, shard, start, end).ok()?;
+        Some(ExtentGuard { first: Some(grant), rest: Vec::new() })
+    }
+
     async fn acquire(self: &Arc<Self>, shard: usize, start: u64, end: u64) -> Grant {
         if shard == reactor::current_index() {
             let table = reactor::with_core(|c| c.local::<ShardTable>());
@@ -393,6 +412,46 @@ mod tests {
         cores.run_until_idle();
         assert_eq!(*done.borrow(), 2);
         assert_eq!(space.stats().waits, 0);
+    }
+
+    #[test]
+    fn try_lock_grants_only_what_lock_would_grant_at_once() {
+        let cores = ManualCores::new(2);
+        let space = LockSpace::with_shard_seed(2, 8, 7);
+        // A region whose shard is core 0, and one whose shard is core 1.
+        let local = (0..64u64).find(|r| space.shard_of(*r) == 0).expect("a region of core 0") * 8;
+        let remote = (0..64u64).find(|r| space.shard_of(*r) == 1).expect("a region of core 1") * 8;
+        cores.enter(0, || {
+            let g = space.try_lock(local, 4).expect("a free local range is granted in place");
+            assert!(space.try_lock(local + 2, 4).is_none(), "overlaps a held range");
+            assert!(space.try_lock(local + 4, 4).is_some(), "disjoint from it: granted (and freed)");
+            assert!(space.try_lock(remote, 1).is_none(), "another core's shard needs a message");
+            assert!(space.try_lock(local + 6, 4).is_none(), "spans two regions");
+            assert!(space.try_lock(local, 0).is_none(), "empty range");
+            drop(g);
+        });
+        // A request queued behind a held range keeps its turn: a later overlapping try_lock
+        // does not pass it, even once the range is free.
+        let held = Rc::new(RefCell::new(cores.enter(0, || space.try_lock(local, 4))));
+        let got = Rc::new(RefCell::new(false));
+        let (s2, got2) = (space.clone(), got.clone());
+        cores.enter(0, || spawn_detached(async move {
+            let _g = s2.lock(local + 3, 2).await;
+            *got2.borrow_mut() = true;
+            crate::reactor::sleep(std::time::Duration::from_micros(5)).await;
+        }));
+        cores.run_until_idle();
+        assert!(!*got.borrow());
+        cores.enter(0, || assert!(space.try_lock(local + 4, 1).is_none(), "overlaps the queued request"));
+        cores.enter(0, || drop(held.borrow_mut().take()));
+        cores.run_until_idle();
+        assert!(*got.borrow(), "the queued request got the range when it freed");
+        cores.enter(0, || assert!(space.try_lock(local + 4, 1).is_none(), "now held by the queued request"));
+        while let Some(t) = cores.next_timer() {
+            cores.advance_to(t);
+            cores.run_until_idle();
+        }
+        cores.enter(0, || assert!(space.try_lock(local + 4, 1).is_some()));
     }
 
     #[test]
