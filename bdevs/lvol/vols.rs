@@ -134,7 +134,7 @@ impl Vols {
 
     /// A record changed the way a missed count would: for the test that shows the debug
     /// check of `Store::next_record` catches it.
-    #[cfg(test)]
+    #[cfg(all(test, debug_assertions))]
     pub(super) fn rec_mut_uncounted(&mut self, uuid: &Uuid) -> Option<&mut VolumeRecord> {
         Some(&mut self.map.get_mut(uuid)?.rec.0)
     }

@@ -22,17 +22,12 @@
 
 use crate::extent_lock::{ExtentGuard, LockSpace};
 use crate::preserve::{AdvanceError, EpochTicket, EpochTracker};
-use crate::reactor;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Blocks per extent-lock region: writes of up to a few MiB take one piece.
 const LOCK_REGION_BLOCKS: u64 = 1 << 14;
-
-/// How long an exclusive command waits before trying again when too many closes are still
-/// draining (a burst of atomic commands).
-const RETRY_NS: u64 = 50_000;
 
 pub(crate) struct WriteGate {
     /// Exclusive commands past their first step (raising this) and not yet done.
@@ -117,7 +112,8 @@ impl WriteGate {
                     let _ = sealing.await;
                     break;
                 }
-                Err(AdvanceError::TooManyOpen(_)) => reactor::sleep_until(reactor::now_ns() + RETRY_NS).await,
+                // Too many epochs still draining: the seal that makes room wakes us.
+                Err(AdvanceError::TooManyOpen(_)) => self.passes.advance_possible().await,
             }
         }
         hold.guard = Some(self.locks.lock(lba, blocks).await);
@@ -133,7 +129,7 @@ impl WriteGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reactor::ManualCores;
+    use crate::reactor::{self, ManualCores};
     use std::cell::{Cell, RefCell};
     use std::future::Future;
     use std::rc::Rc;
@@ -205,6 +201,40 @@ mod tests {
         assert_eq!(g.exclusive_count(), 0);
         // Nothing exclusive: writes pass again.
         cores.block_on(0, async move { assert!(matches!(gs.write(0, 1).await, WriteHold::Passed { .. })) });
+    }
+
+    /// A burst of exclusive commands larger than the epochs the tracker keeps open: those
+    /// refused wait for the seal that makes room, not for a timer, and all are granted once
+    /// the write holding the oldest epoch is done.
+    #[test]
+    fn a_burst_of_exclusive_commands_waits_for_room_without_a_timer() {
+        let cores = ManualCores::new(1);
+        let g = gate(1);
+        let gs: &'static Arc<WriteGate> = Box::leak(Box::new(Arc::clone(&g)));
+        let w = Rc::new(RefCell::new(None));
+        let w1 = w.clone();
+        cores.enter(0, || reactor::spawn_detached(async move { *w1.borrow_mut() = Some(gs.write(0, 1).await) }));
+        cores.run_until_idle();
+        let burst = crate::preserve::MAX_OPEN_EPOCHS + 2;
+        let granted = Rc::new(Cell::new(0u64));
+        for i in 0..burst {
+            let gr = granted.clone();
+            cores.enter(0, || {
+                reactor::spawn_detached(async move {
+                    drop(gs.exclusive(8 + i, 1).await);
+                    gr.set(gr.get() + 1);
+                })
+            });
+        }
+        cores.run_until_idle();
+        assert_eq!(granted.get(), 0, "every exclusive command waits for the write in flight");
+        assert!(g.passes.advance().is_err(), "the burst holds every open epoch the tracker allows");
+        assert!(cores.next_timer().is_none(), "those refused wait for a seal, not a timer");
+        cores.enter(0, || drop(w.borrow_mut().take()));
+        cores.run_until_idle();
+        assert_eq!(granted.get(), burst, "all granted once the write is done");
+        assert!(cores.next_timer().is_none());
+        assert_eq!(g.exclusive_count(), 0);
     }
 
     #[test]
