@@ -12,7 +12,7 @@ use super::control::Request;
 use super::layout::MAX_SLOTS;
 use super::waits::WaitReason;
 use super::{LegMode, Shared};
-use crate::bdev::{BdevError, Channel, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, Started};
+use crate::bdev::{BdevError, Channel, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::reactor;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -146,18 +146,9 @@ async fn write_leg(ch: &Channel, offset: u64, count: u64, payload: Payload<'_>) 
     // The rare paths (no resources, zeroes emulated by writes) are boxed: a write keeps one of
     // these futures per slot, and their state would make every write's future several KiB.
     let r = match payload {
-        // Started rather than awaited: a leg that completes in place (RAM) needs no future.
-        Payload::Data(bufs) => match ch.start(Io::Write { offset_blocks: offset, num_blocks: count, bufs }) {
-            Started::Done(r) => {
-                // What the leg's own in-place future did: past the task's budget, give up the
-                // turn once (a task writing to RAM legs in a loop would starve its core).
-                if !reactor::consume_budget() {
-                    reactor::yield_now().await;
-                }
-                r
-            }
-            Started::Running(run) => ch.finish(run).await,
-        },
+        // `write` starts the leg's write in place (`Channel::start`): one that completes in
+        // place (RAM) costs no future of its own.
+        Payload::Data(bufs) => ch.write(offset, bufs).await,
         Payload::Zeroes if ch.supports(IoType::WriteZeroes) => ch.write_zeroes(offset, count).await,
         Payload::Zeroes => Box::pin(write_zero_buffers(ch, offset, count)).await,
     };

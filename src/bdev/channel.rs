@@ -211,8 +211,10 @@ impl Channel {
         Ok((len / bs) as u64)
     }
 
-    async fn run(&self, t: IoType, bytes: u64, io: Io<'_, '_>) -> IoResult {
-        match self.submit_checked(t, bytes, io) {
+    /// Awaits a request [`Self::start`] began: the one way every entry of this channel, and a
+    /// layer above that started one, completes it.
+    pub async fn complete(&self, started: Started<'_, '_>) -> IoResult {
+        match started {
             Started::Done(r) => {
                 // The device completed in place and so did this layer: give up the turn past
                 // the task's budget, as a device's own `Ready` future would have (a task whose
@@ -285,10 +287,11 @@ impl Channel {
         r
     }
 
-    /// Starts a request a layer above received (checked here as by the typed entries), without
-    /// a future of its own: a device that completes in place gives its result at once
-    /// ([`Started::Done`]), so a layer whose own work is synchronous completes in place too
-    /// and needs no boxed future. Otherwise await [`Self::finish`].
+    /// Starts a request (checked here, for every entry of this channel) without a future of
+    /// its own: a device that completes in place gives its result at once ([`Started::Done`]),
+    /// so a layer whose own work is synchronous completes in place too and needs no boxed
+    /// future. Otherwise await [`Self::finish`] (or [`Self::complete`]). A read's or write's
+    /// block count is taken from its buffers, whatever `num_blocks` says.
     pub fn start<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> Started<'a, 'b> {
         let bs = self.block_size as u64;
         let checked = match io {
@@ -322,10 +325,8 @@ impl Channel {
 
     /// Reads `offset_blocks..` into `bufs` (their total length: a whole number of blocks).
     pub async fn read(&self, offset_blocks: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        let num_blocks = self.blocks_of(len)?;
-        self.check(IoType::Read, offset_blocks, num_blocks)?;
-        self.run(IoType::Read, len as u64, Io::Read { offset_blocks, num_blocks, bufs }).await
+        // The count comes from the buffers (`start`).
+        self.forward(Io::Read { offset_blocks, num_blocks: 0, bufs }).await
     }
 
     pub async fn read_buf(&self, offset_blocks: u64, buf: &mut [u8]) -> IoResult {
@@ -334,43 +335,28 @@ impl Channel {
 
     /// Writes `bufs` at `offset_blocks`.
     pub async fn write(&self, offset_blocks: u64, bufs: &[IoSlice<'_>]) -> IoResult {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        let num_blocks = self.blocks_of(len)?;
-        self.check(IoType::Write, offset_blocks, num_blocks)?;
-        self.run(IoType::Write, len as u64, Io::Write { offset_blocks, num_blocks, bufs }).await
+        self.forward(Io::Write { offset_blocks, num_blocks: 0, bufs }).await
     }
 
     pub async fn write_buf(&self, offset_blocks: u64, buf: &[u8]) -> IoResult {
         self.write(offset_blocks, &[IoSlice::new(buf)]).await
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable (nothing to do on a device without a volatile cache).
     pub async fn flush(&self) -> IoResult {
-        if !self.supports(IoType::Flush) {
-            // A device without a volatile cache has nothing to flush.
-            return Ok(());
-        }
-        self.run(IoType::Flush, 0, Io::Flush).await
+        self.forward(Io::Flush).await
     }
 
     pub async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
-        self.check(IoType::Unmap, offset_blocks, num_blocks)?;
-        self.run(IoType::Unmap, num_blocks * self.block_size as u64, Io::Unmap { offset_blocks, num_blocks }).await
+        self.forward(Io::Unmap { offset_blocks, num_blocks }).await
     }
 
     /// Passes a request a virtual bdev received on to this (base) channel unchanged.
     pub async fn forward(&self, io: Io<'_, '_>) -> IoResult {
-        match io {
-            Io::Read { offset_blocks, bufs, .. } => self.read(offset_blocks, bufs).await,
-            Io::Write { offset_blocks, bufs, .. } => self.write(offset_blocks, bufs).await,
-            Io::Flush => self.flush().await,
-            Io::Unmap { offset_blocks, num_blocks } => self.unmap(offset_blocks, num_blocks).await,
-            Io::WriteZeroes { offset_blocks, num_blocks } => self.write_zeroes(offset_blocks, num_blocks).await,
-        }
+        self.complete(self.start(io)).await
     }
 
     pub async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> IoResult {
-        self.check(IoType::WriteZeroes, offset_blocks, num_blocks)?;
-        self.run(IoType::WriteZeroes, num_blocks * self.block_size as u64, Io::WriteZeroes { offset_blocks, num_blocks }).await
+        self.forward(Io::WriteZeroes { offset_blocks, num_blocks }).await
     }
 }

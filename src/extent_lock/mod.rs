@@ -435,11 +435,13 @@ mod tests {
         let held = Rc::new(RefCell::new(cores.enter(0, || space.try_lock(local, 4))));
         let got = Rc::new(RefCell::new(false));
         let (s2, got2) = (space.clone(), got.clone());
-        cores.enter(0, || spawn_detached(async move {
-            let _g = s2.lock(local + 3, 2).await;
-            *got2.borrow_mut() = true;
-            crate::reactor::sleep(std::time::Duration::from_micros(5)).await;
-        }));
+        cores.enter(0, || {
+            spawn_detached(async move {
+                let _g = s2.lock(local + 3, 2).await;
+                *got2.borrow_mut() = true;
+                crate::reactor::sleep(std::time::Duration::from_micros(5)).await;
+            })
+        });
         cores.run_until_idle();
         assert!(!*got.borrow());
         cores.enter(0, || assert!(space.try_lock(local + 4, 1).is_none(), "overlaps the queued request"));

@@ -138,6 +138,15 @@ mod tests {
         Arc::new(WriteGate { exclusive: AtomicU32::new(0), passes: EpochTracker::new(cores, 0), locks: LockSpace::new(cores, LOCK_REGION_BLOCKS) })
     }
 
+    /// An ordinary write of block 0 passed on core 0 and still in flight (its hold, to drop).
+    fn passed_write(cores: &ManualCores, gs: &'static Arc<WriteGate>) -> Rc<RefCell<Option<WriteHold<'static>>>> {
+        let w = Rc::new(RefCell::new(None));
+        let w1 = w.clone();
+        cores.enter(0, || reactor::spawn_detached(async move { *w1.borrow_mut() = Some(gs.write(0, 1).await) }));
+        cores.run_until_idle();
+        w
+    }
+
     #[test]
     fn writes_pass_without_the_lock_while_nothing_is_exclusive() {
         let cores = ManualCores::new(1);
@@ -211,10 +220,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let g = gate(1);
         let gs: &'static Arc<WriteGate> = Box::leak(Box::new(Arc::clone(&g)));
-        let w = Rc::new(RefCell::new(None));
-        let w1 = w.clone();
-        cores.enter(0, || reactor::spawn_detached(async move { *w1.borrow_mut() = Some(gs.write(0, 1).await) }));
-        cores.run_until_idle();
+        let w = passed_write(&cores, gs);
         let burst = crate::preserve::MAX_OPEN_EPOCHS + 2;
         let granted = Rc::new(Cell::new(0u64));
         for i in 0..burst {
@@ -242,10 +248,7 @@ mod tests {
         let cores = ManualCores::new(1);
         let g = gate(1);
         let gs: &'static Arc<WriteGate> = Box::leak(Box::new(Arc::clone(&g)));
-        let w = Rc::new(RefCell::new(None));
-        let w1 = w.clone();
-        cores.enter(0, || reactor::spawn_detached(async move { *w1.borrow_mut() = Some(gs.write(0, 1).await) }));
-        cores.run_until_idle();
+        let w = passed_write(&cores, gs);
         let fut = Rc::new(RefCell::new(Some(Box::pin(gs.exclusive(0, 1)))));
         let f = fut.clone();
         cores.enter(0, || {
