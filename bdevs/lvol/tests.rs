@@ -1390,6 +1390,55 @@ fn io_to_allocated_clusters_allocates_nothing_also_across_cluster_boundaries() {
     assert_eq!(counted, 0, "allocations in 200 writes and 200 reads of mapped clusters across cluster boundaries");
 }
 
+/// A read or write within one mapped cluster, sent through the bdev layer as a target's command
+/// is, allocates nothing: the volume passes it to the base in place (`LvolChannel::submit`),
+/// with no future of its own. Also after a snapshot, for the reads of the now shared clusters.
+#[test]
+fn io_within_a_mapped_cluster_allocates_nothing_through_the_bdev_layer() {
+    use crate::reactor::alloc;
+    let f = fixture(8 << 20);
+    let s = f.create();
+    let bpc = CL / BS as u64;
+    let v = f.vol(&s, "a", 2, true);
+    f.write(&v, 0, 0x11, 2 * bpc as usize).unwrap();
+    let v2 = v.clone();
+    let io = move |write: bool| {
+        let v = v2.clone();
+        async move {
+            let ch = Channel::get(&v).unwrap();
+            let data = vec![0x5au8; BS as usize];
+            let mut back = vec![0u8; BS as usize];
+            let blocks = (0..400u64).map(|i| (i * 37) % (2 * bpc));
+            for b in blocks.clone().take(16) {
+                if write {
+                    ch.write_buf(b, &data).await.unwrap();
+                }
+                ch.read_buf(b, &mut back).await.unwrap();
+            }
+            alloc::count_this_thread(true);
+            let before = alloc::counted();
+            let mut same = true;
+            for b in blocks {
+                if write {
+                    ch.write_buf(b, &data).await.unwrap();
+                }
+                ch.read_buf(b, &mut back).await.unwrap();
+                same &= back == data;
+            }
+            let n = alloc::counted() - before;
+            alloc::count_this_thread(false);
+            (n, same)
+        }
+    };
+    let (counted, same) = f.cores.block_on(1, io(true));
+    assert!(same, "each read returns the block just written");
+    assert_eq!(counted, 0, "allocations in 400 writes and 400 reads within mapped clusters");
+    f.snapshot(&s, &v, "s").unwrap();
+    let (counted, same) = f.cores.block_on(1, io(false));
+    assert!(same, "the shared clusters read what was written before the snapshot");
+    assert_eq!(counted, 0, "allocations in 400 reads of clusters shared with a snapshot");
+}
+
 /// Writes the first `n` blocks of `data` from the last block of cluster 0 on (two clusters for
 /// 2, three for a cluster and 2), then reads them back into `back`; in two slices each, as a
 /// host's scattered buffers may come.
