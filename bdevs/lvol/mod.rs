@@ -2332,7 +2332,9 @@ impl IoChannel for LvolChannel {
                 None => IoFuture::boxed(self.write(offset_blocks, num_blocks, bufs)),
             },
             Io::Flush => self.pass(Io::Flush, None),
-            Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => IoFuture::boxed(self.zero_range(offset_blocks, num_blocks)),
+            Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
+                IoFuture::boxed(self.zero_range(offset_blocks, num_blocks))
+            }
         }
     }
 }
