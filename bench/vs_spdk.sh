@@ -281,3 +281,7 @@ for client in clients:
                   f"CPU per I/O {ratio(tm['cpu'], pl['cpu'])}; per pair {' '.join(ratio(a['iops'], b['iops']) for a, b in zip(res['tidemark'], res['tidemark-plain']))}", flush=True)
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The RAM bdevs' page size weighs on random I/O (a TLB miss per 4 KiB page touched): tidemark's
+# asks for transparent huge pages, SPDK's --no-huge memory takes what the kernel's THP mode gives.
+thp() { awk '/AnonHugePages/ {print $2 / 1024 " MiB"}' "/proc/$1/smaps_rollup" 2>/dev/null || echo "?"; }
+echo "transparent huge pages in use (THP mode: $(grep -o '\[[a-z]*\]' /sys/kernel/mm/transparent_hugepage/enabled)): tidemark $(thp "$tm_pid"), SPDK $(thp "$sp_pid")"
