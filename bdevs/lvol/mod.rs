@@ -54,7 +54,7 @@ pub mod sim;
 mod vols;
 
 use crate::bdev::LatencyHistogram;
-use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, Started};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, BlockCount, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType};
 use crate::preserve::{EpochTicket, EpochTracker, SealSignal, SnapshotState};
 use futures::channel::oneshot;
 use layout::{LogRecord, MapChange, StoreRecord, VolumeRecord};
@@ -2073,6 +2073,25 @@ impl LvolChannel {
         })
     }
 
+    /// Where an I/O of `count` blocks at `offset` goes on the base when it lies within one
+    /// cluster mapped to this volume (for a write, not shared: nothing to allocate or copy),
+    /// with the epoch ticket taken before the lookup and held until the I/O completes (the
+    /// cluster cannot be reused before: module doc, "Lookups without locks"). `None` for
+    /// anything else, including a request [`Self::check`] refuses: the general path answers.
+    fn mapped(&self, write: bool, offset: u64, count: u64) -> Option<(u64, EpochTicket)> {
+        if count == 0 || self.check(write, offset, count).is_err() || offset / self.bpc() != (offset + count - 1) / self.bpc() {
+            return None;
+        }
+        let t = self.store.tracker.enter();
+        match self.live.lookup_shared(offset / self.bpc()) {
+            Some((p, shared)) if !(write && shared) => Some((self.store.cluster_block(p) + offset % self.bpc(), t)),
+            _ => {
+                self.store.tracker.exit(t);
+                None
+            }
+        }
+    }
+
     async fn read(&self, offset: u64, count: u64, bufs: &mut [IoSliceMut<'_>]) -> IoResult {
         self.check(false, offset, count)?;
         let bs = self.store.block_size as usize;
@@ -2324,55 +2343,17 @@ impl IoChannel for LvolChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
         match io {
             Io::Read { offset_blocks, num_blocks, bufs } => match self.mapped(false, offset_blocks, num_blocks) {
-                Some((blk, t)) => self.pass(Io::Read { offset_blocks: blk, num_blocks, bufs }, Some(t)),
+                Some((blk, t)) => self.base.pass(Io::Read { offset_blocks: blk, num_blocks, bufs }, move || self.store.tracker.exit(t)),
                 None => IoFuture::boxed(self.read(offset_blocks, num_blocks, bufs)),
             },
             Io::Write { offset_blocks, num_blocks, bufs } => match self.mapped(true, offset_blocks, num_blocks) {
-                Some((blk, t)) => self.pass(Io::Write { offset_blocks: blk, num_blocks, bufs }, Some(t)),
+                Some((blk, t)) => self.base.pass(Io::Write { offset_blocks: blk, num_blocks, bufs }, move || self.store.tracker.exit(t)),
                 None => IoFuture::boxed(self.write(offset_blocks, num_blocks, bufs)),
             },
-            Io::Flush => self.pass(Io::Flush, None),
+            Io::Flush => self.base.pass(Io::Flush, || ()),
             Io::Unmap { offset_blocks, num_blocks } | Io::WriteZeroes { offset_blocks, num_blocks } => {
                 IoFuture::boxed(self.zero_range(offset_blocks, num_blocks))
             }
-        }
-    }
-}
-
-impl LvolChannel {
-    /// Where an I/O of `count` blocks at `offset` goes on the base when it lies within one
-    /// cluster mapped to this volume (for a write, not shared: nothing to allocate or copy),
-    /// with the epoch ticket taken before the lookup and held until the I/O completes (the
-    /// cluster cannot be reused before: module doc, "Lookups without locks"). `None` for
-    /// anything else, including a request [`Self::check`] refuses: the general path answers.
-    fn mapped(&self, write: bool, offset: u64, count: u64) -> Option<(u64, EpochTicket)> {
-        if count == 0 || self.check(write, offset, count).is_err() || offset / self.bpc() != (offset + count - 1) / self.bpc() {
-            return None;
-        }
-        let t = self.store.tracker.enter();
-        match self.live.lookup_shared(offset / self.bpc()) {
-            Some((p, shared)) if !(write && shared) => Some((self.store.cluster_block(p) + offset % self.bpc(), t)),
-            _ => {
-                self.store.tracker.exit(t);
-                None
-            }
-        }
-    }
-
-    /// Hands `io` to the base, leaving `ticket` when it completes: in place when the base
-    /// completed in place, else in the one future this boxes.
-    fn pass<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>, ticket: Option<EpochTicket>) -> IoFuture<'a> {
-        let mut ticket = ticket;
-        match self.base.start(io) {
-            Started::Done(r) => {
-                self.store.leave(&mut ticket);
-                IoFuture::ready(r)
-            }
-            Started::Running(run) => IoFuture::boxed(async move {
-                let r = self.base.finish(run).await;
-                self.store.leave(&mut ticket);
-                r
-            }),
         }
     }
 }

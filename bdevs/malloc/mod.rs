@@ -189,7 +189,8 @@ mod tests {
 
     /// The mapping carries the huge-page advice (`hg` in its VmFlags), whatever the kernel's
     /// THP mode makes of it: random I/O over a RAM disk of 4 KiB pages walks the page table on
-    /// nearly every access (`bench/vs_spdk.sh`: reads 10-20% faster with it).
+    /// nearly every access (reads over NVMe/TCP 10-20% faster with it: README, "Side by side
+    /// with SPDK's nvmf_tgt").
     #[test]
     fn the_mapping_is_advised_for_huge_pages() {
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {

@@ -145,7 +145,7 @@ pub mod layout;
 pub mod rpc;
 mod table;
 
-use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram, Started};
+use crate::bdev::{Bdev, BdevEntry, BdevError, BdevProps, Channel, HoldGuard, Io, IoBuf, IoChannel, IoFuture, IoResult, IoType, LatencyHistogram};
 use crate::extent_lock::LockSpace;
 use crate::preserve::{EpochTracker, FreezeGate, Preservable, PreserveError, PreserveRequest, PreserveStats, SealSignal, SnapshotInfo, SnapshotState};
 use crate::reactor;
@@ -756,15 +756,6 @@ impl CowChannel {
 }
 
 impl CowChannel {
-    /// Passes `io` to the base unchanged: in place (no boxed future) when the base completes
-    /// it in place.
-    fn pass<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
-        match self.base.start(io) {
-            Started::Done(r) => IoFuture::ready(r),
-            Started::Running(run) => IoFuture::boxed(self.base.finish(run)),
-        }
-    }
-
     /// A modifying request. While nothing is live and the gate is open (the common case) it
     /// is [`Self::modify`] without its future: stamped, passed to the base, and left at once
     /// when the base completes in place, so the layer costs no allocation per write.
@@ -782,24 +773,14 @@ impl CowChannel {
                 r
             });
         }
-        match self.base.start(io) {
-            Started::Done(r) => {
-                v.tracker.exit(ticket);
-                IoFuture::ready(r)
-            }
-            Started::Running(run) => IoFuture::boxed(async move {
-                let r = self.base.finish(run).await;
-                v.tracker.exit(ticket);
-                r
-            }),
-        }
+        self.base.pass(io, move || v.tracker.exit(ticket))
     }
 }
 
 impl IoChannel for CowChannel {
     fn submit<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>) -> IoFuture<'a> {
         match io {
-            Io::Read { .. } | Io::Flush => self.pass(io),
+            Io::Read { .. } | Io::Flush => self.base.pass(io, || ()),
             Io::Write { offset_blocks, num_blocks, bufs } => self.submit_modify(io, offset_blocks, num_blocks, Data::Buf(bufs)),
             Io::Unmap { offset_blocks, num_blocks } => self.submit_modify(io, offset_blocks, num_blocks, Data::Unmap),
             Io::WriteZeroes { offset_blocks, num_blocks } => self.submit_modify(io, offset_blocks, num_blocks, Data::Zeroes),

@@ -351,6 +351,24 @@ impl Channel {
         self.forward(Io::Unmap { offset_blocks, num_blocks }).await
     }
 
+    /// Passes a request a virtual bdev received on to this (base) channel, as that layer's own
+    /// [`IoFuture`] (for its `submit`): ready at once when the device completed in place, so
+    /// the layer costs no allocation, else the one boxed future that finishes it. `then` runs
+    /// once the request completed, either way (a layer leaves its epoch there, say).
+    pub fn pass<'a, 'b: 'a>(&'a self, io: Io<'a, 'b>, then: impl FnOnce() + 'a) -> IoFuture<'a> {
+        match self.start(io) {
+            Started::Done(r) => {
+                then();
+                IoFuture::ready(r)
+            }
+            Started::Running(run) => IoFuture::boxed(async move {
+                let r = self.finish(run).await;
+                then();
+                r
+            }),
+        }
+    }
+
     /// Passes a request a virtual bdev received on to this (base) channel unchanged.
     pub async fn forward(&self, io: Io<'_, '_>) -> IoResult {
         self.complete(self.start(io)).await
