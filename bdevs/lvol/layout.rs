@@ -13,7 +13,10 @@
 //! The CRC32C covers bytes 16..len. A commit encodes the whole state with `seq + 1` into the
 //! slot *not* holding the current record, flushes, and only then counts as durable; a torn
 //! write therefore leaves the other slot, the previous state, valid. At open the valid record
-//! with the higher sequence number wins. Only `len` bytes (rounded up to blocks) are written,
+//! with the higher sequence number wins. The open then zeroes the CRC of the slot that lost (flushed before
+//! anything else is written): a record torn there by the crash would otherwise be made whole
+//! by the next commit's record, torn by a later crash, whose blocks repeat its bytes (same
+//! sequence number, same volumes up to the first that differs); see `void_slot`. Only `len` bytes (rounded up to blocks) are written,
 //! so a commit costs in proportion to what the store holds, not to the slot's size.
 //!
 //! Version 2 (the snapshot slice) adds to each volume its parent (16 bytes, the nil UUID for

@@ -320,7 +320,9 @@ struct State {
     /// Clusters reserved by thick volumes and not yet allocated.
     reserved: u64,
     vols: Vols,
-    pending: HashMap<(Uuid, u32), Pending>,
+    /// Ordered, so that a seed of the simulation replays exactly (the order `publish` frees
+    /// copied clusters in decides which cluster the next allocation takes).
+    pending: BTreeMap<(Uuid, u32), Pending>,
     next_gen: u64,
     durable_gen: u64,
     committing: bool,
@@ -478,8 +480,9 @@ impl Store {
             m.live_maps += v.live.map_bytes();
             m.maps += v.map.len() as u64 * vols::MAP_ENTRY_BYTES;
         }
-        // A hash map keeps a control byte beside each of its buckets.
-        m.work = (st.pending.capacity() * (size_of::<((Uuid, u32), Pending)>() + 1)
+        // A tree's nodes are about 2/3 full; a hash map keeps a control byte beside each of
+        // its buckets.
+        m.work = (st.pending.len() * size_of::<((Uuid, u32), Pending)>() * 3 / 2
             + st.pending.values().map(|p| p.ready_waiters.capacity() * size_of::<oneshot::Sender<()>>()).sum::<usize>()
             + st.journal.capacity() * size_of::<MapChange>()
             + st.limbo.capacity() * size_of::<u32>()
@@ -1108,7 +1111,7 @@ impl Store {
     /// Creates a volume; returns its live state (the caller registers the bdev).
     async fn create_volume(&self, ch: &Channel, name: &str, size_bytes: u64, thin: bool, clear_method: u8) -> Result<(Uuid, Arc<VolLive>), LvolError> {
         let clusters = clusters_for(size_bytes, self.cluster_size);
-        let uuid = Uuid::new_v4();
+        let uuid = new_uuid();
         let live = {
             let mut st = self.st();
             self.check_new(&st, "lvol_name", name)?;
@@ -1282,7 +1285,7 @@ impl Store {
     /// the reply waits for its seal (every write submitted before has landed, including first
     /// writes whose clusters the snapshot captured while pending) and for the commit.
     async fn snapshot(&self, ch: &Channel, uuid: Uuid, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
-        let snap = Uuid::new_v4();
+        let snap = new_uuid();
         let (live, captured) = {
             let mut st = self.st();
             self.check_new(&st, "snapshot_name", name)?;
@@ -1367,7 +1370,7 @@ impl Store {
 
     /// `bdev_lvol_clone`: a thin writable volume `name` sharing every cluster of snapshot `snap`.
     async fn clone_volume(&self, ch: &Channel, snap: Uuid, snap_name: &str, name: &str) -> Result<(Uuid, Arc<VolLive>), LvolError> {
-        let uuid = Uuid::new_v4();
+        let uuid = new_uuid();
         // A clone of a snapshot not yet sealed waits for its image (see `wait_sealed`).
         self.wait_sealed(snap).await;
         let live = {
@@ -1677,7 +1680,7 @@ impl Store {
             Err(layout::DecodeError::NoMagic) => {}
             Err(e) => return Err(LvolError::Invalid(format!("field `bdev_name`: bdev {} holds an unusable lvol store: {e}", entry.name()))),
         }
-        let uuid = Uuid::new_v4();
+        let uuid = new_uuid();
         let store = Arc::new(Store::new(entry, uuid, name, cluster_size, bs, g, base, Vec::new(), 0, 1, cores));
         // Slot 1 is cleared first: a stale record there could otherwise win at the next open.
         let blank = vec![0u8; bs as usize];
@@ -1759,7 +1762,7 @@ impl Store {
                 free_count,
                 reserved,
                 vols: Vols::new(map_vols),
-                pending: HashMap::new(),
+                pending: BTreeMap::new(),
                 next_gen: 1,
                 durable_gen: 0,
                 committing: false,
@@ -1829,6 +1832,10 @@ impl Store {
             }
         }
         let used = seen.iter().filter(|s| **s).count();
+        // Before anything else is written: see `void_slot`.
+        void_slot(&ch, bs, 1 - slot, g.slot_bytes)
+            .await
+            .map_err(|e| LvolError::Invalid(format!("lvol store {} on {}: clearing the other metadata slot: {e}", r.name, entry.name())))?;
         log::info!(
             "lvol store {} ({}) on {}: {} volumes, {used} of {} clusters in use; every other cluster is free (leak check: clusters no map references are reclaimed); {replayed} log record(s) replayed",
             r.name,
@@ -1866,6 +1873,29 @@ impl StoreRecord {
             Some(u64::from_le_bytes(head.get(at..at + 8)?.try_into().ok()?))
         })
     }
+}
+
+/// Makes the record in `slot` (the one not chosen at open) invalid for good by zeroing its
+/// CRC, and flushes. Why: that slot may hold a record torn by the crash (the commit in flight),
+/// with the sequence number the next commit will use again. The next whole record goes into
+/// the same slot, and where it is torn in turn, the sectors it did write can be the very bytes
+/// the old record missed (both list the same volumes up to where they differ): the old record
+/// is then whole again, valid, newer than the other slot, and wins the next open with a state
+/// that was never acknowledged. Seed 8592 of the pool simulation did this: a delete's record
+/// torn by one crash, completed by the next commit's record torn by the next crash, and the
+/// volume, written to in between, was gone. With the CRC zeroed the old record can only come
+/// back as a whole through a write of its own CRC, which no later record carries. Zeroing (not
+/// inverting) so that a second open does not restore what the first one cleared. Whatever
+/// the slot held is not needed: the chosen slot holds the state.
+async fn void_slot(ch: &Channel, bs: u32, slot: usize, slot_bytes: u64) -> Result<(), BdevError> {
+    let block = slot as u64 * slot_bytes / bs as u64;
+    let mut head = read_head(ch, bs, block).await?;
+    if head[12..16] == [0; 4] {
+        return Ok(());
+    }
+    head[12..16].fill(0);
+    ch.write_buf(block, &head).await?;
+    ch.flush().await
 }
 
 async fn read_head(ch: &Channel, bs: u32, block: u64) -> Result<Vec<u8>, BdevError> {
@@ -1962,6 +1992,18 @@ async fn read_record_any(ch: &Channel, bs: u32, base_bytes: u64) -> Result<(usiz
         }
     }
     Err(last)
+}
+
+thread_local! {
+    /// Where the store's and its volumes' UUIDs come from in the simulation (`sim::seed_uuids`):
+    /// records list volumes in UUID order, so random UUIDs would change what a seed replays.
+    /// Empty elsewhere: random (version 4) UUIDs.
+    static SEEDED_UUIDS: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> = const { std::cell::RefCell::new(None) };
+}
+
+fn new_uuid() -> Uuid {
+    use rand::RngExt;
+    SEEDED_UUIDS.with(|s| s.borrow_mut().as_mut().map(|r| uuid::Builder::from_random_bytes(r.random()).into_uuid())).unwrap_or_else(Uuid::new_v4)
 }
 
 /// A volume of a store: the bdev.

@@ -12,6 +12,13 @@ pub fn bdev(store: &Arc<Store>, uuid: Uuid) -> Option<LvolBdev> {
     Some(LvolBdev::new(uuid.to_string(), uuid, store.clone(), v.live.clone(), v.rec.thin))
 }
 
+/// From now on this thread's new stores and volumes get UUIDs drawn from `seed` (`None`:
+/// random ones again), so that a seed of the simulation replays exactly.
+pub fn seed_uuids(seed: Option<u64>) {
+    use rand::SeedableRng;
+    SEEDED_UUIDS.with(|s| *s.borrow_mut() = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
+}
+
 fn ch(store: &Store) -> Result<Channel, LvolError> {
     Ok(Channel::get(&store.base)?)
 }

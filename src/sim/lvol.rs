@@ -1073,6 +1073,7 @@ pub fn run_seed(seed: u64) -> Result<Outcome, String> {
 }
 
 pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
+    pool::seed_uuids(Some(seed ^ 0x0055_1D5E));
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let sh: Sh = Rc::new(RefCell::new(Shared {
         vols: BTreeMap::new(),
