@@ -1876,26 +1876,20 @@ impl StoreRecord {
 }
 
 /// Makes the record in `slot` (the one not chosen at open) invalid for good by zeroing its
-/// CRC, and flushes. Why: that slot may hold a record torn by the crash (the commit in flight),
+/// CRC, durably. Why: that slot may hold a record torn by the crash (the commit in flight),
 /// with the sequence number the next commit will use again. The next whole record goes into
-/// the same slot, and where it is torn in turn, the sectors it did write can be the very bytes
+/// the same slot, and where it is torn in turn, the blocks it did write can be the very bytes
 /// the old record missed (both list the same volumes up to where they differ): the old record
 /// is then whole again, valid, newer than the other slot, and wins the next open with a state
 /// that was never acknowledged. Seed 8592 of the pool simulation did this: a delete's record
 /// torn by one crash, completed by the next commit's record torn by the next crash, and the
-/// volume, written to in between, was gone. With the CRC zeroed the old record can only come
-/// back as a whole through a write of its own CRC, which no later record carries. Zeroing (not
-/// inverting) so that a second open does not restore what the first one cleared. Whatever
-/// the slot held is not needed: the chosen slot holds the state.
-async fn void_slot(ch: &Channel, bs: u32, slot: usize, slot_bytes: u64) -> Result<(), BdevError> {
-    let block = slot as u64 * slot_bytes / bs as u64;
-    let mut head = read_head(ch, bs, block).await?;
-    if head[12..16] == [0; 4] {
-        return Ok(());
-    }
-    head[12..16].fill(0);
-    ch.write_buf(block, &head).await?;
-    ch.flush().await
+/// volume, written to in between, was gone. With its CRC zeroed the old record can only come
+/// back whole through a write of its own CRC, which no later record carries. Zeroed, not
+/// inverted, so that a second open does not restore what the first one cleared. Whatever the
+/// slot held is not needed: the chosen slot holds the state. The CoW store's header copies are
+/// cleared the same way when it is opened.
+async fn void_slot(ch: &Channel, bs: u32, slot: usize, slot_bytes: u64) -> IoResult {
+    ch.patch_block(slot as u64 * slot_bytes / bs as u64, |b| b[12..16].fill(0)).await
 }
 
 async fn read_head(ch: &Channel, bs: u32, block: u64) -> Result<Vec<u8>, BdevError> {

@@ -342,6 +342,17 @@ impl Channel {
         self.write(offset_blocks, &[IoSlice::new(buf)]).await
     }
 
+    /// Rewrites block `block` in place, durably: reads it, lets `edit` change it, writes it back
+    /// and flushes. For metadata a store changes once at open (the CRC of a superseded copy,
+    /// see `lvol::void_slot`), not for the data path: it allocates the block.
+    pub async fn patch_block(&self, block: u64, edit: impl FnOnce(&mut [u8])) -> IoResult {
+        let mut b = vec![0u8; self.block_size() as usize];
+        self.read_buf(block, &mut b).await?;
+        edit(&mut b);
+        self.write_buf(block, &b).await?;
+        self.flush().await
+    }
+
     /// Makes every completed write durable (nothing to do on a device without a volatile cache).
     pub async fn flush(&self) -> IoResult {
         self.forward(Io::Flush).await
