@@ -246,8 +246,10 @@ fn a_torn_record_is_not_completed_by_the_next_commits_torn_record() {
         buf.resize(b, 0);
         f.cores.block_on(0, async move { Channel::get(&base).unwrap().write_buf(other as u64 * slot_blocks + block, &buf).await.unwrap() });
     };
-    // Crash 1: only the first block of the delete's record reached the media.
+    // Crash 1: only the first block of the delete's record reached the media; the second
+    // holds older bytes (not the previous record's: that one may be this record's prefix).
     write_block(0, &torn[..b]);
+    write_block(1, &[0xFF; 512]);
     let s = f.load().unwrap();
     assert_eq!(s.volumes().len(), 6, "the torn record is not read");
     f.close(s, Vec::new());

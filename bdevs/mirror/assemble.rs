@@ -10,7 +10,7 @@
 
 use super::control::{write_superblock, Ctl, CtlSlot};
 use super::layout::{
-    Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, SUPERBLOCK_BYTES, SUPERBLOCK_COPIES,
+    Bitmap, BitmapId, Geometry, SlotRecord, SlotState, Superblock, FLAG_SEALED_SPLIT, MAX_NAME, MAX_SLOTS, O_CRC, SUPERBLOCK_BYTES, SUPERBLOCK_COPIES,
 };
 use super::regions::RegionStates;
 use super::{MirrorBdev, MirrorCounters, MirrorError, MirrorOptions, MirrorStatus, Shared, SlotShared};
@@ -271,6 +271,18 @@ async fn reassemble(name: &str, legs: Vec<Leg>, missing: Vec<String>, auth: Supe
     }
     if in_sync_members.is_empty() {
         return Err(MirrorError::Invalid(format!("none of the legs given holds an in-sync copy of mirror {name} (generation {})", auth.generation)));
+    }
+    // The copy each member's next superblock goes to may hold one torn by the crash: its CRC is
+    // zeroed before anything is written, or a later torn superblock could make it whole (see
+    // `lvol::void_slot`). A member that cannot be written fails the assembly, as one whose
+    // metadata cannot be read does.
+    for s in slots.iter().filter(|s| s.guard.is_some()) {
+        let Some(ch) = &s.ch else { continue };
+        let at = g.superblock_block(s.next_sb_copy) * bs as u64 + O_CRC as u64;
+        let (block, o) = (at / bs as u64, (at % bs as u64) as usize);
+        ch.patch_block(block, |b| b[o..o + 4].fill(0))
+            .await
+            .map_err(|e| MirrorError::Io(format!("cannot write the metadata of mirror {name} to {}: {e}", s.name)))?;
     }
     // What the in-sync legs know: write intent (merged: any leg may have been the one that got
     // the last bit) and stale maps.

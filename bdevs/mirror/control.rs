@@ -254,6 +254,11 @@ pub(crate) struct Ctl {
     pub unsynced: Bitmap,
     pub wi_dirty: BTreeSet<u64>,
     pub stale_dirty: BTreeSet<(usize, u64)>,
+    /// Per slot: regions whose stale bit a copy cleared since the leg's last flush. The copy
+    /// may still sit in the leg's volatile cache; should the leg depart before a flush makes
+    /// it durable, these bits are set again (a crash of the leg would lose the copy, and a
+    /// re-join would otherwise not copy the region again: mirror simulation seed 1149).
+    copied_unflushed: Vec<Bitmap>,
     locks: HashMap<u64, RegionLock>,
     parked: HashMap<u64, Vec<oneshot::Sender<IoResult>>>,
     process_running: bool,
@@ -295,6 +300,7 @@ impl Ctl {
             unsynced,
             wi_dirty: BTreeSet::new(),
             stale_dirty: BTreeSet::new(),
+            copied_unflushed: (0..MAX_SLOTS).map(|_| Bitmap::new(g.num_regions)).collect(),
             locks: HashMap::new(),
             parked: HashMap::new(),
             process_running: false,
@@ -654,8 +660,11 @@ impl Ctl {
         s.rec.image.clear();
         s.failing = true;
         self.sh.slots[slot].set_mode(LegMode::WriteOnly);
-        // Every region that may have a write in flight is one the leg may miss.
+        // Every region that may have a write in flight is one the leg may miss, and so is every
+        // region copied to it since its last flush.
         self.stale[slot].union_with(&self.wi);
+        self.stale[slot].union_with(&self.copied_unflushed[slot]);
+        self.copied_unflushed[slot] = Bitmap::new(self.g.num_regions);
         for p in 0..self.g.bitmap_pages {
             self.stale_dirty.insert((slot, p));
         }
@@ -1304,6 +1313,7 @@ impl Ctl {
         for s in 0..MAX_SLOTS {
             if copied & (1 << s) != 0 && self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].clear(region) {
                 self.stale_dirty.insert((s, self.g.page_of(region)));
+                self.copied_unflushed[s].set(region);
             }
         }
         if resynced && self.unsynced.clear(region) {
@@ -1378,6 +1388,11 @@ impl Ctl {
             Some(async move { ch.flush().await })
         });
         let results = join_slots(futs).await;
+        for (s, r) in results.iter().enumerate() {
+            if matches!(r, Some(Ok(()))) {
+                self.copied_unflushed[s] = Bitmap::new(self.g.num_regions);
+            }
+        }
         self.settle_metadata_results(&results, "flush");
     }
 

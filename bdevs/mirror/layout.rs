@@ -275,7 +275,8 @@ const O_NAME_LEN: usize = 112;
 const O_NAME: usize = 114;
 const O_SLOTS: usize = O_NAME + MAX_NAME; // 369
 const SLOT_BYTES: usize = 16 + 1 + 1 + MAX_NAME; // uuid, state, image length, image
-const O_CRC: usize = SUPERBLOCK_BYTES - 4;
+/// Where a superblock's CRC32C is (of the bytes before it).
+pub(crate) const O_CRC: usize = SUPERBLOCK_BYTES - 4;
 const _: () = assert!(O_SLOTS + MAX_SLOTS * SLOT_BYTES <= O_CRC);
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {

@@ -1074,6 +1074,14 @@ pub fn run_seed(seed: u64) -> Result<Outcome, String> {
 
 pub fn run(seed: u64, cfg: &Config) -> Result<Outcome, String> {
     pool::seed_uuids(Some(seed ^ 0x0055_1D5E));
+    // Random UUIDs again for whatever runs on this thread next, however the run ends.
+    struct Unseed;
+    impl Drop for Unseed {
+        fn drop(&mut self) {
+            pool::seed_uuids(None);
+        }
+    }
+    let _unseed = Unseed;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let sh: Sh = Rc::new(RefCell::new(Shared {
         vols: BTreeMap::new(),
