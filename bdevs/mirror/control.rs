@@ -258,7 +258,7 @@ pub(crate) struct Ctl {
     /// may still sit in the leg's volatile cache; should the leg depart before a flush makes
     /// it durable, these bits are set again (a crash of the leg would lose the copy, and a
     /// re-join would otherwise not copy the region again: mirror simulation seed 1149).
-    copied_unflushed: Vec<Bitmap>,
+    copied_unflushed: [BTreeSet<u64>; MAX_SLOTS],
     locks: HashMap<u64, RegionLock>,
     parked: HashMap<u64, Vec<oneshot::Sender<IoResult>>>,
     process_running: bool,
@@ -300,7 +300,7 @@ impl Ctl {
             unsynced,
             wi_dirty: BTreeSet::new(),
             stale_dirty: BTreeSet::new(),
-            copied_unflushed: (0..MAX_SLOTS).map(|_| Bitmap::new(g.num_regions)).collect(),
+            copied_unflushed: Default::default(),
             locks: HashMap::new(),
             parked: HashMap::new(),
             process_running: false,
@@ -663,8 +663,9 @@ impl Ctl {
         // Every region that may have a write in flight is one the leg may miss, and so is every
         // region copied to it since its last flush.
         self.stale[slot].union_with(&self.wi);
-        self.stale[slot].union_with(&self.copied_unflushed[slot]);
-        self.copied_unflushed[slot] = Bitmap::new(self.g.num_regions);
+        for r in std::mem::take(&mut self.copied_unflushed[slot]) {
+            self.stale[slot].set(r);
+        }
         for p in 0..self.g.bitmap_pages {
             self.stale_dirty.insert((slot, p));
         }
@@ -1313,7 +1314,7 @@ impl Ctl {
         for s in 0..MAX_SLOTS {
             if copied & (1 << s) != 0 && self.slots[s].rec.state == SlotState::Rebuilding && !self.slots[s].failing && self.stale[s].clear(region) {
                 self.stale_dirty.insert((s, self.g.page_of(region)));
-                self.copied_unflushed[s].set(region);
+                self.copied_unflushed[s].insert(region);
             }
         }
         if resynced && self.unsynced.clear(region) {
@@ -1390,7 +1391,7 @@ impl Ctl {
         let results = join_slots(futs).await;
         for (s, r) in results.iter().enumerate() {
             if matches!(r, Some(Ok(()))) {
-                self.copied_unflushed[s] = Bitmap::new(self.g.num_regions);
+                self.copied_unflushed[s].clear();
             }
         }
         self.settle_metadata_results(&results, "flush");
