@@ -1200,9 +1200,9 @@ mod tests {
         let lat = Latency { min_ns: 1_000, max_ns: 5_000 };
         let store_bytes = (layout::RECORDS_OFFSET + 8192 + 16 * 4096) as usize;
         // Registers the base and the store (a simulated device) and opens the volume: the number
-        // of snapshots it found; with `crash_after_ns`, crashes the device that long into the
-        // open instead and returns the crash image.
-        let run = |dev: SimDevice, crash_after_ns: Option<u64>| -> Result<usize, Vec<u8>> {
+        // of snapshots it found and the device's image after; with `crash_after_ns`, crashes the
+        // device that long into the open instead: no count, the crash image.
+        let run = |dev: SimDevice, crash_after_ns: Option<u64>| -> (Option<usize>, Vec<u8>) {
             let cores = ManualCores::new(1);
             let reg = BdevRegistry::new(1);
             let dev = Arc::new(dev);
@@ -1210,7 +1210,11 @@ mod tests {
             let store = reg.register(dev.clone()).unwrap();
             let p = params(&base, &store);
             match crash_after_ns {
-                None => Ok(cores.block_on(0, async move { CowVolume::open(p).await.map(|(_, snaps)| snaps.len()).unwrap() })),
+                None => {
+                    let n = cores.block_on(0, async move { CowVolume::open(p).await.map(|(_, snaps)| snaps.len()).unwrap() });
+                    cores.block_on(0, async { reactor::sleep(std::time::Duration::from_millis(20)).await });
+                    (Some(n), dev.current_image())
+                }
                 Some(ns) => {
                     cores.enter(0, || reactor::spawn_detached(async move { drop(CowVolume::open(p).await) }));
                     cores.run_until_idle();
@@ -1218,21 +1222,12 @@ mod tests {
                         cores.advance_to(t.max(cores.now_ns()));
                         cores.run_until_idle();
                     }
-                    Err(dev.crash())
+                    (None, dev.crash())
                 }
             }
         };
         // A fresh store, formatted by a first open; its current header.
-        let fresh = SimDevice::new("s", vec![0u8; store_bytes], 1, lat);
-        let cores = ManualCores::new(1);
-        let reg = BdevRegistry::new(1);
-        let dev = Arc::new(fresh);
-        let base = reg.register(Arc::new(MallocBdev::new("b", 128, 512, None).unwrap())).unwrap();
-        let store = reg.register(dev.clone()).unwrap();
-        let p = params(&base, &store);
-        cores.block_on(0, async move { drop(CowVolume::open(p).await.unwrap()) });
-        cores.block_on(0, async { reactor::sleep(std::time::Duration::from_millis(20)).await });
-        let mut image = dev.current_image();
+        let (_, mut image) = run(SimDevice::new("s", vec![0u8; store_bytes], 1, lat), None);
         let h = [Header::decode(&image[..HEADER_BYTES]), Header::decode(&image[HEADER_BYTES..2 * HEADER_BYTES])]
             .into_iter()
             .flatten()
@@ -1246,13 +1241,13 @@ mod tests {
         torn[5 * 512..6 * 512].fill(0xFF);
         let copy = Header::copy_offset(h.seq + 1) as usize;
         image[copy..copy + HEADER_BYTES].copy_from_slice(&torn);
-        assert_eq!(run(SimDevice::new("s", image.clone(), 2, lat), None), Ok(0), "the torn header is not read");
+        assert_eq!(run(SimDevice::new("s", image.clone(), 2, lat), None).0, Some(0), "the torn header is not read");
         // Crash 2, during the open: its header to that copy is in flight.
         for seed in 0..128 {
             let slow = (copy + 512) as u64..(copy + HEADER_BYTES) as u64;
             let dev = SimDevice::new("s", image.clone(), seed, lat).with_slow_writes(slow, 1_000_000_000);
-            let after = run(dev, Some(500_000_000)).unwrap_err();
-            assert_eq!(run(SimDevice::new("s", after, seed, lat), None), Ok(0), "device seed {seed}: a snapshot never acknowledged came back");
+            let (_, after) = run(dev, Some(500_000_000));
+            assert_eq!(run(SimDevice::new("s", after, seed, lat), None).0, Some(0), "device seed {seed}: a snapshot never acknowledged came back");
         }
     }
 
