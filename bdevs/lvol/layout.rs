@@ -13,11 +13,12 @@
 //! The CRC32C covers bytes 16..len. A commit encodes the whole state with `seq + 1` into the
 //! slot *not* holding the current record, flushes, and only then counts as durable; a torn
 //! write therefore leaves the other slot, the previous state, valid. At open the valid record
-//! with the higher sequence number wins. The open then zeroes the CRC of the slot that lost (flushed before
-//! anything else is written): a record torn there by the crash would otherwise be made whole
-//! by the next commit's record, torn by a later crash, whose blocks repeat its bytes (same
-//! sequence number, same volumes up to the first that differs); see `void_slot`. Only `len` bytes (rounded up to blocks) are written,
-//! so a commit costs in proportion to what the store holds, not to the slot's size.
+//! with the higher sequence number wins. The open then zeroes the CRC of the slot that lost
+//! (flushed before anything else is written): a record torn there by the crash would otherwise
+//! be made whole by the next commit's record, torn by a later crash, whose blocks repeat its
+//! bytes (same sequence number, same volumes up to the first that differs); see `void_slot`.
+//! Only `len` bytes (rounded up to blocks) are written, so a commit costs in proportion to
+//! what the store holds, not to the slot's size.
 //!
 //! Version 2 (the snapshot slice) adds to each volume its parent (16 bytes, the nil UUID for
 //! none: the snapshot a clone reads through, see the module comment of `lvol`) and the flag
@@ -309,21 +310,23 @@ impl StoreRecord {
     }
 }
 
-/// A record or log record with its `len` (bytes 16..24) and CRC32C (bytes 12..16, over bytes
-/// 16..len) filled in.
+/// Where a record's or log record's CRC32C is (of bytes 16..len).
+pub const CRC: std::ops::Range<usize> = 12..16;
+
+/// A record or log record with its `len` (bytes 16..24) and CRC32C ([`CRC`]) filled in.
 fn sealed(mut b: Vec<u8>) -> Vec<u8> {
     let len = b.len() as u64;
     b[16..24].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c::crc32c(&b[16..]);
-    b[12..16].copy_from_slice(&crc.to_le_bytes());
+    b[CRC].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-/// The `len` bytes of a record or log record, if they are all present and their CRC32C (at
-/// bytes 12..16, over bytes 16..len) matches.
+/// The `len` bytes of a record or log record, if they are all present and their CRC32C
+/// ([`CRC`]) matches.
 fn checked(b: &[u8], len: u64) -> Result<&[u8], DecodeError> {
     let b = b.get(..usize::try_from(len).map_err(|_| DecodeError::Corrupt)?).ok_or(DecodeError::Corrupt)?;
-    let crc = u32::from_le_bytes(b[12..16].try_into().map_err(|_| DecodeError::Corrupt)?);
+    let crc = u32::from_le_bytes(b[CRC].try_into().map_err(|_| DecodeError::Corrupt)?);
     if crc32c::crc32c(&b[16..]) != crc {
         return Err(DecodeError::Corrupt);
     }

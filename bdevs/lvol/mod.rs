@@ -1889,7 +1889,7 @@ impl StoreRecord {
 /// slot held is not needed: the chosen slot holds the state. The CoW store's header copies are
 /// cleared the same way when it is opened.
 async fn void_slot(ch: &Channel, bs: u32, slot: usize, slot_bytes: u64) -> IoResult {
-    ch.patch_block(slot as u64 * slot_bytes / bs as u64, |b| b[12..16].fill(0)).await
+    ch.patch_block(slot as u64 * slot_bytes / bs as u64, |b| b[layout::CRC].fill(0)).await
 }
 
 async fn read_head(ch: &Channel, bs: u32, block: u64) -> Result<Vec<u8>, BdevError> {

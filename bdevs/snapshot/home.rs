@@ -649,7 +649,7 @@ pub(crate) async fn open(p: OpenParams) -> Result<(Arc<VolumeShared>, Vec<(usize
         // The copy the next header goes to may hold a header torn by the crash, with the
         // sequence number the next header takes again: its CRC is zeroed before anything is
         // written, or a later torn header could make it whole (see `lvol::void_slot`).
-        sch.patch_block(Header::copy_offset(header.seq + 1) / store_bs, |b| b[12..16].fill(0)).await.map_err(io)?;
+        sch.patch_block(Header::copy_offset(header.seq + 1) / store_bs, |b| b[Header::CRC].fill(0)).await.map_err(io)?;
         recover(&home, &sch, valid).await.map_err(io)?;
     }
     reactor::with_core(|c| c.local::<Homes>()).0.borrow_mut().insert(v.id, home.clone());

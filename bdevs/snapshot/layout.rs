@@ -207,9 +207,12 @@ impl Header {
             r[50..50 + n].copy_from_slice(&name[..n]);
         }
         let crc = crc32c::crc32c(&b);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b[Self::CRC].copy_from_slice(&crc.to_le_bytes());
         b
     }
+
+    /// Where a header copy's CRC32C is (of the whole copy with these bytes zero).
+    pub const CRC: std::ops::Range<usize> = 12..16;
 
     /// Decodes one header copy; None if it is not a valid one (torn, foreign, zeroed).
     pub fn decode(b: &[u8]) -> Option<Header> {
@@ -222,8 +225,8 @@ impl Header {
             return None;
         }
         let mut copy = b[..HEADER_BYTES].to_vec();
-        copy[12..16].fill(0);
-        if crc32c::crc32c(&copy) != u32_at(12) {
+        copy[Self::CRC].fill(0);
+        if crc32c::crc32c(&copy) != u32_at(Self::CRC.start) {
             return None;
         }
         let mut snaps = Vec::with_capacity(MAX_SNAPSHOTS);

@@ -1191,8 +1191,8 @@ mod tests {
     /// wrote can be the very bytes the first one lacked. The store is a simulated device whose
     /// writes to that copy (past its first block) are slow, so the second crash finds the open's
     /// header in flight and keeps each of its blocks or not, by the device's seed. Without the
-    /// open's `patch_block` of that copy, about one seed in 16 brings back a snapshot never
-    /// acknowledged (see `lvol::void_slot`).
+    /// open's `patch_block` of that copy, device seed 10 (the first of the 128 to) brings back
+    /// a snapshot never acknowledged (see `lvol::void_slot`).
     #[test]
     fn a_torn_header_is_not_completed_by_the_next_torn_header() {
         use crate::sim::device::{Latency, SimDevice};
